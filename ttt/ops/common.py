@@ -1,0 +1,159 @@
+"""Shared pieces of the TTT ops: the explicit state, input validation, and the inner-loop math helpers
+(LayerNorm forward and its closed-form gradient, tanh-GELU and its derivative, the tau vector).
+
+Every backend (naive, dual, triton, step) takes and returns the same `TTTState` (SPEC section 5):
+start-of-mini-batch weights, the gated gradient sums of the current partial mini-batch, and the
+position. Weights and accumulators are fp32 (fp64 when the inputs are fp64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+LN_EPS = 1e-6
+
+# Names of the inner weights per kind, in the order they are stored in `TTTState.params`.
+PARAM_NAMES = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
+
+
+@dataclass
+class TTTState:
+    """Explicit state of one TTT op over a batch.
+
+    kind:   "linear" or "mlp".
+    params: start-of-mini-batch inner weights. linear: (W1 [B,H,d,d], b1 [B,H,d]);
+            mlp: (W1 [B,H,d,F], b1 [B,H,F], W2 [B,H,F,d], b2 [B,H,d]).
+    accum:  same shapes as params: sum over the tokens already seen in the current (partial)
+            mini-batch of lr_j * grad l_j(params); all zero when pos % mini_batch == 0.
+    pos:    number of tokens consumed so far (the in-batch index of the next token is pos % b).
+    """
+
+    kind: str
+    params: tuple
+    accum: tuple
+    pos: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.params[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.params[0].shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.params[0].shape[2]
+
+    @staticmethod
+    def initial(kind: str, params, batch_size: int, dtype: torch.dtype = torch.float32) -> "TTTState":
+        """Broadcast per-head initial weights ([H,...] each, e.g. learnable W0/b0) over the batch.
+
+        The expansion is differentiable, so gradients flow back to the initial weights.
+        """
+        if kind not in PARAM_NAMES:
+            raise ValueError(f"kind: expected one of {sorted(PARAM_NAMES)}, got {kind!r}")
+        if len(params) != len(PARAM_NAMES[kind]):
+            raise ValueError(f"params: expected {len(PARAM_NAMES[kind])} tensors for kind {kind!r}, got {len(params)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        full = tuple(p.to(dtype).unsqueeze(0).expand(batch_size, *p.shape) for p in params)
+        accum = tuple(torch.zeros_like(p) for p in full)
+        return TTTState(kind, full, accum, 0)
+
+    def detach(self) -> "TTTState":
+        return replace(self, params=tuple(p.detach() for p in self.params),
+                       accum=tuple(a.detach() for a in self.accum))
+
+    def to(self, *args, **kwargs) -> "TTTState":
+        return replace(self, params=tuple(p.to(*args, **kwargs) for p in self.params),
+                       accum=tuple(a.to(*args, **kwargs) for a in self.accum))
+
+
+def check_inputs(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch):
+    """Validate op inputs; raise ValueError/TypeError naming the argument, expected and received."""
+    if not isinstance(state, TTTState):
+        raise TypeError(f"state: expected a TTTState, got {type(state).__name__}")
+    if state.kind != kind:
+        raise ValueError(f"state: expected a state of kind {kind!r}, got one of kind {state.kind!r}")
+    if not isinstance(mini_batch, int) or isinstance(mini_batch, bool) or mini_batch < 1:
+        raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected shape [B, T, H, d] (4 dims), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    B, T, H, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+    if T == 0:
+        raise ValueError("q: expected a non-empty sequence (T >= 1), got T = 0")
+    if not isinstance(lr, torch.Tensor) or lr.shape != (B, T, H):
+        got = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
+        raise ValueError(f"lr: expected shape {(B, T, H)} ([B, T, H]), got {got}")
+    if not isinstance(tau, torch.Tensor) or tau.shape != (mini_batch,):
+        got = tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__
+        raise ValueError(f"tau: expected shape {(mini_batch,)} ([mini_batch]), got {got}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if not isinstance(t, torch.Tensor) or t.shape != (H, d):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), got {got}")
+    for name, t in (("k", k), ("v", v), ("lr", lr), ("tau", tau), ("ln_weight", ln_weight), ("ln_bias", ln_bias),
+                    ("state", state.params[0])):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+    if state.batch_size != B:
+        raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
+    if state.num_heads != H or state.head_dim != d:
+        raise ValueError(f"state: expected {H} heads of dim {d} like q, got {state.num_heads} heads of dim {state.head_dim}")
+    if not isinstance(state.pos, int) or state.pos < 0:
+        raise ValueError(f"state: expected a non-negative int pos, got {state.pos!r}")
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """Inner-loop precision: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def make_tau(delta: torch.Tensor) -> torch.Tensor:
+    """tau_i = max(0, 1/i + delta_i), i = 1..b (SPEC section 3). delta: [b] -> [b]."""
+    i = torch.arange(1, delta.shape[-1] + 1, device=delta.device, dtype=delta.dtype)
+    return torch.clamp(1.0 / i + delta, min=0.0)
+
+
+def layer_norm(z, weight, bias, eps: float = LN_EPS):
+    """Per-head LayerNorm over the last dim. z: [..., H, n, d] with weight/bias [H, 1, d] broadcastable."""
+    mu = z.mean(-1, keepdim=True)
+    var = z.var(-1, keepdim=True, unbiased=False)
+    return (z - mu) / torch.sqrt(var + eps) * weight + bias
+
+
+def ln_fused_l2_grad(z, target, weight, bias, eps: float = LN_EPS):
+    """d/dz of 0.5*||LN(z) - target||^2 in closed form (SPEC section 2). All args broadcast to z's shape."""
+    d = z.shape[-1]
+    mu = z.mean(-1, keepdim=True)
+    var = z.var(-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    xhat = (z - mu) / std
+    gy = weight * (weight * xhat + bias - target)
+    return (d * gy - gy.sum(-1, keepdim=True) - xhat * (gy * xhat).sum(-1, keepdim=True)) / (d * std)
+
+
+def gelu(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_grad(x):
+    """Exact derivative of tanh-GELU."""
+    c = math.sqrt(2.0 / math.pi)
+    inner = c * (x + 0.044715 * x ** 3)
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
