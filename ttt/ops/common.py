@@ -157,3 +157,30 @@ def gelu_grad(x):
     inner = c * (x + 0.044715 * x ** 3)
     t = torch.tanh(inner)
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def segments(T: int, pos: int, b: int):
+    """Split T tokens starting at absolute position `pos` into pieces that never cross a mini-batch
+    boundary. Yields (start, length, offset) with offset = in-batch index of the piece's first token."""
+    t = 0
+    while t < T:
+        off = (pos + t) % b
+        n = min(b - off, T - t)
+        yield t, n, off
+        t += n
+
+
+def to_heads_first(x, dtype):
+    """[B, T, H, ...] -> [B, H, T, ...] in the compute dtype."""
+    return x.transpose(1, 2).to(dtype)
+
+
+def advance(params, accum, n: int, off: int, tau) -> tuple:
+    """After a piece of n tokens at in-batch offset `off`: commit the mini-batch when it is complete
+    (W <- W - tau_b * accum, accum <- 0), else keep the start weights and the grown accumulators."""
+    b = tau.shape[0]
+    if off + n == b:
+        t_b = tau[b - 1]
+        params = tuple(p - t_b * a for p, a in zip(params, accum))
+        accum = tuple(torch.zeros_like(a) for a in accum)
+    return params, accum

@@ -1,0 +1,110 @@
+"""Transformer++ self-attention baseline (no biases, RoPE, causal SDPA) with a KV-cache state,
+and `apply_rope`, the adjacent-pair rotary embedding that the TTT layer reuses.
+
+forward(x, state) over any split of a sequence, carrying the returned KVCache, equals one forward
+over the whole sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) by angle positions[t] * base^(-2i/d).
+
+    x: [B, T, H, d] with d even; positions: [T] integer tensor of absolute positions.
+    Angles are computed in fp32; the rotation runs in fp32 (fp64 for fp64 x) and is cast back.
+    """
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x: expected [B, T, H, d] with even d, got shape {tuple(x.shape)}")
+    if positions.dim() != 1 or positions.shape[0] != x.shape[1] or positions.is_floating_point():
+        raise ValueError(f"positions: expected an integer tensor of shape [{x.shape[1]}], "
+                         f"got {positions.dtype} of shape {tuple(positions.shape)}")
+    d = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
+    angles = positions.to(x.device, torch.float32)[:, None] * inv_freq  # [T, d/2]
+    cd = torch.promote_types(x.dtype, torch.float32)
+    cos = angles.cos().to(cd)[:, None, :]  # [T, 1, d/2], broadcast over heads
+    sin = angles.sin().to(cd)[:, None, :]
+    xf = x.to(cd)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B, T, H, d/2] each: the two members of every pair
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, T, H, d/2, 2]
+    return out.flatten(-2).to(x.dtype)  # [B, T, H, d], pairs back in place
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every token seen so far, RoPE already applied.
+
+    k, v: [B, H, L, d]; pos: absolute position of the next token (L when nothing was dropped).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+
+    def detach(self) -> "KVCache":
+        return replace(self, k=self.k.detach(), v=self.v.detach())
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention, Transformer++ style. x: [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0):
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"n_heads: d_model={d_model} must split into heads of even width, got n_heads={n_heads}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.rope_base = rope_base
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for lin in (self.qkv, self.o):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        device = device or self.o.weight.device
+        dtype = dtype or self.o.weight.dtype
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone(), 0)
+
+    def _check(self, x: torch.Tensor, state: KVCache | None):
+        if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+            raise ValueError(f"x: expected [B, T>=1, {self.d_model}], got shape {tuple(x.shape)}")
+        if state is None:
+            return
+        if not isinstance(state, KVCache):
+            raise TypeError(f"state: expected a KVCache, got {type(state).__name__}")
+        want = (x.shape[0], self.n_heads, self.head_dim)
+        for name, t in (("k", state.k), ("v", state.v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
+                raise ValueError(f"state: expected {name} of shape [{want[0]}, {want[1]}, L, {want[2]}], "
+                                 f"got {tuple(t.shape)}")
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None):
+        self._check(x, state)
+        B, T, D = x.shape
+        H, d = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, d).unbind(2)  # [B, T, H, d] each
+        pos = 0 if state is None else state.pos
+        positions = torch.arange(pos, pos + T, device=x.device)
+        q = apply_rope(q, positions, self.rope_base).transpose(1, 2)  # [B, H, T, d]
+        k = apply_rope(k, positions, self.rope_base).transpose(1, 2)
+        v = v.transpose(1, 2)
+        L = 0 if state is None else state.k.shape[2]
+        if L:
+            k = torch.cat([state.k.to(k.dtype), k], dim=2)  # [B, H, L+T, d]
+            v = torch.cat([state.v.to(v.dtype), v], dim=2)
+            # query i sits at cache index L+i and sees every key up to and including itself
+            mask = torch.arange(T, device=x.device)[:, None] + L >= torch.arange(L + T, device=x.device)  # [T, L+T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, d] -> [B, T, H*d]
+        return self.o(y), KVCache(k, v, pos + T)

@@ -1,0 +1,35 @@
+"""TTT-Linear, mini-batch dual form in PyTorch (SPEC section 4), with the carried partial-mini-batch
+state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels."""
+from __future__ import annotations
+
+import torch
+
+from ..common import TTTState, advance, compute_dtype, layer_norm, ln_fused_l2_grad, segments, to_heads_first
+
+
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d]. Returns (o [B,T,H,d], new state)."""
+    B, T, H, d = q.shape
+    ct = compute_dtype(q)
+    Q, K, V = (to_heads_first(x, ct) for x in (q, k, v))  # [B,H,T,d]
+    LR = lr.transpose(1, 2).to(ct)  # [B,H,T]
+    tau = tau.to(ct)
+    gam, bet = ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :]  # [H,1,d]
+    W, c = (p.to(ct) for p in state.params)  # [B,H,d,d], [B,H,d]
+    A, a = (x.to(ct) for x in state.accum)
+    outs = []
+    for t0, n, off in segments(T, state.pos, mini_batch):
+        q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
+        lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
+        ti = tau[off:off + n]  # [n]
+        Z = k_ @ W + c[:, :, None]  # gradients at the start-of-mini-batch weights
+        G = ln_fused_l2_grad(Z, v_ - k_, gam, bet)  # [B,H,n,d]
+        E = torch.tril(ti[:, None] * lr_[:, :, None, :])  # [B,H,n,n]: E_ij = tau_i lr_j, j <= i
+        attn = E * (q_ @ k_.transpose(-1, -2) + 1.0)  # the +1 carries the bias update
+        Zbar = q_ @ W + c[:, :, None] - ti[:, None] * (q_ @ A + a[:, :, None]) - attn @ G
+        outs.append(q_ + layer_norm(Zbar, gam, bet))
+        A = A + (lr_[..., None] * k_).transpose(-1, -2) @ G
+        a = a + (lr_[..., None] * G).sum(2)
+        (W, c), (A, a) = advance((W, c), (A, a), n, off, tau)
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)  # [B,T,H,d]
+    return o, TTTState("linear", (W, c), (A, a), state.pos + T)

@@ -1,0 +1,45 @@
+"""TTT-MLP, mini-batch dual form in PyTorch (SPEC section 4), with the carried partial-mini-batch
+state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels."""
+from __future__ import annotations
+
+import torch
+
+from ..common import (TTTState, advance, compute_dtype, gelu, gelu_grad, layer_norm, ln_fused_l2_grad, segments,
+                      to_heads_first)
+
+
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d]. Returns (o [B,T,H,d], new state)."""
+    B, T, H, d = q.shape
+    ct = compute_dtype(q)
+    Q, K, V = (to_heads_first(x, ct) for x in (q, k, v))  # [B,H,T,d]
+    LR = lr.transpose(1, 2).to(ct)  # [B,H,T]
+    tau = tau.to(ct)
+    gam, bet = ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :]  # [H,1,d]
+    W1, c1, W2, c2 = (p.to(ct) for p in state.params)  # [B,H,d,F], [B,H,F], [B,H,F,d], [B,H,d]
+    A1, a1, A2, a2 = (x.to(ct) for x in state.accum)
+    outs = []
+    for t0, n, off in segments(T, state.pos, mini_batch):
+        q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
+        lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
+        ti = tau[off:off + n][:, None]  # [n,1]
+        # inner forward and backward at the start-of-mini-batch weights
+        Z1 = k_ @ W1 + c1[:, :, None]  # [B,H,n,F]
+        X2 = gelu(Z1)
+        Z2 = X2 @ W2 + c2[:, :, None]  # [B,H,n,d]
+        G2 = ln_fused_l2_grad(Z2, v_ - k_, gam, bet)
+        G1 = (G2 @ W2.transpose(-1, -2)) * gelu_grad(Z1)  # [B,H,n,F]
+        E = torch.tril(ti * lr_[:, :, None, :])  # [B,H,n,n]: E_ij = tau_i lr_j, j <= i
+        Z1b = q_ @ W1 + c1[:, :, None] - ti * (q_ @ A1 + a1[:, :, None]) \
+            - (E * (q_ @ k_.transpose(-1, -2) + 1.0)) @ G1
+        X2b = gelu(Z1b)
+        Z2b = X2b @ W2 + c2[:, :, None] - ti * (X2b @ A2 + a2[:, :, None]) \
+            - (E * (X2b @ X2.transpose(-1, -2) + 1.0)) @ G2
+        outs.append(q_ + layer_norm(Z2b, gam, bet))
+        A1 = A1 + (lr_[..., None] * k_).transpose(-1, -2) @ G1
+        a1 = a1 + (lr_[..., None] * G1).sum(2)
+        A2 = A2 + (lr_[..., None] * X2).transpose(-1, -2) @ G2
+        a2 = a2 + (lr_[..., None] * G2).sum(2)
+        (W1, c1, W2, c2), (A1, a1, A2, a2) = advance((W1, c1, W2, c2), (A1, a1, A2, a2), n, off, tau)
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)  # [B,T,H,d]
+    return o, TTTState("mlp", (W1, c1, W2, c2), (A1, a1, A2, a2), state.pos + T)
