@@ -23,7 +23,7 @@ PARAM_NAMES = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
 class TTTState:
     """Explicit state of one TTT op over a batch.
 
-    kind:   "linear" or "mlp".
+    kind:   "linear", "mlp", or "generic" (any inner nn.Module, see ops/generic.py).
     params: start-of-mini-batch inner weights. linear: (W1 [B,H,d,d], b1 [B,H,d]);
             mlp: (W1 [B,H,d,F], b1 [B,H,F], W2 [B,H,F,d], b2 [B,H,d]).
     accum:  same shapes as params: sum over the tokens already seen in the current (partial)
@@ -54,9 +54,9 @@ class TTTState:
 
         The expansion is differentiable, so gradients flow back to the initial weights.
         """
-        if kind not in PARAM_NAMES:
-            raise ValueError(f"kind: expected one of {sorted(PARAM_NAMES)}, got {kind!r}")
-        if len(params) != len(PARAM_NAMES[kind]):
+        if kind not in (*PARAM_NAMES, "generic"):
+            raise ValueError(f"kind: expected one of {[*PARAM_NAMES, 'generic']}, got {kind!r}")
+        if kind in PARAM_NAMES and len(params) != len(PARAM_NAMES[kind]):
             raise ValueError(f"params: expected {len(PARAM_NAMES[kind])} tensors for kind {kind!r}, got {len(params)}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")

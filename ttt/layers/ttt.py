@@ -1,0 +1,198 @@
+"""TTT layers (SPEC section 6): projections, causal convs, RoPE at position mod b, the learnable
+inner learning rate (per-head gate and tau offsets), learnable initial inner weights, the TTT op,
+post-LayerNorm, output gate and projection.
+
+    layer = TTTLinear(d_model=256, n_heads=4)            # or TTTMLP, or TTTLayer(inner=my_module)
+    y, state = layer(x)                                   # x: [B, T, D]
+    y2, state = layer(x_next, state)                      # streaming: continue where it stopped
+
+`backbone="mamba"` ("(M)"): shared theta_QK followed by two depthwise causal convs, and an output gate.
+`backbone="transformer"` ("(T)"): separate theta_Q, theta_K, theta_V; no convs, no gate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import TTTState, make_tau, ttt_op
+from ..ops.generic import ttt_generic
+from .attention import apply_rope
+from .conv import CausalConv1d
+
+BACKBONES = ("mamba", "transformer")
+
+
+@dataclass
+class TTTLayerState:
+    """op: the inner-model state (TTTState); conv: the last conv_width-1 inputs of the Q/K convs
+    ([B, width-1, D], Mamba backbone only, else None)."""
+
+    op: TTTState
+    conv: torch.Tensor | None = None
+
+    @property
+    def pos(self) -> int:
+        return self.op.pos
+
+    def detach(self) -> "TTTLayerState":
+        return replace(self, op=self.op.detach(), conv=None if self.conv is None else self.conv.detach())
+
+
+class TTTLayer(nn.Module):
+    """A TTT layer whose inner model is "linear", "mlp", or any nn.Module mapping [d] -> [d] (run
+    through the primal generic op). See the module docstring for usage."""
+
+    def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
+                 mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
+                 rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(d_model, int) or not isinstance(n_heads, int) or n_heads < 1 or d_model < 1:
+            raise ValueError(f"d_model, n_heads: expected positive ints, got {d_model!r}, {n_heads!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {BACKBONES}, got {backbone!r}")
+        if not (inner in ("linear", "mlp") or isinstance(inner, nn.Module)):
+            raise ValueError(f"inner: expected 'linear', 'mlp' or an nn.Module, got {inner!r}")
+        if not isinstance(mini_batch, int) or mini_batch < 1:
+            raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
+        D, H = d_model, n_heads
+        d = D // H
+        if d % 2:
+            raise ValueError(f"d_model: expected an even head dim for RoPE, got d_model/n_heads = {d}")
+        self.d_model, self.n_heads, self.head_dim = D, H, d
+        self.kind = inner if isinstance(inner, str) else "generic"
+        self.backbone, self.mini_batch, self.rope_base, self.backend = backbone, mini_batch, rope_base, backend
+        self.base_lr = base_lr if base_lr is not None else (0.1 if self.kind == "mlp" else 1.0)
+
+        if backbone == "mamba":
+            self.qk_proj = nn.Linear(D, D, bias=False)
+            self.conv_q = CausalConv1d(D, conv_width)
+            self.conv_k = CausalConv1d(D, conv_width)
+            self.gate_proj = nn.Linear(D, D, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, D, bias=False)
+            self.k_proj = nn.Linear(D, D, bias=False)
+        self.v_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = nn.Linear(D, D, bias=False)
+        self.lr_weight = nn.Parameter(torch.empty(H, D))  # per-head gate sigma = sigmoid(x . w_h + b_h)
+        self.lr_bias = nn.Parameter(torch.zeros(H))
+        self.delta = nn.Parameter(torch.zeros(mini_batch))  # tau_i = max(0, 1/i + delta_i)
+        self.ln_weight = nn.Parameter(torch.ones(H, d))  # inner LayerNorm, per head
+        self.ln_bias = nn.Parameter(torch.zeros(H, d))
+        self.post_norm = nn.LayerNorm(D, eps=1e-6)
+        if self.kind == "linear":
+            shapes = {"W1": (H, d, d), "b1": (H, d)}
+        elif self.kind == "mlp":
+            Fh = mlp_ratio * d
+            shapes = {"W1": (H, d, Fh), "b1": (H, Fh), "W2": (H, Fh, d), "b2": (H, d)}
+        else:  # any module: one copy of its weights per head, stacked on a leading H dim
+            self._template = [inner]  # a list keeps it out of this module's parameters
+            shapes = {n.replace(".", "_"): (H, *p.shape) for n, p in inner.named_parameters()}
+        self.inner_names = tuple(shapes)
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Paper init: projections and inner weight matrices N(0, 0.02), biases 0, LN gamma 1 / beta 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, (CausalConv1d, nn.LayerNorm)):
+                m.reset_parameters()
+        nn.init.normal_(self.lr_weight, std=0.02)
+        nn.init.zeros_(self.lr_bias)
+        nn.init.zeros_(self.delta)
+        nn.init.ones_(self.ln_weight)
+        nn.init.zeros_(self.ln_bias)
+        if self.kind == "generic":
+            for name, (_, p) in zip(self.inner_names, self._template[0].named_parameters()):
+                getattr(self, name).data.copy_(p.detach().unsqueeze(0).expand_as(getattr(self, name)))
+        else:
+            for name in self.inner_names:
+                p = getattr(self, name)
+                nn.init.normal_(p, std=0.02) if name.startswith("W") else nn.init.zeros_(p)
+
+    def inner_params(self):
+        return tuple(getattr(self, n) for n in self.inner_names)
+
+    def init_state(self, batch_size: int, device=None) -> TTTLayerState:
+        """The state at position 0: learnable initial weights broadcast over the batch (differentiable)."""
+        params = self.inner_params()
+        op = TTTState.initial(self.kind, params, batch_size)
+        conv = self.conv_q.init_state(batch_size, device) if self.backbone == "mamba" else None
+        if device is not None:
+            op = op.to(device)
+        return TTTLayerState(op, conv)
+
+    def _check(self, x, state):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape [B, T, {self.d_model}], got {got}")
+        if x.shape[1] == 0:
+            raise ValueError("x: expected a non-empty sequence (T >= 1), got T = 0")
+        if state is None:
+            return
+        if not isinstance(state, TTTLayerState):
+            raise TypeError(f"state: expected a TTTLayerState, got {type(state).__name__}")
+        if state.op.kind != self.kind:
+            raise ValueError(f"state: expected the state of a {self.kind!r} TTT layer, got one of kind {state.op.kind!r}")
+        if state.op.batch_size != x.shape[0]:
+            raise ValueError(f"state: expected batch size {x.shape[0]} like x, got {state.op.batch_size}")
+        want = tuple(p.shape[1:] for p in self.inner_params())
+        got = tuple(p.shape[2:] for p in state.op.params)
+        if want != got:
+            raise ValueError(f"state: expected inner weights of per-head shapes {want}, got {got}")
+        if (state.conv is None) != (self.backbone != "mamba"):
+            raise ValueError(f"state: expected {'a' if self.backbone == 'mamba' else 'no'} conv window for "
+                             f"backbone {self.backbone!r}")
+
+    def forward(self, x: torch.Tensor, state: TTTLayerState | None = None):
+        """x: [B, T, D] -> (y [B, T, D], new state)."""
+        self._check(x, state)
+        B, T, D = x.shape
+        H, d = self.n_heads, self.head_dim
+        if state is None:
+            state = self.init_state(B, x.device)
+        if self.backbone == "mamba":
+            u = self.qk_proj(x)
+            q, conv = self.conv_q(u, state.conv)
+            k, _ = self.conv_k(u, state.conv)  # same input u, so one window serves both convs
+        else:
+            q, k, conv = self.q_proj(x), self.k_proj(x), None
+        v = self.v_proj(x)
+        q, k, v = (t.reshape(B, T, H, d) for t in (q, k, v))  # [B,T,D] -> [B,T,H,d]
+        pos = (state.pos + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE at position mod b
+        q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
+        gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
+        lr = self.base_lr * torch.sigmoid(gate) / d  # [B,T,H]
+        tau = make_tau(self.delta.to(ct))
+        if self.kind == "generic":
+            o, op_state = ttt_generic(self._template[0], q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
+                                      mini_batch=self.mini_batch)
+        else:
+            o, op_state = ttt_op(self.kind, q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
+                                 mini_batch=self.mini_batch, backend=self.backend)
+        o = self.post_norm(o.reshape(B, T, D))  # [B,T,H,d] -> [B,T,D]
+        if self.backbone == "mamba":
+            o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+        return self.o_proj(o), TTTLayerState(op_state, conv)
+
+
+class TTTLinear(TTTLayer):
+    """TTT-Linear layer: inner model x W + b (base_lr 1.0)."""
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        super().__init__(d_model, n_heads, inner="linear", **kw)
+
+
+class TTTMLP(TTTLayer):
+    """TTT-MLP layer: inner model GELU(x W1 + b1) W2 + b2, hidden 4d (base_lr 0.1)."""
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        super().__init__(d_model, n_heads, inner="mlp", **kw)
