@@ -1,0 +1,96 @@
+"""Typed model configuration and named presets (SPEC section 7).
+
+    cfg = get_config("125m", mixer="ttt_linear", backbone="mamba", vocab_size=32000)
+
+Presets size the model (layers, width, heads, FFN); the mixer picks the sequence layer. Baselines are
+presets of the same LM class: `attention` (Transformer++) and `mamba` (Mamba-2 style, twice the
+layers and no FFN, as Mamba stacks mixer-only blocks). Field help strings double as CLI help.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
+BACKBONES = ("mamba", "transformer")
+
+
+def _f(default, help):  # a dataclass field whose help text the CLI shows
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(32000, "vocabulary size (must match the tokenizer)")
+    d_model: int = _f(768, "model width D")
+    n_layers: int = _f(12, "number of blocks")
+    n_heads: int = _f(12, "heads of the sequence mixer (head dim = d_model / n_heads)")
+    ffn_hidden: int = _f(2048, "SwiGLU hidden width; 0 = no FFN sub-layer (the Mamba baseline)")
+    mixer: str = _f("ttt_linear", f"sequence mixer, one of {MIXERS}")
+    backbone: str = _f("mamba", "TTT block style: 'mamba' (M: extra conv, gated TTT) or 'transformer' (T)")
+    mini_batch: int = _f(16, "TTT inner-loop mini-batch size b")
+    base_lr: float | None = _f(None, "TTT inner learning rate base (default 1.0 linear, 0.1 mlp)")
+    conv_width: int = _f(4, "causal depthwise conv width")
+    rope_base: float = _f(10000.0, "RoPE base")
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon")
+    tie_embeddings: bool = _f(True, "share input embedding and output head weights")
+    ttt_backend: str = _f("auto", "TTT op backend: auto, dual, naive, triton")
+    mamba_d_state: int = _f(64, "Mamba baseline: SSM state size per head")
+    mamba_expand: int = _f(2, "Mamba baseline: inner width = expand * d_model")
+    mamba_head_dim: int = _f(64, "Mamba baseline: head dim of the SSM")
+    init_std: float = _f(0.02, "std of the normal init of projections and embeddings")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mini_batch", "conv_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        if self.ffn_hidden < 0:
+            raise ValueError(f"ffn_hidden: expected >= 0, got {self.ffn_hidden}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# name: (n_layers, d_model, n_heads, ffn_hidden); SPEC section 7. "debug" is a CPU-test size.
+SIZES = {
+    "debug": (2, 64, 4, 128),
+    "tiny": (4, 128, 4, 352),
+    "125m": (12, 768, 12, 2048),
+    "350m": (24, 1024, 16, 2736),
+    "760m": (24, 1536, 16, 4096),
+    "1.3b": (24, 2048, 32, 5504),
+}
+# training recipe per size (SPEC section 7): peak LR, steps at 0.5M tokens per step
+RECIPES = {"125m": (3e-3, 4800), "350m": (1.5e-3, 13500), "760m": (1.25e-3, 29000), "1.3b": (1e-3, 50000)}
+
+
+def get_config(size: str = "125m", mixer: str = "ttt_linear", backbone: str = "mamba", **overrides) -> ModelConfig:
+    """The named preset `size` with the given mixer. Mamba baselines get 2x layers and no FFN."""
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {tuple(SIZES)}, got {size!r}")
+    n_layers, d_model, n_heads, ffn = SIZES[size]
+    kw = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, ffn_hidden=ffn, mixer=mixer, backbone=backbone)
+    if mixer == "mamba":
+        kw.update(n_layers=2 * n_layers, ffn_hidden=0, mamba_head_dim=min(64, d_model // 2))
+    if mixer in ("attention", "mamba"):
+        kw["backbone"] = "transformer"  # plain pre-norm residual blocks
+    kw.update(overrides)
+    return ModelConfig(**kw)
