@@ -1,2 +1,13 @@
-"""ttt: Test-Time-Training layers and language models (PyTorch + Triton)."""
+"""ttt: Test-Time-Training (TTT) layers and language models in PyTorch, with Triton kernels.
+
+    from ttt import TTTLinear, TTTMLP, TTTLM, get_config
+"""
+from .config import ModelConfig, get_config
+from .layers.ttt import TTTLayer, TTTLayerState, TTTLinear, TTTMLP
+from .model import TTTLM, LMState
+from .ops import TTTState, make_tau, ttt_linear, ttt_mlp
+from .ops.generic import ttt_generic
+
 __version__ = "0.1.0"
+__all__ = ["ModelConfig", "get_config", "TTTLayer", "TTTLayerState", "TTTLinear", "TTTMLP", "TTTLM", "LMState",
+           "TTTState", "make_tau", "ttt_linear", "ttt_mlp", "ttt_generic"]
