@@ -17,7 +17,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) by angle positions[t] * base^(-2i/d).
 
     x: [B, T, H, d] with d even; positions: [T] integer tensor of absolute positions.
-    Angles are computed in fp32; the rotation runs in fp32 (fp64 for fp64 x) and is cast back.
+    Angles are computed in fp32; cos, sin and the rotation in fp32 (fp64 for fp64 x), cast back to x's dtype.
     """
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x: expected [B, T, H, d] with even d, got shape {tuple(x.shape)}")
@@ -28,8 +28,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
     angles = positions.to(x.device, torch.float32)[:, None] * inv_freq  # [T, d/2]
     cd = torch.promote_types(x.dtype, torch.float32)
-    cos = angles.cos().to(cd)[:, None, :]  # [T, 1, d/2], broadcast over heads
-    sin = angles.sin().to(cd)[:, None, :]
+    cos = angles.to(cd).cos()[:, None, :]  # [T, 1, d/2], broadcast over heads
+    sin = angles.to(cd).sin()[:, None, :]
     xf = x.to(cd)
     x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B, T, H, d/2] each: the two members of every pair
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, T, H, d/2, 2]

@@ -1,0 +1,212 @@
+"""Mamba-2 baseline mixer in pure PyTorch: the SSD scan in two forms (`ssd_chunked` for sequences,
+`ssd_step` for one-token decode), its conv and gated RMSNorm, and the `Mamba2` layer with its `MambaState`.
+
+The SSM, per head h with scalar decay A_h < 0, per token t:
+    S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T      S: [head_dim, d_state]
+    y_t = S_t C_t + D_h x_t
+forward(x, state) over any split of a sequence, carrying the returned state, equals one forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttt.layers.conv import CausalConv1d
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a: [..., L] -> [..., L, L] with out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above.
+
+    Summing the masked values directly (not cumsum differences) keeps exp(out) exact and in [0, 1].
+    """
+    L = a.shape[-1]
+    a = a[..., None].expand(*a.shape, L)  # [..., L(i), L(j)], row i holds a[i]
+    ones = torch.ones(L, L, dtype=torch.bool, device=a.device)
+    s = a.masked_fill(~ones.tril(-1), 0).cumsum(-2)  # [..., i, j] = sum of a[k] for j < k <= i
+    return s.masked_fill(~ones.tril(0), -math.inf)
+
+
+def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64):
+    """The SSM over a sequence: quadratic attention-like form inside chunks, state carried between them.
+
+    x: [B, T, H, P]; dt: [B, T, H] (positive); A: [H] (negative); Bm, Cm: [B, T, N];
+    state: [B, H, P, N]. Returns y [B, T, H, P] (without the D skip) and the final state.
+    All inputs must share one dtype; T need not be a multiple of chunk_size.
+    """
+    Bsz, T, H, P = x.shape
+    N = Bm.shape[-1]
+    pad = -T % chunk_size
+    if pad:  # dt = 0 on padded tokens: no decay and no input, so the final state is unchanged
+        x, Bm, Cm = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, Bm, Cm))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    nc, cs = (T + pad) // chunk_size, chunk_size
+    xdt = (x * dt[..., None]).view(Bsz, nc, cs, H, P)  # dt-weighted input per chunk
+    a = (dt * A).view(Bsz, nc, cs, H).permute(0, 3, 1, 2)  # [B, H, nc, cs]: log-decay of each token
+    Bm, Cm = Bm.view(Bsz, nc, cs, N), Cm.view(Bsz, nc, cs, N)
+    acum = a.cumsum(-1)  # [B, H, nc, cs]: log-decay from the chunk start through token l
+
+    # 1. inside each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s
+    decay = segsum(a).exp()  # [B, H, nc, cs(l), cs(s)]
+    scores = torch.einsum("bcln,bcsn->bcls", Cm, Bm)
+    y = torch.einsum("bcls,bhcls,bcshp->bclhp", scores, decay, xdt)
+
+    # 2. what each chunk adds to the state at its own end
+    to_end = (acum[..., -1:] - acum).exp()  # [B, H, nc, cs]
+    chunk_states = torch.einsum("bcsn,bhcs,bcshp->bchpn", Bm, to_end, xdt)  # [B, nc, H, P, N]
+
+    # 3. carry the state across chunks (a short sequential scan over nc)
+    chunk_decay = acum[..., -1].exp()  # [B, H, nc]
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    starts = torch.stack(starts, dim=1)  # [B, nc, H, P, N]: state entering each chunk
+
+    # 4. the state entering a chunk, decayed to token l, read out by C_l
+    y = y + torch.einsum("bcln,bchpn,bhcl->bclhp", Cm, starts, acum.exp())
+    return y.reshape(Bsz, nc * cs, H, P)[:, :T], state
+
+
+def ssd_step(x, dt, A, Bm, Cm, state):
+    """One token of the SSM. x: [B, H, P]; dt: [B, H]; A: [H]; Bm, Cm: [B, N]; state: [B, H, P, N].
+
+    Returns y [B, H, P] (without the D skip) and the new state.
+    """
+    decay = torch.exp(dt * A)[..., None, None]  # [B, H, 1, 1]
+    state = decay * state + torch.einsum("bhp,bn->bhpn", x * dt[..., None], Bm)
+    return torch.einsum("bhpn,bn->bhp", state, Cm), state
+
+
+class MambaConv1d(CausalConv1d):
+    """CausalConv1d with nn.Conv1d's default init, which Mamba-2 keeps: weight and bias uniform(+-1/sqrt(width)).
+
+    Its own reset_parameters (not a re-init in Mamba2's) keeps this init when a model resets every submodule.
+    """
+
+    def reset_parameters(self):
+        bound = 1.0 / math.sqrt(self.width)  # fan_in of a depthwise conv = width
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight, computed in fp32 (fp64 for fp64 inputs) and cast back to z's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cd = torch.promote_types(torch.promote_types(y.dtype, z.dtype), torch.float32)
+        g = y.to(cd) * F.silu(z.to(cd))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g * self.weight.to(cd)).to(z.dtype)
+
+
+@dataclass
+class MambaState:
+    """conv: last conv_width-1 inputs of the conv, [B, conv_width-1, d_inner + 2*d_state];
+    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    def detach(self) -> "MambaState":
+        return replace(self, conv=self.conv.detach(), ssm=self.ssm.detach())
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 (SSD) mixer, one group for B and C. x: [B, T, D] -> [B, T, D].
+
+    in_proj -> (z, xBC, dt); causal conv + SiLU on xBC -> (x, B, C); SSM per head;
+    + D x; gated RMSNorm with z; out_proj. T == 1 takes the recurrent step, longer inputs the chunked form.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, expand: int = 2, head_dim: int = 64,
+                 conv_width: int = 4, chunk_size: int = 64):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % head_dim:
+            raise ValueError(f"head_dim: must divide expand*d_model={d_inner}, got {head_dim}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
+        self.d_model, self.d_state, self.d_inner = d_model, d_state, d_inner
+        self.head_dim, self.nheads, self.chunk_size = head_dim, d_inner // head_dim, chunk_size
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads, bias=False)
+        self.conv = MambaConv1d(d_inner + 2 * d_state, conv_width, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # as in Mamba-2: the optimizer may exempt these from decay
+        self.norm = GatedRMSNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1):
+        nn.init.normal_(self.in_proj.weight, std=0.02)
+        nn.init.normal_(self.out_proj.weight, std=0.02)
+        self.conv.reset_parameters()
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+            self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+            self.D.fill_(1.0)
+        self.norm.reset_parameters()
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        conv = self.conv.init_state(batch_size, device, dtype)
+        ssm = torch.zeros(batch_size, self.nheads, self.head_dim, self.d_state, device=device,
+                          dtype=torch.promote_types(dtype, torch.float32))
+        return MambaState(conv, ssm)
+
+    def _check(self, x: torch.Tensor, state: MambaState | None):
+        if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+            raise ValueError(f"x: expected [B, T>=1, {self.d_model}], got shape {tuple(x.shape)}")
+        if state is None:
+            return
+        if not isinstance(state, MambaState):
+            raise TypeError(f"state: expected a MambaState, got {type(state).__name__}")
+        B = x.shape[0]
+        want_conv = (B, self.conv.width - 1, self.conv.channels)
+        want_ssm = (B, self.nheads, self.head_dim, self.d_state)
+        if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
+            raise ValueError(f"state: expected conv {list(want_conv)} and ssm {list(want_ssm)}, "
+                             f"got conv {list(state.conv.shape)} and ssm {list(state.ssm.shape)}")
+
+    def forward(self, x: torch.Tensor, state: MambaState | None = None):
+        self._check(x, state)
+        B, T, _ = x.shape
+        H, P, N = self.nheads, self.head_dim, self.d_state
+        if state is None:
+            state = self.init_state(B, x.device)
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
+        xBC, conv_state = self.conv(xBC, state.conv)
+        xs, Bm, Cm = F.silu(xBC).split([self.d_inner, N, N], dim=-1)
+        cd = torch.promote_types(xs.dtype, torch.float32)  # the scan runs in fp32 (fp64 for fp64)
+        # autocast would turn the einsums into bf16 matmuls; the scan and its state stay in cd
+        with torch.autocast(x.device.type, enabled=False):
+            xh = xs.to(cd).view(B, T, H, P)  # [B, T, d_inner] -> [B, T, H, P]
+            dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # [B, T, H]
+            A = -torch.exp(self.A_log.to(cd))  # [H]
+            ssm = state.ssm.to(cd)
+            Bm, Cm = Bm.to(cd), Cm.to(cd)
+            if T == 1:
+                y, ssm = ssd_step(xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], ssm)
+                y = y[:, None]  # [B, H, P] -> [B, 1, H, P]
+            else:
+                y, ssm = ssd_chunked(xh, dt, A, Bm, Cm, ssm, self.chunk_size)
+            y = y + self.D.to(cd)[:, None] * xh
+            y = self.norm(y.reshape(B, T, self.d_inner), z)  # [B, T, H, P] -> [B, T, d_inner]
+        return self.out_proj(y), MambaState(conv_state, ssm)
