@@ -6,7 +6,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 and cast back (eps 1e-6 as in SPEC section 6)."""
+    """RMSNorm over the last dim, computed in fp32 (fp64 for fp64 inputs) and cast back (eps 1e-6 as in SPEC section 6)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -17,6 +17,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        ct = torch.promote_types(x.dtype, torch.float32)  # fp32 math, fp64 for fp64 inputs
+        xf = x.to(ct)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(ct)).to(x.dtype)
