@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,7 +33,9 @@ class CausalConv1d(nn.Module):
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, width-1+T, C]
-        w = self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.conv1d(xs.transpose(1, 2), w, b, groups=C).transpose(1, 2)  # [B, T, C]
+        w = self.weight.to(x.dtype)[:, 0]  # [C, width]
+        # a sum of width shifted products: as fast as conv1d here and fast in every dtype (fp64 too)
+        y = sum(xs[:, j:j + T] * w[:, j] for j in range(self.width))  # [B, T, C]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
         return y, xs[:, xs.shape[1] - (self.width - 1):]
