@@ -1,0 +1,100 @@
+"""The LM as a whole: teacher-forced decoding == full forward for every mixer and backbone (rung 5 of
+the test ladder), chunked evaluation carrying state == one pass, preset parameter counts against the
+paper's, and input validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.config import get_config
+from ttt.evaluate import evaluate_model
+from ttt.model import TTTLM
+
+V, B, T, MB = 61, 2, 10, 4  # vocab, batch, sequence length, TTT mini-batch b
+
+MODELS = [("ttt_linear", "mamba"), ("ttt_linear", "transformer"), ("ttt_mlp", "mamba"),
+          ("ttt_mlp", "transformer"), ("attention", "transformer"), ("mamba", "transformer")]
+
+
+def make_model(mixer, backbone, seed=0):
+    torch.manual_seed(seed)
+    cfg = get_config("debug", mixer=mixer, backbone=backbone, vocab_size=V, mini_batch=MB)
+    return TTTLM(cfg).double().eval()
+
+
+def ids(seed=1, shape=(B, T)):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mixer,backbone", MODELS, ids=[f"{m}-{b}" for m, b in MODELS])
+@torch.no_grad()
+def test_teacher_forced_decoding_equals_full_forward(mixer, backbone):
+    model = make_model(mixer, backbone)
+    x = ids()
+    full, full_state = model(x)
+    assert full.dtype == torch.float32 and full.shape == (B, T, V)
+    for prompt_len in (1, MB - 1, MB + 1):  # before, at and after a mini-batch boundary
+        logits, state = model(x[:, :prompt_len])  # prefill
+        steps = [logits]
+        for t in range(prompt_len, T):
+            logits, state = model(x[:, t:t + 1], state)  # one-token decode steps
+            steps.append(logits)
+        got = torch.cat(steps, 1)
+        assert state.pos == T
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-5, msg=f"prompt length {prompt_len}")
+        torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(full, -1), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decoding_depends_on_state():
+    """Guards the test above: decoding from a fresh state must not reproduce the full forward."""
+    model = make_model("ttt_linear", "mamba")
+    x = ids()
+    full, _ = model(x)
+    fresh, _ = model(x[:, 5:6])
+    assert (fresh[:, 0] - full[:, 5]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mixer,backbone", [("ttt_linear", "mamba"), ("ttt_mlp", "transformer"),
+                                            ("attention", "transformer"), ("mamba", "transformer")])
+def test_chunked_evaluation_equals_one_pass(mixer, backbone):
+    model = make_model(mixer, backbone)
+    x = ids(2, (3, 23))
+    one = evaluate_model(model, x, chunk_len=None, batch_size=3)
+    assert one.shape == (22,) and one.dtype == torch.float64
+    for chunk_len, batch_size in ((MB, 2), (7, 3), (1, 1), (100, 2)):
+        got = evaluate_model(model, x, chunk_len=chunk_len, batch_size=batch_size)
+        torch.testing.assert_close(got, one, rtol=0, atol=1e-6, msg=f"chunk_len={chunk_len}")
+
+
+@pytest.mark.parametrize("size,expected", [("125m", 110.4e6), ("350m", 337.7e6), ("760m", 733.6e6),
+                                           ("1.3b", 1285.6e6)])
+def test_preset_parameter_counts_match_paper(size, expected):
+    cfg = get_config(size, mixer="ttt_linear", backbone="mamba", vocab_size=32000)
+    with torch.device("meta"):  # no memory, no init cost
+        model = TTTLM(cfg)
+    n = model.num_parameters()
+    assert abs(n - expected) / expected < 0.02, f"{size}: {n / 1e6:.1f}M vs paper {expected / 1e6:.1f}M"
+
+
+def test_parameter_count_excludes_embedding_once():
+    model = TTTLM(get_config("debug", vocab_size=V))
+    n = sum(p.numel() for p in model.parameters())
+    assert model.num_parameters() == n
+    assert model.num_parameters(exclude_embedding=True) == n - V * model.cfg.d_model
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3), torch.zeros(3, dtype=torch.long),
+                                 torch.zeros(2, 0, dtype=torch.long), [[1, 2, 3]]])
+def test_bad_ids_raise_value_error_naming_ids(bad):
+    model = TTTLM(get_config("debug", vocab_size=V))
+    with pytest.raises(ValueError, match="ids"):
+        model(bad)
+
+
+def test_state_of_another_model_is_rejected():
+    model = TTTLM(get_config("debug", vocab_size=V))
+    other = TTTLM(get_config("debug", vocab_size=V, n_layers=3))
+    _, state = other(ids())
+    with pytest.raises(ValueError, match="state"):
+        model(ids(), state)

@@ -1,0 +1,258 @@
+"""Perplexity overall and by token position, for one model or several checkpoints.
+
+    nll = evaluate_model(model, x, y, chunk_len=256)   # [L] mean over sequences of -log p(y_t | x_<=t)
+    rows = bucketize(nll, 16)                          # log-spaced position buckets
+    results = evaluate_checkpoints(["ckpt_a", "ckpt_b"], "data", seq_len=1024, chunk_len=256,
+                                   out_dir="eval_out")  # writes eval.json, eval.csv, eval.png
+
+Contexts longer than a model's training length are handled the streaming way: the sequence is fed in
+chunks of `chunk_len` tokens, each forward starting from the state the previous chunk returned. As
+every mixer is causal and streams exactly, this gives the same numbers as one pass over the whole
+sequence (tests/test_model.py checks it) while holding only one chunk of activations in memory.
+
+Positions are 1-based: position p is the p-th predicted token, predicted from p tokens of context
+(x[0..p-1]). The paper's long-context plots put position on a log x axis; `bucketize` and `plot` do
+the same.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON, RESULTS_CSV, POSITIONS_CSV, PLOT_PNG = "eval.json", "eval.csv", "eval_by_position.csv", "eval.png"
+
+
+def _check_pos_int(name: str, v, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {v!r}")
+
+
+@torch.no_grad()
+def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                   chunk_len: int | None = None, batch_size: int = 8) -> torch.Tensor:
+    """Per-position NLL (nats), float64 [L]: entry t is the mean over the N sequences of
+    -log p(targets[:, t] | tokens[:, :t+1]).
+
+    tokens:     int [N, L] model inputs. With `targets=None` the targets are the inputs shifted by one
+                (tokens[:, 1:]) and the result has L-1 entries.
+    chunk_len:  feed each sequence in chunks of this many tokens, carrying the model state between
+                them (None: one pass). Any value gives the same result up to float rounding.
+    batch_size: sequences per forward.
+    The model is run in eval mode (its training flag is restored afterwards).
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens: expected an integer tensor [N, L], got {got}")
+    if targets is None:
+        if tokens.shape[1] < 2:
+            raise ValueError(f"tokens: expected at least 2 tokens per sequence without targets, got {tokens.shape[1]}")
+        tokens, targets = tokens[:, :-1], tokens[:, 1:]
+    elif not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
+        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets: expected a tensor of the shape of tokens {tuple(tokens.shape)}, got {got}")
+    _check_pos_int("chunk_len", chunk_len, allow_none=True)
+    _check_pos_int("batch_size", batch_size)
+    N, L = tokens.shape
+    if N == 0 or L == 0:
+        raise ValueError(f"tokens: expected a non-empty [N, L] tensor, got shape {(N, L)}")
+    chunk = chunk_len or L
+    device = next(model.parameters()).device
+    total = torch.zeros(L, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, N, batch_size):
+            x = tokens[i:i + batch_size].to(device)
+            y = targets[i:i + batch_size].to(device)
+            state = None
+            for s in range(0, L, chunk):
+                logits, state = model(x[:, s:s + chunk], state)  # [b, c, V] fp32
+                nll = F.cross_entropy(logits.double().transpose(1, 2), y[:, s:s + chunk], reduction="none")  # [b, c]
+                total[s:s + chunk] += nll.sum(0).cpu()
+    finally:
+        model.train(was_training)
+    return total / N
+
+
+def bucket_edges(length: int, n_buckets: int, scheme: str = "log") -> list[int]:
+    """Bucket boundaries over the 1-based positions 1..length: edges e_0=1 < ... < e_k=length+1, bucket
+    j holding positions [e_j, e_{j+1}). "log": geometrically spaced (at most n_buckets, fewer where
+    they would be narrower than one position); "linear": equal widths (the last may be shorter)."""
+    _check_pos_int("length", length)
+    _check_pos_int("n_buckets", n_buckets)
+    if scheme == "log":
+        raw = np.geomspace(1, length + 1, min(n_buckets, length) + 1)
+        edges = sorted({int(round(e)) for e in raw} | {1, length + 1})
+    elif scheme == "linear":
+        width = math.ceil(length / n_buckets)
+        edges = list(range(1, length + 1, width)) + [length + 1]
+    else:
+        raise ValueError(f"scheme: expected 'log' or 'linear', got {scheme!r}")
+    return edges
+
+
+def bucketize(nll, n_buckets: int = 16, scheme: str = "log") -> list[dict]:
+    """Mean NLL per bucket of positions (see `bucket_edges`): a list of
+    {"start": first position, "end": last position (inclusive), "nll": mean, "ppl": exp(mean)}."""
+    nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
+    edges = bucket_edges(len(nll), n_buckets, scheme)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = nll[lo - 1:hi - 1].mean().item()
+        rows.append({"start": lo, "end": hi - 1, "nll": m, "ppl": math.exp(m)})
+    return rows
+
+
+def _model_name(path: Path, taken: set) -> str:
+    name = path.name or str(path)
+    if name in taken:  # e.g. two runs whose checkpoints are both called "final"
+        name = f"{path.parent.name}/{name}"
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}#{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_len: int | None = None,
+                         n_seqs: int | None = 16, out_dir=None, *, split: str = "val", batch_size: int = 8,
+                         n_buckets: int = 16, device="cpu", names: Sequence[str] | None = None,
+                         models: Sequence | None = None) -> dict:
+    """Evaluate checkpoints on the first `n_seqs` windows of `seq_len` tokens of a prepared dataset.
+
+    paths:     checkpoint directories (see ttt.checkpoint); or pass already-built `models` instead
+               (nn.Modules, evaluated under `names`).
+    data_dir:  a directory made by ttt.data.prepare; the `split` shard ("val" or "train") is read.
+    chunk_len: feed the model this many tokens per forward, carrying state (None: one pass).
+    n_seqs:    number of windows (None: all that fit in the shard).
+    out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
+    Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
+    "params", "config", "nll", "ppl", "per_position": [L floats], "buckets": [...]}, ...]}.
+    """
+    from .data import eval_sequences, load_meta
+
+    if split not in ("val", "train"):
+        raise ValueError(f"split: expected 'val' or 'train', got {split!r}")
+    _check_pos_int("seq_len", seq_len)
+    _check_pos_int("n_seqs", n_seqs, allow_none=True)
+    meta = load_meta(data_dir)
+    shard = Path(data_dir) / f"{split}.bin"
+    x, y = eval_sequences(shard, seq_len, n_seqs)
+    entries = []
+    if models is not None:
+        if names is None or len(names) != len(models):
+            raise ValueError("names: expected one name per model when models are given")
+        entries = [(str(n), None, m, getattr(m, "cfg", None)) for n, m in zip(names, models)]
+    else:
+        if not paths:
+            raise ValueError("paths: expected at least one checkpoint directory")
+        from .checkpoint import load_model
+        taken: set = set()
+        for i, p in enumerate(paths):
+            model, cfg = load_model(p, device)
+            name = names[i] if names else _model_name(Path(p), taken)
+            entries.append((name, str(p), model, getattr(model, "cfg", None)))
+    results = {"data_dir": str(data_dir), "split": split, "seq_len": seq_len, "chunk_len": chunk_len,
+               "n_seqs": int(x.shape[0]), "tokens_per_position": int(x.shape[0]), "models": []}
+    for name, path, model, cfg in entries:
+        vocab = getattr(cfg, "vocab_size", None)
+        if vocab is not None and vocab < meta["vocab_size"]:
+            raise ValueError(f"checkpoint {name!r}: vocab_size {vocab} is smaller than the dataset's "
+                             f"{meta['vocab_size']} (data_dir {str(data_dir)!r}); was it trained on other data?")
+        log.info("evaluating %s on %d x %d tokens (chunk %s)", name, x.shape[0], seq_len, chunk_len)
+        nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size)
+        mean = nll.mean().item()
+        results["models"].append({
+            "name": name, "path": path,
+            "params": sum(p.numel() for p in model.parameters()),
+            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+            "nll": mean, "ppl": math.exp(mean),
+            "per_position": nll.tolist(),
+            "buckets": bucketize(nll, n_buckets),
+        })
+    if out_dir is not None:
+        write_results(results, out_dir)
+    return results
+
+
+def write_results(results: dict, out_dir) -> dict:
+    """Write eval.json, eval.csv (one row per model and bucket), eval_by_position.csv (one column per
+    model) and eval.png into out_dir; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / RESULTS_JSON, "csv": out / RESULTS_CSV, "positions_csv": out / POSITIONS_CSV,
+             "plot": out / PLOT_PNG}
+    _atomic_write(paths["json"], json.dumps(results, indent=1))
+    rows = [["model", "bucket_start", "bucket_end", "nll", "ppl"]]
+    for m in results["models"]:
+        rows += [[m["name"], b["start"], b["end"], f"{b['nll']:.6f}", f"{b['ppl']:.4f}"] for b in m["buckets"]]
+        rows.append([m["name"], 1, len(m["per_position"]), f"{m['nll']:.6f}", f"{m['ppl']:.4f}"])  # overall
+    _write_csv(paths["csv"], rows)
+    names = [m["name"] for m in results["models"]]
+    cols = [m["per_position"] for m in results["models"]]
+    _write_csv(paths["positions_csv"], [["position"] + names] +
+               [[i + 1] + [f"{c[i]:.6f}" for c in cols] for i in range(len(cols[0]) if cols else 0)])
+    plot(results, paths["plot"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = None, title: str | None = None) -> str:
+    """One PNG with a line per model: bucketed NLL (or perplexity, metric="ppl") against token position
+    on a log axis. `train_len` draws a dashed line at the training context length."""
+    if metric not in ("nll", "ppl"):
+        raise ValueError(f"metric: expected 'nll' or 'ppl', got {metric!r}")
+    # The object API with an explicit Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for m in results["models"]:
+        b = m["buckets"]
+        xs = [math.sqrt(r["start"] * r["end"]) for r in b]  # geometric centre of the bucket
+        ys = [r[metric] for r in b]
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['name']} ({m['params'] / 1e6:.2f}M, "
+                                                       f"{metric} {m[metric]:.3f})")
+    if train_len:
+        ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"training length {train_len}")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("NLL (nats / token)" if metric == "nll" else "perplexity")
+    chunk = results.get("chunk_len")
+    ax.set_title(title or f"{metric} by position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
+                          f"{results.get('seq_len')} tokens{f', chunks of {chunk}' if chunk else ''})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return str(path)
