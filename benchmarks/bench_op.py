@@ -1,0 +1,317 @@
+"""Op-level benchmark of the TTT Triton kernels against our PyTorch dual form, SDPA causal attention
+(FlashAttention backend) and fla's kernels (when importable), all on [B, T, H, d] inputs.
+
+Checks correctness against the dual form first (outputs, final state, gradients) and refuses to time a
+kernel that fails. Prints a table last; writes JSON (and a PNG plot of time vs context length at a fixed
+number of tokens) under --out.
+
+    PYTHONPATH=. python benchmarks/bench_op.py --out /tmp/bench            # everything
+    PYTHONPATH=. python benchmarks/bench_op.py --only check,fwd --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from ttt.ops import TTTState, make_tau, ttt_op
+
+RESULTS: dict = {"check": [], "time": []}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    F = 4 * d
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, device=dev) * scale + shift)
+
+    q, k, v = (r(B, T, H, d).to(dtype) for _ in range(3))
+    lr = (torch.rand(B, T, H, generator=g, device=dev) * 0.9 + 0.05) / d ** 0.5
+    tau = make_tau(torch.zeros(b, device=dev) + 0.01 * r(b))
+    lnw, lnb = r(H, d, scale=0.2, shift=1.0), r(H, d, scale=0.2)
+    if kind == "linear":
+        init = (r(H, d, d, scale=d ** -0.5), r(H, d, scale=0.1))
+    else:
+        init = (r(H, d, F, scale=d ** -0.5), r(H, F, scale=0.1), r(H, F, d, scale=F ** -0.5), r(H, d, scale=0.1))
+    leaves = [q, k, v, lr, tau, lnw, lnb, *init]
+    if grad:
+        for t in leaves:
+            t.requires_grad_()
+    st = TTTState.initial(kind, init, B)
+    if pos:
+        st = TTTState(kind, st.params, tuple(0.01 * r(*p.shape) if pos % b else torch.zeros_like(p)
+                                             for p in st.params), pos)
+    return leaves, st
+
+
+def run(kind, leaves, st, backend, b=16):
+    q, k, v, lr, tau, lnw, lnb = leaves[:7]
+    return ttt_op(kind, q, k, v, lr, tau, lnw, lnb, st, mini_batch=b, backend=backend)
+
+
+def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
+    leaves, st = make(kind, B, T, H, d, dtype, pos=pos, grad=grad)
+    name = f"{kind} B{B} T{T} H{H} d{d} {str(dtype)[6:]} pos{pos}{' grad' if grad else ''}"
+    o1, s1 = run(kind, leaves, st, "triton")
+    # reference: the dual form on fp32 copies of the same (16-bit-rounded) inputs
+    ref_leaves = [x.detach().float().requires_grad_(grad) for x in leaves]
+    st_ref = TTTState(kind, tuple(p.float() for p in st.params), st.accum, st.pos)
+    if grad:  # rebuild the start state from the reference leaves so the init gradient reaches them
+        st_ref = TTTState(kind, TTTState.initial(kind, ref_leaves[7:], B).params, st.accum, st.pos)
+    o2, s2 = run(kind, ref_leaves, st_ref, "dual")
+    errs = {"o": rel(o1, o2)}
+    errs.update({f"state{i}": rel(a, c) for i, (a, c) in enumerate(zip(s1.params, s2.params))})
+    if grad:
+        wo = torch.randn_like(o2)
+        g1 = torch.autograd.grad((o1.float() * wo).sum() + sum(p.sum() for p in s1.params), leaves)
+        g2 = torch.autograd.grad((o2 * wo).sum() + sum(p.sum() for p in s2.params), ref_leaves)
+        names = ["q", "k", "v", "lr", "tau", "ln_w", "ln_b"] + [f"init{i}" for i in range(len(leaves) - 7)]
+        errs.update({f"d{n}": rel(a, c) for n, a, c in zip(names, g1, g2)})
+    tol = tol if tol is not None else (5e-2 if dtype != torch.float32 else 2e-3)
+    worst = max(errs.values())
+    ok = worst <= tol
+    RESULTS["check"].append({"name": name, "ok": ok, "tol": tol, **errs})
+    print(f"check {name}: {'OK' if ok else 'FAIL'} worst {worst:.2e} " +
+          " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    return ok
+
+
+def bench(fn, warmup=25, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def record(op, impl, B, T, H, d, ms, mode="fwd"):
+    RESULTS["time"].append({"op": op, "impl": impl, "B": B, "T": T, "H": H, "d": d, "ms": ms, "mode": mode})
+    print(f"time {mode:7s} {op:10s} {impl:22s} B{B:<3d} T{T:<6d} H{H} d{d}: {ms:8.3f} ms", flush=True)
+
+
+def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None):
+    from ttt.ops.ttt_linear import chunk as lin_chunk
+    from ttt.ops.ttt_mlp import chunk as mlp_chunk
+    lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
+    lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
+    leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                run(kind, leaves, st, backend)
+    else:
+        do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
+
+        def fn():
+            o, _ = run(kind, leaves, st, backend)
+            torch.autograd.backward(o, do)
+            for t in leaves:
+                t.grad = None
+    ms = bench(fn)
+    lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
+    lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
+    impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}")
+    record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
+    return ms
+
+
+def time_sdpa(B, T, H, d, mode, dtype=torch.bfloat16):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=dtype, requires_grad=(mode == "fwdbwd")) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            if mode == "fwd":
+                with torch.no_grad():
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                torch.autograd.backward(o, do)
+                q.grad = k.grad = v.grad = None
+    ms = bench(fn)
+    record("attention", "sdpa_flash", B, T, H, d, ms, mode)
+    return ms
+
+
+def time_fla(B, T, H, d, mode, dtype=torch.bfloat16):
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.ttt import chunk_ttt_linear
+    except Exception as e:  # fla missing or failing on this Triton
+        print(f"fla unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+    gr = mode == "fwdbwd"
+    q, k, v = (torch.randn(B, T, H, d, device="cuda", dtype=dtype, requires_grad=gr) for _ in range(3))
+    eta = (torch.rand(B, T, H, 1, device="cuda", dtype=dtype) * 0.1).requires_grad_(gr)
+    w = torch.ones(H, d, device="cuda", dtype=dtype, requires_grad=gr)
+    bb = torch.zeros(H, d, device="cuda", dtype=dtype, requires_grad=gr)
+    h0 = torch.zeros(B, H, d, d, device="cuda", dtype=torch.float32, requires_grad=gr)
+    hb0 = torch.zeros(B, H, 1, d, device="cuda", dtype=torch.float32, requires_grad=gr)
+    gg = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda", dtype=torch.float32)).requires_grad_(gr)
+    beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_(gr)
+    do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
+    out = {}
+    for name, call in (
+        ("fla_chunk_ttt_linear", lambda: chunk_ttt_linear(q, k, v, w, bb, eta, scale=1.0, chunk_size=16,
+                                                          initial_state=h0, initial_state_bias=hb0,
+                                                          output_final_state=True)[0]),
+        ("fla_gated_delta_rule", lambda: chunk_gated_delta_rule(q, k, v, gg, beta, use_qk_l2norm_in_kernel=True,
+                                                                output_final_state=True)[0]),
+    ):
+        def fn():
+            if mode == "fwd":
+                with torch.no_grad():
+                    call()
+            else:
+                o = call()
+                torch.autograd.backward(o, do)
+        try:
+            fn()
+            ms = bench(fn)
+        except Exception as e:
+            print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        record("fla", name, B, T, H, d, ms, mode)
+        out[name] = ms
+    return out
+
+
+def time_decode(kind, B, H, d, pos=5):
+    from ttt.ops import triton_backend  # noqa: F401
+    leaves, st = make(kind, B, 1, H, d, torch.bfloat16, pos=pos)
+    for backend in ("dual", "triton"):  # "dual" at T = 1 is the PyTorch step
+        def fn():
+            with torch.no_grad():
+                run(kind, leaves, st, backend)
+        ms = bench(fn)
+        record(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}", B, 1, H, d, ms, "decode")
+        # a CUDA graph of the step removes launch overhead (what generation uses)
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            gph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gph):
+                fn()
+            ms = bench(gph.replay)
+            record(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}_graph", B, 1, H, d, ms,
+                   "decode")
+        except Exception as e:
+            print(f"graph capture failed for {backend}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def plot(path, tokens):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+        series = {}
+        for r in RESULTS["time"]:
+            if r["mode"] == mode and r["B"] * r["T"] == tokens and r["d"] == 64:
+                series.setdefault(f"{r['op']}:{r['impl']}", []).append((r["T"], r["ms"]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length T (B*T = %d tokens, H=32, d=64, bf16)" % tokens)
+        ax.set_ylabel("ms (median)")
+        ax.set_title("forward" if mode == "fwd" else "forward + backward")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
+    ap.add_argument("--only", default="check,fwd,fwdbwd,decode,plot")
+    ap.add_argument("--kinds", default="linear,mlp")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", default="", help="comma list of kernel variants to time too: dot1, w8, ...")
+    ap.add_argument("--commit", default="")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    only = set(args.only.split(","))
+    kinds = args.kinds.split(",")
+    import triton
+    torch.backends.cuda.matmul.allow_tf32 = False
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": args.commit}
+    RESULTS["env"] = env
+    print(env, flush=True)
+    good = {k: True for k in kinds}
+    if "check" in only:
+        t0 = time.time()
+        for kind in kinds:
+            ok = True
+            try:
+                ok &= check(kind, 4, 8192 if kind == "linear" else 2048, 32, 64, torch.bfloat16)
+                ok &= check(kind, 2, 1024, 8, 64, torch.float32, tol=1e-4)
+                ok &= check(kind, 2, 1003, 4, 128, torch.bfloat16, pos=5)
+                ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16)
+                ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
+                ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
+                ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4)
+            except NotImplementedError as e:
+                print(f"{kind}: not implemented: {e}", flush=True)
+                ok = False
+            good[kind] = ok
+        print(f"checks took {time.time() - t0:.1f}s", flush=True)
+    tokens = 32768
+    Ts = [2048, 8192, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768]
+    for mode in ("fwd", "fwdbwd"):
+        if mode not in only:
+            continue
+        for T in Ts:
+            B = tokens // T
+            time_sdpa(B, T, 32, 64, mode)
+            for kind in kinds:
+                if good[kind]:
+                    time_ttt(kind, B, T, 32, 64, mode)
+                    if args.variants:
+                        for var in args.variants.split(","):  # e.g. dot1 (tf32 dots), w8 (8 warps)
+                            kw = {"dot_mode": int(var[3:])} if var.startswith("dot") else {"warps": int(var[1:])}
+                            time_ttt(kind, B, T, 32, 64, mode, **kw)
+            time_fla(B, T, 32, 64, mode)
+        if not args.quick:
+            for kind in kinds:
+                if good[kind]:
+                    time_ttt(kind, 1, 2048, 32, 64, mode, backend="dual")
+    if "decode" in only:
+        for kind in kinds:
+            if good[kind]:
+                time_decode(kind, 16, 32, 64)
+    with open(os.path.join(args.out, "bench_op.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    if "plot" in only:
+        try:
+            plot(os.path.join(args.out, "bench_op.png"), tokens)
+        except Exception as e:
+            print(f"plot failed: {e}", flush=True)
+    print("\n=== summary (median ms) ===")
+    for r in RESULTS["time"]:
+        print(f"{r['mode']:7s} {r['op']:10s} {r['impl']:22s} B{r['B']:<3d} T{r['T']:<6d} H{r['H']} d{r['d']}: "
+              f"{r['ms']:8.3f}")
+    bad = [c["name"] for c in RESULTS["check"] if not c["ok"]]
+    print("checks failed:", bad if bad else "none")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""One small forward + backward of every Triton TTT kernel (for compute-sanitizer runs):
+    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py"""
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from benchmarks.bench_op import make, run  # noqa: E402
+
+kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
+for kind in kinds:
+    for d, pos, T in ((64, 0, 64), (96, 5, 83)):
+        leaves, st = make(kind, 2, T, 2, d, torch.bfloat16, pos=pos, grad=True)
+        o, s = run(kind, leaves, st, "triton")
+        (o.float().sum() + sum(p.sum() for p in s.params)).backward()
+        leaves, st = make(kind, 2, 1, 2, d, torch.bfloat16, pos=pos)
+        run(kind, leaves, st, "triton")
+    torch.cuda.synchronize()
+    print(kind, "ok", flush=True)

@@ -1,0 +1,183 @@
+"""Triton kernels == the PyTorch dual form: outputs, final state (params and accum) and every gradient
+(q, k, v, lr, tau via delta, LN weight/bias, initial params, initial accum), at odd lengths, from
+non-zero positions with pending accumulators, with every kernel output NaN-poisoned before the kernel
+runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is
+imported) in fp32/fp16 at small shapes; bf16 and full-size shapes run only on a GPU (marked `gpu`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from conftest import random_inputs  # noqa: E402
+from ttt.ops import TTTState, ttt_op  # noqa: E402
+from ttt.ops.ttt_linear import chunk as lin_chunk, step_triton as lin_step_triton  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk  # noqa: E402
+
+CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if not torch.cuda.is_available() and not CPU_INTERPRET:
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+class _PoisonTorch:
+    """Stands in for `torch` inside a kernel module: every buffer it allocates starts as NaN, so an
+    element the kernel forgets to write shows up in the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    for mod in (lin_chunk, mlp_chunk, lin_step_triton):
+        monkeypatch.setattr(mod, "torch", _PoisonTorch())
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def to_dev(inp):
+    if DEV == "cpu":
+        return inp
+    for name in ("q", "k", "v", "lr", "delta", "ln_weight", "ln_bias"):
+        setattr(inp, name, getattr(inp, name).detach().to(DEV).requires_grad_(getattr(inp, name).requires_grad))
+    inp.init = tuple(p.detach().to(DEV).requires_grad_(p.requires_grad) for p in inp.init)
+    if inp.accum is not None:
+        inp.accum = tuple(a.detach().to(DEV).requires_grad_(a.requires_grad) for a in inp.accum)
+    return inp
+
+
+def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, seed=0):
+    inp = to_dev(random_inputs(kind, B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, seed=seed,
+                               requires_grad=grad))
+    o1, s1 = inp.run("triton")
+    o2, s2 = inp.run("dual")
+    assert s1.pos == s2.pos == pos + T
+    assert o1.dtype == o2.dtype == dtype
+    errs = {"o": rel(o1, o2)}
+    for i, (x, y) in enumerate(zip(s1.params + s1.accum, s2.params + s2.accum)):
+        errs[f"state{i}"] = rel(x, y) if y.abs().max() > 0 else x.abs().max().item()
+    if grad:
+        leaves = inp.leaves()
+        g = torch.Generator(device=o2.device).manual_seed(1)
+        wo = torch.randn(o2.shape, generator=g, device=o2.device, dtype=torch.float64).to(dtype)
+        ws = [torch.randn(p.shape, generator=g, device=o2.device, dtype=torch.float64).to(p.dtype)
+              for p in s2.params + s2.accum]
+
+        def loss(o, s):
+            return (o * wo).sum() + sum((p * w).sum() for p, w in zip(s.params + s.accum, ws))
+
+        g1 = torch.autograd.grad(loss(o1, s1), list(leaves.values()), allow_unused=True)
+        g2 = torch.autograd.grad(loss(o2, s2), list(leaves.values()), allow_unused=True)
+        for name, x, y in zip(leaves, g1, g2):
+            if y is None or y.abs().max() == 0:
+                assert x is None or x.abs().max() == 0, name
+                continue
+            errs[f"d{name}"] = rel(x, y)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{kind} B{B} T{T} H{H} d{d} b{b} pos{pos}: over {tol}: {bad}"
+    return errs
+
+
+# (B, T, H, d, b, pos): aligned; odd length with head and tail pieces and a padded head dim; b = 8
+# (padded mini-batch rows) over several checkpoint groups; an aligned start whose (zero) accumulator
+# requires grad; a start one token before a mini-batch boundary.
+LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8, 3), (1, 64, 1, 16, 16, 32),
+                (1, 40, 1, 16, 16, 15)]
+
+
+@pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
+def test_linear_matches_dual(B, T, H, d, b, pos):
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
+
+
+@pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (2, 150, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
+def test_mlp_matches_dual(B, T, H, d, b, pos):
+    compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fp16_forward(kind):
+    compare(kind, B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
+
+
+@pytest.mark.parametrize("pos", [0, 3, 15, 31])
+def test_linear_step_kernel(pos):
+    """The fused decode kernel (T = 1), including the commit at the last token of a mini-batch."""
+    compare("linear", B=2, T=1, H=3, d=24, b=16, pos=pos, grad=False)
+
+
+def test_linear_step_chain_equals_forward():
+    """Steps through two mini-batches one token at a time == one forward, outputs and state."""
+    inp = random_inputs("linear", B=1, T=20, H=2, d=16, b=8, pos=0, dtype=torch.float32)
+    o_ref, s_ref = inp.run("dual")
+    st, outs = inp.state(), []
+    for t in range(inp.q.shape[1]):
+        o, st = inp.run("triton", start=t, stop=t + 1, state=st)
+        outs.append(o)
+    assert rel(torch.cat(outs, 1), o_ref) < 1e-5
+    for x, y in zip(st.params, s_ref.params):
+        assert rel(x, y) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_split_calls_equal_one_call(kind):
+    """Prefill in two calls (the split inside a mini-batch) == one call."""
+    inp = random_inputs(kind, B=1, T=53, H=1, d=16, b=16, pos=0, dtype=torch.float32)
+    o_ref, s_ref = inp.run("triton")
+    o_a, st = inp.run("triton", 0, 21)
+    o_b, st = inp.run("triton", 21, None, state=st)
+    assert rel(torch.cat([o_a, o_b], 1), o_ref) < 1e-5
+    for x, y in zip(st.params + st.accum, s_ref.params + s_ref.accum):
+        assert (x - y).abs().max() < 1e-5
+
+
+def test_no_grad_skips_checkpoints():
+    """Inference forward saves no checkpoints (nothing requires grad) and still matches."""
+    compare("linear", B=1, T=32, H=1, d=16, b=16, pos=0, grad=False)
+
+
+def test_auto_picks_triton_on_cuda_only():
+    from ttt.ops import resolve_backend, triton_available
+    assert triton_available()[0]
+    assert resolve_backend("auto", torch.device("cpu")) == "dual"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("d,pos", [(64, 0), (128, 5), (96, 16)])
+def test_gpu_bf16(kind, d, pos):
+    compare(kind, B=2, T=300, H=4, d=d, b=16, pos=pos, dtype=torch.bfloat16, tol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gpu_fp32_long(kind):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare(kind, B=2, T=1037, H=4, d=64, b=16, pos=7, tol=1e-4)

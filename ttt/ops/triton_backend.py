@@ -1,0 +1,143 @@
+"""The "triton" backend of the TTT ops: autograd wrappers around the Triton kernels.
+
+Mirrors the PyTorch dual form (`ttt_linear/dual.py`, `ttt_mlp/dual.py`): same signature, same outputs,
+same state. The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`) run whole mini-batches that start
+at a mini-batch boundary with a zero accumulator. A call is split into up to three pieces:
+  head: the tokens that finish a mini-batch already begun (state.pos % b != 0) -> PyTorch dual form;
+  body: the aligned whole mini-batches -> the Triton kernels (weights on chip, checkpointed backward);
+  tail: the last T % b tokens of a partial mini-batch -> PyTorch dual form.
+Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
+When the start state's accumulator requires grad at an aligned position, the first mini-batch also
+runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
+One-token calls (decode) use the fused step kernel (`ttt_linear/step_triton.py`) when it exists,
+else the PyTorch step. float64 inputs run the dual form (the kernels compute in fp32).
+Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
+"""
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (import failure = backend unavailable)
+
+from .common import TTTState
+from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
+from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step as _mlp_step
+
+GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
+
+
+def _prep(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _same_strides(q, k, v):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    if not (q.stride() == k.stride() == v.stride()):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+class _LinearChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group):
+        save = any(ctx.needs_input_grad[:9])
+        q, k, v = _same_strides(q, k, v)
+        W0f = W0.detach().to(torch.float32).contiguous()
+        c0f = c0.detach().to(torch.float32).contiguous()
+        o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0f, c0f, mini_batch, group, save)
+        if save:
+            ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, *ck)
+            ctx.meta = (mini_batch, group, W0.dtype, c0.dtype)
+        return o, wT, cT
+
+    @staticmethod
+    def backward(ctx, do, dwT, dcT):
+        q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
+        mini_batch, group, wdt, cdt = ctx.meta
+        B, T, H, d = q.shape
+        if do is None:
+            do = torch.zeros_like(q)
+        dwT = torch.zeros((B, H, d, d), device=q.device) if dwT is None else dwT.float()
+        dcT = torch.zeros((B, H, d), device=q.device) if dcT is None else dcT.float()
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_chunk.bwd(
+            q, k, v, lr, tau, lnw, lnb, (ckw, ckc), do, dwT, dcT, mini_batch, group)
+        return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype),
+                dw0.to(wdt), dc0.to(cdt), None, None)
+
+
+class _MLPChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group):
+        save = any(ctx.needs_input_grad[:11])
+        q, k, v = _same_strides(q, k, v)
+        ps = tuple(p.detach().to(torch.float32).contiguous() for p in (W1, c1, W2, c2))
+        o, fin, ck = _mlp_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
+        if save:
+            ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, *ck)
+            ctx.meta = (mini_batch, group, tuple(p.dtype for p in (W1, c1, W2, c2)))
+        return (o, *fin)
+
+    @staticmethod
+    def backward(ctx, do, *dfin):
+        q, k, v, lr, tau, lnw, lnb, *ck = ctx.saved_tensors
+        mini_batch, group, dts = ctx.meta
+        grads = _mlp_chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dfin, mini_batch, group)
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = grads
+        return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype),
+                *(g.to(dt) for g, dt in zip(dps, dts)), None, None)
+
+
+def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
+    if kind == "linear":
+        o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
+    else:
+        o, *p = _MLPChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
+    return o, tuple(p)
+
+
+def _step_fn(kind):
+    if kind == "linear":
+        try:
+            from .ttt_linear import step_triton
+            return step_triton.forward
+        except ImportError:
+            return _lin_step.forward
+    try:
+        from .ttt_mlp import step_triton
+        return step_triton.forward
+    except ImportError:
+        return _mlp_step.forward
+
+
+def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+    """Same contract as the dual form: q, k, v [B,T,H,d]; lr [B,T,H]; tau [b]; ln_* [H,d].
+    Returns (o [B,T,H,d] in q's dtype, new TTTState)."""
+    dual = _lin_dual if kind == "linear" else _mlp_dual
+    if q.dtype == torch.float64:
+        return dual.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+    B, T, H, d = q.shape
+    b = mini_batch
+    if T == 1:
+        return _step_fn(kind)(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+    head = (b - state.pos % b) % b
+    if head == 0 and any(a.requires_grad for a in state.accum):
+        head = b  # the dual form carries the gradient of the (zero) start accumulator
+    head = min(head, T)
+    nbody = (T - head) // b * b
+    outs = []
+    if head:
+        o, state = dual.forward(q[:, :head], k[:, :head], v[:, :head], lr[:, :head], tau, ln_weight, ln_bias,
+                                state, mini_batch)
+        outs.append(o)
+    if nbody:
+        s = slice(head, head + nbody)
+        o, params = _body(kind, q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state.params,
+                          mini_batch)
+        outs.append(o)
+        accum = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
+        state = TTTState(kind, params, accum, state.pos + nbody)
+    if head + nbody < T:
+        s = slice(head + nbody, T)
+        o, state = dual.forward(q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state, mini_batch)
+        outs.append(o)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o, state

@@ -1,0 +1,96 @@
+"""TTT-Linear one-token decode step as one fused Triton kernel.
+
+Mirrors `ttt/ops/ttt_linear/step.py` (SPEC section 5, primal form): per (batch, head) program, the
+token's inner gradient at the start weights W, the accumulator update, the output with W - tau_i * A and
+the inner LayerNorm, and the commit at the end of a mini-batch, in one launch. What stays on chip:
+everything: W, c, A, a are read once and the new accumulators (and, on a commit, the new weights) written
+once; no intermediate goes to memory. Inference only: when autograd needs a graph through the step,
+`forward` runs the PyTorch step instead (same numerics, differentiable).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import TTTState
+from . import step as _step
+
+
+@triton.jit
+def ttt_linear_step_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w_ptr, c_ptr, a_ptr, ab_ptr,
+    o_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
+    s_b, s_h, l_b, l_h, H, i_pos,
+    D: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rd = tl.arange(0, BD)
+    rr = tl.arange(0, BD)
+    cmask = rd < D
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rr[:, None] * D + rd[None, :]
+    x_off = bi * s_b + hi * s_h + rd
+    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    qr = tl.load(q_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
+    kr = tl.load(k_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
+    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    W = tl.load(w_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    c = tl.load(c_ptr + pid * D + rd, mask=cmask, other=0.0)
+    A = tl.load(a_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    a = tl.load(ab_ptr + pid * D + rd, mask=cmask, other=0.0)
+
+    z = tl.sum(kr[:, None] * W, axis=0) + c  # k W + c, [BD]
+    mu = tl.sum(z, axis=0) / D
+    zc = tl.where(cmask, z - mu, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    xh = zc * rstd
+    gy = gam * (gam * xh + bet - (v - k))
+    g = tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
+    A = A + (lr * kr)[:, None] * g[None, :]
+    a = a + lr * g
+    zq = tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a
+    mu = tl.sum(zq, axis=0) / D
+    zc = tl.where(cmask, zq - mu, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    o = q + zc * rstd * gam + bet
+    tl.store(o_ptr + bi * H * D + hi * D + rd, o.to(o_ptr.dtype.element_ty), mask=cmask)
+    if COMMIT:
+        tl.store(wn_ptr + pid * D * D + woff, W - t_i * A, mask=wmask)
+        tl.store(cn_ptr + pid * D + rd, c - t_i * a, mask=cmask)
+        tl.store(an_ptr + pid * D * D + woff, tl.zeros([BD, BD], dtype=tl.float32), mask=wmask)
+        tl.store(abn_ptr + pid * D + rd, tl.zeros([BD], dtype=tl.float32), mask=cmask)
+    else:
+        tl.store(an_ptr + pid * D * D + woff, A, mask=wmask)
+        tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
+
+
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
+    tensors = (q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum)
+    if q.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _step.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+    B, _, H, d = q.shape
+    i = state.pos % mini_batch
+    commit = i == mini_batch - 1
+    W, c = (p.to(torch.float32).contiguous() for p in state.params)
+    A, a = (x.to(torch.float32).contiguous() for x in state.accum)
+    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,H,d]
+    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
+        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
+    lr0 = lr[:, 0]
+    o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
+    Wn, cn = (torch.empty_like(W), torch.empty_like(c)) if commit else (W, c)
+    An, an = torch.empty_like(A), torch.empty_like(a)
+    ttt_linear_step_kernel[(B * H,)](
+        q0, k0, v0, lr0, tau, ln_weight, ln_bias, W, c, A, a, o, Wn, cn, An, an,
+        q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
+        D=d, BD=triton.next_power_of_2(d), COMMIT=commit, num_warps=4 if d <= 64 else 8)
+    return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1)
