@@ -115,6 +115,11 @@ def test_mlp_matches_dual(B, T, H, d, b, pos):
     compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
+def test_mlp_wide_head_runs_dual_body():
+    """d > 64: the MLP body runs the dual form (the kernel's register budget); same function."""
+    compare("mlp", B=1, T=37, H=1, d=72, b=16, pos=3)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_fp16_forward(kind):
     compare(kind, B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
@@ -128,7 +133,7 @@ def test_linear_step_kernel(pos):
 
 def test_linear_step_chain_equals_forward():
     """Steps through two mini-batches one token at a time == one forward, outputs and state."""
-    inp = random_inputs("linear", B=1, T=20, H=2, d=16, b=8, pos=0, dtype=torch.float32)
+    inp = to_dev(random_inputs("linear", B=1, T=20, H=2, d=16, b=8, pos=0, dtype=torch.float32))
     o_ref, s_ref = inp.run("dual")
     st, outs = inp.state(), []
     for t in range(inp.q.shape[1]):
@@ -142,7 +147,7 @@ def test_linear_step_chain_equals_forward():
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_split_calls_equal_one_call(kind):
     """Prefill in two calls (the split inside a mini-batch) == one call."""
-    inp = random_inputs(kind, B=1, T=53, H=1, d=16, b=16, pos=0, dtype=torch.float32)
+    inp = to_dev(random_inputs(kind, B=1, T=53, H=1, d=16, b=16, pos=0, dtype=torch.float32))
     o_ref, s_ref = inp.run("triton")
     o_a, st = inp.run("triton", 0, 21)
     o_b, st = inp.run("triton", 21, None, state=st)

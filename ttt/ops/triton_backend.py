@@ -9,6 +9,9 @@ at a mini-batch boundary with a zero accumulator. A call is split into up to thr
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
+TTT-MLP with d > 64: the kernel keeps W1 and W2 (2 x d x 4d fp32) in registers, which fits for
+d <= 64 only (d = 96/128 would need 96K/128K registers per program), so those head dims run the dual
+form for the body (a documented limit, not a silent numeric change: both compute the same function).
 One-token calls (decode) use the fused step kernel (`ttt_linear/step_triton.py`) when it exists,
 else the PyTorch step. float64 inputs run the dual form (the kernels compute in fp32).
 Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
@@ -22,6 +25,7 @@ from .common import TTTState
 from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
 from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step as _mlp_step
 
+MLP_MAX_D = 64  # the TTT-MLP kernel holds its weights in registers up to this head dim
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 
 
@@ -89,6 +93,11 @@ class _MLPChunk(torch.autograd.Function):
 def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
     if kind == "linear":
         o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
+    elif q.shape[-1] > MLP_MAX_D:
+        o, st = _mlp_dual.forward(q, k, v, lr, tau, ln_weight, ln_bias,
+                                  TTTState("mlp", tuple(params), tuple(torch.zeros_like(p) for p in params), 0),
+                                  mini_batch)
+        return o, st.params
     else:
         o, *p = _MLPChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
     return o, tuple(p)
