@@ -1,0 +1,92 @@
+"""Shared helper of the op tests (imported as `from conftest import random_inputs`): random, non-trivial
+inputs for one TTT op call, and a runner.
+
+Non-trivial on purpose: LN weight != 1 and bias != 0, lr random in (0, 1), tau from a random delta,
+random initial weights W0/b0 (per head, broadcast with `TTTState.initial`), and optionally a start
+in the middle of a mini-batch with a non-zero pending accumulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ttt.ops import TTTState, make_tau, ttt_op
+
+
+def inner_shapes(kind: str, d: int):
+    """Per-head shapes of the inner weights, in `TTTState.params` order."""
+    F = 4 * d
+    return [(d, d), (d,)] if kind == "linear" else [(d, F), (F,), (F, d), (d,)]
+
+
+@dataclass
+class OpInputs:
+    kind: str
+    q: torch.Tensor  # [B,T,H,d]
+    k: torch.Tensor
+    v: torch.Tensor
+    lr: torch.Tensor  # [B,T,H]
+    delta: torch.Tensor  # [b]; tau = make_tau(delta)
+    ln_weight: torch.Tensor  # [H,d]
+    ln_bias: torch.Tensor
+    init: tuple  # per-head initial weights [H, ...] (the learnable W0/b0)
+    accum: tuple | None  # [B,H,...] pending accumulators of the start state (None: fresh start)
+    pos: int
+    mini_batch: int
+
+    @property
+    def tau(self):
+        return make_tau(self.delta)
+
+    def state(self) -> TTTState:
+        st = TTTState.initial(self.kind, self.init, self.q.shape[0], dtype=self.q.dtype)
+        return st if self.accum is None else replace(st, accum=self.accum, pos=self.pos)
+
+    def leaves(self) -> dict:
+        """Every input tensor, by name (the ones gradients are checked against)."""
+        out = dict(q=self.q, k=self.k, v=self.v, lr=self.lr, delta=self.delta, ln_weight=self.ln_weight,
+                   ln_bias=self.ln_bias)
+        out.update({f"init{i}": p for i, p in enumerate(self.init)})
+        out.update({f"accum{i}": a for i, a in enumerate(self.accum or ())})
+        return out
+
+    def with_leaves(self, leaves: dict) -> "OpInputs":
+        """A copy whose tensors are taken from `leaves` (same names as `leaves()`)."""
+        init = tuple(leaves[f"init{i}"] for i in range(len(self.init)))
+        accum = None if self.accum is None else tuple(leaves[f"accum{i}"] for i in range(len(self.accum)))
+        plain = {n: leaves[n] for n in ("q", "k", "v", "lr", "delta", "ln_weight", "ln_bias")}
+        return replace(self, init=init, accum=accum, **plain)
+
+    def run(self, backend="dual", start=0, stop=None, state=None):
+        """The op on tokens [start, stop), from `state` (default: the start state)."""
+        s = slice(start, stop)
+        return ttt_op(self.kind, self.q[:, s], self.k[:, s], self.v[:, s], self.lr[:, s], self.tau,
+                      self.ln_weight, self.ln_bias, self.state() if state is None else state,
+                      mini_batch=self.mini_batch, backend=backend)
+
+
+def random_inputs(kind, *, B=2, T=7, H=2, d=4, b=3, pos=0, dtype=torch.float64, seed=0,
+                  requires_grad=False) -> OpInputs:
+    """pos > 0 starts from a state at position pos with a random pending accumulator (zero when pos is
+    at a mini-batch boundary, as the op leaves it there)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    q, k, v = rnd(B, T, H, d), rnd(B, T, H, d), rnd(B, T, H, d)
+    lr = torch.rand(B, T, H, generator=g, dtype=torch.float64).clamp(0.02, 0.98).to(dtype)
+    i = torch.arange(1, b + 1, dtype=torch.float64)
+    delta = ((torch.rand(b, generator=g, dtype=torch.float64) - 0.5) * 0.8 / i).to(dtype)  # tau_i in (0.6, 1.4)/i
+    ln_weight, ln_bias = rnd(H, d, scale=0.3, shift=1.0), rnd(H, d, scale=0.3)
+    init = tuple(rnd(H, *s, scale=(1.0 / s[0] ** 0.5 if len(s) == 2 else 0.3)) for s in inner_shapes(kind, d))
+    accum = None
+    if pos > 0:
+        live = float(pos % b != 0)
+        accum = tuple(rnd(B, H, *s, scale=0.1 * live) for s in inner_shapes(kind, d))
+    inp = OpInputs(kind, q, k, v, lr, delta, ln_weight, ln_bias, init, accum, pos, b)
+    if requires_grad:
+        for t in inp.leaves().values():
+            t.requires_grad_()
+    return inp
