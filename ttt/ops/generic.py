@@ -31,8 +31,11 @@ def primal_forward(f_res, params, accum, pos, q, k, v, lr, tau, ln_weight, ln_bi
     accum = [a.to(ct) for a in accum]
     tau = tau.to(ct)
     outs = []
+    grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
-        params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
+        # under no_grad: fresh leaves (views made under no_grad may report requires_grad without being in
+        # any graph, and autograd.grad then fails on them)
+        params = [p if grad_on and p.requires_grad else p.detach().requires_grad_() for p in params]
         for t in range(q.shape[1]):
             i = pos % mini_batch  # 0-based in-batch index of this token
             qt, kt, vt = (x[:, t].to(ct) for x in (q, k, v))  # [B,H,d]
@@ -47,6 +50,8 @@ def primal_forward(f_res, params, accum, pos, q, k, v, lr, tau, ln_weight, ln_bi
             if i == mini_batch - 1:  # mini-batch complete: its last token's weights become the start weights
                 params, accum = w_t, [torch.zeros_like(a) for a in accum]
             pos += 1
+    if not grad_on:  # and the inner graph must not leak into the state, or it grows from call to call
+        params, accum = [p.detach() for p in params], [a.detach() for a in accum]
     return torch.stack(outs, dim=1), tuple(params), tuple(accum), pos
 
 
