@@ -5,7 +5,8 @@ zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either 
 
 Forward: one program per (batch, head) walks the mini-batches. What stays on chip: both inner weight
 matrices W1 (d x F) and W2 (F x d), F = 4d, and the biases, fp32, in registers for the whole sequence
-(16 warps for d = 64, so 64 registers per thread hold them); q, k, v, lr are read once per mini-batch
+(8 warps for d = 64; the compiler spills part of them, still faster than 16 warps, see
+docs/kernels_notes.md); q, k, v, lr are read once per mini-batch
 (prefetched one mini-batch ahead), o written once. Head dim and F are padded to powers of two with masks.
 tanh-GELU and its exact derivative are computed in fp32 (tanh through a sigmoid).
 
@@ -25,7 +26,7 @@ from ..ttt_linear.chunk import _center, _dot
 from . import dual as _dual
 
 DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
-NUM_WARPS = None  # None: 16 when the weights need it, else 8
+NUM_WARPS = None  # None: 8 (H100, d = 64: 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     nck = triton.cdiv(nmb, group)
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     BT = max(16, triton.next_power_of_2(mini_batch))
-    warps = NUM_WARPS or (16 if BD * BF >= 64 * 256 else 8)
+    warps = NUM_WARPS or 8
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
