@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import TTTState, make_tau, ttt_op
+from ..ops import BACKENDS as OP_BACKENDS, TTTState, make_tau, ttt_op
 from ..ops.generic import ttt_generic
 from .attention import apply_rope
 from .conv import CausalConv1d
@@ -57,6 +57,8 @@ class TTTLayer(nn.Module):
             raise ValueError(f"backbone: expected one of {BACKBONES}, got {backbone!r}")
         if not (inner in ("linear", "mlp") or isinstance(inner, nn.Module)):
             raise ValueError(f"inner: expected 'linear', 'mlp' or an nn.Module, got {inner!r}")
+        if backend not in OP_BACKENDS:  # the generic inner model never reaches the op's own check
+            raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
         D, H = d_model, n_heads
@@ -123,7 +125,8 @@ class TTTLayer(nn.Module):
     def init_state(self, batch_size: int, device=None) -> TTTLayerState:
         """The state at position 0: learnable initial weights broadcast over the batch (differentiable)."""
         params = self.inner_params()
-        op = TTTState.initial(self.kind, params, batch_size)
+        # fp32 state, fp64 for an fp64 layer (rounding an fp64 W0 to fp32 would break fp64 exactness)
+        op = TTTState.initial(self.kind, params, batch_size, dtype=torch.promote_types(params[0].dtype, torch.float32))
         conv = self.conv_q.init_state(batch_size, device) if self.backbone == "mamba" else None
         if device is not None:
             op = op.to(device)
