@@ -698,3 +698,9 @@ def test_bad_state():
         # a good state still works after all that
         y, st = lin_m(x, s_lin_m)
         assert st.pos == 10
+
+
+@pytest.mark.parametrize("backend", ["dual", "triton"])
+def test_generic_inner_model_refuses_fast_backends(backend):
+    with pytest.raises(ValueError, match=r"^backend: a generic inner model runs the primal form only"):
+        TTTLayer(16, 2, inner=nn.Linear(8, 8), backend=backend)

@@ -59,6 +59,9 @@ class TTTLayer(nn.Module):
             raise ValueError(f"inner: expected 'linear', 'mlp' or an nn.Module, got {inner!r}")
         if backend not in OP_BACKENDS:  # the generic inner model never reaches the op's own check
             raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
+        if isinstance(inner, nn.Module) and backend not in ("auto", "naive"):
+            raise ValueError(f"backend: a generic inner model runs the primal form only ('auto' or 'naive'), "
+                             f"got {backend!r}")
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
         D, H = d_model, n_heads
