@@ -140,7 +140,8 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     n_seqs:    number of windows (None: all that fit in the shard).
     out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
     Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
-    "params", "config", "nll", "ppl", "per_position": [L floats], "buckets": [...]}, ...]}.
+    "train_len" (the checkpoint's training seq_len, if recorded), "params", "config", "nll", "ppl",
+    "per_position": [L floats], "buckets": [...]}, ...]}.
     """
     from .data import eval_sequences, load_meta
 
@@ -155,19 +156,23 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     if models is not None:
         if names is None or len(names) != len(models):
             raise ValueError("names: expected one name per model when models are given")
-        entries = [(str(n), None, m, getattr(m, "cfg", None)) for n, m in zip(names, models)]
+        entries = [(str(n), None, m, getattr(m, "cfg", None), None) for n, m in zip(names, models)]
     else:
         if not paths:
             raise ValueError("paths: expected at least one checkpoint directory")
-        from .checkpoint import load_model
+        from .checkpoint import CONFIG_FILE, load_model, read_json, resolve
+        if names is not None and len(names) != len(paths):
+            raise ValueError(f"names: expected one name per checkpoint ({len(paths)}), got {len(names)}")
         taken: set = set()
         for i, p in enumerate(paths):
             model, cfg = load_model(p, device)
             name = names[i] if names else _model_name(Path(p), taken)
-            entries.append((name, str(p), model, getattr(model, "cfg", None)))
+            train = read_json(resolve(p) / CONFIG_FILE).get("train")
+            train_len = train.get("seq_len") if isinstance(train, dict) else None
+            entries.append((name, str(p), model, cfg, train_len))
     results = {"data_dir": str(data_dir), "split": split, "seq_len": seq_len, "chunk_len": chunk_len,
                "n_seqs": int(x.shape[0]), "tokens_per_position": int(x.shape[0]), "models": []}
-    for name, path, model, cfg in entries:
+    for name, path, model, cfg, train_len in entries:
         vocab = getattr(cfg, "vocab_size", None)
         if vocab is not None and vocab < meta["vocab_size"]:
             raise ValueError(f"checkpoint {name!r}: vocab_size {vocab} is smaller than the dataset's "
@@ -176,7 +181,7 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size)
         mean = nll.mean().item()
         results["models"].append({
-            "name": name, "path": path,
+            "name": name, "path": path, "train_len": train_len,
             "params": sum(p.numel() for p in model.parameters()),
             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
             "nll": mean, "ppl": math.exp(mean),
@@ -188,9 +193,9 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     return results
 
 
-def write_results(results: dict, out_dir) -> dict:
+def write_results(results: dict, out_dir, train_len: int | None = None) -> dict:
     """Write eval.json, eval.csv (one row per model and bucket), eval_by_position.csv (one column per
-    model) and eval.png into out_dir; returns {kind: path}."""
+    model) and eval.png (see `plot`) into out_dir; returns {kind: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / RESULTS_JSON, "csv": out / RESULTS_CSV, "positions_csv": out / POSITIONS_CSV,
@@ -205,7 +210,7 @@ def write_results(results: dict, out_dir) -> dict:
     cols = [m["per_position"] for m in results["models"]]
     _write_csv(paths["positions_csv"], [["position"] + names] +
                [[i + 1] + [f"{c[i]:.6f}" for c in cols] for i in range(len(cols[0]) if cols else 0)])
-    plot(results, paths["plot"])
+    plot(results, paths["plot"], train_len=train_len)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -224,13 +229,17 @@ def _write_csv(path: Path, rows: list) -> None:
 
 def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = None, title: str | None = None) -> str:
     """One PNG with a line per model: bucketed NLL (or perplexity, metric="ppl") against token position
-    on a log axis. `train_len` draws a dashed line at the training context length."""
+    on a log axis. `train_len` draws a dashed line at the training context length (default: the
+    models' common "train_len", when they have one)."""
     if metric not in ("nll", "ppl"):
         raise ValueError(f"metric: expected 'nll' or 'ppl', got {metric!r}")
     # The object API with an explicit Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if train_len is None:
+        lens = {m.get("train_len") for m in results["models"]}
+        train_len = lens.pop() if len(lens) == 1 else None
     fig = Figure(figsize=(7, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -246,7 +255,7 @@ def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = No
     ax.set_xlabel("token position")
     ax.set_ylabel("NLL (nats / token)" if metric == "nll" else "perplexity")
     chunk = results.get("chunk_len")
-    ax.set_title(title or f"{metric} by position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
+    ax.set_title(title or f"{metric.upper() if metric == 'nll' else 'perplexity'} by token position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
                           f"{results.get('seq_len')} tokens{f', chunks of {chunk}' if chunk else ''})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
