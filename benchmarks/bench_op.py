@@ -103,11 +103,16 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
     print(f"time {mode:7s} {op:10s} {impl:22s} B{B:<3d} T{T:<6d} H{H} d{d}: {ms:8.3f} ms", flush=True)
 
 
-def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None):
+def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
+             bwd_warps=None, plain_fn=False):
+    """plain_fn: the autograd.Function wrappers instead of the torch.library custom ops (eager overhead)."""
+    from ttt.ops import triton_backend
     from ttt.ops.ttt_linear import chunk as lin_chunk
     from ttt.ops.ttt_mlp import chunk as mlp_chunk
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
+    mlp_chunk.BWD_WARPS = bwd_warps
+    triton_backend.CUSTOM_OP = not plain_fn
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
@@ -124,7 +129,10 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     ms = bench(fn)
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
-    impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}")
+    mlp_chunk.BWD_WARPS = None
+    triton_backend.CUSTOM_OP = True
+    impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
+        + ("" if bwd_warps is None else f"_bw{bwd_warps}") + ("_fn" if plain_fn else "")
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -247,7 +255,11 @@ def main():
     ap.add_argument("--only", default="check,fwd,fwdbwd,decode,plot")
     ap.add_argument("--kinds", default="linear,mlp")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--variants", default="", help="comma list of kernel variants to time too: dot1, w8, ...")
+    ap.add_argument("--variants", default="",
+                    help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
+                         "backward warps, fwdbwd only), fn (autograd.Function instead of the custom ops)")
+    ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
+    ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
     ap.add_argument("--commit", default="")
     ap.add_argument("--plot-from", default="", help="only redraw the plot from a bench_op.json")
     args = ap.parse_args()
@@ -279,6 +291,7 @@ def main():
                 ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
                 ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
                 ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4)
+                ok &= check(kind, 16, 1, 32, 64, torch.bfloat16, pos=15)  # decode step with the commit
             except NotImplementedError as e:
                 print(f"{kind}: not implemented: {e}", flush=True)
                 ok = False
@@ -286,30 +299,54 @@ def main():
         print(f"checks took {time.time() - t0:.1f}s", flush=True)
     tokens = 32768
     Ts = [2048, 8192, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768]
+    if args.Ts:
+        Ts = [int(t) for t in args.Ts.split(",")]
+    skip = set(args.skip.split(","))
     for mode in ("fwd", "fwdbwd"):
         if mode not in only:
             continue
         for T in Ts:
             B = tokens // T
-            time_sdpa(B, T, 32, 64, mode)
+            if "sdpa" not in skip:
+                time_sdpa(B, T, 32, 64, mode)
             for kind in kinds:
-                if kind == "mlp" and mode == "fwdbwd" and T != 8192:
-                    continue  # its backward is the PyTorch recompute: slow, one point is enough
                 if good[kind]:
                     time_ttt(kind, B, T, 32, 64, mode)
-                    if args.variants:
-                        for var in args.variants.split(","):  # e.g. dot1 (tf32 dots), w8 (8 warps)
-                            kw = {"dot_mode": int(var[3:])} if var.startswith("dot") else {"warps": int(var[1:])}
-                            time_ttt(kind, B, T, 32, 64, mode, **kw)
-            time_fla(B, T, 32, 64, mode)
+                    for var in filter(None, args.variants.split(",")):
+                        if var.startswith("dot"):
+                            kw = {"dot_mode": int(var[3:])}
+                        elif var.startswith("bw"):
+                            if mode != "fwdbwd" or kind != "mlp":
+                                continue
+                            kw = {"bwd_warps": int(var[2:])}
+                        elif var == "fn":
+                            kw = {"plain_fn": True}
+                        else:
+                            kw = {"warps": int(var[1:])}
+                        time_ttt(kind, B, T, 32, 64, mode, **kw)
+            if "fla" not in skip:
+                time_fla(B, T, 32, 64, mode)
         if not args.quick:
             for kind in kinds:
-                if good[kind] and not (kind == "mlp" and mode == "fwdbwd"):
+                if good[kind]:
                     time_ttt(kind, 1, 2048, 32, 64, mode, backend="dual")
     if "decode" in only:
         for kind in kinds:
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
+    from ttt.ops.ttt_linear import chunk as lin_chunk
+    from ttt.ops.ttt_mlp import chunk as mlp_chunk, step_triton as mlp_step
+    res = {}
+    for mod in (lin_chunk, mlp_chunk, mlp_step):
+        for name, kern in getattr(mod, "LAST", {}).items():
+            try:
+                res[name] = {a: getattr(kern, a, None) for a in ("n_regs", "n_spills")} | {
+                    "shared": getattr(kern, "metadata", None) and getattr(kern.metadata, "shared", None),
+                    "warps": getattr(kern, "metadata", None) and getattr(kern.metadata, "num_warps", None)}
+            except Exception as e:  # attribute names differ between Triton versions
+                res[name] = str(e)
+    RESULTS["resources"] = res
+    print("kernel resources (last launch):", res, flush=True)
     with open(os.path.join(args.out, "bench_op.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
     if "plot" in only:

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from conftest import random_inputs  # noqa: E402
 from ttt.ops import TTTState, ttt_op  # noqa: E402
 from ttt.ops.ttt_linear import chunk as lin_chunk, step_triton as lin_step_triton  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, step_triton as mlp_step_triton  # noqa: E402
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +46,7 @@ class _PoisonTorch:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, mlp_chunk, lin_step_triton):
+    for mod in (lin_chunk, mlp_chunk, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", _PoisonTorch())
 
 
@@ -131,9 +131,27 @@ def test_linear_step_kernel(pos):
     compare("linear", B=2, T=1, H=3, d=24, b=16, pos=pos, grad=False)
 
 
-def test_linear_step_chain_equals_forward():
+@pytest.mark.parametrize("pos", [0, 3, 15, 31])
+@pytest.mark.parametrize("d", [16, 24])
+def test_mlp_step_kernel(pos, d):
+    """The fused TTT-MLP decode kernel (T = 1) == the PyTorch step, including the commit; d = 24 has
+    F = 96, a padded head dim and a partial last F block."""
+    compare("mlp", B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
+
+
+def test_mlp_step_kernel_blocks():
+    """Several F blocks (BLOCK_F = 16 over F = 64) give the same step."""
+    mlp_step_triton.BLOCK_F = 16
+    try:
+        compare("mlp", B=1, T=1, H=2, d=16, b=16, pos=7, grad=False)
+    finally:
+        mlp_step_triton.BLOCK_F = None
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_step_chain_equals_forward(kind):
     """Steps through two mini-batches one token at a time == one forward, outputs and state."""
-    inp = to_dev(random_inputs("linear", B=1, T=20, H=2, d=16, b=8, pos=0, dtype=torch.float32))
+    inp = to_dev(random_inputs(kind, B=1, T=20, H=2, d=16, b=8, pos=0, dtype=torch.float32))
     o_ref, s_ref = inp.run("dual")
     st, outs = inp.state(), []
     for t in range(inp.q.shape[1]):
@@ -186,3 +204,35 @@ def test_gpu_bf16(kind, d, pos):
 def test_gpu_fp32_long(kind):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare(kind, B=2, T=1037, H=4, d=64, b=16, pos=7, tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_torch_compile_traces_custom_ops(kind):
+    """The kernels are torch.library custom ops (fake impl + autograd formula): torch.compile traces a
+    whole-sequence call with fullgraph=True (no graph break), forward and backward match eager."""
+    import torch._dynamo
+    from ttt.ops import triton_backend
+    torch._dynamo.reset()
+    inp = to_dev(random_inputs(kind, B=1, T=32, H=2, d=16, b=16, pos=0, dtype=torch.float32, requires_grad=True))
+    leaves = list(inp.leaves().values())
+
+    def fn(q, k, v, lr, tau, lnw, lnb, *params):
+        st = TTTState(kind, tuple(params), tuple(torch.zeros_like(p) for p in params), 0)
+        o, st2 = triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, 16)
+        return o, st2.params
+
+    def call(f):
+        st = inp.state()
+        return f(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, *st.params)
+
+    cfn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    o1, p1 = call(cfn)
+    o2, p2 = call(fn)
+    assert rel(o1, o2) < 1e-6
+    for x, y in zip(p1, p2):
+        assert rel(x, y) < 1e-6
+    g1 = torch.autograd.grad(o1.square().sum() + sum(p.sum() for p in p1), leaves)
+    g2 = torch.autograd.grad(o2.square().sum() + sum(p.sum() for p in p2), leaves)
+    for x, y in zip(g1, g2):
+        assert rel(x, y) < 1e-5
+    assert hasattr(torch.ops.ttt, f"{kind}_chunk_fwd") and hasattr(torch.ops.ttt, f"{kind}_chunk_bwd")

@@ -90,14 +90,182 @@ class _MLPChunk(torch.autograd.Function):
                 *(g.to(dt) for g, dt in zip(dps, dts)), None, None)
 
 
+# ---- torch.library custom ops: torch.compile traces through these without a graph break ----
+# Each kernel launch is one op with a fake (meta) implementation; the forward ops' autograd formulas call
+# the backward ops. `save` (whether checkpoints are written for a backward) is decided by the caller,
+# since a custom op's body does not see whether its inputs require grad; without it the checkpoint
+# outputs are empty tensors.
+CUSTOM_OP = True  # False: the plain autograd.Function wrappers above (same kernels; benchmarks compare)
+
+
+def _nck(T, mini_batch, group):
+    return triton.cdiv(T // mini_batch, group)
+
+
+@torch.library.custom_op("ttt::linear_chunk_fwd", mutates_args=())
+def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+                ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
+                mini_batch: int, group: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    q, k, v = _same_strides(q, k, v)
+    o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
+                                   mini_batch, group, save)
+    if ck is None:
+        ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return o, wT, cT, *ck
+
+
+@_lin_fwd_op.register_fake
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save):
+    B, T, H, d = q.shape
+    nck = _nck(T, mini_batch, group)
+    ck = ((q.new_empty((B, H, nck, d, d), dtype=torch.float32), q.new_empty((B, H, nck, d), dtype=torch.float32))
+          if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
+        torch.empty_like(c0), *ck
+
+
+@torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())
+def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+                ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
+                do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
+                group: int) -> list[torch.Tensor]:
+    q, k, v = _same_strides(q, k, v)
+    return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
+                               mini_batch, group))
+
+
+@_lin_bwd_op.register_fake
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group):
+    B, T, H, d = q.shape
+    f32 = dict(dtype=torch.float32)
+    e = lambda *s: q.new_empty(s, **f32)  # noqa: E731
+    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),
+            e(H, d), e(H, d), e(B, H, d, d), e(B, H, d)]
+
+
+def _lin_setup(ctx, inputs, output):
+    q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4])
+    ctx.meta = (mini_batch, group, save)
+
+
+def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
+    q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
+    mini_batch, group, save = ctx.meta
+    if not save:
+        raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
+    B, T, H, d = q.shape
+    do = torch.zeros_like(q) if do is None else do.contiguous()
+    dwT = q.new_zeros((B, H, d, d), dtype=torch.float32) if dwT is None else dwT
+    dcT = q.new_zeros((B, H, d), dtype=torch.float32) if dcT is None else dcT
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT,
+                                                              mini_batch, group)
+    return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
+            None, None, None)
+
+
+_lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
+
+_MLP_SHAPES = lambda d, F: ((d, F), (F,), (F, d), (d,))  # noqa: E731
+
+
+@torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
+def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+                ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
+                W2: torch.Tensor, c2: torch.Tensor, mini_batch: int, group: int,
+                save: bool) -> list[torch.Tensor]:
+    q, k, v = _same_strides(q, k, v)
+    ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
+    o, fin, ck = _mlp_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
+    if ck is None:
+        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
+    return [o, *fin, *ck]
+
+
+@_mlp_fwd_op.register_fake
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, save):
+    B, T, H, d = q.shape
+    F = W1.shape[-1]
+    nck = _nck(T, mini_batch, group)
+    if save:
+        ck = [q.new_empty((B, H, nck, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
+    else:
+        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            *(torch.empty_like(p) for p in (W1, c1, W2, c2)), *ck]
+
+
+@torch.library.custom_op("ttt::mlp_chunk_bwd", mutates_args=())
+def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+                ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
+                ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
+                dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int) -> list[torch.Tensor]:
+    q, k, v = _same_strides(q, k, v)
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias,
+                                                            (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2),
+                                                            mini_batch, group)
+    return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
+
+
+@_mlp_bwd_op.register_fake
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, mini_batch, group):
+    B, T, H, d = q.shape
+    F = ck1.shape[-1]
+    e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),
+            e(H, d), e(H, d), *(e(B, H, *s) for s in _MLP_SHAPES(d, F))]
+
+
+def _mlp_setup(ctx, inputs, output):
+    q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, mini_batch, group, save = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9])
+    ctx.meta = (mini_batch, group, save)
+
+
+def _mlp_backward(ctx, grads):
+    q, k, v, lr, tau, lnw, lnb, *ck = ctx.saved_tensors
+    mini_batch, group, save = ctx.meta
+    if not save:
+        raise RuntimeError("ttt::mlp_chunk_fwd ran with save=False: no checkpoints for a backward")
+    B, T, H, d = q.shape
+    F = ck[0].shape[-1]
+    do = grads[0]
+    do = torch.zeros_like(q) if do is None else do.contiguous()
+    dfin = [q.new_zeros((B, H, *s), dtype=torch.float32) if g is None else g.float()
+            for g, s in zip(grads[1:5], _MLP_SHAPES(d, F))]
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin,
+                                                          mini_batch, group)
+    return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), *dps,
+            None, None, None)
+
+
+_mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def _needs_grad(*xs):
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
     if kind == "linear":
-        o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
+        if CUSTOM_OP:
+            save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
+            ps = tuple(p.to(torch.float32) for p in params)
+            o, *p = _lin_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:3]
+            p = [x.to(y.dtype) for x, y in zip(p, params)]
+        else:
+            o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
     elif q.shape[-1] > MLP_MAX_D:
         o, st = _mlp_dual.forward(q, k, v, lr, tau, ln_weight, ln_bias,
                                   TTTState("mlp", tuple(params), tuple(torch.zeros_like(p) for p in params), 0),
                                   mini_batch)
         return o, st.params
+    elif CUSTOM_OP:
+        save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
+        ps = tuple(p.to(torch.float32) for p in params)
+        o, *p = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:5]
+        p = [x.to(y.dtype) for x, y in zip(p, params)]
     else:
         o, *p = _MLPChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
     return o, tuple(p)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 LN_EPS = 1e-6
+LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype (see _dot_mode); an int forces one (benchmarks compare variants)
 
 
@@ -340,7 +341,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     else:
         ckw, ckc = wT, cT  # never written
     mode = _dot_mode(q.dtype) if dot_mode is None else dot_mode
-    ttt_linear_fwd_kernel[(B * H,)](
+    LAST["ttt_linear_fwd_kernel"] = ttt_linear_fwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
@@ -370,7 +371,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     scw = torch.empty((B * H * group, d, d), dtype=torch.float32, device=q.device)
     scc = torch.empty((B * H * group, d), dtype=torch.float32, device=q.device)
     mode = _dot_mode(q.dtype) if dot_mode is None else dot_mode
-    ttt_linear_bwd_kernel[(B * H,)](
+    LAST["ttt_linear_bwd_kernel"] = ttt_linear_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT.contiguous(), dcT.contiguous(),
         dq, dk, dv, dlr, dw0, dc0, dtau, dlnw, dlnb, scw, scc,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import TTTState
-from ..ttt_linear.chunk import _center, _dot
-from . import dual as _dual
+from ..ttt_linear.chunk import _center, _dot, _proj
 
+LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
 NUM_WARPS = None  # None: 8 (H100, d = 64: 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -38,6 +37,21 @@ def _gelu_parts(x):
     y = 0.5 * x * (1.0 + t)
     dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
     return y, dy
+
+
+@triton.jit
+def _gelu_parts2(x):
+    """tanh-GELU(x), its derivative and its second derivative, fp32."""
+    c = 0.7978845608028654
+    a = 0.044715
+    u = c * (x + a * x * x * x)
+    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    du = c * (1.0 + 3.0 * a * x * x)
+    y = 0.5 * x * (1.0 + t)
+    s = 1.0 - t * t
+    dy = 0.5 * (1.0 + t) + 0.5 * x * s * du
+    ddy = s * (du - x * t * du * du + 3.0 * a * c * x * x)
+    return y, dy, ddy
 
 
 @triton.jit
@@ -165,7 +179,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
         ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
-    ttt_mlp_fwd_kernel[(B * H,)](
+    LAST["ttt_mlp_fwd_kernel"] = ttt_mlp_fwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
@@ -174,36 +188,252 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     return o, fin, (ck if save else None)
 
 
+@triton.jit
+def _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Inner forward at the start weights and the gradients G2 (w.r.t. Z2) and G1 (w.r.t. Z1)."""
+    Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]
+    X2, D1 = _gelu_parts(Z1)
+    Z2 = _dot(X2, W2, DOT_MODE) + c2[None, :]
+    zc = _center(Z2, cmask, D)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+    xh = zc * rstd[:, None]
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    mgx = tl.sum(gy * xh, axis=1) / D
+    G2 = _proj(gy, xh, rstd, cmask, D)
+    H1 = _dot(G2, tl.trans(W2), DOT_MODE)
+    G1 = H1 * D1
+    return Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx
+
+
+@triton.jit
+def ttt_mlp_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
+    do_ptr, dw1T_ptr, dc1T_ptr, dw2T_ptr, dc2T_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK,
+    D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    cmask = rd < D
+    fmask = rf < FF
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    w1mask = cmask[:, None] & fmask[None, :]
+    w2mask = fmask[:, None] & cmask[None, :]
+    w1off = rd[:, None] * FF + rf[None, :]
+    w2off = rf[:, None] * D + rd[None, :]
+
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+
+    dW1 = tl.load(dw1T_ptr + pid * D * FF + w1off, mask=w1mask, other=0.0)
+    dc1 = tl.load(dc1T_ptr + pid * FF + rf, mask=fmask, other=0.0)
+    dW2 = tl.load(dw2T_ptr + pid * FF * D + w2off, mask=w2mask, other=0.0)
+    dc2 = tl.load(dc2T_ptr + pid * D + rd, mask=cmask, other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    dtau = tl.zeros([BT], dtype=tl.float32)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_base = pid * GROUP
+    lr_base = bi * l_b + hi * l_h
+    for gi in range(NCK):
+        g = NCK - 1 - gi
+        n0 = g * GROUP
+        n1 = tl.minimum(n0 + GROUP, NMB)
+        # recompute the start weights of every mini-batch of the group into the scratch
+        ck = pid * NCK + g
+        W1 = tl.load(ck1_ptr + ck * D * FF + w1off, mask=w1mask, other=0.0)
+        c1 = tl.load(ckc1_ptr + ck * FF + rf, mask=fmask, other=0.0)
+        W2 = tl.load(ck2_ptr + ck * FF * D + w2off, mask=w2mask, other=0.0)
+        c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
+        for n in range(n0, n1):
+            sc = sc_base + n - n0
+            tl.store(sc1_ptr + sc * D * FF + w1off, W1, mask=w1mask)
+            tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
+            tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
+            tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
+            if n < n1 - 1:  # the last start weights of the group are not advanced further
+                ptr = in_base + n * MB * s_t + in_off
+                k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+                lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+                Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
+                                                                       D, DOT_MODE)
+                eb = (tau_b * lr)[:, None]
+                eG1 = eb * G1
+                eG2 = eb * G2
+                W1 -= _dot(tl.trans(k), eG1, DOT_MODE)
+                c1 -= tl.sum(eG1, axis=0)
+                W2 -= _dot(tl.trans(X2), eG2, DOT_MODE)
+                c2 -= tl.sum(eG2, axis=0)
+        tl.debug_barrier()
+        # walk the group back; the loads of the next (earlier) mini-batch's inputs go out first
+        n = n1 - 1
+        ptr = in_base + n * MB * s_t + in_off
+        qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0)
+        dOn = tl.load(do_ptr + out_base + n * MB * o_t + out_off, mask=m2, other=0.0)
+        for ni in range(n1 - n0):
+            n = n1 - 1 - ni
+            t0 = n * MB
+            q = qn.to(tl.float32)
+            k = kn.to(tl.float32)
+            v = vn.to(tl.float32)
+            lr = lrn.to(tl.float32)
+            dO = dOn.to(tl.float32)
+            m = tl.maximum(n - 1, n0)
+            ptr = in_base + m * MB * s_t + in_off
+            qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
+            kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+            vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
+            lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
+            dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
+            sc = sc_base + n - n0
+            W1 = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
+            c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
+            W2 = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
+            c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
+
+            # forward recompute
+            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
+                                                                   D, DOT_MODE)
+            E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+            QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
+            P1 = E * QK1
+            Z1b = _dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
+            X2b, D1b = _gelu_parts(Z1b)
+            XX1 = _dot(X2b, tl.trans(X2), DOT_MODE) + 1.0
+            P2 = E * XX1
+            Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
+            zcb = _center(Z2b, cmask, D)
+            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + 1e-6)
+            xhb = zcb * rstdb[:, None]
+
+            # o = q + LN(Z2b)
+            dgam += tl.sum(dO * xhb, axis=0)
+            dbet += tl.sum(dO, axis=0)
+            dZ2b = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
+            # Z2b = X2b W2 + c2 - P2 G2,  P2 = E * (X2b X2^T + 1)
+            dP2 = -_dot(dZ2b, tl.trans(G2), DOT_MODE)
+            dG2 = -_dot(tl.trans(P2), dZ2b, DOT_MODE)
+            dE = dP2 * XX1
+            dA2 = dP2 * E
+            dX2b = _dot(dZ2b, tl.trans(W2), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
+            dX2 = _dot(tl.trans(dA2), X2b, DOT_MODE)
+            # Z1b = Q W1 + c1 - P1 G1,  P1 = E * (Q K^T + 1),  X2b = GELU(Z1b)
+            dZ1b = dX2b * D1b
+            dP1 = -_dot(dZ1b, tl.trans(G1), DOT_MODE)
+            dG1 = -_dot(tl.trans(P1), dZ1b, DOT_MODE)
+            dE += dP1 * QK1
+            dA1 = dP1 * E
+            dq = dO + _dot(dZ1b, tl.trans(W1), DOT_MODE) + _dot(dA1, k, DOT_MODE)
+            dk = _dot(tl.trans(dA1), q, DOT_MODE)
+            # carry: W1' = W1 - K^T (e_b G1), c1' = c1 - sum e_b G1, W2' = W2 - X2^T (e_b G2), c2' likewise
+            eb = tau_b * lr
+            KdW1 = _dot(k, dW1, DOT_MODE) + dc1[None, :]
+            XdW2 = _dot(X2, dW2, DOT_MODE) + dc2[None, :]
+            S = tl.sum(KdW1 * G1, axis=1) + tl.sum(XdW2 * G2, axis=1)
+            dG1 -= eb[:, None] * KdW1
+            dG2 -= eb[:, None] * XdW2
+            dk -= _dot(eb[:, None] * G1, tl.trans(dW1), DOT_MODE)
+            dX2 -= _dot(eb[:, None] * G2, tl.trans(dW2), DOT_MODE)
+            dlr = -tau_b * S
+            dtau_b += -lr * S
+            dE = tl.where(causal, dE, 0.0)
+            dtau += tl.sum(dE * lr[None, :], axis=1)
+            dlr += tl.sum(dE * tau_r[:, None], axis=0)
+            # G1 = H1 * GELU'(Z1), H1 = G2 W2^T
+            dH1 = dG1 * D1
+            _x, _dx, DD1 = _gelu_parts2(Z1)
+            dZ1 = dG1 * H1 * DD1
+            dG2 += _dot(dH1, W2, DOT_MODE)
+            # G2 = LN-L2 gradient at Z2 = X2 W2 + c2 (target v - k)
+            dgy = _proj(dG2, xh, rstd, cmask, D)
+            mdgx = tl.sum(dG2 * xh, axis=1) / D
+            dxh = (-mgx[:, None] * dG2 - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+            ds = -tl.sum(dG2 * G2, axis=1) * rstd
+            dZ2 = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+            dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
+            dbet += tl.sum(dgy * gam[None, :], axis=0)
+            dv = -gam[None, :] * dgy
+            dk += gam[None, :] * dgy
+            dX2 += _dot(dZ2, tl.trans(W2), DOT_MODE)
+            dZ1 += dX2 * D1
+            dk += _dot(dZ1, tl.trans(W1), DOT_MODE)
+            # gradients w.r.t. the start weights of this mini-batch
+            dW1 += _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
+            dc1 += tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
+            dW2 += _dot(tl.trans(X2b), dZ2b, DOT_MODE) + _dot(tl.trans(dH1), G2, DOT_MODE) \
+                + _dot(tl.trans(X2), dZ2, DOT_MODE)
+            dc2 += tl.sum(dZ2b, axis=0) + tl.sum(dZ2, axis=0)
+
+            optr = out_base + t0 * o_t + out_off
+            tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+            tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+            tl.store(dv_ptr + optr, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+            tl.store(dlr_ptr + (bi * NMB * MB + t0 + rt) * H + hi, dlr, mask=tmask)
+        tl.debug_barrier()
+    tl.store(dw1_ptr + pid * D * FF + w1off, dW1, mask=w1mask)
+    tl.store(dc1_ptr + pid * FF + rf, dc1, mask=fmask)
+    tl.store(dw2_ptr + pid * FF * D + w2off, dW2, mask=w2mask)
+    tl.store(dc2_ptr + pid * D + rd, dc2, mask=cmask)
+    dtau += tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0)
+    tl.store(dtau_ptr + pid * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid * BD + rd, dbet)
+
+
+BWD_WARPS = None  # None: 8; an int forces one (benchmark variants)
+
+
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8):
-    """Gradients of the aligned forward by recompute: each checkpoint group re-runs the PyTorch dual
-    form under autograd, last group first, carrying the gradient of the group's start weights back."""
+    """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
+    of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
+    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
+    F = ckpt[0].shape[-1]
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
-    dps = [torch.zeros((B, H, *c.shape[3:]), dtype=torch.float32, device=q.device) if g is None else g.float()
-           for g, c in zip(dfin, ckpt)]
-    if do is None:
-        do = torch.zeros_like(q)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dlr = torch.empty(lr.shape, dtype=torch.float32, device=q.device)
-    dtau = torch.zeros(tau.shape, dtype=torch.float32, device=q.device)
-    dlnw = torch.zeros(ln_weight.shape, dtype=torch.float32, device=q.device)
-    dlnb = torch.zeros(ln_bias.shape, dtype=torch.float32, device=q.device)
-    for g in reversed(range(nck)):
-        s = slice(g * group * mini_batch, min(nmb, (g + 1) * group) * mini_batch)
-        with torch.enable_grad():
-            xs = [x[:, s].detach().requires_grad_() for x in (q, k, v, lr)]
-            glob = [x.detach().requires_grad_() for x in (tau, ln_weight, ln_bias)]
-            ps = [c[:, :, g].detach().requires_grad_() for c in ckpt]
-            st = TTTState("mlp", tuple(ps), tuple(torch.zeros_like(p) for p in ps), 0)
-            o, st2 = _dual.forward(*xs, *glob, st, mini_batch)
-            outs = [o, *st2.params]
-            gouts = [do[:, s], *dps]
-            grads = torch.autograd.grad(outs, xs + glob + ps, gouts)
-        for dst, gr in zip((dq, dk, dv, dlr), grads[:4]):
-            dst[:, s] = gr
-        dtau += grads[4].float()
-        dlnw += grads[5].float()
-        dlnb += grads[6].float()
-        dps = [gr.float() for gr in grads[7:]]
-    return dq, dk, dv, dlr, dtau, dlnw, dlnb, tuple(dps)
+    BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
+    BT = max(16, triton.next_power_of_2(mini_batch))
+    warps = BWD_WARPS or 8
+    shapes = ((d, F), (F,), (F, d), (d,))
+    dfin = tuple(torch.zeros((B, H, *s), dtype=torch.float32, device=q.device) if g is None
+                 else g.float().contiguous() for g, s in zip(dfin, shapes))
+    do = torch.zeros_like(q) if do is None else do.contiguous()
+    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    dlr = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    dps = tuple(torch.empty((B, H, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
+    dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
+    dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
+    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    LAST["ttt_mlp_bwd_kernel"] = ttt_mlp_bwd_kernel[(B * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
+        dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
+        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=_dot_mode(q.dtype),
+        num_warps=warps)
+    dtau = dtau.sum(0)[:mini_batch]
+    dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
+    dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dps
