@@ -1,0 +1,365 @@
+"""Tests of ttt.train, ttt.checkpoint and ttt.dist: the loss falls, resume continues the exact run
+(after SIGINT and after on_step asks to stop), 2-process DDP and FSDP2 (CPU, gloo) match 1 process,
+an FSDP2 checkpoint loads in one process, and bad input (corrupt checkpoints, another config or
+vocabulary, another run's out_dir, an indivisible tokens_per_step) fails clearly without writing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from ttt.checkpoint import load_model, read_checkpoint
+from ttt.config import get_config
+from ttt.data import prepare
+from ttt.train import TrainConfig, decays, grad_accum_steps, lr_at, train
+
+WORDS = "the cat sat on a mat and the dog ran to the big red house by a tall green tree".split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):  # a small language: a few words in random order
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(150)))
+    out = tmp_path_factory.mktemp("data")
+    prepare(root, out, vocab_size=300, val_docs=4)
+    return out
+
+
+def vocab(data_dir: Path) -> int:
+    return json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+
+
+def model_cfg(data_dir: Path, **kw):
+    return get_config("debug", vocab_size=vocab(data_dir), **kw)
+
+
+def train_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data_dir), out_dir=str(out), seq_len=16, micro_batch=2, tokens_per_step=64,
+                max_steps=6, lr=3e-3, warmup_frac=0.2, eval_every=0, eval_batches=2, save_every=0,
+                log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(out: Path) -> list[tuple]:
+    """Everything in the metrics that is deterministic (tokens_per_s is a timing), in file order."""
+    return [(r["step"], r["tokens"], r["loss"], r["lr"], r["grad_norm"], r.get("val_loss")) for r in rows(out)]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory) -> Path:
+    """A complete 2-step run; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("runs") / "done"
+    train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2))
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_loss_falls_and_outputs(data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=20, log_every=5, eval_every=10))
+    r = rows(out)
+    assert [x["step"] for x in r] == [5, 10, 15, 20]
+    assert r[-1]["loss"] < r[0]["loss"] - 0.8, [x["loss"] for x in r]
+    assert s["steps"] == 20 and s["tokens"] == 20 * 64 and s["stopped"] is None and s["tokens_per_s"] > 0
+    assert s["train_loss"] == r[-1]["loss"] and s["val_loss"] == r[-1]["val_loss"] < r[1]["val_loss"]
+    assert "val_loss" not in r[0] and r[1]["val_loss"] is not None
+    csv = (out / "metrics.csv").read_text().splitlines()
+    assert csv[0] == "step,tokens,loss,lr,tokens_per_s,grad_norm,val_loss"
+    assert len(csv) == 5 and float(csv[-1].split(",")[2]) == r[-1]["loss"] and csv[1].endswith(",")
+    assert r[-1]["lr"] == pytest.approx(1e-5)  # the cosine ends at min_lr
+    # the checkpoint: tied weights stored once, every optimizer tensor, run config, trainer state
+    ck = Path(s["checkpoint"])
+    assert ck == out / "checkpoints" / "step_000020"
+    assert json.loads((out / "latest.json").read_text())["step"] == 20
+    weights = load_file(str(ck / "model.safetensors"))
+    assert "embed.weight" in weights and not any(k.startswith("head") for k in weights)
+    model, cfg = load_model(out)
+    assert cfg == model_cfg(data_dir)
+    assert set(weights) == set(model.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    opt = load_file(str(ck / "optimizer.safetensors"))
+    assert {f"{n}/{k}" for n in weights for k in ("step", "exp_avg", "exp_avg_sq")} == set(opt)
+    trainer = json.loads((ck / "trainer.json").read_text())
+    assert trainer["step"] == 20 and trainer["batcher"]["step"] == 20 and "torch" in trainer["rng"]
+    config = json.loads((ck / "config.json").read_text())
+    assert config["vocab_size"] == vocab(data_dir) and config["model"]["d_model"] == 64
+
+
+def test_schedule_and_weight_decay_groups(data_dir):
+    cfg = train_cfg(data_dir, "unused", max_steps=100, warmup_frac=0.1, lr=1e-3, min_lr=1e-5)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    from ttt.model import TTTLM
+    for mixer in ("ttt_linear", "ttt_mlp", "mamba"):
+        named = dict(TTTLM(model_cfg(Path(data_dir), mixer=mixer)).named_parameters())
+        decayed = {n for n, p in named.items() if decays(n, p)}
+        assert "embed.weight" in decayed
+        assert all(named[n].ndim >= 2 for n in decayed)
+        for n in named:
+            if n.endswith(("norm.weight", "bias", ".delta", ".ln_weight", ".ln_bias", ".b1", ".b2", "A_log")):
+                assert n not in decayed, n
+            if n.endswith((".W1", ".W2", "proj.weight", ".lr_weight")):
+                assert n in decayed, n
+
+
+def test_resume_continues_the_exact_run(data_dir, tmp_path):
+    cfg = dict(max_steps=6, eval_every=2, save_every=0)
+    straight = tmp_path / "straight"
+    train(model_cfg(data_dir), train_cfg(data_dir, straight, **cfg))
+
+    out = tmp_path / "interrupted"
+    before = signal.getsignal(signal.SIGINT)
+
+    def sigint_at_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the step ends, a checkpoint is written
+
+    s1 = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg), on_step=sigint_at_2)
+    assert s1["stopped"] == "SIGINT" and s1["steps"] == 2
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+    assert Path(s1["checkpoint"]).name == "step_000002"
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    assert [r["step"] for r in rows(out)] == [1, 2]
+
+    def crash_at_4(step, metrics):
+        if step == 4:
+            raise RuntimeError("simulated crash")  # after the checkpoint of step 3: no checkpoint now
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out, **{**cfg, "save_every": 3}), on_step=crash_at_4)
+    assert json.loads((out / "latest.json").read_text())["step"] == 3
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "los')  # a row cut short by the crash
+    s2 = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg), on_step=lambda step, m: step == 5)
+    assert s2["stopped"] == "on_step" and s2["steps"] == 5 and s2["resumed_from"] == 3
+    s3 = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg))
+    assert s3["stopped"] is None and s3["steps"] == 6 and s3["resumed_from"] == 5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000005", "step_000006"]  # keep 2
+
+    assert curve(out) == curve(straight)  # bitwise: same batches, optimizer and scheduler state
+    a = load_file(str(straight / "checkpoints/step_000006/model.safetensors"))
+    b = load_file(str(out / "checkpoints/step_000006/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "metrics.csv").read_text().count("\n") == 7
+    # a finished run resumes to nothing
+    s4 = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg))
+    assert s4["steps"] == 6 and s4["train_loss"] == rows(out)[-1]["loss"] and curve(out) == curve(straight)
+
+
+def test_sigterm_saves_and_stops(data_dir, tmp_path):
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=3),
+              on_step=lambda step, m: os.kill(os.getpid(), signal.SIGTERM))
+    assert s["stopped"] == "SIGTERM" and s["steps"] == 1 and Path(s["checkpoint"]).name == "step_000001"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert read_checkpoint(out).trainer["step"] == 1
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, m_cfg, t_cfg, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    s = train(m_cfg, t_cfg)
+    results.put((rank, s))
+
+
+def run_2_procs(m_cfg, t_cfg, timeout=150) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = mp.spawn(_worker, args=(2, _free_port(), m_cfg, t_cfg, results), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not procs.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"2-process training did not finish in {timeout}s")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+    got = dict(results.get() for _ in range(2))
+    return got
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(data_dir, tmp_path, parallel):
+    # global batch: 4 windows of 16 tokens; 1 process: 2 micro-batches of 2; 2 processes: 2 of 1 each
+    one = tmp_path / "one"
+    single = train(model_cfg(data_dir), train_cfg(data_dir, one, max_steps=1, lr=1e-3))
+    two = tmp_path / "two"
+    got = run_2_procs(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=1, lr=1e-3, micro_batch=1,
+                                                      parallel=parallel))
+    assert got[0]["train_loss"] == got[1]["train_loss"]
+    assert got[0]["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+    r1, r2 = rows(one)[0], rows(two)[0]
+    assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    ck1, ck2 = one / "checkpoints/step_000001", two / "checkpoints/step_000001"
+    # gradients: after one AdamW step, exp_avg = (1 - beta1) * (clipped) gradient
+    o1, o2 = load_file(str(ck1 / "optimizer.safetensors")), load_file(str(ck2 / "optimizer.safetensors"))
+    assert set(o1) == set(o2)
+    for k in o1:
+        torch.testing.assert_close(o2[k], o1[k], atol=1e-6, rtol=1e-4, msg=k)
+    # parameters after the step (Adam's first step is ~lr * sign(g), so allow a part of lr)
+    w1, w2 = load_file(str(ck1 / "model.safetensors")), load_file(str(ck2 / "model.safetensors"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
+    # the checkpoint written by 2 ranks loads in 1 process, and 1 process resumes it
+    model, _ = load_model(two)
+    assert all(torch.equal(v, w2[k]) for k, v in model.state_dict().items())
+    s = train(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=1, lr=1e-3, parallel=parallel))
+    assert s["steps"] == 1 and s["resumed_from"] == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_tokens_per_step_must_divide(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"tokens_per_step: expected a multiple of .* = 32, got 48"):
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "run", tokens_per_step=48))
+    assert not (tmp_path / "run").exists()
+    assert grad_accum_steps(train_cfg(data_dir, "x", tokens_per_step=128), 2) == 2
+    with pytest.raises(ValueError, match="micro_batch"):
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "run", micro_batch=0))
+
+
+def test_vocab_must_match_data(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=rf"vocab_size.*{vocab(data_dir) + 1}.*tokenizer"):
+        train(get_config("debug", vocab_size=vocab(data_dir) + 1), train_cfg(data_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change", [
+    dict(model=dict(d_model=32)),
+    dict(train=dict(lr=1e-3)),
+    dict(train=dict(max_steps=5)),
+    dict(train=dict(resume=False)),
+])
+def test_out_dir_of_another_run_is_left_alone(data_dir, finished_run, tmp_path, change):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    m = model_cfg(data_dir, **change.get("model", {}))
+    t = replace(train_cfg(data_dir, out, max_steps=2), **change.get("train", {}))
+    msg = "resume=False" if "resume" in change.get("train", {}) else "another run"
+    with pytest.raises(ValueError, match=msg):
+        train(m, t)
+    assert snapshot(out) == before
+
+
+def test_foreign_files_in_out_dir(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("not ours\n")
+    with pytest.raises(ValueError, match="no config.json"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out))
+    assert (out / "metrics.jsonl").read_text() == "not ours\n"
+
+
+def _truncate(p: Path):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _garble_middle(p: Path):
+    b = bytearray(p.read_bytes())
+    b[-50] ^= 0xFF  # a data byte: only the recorded sha256 can tell
+    p.write_bytes(bytes(b))
+
+
+def _garble_header(p: Path):
+    p.write_bytes(b"\x07" * 8 + p.read_bytes()[8:])
+
+
+def _bad_json(p: Path):
+    p.write_text(p.read_text()[:-10])
+
+
+@pytest.mark.parametrize("name,spoil,msg", [
+    ("model.safetensors", _truncate, "corrupt safetensors"),
+    ("model.safetensors", _garble_header, "corrupt safetensors"),
+    ("model.safetensors", _garble_middle, "sha256"),
+    ("optimizer.safetensors", _truncate, "corrupt safetensors"),
+    ("optimizer.safetensors", _garble_middle, "sha256"),
+    ("trainer.json", _bad_json, "corrupt JSON"),
+    ("config.json", _bad_json, "corrupt JSON"),
+    ("model.safetensors", Path.unlink, "missing"),
+])
+def test_corrupt_checkpoint(data_dir, finished_run, tmp_path, name, spoil, msg):
+    out = copy_run(finished_run, tmp_path)
+    bad = out / "checkpoints/step_000002" / name
+    spoil(bad)
+    with pytest.raises(ValueError, match=msg) as e:
+        train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2))
+    assert name in str(e.value)
+    if name != "optimizer.safetensors":
+        with pytest.raises(ValueError, match=msg):
+            load_model(out)
+
+
+def test_checkpoint_of_another_config_or_vocab(data_dir, finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    cfg_path = out / "checkpoints/step_000002/config.json"
+    good = json.loads(cfg_path.read_text())
+    for key, value, named in (("model", {**good["model"], "n_layers": 3}, "model.n_layers"),
+                              ("vocab_size", good["vocab_size"] + 7, "vocab_size")):
+        cfg_path.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ValueError, match=rf"step_000002/config.json.*{named}"):
+            train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2))
+    # weights that do not fit the config they come with
+    cfg_path.write_text(json.dumps({**good, "model": {**good["model"], "d_model": 32}}))
+    with pytest.raises(ValueError, match="model.safetensors: weights do not fit"):
+        load_model(out)
+
+
+def test_tensorboard_missing_is_a_clear_error(data_dir, tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "run", tensorboard=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_checkpoint_round_trip(finished_run):
+    ck = read_checkpoint(finished_run)
+    assert ck.path.name == "step_000002" and ck.trainer["step"] == 2
+    groups = ck.optim_state["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["betas"] == (0.9, 0.95)
+    assert set(ck.optim_state["state"]) == set(ck.model_state)

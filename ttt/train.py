@@ -1,0 +1,489 @@
+"""The training loop: one loop for 1 CPU, 1 GPU and torchrun (DDP or FSDP2, applied by ttt.dist).
+
+    summary = train(get_config("125m", vocab_size=8192), TrainConfig(data_dir="data", out_dir="runs/125m"))
+    torchrun --nproc_per_node 8 -m ttt.cli train ...       # the same loop on 8 GPUs
+
+Recipe (SPEC section 7, the paper's): AdamW (beta1 0.9, beta2 0.95), weight decay 0.1, gradient
+clipping at 1.0, linear warm-up over the first warmup_frac of the steps, then cosine decay to min_lr.
+The defaults are the 125m recipe (peak lr 3e-3, 4800 steps of 0.5M tokens); `ttt.config.RECIPES`
+has the others.
+
+Weight decay applies to matrices only: every parameter with two or more dims (projections, the
+(tied) embedding, conv kernels, the TTT inner initial weights W1/W2 and the inner learning-rate gate
+projection lr_weight), except the TTT inner biases b1/b2 and the per-head inner LayerNorm
+ln_weight/ln_bias, which are [H, d] but are biases and norm parameters. No decay on anything 1-D:
+norm scales and biases, biases, the TTT gate bias lr_bias and tau offsets delta, Mamba's A_log, D
+and dt_bias.
+
+Batches: every optimizer step uses tokens_per_step / seq_len windows drawn by ttt.data.Batcher from
+(seed, step); rank r takes its share of rows and splits it into micro-batches (gradient accumulation
+= tokens_per_step / (micro_batch * seq_len * world_size)). So the step's batch does not depend on the
+number of processes or on micro_batch, and a resumed run sees the batches the uninterrupted one would.
+
+out_dir holds config.json (the run), metrics.jsonl and metrics.csv (one row every log_every steps,
+at every evaluation and at the last step), checkpoints (see ttt.checkpoint) and tensorboard/.
+resume=True continues the run found in out_dir from its latest checkpoint; an out_dir holding another
+run (another model, data, vocabulary or recipe) is refused and left untouched.
+SIGINT / SIGTERM (or on_step returning True) finish the current step, save a checkpoint and return;
+a second Ctrl-C aborts at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
+                         latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
+from .config import ModelConfig
+from .data import Batcher, eval_sequences, load_meta, load_tokens
+from .model import TTTLM
+
+log = logging.getLogger(__name__)
+
+METRIC_FIELDS = ("step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss")
+# the TrainConfig fields that define a run (change the trajectory); the others may change on resume
+RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup_frac", "weight_decay", "beta1",
+              "beta2", "grad_clip", "seed")
+DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
+
+
+def _f(default, help):  # a dataclass field whose help text the CLI shows
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = _f("data", "dataset prepared by ttt.data.prepare (train.bin, val.bin, meta.json, tokenizer.json)")
+    out_dir: str = _f("runs/ttt", "run directory: config, metrics, checkpoints")
+    seq_len: int = _f(2048, "training context length T")
+    micro_batch: int = _f(8, "sequences per device per forward/backward")
+    tokens_per_step: int = _f(524288, "global tokens per optimizer step; a multiple of micro_batch*seq_len*world_size "
+                                      "(the quotient is the gradient accumulation)")
+    max_steps: int = _f(4800, "optimizer steps in the run (also the length of the LR schedule)")
+    lr: float = _f(3e-3, "peak learning rate (after warm-up)")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
+    warmup_frac: float = _f(0.1, "fraction of max_steps spent in linear warm-up")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; see ttt.train)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    eval_every: int = _f(250, "validate on val.bin every this many steps and at the end (0 = never)")
+    eval_batches: int = _f(20, "validation batches (of micro_batch sequences per device)")
+    save_every: int = _f(500, "checkpoint every this many steps (0 = only at the end or when stopped)")
+    keep_checkpoints: int = _f(2, "keep the newest this many checkpoints (0 = keep all)")
+    log_every: int = _f(10, "write a metrics row every this many steps")
+    seed: int = _f(0, "seed of the model init and of the batch draws")
+    device: str = _f("auto", f"one of {DEVICES}; auto = cuda when available")
+    amp: str = _f("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
+    compile: bool = _f(False, "torch.compile each block")
+    grad_checkpointing: bool = _f(False, "recompute each block in the backward pass (less memory)")
+    parallel: str = _f("auto", f"one of {dist.PARALLEL}; auto = ddp with several processes (torchrun), else none")
+    tensorboard: bool = _f(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
+    resume: bool = _f(True, "continue the run in out_dir from its latest checkpoint (same config required)")
+    progress: bool = _f(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
+
+    def validate(self) -> None:
+        for name in ("seq_len", "micro_batch", "tokens_per_step", "max_steps", "eval_batches", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr: expected a float in [0, lr={self.lr}], got {self.min_lr!r}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac: expected a float in [0, 1), got {self.warmup_frac!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a float in [0, 1), got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)!r}")
+        for name, allowed in (("device", DEVICES), ("amp", AMPS), ("parallel", dist.PARALLEL)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """tokens_per_step / (micro_batch * seq_len * world_size); ValueError unless it divides."""
+    per = cfg.micro_batch * cfg.seq_len * world_size
+    if cfg.tokens_per_step % per:
+        raise ValueError(f"tokens_per_step: expected a multiple of micro_batch*seq_len*world_size = "
+                         f"{cfg.micro_batch}*{cfg.seq_len}*{world_size} = {per}, got {cfg.tokens_per_step}")
+    return cfg.tokens_per_step // per
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to cfg.lr over
+    int(warmup_frac * max_steps) steps, then cosine from cfg.lr down to min_lr at the last step."""
+    warm = int(cfg.warmup_frac * cfg.max_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = min(1.0, (step - warm) / max(1, cfg.max_steps - warm - 1))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether parameter `name` gets weight decay (see the module docstring)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim >= 2 and not (leaf.endswith("bias") or leaf.startswith("ln_") or re.fullmatch(r"b\d+", leaf))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+class _StopRequests:
+    """While active: SIGINT/SIGTERM set `reason` instead of killing the process (main thread only);
+    a second SIGINT raises KeyboardInterrupt. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = name
+        log.warning("%s: finishing this step, saving a checkpoint, then stopping (Ctrl-C again aborts)", name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+class _Metrics:
+    """metrics.jsonl + metrics.csv (+ tensorboard) of rank 0. On resume, rows after the checkpoint's
+    step are dropped, so the files hold exactly one curve."""
+
+    def __init__(self, out: Path, keep_until: int, tensorboard: bool):
+        jl = out / "metrics.jsonl"
+        rows = []
+        if keep_until > 0 and jl.exists():
+            for line in jl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by a crash: it is after the checkpoint anyway
+                    continue
+                if row["step"] <= keep_until:
+                    rows.append(row)
+        self.rows = rows
+        self._jsonl = open(jl, "w")
+        self._csv_fh = open(out / "metrics.csv", "w", newline="")
+        self._csv = csv.DictWriter(self._csv_fh, fieldnames=METRIC_FIELDS, restval="")
+        self._csv.writeheader()
+        for r in rows:
+            self._write(r)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=keep_until + 1)
+
+    def _write(self, row: dict) -> None:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        self._csv.writerow({k: row.get(k) for k in METRIC_FIELDS})
+        self._csv_fh.flush()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _run_config(model_cfg: ModelConfig, cfg: TrainConfig, meta: dict) -> dict:
+    """The content of config.json: what identifies the run, plus the full train config for reference."""
+    return {"format": 1, "model": model_cfg.to_dict(), "vocab_size": meta["vocab_size"],
+            "data": {"fingerprint": meta.get("fingerprint"), "vocab_size": meta["vocab_size"]},
+            "run": {k: getattr(cfg, k) for k in RUN_FIELDS}, "train": dataclasses.asdict(cfg)}
+
+
+def _check_out_dir(out: Path, run_cfg: dict, resume: bool) -> Path | None:
+    """Refuse an out_dir of another run (or this run with resume=False); the checkpoint to resume from."""
+    cfg_path = out / CONFIG_FILE
+    if cfg_path.exists():
+        diffs = compare_runs(read_json(cfg_path), run_cfg)
+        if diffs:
+            raise ValueError(f"out_dir: {str(out)!r} holds another run ({cfg_path} differs: {'; '.join(diffs)}); "
+                             f"nothing was changed. Use another out_dir, or delete this one to start over")
+        if not resume:
+            raise ValueError(f"out_dir: {str(out)!r} already holds this run and resume=False; nothing was changed. "
+                             f"Pass resume=True to continue it, or use another out_dir")
+        return latest_checkpoint(out)
+    leftovers = [n for n in (LATEST, CKPT_DIR, "metrics.jsonl", "metrics.csv") if (out / n).exists()]
+    if leftovers:
+        raise ValueError(f"out_dir: {str(out)!r} holds {leftovers} but no {CONFIG_FILE} (not a run of this trainer, "
+                         f"or a damaged one); nothing was changed. Use another out_dir")
+    return None
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+          on_step: Callable[[int, dict], bool | None] | None = None) -> dict:
+    """Train (or continue training) `model_cfg` with `train_cfg`; see the module docstring.
+
+    on_step(step, metrics) is called on every rank after every optimizer step (metrics: step,
+    tokens, loss, lr, grad_norm, val_loss when evaluated); returning True stops the run like SIGINT.
+    Returns {"steps", "tokens", "train_loss", "val_loss", "tokens_per_s", "out_dir", "checkpoint",
+    "stopped" (None, "SIGINT", "SIGTERM" or "on_step"), "resumed_from" (a step or None)}.
+    """
+    if not isinstance(model_cfg, ModelConfig):
+        raise ValueError(f"model_cfg: expected a ModelConfig, got {type(model_cfg).__name__}")
+    if not isinstance(train_cfg, TrainConfig):
+        raise ValueError(f"train_cfg: expected a TrainConfig, got {type(train_cfg).__name__}")
+    model_cfg.validate()
+    train_cfg.validate()
+    if train_cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                              "(or pip install 'ttt-lm[tensorboard]'), or pass tensorboard=False") from e
+    device = resolve_device(train_cfg.device)
+    info = dist.init_distributed(device.type)
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank if info.world_size > 1 else torch.cuda.current_device())
+        return _train(model_cfg, train_cfg, device, on_step)
+    finally:
+        dist.shutdown(info)
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step) -> dict:
+    rank, world = dist.rank(), dist.world_size()
+    accum = grad_accum_steps(cfg, world)
+    data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    meta = load_meta(data_dir)
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
+                         f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
+    train_tokens = load_tokens(data_dir / "train.bin")
+    batcher = Batcher(train_tokens, cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed, rank=rank,
+                      world_size=world)
+    run_cfg = _run_config(model_cfg, cfg, meta)
+    resume_from = _check_out_dir(out, run_cfg, cfg.resume)
+    dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
+
+    torch.manual_seed(cfg.seed)  # the same init on every rank (FSDP2 shards each rank's own copy)
+    model = TTTLM(model_cfg).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for blk in model.blocks:
+            blk.compile()
+    parallel = dist.resolve_parallel(cfg.parallel, world)
+    wrapped = dist.parallelize(model, parallel, device)  # `model` stays the unwrapped (FSDP: sharded) model
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    step = 0
+    if resume_from is not None:
+        ckpt = read_checkpoint(resume_from)
+        diffs = compare_runs(ckpt.config, run_cfg)
+        if diffs:
+            raise ValueError(f"{ckpt.path / CONFIG_FILE}: checkpoint from another run: {'; '.join(diffs)}")
+        check_weights(model, ckpt.model_state, ckpt.path / "model.safetensors")
+        dist.load_full_state_dicts(model, optim, ckpt.model_state, ckpt.optim_state)
+        step = int(ckpt.trainer["step"])
+        _restore_batcher(batcher, ckpt.trainer.get("batcher", {}), step, ckpt.path)
+        _restore_rng(ckpt.trainer.get("rng", {}))
+        del ckpt
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, run_cfg)
+    metrics = _Metrics(out, step, cfg.tensorboard) if rank == 0 else None
+    rows = metrics.rows if metrics else []
+    val = _val_windows(data_dir, cfg, rank, world)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+    V = model_cfg.vocab_size
+
+    def save(at: int) -> str:
+        model_state, optim_state = dist.full_state_dicts(model, optim)  # collective
+        path = None
+        if rank == 0:
+            trainer = {"tokens": at * cfg.tokens_per_step, "world_size": world, "batcher": batcher.state_dict(),
+                       "scheduler": {"kind": "warmup_cosine", "step": at, "lr": lr_at(max(at - 1, 0), cfg),
+                                     "warmup_steps": int(cfg.warmup_frac * cfg.max_steps)},
+                       "rng": _rng_state()}
+            path = str(save_checkpoint(out, at, model_state, optim_state, run_cfg, trainer, cfg.keep_checkpoints))
+        dist.barrier()
+        return path
+
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step")
+    start_step, last_path, stopped = step, None, None
+    train_loss = rows[-1]["loss"] if rows else None
+    val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None)
+    t0 = t_log = time.perf_counter()
+    step_log = step
+    wrapped.train()
+    try:
+        with _StopRequests() as stop:
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg)
+                for g in optim.param_groups:
+                    g["lr"] = lr
+                x, y = next(batcher)
+                xs, ys = x.to(device).chunk(accum), y.to(device).chunk(accum)
+                loss_sum = torch.zeros((), device=device)
+                for i in range(accum):
+                    with dist.grad_sync(wrapped, i == accum - 1):
+                        with autocast():
+                            logits, _ = wrapped(xs[i])
+                            loss = F.cross_entropy(logits.reshape(-1, V), ys[i].reshape(-1))
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                step += 1
+                train_loss = dist.all_reduce_sum(loss_sum / accum).item() / world
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"loss is {train_loss} at step {step}; the last checkpoint is "
+                                             f"{last_path or latest_checkpoint(out)}. Try a lower lr")
+                row = {"step": step, "tokens": step * cfg.tokens_per_step, "loss": train_loss, "lr": lr,
+                       "grad_norm": float(grad_norm)}
+                last = step == cfg.max_steps
+                if val is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    val_loss = row["val_loss"] = _evaluate(model, val, cfg.micro_batch, autocast, V, device)
+                if step % cfg.log_every == 0 or last or "val_loss" in row:
+                    now = time.perf_counter()
+                    row["tokens_per_s"] = (step - step_log) * cfg.tokens_per_step / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    if metrics:
+                        metrics.add({k: row.get(k) for k in METRIC_FIELDS if k in row})
+                if bar is not None:
+                    bar.update(1)
+                    rate = (step - start_step) * cfg.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=bar.format_sizeof(rate),
+                                    refresh=False)
+                if on_step is not None and on_step(step, dict(row)):
+                    stop.reason = stop.reason or "on_step"
+                flag = dist.all_reduce_sum(torch.tensor(float(stop.reason is not None), device=device))
+                if flag.item() > 0:
+                    stopped = stop.reason or "signal on another rank"
+                if last or stopped or (cfg.save_every and step % cfg.save_every == 0):
+                    last_path = save(step)
+                if stopped:
+                    log.warning("stopped at step %d (%s); checkpoint %s", step, stopped, last_path)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics:
+            metrics.close()
+    elapsed = time.perf_counter() - t0
+    if last_path is None and rank == 0:
+        last_path = latest_checkpoint(out)
+    return {"steps": step, "tokens": step * cfg.tokens_per_step, "train_loss": train_loss, "val_loss": val_loss,
+            "tokens_per_s": (step - start_step) * cfg.tokens_per_step / elapsed if step > start_step else 0.0,
+            "out_dir": str(out), "checkpoint": None if last_path is None else str(last_path),
+            "stopped": stopped, "resumed_from": None if resume_from is None else start_step}
+
+
+def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
+    """This rank's validation windows (x, y), the same count on every rank; None when val.bin is too small."""
+    if not cfg.eval_every:
+        return None
+    toks = load_tokens(data_dir / "val.bin")
+    avail = (len(toks) - 1) // cfg.seq_len if len(toks) else 0
+    n = min(cfg.eval_batches * cfg.micro_batch * world, avail) // world * world
+    if n == 0:
+        log.warning("val.bin holds %d tokens, too few for %d windows of seq_len=%d: no validation",
+                    len(toks), world, cfg.seq_len)
+        return None
+    x, y = eval_sequences(toks, cfg.seq_len, n)
+    per = n // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+@torch.no_grad()
+def _evaluate(model, val, micro_batch: int, autocast, V: int, device) -> float:
+    """Mean next-token loss over every rank's validation windows."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, token count]
+    for x, y in zip(val[0].split(micro_batch), val[1].split(micro_batch)):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits, _ = model(x)
+        total[0] += F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="sum").double()
+        total[1] += y.numel()
+    model.train()
+    dist.all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def _rng_state() -> dict:
+    state = {"torch": encode_bytes(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [encode_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(decode_bytes(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([decode_bytes(s) for s in state["cuda"]])
+
+
+def _restore_batcher(batcher: Batcher, saved: dict, step: int, where: Path) -> None:
+    """Continue the batch draws at `step`. Another process count is fine when the global batch is equal."""
+    rows = saved.get("batch_size", 0) * saved.get("world_size", 0)
+    if rows != batcher.batch_size * batcher.world_size or saved.get("seq_len") != batcher.seq_len \
+            or saved.get("seed") != batcher.seed or saved.get("step") != step:
+        raise ValueError(f"{where / 'trainer.json'}: batcher state {saved} does not continue this run's batches "
+                         f"({batcher.batch_size * batcher.world_size} rows of seq_len {batcher.seq_len}, seed "
+                         f"{batcher.seed}, step {step})")
+    batcher.load_state_dict({**saved, "batch_size": batcher.batch_size, "world_size": batcher.world_size})
