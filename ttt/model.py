@@ -65,8 +65,8 @@ class Block(nn.Module):
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
         return (conv, self.mixer.init_state(batch_size, device=device))
 
-    def forward(self, h, state):
-        conv_state, mixer_state = state
+    def forward(self, h, state=None):
+        conv_state, mixer_state = (None, None) if state is None else state
         if self.has_conv:
             y, conv_state = self.conv(self.conv_norm(h), conv_state)
             h = h + y
@@ -131,11 +131,12 @@ class TTTLM(nn.Module):
         if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)):
             raise ValueError(f"state: expected an LMState of {len(self.blocks)} blocks from this model's init_state")
         B, T = ids.shape
-        if state is None:
-            state = self.init_state(B, ids.device)
+        # a fresh start lets each block build its initial state inside its own forward (FSDP2
+        # unshards a block's parameters only there)
         h = self.embed(ids)
         new_states = []
-        for blk, s in zip(self.blocks, state.blocks):
+        pos = 0 if state is None else state.pos
+        for blk, s in zip(self.blocks, [None] * len(self.blocks) if state is None else state.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h, s = checkpoint(blk, h, s, use_reentrant=False)
             else:
@@ -144,4 +145,4 @@ class TTTLM(nn.Module):
         h = self.norm(h)
         w = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(h, w).float()
-        return logits, LMState(new_states, state.pos + T)
+        return logits, LMState(new_states, pos + T)
