@@ -323,7 +323,10 @@ def main():
                             kw = {"plain_fn": True}
                         else:
                             kw = {"warps": int(var[1:])}
-                        time_ttt(kind, B, T, 32, 64, mode, **kw)
+                        try:
+                            time_ttt(kind, B, T, 32, 64, mode, **kw)
+                        except Exception as e:  # e.g. a variant over the shared-memory limit
+                            print(f"variant {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             if "fla" not in skip:
                 time_fla(B, T, 32, 64, mode)
         if not args.quick:
