@@ -100,6 +100,7 @@ def test_train_eval_generate(capsys, workdir):
     res = json.loads((workdir / "ev" / "eval.json").read_text())
     assert len(res["models"]) == 2 and len(res["models"][0]["per_position"]) == 48
     assert res["models"][0]["nll"] == pytest.approx(res["models"][1]["nll"])
+    assert res["models"][0]["train_len"] == 32 and res["models"][1]["name"] != res["models"][0]["name"]
     assert (workdir / "ev" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run(capsys, "-q", "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12",
                          "--seed", "1", "--top-k", "20")

@@ -152,11 +152,11 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     meta = load_meta(data_dir)
     shard = Path(data_dir) / f"{split}.bin"
     x, y = eval_sequences(shard, seq_len, n_seqs)
-    entries = []
+    entries = []  # (name, path, load() -> (model, config), train_len); checkpoints are loaded one at a time
     if models is not None:
         if names is None or len(names) != len(models):
             raise ValueError("names: expected one name per model when models are given")
-        entries = [(str(n), None, m, getattr(m, "cfg", None), None) for n, m in zip(names, models)]
+        entries = [(str(n), None, (lambda m=m: (m, getattr(m, "cfg", None))), None) for n, m in zip(names, models)]
     else:
         if not paths:
             raise ValueError("paths: expected at least one checkpoint directory")
@@ -165,14 +165,15 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
             raise ValueError(f"names: expected one name per checkpoint ({len(paths)}), got {len(names)}")
         taken: set = set()
         for i, p in enumerate(paths):
-            model, cfg = load_model(p, device)
-            name = names[i] if names else _model_name(Path(p), taken)
-            train = read_json(resolve(p) / CONFIG_FILE).get("train")
+            run = read_json(resolve(p) / CONFIG_FILE)  # a bad path or config fails here, before any evaluation
+            train = run.get("train")
             train_len = train.get("seq_len") if isinstance(train, dict) else None
-            entries.append((name, str(p), model, cfg, train_len))
+            name = names[i] if names else _model_name(Path(p), taken)
+            entries.append((name, str(p), (lambda p=p: load_model(p, device)), train_len))
     results = {"data_dir": str(data_dir), "split": split, "seq_len": seq_len, "chunk_len": chunk_len,
-               "n_seqs": int(x.shape[0]), "tokens_per_position": int(x.shape[0]), "models": []}
-    for name, path, model, cfg, train_len in entries:
+               "n_seqs": int(x.shape[0]), "models": []}
+    for name, path, load, train_len in entries:
+        model, cfg = load()
         vocab = getattr(cfg, "vocab_size", None)
         if vocab is not None and vocab < meta["vocab_size"]:
             raise ValueError(f"checkpoint {name!r}: vocab_size {vocab} is smaller than the dataset's "
