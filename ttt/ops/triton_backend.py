@@ -4,7 +4,9 @@ Mirrors the PyTorch dual form (`ttt_linear/dual.py`, `ttt_mlp/dual.py`): same si
 same state. The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`) run whole mini-batches that start
 at a mini-batch boundary with a zero accumulator. A call is split into up to three pieces:
   head: the tokens that finish a mini-batch already begun (state.pos % b != 0) -> PyTorch dual form;
-  body: the aligned whole mini-batches -> the Triton kernels (weights on chip, checkpointed backward);
+  body: the aligned whole mini-batches -> the Triton kernels (weights on chip, checkpointed backward),
+        called as torch.library custom ops (`torch.ops.ttt.*_chunk_fwd/bwd`, fake impls + autograd), so
+        torch.compile traces them without a graph break;
   tail: the last T % b tokens of a partial mini-batch -> PyTorch dual form.
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
@@ -12,8 +14,8 @@ runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels
 TTT-MLP with d > 64: the kernel keeps W1 and W2 (2 x d x 4d fp32) in registers, which fits for
 d <= 64 only (d = 96/128 would need 96K/128K registers per program), so those head dims run the dual
 form for the body (a documented limit, not a silent numeric change: both compute the same function).
-One-token calls (decode) use the fused step kernel (`ttt_linear/step_triton.py`) when it exists,
-else the PyTorch step. float64 inputs run the dual form (the kernels compute in fp32).
+One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
+they fall back to the PyTorch step when autograd needs a graph through the step. float64 inputs run the dual form (the kernels compute in fp32).
 Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
 """
 from __future__ import annotations

@@ -10,10 +10,23 @@ docs/kernels_notes.md); q, k, v, lr are read once per mini-batch
 (prefetched one mini-batch ahead), o written once. Head dim and F are padded to powers of two with masks.
 tanh-GELU and its exact derivative are computed in fp32 (tanh through a sigmoid).
 
-Backward: NOT a Triton kernel yet. The forward saves (W1, c1, W2, c2) every GROUP mini-batches; the
-backward walks the groups in reverse and re-runs the PyTorch dual form on each group under autograd,
-from its checkpoint, chaining the state gradient. Memory stays O(T/GROUP) weights plus one group's graph;
-speed is that of the PyTorch dual form (see docs/benchmarks.md).
+Backward (`ttt_mlp_bwd_kernel`, hand-derived, checked against autograd through the dual form): the forward
+saves (W1, c1, W2, c2) every GROUP mini-batches. Per group, last first, the kernel recomputes the start
+weights of each mini-batch into a per-program scratch, then walks the group back carrying dW1, dc1, dW2, dc2
+(the gradient w.r.t. the weights after the mini-batch). Per mini-batch (SPEC section 4 reversed), with
+P1 = E*(Q K^T + 1), P2 = E*(X2b X2^T + 1), e_b = tau_b lr:
+  dZ2b = LN-backward(dO gam); dP2 = -dZ2b G2^T; dG2 = -P2^T dZ2b; dX2b = dZ2b W2^T + (dP2*E) X2;
+  dX2 = (dP2*E)^T X2b; dZ1b = dX2b * GELU'(Z1b); dP1 = -dZ1b G1^T; dG1 = -P1^T dZ1b;
+  dQ = dO + dZ1b W1^T + (dP1*E) K; dK = (dP1*E)^T Q;
+  carry: dG1 -= e_b (K dW1' + dc1'), dG2 -= e_b (X2 dW2' + dc2'), dK -= (e_b G1) dW1'^T,
+         dX2 -= (e_b G2) dW2'^T, de_b = -rowsum(G1 (K dW1' + dc1') + G2 (X2 dW2' + dc2'));
+  G1 = H1 * GELU'(Z1), H1 = G2 W2^T: dH1 = dG1 GELU'(Z1), dZ1 = dG1 H1 GELU''(Z1), dG2 += dH1 W2;
+  G2 = LN-L2 gradient at Z2 (as in the linear kernel) -> dZ2, dgam, dbet, dV, dK;
+  dX2 += dZ2 W2^T; dZ1 += dX2 GELU'(Z1); dK += dZ1 W1^T;
+  dW1 = dW1' + Q^T dZ1b + K^T dZ1; dW2 = dW2' + X2b^T dZ2b + dH1^T G2 + X2^T dZ2 (biases: the row sums);
+  dE = dP1*(QK^T+1) + dP2*(X2b X2^T+1) (lower triangle) -> dtau_i, dlr_j; e_b -> dlr, dtau_b.
+Registers: W1, W2 (loaded per step) and dW1, dW2 (carried) are 64 K fp32 at d = 64: the kernel spills
+(see docs/kernels_notes.md); one pipeline stage (num_stages=1) keeps shared memory under the H100 limit.
 """
 from __future__ import annotations
 
