@@ -37,6 +37,7 @@ import logging
 import math
 import re
 import signal
+import importlib
 import sys
 import threading
 import time
@@ -281,7 +282,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     train_cfg.validate()
     if train_cfg.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            importlib.import_module("torch.utils.tensorboard")  # a plain import here would shadow `torch`
         except ImportError as e:
             raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard "
                               "(or pip install 'ttt-lm[tensorboard]'), or pass tensorboard=False") from e
