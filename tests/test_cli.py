@@ -168,7 +168,7 @@ def test_demo_quick_end_to_end_and_rerun(capsys, tmp_path):
     meta_before = (out / "data" / "meta.json").stat().st_mtime_ns
     code, stdout, err = run(capsys, "demo", "--quick", "--out", str(out))
     assert code == 0, err
-    assert "(reused)" in stdout and (out / "data" / "meta.json").stat().st_mtime_ns == meta_before
+    assert "already trained" in stdout and (out / "data" / "meta.json").stat().st_mtime_ns == meta_before
     # other settings in the same out dir are refused, and nothing is touched
     code, _, err = run(capsys, "demo", "--quick", "--steps", "3", "--out", str(out))
     assert_bad_input(code, err, "other settings", "steps")

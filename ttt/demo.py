@@ -50,7 +50,7 @@ class DemoSettings:
     train_len: int = 256
     eval_len: int = 1024
     batch: int = 8
-    steps: int = 400
+    steps: int = 500
     lr: float = 3e-3
     mini_batch: int = 16
     eval_seqs: int = 16
@@ -202,10 +202,10 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
                       "config": cfg.to_dict()}
         timings[f"train_{name}_s"] = secs
         r = runs[name]
-        if summary["resumed_from"] == s.steps:
-            say(f"      already trained in {tc.out_dir} (reused)")
+        reused = summary["resumed_from"] == summary["steps"]
         say(f"      {LABELS[name]}: loss {_f(r['first_loss'])} (step 1) -> {_f(r['last_loss'])} (mean of the last "
-            f"{k} steps), val loss {_f(r['val_loss'])}, {r['steps']} steps in {secs:.0f}s")
+            f"{k} steps), val loss {_f(r['val_loss'])}, {r['steps']} steps "
+            + (f"(already trained in {tc.out_dir}: reused)" if reused else f"in {secs:.0f}s"))
 
     # 4. evaluation by position beyond the training length, carrying state across chunks of train_len
     t0 = time.perf_counter()
