@@ -66,12 +66,13 @@ def add_dataclass_options(parser, cls, *, prefix: str = "", skip=(), preset_fiel
         conv, is_bool, nullable = _field_kind(hints[f.name])
         flags = ["--" + (prefix + f.name).replace("_", "-"), *(aliases or {}).get(f.name, ())]
         dest = (prefix + f.name).replace("-", "_")
-        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", f.name)
         if f.name in preset_fields:
             help_text += " (default: from the --size preset)"
+        elif f.name in (defaults or {}):
+            help_text += f" (default: {defaults[f.name]})"
         else:
-            help_text += f" (default: {default!r})"
+            help_text += f" (default: {f.default!r})"
         if is_bool:
             group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -123,7 +124,7 @@ def _model_config(args, mapping, vocab_size: int | None = None):
 def cmd_params(args) -> int:
     import torch
 
-    from .config import MIXERS, SIZES, get_config
+    from .config import BACKBONES, MIXERS, SIZES, get_config
     from .model import TTTLM
 
     sizes = [args.size] if args.size else list(SIZES)
@@ -133,9 +134,12 @@ def cmd_params(args) -> int:
     rows = []
     for size in sizes:
         for mixer in mixers:
-            backbones = [args.backbone] if args.backbone or not mixer.startswith("ttt") else ["mamba", "transformer"]
-            for backbone in backbones or ["mamba"]:
-                cfg = get_config(size, mixer=mixer, backbone=backbone or "mamba", **overrides)
+            if not mixer.startswith("ttt"):
+                backbones = ["transformer"]  # baselines: plain pre-norm blocks only
+            else:
+                backbones = [args.backbone] if args.backbone else list(BACKBONES)
+            for backbone in backbones:
+                cfg = get_config(size, mixer=mixer, backbone=backbone, **overrides)
                 with torch.device("meta"):  # counts only: no memory, no init
                     model = TTTLM(cfg)
                 n, n_body = model.num_parameters(), model.num_parameters(exclude_embedding=True)
@@ -236,33 +240,22 @@ def _print_eval(res: dict) -> None:
 
 
 def _find_tokenizer(args, ckpt_path: Path) -> Path:
-    from .checkpoint import resolve
+    """--tokenizer, else tokenizer.json of --data, of the checkpoint dir, or of the run's training data."""
+    from .checkpoint import CONFIG_FILE, read_json, resolve
 
     if args.tokenizer:
         return Path(args.tokenizer)
-    candidates = []
-    if args.data:
-        candidates.append(Path(args.data) / "tokenizer.json")
     ck = resolve(ckpt_path)
+    candidates = [Path(args.data) / "tokenizer.json"] if args.data else []
     candidates += [ck / "tokenizer.json", ckpt_path / "tokenizer.json"]
-    try:
-        from .checkpoint import CONFIG_FILE, read_json
-        cfg = read_json(ck / CONFIG_FILE)
-        data = cfg.get("data") or {}
-        for key in ("data_dir", "dir", "path"):
-            if isinstance(data, dict) and isinstance(data.get(key), str):
-                candidates.append(Path(data[key]) / "tokenizer.json")
-        for part in ("train", "run"):
-            run = cfg.get(part)
-            if isinstance(run, dict) and isinstance(run.get("data_dir"), str):
-                candidates.append(Path(run["data_dir"]) / "tokenizer.json")
-    except ValueError:
-        pass
+    train = read_json(ck / CONFIG_FILE).get("train")  # the trainer records its data_dir there
+    if isinstance(train, dict) and isinstance(train.get("data_dir"), str):
+        candidates.append(Path(train["data_dir"]) / "tokenizer.json")
     for c in candidates:
         if c.is_file():
             return c
-    raise CLIError(f"--tokenizer: no tokenizer.json found next to the checkpoint or its data dir "
-                   f"(looked in {', '.join(str(c) for c in candidates)}); pass --tokenizer or --data")
+    raise CLIError(f"--tokenizer: no tokenizer.json found (looked in {', '.join(str(c) for c in candidates)}); "
+                   f"pass --tokenizer or --data")
 
 
 def cmd_generate(args) -> int:
@@ -317,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (no progress log)")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="the library's progress log on stderr for every command (demo shows only its own lines)")
+                   help="the library's progress log on stderr for demo too (other commands show it unless -q)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -376,14 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("train", formatter_class=fmt, help="train a language model",
                        description="Train an LM on a prepared dataset (see `ttt data`). Single process on CPU or "
                                    "GPU; under torchrun, data parallel (DDP or FSDP2).")
-    try:
-        from .train import TrainConfig
-    except ImportError as e:  # the trainer is optional at parser-build time only for --help of other commands
-        d.set_defaults(func=lambda a: _missing(e))
-    else:
-        d.set_defaults(_train_fields=add_dataclass_options(
-            d, TrainConfig, title="training options",
-            aliases={"data_dir": ["--data"], "out_dir": ["--out"], "max_steps": ["--steps"]}), func=cmd_train)
+    from .train import TrainConfig
+    d.set_defaults(_train_fields=add_dataclass_options(
+        d, TrainConfig, title="training options",
+        aliases={"data_dir": ["--data"], "out_dir": ["--out"], "max_steps": ["--steps"]}), func=cmd_train)
     d.set_defaults(_model_fields=_add_model_options(d))
 
     # eval
@@ -445,10 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "mamba_head_dim"),
         title="model options (override the preset)", defaults={"vocab_size": 32000}), func=cmd_params)
     return p
-
-
-def _missing(e: Exception) -> int:
-    raise CLIError(f"train: the trainer is not available ({e})")
 
 
 def main(argv=None) -> int:
