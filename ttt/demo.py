@@ -177,7 +177,7 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
                          eval_every=s.steps, eval_batches=4, save_every=0, keep_checkpoints=1, log_every=1,
                          seed=s.seed, device="cpu", amp="none", progress=False, resume=True)
         say(f"[3/4] training {LABELS[name]}: {s.steps} steps of {s.batch} x {s.train_len} tokens, peak lr {s.lr}"
-            + (f", budget {budget / 60:.1f} min" if budget else ""))
+            + (f", time budget {budget / 60:.3g} min" if budget else ""))
         t0 = time.perf_counter()
         every = max(1, s.steps // 6)
 
@@ -205,7 +205,8 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
         reused = summary["resumed_from"] == summary["steps"]
         say(f"      {LABELS[name]}: loss {_f(r['first_loss'])} (step 1) -> {_f(r['last_loss'])} (mean of the last "
             f"{k} steps), val loss {_f(r['val_loss'])}, {r['steps']} steps "
-            + (f"(already trained in {tc.out_dir}: reused)" if reused else f"in {secs:.0f}s"))
+            + (f"(already trained in {tc.out_dir}: reused)" if reused else f"in {secs:.0f}s")
+            + (" (stopped by the time budget; the same command continues it)" if summary["stopped"] else ""))
 
     # 4. evaluation by position beyond the training length, carrying state across chunks of train_len
     t0 = time.perf_counter()
