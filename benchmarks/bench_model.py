@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -44,36 +45,48 @@ def timed(fn, warmup=3, iters=10):
 def bench_train(mixers, contexts, tokens_per_step, backend):
     rows = []
     for T in contexts:
-        B = tokens_per_step // T
         for mixer in mixers:
-            cfg = get_config("125m", mixer=mixer, ttt_backend=backend)
-            torch.manual_seed(0)
-            model = TTTLM(cfg).cuda()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-            ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits, _ = model(ids[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                ms = timed(step, warmup=2, iters=5)
-                row = dict(mixer=mixer, context=T, batch=B, ms_per_step=ms, tokens_per_s=B * T / ms * 1e3,
-                           peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
-            except torch.OutOfMemoryError as e:
-                row = dict(mixer=mixer, context=T, batch=B, error=f"OOM: {e}"[:200])
+            row = None
+            for accum in (1, 2, 4):  # on OOM: the same tokens per step in smaller micro-batches
+                row = train_row(mixer, T, tokens_per_step, accum, backend)
+                if "error" not in row:
+                    break
             print(json.dumps(row), flush=True)
             rows.append(row)
-            del model, opt
-            torch.cuda.empty_cache()
     return rows
+
+
+def train_row(mixer, T, tokens_per_step, accum, backend):
+    """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
+    B = tokens_per_step // T // accum
+    cfg = get_config("125m", mixer=mixer, ttt_backend=backend)
+    torch.manual_seed(0)
+    model = TTTLM(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+
+    def step():
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, _ = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) / accum
+            loss.backward()
+            del logits
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = timed(step, warmup=2, iters=5)
+        row = dict(mixer=mixer, context=T, batch=B, accum=accum, ms_per_step=ms, tokens_per_s=B * accum * T / ms * 1e3,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
+    except torch.OutOfMemoryError as e:
+        row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
+    del model, opt
+    opt = model = None
+    torch.cuda.empty_cache()
+    return row
 
 
 @torch.inference_mode()
@@ -136,7 +149,8 @@ def main():
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-               commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+               commit=os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                          text=True).stdout.strip())
     try:
         import triton
         env["triton"] = triton.__version__

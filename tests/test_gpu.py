@@ -1,0 +1,68 @@
+"""GPU-only checks of the pieces whose CUDA path differs from the CPU one: the cuDNN conv, the
+Triton backend inside a whole model (outputs and gradients vs the dual form), and CUDA-graph decode."""
+import pytest
+import torch
+
+from ttt.config import get_config
+from ttt.layers.conv import CausalConv1d
+from ttt.model import TTTLM
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_conv_cuda_path_equals_cpu_path():
+    torch.manual_seed(0)
+    conv = CausalConv1d(48, 4)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x, s = torch.randn(3, 37, 48), torch.randn(3, 3, 48)
+    y_cpu, st_cpu = conv(x, s)
+    y_gpu, st_gpu = conv.cuda()(x.cuda(), s.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st_gpu.cpu(), st_cpu)
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+def test_model_triton_equals_dual(mixer):
+    torch.manual_seed(0)
+    cfg = get_config("debug", mixer=mixer, vocab_size=256)
+    ref = TTTLM(cfg).cuda()
+    fast = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, ttt_backend="triton")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 77), device="cuda")
+    for blk in ref.blocks:
+        blk.mixer.backend = "dual"
+    lr, _ = ref(ids)
+    lf, _ = fast(ids)
+    torch.testing.assert_close(lf, lr, rtol=2e-3, atol=2e-3)
+    lr.logsumexp(-1).mean().backward()
+    lf.logsumexp(-1).mean().backward()
+    for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
+        scale = pr.grad.abs().max().clamp_min(1e-6)
+        assert (pf.grad - pr.grad).abs().max() / scale < 1e-2, n
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mamba"])
+def test_graphed_decode_equals_eager(mixer):
+    from ttt.decode_graph import GraphedDecoder
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, mini_batch=4)).cuda().eval()
+    ids = torch.randint(0, 256, (2, 23), device="cuda")
+    with torch.inference_mode():
+        _, s = model(ids[:, :6])
+        dec = GraphedDecoder(model, s)
+        se = s
+        for t in range(6, 23):
+            le, se = model(ids[:, t:t + 1], se)
+            lg = dec.step(ids[:, t:t + 1])
+            torch.testing.assert_close(lg, le, rtol=1e-4, atol=1e-4)
+        assert dec.state().pos == se.pos == 23
+
+
+def test_graphed_decode_refuses_attention():
+    from ttt.decode_graph import GraphedDecoder
+    model = TTTLM(get_config("debug", mixer="attention", vocab_size=256)).cuda()
+    with torch.inference_mode():
+        _, s = model(torch.randint(0, 256, (1, 5), device="cuda"))
+    with pytest.raises(ValueError, match="^model: CUDA-graph decode needs a fixed-size state"):
+        GraphedDecoder(model, s)
