@@ -213,3 +213,13 @@ def test_stream_text_pieces_concatenate_to_decode():
     ids = generate(m, tok.encode("ab"), 30, seed=0, top_k=40, eos_id=0)
     assert "".join(pieces) == tok.decode(ids)
     assert len(pieces) > 1 and all(pieces)
+
+
+def test_cuda_graph_decode_needs_cuda():
+    from ttt.config import get_config
+    from ttt.generate import generate
+    from ttt.model import TTTLM
+    model = TTTLM(get_config("debug", vocab_size=64))
+    with pytest.raises(ValueError, match=r"^cuda_graph: expected a model on a CUDA device"):
+        generate(model, [1, 2, 3], 4, greedy=True, cuda_graph=True)
+    assert len(generate(model, [1, 2, 3], 4, greedy=True)) == 4  # auto: eager steps on the CPU

@@ -66,3 +66,13 @@ def test_graphed_decode_refuses_attention():
         _, s = model(torch.randint(0, 256, (1, 5), device="cuda"))
     with pytest.raises(ValueError, match="^model: CUDA-graph decode needs a fixed-size state"):
         GraphedDecoder(model, s)
+
+
+def test_generate_with_cuda_graph_equals_eager():
+    from ttt.generate import generate
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
+    prompt = torch.randint(0, 256, (2, 9))
+    a = generate(model, prompt, 20, greedy=True, cuda_graph=True)
+    b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
+    assert a == b

@@ -280,7 +280,8 @@ def cmd_generate(args) -> int:
         sys.stdout.write(prompt)
         seed = None if args.seed is None else args.seed + i
         for piece in stream_text(model, tok, prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seed):
+                                 top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seed,
+                                 cuda_graph=args.cuda_graph):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -418,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.json (default: the one of --data, of the checkpoint, or of its training data)")
     d.add_argument("--data", default=None, help="dataset directory whose tokenizer.json to use")
     d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each decode step as a captured CUDA graph (default: on for CUDA TTT/Mamba models)")
     d.set_defaults(func=cmd_generate)
 
     # params

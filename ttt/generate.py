@@ -17,6 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .decode_graph import GraphedDecoder
+
 
 def _check_sampling(temperature, top_k, top_p) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
@@ -84,10 +86,12 @@ def _prompt_tensor(prompt, device) -> torch.Tensor:
 
 def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
-           seed: int | None = None) -> Iterator[torch.Tensor]:
+           seed: int | None = None, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids, int64 [B] (on the CPU), one step at a time.
 
     prompt: int tensor [B, T] or [T], a list of ids, or a list of B equally long lists.
+    cuda_graph: replay the decode step as captured CUDA graphs (`ttt.decode_graph`): None = yes on
+    CUDA for fixed-size states (TTT and Mamba mixers), True = required (raises where impossible).
     Stops after `max_new_tokens` steps, or once every row has produced `eos_id`; rows that finished
     earlier keep yielding `eos_id`. The model runs in eval mode (restored afterwards).
     """
@@ -101,6 +105,11 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"prompt: token ids must lie in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+    mixer = getattr(getattr(model, "cfg", None), "mixer", None)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and mixer not in (None, "attention")
+    elif cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: expected a model on a CUDA device for cuda_graph=True, got {device}")
     if max_new_tokens == 0:
         return
     gen = None
@@ -114,6 +123,7 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
         # leak into the caller's code between steps.
         with torch.inference_mode():
             logits, state = model(ids)  # prefill: one forward over the whole prompt
+            decoder = GraphedDecoder(model, state) if cuda_graph else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             with torch.inference_mode():
@@ -126,14 +136,18 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
             if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 return
             with torch.inference_mode():
-                logits, state = model(nxt[:, None], state)  # decode step: T = 1, state carried
+                if decoder is not None:  # graph replay of the same step
+                    logits = decoder.step(nxt[:, None].to(device))
+                else:
+                    logits, state = model(nxt[:, None], state)  # decode step: T = 1, state carried
     finally:
         model.train(was_training)
 
 
 def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
-             seed: int | None = None, callback: Callable[[torch.Tensor], None] | None = None) -> list:
+             seed: int | None = None, callback: Callable[[torch.Tensor], None] | None = None,
+             cuda_graph: bool | None = None) -> list:
     """The new token ids per prompt row: a list of ints for a 1-D prompt, else a list of lists.
 
     Each row ends before its first `eos_id` (not included). `callback(ids [B])` sees every step as
@@ -143,7 +157,7 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
         not isinstance(prompt, torch.Tensor) and len(prompt) > 0 and not isinstance(prompt[0], (list, tuple)))
     steps = []
     for nxt in stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      greedy=greedy, eos_id=eos_id, seed=seed):
+                      greedy=greedy, eos_id=eos_id, seed=seed, cuda_graph=cuda_graph):
         if callback is not None:
             callback(nxt)
         steps.append(nxt)
