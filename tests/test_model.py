@@ -98,3 +98,19 @@ def test_state_of_another_model_is_rejected():
     _, state = other(ids())
     with pytest.raises(ValueError, match="state"):
         model(ids(), state)
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "attention"])
+def test_grad_checkpointing_same_loss_and_grads(mixer):
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64, mini_batch=4)).double()
+    ids = torch.randint(0, 64, (2, 11))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = ckpt
+        logits, _ = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)

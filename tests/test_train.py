@@ -363,3 +363,20 @@ def test_read_checkpoint_round_trip(finished_run):
     groups = ck.optim_state["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["betas"] == (0.9, 0.95)
     assert set(ck.optim_state["state"]) == set(ck.model_state)
+
+
+def test_grad_checkpointing_in_the_loop_gives_the_same_curve(data_dir, tmp_path):
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "plain", max_steps=3))
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "ckpt", max_steps=3, grad_checkpointing=True))
+    for a, b in zip(curve(tmp_path / "plain"), curve(tmp_path / "ckpt")):
+        assert a[:2] == b[:2]
+        assert a[2:5] == pytest.approx(b[2:5], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(data_dir, tmp_path):
+    """torch.compile of each block (inductor on the CPU: about a minute) follows the eager loss curve."""
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "eager", max_steps=2))
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "compiled", max_steps=2, compile=True))
+    for a, b in zip(curve(tmp_path / "eager"), curve(tmp_path / "compiled")):
+        assert a[2] == pytest.approx(b[2], rel=1e-4)
