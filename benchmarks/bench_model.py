@@ -42,13 +42,13 @@ def timed(fn, warmup=3, iters=10):
     return sorted(times)[len(times) // 2]
 
 
-def bench_train(mixers, contexts, tokens_per_step, backend):
+def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False):
     rows = []
     for T in contexts:
         for mixer in mixers:
             row = None
             for accum in (1, 2, 4):  # on OOM: the same tokens per step in smaller micro-batches
-                row = train_row(mixer, T, tokens_per_step, accum, backend)
+                row = train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks)
                 if "error" not in row:
                     break
             print(json.dumps(row), flush=True)
@@ -56,12 +56,15 @@ def bench_train(mixers, contexts, tokens_per_step, backend):
     return rows
 
 
-def train_row(mixer, T, tokens_per_step, accum, backend):
+def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
     B = tokens_per_step // T // accum
     cfg = get_config("125m", mixer=mixer, ttt_backend=backend)
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda()
+    if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
+        for blk in model.blocks:
+            blk.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
 
@@ -79,7 +82,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend):
     torch.cuda.reset_peak_memory_stats()
     try:
         ms = timed(step, warmup=2, iters=5)
-        row = dict(mixer=mixer, context=T, batch=B, accum=accum, ms_per_step=ms, tokens_per_s=B * accum * T / ms * 1e3,
+        row = dict(mixer=mixer, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms, tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
@@ -142,6 +145,7 @@ def main():
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--tokens-per-step", type=int, default=32768)
     ap.add_argument("--backend", default="auto", help="TTT op backend for training")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block for the training timings")
     ap.add_argument("--positions", default="1024,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--decode-size", default="1.3b")
@@ -161,7 +165,7 @@ def main():
     t0 = time.time()
     if a.train:
         res["train"] = bench_train(a.mixers.split(","), [int(x) for x in a.contexts.split(",")], a.tokens_per_step,
-                                   a.backend)
+                                   a.backend, a.compile)
     if a.decode:
         res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size)
     res["wall_s"] = time.time() - t0
