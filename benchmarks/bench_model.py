@@ -82,7 +82,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     torch.cuda.reset_peak_memory_stats()
     try:
         ms = timed(step, warmup=2, iters=5)
-        row = dict(mixer=mixer, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms, tokens_per_s=B * accum * T / ms * 1e3,
+        row = dict(mixer=mixer, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
+                   tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
