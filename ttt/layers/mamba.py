@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt.layers.conv import CausalConv1d
+from .conv import CausalConv1d
+from .norms import RMSNorm
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -93,22 +94,12 @@ class MambaConv1d(CausalConv1d):
         nn.init.uniform_(self.bias, -bound, bound)
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(RMSNorm):
     """RMSNorm(y * silu(z)) * weight, computed in fp32 (fp64 for fp64 inputs) and cast back to z's dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         cd = torch.promote_types(torch.promote_types(y.dtype, z.dtype), torch.float32)
-        g = y.to(cd) * F.silu(z.to(cd))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g * self.weight.to(cd)).to(z.dtype)
+        return super().forward(y.to(cd) * F.silu(z.to(cd))).to(z.dtype)
 
 
 @dataclass
