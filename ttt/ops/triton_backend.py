@@ -13,19 +13,32 @@ When the start state's accumulator requires grad at an aligned position, the fir
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
 TTT-MLP with d > 64: the kernel keeps W1 and W2 (2 x d x 4d fp32) in registers, which fits for
 d <= 64 only (d = 96/128 would need 96K/128K registers per program), so those head dims run the dual
-form for the body (a documented limit, not a silent numeric change: both compute the same function).
+form for the body (a documented limit, logged once as a warning; both compute the same function).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
-they fall back to the PyTorch step when autograd needs a graph through the step. float64 inputs run the dual form (the kernels compute in fp32).
+they fall back to the PyTorch step when autograd needs a graph through the step. float64 inputs run the
+dual form (the kernels compute in fp32; also logged once).
 Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import triton  # noqa: F401  (import failure = backend unavailable)
 
 from .common import TTTState
-from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
-from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step as _mlp_step
+from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step_triton as lin_step_triton
+from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step_triton as mlp_step_triton
+
+log = logging.getLogger(__name__)
+_warned: set = set()
+
+
+def _warn_once(key, msg: str, *args) -> None:
+    """Say once per case when part of a triton-backend call runs in the PyTorch dual form."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg, *args)
 
 MLP_MAX_D = 64  # the TTT-MLP kernel holds its weights in registers up to this head dim
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
@@ -259,6 +272,9 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
         else:
             o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
     elif q.shape[-1] > MLP_MAX_D:
+        _warn_once(("mlp_d", q.shape[-1]), "backend='triton': TTT-MLP with head dim %d > %d runs its whole "
+                   "mini-batches in the PyTorch dual form (the kernel's weights do not fit in registers)",
+                   q.shape[-1], MLP_MAX_D)
         o, st = _mlp_dual.forward(q, k, v, lr, tau, ln_weight, ln_bias,
                                   TTTState("mlp", tuple(params), tuple(torch.zeros_like(p) for p in params), 0),
                                   mini_batch)
@@ -274,17 +290,7 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
 
 
 def _step_fn(kind):
-    if kind == "linear":
-        try:
-            from .ttt_linear import step_triton
-            return step_triton.forward
-        except ImportError:
-            return _lin_step.forward
-    try:
-        from .ttt_mlp import step_triton
-        return step_triton.forward
-    except ImportError:
-        return _mlp_step.forward
+    return (lin_step_triton if kind == "linear" else mlp_step_triton).forward
 
 
 def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
@@ -292,10 +298,15 @@ def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_ba
     Returns (o [B,T,H,d] in q's dtype, new TTTState)."""
     dual = _lin_dual if kind == "linear" else _mlp_dual
     if q.dtype == torch.float64:
+        _warn_once("fp64", "backend='triton': float64 inputs run in the PyTorch dual form (the kernels compute "
+                   "in fp32)")
         return dual.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
     B, T, H, d = q.shape
     b = mini_batch
     if T == 1:
+        if _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum):
+            _warn_once("step_grad", "backend='triton': a one-token call that needs gradients runs the PyTorch "
+                       "step (the fused step kernel has no backward)")
         return _step_fn(kind)(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
     head = (b - state.pos % b) % b
     if head == 0 and any(a.requires_grad for a in state.accum):
