@@ -236,3 +236,20 @@ def test_torch_compile_traces_custom_ops(kind):
     for x, y in zip(g1, g2):
         assert rel(x, y) < 1e-5
     assert hasattr(torch.ops.ttt, f"{kind}_chunk_fwd") and hasattr(torch.ops.ttt, f"{kind}_chunk_bwd")
+
+
+def test_parts_run_in_pytorch_are_logged_once(caplog):
+    """Explicit backend="triton" never changes path silently: TTT-MLP with d > 64 (whole mini-batches in
+    the dual form) says so in a warning, once, and still equals the dual form."""
+    import logging
+
+    from ttt.ops import triton_backend
+    triton_backend._warned.discard(("mlp_d", 72))
+    inp = random_inputs("mlp", B=1, T=8, H=1, d=72, b=4, dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="ttt.ops.triton_backend"):
+        o_t, _ = inp.run("triton")
+        inp.run("triton")
+    msgs = [r.getMessage() for r in caplog.records if "head dim 72" in r.getMessage()]
+    assert len(msgs) == 1 and "dual form" in msgs[0]
+    o_d, _ = inp.run("dual")
+    torch.testing.assert_close(o_t, o_d)
