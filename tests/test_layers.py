@@ -332,11 +332,12 @@ def test_unknown_or_unavailable_backend_raises(monkeypatch):
 
 @pytest.mark.parametrize("inner,backend,mode", [
     ("linear", "naive", "no_grad"), ("mlp", "naive", "no_grad"), ("generic", "naive", "no_grad"),
-    ("linear", "dual", "inference_mode"), ("mlp", "dual", "inference_mode")])
+    ("linear", "dual", "inference_mode"), ("mlp", "dual", "inference_mode"),
+    ("linear", "naive", "inference_mode"), ("generic", "naive", "inference_mode")])
 def test_layers_run_without_grad(inner, backend, mode):
     """fp32 layers run under no_grad (generation), also with backend="naive" or a generic inner module, which
-    use autograd.grad inside, and give the grad-mode outputs. (The autograd-based primal paths cannot run
-    under inference_mode; the dual/step paths can.)"""
+    use autograd.grad inside, and give the grad-mode outputs; also under inference_mode (which `generate` uses),
+    where the primal paths run their inner autograd on normal copies of the inputs."""
     torch.manual_seed(0)
     mod = nn.Linear(D // H, D // H) if inner == "generic" else inner
     layer = perturb_(TTTLayer(D, H, inner=mod, mini_batch=B_MB, backend=backend))

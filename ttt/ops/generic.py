@@ -25,6 +25,13 @@ def primal_forward(f_res, params, accum, pos, q, k, v, lr, tau, ln_weight, ln_bi
     the residual (target v instead of v - k, output f_res(q) instead of q + LN(f_res(q))).
     Returns (o [B,T,H,d] in the compute dtype, params, accum, pos).
     """
+    if torch.is_inference_mode_enabled():
+        # the inner gradients need autograd, which inference mode switches off: run on normal copies
+        with torch.inference_mode(False), torch.no_grad():
+            copy = [x if x is None else x.clone() for x in (q, k, v, lr, tau, ln_weight, ln_bias)]
+            o, params, accum, pos = primal_forward(f_res, [p.clone() for p in params], [a.clone() for a in accum],
+                                                   pos, *copy, mini_batch, residual)
+        return o, params, accum, pos
     ct = compute_dtype(q)
     norm = (lambda z: z) if ln_weight is None else (lambda z: layer_norm(z, ln_weight.to(ct), ln_bias.to(ct)))
     params = [p.to(ct) for p in params]
