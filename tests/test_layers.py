@@ -704,3 +704,15 @@ def test_bad_state():
 def test_generic_inner_model_refuses_fast_backends(backend):
     with pytest.raises(ValueError, match=r"^backend: a generic inner model runs the primal form only"):
         TTTLayer(16, 2, inner=nn.Linear(8, 8), backend=backend)
+
+
+def test_inner_lr_scale_multiplies_base_lr():
+    """The buffer the trainer ramps acts exactly as a factor on base_lr, and is not saved with the weights."""
+    torch.manual_seed(0)
+    a = TTTMLP(16, 2, mini_batch=4).double()
+    b = TTTMLP(16, 2, mini_batch=4, base_lr=0.05).double()
+    b.load_state_dict(a.state_dict())
+    a.inner_lr_scale.fill_(0.5)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-12, atol=1e-12)
+    assert "inner_lr_scale" not in a.state_dict()

@@ -380,3 +380,21 @@ def test_compiled_blocks_train_like_eager(data_dir, tmp_path):
     train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "compiled", max_steps=2, compile=True))
     for a, b in zip(curve(tmp_path / "eager"), curve(tmp_path / "compiled")):
         assert a[2] == pytest.approx(b[2], rel=1e-4)
+
+
+def test_inner_lr_ramp_for_ttt_mlp(data_dir, tmp_path):
+    """TTT-MLP's inner base_lr ramps from 0.01 to base_lr over the warm-up (SPEC section 3)."""
+    from ttt.train import inner_lr_scale_at
+    cfg = train_cfg(data_dir, tmp_path / "x", max_steps=10, warmup_frac=0.4)  # 4 warm-up steps
+    assert [inner_lr_scale_at(s, cfg, 0.1) * 0.1 for s in range(6)] == pytest.approx(
+        [0.01, 0.0325, 0.055, 0.0775, 0.1, 0.1])
+    assert inner_lr_scale_at(0, replace(cfg, inner_lr_warmup=False), 0.1) == 1.0
+    # the ramp reaches the model: the first step's loss differs from a run without it; TTT-Linear is untouched
+    mlp = model_cfg(data_dir, mixer="ttt_mlp")
+    train(mlp, train_cfg(data_dir, tmp_path / "ramp", max_steps=4, warmup_frac=0.5))
+    train(mlp, train_cfg(data_dir, tmp_path / "flat", max_steps=4, warmup_frac=0.5, inner_lr_warmup=False))
+    assert curve(tmp_path / "ramp")[0][2] != curve(tmp_path / "flat")[0][2]
+    lin = model_cfg(data_dir)
+    train(lin, train_cfg(data_dir, tmp_path / "lin_ramp", max_steps=4, warmup_frac=0.5))
+    train(lin, train_cfg(data_dir, tmp_path / "lin_flat", max_steps=4, warmup_frac=0.5, inner_lr_warmup=False))
+    assert curve(tmp_path / "lin_ramp") == curve(tmp_path / "lin_flat")

@@ -5,6 +5,7 @@
 
 Recipe (SPEC section 7, the paper's): AdamW (beta1 0.9, beta2 0.95), weight decay 0.1, gradient
 clipping at 1.0, linear warm-up over the first warmup_frac of the steps, then cosine decay to min_lr.
+TTT-MLP layers also ramp their inner base_lr from 0.01 over the warm-up (`inner_lr_warmup`).
 The defaults are the 125m recipe (peak lr 3e-3, 4800 steps of 0.5M tokens); `ttt.config.RECIPES`
 has the others.
 
@@ -32,12 +33,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import importlib
 import json
 import logging
 import math
 import re
 import signal
-import importlib
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_r
                          latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
 from .config import ModelConfig
 from .data import Batcher, eval_sequences, load_meta, load_tokens
+from .layers.ttt import TTTLayer
 from .model import TTTLM
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 METRIC_FIELDS = ("step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss")
 # the TrainConfig fields that define a run (change the trajectory); the others may change on resume
 RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup_frac", "weight_decay", "beta1",
-              "beta2", "grad_clip", "seed")
+              "beta2", "grad_clip", "seed", "inner_lr_warmup")
 DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
 
 
@@ -84,6 +86,8 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    inner_lr_warmup: bool = _f(True, "TTT-MLP: ramp the inner base_lr linearly from 0.01 to its value over the "
+                                     "warm-up, as the paper's recipe does (TTT-Linear keeps its base_lr)")
     eval_every: int = _f(250, "validate on val.bin every this many steps and at the end (0 = never)")
     eval_batches: int = _f(20, "validation batches (of micro_batch sequences per device)")
     save_every: int = _f(500, "checkpoint every this many steps (0 = only at the end or when stopped)")
@@ -142,6 +146,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     p = min(1.0, (step - warm) / max(1, cfg.max_steps - warm - 1))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def inner_lr_scale_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
+    """The TTT-MLP inner learning-rate ramp (SPEC section 3), as a factor on base_lr: from 0.01 at step 0
+    (0-based) linearly to base_lr at the end of the warm-up, then 1."""
+    warm = int(cfg.warmup_frac * cfg.max_steps)
+    if not cfg.inner_lr_warmup or step >= warm or base_lr <= 0:
+        return 1.0
+    start = min(0.01, base_lr)
+    return (start + (base_lr - start) * step / warm) / base_lr
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -367,12 +381,15 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
     t0 = t_log = time.perf_counter()
     step_log = step
     wrapped.train()
+    ramped = [m for m in model.modules() if isinstance(m, TTTLayer) and m.kind == "mlp"]
     try:
         with _StopRequests() as stop:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
                 for g in optim.param_groups:
                     g["lr"] = lr
+                for layer in ramped:
+                    layer.inner_lr_scale.fill_(inner_lr_scale_at(step, cfg, layer.base_lr))
                 x, y = next(batcher)
                 xs, ys = x.to(device).chunk(accum), y.to(device).chunk(accum)
                 loss_sum = torch.zeros((), device=device)

@@ -89,6 +89,8 @@ class TTTLayer(nn.Module):
         self.ln_weight = nn.Parameter(torch.ones(H, d))  # inner LayerNorm, per head
         self.ln_bias = nn.Parameter(torch.zeros(H, d))
         self.post_norm = nn.LayerNorm(D, eps=1e-6)
+        # multiplies base_lr; the trainer ramps it during warm-up (TTT-MLP recipe); 1.0 = exact base_lr
+        self.register_buffer("inner_lr_scale", torch.ones(()), persistent=False)
         if self.kind == "linear":
             shapes = {"W1": (H, d, d), "b1": (H, d)}
         elif self.kind == "mlp":
@@ -176,7 +178,7 @@ class TTTLayer(nn.Module):
         q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
         gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
-        lr = self.base_lr * torch.sigmoid(gate) / d  # [B,T,H]
+        lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
         tau = make_tau(self.delta.to(ct))
         if self.kind == "generic":
             o, op_state = ttt_generic(self._template[0], q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
