@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -334,6 +335,8 @@ BAD_INPUTS = [
     (ValueError, "state", dict(state=lambda s: other_state(d=3))),
     (ValueError, "state", dict(state=lambda s: other_state("mlp"))),  # other kind
     (TypeError, "state", dict(state=lambda s: s.params)),
+    (ValueError, "state", dict(state=lambda s: replace(s, accum=(s.accum[0].to("meta"), s.accum[1])))),
+    (ValueError, "state", dict(state=lambda s: replace(s, accum=(s.accum[0][..., :2], s.accum[1])))),
     (ValueError, "mini_batch", dict(mini_batch=0)),
     (ValueError, "mini_batch", dict(mini_batch=3.0)),
     (ValueError, "backend", dict(backend="cuda")),

@@ -107,13 +107,16 @@ def check_inputs(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), got {got}")
     for name, t in (("k", k), ("v", v), ("lr", lr), ("tau", tau), ("ln_weight", ln_weight), ("ln_bias", ln_bias),
-                    ("state", state.params[0])):
+                    *(("state", t) for t in (*state.params, *state.accum))):
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
     if state.batch_size != B:
         raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
     if state.num_heads != H or state.head_dim != d:
         raise ValueError(f"state: expected {H} heads of dim {d} like q, got {state.num_heads} heads of dim {state.head_dim}")
+    if len(state.accum) != len(state.params) or any(a.shape != p.shape for a, p in zip(state.accum, state.params)):
+        raise ValueError(f"state: expected accumulators shaped like the weights {[tuple(p.shape) for p in state.params]}, "
+                         f"got {[tuple(a.shape) for a in state.accum]}")
     if not isinstance(state.pos, int) or state.pos < 0:
         raise ValueError(f"state: expected a non-negative int pos, got {state.pos!r}")
 
