@@ -127,7 +127,10 @@ def parallelize(model: nn.Module, parallel: str, device: torch.device) -> nn.Mod
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for blk in model.blocks:
