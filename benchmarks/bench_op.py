@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -104,15 +103,12 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None, plain_fn=False):
-    """plain_fn: the autograd.Function wrappers instead of the torch.library custom ops (eager overhead)."""
-    from ttt.ops import triton_backend
+             bwd_warps=None):
     from ttt.ops.ttt_linear import chunk as lin_chunk
     from ttt.ops.ttt_mlp import chunk as mlp_chunk
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
     mlp_chunk.BWD_WARPS = bwd_warps
-    triton_backend.CUSTOM_OP = not plain_fn
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
@@ -130,9 +126,8 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
     mlp_chunk.BWD_WARPS = None
-    triton_backend.CUSTOM_OP = True
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
-        + ("" if bwd_warps is None else f"_bw{bwd_warps}") + ("_fn" if plain_fn else "")
+        + ("" if bwd_warps is None else f"_bw{bwd_warps}")
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -257,7 +252,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
-                         "backward warps, fwdbwd only), fn (autograd.Function instead of the custom ops)")
+                         "backward warps, fwdbwd only)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
     ap.add_argument("--commit", default="")
@@ -319,8 +314,6 @@ def main():
                             if mode != "fwdbwd" or kind != "mlp":
                                 continue
                             kw = {"bwd_warps": int(var[2:])}
-                        elif var == "fn":
-                            kw = {"plain_fn": True}
                         else:
                             kw = {"warps": int(var[1:])}
                         try:

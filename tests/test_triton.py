@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import random_inputs  # noqa: E402
-from ttt.ops import TTTState, ttt_op  # noqa: E402
+from ttt.ops import TTTState  # noqa: E402
 from ttt.ops.ttt_linear import chunk as lin_chunk, step_triton as lin_step_triton  # noqa: E402
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, step_triton as mlp_step_triton  # noqa: E402
 

@@ -55,64 +55,11 @@ def _same_strides(q, k, v):
     return q, k, v
 
 
-class _LinearChunk(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group):
-        save = any(ctx.needs_input_grad[:9])
-        q, k, v = _same_strides(q, k, v)
-        W0f = W0.detach().to(torch.float32).contiguous()
-        c0f = c0.detach().to(torch.float32).contiguous()
-        o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0f, c0f, mini_batch, group, save)
-        if save:
-            ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, *ck)
-            ctx.meta = (mini_batch, group, W0.dtype, c0.dtype)
-        return o, wT, cT
-
-    @staticmethod
-    def backward(ctx, do, dwT, dcT):
-        q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
-        mini_batch, group, wdt, cdt = ctx.meta
-        B, T, H, d = q.shape
-        if do is None:
-            do = torch.zeros_like(q)
-        dwT = torch.zeros((B, H, d, d), device=q.device) if dwT is None else dwT.float()
-        dcT = torch.zeros((B, H, d), device=q.device) if dcT is None else dcT.float()
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_chunk.bwd(
-            q, k, v, lr, tau, lnw, lnb, (ckw, ckc), do, dwT, dcT, mini_batch, group)
-        return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype),
-                dw0.to(wdt), dc0.to(cdt), None, None)
-
-
-class _MLPChunk(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group):
-        save = any(ctx.needs_input_grad[:11])
-        q, k, v = _same_strides(q, k, v)
-        ps = tuple(p.detach().to(torch.float32).contiguous() for p in (W1, c1, W2, c2))
-        o, fin, ck = _mlp_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
-        if save:
-            ctx.save_for_backward(q, k, v, lr, tau, ln_weight, ln_bias, *ck)
-            ctx.meta = (mini_batch, group, tuple(p.dtype for p in (W1, c1, W2, c2)))
-        return (o, *fin)
-
-    @staticmethod
-    def backward(ctx, do, *dfin):
-        q, k, v, lr, tau, lnw, lnb, *ck = ctx.saved_tensors
-        mini_batch, group, dts = ctx.meta
-        grads = _mlp_chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dfin, mini_batch, group)
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = grads
-        return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype),
-                *(g.to(dt) for g, dt in zip(dps, dts)), None, None)
-
-
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
 # Each kernel launch is one op with a fake (meta) implementation; the forward ops' autograd formulas call
 # the backward ops. `save` (whether checkpoints are written for a backward) is decided by the caller,
 # since a custom op's body does not see whether its inputs require grad; without it the checkpoint
 # outputs are empty tensors.
-CUSTOM_OP = True  # False: the plain autograd.Function wrappers above (same kernels; benchmarks compare)
-
-
 def _nck(T, mini_batch, group):
     return triton.cdiv(T // mini_batch, group)
 
@@ -263,15 +210,8 @@ def _needs_grad(*xs):
 
 
 def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
-    if kind == "linear":
-        if CUSTOM_OP:
-            save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
-            ps = tuple(p.to(torch.float32) for p in params)
-            o, *p = _lin_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:3]
-            p = [x.to(y.dtype) for x, y in zip(p, params)]
-        else:
-            o, *p = _LinearChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
-    elif q.shape[-1] > MLP_MAX_D:
+    """Whole mini-batches from an aligned start with zero accumulators. Returns (o, final params)."""
+    if kind == "mlp" and q.shape[-1] > MLP_MAX_D:
         _warn_once(("mlp_d", q.shape[-1]), "backend='triton': TTT-MLP with head dim %d > %d runs its whole "
                    "mini-batches in the PyTorch dual form (the kernel's weights do not fit in registers)",
                    q.shape[-1], MLP_MAX_D)
@@ -279,14 +219,11 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
                                   TTTState("mlp", tuple(params), tuple(torch.zeros_like(p) for p in params), 0),
                                   mini_batch)
         return o, st.params
-    elif CUSTOM_OP:
-        save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
-        ps = tuple(p.to(torch.float32) for p in params)
-        o, *p = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:5]
-        p = [x.to(y.dtype) for x, y in zip(p, params)]
-    else:
-        o, *p = _MLPChunk.apply(q, k, v, lr, tau, ln_weight, ln_bias, *params, mini_batch, GROUP)
-    return o, tuple(p)
+    fwd_op = _lin_fwd_op if kind == "linear" else _mlp_fwd_op
+    save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
+    ps = tuple(p.to(torch.float32) for p in params)
+    o, *p = fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:1 + len(params)]
+    return o, tuple(x.to(y.dtype) for x, y in zip(p, params))
 
 
 def _step_fn(kind):
