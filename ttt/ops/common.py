@@ -173,9 +173,16 @@ def segments(T: int, pos: int, b: int):
         t += n
 
 
-def to_heads_first(x, dtype):
-    """[B, T, H, ...] -> [B, H, T, ...] in the compute dtype."""
-    return x.transpose(1, 2).to(dtype)
+def dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+    """The dual form's operands in the compute dtype, heads first: Q, K, V [B,H,T,d], LR [B,H,T], tau [b],
+    gamma/beta [H,1,d], and the state's params and accum."""
+    ct = compute_dtype(q)
+    Q, K, V = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B,T,H,d] -> [B,H,T,d]
+    LR = lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
+    gam, bet = ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :]  # [H,1,d]
+    params = tuple(p.to(ct) for p in state.params)
+    accum = tuple(x.to(ct) for x in state.accum)
+    return Q, K, V, LR, tau.to(ct), gam, bet, params, accum
 
 
 def advance(params, accum, n: int, off: int, tau) -> tuple:

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..common import TTTState, advance, compute_dtype, layer_norm, ln_fused_l2_grad, segments, to_heads_first
+from ..common import TTTState, advance, dual_inputs, layer_norm, ln_fused_l2_grad, segments
 
 
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
     """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d]. Returns (o [B,T,H,d], new state)."""
-    B, T, H, d = q.shape
-    ct = compute_dtype(q)
-    Q, K, V = (to_heads_first(x, ct) for x in (q, k, v))  # [B,H,T,d]
-    LR = lr.transpose(1, 2).to(ct)  # [B,H,T]
-    tau = tau.to(ct)
-    gam, bet = ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :]  # [H,1,d]
-    W, c = (p.to(ct) for p in state.params)  # [B,H,d,d], [B,H,d]
-    A, a = (x.to(ct) for x in state.accum)
+    T = q.shape[1]
+    Q, K, V, LR, tau, gam, bet, (W, c), (A, a) = dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state)
+    # W: [B,H,d,d], c: [B,H,d]; A, a: their accumulators
     outs = []
     for t0, n, off in segments(T, state.pos, mini_batch):
         q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
