@@ -253,3 +253,16 @@ def test_parts_run_in_pytorch_are_logged_once(caplog):
     assert len(msgs) == 1 and "dual form" in msgs[0]
     o_d, _ = inp.run("dual")
     torch.testing.assert_close(o_t, o_d)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_one_token_with_grad_runs_the_pytorch_step(kind):
+    """A T = 1 call that needs gradients goes to the differentiable PyTorch step; the kernel itself refuses."""
+    inp = to_dev(random_inputs(kind, B=1, T=1, H=2, d=16, b=8, pos=3, dtype=torch.float32, requires_grad=True))
+    o_t, _ = inp.run("triton")
+    o_d, _ = inp.run("dual")
+    torch.testing.assert_close(o_t, o_d)
+    assert o_t.requires_grad
+    step = lin_step_triton if kind == "linear" else mlp_step_triton
+    with pytest.raises(ValueError, match="no backward"):
+        step.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(), inp.mini_batch)

@@ -15,7 +15,7 @@ TTT-MLP with d > 64: the kernel keeps W1 and W2 (2 x d x 4d fp32) in registers, 
 d <= 64 only (d = 96/128 would need 96K/128K registers per program), so those head dims run the dual
 form for the body (a documented limit, logged once as a warning; both compute the same function).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
-they fall back to the PyTorch step when autograd needs a graph through the step. float64 inputs run the
+a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
 dual form (the kernels compute in fp32; also logged once).
 Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
 """
@@ -27,8 +27,8 @@ import torch
 import triton  # noqa: F401  (import failure = backend unavailable)
 
 from .common import TTTState
-from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step_triton as mlp_step_triton
+from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step, step_triton as lin_step_triton
+from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step as _mlp_step, step_triton as mlp_step_triton
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -226,10 +226,6 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
     return o, tuple(x.to(y.dtype) for x, y in zip(p, params))
 
 
-def _step_fn(kind):
-    return (lin_step_triton if kind == "linear" else mlp_step_triton).forward
-
-
 def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
     """Same contract as the dual form: q, k, v [B,T,H,d]; lr [B,T,H]; tau [b]; ln_* [H,d].
     Returns (o [B,T,H,d] in q's dtype, new TTTState)."""
@@ -241,10 +237,12 @@ def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_ba
     B, T, H, d = q.shape
     b = mini_batch
     if T == 1:
+        step = (lin_step_triton if kind == "linear" else mlp_step_triton).forward
         if _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum):
             _warn_once("step_grad", "backend='triton': a one-token call that needs gradients runs the PyTorch "
                        "step (the fused step kernel has no backward)")
-        return _step_fn(kind)(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+            step = (_lin_step if kind == "linear" else _mlp_step).forward
+        return step(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
     head = (b - state.pos % b) % b
     if head == 0 and any(a.requires_grad for a in state.accum):
         head = b  # the dual form carries the gradient of the (zero) start accumulator

@@ -4,8 +4,8 @@ Mirrors `ttt/ops/ttt_linear/step.py` (SPEC section 5, primal form): per (batch, 
 token's inner gradient at the start weights W, the accumulator update, the output with W - tau_i * A and
 the inner LayerNorm, and the commit at the end of a mini-batch, in one launch. What stays on chip:
 everything: W, c, A, a are read once and the new accumulators (and, on a commit, the new weights) written
-once; no intermediate goes to memory. Inference only: when autograd needs a graph through the step,
-`forward` runs the PyTorch step instead (same numerics, differentiable).
+once; no intermediate goes to memory. Inference only (no backward): the triton backend sends calls that need
+gradients to the PyTorch step; `forward` refuses them.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from ..common import TTTState
-from . import step as _step
 
 
 @triton.jit
@@ -74,9 +73,13 @@ def ttt_linear_step_kernel(
 
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
     """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
-    tensors = (q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum)
-    if q.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _step.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+    if q.dtype == torch.float64:
+        raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
+                         "(the triton backend sends float64 to the dual form)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
+                                                                  *state.accum)):
+        raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
+                         "PyTorch step (the triton backend does so for calls that need gradients)")
     B, _, H, d = q.shape
     i = state.pos % mini_batch
     commit = i == mini_batch - 1

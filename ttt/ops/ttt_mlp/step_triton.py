@@ -12,7 +12,8 @@ program's registers at d = 64, so the hidden width F is walked in blocks of BF c
           z = h (W2 - tau_i A2) with h = GELU(q (W1 - tau_i A1) + c1 - tau_i a1) summed over blocks.
 Then a2, c2 and the output LayerNorm. W1/W2 are read twice (the second read mostly from cache),
 A1/A2 once, the new accumulators written once; no intermediate goes to memory.
-Inference only: when autograd needs a graph through the step, `forward` runs the PyTorch step.
+Inference only (no backward): the triton backend sends calls that need gradients to the PyTorch step;
+`forward` refuses them.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ..common import TTTState
-from . import step as _step
 from .chunk import _gelu_parts
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
@@ -125,9 +125,13 @@ def ttt_mlp_step_kernel(
 
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
     """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
-    tensors = (q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum)
-    if q.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _step.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
+    if q.dtype == torch.float64:
+        raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
+                         "(the triton backend sends float64 to the dual form)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
+                                                                  *state.accum)):
+        raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
+                         "PyTorch step (the triton backend does so for calls that need gradients)")
     B, _, H, d = q.shape
     F = state.params[0].shape[-1]
     i = state.pos % mini_batch
