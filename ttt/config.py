@@ -15,30 +15,31 @@ MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 BACKBONES = ("mamba", "transformer")
 
 
-def _f(default, help):  # a dataclass field whose help text the CLI shows
+def help_field(default, help):
+    """A dataclass field whose help text the CLI shows as its --option help."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = _f(32000, "vocabulary size (must match the tokenizer)")
-    d_model: int = _f(768, "model width D")
-    n_layers: int = _f(12, "number of blocks")
-    n_heads: int = _f(12, "heads of the sequence mixer (head dim = d_model / n_heads)")
-    ffn_hidden: int = _f(2048, "SwiGLU hidden width; 0 = no FFN sub-layer (the Mamba baseline)")
-    mixer: str = _f("ttt_linear", f"sequence mixer, one of {MIXERS}")
-    backbone: str = _f("mamba", "TTT block style: 'mamba' (M: extra conv, gated TTT) or 'transformer' (T)")
-    mini_batch: int = _f(16, "TTT inner-loop mini-batch size b")
-    base_lr: float | None = _f(None, "TTT inner learning rate base (default 1.0 linear, 0.1 mlp)")
-    conv_width: int = _f(4, "causal depthwise conv width")
-    rope_base: float = _f(10000.0, "RoPE base")
-    norm_eps: float = _f(1e-6, "RMSNorm epsilon")
-    tie_embeddings: bool = _f(True, "share input embedding and output head weights")
-    ttt_backend: str = _f("auto", "TTT op backend: auto, dual, naive, triton")
-    mamba_d_state: int = _f(64, "Mamba baseline: SSM state size per head")
-    mamba_expand: int = _f(2, "Mamba baseline: inner width = expand * d_model")
-    mamba_head_dim: int = _f(64, "Mamba baseline: head dim of the SSM")
-    init_std: float = _f(0.02, "std of the normal init of projections and embeddings")
+    vocab_size: int = help_field(32000, "vocabulary size (must match the tokenizer)")
+    d_model: int = help_field(768, "model width D")
+    n_layers: int = help_field(12, "number of blocks")
+    n_heads: int = help_field(12, "heads of the sequence mixer (head dim = d_model / n_heads)")
+    ffn_hidden: int = help_field(2048, "SwiGLU hidden width; 0 = no FFN sub-layer (the Mamba baseline)")
+    mixer: str = help_field("ttt_linear", f"sequence mixer, one of {MIXERS}")
+    backbone: str = help_field("mamba", "TTT block style: 'mamba' (M: extra conv, gated TTT) or 'transformer' (T)")
+    mini_batch: int = help_field(16, "TTT inner-loop mini-batch size b")
+    base_lr: float | None = help_field(None, "TTT inner learning rate base (default 1.0 linear, 0.1 mlp)")
+    conv_width: int = help_field(4, "causal depthwise conv width")
+    rope_base: float = help_field(10000.0, "RoPE base")
+    norm_eps: float = help_field(1e-6, "RMSNorm epsilon")
+    tie_embeddings: bool = help_field(True, "share input embedding and output head weights")
+    ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
+    mamba_d_state: int = help_field(64, "Mamba baseline: SSM state size per head")
+    mamba_expand: int = help_field(2, "Mamba baseline: inner width = expand * d_model")
+    mamba_head_dim: int = help_field(64, "Mamba baseline: head dim of the SSM")
+    init_std: float = help_field(0.02, "std of the normal init of projections and embeddings")
 
     def __post_init__(self):
         self.validate()

@@ -42,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from . import dist
 from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
                          latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
-from .config import ModelConfig
+from .config import ModelConfig, help_field
 from .data import Batcher, eval_sequences, load_meta, load_tokens
 from .layers.ttt import TTTLayer
 from .model import TTTLM
@@ -66,42 +66,41 @@ RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup
 DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
 
 
-def _f(default, help):  # a dataclass field whose help text the CLI shows
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
-    data_dir: str = _f("data", "dataset prepared by ttt.data.prepare (train.bin, val.bin, meta.json, tokenizer.json)")
-    out_dir: str = _f("runs/ttt", "run directory: config, metrics, checkpoints")
-    seq_len: int = _f(2048, "training context length T")
-    micro_batch: int = _f(8, "sequences per device per forward/backward")
-    tokens_per_step: int = _f(524288, "global tokens per optimizer step; a multiple of micro_batch*seq_len*world_size "
+    data_dir: str = help_field("data", "dataset prepared by ttt.data.prepare "
+                                       "(train.bin, val.bin, meta.json, tokenizer.json)")
+    out_dir: str = help_field("runs/ttt", "run directory: config, metrics, checkpoints")
+    seq_len: int = help_field(2048, "training context length T")
+    micro_batch: int = help_field(8, "sequences per device per forward/backward")
+    tokens_per_step: int = help_field(524288, "global tokens per optimizer step; a multiple of "
+                                              "micro_batch*seq_len*world_size "
                                       "(the quotient is the gradient accumulation)")
-    max_steps: int = _f(4800, "optimizer steps in the run (also the length of the LR schedule)")
-    lr: float = _f(3e-3, "peak learning rate (after warm-up)")
-    min_lr: float = _f(1e-5, "learning rate at the end of the cosine decay")
-    warmup_frac: float = _f(0.1, "fraction of max_steps spent in linear warm-up")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; see ttt.train)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    inner_lr_warmup: bool = _f(True, "TTT-MLP: ramp the inner base_lr linearly from 0.01 to its value over the "
+    max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule)")
+    lr: float = help_field(3e-3, "peak learning rate (after warm-up)")
+    min_lr: float = help_field(1e-5, "learning rate at the end of the cosine decay")
+    warmup_frac: float = help_field(0.1, "fraction of max_steps spent in linear warm-up")
+    weight_decay: float = help_field(0.1, "AdamW weight decay (matrices only; see ttt.train)")
+    beta1: float = help_field(0.9, "AdamW beta1")
+    beta2: float = help_field(0.95, "AdamW beta2")
+    grad_clip: float = help_field(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    inner_lr_warmup: bool = help_field(True, "TTT-MLP: ramp the inner base_lr linearly from 0.01 to its value over the "
                                      "warm-up, as the paper's recipe does (TTT-Linear keeps its base_lr)")
-    eval_every: int = _f(250, "validate on val.bin every this many steps and at the end (0 = never)")
-    eval_batches: int = _f(20, "validation batches (of micro_batch sequences per device)")
-    save_every: int = _f(500, "checkpoint every this many steps (0 = only at the end or when stopped)")
-    keep_checkpoints: int = _f(2, "keep the newest this many checkpoints (0 = keep all)")
-    log_every: int = _f(10, "write a metrics row every this many steps")
-    seed: int = _f(0, "seed of the model init and of the batch draws")
-    device: str = _f("auto", f"one of {DEVICES}; auto = cuda when available")
-    amp: str = _f("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
-    compile: bool = _f(False, "torch.compile each block")
-    grad_checkpointing: bool = _f(False, "recompute each block in the backward pass (less memory)")
-    parallel: str = _f("auto", f"one of {dist.PARALLEL}; auto = ddp with several processes (torchrun), else none")
-    tensorboard: bool = _f(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
-    resume: bool = _f(True, "continue the run in out_dir from its latest checkpoint (same config required)")
-    progress: bool = _f(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
+    eval_every: int = help_field(250, "validate on val.bin every this many steps and at the end (0 = never)")
+    eval_batches: int = help_field(20, "validation batches (of micro_batch sequences per device)")
+    save_every: int = help_field(500, "checkpoint every this many steps (0 = only at the end or when stopped)")
+    keep_checkpoints: int = help_field(2, "keep the newest this many checkpoints (0 = keep all)")
+    log_every: int = help_field(10, "write a metrics row every this many steps")
+    seed: int = help_field(0, "seed of the model init and of the batch draws")
+    device: str = help_field("auto", f"one of {DEVICES}; auto = cuda when available")
+    amp: str = help_field("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
+    compile: bool = help_field(False, "torch.compile each block")
+    grad_checkpointing: bool = help_field(False, "recompute each block in the backward pass (less memory)")
+    parallel: str = help_field("auto", f"one of {dist.PARALLEL}; auto = ddp with several processes (torchrun), "
+                                       "else none")
+    tensorboard: bool = help_field(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
+    resume: bool = help_field(True, "continue the run in out_dir from its latest checkpoint (same config required)")
+    progress: bool = help_field(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
 
     def validate(self) -> None:
         for name in ("seq_len", "micro_batch", "tokens_per_step", "max_steps", "eval_batches", "log_every"):
