@@ -75,7 +75,7 @@ class TrainConfig:
     micro_batch: int = help_field(8, "sequences per device per forward/backward")
     tokens_per_step: int = help_field(524288, "global tokens per optimizer step; a multiple of "
                                               "micro_batch*seq_len*world_size "
-                                      "(the quotient is the gradient accumulation)")
+                                              "(the quotient is the gradient accumulation)")
     max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule)")
     lr: float = help_field(3e-3, "peak learning rate (after warm-up)")
     min_lr: float = help_field(1e-5, "learning rate at the end of the cosine decay")
