@@ -15,6 +15,7 @@ A backend asked for by name that cannot run raises; nothing falls back silently.
 from __future__ import annotations
 
 import logging
+import os
 
 from .common import TTTState, check_inputs, make_tau
 from .ttt_linear import dual as _lin_dual, naive as _lin_naive, step as _lin_step
@@ -50,7 +51,6 @@ def resolve_backend(backend: str, device) -> str:
             log.info("ttt ops: backend='auto' chose %r for %s tensors", chosen, dev_type)
         return chosen
     if backend == "triton":
-        import os
         if dev_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"backend='triton' needs CUDA tensors (got {dev_type}); use backend='dual' on CPU "
                                "or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
