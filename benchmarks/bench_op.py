@@ -103,12 +103,17 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None):
+             bwd_warps=None, blocked=None):
+    """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings."""
+    from ttt.ops import triton_backend
     from ttt.ops.ttt_linear import chunk as lin_chunk
-    from ttt.ops.ttt_mlp import chunk as mlp_chunk
+    from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
     mlp_chunk.BWD_WARPS = bwd_warps
+    if blocked:
+        triton_backend.MLP_IMPL = "blocked"
+        mlp_blocked.NUM_STAGES, mlp_blocked.BLOCK_F, mlp_blocked.NUM_WARPS = blocked
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
@@ -126,8 +131,10 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
     mlp_chunk.BWD_WARPS = None
+    triton_backend.MLP_IMPL = mlp_blocked.NUM_STAGES = mlp_blocked.BLOCK_F = mlp_blocked.NUM_WARPS = None
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
-        + ("" if bwd_warps is None else f"_bw{bwd_warps}")
+        + ("" if bwd_warps is None else f"_bw{bwd_warps}") \
+        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked))
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -252,7 +259,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
-                         "backward warps, fwdbwd only)")
+                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps)")
+    ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
     ap.add_argument("--commit", default="")
@@ -285,6 +293,14 @@ def main():
                 ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16)
                 ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
                 ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
+                if kind == "mlp":  # head dims > 64 run the F-blocked kernels; d = 64 forced onto them too
+                    ok &= check(kind, 1, 555, 4, 128, torch.bfloat16, pos=5, grad=True)
+                    ok &= check(kind, 1, 300, 2, 96, torch.float32, pos=16, grad=True, tol=1e-4)
+                    from ttt.ops import triton_backend
+                    triton_backend.MLP_IMPL = "blocked"
+                    ok &= check(kind, 2, 1024, 8, 64, torch.bfloat16, grad=True)
+                    ok &= check(kind, 1, 333, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
+                    triton_backend.MLP_IMPL = None
                 ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4)
                 ok &= check(kind, 16, 1, 32, 64, torch.bfloat16, pos=15)  # decode step with the commit
             except NotImplementedError as e:
@@ -305,10 +321,16 @@ def main():
             if "sdpa" not in skip:
                 time_sdpa(B, T, 32, 64, mode)
             for kind in kinds:
-                if good[kind]:
-                    time_ttt(kind, B, T, 32, 64, mode)
+                if not good[kind]:
+                    continue
+                for d in (int(x) for x in args.dims.split(",")):
+                    time_ttt(kind, B, T, 2048 // d, d, mode)
                     for var in filter(None, args.variants.split(",")):
-                        if var.startswith("dot"):
+                        if var.startswith("blk"):
+                            if kind != "mlp":
+                                continue
+                            kw = {"blocked": tuple(int(x) for x in var[3:].split("x"))}
+                        elif var.startswith("dot"):
                             kw = {"dot_mode": int(var[3:])}
                         elif var.startswith("bw"):
                             if mode != "fwdbwd" or kind != "mlp":
@@ -317,7 +339,7 @@ def main():
                         else:
                             kw = {"warps": int(var[1:])}
                         try:
-                            time_ttt(kind, B, T, 32, 64, mode, **kw)
+                            time_ttt(kind, B, T, 2048 // d, d, mode, **kw)
                         except Exception as e:  # e.g. a variant over the shared-memory limit
                             print(f"variant {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             if "fla" not in skip:
@@ -331,9 +353,9 @@ def main():
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
     from ttt.ops.ttt_linear import chunk as lin_chunk
-    from ttt.ops.ttt_mlp import chunk as mlp_chunk, step_triton as mlp_step
+    from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
     res = {}
-    for mod in (lin_chunk, mlp_chunk, mlp_step):
+    for mod in (lin_chunk, mlp_chunk, mlp_blocked, mlp_step):
         for name, kern in getattr(mod, "LAST", {}).items():
             try:
                 res[name] = {a: getattr(kern, a, None) for a in ("n_regs", "n_spills")} | {

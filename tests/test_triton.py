@@ -20,7 +20,9 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from conftest import random_inputs  # noqa: E402
 from ttt.ops import TTTState  # noqa: E402
 from ttt.ops.ttt_linear import chunk as lin_chunk, step_triton as lin_step_triton  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, step_triton as mlp_step_triton  # noqa: E402
+from ttt.ops import triton_backend  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
+from ttt.ops.ttt_mlp import step_triton as mlp_step_triton  # noqa: E402
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +48,7 @@ class _PoisonTorch:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, mlp_chunk, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", _PoisonTorch())
 
 
@@ -115,9 +117,41 @@ def test_mlp_matches_dual(B, T, H, d, b, pos):
     compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
-def test_mlp_wide_head_runs_dual_body():
-    """d > 64: the MLP body runs the dual form (the kernel's register budget); same function."""
+@pytest.fixture
+def blocked(monkeypatch):
+    """Force the F-blocked TTT-MLP kernels with 16-column blocks (several blocks at small d); count launches."""
+    monkeypatch.setattr(triton_backend, "MLP_IMPL", "blocked")
+    monkeypatch.setattr(mlp_blocked, "BLOCK_F", 16)
+    mlp_blocked.LAST.clear()
+    yield mlp_blocked.LAST
+
+
+# (B, T, H, d, b, pos): aligned over one group; odd length, padded d (24 -> 32) and a partial F block
+# (F = 96 = 6 x 16); b = 8 (padded rows) over several checkpoint groups.
+@pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (1, 53, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
+def test_mlp_blocked_matches_dual(blocked, B, T, H, d, b, pos):
+    compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
+    assert set(blocked) == {"ttt_mlp_fwd_blocked_kernel", "ttt_mlp_bwd_blocked_kernel"}
+
+
+def test_mlp_blocked_fp16_forward(blocked):
+    compare("mlp", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
+
+
+def test_mlp_wide_head_runs_blocked_kernels():
+    """d > 64 picks the F-blocked kernels by default (d = 72: padded to 128, F = 288 in 64-column blocks)."""
+    mlp_blocked.LAST.clear()
     compare("mlp", B=1, T=37, H=1, d=72, b=16, pos=3)
+    assert set(mlp_blocked.LAST) == {"ttt_mlp_fwd_blocked_kernel", "ttt_mlp_bwd_blocked_kernel"}
+
+
+def test_mlp_impl_choice_is_checked(monkeypatch):
+    monkeypatch.setattr(triton_backend, "MLP_IMPL", "regs")
+    with pytest.raises(ValueError, match=r"^MLP_IMPL: 'regs' holds the weights in registers only up to head dim 64"):
+        random_inputs("mlp", B=1, T=16, H=1, d=72, b=16, dtype=torch.float32).run("triton")
+    monkeypatch.setattr(triton_backend, "MLP_IMPL", "fast")
+    with pytest.raises(ValueError, match=r"^MLP_IMPL: expected None, 'regs' or 'blocked', got 'fast'"):
+        random_inputs("mlp", B=1, T=16, H=1, d=16, b=16, dtype=torch.float32).run("triton")
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -206,12 +240,21 @@ def test_gpu_fp32_long(kind):
     compare(kind, B=2, T=1037, H=4, d=64, b=16, pos=7, tol=1e-4)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_mlp_blocked_fp32(d, monkeypatch):
+    """The F-blocked TTT-MLP kernels at full block width (64 columns), forced at d = 64 too."""
+    monkeypatch.setattr(triton_backend, "MLP_IMPL", "blocked")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare("mlp", B=2, T=533, H=2, d=d, b=16, pos=7, tol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_torch_compile_traces_custom_ops(kind):
     """The kernels are torch.library custom ops (fake impl + autograd formula): torch.compile traces a
     whole-sequence call with fullgraph=True (no graph break), forward and backward match eager."""
     import torch._dynamo
-    from ttt.ops import triton_backend
     torch._dynamo.reset()
     inp = to_dev(random_inputs(kind, B=1, T=32, H=2, d=16, b=16, pos=0, dtype=torch.float32, requires_grad=True))
     leaves = list(inp.leaves().values())
@@ -239,17 +282,16 @@ def test_torch_compile_traces_custom_ops(kind):
 
 
 def test_parts_run_in_pytorch_are_logged_once(caplog):
-    """Explicit backend="triton" never changes path silently: TTT-MLP with d > 64 (whole mini-batches in
-    the dual form) says so in a warning, once, and still equals the dual form."""
+    """Explicit backend="triton" never changes path silently: float64 inputs (the dual form) say so in a
+    warning, once, and still equal the dual form."""
     import logging
 
-    from ttt.ops import triton_backend
-    triton_backend._warned.discard(("mlp_d", 72))
-    inp = random_inputs("mlp", B=1, T=8, H=1, d=72, b=4, dtype=torch.float32)
+    triton_backend._warned.discard("fp64")
+    inp = random_inputs("mlp", B=1, T=8, H=1, d=8, b=4, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="ttt.ops.triton_backend"):
         o_t, _ = inp.run("triton")
         inp.run("triton")
-    msgs = [r.getMessage() for r in caplog.records if "head dim 72" in r.getMessage()]
+    msgs = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
     assert len(msgs) == 1 and "dual form" in msgs[0]
     o_d, _ = inp.run("dual")
     torch.testing.assert_close(o_t, o_d)

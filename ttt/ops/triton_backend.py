@@ -11,9 +11,9 @@ at a mini-batch boundary with a zero accumulator. A call is split into up to thr
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
-TTT-MLP with d > 64: the kernel keeps W1 and W2 (2 x d x 4d fp32) in registers, which fits for
-d <= 64 only (d = 96/128 would need 96K/128K registers per program), so those head dims run the dual
-form for the body (a documented limit, logged once as a warning; both compute the same function).
+TTT-MLP has two kernel pairs: `ttt_mlp/chunk.py` keeps W1 and W2 (2 x d x 4d fp32) in registers, which
+fits for d <= 64; `ttt_mlp/chunk_blocked.py` walks F in blocks with the weights in a per-program global
+scratch and serves larger head dims (96 for the 760m preset, 128). `MLP_IMPL` picks (None: by head dim).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
 a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
 dual form (the kernels compute in fp32; also logged once).
@@ -28,7 +28,8 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 
 from .common import TTTState
 from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step, step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, dual as _mlp_dual, step as _mlp_step, step_triton as mlp_step_triton
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, step as _mlp_step
+from .ttt_mlp import step_triton as mlp_step_triton
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -40,7 +41,8 @@ def _warn_once(key, msg: str, *args) -> None:
         _warned.add(key)
         log.warning(msg, *args)
 
-MLP_MAX_D = 64  # the TTT-MLP kernel holds its weights in registers up to this head dim
+MLP_MAX_D = 64  # the register TTT-MLP kernels hold their weights on chip up to this head dim
+MLP_IMPL = None  # None: "regs" for d <= MLP_MAX_D, else "blocked"; a string forces one (benchmarks, tests)
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 
 
@@ -53,6 +55,17 @@ def _same_strides(q, k, v):
     if not (q.stride() == k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return q, k, v
+
+
+def _mlp_kernels(d: int):
+    """The TTT-MLP kernel module for head dim d (see MLP_IMPL)."""
+    impl = MLP_IMPL or ("regs" if d <= MLP_MAX_D else "blocked")
+    if impl not in ("regs", "blocked"):
+        raise ValueError(f"MLP_IMPL: expected None, 'regs' or 'blocked', got {impl!r}")
+    if impl == "regs" and d > MLP_MAX_D:
+        raise ValueError(f"MLP_IMPL: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
+                         f"got head dim {d}")
+    return _mlp_chunk if impl == "regs" else _mlp_blocked
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
@@ -139,7 +152,7 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 save: bool) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    o, fin, ck = _mlp_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
+    o, fin, ck = _mlp_kernels(q.shape[-1]).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
@@ -164,7 +177,7 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
                 dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias,
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1]).bwd(q, k, v, lr, tau, ln_weight, ln_bias,
                                                             (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2),
                                                             mini_batch, group)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
@@ -211,14 +224,6 @@ def _needs_grad(*xs):
 
 def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
     """Whole mini-batches from an aligned start with zero accumulators. Returns (o, final params)."""
-    if kind == "mlp" and q.shape[-1] > MLP_MAX_D:
-        _warn_once(("mlp_d", q.shape[-1]), "backend='triton': TTT-MLP with head dim %d > %d runs its whole "
-                   "mini-batches in the PyTorch dual form (the kernel's weights do not fit in registers)",
-                   q.shape[-1], MLP_MAX_D)
-        o, st = _mlp_dual.forward(q, k, v, lr, tau, ln_weight, ln_bias,
-                                  TTTState("mlp", tuple(params), tuple(torch.zeros_like(p) for p in params), 0),
-                                  mini_batch)
-        return o, st.params
     fwd_op = _lin_fwd_op if kind == "linear" else _mlp_fwd_op
     save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
     ps = tuple(p.to(torch.float32) for p in params)

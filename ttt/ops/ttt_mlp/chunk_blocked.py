@@ -1,0 +1,471 @@
+"""TTT-MLP forward and backward kernels for any head dim (96, 128, ...): the hidden width F = 4d is walked in
+column blocks, and the inner weights live in a per-program global scratch instead of registers.
+
+Same contract and math as `chunk.py` (which keeps W1, W2 in registers, d <= 64): whole, aligned mini-batches
+from a zero accumulator; `ttt/ops/triton_backend.py` picks the kernel and runs partial pieces in PyTorch.
+
+Forward, per mini-batch (one program per (batch, head); W1 [d,F], c1 [F], W2 [F,d] are read and written
+in place in the output buffers, which start as a copy of the initial weights; c2 [d] stays in registers):
+  pass 1 over F blocks f:  Z2 += GELU(K W1_f + c1_f) W2_f                     (and the checkpoint, if due)
+  G2 = LN-L2 gradient at Z2; P1 = E * (Q K^T + 1)
+  pass 2 over F blocks f:  G1_f = (G2 W2_f^T) * GELU'(Z1_f); Z1b_f = Q W1_f + c1_f - P1 G1_f;
+                           Z2b += GELU(Z1b_f) W2_f; S2 += GELU(Z1b_f) X2_f^T;
+                           then W1_f -= K^T (e_b G1_f), c1_f, W2_f -= X2_f^T (e_b G2) written back
+  Z2b = Z2b + c2 - (E * (S2 + 1)) G2; o = Q + LN(Z2b); c2 -= sum e_b G2.
+Z1_f = K W1_f + c1_f is recomputed in each pass (one small product) rather than stored.
+
+Backward (hand-derived, the formulas of `chunk.py`'s docstring split by what needs a sum over all of F):
+per checkpoint group, last first, the start weights of each mini-batch are recomputed into a per-program
+scratch (a forward without outputs), then the group is walked back. The carried gradients w.r.t. the
+weights after a mini-batch (dW1', dc1', dW2') live in the output buffers (in place; dc2 in registers).
+Per mini-batch, four passes over the F blocks:
+  A: Z2 = sum_f X2_f W2_f + c2 and X2 dW2' = sum_f X2_f dW2'_f (+ dc2')  -> G2, LN statistics
+  B: Z2b = sum_f X2b_f W2_f + ..., X2b X2^T = sum_f X2b_f X2_f^T        -> o's LN backward: dZ2b, dP2, dA2
+  C: per block: dX2b_f, dZ1b_f, dG1_f, dH1_f and their sums dP1, dG2 += dH1_f W2_f, dq, dk, the
+     carried-weight terms, and dW1_f, dc1_f, dW2_f updated with every term that does not need dZ2
+  (dG2 complete -> LN-L2 backward -> dZ2, dV, dgamma, dbeta)
+  D: per block: the dZ2 terms: dX2_f += dZ2 W2_f^T -> dZ1_f -> dk, dW1_f, dc1_f; dW2_f += X2_f^T dZ2.
+A block's loads and its write-back are separated by a barrier (threads load and store in different
+layouts), and each pass that reads what an earlier pass wrote starts after one.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ttt_linear.chunk import _center, _dot, _proj
+from .chunk import _dot_mode, _gelu_parts, _gelu_parts2
+
+LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
+BLOCK_F = None  # None: 64 (an int forces the F block width; tests use 16 to get several blocks)
+NUM_WARPS = None  # None: 8
+NUM_STAGES = None  # None: 1 (the pipeliner's staging of the F-block loads is a benchmark variant)
+
+
+@triton.jit
+def _wblock(w1_ptr, c1_ptr, w2_ptr, f0, rd, rf, cmask, D: tl.constexpr, FF: tl.constexpr):
+    """Block f0:f0+FB of W1 [d,F] (columns), c1 [F] and W2 [F,d] (rows), fp32, zero outside."""
+    cols = f0 + rf
+    fm = cols < FF
+    W1 = tl.load(w1_ptr + rd[:, None] * FF + cols[None, :], mask=cmask[:, None] & fm[None, :], other=0.0)
+    c1 = tl.load(c1_ptr + cols, mask=fm, other=0.0)
+    W2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :], mask=fm[:, None] & cmask[None, :], other=0.0)
+    return W1, c1, W2
+
+
+@triton.jit
+def _wstore(w1_ptr, c1_ptr, w2_ptr, W1, c1, W2, f0, rd, rf, cmask, D: tl.constexpr, FF: tl.constexpr):
+    cols = f0 + rf
+    fm = cols < FF
+    tl.store(w1_ptr + rd[:, None] * FF + cols[None, :], W1, mask=cmask[:, None] & fm[None, :])
+    tl.store(c1_ptr + cols, c1, mask=fm)
+    tl.store(w2_ptr + cols[:, None] * D + rd[None, :], W2, mask=fm[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _ln_l2_grad(Z2, v, k, gam, bet, cmask, D: tl.constexpr):
+    """Closed-form gradient of 0.5 ||LN(Z2) - (v - k)||^2 w.r.t. Z2; returns G2, xh, rstd, gy, mgx."""
+    zc = _center(Z2, cmask, D)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+    xh = zc * rstd[:, None]
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    mgx = tl.sum(gy * xh, axis=1) / D
+    return _proj(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
+
+
+@triton.jit
+def _z2(k, w1_ptr, c1_ptr, w2_ptr, c2, rd, rf, cmask, NFB,
+        D: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+        DOT_MODE: tl.constexpr):
+    """Z2 = GELU(K W1 + c1) W2 + c2 over the F blocks. [BT, BD]"""
+    z2 = tl.zeros([BT, BD], dtype=tl.float32)
+    for f in range(NFB):
+        W1, c1, W2 = _wblock(w1_ptr, c1_ptr, w2_ptr, f * FB, rd, rf, cmask, D, FF)
+        X2, _d = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+        z2 += _dot(X2, W2, DOT_MODE)
+    return z2 + c2[None, :]
+
+
+@triton.jit
+def _update(k, eb, G2, w1_ptr, c1_ptr, w2_ptr, dst1_ptr, dstc1_ptr, dst2_ptr, rd, rf, cmask, NFB,
+            D: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, DOT_MODE: tl.constexpr):
+    """The end-of-mini-batch step of W1, c1, W2 (read from w*, written to dst*, block by block)."""
+    eG2 = eb[:, None] * G2
+    for f in range(NFB):
+        W1, c1, W2 = _wblock(w1_ptr, c1_ptr, w2_ptr, f * FB, rd, rf, cmask, D, FF)
+        X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+        eG1 = eb[:, None] * _dot(G2, tl.trans(W2), DOT_MODE) * D1
+        W1 -= _dot(tl.trans(k), eG1, DOT_MODE)
+        c1 -= tl.sum(eG1, axis=0)
+        W2 -= _dot(tl.trans(X2), eG2, DOT_MODE)
+        tl.debug_barrier()
+        _wstore(dst1_ptr, dstc1_ptr, dst2_ptr, W1, c1, W2, f * FB, rd, rf, cmask, D, FF)
+
+
+@triton.jit
+def ttt_mlp_fwd_blocked_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
+    o_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, NFB,
+    D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, FB)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    w1 = w1_ptr + pid * D * FF  # this program's weights, updated in place
+    c1p = c1_ptr + pid * FF
+    w2 = w2_ptr + pid * FF * D
+    c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    out_off = rt[:, None] * o_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    qn = tl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
+    kn = tl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + rt * l_t, mask=tmask, other=0.0)
+    for n in range(NMB):
+        t0 = n * MB
+        t1 = tl.minimum(n + 1, NMB - 1) * MB
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+
+        # pass 1: Z2 at the start weights (and the checkpoint of these weights when one is due)
+        z2 = tl.zeros([BT, BD], dtype=tl.float32)
+        for f in range(NFB):
+            W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+            if SAVE:
+                if n % GROUP == 0:
+                    ck = pid * NCK + n // GROUP
+                    _wstore(ck1_ptr + ck * D * FF, ckc1_ptr + ck * FF, ck2_ptr + ck * FF * D, W1, c1, W2,
+                            f * FB, rd, rf, cmask, D, FF)
+            X2, _d = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+            z2 += _dot(X2, W2, DOT_MODE)
+        if SAVE:
+            if n % GROUP == 0:
+                tl.store(ckc2_ptr + (pid * NCK + n // GROUP) * D + rd, c2, mask=cmask)
+        G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D)
+        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+        P1 = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
+        eb = tau_b * lr
+        eG2 = eb[:, None] * G2
+
+        # pass 2: the output products, then the weight update of each block
+        z2b = tl.zeros([BT, BD], dtype=tl.float32)
+        s2 = tl.zeros([BT, BT], dtype=tl.float32)
+        for f in range(NFB):
+            W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+            X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+            G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
+            X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+            z2b += _dot(X2b, W2, DOT_MODE)
+            s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
+            eG1 = eb[:, None] * G1
+            W1 -= _dot(tl.trans(k), eG1, DOT_MODE)
+            c1 -= tl.sum(eG1, axis=0)
+            W2 -= _dot(tl.trans(X2), eG2, DOT_MODE)
+            tl.debug_barrier()
+            _wstore(w1, c1p, w2, W1, c1, W2, f * FB, rd, rf, cmask, D, FF)
+        Z2b = z2b + c2[None, :] - _dot(E * (s2 + 1.0), G2, DOT_MODE)
+        zb = _center(Z2b, cmask, D)
+        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + 1e-6)
+        o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        tl.store(o_ptr + bi * o_b + hi * o_h + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        c2 -= tl.sum(eG2, axis=0)
+        tl.debug_barrier()
+    tl.store(c2_ptr + pid * D + rd, c2, mask=cmask)
+
+
+def _block_f(F: int) -> int:
+    return BLOCK_F or min(64, triton.next_power_of_2(F))
+
+
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True):
+    """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
+    Returns o, the final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+    B, T, H, d = q.shape
+    F = params[0].shape[-1]
+    nmb = T // mini_batch
+    nck = triton.cdiv(nmb, group)
+    FB = _block_f(F)
+    BT = max(16, triton.next_power_of_2(mini_batch))
+    o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
+    fin = tuple(p.clone() for p in params)  # the kernel's working weights, updated in place
+    if save:
+        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+    else:
+        ck = fin  # never written
+    LAST["ttt_mlp_fwd_blocked_kernel"] = ttt_mlp_fwd_blocked_kernel[(B * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, triton.cdiv(F, FB),
+        D=d, BD=triton.next_power_of_2(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
+        DOT_MODE=_dot_mode(q.dtype), num_warps=NUM_WARPS or 8, num_stages=NUM_STAGES or 1)
+    return o, fin, (ck if save else None)
+
+
+@triton.jit
+def ttt_mlp_bwd_blocked_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
+    do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, NFB,
+    D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, FB)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+
+    # carried gradients w.r.t. the weights after the current mini-batch: in place in the output buffers
+    dw1 = dw1_ptr + pid * D * FF
+    dc1p = dc1_ptr + pid * FF
+    dw2 = dw2_ptr + pid * FF * D
+    dc2 = tl.load(dc2_ptr + pid * D + rd, mask=cmask, other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    dtau = tl.zeros([BT], dtype=tl.float32)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    for gi in range(NCK):
+        g = NCK - 1 - gi
+        n0 = g * GROUP
+        n1 = tl.minimum(n0 + GROUP, NMB)
+        # slot 0 of the scratch <- the group's checkpoint; slot j + 1 <- slot j advanced by mini-batch n0 + j
+        ck = pid * NCK + g
+        sc = pid * GROUP
+        for f in range(NFB):
+            W1, c1, W2 = _wblock(ck1_ptr + ck * D * FF, ckc1_ptr + ck * FF, ck2_ptr + ck * FF * D, f * FB,
+                                 rd, rf, cmask, D, FF)
+            _wstore(sc1_ptr + sc * D * FF, scc1_ptr + sc * FF, sc2_ptr + sc * FF * D, W1, c1, W2, f * FB,
+                    rd, rf, cmask, D, FF)
+        c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
+        tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
+        tl.debug_barrier()
+        for n in range(n0, n1 - 1):
+            sc = pid * GROUP + n - n0
+            ptr = in_base + n * MB * s_t + in_off
+            k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+            w1 = sc1_ptr + sc * D * FF
+            c1p = scc1_ptr + sc * FF
+            w2 = sc2_ptr + sc * FF * D
+            Z2 = _z2(k, w1, c1p, w2, c2, rd, rf, cmask, NFB, D, FF, FB, BT, BD, DOT_MODE)
+            G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(Z2, v, k, gam, bet, cmask, D)
+            eb = tau_b * lr
+            _update(k, eb, G2, w1, c1p, w2, w1 + D * FF, c1p + FF, w2 + FF * D, rd, rf, cmask, NFB,
+                    D, FF, FB, DOT_MODE)
+            c2 -= tl.sum(eb[:, None] * G2, axis=0)
+            tl.store(scc2_ptr + (sc + 1) * D + rd, c2, mask=cmask)
+            tl.debug_barrier()
+
+        for ni in range(n1 - n0):
+            n = n1 - 1 - ni
+            t0 = n * MB
+            sc = pid * GROUP + n - n0
+            w1 = sc1_ptr + sc * D * FF
+            c1p = scc1_ptr + sc * FF
+            w2 = sc2_ptr + sc * FF * D
+            c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
+            ptr = in_base + t0 * s_t + in_off
+            q = tl.load(q_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+            dO = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
+            eb = tau_b * lr
+
+            # pass A: Z2 and X2 dW2' (the carried gradient seen through the W2 update)
+            z2 = tl.zeros([BT, BD], dtype=tl.float32)
+            xdw2 = tl.zeros([BT, BD], dtype=tl.float32)
+            for f in range(NFB):
+                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                cols = f * FB + rf
+                dW2 = tl.load(dw2 + cols[:, None] * D + rd[None, :], mask=(cols < FF)[:, None] & cmask[None, :],
+                              other=0.0)
+                X2, _d = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+                z2 += _dot(X2, W2, DOT_MODE)
+                xdw2 += _dot(X2, dW2, DOT_MODE)
+            XdW2 = xdw2 + dc2[None, :]
+            G2, xh, rstd, gy, mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D)
+            E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+            QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
+            P1 = E * QK1
+
+            # pass B: Z2b and X2b X2^T
+            z2b = tl.zeros([BT, BD], dtype=tl.float32)
+            s2 = tl.zeros([BT, BT], dtype=tl.float32)
+            for f in range(NFB):
+                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+                G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
+                X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+                z2b += _dot(X2b, W2, DOT_MODE)
+                s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
+            XX1 = s2 + 1.0
+            P2 = E * XX1
+            zcb = _center(z2b + c2[None, :] - _dot(P2, G2, DOT_MODE), cmask, D)
+            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + 1e-6)
+            xhb = zcb * rstdb[:, None]
+            # o = q + LN(Z2b);  Z2b = X2b W2 + c2 - P2 G2
+            dgam += tl.sum(dO * xhb, axis=0)
+            dbet += tl.sum(dO, axis=0)
+            dZ2b = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
+            dP2 = -_dot(dZ2b, tl.trans(G2), DOT_MODE)
+            dG2 = -_dot(tl.trans(P2), dZ2b, DOT_MODE) - eb[:, None] * XdW2
+            dE = dP2 * XX1
+            dA2 = dP2 * E
+            eG2 = eb[:, None] * G2
+
+            # pass C: everything per block that does not need dZ2; dW1, dc1, dW2 updated in place
+            dp1 = tl.zeros([BT, BT], dtype=tl.float32)
+            dG2s = tl.zeros([BT, BD], dtype=tl.float32)
+            dqs = tl.zeros([BT, BD], dtype=tl.float32)
+            dks = tl.zeros([BT, BD], dtype=tl.float32)
+            S1 = tl.zeros([BT], dtype=tl.float32)
+            for f in range(NFB):
+                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                dW1, dc1, dW2 = _wblock(dw1, dc1p, dw2, f * FB, rd, rf, cmask, D, FF)
+                Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]
+                X2, D1, DD1 = _gelu_parts2(Z1)
+                H1 = _dot(G2, tl.trans(W2), DOT_MODE)
+                G1 = H1 * D1
+                X2b, D1b = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+                dZ1b = (_dot(dZ2b, tl.trans(W2), DOT_MODE) + _dot(dA2, X2, DOT_MODE)) * D1b
+                dp1 -= _dot(dZ1b, tl.trans(G1), DOT_MODE)
+                KdW1 = _dot(k, dW1, DOT_MODE) + dc1[None, :]
+                S1 += tl.sum(KdW1 * G1, axis=1)
+                dG1 = -_dot(tl.trans(P1), dZ1b, DOT_MODE) - eb[:, None] * KdW1
+                dks -= _dot(eb[:, None] * G1, tl.trans(dW1), DOT_MODE)
+                dX2 = _dot(tl.trans(dA2), X2b, DOT_MODE) - _dot(eG2, tl.trans(dW2), DOT_MODE)
+                dH1 = dG1 * D1
+                dG2s += _dot(dH1, W2, DOT_MODE)
+                dZ1 = dG1 * H1 * DD1 + dX2 * D1
+                dqs += _dot(dZ1b, tl.trans(W1), DOT_MODE)
+                dks += _dot(dZ1, tl.trans(W1), DOT_MODE)
+                dW1 += _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
+                dc1 += tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
+                dW2 += _dot(tl.trans(X2b), dZ2b, DOT_MODE) + _dot(tl.trans(dH1), G2, DOT_MODE)
+                tl.debug_barrier()
+                _wstore(dw1, dc1p, dw2, dW1, dc1, dW2, f * FB, rd, rf, cmask, D, FF)
+            dG2 += dG2s
+            S = S1 + tl.sum(XdW2 * G2, axis=1)
+            dlr = -tau_b * S
+            dtau_b += -lr * S
+            dE = tl.where(causal, dE + dp1 * QK1, 0.0)
+            dtau += tl.sum(dE * lr[None, :], axis=1)
+            dlr += tl.sum(dE * tau_r[:, None], axis=0)
+            dA1 = dp1 * E
+            dq = dO + dqs + _dot(dA1, k, DOT_MODE)
+            dk = dks + _dot(tl.trans(dA1), q, DOT_MODE)
+            # G2 = LN-L2 gradient at Z2 (target v - k)
+            dgy = _proj(dG2, xh, rstd, cmask, D)
+            mdgx = tl.sum(dG2 * xh, axis=1) / D
+            dxh = (-mgx[:, None] * dG2 - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+            ds = -tl.sum(dG2 * G2, axis=1) * rstd
+            dZ2 = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+            dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
+            dbet += tl.sum(dgy * gam[None, :], axis=0)
+            dv = -gam[None, :] * dgy
+            dk += gam[None, :] * dgy
+            dc2 += tl.sum(dZ2b, axis=0) + tl.sum(dZ2, axis=0)
+            tl.debug_barrier()
+
+            # pass D: the dZ2 terms (Z2 = X2 W2 + c2)
+            for f in range(NFB):
+                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                dW1, dc1, dW2 = _wblock(dw1, dc1p, dw2, f * FB, rd, rf, cmask, D, FF)
+                X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+                dZ1 = _dot(dZ2, tl.trans(W2), DOT_MODE) * D1
+                dk += _dot(dZ1, tl.trans(W1), DOT_MODE)
+                dW1 += _dot(tl.trans(k), dZ1, DOT_MODE)
+                dc1 += tl.sum(dZ1, axis=0)
+                dW2 += _dot(tl.trans(X2), dZ2, DOT_MODE)
+                tl.debug_barrier()
+                _wstore(dw1, dc1p, dw2, dW1, dc1, dW2, f * FB, rd, rf, cmask, D, FF)
+
+            optr = out_base + t0 * o_t + out_off
+            tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+            tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+            tl.store(dv_ptr + optr, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+            tl.store(dlr_ptr + (bi * NMB * MB + t0 + rt) * H + hi, dlr, mask=tmask)
+            tl.debug_barrier()
+    tl.store(dc2_ptr + pid * D + rd, dc2, mask=cmask)
+    dtau += tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0)
+    tl.store(dtau_ptr + pid * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid * BD + rd, dbet)
+
+
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8):
+    """Same contract as `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d], and the
+    gradients of the start params (fp32)."""
+    B, T, H, d = q.shape
+    F = ckpt[0].shape[-1]
+    nmb = T // mini_batch
+    nck = triton.cdiv(nmb, group)
+    BD = triton.next_power_of_2(d)
+    FB = _block_f(F)
+    BT = max(16, triton.next_power_of_2(mini_batch))
+    shapes = ((d, F), (F,), (F, d), (d,))
+    # the carried gradients start as those of the final params and end as those of the start params
+    dps = tuple(torch.zeros((B, H, *s), dtype=torch.float32, device=q.device) if g is None
+                else g.to(torch.float32).contiguous().clone() for g, s in zip(dfin, shapes))
+    do = torch.zeros_like(q) if do is None else do.contiguous()
+    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    dlr = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
+    dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
+    dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
+    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    LAST["ttt_mlp_bwd_blocked_kernel"] = ttt_mlp_bwd_blocked_kernel[(B * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps,
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, *scr,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, triton.cdiv(F, FB),
+        D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=_dot_mode(q.dtype),
+        num_warps=NUM_WARPS or 8, num_stages=NUM_STAGES or 1)
+    dtau = dtau.sum(0)[:mini_batch]
+    dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
+    dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dps
