@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import random_inputs  # noqa: E402
 from ttt.ops import TTTState  # noqa: E402
-from ttt.ops.ttt_linear import chunk as lin_chunk, step_triton as lin_step_triton  # noqa: E402
+from ttt.ops.ttt_linear import chunk as lin_chunk, chunk_split as lin_split  # noqa: E402
+from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
 from ttt.ops.ttt_mlp import step_triton as mlp_step_triton  # noqa: E402
@@ -48,7 +49,7 @@ class _PoisonTorch:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, lin_split, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", _PoisonTorch())
 
 
@@ -110,6 +111,21 @@ LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8,
 @pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
 def test_linear_matches_dual(B, T, H, d, b, pos):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
+
+
+@pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
+def test_linear_split_forward_matches_dual(B, T, H, d, b, pos, monkeypatch):
+    """The two-kernel TTT-Linear forward (sequential chain, then the output per checkpoint group)."""
+    monkeypatch.setattr(triton_backend, "LINEAR_FWD", "split")
+    lin_split.LAST.clear()
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
+    assert set(lin_split.LAST) == {"ttt_linear_chain_kernel", "ttt_linear_out_kernel"}
+
+
+def test_linear_split_forward_no_grad(monkeypatch):
+    monkeypatch.setattr(triton_backend, "LINEAR_FWD", "split")
+    compare("linear", B=1, T=160, H=2, d=16, b=16, pos=0, grad=False)
+    compare("linear", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
 
 
 @pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (2, 150, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
