@@ -28,6 +28,8 @@ W' = W - K^T (e_b G), c' = c - sum e_b G  (e_b = tau_b lr):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,17 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _op(x, DOT_MODE: tl.constexpr):
+    """x in the dtype _dot multiplies in; cast once so that a tile and its transpose share one copy."""
+    if DOT_MODE == 2:
+        return x.to(tl.bfloat16)
+    elif DOT_MODE == 3:
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -303,6 +316,257 @@ def ttt_linear_bwd_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _add6(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5
+
+
+@triton.jit
+def _chan(m_a, q_a, n_a, m_b, q_b, n_b):
+    """Merge two (mean, sum of squared deviations, count) partials (Chan et al.): a stable one-pass variance."""
+    n = n_a + n_b
+    w = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    d = m_b - m_a
+    return m_a + d * w, q_a + q_b + d * d * n_a * w, n
+
+
+@triton.jit
+def ttt_linear_bwd_kernel_v2(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr,
+    do_ptr, dwT_ptr, dcT_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    scw_ptr, scp_ptr, scs_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    TILE: tl.constexpr = BT * BD
+    toff = rt[:, None] * BD + rd[None, :]  # a whole [BT, BD] scratch tile (padding included, no mask)
+    r2 = tl.arange(0, 2)
+    # four [BT, BD] tiles interleaved element by element ([BT, BD, 2, 2]: one vector access per element)
+    poff = (toff[:, :, None, None] * 2 + r2[None, None, :, None]) * 2 + r2[None, None, None, :]
+
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gg = tl.sum(gam * gam, axis=0)
+
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+    # per-step column sums are deferred: accumulate whole tiles, reduce once at the end
+    dgam_t = tl.zeros([BT, BD], dtype=tl.float32)
+    dbet_t = tl.zeros([BT, BD], dtype=tl.float32)
+    dtau_t = tl.zeros([BT, BT], dtype=tl.float32)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_base = pid * GROUP
+    lr_base = bi * l_b + hi * l_h
+    for gi in range(NCK):
+        g = NCK - 1 - gi
+        n0 = g * GROUP
+        n1 = tl.minimum(n0 + GROUP, NMB)
+        # 1) forward over the group from its checkpoint. Per mini-batch the scratch gets the start weights W
+        # as a dot operand (scw); the tiles G and [x^, a, c, dO] (interleaved) (scp); the row vectors 1/s,
+        # mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2 (scs)
+        W = tl.load(ckw_ptr + (pid * NCK + g) * D * D + woff, mask=wmask, other=0.0)
+        c = tl.load(ckc_ptr + (pid * NCK + g) * D + rd, mask=cmask, other=0.0)
+        for n in range(n0, n1):
+            s = sc_base + n - n0
+            tl.store(scw_ptr + s * D * D + woff, _op(W, DOT_MODE), mask=wmask)
+            t0 = n * MB
+            ptr = in_base + t0 * s_t + in_off
+            k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
+            lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+            dOs = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
+            tl.store(scp_ptr + (s * 5 + 1) * TILE + toff * 4 + 3, dOs)  # as loaded: no layout conversion
+            # the inner step, as _inner; the row sums of the G formula and those the reverse walk needs for
+            # the LayerNorm backward of dZ in one reduction
+            Z = _dot(k, W, DOT_MODE) + c[None, :]
+            zc = _center(Z, cmask, D)
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+            xh = zc * rstd[:, None]
+            a = gam[None, :] * xh + bet[None, :] - (v - k)
+            gy = gam[None, :] * a
+            g2x = (gam * gam)[None, :] * xh
+            sgy, sgyx, sg2x, sg2xx = tl.reduce((gy, gy * xh, g2x, g2x * xh), 1, _add4)
+            mgx = sgyx / D
+            G = tl.where(cmask[None, :], (gy - (sgy / D)[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+            tl.store(scp_ptr + s * 5 * TILE + toff, G)
+            # x^, a, c (broadcast to a tile) as one [BT, BD, 2, 2] store, one layout conversion for all three;
+            # the 4th slot holds dO
+            tl.store(scp_ptr + (s * 5 + 1) * TILE + poff,
+                     tl.join(tl.join(xh, a), tl.join(tl.zeros_like(a) + c[None, :], a)), mask=poff % 4 != 3)
+            tl.store(scs_ptr + (s * 5 + 0) * BT + rt, rstd)
+            tl.store(scs_ptr + (s * 5 + 1) * BT + rt, mgx)
+            tl.store(scs_ptr + (s * 5 + 2) * BT + rt, sgy)
+            tl.store(scs_ptr + (s * 5 + 3) * BT + rt, sg2x)
+            tl.store(scs_ptr + (s * 5 + 4) * BT + rt, sg2xx)
+            eG = (tau_b * lr)[:, None] * G
+            W -= _dot(tl.trans(k), eG, DOT_MODE)
+            c -= tl.sum(eG, axis=0)
+        tl.debug_barrier()
+        # 2) walk the group back; loads of the next (earlier) mini-batch go out before the current math
+        n = n1 - 1
+        s = sc_base + n - n0
+        ptr = in_base + n * MB * s_t + in_off
+        qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0)
+        Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
+        Gn = tl.load(scp_ptr + s * 5 * TILE + toff)
+        pkn = tl.load(scp_ptr + (s * 5 + 1) * TILE + poff)  # x^, a, c, dO: one layout conversion for all four
+        rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
+        mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
+        sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
+        sg2xn = tl.load(scs_ptr + (s * 5 + 3) * BT + rt)
+        sg2xxn = tl.load(scs_ptr + (s * 5 + 4) * BT + rt)
+        for ni in range(n1 - n0):
+            n = n1 - 1 - ni
+            t0 = n * MB
+            Wo = Wn
+            G = Gn
+            xa, cd = tl.split(pkn)
+            xh, a = tl.split(xa)
+            ct, dO = tl.split(cd)
+            rstd = rstdn
+            mgx = mgxn
+            sgy = sgyn
+            sg2x = sg2xn
+            sg2xx = sg2xxn
+            qo = _op(qn, DOT_MODE)
+            ko = _op(kn, DOT_MODE)
+            lr = lrn.to(tl.float32)
+            m = tl.maximum(n - 1, n0)
+            s = sc_base + m - n0
+            ptr = in_base + m * MB * s_t + in_off
+            qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
+            kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+            lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
+            Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
+            Gn = tl.load(scp_ptr + s * 5 * TILE + toff)
+            pkn = tl.load(scp_ptr + (s * 5 + 1) * TILE + poff)
+            rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
+            mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
+            sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
+            sg2xn = tl.load(scs_ptr + (s * 5 + 3) * BT + rt)
+            sg2xxn = tl.load(scs_ptr + (s * 5 + 4) * BT + rt)
+
+            # output path: everything here is independent of the carried dW, dc
+            E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+            Go = _op(G, DOT_MODE)
+            QK1 = _dot(qo, tl.trans(ko), DOT_MODE) + 1.0
+            P = E * QK1
+            Po = _op(P, DOT_MODE)
+            Zb = _dot(qo, Wo, DOT_MODE) + ct - _dot(Po, Go, DOT_MODE)
+            # output LayerNorm statistics in one reduction (Chan's merge of mean and squared deviations)
+            cnt = tl.where(cmask, 1.0, 0.0)[None, :] + tl.zeros_like(Zb)
+            mub, qb, _ = tl.reduce((tl.where(cmask[None, :], Zb, 0.0), tl.zeros_like(Zb), cnt), 1, _chan)
+            rstdb = 1.0 / tl.sqrt(qb / D + 1e-6)
+            xhb = tl.where(cmask[None, :], (Zb - mub[:, None]) * rstdb[:, None], 0.0)
+            dgam_t += dO * xhb
+            dbet_t += dO
+            gO = dO * gam[None, :]
+            sg, sgx = tl.reduce((gO, gO * xhb), 1, _add2)
+            dZb = tl.where(cmask[None, :], (gO - (sg / D)[:, None] - xhb * (sgx / D)[:, None]) * rstdb[:, None],
+                           0.0)
+            dZbo = _op(dZb, DOT_MODE)
+            dq = dO + _dot(dZbo, tl.trans(Wo), DOT_MODE)
+            dP = -_dot(dZbo, tl.trans(Go), DOT_MODE)
+            dG = -_dot(tl.trans(Po), dZbo, DOT_MODE)
+            dE = tl.where(causal, dP * QK1, 0.0)
+            dA = dP * E
+            dAo = _op(dA, DOT_MODE)
+            dq += _dot(dAo, ko, DOT_MODE)
+            dk = _dot(tl.trans(dAo), qo, DOT_MODE)
+            dtau_t += dE * lr[None, :]
+            dlr = tl.sum(dE * tau_r[:, None], axis=0)
+            # the carried chain: W' = W - K^T (e_b G), c' = c - sum e_b G
+            eb = tau_b * lr
+            dWo = _op(dW, DOT_MODE)
+            KdW = _dot(ko, dWo, DOT_MODE) + dc[None, :]
+            dk -= _dot(eb[:, None] * G, tl.trans(dWo), DOT_MODE)
+            dG -= eb[:, None] * KdW
+            # G = LN-L2 gradient at Z = K W + c (x^, 1/s, mean(gy x^), a = gy / gam from the scratch)
+            gy = gam[None, :] * a
+            # every row sum of the LN-L2 backward in one reduction: the sums of dx^ and dx^ x^ (dZ's
+            # LayerNorm backward) expand into sums of dG terms and per-row sums saved by the recompute pass
+            g2dG = (gam * gam)[None, :] * dG
+            S, sd, sdx, sdg, t1, t2 = tl.reduce((KdW * G, dG, dG * xh, dG * G, g2dG, g2dG * xh), 1, _add6)
+            dlr -= tau_b * S
+            dtau_b -= lr * S
+            mdgx = sdx / D
+            dgy = tl.where(cmask[None, :], (dG - (sd / D)[:, None] - xh * mdgx[:, None]) * rstd[:, None], 0.0)
+            dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+            ds = -sdg * rstd
+            # sx = sum dx^, sxx = sum dx^ x^ (sum gy x^ = D mgx)
+            sx = rstd * (-mgx * sd - mdgx * sgy + t1 - (sd / D) * gg - mdgx * sg2x)
+            sxx = rstd * (-mgx * sdx - mdgx * D * mgx + t2 - (sd / D) * sg2x - mdgx * sg2xx)
+            dZ = tl.where(cmask[None, :], (dxh - (sx / D)[:, None] - xh * (sxx / D)[:, None]) * rstd[:, None]
+                          + (ds / D)[:, None] * xh, 0.0)
+            dgam_t += dgy * (gam[None, :] * xh + a)
+            dbet_t += dgy * gam[None, :]
+            dv = -gam[None, :] * dgy
+            dZo = _op(dZ, DOT_MODE)
+            dk += gam[None, :] * dgy + _dot(dZo, tl.trans(Wo), DOT_MODE)
+            # gradient w.r.t. the start weights of this mini-batch: Q^T dZb + K^T dZ as one product
+            # [Q; K]^T [dZb; dZ] (inner dim 2 BT)
+            qk2 = tl.reshape(tl.permute(tl.join(qo, ko), 2, 0, 1), 2 * BT, BD)
+            dz2 = tl.reshape(tl.permute(tl.join(dZbo, dZo), 2, 0, 1), 2 * BT, BD)
+            dW += _dot(tl.trans(qk2), dz2, DOT_MODE)
+            dc += tl.sum(dZb + dZ, axis=0)
+
+            # dq, dk, dv as one [BT, BD, 2, 2] store (one layout conversion); the 4th slot is masked off
+            optr = out_base + t0 * o_t + out_off
+            ety = dq_ptr.dtype.element_ty
+            tl.store(tl.join(tl.join(dq_ptr + optr, dk_ptr + optr), tl.join(dv_ptr + optr, dv_ptr + optr)),
+                     tl.join(tl.join(dq.to(ety), dk.to(ety)), tl.join(dv.to(ety), dv.to(ety))),
+                     mask=tl.join(tl.join(m2, m2), tl.join(m2, m2 & (rt < 0)[:, None])))
+            tl.store(dlr_ptr + (bi * NMB * MB + t0 + rt) * H + hi, dlr, mask=tmask)
+        tl.debug_barrier()
+    tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
+    tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
+    dtau = tl.sum(dtau_t, axis=1) + tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0)
+    tl.store(dtau_ptr + pid * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid * BD + rd, tl.sum(dgam_t, axis=0))
+    tl.store(dlnb_ptr + pid * BD + rd, tl.sum(dbet_t, axis=0))
+
+
+_OPERAND_DTYPE = {0: torch.float32, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16}  # by DOT_MODE (_op)
+
+
 def _dot_mode(dtype: torch.dtype) -> int:
     if DOT_MODE is not None:
         return DOT_MODE
@@ -313,6 +577,9 @@ def _dot_mode(dtype: torch.dtype) -> int:
     return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
 
 
+# backward kernel: "v2" (the reverse walk reads G and the inner LN statistics from the recompute pass) or
+# "v1" (the reverse walk re-does the inner forward); the environment variable TTT_LINEAR_BWD overrides it
+BWD_IMPL = "v2"
 NUM_WARPS = None  # None: forward 4 for d <= 64 else 8, backward 8; an int forces one (benchmark variants)
 
 
@@ -368,15 +635,28 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    scw = torch.empty((B * H * group, d, d), dtype=torch.float32, device=q.device)
-    scc = torch.empty((B * H * group, d), dtype=torch.float32, device=q.device)
     mode = _dot_mode(q.dtype) if dot_mode is None else dot_mode
-    LAST["ttt_linear_bwd_kernel"] = ttt_linear_bwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT.contiguous(), dcT.contiguous(),
-        dq, dk, dv, dlr, dw0, dc0, dtau, dlnw, dlnb, scw, scc,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
-        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=mode, num_warps=warps)
+    args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT.contiguous(), dcT.contiguous(),
+            dq, dk, dv, dlr, dw0, dc0, dtau, dlnw, dlnb)
+    strides = (q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+               dq.stride(0), dq.stride(1), dq.stride(2))
+    meta = dict(D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=mode, num_warps=warps)
+    impl = os.environ.get("TTT_LINEAR_BWD", BWD_IMPL)
+    if impl == "v1":
+        scw = torch.empty((B * H * group, d, d), dtype=torch.float32, device=q.device)
+        scc = torch.empty((B * H * group, d), dtype=torch.float32, device=q.device)
+        LAST["ttt_linear_bwd_kernel"] = ttt_linear_bwd_kernel[(B * H,)](
+            *args, scw, scc, *strides, H, nmb, nck, **meta)
+    elif impl == "v2":
+        # per-program scratch of one checkpoint group: start weights as dot operands, 5 [BT, BD] fp32 tiles
+        # and 5 row vectors per mini-batch (B4 H32 d64 bf16: 128 x 8 x 28.6 KB = 29 MB, L2-resident)
+        scw = torch.empty((B * H * group, d, d), dtype=_OPERAND_DTYPE[mode], device=q.device)
+        scp = torch.empty((B * H * group, 5, BT, BD), dtype=torch.float32, device=q.device)
+        scs = torch.empty((B * H * group, 5, BT), dtype=torch.float32, device=q.device)
+        LAST["ttt_linear_bwd_kernel_v2"] = ttt_linear_bwd_kernel_v2[(B * H,)](
+            *args, scw, scp, scs, *strides, H, nmb, nck, **meta)
+    else:
+        raise ValueError(f"unknown TTT-Linear backward {impl!r} (BWD_IMPL / TTT_LINEAR_BWD: 'v1' or 'v2')")
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
