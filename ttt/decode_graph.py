@@ -1,4 +1,4 @@
-"""CUDA-graph capture of a whole model's one-token decode step.
+"""CUDA-graph capture of a whole model's one-token decode step, optionally through torch.compile.
 
 A TTT model's decode step depends on the position only through pos mod b (which tau_i applies,
 whether the mini-batch commits, RoPE at position mod b), and its state has a fixed size. So we
@@ -6,14 +6,27 @@ capture one graph per in-batch offset r = 0..b-1 over static state buffers and r
 pos mod b for each token: per-token latency is flat in context length, with no Python or launch
 overhead. Mamba states are fixed-size and position-free too (one graph). Attention's KV cache grows
 with the context, so attention models are refused here (decode them without graphs).
+
+`GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: each
+block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates and conv windows into a
+few kernels; the fused Triton step kernels and the GEMMs are kept), with one compiled function per
+offset r, shared by all blocks of the model (they have the same code and shapes), so a model
+compiles b times however deep it is. Each r gets its own code object, hence its own Dynamo cache:
+no recompile limit is reached and r is a constant in its graph. fullgraph=True: a graph break raises
+rather than falling back to eager.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .model import LMState, TTTLM
+from .ops import BACKENDS as OP_BACKENDS, resolve_backend
 
 
 def flatten_state(s) -> list:
@@ -44,26 +57,108 @@ def rebuild_state(s, tensors: list, pos: int | None = None):
     return s
 
 
+def period(model: TTTLM) -> int:
+    """How many distinct one-token steps the model has: b for TTT mixers (pos mod b matters), else 1."""
+    return model.cfg.mini_batch if model.cfg.mixer.startswith("ttt") else 1
+
+
+def _block_step(blk, h, s):
+    """One block's one-token step; its new state is written into the tensors of `s` (the static buffers)."""
+    h, new = blk(h, s)
+    for old, t in zip(flatten_state(s), flatten_state(new)):
+        if t is not old:  # weights come back as the same tensors when the mini-batch does not commit
+            old.copy_(t)
+    return h
+
+
+def _lm_head(model, h):
+    """Final norm and (tied) output head, as TTTLM.forward ends."""
+    w = model.embed.weight if model.head is None else model.head.weight
+    return F.linear(model.norm(h), w).float()
+
+
+# model -> {key: compiled function}. A weak key: the compiled functions take the model as an argument
+# and do not keep it alive. Each key has its own code object, so its own Dynamo cache entries.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, fn, key, backend):
+    fns = _COMPILED.setdefault(model, {})
+    if (key, backend) not in fns:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{key}".replace(" ", ""))
+        fns[key, backend] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name),
+                                          backend=backend, fullgraph=True, dynamic=False)
+    return fns[key, backend]
+
+
+def compiled_step(model: TTTLM, backend: str = "inductor"):
+    """The model's one-token step with every block (and the head) through torch.compile.
+
+        step = compiled_step(model)
+        logits = step(ids, state)    # ids [B, 1]; logits [B, 1, V] fp32, as model(ids, state)[0]
+
+    Unlike model(ids, state), the new state is written into `state`'s own tensors and state.pos is
+    left as is (the caller advances it). The first call at each in-batch offset r = state.pos mod b
+    compiles (Dynamo traces one block, the other blocks reuse it); later calls reuse that.
+    """
+    if not isinstance(model, TTTLM):
+        raise ValueError(f"model: expected a TTTLM, got {type(model).__name__}")
+    if not (isinstance(backend, str) or callable(backend)):
+        raise ValueError(f"backend: expected a torch.compile backend (a name or a callable), got {backend!r}")
+    b = period(model)
+    for blk in model.blocks:  # the op logs its "auto" choice once: do it here, not in a traced call
+        if isinstance(getattr(blk.mixer, "backend", None), str) and blk.mixer.backend in OP_BACKENDS:
+            resolve_backend(blk.mixer.backend, model.embed.weight.device)
+
+    def step(ids, state: LMState):
+        r = state.pos % b
+        s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
+        sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one entry per code object
+        block_step = _compiled(model, _block_step, f"r{r}_{sig}", backend)
+        h = model.embed(ids)
+        for blk, bs in zip(model.blocks, s.blocks):
+            h = block_step(blk, h, bs)
+        return _compiled(model, _lm_head, sig, backend)(model, h)
+
+    return step
+
+
 class GraphedDecoder:
     """Replays captured CUDA graphs of `model`'s one-token step.
 
         dec = GraphedDecoder(model, state)      # state: after prefill (any position)
         logits = dec.step(next_ids)             # next_ids [B, 1]; advances the internal state
         state = dec.state()                     # a normal LMState again (copies of the buffers)
+
+    compile=True captures `compiled_step` (torch.compile per block; b compilations, done before the
+    capture, on first use per model and batch size) instead of the eager step.
     """
 
-    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2):
+    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool = False):
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile: expected a bool, got {compile!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
         if model.cfg.mixer == "attention":
             raise ValueError("model: CUDA-graph decode needs a fixed-size state; attention's KV cache grows "
                              "(decode attention models with cuda_graph=False)")
         if not isinstance(state, LMState) or not flatten_state(state) or not flatten_state(state)[0].is_cuda:
             raise ValueError("state: expected an LMState on a CUDA device (run the prefill on CUDA first)")
         self.model, self.pos = model, state.pos
-        self.period = model.cfg.mini_batch if model.cfg.mixer.startswith("ttt") else 1
+        self.period = period(model)
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.buffers[0].device)
+        if compile:
+            step, states = compiled_step(model), [rebuild_state(state, list(self.buffers), pos=r)
+                                                  for r in range(self.period)]
+            run = lambda r: step(self.ids, states[r])  # noqa: E731
+            warmup = max(warmup, 1)  # the first call compiles: never inside the capture
+            # a guard that failed during the capture would recompile there: raise instead
+            no_recompile = lambda: torch.compiler.set_stance("fail_on_recompile")  # noqa: E731
+        else:
+            run, no_recompile = self._step_eager, contextlib.nullcontext
         self.graphs, self.logits = [], []
         pool = None
         stream = torch.cuda.Stream()
@@ -71,11 +166,11 @@ class GraphedDecoder:
         with torch.inference_mode(), torch.cuda.stream(stream):
             saved = [b.clone() for b in self.buffers]
             for r in range(self.period):
-                for _ in range(warmup):  # warm up kernels/allocator outside capture
-                    self._step_eager(r)
+                for _ in range(warmup):  # warm up kernels/allocator (and compile) outside capture
+                    run(r)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    out = self._step_eager(r)
+                with no_recompile(), torch.cuda.graph(g, pool=pool, stream=stream):
+                    out = run(r)
                 pool = g.pool()
                 self.graphs.append(g)
                 self.logits.append(out)

@@ -1,0 +1,108 @@
+"""The compiled one-token step (`ttt.decode_graph.compiled_step`, what `GraphedDecoder(compile=True)`
+captures in its CUDA graphs) against the eager step, on CPU: every in-batch offset r (the step is
+compiled once per r, shared by all blocks, never recompiled), TTT-Linear, TTT-MLP and Mamba; the fused
+Triton step kernels traced without a graph break; argument errors. The GPU capture is in test_gpu.py."""
+import pytest
+import torch
+
+from ttt.config import get_config
+from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, rebuild_state
+from ttt.model import TTTLM
+
+
+def _compare(mixer, backend, b, tol):
+    """Decode b + 2 tokens from a prefill of 5 (every offset r, the commit, and r = 1 twice) both ways."""
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, mini_batch=b)).eval()
+    step = compiled_step(model, backend)
+    ids = torch.randint(0, 256, (2, 5 + b + 2))
+    with torch.inference_mode():
+        _, s = model(ids[:, :5])
+        buf = rebuild_state(s, [t.clone() for t in flatten_state(s)])  # written in place by `step`
+        for t in range(5, ids.shape[1]):
+            le, s = model(ids[:, t:t + 1], s)
+            lc = step(ids[:, t:t + 1], buf)
+            buf = rebuild_state(buf, flatten_state(buf), pos=buf.pos + 1)
+            torch.testing.assert_close(lc, le, rtol=tol, atol=tol)
+            for x, y in zip(flatten_state(buf), flatten_state(s), strict=True):
+                torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def _counting(backend_name, graphs):
+    from torch._dynamo.backends.registry import lookup_backend
+    inner = lookup_backend(backend_name)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+    return backend
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mamba"])
+def test_compiled_step_equals_eager_every_offset(mixer):
+    # aot_eager: Dynamo + functionalization (the in-place state writes), no code generation: fast
+    graphs = []
+    b = 3
+    _compare(mixer, _counting("aot_eager", graphs), b, 1e-6)
+    # one graph per offset (shared by both blocks) and one for the head; no recompiles
+    assert len(graphs) == (b if mixer != "mamba" else 1) + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+def test_compiled_step_inductor_equals_eager(mixer):
+    _compare(mixer, "inductor", 2, 1e-5)  # r = 0 (accumulate) and r = 1 (commit)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
+    """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph).
+    No GPU here: Dynamo is told Triton works, and the backend stops after tracing (nothing runs)."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
+    triton = pytest.importorskip("triton")
+    from torch.utils import _triton as torch_triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import ttt.ops.triton_backend  # noqa: F401  (imports both step modules)
+    if kind == "linear":
+        from ttt.ops.ttt_linear import step_triton as mod
+    else:
+        from ttt.ops.ttt_mlp import step_triton as mod
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, f in list(vars(mod).items()):  # kernels built for the interpreter (as test_triton.py sets up)
+        if isinstance(f, InterpretedFunction):
+            monkeypatch.setattr(mod, name, triton.jit(f.fn))
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
+
+    class Traced(Exception):
+        pass
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        raise Traced
+
+    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2,
+                             ttt_backend="triton")).eval()
+    with torch.inference_mode():
+        s = model.init_state(2)
+        s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=1)  # r = 1: the commit
+        with pytest.raises(Exception) as e:
+            compiled_step(model, backend)(torch.zeros(2, 1, dtype=torch.long), s)
+    assert isinstance(e.value.__cause__ or e.value, Traced) or "Traced" in str(e.value), e.value
+    launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 1
+
+
+def test_compile_arguments_are_checked():
+    model = TTTLM(get_config("debug", vocab_size=256))
+    with pytest.raises(ValueError, match="^compile: expected a bool"):
+        GraphedDecoder(model, model.init_state(1), compile="yes")
+    with pytest.raises(ValueError, match="^warmup: expected an int >= 0"):
+        GraphedDecoder(model, model.init_state(1), warmup=-1)
+    with pytest.raises(ValueError, match="^model: expected a TTTLM"):
+        compiled_step(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="^backend: expected a torch.compile backend"):
+        compiled_step(model, backend=3)
