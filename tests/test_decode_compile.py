@@ -106,3 +106,12 @@ def test_compile_arguments_are_checked():
         compiled_step(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="^backend: expected a torch.compile backend"):
         compiled_step(model, backend=3)
+
+
+def test_generate_compile_decode_is_checked():
+    from ttt.generate import generate
+    model = TTTLM(get_config("debug", vocab_size=256))
+    with pytest.raises(ValueError, match="^compile_decode: expected a bool"):
+        generate(model, [1, 2], 3, compile_decode=1)
+    with pytest.raises(ValueError, match="^compile_decode: the compiled step is captured in CUDA graphs"):
+        generate(model, [1, 2], 3, compile_decode=True)  # a CPU model: no graphs

@@ -86,12 +86,15 @@ def _prompt_tensor(prompt, device) -> torch.Tensor:
 
 def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
-           seed: int | None = None, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+           seed: int | None = None, cuda_graph: bool | None = None,
+           compile_decode: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token ids, int64 [B] (on the CPU), one step at a time.
 
     prompt: int tensor [B, T] or [T], a list of ids, or a list of B equally long lists.
     cuda_graph: replay the decode step as captured CUDA graphs (`ttt.decode_graph`): None = yes on
     CUDA for fixed-size states (TTT and Mamba mixers), True = required (raises where impossible).
+    compile_decode: capture the step through torch.compile (`GraphedDecoder(compile=True)`: fewer,
+    fused kernels per token; compiles on first use per model and batch size); needs the graphs.
     Stops after `max_new_tokens` steps, or once every row has produced `eos_id`; rows that finished
     earlier keep yielding `eos_id`. The model runs in eval mode (restored afterwards).
     """
@@ -110,6 +113,11 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
         cuda_graph = device.type == "cuda" and mixer not in (None, "attention")
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: expected a model on a CUDA device for cuda_graph=True, got {device}")
+    if not isinstance(compile_decode, bool):
+        raise ValueError(f"compile_decode: expected a bool, got {compile_decode!r}")
+    if compile_decode and not cuda_graph:
+        raise ValueError("compile_decode: the compiled step is captured in CUDA graphs; expected a CUDA model "
+                         "of a TTT or Mamba mixer with cuda_graph True or None")
     if max_new_tokens == 0:
         return
     gen = None
@@ -123,7 +131,7 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
         # leak into the caller's code between steps.
         with torch.inference_mode():
             logits, state = model(ids)  # prefill: one forward over the whole prompt
-            decoder = GraphedDecoder(model, state) if cuda_graph else None
+            decoder = GraphedDecoder(model, state, compile=compile_decode) if cuda_graph else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             with torch.inference_mode():
@@ -147,7 +155,7 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
 def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
              seed: int | None = None, callback: Callable[[torch.Tensor], None] | None = None,
-             cuda_graph: bool | None = None) -> list:
+             cuda_graph: bool | None = None, compile_decode: bool = False) -> list:
     """The new token ids per prompt row: a list of ints for a 1-D prompt, else a list of lists.
 
     Each row ends before its first `eos_id` (not included). `callback(ids [B])` sees every step as
@@ -157,7 +165,8 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
         not isinstance(prompt, torch.Tensor) and len(prompt) > 0 and not isinstance(prompt[0], (list, tuple)))
     steps = []
     for nxt in stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      greedy=greedy, eos_id=eos_id, seed=seed, cuda_graph=cuda_graph):
+                      greedy=greedy, eos_id=eos_id, seed=seed, cuda_graph=cuda_graph,
+                      compile_decode=compile_decode):
         if callback is not None:
             callback(nxt)
         steps.append(nxt)
