@@ -517,7 +517,7 @@ def ttt_linear_bwd_kernel_v2(
             eb = tau_b * lr
             dWo = _op(dW, DOT_MODE)
             KdW = _dot(ko, dWo, DOT_MODE) + dc[None, :]
-            dk -= _dot(eb[:, None] * G, tl.trans(dWo), DOT_MODE)
+            dk -= eb[:, None] * _dot(Go, tl.trans(dWo), DOT_MODE)  # (e_b G) dW'^T, e_b applied after
             dG -= eb[:, None] * KdW
             # G = LN-L2 gradient at Z = K W + c (x^, 1/s, mean(gy x^), a = gy / gam from the scratch)
             gy = gam[None, :] * a
