@@ -5,9 +5,10 @@
 Training: one optimizer step (forward + backward + AdamW) of a 125m model under bf16 autocast, for
 TTT-Linear (M), TTT-MLP (M), the Transformer++ baseline (SDPA/FlashAttention) and the Mamba-2-style
 baseline, at 2k and 8k context with the same tokens per step. Decode: the 1.3b TTT-Linear model at
-batch 16, one token per step through CUDA-graph replay, at several context positions, next to the
-attention "KV cache alone" cost (24 layers of SDPA over a cache of that length). Before timing, the
-TTT model's graphed decode is checked against the eager step and the Triton op against `dual`.
+batch 16, one token per step through CUDA-graph replay of the eager step and of the torch.compile'd
+step (`GraphedDecoder(compile=True)`; --no-decode-compile skips it), and eagerly, at several context
+positions, next to the attention "KV cache alone" cost (24 layers of SDPA over a cache of that length).
+Before timing, both graphed decodes are checked against the eager step.
 """
 from __future__ import annotations
 
@@ -94,31 +95,42 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
 
 
 @torch.inference_mode()
-def bench_decode(positions, batch, size="1.3b"):
+def bench_decode(positions, batch, size="1.3b", compiled=True):
     rows = []
     cfg = get_config(size, mixer="ttt_linear")
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
-    # correctness: graphed replay == eager steps for 2 mini-batches
-    dec = GraphedDecoder(model, state)
-    s_eager = state
+    # correctness: graphed replay (eager step, and torch.compile'd step) == eager steps for 2 mini-batches
+    variants = {"graphed": False, "compiled": True} if compiled else {"graphed": False}
+    compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
-    err = 0.0
-    for t in range(nxt.shape[1]):
-        lg_e, s_eager = model(nxt[:, t:t + 1], s_eager)
-        lg_g = dec.step(nxt[:, t:t + 1])
-        err = max(err, (lg_e.float() - lg_g.float()).abs().max().item() / lg_e.float().abs().max().item())
-    print(json.dumps(dict(check="graphed decode vs eager (max rel err of logits)", value=err)), flush=True)
-    assert err < 2e-2, f"graphed decode disagrees with eager decode: {err}"
+    for name, comp in variants.items():
+        t0 = time.time()
+        dec = GraphedDecoder(model, state, compile=comp)
+        if comp:  # the first compiled decoder compiles the b steps; later ones reuse them
+            compile_s = time.time() - t0
+        s_eager = state
+        err = 0.0
+        for t in range(nxt.shape[1]):
+            lg_e, s_eager = model(nxt[:, t:t + 1], s_eager)
+            lg_g = dec.step(nxt[:, t:t + 1])
+            err = max(err, (lg_e.float() - lg_g.float()).abs().max().item() / lg_e.float().abs().max().item())
+        print(json.dumps(dict(check=f"{name} decode vs eager (max rel err of logits)", value=err,
+                              **({"compile_and_capture_s": compile_s} if comp else {}))), flush=True)
+        assert err < 2e-2, f"{name} decode disagrees with eager decode: {err}"
     # the TTT state has a fixed size: to time at context position P we set the position (pos mod b is
     # what the step depends on) on the state reached after the real prompt
     for P in positions:
         s = rebuild_state(state, [t.clone() for t in flatten_state(state)], pos=P)
-        dec = GraphedDecoder(model, s)
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
-        ms = timed(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)], warmup=2, iters=10) / cfg.mini_batch
+        ms = {}
+        for name, comp in variants.items():
+            dec = GraphedDecoder(model, s, compile=comp)
+            ms[name] = timed(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)], warmup=2,
+                             iters=10) / cfg.mini_batch
+            dec = None
         eager_ms = timed(lambda: model(tok, s), warmup=2, iters=5)
         # attention's KV cache alone at this context: one SDPA per layer over P cached keys/values
         H, d = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -129,11 +141,11 @@ def bench_decode(positions, batch, size="1.3b"):
             kv = None  # free the cache before the next, longer one
         except torch.OutOfMemoryError:
             attn_ms = None
-        row = dict(model=f"{size} ttt_linear", batch=batch, context=P, graphed_ms_per_token=ms,
-                   eager_ms_per_token=eager_ms, attention_kv_cache_alone_ms=attn_ms)
+        row = dict(model=f"{size} ttt_linear", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
+                   compiled_graphed_ms_per_token=ms.get("compiled"), eager_ms_per_token=eager_ms,
+                   attention_kv_cache_alone_ms=attn_ms)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        dec = None
         torch.cuda.empty_cache()
     return rows
 
@@ -150,6 +162,8 @@ def main():
     ap.add_argument("--positions", default="1024,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--decode-size", default="1.3b")
+    ap.add_argument("--no-decode-compile", action="store_true",
+                    help="skip the torch.compile'd graphed decode (GraphedDecoder(compile=True))")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -168,7 +182,8 @@ def main():
         res["train"] = bench_train(a.mixers.split(","), [int(x) for x in a.contexts.split(",")], a.tokens_per_step,
                                    a.backend, a.compile)
     if a.decode:
-        res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size)
+        res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
+                                     compiled=not a.no_decode_compile)
     res["wall_s"] = time.time() - t0
     if a.out:
         with open(a.out, "w") as f:

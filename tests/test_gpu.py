@@ -1,5 +1,6 @@
 """GPU-only checks of the pieces whose CUDA path differs from the CPU one: the cuDNN conv, the
-Triton backend inside a whole model (outputs and gradients vs the dual form), and CUDA-graph decode."""
+Triton backend inside a whole model (outputs and gradients vs the dual form), and CUDA-graph decode
+(eager and torch.compile'd steps)."""
 import pytest
 import torch
 
@@ -59,6 +60,32 @@ def test_graphed_decode_equals_eager(mixer):
         assert dec.state().pos == se.pos == 23
 
 
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mamba"])
+def test_compiled_graphed_decode_equals_eager(mixer):
+    """GraphedDecoder(compile=True): Inductor-compiled blocks around the fused Triton step kernels,
+    captured; bf16, so Inductor's fused casts differ from eager's by bf16 rounding."""
+    from ttt.decode_graph import GraphedDecoder, flatten_state
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, mini_batch=4)).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (2, 23), device="cuda")
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+    with torch.inference_mode():
+        _, s = model(ids[:, :6])
+        dec = GraphedDecoder(model, s, compile=True)
+        se = s
+        for t in range(6, 23):  # every offset of the 4, the commits, from a prefill ending mid mini-batch
+            le, se = model(ids[:, t:t + 1], se)
+            lg = dec.step(ids[:, t:t + 1])
+            assert rel(lg, le) < 2e-2, (t, rel(lg, le))
+        assert dec.state().pos == se.pos == 23
+        for a, b in zip(flatten_state(dec.state()), flatten_state(se), strict=True):
+            assert rel(a, b) < 2e-2
+        with torch.compiler.set_stance("fail_on_recompile"):  # a second decoder reuses the compiled steps
+            GraphedDecoder(model, s, compile=True)
+
+
 def test_graphed_decode_refuses_attention():
     from ttt.decode_graph import GraphedDecoder
     model = TTTLM(get_config("debug", mixer="attention", vocab_size=256)).cuda()
@@ -74,5 +101,15 @@ def test_generate_with_cuda_graph_equals_eager():
     model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
     prompt = torch.randint(0, 256, (2, 9))
     a = generate(model, prompt, 20, greedy=True, cuda_graph=True)
+    b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
+    assert a == b
+
+
+def test_generate_with_compiled_decode_equals_eager():
+    from ttt.generate import generate
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
+    prompt = torch.randint(0, 256, (2, 9))
+    a = generate(model, prompt, 20, greedy=True, compile_decode=True)
     b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
     assert a == b
