@@ -48,6 +48,17 @@ def test_compiled_step_equals_eager_every_offset(mixer):
     assert len(graphs) == (b if mixer != "mamba" else 1) + 1
 
 
+def test_compiled_step_traces_before_any_eager_call(monkeypatch):
+    """The op logs its "auto" choice once, which would break the graph: compiled_step does it first."""
+    import ttt.ops
+    monkeypatch.setattr(ttt.ops, "_logged", set())  # as in a fresh process
+    model = TTTLM(get_config("debug", vocab_size=256, mini_batch=1)).eval()
+    with torch.inference_mode():
+        s = model.init_state(2)
+        s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)])
+        compiled_step(model, "eager")(torch.zeros(2, 1, dtype=torch.long), s)  # fullgraph: raises on a break
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
 def test_compiled_step_inductor_equals_eager(mixer):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .model import LMState, TTTLM
-from .ops import BACKENDS as OP_BACKENDS, resolve_backend
+from .layers.ttt import TTTLayer
+from .ops import resolve_backend
 
 
 def flatten_state(s) -> list:
@@ -106,8 +107,8 @@ def compiled_step(model: TTTLM, backend: str = "inductor"):
     if not (isinstance(backend, str) or callable(backend)):
         raise ValueError(f"backend: expected a torch.compile backend (a name or a callable), got {backend!r}")
     b = period(model)
-    for blk in model.blocks:  # the op logs its "auto" choice once: do it here, not in a traced call
-        if isinstance(getattr(blk.mixer, "backend", None), str) and blk.mixer.backend in OP_BACKENDS:
+    for blk in model.blocks:  # the op logs its "auto" choice once (a graph break): do it here, not traced
+        if isinstance(blk.mixer, TTTLayer):
             resolve_backend(blk.mixer.backend, model.embed.weight.device)
 
     def step(ids, state: LMState):
