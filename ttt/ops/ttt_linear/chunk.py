@@ -398,8 +398,9 @@ def ttt_linear_bwd_kernel_v2(
         n0 = g * GROUP
         n1 = tl.minimum(n0 + GROUP, NMB)
         # 1) forward over the group from its checkpoint. Per mini-batch the scratch gets the start weights W
-        # as a dot operand (scw); the tiles G and [x^, a, c, dO] (interleaved) (scp); the row vectors 1/s,
-        # mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2 (scs)
+        # as a dot operand (scw); the tiles G, x^, a = gy / gam and dO, interleaved (scp); the row vectors
+        # 1/s, mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2 (scs). c is not kept: the walk back rebuilds
+        # it from the group's end, c = c' + sum e_b G
         W = tl.load(ckw_ptr + (pid * NCK + g) * D * D + woff, mask=wmask, other=0.0)
         c = tl.load(ckc_ptr + (pid * NCK + g) * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
@@ -411,7 +412,7 @@ def ttt_linear_bwd_kernel_v2(
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
             dOs = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
-            tl.store(scp_ptr + (s * 5 + 1) * TILE + toff * 4 + 3, dOs)  # as loaded: no layout conversion
+            tl.store(scp_ptr + s * 4 * TILE + toff * 4 + 3, dOs)  # as loaded: no layout conversion
             # the inner step, as _inner; the row sums of the G formula and those the reverse walk needs for
             # the LayerNorm backward of dZ in one reduction
             Z = _dot(k, W, DOT_MODE) + c[None, :]
@@ -424,11 +425,8 @@ def ttt_linear_bwd_kernel_v2(
             sgy, sgyx, sg2x, sg2xx = tl.reduce((gy, gy * xh, g2x, g2x * xh), 1, _add4)
             mgx = sgyx / D
             G = tl.where(cmask[None, :], (gy - (sgy / D)[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
-            tl.store(scp_ptr + s * 5 * TILE + toff, G)
-            # x^, a, c (broadcast to a tile) as one [BT, BD, 2, 2] store, one layout conversion for all three;
-            # the 4th slot holds dO
-            tl.store(scp_ptr + (s * 5 + 1) * TILE + poff,
-                     tl.join(tl.join(xh, a), tl.join(tl.zeros_like(a) + c[None, :], a)), mask=poff % 4 != 3)
+            # G, x^, a interleaved with dO as one [BT, BD, 2, 2] store: one layout conversion for all three
+            tl.store(scp_ptr + s * 4 * TILE + poff, tl.join(tl.join(G, xh), tl.join(a, a)), mask=poff % 4 != 3)
             tl.store(scs_ptr + (s * 5 + 0) * BT + rt, rstd)
             tl.store(scs_ptr + (s * 5 + 1) * BT + rt, mgx)
             tl.store(scs_ptr + (s * 5 + 2) * BT + rt, sgy)
@@ -446,8 +444,8 @@ def ttt_linear_bwd_kernel_v2(
         kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0)
         Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
-        Gn = tl.load(scp_ptr + s * 5 * TILE + toff)
-        pkn = tl.load(scp_ptr + (s * 5 + 1) * TILE + poff)  # x^, a, c, dO: one layout conversion for all four
+        pkn = tl.load(scp_ptr + s * 4 * TILE + poff)  # G, x^, a, dO: one layout conversion for all four
+        Gon = tl.load(scp_ptr + s * 4 * TILE + toff * 4)  # G again, for the products only
         rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
         mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
         sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
@@ -457,10 +455,10 @@ def ttt_linear_bwd_kernel_v2(
             n = n1 - 1 - ni
             t0 = n * MB
             Wo = Wn
-            G = Gn
-            xa, cd = tl.split(pkn)
-            xh, a = tl.split(xa)
-            ct, dO = tl.split(cd)
+            gx, ad = tl.split(pkn)
+            G, xh = tl.split(gx)
+            a, dO = tl.split(ad)
+            Go = _op(Gon, DOT_MODE)
             rstd = rstdn
             mgx = mgxn
             sgy = sgyn
@@ -476,8 +474,8 @@ def ttt_linear_bwd_kernel_v2(
             kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
             lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
             Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
-            Gn = tl.load(scp_ptr + s * 5 * TILE + toff)
-            pkn = tl.load(scp_ptr + (s * 5 + 1) * TILE + poff)
+            pkn = tl.load(scp_ptr + s * 4 * TILE + poff)
+            Gon = tl.load(scp_ptr + s * 4 * TILE + toff * 4)
             rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
             mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
             sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
@@ -486,18 +484,17 @@ def ttt_linear_bwd_kernel_v2(
 
             # output path: everything here is independent of the carried dW, dc
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-            Go = _op(G, DOT_MODE)
             QK1 = _dot(qo, tl.trans(ko), DOT_MODE) + 1.0
             P = E * QK1
             Po = _op(P, DOT_MODE)
-            Zb = _dot(qo, Wo, DOT_MODE) + ct - _dot(Po, Go, DOT_MODE)
+            eb = tau_b * lr
+            c += tl.sum(eb[:, None] * G, axis=0)  # c of this mini-batch's start: c' + sum e_b G
+            Zb = _dot(qo, Wo, DOT_MODE) + c[None, :] - _dot(Po, Go, DOT_MODE)
             # output LayerNorm statistics in one reduction (Chan's merge of mean and squared deviations)
             cnt = tl.where(cmask, 1.0, 0.0)[None, :] + tl.zeros_like(Zb)
             mub, qb, _ = tl.reduce((tl.where(cmask[None, :], Zb, 0.0), tl.zeros_like(Zb), cnt), 1, _chan)
             rstdb = 1.0 / tl.sqrt(qb / D + 1e-6)
             xhb = tl.where(cmask[None, :], (Zb - mub[:, None]) * rstdb[:, None], 0.0)
-            dgam_t += dO * xhb
-            dbet_t += dO
             gO = dO * gam[None, :]
             sg, sgx = tl.reduce((gO, gO * xhb), 1, _add2)
             dZb = tl.where(cmask[None, :], (gO - (sg / D)[:, None] - xhb * (sgx / D)[:, None]) * rstdb[:, None],
@@ -514,7 +511,6 @@ def ttt_linear_bwd_kernel_v2(
             dtau_t += dE * lr[None, :]
             dlr = tl.sum(dE * tau_r[:, None], axis=0)
             # the carried chain: W' = W - K^T (e_b G), c' = c - sum e_b G
-            eb = tau_b * lr
             dWo = _op(dW, DOT_MODE)
             KdW = _dot(ko, dWo, DOT_MODE) + dc[None, :]
             dk -= eb[:, None] * _dot(Go, tl.trans(dWo), DOT_MODE)  # (e_b G) dW'^T, e_b applied after
@@ -536,8 +532,8 @@ def ttt_linear_bwd_kernel_v2(
             sxx = rstd * (-mgx * sdx - mdgx * D * mgx + t2 - (sd / D) * sg2x - mdgx * sg2xx)
             dZ = tl.where(cmask[None, :], (dxh - (sx / D)[:, None] - xh * (sxx / D)[:, None]) * rstd[:, None]
                           + (ds / D)[:, None] * xh, 0.0)
-            dgam_t += dgy * (gam[None, :] * xh + a)
-            dbet_t += dgy * gam[None, :]
+            dgam_t += dO * xhb + dgy * (gam[None, :] * xh + a)
+            dbet_t += dO + dgy * gam[None, :]
             dv = -gam[None, :] * dgy
             dZo = _op(dZ, DOT_MODE)
             dk += gam[None, :] * dgy + _dot(dZo, tl.trans(Wo), DOT_MODE)
@@ -648,10 +644,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
         LAST["ttt_linear_bwd_kernel"] = ttt_linear_bwd_kernel[(B * H,)](
             *args, scw, scc, *strides, H, nmb, nck, **meta)
     elif impl == "v2":
-        # per-program scratch of one checkpoint group: start weights as dot operands, 5 [BT, BD] fp32 tiles
-        # and 5 row vectors per mini-batch (B4 H32 d64 bf16: 128 x 8 x 28.6 KB = 29 MB, L2-resident)
+        # per-program scratch of one checkpoint group: start weights as dot operands, 4 [BT, BD] fp32 tiles
+        # and 5 row vectors per mini-batch (B4 H32 d64 bf16: 128 x 8 x 24.3 KB = 25 MB, L2-resident)
         scw = torch.empty((B * H * group, d, d), dtype=_OPERAND_DTYPE[mode], device=q.device)
-        scp = torch.empty((B * H * group, 5, BT, BD), dtype=torch.float32, device=q.device)
+        scp = torch.empty((B * H * group, 4, BT, BD), dtype=torch.float32, device=q.device)
         scs = torch.empty((B * H * group, 5, BT), dtype=torch.float32, device=q.device)
         LAST["ttt_linear_bwd_kernel_v2"] = ttt_linear_bwd_kernel_v2[(B * H,)](
             *args, scw, scp, scs, *strides, H, nmb, nck, **meta)
