@@ -6,7 +6,7 @@ Training: one optimizer step (forward + backward + AdamW) of a 125m model under 
 TTT-Linear (M), TTT-MLP (M), the Transformer++ baseline (SDPA/FlashAttention) and the Mamba-2-style
 baseline, at 2k and 8k context with the same tokens per step. Decode: the 1.3b TTT-Linear model at
 batch 16, one token per step through CUDA-graph replay of the eager step and of the torch.compile'd
-step (`GraphedDecoder(compile=True)`; --no-decode-compile skips it), and eagerly, at several context
+step (`GraphedDecoder(compile=mode)`; --decode-compile off skips it), and eagerly, at several context
 positions, next to the attention "KV cache alone" cost (24 layers of SDPA over a cache of that length).
 Before timing, both graphed decodes are checked against the eager step.
 """
@@ -95,7 +95,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
 
 
 @torch.inference_mode()
-def bench_decode(positions, batch, size="1.3b", compiled=True):
+def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"):
+    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it)."""
     rows = []
     cfg = get_config(size, mixer="ttt_linear")
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def bench_decode(positions, batch, size="1.3b", compiled=True):
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
     # correctness: graphed replay (eager step, and torch.compile'd step) == eager steps for 2 mini-batches
-    variants = {"graphed": False, "compiled": True} if compiled else {"graphed": False}
+    variants = {"graphed": False, "compiled": compiled} if compiled else {"graphed": False}
     compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
     for name, comp in variants.items():
@@ -142,7 +143,7 @@ def bench_decode(positions, batch, size="1.3b", compiled=True):
         except torch.OutOfMemoryError:
             attn_ms = None
         row = dict(model=f"{size} ttt_linear", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
-                   compiled_graphed_ms_per_token=ms.get("compiled"), eager_ms_per_token=eager_ms,
+                   compiled_graphed_ms_per_token=ms.get("compiled"), compile_mode=compiled, eager_ms_per_token=eager_ms,
                    attention_kv_cache_alone_ms=attn_ms)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -162,8 +163,9 @@ def main():
     ap.add_argument("--positions", default="1024,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--decode-size", default="1.3b")
-    ap.add_argument("--no-decode-compile", action="store_true",
-                    help="skip the torch.compile'd graphed decode (GraphedDecoder(compile=True))")
+    ap.add_argument("--decode-compile", default="default", choices=("default", "max-autotune-no-cudagraphs", "off"),
+                    help="torch.compile mode of the compiled graphed decode (GraphedDecoder(compile=mode)); "
+                         "off: skip it")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -183,7 +185,7 @@ def main():
                                    a.backend, a.compile)
     if a.decode:
         res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
-                                     compiled=not a.no_decode_compile)
+                                     compiled=None if a.decode_compile == "off" else a.decode_compile)
     res["wall_s"] = time.time() - t0
     if a.out:
         with open(a.out, "w") as f:

@@ -109,14 +109,16 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
 
 def test_compile_arguments_are_checked():
     model = TTTLM(get_config("debug", vocab_size=256))
-    with pytest.raises(ValueError, match="^compile: expected a bool"):
-        GraphedDecoder(model, model.init_state(1), compile="yes")
+    with pytest.raises(ValueError, match="^compile: expected a bool or a torch.compile mode"):
+        GraphedDecoder(model, model.init_state(1), compile="reduce-overhead")  # its own CUDA graphs
     with pytest.raises(ValueError, match="^warmup: expected an int >= 0"):
         GraphedDecoder(model, model.init_state(1), warmup=-1)
     with pytest.raises(ValueError, match="^model: expected a TTTLM"):
         compiled_step(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="^backend: expected a torch.compile backend"):
         compiled_step(model, backend=3)
+    with pytest.raises(ValueError, match="^mode: expected one of"):
+        compiled_step(model, mode="max-autotune")
 
 
 def test_generate_compile_decode_is_checked():

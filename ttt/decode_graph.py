@@ -83,16 +83,20 @@ def _lm_head(model, h):
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled(model, fn, key, backend):
+def _compiled(model, fn, key, backend, mode):
     fns = _COMPILED.setdefault(model, {})
-    if (key, backend) not in fns:
+    if (key, backend, mode) not in fns:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{key}".replace(" ", ""))
-        fns[key, backend] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name),
-                                          backend=backend, fullgraph=True, dynamic=False)
-    return fns[key, backend]
+        fns[key, backend, mode] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name),
+                                                backend=backend, mode=mode, fullgraph=True, dynamic=False)
+    return fns[key, backend, mode]
 
 
-def compiled_step(model: TTTLM, backend: str = "inductor"):
+# torch.compile modes that leave CUDA graphs to us ("reduce-overhead" and "max-autotune" capture their own)
+MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"):
     """The model's one-token step with every block (and the head) through torch.compile.
 
         step = compiled_step(model)
@@ -101,11 +105,16 @@ def compiled_step(model: TTTLM, backend: str = "inductor"):
     Unlike model(ids, state), the new state is written into `state`'s own tensors and state.pos is
     left as is (the caller advances it). The first call at each in-batch offset r = state.pos mod b
     compiles (Dynamo traces one block, the other blocks reuse it); later calls reuse that.
+    mode: a torch.compile mode of MODES ("max-autotune-no-cudagraphs" also tunes the GEMMs; longer
+    compiles, once per GEMM shape).
     """
     if not isinstance(model, TTTLM):
         raise ValueError(f"model: expected a TTTLM, got {type(model).__name__}")
     if not (isinstance(backend, str) or callable(backend)):
         raise ValueError(f"backend: expected a torch.compile backend (a name or a callable), got {backend!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    mode = None if backend != "inductor" else mode  # modes are Inductor's options
     b = period(model)
     for blk in model.blocks:  # the op logs its "auto" choice once (a graph break): do it here, not traced
         if isinstance(blk.mixer, TTTLayer):
@@ -115,11 +124,11 @@ def compiled_step(model: TTTLM, backend: str = "inductor"):
         r = state.pos % b
         s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
         sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one entry per code object
-        block_step = _compiled(model, _block_step, f"r{r}_{sig}", backend)
+        block_step = _compiled(model, _block_step, f"r{r}_{sig}", backend, mode)
         h = model.embed(ids)
         for blk, bs in zip(model.blocks, s.blocks):
             h = block_step(blk, h, bs)
-        return _compiled(model, _lm_head, sig, backend)(model, h)
+        return _compiled(model, _lm_head, sig, backend, mode)(model, h)
 
     return step
 
@@ -132,12 +141,13 @@ class GraphedDecoder:
         state = dec.state()                     # a normal LMState again (copies of the buffers)
 
     compile=True captures `compiled_step` (torch.compile per block; b compilations, done before the
-    capture, on first use per model and batch size) instead of the eager step.
+    capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
+    compiles in that torch.compile mode (True = "default").
     """
 
-    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool = False):
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile: expected a bool, got {compile!r}")
+    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool | str = False):
+        if not (isinstance(compile, bool) or compile in MODES):
+            raise ValueError(f"compile: expected a bool or a torch.compile mode of {MODES}, got {compile!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
         if model.cfg.mixer == "attention":
@@ -152,8 +162,8 @@ class GraphedDecoder:
         B = self.buffers[0].shape[0]
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.buffers[0].device)
         if compile:
-            step, states = compiled_step(model), [rebuild_state(state, list(self.buffers), pos=r)
-                                                  for r in range(self.period)]
+            step = compiled_step(model, mode="default" if compile is True else compile)
+            states = [rebuild_state(state, list(self.buffers), pos=r) for r in range(self.period)]
             run = lambda r: step(self.ids, states[r])  # noqa: E731
             warmup = max(warmup, 1)  # the first call compiles: never inside the capture
             # a guard that failed during the capture would recompile there: raise instead
