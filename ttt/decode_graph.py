@@ -8,12 +8,12 @@ overhead. Mamba states are fixed-size and position-free too (one graph). Attenti
 with the context, so attention models are refused here (decode them without graphs).
 
 `GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: each
-block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates and conv windows into a
-few kernels; the fused Triton step kernels and the GEMMs are kept), with one compiled function per
-offset r, shared by all blocks of the model (they have the same code and shapes), so a model
-compiles b times however deep it is. Each r gets its own code object, hence its own Dynamo cache:
-no recompile limit is reached and r is a constant in its graph. fullgraph=True: a graph break raises
-rather than falling back to eager.
+block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates and state writes into a
+few kernels; the GEMMs, the cuDNN convs and the fused Triton step kernels, which Dynamo traces as user
+kernels, stay as they are), with one compiled function per offset r, shared by all blocks of the model
+(same code and shapes), so a model compiles b times however deep it is. Each r gets its own code
+object, hence its own Dynamo cache: no recompile limit is reached, r is a constant in its graph.
+fullgraph=True: a graph break raises instead of falling back to eager.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .model import LMState, TTTLM
 from .layers.ttt import TTTLayer
+from .model import LMState, TTTLM
 from .ops import resolve_backend
 
 
