@@ -25,6 +25,30 @@ W' = W - K^T (e_b G), c' = c - sum e_b G  (e_b = tau_b lr):
   ds = -sum(dG G) / s,  dZ = (dx^ - mean dx^ - x^ mean(dx^ x^)) / s + ds x^ / d
   dW = dW' + Q^T dZb + K^T dZ,  dc = dc' + sum dZb + sum dZ
   dE = dP * (Q K^T + 1) (lower triangle) -> dtau_i, dlr_j;  e_b -> dlr_j, dtau_b.
+
+Backward kernels (BWD_IMPL, or the environment variable TTT_LINEAR_BWD): the same formulas, three schedules.
+  v1: the recompute pass keeps only each mini-batch's (W, c); the walk back re-does the inner forward
+      (Z = K W + c, its LN statistics, G) and then the backward: 2 + 14 products and 4 + 17 row reductions
+      (LN statistics and LN backward sums) per mini-batch, 7 column sums.
+  v2 (default): the recompute pass also keeps, per mini-batch, G, x^, a = gy / gam and dO (one interleaved
+      [BT, BD, 4] fp32 tile), W as a dot operand (16-bit for 16-bit products) and the row vectors 1/s,
+      mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2; the walk back skips the inner forward. Identities
+      that save row reductions or products (exact in real arithmetic, rounding-level differences only):
+        c of a mini-batch's start is rebuilt on the walk back, c = c' + sum e_b G (c is not kept);
+        LN(Zb) statistics in one reduction (Chan's merge of mean and squared deviations);
+        sum dx^ = (-mean(gy x^) sum dG - mean(dG x^) sum gy + sum gam^2 dG - mean(dG) sum gam^2
+                   - mean(dG x^) sum gam^2 x^) / s,
+        sum dx^ x^ = (-mean(gy x^) sum dG x^ - d mean(dG x^) mean(gy x^) + sum gam^2 dG x^
+                      - mean(dG) sum gam^2 x^ - mean(dG x^) sum gam^2 x^2) / s,
+      so all row sums of the LN-L2 backward (and sum (K dW' + dc') G for dlr) are one 6-way reduction;
+        (e_b G) dW'^T = e_b (G dW'^T) (G's 16-bit copy shared by P G, dZb G^T and this product);
+        Q^T dZb + K^T dZ = [Q; K]^T [dZb; dZ] (one product with inner dim 2 BT);
+      the column sums for dgam, dbet, dtau are accumulated as tiles and reduced once at the end.
+      Per mini-batch: 2 + 12 products, 3 + 3 row reductions (one of them 6-way), 2 column sums.
+  v3 (experimental): v2's recompute of group g - 1 interleaved with the walk back through group g in one
+      loop body (double-buffered scratch), their row reductions merged: 3 reductions per step for both.
+H100 compile (Triton 3.6, d = 64, bf16, 8 warps), per mini-batch step: v1 115 barriers / 2030 instructions,
+v2 51 / 2070, v3 40 / 2170 (more register spills); docs/kernels_notes.md has the timings.
 """
 from __future__ import annotations
 
@@ -560,6 +584,267 @@ def ttt_linear_bwd_kernel_v2(
     tl.store(dlnb_ptr + pid * BD + rd, tl.sum(dbet_t, axis=0))
 
 
+@triton.jit
+def _on(mask, ok):
+    """mask where the scalar predicate ok holds (ok broadcast to a tensor first: in the interpreter `&` of a
+    tensor and a scalar predicate is not boolean)."""
+    return mask & (tl.where(mask, 1, 1) * ok.to(tl.int32) != 0)
+
+
+@triton.jit
+def _sum_chan(s_a, m_a, q_a, n_a, s_b, m_b, q_b, n_b):
+    """A plain sum and a (mean, squared deviations, count) merge in one reduction."""
+    m, q, n = _chan(m_a, q_a, n_a, m_b, q_b, n_b)
+    return s_a + s_b, m, q, n
+
+
+@triton.jit
+def _add10(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9
+
+
+@triton.jit
+def ttt_linear_bwd_kernel_v3(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr,
+    do_ptr, dwT_ptr, dcT_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    scw_ptr, scp_ptr, scs_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """v2's two passes interleaved: step j of the walk back through group g and step j of the recompute
+    of group g - 1 (into the other half of a double-buffered scratch) run in one loop body, their row
+    reductions merged (3 reductions per step instead of 6) and their dependent chains side by side.
+    Outer iteration `it` walks group NCK - it back (none at it = 0) and recomputes group NCK - 1 - it
+    (none at it = NCK); a step outside its group runs on masked (zero) loads, adds nothing, stores nothing."""
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    TILE: tl.constexpr = BT * BD
+    toff = rt[:, None] * BD + rd[None, :]
+    r2 = tl.arange(0, 2)
+    poff = (toff[:, :, None, None] * 2 + r2[None, None, :, None]) * 2 + r2[None, None, None, :]
+    full = toff >= 0  # all-true [BT, BD]
+
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gg = tl.sum(gam * gam, axis=0)
+    g2 = (gam * gam)[None, :]
+    cnt = tl.where(cmask, 1.0, 0.0)[None, :] + tl.zeros([BT, BD], dtype=tl.float32)
+
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+    dgam_t = tl.zeros([BT, BD], dtype=tl.float32)
+    dbet_t = tl.zeros([BT, BD], dtype=tl.float32)
+    dtau_t = tl.zeros([BT, BT], dtype=tl.float32)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    c = tl.zeros([BD], dtype=tl.float32)
+    for it in range(NCK + 1):
+        # recompute: group gc into buffer it % 2; walk back: group gr from buffer (it + 1) % 2
+        gc = NCK - 1 - it
+        gr = NCK - it
+        okc = gc >= 0
+        okr = gr < NCK
+        n0c = gc * GROUP
+        lenc = tl.where(okc, tl.minimum(GROUP, NMB - n0c), 0)
+        n0r = gr * GROUP
+        lenr = tl.where(okr, tl.minimum(GROUP, NMB - n0r), 0)
+        bc = (pid * 2 + it % 2) * GROUP
+        br = (pid * 2 + (it + 1) % 2) * GROUP
+        gcc = tl.maximum(gc, 0)
+        cr = c  # c at the end of group gr: where the recompute of the last outer iteration left it
+        W = tl.load(ckw_ptr + (pid * NCK + gcc) * D * D + woff, mask=_on(wmask, okc), other=0.0)
+        c = tl.load(ckc_ptr + (pid * NCK + gcc) * D + rd, mask=_on(cmask, okc), other=0.0)
+        # first step's loads (recompute step 0, walk-back step 0 = mini-batch n0r + lenr - 1)
+        vc = lenc > 0
+        nc = n0c
+        pc = in_base + nc * MB * s_t + in_off
+        kcn = tl.load(k_ptr + pc, mask=_on(m2, vc), other=0.0)
+        vcn = tl.load(v_ptr + pc, mask=_on(m2, vc), other=0.0)
+        lrcn = tl.load(lr_ptr + lr_base + (nc * MB + rt) * l_t, mask=_on(tmask, vc), other=0.0)
+        dOcn = tl.load(do_ptr + out_base + nc * MB * o_t + out_off, mask=_on(m2, vc), other=0.0)
+        vr = lenr > 0
+        jr = tl.maximum(lenr - 1, 0)
+        nr = n0r + jr
+        pr = in_base + nr * MB * s_t + in_off
+        sr = br + jr
+        qn = tl.load(q_ptr + pr, mask=_on(m2, vr), other=0.0)
+        kn = tl.load(k_ptr + pr, mask=_on(m2, vr), other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (nr * MB + rt) * l_t, mask=_on(tmask, vr), other=0.0)
+        Wn = tl.load(scw_ptr + sr * D * D + woff, mask=_on(wmask, vr), other=0.0)
+        pkn = tl.load(scp_ptr + sr * 4 * TILE + poff, mask=_on(poff >= 0, vr), other=0.0)
+        Gon = tl.load(scp_ptr + sr * 4 * TILE + toff * 4, mask=_on(full, vr), other=0.0)
+        rstdn = tl.load(scs_ptr + (sr * 5 + 0) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+        mgxn = tl.load(scs_ptr + (sr * 5 + 1) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+        sgyn = tl.load(scs_ptr + (sr * 5 + 2) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+        sg2xn = tl.load(scs_ptr + (sr * 5 + 3) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+        sg2xxn = tl.load(scs_ptr + (sr * 5 + 4) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+        for j in range(GROUP):
+            # ---- this step's inputs; the next step's loads go out first
+            okc_j = j < lenc
+            sc = bc + j
+            t0c = (n0c + j) * MB
+            kc = kcn.to(tl.float32)
+            vcv = vcn.to(tl.float32)
+            lrc = lrcn.to(tl.float32)
+            dOc = dOcn.to(tl.float32)
+            okr_j = j < lenr
+            jr = lenr - 1 - j
+            t0r = (n0r + jr) * MB
+            Wo = Wn
+            gx, ad = tl.split(pkn)
+            G, xh = tl.split(gx)
+            a, dO = tl.split(ad)
+            Go = _op(Gon, DOT_MODE)
+            rstd = rstdn
+            mgx = mgxn
+            sgy = sgyn
+            sg2x = sg2xn
+            sg2xx = sg2xxn
+            qo = _op(qn, DOT_MODE)
+            ko = _op(kn, DOT_MODE)
+            lr = lrn.to(tl.float32)
+
+            vc = j + 1 < lenc
+            nc = n0c + tl.minimum(j + 1, GROUP - 1)
+            pc = in_base + nc * MB * s_t + in_off
+            kcn = tl.load(k_ptr + pc, mask=_on(m2, vc), other=0.0)
+            vcn = tl.load(v_ptr + pc, mask=_on(m2, vc), other=0.0)
+            lrcn = tl.load(lr_ptr + lr_base + (nc * MB + rt) * l_t, mask=_on(tmask, vc), other=0.0)
+            dOcn = tl.load(do_ptr + out_base + nc * MB * o_t + out_off, mask=_on(m2, vc), other=0.0)
+            vr = j + 1 < lenr
+            jn = tl.maximum(lenr - 2 - j, 0)
+            nr = n0r + jn
+            pr = in_base + nr * MB * s_t + in_off
+            sr = br + jn
+            qn = tl.load(q_ptr + pr, mask=_on(m2, vr), other=0.0)
+            kn = tl.load(k_ptr + pr, mask=_on(m2, vr), other=0.0)
+            lrn = tl.load(lr_ptr + lr_base + (nr * MB + rt) * l_t, mask=_on(tmask, vr), other=0.0)
+            Wn = tl.load(scw_ptr + sr * D * D + woff, mask=_on(wmask, vr), other=0.0)
+            pkn = tl.load(scp_ptr + sr * 4 * TILE + poff, mask=_on(poff >= 0, vr), other=0.0)
+            Gon = tl.load(scp_ptr + sr * 4 * TILE + toff * 4, mask=_on(full, vr), other=0.0)
+            rstdn = tl.load(scs_ptr + (sr * 5 + 0) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+            mgxn = tl.load(scs_ptr + (sr * 5 + 1) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+            sgyn = tl.load(scs_ptr + (sr * 5 + 2) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+            sg2xn = tl.load(scs_ptr + (sr * 5 + 3) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+            sg2xxn = tl.load(scs_ptr + (sr * 5 + 4) * BT + rt, mask=_on(rt >= 0, vr), other=0.0)
+
+            # ---- recompute step (group gc, step j) | walk-back step (group gr, mini-batch n0r + lenr - 1 - j)
+            Wco = _op(W, DOT_MODE)
+            tl.store(scw_ptr + sc * D * D + woff, Wco, mask=_on(wmask, okc_j))
+            tl.store(scp_ptr + sc * 4 * TILE + toff * 4 + 3, dOc, mask=_on(full, okc_j))
+            Z = _dot(kc, Wco, DOT_MODE) + c[None, :]
+            E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+            QK1 = _dot(qo, tl.trans(ko), DOT_MODE) + 1.0
+            P = E * QK1
+            Po = _op(P, DOT_MODE)
+            eb = tau_b * lr
+            cr += tl.sum(eb[:, None] * G, axis=0)
+            Zb = _dot(qo, Wo, DOT_MODE) + cr[None, :] - _dot(Po, Go, DOT_MODE)
+            # reduction 1: mean of Z | statistics of Zb
+            sz, mub, qb, _ = tl.reduce((Z, tl.where(cmask[None, :], Zb, 0.0), tl.zeros_like(Zb), cnt), 1,
+                                       _sum_chan)
+            zc = tl.where(cmask[None, :], Z - (sz / D)[:, None], 0.0)
+            rstdb = 1.0 / tl.sqrt(qb / D + 1e-6)
+            xhb = tl.where(cmask[None, :], (Zb - mub[:, None]) * rstdb[:, None], 0.0)
+            gO = dO * gam[None, :]
+            # reduction 2: variance of Z | LayerNorm backward sums of the output
+            szz, sg, sgx = tl.reduce((zc * zc, gO, gO * xhb), 1, _add3)
+            rstd_c = 1.0 / tl.sqrt(szz / D + 1e-6)
+            xh_c = zc * rstd_c[:, None]
+            a_c = gam[None, :] * xh_c + bet[None, :] - (vcv - kc)
+            gy_c = gam[None, :] * a_c
+            g2x_c = g2 * xh_c
+            dZb = tl.where(cmask[None, :], (gO - (sg / D)[:, None] - xhb * (sgx / D)[:, None]) * rstdb[:, None],
+                           0.0)
+            dZbo = _op(dZb, DOT_MODE)
+            dq = dO + _dot(dZbo, tl.trans(Wo), DOT_MODE)
+            dP = -_dot(dZbo, tl.trans(Go), DOT_MODE)
+            dG = -_dot(tl.trans(Po), dZbo, DOT_MODE)
+            dE = tl.where(causal, dP * QK1, 0.0)
+            dA = dP * E
+            dAo = _op(dA, DOT_MODE)
+            dq += _dot(dAo, ko, DOT_MODE)
+            dk = _dot(tl.trans(dAo), qo, DOT_MODE)
+            dtau_t += dE * lr[None, :]
+            dlr = tl.sum(dE * tau_r[:, None], axis=0)
+            dWo = _op(dW, DOT_MODE)
+            KdW = _dot(ko, dWo, DOT_MODE) + dc[None, :]
+            dk -= eb[:, None] * _dot(Go, tl.trans(dWo), DOT_MODE)
+            dG -= eb[:, None] * KdW
+            g2dG = g2 * dG
+            # reduction 3: the G formula's sums (and the walk-back's per-row sums) | the LN-L2 backward sums
+            sgy_c, sgyx_c, sg2x_c, sg2xx_c, S, sd, sdx, sdg, t1, t2 = tl.reduce(
+                (gy_c, gy_c * xh_c, g2x_c, g2x_c * xh_c, KdW * G, dG, dG * xh, dG * G, g2dG, g2dG * xh), 1, _add10)
+            # recompute: G, the scratch, the weight update
+            mgx_c = sgyx_c / D
+            G_c = tl.where(cmask[None, :], (gy_c - (sgy_c / D)[:, None] - xh_c * mgx_c[:, None]) * rstd_c[:, None],
+                           0.0)
+            tl.store(scp_ptr + sc * 4 * TILE + poff, tl.join(tl.join(G_c, xh_c), tl.join(a_c, a_c)),
+                     mask=_on(poff % 4 != 3, okc_j))
+            tl.store(scs_ptr + (sc * 5 + 0) * BT + rt, rstd_c, mask=_on(rt >= 0, okc_j))
+            tl.store(scs_ptr + (sc * 5 + 1) * BT + rt, mgx_c, mask=_on(rt >= 0, okc_j))
+            tl.store(scs_ptr + (sc * 5 + 2) * BT + rt, sgy_c, mask=_on(rt >= 0, okc_j))
+            tl.store(scs_ptr + (sc * 5 + 3) * BT + rt, sg2x_c, mask=_on(rt >= 0, okc_j))
+            tl.store(scs_ptr + (sc * 5 + 4) * BT + rt, sg2xx_c, mask=_on(rt >= 0, okc_j))
+            eG = (tau_b * lrc)[:, None] * G_c
+            W -= _dot(tl.trans(kc), eG, DOT_MODE)
+            c -= tl.sum(eG, axis=0)
+            # walk back: dZ, dk, dv and the carried gradients
+            dlr -= tau_b * S
+            dtau_b -= lr * S
+            mdgx = sdx / D
+            dgy = tl.where(cmask[None, :], (dG - (sd / D)[:, None] - xh * mdgx[:, None]) * rstd[:, None], 0.0)
+            gy = gam[None, :] * a
+            dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + g2 * dgy
+            ds = -sdg * rstd
+            sx = rstd * (-mgx * sd - mdgx * sgy + t1 - (sd / D) * gg - mdgx * sg2x)
+            sxx = rstd * (-mgx * sdx - mdgx * D * mgx + t2 - (sd / D) * sg2x - mdgx * sg2xx)
+            dZ = tl.where(cmask[None, :], (dxh - (sx / D)[:, None] - xh * (sxx / D)[:, None]) * rstd[:, None]
+                          + (ds / D)[:, None] * xh, 0.0)
+            dgam_t += dO * xhb + dgy * (gam[None, :] * xh + a)
+            dbet_t += dO + dgy * gam[None, :]
+            dv = -gam[None, :] * dgy
+            dZo = _op(dZ, DOT_MODE)
+            dk += gam[None, :] * dgy + _dot(dZo, tl.trans(Wo), DOT_MODE)
+            qk2 = tl.reshape(tl.permute(tl.join(qo, ko), 2, 0, 1), 2 * BT, BD)
+            dz2 = tl.reshape(tl.permute(tl.join(dZbo, dZo), 2, 0, 1), 2 * BT, BD)
+            dW += _dot(tl.trans(qk2), dz2, DOT_MODE)
+            dc += tl.sum(dZb + dZ, axis=0)
+            optr = out_base + t0r * o_t + out_off
+            ety = dq_ptr.dtype.element_ty
+            mr = _on(m2, okr_j)
+            tl.store(tl.join(tl.join(dq_ptr + optr, dk_ptr + optr), tl.join(dv_ptr + optr, dv_ptr + optr)),
+                     tl.join(tl.join(dq.to(ety), dk.to(ety)), tl.join(dv.to(ety), dv.to(ety))),
+                     mask=tl.join(tl.join(mr, mr), tl.join(mr, mr & (rt < 0)[:, None])))
+            tl.store(dlr_ptr + (bi * NMB * MB + t0r + rt) * H + hi, dlr, mask=_on(tmask, okr_j))
+        tl.debug_barrier()
+    tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
+    tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
+    dtau = tl.sum(dtau_t, axis=1) + tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0)
+    tl.store(dtau_ptr + pid * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid * BD + rd, tl.sum(dgam_t, axis=0))
+    tl.store(dlnb_ptr + pid * BD + rd, tl.sum(dbet_t, axis=0))
+
+
 _OPERAND_DTYPE = {0: torch.float32, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16}  # by DOT_MODE (_op)
 
 
@@ -573,8 +858,9 @@ def _dot_mode(dtype: torch.dtype) -> int:
     return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
 
 
-# backward kernel: "v2" (the reverse walk reads G and the inner LN statistics from the recompute pass) or
-# "v1" (the reverse walk re-does the inner forward); the environment variable TTT_LINEAR_BWD overrides it
+# backward kernel (see the module docstring): "v2" (the walk back reads G and the inner LN statistics from
+# the recompute pass), "v1" (the walk back re-does the inner forward), "v3" (v2's two passes interleaved,
+# experimental); the environment variable TTT_LINEAR_BWD overrides it
 BWD_IMPL = "v2"
 NUM_WARPS = None  # None: forward 4 for d <= 64 else 8, backward 8; an int forces one (benchmark variants)
 
@@ -651,8 +937,15 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
         scs = torch.empty((B * H * group, 5, BT), dtype=torch.float32, device=q.device)
         LAST["ttt_linear_bwd_kernel_v2"] = ttt_linear_bwd_kernel_v2[(B * H,)](
             *args, scw, scp, scs, *strides, H, nmb, nck, **meta)
+    elif impl == "v3":
+        # as v2, double-buffered (the walk back reads one half while the recompute writes the other)
+        scw = torch.empty((B * H * 2 * group, d, d), dtype=_OPERAND_DTYPE[mode], device=q.device)
+        scp = torch.empty((B * H * 2 * group, 4, BT, BD), dtype=torch.float32, device=q.device)
+        scs = torch.empty((B * H * 2 * group, 5, BT), dtype=torch.float32, device=q.device)
+        LAST["ttt_linear_bwd_kernel_v3"] = ttt_linear_bwd_kernel_v3[(B * H,)](
+            *args, scw, scp, scs, *strides, H, nmb, nck, **meta)
     else:
-        raise ValueError(f"unknown TTT-Linear backward {impl!r} (BWD_IMPL / TTT_LINEAR_BWD: 'v1' or 'v2')")
+        raise ValueError(f"unknown TTT-Linear backward {impl!r} (BWD_IMPL / TTT_LINEAR_BWD: 'v1', 'v2' or 'v3')")
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
