@@ -103,7 +103,7 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None, blocked=None, lin_fwd=None, lin_bwd=None):
+             bwd_warps=None, blocked=None, lin_bwd=None):
     """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings."""
     from ttt.ops import triton_backend
     from ttt.ops.ttt_linear import chunk as lin_chunk
@@ -111,8 +111,6 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
     mlp_chunk.BWD_WARPS = bwd_warps
-    if lin_fwd:
-        triton_backend.LINEAR_FWD = lin_fwd
     default_bwd = lin_chunk.BWD_IMPL
     if lin_bwd:
         lin_chunk.BWD_IMPL = lin_bwd
@@ -136,12 +134,11 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
     mlp_chunk.BWD_WARPS = None
-    triton_backend.LINEAR_FWD = "fused"
     lin_chunk.BWD_IMPL = default_bwd
     triton_backend.MLP_IMPL = mlp_blocked.NUM_STAGES = mlp_blocked.BLOCK_F = mlp_blocked.NUM_WARPS = None
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
         + ("" if bwd_warps is None else f"_bw{bwd_warps}") \
-        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked)) + ("" if lin_fwd is None else f"_{lin_fwd}") \
+        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked)) \
         + ("" if lin_bwd is None else f"_b{lin_bwd}")
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
@@ -268,7 +265,7 @@ def main():
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
                          "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps), "
-                         "split / fused (TTT-Linear forward), bv1 / bv2 / bv3 (TTT-Linear backward kernel)")
+                         "bv1 / bv2 / bv3 (TTT-Linear backward kernel)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
@@ -302,13 +299,6 @@ def main():
                 ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16)
                 ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
                 ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
-                if kind == "linear":  # the two-kernel forward
-                    from ttt.ops import triton_backend
-                    triton_backend.LINEAR_FWD = "split"
-                    ok &= check(kind, 4, 8192, 32, 64, torch.bfloat16)
-                    ok &= check(kind, 2, 1003, 4, 128, torch.bfloat16, pos=5, grad=True)
-                    ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
-                    triton_backend.LINEAR_FWD = "fused"
                 if kind == "mlp":  # head dims > 64 run the F-blocked kernels; d = 64 forced onto them too
                     ok &= check(kind, 1, 555, 4, 128, torch.bfloat16, pos=5, grad=True)
                     ok &= check(kind, 1, 300, 2, 96, torch.float32, pos=16, grad=True, tol=1e-4)
@@ -342,11 +332,7 @@ def main():
                 for d in (int(x) for x in args.dims.split(",")):
                     time_ttt(kind, B, T, 2048 // d, d, mode)
                     for var in filter(None, args.variants.split(",")):
-                        if var in ("split", "fused"):
-                            if kind != "linear":
-                                continue
-                            kw = {"lin_fwd": var}
-                        elif var in ("bv1", "bv2", "bv3"):
+                        if var in ("bv1", "bv2", "bv3"):
                             if kind != "linear" or mode != "fwdbwd":
                                 continue
                             kw = {"lin_bwd": var[1:]}
@@ -376,10 +362,10 @@ def main():
         for kind in kinds:
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
-    from ttt.ops.ttt_linear import chunk as lin_chunk, chunk_split as lin_split
+    from ttt.ops.ttt_linear import chunk as lin_chunk
     from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
     res = {}
-    for mod in (lin_chunk, lin_split, mlp_chunk, mlp_blocked, mlp_step):
+    for mod in (lin_chunk, mlp_chunk, mlp_blocked, mlp_step):
         for name, kern in getattr(mod, "LAST", {}).items():
             try:
                 res[name] = {a: getattr(kern, a, None) for a in ("n_regs", "n_spills")} | {

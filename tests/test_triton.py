@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import random_inputs  # noqa: E402
 from ttt.ops import TTTState  # noqa: E402
-from ttt.ops.ttt_linear import chunk as lin_chunk, chunk_split as lin_split  # noqa: E402
+from ttt.ops.ttt_linear import chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
@@ -49,7 +49,7 @@ class _PoisonTorch:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, lin_split, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", _PoisonTorch())
 
 
@@ -113,21 +113,6 @@ def test_linear_matches_dual(B, T, H, d, b, pos):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
-@pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
-def test_linear_split_forward_matches_dual(B, T, H, d, b, pos, monkeypatch):
-    """The two-kernel TTT-Linear forward (sequential chain, then the output per checkpoint group)."""
-    monkeypatch.setattr(triton_backend, "LINEAR_FWD", "split")
-    lin_split.LAST.clear()
-    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
-    assert set(lin_split.LAST) == {"ttt_linear_chain_kernel", "ttt_linear_out_kernel"}
-
-
-def test_linear_split_forward_no_grad(monkeypatch):
-    monkeypatch.setattr(triton_backend, "LINEAR_FWD", "split")
-    compare("linear", B=1, T=160, H=2, d=16, b=16, pos=0, grad=False)
-    compare("linear", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
-
-
 @pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (2, 150, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
 def test_mlp_matches_dual(B, T, H, d, b, pos):
     compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
@@ -155,7 +140,7 @@ def test_mlp_blocked_fp16_forward(blocked):
 
 
 def test_mlp_wide_head_runs_blocked_kernels():
-    """d > 64 picks the F-blocked kernels by default (d = 72: padded to 128, F = 288 in 64-column blocks)."""
+    """d > 64 picks the F-blocked kernels by default (d = 72: padded to 128, F = 288 in 32-column blocks)."""
     mlp_blocked.LAST.clear()
     compare("mlp", B=1, T=37, H=1, d=72, b=16, pos=3)
     assert set(mlp_blocked.LAST) == {"ttt_mlp_fwd_blocked_kernel", "ttt_mlp_bwd_blocked_kernel"}

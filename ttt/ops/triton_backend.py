@@ -27,7 +27,7 @@ import torch
 import triton  # noqa: F401  (import failure = backend unavailable)
 
 from .common import TTTState
-from .ttt_linear import chunk as _lin_chunk, chunk_split as _lin_split, dual as _lin_dual, step as _lin_step
+from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
 from .ttt_linear import step_triton as lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, step as _mlp_step
 from .ttt_mlp import step_triton as mlp_step_triton
@@ -44,7 +44,6 @@ def _warn_once(key, msg: str, *args) -> None:
 
 MLP_MAX_D = 64  # the register TTT-MLP kernels hold their weights on chip up to this head dim
 MLP_IMPL = None  # None: "regs" for d <= MLP_MAX_D, else "blocked"; a string forces one (benchmarks, tests)
-LINEAR_FWD = "fused"  # TTT-Linear forward: "fused" (chunk.py, one kernel) or "split" (chunk_split.py: chain + output)
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 
 
@@ -85,10 +84,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 mini_batch: int, group: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    if LINEAR_FWD not in ("fused", "split"):
-        raise ValueError(f"LINEAR_FWD: expected 'fused' or 'split', got {LINEAR_FWD!r}")
-    impl = _lin_chunk if LINEAR_FWD == "fused" else _lin_split
-    o, wT, cT, ck = impl.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
+    o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save)
     if ck is None:
         ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
