@@ -281,7 +281,7 @@ def cmd_generate(args) -> int:
         seed = None if args.seed is None else args.seed + i
         for piece in stream_text(model, tok, prompt, args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seed,
-                                 cuda_graph=args.cuda_graph):
+                                 cuda_graph=args.cuda_graph, compile_decode=args.compile_decode):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each decode step as a captured CUDA graph (default: on for CUDA TTT/Mamba models)")
+    d.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the decode step before capturing its CUDA graphs (fuses the element-wise "
+                        "work; compiles once per model and batch size)")
     d.set_defaults(func=cmd_generate)
 
     # params
