@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 B="python3 benchmarks/bench_op.py --quick --skip fla --commit ${COMMIT:-}"
 has() { [[ $PARTS == *" $1 "* ]]; }
-has tests && timeout 240 python3 -m pytest -q -m gpu tests/test_triton.py tests/test_gpu.py 2>&1 | tail -25
+has tests && timeout 200 python3 -m pytest -q -m gpu tests/test_triton.py tests/test_gpu.py 2>&1 | tail -25
 has check && timeout 200 $B --out "$OUT/check" --only check 2>&1 | grep -v Warn
 has linbwd && timeout 150 $B --out "$OUT/linbwd" --only fwdbwd --kinds linear --skip fla,sdpa --Ts 2048,8192,32768 \
   --variants bv1,bv3 2>&1 | grep -v Warn
