@@ -479,10 +479,9 @@ def ttt_linear_bwd_kernel_v2(
             n = n1 - 1 - ni
             t0 = n * MB
             Wo = Wn
-            gx, ad = tl.split(pkn)
-            G, xh = tl.split(gx)
-            a, dO = tl.split(ad)
-            Go = _op(Gon, DOT_MODE)
+            pk = pkn
+            Gf = Gon
+            Go = _op(Gf, DOT_MODE)
             rstd = rstdn
             mgx = mgxn
             sgy = sgyn
@@ -512,13 +511,20 @@ def ttt_linear_bwd_kernel_v2(
             P = E * QK1
             Po = _op(P, DOT_MODE)
             eb = tau_b * lr
-            c += tl.sum(eb[:, None] * G, axis=0)  # c of this mini-batch's start: c' + sum e_b G
+            c += tl.sum(eb[:, None] * Gf, axis=0)  # c of this mini-batch's start: c' + sum e_b G
             Zb = _dot(qo, Wo, DOT_MODE) + c[None, :] - _dot(Po, Go, DOT_MODE)
             # output LayerNorm statistics in one reduction (Chan's merge of mean and squared deviations)
             cnt = tl.where(cmask, 1.0, 0.0)[None, :] + tl.zeros_like(Zb)
             mub, qb, _ = tl.reduce((tl.where(cmask[None, :], Zb, 0.0), tl.zeros_like(Zb), cnt), 1, _chan)
             rstdb = 1.0 / tl.sqrt(qb / D + 1e-6)
             xhb = tl.where(cmask[None, :], (Zb - mub[:, None]) * rstdb[:, None], 0.0)
+            # the tile of G, x^, a, dO is split only here, after adding zeros computed from xhb: this ties it to
+            # the products' register layout, so it is converted once (Triton otherwise converts each piece
+            # and some values derived from them, ~10 more barriers per step); 0 * xhb is 0 for finite xhb
+            z4 = 0.0 * xhb
+            gx, ad = tl.split(pk + tl.join(tl.join(z4, z4), tl.join(z4, z4)))
+            G, xh = tl.split(gx)
+            a, dO = tl.split(ad)
             gO = dO * gam[None, :]
             sg, sgx = tl.reduce((gO, gO * xhb), 1, _add2)
             dZb = tl.where(cmask[None, :], (gO - (sg / D)[:, None] - xhb * (sgx / D)[:, None]) * rstdb[:, None],
@@ -710,10 +716,9 @@ def ttt_linear_bwd_kernel_v3(
             jr = lenr - 1 - j
             t0r = (n0r + jr) * MB
             Wo = Wn
-            gx, ad = tl.split(pkn)
-            G, xh = tl.split(gx)
-            a, dO = tl.split(ad)
-            Go = _op(Gon, DOT_MODE)
+            pk = pkn
+            Gf = Gon
+            Go = _op(Gf, DOT_MODE)
             rstd = rstdn
             mgx = mgxn
             sgy = sgyn
@@ -757,7 +762,7 @@ def ttt_linear_bwd_kernel_v3(
             P = E * QK1
             Po = _op(P, DOT_MODE)
             eb = tau_b * lr
-            cr += tl.sum(eb[:, None] * G, axis=0)
+            cr += tl.sum(eb[:, None] * Gf, axis=0)
             Zb = _dot(qo, Wo, DOT_MODE) + cr[None, :] - _dot(Po, Go, DOT_MODE)
             # reduction 1: mean of Z | statistics of Zb
             sz, mub, qb, _ = tl.reduce((Z, tl.where(cmask[None, :], Zb, 0.0), tl.zeros_like(Zb), cnt), 1,
@@ -765,6 +770,10 @@ def ttt_linear_bwd_kernel_v3(
             zc = tl.where(cmask[None, :], Z - (sz / D)[:, None], 0.0)
             rstdb = 1.0 / tl.sqrt(qb / D + 1e-6)
             xhb = tl.where(cmask[None, :], (Zb - mub[:, None]) * rstdb[:, None], 0.0)
+            z4 = 0.0 * xhb  # ties the tile to the products' layout: one conversion (see v2)
+            gx, ad = tl.split(pk + tl.join(tl.join(z4, z4), tl.join(z4, z4)))
+            G, xh = tl.split(gx)
+            a, dO = tl.split(ad)
             gO = dO * gam[None, :]
             # reduction 2: variance of Z | LayerNorm backward sums of the output
             szz, sg, sgx = tl.reduce((zc * zc, gO, gO * xhb), 1, _add3)
