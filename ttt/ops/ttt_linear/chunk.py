@@ -32,7 +32,7 @@ Backward kernels (BWD_IMPL, or the environment variable TTT_LINEAR_BWD): the sam
       (LN statistics and LN backward sums) per mini-batch, 7 column sums.
   v2 (default): the recompute pass also keeps, per mini-batch, G, x^, a = gy / gam and dO (one interleaved
       [BT, BD, 4] fp32 tile), W as a dot operand (16-bit for 16-bit products) and the row vectors 1/s,
-      mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2; the walk back skips the inner forward. Identities
+      mean(gy x^); the walk back skips the inner forward. Identities
       that save row reductions or products (exact in real arithmetic, rounding-level differences only):
         c of a mini-batch's start is rebuilt on the walk back, c = c' + sum e_b G (c is not kept);
         LN(Zb) statistics in one reduction (Chan's merge of mean and squared deviations);
@@ -40,11 +40,12 @@ Backward kernels (BWD_IMPL, or the environment variable TTT_LINEAR_BWD): the sam
                    - mean(dG x^) sum gam^2 x^) / s,
         sum dx^ x^ = (-mean(gy x^) sum dG x^ - d mean(dG x^) mean(gy x^) + sum gam^2 dG x^
                       - mean(dG) sum gam^2 x^ - mean(dG x^) sum gam^2 x^2) / s,
-      so all row sums of the LN-L2 backward (and sum (K dW' + dc') G for dlr) are one 6-way reduction;
+      so all row sums of the LN-L2 backward (with sum gy, sum gam^2 x^, sum gam^2 x^2, and
+      sum (K dW' + dc') G for dlr) are one 9-way reduction;
         (e_b G) dW'^T = e_b (G dW'^T) (G's 16-bit copy shared by P G, dZb G^T and this product);
         Q^T dZb + K^T dZ = [Q; K]^T [dZb; dZ] (one product with inner dim 2 BT);
       the column sums for dgam, dbet, dtau are accumulated as tiles and reduced once at the end.
-      Per mini-batch: 2 + 12 products, 3 + 3 row reductions (one of them 6-way), 2 column sums.
+      Per mini-batch: 2 + 12 products, 3 + 3 row reductions (one of them 9-way), 2 column sums.
   v3 (experimental): v2's recompute of group g - 1 interleaved with the walk back through group g in one
       loop body (double-buffered scratch), their row reductions merged: 3 reductions per step for both.
 H100 compile (Triton 3.6, d = 64, bf16, 8 warps), per mini-batch step: v1 115 barriers / 2030 instructions,
@@ -370,6 +371,11 @@ def _chan(m_a, q_a, n_a, m_b, q_b, n_b):
 
 
 @triton.jit
+def _add9(a0, a1, a2, a3, a4, a5, a6, a7, a8, b0, b1, b2, b3, b4, b5, b6, b7, b8):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8
+
+
+@triton.jit
 def ttt_linear_bwd_kernel_v2(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr,
     do_ptr, dwT_ptr, dcT_ptr,
@@ -423,8 +429,7 @@ def ttt_linear_bwd_kernel_v2(
         n1 = tl.minimum(n0 + GROUP, NMB)
         # 1) forward over the group from its checkpoint. Per mini-batch the scratch gets the start weights W
         # as a dot operand (scw); the tiles G, x^, a = gy / gam and dO, interleaved (scp); the row vectors
-        # 1/s, mean(gy x^), sum gy, sum gam^2 x^, sum gam^2 x^2 (scs). c is not kept: the walk back rebuilds
-        # it from the group's end, c = c' + sum e_b G
+        # 1/s, mean(gy x^) (scs). c is not kept: the walk back rebuilds it from the group's end, c = c' + sum e_b G
         W = tl.load(ckw_ptr + (pid * NCK + g) * D * D + woff, mask=wmask, other=0.0)
         c = tl.load(ckc_ptr + (pid * NCK + g) * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
@@ -437,25 +442,20 @@ def ttt_linear_bwd_kernel_v2(
             lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
             dOs = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
             tl.store(scp_ptr + s * 4 * TILE + toff * 4 + 3, dOs)  # as loaded: no layout conversion
-            # the inner step, as _inner; the row sums of the G formula and those the reverse walk needs for
-            # the LayerNorm backward of dZ in one reduction
+            # the inner step, as _inner (the two row sums of the G formula in one reduction)
             Z = _dot(k, W, DOT_MODE) + c[None, :]
             zc = _center(Z, cmask, D)
             rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
             xh = zc * rstd[:, None]
             a = gam[None, :] * xh + bet[None, :] - (v - k)
             gy = gam[None, :] * a
-            g2x = (gam * gam)[None, :] * xh
-            sgy, sgyx, sg2x, sg2xx = tl.reduce((gy, gy * xh, g2x, g2x * xh), 1, _add4)
+            sgy, sgyx = tl.reduce((gy, gy * xh), 1, _add2)
             mgx = sgyx / D
             G = tl.where(cmask[None, :], (gy - (sgy / D)[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
             # G, x^, a interleaved with dO as one [BT, BD, 2, 2] store: one layout conversion for all three
             tl.store(scp_ptr + s * 4 * TILE + poff, tl.join(tl.join(G, xh), tl.join(a, a)), mask=poff % 4 != 3)
-            tl.store(scs_ptr + (s * 5 + 0) * BT + rt, rstd)
-            tl.store(scs_ptr + (s * 5 + 1) * BT + rt, mgx)
-            tl.store(scs_ptr + (s * 5 + 2) * BT + rt, sgy)
-            tl.store(scs_ptr + (s * 5 + 3) * BT + rt, sg2x)
-            tl.store(scs_ptr + (s * 5 + 4) * BT + rt, sg2xx)
+            tl.store(scs_ptr + (s * 2 + 0) * BT + rt, rstd)
+            tl.store(scs_ptr + (s * 2 + 1) * BT + rt, mgx)
             eG = (tau_b * lr)[:, None] * G
             W -= _dot(tl.trans(k), eG, DOT_MODE)
             c -= tl.sum(eG, axis=0)
@@ -470,11 +470,8 @@ def ttt_linear_bwd_kernel_v2(
         Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
         pkn = tl.load(scp_ptr + s * 4 * TILE + poff)  # G, x^, a, dO: one layout conversion for all four
         Gon = tl.load(scp_ptr + s * 4 * TILE + toff * 4)  # G again, for the products only
-        rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
-        mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
-        sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
-        sg2xn = tl.load(scs_ptr + (s * 5 + 3) * BT + rt)
-        sg2xxn = tl.load(scs_ptr + (s * 5 + 4) * BT + rt)
+        rstdn = tl.load(scs_ptr + (s * 2 + 0) * BT + rt)
+        mgxn = tl.load(scs_ptr + (s * 2 + 1) * BT + rt)
         for ni in range(n1 - n0):
             n = n1 - 1 - ni
             t0 = n * MB
@@ -484,9 +481,6 @@ def ttt_linear_bwd_kernel_v2(
             Go = _op(Gf, DOT_MODE)
             rstd = rstdn
             mgx = mgxn
-            sgy = sgyn
-            sg2x = sg2xn
-            sg2xx = sg2xxn
             qo = _op(qn, DOT_MODE)
             ko = _op(kn, DOT_MODE)
             lr = lrn.to(tl.float32)
@@ -499,11 +493,8 @@ def ttt_linear_bwd_kernel_v2(
             Wn = tl.load(scw_ptr + s * D * D + woff, mask=wmask, other=0.0)
             pkn = tl.load(scp_ptr + s * 4 * TILE + poff)
             Gon = tl.load(scp_ptr + s * 4 * TILE + toff * 4)
-            rstdn = tl.load(scs_ptr + (s * 5 + 0) * BT + rt)
-            mgxn = tl.load(scs_ptr + (s * 5 + 1) * BT + rt)
-            sgyn = tl.load(scs_ptr + (s * 5 + 2) * BT + rt)
-            sg2xn = tl.load(scs_ptr + (s * 5 + 3) * BT + rt)
-            sg2xxn = tl.load(scs_ptr + (s * 5 + 4) * BT + rt)
+            rstdn = tl.load(scs_ptr + (s * 2 + 0) * BT + rt)
+            mgxn = tl.load(scs_ptr + (s * 2 + 1) * BT + rt)
 
             # output path: everything here is independent of the carried dW, dc
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
@@ -550,7 +541,9 @@ def ttt_linear_bwd_kernel_v2(
             # every row sum of the LN-L2 backward in one reduction: the sums of dx^ and dx^ x^ (dZ's
             # LayerNorm backward) expand into sums of dG terms and per-row sums saved by the recompute pass
             g2dG = (gam * gam)[None, :] * dG
-            S, sd, sdx, sdg, t1, t2 = tl.reduce((KdW * G, dG, dG * xh, dG * G, g2dG, g2dG * xh), 1, _add6)
+            g2x = (gam * gam)[None, :] * xh
+            S, sd, sdx, sdg, t1, t2, sgy, sg2x, sg2xx = tl.reduce(
+                (KdW * G, dG, dG * xh, dG * G, g2dG, g2dG * xh, gy, g2x, g2x * xh), 1, _add9)
             dlr -= tau_b * S
             dtau_b -= lr * S
             mdgx = sdx / D
@@ -940,10 +933,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
             *args, scw, scc, *strides, H, nmb, nck, **meta)
     elif impl == "v2":
         # per-program scratch of one checkpoint group: start weights as dot operands, 4 [BT, BD] fp32 tiles
-        # and 5 row vectors per mini-batch (B4 H32 d64 bf16: 128 x 8 x 24.3 KB = 25 MB, L2-resident)
+        # and 2 row vectors per mini-batch (B4 H32 d64 bf16: 128 x 8 x 24.1 KB = 25 MB, L2-resident)
         scw = torch.empty((B * H * group, d, d), dtype=_OPERAND_DTYPE[mode], device=q.device)
         scp = torch.empty((B * H * group, 4, BT, BD), dtype=torch.float32, device=q.device)
-        scs = torch.empty((B * H * group, 5, BT), dtype=torch.float32, device=q.device)
+        scs = torch.empty((B * H * group, 2, BT), dtype=torch.float32, device=q.device)
         LAST["ttt_linear_bwd_kernel_v2"] = ttt_linear_bwd_kernel_v2[(B * H,)](
             *args, scw, scp, scs, *strides, H, nmb, nck, **meta)
     elif impl == "v3":
