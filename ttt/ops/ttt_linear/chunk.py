@@ -49,8 +49,8 @@ Backward kernels (BWD_IMPL, or the environment variable TTT_LINEAR_BWD): the sam
   v3 (experimental): v2's recompute of group g - 1 interleaved with the walk back through group g in one
       loop body (double-buffered scratch), their row reductions merged: 3 reductions per step for both.
 Offline H100 compile (Triton 3.6, sm_90, d = 64, bf16, 8 warps, arguments specialized as at B4 T8192 H32),
-SASS per mini-batch step (recompute + walk back): v1 110 barriers / 1660 instructions, v2 51 / 1910,
-v3 42 / 2100 (more register spills: 650 B vs 160 B).
+SASS per mini-batch step (recompute + walk back): v1 110 barriers / 1660 instructions, v2 51 / 1820,
+v3 42 / 2060 (more register spills: 640 B vs 140 B).
 """
 from __future__ import annotations
 
