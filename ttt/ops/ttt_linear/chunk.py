@@ -49,8 +49,8 @@ Backward kernels (BWD_IMPL, or the environment variable TTT_LINEAR_BWD): the sam
   v3 (experimental): v2's recompute of group g - 1 interleaved with the walk back through group g in one
       loop body (double-buffered scratch), their row reductions merged: 3 reductions per step for both.
 Offline H100 compile (Triton 3.6, sm_90, d = 64, bf16, 8 warps, arguments specialized as at B4 T8192 H32),
-SASS per mini-batch step (recompute + walk back): v1 110 barriers / 1660 instructions, v2 51 / 1820,
-v3 42 / 2060 (more register spills: 640 B vs 140 B).
+SASS per mini-batch step (recompute + walk back): v1 110 barriers / 1660 instructions, v2 51 / 1770,
+v3 42 / 2060 (more register spills: 640 B vs 110 B). v2 and v3 also prefetch the recompute's loads.
 """
 from __future__ import annotations
 
@@ -433,15 +433,25 @@ def ttt_linear_bwd_kernel_v2(
         # 1/s, mean(gy x^) (scs). c is not kept: the walk back rebuilds it from the group's end, c = c' + sum e_b G
         W = tl.load(ckw_ptr + (pid * NCK + g) * D * D + woff, mask=wmask, other=0.0)
         c = tl.load(ckc_ptr + (pid * NCK + g) * D + rd, mask=cmask, other=0.0)
+        # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
+        ptr = in_base + n0 * MB * s_t + in_off
+        kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (n0 * MB + rt) * l_t, mask=tmask, other=0.0)
+        dOn = tl.load(do_ptr + out_base + n0 * MB * o_t + out_off, mask=m2, other=0.0)
         for n in range(n0, n1):
             s = sc_base + n - n0
             tl.store(scw_ptr + s * D * D + woff, _op(W, DOT_MODE), mask=wmask)
-            t0 = n * MB
-            ptr = in_base + t0 * s_t + in_off
-            k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
-            dOs = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
+            k = kn.to(tl.float32)
+            v = vn.to(tl.float32)
+            lr = lrn.to(tl.float32)
+            dOs = dOn.to(tl.float32)
+            m = tl.minimum(n + 1, n1 - 1)
+            ptr = in_base + m * MB * s_t + in_off
+            kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
+            vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
+            lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
+            dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
             tl.store(scp_ptr + s * 4 * TILE + toff * 4 + 3, dOs)  # as loaded: no layout conversion
             # the inner step, as _inner (the two row sums of the G formula in one reduction)
             Z = _dot(k, W, DOT_MODE) + c[None, :]
