@@ -353,16 +353,6 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
-
-
-@triton.jit
-def _add6(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5
-
-
-@triton.jit
 def _chan(m_a, q_a, n_a, m_b, q_b, n_b):
     """Merge two (mean, sum of squared deviations, count) partials (Chan et al.): a stable one-pass variance."""
     n = n_a + n_b
