@@ -39,10 +39,11 @@ from .chunk import _dot_mode, _gelu_parts, _gelu_parts2
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 BLOCK_F = None  # None: 32 (an int forces the F block width; tests use 16 to get several blocks)
-NUM_WARPS = None  # None: 4 for d <= 64, else 8
-# H100, d = 64, B16 T2048 forward (docs/kernels_notes.md round 3): 32-column blocks with 4 warps 9.0 ms,
-# 8 warps 10.7, 64-column blocks 31.4 (spills), 16-column blocks 14.0
-NUM_STAGES = None  # None: 1 (the pipeliner's staging of the F-block loads is a benchmark variant)
+NUM_WARPS = None  # None: 4
+# H100 (docs/kernels_notes.md round 3): d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms,
+# 8 warps 10.7, 64-column blocks 31.4 (spills), 16-column blocks 14.0. d = 128, B4 T8192: 3 stages + 4 warps
+# forward 39.5 ms, fwd+bwd 270 (1 stage + 8 warps: 41.2 / 305)
+NUM_STAGES = None  # None: 3 (the loop pipeliner stages the F-block loads in shared memory)
 
 
 @triton.jit
@@ -203,9 +204,6 @@ def _block_f(F: int) -> int:
     return BLOCK_F or min(32, triton.next_power_of_2(F))
 
 
-def _warps(d: int) -> int:
-    return NUM_WARPS or (4 if d <= 64 else 8)
-
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True):
     """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
@@ -227,7 +225,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, triton.cdiv(F, FB),
         D=d, BD=triton.next_power_of_2(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
-        DOT_MODE=_dot_mode(q.dtype), num_warps=_warps(d), num_stages=NUM_STAGES or 1)
+        DOT_MODE=_dot_mode(q.dtype), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES or 3)
     return o, fin, (ck if save else None)
 
 
@@ -470,7 +468,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, triton.cdiv(F, FB),
         D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=_dot_mode(q.dtype),
-        num_warps=_warps(d), num_stages=NUM_STAGES or 1)
+        num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES or 3)
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
