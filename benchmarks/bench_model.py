@@ -13,6 +13,7 @@ Before timing, both graphed decodes are checked against the eager step.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -103,24 +104,40 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
     model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
-    # correctness: graphed replay (eager step, and torch.compile'd step) == eager steps for 2 mini-batches
+    # correctness over 2 mini-batches of steps: the plain graphed replay == the eager bf16 steps (same kernels);
+    # the compiled one rounds differently (Inductor keeps fused element-wise chains in fp32), so it is held to
+    # the eager bf16 step's own distance from an fp32 copy of the model run on the same tokens
     variants = {"graphed": False, "compiled": compiled} if compiled else {"graphed": False}
     compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
+    ref_model = copy.deepcopy(model).float()
+    s_ref = rebuild_state(state, [t.float() if t.is_floating_point() else t for t in flatten_state(state)])
+    s_eager, ref, eager = state, [], []
+    for t in range(nxt.shape[1]):
+        lg_r, s_ref = ref_model(nxt[:, t:t + 1], s_ref)
+        lg_e, s_eager = model(nxt[:, t:t + 1], s_eager)
+        ref.append(lg_r.float())
+        eager.append(lg_e.float())
+    ref_model = s_ref = None
+
+    def dist(a, b):
+        return max((x - y).abs().max().item() / y.abs().max().item() for x, y in zip(a, b))
+
+    eager_vs_fp32 = dist(eager, ref)
     for name, comp in variants.items():
         t0 = time.time()
         dec = GraphedDecoder(model, state, compile=comp)
         if comp:  # the first compiled decoder compiles the b steps; later ones reuse them
             compile_s = time.time() - t0
-        s_eager = state
-        err = 0.0
-        for t in range(nxt.shape[1]):
-            lg_e, s_eager = model(nxt[:, t:t + 1], s_eager)
-            lg_g = dec.step(nxt[:, t:t + 1])
-            err = max(err, (lg_e.float() - lg_g.float()).abs().max().item() / lg_e.float().abs().max().item())
-        print(json.dumps(dict(check=f"{name} decode vs eager (max rel err of logits)", value=err,
+        got = [dec.step(nxt[:, t:t + 1]).float().clone() for t in range(nxt.shape[1])]
+        err, err32 = dist(got, eager), dist(got, ref)
+        print(json.dumps(dict(check=f"{name} decode (max rel err of logits)", vs_eager_bf16=err, vs_fp32=err32,
+                              eager_bf16_vs_fp32=eager_vs_fp32,
                               **({"compile_and_capture_s": compile_s} if comp else {}))), flush=True)
-        assert err < 2e-2, f"{name} decode disagrees with eager decode: {err}"
+        if comp:
+            assert err32 <= 1.5 * eager_vs_fp32 + 1e-3, f"{name} decode is further from fp32 than eager bf16: {err32}"
+        else:
+            assert err == 0.0, f"{name} decode differs from the eager steps: {err}"
     # the TTT state has a fixed size: to time at context position P we set the position (pos mod b is
     # what the step depends on) on the state reached after the real prompt
     for P in positions:

@@ -103,7 +103,7 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None, blocked=None, lin_bwd=None):
+             bwd_warps=None, blocked=None):
     """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings."""
     from ttt.ops import triton_backend
     from ttt.ops.ttt_linear import chunk as lin_chunk
@@ -111,9 +111,6 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
     mlp_chunk.BWD_WARPS = bwd_warps
-    default_bwd = lin_chunk.BWD_IMPL
-    if lin_bwd:
-        lin_chunk.BWD_IMPL = lin_bwd
     if blocked:
         triton_backend.MLP_IMPL = "blocked"
         mlp_blocked.NUM_STAGES, mlp_blocked.BLOCK_F, mlp_blocked.NUM_WARPS = blocked
@@ -134,12 +131,10 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
     lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
     mlp_chunk.BWD_WARPS = None
-    lin_chunk.BWD_IMPL = default_bwd
     triton_backend.MLP_IMPL = mlp_blocked.NUM_STAGES = mlp_blocked.BLOCK_F = mlp_blocked.NUM_WARPS = None
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
         + ("" if bwd_warps is None else f"_bw{bwd_warps}") \
-        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked)) \
-        + ("" if lin_bwd is None else f"_b{lin_bwd}")
+        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked))
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -264,8 +259,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
-                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps), "
-                         "bv1 / bv2 / bv3 (TTT-Linear backward kernel)")
+                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
@@ -332,11 +326,7 @@ def main():
                 for d in (int(x) for x in args.dims.split(",")):
                     time_ttt(kind, B, T, 2048 // d, d, mode)
                     for var in filter(None, args.variants.split(",")):
-                        if var in ("bv1", "bv2", "bv3"):
-                            if kind != "linear" or mode != "fwdbwd":
-                                continue
-                            kw = {"lin_bwd": var[1:]}
-                        elif var.startswith("blk"):
+                        if var.startswith("blk"):
                             if kind != "mlp":
                                 continue
                             kw = {"blocked": tuple(int(x) for x in var[3:].split("x"))}

@@ -1,4 +1,4 @@
-"""The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`, every `BWD_IMPL`) == torch.autograd
+"""The TTT-Linear backward kernel (`ttt/ops/ttt_linear/chunk.py`, `bwd`) == torch.autograd
 through the PyTorch dual form, called at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
 accumulator, non-zero gradients of the final state, checkpoint groups of 2 and 3 mini-batches (several groups,
 a partial last one), padded mini-batch rows (b = 8) and a padded head dim (d = 24), every kernel output
@@ -68,18 +68,13 @@ def _reference(ins, outs_grad, b):
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, impl, dtype):
+def _kernel(ins, outs_grad, b, group, dtype):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
     _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group)
     do, dwT, dcT = outs_grad
-    old = chunk.BWD_IMPL
-    chunk.BWD_IMPL = impl
-    try:
-        return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group)
-    finally:
-        chunk.BWD_IMPL = old
+    return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group)
 
 
 def _rel(a, b):
@@ -93,7 +88,6 @@ NAMES = ["dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "dW0", "dc0"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(chunk, "torch", _PoisonTorch())
-    monkeypatch.delenv("TTT_LINEAR_BWD", raising=False)
 
 
 # (B, T, H, d, b, group): 7 mini-batches of 8 (padded to 16 rows) in groups of 3 (3 + 3 + 1); 5 mini-batches
@@ -101,30 +95,18 @@ def poison(monkeypatch):
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
 
 
-@pytest.mark.parametrize("impl", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("B,T,H,d,b,group", CASES)
-def test_linear_bwd_kernel_matches_autograd(impl, B, T, H, d, b, group):
-    if DEV == "cpu" and impl == "v3" and (B, T) != CASES[0][:2]:
-        pytest.skip("v3 is slow in the interpreter: one case on CPU")
+def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group):
     ins, outs_grad = _inputs(B, T, H, d, b)
     ref = _reference(ins, outs_grad, b)
-    got = _kernel(ins, outs_grad, b, group, impl, torch.float32)
+    got = _kernel(ins, outs_grad, b, group, torch.float32)
     errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
     assert max(errs.values()) < 1e-4, errs
 
 
 def test_linear_bwd_fp16_operands():
-    """fp16 inputs (16-bit products, fp32 statistics): v2 stays as close to the fp64 reference as v1."""
+    """fp16 inputs (16-bit products, fp32 statistics) stay close to the fp64 reference."""
     ins, outs_grad = _inputs(1, 48, 2, 16, 16)
     ref = _reference(ins, outs_grad, 16)
-    e = {impl: max(_rel(x, y) for x, y in zip(_kernel(ins, outs_grad, 16, 2, impl, torch.float16), ref))
-         for impl in ("v1", "v2")}
-    assert e["v2"] < 5e-3 and e["v2"] < 1.5 * e["v1"], e
-
-
-def test_linear_bwd_impl_switch(monkeypatch):
-    """TTT_LINEAR_BWD overrides BWD_IMPL; an unknown name is refused."""
-    ins, outs_grad = _inputs(1, 16, 1, 16, 16)
-    monkeypatch.setenv("TTT_LINEAR_BWD", "v0")
-    with pytest.raises(ValueError, match="unknown TTT-Linear backward"):
-        _kernel(ins, outs_grad, 16, 8, "v2", torch.float32)
+    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, _kernel(ins, outs_grad, 16, 2, torch.float16), ref)}
+    assert max(errs.values()) < 5e-3, errs
