@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 B="python3 benchmarks/bench_op.py --quick --skip fla --commit ${COMMIT:-}"
 has() { [[ $PARTS == *" $1 "* ]]; }
-has tests && timeout ${TESTS_S:-280} python3 -m pytest -q -m gpu tests/test_triton.py tests/test_gpu.py -rA --durations=8 2>&1 \
+has tests && timeout -s INT ${TESTS_S:-280} python3 -m pytest -q -m gpu tests/test_triton.py tests/test_gpu.py -rA --durations=8 2>&1 \
   | grep -E "PASS|FAIL|ERROR|passed|failed|s call" | tail -40
 has check && timeout 200 $B --out "$OUT/check" --only check 2>&1 | grep -v Warn
 has linbwd && timeout 150 $B --out "$OUT/linbwd" --only fwdbwd --kinds linear --skip fla,sdpa --Ts ${LIN_TS:-2048,8192,32768} \
