@@ -1,14 +1,18 @@
 """One small forward + backward of every Triton TTT kernel (for compute-sanitizer runs):
-    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py"""
+    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked]
+(mlp at d = 96 runs the F-blocked kernels; mlp_blocked forces them at d = 64 too)."""
 import sys
 
 import torch
 
 sys.path.insert(0, ".")
 from benchmarks.bench_op import make, run  # noqa: E402
+from ttt.ops import triton_backend  # noqa: E402
 
 kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
-for kind in kinds:
+for name in kinds:
+    kind = "mlp" if name == "mlp_blocked" else name
+    triton_backend.MLP_IMPL = "blocked" if name == "mlp_blocked" else None
     for d, pos, T in ((64, 0, 64), (96, 5, 83)):
         leaves, st = make(kind, 2, T, 2, d, torch.bfloat16, pos=pos, grad=True)
         o, s = run(kind, leaves, st, "triton")
@@ -16,4 +20,4 @@ for kind in kinds:
         leaves, st = make(kind, 2, 1, 2, d, torch.bfloat16, pos=pos)
         run(kind, leaves, st, "triton")
     torch.cuda.synchronize()
-    print(kind, "ok", flush=True)
+    print(name, "ok", flush=True)
