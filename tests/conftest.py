@@ -13,6 +13,21 @@ import torch
 
 from ttt.ops import TTTState, make_tau, ttt_op
 
+class PoisonTorch:
+    """Stands in for `torch` inside a kernel module (tests monkeypatch it in): every buffer it allocates
+    starts as NaN, so an element a kernel forgets to write shows up in the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
 
 def inner_shapes(kind: str, d: int):
     """Per-head shapes of the inner weights, in `TTTState.params` order."""

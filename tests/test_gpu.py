@@ -95,21 +95,13 @@ def test_graphed_decode_refuses_attention():
         GraphedDecoder(model, s)
 
 
-def test_generate_with_cuda_graph_equals_eager():
+@pytest.mark.parametrize("kw", [dict(cuda_graph=True), dict(compile_decode=True)], ids=["graphed", "compiled"])
+def test_generate_with_cuda_graph_equals_eager(kw):
+    """generate() through the graphed decode (plain or compiled step) == eager decode, greedy, fp32."""
     from ttt.generate import generate
     torch.manual_seed(0)
     model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
     prompt = torch.randint(0, 256, (2, 9))
-    a = generate(model, prompt, 20, greedy=True, cuda_graph=True)
-    b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
-    assert a == b
-
-
-def test_generate_with_compiled_decode_equals_eager():
-    from ttt.generate import generate
-    torch.manual_seed(0)
-    model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
-    prompt = torch.randint(0, 256, (2, 9))
-    a = generate(model, prompt, 20, greedy=True, compile_decode=True)
+    a = generate(model, prompt, 20, greedy=True, **kw)
     b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
     assert a == b

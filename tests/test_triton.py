@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
-from conftest import random_inputs  # noqa: E402
+from conftest import PoisonTorch, random_inputs  # noqa: E402
 from ttt.ops import TTTState  # noqa: E402
 from ttt.ops.ttt_linear import chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
@@ -31,26 +31,10 @@ if not torch.cuda.is_available() and not CPU_INTERPRET:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
-class _PoisonTorch:
-    """Stands in for `torch` inside a kernel module: every buffer it allocates starts as NaN, so an
-    element the kernel forgets to write shows up in the comparison."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     for mod in (lin_chunk, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
-        monkeypatch.setattr(mod, "torch", _PoisonTorch())
+        monkeypatch.setattr(mod, "torch", PoisonTorch())
 
 
 def rel(a, b):

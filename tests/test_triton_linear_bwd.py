@@ -17,27 +17,13 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
+from conftest import PoisonTorch  # noqa: E402
 from ttt.ops import TTTState, make_tau  # noqa: E402
 from ttt.ops.ttt_linear import chunk, dual  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-
-class _PoisonTorch:
-    """`torch` for the kernel module: buffers start as NaN, so an element a kernel leaves unwritten shows."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
 
 
 def _inputs(B, T, H, d, b, seed=0):
@@ -87,7 +73,7 @@ NAMES = ["dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "dW0", "dc0"]
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(chunk, "torch", _PoisonTorch())
+    monkeypatch.setattr(chunk, "torch", PoisonTorch())
 
 
 # (B, T, H, d, b, group): 7 mini-batches of 8 (padded to 16 rows) in groups of 3 (3 + 3 + 1); 5 mini-batches
