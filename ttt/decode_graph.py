@@ -8,9 +8,9 @@ overhead. Mamba states are fixed-size and position-free too (one graph). Attenti
 with the context, so attention models are refused here (decode them without graphs).
 
 `GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: each
-block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates and state writes into a
-few kernels; the GEMMs, the cuDNN convs and the fused Triton step kernels, which Dynamo traces as user
-kernels, stay as they are), with one compiled function per offset r, shared by all blocks of the model
+block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates, the causal conv (shifted
+products under compile, see layers/conv.py) and state writes into a few kernels; the GEMMs and the fused
+Triton step kernels, which Dynamo traces as user kernels, stay as they are), with one compiled function per offset r, shared by all blocks of the model
 (same code and shapes), so a model compiles b times however deep it is. Each r gets its own code
 object, hence its own Dynamo cache: no recompile limit is reached, r is a constant in its graph.
 fullgraph=True: a graph break raises instead of falling back to eager.
