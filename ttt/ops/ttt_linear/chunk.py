@@ -66,6 +66,29 @@ def _proj(g, xh, rstd, cmask, D: tl.constexpr):
 
 
 @triton.jit
+def _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
+    """A head's constants, fp32: LN weight and bias [BD], tau_i per row [BT], tau_b, and the causal mask
+    [BT, BT] of the real rows (j <= i, j < b)."""
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    return gam, bet, tau_r, tau_b, causal
+
+
+@triton.jit
+def _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, x_off, lr_off, rt, m2, tmask, l_t):
+    """One mini-batch's q, k, v tiles [BT, BD] (element offsets x_off) and lr [BT] (from lr_off), in the input
+    dtype, zero on padded rows and columns."""
+    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)
+    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
+    v = tl.load(v_ptr + x_off, mask=m2, other=0.0)
+    lr = tl.load(lr_ptr + lr_off + rt * l_t, mask=tmask, other=0.0)
+    return q, k, v, lr
+
+
+@triton.jit
 def _inner(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr):
     """Inner forward at the start weights and the closed-form LN-L2 gradient.
     Returns G [BT,BD], xh, rstd, gy, mgx = mean(gy xh)."""
@@ -102,21 +125,14 @@ def ttt_linear_fwd_kernel(
 
     W = tl.load(w0_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     c = tl.load(c0_ptr + pid * D + rd, mask=cmask, other=0.0)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     in_base = bi * s_b + hi * s_h
     in_off = rt[:, None] * s_t + rd[None, :]
     out_off = rt[:, None] * o_t + rd[None, :]
     lr_base = bi * l_b + hi * l_h
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
-    qn = tl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
-    kn = tl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
-    vn = tl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + rt * l_t, mask=tmask, other=0.0)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
@@ -129,10 +145,8 @@ def ttt_linear_fwd_kernel(
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
+                                   rt, m2, tmask, l_t)
 
         G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE)
         E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
@@ -172,11 +186,7 @@ def ttt_linear_bwd_kernel(
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
 
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)

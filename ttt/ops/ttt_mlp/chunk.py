@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _proj
+from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _proj
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
@@ -95,20 +95,13 @@ def ttt_mlp_fwd_kernel(
     c1 = tl.load(c1_ptr + pid * FF + rf, mask=fmask, other=0.0)
     W2 = tl.load(w2_ptr + pid * FF * D + w2off, mask=w2mask, other=0.0)
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     in_base = bi * s_b + hi * s_h
     in_off = rt[:, None] * s_t + rd[None, :]
     out_off = rt[:, None] * o_t + rd[None, :]
     lr_base = bi * l_b + hi * l_h
-    qn = tl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
-    kn = tl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
-    vn = tl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + rt * l_t, mask=tmask, other=0.0)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
@@ -123,10 +116,8 @@ def ttt_mlp_fwd_kernel(
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
+                                   rt, m2, tmask, l_t)
 
         # inner forward / backward at the start weights
         Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]  # [BT, BF]
@@ -244,11 +235,7 @@ def ttt_mlp_bwd_kernel(
     w1off = rd[:, None] * FF + rf[None, :]
     w2off = rf[:, None] * D + rd[None, :]
 
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     dW1 = tl.load(dw1T_ptr + pid * D * FF + w1off, mask=w1mask, other=0.0)
     dc1 = tl.load(dc1T_ptr + pid * FF + rf, mask=fmask, other=0.0)

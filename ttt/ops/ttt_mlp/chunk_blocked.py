@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _proj
+from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _proj
 from .chunk import _dot_mode, _gelu_parts, _gelu_parts2
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
@@ -128,20 +128,13 @@ def ttt_mlp_fwd_blocked_kernel(
     c1p = c1_ptr + pid * FF
     w2 = w2_ptr + pid * FF * D
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     in_base = bi * s_b + hi * s_h
     in_off = rt[:, None] * s_t + rd[None, :]
     out_off = rt[:, None] * o_t + rd[None, :]
     lr_base = bi * l_b + hi * l_h
-    qn = tl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
-    kn = tl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
-    vn = tl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + rt * l_t, mask=tmask, other=0.0)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
@@ -149,10 +142,8 @@ def ttt_mlp_fwd_blocked_kernel(
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
+                                   rt, m2, tmask, l_t)
 
         # pass 1: Z2 at the start weights (and the checkpoint of these weights when one is due)
         z2 = tl.zeros([BT, BD], dtype=tl.float32)
@@ -249,11 +240,7 @@ def ttt_mlp_bwd_blocked_kernel(
     cmask = rd < D
     tmask = rt < MB
     m2 = tmask[:, None] & cmask[None, :]
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     # carried gradients w.r.t. the weights after the current mini-batch: in place in the output buffers
     dw1 = dw1_ptr + pid * D * FF
