@@ -71,8 +71,9 @@ def ttt_linear_step_kernel(
         tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
-    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
+def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+    """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
+    q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""
     if q.dtype == torch.float64:
         raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
                          "(the triton backend sends float64 to the dual form)")
@@ -80,15 +81,20 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
                                                                   *state.accum)):
         raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
                          "PyTorch step (the triton backend does so for calls that need gradients)")
+    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,1,H,d] -> [B,H,d]
+    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
+        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
+    return q0, k0, v0, lr[:, 0]
+
+
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
     B, _, H, d = q.shape
     i = state.pos % mini_batch
     commit = i == mini_batch - 1
     W, c = (p.to(torch.float32).contiguous() for p in state.params)
     A, a = (x.to(torch.float32).contiguous() for x in state.accum)
-    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,H,d]
-    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
-        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
-    lr0 = lr[:, 0]
+    q0, k0, v0, lr0 = step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state)
     o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
     Wn, cn = (torch.empty_like(W), torch.empty_like(c)) if commit else (W, c)
     An, an = torch.empty_like(A), torch.empty_like(a)

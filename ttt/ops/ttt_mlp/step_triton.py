@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..common import TTTState
+from ..ttt_linear.step_triton import step_operands
 from .chunk import _gelu_parts
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
@@ -125,23 +126,13 @@ def ttt_mlp_step_kernel(
 
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
     """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
-    if q.dtype == torch.float64:
-        raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
-                         "(the triton backend sends float64 to the dual form)")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
-                                                                  *state.accum)):
-        raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
-                         "PyTorch step (the triton backend does so for calls that need gradients)")
     B, _, H, d = q.shape
     F = state.params[0].shape[-1]
     i = state.pos % mini_batch
     commit = i == mini_batch - 1
     ps = tuple(p.to(torch.float32).contiguous() for p in state.params)
     acc = tuple(x.to(torch.float32).contiguous() for x in state.accum)
-    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,H,d]
-    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
-        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
-    lr0 = lr[:, 0]
+    q0, k0, v0, lr0 = step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state)
     o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
