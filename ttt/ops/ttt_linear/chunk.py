@@ -66,6 +66,26 @@ def _proj(g, xh, rstd, cmask, D: tl.constexpr):
 
 
 @triton.jit
+def _tiles(H, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr):
+    """This program's (batch, head) and the mini-batch tile's indices: rows rt [BT], columns rd [BD], the masks
+    of the real rows (< b) and columns (< d), and the [BT, BD] mask of both."""
+    pid = tl.program_id(0)
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    return pid, pid // H, pid % H, rt, rd, cmask, tmask, tmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h):
+    """Element offsets of this (batch, head): the start of its inputs and of its lr, the [BT, BD] offsets of a
+    mini-batch tile within the inputs, and the same for the outputs (which have their own strides)."""
+    return (bi * s_b + hi * s_h, rt[:, None] * s_t + rd[None, :], bi * l_b + hi * l_h,
+            bi * o_b + hi * o_h, rt[:, None] * o_t + rd[None, :])
+
+
+@triton.jit
 def _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
     """A head's constants, fp32: LN weight and bias [BD], tau_i per row [BT], tau_b, and the causal mask
     [BT, BT] of the real rows (j <= i, j < b)."""
@@ -112,14 +132,7 @@ def ttt_linear_fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
 
@@ -127,10 +140,7 @@ def ttt_linear_fwd_kernel(
     c = tl.load(c0_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_off = rt[:, None] * o_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
@@ -155,7 +165,7 @@ def ttt_linear_fwd_kernel(
         zc = _center(Zb, cmask, D)
         rstdb = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
         o = q + zc * rstdb[:, None] * gam[None, :] + bet[None, :]
-        tl.store(o_ptr + bi * o_b + hi * o_h + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
         eG = (tau_b * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
@@ -175,14 +185,7 @@ def ttt_linear_bwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
 
@@ -195,12 +198,8 @@ def ttt_linear_bwd_kernel(
     dtau = tl.zeros([BT], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_base = pid * GROUP
-    lr_base = bi * l_b + hi * l_h
     for gi in range(NCK):
         g = NCK - 1 - gi
         n0 = g * GROUP

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _proj
+from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
@@ -76,16 +76,9 @@ def ttt_mlp_fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, BF)
-    cmask = rd < D
     fmask = rf < FF
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
     w1mask = cmask[:, None] & fmask[None, :]
     w2mask = fmask[:, None] & cmask[None, :]
     w1off = rd[:, None] * FF + rf[None, :]  # [BD, BF] of a row-major d x F
@@ -97,10 +90,7 @@ def ttt_mlp_fwd_kernel(
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_off = rt[:, None] * o_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
         if SAVE:
@@ -141,7 +131,7 @@ def ttt_mlp_fwd_kernel(
         zb = _center(Z2b, cmask, D)
         rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + 1e-6)
         o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
-        tl.store(o_ptr + bi * o_b + hi * o_h + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
         eb = (tau_b * lr)[:, None]
         eG1 = eb * G1
@@ -220,16 +210,9 @@ def ttt_mlp_bwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, BF)
-    cmask = rd < D
     fmask = rf < FF
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
     w1mask = cmask[:, None] & fmask[None, :]
     w2mask = fmask[:, None] & cmask[None, :]
     w1off = rd[:, None] * FF + rf[None, :]
@@ -246,12 +229,8 @@ def ttt_mlp_bwd_kernel(
     dtau = tl.zeros([BT], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_base = pid * GROUP
-    lr_base = bi * l_b + hi * l_h
     for gi in range(NCK):
         g = NCK - 1 - gi
         n0 = g * GROUP

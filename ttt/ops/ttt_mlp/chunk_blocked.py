@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _proj
+from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles
 from .chunk import _dot_mode, _gelu_parts, _gelu_parts2
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
@@ -107,6 +107,16 @@ def _update(k, eb, G2, w1_ptr, c1_ptr, w2_ptr, dst1_ptr, dstc1_ptr, dst2_ptr, rd
 
 
 @triton.jit
+def _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE: tl.constexpr):
+    """One F block of the output path: X2 = GELU(K W1 + c1), G1 = (G2 W2^T) GELU'(K W1 + c1),
+    X2b = GELU(Q W1 + c1 - P1 G1). [BT, FB] each."""
+    X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
+    G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
+    X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+    return X2, G1, X2b
+
+
+@triton.jit
 def ttt_mlp_fwd_blocked_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
     o_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
@@ -115,25 +125,15 @@ def ttt_mlp_fwd_blocked_kernel(
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, FB)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
     w1 = w1_ptr + pid * D * FF  # this program's weights, updated in place
     c1p = c1_ptr + pid * FF
     w2 = w2_ptr + pid * FF * D
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_off = rt[:, None] * o_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
     for n in range(NMB):
         t0 = n * MB
@@ -170,9 +170,7 @@ def ttt_mlp_fwd_blocked_kernel(
         s2 = tl.zeros([BT, BT], dtype=tl.float32)
         for f in range(NFB):
             W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-            X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
-            G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
-            X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+            X2, G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
             z2b += _dot(X2b, W2, DOT_MODE)
             s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             eG1 = eb[:, None] * G1
@@ -185,7 +183,7 @@ def ttt_mlp_fwd_blocked_kernel(
         zb = _center(Z2b, cmask, D)
         rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + 1e-6)
         o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
-        tl.store(o_ptr + bi * o_b + hi * o_h + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         c2 -= tl.sum(eG2, axis=0)
         tl.debug_barrier()
     tl.store(c2_ptr + pid * D + rd, c2, mask=cmask)
@@ -231,15 +229,8 @@ def ttt_mlp_bwd_blocked_kernel(
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, FB)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     # carried gradients w.r.t. the weights after the current mini-batch: in place in the output buffers
@@ -252,11 +243,7 @@ def ttt_mlp_bwd_blocked_kernel(
     dtau = tl.zeros([BT], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     for gi in range(NCK):
         g = NCK - 1 - gi
         n0 = g * GROUP
@@ -328,9 +315,7 @@ def ttt_mlp_bwd_blocked_kernel(
             s2 = tl.zeros([BT, BT], dtype=tl.float32)
             for f in range(NFB):
                 W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-                X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
-                G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
-                X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
+                X2, _G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
                 z2b += _dot(X2b, W2, DOT_MODE)
                 s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             XX1 = s2 + 1.0
