@@ -26,7 +26,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,7 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
             y = targets[i:i + batch_size].to(device)
             state = None
             for s in range(0, L, chunk):
-                logits, state = model(x[:, s:s + chunk], state)  # [b, c, V] fp32
-                nll = F.cross_entropy(logits.double().transpose(1, 2), y[:, s:s + chunk], reduction="none")  # [b, c]
+                nll, state = model(x[:, s:s + chunk], state, targets=y[:, s:s + chunk], reduction="none")  # [b, c]
                 total[s:s + chunk] += nll.sum(0).cpu()
     finally:
         model.train(was_training)

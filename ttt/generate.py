@@ -130,7 +130,7 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
         # Grad mode is switched per call, not around the loop: a context held across `yield` would
         # leak into the caller's code between steps.
         with torch.inference_mode():
-            logits, state = model(ids)  # prefill: one forward over the whole prompt
+            logits, state = model(ids, logits="last")  # prefill: one forward over the whole prompt
             decoder = GraphedDecoder(model, state, compile=compile_decode) if cuda_graph else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):

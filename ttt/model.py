@@ -19,9 +19,13 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
+from .layers.head import linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
+
+
+LOGITS = ("all", "last", "none")
 
 
 class SwiGLU(nn.Module):
@@ -91,7 +95,12 @@ class LMState:
 
 
 class TTTLM(nn.Module):
-    """Language model over token ids. forward(ids [B, T], state=None) -> (logits [B, T, V] fp32, state)."""
+    """Language model over token ids.
+
+    forward(ids [B, T], state=None) -> (logits [B, T, V] fp32, state); logits="last" gives [B, 1, V]
+    (prefill before generation), "none" None (state only); targets=y gives (loss, state) through the
+    chunked head, which never holds fp32 logits for every position (training, evaluation).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -122,7 +131,8 @@ class TTTLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def forward(self, ids: torch.Tensor, state: LMState | None = None):
+    def hidden(self, ids: torch.Tensor, state: LMState | None = None):
+        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids: expected an integer tensor [B, T], got {got}")
@@ -142,7 +152,35 @@ class TTTLM(nn.Module):
             else:
                 h, s = blk(h, s)
             new_states.append(s)
-        h = self.norm(h)
-        w = self.embed.weight if self.head is None else self.head.weight
-        logits = F.linear(h, w).float()
-        return logits, LMState(new_states, pos + T)
+        return self.norm(h), LMState(new_states, pos + T)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def forward(self, ids: torch.Tensor, state: LMState | None = None, *, logits: str = "all",
+                targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192):
+        """ids [B, T] -> (logits, new state), or (loss, new state) when `targets` [B, T] is given: the
+        next-token cross-entropy through the chunked head (`layers/head.py`), a scalar for reduction
+        "mean"/"sum" or the per-token NLL [B, T] for "none", fp32 (fp64 for an fp64 model); at most
+        `chunk` rows of logits exist at a time. Without targets, `logits` picks what the head computes:
+        "all" [B, T, V], "last" [B, 1, V] (prefill before generation), "none" (None; state only)."""
+        if logits not in LOGITS:
+            raise ValueError(f"logits: expected one of {LOGITS}, got {logits!r}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != ids.shape):
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets: expected a tensor of the shape of ids {tuple(ids.shape)}, got {got}")
+        h, state = self.hidden(ids, state)
+        w = self.head_weight
+        if targets is not None:
+            dev = h.device.type
+            if torch.is_autocast_enabled(dev):  # the head's products in the autocast dtype, as F.linear would
+                h, w = h.to(torch.get_autocast_dtype(dev)), w.to(torch.get_autocast_dtype(dev))
+            elif w.dtype != h.dtype:
+                w = w.to(h.dtype)
+            return linear_cross_entropy(h, w, targets, reduction=reduction, chunk=chunk), state
+        if logits == "none":
+            return None, state
+        if logits == "last":
+            h = h[:, -1:]  # [B, T, D] -> [B, 1, D]: the head only where generation reads it
+        return F.linear(h, w).float(), state

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import dist
 from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
@@ -356,7 +355,6 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
     val = _val_windows(data_dir, cfg, rank, world)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
-    V = model_cfg.vocab_size
 
     def save(at: int) -> str:
         model_state, optim_state = dist.full_state_dicts(model, optim)  # collective
@@ -395,8 +393,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                 for i in range(accum):
                     with dist.grad_sync(wrapped, i == accum - 1):
                         with autocast():
-                            logits, _ = wrapped(xs[i])
-                            loss = F.cross_entropy(logits.reshape(-1, V), ys[i].reshape(-1))
+                            loss, _ = wrapped(xs[i], targets=ys[i])
                         (loss / accum).backward()
                     loss_sum += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -413,7 +410,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                        "grad_norm": float(grad_norm)}
                 last = step == cfg.max_steps
                 if val is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                    val_loss = row["val_loss"] = _evaluate(model, val, cfg.micro_batch, autocast, V, device)
+                    val_loss = row["val_loss"] = _evaluate(model, val, cfg.micro_batch, autocast, device)
                 if step % cfg.log_every == 0 or last or "val_loss" in row:
                     now = time.perf_counter()
                     row["tokens_per_s"] = (step - step_log) * cfg.tokens_per_step / max(now - t_log, 1e-9)
@@ -466,15 +463,15 @@ def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
 
 
 @torch.no_grad()
-def _evaluate(model, val, micro_batch: int, autocast, V: int, device) -> float:
+def _evaluate(model, val, micro_batch: int, autocast, device) -> float:
     """Mean next-token loss over every rank's validation windows."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, token count]
     for x, y in zip(val[0].split(micro_batch), val[1].split(micro_batch)):
         x, y = x.to(device), y.to(device)
         with autocast():
-            logits, _ = model(x)
-        total[0] += F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="sum").double()
+            loss, _ = model(x, targets=y, reduction="sum")
+        total[0] += loss.double()
         total[1] += y.numel()
     model.train()
     dist.all_reduce_sum(total)

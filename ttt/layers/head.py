@@ -1,0 +1,84 @@
+"""The output head's next-token loss without materialising fp32 logits for every position.
+
+    nll = linear_cross_entropy(h, weight, targets, reduction="mean")   # h [N, D], weight [V, D], targets [N]
+
+The logits h W^T are formed chunk by chunk (`chunk` rows at a time) in fp32 and reduced to the loss at
+once. With reduction "mean" or "sum" the gradients w.r.t. h and W are computed in the same pass and
+scaled in the backward (no recompute, no [N, V] tensor kept); with reduction "none" the per-token NLL
+is returned and each chunk is recomputed in the backward (`torch.utils.checkpoint`). Targets equal to
+`ignore_index` add nothing and do not count in the mean. The products run in h's dtype (bf16 under
+autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _chunk_nll(h, w, t, ignore_index: int):
+    """Per-row NLL [n] of one chunk, and its fp32 logits [n, V] (the softmax is taken in place by the caller)."""
+    ct = torch.promote_types(h.dtype, torch.float32)
+    lg = (h @ w.T).to(ct)  # [n, V]
+    lse = torch.logsumexp(lg, dim=-1)  # [n]
+    keep = t != ignore_index
+    tgt = lg.gather(1, torch.where(keep, t, 0)[:, None])[:, 0]
+    return torch.where(keep, lse - tgt, 0.0), lg, lse, keep
+
+
+class _LinearCESum(torch.autograd.Function):
+    """Sum over rows of the NLL; gradients taken in the forward, chunk by chunk, and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, ignore_index: int, chunk: int):
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        dh = torch.empty_like(h) if grad else None
+        dw = torch.zeros(w.shape, dtype=total.dtype, device=w.device) if grad else None
+        for s in range(0, h.shape[0], chunk):
+            hs, ts = h[s:s + chunk], t[s:s + chunk]
+            nll, lg, lse, keep = _chunk_nll(hs, w, ts, ignore_index)
+            total += nll.sum()
+            if grad:  # d nll / d logits = softmax - onehot, zero on ignored rows
+                p = lg.sub_(lse[:, None]).exp_()
+                p[torch.arange(p.shape[0], device=p.device), torch.where(keep, ts, 0)] -= 1.0
+                g = (p * keep[:, None]).to(h.dtype)  # [n, V]
+                dh[s:s + chunk] = g @ w
+                dw += (g.T @ hs).to(dw.dtype)
+        ctx.save_for_backward(dh, dw)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, go):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh * go.to(dh.dtype)
+        dw = None if dw is None else (dw * go).to(ctx.w_dtype)
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
+                         ignore_index: int = -100, chunk: int = 8192) -> torch.Tensor:
+    """Cross-entropy of the logits h @ weight.T against targets, never holding more than `chunk` rows of
+    logits. h: [..., D]; weight: [V, D]; targets: int [...] (h's leading dims). Returns a scalar
+    ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"targets: expected shape {tuple(h.shape[:-1])} (h's leading dims), got {tuple(targets.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    shape = targets.shape
+    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
+    if reduction == "none":
+        def one(hs, ts):
+            return _chunk_nll(hs, weight, ts, ignore_index)[0]
+        use_ckpt = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        parts = [checkpoint(one, h2[s:s + chunk], t[s:s + chunk], use_reentrant=False) if use_ckpt
+                 else one(h2[s:s + chunk], t[s:s + chunk]) for s in range(0, t.shape[0], chunk)]
+        return torch.cat(parts).reshape(shape)
+    total = _LinearCESum.apply(h2, weight, t, ignore_index, chunk)
+    if reduction == "sum":
+        return total
+    return total / (t != ignore_index).sum().clamp(min=1)
