@@ -32,80 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode
+
 LN_EPS = 1e-6
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype (see _dot_mode); an int forces one (benchmarks compare variants)
-
-
-@triton.jit
-def _dot(a, b, DOT_MODE: tl.constexpr):
-    """a @ b with fp32 accumulation. DOT_MODE 0: full fp32, 1: tf32, 2: bf16 operands, 3: fp16 operands."""
-    if DOT_MODE == 0:
-        return tl.dot(a, b, input_precision="ieee")
-    elif DOT_MODE == 1:
-        return tl.dot(a, b, input_precision="tf32")
-    elif DOT_MODE == 2:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-
-
-@triton.jit
-def _center(x, cmask, D: tl.constexpr):
-    """Row-wise (x - mean) over the first D columns, zero on the padded columns."""
-    mu = tl.sum(x, axis=1) / D
-    return tl.where(cmask[None, :], x - mu[:, None], 0.0)
-
-
-@triton.jit
-def _proj(g, xh, rstd, cmask, D: tl.constexpr):
-    """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward."""
-    mg = tl.sum(g, axis=1) / D
-    mgx = tl.sum(g * xh, axis=1) / D
-    return tl.where(cmask[None, :], (g - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
-
-
-@triton.jit
-def _tiles(H, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr):
-    """This program's (batch, head) and the mini-batch tile's indices: rows rt [BT], columns rd [BD], the masks
-    of the real rows (< b) and columns (< d), and the [BT, BD] mask of both."""
-    pid = tl.program_id(0)
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
-    return pid, pid // H, pid % H, rt, rd, cmask, tmask, tmask[:, None] & cmask[None, :]
-
-
-@triton.jit
-def _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h):
-    """Element offsets of this (batch, head): the start of its inputs and of its lr, the [BT, BD] offsets of a
-    mini-batch tile within the inputs, and the same for the outputs (which have their own strides)."""
-    return (bi * s_b + hi * s_h, rt[:, None] * s_t + rd[None, :], bi * l_b + hi * l_h,
-            bi * o_b + hi * o_h, rt[:, None] * o_t + rd[None, :])
-
-
-@triton.jit
-def _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
-    """A head's constants, fp32: LN weight and bias [BD], tau_i per row [BT], tau_b, and the causal mask
-    [BT, BT] of the real rows (j <= i, j < b)."""
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
-    return gam, bet, tau_r, tau_b, causal
-
-
-@triton.jit
-def _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, x_off, lr_off, rt, m2, tmask, l_t):
-    """One mini-batch's q, k, v tiles [BT, BD] (element offsets x_off) and lr [BT] (from lr_off), in the input
-    dtype, zero on padded rows and columns."""
-    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)
-    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
-    v = tl.load(v_ptr + x_off, mask=m2, other=0.0)
-    lr = tl.load(lr_ptr + lr_off + rt * l_t, mask=tmask, other=0.0)
-    return q, k, v, lr
 
 
 @triton.jit
@@ -313,13 +244,7 @@ def ttt_linear_bwd_kernel(
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
-    if DOT_MODE is not None:
-        return DOT_MODE
-    if dtype == torch.bfloat16:
-        return 2
-    if dtype == torch.float16:
-        return 3
-    return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
+    return DOT_MODE if DOT_MODE is not None else dot_mode(dtype)
 
 
 NUM_WARPS = None  # None: forward 4 for d <= 64 else 8, backward 8; an int forces one (benchmark variants)

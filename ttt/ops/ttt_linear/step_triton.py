@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..common import TTTState
+from ..triton_utils import step_operands
 
 
 @triton.jit
@@ -69,22 +70,6 @@ def ttt_linear_step_kernel(
     else:
         tl.store(an_ptr + pid * D * D + woff, A, mask=wmask)
         tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
-
-
-def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
-    """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
-    q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""
-    if q.dtype == torch.float64:
-        raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
-                         "(the triton backend sends float64 to the dual form)")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
-                                                                  *state.accum)):
-        raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
-                         "PyTorch step (the triton backend does so for calls that need gradients)")
-    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,1,H,d] -> [B,H,d]
-    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
-        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
-    return q0, k0, v0, lr[:, 0]
 
 
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):

@@ -34,37 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles
+from ..triton_utils import _center, _dot, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
 NUM_WARPS = None  # None: 8 (H100, d = 64: 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
-
-
-@triton.jit
-def _gelu_parts(x):
-    """tanh-GELU(x) and its exact derivative, fp32."""
-    c = 0.7978845608028654
-    u = c * (x + 0.044715 * x * x * x)
-    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
-    y = 0.5 * x * (1.0 + t)
-    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
-    return y, dy
-
-
-@triton.jit
-def _gelu_parts2(x):
-    """tanh-GELU(x), its derivative and its second derivative, fp32."""
-    c = 0.7978845608028654
-    a = 0.044715
-    u = c * (x + a * x * x * x)
-    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
-    du = c * (1.0 + 3.0 * a * x * x)
-    y = 0.5 * x * (1.0 + t)
-    s = 1.0 - t * t
-    dy = 0.5 * (1.0 + t) + 0.5 * x * s * du
-    ddy = s * (du - x * t * du * du + 3.0 * a * c * x * x)
-    return y, dy, ddy
 
 
 @triton.jit
@@ -147,13 +121,7 @@ def ttt_mlp_fwd_kernel(
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
-    if DOT_MODE is not None:
-        return DOT_MODE
-    if dtype == torch.bfloat16:
-        return 2
-    if dtype == torch.float16:
-        return 3
-    return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
+    return DOT_MODE if DOT_MODE is not None else dot_mode(dtype)
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True):

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ttt_linear.chunk import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles
-from .chunk import _dot_mode, _gelu_parts, _gelu_parts2
+from ..triton_utils import _center, _dot, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles
+from .chunk import _dot_mode
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 BLOCK_F = None  # None: 32 (an int forces the F block width; tests use 16 to get several blocks)

@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from ..common import TTTState
-from ..ttt_linear.step_triton import step_operands
-from .chunk import _gelu_parts
+from ..triton_utils import _gelu_parts, step_operands
 
 LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
 BLOCK_F = None  # None: 64 columns of F per block; an int forces one

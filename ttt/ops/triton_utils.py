@@ -1,0 +1,132 @@
+"""Triton helpers shared by every TTT kernel (chunk forward/backward, F-blocked MLP, decode steps), and
+the Python glue they share. Kernel files import from here, never from each other.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import TTTState
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The _dot mode for inputs of `dtype`: their own 16-bit type, else tf32 when PyTorch allows it, else fp32."""
+    if dtype == torch.bfloat16:
+        return 2
+    if dtype == torch.float16:
+        return 3
+    return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr):
+    """a @ b with fp32 accumulation. DOT_MODE 0: full fp32, 1: tf32, 2: bf16 operands, 3: fp16 operands."""
+    if DOT_MODE == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _center(x, cmask, D: tl.constexpr):
+    """Row-wise (x - mean) over the first D columns, zero on the padded columns."""
+    mu = tl.sum(x, axis=1) / D
+    return tl.where(cmask[None, :], x - mu[:, None], 0.0)
+
+
+@triton.jit
+def _proj(g, xh, rstd, cmask, D: tl.constexpr):
+    """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward."""
+    mg = tl.sum(g, axis=1) / D
+    mgx = tl.sum(g * xh, axis=1) / D
+    return tl.where(cmask[None, :], (g - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _tiles(H, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr):
+    """This program's (batch, head) and the mini-batch tile's indices: rows rt [BT], columns rd [BD], the masks
+    of the real rows (< b) and columns (< d), and the [BT, BD] mask of both."""
+    pid = tl.program_id(0)
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    return pid, pid // H, pid % H, rt, rd, cmask, tmask, tmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h):
+    """Element offsets of this (batch, head): the start of its inputs and of its lr, the [BT, BD] offsets of a
+    mini-batch tile within the inputs, and the same for the outputs (which have their own strides)."""
+    return (bi * s_b + hi * s_h, rt[:, None] * s_t + rd[None, :], bi * l_b + hi * l_h,
+            bi * o_b + hi * o_h, rt[:, None] * o_t + rd[None, :])
+
+
+@triton.jit
+def _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
+    """A head's constants, fp32: LN weight and bias [BD], tau_i per row [BT], tau_b, and the causal mask
+    [BT, BT] of the real rows (j <= i, j < b)."""
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    causal = (rt[:, None] >= rt[None, :]) & tmask[None, :]
+    return gam, bet, tau_r, tau_b, causal
+
+
+@triton.jit
+def _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, x_off, lr_off, rt, m2, tmask, l_t):
+    """One mini-batch's q, k, v tiles [BT, BD] (element offsets x_off) and lr [BT] (from lr_off), in the input
+    dtype, zero on padded rows and columns."""
+    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)
+    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
+    v = tl.load(v_ptr + x_off, mask=m2, other=0.0)
+    lr = tl.load(lr_ptr + lr_off + rt * l_t, mask=tmask, other=0.0)
+    return q, k, v, lr
+
+
+@triton.jit
+def _gelu_parts(x):
+    """tanh-GELU(x) and its exact derivative, fp32."""
+    c = 0.7978845608028654
+    u = c * (x + 0.044715 * x * x * x)
+    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    y = 0.5 * x * (1.0 + t)
+    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+    return y, dy
+
+
+@triton.jit
+def _gelu_parts2(x):
+    """tanh-GELU(x), its derivative and its second derivative, fp32."""
+    c = 0.7978845608028654
+    a = 0.044715
+    u = c * (x + a * x * x * x)
+    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    du = c * (1.0 + 3.0 * a * x * x)
+    y = 0.5 * x * (1.0 + t)
+    s = 1.0 - t * t
+    dy = 0.5 * (1.0 + t) + 0.5 * x * s * du
+    ddy = s * (du - x * t * du * du + 3.0 * a * c * x * x)
+    return y, dy, ddy
+
+
+def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+    """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
+    q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""
+    if q.dtype == torch.float64:
+        raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
+                         "(the triton backend sends float64 to the dual form)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
+                                                                  *state.accum)):
+        raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
+                         "PyTorch step (the triton backend does so for calls that need gradients)")
+    q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,1,H,d] -> [B,H,d]
+    if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
+        q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
+    return q0, k0, v0, lr[:, 0]
