@@ -58,7 +58,8 @@ class Block(nn.Module):
         self.has_conv = cfg.backbone == "mamba" and cfg.mixer.startswith("ttt")
         if self.has_conv:
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width)
+            conv_backend = {"triton": "triton", "auto": "auto"}.get(cfg.ttt_backend, "torch")
+            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width, backend=conv_backend)
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = make_mixer(cfg)
         if cfg.ffn_hidden:

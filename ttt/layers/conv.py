@@ -6,16 +6,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+BACKENDS = ("auto", "torch", "triton")
+
+
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over time. x: [B, T, C] -> [B, T, C].
 
     The state is the last `width - 1` inputs, [B, width-1, C]; zeros at the start of a sequence.
     forward(x, state) over any split of a sequence equals one forward over the whole sequence.
+    backend: "torch" (cuDNN on CUDA in eager mode, else shifted products), "triton" (the fused kernel of
+    ops/fused_layer.py: CUDA, or Triton's interpreter), "auto" ("triton" for CUDA fp32/fp16/bf16 inputs when
+    Triton imports, else "torch").
     """
 
-    def __init__(self, channels: int, width: int = 4, bias: bool = True):
+    def __init__(self, channels: int, width: int = 4, bias: bool = True, backend: str = "auto"):
         super().__init__()
-        self.channels, self.width = channels, width
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.channels, self.width, self.backend = channels, width, backend
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.reset_parameters()
@@ -29,8 +37,23 @@ class CausalConv1d(nn.Module):
         return torch.zeros(batch_size, self.width - 1, self.channels, device=device or self.weight.device,
                            dtype=dtype or self.weight.dtype)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        from ..ops import resolve_backend  # the op's rule: "triton" needs CUDA (or the interpreter) and Triton
+        chosen = resolve_backend("triton" if self.backend == "triton" else "auto", x.device)
+        if chosen == "triton" and (x.dtype == torch.float64 or self.channels % 2):
+            if self.backend == "triton":
+                raise ValueError(f"x: the Triton conv kernel takes fp32/fp16/bf16 inputs with an even channel count, "
+                                 f"got {x.dtype} with {self.channels} channels")
+            return False
+        return chosen == "triton"
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         B, T, C = x.shape
+        if self._use_kernel(x):
+            from ..ops.fused_layer import causal_conv
+            return causal_conv(x if x.stride(-1) == 1 else x.contiguous(), state, self.weight, self.bias)
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, width-1+T, C]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BACKENDS as OP_BACKENDS, TTTState, make_tau, ttt_op
+from ..ops import BACKENDS as OP_BACKENDS, TTTState, make_tau, resolve_backend, ttt_op
 from ..ops.generic import ttt_generic
 from .attention import apply_rope
 from .conv import CausalConv1d
@@ -75,8 +75,9 @@ class TTTLayer(nn.Module):
 
         if backbone == "mamba":
             self.qk_proj = nn.Linear(D, D, bias=False)
-            self.conv_q = CausalConv1d(D, conv_width)
-            self.conv_k = CausalConv1d(D, conv_width)
+            # the reference path's convs; the kernel path reads their weights in ops/fused_layer.conv_rope
+            self.conv_q = CausalConv1d(D, conv_width, backend="torch")
+            self.conv_k = CausalConv1d(D, conv_width, backend="torch")
             self.gate_proj = nn.Linear(D, D, bias=False)
         else:
             self.q_proj = nn.Linear(D, D, bias=False)
@@ -159,6 +160,12 @@ class TTTLayer(nn.Module):
             raise ValueError(f"state: expected {'a' if self.backbone == 'mamba' else 'no'} conv window for "
                              f"backbone {self.backbone!r}")
 
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the fused Triton kernels around the op (ops/fused_layer.py): exactly when
+        the op itself runs the "triton" backend (the same explicit choice), for fp32/fp16/bf16 inputs."""
+        return (self.kind != "generic" and x.dtype != torch.float64
+                and resolve_backend(self.backend, x.device) == "triton")
+
     def forward(self, x: torch.Tensor, state: TTTLayerState | None = None):
         """x: [B, T, D] -> (y [B, T, D], new state)."""
         self._check(x, state)
@@ -166,18 +173,29 @@ class TTTLayer(nn.Module):
         H, d = self.n_heads, self.head_dim
         if state is None:
             state = self.init_state(B, x.device)
-        if self.backbone == "mamba":
-            u = self.qk_proj(x)
-            q, conv = self.conv_q(u, state.conv)
-            k, _ = self.conv_k(u, state.conv)  # same input u, so one window serves both convs
+        fused = self._use_kernels(x)
+        if self.backbone == "mamba" and fused:
+            from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
+            cq, ck = self.conv_q, self.conv_k
+            q, k, conv = conv_rope(self.qk_proj(x), state.conv, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
+                                   mini_batch=self.mini_batch, head_dim=d, rope_base=self.rope_base)
+            q, k = q.view(B, T, H, d), k.view(B, T, H, d)  # [B,T,D] -> [B,T,H,d], RoPE already applied
         else:
-            q, k, conv = self.q_proj(x), self.k_proj(x), None
-        v = self.v_proj(x)
-        q, k, v = (t.reshape(B, T, H, d) for t in (q, k, v))  # [B,T,D] -> [B,T,H,d]
-        pos = (state.pos + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE at position mod b
-        q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+            if self.backbone == "mamba":
+                u = self.qk_proj(x)
+                q, conv = self.conv_q(u, state.conv)
+                k, _ = self.conv_k(u, state.conv)  # same input u, so one window serves both convs
+            else:
+                q, k, conv = self.q_proj(x), self.k_proj(x), None
+            q, k = q.reshape(B, T, H, d), k.reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
+            pos = (state.pos + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE at position mod b
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        v = self.v_proj(x).reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
-        gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
+        if fused:  # the gate's product in x's dtype (no fp32 copy of x), the sigmoid in fp32
+            gate = F.linear(x, self.lr_weight.to(x.dtype)).to(ct) + self.lr_bias.to(ct)
+        else:
+            gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
         lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
         tau = make_tau(self.delta.to(ct))
         if self.kind == "generic":
@@ -186,9 +204,14 @@ class TTTLayer(nn.Module):
         else:
             o, op_state = ttt_op(self.kind, q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
                                  mini_batch=self.mini_batch, backend=self.backend)
-        o = self.post_norm(o.reshape(B, T, D))  # [B,T,H,d] -> [B,T,D]
-        if self.backbone == "mamba":
-            o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+        o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
+        if self.backbone == "mamba" and fused:
+            from ..ops.fused_layer import ln_gate
+            o = ln_gate(o, self.gate_proj(x), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
+        else:
+            o = self.post_norm(o)
+            if self.backbone == "mamba":
+                o = F.gelu(self.gate_proj(x), approximate="tanh") * o
         return self.o_proj(o), TTTLayerState(op_state, conv)
 
 

@@ -1,0 +1,190 @@
+"""The fused layer kernels (ttt/ops/fused_layer.py) == their PyTorch references: the depthwise causal
+conv(s) with and without a window, RoPE at position mod b, the post-LayerNorm x GELU gate; outputs, the new
+window and every gradient (input, window, weights, biases), with NaN-poisoned kernel buffers. On CPU the
+kernels run in Triton's interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+import torch.nn.functional as F  # noqa: E402
+
+from conftest import PoisonTorch  # noqa: E402
+from ttt.layers.attention import apply_rope  # noqa: E402
+from ttt.ops import fused_layer  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(fused_layer, "torch", PoisonTorch())
+
+
+def ref_conv(x, win, w, b):
+    """Shifted products over cat(window, x), fp64."""
+    W = w.shape[-1]
+    B, T, D = x.shape
+    win = torch.zeros(B, W - 1, D, dtype=x.dtype) if win is None else win
+    xs = torch.cat([win, x], 1)
+    y = sum(xs[:, j:j + T] * w[:, 0, j] for j in range(W))
+    return (y + b if b is not None else y), xs[:, xs.shape[1] - (W - 1):]
+
+
+def ref_conv_rope(x, win, wq, bq, wk, bk, pos, b, d, base):
+    B, T, D = x.shape
+    p = (pos + torch.arange(T)) % b
+    q, new = ref_conv(x, win, wq, bq)
+    k, _ = ref_conv(x, win, wk, bk)
+    q = apply_rope(q.view(B, T, D // d, d), p, base).view(B, T, D)
+    k = apply_rope(k.view(B, T, D // d, d), p, base).view(B, T, D)
+    return q, k, new
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().to(DEV).requires_grad_(True) for t in ts]
+
+
+@pytest.mark.parametrize("T,pos,with_win,dtype", [(1, 5, True, torch.float32), (37, 0, False, torch.float32),
+                                                  (37, 13, True, torch.float32), (70, 3, True, torch.float16)])
+def test_conv_rope_matches_reference(T, pos, with_win, dtype):
+    g = torch.Generator().manual_seed(T + pos)
+    B, D, d, W, b = 2, 48, 16, 4, 16
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
+    wq, wk = (torch.randn(D, 1, W, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    bq, bk = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2))
+    rq, rk, rwin = ref_conv_rope(x, win, wq, bq, wk, bk, pos, b, d, 10000.0)
+    xr, winr, wqr, bqr, wkr, bkr = leaves(x, win, wq, bq, wk, bk)
+    xi, wini = (xr.to(dtype), None if winr is None else winr.to(dtype))
+    q, k, nwin = fused_layer.conv_rope(xi, wini, wqr.float(), bqr.float(), wkr.float(), bkr.float(), pos,
+                                       mini_batch=b, head_dim=d)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert q.dtype == k.dtype == dtype
+    assert rel(q.cpu(), rq) < tol and rel(k.cpu(), rk) < tol
+    torch.testing.assert_close(nwin.double().cpu(), rwin, rtol=tol, atol=tol)
+    # gradients: every input of the op
+    gq, gk = torch.randn(q.shape, generator=g, dtype=torch.float64), torch.randn(k.shape, generator=g,
+                                                                                dtype=torch.float64)
+    ins = [t for t in (xr, winr, wqr, bqr, wkr, bkr) if t is not None]
+    got = torch.autograd.grad((q.double().cpu() * gq).sum() + (k.double().cpu() * gk).sum(), ins)
+    refs = [t.detach().cpu().requires_grad_(True) for t in ins]
+    names = ["x", "win", "wq", "bq", "wk", "bk"] if with_win else ["x", "wq", "bq", "wk", "bk"]
+    kw = dict(zip(names, refs))
+    rq2, rk2, _ = ref_conv_rope(kw["x"], kw.get("win"), kw["wq"], kw["bq"], kw["wk"], kw["bk"], pos, b, d, 1e4)
+    want = torch.autograd.grad((rq2 * gq).sum() + (rk2 * gk).sum(), refs)
+    for n, a, e in zip(names, got, want):
+        assert rel(a.cpu(), e) < (5e-3 if dtype == torch.float16 else 1e-5), n
+
+
+@pytest.mark.parametrize("T,with_win", [(1, True), (23, False), (40, True)])
+def test_causal_conv_matches_reference(T, with_win):
+    g = torch.Generator().manual_seed(T)
+    B, D, W = 3, 20, 4
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
+    w, bias = torch.randn(D, 1, W, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    ry, rwin = ref_conv(x, win, w, bias)
+    xr, winr, wr, br = leaves(x, win, w, bias)
+    y, nwin = fused_layer.causal_conv(xr.float(), None if winr is None else winr.float(), wr.float(), br.float())
+    assert rel(y.cpu(), ry) < 1e-5
+    torch.testing.assert_close(nwin.double().cpu(), rwin, rtol=1e-6, atol=1e-6)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    ins = [t for t in (xr, winr, wr, br) if t is not None]
+    got = torch.autograd.grad((y.double().cpu() * gy).sum(), ins)
+    refs = [t.detach().cpu().requires_grad_(True) for t in ins]
+    ry2, _ = ref_conv(refs[0], refs[1] if with_win else None, refs[-2], refs[-1])
+    want = torch.autograd.grad((ry2 * gy).sum(), refs)
+    for a, e in zip(got, want):
+        assert rel(a.cpu(), e) < 1e-5
+
+
+@pytest.mark.parametrize("N,D,dtype", [(9, 40, torch.float32), (5, 64, torch.float16)])
+def test_ln_gate_matches_reference(N, D, dtype):
+    g = torch.Generator().manual_seed(N)
+    o, gt = torch.randn(2, N, D, generator=g, dtype=torch.float64), torch.randn(2, N, D, generator=g,
+                                                                               dtype=torch.float64)
+    w, b = 1 + 0.3 * torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    orr, gr, wr, br = leaves(o, gt, w, b)
+    y = fused_layer.ln_gate(orr.to(dtype), gr.to(dtype), wr.float(), br.float(), 1e-6)
+    ref_in = [t.detach().requires_grad_(True) for t in (o, gt, w, b)]
+    ry = F.layer_norm(ref_in[0], (D,), ref_in[2], ref_in[3], 1e-6) * F.gelu(ref_in[1], approximate="tanh")
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    assert y.dtype == dtype and rel(y.cpu(), ry) < tol
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((y.double().cpu() * gy).sum(), (orr, gr, wr, br))
+    want = torch.autograd.grad((ry * gy).sum(), ref_in)
+    for n, a, e in zip("ogwb", got, want):
+        assert rel(a.cpu(), e) < (5e-3 if dtype == torch.float16 else 1e-5), n
+
+
+def test_bad_shapes_are_named():
+    x = torch.zeros(1, 4, 8, device=DEV)
+    with pytest.raises(ValueError, match="head_dim"):
+        fused_layer.conv_rope(x, None, torch.zeros(8, 1, 4), None, torch.zeros(8, 1, 4), None, 0, mini_batch=16,
+                              head_dim=3)
+    with pytest.raises(ValueError, match="wk"):
+        fused_layer.conv_rope(x, None, torch.zeros(8, 1, 4), None, torch.zeros(7, 1, 4), None, 0, mini_batch=16,
+                              head_dim=4)
+    with pytest.raises(ValueError, match="g:"):
+        fused_layer.ln_gate(x, x[:, :2], torch.ones(8), torch.zeros(8), 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fused_layer_equals_reference_layer(kind):
+    """A whole (M) TTT layer on the kernel path (backend "triton": fused conv+RoPE, the op's kernels, fused
+    post-LN x gate) == the same layer on the PyTorch path ("dual"), streamed in two pieces that split a
+    mini-batch: outputs, the carried state (conv window, inner weights) and every parameter's gradient."""
+    from ttt.layers.ttt import TTTLayer
+    torch.manual_seed(0)
+    D, H, b = 32, 2, 8
+    ref = TTTLayer(D, H, inner=kind, mini_batch=b, backend="dual")
+    with torch.no_grad():  # non-trivial LN, conv biases and delta
+        for p in (ref.post_norm.weight, ref.post_norm.bias, ref.conv_q.bias, ref.conv_k.bias, ref.delta):
+            p.add_(0.1 * torch.randn_like(p))
+    fast = TTTLayer(D, H, inner=kind, mini_batch=b, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    x = torch.randn(2, 21, D, device=DEV)
+    ys, yr = [], []
+    sf = sr = None
+    for piece in (x[:, :11], x[:, 11:]):
+        y, sf = fast(piece, sf)
+        ys.append(y)
+        y, sr = ref(piece, sr)
+        yr.append(y)
+    yf, yr = torch.cat(ys, 1), torch.cat(yr, 1)
+    assert rel(yf.cpu(), yr.cpu()) < 1e-4
+    assert rel(sf.conv.cpu(), sr.conv.cpu()) < 1e-6
+    for a, e in zip(sf.op.params, sr.op.params):
+        assert rel(a.cpu(), e.cpu()) < 1e-4
+    gy = torch.randn_like(yr)
+    (yf * gy).sum().backward()
+    (yr * gy).sum().backward()
+    for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
+        assert rel(pf.grad.cpu(), pr.grad.cpu()) < 1e-3, n
+
+
+def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
+    from ttt.layers.conv import CausalConv1d
+    conv = CausalConv1d(5, 4, backend="triton").to(DEV)
+    with pytest.raises(ValueError, match="even channel count"):
+        conv(torch.zeros(1, 3, 5, device=DEV))
+    with pytest.raises(ValueError, match="backend"):
+        CausalConv1d(4, 4, backend="cudnn")
