@@ -73,10 +73,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     def step():
         for _ in range(accum):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, _ = model(ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) / accum
-            loss.backward()
-            del logits
+                loss, _ = model(ids[:, :-1], targets=ids[:, 1:])  # the chunked head: no [B, T, V] fp32 logits
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +89,57 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
     del model, opt
     opt = model = None
+    torch.cuda.empty_cache()
+    return row
+
+
+def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
+    """The fast model (Triton op and fused layer kernels) against the reference path (the dual form and the
+    PyTorch layer) before any timing: fp32 logits and every parameter gradient of a real-size model."""
+    torch.manual_seed(0)
+    ref = TTTLM(get_config(size, mixer=mixer, ttt_backend="dual")).cuda()
+    fast = TTTLM(get_config(size, mixer=mixer, ttt_backend="triton")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, ref.cfg.vocab_size, (B, T + 1), device="cuda")
+    out = {}
+    for name, m in (("ref", ref), ("fast", fast)):
+        logits, _ = m(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        out[name] = (logits.detach(), {n: p.grad for n, p in m.named_parameters()})
+    lr_, gr = out["ref"]
+    lf, gf = out["fast"]
+    err = ((lf - lr_).norm() / lr_.norm()).item()
+    gerr = max(((gf[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in gr.items())
+    worst = max(gr, key=lambda n: ((gf[n] - gr[n]).norm() / gr[n].norm().clamp_min(1e-12)).item())
+    row = dict(check=f"{size} {mixer} fast vs reference (fp32, T={T})", logits_rel=err, worst_grad_rel=gerr,
+               worst_grad=worst, ok=err < 1e-3 and gerr < 1e-2)
+    print(json.dumps(row), flush=True)
+    del ref, fast, out
+    torch.cuda.empty_cache()
+    return row
+
+
+@torch.inference_mode()
+def prefill_row(mixer, size, T, tokens, compile_blocks):
+    """Tokens/s of a forward over `tokens` tokens in B = tokens/T sequences of T, bf16 weights, the head at the
+    last position only (what generation needs)."""
+    cfg = get_config(size, mixer=mixer)
+    torch.manual_seed(0)
+    model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+    if compile_blocks:
+        for blk in model.blocks:
+            blk.compile()
+    B = max(1, tokens // T)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    try:
+        ms = timed(lambda: model(ids, logits="last"), warmup=2, iters=5)
+        row = dict(kind="prefill", mixer=mixer, size=size, compiled=compile_blocks, context=T, batch=B, ms=ms,
+                   tokens_per_s=B * T / ms * 1e3)
+    except torch.OutOfMemoryError as e:
+        row = dict(kind="prefill", mixer=mixer, size=size, context=T, batch=B, error=f"OOM: {e}"[:200])
+    print(json.dumps(row), flush=True)
+    del model
     torch.cuda.empty_cache()
     return row
 
@@ -170,7 +219,14 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fast model vs reference path (logits, gradients) first")
     ap.add_argument("--train", action="store_true", help="time training steps")
+    ap.add_argument("--train-modes", default="eager,compiled", help="training timed eagerly and/or compiled")
+    ap.add_argument("--prefill", action="store_true", help="time prefill (forward, last-position logits)")
+    ap.add_argument("--prefill-size", default="1.3b")
+    ap.add_argument("--prefill-contexts", default="2048,8192,32768")
+    ap.add_argument("--prefill-mixers", default="ttt_linear,attention,mamba")
+    ap.add_argument("--prefill-modes", default="eager,compiled")
     ap.add_argument("--decode", action="store_true", help="time decode steps")
     ap.add_argument("--mixers", default="ttt_linear,ttt_mlp,attention,mamba")
     ap.add_argument("--contexts", default="2048,8192")
@@ -197,9 +253,19 @@ def main():
     print(json.dumps(env), flush=True)
     res = dict(env=env)
     t0 = time.time()
+    if a.check:
+        res["check"] = [check_model("ttt_linear"), check_model("ttt_mlp", T=520)]
+        if not all(r["ok"] for r in res["check"]):
+            raise SystemExit("the fast model differs from the reference path: not timing")
     if a.train:
-        res["train"] = bench_train(a.mixers.split(","), [int(x) for x in a.contexts.split(",")], a.tokens_per_step,
-                                   a.backend, a.compile)
+        res["train"] = []
+        for mode in a.train_modes.split(","):
+            res["train"] += bench_train(a.mixers.split(","), [int(x) for x in a.contexts.split(",")],
+                                        a.tokens_per_step, a.backend, mode == "compiled" or a.compile)
+    if a.prefill:
+        res["prefill"] = [prefill_row(m, a.prefill_size, T, a.tokens_per_step, mode == "compiled")
+                          for mode in a.prefill_modes.split(",") for T in (int(x) for x in a.prefill_contexts.split(","))
+                          for m in a.prefill_mixers.split(",")]
     if a.decode:
         res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
                                      compiled=None if a.decode_compile == "off" else a.decode_compile)

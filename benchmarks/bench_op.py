@@ -201,6 +201,77 @@ def time_fla(B, T, H, d, mode, dtype=torch.bfloat16):
     return out
 
 
+def load_mamba_ssd():
+    """mamba_ssm's Triton SSD functions, or None. A wheel built without its CUDA extension (the device has no
+    compiler toolchain for it) fails at `import mamba_ssm`; its Triton submodules do not need the extension, so
+    this harness stubs the extension's module name first (a normal CUDA install imports without the stub)."""
+    import sys
+    import types
+    try:
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined
+    except Exception as e:
+        print(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+
+
+def time_mamba2(B, T, mode, dtype=torch.bfloat16, heads=64, headdim=64, d_state=128, chunk=256):
+    """mamba_ssm's SSD (Mamba-2) at the 1.3b Mamba-2 layer's shapes: 64 heads x 64, d_state 128, 1 group."""
+    ssd = load_mamba_ssd()
+    if ssd is None:
+        return None
+    gr = mode == "fwdbwd"
+    x = torch.randn(B, T, heads, headdim, device="cuda", dtype=dtype, requires_grad=gr)
+    dt = torch.randn(B, T, heads, device="cuda", dtype=dtype, requires_grad=gr)
+    A = (-torch.rand(heads, device="cuda", dtype=torch.float32) - 0.5).requires_grad_(gr)
+    Bm, Cm = (torch.randn(B, T, 1, d_state, device="cuda", dtype=dtype, requires_grad=gr) for _ in range(2))
+    dt_bias = torch.zeros(heads, device="cuda", dtype=torch.float32, requires_grad=gr)
+    do = torch.randn_like(x)
+
+    def call():
+        return ssd(x, dt, A, Bm, Cm, chunk_size=chunk, dt_bias=dt_bias, dt_softplus=True)
+
+    def fn():
+        if mode == "fwd":
+            with torch.no_grad():
+                call()
+        else:
+            torch.autograd.backward(call(), do)
+    try:
+        fn()
+        ms = bench(fn)
+    except Exception as e:
+        print(f"mamba_ssm SSD failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    record("mamba2", "mamba_ssm_ssd", B, T, heads, headdim, ms, mode)
+    return ms
+
+
+def time_simple_gla(B, T, H, d, dtype=torch.bfloat16):
+    """fla's chunk_simple_gla forward (a Mamba-2-class scalar-gated linear recurrence) at the TTT shapes. Its
+    backward refuses to run on Hopper with Triton < 3.7.1 (fla's own guard), so forward only."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:
+        print(f"fla simple_gla unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+    q, k, v = (torch.randn(B, T, H, d, device="cuda", dtype=dtype) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda", dtype=torch.float32))
+
+    def fn():
+        with torch.no_grad():
+            chunk_simple_gla(q, k, v, g, scale=d ** -0.5, output_final_state=True)
+    try:
+        fn()
+        ms = bench(fn)
+    except Exception as e:
+        print(f"fla simple_gla failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    record("fla", "fla_chunk_simple_gla", B, T, H, d, ms, "fwd")
+    return ms
+
+
 def time_decode(kind, B, H, d, pos=5):
     from ttt.ops import triton_backend  # noqa: F401
     leaves, st = make(kind, B, 1, H, d, torch.bfloat16, pos=pos)
@@ -261,7 +332,7 @@ def main():
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
                          "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
-    ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla")
+    ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla, mamba")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
     ap.add_argument("--commit", default="")
     ap.add_argument("--plot-from", default="", help="only redraw the plot from a bench_op.json")
@@ -320,6 +391,10 @@ def main():
             B = tokens // T
             if "sdpa" not in skip:
                 time_sdpa(B, T, 32, 64, mode)
+            if "mamba" not in skip:
+                time_mamba2(B, T, mode)
+            if "fla" not in skip and mode == "fwd":
+                time_simple_gla(B, T, 32, 64)
             for kind in kinds:
                 if not good[kind]:
                     continue

@@ -1,5 +1,6 @@
 """One small forward + backward of every Triton TTT kernel (for compute-sanitizer runs):
-    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked]
+    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked,fused]
+(fused: the layer kernels of ops/fused_layer.py through a whole (M) TTT-Linear layer, with a conv window;
 (mlp at d = 96 runs the F-blocked kernels; mlp_blocked forces them at d = 64 too)."""
 import sys
 
@@ -11,6 +12,16 @@ from ttt.ops import triton_backend  # noqa: E402
 
 kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
 for name in kinds:
+    if name == "fused":
+        from ttt.layers.ttt import TTTLinear
+        layer = TTTLinear(128, 2, backend="triton").cuda()
+        x = torch.randn(2, 37, 128, device="cuda", requires_grad=True)
+        y, st = layer(x[:, :20])
+        y2, _ = layer(x[:, 20:], st)
+        (y.sum() + y2.sum()).backward()
+        torch.cuda.synchronize()
+        print(name, "ok", flush=True)
+        continue
     kind = "mlp" if name == "mlp_blocked" else name
     triton_backend.MLP_IMPL = "blocked" if name == "mlp_blocked" else None
     for d, pos, T in ((64, 0, 64), (96, 5, 83)):

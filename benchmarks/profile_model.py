@@ -1,56 +1,102 @@
-"""Where the time goes (GPU): kernel-time breakdown of a 125m training step and a 1.3b decode step.
+"""Where the time goes (GPU): kernel time by category for a 1.3b prefill, a 125m training step and a 1.3b
+decode step, for TTT-Linear and the Transformer++ baseline side by side.
 
-    PYTHONPATH=. python3 benchmarks/profile_model.py [--train] [--decode]
-Prints torch.profiler tables (CUDA time per kernel) so optimisations target the largest terms.
+    PYTHONPATH=. python3 benchmarks/profile_model.py [--prefill] [--train] [--decode] [--mixers ttt_linear,attention]
+Categories: GEMMs, the TTT op's kernels, the fused layer kernels, attention (flash), copies and casts, the
+depthwise conv (PyTorch's), Inductor-fused element-wise, other element-wise/reductions. The top kernels follow.
 """
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from ttt.config import get_config
 from ttt.model import TTTLM
 
+CATEGORIES = [  # first match wins
+    ("ttt op kernels", r"ttt_(linear|mlp)_.*kernel"),
+    ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_ln_gate_(fwd|bwd)_kernel"),
+    ("attention (flash)", r"flash|fmha|attention"),
+    ("GEMMs", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_|wgmma"),
+    ("depthwise conv (PyTorch)", r"conv_depthwise|depthwise"),
+    ("copies and casts", r"copy|cast|Memcpy|to_copy|cat_|CatArray"),
+    ("Inductor-fused", r"^triton_"),
+]
 
-def show(fn, label, rows=25):
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.IGNORECASE):
+            return cat
+    return "other element-wise / reductions"
+
+
+def show(fn, label, rows=12):
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
         fn()
         torch.cuda.synchronize()
-    print(f"==== {label}")
-    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    totals, kernels = {}, []
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+        if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        totals[category(e.key)] = totals.get(category(e.key), 0.0) + t / 1e3
+        kernels.append((t / 1e3, e.key))
+    print(f"==== {label}: kernel time {sum(totals.values()):.1f} ms", flush=True)
+    for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:34s} {ms:9.2f} ms")
+    for ms, name in sorted(kernels, reverse=True)[:rows]:
+        print(f"    {ms:9.2f} ms  {name[:100]}")
+    return totals
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train", action="store_true")
-    ap.add_argument("--decode", action="store_true")
-    ap.add_argument("--mixer", default="ttt_linear")
+    ap.add_argument("--prefill", action="store_true", help="1.3b, bf16 weights, eager, head at the last position")
+    ap.add_argument("--train", action="store_true", help="125m forward+backward under bf16 autocast")
+    ap.add_argument("--decode", action="store_true", help="1.3b decode step, B16, eager")
+    ap.add_argument("--mixers", default="ttt_linear,attention")
     ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (training)")
     a = ap.parse_args()
-    if a.train:
-        cfg = get_config("125m", mixer=a.mixer)
-        model = TTTLM(cfg).cuda()
-        B = 32768 // a.T
-        ids = torch.randint(0, cfg.vocab_size, (B, a.T + 1), device="cuda")
+    B = 32768 // a.T
+    for mixer in a.mixers.split(","):
+        if a.prefill:
+            cfg = get_config("1.3b", mixer=mixer)
+            model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+            ids = torch.randint(0, cfg.vocab_size, (B, a.T), device="cuda")
+            with torch.inference_mode():
+                show(lambda: model(ids, logits="last"), f"1.3b {mixer} prefill B{B} T{a.T} (eager, bf16)")
+            del model
+        if a.train:
+            cfg = get_config("125m", mixer=mixer)
+            model = TTTLM(cfg).cuda()
+            if a.compile:
+                for blk in model.blocks:
+                    blk.compile()
+            ids = torch.randint(0, cfg.vocab_size, (B, a.T + 1), device="cuda")
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, _ = model(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        show(step, f"125m {a.mixer} fwd+bwd B{B} T{a.T}")
-    if a.decode:
-        cfg = get_config("1.3b", mixer="ttt_linear")
-        model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
-        with torch.inference_mode():
-            _, s = model(torch.randint(0, cfg.vocab_size, (16, 64), device="cuda"))
-            tok = torch.randint(0, cfg.vocab_size, (16, 1), device="cuda")
-            show(lambda: model(tok, s), "1.3b ttt_linear decode step B16 (eager)")
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
+                loss.backward()
+            show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}")
+            del model
+        if a.decode and mixer != "attention":
+            cfg = get_config("1.3b", mixer=mixer)
+            model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+            with torch.inference_mode():
+                _, s = model(torch.randint(0, cfg.vocab_size, (16, 64), device="cuda"), logits="none")
+                tok = torch.randint(0, cfg.vocab_size, (16, 1), device="cuda")
+                show(lambda: model(tok, s), f"1.3b {mixer} decode step B16 (eager)")
+            del model
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
