@@ -96,6 +96,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
 def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
     """The fast model (Triton op and fused layer kernels) against the reference path (the dual form and the
     PyTorch layer) before any timing: fp32 logits and every parameter gradient of a real-size model."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 on both paths
     torch.manual_seed(0)
     ref = TTTLM(get_config(size, mixer=mixer, ttt_backend="dual")).cuda()
     fast = TTTLM(get_config(size, mixer=mixer, ttt_backend="triton")).cuda()
@@ -113,8 +115,9 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
     gerr = max(((gf[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in gr.items())
     worst = max(gr, key=lambda n: ((gf[n] - gr[n]).norm() / gr[n].norm().clamp_min(1e-12)).item())
     row = dict(check=f"{size} {mixer} fast vs reference (fp32, T={T})", logits_rel=err, worst_grad_rel=gerr,
-               worst_grad=worst, ok=err < 1e-3 and gerr < 1e-2)
+               worst_grad=worst, ok=err < 1e-4 and gerr < 2e-3)
     print(json.dumps(row), flush=True)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     del ref, fast, out
     torch.cuda.empty_cache()
     return row

@@ -188,3 +188,25 @@ def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
         conv(torch.zeros(1, 3, 5, device=DEV))
     with pytest.raises(ValueError, match="backend"):
         CausalConv1d(4, 4, backend="cudnn")
+
+
+def test_custom_ops_trace_under_torch_compile():
+    """The fake (meta) implementations and autograd registrations: torch.compile (aot_eager: fake-tensor tracing
+    of forward and backward, then the real kernels) gives the eager results and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 16, generator=g).to(DEV).requires_grad_(True)
+    wq, wk = (torch.randn(16, 1, 4, generator=g).to(DEV).requires_grad_(True) for _ in range(2))
+    bq = torch.randn(16, generator=g).to(DEV).requires_grad_(True)
+    lw, lb = torch.ones(16, device=DEV, requires_grad=True), torch.zeros(16, device=DEV, requires_grad=True)
+
+    def f(x):
+        q, k, win = fused_layer.conv_rope(x, None, wq, bq, wk, None, 3, mini_batch=8, head_dim=8)
+        y, _ = fused_layer.causal_conv(q, win, wq, bq)
+        return fused_layer.ln_gate(y, k, lw, lb, 1e-6).sum()
+    eager = f(x)
+    ge = torch.autograd.grad(eager, (x, wq, wk, bq, lw, lb))
+    comp = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    gc = torch.autograd.grad(comp, (x, wq, wk, bq, lw, lb))
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)

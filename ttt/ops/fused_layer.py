@@ -242,7 +242,7 @@ def _conv_rope_fwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tenso
 
 @_conv_rope_fwd_op.register_fake
 def _(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope):
-    y = x.new_empty(x.shape, memory_format=torch.contiguous_format)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return y, (torch.empty_like(y) if wb is not None else x.new_empty(0))
 
 
