@@ -7,7 +7,7 @@ gradients against v1's. Then times forward (no grad) and forward + backward for 
 issue 8, and prints one table (medians of triton.testing.do_bench, ms).
 
     PYTHONPATH=. python benchmarks/bench_linear_bwd.py                  # checks + the four shapes
-    PYTHONPATH=. python benchmarks/bench_linear_bwd.py --variants split:4,4,4 split:4,8,4
+    PYTHONPATH=. python benchmarks/bench_linear_bwd.py --variants v1 split_lean::4 split_full:4,8,4:1
 """
 from __future__ import annotations
 
@@ -47,18 +47,18 @@ def state_of(leaves, accum, B, pos):
     return st
 
 
-def run(leaves, st, impl, b=16, warps=None):
+def run(leaves, st, impl, b=16, warps=None, seg=None):
     q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    lk = None if impl == "dual" else tb.LinearKernels(bwd=impl, bwd_warps=warps)
+    lk = None if impl == "dual" else tb.LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg)
     if lk is None:
         return dual.forward(q, k, v, lr, tau, lnw, lnb, st, b)
     return tb.forward("linear", q, k, v, lr, tau, lnw, lnb, st, b, linear=lk)
 
 
-def grads(leaves, accum, B, pos, impl, wo, warps=None):
+def grads(leaves, accum, B, pos, impl, wo, warps=None, seg=None):
     leaves = [x.detach().requires_grad_() for x in leaves]
     st = state_of(leaves, accum, B, pos)
-    o, s = run(leaves, st, impl, warps=warps)
+    o, s = run(leaves, st, impl, warps=warps, seg=seg)
     loss = (o.float() * wo).sum() + sum((p.float() * (i + 1)).sum() for i, p in enumerate(s.params))
     return [o.detach(), *(p.detach() for p in s.params), *torch.autograd.grad(loss, leaves)]
 
@@ -104,11 +104,11 @@ def profile(B, T, H, d, variants):
     _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, 16, group=8)
     do = torch.randn_like(q)
     dwT, dcT = torch.zeros_like(W0), torch.zeros_like(c0)
-    for name, impl, warps in variants:
+    for name, impl, warps, seg in variants:
         info = {}
         w = warps[0] if (warps and impl == "v1") else warps
         call = lambda: chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dwT, dcT, 16, group=8, impl=impl,  # noqa: E731
-                                 warps=w, info=info)
+                                 warps=w, info=info, segments=seg)
         call()
         torch.cuda.synchronize()
         with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -129,7 +129,8 @@ def profile(B, T, H, d, variants):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["v1", "split"],
-                    help="backward variants to time: v1, v1:W, split, split:PRE,CHAIN,POST (warps)")
+                    help="backward variants to time: v1, v1:W, split (picks lean/full by B*H), split_lean, "
+                         "split_full, each as IMPL:PRE,CHAIN,POST (warps), IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
@@ -141,12 +142,13 @@ def main():
     if not args.no_check:
         for dtype in (torch.bfloat16, torch.float32):
             for d, T, pos in ((64, 1037, 7), (128, 300, 0), (64, 2048, 16)):
-                ok &= check(2, T, 4, d, dtype, pos, ["v1", "split"])
+                ok &= check(2, T, 4, d, dtype, pos, ["v1", "split_lean", "split_full"])
     shapes = SHAPES if args.shapes == "all" else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     variants = []
     for v in args.variants:
-        impl, _, w = v.partition(":")
-        variants.append((v, impl, tuple(int(x) for x in w.split(",")) if w else None))
+        impl, _, rest = v.partition(":")
+        w, _, seg = rest.partition(":")
+        variants.append((v, impl, tuple(int(x) for x in w.split(",")) if w else None, int(seg) if seg else None))
     rows = []
     for shape in filter(None, args.profile.split(",")):
         profile(*(int(x) for x in shape.split("x")), variants)
@@ -160,10 +162,10 @@ def main():
         wo = do.float()
         g_ref = None
         row = {"shape": f"B{B} T{T} H{H} d{d}", "fwd": fwd_ms}
-        for name, impl, warps in variants:
+        for name, impl, warps, seg in variants:
             lv = [x.detach().requires_grad_() for x in leaves]
             stv = state_of(lv, None, B, 0)
-            g = grads(leaves, None, B, 0, impl, wo, warps=warps)[3:]
+            g = grads(leaves, None, B, 0, impl, wo, warps=warps, seg=seg)[3:]
             if g_ref is None:
                 g_ref = g
             else:
@@ -174,7 +176,7 @@ def main():
                       f"({max(errs, key=errs.get)})", flush=True)
 
             def fn():
-                o, _ = run(lv, stv, impl, warps=warps)
+                o, _ = run(lv, stv, impl, warps=warps, seg=seg)
                 torch.autograd.backward(o, do)
                 for t in lv:
                     t.grad = None

@@ -105,18 +105,30 @@ def test_linear_matches_dual(B, T, H, d, b, pos):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
-SPLIT = triton_backend.LinearKernels(bwd="split", group=3)
-
-
 # the split backward through the backend: odd length with head/tail pieces and a padded head dim over two
 # checkpoint groups (3 + 1 mini-batches); b = 8 (padded rows) over several groups from a mid-mini-batch start
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 @pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8, 3)])
-def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos):
-    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=SPLIT)
+def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
+def test_linear_nan_does_not_leak_backwards(which):
+    """A NaN at position 20 (b = 16: the fifth row of the second mini-batch) leaves outputs 0..19 exactly as in a
+    run without it (masking by multiplication made rows 16..19 NaN: 0 * NaN); output 20 is NaN."""
+    inp = to_dev(random_inputs("linear", B=1, T=48, H=1, d=16, b=16, pos=0, dtype=torch.float32))
+    o_clean, _ = inp.run("triton")
+    x = getattr(inp, which).clone()
+    x[:, 20] = float("nan")
+    o, _ = (setattr(inp, which, x) or inp).run("triton")
+    assert torch.equal(o[:, :20], o_clean[:, :20])
+    assert torch.isnan(o[:, 20]).all()
 
 
 def test_linear_kernels_choice_is_checked():
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('v1', 'split'\), got 'v2'"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('v1', 'split', 'split_lean', "
+                       r"'split_full'\), got 'v2'"):
         triton_backend.LinearKernels(bwd="v2")
 
 
@@ -252,10 +264,11 @@ def test_gpu_fp32_long(kind):
 @gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
-def test_gpu_linear_split_bwd(dtype, tol, d, pos):
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
+def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
-            linear=triton_backend.LinearKernels(bwd="split"))
+            linear=triton_backend.LinearKernels(bwd=impl))
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""The TTT-Linear backward kernel (`ttt/ops/ttt_linear/chunk.py`, `bwd`) == torch.autograd
-through the PyTorch dual form, called at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
+"""The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`: v1 and the split backward's two chain
+variants, `bwd_split.py`, in time segments of 1-3 groups) == torch.autograd through the PyTorch dual form, called
+at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
 accumulator, non-zero gradients of the final state, checkpoint groups of 2 and 3 mini-batches (several groups,
 a partial last one), padded mini-batch rows (b = 8) and a padded head dim (d = 24), every kernel output
 NaN-poisoned before the kernel runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1).
@@ -82,7 +83,7 @@ def poison(monkeypatch):
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
 
 
-@pytest.mark.parametrize("impl", ["v1", "split"])
+@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
 @pytest.mark.parametrize("B,T,H,d,b,group", CASES)
 def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
     ins, outs_grad = _inputs(B, T, H, d, b)
@@ -92,7 +93,7 @@ def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
     assert max(errs.values()) < 1e-4, errs
 
 
-@pytest.mark.parametrize("impl", ["v1", "split"])
+@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
 def test_linear_bwd_fp16_operands(impl):
     """fp16 inputs (16-bit products, fp32 statistics) stay close to the fp64 reference."""
     ins, outs_grad = _inputs(1, 48, 2, 16, 16)

@@ -54,12 +54,14 @@ class LinearKernels:
     """How the TTT-Linear body runs (an explicit argument of `forward`; tests and benchmarks pass one).
     bwd: the backward kernel ("v1" | "split", see `ttt_linear/chunk.py`); group: mini-batches per weight
     checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the
-    default; bwd_warps: None, or (warps,) for v1 / (pre, chain, post) for split."""
+    default; bwd_warps: None, or (warps,) for v1 / (pre, chain, post) for split; bwd_segments: split only, the
+    time segments of its pipelined launch (None: by size)."""
     bwd: str = LINEAR_BWD_IMPL
     group: int = GROUP
     dot_mode: int | None = None
     fwd_warps: int | None = None
     bwd_warps: tuple | None = None
+    bwd_segments: int | None = None
 
     def __post_init__(self):
         if self.bwd not in _lin_chunk.BWD_IMPLS:
@@ -101,7 +103,7 @@ def _nck(T, mini_batch, group):
 def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, bwd_impl: str,
-                bwd_warps: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                bwd_warps: list[int], bwd_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
@@ -113,7 +115,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl,
-      bwd_warps):
+      bwd_warps, bwd_segments):
     B, T, H, d = q.shape
     nck = _nck(T, mini_batch, group)
     ck = ((q.new_empty((B, H, nck, d, d), dtype=torch.float32), q.new_empty((B, H, nck, d), dtype=torch.float32))
@@ -126,15 +128,17 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save, dot
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
-                group: int, dot_mode: int, impl: str, warps: list[int]) -> list[torch.Tensor]:
+                group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     w = None if not warps else (warps[0] if impl == "v1" else tuple(warps))
     return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
-                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=w))
+                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=w,
+                               segments=segments or None))
 
 
 @_lin_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group, dot_mode, impl, warps):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group, dot_mode, impl, warps,
+      segments):
     B, T, H, d = q.shape
     f32 = dict(dtype=torch.float32)
     e = lambda *s: q.new_empty(s, **f32)  # noqa: E731
@@ -143,14 +147,15 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, 
 
 
 def _lin_setup(ctx, inputs, output):
-    q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl, bwd_warps = inputs
+    (q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl, bwd_warps,
+     bwd_segments) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4])
-    ctx.meta = (mini_batch, group, save, dot_mode, bwd_impl, bwd_warps)
+    ctx.meta = (mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
 
 
 def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
-    mini_batch, group, save, dot_mode, bwd_impl, bwd_warps = ctx.meta
+    mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
     B, T, H, d = q.shape
@@ -158,9 +163,10 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     dwT = q.new_zeros((B, H, d, d), dtype=torch.float32) if dwT is None else dwT
     dcT = q.new_zeros((B, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT,
-                                                              mini_batch, group, dot_mode, bwd_impl, bwd_warps)
+                                                              mini_batch, group, dot_mode, bwd_impl, bwd_warps,
+                                                              bwd_segments)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
@@ -253,7 +259,7 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear
         lk = linear
         outs = _lin_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, lk.group, save,
                            -1 if lk.dot_mode is None else lk.dot_mode, lk.fwd_warps or 0, lk.bwd,
-                           list(lk.bwd_warps or ()))
+                           list(lk.bwd_warps or ()), lk.bwd_segments or 0)
     else:
         outs = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)
     o, *p = outs[:1 + len(params)]

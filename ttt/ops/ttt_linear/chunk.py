@@ -36,7 +36,7 @@ from ..common import LN_EPS
 from ..triton_utils import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode as _auto_dot_mode
 from . import bwd_split
 
-BWD_IMPLS = ("v1", "split")
+BWD_IMPLS = ("v1", "split", "split_lean", "split_full")
 
 
 @triton.jit
@@ -90,9 +90,14 @@ def ttt_linear_fwd_kernel(
                                    rt, m2, tmask, l_t)
 
         G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
-        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-        P = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
-        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
+        # causal masking by selection, not multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j
+        # (0 * NaN = NaN). The product P G takes G with its non-finite rows zeroed; the rows from the first such
+        # row on are NaN again afterwards (they depend on it).
+        P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
+        g_ok = tl.abs(tl.sum(G, axis=1)) < float("inf")  # rows of G all finite (not G - G == 0: FMA contraction)
+        first_bad = tl.min(tl.where(g_ok, BT, rt), axis=0)
+        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
+        Zb = tl.where(rt[:, None] >= first_bad, float("nan"), Zb)
         zc = _center(Zb, cmask, D)
         rstdb = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
         o = q + zc * rstdb[:, None] * gam[None, :] + bet[None, :]
@@ -281,20 +286,25 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int = 8,
-        dot_mode: int | None = None, impl: str = "v1", warps=None, info: dict | None = None):
+        dot_mode: int | None = None, impl: str = "v1", warps=None, info: dict | None = None,
+        segments: int | None = None):
     """Gradients of the aligned forward. do [B,T,H,d]; dwT [B,H,d,d], dcT [B,H,d] (fp32) the gradients of
     the final state. Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
     dW0 [B,H,d,d], dc0 [B,H,d] (fp32).
     impl: "v1" (one program per (batch, head), this file) or "split" (`bwd_split.py`: a sequential chain
-    between two passes parallel over checkpoint groups). warps: v1 an int, split a (pre, chain, post) tuple;
-    None for the defaults. dot_mode, info: as in `fwd`."""
+    between two passes parallel over checkpoint groups; "split_lean" / "split_full" force its two chain variants,
+    "split" picks by B*H). warps: v1 an int, split a (pre, chain, post) tuple;
+    None for the defaults. segments: split only, the time segments of its pipelined launch (None: by size).
+    dot_mode, info: as in `fwd`."""
     if impl not in BWD_IMPLS:
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     do = do.contiguous()
-    if impl == "split":
+    if impl.startswith("split"):
+        lean = {"split": None, "split_lean": True, "split_full": False}[impl]
         return bwd_split.bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT.contiguous(), dcT.contiguous(),
-                             mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info)
+                             mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info,
+                             lean=lean, segments=segments)
     B, T, H, d = q.shape
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
