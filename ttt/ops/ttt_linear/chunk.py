@@ -12,7 +12,9 @@ All statistics and the state are fp32; matrix products take fp32 operands (tf32 
 DOT_MODE) or the inputs' 16-bit dtype.
 
 Backward: the forward saves (W, c) at the start of every GROUP mini-batches (not every mini-batch).
-The backward walks the groups in reverse: it recomputes the group's per-mini-batch start weights from
+Two implementations, picked by `bwd(impl=)`: "split" (`bwd_split.py`: a sequential chain carrying dW, dc between
+two passes parallel over checkpoint groups) and "v1" (`ttt_linear_bwd_kernel` below). v1 walks the groups in
+reverse: it recomputes the group's per-mini-batch start weights from
 the checkpoint into a small per-program scratch (GROUP x d x d), then walks the group's mini-batches in
 reverse, carrying dW, dc (the gradient w.r.t. the weights after the mini-batch) in registers.
 Per mini-batch, with x^ = LN-normalised rows, s = their std, gy = gam (gam x^ + bet - (v - k)),
