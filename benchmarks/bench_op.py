@@ -57,8 +57,12 @@ def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
     return leaves, st
 
 
-def run(kind, leaves, st, backend, b=16):
+def run(kind, leaves, st, backend, b=16, linear=None):
+    """linear: a `triton_backend.LinearKernels` (explicit TTT-Linear kernel choices) or None for the defaults."""
     q, k, v, lr, tau, lnw, lnb = leaves[:7]
+    if linear is not None and backend == "triton":
+        from ttt.ops import triton_backend
+        return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, b, linear=linear)
     return ttt_op(kind, q, k, v, lr, tau, lnw, lnb, st, mini_batch=b, backend=backend)
 
 
@@ -103,13 +107,18 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None, blocked=None):
-    """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings."""
+             bwd_warps=None, blocked=None, linear_bwd=None):
+    """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings.
+    TTT-Linear takes its choices as an argument (`triton_backend.LinearKernels`): dot_mode, warps (forward),
+    linear_bwd ("v1" | "split")."""
     from ttt.ops import triton_backend
-    from ttt.ops.ttt_linear import chunk as lin_chunk
     from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked
-    lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = dot_mode
-    lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = warps
+    linear = None
+    if kind == "linear" and (dot_mode is not None or warps is not None or linear_bwd is not None):
+        linear = triton_backend.LinearKernels(bwd=linear_bwd or triton_backend.LINEAR_BWD_IMPL, dot_mode=dot_mode,
+                                              fwd_warps=warps)
+    mlp_chunk.DOT_MODE = dot_mode
+    mlp_chunk.NUM_WARPS = warps
     mlp_chunk.BWD_WARPS = bwd_warps
     if blocked:
         triton_backend.MLP_IMPL = "blocked"
@@ -118,23 +127,24 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     if mode == "fwd":
         def fn():
             with torch.no_grad():
-                run(kind, leaves, st, backend)
+                run(kind, leaves, st, backend, linear=linear)
     else:
         do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
 
         def fn():
-            o, _ = run(kind, leaves, st, backend)
+            o, _ = run(kind, leaves, st, backend, linear=linear)
             torch.autograd.backward(o, do)
             for t in leaves:
                 t.grad = None
     ms = bench(fn)
-    lin_chunk.DOT_MODE = mlp_chunk.DOT_MODE = None
-    lin_chunk.NUM_WARPS = mlp_chunk.NUM_WARPS = None
+    mlp_chunk.DOT_MODE = None
+    mlp_chunk.NUM_WARPS = None
     mlp_chunk.BWD_WARPS = None
     triton_backend.MLP_IMPL = mlp_blocked.NUM_STAGES = mlp_blocked.BLOCK_F = mlp_blocked.NUM_WARPS = None
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
         + ("" if bwd_warps is None else f"_bw{bwd_warps}") \
-        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked))
+        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked)) \
+        + ("" if linear_bwd is None else f"_bwd_{linear_bwd}")
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -330,7 +340,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
-                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x warps)")
+                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x "
+                         "warps), lbsplit / lbv1 (TTT-Linear backward impl, fwdbwd only)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla, mamba")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
@@ -405,6 +416,10 @@ def main():
                             if kind != "mlp":
                                 continue
                             kw = {"blocked": tuple(int(x) for x in var[3:].split("x"))}
+                        elif var.startswith("lb"):
+                            if mode != "fwdbwd" or kind != "linear":
+                                continue
+                            kw = {"linear_bwd": var[2:]}
                         elif var.startswith("dot"):
                             kw = {"dot_mode": int(var[3:])}
                         elif var.startswith("bw"):
@@ -427,10 +442,9 @@ def main():
         for kind in kinds:
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
-    from ttt.ops.ttt_linear import chunk as lin_chunk
     from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
     res = {}
-    for mod in (lin_chunk, mlp_chunk, mlp_blocked, mlp_step):
+    for mod in (mlp_chunk, mlp_blocked, mlp_step):
         for name, kern in getattr(mod, "LAST", {}).items():
             try:
                 res[name] = {a: getattr(kern, a, None) for a in ("n_regs", "n_spills")} | {

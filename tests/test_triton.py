@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, random_inputs  # noqa: E402
 from ttt.ops import TTTState  # noqa: E402
-from ttt.ops.ttt_linear import chunk as lin_chunk  # noqa: E402
+from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
@@ -33,7 +33,7 @@ if not torch.cuda.is_available() and not CPU_INTERPRET:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
 
 
@@ -53,10 +53,18 @@ def to_dev(inp):
     return inp
 
 
-def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, seed=0):
+def run_triton(inp, linear=None):
+    """The triton backend on the whole input, with explicit TTT-Linear kernel choices (None: the defaults)."""
+    if linear is None:
+        return inp.run("triton")
+    return triton_backend.forward(inp.kind, inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias,
+                                  inp.state(), inp.mini_batch, linear=linear)
+
+
+def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, seed=0, linear=None):
     inp = to_dev(random_inputs(kind, B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, seed=seed,
                                requires_grad=grad))
-    o1, s1 = inp.run("triton")
+    o1, s1 = run_triton(inp, linear)
     o2, s2 = inp.run("dual")
     assert s1.pos == s2.pos == pos + T
     assert o1.dtype == o2.dtype == dtype
@@ -95,6 +103,33 @@ LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8,
 @pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
 def test_linear_matches_dual(B, T, H, d, b, pos):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
+
+
+# the split backward through the backend: odd length with head/tail pieces and a padded head dim over two
+# checkpoint groups (3 + 1 mini-batches); b = 8 (padded rows) over several groups from a mid-mini-batch start
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
+@pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8, 3)])
+def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
+def test_linear_nan_does_not_leak_backwards(which):
+    """A NaN at position 20 (b = 16: the fifth row of the second mini-batch) leaves outputs 0..19 exactly as in a
+    run without it (masking by multiplication made rows 16..19 NaN: 0 * NaN); output 20 is NaN."""
+    inp = to_dev(random_inputs("linear", B=1, T=48, H=1, d=16, b=16, pos=0, dtype=torch.float32))
+    o_clean, _ = inp.run("triton")
+    x = getattr(inp, which).clone()
+    x[:, 20] = float("nan")
+    o, _ = (setattr(inp, which, x) or inp).run("triton")
+    assert torch.equal(o[:, :20], o_clean[:, :20])
+    assert torch.isnan(o[:, 20]).all()
+
+
+def test_linear_kernels_choice_is_checked():
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('v1', 'split', 'split_lean', "
+                       r"'split_full'\), got 'v2'"):
+        triton_backend.LinearKernels(bwd="v2")
 
 
 @pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (2, 150, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
@@ -223,6 +258,17 @@ def test_gpu_bf16(kind, d, pos):
 def test_gpu_fp32_long(kind):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare(kind, B=2, T=1037, H=4, d=64, b=16, pos=7, tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
+def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
+            linear=triton_backend.LinearKernels(bwd=impl))
 
 
 @pytest.mark.gpu

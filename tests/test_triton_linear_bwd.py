@@ -1,5 +1,6 @@
-"""The TTT-Linear backward kernel (`ttt/ops/ttt_linear/chunk.py`, `bwd`) == torch.autograd
-through the PyTorch dual form, called at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
+"""The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`: v1 and the split backward's two chain
+variants, `bwd_split.py`, in time segments of 1-3 groups) == torch.autograd through the PyTorch dual form, called
+at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
 accumulator, non-zero gradients of the final state, checkpoint groups of 2 and 3 mini-batches (several groups,
 a partial last one), padded mini-batch rows (b = 8) and a padded head dim (d = 24), every kernel output
 NaN-poisoned before the kernel runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1).
@@ -19,7 +20,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch  # noqa: E402
 from ttt.ops import TTTState, make_tau  # noqa: E402
-from ttt.ops.ttt_linear import chunk, dual  # noqa: E402
+from ttt.ops.ttt_linear import bwd_split, chunk, dual  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -54,13 +55,13 @@ def _reference(ins, outs_grad, b):
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, dtype):
+def _kernel(ins, outs_grad, b, group, dtype, impl="v1"):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
     _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group)
     do, dwT, dcT = outs_grad
-    return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group)
+    return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group, impl=impl)
 
 
 def _rel(a, b):
@@ -74,6 +75,7 @@ NAMES = ["dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "dW0", "dc0"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(chunk, "torch", PoisonTorch())
+    monkeypatch.setattr(bwd_split, "torch", PoisonTorch())
 
 
 # (B, T, H, d, b, group): 7 mini-batches of 8 (padded to 16 rows) in groups of 3 (3 + 3 + 1); 5 mini-batches
@@ -81,18 +83,20 @@ def poison(monkeypatch):
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
 
 
+@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
 @pytest.mark.parametrize("B,T,H,d,b,group", CASES)
-def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group):
+def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
     ins, outs_grad = _inputs(B, T, H, d, b)
     ref = _reference(ins, outs_grad, b)
-    got = _kernel(ins, outs_grad, b, group, torch.float32)
+    got = _kernel(ins, outs_grad, b, group, torch.float32, impl)
     errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
     assert max(errs.values()) < 1e-4, errs
 
 
-def test_linear_bwd_fp16_operands():
+@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
+def test_linear_bwd_fp16_operands(impl):
     """fp16 inputs (16-bit products, fp32 statistics) stay close to the fp64 reference."""
     ins, outs_grad = _inputs(1, 48, 2, 16, 16)
     ref = _reference(ins, outs_grad, 16)
-    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, _kernel(ins, outs_grad, 16, 2, torch.float16), ref)}
+    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, _kernel(ins, outs_grad, 16, 2, torch.float16, impl), ref)}
     assert max(errs.values()) < 5e-3, errs

@@ -22,6 +22,7 @@ Importing this module imports Triton, so `ttt.ops.triton_available()` reports wh
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import triton  # noqa: F401  (import failure = backend unavailable)
@@ -45,6 +46,26 @@ def _warn_once(key, msg: str, *args) -> None:
 MLP_MAX_D = 64  # the register TTT-MLP kernels hold their weights on chip up to this head dim
 MLP_IMPL = None  # None: "regs" for d <= MLP_MAX_D, else "blocked"; a string forces one (benchmarks, tests)
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
+LINEAR_BWD_IMPL = "v1"  # the TTT-Linear backward by default: "v1" (one kernel) or "split" (chunk.bwd's impl)
+
+
+@dataclass(frozen=True)
+class LinearKernels:
+    """How the TTT-Linear body runs (an explicit argument of `forward`; tests and benchmarks pass one).
+    bwd: the backward kernel ("v1" | "split", see `ttt_linear/chunk.py`); group: mini-batches per weight
+    checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the
+    default; bwd_warps: None, or (warps,) for v1 / (pre, chain, post) for split; bwd_segments: split only, the
+    time segments of its pipelined launch (None: by size)."""
+    bwd: str = LINEAR_BWD_IMPL
+    group: int = GROUP
+    dot_mode: int | None = None
+    fwd_warps: int | None = None
+    bwd_warps: tuple | None = None
+    bwd_segments: int | None = None
+
+    def __post_init__(self):
+        if self.bwd not in _lin_chunk.BWD_IMPLS:
+            raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
 
 
 def _prep(x):
@@ -81,18 +102,20 @@ def _nck(T, mini_batch, group):
 @torch.library.custom_op("ttt::linear_chunk_fwd", mutates_args=())
 def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
-                mini_batch: int, group: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
+                mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, bwd_impl: str,
+                bwd_warps: list[int], bwd_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
-                                   mini_batch, group, save)
+                                   mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
+                                   warps=fwd_warps or None)
     if ck is None:
         ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return o, wT, cT, *ck
 
 
 @_lin_fwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl,
+      bwd_warps, bwd_segments):
     B, T, H, d = q.shape
     nck = _nck(T, mini_batch, group)
     ck = ((q.new_empty((B, H, nck, d, d), dtype=torch.float32), q.new_empty((B, H, nck, d), dtype=torch.float32))
@@ -105,14 +128,17 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save):
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
-                group: int) -> list[torch.Tensor]:
+                group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
+    w = None if not warps else (warps[0] if impl == "v1" else tuple(warps))
     return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
-                               mini_batch, group))
+                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=w,
+                               segments=segments or None))
 
 
 @_lin_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group, dot_mode, impl, warps,
+      segments):
     B, T, H, d = q.shape
     f32 = dict(dtype=torch.float32)
     e = lambda *s: q.new_empty(s, **f32)  # noqa: E731
@@ -121,14 +147,15 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, 
 
 
 def _lin_setup(ctx, inputs, output):
-    q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save = inputs
+    (q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl, bwd_warps,
+     bwd_segments) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4])
-    ctx.meta = (mini_batch, group, save)
+    ctx.meta = (mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
 
 
 def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
-    mini_batch, group, save = ctx.meta
+    mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
     B, T, H, d = q.shape
@@ -136,9 +163,10 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     dwT = q.new_zeros((B, H, d, d), dtype=torch.float32) if dwT is None else dwT
     dcT = q.new_zeros((B, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT,
-                                                              mini_batch, group)
+                                                              mini_batch, group, dot_mode, bwd_impl, bwd_warps,
+                                                              bwd_segments)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
@@ -223,18 +251,26 @@ def _needs_grad(*xs):
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch):
+def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear: LinearKernels):
     """Whole mini-batches from an aligned start with zero accumulators. Returns (o, final params)."""
-    fwd_op = _lin_fwd_op if kind == "linear" else _mlp_fwd_op
     save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
     ps = tuple(p.to(torch.float32) for p in params)
-    o, *p = fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)[:1 + len(params)]
+    if kind == "linear":
+        lk = linear
+        outs = _lin_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, lk.group, save,
+                           -1 if lk.dot_mode is None else lk.dot_mode, lk.fwd_warps or 0, lk.bwd,
+                           list(lk.bwd_warps or ()), lk.bwd_segments or 0)
+    else:
+        outs = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)
+    o, *p = outs[:1 + len(params)]
     return o, tuple(x.to(y.dtype) for x, y in zip(p, params))
 
 
-def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, *,
+            linear: LinearKernels | None = None):
     """Same contract as the dual form: q, k, v [B,T,H,d]; lr [B,T,H]; tau [b]; ln_* [H,d].
-    Returns (o [B,T,H,d] in q's dtype, new TTTState)."""
+    Returns (o [B,T,H,d] in q's dtype, new TTTState). linear: the TTT-Linear kernel choices (None: the
+    defaults, `LinearKernels()`)."""
     dual = _lin_dual if kind == "linear" else _mlp_dual
     if q.dtype == torch.float64:
         _warn_once("fp64", "backend='triton': float64 inputs run in the PyTorch dual form (the kernels compute "
@@ -262,7 +298,7 @@ def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_ba
     if nbody:
         s = slice(head, head + nbody)
         o, params = _body(kind, q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state.params,
-                          mini_batch)
+                          mini_batch, linear or LinearKernels())
         outs.append(o)
         accum = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
         state = TTTState(kind, params, accum, state.pos + nbody)

@@ -12,7 +12,9 @@ All statistics and the state are fp32; matrix products take fp32 operands (tf32 
 DOT_MODE) or the inputs' 16-bit dtype.
 
 Backward: the forward saves (W, c) at the start of every GROUP mini-batches (not every mini-batch).
-The backward walks the groups in reverse: it recomputes the group's per-mini-batch start weights from
+Two implementations, picked by `bwd(impl=)`: "split" (`bwd_split.py`: a sequential chain carrying dW, dc between
+two passes parallel over checkpoint groups) and "v1" (`ttt_linear_bwd_kernel` below). v1 walks the groups in
+reverse: it recomputes the group's per-mini-batch start weights from
 the checkpoint into a small per-program scratch (GROUP x d x d), then walks the group's mini-batches in
 reverse, carrying dW, dc (the gradient w.r.t. the weights after the mini-batch) in registers.
 Per mini-batch, with x^ = LN-normalised rows, s = their std, gy = gam (gam x^ + bet - (v - k)),
@@ -32,20 +34,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode
+from ..common import LN_EPS
+from ..triton_utils import _center, _dot, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode as _auto_dot_mode
+from . import bwd_split
 
-LN_EPS = 1e-6
-LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
-DOT_MODE = None  # None: by input dtype (see _dot_mode); an int forces one (benchmarks compare variants)
+BWD_IMPLS = ("v1", "split", "split_lean", "split_full")
 
 
 @triton.jit
-def _inner(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr):
+def _inner(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
     """Inner forward at the start weights and the closed-form LN-L2 gradient.
     Returns G [BT,BD], xh, rstd, gy, mgx = mean(gy xh)."""
     Z = _dot(k, W, DOT_MODE) + c[None, :]
     zc = _center(Z, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
     xh = zc * rstd[:, None]
     gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
     mg = tl.sum(gy, axis=1) / D
@@ -61,7 +63,7 @@ def ttt_linear_fwd_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
@@ -89,12 +91,17 @@ def ttt_linear_fwd_kernel(
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m2, tmask, l_t)
 
-        G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE)
-        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-        P = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
-        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
+        G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        # causal masking by selection, not multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j
+        # (0 * NaN = NaN). The product P G takes G with its non-finite rows zeroed; the rows from the first such
+        # row on are NaN again afterwards (they depend on it).
+        P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
+        g_ok = tl.abs(tl.sum(G, axis=1)) < float("inf")  # rows of G all finite (not G - G == 0: FMA contraction)
+        first_bad = tl.min(tl.where(g_ok, BT, rt), axis=0)
+        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
+        Zb = tl.where(rt[:, None] >= first_bad, float("nan"), Zb)
         zc = _center(Zb, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+        rstdb = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
         o = q + zc * rstdb[:, None] * gam[None, :] + bet[None, :]
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
@@ -114,7 +121,7 @@ def ttt_linear_bwd_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
@@ -146,7 +153,7 @@ def ttt_linear_bwd_kernel(
             k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
-            G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE)
+            G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
             eG = (tau_b * lr)[:, None] * G
             W -= _dot(tl.trans(k), eG, DOT_MODE)
             c -= tl.sum(eG, axis=0)
@@ -183,13 +190,13 @@ def ttt_linear_bwd_kernel(
             cn = tl.load(scc_ptr + (sc_base + m - n0) * D + rd, mask=cmask, other=0.0)
 
             # forward recompute
-            G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE)
+            G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P = E * QK1
             Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
             zcb = _center(Zb, cmask, D)
-            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + 1e-6)
+            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
             xhb = zcb * rstdb[:, None]
 
             # output LayerNorm
@@ -243,29 +250,23 @@ def ttt_linear_bwd_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
-def _dot_mode(dtype: torch.dtype) -> int:
-    return DOT_MODE if DOT_MODE is not None else dot_mode(dtype)
-
-
-NUM_WARPS = None  # None: forward 4 for d <= 64 else 8, backward 8; an int forces one (benchmark variants)
-
-
-def _cfg(d: int, backward: bool = False):
+def _warps(d: int, backward: bool) -> int:
     # measured on H100 (docs/kernels_notes.md): d = 64 forward 0.91 ms with 4 warps vs 1.07 with 8;
     # forward + backward 6.55 ms with 4 vs 5.14 with 8 (the backward has ~3x the live tiles)
-    BD = triton.next_power_of_2(d)
-    return BD, NUM_WARPS or (8 if backward or BD > 64 else 4)
+    return 8 if backward or triton.next_power_of_2(d) > 64 else 4
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int = 8, save: bool = True,
-        dot_mode: int | None = None):
+        dot_mode: int | None = None, warps: int | None = None, info: dict | None = None):
     """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
     lr [B,T,H]; W0 [B,H,d,d], c0 [B,H,d] fp32 contiguous. Returns o [B,T,H,d] (q's dtype), W_T, c_T,
-    and the checkpoints (W, c at the start of every `group` mini-batches) when `save`."""
+    and the checkpoints (W, c at the start of every `group` mini-batches) when `save`.
+    dot_mode: the products' operand precision (None: by q's dtype, `triton_utils.dot_mode`); warps: None for
+    the default by head dim; info: a dict that receives the compiled kernel (n_regs, n_spills, metadata)."""
     B, T, H, d = q.shape
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
-    BD, warps = _cfg(d)
+    BD = triton.next_power_of_2(d)
     BT = max(16, triton.next_power_of_2(mini_batch))
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
@@ -274,27 +275,44 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
         ckc = torch.empty((B, H, nck, d), dtype=torch.float32, device=q.device)
     else:
         ckw, ckc = wT, cT  # never written
-    mode = _dot_mode(q.dtype) if dot_mode is None else dot_mode
-    LAST["ttt_linear_fwd_kernel"] = ttt_linear_fwd_kernel[(B * H,)](
+    mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
+    kern = ttt_linear_fwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
-        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, SAVE=save, DOT_MODE=mode, num_warps=warps)
+        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, SAVE=save, DOT_MODE=mode, EPS=LN_EPS,
+        num_warps=warps or _warps(d, False))
+    if info is not None:
+        info["ttt_linear_fwd_kernel"] = kern
     return o, wT, cT, (ckw, ckc) if save else None
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int = 8,
-        dot_mode: int | None = None):
+        dot_mode: int | None = None, impl: str = "v1", warps=None, info: dict | None = None,
+        segments: int | None = None):
     """Gradients of the aligned forward. do [B,T,H,d]; dwT [B,H,d,d], dcT [B,H,d] (fp32) the gradients of
     the final state. Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
-    dW0 [B,H,d,d], dc0 [B,H,d] (fp32)."""
+    dW0 [B,H,d,d], dc0 [B,H,d] (fp32).
+    impl: "v1" (one program per (batch, head), this file) or "split" (`bwd_split.py`: a sequential chain
+    between two passes parallel over checkpoint groups; "split_lean" / "split_full" force its two chain variants,
+    "split" picks by B*H). warps: v1 an int, split a (pre, chain, post) tuple;
+    None for the defaults. segments: split only, the time segments of its pipelined launch (None: by size).
+    dot_mode, info: as in `fwd`."""
+    if impl not in BWD_IMPLS:
+        raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
+    mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
+    do = do.contiguous()
+    if impl.startswith("split"):
+        lean = {"split": None, "split_lean": True, "split_full": False}[impl]
+        return bwd_split.bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT.contiguous(), dcT.contiguous(),
+                             mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info,
+                             lean=lean, segments=segments)
     B, T, H, d = q.shape
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
-    BD, warps = _cfg(d, backward=True)
+    BD = triton.next_power_of_2(d)
     BT = max(16, triton.next_power_of_2(mini_batch))
     ckw, ckc = ckpt
-    do = do.contiguous()
     dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
     dlr = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     dw0 = torch.empty((B, H, d, d), dtype=torch.float32, device=q.device)
@@ -304,13 +322,15 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     scw = torch.empty((B * H * group, d, d), dtype=torch.float32, device=q.device)
     scc = torch.empty((B * H * group, d), dtype=torch.float32, device=q.device)
-    mode = _dot_mode(q.dtype) if dot_mode is None else dot_mode
-    LAST["ttt_linear_bwd_kernel"] = ttt_linear_bwd_kernel[(B * H,)](
+    kern = ttt_linear_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT.contiguous(), dcT.contiguous(),
         dq, dk, dv, dlr, dw0, dc0, dtau, dlnw, dlnb, scw, scc,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
-        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=mode, num_warps=warps)
+        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=mode, EPS=LN_EPS,
+        num_warps=warps or _warps(d, True))
+    if info is not None:
+        info["ttt_linear_bwd_kernel"] = kern
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]

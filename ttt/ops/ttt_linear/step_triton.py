@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import TTTState
+from ..common import LN_EPS, TTTState
 from ..triton_utils import step_operands
 
 
@@ -22,7 +22,7 @@ def ttt_linear_step_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w_ptr, c_ptr, a_ptr, ab_ptr,
     o_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
     s_b, s_h, l_b, l_h, H, i_pos,
-    D: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr, EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = pid // H
@@ -50,7 +50,7 @@ def ttt_linear_step_kernel(
     z = tl.sum(kr[:, None] * W, axis=0) + c  # k W + c, [BD]
     mu = tl.sum(z, axis=0) / D
     zc = tl.where(cmask, z - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
     xh = zc * rstd
     gy = gam * (gam * xh + bet - (v - k))
     g = tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
@@ -59,7 +59,7 @@ def ttt_linear_step_kernel(
     zq = tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a
     mu = tl.sum(zq, axis=0) / D
     zc = tl.where(cmask, zq - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
     o = q + zc * rstd * gam + bet
     tl.store(o_ptr + bi * H * D + hi * D + rd, o.to(o_ptr.dtype.element_ty), mask=cmask)
     if COMMIT:
@@ -86,5 +86,5 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
     ttt_linear_step_kernel[(B * H,)](
         q0, k0, v0, lr0, tau, ln_weight, ln_bias, W, c, A, a, o, Wn, cn, An, an,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
-        D=d, BD=triton.next_power_of_2(d), COMMIT=commit, num_warps=4 if d <= 64 else 8)
+        D=d, BD=triton.next_power_of_2(d), COMMIT=commit, EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1)

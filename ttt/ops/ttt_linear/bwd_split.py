@@ -1,0 +1,621 @@
+"""TTT-Linear backward, split: a lean sequential chain between two passes parallel over checkpoint groups.
+
+Same gradients as the one-kernel backward in `chunk.py` (v1; the formulas are in its docstring), computed in
+three launches so that only the part that truly depends on the carried weight gradient runs one program per
+(batch, head); the rest runs one program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
+
+(a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
+    the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
+    weights after the mini-batch):
+      dZb = LN-backward(dO gam) at the output,   dgam += dO x^b, dbet += dO
+      dP = -dZb G^T, dA = dP * E, dE = dP * (Q K^T + 1)  ->  dtau_i, dlr_j (the dE part)
+      dq = dO + dZb W^T + dA K                     (final)
+      dG0 = -P^T dZb,  dk_a = dA^T Q
+    and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as fp32 [T, d] (and [T]) rows.
+(b) `_chain_kernel`, per (batch, head), all mini-batches in reverse, carrying only dW, dc:
+      G, gy recomputed row-wise from x^, rstd, v - k (no product)
+      KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
+      dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
+      dk_b = -(e_b G) dW^T + gam dgy,  dv = -gam dgy (final),  dgam, dbet (the dgy part)
+      dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
+    and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
+(c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
+Memory: the checkpoints (as v1) plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
+size d x d per mini-batch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_utils import _center, _dot, _head_consts, _proj
+
+
+@triton.jit
+def _inner_fwd(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
+    """Inner forward at the start weights and the closed-form LN-L2 gradient: G [BT,BD], xh, rstd."""
+    Z = _dot(k, W, DOT_MODE) + c[None, :]
+    zc = _center(Z, cmask, D)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+    xh = zc * rstd[:, None]
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    G = _proj(gy, xh, rstd, cmask, D)
+    return G, xh, rstd
+
+
+@triton.jit
+def _group_tiles(H, NCK, G_LO, NG, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr):
+    """Program of a per-group launch over groups [G_LO, G_LO + NG): its (batch*head) pid, group g and global
+    index pid2 = pid * NCK + g, and the tile indices and masks."""
+    pid = tl.program_id(0) // NG
+    g = G_LO + tl.program_id(0) % NG
+    pid2 = pid * NCK + g
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    return pid2, pid, g, pid // H, pid % H, rt, rd, cmask, tmask, tmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _pre_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr,
+    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr, STORE_G: tl.constexpr,
+):
+    pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
+    c = tl.load(ckc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    dtau = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]  # fp32 scratch rows [B*H, T, D]
+    n0 = g * GROUP
+    n1 = tl.minimum(n0 + GROUP, NMB)
+    t0 = n0 * MB
+    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    dOn = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
+    for n in range(n0, n1):
+        t0 = n * MB
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        dO = dOn.to(tl.float32)
+        t1 = tl.minimum(n + 1, n1 - 1) * MB
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m2, other=0.0)
+
+        G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+        QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
+        P = E * QK1
+        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
+        zcb = _center(Zb, cmask, D)
+        rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
+        xhb = zcb * rstdb[:, None]
+        dgam += tl.sum(dO * xhb, axis=0)
+        dbet += tl.sum(dO, axis=0)
+        dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
+        dP = -_dot(dZb, tl.trans(G), DOT_MODE)
+        dG0 = -_dot(tl.trans(P), dZb, DOT_MODE)
+        dE = tl.where(causal, dP * QK1, 0.0)
+        dA = dP * E
+        dq = dO + _dot(dZb, tl.trans(W), DOT_MODE) + _dot(dA, k, DOT_MODE)
+        dka = _dot(tl.trans(dA), q, DOT_MODE)
+        dtau += tl.sum(dE * lr[None, :], axis=1)
+        dlr = tl.sum(dE * tau_r[:, None], axis=0)
+
+        tl.store(dq_ptr + out_base + t0 * o_t + out_off, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+        so = sc_off + t0 * D
+        tl.store(xh_ptr + so, xh, mask=m2)
+        if STORE_G:
+            tl.store(g_ptr + so, G, mask=m2)
+        tl.store(dg0_ptr + so, dG0, mask=m2)
+        tl.store(dzb_ptr + so, dZb, mask=m2)
+        tl.store(dka_ptr + so, dka, mask=m2)
+        tl.store(rs_ptr + pid * T + t0 + rt, rstd, mask=tmask)
+        tl.store(dlra_ptr + pid * T + t0 + rt, dlr, mask=tmask)
+
+        eG = (tau_b * lr)[:, None] * G
+        W -= _dot(tl.trans(k), eG, DOT_MODE)
+        c -= tl.sum(eG, axis=0)
+    tl.store(dtau_ptr + pid2 * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
+
+
+@triton.jit
+def _chain_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr,
+    dwT_ptr, dcT_ptr,
+    dz_ptr, dkb_ptr, dv_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, T, N_LO, N_HI, PART,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    t0 = (N_HI - 1) * MB
+    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    rsn = tl.load(rs_ptr + pid * T + t0 + rt, mask=tmask, other=0.0)
+    for ni in range(N_HI - N_LO):
+        n = N_HI - 1 - ni
+        t0 = n * MB
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        xh = xhn
+        dG0 = dg0n
+        dZb = dzbn
+        rstd = rsn
+        t1 = tl.maximum(n - 1, N_LO) * MB
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        rsn = tl.load(rs_ptr + pid * T + t1 + rt, mask=tmask, other=0.0)
+
+        # the inner gradient G, recomputed from the stored LN statistics (row-wise, no product)
+        vk = v - k
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk)
+        mgx = tl.sum(gy * xh, axis=1) / D
+        G = _proj(gy, xh, rstd, cmask, D)
+        eb = tau_b * lr
+        # the chain: W' = W - K^T (e_b G), c' = c - sum e_b G
+        KdW = _dot(k, dW, DOT_MODE) + dc[None, :]
+        S = tl.sum(KdW * G, axis=1)
+        dG = dG0 - eb[:, None] * KdW
+        dkb = -_dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
+        dtau_b += -lr * S
+        # G = LN-L2 gradient at Z = K W + c
+        dgy = _proj(dG, xh, rstd, cmask, D)
+        mdgx = tl.sum(dG * xh, axis=1) / D
+        dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+        ds = -tl.sum(dG * G, axis=1) * rstd
+        dZ = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+        dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
+        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+
+        dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - vk), axis=0)
+        dbet += tl.sum(dgy * gam[None, :], axis=0)
+        dkb += gam[None, :] * dgy
+        so = sc_off + t0 * D
+        tl.store(dz_ptr + so, dZ, mask=m2)
+        tl.store(dkb_ptr + so, dkb, mask=m2)
+        tl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+        tl.store(dlrb_ptr + pid * T + t0 + rt, -tau_b * S, mask=tmask)
+    tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
+    tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
+    tl.store(dtau_ptr + (PART + pid) * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
+    tl.store(dlnw_ptr + (PART + pid) * BD + rd, dgam)
+    tl.store(dlnb_ptr + (PART + pid) * BD + rd, dbet)
+
+
+@triton.jit
+def _post_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dk_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr,
+):
+    pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
+    c = tl.load(ckc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    n0 = g * GROUP
+    n1 = tl.minimum(n0 + GROUP, NMB)
+    t0 = n0 * MB
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2,
+                                                                           other=0.0)
+    for n in range(n0, n1):
+        t0 = n * MB
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        dZ = dzn
+        dk = dkn
+        t1 = tl.minimum(n + 1, n1 - 1) * MB
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t1 * D, mask=m2,
+                                                                               other=0.0)
+        dk += _dot(dZ, tl.trans(W), DOT_MODE)
+        tl.store(dk_ptr + out_base + t0 * o_t + out_off, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+        G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        eG = (tau_b * lr)[:, None] * G
+        W -= _dot(tl.trans(k), eG, DOT_MODE)
+        c -= tl.sum(eG, axis=0)
+
+
+@triton.jit
+def _chain_lean_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr,
+    dwT_ptr, dcT_ptr,
+    dz_ptr, dgy_ptr, bw_ptr, bc_ptr, dw0_ptr, dc0_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h,
+    H, NMB, NCK, T, N_LO, N_HI,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """Only the recurrence: dW, dc carried; stores dZ, dgy per mini-batch and (dW, dc) where the walk enters
+    each checkpoint group (the gradient w.r.t. the weights after the group's last mini-batch)."""
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tmask = rt < MB
+    m2 = tmask[:, None] & cmask[None, :]
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    t0 = (N_HI - 1) * MB
+    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    rsn = tl.load(rs_ptr + pid * T + t0 + rt, mask=tmask, other=0.0)
+    for ni in range(N_HI - N_LO):
+        n = N_HI - 1 - ni
+        t0 = n * MB
+        if (n % GROUP == GROUP - 1) | (n == NMB - 1):
+            ck = pid * NCK + n // GROUP
+            tl.store(bw_ptr + ck * D * D + woff, dW, mask=wmask)
+            tl.store(bc_ptr + ck * D + rd, dc, mask=cmask)
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        xh = xhn
+        G = gn
+        dG0 = dg0n
+        dZb = dzbn
+        rstd = rsn
+        t1 = tl.maximum(n - 1, N_LO) * MB
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        rsn = tl.load(rs_ptr + pid * T + t1 + rt, mask=tmask, other=0.0)
+
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+        mgx = tl.sum(gy * xh, axis=1) / D
+        eb = tau_b * lr
+        dG = dG0 - eb[:, None] * (_dot(k, dW, DOT_MODE) + dc[None, :])
+        dgy = _proj(dG, xh, rstd, cmask, D)
+        mdgx = tl.sum(dG * xh, axis=1) / D
+        dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+        ds = -tl.sum(dG * G, axis=1) * rstd
+        dZ = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+        dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
+        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+        so = sc_off + t0 * D
+        tl.store(dz_ptr + so, dZ, mask=m2)
+        tl.store(dgy_ptr + so, dgy, mask=m2)
+    tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
+    tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
+
+
+@triton.jit
+def _post_lean_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, bw_ptr, bc_ptr,
+    xh_ptr, g_ptr, dzb_ptr, dz_ptr, dgy_ptr, dka_ptr,
+    dk_ptr, dv_ptr, dlrb_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """Per group: (R) reverse from the group-end (dW, dc): the dW'-terms of dk and dlr/dtau_b, into dka in place;
+    (F) forward from the checkpoint W (updated with the stored G): dk = that + gam dgy + dZ W^T, dv, dgam, dbet."""
+    pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
+    gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+    in_base = bi * s_b + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + hi * l_h
+    out_base = bi * o_b + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    n0 = g * GROUP
+    n1 = tl.minimum(n0 + GROUP, NMB)
+
+    # (R) reverse over the group, carrying the gradient w.r.t. the weights after each mini-batch
+    dW = tl.load(bw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
+    dc = tl.load(bc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+    dtau_b = tl.zeros([BT], dtype=tl.float32)
+    t0 = (n1 - 1) * MB
+    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dkan = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    for ni in range(n1 - n0):
+        n = n1 - 1 - ni
+        t0 = n * MB
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        G = gn
+        dZb = dzbn
+        dZ = dzn
+        dka = dkan
+        t1 = tl.maximum(n - 1, n0) * MB
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dkan = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        eb = tau_b * lr
+        S = tl.sum((_dot(k, dW, DOT_MODE) + dc[None, :]) * G, axis=1)
+        dtau_b += -lr * S
+        dkr = dka - _dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
+        dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
+        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+        so = sc_off + t0 * D
+        tl.store(dka_ptr + so, dkr, mask=m2)
+        tl.store(dlrb_ptr + pid * T + t0 + rt, -tau_b * S, mask=tmask)
+    tl.debug_barrier()
+
+    # (F) forward over the group: W per mini-batch from the checkpoint and the stored G
+    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    t0 = n0 * MB
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    for n in range(n0, n1):
+        t0 = n * MB
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        G = gn
+        xh = xhn
+        dgy = dgyn
+        dZ = dzn
+        dk = dkn
+        t1 = tl.minimum(n + 1, n1 - 1) * MB
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
+        optr = out_base + t0 * o_t + out_off
+        tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+        tl.store(dv_ptr + optr, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+        dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
+        dbet += tl.sum(dgy * gam[None, :], axis=0)
+        W -= _dot(tl.trans(k), (tau_b * lr)[:, None] * G, DOT_MODE)
+    tl.store(dtau_ptr + pid2 * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
+    tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
+
+
+LEAN_MAX_PROGRAMS = 64  # the lean chain when B*H <= this (the chain's latency dominates), else the full chain
+
+
+def default_warps(n_chain: int, device) -> tuple:
+    """(pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md, round 4): 4 everywhere (the full
+    chain alone ran faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)."""
+    return (4, 4, 4)
+
+
+_STREAMS: dict = {}  # per device: the (chain, post) side streams of the pipelined launch (created once)
+
+
+def _side_streams(device):
+    if device not in _STREAMS:
+        _STREAMS[device] = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device))
+    return _STREAMS[device]
+
+
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
+        warps=None, info=None, lean=None, segments=None):
+    """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
+    `default_warps`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
+    the post pass, from (dW, dc) stored per group) instead of computing them itself; None: lean when
+    B*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
+    segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
+    chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
+    of segment s + 1 run beside it (the chain of B*H programs leaves most of the GPU free). None: by size."""
+    B, T, H, d = q.shape
+    warps = warps or default_warps(B * H, q.device)
+    if lean is None:
+        lean = B * H <= LEAN_MAX_PROGRAMS
+    b = mini_batch
+    nmb = T // b
+    nck = triton.cdiv(nmb, group)
+    if segments is None:
+        segments = min(4, nck)
+    nseg = max(1, min(segments, nck))
+    bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
+    BD = triton.next_power_of_2(d)
+    BT = max(16, triton.next_power_of_2(b))
+    ckw, ckc = ckpt
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
+    xh, dg0, dzb, dka, dz, dkb = (torch.empty((B * H, T, d), **f32) for _ in range(6))
+    gg = torch.empty((B * H, T, d), **f32) if lean else xh
+    rs, dlra, dlrb = (torch.empty((B * H, T), **f32) for _ in range(3))
+    dtau_a = torch.empty((B * H * nck, BT), **f32)
+    dlnw_a, dlnb_a = (torch.empty((B * H * nck, BD), **f32) for _ in range(2))
+    nb = B * H * nck if lean else B * H * nseg
+    dtau_b = torch.empty((nb, BT), **f32)
+    dlnw_b, dlnb_b = (torch.empty((nb, BD), **f32) for _ in range(2))
+    dw0 = torch.empty((B, H, d, d), **f32)
+    dc0 = torch.empty((B, H, d), **f32)
+    cw, cc = (torch.empty((B, H, d, d), **f32), torch.empty((B, H, d), **f32)) if nseg > 1 else (dw0, dc0)
+    if lean:
+        bw = torch.empty((B * H * nck, d, d), **f32)
+        bc = torch.empty((B * H * nck, d), **f32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+               dq.stride(0), dq.stride(1), dq.stride(2))
+    meta = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot_mode)
+    launched = {}
+
+    def pre(s):
+        g0, ng = bounds[s], bounds[s + 1] - bounds[s]
+        launched["ttt_linear_bwd_pre"] = _pre_kernel[(B * H * ng,)](
+            q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
+            dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a,
+            *strides, H, nmb, nck, T, g0, ng, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
+
+    def chain(s):
+        n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, nmb)
+        wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
+        wo, co = (dw0, dc0) if s == 0 else (cw, cc)
+        if lean:
+            launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(B * H,)](
+                q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
+                dz, dkb, bw, bc, wo, co, *strides[:6], H, nmb, nck, T, n_lo, n_hi, GROUP=group,
+                num_warps=warps[1], **meta)
+        else:
+            launched["ttt_linear_bwd_chain"] = _chain_kernel[(B * H,)](
+                q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
+                dz, dkb, dv, dlrb, wo, co, dtau_b, dlnw_b, dlnb_b,
+                *strides, H, T, n_lo, n_hi, s * B * H, num_warps=warps[1], **meta)
+
+    def post(s):
+        g0, ng = bounds[s], bounds[s + 1] - bounds[s]
+        if lean:
+            launched["ttt_linear_bwd_post"] = _post_lean_kernel[(B * H * ng,)](
+                q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka,
+                dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b,
+                *strides, H, nmb, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
+        else:
+            launched["ttt_linear_bwd_post"] = _post_kernel[(B * H * ng,)](
+                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, dk,
+                *strides, H, nmb, nck, T, g0, ng, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
+
+    if dev.type == "cuda" and nseg > 1:
+        main = torch.cuda.current_stream(dev)
+        s_chain, s_post = _side_streams(dev)
+        s_chain.wait_stream(main)
+        s_post.wait_stream(main)
+        for s in reversed(range(nseg)):
+            pre(s)
+            e = main.record_event()
+            with torch.cuda.stream(s_chain):
+                s_chain.wait_event(e)
+                chain(s)
+                e = s_chain.record_event()
+            with torch.cuda.stream(s_post):
+                s_post.wait_event(e)
+                post(s)
+        main.wait_stream(s_chain)
+        main.wait_stream(s_post)
+    else:
+        for s in reversed(range(nseg)):
+            pre(s)
+            chain(s)
+            post(s)
+    if info is not None:
+        info.update(launched)
+    dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()
+    dtau = (dtau_a.sum(0) + dtau_b.sum(0))[:b]
+    # partial rows: pre and lean post per (batch, head, group); the split0 chain per (segment, batch, head)
+    parts = (lambda x: x.view(B, H, nck, BD).sum((0, 2))) if lean else (lambda x: x.view(nseg, B, H, BD).sum((0, 1)))
+    dlnw = dlnw_a.view(B, H, nck, BD).sum((0, 2)) + parts(dlnw_b)
+    dlnb = dlnb_a.view(B, H, nck, BD).sum((0, 2)) + parts(dlnb_b)
+    return dq, dk, dv, dlr, dtau, dlnw[:, :d], dlnb[:, :d], dw0, dc0
