@@ -46,7 +46,9 @@ def _warn_once(key, msg: str, *args) -> None:
 MLP_MAX_D = 64  # the register TTT-MLP kernels hold their weights on chip up to this head dim
 MLP_IMPL = None  # None: "regs" for d <= MLP_MAX_D, else "blocked"; a string forces one (benchmarks, tests)
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
-LINEAR_BWD_IMPL = "v1"  # the TTT-Linear backward by default: "v1" (one kernel) or "split" (chunk.bwd's impl)
+# the TTT-Linear backward by default: "split" (chain + parallel passes; H200 fwd+bwd, bf16: B4 T8192 H12 5.40 -> 3.40 ms,
+# B4 T8192 H32 5.46 -> 4.89, B1 T32768 H32 21.8 -> 12.2, B16 T2048 H32 4.93 -> 4.15; docs/kernels_notes.md round 4) or "v1"
+LINEAR_BWD_IMPL = "split"
 
 
 @dataclass(frozen=True)
