@@ -28,6 +28,12 @@ from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
 
 
+def model_config(size, mixer, **kw):
+    """A preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on the fused layer kernels."""
+    base, _, extra = mixer.partition("+")
+    return get_config(size, mixer=base, fused_layer=extra == "fused", **kw)
+
+
 def timed(fn, warmup=3, iters=10):
     """Median milliseconds of fn() measured with CUDA events."""
     for _ in range(warmup):
@@ -61,7 +67,7 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
 def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
     B = tokens_per_step // T // accum
-    cfg = get_config("125m", mixer=mixer, ttt_backend=backend)
+    cfg = model_config("125m", mixer, ttt_backend=backend)
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda()
     if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
@@ -100,7 +106,7 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 on both paths
     torch.manual_seed(0)
     ref = TTTLM(get_config(size, mixer=mixer, ttt_backend="dual")).cuda()
-    fast = TTTLM(get_config(size, mixer=mixer, ttt_backend="triton")).cuda()
+    fast = TTTLM(get_config(size, mixer=mixer, ttt_backend="triton", fused_layer=True)).cuda()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T + 1), device="cuda")
     out = {}
@@ -127,7 +133,7 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
 def prefill_row(mixer, size, T, tokens, compile_blocks):
     """Tokens/s of a forward over `tokens` tokens in B = tokens/T sequences of T, bf16 weights, the head at the
     last position only (what generation needs)."""
-    cfg = get_config(size, mixer=mixer)
+    cfg = model_config(size, mixer)
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
     if compile_blocks:
@@ -228,10 +234,11 @@ def main():
     ap.add_argument("--prefill", action="store_true", help="time prefill (forward, last-position logits)")
     ap.add_argument("--prefill-size", default="1.3b")
     ap.add_argument("--prefill-contexts", default="2048,8192,32768")
-    ap.add_argument("--prefill-mixers", default="ttt_linear,attention,mamba")
+    ap.add_argument("--prefill-mixers", default="ttt_linear,ttt_linear+fused,attention,mamba")
     ap.add_argument("--prefill-modes", default="eager,compiled")
     ap.add_argument("--decode", action="store_true", help="time decode steps")
-    ap.add_argument("--mixers", default="ttt_linear,ttt_mlp,attention,mamba")
+    ap.add_argument("--mixers", default="ttt_linear,ttt_linear+fused,ttt_mlp,attention,mamba",
+                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused)")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--tokens-per-step", type=int, default=32768)
     ap.add_argument("--backend", default="auto", help="TTT op backend for training")

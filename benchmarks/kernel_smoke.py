@@ -14,7 +14,7 @@ kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
 for name in kinds:
     if name == "fused":
         from ttt.layers.ttt import TTTLinear
-        layer = TTTLinear(128, 2, backend="triton").cuda()
+        layer = TTTLinear(128, 2, backend="triton", fused=True).cuda()
         x = torch.randn(2, 37, 128, device="cuda", requires_grad=True)
         y, st = layer(x[:, :20])
         y2, _ = layer(x[:, 20:], st)

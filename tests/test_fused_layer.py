@@ -158,7 +158,7 @@ def test_fused_layer_equals_reference_layer(kind):
     with torch.no_grad():  # non-trivial LN, conv biases and delta
         for p in (ref.post_norm.weight, ref.post_norm.bias, ref.conv_q.bias, ref.conv_k.bias, ref.delta):
             p.add_(0.1 * torch.randn_like(p))
-    fast = TTTLayer(D, H, inner=kind, mini_batch=b, backend="triton")
+    fast = TTTLayer(D, H, inner=kind, mini_batch=b, backend="triton", fused=True)
     fast.load_state_dict(ref.state_dict())
     ref, fast = ref.to(DEV), fast.to(DEV)
     x = torch.randn(2, 21, D, device=DEV)
@@ -179,6 +179,19 @@ def test_fused_layer_equals_reference_layer(kind):
     (yr * gy).sum().backward()
     for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
         assert rel(pf.grad.cpu(), pr.grad.cpu()) < 1e-3, n
+
+
+def test_fused_layer_is_opt_in_and_never_falls_back():
+    from ttt.layers.ttt import TTTLayer
+    x = torch.randn(1, 5, 16, device=DEV)
+    plain = TTTLayer(16, 2, backend="triton").to(DEV)
+    assert not plain._use_kernels(x)  # the default runs the PyTorch layer path around the op
+    with pytest.raises(ValueError, match="^fused"):
+        TTTLayer(16, 2, backend="dual", fused=True).to(DEV)(x)
+    with pytest.raises(ValueError, match="^fused"):
+        TTTLayer(16, 2, backend="triton", fused=True).double().to(DEV)(x.double())
+    with pytest.raises(ValueError, match="^fused"):
+        TTTLayer(16, 2, fused="yes")
 
 
 def test_conv_module_explicit_triton_refuses_what_it_cannot_run():

@@ -36,6 +36,8 @@ class ModelConfig:
     norm_eps: float = help_field(1e-6, "RMSNorm epsilon")
     tie_embeddings: bool = help_field(True, "share input embedding and output head weights")
     ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
+    fused_layer: bool = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the block "
+                                          "pre-conv, post-LN x gate); needs the op's triton backend")
     mamba_d_state: int = help_field(64, "Mamba baseline: SSM state size per head")
     mamba_expand: int = help_field(2, "Mamba baseline: inner width = expand * d_model")
     mamba_head_dim: int = help_field(64, "Mamba baseline: head dim of the SSM")

@@ -45,7 +45,7 @@ def make_mixer(cfg: ModelConfig) -> nn.Module:
     if cfg.mixer in ("ttt_linear", "ttt_mlp"):
         return TTTLayer(cfg.d_model, cfg.n_heads, inner=cfg.mixer[4:], backbone=cfg.backbone,
                         mini_batch=cfg.mini_batch, base_lr=cfg.base_lr, conv_width=cfg.conv_width,
-                        rope_base=cfg.rope_base, backend=cfg.ttt_backend)
+                        rope_base=cfg.rope_base, backend=cfg.ttt_backend, fused=cfg.fused_layer)
     if cfg.mixer == "attention":
         return Attention(cfg.d_model, cfg.n_heads, rope_base=cfg.rope_base)
     return Mamba2(cfg.d_model, d_state=cfg.mamba_d_state, expand=cfg.mamba_expand, head_dim=cfg.mamba_head_dim,
@@ -58,8 +58,7 @@ class Block(nn.Module):
         self.has_conv = cfg.backbone == "mamba" and cfg.mixer.startswith("ttt")
         if self.has_conv:
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            conv_backend = {"triton": "triton", "auto": "auto"}.get(cfg.ttt_backend, "torch")
-            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width, backend=conv_backend)
+            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width, backend="triton" if cfg.fused_layer else "torch")
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = make_mixer(cfg)
         if cfg.ffn_hidden:

@@ -19,7 +19,7 @@ class CausalConv1d(nn.Module):
     Triton imports, else "torch").
     """
 
-    def __init__(self, channels: int, width: int = 4, bias: bool = True, backend: str = "auto"):
+    def __init__(self, channels: int, width: int = 4, bias: bool = True, backend: str = "torch"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

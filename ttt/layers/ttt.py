@@ -47,7 +47,7 @@ class TTTLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
                  mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
-                 rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto"):
+                 rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", fused: bool = False):
         super().__init__()
         if not isinstance(d_model, int) or not isinstance(n_heads, int) or n_heads < 1 or d_model < 1:
             raise ValueError(f"d_model, n_heads: expected positive ints, got {d_model!r}, {n_heads!r}")
@@ -70,7 +70,12 @@ class TTTLayer(nn.Module):
             raise ValueError(f"d_model: expected an even head dim for RoPE, got d_model/n_heads = {d}")
         self.d_model, self.n_heads, self.head_dim = D, H, d
         self.kind = inner if isinstance(inner, str) else "generic"
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused: expected a bool, got {fused!r}")
+        if fused and isinstance(inner, nn.Module):
+            raise ValueError("fused: the fused layer kernels serve the 'linear' and 'mlp' inner models only")
         self.backbone, self.mini_batch, self.rope_base, self.backend = backbone, mini_batch, rope_base, backend
+        self.fused = fused
         self.base_lr = base_lr if base_lr is not None else (0.1 if self.kind == "mlp" else 1.0)
 
         if backbone == "mamba":
@@ -161,10 +166,15 @@ class TTTLayer(nn.Module):
                              f"backbone {self.backbone!r}")
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the fused Triton kernels around the op (ops/fused_layer.py): exactly when
-        the op itself runs the "triton" backend (the same explicit choice), for fp32/fp16/bf16 inputs."""
-        return (self.kind != "generic" and x.dtype != torch.float64
-                and resolve_backend(self.backend, x.device) == "triton")
+        """Whether this call runs the fused Triton kernels around the op (ops/fused_layer.py). Only when asked
+        for (`fused=True`: not the default until measured faster on a GPU), and then the op must run its
+        "triton" backend on fp32/fp16/bf16 inputs, else this raises (no silent fallback)."""
+        if not self.fused:
+            return False
+        if resolve_backend(self.backend, x.device) != "triton" or x.dtype == torch.float64:
+            raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
+                             f"inputs; got backend={self.backend!r} on {x.device.type} with {x.dtype}")
+        return True
 
     def forward(self, x: torch.Tensor, state: TTTLayerState | None = None):
         """x: [B, T, D] -> (y [B, T, D], new state)."""
