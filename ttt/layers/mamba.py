@@ -142,8 +142,11 @@ def ssd_step_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state):
     copy). x: [B, H, P]; dt: [B, H]; A, D: [H]; Bm, Cm: [B, N]; state: [B, H, P, N]."""
     H, P, N = x.shape[1], x.shape[2], Bm.shape[-1]
     new = state.clone()
+    # per-(head, channel) dt, A, D and a zero dt_bias, all broadcast (stride 0) as the kernel expects for heads
+    # sharing one dt; dt arrives with its bias and softplus applied, like the chunked path
     y = kernels.step(new, x, dt[..., None].expand(-1, H, P), A[:, None, None].expand(H, P, N),
-                     Bm[:, None], Cm[:, None], D=D[:, None].expand(H, P))  # per-(head, channel) dt, A and D
+                     Bm[:, None], Cm[:, None], D=D[:, None].expand(H, P),
+                     dt_bias=dt.new_zeros(())[None, None].expand(H, P))  # B, C: [B, N] -> [B, 1, N]
     return y, new
 
 
