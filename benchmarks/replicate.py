@@ -44,9 +44,10 @@ LADDER = [
     ("linear attention (b=T, no LN/residual, fixed eta, W0=0, (T))",
      dict(backbone="transformer", mini_batch=None, ttt_inner_ln=False, ttt_inner_residual=False,
           ttt_learn_lr=False, ttt_learn_init=False)),
-    ("+ LN and residual in f", dict(backbone="transformer", mini_batch=None, ttt_learn_lr=False, ttt_learn_init=False)),
-    ("+ mini-batch TTT (b=16)", dict(backbone="transformer", mini_batch=16, ttt_learn_lr=False, ttt_learn_init=False)),
-    ("+ learnable W0", dict(backbone="transformer", mini_batch=16, ttt_learn_lr=False)),
+    ("+ learnable W0", dict(backbone="transformer", mini_batch=None, ttt_inner_ln=False, ttt_inner_residual=False,
+                            ttt_learn_lr=False)),
+    ("+ LN and residual in f", dict(backbone="transformer", mini_batch=None, ttt_learn_lr=False)),
+    ("+ mini-batch TTT (b=16)", dict(backbone="transformer", mini_batch=16, ttt_learn_lr=False)),
     ("+ learnable eta", dict(backbone="transformer", mini_batch=16)),
     ("+ Mamba backbone (M)", dict(backbone="mamba", mini_batch=16)),
 ]
