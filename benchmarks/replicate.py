@@ -19,18 +19,21 @@ stage reads only those files: DIR/results.md and DIR/loss_by_position_<ctx>.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import sys
 import sysconfig
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from ttt.config import get_config
 from ttt.data import Batcher, eval_sequences, load_meta, load_tokens, prepare
+from ttt.layers.mamba import load_mamba_ssm
 from ttt.model import TTTLM
 
 MODELS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
@@ -65,6 +68,27 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def mamba_kernels_or_fail() -> None:
+    """Make mamba_ssm's Triton SSD kernels importable for the Mamba-2 runs on CUDA. A normal install imports
+    as is; the pure-Python wheel (no CUDA extension, whose absence breaks the package __init__) is loaded by
+    registering the package without running its __init__ -- the Triton submodules do not need the extension."""
+    try:
+        load_mamba_ssm()
+        return
+    except RuntimeError as first:
+        spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+        if spec is None or spec.submodule_search_locations is None:
+            fail(f"--models mamba on CUDA needs mamba_ssm ({first}); or run with --device cpu")
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = pkg
+    try:
+        load_mamba_ssm()
+    except RuntimeError as e:
+        fail(f"--models mamba on CUDA: {e}")
+    print("mamba_ssm: Triton SSD kernels loaded without the package's CUDA extension", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ data
 
 def stage_data(a) -> dict:
@@ -78,6 +102,13 @@ def stage_data(a) -> dict:
     print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens from {sources} "
           f"(vocab {vocab})", flush=True)
     return meta
+
+
+def data_vocab(a) -> int:
+    try:
+        return load_meta(a.out / "data")["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        fail(f"--out: no prepared corpus under {a.out / 'data'}; run `--stage data --out {a.out}` first")
 
 
 # --------------------------------------------------------------------------------- model configs
@@ -189,15 +220,19 @@ def train_one(name: str, cfg, a, ctx: int, device) -> dict:
 
 
 def stage_train(a, device) -> None:
-    vocab = load_meta(a.out / "data")["vocab_size"]
+    vocab = data_vocab(a)
     cfgs = matched_configs(a.size, vocab, a.models)
+    if "mamba" in cfgs:  # the Mamba-2 baseline runs mamba_ssm's kernels on CUDA, named explicitly
+        if device.type == "cuda":
+            mamba_kernels_or_fail()
+        cfgs["mamba"].mamba_backend = "mamba_ssm" if device.type == "cuda" else "torch"
     for ctx in a.ctx:
         for m, cfg in cfgs.items():
             train_one(f"ctx{ctx}_{m}", cfg, a, ctx, device)
 
 
 def stage_ablation(a, device) -> None:
-    vocab = load_meta(a.out / "data")["vocab_size"]
+    vocab = data_vocab(a)
     L, D, H, F = SIZES[a.size]
     ctx = a.ctx[0]
     runs = [(f"ladder{i}", over) for i, (_, over) in enumerate(LADDER) if i in a.rungs]

@@ -50,7 +50,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     for args, flag in ((["--out", f, "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o", "--models", "gpt"], "--models"),
                        (["--out", tmp_path / "o", "--ctx", "2k"], "--ctx"),
-                       (["--out", tmp_path / "o", "--stage", "report"], "--out")):
+                       (["--out", tmp_path / "o", "--stage", "report"], "--out"),
+                       (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out")):
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and flag in r.stderr.strip().splitlines()[-1]
