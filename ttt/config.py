@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 BACKBONES = ("mamba", "transformer")
+MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 
 def help_field(default, help):
@@ -38,9 +39,21 @@ class ModelConfig:
     ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
     fused_layer: bool = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the block "
                                           "pre-conv, post-LN x gate); needs the op's triton backend")
+    ttt_learn_lr: bool = help_field(True, "TTT ablation: learnable inner learning rate (per-token gate and tau "
+                                          "offsets); off = fixed eta = base_lr/d and tau_i = 1/i")
+    ttt_learn_init: bool = help_field(True, "TTT ablation: learnable initial inner weights W0; off = W0 fixed at 0 "
+                                            "(ttt_linear only)")
+    ttt_inner_ln: bool = help_field(True, "TTT ablation: LayerNorm inside the inner model (off: the Triton "
+                                          "kernels refuse, auto uses the dual form)")
+    ttt_inner_residual: bool = help_field(True, "TTT ablation: residual inside the inner model, f(x) = x + LN(g(x)) "
+                                                "(off: the Triton kernels refuse, auto uses the dual form)")
     mamba_d_state: int = help_field(64, "Mamba baseline: SSM state size per head")
     mamba_expand: int = help_field(2, "Mamba baseline: inner width = expand * d_model")
     mamba_head_dim: int = help_field(64, "Mamba baseline: head dim of the SSM")
+    mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
+                                            "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
+                                            "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
+                                            "imports, else torch")
     init_std: float = help_field(0.02, "std of the normal init of projections and embeddings")
 
     def __post_init__(self):
@@ -57,6 +70,10 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        if self.mamba_backend not in MAMBA_BACKENDS:
+            raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
+        if not self.ttt_learn_init and self.mixer == "ttt_mlp":
+            raise ValueError("ttt_learn_init: False (W0 = 0) is for ttt_linear only: an MLP started at zero never learns")
         if self.ffn_hidden < 0:
             raise ValueError(f"ffn_hidden: expected >= 0, got {self.ffn_hidden}")
 

@@ -45,11 +45,13 @@ def make_mixer(cfg: ModelConfig) -> nn.Module:
     if cfg.mixer in ("ttt_linear", "ttt_mlp"):
         return TTTLayer(cfg.d_model, cfg.n_heads, inner=cfg.mixer[4:], backbone=cfg.backbone,
                         mini_batch=cfg.mini_batch, base_lr=cfg.base_lr, conv_width=cfg.conv_width,
-                        rope_base=cfg.rope_base, backend=cfg.ttt_backend, fused=cfg.fused_layer)
+                        rope_base=cfg.rope_base, backend=cfg.ttt_backend, learn_lr=cfg.ttt_learn_lr,
+                        learn_init=cfg.ttt_learn_init, inner_ln=cfg.ttt_inner_ln, residual=cfg.ttt_inner_residual,
+                        fused=cfg.fused_layer)
     if cfg.mixer == "attention":
         return Attention(cfg.d_model, cfg.n_heads, rope_base=cfg.rope_base)
     return Mamba2(cfg.d_model, d_state=cfg.mamba_d_state, expand=cfg.mamba_expand, head_dim=cfg.mamba_head_dim,
-                  conv_width=cfg.conv_width)
+                  conv_width=cfg.conv_width, backend=cfg.mamba_backend)
 
 
 class Block(nn.Module):

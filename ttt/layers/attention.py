@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import check_input_dtype
+
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) by angle positions[t] * base^(-2i/d).
@@ -77,6 +79,7 @@ class Attention(nn.Module):
     def _check(self, x: torch.Tensor, state: KVCache | None):
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
             raise ValueError(f"x: expected [B, T>=1, {self.d_model}], got shape {tuple(x.shape)}")
+        check_input_dtype(x, self.qkv.weight)
         if state is None:
             return
         if not isinstance(state, KVCache):

@@ -1,5 +1,8 @@
-"""Depthwise causal 1-D convolution with an explicit window state, so streaming works chunk by chunk."""
+"""Depthwise causal 1-D convolution with an explicit window state, so streaming works chunk by chunk; and
+the input-dtype check every layer runs at its entry."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +10,17 @@ from torch import nn
 
 
 BACKENDS = ("auto", "torch", "triton")
+# std of a standard normal truncated to [-2, 2]; dividing by it gives the truncated draw the wanted variance
+TRUNC_STD = 0.87962566103423978
+
+
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor, name: str = "x") -> None:
+    """Raise a one-line TypeError when x's dtype differs from the layer's weights (outside autocast,
+    which casts for the layer): float64 or half input into float32 weights would otherwise fail deep
+    inside a matmul."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: expected dtype {weight.dtype} like the layer's weights, got {x.dtype}; convert "
+                        f"the input (x.to({weight.dtype})) or the layer (.to({x.dtype})), or run under torch.autocast")
 
 
 class CausalConv1d(nn.Module):
@@ -29,7 +43,10 @@ class CausalConv1d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        nn.init.normal_(self.weight, std=0.02)
+        """LeCun normal (as flax's default conv init): a normal truncated at +-2 std, rescaled so that the
+        weight's variance is 1 / fan_in, fan_in = width (one input channel per group); bias 0."""
+        std = math.sqrt(1.0 / self.width) / TRUNC_STD
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

@@ -1,5 +1,10 @@
-"""Mamba-2 baseline mixer in pure PyTorch: the SSD scan in two forms (`ssd_chunked` for sequences,
-`ssd_step` for one-token decode), its conv and gated RMSNorm, and the `Mamba2` layer with its `MambaState`.
+"""Mamba-2 baseline mixer: the SSD scan in PyTorch in two forms (`ssd_chunked` for sequences, `ssd_step`
+for one-token decode), the glue to mamba_ssm's Triton SSD kernels (`load_mamba_ssm`, `ssd_chunked_kernel`,
+`ssd_step_kernel`), its conv and gated RMSNorm, and the `Mamba2` layer with its `MambaState`.
+
+Backends of the scan (`Mamba2(backend=...)`): "torch" the chunked PyTorch reference (any device);
+"mamba_ssm" the kernels of the optional mamba-ssm package (CUDA; `pip install 'ttt-lm[mamba]'`);
+"auto" mamba_ssm on CUDA when it imports, else torch. A backend named explicitly that cannot run raises.
 
 The SSM, per head h with scalar decay A_h < 0, per token t:
     S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T      S: [head_dim, d_state]
@@ -9,13 +14,14 @@ forward(x, state) over any split of a sequence, carrying the returned state, equ
 from __future__ import annotations
 
 import math
+import logging
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import CausalConv1d
+from .conv import CausalConv1d, check_input_dtype
 from .norms import RMSNorm
 
 
@@ -72,6 +78,78 @@ def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64):
     return y.reshape(Bsz, nc * cs, H, P)[:, :T], state
 
 
+MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SSDKernels:
+    """The two mamba_ssm entry points the layer uses: chunk = mamba_chunk_scan_combined (sequences,
+    differentiable), step = selective_state_update (one token, in place, no backward)."""
+
+    chunk: object
+    step: object
+
+
+def load_mamba_ssm() -> SSDKernels:
+    """Import mamba_ssm's Triton SSD kernels; raise RuntimeError saying why they cannot be used."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or the package failing to initialise (e.g. no CUDA extension)
+        raise RuntimeError(f"mamba_backend='mamba_ssm' is not available: mamba_ssm could not be imported "
+                           f"({type(e).__name__}: {e}); pip install 'ttt-lm[mamba]' on a CUDA machine, or use "
+                           f"mamba_backend='torch'") from e
+    return SSDKernels(mamba_chunk_scan_combined, selective_state_update)
+
+
+def resolve_mamba_backend(backend: str, device) -> str:
+    """"auto" -> "mamba_ssm" on CUDA when it imports, else "torch"; a named backend that cannot run raises."""
+    if backend not in MAMBA_BACKENDS:
+        raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {backend!r}")
+    dev_type = getattr(device, "type", str(device))
+    if backend == "auto":
+        if dev_type != "cuda":
+            return "torch"
+        try:
+            load_mamba_ssm()
+        except RuntimeError as e:
+            log.info("Mamba-2: mamba_backend='auto' chose 'torch' (%s)", e)
+            return "torch"
+        return "mamba_ssm"
+    if backend == "mamba_ssm":
+        if dev_type != "cuda":
+            raise RuntimeError(f"mamba_backend='mamba_ssm' needs CUDA tensors (got {dev_type}); use "
+                               "mamba_backend='torch' on this device")
+        load_mamba_ssm()
+    return backend
+
+
+def ssd_chunked_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state, chunk_size: int = 256):
+    """ssd_chunked plus the D skip, by mamba_chunk_scan_combined. Same arguments as ssd_chunked and
+    D [H]; returns y [B, T, H, P] (with D x) and the final state [B, H, P, N] (fp32).
+
+    Our one group of B/C becomes the kernel's group dim; dt arrives already softplus-ed with its bias
+    (the kernel's dt_bias/dt_softplus stay off), so both backends see the same dt.
+    """
+    y, final = kernels.chunk(x, dt, A, Bm[:, :, None], Cm[:, :, None], chunk_size, D=D,
+                             initial_states=state, return_final_states=True)  # B, C: [B, T, N] -> [B, T, 1, N]
+    return y, final
+
+
+def ssd_step_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state):
+    """ssd_step plus the D skip, by selective_state_update (which writes the state in place: it gets a
+    copy). x: [B, H, P]; dt: [B, H]; A, D: [H]; Bm, Cm: [B, N]; state: [B, H, P, N]."""
+    H, P, N = x.shape[1], x.shape[2], Bm.shape[-1]
+    new = state.clone()
+    # per-(head, channel) dt, A, D and a zero dt_bias, all broadcast (stride 0) as the kernel expects for heads
+    # sharing one dt; dt arrives with its bias and softplus applied, like the chunked path
+    y = kernels.step(new, x, dt[..., None].expand(-1, H, P), A[:, None, None].expand(H, P, N),
+                     Bm[:, None], Cm[:, None], D=D[:, None].expand(H, P),
+                     dt_bias=dt.new_zeros(())[None, None].expand(H, P))  # B, C: [B, N] -> [B, 1, N]
+    return y, new
+
+
 def ssd_step(x, dt, A, Bm, Cm, state):
     """One token of the SSM. x: [B, H, P]; dt: [B, H]; A: [H]; Bm, Cm: [B, N]; state: [B, H, P, N].
 
@@ -122,8 +200,12 @@ class Mamba2(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 64, expand: int = 2, head_dim: int = 64,
-                 conv_width: int = 4, chunk_size: int = 64):
+                 conv_width: int = 4, chunk_size: int = 64, backend: str = "auto", kernel_chunk_size: int = 256):
         super().__init__()
+        if backend not in MAMBA_BACKENDS:
+            raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {backend!r}")
+        self.backend, self.kernel_chunk_size = backend, kernel_chunk_size
+        self._kernels = {}  # device type -> the loaded kernels or None (torch), resolved on first use
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"head_dim: must divide expand*d_model={d_inner}, got {head_dim}")
@@ -165,6 +247,7 @@ class Mamba2(nn.Module):
     def _check(self, x: torch.Tensor, state: MambaState | None):
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
             raise ValueError(f"x: expected [B, T>=1, {self.d_model}], got shape {tuple(x.shape)}")
+        check_input_dtype(x, self.in_proj.weight)
         if state is None:
             return
         if not isinstance(state, MambaState):
@@ -175,6 +258,30 @@ class Mamba2(nn.Module):
         if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
             raise ValueError(f"state: expected conv {list(want_conv)} and ssm {list(want_ssm)}, "
                              f"got conv {list(state.conv.shape)} and ssm {list(state.ssm.shape)}")
+
+    def scan(self, xh, dt, A, Bm, Cm, D, ssm, kernels: SSDKernels | None = None):
+        """The SSM with the D skip on the chosen backend: xh [B, T, H, P], dt [B, T, H], A, D [H],
+        Bm, Cm [B, T, N], ssm [B, H, P, N] -> (y [B, T, H, P], new ssm). `kernels` overrides the loaded
+        mamba_ssm kernels (tests pass a stand-in with the same contract)."""
+        T = xh.shape[1]
+        if kernels is None:
+            dev = xh.device.type
+            if dev not in self._kernels:  # resolve once per device type (auto tries an import)
+                use = resolve_mamba_backend(self.backend, xh.device) == "mamba_ssm"
+                self._kernels[dev] = load_mamba_ssm() if use else None
+            kernels = self._kernels[dev]
+        if kernels is not None:
+            if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (xh, dt, Bm, Cm, ssm, D))):
+                y, ssm = ssd_step_kernel(kernels, xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, ssm)
+                return y[:, None], ssm  # [B, H, P] -> [B, 1, H, P]
+            # sequences, and a token that needs gradients (the step kernel has no backward)
+            return ssd_chunked_kernel(kernels, xh, dt, A, Bm, Cm, D, ssm, self.kernel_chunk_size)
+        if T == 1:
+            y, ssm = ssd_step(xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], ssm)
+            y = y[:, None]  # [B, H, P] -> [B, 1, H, P]
+        else:
+            y, ssm = ssd_chunked(xh, dt, A, Bm, Cm, ssm, self.chunk_size)
+        return y + D[:, None] * xh, ssm
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None):
         self._check(x, state)
@@ -193,11 +300,6 @@ class Mamba2(nn.Module):
             A = -torch.exp(self.A_log.to(cd))  # [H]
             ssm = state.ssm.to(cd)
             Bm, Cm = Bm.to(cd), Cm.to(cd)
-            if T == 1:
-                y, ssm = ssd_step(xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], ssm)
-                y = y[:, None]  # [B, H, P] -> [B, 1, H, P]
-            else:
-                y, ssm = ssd_chunked(xh, dt, A, Bm, Cm, ssm, self.chunk_size)
-            y = y + self.D.to(cd)[:, None] * xh
+            y, ssm = self.scan(xh, dt, A, Bm, Cm, self.D.to(cd), ssm)
             y = self.norm(y.reshape(B, T, self.d_inner), z)  # [B, T, H, P] -> [B, T, d_inner]
         return self.out_proj(y), MambaState(conv_state, ssm)

@@ -20,7 +20,7 @@ from torch import nn
 from ..ops import BACKENDS as OP_BACKENDS, TTTState, make_tau, resolve_backend, ttt_op
 from ..ops.generic import ttt_generic
 from .attention import apply_rope
-from .conv import CausalConv1d
+from .conv import CausalConv1d, check_input_dtype
 
 BACKBONES = ("mamba", "transformer")
 
@@ -47,7 +47,8 @@ class TTTLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
                  mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
-                 rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", fused: bool = False):
+                 rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", learn_lr: bool = True,
+                 learn_init: bool = True, inner_ln: bool = True, residual: bool = True, fused: bool = False):
         super().__init__()
         if not isinstance(d_model, int) or not isinstance(n_heads, int) or n_heads < 1 or d_model < 1:
             raise ValueError(f"d_model, n_heads: expected positive ints, got {d_model!r}, {n_heads!r}")
@@ -64,6 +65,10 @@ class TTTLayer(nn.Module):
                              f"got {backend!r}")
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
+        if not learn_init and inner != "linear":
+            raise ValueError("learn_init: False (W0 = 0) is for the linear inner model only: an MLP started at zero "
+                             "has zero inner gradients and never learns")
+        self.learn_lr, self.learn_init, self.inner_ln, self.residual = learn_lr, learn_init, inner_ln, residual
         D, H = d_model, n_heads
         d = D // H
         if d % 2:
@@ -89,11 +94,15 @@ class TTTLayer(nn.Module):
             self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
-        self.lr_weight = nn.Parameter(torch.empty(H, D))  # per-head gate sigma = sigmoid(x . w_h + b_h)
-        self.lr_bias = nn.Parameter(torch.zeros(H))
-        self.delta = nn.Parameter(torch.zeros(mini_batch))  # tau_i = max(0, 1/i + delta_i)
-        self.ln_weight = nn.Parameter(torch.ones(H, d))  # inner LayerNorm, per head
-        self.ln_bias = nn.Parameter(torch.zeros(H, d))
+        if learn_lr:  # else eta = base_lr / d for every token and tau_i = 1/i (no gate, no offsets)
+            self.lr_weight = nn.Parameter(torch.empty(H, D))  # per-head gate sigma = sigmoid(x . w_h + b_h)
+            self.lr_bias = nn.Parameter(torch.zeros(H))
+            self.delta = nn.Parameter(torch.zeros(mini_batch))  # tau_i = max(0, 1/i + delta_i)
+        if inner_ln:
+            self.ln_weight = nn.Parameter(torch.ones(H, d))  # inner LayerNorm, per head
+            self.ln_bias = nn.Parameter(torch.zeros(H, d))
+        else:
+            self.ln_weight = self.ln_bias = None
         self.post_norm = nn.LayerNorm(D, eps=1e-6)
         # multiplies base_lr; the trainer ramps it during warm-up (TTT-MLP recipe); 1.0 = exact base_lr
         self.register_buffer("inner_lr_scale", torch.ones(()), persistent=False)
@@ -107,7 +116,10 @@ class TTTLayer(nn.Module):
             shapes = {n.replace(".", "_"): (H, *p.shape) for n, p in inner.named_parameters()}
         self.inner_names = tuple(shapes)
         for name, shape in shapes.items():
-            setattr(self, name, nn.Parameter(torch.empty(shape)))
+            if learn_init:
+                setattr(self, name, nn.Parameter(torch.empty(shape)))
+            else:  # W0 = 0, not trained
+                self.register_buffer(name, torch.zeros(shape), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -117,12 +129,17 @@ class TTTLayer(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             elif isinstance(m, (CausalConv1d, nn.LayerNorm)):
                 m.reset_parameters()
-        nn.init.normal_(self.lr_weight, std=0.02)
-        nn.init.zeros_(self.lr_bias)
-        nn.init.zeros_(self.delta)
-        nn.init.ones_(self.ln_weight)
-        nn.init.zeros_(self.ln_bias)
-        if self.kind == "generic":
+        if self.learn_lr:
+            nn.init.normal_(self.lr_weight, std=0.02)
+            nn.init.zeros_(self.lr_bias)
+            nn.init.zeros_(self.delta)
+        if self.inner_ln:
+            nn.init.ones_(self.ln_weight)
+            nn.init.zeros_(self.ln_bias)
+        if not self.learn_init:
+            for name in self.inner_names:
+                nn.init.zeros_(getattr(self, name))
+        elif self.kind == "generic":
             for name, (_, p) in zip(self.inner_names, self._template[0].named_parameters()):
                 getattr(self, name).data.copy_(p.detach().unsqueeze(0).expand_as(getattr(self, name)))
         else:
@@ -149,6 +166,7 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x: expected shape [B, T, {self.d_model}], got {got}")
         if x.shape[1] == 0:
             raise ValueError("x: expected a non-empty sequence (T >= 1), got T = 0")
+        check_input_dtype(x, self.v_proj.weight)
         if state is None:
             return
         if not isinstance(state, TTTLayerState):
@@ -202,18 +220,22 @@ class TTTLayer(nn.Module):
             q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
         v = self.v_proj(x).reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
-        if fused:  # the gate's product in x's dtype (no fp32 copy of x), the sigmoid in fp32
-            gate = F.linear(x, self.lr_weight.to(x.dtype)).to(ct) + self.lr_bias.to(ct)
-        else:
-            gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
-        lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
-        tau = make_tau(self.delta.to(ct))
+        if self.learn_lr:
+            if fused:  # the gate's product in x's dtype (no fp32 copy of x), the sigmoid in fp32
+                gate = F.linear(x, self.lr_weight.to(x.dtype)).to(ct) + self.lr_bias.to(ct)
+            else:
+                gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
+            lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
+            tau = make_tau(self.delta.to(ct))
+        else:  # fixed eta = base_lr / d, tau_i = 1/i
+            lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H)
+            tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
         if self.kind == "generic":
             o, op_state = ttt_generic(self._template[0], q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
-                                      mini_batch=self.mini_batch)
+                                      mini_batch=self.mini_batch, residual=self.residual)
         else:
             o, op_state = ttt_op(self.kind, q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
-                                 mini_batch=self.mini_batch, backend=self.backend)
+                                 mini_batch=self.mini_batch, backend=self.backend, residual=self.residual)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import ln_gate

@@ -102,13 +102,19 @@ def check_inputs(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch):
     if not isinstance(tau, torch.Tensor) or tau.shape != (mini_batch,):
         got = tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__
         raise ValueError(f"tau: expected shape {(mini_batch,)} ([mini_batch]), got {got}")
+    if (ln_weight is None) != (ln_bias is None):  # both None means no inner LayerNorm
+        name, other = ("ln_weight", "ln_bias") if ln_weight is None else ("ln_bias", "ln_weight")
+        raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), or None together with {other} (no inner "
+                         "LayerNorm), got None")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is None:
+            continue
         if not isinstance(t, torch.Tensor) or t.shape != (H, d):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), got {got}")
     for name, t in (("k", k), ("v", v), ("lr", lr), ("tau", tau), ("ln_weight", ln_weight), ("ln_bias", ln_bias),
                     *(("state", t) for t in (*state.params, *state.accum))):
-        if t.device != q.device:
+        if t is not None and t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
     if state.batch_size != B:
         raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
@@ -150,6 +156,34 @@ def ln_fused_l2_grad(z, target, weight, bias, eps: float = LN_EPS):
     return (d * gy - gy.sum(-1, keepdim=True) - xhat * (gy * xhat).sum(-1, keepdim=True)) / (d * std)
 
 
+def inner_grad(z, target, weight, bias):
+    """d/dz of the inner loss 0.5*||LN(z) - target||^2, or of 0.5*||z - target||^2 when weight is None
+    (no inner LayerNorm)."""
+    return z - target if weight is None else ln_fused_l2_grad(z, target, weight, bias)
+
+
+def inner_out(x, z, weight, bias, residual: bool):
+    """The inner model's output for input x and pre-norm prediction z: x + LN(z) (residual) or LN(z);
+    LN is the identity when weight is None."""
+    zn = z if weight is None else layer_norm(z, weight, bias)
+    return x + zn if residual else zn
+
+
+def causal_tril(n: int, device) -> torch.Tensor:
+    """[n, n] bool, True on and below the diagonal (j <= i)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def causal_matmul(attn, G):
+    """attn @ G for a lower-triangular attn [..., n, n] (zero above the diagonal) such that a non-finite
+    G[j] reaches only rows i >= j: products 0 * NaN of masked-out entries would otherwise make earlier
+    rows NaN. Rows that do sum a non-finite G[j] (j <= i) come out NaN, as the plain product would."""
+    bad = ~torch.isfinite(G)  # [..., n, m]
+    out = attn @ torch.where(bad, torch.zeros((), dtype=G.dtype, device=G.device), G)
+    reached = bad.cumsum(-2) > 0  # [..., n, m]: some j <= i has a non-finite G[j]
+    return torch.where(reached, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+
+
 def gelu(x):
     return F.gelu(x, approximate="tanh")
 
@@ -175,11 +209,11 @@ def segments(T: int, pos: int, b: int):
 
 def dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
     """The dual form's operands in the compute dtype, heads first: Q, K, V [B,H,T,d], LR [B,H,T], tau [b],
-    gamma/beta [H,1,d], and the state's params and accum."""
+    gamma/beta [H,1,d] (None without inner LayerNorm), and the state's params and accum."""
     ct = compute_dtype(q)
     Q, K, V = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B,T,H,d] -> [B,H,T,d]
     LR = lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
-    gam, bet = ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :]  # [H,1,d]
+    gam, bet = (None, None) if ln_weight is None else (ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :])
     params = tuple(p.to(ct) for p in state.params)
     accum = tuple(x.to(ct) for x in state.accum)
     return Q, K, V, LR, tau.to(ct), gam, bet, params, accum

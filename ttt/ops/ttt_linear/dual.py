@@ -1,14 +1,15 @@
 """TTT-Linear, mini-batch dual form in PyTorch (SPEC section 4), with the carried partial-mini-batch
-state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels."""
+state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels.
+Ablation switches: no inner LayerNorm (ln_weight None), no residual (residual=False)."""
 from __future__ import annotations
 
 import torch
 
-from ..common import TTTState, advance, dual_inputs, layer_norm, ln_fused_l2_grad, segments
+from ..common import TTTState, advance, causal_matmul, causal_tril, dual_inputs, inner_grad, inner_out, segments
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
-    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d]. Returns (o [B,T,H,d], new state)."""
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, residual: bool = True):
+    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d] or None. Returns (o [B,T,H,d], new state)."""
     T = q.shape[1]
     Q, K, V, LR, tau, gam, bet, (W, c), (A, a) = dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state)
     # W: [B,H,d,d], c: [B,H,d]; A, a: their accumulators
@@ -18,11 +19,12 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
         lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
         ti = tau[off:off + n]  # [n]
         Z = k_ @ W + c[:, :, None]  # gradients at the start-of-mini-batch weights
-        G = ln_fused_l2_grad(Z, v_ - k_, gam, bet)  # [B,H,n,d]
-        E = torch.tril(ti[:, None] * lr_[:, :, None, :])  # [B,H,n,n]: E_ij = tau_i lr_j, j <= i
-        attn = E * (q_ @ k_.transpose(-1, -2) + 1.0)  # the +1 carries the bias update
-        Zbar = q_ @ W + c[:, :, None] - ti[:, None] * (q_ @ A + a[:, :, None]) - attn @ G
-        outs.append(q_ + layer_norm(Zbar, gam, bet))
+        G = inner_grad(Z, v_ - k_ if residual else v_, gam, bet)  # [B,H,n,d]
+        E = ti[:, None] * lr_[:, :, None, :]  # [B,H,n,n]: E_ij = tau_i lr_j, used for j <= i only
+        # the +1 carries the bias update; where (not a product with a 0/1 mask) keeps a NaN at j out of rows i < j
+        attn = torch.where(causal_tril(n, Q.device), E * (q_ @ k_.transpose(-1, -2) + 1.0), 0.0)
+        Zbar = q_ @ W + c[:, :, None] - ti[:, None] * (q_ @ A + a[:, :, None]) - causal_matmul(attn, G)
+        outs.append(inner_out(q_, Zbar, gam, bet, residual))
         A = A + (lr_[..., None] * k_).transpose(-1, -2) @ G
         a = a + (lr_[..., None] * G).sum(2)
         (W, c), (A, a) = advance((W, c), (A, a), n, off, tau)

@@ -11,7 +11,7 @@ def f_res(params, x):
     return (x.unsqueeze(-2) @ W).squeeze(-2) + c
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, residual: bool = True):
     o, params, accum, pos = primal_forward(f_res, state.params, state.accum, state.pos, q, k, v, lr, tau,
-                                           ln_weight, ln_bias, mini_batch)
+                                           ln_weight, ln_bias, mini_batch, residual)
     return o.to(q.dtype), TTTState("linear", params, accum, pos)

@@ -1,14 +1,16 @@
 """TTT-MLP, mini-batch dual form in PyTorch (SPEC section 4), with the carried partial-mini-batch
-state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels."""
+state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels.
+Ablation switches: no inner LayerNorm (ln_weight None), no residual (residual=False)."""
 from __future__ import annotations
 
 import torch
 
-from ..common import TTTState, advance, dual_inputs, gelu, gelu_grad, layer_norm, ln_fused_l2_grad, segments
+from ..common import (TTTState, advance, causal_matmul, causal_tril, dual_inputs, gelu, gelu_grad, inner_grad,
+                      inner_out, segments)
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
-    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d]. Returns (o [B,T,H,d], new state)."""
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, residual: bool = True):
+    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d] or None. Returns (o [B,T,H,d], new state)."""
     T = q.shape[1]
     Q, K, V, LR, tau, gam, bet, (W1, c1, W2, c2), (A1, a1, A2, a2) = dual_inputs(q, k, v, lr, tau, ln_weight,
                                                                                   ln_bias, state)
@@ -18,19 +20,21 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
         q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
         lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
         ti = tau[off:off + n][:, None]  # [n,1]
+        tril = causal_tril(n, Q.device)
         # inner forward and backward at the start-of-mini-batch weights
         Z1 = k_ @ W1 + c1[:, :, None]  # [B,H,n,F]
         X2 = gelu(Z1)
         Z2 = X2 @ W2 + c2[:, :, None]  # [B,H,n,d]
-        G2 = ln_fused_l2_grad(Z2, v_ - k_, gam, bet)
+        G2 = inner_grad(Z2, v_ - k_ if residual else v_, gam, bet)
         G1 = (G2 @ W2.transpose(-1, -2)) * gelu_grad(Z1)  # [B,H,n,F]
-        E = torch.tril(ti * lr_[:, :, None, :])  # [B,H,n,n]: E_ij = tau_i lr_j, j <= i
-        Z1b = q_ @ W1 + c1[:, :, None] - ti * (q_ @ A1 + a1[:, :, None]) \
-            - (E * (q_ @ k_.transpose(-1, -2) + 1.0)) @ G1
+        E = ti * lr_[:, :, None, :]  # [B,H,n,n]: E_ij = tau_i lr_j, used for j <= i only
+        # where (not a product with a 0/1 mask) keeps a NaN at j out of rows i < j
+        attn1 = torch.where(tril, E * (q_ @ k_.transpose(-1, -2) + 1.0), 0.0)
+        Z1b = q_ @ W1 + c1[:, :, None] - ti * (q_ @ A1 + a1[:, :, None]) - causal_matmul(attn1, G1)
         X2b = gelu(Z1b)
-        Z2b = X2b @ W2 + c2[:, :, None] - ti * (X2b @ A2 + a2[:, :, None]) \
-            - (E * (X2b @ X2.transpose(-1, -2) + 1.0)) @ G2
-        outs.append(q_ + layer_norm(Z2b, gam, bet))
+        attn2 = torch.where(tril, E * (X2b @ X2.transpose(-1, -2) + 1.0), 0.0)
+        Z2b = X2b @ W2 + c2[:, :, None] - ti * (X2b @ A2 + a2[:, :, None]) - causal_matmul(attn2, G2)
+        outs.append(inner_out(q_, Z2b, gam, bet, residual))
         A1 = A1 + (lr_[..., None] * k_).transpose(-1, -2) @ G1
         a1 = a1 + (lr_[..., None] * G1).sum(2)
         A2 = A2 + (lr_[..., None] * X2).transpose(-1, -2) @ G2

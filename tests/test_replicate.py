@@ -1,0 +1,57 @@
+"""benchmarks/replicate.py end to end at smoke size on the CPU: data, matched models at two contexts, the
+ablation ladder and b sweep, and the report built from the run outputs; and its bad-input errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "replicate.py"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "rep"
+    r = run("--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
+    main = [v for k, v in results.items() if k.startswith("ctx")]
+    assert sorted({v["ctx"] for v in main}) == [32, 64] and len(main) == 8
+    for ctx in (32, 64):
+        counts = [v["params"] for v in main if v["ctx"] == ctx]
+        assert max(counts) <= 1.03 * min(counts) * 1.0001  # matched within 3%
+        assert all(v["tokens"] == 2048 and len(v["loss_by_position"]) == ctx for v in main if v["ctx"] == ctx)
+    assert {k for k in results if k.startswith("abl_")} == {
+        *(f"abl_ctx32_ladder{i}" for i in range(6)), "abl_ctx32_b4", "abl_ctx32_b64"}
+    assert results["abl_ctx32_ladder0"]["config"]["mini_batch"] == 32  # b = T
+    assert not results["abl_ctx32_ladder0"]["config"]["ttt_inner_ln"]
+    md = (out / "results.md").read_text()
+    # the table is written from the run files: every run's loss appears with 4 decimals
+    for v in results.values():
+        assert f"{v['val_loss']:.4f}" in md
+    assert (out / "loss_by_position_32.png").stat().st_size > 1000
+    # a rerun skips finished runs and rewrites the same report
+    r2 = run("--smoke", "--out", out)
+    assert r2.returncode == 0 and "skipped" in r2.stdout
+    assert (out / "results.md").read_text() == md
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for args, flag in ((["--out", f, "--stage", "report"], "--out"),
+                       (["--out", tmp_path / "o", "--models", "gpt"], "--models"),
+                       (["--out", tmp_path / "o", "--ctx", "2k"], "--ctx"),
+                       (["--out", tmp_path / "o", "--stage", "report"], "--out"),
+                       (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out")):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and flag in r.stderr.strip().splitlines()[-1]
