@@ -237,7 +237,8 @@ def stage_ablation(a, device) -> None:
     ctx = a.ctx[0]
     runs = [(f"ladder{i}", over) for i, (_, over) in enumerate(LADDER) if i in a.rungs]
     last = len(LADDER) - 1  # the last rung is (M) with b = 16: the b = 16 run of the mini-batch sweep
-    runs += [(f"b{b}", dict(backbone="mamba", mini_batch=b)) for b in a.batch_sizes if not (b == 16 and last in a.rungs)]
+    runs += [(f"b{b}", dict(backbone="mamba", mini_batch=b)) for b in a.batch_sizes
+             if not (b == 16 and last in a.rungs)]
     for name, over in runs:
         over = {**over, "mini_batch": over["mini_batch"] or ctx}
         cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,

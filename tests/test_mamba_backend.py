@@ -177,6 +177,13 @@ def import_kernels_without_cuda_extension():
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+def close(a, b, msg="", tol=5e-3):
+    """a == b up to tol relative to b's largest entry: the kernels' fp32 matmuls run in TF32 on the GPU (about
+    3 decimal digits), while a wrong argument mapping gives errors of order 1."""
+    scale = b.abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(a / scale, b / scale, rtol=tol, atol=tol, msg=msg)
+
+
 def pair(d_model=256, d_state=64, head_dim=64, seed=0):
     torch.manual_seed(seed)
     ref = Mamba2(d_model, d_state=d_state, head_dim=head_dim, backend="torch").cuda()
@@ -205,14 +212,13 @@ def test_gpu_kernels_equal_reference_outputs_state_gradients(T):
         res[name] = (y.detach(), st.ssm.detach(), xi.grad, ssm0.grad, grads)
         layer.zero_grad()
     (y_r, s_r, gx_r, gs_r, g_r), (y_k, s_k, gx_k, gs_k, g_k) = res["ref"], res["ker"]
-    tol = dict(rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(y_k, y_r, **tol)
-    torch.testing.assert_close(s_k, s_r, **tol)
-    torch.testing.assert_close(gx_k, gx_r, **tol)
-    torch.testing.assert_close(gs_k, gs_r, **tol)
+    close(y_k, y_r, "y")
+    close(s_k, s_r, "final state")
+    close(gx_k, gx_r, "grad x")
+    close(gs_k, gs_r, "grad initial state")
+    assert set(g_k) == set(g_r)
     for n in g_r:
-        scale = g_r[n].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g_k[n] / scale, g_r[n] / scale, rtol=2e-3, atol=2e-3, msg=n)
+        close(g_k[n], g_r[n], n)
 
 
 def test_gpu_decode_step_equals_reference():
@@ -223,12 +229,12 @@ def test_gpu_decode_step_equals_reference():
     with torch.no_grad():
         _, st_r = ref(x[:, :33])
         _, st_k = ker(x[:, :33])
-        torch.testing.assert_close(st_k.ssm, st_r.ssm, rtol=2e-3, atol=2e-3)
+        close(st_k.ssm, st_r.ssm, "prefill state")
         for t in range(33, 40):  # token by token: the step kernel
             y_r, st_r = ref(x[:, t:t + 1], st_r)
             y_k, st_k = ker(x[:, t:t + 1], st_k)
-            torch.testing.assert_close(y_k, y_r, rtol=2e-3, atol=2e-3)
-            torch.testing.assert_close(st_k.ssm, st_r.ssm, rtol=2e-3, atol=2e-3)
+            close(y_k, y_r, f"y at {t}")
+            close(st_k.ssm, st_r.ssm, f"state at {t}")
 
 
 def test_gpu_model_with_kernels_trains_like_reference():
@@ -244,10 +250,9 @@ def test_gpu_model_with_kernels_trains_like_reference():
         loss, _ = m(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
         losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-4
+    assert abs(losses[0] - losses[1]) < 1e-3
     for (n, p), q in zip(ref.named_parameters(), ker.parameters()):
-        scale = p.grad.abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(q.grad / scale, p.grad / scale, rtol=2e-3, atol=2e-3, msg=n)
+        close(q.grad, p.grad, n)
 
 
 for _name in [n for n in list(globals()) if n.startswith("test_gpu_")]:

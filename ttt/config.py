@@ -73,7 +73,8 @@ class ModelConfig:
         if self.mamba_backend not in MAMBA_BACKENDS:
             raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
         if not self.ttt_learn_init and self.mixer == "ttt_mlp":
-            raise ValueError("ttt_learn_init: False (W0 = 0) is for ttt_linear only: an MLP started at zero never learns")
+            raise ValueError("ttt_learn_init: False (W0 = 0) is for ttt_linear only: an MLP started at zero "
+                             "never learns")
         if self.ffn_hidden < 0:
             raise ValueError(f"ffn_hidden: expected >= 0, got {self.ffn_hidden}")
 

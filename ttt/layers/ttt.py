@@ -228,7 +228,7 @@ class TTTLayer(nn.Module):
             lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
             tau = make_tau(self.delta.to(ct))
         else:  # fixed eta = base_lr / d, tau_i = 1/i
-            lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H)
+            lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H).contiguous()  # kernels want strides
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
         if self.kind == "generic":
             o, op_state = ttt_generic(self._template[0], q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
