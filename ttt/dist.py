@@ -9,8 +9,9 @@ accumulation, and full (unsharded) state dicts for checkpoints.
 
 One process (no WORLD_SIZE, or WORLD_SIZE=1) needs no process group; every helper then works locally.
 Backends: nccl on CUDA, gloo on CPU. FSDP2 (`fully_shard`) shards each block, then the root, with a
-MixedPrecisionPolicy (parameters gathered in the compute dtype, gradients reduced in fp32). Checkpoints use `torch.distributed.checkpoint.state_dict`: every rank takes part in the
-gather, rank 0 gets the full CPU tensors, and every rank loads full state dicts.
+MixedPrecisionPolicy (parameters gathered in the compute dtype, gradients reduced in fp32).
+Checkpoints use `torch.distributed.checkpoint.state_dict`: every rank takes part in the gather,
+rank 0 gets the full CPU tensors, and every rank loads full state dicts.
 """
 from __future__ import annotations
 
