@@ -516,6 +516,8 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
     warm = int(cfg.warmup_frac * cfg.max_steps)
     loop.model.set_inner_lr_warmup(step / warm if cfg.inner_lr_warmup and step < warm else 1.0)
     x, y = next(loop.batcher)
+    if loop.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
+        x, y = x.pin_memory().to(loop.device, non_blocking=True), y.pin_memory().to(loop.device, non_blocking=True)
     xs, ys = x.to(loop.device).chunk(loop.accum), y.to(loop.device).chunk(loop.accum)  # [rows, T] -> accum x
     loss_sum = torch.zeros((), device=loop.device)
     for i in range(loop.accum):
