@@ -418,8 +418,11 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     resume_from = _check_out_dir(out, run_cfg, cfg.resume)
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
 
-    model, wrapped = build_model(model_cfg, cfg, device, dist.resolve_parallel(cfg.parallel, world))
-    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    parallel = dist.resolve_parallel(cfg.parallel, world)
+    model, wrapped = build_model(model_cfg, cfg, device, parallel)
+    # on a GPU, one fused kernel for the whole AdamW step (FSDP2's sharded DTensors keep the default)
+    fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     step = 0
     if resume_from is not None:
         ckpt = read_checkpoint(resume_from)
