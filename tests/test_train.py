@@ -496,3 +496,21 @@ def test_meta_build_gives_the_one_process_init(data_dir):
     ref = TTTLM(cfg)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert all(float(m.inner_lr_scale) == 1.0 for m in model.modules() if hasattr(m, "inner_lr_scale"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_loop_follows_the_cpu_loop(data_dir, tmp_path):
+    """On a GPU: the meta-device build gives the CPU's initial weights exactly, and the loop (fused AdamW,
+    pinned batches, loss read back only on metrics rows) follows the CPU loss curve (fp32, no autocast)."""
+    from ttt.train import build_model
+    cfg, t = model_cfg(data_dir), train_cfg(data_dir, "unused")
+    cpu, _ = build_model(cfg, t, torch.device("cpu"), "none")
+    gpu, _ = build_model(cfg, t, torch.device("cuda"), "none")
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.state_dict().values(), gpu.state_dict().values()))
+    kw = dict(max_steps=6, log_every=3, amp="none")
+    train(cfg, train_cfg(data_dir, tmp_path / "cpu", device="cpu", **kw))
+    s = train(cfg, train_cfg(data_dir, tmp_path / "gpu", device="cuda", **kw))
+    assert s["steps"] == 6 and [r["step"] for r in rows(tmp_path / "gpu")] == [3, 6]
+    for a, b in zip(curve(tmp_path / "cpu"), curve(tmp_path / "gpu"), strict=True):
+        assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], rel=2e-3)
