@@ -54,7 +54,11 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
     rank's shard of a DTensor (FSDP2)."""
     if hasattr(p, "device_mesh"):  # a DTensor: keep this rank's shard only (no communication)
         from torch.distributed.tensor import distribute_tensor
-        local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        full = full.to(p.device, p.dtype)
+        try:
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        except TypeError:  # an older torch: rank 0's copy is scattered (every rank holds the same one)
+            local = distribute_tensor(full, p.device_mesh, p.placements)
         p.to_local().copy_(local.to_local())
     else:
         p.copy_(full)

@@ -489,7 +489,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                     break
             _read_pending(loop)
     except BaseException:
-        if loop is None or loop.rank == 0:
+        if dist.rank() == 0:
             _discard_unsaved_run(out, created)
         raise
     finally:
