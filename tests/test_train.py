@@ -514,3 +514,34 @@ def test_gpu_loop_follows_the_cpu_loop(data_dir, tmp_path):
     assert s["steps"] == 6 and [r["step"] for r in rows(tmp_path / "gpu")] == [3, 6]
     for a, b in zip(curve(tmp_path / "cpu"), curve(tmp_path / "gpu"), strict=True):
         assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], rel=2e-3)
+
+
+def test_losses_read_back_only_for_rows_follow_the_same_run(data_dir, tmp_path):
+    """Steps between metrics rows leave the loss on the device: the rows are those of a run that reads
+    every step, a NaN on such a step is reported at that step, and Ctrl-C there still stops and saves."""
+    every = tmp_path / "every"
+    train(model_cfg(data_dir), train_cfg(data_dir, every, max_steps=6, log_every=1))
+    out = tmp_path / "sparse"
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=6, log_every=3))
+    assert [r["step"] for r in rows(out)] == [3, 6] and s["train_loss"] == rows(every)[-1]["loss"]
+    assert [c for c in curve(every) if c[0] in (3, 6)] == curve(out)
+    from ttt.train import TrainingDiverged
+    with pytest.raises(TrainingDiverged) as e:  # the first non-finite step, not the next row's
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "nan", lr=1e6, max_steps=40, log_every=40))
+    step = int(str(e.value).split(" at step ")[1].split()[0])
+    assert step < 40
+    from ttt.model import TTTLM
+    calls = []
+
+    def sigint_in_step_2(module, args):
+        if isinstance(module, TTTLM):
+            calls.append(1)
+            if len(calls) == 4:  # step 2's last micro-batch (of 2): step 2 ends, then the stop (no row due)
+                os.kill(os.getpid(), signal.SIGINT)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(sigint_in_step_2)
+    try:
+        s = train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "stop", max_steps=6, log_every=5))
+    finally:
+        handle.remove()
+    assert s["stopped"] == "SIGINT" and s["steps"] == 2 and s["train_loss"] == rows(every)[1]["loss"]
+    assert read_checkpoint(tmp_path / "stop").trainer["step"] == 2

@@ -585,12 +585,10 @@ def _after_step(loop: _Loop, loss: torch.Tensor, grad_norm: torch.Tensor, on_ste
     evaluate = loop.val is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last)
     save = last or bool(cfg.save_every and step % cfg.save_every == 0)
     log_row = step % cfg.log_every == 0 or last or evaluate
-    if not (log_row or save or on_step is not None or loop.device.type == "cpu"):
-        if loop.world == 1 and stop.reason is not None:  # one process: stop now, read and save first
-            _read_pending(loop)
-            loop.last_path = _save(loop)
-            return stop.reason
-        return None  # with several processes a stop request is agreed on at the next read
+    if not (log_row or save or on_step is not None):
+        # a stop request is seen by the next step's first micro-batch (one process), or agreed on by the
+        # ranks at the next read (several)
+        return None
     _read_pending(loop)
     _, lr, train_loss, norm = loop.last_read[-1]
     row = {"step": step, "tokens": step * cfg.tokens_per_step, "loss": train_loss, "lr": lr, "grad_norm": norm}
