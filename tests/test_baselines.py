@@ -93,7 +93,9 @@ def test_apply_rope_rotates_adjacent_pairs_like_complex_numbers():
     positions = torch.tensor([0, 1, 7, 100, 4096])
     y = apply_rope(x, positions)
     torch.testing.assert_close(y, rope_reference(x, positions), rtol=0, atol=1e-12)
-    pair_norm = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # [B, T, H, d/2]
+
+    def pair_norm(t):
+        return t.unflatten(-1, (-1, 2)).norm(dim=-1)  # [B, T, H, d/2]
     torch.testing.assert_close(pair_norm(y), pair_norm(x), rtol=1e-6, atol=0)
     torch.testing.assert_close(y[:, 0], x[:, 0], rtol=0, atol=0)  # position 0 is the identity
 

@@ -44,8 +44,10 @@ def test_compiled_step_equals_eager_every_offset(mixer):
     graphs = []
     b = 3
     _compare(mixer, _counting("aot_eager", graphs), b, 1e-6)
-    # one graph per offset (shared by both blocks) and one for the head; no recompiles
-    assert len(graphs) == (b if mixer != "mamba" else 1) + 1
+    # one graph per offset (shared by both blocks; the head runs eagerly in the model's own step); no recompiles
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, mini_batch=b))
+    assert model.decode_period == (b if mixer != "mamba" else 1) and model.static_decode_state
+    assert len(graphs) == model.decode_period
 
 
 def test_compiled_step_traces_before_any_eager_call(monkeypatch):
@@ -115,6 +117,12 @@ def test_compile_arguments_are_checked():
         GraphedDecoder(model, model.init_state(1), warmup=-1)
     with pytest.raises(ValueError, match="^model: expected a TTTLM"):
         compiled_step(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="^model: expected a TTTLM"):
+        GraphedDecoder(torch.nn.Linear(2, 2), model.init_state(1))
+    attn = TTTLM(get_config("debug", mixer="attention", vocab_size=256))
+    assert attn.decode_period == 1 and not attn.static_decode_state  # its KV cache grows
+    with pytest.raises(ValueError, match="^model: CUDA-graph decode needs a fixed-size state"):
+        GraphedDecoder(attn, attn.init_state(1))
     with pytest.raises(ValueError, match="^backend: expected a torch.compile backend"):
         compiled_step(model, backend=3)
     with pytest.raises(ValueError, match="^mode: expected one of"):

@@ -223,18 +223,21 @@ def run_2_procs(m_cfg, t_cfg, timeout=150) -> dict:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(data_dir, tmp_path, parallel):
+    """The model is built on the meta device, sharded (fsdp) or not, materialised and initialised on each
+    rank: the same init, gradients, loss curve and weights as one process."""
     # global batch: 4 windows of 16 tokens; 1 process: 2 micro-batches of 2; 2 processes: 2 of 1 each
     one = tmp_path / "one"
-    single = train(model_cfg(data_dir), train_cfg(data_dir, one, max_steps=1, lr=1e-3))
+    single = train(model_cfg(data_dir), train_cfg(data_dir, one, max_steps=2, lr=1e-3))
     two = tmp_path / "two"
-    got = run_2_procs(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=1, lr=1e-3, micro_batch=1,
+    got = run_2_procs(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=2, lr=1e-3, micro_batch=1,
                                                       parallel=parallel))
     assert got[0]["train_loss"] == got[1]["train_loss"]
     assert got[0]["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
-    r1, r2 = rows(one)[0], rows(two)[0]
-    assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
-    ck1, ck2 = one / "checkpoints/step_000001", two / "checkpoints/step_000001"
-    # gradients: after one AdamW step, exp_avg = (1 - beta1) * (clipped) gradient
+    for r1, r2 in zip(rows(one), rows(two), strict=True):  # the loss curve
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    ck1, ck2 = one / "checkpoints/step_000002", two / "checkpoints/step_000002"
+    # the optimizer state (moments of the gradients)
     o1, o2 = load_file(str(ck1 / "optimizer.safetensors")), load_file(str(ck2 / "optimizer.safetensors"))
     assert set(o1) == set(o2)
     for k in o1:
@@ -247,8 +250,8 @@ def test_two_processes_match_one(data_dir, tmp_path, parallel):
     # the checkpoint written by 2 ranks loads in 1 process, and 1 process resumes it
     model, _ = load_model(two)
     assert all(torch.equal(v, w2[k]) for k, v in model.state_dict().items())
-    s = train(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=1, lr=1e-3, parallel=parallel))
-    assert s["steps"] == 1 and s["resumed_from"] == 1
+    s = train(model_cfg(data_dir), train_cfg(data_dir, two, max_steps=2, lr=1e-3, parallel=parallel))
+    assert s["steps"] == 2 and s["resumed_from"] == 2
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -398,3 +401,147 @@ def test_inner_lr_ramp_for_ttt_mlp(data_dir, tmp_path):
     train(lin, train_cfg(data_dir, tmp_path / "lin_ramp", max_steps=4, warmup_frac=0.5))
     train(lin, train_cfg(data_dir, tmp_path / "lin_flat", max_steps=4, warmup_frac=0.5, inner_lr_warmup=False))
     assert curve(tmp_path / "lin_ramp") == curve(tmp_path / "lin_flat")
+
+
+# ----------------------------------------------------------------------------- survive (issue 12)
+
+def test_sigint_between_micro_batches(data_dir, tmp_path):
+    """Ctrl-C in the middle of a step (4 micro-batches): no more forwards, the last whole step is saved, and
+    resuming gives the uninterrupted run's curve."""
+    from ttt.model import TTTLM
+    cfg = dict(max_steps=3, micro_batch=1)  # 64 tokens / (1 * 16): 4 micro-batches per step
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "straight", **cfg))
+    calls = []
+
+    def count(module, args):
+        if isinstance(module, TTTLM):
+            calls.append(1)
+            if len(calls) == 6:  # step 2's second micro-batch
+                os.kill(os.getpid(), signal.SIGINT)
+    out = tmp_path / "run"
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        s = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg))
+    finally:
+        handle.remove()
+    assert len(calls) == 6 and s["stopped"] == "SIGINT" and s["steps"] == 1
+    assert Path(s["checkpoint"]).name == "step_000001" and read_checkpoint(out).trainer["batcher"]["step"] == 1
+    s2 = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg))
+    assert s2["resumed_from"] == 1 and s2["steps"] == 3
+    assert curve(out) == curve(tmp_path / "straight")
+
+
+def test_latest_json_missing_resumes_from_newest_valid_checkpoint(data_dir, tmp_path):
+    cfg = dict(max_steps=4, save_every=1, keep_checkpoints=0)
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "straight", **cfg))
+    out = tmp_path / "run"
+    train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg), on_step=lambda step, m: step == 3)
+    (out / "latest.json").unlink()
+    _garble_middle(out / "checkpoints/step_000003/model.safetensors")  # the newest is damaged: step 2 it is
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, **cfg))
+    assert s["resumed_from"] == 2 and s["steps"] == 4
+    assert curve(out) == curve(tmp_path / "straight")  # the history up to step 2 was kept, then continued
+
+
+def test_no_checkpoint_at_all_is_refused_not_restarted(data_dir, finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    (out / "latest.json").unlink()
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="holds metrics of this run but no checkpoint"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2))
+    assert snapshot(out) == before
+    (out / "latest.json").write_text("{}")
+    shutil.copytree(finished_run / "checkpoints", out / "checkpoints")
+    for p in (out / "checkpoints").iterdir():
+        _truncate(p / "model.safetensors")
+    (out / "latest.json").unlink()
+    with pytest.raises(ValueError, match="none of its checkpoints .* reads back whole"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2))
+
+
+def test_nan_loss_is_one_clear_error_and_the_rerun_works(data_dir, tmp_path, capsys):
+    from ttt.cli import main
+    from ttt.train import TrainingDiverged
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the loss is nan at step \d+ .*lower lr"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out, lr=1e6, max_steps=6))
+    assert not out.exists()  # nothing left to block the rerun
+    train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=1))  # the corrected rerun
+    # through the CLI: one line, exit status 2
+    args = ["train", "--data", str(data_dir), "--out", str(tmp_path / "cli"), "--size", "debug", "--seq-len", "16",
+            "--micro-batch", "2", "--tokens-per-step", "64", "--max-steps", "6", "--lr", "1e6", "--eval-every", "0",
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ttt train: error: training diverged") and "Traceback" not in "".join(err)
+    assert not (tmp_path / "cli").exists()
+    # diverging after a checkpoint keeps the run, and says where it stands
+    out2 = tmp_path / "later"
+    with pytest.raises(TrainingDiverged, match=r"last checkpoint is .*step_00000\d.*another out_dir"):
+        train(model_cfg(data_dir), train_cfg(data_dir, out2, max_steps=6, lr=1e6, save_every=1))
+    ck = read_checkpoint(out2)  # never a checkpoint of non-finite weights
+    assert (out2 / "config.json").exists() and all(v.isfinite().all() for v in ck.model_state.values())
+
+
+def test_meta_build_gives_the_one_process_init(data_dir):
+    """build_model (meta device, materialise, init_weights) equals TTTLM(cfg) after the same seed."""
+    from ttt.model import TTTLM
+    from ttt.train import build_model
+    cfg = model_cfg(data_dir, mixer="ttt_mlp")
+    t = train_cfg(data_dir, "unused", seed=3)
+    model, wrapped = build_model(cfg, t, torch.device("cpu"), "none")
+    assert wrapped is model and not any(p.is_meta for p in model.parameters())
+    torch.manual_seed(3)
+    ref = TTTLM(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert all(float(m.inner_lr_scale) == 1.0 for m in model.modules() if hasattr(m, "inner_lr_scale"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_loop_follows_the_cpu_loop(data_dir, tmp_path):
+    """On a GPU: the meta-device build gives the CPU's initial weights exactly, and the loop (fused AdamW,
+    pinned batches, loss read back only on metrics rows) follows the CPU loss curve (fp32, no autocast)."""
+    from ttt.train import build_model
+    cfg, t = model_cfg(data_dir), train_cfg(data_dir, "unused")
+    cpu, _ = build_model(cfg, t, torch.device("cpu"), "none")
+    gpu, _ = build_model(cfg, t, torch.device("cuda"), "none")
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.state_dict().values(), gpu.state_dict().values()))
+    kw = dict(max_steps=6, log_every=3, amp="none")
+    train(cfg, train_cfg(data_dir, tmp_path / "cpu", device="cpu", **kw))
+    s = train(cfg, train_cfg(data_dir, tmp_path / "gpu", device="cuda", **kw))
+    assert s["steps"] == 6 and [r["step"] for r in rows(tmp_path / "gpu")] == [3, 6]
+    for a, b in zip(curve(tmp_path / "cpu"), curve(tmp_path / "gpu"), strict=True):
+        assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], rel=2e-3)
+
+
+def test_losses_read_back_only_for_rows_follow_the_same_run(data_dir, tmp_path):
+    """Steps between metrics rows leave the loss on the device: the rows are those of a run that reads
+    every step, a NaN on such a step is reported at that step, and Ctrl-C there still stops and saves."""
+    every = tmp_path / "every"
+    train(model_cfg(data_dir), train_cfg(data_dir, every, max_steps=6, log_every=1))
+    out = tmp_path / "sparse"
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=6, log_every=3))
+    assert [r["step"] for r in rows(out)] == [3, 6] and s["train_loss"] == rows(every)[-1]["loss"]
+    assert [c for c in curve(every) if c[0] in (3, 6)] == curve(out)
+    from ttt.train import TrainingDiverged
+    with pytest.raises(TrainingDiverged) as e:  # the first non-finite step, not the next row's
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "nan", lr=1e6, max_steps=40, log_every=40))
+    step = int(str(e.value).split(" at step ")[1].split()[0])
+    assert step < 40
+    from ttt.model import TTTLM
+    calls = []
+
+    def sigint_in_step_2(module, args):
+        if isinstance(module, TTTLM):
+            calls.append(1)
+            if len(calls) == 4:  # step 2's last micro-batch (of 2): step 2 ends, then the stop (no row due)
+                os.kill(os.getpid(), signal.SIGINT)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(sigint_in_step_2)
+    try:
+        s = train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "stop", max_steps=6, log_every=5))
+    finally:
+        handle.remove()
+    assert s["stopped"] == "SIGINT" and s["steps"] == 2 and s["train_loss"] == rows(every)[1]["loss"]
+    assert read_checkpoint(tmp_path / "stop").trainer["step"] == 2

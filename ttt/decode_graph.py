@@ -1,17 +1,20 @@
 """CUDA-graph capture of a whole model's one-token decode step, optionally through torch.compile.
 
-A TTT model's decode step depends on the position only through pos mod b (which tau_i applies,
-whether the mini-batch commits, RoPE at position mod b), and its state has a fixed size. So we
-capture one graph per in-batch offset r = 0..b-1 over static state buffers and replay graph
-pos mod b for each token: per-token latency is flat in context length, with no Python or launch
-overhead. Mamba states are fixed-size and position-free too (one graph). Attention's KV cache grows
-with the context, so attention models are refused here (decode them without graphs).
+What is captured is the model's own step, `model(ids, state)`; the model says what makes that
+possible: `model.decode_period` (the step depends on the position only through pos mod this period:
+b for a TTT model, whose tau_i, mini-batch commit and RoPE go by pos mod b; 1 for Mamba) and
+`model.static_decode_state` (every mixer's state has a fixed size). We capture one graph per offset
+r = 0..period-1 over static state buffers and replay graph pos mod period for each token: per-token
+latency is flat in context length, with no Python or launch overhead. A model whose state grows
+(attention's KV cache) is refused here (decode it without graphs).
 
-`GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: each
-block runs through torch.compile (Inductor fuses the casts, norms, RoPE, gates, the causal conv (shifted
-products under compile, see layers/conv.py) and state writes into a few kernels; the GEMMs and the fused
-Triton step kernels, which Dynamo traces as user kernels, stay as they are), with one compiled function per offset r, shared by all blocks of the model
-(same code and shapes), so a model compiles b times however deep it is. Each r gets its own code
+`GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: the
+model's step with each block run through torch.compile (`model(ids, state, run_block=...)`; Inductor
+fuses the casts, norms, RoPE, gates, the causal conv (shifted products under compile, see
+layers/conv.py) and state writes into a few kernels; the GEMMs and the fused Triton step kernels,
+which Dynamo traces as user kernels, stay as they are), with one compiled function per offset r,
+shared by all blocks of the model (same code and shapes), so a model compiles `period` times however
+deep it is. Each r gets its own code
 object, hence its own Dynamo cache: no recompile limit is reached, r is a constant in its graph.
 fullgraph=True: a graph break raises instead of falling back to eager.
 """
@@ -23,11 +26,8 @@ import types
 import weakref
 
 import torch
-import torch.nn.functional as F
 
-from .layers.ttt import TTTLayer
 from .model import LMState, TTTLM
-from .ops import resolve_backend
 
 
 def flatten_state(s) -> list:
@@ -58,24 +58,14 @@ def rebuild_state(s, tensors: list, pos: int | None = None):
     return s
 
 
-def period(model: TTTLM) -> int:
-    """How many distinct one-token steps the model has: b for TTT mixers (pos mod b matters), else 1."""
-    return model.cfg.mini_batch if model.cfg.mixer.startswith("ttt") else 1
-
-
 def _block_step(blk, h, s):
-    """One block's one-token step; its new state is written into the tensors of `s` (the static buffers)."""
+    """One block's one-token step; its new state is written into the tensors of `s` (the static buffers),
+    which it returns as the block's new state."""
     h, new = blk(h, s)
     for old, t in zip(flatten_state(s), flatten_state(new)):
         if t is not old:  # weights come back as the same tensors when the mini-batch does not commit
             old.copy_(t)
-    return h
-
-
-def _lm_head(model, h):
-    """Final norm and (tied) output head, as TTTLM.forward ends."""
-    w = model.embed.weight if model.head is None else model.head.weight
-    return F.linear(model.norm(h), w).float()
+    return h, s
 
 
 # model -> {key: compiled function}. A weak key: the compiled functions take the model as an argument
@@ -97,14 +87,15 @@ MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"):
-    """The model's one-token step with every block (and the head) through torch.compile.
+    """The model's one-token step, `model(ids, state)`, with every block through torch.compile.
 
         step = compiled_step(model)
         logits = step(ids, state)    # ids [B, 1]; logits [B, 1, V] fp32, as model(ids, state)[0]
 
     Unlike model(ids, state), the new state is written into `state`'s own tensors and state.pos is
     left as is (the caller advances it). The first call at each in-batch offset r = state.pos mod b
-    compiles (Dynamo traces one block, the other blocks reuse it); later calls reuse that.
+    compiles (Dynamo traces one block, the other blocks reuse it); later calls reuse that. The
+    embedding, final norm and head run eagerly (inside a CUDA graph that costs no launch overhead).
     mode: a torch.compile mode of MODES ("max-autotune-no-cudagraphs" also tunes the GEMMs; longer
     compiles, once per GEMM shape).
     """
@@ -115,20 +106,15 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     mode = None if backend != "inductor" else mode  # modes are Inductor's options
-    b = period(model)
-    for blk in model.blocks:  # the op logs its "auto" choice once (a graph break): do it here, not traced
-        if isinstance(blk.mixer, TTTLayer):
-            resolve_backend(blk.mixer.backend, model.embed.weight.device)
+    period = model.decode_period
+    model.prepare_decode()  # the op logs its "auto" choice once (a graph break): do it here, not traced
 
     def step(ids, state: LMState):
-        r = state.pos % b
+        r = state.pos % period
         s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
         sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one entry per code object
-        block_step = _compiled(model, _block_step, f"r{r}_{sig}", backend, mode)
-        h = model.embed(ids)
-        for blk, bs in zip(model.blocks, s.blocks):
-            h = block_step(blk, h, bs)
-        return _compiled(model, _lm_head, sig, backend, mode)(model, h)
+        logits, _ = model(ids, s, run_block=_compiled(model, _block_step, f"r{r}_{sig}", backend, mode))
+        return logits
 
     return step
 
@@ -150,13 +136,16 @@ class GraphedDecoder:
             raise ValueError(f"compile: expected a bool or a torch.compile mode of {MODES}, got {compile!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
-        if model.cfg.mixer == "attention":
+        if not isinstance(model, TTTLM):
+            raise ValueError(f"model: expected a TTTLM, got {type(model).__name__}")
+        if not model.static_decode_state:
             raise ValueError("model: CUDA-graph decode needs a fixed-size state; attention's KV cache grows "
                              "(decode attention models with cuda_graph=False)")
         if not isinstance(state, LMState) or not flatten_state(state) or not flatten_state(state)[0].is_cuda:
             raise ValueError("state: expected an LMState on a CUDA device (run the prefill on CUDA first)")
         self.model, self.pos = model, state.pos
-        self.period = period(model)
+        self.period = model.decode_period
+        model.prepare_decode()
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]

@@ -3,13 +3,15 @@ environment, rank/world helpers, DDP or FSDP2 wrapping, gradient-sync control fo
 accumulation, and full (unsharded) state dicts for checkpoints.
 
     info = init_distributed("cuda")          # reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun
-    model = parallelize(model, "fsdp", device)
+    model = parallelize(model, "fsdp", device, param_dtype=torch.bfloat16)   # on the meta device, then
+    model.to_empty(device=device); model.init_weights()
     with grad_sync(model, last_micro_step): loss.backward()
 
 One process (no WORLD_SIZE, or WORLD_SIZE=1) needs no process group; every helper then works locally.
-Backends: nccl on CUDA, gloo on CPU. FSDP2 (`fully_shard`) shards each block, then the root, as in
-torchtitan. Checkpoints use `torch.distributed.checkpoint.state_dict`: every rank takes part in the
-gather, rank 0 gets the full CPU tensors, and every rank loads full state dicts.
+Backends: nccl on CUDA, gloo on CPU. FSDP2 (`fully_shard`) shards each block, then the root, with a
+MixedPrecisionPolicy (parameters gathered in the compute dtype, gradients reduced in fp32).
+Checkpoints use `torch.distributed.checkpoint.state_dict`: every rank takes part in the gather,
+rank 0 gets the full CPU tensors, and every rank loads full state dicts.
 """
 from __future__ import annotations
 
@@ -114,28 +116,36 @@ def resolve_parallel(parallel: str, world: int) -> str:
     return parallel
 
 
-def parallelize(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """Wrap `model` for data parallelism: 'none' (returned as is), 'ddp' or 'fsdp' (FSDP2 per block,
-    then the root; the model is changed in place). `parallel` must already be resolved. Build the
-    optimizer afterwards, from the returned module's parameters."""
+def parallelize(model: nn.Module, parallel: str, device: torch.device, *, param_dtype: torch.dtype | None = None,
+                reshard_after_forward: bool = True, bucket_mb: int = 100) -> nn.Module:
+    """Wrap `model` for data parallelism; `parallel` must already be resolved. Build the optimizer afterwards.
+
+    'none': returned as is. 'ddp': DistributedDataParallel over a materialised model (the gradient
+    all-reduce runs in `bucket_mb` buckets during the backward, overlapping it; gradients are views into
+    the buckets). 'fsdp': FSDP2 `fully_shard` on each block, then on the root (embedding, final norm,
+    head), in place; works on a model still on the meta device (materialise it afterwards with
+    `to_empty` and `init_weights()`). `param_dtype` (e.g. bf16 under bf16 autocast): the dtype the
+    parameters are gathered and computed in, gradients reduced in fp32 (a MixedPrecisionPolicy);
+    `reshard_after_forward=False` keeps each block's gathered parameters from its forward to its
+    backward (one all-gather per step instead of two; more memory)."""
     if parallel == "none":
         return model
     if not is_distributed():
         raise ValueError(f"parallel: {parallel!r} needs an initialized process group (launch with torchrun)")
     if parallel == "ddp":
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_mb,
+                                                   gradient_as_bucket_view=True)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch 2.5 keeps FSDP2 under _composable
-            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for blk in model.blocks:
-            fully_shard(blk, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # the root's parameters (embedding / tied head) are used last in the forward, first in the backward
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         return model
     raise ValueError(f"parallel: expected 'none', 'ddp' or 'fsdp', got {parallel!r}")
 
@@ -152,7 +162,9 @@ def grad_sync(model: nn.Module, enabled: bool):
         with contextlib.nullcontext() if enabled else model.no_sync():
             yield
     elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        # between micro-batches: no reduce-scatter, and the gathered parameters stay (no re-gather)
         model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
         yield
     else:
         yield

@@ -9,6 +9,7 @@ decoding; one token at a time is the decode step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,44 @@ from .layers.head import linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
+from .ops import resolve_backend
 
 
 LOGITS = ("all", "last", "none")
+
+
+def inner_lr_scale(frac: float, base_lr: float) -> float:
+    """The factor on base_lr that TTT-MLP's inner-LR ramp applies with `frac` of the warm-up done:
+    from min(0.01, base_lr) at frac = 0 linearly to base_lr at frac = 1."""
+    if frac >= 1.0 or base_lr <= 0:
+        return 1.0
+    start = min(0.01, base_lr)
+    return (start + (base_lr - start) * frac) / base_lr
+
+
+def _init_part(part: nn.Module, std: float) -> None:
+    """One part's init: each layer's own reset_parameters, then N(0, std) for every Linear/Embedding weight."""
+    for m in part.modules():
+        if hasattr(m, "reset_parameters") and not isinstance(m, (nn.Linear, nn.Embedding)):
+            m.reset_parameters()
+    for m in part.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+
+
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full-size CPU tensor `full` into parameter `p`: a plain tensor on any device, or this
+    rank's shard of a DTensor (FSDP2)."""
+    if hasattr(p, "device_mesh"):  # a DTensor: keep this rank's shard only (no communication)
+        from torch.distributed.tensor import distribute_tensor
+        full = full.to(p.device, p.dtype)
+        try:
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        except TypeError:  # an older torch: rank 0's copy is scattered (every rank holds the same one)
+            local = distribute_tensor(full, p.device_mesh, p.placements)
+        p.to_local().copy_(local.to_local())
+    else:
+        p.copy_(full)
 
 
 class SwiGLU(nn.Module):
@@ -108,22 +144,86 @@ class TTTLM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        with torch.random.fork_rng(devices=[]):  # the layers' own resets do not move the generator:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # init_weights alone draws from it
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
-        self.init_weights()
+        if not self.embed.weight.is_meta:  # built on the meta device: materialise, then init_weights()
+            self.init_weights()
+
+    def _parts(self) -> list[tuple[str, nn.Module]]:
+        """The model's top-level parts in a fixed order: the unit of initialisation (and of FSDP sharding)."""
+        parts = [("embed", self.embed)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+        return parts + [("norm", self.norm)] + ([("head", self.head)] if self.head is not None else [])
+
+    def _new_part(self, name: str) -> nn.Module:
+        cfg = self.cfg
+        if name == "embed":
+            return nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if name == "norm":
+            return RMSNorm(cfg.d_model, cfg.norm_eps)
+        if name == "head":
+            return nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        return Block(cfg)
 
     @torch.no_grad()
-    def init_weights(self):
-        """Paper init: embeddings and projections N(0, init_std); each layer's own reset for the rest."""
+    def init_weights(self) -> None:
+        """Paper init: embeddings and projections N(0, init_std), each layer's own reset for the rest.
+
+        Part by part (embedding, each block, final norm, head), each from its own seed drawn from the
+        global CPU generator, on the CPU: the values depend on that generator only, not on the device
+        nor on how the parameters are sharded. A model built on the meta device, sharded (FSDP2) and
+        materialised (`to_empty`) gets on every rank its shard of the one-process init: each part is
+        initialised as a full-size CPU twin, one part at a time, and each rank keeps its own shard."""
+        parts = self._parts()
+        seeds = torch.randint(0, 2 ** 62, (len(parts),), device="cpu").tolist()
+        for (name, part), seed in zip(parts, seeds):
+            params = list(part.parameters())
+            in_place = all(type(p.data) is torch.Tensor and p.device.type == "cpu" and p.dtype == torch.get_default_dtype()
+                           for p in params)
+            if in_place:
+                twin = part
+            else:  # on another device or dtype, or sharded: a full-size CPU copy of this part only
+                with torch.device("meta"):
+                    twin = self._new_part(name)
+                twin.to_empty(device="cpu")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _init_part(twin, self.cfg.init_std)
+            if not in_place:
+                for p, t in zip(params, twin.parameters(), strict=True):
+                    _copy_full(p, t)
+        self.set_inner_lr_warmup(1.0)  # resets the ramp's buffers (garbage after `to_empty`)
+
+    @torch.no_grad()
+    def set_inner_lr_warmup(self, frac: float) -> None:
+        """TTT-MLP's inner learning-rate ramp (the paper's recipe): with `frac` of the warm-up done
+        (0 <= frac <= 1), each TTT-MLP mixer's inner base_lr is min(0.01, base_lr) + (base_lr - that)
+        * frac; frac = 1 (and every other mixer, always) uses base_lr as is."""
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"frac: expected a float in [0, 1], got {frac!r}")
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters") and not isinstance(m, (nn.Linear, nn.Embedding)):
-                m.reset_parameters()
+            if isinstance(m, TTTLayer):
+                m.inner_lr_scale.fill_(inner_lr_scale(frac, m.base_lr) if m.kind == "mlp" else 1.0)
+
+    @property
+    def decode_period(self) -> int:
+        """How many distinct one-token steps the model has: its step depends on the position only
+        through pos mod this (the lcm of what each mixer declares: b for TTT, 1 for the others)."""
+        return math.lcm(*(getattr(blk.mixer, "decode_period", 1) for blk in self.blocks))
+
+    @property
+    def static_decode_state(self) -> bool:
+        """Whether every mixer's decode state has a fixed size (attention's KV cache grows)."""
+        return all(getattr(blk.mixer, "static_decode_state", True) for blk in self.blocks)
+
+    def prepare_decode(self) -> None:
+        """Make each TTT op's backend choice now (it logs once: not inside a traced or captured step)."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.cfg.init_std)
+            if isinstance(m, TTTLayer):
+                resolve_backend(m.backend, self.embed.weight.device)
 
     def init_state(self, batch_size: int, device=None) -> LMState:
         device = device or self.embed.weight.device
@@ -133,8 +233,10 @@ class TTTLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def hidden(self, ids: torch.Tensor, state: LMState | None = None):
-        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head."""
+    def hidden(self, ids: torch.Tensor, state: LMState | None = None, run_block=None):
+        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head.
+        run_block(block, h, block_state) -> (h, new block state), when given, runs each block instead of
+        block(h, block_state) (the compiled decode step of `ttt.decode_graph`)."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids: expected an integer tensor [B, T], got {got}")
@@ -149,7 +251,9 @@ class TTTLM(nn.Module):
         new_states = []
         pos = 0 if state is None else state.pos
         for blk, s in zip(self.blocks, [None] * len(self.blocks) if state is None else state.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if run_block is not None:
+                h, s = run_block(blk, h, s)
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h, s = checkpoint(blk, h, s, use_reentrant=False)
             else:
                 h, s = blk(h, s)
@@ -161,18 +265,19 @@ class TTTLM(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, ids: torch.Tensor, state: LMState | None = None, *, logits: str = "all",
-                targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192):
+                targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192, run_block=None):
         """ids [B, T] -> (logits, new state), or (loss, new state) when `targets` [B, T] is given: the
         next-token cross-entropy through the chunked head (`layers/head.py`), a scalar for reduction
         "mean"/"sum" or the per-token NLL [B, T] for "none", fp32 (fp64 for an fp64 model); at most
         `chunk` rows of logits exist at a time. Without targets, `logits` picks what the head computes:
-        "all" [B, T, V], "last" [B, 1, V] (prefill before generation), "none" (None; state only)."""
+        "all" [B, T, V], "last" [B, 1, V] (prefill before generation), "none" (None; state only).
+        run_block: see `hidden`."""
         if logits not in LOGITS:
             raise ValueError(f"logits: expected one of {LOGITS}, got {logits!r}")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != ids.shape):
             got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets: expected a tensor of the shape of ids {tuple(ids.shape)}, got {got}")
-        h, state = self.hidden(ids, state)
+        h, state = self.hidden(ids, state, run_block)
         w = self.head_weight
         if targets is not None:
             dev = h.device.type

@@ -5,7 +5,8 @@
 
 Recipe (SPEC section 7, the paper's): AdamW (beta1 0.9, beta2 0.95), weight decay 0.1, gradient
 clipping at 1.0, linear warm-up over the first warmup_frac of the steps, then cosine decay to min_lr.
-TTT-MLP layers also ramp their inner base_lr from 0.01 over the warm-up (`inner_lr_warmup`).
+TTT-MLP layers also ramp their inner base_lr from 0.01 over the warm-up (`inner_lr_warmup`,
+applied through `TTTLM.set_inner_lr_warmup`).
 The defaults are the 125m recipe (peak lr 3e-3, 4800 steps of 0.5M tokens); `ttt.config.RECIPES`
 has the others.
 
@@ -21,12 +22,22 @@ Batches: every optimizer step uses tokens_per_step / seq_len windows drawn by tt
 = tokens_per_step / (micro_batch * seq_len * world_size)). So the step's batch does not depend on the
 number of processes or on micro_batch, and a resumed run sees the batches the uninterrupted one would.
 
+The model is built on the meta device, sharded there (FSDP2, see ttt.dist), materialised on the
+device and initialised from `seed` (the same values in any process count), then wrapped (DDP).
+The loop is a few named steps: _forward_backward, _optimizer_step, _after_step (read, evaluate, log,
+save, stop). The loss and gradient norm stay on the device until a metrics row, an evaluation, a save
+or on_step needs them, so a GPU is not made to wait every step.
+
 out_dir holds config.json (the run), metrics.jsonl and metrics.csv (one row every log_every steps,
 at every evaluation and at the last step), checkpoints (see ttt.checkpoint) and tensorboard/.
-resume=True continues the run found in out_dir from its latest checkpoint; an out_dir holding another
-run (another model, data, vocabulary or recipe) is refused and left untouched.
-SIGINT / SIGTERM (or on_step returning True) finish the current step, save a checkpoint and return;
-a second Ctrl-C aborts at once.
+resume=True continues the run found in out_dir from its latest checkpoint (latest.json; without it,
+the newest checkpoint that reads back whole; with none, an out_dir holding metrics is refused rather
+than restarted); an out_dir holding another run (another model, data, vocabulary or recipe) is
+refused and left untouched. A loss that is not finite raises TrainingDiverged (a ValueError); a run
+that fails before its first checkpoint removes what it wrote, so nothing blocks the corrected rerun.
+SIGINT / SIGTERM (or on_step returning True) save a checkpoint and return: in one process between
+micro-batches (the unfinished step is dropped and done again on resume), with several processes at
+the end of the step at which the ranks next agree; a second Ctrl-C aborts at once.
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -53,8 +65,7 @@ from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_r
                          latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
 from .config import ModelConfig, help_field
 from .data import Batcher, eval_sequences, load_meta, load_tokens
-from .layers.ttt import TTTLayer
-from .model import TTTLM
+from .model import TTTLM, inner_lr_scale
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,8 @@ class TrainConfig:
     device: str = help_field("auto", f"one of {DEVICES}; auto = cuda when available")
     amp: str = help_field("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
     compile: bool = help_field(False, "torch.compile each block")
+    fsdp_reshard: bool = help_field(True, "parallel=fsdp: free each block's gathered parameters after its forward "
+                                          "(less memory; off keeps them for the backward: one all-gather less)")
     grad_checkpointing: bool = help_field(False, "recompute each block in the backward pass (less memory)")
     parallel: str = help_field("auto", f"one of {dist.PARALLEL}; auto = ddp with several processes (torchrun), "
                                        "else none")
@@ -147,13 +160,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def inner_lr_scale_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
-    """The TTT-MLP inner learning-rate ramp (SPEC section 3), as a factor on base_lr: from 0.01 at step 0
-    (0-based) linearly to base_lr at the end of the warm-up, then 1."""
+    """The TTT-MLP inner learning-rate ramp at optimizer step `step` (0-based), as a factor on base_lr:
+    from 0.01 at step 0 linearly to base_lr at the end of the warm-up, then 1 (`TTTLM.set_inner_lr_warmup`)."""
     warm = int(cfg.warmup_frac * cfg.max_steps)
-    if not cfg.inner_lr_warmup or step >= warm or base_lr <= 0:
-        return 1.0
-    start = min(0.01, base_lr)
-    return (start + (base_lr - start) * step / warm) / base_lr
+    return inner_lr_scale(step / warm if cfg.inner_lr_warmup and step < warm else 1.0, base_lr)
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -269,11 +279,40 @@ def _check_out_dir(out: Path, run_cfg: dict, resume: bool) -> Path | None:
         if not resume:
             raise ValueError(f"out_dir: {str(out)!r} already holds this run and resume=False; nothing was changed. "
                              f"Pass resume=True to continue it, or use another out_dir")
-        return latest_checkpoint(out)
+        if (out / LATEST).exists():
+            return latest_checkpoint(out)
+        found = _newest_valid_checkpoint(out)
+        if found is None and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+            raise ValueError(f"out_dir: {str(out)!r} holds metrics of this run but no checkpoint to continue from "
+                             f"(no {LATEST}, nothing in {CKPT_DIR}/); nothing was changed. Use another out_dir, "
+                             f"or delete this one to start over")
+        return found
     leftovers = [n for n in (LATEST, CKPT_DIR, "metrics.jsonl", "metrics.csv") if (out / n).exists()]
     if leftovers:
         raise ValueError(f"out_dir: {str(out)!r} holds {leftovers} but no {CONFIG_FILE} (not a run of this trainer, "
                          f"or a damaged one); nothing was changed. Use another out_dir")
+    return None
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (a ValueError: the CLI reports it in one line, exit 2)."""
+
+
+def _newest_valid_checkpoint(out: Path) -> Path | None:
+    """Without latest.json: the newest checkpoint in out/checkpoints that reads back whole (None when
+    there is none at all); ValueError when there are checkpoints but none is valid."""
+    found = sorted((p for p in (out / CKPT_DIR).glob("step_*") if p.is_dir()), reverse=True)
+    for path in found:
+        try:
+            read_checkpoint(path)
+        except (ValueError, OSError) as e:
+            log.warning("%s: skipped (%s)", path, " ".join(str(e).split()))
+            continue
+        log.warning("%s is missing: resuming from the newest valid checkpoint, %s", out / LATEST, path)
+        return path
+    if found:
+        raise ValueError(f"out_dir: {str(out)!r} has no {LATEST} and none of its checkpoints "
+                         f"({', '.join(p.name for p in found)}) reads back whole; nothing was changed")
     return None
 
 
@@ -285,6 +324,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     tokens, loss, lr, grad_norm, val_loss when evaluated); returning True stops the run like SIGINT.
     Returns {"steps", "tokens", "train_loss", "val_loss", "tokens_per_s", "out_dir", "checkpoint",
     "stopped" (None, "SIGINT", "SIGTERM" or "on_step"), "resumed_from" (a step or None)}.
+    Raises TrainingDiverged when the loss is not finite (nothing is saved after the last finite step).
     """
     if not isinstance(model_cfg, ModelConfig):
         raise ValueError(f"model_cfg: expected a ModelConfig, got {type(model_cfg).__name__}")
@@ -308,7 +348,63 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
         dist.shutdown(info)
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step) -> dict:
+@dataclass
+class _Loop:
+    """What the named steps of the loop share."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    accum: int
+    model: TTTLM  # unwrapped (FSDP2: sharded in place)
+    wrapped: torch.nn.Module  # what the forward goes through (DDP wrapper, or the model)
+    optim: torch.optim.Optimizer
+    batcher: Batcher
+    run_cfg: dict
+    autocast: Callable
+    val: tuple | None
+    metrics: _Metrics | None
+    step: int
+    saved_step: int | None  # the step of the newest checkpoint of this run (None: none yet)
+    pending: list = dataclasses.field(default_factory=list)  # (step, lr, loss, grad_norm) not yet read
+    last_read: list = dataclasses.field(default_factory=list)  # (step, lr, loss, grad_norm) read last
+    last_path: str | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    t_log: float = 0.0
+    step_log: int = 0
+
+
+def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, parallel: str):
+    """(model, wrapped): built on the meta device, FSDP2-sharded there (parallel='fsdp'), materialised on
+    `device` and initialised from cfg.seed (the same values as one process), then DDP-wrapped
+    (parallel='ddp'). `model` is the (sharded) model itself, `wrapped` what the forward goes through."""
+    with torch.device("meta"):
+        model = TTTLM(model_cfg)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for blk in model.blocks:
+            blk.compile()
+    amp = _amp(cfg, device)
+    if parallel == "fsdp":
+        dist.parallelize(model, parallel, device, param_dtype=torch.bfloat16 if amp == "bf16" else None,
+                         reshard_after_forward=cfg.fsdp_reshard)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.seed)
+    model.init_weights()
+    wrapped = dist.parallelize(model, parallel, device) if parallel == "ddp" else model
+    return model, wrapped
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> str:
+    return cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+
+
+def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tuple[_Loop, Path | None, bool]:
+    """Check the data and out_dir, build the model and optimizer, restore a checkpoint; (loop, the
+    checkpoint resumed from, whether this call created config.json)."""
     rank, world = dist.rank(), dist.world_size()
     accum = grad_accum_steps(cfg, world)
     data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
@@ -316,23 +412,17 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
                          f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
-    train_tokens = load_tokens(data_dir / "train.bin")
-    batcher = Batcher(train_tokens, cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed, rank=rank,
-                      world_size=world)
+    batcher = Batcher(load_tokens(data_dir / "train.bin"), cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed,
+                      rank=rank, world_size=world)
     run_cfg = _run_config(model_cfg, cfg, meta)
     resume_from = _check_out_dir(out, run_cfg, cfg.resume)
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
 
-    torch.manual_seed(cfg.seed)  # the same init on every rank (FSDP2 shards each rank's own copy)
-    model = TTTLM(model_cfg).to(device)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
-        for blk in model.blocks:
-            blk.compile()
     parallel = dist.resolve_parallel(cfg.parallel, world)
-    wrapped = dist.parallelize(model, parallel, device)  # `model` stays the unwrapped (FSDP: sharded) model
-    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
+    model, wrapped = build_model(model_cfg, cfg, device, parallel)
+    # on a GPU, one fused kernel for the whole AdamW step (FSDP2's sharded DTensors keep the default)
+    fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     step = 0
     if resume_from is not None:
         ckpt = read_checkpoint(resume_from)
@@ -347,103 +437,208 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
         del ckpt
         log.info("resumed from %s at step %d", resume_from, step)
 
+    created = False
     if rank == 0:
+        created = not (out / CONFIG_FILE).exists()
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, run_cfg)
     metrics = _Metrics(out, step, cfg.tensorboard) if rank == 0 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if _amp(cfg, device) == "bf16" \
+        else contextlib.nullcontext
     rows = metrics.rows if metrics else []
-    val = _val_windows(data_dir, cfg, rank, world)
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+    loop = _Loop(cfg, out, device, rank, world, accum, model, wrapped, optim, batcher, run_cfg, autocast,
+                 _val_windows(data_dir, cfg, rank, world), metrics, step, None if resume_from is None else step,
+                 train_loss=rows[-1]["loss"] if rows else None,
+                 val_loss=next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None))
+    return loop, resume_from, created
 
-    def save(at: int) -> str:
-        model_state, optim_state = dist.full_state_dicts(model, optim)  # collective
-        path = None
-        if rank == 0:
-            trainer = {"tokens": at * cfg.tokens_per_step, "world_size": world, "batcher": batcher.state_dict(),
-                       "scheduler": {"kind": "warmup_cosine", "step": at, "lr": lr_at(max(at - 1, 0), cfg),
-                                     "warmup_steps": int(cfg.warmup_frac * cfg.max_steps)},
-                       "rng": _rng_state()}
-            path = str(save_checkpoint(out, at, model_state, optim_state, run_cfg, trainer, cfg.keep_checkpoints))
-        dist.barrier()
-        return path
 
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step) -> dict:
+    out = Path(cfg.out_dir)
+    loop, resume_from, created = None, None, False
     bar = None
-    if cfg.progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step")
-    start_step, last_path, stopped = step, None, None
-    train_loss = rows[-1]["loss"] if rows else None
-    val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None)
-    t0 = t_log = time.perf_counter()
-    step_log = step
-    wrapped.train()
-    ramped = [m for m in model.modules() if isinstance(m, TTTLayer) and m.kind == "mlp"]
     try:
+        loop, resume_from, created = _setup(model_cfg, cfg, device)
+        if cfg.progress and loop.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=loop.step, file=sys.stderr, dynamic_ncols=True, unit="step")
+        start_step, stopped = loop.step, None
+        t0 = loop.t_log = time.perf_counter()
+        loop.step_log = loop.step
+        loop.wrapped.train()
         with _StopRequests() as stop:
-            while step < cfg.max_steps:
-                lr = lr_at(step, cfg)
-                for g in optim.param_groups:
-                    g["lr"] = lr
-                for layer in ramped:
-                    layer.inner_lr_scale.fill_(inner_lr_scale_at(step, cfg, layer.base_lr))
-                x, y = next(batcher)
-                xs, ys = x.to(device).chunk(accum), y.to(device).chunk(accum)
-                loss_sum = torch.zeros((), device=device)
-                for i in range(accum):
-                    with dist.grad_sync(wrapped, i == accum - 1):
-                        with autocast():
-                            loss, _ = wrapped(xs[i], targets=ys[i])
-                        (loss / accum).backward()
-                    loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-                step += 1
-                train_loss = dist.all_reduce_sum(loss_sum / accum).item() / world
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"loss is {train_loss} at step {step}; the last checkpoint is "
-                                             f"{last_path or latest_checkpoint(out)}. Try a lower lr")
-                row = {"step": step, "tokens": step * cfg.tokens_per_step, "loss": train_loss, "lr": lr,
-                       "grad_norm": float(grad_norm)}
-                last = step == cfg.max_steps
-                if val is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                    val_loss = row["val_loss"] = _evaluate(model, val, cfg.micro_batch, autocast, device)
-                if step % cfg.log_every == 0 or last or "val_loss" in row:
-                    now = time.perf_counter()
-                    row["tokens_per_s"] = (step - step_log) * cfg.tokens_per_step / max(now - t_log, 1e-9)
-                    t_log, step_log = now, step
-                    if metrics:
-                        metrics.add({k: row.get(k) for k in METRIC_FIELDS if k in row})
+            while loop.step < cfg.max_steps:
+                loss = _forward_backward(loop, stop)
+                if loss is None:  # stopped between micro-batches: this step is dropped
+                    stopped = stop.reason
+                    _read_pending(loop)
+                    if loop.saved_step != loop.step:
+                        loop.last_path = _save(loop)
+                    log.warning("stopped at step %d (%s); checkpoint %s", loop.step, stopped, loop.last_path)
+                    break
+                grad_norm = _optimizer_step(loop)
                 if bar is not None:
                     bar.update(1)
-                    rate = (step - start_step) * cfg.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=bar.format_sizeof(rate),
-                                    refresh=False)
-                if on_step is not None and on_step(step, dict(row)):
-                    stop.reason = stop.reason or "on_step"
-                flag = dist.all_reduce_sum(torch.tensor(float(stop.reason is not None), device=device))
-                if flag.item() > 0:
-                    stopped = stop.reason or "signal on another rank"
-                if last or stopped or (cfg.save_every and step % cfg.save_every == 0):
-                    last_path = save(step)
+                stopped = _after_step(loop, loss, grad_norm, on_step, stop)
+                if bar is not None and loop.train_loss is not None and not loop.pending:
+                    rate = (loop.step - start_step) * cfg.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loop.train_loss:.4f}", lr=f"{lr_at(loop.step - 1, cfg):.2e}",
+                                    tok_s=bar.format_sizeof(rate), refresh=False)
                 if stopped:
-                    log.warning("stopped at step %d (%s); checkpoint %s", step, stopped, last_path)
+                    log.warning("stopped at step %d (%s); checkpoint %s", loop.step, stopped, loop.last_path)
                     break
+            _read_pending(loop)
+    except BaseException:
+        if dist.rank() == 0:
+            _discard_unsaved_run(out, created)
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if metrics:
-            metrics.close()
+        if loop is not None and loop.metrics:
+            loop.metrics.close()
     elapsed = time.perf_counter() - t0
-    if last_path is None and rank == 0:
-        last_path = latest_checkpoint(out)
-    return {"steps": step, "tokens": step * cfg.tokens_per_step, "train_loss": train_loss, "val_loss": val_loss,
+    if loop.last_path is None and loop.rank == 0:
+        loop.last_path = latest_checkpoint(out)
+    step = loop.step
+    return {"steps": step, "tokens": step * cfg.tokens_per_step, "train_loss": loop.train_loss,
+            "val_loss": loop.val_loss,
             "tokens_per_s": (step - start_step) * cfg.tokens_per_step / elapsed if step > start_step else 0.0,
-            "out_dir": str(out), "checkpoint": None if last_path is None else str(last_path),
+            "out_dir": str(out), "checkpoint": None if loop.last_path is None else str(loop.last_path),
             "stopped": stopped, "resumed_from": None if resume_from is None else start_step}
+
+
+def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
+    """Set this step's learning rates, then forward and backward over the step's micro-batches
+    (gradients reduced across ranks on the last one); the mean loss (on the device, not read).
+    In one process a stop request ends it between micro-batches: None, the gradients dropped and the
+    batch draw rewound (the step is done again on resume)."""
+    cfg, step = loop.cfg, loop.step
+    for g in loop.optim.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    warm = int(cfg.warmup_frac * cfg.max_steps)
+    loop.model.set_inner_lr_warmup(step / warm if cfg.inner_lr_warmup and step < warm else 1.0)
+    x, y = next(loop.batcher)
+    if loop.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
+        x, y = x.pin_memory().to(loop.device, non_blocking=True), y.pin_memory().to(loop.device, non_blocking=True)
+    xs, ys = x.to(loop.device).chunk(loop.accum), y.to(loop.device).chunk(loop.accum)  # [rows, T] -> accum x
+    loss_sum = torch.zeros((), device=loop.device)
+    for i in range(loop.accum):
+        if stop.reason is not None and loop.world == 1:
+            loop.optim.zero_grad(set_to_none=True)
+            loop.batcher.step = step
+            return None
+        with dist.grad_sync(loop.wrapped, i == loop.accum - 1):
+            with loop.autocast():
+                loss, _ = loop.wrapped(xs[i], targets=ys[i])
+            (loss / loop.accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum / loop.accum
+
+
+def _optimizer_step(loop: _Loop) -> torch.Tensor:
+    """Clip the gradient norm, take the AdamW step, clear the gradients; the norm (on the device)."""
+    cfg = loop.cfg
+    grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    loop.optim.step()
+    loop.optim.zero_grad(set_to_none=True)
+    loop.step += 1
+    return grad_norm.detach()
+
+
+def _read_pending(loop: _Loop) -> None:
+    """Bring the losses and gradient norms of the steps not yet read to the host (one transfer, one
+    all-reduce); TrainingDiverged at the first step whose loss is not finite."""
+    if not loop.pending:
+        return
+    losses = dist.all_reduce_sum(torch.stack([p[2] for p in loop.pending]).float()) / loop.world
+    norms = torch.stack([p[3].float() for p in loop.pending]).tolist()  # the same on every rank
+    losses = losses.tolist()
+    for (step, lr, _, _), loss, norm in zip(loop.pending, losses, norms):
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # a non-finite norm: non-finite weights now
+            loop.pending.clear()
+            raise TrainingDiverged(_diverged_message(loop, step, loss if not math.isfinite(loss) else
+                                                     f"{loss} with a gradient norm of {norm}", lr))
+    loop.last_read = [(p[0], p[1], loss, norm) for p, loss, norm in zip(loop.pending, losses, norms)]
+    loop.train_loss = losses[-1]
+    loop.pending.clear()
+
+
+def _diverged_message(loop: _Loop, step: int, loss, lr: float) -> str:
+    saved = loop.last_path or (latest_checkpoint(loop.out) if loop.rank == 0 and loop.saved_step is not None
+                               else None)
+    where = (f"the last checkpoint is {saved} (step {loop.saved_step}); a rerun with another lr is another run: "
+             f"use another out_dir") if loop.saved_step is not None else \
+        f"no checkpoint was written, so {str(loop.out)!r} was left as it was: rerun with a lower lr"
+    return f"training diverged: the loss is {loss} at step {step} (lr {lr:.3g}); {where}"
+
+
+def _after_step(loop: _Loop, loss: torch.Tensor, grad_norm: torch.Tensor, on_step, stop: _StopRequests) -> str | None:
+    """After an optimizer step: evaluate, log, save and decide whether to stop (a reason, or None).
+    The loss and gradient norm are read on the host only when something needs them (a metrics row,
+    an evaluation, a save, on_step, the last step): other steps queue the next one without waiting."""
+    cfg, step = loop.cfg, loop.step
+    loop.pending.append((step, lr_at(step - 1, cfg), loss, grad_norm))
+    last = step == cfg.max_steps
+    evaluate = loop.val is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last)
+    save = last or bool(cfg.save_every and step % cfg.save_every == 0)
+    log_row = step % cfg.log_every == 0 or last or evaluate
+    if not (log_row or save or on_step is not None):
+        # a stop request is seen by the next step's first micro-batch (one process), or agreed on by the
+        # ranks at the next read (several)
+        return None
+    _read_pending(loop)
+    _, lr, train_loss, norm = loop.last_read[-1]
+    row = {"step": step, "tokens": step * cfg.tokens_per_step, "loss": train_loss, "lr": lr, "grad_norm": norm}
+    if evaluate:
+        loop.val_loss = row["val_loss"] = _evaluate(loop.model, loop.val, cfg.micro_batch, loop.autocast, loop.device)
+    if log_row:
+        now = time.perf_counter()
+        row["tokens_per_s"] = (step - loop.step_log) * cfg.tokens_per_step / max(now - loop.t_log, 1e-9)
+        loop.t_log, loop.step_log = now, step
+        if loop.metrics:
+            loop.metrics.add({k: row.get(k) for k in METRIC_FIELDS if k in row})
+    if on_step is not None and on_step(step, dict(row)):
+        stop.reason = stop.reason or "on_step"
+    stopped = None
+    flag = torch.tensor(float(stop.reason is not None), device=loop.device)
+    if dist.all_reduce_sum(flag).item() > 0:
+        stopped = stop.reason or "signal on another rank"
+    if save or stopped:
+        loop.last_path = _save(loop)
+    return stopped
+
+
+def _save(loop: _Loop) -> str | None:
+    """A checkpoint of the current step (collective; rank 0 writes it); its path on rank 0."""
+    cfg, at = loop.cfg, loop.step
+    model_state, optim_state = dist.full_state_dicts(loop.model, loop.optim)  # collective
+    path = None
+    if loop.rank == 0:
+        trainer = {"tokens": at * cfg.tokens_per_step, "world_size": loop.world, "batcher": loop.batcher.state_dict(),
+                   "scheduler": {"kind": "warmup_cosine", "step": at, "lr": lr_at(max(at - 1, 0), cfg),
+                                 "warmup_steps": int(cfg.warmup_frac * cfg.max_steps)},
+                   "rng": _rng_state()}
+        path = str(save_checkpoint(loop.out, at, model_state, optim_state, loop.run_cfg, trainer,
+                                   cfg.keep_checkpoints))
+    loop.saved_step = at
+    dist.barrier()
+    return path
+
+
+def _discard_unsaved_run(out: Path, created: bool) -> None:
+    """After a failure before any checkpoint: remove what this call wrote (config.json, metrics,
+    tensorboard/), so that nothing blocks the corrected rerun. A run with a checkpoint is kept."""
+    if not created or (out / LATEST).exists() or any((out / CKPT_DIR).glob("step_*")):
+        return
+    for name in (CONFIG_FILE, "metrics.jsonl", "metrics.csv"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)  # only temporary dirs of a failed save can be left here
+    with contextlib.suppress(OSError):
+        out.rmdir()  # when empty
 
 
 def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):

@@ -56,6 +56,9 @@ class KVCache:
 class Attention(nn.Module):
     """Causal multi-head self-attention, Transformer++ style. x: [B, T, D] -> [B, T, D]."""
 
+    decode_period = 1  # decoding: every position runs the same step ...
+    static_decode_state = False  # ... but the KV cache grows with the context (not CUDA-graph capturable)
+
     def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:

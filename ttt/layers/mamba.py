@@ -199,6 +199,9 @@ class Mamba2(nn.Module):
     + D x; gated RMSNorm with z; out_proj. T == 1 takes the recurrent step, longer inputs the chunked form.
     """
 
+    decode_period = 1  # decoding: one step for every position, over a fixed-size state
+    static_decode_state = True
+
     def __init__(self, d_model: int, d_state: int = 64, expand: int = 2, head_dim: int = 64,
                  conv_width: int = 4, chunk_size: int = 64, backend: str = "auto", kernel_chunk_size: int = 256):
         super().__init__()

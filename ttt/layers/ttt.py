@@ -45,6 +45,13 @@ class TTTLayer(nn.Module):
     """A TTT layer whose inner model is "linear", "mlp", or any nn.Module mapping [d] -> [d] (run
     through the primal generic op). See the module docstring for usage."""
 
+    static_decode_state = True  # decoding: the state has a fixed size (CUDA-graph capturable)
+
+    @property
+    def decode_period(self) -> int:
+        """The one-token step depends on the position only through pos mod mini_batch (tau, the commit, RoPE)."""
+        return self.mini_batch
+
     def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
                  mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
                  rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", learn_lr: bool = True,
