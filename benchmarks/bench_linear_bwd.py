@@ -183,12 +183,12 @@ def main():
             row[name] = bench(fn)
             print(f"time {row['shape']:22s} {name:14s} fwd+bwd {row[name]:8.3f} ms (fwd {fwd_ms:.3f})", flush=True)
         rows.append(row)
-        del leaves, st, do, g_ref
+        leaves = st = do = g_ref = None
         torch.cuda.empty_cache()
     names = [v[0] for v in variants]
     print(f"\n=== TTT-Linear fwd+bwd, bf16, median ms ({torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {__import__('triton').__version__}) ===")
-    print(f"| shape | fwd | " + " | ".join(f"{n} fwd+bwd" for n in names) + " | " +
+    print("| shape | fwd | " + " | ".join(f"{n} fwd+bwd" for n in names) + " | " +
           " | ".join(f"{n} bwd" for n in names) + " |")
     print("|---" * (2 + 2 * len(names)) + "|")
     for r in rows:

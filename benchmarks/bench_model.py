@@ -148,7 +148,7 @@ def prefill_row(mixer, size, T, tokens, compile_blocks):
     except torch.OutOfMemoryError as e:
         row = dict(kind="prefill", mixer=mixer, size=size, context=T, batch=B, error=f"OOM: {e}"[:200])
     print(json.dumps(row), flush=True)
-    del model
+    model = None
     torch.cuda.empty_cache()
     return row
 

@@ -105,7 +105,8 @@ def _nck(T, mini_batch, group):
 def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, bwd_impl: str,
-                bwd_warps: list[int], bwd_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                bwd_warps: list[int], bwd_segments: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
