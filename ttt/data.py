@@ -40,7 +40,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .tokenizer import MIN_VOCAB, Tokenizer
+from .tokenizer import Tokenizer, _check_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def prepare(sources, out_dir: PathLike, *, vocab_size: int = 8192,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     _check_limits(max_docs, max_bytes)
-    if tokenizer_path is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB):
-        raise ValueError(f"vocab_size: expected an int >= {MIN_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
+    if tokenizer_path is None:
+        _check_vocab_size(vocab_size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {str(out_dir)!r} exists and is not a directory")

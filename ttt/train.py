@@ -55,6 +55,7 @@ from .config import ModelConfig, help_field
 from .data import Batcher, eval_sequences, load_meta, load_tokens
 from .layers.ttt import TTTLayer
 from .model import TTTLM
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
         raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
                          f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
     train_tokens = load_tokens(data_dir / "train.bin")
+    tok_path = data_dir / "tokenizer.json"  # kept in every checkpoint: a run carries its own tokenizer
+    tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
     batcher = Batcher(train_tokens, cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed, rank=rank,
                       world_size=world)
     run_cfg = _run_config(model_cfg, cfg, meta)
@@ -364,7 +367,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                        "scheduler": {"kind": "warmup_cosine", "step": at, "lr": lr_at(max(at - 1, 0), cfg),
                                      "warmup_steps": int(cfg.warmup_frac * cfg.max_steps)},
                        "rng": _rng_state()}
-            path = str(save_checkpoint(out, at, model_state, optim_state, run_cfg, trainer, cfg.keep_checkpoints))
+            path = str(save_checkpoint(out, at, model_state, optim_state, run_cfg, trainer, cfg.keep_checkpoints,
+                                           tokenizer=tokenizer))
         dist.barrier()
         return path
 
