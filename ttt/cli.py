@@ -692,6 +692,9 @@ def cli_message(msg: str, names: dict, bools: set) -> str:
         return f"{names[name]} {value}"
 
     msg = re.sub(r"(?<![\w/.\-'\"])([a-z_][a-z0-9_]*)=(True|False|[\w.\-]+)", assign, msg)
+    # argument names in prose ("or another out_dir"); only identifiers with "_", never inside paths/quotes
+    msg = re.sub(r"(?<![\w/.\-'\"*])([a-z]+_[a-z0-9_]*)(?![\w/.\-'\"*=])",
+                 lambda m: names.get(m.group(1), m.group(0)), msg)
     if "holds no meta.json" in msg:
         msg += "; run `ttt data` first to prepare it"
     return msg
