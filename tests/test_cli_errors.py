@@ -94,8 +94,10 @@ def test_eval_refuses_data_of_another_tokenizer(capsys, w, tmp_path):
     assert not (tmp_path / "ev").exists()
     code, out, err = run(capsys, "-q", *args, "--data", str(w / "other"), "--allow-other-tokenizer")
     assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["models"][0]["trained_on_this_data"] is False
     code, out, err = run(capsys, "-q", *args, "--data", str(w / "data_kept"))
     assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["models"][0]["trained_on_this_data"] is True
 
 
 def test_generate_refuses_another_tokenizer(capsys, w):
@@ -146,15 +148,18 @@ def test_tensor_hash_covers_names_shapes_and_bytes():
     (["--greedy", "--temperature", "0.5"], ["--greedy", "--temperature"]),
     (["--greedy", "--top-p", "0.9"], ["--greedy", "--top-p"]),
     (["--temperature", "0", "--top-k", "5"], ["--temperature 0", "--top-k"]),
-    (["--prompt", "a", "--prompt-file", "p.txt"], ["--prompt", "--prompt-file"]),
+    (["--prompt-file", "PROMPT"], ["--prompt", "--prompt-file", "contradict"]),
     (["--temperature", "inf"], ["--temperature", "finite"]),
     (["--temperature", "nan"], ["--temperature", "finite"]),
     (["--top-p", "nan"], ["--top-p"]),
     (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
 ])
-def test_contradicting_or_absurd_generate_options(capsys, w, argv, words):
-    code, _, err = run(capsys, "generate", str(w / "run"), *argv)
+def test_contradicting_or_absurd_generate_options(capsys, w, tmp_path, argv, words):
+    (tmp_path / "p.txt").write_text("def ")
+    argv = [str(tmp_path / "p.txt") if a == "PROMPT" else a for a in argv]
+    code, out, err = run(capsys, "generate", str(w / "run"), "--prompt", "x", *argv)
     bad(code, err, *words)
+    assert out == ""  # refused before anything is printed
 
 
 def test_absurd_vocab_size_refused(capsys, tmp_path):
@@ -327,7 +332,8 @@ def test_eval_progress_bar_and_plot_legend(capsys, w, tmp_path):
     from ttt.evaluate import evaluate_checkpoints, write_results
 
     res = evaluate_checkpoints([w / "run"], w / "data_kept", seq_len=16, n_seqs=1, progress=True)
-    assert "eval run" in capsys.readouterr().err  # the tqdm bar, named after the model
+    err = capsys.readouterr().err
+    assert "eval run" in err and "1/1" in err  # the tqdm bar, named after the model, ran to the end
     labels = []
     import matplotlib.axes
     real = matplotlib.axes.Axes.plot

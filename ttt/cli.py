@@ -35,11 +35,11 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------- dataclass -> options
 
 def opt(default, help: str, *, default_text: str | None = None, choices=None, positive: bool = False,
-        required: bool = False, flags: tuple = ()):
+        required: bool = False, flags: tuple = (), metavar: str | None = None):
     """A dataclass field that becomes one CLI option: `help` is its --help text; `default_text` replaces
     the shown default; `positive` makes argparse refuse ints < 1; `flags` are extra option names."""
     meta = {"help": help, "default_text": default_text, "choices": choices, "positive": positive,
-            "required": required, "flags": tuple(flags)}
+            "required": required, "flags": tuple(flags), "metavar": metavar}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -111,7 +111,7 @@ def add_dataclass_options(parser, cls, *, prefix: str = "", skip=(), preset_fiel
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
             conv = _pos_int if md.get("positive") and conv is int else conv
-            metavar = {int: "INT", _pos_int: "INT", float: "FLOAT", str: "STR"}.get(conv, "VALUE")
+            metavar = md.get("metavar") or {int: "INT", _pos_int: "INT", float: "FLOAT", str: "STR"}.get(conv, "VALUE")
             if md.get("choices"):
                 kw["choices"], metavar = list(md["choices"]), None
             if nullable and not is_list and conv is not str and not md.get("default_text"):
@@ -218,7 +218,7 @@ BOOL_HINT = "the flag alone"
 @dataclass
 class DemoOptions:
     out: str = opt("demo_out", "output directory; a rerun with the same settings reuses its prepared data and "
-                               "continues (or reuses) its training runs")
+                               "continues (or reuses) its training runs", metavar="DIR")
     quick: bool = opt(False, "a smoke run: a small corpus, 'debug'-size models and a few steps, done in well under "
                              "a minute")
     steps: int | None = opt(None, "training steps per model", positive=True)
@@ -235,15 +235,15 @@ class DemoOptions:
 
 @dataclass
 class DataOptions:
-    out: str = opt("", "output directory of the prepared dataset", required=True)
+    out: str = opt("", "output directory of the prepared dataset", required=True, metavar="DIR")
     vocab_size: int = opt(8192, "BPE vocabulary size, from 257 (256 bytes + EOS) to 1048576", positive=True)
-    tokenizer: str | None = opt(None, "use this tokenizer.json instead of training one", default_text="train one")
+    tokenizer: str | None = opt(None, "use this tokenizer.json instead of training one", default_text="train one", metavar="FILE")
     val_fraction: float = opt(0.01, "fraction of documents held out for validation, by a hash of their name")
     val_docs: int | None = opt(None, "hold out exactly this many documents instead of --val-fraction",
                                default_text="use --val-fraction")
     seed: int = opt(0, "seed of the train/val split")
-    text_field: str = opt("text", "JSON field holding the text in .jsonl files")
-    extensions: list[str] = opt([".txt", ".md", ".rst", ".py", ".jsonl"], "file suffixes read from directories")
+    text_field: str = opt("text", "JSON field holding the text in .jsonl files", metavar="FIELD")
+    extensions: list[str] = opt([".txt", ".md", ".rst", ".py", ".jsonl"], "file suffixes read from directories", metavar="SUFFIX")
     max_docs: int | None = opt(None, "stop after this many documents", default_text="all", positive=True)
     max_bytes: int | None = opt(None, "stop after the document reaching this many bytes", default_text="all",
                                 positive=True)
@@ -253,7 +253,7 @@ class DataOptions:
 @dataclass
 class EvalOptions:
     data: str = opt("", "a dataset directory prepared by `ttt data` (its tokenizer must be the checkpoints' own)",
-                    required=True)
+                    required=True, metavar="DIR")
     split: str = opt("val", "which shard", choices=("val", "train"))
     seq_len: int = opt(1024, "tokens per evaluated sequence", positive=True)
     chunk_len: int | None = opt(None, "tokens per forward, state carried between chunks",
@@ -262,11 +262,11 @@ class EvalOptions:
                              default_text="16, or as many as the split holds (said when fewer)")
     batch_size: int = opt(8, "sequences per forward", positive=True)
     buckets: int = opt(16, "number of log-spaced position buckets", positive=True)
-    names: list[str] | None = opt(None, "legend names, one per checkpoint", default_text="directory names")
+    names: list[str] | None = opt(None, "legend names, one per checkpoint", default_text="directory names", metavar="NAME")
     train_len: int | None = opt(None, "mark this training context length on the plot",
                                 default_text="the checkpoints' own, when they agree", positive=True)
-    out: str = opt("eval_out", "output directory")
-    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N")
+    out: str = opt("eval_out", "output directory", metavar="DIR")
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
     ttt_backend: str | None = opt(None, "TTT op backend to run the checkpoints with", default_text="the checkpoint's",
                                   choices=("auto", "naive", "dual", "triton"))
     allow_other_tokenizer: bool = opt(False, "evaluate even when the data's tokenizer is not the one the checkpoint "
@@ -278,9 +278,9 @@ DEFAULT_TEMPERATURE = 0.8
 
 @dataclass
 class GenerateOptions:
-    prompt: str | None = opt(None, "prompt text", default_text="empty: start a new document")
+    prompt: str | None = opt(None, "prompt text", default_text="empty: start a new document", metavar="TEXT")
     prompt_file: str | None = opt(None, "read the prompt from this UTF-8 file instead of --prompt",
-                                  default_text="none")
+                                  default_text="none", metavar="FILE")
     max_new_tokens: int = opt(200, "tokens to generate at most (stops earlier at end of document)")
     temperature: float | None = opt(None, "softmax temperature, a finite number >= 0; 0 = greedy",
                                     default_text=str(DEFAULT_TEMPERATURE))
@@ -291,9 +291,9 @@ class GenerateOptions:
     seed: int | None = opt(None, "seed for reproducible samples", default_text="random")
     num_samples: int = opt(1, "number of samples (seeds --seed, --seed + 1, ...)", positive=True)
     tokenizer: str | None = opt(None, "tokenizer.json", default_text="the checkpoint's own, else that of --data or "
-                                                                     "of the run's training data")
-    data: str | None = opt(None, "dataset directory whose tokenizer.json to use", default_text="none")
-    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N")
+                                                                     "of the run's training data", metavar="FILE")
+    data: str | None = opt(None, "dataset directory whose tokenizer.json to use", default_text="none", metavar="DIR")
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
     ttt_backend: str | None = opt(None, "TTT op backend to decode with", default_text="the checkpoint's",
                                   choices=("auto", "naive", "dual", "triton"))
     allow_other_tokenizer: bool = opt(False, "use a tokenizer the checkpoint was not trained with (gibberish "
@@ -378,11 +378,6 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train
 
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
-    if train_cfg.tensorboard:
-        import importlib.util
-        if importlib.util.find_spec("tensorboard") is None:
-            raise CLIError("--tensorboard: the tensorboard package is not installed: pip install tensorboard "
-                           "(or pip install 'ttt-lm[tensorboard]'), or drop --tensorboard")
     meta = load_meta(train_cfg.data_dir)
     model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
     if train_cfg.device in ("auto", "cpu", "cuda"):
@@ -577,7 +572,7 @@ def cmd_demo(args) -> int:
 
 def _add_subcommand(sub, name: str, options_cls, func, help: str, description: str, defaults: dict | None = None):
     """A subparser whose options are the fields of `options_cls` (read back with `_options`)."""
-    d = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help, description=description)
+    d = sub.add_parser(name, help=help, description=description)
     fields = add_dataclass_options(d, options_cls, defaults=defaults) if options_cls else []
     d.set_defaults(_fields=fields, func=func)
     return d

@@ -153,7 +153,8 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     progress:  show a progress bar per model (stderr).
     out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
     Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
-    "train_len" (the checkpoint's training seq_len, if recorded), "params", "config", "nll", "ppl",
+    "train_len" (the checkpoint's training seq_len, if recorded), "trained_on_this_data" (whether the
+    checkpoint's recorded data fingerprint is data_dir's; None if unknown), "params", "config", "nll", "ppl",
     "per_position": [L floats], "buckets": [...]}, ...]}.
     """
     from .data import eval_sequences, load_meta
@@ -209,8 +210,10 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size,
                              progress=f"eval {name}" if progress else None)
         mean = nll.mean().item()
+        trained_on = ck[0].meta.get("data_fingerprint") if ck else None
         results["models"].append({
             "name": name, "path": path, "train_len": train_len,
+            "trained_on_this_data": None if trained_on is None else trained_on == meta.get("fingerprint"),
             "params": sum(p.numel() for p in model.parameters()),
             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
             "nll": mean, "ppl": math.exp(mean),
