@@ -350,6 +350,25 @@ def test_eval_progress_bar_and_plot_legend(capsys, w, tmp_path):
     assert labels and "mean NLL over all positions" in labels[0] and "params" in labels[0]
 
 
+def test_log_lines_do_not_tear_a_progress_bar(capsys):
+    """The CLI's log handler writes through tqdm.write: the bar is cleared first, redrawn after."""
+    import logging
+
+    from tqdm import tqdm
+
+    from ttt.cli import _TqdmHandler
+
+    log = logging.getLogger("ttt.test_bar")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(_TqdmHandler())
+    bar = tqdm(total=3, desc="bar", file=sys.stderr)
+    log.info("a log line")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\ra log line\n" in err  # starts on a cleared line, not glued to the bar
+
+
 # ----------------------------------------------------------------------------- section 5: options from dataclasses
 
 @pytest.mark.parametrize("command,cls", [("demo", DemoOptions), ("data", DataOptions), ("eval", EvalOptions),

@@ -695,11 +695,24 @@ def cli_message(msg: str, names: dict, bools: set) -> str:
     return msg
 
 
+class _TqdmHandler(logging.Handler):
+    """Log lines to stderr through tqdm.write, so they do not tear a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.quiet or (args.command == "demo" and not args.verbose)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
     try:
         return args.func(args) or 0
     except KeyboardInterrupt as e:
