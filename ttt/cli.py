@@ -7,10 +7,16 @@
     ttt generate runs/a --prompt "def main(" --max-new-tokens 200 --top-p 0.9 --seed 0
     ttt params                                  # every preset; or --size 125m --mixer ttt_linear
 
-Model and training options are generated from the help metadata of the ModelConfig and TrainConfig
-fields, so `--help` always lists every field. Bad input (missing or empty corpus, unreadable or
-corrupt files, an out dir that belongs to another run) prints one line to stderr and exits with 2;
-set TTT_DEBUG=1 to see the traceback instead. This module is the only place that prints.
+Every option comes from a dataclass field and its help text: ModelConfig and TrainConfig for train,
+DemoOptions / DataOptions / EvalOptions / GenerateOptions (below) for the others, so `--help` always
+lists every field. A new subcommand is an options dataclass of `opt(...)` fields, a `cmd_x(args)`
+reading them with `_options(XOptions, args)`, and one `_add_subcommand(...)` line in build_parser.
+
+Bad input and ordinary trouble (missing or empty corpus, unreadable or corrupt files, an out dir of
+another run, a full or read-only disk, an unavailable device or backend, a missing optional package)
+print one line to stderr and exit with 2; library argument names in the message are replaced by the
+flags as typed (`cli_message`). Set TTT_DEBUG=1 to see the traceback instead. This module is the
+only place that prints.
 """
 from __future__ import annotations
 
@@ -380,9 +386,8 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
     meta = load_meta(train_cfg.data_dir)
     model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
-    if train_cfg.device in ("auto", "cpu", "cuda"):
-        device = _check_device("cpu" if train_cfg.device == "auto" and not _cuda() else
-                               ("cuda" if train_cfg.device == "auto" else train_cfg.device))
+    if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
+        device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
         _check_backend(model_cfg.ttt_backend, model_cfg.mixer, device)
         if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or args.size not in ("debug", "tiny")):
             _note(f"training on the CPU with GPU-sized settings (--size {args.size}, "
@@ -613,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         d, TrainConfig, title="training options",
         aliases={"data_dir": ["--data"], "out_dir": ["--out"], "max_steps": ["--steps"]}), func=cmd_train)
     fields = _add_model_options(d)
-    d.set_defaults(_model_fields=fields, _fields=d.get_default("_train_fields") + fields)
+    d.set_defaults(_model_fields=fields)
 
     d = _add_subcommand(sub, "eval", EvalOptions, cmd_eval, "perplexity overall and by token position",
                         "Evaluate checkpoints on the first --n-seqs windows of --seq-len tokens; longer than the "
