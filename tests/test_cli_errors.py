@@ -19,7 +19,10 @@ import torch
 
 from ttt import checkpoint as ckpt_mod
 from ttt.checkpoint import check_tokenizer, load_model, read_checkpoint
-from ttt.cli import DataOptions, DemoOptions, EvalOptions, GenerateOptions, build_parser, cli_message, main
+from ttt.cli import (DataOptions, DemoOptions, EvalOptions, GenerateOptions, ParamsOptions, PresetOptions, build_parser,
+                     cli_message, main)
+from ttt.config import ModelConfig
+from ttt.train import TrainConfig
 from ttt.tokenizer import Tokenizer
 
 TRAIN = ["--size", "debug", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--micro-batch", "4",
@@ -328,12 +331,17 @@ def test_train_on_cpu_with_gpu_defaults_says_so(capsys, w, monkeypatch):
     assert "note: training on the CPU" not in err  # CPU-sized settings: no note
 
 
-def test_eval_progress_bar_and_plot_legend(capsys, w, tmp_path):
+def test_eval_progress_bar_and_plot_legend(capsys, w, tmp_path, monkeypatch):
+    import tqdm.std
+
     from ttt.evaluate import evaluate_checkpoints, write_results
 
-    res = evaluate_checkpoints([w / "run"], w / "data_kept", seq_len=16, n_seqs=1, progress=True)
-    err = capsys.readouterr().err
-    assert "eval run" in err and "1/1" in err  # the tqdm bar, named after the model, ran to the end
+    ticks = []
+    real_update = tqdm.std.tqdm.update
+    monkeypatch.setattr(tqdm.std.tqdm, "update", lambda self, n=1: ticks.append(n) or real_update(self, n))
+    res = evaluate_checkpoints([w / "run"], w / "data_kept", seq_len=16, chunk_len=8, n_seqs=1, progress=True)
+    assert "eval run" in capsys.readouterr().err  # the tqdm bar, named after the model
+    assert sum(ticks) == 2  # one tick per forward: 1 sequence x 2 chunks
     labels = []
     import matplotlib.axes
     real = matplotlib.axes.Axes.plot
@@ -371,9 +379,11 @@ def test_log_lines_do_not_tear_a_progress_bar(capsys):
 
 # ----------------------------------------------------------------------------- section 5: options from dataclasses
 
-@pytest.mark.parametrize("command,cls", [("demo", DemoOptions), ("data", DataOptions), ("eval", EvalOptions),
-                                         ("generate", GenerateOptions)])
-def test_every_option_comes_from_its_dataclass(capsys, command, cls):
+@pytest.mark.parametrize("command,classes,aliases", [
+    ("demo", [DemoOptions], ()), ("data", [DataOptions], ()), ("eval", [EvalOptions], ()),
+    ("generate", [GenerateOptions], ()), ("params", [ParamsOptions, ModelConfig], ()),
+    ("train", [PresetOptions, ModelConfig, TrainConfig], ("--data", "--out", "--steps"))])
+def test_every_option_comes_from_a_dataclass(capsys, command, classes, aliases):
     import dataclasses
 
     code, out, _ = run(capsys, command, "--help")
@@ -381,7 +391,9 @@ def test_every_option_comes_from_its_dataclass(capsys, command, cls):
     text = "".join(out.split())  # argparse wraps lines, at hyphens too
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     flags = {o for a in sub._actions for o in a.option_strings if o.startswith("--") and not o.startswith("--no-")}
-    fields = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
-    assert flags - {"--help"} == fields  # no hand-written option beside the dataclass
-    for f in dataclasses.fields(cls):
+    fields = {f for cls in classes for f in dataclasses.fields(cls)
+              if not (cls is ModelConfig and f.name in ("mixer", "backbone"))}  # those come from the preset class
+    names = {"--" + f.name.replace("_", "-") for f in fields}
+    assert flags - {"--help"} == names | set(aliases)  # no hand-written option beside the dataclasses
+    for f in fields:
         assert "".join(f.metadata["help"].split()) in text, f.name

@@ -31,6 +31,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import BACKBONES, MIXERS, SIZES, ModelConfig  # plain dataclasses and names: no torch import
+
 EXIT_BAD_INPUT = 2
 
 
@@ -141,32 +143,45 @@ def _options(cls, args):
 
 # ----------------------------------------------------------------------------- model options
 
-def _add_model_options(parser, *, with_vocab: bool = True):
-    from .config import BACKBONES, MIXERS, SIZES, ModelConfig
+@dataclass
+class PresetOptions:
+    size: str = opt("125m", "model preset: layers, width, heads and FFN width (the paper's sizes, plus 'debug' and "
+                            "'tiny' for CPUs); the training defaults are the 125m GPU recipe", choices=tuple(SIZES))
+    mixer: str = opt("ttt_linear", "sequence mixer: TTT-Linear, TTT-MLP, or a baseline (attention = Transformer++, "
+                                   "mamba = Mamba-2 style)", choices=MIXERS)
+    backbone: str = opt("mamba", "TTT block style: mamba (M: extra conv, gated TTT) or transformer (T); baselines "
+                                 "always use plain pre-norm blocks", choices=BACKBONES)
 
-    parser.add_argument("--size", default="125m", choices=list(SIZES),
-                        help="model preset: layers, width, heads and FFN width (the paper's sizes, plus 'debug' and "
-                             "'tiny' for CPUs); the training defaults are the 125m GPU recipe (default: 125m)")
-    parser.add_argument("--mixer", default="ttt_linear", choices=list(MIXERS),
-                        help="sequence mixer: TTT-Linear, TTT-MLP, or a baseline (attention = Transformer++, "
-                             "mamba = Mamba-2 style) (default: ttt_linear)")
-    parser.add_argument("--backbone", default="mamba", choices=list(BACKBONES),
-                        help="TTT block style: mamba (M: extra conv, gated TTT) or transformer (T); baselines always "
-                             "use plain pre-norm blocks (default: mamba)")
-    skip = ("mixer", "backbone") + (() if with_vocab else ("vocab_size",))
-    preset = ("d_model", "n_layers", "n_heads", "ffn_hidden", "mamba_head_dim")
-    defaults = {"vocab_size": "the dataset's vocabulary"} if with_vocab else None
-    return add_dataclass_options(parser, ModelConfig, prefix="", skip=skip, preset_fields=preset,
-                                 title="model options (override the preset)", defaults=defaults)
+
+@dataclass
+class ParamsOptions:
+    size: str | None = opt(None, "one preset", default_text="all", choices=tuple(SIZES))
+    mixer: str | None = opt(None, "one mixer", default_text="all", choices=MIXERS)
+    backbone: str | None = opt(None, "TTT backbone", default_text="both for TTT mixers", choices=BACKBONES)
+
+
+_PRESET_FIELDS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "mamba_head_dim")
+
+
+def _add_model_options(parser, preset_cls=PresetOptions, *, vocab_default: str = "the dataset's vocabulary"):
+    """--size/--mixer/--backbone (from `preset_cls`), then one option per other ModelConfig field."""
+    parser.set_defaults(_preset_fields=add_dataclass_options(parser, preset_cls))
+    return add_dataclass_options(parser, ModelConfig, skip=("mixer", "backbone"), preset_fields=_PRESET_FIELDS,
+                                 title="model options (override the preset)", defaults={"vocab_size": vocab_default})
+
+
+def _preset(args, cls=PresetOptions):
+    return cls(**_collect(args, args._preset_fields))
 
 
 def _model_config(args, mapping, vocab_size: int | None = None):
     from .config import get_config
 
+    p = _preset(args)
     overrides = _collect(args, mapping)
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
-    return get_config(args.size, mixer=args.mixer, backbone=args.backbone, **overrides)
+    return get_config(p.size, mixer=p.mixer, backbone=p.backbone, **overrides)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -174,11 +189,12 @@ def _model_config(args, mapping, vocab_size: int | None = None):
 def cmd_params(args) -> int:
     import torch
 
-    from .config import BACKBONES, MIXERS, SIZES, get_config
+    from .config import get_config
     from .model import TTTLM
 
-    sizes = [args.size] if args.size else list(SIZES)
-    mixers = [args.mixer] if args.mixer else list(MIXERS)
+    f = _preset(args, ParamsOptions)
+    sizes = [f.size] if f.size else list(SIZES)
+    mixers = [f.mixer] if f.mixer else list(MIXERS)
     overrides = _collect(args, args._model_fields)
     overrides.setdefault("vocab_size", 32000)
     rows = []
@@ -187,7 +203,7 @@ def cmd_params(args) -> int:
             if not mixer.startswith("ttt"):
                 backbones = ["transformer"]  # baselines: plain pre-norm blocks only
             else:
-                backbones = [args.backbone] if args.backbone else list(BACKBONES)
+                backbones = [f.backbone] if f.backbone else list(BACKBONES)
             for backbone in backbones:
                 cfg = get_config(size, mixer=mixer, backbone=backbone, **overrides)
                 with torch.device("meta"):  # counts only: no memory, no init
@@ -386,14 +402,15 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
     meta = load_meta(train_cfg.data_dir)
     model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
+    size = _preset(args).size
     if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
         device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
         _check_backend(model_cfg.ttt_backend, model_cfg.mixer, device)
-        if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or args.size not in ("debug", "tiny")):
-            _note(f"training on the CPU with GPU-sized settings (--size {args.size}, "
+        if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or size not in ("debug", "tiny")):
+            _note(f"training on the CPU with GPU-sized settings (--size {size}, "
                   f"{train_cfg.tokens_per_step:,} tokens per step, {train_cfg.max_steps} steps: the defaults are the "
                   f"paper's GPU recipe); one step may take minutes. For a CPU try: {CPU_SUGGESTION}")
-    print(f"model: {model_cfg.mixer} ({args.size}, backbone {model_cfg.backbone}), "
+    print(f"model: {model_cfg.mixer} ({size}, backbone {model_cfg.backbone}), "
           f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg)
     print(_fmt_summary(summary))
@@ -637,15 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter counts of the presets",
                        description="Print parameter counts (built on the meta device: instant, no memory). Without "
                                    "--size / --mixer, every preset and mixer (both backbones for TTT).")
-    from .config import BACKBONES, MIXERS, SIZES, ModelConfig
-    d.add_argument("--size", default=None, choices=list(SIZES), help="one preset (default: all)")
-    d.add_argument("--mixer", default=None, choices=list(MIXERS), help="one mixer (default: all)")
-    d.add_argument("--backbone", default=None, choices=list(BACKBONES),
-                   help="TTT backbone (default: both for TTT mixers)")
-    d.set_defaults(_model_fields=add_dataclass_options(
-        d, ModelConfig, skip=("mixer", "backbone"), preset_fields=("d_model", "n_layers", "n_heads", "ffn_hidden",
-                                                                   "mamba_head_dim"),
-        title="model options (override the preset)", defaults={"vocab_size": 32000}), func=cmd_params)
+    d.set_defaults(_model_fields=_add_model_options(d, ParamsOptions, vocab_default="32000"), func=cmd_params)
     return p
 
 
