@@ -156,7 +156,7 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
     out = Path(out_dir)
     _check_out_dir(out, s)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+    _write_text(out / MANIFEST, json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
     t_start = time.perf_counter()
     timings = {}
 
