@@ -213,7 +213,7 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
             raise KeyboardInterrupt(f"training stopped by {summary['stopped']} at step {summary['steps']}; the same "
                                     f"command continues it")
         curve = _loss_curve(Path(tc.out_dir))
-        losses = [l for _, l in curve]
+        losses = [loss for _, loss in curve]
         k = max(1, min(10, len(losses) // 5))
         runs[name] = {"label": LABELS[name], "params": params[name], "steps": summary["steps"],
                       "stopped": summary["stopped"], "resumed_from": summary["resumed_from"], "train_s": secs,

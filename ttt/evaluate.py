@@ -288,7 +288,8 @@ def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = No
     ax.set_xlabel("token position")
     ax.set_ylabel("NLL (nats / token)" if metric == "nll" else "perplexity")
     chunk = results.get("chunk_len")
-    ax.set_title(title or f"{metric.upper() if metric == 'nll' else 'perplexity'} by token position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
+    name = metric.upper() if metric == "nll" else "perplexity"
+    ax.set_title(title or f"{name} by token position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
                           f"{results.get('seq_len')} tokens{f', chunks of {chunk}' if chunk else ''})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
