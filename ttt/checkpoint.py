@@ -9,12 +9,19 @@ A training run's out_dir:
         config.json                  as above
         trainer.json                 step, schedule, data position, RNG states, optimizer param groups,
                                      and the sha256 of both safetensors files
+        tokenizer.json               the tokenizer the run was trained with (so the checkpoint is portable)
 A checkpoint is written into a temporary directory and renamed into place, and `latest.json` is
 replaced after it, so a crash leaves either the old or the new checkpoint, never half of one.
-Anything unreadable, garbled (checksum), or from another model/vocabulary raises a ValueError naming
-the file and what is wrong.
+
+Integrity does not depend on any side file: each safetensors file carries in its own header
+(metadata "sha256") the hash of its tensors (names, dtypes, shapes and bytes), checked on every
+load. model.safetensors also records "tokenizer_sha256" (the identity of the run's tokenizer, see
+`Tokenizer.sha256`) and "data_fingerprint" (of the dataset it trained on), so a tokenizer that does
+not belong to the weights can be refused (`check_tokenizer`). Anything unreadable, garbled (checksum),
+or from another model/vocabulary raises a ValueError naming the file and what is wrong.
 
     model, cfg = load_model("runs/x")            # the latest checkpoint of a run, or a checkpoint dir
+    model, cfg, ck = load_model("runs/x", with_checkpoint=True)   # ck.meta: the header's metadata
 """
 from __future__ import annotations
 
@@ -24,19 +31,23 @@ import json
 import logging
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE = ("model.safetensors", "optimizer.safetensors", "config.json",
                                                       "trainer.json")
+TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest.json"
 CKPT_DIR = "checkpoints"
 # model fields that do not change the function the weights compute, so they may differ on resume
@@ -77,16 +88,62 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name): what the header records."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype (bf16 included)
+    return h.hexdigest()
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": str(FORMAT), "sha256": tensors_sha256(tensors),
+                                            **{k: str(v) for k, v in (meta or {}).items() if v is not None}})
+
+
+def _read_tensors(path: Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header metadata) of a safetensors file, its integrity checked: the tensor hash in its
+    own header (always written) and, when given, the file hash `sha256` recorded in trainer.json."""
     if not path.is_file():
         raise ValueError(f"{path}: missing (incomplete checkpoint)")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:  # safetensors raises its own error type for a bad header or a short file
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+    if "sha256" in meta:
+        if tensors_sha256(tensors) != meta["sha256"]:
+            raise ValueError(f"{path}: corrupt (the sha256 of its tensors differs from the one recorded in its "
+                             f"header): the file was damaged after it was written; use another checkpoint")
+    elif sha256 is None:
+        log.warning("%s: no integrity hash (written by an older version); loading it unchecked", path)
     if sha256 is not None and _sha256(path) != sha256:
         raise ValueError(f"{path}: corrupt (its sha256 differs from the one recorded in {TRAINER_FILE})")
-    return tensors
+    return tensors, meta
+
+
+def check_tokenizer(tok: Tokenizer, meta: dict, vocab_size: int, *, what: str = "tokenizer",
+                    where: str = "the checkpoint") -> str | None:
+    """Why `tok` does not belong to a model of `vocab_size` whose checkpoint header is `meta`, or None.
+
+    With a recorded "tokenizer_sha256" the tokenizer must be that one; without (an older checkpoint)
+    its vocabulary must have exactly the model's size."""
+    recorded = meta.get("tokenizer_sha256")
+    if tok.vocab_size > vocab_size:
+        return (f"{what} has a vocabulary of {tok.vocab_size}, larger than the model's {vocab_size}: it is not "
+                f"the tokenizer this model was trained with")
+    if recorded:
+        if tok.sha256 != recorded:
+            return (f"{what} is not the tokenizer this model was trained with (its sha256 {tok.sha256[:12]} differs "
+                    f"from {recorded[:12]} recorded in {where})")
+    elif tok.vocab_size != vocab_size:
+        return (f"{what} has a vocabulary of {tok.vocab_size}, the model {vocab_size}: it is not the tokenizer "
+                f"this model was trained with")
+    return None
 
 
 def encode_bytes(t: torch.Tensor) -> str:
@@ -154,9 +211,10 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(out_dir, step: int, model_state: dict[str, torch.Tensor], optim_state: dict, config: dict,
-                    trainer: dict, keep: int = 0) -> Path:
+                    trainer: dict, keep: int = 0, tokenizer: Tokenizer | None = None) -> Path:
     """Write checkpoints/step_<step> atomically, point latest.json at it, and delete all but the
-    newest `keep` checkpoints (0 keeps all). Call on one rank only; returns the checkpoint dir."""
+    newest `keep` checkpoints (0 keeps all). `tokenizer` (the run's) is saved beside the weights and
+    its identity recorded in their header. Call on one rank only; returns the checkpoint dir."""
     out = Path(out_dir)
     root = out / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -166,10 +224,13 @@ def save_checkpoint(out_dir, step: int, model_state: dict[str, torch.Tensor], op
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
-                  metadata={"format": str(FORMAT)})
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        _write_tensors(model_state, tmp / MODEL_FILE, {"tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
+                                                       "data_fingerprint": data.get("fingerprint")})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
         optim_tensors, optim_rest = flatten_optimizer_state(optim_state)
-        save_file(optim_tensors, str(tmp / OPTIM_FILE), metadata={"format": str(FORMAT)})
+        _write_tensors(optim_tensors, tmp / OPTIM_FILE)
         write_json(tmp / CONFIG_FILE, config)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIM_FILE)}
         write_json(tmp / TRAINER_FILE, {"format": FORMAT, **trainer, "step": step, "optimizer": optim_rest,
@@ -227,6 +288,7 @@ class Checkpoint:
     trainer: dict
     model_state: dict[str, torch.Tensor]
     optim_state: dict | None
+    meta: dict = dataclasses.field(default_factory=dict)  # model.safetensors header: tokenizer_sha256, ...
 
 
 def read_checkpoint(path, *, optimizer: bool = True) -> Checkpoint:
@@ -238,14 +300,14 @@ def read_checkpoint(path, *, optimizer: bool = True) -> Checkpoint:
             raise ValueError(f"{path / CONFIG_FILE}: corrupt (no {key!r} entry)")
     trainer = read_json(path / TRAINER_FILE) if (optimizer or (path / TRAINER_FILE).exists()) else {}
     sums = trainer.get("sha256", {})
-    model_state = _read_tensors(path / MODEL_FILE, sums.get(MODEL_FILE))
+    model_state, meta = _read_tensors(path / MODEL_FILE, sums.get(MODEL_FILE))
     optim_state = None
     if optimizer:
         if "optimizer" not in trainer or "step" not in trainer:
             raise ValueError(f"{path / TRAINER_FILE}: corrupt (no 'step' or 'optimizer' entry)")
-        optim_state = unflatten_optimizer_state(_read_tensors(path / OPTIM_FILE, sums.get(OPTIM_FILE)),
+        optim_state = unflatten_optimizer_state(_read_tensors(path / OPTIM_FILE, sums.get(OPTIM_FILE))[0],
                                                 trainer["optimizer"])
-    return Checkpoint(path, config, trainer, model_state, optim_state)
+    return Checkpoint(path, config, trainer, model_state, optim_state, meta)
 
 
 def model_config(ckpt: Checkpoint) -> ModelConfig:
@@ -270,14 +332,23 @@ def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where:
                          f"{extra[:5]}, shape mismatches {shapes[:5]})")
 
 
-def load_model(path, device="cpu") -> tuple[torch.nn.Module, ModelConfig]:
-    """(model in eval mode on `device`, its ModelConfig) from a checkpoint dir or a run's out_dir."""
+def load_model(path, device="cpu", *, with_checkpoint: bool = False, overrides: dict | None = None):
+    """(model in eval mode on `device`, its ModelConfig) from a checkpoint dir or a run's out_dir;
+    with_checkpoint=True adds the Checkpoint (path, config, header metadata; weights dropped).
+    overrides: execution-only model fields to change (e.g. {"ttt_backend": "dual"})."""
     from .model import TTTLM  # programs import the model, not the other way round
 
     ckpt = read_checkpoint(path, optimizer=False)
     cfg = model_config(ckpt)
+    if overrides:
+        bad = sorted(set(overrides) - set(_EXECUTION_ONLY))
+        if bad:
+            raise ValueError(f"overrides: only {_EXECUTION_ONLY} may change on load, got {bad}")
+        cfg = dataclasses.replace(cfg, **overrides)
     with torch.device(device):
         model = TTTLM(cfg)
     check_weights(model, ckpt.model_state, ckpt.path / MODEL_FILE)
     model.load_state_dict(ckpt.model_state)
+    if with_checkpoint:
+        return model.eval(), cfg, dataclasses.replace(ckpt, model_state={})
     return model.eval(), cfg

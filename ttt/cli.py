@@ -7,21 +7,31 @@
     ttt generate runs/a --prompt "def main(" --max-new-tokens 200 --top-p 0.9 --seed 0
     ttt params                                  # every preset; or --size 125m --mixer ttt_linear
 
-Model and training options are generated from the help metadata of the ModelConfig and TrainConfig
-fields, so `--help` always lists every field. Bad input (missing or empty corpus, unreadable or
-corrupt files, an out dir that belongs to another run) prints one line to stderr and exits with 2;
-set TTT_DEBUG=1 to see the traceback instead. This module is the only place that prints.
+Every option comes from a dataclass field and its help text: ModelConfig and TrainConfig for train,
+DemoOptions / DataOptions / EvalOptions / GenerateOptions (below) for the others, so `--help` always
+lists every field. A new subcommand is an options dataclass of `opt(...)` fields, a `cmd_x(args)`
+reading them with `_options(XOptions, args)`, and one `_add_subcommand(...)` line in build_parser.
+
+Bad input and ordinary trouble (missing or empty corpus, unreadable or corrupt files, an out dir of
+another run, a full or read-only disk, an unavailable device or backend, a missing optional package)
+print one line to stderr and exit with 2; library argument names in the message are replaced by the
+flags as typed (`cli_message`). Set TTT_DEBUG=1 to see the traceback instead. This module is the
+only place that prints.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
 import time
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+
+from .config import BACKBONES, MIXERS, SIZES, ModelConfig  # plain dataclasses and names: no torch import
 
 EXIT_BAD_INPUT = 2
 
@@ -32,6 +42,17 @@ class CLIError(Exception):
 
 # ----------------------------------------------------------------------------- dataclass -> options
 
+def opt(default, help: str, *, default_text: str | None = None, choices=None, positive: bool = False,
+        required: bool = False, flags: tuple = (), metavar: str | None = None):
+    """A dataclass field that becomes one CLI option: `help` is its --help text; `default_text` replaces
+    the shown default; `positive` makes argparse refuse ints < 1; `flags` are extra option names."""
+    meta = {"help": help, "default_text": default_text, "choices": choices, "positive": positive,
+            "required": required, "flags": tuple(flags), "metavar": metavar}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 def _optional(conv):
     def parse(s: str):
         return None if s.lower() in ("none", "null", "") else conv(s)
@@ -39,48 +60,74 @@ def _optional(conv):
     return parse
 
 
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {s}")
+    return v
+
+
 def _field_kind(tp) -> tuple:
-    """(converter, is_bool, nullable) for a dataclass field type."""
+    """(converter, is_bool, nullable, is_list) for a dataclass field type."""
+    if typing.get_origin(tp) is list:
+        return str, False, False, True
     args = typing.get_args(tp)
     nullable = type(None) in args
     if args:
         inner = [a for a in args if a is not type(None)]
         tp = inner[0] if len(inner) == 1 else str
+        if typing.get_origin(tp) is list:
+            return str, False, nullable, True
     if tp is bool:
-        return None, True, nullable
+        return None, True, nullable, False
     if tp in (int, float, str):
-        return tp, False, nullable
-    return str, False, nullable
+        return tp, False, nullable, False
+    return str, False, nullable, False
 
 
 def add_dataclass_options(parser, cls, *, prefix: str = "", skip=(), preset_fields=(), title: str | None = None,
                           defaults: dict | None = None, aliases: dict | None = None) -> list[tuple[str, str]]:
     """Add one option per field of `cls` (help from metadata["help"]), plus `aliases` {field: [flags]}.
-    Every option defaults to None (= keep the config's value); returns [(field name, argparse dest)]."""
+    Every option defaults to None (= keep the dataclass's value); returns [(field name, argparse dest)]."""
     group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        conv, is_bool, nullable = _field_kind(hints[f.name])
-        flags = ["--" + (prefix + f.name).replace("_", "-"), *(aliases or {}).get(f.name, ())]
+        md = f.metadata
+        conv, is_bool, nullable, is_list = _field_kind(hints[f.name])
+        flags = ["--" + (prefix + f.name).replace("_", "-"), *(aliases or {}).get(f.name, ()), *md.get("flags", ())]
         dest = (prefix + f.name).replace("-", "_")
-        help_text = f.metadata.get("help", f.name)
+        help_text = md.get("help", f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if f.name in preset_fields:
             help_text += " (default: from the --size preset)"
         elif f.name in (defaults or {}):
             help_text += f" (default: {defaults[f.name]})"
-        else:
-            help_text += f" (default: {f.default!r})"
+        elif md.get("default_text"):
+            help_text += f" (default: {md['default_text']})"
+        elif md.get("required"):
+            help_text += " (required)"
+        elif not (is_bool and default is False):
+            shown = " ".join(default) if is_list else default
+            help_text += f" (default: {shown})"
+        kw = dict(dest=dest, default=None, help=help_text)
+        if md.get("required"):
+            kw["required"] = True
         if is_bool:
-            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
-            metavar = {int: "INT", float: "FLOAT", str: "STR"}.get(conv, "VALUE")
-            if nullable:
+            conv = _pos_int if md.get("positive") and conv is int else conv
+            metavar = md.get("metavar") or {int: "INT", _pos_int: "INT", float: "FLOAT", str: "STR"}.get(conv, "VALUE")
+            if md.get("choices"):
+                kw["choices"], metavar = list(md["choices"]), None
+            if nullable and not is_list and conv is not str and not md.get("default_text"):
                 help_text += "; 'none' for None"
-            group.add_argument(*flags, dest=dest, type=_optional(conv) if nullable else conv, default=None,
-                               metavar=metavar, help=help_text)
+                kw["help"] = help_text
+            nullable = nullable and conv is not str  # a str option takes any text, "none" included
+            group.add_argument(*flags, type=_optional(conv) if nullable and not is_list else conv, metavar=metavar,
+                               nargs="+" if is_list else None, **kw)
         out.append((f.name, dest))
     return out
 
@@ -89,34 +136,52 @@ def _collect(args, mapping) -> dict:
     return {name: getattr(args, dest) for name, dest in mapping if getattr(args, dest) is not None}
 
 
+def _options(cls, args):
+    """The `cls` dataclass from the options given on the command line (the others keep their defaults)."""
+    return cls(**_collect(args, args._fields))
+
+
 # ----------------------------------------------------------------------------- model options
 
-def _add_model_options(parser, *, with_vocab: bool = True):
-    from .config import BACKBONES, MIXERS, SIZES, ModelConfig
+@dataclass
+class PresetOptions:
+    size: str = opt("125m", "model preset: layers, width, heads and FFN width (the paper's sizes, plus 'debug' and "
+                            "'tiny' for CPUs); the training defaults are the 125m GPU recipe", choices=tuple(SIZES))
+    mixer: str = opt("ttt_linear", "sequence mixer: TTT-Linear, TTT-MLP, or a baseline (attention = Transformer++, "
+                                   "mamba = Mamba-2 style)", choices=MIXERS)
+    backbone: str = opt("mamba", "TTT block style: mamba (M: extra conv, gated TTT) or transformer (T); baselines "
+                                 "always use plain pre-norm blocks", choices=BACKBONES)
 
-    parser.add_argument("--size", default="125m", choices=list(SIZES),
-                        help="model preset: layers, width, heads and FFN width (SPEC section 7); 'debug' and 'tiny' "
-                             "are CPU sizes; the training defaults are the 125m recipe (default: 125m)")
-    parser.add_argument("--mixer", default="ttt_linear", choices=list(MIXERS),
-                        help="sequence mixer: TTT-Linear, TTT-MLP, or a baseline (attention = Transformer++, "
-                             "mamba = Mamba-2 style) (default: ttt_linear)")
-    parser.add_argument("--backbone", default="mamba", choices=list(BACKBONES),
-                        help="TTT block style: mamba (M: extra conv, gated TTT) or transformer (T); baselines always "
-                             "use plain pre-norm blocks (default: mamba)")
-    skip = ("mixer", "backbone") + (() if with_vocab else ("vocab_size",))
-    preset = ("d_model", "n_layers", "n_heads", "ffn_hidden", "mamba_head_dim")
-    defaults = {"vocab_size": "the dataset's vocabulary"} if with_vocab else None
-    return add_dataclass_options(parser, ModelConfig, prefix="", skip=skip, preset_fields=preset,
-                                 title="model options (override the preset)", defaults=defaults)
+
+@dataclass
+class ParamsOptions:
+    size: str | None = opt(None, "one preset", default_text="all", choices=tuple(SIZES))
+    mixer: str | None = opt(None, "one mixer", default_text="all", choices=MIXERS)
+    backbone: str | None = opt(None, "TTT backbone", default_text="both for TTT mixers", choices=BACKBONES)
+
+
+_PRESET_FIELDS = ("d_model", "n_layers", "n_heads", "ffn_hidden", "mamba_head_dim")
+
+
+def _add_model_options(parser, preset_cls=PresetOptions, *, vocab_default: str = "the dataset's vocabulary"):
+    """--size/--mixer/--backbone (from `preset_cls`), then one option per other ModelConfig field."""
+    parser.set_defaults(_preset_fields=add_dataclass_options(parser, preset_cls))
+    return add_dataclass_options(parser, ModelConfig, skip=("mixer", "backbone"), preset_fields=_PRESET_FIELDS,
+                                 title="model options (override the preset)", defaults={"vocab_size": vocab_default})
+
+
+def _preset(args, cls=PresetOptions):
+    return cls(**_collect(args, args._preset_fields))
 
 
 def _model_config(args, mapping, vocab_size: int | None = None):
     from .config import get_config
 
+    p = _preset(args)
     overrides = _collect(args, mapping)
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
-    return get_config(args.size, mixer=args.mixer, backbone=args.backbone, **overrides)
+    return get_config(p.size, mixer=p.mixer, backbone=p.backbone, **overrides)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -124,11 +189,12 @@ def _model_config(args, mapping, vocab_size: int | None = None):
 def cmd_params(args) -> int:
     import torch
 
-    from .config import BACKBONES, MIXERS, SIZES, get_config
+    from .config import get_config
     from .model import TTTLM
 
-    sizes = [args.size] if args.size else list(SIZES)
-    mixers = [args.mixer] if args.mixer else list(MIXERS)
+    f = _preset(args, ParamsOptions)
+    sizes = [f.size] if f.size else list(SIZES)
+    mixers = [f.mixer] if f.mixer else list(MIXERS)
     overrides = _collect(args, args._model_fields)
     overrides.setdefault("vocab_size", 32000)
     rows = []
@@ -137,7 +203,7 @@ def cmd_params(args) -> int:
             if not mixer.startswith("ttt"):
                 backbones = ["transformer"]  # baselines: plain pre-norm blocks only
             else:
-                backbones = [args.backbone] if args.backbone else list(BACKBONES)
+                backbones = [f.backbone] if f.backbone else list(BACKBONES)
             for backbone in backbones:
                 cfg = get_config(size, mixer=mixer, backbone=backbone, **overrides)
                 with torch.device("meta"):  # counts only: no memory, no init
@@ -166,19 +232,167 @@ def _print_table(header, rows) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+# ----------------------------------------------------------------------------- options of demo, data, eval, generate
+
+BOOL_HINT = "the flag alone"
+
+
+@dataclass
+class DemoOptions:
+    out: str = opt("demo_out", "output directory; a rerun with the same settings reuses its prepared data and "
+                               "continues (or reuses) its training runs", metavar="DIR")
+    quick: bool = opt(False, "a smoke run: a small corpus, 'debug'-size models and a few steps, done in well under "
+                             "a minute")
+    steps: int | None = opt(None, "training steps per model", positive=True)
+    minutes: float | None = opt(None, "wall-clock budget for training both models, in minutes (half each); a model "
+                                      "whose budget runs out stops early and is evaluated as it is",
+                                default_text="no budget")
+    seed: int | None = opt(None, "seed of the data split and order, init and sampling", default_text="0")
+    max_bytes: int | None = opt(None, "corpus size limit in bytes", positive=True)
+    train_len: int | None = opt(None, "training context length", positive=True)
+    eval_len: int | None = opt(None, "evaluation context length, fed in chunks of --train-len with the state "
+                                     "carried over; checked against the validation split before training",
+                               default_text="4 x --train-len", positive=True)
+
+
+@dataclass
+class DataOptions:
+    out: str = opt("", "output directory of the prepared dataset", required=True, metavar="DIR")
+    vocab_size: int = opt(8192, "BPE vocabulary size, from 257 (256 bytes + EOS) to 1048576", positive=True)
+    tokenizer: str | None = opt(None, "use this tokenizer.json instead of training one", default_text="train one", metavar="FILE")
+    val_fraction: float = opt(0.01, "fraction of documents held out for validation, by a hash of their name")
+    val_docs: int | None = opt(None, "hold out exactly this many documents instead of --val-fraction",
+                               default_text="use --val-fraction")
+    seed: int = opt(0, "seed of the train/val split")
+    text_field: str = opt("text", "JSON field holding the text in .jsonl files", metavar="FIELD")
+    extensions: list[str] = opt([".txt", ".md", ".rst", ".py", ".jsonl"], "file suffixes read from directories", metavar="SUFFIX")
+    max_docs: int | None = opt(None, "stop after this many documents", default_text="all", positive=True)
+    max_bytes: int | None = opt(None, "stop after the document reaching this many bytes", default_text="all",
+                                positive=True)
+    overwrite: bool = opt(False, "replace a dataset of other sources/settings in --out")
+
+
+@dataclass
+class EvalOptions:
+    data: str = opt("", "a dataset directory prepared by `ttt data` (its tokenizer must be the checkpoints' own)",
+                    required=True, metavar="DIR")
+    split: str = opt("val", "which shard", choices=("val", "train"))
+    seq_len: int = opt(1024, "tokens per evaluated sequence", positive=True)
+    chunk_len: int | None = opt(None, "tokens per forward, state carried between chunks",
+                                default_text="the whole sequence at once", positive=True)
+    n_seqs: int | None = opt(None, "number of sequences", positive=True,
+                             default_text="16, or as many as the split holds (said when fewer)")
+    batch_size: int = opt(8, "sequences per forward", positive=True)
+    buckets: int = opt(16, "number of log-spaced position buckets", positive=True)
+    names: list[str] | None = opt(None, "legend names, one per checkpoint", default_text="directory names", metavar="NAME")
+    train_len: int | None = opt(None, "mark this training context length on the plot",
+                                default_text="the checkpoints' own, when they agree", positive=True)
+    out: str = opt("eval_out", "output directory", metavar="DIR")
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
+    ttt_backend: str | None = opt(None, "TTT op backend to run the checkpoints with", default_text="the checkpoint's",
+                                  choices=("auto", "naive", "dual", "triton"))
+    allow_other_tokenizer: bool = opt(False, "evaluate even when the data's tokenizer is not the one the checkpoint "
+                                             "was trained with (the NLLs then mean nothing)")
+
+
+DEFAULT_TEMPERATURE = 0.8
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str | None = opt(None, "prompt text", default_text="empty: start a new document", metavar="TEXT")
+    prompt_file: str | None = opt(None, "read the prompt from this UTF-8 file instead of --prompt",
+                                  default_text="none", metavar="FILE")
+    max_new_tokens: int = opt(200, "tokens to generate at most (stops earlier at end of document)")
+    temperature: float | None = opt(None, "softmax temperature, a finite number >= 0; 0 = greedy",
+                                    default_text=str(DEFAULT_TEMPERATURE))
+    top_k: int | None = opt(None, "sample among the k most likely tokens", default_text="all", positive=True)
+    top_p: float | None = opt(None, "nucleus sampling: the smallest set of tokens holding this probability, in (0, 1]",
+                              default_text="1, off")
+    greedy: bool = opt(False, "always take the most likely token (not with --temperature, --top-k, --top-p)")
+    seed: int | None = opt(None, "seed for reproducible samples", default_text="random")
+    num_samples: int = opt(1, "number of samples (seeds --seed, --seed + 1, ...)", positive=True)
+    tokenizer: str | None = opt(None, "tokenizer.json", default_text="the checkpoint's own, else that of --data or "
+                                                                     "of the run's training data", metavar="FILE")
+    data: str | None = opt(None, "dataset directory whose tokenizer.json to use", default_text="none", metavar="DIR")
+    device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
+    ttt_backend: str | None = opt(None, "TTT op backend to decode with", default_text="the checkpoint's",
+                                  choices=("auto", "naive", "dual", "triton"))
+    allow_other_tokenizer: bool = opt(False, "use a tokenizer the checkpoint was not trained with (gibberish "
+                                             "is likely)")
+    cuda_graph: bool | None = opt(None, "replay each decode step as a captured CUDA graph",
+                                  default_text="on for CUDA TTT/Mamba models")
+    compile_decode: bool = opt(False, "torch.compile the decode step before capturing its CUDA graphs (fuses the "
+                                      "element-wise work; compiles once per model and batch size)")
+
+
+# ----------------------------------------------------------------------------- checks shared by the commands
+
+def _check_device(name: str, flag: str = "--device"):
+    """torch.device(name) when it can run here, else CLIError naming `flag`."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"{flag}: unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"{flag}: {name!r} is not available here ({why}; torch {torch.__version__}); "
+                           f"use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{flag}: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"{flag}: 'mps' is not available here; use {flag} cpu")
+    elif dev.type != "cpu":
+        raise CLIError(f"{flag}: device type {dev.type!r} is not supported; expected cpu, cuda or cuda:N")
+    return dev
+
+
+def _check_backend(backend: str, mixer: str, device, source: str = "--ttt-backend") -> None:
+    """CLIError when the TTT op backend cannot run on `device` (checked before any work)."""
+    if not str(mixer).startswith("ttt"):
+        return
+    from .ops import resolve_backend
+
+    try:
+        resolve_backend(backend, device)
+    except RuntimeError as e:
+        raise CLIError(f"{source}: {e}; pass --ttt-backend dual (or auto)") from None
+
+
+def _checkpoint_model_config(path) -> dict:
+    from .checkpoint import CONFIG_FILE, read_json, resolve
+
+    model = read_json(resolve(path) / CONFIG_FILE).get("model")
+    return model if isinstance(model, dict) else {}
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data, train, eval, generate, demo
+
 def cmd_data(args) -> int:
     from .data import STDLIB, prepare
 
+    o = _options(DataOptions, args)
     sources = args.sources or [STDLIB]
     t0 = time.time()
-    meta = prepare(sources, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                   val_fraction=args.val_fraction, val_docs=args.val_docs, seed=args.seed,
-                   text_field=args.text_field, extensions=args.extensions, max_docs=args.max_docs,
-                   max_bytes=args.max_bytes, overwrite=args.overwrite)
-    print(f"prepared {args.out} in {time.time() - t0:.1f}s: vocab {meta['vocab_size']}, "
+    meta = prepare(sources, o.out, vocab_size=o.vocab_size, tokenizer_path=o.tokenizer,
+                   val_fraction=o.val_fraction, val_docs=o.val_docs, seed=o.seed, text_field=o.text_field,
+                   extensions=o.extensions, max_docs=o.max_docs, max_bytes=o.max_bytes, overwrite=o.overwrite)
+    print(f"prepared {o.out} in {time.time() - t0:.1f}s: vocab {meta['vocab_size']}, "
           f"train {meta['train_tokens']:,} tokens ({meta['train_docs']} docs), "
           f"val {meta['val_tokens']:,} tokens ({meta['val_docs']} docs), {meta['dtype']}")
     return 0
+
+
+CPU_SUGGESTION = ("--size tiny --seq-len 256 --micro-batch 8 --tokens-per-step 2048 --steps 500 --eval-every 100 "
+                  "--eval-batches 4")
 
 
 def cmd_train(args) -> int:
@@ -186,12 +400,26 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train
 
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
-    model_cfg = _model_config(args, args._model_fields, load_meta(train_cfg.data_dir)["vocab_size"])
-    print(f"model: {model_cfg.mixer} ({args.size}, backbone {model_cfg.backbone}), "
+    meta = load_meta(train_cfg.data_dir)
+    model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
+    size = _preset(args).size
+    if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
+        device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
+        _check_backend(model_cfg.ttt_backend, model_cfg.mixer, device)
+        if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or size not in ("debug", "tiny")):
+            _note(f"training on the CPU with GPU-sized settings (--size {size}, "
+                  f"{train_cfg.tokens_per_step:,} tokens per step, {train_cfg.max_steps} steps: the defaults are the "
+                  f"paper's GPU recipe); one step may take minutes. For a CPU try: {CPU_SUGGESTION}")
+    print(f"model: {model_cfg.mixer} ({size}, backbone {model_cfg.backbone}), "
           f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg)
     print(_fmt_summary(summary))
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def _count_params(cfg) -> int:
@@ -204,6 +432,8 @@ def _count_params(cfg) -> int:
 
 def _fmt_summary(summary: dict) -> str:
     parts = [f"steps {summary['steps']}", f"tokens {summary['tokens']:,}"]
+    if summary.get("resumed_from") is not None:
+        parts.append(f"resumed from step {summary['resumed_from']}")
     for k in ("train_loss", "val_loss", "tokens_per_s"):
         if summary.get(k) is not None:
             parts.append(f"{k} {summary[k]:.4g}")
@@ -213,14 +443,39 @@ def _fmt_summary(summary: dict) -> str:
     return "done: " + ", ".join(parts)
 
 
+DEFAULT_N_SEQS = 16
+
+
 def cmd_eval(args) -> int:
+    from .data import load_meta
     from .evaluate import evaluate_checkpoints, write_results
 
+    o = _options(EvalOptions, args)
+    device = _check_device(o.device)
+    for p in args.checkpoints:
+        m = _checkpoint_model_config(p)
+        _check_backend(o.ttt_backend or m.get("ttt_backend", "auto"), m.get("mixer", ""), device,
+                       "--ttt-backend" if o.ttt_backend else f"{p}: its ttt_backend")
+    held = int(load_meta(o.data).get(f"{o.split}_tokens", 0))
+    room = max(held - 1, 0) // o.seq_len
+    if room < 1:
+        raise CLIError(f"--seq-len: the {o.split} split of {o.data} holds {held} tokens, not enough for one sequence "
+                       f"of {o.seq_len} (+1 target); use --seq-len {max(held - 1, 1)} or less")
+    n_seqs = o.n_seqs
+    if n_seqs is None:
+        n_seqs = min(DEFAULT_N_SEQS, room)
+        if room < DEFAULT_N_SEQS:
+            _note(f"the {o.split} split holds {held:,} tokens: room for {room} sequence(s) of --seq-len {o.seq_len}; "
+                  f"evaluating {room} (not {DEFAULT_N_SEQS})")
+    elif n_seqs > room:
+        raise CLIError(f"--n-seqs: the {o.split} split of {o.data} holds {held:,} tokens, room for {room} sequence(s) "
+                       f"of --seq-len {o.seq_len}; got --n-seqs {n_seqs}")
     t0 = time.time()
-    res = evaluate_checkpoints(args.checkpoints, args.data, seq_len=args.seq_len, chunk_len=args.chunk_len,
-                               n_seqs=args.n_seqs, out_dir=None, split=args.split, batch_size=args.batch_size,
-                               n_buckets=args.buckets, device=args.device, names=args.names)
-    paths = write_results(res, args.out, train_len=args.train_len)
+    res = evaluate_checkpoints(args.checkpoints, o.data, seq_len=o.seq_len, chunk_len=o.chunk_len, n_seqs=n_seqs,
+                               out_dir=None, split=o.split, batch_size=o.batch_size, n_buckets=o.buckets,
+                               device=str(device), names=o.names, allow_other_tokenizer=o.allow_other_tokenizer,
+                               ttt_backend=o.ttt_backend, progress=not args.quiet)
+    paths = write_results(res, o.out, train_len=o.train_len)
     _print_eval(res)
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['positions_csv']}, {paths['plot']} "
           f"({time.time() - t0:.1f}s)")
@@ -239,214 +494,239 @@ def _print_eval(res: dict) -> None:
     _print_table(header, rows)
 
 
-def _find_tokenizer(args, ckpt_path: Path) -> Path:
-    """--tokenizer, else tokenizer.json of --data, of the checkpoint dir, or of the run's training data."""
-    from .checkpoint import CONFIG_FILE, read_json, resolve
-
-    if args.tokenizer:
-        return Path(args.tokenizer)
-    ck = resolve(ckpt_path)
-    candidates = [Path(args.data) / "tokenizer.json"] if args.data else []
-    candidates += [ck / "tokenizer.json", ckpt_path / "tokenizer.json"]
-    train = read_json(ck / CONFIG_FILE).get("train")  # the trainer records its data_dir there
+def _find_tokenizer(o: GenerateOptions, ck) -> tuple[Path, str]:
+    """(tokenizer.json, how it was chosen): --tokenizer, else the checkpoint's own, else that of --data,
+    else that of the run's training data (config.json records its data_dir)."""
+    if o.tokenizer:
+        return Path(o.tokenizer), "--tokenizer"
+    candidates = [(ck.path / "tokenizer.json", "the checkpoint's tokenizer.json")]
+    if o.data:
+        candidates.append((Path(o.data) / "tokenizer.json", "the tokenizer of --data"))
+    train = ck.config.get("train")
     if isinstance(train, dict) and isinstance(train.get("data_dir"), str):
-        candidates.append(Path(train["data_dir"]) / "tokenizer.json")
-    for c in candidates:
+        candidates.append((Path(train["data_dir"]) / "tokenizer.json", "the tokenizer of the run's training data"))
+    for c, how in candidates:
         if c.is_file():
-            return c
-    raise CLIError(f"--tokenizer: no tokenizer.json found (looked in {', '.join(str(c) for c in candidates)}); "
+            return c, how
+    raise CLIError(f"--tokenizer: no tokenizer.json found (looked in {', '.join(str(c) for c, _ in candidates)}); "
                    f"pass --tokenizer or --data")
 
 
+def _generate_options(args) -> GenerateOptions:
+    import math
+
+    o = _options(GenerateOptions, args)
+    if o.prompt is not None and o.prompt_file is not None:
+        raise CLIError("--prompt and --prompt-file contradict each other; give one of them")
+    if o.temperature is not None and not (math.isfinite(o.temperature) and o.temperature >= 0):
+        raise CLIError(f"--temperature: expected a finite number >= 0, got {o.temperature}")
+    if o.top_p is not None and not 0 < o.top_p <= 1:  # nan fails this too
+        raise CLIError(f"--top-p: expected a number in (0, 1], got {o.top_p}")
+    if o.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens: expected an int >= 0, got {o.max_new_tokens}")
+    sampling = [f for f, v in (("--temperature", o.temperature), ("--top-k", o.top_k), ("--top-p", o.top_p))
+                if v is not None]
+    if o.greedy and sampling:
+        raise CLIError(f"--greedy contradicts {', '.join(sampling)} (greedy decoding always takes the most likely "
+                       f"token); give one or the other")
+    if o.temperature == 0 and len(sampling) > 1:
+        raise CLIError(f"--temperature 0 is greedy decoding and contradicts {', '.join(sampling[1:])}; give one or "
+                       f"the other")
+    return o
+
+
 def cmd_generate(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import check_tokenizer, load_model
     from .generate import stream_text
     from .tokenizer import Tokenizer
 
-    model, cfg = load_model(args.checkpoint, args.device)
-    tok = Tokenizer.load(_find_tokenizer(args, Path(args.checkpoint)))
-    if tok.vocab_size > cfg.vocab_size:
-        raise CLIError(f"--tokenizer: its vocabulary ({tok.vocab_size}) is larger than the model's "
-                       f"({cfg.vocab_size}); it is not the tokenizer this model was trained with")
-    prompt = args.prompt
-    if args.prompt_file:
+    o = _generate_options(args)
+    device = _check_device(o.device)
+    m = _checkpoint_model_config(args.checkpoint)
+    _check_backend(o.ttt_backend or m.get("ttt_backend", "auto"), m.get("mixer", ""), device,
+                   "--ttt-backend" if o.ttt_backend else "the checkpoint's ttt_backend")
+    overrides = {"ttt_backend": o.ttt_backend} if o.ttt_backend else None
+    model, cfg, ck = load_model(args.checkpoint, device, with_checkpoint=True, overrides=overrides)
+    tok_path, how = _find_tokenizer(o, ck)
+    tok = Tokenizer.load(tok_path)
+    why = check_tokenizer(tok, ck.meta, cfg.vocab_size, what=f"{how} ({tok_path})", where=str(ck.path))
+    if why and (not o.allow_other_tokenizer or tok.vocab_size > cfg.vocab_size):
+        hint = "" if tok.vocab_size > cfg.vocab_size else "; pass --allow-other-tokenizer to use it anyway"
+        raise CLIError(f"--tokenizer: {why}{hint}")
+    prompt = o.prompt or ""
+    if o.prompt_file:
         try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+            prompt = Path(o.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"--prompt-file: cannot read {args.prompt_file!r} ({e})") from e
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
+            raise CLIError(f"--prompt-file: cannot read {o.prompt_file!r} ({e})") from e
+    temperature = DEFAULT_TEMPERATURE if o.temperature is None else o.temperature
+    for i in range(o.num_samples):
+        if o.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        seed = None if args.seed is None else args.seed + i
-        for piece in stream_text(model, tok, prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seed,
-                                 cuda_graph=args.cuda_graph, compile_decode=args.compile_decode):
+        seed = None if o.seed is None else o.seed + i
+        for piece in stream_text(model, tok, prompt, o.max_new_tokens, temperature=temperature, top_k=o.top_k,
+                                 top_p=o.top_p, greedy=o.greedy, seed=seed, cuda_graph=o.cuda_graph,
+                                 compile_decode=o.compile_decode):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
 
 
+def _echo(line: str) -> None:
+    """Print a line to stdout without tearing a progress bar on stderr."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, minutes=args.minutes, quick=args.quick, seed=args.seed,
-             max_bytes=args.max_bytes, eval_len=args.eval_len, train_len=args.train_len,
-             echo=lambda s: print(s, flush=True))
+    o = _options(DemoOptions, args)
+    run_demo(o.out, steps=o.steps, minutes=o.minutes, quick=o.quick, seed=o.seed, max_bytes=o.max_bytes,
+             eval_len=o.eval_len, train_len=o.train_len, echo=_echo, progress=not args.quiet)
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
 
-def _pos_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {s}")
-    return v
+def _add_subcommand(sub, name: str, options_cls, func, help: str, description: str, defaults: dict | None = None):
+    """A subparser whose options are the fields of `options_cls` (read back with `_options`)."""
+    d = sub.add_parser(name, help=help, description=description)
+    fields = add_dataclass_options(d, options_cls, defaults=defaults) if options_cls else []
+    d.set_defaults(_fields=fields, func=func)
+    return d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ttt", description="Test-Time-Training layers and language models.",
+    p = argparse.ArgumentParser(prog="ttt", description="Test-Time-Training layers and language models. "
+                                "Start with `ttt demo --quick` (a minute on a CPU) or `ttt demo` (minutes).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (no progress log)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors on stderr (no progress log, no progress bars)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="the library's progress log on stderr for demo too (other commands show it unless -q)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    # demo
-    d = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on the built-in corpus (CPU, minutes)",
-                       description="Prepare the built-in corpus (Python standard library source) and a 4096-token "
-                                   "BPE, train a small TTT-Linear LM and a Transformer of the same size on the CPU, "
-                                   "evaluate both by token position at a context longer than the training length, "
-                                   "and write a plot and a results table into --out.")
-    d.add_argument("--out", default="demo_out", help="output directory; a rerun with the same settings reuses its "
-                                                     "prepared data (default: demo_out)")
     from .demo import DemoSettings
     full, quick = DemoSettings.make(), DemoSettings.make(quick=True)
-    d.add_argument("--steps", type=_pos_int, default=None,
-                   help=f"training steps per model (default: {full.steps}, {quick.steps} with --quick)")
-    d.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget for training both models, in minutes (half each); a model whose budget "
-                        "runs out stops early and is evaluated as it is (default: no budget)")
-    d.add_argument("--quick", action="store_true",
-                   help=f"a smoke run for tests: a {quick.max_bytes // 1000} kB corpus, '{quick.size}'-size models, "
-                        f"{quick.steps} steps, done in well under a minute")
-    d.add_argument("--seed", type=int, default=None, help="seed of the data split and order, init and sampling "
-                                                          "(default: 0)")
-    d.add_argument("--max-bytes", type=_pos_int, default=None,
-                   help=f"corpus size limit in bytes (default: {full.max_bytes}, {quick.max_bytes} with --quick)")
-    d.add_argument("--train-len", type=_pos_int, default=None,
-                   help=f"training context length (default: {full.train_len}, {quick.train_len} with --quick)")
-    d.add_argument("--eval-len", type=_pos_int, default=None,
-                   help="evaluation context length, fed in chunks of --train-len with the state carried over "
-                        "(default: 4 x --train-len)")
-    d.set_defaults(func=cmd_demo)
+    _add_subcommand(sub, "demo", DemoOptions, cmd_demo, "the end-to-end demo on the built-in corpus (CPU, minutes)",
+                    "Prepare the built-in corpus (Python standard library source) and a BPE, train a small "
+                    "TTT-Linear LM and a Transformer of the same size on the CPU, evaluate both by token position "
+                    "at a context longer than the training length, and write a plot and a results table into --out.",
+                    defaults={k: f"{getattr(full, k)}, {getattr(quick, k)} with --quick"
+                              for k in ("steps", "max_bytes", "train_len")})
 
-    # data
-    d = sub.add_parser("data", formatter_class=fmt, help="corpus -> tokenizer -> token shards",
-                       description="Tokenize corpora into OUT: tokenizer.json, train.bin, val.bin, meta.json. "
-                                   "A rerun with the same sources and settings returns at once.")
+    d = _add_subcommand(sub, "data", DataOptions, cmd_data, "corpus -> tokenizer -> token shards",
+                        "Tokenize corpora into --out: tokenizer.json, train.bin, val.bin, meta.json. A rerun with "
+                        "the same sources and settings returns at once.")
     d.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="text files, .jsonl files (one document per line), directories (searched recursively), or "
                         "'stdlib' for the running Python's standard library source (default: stdlib)")
-    d.add_argument("--out", required=True, help="output directory of the prepared dataset")
-    d.add_argument("--vocab-size", type=_pos_int, default=8192, help="BPE vocabulary size, at least 257 (default: 8192)")
-    d.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
-    d.add_argument("--val-fraction", type=float, default=0.01,
-                   help="fraction of documents held out for validation, by a hash of their name (default: 0.01)")
-    d.add_argument("--val-docs", type=int, default=None, help="hold out exactly this many documents instead")
-    d.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
-    d.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files (default: text)")
-    d.add_argument("--extensions", nargs="+", default=[".txt", ".md", ".rst", ".py", ".jsonl"],
-                   help="file suffixes read from directories (default: .txt .md .rst .py .jsonl)")
-    d.add_argument("--max-docs", type=_pos_int, default=None, help="stop after this many documents")
-    d.add_argument("--max-bytes", type=_pos_int, default=None, help="stop after the document reaching this many bytes")
-    d.add_argument("--overwrite", action="store_true", help="replace a dataset of other sources/settings in --out")
-    d.set_defaults(func=cmd_data)
 
-    # train
-    d = sub.add_parser("train", formatter_class=fmt, help="train a language model",
+    d = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter, help="train a language model",
                        description="Train an LM on a prepared dataset (see `ttt data`). Single process on CPU or "
-                                   "GPU; under torchrun, data parallel (DDP or FSDP2).")
+                                   "GPU; under torchrun, data parallel (DDP or FSDP2). The defaults are the paper's "
+                                   f"125m GPU recipe; on a CPU try: {CPU_SUGGESTION}")
     from .train import TrainConfig
     d.set_defaults(_train_fields=add_dataclass_options(
         d, TrainConfig, title="training options",
         aliases={"data_dir": ["--data"], "out_dir": ["--out"], "max_steps": ["--steps"]}), func=cmd_train)
-    d.set_defaults(_model_fields=_add_model_options(d))
+    fields = _add_model_options(d)
+    d.set_defaults(_model_fields=fields)
 
-    # eval
-    d = sub.add_parser("eval", formatter_class=fmt, help="perplexity overall and by token position",
-                       description="Evaluate checkpoints on the first --n-seqs windows of --seq-len tokens; longer "
-                                   "than the training length is fine: the model runs over chunks of --chunk-len, "
-                                   "carrying its state. Writes eval.json, eval.csv, eval_by_position.csv, eval.png.")
+    d = _add_subcommand(sub, "eval", EvalOptions, cmd_eval, "perplexity overall and by token position",
+                        "Evaluate checkpoints on the first --n-seqs windows of --seq-len tokens; longer than the "
+                        "training length is fine: the model runs over chunks of --chunk-len, carrying its state. "
+                        "Writes eval.json, eval.csv, eval_by_position.csv, eval.png.")
     d.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint directories, or training out dirs (their latest checkpoint)")
-    d.add_argument("--data", required=True, help="a dataset directory prepared by `ttt data`")
-    d.add_argument("--split", default="val", choices=["val", "train"], help="which shard (default: val)")
-    d.add_argument("--seq-len", type=_pos_int, default=1024, help="tokens per evaluated sequence (default: 1024)")
-    d.add_argument("--chunk-len", type=_pos_int, default=None,
-                   help="tokens per forward, state carried between chunks (default: the whole sequence at once)")
-    d.add_argument("--n-seqs", type=_pos_int, default=16, help="number of sequences (default: 16)")
-    d.add_argument("--batch-size", type=_pos_int, default=8, help="sequences per forward (default: 8)")
-    d.add_argument("--buckets", type=_pos_int, default=16, help="number of log-spaced position buckets (default: 16)")
-    d.add_argument("--names", nargs="+", default=None, help="legend names, one per checkpoint (default: dir names)")
-    d.add_argument("--train-len", type=_pos_int, default=None,
-                   help="mark this training context length on the plot (default: the checkpoints' own, when they "
-                        "agree)")
-    d.add_argument("--out", default="eval_out", help="output directory (default: eval_out)")
-    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    d.set_defaults(func=cmd_eval)
 
-    # generate
-    d = sub.add_parser("generate", formatter_class=fmt, help="sample text from a checkpoint (streamed)",
-                       description="Prefill the prompt in one forward, then decode one token at a time carrying "
-                                   "the model state; the text is printed as it is produced. Stops at EOS or after "
-                                   "--max-new-tokens.")
+    d = _add_subcommand(sub, "generate", GenerateOptions, cmd_generate, "sample text from a checkpoint (streamed)",
+                        "Prefill the prompt in one forward, then decode one token at a time carrying the model "
+                        "state; the text is printed as it is produced. Stops at end of document or after "
+                        "--max-new-tokens. Uses the tokenizer the checkpoint was trained with (kept in it).")
     d.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a training out dir")
-    d.add_argument("--prompt", default="", help="prompt text; empty starts a new document (default: empty)")
-    d.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead")
-    d.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
-    d.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default: 0.8)")
-    d.add_argument("--top-k", type=_pos_int, default=None, help="sample among the k most likely tokens (default: all)")
-    d.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling: the smallest set of tokens holding this probability (default: 1, off)")
-    d.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    d.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
-    d.add_argument("--num-samples", type=_pos_int, default=1, help="number of samples (seeds seed, seed+1, ...)")
-    d.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (default: the one of --data, of the checkpoint, or of its training data)")
-    d.add_argument("--data", default=None, help="dataset directory whose tokenizer.json to use")
-    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each decode step as a captured CUDA graph (default: on for CUDA TTT/Mamba models)")
-    d.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the decode step before capturing its CUDA graphs (fuses the element-wise "
-                        "work; compiles once per model and batch size)")
-    d.set_defaults(func=cmd_generate)
 
-    # params
-    d = sub.add_parser("params", formatter_class=fmt, help="parameter counts of the presets",
+    d = sub.add_parser("params", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="parameter counts of the presets",
                        description="Print parameter counts (built on the meta device: instant, no memory). Without "
                                    "--size / --mixer, every preset and mixer (both backbones for TTT).")
-    from .config import BACKBONES, MIXERS, SIZES, ModelConfig
-    d.add_argument("--size", default=None, choices=list(SIZES), help="one preset (default: all)")
-    d.add_argument("--mixer", default=None, choices=list(MIXERS), help="one mixer (default: all)")
-    d.add_argument("--backbone", default=None, choices=list(BACKBONES),
-                   help="TTT backbone (default: both for TTT mixers)")
-    d.set_defaults(_model_fields=add_dataclass_options(
-        d, ModelConfig, skip=("mixer", "backbone"), preset_fields=("d_model", "n_layers", "n_heads", "ffn_hidden",
-                                                                   "mamba_head_dim"),
-        title="model options (override the preset)", defaults={"vocab_size": 32000}), func=cmd_params)
+    d.set_defaults(_model_fields=_add_model_options(d, ParamsOptions, vocab_default="32000"), func=cmd_params)
     return p
+
+
+# ----------------------------------------------------------------------------- errors: library names -> CLI flags
+
+# library argument names whose CLI flag is not simply --name-with-dashes
+_LIBRARY_NAMES = {"out_dir": "--out", "data_dir": "--data", "tokenizer_path": "--tokenizer", "max_steps": "--steps",
+                  "n": "--n-seqs", "sources": "SOURCE", "n_buckets": "--buckets"}
+
+
+def _flags_of(parser: argparse.ArgumentParser, command: str) -> tuple[dict, set]:
+    """({argument name: flag as typed}, {names of on/off flags}) of one subcommand."""
+    sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps its subparsers there
+    names, bools = {}, set()
+    for a in sub._actions:
+        longs = [o for o in a.option_strings if o.startswith("--") and not o.startswith("--no-")]
+        if longs and a.dest != "help":
+            names[a.dest] = longs[-1]  # the alias when there is one: --out, --data, --steps
+            if isinstance(a, argparse.BooleanOptionalAction):
+                bools.add(a.dest)
+    for k, v in _LIBRARY_NAMES.items():
+        if v == "SOURCE" or v in names.values():
+            names.setdefault(k, v)
+    return names, bools
+
+
+def cli_message(msg: str, names: dict, bools: set) -> str:
+    """A library error message with argument names replaced by the CLI flags the user typed:
+    'n_seqs: ...' -> '--n-seqs: ...', 'overwrite=True' -> '--overwrite', 'seq_len=32' -> '--seq-len 32'."""
+    import re
+
+    def lead(m):
+        parts = m.group(1).split("/")
+        return "/".join(names[p] for p in parts) + ":" if all(p in names for p in parts) else m.group(0)
+
+    msg = re.sub(r"^([A-Za-z_]\w*(?:/[A-Za-z_]\w*)*):", lead, msg)
+
+    def assign(m):
+        name, value = m.group(1), m.group(2)
+        if name not in names:
+            return m.group(0)
+        if name in bools and value in ("True", "False"):
+            return names[name] if value == "True" else "--no-" + names[name][2:]
+        return f"{names[name]} {value}"
+
+    msg = re.sub(r"(?<![\w/.\-'\"])([a-z_][a-z0-9_]*)=(True|False|[\w.\-]+)", assign, msg)
+    # argument names in prose ("or another out_dir"); only identifiers with "_", never inside paths/quotes
+    msg = re.sub(r"(?<![\w/.\-'\"*])([a-z]+_[a-z0-9_]*)(?![\w/.\-'\"*=])",
+                 lambda m: names.get(m.group(1), m.group(0)), msg)
+    if "holds no meta.json" in msg:
+        msg += "; run `ttt data` first to prepare it"
+    return msg
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines to stderr through tqdm.write, so they do not tear a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.quiet or (args.command == "demo" and not args.verbose)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
     try:
         return args.func(args) or 0
     except KeyboardInterrupt as e:
@@ -455,12 +735,21 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `ttt params | head`: the reader has gone, nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            UnicodeDecodeError) as e:
+    except (CLIError, ValueError, OSError, UnicodeDecodeError, ImportError) as e:
         if os.environ.get("TTT_DEBUG"):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"ttt {args.command}: error: {msg}", file=sys.stderr)
+        if isinstance(e, OSError) and e.strerror:  # raised by the system, not by the library's own checks
+            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg += " (the disk is full: free some space, or choose another output directory); nothing half-written was left"
+            elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                msg += " (choose a writable output directory)"
+            elif e.errno in (errno.EEXIST, errno.ENOTDIR):
+                msg += " (a path that should be a directory is a file; choose another --out)"
+        else:
+            msg = " ".join(str(e).split()) or type(e).__name__
+        names, bools = _flags_of(parser, args.command)
+        print(f"ttt {args.command}: error: {cli_message(msg, names, bools)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

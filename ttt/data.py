@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .tokenizer import MIN_VOCAB, Tokenizer
+from .tokenizer import Tokenizer, _check_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +191,15 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def load_meta(out_dir: PathLike) -> dict:
+def load_meta(data_dir: PathLike) -> dict:
     """The `meta.json` of a prepared dataset directory."""
-    path = Path(out_dir) / "meta.json"
+    path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"out_dir: {str(out_dir)!r} holds no meta.json (not a prepared dataset)")
+        raise FileNotFoundError(f"data_dir: {str(data_dir)!r} holds no meta.json (not a prepared dataset)")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"out_dir: {str(path)!r} is not a readable meta.json ({e})") from e
+        raise ValueError(f"data_dir: {str(path)!r} is not a readable meta.json ({e})") from e
 
 
 def _is_complete(out: Path, meta: dict) -> bool:
@@ -232,8 +233,8 @@ def prepare(sources, out_dir: PathLike, *, vocab_size: int = 8192,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     _check_limits(max_docs, max_bytes)
-    if tokenizer_path is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB):
-        raise ValueError(f"vocab_size: expected an int >= {MIN_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
+    if tokenizer_path is None:
+        _check_vocab_size(vocab_size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {str(out_dir)!r} exists and is not a directory")
@@ -282,6 +283,7 @@ def prepare(sources, out_dir: PathLike, *, vocab_size: int = 8192,
 
     if stale_meta:
         (out / "meta.json").unlink()  # from here on the directory is not a complete dataset
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmps = [out / f"{n}.tmp" for n in ("tokenizer.json", "train.bin", "val.bin", "meta.json")]
     for t in tmps:
@@ -295,6 +297,8 @@ def prepare(sources, out_dir: PathLike, *, vocab_size: int = 8192,
     except BaseException:
         for t in tmps:
             t.unlink(missing_ok=True)
+        if created:  # e.g. a full disk: leave nothing behind that was not there before
+            shutil.rmtree(out, ignore_errors=True)
         raise
     meta.update(fingerprint=fingerprint, sources=[str(s) for s in _as_list(sources)], num_files=len(files),
                 settings=settings)

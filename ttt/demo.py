@@ -112,6 +112,14 @@ def _check_out_dir(out: Path, settings: DemoSettings) -> None:
                          f"(no {MANIFEST}); nothing was changed. Use another --out")
 
 
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run's latest checkpoint (latest.json), or None."""
+    try:
+        return int(json.loads((run_dir / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -122,12 +130,16 @@ def _loss_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = None, minutes: float | None = None,
              seed: int | None = None, max_bytes: int | None = None, train_len: int | None = None,
-             eval_len: int | None = None, echo: Callable[[str], None] | None = None) -> dict:
+             eval_len: int | None = None, echo: Callable[[str], None] | None = None,
+             progress: bool = False) -> dict:
     """Run the demo into out_dir (see the module docstring); returns the results dict (results.json).
 
     minutes: a wall-clock budget for the training of both models (half each); a model whose budget
     runs out stops early and is evaluated as it is. echo: receives the progress and summary lines
-    (default: logging at INFO).
+    (default: logging at INFO; pass tqdm.write-based printing when progress bars are on).
+    progress: progress bars (tqdm, stderr) while training and evaluating.
+    The validation split is checked to hold at least one eval_len window right after the data is
+    prepared, before any training.
     """
     from .checkpoint import load_model
     from .config import get_config
@@ -144,7 +156,7 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
     out = Path(out_dir)
     _check_out_dir(out, s)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+    _write_text(out / MANIFEST, json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
     t_start = time.perf_counter()
     timings = {}
 
@@ -158,6 +170,12 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
     V = load_meta(out / "data")["vocab_size"]
     say(f"      {meta['train_tokens']:,} train tokens ({meta['train_docs']} files), {meta['val_tokens']:,} val tokens "
         f"({meta['val_docs']} files), vocab {V} ({timings['data_s']:.1f}s)")
+    val_tokens = meta["val_tokens"]
+    n_seqs = min(s.eval_seqs, (val_tokens - 1) // s.eval_len)
+    if n_seqs < 1:  # checked before training, not after it
+        raise ValueError(f"eval_len: the validation split holds only {val_tokens} tokens, fewer than eval_len + 1 = "
+                         f"{s.eval_len + 1}; lower --eval-len (at most {max(val_tokens - 1, 0)}) or raise "
+                         f"--max-bytes (nothing was trained)")
 
     # 2. two models of matched size
     ttt_cfg = get_config(s.size, mixer="ttt_linear", backbone="mamba", vocab_size=V, mini_batch=s.mini_batch)
@@ -175,9 +193,12 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
         tc = TrainConfig(data_dir=str(out / "data"), out_dir=str(out / "runs" / name), seq_len=s.train_len,
                          micro_batch=s.batch, tokens_per_step=s.batch * s.train_len, max_steps=s.steps, lr=s.lr,
                          eval_every=s.steps, eval_batches=4, save_every=0, keep_checkpoints=1, log_every=1,
-                         seed=s.seed, device="cpu", amp="none", progress=False, resume=True)
+                         seed=s.seed, device="cpu", amp="none", progress=progress, resume=True)
         say(f"[3/4] training {LABELS[name]}: {s.steps} steps of {s.batch} x {s.train_len} tokens, peak lr {s.lr}"
             + (f", time budget {budget / 60:.3g} min" if budget else ""))
+        done = _checkpoint_step(Path(tc.out_dir))
+        if done is not None and done < s.steps:
+            say(f"      resumed from step {done} (the checkpoint in {tc.out_dir})")
         t0 = time.perf_counter()
         every = max(1, s.steps // 6)
 
@@ -211,15 +232,11 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
     # 4. evaluation by position beyond the training length, carrying state across chunks of train_len
     t0 = time.perf_counter()
     models = [load_model(runs[n]["checkpoint"], "cpu")[0] for n in cfgs]
-    val_tokens = meta["val_tokens"]
-    n_seqs = min(s.eval_seqs, (val_tokens - 1) // s.eval_len)
-    if n_seqs < 1:
-        raise ValueError(f"eval_len: the validation split holds only {val_tokens} tokens, fewer than eval_len + 1 = "
-                         f"{s.eval_len + 1}; raise --max-bytes or lower --eval-len")
     say(f"[4/4] evaluating both on {n_seqs} validation sequences of {s.eval_len} tokens, in chunks of {s.train_len} "
         f"with the state carried over")
     res = evaluate_checkpoints([], out / "data", seq_len=s.eval_len, chunk_len=s.train_len, n_seqs=n_seqs,
-                               models=models, names=[LABELS[n] for n in cfgs], n_buckets=12, batch_size=s.batch)
+                               models=models, names=[LABELS[n] for n in cfgs], n_buckets=12, batch_size=s.batch,
+                               progress=progress)
     paths = write_results(res, out / "eval", train_len=s.train_len)
     shutil.copyfile(paths["plot"], out / "nll_by_position.png")
     timings["eval_s"] = time.perf_counter() - t0

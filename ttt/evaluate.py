@@ -41,7 +41,7 @@ def _check_pos_int(name: str, v, allow_none: bool = False) -> None:
 
 @torch.no_grad()
 def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                   chunk_len: int | None = None, batch_size: int = 8) -> torch.Tensor:
+                   chunk_len: int | None = None, batch_size: int = 8, progress: str | None = None) -> torch.Tensor:
     """Per-position NLL (nats), float64 [L]: entry t is the mean over the N sequences of
     -log p(targets[:, t] | tokens[:, :t+1]).
 
@@ -50,6 +50,7 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
     chunk_len:  feed each sequence in chunks of this many tokens, carrying the model state between
                 them (None: one pass). Any value gives the same result up to float rounding.
     batch_size: sequences per forward.
+    progress:   when given, a progress bar (tqdm, on stderr) with this description, one tick per forward.
     The model is run in eval mode (its training flag is restored afterwards).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
@@ -72,6 +73,11 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
     total = torch.zeros(L, dtype=torch.float64)
     was_training = model.training
     model.eval()
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+        bar = tqdm(total=math.ceil(N / batch_size) * math.ceil(L / chunk), desc=progress, unit="fwd", leave=False,
+                   dynamic_ncols=True)
     try:
         for i in range(0, N, batch_size):
             x = tokens[i:i + batch_size].to(device)
@@ -80,8 +86,12 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
             for s in range(0, L, chunk):
                 nll, state = model(x[:, s:s + chunk], state, targets=y[:, s:s + chunk], reduction="none")  # [b, c]
                 total[s:s + chunk] += nll.sum(0).cpu()
+                if bar is not None:
+                    bar.update(1)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return total / N
 
 
@@ -128,7 +138,8 @@ def _model_name(path: Path, taken: set) -> str:
 def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_len: int | None = None,
                          n_seqs: int | None = 16, out_dir=None, *, split: str = "val", batch_size: int = 8,
                          n_buckets: int = 16, device="cpu", names: Sequence[str] | None = None,
-                         models: Sequence | None = None) -> dict:
+                         models: Sequence | None = None, allow_other_tokenizer: bool = False,
+                         ttt_backend: str | None = None, progress: bool = False) -> dict:
     """Evaluate checkpoints on the first `n_seqs` windows of `seq_len` tokens of a prepared dataset.
 
     paths:     checkpoint directories (see ttt.checkpoint); or pass already-built `models` instead
@@ -136,9 +147,14 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     data_dir:  a directory made by ttt.data.prepare; the `split` shard ("val" or "train") is read.
     chunk_len: feed the model this many tokens per forward, carrying state (None: one pass).
     n_seqs:    number of windows (None: all that fit in the shard).
+    allow_other_tokenizer: evaluate even when data_dir's tokenizer.json is not the one a checkpoint
+               was trained with (refused by default: the NLLs would look plausible and mean nothing).
+    ttt_backend: run the checkpoints with this TTT op backend (None: the one each recorded).
+    progress:  show a progress bar per model (stderr).
     out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
     Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
-    "train_len" (the checkpoint's training seq_len, if recorded), "params", "config", "nll", "ppl",
+    "train_len" (the checkpoint's training seq_len, if recorded), "trained_on_this_data" (whether the
+    checkpoint's recorded data fingerprint is data_dir's; None if unknown), "params", "config", "nll", "ppl",
     "per_position": [L floats], "buckets": [...]}, ...]}.
     """
     from .data import eval_sequences, load_meta
@@ -162,25 +178,42 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         if names is not None and len(names) != len(paths):
             raise ValueError(f"names: expected one name per checkpoint ({len(paths)}), got {len(names)}")
         taken: set = set()
+        overrides = {"ttt_backend": ttt_backend} if ttt_backend else None
         for i, p in enumerate(paths):
             run = read_json(resolve(p) / CONFIG_FILE)  # a bad path or config fails here, before any evaluation
             train = run.get("train")
             train_len = train.get("seq_len") if isinstance(train, dict) else None
             name = names[i] if names else _model_name(Path(p), taken)
-            entries.append((name, str(p), (lambda p=p: load_model(p, device)), train_len))
+            entries.append((name, str(p), (lambda p=p: load_model(p, device, with_checkpoint=True,
+                                                                       overrides=overrides)), train_len))
+    tok_path = Path(data_dir) / "tokenizer.json"
+    data_tok = None
+    if tok_path.is_file() and models is None and not allow_other_tokenizer:
+        from .tokenizer import Tokenizer
+        data_tok = Tokenizer.load(tok_path)
     results = {"data_dir": str(data_dir), "split": split, "seq_len": seq_len, "chunk_len": chunk_len,
                "n_seqs": int(x.shape[0]), "models": []}
     for name, path, load, train_len in entries:
-        model, cfg = load()
+        model, cfg, *ck = load()
+        if data_tok is not None and ck:
+            from .checkpoint import MODEL_FILE, check_tokenizer
+            why = check_tokenizer(data_tok, ck[0].meta, cfg.vocab_size, what=f"the tokenizer of the data ({tok_path})",
+                                  where=str(ck[0].path / MODEL_FILE))
+            if why:
+                raise ValueError(f"data_dir: checkpoint {name!r}: {why}; evaluate on data tokenized with the run's "
+                                 f"tokenizer, or pass allow_other_tokenizer=True")
         vocab = getattr(cfg, "vocab_size", None)
         if vocab is not None and vocab < meta["vocab_size"]:
             raise ValueError(f"checkpoint {name!r}: vocab_size {vocab} is smaller than the dataset's "
                              f"{meta['vocab_size']} (data_dir {str(data_dir)!r}); was it trained on other data?")
         log.info("evaluating %s on %d x %d tokens (chunk %s)", name, x.shape[0], seq_len, chunk_len)
-        nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size)
+        nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size,
+                             progress=f"eval {name}" if progress else None)
         mean = nll.mean().item()
+        trained_on = ck[0].meta.get("data_fingerprint") if ck else None
         results["models"].append({
             "name": name, "path": path, "train_len": train_len,
+            "trained_on_this_data": None if trained_on is None else trained_on == meta.get("fingerprint"),
             "params": sum(p.numel() for p in model.parameters()),
             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
             "nll": mean, "ppl": math.exp(mean),
@@ -246,8 +279,9 @@ def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = No
         b = m["buckets"]
         xs = [math.sqrt(r["start"] * r["end"]) for r in b]  # geometric centre of the bucket
         ys = [r[metric] for r in b]
-        ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['name']} ({m['params'] / 1e6:.2f}M, "
-                                                       f"{metric} {m[metric]:.3f})")
+        what = "mean NLL" if metric == "nll" else "perplexity"
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['name']} ({m['params'] / 1e6:.2f}M params; {what} "
+                                                       f"over all positions {m[metric]:.3f})")
     if train_len:
         ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"training length {train_len}")
     ax.set_xscale("log")

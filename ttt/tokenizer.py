@@ -10,6 +10,7 @@ document boundaries in the shards come only from `ttt.data`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +20,18 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS = "<|eos|>"
 MIN_VOCAB = 256 + 1  # every byte, plus EOS
+# 2**20 is 8x the largest vocabularies in use; beyond it a BPE cannot be learned from any corpus one would
+# prepare here, and the embedding alone would hold vocab_size x d_model parameters.
+MAX_VOCAB = 1 << 20
+
+
+def _check_vocab_size(vocab_size) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size: expected an int >= {MIN_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab_size: expected at most {MAX_VOCAB:,}, got {vocab_size:,}: no corpus prepared here "
+                         f"fills a BPE that large, and the embedding alone would hold vocab_size x d_model "
+                         f"parameters ({vocab_size * 768 / 1e9:.1f}B at d_model 768)")
 
 
 class Tokenizer:
@@ -38,8 +51,7 @@ class Tokenizer:
 
         The result may hold fewer than `vocab_size` tokens when the corpus is too small to fill it.
         """
-        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
-            raise ValueError(f"vocab_size: expected an int >= {MIN_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
+        _check_vocab_size(vocab_size)
         hf = _HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -79,6 +91,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def sha256(self) -> str:
+        """The tokenizer's identity: sha256 of its JSON serialization (vocabulary, merges, settings)."""
+        return hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
 
     @property
     def eos_id(self) -> int:

@@ -66,6 +66,7 @@ from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_r
 from .config import ModelConfig, help_field
 from .data import Batcher, eval_sequences, load_meta, load_tokens
 from .model import TTTLM, inner_lr_scale
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ class _Loop:
     pending: list = dataclasses.field(default_factory=list)  # (step, lr, loss, grad_norm) not yet read
     last_read: list = dataclasses.field(default_factory=list)  # (step, lr, loss, grad_norm) read last
     last_path: str | None = None
+    tokenizer: object | None = None  # the data's Tokenizer, saved into every checkpoint
     train_loss: float | None = None
     val_loss: float | None = None
     t_log: float = 0.0
@@ -414,6 +416,8 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
                          f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
     batcher = Batcher(load_tokens(data_dir / "train.bin"), cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed,
                       rank=rank, world_size=world)
+    tok_path = data_dir / "tokenizer.json"  # kept in every checkpoint: a run carries its own tokenizer
+    tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
     run_cfg = _run_config(model_cfg, cfg, meta)
     resume_from = _check_out_dir(out, run_cfg, cfg.resume)
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
@@ -448,7 +452,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     rows = metrics.rows if metrics else []
     loop = _Loop(cfg, out, device, rank, world, accum, model, wrapped, optim, batcher, run_cfg, autocast,
                  _val_windows(data_dir, cfg, rank, world), metrics, step, None if resume_from is None else step,
-                 train_loss=rows[-1]["loss"] if rows else None,
+                 tokenizer=tokenizer, train_loss=rows[-1]["loss"] if rows else None,
                  val_loss=next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None))
     return loop, resume_from, created
 
@@ -622,7 +626,7 @@ def _save(loop: _Loop) -> str | None:
                                  "warmup_steps": int(cfg.warmup_frac * cfg.max_steps)},
                    "rng": _rng_state()}
         path = str(save_checkpoint(loop.out, at, model_state, optim_state, loop.run_cfg, trainer,
-                                   cfg.keep_checkpoints))
+                                   cfg.keep_checkpoints, tokenizer=loop.tokenizer))
     loop.saved_step = at
     dist.barrier()
     return path
