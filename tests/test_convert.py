@@ -1,0 +1,172 @@
+"""Conversion of the official checkpoints (tests/data/official: tiny models written by the paper's own JAX
+and PyTorch code, with the official logits): every case reproduces the official logits; export and
+re-import is the identity; bad input fails with one clear line and leaves nothing in --out."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("msgpack")
+
+from ttt.checkpoint import load_model  # noqa: E402
+from ttt.convert import ConvertError, convert, detect, export_official_pytorch, read_metadata  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "official"
+CASES = sorted(p.name for p in DATA.iterdir() if p.is_dir())
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _logits(model, ids: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids.astype(np.int64)))[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_official_logits(case, tmp_path):
+    src = DATA / case / "checkpoint"
+    assert detect(src) == ("official-jax" if case.startswith("jax") else "official-pytorch")
+    cfg, _ = convert(src, tmp_path / "run")
+    assert cfg.mixer == ("ttt_mlp" if "_mlp_" in case else "ttt_linear")
+    assert cfg.backbone == case.rsplit("_", 1)[1]
+    model, _ = load_model(tmp_path / "run")
+    for suffix in ("", "_len50"):
+        if not (DATA / case / f"input_ids{suffix}.npy").exists():
+            continue
+        want = torch.from_numpy(np.load(DATA / case / f"logits{suffix}.npy"))
+        got = _logits(model, np.load(DATA / case / f"input_ids{suffix}.npy"))
+        assert got.shape == want.shape
+        assert _rel_err(got, want) <= 1e-4, (case, suffix, _rel_err(got, want))
+
+
+def test_metadata_config_matches_fixture():
+    """The restricted unpickler reads the official ModelConfig as a plain dict (no JAX, no ml_collections)."""
+    conf = read_metadata(DATA / "jax_mlp_mamba" / "checkpoint" / "metadata.pkl")
+    assert conf["seq_modeling_block"] == "ttt_mlp" and conf["ttt_base_lr"] == 0.1 and conf["mini_batch_size"] == 16
+
+
+def test_restricted_unpickler_runs_no_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p = tmp_path / "metadata.pkl"
+    import pickle
+    p.write_bytes(pickle.dumps({"model_config": {"a": 1}, "x": Evil()}))
+    conf = read_metadata(p)  # print is a builtin outside the allowed set: it becomes an inert stub
+    assert conf == {"a": 1}
+
+
+def test_jax_without_metadata_infers_config(tmp_path):
+    """Shapes alone give the config (lr etc. from the paper's defaults, which the linear fixture uses)."""
+    src = tmp_path / "ck"
+    src.mkdir()
+    shutil.copy(DATA / "jax_linear_transformer" / "checkpoint" / "streaming_train_state", src)
+    cfg, _ = convert(src, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
+    got = _logits(model, np.load(DATA / "jax_linear_transformer" / "input_ids.npy"))
+    assert _rel_err(got, torch.from_numpy(np.load(DATA / "jax_linear_transformer" / "logits.npy"))) <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["pt_linear_mamba", "pt_mlp_transformer"])
+def test_export_roundtrip(case, tmp_path):
+    """ours -> official PyTorch layout: the fixture's names/shapes/config, and converting back is exact."""
+    convert(DATA / case / "checkpoint", tmp_path / "run")
+    conf = export_official_pytorch(tmp_path / "run", tmp_path / "official")
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "official" / "model.safetensors"))
+    reference = load_file(str(DATA / case / "checkpoint" / "model.safetensors"))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference.items()}
+    for k in reference:
+        assert torch.equal(exported[k], reference[k]), k
+    official_conf = json.loads((DATA / case / "checkpoint" / "config.json").read_text())
+    for k in ("ttt_layer_type", "pre_conv", "share_qk", "use_gate", "ttt_base_lr", "mini_batch_size", "hidden_size",
+              "num_attention_heads", "intermediate_size", "conv_kernel", "rope_theta", "vocab_size"):
+        assert conf[k] == official_conf[k], k
+    convert(tmp_path / "official", tmp_path / "back")
+    a, _ = load_model(tmp_path / "run")
+    b, _ = load_model(tmp_path / "back")
+    ids = np.load(DATA / case / "input_ids.npy")
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+
+
+def test_trained_model_exports_and_reloads(tmp_path):
+    """A model of ours (random init, not from a fixture) exports and reloads with identical logits."""
+    from safetensors.torch import save_file
+
+    from ttt.config import get_config
+    from ttt.model import TTTLM
+
+    torch.manual_seed(0)
+    cfg = get_config("debug", mixer="ttt_mlp", backbone="mamba", vocab_size=96, tie_embeddings=False)
+    model = TTTLM(cfg).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "vocab_size": 96}))
+    export_official_pytorch(run, tmp_path / "official")
+    convert(tmp_path / "official", tmp_path / "back")
+    back, cfg2 = load_model(tmp_path / "back")
+    ids = np.random.default_rng(0).integers(0, 96, (2, 37))
+    assert torch.equal(_logits(model, ids), _logits(back, ids))
+    assert cfg2.tie_embeddings is False and cfg2.base_lr == pytest.approx(0.1)
+
+
+def test_unsupported_combination_refused(tmp_path):
+    src = tmp_path / "pt"
+    shutil.copytree(DATA / "pt_linear_mamba" / "checkpoint", src)
+    conf = json.loads((src / "config.json").read_text())
+    conf["use_gate"] = False
+    (src / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConvertError, match="use_gate=False"):
+        convert(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "ttt.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_convert_bad_inputs(tmp_path):
+    # truncated JAX checkpoint
+    src = tmp_path / "trunc"
+    src.mkdir()
+    data = (DATA / "jax_linear_mamba" / "checkpoint" / "streaming_train_state").read_bytes()
+    (src / "streaming_train_state").write_bytes(data[: len(data) // 2])
+    r = _cli("convert", str(src), "--out", str(tmp_path / "o1"))
+    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".tmp-*"))
+    # unknown format
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "weights.xyz").write_bytes(b"hello")
+    r = _cli("convert", str(tmp_path / "junk"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "SRC" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # a foreign transformers model
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "llama" / "model.safetensors").write_bytes(b"")
+    r = _cli("convert", str(tmp_path / "llama"), "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "'llama'" in r.stderr, r.stderr
+    # a tokenizer whose vocabulary does not fit (vocab 128 model, 300-token tokenizer)
+    from ttt.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["some text to learn merges from " * 20], vocab_size=300)
+    tok.save(tmp_path / "tok.json")
+    r = _cli("convert", str(DATA / "pt_linear_mamba" / "checkpoint"), "--out", str(tmp_path / "o4"),
+             "--tokenizer", str(tmp_path / "tok.json"))
+    assert r.returncode == 2 and "--tokenizer" in r.stderr and "vocabulary" in r.stderr, r.stderr
+    assert not (tmp_path / "o4").exists()
+    # success writes the run dir, and eval-facing loaders accept it
+    r = _cli("convert", str(DATA / "jax_mlp_transformer" / "checkpoint"), "--out", str(tmp_path / "ok"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
