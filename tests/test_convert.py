@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,11 +131,19 @@ def test_unsupported_combination_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ttt.cli", *args], capture_output=True, text=True, timeout=120)
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def test_cli_convert_bad_inputs(tmp_path):
+def test_cli_convert_bad_inputs(tmp_path, capsys):
+    from ttt.cli import main
+
+    def _cli(*args):
+        code = main(["-q", *args])
+        out, err = capsys.readouterr()
+        return _Result(code, out, err)
+
     # truncated JAX checkpoint
     src = tmp_path / "trunc"
     src.mkdir()
