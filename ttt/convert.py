@@ -664,7 +664,7 @@ def convert(src, out, *, tokenizer=None, config=None, fmt: str | None = None) ->
             ours_state = dict(official_to_ours(k, v, cfg.backbone) for k, v in state.items())
             save_file({k: v.contiguous() for k, v in ours_state.items()}, str(tmp / "model.safetensors"),
                       metadata={"format": "ttt-convert"})
-        run = {"model": cfg.to_dict(), "vocab_size": cfg.vocab_size, "source": source}
+        run = {"model_type": "ttt_lm", "model": cfg.to_dict(), "vocab_size": cfg.vocab_size, "source": source}
         (tmp / "config.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
         if tokenizer:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
