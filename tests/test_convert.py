@@ -176,3 +176,45 @@ def test_cli_convert_bad_inputs(tmp_path, capsys):
     r = _cli("convert", str(DATA / "jax_mlp_transformer" / "checkpoint"), "--out", str(tmp_path / "ok"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def _word_tokenizer(path, n_words: int = 126):
+    """A 128-token word-level tokenizer.json with Llama-2's EOS name, the size of the fixtures' vocabulary."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(n_words)}}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_converted_model_runs_in_eval_generate_and_finetune(tmp_path, capsys):
+    """A converted official model with a tokenizer: `ttt generate` and `ttt eval` run on it, and
+    `ttt train --init-from` fine-tunes it (weights from the run; the result stays next to them at a tiny lr)."""
+    from ttt.cli import main
+
+    _word_tokenizer(tmp_path / "tok.json")
+    run = tmp_path / "run"
+    assert main(["-q", "convert", str(DATA / "pt_linear_mamba" / "checkpoint"), "--out", str(run),
+                 "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "generate", str(run), "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2 w3")
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"w{j}" for j in rng.integers(0, 126, 300)))
+    assert main(["-q", "data", str(corpus), "--out", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--val-docs", "2"]) == 0
+    assert main(["-q", "eval", str(run), "--data", str(tmp_path / "data"), "--seq-len", "64", "--n-seqs", "2",
+                 "--chunk-len", "16", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["models"][0]["nll"] > 0
+    assert main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ft"), "--init-from", str(run),
+                 "--seq-len", "32", "--micro-batch", "2", "--tokens-per-step", "64", "--steps", "1", "--lr", "1e-7",
+                 "--min-lr", "0", "--eval-every", "0", "--no-progress", "--device", "cpu"]) == 0
+    src, _ = load_model(run)
+    ft, cfg = load_model(tmp_path / "ft")
+    assert cfg.backbone == "mamba" and cfg.d_model == 64
+    for (name, a), b in zip(src.state_dict().items(), ft.state_dict().values()):
+        assert (a - b).abs().max() < 1e-5, name

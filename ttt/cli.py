@@ -187,6 +187,10 @@ def cmd_train(args) -> int:
 
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
     model_cfg = _model_config(args, args._model_fields, load_meta(train_cfg.data_dir)["vocab_size"])
+    if train_cfg.init_from:  # fine-tuning: the model is the one of --init-from
+        from .train import init_model_config
+        model_cfg = init_model_config(train_cfg.init_from, model_cfg, load_meta(train_cfg.data_dir)["vocab_size"])
+        args.size = f"the model of {train_cfg.init_from}"
     print(f"model: {model_cfg.mixer} ({args.size}, backbone {model_cfg.backbone}), "
           f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg)
