@@ -153,3 +153,13 @@ def test_missing_tokenizer(run_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and "--tokenizer" in err, err
+
+
+def test_without_lm_eval_says_what_to_install(run_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    run, _, _, tasks = run_dir
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    code = main(["-q", "lm-eval", str(run), "--tasks", "tiny_mc", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'ttt-lm[lm_eval]'" in err and len(err.strip().splitlines()) == 1, err

@@ -329,9 +329,12 @@ def cmd_lm_eval(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise CLIError("--tasks: expected a comma-separated list of task names, got nothing")
-    results = run_lm_eval(args.run, tasks, include_path=args.include_path, limit=args.limit,
-                          batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer,
-                          max_length=args.max_length)
+    try:
+        results = run_lm_eval(args.run, tasks, include_path=args.include_path, limit=args.limit,
+                              batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer,
+                              max_length=args.max_length)
+    except ImportError as e:
+        raise CLIError(str(e)) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

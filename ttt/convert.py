@@ -483,16 +483,17 @@ def detect(src: Path) -> str:
                            f"streaming_train_state/streaming_params file or an official PyTorch folder)")
     if _jax_state_file(src) is not None:
         return "official-jax"
-    if (src / "config.json").is_file() and ((src / "model.safetensors").is_file()
-                                             or (src / "pytorch_model.bin").is_file()):
+    if (src / "config.json").is_file():
         conf = _read_json(src / "config.json")
         if conf.get("model_type") == "ttt" or "ttt_layer_type" in conf:
+            if not ((src / "model.safetensors").is_file() or (src / "pytorch_model.bin").is_file()):
+                raise ConvertError(f"SRC: {str(src)!r} has an official config.json but no model.safetensors or "
+                                   f"pytorch_model.bin")
             return "official-pytorch"
+        if isinstance(conf.get("model"), dict) and "vocab_size" in conf:
+            raise ConvertError(f"SRC: {str(src)!r} is already a run directory of ours (nothing to convert)")
         raise ConvertError(f"SRC: {str(src / 'config.json')!r} is not an official TTT config "
                            f"(model_type {conf.get('model_type')!r}, expected 'ttt')")
-    if (src / "config.json").is_file() and (src / "model.safetensors").is_file() is False and \
-            any(src.glob("checkpoints/*/model.safetensors")):
-        raise ConvertError(f"SRC: {str(src)!r} is already a run directory of ours")
     raise ConvertError(f"SRC: {str(src)!r} holds no known checkpoint (expected streaming_train_state / "
                        f"streaming_params, or config.json + model.safetensors / pytorch_model.bin)")
 
