@@ -218,3 +218,51 @@ def test_converted_model_runs_in_eval_generate_and_finetune(tmp_path, capsys):
     assert cfg.backbone == "mamba" and cfg.d_model == 64
     for (name, a), b in zip(src.state_dict().items(), ft.state_dict().values()):
         assert (a - b).abs().max() < 1e-5, name
+
+
+def test_streaming_params_file_and_config_override(tmp_path):
+    """A `streaming_params` file (params only, keys from ('model', ...)) converts too; --config overrides."""
+    import msgpack
+
+    case = DATA / "jax_mlp_mamba"
+    src = tmp_path / "ck"
+    src.mkdir()
+    with open(case / "checkpoint" / "streaming_train_state", "rb") as fh, open(src / "streaming_params", "wb") as out:
+        for key, payload in msgpack.Unpacker(fh, max_buffer_size=0, raw=False):
+            if key[:2] == ["params", "params"]:
+                out.write(msgpack.packb([key[2:], payload], use_bin_type=True))
+    shutil.copy(case / "checkpoint" / "metadata.pkl", src)
+    convert(src, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
+    want = torch.from_numpy(np.load(case / "logits.npy"))
+    assert _rel_err(_logits(model, np.load(case / "input_ids.npy")), want) <= 1e-4
+    (tmp_path / "over.json").write_text(json.dumps({"ttt_base_lr": 0.5}))
+    cfg, _ = convert(src, tmp_path / "run2", config=tmp_path / "over.json")
+    assert cfg.base_lr == 0.5
+    model2, _ = load_model(tmp_path / "run2")
+    assert _rel_err(_logits(model2, np.load(case / "input_ids.npy")), want) > 1e-3  # the override took effect
+
+
+def test_pytorch_model_bin(tmp_path):
+    """pytorch_model.bin (a pickle) is read with torch.load(weights_only=True)."""
+    from safetensors.torch import load_file
+
+    case = DATA / "pt_mlp_mamba"
+    src = tmp_path / "pt"
+    src.mkdir()
+    shutil.copy(case / "checkpoint" / "config.json", src)
+    torch.save(load_file(str(case / "checkpoint" / "model.safetensors")), src / "pytorch_model.bin")
+    convert(src, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
+    want = torch.from_numpy(np.load(case / "logits.npy"))
+    assert _rel_err(_logits(model, np.load(case / "input_ids.npy")), want) <= 1e-4
+    # a pickle that is not plain tensors is refused, not executed
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(ConvertError, match="weights_only=True"):
+        convert(src, tmp_path / "run3")
