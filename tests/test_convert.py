@@ -266,3 +266,17 @@ def test_pytorch_model_bin(tmp_path):
     (src / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
     with pytest.raises(ConvertError, match="weights_only=True"):
         convert(src, tmp_path / "run3")
+
+
+@pytest.mark.parametrize("command", ["convert", "export", "lm-eval"])
+def test_help_lists_every_option(command, capsys):
+    from ttt.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in out, f"{command} --help lacks {flag}"
