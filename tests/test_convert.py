@@ -218,6 +218,14 @@ def test_converted_model_runs_in_eval_generate_and_finetune(tmp_path, capsys):
     assert cfg.backbone == "mamba" and cfg.d_model == 64
     for (name, a), b in zip(src.state_dict().items(), ft.state_dict().values()):
         assert (a - b).abs().max() < 1e-5, name
+    assert any(not torch.equal(a, b) for a, b in zip(src.state_dict().values(), ft.state_dict().values()))
+    # the model trained here exports to the official layout and reloads with identical logits
+    assert main(["-q", "export", str(tmp_path / "ft"), "--out", str(tmp_path / "ft_official")]) == 0
+    assert (tmp_path / "ft_official" / "tokenizer.json").is_file()
+    assert main(["-q", "convert", str(tmp_path / "ft_official"), "--out", str(tmp_path / "ft_back")]) == 0
+    back, _ = load_model(tmp_path / "ft_back")
+    ids = np.random.default_rng(1).integers(0, 128, (2, 40))
+    assert torch.equal(_logits(ft, ids), _logits(back, ids))
 
 
 def test_streaming_params_file_and_config_override(tmp_path):

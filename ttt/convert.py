@@ -614,7 +614,10 @@ def convert(src, out, *, tokenizer=None, config=None, fmt: str | None = None) ->
     (our ModelConfig, the "source" record written to config.json)."""
     src = Path(src)
     fmt = fmt or detect(src)
-    override = _read_json(Path(config)) if config else {}
+    try:
+        override = _read_json(Path(config)) if config else {}
+    except ConvertError as e:
+        raise ConvertError(f"--config: {e}") from None
     vocab_tok = _tokenizer_vocab(Path(tokenizer)) if tokenizer else None
     source = {"format": fmt, "path": str(src)}
     if fmt == "official-jax":
@@ -709,8 +712,13 @@ def export_official_pytorch(run_dir, out, *, max_position_embeddings: int = 2048
         (tmp / "config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2),
                                                    encoding="utf-8")
-        if (ck / "tokenizer.json").is_file():
-            shutil.copyfile(ck / "tokenizer.json", tmp / "tokenizer.json")
+        train = json.loads((ck / "config.json").read_text(encoding="utf-8")).get("train")
+        data_tok = [Path(train["data_dir"]) / "tokenizer.json"] if isinstance(train, dict) and isinstance(
+            train.get("data_dir"), str) else []
+        for tok in (ck / "tokenizer.json", Path(run_dir) / "tokenizer.json", *data_tok):  # a run's: its data's
+            if tok.is_file():
+                shutil.copyfile(tok, tmp / "tokenizer.json")
+                break
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: `TTTEvalLM`, an `lm_eval.api.model.LM` over one of our models, and
 `run_lm_eval` behind `ttt lm-eval` (optional extra: pip install 'ttt-lm[lm_eval]').
 
-    lm = TTTEvalLM.from_run("runs/x", device="cuda", max_length=2048)
+    lm = eval_lm_class().from_run("runs/x", device="cuda", max_length=2048)   # a TTTEvalLM
     results = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
 
 Scoring is exact for any length: a sequence longer than `max_length` tokens runs in windows of
@@ -9,7 +9,7 @@ Scoring is exact for any length: a sequence longer than `max_length` tokens runs
 its whole left context (no sliding-window approximation). Batches are right-padded: a causal model's
 outputs at a position never depend on later positions. An empty context starts from the prefix token
 (the tokenizer's "<s>" when it has one, as the Llama-2-tokenized released models saw at document starts,
-else its EOS). generate_until decodes greedily.
+else its EOS). generate_until decodes greedily (sampling settings in a task's gen_kwargs are not used).
 """
 from __future__ import annotations
 
@@ -184,15 +184,8 @@ def _make_class():
 _CLS = None
 
 
-def TTTEvalLM(*args, **kw):
-    """Build the adapter (the class is created on first use, so importing this module needs no lm_eval)."""
-    global _CLS
-    if _CLS is None:
-        _CLS = _make_class()
-    return _CLS(*args, **kw)
-
-
 def eval_lm_class():
+    """The adapter class, `TTTEvalLM` (created on first use, so importing this module needs no lm_eval)."""
     global _CLS
     if _CLS is None:
         _CLS = _make_class()
