@@ -49,7 +49,8 @@ def official_shapes(size: str, mixer: str) -> dict[tuple, tuple]:
                        B + ("conv_k", "kernel"): (K, 1, C), B + ("conv_k", "bias"): (C,),
                        B + ("learnable_token_idx",): (b,), B + ("learnable_ttt_lr/kernel",): (H, C, 1),
                        B + ("learnable_ttt_lr/bias",): (H, 1), B + ("ttt_norm/scale",): (H, d),
-                       B + ("ttt_norm/bias",): (H, d), B + ("post_norm", "scale"): (C,), B + ("post_norm", "bias"): (C,)})
+                       B + ("ttt_norm/bias",): (H, d), B + ("post_norm", "scale"): (C,),
+                       B + ("post_norm", "bias"): (C,)})
         if mixer == "ttt_linear":
             shapes.update({B + ("ttt_dense_0",): (H, d, d), B + ("ttt_bias_0",): (H, 1, d)})
         else:

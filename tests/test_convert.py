@@ -210,7 +210,8 @@ def test_converted_model_runs_in_eval_generate_and_finetune(tmp_path, capsys):
     assert main(["-q", "eval", str(run), "--data", str(tmp_path / "data"), "--seq-len", "64", "--n-seqs", "2",
                  "--chunk-len", "16", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["models"][0]["nll"] > 0
-    assert main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ft"), "--init-from", str(run),
+    assert main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ft"),
+                 "--init-from", str(run),
                  "--seq-len", "32", "--micro-batch", "2", "--tokens-per-step", "64", "--steps", "1", "--lr", "1e-7",
                  "--min-lr", "0", "--eval-every", "0", "--no-progress", "--device", "cpu"]) == 0
     src, _ = load_model(run)

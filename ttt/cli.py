@@ -341,7 +341,8 @@ def cmd_lm_eval(args) -> int:
     tmp.write_text(_json.dumps(results, indent=2, default=str), encoding="utf-8")
     os.replace(tmp, out)
     for task, metrics in results["results"].items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and "stderr" not in k)
         print(f"{task}: {shown}")
     print(f"wrote {out}")
     return 0
