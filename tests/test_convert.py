@@ -289,3 +289,19 @@ def test_help_lists_every_option(command, capsys):
     for action in sub._actions:
         for flag in action.option_strings:
             assert flag in out, f"{command} --help lacks {flag}"
+
+
+def test_pytorch_config_defaults(tmp_path):
+    """Fields absent from an official config.json take the official TTTConfig defaults (save_pretrained may
+    leave out fields equal to them): the Transformer fixture without its default-valued fields converts the same."""
+    src = tmp_path / "pt"
+    shutil.copytree(DATA / "pt_linear_transformer" / "checkpoint", src)
+    conf = json.loads((src / "config.json").read_text())
+    for k in ("pre_conv", "share_qk", "use_gate", "ttt_base_lr", "conv_kernel", "mini_batch_size", "rope_theta"):
+        conf.pop(k)
+    (src / "config.json").write_text(json.dumps(conf))
+    cfg, _ = convert(src, tmp_path / "run")
+    assert cfg.backbone == "transformer" and cfg.base_lr == 1.0 and cfg.mini_batch == 16
+    model, _ = load_model(tmp_path / "run")
+    want = torch.from_numpy(np.load(DATA / "pt_linear_transformer" / "logits.npy"))
+    assert _rel_err(_logits(model, np.load(DATA / "pt_linear_transformer" / "input_ids.npy")), want) <= 1e-4

@@ -71,6 +71,14 @@ _IGNORED = {
 }
 
 
+# the official TTTConfig's defaults: transformers' save_pretrained may leave out fields equal to them
+PT_DEFAULTS = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 24,
+               "num_attention_heads": 32, "hidden_act": "silu", "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "rope_theta": 10000.0, "use_gate": False, "share_qk": False,
+               "ttt_layer_type": "linear", "ttt_base_lr": 1.0, "mini_batch_size": 16, "pre_conv": False,
+               "conv_kernel": 4}
+
+
 def _get(conf: dict, key: str, default=None, required: bool = True):
     if key in conf:
         return conf[key]
@@ -108,18 +116,19 @@ def official_to_config(conf: dict, fmt: str) -> ModelConfig:
         if seq % b:
             raise ConvertError(f"config: max_sequence_length={seq} is not a multiple of mini_batch_size={b}")
     elif fmt == "official-pytorch":
-        layer = _get(conf, "ttt_layer_type", "linear", required=False)
+        conf = {**PT_DEFAULTS, **conf}
+        layer = _get(conf, "ttt_layer_type")
         if layer not in ("linear", "mlp"):
             raise ConvertError(f"config: ttt_layer_type={layer!r} is not implemented here (expected 'linear' or 'mlp')")
         mixer = "ttt_" + layer
-        flags = {k: bool(_get(conf, k, True, required=False)) for k in ("pre_conv", "share_qk", "use_gate")}
+        flags = {k: bool(conf[k]) for k in ("pre_conv", "share_qk", "use_gate")}
         if len(set(flags.values())) != 1:
             raise ConvertError(f"config: pre_conv={flags['pre_conv']}, share_qk={flags['share_qk']}, "
                                f"use_gate={flags['use_gate']} is not implemented here (ours: all True = Mamba "
                                f"backbone, or all False = Transformer backbone)")
         backbone = "mamba" if flags["pre_conv"] else "transformer"
-        width = _num(conf, "conv_kernel", 4)
-        act = _get(conf, "hidden_act", "silu", required=False)
+        width = _num(conf, "conv_kernel")
+        act = conf["hidden_act"]
         if act != "silu":
             raise ConvertError(f"config: hidden_act={act!r} is not implemented here (the SwiGLU FFN uses 'silu')")
     else:
