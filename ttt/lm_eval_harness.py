@@ -13,13 +13,10 @@ else its EOS). generate_until decodes greedily (sampling settings in a task's ge
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 INSTALL = "lm-eval is not installed: pip install 'ttt-lm[lm_eval]' (lm-eval>=0.4)"
 EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>")
@@ -63,11 +60,16 @@ class _Tok:
 
 
 def find_tokenizer(run, tokenizer=None) -> Path:
-    from .checkpoint import resolve
+    """--tokenizer, else the tokenizer.json of the run (or checkpoint) dir, else of the run's training data."""
+    from .checkpoint import CONFIG_FILE, read_json, resolve
 
     if tokenizer:
         return Path(tokenizer)
-    for c in (Path(run) / "tokenizer.json", resolve(run) / "tokenizer.json"):
+    ck = resolve(run)
+    train = read_json(ck / CONFIG_FILE).get("train")
+    data = [Path(train["data_dir"]) / "tokenizer.json"] if isinstance(train, dict) and isinstance(
+        train.get("data_dir"), str) else []
+    for c in (Path(run) / "tokenizer.json", ck / "tokenizer.json", *data):
         if c.is_file():
             return c
     raise ValueError(f"--tokenizer: {str(run)!r} holds no tokenizer.json; pass --tokenizer (the released models "
