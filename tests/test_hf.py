@@ -53,3 +53,23 @@ def test_from_pretrained_plain_run_dir(tmp_path):
         loss = hf(ids, labels=ids).loss
         want = torch.nn.functional.cross_entropy(model(ids)[0][0, :-1], ids[0, 1:])
     assert torch.allclose(loss, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_on_cuda(tmp_path):
+    """generate() on CUDA (Triton kernels for prefill and decode) gives our own CUDA greedy tokens."""
+    import ttt.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = get_config("debug", vocab_size=100)
+    model = TTTLM(cfg).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "ttt_lm", "model": cfg.to_dict(),
+                                                      "vocab_size": 100}))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), device="cuda")
+    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(1)).cuda()
+    out = hf.generate(ids, max_new_tokens=16, do_sample=False)
+    want = generate(model.cuda(), ids, 16, greedy=True, cuda_graph=False)
+    assert out[:, 21:].cpu().tolist() == want

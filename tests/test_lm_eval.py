@@ -163,3 +163,24 @@ def test_without_lm_eval_says_what_to_install(run_dir, tmp_path, capsys, monkeyp
     code = main(["-q", "lm-eval", str(run), "--tasks", "tiny_mc", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'ttt-lm[lm_eval]'" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_match_cpu(run_dir):
+    """The adapter on CUDA (the auto op backend: the Triton kernels) scores like the CPU reference."""
+    from ttt.lm_eval_harness import eval_lm_class
+
+    run, _, _, _ = run_dir
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    reqs = [Req(d["question"], " " + c) for d in MC for c in d["choices"]]
+    rolling = [Req(d["text"]) for d in DOCS]
+    cpu = eval_lm_class().from_run(run, batch_size=4, max_length=8)
+    gpu = eval_lm_class().from_run(run, batch_size=4, max_length=8, device="cuda")
+    for (a, _), (b, _) in zip(cpu.loglikelihood(reqs), gpu.loglikelihood(reqs)):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
+    assert gpu.loglikelihood_rolling(rolling) == pytest.approx(cpu.loglikelihood_rolling(rolling), rel=1e-3)

@@ -82,10 +82,12 @@ class TTTForCausalLMHF(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        """A run or checkpoint directory of ours (read with ttt.checkpoint.load_model)."""
+        """A run or checkpoint directory of ours (read with ttt.checkpoint.load_model); `device` (or a single
+        device as `device_map`) and `dtype` are honoured, other loading options of transformers are not used."""
         from .checkpoint import load_model
 
-        device = kwargs.pop("device", None) or "cpu"
+        device_map = kwargs.pop("device_map", None)  # one device only ("cuda", "cpu"): no sharding
+        device = kwargs.pop("device", None) or (device_map if isinstance(device_map, (str, torch.device)) else "cpu")
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         lm, cfg = load_model(pretrained_model_name_or_path, device)
         if not isinstance(config, TTTLMConfig):
