@@ -53,15 +53,17 @@ def test_metadata_config_matches_fixture():
 
 
 def test_restricted_unpickler_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))  # a plain pickle.load would create the file
 
     p = tmp_path / "metadata.pkl"
     import pickle
     p.write_bytes(pickle.dumps({"model_config": {"a": 1}, "x": Evil()}))
-    conf = read_metadata(p)  # print is a builtin outside the allowed set: it becomes an inert stub
-    assert conf == {"a": 1}
+    conf = read_metadata(p)  # open is outside the allowed builtins: it becomes an inert stub
+    assert conf == {"a": 1} and not marker.exists()
 
 
 def test_jax_without_metadata_infers_config(tmp_path):
