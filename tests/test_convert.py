@@ -307,3 +307,28 @@ def test_pytorch_config_defaults(tmp_path):
     model, _ = load_model(tmp_path / "run")
     want = torch.from_numpy(np.load(DATA / "pt_linear_transformer" / "logits.npy"))
     assert _rel_err(_logits(model, np.load(DATA / "pt_linear_transformer" / "input_ids.npy")), want) <= 1e-4
+
+
+def test_jax_untied_head(tmp_path):
+    """tie_word_embeddings=False: the head comes from ('params', 'params', 'lm_head', 'kernel') [C, V]. Here it
+    holds the embedding's transpose, so the official (tied) logits must come out."""
+    import msgpack
+
+    case = DATA / "jax_linear_transformer"
+    src = tmp_path / "ck"
+    src.mkdir()
+    records = list(msgpack.Unpacker(open(case / "checkpoint" / "streaming_train_state", "rb"), raw=False))
+    emb = next(p for k, p in records if k[-2:] == ["wte", "embedding"])
+    shape, dtype, raw = msgpack.unpackb(msgpack.unpackb(emb, raw=False).data, raw=False)
+    kernel = np.frombuffer(raw, np.uint16).reshape(shape).T.copy()  # bf16 bits, [V, C] -> [C, V]
+    head = msgpack.packb(msgpack.ExtType(1, msgpack.packb([list(kernel.shape), dtype, kernel.tobytes()])))
+    with open(src / "streaming_train_state", "wb") as out:
+        for k, p in records + [(["params", "params", "lm_head", "kernel"], head)]:
+            out.write(msgpack.packb([k, p], use_bin_type=True))
+    (tmp_path / "untied.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    shutil.copy(case / "checkpoint" / "metadata.pkl", src)
+    cfg, _ = convert(src, tmp_path / "run", config=tmp_path / "untied.json")
+    assert cfg.tie_embeddings is False
+    model, _ = load_model(tmp_path / "run")
+    want = torch.from_numpy(np.load(case / "logits.npy"))
+    assert _rel_err(_logits(model, np.load(case / "input_ids.npy")), want) <= 1e-4
