@@ -403,6 +403,10 @@ def cmd_train(args) -> int:
     meta = load_meta(train_cfg.data_dir)
     model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
     size = _preset(args).size
+    if train_cfg.init_from:  # fine-tuning: the model is the one of --init-from
+        from .train import init_model_config
+        model_cfg = init_model_config(train_cfg.init_from, model_cfg, meta["vocab_size"])
+        size = f"the model of {train_cfg.init_from}"
     if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
         device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
         _check_backend(model_cfg.ttt_backend, model_cfg.mixer, device)
@@ -590,6 +594,97 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert / export / lm-eval
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    cfg, source = convert(args.src, args.out, tokenizer=args.tokenizer, config=args.config)
+    print(f"converted {source['format']} checkpoint {args.src} -> {args.out}: {cfg.mixer}, backbone {cfg.backbone}, "
+          f"{cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}"
+          + ("" if args.tokenizer else " (no --tokenizer: pass one to `ttt generate` / `ttt lm-eval`)"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .convert import export_official_pytorch
+
+    export_official_pytorch(args.run, args.out, max_position_embeddings=args.max_position_embeddings)
+    print(f"exported {args.run} -> {args.out} ({args.format}: config.json, model.safetensors)")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    import json as _json
+
+    from .lm_eval_harness import run_lm_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise CLIError("--tasks: expected a comma-separated list of task names, got nothing")
+    try:
+        results = run_lm_eval(args.run, tasks, include_path=args.include_path, limit=args.limit,
+                              batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer,
+                              max_length=args.max_length)
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(_json.dumps(results, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, out)
+    for task, metrics in results["results"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_interop_parsers(sub, fmt) -> None:
+    d = sub.add_parser("convert", formatter_class=fmt, help="official TTT checkpoint (JAX or PyTorch) -> run dir",
+                       description="Convert a checkpoint of the paper's official code into a run directory that "
+                                   "eval, generate, lm-eval and train --init-from load. The format is detected: an "
+                                   "EasyLM/JAX streaming checkpoint directory (streaming_train_state, metadata.pkl) "
+                                   "or an official PyTorch/transformers folder (config.json + model.safetensors or "
+                                   "pytorch_model.bin). See docs/convert.md.")
+    d.add_argument("src", metavar="SRC", help="checkpoint directory (or the streaming_train_state file)")
+    d.add_argument("--out", required=True, help="run directory to create (must not exist or be empty)")
+    d.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json to store with the model (the released models use Llama-2's, 32000 tokens)")
+    d.add_argument("--config", default=None,
+                   help="JSON file of official config fields overriding the checkpoint's (or replacing inference "
+                        "from shapes when there is no metadata.pkl)")
+    d.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("export", formatter_class=fmt, help="run dir -> the official PyTorch (transformers) layout",
+                       description="Write a model of ours as an official ttt-lm-pytorch folder (config.json, "
+                                   "generation_config.json, model.safetensors with the official names).")
+    d.add_argument("run", metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    d.add_argument("--format", default="official-pytorch", choices=["official-pytorch"], help="target layout")
+    d.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    d.add_argument("--max-position-embeddings", type=_pos_int, default=2048,
+                   help="max_position_embeddings written to config.json (the official code reads it only for RoPE "
+                        "tables; default: 2048)")
+    d.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("lm-eval", formatter_class=fmt, help="score a model with lm-evaluation-harness tasks",
+                       description="Run lm-evaluation-harness (pip install 'ttt-lm[lm_eval]') on a run directory "
+                                   "through its Python API. Documents longer than --max-length are scored in "
+                                   "windows with the recurrent state carried across them.")
+    d.add_argument("run", metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    d.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    d.add_argument("--include-path", default=None, help="directory of extra task YAML files")
+    d.add_argument("--limit", type=_pos_int, default=None, help="at most this many documents per task")
+    d.add_argument("--batch-size", type=_pos_int, default=8, help="requests per forward (default: 8)")
+    d.add_argument("--max-length", type=_pos_int, default=2048,
+                   help="tokens per forward window; longer inputs continue with the carried state (default: 2048)")
+    d.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run directory's)")
+    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    d.add_argument("--out", required=True, help="results JSON file to write")
+    d.set_defaults(func=cmd_lm_eval)
+
+
 # ----------------------------------------------------------------------------- parser
 
 def _add_subcommand(sub, name: str, options_cls, func, help: str, description: str, defaults: dict | None = None):
@@ -655,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print parameter counts (built on the meta device: instant, no memory). Without "
                                    "--size / --mixer, every preset and mixer (both backbones for TTT).")
     d.set_defaults(_model_fields=_add_model_options(d, ParamsOptions, vocab_default="32000"), func=cmd_params)
+    _add_interop_parsers(sub, argparse.RawDescriptionHelpFormatter)
     return p
 
 

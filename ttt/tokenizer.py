@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS = "<|eos|>"
+FOREIGN_EOS = ("</s>", "<|endoftext|>")  # accepted in tokenizer.json files of other models (ttt convert)
 MIN_VOCAB = 256 + 1  # every byte, plus EOS
 # 2**20 is 8x the largest vocabularies in use; beyond it a BPE cannot be learned from any corpus one would
 # prepare here, and the embedding alone would hold vocab_size x d_model parameters.
@@ -38,9 +39,11 @@ class Tokenizer:
     """Byte-level BPE with an `<|eos|>` special token. Build with `train` or `load`."""
 
     def __init__(self, hf: _HFTokenizer):
-        eos_id = hf.token_to_id(EOS)
+        # ours, else the end-of-text token of other families (Llama-2's "</s>": the released TTT models)
+        eos_id = next((hf.token_to_id(t) for t in (EOS, *FOREIGN_EOS) if hf.token_to_id(t) is not None), None)
         if eos_id is None:
-            raise ValueError(f"tokenizer: expected a special token {EOS!r} in the vocabulary, found none")
+            raise ValueError(f"tokenizer: expected a special token {EOS!r} (or one of {FOREIGN_EOS}) in the "
+                             f"vocabulary, found none")
         hf.encode_special_tokens = True  # a literal "<|eos|>" in text is plain text, not EOS
         self._hf = hf
         self._eos_id = eos_id
@@ -67,7 +70,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a `tokenizer.json` written by `save` (or any HF tokenizer file holding `<|eos|>`)."""
+        """Load a `tokenizer.json` written by `save` (or any HF tokenizer file holding `<|eos|>`, `</s>` or
+        `<|endoftext|>`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer path: expected an existing tokenizer.json file, got {str(path)!r}")

@@ -114,6 +114,9 @@ class TrainConfig:
     tensorboard: bool = help_field(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
     resume: bool = help_field(True, "continue the run in out_dir from its latest checkpoint (same config required)")
     progress: bool = help_field(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
+    init_from: str | None = help_field(None, "fine-tune: start from the weights of this run or checkpoint dir "
+                                             "(e.g. from `ttt convert`), with a fresh optimizer and schedule; the "
+                                             "model config is that run's")
 
     def validate(self) -> None:
         for name in ("seq_len", "micro_batch", "tokens_per_step", "max_steps", "eval_batches", "log_every"):
@@ -262,9 +265,22 @@ class _Metrics:
             self._tb.close()
 
 
+def init_model_config(init_from: str, given: ModelConfig, data_vocab: int) -> ModelConfig:
+    """The model config of `init_from` (a run or checkpoint dir) for fine-tuning, keeping the execution-only
+    ttt_backend of `given`; ValueError when the data's vocabulary does not fit it."""
+    from .checkpoint import model_config
+
+    src = read_checkpoint(init_from, optimizer=False)
+    cfg = dataclasses.replace(model_config(src), ttt_backend=given.ttt_backend)
+    if data_vocab != cfg.vocab_size:
+        raise ValueError(f"init_from: the model of {init_from!r} has vocab_size {cfg.vocab_size}, the dataset's "
+                         f"tokenizer {data_vocab}; prepare the data with that model's tokenizer (ttt data --tokenizer)")
+    return cfg
+
+
 def _run_config(model_cfg: ModelConfig, cfg: TrainConfig, meta: dict) -> dict:
     """The content of config.json: what identifies the run, plus the full train config for reference."""
-    return {"format": 1, "model": model_cfg.to_dict(), "vocab_size": meta["vocab_size"],
+    return {"format": 1, "model_type": "ttt_lm", "model": model_cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "data": {"fingerprint": meta.get("fingerprint"), "vocab_size": meta["vocab_size"]},
             "run": {k: getattr(cfg, k) for k in RUN_FIELDS}, "train": dataclasses.asdict(cfg)}
 
@@ -440,6 +456,12 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
         _restore_rng(ckpt.trainer.get("rng", {}))
         del ckpt
         log.info("resumed from %s at step %d", resume_from, step)
+    elif cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and data order start fresh
+        src = read_checkpoint(cfg.init_from, optimizer=False)
+        check_weights(model, src.model_state, src.path / "model.safetensors")
+        dist.load_full_state_dicts(model, None, src.model_state, None)
+        del src
+        log.info("initialised the weights from %s", cfg.init_from)
 
     created = False
     if rank == 0:
