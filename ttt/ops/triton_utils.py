@@ -130,3 +130,32 @@ def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
     if not (q0.stride() == k0.stride() == v0.stride()) or q0.stride(-1) != 1:
         q0, k0, v0 = q0.contiguous(), k0.contiguous(), v0.contiguous()
     return q0, k0, v0, lr[:, 0]
+
+
+@triton.jit
+def _center_t(x, cmask, D: tl.constexpr):
+    """Column-wise (x - mean) over the first D rows of a transposed [BD, BT] tile, zero on the padded rows."""
+    mu = tl.sum(x, axis=0) / D
+    return tl.where(cmask[:, None], x - mu[None, :], 0.0)
+
+
+@triton.jit
+def _proj_t(g, xh, rstd, cmask, D: tl.constexpr):
+    """`_proj` on transposed [BD, BT] tiles (the LayerNorm backward, column-wise)."""
+    mg = tl.sum(g, axis=0) / D
+    mgx = tl.sum(g * xh, axis=0) / D
+    return tl.where(cmask[:, None], (g - mg[None, :] - xh * mgx[None, :]) * rstd[None, :], 0.0)
+
+
+@triton.jit
+def _finite_cols(x):
+    """[BT] mask of the columns of x whose entries are all finite (inf - inf and NaN - NaN are NaN)."""
+    s = tl.sum(x, axis=0)
+    return (s - s) == 0.0
+
+
+@triton.jit
+def _finite_rows(x):
+    """[BT] mask of the rows of x whose entries are all finite."""
+    s = tl.sum(x, axis=1)
+    return (s - s) == 0.0
