@@ -159,3 +159,17 @@ def _finite_rows(x):
     """[BT] mask of the rows of x whose entries are all finite."""
     s = tl.sum(x, axis=1)
     return (s - s) == 0.0
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b in fp32 (the product accumulated in place, so acc keeps the product's register layout);
+    DOT_MODE as in `_dot`."""
+    if DOT_MODE == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)

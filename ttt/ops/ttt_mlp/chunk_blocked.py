@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_center, _dot, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles,
+from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles,
                             dot_mode)
 
 # Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md round 3):
@@ -107,11 +107,13 @@ def _update(k, eb, G2, w1_ptr, c1_ptr, w2_ptr, dst1_ptr, dstc1_ptr, dst2_ptr, rd
 @triton.jit
 def _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE: tl.constexpr):
     """One F block of the output path: X2 = GELU(K W1 + c1), G1 = (G2 W2^T) GELU'(K W1 + c1),
-    X2b = GELU(Q W1 + c1 - P1 G1). [BT, FB] each."""
+    X2b = GELU(Q W1 + c1 - P1 G1) [BT, FB] each, and which rows (tokens) of G1 are finite [BT]; a non-finite
+    row enters the causal product P1 G1 as zeros (the caller poisons the outputs at and after it)."""
     X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
     G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
-    X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
-    return X2, G1, X2b
+    ok = _finite_rows(G1)
+    X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, tl.where(ok[:, None], G1, 0.0), DOT_MODE))
+    return X2, G1, X2b, ok
 
 
 @triton.jit
@@ -159,16 +161,18 @@ def ttt_mlp_fwd_blocked_kernel(
                 tl.store(ckc2_ptr + (pid * NCK + n // GROUP) * D + rd, c2, mask=cmask)
         G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
         E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-        P1 = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
+        P1 = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
         eb = tau_b * lr
         eG2 = eb[:, None] * G2
+        ok = _finite_rows(G2)  # tokens whose G1 and G2 are finite (G1's rows are checked block by block)
 
         # pass 2: the output products, then the weight update of each block
         z2b = tl.zeros([BT, BD], dtype=tl.float32)
         s2 = tl.zeros([BT, BT], dtype=tl.float32)
         for f in range(NFB):
             W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-            X2, G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+            X2, G1, X2b, okf = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+            ok = ok & okf
             z2b += _dot(X2b, W2, DOT_MODE)
             s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             eG1 = eb[:, None] * G1
@@ -177,10 +181,13 @@ def ttt_mlp_fwd_blocked_kernel(
             W2 -= _dot(tl.trans(X2), eG2, DOT_MODE)
             tl.debug_barrier()
             _wstore(w1, c1p, w2, W1, c1, W2, f * FB, rd, rf, cmask, D, FF)
-        Z2b = z2b + c2[None, :] - _dot(E * (s2 + 1.0), G2, DOT_MODE)
+        Z2b = z2b + c2[None, :] - _dot(tl.where(causal, E * (s2 + 1.0), 0.0), tl.where(ok[:, None], G2, 0.0),
+                                       DOT_MODE)
         zb = _center(Z2b, cmask, D)
         rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + EPS)
         o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        # a token with a non-finite G reaches only its own and later outputs (as NaN)
+        o = tl.where((tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0)[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         c2 -= tl.sum(eG2, axis=0)
         tl.debug_barrier()
@@ -316,7 +323,7 @@ def ttt_mlp_bwd_blocked_kernel(
             s2 = tl.zeros([BT, BT], dtype=tl.float32)
             for f in range(NFB):
                 W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-                X2, _G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+                X2, _G1, X2b, _ok = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
                 z2b += _dot(X2b, W2, DOT_MODE)
                 s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             XX1 = s2 + 1.0
