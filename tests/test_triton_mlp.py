@@ -1,5 +1,5 @@
 """TTT-MLP Triton kernels == the PyTorch dual form, for every kernel pair the triton backend can pick
-(`mlp_impl`: "trans", "regs", "blocked"): outputs, final state (params and accum) and every gradient (q, k, v,
+(`mlp_impl`: "trans", "split", "regs", "blocked"): outputs, final state (params and accum) and every gradient (q, k, v,
 lr, tau via delta, LN weight/bias, initial params, initial accum), at odd lengths (head and tail pieces in
 PyTorch), from mid-mini-batch starts with pending accumulators, over several checkpoint groups, with every
 kernel output NaN-poisoned before the kernel runs; a non-finite token reaching no earlier output; the fused
@@ -99,16 +99,25 @@ def test_trans_matches_dual(B, T, H, d, b, pos):
     compare("trans", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
-def test_trans_is_the_default_up_to_d64():
-    assert triton_backend.default_mlp_impl(64) == "trans" and triton_backend.default_mlp_impl(96) == "blocked"
-
-
 def test_trans_16_warps_fp16_forward():
     compare("trans", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3, warps=16)
 
 
+@pytest.mark.parametrize("warps", [4, 8])
+def test_split_matches_dual(warps):
+    """F split across the warps (d = 24: F = 96 padded to 128 in 4 groups of 32 rows; d = 16 with 8 warps:
+    F = 64 in 4 groups of 16), with chunk_t's backward on its checkpoints."""
+    d = 24 if warps == 4 else 16
+    compare("split", B=1, T=150 if warps == 4 else 37, H=1, d=d, b=8 if warps == 4 else 16, pos=3, warps=warps)
+
+
 def test_regs_matches_dual():
     compare("regs", B=1, T=150, H=1, d=24, b=8, pos=3)
+
+
+def test_default_impl_by_head_dim():
+    assert triton_backend.default_mlp_impl(64) == "regs" and triton_backend.default_mlp_impl(96) == "blocked"
+    compare(None, B=1, T=20, H=1, d=16, b=16, pos=0)
 
 
 def test_blocked_matches_dual():
@@ -125,12 +134,12 @@ def test_impl_choice_is_checked():
     inp = make(B=1, T=16, H=1, d=72, b=16, pos=0, grad=False)
     with pytest.raises(ValueError, match=r"^mlp_impl: 'trans' holds the weights in registers only up to head dim 64"):
         run_triton(inp, "trans")
-    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('trans', 'regs', 'blocked'\), "
+    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('trans', 'split', 'regs', 'blocked'\), "
                                          r"got 'fast'"):
         run_triton(inp, "fast")
 
 
-@pytest.mark.parametrize("impl", ["trans", "regs", "blocked"])
+@pytest.mark.parametrize("impl", ["trans", "split", "regs", "blocked"])
 @pytest.mark.parametrize("where", ["k", "v", "lr"])
 def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     """A NaN (or inf) at token 20 (b = 16): outputs 0..19 equal a run without it; token 20 is non-finite."""
@@ -170,7 +179,8 @@ def test_step_kernel_blocks(block_f, warps):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("impl,d", [("trans", 64), ("regs", 64), ("blocked", 64), ("blocked", 96), ("blocked", 128)])
+@pytest.mark.parametrize("impl,d", [("trans", 64), ("split", 64), ("regs", 64), ("blocked", 64), ("blocked", 96),
+                                    ("blocked", 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_full_shapes(impl, d, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -31,7 +31,8 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 from .common import TTTState
 from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
 from .ttt_linear import step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, chunk_t as _mlp_trans
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, chunk_split as _mlp_split
+from .ttt_mlp import chunk_t as _mlp_trans
 from .ttt_mlp import dual as _mlp_dual, step as _mlp_step
 from .ttt_mlp import step_triton as mlp_step_triton
 
@@ -48,15 +49,19 @@ def _warn_once(key, msg: str, *args) -> None:
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # TTT-MLP kernel pairs, chosen by the `mlp_impl` argument of `forward` (None: `default_mlp_impl(d)`):
 #   "trans": ttt_mlp/chunk_t.py, weights F-major in registers, F the row dimension of the products;
+#   "split": ttt_mlp/chunk_split.py's forward (F split across the warps, batched products, one reduction over
+#            the warps per sum over F) with chunk_t.py's backward (same checkpoint layout);
 #   "regs": ttt_mlp/chunk.py, weights in registers, tokens the row dimension (d <= MLP_MAX_D);
 #   "blocked": ttt_mlp/chunk_blocked.py, F walked in blocks, weights in a per-program global scratch.
-MLP_IMPLS = ("trans", "regs", "blocked")
-MLP_MAX_D = 64  # the register kernels ("regs", "trans") hold W1 and W2 on chip up to this head dim
+MLP_IMPLS = ("trans", "split", "regs", "blocked")
+MLP_MAX_D = 64  # the register kernels (all but "blocked") hold W1 and W2 on chip up to this head dim
 
 
 def default_mlp_impl(d: int) -> str:
-    """The TTT-MLP kernel pair for head dim d: "trans" up to MLP_MAX_D, "blocked" above."""
-    return "trans" if d <= MLP_MAX_D else "blocked"
+    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" above. ("trans" and "split"
+    spill no less than "regs" by the offline sm_90 compile (docs/kernels_notes.md round 4); they stay
+    selectable until a GPU timing says otherwise.)"""
+    return "regs" if d <= MLP_MAX_D else "blocked"
 
 
 def _prep(x):
@@ -71,14 +76,16 @@ def _same_strides(q, k, v):
 
 
 def _mlp_kernels(d: int, impl: str | None):
-    """The TTT-MLP kernel module for head dim d and `impl` (None: `default_mlp_impl(d)`)."""
+    """The TTT-MLP (fwd, bwd) launchers for head dim d and `impl` (None: `default_mlp_impl(d)`)."""
     impl = impl or default_mlp_impl(d)
     if impl not in MLP_IMPLS:
         raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {impl!r}")
-    if impl in ("regs", "trans") and d > MLP_MAX_D:
+    if impl != "blocked" and d > MLP_MAX_D:
         raise ValueError(f"mlp_impl: {impl!r} holds the weights in registers only up to head dim {MLP_MAX_D}, "
                          f"got head dim {d}")
-    return {"regs": _mlp_chunk, "trans": _mlp_trans, "blocked": _mlp_blocked}[impl]
+    fwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_split, "blocked": _mlp_blocked}[impl].fwd
+    bwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_trans, "blocked": _mlp_blocked}[impl].bwd
+    return fwd, bwd
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
@@ -165,7 +172,7 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 save: bool, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    o, fin, ck = _mlp_kernels(q.shape[-1], impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group,
+    o, fin, ck = _mlp_kernels(q.shape[-1], impl)[0](q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group,
                                                      save, num_warps=warps or None)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
@@ -192,7 +199,7 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
                 warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1], impl).bwd(
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1], impl)[1](
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]

@@ -25,60 +25,8 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import _center_t, _dot, _finite_cols, _gelu_parts, _gelu_parts2, _proj_t, dot_mode
-
-
-@triton.jit
-def _tiles_t(H, D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
-             BT: tl.constexpr):
-    pid = tl.program_id(0)
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    rf = tl.arange(0, BF)
-    cmask = rd < D
-    tmask = rt < MB
-    fmask = rf < FF
-    return pid, pid // H, pid % H, rt, rd, rf, cmask, tmask, fmask
-
-
-@triton.jit
-def _consts_t(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
-    """LN weight/bias [BD], tau_i [BT], tau_b, and the transposed causal mask [BT(j), BT(i)]: j <= i, j < b."""
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal_t = (rt[:, None] <= rt[None, :]) & tmask[:, None]
-    return gam, bet, tau_r, tau_b, causal_t
-
-
-@triton.jit
-def _load_t(x_ptr, off, m2t):
-    """A [BD, BT] transposed tile (tokens as columns), fp32, zero outside."""
-    return tl.load(x_ptr + off, mask=m2t, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _ln_l2_grad_t(Z2, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
-    """Gradient of 0.5 ||LN(Z2) - (v - k)||^2 w.r.t. Z2 on [BD, BT] tiles; returns G2, xh, rstd, gy, mgx."""
-    zc = _center_t(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    xh = zc * rstd[None, :]
-    gy = gam[:, None] * (gam[:, None] * xh + bet[:, None] - (v - k))
-    mgx = tl.sum(gy * xh, axis=0) / D
-    return _proj_t(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
-
-
-@triton.jit
-def _inner_t(kT, vT, U1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr,
-             DOT_MODE: tl.constexpr):
-    """Inner forward at the start weights and the gradients G2^T [BD, BT] and G1^T [BF, BT]."""
-    Z1 = _dot(U1, kT, DOT_MODE) + c1[:, None]  # [BF, BT]
-    X2, D1 = _gelu_parts(Z1)
-    Z2 = _dot(tl.trans(W2), X2, DOT_MODE) + c2[:, None]  # [BD, BT]
-    G2, xh, rstd, gy, mgx = _ln_l2_grad_t(Z2, vT, kT, gam, bet, cmask, D, EPS)
-    H1 = _dot(W2, G2, DOT_MODE)  # [BF, BT]
-    return Z1, X2, D1, G2, H1, H1 * D1, xh, rstd, gy, mgx
+from ..triton_utils import (_center_t, _consts_t, _dot, _finite_cols, _gelu_parts, _gelu_parts2, _inner_t, _load_t,
+                            _proj_t, _tiles_t, dot_mode, mlp_tile_sizes as _shape)
 
 
 @triton.jit
@@ -151,10 +99,6 @@ def ttt_mlp_fwd_t_kernel(
     tl.store(c1T_ptr + pid * FF + rf, c1, mask=fmask)
     tl.store(w2T_ptr + pid * FF * D + w2off, W2, mask=wmask)
     tl.store(c2T_ptr + pid * D + rd, c2, mask=cmask)
-
-
-def _shape(d: int, F: int, mini_batch: int):
-    return triton.next_power_of_2(d), triton.next_power_of_2(F), max(16, triton.next_power_of_2(mini_batch))
 
 
 def default_warps(d: int) -> int:
