@@ -25,6 +25,8 @@ from ttt.ops.common import LN_EPS  # noqa: E402
 
 # pointer arguments in the input dtype (the rest are fp32); every other non-constexpr argument is an i32
 _IO = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "lr_ptr"}
+# the backward's per-step weight scratch: the products' operand type (16-bit runs), else fp32
+_OPERAND = {"sc1_ptr", "sc2_ptr"}
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int):
@@ -36,7 +38,7 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
         if n in constexprs:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = f"*{dtype}" if n in _IO else "*fp32"
+            sig[n] = f"*{dtype}" if n in _IO or (n in _OPERAND and dtype != "fp32") else "*fp32"
         else:
             sig[n] = "i32"
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)

@@ -19,6 +19,11 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
 
 
+def operand_dtype(mode: int) -> torch.dtype:
+    """The operand type `_dot` rounds to in `mode` (fp32 for the fp32 and tf32 modes)."""
+    return {2: torch.bfloat16, 3: torch.float16}.get(mode, torch.float32)
+
+
 @triton.jit
 def _dot(a, b, DOT_MODE: tl.constexpr):
     """a @ b with fp32 accumulation. DOT_MODE 0: full fp32, 1: tf32, 2: bf16 operands, 3: fp16 operands."""

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
-                            _proj, _tiles, dot_mode)
+                            _proj, _tiles, dot_mode, operand_dtype)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -215,9 +215,9 @@ def ttt_mlp_bwd_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
             sc = sc_base + n - n0
-            tl.store(sc1_ptr + sc * D * FF + w1off, W1, mask=w1mask)
+            tl.store(sc1_ptr + sc * D * FF + w1off, W1.to(sc1_ptr.dtype.element_ty), mask=w1mask)
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
-            tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
+            tl.store(sc2_ptr + sc * FF * D + w2off, W2.to(sc2_ptr.dtype.element_ty), mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further
                 ptr = in_base + n * MB * s_t + in_off
@@ -258,22 +258,22 @@ def ttt_mlp_bwd_kernel(
             lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
             dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
             sc = sc_base + n - n0
-            W1 = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
+            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)  # the operand type (see bwd)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
-            W2 = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
+            W2s = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
 
             # forward recompute
-            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
+            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1s, c1, W2s, c2, gam, bet, cmask,
                                                                    D, DOT_MODE, EPS)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1
-            Z1b = _dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
+            Z1b = _dot(q, W1s, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
             X2b, D1b = _gelu_parts(Z1b)
             XX1 = _dot(X2b, tl.trans(X2), DOT_MODE) + 1.0
             P2 = E * XX1
-            Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
+            Z2b = _dot(X2b, W2s, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
             zcb = _center(Z2b, cmask, D)
             rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
             xhb = zcb * rstdb[:, None]
@@ -287,7 +287,7 @@ def ttt_mlp_bwd_kernel(
             dG2 = -_dot(tl.trans(P2), dZ2b, DOT_MODE)
             dE = dP2 * XX1
             dA2 = dP2 * E
-            dX2b = _dot(dZ2b, tl.trans(W2), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
+            dX2b = _dot(dZ2b, tl.trans(W2s), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
             dX2 = _dot(tl.trans(dA2), X2b, DOT_MODE)
             # Z1b = Q W1 + c1 - P1 G1,  P1 = E * (Q K^T + 1),  X2b = GELU(Z1b)
             dZ1b = dX2b * D1b
@@ -295,7 +295,7 @@ def ttt_mlp_bwd_kernel(
             dG1 = -_dot(tl.trans(P1), dZ1b, DOT_MODE)
             dE += dP1 * QK1
             dA1 = dP1 * E
-            dq = dO + _dot(dZ1b, tl.trans(W1), DOT_MODE) + _dot(dA1, k, DOT_MODE)
+            dq = dO + _dot(dZ1b, tl.trans(W1s), DOT_MODE) + _dot(dA1, k, DOT_MODE)
             dk = _dot(tl.trans(dA1), q, DOT_MODE)
             # carry: W1' = W1 - K^T (e_b G1), c1' = c1 - sum e_b G1, W2' = W2 - X2^T (e_b G2), c2' likewise
             eb = tau_b * lr
@@ -315,7 +315,7 @@ def ttt_mlp_bwd_kernel(
             dH1 = dG1 * D1
             _x, _dx, DD1 = _gelu_parts2(Z1)
             dZ1 = dG1 * H1 * DD1
-            dG2 += _dot(dH1, W2, DOT_MODE)
+            dG2 += _dot(dH1, W2s, DOT_MODE)
             # G2 = LN-L2 gradient at Z2 = X2 W2 + c2 (target v - k)
             dgy = _proj(dG2, xh, rstd, cmask, D)
             mdgx = tl.sum(dG2 * xh, axis=1) / D
@@ -326,9 +326,9 @@ def ttt_mlp_bwd_kernel(
             dbet += tl.sum(dgy * gam[None, :], axis=0)
             dv = -gam[None, :] * dgy
             dk += gam[None, :] * dgy
-            dX2 += _dot(dZ2, tl.trans(W2), DOT_MODE)
+            dX2 += _dot(dZ2, tl.trans(W2s), DOT_MODE)
             dZ1 += dX2 * D1
-            dk += _dot(dZ1, tl.trans(W1), DOT_MODE)
+            dk += _dot(dZ1, tl.trans(W1s), DOT_MODE)
             # gradients w.r.t. the start weights of this mini-batch
             dW1 += _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
             dc1 += tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
@@ -377,14 +377,17 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    dot = dot_mode(q.dtype) if dot is None else dot
+    # the per-step weights of the reverse walk only feed products: stored in the products' operand type
+    scr = tuple(torch.empty((B * H * group, *s), device=q.device,
+                            dtype=operand_dtype(dot) if len(s) == 2 else torch.float32) for s in shapes)
     ttt_mlp_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
         D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group,
-        DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 8, num_stages=1)
+        DOT_MODE=dot, EPS=LN_EPS, num_warps=num_warps or 8, num_stages=1)
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (_center_t, _consts_t, _dot, _finite_cols, _gelu_parts, _gelu_parts2, _inner_t, _load_t,
-                            _proj_t, _tiles_t, dot_mode, mlp_tile_sizes as _shape)
+                            _proj_t, _tiles_t, dot_mode, mlp_tile_sizes as _shape, operand_dtype)
 
 
 @triton.jit
@@ -176,9 +176,9 @@ def ttt_mlp_bwd_t_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
             sc = sc_base + n - n0
-            tl.store(sc1_ptr + sc * D * FF + woff, U1, mask=wmask)
+            tl.store(sc1_ptr + sc * D * FF + woff, U1.to(sc1_ptr.dtype.element_ty), mask=wmask)
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
-            tl.store(sc2_ptr + sc * FF * D + woff, W2, mask=wmask)
+            tl.store(sc2_ptr + sc * FF * D + woff, W2.to(sc2_ptr.dtype.element_ty), mask=wmask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further
                 ptr = in_base + n * MB * s_t + in_off
@@ -205,22 +205,22 @@ def ttt_mlp_bwd_t_kernel(
             lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
             dO = _load_t(do_ptr, out_base + t0 * o_t + out_off, m2t)
             sc = sc_base + n - n0
-            U1 = tl.load(sc1_ptr + sc * D * FF + woff, mask=wmask, other=0.0)
+            U1s = tl.load(sc1_ptr + sc * D * FF + woff, mask=wmask, other=0.0)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
-            W2 = tl.load(sc2_ptr + sc * FF * D + woff, mask=wmask, other=0.0)
+            W2s = tl.load(sc2_ptr + sc * FF * D + woff, mask=wmask, other=0.0)
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
 
             # forward recompute (tokens are columns; ET, P1, P2 are [BT(j), BT(i)])
-            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _inner_t(kT, vT, U1, c1, W2, c2, gam, bet, cmask,
+            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _inner_t(kT, vT, U1s, c1, W2s, c2, gam, bet, cmask,
                                                                  D, EPS, DOT_MODE)
             ET = tl.where(causal_t, tau_r[None, :] * lr[:, None], 0.0)
             QK1 = _dot(tl.trans(kT), qT, DOT_MODE) + 1.0
             P1 = tl.where(causal_t, ET * QK1, 0.0)
-            Z1b = _dot(U1, qT, DOT_MODE) + c1[:, None] - _dot(G1, P1, DOT_MODE)
+            Z1b = _dot(U1s, qT, DOT_MODE) + c1[:, None] - _dot(G1, P1, DOT_MODE)
             X2b, D1b = _gelu_parts(Z1b)
             XX1 = _dot(tl.trans(X2), X2b, DOT_MODE) + 1.0
             P2 = tl.where(causal_t, ET * XX1, 0.0)
-            Z2b = _dot(tl.trans(W2), X2b, DOT_MODE) + c2[:, None] - _dot(G2, P2, DOT_MODE)
+            Z2b = _dot(tl.trans(W2s), X2b, DOT_MODE) + c2[:, None] - _dot(G2, P2, DOT_MODE)
             zcb = _center_t(Z2b, cmask, D)
             rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=0) / D + EPS)
             xhb = zcb * rstdb[None, :]
@@ -234,7 +234,7 @@ def ttt_mlp_bwd_t_kernel(
             dG2 = -_dot(dZ2b, tl.trans(P2), DOT_MODE)  # [BD, BT]
             dE = dP2 * XX1
             dA2 = dP2 * ET
-            dX2b = _dot(W2, dZ2b, DOT_MODE) + _dot(X2, dA2, DOT_MODE)  # [BF, BT]
+            dX2b = _dot(W2s, dZ2b, DOT_MODE) + _dot(X2, dA2, DOT_MODE)  # [BF, BT]
             dX2 = _dot(X2b, tl.trans(dA2), DOT_MODE)
             # Z1b = Q W1 + c1 - P1 G1
             dZ1b = dX2b * D1b
@@ -242,7 +242,7 @@ def ttt_mlp_bwd_t_kernel(
             dG1 = -_dot(dZ1b, tl.trans(P1), DOT_MODE)
             dE += dP1 * QK1
             dA1 = dP1 * ET
-            dq = dO + _dot(tl.trans(U1), dZ1b, DOT_MODE) + _dot(kT, dA1, DOT_MODE)  # [BD, BT]
+            dq = dO + _dot(tl.trans(U1s), dZ1b, DOT_MODE) + _dot(kT, dA1, DOT_MODE)  # [BD, BT]
             dk = _dot(qT, tl.trans(dA1), DOT_MODE)
             # carry through the end-of-mini-batch update
             eb = tau_b * lr
@@ -262,7 +262,7 @@ def ttt_mlp_bwd_t_kernel(
             dH1 = dG1 * D1
             _x, _dx, DD1 = _gelu_parts2(Z1)
             dZ1 = dG1 * H1 * DD1
-            dG2 += _dot(tl.trans(W2), dH1, DOT_MODE)
+            dG2 += _dot(tl.trans(W2s), dH1, DOT_MODE)
             # G2 = LN-L2 gradient at Z2 (target v - k)
             dgy = _proj_t(dG2, xh, rstd, cmask, D)
             mdgx = tl.sum(dG2 * xh, axis=0) / D
@@ -273,9 +273,9 @@ def ttt_mlp_bwd_t_kernel(
             dbet += tl.sum(dgy * gam[:, None], axis=1)
             dv = -gam[:, None] * dgy
             dk += gam[:, None] * dgy
-            dX2 += _dot(W2, dZ2, DOT_MODE)
+            dX2 += _dot(W2s, dZ2, DOT_MODE)
             dZ1 += dX2 * D1
-            dk += _dot(tl.trans(U1), dZ1, DOT_MODE)
+            dk += _dot(tl.trans(U1s), dZ1, DOT_MODE)
             # gradients w.r.t. the start weights of this mini-batch
             dU1 += _dot(dZ1b, tl.trans(qT), DOT_MODE) + _dot(dZ1, tl.trans(kT), DOT_MODE)
             dc1 += tl.sum(dZ1b, axis=1) + tl.sum(dZ1, axis=1)
@@ -317,14 +317,16 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    dot = dot_mode(q.dtype) if dot is None else dot
+    # the per-step weights of the reverse walk only feed products: stored in the products' operand type
+    scr = tuple(torch.empty((B * H * group, *s), device=q.device,
+                            dtype=operand_dtype(dot) if len(s) == 2 else torch.float32) for s in shapes)
     ttt_mlp_bwd_t_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
-        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group,
-        DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS,
+        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=dot, EPS=LN_EPS,
         num_warps=num_warps or default_warps(d), num_stages=1)
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
