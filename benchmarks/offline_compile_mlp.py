@@ -62,7 +62,7 @@ def _resource_usage(cubin: bytes):
 
 
 def _variants(d: int, dot_mode: int):
-    from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_t, step_triton
+    from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_split, chunk_t, step_triton
     F = 4 * d
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     base = dict(D=d, BD=BD, FF=F, BF=BF, MB=16, BT=16, GROUP=8, DOT_MODE=dot_mode, EPS=LN_EPS)
@@ -71,9 +71,12 @@ def _variants(d: int, dot_mode: int):
         for w in (4, 8, 16):
             out.append(("regs fwd", chunk.ttt_mlp_fwd_kernel, dict(base, SAVE=True), w, 2))
             out.append(("regs bwd", chunk.ttt_mlp_bwd_kernel, base, w, 1))
-    for w in (4, 8, 16):
-        out.append(("trans fwd", chunk_t.ttt_mlp_fwd_t_kernel, dict(base, SAVE=True), w, 2))
-        out.append(("trans bwd", chunk_t.ttt_mlp_bwd_t_kernel, base, w, 1))
+    if d <= 64:
+        for w in (4, 8, 16):
+            out.append(("trans fwd", chunk_t.ttt_mlp_fwd_t_kernel, dict(base, SAVE=True), w, 2))
+            out.append(("trans bwd", chunk_t.ttt_mlp_bwd_t_kernel, base, w, 1))
+        for w in (8, 16):
+            out.append(("split fwd", chunk_split.ttt_mlp_fwd_split_kernel, dict(base, SAVE=True, NG=w), w, 2))
     bf = 64 if d <= 64 else 32
     for w in (4,):
         out.append(("blocked fwd", chunk_blocked.ttt_mlp_fwd_blocked_kernel,

@@ -156,7 +156,7 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
 @pytest.mark.parametrize("d", [16, 24])
 def test_step_kernel(pos, d):
     """The fused decode kernel (T = 1) == the PyTorch step (through the backend), including the commit; d = 24
-    has F = 96, a padded head dim and a partial last F block."""
+    has a padded head dim and F = 96 (three 32-column blocks)."""
     inp = make(B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
     o1, s1 = inp.run("triton")
     o2, s2 = inp.run("dual")
@@ -165,10 +165,11 @@ def test_step_kernel(pos, d):
         assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
 
 
-@pytest.mark.parametrize("block_f,warps", [(16, 4), (32, 8)])
-def test_step_kernel_blocks(block_f, warps):
-    """Several F blocks (16 or 32 columns over F = 64) and more warps give the same step."""
-    inp = make(B=1, T=1, H=2, d=16, b=16, pos=7, grad=False)
+@pytest.mark.parametrize("block_f,warps,d", [(16, 4, 16), (64, 4, 24)])
+def test_step_kernel_blocks(block_f, warps, d):
+    """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 64 columns over
+    F = 96 (a partial last block)."""
+    inp = make(B=1, T=1, H=2, d=d, b=16, pos=7, grad=False)
     o1, s1 = step_triton.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(),
                                  inp.mini_batch, block_f=block_f, num_warps=warps)
     o2, s2 = inp.run("dual")
