@@ -4,9 +4,8 @@ Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`)
 register kernels, tokens as the row dimension, 8 warps), "trans" (F as the row dimension, 8 and 16 warps),
 "split" (F split across the 8 warps, batched products; trans's backward); at d = 96, 128 "blocked" (F-blocked,
 weights in a global scratch; today's). Each variant is checked against the PyTorch dual form (bf16, and fp32
-where its code is new to the run; T = 533, not a multiple of b = 16; a mid-mini-batch
-start with a pending accumulator; the output, the final state and every gradient), and a variant that fails
-is not timed. Then fwd and fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
+for the code new in this round; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
+accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
 B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
 CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
 
@@ -27,11 +26,17 @@ from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
 B_MB = 16  # mini-batch size
 DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
 # (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are today's defaults.
-# fp32 checks where a kernel source or warp count is new to the run (each dtype compiles its own kernels).
+# fp32 is checked for the code new in this round ("trans", whose backward "split" shares); today's kernels are
+# checked in fp32 by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
+# whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
-VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16, FP32)), ("trans-w8", "trans", 8, (64,), (BF16, FP32)),
+VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("trans-w8", "trans", 8, (64,), (BF16, FP32)),
             ("split-w8", "split", 8, (64,), (BF16, FP32)), ("trans-w16", "trans", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (96, 128), (BF16, FP32))]
+            ("blocked", "blocked", None, (96, 128), (BF16,))]
+# the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
+# aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
+# counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
+CHECK = dict(B=1, T=2062, H=16, pos=7)
 SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
 # (block_f, num_warps) of the fused TTT-MLP decode step: round 2's setting, the new default, a middle one
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
@@ -79,7 +84,7 @@ def run(kind, leaves, st, impl=None, warps=None):
 def check(impl, warps, d, dtype):
     """Largest relative error of the variant against the dual form over the output, the final params and
     every gradient (q, k, v, lr, tau, LN weight/bias, initial params)."""
-    leaves, st = make("mlp", 2, 533, 2, d, dtype, pos=7, grad=True)
+    leaves, st = make("mlp", CHECK["B"], CHECK["T"], CHECK["H"], d, dtype, pos=CHECK["pos"], grad=True)
     o1, s1 = run("mlp", leaves, st, impl, warps)
     q, k, v, lr, tau, lnw, lnb = leaves[:7]
     o2, s2 = mlp_dual.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)
@@ -148,8 +153,6 @@ def main():
                 continue
             for dtype in dtypes:
                 tol = 3e-2 if dtype == BF16 else 1e-4
-                if dtype == FP32 and d == 96:
-                    continue  # d = 96 shares the blocked kernels' code with 128; bf16 only (compile time)
                 try:
                     err = check(impl, warps, d, dtype)
                 except Exception as e:  # a variant that does not compile or launch is reported, not timed

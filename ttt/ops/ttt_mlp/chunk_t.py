@@ -1,5 +1,5 @@
 """TTT-MLP forward and backward kernels in the transposed orientation: the hidden width F is the row (M)
-dimension of every weight-sized product, so the per-step work spreads over 8-16 warps without replication.
+dimension of the weight-sized products, which Triton tiles with 256-row warp-group products (wgmma).
 
 Same contract and math as `chunk.py` (whole, aligned mini-batches from a zero accumulator; the formulas of
 its docstring), written for transposed tiles: a mini-batch's activations are [F, b] and [d, b] (tokens are
@@ -8,9 +8,11 @@ sequence. Products (d = 64, F = 256, b = 16):
   Z1^T = U1 K^T + c1 (M = F), H1^T = W2 G2^T (M = F), Z1b^T = U1 Q^T + c1 - G1^T P1^T (M = F),
   Z2^T = W2^T X2^T + c2 (M = d, K = F: the one reduction over all of F), U1 -= (e_b G1)^T K (M = F),
   W2 -= X2^T (e_b G2) (M = F);
-in `chunk.py` every one of them has M = b = 16 rows, which tiles badly over more than 4 warps, so 8 warps
-hold 128 fp32 weight registers per thread and spill. Here the [F, b] intermediates are 8-16 registers per
-thread at 8-16 warps and the weights 64-128. Checkpoints and the backward's scratch keep this layout.
+in `chunk.py` every one of them has M = b = 16 rows. The weights are still 128 fp32 registers per thread at
+8 warps (64 at 16) and the kernel spills no less than `chunk.py` by the offline sm_90 compile
+(docs/kernels_notes.md round 4); at 16 warps the Z2 product (M = d = 64) replicates W2^T over the warp
+groups. Selectable as mlp_impl="trans" for a GPU timing. Checkpoints and the backward's scratch keep the
+F-major layout.
 
 NaN containment (forward): a non-finite value at token j may make outputs >= j non-finite, never those < j.
 The causal products are masked with `where` (not by multiplying with a 0/1 mask), the G1 and G2 columns
@@ -102,8 +104,9 @@ def ttt_mlp_fwd_t_kernel(
 
 
 def default_warps(d: int) -> int:
-    """8 warps at d <= 64 (by the offline register counts in docs/kernels_notes.md), 16 above."""
-    return 8 if d <= 64 else 16
+    """8 warps. 16 spill fewer bytes offline (docs/kernels_notes.md round 4) but replicate W2^T over the warp
+    groups of the Z2 product; benchmarks/bench_mlp.py times both."""
+    return 8
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
