@@ -11,11 +11,10 @@ at a mini-batch boundary with a zero accumulator. A call is split into up to thr
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
-TTT-MLP has three kernel pairs (MLP_IMPLS): `ttt_mlp/chunk_t.py` ("trans") and `ttt_mlp/chunk.py` ("regs")
-keep W1 and W2 (2 x d x 4d fp32) in registers, up to d = 64, the first with F as the row dimension of the
-products (spreads over 8-16 warps), the second with the tokens; `ttt_mlp/chunk_blocked.py` ("blocked") walks
-F in blocks with the weights in a per-program global scratch and serves larger head dims (96 for the 760m
-preset, 128). `forward`'s `mlp_impl` argument picks (None: `default_mlp_impl(d)`).
+TTT-MLP has four kernel pairs (MLP_IMPLS, below): three keep W1 and W2 (2 x d x 4d fp32) in registers up to
+d = 64 ("regs", the default there; "trans" and "split", F as the row dimension of the products), and
+"blocked" walks F in blocks with the weights in a per-program global scratch and serves larger head dims
+(96 for the 760m preset, 128). `forward`'s `mlp_impl` and `mlp_warps` arguments pick (None: by head dim).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
 a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
 dual form (the kernels compute in fp32; also logged once).
