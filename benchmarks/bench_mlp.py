@@ -38,7 +38,7 @@ VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("trans-w8", "trans", 8, (64
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
 CHECK = dict(B=1, T=2062, H=16, pos=7)
 SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
-# (block_f, num_warps) of the fused TTT-MLP decode step: round 2's setting, the new default, a middle one
+# (block_f, num_warps) of the fused TTT-MLP decode step: the measured default, the spill-free offline pick, a middle one
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
 
 

@@ -156,7 +156,7 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
 @pytest.mark.parametrize("d", [16, 24])
 def test_step_kernel(pos, d):
     """The fused decode kernel (T = 1) == the PyTorch step (through the backend), including the commit; d = 24
-    has a padded head dim and F = 96 (three 32-column blocks)."""
+    has a padded head dim and F = 96 (a full and a partial 64-column block)."""
     inp = make(B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
     o1, s1 = inp.run("triton")
     o2, s2 = inp.run("dual")
@@ -165,10 +165,10 @@ def test_step_kernel(pos, d):
         assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
 
 
-@pytest.mark.parametrize("block_f,warps,d", [(16, 4, 16), (64, 4, 24)])
+@pytest.mark.parametrize("block_f,warps,d", [(16, 4, 16), (32, 8, 24)])
 def test_step_kernel_blocks(block_f, warps, d):
-    """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 64 columns over
-    F = 96 (a partial last block)."""
+    """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 32 columns
+    with 8 warps over F = 96 (three blocks)."""
     inp = make(B=1, T=1, H=2, d=d, b=16, pos=7, grad=False)
     o1, s1 = step_triton.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(),
                                  inp.mini_batch, block_f=block_f, num_warps=warps)
@@ -191,6 +191,22 @@ def test_gpu_full_shapes(impl, d, dtype):
 
 @pytest.mark.parametrize("impl", ["trans", "regs"])
 def test_fp16_backward(impl):
-    """16-bit inputs: the backward keeps its per-step weights in the products' operand type (fp16 here; the
-    largest error, in dtau, is ~5e-3; rounding them to bf16 instead gives 2.3e-2)."""
+    """16-bit inputs ("trans" keeps the backward's per-step weights in the products' operand type, fp16 here;
+    the largest error, in dtau, is ~5e-3; rounding them to bf16 instead gives 2.3e-2)."""
     compare(impl, B=1, T=37, H=1, d=16, b=16, pos=5, dtype=torch.float16, tol=1e-2)
+
+
+def test_regs_operand_scratch_is_exact():
+    """chunk.bwd with operand_scratch (weights of the reverse walk stored as fp16) == without it: the products
+    round them to fp16 either way."""
+    inp = make(B=1, T=32, H=1, d=16, b=16, pos=0, dtype=torch.float16, grad=False)
+    st = inp.state()
+    q, k, v, lr = inp.q, inp.k, inp.v, inp.lr
+    ps = tuple(p.float().contiguous() for p in st.params)
+    _o, _fin, ck = chunk.fwd(q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ps, 16, 8, True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.dtype).to(q.device)
+    args = (q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ck, do, (None,) * 4, 16, 8)
+    a = chunk.bwd(*args)
+    b = chunk.bwd(*args, operand_scratch=True)
+    for x, y in zip([*a[:7], *a[7]], [*b[:7], *b[7]]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -357,10 +357,13 @@ def ttt_mlp_bwd_kernel(
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
-        num_warps: int | None = None, dot: int | None = None):
+        num_warps: int | None = None, dot: int | None = None, operand_scratch: bool = False):
     """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
     of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
+    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32).
+    operand_scratch: keep the reverse walk's per-step weights in the products' operand type (bf16/fp16 for
+    16-bit inputs; same results, half the scratch bytes); off by default until a GPU timing (the measured
+    kernel keeps them in fp32)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     nmb = T // mini_batch
@@ -378,9 +381,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dot = dot_mode(q.dtype) if dot is None else dot
-    # the per-step weights of the reverse walk only feed products: stored in the products' operand type
-    scr = tuple(torch.empty((B * H * group, *s), device=q.device,
-                            dtype=operand_dtype(dot) if len(s) == 2 else torch.float32) for s in shapes)
+    # the per-step weights of the reverse walk only feed products (fp32 unless operand_scratch)
+    wdt = operand_dtype(dot) if operand_scratch else torch.float32
+    scr = tuple(torch.empty((B * H * group, *s), device=q.device, dtype=wdt if len(s) == 2 else torch.float32)
+                for s in shapes)
     ttt_mlp_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,

@@ -124,9 +124,10 @@ def ttt_mlp_step_kernel(
 def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, block_f: int | None = None,
             num_warps: int | None = None):
     """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`.
-    block_f: columns of F per block (None: min(32, F)); num_warps None: 8. (Offline sm_90 compile, d = 64: 32-column
-    blocks with 8 warps 175 / 222 registers and no spills (non-commit / commit step); 64 columns with 4 warps,
-    the round-2 setting, spills 1080 / 3808 bytes; docs/kernels_notes.md round 4.)"""
+    block_f: columns of F per block (None: min(64, F)); num_warps None: 4 (the setting measured on the GPU).
+    Offline sm_90 compile, d = 64: 32-column blocks with 8 warps have 175 / 222 registers and no spills
+    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md round 4):
+    benchmarks/bench_mlp.py times both."""
     B, _, H, d = q.shape
     F = state.params[0].shape[-1]
     i = state.pos % mini_batch
@@ -137,9 +138,9 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
     o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
-    BF = block_f or min(32, triton.next_power_of_2(F))
+    BF = block_f or min(64, triton.next_power_of_2(F))
     ttt_mlp_step_kernel[(B * H,)](
         q0, k0, v0, lr0, tau, ln_weight, ln_bias, *ps, *acc, o, *new_ps, *new_acc,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
-        D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 8)
+        D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 4)
     return o, TTTState("mlp", new_ps, new_acc, state.pos + 1)
