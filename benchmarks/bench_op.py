@@ -57,12 +57,13 @@ def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
     return leaves, st
 
 
-def run(kind, leaves, st, backend, b=16, linear=None):
-    """linear: a `triton_backend.LinearKernels` (explicit TTT-Linear kernel choices) or None for the defaults."""
+def run(kind, leaves, st, backend, b=16, **kernels):
+    """kernels: explicit kernel choices of the triton backend (`linear=LinearKernels(...)`, `mlp_impl=...`);
+    none: the defaults through the op."""
     q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    if linear is not None and backend == "triton":
+    if kernels and backend == "triton":
         from ttt.ops import triton_backend
-        return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, b, linear=linear)
+        return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, b, **kernels)
     return ttt_op(kind, q, k, v, lr, tau, lnw, lnb, st, mini_batch=b, backend=backend)
 
 
@@ -107,44 +108,33 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 
 
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             bwd_warps=None, blocked=None, linear_bwd=None):
-    """blocked: None, or (stages, block_f, warps) to force the F-blocked TTT-MLP kernels with those settings.
-    TTT-Linear takes its choices as an argument (`triton_backend.LinearKernels`): dot_mode, warps (forward),
-    linear_bwd ("v1" | "split")."""
+             linear_bwd=None, mlp_impl=None):
+    """Kernel choices go in as arguments: TTT-Linear through `triton_backend.LinearKernels` (dot_mode, warps of
+    the forward, linear_bwd "v1" | "split"), TTT-MLP through `mlp_impl` (see triton_backend.MLP_IMPLS; its
+    variants are compared in benchmarks/bench_mlp.py)."""
     from ttt.ops import triton_backend
-    from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked
-    linear = None
+    kernels = {}
     if kind == "linear" and (dot_mode is not None or warps is not None or linear_bwd is not None):
-        linear = triton_backend.LinearKernels(bwd=linear_bwd or triton_backend.LINEAR_BWD_IMPL, dot_mode=dot_mode,
-                                              fwd_warps=warps)
-    mlp_chunk.DOT_MODE = dot_mode
-    mlp_chunk.NUM_WARPS = warps
-    mlp_chunk.BWD_WARPS = bwd_warps
-    if blocked:
-        triton_backend.MLP_IMPL = "blocked"
-        mlp_blocked.NUM_STAGES, mlp_blocked.BLOCK_F, mlp_blocked.NUM_WARPS = blocked
+        kernels["linear"] = triton_backend.LinearKernels(bwd=linear_bwd or triton_backend.LINEAR_BWD_IMPL,
+                                                         dot_mode=dot_mode, fwd_warps=warps)
+    if kind == "mlp" and mlp_impl is not None:
+        kernels["mlp_impl"] = mlp_impl
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
             with torch.no_grad():
-                run(kind, leaves, st, backend, linear=linear)
+                run(kind, leaves, st, backend, **kernels)
     else:
         do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
 
         def fn():
-            o, _ = run(kind, leaves, st, backend, linear=linear)
+            o, _ = run(kind, leaves, st, backend, **kernels)
             torch.autograd.backward(o, do)
             for t in leaves:
                 t.grad = None
     ms = bench(fn)
-    mlp_chunk.DOT_MODE = None
-    mlp_chunk.NUM_WARPS = None
-    mlp_chunk.BWD_WARPS = None
-    triton_backend.MLP_IMPL = mlp_blocked.NUM_STAGES = mlp_blocked.BLOCK_F = mlp_blocked.NUM_WARPS = None
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
-        + ("" if bwd_warps is None else f"_bw{bwd_warps}") \
-        + ("" if blocked is None else "_blk_s{}_f{}_w{}".format(*blocked)) \
-        + ("" if linear_bwd is None else f"_bwd_{linear_bwd}")
+        + ("" if linear_bwd is None else f"_bwd_{linear_bwd}") + ("" if mlp_impl is None else f"_{mlp_impl}")
     record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
@@ -339,9 +329,9 @@ def main():
     ap.add_argument("--kinds", default="linear,mlp")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
-                    help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (warps), bw16 (TTT-MLP "
-                         "backward warps, fwdbwd only), blk1x64x8 (TTT-MLP F-blocked kernels: stages x F-block width x "
-                         "warps), lbsplit / lbv1 (TTT-Linear backward impl, fwdbwd only)")
+                    help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (TTT-Linear forward warps), "
+                         "lbsplit / lbv1 (TTT-Linear backward impl, fwdbwd only), mtrans / msplit / mregs / "
+                         "mblocked (TTT-MLP kernel pair)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla, mamba")
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
@@ -375,14 +365,9 @@ def main():
                 ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16)
                 ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
                 ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
-                if kind == "mlp":  # head dims > 64 run the F-blocked kernels; d = 64 forced onto them too
+                if kind == "mlp":  # head dims > 64 run the F-blocked kernels (every MLP variant: bench_mlp.py)
                     ok &= check(kind, 1, 555, 4, 128, torch.bfloat16, pos=5, grad=True)
                     ok &= check(kind, 1, 300, 2, 96, torch.float32, pos=16, grad=True, tol=1e-4)
-                    from ttt.ops import triton_backend
-                    triton_backend.MLP_IMPL = "blocked"
-                    ok &= check(kind, 2, 1024, 8, 64, torch.bfloat16, grad=True)
-                    ok &= check(kind, 1, 333, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
-                    triton_backend.MLP_IMPL = None
                 ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4)
                 ok &= check(kind, 16, 1, 32, 64, torch.bfloat16, pos=15)  # decode step with the commit
             except NotImplementedError as e:
@@ -412,20 +397,18 @@ def main():
                 for d in (int(x) for x in args.dims.split(",")):
                     time_ttt(kind, B, T, 2048 // d, d, mode)
                     for var in filter(None, args.variants.split(",")):
-                        if var.startswith("blk"):
+                        if var.startswith("m"):
                             if kind != "mlp":
                                 continue
-                            kw = {"blocked": tuple(int(x) for x in var[3:].split("x"))}
+                            kw = {"mlp_impl": var[1:]}
                         elif var.startswith("lb"):
                             if mode != "fwdbwd" or kind != "linear":
                                 continue
                             kw = {"linear_bwd": var[2:]}
+                        elif kind != "linear":
+                            continue
                         elif var.startswith("dot"):
                             kw = {"dot_mode": int(var[3:])}
-                        elif var.startswith("bw"):
-                            if mode != "fwdbwd" or kind != "mlp":
-                                continue
-                            kw = {"bwd_warps": int(var[2:])}
                         else:
                             kw = {"warps": int(var[1:])}
                         try:

@@ -1,5 +1,5 @@
 """One small forward + backward of every Triton TTT kernel (for compute-sanitizer runs):
-    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked,fused]
+    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked,mlp_trans,mlp_split,fused]
 (fused: the layer kernels of ops/fused_layer.py through a whole (M) TTT-Linear layer, with a conv window;
 (mlp at d = 96 runs the F-blocked kernels; mlp_blocked forces them at d = 64 too)."""
 import sys
@@ -8,7 +8,6 @@ import torch
 
 sys.path.insert(0, ".")
 from benchmarks.bench_op import make, run  # noqa: E402
-from ttt.ops import triton_backend  # noqa: E402
 
 kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
 for name in kinds:
@@ -22,11 +21,13 @@ for name in kinds:
         torch.cuda.synchronize()
         print(name, "ok", flush=True)
         continue
-    kind = "mlp" if name == "mlp_blocked" else name
-    triton_backend.MLP_IMPL = "blocked" if name == "mlp_blocked" else None
+    kind = "mlp" if name.startswith("mlp") else name
+    kernels = {"mlp_impl": name[4:]} if name.startswith("mlp_") else {}  # mlp_blocked, mlp_trans, mlp_split
     for d, pos, T in ((64, 0, 64), (96, 5, 83)):
+        if kernels and d > 64 and kernels["mlp_impl"] != "blocked":
+            continue  # the register kernels hold d <= 64
         leaves, st = make(kind, 2, T, 2, d, torch.bfloat16, pos=pos, grad=True)
-        o, s = run(kind, leaves, st, "triton")
+        o, s = run(kind, leaves, st, "triton", **kernels)
         (o.float().sum() + sum(p.sum() for p in s.params)).backward()
         leaves, st = make(kind, 2, 1, 2, d, torch.bfloat16, pos=pos)
         run(kind, leaves, st, "triton")

@@ -22,7 +22,7 @@ from ttt.ops import TTTState  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_t as mlp_trans  # noqa: E402
 from ttt.ops.ttt_mlp import step_triton as mlp_step_triton  # noqa: E402
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,7 +33,7 @@ if not torch.cuda.is_available() and not CPU_INTERPRET:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, mlp_trans, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
 
 
@@ -132,46 +132,8 @@ def test_linear_kernels_choice_is_checked():
         triton_backend.LinearKernels(bwd="v2")
 
 
-@pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (2, 150, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
-def test_mlp_matches_dual(B, T, H, d, b, pos):
-    compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
-
-@pytest.fixture
-def blocked(monkeypatch):
-    """Force the F-blocked TTT-MLP kernels with 16-column blocks (several blocks at small d); count launches."""
-    monkeypatch.setattr(triton_backend, "MLP_IMPL", "blocked")
-    monkeypatch.setattr(mlp_blocked, "BLOCK_F", 16)
-    mlp_blocked.LAST.clear()
-    yield mlp_blocked.LAST
-
-
-# (B, T, H, d, b, pos): aligned over one group; odd length, padded d (24 -> 32) and a partial F block
-# (F = 96 = 6 x 16); b = 8 (padded rows) over several checkpoint groups.
-@pytest.mark.parametrize("B,T,H,d,b,pos", [(1, 40, 1, 16, 16, 0), (1, 53, 2, 24, 16, 5), (1, 100, 1, 16, 8, 16)])
-def test_mlp_blocked_matches_dual(blocked, B, T, H, d, b, pos):
-    compare("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos)
-    assert set(blocked) == {"ttt_mlp_fwd_blocked_kernel", "ttt_mlp_bwd_blocked_kernel"}
-
-
-def test_mlp_blocked_fp16_forward(blocked):
-    compare("mlp", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
-
-
-def test_mlp_wide_head_runs_blocked_kernels():
-    """d > 64 picks the F-blocked kernels by default (d = 72: padded to 128, F = 288 in 32-column blocks)."""
-    mlp_blocked.LAST.clear()
-    compare("mlp", B=1, T=37, H=1, d=72, b=16, pos=3)
-    assert set(mlp_blocked.LAST) == {"ttt_mlp_fwd_blocked_kernel", "ttt_mlp_bwd_blocked_kernel"}
-
-
-def test_mlp_impl_choice_is_checked(monkeypatch):
-    monkeypatch.setattr(triton_backend, "MLP_IMPL", "regs")
-    with pytest.raises(ValueError, match=r"^MLP_IMPL: 'regs' holds the weights in registers only up to head dim 64"):
-        random_inputs("mlp", B=1, T=16, H=1, d=72, b=16, dtype=torch.float32).run("triton")
-    monkeypatch.setattr(triton_backend, "MLP_IMPL", "fast")
-    with pytest.raises(ValueError, match=r"^MLP_IMPL: expected None, 'regs' or 'blocked', got 'fast'"):
-        random_inputs("mlp", B=1, T=16, H=1, d=16, b=16, dtype=torch.float32).run("triton")
+# TTT-MLP: every kernel pair (mlp_impl) is compared with the dual form in tests/test_triton_mlp.py.
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -183,23 +145,6 @@ def test_fp16_forward(kind):
 def test_linear_step_kernel(pos):
     """The fused decode kernel (T = 1), including the commit at the last token of a mini-batch."""
     compare("linear", B=2, T=1, H=3, d=24, b=16, pos=pos, grad=False)
-
-
-@pytest.mark.parametrize("pos", [0, 3, 15, 31])
-@pytest.mark.parametrize("d", [16, 24])
-def test_mlp_step_kernel(pos, d):
-    """The fused TTT-MLP decode kernel (T = 1) == the PyTorch step, including the commit; d = 24 has
-    F = 96, a padded head dim and a partial last F block."""
-    compare("mlp", B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
-
-
-def test_mlp_step_kernel_blocks():
-    """Several F blocks (BLOCK_F = 16 over F = 64) give the same step."""
-    mlp_step_triton.BLOCK_F = 16
-    try:
-        compare("mlp", B=1, T=1, H=2, d=16, b=16, pos=7, grad=False)
-    finally:
-        mlp_step_triton.BLOCK_F = None
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -269,16 +214,6 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
             linear=triton_backend.LinearKernels(bwd=impl))
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_mlp_blocked_fp32(d, monkeypatch):
-    """The F-blocked TTT-MLP kernels at full block width (64 columns), forced at d = 64 too."""
-    monkeypatch.setattr(triton_backend, "MLP_IMPL", "blocked")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    compare("mlp", B=2, T=533, H=2, d=d, b=16, pos=7, tol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

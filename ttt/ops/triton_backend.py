@@ -11,9 +11,10 @@ at a mini-batch boundary with a zero accumulator. A call is split into up to thr
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
-TTT-MLP has two kernel pairs: `ttt_mlp/chunk.py` keeps W1 and W2 (2 x d x 4d fp32) in registers, which
-fits for d <= 64; `ttt_mlp/chunk_blocked.py` walks F in blocks with the weights in a per-program global
-scratch and serves larger head dims (96 for the 760m preset, 128). `MLP_IMPL` picks (None: by head dim).
+TTT-MLP has four kernel pairs (MLP_IMPLS, below): three keep W1 and W2 (2 x d x 4d fp32) in registers up to
+d = 64 ("regs", the default there; "trans" and "split", F as the row dimension of the products), and
+"blocked" walks F in blocks with the weights in a per-program global scratch and serves larger head dims
+(96 for the 760m preset, 128). `forward`'s `mlp_impl` and `mlp_warps` arguments pick (None: by head dim).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
 a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
 dual form (the kernels compute in fp32; also logged once).
@@ -30,7 +31,9 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 from .common import TTTState
 from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
 from .ttt_linear import step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, step as _mlp_step
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, chunk_split as _mlp_split
+from .ttt_mlp import chunk_t as _mlp_trans
+from .ttt_mlp import dual as _mlp_dual, step as _mlp_step
 from .ttt_mlp import step_triton as mlp_step_triton
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,6 @@ def _warn_once(key, msg: str, *args) -> None:
         _warned.add(key)
         log.warning(msg, *args)
 
-MLP_MAX_D = 64  # the register TTT-MLP kernels hold their weights on chip up to this head dim
-MLP_IMPL = None  # None: "regs" for d <= MLP_MAX_D, else "blocked"; a string forces one (benchmarks, tests)
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # the TTT-Linear backward by default: "split" (chain + parallel passes; H200 fwd+bwd, bf16: B4 T8192 H12 5.40 -> 3.40 ms,
 # B4 T8192 H32 5.46 -> 4.89, B1 T32768 H32 21.8 -> 12.2, B16 T2048 H32 4.93 -> 4.15; docs/kernels_notes.md round 4) or "v1"
@@ -70,6 +71,23 @@ class LinearKernels:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
 
 
+# TTT-MLP kernel pairs, chosen by the `mlp_impl` argument of `forward` (None: `default_mlp_impl(d)`):
+#   "trans": ttt_mlp/chunk_t.py, weights F-major in registers, F the row dimension of the products;
+#   "split": ttt_mlp/chunk_split.py's forward (F split across the warps, batched products, one reduction over
+#            the warps per sum over F) with chunk_t.py's backward (same checkpoint layout);
+#   "regs": ttt_mlp/chunk.py, weights in registers, tokens the row dimension (d <= MLP_MAX_D);
+#   "blocked": ttt_mlp/chunk_blocked.py, F walked in blocks, weights in a per-program global scratch.
+MLP_IMPLS = ("trans", "split", "regs", "blocked")
+MLP_MAX_D = 64  # the register kernels (all but "blocked") hold W1 and W2 on chip up to this head dim
+
+
+def default_mlp_impl(d: int) -> str:
+    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" above. ("trans" and "split"
+    spill no less than "regs" by the offline sm_90 compile (docs/kernels_notes.md round 4); they stay
+    selectable until a GPU timing says otherwise.)"""
+    return "regs" if d <= MLP_MAX_D else "blocked"
+
+
 def _prep(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -81,15 +99,17 @@ def _same_strides(q, k, v):
     return q, k, v
 
 
-def _mlp_kernels(d: int):
-    """The TTT-MLP kernel module for head dim d (see MLP_IMPL)."""
-    impl = MLP_IMPL or ("regs" if d <= MLP_MAX_D else "blocked")
-    if impl not in ("regs", "blocked"):
-        raise ValueError(f"MLP_IMPL: expected None, 'regs' or 'blocked', got {impl!r}")
-    if impl == "regs" and d > MLP_MAX_D:
-        raise ValueError(f"MLP_IMPL: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
+def _mlp_kernels(d: int, impl: str | None):
+    """The TTT-MLP (fwd, bwd) launchers for head dim d and `impl` (None: `default_mlp_impl(d)`)."""
+    impl = impl or default_mlp_impl(d)
+    if impl not in MLP_IMPLS:
+        raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {impl!r}")
+    if impl != "blocked" and d > MLP_MAX_D:
+        raise ValueError(f"mlp_impl: {impl!r} holds the weights in registers only up to head dim {MLP_MAX_D}, "
                          f"got head dim {d}")
-    return _mlp_chunk if impl == "regs" else _mlp_blocked
+    fwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_split, "blocked": _mlp_blocked}[impl].fwd
+    bwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_trans, "blocked": _mlp_blocked}[impl].bwd
+    return fwd, bwd
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
@@ -181,17 +201,18 @@ _MLP_SHAPES = lambda d, F: ((d, F), (F,), (F, d), (d,))  # noqa: E731
 def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
                 W2: torch.Tensor, c2: torch.Tensor, mini_batch: int, group: int,
-                save: bool) -> list[torch.Tensor]:
+                save: bool, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    o, fin, ck = _mlp_kernels(q.shape[-1]).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save)
+    o, fin, ck = _mlp_kernels(q.shape[-1], impl)[0](q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group,
+                                                     save, num_warps=warps or None)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
 
 
 @_mlp_fwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, save):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, save, impl, warps):
     B, T, H, d = q.shape
     F = W1.shape[-1]
     nck = _nck(T, mini_batch, group)
@@ -207,16 +228,18 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, s
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
                 ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
-                dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int) -> list[torch.Tensor]:
+                dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
+                warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1]).bwd(q, k, v, lr, tau, ln_weight, ln_bias,
-                                                            (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2),
-                                                            mini_batch, group)
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1], impl)[1](
+        q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
+        num_warps=warps or None)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
 
 
 @_mlp_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, mini_batch, group):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, mini_batch, group, impl,
+      warps):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
@@ -225,14 +248,14 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, 
 
 
 def _mlp_setup(ctx, inputs, output):
-    q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, mini_batch, group, save = inputs
+    q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, mini_batch, group, save, impl, warps = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9])
-    ctx.meta = (mini_batch, group, save)
+    ctx.meta = (mini_batch, group, save, impl, warps)
 
 
 def _mlp_backward(ctx, grads):
     q, k, v, lr, tau, lnw, lnb, *ck = ctx.saved_tensors
-    mini_batch, group, save = ctx.meta
+    mini_batch, group, save, impl, warps = ctx.meta
     if not save:
         raise RuntimeError("ttt::mlp_chunk_fwd ran with save=False: no checkpoints for a backward")
     B, T, H, d = q.shape
@@ -242,9 +265,9 @@ def _mlp_backward(ctx, grads):
     dfin = [q.new_zeros((B, H, *s), dtype=torch.float32) if g is None else g.float()
             for g, s in zip(grads[1:5], _MLP_SHAPES(d, F))]
     dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin,
-                                                          mini_batch, group)
+                                                          mini_batch, group, impl, warps)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), *dps,
-            None, None, None)
+            None, None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -254,7 +277,8 @@ def _needs_grad(*xs):
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear: LinearKernels):
+def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear: LinearKernels, mlp_impl,
+          mlp_warps):
     """Whole mini-batches from an aligned start with zero accumulators. Returns (o, final params)."""
     save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
     ps = tuple(p.to(torch.float32) for p in params)
@@ -264,16 +288,20 @@ def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear
                            -1 if lk.dot_mode is None else lk.dot_mode, lk.fwd_warps or 0, lk.bwd,
                            list(lk.bwd_warps or ()), lk.bwd_segments or 0)
     else:
-        outs = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save)
+        impl = mlp_impl or default_mlp_impl(q.shape[-1])
+        outs = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save, impl, mlp_warps or 0)
     o, *p = outs[:1 + len(params)]
     return o, tuple(x.to(y.dtype) for x, y in zip(p, params))
 
 
 def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, *,
-            linear: LinearKernels | None = None):
+            linear: LinearKernels | None = None, mlp_impl: str | None = None, mlp_warps: int | None = None):
     """Same contract as the dual form: q, k, v [B,T,H,d]; lr [B,T,H]; tau [b]; ln_* [H,d].
     Returns (o [B,T,H,d] in q's dtype, new TTTState). linear: the TTT-Linear kernel choices (None: the
-    defaults, `LinearKernels()`)."""
+    defaults, `LinearKernels()`). TTT-MLP only: `mlp_impl` picks the kernel pair (None: `default_mlp_impl(d)`;
+    see MLP_IMPLS) and `mlp_warps` its warps per program (None: the kernel module's default for d)."""
+    if kind == "mlp":
+        _mlp_kernels(q.shape[-1], mlp_impl)  # check the choice before any piece runs
     dual = _lin_dual if kind == "linear" else _mlp_dual
     if q.dtype == torch.float64:
         _warn_once("fp64", "backend='triton': float64 inputs run in the PyTorch dual form (the kernels compute "
@@ -301,7 +329,7 @@ def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_ba
     if nbody:
         s = slice(head, head + nbody)
         o, params = _body(kind, q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state.params,
-                          mini_batch, linear or LinearKernels())
+                          mini_batch, linear or LinearKernels(), mlp_impl, mlp_warps)
         outs.append(o)
         accum = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
         state = TTTState(kind, params, accum, state.pos + nbody)

@@ -8,7 +8,9 @@ matrices W1 (d x F) and W2 (F x d), F = 4d, and the biases, fp32, in registers f
 (8 warps for d = 64; the compiler spills part of them, still faster than 16 warps, see
 docs/kernels_notes.md); q, k, v, lr are read once per mini-batch
 (prefetched one mini-batch ahead), o written once. Head dim and F are padded to powers of two with masks.
-tanh-GELU and its exact derivative are computed in fp32 (tanh through a sigmoid).
+tanh-GELU and its exact derivative are computed in fp32 (tanh through a sigmoid). A non-finite token makes
+only its own and later outputs non-finite (causal products masked with `where`, non-finite G rows zeroed
+in them, later outputs set to NaN).
 
 Backward (`ttt_mlp_bwd_kernel`, hand-derived, checked against autograd through the dual form): the forward
 saves (W1, c1, W2, c2) every GROUP mini-batches. Per group, last first, the kernel recomputes the start
@@ -34,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import _center, _dot, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles, dot_mode
+from ..common import LN_EPS
+from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
+                            _proj, _tiles, dot_mode, operand_dtype)
 
-LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
-DOT_MODE = None  # None: by input dtype; an int forces one (0 fp32, 1 tf32, 2 bf16, 3 fp16 operands)
-NUM_WARPS = None  # None: 8 (H100, d = 64: 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
+# Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def ttt_mlp_fwd_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
-    BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, BF)
@@ -88,7 +90,7 @@ def ttt_mlp_fwd_kernel(
         X2, dX2 = _gelu_parts(Z1)
         Z2 = _dot(X2, W2, DOT_MODE) + c2[None, :]  # [BT, BD]
         zc = _center(Z2, cmask, D)
-        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
         xh = zc * rstd[:, None]
         gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
         mg = tl.sum(gy, axis=1) / D
@@ -96,15 +98,20 @@ def ttt_mlp_fwd_kernel(
         G2 = tl.where(cmask[None, :], (gy - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
         G1 = _dot(G2, tl.trans(W2), DOT_MODE) * dX2  # [BT, BF]
 
-        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-        P1 = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
-        Z1b = _dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
+        # output path; rows (tokens) with a non-finite G enter the causal products as zeros, and the outputs
+        # at or after such a row are set to NaN (a non-finite token never reaches an earlier output)
+        ok = _finite_rows(G1) & _finite_rows(G2)
+        E = tau_r[:, None] * lr[None, :]
+        P1 = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
+        Z1b = _dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, tl.where(ok[:, None], G1, 0.0), DOT_MODE)
         X2b, _unused = _gelu_parts(Z1b)
-        P2 = E * (_dot(X2b, tl.trans(X2), DOT_MODE) + 1.0)
-        Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
+        P2 = tl.where(causal, E * (_dot(X2b, tl.trans(X2), DOT_MODE) + 1.0), 0.0)
+        Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, tl.where(ok[:, None], G2, 0.0), DOT_MODE)
         zb = _center(Z2b, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + 1e-6)
+        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + EPS)
         o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        poison = tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0
+        o = tl.where(poison[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
         eb = (tau_b * lr)[:, None]
@@ -120,13 +127,11 @@ def ttt_mlp_fwd_kernel(
     tl.store(c2T_ptr + pid * D + rd, c2, mask=cmask)
 
 
-def _dot_mode(dtype: torch.dtype) -> int:
-    return DOT_MODE if DOT_MODE is not None else dot_mode(dtype)
-
-
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True):
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+        num_warps: int | None = None, dot: int | None = None):
     """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
     params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
+    num_warps None: 8; dot None: by q's dtype (`dot_mode`), else the `_dot` mode to use.
     Returns o, the final params, and the checkpoints (params every `group` mini-batches) when `save`."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
@@ -134,30 +139,29 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     nck = triton.cdiv(nmb, group)
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     BT = max(16, triton.next_power_of_2(mini_batch))
-    warps = NUM_WARPS or 8
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
         ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
-    LAST["ttt_mlp_fwd_kernel"] = ttt_mlp_fwd_kernel[(B * H,)](
+    ttt_mlp_fwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
-        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, SAVE=save, DOT_MODE=_dot_mode(q.dtype),
-        num_warps=warps)
+        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
+        DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 8)
     return o, fin, (ck if save else None)
 
 
 @triton.jit
-def _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr):
+def _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
     """Inner forward at the start weights and the gradients G2 (w.r.t. Z2) and G1 (w.r.t. Z1)."""
     Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]
     X2, D1 = _gelu_parts(Z1)
     Z2 = _dot(X2, W2, DOT_MODE) + c2[None, :]
     zc = _center(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
     xh = zc * rstd[:, None]
     gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
     mgx = tl.sum(gy * xh, axis=1) / D
@@ -176,7 +180,7 @@ def ttt_mlp_bwd_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
-    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, BF)
@@ -211,9 +215,9 @@ def ttt_mlp_bwd_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
             sc = sc_base + n - n0
-            tl.store(sc1_ptr + sc * D * FF + w1off, W1, mask=w1mask)
+            tl.store(sc1_ptr + sc * D * FF + w1off, W1.to(sc1_ptr.dtype.element_ty), mask=w1mask)
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
-            tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
+            tl.store(sc2_ptr + sc * FF * D + w2off, W2.to(sc2_ptr.dtype.element_ty), mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further
                 ptr = in_base + n * MB * s_t + in_off
@@ -221,7 +225,7 @@ def ttt_mlp_bwd_kernel(
                 v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
                 lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
                 Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
-                                                                       D, DOT_MODE)
+                                                                       D, DOT_MODE, EPS)
                 eb = (tau_b * lr)[:, None]
                 eG1 = eb * G1
                 eG2 = eb * G2
@@ -254,24 +258,24 @@ def ttt_mlp_bwd_kernel(
             lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
             dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
             sc = sc_base + n - n0
-            W1 = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
+            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)  # the operand type (see bwd)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
-            W2 = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
+            W2s = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
 
             # forward recompute
-            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
-                                                                   D, DOT_MODE)
+            Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1s, c1, W2s, c2, gam, bet, cmask,
+                                                                   D, DOT_MODE, EPS)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1
-            Z1b = _dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
+            Z1b = _dot(q, W1s, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
             X2b, D1b = _gelu_parts(Z1b)
             XX1 = _dot(X2b, tl.trans(X2), DOT_MODE) + 1.0
             P2 = E * XX1
-            Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
+            Z2b = _dot(X2b, W2s, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
             zcb = _center(Z2b, cmask, D)
-            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + 1e-6)
+            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
             xhb = zcb * rstdb[:, None]
 
             # o = q + LN(Z2b)
@@ -283,7 +287,7 @@ def ttt_mlp_bwd_kernel(
             dG2 = -_dot(tl.trans(P2), dZ2b, DOT_MODE)
             dE = dP2 * XX1
             dA2 = dP2 * E
-            dX2b = _dot(dZ2b, tl.trans(W2), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
+            dX2b = _dot(dZ2b, tl.trans(W2s), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
             dX2 = _dot(tl.trans(dA2), X2b, DOT_MODE)
             # Z1b = Q W1 + c1 - P1 G1,  P1 = E * (Q K^T + 1),  X2b = GELU(Z1b)
             dZ1b = dX2b * D1b
@@ -291,7 +295,7 @@ def ttt_mlp_bwd_kernel(
             dG1 = -_dot(tl.trans(P1), dZ1b, DOT_MODE)
             dE += dP1 * QK1
             dA1 = dP1 * E
-            dq = dO + _dot(dZ1b, tl.trans(W1), DOT_MODE) + _dot(dA1, k, DOT_MODE)
+            dq = dO + _dot(dZ1b, tl.trans(W1s), DOT_MODE) + _dot(dA1, k, DOT_MODE)
             dk = _dot(tl.trans(dA1), q, DOT_MODE)
             # carry: W1' = W1 - K^T (e_b G1), c1' = c1 - sum e_b G1, W2' = W2 - X2^T (e_b G2), c2' likewise
             eb = tau_b * lr
@@ -311,7 +315,7 @@ def ttt_mlp_bwd_kernel(
             dH1 = dG1 * D1
             _x, _dx, DD1 = _gelu_parts2(Z1)
             dZ1 = dG1 * H1 * DD1
-            dG2 += _dot(dH1, W2, DOT_MODE)
+            dG2 += _dot(dH1, W2s, DOT_MODE)
             # G2 = LN-L2 gradient at Z2 = X2 W2 + c2 (target v - k)
             dgy = _proj(dG2, xh, rstd, cmask, D)
             mdgx = tl.sum(dG2 * xh, axis=1) / D
@@ -322,9 +326,9 @@ def ttt_mlp_bwd_kernel(
             dbet += tl.sum(dgy * gam[None, :], axis=0)
             dv = -gam[None, :] * dgy
             dk += gam[None, :] * dgy
-            dX2 += _dot(dZ2, tl.trans(W2), DOT_MODE)
+            dX2 += _dot(dZ2, tl.trans(W2s), DOT_MODE)
             dZ1 += dX2 * D1
-            dk += _dot(dZ1, tl.trans(W1), DOT_MODE)
+            dk += _dot(dZ1, tl.trans(W1s), DOT_MODE)
             # gradients w.r.t. the start weights of this mini-batch
             dW1 += _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
             dc1 += tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
@@ -348,22 +352,24 @@ def ttt_mlp_bwd_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
-BWD_WARPS = None  # None: 8; an int forces one (benchmark variants)
 # num_stages=1: Triton's loop pipeliner would stage the per-step W1/W2 scratch loads (2 x 64 KB fp32) in
 # shared memory 3 deep: 326 KB at d = 64, over the H100's 227 KB (196 KB with 1 stage).
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8):
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
+        num_warps: int | None = None, dot: int | None = None, operand_scratch: bool = False):
     """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
     of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
+    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32).
+    operand_scratch: keep the reverse walk's per-step weights in the products' operand type (bf16/fp16 for
+    16-bit inputs; same results, half the scratch bytes); off by default until a GPU timing (the measured
+    kernel keeps them in fp32)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     BT = max(16, triton.next_power_of_2(mini_batch))
-    warps = BWD_WARPS or 8
     shapes = ((d, F), (F,), (F, d), (d,))
     dfin = tuple(torch.zeros((B, H, *s), dtype=torch.float32, device=q.device) if g is None
                  else g.float().contiguous() for g, s in zip(dfin, shapes))
@@ -374,14 +380,18 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
-    LAST["ttt_mlp_bwd_kernel"] = ttt_mlp_bwd_kernel[(B * H,)](
+    dot = dot_mode(q.dtype) if dot is None else dot
+    # the per-step weights of the reverse walk only feed products (fp32 unless operand_scratch)
+    wdt = operand_dtype(dot) if operand_scratch else torch.float32
+    scr = tuple(torch.empty((B * H * group, *s), device=q.device, dtype=wdt if len(s) == 2 else torch.float32)
+                for s in shapes)
+    ttt_mlp_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
-        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=_dot_mode(q.dtype),
-        num_warps=warps, num_stages=1)
+        D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group,
+        DOT_MODE=dot, EPS=LN_EPS, num_warps=num_warps or 8, num_stages=1)
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]

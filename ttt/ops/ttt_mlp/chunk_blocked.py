@@ -34,16 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import _center, _dot, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets, _proj, _tiles
-from .chunk import _dot_mode
+from ..common import LN_EPS
+from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
+                            _proj, _tiles, dot_mode)
 
-LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
-BLOCK_F = None  # None: 32 (an int forces the F block width; tests use 16 to get several blocks)
-NUM_WARPS = None  # None: 4
-# H100 (docs/kernels_notes.md round 3): d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms,
-# 8 warps 10.7, 64-column blocks 31.4 (spills), 16-column blocks 14.0. d = 128, B4 T8192: 3 stages + 4 warps
-# forward 39.5 ms, fwd+bwd 270 (1 stage + 8 warps: 41.2 / 305)
-NUM_STAGES = None  # None: 3 (the loop pipeliner stages the F-block loads in shared memory)
+# Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md round 3):
+# d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
+# (spills), 16-column blocks 14.0. d = 128, B4 T8192: 3 stages + 4 warps forward 39.5 ms, fwd+bwd 270
+# (1 stage + 8 warps: 41.2 / 305). The loop pipeliner stages the F-block loads in shared memory.
 
 
 @triton.jit
@@ -67,10 +65,10 @@ def _wstore(w1_ptr, c1_ptr, w2_ptr, W1, c1, W2, f0, rd, rf, cmask, D: tl.constex
 
 
 @triton.jit
-def _ln_l2_grad(Z2, v, k, gam, bet, cmask, D: tl.constexpr):
+def _ln_l2_grad(Z2, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
     """Closed-form gradient of 0.5 ||LN(Z2) - (v - k)||^2 w.r.t. Z2; returns G2, xh, rstd, gy, mgx."""
     zc = _center(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
     xh = zc * rstd[:, None]
     gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
     mgx = tl.sum(gy * xh, axis=1) / D
@@ -109,11 +107,13 @@ def _update(k, eb, G2, w1_ptr, c1_ptr, w2_ptr, dst1_ptr, dstc1_ptr, dst2_ptr, rd
 @triton.jit
 def _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE: tl.constexpr):
     """One F block of the output path: X2 = GELU(K W1 + c1), G1 = (G2 W2^T) GELU'(K W1 + c1),
-    X2b = GELU(Q W1 + c1 - P1 G1). [BT, FB] each."""
+    X2b = GELU(Q W1 + c1 - P1 G1) [BT, FB] each, and which rows (tokens) of G1 are finite [BT]; a non-finite
+    row enters the causal product P1 G1 as zeros (the caller poisons the outputs at and after it)."""
     X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
     G1 = _dot(G2, tl.trans(W2), DOT_MODE) * D1
-    X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE))
-    return X2, G1, X2b
+    ok = _finite_rows(G1)
+    X2b, _d = _gelu_parts(_dot(q, W1, DOT_MODE) + c1[None, :] - _dot(P1, tl.where(ok[:, None], G1, 0.0), DOT_MODE))
+    return X2, G1, X2b, ok
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def ttt_mlp_fwd_blocked_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK, NFB,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
-    BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, FB)
@@ -159,18 +159,20 @@ def ttt_mlp_fwd_blocked_kernel(
         if SAVE:
             if n % GROUP == 0:
                 tl.store(ckc2_ptr + (pid * NCK + n // GROUP) * D + rd, c2, mask=cmask)
-        G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D)
+        G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
         E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-        P1 = E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0)
+        P1 = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
         eb = tau_b * lr
         eG2 = eb[:, None] * G2
+        ok = _finite_rows(G2)  # tokens whose G1 and G2 are finite (G1's rows are checked block by block)
 
         # pass 2: the output products, then the weight update of each block
         z2b = tl.zeros([BT, BD], dtype=tl.float32)
         s2 = tl.zeros([BT, BT], dtype=tl.float32)
         for f in range(NFB):
             W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-            X2, G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+            X2, G1, X2b, okf = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+            ok = ok & okf
             z2b += _dot(X2b, W2, DOT_MODE)
             s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             eG1 = eb[:, None] * G1
@@ -179,29 +181,34 @@ def ttt_mlp_fwd_blocked_kernel(
             W2 -= _dot(tl.trans(X2), eG2, DOT_MODE)
             tl.debug_barrier()
             _wstore(w1, c1p, w2, W1, c1, W2, f * FB, rd, rf, cmask, D, FF)
-        Z2b = z2b + c2[None, :] - _dot(E * (s2 + 1.0), G2, DOT_MODE)
+        Z2b = z2b + c2[None, :] - _dot(tl.where(causal, E * (s2 + 1.0), 0.0), tl.where(ok[:, None], G2, 0.0),
+                                       DOT_MODE)
         zb = _center(Z2b, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + 1e-6)
+        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + EPS)
         o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        # a token with a non-finite G reaches only its own and later outputs (as NaN)
+        o = tl.where((tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0)[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         c2 -= tl.sum(eG2, axis=0)
         tl.debug_barrier()
     tl.store(c2_ptr + pid * D + rd, c2, mask=cmask)
 
 
-def _block_f(F: int) -> int:
-    return BLOCK_F or min(32, triton.next_power_of_2(F))
+def _block_f(F: int, block_f: int | None) -> int:
+    return block_f or min(32, triton.next_power_of_2(F))
 
 
-
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True):
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+        num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
+        num_stages: int | None = None):
     """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
+    num_warps None: 4; dot None: by q's dtype; block_f None: 32 columns of F per block; num_stages None: 3.
     Returns o, the final params, and the checkpoints (params every `group` mini-batches) when `save`."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
-    FB = _block_f(F)
+    FB = _block_f(F, block_f)
     BT = max(16, triton.next_power_of_2(mini_batch))
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(p.clone() for p in params)  # the kernel's working weights, updated in place
@@ -209,12 +216,13 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
         ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
-    LAST["ttt_mlp_fwd_blocked_kernel"] = ttt_mlp_fwd_blocked_kernel[(B * H,)](
+    ttt_mlp_fwd_blocked_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, triton.cdiv(F, FB),
         D=d, BD=triton.next_power_of_2(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
-        DOT_MODE=_dot_mode(q.dtype), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES or 3)
+        DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
+        num_stages=num_stages or 3)
     return o, fin, (ck if save else None)
 
 
@@ -227,7 +235,7 @@ def ttt_mlp_bwd_blocked_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NMB, NCK, NFB,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
-    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     rf = tl.arange(0, FB)
@@ -269,7 +277,7 @@ def ttt_mlp_bwd_blocked_kernel(
             c1p = scc1_ptr + sc * FF
             w2 = sc2_ptr + sc * FF * D
             Z2 = _z2(k, w1, c1p, w2, c2, rd, rf, cmask, NFB, D, FF, FB, BT, BD, DOT_MODE)
-            G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(Z2, v, k, gam, bet, cmask, D)
+            G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(Z2, v, k, gam, bet, cmask, D, EPS)
             eb = tau_b * lr
             _update(k, eb, G2, w1, c1p, w2, w1 + D * FF, c1p + FF, w2 + FF * D, rd, rf, cmask, NFB,
                     D, FF, FB, DOT_MODE)
@@ -305,7 +313,7 @@ def ttt_mlp_bwd_blocked_kernel(
                 z2 += _dot(X2, W2, DOT_MODE)
                 xdw2 += _dot(X2, dW2, DOT_MODE)
             XdW2 = xdw2 + dc2[None, :]
-            G2, xh, rstd, gy, mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D)
+            G2, xh, rstd, gy, mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1
@@ -315,13 +323,13 @@ def ttt_mlp_bwd_blocked_kernel(
             s2 = tl.zeros([BT, BT], dtype=tl.float32)
             for f in range(NFB):
                 W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
-                X2, _G1, X2b = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
+                X2, _G1, X2b, _ok = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
                 z2b += _dot(X2b, W2, DOT_MODE)
                 s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             XX1 = s2 + 1.0
             P2 = E * XX1
             zcb = _center(z2b + c2[None, :] - _dot(P2, G2, DOT_MODE), cmask, D)
-            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + 1e-6)
+            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
             xhb = zcb * rstdb[:, None]
             # o = q + LN(Z2b);  Z2b = X2b W2 + c2 - P2 G2
             dgam += tl.sum(dO * xhb, axis=0)
@@ -413,15 +421,17 @@ def ttt_mlp_bwd_blocked_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8):
-    """Same contract as `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d], and the
-    gradients of the start params (fp32)."""
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
+        num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
+        num_stages: int | None = None):
+    """Same contract (and tuning arguments) as `fwd` and `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b],
+    dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
     BD = triton.next_power_of_2(d)
-    FB = _block_f(F)
+    FB = _block_f(F, block_f)
     BT = max(16, triton.next_power_of_2(mini_batch))
     shapes = ((d, F), (F,), (F, d), (d,))
     # the carried gradients start as those of the final params and end as those of the start params
@@ -434,13 +444,14 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
-    LAST["ttt_mlp_bwd_blocked_kernel"] = ttt_mlp_bwd_blocked_kernel[(B * H,)](
+    ttt_mlp_bwd_blocked_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps,
         dq, dk, dv, dlr, dtau, dlnw, dlnb, *scr,
         q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, triton.cdiv(F, FB),
-        D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, DOT_MODE=_dot_mode(q.dtype),
-        num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES or 3)
+        D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group,
+        DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
+        num_stages=num_stages or 3)
     dtau = dtau.sum(0)[:mini_batch]
     dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
     dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]

@@ -21,11 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import TTTState
+from ..common import LN_EPS, TTTState
 from ..triton_utils import _gelu_parts, step_operands
-
-LAST = {}  # the last compiled launch of each kernel (its n_regs / n_spills for reports)
-BLOCK_F = None  # None: 64 columns of F per block; an int forces one
 
 
 @triton.jit
@@ -35,6 +32,7 @@ def ttt_mlp_step_kernel(
     o_ptr, w1n_ptr, c1n_ptr, w2n_ptr, c2n_ptr, a1n_ptr, ab1n_ptr, a2n_ptr, ab2n_ptr,
     s_b, s_h, l_b, l_h, H, i_pos,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, COMMIT: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = pid // H
@@ -70,7 +68,7 @@ def ttt_mlp_step_kernel(
         z2 += tl.sum(x2[:, None] * W2, axis=0)
     mu = tl.sum(z2, axis=0) / D
     zc = tl.where(cmask, z2 - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
     xh = zc * rstd
     gy = gam * (gam * xh + bet - (v - k))
     g2 = tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
@@ -113,7 +111,7 @@ def ttt_mlp_step_kernel(
             tl.store(a2n_ptr + w2base + off2, A2, mask=m2)
     mu = tl.sum(zo, axis=0) / D
     zc = tl.where(cmask, zo - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
     o = q + zc * rstd * gam + bet
     tl.store(o_ptr + bi * H * D + hi * D + rd, o.to(o_ptr.dtype.element_ty), mask=cmask)
     if COMMIT:
@@ -123,8 +121,13 @@ def ttt_mlp_step_kernel(
         tl.store(ab2n_ptr + pid * D + rd, a2, mask=cmask)
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
-    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
+def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, block_f: int | None = None,
+            num_warps: int | None = None):
+    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`.
+    block_f: columns of F per block (None: min(64, F)); num_warps None: 4 (the setting measured on the GPU).
+    Offline sm_90 compile, d = 64: 32-column blocks with 8 warps have 175 / 222 registers and no spills
+    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md round 4):
+    benchmarks/bench_mlp.py times both."""
     B, _, H, d = q.shape
     F = state.params[0].shape[-1]
     i = state.pos % mini_batch
@@ -135,9 +138,9 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
     o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
-    BF = BLOCK_F or min(64, triton.next_power_of_2(F))
-    LAST["ttt_mlp_step_kernel"] = ttt_mlp_step_kernel[(B * H,)](
+    BF = block_f or min(64, triton.next_power_of_2(F))
+    ttt_mlp_step_kernel[(B * H,)](
         q0, k0, v0, lr0, tau, ln_weight, ln_bias, *ps, *acc, o, *new_ps, *new_acc,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
-        D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, num_warps=4)
+        D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 4)
     return o, TTTState("mlp", new_ps, new_acc, state.pos + 1)

@@ -1,0 +1,213 @@
+"""TTT-MLP kernel variants side by side on the GPU: first each variant against the dual form, then timings.
+
+Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (today's
+register kernels, tokens as the row dimension, 8 warps), "trans" (F as the row dimension, 8 and 16 warps),
+"split" (F split across the 8 warps, batched products; trans's backward); at d = 96, 128 "blocked" (F-blocked,
+weights in a global scratch; today's). Each variant is checked against the PyTorch dual form (bf16, and fp32
+for the code new in this round; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
+accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and
+fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
+B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
+CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
+
+    PYTHONPATH=. python benchmarks/bench_mlp.py            # everything (< 4 minutes on an H200)
+    PYTHONPATH=. python benchmarks/bench_mlp.py --skip-check --only fwd
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ttt.ops import TTTState, make_tau, triton_backend
+from ttt.ops.ttt_linear import step_triton as lin_step
+from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
+
+B_MB = 16  # mini-batch size
+DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
+# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are today's defaults.
+# fp32 is checked for the code new in this round ("trans", whose backward "split" shares); today's kernels are
+# checked in fp32 by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
+# whole run must stay under 4 minutes).
+BF16, FP32 = torch.bfloat16, torch.float32
+VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("trans-w8", "trans", 8, (64,), (BF16, FP32)),
+            ("split-w8", "split", 8, (64,), (BF16, FP32)), ("trans-w16", "trans", 16, (64,), (BF16,)),
+            ("blocked", "blocked", None, (96, 128), (BF16,))]
+# the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
+# aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
+# counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
+CHECK = dict(B=1, T=2062, H=16, pos=7)
+SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
+# (block_f, num_warps) of the fused TTT-MLP decode step: the measured default, the spill-free offline pick, a middle one
+STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(kind, B, T, H, d, dtype, pos=0, seed=0, grad=False):
+    """Random op inputs on the GPU: leaves [q, k, v, lr, tau, ln_w, ln_b, *init] and the start state."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    F = 4 * d
+
+    def r(*s, scale=1.0, shift=0.0):
+        return torch.randn(*s, generator=g, device=DEV) * scale + shift
+
+    q, k, v = (r(B, T, H, d).to(dtype) for _ in range(3))
+    lr = ((torch.rand(B, T, H, generator=g, device=DEV) * 0.9 + 0.05) / d ** 0.5).to(dtype)
+    tau = make_tau(0.01 * r(B_MB))
+    lnw, lnb = r(H, d, scale=0.2, shift=1.0), r(H, d, scale=0.2)
+    if kind == "linear":
+        init = (r(H, d, d, scale=d ** -0.5), r(H, d, scale=0.1))
+    else:
+        init = (r(H, d, F, scale=d ** -0.5), r(H, F, scale=0.1), r(H, F, d, scale=F ** -0.5), r(H, d, scale=0.1))
+    leaves = [q, k, v, lr, tau, lnw, lnb, *init]
+    if grad:
+        for t in leaves:
+            t.requires_grad_()
+    st = TTTState.initial(kind, init, B)
+    if pos:
+        st = TTTState(kind, st.params, tuple(0.01 * r(*p.shape) if pos % B_MB else torch.zeros_like(p)
+                                             for p in st.params), pos)
+    return leaves, st
+
+
+def run(kind, leaves, st, impl=None, warps=None):
+    q, k, v, lr, tau, lnw, lnb = leaves[:7]
+    return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, B_MB, mlp_impl=impl, mlp_warps=warps)
+
+
+def check(impl, warps, d, dtype):
+    """Largest relative error of the variant against the dual form over the output, the final params and
+    every gradient (q, k, v, lr, tau, LN weight/bias, initial params)."""
+    leaves, st = make("mlp", CHECK["B"], CHECK["T"], CHECK["H"], d, dtype, pos=CHECK["pos"], grad=True)
+    o1, s1 = run("mlp", leaves, st, impl, warps)
+    q, k, v, lr, tau, lnw, lnb = leaves[:7]
+    o2, s2 = mlp_dual.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    wo = torch.randn(o2.shape, generator=g, device=DEV).to(dtype)
+    ws = [torch.randn(p.shape, generator=g, device=DEV) for p in s2.params]
+
+    def loss(o, s):
+        return (o.float() * wo.float()).sum() + sum((p.float() * w).sum() for p, w in zip(s.params, ws))
+
+    g1 = torch.autograd.grad(loss(o1, s1), leaves)
+    g2 = torch.autograd.grad(loss(o2, s2), leaves)
+    errs = [rel(o1, o2)] + [rel(x, y) for x, y in zip(s1.params, s2.params)] + [rel(x, y) for x, y in zip(g1, g2)]
+    return max(errs)
+
+
+def bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def time_op(kind, shape, impl=None, warps=None):
+    B, T, H, d = shape
+    leaves, st = make(kind, B, T, H, d, torch.bfloat16, grad=True)
+    with torch.no_grad():
+        t_fwd = bench(lambda: run(kind, leaves, st, impl, warps))
+    w = torch.randn(B, T, H, d, device=DEV, dtype=torch.bfloat16)
+
+    def fb():
+        o, s = run(kind, leaves, st, impl, warps)
+        torch.autograd.grad((o * w).sum() + sum(p.sum() for p in s.params), leaves)
+    return t_fwd, bench(fb)
+
+
+def time_step(kind, pos, block_f=None, warps=None):
+    """One decode step (B16 H32 d64, fp32 state, bf16 tokens), captured in a CUDA graph."""
+    import triton.testing
+    leaves, st = make(kind, 16, 1, 32, 64, torch.bfloat16)
+    st = TTTState(kind, st.params, tuple(torch.zeros_like(p) for p in st.params), pos)
+    q, k, v, lr, tau, lnw, lnb = leaves[:7]
+    if kind == "linear":
+        fn = lambda: lin_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)  # noqa: E731
+    else:
+        fn = lambda: mlp_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB, block_f=block_f,  # noqa: E731
+                                      num_warps=warps)
+    with torch.no_grad():
+        fn()
+        return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="TTT-MLP kernel variants: correctness, then timings (GPU)")
+    ap.add_argument("--skip-check", action="store_true", help="time without checking against the dual form")
+    ap.add_argument("--only", default="fwd,step", help="comma list of: fwd (fwd and fwd+bwd), step")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mlp: needs a CUDA GPU")
+    t_start = time.time()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ok = {}
+    rows = []
+    for name, impl, warps, dims, dtypes in VARIANTS:
+        for d in dims:
+            ok[name, d] = True
+            if a.skip_check:
+                continue
+            for dtype in dtypes:
+                tol = 3e-2 if dtype == BF16 else 1e-4
+                try:
+                    err = check(impl, warps, d, dtype)
+                except Exception as e:  # a variant that does not compile or launch is reported, not timed
+                    err, msg = float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                    print(f"check {name} d{d} {dtype}: {msg}", flush=True)
+                good = err <= tol
+                ok[name, d] &= good
+                print(f"check {name:10} d{d:<4} {str(dtype)[6:]:9} max rel err {err:.2e} (tol {tol:.0e}) "
+                      f"{'ok' if good else 'FAIL'}   [{time.time() - t_start:.0f} s]", flush=True)
+    if "fwd" in a.only:
+        for shape in SHAPES:
+            B, T, H, d = shape
+            tag = f"B{B} T{T} H{H} d{d}"
+            t = time_op("linear", shape)
+            rows.append((tag, "ttt-linear", *t))
+            print(f"{tag:22} {'ttt-linear':12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
+                  f"[{time.time() - t_start:.0f} s]", flush=True)
+            for name, impl, warps, dims, _dtypes in VARIANTS:
+                if d not in dims:
+                    continue
+                if not ok[name, d]:
+                    rows.append((tag, name, float("nan"), float("nan")))
+                    continue
+                try:
+                    t = time_op("mlp", shape, impl, warps)
+                except Exception as e:  # e.g. out of shared memory at launch: reported, the run goes on
+                    print(f"{tag} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                    t = (float("nan"), float("nan"))
+                rows.append((tag, name, *t))
+                print(f"{tag:22} {name:12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
+                      f"[{time.time() - t_start:.0f} s]", flush=True)
+    steps = []
+    if "step" in a.only:
+        for pos in (3, 15):
+            steps.append((pos, "ttt-linear", time_step("linear", pos)))
+            for bf, w in STEP_CONFIGS:
+                try:
+                    t = time_step("mlp", pos, bf, w)
+                except Exception as e:
+                    print(f"step blk{bf} w{w}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                    t = float("nan")
+                steps.append((pos, f"mlp blk{bf} w{w}", t))
+    print(f"\n## TTT-MLP kernels, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, b = {B_MB} "
+          f"(do_bench medians, ms)\n")
+    if rows:
+        print("| shape | kernel | fwd | fwd+bwd |\n|---|---|---|---|")
+        for tag, name, f, fb in rows:
+            print(f"| {tag} | {name} | {f:.3f} | {fb:.3f} |")
+    if steps:
+        print("\n| decode step B16 H32 d64 (CUDA graph), pos in mini-batch | kernel | ms |\n|---|---|---|")
+        for pos, name, t in steps:
+            print(f"| {pos} {'(commit)' if pos % B_MB == B_MB - 1 else ''} | {name} | {t:.4f} |")
+    print(f"\ntotal {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""TTT-MLP Triton kernels == the PyTorch dual form, for every kernel pair the triton backend can pick
+(`mlp_impl`: "trans", "split", "regs", "blocked"): outputs, final state (params and accum) and every gradient (q, k, v,
+lr, tau via delta, LN weight/bias, initial params, initial accum), at odd lengths (head and tail pieces in
+PyTorch), from mid-mini-batch starts with pending accumulators, over several checkpoint groups, with every
+kernel output NaN-poisoned before the kernel runs; a non-finite token reaching no earlier output; the fused
+decode step. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) at small shapes; bf16 and
+full-size shapes run on a GPU (marked `gpu`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from conftest import PoisonTorch, random_inputs  # noqa: E402
+from ttt.ops import triton_backend  # noqa: E402
+from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_t, step_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    for mod in (chunk, chunk_blocked, chunk_t, step_triton):
+        monkeypatch.setattr(mod, "torch", PoisonTorch())
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
+    inp = random_inputs("mlp", B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, seed=seed, requires_grad=grad)
+    if DEV != "cpu":
+        for name in ("q", "k", "v", "lr", "delta", "ln_weight", "ln_bias"):
+            x = getattr(inp, name)
+            setattr(inp, name, x.detach().to(DEV).requires_grad_(x.requires_grad))
+        inp.init = tuple(p.detach().to(DEV).requires_grad_(p.requires_grad) for p in inp.init)
+        if inp.accum is not None:
+            inp.accum = tuple(a.detach().to(DEV).requires_grad_(a.requires_grad) for a in inp.accum)
+    return inp
+
+
+def run_triton(inp, impl, warps=None, q=None, k=None, v=None, lr=None):
+    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d)."""
+    return triton_backend.forward("mlp", inp.q if q is None else q, inp.k if k is None else k,
+                                  inp.v if v is None else v, inp.lr if lr is None else lr, inp.tau, inp.ln_weight,
+                                  inp.ln_bias, inp.state(), inp.mini_batch, mlp_impl=impl, mlp_warps=warps)
+
+
+def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None):
+    inp = make(B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, grad=grad)
+    o1, s1 = run_triton(inp, impl, warps)
+    o2, s2 = inp.run("dual")
+    assert s1.pos == s2.pos == pos + T and o1.dtype == o2.dtype == dtype
+    errs = {"o": rel(o1, o2)}
+    for i, (x, y) in enumerate(zip(s1.params + s1.accum, s2.params + s2.accum)):
+        errs[f"state{i}"] = rel(x, y) if y.abs().max() > 0 else x.abs().max().item()
+    if grad:
+        leaves = inp.leaves()
+        g = torch.Generator(device=o2.device).manual_seed(1)
+        wo = torch.randn(o2.shape, generator=g, device=o2.device, dtype=torch.float64).to(dtype)
+        ws = [torch.randn(p.shape, generator=g, device=o2.device, dtype=torch.float64).to(p.dtype)
+              for p in s2.params + s2.accum]
+
+        def loss(o, s):
+            return (o * wo).sum() + sum((p * w).sum() for p, w in zip(s.params + s.accum, ws))
+
+        g1 = torch.autograd.grad(loss(o1, s1), list(leaves.values()), allow_unused=True)
+        g2 = torch.autograd.grad(loss(o2, s2), list(leaves.values()), allow_unused=True)
+        for name, x, y in zip(leaves, g1, g2):
+            if y is None or y.abs().max() == 0:
+                assert x is None or x.abs().max() == 0, name
+                continue
+            errs[f"d{name}"] = rel(x, y)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos}: over {tol}: {bad}"
+    return errs
+
+
+# (B, T, H, d, b, pos): odd length with head and tail pieces from a mid-mini-batch start (pending accumulator);
+# padded head dim (24 -> 32, F = 96 -> 128) and b = 8 (padded rows) over three checkpoint groups.
+CASES = [(2, 37, 2, 16, 16, 5), (1, 150, 1, 24, 8, 3)]
+
+
+@pytest.mark.parametrize("B,T,H,d,b,pos", CASES)
+def test_trans_matches_dual(B, T, H, d, b, pos):
+    compare("trans", B=B, T=T, H=H, d=d, b=b, pos=pos)
+
+
+def test_trans_16_warps_fp16_forward():
+    compare("trans", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3, warps=16)
+
+
+@pytest.mark.parametrize("warps", [4, 8])
+def test_split_matches_dual(warps):
+    """F split across the warps (d = 24: F = 96 padded to 128 in 4 groups of 32 rows; d = 16 with 8 warps:
+    F = 64 in 4 groups of 16), with chunk_t's backward on its checkpoints."""
+    d = 24 if warps == 4 else 16
+    compare("split", B=1, T=150 if warps == 4 else 37, H=1, d=d, b=8 if warps == 4 else 16, pos=3, warps=warps)
+
+
+def test_regs_matches_dual():
+    compare("regs", B=1, T=150, H=1, d=24, b=8, pos=3)
+
+
+def test_default_impl_by_head_dim():
+    assert triton_backend.default_mlp_impl(64) == "regs" and triton_backend.default_mlp_impl(96) == "blocked"
+    compare(None, B=1, T=20, H=1, d=16, b=16, pos=0)
+
+
+def test_blocked_matches_dual():
+    """d = 16: F = 64 in two 32-column blocks; an aligned start whose (zero) accumulator needs a gradient."""
+    compare("blocked", B=1, T=64, H=1, d=16, b=16, pos=32)
+
+
+def test_wide_head_runs_blocked_kernels():
+    """d > 64 picks the F-blocked kernels by default (d = 72: padded to 128, F = 288 in 32-column blocks)."""
+    compare(None, B=1, T=37, H=1, d=72, b=16, pos=3)
+
+
+def test_impl_choice_is_checked():
+    inp = make(B=1, T=16, H=1, d=72, b=16, pos=0, grad=False)
+    with pytest.raises(ValueError, match=r"^mlp_impl: 'trans' holds the weights in registers only up to head dim 64"):
+        run_triton(inp, "trans")
+    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('trans', 'split', 'regs', 'blocked'\), "
+                                         r"got 'fast'"):
+        run_triton(inp, "fast")
+
+
+@pytest.mark.parametrize("impl", ["trans", "split", "regs", "blocked"])
+@pytest.mark.parametrize("where", ["k", "v", "lr"])
+def test_nonfinite_token_reaches_no_earlier_output(impl, where):
+    """A NaN (or inf) at token 20 (b = 16): outputs 0..19 equal a run without it; token 20 is non-finite."""
+    inp = make(B=1, T=32, H=1, d=16, b=16, pos=0, grad=False)
+    o_ref, _ = run_triton(inp, impl)
+    x = getattr(inp, where).clone()
+    x[0, 20, 0] = float("nan") if where != "v" else float("inf")
+    o, _ = run_triton(inp, impl, **{where: x})
+    torch.testing.assert_close(o[:, :20], o_ref[:, :20], rtol=0, atol=0)
+    assert not torch.isfinite(o[:, 20]).all()
+
+
+@pytest.mark.parametrize("pos", [0, 3, 15, 31])
+@pytest.mark.parametrize("d", [16, 24])
+def test_step_kernel(pos, d):
+    """The fused decode kernel (T = 1) == the PyTorch step (through the backend), including the commit; d = 24
+    has a padded head dim and F = 96 (a full and a partial 64-column block)."""
+    inp = make(B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
+    o1, s1 = inp.run("triton")
+    o2, s2 = inp.run("dual")
+    assert rel(o1, o2) < 1e-5
+    for x, y in zip(s1.params + s1.accum, s2.params + s2.accum):
+        assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
+
+
+@pytest.mark.parametrize("block_f,warps,d", [(16, 4, 16), (32, 8, 24)])
+def test_step_kernel_blocks(block_f, warps, d):
+    """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 32 columns
+    with 8 warps over F = 96 (three blocks)."""
+    inp = make(B=1, T=1, H=2, d=d, b=16, pos=7, grad=False)
+    o1, s1 = step_triton.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(),
+                                 inp.mini_batch, block_f=block_f, num_warps=warps)
+    o2, s2 = inp.run("dual")
+    assert rel(o1, o2) < 1e-5
+    for x, y in zip(s1.accum, s2.accum):
+        assert rel(x, y) < 1e-5
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("impl,d", [("trans", 64), ("split", 64), ("regs", 64), ("blocked", 64), ("blocked", 96),
+                                    ("blocked", 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_full_shapes(impl, d, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    compare(impl, B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("impl", ["trans", "regs"])
+def test_fp16_backward(impl):
+    """16-bit inputs ("trans" keeps the backward's per-step weights in the products' operand type, fp16 here;
+    the largest error, in dtau, is ~5e-3; rounding them to bf16 instead gives 2.3e-2)."""
+    compare(impl, B=1, T=37, H=1, d=16, b=16, pos=5, dtype=torch.float16, tol=1e-2)
+
+
+def test_regs_operand_scratch_is_exact():
+    """chunk.bwd with operand_scratch (weights of the reverse walk stored as fp16) == without it: the products
+    round them to fp16 either way."""
+    inp = make(B=1, T=32, H=1, d=16, b=16, pos=0, dtype=torch.float16, grad=False)
+    st = inp.state()
+    q, k, v, lr = inp.q, inp.k, inp.v, inp.lr
+    ps = tuple(p.float().contiguous() for p in st.params)
+    _o, _fin, ck = chunk.fwd(q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ps, 16, 8, True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.dtype).to(q.device)
+    args = (q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ck, do, (None,) * 4, 16, 8)
+    a = chunk.bwd(*args)
+    b = chunk.bwd(*args, operand_scratch=True)
+    for x, y in zip([*a[:7], *a[7]], [*b[:7], *b[7]]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
