@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import shutil
 import sysconfig
 from pathlib import Path
@@ -109,6 +111,21 @@ def test_train_eval_generate(capsys, workdir):
     code2, out2, _ = run(capsys, "-q", "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12",
                          "--seed", "1", "--top-k", "20")
     assert out2 == out  # seeded: reproducible
+
+
+def test_train_interrupted_exits_130(capsys, workdir, tmp_path, monkeypatch):
+    """Ctrl-C during `ttt train` (the loop reports stopped="SIGINT" after saving) exits with status 130."""
+    import ttt.train as train_mod
+    real = train_mod.train
+
+    def interrupted(model_cfg, cfg, on_step=None):
+        def stop(step, row):
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the first step
+        return real(model_cfg, cfg, on_step=stop)
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    code, out, _ = run(capsys, "-q", "train", "--data", str(workdir / "data"), "--out", str(tmp_path / "run"), *TRAIN)
+    assert code == 130
+    assert (tmp_path / "run" / "latest.json").is_file()
 
 
 def test_train_refuses_out_dir_of_another_run(capsys, workdir):

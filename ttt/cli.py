@@ -418,7 +418,7 @@ def cmd_train(args) -> int:
           f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg)
     print(_fmt_summary(summary))
-    return 0
+    return 130 if summary["stopped"] == "SIGINT" else 0  # Ctrl-C: a checkpoint was written, exit as interrupted
 
 
 def _cuda() -> bool:
