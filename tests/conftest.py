@@ -105,3 +105,43 @@ def random_inputs(kind, *, B=2, T=7, H=2, d=4, b=3, pos=0, dtype=torch.float64, 
         for t in inp.leaves().values():
             t.requires_grad_()
     return inp
+
+
+def rel(a, b):
+    """Relative L2 error of a against b (fp64); a must be all finite (an unwritten output would not be)."""
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_against_dual(inp, fast, *, T, pos, dtype, grad, tol, label):
+    """fast(): (o, state) of the path under test on `inp`; compared with inp.run("dual") on the output, the final
+    params and accumulators, and (grad) the gradient w.r.t. every leaf of a random weighting of all of them.
+    Asserts every relative error is <= tol; returns them."""
+    o1, s1 = fast()
+    o2, s2 = inp.run("dual")
+    assert s1.pos == s2.pos == pos + T
+    assert o1.dtype == o2.dtype == dtype
+    errs = {"o": rel(o1, o2)}
+    for i, (x, y) in enumerate(zip(s1.params + s1.accum, s2.params + s2.accum)):
+        errs[f"state{i}"] = rel(x, y) if y.abs().max() > 0 else x.abs().max().item()
+    if grad:
+        leaves = inp.leaves()
+        g = torch.Generator(device=o2.device).manual_seed(1)
+        wo = torch.randn(o2.shape, generator=g, device=o2.device, dtype=torch.float64).to(dtype)
+        ws = [torch.randn(p.shape, generator=g, device=o2.device, dtype=torch.float64).to(p.dtype)
+              for p in s2.params + s2.accum]
+
+        def loss(o, s):
+            return (o * wo).sum() + sum((p * w).sum() for p, w in zip(s.params + s.accum, ws))
+
+        g1 = torch.autograd.grad(loss(o1, s1), list(leaves.values()), allow_unused=True)
+        g2 = torch.autograd.grad(loss(o2, s2), list(leaves.values()), allow_unused=True)
+        for name, x, y in zip(leaves, g1, g2):
+            if y is None or y.abs().max() == 0:
+                assert x is None or x.abs().max() == 0, name
+                continue
+            errs[f"d{name}"] = rel(x, y)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{label}: over {tol}: {bad}"
+    return errs
+

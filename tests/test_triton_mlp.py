@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
-from conftest import PoisonTorch, random_inputs  # noqa: E402
+from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
 from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_t, step_triton  # noqa: E402
 
@@ -33,11 +33,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def poison(monkeypatch):
     for mod in (chunk, chunk_blocked, chunk_t, step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
@@ -61,32 +56,8 @@ def run_triton(inp, impl, warps=None, q=None, k=None, v=None, lr=None):
 
 def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None):
     inp = make(B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, grad=grad)
-    o1, s1 = run_triton(inp, impl, warps)
-    o2, s2 = inp.run("dual")
-    assert s1.pos == s2.pos == pos + T and o1.dtype == o2.dtype == dtype
-    errs = {"o": rel(o1, o2)}
-    for i, (x, y) in enumerate(zip(s1.params + s1.accum, s2.params + s2.accum)):
-        errs[f"state{i}"] = rel(x, y) if y.abs().max() > 0 else x.abs().max().item()
-    if grad:
-        leaves = inp.leaves()
-        g = torch.Generator(device=o2.device).manual_seed(1)
-        wo = torch.randn(o2.shape, generator=g, device=o2.device, dtype=torch.float64).to(dtype)
-        ws = [torch.randn(p.shape, generator=g, device=o2.device, dtype=torch.float64).to(p.dtype)
-              for p in s2.params + s2.accum]
-
-        def loss(o, s):
-            return (o * wo).sum() + sum((p * w).sum() for p, w in zip(s.params + s.accum, ws))
-
-        g1 = torch.autograd.grad(loss(o1, s1), list(leaves.values()), allow_unused=True)
-        g2 = torch.autograd.grad(loss(o2, s2), list(leaves.values()), allow_unused=True)
-        for name, x, y in zip(leaves, g1, g2):
-            if y is None or y.abs().max() == 0:
-                assert x is None or x.abs().max() == 0, name
-                continue
-            errs[f"d{name}"] = rel(x, y)
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    assert not bad, f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos}: over {tol}: {bad}"
-    return errs
+    return check_against_dual(inp, lambda: run_triton(inp, impl, warps), T=T, pos=pos, dtype=dtype, grad=grad,
+                              tol=tol, label=f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos}")
 
 
 # (B, T, H, d, b, pos): odd length with head and tail pieces from a mid-mini-batch start (pending accumulator);
