@@ -1,4 +1,4 @@
-"""Tests of the TTT layers (ttt/layers/ttt.py, SPEC sections 3, 5, 6): a hand-written reference of the
+"""Tests of the TTT layers (ttt/layers/ttt.py, docs/math.md §§3, 5, 6): a hand-written reference of the
 whole layer, the streaming contract (every split point, 3-way splits, token by token, conv window and RoPE
 at position mod b included), naive == dual at layer level (outputs and every parameter gradient),
 gradient flow, init, the generic inner-model layer, bf16 autocast, and bad input.
@@ -96,7 +96,7 @@ def run_chunks(layer, x, sizes, state=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# A from-scratch reference of the layer (SPEC sections 2, 3, 5, 6): own conv, own RoPE, own primal
+# A from-scratch reference of the layer (docs/math.md §§2, 3, 5, 6): own conv, own RoPE, own primal
 # inner loop with autograd gradients. Shares no code with ttt.layers or ttt.ops.
 # ---------------------------------------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ def ref_f_res(kind, p, x):
 
 
 def ref_layer(layer: TTTLayer, x):
-    """Whole-sequence forward of `layer` (kind linear or mlp) written straight from the SPEC."""
+    """Whole-sequence forward of `layer` (kind linear or mlp) written straight from docs/math.md."""
     Bx, Tx, Dx = x.shape
     Hh, d, b = layer.n_heads, layer.head_dim, layer.mini_batch
     if layer.backbone == "mamba":
@@ -199,7 +199,7 @@ def test_layer_matches_reference(kind, backbone):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Streaming contract (SPEC section 5): any split == one shot, outputs and final state.
+# Streaming contract (docs/math.md §5): any split == one shot, outputs and final state.
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,backbone", CASES)
@@ -407,7 +407,7 @@ def test_gradients_reach_every_parameter(kind, backbone, perturbed):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Init (SPEC section 6)
+# Init (docs/math.md §6)
 # ---------------------------------------------------------------------------------------------------
 
 def _assert_normal(p, std, name, rel=0.06):

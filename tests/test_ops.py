@@ -3,7 +3,7 @@
 - naive (the spec, autograd inner gradients) == dual (mini-batch dual form) in float64: outputs, final
   state and the gradients w.r.t. every input, for several mini-batch sizes and start positions;
 - torch.autograd.gradcheck of both backends on tiny shapes;
-- the streaming contract of SPEC section 5: any split into calls, token by token (the decode step),
+- the streaming contract of docs/math.md §5: any split into calls, token by token (the decode step),
   and prefill-then-step all equal one forward over the whole sequence;
 - the generic inner-model op (ttt_generic) against the dedicated ops, and with another inner model;
 - bad input fails early, naming the argument.
@@ -86,7 +86,7 @@ def test_gradcheck(kind, backend):
     assert torch.autograd.gradcheck(f, tuple(inp.leaves().values()), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-# --- rungs 3 and 4: streaming (SPEC section 5) ----------------------------------------------------------
+# --- rungs 3 and 4: streaming (docs/math.md §5) ----------------------------------------------------------
 
 SB = 3  # mini-batch size of the streaming tests; sequences of length 2 * SB + 3
 

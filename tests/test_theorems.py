@@ -1,4 +1,4 @@
-"""SPEC section 8 as tests: the facts that tie TTT layers to known sequence models.
+"""docs/math.md §8 as tests: the facts that tie TTT layers to known sequence models.
 
 - Theorem 1: a linear inner model without LN or residual, batch GD over the whole sequence from W0 = 0
   (eta = 1/2 with loss ||.||^2, i.e. lr = 1 with loss 1/2 ||.||^2) is causal linear attention.

@@ -386,7 +386,7 @@ def test_compiled_blocks_train_like_eager(data_dir, tmp_path):
 
 
 def test_inner_lr_ramp_for_ttt_mlp(data_dir, tmp_path):
-    """TTT-MLP's inner base_lr ramps from 0.01 to base_lr over the warm-up (SPEC section 3)."""
+    """TTT-MLP's inner base_lr ramps from 0.01 to base_lr over the warm-up (docs/math.md §3)."""
     from ttt.train import inner_lr_scale_at
     cfg = train_cfg(data_dir, tmp_path / "x", max_steps=10, warmup_frac=0.4)  # 4 warm-up steps
     assert [inner_lr_scale_at(s, cfg, 0.1) * 0.1 for s in range(6)] == pytest.approx(

@@ -1,4 +1,4 @@
-"""Typed model configuration and named presets (SPEC section 7).
+"""Typed model configuration and named presets (docs/math.md §7).
 
     cfg = get_config("125m", mixer="ttt_linear", backbone="mamba", vocab_size=32000)
 
@@ -90,7 +90,7 @@ class ModelConfig:
         return cls(**d)
 
 
-# name: (n_layers, d_model, n_heads, ffn_hidden); SPEC section 7. "debug" is a CPU-test size.
+# name: (n_layers, d_model, n_heads, ffn_hidden); docs/math.md §7. "debug" is a CPU-test size.
 SIZES = {
     "debug": (2, 64, 4, 128),
     "tiny": (4, 128, 4, 352),
@@ -99,7 +99,7 @@ SIZES = {
     "760m": (24, 1536, 16, 4096),
     "1.3b": (24, 2048, 32, 5504),
 }
-# training recipe per size (SPEC section 7): peak LR, steps at 0.5M tokens per step
+# training recipe per size (docs/math.md §7): peak LR, steps at 0.5M tokens per step
 RECIPES = {"125m": (3e-3, 4800), "350m": (1.5e-3, 13500), "760m": (1.25e-3, 29000), "1.3b": (1e-3, 50000)}
 
 

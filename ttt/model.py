@@ -1,6 +1,6 @@
 """The language model: token embedding, a stack of blocks, final RMSNorm, (tied) output head.
 
-Blocks (SPEC section 6), with pre-RMSNorm residual sub-layers:
+Blocks (docs/math.md §7), with pre-RMSNorm residual sub-layers:
   backbone "mamba" (TTT mixers only):  h += conv(norm h);  h += TTT(norm h);  h += SwiGLU(norm h)
   backbone "transformer":              h += mixer(norm h); h += SwiGLU(norm h)   (no FFN if ffn_hidden=0)
 The mixer is one of ttt_linear, ttt_mlp, attention (Transformer++ baseline) or mamba (Mamba-2 style

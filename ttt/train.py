@@ -3,7 +3,7 @@
     summary = train(get_config("125m", vocab_size=8192), TrainConfig(data_dir="data", out_dir="runs/125m"))
     torchrun --nproc_per_node 8 -m ttt.cli train ...       # the same loop on 8 GPUs
 
-Recipe (SPEC section 7, the paper's): AdamW (beta1 0.9, beta2 0.95), weight decay 0.1, gradient
+Recipe (docs/math.md §7, the paper's): AdamW (beta1 0.9, beta2 0.95), weight decay 0.1, gradient
 clipping at 1.0, linear warm-up over the first warmup_frac of the steps, then cosine decay to min_lr.
 TTT-MLP layers also ramp their inner base_lr from 0.01 over the warm-up (`inner_lr_warmup`,
 applied through `TTTLM.set_inner_lr_warmup`).

@@ -6,7 +6,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 (fp64 for fp64 inputs) and cast back (eps 1e-6 as in SPEC section 6)."""
+    """RMSNorm over the last dim, computed in fp32 (fp64 for fp64 inputs) and cast back (eps 1e-6 as in docs/math.md §7)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -1,4 +1,4 @@
-"""TTT layers (SPEC section 6): projections, causal convs, RoPE at position mod b, the learnable
+"""TTT layers (docs/math.md §6): projections, causal convs, RoPE at position mod b, the learnable
 inner learning rate (per-head gate and tau offsets), learnable initial inner weights, the TTT op,
 post-LayerNorm, output gate and projection.
 

@@ -1,7 +1,7 @@
 """Shared pieces of the TTT ops: the explicit state, input validation, and the inner-loop math helpers
 (LayerNorm forward and its closed-form gradient, tanh-GELU and its derivative, the tau vector).
 
-Every backend (naive, dual, triton, step) takes and returns the same `TTTState` (SPEC section 5):
+Every backend (naive, dual, triton, step) takes and returns the same `TTTState` (docs/math.md §5):
 start-of-mini-batch weights, the gated gradient sums of the current partial mini-batch, and the
 position. Weights and accumulators are fp32 (fp64 when the inputs are fp64).
 """
@@ -133,7 +133,7 @@ def compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def make_tau(delta: torch.Tensor) -> torch.Tensor:
-    """tau_i = max(0, 1/i + delta_i), i = 1..b (SPEC section 3). delta: [b] -> [b]."""
+    """tau_i = max(0, 1/i + delta_i), i = 1..b (docs/math.md §3). delta: [b] -> [b]."""
     i = torch.arange(1, delta.shape[-1] + 1, device=delta.device, dtype=delta.dtype)
     return torch.clamp(1.0 / i + delta, min=0.0)
 
@@ -146,7 +146,7 @@ def layer_norm(z, weight, bias, eps: float = LN_EPS):
 
 
 def ln_fused_l2_grad(z, target, weight, bias, eps: float = LN_EPS):
-    """d/dz of 0.5*||LN(z) - target||^2 in closed form (SPEC section 2). All args broadcast to z's shape."""
+    """d/dz of 0.5*||LN(z) - target||^2 in closed form (docs/math.md §2). All args broadcast to z's shape."""
     d = z.shape[-1]
     mu = z.mean(-1, keepdim=True)
     var = z.var(-1, keepdim=True, unbiased=False)

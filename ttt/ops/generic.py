@@ -1,4 +1,4 @@
-"""The primal form of a TTT op with any inner model (SPEC sections 2, 3, 5), token by token.
+"""The primal form of a TTT op with any inner model (docs/math.md §§2, 3, 5), token by token.
 
 Each token's inner gradient comes from `torch.autograd.grad` at the start-of-mini-batch weights; the
 token's output uses its own explicit weights W - tau_i * sum_{j<=i} lr_j grad_j. This is the

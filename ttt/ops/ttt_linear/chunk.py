@@ -1,6 +1,6 @@
 """TTT-Linear mini-batch dual form as Triton kernels: forward and hand-derived backward.
 
-Mirrors `ttt/ops/ttt_linear/dual.py` (SPEC section 4) on whole, aligned mini-batches whose start state
+Mirrors `ttt/ops/ttt_linear/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state
 has a zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end with the
 PyTorch dual form and calls these kernels on the aligned middle.
 

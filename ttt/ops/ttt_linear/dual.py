@@ -1,5 +1,5 @@
-"""TTT-Linear, mini-batch dual form in PyTorch (SPEC section 4), with the carried partial-mini-batch
-state of SPEC section 5. Differentiable by autograd; the CPU path and the reference for the kernels.
+"""TTT-Linear, mini-batch dual form in PyTorch (docs/math.md §4), with the carried partial-mini-batch
+state of docs/math.md §5. Differentiable by autograd; the CPU path and the reference for the kernels.
 Ablation switches: no inner LayerNorm (ln_weight None), no residual (residual=False)."""
 from __future__ import annotations
 

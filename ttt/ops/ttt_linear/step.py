@@ -1,4 +1,4 @@
-"""TTT-Linear one-token decode step in PyTorch (SPEC section 5, primal form with the closed-form
+"""TTT-Linear one-token decode step in PyTorch (docs/math.md §5, primal form with the closed-form
 LayerNorm gradient). Same math as the dual form with T = 1, without its mini-batch matrices."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """TTT-Linear one-token decode step as one fused Triton kernel.
 
-Mirrors `ttt/ops/ttt_linear/step.py` (SPEC section 5, primal form): per (batch, head) program, the
+Mirrors `ttt/ops/ttt_linear/step.py` (docs/math.md §5, primal form): per (batch, head) program, the
 token's inner gradient at the start weights W, the accumulator update, the output with W - tau_i * A and
 the inner LayerNorm, and the commit at the end of a mini-batch, in one launch. What stays on chip:
 everything: W, c, A, a are read once and the new accumulators (and, on a commit, the new weights) written

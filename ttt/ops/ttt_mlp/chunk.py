@@ -1,6 +1,6 @@
 """TTT-MLP mini-batch dual form as a Triton forward kernel; backward by checkpointed recompute.
 
-Mirrors `ttt/ops/ttt_mlp/dual.py` (SPEC section 4) on whole, aligned mini-batches whose start state has a
+Mirrors `ttt/ops/ttt_mlp/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state has a
 zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end in PyTorch.
 
 Forward: one program per (batch, head) walks the mini-batches. What stays on chip: both inner weight
@@ -15,7 +15,7 @@ in them, later outputs set to NaN).
 Backward (`ttt_mlp_bwd_kernel`, hand-derived, checked against autograd through the dual form): the forward
 saves (W1, c1, W2, c2) every GROUP mini-batches. Per group, last first, the kernel recomputes the start
 weights of each mini-batch into a per-program scratch, then walks the group back carrying dW1, dc1, dW2, dc2
-(the gradient w.r.t. the weights after the mini-batch). Per mini-batch (SPEC section 4 reversed), with
+(the gradient w.r.t. the weights after the mini-batch). Per mini-batch (docs/math.md §4 reversed), with
 P1 = E*(Q K^T + 1), P2 = E*(X2b X2^T + 1), e_b = tau_b lr:
   dZ2b = LN-backward(dO gam); dP2 = -dZ2b G2^T; dG2 = -P2^T dZ2b; dX2b = dZ2b W2^T + (dP2*E) X2;
   dX2 = (dP2*E)^T X2b; dZ1b = dX2b * GELU'(Z1b); dP1 = -dZ1b G1^T; dG1 = -P1^T dZ1b;

@@ -1,4 +1,4 @@
-"""TTT-MLP one-token decode step in PyTorch (SPEC section 5, primal form with the closed-form
+"""TTT-MLP one-token decode step in PyTorch (docs/math.md §5, primal form with the closed-form
 LayerNorm gradient and the exact tanh-GELU derivative)."""
 from __future__ import annotations
 

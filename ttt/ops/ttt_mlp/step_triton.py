@@ -1,6 +1,6 @@
 """TTT-MLP one-token decode step as one fused Triton kernel.
 
-Mirrors `ttt/ops/ttt_mlp/step.py` (SPEC section 5, primal form): per (batch, head) program, the token's
+Mirrors `ttt/ops/ttt_mlp/step.py` (docs/math.md §5, primal form): per (batch, head) program, the token's
 inner gradients at the start weights (W1, c1, W2, c2), the accumulator update, the output with
 W - tau_i * A and the inner LayerNorm, and the commit at the end of a mini-batch, in one launch.
 
