@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from ttt.ops import TTTState, make_tau, triton_backend
+from benchmarks.bench_op import make as _op_make, rel
+from ttt.ops import TTTState, triton_backend
 from ttt.ops.ttt_linear import step_triton as lin_step
 from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
 
@@ -43,38 +44,9 @@ SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def make(kind, B, T, H, d, dtype, pos=0, seed=0, grad=False):
-    """Random op inputs on the GPU: leaves [q, k, v, lr, tau, ln_w, ln_b, *init] and the start state."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    F = 4 * d
-
-    def r(*s, scale=1.0, shift=0.0):
-        return torch.randn(*s, generator=g, device=DEV) * scale + shift
-
-    q, k, v = (r(B, T, H, d).to(dtype) for _ in range(3))
-    lr = ((torch.rand(B, T, H, generator=g, device=DEV) * 0.9 + 0.05) / d ** 0.5).to(dtype)
-    tau = make_tau(0.01 * r(B_MB))
-    lnw, lnb = r(H, d, scale=0.2, shift=1.0), r(H, d, scale=0.2)
-    if kind == "linear":
-        init = (r(H, d, d, scale=d ** -0.5), r(H, d, scale=0.1))
-    else:
-        init = (r(H, d, F, scale=d ** -0.5), r(H, F, scale=0.1), r(H, F, d, scale=F ** -0.5), r(H, d, scale=0.1))
-    leaves = [q, k, v, lr, tau, lnw, lnb, *init]
-    if grad:
-        for t in leaves:
-            t.requires_grad_()
-    st = TTTState.initial(kind, init, B)
-    if pos:
-        st = TTTState(kind, st.params, tuple(0.01 * r(*p.shape) if pos % B_MB else torch.zeros_like(p)
-                                             for p in st.params), pos)
-    return leaves, st
+    """Random op inputs on DEV: leaves [q, k, v, lr, tau, ln_w, ln_b, *init] and the start state (bench_op's)."""
+    return _op_make(kind, B, T, H, d, dtype, pos=pos, b=B_MB, seed=seed, grad=grad, dev=DEV)
 
 
 def run(kind, leaves, st, impl=None, warps=None):
