@@ -289,31 +289,32 @@ def _check_conv(name, x, w, b):
         raise ValueError(f"{name} bias: expected shape [{x.shape[-1]}], got {tuple(b.shape)}")
 
 
+def _window_in(x, win):
+    """Check x [B, T, D] and give the window in x's dtype, contiguous (None stays None)."""
+    if x.dim() != 3 or x.stride(-1) != 1:
+        raise ValueError(f"x: expected [B, T, D] with a contiguous last dim, got shape {tuple(x.shape)}")
+    return None if win is None else win.to(x.dtype).contiguous()
+
+
 def conv_rope(x, win, wq, bq, wk, bk, pos: int, *, mini_batch: int, head_dim: int, rope_base: float = 10000.0):
     """Two depthwise causal convs of x [B, T, D] then RoPE at position mod mini_batch (module docstring).
     Returns (q, k [B, T, D] in x's dtype, new window [B, W-1, D])."""
-    if x.dim() != 3 or x.stride(-1) != 1:
-        raise ValueError(f"x: expected [B, T, D] with a contiguous last dim, got shape {tuple(x.shape)}")
+    win_c = _window_in(x, win)
     if x.shape[-1] % 2 or head_dim % 2 or x.shape[-1] % head_dim:
         raise ValueError(f"head_dim: expected an even divisor of D = {x.shape[-1]}, got {head_dim}")
     _check_conv("wq", x, wq, bq)
     _check_conv("wk", x, wk, bk)
-    W = wq.shape[-1]
-    win_c = None if win is None else win.to(x.dtype).contiguous()
     q, k = _conv_rope_fwd_op(x, win_c, wq, bq, wk, bk, int(pos), int(mini_batch), int(head_dim), float(rope_base),
                              True)
-    return q, k, _new_window(x, win, W)
+    return q, k, _new_window(x, win, wq.shape[-1])
 
 
 def causal_conv(x, win, w, b):
     """One depthwise causal conv of x [B, T, D] (no RoPE). Returns (y [B, T, D] in x's dtype, new window)."""
-    if x.dim() != 3 or x.stride(-1) != 1:
-        raise ValueError(f"x: expected [B, T, D] with a contiguous last dim, got shape {tuple(x.shape)}")
+    win_c = _window_in(x, win)
     _check_conv("w", x, w, b)
-    W = w.shape[-1]
-    win_c = None if win is None else win.to(x.dtype).contiguous()
     y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False)
-    return y, _new_window(x, win, W)
+    return y, _new_window(x, win, w.shape[-1])
 
 
 # ---------------------------------------------------------------- post-LayerNorm x GELU gate
