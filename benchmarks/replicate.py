@@ -2,59 +2,80 @@
 TTT-Linear (M), TTT-MLP (M), Transformer++ and Mamba-2 at matched parameter counts and token budgets,
 trained at two context lengths; and the ablation ladder of its Table 1 plus mini-batch sizes b.
 
-    python benchmarks/replicate.py --smoke --out DIR                 # everything, tiny, on the CPU (~1 min)
-    python benchmarks/replicate.py --stage data --out DIR            # GPU runs: corpus + tokenizer, once
-    python benchmarks/replicate.py --stage train --ctx 2048 --models ttt_linear,attention --out DIR --device cuda:0
-    python benchmarks/replicate.py --stage ablation --rungs 0-3 --out DIR --device cuda:1
-    python benchmarks/replicate.py --stage report --out DIR          # tables and plots from the run outputs
+    python benchmarks/replicate.py --smoke --out DIR                          # every stage, tiny, CPU (~1 min)
+    # one GPU command per study: corpus, throughput probe, all runs of the study at once, report
+    python benchmarks/replicate.py --stage study --ctx 2048 --out DIR --wall-seconds 540 --layout-probe
+    python benchmarks/replicate.py --stage study --ctx 8192 --out DIR --wall-seconds 540
+    python benchmarks/replicate.py --stage ablation-study --ctx 2048 --size small --out DIR --wall-seconds 480
+    python benchmarks/replicate.py --stage report --out DIR                   # tables, figure, verdicts
 
-Corpus: the `.py` files under this interpreter's site-packages (`sysconfig.get_paths()["purelib"]`), long
-documents present on any machine with a Python environment, no download; `--corpus DIR` takes another
-directory, and `--smoke` uses the standard library's sources. Each (model, context) run writes
-DIR/runs/<name>/result.json (config, parameter count, tokens trained, wall time, validation loss by
-position); a run whose result exists is skipped, so a stage split over several device commands resumes.
-`--minutes` caps each run's training time (the result records the tokens actually seen). The report
-stage reads only those files: DIR/results.md and DIR/loss_by_position_<ctx>.png.
+Corpus: the UTF-8 `.py` files under this interpreter's site-packages (`sysconfig.get_paths()["purelib"]`),
+sorted by path and capped at --max-mb: long documents present on any machine with a Python environment, no
+download; `--corpus DIR` takes another directory. They are tokenized with the byte-level BPE committed beside
+this script (`replicate_tokenizer.json.gz`, 8192 tokens, trained on the standard library's sources by
+`--stage tokenizer`), so a bare GPU machine only tokenizes. `--smoke` trains a tiny BPE on the standard library.
+
+A study (`--stage study` / `ablation-study`) runs its jobs as separate processes on the GPU(s) at the same
+time. It first measures throughput (`probe_*.json`): each job trains for --probe-seconds, all at once, and
+with --layout-probe also one and two processes of TTT-Linear alone, which gives how per-process throughput
+changes with the number of processes. From that it picks the number of processes to run at once and the
+largest token budget that the slowest job finishes inside --wall-seconds, identical for every job of the
+study. Each job writes DIR/runs/<name>/result.json (config, parameter count, tokens, wall time, validation
+loss by position on held-out documents); a job whose result exists is skipped, so a study split over
+several commands resumes. The report stage reads only those files: DIR/results.md, DIR/loss_by_position.png.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gzip
 import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ttt.config import get_config
-from ttt.data import Batcher, eval_sequences, load_meta, load_tokens, prepare
+from ttt.data import Batcher, load_meta, load_tokens, prepare
 from ttt.layers.mamba import load_mamba_ssm
 from ttt.model import TTTLM
+from ttt.train import TrainConfig, lr_at, param_groups
 
+T0 = time.time()
+TOKENIZER = Path(__file__).with_name("replicate_tokenizer.json.gz")
 MODELS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 LABELS = {"ttt_linear": "TTT-Linear (M)", "ttt_mlp": "TTT-MLP (M)", "attention": "Transformer++",
           "mamba": "Mamba-2"}
+RECURRENT = ("ttt_linear", "ttt_mlp", "mamba")  # evaluated past the training context too
 # name: (n_layers, d_model, n_heads, ffn_hidden) of the TTT-Linear reference model; others are matched to it
 SIZES = {"smoke": (2, 64, 4, 176), "small": (6, 384, 6, 1024), "main": (12, 512, 8, 1376)}
 MATCH_TOL = 0.03
-# Table 1 rungs the layer switches reach: (name, config overrides); b = None means b = the context length
+# Table 1 rungs the layer switches reach: (name, paper perplexity, config overrides); b = None means b = T.
+# Rung 0 is the paper's "TTT equivalence" row (TTT-Linear at b = T, W0 = 0, fixed eta, equal to its improved
+# linear attention); the paper's first row, plain linear attention (15.91), has no switch here.
 LADDER = [
-    ("linear attention (b=T, no LN/residual, fixed eta, W0=0, (T))",
+    ("TTT equivalence to linear attention (b=T, no LN/residual, fixed eta, W0=0, (T))", 15.23,
      dict(backbone="transformer", mini_batch=None, ttt_inner_ln=False, ttt_inner_residual=False,
           ttt_learn_lr=False, ttt_learn_init=False)),
-    ("+ learnable W0", dict(backbone="transformer", mini_batch=None, ttt_inner_ln=False, ttt_inner_residual=False,
-                            ttt_learn_lr=False)),
-    ("+ LN and residual in f", dict(backbone="transformer", mini_batch=None, ttt_learn_lr=False)),
-    ("+ mini-batch TTT (b=16)", dict(backbone="transformer", mini_batch=16, ttt_learn_lr=False)),
-    ("+ learnable eta", dict(backbone="transformer", mini_batch=16)),
-    ("+ Mamba backbone (M)", dict(backbone="mamba", mini_batch=16)),
+    ("+ learnable W0", 15.27, dict(backbone="transformer", mini_batch=None, ttt_inner_ln=False,
+                                   ttt_inner_residual=False, ttt_learn_lr=False)),
+    ("+ LN and residual in f", 14.05, dict(backbone="transformer", mini_batch=None, ttt_learn_lr=False)),
+    ("+ mini-batch TTT (b=16)", 12.35, dict(backbone="transformer", mini_batch=16, ttt_learn_lr=False)),
+    ("+ learnable eta", 11.99, dict(backbone="transformer", mini_batch=16)),
+    ("+ Mamba backbone (M)", 11.09, dict(backbone="mamba", mini_batch=16)),
 ]
 BATCH_SIZES = (4, 16, 64)
+SPANS = 8  # loss reported over eighths of the training context
 
 
 def fail(msg: str):
@@ -62,7 +83,12 @@ def fail(msg: str):
     sys.exit(2)
 
 
+def say(msg: str) -> None:
+    print(f"[{time.time() - T0:6.0f} s] {msg}", flush=True)
+
+
 def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -86,29 +112,84 @@ def mamba_kernels_or_fail() -> None:
         load_mamba_ssm()
     except RuntimeError as e:
         fail(f"--models mamba on CUDA: {e}")
-    print("mamba_ssm: Triton SSD kernels loaded without the package's CUDA extension", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ data
 
+def stage_tokenizer(a) -> None:
+    """Re-create the committed tokenizer: a byte-level BPE of --vocab tokens on the standard library."""
+    tmp = a.out / "tokenizer_build"
+    meta = prepare("stdlib", tmp, vocab_size=a.vocab, extensions=(".py",), val_fraction=0.0, overwrite=True)
+    with open(TOKENIZER.with_suffix(".tmp"), "wb") as raw:  # mtime 0: the same bytes every time
+        raw.write(gzip.compress((tmp / "tokenizer.json").read_bytes(), mtime=0))
+    os.replace(TOKENIZER.with_suffix(".tmp"), TOKENIZER)
+    say(f"tokenizer: {TOKENIZER} ({meta['vocab_size']} tokens, trained on {meta['train_tokens']:,} stdlib tokens)")
+
+
+def corpus_farm(root: Path, farm: Path, max_bytes: int) -> dict:
+    """Symlinks under `farm` to the non-empty UTF-8 `.py` files of `root` (sorted by path, hidden parts
+    skipped), up to max_bytes: site-packages holds a few files in other encodings, which `prepare` refuses."""
+    if farm.exists():
+        shutil.rmtree(farm)
+    n = size = skipped = 0
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        raw = p.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        if not raw.strip():
+            continue
+        (farm / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(p.resolve(), farm / rel)
+        n, size = n + 1, size + len(raw)
+        if size >= max_bytes:
+            break
+    return dict(root=str(root), files=n, bytes=size, skipped_not_utf8=skipped)
+
+
 def stage_data(a) -> dict:
     if a.smoke:
-        sources, exts, max_bytes, vocab = "stdlib", (".py",), 1_500_000, 512
+        meta = prepare("stdlib", a.out / "data", vocab_size=512, extensions=(".py",), max_bytes=1_500_000,
+                       val_fraction=0.05)
     else:
-        sources = a.corpus or sysconfig.get_paths()["purelib"]
-        exts, max_bytes, vocab = (".py",), a.max_mb << 20, a.vocab
-    meta = prepare(sources, a.out / "data", vocab_size=vocab, extensions=exts, max_bytes=max_bytes,
-                   val_fraction=0.02 if a.smoke else 0.01)
-    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens from {sources} "
-          f"(vocab {vocab})", flush=True)
+        root = Path(a.corpus or sysconfig.get_paths()["purelib"])
+        if not root.is_dir():
+            fail(f"--corpus: {str(root)!r} is not a directory")
+        farm = corpus_farm(root, a.out / "corpus", a.max_mb << 20)
+        tok = a.out / "tokenizer.json"
+        with gzip.open(a.tokenizer) as g, open(tok, "wb") as f:
+            shutil.copyfileobj(g, f)
+        meta = prepare(a.out / "corpus", a.out / "data", tokenizer_path=tok, extensions=(".py",),
+                       val_fraction=a.val_fraction, overwrite=True)
+        write_json(a.out / "corpus.json", farm)
+    say(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['val_docs']} held-out "
+        f"documents), vocab {meta['vocab_size']}")
     return meta
 
 
-def data_vocab(a) -> int:
+def data_meta(a) -> dict:
     try:
-        return load_meta(a.out / "data")["vocab_size"]
+        return load_meta(a.out / "data")
     except (OSError, ValueError, KeyError):
         fail(f"--out: no prepared corpus under {a.out / 'data'}; run `--stage data --out {a.out}` first")
+
+
+def eval_documents(a, meta: dict, length: int) -> torch.Tensor:
+    """int64 [n, length + 1]: the first length + 1 tokens of each held-out document that has that many
+    (at most --eval-seqs of them, in shard order). Positions are then positions within a document."""
+    val = load_tokens(a.out / "data" / "val.bin")
+    ends = np.flatnonzero(np.asarray(val) == meta["eos_id"])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    long = [s for s, e in zip(starts, ends) if e - s >= length + 1][:a.eval_seqs]
+    if len(long) < min(8, a.eval_seqs):
+        fail(f"--eval-doc-min: only {len(long)} held-out documents have {length + 1} tokens; lower "
+             f"--eval-doc-min or raise --val-fraction")
+    return torch.from_numpy(np.stack([np.asarray(val[s:s + length + 1]) for s in long]).astype(np.int64))
 
 
 # --------------------------------------------------------------------------------- model configs
@@ -120,7 +201,8 @@ def n_params(cfg) -> int:
 
 def matched_configs(size: str, vocab: int, models) -> dict:
     """Configs of `models` whose non-embedding parameter counts are within 3% of TTT-Linear (M)'s: the FFN
-    width is tuned for TTT-MLP and the Transformer, the layer count and state size for Mamba-2."""
+    width is tuned for TTT-MLP and the Transformer, the layer count for Mamba-2 (state size 128, Mamba-2's
+    usual, when some layer count reaches 3%; else any state size)."""
     L, D, H, F = SIZES[size]
     base = dict(vocab_size=vocab, n_layers=L, d_model=D, n_heads=H)
     ref = get_config("125m", mixer="ttt_linear", ffn_hidden=F, **base)
@@ -131,183 +213,676 @@ def matched_configs(size: str, vocab: int, models) -> dict:
             out[m] = ref
             continue
         if m == "mamba":
-            cands = [get_config("125m", mixer="mamba", **{**base, "n_layers": nl}, mamba_d_state=ds)
-                     for nl in range(L, 3 * L + 1) for ds in range(16, 257, 16)]
+            groups = [[128], list(range(16, 257, 16))]
+            cands = []
+            for states in groups:
+                cands = [c for c in (get_config("125m", mixer="mamba", **{**base, "n_layers": nl}, mamba_d_state=ds)
+                                     for nl in range(L, 3 * L + 1) for ds in states)
+                         if abs(n_params(c) - target) <= MATCH_TOL * target]
+                if cands:
+                    break
         else:
             cands = [get_config("125m", mixer=m, ffn_hidden=f, **base) for f in range(8, 4 * F, 8)]
-        best = min(cands, key=lambda c: abs(n_params(c) - target))
-        if abs(n_params(best) - target) > MATCH_TOL * target:
-            raise RuntimeError(f"{m}: no config within 3% of {target} parameters (best {n_params(best)})")
+        best = min(cands, key=lambda c: abs(n_params(c) - target), default=None)
+        if best is None or abs(n_params(best) - target) > MATCH_TOL * target:
+            raise RuntimeError(f"{m}: no config within 3% of {target} parameters")
         out[m] = best
     return out
 
 
+@dataclasses.dataclass
+class Job:
+    name: str
+    cfg: object
+    ctx: int
+    label: str
+
+
+def study_jobs(a, vocab: int) -> list[Job]:
+    cfgs = matched_configs(a.size, vocab, a.models)
+    return [Job(f"ctx{ctx}_{m}", cfg, ctx, LABELS[m]) for ctx in a.ctx for m, cfg in cfgs.items()]
+
+
+def ablation_jobs(a, vocab: int) -> list[Job]:
+    L, D, H, F = SIZES[a.ablation_size]
+    ctx = a.ctx[0]
+    runs = [(f"ladder{i}", name, over) for i, (name, _, over) in enumerate(LADDER) if i in a.rungs]
+    last = len(LADDER) - 1  # the last rung is (M) with b = 16: the b = 16 run of the mini-batch sweep
+    runs += [(f"b{b}", f"(M), b = {b}", dict(backbone="mamba", mini_batch=b)) for b in a.batch_sizes
+             if not (b == 16 and last in a.rungs)]
+    jobs = []
+    for key, label, over in runs:
+        over = {**over, "mini_batch": over["mini_batch"] or ctx}
+        if over["mini_batch"] > 64:  # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
+            over["ttt_backend"] = "dual"
+        cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,
+                         ffn_hidden=F, **over)
+        jobs.append(Job(f"abl_ctx{ctx}_{key}", cfg, ctx, label))
+    return jobs
+
+
 # ------------------------------------------------------------------------------------ train + eval
 
-def loss_by_position(model, x, y, micro: int, device, autocast) -> torch.Tensor:
-    """Mean validation NLL at each position [T] over the sequences x, y [n, T]."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
+def evaluate(model, docs: torch.Tensor, length: int, ctx: int, micro: int, device, autocast) -> dict:
+    """Next-token loss of each document at positions 0..length-1 (a document's first `length` predictions):
+    the mean over documents at each position, and each document's mean over spans of ctx/8 positions."""
+    span = max(1, ctx // SPANS)
+    total = torch.zeros(length, dtype=torch.float64)
+    doc_spans = []
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(x), micro):
+        for i in range(0, len(docs), micro):
+            d = docs[i:i + micro, :length + 1].to(device)
             with autocast():
-                nll, _ = model(x[i:i + micro].to(device), targets=y[i:i + micro].to(device), reduction="none")
-            total += nll.double().sum(0).cpu()
+                nll, _ = model(d[:, :-1], targets=d[:, 1:], reduction="none")  # [n, length]
+            nll = nll.double().cpu()
+            total += nll.sum(0)
+            doc_spans += nll[:, :length // span * span].reshape(len(nll), -1, span).mean(-1).tolist()  # [n, spans]
     model.train()
-    return total / len(x)
+    curve = (total / len(docs)).tolist()
+    return dict(curve=curve, doc_spans=[[round(v, 5) for v in row] for row in doc_spans])
 
 
-def train_one(name: str, cfg, a, ctx: int, device) -> dict:
-    """Train one model for a.tokens tokens (or a.minutes) at context ctx; evaluate loss by position."""
-    out = a.out / "runs" / name
-    if (out / "result.json").exists():
-        print(f"{name}: done before, skipped", flush=True)
+def log_bins(curve: list, top: int, n: int = 48) -> list:
+    """The mean of `curve` over n position bins with geometric edges from 1 to top (positions 1-based),
+    None past the curve's end: the plot's x axis is log position, and the file stays small."""
+    edges = sorted({min(top, round(top ** (i / n))) for i in range(n + 1)} | {0})
+    return [dict(lo=lo + 1, hi=hi, loss=round(sum(curve[lo:hi]) / (hi - lo), 5) if hi <= len(curve) else None)
+            for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def _autocast(cuda: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_job(job: Job, a, device, tokens: int) -> dict | None:
+    """Train job.cfg on `tokens` tokens at context job.ctx with the library's recipe (ttt.train: AdamW
+    0.9/0.95, weight decay on matrices, clip 1.0, 10% warm-up, cosine to 1e-5, TTT-MLP's inner-LR ramp), then
+    evaluate loss by position on held-out documents and write runs/<name>/result.json.
+
+    With --probe-tag (a study's probe): first time --probe-seconds of steady steps (after two that compile and
+    warm up) and write probe/<tag>_<name>.json; then, with --await-plan, wait for the study's plan, and if it
+    names this job, restore the initial weights and train the planned budget in this same process (its
+    compiled blocks and kernels ready), as a fresh run of the same seed would."""
+    out = a.out / "runs" / job.name
+    if not a.probe_tag and (out / "result.json").exists():
+        say(f"{job.name}: done before, skipped")
         return json.loads((out / "result.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
     data = a.out / "data"
-    torch.manual_seed(a.seed)
-    model = TTTLM(cfg).to(device)
+    meta = data_meta(a)
+    cfg = dataclasses.replace(job.cfg)
+    cuda = device.type == "cuda"
+    if cfg.mixer == "mamba":  # the Mamba-2 baseline runs mamba_ssm's kernels on CUDA, named explicitly
+        if cuda:
+            mamba_kernels_or_fail()
+        cfg.mamba_backend = "mamba_ssm" if cuda else "torch"
+    ctx = job.ctx
+    length = 2 * ctx if cfg.mixer in RECURRENT else ctx
+    if length > a.eval_doc_min:
+        fail(f"--eval-doc-min: {a.eval_doc_min} is shorter than {job.name}'s evaluation length {length}")
     batch = max(1, a.batch_tokens // ctx)
-    steps = max(1, a.tokens // (batch * ctx))
-    micro = max(1, min(batch, a.micro_tokens // ctx))
+    # b = T holds [micro, H, T, T] products per layer in the dual form: an eighth of the micro-batch
+    micro = max(1, min(batch, a.micro_tokens // ctx // (8 if cfg.mini_batch > 64 else 1)))
     while batch % micro:
         micro -= 1
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device.type == "cuda")
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.1 + 0.9 * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, steps - warm))))))
-    cuda = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-
+    torch.manual_seed(a.seed)
+    model = TTTLM(cfg).to(device)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    compiled = cuda and not a.no_compile
+    if compiled:  # as `ttt train --compile`: each block through torch.compile
+        for blk in model.blocks:
+            blk.compile()
     batcher = Batcher(load_tokens(data / "train.bin"), batch, ctx, seed=a.seed)
-    t0, seen, log = time.time(), 0, []
-    for step in range(steps):
+
+    def make_opt(tc):
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                 **({"fused": True} if cuda else {}))
+
+    def step_fn(step, tc, opt):
+        warm = int(tc.warmup_frac * tc.max_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(min(step, tc.max_steps - 1), tc)
+        model.set_inner_lr_warmup(step / warm if tc.inner_lr_warmup and step < warm else 1.0)
         x, y = batcher.batch(step)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for i in range(0, batch, micro):
-            with autocast():
-                loss, _ = model(x[i:i + micro].to(device), targets=y[i:i + micro].to(device))
+            with _autocast(cuda):
+                loss, _ = model(x[i:i + micro].to(device, non_blocking=True),
+                                targets=y[i:i + micro].to(device, non_blocking=True))
             (loss * (micro / batch)).backward()
-            loss_sum += loss.item() * micro / batch
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss_sum += loss.detach() * (micro / batch)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def config(n_tokens):
+        steps = max(1, n_tokens // (batch * ctx))
+        return TrainConfig(seq_len=ctx, micro_batch=micro, tokens_per_step=batch * ctx, max_steps=steps, lr=a.lr)
+
+    if a.probe_tag:
+        tc = config(10 ** 12)
+        opt = make_opt(tc)
+        step, timed = 0, 0
+        while True:
+            step_fn(step, tc, opt)
+            step += 1
+            if step == 2:  # steps 0 and 1 compile and warm up
+                _sync(device)
+                startup = time.time() - T0
+                if a.go_file:  # time the same window as the study's other processes: all warmed up
+                    (a.out / "probe" / f"{a.probe_tag}_{job.name}.ready").touch()
+                    while not Path(a.go_file).exists():
+                        time.sleep(0.2)
+                t_probe = time.time()
+            elif step > 2:
+                timed += batch * ctx
+                if time.time() - t_probe >= a.probe_seconds:
+                    _sync(device)
+                    dt = time.time() - t_probe
+                    break
+        res = dict(name=job.name, tag=a.probe_tag, tok_s=round(timed / dt), startup_s=round(startup, 1),
+                   timed_s=round(dt, 1), compiled=compiled,
+                   peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else 0)
+        write_json(a.out / "probe" / f"{a.probe_tag}_{job.name}.json", res)
+        say(f"{job.name}: probe {a.probe_tag}: {res['tok_s']:,} tok/s")
+        if not a.await_plan:
+            return None
+        plan_path = Path(a.await_plan)
+        while not plan_path.exists():
+            time.sleep(0.5)
+        p = json.loads(plan_path.read_text())
+        if job.name not in p["continue"]:
+            return None
+        tokens, a.stop_at = p["tokens"], p["stop_at"]
+        model.load_state_dict(init)  # the same weights as a fresh process of this seed
+        model.zero_grad(set_to_none=True)
+    del init
+    tc = config(tokens)
+    opt = make_opt(tc)
+    steps = tc.max_steps
+    t_start, seen, log, stopped = time.time(), 0, [], None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(steps):
+        loss_sum = step_fn(step, tc, opt)
         seen += batch * ctx
-        log.append((step, round(loss_sum, 4)))
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            print(f"{name}: step {step + 1}/{steps} loss {loss_sum:.4f} {seen / (time.time() - t0):,.0f} tok/s",
-                  flush=True)
-        if a.minutes and time.time() - t0 > 60 * a.minutes:
-            print(f"{name}: stopped by --minutes {a.minutes} after {seen:,} tokens", flush=True)
+            lv = loss_sum.item()
+            log.append((step, round(lv, 4)))
+            say(f"{job.name}: step {step + 1}/{steps} loss {lv:.4f} {seen / (time.time() - t_start):,.0f} tok/s")
+            if not math.isfinite(lv):
+                fail(f"{job.name}: the loss is {lv} at step {step + 1}")
+        if a.stop_at and time.time() > a.stop_at and step < steps - 1:
+            stopped = f"stopped at the study's deadline after {seen:,} of {steps * batch * ctx:,} tokens"
+            say(f"{job.name}: {stopped}")
             break
-    train_s = time.time() - t0
-    vx, vy = eval_sequences(load_tokens(data / "val.bin"), ctx, None)
-    vx, vy = vx[:a.eval_seqs], vy[:a.eval_seqs]
-    curve = loss_by_position(model, vx, vy, micro, device, autocast)
-    res = dict(name=name, mixer=cfg.mixer, ctx=ctx, config=cfg.to_dict(), params=n_params(cfg),
-               params_total=model.num_parameters(), tokens=seen, token_budget=a.tokens, steps=len(log),
-               batch=batch, lr=a.lr, train_seconds=round(train_s, 1), tokens_per_s=round(seen / train_s),
-               device=str(torch.cuda.get_device_name(device) if cuda else "cpu"), eval_seqs=len(vx),
-               val_loss=float(curve.mean()), loss_by_position=[round(float(v), 5) for v in curve],
-               train_loss=log[-20:])
+    train_s = time.time() - t_start
+    docs = eval_documents(a, meta, a.eval_doc_min)
+    # other shapes than training's: run the compiled blocks eagerly instead of compiling them again
+    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+        ev = evaluate(model, docs, length, ctx, max(1, a.micro_tokens // length), device, lambda: _autocast(cuda))
+    curve = ev.pop("curve")
+    res = dict(name=job.name, label=job.label, mixer=cfg.mixer, ctx=ctx, config=cfg.to_dict(), params=n_params(cfg),
+               params_total=model.num_parameters(), tokens=seen, token_budget=steps * batch * ctx, steps=step + 1,
+               batch_tokens=batch * ctx, micro_batch=micro, lr=a.lr, compiled=compiled, stopped=stopped,
+               train_seconds=round(train_s, 1), tokens_per_s=round(seen / train_s),
+               device=str(torch.cuda.get_device_name(device) if cuda else "cpu"),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else 0,
+               eval_docs=len(docs), eval_len=length, val_loss=float(np.mean(curve[:ctx])),
+               val_loss_past=float(np.mean(curve[ctx:])) if length > ctx else None,
+               loss_by_position=[round(v, 5) for v in curve] if a.smoke else None,
+               curve_bins=log_bins(curve, 2 * ctx), **ev, train_loss=log)
     write_json(out / "result.json", res)
-    print(f"{name}: val loss {res['val_loss']:.4f} ({len(vx)} x {ctx} tokens), {train_s:.0f} s", flush=True)
+    say(f"{job.name}: val loss {res['val_loss']:.4f} ({len(docs)} documents x {ctx} positions), {train_s:.0f} s "
+        f"training, {res['tokens_per_s']:,} tok/s")
     return res
 
 
-def stage_train(a, device) -> None:
-    vocab = data_vocab(a)
-    cfgs = matched_configs(a.size, vocab, a.models)
-    if "mamba" in cfgs:  # the Mamba-2 baseline runs mamba_ssm's kernels on CUDA, named explicitly
-        if device.type == "cuda":
-            mamba_kernels_or_fail()
-        cfgs["mamba"].mamba_backend = "mamba_ssm" if device.type == "cuda" else "torch"
-    for ctx in a.ctx:
-        for m, cfg in cfgs.items():
-            train_one(f"ctx{ctx}_{m}", cfg, a, ctx, device)
+# --------------------------------------------------------------------------------- the launcher
+
+def child_argv(a, job: Job, **extra) -> list[str]:
+    """This script's command line for one job of the study (the same settings, --only that job)."""
+    stage = "ablation" if job.name.startswith("abl_") else "train"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--only", job.name, "--out", str(a.out),
+            "--size", a.size, "--ablation-size", a.ablation_size, "--models", ",".join(a.models),
+            "--ctx", ",".join(map(str, a.ctx)), "--rungs", ",".join(map(str, sorted(a.rungs))),
+            "--batch-sizes", ",".join(map(str, a.batch_sizes)), "--batch-tokens", str(a.batch_tokens),
+            "--micro-tokens", str(a.micro_tokens), "--lr", str(a.lr), "--eval-seqs", str(a.eval_seqs),
+            "--eval-doc-min", str(a.eval_doc_min), "--seed", str(a.seed), "--probe-seconds", str(a.probe_seconds)]
+    if a.smoke:
+        argv.append("--smoke")
+    if a.no_compile or extra.pop("no_compile", False):
+        argv.append("--no-compile")
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
 
 
-def stage_ablation(a, device) -> None:
-    vocab = data_vocab(a)
-    L, D, H, F = SIZES[a.size]
-    ctx = a.ctx[0]
-    runs = [(f"ladder{i}", over) for i, (_, over) in enumerate(LADDER) if i in a.rungs]
-    last = len(LADDER) - 1  # the last rung is (M) with b = 16: the b = 16 run of the mini-batch sweep
-    runs += [(f"b{b}", dict(backbone="mamba", mini_batch=b)) for b in a.batch_sizes
-             if not (b == 16 and last in a.rungs)]
-    for name, over in runs:
-        over = {**over, "mini_batch": over["mini_batch"] or ctx}
-        cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,
-                         ffn_hidden=F, **over)
-        train_one(f"abl_ctx{ctx}_{name}", cfg, a, ctx, device)
+class Pool:
+    """Child processes of this script, one per job, round-robin over the GPUs; logs under DIR/logs."""
+
+    def __init__(self, a):
+        self.a, self.running, self.status = a, [], {}
+        self.gpus = max(1, torch.cuda.device_count()) if a.device.startswith("cuda") else 1
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_COMPILE_THREADS": "4",
+                    "OMP_NUM_THREADS": "2"}
+        (a.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.started = 0
+
+    def start(self, job: Job, log_name: str, **extra) -> None:
+        dev = self.a.device if self.gpus == 1 else f"cuda:{self.started % self.gpus}"
+        self.started += 1
+        fh = open(self.a.out / "logs" / f"{log_name}.log", "a")
+        p = subprocess.Popen(child_argv(self.a, job, device=dev, **extra), stdout=fh, stderr=subprocess.STDOUT,
+                             env=self.env)
+        self.running.append((p, fh, log_name))
+
+    def poll(self) -> None:
+        for p, fh, log_name in list(self.running):
+            if p.poll() is not None:
+                fh.close()
+                self.running.remove((p, fh, log_name))
+                self.status[log_name] = p.returncode
+                if p.returncode:
+                    tail = (self.a.out / "logs" / f"{log_name}.log").read_text().strip().splitlines()[-3:]
+                    say(f"{log_name}: exit {p.returncode}: {' | '.join(tail)}")
+
+    def kill(self, log_name: str) -> None:
+        for p, _, n in self.running:
+            if n == log_name:
+                p.kill()
+
+    def alive(self, log_name: str) -> bool:
+        return any(n == log_name for _, _, n in self.running)
+
+    def run(self, specs: list[tuple[Job, str, dict]], width: int) -> dict:
+        """Start (job, log name, extra args) `width` at a time (counting those already running); wait for all."""
+        pending = list(specs)
+        while pending or self.running:
+            while pending and len(self.running) < width:
+                job, log_name, extra = pending.pop(0)
+                self.start(job, log_name, **extra)
+            time.sleep(1)
+            self.poll()
+        return self.status
+
+
+def read_probe(a, tag: str, job: Job):
+    p = a.out / "probe" / f"{tag}_{job.name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summary: dict, **extra) -> dict:
+    """Start one probing process per (job, log name); once every one has compiled and warmed up, let them
+    time the same --probe-seconds window; return {log name: probe result}. A job whose compiled probe dies
+    is probed again without torch.compile (named in summary["no_compile"]); one that dies again is left out
+    of the study (named in summary["failed"]), so the others still run."""
+    (a.out / "probe").mkdir(parents=True, exist_ok=True)
+    go = a.out / "probe" / f"{tag}.go"
+    go.unlink(missing_ok=True)
+    t = time.time()
+    for k, (j, log_name) in enumerate(members):
+        pool.start(j, log_name, probe_tag=f"{tag}{k}", go_file=go, **extra)
+    rows, failed = {}, summary.setdefault("failed", [])
+    while len(rows) + len([n for _, n in members if n in failed]) < len(members):
+        time.sleep(0.5)
+        pool.poll()
+        ready = 0
+        for k, (j, log_name) in enumerate(members):
+            if log_name in failed:
+                continue
+            r = read_probe(a, f"{tag}{k}", j)
+            if r is not None:
+                rows[log_name] = r
+            ready += (a.out / "probe" / f"{tag}{k}_{j.name}.ready").exists()
+            if r is None and not pool.alive(log_name):
+                if a.no_compile or j.name in summary["no_compile"] or go.exists():
+                    say(f"{j.name}: its probe failed; left out (see {a.out / 'logs' / (log_name + '.log')})")
+                    failed.append(log_name)
+                    continue
+                say(f"{j.name}: the compiled probe failed; it runs without torch.compile")
+                summary["no_compile"].append(j.name)
+                pool.start(j, log_name, probe_tag=f"{tag}{k}", go_file=go, no_compile=True, **extra)
+        if not go.exists() and time.time() - t > a.probe_timeout:  # e.g. a compile that hangs
+            for k, (j, log_name) in enumerate(members):
+                if log_name not in failed and not (a.out / "probe" / f"{tag}{k}_{j.name}.ready").exists():
+                    say(f"{j.name}: not warmed up after --probe-timeout {a.probe_timeout:.0f} s; left out")
+                    pool.kill(log_name)
+                    failed.append(log_name)
+            ready = sum((a.out / "probe" / f"{tag}{k}_{j.name}.ready").exists() for k, (j, n) in enumerate(members)
+                        if n not in failed)
+        if ready + len([n for _, n in members if n in failed]) == len(members) and not go.exists():
+            go.touch()
+    summary["phases"][tag] = dict(wall_s=round(time.time() - t, 1), rows=rows)
+    say(f"probe {tag}: " + ", ".join(f"{n} {r['tok_s']:,}" for n, r in rows.items()) + " tok/s per process")
+    return rows
+
+
+def layout_probe(a, job: Job, summary: dict) -> None:
+    """Throughput of one process of `job` alone and of two copies at once (then the study's own all-at-once
+    phase gives the third point): how per-process throughput changes with the number of processes."""
+    pool = Pool(a)
+    for tag, copies in (("one", 1), ("two", 2)):
+        rows = probe_phase(a, pool, tag, [(job, f"probe_{tag}{k}_{job.name}") for k in range(copies)], summary)
+        pool.run([], 1)  # wait for the processes to exit
+        if len(rows) < copies:  # no layout numbers: the plan takes per-process rates as constant
+            say("layout probe failed; planning without it")
+            summary["phases"].pop("one", None)
+            summary["phases"].pop("two", None)
+            summary["failed"] = []
+            return
+        summary["phases"][tag]["rows"] = {f"{job.name}#{k}": rows[f"probe_{tag}{k}_{job.name}"] for k in range(copies)}
+
+
+def per_process_factor(summary: dict, k: int, ref_k: int) -> float:
+    """How much faster one process runs with k processes at once than with ref_k, from the layout probe (the
+    same job alone, as two copies, and in the all-at-once phase), interpolated linearly in k; past the largest
+    measured count the GPU is taken as shared evenly (rate proportional to 1/k). Without a layout probe, 1."""
+    ph = summary["phases"]
+    if "one" not in ph:
+        return 1.0
+    name = next(iter(ph["one"]["rows"])).split("#")[0]
+    every = summary.get("layout_all", ph.get("all", {})).get("rows", {})
+    pts = {1: ph["one"]["rows"][f"{name}#0"]["tok_s"],
+           2: sum(r["tok_s"] for r in ph["two"]["rows"].values()) / 2}
+    if name in every and len(every) > 2:
+        pts[len(every)] = every[name]["tok_s"]
+
+    def g(k):
+        ks = sorted(pts)
+        if k >= ks[-1]:
+            return pts[ks[-1]] * ks[-1] / k
+        lo = max(x for x in ks if x <= k)
+        hi = min(x for x in ks if x >= k)
+        return pts[lo] if lo == hi else pts[lo] + (pts[hi] - pts[lo]) * (k - lo) / (hi - lo)
+    return g(k) / g(ref_k)
+
+
+def makespan(tokens: float, rates: list[float], width: int, factor) -> float:
+    """Seconds until the last of the jobs finishes `tokens` each, run `width` at a time, slowest first, when
+    job i runs at rates[i] * factor(number running)."""
+    left = sorted(([tokens, r] for r in rates), key=lambda x: x[1])
+    queue, active, t = left[width:], left[:width], 0.0
+    while active:
+        k = len(active)
+        dt = min(rem / (r * factor(k)) for rem, r in active)
+        t += dt
+        for job in active:
+            job[0] -= job[1] * factor(k) * dt
+        active = [j for j in active if j[0] > 1e-6 * tokens]
+        while queue and len(active) < width:
+            active.append(queue.pop(0))
+    return t
+
+
+def plan(a, jobs: list[Job], summary: dict, seconds: float, startup: float) -> dict:
+    """The number of processes at once and the token budget (a multiple of every job's tokens per step) that
+    finish the study's training inside `seconds`, from the probe's rates. Processes beyond the first wave
+    start fresh and pay `startup` seconds each wave."""
+    rows = summary["phases"]["all"]["rows"]
+    K = len(jobs)
+    rates = [rows[j.name]["tok_s"] for j in jobs]
+    step_tokens = max(max(1, a.batch_tokens // j.ctx) * j.ctx for j in jobs)
+    best = None
+    for width in sorted({1, 2, 4, K} & set(range(1, K + 1))):
+        usable = seconds - (math.ceil(K / width) - 1) * startup
+        if usable <= 0:
+            continue
+        span = makespan(1e6, rates, width, lambda k: per_process_factor(summary, k, K))
+        tokens = min(int(1e6 * usable / span), a.tokens) // step_tokens * step_tokens
+        if best is None or tokens > best["tokens"]:
+            order = sorted(range(K), key=lambda i: rates[i])
+            best = dict(width=width, tokens=tokens, seconds=round(seconds), startup_s=round(startup, 1),
+                        rates={j.name: r for j, r in zip(jobs, rates)},
+                        later=[jobs[i].name for i in order[width:]])
+            best["continue"] = [jobs[i].name for i in order[:width]]
+    if best is None or best["tokens"] < step_tokens:
+        fail(f"--wall-seconds: no time left to train after the probe ({seconds:.0f} s)")
+    return best
+
+
+def stage_study(a, jobs: list[Job]) -> None:
+    """Probe (every job at once; with --layout-probe first one and two processes of the first job), plan one
+    token budget, and train: the probing processes go on to train, so nothing compiles twice."""
+    todo = [j for j in jobs if not (a.out / "runs" / j.name / "result.json").exists()]
+    if not todo:
+        say("study: every run is done")
+        return
+    tag = f"ctx{todo[0].ctx}"
+    eval_documents(a, data_meta(a), a.eval_doc_min)  # enough long held-out documents, before any training
+    summary = dict(probe_seconds=a.probe_seconds, phases={}, no_compile=[], failed=[])
+    if a.layout_probe:
+        layout_probe(a, todo[0], summary)
+    elif a.layout_from:  # the per-process scaling measured by an earlier study's --layout-probe
+        try:
+            earlier = json.loads(Path(a.layout_from).read_text())
+            summary["phases"].update({k: earlier["phases"][k] for k in ("one", "two")})
+            summary["layout_all"], summary["layout_from"] = earlier["phases"]["all"], str(a.layout_from)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--layout-from: {a.layout_from} is not a probe file with a layout probe ({e})")
+    plan_path = a.out / f"plan_{tag}.json"
+    plan_path.unlink(missing_ok=True)
+    pool = Pool(a)
+    rows = probe_phase(a, pool, "all", [(j, j.name) for j in todo], summary, await_plan=plan_path)
+    write_json(a.out / f"probe_{tag}.json", summary)
+    todo = [j for j in todo if j.name in rows]
+    if not todo:
+        fail(f"study: every probe failed (see {a.out / 'logs'})")
+    left = a.wall_seconds - (time.time() - T0) - a.eval_reserve
+    startup = max(r["startup_s"] for r in rows.values())
+    p = plan(a, todo, summary, left, startup)
+    p["stop_at"] = T0 + a.wall_seconds - a.eval_reserve
+    say(f"plan: {p['width']} processes at once, {p['tokens']:,} tokens per run, {left:.0f} s for training")
+    write_json(plan_path, p)
+    later = [j for j in todo if j.name not in p["continue"]]
+    status = pool.run([(j, j.name, dict(tokens=p["tokens"], stop_at=p["stop_at"],
+                                        **({"no_compile": True} if j.name in summary["no_compile"] else {})))
+                       for j in sorted(later, key=lambda j: p["rates"][j.name])], p["width"])
+    say("study: " + ", ".join(f"{n} exit {s}" for n, s in status.items()))
 
 
 # ---------------------------------------------------------------------------------------- report
 
-def bins(curve, n=8):
-    """Mean loss over n equal spans of positions."""
-    T = len(curve)
-    return [sum(curve[i * T // n:(i + 1) * T // n]) / max(1, (i + 1) * T // n - i * T // n) for i in range(n)]
+def _stat(diffs) -> tuple[float, float]:
+    """Mean and standard error of per-document values."""
+    d = np.asarray(diffs, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def stage_report(a) -> None:
+def _verdict(mean: float, se: float, expect_negative: bool = True) -> str:
+    """holds / does not hold / inconclusive at 2 standard errors, for a difference the claim says is < 0."""
+    m = mean if expect_negative else -mean
+    if m < -2 * se:
+        return "holds"
+    if m > 2 * se:
+        return "does not hold at this scale"
+    return "inconclusive"
+
+
+def _ctx_loss(r) -> np.ndarray:
+    """Per-document mean loss over the training context's positions."""
+    return np.asarray(r["doc_spans"])[:, :SPANS].mean(1)
+
+
+def _late_gain(r) -> np.ndarray:
+    """Per-document loss of the last eighth of the training context minus the mean of its first half."""
+    s = np.asarray(r["doc_spans"])
+    return s[:, SPANS - 1] - s[:, :SPANS // 2].mean(1)
+
+
+def _fmt(mean, se):
+    return f"{mean:+.4f} ± {se:.4f}"
+
+
+def verdicts(main: dict) -> list[str]:
+    """One line per claim of the paper, decided from the run files (2 standard errors over documents)."""
+    out = []
+    for ctx in sorted(main):
+        rs = main[ctx]
+        gains = {m: _stat(_late_gain(r)) for m, r in rs.items()}
+        if {"ttt_linear", "mamba"} <= set(rs):
+            for m in ("ttt_linear", "ttt_mlp"):
+                if m in rs:
+                    d = _stat(_late_gain(rs[m]) - _late_gain(rs["mamba"]))
+                    out.append(f"- ctx {ctx}: {LABELS[m]} keeps lowering its loss later in the context more than "
+                               f"Mamba-2 (late gain difference {_fmt(*d)} nats; gains: {LABELS[m]} "
+                               f"{_fmt(*gains[m])}, Mamba-2 {_fmt(*gains['mamba'])}): **{_verdict(*d)}**")
+        if "attention" in rs:
+            for m in ("ttt_linear", "ttt_mlp", "mamba"):
+                if m in rs:
+                    d = _stat(_ctx_loss(rs[m]) - _ctx_loss(rs["attention"]))
+                    want = "matches or beats" if ctx <= 2048 else "beats"
+                    v = _verdict(*d) if ctx > 2048 else ("holds" if d[0] < 2 * d[1] + 0.02 else
+                                                          "does not hold at this scale")
+                    out.append(f"- ctx {ctx}: {LABELS[m]} {want} Transformer++ (loss difference {_fmt(*d)}"
+                               + ("; 'matches' = within 0.02 nats + 2 SE" if ctx <= 2048 else "") + f"): **{v}**")
+        for m in ("ttt_linear", "ttt_mlp"):
+            if m in rs and "mamba" in rs:
+                d = _stat(_ctx_loss(rs[m]) - _ctx_loss(rs["mamba"]))
+                out.append(f"- ctx {ctx}: {LABELS[m]} vs Mamba-2, loss difference {_fmt(*d)} nats "
+                           f"(the paper: comparable at 2k, TTT ahead at 8k)")
+        for m in RECURRENT:
+            if m in rs and rs[m].get("val_loss_past") is not None:
+                s = np.asarray(rs[m]["doc_spans"])
+                d = _stat(s[:, SPANS:].mean(1) - s[:, SPANS - 1])
+                out.append(f"- ctx {ctx}: {LABELS[m]} past its training context (positions {ctx}..{2 * ctx}): loss "
+                           f"minus its last trained eighth {_fmt(*d)} nats "
+                           f"({'still improving' if d[0] < -2 * d[1] else 'rising' if d[0] > 2 * d[1] else 'flat'})")
+    if len(main) >= 2:
+        lo, hi = sorted(main)[0], sorted(main)[-1]
+        for m in ("ttt_linear", "ttt_mlp"):
+            if all({m, "mamba"} <= set(main[c]) for c in (lo, hi)):
+                gap = (_ctx_loss(main[hi][m]) - _ctx_loss(main[hi]["mamba"])) - \
+                      (_ctx_loss(main[lo][m]) - _ctx_loss(main[lo]["mamba"]))
+                d = _stat(gap)  # the same documents at both contexts: paired
+                out.append(f"- {LABELS[m]}'s advantage over Mamba-2 grows from {lo} to {hi} context (the {hi}-minus-{lo} "
+                           f"gap of (TTT - Mamba-2) loss: {_fmt(*d)} nats): **{_verdict(*d)}**")
+    return out
+
+
+def ladder_lines(abl: dict) -> list[str]:
+    rows = [(i, name, paper, abl.get(f"ladder{i}")) for i, (name, paper, _) in enumerate(LADDER)]
+    rows = [r for r in rows if r[3]]
+    if not rows:
+        return []
+    lines = ["## Ablation ladder (TTT-Linear, the paper's Table 1 rungs)", "",
+             "| rung | paper ppl (125M, Pile 2k) | paper change | our loss | our ppl | our change in loss (± SE) | "
+             "tokens | verdict |", "|---|---|---|---|---|---|---|---|"]
+    prev = None
+    for i, name, paper, r in rows:
+        ch_p = f"{paper - prev[2]:+.2f}" if prev else ""
+        if prev:
+            d = _stat(_ctx_loss(r) - _ctx_loss(prev[3]))
+            ch = _fmt(*d)
+            v = (_verdict(*d, expect_negative=paper < prev[2]) if abs(paper - prev[2]) >= 0.1 else
+                 "paper: no change" + (" (ours: none either)" if abs(d[0]) <= 2 * d[1] else ""))
+        else:
+            ch, v = "", ""
+        lines.append(f"| {name} | {paper:.2f} | {ch_p} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.2f} | {ch} | "
+                     f"{r['tokens']:,} | {v} |")
+        prev = (i, name, paper, r)
+    lines += ["", "Verdict per rung: whether our change has the paper's sign at 2 standard errors over held-out "
+              "documents (paired: every run is evaluated on the same documents).", ""]
+    sweep = {r["config"]["mini_batch"]: r for k, r in abl.items() if k.startswith("b")}
+    if f"ladder{len(LADDER) - 1}" in abl:
+        sweep.setdefault(16, abl[f"ladder{len(LADDER) - 1}"])
+    if sweep:
+        lines += ["## Mini-batch size b (TTT-Linear (M))", "", "| b | val loss | perplexity | tokens |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b} | {sweep[b]['val_loss']:.4f} | {math.exp(sweep[b]['val_loss']):.2f} | {sweep[b]['tokens']:,} |"
+                  for b in sorted(sweep)]
+        bs = sorted(sweep)
+        for lo, hi in zip(bs, bs[1:]):
+            d = _stat(_ctx_loss(sweep[lo]) - _ctx_loss(sweep[hi]))
+            lines.append(f"- b = {lo} vs b = {hi} (the paper: smaller b, lower perplexity): loss difference "
+                         f"{_fmt(*d)}: **{_verdict(*d)}**")
+        lines.append("")
+    return lines
+
+
+def figure(main: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ctxs = sorted(main)
+    fig, axes = plt.subplots(2, len(ctxs), figsize=(6 * len(ctxs), 7.5), squeeze=False, sharex="col")
+    for col, ctx in enumerate(ctxs):
+        rs = main[ctx]
+        att = rs.get("attention")
+        for m in MODELS:
+            if m not in rs:
+                continue
+            b = [x for x in rs[m]["curve_bins"] if x["loss"] is not None]
+            xs = [math.sqrt(x["lo"] * x["hi"]) for x in b]
+            axes[0][col].plot(xs, [x["loss"] for x in b], label=f"{LABELS[m]} ({rs[m]['params'] / 1e6:.1f}M)")
+            if att:
+                ref = {(x["lo"], x["hi"]): x["loss"] for x in att["curve_bins"] if x["loss"] is not None}
+                pairs = [(xv, x["loss"] - ref[(x["lo"], x["hi"])]) for xv, x in zip(xs, b) if (x["lo"], x["hi"]) in ref]
+                axes[1][col].plot([p[0] for p in pairs], [p[1] for p in pairs], label=LABELS[m])
+        tokens = max(r["tokens"] for r in rs.values())
+        axes[0][col].set_title(f"trained at context {ctx}, {tokens / 1e6:.1f}M tokens each")
+        for row in (0, 1):
+            ax = axes[row][col]
+            ax.set_xscale("log")
+            ax.axvline(ctx, color="grey", lw=0.8, ls="--")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][col].set_ylabel("validation loss (nats/token)")
+        axes[1][col].set_ylabel("loss minus Transformer++ (nats)")
+        axes[1][col].axhline(0, color="black", lw=0.6)
+        axes[1][col].set_xlabel("token position in the document (log scale; dashed: training context)")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=90)
+    os.replace(path.with_suffix(".tmp.png"), path)
+    plt.close(fig)
+
+
+def stage_report(a) -> None:
     runs = sorted((json.loads(p.read_text()) for p in (a.out / "runs").glob("*/result.json")),
                   key=lambda r: r["name"])
     if not runs:
         fail(f"--out: no run results under {a.out / 'runs'}; run the train stage first")
+    main: dict = {}
+    for r in runs:
+        if r["name"].startswith("ctx"):
+            main.setdefault(r["ctx"], {})[r["mixer"]] = r
     lines = ["# Replication results", "", "Generated by `benchmarks/replicate.py --stage report` from "
-             "runs/*/result.json; validation loss (nats/token) on held-out documents.", ""]
-    main = [r for r in runs if r["name"].startswith("ctx")]
-    for ctx in sorted({r["ctx"] for r in main}):
-        rs = [r for r in main if r["ctx"] == ctx]
-        lines += [f"## Context {ctx}", "", "| model | params (non-emb.) | tokens | val loss | loss by position, "
-                  "8 equal spans (first .. last) | last span - first-half mean | tok/s | device |",
-                  "|---|---|---|---|---|---|---|---|"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rs:
-            c = r["loss_by_position"]
-            b = bins(c)
-            gain = b[-1] - sum(b[:4]) / 4
-            lines.append(f"| {LABELS.get(r['mixer'], r['mixer'])} | {r['params']:,} | {r['tokens']:,} | "
-                         f"{r['val_loss']:.4f} | {' '.join(f'{v:.3f}' for v in b)} | {gain:+.4f} | "
-                         f"{r['tokens_per_s']:,} | {r['device']} |")
-            k = max(1, len(c) // 64)  # smooth over spans of len/64 positions for the plot
-            xs = [min(len(c), (i + 1) * k) for i in range(len(c) // k)]
-            ys = [sum(c[i * k:(i + 1) * k]) / k for i in range(len(c) // k)]
-            ax.plot(xs, ys, label=LABELS.get(r["mixer"], r["mixer"]))
-        ax.set_xscale("log")
-        ax.set_xlabel("token position")
-        ax.set_ylabel("validation loss (nats)")
-        ax.set_title(f"Loss by position, trained at context {ctx}")
-        ax.legend()
-        fig.tight_layout()
-        png = a.out / f"loss_by_position_{ctx}.png"
-        fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
-        os.replace(png.with_suffix(".tmp.png"), png)
-        plt.close(fig)
-        lines += ["", f"![loss by position at {ctx}](loss_by_position_{ctx}.png)", ""]
-    abl = {r["name"].split("_", 2)[2]: r for r in runs if r["name"].startswith("abl_")}
-    ladder = [(n, abl[f"ladder{i}"]) for i, (n, _) in enumerate(LADDER) if f"ladder{i}" in abl]
-    sweep = {r["config"]["mini_batch"]: r for k, r in abl.items() if k.startswith("b")}
-    if f"ladder{len(LADDER) - 1}" in abl:  # the last rung is the (M), b = 16 run of the sweep
-        sweep.setdefault(16, abl[f"ladder{len(LADDER) - 1}"])
-    for title, rows in (("Ablation ladder (TTT-Linear, Table 1 rungs)", ladder),
-                        ("Mini-batch size b (TTT-Linear (M))", [(f"b = {b}", sweep[b]) for b in sorted(sweep)])):
-        if rows:
-            lines += [f"## {title}", "", "| run | b | val loss | perplexity | tokens |", "|---|---|---|---|---|"]
-            lines += [f"| {n} | {r['config']['mini_batch']} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.2f} | "
-                      f"{r['tokens']:,} |" for n, r in rows]
-            lines.append("")
+             "runs/*/result.json; validation loss (nats/token) at each position of held-out documents.", ""]
+    for ctx, rs in sorted(main.items()):
+        lines += [f"## Context {ctx}", "", "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
+                  "spans (first .. last) | last span - first-half mean | past the context (.. 2x) | tok/s | "
+                  "train s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in MODELS:
+            if m not in rs:
+                continue
+            r = rs[m]
+            s = np.asarray(r["doc_spans"]).mean(0)
+            gain = _stat(_late_gain(r))
+            past = f"{r['val_loss_past']:.4f}" if r.get("val_loss_past") is not None else "—"
+            note = " (stopped early)" if r.get("stopped") else ""
+            lines.append(f"| {LABELS[m]} | {r['params']:,} | {r['tokens']:,}{note} | {r['val_loss']:.4f} | "
+                         f"{' '.join(f'{v:.3f}' for v in s[:SPANS])} | {_fmt(*gain)} | {past} | "
+                         f"{r['tokens_per_s']:,} | {r['train_seconds']:.0f} | {r['device']} |")
+        lines.append("")
+    if main:
+        figure(main, a.out / "loss_by_position.png")
+        sizes = ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M" for m, r in next(iter(main.values())).items())
+        lines += ["![loss by position](loss_by_position.png)", "",
+                  f"Figure: validation loss at each position of {runs[0]['eval_docs']} held-out documents (mean over "
+                  f"geometric position bins), one column per training context, the recurrent models evaluated to 2x "
+                  f"the training context; bottom: difference to Transformer++. Non-embedding parameters: {sizes}; "
+                  "tokens per run in each column's title.", "", "## The paper's claims, at this scale", ""]
+        lines += verdicts(main) + [""]
+    lines += ladder_lines({r["name"].split("_", 2)[2]: r for r in runs if r["name"].startswith("abl_")})
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"report: {a.out / 'results.md'} ({len(runs)} runs)")
+    say(f"report: {a.out / 'results.md'} ({len(runs)} runs)")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -319,8 +894,9 @@ def parse_list(s: str, kind=str):
 def parse_rungs(s: str):
     out = set()
     for part in s.split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
+        if part:
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
     return out
 
 
@@ -328,21 +904,42 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory (data, runs, results.md, plots)")
     p.add_argument("--smoke", action="store_true", help="every stage at a tiny size on the CPU (CI)")
-    p.add_argument("--stage", choices=("data", "train", "ablation", "report", "all"), default="all")
+    p.add_argument("--stage", default="all", choices=("tokenizer", "data", "train", "ablation", "study",
+                                                      "ablation-study", "report", "all"),
+                   help="study / ablation-study: data, probe and every run at once on the GPU, then the report")
     p.add_argument("--corpus", help="directory of .py files (default: this interpreter's site-packages)")
-    p.add_argument("--max-mb", type=int, default=400, help="corpus size cap in MB (default 400)")
-    p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--max-mb", type=int, default=300, help="corpus size cap in MB (default 300)")
+    p.add_argument("--val-fraction", type=float, default=0.06, help="held-out share of documents (default 0.06)")
+    p.add_argument("--tokenizer", type=Path, default=TOKENIZER, help="gzipped tokenizer.json (default: the committed one)")
+    p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size of --stage tokenizer (default 8192)")
     p.add_argument("--size", choices=tuple(SIZES), default="main", help="model size (default main, ~40M)")
+    p.add_argument("--ablation-size", choices=tuple(SIZES), default="small",
+                   help="model size of the ablation ladder and b sweep (default small)")
+    p.add_argument("--ablation", action="store_true", help="study: the ladder and b sweep at --ctx too, in the same runs")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--ctx", default="2048,8192", help="training context lengths (default 2048,8192)")
-    p.add_argument("--tokens", type=int, default=100_000_000, help="training tokens per run (default 1e8)")
-    p.add_argument("--minutes", type=float, default=0, help="cap on each run's training time (0: none)")
-    p.add_argument("--batch-tokens", type=int, default=262_144, help="tokens per optimizer step")
+    p.add_argument("--tokens", type=int, default=100_000_000, help="training tokens per run (a study: at most this many)")
+    p.add_argument("--batch-tokens", type=int, default=65_536, help="tokens per optimizer step (default 65,536)")
     p.add_argument("--micro-tokens", type=int, default=65_536, help="tokens per forward/backward")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
-    p.add_argument("--eval-seqs", type=int, default=64, help="validation sequences per run (default 64)")
+    p.add_argument("--eval-seqs", type=int, default=64, help="held-out documents evaluated (default 64)")
+    p.add_argument("--eval-doc-min", type=int, default=2 * 8192,
+                   help="evaluate on documents of at least this many tokens (default 16384: 2x the longest context)")
     p.add_argument("--rungs", default=f"0-{len(LADDER) - 1}", help="ablation ladder rungs to run, e.g. 0-2,5")
     p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)), help="mini-batch sizes b to run")
+    p.add_argument("--wall-seconds", type=float, default=540, help="study: finish everything within this (default 540)")
+    p.add_argument("--eval-reserve", type=float, default=60, help="study: seconds kept for evaluation (default 60)")
+    p.add_argument("--probe-seconds", type=float, default=15, help="study: timed seconds per probe (default 15)")
+    p.add_argument("--probe-timeout", type=float, default=300,
+                   help="study: leave out a job not warmed up (compiled) after this many seconds (default 300)")
+    p.add_argument("--layout-probe", action="store_true", help="study: also time 1 and 2 processes of the first job")
+    p.add_argument("--layout-from", help="study: take the 1- and 2-process timings from this earlier probe file")
+    p.add_argument("--no-compile", action="store_true", help="train eagerly (default on CUDA: blocks compiled)")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    p.add_argument("--probe-tag", default="", help=argparse.SUPPRESS)
+    p.add_argument("--await-plan", default="", help=argparse.SUPPRESS)
+    p.add_argument("--go-file", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -358,8 +955,10 @@ def main(argv=None):
     if a.out.exists() and not a.out.is_dir():
         fail(f"--out: {a.out} exists and is not a directory")
     if a.smoke:  # tiny everything: CPU, stdlib corpus, context 32 and 64, about a minute
-        a.size, a.ctx, a.tokens, a.batch_tokens, a.micro_tokens = "smoke", [32, 64], 2048, 512, 512
-        a.eval_seqs, a.device, a.lr = 4, "cpu", 3e-3
+        a.size, a.ablation_size, a.batch_tokens, a.micro_tokens = "smoke", "smoke", 512, 512
+        a.tokens = 2048 if a.tokens == p.get_default("tokens") else a.tokens  # a study's children get theirs
+        a.eval_seqs, a.eval_doc_min, a.device, a.lr = 4, 128, "cpu", 3e-3
+        a.ctx = [c for c in a.ctx if c <= 64] or [32, 64]
     try:
         device = torch.device(a.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -367,13 +966,25 @@ def main(argv=None):
     except RuntimeError as e:
         fail(f"--device: {a.device!r} cannot be used ({e})")
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.stage in ("data", "all"):
+    if a.stage == "tokenizer":
+        return stage_tokenizer(a)
+    if a.stage in ("study", "ablation-study") and len(a.ctx) != 1:
+        fail(f"--ctx: a study trains at one context per command, got {a.ctx}")
+    if a.stage in ("data", "all") or (a.stage in ("study", "ablation-study")
+                                      and not (a.out / "data" / "meta.json").exists()):
         stage_data(a)
-    if a.stage in ("train", "all"):
-        stage_train(a, device)
-    if a.stage in ("ablation", "all"):
-        stage_ablation(a, device)
-    if a.stage in ("report", "all"):
+    vocab = data_meta(a)["vocab_size"] if a.stage != "data" else 0
+    if a.stage in ("train", "ablation", "all"):  # in this process, one after another
+        jobs = study_jobs(a, vocab) if a.stage in ("train", "all") else []
+        jobs += ablation_jobs(a, vocab) if a.stage in ("ablation", "all") else []
+        for j in jobs:
+            if not a.only or j.name == a.only:
+                train_job(j, a, device, a.tokens)
+    if a.stage in ("study", "ablation-study"):  # every job as its own process, at the same time
+        jobs = study_jobs(a, vocab) if a.stage == "study" else []
+        jobs += ablation_jobs(a, vocab) if a.stage == "ablation-study" or a.ablation else []
+        stage_study(a, jobs)
+    if a.stage in ("report", "all", "study", "ablation-study"):
         stage_report(a)
 
 

@@ -2,9 +2,11 @@
 ablation ladder and b sweep, and the report built from the run outputs; and its bad-input errors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 
@@ -27,7 +29,11 @@ def test_smoke_runs_end_to_end(tmp_path):
     for ctx in (32, 64):
         counts = [v["params"] for v in main if v["ctx"] == ctx]
         assert max(counts) <= 1.03 * min(counts) * 1.0001  # matched within 3%
-        assert all(v["tokens"] == 2048 and len(v["loss_by_position"]) == ctx for v in main if v["ctx"] == ctx)
+        for v in main:
+            if v["ctx"] == ctx:  # the recurrent models are evaluated to twice the training context
+                assert v["tokens"] == 2048 and len(v["loss_by_position"]) == (ctx if v["mixer"] == "attention" else 2 * ctx)
+                assert abs(v["val_loss"] - sum(v["loss_by_position"][:ctx]) / ctx) < 1e-4
+                assert len(v["doc_spans"]) == v["eval_docs"] and len(v["doc_spans"][0]) == 8 * v["eval_len"] // ctx
     assert {k for k in results if k.startswith("abl_")} == {
         *(f"abl_ctx32_ladder{i}" for i in range(6)), "abl_ctx32_b4", "abl_ctx32_b64"}
     assert results["abl_ctx32_ladder0"]["config"]["mini_batch"] == 32  # b = T
@@ -36,7 +42,8 @@ def test_smoke_runs_end_to_end(tmp_path):
     # the table is written from the run files: every run's loss appears with 4 decimals
     for v in results.values():
         assert f"{v['val_loss']:.4f}" in md
-    assert (out / "loss_by_position_32.png").stat().st_size > 1000
+    assert (out / "loss_by_position.png").stat().st_size > 1000
+    assert "## The paper's claims, at this scale" in md and "**" in md  # verdict lines generated
     # a rerun skips finished runs and rewrites the same report
     r2 = run("--smoke", "--out", out)
     assert r2.returncode == 0 and "skipped" in r2.stdout
@@ -54,3 +61,49 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and flag in r.stderr.strip().splitlines()[-1]
+
+
+def _replicate_module():
+    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("replicate", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_makespan_and_plan_arithmetic():
+    rep = _replicate_module()
+    # one job at a time: the times add up; all at once with no slow-down: the slowest job decides
+    assert abs(rep.makespan(100.0, [10.0, 20.0], 1, lambda k: 1.0) - (10 + 5)) < 1e-9
+    assert abs(rep.makespan(100.0, [10.0, 20.0], 2, lambda k: 1.0) - 10) < 1e-9
+    # the fast job finishes after 5 s; the slow one then runs twice as fast: 50 tokens in 5 s, 50 more in 2.5 s
+    assert abs(rep.makespan(100.0, [10.0, 20.0], 2, lambda k: 2.0 / k) - 7.5) < 1e-9
+    summary = {"phases": {"one": {"rows": {"j#0": {"tok_s": 100}}},
+                          "two": {"rows": {"j#0": {"tok_s": 60}, "j#1": {"tok_s": 60}}},
+                          "all": {"rows": {"j": {"tok_s": 30}, "k": {"tok_s": 10}, "l": {"tok_s": 40}, "m": {"tok_s": 50}}}}}
+    assert abs(rep.per_process_factor(summary, 1, 4) - 100 / 30) < 1e-9
+    assert abs(rep.per_process_factor(summary, 3, 4) - 45 / 30) < 1e-9  # halfway between 2 and 4 processes
+    assert abs(rep.per_process_factor(summary, 8, 4) - 0.5) < 1e-9  # past 4: the GPU shared evenly
+    a = types.SimpleNamespace(batch_tokens=64, tokens=10 ** 9)
+    jobs = [types.SimpleNamespace(name=n, ctx=16) for n in "jklm"]
+    p = rep.plan(a, jobs, summary, 100.0, 5.0)
+    factor = lambda k: rep.per_process_factor(summary, k, 4)  # noqa: E731
+    assert p["tokens"] % 64 == 0 and p["continue"][0] == "k" and len(p["continue"]) == p["width"]
+    assert rep.makespan(p["tokens"], [30, 10, 40, 50], p["width"], factor) <= 100.0 + 1e-6
+    assert rep.makespan(p["tokens"] + 64, [30, 10, 40, 50], p["width"], factor) > 100.0 - 5 * 3  # the largest that fits
+
+
+def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
+    out = tmp_path / "rep"
+    r = run("--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",
+            "--batch-sizes", "", "--ctx", "32", "--tokens", "4096", "--wall-seconds", "900", "--probe-seconds", "1",
+            "--eval-reserve", "30",
+            "--layout-probe", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    plan = json.loads((out / "plan_ctx32.json").read_text())
+    probe = json.loads((out / "probe_ctx32.json").read_text())
+    assert set(probe["phases"]) == {"one", "two", "all"} and len(probe["phases"]["two"]["rows"]) == 2
+    results = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
+    assert {v["name"] for v in results} == {"ctx32_attention", "abl_ctx32_ladder0"}
+    for v in results:  # one budget for every run of the study, from the plan
+        assert v["token_budget"] == plan["tokens"] == 4096 and v["tokens"] == 4096 and not v["stopped"]
