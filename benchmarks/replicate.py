@@ -87,6 +87,15 @@ def say(msg: str) -> None:
     print(f"[{time.time() - T0:6.0f} s] {msg}", flush=True)
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): what the imports before T0 took."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -391,6 +400,19 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
                    peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else 0)
         write_json(a.out / "probe" / f"{a.probe_tag}_{job.name}.json", res)
         say(f"{job.name}: probe {a.probe_tag}: {res['tok_s']:,} tok/s")
+        if a.go_file:  # the study names one job to time again while the others wait: its rate alone
+            solo = Path(a.go_file).with_suffix(".solo")
+            while not solo.exists():
+                time.sleep(0.2)
+            if solo.read_text().strip() == job.name:
+                t_probe, timed = time.time(), 0
+                while time.time() - t_probe < a.probe_seconds:
+                    step_fn(step, tc, opt)
+                    step, timed = step + 1, timed + batch * ctx
+                _sync(device)
+                rate = round(timed / (time.time() - t_probe))
+                write_json(a.out / "probe" / f"{a.probe_tag}_{job.name}.solo.json", dict(name=job.name, tok_s=rate))
+                say(f"{job.name}: probe {a.probe_tag} alone: {rate:,} tok/s")
         if not a.await_plan:
             return None
         plan_path = Path(a.await_plan)
@@ -561,6 +583,18 @@ def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summa
             go.touch()
     summary["phases"][tag] = dict(wall_s=round(time.time() - t, 1), rows=rows)
     say(f"probe {tag}: " + ", ".join(f"{n} {r['tok_s']:,}" for n, r in rows.items()) + " tok/s per process")
+    # the slowest job once more, alone (the others wait): how much faster it runs once the rest are done
+    slow = min(rows, key=lambda n: rows[n]["tok_s"]) if len(rows) > 1 else "-"
+    go.with_suffix(".solo").write_text(slow)
+    if slow != "-":
+        k, j = next((k, j) for k, (j, n) in enumerate(members) if n == slow)
+        path = a.out / "probe" / f"{tag}{k}_{j.name}.solo.json"
+        while not path.exists() and pool.alive(slow) and time.time() - t < a.probe_timeout + 60:
+            time.sleep(0.2)
+            pool.poll()
+        if path.exists():
+            summary["phases"][tag]["solo"] = json.loads(path.read_text())
+            say(f"probe {tag}: {slow} alone {summary['phases'][tag]['solo']['tok_s']:,} tok/s")
     return rows
 
 
@@ -581,18 +615,24 @@ def layout_probe(a, job: Job, summary: dict) -> None:
 
 
 def per_process_factor(summary: dict, k: int, ref_k: int) -> float:
-    """How much faster one process runs with k processes at once than with ref_k, from the layout probe (the
-    same job alone, as two copies, and in the all-at-once phase), interpolated linearly in k; past the largest
-    measured count the GPU is taken as shared evenly (rate proportional to 1/k). Without a layout probe, 1."""
+    """How much faster one process runs with k processes at once than with ref_k. Measured points: the
+    slowest job alone and among all (the study's probe), or else one job alone, as two copies and among all
+    (a layout probe); between points interpolated linearly in 1/k (exact when the GPU is shared evenly, rate
+    proportional to 1/k), past the largest count proportional to 1/k. Without measurements, 1."""
     ph = summary["phases"]
-    if "one" not in ph:
+    every = ph.get("all", {})
+    if "solo" in every:
+        name = every["solo"]["name"]
+        pts = {1: every["solo"]["tok_s"], len(every["rows"]): every["rows"][name]["tok_s"]}
+    elif "one" in ph:
+        name = next(iter(ph["one"]["rows"])).split("#")[0]
+        pts = {1: ph["one"]["rows"][f"{name}#0"]["tok_s"],
+               2: sum(r["tok_s"] for r in ph["two"]["rows"].values()) / 2}
+        layout_all = summary.get("layout_all", every).get("rows", {})
+        if name in layout_all and len(layout_all) > 2:
+            pts[len(layout_all)] = layout_all[name]["tok_s"]
+    else:
         return 1.0
-    name = next(iter(ph["one"]["rows"])).split("#")[0]
-    every = summary.get("layout_all", ph.get("all", {})).get("rows", {})
-    pts = {1: ph["one"]["rows"][f"{name}#0"]["tok_s"],
-           2: sum(r["tok_s"] for r in ph["two"]["rows"].values()) / 2}
-    if name in every and len(every) > 2:
-        pts[len(every)] = every[name]["tok_s"]
 
     def g(k):
         ks = sorted(pts)
@@ -600,7 +640,10 @@ def per_process_factor(summary: dict, k: int, ref_k: int) -> float:
             return pts[ks[-1]] * ks[-1] / k
         lo = max(x for x in ks if x <= k)
         hi = min(x for x in ks if x >= k)
-        return pts[lo] if lo == hi else pts[lo] + (pts[hi] - pts[lo]) * (k - lo) / (hi - lo)
+        if lo == hi:
+            return pts[lo]
+        w = (1 / k - 1 / lo) / (1 / hi - 1 / lo)
+        return pts[lo] + (pts[hi] - pts[lo]) * w
     return g(k) / g(ref_k)
 
 
@@ -966,6 +1009,7 @@ def main(argv=None):
     except RuntimeError as e:
         fail(f"--device: {a.device!r} cannot be used ({e})")
     a.out.mkdir(parents=True, exist_ok=True)
+    say(f"{a.only or a.stage}: started, {process_age():.1f} s after the process")
     if a.stage == "tokenizer":
         return stage_tokenizer(a)
     if a.stage in ("study", "ablation-study") and len(a.ctx) != 1:

@@ -82,7 +82,11 @@ def test_makespan_and_plan_arithmetic():
                           "two": {"rows": {"j#0": {"tok_s": 60}, "j#1": {"tok_s": 60}}},
                           "all": {"rows": {"j": {"tok_s": 30}, "k": {"tok_s": 10}, "l": {"tok_s": 40}, "m": {"tok_s": 50}}}}}
     assert abs(rep.per_process_factor(summary, 1, 4) - 100 / 30) < 1e-9
-    assert abs(rep.per_process_factor(summary, 3, 4) - 45 / 30) < 1e-9  # halfway between 2 and 4 processes
+    # between 2 and 4 processes, linear in 1/k: 1/3 lies 2/3 of the way from 1/2 to 1/4
+    assert abs(rep.per_process_factor(summary, 3, 4) - (60 - 30 * 2 / 3) / 30) < 1e-9
+    solo = {"phases": {"all": {**summary["phases"]["all"], "solo": {"name": "k", "tok_s": 40}}}}
+    assert abs(rep.per_process_factor(solo, 1, 4) - 4.0) < 1e-9  # the slowest job, timed alone and among 4
+    assert abs(rep.per_process_factor(solo, 2, 4) - 2.0) < 1e-9  # GPU shared evenly: rate ~ 1/k
     assert abs(rep.per_process_factor(summary, 8, 4) - 0.5) < 1e-9  # past 4: the GPU shared evenly
     a = types.SimpleNamespace(batch_tokens=64, tokens=10 ** 9)
     jobs = [types.SimpleNamespace(name=n, ctx=16) for n in "jklm"]
