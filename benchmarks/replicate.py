@@ -208,10 +208,18 @@ def n_params(cfg) -> int:
         return TTTLM(cfg).num_parameters(exclude_embedding=True)
 
 
+def _closest(make, lo: int, step: int, target: int):
+    """The config make(x), x = lo + step * i, whose parameter count is closest to target; counts are linear in
+    x (FFN width, layer count), so two counts place it and its neighbours decide."""
+    a, b = n_params(make(lo)), n_params(make(lo + step))
+    x = lo + max(0, round((target - a) / (b - a))) * step if b != a else lo
+    return min((make(v) for v in (x - step, x, x + step) if v >= lo), key=lambda c: abs(n_params(c) - target))
+
+
 def matched_configs(size: str, vocab: int, models) -> dict:
     """Configs of `models` whose non-embedding parameter counts are within 3% of TTT-Linear (M)'s: the FFN
     width is tuned for TTT-MLP and the Transformer, the layer count for Mamba-2 (state size 128, Mamba-2's
-    usual, when some layer count reaches 3%; else any state size)."""
+    usual, when some layer count reaches 3%; else the state size closest to it that does)."""
     L, D, H, F = SIZES[size]
     base = dict(vocab_size=vocab, n_layers=L, d_model=D, n_heads=H)
     ref = get_config("125m", mixer="ttt_linear", ffn_hidden=F, **base)
@@ -222,19 +230,15 @@ def matched_configs(size: str, vocab: int, models) -> dict:
             out[m] = ref
             continue
         if m == "mamba":
-            groups = [[128], list(range(16, 257, 16))]
-            cands = []
-            for states in groups:
-                cands = [c for c in (get_config("125m", mixer="mamba", **{**base, "n_layers": nl}, mamba_d_state=ds)
-                                     for nl in range(L, 3 * L + 1) for ds in states)
-                         if abs(n_params(c) - target) <= MATCH_TOL * target]
-                if cands:
+            for ds in sorted(range(16, 257, 16), key=lambda v: abs(v - 128)):
+                best = _closest(lambda n: get_config("125m", mixer="mamba", **{**base, "n_layers": n},
+                                                     mamba_d_state=ds), 1, 1, target)
+                if abs(n_params(best) - target) <= MATCH_TOL * target:
                     break
         else:
-            cands = [get_config("125m", mixer=m, ffn_hidden=f, **base) for f in range(8, 4 * F, 8)]
-        best = min(cands, key=lambda c: abs(n_params(c) - target), default=None)
-        if best is None or abs(n_params(best) - target) > MATCH_TOL * target:
-            raise RuntimeError(f"{m}: no config within 3% of {target} parameters")
+            best = _closest(lambda f: get_config("125m", mixer=m, ffn_hidden=f, **base), 8, 8, target)
+        if abs(n_params(best) - target) > MATCH_TOL * target:
+            raise RuntimeError(f"{m}: no config within 3% of {target} parameters (best {n_params(best)})")
         out[m] = best
     return out
 
