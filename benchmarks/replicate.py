@@ -46,9 +46,10 @@ import numpy as np
 import torch
 
 from ttt.config import get_config
-from ttt.data import Batcher, load_meta, load_tokens, prepare
+from ttt.data import Batcher, iter_documents, load_meta, load_tokens, prepare
 from ttt.layers.mamba import load_mamba_ssm
 from ttt.model import TTTLM
+from ttt.tokenizer import Tokenizer
 from ttt.train import TrainConfig, lr_at, param_groups
 
 T0 = time.time()
@@ -161,18 +162,45 @@ def corpus_farm(root: Path, farm: Path, max_bytes: int) -> dict:
     return dict(root=str(root), files=n, bytes=size, skipped_not_utf8=skipped)
 
 
+SMOKE_BYTES = 1_500_000  # the smoke run's slice of the standard library
+
+
+def study_tokenizer(a) -> Path:
+    """DIR/tokenizer.json: the committed BPE (--tokenizer), or for --smoke a 512-token BPE trained on the smoke
+    corpus. It exists before the corpus is tokenized, so a study's processes can start meanwhile."""
+    tok = a.out / "tokenizer.json"
+    if not tok.exists():
+        if a.smoke:
+            docs = (t for _, t in iter_documents("stdlib", extensions=(".py",), max_bytes=SMOKE_BYTES))
+            Tokenizer.train(docs, 512).save(tok)
+        else:
+            try:
+                raw = gzip.decompress(Path(a.tokenizer).read_bytes())
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                fail(f"--tokenizer: cannot read {a.tokenizer} as a gzipped tokenizer.json ({e})")
+            tok.with_suffix(".tmp").write_bytes(raw)
+            os.replace(tok.with_suffix(".tmp"), tok)
+    return tok
+
+
+def study_vocab(a) -> int:
+    """The vocabulary size of the prepared corpus, or of the study's tokenizer before the corpus exists."""
+    try:
+        return load_meta(a.out / "data")["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        return Tokenizer.load(study_tokenizer(a)).vocab_size
+
+
 def stage_data(a) -> dict:
+    tok = study_tokenizer(a)
     if a.smoke:
-        meta = prepare("stdlib", a.out / "data", vocab_size=512, extensions=(".py",), max_bytes=1_500_000,
-                       val_fraction=0.05)
+        meta = prepare("stdlib", a.out / "data", tokenizer_path=tok, extensions=(".py",), max_bytes=SMOKE_BYTES,
+                       val_fraction=0.05, overwrite=True)
     else:
         root = Path(a.corpus or sysconfig.get_paths()["purelib"])
         if not root.is_dir():
             fail(f"--corpus: {str(root)!r} is not a directory")
         farm = corpus_farm(root, a.out / "corpus", a.max_mb << 20)
-        tok = a.out / "tokenizer.json"
-        with gzip.open(a.tokenizer) as g, open(tok, "wb") as f:
-            shutil.copyfileobj(g, f)
         meta = prepare(a.out / "corpus", a.out / "data", tokenizer_path=tok, extensions=(".py",),
                        val_fraction=a.val_fraction, overwrite=True)
         write_json(a.out / "corpus.json", farm)
@@ -217,30 +245,27 @@ def _closest(make, lo: int, step: int, target: int):
 
 
 def matched_configs(size: str, vocab: int, models) -> dict:
-    """Configs of `models` whose non-embedding parameter counts are within 3% of TTT-Linear (M)'s: the FFN
-    width is tuned for TTT-MLP and the Transformer, the layer count for Mamba-2 (state size 128, Mamba-2's
-    usual, when some layer count reaches 3%; else the state size closest to it that does)."""
+    """Configs of `models` whose non-embedding parameter counts are within 3% of each other, around TTT-Linear
+    (M)'s: the FFN width is tuned for TTT-MLP and the Transformer, the layer count for Mamba-2 with the state
+    size nearest Mamba-2's usual 128 that keeps the whole set within 3%."""
     L, D, H, F = SIZES[size]
     base = dict(vocab_size=vocab, n_layers=L, d_model=D, n_heads=H)
     ref = get_config("125m", mixer="ttt_linear", ffn_hidden=F, **base)
     target = n_params(ref)
-    out = {}
-    for m in models:
-        if m == "ttt_linear":
-            out[m] = ref
-            continue
-        if m == "mamba":
-            for ds in sorted(range(16, 257, 16), key=lambda v: abs(v - 128)):
-                best = _closest(lambda n: get_config("125m", mixer="mamba", **{**base, "n_layers": n},
-                                                     mamba_d_state=ds), 1, 1, target)
-                if abs(n_params(best) - target) <= MATCH_TOL * target:
-                    break
-        else:
-            best = _closest(lambda f: get_config("125m", mixer=m, ffn_hidden=f, **base), 8, 8, target)
-        if abs(n_params(best) - target) > MATCH_TOL * target:
-            raise RuntimeError(f"{m}: no config within 3% of {target} parameters (best {n_params(best)})")
-        out[m] = best
-    return out
+    out = {"ttt_linear": ref}
+    for m in [m for m in models if m not in ("ttt_linear", "mamba")]:
+        out[m] = _closest(lambda f: get_config("125m", mixer=m, ffn_hidden=f, **base), 8, 8, target)
+    if "mamba" in models:
+        for ds in sorted(range(16, 257, 16), key=lambda v: abs(v - 128)):
+            out["mamba"] = _closest(lambda n: get_config("125m", mixer="mamba", **{**base, "n_layers": n},
+                                                         mamba_d_state=ds), 1, 1, target)
+            counts = [n_params(c) for c in out.values()]
+            if max(counts) <= (1 + MATCH_TOL) * min(counts):
+                break
+    counts = {m: n_params(c) for m, c in out.items()}
+    if max(counts.values()) > (1 + MATCH_TOL) * min(counts.values()):
+        raise RuntimeError(f"no configs within 3% of each other: {counts}")
+    return {m: out[m] for m in models}
 
 
 @dataclasses.dataclass
@@ -326,8 +351,6 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     if not a.probe_tag and (out / "result.json").exists():
         say(f"{job.name}: done before, skipped")
         return json.loads((out / "result.json").read_text())
-    data = a.out / "data"
-    meta = data_meta(a)
     cfg = dataclasses.replace(job.cfg)
     cuda = device.type == "cuda"
     if cfg.mixer == "mamba":  # the Mamba-2 baseline runs mamba_ssm's kernels on CUDA, named explicitly
@@ -350,7 +373,7 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     if compiled:  # as `ttt train --compile`: each block through torch.compile
         for blk in model.blocks:
             blk.compile()
-    batcher = Batcher(load_tokens(data / "train.bin"), batch, ctx, seed=a.seed)
+    batcher = None  # the corpus may still be being tokenized while a study's probe runs: random tokens then
 
     def make_opt(tc):
         return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
@@ -361,7 +384,11 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
         for g in opt.param_groups:
             g["lr"] = lr_at(min(step, tc.max_steps - 1), tc)
         model.set_inner_lr_warmup(step / warm if tc.inner_lr_warmup and step < warm else 1.0)
-        x, y = batcher.batch(step)
+        if batcher is None:
+            xy = torch.randint(0, cfg.vocab_size, (batch, ctx + 1), generator=torch.Generator().manual_seed(step))
+            x, y = xy[:, :-1], xy[:, 1:]
+        else:
+            x, y = batcher.batch(step)
         loss_sum = torch.zeros((), device=device)
         for i in range(0, batch, micro):
             with _autocast(cuda):
@@ -429,6 +456,8 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
         model.load_state_dict(init)  # the same weights as a fresh process of this seed
         model.zero_grad(set_to_none=True)
     del init
+    meta = data_meta(a)
+    batcher = Batcher(load_tokens(a.out / "data" / "train.bin"), batch, ctx, seed=a.seed)
     tc = config(tokens)
     opt = make_opt(tc)
     steps = tc.max_steps
@@ -544,7 +573,8 @@ def read_probe(a, tag: str, job: Job):
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summary: dict, **extra) -> dict:
+def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summary: dict, before_wait=None,
+                **extra) -> dict:
     """Start one probing process per (job, log name); once every one has compiled and warmed up, let them
     time the same --probe-seconds window; return {log name: probe result}. A job whose compiled probe dies
     is probed again without torch.compile (named in summary["no_compile"]); one that dies again is left out
@@ -555,6 +585,8 @@ def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summa
     t = time.time()
     for k, (j, log_name) in enumerate(members):
         pool.start(j, log_name, probe_tag=f"{tag}{k}", go_file=go, **extra)
+    if before_wait:  # e.g. tokenize the corpus while they start and compile
+        before_wait()
     rows, failed = {}, summary.setdefault("failed", [])
     while len(rows) + len([n for _, n in members if n in failed]) < len(members):
         time.sleep(0.5)
@@ -602,12 +634,13 @@ def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summa
     return rows
 
 
-def layout_probe(a, job: Job, summary: dict) -> None:
+def layout_probe(a, job: Job, summary: dict, before_wait=None) -> None:
     """Throughput of one process of `job` alone and of two copies at once (then the study's own all-at-once
     phase gives the third point): how per-process throughput changes with the number of processes."""
     pool = Pool(a)
     for tag, copies in (("one", 1), ("two", 2)):
-        rows = probe_phase(a, pool, tag, [(job, f"probe_{tag}{k}_{job.name}") for k in range(copies)], summary)
+        rows = probe_phase(a, pool, tag, [(job, f"probe_{tag}{k}_{job.name}") for k in range(copies)], summary,
+                           before_wait if tag == "one" else None)
         pool.run([], 1)  # wait for the processes to exit
         if len(rows) < copies:  # no layout numbers: the plan takes per-process rates as constant
             say("layout probe failed; planning without it")
@@ -651,10 +684,11 @@ def per_process_factor(summary: dict, k: int, ref_k: int) -> float:
     return g(k) / g(ref_k)
 
 
-def makespan(tokens: float, rates: list[float], width: int, factor) -> float:
-    """Seconds until the last of the jobs finishes `tokens` each, run `width` at a time, slowest first, when
-    job i runs at rates[i] * factor(number running)."""
-    left = sorted(([tokens, r] for r in rates), key=lambda x: x[1])
+def makespan(tokens: float, rates: list[float], width: int, factor, extra: list[float] | None = None) -> float:
+    """Seconds until the last of the jobs finishes `tokens` (+ extra[i]: its evaluation, in training-token
+    equivalents) each, run `width` at a time, slowest first, when job i runs at rates[i] * factor(running)."""
+    extra = extra or [0.0] * len(rates)
+    left = sorted(([tokens + e, r] for r, e in zip(rates, extra)), key=lambda x: x[1])
     queue, active, t = left[width:], left[:width], 0.0
     while active:
         k = len(active)
@@ -662,27 +696,38 @@ def makespan(tokens: float, rates: list[float], width: int, factor) -> float:
         t += dt
         for job in active:
             job[0] -= job[1] * factor(k) * dt
-        active = [j for j in active if j[0] > 1e-6 * tokens]
+        active = [j for j in active if j[0] > 1e-9 * (tokens + 1)]
         while queue and len(active) < width:
             active.append(queue.pop(0))
     return t
 
 
+PLAN_MARGIN = 0.95  # of the training time the plan fills: rates drift a little from the probe's window
+
+
 def plan(a, jobs: list[Job], summary: dict, seconds: float, startup: float) -> dict:
     """The number of processes at once and the token budget (a multiple of every job's tokens per step) that
-    finish the study's training inside `seconds`, from the probe's rates. Processes beyond the first wave
-    start fresh and pay `startup` seconds each wave."""
+    finish the study's training inside `seconds`, from the probe's rates. The evaluations of the jobs that
+    finish first run beside the others' training (a third of a training token's cost per evaluated token);
+    processes beyond the first wave start fresh and pay `startup` seconds each wave."""
     rows = summary["phases"]["all"]["rows"]
     K = len(jobs)
     rates = [rows[j.name]["tok_s"] for j in jobs]
+    slowest = min(range(K), key=lambda i: rates[i])
+    extra = [0.0 if i == slowest else a.eval_seqs * (2 if j.cfg.mixer in RECURRENT else 1) * j.ctx / 3
+             for i, j in enumerate(jobs)]
     step_tokens = max(max(1, a.batch_tokens // j.ctx) * j.ctx for j in jobs)
     best = None
     for width in sorted({1, 2, 4, K} & set(range(1, K + 1))):
-        usable = seconds - (math.ceil(K / width) - 1) * startup
-        if usable <= 0:
-            continue
-        span = makespan(1e6, rates, width, lambda k: per_process_factor(summary, k, K))
-        tokens = min(int(1e6 * usable / span), a.tokens) // step_tokens * step_tokens
+        usable = PLAN_MARGIN * (seconds - (math.ceil(K / width) - 1) * startup)
+
+        def span(n):
+            return makespan(n, rates, width, lambda k: per_process_factor(summary, k, K), extra)
+        lo, hi = 0, max(1, a.tokens // step_tokens)  # the most steps whose makespan fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if span(mid * step_tokens) <= usable else (lo, mid - 1)
+        tokens = lo * step_tokens
         if best is None or tokens > best["tokens"]:
             order = sorted(range(K), key=lambda i: rates[i])
             best = dict(width=width, tokens=tokens, seconds=round(seconds), startup_s=round(startup, 1),
@@ -702,10 +747,18 @@ def stage_study(a, jobs: list[Job]) -> None:
         say("study: every run is done")
         return
     tag = f"ctx{todo[0].ctx}"
-    eval_documents(a, data_meta(a), a.eval_doc_min)  # enough long held-out documents, before any training
+    study_tokenizer(a)
+    data_ready = []
+
+    def prepare_data():  # while the first probes start: their warm-up steps draw random tokens
+        if not data_ready:
+            if not (a.out / "data" / "meta.json").exists():
+                stage_data(a)
+            eval_documents(a, data_meta(a), a.eval_doc_min)  # enough long held-out documents, before training
+            data_ready.append(True)
     summary = dict(probe_seconds=a.probe_seconds, phases={}, no_compile=[], failed=[])
     if a.layout_probe:
-        layout_probe(a, todo[0], summary)
+        layout_probe(a, todo[0], summary, prepare_data)
     elif a.layout_from:  # the per-process scaling measured by an earlier study's --layout-probe
         try:
             earlier = json.loads(Path(a.layout_from).read_text())
@@ -716,7 +769,7 @@ def stage_study(a, jobs: list[Job]) -> None:
     plan_path = a.out / f"plan_{tag}.json"
     plan_path.unlink(missing_ok=True)
     pool = Pool(a)
-    rows = probe_phase(a, pool, "all", [(j, j.name) for j in todo], summary, await_plan=plan_path)
+    rows = probe_phase(a, pool, "all", [(j, j.name) for j in todo], summary, prepare_data, await_plan=plan_path)
     write_json(a.out / f"probe_{tag}.json", summary)
     todo = [j for j in todo if j.name in rows]
     if not todo:
@@ -818,7 +871,7 @@ def ladder_lines(abl: dict) -> list[str]:
     rows = [r for r in rows if r[3]]
     if not rows:
         return []
-    lines = ["## Ablation ladder (TTT-Linear, the paper's Table 1 rungs)", "",
+    lines = ["### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)", "",
              "| rung | paper ppl (125M, Pile 2k) | paper change | our loss | our ppl | our change in loss (± SE) | "
              "tokens | verdict |", "|---|---|---|---|---|---|---|---|"]
     prev = None
@@ -840,7 +893,7 @@ def ladder_lines(abl: dict) -> list[str]:
     if f"ladder{len(LADDER) - 1}" in abl:
         sweep.setdefault(16, abl[f"ladder{len(LADDER) - 1}"])
     if sweep:
-        lines += ["## Mini-batch size b (TTT-Linear (M))", "", "| b | val loss | perplexity | tokens |",
+        lines += ["### Mini-batch size b (TTT-Linear (M))", "", "| b | val loss | perplexity | tokens |",
                   "|---|---|---|---|"]
         lines += [f"| {b} | {sweep[b]['val_loss']:.4f} | {math.exp(sweep[b]['val_loss']):.2f} | {sweep[b]['tokens']:,} |"
                   for b in sorted(sweep)]
@@ -869,7 +922,7 @@ def figure(main: dict, path: Path) -> None:
             b = [x for x in rs[m]["curve_bins"] if x["loss"] is not None]
             xs = [math.sqrt(x["lo"] * x["hi"]) for x in b]
             axes[0][col].plot(xs, [x["loss"] for x in b], label=f"{LABELS[m]} ({rs[m]['params'] / 1e6:.1f}M)")
-            if att:
+            if att and m != "attention":
                 ref = {(x["lo"], x["hi"]): x["loss"] for x in att["curve_bins"] if x["loss"] is not None}
                 pairs = [(xv, x["loss"] - ref[(x["lo"], x["hi"])]) for xv, x in zip(xs, b) if (x["lo"], x["hi"]) in ref]
                 axes[1][col].plot([p[0] for p in pairs], [p[1] for p in pairs], label=LABELS[m])
@@ -891,19 +944,49 @@ def figure(main: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def throughput_lines(a) -> list[str]:
+    """The studies' probes (DIR/probe_*.json): tokens/s per process with 1, 2 or all jobs at once, the slowest
+    job alone, and each study's plan."""
+    lines = []
+    for path in sorted(a.out.glob("probe_*.json")):
+        tag = path.stem.split("_", 1)[1]
+        pr = json.loads(path.read_text())
+        if not lines:
+            lines += ["### Throughput per process (the studies' probes)", "",
+                      "| study | processes at once | job | tok/s per process | compiled | peak GPU memory (GB) |",
+                      "|---|---|---|---|---|---|"]
+        for phase, ph in pr["phases"].items():
+            k = {"one": 1, "two": 2}.get(phase, len(ph["rows"]))
+            for n, r in ph["rows"].items():
+                lines.append(f"| {tag} | {k} | {n.split('#')[0]} | {r['tok_s']:,} | {r['compiled']} | {r['peak_mem_gb']} |")
+            if "solo" in ph:
+                lines.append(f"| {tag} | 1 (the others paused) | {ph['solo']['name']} | {ph['solo']['tok_s']:,} | | |")
+        plan_path = a.out / f"plan_{tag}.json"
+        if plan_path.exists():
+            p = json.loads(plan_path.read_text())
+            lines.append(f"| {tag} | plan | {p['width']} processes at once, {p['tokens']:,} tokens per run, "
+                         f"{p['seconds']} s for training | | | |")
+    return lines + ([""] if lines else [])
+
+
 def stage_report(a) -> None:
+    """DIR/results.md and DIR/loss_by_position.png from DIR/runs/*/result.json (and the probe files); with
+    --page, the same text also replaces what lies between the page's results markers."""
     runs = sorted((json.loads(p.read_text()) for p in (a.out / "runs").glob("*/result.json")),
                   key=lambda r: r["name"])
     if not runs:
         fail(f"--out: no run results under {a.out / 'runs'}; run the train stage first")
+    page = Path(a.page) if a.page else None
+    fig_link = os.path.relpath(a.out / "loss_by_position.png", page.parent if page else a.out)
     main: dict = {}
     for r in runs:
         if r["name"].startswith("ctx"):
             main.setdefault(r["ctx"], {})[r["mixer"]] = r
-    lines = ["# Replication results", "", "Generated by `benchmarks/replicate.py --stage report` from "
-             "runs/*/result.json; validation loss (nats/token) at each position of held-out documents.", ""]
+    lines = ["Generated by `benchmarks/replicate.py --stage report` from the run files "
+             f"(`{os.path.relpath(a.out / 'runs', page.parent) if page else 'runs'}/*/result.json`); validation loss "
+             "in nats per token at each position of held-out documents.", ""]
     for ctx, rs in sorted(main.items()):
-        lines += [f"## Context {ctx}", "", "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
+        lines += [f"### Context {ctx}", "", "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
                   "spans (first .. last) | last span - first-half mean | past the context (.. 2x) | tok/s | "
                   "train s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in MODELS:
@@ -921,15 +1004,32 @@ def stage_report(a) -> None:
     if main:
         figure(main, a.out / "loss_by_position.png")
         sizes = ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M" for m, r in next(iter(main.values())).items())
-        lines += ["![loss by position](loss_by_position.png)", "",
+        lines += [f"![loss by position]({fig_link})", "",
                   f"Figure: validation loss at each position of {runs[0]['eval_docs']} held-out documents (mean over "
                   f"geometric position bins), one column per training context, the recurrent models evaluated to 2x "
                   f"the training context; bottom: difference to Transformer++. Non-embedding parameters: {sizes}; "
-                  "tokens per run in each column's title.", "", "## The paper's claims, at this scale", ""]
+                  "tokens per run in each column's title.", ""]
+        tpp = float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
+        lines += ["### The paper's claims, at this scale", "",
+                  f"Budget: {tpp:.2f} training tokens per non-embedding parameter (median over the runs above); the "
+                  "paper's recipe trains about 20 (Chinchilla)."
+                  + (" At under one token per parameter these runs measure early training: the verdicts below hold "
+                     "for this budget only, not for the paper's claims." if tpp < 1 else ""), ""]
         lines += verdicts(main) + [""]
     lines += ladder_lines({r["name"].split("_", 2)[2]: r for r in runs if r["name"].startswith("abl_")})
-    (a.out / "results.md").write_text("\n".join(lines) + "\n")
-    say(f"report: {a.out / 'results.md'} ({len(runs)} runs)")
+    lines += throughput_lines(a)
+    text = "\n".join(lines).rstrip() + "\n"
+    (a.out / "results.md").write_text("# Replication results\n\n" + text)
+    if page:
+        begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+        old = page.read_text() if page.exists() else ""
+        if begin not in old or end not in old:
+            fail(f"--page: {page} has no {begin} ... {end} markers to write between")
+        head, rest = old.split(begin, 1)
+        new = head + begin + "\n" + text + end + rest.split(end, 1)[1]
+        page.with_suffix(".tmp").write_text(new)
+        os.replace(page.with_suffix(".tmp"), page)
+    say(f"report: {a.out / 'results.md'} ({len(runs)} runs)" + (f", {page}" if page else ""))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -987,6 +1087,7 @@ def main(argv=None):
     p.add_argument("--await-plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--go-file", default="", help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--page", help="report: also write the results between the markers of this markdown page")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -1018,10 +1119,12 @@ def main(argv=None):
         return stage_tokenizer(a)
     if a.stage in ("study", "ablation-study") and len(a.ctx) != 1:
         fail(f"--ctx: a study trains at one context per command, got {a.ctx}")
-    if a.stage in ("data", "all") or (a.stage in ("study", "ablation-study")
-                                      and not (a.out / "data" / "meta.json").exists()):
+    if a.stage in ("data", "all"):
         stage_data(a)
-    vocab = data_meta(a)["vocab_size"] if a.stage != "data" else 0
+    if a.stage in ("study", "ablation-study") or a.probe_tag:  # the corpus may come while they start
+        vocab = study_vocab(a)
+    else:
+        vocab = data_meta(a)["vocab_size"] if a.stage != "report" else 0
     if a.stage in ("train", "ablation", "all"):  # in this process, one after another
         jobs = study_jobs(a, vocab) if a.stage in ("train", "all") else []
         jobs += ablation_jobs(a, vocab) if a.stage in ("ablation", "all") else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -88,13 +89,19 @@ def test_makespan_and_plan_arithmetic():
     assert abs(rep.per_process_factor(solo, 1, 4) - 4.0) < 1e-9  # the slowest job, timed alone and among 4
     assert abs(rep.per_process_factor(solo, 2, 4) - 2.0) < 1e-9  # GPU shared evenly: rate ~ 1/k
     assert abs(rep.per_process_factor(summary, 8, 4) - 0.5) < 1e-9  # past 4: the GPU shared evenly
-    a = types.SimpleNamespace(batch_tokens=64, tokens=10 ** 9)
-    jobs = [types.SimpleNamespace(name=n, ctx=16) for n in "jklm"]
+    # a job's evaluation beside the others' training: extra work that delays the slower jobs
+    assert abs(rep.makespan(100.0, [10.0, 20.0], 2, lambda k: 1.0, [0.0, 100.0]) - 10) < 1e-9
+    assert abs(rep.makespan(100.0, [10.0, 20.0], 2, lambda k: 2.0 / k, [0.0, 100.0]) - 100 / 10) < 1e-9
+    a = types.SimpleNamespace(batch_tokens=64, tokens=10 ** 9, eval_seqs=2)
+    cfg = types.SimpleNamespace(mixer="attention")
+    jobs = [types.SimpleNamespace(name=n, ctx=16, cfg=cfg) for n in "jklm"]
     p = rep.plan(a, jobs, summary, 100.0, 5.0)
     factor = lambda k: rep.per_process_factor(summary, k, 4)  # noqa: E731
+    extra = [32 / 3, 0.0, 32 / 3, 32 / 3]  # everyone's evaluation but the slowest job's (k)
     assert p["tokens"] % 64 == 0 and p["continue"][0] == "k" and len(p["continue"]) == p["width"]
-    assert rep.makespan(p["tokens"], [30, 10, 40, 50], p["width"], factor) <= 100.0 + 1e-6
-    assert rep.makespan(p["tokens"] + 64, [30, 10, 40, 50], p["width"], factor) > 100.0 - 5 * 3  # the largest that fits
+    fill = rep.PLAN_MARGIN * (100.0 - (-(-4 // p["width"]) - 1) * 5.0)  # later waves start fresh: 5 s each
+    assert rep.makespan(p["tokens"], [30, 10, 40, 50], p["width"], factor, extra) <= fill  # fits
+    assert rep.makespan(p["tokens"] + 64, [30, 10, 40, 50], p["width"], factor, extra) > fill  # the largest that does
 
 
 def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
@@ -111,3 +118,16 @@ def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     assert {v["name"] for v in results} == {"ctx32_attention", "abl_ctx32_ladder0"}
     for v in results:  # one budget for every run of the study, from the plan
         assert v["token_budget"] == plan["tokens"] == 4096 and v["tokens"] == 4096 and not v["stopped"]
+
+
+def test_committed_results_are_generated_from_the_committed_run_files(tmp_path):
+    """docs/replication.md's results block is what the report stage writes from docs/replication/ (never typed)."""
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs" / "replication", docs / "replication")
+    page = docs / "replication.md"
+    committed = (ROOT / "docs" / "replication.md").read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    page.write_text(committed.split(begin)[0] + begin + "\n" + end + committed.split(end)[1])
+    r = run("--stage", "report", "--out", docs / "replication", "--page", page)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert page.read_text() == committed
