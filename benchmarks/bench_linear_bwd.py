@@ -1,13 +1,13 @@
-"""TTT-Linear backward kernels on the GPU: v1 (one program per (batch, head)) vs split (chain + parallel passes).
+"""TTT-Linear backward kernels on the GPU: the split backward's variants (lean or full chain, warps, segments).
 
 First checks every output, final state and gradient of the triton backend with each backward against the
 PyTorch dual form (fp32 reference on the same rounded inputs; bf16 and fp32; d = 64 and 128; lengths that are
-not a multiple of b; a start in the middle of a mini-batch), and at every timed shape the split backward's
-gradients against v1's. Then times forward (no grad) and forward + backward for both at the op shapes of
+not a multiple of b; a start in the middle of a mini-batch), and at every timed shape each variant's gradients
+against the first one's. Then times forward (no grad) and forward + backward of each at the op shapes of
 issue 8, and prints one table (medians of triton.testing.do_bench, ms).
 
     PYTHONPATH=. python benchmarks/bench_linear_bwd.py                  # checks + the four shapes
-    PYTHONPATH=. python benchmarks/bench_linear_bwd.py --variants v1 split_lean::4 split_full:4,8,4:1
+    PYTHONPATH=. python benchmarks/bench_linear_bwd.py --variants split split_lean::4 split_full:4,8,4:1
 """
 from __future__ import annotations
 
@@ -106,9 +106,8 @@ def profile(B, T, H, d, variants):
     dwT, dcT = torch.zeros_like(W0), torch.zeros_like(c0)
     for name, impl, warps, seg in variants:
         info = {}
-        w = warps[0] if (warps and impl == "v1") else warps
         call = lambda: chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dwT, dcT, 16, group=8, impl=impl,  # noqa: E731
-                                 warps=w, info=info, segments=seg)
+                                 warps=warps, info=info, segments=seg)
         call()
         torch.cuda.synchronize()
         with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -128,8 +127,8 @@ def profile(B, T, H, d, variants):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", nargs="*", default=["v1", "split"],
-                    help="backward variants to time: v1, v1:W, split (picks lean/full by B*H), split_lean, "
+    ap.add_argument("--variants", nargs="*", default=["split", "split_lean", "split_full"],
+                    help="backward variants to time: split (picks lean/full by B*H), split_lean, "
                          "split_full, each as IMPL:PRE,CHAIN,POST (warps), IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
@@ -142,7 +141,7 @@ def main():
     if not args.no_check:
         for dtype in (torch.bfloat16, torch.float32):
             for d, T, pos in ((64, 1037, 7), (128, 300, 0), (64, 2048, 16)):
-                ok &= check(2, T, 4, d, dtype, pos, ["v1", "split_lean", "split_full"])
+                ok &= check(2, T, 4, d, dtype, pos, ["split_lean", "split_full"])
     shapes = SHAPES if args.shapes == "all" else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     variants = []
     for v in args.variants:
@@ -157,8 +156,8 @@ def main():
         st = state_of(leaves, None, B, 0)
         do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            fwd_ms = bench(lambda: run(leaves, st, "v1"))
-        # the split backward's gradients == v1's at this shape (bf16, same forward)
+            fwd_ms = bench(lambda: run(leaves, st, "split"))
+        # every variant's gradients == the first one's at this shape (bf16, same forward)
         wo = do.float()
         g_ref = None
         row = {"shape": f"B{B} T{T} H{H} d{d}", "fwd": fwd_ms}

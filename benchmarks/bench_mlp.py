@@ -1,10 +1,9 @@
 """TTT-MLP kernel variants side by side on the GPU: first each variant against the dual form, then timings.
 
-Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (today's
-register kernels, tokens as the row dimension, 8 warps), "trans" (F as the row dimension, 8 and 16 warps),
-"split" (F split across the 8 warps, batched products; trans's backward); at d = 96, 128 "blocked" (F-blocked,
-weights in a global scratch; today's). Each variant is checked against the PyTorch dual form (bf16, and fp32
-for the code new in this round; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
+Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (the
+register kernels, tokens as the row dimension, 8 warps; also at 16 warps) and "blocked"; at d = 96, 128
+"blocked" (F-blocked, weights in a global scratch). Each variant is checked against the PyTorch dual form (bf16;
+T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
 accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and
 fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
 B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
@@ -27,14 +26,12 @@ from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
 
 B_MB = 16  # mini-batch size
 DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
-# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are today's defaults.
-# fp32 is checked for the code new in this round ("trans", whose backward "split" shares); today's kernels are
-# checked in fp32 by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
+# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are the defaults.
+# fp32 is checked by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
 # whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
-VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("trans-w8", "trans", 8, (64,), (BF16, FP32)),
-            ("split-w8", "split", 8, (64,), (BF16, FP32)), ("trans-w16", "trans", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (96, 128), (BF16,))]
+VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64,), (BF16,)),
+            ("blocked", "blocked", None, (64, 96, 128), (BF16,))]
 # the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
 # aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both

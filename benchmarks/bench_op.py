@@ -110,7 +110,7 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
              linear_bwd=None, mlp_impl=None):
     """Kernel choices go in as arguments: TTT-Linear through `triton_backend.LinearKernels` (dot_mode, warps of
-    the forward, linear_bwd "v1" | "split"), TTT-MLP through `mlp_impl` (see triton_backend.MLP_IMPLS; its
+    the forward, linear_bwd "split" | "split_lean" | "split_full"), TTT-MLP through `mlp_impl` (see triton_backend.MLP_IMPLS; its
     variants are compared in benchmarks/bench_mlp.py)."""
     from ttt.ops import triton_backend
     kernels = {}
@@ -330,7 +330,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (TTT-Linear forward warps), "
-                         "lbsplit / lbv1 (TTT-Linear backward impl, fwdbwd only), mtrans / msplit / mregs / "
+                         "lbsplit_lean / lbsplit_full (TTT-Linear backward impl, fwdbwd only), mregs / "
                          "mblocked (TTT-MLP kernel pair)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla, mamba")

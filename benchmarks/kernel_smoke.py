@@ -1,5 +1,5 @@
 """One small forward + backward of every Triton TTT kernel (for compute-sanitizer runs):
-    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked,mlp_trans,mlp_split,fused]
+    compute-sanitizer --tool memcheck python benchmarks/kernel_smoke.py [linear,mlp,mlp_blocked,fused]
 (fused: the layer kernels of ops/fused_layer.py through a whole (M) TTT-Linear layer, with a conv window;
 (mlp at d = 96 runs the F-blocked kernels; mlp_blocked forces them at d = 64 too)."""
 import sys
@@ -22,7 +22,7 @@ for name in kinds:
         print(name, "ok", flush=True)
         continue
     kind = "mlp" if name.startswith("mlp") else name
-    kernels = {"mlp_impl": name[4:]} if name.startswith("mlp_") else {}  # mlp_blocked, mlp_trans, mlp_split
+    kernels = {"mlp_impl": name[4:]} if name.startswith("mlp_") else {}  # mlp_blocked
     for d, pos, T in ((64, 0, 64), (96, 5, 83)):
         if kernels and d > 64 and kernels["mlp_impl"] != "blocked":
             continue  # the register kernels hold d <= 64

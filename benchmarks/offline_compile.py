@@ -68,7 +68,6 @@ def main():
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=DOT[args.dtype], EPS=LN_EPS, GROUP=8)
     print(f"triton {triton.__version__}, sm_90, d {d}, b {b}, {args.dtype}")
     compile_one("ttt_linear_fwd_kernel", chunk.ttt_linear_fwd_kernel, args.dtype, 4, SAVE=True, **base)
-    compile_one("ttt_linear_bwd_kernel (v1)", chunk.ttt_linear_bwd_kernel, args.dtype, 8, **base)
     for w in (4, 8):
         compile_one("split pre", bwd_split._pre_kernel, args.dtype, w, STORE_G=True, **base)
         compile_one("split chain (full)", bwd_split._chain_kernel, args.dtype, w, **base)

@@ -25,8 +25,6 @@ from ttt.ops.common import LN_EPS  # noqa: E402
 
 # pointer arguments in the input dtype (the rest are fp32); every other non-constexpr argument is an i32
 _IO = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "lr_ptr"}
-# the backward's per-step weight scratch: the products' operand type (16-bit runs), else fp32
-_OPERAND = {"sc1_ptr", "sc2_ptr"}
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int):
@@ -38,7 +36,7 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
         if n in constexprs:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = f"*{dtype}" if n in _IO or (n in _OPERAND and dtype != "fp32") else "*fp32"
+            sig[n] = f"*{dtype}" if n in _IO else "*fp32"
         else:
             sig[n] = "i32"
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -62,7 +60,7 @@ def _resource_usage(cubin: bytes):
 
 
 def _variants(d: int, dot_mode: int):
-    from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_split, chunk_t, step_triton
+    from ttt.ops.ttt_mlp import chunk, chunk_blocked, step_triton
     F = 4 * d
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     base = dict(D=d, BD=BD, FF=F, BF=BF, MB=16, BT=16, GROUP=8, DOT_MODE=dot_mode, EPS=LN_EPS)
@@ -71,12 +69,6 @@ def _variants(d: int, dot_mode: int):
         for w in (4, 8, 16):
             out.append(("regs fwd", chunk.ttt_mlp_fwd_kernel, dict(base, SAVE=True), w, 2))
             out.append(("regs bwd", chunk.ttt_mlp_bwd_kernel, base, w, 1))
-    if d <= 64:
-        for w in (4, 8, 16):
-            out.append(("trans fwd", chunk_t.ttt_mlp_fwd_t_kernel, dict(base, SAVE=True), w, 2))
-            out.append(("trans bwd", chunk_t.ttt_mlp_bwd_t_kernel, base, w, 1))
-        for w in (8, 16):
-            out.append(("split fwd", chunk_split.ttt_mlp_fwd_split_kernel, dict(base, SAVE=True, NG=w), w, 2))
     bf = 64 if d <= 64 else 32
     for w in (4,):
         out.append(("blocked fwd", chunk_blocked.ttt_mlp_fwd_blocked_kernel,

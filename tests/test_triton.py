@@ -22,7 +22,7 @@ from ttt.ops import TTTState  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_t as mlp_trans  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
 from ttt.ops.ttt_mlp import step_triton as mlp_step_triton  # noqa: E402
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,7 +33,7 @@ if not torch.cuda.is_available() and not CPU_INTERPRET:
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, mlp_trans, lin_step_triton, mlp_step_triton):
+    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, lin_step_triton, mlp_step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
 
 
@@ -97,9 +97,9 @@ def test_linear_nan_does_not_leak_backwards(which):
 
 
 def test_linear_kernels_choice_is_checked():
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('v1', 'split', 'split_lean', "
-                       r"'split_full'\), got 'v2'"):
-        triton_backend.LinearKernels(bwd="v2")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('split', 'split_lean', 'split_full'\), "
+                       r"got 'v1'"):
+        triton_backend.LinearKernels(bwd="v1")
 
 
 

@@ -11,10 +11,10 @@ at a mini-batch boundary with a zero accumulator. A call is split into up to thr
 Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
 When the start state's accumulator requires grad at an aligned position, the first mini-batch also
 runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
-TTT-MLP has four kernel pairs (MLP_IMPLS, below): three keep W1 and W2 (2 x d x 4d fp32) in registers up to
-d = 64 ("regs", the default there; "trans" and "split", F as the row dimension of the products), and
-"blocked" walks F in blocks with the weights in a per-program global scratch and serves larger head dims
-(96 for the 760m preset, 128). `forward`'s `mlp_impl` and `mlp_warps` arguments pick (None: by head dim).
+TTT-MLP has two kernel pairs (MLP_IMPLS, below): "regs" keeps W1 and W2 (2 x d x 4d fp32) in registers up to
+d = 64 (the default there), and "blocked" walks F in blocks with the weights in a per-program global scratch
+and serves larger head dims (96 for the 760m preset, 128). `forward`'s `mlp_impl` and `mlp_warps` arguments
+pick (None: by head dim).
 One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
 a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
 dual form (the kernels compute in fp32; also logged once).
@@ -31,8 +31,7 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 from .common import TTTState
 from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
 from .ttt_linear import step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, chunk_split as _mlp_split
-from .ttt_mlp import chunk_t as _mlp_trans
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked
 from .ttt_mlp import dual as _mlp_dual, step as _mlp_step
 from .ttt_mlp import step_triton as mlp_step_triton
 
@@ -47,18 +46,17 @@ def _warn_once(key, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
-# the TTT-Linear backward by default: "split" (chain + parallel passes; H200 fwd+bwd, bf16: B4 T8192 H12 5.40 -> 3.40 ms,
-# B4 T8192 H32 5.46 -> 4.89, B1 T32768 H32 21.8 -> 12.2, B16 T2048 H32 4.93 -> 4.15; docs/kernels_notes.md round 4) or "v1"
+# the TTT-Linear backward by default: "split" (chain + parallel passes; docs/kernels_notes.md)
 LINEAR_BWD_IMPL = "split"
 
 
 @dataclass(frozen=True)
 class LinearKernels:
     """How the TTT-Linear body runs (an explicit argument of `forward`; tests and benchmarks pass one).
-    bwd: the backward kernel ("v1" | "split", see `ttt_linear/chunk.py`); group: mini-batches per weight
-    checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the
-    default; bwd_warps: None, or (warps,) for v1 / (pre, chain, post) for split; bwd_segments: split only, the
-    time segments of its pipelined launch (None: by size)."""
+    bwd: the backward's chain ("split" picks by size, "split_lean" | "split_full", see `ttt_linear/chunk.py`);
+    group: mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype);
+    fwd_warps: None for the default; bwd_warps: None, or (pre, chain, post); bwd_segments: the time segments of
+    the backward's pipelined launch (None: by size)."""
     bwd: str = LINEAR_BWD_IMPL
     group: int = GROUP
     dot_mode: int | None = None
@@ -72,19 +70,14 @@ class LinearKernels:
 
 
 # TTT-MLP kernel pairs, chosen by the `mlp_impl` argument of `forward` (None: `default_mlp_impl(d)`):
-#   "trans": ttt_mlp/chunk_t.py, weights F-major in registers, F the row dimension of the products;
-#   "split": ttt_mlp/chunk_split.py's forward (F split across the warps, batched products, one reduction over
-#            the warps per sum over F) with chunk_t.py's backward (same checkpoint layout);
 #   "regs": ttt_mlp/chunk.py, weights in registers, tokens the row dimension (d <= MLP_MAX_D);
 #   "blocked": ttt_mlp/chunk_blocked.py, F walked in blocks, weights in a per-program global scratch.
-MLP_IMPLS = ("trans", "split", "regs", "blocked")
-MLP_MAX_D = 64  # the register kernels (all but "blocked") hold W1 and W2 on chip up to this head dim
+MLP_IMPLS = ("regs", "blocked")
+MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
 
 def default_mlp_impl(d: int) -> str:
-    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" above. ("trans" and "split"
-    spill no less than "regs" by the offline sm_90 compile (docs/kernels_notes.md round 4); they stay
-    selectable until a GPU timing says otherwise.)"""
+    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" above."""
     return "regs" if d <= MLP_MAX_D else "blocked"
 
 
@@ -107,9 +100,8 @@ def _mlp_kernels(d: int, impl: str | None):
     if impl != "blocked" and d > MLP_MAX_D:
         raise ValueError(f"mlp_impl: {impl!r} holds the weights in registers only up to head dim {MLP_MAX_D}, "
                          f"got head dim {d}")
-    fwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_split, "blocked": _mlp_blocked}[impl].fwd
-    bwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_trans, "blocked": _mlp_blocked}[impl].bwd
-    return fwd, bwd
+    mod = {"regs": _mlp_chunk, "blocked": _mlp_blocked}[impl]
+    return mod.fwd, mod.bwd
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
@@ -153,9 +145,9 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    w = None if not warps else (warps[0] if impl == "v1" else tuple(warps))
     return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
-                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=w,
+                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl,
+                               warps=tuple(warps) or None,
                                segments=segments or None))
 
 

@@ -1,8 +1,8 @@
 """TTT-Linear backward, split: a lean sequential chain between two passes parallel over checkpoint groups.
 
-Same gradients as the one-kernel backward in `chunk.py` (v1; the formulas are in its docstring), computed in
-three launches so that only the part that truly depends on the carried weight gradient runs one program per
-(batch, head); the rest runs one program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
+The gradients whose formulas are in `chunk.py`'s docstring, computed in three launches so that only the part
+that truly depends on the carried weight gradient runs one program per (batch, head); the rest runs one
+program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
 
 (a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
     the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
@@ -20,7 +20,7 @@ three launches so that only the part that truly depends on the carried weight gr
       dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
     and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
-Memory: the checkpoints (as v1) plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
+Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
 size d x d per mini-batch.
 """
 from __future__ import annotations
@@ -494,10 +494,9 @@ def _post_lean_kernel(
 LEAN_MAX_PROGRAMS = 64  # the lean chain when B*H <= this (the chain's latency dominates), else the full chain
 
 
-def default_warps(n_chain: int, device) -> tuple:
-    """(pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md, round 4): 4 everywhere (the full
-    chain alone ran faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)."""
-    return (4, 4, 4)
+# (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
+# faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
+WARPS = (4, 4, 4)
 
 
 _STREAMS: dict = {}  # per device: the (chain, post) side streams of the pipelined launch (created once)
@@ -512,14 +511,14 @@ def _side_streams(device):
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
         warps=None, info=None, lean=None, segments=None):
     """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
-    `default_warps`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
+    `WARPS`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
     the post pass, from (dW, dc) stored per group) instead of computing them itself; None: lean when
     B*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
     segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
     chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
     of segment s + 1 run beside it (the chain of B*H programs leaves most of the GPU free). None: by size."""
     B, T, H, d = q.shape
-    warps = warps or default_warps(B * H, q.device)
+    warps = warps or WARPS
     if lean is None:
         lean = B * H <= LEAN_MAX_PROGRAMS
     b = mini_batch

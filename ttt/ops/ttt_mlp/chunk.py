@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
-                            _proj, _tiles, dot_mode, operand_dtype)
+                            _proj, _tiles, dot_mode)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -127,7 +127,7 @@ def ttt_mlp_fwd_kernel(
     tl.store(c2T_ptr + pid * D + rd, c2, mask=cmask)
 
 
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
         num_warps: int | None = None, dot: int | None = None):
     """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
     params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
@@ -215,9 +215,9 @@ def ttt_mlp_bwd_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
             sc = sc_base + n - n0
-            tl.store(sc1_ptr + sc * D * FF + w1off, W1.to(sc1_ptr.dtype.element_ty), mask=w1mask)
+            tl.store(sc1_ptr + sc * D * FF + w1off, W1, mask=w1mask)
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
-            tl.store(sc2_ptr + sc * FF * D + w2off, W2.to(sc2_ptr.dtype.element_ty), mask=w2mask)
+            tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further
                 ptr = in_base + n * MB * s_t + in_off
@@ -258,7 +258,7 @@ def ttt_mlp_bwd_kernel(
             lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
             dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
             sc = sc_base + n - n0
-            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)  # the operand type (see bwd)
+            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
             W2s = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
@@ -356,14 +356,11 @@ def ttt_mlp_bwd_kernel(
 # shared memory 3 deep: 326 KB at d = 64, over the H100's 227 KB (196 KB with 1 stage).
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
-        num_warps: int | None = None, dot: int | None = None, operand_scratch: bool = False):
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
+        num_warps: int | None = None, dot: int | None = None):
     """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
     of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32).
-    operand_scratch: keep the reverse walk's per-step weights in the products' operand type (bf16/fp16 for
-    16-bit inputs; same results, half the scratch bytes); off by default until a GPU timing (the measured
-    kernel keeps them in fp32)."""
+    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     nmb = T // mini_batch
@@ -381,10 +378,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dot = dot_mode(q.dtype) if dot is None else dot
-    # the per-step weights of the reverse walk only feed products (fp32 unless operand_scratch)
-    wdt = operand_dtype(dot) if operand_scratch else torch.float32
-    scr = tuple(torch.empty((B * H * group, *s), device=q.device, dtype=wdt if len(s) == 2 else torch.float32)
-                for s in shapes)
+    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
     ttt_mlp_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,

@@ -198,7 +198,7 @@ def _block_f(F: int, block_f: int | None) -> int:
     return block_f or min(32, triton.next_power_of_2(F))
 
 
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
         num_stages: int | None = None):
     """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
@@ -421,7 +421,7 @@ def ttt_mlp_bwd_blocked_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
         num_stages: int | None = None):
     """Same contract (and tuning arguments) as `fwd` and `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b],
