@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ttt.ops import TTTState, make_tau
+from ttt.ops import TTTInputs, TTTState, make_tau
 from ttt.ops import triton_backend as tb
 from ttt.ops.ttt_linear import dual
 
@@ -47,12 +47,11 @@ def state_of(leaves, accum, B, pos):
     return st
 
 
-def run(leaves, st, impl, b=16, warps=None, seg=None):
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    lk = None if impl == "dual" else tb.LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg)
-    if lk is None:
-        return dual.forward(q, k, v, lr, tau, lnw, lnb, st, b)
-    return tb.forward("linear", q, k, v, lr, tau, lnw, lnb, st, b, linear=lk)
+def run(leaves, st, impl, warps=None, seg=None):
+    x = TTTInputs(*leaves[:7])
+    if impl == "dual":
+        return dual.forward(x, st)
+    return tb.TritonOp("linear", tb.LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg))(x, st)
 
 
 def grads(leaves, accum, B, pos, impl, wo, warps=None, seg=None):

@@ -19,10 +19,8 @@ import time
 
 import torch
 
-from benchmarks.bench_op import make as _op_make, rel
+from benchmarks.bench_op import make as _op_make, rel, run as _op_run
 from ttt.ops import TTTState, triton_backend
-from ttt.ops.ttt_linear import step_triton as lin_step
-from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
 
 B_MB = 16  # mini-batch size
 DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
@@ -47,8 +45,8 @@ def make(kind, B, T, H, d, dtype, pos=0, seed=0, grad=False):
 
 
 def run(kind, leaves, st, impl=None, warps=None):
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, B_MB, mlp_impl=impl, mlp_warps=warps)
+    kernels = triton_backend.MLPKernels(impl=impl, warps=warps) if kind == "mlp" else None
+    return _op_run(kind, leaves, st, "triton", kernels)
 
 
 def check(impl, warps, d, dtype):
@@ -56,8 +54,7 @@ def check(impl, warps, d, dtype):
     every gradient (q, k, v, lr, tau, LN weight/bias, initial params)."""
     leaves, st = make("mlp", CHECK["B"], CHECK["T"], CHECK["H"], d, dtype, pos=CHECK["pos"], grad=True)
     o1, s1 = run("mlp", leaves, st, impl, warps)
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    o2, s2 = mlp_dual.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)
+    o2, s2 = _op_run("mlp", leaves, st, "dual")
     g = torch.Generator(device=DEV).manual_seed(1)
     wo = torch.randn(o2.shape, generator=g, device=DEV).to(dtype)
     ws = [torch.randn(p.shape, generator=g, device=DEV) for p in s2.params]
@@ -94,12 +91,8 @@ def time_step(kind, pos, block_f=None, warps=None):
     import triton.testing
     leaves, st = make(kind, 16, 1, 32, 64, torch.bfloat16)
     st = TTTState(kind, st.params, tuple(torch.zeros_like(p) for p in st.params), pos)
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    if kind == "linear":
-        fn = lambda: lin_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)  # noqa: E731
-    else:
-        fn = lambda: mlp_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB, block_f=block_f,  # noqa: E731
-                                      num_warps=warps)
+    kernels = triton_backend.MLPKernels(step_block_f=block_f, step_warps=warps) if kind == "mlp" else None
+    fn = lambda: _op_run(kind, leaves, st, "triton", kernels)  # noqa: E731  (T = 1: the fused step kernel)
     with torch.no_grad():
         fn()
         return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ttt.ops import TTTState, make_tau, ttt_op
+from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
 
 RESULTS: dict = {"check": [], "time": []}
 OUT_JSON = ""  # written after every timing, so a run cut short still leaves its numbers
@@ -57,14 +57,12 @@ def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
     return leaves, st
 
 
-def run(kind, leaves, st, backend, b=16, **kernels):
-    """kernels: explicit kernel choices of the triton backend (`linear=LinearKernels(...)`, `mlp_impl=...`);
-    none: the defaults through the op."""
+def run(kind, leaves, st, backend, kernels=None):
+    """The op on leaves [q, k, v, lr, tau, ln_w, ln_b, ...] from state st. kernels: explicit kernel choices of the
+    triton backend (`triton_backend.LinearKernels` / `MLPKernels`); None: the defaults."""
     q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    if kernels and backend == "triton":
-        from ttt.ops import triton_backend
-        return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, b, **kernels)
-    return ttt_op(kind, q, k, v, lr, tau, lnw, lnb, st, mini_batch=b, backend=backend)
+    op = resolve_op(kind, backend, q.device, q.dtype, kernels=kernels)
+    return op(TTTInputs(q, k, v, lr, tau, lnw, lnb), st)
 
 
 def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
@@ -110,25 +108,24 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
              linear_bwd=None, mlp_impl=None):
     """Kernel choices go in as arguments: TTT-Linear through `triton_backend.LinearKernels` (dot_mode, warps of
-    the forward, linear_bwd "split" | "split_lean" | "split_full"), TTT-MLP through `mlp_impl` (see triton_backend.MLP_IMPLS; its
-    variants are compared in benchmarks/bench_mlp.py)."""
+    the forward, linear_bwd "split" | "split_lean" | "split_full"), TTT-MLP through `MLPKernels` (mlp_impl, see
+    triton_backend.MLP_IMPLS; its variants are compared in benchmarks/bench_mlp.py)."""
     from ttt.ops import triton_backend
-    kernels = {}
+    kernels = None
     if kind == "linear" and (dot_mode is not None or warps is not None or linear_bwd is not None):
-        kernels["linear"] = triton_backend.LinearKernels(bwd=linear_bwd or triton_backend.LINEAR_BWD_IMPL,
-                                                         dot_mode=dot_mode, fwd_warps=warps)
+        kernels = triton_backend.LinearKernels(bwd=linear_bwd or "split", dot_mode=dot_mode, fwd_warps=warps)
     if kind == "mlp" and mlp_impl is not None:
-        kernels["mlp_impl"] = mlp_impl
+        kernels = triton_backend.MLPKernels(impl=mlp_impl)
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
             with torch.no_grad():
-                run(kind, leaves, st, backend, **kernels)
+                run(kind, leaves, st, backend, kernels)
     else:
         do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
 
         def fn():
-            o, _ = run(kind, leaves, st, backend, **kernels)
+            o, _ = run(kind, leaves, st, backend, kernels)
             torch.autograd.backward(o, do)
             for t in leaves:
                 t.grad = None

@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, ".")
 from benchmarks.bench_op import make, run  # noqa: E402
+from ttt.ops.triton_backend import MLPKernels  # noqa: E402
 
 kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["linear", "mlp"]
 for name in kinds:
@@ -22,12 +23,10 @@ for name in kinds:
         print(name, "ok", flush=True)
         continue
     kind = "mlp" if name.startswith("mlp") else name
-    kernels = {"mlp_impl": name[4:]} if name.startswith("mlp_") else {}  # mlp_blocked
+    kernels = MLPKernels(impl=name[4:]) if name.startswith("mlp_") else None  # mlp_blocked
     for d, pos, T in ((64, 0, 64), (96, 5, 83)):
-        if kernels and d > 64 and kernels["mlp_impl"] != "blocked":
-            continue  # the register kernels hold d <= 64
         leaves, st = make(kind, 2, T, 2, d, torch.bfloat16, pos=pos, grad=True)
-        o, s = run(kind, leaves, st, "triton", **kernels)
+        o, s = run(kind, leaves, st, "triton", kernels)
         (o.float().sum() + sum(p.sum() for p in s.params)).backward()
         leaves, st = make(kind, 2, 1, 2, d, torch.bfloat16, pos=pos)
         run(kind, leaves, st, "triton")

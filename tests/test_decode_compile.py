@@ -50,10 +50,9 @@ def test_compiled_step_equals_eager_every_offset(mixer):
     assert len(graphs) == model.decode_period
 
 
-def test_compiled_step_traces_before_any_eager_call(monkeypatch):
-    """The op logs its "auto" choice once, which would break the graph: compiled_step does it first."""
-    import ttt.ops
-    monkeypatch.setattr(ttt.ops, "_logged", set())  # as in a fresh process
+def test_compiled_step_traces_before_any_eager_call():
+    """A fresh model decides its layers' backends (and logs the choice) outside the traced step: deciding inside
+    it would break the graph. compiled_step has the model prepare first."""
     model = TTTLM(get_config("debug", vocab_size=256, mini_batch=1)).eval()
     with torch.inference_mode():
         s = model.init_state(2)

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
-from ttt.ops import TTTState  # noqa: E402
+from ttt.ops import TTTInputs, TTTState, resolve_op  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
@@ -52,8 +52,7 @@ def run_triton(inp, linear=None):
     """The triton backend on the whole input, with explicit TTT-Linear kernel choices (None: the defaults)."""
     if linear is None:
         return inp.run("triton")
-    return triton_backend.forward(inp.kind, inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias,
-                                  inp.state(), inp.mini_batch, linear=linear)
+    return triton_backend.TritonOp(inp.kind, linear)(inp.inputs(), inp.state())
 
 
 def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, seed=0, linear=None):
@@ -195,9 +194,11 @@ def test_torch_compile_traces_custom_ops(kind):
     inp = to_dev(random_inputs(kind, B=1, T=32, H=2, d=16, b=16, pos=0, dtype=torch.float32, requires_grad=True))
     leaves = list(inp.leaves().values())
 
+    op = triton_backend.TritonOp(kind)
+
     def fn(q, k, v, lr, tau, lnw, lnb, *params):
         st = TTTState(kind, tuple(params), tuple(torch.zeros_like(p) for p in params), 0)
-        o, st2 = triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, 16)
+        o, st2 = op(TTTInputs(q, k, v, lr, tau, lnw, lnb), st)
         return o, st2.params
 
     def call(f):
@@ -217,20 +218,19 @@ def test_torch_compile_traces_custom_ops(kind):
     assert hasattr(torch.ops.ttt, f"{kind}_chunk_fwd") and hasattr(torch.ops.ttt, f"{kind}_chunk_bwd")
 
 
-def test_parts_run_in_pytorch_are_logged_once(caplog):
-    """Explicit backend="triton" never changes path silently: float64 inputs (the dual form) say so in a
-    warning, once, and still equal the dual form."""
-    import logging
-
-    triton_backend._warned.discard("fp64")
+def test_float64_resolves_to_the_dual_form_with_a_warning():
+    """Explicit backend="triton" never changes path silently: float64 inputs resolve to the dual form (the
+    documented rule), with a warning when the op is resolved, and still equal the dual form; the triton op itself
+    refuses them."""
     inp = random_inputs("mlp", B=1, T=8, H=1, d=8, b=4, dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="ttt.ops.triton_backend"):
-        o_t, _ = inp.run("triton")
-        inp.run("triton")
-    msgs = [r.getMessage() for r in caplog.records if "float64" in r.getMessage()]
-    assert len(msgs) == 1 and "dual form" in msgs[0]
+    with pytest.warns(UserWarning, match="float64 inputs run in the PyTorch dual form"):
+        op = resolve_op("mlp", "triton", DEV, torch.float64)
+    assert op.backend == "dual"
+    o_t, _ = op(inp.inputs(), inp.state())
     o_d, _ = inp.run("dual")
-    torch.testing.assert_close(o_t, o_d)
+    torch.testing.assert_close(o_t, o_d, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^q: the Triton kernels compute in fp32"):
+        triton_backend.TritonOp("mlp")(inp.inputs(), inp.state())
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -243,4 +243,4 @@ def test_one_token_with_grad_runs_the_pytorch_step(kind):
     assert o_t.requires_grad
     step = lin_step_triton if kind == "linear" else mlp_step_triton
     with pytest.raises(ValueError, match="no backward"):
-        step.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(), inp.mini_batch)
+        step.forward(inp.inputs(), inp.state())

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch  # noqa: E402
-from ttt.ops import TTTState, make_tau  # noqa: E402
+from ttt.ops import TTTInputs, TTTState, make_tau  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split, chunk, dual  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +48,7 @@ def _reference(ins, outs_grad, b):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     tau = make_tau(delta).detach().requires_grad_()
     st = TTTState("linear", (W0, c0), (torch.zeros_like(W0), torch.zeros_like(c0)), 0)
-    o, st2 = dual.forward(q, k, v, lr, tau, lnw, lnb, st, b)
+    o, st2 = dual.forward(TTTInputs(q, k, v, lr, tau, lnw, lnb), st)
     do, dwT, dcT = (x.double() for x in outs_grad)
     loss = (o * do).sum() + (st2.params[0] * dwT).sum() + (st2.params[1] * dcT).sum()
     gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0 = torch.autograd.grad(loss, [q, k, v, lr, tau, lnw, lnb, W0, c0])

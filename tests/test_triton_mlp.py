@@ -9,6 +9,7 @@ full-size shapes run on a GPU (marked `gpu`).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -47,11 +48,11 @@ def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
     return inp
 
 
-def run_triton(inp, impl, warps=None, q=None, k=None, v=None, lr=None):
-    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d)."""
-    return triton_backend.forward("mlp", inp.q if q is None else q, inp.k if k is None else k,
-                                  inp.v if v is None else v, inp.lr if lr is None else lr, inp.tau, inp.ln_weight,
-                                  inp.ln_bias, inp.state(), inp.mini_batch, mlp_impl=impl, mlp_warps=warps)
+def run_triton(inp, impl, warps=None, **replaced):
+    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d); `replaced`:
+    inputs (q, k, v, lr) to use instead of inp's."""
+    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps))
+    return op(replace(inp.inputs(), **replaced), inp.state())
 
 
 def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None):
@@ -129,8 +130,7 @@ def test_step_kernel_blocks(block_f, warps, d):
     """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 32 columns
     with 8 warps over F = 96 (three blocks)."""
     inp = make(B=1, T=1, H=2, d=d, b=16, pos=7, grad=False)
-    o1, s1 = step_triton.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(),
-                                 inp.mini_batch, block_f=block_f, num_warps=warps)
+    o1, s1 = step_triton.forward(inp.inputs(), inp.state(), block_f=block_f, num_warps=warps)
     o2, s2 = inp.run("dual")
     assert rel(o1, o2) < 1e-5
     for x, y in zip(s1.accum, s2.accum):

@@ -9,7 +9,9 @@ decoding; one token at a time is the decode step.
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,8 @@ from .layers.head import linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
-from .ops import resolve_backend
+
+log = logging.getLogger(__name__)
 
 
 LOGITS = ("all", "last", "none")
@@ -150,6 +153,7 @@ class TTTLM(nn.Module):
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
+        self._prepared: set = set()  # the (device type, dtype) keys `prepare` has run for
         if not self.embed.weight.is_meta:  # built on the meta device: materialise, then init_weights()
             self.init_weights()
 
@@ -219,11 +223,25 @@ class TTTLM(nn.Module):
         """Whether every mixer's decode state has a fixed size (attention's KV cache grows)."""
         return all(getattr(blk.mixer, "static_decode_state", True) for blk in self.blocks)
 
-    def prepare_decode(self) -> None:
-        """Make each TTT op's backend choice now (it logs once: not inside a traced or captured step)."""
+    def prepare(self, device=None, dtype: torch.dtype | None = None) -> None:
+        """Decide now how every TTT layer runs for hidden states of `dtype` on `device` (default: the embedding's
+        device and dtype), not inside a traced, compiled or captured step (`TTTLayer.prepare`); says once which
+        backend each choice of the layers became. The forward calls it for the dtype and device it sees."""
+        device = self.embed.weight.device if device is None else torch.device(device)
+        dtype = self.embed.weight.dtype if dtype is None else dtype
+        chosen = {}
         for m in self.modules():
             if isinstance(m, TTTLayer):
-                resolve_backend(m.backend, self.embed.weight.device)
+                chosen[m.backend] = m.prepare(device, dtype).op.backend
+        if chosen and (device.type, dtype) not in self._prepared:
+            log.info("TTT layers on %s %s: %s", device.type, str(dtype).replace("torch.", ""),
+                     ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
+        self._prepared.add((device.type, dtype))
+
+    def prepare_decode(self) -> None:
+        """Deprecated: `prepare()`."""
+        warnings.warn("TTTLM.prepare_decode() is deprecated; use TTTLM.prepare()", DeprecationWarning, stacklevel=2)
+        self.prepare()
 
     def init_state(self, batch_size: int, device=None) -> LMState:
         device = device or self.embed.weight.device
@@ -248,6 +266,8 @@ class TTTLM(nn.Module):
         # a fresh start lets each block build its initial state inside its own forward (FSDP2
         # unshards a block's parameters only there)
         h = self.embed(ids)
+        if (h.device.type, h.dtype) not in self._prepared:  # decided here, outside any compiled block
+            self.prepare(h.device, h.dtype)
         new_states = []
         pos = 0 if state is None else state.pos
         for blk, s in zip(self.blocks, [None] * len(self.blocks) if state is None else state.blocks):

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TTTState
+from .common import TTTInputs, TTTState
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -116,14 +116,15 @@ def _gelu_parts2(x):
     return y, dy, ddy
 
 
-def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+def step_operands(x: TTTInputs, state: TTTState):
     """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
     q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""
+    q, k, v, lr, tau, ln_weight, ln_bias = x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias
     if q.dtype == torch.float64:
         raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
                          "(the triton backend sends float64 to the dual form)")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
-                                                                  *state.accum)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum)):
         raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
                          "PyTorch step (the triton backend does so for calls that need gradients)")
     q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,1,H,d] -> [B,H,d]
