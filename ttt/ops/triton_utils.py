@@ -33,18 +33,41 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _center(x, cmask, D: tl.constexpr):
-    """Row-wise (x - mean) over the first D columns, zero on the padded columns."""
-    mu = tl.sum(x, axis=1) / D
-    return tl.where(cmask[None, :], x - mu[:, None], 0.0)
-
-
-@triton.jit
 def _proj(g, xh, rstd, cmask, D: tl.constexpr):
     """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward."""
     mg = tl.sum(g, axis=1) / D
     mgx = tl.sum(g * xh, axis=1) / D
     return tl.where(cmask[None, :], (g - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _normalize(z, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """Row-wise LayerNorm of z [BT, BD] over its first D columns, without weight and bias: x^ (zero on the padded
+    columns) and 1/std per row."""
+    zc = tl.where(cmask[None, :], z - (tl.sum(z, axis=1) / D)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_l2_grad(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """d/dz of the inner loss 0.5 ||LN(z) - (v - k)||^2 in closed form (docs/math.md §2), row-wise: G, and x^,
+    1/std, gy = gam (gam x^ + bet - (v - k)) and mean(gy x^), which its backward (`_ln_l2_grad_bwd`) reuses."""
+    xh, rstd = _normalize(z, cmask, D, EPS)
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    mgx = tl.sum(gy * xh, axis=1) / D
+    return _proj(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
+
+
+@triton.jit
+def _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D: tl.constexpr):
+    """The backward of `_ln_l2_grad` from dG (the gradient w.r.t. its G): dgy (the target's gradient is
+    -gam dgy; the LN weight and bias terms use it too) and dz."""
+    dgy = _proj(dG, xh, rstd, cmask, D)
+    mdgx = tl.sum(dG * xh, axis=1) / D
+    dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+    ds = -tl.sum(dG * G, axis=1) * rstd
+    return dgy, _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
 
 
 @triton.jit

@@ -30,25 +30,11 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import _center, _dot, _head_consts, _load_mb, _offsets, _tiles, dot_mode as _auto_dot_mode
+from ..triton_utils import (_dot, _head_consts, _ln_l2_grad, _load_mb, _normalize, _offsets, _tiles,
+                            dot_mode as _auto_dot_mode)
 from . import bwd_split
 
 BWD_IMPLS = ("split", "split_lean", "split_full")
-
-
-@triton.jit
-def _inner(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
-    """Inner forward at the start weights and the closed-form LN-L2 gradient.
-    Returns G [BT,BD], xh, rstd, gy, mgx = mean(gy xh)."""
-    Z = _dot(k, W, DOT_MODE) + c[None, :]
-    zc = _center(Z, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-    xh = zc * rstd[:, None]
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-    mg = tl.sum(gy, axis=1) / D
-    mgx = tl.sum(gy * xh, axis=1) / D
-    G = tl.where(cmask[None, :], (gy - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
-    return G, xh, rstd, gy, mgx
 
 
 @triton.jit
@@ -86,7 +72,7 @@ def ttt_linear_fwd_kernel(
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m2, tmask, l_t)
 
-        G, xh, rstd, gy, mgx = _inner(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        G, xh, rstd, gy, mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
         # causal masking by selection, not multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j
         # (0 * NaN = NaN). The product P G takes G with its non-finite rows zeroed; the rows from the first such
         # row on are NaN again afterwards (they depend on it).
@@ -95,9 +81,8 @@ def ttt_linear_fwd_kernel(
         first_bad = tl.min(tl.where(g_ok, BT, rt), axis=0)
         Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
         Zb = tl.where(rt[:, None] >= first_bad, float("nan"), Zb)
-        zc = _center(Zb, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-        o = q + zc * rstdb[:, None] * gam[None, :] + bet[None, :]
+        xhb, rstdb = _normalize(Zb, cmask, D, EPS)
+        o = q + xhb * gam[None, :] + bet[None, :]
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
         eG = (tau_b * lr)[:, None] * G
