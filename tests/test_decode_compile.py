@@ -5,7 +5,7 @@ Triton step kernels traced without a graph break; argument errors. The GPU captu
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, rebuild_state
 from ttt.model import TTTLM
 
@@ -96,8 +96,8 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         graphs.append(gm)
         raise Traced
 
-    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2,
-                             ttt_backend="triton")).eval()
+    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2),
+                  RunOptions(ttt_backend="triton")).eval()
     with torch.inference_mode():
         s = model.init_state(2)
         s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=1)  # r = 1: the commit

@@ -4,7 +4,7 @@ Triton backend inside a whole model (outputs and gradients vs the dual form), an
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.layers.conv import CausalConv1d
 from ttt.model import TTTLM
 
@@ -28,7 +28,7 @@ def test_model_triton_equals_dual(mixer):
     torch.manual_seed(0)
     cfg = get_config("debug", mixer=mixer, vocab_size=256)
     ref = TTTLM(cfg).cuda()
-    fast = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, ttt_backend="triton")).cuda()
+    fast = TTTLM(cfg, RunOptions(ttt_backend="triton")).cuda()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 256, (2, 77), device="cuda")
     for blk in ref.blocks:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import EXECUTION_FIELDS, ModelConfig, RunOptions, get_config
 from ttt.evaluate import evaluate_model
 from ttt.model import TTTLM
 
@@ -114,3 +114,33 @@ def test_grad_checkpointing_same_loss_and_grads(mixer):
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_run_options_are_apart_from_the_architecture():
+    """RunOptions change how a model runs, never what it computes or what is saved; set_run_options switches a
+    built model; the old ModelConfig fields still work, with a DeprecationWarning naming RunOptions."""
+    cfg = get_config("debug", vocab_size=V, mini_batch=MB)
+    assert not set(EXECUTION_FIELDS) & set(cfg.to_dict())
+    assert ModelConfig.from_dict({**cfg.to_dict(), "ttt_backend": "triton", "fused_layer": True}) == cfg
+    with pytest.raises(ValueError, match="^config: unknown fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "ttt_backnd": "dual"})
+    with pytest.raises(ValueError, match="^ttt_backend: expected one of"):
+        RunOptions(ttt_backend="fast")
+    torch.manual_seed(0)
+    model = TTTLM(cfg).double()
+    x = ids()
+    ref, _ = model(x)
+    model.set_run_options(RunOptions(ttt_backend="naive"))
+    assert all(b.mixer.prepare().op.backend == "naive" for b in model.blocks)
+    got, _ = model(x)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="^run: expected a RunOptions"):
+        TTTLM(cfg, run={"ttt_backend": "dual"})
+    with pytest.warns(DeprecationWarning, match="RunOptions"):
+        old = get_config("debug", vocab_size=V, ttt_backend="naive")
+    assert TTTLM(old).blocks[0].mixer.backend == "naive" and "ttt_backend" not in old.to_dict()
+    mamba = get_config("debug", mixer="mamba", vocab_size=V)
+    with pytest.warns(DeprecationWarning, match="RunOptions"):
+        mamba.mamba_backend = "torch"  # as scripts written before RunOptions do
+    assert TTTLM(mamba).blocks[0].mixer.backend == "torch"
+    assert TTTLM(mamba, RunOptions()).blocks[0].mixer.backend == "auto"  # an explicit run wins

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, RunOptions
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import linear_cross_entropy
@@ -80,31 +80,41 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def make_mixer(cfg: ModelConfig) -> nn.Module:
+def make_mixer(cfg: ModelConfig, run: RunOptions = RunOptions()) -> nn.Module:
     if cfg.mixer in ("ttt_linear", "ttt_mlp"):
         return TTTLayer(cfg.d_model, cfg.n_heads, inner=cfg.mixer[4:], backbone=cfg.backbone,
                         mini_batch=cfg.mini_batch, base_lr=cfg.base_lr, conv_width=cfg.conv_width,
-                        rope_base=cfg.rope_base, backend=cfg.ttt_backend, learn_lr=cfg.ttt_learn_lr,
+                        rope_base=cfg.rope_base, backend=run.ttt_backend, learn_lr=cfg.ttt_learn_lr,
                         learn_init=cfg.ttt_learn_init, inner_ln=cfg.ttt_inner_ln, residual=cfg.ttt_inner_residual,
-                        fused=cfg.fused_layer)
+                        fused=run.fused_layer)
     if cfg.mixer == "attention":
         return Attention(cfg.d_model, cfg.n_heads, rope_base=cfg.rope_base)
     return Mamba2(cfg.d_model, d_state=cfg.mamba_d_state, expand=cfg.mamba_expand, head_dim=cfg.mamba_head_dim,
-                  conv_width=cfg.conv_width, backend=cfg.mamba_backend)
+                  conv_width=cfg.conv_width, backend=run.mamba_backend)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, run: RunOptions = RunOptions()):
         super().__init__()
         self.has_conv = cfg.backbone == "mamba" and cfg.mixer.startswith("ttt")
         if self.has_conv:
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width, backend="triton" if cfg.fused_layer else "torch")
+            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width)
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = make_mixer(cfg)
+        self.mixer = make_mixer(cfg, run)
         if cfg.ffn_hidden:
             self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.set_run_options(run)
+
+    def set_run_options(self, run: RunOptions) -> None:
+        """The block's share of `TTTLM.set_run_options`: the pre-conv's kernel and the mixer's backends."""
+        if self.has_conv:
+            self.conv.backend = "triton" if run.fused_layer else "torch"
+        if isinstance(self.mixer, TTTLayer):
+            self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
+        elif isinstance(self.mixer, Mamba2):
+            self.mixer.backend = run.mamba_backend
 
     def init_state(self, batch_size: int, device=None):
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
@@ -141,15 +151,21 @@ class TTTLM(nn.Module):
     forward(ids [B, T], state=None) -> (logits [B, T, V] fp32, state); logits="last" gives [B, 1, V]
     (prefill before generation), "none" None (state only); targets=y gives (loss, state) through the
     chunked head, which never holds fp32 logits for every position (training, evaluation).
+    cfg says what the weights compute; run (`RunOptions`: backends, fused kernels; `set_run_options` changes it)
+    how they run.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, run: RunOptions | None = None):
         super().__init__()
         cfg.validate()
+        if run is not None and not isinstance(run, RunOptions):
+            raise ValueError(f"run: expected a RunOptions, got {type(run).__name__}")
         self.cfg = cfg
+        # how it runs: `run`, else what deprecated ModelConfig fields were set to (RunOptions() when none was)
+        self.run_options = cfg._legacy_run if run is None else run
         with torch.random.fork_rng(devices=[]):  # the layers' own resets do not move the generator:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # init_weights alone draws from it
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.blocks = nn.ModuleList(Block(cfg, self.run_options) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
@@ -170,7 +186,7 @@ class TTTLM(nn.Module):
             return RMSNorm(cfg.d_model, cfg.norm_eps)
         if name == "head":
             return nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        return Block(cfg)
+        return Block(cfg, self.run_options)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -222,6 +238,16 @@ class TTTLM(nn.Module):
     def static_decode_state(self) -> bool:
         """Whether every mixer's decode state has a fixed size (attention's KV cache grows)."""
         return all(getattr(blk.mixer, "static_decode_state", True) for blk in self.blocks)
+
+    def set_run_options(self, run: RunOptions) -> None:
+        """Run the same weights another way (backends, fused kernels): every block takes `run`, and the layers
+        decide again on their next call."""
+        if not isinstance(run, RunOptions):
+            raise ValueError(f"run: expected a RunOptions, got {type(run).__name__}")
+        self.run_options = run
+        for blk in self.blocks:
+            blk.set_run_options(run)
+        self._prepared.clear()
 
     def prepare(self, device=None, dtype: torch.dtype | None = None) -> None:
         """Decide now how every TTT layer runs for hidden states of `dtype` on `device` (default: the embedding's

@@ -208,7 +208,7 @@ class Mamba2(nn.Module):
         if backend not in MAMBA_BACKENDS:
             raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {backend!r}")
         self.backend, self.kernel_chunk_size = backend, kernel_chunk_size
-        self._kernels = {}  # device type -> the loaded kernels or None (torch), resolved on first use
+        self._kernels = {}  # (backend, device type) -> the loaded kernels or None (torch), resolved on first use
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"head_dim: must divide expand*d_model={d_inner}, got {head_dim}")
@@ -268,11 +268,11 @@ class Mamba2(nn.Module):
         mamba_ssm kernels (tests pass a stand-in with the same contract)."""
         T = xh.shape[1]
         if kernels is None:
-            dev = xh.device.type
-            if dev not in self._kernels:  # resolve once per device type (auto tries an import)
+            key = (self.backend, xh.device.type)
+            if key not in self._kernels:  # resolve once per backend and device type (auto tries an import)
                 use = resolve_mamba_backend(self.backend, xh.device) == "mamba_ssm"
-                self._kernels[dev] = load_mamba_ssm() if use else None
-            kernels = self._kernels[dev]
+                self._kernels[key] = load_mamba_ssm() if use else None
+            kernels = self._kernels[key]
         if kernels is not None:
             if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (xh, dt, Bm, Cm, ssm, D))):
                 y, ssm = ssd_step_kernel(kernels, xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, ssm)
