@@ -8,7 +8,7 @@ import torch
 
 from ttt.config import EXECUTION_FIELDS, ModelConfig, RunOptions, get_config
 from ttt.evaluate import evaluate_model
-from ttt.model import TTTLM
+from ttt.model import TTTLM, BlockState, LMState
 
 V, B, T, MB = 61, 2, 10, 4  # vocab, batch, sequence length, TTT mini-batch b
 
@@ -90,6 +90,23 @@ def test_bad_ids_raise_value_error_naming_ids(bad):
     model = TTTLM(get_config("debug", vocab_size=V))
     with pytest.raises(ValueError, match="ids"):
         model(bad)
+
+
+@pytest.mark.parametrize("mixer,backbone", MODELS, ids=[f"{m}-{b}" for m, b in MODELS])
+@torch.no_grad()
+def test_state_is_typed_and_counts_tokens_once(mixer, backbone):
+    """One BlockState per block (the pre-conv window and the mixer's own state), no position beside the
+    mixers' own; an untyped per-block state is refused."""
+    import dataclasses
+    model = make_model(mixer, backbone)
+    _, state = model(ids())
+    assert [f.name for f in dataclasses.fields(state)] == ["blocks"]
+    assert all(isinstance(b, BlockState) and b.pos == T for b in state.blocks) and state.pos == T
+    assert (state.blocks[0].conv is not None) == (backbone == "mamba" and mixer.startswith("ttt"))
+    _, state = model(ids(shape=(B, 3)), state)
+    assert state.pos == T + 3
+    with pytest.raises(ValueError, match="^state: expected an LMState"):
+        model(ids(), LMState([(b.conv, b.mixer) for b in state.blocks]))
 
 
 def test_state_of_another_model_is_rejected():

@@ -116,12 +116,12 @@ class Block(nn.Module):
         elif isinstance(self.mixer, Mamba2):
             self.mixer.backend = run.mamba_backend
 
-    def init_state(self, batch_size: int, device=None):
+    def init_state(self, batch_size: int, device=None) -> "BlockState":
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
-        return (conv, self.mixer.init_state(batch_size, device=device))
+        return BlockState(conv, self.mixer.init_state(batch_size, device=device))
 
-    def forward(self, h, state=None):
-        conv_state, mixer_state = (None, None) if state is None else state
+    def forward(self, h, state: "BlockState | None" = None):
+        conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
             y, conv_state = self.conv(self.conv_norm(h), conv_state)
             h = h + y
@@ -129,20 +129,38 @@ class Block(nn.Module):
         h = h + y
         if hasattr(self, "ffn"):
             h = h + self.ffn(self.ffn_norm(h))
-        return h, (conv_state, mixer_state)
+        return h, BlockState(conv_state, mixer_state)
+
+
+@dataclass
+class BlockState:
+    """One block's state. conv: the window of the block's pre-conv (its last width-1 inputs, [B, width-1, D];
+    TTT blocks of the (M) backbone, else None); mixer: the mixer's own state (`TTTLayerState`, `KVCache` or
+    `MambaState`), which counts the tokens consumed (`pos`)."""
+
+    conv: torch.Tensor | None
+    mixer: object
+
+    @property
+    def pos(self) -> int:
+        return self.mixer.pos
+
+    def detach(self) -> "BlockState":
+        return BlockState(None if self.conv is None else self.conv.detach(), self.mixer.detach())
 
 
 @dataclass
 class LMState:
-    """Per-block states ((conv window or None, mixer state) each) and the number of tokens consumed."""
+    """The model's state: one `BlockState` per block. pos (tokens consumed) is the blocks' own count."""
 
-    blocks: list
-    pos: int = 0
+    blocks: list[BlockState]
+
+    @property
+    def pos(self) -> int:
+        return self.blocks[0].pos
 
     def detach(self) -> "LMState":
-        def det(s):
-            return None if s is None else (s.detach() if hasattr(s, "detach") else s)
-        return LMState([(det(c), det(m)) for c, m in self.blocks], self.pos)
+        return LMState([b.detach() for b in self.blocks])
 
 
 class TTTLM(nn.Module):
@@ -271,7 +289,7 @@ class TTTLM(nn.Module):
 
     def init_state(self, batch_size: int, device=None) -> LMState:
         device = device or self.embed.weight.device
-        return LMState([blk.init_state(batch_size, device) for blk in self.blocks], 0)
+        return LMState([blk.init_state(batch_size, device) for blk in self.blocks])
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
@@ -286,7 +304,8 @@ class TTTLM(nn.Module):
             raise ValueError(f"ids: expected an integer tensor [B, T], got {got}")
         if ids.shape[1] == 0:
             raise ValueError("ids: expected a non-empty sequence (T >= 1), got T = 0")
-        if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)):
+        if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)
+                                  or not all(isinstance(b, BlockState) for b in state.blocks)):
             raise ValueError(f"state: expected an LMState of {len(self.blocks)} blocks from this model's init_state")
         B, T = ids.shape
         # a fresh start lets each block build its initial state inside its own forward (FSDP2
@@ -295,7 +314,6 @@ class TTTLM(nn.Module):
         if (h.device.type, h.dtype) not in self._prepared:  # decided here, outside any compiled block
             self.prepare(h.device, h.dtype)
         new_states = []
-        pos = 0 if state is None else state.pos
         for blk, s in zip(self.blocks, [None] * len(self.blocks) if state is None else state.blocks):
             if run_block is not None:
                 h, s = run_block(blk, h, s)
@@ -304,7 +322,7 @@ class TTTLM(nn.Module):
             else:
                 h, s = blk(h, s)
             new_states.append(s)
-        return self.norm(h), LMState(new_states, pos + T)
+        return self.norm(h), LMState(new_states)
 
     @property
     def head_weight(self) -> torch.Tensor:

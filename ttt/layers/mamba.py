@@ -183,10 +183,11 @@ class GatedRMSNorm(RMSNorm):
 @dataclass
 class MambaState:
     """conv: last conv_width-1 inputs of the conv, [B, conv_width-1, d_inner + 2*d_state];
-    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64)."""
+    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64); pos: tokens consumed."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    pos: int = 0
 
     def detach(self) -> "MambaState":
         return replace(self, conv=self.conv.detach(), ssm=self.ssm.detach())
@@ -305,4 +306,4 @@ class Mamba2(nn.Module):
             Bm, Cm = Bm.to(cd), Cm.to(cd)
             y, ssm = self.scan(xh, dt, A, Bm, Cm, self.D.to(cd), ssm)
             y = self.norm(y.reshape(B, T, self.d_inner), z)  # [B, T, H, P] -> [B, T, d_inner]
-        return self.out_proj(y), MambaState(conv_state, ssm)
+        return self.out_proj(y), MambaState(conv_state, ssm, state.pos + T)
