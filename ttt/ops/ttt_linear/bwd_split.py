@@ -448,15 +448,6 @@ LEAN_MAX_PROGRAMS = 64  # the lean chain when B*H <= this (the chain's latency d
 WARPS = (4, 4, 4)
 
 
-_STREAMS: dict = {}  # per device: the (chain, post) side streams of the pipelined launch (created once)
-
-
-def _side_streams(device):
-    if device not in _STREAMS:
-        _STREAMS[device] = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device))
-    return _STREAMS[device]
-
-
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
         warps=None, info=None, lean=None, segments=None):
     """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
@@ -538,7 +529,8 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
 
     if dev.type == "cuda" and nseg > 1:
         main = torch.cuda.current_stream(dev)
-        s_chain, s_post = _side_streams(dev)
+        # the side streams come from PyTorch's per-device stream pools (nothing is created or kept here)
+        s_chain, s_post = torch.cuda.Stream(dev, priority=-1), torch.cuda.Stream(dev)
         s_chain.wait_stream(main)
         s_post.wait_stream(main)
         for s in reversed(range(nseg)):
