@@ -9,8 +9,8 @@ fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
 B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
 CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
 
-    PYTHONPATH=. python benchmarks/bench_mlp.py            # everything (< 4 minutes on an H200)
-    PYTHONPATH=. python benchmarks/bench_mlp.py --skip-check --only fwd
+    python3 -m benchmarks.bench_mlp            # everything (< 4 minutes on an H200)
+    python3 -m benchmarks.bench_mlp --skip-check --only fwd
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.bench_op import make as _op_make, rel, run as _op_run
+from benchmarks.common import bench, make as _op_make, rel, run as _op_run
 from ttt.ops import TTTState, triton_backend
 
 B_MB = 16  # mini-batch size
@@ -68,22 +68,17 @@ def check(impl, warps, d, dtype):
     return max(errs)
 
 
-def bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def time_op(kind, shape, impl=None, warps=None):
     B, T, H, d = shape
     leaves, st = make(kind, B, T, H, d, torch.bfloat16, grad=True)
     with torch.no_grad():
-        t_fwd = bench(lambda: run(kind, leaves, st, impl, warps))
+        t_fwd = bench(lambda: run(kind, leaves, st, impl, warps), warmup=10, rep=60)
     w = torch.randn(B, T, H, d, device=DEV, dtype=torch.bfloat16)
 
     def fb():
         o, s = run(kind, leaves, st, impl, warps)
         torch.autograd.grad((o * w).sum() + sum(p.sum() for p in s.params), leaves)
-    return t_fwd, bench(fb)
+    return t_fwd, bench(fb, warmup=10, rep=60)
 
 
 def time_step(kind, pos, block_f=None, warps=None):

@@ -1,6 +1,6 @@
 """Model-level benchmarks (GPU): training tokens/s and per-token decode latency vs context length.
 
-    PYTHONPATH=. python3 benchmarks/bench_model.py --train --decode --out results.json
+    python3 -m benchmarks.bench_model --train --decode --out results.json
 
 Training: one optimizer step (forward + backward + AdamW) of a 125m model under bf16 autocast, for
 TTT-Linear (M), TTT-MLP (M), the Transformer++ baseline (SDPA/FlashAttention) and the Mamba-2-style
@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import environment, timed
 from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
@@ -34,22 +32,6 @@ def build(size, mixer, ttt_backend="auto"):
     base, _, extra = mixer.partition("+")
     cfg = get_config(size, mixer=base)
     return cfg, TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=extra == "fused")).cuda()
-
-
-def timed(fn, warmup=3, iters=10):
-    """Median milliseconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False):
@@ -254,14 +236,7 @@ def main():
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-               commit=os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                          text=True).stdout.strip())
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    env = environment()
     print(json.dumps(env), flush=True)
     res = dict(env=env)
     t0 = time.time()

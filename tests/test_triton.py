@@ -169,6 +169,23 @@ def test_gpu_bf16(kind, d, pos):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_gpu_nonfinite_token_reaches_no_earlier_output(kind, which):
+    """On the GPU's compiler (FMA contraction made a first finiteness test wrong there, not in the interpreter):
+    a NaN at token 20 (b = 16, d = 64, bf16) leaves outputs 0..19 bit-identical and makes output 20 NaN."""
+    inp = to_dev(random_inputs(kind, B=1, T=64, H=2, d=64, b=16, pos=0, dtype=torch.bfloat16))
+    with torch.no_grad():
+        o_clean, _ = inp.run("triton")
+        x = getattr(inp, which).clone()
+        x[:, 20] = float("nan")
+        o, _ = (setattr(inp, which, x) or inp).run("triton")
+    assert torch.isfinite(o_clean).all()
+    assert torch.equal(o[:, :20], o_clean[:, :20]) and torch.isnan(o[:, 20]).all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_gpu_fp32_long(kind):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare(kind, B=2, T=1037, H=4, d=64, b=16, pos=7, tol=1e-4)

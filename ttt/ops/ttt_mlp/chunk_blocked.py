@@ -38,7 +38,7 @@ from ..common import LN_EPS
 from ..triton_utils import (_dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd,
                             _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
 
-# Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md round 3):
+# Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
 # (spills), 16-column blocks 14.0. d = 128, B4 T8192: 3 stages + 4 warps forward 39.5 ms, fwd+bwd 270
 # (1 stage + 8 warps: 41.2 / 305). The loop pipeliner stages the F-block loads in shared memory.

@@ -125,7 +125,7 @@ def forward(x: TTTInputs, state: TTTState, block_f: int | None = None, num_warps
     """x: one token ([B,1,H,d]). Returns (o [B,1,H,d], new state); same contract as `step.forward`.
     block_f: columns of F per block (None: min(64, F)); num_warps None: 4 (the setting measured on the GPU).
     Offline sm_90 compile, d = 64: 32-column blocks with 8 warps have 175 / 222 registers and no spills
-    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md round 4):
+    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md):
     benchmarks/bench_mlp.py times both."""
     B, _, H, d = x.q.shape
     F = state.params[0].shape[-1]
