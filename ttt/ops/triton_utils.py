@@ -139,6 +139,27 @@ def _gelu_parts2(x):
     return y, dy, ddy
 
 
+@triton.jit
+def _step_token(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h, l_b, l_h, H, i_pos,
+                D: tl.constexpr, BD: tl.constexpr):
+    """A decode step program's token: its (batch, head) pid, bi, hi, the columns rd [BD] and their mask, q, k, v
+    [BD], lr, this position's tau_i and the head's LN weight and bias [BD], all fp32."""
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    x_off = bi * s_b + hi * s_h + rd
+    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
+    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    return pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet
+
+
 def step_operands(x: TTTInputs, state: TTTState):
     """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
     q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""

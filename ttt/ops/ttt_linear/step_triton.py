@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS, TTTInputs, TTTState
-from ..triton_utils import step_operands
+from ..triton_utils import _step_token, step_operands
 
 
 @triton.jit
@@ -24,24 +24,13 @@ def ttt_linear_step_kernel(
     s_b, s_h, l_b, l_h, H, i_pos,
     D: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr, EPS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet = _step_token(
+        q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h, l_b, l_h, H, i_pos, D, BD)
     rr = tl.arange(0, BD)
-    cmask = rd < D
     wmask = cmask[:, None] & cmask[None, :]
     woff = rr[:, None] * D + rd[None, :]
-    x_off = bi * s_b + hi * s_h + rd
-    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
     qr = tl.load(q_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
     kr = tl.load(k_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
-    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
     W = tl.load(w_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     c = tl.load(c_ptr + pid * D + rd, mask=cmask, other=0.0)
     A = tl.load(a_ptr + pid * D * D + woff, mask=wmask, other=0.0)
