@@ -6,6 +6,7 @@ imported) in fp32/fp16 at small shapes; bf16 and full-size shapes run only on a 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -248,6 +249,10 @@ def test_float64_resolves_to_the_dual_form_with_a_warning():
     torch.testing.assert_close(o_t, o_d, rtol=0, atol=0)
     with pytest.raises(ValueError, match="^q: the Triton kernels compute in fp32"):
         triton_backend.TritonOp("mlp")(inp.inputs(), inp.state())
+    inp = random_inputs("linear", B=1, T=8, H=1, d=8, b=4, dtype=torch.float32)
+    no_ln = dataclasses.replace(inp.inputs(), ln_weight=None, ln_bias=None)
+    with pytest.raises(ValueError, match="^ln_weight: the Triton kernels implement the inner LayerNorm"):
+        triton_backend.TritonOp("linear")(no_ln, inp.state())
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

@@ -13,7 +13,7 @@ start at a mini-batch boundary with a zero accumulator. `TritonOp`'s rules, all 
     in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute;
   - a one-token call (decode) runs the fused step kernel (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`),
     or the PyTorch step when it needs gradients (the step kernels have no backward);
-  - float64 inputs are refused (the kernels compute in fp32; `resolve_op` gives float64 the dual form).
+  - float64 inputs, and calls without the inner LayerNorm, are refused (`resolve_op` gives them the dual form).
 Kernel choices are explicit values, `LinearKernels` and `MLPKernels` (defaults: the measured winners,
 docs/kernels_notes.md). Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether
 it works.
@@ -144,6 +144,9 @@ class TritonOp(TTTOp):
         if x.q.dtype == torch.float64:
             raise ValueError("q: the Triton kernels compute in fp32; expected fp32/fp16/bf16 inputs, got float64 "
                              "(resolve_op gives float64 the dual form)")
+        if x.ln_weight is None:
+            raise ValueError("ln_weight: the Triton kernels implement the inner LayerNorm (and residual) only; got "
+                             "None (resolve_op gives these switches the dual form)")
         self.kernels.check(x.q.shape[-1])
         dual = self.ref.dual
         T, b = x.q.shape[1], x.mini_batch
