@@ -1,17 +1,16 @@
 """TTT-MLP kernel variants side by side on the GPU: first each variant against the dual form, then timings.
 
-Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (today's
-register kernels, tokens as the row dimension, 8 warps), "trans" (F as the row dimension, 8 and 16 warps),
-"split" (F split across the 8 warps, batched products; trans's backward); at d = 96, 128 "blocked" (F-blocked,
-weights in a global scratch; today's). Each variant is checked against the PyTorch dual form (bf16, and fp32
-for the code new in this round; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
+Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (the
+register kernels, tokens as the row dimension, 8 warps; also at 16 warps) and "blocked"; at d = 96, 128
+"blocked" (F-blocked, weights in a global scratch). Each variant is checked against the PyTorch dual form (bf16;
+T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
 accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and
 fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
 B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
 CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
 
-    PYTHONPATH=. python benchmarks/bench_mlp.py            # everything (< 4 minutes on an H200)
-    PYTHONPATH=. python benchmarks/bench_mlp.py --skip-check --only fwd
+    python3 -m benchmarks.bench_mlp            # everything (< 4 minutes on an H200)
+    python3 -m benchmarks.bench_mlp --skip-check --only fwd
 """
 from __future__ import annotations
 
@@ -20,21 +19,17 @@ import time
 
 import torch
 
-from benchmarks.bench_op import make as _op_make, rel
+from benchmarks.common import bench, make as _op_make, rel, run as _op_run
 from ttt.ops import TTTState, triton_backend
-from ttt.ops.ttt_linear import step_triton as lin_step
-from ttt.ops.ttt_mlp import dual as mlp_dual, step_triton as mlp_step
 
 B_MB = 16  # mini-batch size
 DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
-# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are today's defaults.
-# fp32 is checked for the code new in this round ("trans", whose backward "split" shares); today's kernels are
-# checked in fp32 by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
+# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are the defaults.
+# fp32 is checked by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
 # whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
-VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("trans-w8", "trans", 8, (64,), (BF16, FP32)),
-            ("split-w8", "split", 8, (64,), (BF16, FP32)), ("trans-w16", "trans", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (96, 128), (BF16,))]
+VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64,), (BF16,)),
+            ("blocked", "blocked", None, (64, 96, 128), (BF16,))]
 # the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
 # aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
@@ -50,8 +45,8 @@ def make(kind, B, T, H, d, dtype, pos=0, seed=0, grad=False):
 
 
 def run(kind, leaves, st, impl=None, warps=None):
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, B_MB, mlp_impl=impl, mlp_warps=warps)
+    kernels = triton_backend.MLPKernels(impl=impl, warps=warps) if kind == "mlp" else None
+    return _op_run(kind, leaves, st, "triton", kernels)
 
 
 def check(impl, warps, d, dtype):
@@ -59,8 +54,7 @@ def check(impl, warps, d, dtype):
     every gradient (q, k, v, lr, tau, LN weight/bias, initial params)."""
     leaves, st = make("mlp", CHECK["B"], CHECK["T"], CHECK["H"], d, dtype, pos=CHECK["pos"], grad=True)
     o1, s1 = run("mlp", leaves, st, impl, warps)
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    o2, s2 = mlp_dual.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)
+    o2, s2 = _op_run("mlp", leaves, st, "dual")
     g = torch.Generator(device=DEV).manual_seed(1)
     wo = torch.randn(o2.shape, generator=g, device=DEV).to(dtype)
     ws = [torch.randn(p.shape, generator=g, device=DEV) for p in s2.params]
@@ -74,22 +68,17 @@ def check(impl, warps, d, dtype):
     return max(errs)
 
 
-def bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def time_op(kind, shape, impl=None, warps=None):
     B, T, H, d = shape
     leaves, st = make(kind, B, T, H, d, torch.bfloat16, grad=True)
     with torch.no_grad():
-        t_fwd = bench(lambda: run(kind, leaves, st, impl, warps))
+        t_fwd = bench(lambda: run(kind, leaves, st, impl, warps), warmup=10, rep=60)
     w = torch.randn(B, T, H, d, device=DEV, dtype=torch.bfloat16)
 
     def fb():
         o, s = run(kind, leaves, st, impl, warps)
         torch.autograd.grad((o * w).sum() + sum(p.sum() for p in s.params), leaves)
-    return t_fwd, bench(fb)
+    return t_fwd, bench(fb, warmup=10, rep=60)
 
 
 def time_step(kind, pos, block_f=None, warps=None):
@@ -97,12 +86,8 @@ def time_step(kind, pos, block_f=None, warps=None):
     import triton.testing
     leaves, st = make(kind, 16, 1, 32, 64, torch.bfloat16)
     st = TTTState(kind, st.params, tuple(torch.zeros_like(p) for p in st.params), pos)
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    if kind == "linear":
-        fn = lambda: lin_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB)  # noqa: E731
-    else:
-        fn = lambda: mlp_step.forward(q, k, v, lr, tau, lnw, lnb, st, B_MB, block_f=block_f,  # noqa: E731
-                                      num_warps=warps)
+    kernels = triton_backend.MLPKernels(step_block_f=block_f, step_warps=warps) if kind == "mlp" else None
+    fn = lambda: _op_run(kind, leaves, st, "triton", kernels)  # noqa: E731  (T = 1: the fused step kernel)
     with torch.no_grad():
         fn()
         return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")

@@ -1,6 +1,6 @@
 """Model-level benchmarks (GPU): training tokens/s and per-token decode latency vs context length.
 
-    PYTHONPATH=. python3 benchmarks/bench_model.py --train --decode --out results.json
+    python3 -m benchmarks.bench_model --train --decode --out results.json
 
 Training: one optimizer step (forward + backward + AdamW) of a 125m model under bf16 autocast, for
 TTT-Linear (M), TTT-MLP (M), the Transformer++ baseline (SDPA/FlashAttention) and the Mamba-2-style
@@ -15,39 +15,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ttt.config import get_config
+from benchmarks.common import environment, timed
+from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
 
 
-def model_config(size, mixer, **kw):
-    """A preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on the fused layer kernels."""
+def build(size, mixer, ttt_backend="auto"):
+    """(config, model on the GPU) of a preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on
+    the fused layer kernels."""
     base, _, extra = mixer.partition("+")
-    return get_config(size, mixer=base, fused_layer=extra == "fused", **kw)
-
-
-def timed(fn, warmup=3, iters=10):
-    """Median milliseconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    cfg = get_config(size, mixer=base)
+    return cfg, TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=extra == "fused")).cuda()
 
 
 def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False):
@@ -67,9 +51,8 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
 def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
     B = tokens_per_step // T // accum
-    cfg = model_config("125m", mixer, ttt_backend=backend)
     torch.manual_seed(0)
-    model = TTTLM(cfg).cuda()
+    cfg, model = build("125m", mixer, backend)
     if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
         for blk in model.blocks:
             blk.compile()
@@ -105,8 +88,9 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 on both paths
     torch.manual_seed(0)
-    ref = TTTLM(get_config(size, mixer=mixer, ttt_backend="dual")).cuda()
-    fast = TTTLM(get_config(size, mixer=mixer, ttt_backend="triton", fused_layer=True)).cuda()
+    cfg = get_config(size, mixer=mixer)
+    ref = TTTLM(cfg, RunOptions(ttt_backend="dual")).cuda()
+    fast = TTTLM(cfg, RunOptions(ttt_backend="triton", fused_layer=True)).cuda()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T + 1), device="cuda")
     out = {}
@@ -133,9 +117,9 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
 def prefill_row(mixer, size, T, tokens, compile_blocks):
     """Tokens/s of a forward over `tokens` tokens in B = tokens/T sequences of T, bf16 weights, the head at the
     last position only (what generation needs)."""
-    cfg = model_config(size, mixer)
     torch.manual_seed(0)
-    model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+    cfg, model = build(size, mixer)
+    model = model.to(torch.bfloat16).eval()
     if compile_blocks:
         for blk in model.blocks:
             blk.compile()
@@ -252,14 +236,7 @@ def main():
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-               commit=os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                          text=True).stdout.strip())
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    env = environment()
     print(json.dumps(env), flush=True)
     res = dict(env=env)
     t0 = time.time()

@@ -5,8 +5,8 @@ Checks correctness against the dual form first (outputs, final state, gradients)
 kernel that fails. Prints a table last; writes JSON (and a PNG plot of time vs context length at a fixed
 number of tokens) under --out.
 
-    PYTHONPATH=. python benchmarks/bench_op.py --out /tmp/bench            # everything
-    PYTHONPATH=. python benchmarks/bench_op.py --only check,fwd --quick
+    python3 -m benchmarks.bench_op --out /tmp/bench            # everything
+    python3 -m benchmarks.bench_op --only check,fwd --quick
 """
 from __future__ import annotations
 
@@ -18,53 +18,11 @@ import time
 
 import torch
 
-from ttt.ops import TTTState, make_tau, ttt_op
+from benchmarks.common import bench, environment, load_mamba_ssd, make, rel, run
+from ttt.ops import TTTState
 
 RESULTS: dict = {"check": [], "time": []}
 OUT_JSON = ""  # written after every timing, so a run cut short still leaves its numbers
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    F = 4 * d
-
-    def r(*s, scale=1.0, shift=0.0):
-        return (torch.randn(*s, generator=g, device=dev) * scale + shift)
-
-    q, k, v = (r(B, T, H, d).to(dtype) for _ in range(3))
-    lr = (torch.rand(B, T, H, generator=g, device=dev) * 0.9 + 0.05) / d ** 0.5
-    tau = make_tau(torch.zeros(b, device=dev) + 0.01 * r(b))
-    lnw, lnb = r(H, d, scale=0.2, shift=1.0), r(H, d, scale=0.2)
-    if kind == "linear":
-        init = (r(H, d, d, scale=d ** -0.5), r(H, d, scale=0.1))
-    else:
-        init = (r(H, d, F, scale=d ** -0.5), r(H, F, scale=0.1), r(H, F, d, scale=F ** -0.5), r(H, d, scale=0.1))
-    leaves = [q, k, v, lr, tau, lnw, lnb, *init]
-    if grad:
-        for t in leaves:
-            t.requires_grad_()
-    st = TTTState.initial(kind, init, B)
-    if pos:
-        st = TTTState(kind, st.params, tuple(0.01 * r(*p.shape) if pos % b else torch.zeros_like(p)
-                                             for p in st.params), pos)
-    return leaves, st
-
-
-def run(kind, leaves, st, backend, b=16, **kernels):
-    """kernels: explicit kernel choices of the triton backend (`linear=LinearKernels(...)`, `mlp_impl=...`);
-    none: the defaults through the op."""
-    q, k, v, lr, tau, lnw, lnb = leaves[:7]
-    if kernels and backend == "triton":
-        from ttt.ops import triton_backend
-        return triton_backend.forward(kind, q, k, v, lr, tau, lnw, lnb, st, b, **kernels)
-    return ttt_op(kind, q, k, v, lr, tau, lnw, lnb, st, mini_batch=b, backend=backend)
 
 
 def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
@@ -94,11 +52,6 @@ def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
     return ok
 
 
-def bench(fn, warmup=25, rep=100):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
 def record(op, impl, B, T, H, d, ms, mode="fwd"):
     RESULTS["time"].append({"op": op, "impl": impl, "B": B, "T": T, "H": H, "d": d, "ms": ms, "mode": mode})
     if OUT_JSON:
@@ -110,25 +63,24 @@ def record(op, impl, B, T, H, d, ms, mode="fwd"):
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
              linear_bwd=None, mlp_impl=None):
     """Kernel choices go in as arguments: TTT-Linear through `triton_backend.LinearKernels` (dot_mode, warps of
-    the forward, linear_bwd "v1" | "split"), TTT-MLP through `mlp_impl` (see triton_backend.MLP_IMPLS; its
-    variants are compared in benchmarks/bench_mlp.py)."""
+    the forward, linear_bwd "split" | "split_lean" | "split_full"), TTT-MLP through `MLPKernels` (mlp_impl, see
+    triton_backend.MLP_IMPLS; its variants are compared in benchmarks/bench_mlp.py)."""
     from ttt.ops import triton_backend
-    kernels = {}
+    kernels = None
     if kind == "linear" and (dot_mode is not None or warps is not None or linear_bwd is not None):
-        kernels["linear"] = triton_backend.LinearKernels(bwd=linear_bwd or triton_backend.LINEAR_BWD_IMPL,
-                                                         dot_mode=dot_mode, fwd_warps=warps)
+        kernels = triton_backend.LinearKernels(bwd=linear_bwd or "split", dot_mode=dot_mode, fwd_warps=warps)
     if kind == "mlp" and mlp_impl is not None:
-        kernels["mlp_impl"] = mlp_impl
+        kernels = triton_backend.MLPKernels(impl=mlp_impl)
     leaves, st = make(kind, B, T, H, d, dtype, grad=(mode == "fwdbwd"))
     if mode == "fwd":
         def fn():
             with torch.no_grad():
-                run(kind, leaves, st, backend, **kernels)
+                run(kind, leaves, st, backend, kernels)
     else:
         do = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
 
         def fn():
-            o, _ = run(kind, leaves, st, backend, **kernels)
+            o, _ = run(kind, leaves, st, backend, kernels)
             torch.autograd.backward(o, do)
             for t in leaves:
                 t.grad = None
@@ -201,21 +153,6 @@ def time_fla(B, T, H, d, mode, dtype=torch.bfloat16):
     return out
 
 
-def load_mamba_ssd():
-    """mamba_ssm's Triton SSD functions, or None. A wheel built without its CUDA extension (the device has no
-    compiler toolchain for it) fails at `import mamba_ssm`; its Triton submodules do not need the extension, so
-    this harness stubs the extension's module name first (a normal CUDA install imports without the stub)."""
-    import sys
-    import types
-    try:
-        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined
-    except Exception as e:
-        print(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return None
-
-
 def time_mamba2(B, T, mode, dtype=torch.bfloat16, heads=64, headdim=64, d_state=128, chunk=256):
     """mamba_ssm's SSD (Mamba-2) at the 1.3b Mamba-2 layer's shapes: 64 heads x 64, d_state 128, 1 group."""
     ssd = load_mamba_ssd()
@@ -273,7 +210,6 @@ def time_simple_gla(B, T, H, d, dtype=torch.bfloat16):
 
 
 def time_decode(kind, B, H, d, pos=5):
-    from ttt.ops import triton_backend  # noqa: F401
     leaves, st = make(kind, B, 1, H, d, torch.bfloat16, pos=pos)
     for backend in ("dual", "triton"):  # "dual" at T = 1 is the PyTorch step
         def fn():
@@ -330,7 +266,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", default="",
                     help="comma list of kernel variants to time too: dot1 (tf32 dots), w8 (TTT-Linear forward warps), "
-                         "lbsplit / lbv1 (TTT-Linear backward impl, fwdbwd only), mtrans / msplit / mregs / "
+                         "lbsplit_lean / lbsplit_full (TTT-Linear backward impl, fwdbwd only), mregs / "
                          "mblocked (TTT-MLP kernel pair)")
     ap.add_argument("--dims", default="64", help="comma list of head dims timed at D = 2048 (H = 2048 / d)")
     ap.add_argument("--skip", default="", help="comma list of baselines not to time: sdpa, fla, mamba")
@@ -347,10 +283,8 @@ def main():
         return 0
     only = set(args.only.split(","))
     kinds = args.kinds.split(",")
-    import triton
     torch.backends.cuda.matmul.allow_tf32 = False
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": args.commit}
+    env = environment() | ({"commit": args.commit} if args.commit else {})
     RESULTS["env"] = env
     print(env, flush=True)
     good = {k: True for k in kinds}
@@ -425,18 +359,6 @@ def main():
         for kind in kinds:
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
-    from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
-    res = {}
-    for mod in (mlp_chunk, mlp_blocked, mlp_step):
-        for name, kern in getattr(mod, "LAST", {}).items():
-            try:
-                res[name] = {a: getattr(kern, a, None) for a in ("n_regs", "n_spills")} | {
-                    "shared": getattr(kern, "metadata", None) and getattr(kern.metadata, "shared", None),
-                    "warps": getattr(kern, "metadata", None) and getattr(kern.metadata, "num_warps", None)}
-            except Exception as e:  # attribute names differ between Triton versions
-                res[name] = str(e)
-    RESULTS["resources"] = res
-    print("kernel resources (last launch):", res, flush=True)
     with open(os.path.join(args.out, "bench_op.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
     if "plot" in only:

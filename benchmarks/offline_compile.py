@@ -1,13 +1,17 @@
-"""Compile the TTT-Linear Triton kernels for sm_90 on a machine without a GPU and print their resources
-(registers, spill stores/loads, stack, shared memory) from the cubin (`cuobjdump --dump-resource-usage`, the tool
-Triton ships), so that register pressure can be read before a GPU run. Use the Triton the device has (3.6):
+"""Compile the TTT Triton kernels for sm_90 on a machine without a GPU and print each one's registers, stack
+(spill) bytes and shared memory from the cubin (`cuobjdump --dump-resource-usage`, which ships with Triton), so
+that register pressure can be read before a GPU run. Run it with a Python whose Triton is the GPU machine's
+version (3.6 there; the counts differ between versions), from the repository root:
 
-    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install -q triton==3.6.0 torch   # or a .pth to a torch elsewhere
-    PYTHONPATH=. /tmp/t36/bin/python benchmarks/offline_compile.py [--d 64] [--b 16] [--dtype bf16]
+    python3 -m benchmarks.offline_compile --kinds linear,mlp --d 64 96 --dtype bf16 [--only chain]
+
+The signatures are generic (every integer argument an i32, no divisibility hints), so the counts can differ a
+little from the runtime's specialised kernels.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -17,66 +21,97 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from ttt.ops.common import LN_EPS
-from ttt.ops.ttt_linear import bwd_split, chunk, step_triton
+from ttt.ops.triton_backend import GROUP
+from ttt.ops.triton_utils import dot_mode
+from ttt.ops.ttt_linear import bwd_split, chunk as lin_chunk, step_triton as lin_step
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
 
-DOT = {"bf16": 2, "fp16": 3, "fp32": 0}
-IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-
-
-def signature(fn, dtype, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in IO_PTRS else "*fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}  # in the input dtype
 
 
-def resources(cubin: bytes) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of a cubin (n_regs / n_spills of a CompiledKernel exist only once it is loaded
+    on a GPU)."""
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
-    return f"regs {m.group(1)} stack {m.group(2)} B" if m else out.strip()[-200:]
+        out = subprocess.run([exe, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def spills(ptx_or_sass: str) -> int:
-    return len(re.findall(r"\bst\.local", ptx_or_sass))
+def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int) -> tuple[int, int, int]:
+    """(registers, stack bytes, shared bytes) of the @triton.jit kernel `fn` compiled for sm_90."""
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
+    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*fp32") if n.endswith("_ptr")
+           else "i32" for n in names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                         "num_stages": num_stages})
+    return (*resources(k.asm["cubin"]), k.metadata.shared)
 
 
-def compile_one(name, fn, dtype, warps, **const):
-    const = {k: v for k, v in const.items() if k in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, const), constexprs=const)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    print(f"{name:28s} warps {warps}: {resources(k.asm['cubin'])}, shared {k.metadata.shared} B, "
-          f"local stores in PTX {spills(k.asm['ptx'])}", flush=True)
+def linear_kernels(d: int, b: int, dot: int):
+    """(name, kernel, constexprs, warps, stages) of every TTT-Linear kernel."""
+    BD, BT = triton.next_power_of_2(d), max(16, triton.next_power_of_2(b))
+    base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
+    out = [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True), 4, 3)]
+    for w in (4, 8):
+        out += [("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
+                ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
+                ("split post (full)", bwd_split._post_kernel, base, w, 3),
+                ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
+                ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
+    return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=BD, COMMIT=True, EPS=LN_EPS),
+                   4 if d <= 64 else 8, 3)]
+
+
+def mlp_kernels(d: int, b: int, dot: int):
+    """(name, kernel, constexprs, warps, stages) of every TTT-MLP kernel (the register ones for d <= 64)."""
+    F = 4 * d
+    BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
+    base = dict(D=d, BD=BD, FF=F, BF=BF, MB=b, BT=max(16, triton.next_power_of_2(b)), GROUP=GROUP, DOT_MODE=dot,
+                EPS=LN_EPS)
+    out = []
+    if d <= 64:
+        for w in (4, 8, 16):
+            out += [("regs fwd", mlp_chunk.ttt_mlp_fwd_kernel, dict(base, SAVE=True), w, 2),
+                    ("regs bwd", mlp_chunk.ttt_mlp_bwd_kernel, base, w, 1)]
+    out += [("blocked fwd", mlp_blocked.ttt_mlp_fwd_blocked_kernel, dict(base, SAVE=True, FB=32), 4, 3),
+            ("blocked bwd", mlp_blocked.ttt_mlp_bwd_blocked_kernel, dict(base, FB=32), 4, 3)]
+    for w, blk in ((4, 64), (8, 32), (8, 64)):
+        out.append((f"step blk{blk}", mlp_step.ttt_mlp_step_kernel,
+                    dict(D=d, BD=BD, FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
+    return out
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--b", type=int, default=16)
-    ap.add_argument("--dtype", default="bf16", choices=list(DOT))
-    args = ap.parse_args()
-    d, b = args.d, args.b
-    BD, BT = triton.next_power_of_2(d), max(16, triton.next_power_of_2(b))
-    base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=DOT[args.dtype], EPS=LN_EPS, GROUP=8)
-    print(f"triton {triton.__version__}, sm_90, d {d}, b {b}, {args.dtype}")
-    compile_one("ttt_linear_fwd_kernel", chunk.ttt_linear_fwd_kernel, args.dtype, 4, SAVE=True, **base)
-    compile_one("ttt_linear_bwd_kernel (v1)", chunk.ttt_linear_bwd_kernel, args.dtype, 8, **base)
-    for w in (4, 8):
-        compile_one("split pre", bwd_split._pre_kernel, args.dtype, w, STORE_G=True, **base)
-        compile_one("split chain (full)", bwd_split._chain_kernel, args.dtype, w, **base)
-        compile_one("split post (full)", bwd_split._post_kernel, args.dtype, w, **base)
-        compile_one("split chain (lean)", bwd_split._chain_lean_kernel, args.dtype, w, **base)
-        compile_one("split post (lean)", bwd_split._post_lean_kernel, args.dtype, w, **base)
-    compile_one("ttt_linear_step_kernel", step_triton.ttt_linear_step_kernel, args.dtype, 4 if d <= 64 else 8,
-                COMMIT=True, D=d, BD=BD, EPS=LN_EPS)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="linear,mlp", help="comma list of: linear, mlp")
+    ap.add_argument("--d", type=int, nargs="+", default=[64], help="head dims")
+    ap.add_argument("--b", type=int, default=16, help="mini-batch size")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--only", default=None, help="compile only the kernels whose name contains this")
+    a = ap.parse_args()
+    import torch
+    dot = dot_mode(getattr(torch, DTYPES[a.dtype]))
+    print(f"triton {triton.__version__}, sm_90, {a.dtype}, b {a.b}")
+    print(f"{'kind':6} {'kernel':20} {'d':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7} {'shared B':>8}")
+    for kind in a.kinds.split(","):
+        table = {"linear": linear_kernels, "mlp": mlp_kernels}[kind]
+        for d in a.d:
+            for name, fn, cx, w, s in table(d, a.b, dot):
+                if a.only and a.only not in name:
+                    continue
+                head = f"{kind:6} {name:20} {d:>4} {w:>5} {s:>6}"
+                try:
+                    r, sp, sh = compile_cost(fn, cx, a.dtype, w, s)
+                    print(f"{head} {r:>5} {sp:>7} {sh:>8}", flush=True)
+                except Exception as e:  # a kernel that does not compile is a result too
+                    print(f"{head} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where the time goes (GPU): kernel time by category for a 1.3b prefill, a 125m training step and a 1.3b
 decode step, for TTT-Linear and the Transformer++ baseline side by side.
 
-    PYTHONPATH=. python3 benchmarks/profile_model.py [--prefill] [--train] [--decode] [--mixers ttt_linear,attention]
+    python3 -m benchmarks.profile_model [--prefill] [--train] [--decode] [--mixers ttt_linear,attention]
 Categories: GEMMs, the TTT op's kernels, the fused layer kernels, attention (flash), copies and casts, the
 depthwise conv (PyTorch's), Inductor-fused element-wise, other element-wise/reductions. The top kernels follow.
 """
@@ -11,13 +11,13 @@ import argparse
 import re
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import kernel_times
 from ttt.config import get_config
 from ttt.model import TTTLM
 
 CATEGORIES = [  # first match wins
-    ("ttt op kernels", r"ttt_(linear|mlp)_.*kernel"),
+    ("ttt op kernels", r"ttt_(linear|mlp)_.*kernel|^_(pre|chain|chain_lean|post|post_lean)_kernel"),
     ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_ln_gate_(fwd|bwd)_kernel"),
     ("attention (flash)", r"flash|fmha|attention"),
     ("GEMMs", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_|wgmma"),
@@ -35,23 +35,14 @@ def category(name: str) -> str:
 
 
 def show(fn, label, rows=12):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        fn()
-        torch.cuda.synchronize()
-    totals, kernels = {}, []
-    for e in p.key_averages():
-        t = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
-        if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        totals[category(e.key)] = totals.get(category(e.key), 0.0) + t / 1e3
-        kernels.append((t / 1e3, e.key))
+    kernels = kernel_times(fn)
+    totals = {}
+    for name, ms in kernels:
+        totals[category(name)] = totals.get(category(name), 0.0) + ms
     print(f"==== {label}: kernel time {sum(totals.values()):.1f} ms", flush=True)
     for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:34s} {ms:9.2f} ms")
-    for ms, name in sorted(kernels, reverse=True)[:rows]:
+    for name, ms in kernels[:rows]:
         print(f"    {ms:9.2f} ms  {name[:100]}")
     return totals
 

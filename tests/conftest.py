@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ttt.ops import TTTState, make_tau, ttt_op
+from ttt.ops import TTTInputs, TTTState, make_tau, ttt_op
 
 class PoisonTorch:
     """Stands in for `torch` inside a kernel module (tests monkeypatch it in): every buffer it allocates
@@ -72,6 +72,10 @@ class OpInputs:
         accum = None if self.accum is None else tuple(leaves[f"accum{i}"] for i in range(len(self.accum)))
         plain = {n: leaves[n] for n in ("q", "k", "v", "lr", "delta", "ln_weight", "ln_bias")}
         return replace(self, init=init, accum=accum, **plain)
+
+    def inputs(self, start=0, stop=None) -> TTTInputs:
+        """The op's inputs (`TTTInputs`) of tokens [start, stop)."""
+        return TTTInputs(self.q, self.k, self.v, self.lr, self.tau, self.ln_weight, self.ln_bias).tokens(start, stop)
 
     def run(self, backend="dual", start=0, stop=None, state=None):
         """The op on tokens [start, stop), from `state` (default: the start state)."""

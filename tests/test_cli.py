@@ -118,10 +118,10 @@ def test_train_interrupted_exits_130(capsys, workdir, tmp_path, monkeypatch):
     import ttt.train as train_mod
     real = train_mod.train
 
-    def interrupted(model_cfg, cfg, on_step=None):
+    def interrupted(model_cfg, cfg, on_step=None, **kw):
         def stop(step, row):
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the first step
-        return real(model_cfg, cfg, on_step=stop)
+        return real(model_cfg, cfg, on_step=stop, **kw)
     monkeypatch.setattr(train_mod, "train", interrupted)
     code, out, _ = run(capsys, "-q", "train", "--data", str(workdir / "data"), "--out", str(tmp_path / "run"), *TRAIN)
     assert code == 130

@@ -21,7 +21,7 @@ from ttt import checkpoint as ckpt_mod
 from ttt.checkpoint import check_tokenizer, load_model, read_checkpoint
 from ttt.cli import (DataOptions, DemoOptions, EvalOptions, GenerateOptions, ParamsOptions, PresetOptions, build_parser,
                      cli_message, main)
-from ttt.config import ModelConfig
+from ttt.config import ModelConfig, RunOptions
 from ttt.train import TrainConfig
 from ttt.tokenizer import Tokenizer
 
@@ -382,7 +382,7 @@ def test_log_lines_do_not_tear_a_progress_bar(capsys):
 @pytest.mark.parametrize("command,classes,aliases", [
     ("demo", [DemoOptions], ()), ("data", [DataOptions], ()), ("eval", [EvalOptions], ()),
     ("generate", [GenerateOptions], ()), ("params", [ParamsOptions, ModelConfig], ()),
-    ("train", [PresetOptions, ModelConfig, TrainConfig], ("--data", "--out", "--steps"))])
+    ("train", [PresetOptions, ModelConfig, RunOptions, TrainConfig], ("--data", "--out", "--steps"))])
 def test_every_option_comes_from_a_dataclass(capsys, command, classes, aliases):
     import dataclasses
 

@@ -5,7 +5,7 @@ Triton step kernels traced without a graph break; argument errors. The GPU captu
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, rebuild_state
 from ttt.model import TTTLM
 
@@ -50,10 +50,9 @@ def test_compiled_step_equals_eager_every_offset(mixer):
     assert len(graphs) == model.decode_period
 
 
-def test_compiled_step_traces_before_any_eager_call(monkeypatch):
-    """The op logs its "auto" choice once, which would break the graph: compiled_step does it first."""
-    import ttt.ops
-    monkeypatch.setattr(ttt.ops, "_logged", set())  # as in a fresh process
+def test_compiled_step_traces_before_any_eager_call():
+    """A fresh model decides its layers' backends (and logs the choice) outside the traced step: deciding inside
+    it would break the graph. compiled_step has the model prepare first."""
     model = TTTLM(get_config("debug", vocab_size=256, mini_batch=1)).eval()
     with torch.inference_mode():
         s = model.init_state(2)
@@ -97,8 +96,8 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         graphs.append(gm)
         raise Traced
 
-    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2,
-                             ttt_backend="triton")).eval()
+    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2),
+                  RunOptions(ttt_backend="triton")).eval()
     with torch.inference_mode():
         s = model.init_state(2)
         s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=1)  # r = 1: the commit

@@ -185,7 +185,7 @@ def test_fused_layer_is_opt_in_and_never_falls_back():
     from ttt.layers.ttt import TTTLayer
     x = torch.randn(1, 5, 16, device=DEV)
     plain = TTTLayer(16, 2, backend="triton").to(DEV)
-    assert not plain._use_kernels(x)  # the default runs the PyTorch layer path around the op
+    assert not plain.prepare(x.device, x.dtype).fused  # the default runs the PyTorch layer path around the op
     with pytest.raises(ValueError, match="^fused"):
         TTTLayer(16, 2, backend="dual", fused=True).to(DEV)(x)
     with pytest.raises(ValueError, match="^fused"):

@@ -1,10 +1,11 @@
 """GPU-only checks of the pieces whose CUDA path differs from the CPU one: the cuDNN conv, the
-Triton backend inside a whole model (outputs and gradients vs the dual form), and CUDA-graph decode
-(eager and torch.compile'd steps)."""
+Triton backend inside a whole model (outputs and gradients vs the dual form), CUDA-graph decode
+(eager and torch.compile'd steps), and one small run of every Triton kernel (what compute-sanitizer checks:
+`compute-sanitizer --tool memcheck python3 -m pytest -q -m gpu tests/test_gpu.py -k every_kernel`)."""
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.layers.conv import CausalConv1d
 from ttt.model import TTTLM
 
@@ -28,7 +29,7 @@ def test_model_triton_equals_dual(mixer):
     torch.manual_seed(0)
     cfg = get_config("debug", mixer=mixer, vocab_size=256)
     ref = TTTLM(cfg).cuda()
-    fast = TTTLM(get_config("debug", mixer=mixer, vocab_size=256, ttt_backend="triton")).cuda()
+    fast = TTTLM(cfg, RunOptions(ttt_backend="triton")).cuda()
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 256, (2, 77), device="cuda")
     for blk in ref.blocks:
@@ -105,3 +106,41 @@ def test_generate_with_cuda_graph_equals_eager(kw):
     a = generate(model, prompt, 20, greedy=True, **kw)
     b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
     assert a == b
+
+
+@pytest.mark.parametrize("what", ["linear", "mlp", "mlp_blocked", "fused"])
+def test_every_kernel_runs_once(what):
+    """One small forward + backward and one decode step of each kernel family, bf16, at head dims 64 and 96
+    (96: padded, and the F-blocked TTT-MLP kernels) from positions 0 and 5 (partial mini-batches); "fused": the
+    layer kernels through a whole (M) TTT-Linear layer streamed with a conv window."""
+    from ttt.layers.ttt import TTTLinear
+    from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
+    from ttt.ops.triton_backend import MLPKernels
+    torch.manual_seed(0)
+    if what == "fused":
+        layer = TTTLinear(128, 2, backend="triton", fused=True).cuda()
+        x = torch.randn(2, 37, 128, device="cuda", requires_grad=True)
+        y, st = layer(x[:, :20])
+        y2, _ = layer(x[:, 20:], st)
+        (y.sum() + y2.sum()).backward()
+        assert torch.isfinite(x.grad).all()
+        return
+    kind = "linear" if what == "linear" else "mlp"
+    kernels = MLPKernels(impl="blocked") if what == "mlp_blocked" else None
+    for d, pos, T in ((64, 0, 64), (96, 5, 83)):
+        H, b = 2, 16
+        shapes = [(d, d), (d,)] if kind == "linear" else [(d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        init = [(0.1 * torch.randn(H, *s, device="cuda")).requires_grad_() for s in shapes]
+        st = TTTState.initial(kind, init, 2)
+        st = TTTState(kind, st.params, tuple(torch.zeros_like(p) for p in st.params), pos)
+        q, k, v = (torch.randn(2, T, H, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        lr = torch.full((2, T, H), 0.1, device="cuda")
+        x = TTTInputs(q, k, v, lr, make_tau(torch.zeros(b, device="cuda")), torch.ones(H, d, device="cuda"),
+                      torch.zeros(H, d, device="cuda"))
+        op = resolve_op(kind, "triton", "cuda", torch.bfloat16, kernels=kernels)
+        o, s = op(x, st)
+        (o.float().sum() + sum(p.sum() for p in s.params)).backward()
+        assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v, *init))
+        with torch.no_grad():
+            o1, _ = op(x.tokens(0, 1), st.detach())  # the fused decode step
+        assert torch.isfinite(o1).all()

@@ -308,6 +308,39 @@ def test_naive_equals_dual_outputs_and_gradients(kind, backbone):
     torch.testing.assert_close(xd, xn, rtol=1e-9, atol=1e-12)
 
 
+def test_backend_is_decided_once_per_device_and_dtype(monkeypatch):
+    """The layer resolves its op on the first call for a device type and dtype and only looks it up later; a
+    new backend (or dtype) is resolved again; the model prepares every layer before its blocks run."""
+    calls = []
+    real = ttt_mod.resolve_op
+
+    def counting(*args, **kw):
+        calls.append(args[:4])
+        return real(*args, **kw)
+    monkeypatch.setattr(ttt_mod, "resolve_op", counting)
+    layer = make_layer("linear", "mamba")
+    x = make_x(T_=5)
+    y0, s = layer(x)
+    for _ in range(3):
+        y1, s = layer(x, s)
+    assert calls == [("linear", "auto", torch.device("cpu"), torch.float64)]
+    assert type(layer.prepare(x.device, x.dtype).op).__name__ == "DualOp"
+    layer.backend = "naive"
+    y2, _ = layer(x)
+    assert len(calls) == 2 and layer.prepare(x.device, x.dtype).op.backend == "naive"
+    torch.testing.assert_close(y2, y0, rtol=1e-9, atol=1e-12)
+    layer.float()(x.float())
+    assert len(calls) == 3 and calls[-1][3] == torch.float32
+
+    from ttt.config import get_config
+    from ttt.model import TTTLM
+    calls.clear()
+    model = TTTLM(get_config("debug", vocab_size=64))
+    model(torch.zeros(1, 3, dtype=torch.long))
+    model(torch.zeros(1, 3, dtype=torch.long))
+    assert len(calls) == model.cfg.n_layers
+
+
 def test_unknown_or_unavailable_backend_raises(monkeypatch):
     x = make_x(T_=5)
     for kind in KINDS:
@@ -317,11 +350,10 @@ def test_unknown_or_unavailable_backend_raises(monkeypatch):
     with pytest.raises(ValueError, match="backend"):  # the generic inner model too
         layer = make_layer(nn.Linear(D // H, D // H), "mamba", backend="fast")
         layer(x)
-    # an unknown name set after construction still raises at forward time
+    # an unknown name set after construction raises at once
     layer = make_layer("mlp", "transformer")
-    layer.backend = "fast"
-    with pytest.raises(ValueError, match="backend"):
-        layer(x)
+    with pytest.raises(ValueError, match="^backend: expected one of"):
+        layer.backend = "fast"
     # an explicitly requested backend that cannot run here raises instead of falling back
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make it runnable

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from ttt.config import MAMBA_BACKENDS as CFG_BACKENDS, get_config
+from ttt.config import MAMBA_BACKENDS as CFG_BACKENDS, RunOptions, get_config
 from ttt.layers.mamba import (MAMBA_BACKENDS, Mamba2, SSDKernels, load_mamba_ssm, resolve_mamba_backend)
 from ttt.model import TTTLM
 
@@ -135,7 +135,7 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"^mamba_backend: expected one of"):
         Mamba2(16, backend="fast")
     with pytest.raises(ValueError, match=r"^mamba_backend: expected one of"):
-        get_config("debug", mixer="mamba", mamba_backend="fast")
+        RunOptions(mamba_backend="fast")
     hide_mamba_ssm(monkeypatch)
     with pytest.raises(RuntimeError, match=r"^mamba_backend='mamba_ssm' is not available: .*pip install"):
         load_mamba_ssm()
@@ -150,7 +150,7 @@ def test_backend_choice_and_errors(monkeypatch):
     layer = Mamba2(16, d_state=8, head_dim=8, backend="mamba_ssm")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         layer(torch.randn(1, 4, 16))
-    model = TTTLM(get_config("debug", mixer="mamba", vocab_size=32, mamba_backend="mamba_ssm"))
+    model = TTTLM(get_config("debug", mixer="mamba", vocab_size=32), RunOptions(mamba_backend="mamba_ssm"))
     assert all(b.mixer.backend == "mamba_ssm" for b in model.blocks)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         model(torch.zeros(1, 3, dtype=torch.long))
@@ -240,9 +240,9 @@ def test_gpu_decode_step_equals_reference():
 def test_gpu_model_with_kernels_trains_like_reference():
     import_kernels_without_cuda_extension()
     torch.manual_seed(0)
-    cfg = get_config("debug", mixer="mamba", vocab_size=256, mamba_backend="torch")
-    ref = TTTLM(cfg).cuda()
-    ker = TTTLM(get_config("debug", mixer="mamba", vocab_size=256, mamba_backend="mamba_ssm")).cuda()
+    cfg = get_config("debug", mixer="mamba", vocab_size=256)
+    ref = TTTLM(cfg, RunOptions(mamba_backend="torch")).cuda()
+    ker = TTTLM(cfg, RunOptions(mamba_backend="mamba_ssm")).cuda()
     ker.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 256, (2, 257), device="cuda")
     losses = []

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt.config import get_config
+from ttt.config import EXECUTION_FIELDS, ModelConfig, RunOptions, get_config
 from ttt.evaluate import evaluate_model
-from ttt.model import TTTLM
+from ttt.model import TTTLM, BlockState, LMState
 
 V, B, T, MB = 61, 2, 10, 4  # vocab, batch, sequence length, TTT mini-batch b
 
@@ -92,6 +92,23 @@ def test_bad_ids_raise_value_error_naming_ids(bad):
         model(bad)
 
 
+@pytest.mark.parametrize("mixer,backbone", MODELS, ids=[f"{m}-{b}" for m, b in MODELS])
+@torch.no_grad()
+def test_state_is_typed_and_counts_tokens_once(mixer, backbone):
+    """One BlockState per block (the pre-conv window and the mixer's own state), no position beside the
+    mixers' own; an untyped per-block state is refused."""
+    import dataclasses
+    model = make_model(mixer, backbone)
+    _, state = model(ids())
+    assert [f.name for f in dataclasses.fields(state)] == ["blocks"]
+    assert all(isinstance(b, BlockState) and b.pos == T for b in state.blocks) and state.pos == T
+    assert (state.blocks[0].conv is not None) == (backbone == "mamba" and mixer.startswith("ttt"))
+    _, state = model(ids(shape=(B, 3)), state)
+    assert state.pos == T + 3
+    with pytest.raises(ValueError, match="^state: expected an LMState"):
+        model(ids(), LMState([(b.conv, b.mixer) for b in state.blocks]))
+
+
 def test_state_of_another_model_is_rejected():
     model = TTTLM(get_config("debug", vocab_size=V))
     other = TTTLM(get_config("debug", vocab_size=V, n_layers=3))
@@ -114,3 +131,33 @@ def test_grad_checkpointing_same_loss_and_grads(mixer):
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+
+
+def test_run_options_are_apart_from_the_architecture():
+    """RunOptions change how a model runs, never what it computes or what is saved; set_run_options switches a
+    built model; the old ModelConfig fields still work, with a DeprecationWarning naming RunOptions."""
+    cfg = get_config("debug", vocab_size=V, mini_batch=MB)
+    assert not set(EXECUTION_FIELDS) & set(cfg.to_dict())
+    assert ModelConfig.from_dict({**cfg.to_dict(), "ttt_backend": "triton", "fused_layer": True}) == cfg
+    with pytest.raises(ValueError, match="^config: unknown fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "ttt_backnd": "dual"})
+    with pytest.raises(ValueError, match="^ttt_backend: expected one of"):
+        RunOptions(ttt_backend="fast")
+    torch.manual_seed(0)
+    model = TTTLM(cfg).double()
+    x = ids()
+    ref, _ = model(x)
+    model.set_run_options(RunOptions(ttt_backend="naive"))
+    assert all(b.mixer.prepare().op.backend == "naive" for b in model.blocks)
+    got, _ = model(x)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="^run: expected a RunOptions"):
+        TTTLM(cfg, run={"ttt_backend": "dual"})
+    with pytest.warns(DeprecationWarning, match="RunOptions"):
+        old = get_config("debug", vocab_size=V, ttt_backend="naive")
+    assert TTTLM(old).blocks[0].mixer.backend == "naive" and "ttt_backend" not in old.to_dict()
+    mamba = get_config("debug", mixer="mamba", vocab_size=V)
+    with pytest.warns(DeprecationWarning, match="RunOptions"):
+        mamba.mamba_backend = "torch"  # as scripts written before RunOptions do
+    assert TTTLM(mamba).blocks[0].mixer.backend == "torch"
+    assert TTTLM(mamba, RunOptions()).blocks[0].mixer.backend == "auto"  # an explicit run wins

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from ttt.checkpoint import load_model, read_checkpoint
-from ttt.config import get_config
+from ttt.config import EXECUTION_FIELDS, RunOptions, get_config
 from ttt.data import prepare
 from ttt.train import TrainConfig, decays, grad_accum_steps, lr_at, train
 
@@ -350,6 +350,22 @@ def test_checkpoint_of_another_config_or_vocab(data_dir, finished_run, tmp_path)
     cfg_path.write_text(json.dumps({**good, "model": {**good["model"], "d_model": 32}}))
     with pytest.raises(ValueError, match="model.safetensors: weights do not fit"):
         load_model(out)
+
+
+def test_checkpoints_hold_no_execution_options(data_dir, finished_run, tmp_path):
+    """How a run ran (RunOptions) is not saved; an older run whose config.json holds the execution options as model
+    fields still loads (they are ignored) and resumes with other ones."""
+    out = copy_run(finished_run, tmp_path)
+    for cfg_path in (out / "config.json", out / "checkpoints/step_000002/config.json"):
+        saved = json.loads(cfg_path.read_text())
+        assert not set(saved["model"]) & set(EXECUTION_FIELDS)
+        old = {**saved["model"], "ttt_backend": "naive", "fused_layer": True, "mamba_backend": "torch"}
+        cfg_path.write_text(json.dumps({**saved, "model": old}))  # as runs written before RunOptions
+    model, cfg = load_model(out)
+    assert cfg == model_cfg(data_dir) and model.run_options == RunOptions()
+    assert model.blocks[0].mixer.backend == "auto" and not model.blocks[0].mixer.fused
+    s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2), run=RunOptions(ttt_backend="naive"))
+    assert s["resumed_from"] == 2 and s["steps"] == 2  # the same run (finished): the old fields did not count
 
 
 def test_tensorboard_missing_is_a_clear_error(data_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`: v1 and the split backward's two chain
+"""The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`: the split backward's two chain
 variants, `bwd_split.py`, in time segments of 1-3 groups) == torch.autograd through the PyTorch dual form, called
 at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
 accumulator, non-zero gradients of the final state, checkpoint groups of 2 and 3 mini-batches (several groups,
@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch  # noqa: E402
-from ttt.ops import TTTState, make_tau  # noqa: E402
+from ttt.ops import TTTInputs, TTTState, make_tau  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split, chunk, dual  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,14 +48,14 @@ def _reference(ins, outs_grad, b):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     tau = make_tau(delta).detach().requires_grad_()
     st = TTTState("linear", (W0, c0), (torch.zeros_like(W0), torch.zeros_like(c0)), 0)
-    o, st2 = dual.forward(q, k, v, lr, tau, lnw, lnb, st, b)
+    o, st2 = dual.forward(TTTInputs(q, k, v, lr, tau, lnw, lnb), st)
     do, dwT, dcT = (x.double() for x in outs_grad)
     loss = (o * do).sum() + (st2.params[0] * dwT).sum() + (st2.params[1] * dcT).sum()
     gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0 = torch.autograd.grad(loss, [q, k, v, lr, tau, lnw, lnb, W0, c0])
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, dtype, impl="v1"):
+def _kernel(ins, outs_grad, b, group, dtype, impl):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
@@ -83,7 +83,7 @@ def poison(monkeypatch):
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
 
 
-@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 @pytest.mark.parametrize("B,T,H,d,b,group", CASES)
 def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
     ins, outs_grad = _inputs(B, T, H, d, b)
@@ -93,7 +93,7 @@ def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
     assert max(errs.values()) < 1e-4, errs
 
 
-@pytest.mark.parametrize("impl", ["v1", "split_lean", "split_full"])
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 def test_linear_bwd_fp16_operands(impl):
     """fp16 inputs (16-bit products, fp32 statistics) stay close to the fp64 reference."""
     ins, outs_grad = _inputs(1, 48, 2, 16, 16)

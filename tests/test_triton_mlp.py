@@ -1,5 +1,5 @@
 """TTT-MLP Triton kernels == the PyTorch dual form, for every kernel pair the triton backend can pick
-(`mlp_impl`: "trans", "split", "regs", "blocked"): outputs, final state (params and accum) and every gradient (q, k, v,
+(`mlp_impl`: "regs", "blocked"): outputs, final state (params and accum) and every gradient (q, k, v,
 lr, tau via delta, LN weight/bias, initial params, initial accum), at odd lengths (head and tail pieces in
 PyTorch), from mid-mini-batch starts with pending accumulators, over several checkpoint groups, with every
 kernel output NaN-poisoned before the kernel runs; a non-finite token reaching no earlier output; the fused
@@ -9,6 +9,7 @@ full-size shapes run on a GPU (marked `gpu`).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +22,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_t, step_triton  # noqa: E402
+from ttt.ops.ttt_mlp import chunk, chunk_blocked, step_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -31,7 +32,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (chunk, chunk_blocked, chunk_t, step_triton):
+    for mod in (chunk, chunk_blocked, step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
 
 
@@ -47,11 +48,11 @@ def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
     return inp
 
 
-def run_triton(inp, impl, warps=None, q=None, k=None, v=None, lr=None):
-    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d)."""
-    return triton_backend.forward("mlp", inp.q if q is None else q, inp.k if k is None else k,
-                                  inp.v if v is None else v, inp.lr if lr is None else lr, inp.tau, inp.ln_weight,
-                                  inp.ln_bias, inp.state(), inp.mini_batch, mlp_impl=impl, mlp_warps=warps)
+def run_triton(inp, impl, warps=None, **replaced):
+    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d); `replaced`:
+    inputs (q, k, v, lr) to use instead of inp's."""
+    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps))
+    return op(replace(inp.inputs(), **replaced), inp.state())
 
 
 def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None):
@@ -66,24 +67,12 @@ CASES = [(2, 37, 2, 16, 16, 5), (1, 150, 1, 24, 8, 3)]
 
 
 @pytest.mark.parametrize("B,T,H,d,b,pos", CASES)
-def test_trans_matches_dual(B, T, H, d, b, pos):
-    compare("trans", B=B, T=T, H=H, d=d, b=b, pos=pos)
+def test_regs_matches_dual(B, T, H, d, b, pos):
+    compare("regs", B=B, T=T, H=H, d=d, b=b, pos=pos)
 
 
-def test_trans_16_warps_fp16_forward():
-    compare("trans", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3, warps=16)
-
-
-@pytest.mark.parametrize("warps", [4, 8])
-def test_split_matches_dual(warps):
-    """F split across the warps (d = 24: F = 96 padded to 128 in 4 groups of 32 rows; d = 16 with 8 warps:
-    F = 64 in 4 groups of 16), with chunk_t's backward on its checkpoints."""
-    d = 24 if warps == 4 else 16
-    compare("split", B=1, T=150 if warps == 4 else 37, H=1, d=d, b=8 if warps == 4 else 16, pos=3, warps=warps)
-
-
-def test_regs_matches_dual():
-    compare("regs", B=1, T=150, H=1, d=24, b=8, pos=3)
+def test_regs_16_warps_fp16_forward():
+    compare("regs", B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3, warps=16)
 
 
 def test_default_impl_by_head_dim():
@@ -103,14 +92,14 @@ def test_wide_head_runs_blocked_kernels():
 
 def test_impl_choice_is_checked():
     inp = make(B=1, T=16, H=1, d=72, b=16, pos=0, grad=False)
-    with pytest.raises(ValueError, match=r"^mlp_impl: 'trans' holds the weights in registers only up to head dim 64"):
-        run_triton(inp, "trans")
-    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('trans', 'split', 'regs', 'blocked'\), "
+    with pytest.raises(ValueError, match=r"^mlp_impl: 'regs' holds the weights in registers only up to head dim 64"):
+        run_triton(inp, "regs")
+    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('regs', 'blocked'\), "
                                          r"got 'fast'"):
         run_triton(inp, "fast")
 
 
-@pytest.mark.parametrize("impl", ["trans", "split", "regs", "blocked"])
+@pytest.mark.parametrize("impl", ["regs", "blocked"])
 @pytest.mark.parametrize("where", ["k", "v", "lr"])
 def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     """A NaN (or inf) at token 20 (b = 16): outputs 0..19 equal a run without it; token 20 is non-finite."""
@@ -141,8 +130,7 @@ def test_step_kernel_blocks(block_f, warps, d):
     """Other F block widths and warps give the same step: 16 columns (four blocks over F = 64), 32 columns
     with 8 warps over F = 96 (three blocks)."""
     inp = make(B=1, T=1, H=2, d=d, b=16, pos=7, grad=False)
-    o1, s1 = step_triton.forward(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, inp.state(),
-                                 inp.mini_batch, block_f=block_f, num_warps=warps)
+    o1, s1 = step_triton.forward(inp.inputs(), inp.state(), block_f=block_f, num_warps=warps)
     o2, s2 = inp.run("dual")
     assert rel(o1, o2) < 1e-5
     for x, y in zip(s1.accum, s2.accum):
@@ -151,8 +139,7 @@ def test_step_kernel_blocks(block_f, warps, d):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("impl,d", [("trans", 64), ("split", 64), ("regs", 64), ("blocked", 64), ("blocked", 96),
-                                    ("blocked", 128)])
+@pytest.mark.parametrize("impl,d", [("regs", 64), ("blocked", 64), ("blocked", 96), ("blocked", 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_full_shapes(impl, d, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -160,24 +147,7 @@ def test_gpu_full_shapes(impl, d, dtype):
     compare(impl, B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol)
 
 
-@pytest.mark.parametrize("impl", ["trans", "regs"])
+@pytest.mark.parametrize("impl", ["regs", "blocked"])
 def test_fp16_backward(impl):
-    """16-bit inputs ("trans" keeps the backward's per-step weights in the products' operand type, fp16 here;
-    the largest error, in dtau, is ~5e-3; rounding them to bf16 instead gives 2.3e-2)."""
+    """16-bit inputs: fp16 operands in the products, fp32 statistics and state."""
     compare(impl, B=1, T=37, H=1, d=16, b=16, pos=5, dtype=torch.float16, tol=1e-2)
-
-
-def test_regs_operand_scratch_is_exact():
-    """chunk.bwd with operand_scratch (weights of the reverse walk stored as fp16) == without it: the products
-    round them to fp16 either way."""
-    inp = make(B=1, T=32, H=1, d=16, b=16, pos=0, dtype=torch.float16, grad=False)
-    st = inp.state()
-    q, k, v, lr = inp.q, inp.k, inp.v, inp.lr
-    ps = tuple(p.float().contiguous() for p in st.params)
-    _o, _fin, ck = chunk.fwd(q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ps, 16, 8, True)
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.dtype).to(q.device)
-    args = (q, k, v, lr, inp.tau, inp.ln_weight, inp.ln_bias, ck, do, (None,) * 4, 16, 8)
-    a = chunk.bwd(*args)
-    b = chunk.bwd(*args, operand_scratch=True)
-    for x, y in zip([*a[:7], *a[7]], [*b[:7], *b[7]]):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)

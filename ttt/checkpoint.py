@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import EXECUTION_FIELDS, ModelConfig, RunOptions
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE = ("model.safetensors", "optim
 TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest.json"
 CKPT_DIR = "checkpoints"
-# model fields that do not change the function the weights compute, so they may differ on resume
-_EXECUTION_ONLY = ("ttt_backend",)
+# model fields that do not change the function the weights compute: older configs hold these execution options
+_EXECUTION_ONLY = EXECUTION_FIELDS
 
 
 # ----------------------------------------------------------------------------- small file helpers
@@ -160,7 +161,7 @@ def decode_bytes(s: str) -> torch.Tensor:
 def compare_runs(saved: dict, current: dict) -> list[str]:
     """What differs between two run configs (`config.json` dicts), as 'key: saved X, now Y' lines.
 
-    Compared: the model config (except execution-only fields such as ttt_backend), the vocabulary
+    Compared: the model config (except the execution options older configs hold), the vocabulary
     size, the data fingerprint and the "run" part of the train config (whatever the trainer put there).
     """
     diffs = []
@@ -332,21 +333,25 @@ def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where:
                          f"{extra[:5]}, shape mismatches {shapes[:5]})")
 
 
-def load_model(path, device="cpu", *, with_checkpoint: bool = False, overrides: dict | None = None):
+def load_model(path, device="cpu", *, with_checkpoint: bool = False, run: RunOptions | None = None,
+               overrides: dict | None = None):
     """(model in eval mode on `device`, its ModelConfig) from a checkpoint dir or a run's out_dir;
     with_checkpoint=True adds the Checkpoint (path, config, header metadata; weights dropped).
-    overrides: execution-only model fields to change (e.g. {"ttt_backend": "dual"})."""
+    run: how the model runs (`RunOptions`; None: the defaults); checkpoints hold no execution options.
+    overrides: deprecated, the RunOptions fields as a dict (e.g. {"ttt_backend": "dual"})."""
     from .model import TTTLM  # programs import the model, not the other way round
 
-    ckpt = read_checkpoint(path, optimizer=False)
-    cfg = model_config(ckpt)
     if overrides:
         bad = sorted(set(overrides) - set(_EXECUTION_ONLY))
         if bad:
             raise ValueError(f"overrides: only {_EXECUTION_ONLY} may change on load, got {bad}")
-        cfg = dataclasses.replace(cfg, **overrides)
+        warnings.warn("load_model(overrides=...) is deprecated; pass run=RunOptions(...)", DeprecationWarning,
+                      stacklevel=2)
+        run = dataclasses.replace(run or RunOptions(), **overrides)
+    ckpt = read_checkpoint(path, optimizer=False)
+    cfg = model_config(ckpt)
     with torch.device(device):
-        model = TTTLM(cfg)
+        model = TTTLM(cfg, run)
     check_weights(model, ckpt.model_state, ckpt.path / MODEL_FILE)
     model.load_state_dict(ckpt.model_state)
     if with_checkpoint:

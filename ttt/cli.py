@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BACKBONES, MIXERS, SIZES, ModelConfig  # plain dataclasses and names: no torch import
+from .config import BACKBONES, MIXERS, SIZES, TTT_BACKENDS, ModelConfig, RunOptions  # plain dataclasses: no torch
 
 EXIT_BAD_INPUT = 2
 
@@ -289,8 +289,8 @@ class EvalOptions:
                                 default_text="the checkpoints' own, when they agree", positive=True)
     out: str = opt("eval_out", "output directory", metavar="DIR")
     device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
-    ttt_backend: str | None = opt(None, "TTT op backend to run the checkpoints with", default_text="the checkpoint's",
-                                  choices=("auto", "naive", "dual", "triton"))
+    ttt_backend: str | None = opt(None, "TTT op backend to run the checkpoints with", default_text="auto",
+                                  choices=TTT_BACKENDS)
     allow_other_tokenizer: bool = opt(False, "evaluate even when the data's tokenizer is not the one the checkpoint "
                                              "was trained with (the NLLs then mean nothing)")
 
@@ -316,8 +316,7 @@ class GenerateOptions:
                                                                      "of the run's training data", metavar="FILE")
     data: str | None = opt(None, "dataset directory whose tokenizer.json to use", default_text="none", metavar="DIR")
     device: str = opt("cpu", "torch device: cpu, cuda, cuda:N", metavar="DEVICE")
-    ttt_backend: str | None = opt(None, "TTT op backend to decode with", default_text="the checkpoint's",
-                                  choices=("auto", "naive", "dual", "triton"))
+    ttt_backend: str | None = opt(None, "TTT op backend to decode with", default_text="auto", choices=TTT_BACKENDS)
     allow_other_tokenizer: bool = opt(False, "use a tokenizer the checkpoint was not trained with (gibberish "
                                              "is likely)")
     cuda_graph: bool | None = opt(None, "replay each decode step as a captured CUDA graph",
@@ -351,7 +350,7 @@ def _check_device(name: str, flag: str = "--device"):
     return dev
 
 
-def _check_backend(backend: str, mixer: str, device, source: str = "--ttt-backend") -> None:
+def _check_backend(backend: str, mixer: str, device) -> None:
     """CLIError when the TTT op backend cannot run on `device` (checked before any work)."""
     if not str(mixer).startswith("ttt"):
         return
@@ -360,7 +359,7 @@ def _check_backend(backend: str, mixer: str, device, source: str = "--ttt-backen
     try:
         resolve_backend(backend, device)
     except RuntimeError as e:
-        raise CLIError(f"{source}: {e}; pass --ttt-backend dual (or auto)") from None
+        raise CLIError(f"--ttt-backend: {e}; pass --ttt-backend dual (or auto)") from None
 
 
 def _checkpoint_model_config(path) -> dict:
@@ -400,23 +399,24 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train
 
     train_cfg = TrainConfig(**_collect(args, args._train_fields))
+    run = RunOptions(**_collect(args, args._run_fields))
     meta = load_meta(train_cfg.data_dir)
     model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
     size = _preset(args).size
     if train_cfg.init_from:  # fine-tuning: the model is the one of --init-from
         from .train import init_model_config
-        model_cfg = init_model_config(train_cfg.init_from, model_cfg, meta["vocab_size"])
+        model_cfg = init_model_config(train_cfg.init_from, meta["vocab_size"])
         size = f"the model of {train_cfg.init_from}"
     if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
         device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
-        _check_backend(model_cfg.ttt_backend, model_cfg.mixer, device)
+        _check_backend(run.ttt_backend, model_cfg.mixer, device)
         if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or size not in ("debug", "tiny")):
             _note(f"training on the CPU with GPU-sized settings (--size {size}, "
                   f"{train_cfg.tokens_per_step:,} tokens per step, {train_cfg.max_steps} steps: the defaults are the "
                   f"paper's GPU recipe); one step may take minutes. For a CPU try: {CPU_SUGGESTION}")
     print(f"model: {model_cfg.mixer} ({size}, backbone {model_cfg.backbone}), "
           f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
-    summary = train(model_cfg, train_cfg)
+    summary = train(model_cfg, train_cfg, run=run)
     print(_fmt_summary(summary))
     return 130 if summary["stopped"] == "SIGINT" else 0  # Ctrl-C: a checkpoint was written, exit as interrupted
 
@@ -456,10 +456,8 @@ def cmd_eval(args) -> int:
 
     o = _options(EvalOptions, args)
     device = _check_device(o.device)
-    for p in args.checkpoints:
-        m = _checkpoint_model_config(p)
-        _check_backend(o.ttt_backend or m.get("ttt_backend", "auto"), m.get("mixer", ""), device,
-                       "--ttt-backend" if o.ttt_backend else f"{p}: its ttt_backend")
+    for p in args.checkpoints if o.ttt_backend else ():
+        _check_backend(o.ttt_backend, _checkpoint_model_config(p).get("mixer", ""), device)
     held = int(load_meta(o.data).get(f"{o.split}_tokens", 0))
     room = max(held - 1, 0) // o.seq_len
     if room < 1:
@@ -546,11 +544,10 @@ def cmd_generate(args) -> int:
 
     o = _generate_options(args)
     device = _check_device(o.device)
-    m = _checkpoint_model_config(args.checkpoint)
-    _check_backend(o.ttt_backend or m.get("ttt_backend", "auto"), m.get("mixer", ""), device,
-                   "--ttt-backend" if o.ttt_backend else "the checkpoint's ttt_backend")
-    overrides = {"ttt_backend": o.ttt_backend} if o.ttt_backend else None
-    model, cfg, ck = load_model(args.checkpoint, device, with_checkpoint=True, overrides=overrides)
+    if o.ttt_backend:
+        _check_backend(o.ttt_backend, _checkpoint_model_config(args.checkpoint).get("mixer", ""), device)
+    run = RunOptions(ttt_backend=o.ttt_backend or "auto")
+    model, cfg, ck = load_model(args.checkpoint, device, with_checkpoint=True, run=run)
     tok_path, how = _find_tokenizer(o, ck)
     tok = Tokenizer.load(tok_path)
     why = check_tokenizer(tok, ck.meta, cfg.vocab_size, what=f"{how} ({tok_path})", where=str(ck.path))
@@ -730,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
         d, TrainConfig, title="training options",
         aliases={"data_dir": ["--data"], "out_dir": ["--out"], "max_steps": ["--steps"]}), func=cmd_train)
     fields = _add_model_options(d)
-    d.set_defaults(_model_fields=fields)
+    d.set_defaults(_model_fields=fields, _run_fields=add_dataclass_options(
+        d, RunOptions, title="execution options (how the model runs; not saved in checkpoints)"))
 
     d = _add_subcommand(sub, "eval", EvalOptions, cmd_eval, "perplexity overall and by token position",
                         "Evaluate checkpoints on the first --n-seqs windows of --seq-len tokens; longer than the "

@@ -1,24 +1,72 @@
-"""Typed model configuration and named presets (docs/math.md §7).
+"""Typed model configuration and named presets (docs/math.md §7), and the execution options apart from it.
 
     cfg = get_config("125m", mixer="ttt_linear", backbone="mamba", vocab_size=32000)
+    model = TTTLM(cfg, run=RunOptions(ttt_backend="triton"))
 
 Presets size the model (layers, width, heads, FFN); the mixer picks the sequence layer. Baselines are
 presets of the same LM class: `attention` (Transformer++) and `mamba` (Mamba-2 style, twice the
-layers and no FFN, as Mamba stacks mixer-only blocks). Field help strings double as CLI help.
+layers and no FFN, as Mamba stacks mixer-only blocks). `ModelConfig` says what the weights compute and goes
+into checkpoints; `RunOptions` says how they run (backends, fused kernels) and never does, so a checkpoint
+runs any way. Field help strings double as CLI help.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 BACKBONES = ("mamba", "transformer")
 MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
+TTT_BACKENDS = ("auto", "naive", "dual", "triton")  # as ttt.ops.BACKENDS (this module imports no torch)
 
 
 def help_field(default, help):
     """A dataclass field whose help text the CLI shows as its --option help."""
     return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a model runs, not what it computes: never stored in checkpoints (set at `TTTLM(cfg, run=...)` or
+    with `model.set_run_options(...)`)."""
+
+    ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
+    fused_layer: bool = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the block "
+                                          "pre-conv, post-LN x gate); needs the op's triton backend")
+    mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
+                                            "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
+                                            "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
+                                            "imports, else torch")
+
+    def __post_init__(self):
+        if self.ttt_backend not in TTT_BACKENDS:
+            raise ValueError(f"ttt_backend: expected one of {TTT_BACKENDS}, got {self.ttt_backend!r}")
+        if not isinstance(self.fused_layer, bool):
+            raise ValueError(f"fused_layer: expected a bool, got {self.fused_layer!r}")
+        if self.mamba_backend not in MAMBA_BACKENDS:
+            raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
+
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))  # once ModelConfig fields, now RunOptions
+
+
+def _moved(name: str) -> property:
+    """ModelConfig.<name>, deprecated: the execution option moved to RunOptions. Reading gives the value set on
+    this config (else the default); setting records it for `TTTLM(cfg)` without `run=` (never saved)."""
+    def warn():
+        warnings.warn(f"ModelConfig.{name} is deprecated: execution options are RunOptions, e.g. "
+                      f"TTTLM(cfg, run=RunOptions({name}=...)); they are not saved in checkpoints",
+                      DeprecationWarning, stacklevel=3)
+
+    def get(self):
+        warn()
+        return getattr(self._legacy_run, name)
+
+    def set(self, value):
+        warn()
+        object.__setattr__(self, "_legacy_run", dataclasses.replace(self._legacy_run, **{name: value}))
+    return property(get, set)
 
 
 @dataclass
@@ -36,9 +84,6 @@ class ModelConfig:
     rope_base: float = help_field(10000.0, "RoPE base")
     norm_eps: float = help_field(1e-6, "RMSNorm epsilon")
     tie_embeddings: bool = help_field(True, "share input embedding and output head weights")
-    ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
-    fused_layer: bool = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the block "
-                                          "pre-conv, post-LN x gate); needs the op's triton backend")
     ttt_learn_lr: bool = help_field(True, "TTT ablation: learnable inner learning rate (per-token gate and tau "
                                           "offsets); off = fixed eta = base_lr/d and tau_i = 1/i")
     ttt_learn_init: bool = help_field(True, "TTT ablation: learnable initial inner weights W0; off = W0 fixed at 0 "
@@ -50,11 +95,13 @@ class ModelConfig:
     mamba_d_state: int = help_field(64, "Mamba baseline: SSM state size per head")
     mamba_expand: int = help_field(2, "Mamba baseline: inner width = expand * d_model")
     mamba_head_dim: int = help_field(64, "Mamba baseline: head dim of the SSM")
-    mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
-                                            "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
-                                            "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
-                                            "imports, else torch")
     init_std: float = help_field(0.02, "std of the normal init of projections and embeddings")
+
+    # deprecated: the execution options that were fields here (see `_moved`); `_legacy_run` holds what was set
+    _legacy_run = RunOptions()
+    ttt_backend = _moved("ttt_backend")
+    fused_layer = _moved("fused_layer")
+    mamba_backend = _moved("mamba_backend")
 
     def __post_init__(self):
         self.validate()
@@ -70,8 +117,6 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
-        if self.mamba_backend not in MAMBA_BACKENDS:
-            raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
         if not self.ttt_learn_init and self.mixer == "ttt_mlp":
             raise ValueError("ttt_learn_init: False (W0 = 0) is for ttt_linear only: an MLP started at zero "
                              "never learns")
@@ -83,11 +128,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config of a dict of its fields; the execution options that older configs and checkpoints hold
+        (EXECUTION_FIELDS) are ignored: they say how a run went, not what its weights compute."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = set(d) - names - set(EXECUTION_FIELDS)
         if unknown:
             raise ValueError(f"config: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # name: (n_layers, d_model, n_heads, ffn_hidden); docs/math.md §7. "debug" is a CPU-test size.
@@ -113,5 +160,12 @@ def get_config(size: str = "125m", mixer: str = "ttt_linear", backbone: str = "m
         kw.update(n_layers=2 * n_layers, ffn_hidden=0, mamba_head_dim=min(64, d_model // 2))
     if mixer in ("attention", "mamba"):
         kw["backbone"] = "transformer"  # plain pre-norm residual blocks
+    moved = {k: overrides.pop(k) for k in EXECUTION_FIELDS if k in overrides}
     kw.update(overrides)
-    return ModelConfig(**kw)
+    cfg = ModelConfig(**kw)
+    if moved:  # deprecated: execution options as config fields
+        warnings.warn(f"get_config({', '.join(f'{k}=...' for k in moved)}) is deprecated: execution options are "
+                      f"RunOptions, e.g. TTTLM(cfg, run=RunOptions(...)); they are not saved in checkpoints",
+                      DeprecationWarning, stacklevel=2)
+        object.__setattr__(cfg, "_legacy_run", RunOptions(**moved))
+    return cfg

@@ -107,7 +107,7 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     mode = None if backend != "inductor" else mode  # modes are Inductor's options
     period = model.decode_period
-    model.prepare_decode()  # the op logs its "auto" choice once (a graph break): do it here, not traced
+    model.prepare()  # the layers decide their backends here, not in the traced step
 
     def step(ids, state: LMState):
         r = state.pos % period
@@ -145,7 +145,7 @@ class GraphedDecoder:
             raise ValueError("state: expected an LMState on a CUDA device (run the prefill on CUDA first)")
         self.model, self.pos = model, state.pos
         self.period = model.decode_period
-        model.prepare_decode()
+        model.prepare()
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]

@@ -149,7 +149,7 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     n_seqs:    number of windows (None: all that fit in the shard).
     allow_other_tokenizer: evaluate even when data_dir's tokenizer.json is not the one a checkpoint
                was trained with (refused by default: the NLLs would look plausible and mean nothing).
-    ttt_backend: run the checkpoints with this TTT op backend (None: the one each recorded).
+    ttt_backend: run the checkpoints with this TTT op backend (None: "auto"; checkpoints hold no backend).
     progress:  show a progress bar per model (stderr).
     out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
     Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
@@ -175,17 +175,18 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         if not paths:
             raise ValueError("paths: expected at least one checkpoint directory")
         from .checkpoint import CONFIG_FILE, load_model, read_json, resolve
+        from .config import RunOptions
         if names is not None and len(names) != len(paths):
             raise ValueError(f"names: expected one name per checkpoint ({len(paths)}), got {len(names)}")
         taken: set = set()
-        overrides = {"ttt_backend": ttt_backend} if ttt_backend else None
+        run_options = RunOptions(ttt_backend=ttt_backend or "auto")
         for i, p in enumerate(paths):
             run = read_json(resolve(p) / CONFIG_FILE)  # a bad path or config fails here, before any evaluation
             train = run.get("train")
             train_len = train.get("seq_len") if isinstance(train, dict) else None
             name = names[i] if names else _model_name(Path(p), taken)
             entries.append((name, str(p), (lambda p=p: load_model(p, device, with_checkpoint=True,
-                                                                       overrides=overrides)), train_len))
+                                                                       run=run_options)), train_len))
     tok_path = Path(data_dir) / "tokenizer.json"
     data_tok = None
     if tok_path.is_file() and models is None and not allow_other_tokenizer:

@@ -13,6 +13,7 @@ else its EOS). generate_until decodes greedily (sampling settings in a task's ge
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -183,15 +184,10 @@ def _make_class():
     return TTTEvalLM
 
 
-_CLS = None
-
-
+@functools.cache
 def eval_lm_class():
     """The adapter class, `TTTEvalLM` (created on first use, so importing this module needs no lm_eval)."""
-    global _CLS
-    if _CLS is None:
-        _CLS = _make_class()
-    return _CLS
+    return _make_class()
 
 
 def run_lm_eval(run, tasks: list[str], *, include_path=None, limit=None, batch_size: int = 8, device="cpu",

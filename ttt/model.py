@@ -9,7 +9,9 @@ decoding; one token at a time is the decode step.
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, RunOptions
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
-from .ops import resolve_backend
+
+log = logging.getLogger(__name__)
 
 
 LOGITS = ("all", "last", "none")
@@ -77,38 +80,48 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def make_mixer(cfg: ModelConfig) -> nn.Module:
+def make_mixer(cfg: ModelConfig, run: RunOptions = RunOptions()) -> nn.Module:
     if cfg.mixer in ("ttt_linear", "ttt_mlp"):
         return TTTLayer(cfg.d_model, cfg.n_heads, inner=cfg.mixer[4:], backbone=cfg.backbone,
                         mini_batch=cfg.mini_batch, base_lr=cfg.base_lr, conv_width=cfg.conv_width,
-                        rope_base=cfg.rope_base, backend=cfg.ttt_backend, learn_lr=cfg.ttt_learn_lr,
+                        rope_base=cfg.rope_base, backend=run.ttt_backend, learn_lr=cfg.ttt_learn_lr,
                         learn_init=cfg.ttt_learn_init, inner_ln=cfg.ttt_inner_ln, residual=cfg.ttt_inner_residual,
-                        fused=cfg.fused_layer)
+                        fused=run.fused_layer)
     if cfg.mixer == "attention":
         return Attention(cfg.d_model, cfg.n_heads, rope_base=cfg.rope_base)
     return Mamba2(cfg.d_model, d_state=cfg.mamba_d_state, expand=cfg.mamba_expand, head_dim=cfg.mamba_head_dim,
-                  conv_width=cfg.conv_width, backend=cfg.mamba_backend)
+                  conv_width=cfg.conv_width, backend=run.mamba_backend)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, run: RunOptions = RunOptions()):
         super().__init__()
         self.has_conv = cfg.backbone == "mamba" and cfg.mixer.startswith("ttt")
         if self.has_conv:
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width, backend="triton" if cfg.fused_layer else "torch")
+            self.conv = CausalConv1d(cfg.d_model, cfg.conv_width)
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = make_mixer(cfg)
+        self.mixer = make_mixer(cfg, run)
         if cfg.ffn_hidden:
             self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.set_run_options(run)
 
-    def init_state(self, batch_size: int, device=None):
+    def set_run_options(self, run: RunOptions) -> None:
+        """The block's share of `TTTLM.set_run_options`: the pre-conv's kernel and the mixer's backends."""
+        if self.has_conv:
+            self.conv.backend = "triton" if run.fused_layer else "torch"
+        if isinstance(self.mixer, TTTLayer):
+            self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
+        elif isinstance(self.mixer, Mamba2):
+            self.mixer.backend = run.mamba_backend
+
+    def init_state(self, batch_size: int, device=None) -> "BlockState":
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
-        return (conv, self.mixer.init_state(batch_size, device=device))
+        return BlockState(conv, self.mixer.init_state(batch_size, device=device))
 
-    def forward(self, h, state=None):
-        conv_state, mixer_state = (None, None) if state is None else state
+    def forward(self, h, state: "BlockState | None" = None):
+        conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
             y, conv_state = self.conv(self.conv_norm(h), conv_state)
             h = h + y
@@ -116,20 +129,38 @@ class Block(nn.Module):
         h = h + y
         if hasattr(self, "ffn"):
             h = h + self.ffn(self.ffn_norm(h))
-        return h, (conv_state, mixer_state)
+        return h, BlockState(conv_state, mixer_state)
+
+
+@dataclass
+class BlockState:
+    """One block's state. conv: the window of the block's pre-conv (its last width-1 inputs, [B, width-1, D];
+    TTT blocks of the (M) backbone, else None); mixer: the mixer's own state (`TTTLayerState`, `KVCache` or
+    `MambaState`), which counts the tokens consumed (`pos`)."""
+
+    conv: torch.Tensor | None
+    mixer: object
+
+    @property
+    def pos(self) -> int:
+        return self.mixer.pos
+
+    def detach(self) -> "BlockState":
+        return BlockState(None if self.conv is None else self.conv.detach(), self.mixer.detach())
 
 
 @dataclass
 class LMState:
-    """Per-block states ((conv window or None, mixer state) each) and the number of tokens consumed."""
+    """The model's state: one `BlockState` per block. pos (tokens consumed) is the blocks' own count."""
 
-    blocks: list
-    pos: int = 0
+    blocks: list[BlockState]
+
+    @property
+    def pos(self) -> int:
+        return self.blocks[0].pos
 
     def detach(self) -> "LMState":
-        def det(s):
-            return None if s is None else (s.detach() if hasattr(s, "detach") else s)
-        return LMState([(det(c), det(m)) for c, m in self.blocks], self.pos)
+        return LMState([b.detach() for b in self.blocks])
 
 
 class TTTLM(nn.Module):
@@ -138,18 +169,25 @@ class TTTLM(nn.Module):
     forward(ids [B, T], state=None) -> (logits [B, T, V] fp32, state); logits="last" gives [B, 1, V]
     (prefill before generation), "none" None (state only); targets=y gives (loss, state) through the
     chunked head, which never holds fp32 logits for every position (training, evaluation).
+    cfg says what the weights compute; run (`RunOptions`: backends, fused kernels; `set_run_options` changes it)
+    how they run.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, run: RunOptions | None = None):
         super().__init__()
         cfg.validate()
+        if run is not None and not isinstance(run, RunOptions):
+            raise ValueError(f"run: expected a RunOptions, got {type(run).__name__}")
         self.cfg = cfg
+        # how it runs: `run`, else what deprecated ModelConfig fields were set to (RunOptions() when none was)
+        self.run_options = cfg._legacy_run if run is None else run
         with torch.random.fork_rng(devices=[]):  # the layers' own resets do not move the generator:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # init_weights alone draws from it
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.blocks = nn.ModuleList(Block(cfg, self.run_options) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
+        self._prepared: set = set()  # the (device type, dtype) keys `prepare` has run for
         if not self.embed.weight.is_meta:  # built on the meta device: materialise, then init_weights()
             self.init_weights()
 
@@ -166,7 +204,7 @@ class TTTLM(nn.Module):
             return RMSNorm(cfg.d_model, cfg.norm_eps)
         if name == "head":
             return nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        return Block(cfg)
+        return Block(cfg, self.run_options)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -219,15 +257,39 @@ class TTTLM(nn.Module):
         """Whether every mixer's decode state has a fixed size (attention's KV cache grows)."""
         return all(getattr(blk.mixer, "static_decode_state", True) for blk in self.blocks)
 
-    def prepare_decode(self) -> None:
-        """Make each TTT op's backend choice now (it logs once: not inside a traced or captured step)."""
+    def set_run_options(self, run: RunOptions) -> None:
+        """Run the same weights another way (backends, fused kernels): every block takes `run`, and the layers
+        decide again on their next call."""
+        if not isinstance(run, RunOptions):
+            raise ValueError(f"run: expected a RunOptions, got {type(run).__name__}")
+        self.run_options = run
+        for blk in self.blocks:
+            blk.set_run_options(run)
+        self._prepared.clear()
+
+    def prepare(self, device=None, dtype: torch.dtype | None = None) -> None:
+        """Decide now how every TTT layer runs for hidden states of `dtype` on `device` (default: the embedding's
+        device and dtype), not inside a traced, compiled or captured step (`TTTLayer.prepare`); says once which
+        backend each choice of the layers became. The forward calls it for the dtype and device it sees."""
+        device = self.embed.weight.device if device is None else torch.device(device)
+        dtype = self.embed.weight.dtype if dtype is None else dtype
+        chosen = {}
         for m in self.modules():
             if isinstance(m, TTTLayer):
-                resolve_backend(m.backend, self.embed.weight.device)
+                chosen[m.backend] = m.prepare(device, dtype).op.backend
+        if chosen and (device.type, dtype) not in self._prepared:
+            log.info("TTT layers on %s %s: %s", device.type, str(dtype).replace("torch.", ""),
+                     ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
+        self._prepared.add((device.type, dtype))
+
+    def prepare_decode(self) -> None:
+        """Deprecated: `prepare()`."""
+        warnings.warn("TTTLM.prepare_decode() is deprecated; use TTTLM.prepare()", DeprecationWarning, stacklevel=2)
+        self.prepare()
 
     def init_state(self, batch_size: int, device=None) -> LMState:
         device = device or self.embed.weight.device
-        return LMState([blk.init_state(batch_size, device) for blk in self.blocks], 0)
+        return LMState([blk.init_state(batch_size, device) for blk in self.blocks])
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
@@ -242,14 +304,16 @@ class TTTLM(nn.Module):
             raise ValueError(f"ids: expected an integer tensor [B, T], got {got}")
         if ids.shape[1] == 0:
             raise ValueError("ids: expected a non-empty sequence (T >= 1), got T = 0")
-        if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)):
+        if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)
+                                  or not all(isinstance(b, BlockState) for b in state.blocks)):
             raise ValueError(f"state: expected an LMState of {len(self.blocks)} blocks from this model's init_state")
         B, T = ids.shape
         # a fresh start lets each block build its initial state inside its own forward (FSDP2
         # unshards a block's parameters only there)
         h = self.embed(ids)
+        if (h.device.type, h.dtype) not in self._prepared:  # decided here, outside any compiled block
+            self.prepare(h.device, h.dtype)
         new_states = []
-        pos = 0 if state is None else state.pos
         for blk, s in zip(self.blocks, [None] * len(self.blocks) if state is None else state.blocks):
             if run_block is not None:
                 h, s = run_block(blk, h, s)
@@ -258,7 +322,7 @@ class TTTLM(nn.Module):
             else:
                 h, s = blk(h, s)
             new_states.append(s)
-        return self.norm(h), LMState(new_states, pos + T)
+        return self.norm(h), LMState(new_states)
 
     @property
     def head_weight(self) -> torch.Tensor:

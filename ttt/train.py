@@ -63,7 +63,7 @@ import torch
 from . import dist
 from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
                          latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
-from .config import ModelConfig, help_field
+from .config import ModelConfig, RunOptions, help_field
 from .data import Batcher, eval_sequences, load_meta, load_tokens
 from .model import TTTLM, inner_lr_scale
 from .tokenizer import Tokenizer
@@ -265,13 +265,13 @@ class _Metrics:
             self._tb.close()
 
 
-def init_model_config(init_from: str, given: ModelConfig, data_vocab: int) -> ModelConfig:
-    """The model config of `init_from` (a run or checkpoint dir) for fine-tuning, keeping the execution-only
-    ttt_backend of `given`; ValueError when the data's vocabulary does not fit it."""
+def init_model_config(init_from: str, data_vocab: int) -> ModelConfig:
+    """The model config of `init_from` (a run or checkpoint dir) for fine-tuning; ValueError when the data's
+    vocabulary does not fit it."""
     from .checkpoint import model_config
 
     src = read_checkpoint(init_from, optimizer=False)
-    cfg = dataclasses.replace(model_config(src), ttt_backend=given.ttt_backend)
+    cfg = model_config(src)
     if data_vocab != cfg.vocab_size:
         raise ValueError(f"init_from: the model of {init_from!r} has vocab_size {cfg.vocab_size}, the dataset's "
                          f"tokenizer {data_vocab}; prepare the data with that model's tokenizer (ttt data --tokenizer)")
@@ -334,8 +334,9 @@ def _newest_valid_checkpoint(out: Path) -> Path | None:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-          on_step: Callable[[int, dict], bool | None] | None = None) -> dict:
-    """Train (or continue training) `model_cfg` with `train_cfg`; see the module docstring.
+          on_step: Callable[[int, dict], bool | None] | None = None, run: RunOptions | None = None) -> dict:
+    """Train (or continue training) `model_cfg` with `train_cfg`; see the module docstring. run: how the model
+    runs (backends, fused kernels; None: the defaults); not part of the run's identity, so a resume may change it.
 
     on_step(step, metrics) is called on every rank after every optimizer step (metrics: step,
     tokens, loss, lr, grad_norm, val_loss when evaluated); returning True stops the run like SIGINT.
@@ -360,7 +361,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     try:
         if device.type == "cuda":
             device = torch.device("cuda", info.local_rank if info.world_size > 1 else torch.cuda.current_device())
-        return _train(model_cfg, train_cfg, device, on_step)
+        return _train(model_cfg, train_cfg, device, on_step, run)
     finally:
         dist.shutdown(info)
 
@@ -395,12 +396,13 @@ class _Loop:
     step_log: int = 0
 
 
-def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, parallel: str):
+def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, parallel: str,
+                run: RunOptions | None = None):
     """(model, wrapped): built on the meta device, FSDP2-sharded there (parallel='fsdp'), materialised on
     `device` and initialised from cfg.seed (the same values as one process), then DDP-wrapped
     (parallel='ddp'). `model` is the (sharded) model itself, `wrapped` what the forward goes through."""
     with torch.device("meta"):
-        model = TTTLM(model_cfg)
+        model = TTTLM(model_cfg, run)
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         for blk in model.blocks:
@@ -420,7 +422,8 @@ def _amp(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
 
 
-def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tuple[_Loop, Path | None, bool]:
+def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+           run: RunOptions | None = None) -> tuple[_Loop, Path | None, bool]:
     """Check the data and out_dir, build the model and optimizer, restore a checkpoint; (loop, the
     checkpoint resumed from, whether this call created config.json)."""
     rank, world = dist.rank(), dist.world_size()
@@ -439,7 +442,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
 
     parallel = dist.resolve_parallel(cfg.parallel, world)
-    model, wrapped = build_model(model_cfg, cfg, device, parallel)
+    model, wrapped = build_model(model_cfg, cfg, device, parallel, run)
     # on a GPU, one fused kernel for the whole AdamW step (FSDP2's sharded DTensors keep the default)
     fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
@@ -479,12 +482,12 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     return loop, resume_from, created
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step) -> dict:
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step, run=None) -> dict:
     out = Path(cfg.out_dir)
     loop, resume_from, created = None, None, False
     bar = None
     try:
-        loop, resume_from, created = _setup(model_cfg, cfg, device)
+        loop, resume_from, created = _setup(model_cfg, cfg, device, run)
         if cfg.progress and loop.rank == 0:
             from tqdm import tqdm
             bar = tqdm(total=cfg.max_steps, initial=loop.step, file=sys.stderr, dynamic_ncols=True, unit="step")

@@ -38,6 +38,7 @@ class CausalConv1d(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.channels, self.width, self.backend = channels, width, backend
+        self._use: dict = {}  # (backend, device type, dtype) -> whether the Triton kernel runs (`_use_kernel`)
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.reset_parameters()
@@ -55,16 +56,25 @@ class CausalConv1d(nn.Module):
                            dtype=dtype or self.weight.dtype)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernel runs for x's device type and dtype, decided on the first such call."""
+        key = (self.backend, x.device.type, x.dtype)
+        if key not in self._use:
+            self._use[key] = self._decide(x.device, x.dtype)
+        return self._use[key]
+
+    def _decide(self, device, dtype) -> bool:
         if self.backend == "torch":
             return False
-        from ..ops import resolve_backend  # the op's rule: "triton" needs CUDA (or the interpreter) and Triton
-        chosen = resolve_backend("triton" if self.backend == "triton" else "auto", x.device)
-        if chosen == "triton" and (x.dtype == torch.float64 or self.channels % 2):
-            if self.backend == "triton":
+        from ..ops import triton_runs_on  # the op's rule: CUDA (or Triton's interpreter), and Triton imports
+        ok, why = triton_runs_on(device)
+        if self.backend == "triton":
+            if not ok:
+                raise RuntimeError(f"backend='triton' {why}")
+            if dtype == torch.float64 or self.channels % 2:
                 raise ValueError(f"x: the Triton conv kernel takes fp32/fp16/bf16 inputs with an even channel count, "
-                                 f"got {x.dtype} with {self.channels} channels")
-            return False
-        return chosen == "triton"
+                                 f"got {dtype} with {self.channels} channels")
+            return True
+        return ok and device.type == "cuda" and dtype != torch.float64 and not self.channels % 2
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         B, T, C = x.shape

@@ -183,10 +183,11 @@ class GatedRMSNorm(RMSNorm):
 @dataclass
 class MambaState:
     """conv: last conv_width-1 inputs of the conv, [B, conv_width-1, d_inner + 2*d_state];
-    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64)."""
+    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64); pos: tokens consumed."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    pos: int = 0
 
     def detach(self) -> "MambaState":
         return replace(self, conv=self.conv.detach(), ssm=self.ssm.detach())
@@ -208,7 +209,7 @@ class Mamba2(nn.Module):
         if backend not in MAMBA_BACKENDS:
             raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {backend!r}")
         self.backend, self.kernel_chunk_size = backend, kernel_chunk_size
-        self._kernels = {}  # device type -> the loaded kernels or None (torch), resolved on first use
+        self._kernels = {}  # (backend, device type) -> the loaded kernels or None (torch), resolved on first use
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"head_dim: must divide expand*d_model={d_inner}, got {head_dim}")
@@ -268,11 +269,11 @@ class Mamba2(nn.Module):
         mamba_ssm kernels (tests pass a stand-in with the same contract)."""
         T = xh.shape[1]
         if kernels is None:
-            dev = xh.device.type
-            if dev not in self._kernels:  # resolve once per device type (auto tries an import)
+            key = (self.backend, xh.device.type)
+            if key not in self._kernels:  # resolve once per backend and device type (auto tries an import)
                 use = resolve_mamba_backend(self.backend, xh.device) == "mamba_ssm"
-                self._kernels[dev] = load_mamba_ssm() if use else None
-            kernels = self._kernels[dev]
+                self._kernels[key] = load_mamba_ssm() if use else None
+            kernels = self._kernels[key]
         if kernels is not None:
             if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (xh, dt, Bm, Cm, ssm, D))):
                 y, ssm = ssd_step_kernel(kernels, xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, ssm)
@@ -305,4 +306,4 @@ class Mamba2(nn.Module):
             Bm, Cm = Bm.to(cd), Cm.to(cd)
             y, ssm = self.scan(xh, dt, A, Bm, Cm, self.D.to(cd), ssm)
             y = self.norm(y.reshape(B, T, self.d_inner), z)  # [B, T, H, P] -> [B, T, d_inner]
-        return self.out_proj(y), MambaState(conv_state, ssm)
+        return self.out_proj(y), MambaState(conv_state, ssm, state.pos + T)

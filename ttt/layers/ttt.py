@@ -12,13 +12,14 @@ post-LayerNorm, output gate and projection.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BACKENDS as OP_BACKENDS, TTTState, make_tau, resolve_backend, ttt_op
-from ..ops.generic import ttt_generic
+from ..ops import BACKENDS as OP_BACKENDS, TTTInputs, TTTOp, TTTState, make_tau, resolve_op
+from ..ops.generic import GenericOp
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
 
@@ -41,9 +42,22 @@ class TTTLayerState:
         return replace(self, op=self.op.detach(), conv=None if self.conv is None else self.conv.detach())
 
 
+class Plan(NamedTuple):
+    """How a TTT layer runs for one device type and dtype, decided once (`TTTLayer.prepare`): the TTT op and
+    whether the fused layer kernels run around it."""
+
+    op: TTTOp | GenericOp
+    fused: bool
+
+
 class TTTLayer(nn.Module):
     """A TTT layer whose inner model is "linear", "mlp", or any nn.Module mapping [d] -> [d] (run
-    through the primal generic op). See the module docstring for usage."""
+    through the primal generic op). See the module docstring for usage.
+
+    Execution (not architecture, never saved with the weights): `backend`, the TTT op's backend (see
+    `ttt.ops`), and `fused`, the Triton kernels around the op (opt-in). Both can be set after construction; how
+    the layer runs is decided once per device type and dtype (`prepare`, which the first forward on a new one
+    calls) and looked up on every later call."""
 
     static_decode_state = True  # decoding: the state has a fixed size (CUDA-graph capturable)
 
@@ -65,11 +79,6 @@ class TTTLayer(nn.Module):
             raise ValueError(f"backbone: expected one of {BACKBONES}, got {backbone!r}")
         if not (inner in ("linear", "mlp") or isinstance(inner, nn.Module)):
             raise ValueError(f"inner: expected 'linear', 'mlp' or an nn.Module, got {inner!r}")
-        if backend not in OP_BACKENDS:  # the generic inner model never reaches the op's own check
-            raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
-        if isinstance(inner, nn.Module) and backend not in ("auto", "naive"):
-            raise ValueError(f"backend: a generic inner model runs the primal form only ('auto' or 'naive'), "
-                             f"got {backend!r}")
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
         if not learn_init and inner != "linear":
@@ -82,12 +91,9 @@ class TTTLayer(nn.Module):
             raise ValueError(f"d_model: expected an even head dim for RoPE, got d_model/n_heads = {d}")
         self.d_model, self.n_heads, self.head_dim = D, H, d
         self.kind = inner if isinstance(inner, str) else "generic"
-        if not isinstance(fused, bool):
-            raise ValueError(f"fused: expected a bool, got {fused!r}")
-        if fused and isinstance(inner, nn.Module):
-            raise ValueError("fused: the fused layer kernels serve the 'linear' and 'mlp' inner models only")
-        self.backbone, self.mini_batch, self.rope_base, self.backend = backbone, mini_batch, rope_base, backend
-        self.fused = fused
+        self.backbone, self.mini_batch, self.rope_base = backbone, mini_batch, rope_base
+        self._plans: dict = {}  # (device type, dtype) -> Plan
+        self.backend, self.fused = backend, fused
         self.base_lr = base_lr if base_lr is not None else (0.1 if self.kind == "mlp" else 1.0)
 
         if backbone == "mamba":
@@ -154,6 +160,51 @@ class TTTLayer(nn.Module):
                 p = getattr(self, name)
                 nn.init.normal_(p, std=0.02) if name.startswith("W") else nn.init.zeros_(p)
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in OP_BACKENDS:
+            raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
+        if self.kind == "generic" and backend not in ("auto", "naive"):
+            raise ValueError(f"backend: a generic inner model runs the primal form only ('auto' or 'naive'), "
+                             f"got {backend!r}")
+        self._backend = backend
+        self._plans.clear()
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, fused: bool) -> None:
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused: expected a bool, got {fused!r}")
+        if fused and self.kind == "generic":
+            raise ValueError("fused: the fused layer kernels serve the 'linear' and 'mlp' inner models only")
+        self._fused = fused
+        self._plans.clear()
+
+    def prepare(self, device=None, dtype: torch.dtype | None = None) -> Plan:
+        """Decide how this layer runs for `dtype` inputs on `device` (default: those of its weights), once: the
+        TTT op (`ttt.ops.resolve_op`) and whether the fused layer kernels run (only when asked for, `fused=True`;
+        they need the op's triton backend on fp32/fp16/bf16 inputs, else this raises: no silent fallback)."""
+        device = self.v_proj.weight.device if device is None else torch.device(device)
+        dtype = self.v_proj.weight.dtype if dtype is None else dtype
+        key = (device.type, dtype)
+        if key not in self._plans:
+            if self.kind == "generic":
+                op = GenericOp(self._template[0], self.residual)
+            else:
+                op = resolve_op(self.kind, self.backend, device, dtype, inner_ln=self.inner_ln, residual=self.residual)
+            if self.fused and op.backend != "triton":
+                raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
+                                 f"inputs; got backend={self.backend!r} on {device.type} with {dtype}")
+            self._plans[key] = Plan(op, self.fused)
+        return self._plans[key]
+
     def inner_params(self):
         return tuple(getattr(self, n) for n in self.inner_names)
 
@@ -186,20 +237,11 @@ class TTTLayer(nn.Module):
         got = tuple(p.shape[2:] for p in state.op.params)
         if want != got:
             raise ValueError(f"state: expected inner weights of per-head shapes {want}, got {got}")
+        if state.op.params[0].device != x.device:
+            raise ValueError(f"state: expected tensors on {x.device} like x, got {state.op.params[0].device}")
         if (state.conv is None) != (self.backbone != "mamba"):
             raise ValueError(f"state: expected {'a' if self.backbone == 'mamba' else 'no'} conv window for "
                              f"backbone {self.backbone!r}")
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the fused Triton kernels around the op (ops/fused_layer.py). Only when asked
-        for (`fused=True`: not the default until measured faster on a GPU), and then the op must run its
-        "triton" backend on fp32/fp16/bf16 inputs, else this raises (no silent fallback)."""
-        if not self.fused:
-            return False
-        if resolve_backend(self.backend, x.device) != "triton" or x.dtype == torch.float64:
-            raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
-                             f"inputs; got backend={self.backend!r} on {x.device.type} with {x.dtype}")
-        return True
 
     def forward(self, x: torch.Tensor, state: TTTLayerState | None = None):
         """x: [B, T, D] -> (y [B, T, D], new state)."""
@@ -208,7 +250,8 @@ class TTTLayer(nn.Module):
         H, d = self.n_heads, self.head_dim
         if state is None:
             state = self.init_state(B, x.device)
-        fused = self._use_kernels(x)
+        plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
+        fused = plan.fused
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
@@ -237,12 +280,7 @@ class TTTLayer(nn.Module):
         else:  # fixed eta = base_lr / d, tau_i = 1/i
             lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H).contiguous()  # kernels want strides
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
-        if self.kind == "generic":
-            o, op_state = ttt_generic(self._template[0], q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
-                                      mini_batch=self.mini_batch, residual=self.residual)
-        else:
-            o, op_state = ttt_op(self.kind, q, k, v, lr, tau, self.ln_weight, self.ln_bias, state.op,
-                                 mini_batch=self.mini_batch, backend=self.backend, residual=self.residual)
+        o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias), state.op)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import ln_gate

@@ -73,58 +73,88 @@ class TTTState:
                        accum=tuple(a.to(*args, **kwargs) for a in self.accum))
 
 
-def check_inputs(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch):
-    """Validate op inputs; raise ValueError/TypeError naming the argument, expected and received."""
-    if not isinstance(state, TTTState):
-        raise TypeError(f"state: expected a TTTState, got {type(state).__name__}")
-    if state.kind != kind:
-        raise ValueError(f"state: expected a state of kind {kind!r}, got one of kind {state.kind!r}")
-    if not isinstance(mini_batch, int) or isinstance(mini_batch, bool) or mini_batch < 1:
-        raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected shape [B, T, H, d] (4 dims), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    B, T, H, d = q.shape
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
-    if T == 0:
-        raise ValueError("q: expected a non-empty sequence (T >= 1), got T = 0")
-    if not isinstance(lr, torch.Tensor) or lr.shape != (B, T, H):
-        got = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
-        raise ValueError(f"lr: expected shape {(B, T, H)} ([B, T, H]), got {got}")
-    if not isinstance(tau, torch.Tensor) or tau.shape != (mini_batch,):
-        got = tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__
-        raise ValueError(f"tau: expected shape {(mini_batch,)} ([mini_batch]), got {got}")
-    if (ln_weight is None) != (ln_bias is None):  # both None means no inner LayerNorm
-        name, other = ("ln_weight", "ln_bias") if ln_weight is None else ("ln_bias", "ln_weight")
-        raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), or None together with {other} (no inner "
-                         "LayerNorm), got None")
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (H, d):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), got {got}")
-    for name, t in (("k", k), ("v", v), ("lr", lr), ("tau", tau), ("ln_weight", ln_weight), ("ln_bias", ln_bias),
-                    *(("state", t) for t in (*state.params, *state.accum))):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
-    if state.batch_size != B:
-        raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
-    if state.num_heads != H or state.head_dim != d:
-        raise ValueError(f"state: expected {H} heads of dim {d} like q, got {state.num_heads} heads of dim {state.head_dim}")
-    if len(state.accum) != len(state.params) or any(a.shape != p.shape for a, p in zip(state.accum, state.params)):
-        raise ValueError(f"state: expected accumulators shaped like the weights {[tuple(p.shape) for p in state.params]}, "
-                         f"got {[tuple(a.shape) for a in state.accum]}")
-    if not isinstance(state.pos, int) or state.pos < 0:
-        raise ValueError(f"state: expected a non-negative int pos, got {state.pos!r}")
+@dataclass(frozen=True)
+class TTTInputs:
+    """The inputs of one TTT op call (docs/math.md §§3-5), one value instead of seven arguments.
+
+    q, k, v:   [B, T, H, d], any float dtype (the output has q's dtype).
+    lr:        [B, T, H], the per-token inner learning rate base_lr * sigma_j / d.
+    tau:       [b], the per-position factor tau_i; its length is the mini-batch size b (`mini_batch`).
+    ln_weight, ln_bias: [H, d], the inner LayerNorm, or both None for none.
+    (Packed sequences, issue 19, add their document boundaries `cu_seqlens` here: one field, checked in `check`,
+    that every backend reads from this value.)
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    lr: torch.Tensor
+    tau: torch.Tensor
+    ln_weight: torch.Tensor | None = None
+    ln_bias: torch.Tensor | None = None
+
+    @property
+    def mini_batch(self) -> int:
+        return self.tau.shape[0]
+
+    def tokens(self, start: int, stop: int | None = None) -> "TTTInputs":
+        """The inputs of tokens [start, stop) (views)."""
+        s = slice(start, stop)
+        return replace(self, q=self.q[:, s], k=self.k[:, s], v=self.v[:, s], lr=self.lr[:, s])
+
+    def check(self, kind: str, state: "TTTState") -> None:
+        """Validate the inputs and `state` for a `kind` op; raise ValueError/TypeError naming the argument,
+        expected and received."""
+        q, k, v, lr, tau, ln_weight, ln_bias = self.q, self.k, self.v, self.lr, self.tau, self.ln_weight, self.ln_bias
+        if not isinstance(state, TTTState):
+            raise TypeError(f"state: expected a TTTState, got {type(state).__name__}")
+        if state.kind != kind:
+            raise ValueError(f"state: expected a state of kind {kind!r}, got one of kind {state.kind!r}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name}: expected shape [B, T, H, d] (4 dims), got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        B, T, H, d = q.shape
+        for name, t in (("k", k), ("v", v)):
+            if t.shape != q.shape:
+                raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+        if T == 0:
+            raise ValueError("q: expected a non-empty sequence (T >= 1), got T = 0")
+        if not isinstance(lr, torch.Tensor) or lr.shape != (B, T, H):
+            got = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
+            raise ValueError(f"lr: expected shape {(B, T, H)} ([B, T, H]), got {got}")
+        if not isinstance(tau, torch.Tensor) or tau.dim() != 1 or tau.shape[0] < 1:
+            got = tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__
+            raise ValueError(f"tau: expected shape [mini_batch] (one dim, at least one entry), got {got}")
+        if (ln_weight is None) != (ln_bias is None):  # both None means no inner LayerNorm
+            name, other = ("ln_weight", "ln_bias") if ln_weight is None else ("ln_bias", "ln_weight")
+            raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), or None together with {other} (no inner "
+                             "LayerNorm), got None")
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.shape != (H, d):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape {(H, d)} ([H, d]), got {got}")
+        for name, t in (("k", k), ("v", v), ("lr", lr), ("tau", tau), ("ln_weight", ln_weight), ("ln_bias", ln_bias),
+                        *(("state", t) for t in (*state.params, *state.accum))):
+            if t is not None and t.device != q.device:
+                raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+        if state.batch_size != B:
+            raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
+        if state.num_heads != H or state.head_dim != d:
+            raise ValueError(f"state: expected {H} heads of dim {d} like q, got {state.num_heads} heads of dim "
+                             f"{state.head_dim}")
+        if len(state.accum) != len(state.params) or any(a.shape != p.shape for a, p in zip(state.accum, state.params)):
+            raise ValueError(f"state: expected accumulators shaped like the weights "
+                             f"{[tuple(p.shape) for p in state.params]}, got {[tuple(a.shape) for a in state.accum]}")
+        if not isinstance(state.pos, int) or state.pos < 0:
+            raise ValueError(f"state: expected a non-negative int pos, got {state.pos!r}")
 
 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -207,16 +237,35 @@ def segments(T: int, pos: int, b: int):
         t += n
 
 
-def dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+def dual_inputs(x: TTTInputs, state: TTTState):
     """The dual form's operands in the compute dtype, heads first: Q, K, V [B,H,T,d], LR [B,H,T], tau [b],
     gamma/beta [H,1,d] (None without inner LayerNorm), and the state's params and accum."""
-    ct = compute_dtype(q)
-    Q, K, V = (x.transpose(1, 2).to(ct) for x in (q, k, v))  # [B,T,H,d] -> [B,H,T,d]
-    LR = lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
-    gam, bet = (None, None) if ln_weight is None else (ln_weight.to(ct)[:, None, :], ln_bias.to(ct)[:, None, :])
+    ct = compute_dtype(x.q)
+    Q, K, V = (t.transpose(1, 2).to(ct) for t in (x.q, x.k, x.v))  # [B,T,H,d] -> [B,H,T,d]
+    LR = x.lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
+    gam, bet = ln_operands(x, ct)
     params = tuple(p.to(ct) for p in state.params)
-    accum = tuple(x.to(ct) for x in state.accum)
-    return Q, K, V, LR, tau.to(ct), gam, bet, params, accum
+    accum = tuple(a.to(ct) for a in state.accum)
+    return Q, K, V, LR, x.tau.to(ct), gam, bet, params, accum
+
+
+def step_inputs(x: TTTInputs, state: TTTState):
+    """The one-token step's operands in the compute dtype: q, k, v [B,H,1,d], lr [B,H,1,1], tau [b], the token's
+    in-batch index i, gamma/beta [H,1,d] (or None), and the state's params and accum."""
+    ct = compute_dtype(x.q)
+    qt, kt, vt = (t[:, 0].to(ct).unsqueeze(-2) for t in (x.q, x.k, x.v))  # [B,1,H,d] -> [B,H,1,d]
+    lr_t = x.lr[:, 0].to(ct)[..., None, None]  # [B,1,H] -> [B,H,1,1]
+    gam, bet = ln_operands(x, ct)
+    params = tuple(p.to(ct) for p in state.params)
+    accum = tuple(a.to(ct) for a in state.accum)
+    return qt, kt, vt, lr_t, x.tau.to(ct), state.pos % x.mini_batch, gam, bet, params, accum
+
+
+def ln_operands(x: TTTInputs, ct: torch.dtype):
+    """The inner LayerNorm's weight and bias as [H,1,d] in dtype ct, or (None, None) without one."""
+    if x.ln_weight is None:
+        return None, None
+    return x.ln_weight.to(ct)[:, None, :], x.ln_bias.to(ct)[:, None, :]
 
 
 def advance(params, accum, n: int, off: int, tau) -> tuple:

@@ -13,25 +13,25 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .common import TTTState, compute_dtype, layer_norm
+from .common import TTTInputs, TTTState, compute_dtype, layer_norm
 
 
-def primal_forward(f_res, params, accum, pos, q, k, v, lr, tau, ln_weight, ln_bias, mini_batch,
-                   residual: bool = True):
+def primal_forward(f_res, x: TTTInputs, params, accum, pos: int, residual: bool = True):
     """Run the primal TTT recurrence.
 
-    f_res(params, x [B,H,d]) -> [B,H,d]; params/accum: tuples of [B,H,...] tensors; q,k,v [B,T,H,d];
-    lr [B,T,H]; tau [b]; ln_weight/ln_bias [H,d] or None for no inner LayerNorm; residual=False drops
-    the residual (target v instead of v - k, output f_res(q) instead of q + LN(f_res(q))).
+    f_res(params, x [B,H,d]) -> [B,H,d]; x: the op's inputs (`TTTInputs`: q, k, v [B,T,H,d], lr [B,T,H], tau [b],
+    ln_weight/ln_bias [H,d] or None for no inner LayerNorm); params/accum: tuples of [B,H,...] tensors;
+    residual=False drops the residual (target v instead of v - k, output f_res(q) instead of q + LN(f_res(q))).
     Returns (o [B,T,H,d] in the compute dtype, params, accum, pos).
     """
     if torch.is_inference_mode_enabled():
         # the inner gradients need autograd, which inference mode switches off: run on normal copies
         with torch.inference_mode(False), torch.no_grad():
-            copy = [x if x is None else x.clone() for x in (q, k, v, lr, tau, ln_weight, ln_bias)]
-            o, params, accum, pos = primal_forward(f_res, [p.clone() for p in params], [a.clone() for a in accum],
-                                                   pos, *copy, mini_batch, residual)
-        return o, params, accum, pos
+            copy = TTTInputs(*(t if t is None else t.clone() for t in (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight,
+                                                                       x.ln_bias)))
+            return primal_forward(f_res, copy, [p.clone() for p in params], [a.clone() for a in accum], pos,
+                                  residual)
+    q, k, v, lr, tau, ln_weight, ln_bias, mini_batch = x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, x.mini_batch
     ct = compute_dtype(q)
     norm = (lambda z: z) if ln_weight is None else (lambda z: layer_norm(z, ln_weight.to(ct), ln_bias.to(ct)))
     params = [p.to(ct) for p in params]
@@ -45,7 +45,7 @@ def primal_forward(f_res, params, accum, pos, q, k, v, lr, tau, ln_weight, ln_bi
         params = [p if grad_on and p.requires_grad else p.detach().requires_grad_() for p in params]
         for t in range(q.shape[1]):
             i = pos % mini_batch  # 0-based in-batch index of this token
-            qt, kt, vt = (x[:, t].to(ct) for x in (q, k, v))  # [B,H,d]
+            qt, kt, vt = (u[:, t].to(ct) for u in (q, k, v))  # [B,H,d]
             target = vt - kt if residual else vt
             loss = 0.5 * (norm(f_res(params, kt)) - target).pow(2).sum()  # sum of independent per-(B,H) losses
             grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -75,8 +75,9 @@ def module_f_res(module: nn.Module, names):
 
 
 def ttt_generic(module: nn.Module, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState | None = None,
-                init_params=None, *, mini_batch: int = 16, residual: bool = True):
+                init_params=None, *, mini_batch: int | None = None, residual: bool = True):
     """TTT op whose inner model is any `nn.Module` mapping [d] -> [d] (written for one token).
+    mini_batch: optional, = len(tau) (checked).
 
     init_params: tuple of per-head initial weights [H, *shape] in `module.named_parameters()` order
     (used when `state` is None); state.params hold [B, H, *shape]. ln_weight/ln_bias [H, d] or None.
@@ -93,6 +94,21 @@ def ttt_generic(module: nn.Module, q, k, v, lr, tau, ln_weight, ln_bias, state: 
         state = TTTState("generic", params, tuple(torch.zeros_like(p) for p in params), 0)
     if state.params[0].shape[:2] != (B, H):
         raise ValueError(f"state: expected weights of leading shape {(B, H)}, got {tuple(state.params[0].shape[:2])}")
-    o, params, accum, pos = primal_forward(module_f_res(module, names), state.params, state.accum, state.pos,
-                                           q, k, v, lr, tau, ln_weight, ln_bias, mini_batch, residual)
-    return o.to(q.dtype), TTTState("generic", params, accum, pos)
+    if mini_batch is not None and tau.shape != (mini_batch,):
+        raise ValueError(f"tau: expected shape {(mini_batch,)} ([mini_batch]), got {tuple(tau.shape)}")
+    return GenericOp(module, residual)(TTTInputs(q, k, v, lr, tau, ln_weight, ln_bias), state)
+
+
+class GenericOp:
+    """The TTT op for any inner `nn.Module` (the primal form, the only backend for it): op(x, state) -> (o, new
+    state of kind "generic"), as `ttt.ops.TTTOp`."""
+
+    kind, backend = "generic", "naive"
+
+    def __init__(self, module: nn.Module, residual: bool = True):
+        self.module, self.residual = module, residual
+        self.f_res = module_f_res(module, [n for n, _ in module.named_parameters()])
+
+    def __call__(self, x: TTTInputs, state: TTTState):
+        o, params, accum, pos = primal_forward(self.f_res, x, state.params, state.accum, state.pos, self.residual)
+        return o.to(x.q.dtype), TTTState("generic", params, accum, pos)

@@ -1,90 +1,43 @@
-"""The "triton" backend of the TTT ops: autograd wrappers around the Triton kernels.
+"""The "triton" backend of the TTT ops: `TritonOp`, the op of one kind that runs the Triton kernels.
 
-Mirrors the PyTorch dual form (`ttt_linear/dual.py`, `ttt_mlp/dual.py`): same signature, same outputs,
-same state. The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`) run whole mini-batches that start
-at a mini-batch boundary with a zero accumulator. A call is split into up to three pieces:
-  head: the tokens that finish a mini-batch already begun (state.pos % b != 0) -> PyTorch dual form;
-  body: the aligned whole mini-batches -> the Triton kernels (weights on chip, checkpointed backward),
-        called as torch.library custom ops (`torch.ops.ttt.*_chunk_fwd/bwd`, fake impls + autograd), so
-        torch.compile traces them without a graph break;
-  tail: the last T % b tokens of a partial mini-batch -> PyTorch dual form.
-Autograd joins the pieces, so gradients reach every input and the initial state (params and accum).
-When the start state's accumulator requires grad at an aligned position, the first mini-batch also
-runs in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute.
-TTT-MLP has four kernel pairs (MLP_IMPLS, below): three keep W1 and W2 (2 x d x 4d fp32) in registers up to
-d = 64 ("regs", the default there; "trans" and "split", F as the row dimension of the products), and
-"blocked" walks F in blocks with the weights in a per-program global scratch and serves larger head dims
-(96 for the 760m preset, 128). `forward`'s `mlp_impl` and `mlp_warps` arguments pick (None: by head dim).
-One-token calls (decode) use the fused step kernels (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`);
-a one-token call that needs gradients runs the PyTorch step instead (logged once). float64 inputs run the
-dual form (the kernels compute in fp32; also logged once).
-Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether it works.
+Mirrors the PyTorch dual form (`ttt_linear/dual.py`, `ttt_mlp/dual.py`): same inputs, same outputs, same state.
+The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`, `ttt_mlp/chunk_blocked.py`) run whole mini-batches that
+start at a mini-batch boundary with a zero accumulator. `TritonOp`'s rules, all of them:
+  - a call is split into up to three pieces: head, the tokens that finish a mini-batch already begun
+    (state.pos % b != 0), in the PyTorch dual form; body, the aligned whole mini-batches, in the kernels
+    (weights on chip, checkpointed backward), called as torch.library custom ops (`torch.ops.ttt.*_chunk_fwd/bwd`,
+    fake impls + autograd), so torch.compile traces them without a graph break; tail, the last T % b tokens
+    of a partial mini-batch, in the dual form. Autograd joins the pieces, so gradients reach every input and
+    the initial state (params and accum);
+  - when the start state's accumulator requires grad at an aligned position, the first mini-batch also runs
+    in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute;
+  - a one-token call (decode) runs the fused step kernel (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`),
+    or the PyTorch step when it needs gradients (the step kernels have no backward);
+  - float64 inputs, and calls without the inner LayerNorm, are refused (`resolve_op` gives them the dual form).
+Kernel choices are explicit values, `LinearKernels` and `MLPKernels` (defaults: the measured winners,
+docs/kernels_notes.md). Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether
+it works.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import triton  # noqa: F401  (import failure = backend unavailable)
 
-from .common import TTTState
-from .ttt_linear import chunk as _lin_chunk, dual as _lin_dual, step as _lin_step
-from .ttt_linear import step_triton as lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, chunk_split as _mlp_split
-from .ttt_mlp import chunk_t as _mlp_trans
-from .ttt_mlp import dual as _mlp_dual, step as _mlp_step
-from .ttt_mlp import step_triton as mlp_step_triton
-
-log = logging.getLogger(__name__)
-_warned: set = set()
-
-
-def _warn_once(key, msg: str, *args) -> None:
-    """Say once per case when part of a triton-backend call runs in the PyTorch dual form."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
+from . import TTTOp
+from .common import TTTInputs, TTTState
+from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_triton as _mlp_step_triton
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
-# the TTT-Linear backward by default: "split" (chain + parallel passes; H200 fwd+bwd, bf16: B4 T8192 H12 5.40 -> 3.40 ms,
-# B4 T8192 H32 5.46 -> 4.89, B1 T32768 H32 21.8 -> 12.2, B16 T2048 H32 4.93 -> 4.15; docs/kernels_notes.md round 4) or "v1"
-LINEAR_BWD_IMPL = "split"
-
-
-@dataclass(frozen=True)
-class LinearKernels:
-    """How the TTT-Linear body runs (an explicit argument of `forward`; tests and benchmarks pass one).
-    bwd: the backward kernel ("v1" | "split", see `ttt_linear/chunk.py`); group: mini-batches per weight
-    checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the
-    default; bwd_warps: None, or (warps,) for v1 / (pre, chain, post) for split; bwd_segments: split only, the
-    time segments of its pipelined launch (None: by size)."""
-    bwd: str = LINEAR_BWD_IMPL
-    group: int = GROUP
-    dot_mode: int | None = None
-    fwd_warps: int | None = None
-    bwd_warps: tuple | None = None
-    bwd_segments: int | None = None
-
-    def __post_init__(self):
-        if self.bwd not in _lin_chunk.BWD_IMPLS:
-            raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
-
-
-# TTT-MLP kernel pairs, chosen by the `mlp_impl` argument of `forward` (None: `default_mlp_impl(d)`):
-#   "trans": ttt_mlp/chunk_t.py, weights F-major in registers, F the row dimension of the products;
-#   "split": ttt_mlp/chunk_split.py's forward (F split across the warps, batched products, one reduction over
-#            the warps per sum over F) with chunk_t.py's backward (same checkpoint layout);
-#   "regs": ttt_mlp/chunk.py, weights in registers, tokens the row dimension (d <= MLP_MAX_D);
-#   "blocked": ttt_mlp/chunk_blocked.py, F walked in blocks, weights in a per-program global scratch.
-MLP_IMPLS = ("trans", "split", "regs", "blocked")
-MLP_MAX_D = 64  # the register kernels (all but "blocked") hold W1 and W2 on chip up to this head dim
+MLP_IMPLS = ("regs", "blocked")  # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py
+MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
 
 def default_mlp_impl(d: int) -> str:
-    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" above. ("trans" and "split"
-    spill no less than "regs" by the offline sm_90 compile (docs/kernels_notes.md round 4); they stay
-    selectable until a GPU timing says otherwise.)"""
+    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" (F walked in column blocks,
+    the weights in a per-program global scratch) above."""
     return "regs" if d <= MLP_MAX_D else "blocked"
 
 
@@ -99,17 +52,128 @@ def _same_strides(q, k, v):
     return q, k, v
 
 
-def _mlp_kernels(d: int, impl: str | None):
-    """The TTT-MLP (fwd, bwd) launchers for head dim d and `impl` (None: `default_mlp_impl(d)`)."""
-    impl = impl or default_mlp_impl(d)
-    if impl not in MLP_IMPLS:
-        raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {impl!r}")
-    if impl != "blocked" and d > MLP_MAX_D:
-        raise ValueError(f"mlp_impl: {impl!r} holds the weights in registers only up to head dim {MLP_MAX_D}, "
-                         f"got head dim {d}")
-    fwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_split, "blocked": _mlp_blocked}[impl].fwd
-    bwd = {"regs": _mlp_chunk, "trans": _mlp_trans, "split": _mlp_trans, "blocked": _mlp_blocked}[impl].bwd
-    return fwd, bwd
+def _needs_grad(*xs):
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _f32(params):
+    return tuple(p.to(torch.float32) for p in params)
+
+
+@dataclass(frozen=True)
+class LinearKernels:
+    """How TTT-Linear runs in the kernels. bwd: the backward's chain ("split" picks by size, "split_lean" |
+    "split_full", see `ttt_linear/chunk.py`); group: mini-batches per weight checkpoint; dot_mode: the products'
+    operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
+    post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
+
+    bwd: str = "split"
+    group: int = GROUP
+    dot_mode: int | None = None
+    fwd_warps: int | None = None
+    bwd_warps: tuple | None = None
+    bwd_segments: int | None = None
+
+    def __post_init__(self):
+        if self.bwd not in _lin_chunk.BWD_IMPLS:
+            raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
+
+    def check(self, d: int) -> None:
+        """Every head dim runs (padded to a power of two)."""
+
+    def body(self, x: TTTInputs, params, save: bool):
+        """Aligned whole mini-batches from `params` with zero accumulators: (o, final params, fp32)."""
+        outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), x.mini_batch,
+                           self.group, save, -1 if self.dot_mode is None else self.dot_mode, self.fwd_warps or 0,
+                           self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
+        return outs[0], outs[1:3]
+
+    def step(self, x: TTTInputs, state: TTTState):
+        return _lin_step_triton.forward(x, state)
+
+
+@dataclass(frozen=True)
+class MLPKernels:
+    """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl(d)`); warps:
+    its warps per program (None: the kernel module's default); group: mini-batches per weight checkpoint;
+    step_block_f, step_warps: the decode step kernel's F block width and warps (None: its defaults)."""
+
+    impl: str | None = None
+    warps: int | None = None
+    group: int = GROUP
+    step_block_f: int | None = None
+    step_warps: int | None = None
+
+    def __post_init__(self):
+        if self.impl is not None and self.impl not in MLP_IMPLS:
+            raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
+
+    def check(self, d: int) -> None:
+        if self.impl == "regs" and d > MLP_MAX_D:
+            raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
+                             f"got head dim {d}")
+
+    def body(self, x: TTTInputs, params, save: bool):
+        """Aligned whole mini-batches from `params` with zero accumulators: (o, final params, fp32)."""
+        impl = self.impl or default_mlp_impl(x.q.shape[-1])
+        outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), x.mini_batch,
+                           self.group, save, impl, self.warps or 0)
+        return outs[0], outs[1:5]
+
+    def step(self, x: TTTInputs, state: TTTState):
+        return _mlp_step_triton.forward(x, state, block_f=self.step_block_f, num_warps=self.step_warps)
+
+
+class TritonOp(TTTOp):
+    """The TTT op of `kind` in the Triton kernels, by the rules of the module docstring. kernels: the kernel
+    choices (`LinearKernels` / `MLPKernels`; None: the defaults)."""
+
+    backend = "triton"
+
+    def __init__(self, kind: str, kernels: LinearKernels | MLPKernels | None = None):
+        super().__init__(kind, residual=True)  # the kernels implement the inner residual (and LayerNorm) only
+        want = LinearKernels if kind == "linear" else MLPKernels
+        if not isinstance(kernels, (want, type(None))):
+            raise ValueError(f"kernels: expected a {want.__name__} for kind {kind!r}, got {type(kernels).__name__}")
+        self.kernels = kernels or want()
+
+    def __repr__(self) -> str:
+        return f"TritonOp(kind={self.kind!r}, kernels={self.kernels!r})"
+
+    def __call__(self, x: TTTInputs, state: TTTState):
+        if x.q.dtype == torch.float64:
+            raise ValueError("q: the Triton kernels compute in fp32; expected fp32/fp16/bf16 inputs, got float64 "
+                             "(resolve_op gives float64 the dual form)")
+        if x.ln_weight is None:
+            raise ValueError("ln_weight: the Triton kernels implement the inner LayerNorm (and residual) only; got "
+                             "None (resolve_op gives these switches the dual form)")
+        self.kernels.check(x.q.shape[-1])
+        dual = self.ref.dual
+        T, b = x.q.shape[1], x.mini_batch
+        if T == 1:
+            if _needs_grad(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *state.params, *state.accum):
+                return self.ref.step(x, state)
+            return self.kernels.step(x, state)
+        head = (b - state.pos % b) % b
+        if head == 0 and any(a.requires_grad for a in state.accum):
+            head = b  # the dual form carries the gradient of the (zero) start accumulator
+        head = min(head, T)
+        nbody = (T - head) // b * b
+        outs = []
+        if head:
+            o, state = dual(x.tokens(0, head), state)
+            outs.append(o)
+        if nbody:
+            xb = x.tokens(head, head + nbody)
+            save = _needs_grad(xb.q, xb.k, xb.v, xb.lr, xb.tau, xb.ln_weight, xb.ln_bias, *state.params)
+            o, params = self.kernels.body(xb, state.params, save)
+            outs.append(o)
+            params = tuple(p.to(s.dtype) for p, s in zip(params, state.params))
+            state = TTTState(state.kind, params, tuple(torch.zeros_like(p) for p in params), state.pos + nbody)
+        if head + nbody < T:
+            o, state = dual(x.tokens(head + nbody), state)
+            outs.append(o)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), state
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
@@ -153,9 +217,9 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    w = None if not warps else (warps[0] if impl == "v1" else tuple(warps))
     return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
-                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=w,
+                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl,
+                               warps=tuple(warps) or None,
                                segments=segments or None))
 
 
@@ -195,6 +259,7 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
 
 _MLP_SHAPES = lambda d, F: ((d, F), (F,), (F, d), (d,))  # noqa: E731
+_MLP = {"regs": _mlp_chunk, "blocked": _mlp_blocked}  # the kernel modules of MLP_IMPLS
 
 
 @torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
@@ -204,8 +269,8 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 save: bool, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    o, fin, ck = _mlp_kernels(q.shape[-1], impl)[0](q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group,
-                                                     save, num_warps=warps or None)
+    o, fin, ck = _MLP[impl].fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
+                                num_warps=warps or None)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
@@ -231,7 +296,7 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
                 warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_kernels(q.shape[-1], impl)[1](
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _MLP[impl].bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
@@ -273,69 +338,3 @@ def _mlp_backward(ctx, grads):
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
-def _needs_grad(*xs):
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
-def _body(kind, q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch, linear: LinearKernels, mlp_impl,
-          mlp_warps):
-    """Whole mini-batches from an aligned start with zero accumulators. Returns (o, final params)."""
-    save = _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *params)
-    ps = tuple(p.to(torch.float32) for p in params)
-    if kind == "linear":
-        lk = linear
-        outs = _lin_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, lk.group, save,
-                           -1 if lk.dot_mode is None else lk.dot_mode, lk.fwd_warps or 0, lk.bwd,
-                           list(lk.bwd_warps or ()), lk.bwd_segments or 0)
-    else:
-        impl = mlp_impl or default_mlp_impl(q.shape[-1])
-        outs = _mlp_fwd_op(q, k, v, lr, tau, ln_weight, ln_bias, *ps, mini_batch, GROUP, save, impl, mlp_warps or 0)
-    o, *p = outs[:1 + len(params)]
-    return o, tuple(x.to(y.dtype) for x, y in zip(p, params))
-
-
-def forward(kind, q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, *,
-            linear: LinearKernels | None = None, mlp_impl: str | None = None, mlp_warps: int | None = None):
-    """Same contract as the dual form: q, k, v [B,T,H,d]; lr [B,T,H]; tau [b]; ln_* [H,d].
-    Returns (o [B,T,H,d] in q's dtype, new TTTState). linear: the TTT-Linear kernel choices (None: the
-    defaults, `LinearKernels()`). TTT-MLP only: `mlp_impl` picks the kernel pair (None: `default_mlp_impl(d)`;
-    see MLP_IMPLS) and `mlp_warps` its warps per program (None: the kernel module's default for d)."""
-    if kind == "mlp":
-        _mlp_kernels(q.shape[-1], mlp_impl)  # check the choice before any piece runs
-    dual = _lin_dual if kind == "linear" else _mlp_dual
-    if q.dtype == torch.float64:
-        _warn_once("fp64", "backend='triton': float64 inputs run in the PyTorch dual form (the kernels compute "
-                   "in fp32)")
-        return dual.forward(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
-    B, T, H, d = q.shape
-    b = mini_batch
-    if T == 1:
-        step = (lin_step_triton if kind == "linear" else mlp_step_triton).forward
-        if _needs_grad(q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum):
-            _warn_once("step_grad", "backend='triton': a one-token call that needs gradients runs the PyTorch "
-                       "step (the fused step kernel has no backward)")
-            step = (_lin_step if kind == "linear" else _mlp_step).forward
-        return step(q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch)
-    head = (b - state.pos % b) % b
-    if head == 0 and any(a.requires_grad for a in state.accum):
-        head = b  # the dual form carries the gradient of the (zero) start accumulator
-    head = min(head, T)
-    nbody = (T - head) // b * b
-    outs = []
-    if head:
-        o, state = dual.forward(q[:, :head], k[:, :head], v[:, :head], lr[:, :head], tau, ln_weight, ln_bias,
-                                state, mini_batch)
-        outs.append(o)
-    if nbody:
-        s = slice(head, head + nbody)
-        o, params = _body(kind, q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state.params,
-                          mini_batch, linear or LinearKernels(), mlp_impl, mlp_warps)
-        outs.append(o)
-        accum = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
-        state = TTTState(kind, params, accum, state.pos + nbody)
-    if head + nbody < T:
-        s = slice(head + nbody, T)
-        o, state = dual.forward(q[:, s], k[:, s], v[:, s], lr[:, s], tau, ln_weight, ln_bias, state, mini_batch)
-        outs.append(o)
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return o, state

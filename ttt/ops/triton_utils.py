@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TTTState
+from .common import TTTInputs, TTTState
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -17,11 +17,6 @@ def dot_mode(dtype: torch.dtype) -> int:
     if dtype == torch.float16:
         return 3
     return 1 if torch.backends.cuda.matmul.allow_tf32 else 0
-
-
-def operand_dtype(mode: int) -> torch.dtype:
-    """The operand type `_dot` rounds to in `mode` (fp32 for the fp32 and tf32 modes)."""
-    return {2: torch.bfloat16, 3: torch.float16}.get(mode, torch.float32)
 
 
 @triton.jit
@@ -38,18 +33,41 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _center(x, cmask, D: tl.constexpr):
-    """Row-wise (x - mean) over the first D columns, zero on the padded columns."""
-    mu = tl.sum(x, axis=1) / D
-    return tl.where(cmask[None, :], x - mu[:, None], 0.0)
-
-
-@triton.jit
 def _proj(g, xh, rstd, cmask, D: tl.constexpr):
     """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward."""
     mg = tl.sum(g, axis=1) / D
     mgx = tl.sum(g * xh, axis=1) / D
     return tl.where(cmask[None, :], (g - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _normalize(z, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """Row-wise LayerNorm of z [BT, BD] over its first D columns, without weight and bias: x^ (zero on the padded
+    columns) and 1/std per row."""
+    zc = tl.where(cmask[None, :], z - (tl.sum(z, axis=1) / D)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_l2_grad(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """d/dz of the inner loss 0.5 ||LN(z) - (v - k)||^2 in closed form (docs/math.md §2), row-wise: G, and x^,
+    1/std, gy = gam (gam x^ + bet - (v - k)) and mean(gy x^), which its backward (`_ln_l2_grad_bwd`) reuses."""
+    xh, rstd = _normalize(z, cmask, D, EPS)
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    mgx = tl.sum(gy * xh, axis=1) / D
+    return _proj(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
+
+
+@triton.jit
+def _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D: tl.constexpr):
+    """The backward of `_ln_l2_grad` from dG (the gradient w.r.t. its G): dgy (the target's gradient is
+    -gam dgy; the LN weight and bias terms use it too) and dz."""
+    dgy = _proj(dG, xh, rstd, cmask, D)
+    mdgx = tl.sum(dG * xh, axis=1) / D
+    dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+    ds = -tl.sum(dG * G, axis=1) * rstd
+    return dgy, _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
 
 
 @triton.jit
@@ -121,14 +139,36 @@ def _gelu_parts2(x):
     return y, dy, ddy
 
 
-def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
+@triton.jit
+def _step_token(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h, l_b, l_h, H, i_pos,
+                D: tl.constexpr, BD: tl.constexpr):
+    """A decode step program's token: its (batch, head) pid, bi, hi, the columns rd [BD] and their mask, q, k, v
+    [BD], lr, this position's tau_i and the head's LN weight and bias [BD], all fp32."""
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    x_off = bi * s_b + hi * s_h + rd
+    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
+    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    return pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet
+
+
+def step_operands(x: TTTInputs, state: TTTState):
     """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
     q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""
+    q, k, v, lr, tau, ln_weight, ln_bias = x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias
     if q.dtype == torch.float64:
         raise ValueError("q: the fused step kernel computes in fp32; expected fp32/fp16/bf16 inputs, got float64 "
                          "(the triton backend sends float64 to the dual form)")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params,
-                                                                  *state.accum)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, lr, tau, ln_weight, ln_bias, *state.params, *state.accum)):
         raise ValueError("q: the fused step kernel has no backward; run it under torch.no_grad() or use the "
                          "PyTorch step (the triton backend does so for calls that need gradients)")
     q0, k0, v0 = (x[:, 0] for x in (q, k, v))  # [B,1,H,d] -> [B,H,d]
@@ -138,89 +178,7 @@ def step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState):
 
 
 @triton.jit
-def _center_t(x, cmask, D: tl.constexpr):
-    """Column-wise (x - mean) over the first D rows of a transposed [BD, BT] tile, zero on the padded rows."""
-    mu = tl.sum(x, axis=0) / D
-    return tl.where(cmask[:, None], x - mu[None, :], 0.0)
-
-
-@triton.jit
-def _proj_t(g, xh, rstd, cmask, D: tl.constexpr):
-    """`_proj` on transposed [BD, BT] tiles (the LayerNorm backward, column-wise)."""
-    mg = tl.sum(g, axis=0) / D
-    mgx = tl.sum(g * xh, axis=0) / D
-    return tl.where(cmask[:, None], (g - mg[None, :] - xh * mgx[None, :]) * rstd[None, :], 0.0)
-
-
-@triton.jit
-def _finite_cols(x):
-    """[BT] mask of the columns of x whose entries are all finite (inf - inf and NaN - NaN are NaN)."""
-    s = tl.sum(x, axis=0)
-    return (s - s) == 0.0
-
-
-@triton.jit
 def _finite_rows(x):
     """[BT] mask of the rows of x whose entries are all finite."""
     s = tl.sum(x, axis=1)
     return (s - s) == 0.0
-
-
-# ---- transposed tiles (tokens as columns): the TTT-MLP kernels with F as the row dimension ----
-@triton.jit
-def _tiles_t(H, D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
-             BT: tl.constexpr):
-    """This program's (batch, head), the row indices of tokens [BT], head dim [BD] and F [BF], and their masks."""
-    pid = tl.program_id(0)
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    rf = tl.arange(0, BF)
-    cmask = rd < D
-    tmask = rt < MB
-    fmask = rf < FF
-    return pid, pid // H, pid % H, rt, rd, rf, cmask, tmask, fmask
-
-
-@triton.jit
-def _consts_t(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.constexpr, MB: tl.constexpr):
-    """LN weight/bias [BD], tau_i [BT], tau_b, and the transposed causal mask [BT(j), BT(i)]: j <= i, j < b."""
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    tau_r = tl.load(tau_ptr + rt, mask=tmask, other=0.0).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    causal_t = (rt[:, None] <= rt[None, :]) & tmask[:, None]
-    return gam, bet, tau_r, tau_b, causal_t
-
-
-@triton.jit
-def _load_t(x_ptr, off, m2t):
-    """A [BD, BT] transposed tile (tokens as columns), fp32, zero outside."""
-    return tl.load(x_ptr + off, mask=m2t, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _ln_l2_grad_t(Z2, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
-    """Gradient of 0.5 ||LN(Z2) - (v - k)||^2 w.r.t. Z2 on [BD, BT] tiles; returns G2, xh, rstd, gy, mgx."""
-    zc = _center_t(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    xh = zc * rstd[None, :]
-    gy = gam[:, None] * (gam[:, None] * xh + bet[:, None] - (v - k))
-    mgx = tl.sum(gy * xh, axis=0) / D
-    return _proj_t(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
-
-
-@triton.jit
-def _inner_t(kT, vT, U1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr,
-             DOT_MODE: tl.constexpr):
-    """Inner forward at the start weights and the gradients G2^T [BD, BT] and G1^T [BF, BT]."""
-    Z1 = _dot(U1, kT, DOT_MODE) + c1[:, None]  # [BF, BT]
-    X2, D1 = _gelu_parts(Z1)
-    Z2 = _dot(tl.trans(W2), X2, DOT_MODE) + c2[:, None]  # [BD, BT]
-    G2, xh, rstd, gy, mgx = _ln_l2_grad_t(Z2, vT, kT, gam, bet, cmask, D, EPS)
-    H1 = _dot(W2, G2, DOT_MODE)  # [BF, BT]
-    return Z1, X2, D1, G2, H1, H1 * D1, xh, rstd, gy, mgx
-
-
-def mlp_tile_sizes(d: int, F: int, mini_batch: int):
-    """Padded tile sizes of the TTT-MLP kernels: head dim, hidden width, mini-batch rows (at least 16)."""
-    return triton.next_power_of_2(d), triton.next_power_of_2(F), max(16, triton.next_power_of_2(mini_batch))

@@ -1,8 +1,8 @@
 """TTT-Linear backward, split: a lean sequential chain between two passes parallel over checkpoint groups.
 
-Same gradients as the one-kernel backward in `chunk.py` (v1; the formulas are in its docstring), computed in
-three launches so that only the part that truly depends on the carried weight gradient runs one program per
-(batch, head); the rest runs one program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
+The gradients whose formulas are in `chunk.py`'s docstring, computed in three launches so that only the part
+that truly depends on the carried weight gradient runs one program per (batch, head); the rest runs one
+program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
 
 (a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
     the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
@@ -20,7 +20,7 @@ three launches so that only the part that truly depends on the carried weight gr
       dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
     and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
-Memory: the checkpoints (as v1) plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
+Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
 size d x d per mini-batch.
 """
 from __future__ import annotations
@@ -29,18 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import _center, _dot, _head_consts, _proj
+from ..triton_utils import (_dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj,
+                            _tiles)
 
 
 @triton.jit
 def _inner_fwd(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
     """Inner forward at the start weights and the closed-form LN-L2 gradient: G [BT,BD], xh, rstd."""
-    Z = _dot(k, W, DOT_MODE) + c[None, :]
-    zc = _center(Z, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-    xh = zc * rstd[:, None]
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-    G = _proj(gy, xh, rstd, cmask, D)
+    G, xh, rstd, _gy, _mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
     return G, xh, rstd
 
 
@@ -77,19 +73,13 @@ def _pre_kernel(
     dbet = tl.zeros([BD], dtype=tl.float32)
     dtau = tl.zeros([BT], dtype=tl.float32)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_off = (pid * T + rt)[:, None] * D + rd[None, :]  # fp32 scratch rows [B*H, T, D]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
     t0 = n0 * MB
-    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
+                               tmask, l_t)
     dOn = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
@@ -99,10 +89,8 @@ def _pre_kernel(
         lr = lrn.to(tl.float32)
         dO = dOn.to(tl.float32)
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt, m2,
+                                   tmask, l_t)
         dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m2, other=0.0)
 
         G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
@@ -110,9 +98,7 @@ def _pre_kernel(
         QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
         P = E * QK1
         Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
-        zcb = _center(Zb, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
-        xhb = zcb * rstdb[:, None]
+        xhb, rstdb = _normalize(Zb, cmask, D, EPS)
         dgam += tl.sum(dO * xhb, axis=0)
         dbet += tl.sum(dO, axis=0)
         dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
@@ -153,14 +139,7 @@ def _chain_kernel(
     H, T, N_LO, N_HI, PART,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
@@ -171,13 +150,10 @@ def _chain_kernel(
     dbet = tl.zeros([BD], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
     t0 = (N_HI - 1) * MB
+    # plain loads, not `_load_mb`: with its address form this kernel compiles to 40 B more stack (offline sm_90)
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
@@ -220,11 +196,7 @@ def _chain_kernel(
         dkb = -_dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
         dtau_b += -lr * S
         # G = LN-L2 gradient at Z = K W + c
-        dgy = _proj(dG, xh, rstd, cmask, D)
-        mdgx = tl.sum(dG * xh, axis=1) / D
-        dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
-        ds = -tl.sum(dG * G, axis=1) * rstd
-        dZ = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+        dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
         dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
 
@@ -258,11 +230,7 @@ def _post_kernel(
     W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
     c = tl.load(ckc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
 
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
@@ -307,14 +275,7 @@ def _chain_lean_kernel(
 ):
     """Only the recurrence: dW, dc carried; stores dZ, dgy per mini-batch and (dW, dc) where the walk enters
     each checkpoint group (the gradient w.r.t. the weights after the group's last mini-batch)."""
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
-    m2 = tmask[:, None] & cmask[None, :]
+    pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
@@ -327,10 +288,8 @@ def _chain_lean_kernel(
     lr_base = bi * l_b + hi * l_h
     sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
     t0 = (N_HI - 1) * MB
-    qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
+                               tmask, l_t)
     xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
@@ -353,10 +312,8 @@ def _chain_lean_kernel(
         dZb = dzbn
         rstd = rsn
         t1 = tl.maximum(n - 1, N_LO) * MB
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt, m2,
+                                   tmask, l_t)
         xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
         gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
         dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m2, other=0.0)
@@ -367,11 +324,7 @@ def _chain_lean_kernel(
         mgx = tl.sum(gy * xh, axis=1) / D
         eb = tau_b * lr
         dG = dG0 - eb[:, None] * (_dot(k, dW, DOT_MODE) + dc[None, :])
-        dgy = _proj(dG, xh, rstd, cmask, D)
-        mdgx = tl.sum(dG * xh, axis=1) / D
-        dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
-        ds = -tl.sum(dG * G, axis=1) * rstd
-        dZ = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+        dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
         dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
         so = sc_off + t0 * D
@@ -397,11 +350,7 @@ def _post_lean_kernel(
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
-    in_base = bi * s_b + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
-    out_base = bi * o_b + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
     sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
@@ -494,32 +443,22 @@ def _post_lean_kernel(
 LEAN_MAX_PROGRAMS = 64  # the lean chain when B*H <= this (the chain's latency dominates), else the full chain
 
 
-def default_warps(n_chain: int, device) -> tuple:
-    """(pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md, round 4): 4 everywhere (the full
-    chain alone ran faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)."""
-    return (4, 4, 4)
-
-
-_STREAMS: dict = {}  # per device: the (chain, post) side streams of the pipelined launch (created once)
-
-
-def _side_streams(device):
-    if device not in _STREAMS:
-        _STREAMS[device] = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device))
-    return _STREAMS[device]
+# (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
+# faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
+WARPS = (4, 4, 4)
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
         warps=None, info=None, lean=None, segments=None):
     """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
-    `default_warps`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
+    `WARPS`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
     the post pass, from (dW, dc) stored per group) instead of computing them itself; None: lean when
     B*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
     segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
     chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
     of segment s + 1 run beside it (the chain of B*H programs leaves most of the GPU free). None: by size."""
     B, T, H, d = q.shape
-    warps = warps or default_warps(B * H, q.device)
+    warps = warps or WARPS
     if lean is None:
         lean = B * H <= LEAN_MAX_PROGRAMS
     b = mini_batch
@@ -590,7 +529,8 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
 
     if dev.type == "cuda" and nseg > 1:
         main = torch.cuda.current_stream(dev)
-        s_chain, s_post = _side_streams(dev)
+        # the side streams come from PyTorch's per-device stream pools (nothing is created or kept here)
+        s_chain, s_post = torch.cuda.Stream(dev, priority=-1), torch.cuda.Stream(dev)
         s_chain.wait_stream(main)
         s_post.wait_stream(main)
         for s in reversed(range(nseg)):

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from ..common import TTTState, advance, causal_matmul, causal_tril, dual_inputs, inner_grad, inner_out, segments
+from ..common import TTTInputs, TTTState, advance, causal_matmul, causal_tril, dual_inputs, inner_grad, inner_out, segments
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, residual: bool = True):
-    """q, k, v: [B,T,H,d]; lr: [B,T,H]; tau: [b]; ln_*: [H,d] or None. Returns (o [B,T,H,d], new state)."""
-    T = q.shape[1]
-    Q, K, V, LR, tau, gam, bet, (W, c), (A, a) = dual_inputs(q, k, v, lr, tau, ln_weight, ln_bias, state)
+def forward(x: TTTInputs, state: TTTState, residual: bool = True):
+    """x: the op's inputs (`TTTInputs`). Returns (o [B,T,H,d], new state)."""
+    T = x.q.shape[1]
+    Q, K, V, LR, tau, gam, bet, (W, c), (A, a) = dual_inputs(x, state)
     # W: [B,H,d,d], c: [B,H,d]; A, a: their accumulators
     outs = []
-    for t0, n, off in segments(T, state.pos, mini_batch):
+    for t0, n, off in segments(T, state.pos, x.mini_batch):
         q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
         lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
         ti = tau[off:off + n]  # [n]
@@ -28,5 +28,5 @@ def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: i
         A = A + (lr_[..., None] * k_).transpose(-1, -2) @ G
         a = a + (lr_[..., None] * G).sum(2)
         (W, c), (A, a) = advance((W, c), (A, a), n, off, tau)
-    o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)  # [B,T,H,d]
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(x.q.dtype)  # [B,T,H,d]
     return o, TTTState("linear", (W, c), (A, a), state.pos + T)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import LN_EPS, TTTState
-from ..triton_utils import step_operands
+from ..common import LN_EPS, TTTInputs, TTTState
+from ..triton_utils import _step_token, step_operands
 
 
 @triton.jit
@@ -24,24 +24,13 @@ def ttt_linear_step_kernel(
     s_b, s_h, l_b, l_h, H, i_pos,
     D: tl.constexpr, BD: tl.constexpr, COMMIT: tl.constexpr, EPS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet = _step_token(
+        q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h, l_b, l_h, H, i_pos, D, BD)
     rr = tl.arange(0, BD)
-    cmask = rd < D
     wmask = cmask[:, None] & cmask[None, :]
     woff = rr[:, None] * D + rd[None, :]
-    x_off = bi * s_b + hi * s_h + rd
-    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
     qr = tl.load(q_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
     kr = tl.load(k_ptr + bi * s_b + hi * s_h + rr, mask=rr < D, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
-    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
     W = tl.load(w_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     c = tl.load(c_ptr + pid * D + rd, mask=cmask, other=0.0)
     A = tl.load(a_ptr + pid * D * D + woff, mask=wmask, other=0.0)
@@ -72,19 +61,19 @@ def ttt_linear_step_kernel(
         tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int):
-    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
-    B, _, H, d = q.shape
-    i = state.pos % mini_batch
-    commit = i == mini_batch - 1
+def forward(x: TTTInputs, state: TTTState):
+    """x: one token ([B,1,H,d]). Returns (o [B,1,H,d], new state); same contract as `step.forward`."""
+    B, _, H, d = x.q.shape
+    i = state.pos % x.mini_batch
+    commit = i == x.mini_batch - 1
     W, c = (p.to(torch.float32).contiguous() for p in state.params)
     A, a = (x.to(torch.float32).contiguous() for x in state.accum)
-    q0, k0, v0, lr0 = step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state)
-    o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
+    q0, k0, v0, lr0 = step_operands(x, state)
+    o = torch.empty((B, 1, H, d), dtype=x.q.dtype, device=x.q.device)
     Wn, cn = (torch.empty_like(W), torch.empty_like(c)) if commit else (W, c)
     An, an = torch.empty_like(A), torch.empty_like(a)
     ttt_linear_step_kernel[(B * H,)](
-        q0, k0, v0, lr0, tau, ln_weight, ln_bias, W, c, A, a, o, Wn, cn, An, an,
+        q0, k0, v0, lr0, x.tau, x.ln_weight, x.ln_bias, W, c, A, a, o, Wn, cn, An, an,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
         D=d, BD=triton.next_power_of_2(d), COMMIT=commit, EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1)

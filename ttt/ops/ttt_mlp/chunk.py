@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
-                            _proj, _tiles, dot_mode, operand_dtype)
+from ..triton_utils import (_dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd,
+                            _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -89,13 +89,7 @@ def ttt_mlp_fwd_kernel(
         Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]  # [BT, BF]
         X2, dX2 = _gelu_parts(Z1)
         Z2 = _dot(X2, W2, DOT_MODE) + c2[None, :]  # [BT, BD]
-        zc = _center(Z2, cmask, D)
-        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-        xh = zc * rstd[:, None]
-        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-        mg = tl.sum(gy, axis=1) / D
-        mgx = tl.sum(gy * xh, axis=1) / D
-        G2 = tl.where(cmask[None, :], (gy - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+        G2, xh, rstd, gy, mgx = _ln_l2_grad(Z2, v, k, gam, bet, cmask, D, EPS)
         G1 = _dot(G2, tl.trans(W2), DOT_MODE) * dX2  # [BT, BF]
 
         # output path; rows (tokens) with a non-finite G enter the causal products as zeros, and the outputs
@@ -107,9 +101,8 @@ def ttt_mlp_fwd_kernel(
         X2b, _unused = _gelu_parts(Z1b)
         P2 = tl.where(causal, E * (_dot(X2b, tl.trans(X2), DOT_MODE) + 1.0), 0.0)
         Z2b = _dot(X2b, W2, DOT_MODE) + c2[None, :] - _dot(P2, tl.where(ok[:, None], G2, 0.0), DOT_MODE)
-        zb = _center(Z2b, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + EPS)
-        o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        xhb, rstdb = _normalize(Z2b, cmask, D, EPS)
+        o = q + xhb * gam[None, :] + bet[None, :]
         poison = tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0
         o = tl.where(poison[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
@@ -127,7 +120,7 @@ def ttt_mlp_fwd_kernel(
     tl.store(c2T_ptr + pid * D + rd, c2, mask=cmask)
 
 
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
         num_warps: int | None = None, dot: int | None = None):
     """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
     params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
@@ -159,13 +152,7 @@ def _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask, D: tl.constexpr, DOT_MODE:
     """Inner forward at the start weights and the gradients G2 (w.r.t. Z2) and G1 (w.r.t. Z1)."""
     Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]
     X2, D1 = _gelu_parts(Z1)
-    Z2 = _dot(X2, W2, DOT_MODE) + c2[None, :]
-    zc = _center(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-    xh = zc * rstd[:, None]
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-    mgx = tl.sum(gy * xh, axis=1) / D
-    G2 = _proj(gy, xh, rstd, cmask, D)
+    G2, xh, rstd, gy, mgx = _ln_l2_grad(_dot(X2, W2, DOT_MODE) + c2[None, :], v, k, gam, bet, cmask, D, EPS)
     H1 = _dot(G2, tl.trans(W2), DOT_MODE)
     G1 = H1 * D1
     return Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx
@@ -215,9 +202,9 @@ def ttt_mlp_bwd_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         for n in range(n0, n1):
             sc = sc_base + n - n0
-            tl.store(sc1_ptr + sc * D * FF + w1off, W1.to(sc1_ptr.dtype.element_ty), mask=w1mask)
+            tl.store(sc1_ptr + sc * D * FF + w1off, W1, mask=w1mask)
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
-            tl.store(sc2_ptr + sc * FF * D + w2off, W2.to(sc2_ptr.dtype.element_ty), mask=w2mask)
+            tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further
                 ptr = in_base + n * MB * s_t + in_off
@@ -258,7 +245,7 @@ def ttt_mlp_bwd_kernel(
             lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
             dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
             sc = sc_base + n - n0
-            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)  # the operand type (see bwd)
+            W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
             W2s = tl.load(sc2_ptr + sc * FF * D + w2off, mask=w2mask, other=0.0)
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
@@ -274,9 +261,7 @@ def ttt_mlp_bwd_kernel(
             XX1 = _dot(X2b, tl.trans(X2), DOT_MODE) + 1.0
             P2 = E * XX1
             Z2b = _dot(X2b, W2s, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
-            zcb = _center(Z2b, cmask, D)
-            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
-            xhb = zcb * rstdb[:, None]
+            xhb, rstdb = _normalize(Z2b, cmask, D, EPS)
 
             # o = q + LN(Z2b)
             dgam += tl.sum(dO * xhb, axis=0)
@@ -317,11 +302,7 @@ def ttt_mlp_bwd_kernel(
             dZ1 = dG1 * H1 * DD1
             dG2 += _dot(dH1, W2s, DOT_MODE)
             # G2 = LN-L2 gradient at Z2 = X2 W2 + c2 (target v - k)
-            dgy = _proj(dG2, xh, rstd, cmask, D)
-            mdgx = tl.sum(dG2 * xh, axis=1) / D
-            dxh = (-mgx[:, None] * dG2 - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
-            ds = -tl.sum(dG2 * G2, axis=1) * rstd
-            dZ2 = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+            dgy, dZ2 = _ln_l2_grad_bwd(dG2, G2, xh, rstd, gy, mgx, gam, cmask, D)
             dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
             dbet += tl.sum(dgy * gam[None, :], axis=0)
             dv = -gam[None, :] * dgy
@@ -356,14 +337,11 @@ def ttt_mlp_bwd_kernel(
 # shared memory 3 deep: 326 KB at d = 64, over the H100's 227 KB (196 KB with 1 stage).
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
-        num_warps: int | None = None, dot: int | None = None, operand_scratch: bool = False):
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
+        num_warps: int | None = None, dot: int | None = None):
     """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
     of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32).
-    operand_scratch: keep the reverse walk's per-step weights in the products' operand type (bf16/fp16 for
-    16-bit inputs; same results, half the scratch bytes); off by default until a GPU timing (the measured
-    kernel keeps them in fp32)."""
+    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     nmb = T // mini_batch
@@ -381,10 +359,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
     dot = dot_mode(q.dtype) if dot is None else dot
-    # the per-step weights of the reverse walk only feed products (fp32 unless operand_scratch)
-    wdt = operand_dtype(dot) if operand_scratch else torch.float32
-    scr = tuple(torch.empty((B * H * group, *s), device=q.device, dtype=wdt if len(s) == 2 else torch.float32)
-                for s in shapes)
+    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
     ttt_mlp_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
         dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,

@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_center, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _load_mb, _offsets,
-                            _proj, _tiles, dot_mode)
+from ..triton_utils import (_dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd,
+                            _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
 
-# Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md round 3):
+# Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
 # (spills), 16-column blocks 14.0. d = 128, B4 T8192: 3 stages + 4 warps forward 39.5 ms, fwd+bwd 270
 # (1 stage + 8 warps: 41.2 / 305). The loop pipeliner stages the F-block loads in shared memory.
@@ -62,17 +62,6 @@ def _wstore(w1_ptr, c1_ptr, w2_ptr, W1, c1, W2, f0, rd, rf, cmask, D: tl.constex
     tl.store(w1_ptr + rd[:, None] * FF + cols[None, :], W1, mask=cmask[:, None] & fm[None, :])
     tl.store(c1_ptr + cols, c1, mask=fm)
     tl.store(w2_ptr + cols[:, None] * D + rd[None, :], W2, mask=fm[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _ln_l2_grad(Z2, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
-    """Closed-form gradient of 0.5 ||LN(Z2) - (v - k)||^2 w.r.t. Z2; returns G2, xh, rstd, gy, mgx."""
-    zc = _center(Z2, cmask, D)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + EPS)
-    xh = zc * rstd[:, None]
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-    mgx = tl.sum(gy * xh, axis=1) / D
-    return _proj(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
 
 
 @triton.jit
@@ -183,9 +172,8 @@ def ttt_mlp_fwd_blocked_kernel(
             _wstore(w1, c1p, w2, W1, c1, W2, f * FB, rd, rf, cmask, D, FF)
         Z2b = z2b + c2[None, :] - _dot(tl.where(causal, E * (s2 + 1.0), 0.0), tl.where(ok[:, None], G2, 0.0),
                                        DOT_MODE)
-        zb = _center(Z2b, cmask, D)
-        rstdb = 1.0 / tl.sqrt(tl.sum(zb * zb, axis=1) / D + EPS)
-        o = q + zb * rstdb[:, None] * gam[None, :] + bet[None, :]
+        xhb, rstdb = _normalize(Z2b, cmask, D, EPS)
+        o = q + xhb * gam[None, :] + bet[None, :]
         # a token with a non-finite G reaches only its own and later outputs (as NaN)
         o = tl.where((tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0)[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
@@ -198,7 +186,7 @@ def _block_f(F: int, block_f: int | None) -> int:
     return block_f or min(32, triton.next_power_of_2(F))
 
 
-def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int = 8, save: bool = True,
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
         num_stages: int | None = None):
     """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
@@ -328,9 +316,7 @@ def ttt_mlp_bwd_blocked_kernel(
                 s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
             XX1 = s2 + 1.0
             P2 = E * XX1
-            zcb = _center(z2b + c2[None, :] - _dot(P2, G2, DOT_MODE), cmask, D)
-            rstdb = 1.0 / tl.sqrt(tl.sum(zcb * zcb, axis=1) / D + EPS)
-            xhb = zcb * rstdb[:, None]
+            xhb, rstdb = _normalize(z2b + c2[None, :] - _dot(P2, G2, DOT_MODE), cmask, D, EPS)
             # o = q + LN(Z2b);  Z2b = X2b W2 + c2 - P2 G2
             dgam += tl.sum(dO * xhb, axis=0)
             dbet += tl.sum(dO, axis=0)
@@ -383,11 +369,7 @@ def ttt_mlp_bwd_blocked_kernel(
             dq = dO + dqs + _dot(dA1, k, DOT_MODE)
             dk = dks + _dot(tl.trans(dA1), q, DOT_MODE)
             # G2 = LN-L2 gradient at Z2 (target v - k)
-            dgy = _proj(dG2, xh, rstd, cmask, D)
-            mdgx = tl.sum(dG2 * xh, axis=1) / D
-            dxh = (-mgx[:, None] * dG2 - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
-            ds = -tl.sum(dG2 * G2, axis=1) * rstd
-            dZ2 = _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+            dgy, dZ2 = _ln_l2_grad_bwd(dG2, G2, xh, rstd, gy, mgx, gam, cmask, D)
             dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
             dbet += tl.sum(dgy * gam[None, :], axis=0)
             dv = -gam[None, :] * dgy
@@ -421,7 +403,7 @@ def ttt_mlp_bwd_blocked_kernel(
     tl.store(dlnb_ptr + pid * BD + rd, dbet)
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int = 8,
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
         num_stages: int | None = None):
     """Same contract (and tuning arguments) as `fwd` and `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b],

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import LN_EPS, TTTState
-from ..triton_utils import _gelu_parts, step_operands
+from ..common import LN_EPS, TTTInputs, TTTState
+from ..triton_utils import _gelu_parts, _step_token, step_operands
 
 
 @triton.jit
@@ -34,20 +34,9 @@ def ttt_mlp_step_kernel(
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, COMMIT: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    rd = tl.arange(0, BD)
+    pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet = _step_token(
+        q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h, l_b, l_h, H, i_pos, D, BD)
     rf = tl.arange(0, BF)
-    cmask = rd < D
-    x_off = bi * s_b + hi * s_h + rd
-    q = tl.load(q_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + x_off, mask=cmask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + bi * l_b + hi * l_h).to(tl.float32)
-    t_i = tl.load(tau_ptr + i_pos).to(tl.float32)
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
     a2 = tl.load(ab2_ptr + pid * D + rd, mask=cmask, other=0.0)
     w1base = pid * D * FF
@@ -121,26 +110,25 @@ def ttt_mlp_step_kernel(
         tl.store(ab2n_ptr + pid * D + rd, a2, mask=cmask)
 
 
-def forward(q, k, v, lr, tau, ln_weight, ln_bias, state: TTTState, mini_batch: int, block_f: int | None = None,
-            num_warps: int | None = None):
-    """q, k, v: [B,1,H,d]; lr: [B,1,H]. Returns (o [B,1,H,d], new state); same contract as `step.forward`.
+def forward(x: TTTInputs, state: TTTState, block_f: int | None = None, num_warps: int | None = None):
+    """x: one token ([B,1,H,d]). Returns (o [B,1,H,d], new state); same contract as `step.forward`.
     block_f: columns of F per block (None: min(64, F)); num_warps None: 4 (the setting measured on the GPU).
     Offline sm_90 compile, d = 64: 32-column blocks with 8 warps have 175 / 222 registers and no spills
-    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md round 4):
+    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md):
     benchmarks/bench_mlp.py times both."""
-    B, _, H, d = q.shape
+    B, _, H, d = x.q.shape
     F = state.params[0].shape[-1]
-    i = state.pos % mini_batch
-    commit = i == mini_batch - 1
+    i = state.pos % x.mini_batch
+    commit = i == x.mini_batch - 1
     ps = tuple(p.to(torch.float32).contiguous() for p in state.params)
     acc = tuple(x.to(torch.float32).contiguous() for x in state.accum)
-    q0, k0, v0, lr0 = step_operands(q, k, v, lr, tau, ln_weight, ln_bias, state)
-    o = torch.empty((B, 1, H, d), dtype=q.dtype, device=q.device)
+    q0, k0, v0, lr0 = step_operands(x, state)
+    o = torch.empty((B, 1, H, d), dtype=x.q.dtype, device=x.q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
     BF = block_f or min(64, triton.next_power_of_2(F))
     ttt_mlp_step_kernel[(B * H,)](
-        q0, k0, v0, lr0, tau, ln_weight, ln_bias, *ps, *acc, o, *new_ps, *new_acc,
+        q0, k0, v0, lr0, x.tau, x.ln_weight, x.ln_bias, *ps, *acc, o, *new_ps, *new_acc,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
         D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 4)
     return o, TTTState("mlp", new_ps, new_acc, state.pos + 1)

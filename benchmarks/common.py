@@ -1,0 +1,129 @@
+"""What the benchmark scripts share: random TTT-op inputs and a runner through the library's own op objects,
+the relative error, timing (Triton's do_bench medians, CUDA-event medians, per-kernel profiler times), the
+environment line every result starts with, and mamba_ssm's Triton SSD loaded without its CUDA extension.
+
+The scripts run from the repository root as modules, e.g. `python3 -m benchmarks.bench_op --quick`.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import types
+
+import torch
+
+from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
+
+
+def make(kind, B, T, H, d, dtype, pos=0, b=16, seed=0, grad=False, dev="cuda"):
+    """Random inputs of one op call on `dev`: leaves [q, k, v, lr, tau, ln_w, ln_b, *initial weights] (q, k, v in
+    `dtype`, the rest fp32) and the start state at position `pos` (a random pending accumulator when pos is
+    inside a mini-batch). grad: every leaf requires grad (the state's weights are their differentiable expansion)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    F = 4 * d
+
+    def r(*s, scale=1.0, shift=0.0):
+        return torch.randn(*s, generator=g, device=dev) * scale + shift
+
+    q, k, v = (r(B, T, H, d).to(dtype) for _ in range(3))
+    lr = (torch.rand(B, T, H, generator=g, device=dev) * 0.9 + 0.05) / d ** 0.5
+    tau = make_tau(0.01 * r(b))
+    lnw, lnb = r(H, d, scale=0.2, shift=1.0), r(H, d, scale=0.2)
+    if kind == "linear":
+        init = (r(H, d, d, scale=d ** -0.5), r(H, d, scale=0.1))
+    else:
+        init = (r(H, d, F, scale=d ** -0.5), r(H, F, scale=0.1), r(H, F, d, scale=F ** -0.5), r(H, d, scale=0.1))
+    leaves = [q, k, v, lr, tau, lnw, lnb, *init]
+    if grad:
+        for t in leaves:
+            t.requires_grad_()
+    st = TTTState.initial(kind, init, B)
+    if pos:
+        st = TTTState(kind, st.params, tuple(0.01 * r(*p.shape) if pos % b else torch.zeros_like(p)
+                                             for p in st.params), pos)
+    return leaves, st
+
+
+def run(kind, leaves, st, backend, kernels=None):
+    """The op on `make`'s leaves from state st, resolved as a layer resolves it. kernels: the triton backend's
+    explicit kernel choices (`ttt.ops.triton_backend.LinearKernels` / `MLPKernels`); None: the defaults."""
+    q = leaves[0]
+    op = resolve_op(kind, backend, q.device, q.dtype, kernels=kernels)
+    return op(TTTInputs(*leaves[:7]), st)
+
+
+def rel(a, b):
+    """Relative L2 error of a against b in fp64; inf when a has a non-finite entry (an unwritten output)."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, warmup=25, rep=100):
+    """Median milliseconds of fn() by triton.testing.do_bench."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def timed(fn, warmup=3, iters=10):
+    """Median milliseconds of fn() measured with CUDA events (model-level timings, several kernels and syncs)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_times(fn, calls=1, warmup=3) -> list[tuple[str, float]]:
+    """[(kernel name, CUDA ms per call of fn)], longest first, from torch.profiler over `calls` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            out.append((e.key, t / 1e3 / calls))
+    return sorted(out, key=lambda kv: -kv[1])
+
+
+def environment() -> dict:
+    """Device, versions and commit, printed and stored with every result."""
+    env = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+               python=platform.python_version(),
+               commit=os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                 capture_output=True, text=True).stdout.strip())
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def load_mamba_ssd():
+    """mamba_ssm's Triton SSD function `mamba_chunk_scan_combined`, or None (said why). A wheel built without
+    its CUDA extension (the GPU machine has no toolchain for it) fails at `import mamba_ssm`; its Triton
+    submodules do not need the extension, so its module name is stubbed first (a normal install needs no stub)."""
+    try:
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined
+    except Exception as e:
+        print(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks, by part, each with its own time limit, printing as it goes (repository root):
+#   OUT=/tmp/gpu timeout 540 bash benchmarks/run_on_gpu.sh "setup tests op"
+# Parts:
+#   setup     install the peers' wheels carried in .whl/ (fla, mamba_ssm; how they are made: docs/benchmarks.md)
+#             into /tmp/site, which is on PYTHONPATH for every part
+#   tests     every test marked gpu (pytest -m gpu): kernels against the dual form at full shapes, the model,
+#             CUDA-graph decode, the fused layer kernels, mamba_ssm
+#   sanitize  compute-sanitizer memcheck over one small run of every kernel
+#   op        benchmarks/bench_op.py: checks, then TTT-Linear and TTT-MLP forward and forward+backward at
+#             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
+#   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
+#   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
+#   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
+# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
+set -u
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/gpu}
+PARTS=" ${1:-tests op} "
+mkdir -p "$OUT"
+has() { [[ $PARTS == *" $1 "* ]]; }
+if has setup && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/ -rA 2>&1 \
+  | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -60
+has sanitize && timeout "${SANITIZE_S:-200}" compute-sanitizer --tool memcheck --print-limit 5 \
+  python3 -m pytest -q -m gpu tests/test_gpu.py -k every_kernel 2>&1 | grep -vE "Warn|^$" | tail -8
+has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "${OP_ONLY:-check,fwd,fwdbwd}" \
+  --kinds "${KINDS:-linear,mlp}" --Ts "${OP_TS:-2048,8192}" --skip "${OP_SKIP:-fla,mamba}" ${OP_ARGS:-} \
+  --out "$OUT/op" 2>&1 | grep -vE "Warn" | tail -60
+has linbwd && timeout "${LINBWD_S:-300}" python3 -m benchmarks.bench_linear_bwd 2>&1 | grep -v Warn | tail -40
+has mlp && timeout "${MLP_S:-300}" python3 -m benchmarks.bench_mlp 2>&1 | grep -v Warn | tail -40
+has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \
+  --out "$OUT/model.json" 2>&1 | grep -v Warn | tail -60
+has decode && timeout "${DECODE_S:-300}" python3 -m benchmarks.bench_model --decode --positions 1024,32768 \
+  --out "$OUT/decode.json" 2>&1 | grep -v Warn | tail -20
+has profile && timeout "${PROFILE_S:-200}" python3 -m benchmarks.profile_model ${PROFILE_ARGS:---prefill --train} 2>&1 \
+  | head -80
+if has train; then
+  for mixer in ${MIXERS:-ttt_linear attention}; do
+    rm -rf "$OUT/train_$mixer"
+    timeout "${TRAIN_S:-300}" python3 -m ttt.cli train --data "${DATA:?DATA: a dataset from ttt data}" \
+      --out "$OUT/train_$mixer" --size 125m --mixer "$mixer" --seq-len 2048 --micro-batch 16 \
+      --tokens-per-step 32768 --max-steps "${STEPS:-300}" --lr 3e-3 --eval-every 100 --eval-batches 3 \
+      --save-every 0 --log-every 10 --no-progress 2>&1 | tail -4
+  done
+fi
+exit 0
