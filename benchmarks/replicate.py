@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.data import Batcher, iter_documents, load_meta, load_tokens, prepare
 from ttt.layers.mamba import load_mamba_ssm
 from ttt.model import TTTLM
@@ -274,6 +274,7 @@ class Job:
     cfg: object
     ctx: int
     label: str
+    run: RunOptions = RunOptions()  # how it runs (ttt.config.RunOptions), never part of the architecture
 
 
 def study_jobs(a, vocab: int) -> list[Job]:
@@ -291,11 +292,11 @@ def ablation_jobs(a, vocab: int) -> list[Job]:
     jobs = []
     for key, label, over in runs:
         over = {**over, "mini_batch": over["mini_batch"] or ctx}
-        if over["mini_batch"] > 64:  # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
-            over["ttt_backend"] = "dual"
         cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,
                          ffn_hidden=F, **over)
-        jobs.append(Job(f"abl_ctx{ctx}_{key}", cfg, ctx, label))
+        # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
+        run = RunOptions(ttt_backend="dual") if cfg.mini_batch > 64 else RunOptions()
+        jobs.append(Job(f"abl_ctx{ctx}_{key}", cfg, ctx, label, run))
     return jobs
 
 
@@ -351,12 +352,12 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     if not a.probe_tag and (out / "result.json").exists():
         say(f"{job.name}: done before, skipped")
         return json.loads((out / "result.json").read_text())
-    cfg = dataclasses.replace(job.cfg)
+    cfg, run = job.cfg, job.run
     cuda = device.type == "cuda"
     if cfg.mixer == "mamba":  # the Mamba-2 baseline runs mamba_ssm's kernels on CUDA, named explicitly
         if cuda:
             mamba_kernels_or_fail()
-        cfg.mamba_backend = "mamba_ssm" if cuda else "torch"
+        run = dataclasses.replace(run, mamba_backend="mamba_ssm" if cuda else "torch")
     ctx = job.ctx
     length = 2 * ctx if cfg.mixer in RECURRENT else ctx
     if length > a.eval_doc_min:
@@ -367,7 +368,7 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     while batch % micro:
         micro -= 1
     torch.manual_seed(a.seed)
-    model = TTTLM(cfg).to(device)
+    model = TTTLM(cfg, run=run).to(device)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     compiled = cuda and not a.no_compile
     if compiled:  # as `ttt train --compile`: each block through torch.compile
@@ -483,7 +484,8 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
         ev = evaluate(model, docs, length, ctx, max(1, a.micro_tokens // length), device, lambda: _autocast(cuda))
     curve = ev.pop("curve")
-    res = dict(name=job.name, label=job.label, mixer=cfg.mixer, ctx=ctx, config=cfg.to_dict(), params=n_params(cfg),
+    res = dict(name=job.name, label=job.label, mixer=cfg.mixer, ctx=ctx, config=cfg.to_dict(),
+               run=dataclasses.asdict(run), params=n_params(cfg),
                params_total=model.num_parameters(), tokens=seen, token_budget=steps * batch * ctx, steps=step + 1,
                batch_tokens=batch * ctx, micro_batch=micro, lr=a.lr, compiled=compiled, stopped=stopped,
                train_seconds=round(train_s, 1), tokens_per_s=round(seen / train_s),
