@@ -1,0 +1,453 @@
+"""TTT-MLP kernels with the inner weights in shared memory and the products on Hopper's tensor cores (Gluon).
+
+Same contract and math as `chunk.py` (docs/math.md §4; whole, aligned mini-batches from a zero accumulator,
+`ttt/ops/triton_backend.py` runs the partial pieces in PyTorch), for head dim 64 and 128, mini-batch 16, 16-bit
+inputs (bf16 / fp16 operands, fp32 accumulation, statistics and state).
+
+Why: the register kernels hold W1 and W2 (2 x d x 4d fp32, 128 KB at d = 64) in registers, which spill
+(docs/kernels_notes.md). Here the fp32 weights live in shared memory for the whole sequence and every
+weight-sized product is one warpgroup MMA (wgmma), the weights loaded from shared memory as the register
+operand (converted to 16 bits on the way), the activations as the shared-memory operand.
+
+Orientation: wgmma needs M >= 64 rows, a mini-batch has 16 tokens, so every tile is transposed: hidden units
+(F) or features (d) are the rows, the 16 tokens the columns ("Z1t" = Z1^T, [F, 16]). The small token x token
+products (Q K^T, X2b X2^T) are FMA dots in 16-row chunks.
+
+F split: d = 128 needs 512 KB of fp32 weights per head, more than one SM holds, so NSPLIT programs share a head,
+each owning FS = F / NSPLIT hidden units (W1's columns, c1, W2's rows). Per mini-batch they exchange the
+d x 16 partial sums of Z2 = X2 W2 through global memory (one barrier: an atomic counter per head, released and
+acquired at GPU scope); the output's partial sums ride on the next mini-batch's exchange. The programs of a head
+must be resident together: the grid is persistent (at most as many programs as the GPU holds at once, each
+walking several heads) and launched cooperatively, so an oversized grid fails at launch instead of hanging.
+
+Forward, per mini-batch, program s (W1s [d, FS], c1s [FS], W2s [FS, d] its slice; c2 [d] replicated):
+  Z1t = W1s^T K^T + c1s;  QW1t = W1s^T Q^T;  X2t, D1t = GELU, GELU'(Z1t)
+  Z2t = sum_s W2s^T X2t + c2 (exchange);  G2t = LN-L2 gradient of Z2t (per column: per token)
+  H1t = W2s G2t;  G1t = H1t * D1t
+  P1 = E * (Q K^T + 1), P2_s = E * (X2b_s X2_s^T + [s == 0]) (causal, E_ij = tau_i lr_j)
+  Z1bt = QW1t + c1s - G1t P1^T;  X2bt = GELU(Z1bt)
+  Z2bt = sum_s (W2s^T X2bt - G2t P2_s^T) + c2 (exchange);  o = q + LN(Z2b)
+  W1s += K^T (-e_b G1), c1s -= sum e_b G1, W2s += X2 (-e_b G2), c2 -= sum e_b G2 (e_b = tau_b lr).
+NaN containment as in `chunk.py`: token columns with a non-finite G enter the causal products as zeros and the
+output columns from that token on are NaN (a program's partial sum is poisoned, so the sum is).
+
+Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
+indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
+offline sm_90 compile (`benchmarks/offline_compile.py`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from ..common import LN_EPS
+
+MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
+HEAD_DIMS = (64, 128)
+
+
+def nsplit(d: int) -> int:
+    """Programs per head: one at d = 64 (192 KB of shared memory), four at d = 128 (each FS = 128)."""
+    return 1 if d == 64 else 4
+
+
+@gluon.constexpr_function
+def _mma_layout(M, N, num_warps):
+    """The wgmma accumulator layout of an [M, N] result: warps down M (16 rows each, at least 4) while M has
+    rows for them, the rest across N; the widest instruction N (a multiple of 8, <= 256) that divides a warp's
+    columns."""
+    wm = 4
+    while wm * 2 <= num_warps and M >= 32 * wm:
+        wm *= 2
+    wn = num_warps // wm
+    cols = N // wn
+    n = min(256, cols) // 8 * 8
+    while cols % n:
+        n -= 8
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _gelu_parts(x):
+    """tanh-GELU(x) and its exact derivative, fp32 (tanh through a sigmoid, as `triton_utils._gelu_parts`)."""
+    c: gl.constexpr = 0.7978845608028654
+    u = c * (x + 0.044715 * x * x * x)
+    t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
+    y = 0.5 * x * (1.0 + t)
+    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+    return y, dy
+
+
+@gluon.jit
+def _normalize_cols(z, D: gl.constexpr, EPS: gl.constexpr):
+    """LayerNorm of every column of z [D, 16] (one token each), without weight and bias: x^ and 1/std."""
+    zc = z - (gl.sum(z, axis=0) / D)[None, :]
+    rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=0) / D + EPS)
+    return zc * rstd[None, :], rstd
+
+
+@gluon.jit
+def _proj_cols(g, xh, rstd, D: gl.constexpr):
+    """(g - mean g - x^ mean(g x^)) / std per column: the LayerNorm backward."""
+    mg = gl.sum(g, axis=0) / D
+    mgx = gl.sum(g * xh, axis=0) / D
+    return (g - mg[None, :] - xh * mgx[None, :]) * rstd[None, :]
+
+
+@gluon.jit
+def _ln_l2_grad_cols(z, v, k, gam, bet, D: gl.constexpr, EPS: gl.constexpr):
+    """d/dz of 0.5 ||LN(z) - (v - k)||^2 per column (docs/math.md §2): G, x^, 1/std, gy and mean(gy x^)."""
+    xh, rstd = _normalize_cols(z, D, EPS)
+    gy = gam[:, None] * (gam[:, None] * xh + bet[:, None] - (v - k))
+    mgx = gl.sum(gy * xh, axis=0) / D
+    return _proj_cols(gy, xh, rstd, D), xh, rstd, gy, mgx
+
+
+@gluon.jit
+def _finite_cols(x):
+    """[16] mask of the columns of x whose entries are all finite (|column sum| < inf; see kernels_notes)."""
+    return gl.abs(gl.sum(x, axis=0)) < float("inf")
+
+
+@gluon.jit
+def _tok_dot(a_s, b_s, acc, K: gl.constexpr, EA: gl.constexpr, EB: gl.constexpr):
+    """acc + A B^T for A, B stored transposed in shared memory (a_s, b_s [K, 16]): [16, 16], FMA, 16 rows of K
+    at a time."""
+    for c in gl.static_range(K // 16):
+        a = a_s.slice(c * 16, 16, dim=0).permute((1, 0)).load(EA).to(gl.float32)  # [16 tokens, 16 of K]
+        b = b_s.slice(c * 16, 16, dim=0).load(EB).to(gl.float32)  # [16 of K, 16 tokens]
+        acc = gl.dot_fma(a, b, acc)
+    return acc
+
+
+@gluon.jit
+def _sync(cnt_ptr, target):
+    """Barrier of the programs sharing a head: every thread's writes are published (bar.sync, then one release
+    increment at GPU scope) and the others' seen (acquire loads until the counter reaches `target`)."""
+    gl.thread_barrier()
+    gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+    while gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _sum_parts(x_ptr, offs, NSPLIT: gl.constexpr, NUMEL: gl.constexpr):
+    """The sum of the NSPLIT partials at x_ptr (each NUMEL values, `offs` their layout), in program order (every
+    program gets the same bits); .cg loads: written by other SMs, so not from this SM's L1."""
+    tot = gl.load(x_ptr + offs, cache_modifier=".cg")
+    for r in gl.static_range(1, NSPLIT):
+        tot += gl.load(x_ptr + r * NUMEL + offs, cache_modifier=".cg")
+    return tot
+
+
+@gluon.jit
+def _tok_tile(rd, rt, t0, stride):
+    """Offsets of a transposed token tile [D, 16]: element (c, t) at c + (t0 + t) * stride (rd: the D rows, rt:
+    the 16 token columns; an exchange tile: t0 = 0, stride D). Built where used: loop-invariant
+    [D, 16] offsets kept across the mini-batch loop cost registers."""
+    return rd[:, None] + (t0 + rt)[None, :] * stride
+
+
+@gluon.jit
+def _emit_output(xo_ptr, q_ptr, o_ptr, t0, s_t, o_t, rdD, rtD, gam, bet, NSPLIT: gl.constexpr, D: gl.constexpr,
+                 EPS: gl.constexpr):
+    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's)."""
+    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * 16)
+    xhb, _r = _normalize_cols(zb, D, EPS)
+    q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
+    o = q + xhb * gam[:, None] + bet[:, None]
+    gl.store(o_ptr + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _w_mma2(w_s, x_s, y_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
+    """(acc + W X, acc + W Y) for W = w_s [FS, D] fp32 and X, Y [D, 16] 16-bit in shared memory; 32 columns of W
+    (the MMAs' K) at a time, each loaded once for both products."""
+    accy = acc
+    for c in gl.static_range(D // 32):
+        a = w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT)  # [FS, 32]
+        acc = warpgroup_mma(a, x_s.slice(c * 32, 32, dim=0), acc)
+        accy = warpgroup_mma(a, y_s.slice(c * 32, 32, dim=0), accy)
+    return acc, accy
+
+
+@gluon.jit
+def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexpr, OPT: gl.constexpr):
+    """acc + W2s^T X for X [FS, 16] in shared memory: [D, 16], FC rows of F (the MMA's K) at a time."""
+    for c in gl.static_range(FS // FC):
+        a = w2_s.slice(c * FC, FC, dim=0).permute((1, 0)).load(AD).to(OPT)  # [D, FC]
+        acc = warpgroup_mma(a, x_s.slice(c * FC, FC, dim=0), acc)
+    return acc
+
+
+@gluon.jit
+def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr):
+    """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory; FC
+    rows at a time (a [FC, D] fp32 accumulator in registers)."""
+    for c in gl.static_range(FS // FC):
+        w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
+        gl.thread_barrier()  # every warp's reads of this chunk are done before any write
+        w_s.slice(c * FC, FC, dim=0).store(w)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
+    """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time."""
+    for c in gl.static_range(D // 32):
+        acc = warpgroup_mma(w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT), x_s.slice(c * 32, 32, dim=0), acc)
+    return acc
+
+
+@gluon.jit
+def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.constexpr, D: gl.constexpr,
+                FF: gl.constexpr, FC: gl.constexpr, L1: gl.constexpr, L2: gl.constexpr):
+    """Copy program s's slices between global W1 [D, FF] (its columns s*FS.., as W1s^T [FS, D]; L1 walks F
+    fastest), W2 [FF, D] (its rows) and shared memory, FC rows at a time (a whole [FS, D] tile and its 64-bit
+    addresses would take most of the registers); TO_SMEM: global -> shared, else shared -> global."""
+    for c in gl.static_range(FS // FC):
+        f1 = gl.arange(0, FC, layout=gl.SliceLayout(1, L1))
+        d1 = gl.arange(0, D, layout=gl.SliceLayout(0, L1))
+        off1 = d1[None, :] * FF + (s * FS + c * FC) + f1[:, None]
+        f2 = gl.arange(0, FC, layout=gl.SliceLayout(1, L2))
+        d2 = gl.arange(0, D, layout=gl.SliceLayout(0, L2))
+        off2 = (s * FS + c * FC + f2[:, None]) * D + d2[None, :]
+        if TO_SMEM:
+            w1t_s.slice(c * FC, FC, dim=0).store(gl.load(w1_ptr + off1))
+            w2_s.slice(c * FC, FC, dim=0).store(gl.load(w2_ptr + off2))
+        else:
+            gl.store(w1_ptr + off1, w1t_s.slice(c * FC, FC, dim=0).load(L1))
+            gl.store(w2_ptr + off2, w2_s.slice(c * FC, FC, dim=0).load(L2))
+
+
+@gluon.jit
+def ttt_mlp_smem_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, xz_ptr, xo_ptr, cnt_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, NHEADS, NGROUPS,
+    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
+):
+    OPT: gl.constexpr = q_ptr.dtype.element_ty  # the products' 16-bit operand type
+    FS: gl.constexpr = FF // NSPLIT
+    BT: gl.constexpr = 16
+    # register layouts: the wgmma accumulators of [FS, 16], [D, 16], [D, FS], [FS, D] tiles, their A operands,
+    # a [16, 16] token x token tile (FMA dots), and a blocked layout for the weight copies
+    LF: gl.constexpr = _mma_layout(FS, BT, num_warps)
+    LD: gl.constexpr = _mma_layout(D, BT, num_warps)
+    FC: gl.constexpr = min(FS, 8192 // D)  # rows of F per weight-update / W2^T-product chunk (8 K fp32 values)
+    LW: gl.constexpr = _mma_layout(FC, D, num_warps)  # a chunk of a weight slice [FC, D]
+    AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
+    AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
+    LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
+    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LE, k_width=0)
+    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LE, k_width=0)
+    LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
+    LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])  # [FS, D], FS contiguous
+    # shared memory: the fp32 weight slices for the whole sequence, and this mini-batch's 16-bit MMA operands
+    SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
+    w1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # W1s^T
+    w2_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)
+    SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
+    SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
+    SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
+    qT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    kT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    x2_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    x2b_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    eg1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    eg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+
+    pid = gl.program_id(0)
+    s = pid % NSPLIT
+    # index vectors in the layouts they meet
+    rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
+    rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
+    rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
+    rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
+    riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
+    rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
+    causal = riE[:, None] >= rjE[None, :]
+    tau_i = gl.load(tau_ptr + riE).to(gl.float32)
+    tau_b = gl.load(tau_ptr + BT - 1).to(gl.float32)
+
+    for head in range(pid // NSPLIT, NHEADS, NGROUPS):
+        bi = head // H
+        hi = head % H
+        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
+        gl.thread_barrier()  # the previous head's last reads of w1t_s / w2_s are done
+        _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
+        c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
+        c2 = gl.load(c2_ptr + head * D + rdD)
+        xz = xz_ptr + head * 2 * NSPLIT * D * BT
+        xo = xo_ptr + head * 2 * NSPLIT * D * BT
+        cnt = cnt_ptr + head
+        x_base = bi * s_b + hi * s_h
+        o_base = bi * o_b + hi * o_h
+        l_base = bi * l_b + hi * l_h
+        gl.thread_barrier()
+        for n in range(NMB):
+            t0 = n * BT
+            if SAVE:
+                if n % GROUP == 0:
+                    ck = head * NCK + n // GROUP
+                    _weights_io(w1t_s, w2_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, False, FS, D, FF, FC,
+                                LBt, LB)
+                    gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
+                    if s == 0:  # c2 is replicated: one program writes it
+                        gl.store(ckc2_ptr + ck * D + rdD, c2)
+            xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16] (offsets built where used)
+            qT = gl.load(q_ptr + x_base + xT)  # input dtype
+            kT = gl.load(k_ptr + x_base + xT)
+            vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+            lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+            lrF = gl.load(lr_ptr + l_base + (t0 + rtF) * l_t).to(gl.float32)
+            lrE = gl.load(lr_ptr + l_base + (t0 + rjE) * l_t).to(gl.float32)
+            qT_s.store(qT.to(OPT))
+            kT_s.store(kT.to(OPT))
+            kT = kT.to(gl.float32)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            # inner forward / backward at the start weights
+            zero_f = gl.zeros([FS, BT], gl.float32, LF)
+            z1, qw1 = _w_mma2(w1t_s, kT_s, qT_s, zero_f + c1[:, None], D, AF, OPT)  # [FS, 16] each
+            x2, d1 = _gelu_parts(z1)
+            x2_s.store(x2.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            z2 = _w2t_mma(w2_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)  # this slice's Z2t part
+            if NSPLIT > 1:
+                gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
+                _sync(cnt, (n + 1) * NSPLIT)
+                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * BT)
+                if n > 0:
+                    if s == 0:  # the previous mini-batch's output, now that every partial of it is written
+                        tp = t0 - BT
+                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
+                                     o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)  # [D, 16]
+            g2_s.store(g2.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            g1 = _w_mma(w2_s, g2_s, zero_f, D, AF, OPT) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
+
+            # output path; token columns with a non-finite G enter the causal products as zeros
+            okF = _finite_cols(g1)
+            okD = _finite_cols(g2)
+            ok = gl.convert_layout(okF, gl.SliceLayout(0, LE)) & gl.convert_layout(okD, gl.SliceLayout(0, LE))
+            E = tau_i[:, None] * lrE[None, :]
+            qk = _tok_dot(qT_s, kT_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB)
+            p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
+            okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
+            mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
+            fence_async_shared()
+            gl.thread_barrier()
+            z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
+            x2b, _d1b = _gelu_parts(z1b)
+            x2b_s.store(x2b.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            s2 = _tok_dot(x2b_s, x2_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)  # this slice's X2b X2^T
+            first = (s == 0).to(gl.float32)
+            p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
+            okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
+            mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
+            fence_async_shared()
+            gl.thread_barrier()
+            zb = _w2t_mma(w2_s, x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None], FS, FC, AD, OPT)
+            zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
+            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
+            zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
+            if NSPLIT == 1:
+                xhb, _rb = _normalize_cols(zb, D, EPS)
+                o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
+                gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+            else:
+                gl.store(xo + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), zb)
+
+            # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
+            ebF = tau_b * lrF
+            ebD = tau_b * lrD
+            eg1_s.store((-ebF[None, :] * g1).to(OPT))
+            eg2_s.store((-ebD[None, :] * g2).to(OPT))
+            c1 -= gl.sum(ebF[None, :] * g1, axis=1)
+            c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+            fence_async_shared()
+            gl.thread_barrier()
+            _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
+            _update(w2_s, x2_s, eg2_s, FS, FC, LW)
+        if NSPLIT > 1:  # the last mini-batch's output
+            _sync(cnt, (NMB + 1) * NSPLIT)
+            if s == 0:
+                tp = (NMB - 1) * BT
+                _emit_output(xo + ((NMB - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t, o_t,
+                             rdD, rtD, gam, bet, NSPLIT, D, EPS)
+        _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
+        gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
+        if s == 0:
+            gl.store(c2T_ptr + head * D + rdD, c2)
+
+
+def _resident_programs(device: torch.device, nsplit_: int) -> int:
+    """How many programs of the kernel run at once on `device` (one per SM: each takes most of its shared
+    memory), rounded down to whole heads; the interpreter (CPU) runs every program at once."""
+    if device.type != "cuda":
+        return 1 << 30
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms // nsplit_ * nsplit_
+
+
+def check(d: int, mini_batch: int, dtype: torch.dtype) -> None:
+    """The shapes and dtypes these kernels take; a one-line error naming the kernel choice otherwise."""
+    if d not in HEAD_DIMS:
+        raise ValueError(f"mlp_impl: 'smem' is written for head dim 64 or 128, got head dim {d}")
+    if mini_batch != MB:
+        raise ValueError(f"mlp_impl: 'smem' is written for mini-batch {MB}, got mini_batch {mini_batch}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"mlp_impl: 'smem' multiplies in 16 bits on the tensor cores; expected bf16/fp16 inputs, "
+                         f"got {str(dtype).replace('torch.', '')}")
+
+
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
+        num_warps: int | None = None, programs: int | None = None):
+    """Aligned whole mini-batches (same contract as `chunk.fwd`). q, k, v [B,T,H,d] 16-bit (last dim contiguous,
+    same strides), T % 16 == 0; params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
+    num_warps None: 8; programs: at most this many programs (None: what the GPU holds at once). Returns o, the
+    final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+    B, T, H, d = q.shape
+    F = params[0].shape[-1]
+    check(d, mini_batch, q.dtype)
+    nmb = T // mini_batch
+    nck = triton.cdiv(nmb, group)
+    ns = nsplit(d)
+    heads = B * H
+    cap = _resident_programs(q.device, ns)
+    if programs is not None:
+        cap = min(cap, programs // ns * ns)
+    groups = max(1, min(heads, cap // ns))
+    o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
+    fin = tuple(torch.empty_like(p) for p in params)
+    if save:
+        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+    else:
+        ck = fin  # never written
+    xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
+    xo = torch.empty_like(xz)
+    cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
+    launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
+    ttt_mlp_smem_fwd_kernel[(groups * ns,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, xz, xo, cnt,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, heads, groups,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+    return o, fin, (ck if save else None)
