@@ -2,14 +2,15 @@
 
 Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (the
 register kernels, tokens as the row dimension, 8 warps; also at 16 warps) and "blocked"; at d = 96, 128
-"blocked" (F-blocked, weights in a global scratch). Each variant is checked against the PyTorch dual form (bf16;
-T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
-accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and
-fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
-B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
+"blocked" (F-blocked, weights in a global scratch); at d = 64, 128 "smem" (Gluon: weights in shared memory,
+wgmma, Hopper; its backward is the register / F-blocked one). Each variant is checked against the PyTorch dual
+form (bf16; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending accumulator; the output,
+the final state and every gradient), and a variant that fails is not timed. Then fwd and fwd+bwd
+(triton.testing.do_bench medians, bf16) at B16 T2048 H32 d64, B16 T2048 H16 d128 (both D = 2048) and B4 T8192
+H32 d64, with TTT-Linear and causal SDPA (flash) at the same shape beside, and the fused decode step (B16 H32 d64,
 CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
 
-    python3 -m benchmarks.bench_mlp            # everything (< 4 minutes on an H200)
+    python3 -m benchmarks.bench_mlp            # everything (about 5 minutes on an H200)
     python3 -m benchmarks.bench_mlp --skip-check --only fwd
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.common import bench, make as _op_make, rel, run as _op_run
+from benchmarks.common import bench, make as _op_make, rel, run as _op_run, sdpa_ms
 from ttt.ops import TTTState, triton_backend
 
 B_MB = 16  # mini-batch size
@@ -29,12 +30,12 @@ DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cp
 # whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
 VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (64, 96, 128), (BF16,))]
+            ("blocked", "blocked", None, (64, 96, 128), (BF16,)), ("smem", "smem", None, (64, 128), (BF16,))]
 # the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
 # aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
 CHECK = dict(B=1, T=2062, H=16, pos=7)
-SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
+SHAPES = [(16, 2048, 32, 64), (16, 2048, 16, 128), (4, 8192, 32, 64)]
 # (block_f, num_warps) of the fused TTT-MLP decode step: the measured default, the spill-free offline pick, a middle one
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
 
@@ -124,10 +125,12 @@ def main():
         for shape in SHAPES:
             B, T, H, d = shape
             tag = f"B{B} T{T} H{H} d{d}"
-            t = time_op("linear", shape)
-            rows.append((tag, "ttt-linear", *t))
-            print(f"{tag:22} {'ttt-linear':12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
-                  f"[{time.time() - t_start:.0f} s]", flush=True)
+            for name, fn in (("ttt-linear", lambda: time_op("linear", shape)),
+                             ("sdpa-flash", lambda: (sdpa_ms(*shape, "fwd"), sdpa_ms(*shape, "fwdbwd")))):
+                t = fn()
+                rows.append((tag, name, *t))
+                print(f"{tag:22} {name:12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
+                      f"[{time.time() - t_start:.0f} s]", flush=True)
             for name, impl, warps, dims, _dtypes in VARIANTS:
                 if d not in dims:
                     continue
