@@ -119,6 +119,37 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     assert not torch.isfinite(o[:, 20]).all()
 
 
+def _grads_before(inp, impl, j, state_loss=False, **replaced):
+    """The gradients of a loss on the outputs before token j (state_loss: and on the final state), w.r.t. every leaf
+    (the per-token ones cut at j); `replaced`: leaves (q, k, v, lr) to use instead of inp's."""
+    leaves = {**inp.leaves(), **replaced}
+    o, st = run_triton(inp, impl, **replaced)
+    gen = torch.Generator(device=o.device).manual_seed(2)
+    loss = (o[:, :j].float() * torch.randn(o[:, :j].shape, generator=gen, device=o.device)).sum()
+    if state_loss:
+        loss = loss + sum((p * torch.randn(p.shape, generator=gen, device=o.device)).sum() for p in st.params)
+    g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    cut = {"q", "k", "v", "lr"}
+    return {n: (x[:, :j] if n in cut else x) for n, x in zip(leaves, g) if x is not None}
+
+
+@pytest.mark.parametrize("impl", ["regs", "blocked"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
+def test_nonfinite_token_reaches_no_earlier_gradient(impl, where):
+    """Backward NaN containment: with a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
+    mini-batches), the gradients w.r.t. tokens 0..19, the initial state, tau and the LN weights of a loss on outputs
+    0..19 and on the final state are those of a run without it, and, when the token poisons the state (k, v, lr;
+    not q, which reaches only its own output), without the state's term: poisoned values pass no gradient."""
+    inp = make(B=1, T=48, H=1, d=16, b=16, pos=0, dtype=torch.float32, grad=True)
+    ref = _grads_before(inp, impl, 20, state_loss=where == "q")
+    x = getattr(inp, where).detach().clone()
+    x[0, 20, 0] = float("nan") if where != "v" else float("inf")
+    got = _grads_before(inp, impl, 20, state_loss=True, **{where: x.requires_grad_()})
+    assert ref.keys() == got.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
 @pytest.mark.parametrize("d", [16, 24])
 def test_step_kernel(pos, d):
