@@ -97,9 +97,12 @@ def mlp_kernels(d: int, b: int, dot: int):
         out.append((f"step blk{blk}", mlp_step.ttt_mlp_step_kernel,
                     dict(D=d, BD=BD, FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
     if d in mlp_smem.HEAD_DIMS and b == mlp_smem.MB and dot >= 2:  # Gluon, 16-bit operands
-        smem = dict(D=d, FF=F, NSPLIT=mlp_smem.nsplit(d), GROUP=GROUP, EPS=LN_EPS)
+        smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS)
         for w in (4, 8):
-            out.append((f"smem fwd x{smem['NSPLIT']}", mlp_smem.ttt_mlp_smem_fwd_kernel, dict(smem, SAVE=True), w, 1))
+            out += [(f"smem fwd x{mlp_smem.nsplit(d)}", mlp_smem.ttt_mlp_smem_fwd_kernel,
+                     dict(smem, NSPLIT=mlp_smem.nsplit(d), SAVE=True), w, 1),
+                    (f"smem bwd x{mlp_smem.nsplit_bwd(d)}", mlp_smem.ttt_mlp_smem_bwd_kernel,
+                     dict(smem, NSPLIT=mlp_smem.nsplit_bwd(d)), w, 1)]
     return out
 
 

@@ -32,6 +32,7 @@ if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
     _SMEM_FWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_fwd_kernel)
+    _SMEM_BWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_bwd_kernel)
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +41,7 @@ def poison(monkeypatch):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
     if DEV == "cpu":  # the Gluon kernel's own source, run in the interpreter (tests/gluon_shim.py)
         monkeypatch.setattr(chunk_smem, "ttt_mlp_smem_fwd_kernel", _SMEM_FWD)
+        monkeypatch.setattr(chunk_smem, "ttt_mlp_smem_bwd_kernel", _SMEM_BWD)
 
 
 def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):

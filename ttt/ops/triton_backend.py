@@ -282,10 +282,6 @@ def _mlp_module(impl: str):
     return chunk_smem
 
 
-def _mlp_bwd_module(impl: str, d: int):
-    """The module whose `bwd` differentiates `impl`'s forward: the "smem" forward writes the same checkpoints as the
-    others, and until it has its own backward the register / F-blocked backward reads them."""
-    return _mlp_module(default_mlp_impl(d) if impl == "smem" else impl)
 
 
 @torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
@@ -322,10 +318,9 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
                 warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    bwd_warps = (warps or None) if impl != "smem" else None  # the smem warps are its forward's
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_bwd_module(impl, q.shape[-1]).bwd(
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
-        num_warps=bwd_warps)
+        num_warps=warps or None)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
 
 
