@@ -190,7 +190,8 @@ _GL = types.SimpleNamespace(
 
 def _atomic_add(ptr, val, mask, sem, scope):
     out = tl.atomic_add(ptr, val, mask=mask, sem=sem, scope=scope)
-    time.sleep(0)  # a program spinning on a counter lets the others run (one Python thread each)
+    # a program polling a counter (adding 0) steps aside, so that the others (one Python thread each) run
+    time.sleep(1e-4 if isinstance(val, int) and val == 0 else 0)
     return out
 _REPLACE = {id(gl): _GL, id(hopper.warpgroup_mma): _warpgroup_mma, id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
             id(hopper.fence_async_shared): _noop}

@@ -121,32 +121,35 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     assert not torch.isfinite(o[:, 20]).all()
 
 
-def _grads_before(inp, impl, j, state_loss=False, **replaced):
-    """The gradients of a loss on the outputs before token j (state_loss: and on the final state), w.r.t. every leaf
-    (the per-token ones cut at j); `replaced`: leaves (q, k, v, lr) to use instead of inp's."""
+def _grads(inp, impl, tokens, state_loss, cut, **replaced):
+    """The gradients of a random weighting of the outputs at `tokens` (a [T] mask) and, with state_loss, of the
+    final state, w.r.t. every leaf (the per-token ones cut at token `cut`); `replaced`: leaves (q, k, v, lr) to use
+    instead of inp's."""
     leaves = {**inp.leaves(), **replaced}
     o, st = run_triton(inp, impl, **replaced)
     gen = torch.Generator(device=o.device).manual_seed(2)
-    loss = (o[:, :j].float() * torch.randn(o[:, :j].shape, generator=gen, device=o.device)).sum()
+    w = torch.randn(o.shape, generator=gen, device=o.device) * tokens.to(o.device)[None, :, None, None]
+    loss = (o.float() * w).sum()
     if state_loss:
         loss = loss + sum((p * torch.randn(p.shape, generator=gen, device=o.device)).sum() for p in st.params)
     g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    cut = {"q", "k", "v", "lr"}
-    return {n: (x[:, :j] if n in cut else x) for n, x in zip(leaves, g) if x is not None}
+    return {n: (x[:, :cut] if n in ("q", "k", "v", "lr") else x) for n, x in zip(leaves, g) if x is not None}
 
 
-@pytest.mark.parametrize("impl", ["regs", "blocked"])
+@pytest.mark.parametrize("impl,d,dtype", [("regs", 16, torch.float32), ("blocked", 16, torch.float32),
+                                           ("smem", 64, torch.float16)])
 @pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
-def test_nonfinite_token_reaches_no_earlier_gradient(impl, where):
-    """Backward NaN containment: with a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
-    mini-batches), the gradients w.r.t. tokens 0..19, the initial state, tau and the LN weights of a loss on outputs
-    0..19 and on the final state are those of a run without it, and, when the token poisons the state (k, v, lr;
-    not q, which reaches only its own output), without the state's term: poisoned values pass no gradient."""
-    inp = make(B=1, T=48, H=1, d=16, b=16, pos=0, dtype=torch.float32, grad=True)
-    ref = _grads_before(inp, impl, 20, state_loss=where == "q")
+def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where):
+    """Backward NaN containment: a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
+    mini-batches) with a loss on every output and the final state. A bad k, v or lr poisons the outputs from token
+    20 on and the state: the gradients w.r.t. tokens 0..19, the initial state, tau and the LN weights are those of a
+    clean run whose loss has only outputs 0..19. A bad q poisons only output 20: those of a clean run without it."""
+    inp = make(B=1, T=48, H=1, d=d, b=16, pos=0, dtype=dtype, grad=True)
+    t = torch.arange(48)
+    ref = _grads(inp, impl, (t < 20) | ((t > 20) & (where == "q")), where == "q", 20)
     x = getattr(inp, where).detach().clone()
     x[0, 20, 0] = float("nan") if where != "v" else float("inf")
-    got = _grads_before(inp, impl, 20, state_loss=True, **{where: x.requires_grad_()})
+    got = _grads(inp, impl, t >= 0, True, 20, **{where: x.requires_grad_()})
     assert ref.keys() == got.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
@@ -204,18 +207,31 @@ def test_smem_matches_dual(d, T, pos):
     compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_smem_persistent_grid(d):
-    """Fewer programs than heads: each program (or each group of four at d = 128) walks several heads, with the same
-    bits as one head per program."""
-    inp = make(B=1, T=32, H=3, d=d, b=16, pos=0, dtype=torch.float16, grad=False)
+def _smem_grids_agree(d, B, H, T, backward=True):
+    """fwd (and bwd) with fewer programs than heads (one group of nsplit programs walking every head) give the same
+    bits as one head per group."""
+    inp = make(B=B, T=T, H=H, d=d, b=16, pos=0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, grad=False)
     x, st = inp.inputs(), inp.state()
     params = tuple(p.float().contiguous() for p in st.params)
-    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, params, 16, 8)
-    o1, fin1, ck1 = chunk_smem.fwd(*args)
-    o2, fin2, ck2 = chunk_smem.fwd(*args, programs=chunk_smem.nsplit(d))
-    for a, b in zip((o1, *fin1, *ck1), (o2, *fin2, *ck2)):
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
+    o1, fin1, ck1 = chunk_smem.fwd(*args, params, 16, 2)
+    o2, fin2, ck2 = chunk_smem.fwd(*args, params, 16, 2, programs=chunk_smem.nsplit(d))
+    if not backward:
+        return
+    g = torch.Generator(device=o1.device).manual_seed(3)
+    do = torch.randn(o1.shape, generator=g, device=o1.device).to(o1.dtype)
+    dfin = tuple(torch.randn(p.shape, generator=g, device=o1.device) for p in params)
+    g1 = chunk_smem.bwd(*args, ck1, do, dfin, 16, 2)
+    g2 = chunk_smem.bwd(*args, ck1, do, dfin, 16, 2, programs=chunk_smem.nsplit_bwd(d))
+    for a, b in zip((o1, *fin1, *ck1, *g1[:7], *g1[7]), (o2, *fin2, *ck2, *g2[:7], *g2[7])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_smem_persistent_grid(d):
+    """Each program (or each group of 2 / 4 / 8 sharing a head) walks every head; several checkpoint groups (the d =
+    128 backward, eight programs per head, in the GPU test only: slow in the interpreter)."""
+    _smem_grids_agree(d, B=1, H=3 if d == 64 else 2, T=48 if d == 64 else 32, backward=d == 64)
 
 
 @pytest.mark.parametrize("d,where", [(64, "k"), (64, "v"), (64, "lr"), (128, "v")])
@@ -254,15 +270,10 @@ def test_gpu_smem_full_shapes(d, dtype):
 @gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_smem_nonfinite_and_grid(d):
-    """On the GPU: a NaN token reaches no earlier output; a persistent grid smaller than the heads gives the same
-    bits (B4 H8: 32 heads on nsplit(d) programs)."""
+    """On the GPU: a NaN token reaches no earlier output nor gradient; a persistent grid smaller than the heads gives
+    the same bits (B4 H8: 32 heads on one group of programs), forward and backward."""
+    for where in ("q", "k", "v", "lr"):
+        test_nonfinite_token_reaches_no_earlier_gradient("smem", d, torch.bfloat16, where)
     for where in ("k", "v", "lr"):
         test_smem_nonfinite_token_reaches_no_earlier_output(d, where)
-    inp = make(B=4, T=64, H=8, d=d, b=16, pos=0, dtype=torch.bfloat16, grad=False)
-    x, st = inp.inputs(), inp.state()
-    params = tuple(p.float().contiguous() for p in st.params)
-    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, params, 16, 8)
-    o1, fin1, _ = chunk_smem.fwd(*args)
-    o2, fin2, _ = chunk_smem.fwd(*args, programs=chunk_smem.nsplit(d))
-    for a, b in zip((o1, *fin1), (o2, *fin2)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _smem_grids_agree(d, B=4, H=8, T=96)

@@ -451,16 +451,12 @@ def _tile_out(ptr, w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: 
 
 @gluon.jit
 def _tile_in_finite(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
-    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0; returns how many there were."""
-    bad = 0.0
+    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0."""
     for c in gl.static_range(FS // FC):
         r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
         x = gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :])
-        fin = gl.abs(x.to(gl.float32)) < float("inf")
-        bad += gl.sum(gl.sum(gl.where(fin, 0.0, 1.0), axis=1), axis=0)
-        w_s.slice(c * FC, FC, dim=0).store(gl.where(fin, x, 0.0).to(w_s.dtype))
-    return bad
+        w_s.slice(c * FC, FC, dim=0).store(gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(w_s.dtype))
 
 
 @gluon.jit
@@ -538,12 +534,10 @@ def ttt_mlp_smem_bwd_kernel(
     rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
     rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
-    rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
     rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
     causal = riE[:, None] >= rjE[None, :]
     tau_i = gl.load(tau_ptr + riE).to(gl.float32)
-    tau_j = gl.load(tau_ptr + rjE).to(gl.float32)
     tau_b = gl.load(tau_ptr + BT - 1).to(gl.float32)
     ws1 = ws1_ptr + pid * GROUP * FS * D  # this program's scratch: the start weights of a group's mini-batches
     ws2 = ws2_ptr + pid * GROUP * FS * D
@@ -633,12 +627,14 @@ def ttt_mlp_smem_bwd_kernel(
                 j = n - n0
                 t0 = n * BT
                 gl.thread_barrier()
-                wbad = _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
-                wbad += _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
+                _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
                 c1 = gl.load(cs1 + j * FS + rfF)
                 c2 = gl.load(cs2 + j * D + rdD)
-                wbad += gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0)
-                wbad += gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
+                # outer products), its biases too: they tell
+                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
+                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
                 c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
                 c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
                 xT = _tok_tile(rdD, rtD, t0, s_t)
@@ -653,7 +649,7 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # forward recompute, state path: Z1, X2, Z2 (exchange 1), G2
                 z1 = _w_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
-                x2, d1 = _gelu_parts(z1)
+                x2, d1, dd1 = _gelu_parts2(z1)
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
@@ -683,6 +679,7 @@ def ttt_mlp_smem_bwd_kernel(
                 qT = gl.where(out[None, :], qT, 0.0)
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
+                tgt = bet[:, None] - (vT - kT)  # the LN weight's gradient needs only this of v and k
                 lrD = gl.where(live, lrD, 0.0)
                 g2 = gl.where(live[None, :], g2, 0.0)
                 xh = gl.where(live[None, :], xh, 0.0)
@@ -692,7 +689,6 @@ def ttt_mlp_smem_bwd_kernel(
                 liveF = _col_vec(live, LF)
                 x2 = gl.where(liveF[None, :], x2, 0.0)
                 d1 = gl.where(liveF[None, :], d1, 0.0)
-                _x2u, _d1u, dd1 = _gelu_parts2(z1)
                 dd1 = gl.where(liveF[None, :], dd1, 0.0)
                 dc1 = gl.where(keep, dc1, 0.0)
                 dc2 = gl.where(keep, dc2, 0.0)
@@ -708,6 +704,7 @@ def ttt_mlp_smem_bwd_kernel(
                 gl.thread_barrier()
                 h1 = warpgroup_mma(wh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF))  # W2s G2t
                 g1 = h1 * d1
+                h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
                 g1_s.store(g1.to(OPT))
 
                 # output path: Z1b, X2b, Z2b (exchange 2, with this slice's X2b X2^T)
@@ -776,6 +773,10 @@ def ttt_mlp_smem_bwd_kernel(
                 dg1 = -warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF))  # -(P1^T dZ1b)^T
                 dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, gl.zeros([D, BT], gl.float32, LD) + first * dOT)
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
+                if NSPLIT > 1:  # this program's part of dq, summed after the next exchange
+                    gl.store(xb + ((n % 2) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
+                else:
+                    gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
                 dk = warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD))  # Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
@@ -794,7 +795,7 @@ def ttt_mlp_smem_bwd_kernel(
                 dk = _w2t_mma(g1t_s, eg1_s, dk, FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
                 dx2 = _w_mma(g2w_s, eg2_s, dx2, D, AF, OPT)  # - dW2' (e_b G2)^T
                 dh1 = dg1 * d1
-                dz1 = dg1 * h1 * dd1
+                dz1 = dg1 * h1dd1
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
@@ -808,7 +809,7 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # G2 = LN-L2 gradient at Z2 (target v - k)
                 dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2, xh, rstd, gy, mgx, gam, D)
-                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + bet[:, None] - (vT - kT)), axis=1)
+                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + tgt), axis=1)
                 dbet += first * gl.sum(dgy * gam[:, None], axis=1)
                 if s == 0:
                     gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
@@ -837,14 +838,12 @@ def ttt_mlp_smem_bwd_kernel(
                 dc1 += gl.sum(dz1b, axis=1) + gl.sum(dz1, axis=1)
                 dc2 += gl.sum(dz2b, axis=1) + gl.sum(dz2, axis=1)
 
-                # this mini-batch's dq, dk, dlr: summed over the programs after the next exchange
+                # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
                     rec = xb + (n % 2) * NSPLIT * REC
-                    gl.store(rec + s * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                     gl.store(rec + s * REC + R_DK + _tok_tile(rdD, rtD, 0, D), dk)
                     gl.store(rec + s * REC + R_DLR + rjE, dlr)
                 else:
-                    gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
                     gl.store(dk_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dk.to(dk_ptr.dtype.element_ty))
                     gl.store(dlr_ptr + (bi * NMB * BT + t0 + rjE) * H + hi, dlr)
             if NSPLIT > 1:  # the group's first mini-batch's gradients
