@@ -31,6 +31,12 @@ Forward, per mini-batch, program s (W1s [d, FS], c1s [FS], W2s [FS, d] its slice
 NaN containment as in `chunk.py`: token columns with a non-finite G enter the causal products as zeros and the
 output columns from that token on are NaN (a program's partial sum is poisoned, so the sum is).
 
+Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the carried weight gradients, fp32,
+sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
+mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
+with `chunk.py`'s formulas, transposed; three exchanges per mini-batch (Z2; Z2b and X2b X2^T; dG2), dq, dk and
+dlr summed after the next one. Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
+
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
 offline sm_90 compile (`benchmarks/offline_compile.py`).
@@ -864,13 +870,14 @@ def ttt_mlp_smem_bwd_kernel(
             gl.store(dlnb_ptr + head * D + rdD, dbet)
 
 
-def _resident_programs(device: torch.device, nsplit_: int) -> int:
-    """How many programs of the kernel run at once on `device` (one per SM: each takes most of its shared
-    memory), rounded down to whole heads; the interpreter (CPU) runs every program at once."""
-    if device.type != "cuda":
-        return 1 << 30
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms // nsplit_ * nsplit_
+def _groups(device: torch.device, heads: int, nsplit_: int, programs: int | None) -> int:
+    """How many groups of nsplit_ programs (one group per head at a time) the persistent grid has: as many as run
+    at once on `device` (one program per SM: each takes most of its shared memory; the interpreter on the CPU
+    runs every program at once), at most `programs` programs, at most one group per head."""
+    cap = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1 << 30
+    if programs is not None:
+        cap = min(cap, programs)
+    return max(1, min(heads, cap // nsplit_))
 
 
 def check(d: int, mini_batch: int, dtype: torch.dtype) -> None:
@@ -897,10 +904,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     nck = triton.cdiv(nmb, group)
     ns = nsplit(d)
     heads = B * H
-    cap = _resident_programs(q.device, ns)
-    if programs is not None:
-        cap = min(cap, programs // ns * ns)
-    groups = max(1, min(heads, cap // ns))
+    groups = _groups(q.device, heads, ns, programs)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
@@ -939,10 +943,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     ns = nsplit_bwd(d)
     FS = F // ns
     heads = B * H
-    cap = _resident_programs(q.device, ns)
-    if programs is not None:
-        cap = min(cap, programs // ns * ns)
-    groups = max(1, min(heads, cap // ns))
+    groups = _groups(q.device, heads, ns, programs)
     nprog = groups * ns
     dev = q.device
     shapes = ((d, F), (F,), (F, d), (d,))
