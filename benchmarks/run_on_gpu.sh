@@ -10,9 +10,11 @@
 #   op        benchmarks/bench_op.py: checks, then TTT-Linear and TTT-MLP forward and forward+backward at
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
+#   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
+#             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
+# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, SMEM_TESTS_S, SMEM_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
@@ -32,6 +34,10 @@ has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "
   --out "$OUT/op" 2>&1 | grep -vE "Warn" | tail -60
 has linbwd && timeout "${LINBWD_S:-300}" python3 -m benchmarks.bench_linear_bwd 2>&1 | grep -v Warn | tail -40
 has mlp && timeout "${MLP_S:-300}" python3 -m benchmarks.bench_mlp 2>&1 | grep -v Warn | tail -40
+has smem && timeout -s INT "${SMEM_TESTS_S:-100}" python3 -m pytest -q -m gpu tests/test_triton_mlp.py -k smem -rA \
+  2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -20
+has smem && timeout "${SMEM_S:-150}" python3 -m benchmarks.bench_mlp --only fwd --variants regs-w8,blocked,smem \
+  --shapes 16x2048x32x64,16x2048x16x128 2>&1 | grep -v Warn | tail -30
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \
   --out "$OUT/model.json" 2>&1 | grep -v Warn | tail -60
 has decode && timeout "${DECODE_S:-300}" python3 -m benchmarks.bench_model --decode --positions 1024,32768 \
