@@ -14,7 +14,8 @@
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, SMEM_TESTS_S, SMEM_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
+# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, SMEM_TESTS_S, SMEM_S, MODEL_S, DECODE_S,
+# PROFILE_S, TRAIN_S.
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
