@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest.json"
 CKPT_DIR = "checkpoints"
 # model fields that do not change the function the weights compute, so they may differ on resume
-_EXECUTION_ONLY = ("ttt_backend",)
+EXECUTION_ONLY = ("ttt_backend",)
 
 
 # ----------------------------------------------------------------------------- small file helpers
@@ -88,7 +89,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name): what the header records."""
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -96,6 +97,28 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype (bf16 included)
     return h.hexdigest()
+
+
+class _FileTensors(Mapping):
+    """The tensors of an open safetensors file as a read-only mapping, each read when asked for."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def __getitem__(self, name):
+        return self._fh.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._fh.keys())
+
+    def __len__(self):
+        return len(self._fh.keys())
+
+
+def file_tensors_sha256(path) -> str:
+    """`tensors_sha256` of the tensors in a safetensors file, one tensor in memory at a time."""
+    with safe_open(str(path), framework="pt") as fh:
+        return tensors_sha256(_FileTensors(fh))
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
@@ -173,7 +196,7 @@ def compare_runs(saved: dict, current: dict) -> list[str]:
 
     if saved.get("vocab_size") != current.get("vocab_size"):
         diffs.append(f"vocab_size: saved {saved.get('vocab_size')!r}, now {current.get('vocab_size')!r}")
-    cmp("model.", saved.get("model"), current.get("model"), _EXECUTION_ONLY)
+    cmp("model.", saved.get("model"), current.get("model"), EXECUTION_ONLY)
     cmp("data.", saved.get("data"), current.get("data"))
     cmp("train.", saved.get("run"), current.get("run"))
     return diffs
@@ -341,9 +364,9 @@ def load_model(path, device="cpu", *, with_checkpoint: bool = False, overrides: 
     ckpt = read_checkpoint(path, optimizer=False)
     cfg = model_config(ckpt)
     if overrides:
-        bad = sorted(set(overrides) - set(_EXECUTION_ONLY))
+        bad = sorted(set(overrides) - set(EXECUTION_ONLY))
         if bad:
-            raise ValueError(f"overrides: only {_EXECUTION_ONLY} may change on load, got {bad}")
+            raise ValueError(f"overrides: only {EXECUTION_ONLY} may change on load, got {bad}")
         cfg = dataclasses.replace(cfg, **overrides)
     with torch.device(device):
         model = TTTLM(cfg)
