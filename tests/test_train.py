@@ -528,9 +528,9 @@ def test_losses_read_back_only_for_rows_follow_the_same_run(data_dir, tmp_path):
     assert [c for c in curve(every) if c[0] in (3, 6)] == curve(out)
     from ttt.train import TrainingDiverged
     with pytest.raises(TrainingDiverged) as e:  # the first non-finite step, not the next row's
-        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "nan", lr=1e6, max_steps=40, log_every=40))
+        train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "nan", lr=1e6, max_steps=12, log_every=12))
     step = int(str(e.value).split(" at step ")[1].split()[0])
-    assert step < 40
+    assert step < 12
     from ttt.model import TTTLM
     calls = []
 
