@@ -417,6 +417,8 @@ CPU_SUGGESTION = ("--size tiny --seq-len 256 --micro-batch 8 --tokens-per-step 2
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import EXECUTION_ONLY
+    from .config import ModelConfig
     from .data import load_meta
     from .train import TrainConfig, preflight, train
 
@@ -428,9 +430,7 @@ def cmd_train(args) -> int:
     train_cfg.validate()
     meta = load_meta(train_cfg.data_dir)
     model_given = {**_collect(args, args._model_fields), **_collect(args, args._preset_fields)}
-    from .checkpoint import EXECUTION_ONLY
     if saved and set(model_given) <= set(EXECUTION_ONLY):  # only how it runs: the run's model
-        from .config import ModelConfig
         model_cfg = dataclasses.replace(ModelConfig.from_dict(saved["model"]), **model_given)
         size = f"as in {train_cfg.out_dir}"
     else:
@@ -772,9 +772,9 @@ def _add_subcommand(sub, name: str, options_cls, func, help: str, description: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ttt", description="Test-Time-Training layers and language models. "
-                                f"Start with `ttt demo --quick` ({QUICK_TIME} on a CPU), then `ttt demo` ({DEMO_TIME}).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="ttt", description="Test-Time-Training layers and language models. Start with `ttt demo "
+                                        f"--quick` ({QUICK_TIME} on a CPU), then `ttt demo` ({DEMO_TIME}).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="only warnings and errors on stderr (no progress log, no progress bars)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -800,7 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter, help="train a language model",
                        description="Train an LM on a prepared dataset (see `ttt data`). Single process on CPU or "
                                    "GPU; under torchrun, data parallel (DDP or FSDP2). The defaults are the paper's "
-                                   f"125m GPU recipe; on a CPU try: {CPU_SUGGESTION}")
+                                   f"125m GPU recipe; on a CPU try: {CPU_SUGGESTION}\n\n"
+                                   "A run in --out continues from its latest checkpoint: `ttt train --out RUN` takes "
+                                   "the options not given from RUN's config.json, and `--steps N` extends (or "
+                                   "shortens) it: the learning rate follows the N-step schedule from the resumed "
+                                   "step on. Before training, the memory of one step is estimated and a step that "
+                                   "does not fit is refused (on a CPU without --micro-batch, the largest micro-batch "
+                                   "that fits is taken).")
     from .train import TrainConfig
     d.set_defaults(_train_fields=add_dataclass_options(
         d, TrainConfig, title="training options",

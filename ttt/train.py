@@ -60,8 +60,8 @@ import importlib
 import json
 import logging
 import math
-import re
 import os
+import re
 import shutil
 import signal
 import sys
@@ -101,7 +101,8 @@ class TrainConfig:
     tokens_per_step: int = help_field(524288, "global tokens per optimizer step; a multiple of "
                                               "micro_batch*seq_len*world_size "
                                               "(the quotient is the gradient accumulation)")
-    max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule)")
+    max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule); another value "
+                                      "when resuming changes the budget: the LR follows the new schedule from there")
     lr: float = help_field(3e-3, "peak learning rate (after warm-up)")
     min_lr: float = help_field(1e-5, "learning rate at the end of the cosine decay")
     warmup_frac: float = help_field(0.1, "fraction of max_steps spent in linear warm-up")
@@ -366,7 +367,7 @@ def _set_aside_failed_start(out: Path) -> None:
 def _read_resume_checkpoint(out: Path, candidates: list[Path], problem: str | None, run_cfg: dict):
     """(the first of `candidates` that reads back whole and belongs to this run, whether it is not the one
     latest.json names: said in a warning); ValueError when none does."""
-    for i, path in enumerate(candidates):
+    for path in candidates:
         try:
             ckpt = read_checkpoint(path)
         except (ValueError, OSError) as e:
@@ -440,7 +441,7 @@ def preflight(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, *,
     output: the configs, the data, out_dir and (one process, check_memory) whether a step fits in memory.
     Returns the micro-batch to use: cfg.micro_batch, or with pick_micro_batch the largest that fits."""
     _check_configs(model_cfg, cfg)
-    world = dist.world_size() if dist.is_distributed() else dist._env_int("WORLD_SIZE", 1)
+    world = dist.world_size() if dist.is_distributed() else dist.launched_world_size()
     meta = _check_data(model_cfg, cfg, world)
     _check_out_dir(Path(cfg.out_dir), _run_config(model_cfg, cfg, meta), cfg.resume)
     if cfg.check_memory and world == 1:
