@@ -1,11 +1,10 @@
 """benchmarks/replicate.py end to end at smoke size on the CPU: data, matched models at two contexts, the
-ablation ladder and b sweep, and the report built from the run outputs; and its bad-input errors."""
+ablation ladder and b sweep, and the report built from the run outputs; and its bad-input errors. The
+script's main(argv) runs in the test's process (what `python benchmarks/replicate.py ARGS` runs)."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+def load_script():
+    """benchmarks/replicate.py as a module: its main(argv) runs here, without an interpreter start per call."""
+    spec = importlib.util.spec_from_file_location("replicate_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
-def test_smoke_runs_end_to_end(tmp_path):
+def test_smoke_runs_end_to_end(tmp_path, capsys):
+    script = load_script()
     out = tmp_path / "rep"
-    r = run("--smoke", "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:]
+    script.main(["--smoke", "--out", str(out)])  # a failure raises (SystemExit(2) for bad input)
     results = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
     main = [v for k, v in results.items() if k.startswith("ctx")]
     assert sorted({v["ctx"] for v in main}) == [32, 64] and len(main) == 8
@@ -41,17 +43,16 @@ def test_smoke_runs_end_to_end(tmp_path):
         assert f"{v['val_loss']:.4f}" in md
     assert (out / "loss_by_position_32.png").stat().st_size > 1000
     # a rerun skips finished runs and rewrites the same report
-    r2 = run("--smoke", "--out", out)
-    assert r2.returncode == 0 and "skipped" in r2.stdout
+    capsys.readouterr()
+    script.main(["--smoke", "--out", str(out)])
+    assert "skipped" in capsys.readouterr().out
     assert (out / "results.md").read_text() == md
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     """The script's main() in this process (no interpreter start per case): every bad input is a SystemExit(2)
     with its message last on stderr; any other exception would fail the test."""
-    spec = importlib.util.spec_from_file_location("replicate_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
     f = tmp_path / "file"
     f.write_text("x")
     for args, flag in ((["--out", f, "--stage", "report"], "--out"),

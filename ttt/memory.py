@@ -120,6 +120,8 @@ def _block_bytes(cfg: ModelConfig, device: torch.device, autocast: bool) -> tupl
                 sizes.append(_saved_bytes(block, x))
     n_params = sum(p.numel() for p in block.parameters())
     del block
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the probe took goes back to the free memory the check reads
     ((_, t1), (_, t2), _), (s1, s2, s3) = PROBES, sizes
     per_token = max(0.0, (s2 - s1) / (t2 - t1))
     per_seq = max(0.0, s3 - s1 - per_token * t1)
