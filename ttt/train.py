@@ -587,7 +587,6 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     rows = metrics.rows if metrics else []
     loop = _Loop(cfg, out, device, rank, world, accum, model, wrapped, optim, batcher, run_cfg, autocast,
                  val, metrics, step, None if resume_from is None else step,
-                 last_path=None if resume_from is None else str(resume_from),
                  tokenizer=tokenizer, train_loss=rows[-1]["loss"] if rows else None,
                  val_loss=next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None))
     return loop, resume_from, created
