@@ -71,11 +71,15 @@ class StepMemory:
     autocast: bool = False
     grad_checkpointing: bool = False
 
+    def block_bytes(self, micro_batch: int, seq_len: int) -> float:
+        """What one block saves for its backward at this size."""
+        padded = micro_batch * -(-seq_len // PAD) * PAD  # the SSD scan pads to whole chunks
+        return self.block_fixed + self.block_per_seq * micro_batch + self.block_per_token * padded
+
     def parts(self, micro_batch: int, seq_len: int) -> dict[str, int]:
         L, N, D, V = self.n_layers, micro_batch * seq_len, self.d_model, self.vocab_size
         act = 2 if self.autocast else 4  # bytes of an activation element
-        padded = micro_batch * -(-seq_len // PAD) * PAD  # the SSD scan pads to whole chunks
-        block = self.block_fixed + self.block_per_seq * micro_batch + self.block_per_token * padded
+        block = self.block_bytes(micro_batch, seq_len)
         if self.grad_checkpointing:  # every block keeps its input; one block at a time is recomputed
             acts = L * N * D * act + CKPT_BLOCKS * block
         else:  # every block's saved tensors, and what the backward of one block allocates on top
