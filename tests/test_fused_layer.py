@@ -93,6 +93,48 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
         assert rel(a.cpu(), e) < (5e-3 if dtype == torch.float16 else 1e-5), n
 
 
+# launches that reach every path of the conv kernels: one segment of many tiles (the loop and its one-tile-ahead
+# loads), many one-tile segments, a partial channel block, RoPE's angles computed once per program (PERIODIC: BT a
+# multiple of b, with one or several mini-batches per tile) or per tile (b = 16 > BT = 8, b = 5)
+LAUNCHES = [(8, 16, 2, 8), (8, 16, 64, 16), (16, 16, 2, 4), (8, 32, 3, 5)]  # BT, BC, programs, b
+
+
+@pytest.mark.parametrize("BT,BC,programs,b", LAUNCHES)
+@pytest.mark.parametrize("rope", [True, False])
+def test_conv_kernels_every_launch(BT, BC, programs, b, rope):
+    """The conv kernels called with explicit launches == the fp64 reference: outputs, and the gradients of x, the
+    window, both convs' weights and biases (rope: two convs + RoPE; else one conv, as the block's pre-conv)."""
+    g = torch.Generator().manual_seed(BT * 100 + b)
+    B, T, D, d, W, pos = 2, 45, 40, 8, 4, 7
+    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=4, programs=programs)
+    for with_win in (True, False):
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
+        wa, wb = (torch.randn(D, 1, W, generator=g, dtype=torch.float64) for _ in range(2))
+        ba, bb = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2))
+        if not rope:
+            wb = bb = None
+        ins = [t.clone().requires_grad_(True) if t is not None else None for t in (x, win, wa, ba, wb, bb)]
+        if rope:
+            ra, rb, _ = ref_conv_rope(*ins, pos, b, d, 10000.0)
+        else:
+            ra, _ = ref_conv(*ins[:4])
+            rb = None
+        f = (lambda t: None if t is None else t.float().to(DEV))  # noqa: E731
+        ya, yb = fused_layer._conv_fwd(f(x), f(win), f(wa), f(ba), f(wb), f(bb), pos, b, d, 10000.0, rope, launch=L)
+        assert rel(ya.cpu(), ra) < 1e-5 and (not rope or rel(yb.cpu(), rb) < 1e-5)
+        ga = torch.randn(ra.shape, generator=g, dtype=torch.float64)
+        gb = torch.randn(ra.shape, generator=g, dtype=torch.float64) if rope else None
+        got = fused_layer._conv_bwd(f(x), f(win), f(wa), f(wb), f(ga), f(gb), pos, b, d, 10000.0, rope, launch=L)
+        loss = (ra * ga).sum() + ((rb * gb).sum() if rope else 0.0)
+        live = [t for t in ins if t is not None]
+        want = dict(zip([id(t) for t in live], torch.autograd.grad(loss, live)))
+        names = ["x", "win", "wa", "ba", "wb", "bb"]
+        for n, t, a in zip(names, ins, [got[0], got[1], got[2], got[3], *(got[4:6] if rope else (None, None))]):
+            if t is not None:
+                assert rel(a.cpu(), want[id(t)]) < 1e-5, (n, with_win)
+
+
 @pytest.mark.parametrize("T,with_win", [(1, True), (23, False), (40, True)])
 def test_causal_conv_matches_reference(T, with_win):
     g = torch.Generator().manual_seed(T)
