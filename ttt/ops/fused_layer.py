@@ -428,8 +428,7 @@ def causal_conv(x, win, w, b):
 
 # ---------------------------------------------------------------- post-LayerNorm x GELU gate
 @triton.jit
-def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps,
-                        BD: tl.constexpr, ROWS: tl.constexpr):
+def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps, ROWS, BD: tl.constexpr):
     cols = tl.arange(0, BD)
     cm = cols < D
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -450,7 +449,7 @@ def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D,
 
 @triton.jit
 def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_ptr, dg_ptr, dw_ptr, db_ptr, N, D,
-                        BD: tl.constexpr, ROWS: tl.constexpr):
+                        ROWS, BD: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BD)
     cm = cols < D
@@ -479,7 +478,11 @@ def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_p
     tl.store(db_ptr + pid * BD + cols, db)
 
 
-_LN_ROWS = 4  # rows per program: the weight-gradient partial sums are reduced over programs in PyTorch
+def _ln_rows(N: int, device: torch.device) -> int:
+    """Rows per program of the ln_gate kernels: 4, or more so that there are at most 8 programs per SM (each program
+    of the backward writes one row of weight-gradient partial sums, reduced in PyTorch)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(4, triton.cdiv(N, 8 * sms))
 
 
 @torch.library.custom_op("ttt::ln_gate_fwd", mutates_args=())
@@ -490,7 +493,8 @@ def _ln_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.
     mu = torch.empty(N, dtype=torch.float32, device=o.device)
     rs = torch.empty_like(mu)
     BD = triton.next_power_of_2(D)
-    _ln_gate_fwd_kernel[(triton.cdiv(N, _LN_ROWS),)](o, g, w, b, y, mu, rs, N, D, eps, BD=BD, ROWS=_LN_ROWS,
+    rows = _ln_rows(N, o.device)
+    _ln_gate_fwd_kernel[(triton.cdiv(N, rows),)](o, g, w, b, y, mu, rs, N, D, eps, rows, BD=BD,
                                                     num_warps=4 if BD <= 1024 else 8)
     return y, mu, rs
 
@@ -506,11 +510,12 @@ def _ln_gate_bwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.
                     rs: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
     N, D = o.shape
     BD = triton.next_power_of_2(D)
-    nprog = triton.cdiv(N, _LN_ROWS)
+    rows = _ln_rows(N, o.device)
+    nprog = triton.cdiv(N, rows)
     do, dg = torch.empty_like(o), torch.empty_like(g)
     dw = torch.empty((nprog, BD), dtype=torch.float32, device=o.device)
     db = torch.empty_like(dw)
-    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, BD=BD, ROWS=_LN_ROWS,
+    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, rows, BD=BD,
                                   num_warps=4 if BD <= 1024 else 8)
     return [do, dg, dw.sum(0)[:D], db.sum(0)[:D]]
 
