@@ -31,6 +31,12 @@ import triton.language as tl
 from .triton_utils import _gelu_parts
 
 
+def _sms(device) -> int:
+    """The SM count of a CUDA device (programs per launch are sized by it); 2 elsewhere (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if getattr(device, "type", None) == "cuda" \
+        else 2
+
+
 def _pick(n: int, cap: int) -> int:
     return max(8, min(cap, triton.next_power_of_2(n)))
 
@@ -275,8 +281,8 @@ def conv_launch(T: int, D: int, backward: bool, device: torch.device) -> ConvLau
     x 64 channels, 4 warps; as many programs as fit on the GPU at once (offline, Triton 3.6, sm_90, bf16: the
     backward with two convs and RoPE takes 255 registers, 2 programs per SM; the forward 139, 3 per SM; see
     docs/kernels_notes.md)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 64), warps=4, programs=(2 if backward else 3) * sms)
+    per_sm = 2 if backward else 3
+    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 64), warps=4, programs=per_sm * _sms(device))
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
@@ -481,8 +487,7 @@ def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_p
 def _ln_rows(N: int, device: torch.device) -> int:
     """Rows per program of the ln_gate kernels: 4, or more so that there are at most 8 programs per SM (each program
     of the backward writes one row of weight-gradient partial sums, reduced in PyTorch)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(4, triton.cdiv(N, 8 * sms))
+    return max(4, triton.cdiv(N, 8 * _sms(device)))
 
 
 @torch.library.custom_op("ttt::ln_gate_fwd", mutates_args=())
