@@ -252,6 +252,8 @@ class TTTLayer(nn.Module):
             state = self.init_state(B, x.device)
         plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
         fused = plan.fused
+        if fused and T == 1 and self.kind == "linear" and self.backbone == "mamba" and not torch.is_grad_enabled():
+            return self._decode_fused(x, state)
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
@@ -289,6 +291,22 @@ class TTTLayer(nn.Module):
             o = self.post_norm(o)
             if self.backbone == "mamba":
                 o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+        return self.o_proj(o), TTTLayerState(op_state, conv)
+
+    def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
+        """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
+        for the convs, RoPE, the inner learning rate and the TTT step (`fused_layer.linear_decode_step`), then the
+        post-LN x gate kernel and the output projection. The same math as `forward`'s general path (tested)."""
+        from ..ops.fused_layer import linear_decode_step, ln_gate
+        ct = torch.promote_types(x.dtype, torch.float32)
+        cq, ck = self.conv_q, self.conv_k
+        gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
+        scale = self.base_lr * self.inner_lr_scale.to(ct) / self.head_dim
+        o, op_state, conv = linear_decode_step(
+            self.qk_proj(x), self.v_proj(x), gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
+            self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
+            self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base)
+        o = ln_gate(o, self.gate_proj(x), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
         return self.o_proj(o), TTTLayerState(op_state, conv)
 
 

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import _gelu_parts
+from .common import LN_EPS, TTTState
+from .triton_utils import _gelu_parts, _linear_step, _step_store
 
 
 def _sms(device) -> int:
@@ -559,3 +560,116 @@ def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.
         g2 = g2.to(o2.dtype)
     y, _mu, _rs = _ln_gate_fwd_op(o2, g2, weight, bias, float(eps))
     return y.reshape(shape)
+
+
+# ---------------------------------------------------------------- TTT-Linear (M) layer decode step
+@triton.jit
+def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m, i_pos, log2_base, D,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """One token's depthwise causal conv over cat(window rows, u) at the channels cols = c0 + idx of one head
+    (m: idx < head dim), then RoPE at position i_pos (pairs (2p, 2p+1) of the head), fp32 [BD]."""
+    y = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(W):
+        if j < W - 1:
+            xv = tl.load(win_ptr + win_off + j * D + cols, mask=m, other=0.0)
+        else:
+            xv = tl.load(u_ptr + u_off + cols, mask=m, other=0.0)
+        y += xv.to(tl.float32) * tl.load(w_ptr + cols * W + j, mask=m, other=0.0).to(tl.float32)
+    ye, yo = tl.split(tl.reshape(y, [BD // 2, 2]))  # [BD] -> [BD/2] even, odd channels
+    ang = i_pos.to(tl.float32) * tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base)
+    c, s = tl.cos(ang), tl.sin(ang)
+    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BD])  # [BD/2, 2] -> [BD]
+
+
+@triton.jit
+def _linear_decode_kernel(
+    u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
+    w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
+    u_sb, v_sb, g_sb, H, D, i_pos, log2_base,
+    HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, LEARN_LR: tl.constexpr,
+    COMMIT: tl.constexpr, EPS: tl.constexpr,
+):
+    # program: one (batch, head). q, k: the conv + RoPE of u, computed twice, once in the layout of W's columns and
+    # once in that of its rows (cheaper than moving one through shared memory); lr: the head's gate; tau_i from
+    # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u.
+    pid = tl.program_id(0)
+    bi, hi = pid // H, pid % H
+    rd = tl.arange(0, BD)
+    rr = tl.arange(0, BD)
+    cmask = rd < HD
+    cols, rcols = hi * HD + rd, hi * HD + rr
+    u_off, win_off = bi * u_sb, bi * (W - 1) * D
+    q = _token_conv_rope(u_ptr, win_ptr, wq_ptr, bq_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
+                         HAS_BIAS, HD, BD)
+    k = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
+                         HAS_BIAS, HD, BD)
+    qr = _token_conv_rope(u_ptr, win_ptr, wq_ptr, bq_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
+                          W, HAS_BIAS, HD, BD)
+    kr = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
+                          W, HAS_BIAS, HD, BD)
+    v = tl.load(v_ptr + bi * v_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    lr = tl.load(lrs_ptr).to(tl.float32)
+    if LEARN_LR:
+        gl = tl.load(gate_ptr + bi * g_sb + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
+        lr = lr * tl.sigmoid(gl)
+        t_i = tl.maximum(1.0 / (i_pos + 1).to(tl.float32) + tl.load(delta_ptr + i_pos).to(tl.float32), 0.0)
+    else:
+        t_i = 1.0 / (i_pos + 1).to(tl.float32)
+    gam = tl.load(lnw_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rr[:, None] * HD + rd[None, :]
+    Wt = tl.load(w_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+    c = tl.load(c_ptr + pid * HD + rd, mask=cmask, other=0.0)
+    A = tl.load(a_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+    a = tl.load(ab_ptr + pid * HD + rd, mask=cmask, other=0.0)
+    o, A, a = _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, Wt, c, A, a, cmask, HD, EPS)
+    tl.store(o_ptr + bi * D + cols, o.to(o_ptr.dtype.element_ty), mask=cmask)
+    _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, Wt, c, A, a, t_i, HD, BD, COMMIT)
+    for j in tl.static_range(W - 1):
+        if j < W - 2:
+            row = tl.load(win_ptr + win_off + (j + 1) * D + cols, mask=cmask, other=0.0)
+        else:
+            row = tl.load(u_ptr + u_off + cols, mask=cmask, other=0.0)
+        tl.store(nwin_ptr + win_off + j * D + cols, row.to(nwin_ptr.dtype.element_ty), mask=cmask)
+
+
+def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
+                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0):
+    """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
+    the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
+    TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
+
+    u = x theta_QK, v = x theta_V [B, 1, D] (last dim contiguous); gate [B, 1, H] = x . lr_weight_h (None:
+    learn_lr off, lr = lr_scale); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or
+    None; lr_bias [H]; lr_scale a 0-d fp32 tensor (base_lr * inner_lr_scale / d); delta [b] (tau_i = max(0,
+    1/i + delta_i); None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's
+    dtype, the op's new state, the new window). The reference is the layer's own path (tests/test_fused_layer.py)."""
+    B, _, D = u.shape
+    H, d = ln_weight.shape
+    W = wq.shape[-1]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (u, v, gate, win, wq, wk, ln_weight, *state.params, *state.accum)):
+        raise ValueError("u: the fused decode kernel has no backward; run it under torch.no_grad()")
+    if u.stride(-1) != 1 or v.stride(-1) != 1 or win.shape != (B, W - 1, D) or d % 2:
+        raise ValueError(f"u, v, win: expected [B, 1, D] with a contiguous last dim and a window [B, {W - 1}, D], "
+                         f"got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(win.shape)}")
+    i = state.pos % mini_batch
+    commit = i == mini_batch - 1
+    Wt, c = (p.to(torch.float32).contiguous() for p in state.params)
+    A, a = (p.to(torch.float32).contiguous() for p in state.accum)
+    win = win.to(u.dtype).contiguous()
+    o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
+    nwin = torch.empty_like(win)
+    Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
+    An, an = torch.empty_like(A), torch.empty_like(a)
+    learn = gate is not None
+    _linear_decode_kernel[(B * H,)](
+        u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
+        lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
+        An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
+        HD=d, BD=triton.next_power_of_2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
+        EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
+    return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin
