@@ -138,12 +138,13 @@ def prefill_row(mixer, size, T, tokens, compile_blocks):
 
 
 @torch.inference_mode()
-def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"):
-    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it)."""
+def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default", mixer="ttt_linear"):
+    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it);
+    mixer: ttt_linear, or ttt_linear+fused (the fused layer kernels: one fused decode kernel per layer step)."""
     rows = []
-    cfg = get_config(size, mixer="ttt_linear")
     torch.manual_seed(0)
-    model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+    cfg, model = build(size, mixer)
+    model = model.to(torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
     # correctness over 2 mini-batches of steps: the plain graphed replay == the eager bf16 steps (same kernels);
@@ -173,7 +174,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
             compile_s = time.time() - t0
         got = [dec.step(nxt[:, t:t + 1]).float().clone() for t in range(nxt.shape[1])]
         err, err32 = dist(got, eager), dist(got, ref)
-        print(json.dumps(dict(check=f"{name} decode (max rel err of logits)", vs_eager_bf16=err, vs_fp32=err32,
+        print(json.dumps(dict(check=f"{mixer} {name} decode (max rel err of logits)", vs_eager_bf16=err, vs_fp32=err32,
                               eager_bf16_vs_fp32=eager_vs_fp32,
                               **({"compile_and_capture_s": compile_s} if comp else {}))), flush=True)
         if comp:
@@ -201,7 +202,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
             kv = None  # free the cache before the next, longer one
         except torch.OutOfMemoryError:
             attn_ms = None
-        row = dict(model=f"{size} ttt_linear", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
+        row = dict(model=f"{size} {mixer}", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
                    compiled_graphed_ms_per_token=ms.get("compiled"), compile_mode=compiled, eager_ms_per_token=eager_ms,
                    attention_kv_cache_alone_ms=attn_ms)
         print(json.dumps(row), flush=True)
@@ -230,6 +231,8 @@ def main():
     ap.add_argument("--positions", default="1024,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--decode-size", default="1.3b")
+    ap.add_argument("--decode-mixers", default="ttt_linear,ttt_linear+fused",
+                    help="comma list of ttt_linear, ttt_linear+fused (the fused decode kernel)")
     ap.add_argument("--decode-compile", default="default", choices=("default", "max-autotune-no-cudagraphs", "off"),
                     help="torch.compile mode of the compiled graphed decode (GraphedDecoder(compile=mode)); "
                          "off: skip it")
@@ -254,8 +257,10 @@ def main():
                           for mode in a.prefill_modes.split(",") for T in (int(x) for x in a.prefill_contexts.split(","))
                           for m in a.prefill_mixers.split(",")]
     if a.decode:
-        res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
-                                     compiled=None if a.decode_compile == "off" else a.decode_compile)
+        res["decode"] = [row for m in a.decode_mixers.split(",")
+                         for row in bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
+                                                 compiled=None if a.decode_compile == "off" else a.decode_compile,
+                                                 mixer=m)]
     res["wall_s"] = time.time() - t0
     if a.out:
         with open(a.out, "w") as f:
