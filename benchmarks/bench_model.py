@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, timed
+from benchmarks.common import environment, timed, with_mamba2_module
 from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
@@ -28,8 +28,11 @@ from ttt.model import TTTLM
 
 def build(size, mixer, ttt_backend="auto"):
     """(config, model on the GPU) of a preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on
-    the fused layer kernels."""
+    the fused layer kernels; "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
     base, _, extra = mixer.partition("+")
+    if base == "mamba2_module":
+        cfg = get_config(size, mixer="mamba")
+        return cfg, with_mamba2_module(TTTLM(cfg), cfg).cuda()
     cfg = get_config(size, mixer=base)
     return cfg, TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=extra == "fused")).cuda()
 
@@ -48,11 +51,11 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
     return rows
 
 
-def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
-    """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
+def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, size="125m"):
+    """Time one optimizer step of a `size` model: `accum` micro-batches of tokens_per_step/accum tokens."""
     B = tokens_per_step // T // accum
     torch.manual_seed(0)
-    cfg, model = build("125m", mixer, backend)
+    cfg, model = build(size, mixer, backend)
     if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
         for blk in model.blocks:
             blk.compile()
@@ -71,7 +74,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     torch.cuda.reset_peak_memory_stats()
     try:
         ms = timed(step, warmup=2, iters=5)
-        row = dict(mixer=mixer, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
+        row = dict(mixer=mixer, size=size, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:
@@ -223,7 +226,8 @@ def main():
     ap.add_argument("--prefill-modes", default="eager,compiled")
     ap.add_argument("--decode", action="store_true", help="time decode steps")
     ap.add_argument("--mixers", default="ttt_linear,ttt_linear+fused,ttt_mlp,attention,mamba",
-                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused)")
+                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused); "
+                         "mamba2_module: mamba_ssm's Mamba2 module in our blocks")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--tokens-per-step", type=int, default=32768)
     ap.add_argument("--backend", default="auto", help="TTT op backend for training")

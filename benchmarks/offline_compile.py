@@ -32,7 +32,7 @@ from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, st
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr",  # in the input dtype
            "x_ptr", "s_ptr", "ya_ptr", "yb_ptr", "dya_ptr", "dyb_ptr", "dx_ptr", "ds_ptr", "g_ptr", "y_ptr", "dy_ptr",
-           "dg_ptr"}
+           "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
 FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
 
@@ -107,8 +107,10 @@ def layer_kernels(d: int, b: int, dot: int):
         cx = dict(conv, TWO=two_rope, ROPE=two_rope)
         out += [(f"{name} fwd", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
                 (f"{name} bwd", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
+    dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
     return out + [("ln_gate fwd", fused_layer._ln_gate_fwd_kernel, dict(BD=1024), 4, 3),
-                  ("ln_gate bwd", fused_layer._ln_gate_bwd_kernel, dict(BD=1024), 4, 3)]
+                  ("ln_gate bwd", fused_layer._ln_gate_bwd_kernel, dict(BD=1024), 4, 3),
+                  ("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
 
 
 def main():
