@@ -17,6 +17,8 @@ what it measured; a row that fails is recorded with its error and the run goes o
                fused (the fused decode kernel), next to attention's KV-cache read alone
   train13b     1.3b training tok/s at 8k (the paper's comparison size): TTT-Linear default and fused, Transformer++,
                Mamba-2 (our layer)
+  compile      the first forward+backward of the TTT-Linear op in a fresh process, with an empty Triton cache and then
+               with the cache the first run left (TRITON_CACHE_DIR): bf16 head dim 64 and fp32 head dim 128
   mamba_layer  one Mamba-2 layer at the 1.3b shapes (d_state 64), B4 T8k bf16, forward and forward+backward: our
                layer (mamba_ssm's SSD) vs mamba_ssm's Mamba2 module (use_mem_eff_path=False)
 The table at the end gives each case's ratio to Transformer++ (tok/s) or to the peer named in its row.
@@ -25,6 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -122,6 +128,31 @@ def part_mamba_layer(B=4, T=8192, D=2048, d_state=64):
         guarded("mamba_layer", row, layer=name)
 
 
+FIRST_CALL = """
+import time, torch
+from benchmarks.common import make, run
+t = time.time()
+leaves, st = make("linear", 2, 256, 4, {d}, torch.{dtype}, grad=True)
+o, _ = run("linear", leaves, st, "triton")
+o.float().sum().backward()
+torch.cuda.synchronize()
+print(time.time() - t)
+"""
+
+
+def part_compile():
+    for dtype, d in (("bfloat16", 64), ("float32", 128)):
+        with tempfile.TemporaryDirectory() as cache:
+            for which in ("empty Triton cache", "cache of the run before"):
+                def row():
+                    out = subprocess.run([sys.executable, "-c", FIRST_CALL.format(d=d, dtype=dtype)], text=True,
+                                         capture_output=True, timeout=240, env=dict(os.environ, TRITON_CACHE_DIR=cache))
+                    if out.returncode:
+                        raise RuntimeError(out.stderr[-300:])
+                    return dict(first_fwd_bwd_s=float(out.stdout.split()[-1]))
+                guarded("compile", row, dtype=dtype, d=d, cache=which)
+
+
 def table():
     """Markdown rows: each timed case with its ratio to Transformer++ (tok/s) where the row has one."""
     lines = []
@@ -139,6 +170,8 @@ def table():
                          f"KV read alone {r.get('attention_kv_cache_alone_ms') or float('nan'):.3f} |")
         if r.get("part") == "op" and "ms" in r and r["ms"] is not None:
             lines.append(f"| op fwd+bwd B{r['B']} T{r['T']} | {r['impl']} {r['ms']:.2f} ms |")
+        if r.get("part") == "compile" and "first_fwd_bwd_s" in r:
+            lines.append(f"| first op fwd+bwd {r['dtype']} d{r['d']} | {r['cache']}: {r['first_fwd_bwd_s']:.1f} s |")
         if r.get("part") == "mamba_layer" and "fwd_ms" in r:
             lines.append(f"| Mamba-2 layer B{r['B']} T{r['T']} | {r['layer']} fwd {r['fwd_ms']:.2f} / "
                          f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms |")
@@ -147,7 +180,7 @@ def table():
 
 PARTS = {"check": part_check, "op": part_op, "train": part_train, "prefill": part_prefill, "decode": part_decode,
          "train13b": lambda: part_train("1.3b", (8192,), ["ttt_linear", "ttt_linear+fused", "attention", "mamba"]),
-         "mamba_layer": part_mamba_layer}
+         "mamba_layer": part_mamba_layer, "compile": part_compile}
 
 
 def main():
