@@ -236,6 +236,30 @@ def test_fused_layer_is_opt_in_and_never_falls_back():
         TTTLayer(16, 2, fused="yes")
 
 
+def test_fused_layer_auto_runs_the_kernels_only_where_the_op_runs_triton_on_cuda():
+    """fused=None (auto; `RunOptions(fused_layer=None)`, the planned default): the kernels run exactly where the
+    op resolves to its triton backend on a CUDA device; elsewhere the PyTorch layer path, without an error."""
+    from ttt.config import RunOptions, get_config
+    from ttt.layers.ttt import TTTLayer
+    from ttt.model import TTTLM
+    for backend in ("triton", "dual", "auto"):
+        layer = TTTLayer(16, 2, backend=backend, fused=None)
+        plan = layer.prepare(torch.device("cpu"), torch.float32)
+        assert not plan.fused  # a CPU: never, even with the triton op (Triton's interpreter)
+        assert layer.prepare(torch.device("cpu"), torch.float64).op.backend == "dual"
+    if DEV == "cuda":
+        assert TTTLayer(16, 2, backend="triton", fused=None).prepare(torch.device("cuda"), torch.bfloat16).fused
+        assert not TTTLayer(16, 2, backend="dual", fused=None).prepare(torch.device("cuda"), torch.bfloat16).fused
+    model = TTTLM(get_config("debug", vocab_size=64), RunOptions(ttt_backend="triton", fused_layer=None)).to(DEV)
+    assert all(blk.conv.backend == "auto" and blk.mixer.fused is None for blk in model.blocks)
+    ref = TTTLM(get_config("debug", vocab_size=64), RunOptions(ttt_backend="triton")).to(DEV)
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 19), device=DEV)
+    torch.testing.assert_close(model(ids)[0], ref(ids)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fused_layer"):
+        RunOptions(fused_layer="auto")
+
+
 def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
     from ttt.layers.conv import CausalConv1d
     conv = CausalConv1d(5, 4, backend="triton").to(DEV)
