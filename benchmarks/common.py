@@ -7,6 +7,7 @@ The scripts run from the repository root as modules, e.g. `python3 -m benchmarks
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import subprocess
@@ -117,30 +118,28 @@ def environment() -> dict:
     return env
 
 
-def load_mamba_ssd():
-    """mamba_ssm's Triton SSD function `mamba_chunk_scan_combined`, or None (said why). A wheel built without
-    its CUDA extension (the GPU machine has no toolchain for it) fails at `import mamba_ssm`; its Triton
-    submodules do not need the extension, so its module name is stubbed first (a normal install needs no stub)."""
+def _from_mamba_ssm(module: str, name: str, what: str):
+    """`name` from mamba_ssm's `module`, or None (said why). A wheel built without its CUDA extension (the GPU
+    machine has no toolchain for it) fails at `import mamba_ssm`; its Triton submodules do not need the extension,
+    so its module name is stubbed first (a normal install needs no stub)."""
     try:
         sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined
+        return getattr(importlib.import_module(module), name)
     except Exception as e:
-        print(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"{what} unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
+
+
+def load_mamba_ssd():
+    """mamba_ssm's Triton SSD function `mamba_chunk_scan_combined`, or None (said why)."""
+    return _from_mamba_ssm("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", "mamba_ssm")
 
 
 def load_mamba2_module():
-    """mamba_ssm's own `Mamba2` module class, or None (said why). Loaded like `load_mamba_ssd`; it needs `einops`
-    (a pure-Python wheel: carry it in .whl/ beside mamba_ssm's). Without the causal_conv1d extension it runs its
-    nn.Conv1d and Triton kernels; it must be built with use_mem_eff_path=False (the fused path needs the extension)."""
-    try:
-        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-        from mamba_ssm.modules.mamba2 import Mamba2
-        return Mamba2
-    except Exception as e:
-        print(f"mamba_ssm Mamba2 module unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return None
+    """mamba_ssm's own `Mamba2` module class, or None (said why). It needs `einops` (a pure-Python wheel: carry it
+    in .whl/ beside mamba_ssm's). Without the causal_conv1d extension it runs its nn.Conv1d and Triton kernels; it
+    must be built with use_mem_eff_path=False (the fused path needs the extension)."""
+    return _from_mamba_ssm("mamba_ssm.modules.mamba2", "Mamba2", "mamba_ssm Mamba2 module")
 
 
 class ModuleMixer(torch.nn.Module):

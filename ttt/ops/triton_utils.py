@@ -161,24 +161,32 @@ def _step_token(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h
 
 
 @triton.jit
+def _normalize_vec(z, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """LayerNorm of one vector z [BD] over its first D entries, without weight and bias: x^ (zero on the padding)
+    and 1/std."""
+    zc = tl.where(cmask, z - tl.sum(z, axis=0) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
+    return zc * rstd, rstd
+
+
+@triton.jit
+def _ln_l2_grad_vec(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """`_ln_l2_grad` for one token: d/dz of 0.5 ||LN(z) - (v - k)||^2, [BD] (zero on the padding)."""
+    xh, rstd = _normalize_vec(z, cmask, D, EPS)
+    gy = gam * (gam * xh + bet - (v - k))
+    return tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
+
+
+@triton.jit
 def _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, W, c, A, a, cmask, D: tl.constexpr, EPS: tl.constexpr):
     """One TTT-Linear one-token step on chip (docs/math.md §5, primal form), fp32: q, k, v [BD] and qr, kr, the same
     q and k indexing the rows of W [BD, BD]; c, a [BD]; A [BD, BD]. Returns the output o [BD] and the new
     accumulators A, a (the weights a commit gives are W - t_i A, c - t_i a)."""
-    z = tl.sum(kr[:, None] * W, axis=0) + c  # k W + c, [BD]
-    mu = tl.sum(z, axis=0) / D
-    zc = tl.where(cmask, z - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    xh = zc * rstd
-    gy = gam * (gam * xh + bet - (v - k))
-    g = tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
+    g = _ln_l2_grad_vec(tl.sum(kr[:, None] * W, axis=0) + c, v, k, gam, bet, cmask, D, EPS)  # at k W + c
     A = A + (lr * kr)[:, None] * g[None, :]
     a = a + lr * g
-    zq = tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a
-    mu = tl.sum(zq, axis=0) / D
-    zc = tl.where(cmask, zq - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    return q + zc * rstd * gam + bet, A, a
+    xh, _rstd = _normalize_vec(tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a, cmask, D, EPS)
+    return q + xh * gam + bet, A, a
 
 
 @triton.jit
