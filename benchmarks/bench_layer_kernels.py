@@ -8,7 +8,7 @@ kernels and the reference, and prints the effective bandwidth (the bytes each ca
 what the calls cost per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv each).
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
-    python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches 16,64,4,2 16,128,8,2
+    python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,32,4,3
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def ln_gate_row(N, D, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
-    ap.add_argument("--launches", nargs="+", default=["default", "16,64,4,2", "16,128,8,2", "32,64,8,1", "16,64,4,4"],
+    ap.add_argument("--launches", nargs="+", default=["default", "16,32,4,3", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
                     help="conv launch variants: default, or BT,BC,warps,programs per SM")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
