@@ -84,10 +84,12 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         from ttt.ops import fused_layer as mod
     else:
         from ttt.ops.ttt_mlp import step_triton as mod
+    from ttt.ops import triton_utils
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name, f in list(vars(mod).items()):  # kernels built for the interpreter (as test_triton.py sets up)
-        if isinstance(f, InterpretedFunction):
-            monkeypatch.setattr(mod, name, triton.jit(f.fn))
+    for m in (mod, triton_utils):  # kernels and their shared helpers built for the interpreter (test_triton.py)
+        for name, f in list(vars(m).items()):
+            if isinstance(f, InterpretedFunction):
+                monkeypatch.setattr(m, name, triton.jit(f.fn))
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
 
