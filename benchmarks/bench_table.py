@@ -44,6 +44,7 @@ DECODE_MIXERS = ["ttt_linear", "ttt_linear+fused"]
 TOKENS = 32768  # tokens per training step and per prefill batch (B = TOKENS / T)
 ROWS: list = []
 OUT = ""
+PICK = {"mixers": None, "contexts": None, "positions": [1024, 32768]}  # --mixers etc.; None keeps every case
 
 
 def keep(row: dict) -> dict:
@@ -85,9 +86,13 @@ def part_op():
         guarded("op", lambda: dict(impl="mamba_ssm ssd", ms=bench_op.time_mamba2(B, T, "fwdbwd")), **where)
 
 
+def picked(cases, key):
+    return [c for c in cases if PICK[key] is None or c in PICK[key]]
+
+
 def part_train(size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS):
-    for T in contexts:
-        for m in mixers:
+    for T in picked(contexts, "contexts"):
+        for m in picked(mixers, "mixers"):
             def row():
                 for accum in (1, 2, 4):  # on OOM: the same tokens per step in smaller micro-batches
                     r = bench_model.train_row(m, T, TOKENS, accum, "auto", compile_blocks=True, size=size)
@@ -98,14 +103,14 @@ def part_train(size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS):
 
 
 def part_prefill():
-    for T in (2048, 8192, 32768):
-        for m in PREFILL_MIXERS:
+    for T in picked((2048, 8192, 32768), "contexts"):
+        for m in picked(PREFILL_MIXERS, "mixers"):
             guarded("prefill", lambda: bench_model.prefill_row(m, "1.3b", T, TOKENS, False), mixer=m, context=T)
 
 
 def part_decode():
-    for m in DECODE_MIXERS:
-        guarded("decode", lambda: bench_model.bench_decode([1024, 32768], 16, "1.3b", "default", mixer=m), mixer=m)
+    for m in picked(DECODE_MIXERS, "mixers"):
+        guarded("decode", lambda: bench_model.bench_decode(PICK["positions"], 16, "1.3b", "default", mixer=m), mixer=m)
 
 
 def part_mamba_layer(B=4, T=8192, D=2048, d_state=64):
@@ -187,12 +192,23 @@ def main():
     global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="check,op,train,prefill,decode", help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--mixers", default="", help="comma list: only these mixers in train, prefill, decode (all if empty)")
+    ap.add_argument("--contexts", default="", help="comma list: only these contexts in train, prefill (all if empty)")
+    ap.add_argument("--positions", default="1024,32768", help="comma list: decode positions")
     ap.add_argument("--out", default="", help="write every row here as JSON (rewritten after each row)")
     a = ap.parse_args()
+    try:
+        PICK["contexts"] = [int(v) for v in a.contexts.split(",")] if a.contexts else None
+        PICK["positions"] = [int(v) for v in a.positions.split(",")]
+    except ValueError:
+        ap.error(f"--contexts/--positions: expected comma lists of integers, got {a.contexts!r} / {a.positions!r}")
+    PICK["mixers"] = a.mixers.split(",") if a.mixers else None
+    if PICK["mixers"] and set(PICK["mixers"]) - set(TRAIN_MIXERS):
+        ap.error(f"--mixers: expected names from {', '.join(TRAIN_MIXERS)}, got {a.mixers}")
     parts = a.parts.split(",")
     bad = [p for p in parts if p not in PARTS]
     if bad:
-        raise SystemExit(f"--parts: expected names from {', '.join(PARTS)}, got {', '.join(bad)}")
+        ap.error(f"--parts: expected names from {', '.join(PARTS)}, got {', '.join(bad)}")
     OUT = a.out
     torch.backends.cuda.matmul.allow_tf32 = True
     keep(dict(part="env", **environment()))

@@ -11,10 +11,12 @@
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS)
+#   issue16   issue 16's short round (~4 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
+#             then bench_table's checks, 125m training at 8k (fused, default, Transformer++), decode at 1k
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer kernels: conv + RoPE, post-LN x gate; LAYER_ARGS)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
+# Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TABLE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
@@ -25,6 +27,15 @@ if has setup && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+if has issue16; then
+  timeout -s INT "${I16_TESTS_S:-80}" python3 -m pytest -q -x tests/test_fused_layer.py tests/test_gpu.py -k \
+    "fused or conv" -rA 2>&1 | grep -E "PASS|FAIL|ERROR|XFAIL|passed|failed|Error" | tail -50
+  timeout "${I16_LAYER_S:-35}" python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 \
+    --launches default 16,32,4,3 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
+  timeout "${I16_TABLE_S:-130}" python3 -m benchmarks.bench_table --parts check,train,decode --contexts 8192 \
+    --positions 1024 --mixers ttt_linear+fused,ttt_linear,attention --out "$OUT/table16.json" 2>&1 \
+    | grep -v Warn | tail -30
+fi
 has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/ -rA 2>&1 \
   | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -60
 has sanitize && timeout "${SANITIZE_S:-200}" compute-sanitizer --tool memcheck --print-limit 5 \
