@@ -2,15 +2,17 @@
 
 Variants are the triton backend's TTT-MLP kernel pairs (`mlp_impl`, `mlp_warps`): at d = 64 "regs" (the
 register kernels, tokens as the row dimension, 8 warps; also at 16 warps) and "blocked"; at d = 96, 128
-"blocked" (F-blocked, weights in a global scratch). Each variant is checked against the PyTorch dual form (bf16;
-T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending
-accumulator; the output, the final state and every gradient), and a variant that fails is not timed. Then fwd and
-fwd+bwd (triton.testing.do_bench medians, bf16) at B4 T8192 H32 d64,
-B16 T2048 H32 d64 and B4 T8192 H16 d128, with TTT-Linear beside, and the fused decode step (B16 H32 d64,
-CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
+"blocked" (F-blocked, weights in a global scratch); at d = 64, 128 "smem" (Gluon: weights in shared memory,
+wgmma, Hopper; F split across programs). Each variant is checked against the PyTorch dual
+form (bf16; T = 2062, not a multiple of b = 16; a mid-mini-batch start with a pending accumulator; the output,
+the final state and every gradient), and a variant that fails is not timed. Then fwd and fwd+bwd
+(triton.testing.do_bench medians, bf16) at B16 T2048 H32 d64, B16 T2048 H16 d128 (both D = 2048) and B4 T8192
+H32 d64, with TTT-Linear and causal SDPA (flash) at the same shape beside, and the fused decode step (B16, D = 2048 at
+d 64 and 128, CUDA-graphed) for a few (block_f, warps) against TTT-Linear's step. One table at the end.
 
-    python3 -m benchmarks.bench_mlp            # everything (< 4 minutes on an H200)
+    python3 -m benchmarks.bench_mlp            # everything (about 5 minutes on an H200)
     python3 -m benchmarks.bench_mlp --skip-check --only fwd
+    python3 -m benchmarks.bench_mlp --only fwd --variants regs-w8,smem --shapes 16x2048x32x64,16x2048x16x128
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import bench, make as _op_make, rel, run as _op_run
+from benchmarks.common import bench, make as _op_make, rel, run as _op_run, sdpa_ms
 from ttt.ops import TTTState, triton_backend
 
 B_MB = 16  # mini-batch size
@@ -29,12 +31,12 @@ DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cp
 # whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
 VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (64, 96, 128), (BF16,))]
+            ("blocked", "blocked", None, (64, 96, 128), (BF16,)), ("smem", "smem", None, (64, 128), (BF16,))]
 # the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
 # aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
 CHECK = dict(B=1, T=2062, H=16, pos=7)
-SHAPES = [(4, 8192, 32, 64), (16, 2048, 32, 64), (4, 8192, 16, 128)]
+SHAPES = [(16, 2048, 32, 64), (16, 2048, 16, 128), (4, 8192, 32, 64)]
 # (block_f, num_warps) of the fused TTT-MLP decode step: the measured default, the spill-free offline pick, a middle one
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
 
@@ -81,10 +83,10 @@ def time_op(kind, shape, impl=None, warps=None):
     return t_fwd, bench(fb, warmup=10, rep=60)
 
 
-def time_step(kind, pos, block_f=None, warps=None):
-    """One decode step (B16 H32 d64, fp32 state, bf16 tokens), captured in a CUDA graph."""
+def time_step(kind, pos, block_f=None, warps=None, d=64):
+    """One decode step (B16, D = 2048: H32 d64 or H16 d128; fp32 state, bf16 tokens), captured in a CUDA graph."""
     import triton.testing
-    leaves, st = make(kind, 16, 1, 32, 64, torch.bfloat16)
+    leaves, st = make(kind, 16, 1, 2048 // d, d, torch.bfloat16)
     st = TTTState(kind, st.params, tuple(torch.zeros_like(p) for p in st.params), pos)
     kernels = triton_backend.MLPKernels(step_block_f=block_f, step_warps=warps) if kind == "mlp" else None
     fn = lambda: _op_run(kind, leaves, st, "triton", kernels)  # noqa: E731  (T = 1: the fused step kernel)
@@ -97,14 +99,28 @@ def main():
     ap = argparse.ArgumentParser(description="TTT-MLP kernel variants: correctness, then timings (GPU)")
     ap.add_argument("--skip-check", action="store_true", help="time without checking against the dual form")
     ap.add_argument("--only", default="fwd,step", help="comma list of: fwd (fwd and fwd+bwd), step")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                    help="comma list of the TTT-MLP variants to check and time (default: all)")
+    ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                    help="comma list of BxTxHxd shapes to time (default: %(default)s)")
     a = ap.parse_args()
+    names = [v[0] for v in VARIANTS]
+    if not set(a.variants.split(",")) <= set(names):
+        ap.error(f"--variants: expected a comma list of {names}, got {a.variants!r}")
+    variants = [v for v in VARIANTS if v[0] in a.variants.split(",")]
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 4 for s in shapes):
+        ap.error(f"--shapes: expected a comma list of BxTxHxd, got {a.shapes!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_mlp: needs a CUDA GPU")
     t_start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
     ok = {}
     rows = []
-    for name, impl, warps, dims, dtypes in VARIANTS:
+    for name, impl, warps, dims, dtypes in variants:
         for d in dims:
             ok[name, d] = True
             if a.skip_check:
@@ -121,14 +137,16 @@ def main():
                 print(f"check {name:10} d{d:<4} {str(dtype)[6:]:9} max rel err {err:.2e} (tol {tol:.0e}) "
                       f"{'ok' if good else 'FAIL'}   [{time.time() - t_start:.0f} s]", flush=True)
     if "fwd" in a.only:
-        for shape in SHAPES:
+        for shape in shapes:
             B, T, H, d = shape
             tag = f"B{B} T{T} H{H} d{d}"
-            t = time_op("linear", shape)
-            rows.append((tag, "ttt-linear", *t))
-            print(f"{tag:22} {'ttt-linear':12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
-                  f"[{time.time() - t_start:.0f} s]", flush=True)
-            for name, impl, warps, dims, _dtypes in VARIANTS:
+            for name, fn in (("ttt-linear", lambda: time_op("linear", shape)),
+                             ("sdpa-flash", lambda: (sdpa_ms(*shape, "fwd"), sdpa_ms(*shape, "fwdbwd")))):
+                t = fn()
+                rows.append((tag, name, *t))
+                print(f"{tag:22} {name:12} fwd {t[0]:8.3f} ms  fwd+bwd {t[1]:8.3f} ms   "
+                      f"[{time.time() - t_start:.0f} s]", flush=True)
+            for name, impl, warps, dims, _dtypes in variants:
                 if d not in dims:
                     continue
                 if not ok[name, d]:
@@ -144,15 +162,17 @@ def main():
                       f"[{time.time() - t_start:.0f} s]", flush=True)
     steps = []
     if "step" in a.only:
-        for pos in (3, 15):
-            steps.append((pos, "ttt-linear", time_step("linear", pos)))
-            for bf, w in STEP_CONFIGS:
-                try:
-                    t = time_step("mlp", pos, bf, w)
-                except Exception as e:
-                    print(f"step blk{bf} w{w}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
-                    t = float("nan")
-                steps.append((pos, f"mlp blk{bf} w{w}", t))
+        for d in (64, 128):
+            for pos in (3, 15):
+                steps.append((d, pos, "ttt-linear", time_step("linear", pos, d=d)))
+                for bf, w in STEP_CONFIGS:
+                    try:
+                        t = time_step("mlp", pos, bf, w, d=d)
+                    except Exception as e:
+                        print(f"step d{d} blk{bf} w{w}: {type(e).__name__}: {str(e).splitlines()[0][:100]}",
+                              flush=True)
+                        t = float("nan")
+                    steps.append((d, pos, f"mlp blk{bf} w{w}", t))
     print(f"\n## TTT-MLP kernels, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, b = {B_MB} "
           f"(do_bench medians, ms)\n")
     if rows:
@@ -160,9 +180,9 @@ def main():
         for tag, name, f, fb in rows:
             print(f"| {tag} | {name} | {f:.3f} | {fb:.3f} |")
     if steps:
-        print("\n| decode step B16 H32 d64 (CUDA graph), pos in mini-batch | kernel | ms |\n|---|---|---|")
-        for pos, name, t in steps:
-            print(f"| {pos} {'(commit)' if pos % B_MB == B_MB - 1 else ''} | {name} | {t:.4f} |")
+        print("\n| decode step B16 D2048 (CUDA graph) | pos in mini-batch | kernel | ms |\n|---|---|---|---|")
+        for d, pos, name, t in steps:
+            print(f"| d{d} | {pos} {'(commit)' if pos % B_MB == B_MB - 1 else ''} | {name} | {t:.4f} |")
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
 

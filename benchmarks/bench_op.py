@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import bench, environment, load_mamba_ssd, make, rel, run
+from benchmarks.common import bench, environment, load_mamba_ssd, make, rel, run, sdpa_ms
 from ttt.ops import TTTState
 
 RESULTS: dict = {"check": [], "time": []}
@@ -92,20 +92,7 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
 
 
 def time_sdpa(B, T, H, d, mode, dtype=torch.bfloat16):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=dtype, requires_grad=(mode == "fwdbwd")) for _ in range(3))
-    do = torch.randn_like(q)
-
-    def fn():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            if mode == "fwd":
-                with torch.no_grad():
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                torch.autograd.backward(o, do)
-                q.grad = k.grad = v.grad = None
-    ms = bench(fn)
+    ms = sdpa_ms(B, T, H, d, mode, dtype)
     record("attention", "sdpa_flash", B, T, H, d, ms, mode)
     return ms
 

@@ -70,6 +70,24 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def sdpa_ms(B, T, H, d, mode, dtype=torch.bfloat16):
+    """Median ms of causal flash attention (PyTorch SDPA) at [B, H, T, d]: mode "fwd" (no grad) or "fwdbwd"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=dtype, requires_grad=(mode == "fwdbwd")) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            if mode == "fwd":
+                with torch.no_grad():
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                torch.autograd.backward(o, do)
+                q.grad = k.grad = v.grad = None
+    return bench(fn)
+
+
 def timed(fn, warmup=3, iters=10):
     """Median milliseconds of fn() measured with CUDA events (model-level timings, several kernels and syncs)."""
     for _ in range(warmup):

@@ -21,13 +21,15 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from ttt.ops import fused_layer
 from ttt.ops.common import LN_EPS
 from ttt.ops.triton_backend import GROUP
 from ttt.ops.triton_utils import dot_mode
 from ttt.ops.ttt_linear import bwd_split, chunk as lin_chunk, step_triton as lin_step
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem, \
+    step_triton as mlp_step
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr",  # in the input dtype
@@ -35,30 +37,40 @@ IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv
            "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
 FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
+INT_PTRS = {"cnt_ptr"}  # int32 (the split kernels' barrier counters)
 
 
-def resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) of a cubin (n_regs / n_spills of a CompiledKernel exist only once it is loaded
-    on a GPU)."""
-    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack bytes, wgmma instructions in the SASS) of a cubin (n_regs / n_spills of a CompiledKernel
+    exist only once it is loaded on a GPU)."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([exe, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
+        out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return (int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1)),
+            sass.count("HGMMA"))
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
-                 hints: bool = False) -> tuple[int, int, int]:
-    """(registers, stack bytes, shared bytes) of the @triton.jit kernel `fn` compiled for sm_90."""
+                 hints: bool = False) -> tuple[int, int, int, int]:
+    """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
+    compiled for sm_90."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
-    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*fp32") if n.endswith("_ptr")
+    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS
+                                                     else "*fp32") if n.endswith("_ptr")
            else "fp32" if n in FLOATS else "i32" for n in names}
+    if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
+        sig["num_warps"] = "constexpr"
+        constexprs["num_warps"] = num_warps
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else triton.compiler.ASTSource
+    src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                          "num_stages": num_stages})
     return (*resources(k.asm["cubin"]), k.metadata.shared)
@@ -95,6 +107,13 @@ def mlp_kernels(d: int, b: int, dot: int):
     for w, blk in ((4, 64), (8, 32), (8, 64)):
         out.append((f"step blk{blk}", mlp_step.ttt_mlp_step_kernel,
                     dict(D=d, BD=BD, FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
+    if d in mlp_smem.HEAD_DIMS and b == mlp_smem.MB and dot >= 2:  # Gluon, 16-bit operands
+        smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS)
+        for w in (4, 8):
+            out += [(f"smem fwd x{mlp_smem.nsplit(d)}", mlp_smem.ttt_mlp_smem_fwd_kernel,
+                     dict(smem, NSPLIT=mlp_smem.nsplit(d), SAVE=True), w, 1),
+                    (f"smem bwd x{mlp_smem.nsplit_bwd(d)}", mlp_smem.ttt_mlp_smem_bwd_kernel,
+                     dict(smem, NSPLIT=mlp_smem.nsplit_bwd(d)), w, 1)]
     return out
 
 
@@ -125,7 +144,8 @@ def main():
     import torch
     dot = dot_mode(getattr(torch, DTYPES[a.dtype]))
     print(f"triton {triton.__version__}, sm_90, {a.dtype}, b {a.b}")
-    print(f"{'kind':6} {'kernel':20} {'d':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7} {'shared B':>8}")
+    print(f"{'kind':6} {'kernel':20} {'d':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7} {'wgmma':>5} "
+          f"{'shared B':>8}")
     for kind in a.kinds.split(","):
         table = {"linear": linear_kernels, "mlp": mlp_kernels, "layer": layer_kernels}[kind]
         for d in a.d:
@@ -134,8 +154,8 @@ def main():
                     continue
                 head = f"{kind:6} {name:20} {d:>4} {w:>5} {s:>6}"
                 try:
-                    r, sp, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints)
-                    print(f"{head} {r:>5} {sp:>7} {sh:>8}", flush=True)
+                    r, sp, mma, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints)
+                    print(f"{head} {r:>5} {sp:>7} {mma:>5} {sh:>8}", flush=True)
                 except Exception as e:  # a kernel that does not compile is a result too
                     print(f"{head} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
 

@@ -15,9 +15,12 @@
 #             then bench_table's checks and 125m training at 8k (fused, default, Transformer++), then the fused
 #             decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused adds today's default beside it)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer kernels: conv + RoPE, post-LN x gate; LAYER_ARGS)
+#   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
+#             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
+# Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
+# MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, TRAIN_S.
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
@@ -48,6 +51,16 @@ has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "
   --out "$OUT/op" 2>&1 | grep -vE "Warn" | tail -60
 has linbwd && timeout "${LINBWD_S:-300}" python3 -m benchmarks.bench_linear_bwd 2>&1 | grep -v Warn | tail -40
 has mlp && timeout "${MLP_S:-300}" python3 -m benchmarks.bench_mlp 2>&1 | grep -v Warn | tail -40
+if has smem; then  # a hang in the tests (an exchange that never completes) leaves smem out of the timings
+  timeout -s INT -k 10 "${SMEM_TESTS_S:-90}" python3 -m pytest -q -m gpu tests/test_triton_mlp.py -k smem -rA \
+    >"$OUT/smem_tests.txt" 2>&1
+  rc=$?
+  grep -E "PASS|FAIL|ERROR|passed|failed|Error" "$OUT/smem_tests.txt" | tail -20
+  variants=regs-w8,blocked,smem
+  [[ $rc == 124 || $rc == 137 ]] && { echo "smem tests timed out: smem not timed"; variants=regs-w8,blocked; }
+  timeout -k 10 "${SMEM_S:-140}" python3 -m benchmarks.bench_mlp --only fwd --variants "$variants" \
+    --shapes 16x2048x32x64,16x2048x16x128 2>&1 | grep -v Warn | tail -30
+fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
   --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \

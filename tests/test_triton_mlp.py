@@ -22,18 +22,26 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.ttt_mlp import chunk, chunk_blocked, step_triton  # noqa: E402
+from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_smem, step_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+if DEV == "cpu":
+    import gluon_shim  # noqa: E402
+
+    _SMEM_FWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_fwd_kernel)
+    _SMEM_BWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_bwd_kernel)
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (chunk, chunk_blocked, step_triton):
+    for mod in (chunk, chunk_blocked, chunk_smem, step_triton):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
+    if DEV == "cpu":  # the Gluon kernel's own source, run in the interpreter (tests/gluon_shim.py)
+        monkeypatch.setattr(chunk_smem, "ttt_mlp_smem_fwd_kernel", _SMEM_FWD)
+        monkeypatch.setattr(chunk_smem, "ttt_mlp_smem_bwd_kernel", _SMEM_BWD)
 
 
 def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
@@ -48,16 +56,17 @@ def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
     return inp
 
 
-def run_triton(inp, impl, warps=None, **replaced):
+def run_triton(inp, impl, warps=None, group=triton_backend.GROUP, **replaced):
     """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d); `replaced`:
     inputs (q, k, v, lr) to use instead of inp's."""
-    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps))
+    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps, group=group))
     return op(replace(inp.inputs(), **replaced), inp.state())
 
 
-def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None):
+def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None,
+            group=triton_backend.GROUP):
     inp = make(B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, grad=grad)
-    return check_against_dual(inp, lambda: run_triton(inp, impl, warps), T=T, pos=pos, dtype=dtype, grad=grad,
+    return check_against_dual(inp, lambda: run_triton(inp, impl, warps, group), T=T, pos=pos, dtype=dtype, grad=grad,
                               tol=tol, label=f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos}")
 
 
@@ -94,7 +103,7 @@ def test_impl_choice_is_checked():
     inp = make(B=1, T=16, H=1, d=72, b=16, pos=0, grad=False)
     with pytest.raises(ValueError, match=r"^mlp_impl: 'regs' holds the weights in registers only up to head dim 64"):
         run_triton(inp, "regs")
-    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('regs', 'blocked'\), "
+    with pytest.raises(ValueError, match=r"^mlp_impl: expected None or one of \('regs', 'blocked', 'smem'\), "
                                          r"got 'fast'"):
         run_triton(inp, "fast")
 
@@ -110,6 +119,40 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     o, _ = run_triton(inp, impl, **{where: x})
     torch.testing.assert_close(o[:, :20], o_ref[:, :20], rtol=0, atol=0)
     assert not torch.isfinite(o[:, 20]).all()
+
+
+def _grads(inp, impl, tokens, state_loss, cut, **replaced):
+    """The gradients of a random weighting of the outputs at `tokens` (a [T] mask) and, with state_loss, of the
+    final state, w.r.t. every leaf (the per-token ones cut at token `cut`); `replaced`: leaves (q, k, v, lr) to use
+    instead of inp's."""
+    leaves = {**inp.leaves(), **replaced}
+    o, st = run_triton(inp, impl, **replaced)
+    gen = torch.Generator(device=o.device).manual_seed(2)
+    w = torch.randn(o.shape, generator=gen, device=o.device) * tokens.to(o.device)[None, :, None, None]
+    loss = (o.float() * w).sum()
+    if state_loss:
+        loss = loss + sum((p * torch.randn(p.shape, generator=gen, device=o.device)).sum() for p in st.params)
+    g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: (x[:, :cut] if n in ("q", "k", "v", "lr") else x) for n, x in zip(leaves, g) if x is not None}
+
+
+@pytest.mark.parametrize("impl,d,dtype", [("regs", 16, torch.float32), ("blocked", 16, torch.float32),
+                                           ("smem", 64, torch.float16)])
+@pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
+def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where):
+    """Backward NaN containment: a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
+    mini-batches) with a loss on every output and the final state. A bad k, v or lr poisons the outputs from token
+    20 on and the state: the gradients w.r.t. tokens 0..19, the initial state, tau and the LN weights are those of a
+    clean run whose loss has only outputs 0..19. A bad q poisons only output 20: those of a clean run without it."""
+    inp = make(B=1, T=48, H=1, d=d, b=16, pos=0, dtype=dtype, grad=True)
+    t = torch.arange(48)
+    ref = _grads(inp, impl, (t < 20) | ((t > 20) & (where == "q")), where == "q", 20)
+    x = getattr(inp, where).detach().clone()
+    x[0, 20, 0] = float("nan") if where != "v" else float("inf")
+    got = _grads(inp, impl, t >= 0, True, 20, **{where: x.requires_grad_()})
+    assert ref.keys() == got.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
@@ -151,3 +194,88 @@ def test_gpu_full_shapes(impl, d, dtype):
 def test_fp16_backward(impl):
     """16-bit inputs: fp16 operands in the products, fp32 statistics and state."""
     compare(impl, B=1, T=37, H=1, d=16, b=16, pos=5, dtype=torch.float16, tol=1e-2)
+
+
+# ---- "smem": the Gluon kernel (weights in shared memory, wgmma). On the CPU its own source runs in the interpreter
+# through tests/gluon_shim.py (fp16: the interpreter's bf16 is not faithful). Its forward splits F over 1 (d = 64) / 4
+# (d = 128) programs per head, its backward over 2 / 8; they exchange partial sums through global memory.
+
+@pytest.mark.parametrize("d,T,pos", [(64, 85, 5), (128, 45, 3)])
+def test_smem_matches_dual(d, T, pos):
+    """Head and tail pieces in PyTorch around whole mini-batches in the kernel, from a mid-mini-batch start; group
+    2 makes several checkpoint groups (d = 64: 4 kernel mini-batches)."""
+    compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
+
+
+def _smem_grids_agree(d, B, H, T, backward=True):
+    """fwd (and bwd) with fewer programs than heads (one group of nsplit programs walking every head) give the same
+    bits as one head per group."""
+    inp = make(B=B, T=T, H=H, d=d, b=16, pos=0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, grad=False)
+    x, st = inp.inputs(), inp.state()
+    params = tuple(p.float().contiguous() for p in st.params)
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
+    o1, fin1, ck1 = chunk_smem.fwd(*args, params, 16, 2)
+    o2, fin2, ck2 = chunk_smem.fwd(*args, params, 16, 2, programs=chunk_smem.nsplit(d))
+    for a, b in zip((o1, *fin1, *ck1), (o2, *fin2, *ck2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if not backward:
+        return
+    g = torch.Generator(device=o1.device).manual_seed(3)
+    do = torch.randn(o1.shape, generator=g, device=o1.device).to(o1.dtype)
+    dfin = tuple(torch.randn(p.shape, generator=g, device=o1.device) for p in params)
+    g1 = chunk_smem.bwd(*args, ck1, do, dfin, 16, 2)
+    g2 = chunk_smem.bwd(*args, ck1, do, dfin, 16, 2, programs=chunk_smem.nsplit_bwd(d))
+    for a, b in zip((*g1[:7], *g1[7]), (*g2[:7], *g2[7])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_smem_persistent_grid(d):
+    """Each program (or each group of 2 / 4 / 8 sharing a head) walks every head; several checkpoint groups (the d =
+    128 backward, eight programs per head, in the GPU test only: slow in the interpreter)."""
+    _smem_grids_agree(d, B=1, H=3 if d == 64 else 2, T=48 if d == 64 else 32, backward=d == 64)
+
+
+@pytest.mark.parametrize("d,where", [(64, "k"), (64, "v"), (64, "lr"), (128, "v")])
+def test_smem_nonfinite_token_reaches_no_earlier_output(d, where):
+    """As for the other kernels; at d = 128 the poison travels in one program's partial sum."""
+    inp = make(B=1, T=32, H=1, d=d, b=16, pos=0, dtype=torch.float16, grad=False)
+    o_ref, _ = run_triton(inp, "smem")
+    x = getattr(inp, where).clone()
+    x[0, 20, 0] = float("nan") if where != "v" else float("inf")
+    o, _ = run_triton(inp, "smem", **{where: x})
+    torch.testing.assert_close(o[:, :20], o_ref[:, :20], rtol=0, atol=0)
+    assert not torch.isfinite(o[:, 20]).all()
+
+
+def test_smem_choice_is_checked():
+    with pytest.raises(ValueError, match=r"^mlp_impl: 'smem' is written for head dim 64 or 128, got head dim 32$"):
+        run_triton(make(B=1, T=16, H=1, d=32, b=16, pos=0, dtype=torch.float16, grad=False), "smem")
+    with pytest.raises(ValueError, match=r"^mlp_impl: 'smem' is written for mini-batch 16, got mini_batch 8$"):
+        run_triton(make(B=1, T=16, H=1, d=64, b=8, pos=0, dtype=torch.float16, grad=False), "smem")
+    with pytest.raises(ValueError, match=r"^mlp_impl: 'smem' multiplies in 16 bits on the tensor cores; expected "
+                                         r"bf16/fp16 inputs, got float32$"):
+        run_triton(make(B=1, T=16, H=1, d=64, b=16, pos=0, grad=False), "smem")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_smem_full_shapes(d, dtype):
+    """Every output, state and gradient against the dual form: odd T, a mid-mini-batch start, 33 kernel mini-batches
+    (five checkpoint groups), outputs NaN-poisoned before the kernel runs."""
+    compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_smem_nonfinite_and_grid(d):
+    """On the GPU: a NaN token reaches no earlier output nor gradient; a persistent grid smaller than the heads gives
+    the same bits (B4 H8: 32 heads on one group of programs), forward and backward."""
+    for where in ("q", "k", "v", "lr"):
+        test_nonfinite_token_reaches_no_earlier_gradient("smem", d, torch.bfloat16, where)
+    for where in ("k", "v", "lr"):
+        test_smem_nonfinite_token_reaches_no_earlier_output(d, where)
+    _smem_grids_agree(d, B=4, H=8, T=96)

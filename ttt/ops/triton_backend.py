@@ -31,7 +31,9 @@ from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_triton as _mlp_step_triton
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
-MLP_IMPLS = ("regs", "blocked")  # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py
+# TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
+# chunk_smem.py (weights in shared memory, wgmma, Hopper; opt-in until measured)
+MLP_IMPLS = ("regs", "blocked", "smem")
 MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
 
@@ -94,8 +96,9 @@ class LinearKernels:
 
 @dataclass(frozen=True)
 class MLPKernels:
-    """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl(d)`); warps:
-    its warps per program (None: the kernel module's default); group: mini-batches per weight checkpoint;
+    """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl(d)`; "smem":
+    head dim 64 / 128, mini-batch 16, 16-bit inputs, Hopper); warps: its warps per program (None: the kernel
+    module's default); group: mini-batches per weight checkpoint;
     step_block_f, step_warps: the decode step kernel's F block width and warps (None: its defaults)."""
 
     impl: str | None = None
@@ -112,10 +115,14 @@ class MLPKernels:
         if self.impl == "regs" and d > MLP_MAX_D:
             raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
                              f"got head dim {d}")
+        if self.impl == "smem" and d not in _mlp_module("smem").HEAD_DIMS:
+            raise ValueError(f"mlp_impl: 'smem' is written for head dim 64 or 128, got head dim {d}")
 
     def body(self, x: TTTInputs, params, save: bool):
         """Aligned whole mini-batches from `params` with zero accumulators: (o, final params, fp32)."""
         impl = self.impl or default_mlp_impl(x.q.shape[-1])
+        if impl == "smem":
+            _mlp_module(impl).check(x.q.shape[-1], x.mini_batch, x.q.dtype)
         outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), x.mini_batch,
                            self.group, save, impl, self.warps or 0)
         return outs[0], outs[1:5]
@@ -259,7 +266,22 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
 
 _MLP_SHAPES = lambda d, F: ((d, F), (F,), (F, d), (d,))  # noqa: E731
-_MLP = {"regs": _mlp_chunk, "blocked": _mlp_blocked}  # the kernel modules of MLP_IMPLS
+
+
+def _mlp_module(impl: str):
+    """The kernel module of an MLP_IMPLS entry ("smem" imported on first use: it needs Triton's Gluon)."""
+    if impl == "regs":
+        return _mlp_chunk
+    if impl == "blocked":
+        return _mlp_blocked
+    try:
+        from .ttt_mlp import chunk_smem
+    except ImportError as e:
+        raise ValueError(f"mlp_impl: 'smem' needs Triton's Gluon (triton.experimental.gluon, Triton >= 3.6): {e}") \
+            from None
+    return chunk_smem
+
+
 
 
 @torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
@@ -269,8 +291,8 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 save: bool, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    o, fin, ck = _MLP[impl].fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
-                                num_warps=warps or None)
+    o, fin, ck = _mlp_module(impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
+                                       num_warps=warps or None)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
@@ -296,7 +318,7 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
                 warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _MLP[impl].bwd(
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]

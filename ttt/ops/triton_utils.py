@@ -226,3 +226,21 @@ def _finite_rows(x):
     """[BT] mask of the rows of x whose entries are all finite."""
     s = tl.sum(x, axis=1)
     return (s - s) == 0.0
+
+
+@triton.jit
+def _finite_or_0(x):
+    """x with its non-finite entries replaced by 0."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _live_rows(q, k, v, lr, gsum, causal):
+    """The backward's NaN containment, for one mini-batch: which rows (tokens) pass gradient into the state path
+    (`live`) and from their outputs (`out`), and whether the state after the mini-batch does (`keep`). A token
+    whose k, v, lr or inner gradients are not all finite poisons its own and every later output and the state (as
+    in the forward): it ends all three. A non-finite q reaches only its own output: only that output is dropped.
+    gsum [BT]: the row sums of the inner gradients (non-finite when a row has a non-finite entry)."""
+    ok = _finite_rows(k) & _finite_rows(v) & (tl.abs(lr) < float("inf")) & (tl.abs(gsum) < float("inf"))
+    live = tl.sum(tl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0
+    return live, live & _finite_rows(q), tl.sum(tl.where(ok, 0.0, 1.0), axis=0) == 0.0

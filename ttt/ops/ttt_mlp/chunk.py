@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd,
-                            _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
+from ..triton_utils import (_dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _live_rows,
+                            _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -253,6 +253,21 @@ def ttt_mlp_bwd_kernel(
             # forward recompute
             Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1s, c1, W2s, c2, gam, bet, cmask,
                                                                    D, DOT_MODE, EPS)
+            # NaN containment: the rows (tokens) at and after a non-finite one pass no gradient, nor does the state
+            # after this mini-batch then; their values enter the products below as zeros (docs/kernels_notes.md)
+            live, out, keep = _live_rows(q, k, v, lr, tl.sum(G1, axis=1) + tl.sum(G2, axis=1), causal)
+            dW1 = tl.where(keep, dW1, 0.0)
+            dc1 = tl.where(keep, dc1, 0.0)
+            dW2 = tl.where(keep, dW2, 0.0)
+            dc2 = tl.where(keep, dc2, 0.0)
+            W1s, c1, W2s, c2 = _finite_or_0(W1s), _finite_or_0(c1), _finite_or_0(W2s), _finite_or_0(c2)
+            lv = live[:, None]
+            q, dO = tl.where(out[:, None], q, 0.0), tl.where(out[:, None], dO, 0.0)
+            k, v, lr = tl.where(lv, k, 0.0), tl.where(lv, v, 0.0), tl.where(live, lr, 0.0)
+            Z1, X2, D1, G2, H1, G1 = (tl.where(lv, Z1, 0.0), tl.where(lv, X2, 0.0), tl.where(lv, D1, 0.0),
+                                      tl.where(lv, G2, 0.0), tl.where(lv, H1, 0.0), tl.where(lv, G1, 0.0))
+            xh, gy = tl.where(lv, xh, 0.0), tl.where(lv, gy, 0.0)
+            rstd, mgx = tl.where(live, rstd, 0.0), tl.where(live, mgx, 0.0)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd,
-                            _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
+from ..triton_utils import (_dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _live_rows,
+                            _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
 
 # Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
@@ -53,6 +53,14 @@ def _wblock(w1_ptr, c1_ptr, w2_ptr, f0, rd, rf, cmask, D: tl.constexpr, FF: tl.c
     c1 = tl.load(c1_ptr + cols, mask=fm, other=0.0)
     W2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :], mask=fm[:, None] & cmask[None, :], other=0.0)
     return W1, c1, W2
+
+
+@triton.jit
+def _wblock_finite(w1_ptr, c1_ptr, w2_ptr, f0, rd, rf, cmask, D: tl.constexpr, FF: tl.constexpr):
+    """`_wblock` with non-finite entries read as 0 (the backward's NaN containment: a poisoned state's
+    mini-batches pass no gradient, and must not turn the zeros they multiply into NaN)."""
+    W1, c1, W2 = _wblock(w1_ptr, c1_ptr, w2_ptr, f0, rd, rf, cmask, D, FF)
+    return _finite_or_0(W1), _finite_or_0(c1), _finite_or_0(W2)
 
 
 @triton.jit
@@ -287,7 +295,6 @@ def ttt_mlp_bwd_blocked_kernel(
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
             dO = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
-            eb = tau_b * lr
 
             # pass A: Z2 and X2 dW2' (the carried gradient seen through the W2 update)
             z2 = tl.zeros([BT, BD], dtype=tl.float32)
@@ -300,8 +307,19 @@ def ttt_mlp_bwd_blocked_kernel(
                 X2, _d = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
                 z2 += _dot(X2, W2, DOT_MODE)
                 xdw2 += _dot(X2, dW2, DOT_MODE)
-            XdW2 = xdw2 + dc2[None, :]
             G2, xh, rstd, gy, mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
+            # NaN containment (as in chunk.py): rows at and after a non-finite token, and then the state after this
+            # mini-batch, pass no gradient; passes B-D read the weights with non-finite entries as 0
+            live, out, keep = _live_rows(q, k, v, lr, tl.sum(G2, axis=1), causal)
+            lv = live[:, None]
+            q, dO = tl.where(out[:, None], q, 0.0), tl.where(out[:, None], dO, 0.0)
+            k, v, lr = tl.where(lv, k, 0.0), tl.where(lv, v, 0.0), tl.where(live, lr, 0.0)
+            G2, xh, gy = tl.where(lv, G2, 0.0), tl.where(lv, xh, 0.0), tl.where(lv, gy, 0.0)
+            rstd, mgx = tl.where(live, rstd, 0.0), tl.where(live, mgx, 0.0)
+            dc2 = tl.where(keep, dc2, 0.0)
+            XdW2 = tl.where(lv, tl.where(keep, xdw2, 0.0), 0.0) + dc2[None, :]
+            eb = tau_b * lr
+            c2 = _finite_or_0(c2)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1
@@ -310,7 +328,7 @@ def ttt_mlp_bwd_blocked_kernel(
             z2b = tl.zeros([BT, BD], dtype=tl.float32)
             s2 = tl.zeros([BT, BT], dtype=tl.float32)
             for f in range(NFB):
-                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                W1, c1, W2 = _wblock_finite(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
                 X2, _G1, X2b, _ok = _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE)
                 z2b += _dot(X2b, W2, DOT_MODE)
                 s2 += _dot(X2b, tl.trans(X2), DOT_MODE)
@@ -334,8 +352,9 @@ def ttt_mlp_bwd_blocked_kernel(
             dks = tl.zeros([BT, BD], dtype=tl.float32)
             S1 = tl.zeros([BT], dtype=tl.float32)
             for f in range(NFB):
-                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                W1, c1, W2 = _wblock_finite(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
                 dW1, dc1, dW2 = _wblock(dw1, dc1p, dw2, f * FB, rd, rf, cmask, D, FF)
+                dW1, dc1, dW2 = tl.where(keep, dW1, 0.0), tl.where(keep, dc1, 0.0), tl.where(keep, dW2, 0.0)
                 Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]
                 X2, D1, DD1 = _gelu_parts2(Z1)
                 H1 = _dot(G2, tl.trans(W2), DOT_MODE)
@@ -379,7 +398,7 @@ def ttt_mlp_bwd_blocked_kernel(
 
             # pass D: the dZ2 terms (Z2 = X2 W2 + c2)
             for f in range(NFB):
-                W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
+                W1, c1, W2 = _wblock_finite(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
                 dW1, dc1, dW2 = _wblock(dw1, dc1p, dw2, f * FB, rd, rf, cmask, D, FF)
                 X2, D1 = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
                 dZ1 = _dot(dZ2, tl.trans(W2), DOT_MODE) * D1

@@ -1,0 +1,972 @@
+"""TTT-MLP kernels with the inner weights in shared memory and the products on Hopper's tensor cores (Gluon).
+
+Same contract and math as `chunk.py` (docs/math.md §4; whole, aligned mini-batches from a zero accumulator,
+`ttt/ops/triton_backend.py` runs the partial pieces in PyTorch), for head dim 64 and 128, mini-batch 16, 16-bit
+inputs (bf16 / fp16 operands, fp32 accumulation, statistics and state).
+
+Why: the register kernels hold W1 and W2 (2 x d x 4d fp32, 128 KB at d = 64) in registers, which spill
+(docs/kernels_notes.md). Here the fp32 weights live in shared memory for the whole sequence and every
+weight-sized product is one warpgroup MMA (wgmma), the weights loaded from shared memory as the register
+operand (converted to 16 bits on the way), the activations as the shared-memory operand.
+
+Orientation: wgmma needs M >= 64 rows, a mini-batch has 16 tokens, so every tile is transposed: hidden units
+(F) or features (d) are the rows, the 16 tokens the columns ("Z1t" = Z1^T, [F, 16]). The small token x token
+products (Q K^T, X2b X2^T) are FMA dots in 16-row chunks.
+
+F split: d = 128 needs 512 KB of fp32 weights per head, more than one SM holds, so NSPLIT programs share a head,
+each owning FS = F / NSPLIT hidden units (W1's columns, c1, W2's rows). Per mini-batch they exchange the
+d x 16 partial sums of Z2 = X2 W2 through global memory (one barrier: an atomic counter per head, released and
+acquired at GPU scope); the output's partial sums ride on the next mini-batch's exchange. The programs of a head
+must be resident together: the grid is persistent (at most as many programs as the GPU holds at once, each
+walking several heads) and launched cooperatively, so an oversized grid fails at launch instead of hanging.
+
+Forward, per mini-batch, program s (W1s [d, FS], c1s [FS], W2s [FS, d] its slice; c2 [d] replicated):
+  Z1t = W1s^T K^T + c1s;  QW1t = W1s^T Q^T;  X2t, D1t = GELU, GELU'(Z1t)
+  Z2t = sum_s W2s^T X2t + c2 (exchange);  G2t = LN-L2 gradient of Z2t (per column: per token)
+  H1t = W2s G2t;  G1t = H1t * D1t
+  P1 = E * (Q K^T + 1), P2_s = E * (X2b_s X2_s^T + [s == 0]) (causal, E_ij = tau_i lr_j)
+  Z1bt = QW1t + c1s - G1t P1^T;  X2bt = GELU(Z1bt)
+  Z2bt = sum_s (W2s^T X2bt - G2t P2_s^T) + c2 (exchange);  o = q + LN(Z2b)
+  W1s += K^T (-e_b G1), c1s -= sum e_b G1, W2s += X2 (-e_b G2), c2 -= sum e_b G2 (e_b = tau_b lr).
+NaN containment as in `chunk.py`: token columns with a non-finite G enter the causal products as zeros and the
+output columns from that token on are NaN (a program's partial sum is poisoned, so the sum is).
+
+Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the carried weight gradients, fp32,
+sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
+mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
+with `chunk.py`'s formulas, transposed; three exchanges per mini-batch (Z2; Z2b and X2b X2^T; dG2), dq, dk and
+dlr summed after the next one. Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
+
+Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
+indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
+offline sm_90 compile (`benchmarks/offline_compile.py`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from ..common import LN_EPS
+
+MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
+HEAD_DIMS = (64, 128)
+
+
+def nsplit(d: int) -> int:
+    """Programs per head: one at d = 64 (192 KB of shared memory), four at d = 128 (each FS = 128)."""
+    return 1 if d == 64 else 4
+
+
+@gluon.constexpr_function
+def _mma_layout(M, N, num_warps):
+    """The wgmma accumulator layout of an [M, N] result: warps down M (16 rows each, at least 4) while M has
+    rows for them, the rest across N; the widest instruction N (a multiple of 8, <= 256) that divides a warp's
+    columns."""
+    wm = 4
+    while wm * 2 <= num_warps and M >= 32 * wm:
+        wm *= 2
+    wn = num_warps // wm
+    cols = N // wn
+    n = min(256, cols) // 8 * 8
+    while cols % n:
+        n -= 8
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _gelu_parts(x):
+    """tanh-GELU(x) and its exact derivative, fp32 (tanh through a sigmoid, as `triton_utils._gelu_parts`)."""
+    c: gl.constexpr = 0.7978845608028654
+    u = c * (x + 0.044715 * x * x * x)
+    t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
+    y = 0.5 * x * (1.0 + t)
+    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+    return y, dy
+
+
+@gluon.jit
+def _normalize_cols(z, D: gl.constexpr, EPS: gl.constexpr):
+    """LayerNorm of every column of z [D, 16] (one token each), without weight and bias: x^ and 1/std."""
+    zc = z - (gl.sum(z, axis=0) / D)[None, :]
+    rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=0) / D + EPS)
+    return zc * rstd[None, :], rstd
+
+
+@gluon.jit
+def _proj_cols(g, xh, rstd, D: gl.constexpr):
+    """(g - mean g - x^ mean(g x^)) / std per column: the LayerNorm backward."""
+    mg = gl.sum(g, axis=0) / D
+    mgx = gl.sum(g * xh, axis=0) / D
+    return (g - mg[None, :] - xh * mgx[None, :]) * rstd[None, :]
+
+
+@gluon.jit
+def _ln_l2_grad_cols(z, v, k, gam, bet, D: gl.constexpr, EPS: gl.constexpr):
+    """d/dz of 0.5 ||LN(z) - (v - k)||^2 per column (docs/math.md §2): G, x^, 1/std, gy and mean(gy x^)."""
+    xh, rstd = _normalize_cols(z, D, EPS)
+    gy = gam[:, None] * (gam[:, None] * xh + bet[:, None] - (v - k))
+    mgx = gl.sum(gy * xh, axis=0) / D
+    return _proj_cols(gy, xh, rstd, D), xh, rstd, gy, mgx
+
+
+@gluon.jit
+def _finite_cols(x):
+    """[16] mask of the columns of x whose entries are all finite (|column sum| < inf; see kernels_notes)."""
+    return gl.abs(gl.sum(x, axis=0)) < float("inf")
+
+
+@gluon.jit
+def _tok_dot(a_s, b_s, acc, K: gl.constexpr, EA: gl.constexpr, EB: gl.constexpr):
+    """acc + A B^T for A, B stored transposed in shared memory (a_s, b_s [K, 16]): [16, 16], FMA, 16 rows of K
+    at a time."""
+    for c in gl.static_range(K // 16):
+        a = a_s.slice(c * 16, 16, dim=0).permute((1, 0)).load(EA).to(gl.float32)  # [16 tokens, 16 of K]
+        b = b_s.slice(c * 16, 16, dim=0).load(EB).to(gl.float32)  # [16 of K, 16 tokens]
+        acc = gl.dot_fma(a, b, acc)
+    return acc
+
+
+@gluon.jit
+def _sync(cnt_ptr, target):
+    """Barrier of the programs sharing a head: every thread's writes are published (bar.sync, then one release
+    increment at GPU scope) and the others' seen (acquire loads until the counter reaches `target`)."""
+    gl.thread_barrier()
+    gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+    while gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _sum_parts(x_ptr, offs, NSPLIT: gl.constexpr, NUMEL: gl.constexpr):
+    """The sum of the NSPLIT partials at x_ptr (each NUMEL values, `offs` their layout), in program order (every
+    program gets the same bits); .cg loads: written by other SMs, so not from this SM's L1."""
+    tot = gl.load(x_ptr + offs, cache_modifier=".cg")
+    for r in gl.static_range(1, NSPLIT):
+        tot += gl.load(x_ptr + r * NUMEL + offs, cache_modifier=".cg")
+    return tot
+
+
+@gluon.jit
+def _tok_tile(rd, rt, t0, stride):
+    """Offsets of a transposed token tile [D, 16]: element (c, t) at c + (t0 + t) * stride (rd: the D rows, rt:
+    the 16 token columns; an exchange tile: t0 = 0, stride D). Built where used: loop-invariant
+    [D, 16] offsets kept across the mini-batch loop cost registers."""
+    return rd[:, None] + (t0 + rt)[None, :] * stride
+
+
+@gluon.jit
+def _emit_output(xo_ptr, q_ptr, o_ptr, t0, s_t, o_t, rdD, rtD, gam, bet, NSPLIT: gl.constexpr, D: gl.constexpr,
+                 EPS: gl.constexpr):
+    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's)."""
+    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * 16)
+    xhb, _r = _normalize_cols(zb, D, EPS)
+    q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
+    o = q + xhb * gam[:, None] + bet[:, None]
+    gl.store(o_ptr + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _w_mma2(w_s, x_s, y_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
+    """(acc + W X, acc + W Y) for W = w_s [FS, D] fp32 and X, Y [D, 16] 16-bit in shared memory; 32 columns of W
+    (the MMAs' K) at a time, each loaded once for both products."""
+    accy = acc
+    for c in gl.static_range(D // 32):
+        a = w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT)  # [FS, 32]
+        acc = warpgroup_mma(a, x_s.slice(c * 32, 32, dim=0), acc)
+        accy = warpgroup_mma(a, y_s.slice(c * 32, 32, dim=0), accy)
+    return acc, accy
+
+
+@gluon.jit
+def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexpr, OPT: gl.constexpr):
+    """acc + W2s^T X for X [FS, 16] in shared memory: [D, 16], FC rows of F (the MMA's K) at a time."""
+    for c in gl.static_range(FS // FC):
+        a = w2_s.slice(c * FC, FC, dim=0).permute((1, 0)).load(AD).to(OPT)  # [D, FC]
+        acc = warpgroup_mma(a, x_s.slice(c * FC, FC, dim=0), acc)
+    return acc
+
+
+@gluon.jit
+def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr):
+    """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory; FC
+    rows at a time (a [FC, D] fp32 accumulator in registers)."""
+    for c in gl.static_range(FS // FC):
+        w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
+        gl.thread_barrier()  # every warp's reads of this chunk are done before any write
+        w_s.slice(c * FC, FC, dim=0).store(w)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
+    """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time."""
+    for c in gl.static_range(D // 32):
+        acc = warpgroup_mma(w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT), x_s.slice(c * 32, 32, dim=0), acc)
+    return acc
+
+
+@gluon.jit
+def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.constexpr, D: gl.constexpr,
+                FF: gl.constexpr, FC: gl.constexpr, L1: gl.constexpr, L2: gl.constexpr):
+    """Copy program s's slices between global W1 [D, FF] (its columns s*FS.., as W1s^T [FS, D]; L1 walks F
+    fastest), W2 [FF, D] (its rows) and shared memory, FC rows at a time (a whole [FS, D] tile and its 64-bit
+    addresses would take most of the registers); TO_SMEM: global -> shared, else shared -> global."""
+    for c in gl.static_range(FS // FC):
+        f1 = gl.arange(0, FC, layout=gl.SliceLayout(1, L1))
+        d1 = gl.arange(0, D, layout=gl.SliceLayout(0, L1))
+        off1 = d1[None, :] * FF + (s * FS + c * FC) + f1[:, None]
+        f2 = gl.arange(0, FC, layout=gl.SliceLayout(1, L2))
+        d2 = gl.arange(0, D, layout=gl.SliceLayout(0, L2))
+        off2 = (s * FS + c * FC + f2[:, None]) * D + d2[None, :]
+        if TO_SMEM:
+            w1t_s.slice(c * FC, FC, dim=0).store(gl.load(w1_ptr + off1))
+            w2_s.slice(c * FC, FC, dim=0).store(gl.load(w2_ptr + off2))
+        else:
+            gl.store(w1_ptr + off1, w1t_s.slice(c * FC, FC, dim=0).load(L1))
+            gl.store(w2_ptr + off2, w2_s.slice(c * FC, FC, dim=0).load(L2))
+
+
+@gluon.jit
+def ttt_mlp_smem_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, xz_ptr, xo_ptr, cnt_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, NHEADS, NGROUPS,
+    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
+):
+    OPT: gl.constexpr = q_ptr.dtype.element_ty  # the products' 16-bit operand type
+    FS: gl.constexpr = FF // NSPLIT
+    BT: gl.constexpr = 16
+    # register layouts: the wgmma accumulators of [FS, 16], [D, 16], [D, FS], [FS, D] tiles, their A operands,
+    # a [16, 16] token x token tile (FMA dots), and a blocked layout for the weight copies
+    LF: gl.constexpr = _mma_layout(FS, BT, num_warps)
+    LD: gl.constexpr = _mma_layout(D, BT, num_warps)
+    FC: gl.constexpr = min(FS, 8192 // D)  # rows of F per weight-update / W2^T-product chunk (8 K fp32 values)
+    LW: gl.constexpr = _mma_layout(FC, D, num_warps)  # a chunk of a weight slice [FC, D]
+    AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
+    AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
+    LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
+    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LE, k_width=0)
+    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LE, k_width=0)
+    LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
+    LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])  # [FS, D], FS contiguous
+    # shared memory: the fp32 weight slices for the whole sequence, and this mini-batch's 16-bit MMA operands
+    SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
+    w1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # W1s^T
+    w2_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)
+    SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
+    SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
+    SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
+    qT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    kT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    x2_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    x2b_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    eg1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    eg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+
+    pid = gl.program_id(0)
+    s = pid % NSPLIT
+    # index vectors in the layouts they meet
+    rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
+    rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
+    rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
+    rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
+    riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
+    rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
+    causal = riE[:, None] >= rjE[None, :]
+    tau_i = gl.load(tau_ptr + riE).to(gl.float32)
+    tau_b = gl.load(tau_ptr + BT - 1).to(gl.float32)
+
+    for head in range(pid // NSPLIT, NHEADS, NGROUPS):
+        bi = head // H
+        hi = head % H
+        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
+        gl.thread_barrier()  # the previous head's last reads of w1t_s / w2_s are done
+        _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
+        c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
+        c2 = gl.load(c2_ptr + head * D + rdD)
+        xz = xz_ptr + head * 2 * NSPLIT * D * BT
+        xo = xo_ptr + head * 2 * NSPLIT * D * BT
+        cnt = cnt_ptr + head
+        x_base = bi * s_b + hi * s_h
+        o_base = bi * o_b + hi * o_h
+        l_base = bi * l_b + hi * l_h
+        gl.thread_barrier()
+        for n in range(NMB):
+            t0 = n * BT
+            if SAVE:
+                if n % GROUP == 0:
+                    ck = head * NCK + n // GROUP
+                    _weights_io(w1t_s, w2_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, False, FS, D, FF, FC,
+                                LBt, LB)
+                    gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
+                    if s == 0:  # c2 is replicated: one program writes it
+                        gl.store(ckc2_ptr + ck * D + rdD, c2)
+            xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16] (offsets built where used)
+            qT = gl.load(q_ptr + x_base + xT)  # input dtype
+            kT = gl.load(k_ptr + x_base + xT)
+            vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+            lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+            lrF = gl.load(lr_ptr + l_base + (t0 + rtF) * l_t).to(gl.float32)
+            lrE = gl.load(lr_ptr + l_base + (t0 + rjE) * l_t).to(gl.float32)
+            qT_s.store(qT.to(OPT))
+            kT_s.store(kT.to(OPT))
+            kT = kT.to(gl.float32)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            # inner forward / backward at the start weights
+            zero_f = gl.zeros([FS, BT], gl.float32, LF)
+            z1, qw1 = _w_mma2(w1t_s, kT_s, qT_s, zero_f + c1[:, None], D, AF, OPT)  # [FS, 16] each
+            x2, d1 = _gelu_parts(z1)
+            x2_s.store(x2.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            z2 = _w2t_mma(w2_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)  # this slice's Z2t part
+            if NSPLIT > 1:
+                gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
+                _sync(cnt, (n + 1) * NSPLIT)
+                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * BT)
+                if n > 0:
+                    if s == 0:  # the previous mini-batch's output, now that every partial of it is written
+                        tp = t0 - BT
+                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
+                                     o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)  # [D, 16]
+            g2_s.store(g2.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            g1 = _w_mma(w2_s, g2_s, zero_f, D, AF, OPT) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
+
+            # output path; token columns with a non-finite G enter the causal products as zeros
+            okF = _finite_cols(g1)
+            okD = _finite_cols(g2)
+            ok = gl.convert_layout(okF, gl.SliceLayout(0, LE)) & gl.convert_layout(okD, gl.SliceLayout(0, LE))
+            E = tau_i[:, None] * lrE[None, :]
+            qk = _tok_dot(qT_s, kT_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB)
+            p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
+            okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
+            mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
+            fence_async_shared()
+            gl.thread_barrier()
+            z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
+            x2b, _d1b = _gelu_parts(z1b)
+            x2b_s.store(x2b.to(OPT))
+            fence_async_shared()
+            gl.thread_barrier()
+            s2 = _tok_dot(x2b_s, x2_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)  # this slice's X2b X2^T
+            first = (s == 0).to(gl.float32)
+            p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
+            okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
+            mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
+            fence_async_shared()
+            gl.thread_barrier()
+            zb = _w2t_mma(w2_s, x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None], FS, FC, AD, OPT)
+            zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
+            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
+            zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
+            if NSPLIT == 1:
+                xhb, _rb = _normalize_cols(zb, D, EPS)
+                o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
+                gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+            else:
+                gl.store(xo + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), zb)
+
+            # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
+            ebF = tau_b * lrF
+            ebD = tau_b * lrD
+            eg1_s.store((-ebF[None, :] * g1).to(OPT))
+            eg2_s.store((-ebD[None, :] * g2).to(OPT))
+            c1 -= gl.sum(ebF[None, :] * g1, axis=1)
+            c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+            fence_async_shared()
+            gl.thread_barrier()
+            _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
+            _update(w2_s, x2_s, eg2_s, FS, FC, LW)
+        if NSPLIT > 1:  # the last mini-batch's output
+            _sync(cnt, (NMB + 1) * NSPLIT)
+            if s == 0:
+                tp = (NMB - 1) * BT
+                _emit_output(xo + ((NMB - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t, o_t,
+                             rdD, rtD, gam, bet, NSPLIT, D, EPS)
+        _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
+        gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
+        if s == 0:
+            gl.store(c2T_ptr + head * D + rdD, c2)
+
+
+@gluon.jit
+def _gelu_parts2(x):
+    """tanh-GELU(x), its derivative and its second derivative, fp32 (`triton_utils._gelu_parts2`)."""
+    c: gl.constexpr = 0.7978845608028654
+    a: gl.constexpr = 0.044715
+    u = c * (x + a * x * x * x)
+    t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
+    du = c * (1.0 + 3.0 * a * x * x)
+    y = 0.5 * x * (1.0 + t)
+    sech2 = 1.0 - t * t
+    dy = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+    ddy = sech2 * (du - x * t * du * du + 3.0 * a * c * x * x)
+    return y, dy, ddy
+
+
+@gluon.jit
+def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
+    """The backward of `_ln_l2_grad_cols` from dG: dgy and dz (columns: tokens; `triton_utils._ln_l2_grad_bwd`)."""
+    dgy = _proj_cols(dG, xh, rstd, D)
+    mdgx = gl.sum(dG * xh, axis=0) / D
+    dxh = (-mgx[None, :] * dG - mdgx[None, :] * gy) * rstd[None, :] + (gam * gam)[:, None] * dgy
+    ds = -gl.sum(dG * G, axis=0) * rstd
+    return dgy, _proj_cols(dxh, xh, rstd, D) + (ds / D)[None, :] * xh
+
+
+@gluon.jit
+def _zero_smem(w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    for c in gl.static_range(FS // FC):
+        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], gl.float32, L))
+
+
+@gluon.jit
+def _emit_grads(rec, dq_ptr, dk_ptr, dlr_ptr, o_off, dlr_off, rdD, rtD, rjE, NSPLIT: gl.constexpr, D: gl.constexpr,
+                REC: gl.constexpr, R_DQ: gl.constexpr, R_DK: gl.constexpr, R_DLR: gl.constexpr):
+    """dq, dk, dlr of one mini-batch: the sums of the programs' parts in the exchange record `rec`."""
+    offD = _tok_tile(rdD, rtD, 0, D)
+    gl.store(dq_ptr + o_off, _sum_parts(rec + R_DQ, offD, NSPLIT, REC).to(dq_ptr.dtype.element_ty))
+    gl.store(dk_ptr + o_off, _sum_parts(rec + R_DK, offD, NSPLIT, REC).to(dk_ptr.dtype.element_ty))
+    gl.store(dlr_ptr + dlr_off, _sum_parts(rec + R_DLR, rjE, NSPLIT, REC))
+
+
+@gluon.jit
+def _tile_out(ptr, w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """Shared [FS, D] -> a contiguous [FS, D] tile at ptr (cast to its type), FC rows at a time."""
+    for c in gl.static_range(FS // FC):
+        r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
+        col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
+        gl.store(ptr + (c * FC + r[:, None]) * D + col[None, :],
+                 w_s.slice(c * FC, FC, dim=0).load(L).to(ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _tile_in_finite(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0."""
+    for c in gl.static_range(FS // FC):
+        r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
+        col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
+        x = gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :])
+        w_s.slice(c * FC, FC, dim=0).store(gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(w_s.dtype))
+
+
+@gluon.jit
+def _col_vec(v, L: gl.constexpr):
+    """A [16] per-token vector moved to the column layout of L's tiles."""
+    return gl.convert_layout(v, gl.SliceLayout(0, L))
+
+
+@gluon.jit
+def ttt_mlp_smem_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, do_ptr,
+    dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H, NMB, NCK, NHEADS, NGROUPS,
+    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    OPT: gl.constexpr = q_ptr.dtype.element_ty
+    FS: gl.constexpr = FF // NSPLIT
+    BT: gl.constexpr = 16
+    FC: gl.constexpr = min(FS, 8192 // D)
+    LF: gl.constexpr = _mma_layout(FS, BT, num_warps)
+    LD: gl.constexpr = _mma_layout(D, BT, num_warps)
+    LW: gl.constexpr = _mma_layout(FC, D, num_warps)
+    AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
+    AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
+    LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
+    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LE, k_width=0)
+    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LE, k_width=0)
+    LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
+    # the exchange record of one program for one mini-batch (fp32): Z2, Z2b, dG2, dq, dk [D, 16], X2b X2^T
+    # [16, 16], dlr [16]
+    R_Z2: gl.constexpr = 0
+    R_ZB: gl.constexpr = D * BT
+    R_DG2: gl.constexpr = 2 * D * BT
+    R_DQ: gl.constexpr = 3 * D * BT
+    R_DK: gl.constexpr = 4 * D * BT
+    R_S2: gl.constexpr = 5 * D * BT
+    R_DLR: gl.constexpr = 5 * D * BT + BT * BT
+    REC: gl.constexpr = 5 * D * BT + BT * BT + BT
+    # shared memory: the carried weight gradients (fp32; during a group's recompute the weights themselves),
+    # this mini-batch's start weights (16-bit), and the 16-bit MMA operands
+    SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
+    SWH: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], OPT)
+    SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
+    SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
+    SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
+    g1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW1s^T (recompute: W1s^T)
+    g2w_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW2s (recompute: W2s)
+    wh1_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)  # W1s^T of this mini-batch
+    wh2_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)  # W2s
+    qT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    kT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    dz2b_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    eg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    dz2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    x2_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    x2b_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    g1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    dz1b_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    eg1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    dh1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    dz1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
+    p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+
+    pid = gl.program_id(0)
+    s = pid % NSPLIT
+    first = (s == 0).to(gl.float32)  # terms every program computes alike are added by program 0 only
+    rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
+    rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
+    rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
+    riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
+    rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
+    causal = riE[:, None] >= rjE[None, :]
+    tau_i = gl.load(tau_ptr + riE).to(gl.float32)
+    tau_b = gl.load(tau_ptr + BT - 1).to(gl.float32)
+    ws1 = ws1_ptr + pid * GROUP * FS * D  # this program's scratch: the start weights of a group's mini-batches
+    ws2 = ws2_ptr + pid * GROUP * FS * D
+    cs1 = cs1_ptr + pid * GROUP * FS
+    cs2 = cs2_ptr + pid * GROUP * D
+    nsync = 0  # barriers passed (the counter of the head's programs reaches nsync * NSPLIT)
+
+    for head in range(pid // NSPLIT, NHEADS, NGROUPS):
+        bi = head // H
+        hi = head % H
+        x_base = bi * s_b + hi * s_h
+        o_base = bi * o_b + hi * o_h
+        l_base = bi * l_b + hi * l_h
+        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
+        xb = xb_ptr + head * 2 * NSPLIT * REC
+        cnt = cnt_ptr + head
+        dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
+        dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
+        dtau = gl.zeros([BT], gl.float32, gl.SliceLayout(1, LE))  # this program's part of dtau
+        dc2 = gl.load(dc2_ptr + head * D + rdD)  # the carried gradient of c2 (every program alike)
+        nsync = 0
+        for gi in range(NCK):
+            g = NCK - 1 - gi
+            n0 = g * GROUP
+            n1 = gl.minimum(n0 + GROUP, NMB)
+            # ---- recompute: the start weights of every mini-batch of the group, from its checkpoint, into the
+            # scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
+            gl.thread_barrier()
+            ck = head * NCK + g
+            _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt, LB)
+            c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
+            c2 = gl.load(ckc2_ptr + ck * D + rdD)
+            gl.thread_barrier()
+            for n in range(n0, n1):
+                j = n - n0
+                _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
+                _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
+                gl.store(cs1 + j * FS + rfF, c1)
+                gl.store(cs2 + j * D + rdD, c2)
+                if n < n1 - 1:
+                    t0 = n * BT
+                    xT = _tok_tile(rdD, rtD, t0, s_t)
+                    kT = gl.load(k_ptr + x_base + xT)
+                    vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+                    lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                    gl.thread_barrier()
+                    kT_s.store(kT.to(OPT))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                    x2, d1 = _gelu_parts(z1)
+                    x2_s.store(x2.to(OPT))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    z2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)
+                    if NSPLIT > 1:
+                        rec = xb + (n % 2) * NSPLIT * REC
+                        gl.store(rec + s * REC + R_Z2 + _tok_tile(rdD, rtD, 0, D), z2)
+                        nsync += 1
+                        _sync(cnt, nsync * NSPLIT)
+                        z2 = _sum_parts(rec + R_Z2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+                    g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT.to(gl.float32), gam, bet, D,
+                                                                 EPS)
+                    g2_s.store(g2.to(OPT))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
+                    ebD = tau_b * lrD
+                    ebF = _col_vec(ebD, LF)
+                    eg1_s.store((-ebF[None, :] * g1).to(OPT))
+                    eg2_s.store((-ebD[None, :] * g2).to(OPT))
+                    c1 -= gl.sum(ebF[None, :] * g1, axis=1)
+                    c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
+                    _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
+
+            # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
+            gl.thread_barrier()
+            _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt,
+                        LB)
+            dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
+            for ni in range(n1 - n0):
+                n = n1 - 1 - ni
+                j = n - n0
+                t0 = n * BT
+                gl.thread_barrier()
+                _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
+                c1 = gl.load(cs1 + j * FS + rfF)
+                c2 = gl.load(cs2 + j * D + rdD)
+                # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
+                # outer products), its biases too: they tell
+                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
+                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
+                c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
+                xT = _tok_tile(rdD, rtD, t0, s_t)
+                qT = gl.load(q_ptr + x_base + xT).to(gl.float32)
+                kT = gl.load(k_ptr + x_base + xT).to(gl.float32)
+                vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+                dOT = gl.load(do_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)).to(gl.float32)
+                lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                kT_s.store(kT.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+
+                # forward recompute, state path: Z1, X2, Z2 (exchange 1), G2
+                z1 = _w_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                x2, d1, dd1 = _gelu_parts2(z1)
+                x2_s.store(x2.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                z2 = warpgroup_mma(wh2_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))
+                z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
+                if NSPLIT > 1:
+                    rec = xb + (n % 2) * NSPLIT * REC
+                    gl.store(rec + s * REC + R_Z2 + _tok_tile(rdD, rtD, 0, D), z2)
+                    nsync += 1
+                    _sync(cnt, nsync * NSPLIT)
+                    z2 = _sum_parts(rec + R_Z2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+                    if ni > 0:
+                        if s == 0:  # the gradients of the mini-batch walked before this one
+                            _emit_grads(xb + ((n + 1) % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
+                                        (bi * NMB * BT + t0 + BT + rjE) * H + hi, rdD, rtD, rjE, NSPLIT, D, REC,
+                                        R_DQ, R_DK, R_DLR)
+                g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)
+
+                # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
+                okD = _finite_cols(kT) & _finite_cols(vT) & (gl.abs(lrD) < float("inf")) & _finite_cols(g2)
+                ok = gl.convert_layout(okD, gl.SliceLayout(0, LE))
+                live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
+                out = live & _finite_cols(qT)
+                keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
+                dOT = gl.where(out[None, :], dOT, 0.0)
+                qT = gl.where(out[None, :], qT, 0.0)
+                kT = gl.where(live[None, :], kT, 0.0)
+                vT = gl.where(live[None, :], vT, 0.0)
+                tgt = bet[:, None] - (vT - kT)  # the LN weight's gradient needs only this of v and k
+                lrD = gl.where(live, lrD, 0.0)
+                g2 = gl.where(live[None, :], g2, 0.0)
+                xh = gl.where(live[None, :], xh, 0.0)
+                gy = gl.where(live[None, :], gy, 0.0)
+                rstd = gl.where(live, rstd, 0.0)
+                mgx = gl.where(live, mgx, 0.0)
+                liveF = _col_vec(live, LF)
+                x2 = gl.where(liveF[None, :], x2, 0.0)
+                d1 = gl.where(liveF[None, :], d1, 0.0)
+                dd1 = gl.where(liveF[None, :], dd1, 0.0)
+                dc1 = gl.where(keep, dc1, 0.0)
+                dc2 = gl.where(keep, dc2, 0.0)
+                if keep.to(gl.int32) == 0:  # the state after this mini-batch is poisoned: it passes no gradient
+                    _zero_smem(g1t_s, FS, D, FC, LW)
+                    _zero_smem(g2w_s, FS, D, FC, LW)
+                gl.thread_barrier()
+                qT_s.store(qT.to(OPT))
+                kT_s.store(kT.to(OPT))
+                x2_s.store(x2.to(OPT))
+                g2_s.store(g2.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                h1 = warpgroup_mma(wh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF))  # W2s G2t
+                g1 = h1 * d1
+                h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
+                g1_s.store(g1.to(OPT))
+
+                # output path: Z1b, X2b, Z2b (exchange 2, with this slice's X2b X2^T)
+                lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
+                E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
+                qk1 = _tok_dot(qT_s, kT_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB) + 1.0
+                P1 = E * qk1
+                p1_s.store(P1.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                z1b = _w_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                z1b = warpgroup_mma(gl.convert_layout((-g1).to(OPT), AF), p1_s.permute((1, 0)), z1b)
+                x2b, d1b = _gelu_parts(z1b)
+                x2b_s.store(x2b.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                s2 = _tok_dot(x2b_s, x2_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)
+                p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
+                zb = warpgroup_mma(gl.convert_layout((-g2).to(OPT), AD), p2_s.permute((1, 0)), zb)
+                if NSPLIT > 1:
+                    rec = xb + (n % 2) * NSPLIT * REC
+                    gl.store(rec + s * REC + R_ZB + _tok_tile(rdD, rtD, 0, D), zb)
+                    gl.store(rec + s * REC + R_S2 + riE[:, None] * BT + rjE[None, :], s2)
+                    nsync += 1
+                    _sync(cnt, nsync * NSPLIT)
+                    zb = _sum_parts(rec + R_ZB, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+                    s2 = _sum_parts(rec + R_S2, riE[:, None] * BT + rjE[None, :], NSPLIT, REC)
+                xx1 = s2 + 1.0
+                P2 = E * xx1
+                xhb, rstdb = _normalize_cols(zb, D, EPS)
+
+                # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
+                dgam += first * gl.sum(dOT * xhb, axis=1)
+                dbet += first * gl.sum(dOT, axis=1)
+                dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
+                dz2b = gl.where(live[None, :], dz2b, 0.0)
+                gl.thread_barrier()
+                p2_s.store(P2.to(OPT))
+                dz2b_s.store(dz2b.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dP2 = -_tok_dot(dz2b_s, g2_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB)
+                dA2 = dP2 * E
+                dE = first * dP2 * xx1
+                da2_s.store(dA2.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dg2_rep = -warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD))  # -(P2^T dZ2b)^T
+                dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
+                dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
+                dx2 = warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF))  # X2bt dA2
+                dz1b = dx2b * d1b
+                dz1b_s.store(dz1b.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dP1 = -_tok_dot(dz1b_s, g1_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)  # this slice's
+                dE += dP1 * qk1
+                dA1 = dP1 * E
+                da1_s.store(dA1.to(OPT))
+                p1_s.store(P1.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dg1 = -warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF))  # -(P1^T dZ1b)^T
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, gl.zeros([D, BT], gl.float32, LD) + first * dOT)
+                dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
+                if NSPLIT > 1:  # this program's part of dq, summed after the next exchange
+                    gl.store(xb + ((n % 2) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
+                else:
+                    gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
+                dk = warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD))  # Q^T dA1
+
+                # the carried gradients seen through the weight update of this mini-batch
+                ebD = tau_b * lrD
+                ebF = _col_vec(ebD, LF)
+                kdw1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None], D, AF, OPT)
+                xdw2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None], FS, FC,
+                                AD, OPT)
+                S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
+                dg1 -= ebF[None, :] * kdw1
+                gl.thread_barrier()
+                eg1_s.store((-ebF[None, :] * g1).to(OPT))
+                eg2_s.store((-ebD[None, :] * g2).to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dk = _w2t_mma(g1t_s, eg1_s, dk, FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, dx2, D, AF, OPT)  # - dW2' (e_b G2)^T
+                dh1 = dg1 * d1
+                dz1 = dg1 * h1dd1
+                dh1_s.store(dh1.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * dg2_rep - ebD[None, :] * xdw2)
+                if NSPLIT > 1:
+                    rec = xb + (n % 2) * NSPLIT * REC
+                    gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
+                    nsync += 1
+                    _sync(cnt, nsync * NSPLIT)
+                    dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+
+                # G2 = LN-L2 gradient at Z2 (target v - k)
+                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2, xh, rstd, gy, mgx, gam, D)
+                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + tgt), axis=1)
+                dbet += first * gl.sum(dgy * gam[:, None], axis=1)
+                if s == 0:
+                    gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
+                             (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
+                dk += first * gam[:, None] * dgy
+                dz2_s.store(dz2.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
+                dz1 += dx2 * d1
+                dz1_s.store(dz1.to(OPT))
+                fence_async_shared()
+                gl.thread_barrier()
+                dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
+                dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
+                dE = gl.where(causal, dE, 0.0)
+                dtau += gl.sum(dE * lrE[None, :], axis=1)
+                dtau += gl.where(riE == BT - 1, -gl.sum(lrE * S, axis=0), 0.0)
+
+                # gradients w.r.t. the start weights of this mini-batch
+                _update(g1t_s, dz1b_s, qT_s, FS, FC, LW)  # dW1^T += dZ1bt Q + dZ1t K
+                _update(g1t_s, dz1_s, kT_s, FS, FC, LW)
+                _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
+                _update(g2w_s, dh1_s, g2_s, FS, FC, LW)
+                _update(g2w_s, x2_s, dz2_s, FS, FC, LW)
+                dc1 += gl.sum(dz1b, axis=1) + gl.sum(dz1, axis=1)
+                dc2 += gl.sum(dz2b, axis=1) + gl.sum(dz2, axis=1)
+
+                # this mini-batch's dk, dlr: summed over the programs after the next exchange
+                if NSPLIT > 1:
+                    rec = xb + (n % 2) * NSPLIT * REC
+                    gl.store(rec + s * REC + R_DK + _tok_tile(rdD, rtD, 0, D), dk)
+                    gl.store(rec + s * REC + R_DLR + rjE, dlr)
+                else:
+                    gl.store(dk_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dk.to(dk_ptr.dtype.element_ty))
+                    gl.store(dlr_ptr + (bi * NMB * BT + t0 + rjE) * H + hi, dlr)
+            if NSPLIT > 1:  # the group's first mini-batch's gradients
+                nsync += 1
+                _sync(cnt, nsync * NSPLIT)
+                if s == 0:
+                    _emit_grads(xb + (n0 % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                                o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), (bi * NMB * BT + n0 * BT + rjE) * H + hi,
+                                rdD, rtD, rjE, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
+            gl.thread_barrier()
+            _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, False, FS, D, FF, FC,
+                        LBt, LB)
+            gl.store(dc1_ptr + head * FF + s * FS + rfF, dc1)
+        gl.store(dtau_ptr + (head * NSPLIT + s) * BT + riE, dtau)
+        if s == 0:  # c2's gradient and the LN weights' are the same in every program
+            gl.store(dc2_ptr + head * D + rdD, dc2)
+            gl.store(dlnw_ptr + head * D + rdD, dgam)
+            gl.store(dlnb_ptr + head * D + rdD, dbet)
+
+
+def _groups(device: torch.device, heads: int, nsplit_: int, programs: int | None) -> int:
+    """How many groups of nsplit_ programs (one group per head at a time) the persistent grid has: as many as run
+    at once on `device` (one program per SM: each takes most of its shared memory; the interpreter on the CPU
+    runs every program at once), at most `programs` programs, at most one group per head."""
+    cap = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1 << 30
+    if programs is not None:
+        cap = min(cap, programs)
+    return max(1, min(heads, cap // nsplit_))
+
+
+def check(d: int, mini_batch: int, dtype: torch.dtype) -> None:
+    """The shapes and dtypes these kernels take; a one-line error naming the kernel choice otherwise."""
+    if d not in HEAD_DIMS:
+        raise ValueError(f"mlp_impl: 'smem' is written for head dim 64 or 128, got head dim {d}")
+    if mini_batch != MB:
+        raise ValueError(f"mlp_impl: 'smem' is written for mini-batch {MB}, got mini_batch {mini_batch}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"mlp_impl: 'smem' multiplies in 16 bits on the tensor cores; expected bf16/fp16 inputs, "
+                         f"got {str(dtype).replace('torch.', '')}")
+
+
+def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
+        num_warps: int | None = None, programs: int | None = None):
+    """Aligned whole mini-batches (same contract as `chunk.fwd`). q, k, v [B,T,H,d] 16-bit (last dim contiguous,
+    same strides), T % 16 == 0; params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
+    num_warps None: 8; programs: at most this many programs (None: what the GPU holds at once). Returns o, the
+    final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+    B, T, H, d = q.shape
+    F = params[0].shape[-1]
+    check(d, mini_batch, q.dtype)
+    nmb = T // mini_batch
+    nck = triton.cdiv(nmb, group)
+    ns = nsplit(d)
+    heads = B * H
+    groups = _groups(q.device, heads, ns, programs)
+    o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
+    fin = tuple(torch.empty_like(p) for p in params)
+    if save:
+        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+    else:
+        ck = fin  # never written
+    xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
+    xo = torch.empty_like(xz)
+    cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
+    launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
+    ttt_mlp_smem_fwd_kernel[(groups * ns,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, xz, xo, cnt,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, heads, groups,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+    return o, fin, (ck if save else None)
+
+
+def nsplit_bwd(d: int) -> int:
+    """Programs per head in the backward: it holds the carried weight gradients (fp32) beside the weights (16-bit),
+    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 140 KB of shared memory)."""
+    return 2 * nsplit(d)
+
+
+def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
+        num_warps: int | None = None, programs: int | None = None):
+    """Gradients of `fwd` from its checkpoints (same contract as `chunk.bwd`): do [B,T,H,d] (or None), dfin the
+    gradients of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H]
+    fp32, dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32). num_warps None: 8;
+    programs: at most this many programs (None: what the GPU holds at once)."""
+    B, T, H, d = q.shape
+    F = ckpt[0].shape[-1]
+    check(d, mini_batch, q.dtype)
+    nmb = T // mini_batch
+    nck = triton.cdiv(nmb, group)
+    ns = nsplit_bwd(d)
+    FS = F // ns
+    heads = B * H
+    groups = _groups(q.device, heads, ns, programs)
+    nprog = groups * ns
+    dev = q.device
+    shapes = ((d, F), (F,), (F, d), (d,))
+    # the carried gradients start as those of the final params and end as those of the start params (in place)
+    dps = tuple(torch.zeros((B, H, *sh), dtype=torch.float32, device=dev) if g is None
+                else g.to(torch.float32).contiguous().clone() for g, sh in zip(dfin, shapes))
+    do = torch.zeros_like(q) if do is None else do.contiguous()
+    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
+    dlr = torch.empty((B, T, H), dtype=torch.float32, device=dev)
+    dtau = torch.empty((heads * ns, MB), dtype=torch.float32, device=dev)
+    dlnw = torch.empty((heads, d), dtype=torch.float32, device=dev)
+    dlnb = torch.empty((heads, d), dtype=torch.float32, device=dev)
+    scratch = (torch.empty((nprog, group, FS, d), dtype=q.dtype, device=dev),  # W1s^T, W2s of a group's mini-batches
+               torch.empty((nprog, group, FS, d), dtype=q.dtype, device=dev),
+               torch.empty((nprog, group, FS), dtype=torch.float32, device=dev),
+               torch.empty((nprog, group, d), dtype=torch.float32, device=dev))
+    rec = 5 * d * MB + MB * MB + MB
+    xb = torch.empty((heads, 2, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
+    cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
+    launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
+    ttt_mlp_smem_bwd_kernel[(nprog,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch, xb, cnt,
+        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, heads, groups,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+    return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0), dps)
