@@ -120,6 +120,27 @@ def test_a_start_without_checkpoint_does_not_block_the_next(capsys, caplog, w, r
     assert (aside / "metrics.jsonl").read_text() == old_metrics and (aside / "config.json").is_file()
 
 
+def test_ctrl_c_in_the_first_step_writes_no_checkpoint_that_blocks_the_next(capsys, caplog, w, tmp_path):
+    """A first step that takes minutes (GPU-sized defaults on a CPU), stopped by Ctrl-C: nothing was trained, so
+    no step-0 checkpoint; the next start, with CPU-sized settings in the same --out, sets the start aside."""
+    from ttt.model import TTTLM
+
+    def ctrl_c(module, args):
+        if isinstance(module, TTTLM):
+            os.kill(os.getpid(), signal.SIGINT)
+    out = tmp_path / "r"
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(ctrl_c)
+    try:
+        code, _, err = run(capsys, "train", "--data", w / "data", "--out", out, *TRAIN, "--micro-batch", "1")
+    finally:
+        handle.remove()
+    assert code == 130, err
+    assert not any((out / "checkpoints").glob("step_*")) and "no checkpoint written" in caplog.text
+    code, _, err = run(capsys, "train", "--data", w / "data", "--out", out, *TRAIN, "--lr", "1e-3")
+    assert code == 0, err
+    assert len(list((out / "failed_starts").iterdir())) == 1 and (out / "checkpoints" / "step_000002").is_dir()
+
+
 # ----------------------------------------------------------------------------- 2. the Quickstart
 
 def test_readme_quickstart_states_the_times_of_help(capsys):

@@ -462,7 +462,7 @@ def cmd_train(args) -> int:
           f"{n_params:,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg, run=run)
     print(_fmt_summary(summary))
-    return 130 if summary["stopped"] == "SIGINT" else 0  # Ctrl-C: a checkpoint was written, exit as interrupted
+    return 130 if summary["stopped"] == "SIGINT" else 0  # Ctrl-C: stopped (after step 0, saved), exit as interrupted
 
 
 def _continued_run(out_dir: str) -> dict | None:
@@ -498,7 +498,7 @@ def _fmt_summary(summary: dict) -> str:
             parts.append(f"{k} {summary[k]:.4g}")
     if summary.get("stopped"):
         parts.append(f"stopped by {summary['stopped']}")
-    parts.append(f"checkpoint {summary['checkpoint']}")
+    parts.append(f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint")
     return "done: " + ", ".join(parts)
 
 

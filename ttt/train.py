@@ -631,6 +631,10 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                 if loss is None:  # stopped between micro-batches: this step is dropped
                     stopped = stop.reason
                     _read_pending(loop)
+                    if loop.step == 0:  # nothing trained: a step-0 checkpoint would only block the next start
+                        log.warning("stopped before the first step (%s): no checkpoint written; the next start "
+                                    "sets this one aside", stopped)
+                        break
                     if loop.saved_step != loop.step:
                         loop.last_path = _save(loop)
                     log.warning("stopped at step %d (%s); checkpoint %s", loop.step, stopped, loop.last_path)
