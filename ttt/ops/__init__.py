@@ -19,6 +19,7 @@ exception: "triton" with float64 inputs resolves to the dual form (the kernels c
 """
 from __future__ import annotations
 
+import abc
 import os
 import warnings
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ REFERENCES = {"linear": Reference("linear", _lin_naive.forward, _lin_dual.forwar
               "mlp": Reference("mlp", _mlp_naive.forward, _mlp_dual.forward, _mlp_step.forward)}
 
 
-class TTTOp:
+class TTTOp(abc.ABC):
     """A TTT op of one kind, resolved to one backend: op(x: TTTInputs, state) -> (o, new state). It does not
     validate its inputs (`x.check(op.kind, state)` does; `ttt_op` calls it).
 
@@ -63,8 +64,9 @@ class TTTOp:
     def __init__(self, kind: str, residual: bool = True):
         self.kind, self.residual, self.ref = kind, residual, REFERENCES[kind]
 
+    @abc.abstractmethod
     def __call__(self, x: TTTInputs, state: TTTState):
-        raise NotImplementedError
+        """(o, new state) of the op on x from state."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, residual={self.residual})"
