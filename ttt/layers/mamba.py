@@ -352,7 +352,7 @@ class Mamba2(nn.Module):
             y, finals = ssd_chunked_kernel(kernels, xh, dt, A, Bm, Cm, D, None, self.kernel_chunk_size, pk=pk,
                                            varlen_states=not grad)
         else:
-            zero = xh.new_zeros(1, self.nheads, self.head_dim, self.d_state)
+            zero = xh.new_zeros(1, xh.shape[2], xh.shape[3], Bm.shape[-1])  # [1, H, P, N]
             y = ssd_chunked(xh, dt, A, Bm, Cm, zero, self.chunk_size, seq_idx=pk.seq_idx)[0] + D[:, None] * xh
             finals = None
         part, added = document_states(xh, dt, A, Bm, Cm, pk, init=ssm, finals=kernels is None)
