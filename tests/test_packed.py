@@ -239,6 +239,20 @@ def test_ttt_layer_packed_equals_separate(kind, backbone, lens, start):
     assert_same(packed, [torch.cat(separate_y, 1)] + separate, [x, *layer.parameters()])
 
 
+def test_generic_inner_layer_packed_equals_separate():
+    from torch import nn
+
+    from ttt.layers.ttt import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, inner=nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), mini_batch=B_MB).double()
+    lens = LENGTHS["mixed"]
+    x = torch.randn(1, sum(lens), 16, dtype=torch.float64, requires_grad=True)
+    y, st = layer(x, cu_seqlens=cu_of(lens))
+    assert st.pos == tuple(lens)
+    assert_same([y], [torch.cat([layer(x[:, s:e])[0] for s, e in spans(lens)], 1)], [x, *layer.parameters()])
+
+
 @pytest.mark.parametrize("lens", LENGTHS.values(), ids=LENGTHS.keys())
 def test_conv_packed_equals_separate(lens):
     torch.manual_seed(0)
@@ -502,3 +516,49 @@ def test_evaluation_by_document(data_dir, tmp_path):
     assert m["nll"] == pytest.approx(sum(p * c for p, c in zip(m["per_position"], counts)) / sum(counts))
     with pytest.raises(ValueError, match="^chunk_len: evaluation by_document"):
         evaluate_checkpoints(None, data_dir, seq_len=24, chunk_len=8, models=[model], names=["m"], by_document=True)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_gpu_flex_attention_equals_sdpa_mask(dtype, tol):
+    """The compiled FlexAttention path with the block mask against SDPA with the dense boolean mask: outputs and
+    the gradients of q, k, v, over documents inside one block, across blocks and longer than many blocks."""
+    lens = [700, 1, 130, 2000, 15, 256, 1000, 3]
+    pk = packing(cu_of(lens), sum(lens), "cuda")
+    torch.manual_seed(0)
+    qkv = [torch.randn(1, 4, sum(lens), 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+    w = torch.randn(1, 4, sum(lens), 64, device="cuda", dtype=dtype)
+    res = []
+    for flex in (True, False):
+        y = document_attention(*qkv, pk, flex=flex)
+        res.append([y.detach(), *torch.autograd.grad((y * w).sum(), qkv)])
+    for name, a, b in zip(("y", "dq", "dk", "dv"), *res):
+        scale = b.float().abs().max()
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "ttt_linear", "mamba"])
+def test_gpu_model_packed_equals_separate(mixer):
+    """On the GPU's own paths (FlexAttention, the TTT op's triton backend per document, mamba_ssm when installed):
+    the packed model's logits equal the documents' alone, and training steps run."""
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64)).cuda()
+    lens = [300, 1, 47, 129, 16]
+    ids = torch.randint(0, 64, (1, sum(lens)), device="cuda")
+    cu = cu_of(lens)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)[0]
+        alone = torch.cat([model(ids[:, s:e])[0] for s, e in spans(lens)], 1)
+    torch.testing.assert_close(packed, alone, rtol=2e-3, atol=2e-3)
+    loss, _ = model(ids, targets=ids, cu_seqlens=cu)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+for _name in [n for n in list(globals()) if n.startswith("test_gpu_")]:
+    for _mark in gpu:
+        globals()[_name] = _mark(globals()[_name])

@@ -44,6 +44,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from .layers.head import IGNORE
 from .tokenizer import Tokenizer, _check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ SHARD_NAMES = ("train", "val")
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _ENCODE_BATCH_BYTES = 4 << 20  # text handed to one encode_batch call
 _SCAN_TOKENS = 1 << 24  # tokens compared with EOS at a time when finding documents
-IGNORE = -100  # a target the loss skips (ttt.model.IGNORE)
 
 PathLike = Union[str, os.PathLike]
 

@@ -20,6 +20,7 @@ sequence per forward (cu_seqlens); position p averages over the documents that r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -75,14 +76,7 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
     chunk = chunk_len or L
     device = next(model.parameters()).device
     total = torch.zeros(L, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress is not None:
-        from tqdm import tqdm
-        bar = tqdm(total=math.ceil(N / batch_size) * math.ceil(L / chunk), desc=progress, unit="fwd", leave=False,
-                   dynamic_ncols=True)
-    try:
+    with _evaluating(model, math.ceil(N / batch_size) * math.ceil(L / chunk), progress) as bar:
         for i in range(0, N, batch_size):
             x = tokens[i:i + batch_size].to(device)
             y = targets[i:i + batch_size].to(device)
@@ -92,11 +86,25 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
                 total[s:s + chunk] += nll.sum(0).cpu()
                 if bar is not None:
                     bar.update(1)
+    return total / N
+
+
+@contextlib.contextmanager
+def _evaluating(model, forwards: int, progress: str | None):
+    """The model in eval mode (its training flag restored afterwards) and a progress bar of `forwards` ticks
+    described by `progress` (None without)."""
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+        bar = tqdm(total=forwards, desc=progress, unit="fwd", leave=False, dynamic_ncols=True)
+    try:
+        yield bar
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return total / N
 
 
 @torch.no_grad()
@@ -126,13 +134,7 @@ def evaluate_documents(model, docs, max_len: int, *, pack_len: int, progress: st
     packs.append(cur)
     device = next(model.parameters()).device
     sums, counts = torch.zeros(max_len, dtype=torch.float64), torch.zeros(max_len, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress is not None:
-        from tqdm import tqdm
-        bar = tqdm(total=len(packs), desc=progress, unit="fwd", leave=False, dynamic_ncols=True)
-    try:
+    with _evaluating(model, len(packs), progress) as bar:
         for pack in packs:
             fill = pack_len - sum(len(x) for x, _ in pack)
             xs = [x for x, _ in pack] + [torch.zeros(fill, dtype=torch.int64)]
@@ -147,10 +149,6 @@ def evaluate_documents(model, docs, max_len: int, *, pack_len: int, progress: st
             counts.index_add_(0, pos[keep], torch.ones_like(pos[keep]))
             if bar is not None:
                 bar.update(1)
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
     return sums, counts
 
 

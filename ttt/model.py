@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
-from .layers.head import linear_cross_entropy
+from .layers.head import IGNORE, linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
@@ -30,7 +30,6 @@ from .ops.packed import packing
 
 
 LOGITS = ("all", "last", "none")
-IGNORE = -100  # a target the loss skips (layers/head.py's ignore_index)
 
 
 def inner_lr_scale(frac: float, base_lr: float) -> float:
