@@ -277,3 +277,34 @@ def advance(params, accum, n: int, off: int, tau) -> tuple:
         params = tuple(p - t_b * a for p, a in zip(params, accum))
         accum = tuple(torch.zeros_like(a) for a in accum)
     return params, accum
+
+
+def check_cu_seqlens(cu_seqlens, T: int, batch_size: int = 1, state_rows: int | None = None) -> list[int]:
+    """Check the boundaries of packed documents (docs/packed.md) and return them as host ints.
+
+    cu_seqlens: int64 [N + 1] on any device: 0 = cu[0] < cu[1] < ... < cu[N] = T, document i holding tokens
+    cu[i] .. cu[i+1]-1 of one packed sequence (batch_size 1); zero-length documents are refused. state_rows:
+    the rows of a given state, which must be N (one per document). Reads the values on the host (a device
+    sync when cu_seqlens lives on a GPU: pass it on the CPU to avoid one).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int64 tensor [N + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64:
+        raise TypeError(f"cu_seqlens: expected dtype torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected shape [N + 1] with N >= 1 documents, got {tuple(cu_seqlens.shape)}")
+    if batch_size != 1:
+        raise ValueError(f"cu_seqlens: expected a batch of one packed sequence, got batch size {batch_size}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}")
+    bad = next((i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets (every document at least one token), "
+                         f"got {cu[bad]} then {cu[bad + 1]} at index {bad}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens: expected to end at T = {T} (the packed length), got {cu[-1]}")
+    if state_rows is not None and state_rows != len(cu) - 1:
+        raise ValueError(f"cu_seqlens: {len(cu) - 1} documents, but the given state has {state_rows} rows; "
+                         f"expected one row per document")
+    return cu
