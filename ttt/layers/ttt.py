@@ -21,7 +21,7 @@ from torch import nn
 
 from ..ops import BACKENDS as OP_BACKENDS, TTTInputs, TTTOp, TTTState, make_tau, resolve_op
 from ..ops.generic import GenericOp
-from ..ops.packed import packing, per_document
+from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
 
@@ -294,9 +294,7 @@ class TTTLayer(nn.Module):
         else:  # fixed eta = base_lr / d, tau_i = 1/i
             lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H).contiguous()  # kernels want strides
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
-        inputs = TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias)
-        # packed documents: each one alone through the op (the reference; fused backends to come)
-        o, op_state = plan.op(inputs, state.op) if pk is None else per_document(plan.op, inputs, state.op, pk)
+        o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias, pk), state.op)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import ln_gate

@@ -7,9 +7,13 @@ it were alone: every state (TTT weights, conv windows, attention, SSM) starts af
 document index and the position within its document of every token). Layers take either a cu_seqlens
 tensor or a `Packing`, so a model checks and derives once per forward, not once per layer.
 
-`per_document(op, x, state, cu_seqlens)` is the reference for the TTT op on packed input: each document alone
-through `op` (a `TTTOp`, or any callable op(x: TTTInputs, state)), the final state of every document stacked
-into one row each.
+`per_document(op, x, state, cu_seqlens)` is the slowest reference for the TTT op on packed input: each
+document alone through `op` (a `TTTOp`, or any callable op(x: TTTInputs, state)), the final state of every
+document stacked into one row each. The ops themselves take packed inputs (`TTTInputs.cu_seqlens`).
+
+`scan(body, x, state)` is the dual form's loop over mini-batches, for both kinds: aligned pieces of B sequences,
+or the mini-batch windows of packed documents (`Window`: every document's j-th window at once, a document's
+first window starting at its own first token, its last one partial), around `body`, the math of one piece.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import TTTInputs, TTTState, check_cu_seqlens
+from .common import (TTTInputs, TTTState, advance, check_cu_seqlens, commit, compute_dtype, end_pos, ln_operands,
+                     segments)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,3 +121,104 @@ def per_document(op, x: TTTInputs, state: TTTState, cu_seqlens):
     params = tuple(torch.cat(rows) for rows in zip(*(f.params for f in finals)))  # N x [1, ...] -> [N, ...]
     accum = tuple(torch.cat(rows) for rows in zip(*(f.accum for f in finals)))
     return torch.cat(outs, dim=1), TTTState(state.kind, params, accum, tuple(f.pos for f in finals))
+
+
+@dataclass(frozen=True)
+class Window:
+    """R windows of b slots over a packed sequence: slot s of window r is token tokens[r, s] where valid[r, s]
+    (elsewhere tokens holds some in-range index and the slot is empty)."""
+
+    tokens: torch.Tensor  # int64 [R, b]
+    valid: torch.Tensor  # bool [R, b]
+
+    @staticmethod
+    def of(first, lo, hi, b: int, device) -> "Window":
+        """Window r covers tokens first[r] .. first[r] + b - 1 and holds those in [lo[r], hi[r]) (host int lists)."""
+        first, lo, hi = (torch.tensor(t, dtype=torch.int64) for t in (first, lo, hi))
+        tok = first[:, None] + torch.arange(b)  # [R, b]
+        valid = (tok >= lo[:, None]) & (tok < hi[:, None])
+        return Window(torch.where(valid, tok, lo[:, None]).to(device), valid.to(device))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """t [T, ...] (one packed sequence) -> [R, b, ...], zero in the empty slots (where: no 0 * NaN)."""
+        valid = self.valid.view(*self.valid.shape, *[1] * (t.dim() - 1))
+        return torch.where(valid, t[self.tokens], torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def document_windows(pk: Packing, starts, b: int):
+    """The dual form's schedule over packed documents: document n, at position starts[n], puts its tokens in
+    slots starts[n] % b onwards of consecutive windows of b slots (so its mini-batches start where its own
+    count says). Returns (order, steps, inverse): the documents by decreasing number of windows (int64 [N]);
+    per step j, the j-th window of each document that has one (the first `count` in `order`, a `Window`) and
+    whether it ends its mini-batch (bool [count]: commit); and the token order that undoes the steps (int64 [T]:
+    position t of the concatenated valid slots holds token inverse[t])."""
+    dev = pk.cu_seqlens.device
+    off = [p % b for p in starts]
+    n_win = [-(-(o + n) // b) for o, n in zip(off, pk.lengths)]
+    order = sorted(range(pk.num_docs), key=lambda i: -n_win[i])  # stable: equal counts keep their order
+    steps, placed = [], []
+    for j in range(n_win[order[0]]):
+        docs = [i for i in order if n_win[i] > j]
+        first = [pk.bounds[i] - off[i] + j * b for i in docs]
+        win = Window.of(first, [pk.bounds[i] for i in docs], [pk.bounds[i + 1] for i in docs], b, dev)
+        done = torch.tensor([(j + 1) * b <= off[i] + pk.lengths[i] for i in docs], device=dev)
+        steps.append((win, done))
+        placed.append(win.tokens[win.valid])
+    inverse = torch.argsort(torch.cat(placed))  # [T]
+    return torch.tensor(order, device=dev), steps, inverse
+
+
+def scan(body, x: TTTInputs, state: TTTState, residual: bool = True):
+    """The dual form (docs/math.md §4) of one kind: o [B,T,H,d] (x's dtype) and the new state, with the math of
+    one piece in `body`:
+
+        body(q, k, v, lr, tau_i, gam, bet, params, accum, residual) -> (o, accum + the piece's gated gradients)
+
+    on R rows of n tokens (q, k, v [R,H,n,d], lr [R,H,n] in the compute dtype; tau_i [n]: the tau of the piece's
+    in-batch positions; gam, bet [H,1,d] or None; params, accum [R,H,...]); `scan` commits finished mini-batches.
+    B sequences: pieces that never cross a mini-batch boundary (`segments`). Packed documents: the windows of
+    `document_windows`, all documents' j-th at once (empty slots: zero tokens with lr 0, which add nothing).
+    """
+    ct = compute_dtype(x.q)
+    tau = x.tau.to(ct)
+    gam, bet = ln_operands(x, ct)
+    params = tuple(p.to(ct) for p in state.params)
+    accum = tuple(a.to(ct) for a in state.accum)
+    pk, b = x.packing, x.mini_batch
+    outs = []
+    if pk is None:
+        Q, K, V = (t.transpose(1, 2).to(ct) for t in (x.q, x.k, x.v))  # [B,T,H,d] -> [B,H,T,d]
+        LR = x.lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
+        for t0, n, off in segments(x.q.shape[1], state.pos, b):
+            s = slice(t0, t0 + n)
+            o, accum = body(Q[:, :, s], K[:, :, s], V[:, :, s], LR[:, :, s], tau[off:off + n], gam, bet, params,
+                            accum, residual)
+            outs.append(o)
+            params, accum = advance(params, accum, n, off, tau)
+        o = torch.cat(outs, dim=2).transpose(1, 2)  # [B,H,T,d] -> [B,T,H,d]
+    else:
+        order, steps, inverse = document_windows(pk, pk.row_positions(state.pos), b)
+        params, accum = (tuple(t.index_select(0, order) for t in ts) for ts in (params, accum))  # rows by order
+        q, k, v, lr = (t[0] for t in (x.q, x.k, x.v, x.lr))  # [T,H,d], [T,H]
+        for win, done in steps:
+            c = done.shape[0]  # the documents with a j-th window: the first c rows
+            q_, k_, v_ = (win.gather(t).to(ct).transpose(1, 2) for t in (q, k, v))  # [c,b,H,d] -> [c,H,b,d]
+            lr_ = win.gather(lr).to(ct).transpose(1, 2)  # [c,b,H] -> [c,H,b]
+            o, acc = body(q_, k_, v_, lr_, tau, gam, bet, tuple(p[:c] for p in params),
+                          tuple(a[:c] for a in accum), residual)
+            new, acc = commit(tuple(p[:c] for p in params), acc, done, tau)
+            params = tuple(torch.cat([p_new, p[c:]]) for p_new, p in zip(new, params))
+            accum = tuple(torch.cat([a_new, a[c:]]) for a_new, a in zip(acc, accum))
+            outs.append(o.transpose(1, 2)[win.valid])  # [c,H,b,d] -> the valid slots' rows [n, H, d]
+        o = torch.cat(outs)[inverse][None]  # [T,H,d] in token order -> [1,T,H,d]
+        back = torch.argsort(order)
+        params, accum = (tuple(t.index_select(0, back) for t in ts) for ts in (params, accum))
+    return o.to(x.q.dtype), TTTState(state.kind, params, accum, end_pos(x, state))
+
+
+def rows_of(state: TTTState, rows) -> TTTState:
+    """The state of the given rows (host ints; pos: theirs when per row)."""
+    idx = torch.tensor(rows, device=state.params[0].device)
+    pos = state.pos if isinstance(state.pos, int) else tuple(state.pos[i] for i in rows)
+    return TTTState(state.kind, tuple(p.index_select(0, idx) for p in state.params),
+                    tuple(a.index_select(0, idx) for a in state.accum), pos)
