@@ -28,13 +28,14 @@ from ttt.layers.conv import CausalConv1d
 from ttt.layers.mamba import Mamba2, MambaState
 from ttt.layers.ttt import TTTLayerState, TTTLinear, TTTMLP
 from ttt.model import TTTLM
-from ttt.ops import TTTInputs, TTTState, resolve_op
+from ttt.ops import TTTInputs, TTTState, resolve_op, ttt_op
 from ttt.ops.common import check_cu_seqlens
 from ttt.ops.packed import packing, per_document
 from ttt.train import TrainConfig, train
 
 B_MB = 4  # the mini-batch size of every TTT test here
-LENGTHS = {"multiples": [4, 8, 4], "mixed": [1, 3, 6, 9, 2], "one": [5]}  # "mixed": length 1 and < b included
+LENGTHS = {"multiples": [4, 8, 4], "mixed": [1, 3, 6, 9, 2], "one": [5], "ones": [1, 1, 1]}
+# "mixed": length 1 and < b included; "ones": documents of one token each (the op's one-token step)
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
@@ -155,11 +156,17 @@ def op_rows(kind, n, d=4, H=2, seed=3):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-@pytest.mark.parametrize("backend,lens", [("dual", LENGTHS["multiples"]), ("dual", LENGTHS["mixed"]),
-                                          ("dual", LENGTHS["one"]), ("naive", LENGTHS["mixed"])],
-                         ids=["dual-multiples", "dual-mixed", "dual-one", "naive-mixed"])
+@pytest.mark.parametrize("route,backend,lens", [
+    ("per_document", "dual", LENGTHS["mixed"]), ("per_document", "naive", LENGTHS["mixed"]),
+    ("native", "dual", LENGTHS["multiples"]), ("native", "dual", LENGTHS["mixed"]), ("native", "dual", LENGTHS["one"]),
+    ("native", "dual", LENGTHS["ones"]), ("native", "naive", LENGTHS["mixed"])],
+    ids=["reference-dual", "reference-naive", "dual-multiples", "dual-mixed", "dual-one", "step-ones", "naive-mixed"])
 @pytest.mark.parametrize("start", ["fresh", "carried"])
-def test_op_per_document_equals_separate(kind, backend, lens, start):
+def test_op_packed_equals_separate(kind, route, backend, lens, start):
+    """The op on packed documents (native: ttt_op with cu_seqlens; per_document: the reference's loop) == every
+    document run alone from its own row of the state: outputs, every final state row (weights, accumulators,
+    position) and the gradients w.r.t. every input and the initial state (weights and accumulators), fp64.
+    "carried": rows at unequal positions, mid-mini-batch ones with a pending accumulator."""
     inp = random_inputs(kind, B=1, T=sum(lens), H=2, d=4, b=B_MB, seed=1)
     n = len(lens)
     st = op_rows(kind, n) if start == "carried" else TTTState.initial(kind, inp.init, n, dtype=torch.float64)
@@ -169,7 +176,11 @@ def test_op_per_document_equals_separate(kind, backend, lens, start):
 
     op = resolve_op(kind, backend, "cpu", torch.float64)
     x = TTTInputs(inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    o, fin = per_document(op, x, st, cu_of(lens))
+    if route == "native":
+        o, fin = ttt_op(kind, inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, st, backend=backend,
+                        cu_seqlens=cu_of(lens))
+    else:
+        o, fin = per_document(op, x, st, cu_of(lens))
     outs, packed_rows, separate_rows = [], [], []
     rows = st.pos if isinstance(st.pos, tuple) else (st.pos,) * n
     for i, (s, e) in enumerate(spans(lens)):
@@ -180,6 +191,41 @@ def test_op_per_document_equals_separate(kind, backend, lens, start):
         separate_rows += [p[0] for p in fi.params + fi.accum]
         assert fin.pos[i] == fi.pos == rows[i] + e - s
     assert_same([o] + packed_rows, [torch.cat(outs, 1)] + separate_rows, leaves)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_op_resets_at_every_boundary(kind):
+    """The same tokens as one sequence give other outputs after the first boundary (so a missing reset would show
+    in the tests above), and the packed call equals the reference's."""
+    lens = LENGTHS["mixed"]
+    inp = random_inputs(kind, B=1, T=sum(lens), H=2, d=4, b=B_MB, seed=1)
+    st = TTTState.initial(kind, inp.init, len(lens), dtype=torch.float64)
+    args = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
+    o, _ = ttt_op(kind, *args, st, backend="dual", cu_seqlens=cu_of(lens))
+    whole, _ = ttt_op(kind, *args, TTTState.initial(kind, inp.init, 1, dtype=torch.float64), backend="dual")
+    ref, _ = per_document(resolve_op(kind, "dual"), TTTInputs(*args), st, cu_of(lens))
+    torch.testing.assert_close(o, ref, **TOL)
+    torch.testing.assert_close(o[:, :lens[0]], whole[:, :lens[0]], **TOL)
+    for s, e in spans(lens)[1:]:
+        assert (o[:, s:e] - whole[:, s:e]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("cu,kw,msg", [
+    (torch.tensor([0, 2, 6], dtype=torch.int32), {}, r"cu_seqlens: expected dtype torch.int64, got torch.int32"),
+    (torch.tensor([0, 2, 5]), {}, r"cu_seqlens: expected to end at T = 6"),
+    (torch.tensor([0, 2, 2, 6]), {}, r"cu_seqlens: expected strictly increasing offsets"),
+    (torch.tensor([1, 6]), {}, r"cu_seqlens: expected to start at 0, got 1"),
+    (torch.tensor([0, 2, 6]), {"rows": 3}, r"cu_seqlens: 2 documents, but the given state has 3 rows"),
+    (torch.tensor([0, 2, 6]), {"pos": (1, 2, 3)}, r"state: expected a position shared by all rows .* got \(1, 2, 3\)"),
+    (torch.tensor([0, 6]), {"batch": 2}, r"cu_seqlens: expected a batch of one packed sequence, got batch size 2"),
+])
+def test_op_refuses_bad_cu_seqlens(cu, kw, msg):
+    inp = random_inputs("linear", B=kw.get("batch", 1), T=6, H=2, d=4, b=B_MB)
+    st = TTTState.initial("linear", inp.init, kw.get("rows", cu.numel() - 1))
+    if "pos" in kw:
+        st = replace(st, pos=kw["pos"])
+    with pytest.raises((TypeError, ValueError), match="^" + msg):
+        ttt_op("linear", inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias, st, cu_seqlens=cu)
 
 
 def test_op_reference_refuses_a_state_of_other_rows():

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton  # noqa: F401  (import failure = backend unavailable)
 
 from . import TTTOp
@@ -207,37 +208,33 @@ class TritonOp(TTTOp):
 
     def _tail_accum(self, x: TTTInputs, params, state: TTTState, rest):
         """The accumulators after the kernels: zero where a row's last mini-batch is complete; where it is partial,
-        the gated gradients of its r = rest % b tokens at the start weights the kernels returned; a row the kernels
-        had no tokens of keeps its accumulators."""
-        b, dev = x.mini_batch, x.q.device
-        ct = compute_dtype(x.q)
-        gam, bet = ln_operands(x, ct)
-        zeros = tuple(torch.zeros_like(p) for p in params)
-        tails = [r % b for r in rest]
-        pk = x.packing
-        if pk is None:
-            if not tails[0]:
-                return zeros
-            xt = x.tokens(x.q.shape[1] - tails[0])
-            k, v = (t.transpose(1, 2).to(ct) for t in (xt.k, xt.v))  # [B,r,H,d] -> [B,H,r,d]
-            g = self.ref.grads(k, v, params, gam, bet)
-            return self.ref.add_grads(zeros, k, xt.lr.transpose(1, 2).to(ct), g)
-        accum = zeros
+        the gated gradients of its r = rest % b tokens at the start weights the kernels returned (computed on a
+        window of b slots, r of them filled, the same way with and without cu_seqlens); a row the kernels had no
+        tokens of keeps its accumulators."""
+        b, dev, pk = x.mini_batch, x.q.device, x.packing
+        accum = tuple(torch.zeros_like(p) for p in params)
         if not all(rest):  # rows finished in their heads keep their accumulators
             keep = torch.tensor([r == 0 for r in rest], device=dev)
-            accum = tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, z) for a, z in zip(state.accum, zeros))
-        docs = [i for i, r in enumerate(tails) if r]
-        if not docs:
+            accum = tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, z) for a, z in zip(state.accum, accum))
+        tails = [r % b for r in rest]
+        rows = [i for i, r in enumerate(tails) if r]
+        if not rows:
             return accum
-        ends = [pk.bounds[i + 1] for i in docs]
-        win = Window.of([e - tails[i] for e, i in zip(ends, docs)], [e - tails[i] for e, i in zip(ends, docs)], ends,
-                        b, dev)
-        k, v = (win.gather(t[0]).to(ct).transpose(1, 2) for t in (x.k, x.v))  # [R,b,H,d] -> [R,H,b,d]
-        lr = win.gather(x.lr[0]).to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]: zero on the empty slots
-        idx = torch.tensor(docs, device=dev)
-        rows = tuple(p.index_select(0, idx) for p in params)
-        tail = self.ref.add_grads(tuple(torch.zeros_like(p) for p in rows), k, lr,
-                                  self.ref.grads(k, v, rows, gam, bet))
+        if pk is None:  # every row's last r tokens
+            r = tails[0]
+            k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))  # [B,b,..]
+        else:
+            first = [pk.bounds[i + 1] - tails[i] for i in rows]
+            win = Window.of(first, first, [pk.bounds[i + 1] for i in rows], b, dev)
+            k, v, lr = (win.gather(t[0]) for t in (x.k, x.v, x.lr))  # [R,b,H,d], [R,b,H]
+        ct = compute_dtype(x.q)
+        gam, bet = ln_operands(x, ct)
+        k, v = (t.to(ct).transpose(1, 2) for t in (k, v))  # [R,b,H,d] -> [R,H,b,d]
+        lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]
+        idx = torch.tensor(rows, device=dev)
+        start = tuple(p.index_select(0, idx) for p in params)
+        tail = self.ref.add_grads(tuple(torch.zeros_like(p) for p in start), k, lr,
+                                  self.ref.grads(k, v, start, gam, bet))
         return tuple(a.index_copy(0, idx, t) for a, t in zip(accum, tail))
 
 
