@@ -93,7 +93,7 @@ def packing(cu_seqlens, T: int, device=None, *, batch_size: int = 1, state_rows:
         return cu_seqlens
     bounds = check_cu_seqlens(cu_seqlens, T, batch_size, state_rows)
     device = device if device is not None else cu_seqlens.device
-    cu = cu_seqlens.to(device)
+    cu = cu_seqlens.to(device, non_blocking=True)  # no stream sync: its host values are read above
     n = len(bounds) - 1
     seq_idx = torch.repeat_interleave(torch.arange(n, device=device), cu[1:] - cu[:-1], output_size=T)  # [T]
     positions = torch.arange(T, device=device) - cu[seq_idx]  # [T]
@@ -133,11 +133,21 @@ class Window:
 
     @staticmethod
     def of(first, lo, hi, b: int, device) -> "Window":
-        """Window r covers tokens first[r] .. first[r] + b - 1 and holds those in [lo[r], hi[r]) (host int lists)."""
+        """Window r covers tokens first[r] .. first[r] + b - 1 and holds those in [lo[r], hi[r]) (host int lists;
+        hi[r] >= 1)."""
         first, lo, hi = (torch.tensor(t, dtype=torch.int64) for t in (first, lo, hi))
         tok = first[:, None] + torch.arange(b)  # [R, b]
         valid = (tok >= lo[:, None]) & (tok < hi[:, None])
-        return Window(torch.where(valid, tok, lo[:, None]).to(device), valid.to(device))
+        return Window(torch.where(valid, tok, hi[:, None] - 1).to(device), valid.to(device))
+
+    @staticmethod
+    def tails(cu_seqlens: torch.Tensor, b: int) -> "Window":
+        """One window per document: its last L % b tokens (none when L % b == 0), built on cu_seqlens' device."""
+        end = cu_seqlens[1:]
+        r = (end - cu_seqlens[:-1]) % b  # [N]
+        slot = torch.arange(b, device=end.device)
+        valid = slot < r[:, None]  # [N, b]
+        return Window(torch.where(valid, (end - r)[:, None] + slot, end[:, None] - 1), valid)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """t [T, ...] (one packed sequence) -> [R, b, ...], zero in the empty slots (where: no 0 * NaN)."""

@@ -182,7 +182,7 @@ class TritonOp(TTTOp):
         save = _needs_grad(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *state.params)
         o, params = self.kernels.body(x, state.params, rows, save)
         params = tuple(p.to(s.dtype) for p, s in zip(params, state.params))
-        accum = self._tail_accum(x, params, state, rest)
+        accum = self._tail_accum(x, params, state, heads, rest)
         if o_head is not None:
             o = o.index_copy(1, index, o_head)  # the head tokens' outputs (the kernels left them unwritten)
         return o, TTTState(state.kind, params, accum, end)
@@ -206,36 +206,35 @@ class TritonOp(TTTOp):
                           tuple(a.index_copy(0, idx, b) for a, b in zip(state.accum, st.accum)), tuple(pos))
         return o, index, merged
 
-    def _tail_accum(self, x: TTTInputs, params, state: TTTState, rest):
-        """The accumulators after the kernels: zero where a row's last mini-batch is complete; where it is partial,
-        the gated gradients of its r = rest % b tokens at the start weights the kernels returned (computed on a
-        window of b slots, r of them filled, the same way with and without cu_seqlens); a row the kernels had no
-        tokens of keeps its accumulators."""
-        b, dev, pk = x.mini_batch, x.q.device, x.packing
-        accum = tuple(torch.zeros_like(p) for p in params)
-        if not all(rest):  # rows finished in their heads keep their accumulators
-            keep = torch.tensor([r == 0 for r in rest], device=dev)
-            accum = tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, z) for a, z in zip(state.accum, accum))
+    def _tail_accum(self, x: TTTInputs, params, state: TTTState, heads, rest):
+        """The accumulators after the kernels: a row ending in a partial mini-batch (r = rest % b of its tokens in
+        it) gets the gated gradients of those r tokens at the start weights the kernels returned, computed for every
+        row on a window of b slots (r filled; a row with r = 0 gets exactly zero), the same way with and without
+        cu_seqlens; a row the kernels had no tokens of keeps its accumulators."""
+        b, pk = x.mini_batch, x.packing
         tails = [r % b for r in rest]
-        rows = [i for i, r in enumerate(tails) if r]
-        if not rows:
-            return accum
-        if pk is None:  # every row's last r tokens
-            r = tails[0]
-            k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))  # [B,b,..]
+        if not any(tails):
+            accum = tuple(torch.zeros_like(p) for p in params)
         else:
-            first = [pk.bounds[i + 1] - tails[i] for i in rows]
-            win = Window.of(first, first, [pk.bounds[i + 1] for i in rows], b, dev)
-            k, v, lr = (win.gather(t[0]) for t in (x.k, x.v, x.lr))  # [R,b,H,d], [R,b,H]
-        ct = compute_dtype(x.q)
-        gam, bet = ln_operands(x, ct)
-        k, v = (t.to(ct).transpose(1, 2) for t in (k, v))  # [R,b,H,d] -> [R,H,b,d]
-        lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]
-        idx = torch.tensor(rows, device=dev)
-        start = tuple(p.index_select(0, idx) for p in params)
-        tail = self.ref.add_grads(tuple(torch.zeros_like(p) for p in start), k, lr,
-                                  self.ref.grads(k, v, start, gam, bet))
-        return tuple(a.index_copy(0, idx, t) for a, t in zip(accum, tail))
+            if pk is None:  # every row's last r tokens, padded to b slots
+                r = tails[0]
+                k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))
+            else:
+                win = (Window.of([e - r for e, r in zip(pk.bounds[1:], tails)], [e - r for e, r in
+                                                                               zip(pk.bounds[1:], tails)],
+                                 pk.bounds[1:], b, x.q.device) if any(heads)
+                       else pk.memoize(("ttt_tails", b), lambda: Window.tails(pk.cu_seqlens, b)))
+                k, v, lr = (win.gather(t[0]) for t in (x.k, x.v, x.lr))  # [N,b,H,d], [N,b,H]
+            ct = compute_dtype(x.q)
+            gam, bet = ln_operands(x, ct)
+            k, v = (t.to(ct).transpose(1, 2) for t in (k, v))  # [R,b,H,d] -> [R,H,b,d]
+            lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]: zero on the empty slots
+            accum = self.ref.add_grads(tuple(torch.zeros_like(p) for p in params), k, lr,
+                                       self.ref.grads(k, v, params, gam, bet))
+        if all(rest):
+            return accum
+        keep = torch.tensor([r == 0 for r in rest], device=x.q.device)  # rows finished in their heads
+        return tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), s, a) for s, a in zip(state.accum, accum))
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
