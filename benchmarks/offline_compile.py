@@ -28,6 +28,7 @@ from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, st
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}  # in the input dtype
+INT_PTRS = {"span_ptr"}  # int32 (the rows of `triton_utils.Rows`)
 
 
 def resources(cubin: bytes) -> tuple[int, int]:
@@ -46,8 +47,8 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
     """(registers, stack bytes, shared bytes) of the @triton.jit kernel `fn` compiled for sm_90."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
-    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*fp32") if n.endswith("_ptr")
-           else "i32" for n in names}
+    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS else
+                                                    "*fp32") if n.endswith("_ptr") else "i32" for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                          "num_stages": num_stages})

@@ -586,7 +586,8 @@ def test_gpu_flex_attention_equals_sdpa_mask(dtype, tol):
 
 @pytest.mark.parametrize("mixer", ["attention", "ttt_linear", "mamba"])
 def test_gpu_model_packed_equals_separate(mixer):
-    """On the GPU's own paths (FlexAttention, the TTT op's triton backend per document, mamba_ssm when installed):
+    """On the GPU's own paths (FlexAttention, the TTT op's triton kernels on the packed sequence, mamba_ssm when
+    installed):
     the packed model's logits equal the documents' alone, and training steps run."""
     torch.manual_seed(0)
     model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64)).cuda()

@@ -56,17 +56,17 @@ def cu_of(lens) -> torch.Tensor:
     return torch.tensor([0, *lens]).cumsum(0)
 
 
-def packed_case(kind, lens, start, dtype=torch.float32, seed=0):
+def packed_case(kind, lens, start, dtype=torch.float32, seed=0, b=B_MB, d=16, H=2):
     """Inputs of one packed sequence and a state of one row per document: "fresh" rows at 0 (as a layer starts
     them: the weights require grad, the zero accumulators do not), or "carried": rows at unequal positions, the
     mid-mini-batch ones with a pending accumulator, weights and accumulators requiring grad."""
     n = len(lens)
-    inp = random_inputs(kind, B=1, T=sum(lens), H=2, d=16, b=B_MB, dtype=dtype, seed=seed)
+    inp = random_inputs(kind, B=1, T=sum(lens), H=H, d=d, b=b, dtype=dtype, seed=seed)
     st = TTTState.initial(kind, inp.init, n)
     if start == "carried":
         g = torch.Generator().manual_seed(seed + 1)
-        pos = (3, 8, 13, 0, 22)[:n]
-        live = torch.tensor([float(p % B_MB != 0) for p in pos])
+        pos = tuple(b if i == 3 else (7 * i + 3) % (3 * b) for i in range(n))  # row 3 aligned, the others not
+        live = torch.tensor([float(p % b != 0) for p in pos])
         params = tuple(p + 0.05 * torch.randn(p.shape, generator=g) for p in st.params)
         accum = tuple(0.05 * torch.randn(p.shape, generator=g) * live.view(-1, *[1] * (p.dim() - 1)) for p in params)
         st = TTTState(kind, params, accum, pos)
@@ -172,3 +172,20 @@ def test_layer_on_the_kernels_packed_equals_separate(kind, backbone):
     for a, b in zip(g1, g2):
         if b is not None and b.abs().max() > 0:
             assert rel(a, b) < 1e-4
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("start", ["fresh", "carried"])
+def test_gpu_packed_kernels(kind, dtype, tol, start):
+    """Full-size heads (d = 64, b = 16, the default kernels) on documents of realistic lengths: the kernels == the
+    dual form on the same packed inputs (itself == the documents alone, tests/test_packed.py)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lens = [300, 1, 47, 1029, 16, 640, 15]
+    leaves, st = packed_case(kind, lens, start, dtype=dtype, b=16, d=64, H=4)
+    fast = run(resolve_op(kind, "triton", DEV, dtype), leaves, st, cu_of(lens))
+    ref = run(resolve_op(kind, "dual", DEV, dtype), leaves, st, cu_of(lens))
+    compare(leaves, st, cu_of(lens), fast, ref, tol=tol)

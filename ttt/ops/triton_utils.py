@@ -99,11 +99,10 @@ def _when(mask, ok):
 
 
 @triton.jit
-def _mb_masks(t0, rt, L, tmask, cmask):
-    """The masks of the mini-batch tile whose first row is the row's token t0: real rows (< b, within the row's
-    L tokens) [BT] and the same by columns [BT, BD]."""
-    tok = t0 + rt
-    tm = tmask & (tok >= 0) & (tok < L)
+def _mb_masks(t0, rt, L, cmask, MB: tl.constexpr):
+    """The masks of the mini-batch tile whose first row is the row's token t0 (>= 0): the real rows (< b, within
+    the row's L tokens) [BT] and the same by columns [BT, BD]."""
+    tm = rt < tl.minimum(L - t0, MB)
     return tm, tm[:, None] & cmask[None, :]
 
 

@@ -1,8 +1,10 @@
 """TTT-Linear backward, split: a lean sequential chain between two passes parallel over checkpoint groups.
 
 The gradients whose formulas are in `chunk.py`'s docstring, computed in three launches so that only the part
-that truly depends on the carried weight gradient runs one program per (batch, head); the rest runs one
-program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
+that truly depends on the carried weight gradient runs one program per (row, head); the rest runs one
+program per (row, head, checkpoint group) (the longest row's groups for every row: a shorter row's programs
+past its end do nothing; rows: `triton_utils.Rows`, a row's partial last mini-batch adds no carried-weight
+terms since the forward left it uncommitted):
 
 (a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
     the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
@@ -12,7 +14,7 @@ program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
       dq = dO + dZb W^T + dA K                     (final)
       dG0 = -P^T dZb,  dk_a = dA^T Q
     and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as fp32 [T, d] (and [T]) rows.
-(b) `_chain_kernel`, per (batch, head), all mini-batches in reverse, carrying only dW, dc:
+(b) `_chain_kernel`, per (row, head), all mini-batches in reverse, carrying only dW, dc:
       G, gy recomputed row-wise from x^, rstd, v - k (no product)
       KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
       dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
@@ -20,8 +22,8 @@ program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
       dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
     and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
-Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
-size d x d per mini-batch.
+Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones (packed
+rows: [H, T, d], each document's rows at its own tokens); nothing of size d x d per mini-batch.
 """
 from __future__ import annotations
 
@@ -84,13 +86,13 @@ def _pre_kernel(
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
     t0 = n0 * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
                                tm, l_t)
     dOn = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch commits nothing
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
@@ -98,7 +100,7 @@ def _pre_kernel(
         lr = lrn.to(tl.float32)
         dO = dOn.to(tl.float32)
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
                                    m21, tm1, l_t)
         dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m21, other=0.0)
@@ -166,8 +168,8 @@ def _chain_kernel(
                                                            o_b, o_t, o_h)
     sc_t = (bi * sc_b + hi) * T + start
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
-    t0 = (n_hi - 1) * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    t0 = tl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     # plain loads, not `_load_mb`: with its address form this kernel compiles to 40 B more stack (offline sm_90)
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
@@ -180,7 +182,7 @@ def _chain_kernel(
     for ni in range(n_hi - N_LO):
         n = n_hi - 1 - ni
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
@@ -191,7 +193,7 @@ def _chain_kernel(
         dZb = dzbn
         rstd = rsn
         t1 = tl.maximum(n - 1, N_LO) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
@@ -260,7 +262,7 @@ def _post_kernel(
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
     t0 = n0 * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
@@ -269,7 +271,7 @@ def _post_kernel(
                                                                            other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
@@ -277,7 +279,7 @@ def _post_kernel(
         dZ = dzn
         dk = dkn
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
@@ -320,8 +322,8 @@ def _chain_lean_kernel(
     lr_base = bi * l_b + start * l_t + hi * l_h
     sc_t = (bi * sc_b + hi) * T + start
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
-    t0 = (n_hi - 1) * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    t0 = tl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
                                tm, l_t)
     xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
@@ -332,7 +334,7 @@ def _chain_lean_kernel(
     for ni in range(n_hi - N_LO):
         n = n_hi - 1 - ni
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         if (n % GROUP == GROUP - 1) | (n == NMB - 1):
             ck = (slot + n // GROUP) * H + hi
             tl.store(bw_ptr + ck * D * D + woff, dW, mask=wmask)
@@ -347,7 +349,7 @@ def _chain_lean_kernel(
         dZb = dzbn
         rstd = rsn
         t1 = tl.maximum(n - 1, N_LO) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
                                    m21, tm1, l_t)
         xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
@@ -401,8 +403,8 @@ def _post_lean_kernel(
     dW = tl.load(bw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
     dc = tl.load(bc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
-    t0 = (n1 - 1) * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    t0 = tl.maximum(n1 - 1, 0) * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
@@ -413,7 +415,7 @@ def _post_lean_kernel(
     for ni in range(n1 - n0):
         n = n1 - 1 - ni
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
@@ -423,7 +425,7 @@ def _post_lean_kernel(
         dZ = dzn
         dka = dkan
         t1 = tl.maximum(n - 1, n0) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
@@ -448,7 +450,7 @@ def _post_lean_kernel(
     dgam = tl.zeros([BD], dtype=tl.float32)
     dbet = tl.zeros([BD], dtype=tl.float32)
     t0 = n0 * MB
-    tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
@@ -459,7 +461,7 @@ def _post_lean_kernel(
     dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
@@ -470,7 +472,7 @@ def _post_lean_kernel(
         dZ = dzn
         dk = dkn
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)

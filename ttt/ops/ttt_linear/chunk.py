@@ -1,10 +1,11 @@
 """TTT-Linear mini-batch dual form as Triton kernels: forward and hand-derived backward.
 
-Mirrors `ttt/ops/ttt_linear/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state
-has a zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end with the
-PyTorch dual form and calls these kernels on the aligned middle.
+Mirrors `ttt/ops/ttt_linear/dual.py` (docs/math.md §4) on rows (`triton_utils.Rows`: the sequences of a batch,
+or packed documents) from a zero accumulator, each row's mini-batches from its first token, the missing rows
+of its last one masked (and that mini-batch left uncommitted); `ttt/ops/triton_backend.py` runs what finishes a
+mini-batch begun in an earlier call with the PyTorch dual form and adds a partial last mini-batch's accumulators.
 
-One program per (batch, head) walks the sequence one mini-batch (b rows, padded to BT >= 16) at a time.
+One program per (row, head) walks its row one mini-batch (b rows, padded to BT >= 16) at a time.
 What stays on chip: the inner weights W (d x d, fp32) and bias c (fp32) live in registers for the whole
 sequence; q, k, v, lr of a mini-batch are read once, o written once. The head dim is padded to a power
 of two BD with masks (d = 96 -> BD = 128); padded rows (b < 16) get lr = 0 and are never stored.
@@ -59,7 +60,7 @@ def ttt_linear_fwd_kernel(
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
-    tm, m2 = _mb_masks(0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         if SAVE:
@@ -69,14 +70,14 @@ def ttt_linear_fwd_kernel(
                 tl.store(ckc_ptr + ck * D + rd, c, mask=cmask)
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m21, tm1, l_t)
 

@@ -1,9 +1,10 @@
 """TTT-MLP mini-batch dual form as a Triton forward kernel; backward by checkpointed recompute.
 
-Mirrors `ttt/ops/ttt_mlp/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state has a
-zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end in PyTorch.
+Mirrors `ttt/ops/ttt_mlp/dual.py` (docs/math.md §4) on rows (`triton_utils.Rows`: the sequences of a batch, or
+packed documents) from a zero accumulator, a row's partial last mini-batch masked and left uncommitted, as the
+TTT-Linear kernels (`ttt_linear/chunk.py`); `ttt/ops/triton_backend.py` runs the rest in PyTorch.
 
-Forward: one program per (batch, head) walks the mini-batches. What stays on chip: both inner weight
+Forward: one program per (row, head) walks the row's mini-batches. What stays on chip: both inner weight
 matrices W1 (d x F) and W2 (F x d), F = 4d, and the biases, fp32, in registers for the whole sequence
 (8 warps for d = 64; the compiler spills part of them, still faster than 16 warps, see
 docs/kernels_notes.md); q, k, v, lr are read once per mini-batch
@@ -71,7 +72,7 @@ def ttt_mlp_fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    tm, m2 = _mb_masks(0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         if SAVE:
@@ -83,14 +84,14 @@ def ttt_mlp_fwd_kernel(
                 tl.store(ckc2_ptr + ck * D + rd, c2, mask=cmask)
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m21, tm1, l_t)
 
@@ -222,7 +223,7 @@ def ttt_mlp_bwd_kernel(
             tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
             if n < n1 - 1:  # the last start weights of the group are not advanced further (so all these are full)
-                tm, m2 = _mb_masks(n * MB, rt, L, tmask, cmask)
+                tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
                 ptr = in_base + n * MB * s_t + in_off
                 k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
@@ -239,7 +240,7 @@ def ttt_mlp_bwd_kernel(
         tl.debug_barrier()
         # walk the group back; the loads of the next (earlier) mini-batch's inputs go out first
         n = n1 - 1
-        tm, m2 = _mb_masks(n * MB, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
         ptr = in_base + n * MB * s_t + in_off
         qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
         kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
@@ -249,7 +250,7 @@ def ttt_mlp_bwd_kernel(
         for ni in range(n1 - n0):
             n = n1 - 1 - ni
             t0 = n * MB
-            tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+            tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
             full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
             q = qn.to(tl.float32)
             k = kn.to(tl.float32)
@@ -257,7 +258,7 @@ def ttt_mlp_bwd_kernel(
             lr = lrn.to(tl.float32)
             dO = dOn.to(tl.float32)
             m = tl.maximum(n - 1, n0)
-            tm1, m21 = _mb_masks(m * MB, rt, L, tmask, cmask)
+            tm1, m21 = _mb_masks(m * MB, rt, L, cmask, MB)
             ptr = in_base + m * MB * s_t + in_off
             qn = tl.load(q_ptr + ptr, mask=m21, other=0.0)
             kn = tl.load(k_ptr + ptr, mask=m21, other=0.0)

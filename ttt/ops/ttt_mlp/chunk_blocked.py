@@ -1,10 +1,11 @@
 """TTT-MLP forward and backward kernels for any head dim (96, 128, ...): the hidden width F = 4d is walked in
 column blocks, and the inner weights live in a per-program global scratch instead of registers.
 
-Same contract and math as `chunk.py` (which keeps W1, W2 in registers, d <= 64): whole, aligned mini-batches
-from a zero accumulator; `ttt/ops/triton_backend.py` picks the kernel and runs partial pieces in PyTorch.
+Same contract and math as `chunk.py` (which keeps W1, W2 in registers, d <= 64): rows (`triton_utils.Rows`) from
+a zero accumulator, a partial last mini-batch masked and left uncommitted; `ttt/ops/triton_backend.py` picks the
+kernel and runs the rest in PyTorch.
 
-Forward, per mini-batch (one program per (batch, head); W1 [d,F], c1 [F], W2 [F,d] are read and written
+Forward, per mini-batch (one program per (row, head); W1 [d,F], c1 [F], W2 [F,d] are read and written
 in place in the output buffers, which start as a copy of the initial weights; c2 [d] stays in registers):
   pass 1 over F blocks f:  Z2 += GELU(K W1_f + c1_f) W2_f                     (and the checkpoint, if due)
   G2 = LN-L2 gradient at Z2; P1 = E * (Q K^T + 1)
@@ -127,19 +128,19 @@ def ttt_mlp_fwd_blocked_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    tm, m2 = _mb_masks(0, rt, L, tmask, cmask)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
-        tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
-        tm1, m21 = _mb_masks(t1, rt, L, tmask, cmask)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m21, tm1, l_t)
 
@@ -271,7 +272,7 @@ def ttt_mlp_bwd_blocked_kernel(
         tl.debug_barrier()
         for n in range(n0, n1 - 1):  # not the group's last mini-batch: all these are full
             sc = pid * GROUP + n - n0
-            tm, m2 = _mb_masks(n * MB, rt, L, tmask, cmask)
+            tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
             ptr = in_base + n * MB * s_t + in_off
             k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
@@ -296,7 +297,7 @@ def ttt_mlp_bwd_blocked_kernel(
             c1p = scc1_ptr + sc * FF
             w2 = sc2_ptr + sc * FF * D
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
-            tm, m2 = _mb_masks(t0, rt, L, tmask, cmask)
+            tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
             full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
             ptr = in_base + t0 * s_t + in_off
             q = tl.load(q_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
