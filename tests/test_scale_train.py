@@ -1,0 +1,29 @@
+"""benchmarks/scale_train.py on the CPU (gloo processes, tiny model): the same global batch at every process
+count, the first logged loss equal across layouts, and the table it prints."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ttt.data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scale_train_runs_the_matrix_with_one_global_batch(tmp_path):
+    data = tmp_path / "data"
+    prepare("stdlib", data, vocab_size=512, extensions=(".py",), max_bytes=300_000)
+    out = tmp_path / "scale"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale_train.py"), "--data", str(data), "--out",
+                        str(out), "--sizes", "debug", "--seq-lens", "64", "--gpus", "1,2", "--layouts", "ddp",
+                        "--steps", "4", "--log-every", "2", "--device", "cpu", "--no-compile", "--timeout", "300"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((out / "scale_train.json").read_text())
+    assert [(x["procs"], x["layout_name"]) for x in rows] == [(1, "none"), (2, "ddp")]
+    assert all(x["rc"] == 0 and x["tokens_per_step"] == 1 * 64 * 2 for x in rows)  # micro x context x max GPUs
+    # the same batch and the same initial weights: the first logged loss agrees up to reduction-order rounding
+    assert abs(rows[0]["loss_first"] - rows[1]["loss_first"]) < 1e-4
+    assert "| debug | 64 | ttt_linear | 2 | ddp |" in r.stdout
