@@ -2,7 +2,7 @@
 one sequence with cu_seqlens, against the same documents padded to the longest, and the op-level cost of
 cu_seqlens at one full-length document.
 
-    python3 -m benchmarks.bench_packed --out /tmp/bench_packed.json      # about 5 minutes on an H200
+    python3 -m benchmarks.bench_packed --out /tmp/bench_packed.json      # GPU; a few minutes (the rows print as they come)
 
 Documents: lengths drawn log-normal with mean --mean-len (sigma --sigma), until --pack-len tokens are filled
 (the last one cut). Per mixer (TTT-Linear, TTT-MLP, Transformer++, Mamba-2; --size preset, bf16 autocast):
@@ -205,8 +205,8 @@ def main():
     checks = {m: check(m, lens) for m in mixers}
     op_checks = {kind: op_check(kind, lens) for kind in ("linear", "mlp")}
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    ops = [op_rows(kind, lens) for kind in ("linear", "mlp") if op_checks[kind]["ok"]]  # the short part first
     rows = [train_row(m, a.size, lens, mode) for m in mixers if checks[m]["ok"] for mode in ("packed", "padded")]
-    ops = [op_rows(kind, lens) for kind in ("linear", "mlp") if op_checks[kind]["ok"]]
     res = dict(env=env, lengths=lens, checks=[*checks.values(), *op_checks.values()], train=rows, op=ops,
                seconds=time.time() - t0)
     if a.out:
