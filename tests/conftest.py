@@ -1,5 +1,5 @@
-"""Shared helper of the op tests (imported as `from conftest import random_inputs`): random, non-trivial
-inputs for one TTT op call, and a runner.
+"""Shared helpers of the tests (imported as `from conftest import random_inputs`): random, non-trivial
+inputs for one TTT op call, and a runner; and (`cli`, `one_line_error`) the command line run in-process.
 
 Non-trivial on purpose: LN weight != 1 and bias != 0, lr random in (0, 1), tau from a random delta,
 random initial weights W0/b0 (per head, broadcast with `TTTState.initial`), and optionally a start
@@ -149,3 +149,24 @@ def check_against_dual(inp, fast, *, T, pos, dtype, grad, tol, label):
     assert not bad, f"{label}: over {tol}: {bad}"
     return errs
 
+
+def cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `ttt argv` run in this process (arguments may be paths)."""
+    from ttt.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: --help, usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *words):
+    """Exit status 2, one line on stderr (notes aside), no traceback, each of `words` in it; the line."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]

@@ -168,9 +168,10 @@ def test_corrupt_checkpoint(capsys, tmp_path, workdir):
     assert_bad_input(code, err, "config.json", "corrupt")
 
 
-def test_demo_quick_end_to_end_and_rerun(capsys, tmp_path):
-    out = tmp_path / "demo"
-    code, stdout, err = run(capsys, "demo", "--quick", "--out", str(out))
+def test_demo_quick_end_to_end_and_rerun(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the Quickstart as written: `ttt demo --quick`, then `ttt demo`, no --out
+    out = tmp_path / "demo_quick"
+    code, stdout, err = run(capsys, "demo", "--quick")
     assert code == 0, err
     for f in ("results.md", "results.json", "nll_by_position.png", "eval/eval.csv", "data/meta.json"):
         assert (out / f).is_file(), f
@@ -183,7 +184,7 @@ def test_demo_quick_end_to_end_and_rerun(capsys, tmp_path):
     assert (out / "nll_by_position.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun with the same settings reuses the data and the finished runs
     meta_before = (out / "data" / "meta.json").stat().st_mtime_ns
-    code, stdout, err = run(capsys, "demo", "--quick", "--out", str(out))
+    code, stdout, err = run(capsys, "demo", "--quick", "--out", str(out))  # --out as the default
     assert code == 0, err
     assert "already trained" in stdout and (out / "data" / "meta.json").stat().st_mtime_ns == meta_before
     # other settings in the same out dir are refused, and nothing is touched
@@ -194,6 +195,15 @@ def test_demo_quick_end_to_end_and_rerun(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "other"))
     assert_bad_input(code, err, "demo.json")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    # then `ttt demo` (the real one) is not blocked by the quick one: it gets as far as preparing its corpus
+    import ttt.data
+
+    def stop(*a, **k):
+        raise ValueError("stopped by the test at the corpus")
+    monkeypatch.setattr(ttt.data, "prepare", stop)
+    code, _, err = run(capsys, "demo")
+    assert_bad_input(code, err, "stopped by the test")
+    assert (tmp_path / "demo_out" / "demo.json").is_file() and (out / "results.md").is_file()
 
 
 def test_usage_errors_exit_2(capsys):

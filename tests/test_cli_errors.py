@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli as run, one_line_error as bad
 from ttt import checkpoint as ckpt_mod
 from ttt.checkpoint import check_tokenizer, load_model, read_checkpoint
 from ttt.cli import (DataOptions, DemoOptions, EvalOptions, GenerateOptions, ParamsOptions, PresetOptions, build_parser,
@@ -28,26 +29,6 @@ from ttt.tokenizer import Tokenizer
 TRAIN = ["--size", "debug", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--micro-batch", "4",
          "--tokens-per-step", "128", "--steps", "2", "--eval-every", "0", "--no-progress", "--device", "cpu"]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def run(capsys, *argv):
-    """(exit code, stdout, stderr) of `ttt argv`."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def bad(code, err, *words):
-    """Exit status 2, one line on stderr, no traceback, each of `words` in it."""
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def corpus(root: Path, names) -> Path:
@@ -305,14 +286,19 @@ def test_cli_message_mapping():
 # ----------------------------------------------------------------------------- section 3: first run on a CPU
 
 def test_eval_uses_what_a_small_split_holds(capsys, w, tmp_path):
-    held = json.loads((w / "data_kept" / "meta.json").read_text())["val_tokens"]
-    seq = max(2, (held - 1) // 3)  # room for 3 sequences, fewer than the default 16
-    code, out, err = run(capsys, "eval", str(w / "run"), "--data", str(w / "data_kept"), "--seq-len", str(seq),
+    data = tmp_path / "data"  # the dataset with its val split cut to 200 tokens (a small split, quick to evaluate)
+    shutil.copytree(w / "data_kept", data)
+    held = 200
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:2 * held])
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": held}))
+    seq = (held - 1) // 3  # room for 3 sequences, fewer than the default 16
+    code, out, err = run(capsys, "eval", str(w / "run"), "--data", str(data), "--seq-len", str(seq),
                          "--out", str(tmp_path / "ev"))
     assert code == 0, err
     assert "evaluating 3 (not 16)" in err
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_seqs"] == 3
-    code, _, err = run(capsys, "eval", str(w / "run"), "--data", str(w / "data_kept"), "--seq-len", str(held + 5))
+    code, _, err = run(capsys, "eval", str(w / "run"), "--data", str(data), "--seq-len", str(held + 5))
     bad(code, err, "--seq-len", f"--seq-len {held - 1} or less")
 
 

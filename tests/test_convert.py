@@ -332,3 +332,25 @@ def test_jax_untied_head(tmp_path):
     model, _ = load_model(tmp_path / "run")
     want = torch.from_numpy(np.load(case / "logits.npy"))
     assert _rel_err(_logits(model, np.load(case / "input_ids.npy")), want) <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["jax_linear_mamba", "pt_mlp_transformer"])
+def test_converted_weights_carry_the_tensor_hash(case, tmp_path, caplog, capsys):
+    """`ttt convert` records the tensors' hash in the weights' header (streamed JAX and PyTorch paths alike), so
+    loading them checks it and never warns 'written by an older version'; a flipped byte is then caught."""
+    from safetensors import safe_open
+
+    from ttt.checkpoint import file_tensors_sha256
+    from ttt.cli import main
+
+    assert main(["convert", str(DATA / case / "checkpoint"), "--out", str(tmp_path / "run")]) == 0
+    weights = tmp_path / "run" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        assert fh.metadata()["sha256"] == file_tensors_sha256(weights)
+    load_model(tmp_path / "run")
+    assert "older version" not in caplog.text
+    b = bytearray(weights.read_bytes())
+    b[-3] ^= 0x01
+    weights.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match="sha256"):
+        load_model(tmp_path / "run")

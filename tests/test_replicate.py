@@ -1,29 +1,37 @@
 """benchmarks/replicate.py end to end at smoke size on the CPU: data, matched models at two contexts, the
-ablation ladder and b sweep, and the report built from the run outputs; and its bad-input errors."""
+ablation ladder and b sweep, and the report built from the run outputs; a whole study (probe, plan, equal
+budgets); the plan's arithmetic; the committed results page; and its bad-input errors. The script's
+main(argv) runs in the test's process (what `python benchmarks/replicate.py ARGS` runs); a study's jobs are
+child processes of it."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+def load_script():
+    """benchmarks/replicate.py as a module: its main(argv) runs here, without an interpreter start per call."""
+    spec = importlib.util.spec_from_file_location("replicate_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["replicate_script"] = script  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
 
 
-def test_smoke_runs_end_to_end(tmp_path):
+def test_smoke_runs_end_to_end(tmp_path, capsys):
+    script = load_script()
     out = tmp_path / "rep"
-    r = run("--smoke", "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:]
+    script.main(["--smoke", "--out", str(out)])  # a failure raises (SystemExit(2) for bad input)
     results = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
     main = [v for k, v in results.items() if k.startswith("ctx")]
     assert sorted({v["ctx"] for v in main}) == [32, 64] and len(main) == 8
@@ -46,34 +54,32 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert (out / "loss_by_position.png").stat().st_size > 1000
     assert "## The paper's claims, at this scale" in md and "**" in md  # verdict lines generated
     # a rerun skips finished runs and rewrites the same report
-    r2 = run("--smoke", "--out", out)
-    assert r2.returncode == 0 and "skipped" in r2.stdout
+    capsys.readouterr()
+    script.main(["--smoke", "--out", str(out)])
+    assert "skipped" in capsys.readouterr().out
     assert (out / "results.md").read_text() == md
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path):
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    """Every bad input is a SystemExit(2) with its message last on stderr; any other exception fails the test."""
+    script = load_script()
     f = tmp_path / "file"
     f.write_text("x")
     for args, flag in ((["--out", f, "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o", "--models", "gpt"], "--models"),
                        (["--out", tmp_path / "o", "--ctx", "2k"], "--ctx"),
                        (["--out", tmp_path / "o", "--stage", "report"], "--out"),
-                       (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out")):
-        r = run(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert "Traceback" not in r.stderr and flag in r.stderr.strip().splitlines()[-1]
-
-
-def _replicate_module():
-    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("replicate", mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+                       (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out"),
+                       (["--out", tmp_path / "o3", "--stage", "study", "--ctx", "2048,8192"], "--ctx")):
+        with pytest.raises(SystemExit) as e:
+            script.main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (args, err)
+        assert flag in err.strip().splitlines()[-1], (args, err)
 
 
 def test_makespan_and_plan_arithmetic():
-    rep = _replicate_module()
+    rep = load_script()
     # one job at a time: the times add up; all at once with no slow-down: the slowest job decides
     assert abs(rep.makespan(100.0, [10.0, 20.0], 1, lambda k: 1.0) - (10 + 5)) < 1e-9
     assert abs(rep.makespan(100.0, [10.0, 20.0], 2, lambda k: 1.0) - 10) < 1e-9
@@ -106,11 +112,9 @@ def test_makespan_and_plan_arithmetic():
 
 def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     out = tmp_path / "rep"
-    r = run("--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",
-            "--batch-sizes", "", "--ctx", "32", "--tokens", "4096", "--wall-seconds", "900", "--probe-seconds", "1",
-            "--eval-reserve", "30",
-            "--layout-probe", "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    load_script().main(["--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",
+                        "--batch-sizes", "", "--ctx", "32", "--tokens", "4096", "--wall-seconds", "900",
+                        "--probe-seconds", "1", "--eval-reserve", "30", "--layout-probe", "--out", str(out)])
     plan = json.loads((out / "plan_ctx32.json").read_text())
     probe = json.loads((out / "probe_ctx32.json").read_text())
     assert set(probe["phases"]) == {"one", "two", "all"} and len(probe["phases"]["two"]["rows"]) == 2
@@ -128,6 +132,5 @@ def test_committed_results_are_generated_from_the_committed_run_files(tmp_path):
     committed = (ROOT / "docs" / "replication.md").read_text()
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     page.write_text(committed.split(begin)[0] + begin + "\n" + end + committed.split(end)[1])
-    r = run("--stage", "report", "--out", docs / "replication", "--page", page)
-    assert r.returncode == 0, r.stderr[-2000:]
+    load_script().main(["--stage", "report", "--out", str(docs / "replication"), "--page", str(page)])
     assert page.read_text() == committed

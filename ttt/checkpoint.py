@@ -33,6 +33,7 @@ import os
 import shutil
 import warnings
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest.json"
 CKPT_DIR = "checkpoints"
 # model fields that do not change the function the weights compute: older configs hold these execution options
-_EXECUTION_ONLY = EXECUTION_FIELDS
+EXECUTION_ONLY = EXECUTION_FIELDS
 
 
 # ----------------------------------------------------------------------------- small file helpers
@@ -89,7 +90,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, dtypes, shapes and bytes (sorted by name): what the header records."""
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -97,6 +98,28 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype (bf16 included)
     return h.hexdigest()
+
+
+class _FileTensors(Mapping):
+    """The tensors of an open safetensors file as a read-only mapping, each read when asked for."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def __getitem__(self, name):
+        return self._fh.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._fh.keys())
+
+    def __len__(self):
+        return len(self._fh.keys())
+
+
+def file_tensors_sha256(path) -> str:
+    """`tensors_sha256` of the tensors in a safetensors file, one tensor in memory at a time."""
+    with safe_open(str(path), framework="pt") as fh:
+        return tensors_sha256(_FileTensors(fh))
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
@@ -174,7 +197,7 @@ def compare_runs(saved: dict, current: dict) -> list[str]:
 
     if saved.get("vocab_size") != current.get("vocab_size"):
         diffs.append(f"vocab_size: saved {saved.get('vocab_size')!r}, now {current.get('vocab_size')!r}")
-    cmp("model.", saved.get("model"), current.get("model"), _EXECUTION_ONLY)
+    cmp("model.", saved.get("model"), current.get("model"), EXECUTION_ONLY)
     cmp("data.", saved.get("data"), current.get("data"))
     cmp("train.", saved.get("run"), current.get("run"))
     return diffs
@@ -342,9 +365,9 @@ def load_model(path, device="cpu", *, with_checkpoint: bool = False, run: RunOpt
     from .model import TTTLM  # programs import the model, not the other way round
 
     if overrides:
-        bad = sorted(set(overrides) - set(_EXECUTION_ONLY))
+        bad = sorted(set(overrides) - set(EXECUTION_ONLY))
         if bad:
-            raise ValueError(f"overrides: only {_EXECUTION_ONLY} may change on load, got {bad}")
+            raise ValueError(f"overrides: only {EXECUTION_ONLY} may change on load, got {bad}")
         warnings.warn("load_model(overrides=...) is deprecated; pass run=RunOptions(...)", DeprecationWarning,
                       stacklevel=2)
         run = dataclasses.replace(run or RunOptions(), **overrides)

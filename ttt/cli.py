@@ -1,6 +1,6 @@
 """The `ttt` command line: demo, data, train, eval, generate, params.
 
-    ttt demo --out demo_out                     # corpus -> tokenizer -> TTT-Linear vs Transformer -> plot
+    ttt demo                                    # corpus -> tokenizer -> TTT-Linear vs Transformer -> plot
     ttt data stdlib --out data --vocab-size 4096
     ttt train --data data --out runs/a --size tiny --mixer ttt_linear --steps 300
     ttt eval runs/a runs/b --data data --seq-len 1024 --chunk-len 256 --out eval_out
@@ -38,6 +38,13 @@ EXIT_BAD_INPUT = 2
 
 class CLIError(Exception):
     """Bad input found by the CLI itself; reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line pointing at --help (not the whole usage text first)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------------------------- dataclass -> options
@@ -235,14 +242,20 @@ def _print_table(header, rows) -> None:
 # ----------------------------------------------------------------------------- options of demo, data, eval, generate
 
 BOOL_HINT = "the flag alone"
+# wall-clock times on 2 CPU cores (README.md's Quickstart states the same): `ttt demo --quick` from scratch measured
+# 7.6 s and 7.7 s (load 0.5); `ttt demo` from its TTT steps at 0.65 s/step with the machine near idle (500 of them,
+# then the Transformer's, faster) and the 7:44 of an idle 2-core run reported in issue 21
+QUICK_TIME, DEMO_TIME = "about 8 s", "about 8 minutes"
+DEMO_OUT, QUICK_OUT = "demo_out", "demo_quick"
 
 
 @dataclass
 class DemoOptions:
-    out: str = opt("demo_out", "output directory; a rerun with the same settings reuses its prepared data and "
-                               "continues (or reuses) its training runs", metavar="DIR")
-    quick: bool = opt(False, "a smoke run: a small corpus, 'debug'-size models and a few steps, done in well under "
-                             "a minute")
+    out: str | None = opt(None, "output directory; a rerun with the same settings reuses its prepared data and "
+                                "continues (or reuses) its training runs", metavar="DIR",
+                          default_text=f"{DEMO_OUT}, {QUICK_OUT} with --quick")
+    quick: bool = opt(False, f"a smoke run: a small corpus, 'debug'-size models and a few steps ({QUICK_TIME} on 2 "
+                             f"CPU cores); without it, the real demo takes {DEMO_TIME}")
     steps: int | None = opt(None, "training steps per model", positive=True)
     minutes: float | None = opt(None, "wall-clock budget for training both models, in minutes (half each); a model "
                                       "whose budget runs out stops early and is evaluated as it is",
@@ -365,6 +378,15 @@ def _check_backend(backend: str, mixer: str, device) -> None:
         raise CLIError(f"--ttt-backend: {e}; pass --ttt-backend dual (or auto)") from None
 
 
+def _check_out_is_dir(path: str, flag: str = "--out") -> None:
+    """CLIError when `path`, a directory to create or write into, is a file or lies under one."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CLIError(f"{flag}: {str(p)!r} is a file; expected a directory to write into (nothing was done)")
+            return
+
+
 def _checkpoint_model_config(path) -> dict:
     from .checkpoint import CONFIG_FILE, read_json, resolve
 
@@ -398,30 +420,63 @@ CPU_SUGGESTION = ("--size tiny --seq-len 256 --micro-batch 8 --tokens-per-step 2
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import EXECUTION_ONLY
+    from .config import ModelConfig
     from .data import load_meta
-    from .train import TrainConfig, train
+    from .train import TrainConfig, preflight, train
 
-    train_cfg = TrainConfig(**_collect(args, args._train_fields))
+    given = _collect(args, args._train_fields)
+    saved = _continued_run(given.get("out_dir", TrainConfig.out_dir))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir", "resume", "progress", "init_from"}
+    inherited = {k: v for k, v in (saved or {}).get("train", {}).items() if k in fields}
+    train_cfg = TrainConfig(**{**inherited, **given})  # options not typed: the run's own, when --out holds one
+    train_cfg.validate()
     run = RunOptions(**_collect(args, args._run_fields))
     meta = load_meta(train_cfg.data_dir)
-    model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
-    size = _preset(args).size
+    model_given = {**_collect(args, args._model_fields), **_collect(args, args._preset_fields)}
+    if saved and set(model_given) <= set(EXECUTION_ONLY):  # only how it runs: the run's model
+        model_cfg = dataclasses.replace(ModelConfig.from_dict(saved["model"]), **model_given)
+        size = f"as in {train_cfg.out_dir}"
+    else:
+        model_cfg = _model_config(args, args._model_fields, meta["vocab_size"])
+        size = _preset(args).size
     if train_cfg.init_from:  # fine-tuning: the model is the one of --init-from
         from .train import init_model_config
         model_cfg = init_model_config(train_cfg.init_from, meta["vocab_size"])
         size = f"the model of {train_cfg.init_from}"
-    if train_cfg.device in ("auto", "cpu", "cuda"):  # another name is refused by TrainConfig.validate
-        device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
-        _check_backend(run.ttt_backend, model_cfg.mixer, device)
-        if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or size not in ("debug", "tiny")):
-            _note(f"training on the CPU with GPU-sized settings (--size {size}, "
-                  f"{train_cfg.tokens_per_step:,} tokens per step, {train_cfg.max_steps} steps: the defaults are the "
-                  f"paper's GPU recipe); one step may take minutes. For a CPU try: {CPU_SUGGESTION}")
+    device = _check_device(("cuda" if _cuda() else "cpu") if train_cfg.device == "auto" else train_cfg.device)
+    _check_backend(run.ttt_backend, model_cfg.mixer, device)
+    # every check that needs no model before the first line of output; on a CPU, a --micro-batch left to its
+    # default becomes the largest that fits in memory (the same run: only the gradient accumulation changes)
+    micro_batch = preflight(model_cfg, train_cfg, device, pick_micro_batch=device.type == "cpu" and
+                            "micro_batch" not in given)
+    if micro_batch != train_cfg.micro_batch:
+        from .memory import available_memory
+        _note(f"a step at --micro-batch {train_cfg.micro_batch} would not fit in the "
+              f"{available_memory(device) / 1e9:.1f} GB of free memory: using --micro-batch {micro_batch} (the same "
+              f"run, with {train_cfg.micro_batch // micro_batch}x the gradient accumulation)")
+        train_cfg = dataclasses.replace(train_cfg, micro_batch=micro_batch)
+    n_params = _count_params(model_cfg)
+    if device.type == "cpu" and (train_cfg.tokens_per_step > 65536 or n_params > 30e6):
+        _note(f"training on the CPU with GPU-sized settings ({n_params / 1e6:.0f}M parameters, "
+              f"{train_cfg.tokens_per_step:,} tokens per step, {train_cfg.max_steps} steps: the defaults are the "
+              f"paper's GPU recipe); one step may take minutes. For a CPU try: {CPU_SUGGESTION}")
     print(f"model: {model_cfg.mixer} ({size}, backbone {model_cfg.backbone}), "
-          f"{_count_params(model_cfg):,} parameters; run dir {train_cfg.out_dir}", flush=True)
+          f"{n_params:,} parameters; run dir {train_cfg.out_dir}", flush=True)
     summary = train(model_cfg, train_cfg, run=run)
     print(_fmt_summary(summary))
     return 130 if summary["stopped"] == "SIGINT" else 0  # Ctrl-C: a checkpoint was written, exit as interrupted
+
+
+def _continued_run(out_dir: str) -> dict | None:
+    """The config.json of the run in `out_dir` when it has a checkpoint to continue from, else None."""
+    from .checkpoint import CKPT_DIR, CONFIG_FILE, read_json
+
+    out = Path(out_dir)
+    if not (out / CONFIG_FILE).is_file() or not any((out / CKPT_DIR).glob("step_*")):
+        return None
+    saved = read_json(out / CONFIG_FILE)
+    return saved if isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict) else None
 
 
 def _cuda() -> bool:
@@ -457,6 +512,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_checkpoints, write_results
 
     o = _options(EvalOptions, args)
+    _check_out_is_dir(o.out)
     device = _check_device(o.device)
     for p in args.checkpoints if o.ttt_backend else ():
         _check_backend(o.ttt_backend, _checkpoint_model_config(p).get("mixer", ""), device)
@@ -551,6 +607,16 @@ def _generate_options(args) -> GenerateOptions:
     o = _options(GenerateOptions, args)
     if o.prompt is not None and o.prompt_file is not None:
         raise CLIError("--prompt and --prompt-file contradict each other; give one of them")
+    if o.prompt is not None:
+        try:
+            o.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+            raw = o.prompt[e.start:e.end].encode("utf-8", "surrogateescape")
+            raise CLIError(f"--prompt: not UTF-8 text (the bytes {raw.hex(' ')} at character {e.start}); pass "
+                           f"UTF-8 text, or a UTF-8 file with --prompt-file") from None
+    if o.compile_decode and o.cuda_graph is False:
+        raise CLIError("--compile-decode contradicts --no-cuda-graph (the compiled step runs in CUDA graphs); "
+                       "give one of them")
     if o.temperature is not None and not (math.isfinite(o.temperature) and o.temperature >= 0):
         raise CLIError(f"--temperature: expected a finite number >= 0, got {o.temperature}")
     if o.top_p is not None and not 0 < o.top_p <= 1:  # nan fails this too
@@ -575,6 +641,9 @@ def cmd_generate(args) -> int:
 
     o = _generate_options(args)
     device = _check_device(o.device)
+    for flag, on in (("--cuda-graph", o.cuda_graph), ("--compile-decode", o.compile_decode)):
+        if on and device.type != "cuda":
+            raise CLIError(f"{flag}: CUDA-graph decoding needs a CUDA device, got --device {o.device}")
     if o.ttt_backend:
         _check_backend(o.ttt_backend, _checkpoint_model_config(args.checkpoint).get("mixer", ""), device)
     run = RunOptions(ttt_backend=o.ttt_backend or "auto")
@@ -585,21 +654,28 @@ def cmd_generate(args) -> int:
     if why and (not o.allow_other_tokenizer or tok.vocab_size > cfg.vocab_size):
         hint = "" if tok.vocab_size > cfg.vocab_size else "; pass --allow-other-tokenizer to use it anyway"
         raise CLIError(f"--tokenizer: {why}{hint}")
+    if o.cuda_graph and not model.static_decode_state:
+        raise CLIError(f"--cuda-graph: a {cfg.mixer} model's decode state grows with the text (its KV cache), so "
+                       f"its steps cannot be captured as CUDA graphs; leave --cuda-graph out")
     prompt = o.prompt or ""
     if o.prompt_file:
         try:
             prompt = Path(o.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise CLIError(f"--prompt-file: cannot read {o.prompt_file!r} ({e})") from e
+    ids = tok.encode(prompt) or [tok.eos_id]  # before any output: an error leaves nothing half-printed
     temperature = DEFAULT_TEMPERATURE if o.temperature is None else o.temperature
     for i in range(o.num_samples):
+        seed = None if o.seed is None else o.seed + i
+        pieces = stream_text(model, tok, ids, o.max_new_tokens, temperature=temperature, top_k=o.top_k,
+                             top_p=o.top_p, greedy=o.greedy, seed=seed, cuda_graph=o.cuda_graph,
+                             compile_decode=o.compile_decode)
+        first = next(pieces, "")  # the prefill and the first step run before the prompt is echoed
         if o.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        sys.stdout.write(prompt)
-        seed = None if o.seed is None else o.seed + i
-        for piece in stream_text(model, tok, prompt, o.max_new_tokens, temperature=temperature, top_k=o.top_k,
-                                 top_p=o.top_p, greedy=o.greedy, seed=seed, cuda_graph=o.cuda_graph,
-                                 compile_decode=o.compile_decode):
+        sys.stdout.write(prompt + first)
+        sys.stdout.flush()
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -617,7 +693,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     o = _options(DemoOptions, args)
-    run_demo(o.out, steps=o.steps, minutes=o.minutes, quick=o.quick, seed=o.seed, max_bytes=o.max_bytes,
+    out = o.out or (QUICK_OUT if o.quick else DEMO_OUT)  # apart: the quick demo never blocks the real one
+    run_demo(out, steps=o.steps, minutes=o.minutes, quick=o.quick, seed=o.seed, max_bytes=o.max_bytes,
              eval_len=o.eval_len, train_len=o.train_len, echo=_echo, progress=not args.quiet)
     return 0
 
@@ -724,9 +801,9 @@ def _add_subcommand(sub, name: str, options_cls, func, help: str, description: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ttt", description="Test-Time-Training layers and language models. "
-                                "Start with `ttt demo --quick` (a minute on a CPU) or `ttt demo` (minutes).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="ttt", description="Test-Time-Training layers and language models. Start with `ttt demo "
+                                        f"--quick` ({QUICK_TIME} on a CPU), then `ttt demo` ({DEMO_TIME}).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="only warnings and errors on stderr (no progress log, no progress bars)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -735,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demo import DemoSettings
     full, quick = DemoSettings.make(), DemoSettings.make(quick=True)
-    _add_subcommand(sub, "demo", DemoOptions, cmd_demo, "the end-to-end demo on the built-in corpus (CPU, minutes)",
+    _add_subcommand(sub, "demo", DemoOptions, cmd_demo, f"the end-to-end demo on the built-in corpus (CPU, {DEMO_TIME})",
                     "Prepare the built-in corpus (Python standard library source) and a BPE, train a small "
                     "TTT-Linear LM and a Transformer of the same size on the CPU, evaluate both by token position "
                     "at a context longer than the training length, and write a plot and a results table into --out.",
@@ -752,7 +829,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter, help="train a language model",
                        description="Train an LM on a prepared dataset (see `ttt data`). Single process on CPU or "
                                    "GPU; under torchrun, data parallel (DDP or FSDP2). The defaults are the paper's "
-                                   f"125m GPU recipe; on a CPU try: {CPU_SUGGESTION}")
+                                   f"125m GPU recipe; on a CPU try: {CPU_SUGGESTION}\n\n"
+                                   "A run in --out continues from its latest checkpoint: `ttt train --out RUN` takes "
+                                   "the options not given from RUN's config.json, and `--steps N` extends (or "
+                                   "shortens) it: the learning rate follows the N-step schedule from the resumed "
+                                   "step on. Before training, the memory of one step is estimated and a step that "
+                                   "does not fit is refused (on a CPU without --micro-batch, the largest micro-batch "
+                                   "that fits is taken).")
     from .train import TrainConfig
     d.set_defaults(_train_fields=add_dataclass_options(
         d, TrainConfig, title="training options",

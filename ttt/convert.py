@@ -458,10 +458,17 @@ def infer_jax_config(shapes: dict[str, tuple]) -> dict:
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
-def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tuple]], tensors, metadata=None):
+_HASH_SLOT = "0" * 64  # the header's "sha256" until the tensors are written and hashed
+
+
+def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tuple]], tensors, metadata=None,
+                             record_hash: bool = False):
     """Write a safetensors file tensor by tensor: `specs` (name, dtype, shape) fix the header first, then
-    `tensors` yields (name, tensor) in the same order; only one tensor is in memory at a time."""
+    `tensors` yields (name, tensor) in the same order; only one tensor is in memory at a time.
+    record_hash: the header's metadata gets the hash of the tensors (`ttt.checkpoint.tensors_sha256`, checked
+    on every load), written into a slot reserved in the header once the file is complete."""
     header, off = {}, 0
+    metadata = {**(metadata or {}), **({"sha256": _HASH_SLOT} if record_hash else {})}
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     for name, dtype, shape in specs:
@@ -481,6 +488,15 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tup
                 raise RuntimeError(f"safetensors stream: expected {name} {dtype} {shape}, got {tname} {t.dtype} "
                                    f"{tuple(t.shape)}")
             fh.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if record_hash:
+        from .checkpoint import file_tensors_sha256
+
+        slot = f'"sha256":"{_HASH_SLOT}"'.encode()
+        at = hb.index(slot) + len(slot) - 65  # the first hex digit of the slot
+        digest = file_tensors_sha256(path).encode()
+        with open(path, "r+b") as fh:
+            fh.seek(8 + at)
+            fh.write(digest)
 
 
 # ----------------------------------------------------------------------------- detection and reading
@@ -568,8 +584,12 @@ def _pt_state(src: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConvertError(f"{src / 'pytorch_model.bin'}: unreadable with torch.load(weights_only=True) "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        # torch's message advises weights_only=False, i.e. running whatever the pickle holds: keep only the reason
+        reason = [line.strip() for line in str(e).splitlines() if line.strip() and not re.search(
+            r"weights_only|torch\.load|file an issue|trusted source", line)]
+        raise ConvertError(f"{src / 'pytorch_model.bin'}: not a file of plain tensors ({type(e).__name__}"
+                           f"{': ' + reason[0] if reason else ''}); it is read only with torch.load(weights_only=True), "
+                           f"which never runs code from the file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvertError(f"{src / 'pytorch_model.bin'}: expected a dict of tensors")
     return state
@@ -680,12 +700,15 @@ def convert(src, out, *, tokenizer=None, config=None, fmt: str | None = None) ->
                         name, tr = wanted[key]
                         yield official_to_ours(name, _jax_transform(_decode_leaf(payload, str(key)), tr),
                                                cfg.backbone)
-            write_safetensors_stream(tmp / "model.safetensors", specs, gen(), {"format": "ttt-convert"})
+            write_safetensors_stream(tmp / "model.safetensors", specs, gen(), {"format": "ttt-convert"},
+                                     record_hash=True)
         else:
             from safetensors.torch import save_file
-            ours_state = dict(official_to_ours(k, v, cfg.backbone) for k, v in state.items())
-            save_file({k: v.contiguous() for k, v in ours_state.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "ttt-convert"})
+
+            from .checkpoint import tensors_sha256
+            ours_state = {k: v.contiguous() for k, v in (official_to_ours(k, v, cfg.backbone) for k, v in state.items())}
+            save_file(ours_state, str(tmp / "model.safetensors"),
+                      metadata={"format": "ttt-convert", "sha256": tensors_sha256(ours_state)})
         run = {"model_type": "ttt_lm", "model": cfg.to_dict(), "vocab_size": cfg.vocab_size, "source": source}
         (tmp / "config.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
         if tokenizer:

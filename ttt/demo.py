@@ -1,8 +1,8 @@
 """The end-to-end demo behind `ttt demo`: built-in corpus -> tokenizer -> two small LMs trained on the
 CPU -> evaluation by token position beyond the training length -> plot, results table, a sample.
 
-    summary = run_demo("demo_out", echo=print)          # ~6 minutes on 2 CPU cores
-    summary = run_demo("tmp/demo", quick=True)          # a smoke run of well under a minute
+    summary = run_demo("demo_out", echo=print)          # about 8 minutes on 2 idle CPU cores
+    summary = run_demo("demo_quick", quick=True)        # a smoke run: about 8 s
 
 The corpus is the Python standard library source of the running interpreter (`ttt.data`, "stdlib"),
 cut at `max_bytes`. Both models are the same LM class: TTT-Linear with the Mamba backbone, and a

@@ -54,6 +54,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}: expected an int, got {v!r}") from None
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun; before init_distributed."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group that torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 

@@ -33,14 +33,26 @@ or on_step needs them, so a GPU is not made to wait every step.
 
 out_dir holds config.json (the run), metrics.jsonl and metrics.csv (one row every log_every steps,
 at every evaluation and at the last step), checkpoints (see ttt.checkpoint) and tensorboard/.
-resume=True continues the run found in out_dir from its latest checkpoint (latest.json; without it,
-the newest checkpoint that reads back whole; with none, an out_dir holding metrics is refused rather
-than restarted); an out_dir holding another run (another model, data, vocabulary or recipe) is
-refused and left untouched. A loss that is not finite raises TrainingDiverged (a ValueError); a run
-that fails before its first checkpoint removes what it wrote, so nothing blocks the corrected rerun.
-SIGINT / SIGTERM (or on_step returning True) save a checkpoint and return: in one process between
-micro-batches (the unfinished step is dropped and done again on resume), with several processes at
-the end of the step at which the ranks next agree; a second Ctrl-C aborts at once.
+resume=True continues the run found in out_dir from its latest checkpoint (latest.json's; when that
+one is missing or does not read back whole, the newest one that does, with a warning); an out_dir
+holding another run (another model, data, vocabulary or recipe) is refused and left untouched. An
+out_dir holding a start that wrote no checkpoint (killed, or aborted by a second Ctrl-C) cannot be
+continued: its config and metrics are moved to out_dir/failed_starts/<time>/ and the run starts over.
+
+Extending a run: resuming with another max_steps (at least the checkpoint's step) changes the step
+budget. The steps already taken keep the learning rates they had; from the resumed step on, the rate
+is that of the new budget's schedule (`lr_at` with the new max_steps: warm-up and cosine over the new
+length), so a run extended from 20 to 40 steps continues at lr_at(20) of a 40-step run. config.json
+records each change under "budget_changes", and metrics.jsonl stays one history.
+
+Before building anything, one process checks that a step fits in the device's free memory
+(`ttt.memory`; check_memory=False skips it). A token id outside the vocabulary in a batch (a damaged
+train.bin) is a ValueError naming the file. A loss that is not finite raises TrainingDiverged (a
+ValueError); a run that fails before its first checkpoint removes what it wrote, so nothing blocks the
+corrected rerun. SIGINT / SIGTERM (or on_step returning True) save a checkpoint and return: in one
+process between micro-batches (the unfinished step is dropped and done again on resume), with several
+processes at the end of the step at which the ranks next agree; a second Ctrl-C aborts at once and
+leaves what was written (an interrupt never deletes anything).
 """
 from __future__ import annotations
 
@@ -51,6 +63,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -61,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import dist
@@ -92,7 +106,8 @@ class TrainConfig:
     tokens_per_step: int = help_field(524288, "global tokens per optimizer step; a multiple of "
                                               "micro_batch*seq_len*world_size "
                                               "(the quotient is the gradient accumulation)")
-    max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule)")
+    max_steps: int = help_field(4800, "optimizer steps in the run (also the length of the LR schedule); another value "
+                                      "when resuming changes the budget: the LR follows the new schedule from there")
     lr: float = help_field(3e-3, "peak learning rate (after warm-up)")
     min_lr: float = help_field(1e-5, "learning rate at the end of the cosine decay")
     warmup_frac: float = help_field(0.1, "fraction of max_steps spent in linear warm-up")
@@ -123,6 +138,9 @@ class TrainConfig:
     tensorboard: bool = help_field(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
     resume: bool = help_field(True, "continue the run in out_dir from its latest checkpoint (same config required)")
     progress: bool = help_field(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
+    check_memory: bool = help_field(True, "before starting, estimate the memory of one step (parameters, gradients, "
+                                          "AdamW state, activations) and refuse one that does not fit the device's "
+                                          "free memory (one process only)")
     init_from: str | None = help_field(None, "fine-tune: start from the weights of this run or checkpoint dir "
                                              "(e.g. from `ttt convert`), with a fresh optimizer and schedule; the "
                                              "model config is that run's")
@@ -296,52 +314,153 @@ def _run_config(model_cfg: ModelConfig, cfg: TrainConfig, meta: dict) -> dict:
             "train": dataclasses.asdict(cfg)}
 
 
-def _check_out_dir(out: Path, run_cfg: dict, resume: bool) -> Path | None:
-    """Refuse an out_dir of another run (or this run with resume=False); the checkpoint to resume from."""
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    """out/checkpoints/step_* directories, newest first."""
+    return sorted((p for p in (out / CKPT_DIR).glob("step_*") if p.is_dir()), reverse=True)
+
+
+def _check_out_dir(out: Path, run_cfg: dict, resume: bool) -> tuple[list[Path], str | None, bool]:
+    """Refuse an out_dir of another run (or this run with resume=False), without changing anything.
+    Returns (the checkpoints to resume from, latest.json's first, then the others newest first; why
+    latest.json cannot be followed, or None; whether out_dir holds a start that wrote no checkpoint)."""
     cfg_path = out / CONFIG_FILE
+    found = _checkpoint_dirs(out)
     if cfg_path.exists():
+        if not found:  # killed or aborted before its first checkpoint: nothing to continue, start over
+            return [], None, True
         diffs = compare_runs(read_json(cfg_path), run_cfg)
+        if resume:  # another step budget extends (or shortens) the run; see the module docstring
+            diffs = [d for d in diffs if not d.startswith("train.max_steps:")]
         if diffs:
             raise ValueError(f"out_dir: {str(out)!r} holds another run ({cfg_path} differs: {'; '.join(diffs)}); "
                              f"nothing was changed. Use another out_dir, or delete this one to start over")
         if not resume:
             raise ValueError(f"out_dir: {str(out)!r} already holds this run and resume=False; nothing was changed. "
                              f"Pass resume=True to continue it, or use another out_dir")
+        first, problem = None, None
         if (out / LATEST).exists():
-            return latest_checkpoint(out)
-        found = _newest_valid_checkpoint(out)
-        if found is None and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
-            raise ValueError(f"out_dir: {str(out)!r} holds metrics of this run but no checkpoint to continue from "
-                             f"(no {LATEST}, nothing in {CKPT_DIR}/); nothing was changed. Use another out_dir, "
-                             f"or delete this one to start over")
-        return found
+            try:
+                first = latest_checkpoint(out)
+                at = int(read_json(out / LATEST).get("step", 0))
+            except (ValueError, TypeError) as e:
+                problem = " ".join(str(e).split())
+            else:
+                if run_cfg["run"]["max_steps"] < at:
+                    raise ValueError(f"max_steps: the run in {str(out)!r} is at step {at}; expected max_steps >= "
+                                     f"{at} to continue it, got {run_cfg['run']['max_steps']}; nothing was changed")
+        else:
+            problem = f"{out / LATEST} is missing"
+        return ([first] if first else []) + [p for p in found if p != first], problem, False
     leftovers = [n for n in (LATEST, CKPT_DIR, "metrics.jsonl", "metrics.csv") if (out / n).exists()]
     if leftovers:
         raise ValueError(f"out_dir: {str(out)!r} holds {leftovers} but no {CONFIG_FILE} (not a run of this trainer, "
                          f"or a damaged one); nothing was changed. Use another out_dir")
-    return None
+    return [], None, False
+
+
+def _set_aside_failed_start(out: Path) -> None:
+    """Move the files of a start that wrote no checkpoint to out/failed_starts/<time>/ (nothing is deleted)."""
+    names = [n for n in (CONFIG_FILE, LATEST, "metrics.jsonl", "metrics.csv", "tensorboard", CKPT_DIR)
+             if (out / n).exists()]
+    dest = out / "failed_starts" / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for n in names:
+        os.replace(out / n, dest / n)
+    rows = 0
+    if (dest / "metrics.jsonl").exists():
+        rows = sum(1 for line in (dest / "metrics.jsonl").read_text().splitlines() if line.strip())
+    log.warning("%s held a start that wrote no checkpoint (%d metrics rows): moved to %s; starting the run over",
+                out, rows, dest)
+
+
+def _read_resume_checkpoint(out: Path, candidates: list[Path], problem: str | None, run_cfg: dict):
+    """(the first of `candidates` that reads back whole and belongs to this run, whether it is not the one
+    latest.json names: said in a warning); ValueError when none does."""
+    for path in candidates:
+        try:
+            ckpt = read_checkpoint(path)
+        except (ValueError, OSError) as e:
+            problem = " ".join(str(e).split())
+            log.warning("%s: skipped (%s)", path, problem)
+            continue
+        diffs = [d for d in compare_runs(ckpt.config, run_cfg) if not d.startswith("train.max_steps:")]
+        if diffs:
+            raise ValueError(f"{ckpt.path / CONFIG_FILE}: checkpoint from another run: {'; '.join(diffs)}")
+        if problem:
+            log.warning("%s; resuming from the newest valid checkpoint, %s", problem, path)
+        return ckpt, bool(problem)
+    raise ValueError(f"out_dir: {str(out)!r}: none of its checkpoints ({', '.join(p.name for p in candidates)}) "
+                     f"reads back whole ({problem}); nothing was changed")
 
 
 class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite (a ValueError: the CLI reports it in one line, exit 2)."""
 
 
-def _newest_valid_checkpoint(out: Path) -> Path | None:
-    """Without latest.json: the newest checkpoint in out/checkpoints that reads back whole (None when
-    there is none at all); ValueError when there are checkpoints but none is valid."""
-    found = sorted((p for p in (out / CKPT_DIR).glob("step_*") if p.is_dir()), reverse=True)
-    for path in found:
+def _check_configs(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    model_cfg.validate()
+    cfg.validate()
+    if cfg.tensorboard:
         try:
-            read_checkpoint(path)
-        except (ValueError, OSError) as e:
-            log.warning("%s: skipped (%s)", path, " ".join(str(e).split()))
-            continue
-        log.warning("%s is missing: resuming from the newest valid checkpoint, %s", out / LATEST, path)
-        return path
-    if found:
-        raise ValueError(f"out_dir: {str(out)!r} has no {LATEST} and none of its checkpoints "
-                         f"({', '.join(p.name for p in found)}) reads back whole; nothing was changed")
-    return None
+            importlib.import_module("torch.utils.tensorboard")  # a plain import here would shadow `torch`
+        except ImportError as e:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                              "(or pip install 'ttt-lm[tensorboard]'), or pass tensorboard=False") from e
+
+
+def _check_data(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict:
+    """The dataset's meta.json, after checking the step's divisibility, the vocabulary and that each shard
+    has the size meta.json records (a replaced or cut shard is refused before training)."""
+    grad_accum_steps(cfg, world)
+    data_dir = Path(cfg.data_dir)
+    meta = load_meta(data_dir)
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
+                         f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
+    if cfg.pack_documents and "eos_id" not in meta:
+        raise ValueError(f"pack_documents: {data_dir / 'meta.json'} records no eos_id to find the documents by; "
+                         f"prepare the data again with `ttt data`")
+    for name in ("train", "val"):
+        path, count = data_dir / f"{name}.bin", meta.get(f"{name}_tokens")
+        if path.is_file() and isinstance(count, int) and isinstance(meta.get("dtype"), str):
+            want = count * np.dtype(meta["dtype"]).itemsize
+            if path.stat().st_size != want:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, but meta.json records {count} {meta['dtype']} "
+                                 f"tokens ({want} bytes): the file was changed or damaged; prepare the dataset again")
+    return meta
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, where: Path) -> None:
+    """ValueError naming `where` when a token id of `ids` is outside the vocabulary (a damaged shard)."""
+    top = int(ids.max()) if ids.numel() else 0
+    if top >= vocab_size:
+        raise ValueError(f"{where}: token id {top} is outside the vocabulary ({vocab_size} ids): the file is damaged "
+                         f"or not of this dataset; prepare the dataset again")
+
+
+def _check_memory(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pick: bool = False) -> int:
+    """The micro-batch to use: cfg.micro_batch when a step fits the device's free memory; with `pick`, the
+    largest one that fits; else a ValueError naming the sizes that fit (`ttt.memory.fit_micro_batch`)."""
+    from .memory import fit_micro_batch
+
+    return fit_micro_batch(model_cfg, device, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
+                           rows=cfg.tokens_per_step // cfg.seq_len, autocast=_amp(cfg, device) == "bf16",
+                           grad_checkpointing=cfg.grad_checkpointing, pick=pick)
+
+
+def preflight(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, *, pick_micro_batch: bool = False) -> int:
+    """What `train` checks before it writes or builds anything, for a caller that wants errors before its own
+    output: the configs, the data, out_dir and (one process, check_memory) whether a step fits in memory.
+    Returns the micro-batch to use: cfg.micro_batch, or with pick_micro_batch the largest that fits."""
+    _check_configs(model_cfg, cfg)
+    world = dist.world_size() if dist.is_distributed() else dist.launched_world_size()
+    meta = _check_data(model_cfg, cfg, world)
+    _check_out_dir(Path(cfg.out_dir), _run_config(model_cfg, cfg, meta), cfg.resume)
+    if cfg.check_memory and world == 1:
+        return _check_memory(model_cfg, cfg, device, pick_micro_batch)
+    return cfg.micro_batch
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
@@ -359,14 +478,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *,
         raise ValueError(f"model_cfg: expected a ModelConfig, got {type(model_cfg).__name__}")
     if not isinstance(train_cfg, TrainConfig):
         raise ValueError(f"train_cfg: expected a TrainConfig, got {type(train_cfg).__name__}")
-    model_cfg.validate()
-    train_cfg.validate()
-    if train_cfg.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")  # a plain import here would shadow `torch`
-        except ImportError as e:
-            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard "
-                              "(or pip install 'ttt-lm[tensorboard]'), or pass tensorboard=False") from e
+    _check_configs(model_cfg, train_cfg)
     device = resolve_device(train_cfg.device)
     info = dist.init_distributed(device.type)
     try:
@@ -438,16 +550,10 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     """Check the data and out_dir, build the model and optimizer, restore a checkpoint; (loop, the
     checkpoint resumed from, whether this call created config.json)."""
     rank, world = dist.rank(), dist.world_size()
-    accum = grad_accum_steps(cfg, world)
     data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
-    meta = load_meta(data_dir)
-    if model_cfg.vocab_size != meta["vocab_size"]:
-        raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
-                         f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
+    meta = _check_data(model_cfg, cfg, world)
+    accum = grad_accum_steps(cfg, world)
     if cfg.pack_documents:
-        if "eos_id" not in meta:
-            raise ValueError(f"pack_documents: {data_dir / 'meta.json'} records no eos_id to find the documents by; "
-                             f"prepare the data again with `ttt data`")
         batcher = DocumentBatcher(load_tokens(data_dir / "train.bin"), meta["eos_id"], cfg.micro_batch * accum,
                                   cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
     else:
@@ -456,8 +562,19 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     tok_path = data_dir / "tokenizer.json"  # kept in every checkpoint: a run carries its own tokenizer
     tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
     run_cfg = _run_config(model_cfg, cfg, meta)
-    resume_from = _check_out_dir(out, run_cfg, cfg.resume)
+    candidates, problem, failed_start = _check_out_dir(out, run_cfg, cfg.resume)
+    if cfg.check_memory and world == 1:
+        _check_memory(model_cfg, cfg, device)
+    ckpt, fell_back = _read_resume_checkpoint(out, candidates, problem, run_cfg) if candidates else (None, False)
+    resume_from = None if ckpt is None else ckpt.path
+    if ckpt is not None:
+        _change_budget(run_cfg, ckpt.config, int(ckpt.trainer["step"]), out)
+    val = _val_windows(data_dir, cfg, rank, world)
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
+    if failed_start and rank == 0:
+        _set_aside_failed_start(out)
+    if fell_back and rank == 0:  # latest.json names the checkpoint the run continues from
+        write_json(out / LATEST, {"step": int(ckpt.trainer["step"]), "checkpoint": f"{CKPT_DIR}/{ckpt.path.name}"})
 
     parallel = dist.resolve_parallel(cfg.parallel, world)
     model, wrapped = build_model(model_cfg, cfg, device, parallel, run)
@@ -465,14 +582,10 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
     step = 0
-    if resume_from is not None:
-        ckpt = read_checkpoint(resume_from)
-        diffs = compare_runs(ckpt.config, run_cfg)
-        if diffs:
-            raise ValueError(f"{ckpt.path / CONFIG_FILE}: checkpoint from another run: {'; '.join(diffs)}")
+    if ckpt is not None:
+        step = int(ckpt.trainer["step"])
         check_weights(model, ckpt.model_state, ckpt.path / "model.safetensors")
         dist.load_full_state_dicts(model, optim, ckpt.model_state, ckpt.optim_state)
-        step = int(ckpt.trainer["step"])
         _restore_batcher(batcher, ckpt.trainer.get("batcher", {}), step, ckpt.path)
         _restore_rng(ckpt.trainer.get("rng", {}))
         del ckpt
@@ -494,10 +607,27 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         else contextlib.nullcontext
     rows = metrics.rows if metrics else []
     loop = _Loop(cfg, out, device, rank, world, accum, model, wrapped, optim, batcher, run_cfg, autocast,
-                 _val_windows(data_dir, cfg, rank, world), metrics, step, None if resume_from is None else step,
+                 val, metrics, step, None if resume_from is None else step,
                  tokenizer=tokenizer, train_loss=rows[-1]["loss"] if rows else None,
                  val_loss=next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None))
     return loop, resume_from, created
+
+
+def _change_budget(run_cfg: dict, saved: dict, step: int, out: Path) -> None:
+    """Resuming at `step` with run_cfg's max_steps, from a checkpoint whose config is `saved`: refuse a budget
+    below the step; record a changed budget in run_cfg["budget_changes"] (see the module docstring)."""
+    new, old = run_cfg["run"]["max_steps"], (saved.get("run") or {}).get("max_steps", run_cfg["run"]["max_steps"])
+    if new < step:
+        raise ValueError(f"max_steps: the run in {str(out)!r} is at step {step}; expected max_steps >= {step} to "
+                         f"continue it, got {new}; nothing was changed")
+    changes = list(saved.get("budget_changes", []))
+    if new != old:
+        changes.append({"step": step, "from": old, "to": new})
+        cfg = TrainConfig(**{**run_cfg["train"], "max_steps": new})
+        log.warning("max_steps: the step budget changes from %d to %d at step %d; from here the learning rate "
+                    "follows the %d-step schedule (%.3g now)", old, new, step, new, lr_at(step, cfg))
+    if changes:
+        run_cfg["budget_changes"] = changes
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step, run=None) -> dict:
@@ -535,8 +665,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                     log.warning("stopped at step %d (%s); checkpoint %s", loop.step, stopped, loop.last_path)
                     break
             _read_pending(loop)
-    except BaseException:
-        if dist.rank() == 0:
+    except BaseException as e:
+        if dist.rank() == 0 and not isinstance(e, KeyboardInterrupt):  # an interrupt never deletes anything
             _discard_unsaved_run(out, created)
         raise
     finally:
@@ -566,6 +696,8 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
     warm = int(cfg.warmup_frac * cfg.max_steps)
     loop.model.set_inner_lr_warmup(step / warm if cfg.inner_lr_warmup and step < warm else 1.0)
     x, y, *starts = next(loop.batcher)  # starts: packed documents (DocumentBatcher)
+    for ids in (x, y):  # a damaged train.bin: a clear error, not an IndexError deep in the embedding
+        _check_ids(ids, loop.model.cfg.vocab_size, Path(cfg.data_dir) / "train.bin")
     if loop.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
         x, y = x.pin_memory().to(loop.device, non_blocking=True), y.pin_memory().to(loop.device, non_blocking=True)
     xs, ys = x.to(loop.device).chunk(loop.accum), y.to(loop.device).chunk(loop.accum)  # [rows, T] -> accum x
@@ -705,6 +837,8 @@ def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
                     len(toks), world, cfg.seq_len)
         return None
     x, y = eval_sequences(toks, cfg.seq_len, n)
+    for ids in (x, y):
+        _check_ids(ids, int(load_meta(data_dir)["vocab_size"]), data_dir / "val.bin")
     per = n // world
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
