@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,7 +280,9 @@ class Job:
 
 def study_jobs(a, vocab: int) -> list[Job]:
     cfgs = matched_configs(a.size, vocab, a.models)
-    return [Job(f"ctx{ctx}_{m}", cfg, ctx, LABELS[m]) for ctx in a.ctx for m, cfg in cfgs.items()]
+    # the default size (main; smoke with --smoke) keeps the plain names; another size is a study of its own
+    size = "" if a.size in ("main", "smoke") else f"{a.size}_"
+    return [Job(f"{size}ctx{ctx}_{m}", cfg, ctx, LABELS[m]) for ctx in a.ctx for m, cfg in cfgs.items()]
 
 
 def ablation_jobs(a, vocab: int) -> list[Job]:
@@ -748,7 +751,7 @@ def stage_study(a, jobs: list[Job]) -> None:
     if not todo:
         say("study: every run is done")
         return
-    tag = f"ctx{todo[0].ctx}"
+    tag = re.match(r".*?ctx\d+", todo[0].name)[0]  # ctx2048, small_ctx8192, abl_ctx2048: probe and plan files
     study_tokenizer(a)
     data_ready = []
 
@@ -868,6 +871,28 @@ def verdicts(main: dict) -> list[str]:
     return out
 
 
+def scale_lines(studies: dict) -> list[str]:
+    """The deciding numbers of the claims side by side across model sizes (and so tokens per parameter) at each
+    context both sizes ran: whether a finding moves toward the paper's as training goes further (scale)."""
+    if len(studies) < 2:
+        return []
+    lines = ["### The same numbers at each size (scale)", "",
+             "| context | number (the paper's sign) | " + " | ".join(
+                 f"{size} ({np.median([r['tokens'] / r['params'] for rs in m.values() for r in rs.values()]):.2f} "
+                 "tokens/param)" for size, m in studies.items()) + " |",
+             "|---|---|" + "---|" * len(studies)]
+    numbers = [("TTT-Linear (M) minus Mamba-2, loss (< 0 at 8k)", "ttt_linear", "mamba", _ctx_loss),
+               ("TTT-Linear (M) minus Transformer++, loss (<= 0)", "ttt_linear", "attention", _ctx_loss),
+               ("TTT-Linear (M) minus Mamba-2, late gain (< 0)", "ttt_linear", "mamba", _late_gain)]
+    for ctx in sorted({c for m in studies.values() for c in m}):
+        for text, x, y, f in numbers:
+            cells = [_fmt(*_stat(f(m[ctx][x]) - f(m[ctx][y]))) if ctx in m and {x, y} <= set(m[ctx]) else "—"
+                     for m in studies.values()]
+            if sum(c != "—" for c in cells) >= 2:
+                lines.append(f"| {ctx} | {text} | " + " | ".join(cells) + " |")
+    return lines + [""] if len(lines) > 4 else []
+
+
 def ladder_lines(abl: dict) -> list[str]:
     rows = [(i, name, paper, abl.get(f"ladder{i}")) for i, (name, paper, _) in enumerate(LADDER)]
     rows = [r for r in rows if r[3]]
@@ -908,15 +933,15 @@ def ladder_lines(abl: dict) -> list[str]:
     return lines
 
 
-def figure(main: dict, path: Path) -> None:
+def figure(studies: dict, path: Path) -> None:
+    """Loss by position, one column per (size, context) study; bottom row: the difference to Transformer++."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ctxs = sorted(main)
-    fig, axes = plt.subplots(2, len(ctxs), figsize=(6 * len(ctxs), 7.5), squeeze=False, sharex="col")
-    for col, ctx in enumerate(ctxs):
-        rs = main[ctx]
+    cols = [(size, ctx, rs) for size, main in studies.items() for ctx, rs in sorted(main.items())]
+    fig, axes = plt.subplots(2, len(cols), figsize=(6 * len(cols), 7.5), squeeze=False, sharex="col")
+    for col, (size, ctx, rs) in enumerate(cols):
         att = rs.get("attention")
         for m in MODELS:
             if m not in rs:
@@ -929,13 +954,15 @@ def figure(main: dict, path: Path) -> None:
                 pairs = [(xv, x["loss"] - ref[(x["lo"], x["hi"])]) for xv, x in zip(xs, b) if (x["lo"], x["hi"]) in ref]
                 axes[1][col].plot([p[0] for p in pairs], [p[1] for p in pairs], label=LABELS[m])
         tokens = max(r["tokens"] for r in rs.values())
-        axes[0][col].set_title(f"trained at context {ctx}, {tokens / 1e6:.1f}M tokens each")
+        axes[0][col].set_title(f"trained at context {ctx}, {tokens / 1e6:.1f}M tokens each"
+                               + ("" if size == "main" else f" (size {size})"))
         for row in (0, 1):
             ax = axes[row][col]
             ax.set_xscale("log")
             ax.axvline(ctx, color="grey", lw=0.8, ls="--")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         axes[0][col].set_ylabel("validation loss (nats/token)")
         axes[1][col].set_ylabel("loss minus Transformer++ (nats)")
         axes[1][col].axhline(0, color="black", lw=0.6)
@@ -980,15 +1007,17 @@ def stage_report(a) -> None:
         fail(f"--out: no run results under {a.out / 'runs'}; run the train stage first")
     page = Path(a.page) if a.page else None
     fig_link = os.path.relpath(a.out / "loss_by_position.png", page.parent if page else a.out)
-    main: dict = {}
-    for r in runs:
-        if r["name"].startswith("ctx"):
-            main.setdefault(r["ctx"], {})[r["mixer"]] = r
+    studies: dict = {}  # size -> ctx -> mixer -> result; the default size first
+    for r in sorted(runs, key=lambda r: r["name"].startswith("ctx"), reverse=True):
+        size = r["name"].split("ctx", 1)[0].rstrip("_") or "main"  # ctx2048_x: main, small_ctx2048_x: small
+        if size != "abl":
+            studies.setdefault(size, {}).setdefault(r["ctx"], {})[r["mixer"]] = r
     lines = ["Generated by `benchmarks/replicate.py --stage report` from the run files "
              f"(`{os.path.relpath(a.out / 'runs', page.parent) if page else 'runs'}/*/result.json`); validation loss "
              "in nats per token at each position of held-out documents.", ""]
-    for ctx, rs in sorted(main.items()):
-        lines += [f"### Context {ctx}", "", "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
+    for size, ctx, rs in [(size, ctx, rs) for size, main in studies.items() for ctx, rs in sorted(main.items())]:
+        lines += [f"### Context {ctx}" + ("" if size == "main" else f", size {size}"), "",
+                  "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
                   "spans (first .. last) | last span - first-half mean | past the context (.. 2x) | tok/s | "
                   "train s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in MODELS:
@@ -1003,21 +1032,26 @@ def stage_report(a) -> None:
                          f"{' '.join(f'{v:.3f}' for v in s[:SPANS])} | {_fmt(*gain)} | {past} | "
                          f"{r['tokens_per_s']:,} | {r['train_seconds']:.0f} | {r['device']} |")
         lines.append("")
-    if main:
-        figure(main, a.out / "loss_by_position.png")
-        sizes = ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M" for m, r in next(iter(main.values())).items())
+    if studies:
+        figure(studies, a.out / "loss_by_position.png")
+        several = len(studies) > 1
+        sizes = "; ".join(f"{size}: " * several + ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M"
+                                                              for m, r in next(iter(main.values())).items())
+                          for size, main in studies.items())
         lines += [f"![loss by position]({fig_link})", "",
                   f"Figure: validation loss at each position of {runs[0]['eval_docs']} held-out documents (mean over "
-                  f"geometric position bins), one column per training context, the recurrent models evaluated to 2x "
-                  f"the training context; bottom: difference to Transformer++. Non-embedding parameters: {sizes}; "
-                  "tokens per run in each column's title.", ""]
+                  f"geometric position bins), one column per training context{' and model size' * several}, the "
+                  f"recurrent models evaluated to 2x the training context; bottom: difference to Transformer++. "
+                  f"Non-embedding parameters: {sizes}; tokens per run in each column's title.", ""]
+    for size, main in studies.items():
         tpp = float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
-        lines += ["### The paper's claims, at this scale", "",
+        lines += ["### The paper's claims, at this scale" + ("" if size == "main" else f" (size {size})"), "",
                   f"Budget: {tpp:.2f} training tokens per non-embedding parameter (median over the runs above); the "
                   "paper's recipe trains about 20 (Chinchilla)."
                   + (" At under one token per parameter these runs measure early training: the verdicts below hold "
                      "for this budget only, not for the paper's claims." if tpp < 1 else ""), ""]
         lines += verdicts(main) + [""]
+    lines += scale_lines(studies)
     lines += ladder_lines({r["name"].split("_", 2)[2]: r for r in runs if r["name"].startswith("abl_")})
     lines += throughput_lines(a)
     text = "\n".join(lines).rstrip() + "\n"

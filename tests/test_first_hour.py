@@ -205,11 +205,11 @@ def test_double_ctrl_c_before_the_first_checkpoint_deletes_nothing(capsys, w, tm
 
     real = train_mod.train
 
-    def twice(model_cfg, cfg, on_step=None):
+    def twice(model_cfg, cfg, on_step=None, run=None):
         def ctrl_c(step, row):
             os.kill(os.getpid(), signal.SIGINT)  # "finishing this step, saving a checkpoint"...
             os.kill(os.getpid(), signal.SIGINT)  # ... "Ctrl-C again aborts"
-        return real(model_cfg, cfg, on_step=ctrl_c)
+        return real(model_cfg, cfg, on_step=ctrl_c, run=run)
 
     monkeypatch.setattr(train_mod, "train", twice)
     out = tmp_path / "r"

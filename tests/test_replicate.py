@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import types
@@ -134,3 +135,28 @@ def test_committed_results_are_generated_from_the_committed_run_files(tmp_path):
     page.write_text(committed.split(begin)[0] + begin + "\n" + end + committed.split(end)[1])
     load_script().main(["--stage", "report", "--out", str(docs / "replication"), "--page", str(page)])
     assert page.read_text() == committed
+
+
+def test_a_second_model_size_is_a_study_of_its_own(tmp_path):
+    """--size small names its runs small_ctx..., so they never take the place of the main study's; the report
+    gives them their own sections and sets the deciding numbers of both sizes side by side."""
+    script = load_script()
+    a = types.SimpleNamespace(size="small", models=["ttt_linear", "mamba"], ctx=[2048])
+    assert [j.name for j in script.study_jobs(a, 8192)] == ["small_ctx2048_ttt_linear", "small_ctx2048_mamba"]
+    out = tmp_path / "rep"
+    shutil.copytree(ROOT / "docs" / "replication", out)
+    for m in ("ttt_linear", "mamba"):  # the main runs once more, as if trained at the small size
+        r = json.loads((out / "runs" / f"ctx8192_{m}" / "result.json").read_text())
+        r.update(name=f"small_ctx8192_{m}", params=r["params"] // 4)
+        (out / "runs" / r["name"]).mkdir()
+        (out / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
+    script.main(["--stage", "report", "--out", str(out)])
+    text = (out / "results.md").read_text()
+    assert text.count("### Context 8192") == 2 and "### Context 8192, size small" in text
+    assert "### The paper's claims, at this scale (size small)" in text
+    table = text.split("### The same numbers at each size (scale)")[1].split("###")[0]
+    ratios = [float(v) for v in re.findall(r"\| (?:main|small) \(([0-9.]+) tokens/param\)", table)]
+    assert len(ratios) == 2 and ratios[1] == pytest.approx(4 * ratios[0], rel=0.05)  # a quarter of the parameters
+    rows = [r for r in table.splitlines() if r.startswith("| 8192 |")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert len(rows) == 2 and all(c[2] == c[3] != "—" for c in cells)  # the same runs: the same numbers
