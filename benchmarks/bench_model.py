@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, timed
+from benchmarks.common import environment, timed, with_mamba2_module
 from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
@@ -28,8 +28,11 @@ from ttt.model import TTTLM
 
 def build(size, mixer, ttt_backend="auto"):
     """(config, model on the GPU) of a preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on
-    the fused layer kernels."""
+    the fused layer kernels; "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
     base, _, extra = mixer.partition("+")
+    if base == "mamba2_module":
+        cfg = get_config(size, mixer="mamba")
+        return cfg, with_mamba2_module(TTTLM(cfg), cfg).cuda()
     cfg = get_config(size, mixer=base)
     return cfg, TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=extra == "fused")).cuda()
 
@@ -48,11 +51,11 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
     return rows
 
 
-def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
-    """Time one optimizer step of a 125m model: `accum` micro-batches of tokens_per_step/accum tokens."""
+def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, size="125m"):
+    """Time one optimizer step of a `size` model: `accum` micro-batches of tokens_per_step/accum tokens."""
     B = tokens_per_step // T // accum
     torch.manual_seed(0)
-    cfg, model = build("125m", mixer, backend)
+    cfg, model = build(size, mixer, backend)
     if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
         for blk in model.blocks:
             blk.compile()
@@ -71,7 +74,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False):
     torch.cuda.reset_peak_memory_stats()
     try:
         ms = timed(step, warmup=2, iters=5)
-        row = dict(mixer=mixer, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
+        row = dict(mixer=mixer, size=size, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:
@@ -138,12 +141,13 @@ def prefill_row(mixer, size, T, tokens, compile_blocks):
 
 
 @torch.inference_mode()
-def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"):
-    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it)."""
+def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default", mixer="ttt_linear"):
+    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it);
+    mixer: ttt_linear, or ttt_linear+fused (the fused layer kernels: one fused decode kernel per layer step)."""
     rows = []
-    cfg = get_config(size, mixer="ttt_linear")
     torch.manual_seed(0)
-    model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+    cfg, model = build(size, mixer)
+    model = model.to(torch.bfloat16).eval()
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
     # correctness over 2 mini-batches of steps: the plain graphed replay == the eager bf16 steps (same kernels);
@@ -173,7 +177,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
             compile_s = time.time() - t0
         got = [dec.step(nxt[:, t:t + 1]).float().clone() for t in range(nxt.shape[1])]
         err, err32 = dist(got, eager), dist(got, ref)
-        print(json.dumps(dict(check=f"{name} decode (max rel err of logits)", vs_eager_bf16=err, vs_fp32=err32,
+        print(json.dumps(dict(check=f"{mixer} {name} decode (max rel err of logits)", vs_eager_bf16=err, vs_fp32=err32,
                               eager_bf16_vs_fp32=eager_vs_fp32,
                               **({"compile_and_capture_s": compile_s} if comp else {}))), flush=True)
         if comp:
@@ -201,7 +205,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
             kv = None  # free the cache before the next, longer one
         except torch.OutOfMemoryError:
             attn_ms = None
-        row = dict(model=f"{size} ttt_linear", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
+        row = dict(model=f"{size} {mixer}", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
                    compiled_graphed_ms_per_token=ms.get("compiled"), compile_mode=compiled, eager_ms_per_token=eager_ms,
                    attention_kv_cache_alone_ms=attn_ms)
         print(json.dumps(row), flush=True)
@@ -222,7 +226,8 @@ def main():
     ap.add_argument("--prefill-modes", default="eager,compiled")
     ap.add_argument("--decode", action="store_true", help="time decode steps")
     ap.add_argument("--mixers", default="ttt_linear,ttt_linear+fused,ttt_mlp,attention,mamba",
-                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused)")
+                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused); "
+                         "mamba2_module: mamba_ssm's Mamba2 module in our blocks")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--tokens-per-step", type=int, default=32768)
     ap.add_argument("--backend", default="auto", help="TTT op backend for training")
@@ -230,6 +235,8 @@ def main():
     ap.add_argument("--positions", default="1024,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--decode-size", default="1.3b")
+    ap.add_argument("--decode-mixers", default="ttt_linear,ttt_linear+fused",
+                    help="comma list of ttt_linear, ttt_linear+fused (the fused decode kernel)")
     ap.add_argument("--decode-compile", default="default", choices=("default", "max-autotune-no-cudagraphs", "off"),
                     help="torch.compile mode of the compiled graphed decode (GraphedDecoder(compile=mode)); "
                          "off: skip it")
@@ -254,8 +261,10 @@ def main():
                           for mode in a.prefill_modes.split(",") for T in (int(x) for x in a.prefill_contexts.split(","))
                           for m in a.prefill_mixers.split(",")]
     if a.decode:
-        res["decode"] = bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
-                                     compiled=None if a.decode_compile == "off" else a.decode_compile)
+        res["decode"] = [row for m in a.decode_mixers.split(",")
+                         for row in bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
+                                                 compiled=None if a.decode_compile == "off" else a.decode_compile,
+                                                 mixer=m)]
     res["wall_s"] = time.time() - t0
     if a.out:
         with open(a.out, "w") as f:

@@ -1,11 +1,13 @@
 """What the benchmark scripts share: random TTT-op inputs and a runner through the library's own op objects,
 the relative error, timing (Triton's do_bench medians, CUDA-event medians, per-kernel profiler times), the
-environment line every result starts with, and mamba_ssm's Triton SSD loaded without its CUDA extension.
+environment line every result starts with, and mamba_ssm's Triton SSD and its `Mamba2` module (the issue's peer)
+loaded without its CUDA extension.
 
 The scripts run from the repository root as modules, e.g. `python3 -m benchmarks.bench_op --quick`.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import subprocess
@@ -116,14 +118,49 @@ def environment() -> dict:
     return env
 
 
-def load_mamba_ssd():
-    """mamba_ssm's Triton SSD function `mamba_chunk_scan_combined`, or None (said why). A wheel built without
-    its CUDA extension (the GPU machine has no toolchain for it) fails at `import mamba_ssm`; its Triton
-    submodules do not need the extension, so its module name is stubbed first (a normal install needs no stub)."""
+def _from_mamba_ssm(module: str, name: str, what: str):
+    """`name` from mamba_ssm's `module`, or None (said why). A wheel built without its CUDA extension (the GPU
+    machine has no toolchain for it) fails at `import mamba_ssm`; its Triton submodules do not need the extension,
+    so its module name is stubbed first (a normal install needs no stub)."""
     try:
         sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined
+        return getattr(importlib.import_module(module), name)
     except Exception as e:
-        print(f"mamba_ssm unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"{what} unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
+
+
+def load_mamba_ssd():
+    """mamba_ssm's Triton SSD function `mamba_chunk_scan_combined`, or None (said why)."""
+    return _from_mamba_ssm("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", "mamba_ssm")
+
+
+def load_mamba2_module():
+    """mamba_ssm's own `Mamba2` module class, or None (said why). It needs `einops` (a pure-Python wheel: carry it
+    in .whl/ beside mamba_ssm's). Without the causal_conv1d extension it runs its nn.Conv1d and Triton kernels; it
+    must be built with use_mem_eff_path=False (the fused path needs the extension)."""
+    return _from_mamba_ssm("mamba_ssm.modules.mamba2", "Mamba2", "mamba_ssm Mamba2 module")
+
+
+class ModuleMixer(torch.nn.Module):
+    """A [B, T, D] -> [B, T, D] module (mamba_ssm's Mamba2) as a block mixer: (x, state) -> (y, None), no
+    streaming state (training and prefill only)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, state=None):
+        return self.module(x), None
+
+
+def with_mamba2_module(model, cfg):
+    """`model` (a `mixer="mamba"` TTTLM) with every block's mixer replaced by mamba_ssm's `Mamba2` module at the
+    config's Mamba shapes (d_state, expand, head dim, conv width; use_mem_eff_path=False); raises if unavailable."""
+    Mamba2 = load_mamba2_module()
+    if Mamba2 is None:
+        raise RuntimeError("mamba_ssm's Mamba2 module is unavailable (the line above says why)")
+    for blk in model.blocks:
+        blk.mixer = ModuleMixer(Mamba2(cfg.d_model, d_state=cfg.mamba_d_state, d_conv=cfg.conv_width,
+                                       expand=cfg.mamba_expand, headdim=cfg.mamba_head_dim, use_mem_eff_path=False))
+    return model

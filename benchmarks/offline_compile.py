@@ -5,8 +5,10 @@ version (3.6 there; the counts differ between versions), from the repository roo
 
     python3 -m benchmarks.offline_compile --kinds linear,mlp --d 64 96 --dtype bf16 [--only chain]
 
-The signatures are generic (every integer argument an i32, no divisibility hints), so the counts can differ a
-little from the runtime's specialised kernels.
+The signatures are generic (every integer argument an i32), so the counts can differ a little from the runtime's
+specialised kernels; `--hints` marks every pointer and the integers of HINTED (shapes and strides that are
+multiples of 16 at the benchmarked shapes) as the runtime does, which decides whether loads vectorise (the
+fused layer kernels' numbers in docs/kernels_notes.md are with it).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
+from ttt.ops import fused_layer
 from ttt.ops.common import LN_EPS
 from ttt.ops.triton_backend import GROUP
 from ttt.ops.triton_utils import dot_mode
@@ -27,8 +30,12 @@ from ttt.ops.ttt_linear import bwd_split, chunk as lin_chunk, step_triton as lin
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, step_triton as mlp_step
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}  # in the input dtype
+IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr",  # in the input dtype
+           "x_ptr", "s_ptr", "ya_ptr", "yb_ptr", "dya_ptr", "dyb_ptr", "dx_ptr", "ds_ptr", "g_ptr", "y_ptr", "dy_ptr",
+           "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
 INT_PTRS = {"span_ptr"}  # int32 (the rows of `triton_utils.Rows`)
+FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
+HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
 
 
 def resources(cubin: bytes) -> tuple[int, int]:
@@ -43,13 +50,17 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int) -> tuple[int, int, int]:
+def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
+                 hints: bool = False) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of the @triton.jit kernel `fn` compiled for sm_90."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS else
-                                                    "*fp32") if n.endswith("_ptr") else "i32" for n in names}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+                                                    "*fp32") if n.endswith("_ptr") else "fp32" if n in FLOATS else "i32"
+           for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                          "num_stages": num_stages})
     return (*resources(k.asm["cubin"]), k.metadata.shared)
@@ -89,9 +100,25 @@ def mlp_kernels(d: int, b: int, dot: int):
     return out
 
 
+def layer_kernels(d: int, b: int, dot: int):
+    """(name, kernel, constexprs, warps, stages) of the fused layer kernels at their default launch (D = 768)."""
+    L = fused_layer.conv_launch(8192, 768, True, None)
+    conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
+    out = []
+    for name, two_rope in (("conv+rope", True), ("conv", False)):
+        cx = dict(conv, TWO=two_rope, ROPE=two_rope)
+        out += [(f"{name} fwd", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
+                (f"{name} bwd", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
+    dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
+    return out + [("ln_gate fwd", fused_layer._ln_gate_fwd_kernel, dict(BD=1024), 4, 3),
+                  ("ln_gate bwd", fused_layer._ln_gate_bwd_kernel, dict(BD=1024), 4, 3),
+                  ("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", default="linear,mlp", help="comma list of: linear, mlp")
+    ap.add_argument("--kinds", default="linear,mlp", help="comma list of: linear, mlp, layer (the fused layer kernels)")
+    ap.add_argument("--hints", action="store_true", help="divisibility hints as at run time (see the docstring)")
     ap.add_argument("--d", type=int, nargs="+", default=[64], help="head dims")
     ap.add_argument("--b", type=int, default=16, help="mini-batch size")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
@@ -102,14 +129,14 @@ def main():
     print(f"triton {triton.__version__}, sm_90, {a.dtype}, b {a.b}")
     print(f"{'kind':6} {'kernel':20} {'d':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7} {'shared B':>8}")
     for kind in a.kinds.split(","):
-        table = {"linear": linear_kernels, "mlp": mlp_kernels}[kind]
+        table = {"linear": linear_kernels, "mlp": mlp_kernels, "layer": layer_kernels}[kind]
         for d in a.d:
             for name, fn, cx, w, s in table(d, a.b, dot):
                 if a.only and a.only not in name:
                     continue
                 head = f"{kind:6} {name:20} {d:>4} {w:>5} {s:>6}"
                 try:
-                    r, sp, sh = compile_cost(fn, cx, a.dtype, w, s)
+                    r, sp, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints)
                     print(f"{head} {r:>5} {sp:>7} {sh:>8}", flush=True)
                 except Exception as e:  # a kernel that does not compile is a result too
                     print(f"{head} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)

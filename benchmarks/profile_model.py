@@ -2,6 +2,7 @@
 decode step, for TTT-Linear and the Transformer++ baseline side by side.
 
     python3 -m benchmarks.profile_model [--prefill] [--train] [--decode] [--mixers ttt_linear,attention]
+A "+fused" suffix (ttt_linear+fused) runs the fused layer kernels (benchmarks.bench_model.build).
 Categories: GEMMs, the TTT op's kernels, the fused layer kernels, attention (flash), copies and casts, the
 depthwise conv (PyTorch's), Inductor-fused element-wise, other element-wise/reductions. The top kernels follow.
 """
@@ -13,12 +14,11 @@ import re
 import torch
 
 from benchmarks.common import kernel_times
-from ttt.config import get_config
-from ttt.model import TTTLM
+from benchmarks.bench_model import build
 
 CATEGORIES = [  # first match wins
     ("ttt op kernels", r"ttt_(linear|mlp)_.*kernel|^_(pre|chain|chain_lean|post|post_lean)_kernel"),
-    ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_ln_gate_(fwd|bwd)_kernel"),
+    ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_ln_gate_(fwd|bwd)_kernel|_linear_decode_kernel"),
     ("attention (flash)", r"flash|fmha|attention"),
     ("GEMMs", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_|wgmma"),
     ("depthwise conv (PyTorch)", r"conv_depthwise|depthwise"),
@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--prefill", action="store_true", help="1.3b, bf16 weights, eager, head at the last position")
     ap.add_argument("--train", action="store_true", help="125m forward+backward under bf16 autocast")
     ap.add_argument("--decode", action="store_true", help="1.3b decode step, B16, eager")
+    ap.add_argument("--decode-graphed", action="store_true", help="with --decode: also the compiled, CUDA-graphed "
+                                                                   "decode (per-kernel times inside the graphs)")
     ap.add_argument("--mixers", default="ttt_linear,attention")
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (training)")
@@ -59,15 +61,14 @@ def main():
     B = 32768 // a.T
     for mixer in a.mixers.split(","):
         if a.prefill:
-            cfg = get_config("1.3b", mixer=mixer)
-            model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+            cfg, model = build("1.3b", mixer)
+            model = model.to(torch.bfloat16).eval()
             ids = torch.randint(0, cfg.vocab_size, (B, a.T), device="cuda")
             with torch.inference_mode():
                 show(lambda: model(ids, logits="last"), f"1.3b {mixer} prefill B{B} T{a.T} (eager, bf16)")
             del model
         if a.train:
-            cfg = get_config("125m", mixer=mixer)
-            model = TTTLM(cfg).cuda()
+            cfg, model = build("125m", mixer)
             if a.compile:
                 for blk in model.blocks:
                     blk.compile()
@@ -80,12 +81,18 @@ def main():
             show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}")
             del model
         if a.decode and mixer != "attention":
-            cfg = get_config("1.3b", mixer=mixer)
-            model = TTTLM(cfg).cuda().to(torch.bfloat16).eval()
+            cfg, model = build("1.3b", mixer)
+            model = model.to(torch.bfloat16).eval()
             with torch.inference_mode():
                 _, s = model(torch.randint(0, cfg.vocab_size, (16, 64), device="cuda"), logits="none")
                 tok = torch.randint(0, cfg.vocab_size, (16, 1), device="cuda")
                 show(lambda: model(tok, s), f"1.3b {mixer} decode step B16 (eager)")
+                if a.decode_graphed:  # what bench_model times: CUDA graphs of the compiled step (16 tokens)
+                    from ttt.decode_graph import GraphedDecoder
+                    dec = GraphedDecoder(model, s, compile=True)
+                    show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
+                         f"1.3b {mixer} decode B16, compiled + CUDA graphs, {cfg.mini_batch} tokens (one mini-batch)",
+                         rows=30)
             del model
         torch.cuda.empty_cache()
 

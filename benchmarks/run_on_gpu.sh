@@ -10,12 +10,17 @@
 #   op        benchmarks/bench_op.py: checks, then TTT-Linear and TTT-MLP forward and forward+backward at
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
+#   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS)
+#   issue16   issue 16's short round (~4 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
+#             then bench_table's checks and 125m training at 8k (fused, default, Transformer++), then the fused
+#             decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused adds today's default beside it)
+#   layer     benchmarks/bench_layer_kernels.py (the fused layer kernels: conv + RoPE, post-LN x gate; LAYER_ARGS)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py), then
 #             benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# Time limits (seconds): TESTS_S, SANITIZE_S, OP_S, LINBWD_S, MLP_S, MODEL_S, DECODE_S, PROFILE_S,
-# PACKED_TESTS_S, PACKED_S, TRAIN_S.
+# Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
+# MLP_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_S, TRAIN_S.
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
@@ -26,6 +31,17 @@ if has setup && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+if has issue16; then
+  # the graphed decode tests are left to the decode step below (bench_decode checks its replays against eager steps)
+  timeout -s INT "${I16_TESTS_S:-75}" python3 -m pytest -q -x tests/test_fused_layer.py tests/test_gpu.py -k \
+    "(fused or conv) and not graphed_decode" -rA 2>&1 | grep -E "PASS|FAIL|ERROR|XFAIL|passed|failed|Error" | tail -50
+  timeout "${I16_LAYER_S:-25}" python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 \
+    --launches default 16,32,4,3 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
+  timeout "${I16_TRAIN_S:-105}" python3 -m benchmarks.bench_table --parts check,train --contexts 8192 \
+    --mixers ttt_linear+fused,ttt_linear,attention --out "$OUT/train16.json" 2>&1 | grep -v Warn | tail -12
+  timeout "${I16_DECODE_S:-65}" python3 -m benchmarks.bench_table --parts decode --positions 1024 \
+    --mixers "${I16_DECODE_MIXERS:-ttt_linear+fused}" --out "$OUT/decode16.json" 2>&1 | grep -v Warn | tail -8
+fi
 has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/ -rA 2>&1 \
   | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -60
 has sanitize && timeout "${SANITIZE_S:-200}" compute-sanitizer --tool memcheck --print-limit 5 \
@@ -35,6 +51,10 @@ has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "
   --out "$OUT/op" 2>&1 | grep -vE "Warn" | tail -60
 has linbwd && timeout "${LINBWD_S:-300}" python3 -m benchmarks.bench_linear_bwd 2>&1 | grep -v Warn | tail -40
 has mlp && timeout "${MLP_S:-300}" python3 -m benchmarks.bench_mlp 2>&1 | grep -v Warn | tail -40
+has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
+  --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
+has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \
+  | grep -v Warn | tail -60
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \
   --out "$OUT/model.json" 2>&1 | grep -v Warn | tail -60
 has decode && timeout "${DECODE_S:-300}" python3 -m benchmarks.bench_model --decode --positions 1024,32768 \

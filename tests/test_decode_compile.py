@@ -66,9 +66,10 @@ def test_compiled_step_inductor_equals_eager(mixer):
     _compare(mixer, "inductor", 2, 1e-5)  # r = 0 (accumulate) and r = 1 (commit)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "linear+fused"])
 def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
-    """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph).
+    """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph); with the
+    fused layer kernels (linear+fused), the fused decode kernel's launch.
     No GPU here: Dynamo is told Triton works, and the backend stops after tracing (nothing runs)."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
@@ -79,12 +80,16 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     import ttt.ops.triton_backend  # noqa: F401  (imports both step modules)
     if kind == "linear":
         from ttt.ops.ttt_linear import step_triton as mod
+    elif kind == "linear+fused":
+        from ttt.ops import fused_layer as mod
     else:
         from ttt.ops.ttt_mlp import step_triton as mod
+    from ttt.ops import triton_utils
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name, f in list(vars(mod).items()):  # kernels built for the interpreter (as test_triton.py sets up)
-        if isinstance(f, InterpretedFunction):
-            monkeypatch.setattr(mod, name, triton.jit(f.fn))
+    for m in (mod, triton_utils):  # kernels and their shared helpers built for the interpreter (test_triton.py)
+        for name, f in list(vars(m).items()):
+            if isinstance(f, InterpretedFunction):
+                monkeypatch.setattr(m, name, triton.jit(f.fn))
     monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
 
@@ -96,8 +101,8 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         graphs.append(gm)
         raise Traced
 
-    model = TTTLM(get_config("debug", mixer=f"ttt_{kind}", vocab_size=256, mini_batch=2),
-                  RunOptions(ttt_backend="triton")).eval()
+    model = TTTLM(get_config("debug", mixer=f"ttt_{kind.split('+')[0]}", vocab_size=256, mini_batch=2),
+                  RunOptions(ttt_backend="triton", fused_layer=kind.endswith("+fused"))).eval()
     with torch.inference_mode():
         s = model.init_state(2)
         s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=1)  # r = 1: the commit
@@ -106,6 +111,9 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     assert isinstance(e.value.__cause__ or e.value, Traced) or "Traced" in str(e.value), e.value
     launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(launches) == 1
+    if kind == "linear+fused":  # the one launch is the fused decode kernel (no separate step kernel)
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        assert kernel_side_table.get_kernel(launches[0].kwargs["kernel_idx"]).fn.__name__ == "_linear_decode_kernel"
 
 
 def test_compile_arguments_are_checked():

@@ -93,6 +93,48 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
         assert rel(a.cpu(), e) < (5e-3 if dtype == torch.float16 else 1e-5), n
 
 
+# launches that reach every path of the conv kernels: one segment of many tiles (the loop and its one-tile-ahead
+# loads), many one-tile segments, a partial channel block, RoPE's angles computed once per program (PERIODIC: BT a
+# multiple of b, with one or several mini-batches per tile) or per tile (b = 16 > BT = 8, b = 5)
+LAUNCHES = [(8, 16, 2, 8), (8, 16, 64, 16), (16, 16, 2, 4), (8, 32, 3, 5)]  # BT, BC, programs, b
+
+
+@pytest.mark.parametrize("BT,BC,programs,b", LAUNCHES)
+@pytest.mark.parametrize("rope", [True, False])
+def test_conv_kernels_every_launch(BT, BC, programs, b, rope):
+    """The conv kernels called with explicit launches == the fp64 reference: outputs, and the gradients of x, the
+    window, both convs' weights and biases (rope: two convs + RoPE; else one conv, as the block's pre-conv)."""
+    g = torch.Generator().manual_seed(BT * 100 + b)
+    B, T, D, d, W, pos = 2, 45, 40, 8, 4, 7
+    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=4, programs=programs)
+    for with_win in (True, False):
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
+        wa, wb = (torch.randn(D, 1, W, generator=g, dtype=torch.float64) for _ in range(2))
+        ba, bb = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2))
+        if not rope:
+            wb = bb = None
+        ins = [t.clone().requires_grad_(True) if t is not None else None for t in (x, win, wa, ba, wb, bb)]
+        if rope:
+            ra, rb, _ = ref_conv_rope(*ins, pos, b, d, 10000.0)
+        else:
+            ra, _ = ref_conv(*ins[:4])
+            rb = None
+        f = (lambda t: None if t is None else t.float().to(DEV))  # noqa: E731
+        ya, yb = fused_layer._conv_fwd(f(x), f(win), f(wa), f(ba), f(wb), f(bb), pos, b, d, 10000.0, rope, launch=L)
+        assert rel(ya.cpu(), ra) < 1e-5 and (not rope or rel(yb.cpu(), rb) < 1e-5)
+        ga = torch.randn(ra.shape, generator=g, dtype=torch.float64)
+        gb = torch.randn(ra.shape, generator=g, dtype=torch.float64) if rope else None
+        got = fused_layer._conv_bwd(f(x), f(win), f(wa), f(wb), f(ga), f(gb), pos, b, d, 10000.0, rope, launch=L)
+        loss = (ra * ga).sum() + ((rb * gb).sum() if rope else 0.0)
+        live = [t for t in ins if t is not None]
+        want = dict(zip([id(t) for t in live], torch.autograd.grad(loss, live)))
+        names = ["x", "win", "wa", "ba", "wb", "bb"]
+        for n, t, a in zip(names, ins, [got[0], got[1], got[2], got[3], *(got[4:6] if rope else (None, None))]):
+            if t is not None:
+                assert rel(a.cpu(), want[id(t)]) < 1e-5, (n, with_win)
+
+
 @pytest.mark.parametrize("T,with_win", [(1, True), (23, False), (40, True)])
 def test_causal_conv_matches_reference(T, with_win):
     g = torch.Generator().manual_seed(T)
@@ -194,6 +236,30 @@ def test_fused_layer_is_opt_in_and_never_falls_back():
         TTTLayer(16, 2, fused="yes")
 
 
+def test_fused_layer_auto_runs_the_kernels_only_where_the_op_runs_triton_on_cuda():
+    """fused=None (auto; `RunOptions(fused_layer=None)`, the planned default): the kernels run exactly where the
+    op resolves to its triton backend on a CUDA device; elsewhere the PyTorch layer path, without an error."""
+    from ttt.config import RunOptions, get_config
+    from ttt.layers.ttt import TTTLayer
+    from ttt.model import TTTLM
+    for backend in ("triton", "dual", "auto"):
+        layer = TTTLayer(16, 2, backend=backend, fused=None)
+        plan = layer.prepare(torch.device("cpu"), torch.float32)
+        assert not plan.fused  # a CPU: never, even with the triton op (Triton's interpreter)
+        assert layer.prepare(torch.device("cpu"), torch.float64).op.backend == "dual"
+    if DEV == "cuda":
+        assert TTTLayer(16, 2, backend="triton", fused=None).prepare(torch.device("cuda"), torch.bfloat16).fused
+        assert not TTTLayer(16, 2, backend="dual", fused=None).prepare(torch.device("cuda"), torch.bfloat16).fused
+    model = TTTLM(get_config("debug", vocab_size=64), RunOptions(ttt_backend="triton", fused_layer=None)).to(DEV)
+    assert all(blk.conv.backend == "auto" and blk.mixer.fused is None for blk in model.blocks)
+    ref = TTTLM(get_config("debug", vocab_size=64), RunOptions(ttt_backend="triton")).to(DEV)
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 19), device=DEV)
+    torch.testing.assert_close(model(ids)[0], ref(ids)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fused_layer"):
+        RunOptions(fused_layer="auto")
+
+
 def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
     from ttt.layers.conv import CausalConv1d
     conv = CausalConv1d(5, 4, backend="triton").to(DEV)
@@ -223,3 +289,35 @@ def test_custom_ops_trace_under_torch_compile():
     torch.testing.assert_close(comp, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("learn_lr,d", [(True, 16), (False, 12)])
+def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
+    """The fused TTT-Linear (M) decode step (one kernel: convs, RoPE, inner lr, TTT step, commit, new window) ==
+    the reference layer's one-token steps at every position of two mini-batches after a prompt that ends mid
+    mini-batch: outputs, inner weights and accumulators, and the conv window, token by token."""
+    from ttt.layers.ttt import TTTLayer
+    torch.manual_seed(1)
+    H, b = 3, 8
+    D = H * d
+    ref = TTTLayer(D, H, inner="linear", mini_batch=b, backend="dual", learn_lr=learn_lr)
+    with torch.no_grad():
+        for p in (ref.post_norm.weight, ref.post_norm.bias, ref.conv_q.bias, ref.conv_k.bias, ref.ln_bias,
+                  *((ref.delta, ref.lr_bias) if learn_lr else ())):
+            p.add_(0.2 * torch.randn_like(p))
+    fast = TTTLayer(D, H, inner="linear", mini_batch=b, backend="triton", fused=True, learn_lr=learn_lr)
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    x = torch.randn(2, 5 + 2 * b, D, device=DEV)
+    with torch.no_grad():
+        _, sr = ref(x[:, :5])
+        sf = sr
+        for t in range(5, x.shape[1]):
+            yr, sr = ref(x[:, t:t + 1], sr)
+            yf, sf = fast(x[:, t:t + 1], sf)
+            pos = f"position {t} (i = {t % b})"
+            assert rel(yf.cpu(), yr.cpu()) < 1e-5, pos
+            assert rel(sf.conv.cpu(), sr.conv.cpu()) < 1e-6, pos
+            for a, e in zip((*sf.op.params, *sf.op.accum), (*sr.op.params, *sr.op.accum)):
+                assert rel(a.cpu(), e.cpu()) < 1e-5 or e.abs().max() == a.abs().max() == 0, pos
+            assert sf.op.pos == sr.op.pos == t + 1

@@ -32,8 +32,10 @@ class RunOptions:
     with `model.set_run_options(...)`)."""
 
     ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
-    fused_layer: bool = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the block "
-                                          "pre-conv, post-LN x gate); needs the op's triton backend")
+    fused_layer: bool | None = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the "
+                                                 "block pre-conv, post-LN x gate, the TTT-Linear decode step); needs "
+                                                 "the op's triton backend (RunOptions(fused_layer=None): auto, on "
+                                                 "where the op runs its triton backend on CUDA)")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
@@ -42,8 +44,8 @@ class RunOptions:
     def __post_init__(self):
         if self.ttt_backend not in TTT_BACKENDS:
             raise ValueError(f"ttt_backend: expected one of {TTT_BACKENDS}, got {self.ttt_backend!r}")
-        if not isinstance(self.fused_layer, bool):
-            raise ValueError(f"fused_layer: expected a bool, got {self.fused_layer!r}")
+        if not isinstance(self.fused_layer, (bool, type(None))):
+            raise ValueError(f"fused_layer: expected a bool or None (auto), got {self.fused_layer!r}")
         if self.mamba_backend not in MAMBA_BACKENDS:
             raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
 

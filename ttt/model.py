@@ -112,7 +112,7 @@ class Block(nn.Module):
     def set_run_options(self, run: RunOptions) -> None:
         """The block's share of `TTTLM.set_run_options`: the pre-conv's kernel and the mixer's backends."""
         if self.has_conv:
-            self.conv.backend = "triton" if run.fused_layer else "torch"
+            self.conv.backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
         elif isinstance(self.mixer, Mamba2):

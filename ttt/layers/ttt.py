@@ -57,9 +57,9 @@ class TTTLayer(nn.Module):
     through the primal generic op). See the module docstring for usage.
 
     Execution (not architecture, never saved with the weights): `backend`, the TTT op's backend (see
-    `ttt.ops`), and `fused`, the Triton kernels around the op (opt-in). Both can be set after construction; how
-    the layer runs is decided once per device type and dtype (`prepare`, which the first forward on a new one
-    calls) and looked up on every later call."""
+    `ttt.ops`), and `fused`, the Triton kernels around the op (False: off, True: on, None: auto; see `prepare`).
+    Both can be set after construction; how the layer runs is decided once per device type and dtype (`prepare`,
+    which the first forward on a new one calls) and looked up on every later call."""
 
     static_decode_state = True  # decoding: the state has a fixed size (CUDA-graph capturable)
 
@@ -71,7 +71,7 @@ class TTTLayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
                  mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
                  rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", learn_lr: bool = True,
-                 learn_init: bool = True, inner_ln: bool = True, residual: bool = True, fused: bool = False):
+                 learn_init: bool = True, inner_ln: bool = True, residual: bool = True, fused: bool | None = False):
         super().__init__()
         if not isinstance(d_model, int) or not isinstance(n_heads, int) or n_heads < 1 or d_model < 1:
             raise ValueError(f"d_model, n_heads: expected positive ints, got {d_model!r}, {n_heads!r}")
@@ -177,13 +177,13 @@ class TTTLayer(nn.Module):
         self._plans.clear()
 
     @property
-    def fused(self) -> bool:
+    def fused(self) -> bool | None:
         return self._fused
 
     @fused.setter
-    def fused(self, fused: bool) -> None:
-        if not isinstance(fused, bool):
-            raise ValueError(f"fused: expected a bool, got {fused!r}")
+    def fused(self, fused: bool | None) -> None:
+        if not isinstance(fused, (bool, type(None))):
+            raise ValueError(f"fused: expected a bool or None (auto), got {fused!r}")
         if fused and self.kind == "generic":
             raise ValueError("fused: the fused layer kernels serve the 'linear' and 'mlp' inner models only")
         self._fused = fused
@@ -191,8 +191,9 @@ class TTTLayer(nn.Module):
 
     def prepare(self, device=None, dtype: torch.dtype | None = None) -> Plan:
         """Decide how this layer runs for `dtype` inputs on `device` (default: those of its weights), once: the
-        TTT op (`ttt.ops.resolve_op`) and whether the fused layer kernels run (only when asked for, `fused=True`;
-        they need the op's triton backend on fp32/fp16/bf16 inputs, else this raises: no silent fallback)."""
+        TTT op (`ttt.ops.resolve_op`) and whether the fused layer kernels run: `fused=True` asks for them (they need
+        the op's triton backend on fp32/fp16/bf16 inputs, else this raises: no silent fallback); `fused=None` (auto)
+        runs them where the op runs its triton backend on CUDA; False never."""
         device = self.v_proj.weight.device if device is None else torch.device(device)
         dtype = self.v_proj.weight.dtype if dtype is None else dtype
         key = (device.type, dtype)
@@ -204,7 +205,9 @@ class TTTLayer(nn.Module):
             if self.fused and op.backend != "triton":
                 raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
                                  f"inputs; got backend={self.backend!r} on {device.type} with {dtype}")
-            self._plans[key] = Plan(op, self.fused)
+            fused = self.fused if self.fused is not None else (op.backend == "triton" and device.type == "cuda"
+                                                               and self.kind != "generic")
+            self._plans[key] = Plan(op, fused)
         return self._plans[key]
 
     def inner_params(self):
@@ -265,6 +268,8 @@ class TTTLayer(nn.Module):
             raise ValueError(f"state: expected batch size {rows} like x, got {state.op.batch_size}")
         plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
         fused = plan.fused
+        if fused and T == 1 and self.kind == "linear" and self.backbone == "mamba" and not torch.is_grad_enabled():
+            return self._decode_fused(x, state)
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
@@ -303,6 +308,22 @@ class TTTLayer(nn.Module):
             o = self.post_norm(o)
             if self.backbone == "mamba":
                 o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+        return self.o_proj(o), TTTLayerState(op_state, conv)
+
+    def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
+        """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
+        for the convs, RoPE, the inner learning rate and the TTT step (`fused_layer.linear_decode_step`), then the
+        post-LN x gate kernel and the output projection. The same math as `forward`'s general path (tested)."""
+        from ..ops.fused_layer import linear_decode_step, ln_gate
+        ct = torch.promote_types(x.dtype, torch.float32)
+        cq, ck = self.conv_q, self.conv_k
+        gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
+        scale = self.base_lr * self.inner_lr_scale.to(ct) / self.head_dim
+        o, op_state, conv = linear_decode_step(
+            self.qk_proj(x), self.v_proj(x), gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
+            self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
+            self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base)
+        o = ln_gate(o, self.gate_proj(x), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
         return self.o_proj(o), TTTLayerState(op_state, conv)
 
 

@@ -22,12 +22,20 @@ partial sums and summed in PyTorch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import _gelu_parts
+from .common import LN_EPS, TTTState
+from .triton_utils import _gelu_parts, _linear_step, _step_store
+
+
+def _sms(device) -> int:
+    """The SM count of a CUDA device (programs per launch are sized by it); 2 elsewhere (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if getattr(device, "type", None) == "cuda" \
+        else 2
 
 
 def _pick(n: int, cap: int) -> int:
@@ -35,10 +43,14 @@ def _pick(n: int, cap: int) -> int:
 
 
 # ---------------------------------------------------------------- causal conv (+ RoPE)
-# Tiles are [BT time rows, BC contiguous channels] so every load and store is coalesced along the channels
-# (an earlier version split even and odd channels into two stride-2 tiles: ptxas gave it 255 registers and
-# 1.7 KB of spills, the layout ran its warps down the time axis, and it measured 4.3 ms per call on the H200
-# at B4 T8192 D2048, ~40x its byte floor). RoPE's pairs (2i, 2i+1) meet through reshape + split.
+# Tiles are [BT time rows, BC contiguous channels], so every load and store is coalesced along the channels, and
+# each program walks a segment of SEG rows tile by tile: what depends only on the channels and on the position
+# mod b (the tap weights, RoPE's cos and sin) is computed once per program, not once per tile, and the weight
+# gradients are summed in registers over the whole segment. RoPE's pairs (2i, 2i+1) meet through reshape + split.
+# (The first version split even and odd channels into stride-2 tiles: 255 registers, 1.7 KB of spills, 4.3 ms
+# per forward call on the H200 at B4 T8192 D2048. The second used one 8-row tile per program and recomputed
+# cos/sin and the un-rotation of dy for each of the W taps plus once for the weight gradients: 20.3 ms of
+# backward per 125m training step, B4 T8k, against ~1 ms of bytes. docs/kernels_notes.md has the reasoning.)
 @triton.jit
 def _xs_tile(x_ptr, s_ptr, row, cols, rmask, cmask, x_off, s_off, x_st, s_st, j: tl.constexpr, W: tl.constexpr,
              HAS_STATE: tl.constexpr):
@@ -57,159 +69,263 @@ def _xs_tile(x_ptr, s_ptr, row, cols, rmask, cmask, x_off, s_off, x_st, s_st, j:
 
 
 @triton.jit
-def _tap(w_ptr, cols, cmask, j: tl.constexpr, W: tl.constexpr):
-    """Tap j of the depthwise weights [D, 1, W] for the channels cols, fp32 [BC]."""
-    return tl.load(w_ptr + cols * W + j, mask=cmask, other=0.0).to(tl.float32)
+def _taps(w_ptr, cols, cmask, W: tl.constexpr):
+    """The W taps of the depthwise weights [D, 1, W] for the channels cols: a tuple of fp32 [BC]."""
+    out = ()
+    for j in tl.static_range(W):
+        out = out + (tl.load(w_ptr + cols * W + j, mask=cmask, other=0.0).to(tl.float32),)
+    return out
 
 
 @triton.jit
-def _rotate(y, t, pos0, c0, log2_base, sign: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr,
-            BT: tl.constexpr, BC: tl.constexpr):
-    """RoPE on a [BT, BC] tile whose first channel c0 is even: pairs (2i, 2i+1) rotated by sign * angle, angle =
-    ((pos0 + t) mod MB) * base^(-2i/HD) with i the pair index inside its head."""
-    ye, yo = tl.split(tl.reshape(y, [BT, BC // 2, 2]))  # [BT, BC] -> [BT, BC/2] even, odd channels
+def _angles(p, c0, log2_base, HD: tl.constexpr, BC: tl.constexpr):
+    """cos and sin [BT, BC/2] of RoPE's angles p * base^(-2i/HD) for the integer positions p [BT] and the channel
+    pairs (2i, 2i+1) of c0 + [0, BC) (c0 even; i counted inside the head)."""
     pair = (c0 + 2 * tl.arange(0, BC // 2)) % HD // 2
     inv = tl.exp2(-(2.0 * pair.to(tl.float32) / HD) * log2_base)
-    p = ((pos0 + t) % MB).to(tl.float32)
-    ang = p[:, None] * inv[None, :]
-    c, s = tl.cos(ang), sign * tl.sin(ang)
+    ang = p.to(tl.float32)[:, None] * inv[None, :]
+    return tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
+def _rot(y, c, s, BT: tl.constexpr, BC: tl.constexpr):
+    """The pairs (2i, 2i+1) of y [BT, BC] rotated by the angles whose cos and sin [BT, BC/2] are given."""
+    ye, yo = tl.split(tl.reshape(y, [BT, BC // 2, 2]))  # [BT, BC] -> [BT, BC/2] even, odd channels
     return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BT, BC])  # [BT, BC/2, 2] -> [BT, BC]
+
+
+@triton.jit
+def _segment(T_rows, SEG, BT: tl.constexpr):
+    """This program's rows [lo, hi) of the T_rows walked along time (program axis 2), and the tile offsets [BT]."""
+    lo = tl.program_id(2) * SEG
+    return lo, tl.minimum(lo + SEG, T_rows), tl.arange(0, BT)
 
 
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr,
-    T, D, x_sb, x_st, s_sb, s_st, pos0, log2_base,
+    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    # program: (time block, channel block, batch)
-    pt, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pt * BT + tl.arange(0, BT)
-    cols = pc * BC + tl.arange(0, BC)
-    tmask, cmask = t < T, cols < D
+    # program: a channel block, a batch, a segment of SEG output rows (SEG % BT == 0; PERIODIC: BT % MB == 0, so
+    # every tile's rows have the positions mod b of the first tile and RoPE's angles are computed once)
+    pc, b = tl.program_id(0), tl.program_id(1)
+    lo, hi, i = _segment(T, SEG, BT)
+    c0 = pc * BC
+    cols = c0 + tl.arange(0, BC)
+    cmask = cols < D
     x_off, s_off = b * x_sb, b * s_sb
-    ya = tl.zeros([BT, BC], dtype=tl.float32)
-    yb = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        xs = _xs_tile(x_ptr, s_ptr, t, cols, tmask, cmask, x_off, s_off, x_st, s_st, j, W, HAS_STATE)
-        ya += xs * _tap(wa_ptr, cols, cmask, j, W)[None, :]
-        if TWO:
-            yb += xs * _tap(wb_ptr, cols, cmask, j, W)[None, :]
+    wa = _taps(wa_ptr, cols, cmask, W)
+    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
     if HAS_BIAS:
-        ya += tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        bias_a = tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        bias_b = tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias_a = tl.zeros([BC], dtype=tl.float32)
+        bias_b = bias_a
+    if ROPE and PERIODIC:
+        cs, sn = _angles((pos0 + i) % MB, c0, log2_base, HD, BC)  # lo % MB == 0
+    for t0 in range(lo, hi, BT):
+        t = t0 + i
+        tmask = t < T
+        ya = tl.zeros([BT, BC], dtype=tl.float32) + bias_a[None, :]
+        yb = tl.zeros([BT, BC], dtype=tl.float32) + bias_b[None, :]
+        for j in tl.static_range(W):
+            xs = _xs_tile(x_ptr, s_ptr, t, cols, tmask, cmask, x_off, s_off, x_st, s_st, j, W, HAS_STATE)
+            ya += xs * wa[j][None, :]
+            if TWO:
+                yb += xs * wb[j][None, :]
+        if ROPE:
+            if not PERIODIC:
+                cs, sn = _angles((pos0 + t) % MB, c0, log2_base, HD, BC)
+            ya = _rot(ya, cs, sn, BT, BC)
+            if TWO:
+                yb = _rot(yb, cs, sn, BT, BC)
+        m2 = tmask[:, None] & cmask[None, :]
+        y_off = b * T * D + t[:, None] * D + cols[None, :]
+        tl.store(ya_ptr + y_off, ya.to(ya_ptr.dtype.element_ty), mask=m2)
         if TWO:
-            yb += tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if ROPE:
-        ya = _rotate(ya, t, pos0, pc * BC, log2_base, 1.0, MB, HD, BT, BC)
-        if TWO:
-            yb = _rotate(yb, t, pos0, pc * BC, log2_base, 1.0, MB, HD, BT, BC)
-    m2 = tmask[:, None] & cmask[None, :]
-    y_off = b * T * D + t[:, None] * D + cols[None, :]
-    tl.store(ya_ptr + y_off, ya.to(ya_ptr.dtype.element_ty), mask=m2)
-    if TWO:
-        tl.store(yb_ptr + y_off, yb.to(yb_ptr.dtype.element_ty), mask=m2)
+            tl.store(yb_ptr + y_off, yb.to(yb_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _unrope(dy_ptr, y_off, t, cols, cmask, T, pos0, c0, log2_base, D, ROPE: tl.constexpr, MB: tl.constexpr,
-            HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """The gradient w.r.t. the conv output at rows t (zero outside [0, T)): dy rotated back by -angle."""
+def _dy_rows(dy_ptr, y_off, t, cols, cmask, T, D):
+    """The output gradient at rows t (zero outside [0, T)), in its own dtype."""
     m = (t >= 0) & (t < T)
-    g = tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
-    g = g.to(tl.float32)
+    return tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _bwd_tap(dy_ptr, raw, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j: tl.constexpr,
+             ROPE: tl.constexpr, PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
+             BC: tl.constexpr):
+    """g[u - j], fp32 [BT, BC]: the un-rotated output gradient at the rows that xs rows u feed through tap j (raw:
+    the tap-0 rows already loaded, used for j = 0)."""
+    if j == 0:
+        g = raw.to(tl.float32)
+    else:
+        g = _dy_rows(dy_ptr, y_off, u - j, cols, cmask, T, D).to(tl.float32)
     if ROPE:
-        g = _rotate(g, t, pos0, c0, log2_base, -1.0, MB, HD, BT, BC)
+        if PERIODIC:
+            c, s = cs[j], sn[j]
+        else:
+            c, s = _angles((pos0 + u - j) % MB, c0, log2_base, HD, BC)  # rows u - j < 0 are zero
+        g = _rot(g, c, -s, BT, BC)
     return g
 
 
 @triton.jit
 def _conv_bwd_kernel(
     x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
-    T, D, NTB, x_sb, x_st, s_sb, s_st, pos0, log2_base,
-    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr,
+    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
+    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
     MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    # program: rows r = pt*BT - (W-1) + [0, BT) of xs = cat(window, x) (r < 0: window rows), a channel block and
-    # a batch. With g the un-rotated output gradient, dxs[r] = sum_j w[:, j] g[r + (W-1) - j]; it goes to dx
-    # (r >= 0) or to the window's gradient (r < 0). The program's rows r in [0, T) also add their terms of
-    # dw[:, j] = sum_t g[t] xs[t + j] and db = sum_t g[t] to its own fp32 partial sums (reduced in PyTorch).
-    pt, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = pt * BT - (W - 1) + tl.arange(0, BT)
-    cols = pc * BC + tl.arange(0, BC)
-    cmask = cols < D
+    # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x) (u in [0, T + W - 1); u <
+    # W - 1: window rows). With g the un-rotated output gradient, g_j[u] = g[u - j]:
+    #   dxs[u] = sum_j w[:, j] g_j[u]  -> dx (u >= W - 1) or the window's gradient (u < W - 1)
+    #   dw[:, j] = sum_u g_j[u] xs[u],  db = sum_u g_0[u]  (summed in registers over the segment, reduced at the end)
+    # The tap-0 rows (the only ones not read by an earlier tap or tile) and x are loaded one tile ahead.
+    pc, b = tl.program_id(0), tl.program_id(1)
+    lo, hi, i = _segment(T + W - 1, SEG, BT)
     c0 = pc * BC
-    y_off = b * T * D
-    gx = tl.zeros([BT, BC], dtype=tl.float32)
+    cols = c0 + tl.arange(0, BC)
+    cmask = cols < D
+    x_off, s_off, y_off = b * x_sb, b * s_sb, b * T * D
+    wa = _taps(wa_ptr, cols, cmask, W)
+    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
+    cs = ()
+    sn = ()
+    if ROPE and PERIODIC:  # tile starts are multiples of MB: tap j's rows have positions (pos0 + i - j) mod MB
+        for j in tl.static_range(W):
+            c, s = _angles((pos0 + i - j + MB * W) % MB, c0, log2_base, HD, BC)
+            cs = cs + (c,)
+            sn = sn + (s,)
+    dwa = ()
+    dwb = ()
     for j in tl.static_range(W):
-        t = r + (W - 1) - j  # the output row that xs row r feeds through tap j
-        gx += _unrope(dya_ptr, y_off, t, cols, cmask, T, pos0, c0, log2_base, D, ROPE, MB, HD, BT, BC) \
-            * _tap(wa_ptr, cols, cmask, j, W)[None, :]
+        dwa = dwa + (tl.zeros([BT, BC], dtype=tl.float32),)
+        dwb = dwb + (tl.zeros([BT, BC], dtype=tl.float32),)
+    dba = tl.zeros([BT, BC], dtype=tl.float32)
+    dbb = tl.zeros([BT, BC], dtype=tl.float32)
+    u = lo + i
+    na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
+    nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
+    nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, HAS_STATE)
+    for u0 in range(lo, hi, BT):
+        u = u0 + i
+        ra, rb, xs = na, nb, nx
+        na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
         if TWO:
-            gx += _unrope(dyb_ptr, y_off, t, cols, cmask, T, pos0, c0, log2_base, D, ROPE, MB, HD, BT, BC) \
-                * _tap(wb_ptr, cols, cmask, j, W)[None, :]
-    xm = (r >= 0) & (r < T)
-    tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
-             mask=xm[:, None] & cmask[None, :])
-    if HAS_STATE:
-        ds_off = b * (W - 1) * D + (r + W - 1)[:, None] * D + cols[None, :]
-        tl.store(ds_ptr + ds_off, gx.to(ds_ptr.dtype.element_ty), mask=(r < 0)[:, None] & cmask[None, :])
-    # weight and bias partial sums over this program's output rows t = r (rows outside [0, T) load zeros)
-    prog = b * NTB + pt
-    ga = _unrope(dya_ptr, y_off, r, cols, cmask, T, pos0, c0, log2_base, D, ROPE, MB, HD, BT, BC)
-    tl.store(dba_ptr + prog * D + cols, tl.sum(ga, axis=0), mask=cmask)
+            nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
+        nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
+                      HAS_STATE)
+        gx = tl.zeros([BT, BC], dtype=tl.float32)
+        ndwa = ()
+        ndwb = ()
+        for j in tl.static_range(W):
+            ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE, PERIODIC,
+                          MB, HD, BT, BC)
+            gx += ga * wa[j][None, :]
+            ndwa = ndwa + (dwa[j] + ga * xs,)
+            if j == 0:
+                dba += ga
+            if TWO:
+                gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
+                              PERIODIC, MB, HD, BT, BC)
+                gx += gb * wb[j][None, :]
+                ndwb = ndwb + (dwb[j] + gb * xs,)
+                if j == 0:
+                    dbb += gb
+            else:
+                ndwb = ndwb + (dwb[j],)
+        dwa = ndwa
+        dwb = ndwb
+        r = u - (W - 1)  # the x row of xs row u
+        tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
+                 mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
+        if HAS_STATE:
+            tl.store(ds_ptr + b * (W - 1) * D + u[:, None] * D + cols[None, :], gx.to(ds_ptr.dtype.element_ty),
+                     mask=(r < 0)[:, None] & cmask[None, :])
+    prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
+    tl.store(dba_ptr + prog * D + cols, tl.sum(dba, axis=0), mask=cmask)
+    for j in tl.static_range(W):
+        tl.store(dwa_ptr + (prog * D + cols) * W + j, tl.sum(dwa[j], axis=0), mask=cmask)
     if TWO:
-        gb = _unrope(dyb_ptr, y_off, r, cols, cmask, T, pos0, c0, log2_base, D, ROPE, MB, HD, BT, BC)
-        tl.store(dbb_ptr + prog * D + cols, tl.sum(gb, axis=0), mask=cmask)
-    for j in tl.static_range(W):
-        xs = _xs_tile(x_ptr, s_ptr, r, cols, xm, cmask, b * x_sb, b * s_sb, x_st, s_st, j, W, HAS_STATE)
-        tl.store(dwa_ptr + (prog * D + cols) * W + j, tl.sum(ga * xs, axis=0), mask=cmask)
-        if TWO:
-            tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(gb * xs, axis=0), mask=cmask)
+        tl.store(dbb_ptr + prog * D + cols, tl.sum(dbb, axis=0), mask=cmask)
+        for j in tl.static_range(W):
+            tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(dwb[j], axis=0), mask=cmask)
 
 
-def _conv_launch_cfg(T: int, D: int, backward: bool):
-    """Rows and channels per program (BC even, so RoPE's pairs stay inside a tile). Chosen offline (Triton 3.6,
-    sm_90, bf16, `ptxas` resource report): forward 16 x 128 takes 168 registers and 128-bit loads (32 x 128:
-    255 registers); backward 8 x 128 takes 160 registers (16 x 128: 247). Not yet timed on a GPU."""
-    BT = _pick(T, 8 if backward else 16)
-    BC = _pick(D, 128)
-    return BT, BC, triton.cdiv(D, BC)
+@dataclass(frozen=True)
+class ConvLaunch:
+    """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
+    tile), `warps`, and `programs`, the number of programs to aim for (the time axis is cut into as many segments
+    as that needs; each program walks its segment tile by tile)."""
+
+    BT: int
+    BC: int
+    warps: int
+    programs: int
+
+    def grid(self, rows: int, D: int, B: int, mini_batch: int):
+        """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences."""
+        npc = triton.cdiv(D, self.BC)
+        nseg = max(1, min(triton.cdiv(rows, self.BT), triton.cdiv(self.programs, npc * B)))
+        seg = triton.cdiv(triton.cdiv(rows, nseg), self.BT) * self.BT
+        return (npc, B, triton.cdiv(rows, seg)), seg, self.BT % mini_batch == 0
 
 
-def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool):
+def conv_launch(T: int, D: int, backward: bool, device: torch.device) -> ConvLaunch:
+    """The default launch: tiles of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program)
+    x 64 channels, 4 warps; as many programs as fit on the GPU at once (offline, Triton 3.6, sm_90, bf16: the
+    backward with two convs and RoPE takes 255 registers, 2 programs per SM; the forward 139, 3 per SM; see
+    docs/kernels_notes.md)."""
+    per_sm = 2 if backward else 3
+    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 64), warps=4, programs=per_sm * _sms(device))
+
+
+def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
+              launch: ConvLaunch | None = None):
     B, T, D = x.shape
     W = wa.shape[-1]
-    BT, BC, npc = _conv_launch_cfg(T, D, backward=False)
+    L = launch or conv_launch(T, D, False, x.device)
+    grid, seg, periodic = L.grid(T, D, B, mini_batch)
+    if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
+        ba, bb = (torch.zeros_like(wa[:, 0, 0]) if ba is None else ba), (torch.zeros_like(wb[:, 0, 0]) if bb is None else bb)
     ya = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     yb = torch.empty_like(ya) if wb is not None else ya
     st = win if win is not None else x
-    _conv_fwd_kernel[(triton.cdiv(T, BT), npc, B)](
+    _conv_fwd_kernel[grid](
         x, st, wa, ba if ba is not None else wa, wb if wb is not None else wa, bb if bb is not None else wa, ya, yb,
-        T, D, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
-        W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None,
-        MB=mini_batch, HD=head_dim, BT=BT, BC=BC, num_warps=4)
+        T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
+        W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None, PERIODIC=periodic,
+        MB=mini_batch, HD=head_dim, BT=L.BT, BC=L.BC, num_warps=L.warps)
     return ya, yb
 
 
-def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool):
+def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
+              launch: ConvLaunch | None = None):
     B, T, D = x.shape
     W = wa.shape[-1]
-    BT, BC, npc = _conv_launch_cfg(T + W - 1, D, backward=True)
-    ntb = triton.cdiv(T + W - 1, BT)
+    L = launch or conv_launch(T, D, True, x.device)
+    grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch)
+    P = B * grid[2]  # rows of the weight-gradient partial sums
     two = wb is not None
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None else dx
     f32 = dict(dtype=torch.float32, device=x.device)
-    dwa, dba = torch.empty((B * ntb, D, W), **f32), torch.empty((B * ntb, D), **f32)
-    dwb, dbb = (torch.empty((B * ntb, D, W), **f32), torch.empty((B * ntb, D), **f32)) if two else (dwa, dba)
+    dwa, dba = torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)
+    dwb, dbb = (torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)) if two else (dwa, dba)
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
-    _conv_bwd_kernel[(ntb, npc, B)](
+    _conv_bwd_kernel[grid](
         x, st, wa, wb if two else wa, dya, dyb, dx, ds, dwa, dba, dwb, dbb,
-        T, D, ntb, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
-        W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, MB=mini_batch, HD=head_dim, BT=BT, BC=BC, num_warps=4)
+        T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
+        W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic, MB=mini_batch, HD=head_dim,
+        BT=L.BT, BC=L.BC, num_warps=L.warps)
     grads = [dx, ds if win is not None else None, dwa.sum(0).unsqueeze(1), dba.sum(0)]
     if two:
         grads += [dwb.sum(0).unsqueeze(1), dbb.sum(0)]
@@ -319,8 +435,7 @@ def causal_conv(x, win, w, b):
 
 # ---------------------------------------------------------------- post-LayerNorm x GELU gate
 @triton.jit
-def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps,
-                        BD: tl.constexpr, ROWS: tl.constexpr):
+def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps, ROWS, BD: tl.constexpr):
     cols = tl.arange(0, BD)
     cm = cols < D
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -341,7 +456,7 @@ def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D,
 
 @triton.jit
 def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_ptr, dg_ptr, dw_ptr, db_ptr, N, D,
-                        BD: tl.constexpr, ROWS: tl.constexpr):
+                        ROWS, BD: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BD)
     cm = cols < D
@@ -370,7 +485,10 @@ def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_p
     tl.store(db_ptr + pid * BD + cols, db)
 
 
-_LN_ROWS = 4  # rows per program: the weight-gradient partial sums are reduced over programs in PyTorch
+def _ln_rows(N: int, device: torch.device) -> int:
+    """Rows per program of the ln_gate kernels: 4, or more so that there are at most 8 programs per SM (each program
+    of the backward writes one row of weight-gradient partial sums, reduced in PyTorch)."""
+    return max(4, triton.cdiv(N, 8 * _sms(device)))
 
 
 @torch.library.custom_op("ttt::ln_gate_fwd", mutates_args=())
@@ -381,7 +499,8 @@ def _ln_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.
     mu = torch.empty(N, dtype=torch.float32, device=o.device)
     rs = torch.empty_like(mu)
     BD = triton.next_power_of_2(D)
-    _ln_gate_fwd_kernel[(triton.cdiv(N, _LN_ROWS),)](o, g, w, b, y, mu, rs, N, D, eps, BD=BD, ROWS=_LN_ROWS,
+    rows = _ln_rows(N, o.device)
+    _ln_gate_fwd_kernel[(triton.cdiv(N, rows),)](o, g, w, b, y, mu, rs, N, D, eps, rows, BD=BD,
                                                     num_warps=4 if BD <= 1024 else 8)
     return y, mu, rs
 
@@ -397,11 +516,12 @@ def _ln_gate_bwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.
                     rs: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
     N, D = o.shape
     BD = triton.next_power_of_2(D)
-    nprog = triton.cdiv(N, _LN_ROWS)
+    rows = _ln_rows(N, o.device)
+    nprog = triton.cdiv(N, rows)
     do, dg = torch.empty_like(o), torch.empty_like(g)
     dw = torch.empty((nprog, BD), dtype=torch.float32, device=o.device)
     db = torch.empty_like(dw)
-    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, BD=BD, ROWS=_LN_ROWS,
+    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, rows, BD=BD,
                                   num_warps=4 if BD <= 1024 else 8)
     return [do, dg, dw.sum(0)[:D], db.sum(0)[:D]]
 
@@ -440,3 +560,116 @@ def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.
         g2 = g2.to(o2.dtype)
     y, _mu, _rs = _ln_gate_fwd_op(o2, g2, weight, bias, float(eps))
     return y.reshape(shape)
+
+
+# ---------------------------------------------------------------- TTT-Linear (M) layer decode step
+@triton.jit
+def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m, i_pos, log2_base, D,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr):
+    """One token's depthwise causal conv over cat(window rows, u) at the channels cols = c0 + idx of one head
+    (m: idx < head dim), then RoPE at position i_pos (pairs (2p, 2p+1) of the head), fp32 [BD]."""
+    y = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(W):
+        if j < W - 1:
+            xv = tl.load(win_ptr + win_off + j * D + cols, mask=m, other=0.0)
+        else:
+            xv = tl.load(u_ptr + u_off + cols, mask=m, other=0.0)
+        y += xv.to(tl.float32) * tl.load(w_ptr + cols * W + j, mask=m, other=0.0).to(tl.float32)
+    ye, yo = tl.split(tl.reshape(y, [BD // 2, 2]))  # [BD] -> [BD/2] even, odd channels
+    ang = i_pos.to(tl.float32) * tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base)
+    c, s = tl.cos(ang), tl.sin(ang)
+    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BD])  # [BD/2, 2] -> [BD]
+
+
+@triton.jit
+def _linear_decode_kernel(
+    u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
+    w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
+    u_sb, v_sb, g_sb, H, D, i_pos, log2_base,
+    HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, LEARN_LR: tl.constexpr,
+    COMMIT: tl.constexpr, EPS: tl.constexpr,
+):
+    # program: one (batch, head). q, k: the conv + RoPE of u, computed twice, once in the layout of W's columns and
+    # once in that of its rows (cheaper than moving one through shared memory); lr: the head's gate; tau_i from
+    # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u.
+    pid = tl.program_id(0)
+    bi, hi = pid // H, pid % H
+    rd = tl.arange(0, BD)
+    rr = tl.arange(0, BD)
+    cmask = rd < HD
+    cols, rcols = hi * HD + rd, hi * HD + rr
+    u_off, win_off = bi * u_sb, bi * (W - 1) * D
+    q = _token_conv_rope(u_ptr, win_ptr, wq_ptr, bq_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
+                         HAS_BIAS, HD, BD)
+    k = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
+                         HAS_BIAS, HD, BD)
+    qr = _token_conv_rope(u_ptr, win_ptr, wq_ptr, bq_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
+                          W, HAS_BIAS, HD, BD)
+    kr = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
+                          W, HAS_BIAS, HD, BD)
+    v = tl.load(v_ptr + bi * v_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    lr = tl.load(lrs_ptr).to(tl.float32)
+    if LEARN_LR:
+        gl = tl.load(gate_ptr + bi * g_sb + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
+        lr = lr * tl.sigmoid(gl)
+        t_i = tl.maximum(1.0 / (i_pos + 1).to(tl.float32) + tl.load(delta_ptr + i_pos).to(tl.float32), 0.0)
+    else:
+        t_i = 1.0 / (i_pos + 1).to(tl.float32)
+    gam = tl.load(lnw_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rr[:, None] * HD + rd[None, :]
+    Wt = tl.load(w_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+    c = tl.load(c_ptr + pid * HD + rd, mask=cmask, other=0.0)
+    A = tl.load(a_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+    a = tl.load(ab_ptr + pid * HD + rd, mask=cmask, other=0.0)
+    o, A, a = _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, Wt, c, A, a, cmask, HD, EPS)
+    tl.store(o_ptr + bi * D + cols, o.to(o_ptr.dtype.element_ty), mask=cmask)
+    _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, Wt, c, A, a, t_i, HD, BD, COMMIT)
+    for j in tl.static_range(W - 1):
+        if j < W - 2:
+            row = tl.load(win_ptr + win_off + (j + 1) * D + cols, mask=cmask, other=0.0)
+        else:
+            row = tl.load(u_ptr + u_off + cols, mask=cmask, other=0.0)
+        tl.store(nwin_ptr + win_off + j * D + cols, row.to(nwin_ptr.dtype.element_ty), mask=cmask)
+
+
+def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
+                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0):
+    """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
+    the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
+    TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
+
+    u = x theta_QK, v = x theta_V [B, 1, D] (last dim contiguous); gate [B, 1, H] = x . lr_weight_h (None:
+    learn_lr off, lr = lr_scale); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or
+    None; lr_bias [H]; lr_scale a 0-d fp32 tensor (base_lr * inner_lr_scale / d); delta [b] (tau_i = max(0,
+    1/i + delta_i); None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's
+    dtype, the op's new state, the new window). The reference is the layer's own path (tests/test_fused_layer.py)."""
+    B, _, D = u.shape
+    H, d = ln_weight.shape
+    W = wq.shape[-1]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (u, v, gate, win, wq, wk, ln_weight, *state.params, *state.accum)):
+        raise ValueError("u: the fused decode kernel has no backward; run it under torch.no_grad()")
+    if u.stride(-1) != 1 or v.stride(-1) != 1 or win.shape != (B, W - 1, D) or d % 2:
+        raise ValueError(f"u, v, win: expected [B, 1, D] with a contiguous last dim and a window [B, {W - 1}, D], "
+                         f"got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(win.shape)}")
+    i = state.pos % mini_batch
+    commit = i == mini_batch - 1
+    Wt, c = (p.to(torch.float32).contiguous() for p in state.params)
+    A, a = (p.to(torch.float32).contiguous() for p in state.accum)
+    win = win.to(u.dtype).contiguous()
+    o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
+    nwin = torch.empty_like(win)
+    Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
+    An, an = torch.empty_like(A), torch.empty_like(a)
+    learn = gate is not None
+    _linear_decode_kernel[(B * H,)](
+        u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
+        lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
+        An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
+        HD=d, BD=triton.next_power_of_2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
+        EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
+    return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin

@@ -257,6 +257,50 @@ def _step_token(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, s_b, s_h
     return pid, bi, hi, rd, cmask, q, k, v, lr, t_i, gam, bet
 
 
+@triton.jit
+def _normalize_vec(z, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """LayerNorm of one vector z [BD] over its first D entries, without weight and bias: x^ (zero on the padding)
+    and 1/std."""
+    zc = tl.where(cmask, z - tl.sum(z, axis=0) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
+    return zc * rstd, rstd
+
+
+@triton.jit
+def _ln_l2_grad_vec(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """`_ln_l2_grad` for one token: d/dz of 0.5 ||LN(z) - (v - k)||^2, [BD] (zero on the padding)."""
+    xh, rstd = _normalize_vec(z, cmask, D, EPS)
+    gy = gam * (gam * xh + bet - (v - k))
+    return tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
+
+
+@triton.jit
+def _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, W, c, A, a, cmask, D: tl.constexpr, EPS: tl.constexpr):
+    """One TTT-Linear one-token step on chip (docs/math.md §5, primal form), fp32: q, k, v [BD] and qr, kr, the same
+    q and k indexing the rows of W [BD, BD]; c, a [BD]; A [BD, BD]. Returns the output o [BD] and the new
+    accumulators A, a (the weights a commit gives are W - t_i A, c - t_i a)."""
+    g = _ln_l2_grad_vec(tl.sum(kr[:, None] * W, axis=0) + c, v, k, gam, bet, cmask, D, EPS)  # at k W + c
+    A = A + (lr * kr)[:, None] * g[None, :]
+    a = a + lr * g
+    xh, _rstd = _normalize_vec(tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a, cmask, D, EPS)
+    return q + xh * gam + bet, A, a
+
+
+@triton.jit
+def _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, W, c, A, a, t_i, D: tl.constexpr,
+                BD: tl.constexpr, COMMIT: tl.constexpr):
+    """Write one (batch, head)'s state after a step: on a commit the new weights W - t_i A, c - t_i a and zero
+    accumulators, else the accumulators."""
+    if COMMIT:
+        tl.store(wn_ptr + pid * D * D + woff, W - t_i * A, mask=wmask)
+        tl.store(cn_ptr + pid * D + rd, c - t_i * a, mask=cmask)
+        tl.store(an_ptr + pid * D * D + woff, tl.zeros([BD, BD], dtype=tl.float32), mask=wmask)
+        tl.store(abn_ptr + pid * D + rd, tl.zeros([BD], dtype=tl.float32), mask=cmask)
+    else:
+        tl.store(an_ptr + pid * D * D + woff, A, mask=wmask)
+        tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
+
+
 def step_operands(x: TTTInputs, state: TTTState):
     """Checks shared by the fused step kernels (fp32 compute, no backward) and their token operands:
     q0, k0, v0 [B,H,d] with equal strides and a contiguous last dim, lr0 [B,H]."""

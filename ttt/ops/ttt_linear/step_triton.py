@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS, TTTInputs, TTTState
-from ..triton_utils import _step_token, step_operands
+from ..triton_utils import _linear_step, _step_store, _step_token, step_operands
 
 
 @triton.jit
@@ -36,29 +36,9 @@ def ttt_linear_step_kernel(
     A = tl.load(a_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     a = tl.load(ab_ptr + pid * D + rd, mask=cmask, other=0.0)
 
-    z = tl.sum(kr[:, None] * W, axis=0) + c  # k W + c, [BD]
-    mu = tl.sum(z, axis=0) / D
-    zc = tl.where(cmask, z - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    xh = zc * rstd
-    gy = gam * (gam * xh + bet - (v - k))
-    g = tl.where(cmask, (gy - tl.sum(gy, axis=0) / D - xh * (tl.sum(gy * xh, axis=0) / D)) * rstd, 0.0)
-    A = A + (lr * kr)[:, None] * g[None, :]
-    a = a + lr * g
-    zq = tl.sum(qr[:, None] * (W - t_i * A), axis=0) + c - t_i * a
-    mu = tl.sum(zq, axis=0) / D
-    zc = tl.where(cmask, zq - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + EPS)
-    o = q + zc * rstd * gam + bet
+    o, A, a = _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, W, c, A, a, cmask, D, EPS)
     tl.store(o_ptr + bi * H * D + hi * D + rd, o.to(o_ptr.dtype.element_ty), mask=cmask)
-    if COMMIT:
-        tl.store(wn_ptr + pid * D * D + woff, W - t_i * A, mask=wmask)
-        tl.store(cn_ptr + pid * D + rd, c - t_i * a, mask=cmask)
-        tl.store(an_ptr + pid * D * D + woff, tl.zeros([BD, BD], dtype=tl.float32), mask=wmask)
-        tl.store(abn_ptr + pid * D + rd, tl.zeros([BD], dtype=tl.float32), mask=cmask)
-    else:
-        tl.store(an_ptr + pid * D * D + woff, A, mask=wmask)
-        tl.store(abn_ptr + pid * D + rd, a, mask=cmask)
+    _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, W, c, A, a, t_i, D, BD, COMMIT)
 
 
 def forward(x: TTTInputs, state: TTTState):

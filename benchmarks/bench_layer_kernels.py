@@ -1,0 +1,163 @@
+"""The fused layer kernels on the GPU (ttt/ops/fused_layer.py): the causal conv(s) + RoPE and the post-LN x gate,
+forward and backward, beside the PyTorch layer path they replace, at model shapes.
+
+First checks each kernel at the timed shapes against the PyTorch reference computed in fp32 from the same
+(rounded) inputs: outputs and every gradient (x, both convs' weights and biases; o, g, LN weight and bias), and
+refuses to time a failing one. Then times (medians of triton.testing.do_bench, ms) each launch variant of the conv
+kernels and the reference, and prints the effective bandwidth (the bytes each call must move, over its time) and
+what the calls cost per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv each).
+
+    python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
+    python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,32,4,3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench, environment, rel
+from ttt.layers.attention import apply_rope
+from ttt.ops import fused_layer
+
+SHAPES = ["4x8192x768", "16x2048x768", "4x8192x2048"]  # B x T x D: 125m training at 8k and 2k, 1.3b at 8k
+HEAD_DIM, MB, W = 64, 16, 4
+DEV = "cuda"
+
+
+def ref_conv_rope(x, wa, ba, wb, bb, rope):
+    """The PyTorch layer path: depthwise causal conv(s) by cuDNN, then RoPE at position mod b (`apply_rope`)."""
+    B, T, D = x.shape
+    xs = F.pad(x.transpose(1, 2), (W - 1, 0))  # [B, D, W-1+T]
+    outs = []
+    for w, b in ((wa, ba), (wb, bb)) if wb is not None else ((wa, ba),):
+        y = F.conv1d(xs, w.to(x.dtype), b.to(x.dtype), groups=D).transpose(1, 2)  # [B, T, D]
+        if rope:
+            pos = torch.arange(T, device=x.device) % MB
+            y = apply_rope(y.reshape(B, T, D // HEAD_DIM, HEAD_DIM), pos, 10000.0).reshape(B, T, D)
+        outs.append(y)
+    return outs
+
+
+def conv_inputs(B, T, D, rope, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    x = r(B, T, D).to(dtype)
+    wa, wb = r(D, 1, W) * 0.5, r(D, 1, W) * 0.5
+    ba, bb = r(D) * 0.1, r(D) * 0.1
+    return (x, wa, ba, wb, bb) if rope else (x, wa, ba, None, None)
+
+
+def check_conv(B, T, D, rope, dtype, launch):
+    """Max relative error of the kernel path (outputs, then every gradient) against the fp32 reference."""
+    x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
+    ref_in = [None if t is None else t.detach().float().requires_grad_() for t in (x, wa, ba, wb, bb)]
+    ref = ref_conv_rope(*ref_in, rope)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    ys = ys if rope else ys[:1]
+    gys = [torch.randn_like(y) for y in ref]
+    live = [t for t in ref_in if t is not None]
+    want = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(ref, gys)), live)
+    dya, dyb = gys[0].to(dtype), (gys[1].to(dtype) if rope else None)
+    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    got = [got[0], got[2], got[3], *(got[4:6] if rope else [])]  # dx, dwa, dba (, dwb, dbb); no window
+    return max([rel(y.float(), r) for y, r in zip(ys, ref)] + [rel(a, b) for a, b in zip(got, want)])
+
+
+def conv_bytes(B, T, D, rope, elt):
+    """Bytes a call must move: forward x in, one or two outputs out; backward x and the output gradient(s) in, dx out."""
+    n = B * T * D * elt
+    k = 2 if rope else 1
+    return n * (1 + k), n * (2 + k)
+
+
+def time_conv(B, T, D, rope, dtype, launch):
+    x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    dys = [torch.randn_like(ys[0]), torch.randn_like(ys[0]) if rope else None]
+    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch))
+    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch))
+    return fwd, bwd
+
+
+def time_ref(B, T, D, rope, dtype):
+    x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
+    x.requires_grad_()
+    ys = ref_conv_rope(x, wa, ba, wb, bb, rope)
+    dys = [torch.randn_like(y) for y in ys]
+    fwd = bench(lambda: ref_conv_rope(x, wa, ba, wb, bb, rope))
+    both = bench(lambda: torch.autograd.grad(ref_conv_rope(x, wa, ba, wb, bb, rope), [x], dys))
+    return fwd, both - fwd
+
+
+def ln_gate_row(N, D, dtype):
+    g = torch.Generator(device=DEV).manual_seed(1)
+    o, gt = (torch.randn(N, D, generator=g, device=DEV).to(dtype).requires_grad_() for _ in range(2))
+    w, b = (1 + 0.1 * torch.randn(D, device=DEV)).requires_grad_(), (0.1 * torch.randn(D, device=DEV)).requires_grad_()
+    dy = torch.randn(N, D, device=DEV, dtype=dtype)
+    ins = [t.detach().float().requires_grad_() for t in (o, gt, w, b)]
+    ref = F.layer_norm(ins[0], (D,), ins[2], ins[3], 1e-6) * F.gelu(ins[1], approximate="tanh")
+    want = torch.autograd.grad(ref, ins, dy.float())
+    y = fused_layer.ln_gate(o, gt, w, b, 1e-6)
+    got = torch.autograd.grad(y, (o, gt, w, b), dy)
+    err = max([rel(y.float(), ref)] + [rel(a.float(), e) for a, e in zip(got, want)])
+    fwd = bench(lambda: fused_layer.ln_gate(o, gt, w, b, 1e-6))
+    both = bench(lambda: torch.autograd.grad(fused_layer.ln_gate(o, gt, w, b, 1e-6), (o, gt, w, b), dy))
+    eager = bench(lambda: torch.autograd.grad(F.layer_norm(o, (D,), w, b, 1e-6) * F.gelu(gt, approximate="tanh"),
+                                              (o, gt, w, b), dy))
+    return dict(kernel="ln_gate", N=N, D=D, max_rel_err=err, fwd_ms=fwd, bwd_ms=both - fwd, eager_fwd_bwd_ms=eager)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
+    ap.add_argument("--launches", nargs="+", default=["default", "16,32,4,3", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
+                    help="conv launch variants: default, or BT,BC,warps,programs per SM")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = ap.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    elt = 2 if a.dtype == "bf16" else 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = [environment()]
+    print(json.dumps(rows[0]), flush=True)
+    for shape in a.shapes:
+        B, T, D = (int(v) for v in shape.split("x"))
+        step = {}
+        for rope in (True, False):
+            fb, bb = conv_bytes(B, T, D, rope, elt)
+            rf, rb = time_ref(B, T, D, rope, dtype)
+            ref_row = dict(kernel="conv+rope" if rope else "conv", launch="pytorch (cuDNN conv, apply_rope)",
+                           shape=shape, fwd_ms=rf, bwd_ms=rb)
+            print(json.dumps(ref_row), flush=True)
+            rows.append(ref_row)
+            for spec in a.launches:
+                if spec == "default":
+                    L = None
+                else:
+                    bt, bc, w, per_sm = (int(v) for v in spec.split(","))
+                    L = fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms)
+                err = check_conv(B, min(T, 2048), D, rope, dtype, L)
+                ok = err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+                row = dict(kernel="conv+rope" if rope else "conv", launch=spec, shape=shape, max_rel_err=err, ok=ok)
+                if ok:
+                    f, b = time_conv(B, T, D, rope, dtype, L)
+                    row.update(fwd_ms=f, bwd_ms=b, fwd_GBps=fb / f / 1e6, bwd_GBps=bb / b / 1e6)
+                    step.setdefault(spec, {})[rope] = b
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        for spec, t in step.items():
+            if len(t) == 2:
+                print(json.dumps(dict(shape=shape, launch=spec, conv_bwd_ms_per_125m_step=12 * (t[True] + t[False]))),
+                      flush=True)
+        rows.append(ln_gate_row(B * T, D, dtype))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
