@@ -37,7 +37,7 @@ IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv
            "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
 FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
-INT_PTRS = {"cnt_ptr"}  # int32 (the split kernels' barrier counters)
+INT_PTRS = {"span_ptr", "cnt_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier counters)
 
 
 def resources(cubin: bytes) -> tuple[int, int, int]:

@@ -14,13 +14,16 @@ import torch
 from ttt.config import MAMBA_BACKENDS as CFG_BACKENDS, RunOptions, get_config
 from ttt.layers.mamba import (MAMBA_BACKENDS, Mamba2, SSDKernels, load_mamba_ssm, resolve_mamba_backend)
 from ttt.model import TTTLM
+from ttt.ops.packed import packing
 
 
 # --- stand-in kernels: the contract of mamba_chunk_scan_combined / selective_state_update, token by token ---
 
 class FakeKernels:
     """Records the arguments and computes what the kernels document, one token at a time:
-    s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t + D x_t (per head; group g = 0 for every head)."""
+    s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t + D x_t (per head; group g = 0 for every head).
+    seq_idx: s restarts from zero where the document changes (initial_states enter the first document only);
+    return_varlen_states: also every document's final state (cu_seqlens), which has no backward in the kernel."""
 
     def __init__(self):
         self.calls = []
@@ -31,15 +34,28 @@ class FakeKernels:
         b, L, h, p = x.shape
         self.calls.append(("chunk", dict(B=tuple(B.shape), C=tuple(C.shape), chunk_size=chunk_size, D=tuple(D.shape),
                                          z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, final=return_final_states,
-                                         init=tuple(initial_states.shape))))
+                                         init=None if initial_states is None else tuple(initial_states.shape),
+                                         seq_idx=seq_idx, cu_seqlens=cu_seqlens, varlen=return_varlen_states)))
         assert B.shape == C.shape == (b, L, 1, B.shape[-1]) and dt.shape == (b, L, h) and A.shape == (h,)
-        s = initial_states.clone()
-        ys = []
+        if seq_idx is not None:
+            assert seq_idx.shape == (b, L) and seq_idx.dtype == torch.int32
+        if return_varlen_states:
+            assert b == 1 and cu_seqlens is not None
+            assert not (torch.is_grad_enabled() and x.requires_grad), "the kernel's varlen states have no backward"
+        s = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype) if initial_states is None else initial_states.clone()
+        ys, ends = [], []
         for t in range(L):
+            if seq_idx is not None and t > 0 and bool((seq_idx[:, t] != seq_idx[:, t - 1]).any()):
+                ends.append(s)
+                s = s * (seq_idx[:, t] == seq_idx[:, t - 1])[:, None, None, None]
             s = torch.exp(dt[:, t] * A)[..., None, None] * s \
                 + torch.einsum("bhp,bn->bhpn", x[:, t] * dt[:, t, :, None], B[:, t, 0])
             ys.append(torch.einsum("bhpn,bn->bhp", s, C[:, t, 0]) + D[:, None] * x[:, t])
         y = torch.stack(ys, 1)
+        if return_varlen_states:
+            varlen = torch.cat(ends + [s])  # [N, h, p, n]
+            assert varlen.shape[0] == cu_seqlens.numel() - 1
+            return (y, s, varlen) if return_final_states else (y, varlen)
         return (y, s) if return_final_states else y
 
     def step(self, state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None):
@@ -95,6 +111,55 @@ def test_kernel_glue_maps_arguments_like_the_reference(T, grad):
         g = torch.autograd.grad((y * w).sum() + s.sum(), list(inp.values()))
         for name, a, b in zip(inp, g, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+PACKED_LENS = [1, 9, 3, 20, 4]  # documents across the kernel's chunks of 16 and the reference's of 8
+
+
+def packed_inputs(given: bool, grad: bool, lens=PACKED_LENS, seed=0):
+    """scan() arguments for one packed sequence of `lens` documents: ssm one row per document (given) or None."""
+    inp = {k: (v[:1] if k not in ("A", "D", "ssm") else v) for k, v in scan_inputs(sum(lens), seed).items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    inp["ssm"] = torch.randn(len(lens), *inp["ssm"].shape[1:], generator=g, dtype=torch.float64) if given else None
+    if grad:
+        for v in inp.values():
+            if v is not None:
+                v.requires_grad_()
+    return inp, packing(torch.tensor([0, *lens]).cumsum(0), sum(lens))
+
+
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_kernel_glue_on_packed_documents(given, grad):
+    """seq_idx and cu_seqlens reach the kernel as it documents them; outputs, the documents' final states
+    (without gradients: the kernel's varlen states have none, so with gradients the glue returns None) and
+    every gradient equal the chunked reference's."""
+    layer = Mamba2(12, d_state=5, head_dim=4, chunk_size=8, backend="torch", kernel_chunk_size=16)
+    inp, pk = packed_inputs(given, grad)
+    fake = FakeKernels()
+    with torch.set_grad_enabled(grad):
+        y_ref, s_ref = layer.scan(**inp, pk=pk)
+        y, s = layer.scan(**inp, kernels=fake.kernels(), pk=pk)
+    kind, args = fake.calls[-1]
+    assert kind == "chunk" and args["init"] is None and args["varlen"] == (not grad)
+    assert torch.equal(args["seq_idx"][0].long(), pk.seq_idx)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert s_ref.shape == (len(PACKED_LENS), 3, 4, 5)
+    if grad:
+        assert s is None
+        leaves = [v for v in inp.values() if v is not None]
+        w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        for a, b in zip(torch.autograd.grad((y * w).sum(), leaves), torch.autograd.grad((y_ref * w).sum(), leaves)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_state_without_ssm_is_refused():
+    layer = Mamba2(12, d_state=5, head_dim=4, backend="torch")
+    st = layer.init_state(2)
+    with pytest.raises(ValueError, match=r"^state: holds no SSM state"):
+        layer(torch.randn(1, 5, 12), type(st)(st.conv, None), cu_seqlens=torch.tensor([0, 2, 5]))
 
 
 def test_step_glue_leaves_the_callers_state_alone():
@@ -253,6 +318,40 @@ def test_gpu_model_with_kernels_trains_like_reference():
     assert abs(losses[0] - losses[1]) < 1e-3
     for (n, p), q in zip(ref.named_parameters(), ker.parameters()):
         close(q.grad, p.grad, n)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_gpu_kernels_on_packed_documents_equal_reference(grad):
+    """The real kernels with seq_idx (and cu_seqlens for the documents' states) against the chunked reference
+    with resets: outputs, every gradient, and (without gradients) every document's final state."""
+    import_kernels_without_cuda_extension()
+    ref, ker = pair()
+    torch.manual_seed(3)
+    lens = [700, 1, 130, 2000, 15, 256]
+    cu = torch.tensor([0, *lens]).cumsum(0)
+    x = torch.randn(1, sum(lens), 256, device="cuda")
+    w = torch.randn_like(x)
+    st = ref.init_state(len(lens))
+    st.ssm.normal_()
+    st.conv.normal_()
+    res = {}
+    for name, layer in (("ref", ref), ("ker", ker)):
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y, s = layer(xi, st, cu_seqlens=cu)
+        if grad:
+            (y * w).sum().backward()
+            res[name] = (y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()})
+            layer.zero_grad()
+        else:
+            res[name] = (y, s.ssm)
+    close(res["ker"][0], res["ref"][0], "y")
+    if grad:
+        close(res["ker"][1], res["ref"][1], "grad x")
+        for n in res["ref"][2]:
+            close(res["ker"][2][n], res["ref"][2][n], n)
+    else:
+        close(res["ker"][1], res["ref"][1], "final states")
 
 
 for _name in [n for n in list(globals()) if n.startswith("test_gpu_")]:

@@ -136,6 +136,19 @@ def _grads(inp, impl, tokens, state_loss, cut, **replaced):
     return {n: (x[:, :cut] if n in ("q", "k", "v", "lr") else x) for n, x in zip(leaves, g) if x is not None}
 
 
+def _contained(inp, impl, where, at, ref_tokens, ref_state):
+    """With a NaN (inf for v) at token `at` of `where` and a loss on every output and the final state, the gradients
+    (per-token ones up to `at`) equal, bit for bit, a clean run's whose loss has the outputs `ref_tokens` and, with
+    ref_state, the final state."""
+    ref = _grads(inp, impl, ref_tokens, ref_state, at)
+    x = getattr(inp, where).detach().clone()
+    x[0, at, 0] = float("nan") if where != "v" else float("inf")
+    got = _grads(inp, impl, torch.ones_like(ref_tokens), True, at, **{where: x.requires_grad_()})
+    assert ref.keys() == got.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("impl,d,dtype", [("regs", 16, torch.float32), ("blocked", 16, torch.float32),
                                            ("smem", 64, torch.float16)])
 @pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
@@ -146,13 +159,18 @@ def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where):
     clean run whose loss has only outputs 0..19. A bad q poisons only output 20: those of a clean run without it."""
     inp = make(B=1, T=48, H=1, d=d, b=16, pos=0, dtype=dtype, grad=True)
     t = torch.arange(48)
-    ref = _grads(inp, impl, (t < 20) | ((t > 20) & (where == "q")), where == "q", 20)
-    x = getattr(inp, where).detach().clone()
-    x[0, 20, 0] = float("nan") if where != "v" else float("inf")
-    got = _grads(inp, impl, t >= 0, True, 20, **{where: x.requires_grad_()})
-    assert ref.keys() == got.keys()
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
+    _contained(inp, impl, where, 20, (t < 20) | ((t > 20) & (where == "q")), where == "q")
+
+
+@pytest.mark.parametrize("impl", ["regs", "blocked"])
+@pytest.mark.parametrize("where", ["k", "v", "lr"])
+def test_nonfinite_token_in_partial_last_mini_batch(impl, where):
+    """A NaN (or inf) at token 36 of 40 (b = 16: in the kernels' partial, uncommitted last mini-batch) with a loss on
+    every output and the final weights: it poisons outputs 36.. only, not the weights (the partial mini-batch does
+    not update them), so every gradient up to token 35, of the initial state, tau and the LN weights is that of a
+    clean run whose loss has outputs 0..35 and the final weights."""
+    inp = make(B=1, T=40, H=1, d=16, b=16, pos=0, grad=True)
+    _contained(inp, impl, where, 36, torch.arange(40) < 36, True)
 
 
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
@@ -256,6 +274,31 @@ def test_smem_choice_is_checked():
     with pytest.raises(ValueError, match=r"^mlp_impl: 'smem' multiplies in 16 bits on the tensor cores; expected "
                                          r"bf16/fp16 inputs, got float32$"):
         run_triton(make(B=1, T=16, H=1, d=64, b=16, pos=0, grad=False), "smem")
+
+
+def test_smem_checkpoints_in_row_slots():
+    """The smem forward writes its checkpoints in the row kernels' slots ([B * nck, H]: entry b's group g at slot
+    b * nck + g), so the kernel pairs mix: close to the register forward's (fp16 products), B = H = 2, two groups."""
+    inp = make(B=2, T=64, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
+    x, st = inp.inputs(), inp.state()
+    params = tuple(p.float().contiguous() for p in st.params)
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, params, 16, 2)
+    _o, _fin, ck_smem = chunk_smem.fwd(*args)
+    _o, _fin, ck_regs = chunk.fwd(*args)
+    for a, b in zip(ck_smem, ck_regs):
+        assert a.shape == b.shape == (4, 2, *a.shape[2:])
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_smem_refuses_packed_documents():
+    """The smem kernels take no rows: packed documents (cu_seqlens, even one full-length document) are refused with
+    a one-line error, not run on other kernels."""
+    inp = make(B=1, T=32, H=1, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
+    for cu in ([0, 10, 32], [0, 32]):
+        with pytest.raises(ValueError, match=r"^cu_seqlens: mlp_impl='smem' runs whole batch entries only, not "
+                                             r"packed documents; use mlp_impl 'regs' or 'blocked' \(or None\) with "
+                                             r"cu_seqlens$"):
+            run_triton(inp, "smem", cu_seqlens=torch.tensor(cu))
 
 
 @pytest.mark.gpu

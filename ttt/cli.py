@@ -306,6 +306,9 @@ class EvalOptions:
                                   choices=TTT_BACKENDS)
     allow_other_tokenizer: bool = opt(False, "evaluate even when the data's tokenizer is not the one the checkpoint "
                                              "was trained with (the NLLs then mean nothing)")
+    by_document: bool = opt(False, "NLL by position within documents: the first --n-seqs documents (found at EOS), "
+                                   "their first --seq-len positions, each from a fresh state, packed --batch-size "
+                                   "documents' worth per forward (not with --chunk-len)")
 
 
 DEFAULT_TEMPERATURE = 0.8
@@ -506,7 +509,6 @@ DEFAULT_N_SEQS = 16
 
 
 def cmd_eval(args) -> int:
-    from .data import load_meta
     from .evaluate import evaluate_checkpoints, write_results
 
     o = _options(EvalOptions, args)
@@ -514,30 +516,55 @@ def cmd_eval(args) -> int:
     device = _check_device(o.device)
     for p in args.checkpoints if o.ttt_backend else ():
         _check_backend(o.ttt_backend, _checkpoint_model_config(p).get("mixer", ""), device)
-    held = int(load_meta(o.data).get(f"{o.split}_tokens", 0))
-    room = max(held - 1, 0) // o.seq_len
-    if room < 1:
-        raise CLIError(f"--seq-len: the {o.split} split of {o.data} holds {held} tokens, not enough for one sequence "
-                       f"of {o.seq_len} (+1 target); use --seq-len {max(held - 1, 1)} or less")
-    n_seqs = o.n_seqs
-    if n_seqs is None:
-        n_seqs = min(DEFAULT_N_SEQS, room)
-        if room < DEFAULT_N_SEQS:
-            _note(f"the {o.split} split holds {held:,} tokens: room for {room} sequence(s) of --seq-len {o.seq_len}; "
-                  f"evaluating {room} (not {DEFAULT_N_SEQS})")
-    elif n_seqs > room:
-        raise CLIError(f"--n-seqs: the {o.split} split of {o.data} holds {held:,} tokens, room for {room} sequence(s) "
-                       f"of --seq-len {o.seq_len}; got --n-seqs {n_seqs}")
+    n_seqs = _documents_to_eval(o) if o.by_document else _windows_to_eval(o)
     t0 = time.time()
     res = evaluate_checkpoints(args.checkpoints, o.data, seq_len=o.seq_len, chunk_len=o.chunk_len, n_seqs=n_seqs,
                                out_dir=None, split=o.split, batch_size=o.batch_size, n_buckets=o.buckets,
                                device=str(device), names=o.names, allow_other_tokenizer=o.allow_other_tokenizer,
-                               ttt_backend=o.ttt_backend, progress=not args.quiet)
+                               ttt_backend=o.ttt_backend, progress=not args.quiet, by_document=o.by_document)
     paths = write_results(res, o.out, train_len=o.train_len)
     _print_eval(res)
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['positions_csv']}, {paths['plot']} "
           f"({time.time() - t0:.1f}s)")
     return 0
+
+
+def _how_many(o: EvalOptions, room: int, what: str) -> int:
+    """--n-seqs, or its default (DEFAULT_N_SEQS, fewer when the split has `room` for fewer, said so)."""
+    if o.n_seqs is None:
+        if room < DEFAULT_N_SEQS:
+            _note(f"the {o.split} split holds {what}; evaluating {room} (not {DEFAULT_N_SEQS})")
+        return min(DEFAULT_N_SEQS, room)
+    if o.n_seqs > room:
+        raise CLIError(f"--n-seqs: the {o.split} split of {o.data} holds {what}; got --n-seqs {o.n_seqs}")
+    return o.n_seqs
+
+
+def _windows_to_eval(o: EvalOptions) -> int:
+    from .data import load_meta
+
+    held = int(load_meta(o.data).get(f"{o.split}_tokens", 0))
+    room = max(held - 1, 0) // o.seq_len
+    if room < 1:
+        raise CLIError(f"--seq-len: the {o.split} split of {o.data} holds {held} tokens, not enough for one sequence "
+                       f"of {o.seq_len} (+1 target); use --seq-len {max(held - 1, 1)} or less")
+    return _how_many(o, room, f"{held:,} tokens, room for {room} sequence(s) of --seq-len {o.seq_len}")
+
+
+def _documents_to_eval(o: EvalOptions) -> int:
+    """--by-document: how many of the split's documents (found at EOS) to evaluate."""
+    from .data import document_bounds, load_meta, load_tokens
+
+    if o.chunk_len is not None:
+        raise CLIError("--chunk-len: not with --by-document (each pack of documents runs in one forward)")
+    meta = load_meta(o.data)
+    if "eos_id" not in meta:
+        raise CLIError(f"--by-document: {Path(o.data) / 'meta.json'} records no eos_id; prepare the data again "
+                       f"with `ttt data`")
+    room = len(document_bounds(load_tokens(Path(o.data) / f"{o.split}.bin"), meta["eos_id"])) - 1
+    if room < 1:
+        raise CLIError(f"--by-document: the {o.split} split of {o.data} holds no document")
+    return _how_many(o, room, f"{room} document(s)")
 
 
 def _print_eval(res: dict) -> None:
@@ -547,8 +574,12 @@ def _print_eval(res: dict) -> None:
     rows = [[f"{s}-{e}"] + [f"{m['buckets'][i]['nll']:.4f}" for m in models] for i, (s, e) in enumerate(buckets)]
     rows.append(["all (nll)"] + [f"{m['nll']:.4f}" for m in models])
     rows.append(["all (ppl)"] + [f"{m['ppl']:.2f}" for m in models])
-    print(f"NLL by token position ({res['split']}, {res['n_seqs']} x {res['seq_len']} tokens, "
-          f"chunk_len {res['chunk_len']}):")
+    if res.get("by_document"):
+        print(f"NLL by position within documents ({res['split']}, {res['n_seqs']} documents, positions up to "
+              f"{res['seq_len']}):")
+    else:
+        print(f"NLL by token position ({res['split']}, {res['n_seqs']} x {res['seq_len']} tokens, "
+              f"chunk_len {res['chunk_len']}):")
     _print_table(header, rows)
 
 

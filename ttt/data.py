@@ -24,7 +24,10 @@ returns at once; another fingerprint -> ValueError unless `overwrite=True`. Shar
 `*.tmp` and renamed at the end. Run `prepare` from one process only (e.g. rank 0): there is no lock.
 
 `Batcher` draws random windows (offsets seeded by (seed, step)), `eval_sequences` cuts contiguous
-windows from the start of a shard for perplexity-by-position evaluation.
+windows from the start of a shard for perplexity-by-position evaluation. For packed documents
+(docs/packed.md): `document_bounds` finds the documents of a shard at its EOS tokens, `DocumentBatcher`
+packs whole documents into each row (`pack_rows` turns a micro-batch into one packed sequence with its
+cu_seqlens), `document_sequences` gives the first documents for evaluation by position within documents.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from .layers.head import IGNORE
 from .tokenizer import Tokenizer, _check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ FORMAT_VERSION = 1
 SHARD_NAMES = ("train", "val")
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _ENCODE_BATCH_BYTES = 4 << 20  # text handed to one encode_batch call
+_SCAN_TOKENS = 1 << 24  # tokens compared with EOS at a time when finding documents
 
 PathLike = Union[str, os.PathLike]
 
@@ -450,3 +455,94 @@ def eval_sequences(tokens, seq_len: int, n: int | None = None) -> tuple[torch.Te
                          f"seq_len={seq_len}; got n={n!r}")
     w = torch.from_numpy(np.asarray(toks[: n * seq_len + 1]).astype(np.int64))
     return w[:-1].reshape(n, seq_len), w[1:].reshape(n, seq_len)
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+def document_bounds(tokens, eos_id: int) -> np.ndarray:
+    """int64 [n_docs + 1]: 0, the offset after every EOS of a shard, and its length (a trailing piece without
+    EOS is a document too). Document i is tokens[b[i]:b[i + 1]], its EOS last. Scans the shard in pieces."""
+    toks = _tokens(tokens)
+    ends = [np.flatnonzero(toks[s:s + _SCAN_TOKENS] == eos_id) + (s + 1) for s in range(0, len(toks), _SCAN_TOKENS)]
+    b = np.concatenate([np.zeros(1, np.int64), *ends]).astype(np.int64)
+    return b if b[-1] == len(toks) else np.append(b, np.int64(len(toks)))
+
+
+def _take(toks: np.ndarray, a: int, n: int, ends_doc: bool) -> tuple[np.ndarray, np.ndarray]:
+    """x = toks[a : a+n] and its next tokens y, y's last IGNORE when the piece ends its document (the next
+    token starts another document, or is past the shard)."""
+    x = np.asarray(toks[a:a + n], dtype=np.int64)
+    y = np.empty(n, dtype=np.int64)
+    y[:-1] = x[1:]
+    y[-1] = IGNORE if ends_doc else toks[a + n]
+    return x, y
+
+
+class DocumentBatcher(Batcher):
+    """Training batches of whole documents packed into rows (docs/packed.md), a pure function of (seed, step).
+
+    Documents are found at EOS (`document_bounds`); one longer than seq_len is cut into pieces of seq_len.
+    Step s fills the B*world_size rows in order from numpy's default_rng([seed, s]): each draw is a token
+    offset, uniform over the shard, and adds the piece holding it (so every token is drawn as often as random
+    windows draw it), until the row holds seq_len tokens; the last piece is cut there. Rank r takes rows
+    r*B .. (r+1)*B. batch(step) -> (x, y, starts), each [B, T]: x int64 tokens, y their next tokens (IGNORE
+    after a document's EOS: the next token belongs to another document), starts bool, True at every piece's
+    first token (every row starts one). State and resume as Batcher.
+    """
+
+    def __init__(self, tokens, eos_id: int, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
+        docs = document_bounds(self.tokens, eos_id)
+        n_pieces = -(-np.diff(docs) // seq_len)  # [n_docs]
+        first = np.cumsum(n_pieces) - n_pieces  # [n_docs]: index of each document's first piece
+        within = np.arange(n_pieces.sum()) - np.repeat(first, n_pieces)  # [n_pieces]: piece index in its document
+        self.pieces = np.append(np.repeat(docs[:-1], n_pieces) + within * seq_len, docs[-1])  # [n_pieces + 1]
+        self.ends_doc = np.zeros(len(self.pieces) - 1, dtype=bool)
+        self.ends_doc[first + n_pieces - 1] = True
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (x, y, starts) for `step`, each [B, T]; does not move the step counter."""
+        B, T, n = self.batch_size, self.seq_len, len(self.tokens)
+        rng = np.random.default_rng([self.seed, step])
+        rows = B * self.world_size
+        x, y = np.empty((rows, T), dtype=np.int64), np.empty((rows, T), dtype=np.int64)
+        starts = np.zeros((rows, T), dtype=bool)
+        for r in range(rows):
+            t = 0
+            while t < T:
+                u = int(np.searchsorted(self.pieces, rng.integers(0, n), side="right")) - 1
+                a, size = int(self.pieces[u]), int(self.pieces[u + 1] - self.pieces[u])
+                take = min(size, T - t)
+                x[r, t:t + take], y[r, t:t + take] = _take(self.tokens, a, take, take == size and self.ends_doc[u])
+                starts[r, t] = True
+                t += take
+        mine = slice(self.rank * B, (self.rank + 1) * B)
+        return torch.from_numpy(x[mine]), torch.from_numpy(y[mine]), torch.from_numpy(starts[mine])
+
+
+def pack_rows(x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor):
+    """Rows [R, T] of a DocumentBatcher batch as one packed sequence: (x [1, R*T], y [1, R*T], cu_seqlens int64
+    [N + 1]), every row's start a document start. cu_seqlens stays on the CPU (the model reads it there)."""
+    flat = starts.reshape(-1).cpu()  # [R*T]
+    cu = torch.cat([torch.nonzero(flat).flatten(), torch.tensor([flat.numel()])])
+    return x.reshape(1, -1), y.reshape(1, -1), cu  # [R, T] -> [1, R*T]
+
+
+def document_sequences(tokens, eos_id: int, max_len: int, n: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The first `n` documents of a shard (default: all), each cut to its first max_len tokens: a list of
+    (x, y) int64 [L] pairs, y the next tokens (IGNORE after the document's EOS)."""
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+    toks = _tokens(tokens)
+    docs = document_bounds(toks, eos_id)
+    avail = len(docs) - 1
+    if n is None:
+        n = avail
+    if not isinstance(n, int) or n < 1 or n > avail:
+        raise ValueError(f"n: the shard holds {avail} documents; got n={n!r}")
+    out = []
+    for a, b in zip(docs[:n].tolist(), docs[1:n + 1].tolist()):
+        take = min(b - a, max_len)
+        out.append(tuple(torch.from_numpy(t) for t in _take(toks, a, take, take == b - a)))
+    return out

@@ -13,9 +13,14 @@ sequence (tests/test_model.py checks it) while holding only one chunk of activat
 Positions are 1-based: position p is the p-th predicted token, predicted from p tokens of context
 (x[0..p-1]). The paper's long-context plots put position on a log x axis; `bucketize` and `plot` do
 the same.
+
+By document (`evaluate_documents`, `evaluate_checkpoints(by_document=True)`, docs/packed.md): positions count
+from each document's first token, every document starts from a fresh state, documents are packed into one
+sequence per forward (cu_seqlens); position p averages over the documents that reach it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -71,14 +76,7 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
     chunk = chunk_len or L
     device = next(model.parameters()).device
     total = torch.zeros(L, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress is not None:
-        from tqdm import tqdm
-        bar = tqdm(total=math.ceil(N / batch_size) * math.ceil(L / chunk), desc=progress, unit="fwd", leave=False,
-                   dynamic_ncols=True)
-    try:
+    with _evaluating(model, math.ceil(N / batch_size) * math.ceil(L / chunk), progress) as bar:
         for i in range(0, N, batch_size):
             x = tokens[i:i + batch_size].to(device)
             y = targets[i:i + batch_size].to(device)
@@ -88,11 +86,70 @@ def evaluate_model(model, tokens: torch.Tensor, targets: torch.Tensor | None = N
                 total[s:s + chunk] += nll.sum(0).cpu()
                 if bar is not None:
                     bar.update(1)
+    return total / N
+
+
+@contextlib.contextmanager
+def _evaluating(model, forwards: int, progress: str | None):
+    """The model in eval mode (its training flag restored afterwards) and a progress bar of `forwards` ticks
+    described by `progress` (None without)."""
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+        bar = tqdm(total=forwards, desc=progress, unit="fwd", leave=False, dynamic_ncols=True)
+    try:
+        yield bar
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return total / N
+
+
+@torch.no_grad()
+def evaluate_documents(model, docs, max_len: int, *, pack_len: int, progress: str | None = None):
+    """NLL by position within documents: (sum float64 [max_len], count int64 [max_len]); entry p sums
+    -log p(y[p] | x[:p+1]) over the documents that reach it.
+
+    docs:     (x, y) int64 [L] pairs as ttt.data.document_sequences gives them (y = next tokens, IGNORE where
+              there is none). The last position of every document is not scored (the packed model skips it:
+              its target would start the next document), so cut documents at max_len + 1 tokens.
+    pack_len: tokens per forward; documents are packed greedily (in order) and the rest of each pack is one
+              more document with no targets, so every forward has the same length.
+    """
+    from .data import IGNORE
+
+    _check_pos_int("max_len", max_len)
+    longest = max(len(x) for x, _ in docs)
+    if longest >= pack_len:
+        raise ValueError(f"pack_len: expected more than the longest document ({longest} tokens), got {pack_len}")
+    packs, cur, used = [], [], 0
+    for doc in docs:  # greedy, leaving at least one token for the filler
+        if used + len(doc[0]) >= pack_len:
+            packs.append(cur)
+            cur, used = [], 0
+        cur.append(doc)
+        used += len(doc[0])
+    packs.append(cur)
+    device = next(model.parameters()).device
+    sums, counts = torch.zeros(max_len, dtype=torch.float64), torch.zeros(max_len, dtype=torch.int64)
+    with _evaluating(model, len(packs), progress) as bar:
+        for pack in packs:
+            fill = pack_len - sum(len(x) for x, _ in pack)
+            xs = [x for x, _ in pack] + [torch.zeros(fill, dtype=torch.int64)]
+            ys = [y[:-1] for _, y in pack]  # the scored targets: all but each document's last
+            cu = torch.tensor([0] + [len(x) for x in xs]).cumsum(0)
+            y = torch.cat([torch.cat([t, t.new_full((1,), IGNORE)]) for t in ys] + [torch.full((fill,), IGNORE)])
+            nll, _ = model(torch.cat(xs)[None].to(device), targets=y[None].to(device), cu_seqlens=cu,
+                           reduction="none")  # [1, pack_len]
+            pos = torch.cat([torch.arange(len(x)) for x in xs])  # [pack_len]: the position within the document
+            keep = (y != IGNORE) & (pos < max_len)
+            sums.index_add_(0, pos[keep], nll[0].cpu().double()[keep])
+            counts.index_add_(0, pos[keep], torch.ones_like(pos[keep]))
+            if bar is not None:
+                bar.update(1)
+    return sums, counts
 
 
 def bucket_edges(length: int, n_buckets: int, scheme: str = "log") -> list[int]:
@@ -139,7 +196,7 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
                          n_seqs: int | None = 16, out_dir=None, *, split: str = "val", batch_size: int = 8,
                          n_buckets: int = 16, device="cpu", names: Sequence[str] | None = None,
                          models: Sequence | None = None, allow_other_tokenizer: bool = False,
-                         ttt_backend: str | None = None, progress: bool = False) -> dict:
+                         ttt_backend: str | None = None, progress: bool = False, by_document: bool = False) -> dict:
     """Evaluate checkpoints on the first `n_seqs` windows of `seq_len` tokens of a prepared dataset.
 
     paths:     checkpoint directories (see ttt.checkpoint); or pass already-built `models` instead
@@ -151,13 +208,17 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
                was trained with (refused by default: the NLLs would look plausible and mean nothing).
     ttt_backend: run the checkpoints with this TTT op backend (None: "auto"; checkpoints hold no backend).
     progress:  show a progress bar per model (stderr).
+    by_document: instead of windows, the first `n_seqs` documents (all with None), their first `seq_len`
+               positions, each from a fresh state, packed batch_size documents' worth per forward
+               (`evaluate_documents`); per_position then averages over the documents that reach each
+               position ("count_by_position"), and "nll" is the mean over all scored tokens.
     out_dir:   when given, writes eval.json, eval.csv (buckets), eval_by_position.csv and eval.png.
     Returns {"seq_len", "chunk_len", "n_seqs", "split", "data_dir", "models": [{"name", "path",
     "train_len" (the checkpoint's training seq_len, if recorded), "trained_on_this_data" (whether the
     checkpoint's recorded data fingerprint is data_dir's; None if unknown), "params", "config", "nll", "ppl",
     "per_position": [L floats], "buckets": [...]}, ...]}.
     """
-    from .data import eval_sequences, load_meta
+    from .data import document_sequences, eval_sequences, load_meta
 
     if split not in ("val", "train"):
         raise ValueError(f"split: expected 'val' or 'train', got {split!r}")
@@ -165,7 +226,18 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
     _check_pos_int("n_seqs", n_seqs, allow_none=True)
     meta = load_meta(data_dir)
     shard = Path(data_dir) / f"{split}.bin"
-    x, y = eval_sequences(shard, seq_len, n_seqs)
+    if by_document:
+        if chunk_len is not None:
+            raise ValueError("chunk_len: evaluation by_document runs each pack of documents in one forward; "
+                             "leave chunk_len out")
+        if "eos_id" not in meta:
+            raise ValueError(f"by_document: {Path(data_dir) / 'meta.json'} records no eos_id to find the documents "
+                             f"by; prepare the data again with `ttt data`")
+        docs = document_sequences(shard, meta["eos_id"], seq_len + 1, n_seqs)  # +1: a document's last is not scored
+        count = len(docs)
+    else:
+        x, y = eval_sequences(shard, seq_len, n_seqs)
+        count = int(x.shape[0])
     entries = []  # (name, path, load() -> (model, config), train_len); checkpoints are loaded one at a time
     if models is not None:
         if names is None or len(names) != len(models):
@@ -193,7 +265,7 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         from .tokenizer import Tokenizer
         data_tok = Tokenizer.load(tok_path)
     results = {"data_dir": str(data_dir), "split": split, "seq_len": seq_len, "chunk_len": chunk_len,
-               "n_seqs": int(x.shape[0]), "models": []}
+               "n_seqs": count, "by_document": by_document, "models": []}
     for name, path, load, train_len in entries:
         model, cfg, *ck = load()
         if data_tok is not None and ck:
@@ -207,10 +279,19 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
         if vocab is not None and vocab < meta["vocab_size"]:
             raise ValueError(f"checkpoint {name!r}: vocab_size {vocab} is smaller than the dataset's "
                              f"{meta['vocab_size']} (data_dir {str(data_dir)!r}); was it trained on other data?")
-        log.info("evaluating %s on %d x %d tokens (chunk %s)", name, x.shape[0], seq_len, chunk_len)
-        nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size,
-                             progress=f"eval {name}" if progress else None)
-        mean = nll.mean().item()
+        bar = f"eval {name}" if progress else None
+        extra = {}
+        if by_document:
+            log.info("evaluating %s on %d documents, their first %d positions", name, len(docs), seq_len)
+            sums, counts = evaluate_documents(model, docs, seq_len, pack_len=batch_size * (seq_len + 2), progress=bar)
+            reached = int(torch.nonzero(counts).max()) + 1  # positions some document reaches
+            nll = sums[:reached] / counts[:reached].clamp(min=1)
+            mean = (sums.sum() / counts.sum()).item()
+            extra["count_by_position"] = counts[:reached].tolist()
+        else:
+            log.info("evaluating %s on %d x %d tokens (chunk %s)", name, x.shape[0], seq_len, chunk_len)
+            nll = evaluate_model(model, x, y, chunk_len=chunk_len, batch_size=batch_size, progress=bar)
+            mean = nll.mean().item()
         trained_on = ck[0].meta.get("data_fingerprint") if ck else None
         results["models"].append({
             "name": name, "path": path, "train_len": train_len,
@@ -220,6 +301,7 @@ def evaluate_checkpoints(paths: Sequence, data_dir, seq_len: int = 1024, chunk_l
             "nll": mean, "ppl": math.exp(mean),
             "per_position": nll.tolist(),
             "buckets": bucketize(nll, n_buckets),
+            **extra,
         })
     if out_dir is not None:
         write_results(results, out_dir)
@@ -290,8 +372,10 @@ def plot(results: dict, path, *, metric: str = "nll", train_len: int | None = No
     ax.set_ylabel("NLL (nats / token)" if metric == "nll" else "perplexity")
     chunk = results.get("chunk_len")
     name = metric.upper() if metric == "nll" else "perplexity"
-    ax.set_title(title or f"{name} by token position ({results.get('split', 'val')}, {results.get('n_seqs')} seqs x "
-                          f"{results.get('seq_len')} tokens{f', chunks of {chunk}' if chunk else ''})", fontsize=10)
+    what = (f"{results.get('n_seqs')} documents, positions within each up to {results.get('seq_len')}"
+            if results.get("by_document") else
+            f"{results.get('n_seqs')} seqs x {results.get('seq_len')} tokens{f', chunks of {chunk}' if chunk else ''}")
+    ax.set_title(title or f"{name} by token position ({results.get('split', 'val')}, {what})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

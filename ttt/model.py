@@ -5,7 +5,8 @@ Blocks (docs/math.md §7), with pre-RMSNorm residual sub-layers:
   backbone "transformer":              h += mixer(norm h); h += SwiGLU(norm h)   (no FFN if ffn_hidden=0)
 The mixer is one of ttt_linear, ttt_mlp, attention (Transformer++ baseline) or mamba (Mamba-2 style
 baseline). Every model streams: forward(ids, state) -> (logits, state), for chunked evaluation and
-decoding; one token at a time is the decode step.
+decoding; one token at a time is the decode step. forward(ids, cu_seqlens=cu) runs N documents packed
+into ids [1, T], each as if alone (docs/packed.md).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig, RunOptions
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
-from .layers.head import linear_cross_entropy
+from .layers.head import IGNORE, linear_cross_entropy
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
+from .ops.packed import packing
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +122,12 @@ class Block(nn.Module):
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
         return BlockState(conv, self.mixer.init_state(batch_size, device=device))
 
-    def forward(self, h, state: "BlockState | None" = None):
+    def forward(self, h, state: "BlockState | None" = None, cu_seqlens=None):
         conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
-            y, conv_state = self.conv(self.conv_norm(h), conv_state)
+            y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens)
             h = h + y
-        y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state)
+        y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
         h = h + y
         if hasattr(self, "ffn"):
             h = h + self.ffn(self.ffn_norm(h))
@@ -151,7 +153,8 @@ class BlockState:
 
 @dataclass
 class LMState:
-    """The model's state: one `BlockState` per block. pos (tokens consumed) is the blocks' own count."""
+    """The model's state: one `BlockState` per block. pos (tokens consumed) is the blocks' own count (after
+    packed documents: one count per document, the states one row per document)."""
 
     blocks: list[BlockState]
 
@@ -295,19 +298,35 @@ class TTTLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def hidden(self, ids: torch.Tensor, state: LMState | None = None, run_block=None):
-        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head.
-        run_block(block, h, block_state) -> (h, new block state), when given, runs each block instead of
-        block(h, block_state) (the compiled decode step of `ttt.decode_graph`)."""
+    @staticmethod
+    def _check_ids(ids) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids: expected an integer tensor [B, T], got {got}")
         if ids.shape[1] == 0:
             raise ValueError("ids: expected a non-empty sequence (T >= 1), got T = 0")
+
+    def hidden(self, ids: torch.Tensor, state: LMState | None = None, run_block=None, cu_seqlens=None):
+        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head.
+        run_block(block, h, block_state) -> (h, new block state), when given, runs each block instead of
+        block(h, block_state) (the compiled decode step of `ttt.decode_graph`). cu_seqlens: packed documents
+        (int64 [N + 1], or a `Packing`; ids [1, T]), checked once here for every block."""
+        self._check_ids(ids)
         if state is not None and (not isinstance(state, LMState) or len(state.blocks) != len(self.blocks)
                                   or not all(isinstance(b, BlockState) for b in state.blocks)):
             raise ValueError(f"state: expected an LMState of {len(self.blocks)} blocks from this model's init_state")
         B, T = ids.shape
+        pk = None
+        if cu_seqlens is not None:
+            if run_block is not None:
+                raise ValueError("cu_seqlens: the decode step (run_block) runs one token per row, not packed documents")
+            pk = packing(cu_seqlens, T, ids.device, batch_size=B)
+            if state is not None and not all(getattr(blk.mixer, "packed_state", True) for blk in self.blocks):
+                raise ValueError("state: attention starts every packed document afresh and keeps no KV cache; pass "
+                                 "no state with cu_seqlens")
+        elif state is not None and not isinstance(state.pos, int):
+            raise ValueError("state: a state of packed documents (one position per document) continues packed "
+                             "documents only; pass cu_seqlens")
         # a fresh start lets each block build its initial state inside its own forward (FSDP2
         # unshards a block's parameters only there)
         h = self.embed(ids)
@@ -318,9 +337,9 @@ class TTTLM(nn.Module):
             if run_block is not None:
                 h, s = run_block(blk, h, s)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h, s = checkpoint(blk, h, s, use_reentrant=False)
+                h, s = checkpoint(blk, h, s, pk, use_reentrant=False)
             else:
-                h, s = blk(h, s)
+                h, s = blk(h, s, pk)
             new_states.append(s)
         return self.norm(h), LMState(new_states)
 
@@ -329,19 +348,28 @@ class TTTLM(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, ids: torch.Tensor, state: LMState | None = None, *, logits: str = "all",
-                targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192, run_block=None):
+                targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192, run_block=None,
+                cu_seqlens=None):
         """ids [B, T] -> (logits, new state), or (loss, new state) when `targets` [B, T] is given: the
         next-token cross-entropy through the chunked head (`layers/head.py`), a scalar for reduction
         "mean"/"sum" or the per-token NLL [B, T] for "none", fp32 (fp64 for an fp64 model); at most
-        `chunk` rows of logits exist at a time. Without targets, `logits` picks what the head computes:
-        "all" [B, T, V], "last" [B, 1, V] (prefill before generation), "none" (None; state only).
-        run_block: see `hidden`."""
+        `chunk` rows of logits exist at a time; targets equal to IGNORE (-100) are skipped. Without
+        targets, `logits` picks what the head computes: "all" [B, T, V], "last" [B, 1, V] (prefill before
+        generation), "none" (None; state only). run_block: see `hidden`.
+        cu_seqlens (int64 [N + 1]; ids [1, T]): N packed documents, each run as if alone (docs/packed.md);
+        targets are the next tokens of the packed stream, and the target of every document's last token but
+        the last document's (the next document's first token) is skipped (counts as IGNORE)."""
         if logits not in LOGITS:
             raise ValueError(f"logits: expected one of {LOGITS}, got {logits!r}")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != ids.shape):
             got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets: expected a tensor of the shape of ids {tuple(ids.shape)}, got {got}")
-        h, state = self.hidden(ids, state, run_block)
+        if cu_seqlens is not None:
+            self._check_ids(ids)
+            cu_seqlens = packing(cu_seqlens, ids.shape[1], ids.device, batch_size=ids.shape[0])
+            if targets is not None:  # never predict a document's first token from the one before it
+                targets = targets.index_fill(1, cu_seqlens.cu_seqlens[1:-1] - 1, IGNORE)
+        h, state = self.hidden(ids, state, run_block, cu_seqlens)
         w = self.head_weight
         if targets is not None:
             dev = h.device.type

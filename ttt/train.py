@@ -21,6 +21,9 @@ Batches: every optimizer step uses tokens_per_step / seq_len windows drawn by tt
 (seed, step); rank r takes its share of rows and splits it into micro-batches (gradient accumulation
 = tokens_per_step / (micro_batch * seq_len * world_size)). So the step's batch does not depend on the
 number of processes or on micro_batch, and a resumed run sees the batches the uninterrupted one would.
+With pack_documents, ttt.data.DocumentBatcher packs whole documents into the rows instead (docs/packed.md),
+and each micro-batch runs as one packed sequence of micro_batch * seq_len tokens whose documents each start
+from a fresh state (cu_seqlens); the validation windows stay as they are.
 
 The model is built on the meta device, sharded there (FSDP2, see ttt.dist), materialised on the
 device and initialised from `seed` (the same values in any process count), then wrapped (DDP).
@@ -78,7 +81,7 @@ from . import dist
 from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
                          latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
 from .config import ModelConfig, RunOptions, help_field
-from .data import Batcher, eval_sequences, load_meta, load_tokens
+from .data import Batcher, DocumentBatcher, eval_sequences, load_meta, load_tokens, pack_rows
 from .model import TTTLM, inner_lr_scale
 from .tokenizer import Tokenizer
 
@@ -88,6 +91,8 @@ METRIC_FIELDS = ("step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "v
 # the TrainConfig fields that define a run (change the trajectory); the others may change on resume
 RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup_frac", "weight_decay", "beta1",
               "beta2", "grad_clip", "seed", "inner_lr_warmup")
+# run fields recorded only when not at their default, so that runs from before they existed still resume
+OPTIONAL_RUN_FIELDS = {"pack_documents": False}
 DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
 
 
@@ -118,6 +123,10 @@ class TrainConfig:
     keep_checkpoints: int = help_field(2, "keep the newest this many checkpoints (0 = keep all)")
     log_every: int = help_field(10, "write a metrics row every this many steps")
     seed: int = help_field(0, "seed of the model init and of the batch draws")
+    pack_documents: bool = help_field(False, "pack whole documents (found at EOS) into each sequence, every one "
+                                             "starting from a fresh state, instead of windows across documents; "
+                                             "no loss predicts a document's first token from the document before; "
+                                             "a document longer than seq_len is cut into seq_len pieces")
     device: str = help_field("auto", f"one of {DEVICES}; auto = cuda when available")
     amp: str = help_field("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
     compile: bool = help_field(False, "torch.compile each block")
@@ -300,7 +309,9 @@ def _run_config(model_cfg: ModelConfig, cfg: TrainConfig, meta: dict) -> dict:
     """The content of config.json: what identifies the run, plus the full train config for reference."""
     return {"format": 1, "model_type": "ttt_lm", "model": model_cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "data": {"fingerprint": meta.get("fingerprint"), "vocab_size": meta["vocab_size"]},
-            "run": {k: getattr(cfg, k) for k in RUN_FIELDS}, "train": dataclasses.asdict(cfg)}
+            "run": {**{k: getattr(cfg, k) for k in RUN_FIELDS},
+                    **{k: getattr(cfg, k) for k, default in OPTIONAL_RUN_FIELDS.items() if getattr(cfg, k) != default}},
+            "train": dataclasses.asdict(cfg)}
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
@@ -408,6 +419,9 @@ def _check_data(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> dict:
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise ValueError(f"vocab_size: the model config has vocab_size={model_cfg.vocab_size}, the data's tokenizer "
                          f"({data_dir / 'tokenizer.json'}) has {meta['vocab_size']}; they must be equal")
+    if cfg.pack_documents and "eos_id" not in meta:
+        raise ValueError(f"pack_documents: {data_dir / 'meta.json'} records no eos_id to find the documents by; "
+                         f"prepare the data again with `ttt data`")
     for name in ("train", "val"):
         path, count = data_dir / f"{name}.bin", meta.get(f"{name}_tokens")
         if path.is_file() and isinstance(count, int) and isinstance(meta.get("dtype"), str):
@@ -539,8 +553,12 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
     meta = _check_data(model_cfg, cfg, world)
     accum = grad_accum_steps(cfg, world)
-    batcher = Batcher(load_tokens(data_dir / "train.bin"), cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed,
-                      rank=rank, world_size=world)
+    if cfg.pack_documents:
+        batcher = DocumentBatcher(load_tokens(data_dir / "train.bin"), meta["eos_id"], cfg.micro_batch * accum,
+                                  cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+    else:
+        batcher = Batcher(load_tokens(data_dir / "train.bin"), cfg.micro_batch * accum, cfg.seq_len, seed=cfg.seed,
+                          rank=rank, world_size=world)
     tok_path = data_dir / "tokenizer.json"  # kept in every checkpoint: a run carries its own tokenizer
     tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
     run_cfg = _run_config(model_cfg, cfg, meta)
@@ -681,12 +699,13 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
         g["lr"] = lr_at(step, cfg)
     warm = int(cfg.warmup_frac * cfg.max_steps)
     loop.model.set_inner_lr_warmup(step / warm if cfg.inner_lr_warmup and step < warm else 1.0)
-    x, y = next(loop.batcher)
+    x, y, *starts = next(loop.batcher)  # starts: packed documents (DocumentBatcher)
     for ids in (x, y):  # a damaged train.bin: a clear error, not an IndexError deep in the embedding
         _check_ids(ids, loop.model.cfg.vocab_size, Path(cfg.data_dir) / "train.bin")
     if loop.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
         x, y = x.pin_memory().to(loop.device, non_blocking=True), y.pin_memory().to(loop.device, non_blocking=True)
     xs, ys = x.to(loop.device).chunk(loop.accum), y.to(loop.device).chunk(loop.accum)  # [rows, T] -> accum x
+    packs = starts[0].chunk(loop.accum) if starts else [None] * loop.accum
     loss_sum = torch.zeros((), device=loop.device)
     for i in range(loop.accum):
         if stop.reason is not None and loop.world == 1:
@@ -695,7 +714,11 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
             return None
         with dist.grad_sync(loop.wrapped, i == loop.accum - 1):
             with loop.autocast():
-                loss, _ = loop.wrapped(xs[i], targets=ys[i])
+                if packs[i] is None:
+                    loss, _ = loop.wrapped(xs[i], targets=ys[i])
+                else:  # the micro-batch's rows as one packed sequence, every document from a fresh state
+                    xp, yp, cu = pack_rows(xs[i], ys[i], packs[i])
+                    loss, _ = loop.wrapped(xp, targets=yp, cu_seqlens=cu)
             (loss / loop.accum).backward()
         loss_sum += loss.detach()
     return loss_sum / loop.accum

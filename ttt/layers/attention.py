@@ -2,16 +2,20 @@
 and `apply_rope`, the adjacent-pair rotary embedding that the TTT layer reuses.
 
 forward(x, state) over any split of a sequence, carrying the returned KVCache, equals one forward
-over the whole sequence.
+over the whole sequence. forward(x, cu_seqlens=cu) on packed documents (docs/packed.md): each token
+attends within its own document only, RoPE positions restart at every document (`document_attention`:
+FlexAttention with a block mask on CUDA, SDPA with a boolean mask elsewhere).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.packed import Packing, packing
 from .conv import check_input_dtype
 
 
@@ -53,11 +57,23 @@ class KVCache:
         return replace(self, k=self.k.detach(), v=self.v.detach())
 
 
+@dataclass(frozen=True)
+class PackedEnd:
+    """What attention returns after packed documents: only where each one ended (pos, one int per document).
+    It keeps no KV cache (caches of unequal lengths do not stack), so nothing continues from it."""
+
+    pos: tuple
+
+    def detach(self) -> "PackedEnd":
+        return self
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention, Transformer++ style. x: [B, T, D] -> [B, T, D]."""
 
     decode_period = 1  # decoding: every position runs the same step ...
     static_decode_state = False  # ... but the KV cache grows with the context (not CUDA-graph capturable)
+    packed_state = False  # packed documents: no state in or out (KV caches of unequal lengths do not stack)
 
     def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0):
         super().__init__()
@@ -93,11 +109,22 @@ class Attention(nn.Module):
                 raise ValueError(f"state: expected {name} of shape [{want[0]}, {want[1]}, L, {want[2]}], "
                                  f"got {tuple(t.shape)}")
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None):
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, cu_seqlens=None):
+        """x: [B, T, D] -> (y, KVCache). With cu_seqlens (int64 [N + 1], or a `Packing`): x [1, T, D] holds N
+        packed documents, each attended alone; no state is taken, and the one returned (`PackedEnd`) holds only their
+        end positions."""
         self._check(x, state)
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, d).unbind(2)  # [B, T, H, d] each
+        if cu_seqlens is not None:
+            if state is not None:
+                raise ValueError("state: attention over packed documents starts every document afresh and returns no "
+                                 "KV cache; pass no state with cu_seqlens")
+            pk = packing(cu_seqlens, T, x.device, batch_size=B)
+            q, k = (apply_rope(t, pk.positions, self.rope_base).transpose(1, 2) for t in (q, k))  # [1, H, T, d]
+            y = document_attention(q, k, v.transpose(1, 2), pk)
+            return self.o(y.transpose(1, 2).reshape(B, T, D)), PackedEnd(pk.end_positions(0))  # [1,H,T,d] -> [1,T,H*d]
         pos = 0 if state is None else state.pos
         positions = torch.arange(pos, pos + T, device=x.device)
         q = apply_rope(q, positions, self.rope_base).transpose(1, 2)  # [B, H, T, d]
@@ -114,3 +141,65 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, d] -> [B, T, H*d]
         return self.o(y), KVCache(k, v, pos + T)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: Packing, *,
+                       flex: bool | None = None) -> torch.Tensor:
+    """Causal attention inside each packed document. q, k, v: [1, H, T, d] -> [1, H, T, d].
+
+    flex (default: on CUDA): FlexAttention, compiled, with a block mask listing per block of 128 queries only
+    the key blocks of its own documents (blocks between documents are skipped, not masked); else SDPA with
+    a boolean [T, T] mask. Both are PyTorch's own attention; a model builds each mask once per forward (memo
+    on the Packing). Off CUDA FlexAttention runs uncompiled and without a backward (tests).
+    """
+    if flex if flex is not None else q.is_cuda:
+        fn = _compiled_flex() if q.is_cuda else _flex_attention()
+        return fn(q, k, v, block_mask=pk.memoize("flex_block_mask", lambda: document_block_mask(pk)))
+    mask = pk.memoize("sdpa_mask", lambda: document_mask(pk))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def document_mask(pk: Packing) -> torch.Tensor:
+    """[T, T] bool: query t sees key s when s <= t in the same document."""
+    doc, T = pk.seq_idx, pk.total
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return causal & (doc[:, None] == doc[None, :])
+
+
+def document_block_mask(pk: Packing, block_size: int = 128):
+    """The FlexAttention BlockMask of `document_mask`, built from the document boundaries of every block
+    (never as a [T, T] tensor): key block j serves query block i when j <= i and they share a document; it
+    is full (no mask_mod needed) when j < i and both lie inside one and the same document."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T, dev = pk.total, pk.seq_idx.device
+    nb = -(-T // block_size)
+    doc = F.pad(pk.seq_idx, (0, nb * block_size - T), value=-1)  # [nb * block]: padding in no document
+    first = pk.seq_idx[::block_size]  # [nb]: the document of each block's first token
+    last = pk.seq_idx[(torch.arange(1, nb + 1, device=dev) * block_size - 1).clamp(max=T - 1)]  # [nb]: of its last
+    i, j = torch.arange(nb, device=dev)[:, None], torch.arange(nb, device=dev)[None, :]  # [nb, 1], [1, nb]
+    some = (j <= i) & (first[:, None] <= last[None, :])  # [nb, nb]: blocks j <= i share a document when this holds
+    one_doc = first == last  # [nb]
+    one_doc[-1] &= T % block_size == 0  # a block with padding is never full (as create_block_mask has it)
+    full = (j < i) & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
+
+    def listed(m):  # [nb, nb] bool -> counts [1, 1, nb] and the listed columns first [1, 1, nb, nb], int32
+        order = torch.argsort((~m).to(torch.uint8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    return BlockMask.from_kv_blocks(*listed(some & ~full), *listed(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled once per process (uncompiled it falls back to a dense, slow reference)."""
+    return torch.compile(_flex_attention(), dynamic=False)

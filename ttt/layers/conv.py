@@ -1,5 +1,6 @@
-"""Depthwise causal 1-D convolution with an explicit window state, so streaming works chunk by chunk; and
-the input-dtype check every layer runs at its entry."""
+"""Depthwise causal 1-D convolution with an explicit window state, so streaming works chunk by chunk, and
+on packed documents (`cu_seqlens`, docs/packed.md) one window per document; and the input-dtype check
+every layer runs at its entry."""
 from __future__ import annotations
 
 import math
@@ -28,6 +29,8 @@ class CausalConv1d(nn.Module):
 
     The state is the last `width - 1` inputs, [B, width-1, C]; zeros at the start of a sequence.
     forward(x, state) over any split of a sequence equals one forward over the whole sequence.
+    forward(x, state, cu_seqlens=cu) on packed documents (x: [1, T, C]): no window reaches across a boundary;
+    the state has one row per document ([N, width-1, C], or None for zeros), and so has the returned one.
     backend: "torch" (cuDNN on CUDA in eager mode, else shifted products), "triton" (the fused kernel of
     ops/fused_layer.py: CUDA, or Triton's interpreter), "auto" ("triton" for CUDA fp32/fp16/bf16 inputs when
     Triton imports, else "torch").
@@ -76,8 +79,10 @@ class CausalConv1d(nn.Module):
             return True
         return ok and device.type == "cuda" and dtype != torch.float64 and not self.channels % 2
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens=None):
         B, T, C = x.shape
+        if cu_seqlens is not None:
+            return self._packed(x, state, cu_seqlens)
         if self._use_kernel(x):
             from ..ops.fused_layer import causal_conv
             return causal_conv(x if x.stride(-1) == 1 else x.contiguous(), state, self.weight, self.bias)
@@ -95,3 +100,33 @@ class CausalConv1d(nn.Module):
             if b is not None:
                 y = y + b
         return y, xs[:, xs.shape[1] - (self.width - 1):]
+
+    def _packed(self, x: torch.Tensor, state: torch.Tensor | None, cu_seqlens):
+        """forward on packed documents: tap j of token t reads x[t - s] (s = width-1-j tokens back) when that
+        token is in t's document, else its document's own start window; the final windows are gathered the
+        same way at every document's end."""
+        from ..ops.packed import packing
+
+        if self.backend == "triton":
+            raise ValueError("cu_seqlens: the Triton conv kernel (backend='triton', fused_layer) does not take "
+                             "document boundaries; use backend='torch' (fused_layer off) for packed documents")
+        T, C, n = x.shape[1], self.channels, self.width - 1
+        pk = packing(cu_seqlens, T, x.device, batch_size=x.shape[0],
+                     state_rows=None if state is None else state.shape[0])
+        N = pk.num_docs
+        state = torch.zeros(N, n, C, device=x.device, dtype=x.dtype) if state is None else state.to(x.dtype)
+        xs, pos, doc = x[0], pk.positions, pk.seq_idx  # [T, C], [T], [T]
+        w = self.weight.to(x.dtype)
+        y = xs * w[:, 0, n]
+        for s in range(1, n + 1):  # the taps that reach s tokens back
+            back = F.pad(xs, (0, 0, s, 0))[:T]  # [T, C]: x[t - s]
+            own = state[doc, (n - s + pos).clamp(max=n - 1)]  # [T, C]: the document's start window, where t - s is before it
+            y = y + torch.where((pos >= s)[:, None], back, own) * w[:, 0, n - s]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        ends, lengths = pk.cu_seqlens[1:], pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]  # [N] each
+        rows = torch.arange(N, device=x.device)
+        window = [torch.where((lengths - n + k >= 0)[:, None], xs[(ends - n + k).clamp(min=0)],
+                              state[rows, (lengths + k).clamp(max=n - 1)]) for k in range(n)]  # n x [N, C]
+        final = torch.stack(window, dim=1) if n else state  # [N, width-1, C]
+        return y[None], final

@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
+IGNORE = -100  # the default ignore_index: a target that adds nothing to the loss
 
 
 def _chunk_nll(h, w, t, ignore_index: int):
@@ -59,7 +60,7 @@ class _LinearCESum(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
-                         ignore_index: int = -100, chunk: int = 8192) -> torch.Tensor:
+                         ignore_index: int = IGNORE, chunk: int = 8192) -> torch.Tensor:
     """Cross-entropy of the logits h @ weight.T against targets, never holding more than `chunk` rows of
     logits. h: [..., D]; weight: [V, D]; targets: int [...] (h's leading dims). Returns a scalar
     ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h)."""

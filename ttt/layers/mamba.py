@@ -10,6 +10,8 @@ The SSM, per head h with scalar decay A_h < 0, per token t:
     S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T      S: [head_dim, d_state]
     y_t = S_t C_t + D_h x_t
 forward(x, state) over any split of a sequence, carrying the returned state, equals one forward.
+forward(x, cu_seqlens=cu) on packed documents (docs/packed.md): the conv windows and the SSM state restart
+at every document (the scans take `seq_idx`); the state has one row per document.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.packed import Packing, packing
 from .conv import CausalConv1d, check_input_dtype
 from .norms import RMSNorm
 
@@ -37,12 +40,15 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(~ones.tril(0), -math.inf)
 
 
-def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64):
+def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64, seq_idx=None):
     """The SSM over a sequence: quadratic attention-like form inside chunks, state carried between them.
 
     x: [B, T, H, P]; dt: [B, T, H] (positive); A: [H] (negative); Bm, Cm: [B, T, N];
     state: [B, H, P, N]. Returns y [B, T, H, P] (without the D skip) and the final state.
     All inputs must share one dtype; T need not be a multiple of chunk_size.
+    seq_idx: int [T] with B = 1 (packed documents): the document of every token; the state restarts from
+    zero at every document's first token, so `state` enters the first document only and the returned state
+    is the last document's (as mamba_ssm's seq_idx); `document_states` gives every document's.
     """
     Bsz, T, H, P = x.shape
     N = Bm.shape[-1]
@@ -51,6 +57,11 @@ def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64):
         x, Bm, Cm = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, Bm, Cm))
         dt = F.pad(dt, (0, 0, 0, pad))
     nc, cs = (T + pad) // chunk_size, chunk_size
+    same = None
+    if seq_idx is not None:  # padding joins the last document (dt = 0 there: it changes nothing)
+        doc = torch.cat([seq_idx, seq_idx[-1:].expand(pad)]).view(nc, cs)  # [nc, cs]
+        prev = torch.cat([doc[:1, 0], doc[:-1, -1]])  # [nc]: the document the carried state belongs to
+        same = (doc[:, :, None] == doc[:, None, :], doc == doc[:, -1:], doc == prev[:, None], doc[:, -1] == prev)
     xdt = (x * dt[..., None]).view(Bsz, nc, cs, H, P)  # dt-weighted input per chunk
     a = (dt * A).view(Bsz, nc, cs, H).permute(0, 3, 1, 2)  # [B, H, nc, cs]: log-decay of each token
     Bm, Cm = Bm.view(Bsz, nc, cs, N), Cm.view(Bsz, nc, cs, N)
@@ -58,24 +69,52 @@ def ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size: int = 64):
 
     # 1. inside each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s
     decay = segsum(a).exp()  # [B, H, nc, cs(l), cs(s)]
+    if same is not None:  # packed: nothing flows between documents
+        decay = decay * same[0]
     scores = torch.einsum("bcln,bcsn->bcls", Cm, Bm)
     y = torch.einsum("bcls,bhcls,bcshp->bclhp", scores, decay, xdt)
 
     # 2. what each chunk adds to the state at its own end
     to_end = (acum[..., -1:] - acum).exp()  # [B, H, nc, cs]
+    if same is not None:  # only the tokens of the document at the chunk's end
+        to_end = to_end * same[1]
     chunk_states = torch.einsum("bcsn,bhcs,bcshp->bchpn", Bm, to_end, xdt)  # [B, nc, H, P, N]
 
     # 3. carry the state across chunks (a short sequential scan over nc)
     chunk_decay = acum[..., -1].exp()  # [B, H, nc]
+    if same is not None:  # a chunk that ends in another document drops the carried state
+        chunk_decay = chunk_decay * same[3]
     starts = []
     for c in range(nc):
         starts.append(state)
         state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
     starts = torch.stack(starts, dim=1)  # [B, nc, H, P, N]: state entering each chunk
 
-    # 4. the state entering a chunk, decayed to token l, read out by C_l
-    y = y + torch.einsum("bcln,bchpn,bhcl->bclhp", Cm, starts, acum.exp())
+    # 4. the state entering a chunk, decayed to token l, read out by C_l (packed: by its own document only)
+    into = acum.exp() if same is None else acum.exp() * same[2]
+    y = y + torch.einsum("bcln,bchpn,bhcl->bclhp", Cm, starts, into)
     return y.reshape(Bsz, nc * cs, H, P)[:, :T], state
+
+
+def document_states(x, dt, A, Bm, Cm, pk: Packing, init=None, finals: bool = True):
+    """What a scan with resets at the boundaries (seq_idx, from zero) leaves out for packed documents, one
+    document at a time: with `finals` each document's final state from a zero start; with `init` (one initial
+    state per document, [N, H, P, N]) the output it adds and its decayed share of the final state.
+    x: [1, T, H, P]; dt: [1, T, H]; A: [H]; Bm, Cm: [1, T, N]. Returns (the sum of those final-state parts
+    [N, H, P, N], None when neither is asked for; the added output [1, T, H, P], None without init)."""
+    states, ys = [], []
+    for i, (s, e) in enumerate(pk.spans):
+        a = dt[0, s:e] * A  # [L, H]: log-decay of each token
+        parts = []
+        if finals:  # token t reaches the end decayed by the tokens after it
+            after = torch.cat([a[1:].flip(0).cumsum(0).flip(0), a.new_zeros(1, a.shape[1])])  # [L, H]
+            parts.append(torch.einsum("th,thp,tn->hpn", after.exp() * dt[0, s:e], x[0, s:e], Bm[0, s:e]))
+        if init is not None:
+            upto = a.cumsum(0)  # [L, H]: log-decay of the initial state through token t
+            ys.append(torch.einsum("tn,hpn,th->thp", Cm[0, s:e], init[i], upto.exp()))
+            parts.append(upto[-1].exp()[:, None, None] * init[i])
+        states.append(sum(parts[1:], parts[0]) if parts else None)
+    return (torch.stack(states) if states[0] is not None else None), (torch.cat(ys)[None] if ys else None)
 
 
 MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
@@ -125,16 +164,23 @@ def resolve_mamba_backend(backend: str, device) -> str:
     return backend
 
 
-def ssd_chunked_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state, chunk_size: int = 256):
+def ssd_chunked_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state, chunk_size: int = 256,
+                       pk: Packing | None = None, varlen_states: bool = False):
     """ssd_chunked plus the D skip, by mamba_chunk_scan_combined. Same arguments as ssd_chunked and
     D [H]; returns y [B, T, H, P] (with D x) and the final state [B, H, P, N] (fp32).
 
     Our one group of B/C becomes the kernel's group dim; dt arrives already softplus-ed with its bias
     (the kernel's dt_bias/dt_softplus stay off), so both backends see the same dt.
+    pk (packed documents, B = 1, state None: every document from zero): the kernel's seq_idx; the final states
+    are every document's ([N, H, P, N], the kernel's varlen states from cu_seqlens) when `varlen_states`, else
+    None (the kernel has no backward for them).
     """
-    y, final = kernels.chunk(x, dt, A, Bm[:, :, None], Cm[:, :, None], chunk_size, D=D,
-                             initial_states=state, return_final_states=True)  # B, C: [B, T, N] -> [B, T, 1, N]
-    return y, final
+    B, C = Bm[:, :, None], Cm[:, :, None]  # [B, T, N] -> [B, T, 1, N]
+    if pk is None:
+        return kernels.chunk(x, dt, A, B, C, chunk_size, D=D, initial_states=state, return_final_states=True)
+    out = kernels.chunk(x, dt, A, B, C, chunk_size, D=D, seq_idx=pk.seq_idx.to(torch.int32)[None],
+                        cu_seqlens=pk.cu_seqlens if varlen_states else None, return_varlen_states=varlen_states)
+    return out if varlen_states else (out, None)
 
 
 def ssd_step_kernel(kernels: SSDKernels, x, dt, A, Bm, Cm, D, state):
@@ -183,14 +229,15 @@ class GatedRMSNorm(RMSNorm):
 @dataclass
 class MambaState:
     """conv: last conv_width-1 inputs of the conv, [B, conv_width-1, d_inner + 2*d_state];
-    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64); pos: tokens consumed."""
+    ssm: [B, nheads, head_dim, d_state], fp32 (fp64 when the layer runs in fp64); pos: tokens consumed (after packed
+    documents: one count per document)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
     pos: int = 0
 
     def detach(self) -> "MambaState":
-        return replace(self, conv=self.conv.detach(), ssm=self.ssm.detach())
+        return replace(self, conv=self.conv.detach(), ssm=None if self.ssm is None else self.ssm.detach())
 
 
 class Mamba2(nn.Module):
@@ -248,25 +295,34 @@ class Mamba2(nn.Module):
                           dtype=torch.promote_types(dtype, torch.float32))
         return MambaState(conv, ssm)
 
-    def _check(self, x: torch.Tensor, state: MambaState | None):
+    def _check(self, x: torch.Tensor, state: MambaState | None, cu_seqlens=None) -> Packing | None:
+        """Check x and state; the Packing of cu_seqlens (None without)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
             raise ValueError(f"x: expected [B, T>=1, {self.d_model}], got shape {tuple(x.shape)}")
         check_input_dtype(x, self.in_proj.weight)
-        if state is None:
-            return
-        if not isinstance(state, MambaState):
+        if state is not None and not isinstance(state, MambaState):
             raise TypeError(f"state: expected a MambaState, got {type(state).__name__}")
-        B = x.shape[0]
+        pk = None if cu_seqlens is None else packing(cu_seqlens, x.shape[1], x.device, batch_size=x.shape[0],
+                                                     state_rows=None if state is None else state.conv.shape[0])
+        if state is None:
+            return pk
+        if state.ssm is None:
+            raise ValueError("state: holds no SSM state: packed documents run with gradients through the mamba_ssm "
+                             "kernels return none (the kernels' per-document states have no backward); start "
+                             "afresh, or make the call that returns it under torch.no_grad()")
+        B = x.shape[0] if pk is None else pk.num_docs
         want_conv = (B, self.conv.width - 1, self.conv.channels)
         want_ssm = (B, self.nheads, self.head_dim, self.d_state)
         if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
             raise ValueError(f"state: expected conv {list(want_conv)} and ssm {list(want_ssm)}, "
                              f"got conv {list(state.conv.shape)} and ssm {list(state.ssm.shape)}")
+        return pk
 
-    def scan(self, xh, dt, A, Bm, Cm, D, ssm, kernels: SSDKernels | None = None):
+    def scan(self, xh, dt, A, Bm, Cm, D, ssm, kernels: SSDKernels | None = None, pk: Packing | None = None):
         """The SSM with the D skip on the chosen backend: xh [B, T, H, P], dt [B, T, H], A, D [H],
         Bm, Cm [B, T, N], ssm [B, H, P, N] -> (y [B, T, H, P], new ssm). `kernels` overrides the loaded
-        mamba_ssm kernels (tests pass a stand-in with the same contract)."""
+        mamba_ssm kernels (tests pass a stand-in with the same contract). pk: packed documents (B = 1), ssm
+        one row per document or None (zeros), see `_scan_packed`."""
         T = xh.shape[1]
         if kernels is None:
             key = (self.backend, xh.device.type)
@@ -274,6 +330,8 @@ class Mamba2(nn.Module):
                 use = resolve_mamba_backend(self.backend, xh.device) == "mamba_ssm"
                 self._kernels[key] = load_mamba_ssm() if use else None
             kernels = self._kernels[key]
+        if pk is not None:
+            return self._scan_packed(xh, dt, A, Bm, Cm, D, ssm, kernels, pk)
         if kernels is not None:
             if T == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (xh, dt, Bm, Cm, ssm, D))):
                 y, ssm = ssd_step_kernel(kernels, xh[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, ssm)
@@ -287,14 +345,37 @@ class Mamba2(nn.Module):
             y, ssm = ssd_chunked(xh, dt, A, Bm, Cm, ssm, self.chunk_size)
         return y + D[:, None] * xh, ssm
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None):
-        self._check(x, state)
+    def _scan_packed(self, xh, dt, A, Bm, Cm, D, ssm, kernels, pk: Packing):
+        """scan on packed documents: the backend's scan restarting from zero at every boundary (seq_idx), plus
+        what each document's own start state adds, and every document's final state ([N, H, P, N]). With the
+        kernels and gradients the final states are None (the kernels' per-document states have no backward)."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (xh, dt, Bm, Cm, D, ssm) if t is not None)
+        if kernels is not None:
+            y, finals = ssd_chunked_kernel(kernels, xh, dt, A, Bm, Cm, D, None, self.kernel_chunk_size, pk=pk,
+                                           varlen_states=not grad)
+        else:
+            zero = xh.new_zeros(1, xh.shape[2], xh.shape[3], Bm.shape[-1])  # [1, H, P, N]
+            y = ssd_chunked(xh, dt, A, Bm, Cm, zero, self.chunk_size, seq_idx=pk.seq_idx)[0] + D[:, None] * xh
+            finals = None
+        part, added = document_states(xh, dt, A, Bm, Cm, pk, init=ssm, finals=kernels is None)
+        if added is not None:
+            y = y + added
+        if kernels is None:
+            finals = part
+        elif finals is not None and part is not None:
+            finals = finals + part
+        return y, finals
+
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, cu_seqlens=None):
+        """x: [B, T, D] -> (y, MambaState). With cu_seqlens (int64 [N + 1], or a `Packing`): x [1, T, D] holds N
+        packed documents, each run alone; the state has one row per document (None: zeros)."""
+        pk = self._check(x, state, cu_seqlens)
         B, T, _ = x.shape
         H, P, N = self.nheads, self.head_dim, self.d_state
-        if state is None:
+        if state is None and pk is None:
             state = self.init_state(B, x.device)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * N, H], dim=-1)
-        xBC, conv_state = self.conv(xBC, state.conv)
+        xBC, conv_state = self.conv(xBC, None if state is None else state.conv, cu_seqlens=pk)
         xs, Bm, Cm = F.silu(xBC).split([self.d_inner, N, N], dim=-1)
         cd = torch.promote_types(xs.dtype, torch.float32)  # the scan runs in fp32 (fp64 for fp64)
         # autocast would turn the einsums into bf16 matmuls; the scan and its state stay in cd
@@ -302,8 +383,9 @@ class Mamba2(nn.Module):
             xh = xs.to(cd).view(B, T, H, P)  # [B, T, d_inner] -> [B, T, H, P]
             dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # [B, T, H]
             A = -torch.exp(self.A_log.to(cd))  # [H]
-            ssm = state.ssm.to(cd)
+            ssm = None if state is None else state.ssm.to(cd)
             Bm, Cm = Bm.to(cd), Cm.to(cd)
-            y, ssm = self.scan(xh, dt, A, Bm, Cm, self.D.to(cd), ssm)
+            y, ssm = self.scan(xh, dt, A, Bm, Cm, self.D.to(cd), ssm, pk=pk)
             y = self.norm(y.reshape(B, T, self.d_inner), z)  # [B, T, H, P] -> [B, T, d_inner]
-        return self.out_proj(y), MambaState(conv_state, ssm, state.pos + T)
+        pos = 0 if state is None else state.pos
+        return self.out_proj(y), MambaState(conv_state, ssm, pos + T if pk is None else pk.end_positions(pos))

@@ -5,6 +5,7 @@ post-LayerNorm, output gate and projection.
     layer = TTTLinear(d_model=256, n_heads=4)            # or TTTMLP, or TTTLayer(inner=my_module)
     y, state = layer(x)                                   # x: [B, T, D]
     y2, state = layer(x_next, state)                      # streaming: continue where it stopped
+    y, state = layer(x_packed, cu_seqlens=cu)             # packed documents ([1, T, D]), each run alone
 
 `backbone="mamba"` ("(M)"): shared theta_QK followed by two depthwise causal convs, and an output gate.
 `backbone="transformer"` ("(T)"): separate theta_Q, theta_K, theta_V; no convs, no gate.
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..ops import BACKENDS as OP_BACKENDS, TTTInputs, TTTOp, TTTState, make_tau, resolve_op
 from ..ops.generic import GenericOp
+from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
 
@@ -234,8 +236,6 @@ class TTTLayer(nn.Module):
             raise TypeError(f"state: expected a TTTLayerState, got {type(state).__name__}")
         if state.op.kind != self.kind:
             raise ValueError(f"state: expected the state of a {self.kind!r} TTT layer, got one of kind {state.op.kind!r}")
-        if state.op.batch_size != x.shape[0]:
-            raise ValueError(f"state: expected batch size {x.shape[0]} like x, got {state.op.batch_size}")
         want = tuple(p.shape[1:] for p in self.inner_params())
         got = tuple(p.shape[2:] for p in state.op.params)
         if want != got:
@@ -246,13 +246,26 @@ class TTTLayer(nn.Module):
             raise ValueError(f"state: expected {'a' if self.backbone == 'mamba' else 'no'} conv window for "
                              f"backbone {self.backbone!r}")
 
-    def forward(self, x: torch.Tensor, state: TTTLayerState | None = None):
-        """x: [B, T, D] -> (y [B, T, D], new state)."""
+    def forward(self, x: torch.Tensor, state: TTTLayerState | None = None, cu_seqlens=None):
+        """x: [B, T, D] -> (y [B, T, D], new state). With cu_seqlens (int64 [N + 1], or a `Packing`) x holds
+        N packed documents ([1, T, D]), each run alone; the state has one row per document (docs/packed.md)."""
         self._check(x, state)
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
+        pk = None
+        if cu_seqlens is not None:
+            pk = packing(cu_seqlens, T, x.device, batch_size=B, state_rows=None if state is None else state.op.batch_size)
+            if self.fused:
+                raise ValueError("cu_seqlens: the fused layer kernels (fused=True) do not take document boundaries; "
+                                 "use fused=False for packed documents")
+        elif state is not None and not isinstance(state.pos, int):
+            raise ValueError("state: a state of packed documents (one position per document) continues packed "
+                             "documents only; pass cu_seqlens")
+        rows = B if pk is None else pk.num_docs
         if state is None:
-            state = self.init_state(B, x.device)
+            state = self.init_state(rows, x.device)
+        elif state.op.batch_size != rows:
+            raise ValueError(f"state: expected batch size {rows} like x, got {state.op.batch_size}")
         plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
         fused = plan.fused
         if fused and T == 1 and self.kind == "linear" and self.backbone == "mamba" and not torch.is_grad_enabled():
@@ -266,12 +279,13 @@ class TTTLayer(nn.Module):
         else:
             if self.backbone == "mamba":
                 u = self.qk_proj(x)
-                q, conv = self.conv_q(u, state.conv)
-                k, _ = self.conv_k(u, state.conv)  # same input u, so one window serves both convs
+                q, conv = self.conv_q(u, state.conv, cu_seqlens=pk)
+                k, _ = self.conv_k(u, state.conv, cu_seqlens=pk)  # same input u: one window serves both convs
             else:
                 q, k, conv = self.q_proj(x), self.k_proj(x), None
             q, k = q.reshape(B, T, H, d), k.reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
-            pos = (state.pos + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE at position mod b
+            pos = torch.arange(T, device=x.device) + state.pos if pk is None else pk.token_positions(state.pos)
+            pos = pos % self.mini_batch  # RoPE at position mod b (packed: the position within the document)
             q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
         v = self.v_proj(x).reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
@@ -285,7 +299,7 @@ class TTTLayer(nn.Module):
         else:  # fixed eta = base_lr / d, tau_i = 1/i
             lr = (self.base_lr * self.inner_lr_scale.to(ct) / d).expand(B, T, H).contiguous()  # kernels want strides
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
-        o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias), state.op)
+        o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias, pk), state.op)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import ln_gate

@@ -8,7 +8,9 @@ q, k, v: [B, T, H, d] (any float dtype; o has q's dtype); lr: [B, T, H] the per-
 base_lr * sigma_j / d; tau: [b] the per-position factor tau_i (its length is the mini-batch size b);
 ln_weight, ln_bias: [H, d] the inner LayerNorm, or both None for none; residual=False drops the inner residual
 (target v instead of v - k, output LN(f(q)) instead of q + LN(f(q))); state: a `TTTState` (see
-`TTTState.initial`). Backends:
+`TTTState.initial`). cu_seqlens (int64 [N + 1], `TTTInputs.cu_seqlens`): q holds N packed documents ([1, T, ...]),
+each run as if alone from its own row of the state (N rows), the final state one row per document
+(docs/packed.md); every backend takes them. Backends:
   "naive"  the specification: per-token weights, inner gradients by torch.autograd (slow; tests)
   "dual"   the mini-batch dual form in PyTorch (CPU path, reference for the kernels)
   "triton" the Triton kernels (CUDA, or Triton's interpreter with TRITON_INTERPRET=1)
@@ -40,16 +42,21 @@ BACKENDS = ("auto", "naive", "dual", "triton")
 @dataclass(frozen=True)
 class Reference:
     """The PyTorch forms of one kind, each (x: TTTInputs, state, residual) -> (o, new state): naive (the
-    specification), dual (the mini-batch dual form) and step (one token, the primal form)."""
+    specification), dual (the mini-batch dual form) and step (one token per row, the primal form); and the dual
+    form's inner gradients of a piece, grads(k, v, params, gam, bet, residual), and add_grads(accum, k, lr, grads),
+    the accumulators they grow (what a partial mini-batch leaves in the state)."""
 
     kind: str
     naive: Callable
     dual: Callable
     step: Callable
+    grads: Callable
+    add_grads: Callable
 
 
-REFERENCES = {"linear": Reference("linear", _lin_naive.forward, _lin_dual.forward, _lin_step.forward),
-              "mlp": Reference("mlp", _mlp_naive.forward, _mlp_dual.forward, _mlp_step.forward)}
+REFERENCES = {kind: Reference(kind, naive.forward, dual.forward, step.forward, dual.grads, dual.add_grads)
+              for kind, naive, dual, step in (("linear", _lin_naive, _lin_dual, _lin_step),
+                                              ("mlp", _mlp_naive, _mlp_dual, _mlp_step))}
 
 
 class TTTOp(abc.ABC):
@@ -82,12 +89,15 @@ class NaiveOp(TTTOp):
 
 
 class DualOp(TTTOp):
-    """The mini-batch dual form in PyTorch; a one-token call runs the primal step (the same math, less work)."""
+    """The mini-batch dual form in PyTorch; one token per row (a one-token call, or packed documents of one token
+    each) runs the primal step (the same math, less work)."""
 
     backend = "dual"
 
     def __call__(self, x, state):
-        return (self.ref.step if x.q.shape[1] == 1 else self.ref.dual)(x, state, self.residual)
+        T, pk = x.q.shape[1], x.packing
+        one = T == 1 if pk is None else pk.num_docs == T
+        return (self.ref.step if one else self.ref.dual)(x, state, self.residual)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -157,27 +167,30 @@ def resolve_op(kind: str, backend: str = "auto", device="cpu", dtype: torch.dtyp
     return (NaiveOp if name == "naive" else DualOp)(kind, residual)
 
 
-def ttt_op(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True):
+def ttt_op(kind, q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True,
+           cu_seqlens=None):
     """Run the TTT op of `kind` ("linear" or "mlp") with the chosen backend, resolved for this call. Returns
-    (o, new_state). mini_batch: optional, = len(tau) (checked)."""
+    (o, new_state). mini_batch: optional, = len(tau) (checked). cu_seqlens: packed documents (module docstring)."""
     if mini_batch is not None:
         if not isinstance(mini_batch, int) or isinstance(mini_batch, bool) or mini_batch < 1:
             raise ValueError(f"mini_batch: expected a positive int, got {mini_batch!r}")
         if isinstance(tau, torch.Tensor) and tau.shape != (mini_batch,):
             raise ValueError(f"tau: expected shape {(mini_batch,)} ([mini_batch]), got {tuple(tau.shape)}")
-    x = TTTInputs(q, k, v, lr, tau, ln_weight, ln_bias)
+    x = TTTInputs(q, k, v, lr, tau, ln_weight, ln_bias, cu_seqlens)
     x.check(kind, state)
     op = resolve_op(kind, backend, q.device, q.dtype, inner_ln=ln_weight is not None, residual=residual)
     return op(x, state)
 
 
-def ttt_linear(q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True):
+def ttt_linear(q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True,
+               cu_seqlens=None):
     """TTT-Linear op (docs/math.md). See the module docstring for shapes."""
     return ttt_op("linear", q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch=mini_batch, backend=backend,
-                  residual=residual)
+                  residual=residual, cu_seqlens=cu_seqlens)
 
 
-def ttt_mlp(q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True):
+def ttt_mlp(q, k, v, lr, tau, ln_weight, ln_bias, state, *, mini_batch=None, backend="auto", residual=True,
+            cu_seqlens=None):
     """TTT-MLP op (docs/math.md). See the module docstring for shapes."""
     return ttt_op("mlp", q, k, v, lr, tau, ln_weight, ln_bias, state, mini_batch=mini_batch, backend=backend,
-                  residual=residual)
+                  residual=residual, cu_seqlens=cu_seqlens)

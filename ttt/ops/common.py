@@ -28,7 +28,8 @@ class TTTState:
             mlp: (W1 [B,H,d,F], b1 [B,H,F], W2 [B,H,F,d], b2 [B,H,d]).
     accum:  same shapes as params: sum over the tokens already seen in the current (partial)
             mini-batch of lr_j * grad l_j(params); all zero when pos % mini_batch == 0.
-    pos:    number of tokens consumed so far (the in-batch index of the next token is pos % b).
+    pos:    number of tokens consumed so far (the in-batch index of the next token is pos % b); after packed
+            documents (`TTTInputs.cu_seqlens`) one int per row, each document's own count.
     """
 
     kind: str
@@ -81,8 +82,9 @@ class TTTInputs:
     lr:        [B, T, H], the per-token inner learning rate base_lr * sigma_j / d.
     tau:       [b], the per-position factor tau_i; its length is the mini-batch size b (`mini_batch`).
     ln_weight, ln_bias: [H, d], the inner LayerNorm, or both None for none.
-    (Packed sequences, issue 19, add their document boundaries `cu_seqlens` here: one field, checked in `check`,
-    that every backend reads from this value.)
+    cu_seqlens: packed documents (docs/packed.md): int64 [N + 1] boundaries (or their `ttt.ops.packed.Packing`)
+               of N documents in one sequence (B = 1), each run from its own row of the state (N rows, pos an int
+               shared by all or one per row); None: B independent sequences. Every backend reads it from here.
     """
 
     q: torch.Tensor
@@ -92,15 +94,35 @@ class TTTInputs:
     tau: torch.Tensor
     ln_weight: torch.Tensor | None = None
     ln_bias: torch.Tensor | None = None
+    cu_seqlens: object = None  # torch.Tensor | Packing | None
 
     @property
     def mini_batch(self) -> int:
         return self.tau.shape[0]
 
+    def __post_init__(self):
+        if self.cu_seqlens is not None and isinstance(self.q, torch.Tensor) and self.q.dim() == 4:
+            object.__setattr__(self, "cu_seqlens", self.packing)  # checked and derived once (frozen: no setattr)
+
+    @property
+    def packing(self):
+        """The checked `ttt.ops.packed.Packing` of cu_seqlens (None without packed documents)."""
+        if self.cu_seqlens is None:
+            return None
+        from .packed import Packing, packing  # packed.py builds on this module
+        if isinstance(self.cu_seqlens, Packing) and self.cu_seqlens.total == self.q.shape[1]:
+            return self.cu_seqlens
+        return packing(self.cu_seqlens, self.q.shape[1], self.q.device, batch_size=self.q.shape[0])
+
     def tokens(self, start: int, stop: int | None = None) -> "TTTInputs":
-        """The inputs of tokens [start, stop) (views)."""
+        """The inputs of tokens [start, stop) (views) as plain sequences (any document boundaries dropped)."""
         s = slice(start, stop)
-        return replace(self, q=self.q[:, s], k=self.k[:, s], v=self.v[:, s], lr=self.lr[:, s])
+        return replace(self, q=self.q[:, s], k=self.k[:, s], v=self.v[:, s], lr=self.lr[:, s], cu_seqlens=None)
+
+    def select(self, index: torch.Tensor, cu_seqlens=None) -> "TTTInputs":
+        """The inputs of the tokens at `index` (int64 [n], along T; copies), with the boundaries `cu_seqlens`."""
+        return replace(self, q=self.q.index_select(1, index), k=self.k.index_select(1, index),
+                       v=self.v.index_select(1, index), lr=self.lr.index_select(1, index), cu_seqlens=cu_seqlens)
 
     def check(self, kind: str, state: "TTTState") -> None:
         """Validate the inputs and `state` for a `kind` op; raise ValueError/TypeError naming the argument,
@@ -145,7 +167,11 @@ class TTTInputs:
                         *(("state", t) for t in (*state.params, *state.accum))):
             if t is not None and t.device != q.device:
                 raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
-        if state.batch_size != B:
+        pk = self.packing  # checks cu_seqlens against q
+        if pk is not None:
+            check_cu_seqlens(torch.tensor(pk.bounds), T, B, state.batch_size)  # host values: no device sync
+            pk.row_positions(state.pos)
+        elif state.batch_size != B:
             raise ValueError(f"state: expected batch size {B} like q, got a state of batch size {state.batch_size}")
         if state.num_heads != H or state.head_dim != d:
             raise ValueError(f"state: expected {H} heads of dim {d} like q, got {state.num_heads} heads of dim "
@@ -153,8 +179,9 @@ class TTTInputs:
         if len(state.accum) != len(state.params) or any(a.shape != p.shape for a, p in zip(state.accum, state.params)):
             raise ValueError(f"state: expected accumulators shaped like the weights "
                              f"{[tuple(p.shape) for p in state.params]}, got {[tuple(a.shape) for a in state.accum]}")
-        if not isinstance(state.pos, int) or state.pos < 0:
-            raise ValueError(f"state: expected a non-negative int pos, got {state.pos!r}")
+        if any(not isinstance(p, int) or p < 0 for p in (pk.row_positions(state.pos) if pk else (state.pos,))):
+            raise ValueError(f"state: expected a non-negative int pos{' (or one per document)' if pk else ''}, "
+                             f"got {state.pos!r}")
 
 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -237,28 +264,40 @@ def segments(T: int, pos: int, b: int):
         t += n
 
 
-def dual_inputs(x: TTTInputs, state: TTTState):
-    """The dual form's operands in the compute dtype, heads first: Q, K, V [B,H,T,d], LR [B,H,T], tau [b],
-    gamma/beta [H,1,d] (None without inner LayerNorm), and the state's params and accum."""
-    ct = compute_dtype(x.q)
-    Q, K, V = (t.transpose(1, 2).to(ct) for t in (x.q, x.k, x.v))  # [B,T,H,d] -> [B,H,T,d]
-    LR = x.lr.transpose(1, 2).to(ct)  # [B,T,H] -> [B,H,T]
-    gam, bet = ln_operands(x, ct)
-    params = tuple(p.to(ct) for p in state.params)
-    accum = tuple(a.to(ct) for a in state.accum)
-    return Q, K, V, LR, x.tau.to(ct), gam, bet, params, accum
-
-
 def step_inputs(x: TTTInputs, state: TTTState):
-    """The one-token step's operands in the compute dtype: q, k, v [B,H,1,d], lr [B,H,1,1], tau [b], the token's
-    in-batch index i, gamma/beta [H,1,d] (or None), and the state's params and accum."""
+    """The one-token step's operands in the compute dtype, one token per row: q, k, v [R,H,1,d], lr [R,H,1,1],
+    tau [b], the in-batch index i of every row's token (an int shared by the rows, or int64 [R] for rows at
+    their own positions), tau_i (broadcastable to [R,H,1,d]), gamma/beta [H,1,d] (or None), and the state's
+    params and accum. Rows: the batch (x [B,1,...]), or packed documents of one token each (x [1,N,...])."""
     ct = compute_dtype(x.q)
-    qt, kt, vt = (t[:, 0].to(ct).unsqueeze(-2) for t in (x.q, x.k, x.v))  # [B,1,H,d] -> [B,H,1,d]
-    lr_t = x.lr[:, 0].to(ct)[..., None, None]  # [B,1,H] -> [B,H,1,1]
+    pk = x.packing
+    if pk is not None and pk.num_docs != x.q.shape[1]:
+        raise ValueError(f"cu_seqlens: the one-token step takes documents of one token each, got lengths {pk.lengths}")
+    row = (lambda t: t[:, 0]) if pk is None else (lambda t: t[0])  # [B,1,H,...] or [1,N,H,...] -> [R,H,...]
+    qt, kt, vt = (row(t).to(ct).unsqueeze(-2) for t in (x.q, x.k, x.v))  # [R,H,1,d]
+    lr_t = row(x.lr).to(ct)[..., None, None]  # [R,H,1,1]
+    tau = x.tau.to(ct)
+    if pk is None:
+        i = state.pos % x.mini_batch
+        t_i = tau[i]
+    else:
+        i = torch.tensor([p % x.mini_batch for p in pk.row_positions(state.pos)], device=tau.device)
+        t_i = tau[i].view(-1, 1, 1, 1)  # [R,1,1,1]
     gam, bet = ln_operands(x, ct)
     params = tuple(p.to(ct) for p in state.params)
     accum = tuple(a.to(ct) for a in state.accum)
-    return qt, kt, vt, lr_t, x.tau.to(ct), state.pos % x.mini_batch, gam, bet, params, accum
+    return qt, kt, vt, lr_t, tau, i, t_i, gam, bet, params, accum
+
+
+def step_output(x: TTTInputs, o: torch.Tensor) -> torch.Tensor:
+    """The step's rows [R,H,1,d] back in x's layout ([B,1,H,d], or [1,N,H,d] for packed documents), x's dtype."""
+    o = o.squeeze(-2).to(x.q.dtype)  # [R,H,d]
+    return o.unsqueeze(1) if x.cu_seqlens is None else o.unsqueeze(0)
+
+
+def end_pos(x: TTTInputs, state: TTTState):
+    """The state's pos after x: pos + T, or every document's own end position when x holds packed documents."""
+    return state.pos + x.q.shape[1] if x.packing is None else x.packing.end_positions(state.pos)
 
 
 def ln_operands(x: TTTInputs, ct: torch.dtype):
@@ -268,12 +307,52 @@ def ln_operands(x: TTTInputs, ct: torch.dtype):
     return x.ln_weight.to(ct)[:, None, :], x.ln_bias.to(ct)[:, None, :]
 
 
-def advance(params, accum, n: int, off: int, tau) -> tuple:
-    """After a piece of n tokens at in-batch offset `off`: commit the mini-batch when it is complete
-    (W <- W - tau_b * accum, accum <- 0), else keep the start weights and the grown accumulators."""
-    b = tau.shape[0]
-    if off + n == b:
-        t_b = tau[b - 1]
-        params = tuple(p - t_b * a for p, a in zip(params, accum))
-        accum = tuple(torch.zeros_like(a) for a in accum)
+def advance(params, accum, n: int, off, tau) -> tuple:
+    """After a piece of n tokens at in-batch offset `off` (an int, or int64 [R] per row): commit the mini-batch
+    where it is complete (`commit`)."""
+    return commit(params, accum, off + n == tau.shape[0], tau)
+
+
+def commit(params, accum, done, tau) -> tuple:
+    """End of a mini-batch where `done` (a bool, or bool [R] per row): W <- W - tau_b * accum, accum <- 0; the
+    other rows keep their start weights and accumulators."""
+    t_b = tau[-1]
+    if isinstance(done, bool):
+        if not done:
+            return params, accum
+        return tuple(p - t_b * a for p, a in zip(params, accum)), tuple(torch.zeros_like(a) for a in accum)
+    rows = [done.view(-1, *[1] * (a.dim() - 1)) for a in accum]  # [R] -> [R,1,...] per tensor
+    params = tuple(torch.where(m, p - t_b * a, p) for p, a, m in zip(params, accum, rows))
+    accum = tuple(torch.where(m, torch.zeros_like(a), a) for a, m in zip(accum, rows))
     return params, accum
+
+
+def check_cu_seqlens(cu_seqlens, T: int, batch_size: int = 1, state_rows: int | None = None) -> list[int]:
+    """Check the boundaries of packed documents (docs/packed.md) and return them as host ints.
+
+    cu_seqlens: int64 [N + 1] on any device: 0 = cu[0] < cu[1] < ... < cu[N] = T, document i holding tokens
+    cu[i] .. cu[i+1]-1 of one packed sequence (batch_size 1); zero-length documents are refused. state_rows:
+    the rows of a given state, which must be N (one per document). Reads the values on the host (a device
+    sync when cu_seqlens lives on a GPU: pass it on the CPU to avoid one).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int64 tensor [N + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64:
+        raise TypeError(f"cu_seqlens: expected dtype torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected shape [N + 1] with N >= 1 documents, got {tuple(cu_seqlens.shape)}")
+    if batch_size != 1:
+        raise ValueError(f"cu_seqlens: expected a batch of one packed sequence, got batch size {batch_size}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}")
+    bad = next((i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets (every document at least one token), "
+                         f"got {cu[bad]} then {cu[bad + 1]} at index {bad}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens: expected to end at T = {T} (the packed length), got {cu[-1]}")
+    if state_rows is not None and state_rows != len(cu) - 1:
+        raise ValueError(f"cu_seqlens: {len(cu) - 1} documents, but the given state has {state_rows} rows; "
+                         f"expected one row per document")
+    return cu

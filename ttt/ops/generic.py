@@ -16,21 +16,38 @@ from torch.func import functional_call, vmap
 from .common import TTTInputs, TTTState, compute_dtype, layer_norm
 
 
-def primal_forward(f_res, x: TTTInputs, params, accum, pos: int, residual: bool = True):
+def primal_forward(f_res, x: TTTInputs, params, accum, pos, residual: bool = True):
     """Run the primal TTT recurrence.
 
     f_res(params, x [B,H,d]) -> [B,H,d]; x: the op's inputs (`TTTInputs`: q, k, v [B,T,H,d], lr [B,T,H], tau [b],
-    ln_weight/ln_bias [H,d] or None for no inner LayerNorm); params/accum: tuples of [B,H,...] tensors;
-    residual=False drops the residual (target v instead of v - k, output f_res(q) instead of q + LN(f_res(q))).
-    Returns (o [B,T,H,d] in the compute dtype, params, accum, pos).
+    ln_weight/ln_bias [H,d] or None for no inner LayerNorm; with cu_seqlens, packed documents: each one's tokens
+    from its own row of the state, at its own position); params/accum: tuples of [B,H,...] tensors (one row per
+    document when packed); residual=False drops the residual (target v instead of v - k, output f_res(q) instead
+    of q + LN(f_res(q))). Returns (o [B,T,H,d] in the compute dtype, params, accum, pos: an int, or one per document).
     """
     if torch.is_inference_mode_enabled():
         # the inner gradients need autograd, which inference mode switches off: run on normal copies
         with torch.inference_mode(False), torch.no_grad():
             copy = TTTInputs(*(t if t is None else t.clone() for t in (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight,
-                                                                       x.ln_bias)))
+                                                                       x.ln_bias)), cu_seqlens=x.cu_seqlens)
             return primal_forward(f_res, copy, [p.clone() for p in params], [a.clone() for a in accum], pos,
                                   residual)
+    pk = x.packing
+    if pk is None:
+        return _primal(f_res, x, params, accum, pos, residual)
+    # packed documents: token by token as the specification reads, document n's tokens on row n
+    outs, rows = [], []
+    for n, ((s, e), p) in enumerate(zip(pk.spans, pk.row_positions(pos))):
+        o, pr, ar, _ = _primal(f_res, x.tokens(s, e), [t[n:n + 1] for t in params], [t[n:n + 1] for t in accum], p,
+                               residual)
+        outs.append(o)
+        rows.append((pr, ar))
+    params = tuple(torch.cat(r) for r in zip(*(pr for pr, _ in rows)))  # N x [1, ...] -> [N, ...]
+    accum = tuple(torch.cat(r) for r in zip(*(ar for _, ar in rows)))
+    return torch.cat(outs, dim=1), params, accum, pk.end_positions(pos)
+
+
+def _primal(f_res, x: TTTInputs, params, accum, pos: int, residual: bool):
     q, k, v, lr, tau, ln_weight, ln_bias, mini_batch = x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, x.mini_batch
     ct = compute_dtype(q)
     norm = (lambda z: z) if ln_weight is None else (lambda z: layer_norm(z, ln_weight.to(ct), ln_bias.to(ct)))

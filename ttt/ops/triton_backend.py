@@ -1,18 +1,24 @@
 """The "triton" backend of the TTT ops: `TritonOp`, the op of one kind that runs the Triton kernels.
 
 Mirrors the PyTorch dual form (`ttt_linear/dual.py`, `ttt_mlp/dual.py`): same inputs, same outputs, same state.
-The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`, `ttt_mlp/chunk_blocked.py`) run whole mini-batches that
-start at a mini-batch boundary with a zero accumulator. `TritonOp`'s rules, all of them:
-  - a call is split into up to three pieces: head, the tokens that finish a mini-batch already begun
-    (state.pos % b != 0), in the PyTorch dual form; body, the aligned whole mini-batches, in the kernels
-    (weights on chip, checkpointed backward), called as torch.library custom ops (`torch.ops.ttt.*_chunk_fwd/bwd`,
-    fake impls + autograd), so torch.compile traces them without a graph break; tail, the last T % b tokens
-    of a partial mini-batch, in the dual form. Autograd joins the pieces, so gradients reach every input and
-    the initial state (params and accum);
+The kernels (`ttt_linear/chunk.py`, `ttt_mlp/chunk.py`, `ttt_mlp/chunk_blocked.py`) walk rows (`triton_utils.Rows`):
+the B sequences of a batch, or the N documents of a packed one (cu_seqlens), one program per (row, head), each
+row's mini-batches from its first token with a zero accumulator, its last one partial where the row ends inside
+it. `TritonOp`'s rules, all of them:
+  - a row that starts inside a mini-batch (its position % b != 0) runs the tokens that finish it (the head) in the
+    PyTorch dual form; the rest of every row runs in the kernels (weights on chip, checkpointed backward), called
+    as torch.library custom ops (`torch.ops.ttt.*_chunk_fwd/bwd`, fake impls + autograd), so torch.compile traces
+    them without a graph break. A row ending in a partial mini-batch keeps that mini-batch's start weights (the
+    kernels leave it uncommitted) and its accumulators come from the dual form's inner gradients of those
+    tokens (`Reference.grads`), a few small products. Autograd joins the pieces, so gradients reach every input
+    and the initial state (params and accum). No cu_seqlens and one full-length document run the same kernels;
+  - the opt-in shared-memory pair (`MLPKernels(impl="smem")`, `ttt_mlp/chunk_smem.py`) takes no rows: it runs the
+    whole mini-batches of whole batch entries, a partial tail runs in the dual form, and packed documents are
+    refused (a one-line error naming cu_seqlens; an explicit choice never falls back);
   - when the start state's accumulator requires grad at an aligned position, the first mini-batch also runs
     in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute;
-  - a one-token call (decode) runs the fused step kernel (`ttt_linear/step_triton.py`, `ttt_mlp/step_triton.py`),
-    or the PyTorch step when it needs gradients (the step kernels have no backward);
+  - a one-token call without cu_seqlens (decode) runs the fused step kernel (`ttt_linear/step_triton.py`,
+    `ttt_mlp/step_triton.py`), or the PyTorch step when it needs gradients (the step kernels have no backward);
   - float64 inputs, and calls without the inner LayerNorm, are refused (`resolve_op` gives them the dual form).
 Kernel choices are explicit values, `LinearKernels` and `MLPKernels` (defaults: the measured winners,
 docs/kernels_notes.md). Importing this module imports Triton, so `ttt.ops.triton_available()` reports whether
@@ -23,10 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton  # noqa: F401  (import failure = backend unavailable)
 
-from . import TTTOp
-from .common import TTTInputs, TTTState
+from . import REFERENCES, TTTOp
+from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
+from .packed import Window, rows_of
+from .triton_utils import Rows, batch_rows, document_rows
 from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_triton as _mlp_step_triton
 
@@ -80,14 +89,14 @@ class LinearKernels:
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
 
-    def check(self, d: int) -> None:
-        """Every head dim runs (padded to a power of two)."""
+    def check(self, d: int, packed: bool = False) -> None:
+        """Every head dim runs (padded to a power of two), with and without packed documents."""
 
-    def body(self, x: TTTInputs, params, save: bool):
-        """Aligned whole mini-batches from `params` with zero accumulators: (o, final params, fp32)."""
-        outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), x.mini_batch,
-                           self.group, save, -1 if self.dot_mode is None else self.dot_mode, self.fwd_warps or 0,
-                           self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
+    def body(self, x: TTTInputs, params, rows: Rows, save: bool):
+        """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
+        outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
+                           x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
+                           self.fwd_warps or 0, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -111,21 +120,48 @@ class MLPKernels:
         if self.impl is not None and self.impl not in MLP_IMPLS:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
 
-    def check(self, d: int) -> None:
+    def check(self, d: int, packed: bool = False) -> None:
+        """The head dim d (and packed documents: cu_seqlens given) the chosen kernels take; a one-line error."""
         if self.impl == "regs" and d > MLP_MAX_D:
             raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
                              f"got head dim {d}")
         if self.impl == "smem" and d not in _mlp_module("smem").HEAD_DIMS:
             raise ValueError(f"mlp_impl: 'smem' is written for head dim 64 or 128, got head dim {d}")
+        if self.impl == "smem" and packed:
+            raise ValueError("cu_seqlens: mlp_impl='smem' runs whole batch entries only, not packed documents; "
+                             "use mlp_impl 'regs' or 'blocked' (or None) with cu_seqlens")
 
-    def body(self, x: TTTInputs, params, save: bool):
-        """Aligned whole mini-batches from `params` with zero accumulators: (o, final params, fp32)."""
+    def body(self, x: TTTInputs, params, rows: Rows, save: bool):
+        """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
         impl = self.impl or default_mlp_impl(x.q.shape[-1])
         if impl == "smem":
-            _mlp_module(impl).check(x.q.shape[-1], x.mini_batch, x.q.dtype)
-        outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), x.mini_batch,
-                           self.group, save, impl, self.warps or 0)
+            return self._smem_body(x, params, rows, save)
+        outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
+                           x.mini_batch, self.group, save, impl, self.warps or 0)
         return outs[0], outs[1:5]
+
+    def _smem_body(self, x: TTTInputs, params, rows: Rows, save: bool):
+        """`body` in the smem kernels, which walk whole mini-batches of whole batch entries (no rows; packed
+        documents are refused by `check`): tokens [rows.start, rows.start + whole mini-batches) of every entry in
+        the kernels, a partial last mini-batch (left uncommitted, as the row kernels leave it) in the dual form from
+        the weights they reach; the tokens before rows.start are left for the caller (zeros here)."""
+        B, T, H, d = x.q.shape
+        b, s = x.mini_batch, rows.start
+        _mlp_module("smem").check(d, b, x.q.dtype)
+        e = s + (T - s) // b * b
+        outs = [x.q.new_zeros((B, s, H, d))] if s else []
+        params = _f32(params)
+        if e > s:
+            xb = x.tokens(s, e)
+            fin = _mlp_fwd_op(xb.q, xb.k, xb.v, xb.lr, xb.tau, xb.ln_weight, xb.ln_bias, *params,
+                              *_rows_args(batch_rows(B, e - s, b, self.group, x.q.device)), b, self.group, save,
+                              "smem", self.warps or 0)
+            outs.append(fin[0])
+            params = tuple(fin[1:5])
+        if e < T:
+            st = TTTState("mlp", params, tuple(torch.zeros_like(p) for p in params), 0)
+            outs.append(REFERENCES["mlp"].dual(x.tokens(e), st)[0].to(x.q.dtype))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), params
 
     def step(self, x: TTTInputs, state: TTTState):
         return _mlp_step_triton.forward(x, state, block_f=self.step_block_f, num_warps=self.step_warps)
@@ -154,65 +190,121 @@ class TritonOp(TTTOp):
         if x.ln_weight is None:
             raise ValueError("ln_weight: the Triton kernels implement the inner LayerNorm (and residual) only; got "
                              "None (resolve_op gives these switches the dual form)")
-        self.kernels.check(x.q.shape[-1])
-        dual = self.ref.dual
-        T, b = x.q.shape[1], x.mini_batch
-        if T == 1:
+        self.kernels.check(x.q.shape[-1], x.cu_seqlens is not None)
+        B, T = x.q.shape[:2]
+        pk, b = x.packing, x.mini_batch
+        if pk is None and T == 1:
             if _needs_grad(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *state.params, *state.accum):
                 return self.ref.step(x, state)
             return self.kernels.step(x, state)
-        head = (b - state.pos % b) % b
-        if head == 0 and any(a.requires_grad for a in state.accum):
-            head = b  # the dual form carries the gradient of the (zero) start accumulator
-        head = min(head, T)
-        nbody = (T - head) // b * b
-        outs = []
-        if head:
-            o, state = dual(x.tokens(0, head), state)
-            outs.append(o)
-        if nbody:
-            xb = x.tokens(head, head + nbody)
-            save = _needs_grad(xb.q, xb.k, xb.v, xb.lr, xb.tau, xb.ln_weight, xb.ln_bias, *state.params)
-            o, params = self.kernels.body(xb, state.params, save)
-            outs.append(o)
-            params = tuple(p.to(s.dtype) for p, s in zip(params, state.params))
-            state = TTTState(state.kind, params, tuple(torch.zeros_like(p) for p in params), state.pos + nbody)
-        if head + nbody < T:
-            o, state = dual(x.tokens(head + nbody), state)
-            outs.append(o)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), state
+        lengths = [T] * B if pk is None else pk.lengths
+        starts = [state.pos] * B if pk is None else pk.row_positions(state.pos)
+        # the tokens that finish a begun mini-batch (or the whole first one, for a gradient of a zero accumulator)
+        first = b if any(a.requires_grad for a in state.accum) else 0
+        heads = [min(n, (-p) % b or first) for n, p in zip(lengths, starts)]
+        end = end_pos(x, state)
+        o_head = None
+        if any(heads):
+            o_head, index, state = self._heads(x, state, heads)
+        rest = [n - h for n, h in zip(lengths, heads)]
+        if not any(rest):
+            return o_head, TTTState(state.kind, state.params, state.accum, end)
+        group, dev = self.kernels.group, x.q.device
+        if pk is None:
+            rows = batch_rows(B, T, b, group, dev, start=heads[0])
+        elif any(heads):
+            rows = document_rows(pk.bounds, b, group, heads=heads, device=dev)
+        else:  # the usual packed call: built once per packing (the layers of a model share it)
+            rows = pk.memoize(("ttt_rows", b, group), lambda: document_rows(pk.bounds, b, group, cu=pk.cu_seqlens))
+        save = _needs_grad(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *state.params)
+        o, params = self.kernels.body(x, state.params, rows, save)
+        params = tuple(p.to(s.dtype) for p, s in zip(params, state.params))
+        accum = self._tail_accum(x, params, state, heads, rest)
+        if o_head is not None:
+            o = o.index_copy(1, index, o_head)  # the head tokens' outputs (the kernels left them unwritten)
+        return o, TTTState(state.kind, params, accum, end)
+
+    def _heads(self, x: TTTInputs, state: TTTState, heads):
+        """Run every row's head (its first heads[n] tokens) in the dual form: (their outputs, their token indices
+        along T, the state after them)."""
+        pk, dev = x.packing, x.q.device
+        if pk is None:
+            o, st = self.ref.dual(x.tokens(0, heads[0]), state)
+            return o, torch.arange(heads[0], device=dev), st
+        docs = [i for i, h in enumerate(heads) if h]
+        index = torch.cat([torch.arange(pk.bounds[i], pk.bounds[i] + heads[i]) for i in docs]).to(dev)
+        cu = torch.tensor([0] + [heads[i] for i in docs]).cumsum(0)
+        o, st = self.ref.dual(x.select(index, cu), rows_of(state, docs))
+        idx = torch.tensor(docs, device=dev)
+        pos = list(pk.row_positions(state.pos))
+        for i, p in zip(docs, st.pos):
+            pos[i] = p
+        merged = TTTState(state.kind, tuple(a.index_copy(0, idx, b) for a, b in zip(state.params, st.params)),
+                          tuple(a.index_copy(0, idx, b) for a, b in zip(state.accum, st.accum)), tuple(pos))
+        return o, index, merged
+
+    def _tail_accum(self, x: TTTInputs, params, state: TTTState, heads, rest):
+        """The accumulators after the kernels: a row ending in a partial mini-batch (r = rest % b of its tokens in
+        it) gets the gated gradients of those r tokens at the start weights the kernels returned, computed for every
+        row on a window of b slots (r filled; a row with r = 0 gets exactly zero), the same way with and without
+        cu_seqlens; a row the kernels had no tokens of keeps its accumulators."""
+        b, pk = x.mini_batch, x.packing
+        tails = [r % b for r in rest]
+        if not any(tails):
+            accum = tuple(torch.zeros_like(p) for p in params)
+        else:
+            if pk is None:  # every row's last r tokens, padded to b slots
+                r = tails[0]
+                k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))
+            else:
+                win = (Window.of([e - r for e, r in zip(pk.bounds[1:], tails)], [e - r for e, r in
+                                                                               zip(pk.bounds[1:], tails)],
+                                 pk.bounds[1:], b, x.q.device) if any(heads)
+                       else pk.memoize(("ttt_tails", b), lambda: Window.tails(pk.cu_seqlens, b)))
+                k, v, lr = (win.gather(t[0]) for t in (x.k, x.v, x.lr))  # [N,b,H,d], [N,b,H]
+            ct = compute_dtype(x.q)
+            gam, bet = ln_operands(x, ct)
+            k, v = (t.to(ct).transpose(1, 2) for t in (k, v))  # [R,b,H,d] -> [R,H,b,d]
+            lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]: zero on the empty slots
+            accum = self.ref.add_grads(tuple(torch.zeros_like(p) for p in params), k, lr,
+                                       self.ref.grads(k, v, params, gam, bet))
+        if all(rest):
+            return accum
+        keep = torch.tensor([r == 0 for r in rest], device=x.q.device)  # rows finished in their heads
+        return tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), s, a) for s, a in zip(state.accum, accum))
 
 
 # ---- torch.library custom ops: torch.compile traces through these without a graph break ----
 # Each kernel launch is one op with a fake (meta) implementation; the forward ops' autograd formulas call
 # the backward ops. `save` (whether checkpoints are written for a backward) is decided by the caller,
 # since a custom op's body does not see whether its inputs require grad; without it the checkpoint
-# outputs are empty tensors.
-def _nck(T, mini_batch, group):
-    return triton.cdiv(T // mini_batch, group)
+# outputs are empty tensors. The rows (`triton_utils.Rows`) travel as their fields (span, packed, nmb, slots,
+# covered).
+def _rows_args(rows: Rows) -> tuple:
+    return rows.span, rows.packed, rows.nmb, rows.slots, rows.covered
 
 
 @torch.library.custom_op("ttt::linear_chunk_fwd", mutates_args=())
 def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
+                span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, bwd_impl: str,
                 bwd_warps: list[int], bwd_segments: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
-                                   warps=fwd_warps or None)
+                                   warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
     if ck is None:
         ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return o, wT, cT, *ck
 
 
 @_lin_fwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl,
-      bwd_warps, bwd_segments):
-    B, T, H, d = q.shape
-    nck = _nck(T, mini_batch, group)
-    ck = ((q.new_empty((B, H, nck, d, d), dtype=torch.float32), q.new_empty((B, H, nck, d), dtype=torch.float32))
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
+      dot_mode, fwd_warps, bwd_impl, bwd_warps, bwd_segments):
+    H, d = q.shape[2:]
+    ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
           if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
         torch.empty_like(c0), *ck
@@ -221,46 +313,50 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch, group, save, dot
 @torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
-                do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor, mini_batch: int,
+                do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
+                span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
                                mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl,
-                               warps=tuple(warps) or None,
-                               segments=segments or None))
+                               warps=tuple(warps) or None, segments=segments or None,
+                               rows=Rows(span, packed, nmb, slots, covered, group)))
 
 
 @_lin_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, mini_batch, group, dot_mode, impl, warps,
-      segments):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed, nmb, slots, covered, mini_batch,
+      group, dot_mode, impl, warps, segments):
     B, T, H, d = q.shape
+    N = dwT.shape[0]
     f32 = dict(dtype=torch.float32)
     e = lambda *s: q.new_empty(s, **f32)  # noqa: E731
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),
-            e(H, d), e(H, d), e(B, H, d, d), e(B, H, d)]
+            e(H, d), e(H, d), e(N, H, d, d), e(N, H, d)]
 
 
 def _lin_setup(ctx, inputs, output):
-    (q, k, v, lr, tau, lnw, lnb, W0, c0, mini_batch, group, save, dot_mode, fwd_warps, bwd_impl, bwd_warps,
-     bwd_segments) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4])
-    ctx.meta = (mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
+    (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
+     fwd_warps, bwd_impl, bwd_warps, bwd_segments) = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
+    ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
+    ctx.rows = W0.shape[0]
 
 
 def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
-    q, k, v, lr, tau, lnw, lnb, ckw, ckc = ctx.saved_tensors
-    mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments = ctx.meta
+    q, k, v, lr, tau, lnw, lnb, ckw, ckc, span = ctx.saved_tensors
+    packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
-    B, T, H, d = q.shape
+    H, d = q.shape[2:]
+    N = ctx.rows
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dwT = q.new_zeros((B, H, d, d), dtype=torch.float32) if dwT is None else dwT
-    dcT = q.new_zeros((B, H, d), dtype=torch.float32) if dcT is None else dcT
+    dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
+    dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT,
-                                                              mini_batch, group, dot_mode, bwd_impl, bwd_warps,
-                                                              bwd_segments)
+                                                              span, packed, nmb, slots, covered, mini_batch, group,
+                                                              dot_mode, bwd_impl, bwd_warps, bwd_segments)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
@@ -287,24 +383,24 @@ def _mlp_module(impl: str):
 @torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
 def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
-                W2: torch.Tensor, c2: torch.Tensor, mini_batch: int, group: int,
-                save: bool, impl: str, warps: int) -> list[torch.Tensor]:
+                W2: torch.Tensor, c2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
+                covered: bool, mini_batch: int, group: int, save: bool, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
     o, fin, ck = _mlp_module(impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
-                                       num_warps=warps or None)
+                                       num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
 
 
 @_mlp_fwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, save, impl, warps):
-    B, T, H, d = q.shape
+def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group,
+      save, impl, warps):
+    H, d = q.shape[2:]
     F = W1.shape[-1]
-    nck = _nck(T, mini_batch, group)
     if save:
-        ck = [q.new_empty((B, H, nck, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
+        ck = [q.new_empty((slots, H, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
     else:
         ck = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -315,48 +411,49 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, mini_batch, group, s
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
                 ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
-                dW2: torch.Tensor, dc2: torch.Tensor, mini_batch: int, group: int, impl: str,
-                warps: int) -> list[torch.Tensor]:
+                dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
+                covered: bool, mini_batch: int, group: int, impl: str, warps: int) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
-        num_warps=warps or None)
+        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
 
 
 @_mlp_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, mini_batch, group, impl,
-      warps):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, span, packed, nmb, slots,
+      covered, mini_batch, group, impl, warps):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
+    N = dW1.shape[0]
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),
-            e(H, d), e(H, d), *(e(B, H, *s) for s in _MLP_SHAPES(d, F))]
+            e(H, d), e(H, d), *(e(N, H, *s) for s in _MLP_SHAPES(d, F))]
 
 
 def _mlp_setup(ctx, inputs, output):
-    q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, mini_batch, group, save, impl, warps = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9])
-    ctx.meta = (mini_batch, group, save, impl, warps)
+    (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, impl,
+     warps) = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9], span)
+    ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, impl, warps)
+    ctx.rows = W1.shape[0]
 
 
 def _mlp_backward(ctx, grads):
-    q, k, v, lr, tau, lnw, lnb, *ck = ctx.saved_tensors
-    mini_batch, group, save, impl, warps = ctx.meta
+    q, k, v, lr, tau, lnw, lnb, *ck, span = ctx.saved_tensors
+    packed, nmb, slots, covered, mini_batch, group, save, impl, warps = ctx.meta
     if not save:
         raise RuntimeError("ttt::mlp_chunk_fwd ran with save=False: no checkpoints for a backward")
-    B, T, H, d = q.shape
+    H, d = q.shape[2:]
     F = ck[0].shape[-1]
     do = grads[0]
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dfin = [q.new_zeros((B, H, *s), dtype=torch.float32) if g is None else g.float()
+    dfin = [q.new_zeros((ctx.rows, H, *s), dtype=torch.float32) if g is None else g.float()
             for g, s in zip(grads[1:5], _MLP_SHAPES(d, F))]
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin,
-                                                          mini_batch, group, impl, warps)
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin, span, packed,
+                                                          nmb, slots, covered, mini_batch, group, impl, warps)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), *dps,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
-
-

@@ -1,13 +1,112 @@
 """Triton helpers shared by every TTT kernel (chunk forward/backward, F-blocked MLP, decode steps), and
 the Python glue they share. Kernel files import from here, never from each other.
+
+The chunk kernels walk rows (`Rows`): one program per (row, head), row n holding the tokens [start_n, end_n)
+of batch entry n (a batch of sequences) or of the one packed sequence (packed documents: the kernels get zero
+batch strides). A row's mini-batches start at its first token; the last one may be partial (its missing rows
+masked, its weights left uncommitted: the caller adds the accumulators).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import TTTInputs, TTTState
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows a chunk kernel launch walks (module docstring).
+
+    span:    int32 [N, 3] on the inputs' device: every row's first token, end (exclusive) and first checkpoint
+             slot (row n owns slots span[n, 2] .. + cdiv(its mini-batches, group)).
+    packed:  the rows are documents of batch entry 0 (the kernels read with zero batch strides).
+    nmb:     the most mini-batches of any row (grids over checkpoint groups size by it).
+    slots:   checkpoint slots of all rows.
+    covered: every token of the inputs belongs to a row (else the backward zero-fills the others' gradients).
+    group:   mini-batches per checkpoint.
+    start:   rows of whole batch entries (`batch_rows`): their common first token, on the host (the smem kernels,
+             which take no rows, run from it); 0 otherwise. Not passed to the row kernels.
+    """
+
+    span: torch.Tensor
+    packed: bool
+    nmb: int
+    slots: int
+    covered: bool
+    group: int
+    start: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.span.shape[0]
+
+    @property
+    def nck(self) -> int:
+        """Checkpoint groups of the longest row (the per-group grids)."""
+        return triton.cdiv(self.nmb, self.group)
+
+    def strides(self, t: torch.Tensor) -> tuple:
+        """t's (batch, time, head) strides as the kernels take them: no batch stride for packed rows."""
+        return (0 if self.packed else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def batch_rows(B: int, T: int, mini_batch: int, group: int, device, start: int = 0) -> Rows:
+    """B rows, tokens [start, T) of each batch entry (built on the device: no host-to-device copy)."""
+    nmb = triton.cdiv(T - start, mini_batch)
+    nck = triton.cdiv(nmb, group)
+    n = torch.arange(B, device=device, dtype=torch.int32)
+    span = torch.stack([torch.full_like(n, start), torch.full_like(n, T), n * nck], 1)  # [B, 3]
+    return Rows(span, False, nmb, B * nck, start == 0, group, start)
+
+
+def document_rows(bounds, mini_batch: int, group: int, cu: torch.Tensor | None = None, heads=None,
+                  device=None) -> Rows:
+    """One row per packed document: document n's tokens bounds[n] + heads[n] .. bounds[n + 1] (heads: tokens
+    run elsewhere, none by default). cu: the boundaries on the device (int64 [N + 1]); given and without heads,
+    the spans are computed there (no host-to-device copy)."""
+    lengths = [e - s - (heads[i] if heads else 0) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    per = mini_batch * group
+    nck = [triton.cdiv(n, per) for n in lengths]
+    nmb = triton.cdiv(max(lengths), mini_batch)
+    if cu is not None and not heads:
+        start, end = cu[:-1], cu[1:]
+        counts = (end - start + per - 1) // per
+        span = torch.stack([start, end, torch.cumsum(counts, 0) - counts], 1).to(torch.int32)  # [N, 3]
+    else:
+        first = [0]
+        for c in nck[:-1]:
+            first.append(first[-1] + c)
+        rows = [(e - n, e, f) for e, n, f in zip(bounds[1:], lengths, first)]
+        span = torch.tensor(rows, dtype=torch.int32).to(device)
+    return Rows(span, True, nmb, sum(nck), not heads or not any(heads), group)
+
+
+@triton.jit
+def _row(span_ptr, n):
+    """Row n of a `Rows` span: its first token, its length, its first checkpoint slot."""
+    start = tl.load(span_ptr + 3 * n)
+    end = tl.load(span_ptr + 3 * n + 1)
+    slot = tl.load(span_ptr + 3 * n + 2)
+    return start, end - start, slot
+
+
+@triton.jit
+def _when(mask, ok):
+    """mask where the scalar condition ok holds, else all False (ok broadcast as a block first: Triton's
+    interpreter refuses a block & a scalar as a load mask)."""
+    return mask & (tl.zeros(mask.shape, tl.int32) + ok.to(tl.int32) != 0)
+
+
+@triton.jit
+def _mb_masks(t0, rt, L, cmask, MB: tl.constexpr):
+    """The masks of the mini-batch tile whose first row is the row's token t0 (>= 0): the real rows (< b, within
+    the row's L tokens) [BT] and the same by columns [BT, BD]."""
+    tm = rt < tl.minimum(L - t0, MB)
+    return tm, tm[:, None] & cmask[None, :]
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -83,11 +182,12 @@ def _tiles(H, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.conste
 
 
 @triton.jit
-def _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h):
-    """Element offsets of this (batch, head): the start of its inputs and of its lr, the [BT, BD] offsets of a
-    mini-batch tile within the inputs, and the same for the outputs (which have their own strides)."""
-    return (bi * s_b + hi * s_h, rt[:, None] * s_t + rd[None, :], bi * l_b + hi * l_h,
-            bi * o_b + hi * o_h, rt[:, None] * o_t + rd[None, :])
+def _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h):
+    """Element offsets of this (row, head), whose first token is `start`: the start of its inputs and of its lr,
+    the [BT, BD] offsets of a mini-batch tile within the inputs, and the same for the outputs (which have their
+    own strides)."""
+    return (bi * s_b + start * s_t + hi * s_h, rt[:, None] * s_t + rd[None, :], bi * l_b + start * l_t + hi * l_h,
+            bi * o_b + start * o_t + hi * o_h, rt[:, None] * o_t + rd[None, :])
 
 
 @triton.jit

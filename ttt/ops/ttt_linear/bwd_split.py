@@ -1,8 +1,10 @@
 """TTT-Linear backward, split: a lean sequential chain between two passes parallel over checkpoint groups.
 
 The gradients whose formulas are in `chunk.py`'s docstring, computed in three launches so that only the part
-that truly depends on the carried weight gradient runs one program per (batch, head); the rest runs one
-program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
+that truly depends on the carried weight gradient runs one program per (row, head); the rest runs one
+program per (row, head, checkpoint group) (the longest row's groups for every row: a shorter row's programs
+past its end do nothing; rows: `triton_utils.Rows`, a row's partial last mini-batch adds no carried-weight
+terms since the forward left it uncommitted):
 
 (a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
     the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
@@ -12,7 +14,7 @@ program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
       dq = dO + dZb W^T + dA K                     (final)
       dG0 = -P^T dZb,  dk_a = dA^T Q
     and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as fp32 [T, d] (and [T]) rows.
-(b) `_chain_kernel`, per (batch, head), all mini-batches in reverse, carrying only dW, dc:
+(b) `_chain_kernel`, per (row, head), all mini-batches in reverse, carrying only dW, dc:
       G, gy recomputed row-wise from x^, rstd, v - k (no product)
       KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
       dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
@@ -20,8 +22,8 @@ program per (batch, head, checkpoint group) (B*H*T/(b*GROUP) programs):
       dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
     and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
-Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones; nothing of
-size d x d per mini-batch.
+Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones (packed
+rows: [H, T, d], each document's rows at its own tokens); nothing of size d x d per mini-batch.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import (_dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj,
-                            _tiles)
+from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
+                            _offsets, _proj, _row, _tiles, _when, batch_rows)
 
 
 @triton.jit
@@ -57,41 +59,51 @@ def _group_tiles(H, NCK, G_LO, NG, D: tl.constexpr, BD: tl.constexpr, MB: tl.con
 @triton.jit
 def _pre_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr,
-    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, T, G_LO, NG,
+    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr, EPS: tl.constexpr, STORE_G: tl.constexpr,
 ):
     pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
-    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
-    c = tl.load(ckc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+    ck = (slot + g) * H + hi
+    has = g * GROUP < NMB  # the row has this group (rows differ in length)
+    W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
     dgam = tl.zeros([BD], dtype=tl.float32)
     dbet = tl.zeros([BD], dtype=tl.float32)
     dtau = tl.zeros([BT], dtype=tl.float32)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]  # fp32 scratch rows [B*H, T, D]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
     t0 = n0 * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
-                               tmask, l_t)
+                               tm, l_t)
     dOn = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch commits nothing
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
         dO = dOn.to(tl.float32)
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt, m2,
-                                   tmask, l_t)
-        dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m2, other=0.0)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
+                                   m21, tm1, l_t)
+        dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m21, other=0.0)
 
         G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
         E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
@@ -119,10 +131,10 @@ def _pre_kernel(
         tl.store(dg0_ptr + so, dG0, mask=m2)
         tl.store(dzb_ptr + so, dZb, mask=m2)
         tl.store(dka_ptr + so, dka, mask=m2)
-        tl.store(rs_ptr + pid * T + t0 + rt, rstd, mask=tmask)
-        tl.store(dlra_ptr + pid * T + t0 + rt, dlr, mask=tmask)
+        tl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
+        tl.store(dlra_ptr + sc_t + t0 + rt, dlr, mask=tm)
 
-        eG = (tau_b * lr)[:, None] * G
+        eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
     tl.store(dtau_ptr + pid2 * BT + rt, dtau)
@@ -134,12 +146,14 @@ def _pre_kernel(
 def _chain_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr,
     dwT_ptr, dcT_ptr,
-    dz_ptr, dkb_ptr, dv_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    dz_ptr, dkb_ptr, dv_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T, N_LO, N_HI, PART,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    n_hi = tl.minimum(N_HI, tl.cdiv(L, MB))  # this segment's mini-batches of this row: N_LO .. n_hi - 1
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
@@ -150,21 +164,26 @@ def _chain_kernel(
     dbet = tl.zeros([BD], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
-    t0 = (N_HI - 1) * MB
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    sc_t = (bi * sc_b + hi) * T + start
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    t0 = tl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     # plain loads, not `_load_mb`: with its address form this kernel compiles to 40 B more stack (offline sm_90)
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
     xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    rsn = tl.load(rs_ptr + pid * T + t0 + rt, mask=tmask, other=0.0)
-    for ni in range(N_HI - N_LO):
-        n = N_HI - 1 - ni
+    rsn = tl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
+    for ni in range(n_hi - N_LO):
+        n = n_hi - 1 - ni
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
@@ -174,27 +193,29 @@ def _chain_kernel(
         dZb = dzbn
         rstd = rsn
         t1 = tl.maximum(n - 1, N_LO) * MB
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        rsn = tl.load(rs_ptr + pid * T + t1 + rt, mask=tmask, other=0.0)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        rsn = tl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         # the inner gradient G, recomputed from the stored LN statistics (row-wise, no product)
         vk = v - k
         gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk)
         mgx = tl.sum(gy * xh, axis=1) / D
         G = _proj(gy, xh, rstd, cmask, D)
-        eb = tau_b * lr
+        tau_e = tl.where(full, tau_b, 0.0)
+        eb = tau_e * lr
         # the chain: W' = W - K^T (e_b G), c' = c - sum e_b G
         KdW = _dot(k, dW, DOT_MODE) + dc[None, :]
         S = tl.sum(KdW * G, axis=1)
         dG = dG0 - eb[:, None] * KdW
         dkb = -_dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
-        dtau_b += -lr * S
+        dtau_b += tl.where(full, -lr * S, 0.0)
         # G = LN-L2 gradient at Z = K W + c
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
@@ -207,7 +228,7 @@ def _chain_kernel(
         tl.store(dz_ptr + so, dZ, mask=m2)
         tl.store(dkb_ptr + so, dkb, mask=m2)
         tl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
-        tl.store(dlrb_ptr + pid * T + t0 + rt, -tau_b * S, mask=tmask)
+        tl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
     tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
     tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
     tl.store(dtau_ptr + (PART + pid) * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
@@ -217,48 +238,58 @@ def _chain_kernel(
 
 @triton.jit
 def _post_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dk_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, T, G_LO, NG,
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dk_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
-    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
-    c = tl.load(ckc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+    ck = (slot + g) * H + hi
+    has = g * GROUP < NMB
+    W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    sc_t = (bi * sc_b + hi) * T + start
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
     t0 = n0 * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
     dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2,
                                                                            other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
         dZ = dzn
         dk = dkn
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t1 * D, mask=m2,
-                                                                               other=0.0)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0) + tl.load(dkb_ptr + sc_off + t1 * D, mask=m21,
+                                                                                other=0.0)
         dk += _dot(dZ, tl.trans(W), DOT_MODE)
         tl.store(dk_ptr + out_base + t0 * o_t + out_off, dk.to(dk_ptr.dtype.element_ty), mask=m2)
         G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
-        eG = (tau_b * lr)[:, None] * G
+        eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
 
@@ -267,15 +298,18 @@ def _post_kernel(
 def _chain_lean_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr,
     dwT_ptr, dcT_ptr,
-    dz_ptr, dgy_ptr, bw_ptr, bc_ptr, dw0_ptr, dc0_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h,
-    H, NMB, NCK, T, N_LO, N_HI,
+    dz_ptr, dgy_ptr, bw_ptr, bc_ptr, dw0_ptr, dc0_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
+    H, T, N_LO, N_HI,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     """Only the recurrence: dW, dc carried; stores dZ, dgy per mini-batch and (dW, dc) where the walk enters
     each checkpoint group (the gradient w.r.t. the weights after the group's last mini-batch)."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
+    n_hi = tl.minimum(N_HI, NMB)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
@@ -283,23 +317,26 @@ def _chain_lean_kernel(
     dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
 
-    in_base = bi * s_b + hi * s_h
+    in_base = bi * s_b + start * s_t + hi * s_h
     in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + hi * l_h
-    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
-    t0 = (N_HI - 1) * MB
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    sc_t = (bi * sc_b + hi) * T + start
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    t0 = tl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
-                               tmask, l_t)
+                               tm, l_t)
     xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    rsn = tl.load(rs_ptr + pid * T + t0 + rt, mask=tmask, other=0.0)
-    for ni in range(N_HI - N_LO):
-        n = N_HI - 1 - ni
+    rsn = tl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
+    for ni in range(n_hi - N_LO):
+        n = n_hi - 1 - ni
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         if (n % GROUP == GROUP - 1) | (n == NMB - 1):
-            ck = pid * NCK + n // GROUP
+            ck = (slot + n // GROUP) * H + hi
             tl.store(bw_ptr + ck * D * D + woff, dW, mask=wmask)
             tl.store(bc_ptr + ck * D + rd, dc, mask=cmask)
         q = qn.to(tl.float32)
@@ -312,17 +349,18 @@ def _chain_lean_kernel(
         dZb = dzbn
         rstd = rsn
         t1 = tl.maximum(n - 1, N_LO) * MB
-        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt, m2,
-                                   tmask, l_t)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        rsn = tl.load(rs_ptr + pid * T + t1 + rt, mask=tmask, other=0.0)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
+                                   m21, tm1, l_t)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        rsn = tl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
         mgx = tl.sum(gy * xh, axis=1) / D
-        eb = tau_b * lr
+        eb = tl.where(t0 + MB <= L, tau_b, 0.0) * lr  # a partial last mini-batch commits nothing
         dG = dG0 - eb[:, None] * (_dot(k, dW, DOT_MODE) + dc[None, :])
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
@@ -338,31 +376,38 @@ def _chain_lean_kernel(
 def _post_lean_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, bw_ptr, bc_ptr,
     xh_ptr, g_ptr, dzb_ptr, dz_ptr, dgy_ptr, dka_ptr,
-    dk_ptr, dv_ptr, dlrb_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, T, G_LO, NG,
+    dk_ptr, dv_ptr, dlrb_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     """Per group: (R) reverse from the group-end (dW, dc): the dW'-terms of dk and dlr/dtau_b, into dka in place;
     (F) forward from the checkpoint W (updated with the stored G): dk = that + gam dgy + dZ W^T, dv, dgam, dbet."""
     pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    sc_off = (pid * T + rt)[:, None] * D + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    sc_t = (bi * sc_b + hi) * T + start
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
+    ck = (slot + g) * H + hi
+    has = n0 < NMB
 
     # (R) reverse over the group, carrying the gradient w.r.t. the weights after each mini-batch
-    dW = tl.load(bw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
-    dc = tl.load(bc_ptr + pid2 * D + rd, mask=cmask, other=0.0)
+    dW = tl.load(bw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
+    dc = tl.load(bc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
-    t0 = (n1 - 1) * MB
+    t0 = tl.maximum(n1 - 1, 0) * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
     gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
@@ -370,6 +415,8 @@ def _post_lean_kernel(
     for ni in range(n1 - n0):
         n = n1 - 1 - ni
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         lr = lrn.to(tl.float32)
@@ -378,32 +425,35 @@ def _post_lean_kernel(
         dZ = dzn
         dka = dkan
         t1 = tl.maximum(n - 1, n0) * MB
-        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dkan = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        eb = tau_b * lr
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dkan = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        tau_e = tl.where(full, tau_b, 0.0)
+        eb = tau_e * lr
         S = tl.sum((_dot(k, dW, DOT_MODE) + dc[None, :]) * G, axis=1)
-        dtau_b += -lr * S
+        dtau_b += tl.where(full, -lr * S, 0.0)
         dkr = dka - _dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
         dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
         so = sc_off + t0 * D
         tl.store(dka_ptr + so, dkr, mask=m2)
-        tl.store(dlrb_ptr + pid * T + t0 + rt, -tau_b * S, mask=tmask)
+        tl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
     tl.debug_barrier()
 
     # (F) forward over the group: W per mini-batch from the checkpoint and the stored G
-    W = tl.load(ckw_ptr + pid2 * D * D + woff, mask=wmask, other=0.0)
+    W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
     dgam = tl.zeros([BD], dtype=tl.float32)
     dbet = tl.zeros([BD], dtype=tl.float32)
     t0 = n0 * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
     gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0)
@@ -411,6 +461,8 @@ def _post_lean_kernel(
     dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     for n in range(n0, n1):
         t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
@@ -420,21 +472,22 @@ def _post_lean_kernel(
         dZ = dzn
         dk = dkn
         t1 = tl.minimum(n + 1, n1 - 1) * MB
-        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tmask, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m2, other=0.0)
-        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m2, other=0.0)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0)
         dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
         optr = out_base + t0 * o_t + out_off
         tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
         tl.store(dv_ptr + optr, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
         dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
         dbet += tl.sum(dgy * gam[None, :], axis=0)
-        W -= _dot(tl.trans(k), (tau_b * lr)[:, None] * G, DOT_MODE)
+        W -= _dot(tl.trans(k), (tau_e * lr)[:, None] * G, DOT_MODE)
     tl.store(dtau_ptr + pid2 * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
     tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
     tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
@@ -449,21 +502,24 @@ WARPS = (4, 4, 4)
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
-        warps=None, info=None, lean=None, segments=None):
+        warps=None, info=None, lean=None, segments=None, rows: Rows | None = None):
     """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
     `WARPS`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
     the post pass, from (dW, dc) stored per group) instead of computing them itself; None: lean when
-    B*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
+    N*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
     segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
     chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
-    of segment s + 1 run beside it (the chain of B*H programs leaves most of the GPU free). None: by size."""
+    of segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None: by size.
+    rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
+    (the programs of a shorter row's missing groups do nothing)."""
     B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    N = rows.n
     warps = warps or WARPS
     if lean is None:
-        lean = B * H <= LEAN_MAX_PROGRAMS
+        lean = N * H <= LEAN_MAX_PROGRAMS
     b = mini_batch
-    nmb = T // b
-    nck = triton.cdiv(nmb, group)
+    nck = rows.nck
     if segments is None:
         segments = min(4, nck)
     nseg = max(1, min(segments, nck))
@@ -473,59 +529,62 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
     ckw, ckc = ckpt
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
-    xh, dg0, dzb, dka, dz, dkb = (torch.empty((B * H, T, d), **f32) for _ in range(6))
-    gg = torch.empty((B * H, T, d), **f32) if lean else xh
-    rs, dlra, dlrb = (torch.empty((B * H, T), **f32) for _ in range(3))
-    dtau_a = torch.empty((B * H * nck, BT), **f32)
-    dlnw_a, dlnb_a = (torch.empty((B * H * nck, BD), **f32) for _ in range(2))
-    nb = B * H * nck if lean else B * H * nseg
+    fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
+    dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
+    SR = H if rows.packed else B * H  # fp32 scratch rows: per head, every row's tokens at their own positions
+    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **f32) for _ in range(6))
+    gg = torch.empty((SR, T, d), **f32) if lean else xh
+    rs = torch.empty((SR, T), **f32)
+    dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
+    dtau_a = torch.empty((N * H * nck, BT), **f32)
+    dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
+    nb = N * H * nck if lean else N * H * nseg
     dtau_b = torch.empty((nb, BT), **f32)
     dlnw_b, dlnb_b = (torch.empty((nb, BD), **f32) for _ in range(2))
-    dw0 = torch.empty((B, H, d, d), **f32)
-    dc0 = torch.empty((B, H, d), **f32)
-    cw, cc = (torch.empty((B, H, d, d), **f32), torch.empty((B, H, d), **f32)) if nseg > 1 else (dw0, dc0)
+    dw0 = torch.empty((N, H, d, d), **f32)
+    dc0 = torch.empty((N, H, d), **f32)
+    cw, cc = (torch.empty((N, H, d, d), **f32), torch.empty((N, H, d), **f32)) if nseg > 1 else (dw0, dc0)
     if lean:
-        bw = torch.empty((B * H * nck, d, d), **f32)
-        bc = torch.empty((B * H * nck, d), **f32)
-    strides = (q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-               dq.stride(0), dq.stride(1), dq.stride(2))
+        bw = torch.empty((rows.slots * H, d, d), **f32)
+        bc = torch.empty((rows.slots * H, d), **f32)
+    strides = (*rows.strides(q), *rows.strides(lr), *rows.strides(dq), 0 if rows.packed else H)
     meta = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot_mode)
+    span = rows.span
     launched = {}
 
     def pre(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        launched["ttt_linear_bwd_pre"] = _pre_kernel[(B * H * ng,)](
+        launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
             q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
-            dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a,
-            *strides, H, nmb, nck, T, g0, ng, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
+            dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span,
+            *strides, H, nck, T, g0, ng, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
 
     def chain(s):
-        n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, nmb)
+        n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)
         wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
         wo, co = (dw0, dc0) if s == 0 else (cw, cc)
         if lean:
-            launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(B * H,)](
+            launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
-                dz, dkb, bw, bc, wo, co, *strides[:6], H, nmb, nck, T, n_lo, n_hi, GROUP=group,
+                dz, dkb, bw, bc, wo, co, span, *strides[:6], strides[-1], H, T, n_lo, n_hi, GROUP=group,
                 num_warps=warps[1], **meta)
         else:
-            launched["ttt_linear_bwd_chain"] = _chain_kernel[(B * H,)](
+            launched["ttt_linear_bwd_chain"] = _chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
-                dz, dkb, dv, dlrb, wo, co, dtau_b, dlnw_b, dlnb_b,
-                *strides, H, T, n_lo, n_hi, s * B * H, num_warps=warps[1], **meta)
+                dz, dkb, dv, dlrb, wo, co, dtau_b, dlnw_b, dlnb_b, span,
+                *strides, H, T, n_lo, n_hi, s * N * H, num_warps=warps[1], **meta)
 
     def post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
         if lean:
-            launched["ttt_linear_bwd_post"] = _post_lean_kernel[(B * H * ng,)](
+            launched["ttt_linear_bwd_post"] = _post_lean_kernel[(N * H * ng,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka,
-                dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b,
-                *strides, H, nmb, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
+                dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
+                *strides, H, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
         else:
-            launched["ttt_linear_bwd_post"] = _post_kernel[(B * H * ng,)](
-                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, dk,
-                *strides, H, nmb, nck, T, g0, ng, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
+            launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
+                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, dk, span,
+                *strides, H, nck, T, g0, ng, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
 
     if dev.type == "cuda" and nseg > 1:
         main = torch.cuda.current_stream(dev)
@@ -552,10 +611,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
             post(s)
     if info is not None:
         info.update(launched)
-    dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()
+    dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()  # [SR, T] = [B*H, T] (packed: [H, T], B = 1)
     dtau = (dtau_a.sum(0) + dtau_b.sum(0))[:b]
-    # partial rows: pre and lean post per (batch, head, group); the split0 chain per (segment, batch, head)
-    parts = (lambda x: x.view(B, H, nck, BD).sum((0, 2))) if lean else (lambda x: x.view(nseg, B, H, BD).sum((0, 1)))
-    dlnw = dlnw_a.view(B, H, nck, BD).sum((0, 2)) + parts(dlnw_b)
-    dlnb = dlnb_a.view(B, H, nck, BD).sum((0, 2)) + parts(dlnb_b)
+    # partial sums: pre and lean post per (row, head, group); the full chain per (segment, row, head)
+    parts = (lambda x: x.view(N, H, nck, BD).sum((0, 2))) if lean else (lambda x: x.view(nseg, N, H, BD).sum((0, 1)))
+    dlnw = dlnw_a.view(N, H, nck, BD).sum((0, 2)) + parts(dlnw_b)
+    dlnb = dlnb_a.view(N, H, nck, BD).sum((0, 2)) + parts(dlnb_b)
     return dq, dk, dv, dlr, dtau, dlnw[:, :d], dlnb[:, :d], dw0, dc0

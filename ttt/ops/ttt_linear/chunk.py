@@ -1,10 +1,11 @@
 """TTT-Linear mini-batch dual form as Triton kernels: forward and hand-derived backward.
 
-Mirrors `ttt/ops/ttt_linear/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state
-has a zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end with the
-PyTorch dual form and calls these kernels on the aligned middle.
+Mirrors `ttt/ops/ttt_linear/dual.py` (docs/math.md §4) on rows (`triton_utils.Rows`: the sequences of a batch,
+or packed documents) from a zero accumulator, each row's mini-batches from its first token, the missing rows
+of its last one masked (and that mini-batch left uncommitted); `ttt/ops/triton_backend.py` runs what finishes a
+mini-batch begun in an earlier call with the PyTorch dual form and adds a partial last mini-batch's accumulators.
 
-One program per (batch, head) walks the sequence one mini-batch (b rows, padded to BT >= 16) at a time.
+One program per (row, head) walks its row one mini-batch (b rows, padded to BT >= 16) at a time.
 What stays on chip: the inner weights W (d x d, fp32) and bias c (fp32) live in registers for the whole
 sequence; q, k, v, lr of a mini-batch are read once, o written once. The head dim is padded to a power
 of two BD with masks (d = 96 -> BD = 128); padded rows (b < 16) get lr = 0 and are never stored.
@@ -30,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_dot, _head_consts, _ln_l2_grad, _load_mb, _normalize, _offsets, _tiles,
-                            dot_mode as _auto_dot_mode)
+from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
+                            _tiles, batch_rows, dot_mode as _auto_dot_mode)
 from . import bwd_split
 
 BWD_IMPLS = ("split", "split_lean", "split_full")
@@ -40,13 +41,15 @@ BWD_IMPLS = ("split", "split_lean", "split_full")
 @triton.jit
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
-    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
+    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK,
+    H,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
 
@@ -54,23 +57,29 @@ def ttt_linear_fwd_kernel(
     c = tl.load(c0_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
-    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
-                ck = pid * NCK + n // GROUP
+                ck = (slot + n // GROUP) * H + hi
                 tl.store(ckw_ptr + ck * D * D + woff, W, mask=wmask)
                 tl.store(ckc_ptr + ck * D + rd, c, mask=cmask)
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
-                                   rt, m2, tmask, l_t)
+                                   rt, m21, tm1, l_t)
 
         G, xh, rstd, gy, mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
         # causal masking by selection, not multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j
@@ -85,7 +94,7 @@ def ttt_linear_fwd_kernel(
         o = q + xhb * gam[None, :] + bet[None, :]
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
-        eG = (tau_b * lr)[:, None] * G
+        eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
     tl.store(wT_ptr + pid * D * D + woff, W, mask=wmask)
@@ -98,29 +107,30 @@ def _warps(d: int) -> int:
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
-        dot_mode: int | None = None, warps: int | None = None, info: dict | None = None):
-    """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
-    lr [B,T,H]; W0 [B,H,d,d], c0 [B,H,d] fp32 contiguous. Returns o [B,T,H,d] (q's dtype), W_T, c_T,
-    and the checkpoints (W, c at the start of every `group` mini-batches) when `save`.
-    dot_mode: the products' operand precision (None: by q's dtype, `triton_utils.dot_mode`); warps: None for
-    the default by head dim; info: a dict that receives the compiled kernel (n_regs, n_spills, metadata)."""
+        dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None):
+    """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
+    [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
+    row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
+    mini-batch: the weights at its start), and the checkpoints (W, c at the start of every `group` mini-batches of
+    every row, [slots, H, ...]) when `save`. dot_mode: the products' operand precision (None: by q's dtype,
+    `triton_utils.dot_mode`); warps: None for the default by head dim; info: a dict that receives the compiled
+    kernel (n_regs, n_spills, metadata)."""
     B, T, H, d = q.shape
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    assert rows.group == group
     BD = triton.next_power_of_2(d)
     BT = max(16, triton.next_power_of_2(mini_batch))
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
     if save:
-        ckw = torch.empty((B, H, nck, d, d), dtype=torch.float32, device=q.device)
-        ckc = torch.empty((B, H, nck, d), dtype=torch.float32, device=q.device)
+        ckw = torch.empty((rows.slots, H, d, d), dtype=torch.float32, device=q.device)
+        ckc = torch.empty((rows.slots, H, d), dtype=torch.float32, device=q.device)
     else:
         ckw, ckc = wT, cT  # never written
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
-    kern = ttt_linear_fwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
+    kern = ttt_linear_fwd_kernel[(rows.n * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H,
         D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, SAVE=save, DOT_MODE=mode, EPS=LN_EPS,
         num_warps=warps or _warps(d))
     if info is not None:
@@ -130,16 +140,17 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
         dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-        segments: int | None = None):
-    """Gradients of the aligned forward (`bwd_split.py`). do [B,T,H,d]; dwT [B,H,d,d], dcT [B,H,d] (fp32) the
-    gradients of the final state. Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
-    dW0 [B,H,d,d], dc0 [B,H,d] (fp32). impl: "split" (the lean chain when B*H <= bwd_split.LEAN_MAX_PROGRAMS, else
-    the full chain), or "split_lean" / "split_full" to force one. warps: (pre, chain, post), None for the
-    defaults; segments: the time segments of the pipelined launch (None: by size); dot_mode, info: as in `fwd`."""
+        segments: int | None = None, rows: Rows | None = None):
+    """Gradients of `fwd` (`bwd_split.py`) over the same rows. do [B,T,H,d]; dwT [N,H,d,d], dcT [N,H,d] (fp32)
+    the gradients of the final state. Returns dq, dk, dv (q's dtype; zero at tokens in no row), dlr [B,T,H] fp32,
+    dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl: "split" (the lean chain when
+    N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
+    (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
+    size); dot_mode, info: as in `fwd`."""
     if impl not in BWD_IMPLS:
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     lean = {"split": None, "split_lean": True, "split_full": False}[impl]
     return bwd_split.bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                          dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info,
-                         lean=lean, segments=segments)
+                         lean=lean, segments=segments, rows=rows)

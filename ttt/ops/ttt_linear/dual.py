@@ -1,32 +1,38 @@
 """TTT-Linear, mini-batch dual form in PyTorch (docs/math.md §4), with the carried partial-mini-batch
 state of docs/math.md §5. Differentiable by autograd; the CPU path and the reference for the kernels.
-Ablation switches: no inner LayerNorm (ln_weight None), no residual (residual=False)."""
+Ablation switches: no inner LayerNorm (ln_weight None), no residual (residual=False). Packed documents
+(`TTTInputs.cu_seqlens`) run all at once, each from its own first token (`packed.scan`)."""
 from __future__ import annotations
 
 import torch
 
-from ..common import TTTInputs, TTTState, advance, causal_matmul, causal_tril, dual_inputs, inner_grad, inner_out, segments
+from ..common import TTTInputs, TTTState, causal_matmul, causal_tril, inner_grad, inner_out
+from ..packed import scan
+
+
+def grads(k_, v_, params, gam, bet, residual: bool = True):
+    """The inner gradients of a piece at the start-of-mini-batch weights: G [R,H,n,d] (w.r.t. Z = K W + c)."""
+    W, c = params
+    return (inner_grad(k_ @ W + c[:, :, None], v_ - k_ if residual else v_, gam, bet),)
+
+
+def add_grads(accum, k_, lr_, g) -> tuple:
+    """The accumulators plus the piece's gated gradients: A + (lr K)^T G, a + sum lr G."""
+    (A, a), (G,) = accum, g
+    return A + (lr_[..., None] * k_).transpose(-1, -2) @ G, a + (lr_[..., None] * G).sum(2)
+
+
+def piece(q_, k_, v_, lr_, ti, gam, bet, params, accum, residual: bool = True):
+    """One piece of a mini-batch (`packed.scan`'s body): outputs [R,H,n,d] and the grown accumulators."""
+    (W, c), (A, a) = params, accum
+    g = grads(k_, v_, params, gam, bet, residual)
+    E = ti[:, None] * lr_[:, :, None, :]  # [R,H,n,n]: E_ij = tau_i lr_j, used for j <= i only
+    # the +1 carries the bias update; where (not a product with a 0/1 mask) keeps a NaN at j out of rows i < j
+    attn = torch.where(causal_tril(q_.shape[2], q_.device), E * (q_ @ k_.transpose(-1, -2) + 1.0), 0.0)
+    Zbar = q_ @ W + c[:, :, None] - ti[:, None] * (q_ @ A + a[:, :, None]) - causal_matmul(attn, g[0])
+    return inner_out(q_, Zbar, gam, bet, residual), add_grads(accum, k_, lr_, g)
 
 
 def forward(x: TTTInputs, state: TTTState, residual: bool = True):
     """x: the op's inputs (`TTTInputs`). Returns (o [B,T,H,d], new state)."""
-    T = x.q.shape[1]
-    Q, K, V, LR, tau, gam, bet, (W, c), (A, a) = dual_inputs(x, state)
-    # W: [B,H,d,d], c: [B,H,d]; A, a: their accumulators
-    outs = []
-    for t0, n, off in segments(T, state.pos, x.mini_batch):
-        q_, k_, v_ = Q[:, :, t0:t0 + n], K[:, :, t0:t0 + n], V[:, :, t0:t0 + n]  # [B,H,n,d]
-        lr_ = LR[:, :, t0:t0 + n]  # [B,H,n]
-        ti = tau[off:off + n]  # [n]
-        Z = k_ @ W + c[:, :, None]  # gradients at the start-of-mini-batch weights
-        G = inner_grad(Z, v_ - k_ if residual else v_, gam, bet)  # [B,H,n,d]
-        E = ti[:, None] * lr_[:, :, None, :]  # [B,H,n,n]: E_ij = tau_i lr_j, used for j <= i only
-        # the +1 carries the bias update; where (not a product with a 0/1 mask) keeps a NaN at j out of rows i < j
-        attn = torch.where(causal_tril(n, Q.device), E * (q_ @ k_.transpose(-1, -2) + 1.0), 0.0)
-        Zbar = q_ @ W + c[:, :, None] - ti[:, None] * (q_ @ A + a[:, :, None]) - causal_matmul(attn, G)
-        outs.append(inner_out(q_, Zbar, gam, bet, residual))
-        A = A + (lr_[..., None] * k_).transpose(-1, -2) @ G
-        a = a + (lr_[..., None] * G).sum(2)
-        (W, c), (A, a) = advance((W, c), (A, a), n, off, tau)
-    o = torch.cat(outs, dim=2).transpose(1, 2).to(x.q.dtype)  # [B,T,H,d]
-    return o, TTTState("linear", (W, c), (A, a), state.pos + T)
+    return scan(piece, x, state, residual)

@@ -1,9 +1,10 @@
 """TTT-MLP mini-batch dual form as a Triton forward kernel; backward by checkpointed recompute.
 
-Mirrors `ttt/ops/ttt_mlp/dual.py` (docs/math.md §4) on whole, aligned mini-batches whose start state has a
-zero accumulator; `ttt/ops/triton_backend.py` runs the partial pieces at either end in PyTorch.
+Mirrors `ttt/ops/ttt_mlp/dual.py` (docs/math.md §4) on rows (`triton_utils.Rows`: the sequences of a batch, or
+packed documents) from a zero accumulator, a row's partial last mini-batch masked and left uncommitted, as the
+TTT-Linear kernels (`ttt_linear/chunk.py`); `ttt/ops/triton_backend.py` runs the rest in PyTorch.
 
-Forward: one program per (batch, head) walks the mini-batches. What stays on chip: both inner weight
+Forward: one program per (row, head) walks the row's mini-batches. What stays on chip: both inner weight
 matrices W1 (d x F) and W2 (F x d), F = 4d, and the biases, fp32, in registers for the whole sequence
 (8 warps for d = 64; the compiler spills part of them, still faster than 16 warps, see
 docs/kernels_notes.md); q, k, v, lr are read once per mini-batch
@@ -37,8 +38,9 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _live_rows,
-                            _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
+from ..triton_utils import (Rows, _dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
+                            _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
+                            _row, _tiles, batch_rows, dot_mode)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -46,13 +48,15 @@ from ..triton_utils import (_dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu
 @triton.jit
 def ttt_mlp_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
-    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK,
+    H,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     rf = tl.arange(0, BF)
     fmask = rf < FF
     w1mask = cmask[:, None] & fmask[None, :]
@@ -66,24 +70,30 @@ def ttt_mlp_fwd_kernel(
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
-                ck = pid * NCK + n // GROUP
+                ck = (slot + n // GROUP) * H + hi
                 tl.store(ck1_ptr + ck * D * FF + w1off, W1, mask=w1mask)
                 tl.store(ckc1_ptr + ck * FF + rf, c1, mask=fmask)
                 tl.store(ck2_ptr + ck * FF * D + w2off, W2, mask=w2mask)
                 tl.store(ckc2_ptr + ck * D + rd, c2, mask=cmask)
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
-                                   rt, m2, tmask, l_t)
+                                   rt, m21, tm1, l_t)
 
         # inner forward / backward at the start weights
         Z1 = _dot(k, W1, DOT_MODE) + c1[None, :]  # [BT, BF]
@@ -107,7 +117,7 @@ def ttt_mlp_fwd_kernel(
         o = tl.where(poison[:, None], float("nan"), o)
         tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
 
-        eb = (tau_b * lr)[:, None]
+        eb = (tau_e * lr)[:, None]
         eG1 = eb * G1
         eG2 = eb * G2
         W1 -= _dot(tl.trans(k), eG1, DOT_MODE)
@@ -121,27 +131,28 @@ def ttt_mlp_fwd_kernel(
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
-        num_warps: int | None = None, dot: int | None = None):
-    """Aligned whole mini-batches. q, k, v [B,T,H,d] (last dim contiguous, same strides), T % b == 0;
-    params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
-    num_warps None: 8; dot None: by q's dtype (`dot_mode`), else the `_dot` mode to use.
-    Returns o, the final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+        num_warps: int | None = None, dot: int | None = None, rows: Rows | None = None):
+    """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator.
+    q, k, v [B,T,H,d] (last dim contiguous, same strides); params = (W1 [N,H,d,F], c1 [N,H,F], W2 [N,H,F,d],
+    c2 [N,H,d]) fp32 contiguous, one per row. num_warps None: 8; dot None: by q's dtype (`dot_mode`), else the
+    `_dot` mode to use. Returns o (tokens in no row unwritten), the final params (a row ending in a partial
+    mini-batch: those at its start), and the checkpoints (params every `group` mini-batches of every row,
+    [slots, H, ...]) when `save`."""
     B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    assert rows.group == group
     F = params[0].shape[-1]
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     BT = max(16, triton.next_power_of_2(mini_batch))
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
-        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+        ck = tuple(torch.empty((rows.slots, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
-    ttt_mlp_fwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck,
+    ttt_mlp_fwd_kernel[(rows.n * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H,
         D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 8)
     return o, fin, (ck if save else None)
@@ -163,13 +174,16 @@ def ttt_mlp_bwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
     do_ptr, dw1T_ptr, dc1T_ptr, dw2T_ptr, dc2T_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK,
+    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
+    H,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
+    NCK = tl.cdiv(NMB, GROUP)
     rf = tl.arange(0, BF)
     fmask = rf < FF
     w1mask = cmask[:, None] & fmask[None, :]
@@ -188,14 +202,16 @@ def ttt_mlp_bwd_kernel(
     dtau = tl.zeros([BT], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    dlr_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
     sc_base = pid * GROUP
     for gi in range(NCK):
         g = NCK - 1 - gi
         n0 = g * GROUP
         n1 = tl.minimum(n0 + GROUP, NMB)
         # recompute the start weights of every mini-batch of the group into the scratch
-        ck = pid * NCK + g
+        ck = (slot + g) * H + hi
         W1 = tl.load(ck1_ptr + ck * D * FF + w1off, mask=w1mask, other=0.0)
         c1 = tl.load(ckc1_ptr + ck * FF + rf, mask=fmask, other=0.0)
         W2 = tl.load(ck2_ptr + ck * FF * D + w2off, mask=w2mask, other=0.0)
@@ -206,11 +222,12 @@ def ttt_mlp_bwd_kernel(
             tl.store(scc1_ptr + sc * FF + rf, c1, mask=fmask)
             tl.store(sc2_ptr + sc * FF * D + w2off, W2, mask=w2mask)
             tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
-            if n < n1 - 1:  # the last start weights of the group are not advanced further
+            if n < n1 - 1:  # the last start weights of the group are not advanced further (so all these are full)
+                tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
                 ptr = in_base + n * MB * s_t + in_off
                 k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-                lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+                lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tm, other=0.0).to(tl.float32)
                 Z1, X2, D1, G2, H1, G1, xh, rstd, gy, mgx = _mlp_inner(k, v, W1, c1, W2, c2, gam, bet, cmask,
                                                                        D, DOT_MODE, EPS)
                 eb = (tau_b * lr)[:, None]
@@ -223,27 +240,31 @@ def ttt_mlp_bwd_kernel(
         tl.debug_barrier()
         # walk the group back; the loads of the next (earlier) mini-batch's inputs go out first
         n = n1 - 1
+        tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
         ptr = in_base + n * MB * s_t + in_off
         qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
         kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
         vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
-        lrn = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tm, other=0.0)
         dOn = tl.load(do_ptr + out_base + n * MB * o_t + out_off, mask=m2, other=0.0)
         for ni in range(n1 - n0):
             n = n1 - 1 - ni
             t0 = n * MB
+            tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+            full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
             q = qn.to(tl.float32)
             k = kn.to(tl.float32)
             v = vn.to(tl.float32)
             lr = lrn.to(tl.float32)
             dO = dOn.to(tl.float32)
             m = tl.maximum(n - 1, n0)
+            tm1, m21 = _mb_masks(m * MB, rt, L, cmask, MB)
             ptr = in_base + m * MB * s_t + in_off
-            qn = tl.load(q_ptr + ptr, mask=m2, other=0.0)
-            kn = tl.load(k_ptr + ptr, mask=m2, other=0.0)
-            vn = tl.load(v_ptr + ptr, mask=m2, other=0.0)
-            lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tmask, other=0.0)
-            dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m2, other=0.0)
+            qn = tl.load(q_ptr + ptr, mask=m21, other=0.0)
+            kn = tl.load(k_ptr + ptr, mask=m21, other=0.0)
+            vn = tl.load(v_ptr + ptr, mask=m21, other=0.0)
+            lrn = tl.load(lr_ptr + lr_base + (m * MB + rt) * l_t, mask=tm1, other=0.0)
+            dOn = tl.load(do_ptr + out_base + m * MB * o_t + out_off, mask=m21, other=0.0)
             sc = sc_base + n - n0
             W1s = tl.load(sc1_ptr + sc * D * FF + w1off, mask=w1mask, other=0.0)
             c1 = tl.load(scc1_ptr + sc * FF + rf, mask=fmask, other=0.0)
@@ -255,7 +276,11 @@ def ttt_mlp_bwd_kernel(
                                                                    D, DOT_MODE, EPS)
             # NaN containment: the rows (tokens) at and after a non-finite one pass no gradient, nor does the state
             # after this mini-batch then; their values enter the products below as zeros (docs/kernels_notes.md)
-            live, out, keep = _live_rows(q, k, v, lr, tl.sum(G1, axis=1) + tl.sum(G2, axis=1), causal)
+            # (rows past the row's end are loaded as zeros and count as finite; a partial last mini-batch commits
+            # nothing, so the state after it is the one before it: kept)
+            live, out, keep = _live_rows(q, k, v, lr, tl.where(tm, tl.sum(G1, axis=1) + tl.sum(G2, axis=1), 0.0),
+                                         causal)
+            keep = keep | (t0 + MB > L)
             dW1 = tl.where(keep, dW1, 0.0)
             dc1 = tl.where(keep, dc1, 0.0)
             dW2 = tl.where(keep, dW2, 0.0)
@@ -298,7 +323,8 @@ def ttt_mlp_bwd_kernel(
             dq = dO + _dot(dZ1b, tl.trans(W1s), DOT_MODE) + _dot(dA1, k, DOT_MODE)
             dk = _dot(tl.trans(dA1), q, DOT_MODE)
             # carry: W1' = W1 - K^T (e_b G1), c1' = c1 - sum e_b G1, W2' = W2 - X2^T (e_b G2), c2' likewise
-            eb = tau_b * lr
+            tau_e = tl.where(full, tau_b, 0.0)
+            eb = tau_e * lr
             KdW1 = _dot(k, dW1, DOT_MODE) + dc1[None, :]
             XdW2 = _dot(X2, dW2, DOT_MODE) + dc2[None, :]
             S = tl.sum(KdW1 * G1, axis=1) + tl.sum(XdW2 * G2, axis=1)
@@ -306,8 +332,8 @@ def ttt_mlp_bwd_kernel(
             dG2 -= eb[:, None] * XdW2
             dk -= _dot(eb[:, None] * G1, tl.trans(dW1), DOT_MODE)
             dX2 -= _dot(eb[:, None] * G2, tl.trans(dW2), DOT_MODE)
-            dlr = -tau_b * S
-            dtau_b += -lr * S
+            dlr = -tau_e * S
+            dtau_b += tl.where(full, -lr * S, 0.0)
             dE = tl.where(causal, dE, 0.0)
             dtau += tl.sum(dE * lr[None, :], axis=1)
             dlr += tl.sum(dE * tau_r[:, None], axis=0)
@@ -336,7 +362,7 @@ def ttt_mlp_bwd_kernel(
             tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
             tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
             tl.store(dv_ptr + optr, dv.to(dv_ptr.dtype.element_ty), mask=m2)
-            tl.store(dlr_ptr + (bi * NMB * MB + t0 + rt) * H + hi, dlr, mask=tmask)
+            tl.store(dlr_ptr + dlr_base + (t0 + rt) * H, dlr, mask=tm)
         tl.debug_barrier()
     tl.store(dw1_ptr + pid * D * FF + w1off, dW1, mask=w1mask)
     tl.store(dc1_ptr + pid * FF + rf, dc1, mask=fmask)
@@ -353,36 +379,36 @@ def ttt_mlp_bwd_kernel(
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
-        num_warps: int | None = None, dot: int | None = None):
-    """Gradients of the aligned forward (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
-    of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
+        num_warps: int | None = None, dot: int | None = None, rows: Rows | None = None):
+    """Gradients of `fwd` over the same rows (hand-derived, Triton). do [B,T,H,d] (or None); dfin the gradients
+    of the final (W1, c1, W2, c2) [N,H,...] (entries may be None). Returns dq, dk, dv (q's dtype; zero at tokens
+    in no row), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    N = rows.n
     F = ckpt[0].shape[-1]
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
     BT = max(16, triton.next_power_of_2(mini_batch))
     shapes = ((d, F), (F,), (F, d), (d,))
-    dfin = tuple(torch.zeros((B, H, *s), dtype=torch.float32, device=q.device) if g is None
+    dfin = tuple(torch.zeros((N, H, *s), dtype=torch.float32, device=q.device) if g is None
                  else g.float().contiguous() for g, s in zip(dfin, shapes))
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
-    dlr = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    dps = tuple(torch.empty((B, H, *s), dtype=torch.float32, device=q.device) for s in shapes)
-    dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
-    dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
+    fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
+    dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    dlr = fill((B, T, H), dtype=torch.float32, device=q.device)
+    dps = tuple(torch.empty((N, H, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    dtau = torch.empty((N * H, BT), dtype=torch.float32, device=q.device)
+    dlnw = torch.empty((N * H, BD), dtype=torch.float32, device=q.device)
+    dlnb = torch.empty((N * H, BD), dtype=torch.float32, device=q.device)
     dot = dot_mode(q.dtype) if dot is None else dot
-    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
-    ttt_mlp_bwd_kernel[(B * H,)](
+    scr = tuple(torch.empty((N * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    ttt_mlp_bwd_kernel[(N * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dfin,
-        dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck,
+        dq, dk, dv, dlr, *dps, dtau, dlnw, dlnb, *scr, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(dq), 0 if rows.packed else T * H, H,
         D=d, BD=BD, FF=F, BF=BF, MB=mini_batch, BT=BT, GROUP=group,
         DOT_MODE=dot, EPS=LN_EPS, num_warps=num_warps or 8, num_stages=1)
     dtau = dtau.sum(0)[:mini_batch]
-    dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
-    dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
+    dlnw = dlnw.view(N, H, BD).sum(0)[:, :d]
+    dlnb = dlnb.view(N, H, BD).sum(0)[:, :d]
     return dq, dk, dv, dlr, dtau, dlnw, dlnb, dps

@@ -1,10 +1,11 @@
 """TTT-MLP forward and backward kernels for any head dim (96, 128, ...): the hidden width F = 4d is walked in
 column blocks, and the inner weights live in a per-program global scratch instead of registers.
 
-Same contract and math as `chunk.py` (which keeps W1, W2 in registers, d <= 64): whole, aligned mini-batches
-from a zero accumulator; `ttt/ops/triton_backend.py` picks the kernel and runs partial pieces in PyTorch.
+Same contract and math as `chunk.py` (which keeps W1, W2 in registers, d <= 64): rows (`triton_utils.Rows`) from
+a zero accumulator, a partial last mini-batch masked and left uncommitted; `ttt/ops/triton_backend.py` picks the
+kernel and runs the rest in PyTorch.
 
-Forward, per mini-batch (one program per (batch, head); W1 [d,F], c1 [F], W2 [F,d] are read and written
+Forward, per mini-batch (one program per (row, head); W1 [d,F], c1 [F], W2 [F,d] are read and written
 in place in the output buffers, which start as a copy of the initial weights; c2 [d] stays in registers):
   pass 1 over F blocks f:  Z2 += GELU(K W1_f + c1_f) W2_f                     (and the checkpoint, if due)
   G2 = LN-L2 gradient at Z2; P1 = E * (Q K^T + 1)
@@ -35,8 +36,9 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (_dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts, _live_rows,
-                            _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _normalize, _offsets, _proj, _tiles, dot_mode)
+from ..triton_utils import (Rows, _dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
+                            _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
+                            _row, _tiles, batch_rows, dot_mode)
 
 # Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
@@ -116,13 +118,15 @@ def _out_block(q, k, G2, P1, W1, c1, W2, DOT_MODE: tl.constexpr):
 @triton.jit
 def ttt_mlp_fwd_blocked_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
-    o_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
+    o_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, NFB,
+    H, NFB,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
     rf = tl.arange(0, FB)
     w1 = w1_ptr + pid * D * FF  # this program's weights, updated in place
     c1p = c1_ptr + pid * FF
@@ -130,17 +134,23 @@ def ttt_mlp_fwd_blocked_kernel(
     c2 = tl.load(c2_ptr + pid * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
-    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tmask, l_t)
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    tm, m2 = _mb_masks(0, rt, L, cmask, MB)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
     for n in range(NMB):
         t0 = n * MB
         t1 = tl.minimum(n + 1, NMB - 1) * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        # a partial last mini-batch (the row ends inside it) leaves the weights uncommitted (tau_b -> 0)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
         q = qn.to(tl.float32)
         k = kn.to(tl.float32)
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
-                                   rt, m2, tmask, l_t)
+                                   rt, m21, tm1, l_t)
 
         # pass 1: Z2 at the start weights (and the checkpoint of these weights when one is due)
         z2 = tl.zeros([BT, BD], dtype=tl.float32)
@@ -148,18 +158,18 @@ def ttt_mlp_fwd_blocked_kernel(
             W1, c1, W2 = _wblock(w1, c1p, w2, f * FB, rd, rf, cmask, D, FF)
             if SAVE:
                 if n % GROUP == 0:
-                    ck = pid * NCK + n // GROUP
+                    ck = (slot + n // GROUP) * H + hi
                     _wstore(ck1_ptr + ck * D * FF, ckc1_ptr + ck * FF, ck2_ptr + ck * FF * D, W1, c1, W2,
                             f * FB, rd, rf, cmask, D, FF)
             X2, _d = _gelu_parts(_dot(k, W1, DOT_MODE) + c1[None, :])
             z2 += _dot(X2, W2, DOT_MODE)
         if SAVE:
             if n % GROUP == 0:
-                tl.store(ckc2_ptr + (pid * NCK + n // GROUP) * D + rd, c2, mask=cmask)
+                tl.store(ckc2_ptr + ((slot + n // GROUP) * H + hi) * D + rd, c2, mask=cmask)
         G2, _xh, _rstd, _gy, _mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
         E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
         P1 = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
-        eb = tau_b * lr
+        eb = tau_e * lr
         eG2 = eb[:, None] * G2
         ok = _finite_rows(G2)  # tokens whose G1 and G2 are finite (G1's rows are checked block by block)
 
@@ -196,26 +206,26 @@ def _block_f(F: int, block_f: int | None) -> int:
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
-        num_stages: int | None = None):
-    """Same contract as `chunk.fwd`: aligned whole mini-batches, params (W1, c1, W2, c2) fp32 contiguous.
-    num_warps None: 4; dot None: by q's dtype; block_f None: 32 columns of F per block; num_stages None: 3.
-    Returns o, the final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+        num_stages: int | None = None, rows: Rows | None = None):
+    """Same contract as `chunk.fwd`: the rows' mini-batches (None: every batch entry whole), params (W1, c1, W2,
+    c2) fp32 contiguous, one per row. num_warps None: 4; dot None: by q's dtype; block_f None: 32 columns of F
+    per block; num_stages None: 3. Returns o, the final params, and the checkpoints (params every `group`
+    mini-batches of every row) when `save`."""
     B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    assert rows.group == group
     F = params[0].shape[-1]
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     FB = _block_f(F, block_f)
     BT = max(16, triton.next_power_of_2(mini_batch))
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(p.clone() for p in params)  # the kernel's working weights, updated in place
     if save:
-        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+        ck = tuple(torch.empty((rows.slots, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
-    ttt_mlp_fwd_blocked_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, triton.cdiv(F, FB),
+    ttt_mlp_fwd_blocked_kernel[(rows.n * H,)](
+        q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, triton.cdiv(F, FB),
         D=d, BD=triton.next_power_of_2(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
         num_stages=num_stages or 3)
@@ -227,13 +237,16 @@ def ttt_mlp_bwd_blocked_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr,
     do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr,
     dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, NFB,
+    sc1_ptr, scc1_ptr, sc2_ptr, scc2_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
+    H, NFB,
     D: tl.constexpr, BD: tl.constexpr, FF: tl.constexpr, FB: tl.constexpr, MB: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
+    start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
+    NCK = tl.cdiv(NMB, GROUP)
     rf = tl.arange(0, FB)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
@@ -247,13 +260,15 @@ def ttt_mlp_bwd_blocked_kernel(
     dtau = tl.zeros([BT], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, rt, rd, s_b, s_t, s_h, l_b, l_h, o_b, o_t, o_h)
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    dlr_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
     for gi in range(NCK):
         g = NCK - 1 - gi
         n0 = g * GROUP
         n1 = tl.minimum(n0 + GROUP, NMB)
         # slot 0 of the scratch <- the group's checkpoint; slot j + 1 <- slot j advanced by mini-batch n0 + j
-        ck = pid * NCK + g
+        ck = (slot + g) * H + hi
         sc = pid * GROUP
         for f in range(NFB):
             W1, c1, W2 = _wblock(ck1_ptr + ck * D * FF, ckc1_ptr + ck * FF, ck2_ptr + ck * FF * D, f * FB,
@@ -263,12 +278,13 @@ def ttt_mlp_bwd_blocked_kernel(
         c2 = tl.load(ckc2_ptr + ck * D + rd, mask=cmask, other=0.0)
         tl.store(scc2_ptr + sc * D + rd, c2, mask=cmask)
         tl.debug_barrier()
-        for n in range(n0, n1 - 1):
+        for n in range(n0, n1 - 1):  # not the group's last mini-batch: all these are full
             sc = pid * GROUP + n - n0
+            tm, m2 = _mb_masks(n * MB, rt, L, cmask, MB)
             ptr = in_base + n * MB * s_t + in_off
             k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+            lr = tl.load(lr_ptr + lr_base + (n * MB + rt) * l_t, mask=tm, other=0.0).to(tl.float32)
             w1 = sc1_ptr + sc * D * FF
             c1p = scc1_ptr + sc * FF
             w2 = sc2_ptr + sc * FF * D
@@ -289,11 +305,13 @@ def ttt_mlp_bwd_blocked_kernel(
             c1p = scc1_ptr + sc * FF
             w2 = sc2_ptr + sc * FF * D
             c2 = tl.load(scc2_ptr + sc * D + rd, mask=cmask, other=0.0)
+            tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+            full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
             ptr = in_base + t0 * s_t + in_off
             q = tl.load(q_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             k = tl.load(k_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + ptr, mask=m2, other=0.0).to(tl.float32)
-            lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tmask, other=0.0).to(tl.float32)
+            lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0).to(tl.float32)
             dO = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
 
             # pass A: Z2 and X2 dW2' (the carried gradient seen through the W2 update)
@@ -310,7 +328,10 @@ def ttt_mlp_bwd_blocked_kernel(
             G2, xh, rstd, gy, mgx = _ln_l2_grad(z2 + c2[None, :], v, k, gam, bet, cmask, D, EPS)
             # NaN containment (as in chunk.py): rows at and after a non-finite token, and then the state after this
             # mini-batch, pass no gradient; passes B-D read the weights with non-finite entries as 0
-            live, out, keep = _live_rows(q, k, v, lr, tl.sum(G2, axis=1), causal)
+            # (rows past the row's end are zeros and count as finite; a partial last mini-batch commits nothing, so
+            # the state after it, the one before it, is kept)
+            live, out, keep = _live_rows(q, k, v, lr, tl.where(tm, tl.sum(G2, axis=1), 0.0), causal)
+            keep = keep | (t0 + MB > L)
             lv = live[:, None]
             q, dO = tl.where(out[:, None], q, 0.0), tl.where(out[:, None], dO, 0.0)
             k, v, lr = tl.where(lv, k, 0.0), tl.where(lv, v, 0.0), tl.where(live, lr, 0.0)
@@ -318,7 +339,8 @@ def ttt_mlp_bwd_blocked_kernel(
             rstd, mgx = tl.where(live, rstd, 0.0), tl.where(live, mgx, 0.0)
             dc2 = tl.where(keep, dc2, 0.0)
             XdW2 = tl.where(lv, tl.where(keep, xdw2, 0.0), 0.0) + dc2[None, :]
-            eb = tau_b * lr
+            tau_e = tl.where(full, tau_b, 0.0)
+            eb = tau_e * lr
             c2 = _finite_or_0(c2)
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
@@ -379,8 +401,8 @@ def ttt_mlp_bwd_blocked_kernel(
                 _wstore(dw1, dc1p, dw2, dW1, dc1, dW2, f * FB, rd, rf, cmask, D, FF)
             dG2 += dG2s
             S = S1 + tl.sum(XdW2 * G2, axis=1)
-            dlr = -tau_b * S
-            dtau_b += -lr * S
+            dlr = -tau_e * S
+            dtau_b += tl.where(full, -lr * S, 0.0)
             dE = tl.where(causal, dE + dp1 * QK1, 0.0)
             dtau += tl.sum(dE * lr[None, :], axis=1)
             dlr += tl.sum(dE * tau_r[:, None], axis=0)
@@ -413,7 +435,7 @@ def ttt_mlp_bwd_blocked_kernel(
             tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
             tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
             tl.store(dv_ptr + optr, dv.to(dv_ptr.dtype.element_ty), mask=m2)
-            tl.store(dlr_ptr + (bi * NMB * MB + t0 + rt) * H + hi, dlr, mask=tmask)
+            tl.store(dlr_ptr + dlr_base + (t0 + rt) * H, dlr, mask=tm)
             tl.debug_barrier()
     tl.store(dc2_ptr + pid * D + rd, dc2, mask=cmask)
     dtau += tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0)
@@ -424,36 +446,36 @@ def ttt_mlp_bwd_blocked_kernel(
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, dot: int | None = None, block_f: int | None = None,
-        num_stages: int | None = None):
-    """Same contract (and tuning arguments) as `fwd` and `chunk.bwd`: dq, dk, dv, dlr [B,T,H] fp32, dtau [b],
-    dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
+        num_stages: int | None = None, rows: Rows | None = None):
+    """Same contract (and tuning arguments) as `fwd` and `chunk.bwd`: dq, dk, dv (zero at tokens in no row),
+    dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32)."""
     B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    N = rows.n
     F = ckpt[0].shape[-1]
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     BD = triton.next_power_of_2(d)
     FB = _block_f(F, block_f)
     BT = max(16, triton.next_power_of_2(mini_batch))
     shapes = ((d, F), (F,), (F, d), (d,))
     # the carried gradients start as those of the final params and end as those of the start params
-    dps = tuple(torch.zeros((B, H, *s), dtype=torch.float32, device=q.device) if g is None
+    dps = tuple(torch.zeros((N, H, *s), dtype=torch.float32, device=q.device) if g is None
                 else g.to(torch.float32).contiguous().clone() for g, s in zip(dfin, shapes))
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
-    dlr = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    dtau = torch.empty((B * H, BT), dtype=torch.float32, device=q.device)
-    dlnw = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    dlnb = torch.empty((B * H, BD), dtype=torch.float32, device=q.device)
-    scr = tuple(torch.empty((B * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
-    ttt_mlp_bwd_blocked_kernel[(B * H,)](
+    fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
+    dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    dlr = fill((B, T, H), dtype=torch.float32, device=q.device)
+    dtau = torch.empty((N * H, BT), dtype=torch.float32, device=q.device)
+    dlnw = torch.empty((N * H, BD), dtype=torch.float32, device=q.device)
+    dlnb = torch.empty((N * H, BD), dtype=torch.float32, device=q.device)
+    scr = tuple(torch.empty((N * H * group, *s), dtype=torch.float32, device=q.device) for s in shapes)
+    ttt_mlp_bwd_blocked_kernel[(N * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps,
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, *scr,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, triton.cdiv(F, FB),
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, *scr, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(dq), 0 if rows.packed else T * H, H, triton.cdiv(F, FB),
         D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
         num_stages=num_stages or 3)
     dtau = dtau.sum(0)[:mini_batch]
-    dlnw = dlnw.view(B, H, BD).sum(0)[:, :d]
-    dlnb = dlnb.view(B, H, BD).sum(0)[:, :d]
+    dlnw = dlnw.view(N, H, BD).sum(0)[:, :d]
+    dlnb = dlnb.view(N, H, BD).sum(0)[:, :d]
     return dq, dk, dv, dlr, dtau, dlnw, dlnb, dps

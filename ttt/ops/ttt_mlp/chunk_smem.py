@@ -305,7 +305,7 @@ def ttt_mlp_smem_fwd_kernel(
             t0 = n * BT
             if SAVE:
                 if n % GROUP == 0:
-                    ck = head * NCK + n // GROUP
+                    ck = (bi * NCK + n // GROUP) * H + hi  # the row kernels' slots [B * NCK, H]
                     _weights_io(w1t_s, w2_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, False, FS, D, FF, FC,
                                 LBt, LB)
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
@@ -573,7 +573,7 @@ def ttt_mlp_smem_bwd_kernel(
             # ---- recompute: the start weights of every mini-batch of the group, from its checkpoint, into the
             # scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
             gl.thread_barrier()
-            ck = head * NCK + g
+            ck = (bi * NCK + g) * H + hi
             _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt, LB)
             c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
             c2 = gl.load(ckc2_ptr + ck * D + rdD)
@@ -891,15 +891,25 @@ def check(d: int, mini_batch: int, dtype: torch.dtype) -> None:
                          f"got {str(dtype).replace('torch.', '')}")
 
 
+def _whole_entries(rows, B: int) -> None:
+    """These kernels take no rows (`triton_utils.Rows`): only every batch entry whole (the backend runs a partial
+    tail elsewhere and refuses packed documents)."""
+    if rows is not None and (rows.packed or not rows.covered or rows.n != B):
+        raise ValueError("cu_seqlens: mlp_impl='smem' runs whole batch entries only, not packed documents or rows")
+
+
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
-        num_warps: int | None = None, programs: int | None = None):
+        num_warps: int | None = None, programs: int | None = None, rows=None):
     """Aligned whole mini-batches (same contract as `chunk.fwd`). q, k, v [B,T,H,d] 16-bit (last dim contiguous,
     same strides), T % 16 == 0; params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
     num_warps None: 8; programs: at most this many programs (None: what the GPU holds at once). Returns o, the
-    final params, and the checkpoints (params every `group` mini-batches) when `save`."""
+    final params, and the checkpoints (params every `group` mini-batches) when `save`, in this kernel's order
+    [B * nck, H] as the row kernels' (slot b * nck + g: entry b's checkpoint group g), so the pairs mix. rows: None
+    or whole batch entries."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
+    _whole_entries(rows, B)
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
     ns = nsplit(d)
@@ -908,7 +918,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
-        ck = tuple(torch.empty((B, H, nck, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+        ck = tuple(torch.empty((B * nck, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
     xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
@@ -930,7 +940,7 @@ def nsplit_bwd(d: int) -> int:
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
-        num_warps: int | None = None, programs: int | None = None):
+        num_warps: int | None = None, programs: int | None = None, rows=None):
     """Gradients of `fwd` from its checkpoints (same contract as `chunk.bwd`): do [B,T,H,d] (or None), dfin the
     gradients of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H]
     fp32, dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32). num_warps None: 8;
@@ -938,6 +948,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     check(d, mini_batch, q.dtype)
+    _whole_entries(rows, B)
     nmb = T // mini_batch
     nck = triton.cdiv(nmb, group)
     ns = nsplit_bwd(d)

@@ -1,0 +1,191 @@
+"""The Triton kernels on packed documents (cu_seqlens, docs/packed.md) == every document run alone through the
+PyTorch dual form (`ttt.ops.packed.per_document`): outputs, every final state row (weights, accumulators,
+position) and the gradients w.r.t. every input and the initial state, for both kinds and every kernel variant
+(TTT-Linear's lean and full backward chains in one and several time segments; TTT-MLP's register and F-blocked
+kernels), documents whose lengths are and are not multiples of the mini-batch (length 1, shorter than one
+mini-batch, several checkpoint groups), from fresh rows and from rows carried to unequal positions; fp16 inputs;
+one full-length document == no cu_seqlens (the same kernels, bit for bit); both TTT layers on both backbones.
+Every kernel output is NaN-poisoned before the kernels run. On CPU the kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, set below before Triton is imported) at small shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from conftest import PoisonTorch, random_inputs, rel  # noqa: E402
+from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op, triton_backend  # noqa: E402
+from ttt.ops.packed import per_document  # noqa: E402
+from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+B_MB = 8
+# length 1, shorter than b, a multiple of b, 2 + 2 checkpoint groups of 2 mini-batches (the last one partial)
+LENS = [1, 5, 16, 27, 3]
+KERNELS = {
+    "lean": triton_backend.LinearKernels(bwd="split_lean", group=2),
+    "full": triton_backend.LinearKernels(bwd="split_full", group=2),
+    "full-segments": triton_backend.LinearKernels(bwd="split_full", group=2, bwd_segments=3),
+    "lean-segments": triton_backend.LinearKernels(bwd="split_lean", group=2, bwd_segments=2),
+    "regs": triton_backend.MLPKernels(impl="regs", group=2),
+    "blocked": triton_backend.MLPKernels(impl="blocked", group=2),
+}
+KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-segments": "linear", "regs": "mlp",
+        "blocked": "mlp"}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked):
+        monkeypatch.setattr(mod, "torch", PoisonTorch())
+
+
+def cu_of(lens) -> torch.Tensor:
+    return torch.tensor([0, *lens]).cumsum(0)
+
+
+def packed_case(kind, lens, start, dtype=torch.float32, seed=0, b=B_MB, d=16, H=2):
+    """Inputs of one packed sequence and a state of one row per document: "fresh" rows at 0 (as a layer starts
+    them: the weights require grad, the zero accumulators do not), or "carried": rows at unequal positions, the
+    mid-mini-batch ones with a pending accumulator, weights and accumulators requiring grad."""
+    n = len(lens)
+    inp = random_inputs(kind, B=1, T=sum(lens), H=H, d=d, b=b, dtype=dtype, seed=seed)
+    st = TTTState.initial(kind, inp.init, n)
+    if start == "carried":
+        g = torch.Generator().manual_seed(seed + 1)
+        pos = tuple(b if i == 3 else (7 * i + 3) % (3 * b) for i in range(n))  # row 3 aligned, the others not
+        live = torch.tensor([float(p % b != 0) for p in pos])
+        params = tuple(p + 0.05 * torch.randn(p.shape, generator=g) for p in st.params)
+        accum = tuple(0.05 * torch.randn(p.shape, generator=g) * live.view(-1, *[1] * (p.dim() - 1)) for p in params)
+        st = TTTState(kind, params, accum, pos)
+    inputs = [inp.q, inp.k, inp.v, inp.lr, inp.delta, inp.ln_weight, inp.ln_bias]
+    leaves = [t.detach().to(DEV).requires_grad_() for t in inputs + list(st.params)]
+    accum = tuple(a.detach().to(DEV) for a in st.accum)
+    if start == "carried":
+        accum = tuple(a.requires_grad_() for a in accum)
+        leaves += list(accum)
+    return leaves, TTTState(kind, tuple(leaves[7:7 + len(st.params)]), accum, st.pos)
+
+
+def run(op, leaves, st, cu):
+    q, k, v, lr, delta, lnw, lnb = leaves[:7]
+    return op(TTTInputs(q, k, v, lr, make_tau(delta), lnw, lnb, cu), st)
+
+
+def compare(leaves, st, cu, fast, ref, tol, grad=True):
+    """fast and ref: (o, state) of two paths; every output, state row and (grad) gradient within tol."""
+    (o1, s1), (o2, s2) = fast, ref
+    assert s1.pos == s2.pos
+    outs1, outs2 = [o1, *s1.params, *s1.accum], [o2, *s2.params, *s2.accum]
+    errs = {f"out{i}": rel(a, b) if b.abs().max() > 0 else a.abs().max().item() for i, (a, b) in
+            enumerate(zip(outs1, outs2))}
+    if grad:
+        g = torch.Generator(device=o2.device).manual_seed(1)
+        ws = [torch.randn(b.shape, generator=g, device=b.device).to(b.dtype) for b in outs2]
+        g1 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(outs1, ws)), leaves, allow_unused=True,
+                                 retain_graph=True)
+        g2 = torch.autograd.grad(sum((b * w).sum() for b, w in zip(outs2, ws)), leaves, allow_unused=True)
+        for i, (a, b) in enumerate(zip(g1, g2)):
+            if b is None or b.abs().max() == 0:
+                assert a is None or a.abs().max() == 0, f"grad{i}"
+                continue
+            errs[f"grad{i}"] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"over {tol}: {bad}"
+
+
+@pytest.mark.parametrize("variant,start", [("lean", "fresh"), ("lean", "carried"), ("full", "fresh"),
+                                           ("full-segments", "carried"), ("lean-segments", "fresh"),
+                                           ("regs", "fresh"), ("regs", "carried"), ("blocked", "fresh"),
+                                           ("blocked", "carried")])
+def test_packed_kernels_equal_documents_alone(variant, start):
+    kind = KIND[variant]
+    leaves, st = packed_case(kind, LENS, start)
+    cu = cu_of(LENS)
+    fast = run(triton_backend.TritonOp(kind, KERNELS[variant]), leaves, st, cu)
+    dual = resolve_op(kind, "dual", DEV, torch.float32)
+    q, k, v, lr, delta, lnw, lnb = leaves[:7]
+    ref = per_document(dual, TTTInputs(q, k, v, lr, make_tau(delta), lnw, lnb), st, cu)
+    compare(leaves, st, cu, fast, ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_packed_fp16(kind):
+    """fp16 inputs (16-bit products, fp32 statistics and state) against the dual form on the same inputs."""
+    leaves, st = packed_case(kind, [7, 24, 2], "fresh", dtype=torch.float16)
+    cu = cu_of([7, 24, 2])
+    fast = run(resolve_op(kind, "triton", DEV, torch.float16), leaves, st, cu)
+    ref = run(resolve_op(kind, "dual", DEV, torch.float16), leaves, st, cu)
+    compare(leaves, st, cu, fast, ref, tol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_one_full_length_document_is_no_cu_seqlens(kind, T=43):
+    """cu_seqlens = [0, T] runs the very kernels a plain call runs (one row; T % b != 0: the partial last
+    mini-batch too): the same bits, forward and backward."""
+    leaves, st = packed_case(kind, [T], "fresh")
+    op = resolve_op(kind, "triton", DEV, torch.float32)
+    res = []
+    for cu in (cu_of([T]), None):
+        o, s = run(op, leaves, st, cu)
+        outs = [o, *s.params, *s.accum]
+        res.append(outs + list(torch.autograd.grad(sum(t.square().sum() for t in outs), leaves)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,backbone", [("linear", "mamba"), ("mlp", "transformer")])
+def test_layer_on_the_kernels_packed_equals_separate(kind, backbone):
+    """A TTT layer on the triton backend: packed documents (one op call) == each document alone, outputs and the
+    gradients w.r.t. the input and every parameter."""
+    from ttt.layers.ttt import TTTLinear, TTTMLP
+
+    torch.manual_seed(0)
+    layer = (TTTLinear if kind == "linear" else TTTMLP)(32, 2, backbone=backbone, mini_batch=B_MB,
+                                                         backend="triton").to(DEV)
+    lens = [9, 1, 20]
+    x = torch.randn(1, sum(lens), 32, device=DEV, requires_grad=True)
+    y, st = layer(x, cu_seqlens=cu_of(lens))
+    parts = [layer(x[:, s:e]) for s, e in zip(cu_of(lens)[:-1].tolist(), cu_of(lens)[1:].tolist())]
+    alone = torch.cat([p[0] for p in parts], 1)
+    assert rel(y, alone) < 1e-5
+    assert st.pos == tuple(lens)
+    for i, p in enumerate(parts):
+        for a, b in zip(st.op.params + st.op.accum, p[1].op.params + p[1].op.accum):
+            assert (a[i] - b[0]).abs().max() < 1e-5
+    w = torch.randn_like(y)
+    wrt = [x, *layer.parameters()]
+    g1 = torch.autograd.grad((y * w).sum(), wrt, allow_unused=True)
+    g2 = torch.autograd.grad((alone * w).sum(), wrt, allow_unused=True)
+    for a, b in zip(g1, g2):
+        if b is not None and b.abs().max() > 0:
+            assert rel(a, b) < 1e-4
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("start", ["fresh", "carried"])
+def test_gpu_packed_kernels(kind, dtype, tol, start):
+    """Full-size heads (d = 64, b = 16, the default kernels) on documents of realistic lengths: the kernels == the
+    dual form on the same packed inputs (itself == the documents alone, tests/test_packed.py)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lens = [300, 1, 47, 1029, 16, 640, 15]
+    leaves, st = packed_case(kind, lens, start, dtype=dtype, b=16, d=64, H=4)
+    fast = run(resolve_op(kind, "triton", DEV, dtype), leaves, st, cu_of(lens))
+    ref = run(resolve_op(kind, "dual", DEV, dtype), leaves, st, cu_of(lens))
+    compare(leaves, st, cu_of(lens), fast, ref, tol=tol)
