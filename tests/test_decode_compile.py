@@ -38,6 +38,7 @@ def _counting(backend_name, graphs):
     return backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mamba"])
 def test_compiled_step_equals_eager_every_offset(mixer):
     # aot_eager: Dynamo + functionalization (the in-place state writes), no code generation: fast

@@ -99,6 +99,7 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
 LAUNCHES = [(8, 16, 2, 8), (8, 16, 64, 16), (16, 16, 2, 4), (8, 32, 3, 5)]  # BT, BC, programs, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("BT,BC,programs,b", LAUNCHES)
 @pytest.mark.parametrize("rope", [True, False])
 def test_conv_kernels_every_launch(BT, BC, programs, b, rope):
@@ -291,6 +292,7 @@ def test_custom_ops_trace_under_torch_compile():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn_lr,d", [(True, 16), (False, 12)])
 def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
     """The fused TTT-Linear (M) decode step (one kernel: convs, RoPE, inner lr, TTT step, commit, new window) ==

@@ -29,6 +29,7 @@ def load_script():
     return script
 
 
+@pytest.mark.slow
 def test_smoke_runs_end_to_end(tmp_path, capsys):
     script = load_script()
     out = tmp_path / "rep"
@@ -111,6 +112,7 @@ def test_makespan_and_plan_arithmetic():
     assert rep.makespan(p["tokens"] + 64, [30, 10, 40, 50], p["width"], factor, extra) > fill  # the largest that does
 
 
+@pytest.mark.slow
 def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     out = tmp_path / "rep"
     load_script().main(["--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ttt.data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_scale_train_runs_the_matrix_with_one_global_batch(tmp_path):
     data = tmp_path / "data"
     prepare("stdlib", data, vocab_size=512, extensions=(".py",), max_bytes=300_000)

@@ -221,6 +221,7 @@ def run_2_procs(m_cfg, t_cfg, timeout=150) -> dict:
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(data_dir, tmp_path, parallel):
     """The model is built on the meta device, sharded (fsdp) or not, materialised and initialised on each

@@ -151,6 +151,7 @@ def _contained(inp, impl, where, at, ref_tokens, ref_state):
 
 @pytest.mark.parametrize("impl,d,dtype", [("regs", 16, torch.float32), ("blocked", 16, torch.float32),
                                            ("smem", 64, torch.float16)])
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
 def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where):
     """Backward NaN containment: a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
@@ -218,6 +219,7 @@ def test_fp16_backward(impl):
 # through tests/gluon_shim.py (fp16: the interpreter's bf16 is not faithful). Its forward splits F over 1 (d = 64) / 4
 # (d = 128) programs per head, its backward over 2 / 8; they exchange partial sums through global memory.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d,T,pos", [(64, 85, 5), (128, 45, 3)])
 def test_smem_matches_dual(d, T, pos):
     """Head and tail pieces in PyTorch around whole mini-batches in the kernel, from a mid-mini-batch start; group
@@ -247,6 +249,7 @@ def _smem_grids_agree(d, B, H, T, backward=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [64, 128])
 def test_smem_persistent_grid(d):
     """Each program (or each group of 2 / 4 / 8 sharing a head) walks every head; several checkpoint groups (the d =

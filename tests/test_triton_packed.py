@@ -110,6 +110,7 @@ def compare(leaves, st, cu, fast, ref, tol, grad=True):
                                            ("full-segments", "carried"), ("lean-segments", "fresh"),
                                            ("regs", "fresh"), ("regs", "carried"), ("blocked", "fresh"),
                                            ("blocked", "carried")])
+@pytest.mark.slow
 def test_packed_kernels_equal_documents_alone(variant, start):
     kind = KIND[variant]
     leaves, st = packed_case(kind, LENS, start)
