@@ -242,10 +242,9 @@ def _print_table(header, rows) -> None:
 # ----------------------------------------------------------------------------- options of demo, data, eval, generate
 
 BOOL_HINT = "the flag alone"
-# wall-clock times on 2 CPU cores (README.md's Quickstart states the same): `ttt demo --quick` from scratch measured
-# 7.6 s and 7.7 s (load 0.5); `ttt demo` from its TTT steps at 0.65 s/step with the machine near idle (500 of them,
-# then the Transformer's, faster) and the 7:44 of an idle 2-core run reported in issue 21
-QUICK_TIME, DEMO_TIME = "about 8 s", "about 8 minutes"
+# wall-clock times on 2 idle CPU cores, from a fresh clone (README.md's Quickstart states the same): `ttt demo --quick`
+# 7.6, 7.7 and 8.1 s; the whole `ttt demo` 396 s (6:36; another machine's idle run: 7:44)
+QUICK_TIME, DEMO_TIME = "about 8 s", "about 7 minutes"
 DEMO_OUT, QUICK_OUT = "demo_out", "demo_quick"
 
 

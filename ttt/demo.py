@@ -1,7 +1,7 @@
 """The end-to-end demo behind `ttt demo`: built-in corpus -> tokenizer -> two small LMs trained on the
 CPU -> evaluation by token position beyond the training length -> plot, results table, a sample.
 
-    summary = run_demo("demo_out", echo=print)          # about 8 minutes on 2 idle CPU cores
+    summary = run_demo("demo_out", echo=print)          # about 7 minutes on 2 idle CPU cores
     summary = run_demo("demo_quick", quick=True)        # a smoke run: about 8 s
 
 The corpus is the Python standard library source of the running interpreter (`ttt.data`, "stdlib"),
