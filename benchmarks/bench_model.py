@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, timed, with_mamba2_module
+from benchmarks.common import environment, timed, train_step, with_mamba2_module
 from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
@@ -59,17 +59,9 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
         for blk in model.blocks:
             blk.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
-
-    def step():
-        for _ in range(accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = model(ids[:, :-1], targets=ids[:, 1:])  # the chunked head: no [B, T, V] fp32 logits
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # targets=: the chunked head, no [B, T, V] fp32 logits
+    step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:])] * accum)
 
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -79,8 +71,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
-    del model, opt
-    opt = model = None
+    del model, step  # free the memory (the step holds the optimizer) before the next model
     torch.cuda.empty_cache()
     return row
 

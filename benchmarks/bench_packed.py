@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import environment, rel, timed
+from benchmarks.common import environment, rel, timed, train_step
 from ttt.config import get_config
 from ttt.model import IGNORE, TTTLM
 from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
@@ -96,16 +96,8 @@ def train_row(mixer, size, lens, mode):
     cfg = get_config(size, mixer=mixer)
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids, tg, cu = batches(lens, cfg.vocab_size)[0 if mode == "packed" else 1]
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(ids, targets=tg, cu_seqlens=cu)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step(model, [dict(ids=ids, targets=tg, cu_seqlens=cu)])
 
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -115,7 +107,7 @@ def train_row(mixer, size, lens, mode):
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, mode=mode, shape=list(ids.shape), error=f"OOM: {e}"[:200])
     print(json.dumps(row), flush=True)
-    model = opt = None  # free the memory before the next model
+    model = step = None  # free the memory (the step holds the optimizer) before the next model
     torch.cuda.empty_cache()
     return row
 

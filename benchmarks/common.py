@@ -88,6 +88,22 @@ def sdpa_ms(B, T, H, d, mode, dtype=torch.bfloat16):
     return bench(fn)
 
 
+def train_step(model, micro_batches: list[dict]):
+    """One optimizer step as `ttt train` takes it, to time: bf16 autocast, the loss averaged over the micro-batches
+    (each a dict of the model's arguments, `targets=` included), gradients clipped at 1.0, fused AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step():
+        for kw in micro_batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = model(**kw)
+            (loss / len(micro_batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def timed(fn, warmup=3, iters=10):
     """Median milliseconds of fn() measured with CUDA events (model-level timings, several kernels and syncs)."""
     for _ in range(warmup):
