@@ -871,6 +871,11 @@ def verdicts(main: dict) -> list[str]:
     return out
 
 
+def tokens_per_param(main: dict) -> float:
+    """Median training tokens per non-embedding parameter over a study's runs (ctx -> mixer -> result)."""
+    return float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
+
+
 def scale_lines(studies: dict) -> list[str]:
     """The deciding numbers of the claims side by side across model sizes (and so tokens per parameter) at each
     context both sizes ran: whether a finding moves toward the paper's as training goes further (scale)."""
@@ -878,8 +883,7 @@ def scale_lines(studies: dict) -> list[str]:
         return []
     lines = ["### The same numbers at each size (scale)", "",
              "| context | number (the paper's sign) | " + " | ".join(
-                 f"{size} ({np.median([r['tokens'] / r['params'] for rs in m.values() for r in rs.values()]):.2f} "
-                 "tokens/param)" for size, m in studies.items()) + " |",
+                 f"{size} ({tokens_per_param(m):.2f} tokens/param)" for size, m in studies.items()) + " |",
              "|---|---|" + "---|" * len(studies)]
     numbers = [("TTT-Linear (M) minus Mamba-2, loss (< 0 at 8k)", "ttt_linear", "mamba", _ctx_loss),
                ("TTT-Linear (M) minus Transformer++, loss (<= 0)", "ttt_linear", "attention", _ctx_loss),
@@ -1044,7 +1048,7 @@ def stage_report(a) -> None:
                   f"recurrent models evaluated to 2x the training context; bottom: difference to Transformer++. "
                   f"Non-embedding parameters: {sizes}; tokens per run in each column's title.", ""]
     for size, main in studies.items():
-        tpp = float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
+        tpp = tokens_per_param(main)
         lines += ["### The paper's claims, at this scale" + ("" if size == "main" else f" (size {size})"), "",
                   f"Budget: {tpp:.2f} training tokens per non-embedding parameter (median over the runs above); the "
                   "paper's recipe trains about 20 (Chinchilla)."
