@@ -75,7 +75,8 @@ def run(name: str, procs: int, flags: list[str], case: dict, args, env) -> dict:
                     "--seq-len", str(case["seq_len"]), "--micro-batch", str(case["micro"]),
                     "--tokens-per-step", str(case["tokens_per_step"]), "--max-steps", str(args.steps),
                     "--eval-every", "0", "--save-every", "0", "--log-every", str(args.log_every), "--no-progress",
-                    "--device", args.device, "--compile" if args.compile else "--no-compile"] + flags
+                    "--device", args.device, "--compile" if args.compile else "--no-compile",
+                    "--profile-steps", str(args.profile_steps)] + flags
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     mem = MemoryPoll(args.device == "cuda")
     t0 = time.perf_counter()
@@ -93,7 +94,8 @@ def run(name: str, procs: int, flags: list[str], case: dict, args, env) -> dict:
     if (out / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     res["rows"] = rows
-    timed = [r for r in rows[1:] if r.get("tokens_per_s")]
+    skip = 1 + -(-args.profile_steps // args.log_every)  # the first row, and the rows the profiler slowed
+    timed = [r for r in rows[skip:] if r.get("tokens_per_s")]
     if timed:
         res["median_tok_s"] = statistics.median(r["tokens_per_s"] for r in timed)
         res["loss_first"] = rows[0]["loss"]
@@ -138,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=25, help="optimizer steps per run (default 25)")
     ap.add_argument("--log-every", type=int, default=5, help="steps per metrics row (default 5; row 1 is not timed)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="trace this many steps of every run after its first metrics row (ttt train --profile-steps): "
+                         "each run dir gets profile/trace_rank<R>.json and kernels_rank<R>.txt (default 0: off)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run (default 240)")
     args = ap.parse_args(argv)

@@ -563,3 +563,23 @@ def test_losses_read_back_only_for_rows_follow_the_same_run(data_dir, tmp_path):
         handle.remove()
     assert s["stopped"] == "SIGINT" and s["steps"] == 2 and s["train_loss"] == rows(every)[1]["loss"]
     assert read_checkpoint(tmp_path / "stop").trainer["step"] == 2
+
+
+def test_profile_steps_write_a_trace_of_the_window(data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    curve_plain = tmp_path / "plain"
+    train(model_cfg(data_dir), train_cfg(data_dir, curve_plain, max_steps=5, log_every=2))
+    train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=5, log_every=2, profile_steps=2))
+    trace = json.loads((out / "profile" / "trace_rank0.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep")}
+    ops = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "cpu_op"}
+    assert not steps and {"aten::mm", "aten::embedding_backward"} <= ops, sorted(ops)[:20]
+    table = (out / "profile" / "kernels_rank0.txt").read_text()
+    assert table.startswith("steps 2..3 (rank 0)") and "aten::" in table
+    assert not list((out / "profile").glob("*.tmp"))
+    assert curve(out) == curve(curve_plain)  # profiling changes no number of the run
+    # a window past the end of the run: a warning, no trace, the run itself unchanged
+    late = tmp_path / "late"
+    with caplog.at_level("WARNING"):
+        train(model_cfg(data_dir), train_cfg(data_dir, late, max_steps=2, log_every=2, profile_steps=1))
+    assert "no trace written" in caplog.text and not (late / "profile").exists()

@@ -426,7 +426,8 @@ def cmd_train(args) -> int:
 
     given = _collect(args, args._train_fields)
     saved = _continued_run(given.get("out_dir", TrainConfig.out_dir))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir", "resume", "progress", "init_from"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir", "resume", "progress", "init_from",
+                                                               "profile_steps"}
     inherited = {k: v for k, v in (saved or {}).get("train", {}).items() if k in fields}
     train_cfg = TrainConfig(**{**inherited, **given})  # options not typed: the run's own, when --out holds one
     train_cfg.validate()

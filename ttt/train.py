@@ -138,6 +138,10 @@ class TrainConfig:
     tensorboard: bool = help_field(False, "also log to out_dir/tensorboard (needs the tensorboard package)")
     resume: bool = help_field(True, "continue the run in out_dir from its latest checkpoint (same config required)")
     progress: bool = help_field(True, "show a progress bar (loss, tokens/s, lr, ETA) on stderr")
+    profile_steps: int = help_field(0, "trace this many optimizer steps with the PyTorch profiler, starting after the "
+                                       "first log_every steps of this start (compilation, warm-up): every process "
+                                       "writes out_dir/profile/trace_rank<R>.json (Chrome trace: CPU ops, GPU kernels, "
+                                       "NCCL) and kernels_rank<R>.txt (the top kernels by GPU time); 0 = off")
     check_memory: bool = help_field(True, "before starting, estimate the memory of one step (parameters, gradients, "
                                           "AdamW state, activations) and refuse one that does not fit the device's "
                                           "free memory (one process only)")
@@ -150,7 +154,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "seed"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "seed", "profile_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
@@ -630,6 +634,49 @@ def _change_budget(run_cfg: dict, saved: dict, step: int, out: Path) -> None:
         run_cfg["budget_changes"] = changes
 
 
+class _Profile:
+    """The profiler window of TrainConfig.profile_steps: from the step log_every steps after this start's first
+    to profile_steps later (or the end of the run); the trace and a kernel table then go to out_dir/profile/,
+    each written under a temporary name and renamed."""
+
+    def __init__(self, cfg: TrainConfig, first_step: int, device: torch.device, rank: int):
+        self.start, self.stop = first_step + cfg.log_every, first_step + cfg.log_every + cfg.profile_steps
+        self.on, self.cuda, self.rank, self.prof = cfg.profile_steps > 0, device.type == "cuda", rank, None
+        self.written = False
+        self.out = Path(cfg.out_dir) / "profile"
+
+    def before_step(self, step: int) -> None:
+        if self.on and step == self.start and self.prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * self.cuda
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step >= self.stop:
+            self.finish(step)
+
+    def finish(self, step: int) -> None:
+        if self.prof is None:
+            if self.on and not self.written and self.rank == 0:
+                log.warning("profile_steps: the run ended at step %d, before the profiled window (from step %d); "
+                            "no trace written", step, self.start)
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        prof, self.prof, self.written = self.prof, None, True
+        prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        trace, table = self.out / f"trace_rank{self.rank}.json", self.out / f"kernels_rank{self.rank}.txt"
+        prof.export_chrome_trace(str(trace) + ".tmp")
+        os.replace(str(trace) + ".tmp", trace)
+        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        head = f"steps {self.start}..{step - 1} (rank {self.rank}), sorted by {sort}\n"
+        Path(str(table) + ".tmp").write_text(head + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        os.replace(str(table) + ".tmp", table)
+        if self.rank == 0:
+            log.info("profile of steps %d..%d written to %s", self.start, step - 1, self.out)
+
+
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_step, run=None) -> dict:
     out = Path(cfg.out_dir)
     loop, resume_from, created = None, None, False
@@ -640,11 +687,13 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
             from tqdm import tqdm
             bar = tqdm(total=cfg.max_steps, initial=loop.step, file=sys.stderr, dynamic_ncols=True, unit="step")
         start_step, stopped = loop.step, None
+        profile = _Profile(cfg, loop.step, device, loop.rank)
         t0 = loop.t_log = time.perf_counter()
         loop.step_log = loop.step
         loop.wrapped.train()
         with _StopRequests() as stop:
             while loop.step < cfg.max_steps:
+                profile.before_step(loop.step)
                 loss = _forward_backward(loop, stop)
                 if loss is None:  # stopped between micro-batches: this step is dropped
                     stopped = stop.reason
@@ -661,6 +710,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                 if bar is not None:
                     bar.update(1)
                 stopped = _after_step(loop, loss, grad_norm, on_step, stop)
+                profile.after_step(loop.step)
                 if bar is not None and loop.train_loss is not None and not loop.pending:
                     rate = (loop.step - start_step) * cfg.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{loop.train_loss:.4f}", lr=f"{lr_at(loop.step - 1, cfg):.2e}",
@@ -669,6 +719,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, on_st
                     log.warning("stopped at step %d (%s); checkpoint %s", loop.step, stopped, loop.last_path)
                     break
             _read_pending(loop)
+            profile.finish(loop.step)
     except BaseException as e:
         if dist.rank() == 0 and not isinstance(e, KeyboardInterrupt):  # an interrupt never deletes anything
             _discard_unsaved_run(out, created)
