@@ -6,6 +6,9 @@ trained at two context lengths; and the ablation ladder of its Table 1 plus mini
     # one GPU command per study: corpus, throughput probe, all runs of the study at once, report
     python benchmarks/replicate.py --stage study --ctx 2048 --out DIR --wall-seconds 540 --layout-probe
     python benchmarks/replicate.py --stage study --ctx 8192 --out DIR --wall-seconds 540
+    # both contexts in one study: one token budget for all its runs (here three models of the small size)
+    python benchmarks/replicate.py --stage study --size small --models ttt_linear,attention,mamba --ctx 2048,8192 \
+        --out DIR --wall-seconds 540
     python benchmarks/replicate.py --stage ablation-study --ctx 2048 --size small --out DIR --wall-seconds 480
     python benchmarks/replicate.py --stage report --out DIR                   # tables, figure, verdicts
 
@@ -751,7 +754,8 @@ def stage_study(a, jobs: list[Job]) -> None:
     if not todo:
         say("study: every run is done")
         return
-    tag = re.match(r".*?ctx\d+", todo[0].name)[0]  # ctx2048, small_ctx8192, abl_ctx2048: probe and plan files
+    # the probe and plan files: ctx2048, small_ctx8192, abl_ctx2048; small_ctx2048+8192 for two contexts at once
+    tag = re.match(r"(.*?)ctx\d+", todo[0].name)[1] + "ctx" + "+".join(str(c) for c in sorted({j.ctx for j in todo}))
     study_tokenizer(a)
     data_ready = []
 
@@ -1102,7 +1106,8 @@ def main(argv=None):
     p.add_argument("--size", choices=tuple(SIZES), default="main", help="model size (default main, ~40M)")
     p.add_argument("--ablation-size", choices=tuple(SIZES), default="small",
                    help="model size of the ablation ladder and b sweep (default small)")
-    p.add_argument("--ablation", action="store_true", help="study: the ladder and b sweep at --ctx too, in the same runs")
+    p.add_argument("--ablation", action="store_true",
+                   help="study: the ladder and b sweep at the first --ctx too, in the same runs")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--ctx", default="2048,8192", help="training context lengths (default 2048,8192)")
     p.add_argument("--tokens", type=int, default=100_000_000, help="training tokens per run (a study: at most this many)")
@@ -1157,8 +1162,8 @@ def main(argv=None):
     say(f"{a.only or a.stage}: started, {process_age():.1f} s after the process")
     if a.stage == "tokenizer":
         return stage_tokenizer(a)
-    if a.stage in ("study", "ablation-study") and len(a.ctx) != 1:
-        fail(f"--ctx: a study trains at one context per command, got {a.ctx}")
+    if a.stage == "ablation-study" and len(a.ctx) != 1:
+        fail(f"--ctx: the ablation study trains at one context per command, got {a.ctx}")
     if a.stage in ("data", "all"):
         stage_data(a)
     if a.stage in ("study", "ablation-study") or a.probe_tag:  # the corpus may come while they start

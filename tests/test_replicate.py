@@ -72,7 +72,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
                        (["--out", tmp_path / "o", "--ctx", "2k"], "--ctx"),
                        (["--out", tmp_path / "o", "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out"),
-                       (["--out", tmp_path / "o3", "--stage", "study", "--ctx", "2048,8192"], "--ctx")):
+                       (["--out", tmp_path / "o3", "--stage", "ablation-study", "--ctx", "2048,8192"], "--ctx")):
         with pytest.raises(SystemExit) as e:
             script.main([str(a) for a in args])
         err = capsys.readouterr().err
@@ -116,13 +116,13 @@ def test_makespan_and_plan_arithmetic():
 def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     out = tmp_path / "rep"
     load_script().main(["--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",
-                        "--batch-sizes", "", "--ctx", "32", "--tokens", "4096", "--wall-seconds", "900",
+                        "--batch-sizes", "", "--ctx", "32,64", "--tokens", "4096", "--wall-seconds", "900",
                         "--probe-seconds", "1", "--eval-reserve", "30", "--layout-probe", "--out", str(out)])
-    plan = json.loads((out / "plan_ctx32.json").read_text())
-    probe = json.loads((out / "probe_ctx32.json").read_text())
+    plan = json.loads((out / "plan_ctx32+64.json").read_text())  # both contexts in one study: one plan
+    probe = json.loads((out / "probe_ctx32+64.json").read_text())
     assert set(probe["phases"]) == {"one", "two", "all"} and len(probe["phases"]["two"]["rows"]) == 2
     results = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
-    assert {v["name"] for v in results} == {"ctx32_attention", "abl_ctx32_ladder0"}
+    assert {v["name"] for v in results} == {"ctx32_attention", "ctx64_attention", "abl_ctx32_ladder0"}
     for v in results:  # one budget for every run of the study, from the plan
         assert v["token_budget"] == plan["tokens"] == 4096 and v["tokens"] == 4096 and not v["stopped"]
 
