@@ -125,6 +125,13 @@ def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     assert {v["name"] for v in results} == {"ctx32_attention", "ctx64_attention", "abl_ctx32_ladder0"}
     for v in results:  # one budget for every run of the study, from the plan
         assert v["token_budget"] == plan["tokens"] == 4096 and v["tokens"] == 4096 and not v["stopped"]
+    # a second study in the same --out: the first one's probe signals must not stand for its own (a stale
+    # 'which job runs alone' file made every process skip the solo timing and the parent wait it out)
+    load_script().main(["--smoke", "--stage", "study", "--models", "attention,ttt_linear", "--ctx", "48",
+                        "--tokens", "2048", "--wall-seconds", "900", "--probe-seconds", "1", "--eval-reserve", "30",
+                        "--probe-timeout", "240", "--out", str(out)])
+    second = json.loads((out / "probe_ctx48.json").read_text())["phases"]["all"]
+    assert second["solo"]["name"] in second["rows"] and second["wall_s"] < 200, second
 
 
 def test_committed_results_are_generated_from_the_committed_run_files(tmp_path):
