@@ -590,12 +590,9 @@ def probe_phase(a, pool: "Pool", tag: str, members: list[tuple[Job, str]], summa
     of the study (named in summary["failed"]), so the others still run."""
     (a.out / "probe").mkdir(parents=True, exist_ok=True)
     go = a.out / "probe" / f"{tag}.go"
-    # an earlier study in this --out leaves its signals and probe files: none of them may stand for this one's
-    for k, (j, _) in enumerate(members):
-        for f in (a.out / "probe").glob(f"{tag}{k}_{j.name}.*"):
-            f.unlink()
-    go.unlink(missing_ok=True)
-    go.with_suffix(".solo").unlink(missing_ok=True)
+    # an earlier study in this --out leaves this phase's signals and probe files: none may stand for this one's
+    for f in (a.out / "probe").glob(f"{tag}*"):
+        f.unlink()
     t = time.time()
     for k, (j, log_name) in enumerate(members):
         pool.start(j, log_name, probe_tag=f"{tag}{k}", go_file=go, **extra)

@@ -71,6 +71,13 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write `text` under a temporary name, then rename it to `path` (no half-written file is ever seen)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` atomically (temp file, fsync, rename)."""
     path = Path(path)

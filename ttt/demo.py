@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .checkpoint import write_text
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
     out = Path(out_dir)
     _check_out_dir(out, s)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / MANIFEST, json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
+    write_text(out / MANIFEST, json.dumps({"settings": dataclasses.asdict(s)}, indent=2))
     t_start = time.perf_counter()
     timings = {}
 
@@ -265,9 +266,9 @@ def run_demo(out_dir="demo_out", *, quick: bool = False, steps: int | None = Non
                "sample": {"model": LABELS[TTT_NAME], "prompt": prompt, "temperature": 0.8, "top_p": 0.95,
                           "seed": s.seed, "text": sample},
                "timings": timings}
-    _write_text(out / "results.json", json.dumps(results, indent=1))
+    write_text(out / "results.json", json.dumps(results, indent=1))
     table = results_table(results)
-    _write_text(out / "results.md", _results_md(results, table))
+    write_text(out / "results.md", _results_md(results, table))
     say("")
     for line in table:
         say(line)
@@ -321,9 +322,3 @@ def _results_md(results: dict, table: list[str]) -> str:
         f"{results['sample']['temperature']}, top-p {results['sample']['top_p']}, seed {results['sample']['seed']}):",
         "", "```python", results["sample"]["text"], "```", "",
         "Time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items()), ""])
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

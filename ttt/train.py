@@ -79,7 +79,7 @@ import torch
 
 from . import dist
 from .checkpoint import (CONFIG_FILE, CKPT_DIR, LATEST, check_weights, compare_runs, decode_bytes, encode_bytes,
-                         latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json)
+                         latest_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json, write_text)
 from .config import ModelConfig, RunOptions, help_field
 from .data import Batcher, DocumentBatcher, eval_sequences, load_meta, load_tokens, pack_rows
 from .model import TTTLM, inner_lr_scale
@@ -671,8 +671,7 @@ class _Profile:
         os.replace(str(trace) + ".tmp", trace)
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         head = f"steps {self.start}..{step - 1} (rank {self.rank}), sorted by {sort}\n"
-        Path(str(table) + ".tmp").write_text(head + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
-        os.replace(str(table) + ".tmp", table)
+        write_text(table, head + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
         if self.rank == 0:
             log.info("profile of steps %d..%d written to %s", self.start, step - 1, self.out)
 
