@@ -578,12 +578,14 @@ def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m,
             xv = tl.load(u_ptr + u_off + cols, mask=m, other=0.0)
         y += xv.to(tl.float32) * tl.load(w_ptr + cols * W + j, mask=m, other=0.0).to(tl.float32)
     ye, yo = tl.split(tl.reshape(y, [BD // 2, 2]))  # [BD] -> [BD/2] even, odd channels
-    ang = i_pos.to(tl.float32) * tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base)
+    ang = tl.cast(i_pos, tl.float32) * tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base)
     c, s = tl.cos(ang), tl.sin(ang)
     return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BD])  # [BD/2, 2] -> [BD]
 
 
-@triton.jit
+# i_pos is not specialised: the 16 offsets of a mini-batch share one compiled kernel (and a position of 1, which
+# Triton would otherwise turn into a constant, needs no separate compile)
+@triton.jit(do_not_specialize=["i_pos"])
 def _linear_decode_kernel(
     u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
     w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
@@ -614,9 +616,9 @@ def _linear_decode_kernel(
     if LEARN_LR:
         gl = tl.load(gate_ptr + bi * g_sb + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
         lr = lr * tl.sigmoid(gl)
-        t_i = tl.maximum(1.0 / (i_pos + 1).to(tl.float32) + tl.load(delta_ptr + i_pos).to(tl.float32), 0.0)
+        t_i = tl.maximum(1.0 / tl.cast(i_pos + 1, tl.float32) + tl.load(delta_ptr + i_pos).to(tl.float32), 0.0)
     else:
-        t_i = 1.0 / (i_pos + 1).to(tl.float32)
+        t_i = 1.0 / tl.cast(i_pos + 1, tl.float32)
     gam = tl.load(lnw_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
     bet = tl.load(lnb_ptr + hi * HD + rd, mask=cmask, other=0.0).to(tl.float32)
     wmask = cmask[:, None] & cmask[None, :]
