@@ -63,7 +63,9 @@ LABELS = {"ttt_linear": "TTT-Linear (M)", "ttt_mlp": "TTT-MLP (M)", "attention":
           "mamba": "Mamba-2"}
 RECURRENT = ("ttt_linear", "ttt_mlp", "mamba")  # evaluated past the training context too
 # name: (n_layers, d_model, n_heads, ffn_hidden) of the TTT-Linear reference model; others are matched to it
-SIZES = {"smoke": (2, 64, 4, 176), "small": (6, 384, 6, 1024), "main": (12, 512, 8, 1376)}
+SIZES = {"smoke": (2, 64, 4, 176), "tiny": (4, 256, 4, 688), "small": (6, 384, 6, 1024),
+         "main": (12, 512, 8, 1376)}
+LR = 3e-3  # the peak learning rate of the recipe; a study at another --lr names its runs after it
 MATCH_TOL = 0.03
 # Table 1 rungs the layer switches reach: (name, paper perplexity, config overrides); b = None means b = T.
 # Rung 0 is the paper's "TTT equivalence" row (TTT-Linear at b = T, W0 = 0, fixed eta, equal to its improved
@@ -279,13 +281,16 @@ class Job:
     ctx: int
     label: str
     run: RunOptions = RunOptions()  # how it runs (ttt.config.RunOptions), never part of the architecture
+    lr: float = LR  # peak learning rate
 
 
 def study_jobs(a, vocab: int) -> list[Job]:
     cfgs = matched_configs(a.size, vocab, a.models)
-    # the default size (main; smoke with --smoke) keeps the plain names; another size is a study of its own
+    # the default size (main; smoke with --smoke) and LR keep the plain names; another size or LR is a study of
+    # its own: small_ctx2048_x, small_lr0.001_ctx2048_x
     size = "" if a.size in ("main", "smoke") else f"{a.size}_"
-    return [Job(f"{size}ctx{ctx}_{m}", cfg, ctx, LABELS[m]) for ctx in a.ctx for m, cfg in cfgs.items()]
+    return [Job(f"{size}{'' if lr == LR else f'lr{lr:g}_'}ctx{ctx}_{m}", cfg, ctx, LABELS[m], lr=lr)
+            for lr in a.lr for ctx in a.ctx for m, cfg in cfgs.items()]
 
 
 def ablation_jobs(a, vocab: int) -> list[Job]:
@@ -302,7 +307,7 @@ def ablation_jobs(a, vocab: int) -> list[Job]:
                          ffn_hidden=F, **over)
         # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
         run = RunOptions(ttt_backend="dual") if cfg.mini_batch > 64 else RunOptions()
-        jobs.append(Job(f"abl_ctx{ctx}_{key}", cfg, ctx, label, run))
+        jobs.append(Job(f"abl_ctx{ctx}_{key}", cfg, ctx, label, run, lr=a.lr[0]))
     return jobs
 
 
@@ -411,7 +416,7 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
 
     def config(n_tokens):
         steps = max(1, n_tokens // (batch * ctx))
-        return TrainConfig(seq_len=ctx, micro_batch=micro, tokens_per_step=batch * ctx, max_steps=steps, lr=a.lr)
+        return TrainConfig(seq_len=ctx, micro_batch=micro, tokens_per_step=batch * ctx, max_steps=steps, lr=job.lr)
 
     if a.probe_tag:
         tc = config(10 ** 12)
@@ -494,7 +499,7 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
     res = dict(name=job.name, label=job.label, mixer=cfg.mixer, ctx=ctx, config=cfg.to_dict(),
                run=dataclasses.asdict(run), params=n_params(cfg),
                params_total=model.num_parameters(), tokens=seen, token_budget=steps * batch * ctx, steps=step + 1,
-               batch_tokens=batch * ctx, micro_batch=micro, lr=a.lr, compiled=compiled, stopped=stopped,
+               batch_tokens=batch * ctx, micro_batch=micro, lr=job.lr, compiled=compiled, stopped=stopped,
                train_seconds=round(train_s, 1), tokens_per_s=round(seen / train_s),
                device=str(torch.cuda.get_device_name(device) if cuda else "cpu"),
                peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if cuda else 0,
@@ -517,7 +522,7 @@ def child_argv(a, job: Job, **extra) -> list[str]:
             "--size", a.size, "--ablation-size", a.ablation_size, "--models", ",".join(a.models),
             "--ctx", ",".join(map(str, a.ctx)), "--rungs", ",".join(map(str, sorted(a.rungs))),
             "--batch-sizes", ",".join(map(str, a.batch_sizes)), "--batch-tokens", str(a.batch_tokens),
-            "--micro-tokens", str(a.micro_tokens), "--lr", str(a.lr), "--eval-seqs", str(a.eval_seqs),
+            "--micro-tokens", str(a.micro_tokens), "--lr", ",".join(map(str, a.lr)), "--eval-seqs", str(a.eval_seqs),
             "--eval-doc-min", str(a.eval_doc_min), "--seed", str(a.seed), "--probe-seconds", str(a.probe_seconds)]
     if a.smoke:
         argv.append("--smoke")
@@ -1116,7 +1121,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=100_000_000, help="training tokens per run (a study: at most this many)")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="tokens per optimizer step (default 65,536)")
     p.add_argument("--micro-tokens", type=int, default=65_536, help="tokens per forward/backward")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    p.add_argument("--lr", default=str(LR), help=f"peak AdamW learning rate; a study takes several, "
+                   f"comma-separated, each a study of its own (default {LR:g})")
     p.add_argument("--eval-seqs", type=int, default=64, help="held-out documents evaluated (default 64)")
     p.add_argument("--eval-doc-min", type=int, default=2 * 8192,
                    help="evaluate on documents of at least this many tokens (default 16384: 2x the longest context)")
@@ -1146,6 +1152,12 @@ def main(argv=None):
         a.batch_sizes = parse_list(a.batch_sizes, int)
     except ValueError as e:
         fail(f"--ctx/--rungs/--batch-sizes: expected comma-separated integers ({e})")
+    try:
+        a.lr = parse_list(a.lr, float)
+        if not a.lr or min(a.lr) <= 0 or len(set(a.lr)) < len(a.lr):
+            raise ValueError("positive and distinct")
+    except ValueError as e:
+        fail(f"--lr: expected comma-separated positive learning rates, got {a.lr!r} ({e})")
     if bad := [m for m in a.models if m not in MODELS]:
         fail(f"--models: expected names from {MODELS}, got {bad}")
     if a.out.exists() and not a.out.is_dir():
@@ -1153,7 +1165,7 @@ def main(argv=None):
     if a.smoke:  # tiny everything: CPU, stdlib corpus, context 32 and 64, about a minute
         a.size, a.ablation_size, a.batch_tokens, a.micro_tokens = "smoke", "smoke", 512, 512
         a.tokens = 2048 if a.tokens == p.get_default("tokens") else a.tokens  # a study's children get theirs
-        a.eval_seqs, a.eval_doc_min, a.device, a.lr = 4, 128, "cpu", 3e-3
+        a.eval_seqs, a.eval_doc_min, a.device = 4, 128, "cpu"
         a.ctx = [c for c in a.ctx if c <= 64] or [32, 64]
     try:
         device = torch.device(a.device)

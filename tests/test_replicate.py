@@ -70,6 +70,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     for args, flag in ((["--out", f, "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o", "--models", "gpt"], "--models"),
                        (["--out", tmp_path / "o", "--ctx", "2k"], "--ctx"),
+                       (["--out", tmp_path / "o", "--lr", "3e-3,fast"], "--lr"),
+                       (["--out", tmp_path / "o", "--lr", "1e-3,1e-3"], "--lr"),
+                       (["--out", tmp_path / "o", "--lr", "-1e-3"], "--lr"),
                        (["--out", tmp_path / "o", "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out"),
                        (["--out", tmp_path / "o3", "--stage", "ablation-study", "--ctx", "2048,8192"], "--ctx")):
@@ -150,8 +153,13 @@ def test_a_second_model_size_is_a_study_of_its_own(tmp_path):
     """--size small names its runs small_ctx..., so they never take the place of the main study's; the report
     gives them their own sections and sets the deciding numbers of both sizes side by side."""
     script = load_script()
-    a = types.SimpleNamespace(size="small", models=["ttt_linear", "mamba"], ctx=[2048])
+    a = types.SimpleNamespace(size="small", models=["ttt_linear", "mamba"], ctx=[2048], lr=[script.LR])
     assert [j.name for j in script.study_jobs(a, 8192)] == ["small_ctx2048_ttt_linear", "small_ctx2048_mamba"]
+    a.lr = [script.LR, 1e-3]  # another learning rate is a study of its own too, trained at that rate
+    jobs = script.study_jobs(a, 8192)
+    assert [(j.name, j.lr) for j in jobs] == [("small_ctx2048_ttt_linear", script.LR), ("small_ctx2048_mamba", script.LR),
+                                              ("small_lr0.001_ctx2048_ttt_linear", 1e-3),
+                                              ("small_lr0.001_ctx2048_mamba", 1e-3)]
     out = tmp_path / "rep"
     shutil.copytree(ROOT / "docs" / "replication", out)
     for d in (out / "runs").glob("small_*"):  # the committed small runs give way to copies of the main ones
