@@ -61,6 +61,7 @@ TOKENIZER = Path(__file__).with_name("replicate_tokenizer.json.gz")
 MODELS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 LABELS = {"ttt_linear": "TTT-Linear (M)", "ttt_mlp": "TTT-MLP (M)", "attention": "Transformer++",
           "mamba": "Mamba-2"}
+COLORS = {"ttt_linear": "C0", "ttt_mlp": "C1", "attention": "C2", "mamba": "C3"}  # one colour per model in every panel
 RECURRENT = ("ttt_linear", "ttt_mlp", "mamba")  # evaluated past the training context too
 # name: (n_layers, d_model, n_heads, ffn_hidden) of the TTT-Linear reference model; others are matched to it
 SIZES = {"smoke": (2, 64, 4, 176), "tiny": (4, 256, 4, 688), "small": (6, 384, 6, 1024),
@@ -883,6 +884,14 @@ def verdicts(main: dict) -> list[str]:
     return out
 
 
+def study_name(key: str) -> str:
+    """A study's key (its runs' name prefix: '', 'small', 'tiny_lr0.001') as the report names it: 'small',
+    'tiny, peak LR 0.001'."""
+    parts = key.split("_")
+    lr = next((p[2:] for p in parts if p.startswith("lr")), None)
+    return next((p for p in parts if not p.startswith("lr")), "main") + (f", peak LR {lr}" if lr else "")
+
+
 def tokens_per_param(main: dict) -> float:
     """Median training tokens per non-embedding parameter over a study's runs (ctx -> mixer -> result)."""
     return float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
@@ -895,7 +904,7 @@ def scale_lines(studies: dict) -> list[str]:
         return []
     lines = ["### The same numbers at each size (scale)", "",
              "| context | number (the paper's sign) | " + " | ".join(
-                 f"{size} ({tokens_per_param(m):.2f} tokens/param)" for size, m in studies.items()) + " |",
+                 f"{study_name(size)} ({tokens_per_param(m):.2f} tokens/param)" for size, m in studies.items()) + " |",
              "|---|---|" + "---|" * len(studies)]
     numbers = [("TTT-Linear (M) minus Mamba-2, loss (< 0 at 8k)", "ttt_linear", "mamba", _ctx_loss),
                ("TTT-Linear (M) minus Transformer++, loss (<= 0)", "ttt_linear", "attention", _ctx_loss),
@@ -964,14 +973,15 @@ def figure(studies: dict, path: Path) -> None:
                 continue
             b = [x for x in rs[m]["curve_bins"] if x["loss"] is not None]
             xs = [math.sqrt(x["lo"] * x["hi"]) for x in b]
-            axes[0][col].plot(xs, [x["loss"] for x in b], label=f"{LABELS[m]} ({rs[m]['params'] / 1e6:.1f}M)")
+            axes[0][col].plot(xs, [x["loss"] for x in b], label=f"{LABELS[m]} ({rs[m]['params'] / 1e6:.1f}M)",
+                               color=COLORS[m])
             if att and m != "attention":
                 ref = {(x["lo"], x["hi"]): x["loss"] for x in att["curve_bins"] if x["loss"] is not None}
                 pairs = [(xv, x["loss"] - ref[(x["lo"], x["hi"])]) for xv, x in zip(xs, b) if (x["lo"], x["hi"]) in ref]
-                axes[1][col].plot([p[0] for p in pairs], [p[1] for p in pairs], label=LABELS[m])
+                axes[1][col].plot([p[0] for p in pairs], [p[1] for p in pairs], label=LABELS[m], color=COLORS[m])
         tokens = max(r["tokens"] for r in rs.values())
         axes[0][col].set_title(f"trained at context {ctx}, {tokens / 1e6:.1f}M tokens each"
-                               + ("" if size == "main" else f" (size {size})"))
+                               + ("" if size == "main" else f" (size {study_name(size)})"))
         for row in (0, 1):
             ax = axes[row][col]
             ax.set_xscale("log")
@@ -1032,7 +1042,7 @@ def stage_report(a) -> None:
              f"(`{os.path.relpath(a.out / 'runs', page.parent) if page else 'runs'}/*/result.json`); validation loss "
              "in nats per token at each position of held-out documents.", ""]
     for size, ctx, rs in [(size, ctx, rs) for size, main in studies.items() for ctx, rs in sorted(main.items())]:
-        lines += [f"### Context {ctx}" + ("" if size == "main" else f", size {size}"), "",
+        lines += [f"### Context {ctx}" + ("" if size == "main" else f", size {study_name(size)}"), "",
                   "| model | params (non-emb.) | tokens | val loss | loss by position, 8 equal "
                   "spans (first .. last) | last span - first-half mean | past the context (.. 2x) | tok/s | "
                   "train s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1051,7 +1061,7 @@ def stage_report(a) -> None:
     if studies:
         figure(studies, a.out / "loss_by_position.png")
         several = len(studies) > 1
-        sizes = "; ".join(f"{size}: " * several + ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M"
+        sizes = "; ".join(f"{study_name(size)}: " * several + ", ".join(f"{LABELS[m]} {r['params'] / 1e6:.1f}M"
                                                               for m, r in next(iter(main.values())).items())
                           for size, main in studies.items())
         lines += [f"![loss by position]({fig_link})", "",
@@ -1061,7 +1071,7 @@ def stage_report(a) -> None:
                   f"Non-embedding parameters: {sizes}; tokens per run in each column's title.", ""]
     for size, main in studies.items():
         tpp = tokens_per_param(main)
-        lines += ["### The paper's claims, at this scale" + ("" if size == "main" else f" (size {size})"), "",
+        lines += ["### The paper's claims, at this scale" + ("" if size == "main" else f" (size {study_name(size)})"), "",
                   f"Budget: {tpp:.2f} training tokens per non-embedding parameter (median over the runs above); the "
                   "paper's recipe trains about 20 (Chinchilla)."
                   + (" At under one token per parameter these runs measure early training: the verdicts below hold "
