@@ -111,6 +111,13 @@ def test_fp16_forward(kind):
     compare(kind, B=1, T=48, H=2, d=16, b=16, pos=0, dtype=torch.float16, grad=False, tol=5e-3)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_half_initial_state_with_a_partial_last_mini_batch(kind):
+    """From position 0 with the initial state in the inputs' half dtype (a model cast to fp16/bf16) and a length
+    that ends inside a mini-batch: the tail's accumulators are computed from that state (once a dtype error)."""
+    compare(kind, B=1, T=40, H=2, d=16, b=16, pos=0, dtype=torch.float16, tol=3e-2)
+
+
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
 def test_linear_step_kernel(pos):
     """The fused decode kernel (T = 1), including the commit at the last token of a mini-batch."""

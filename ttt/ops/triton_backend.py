@@ -266,8 +266,9 @@ class TritonOp(TTTOp):
             gam, bet = ln_operands(x, ct)
             k, v = (t.to(ct).transpose(1, 2) for t in (k, v))  # [R,b,H,d] -> [R,H,b,d]
             lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]: zero on the empty slots
-            accum = self.ref.add_grads(tuple(torch.zeros_like(p) for p in params), k, lr,
-                                       self.ref.grads(k, v, params, gam, bet))
+            pc = tuple(p.to(ct) for p in params)  # a state in a narrower dtype (a bf16 initial state) computes in ct
+            accum = self.ref.add_grads(tuple(torch.zeros_like(p) for p in pc), k, lr, self.ref.grads(k, v, pc, gam, bet))
+            accum = tuple(a.to(p.dtype) for a, p in zip(accum, params))  # in the dtype of the params returned
         if all(rest):
             return accum
         keep = torch.tensor([r == 0 for r in rest], device=x.q.device)  # rows finished in their heads
