@@ -105,8 +105,12 @@ def ln_gate_row(N, D, dtype):
     err = max([rel(y.float(), ref)] + [rel(a.float(), e) for a, e in zip(got, want)])
     fwd = bench(lambda: fused_layer.ln_gate(o, gt, w, b, 1e-6))
     both = bench(lambda: torch.autograd.grad(fused_layer.ln_gate(o, gt, w, b, 1e-6), (o, gt, w, b), dy))
-    eager = bench(lambda: torch.autograd.grad(F.layer_norm(o, (D,), w, b, 1e-6) * F.gelu(gt, approximate="tanh"),
-                                              (o, gt, w, b), dy))
+    def eager_step():  # the layer's PyTorch path: fp32 weights on half activations run under autocast
+        with torch.autocast(DEV, dtype=dtype, enabled=dtype != torch.float32):
+            y = F.layer_norm(o, (D,), w, b, 1e-6) * F.gelu(gt, approximate="tanh")
+        return torch.autograd.grad(y, (o, gt, w, b), dy.to(y.dtype))
+
+    eager = bench(eager_step)
     return dict(kernel="ln_gate", N=N, D=D, max_rel_err=err, fwd_ms=fwd, bwd_ms=both - fwd, eager_fwd_bwd_ms=eager)
 
 

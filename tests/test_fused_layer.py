@@ -243,7 +243,8 @@ def test_fused_layer_auto_runs_the_kernels_only_where_the_op_runs_triton_on_cuda
     from ttt.config import RunOptions, get_config
     from ttt.layers.ttt import TTTLayer
     from ttt.model import TTTLM
-    for backend in ("triton", "dual", "auto"):
+    # an explicit triton op resolves for a CPU device only in Triton's interpreter (on a GPU machine it is refused)
+    for backend in ("triton", "dual", "auto") if os.environ.get("TRITON_INTERPRET") == "1" else ("dual", "auto"):
         layer = TTTLayer(16, 2, backend=backend, fused=None)
         plan = layer.prepare(torch.device("cpu"), torch.float32)
         assert not plan.fused  # a CPU: never, even with the triton op (Triton's interpreter)
