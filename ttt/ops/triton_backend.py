@@ -12,7 +12,8 @@ it. `TritonOp`'s rules, all of them:
     kernels leave it uncommitted) and its accumulators come from the dual form's inner gradients of those
     tokens (`Reference.grads`), a few small products. Autograd joins the pieces, so gradients reach every input
     and the initial state (params and accum). No cu_seqlens and one full-length document run the same kernels;
-  - the opt-in shared-memory pair (`MLPKernels(impl="smem")`, `ttt_mlp/chunk_smem.py`) takes no rows: it runs the
+  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default for training at head dim 64 on Hopper, see
+    `default_mlp_impl`; `MLPKernels(impl="smem")` names it) takes no rows: it runs the
     whole mini-batches of whole batch entries, a partial tail runs in the dual form, and packed documents are
     refused (a one-line error naming cu_seqlens; an explicit choice never falls back);
   - when the start state's accumulator requires grad at an aligned position, the first mini-batch also runs
@@ -41,15 +42,34 @@ from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_tr
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
-# chunk_smem.py (weights in shared memory, wgmma, Hopper; opt-in until measured)
+# chunk_smem.py (weights in shared memory, wgmma, Hopper; the default for training at head dim 64 there)
 MLP_IMPLS = ("regs", "blocked", "smem")
 MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
 
-def default_mlp_impl(d: int) -> str:
-    """The TTT-MLP kernel pair for head dim d: "regs" up to MLP_MAX_D, "blocked" (F walked in column blocks,
-    the weights in a per-program global scratch) above."""
-    return "regs" if d <= MLP_MAX_D else "blocked"
+def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                     mini_batch: int = 16, packed: bool = False, grad: bool = False) -> str:
+    """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
+    forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs, b = 16 and whole
+    sequences on a Hopper GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's
+    8.3 / 65.1); otherwise "regs" up to MLP_MAX_D and "blocked" (F walked in column blocks) above (at d 128 the
+    blocked pair trains faster than smem: 128 against 147 ms), and "blocked" for an fp32 backward on a GPU, where
+    the register backward needs more shared memory than an SM has (`regs_fits`)."""
+    if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16 and not packed
+            and device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)):
+        try:
+            _mlp_module("smem")
+            return "smem"
+        except ValueError:  # no Gluon in this Triton: the next choice
+            pass
+    return "regs" if d <= MLP_MAX_D and regs_fits(dtype, device, grad) else "blocked"
+
+
+def regs_fits(dtype: torch.dtype, device: torch.device | None, grad: bool) -> bool:
+    """Whether the register pair runs here: its backward in fp32 needs 329,728 bytes of shared memory per program
+    (sm_90 compile, d 64; an SM has 227 KB), so not with gradients of fp32 inputs on a GPU (the interpreter has no
+    such limit)."""
+    return not (grad and dtype == torch.float32 and device is not None and device.type == "cuda")
 
 
 def _prep(x):
@@ -105,7 +125,7 @@ class LinearKernels:
 
 @dataclass(frozen=True)
 class MLPKernels:
-    """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl(d)`; "smem":
+    """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl`, per call; "smem":
     head dim 64 / 128, mini-batch 16, 16-bit inputs, Hopper); warps: its warps per program (None: the kernel
     module's default); group: mini-batches per weight checkpoint;
     step_block_f, step_warps: the decode step kernel's F block width and warps (None: its defaults)."""
@@ -133,7 +153,11 @@ class MLPKernels:
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
-        impl = self.impl or default_mlp_impl(x.q.shape[-1])
+        impl = self.impl or default_mlp_impl(x.q.shape[-1], x.q.dtype, x.q.device, x.mini_batch,
+                                             x.packing is not None, save)
+        if impl == "regs" and not regs_fits(x.q.dtype, x.q.device, save):
+            raise ValueError("mlp_impl: the 'regs' backward in fp32 needs more shared memory than a GPU's SM has "
+                             "(330 KB); use mlp_impl 'blocked' (or None) for fp32 training, or 16-bit inputs")
         if impl == "smem":
             return self._smem_body(x, params, rows, save)
         outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
