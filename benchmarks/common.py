@@ -142,8 +142,8 @@ def environment() -> dict:
     """Device, versions and commit, printed and stored with every result."""
     env = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
                python=platform.python_version(),
-               commit=os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                 capture_output=True, text=True).stdout.strip())
+               commit=os.environ.get("COMMIT") or subprocess.run(  # "-dirty": the tree differs from that commit
+                   ["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip())
     try:
         import triton
         env["triton"] = triton.__version__
