@@ -27,6 +27,7 @@ it works.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,13 +57,22 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
     blocked pair trains faster than smem: 128 against 147 ms), and "blocked" for an fp32 backward on a GPU, where
     the register backward needs more shared memory than an SM has (`regs_fits`)."""
     if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16 and not packed
-            and device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)):
-        try:
-            _mlp_module("smem")
-            return "smem"
-        except ValueError:  # no Gluon in this Triton: the next choice
-            pass
+            and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
+        return "smem"
     return "regs" if d <= MLP_MAX_D and regs_fits(dtype, device, grad) else "blocked"
+
+
+@functools.cache
+def _smem_runs_on(device: torch.device) -> bool:
+    """Whether the smem pair can run on `device`: a Hopper GPU (sm_90: its wgmma) and a Triton with Gluon. Asked on
+    every TTT-MLP call that picks its kernels by default, so answered once per device."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        _mlp_module("smem")
+    except ValueError:  # no Gluon in this Triton: the next choice
+        return False
+    return True
 
 
 def regs_fits(dtype: torch.dtype, device: torch.device | None, grad: bool) -> bool:
