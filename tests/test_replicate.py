@@ -171,11 +171,44 @@ def test_a_second_model_size_is_a_study_of_its_own(tmp_path):
         (out / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
     script.main(["--stage", "report", "--out", str(out)])
     text = (out / "results.md").read_text()
-    assert text.count("### Context 8192") == 2 and "### Context 8192, size small" in text
+    assert text.count("### Context 8192\n") == 1 and "### Context 8192, size small\n" in text
     assert "### The paper's claims, at this scale (size small)" in text
     table = text.split("### The same numbers at each size (scale)")[1].split("###")[0]
     ratios = [float(v) for v in re.findall(r"\| (?:main|small) \(([0-9.]+) tokens/param\)", table)]
     assert len(ratios) == 2 and ratios[1] == pytest.approx(4 * ratios[0], rel=0.05)  # a quarter of the parameters
-    rows = [r for r in table.splitlines() if r.startswith("| 8192 |")]
+    rows = [r for r in table.splitlines() if r.startswith("| 8192 |") and "minus Mamba-2" in r]  # both sizes have these
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
     assert len(rows) == 2 and all(c[2] == c[3] != "—" for c in cells)  # the same runs: the same numbers
+
+
+def test_a_second_ablation_size_is_a_ladder_of_its_own(tmp_path):
+    """--ablation-size tiny names its runs abl_tiny_ctx..., so the committed ladder's runs never make them skip;
+    the report gives that ladder and its b sweep their own tables, kept out of the loss-by-position studies."""
+    script = load_script()
+    a = types.SimpleNamespace(ablation_size="tiny", ctx=[2048], rungs=[0, 5], batch_sizes=[4, 16], lr=[script.LR])
+    assert [j.name for j in script.ablation_jobs(a, 8192)] == [
+        "abl_tiny_ctx2048_ladder0", "abl_tiny_ctx2048_ladder5", "abl_tiny_ctx2048_b4"]
+    a.ablation_size = "small"  # the default keeps the plain names
+    assert [j.name for j in script.ablation_jobs(a, 8192)][0] == "abl_ctx2048_ladder0"
+    out = tmp_path / "rep"
+    shutil.copytree(ROOT / "docs" / "replication", out)
+    tiny = {}
+    for d in sorted((out / "runs").glob("abl_ctx2048_*")):  # the committed ladder once more, as if at size tiny
+        r = json.loads((d / "result.json").read_text())
+        r.update(name=r["name"].replace("abl_", "abl_tiny_"), val_loss=r["val_loss"] + 0.5)
+        (out / "runs" / r["name"]).mkdir()
+        (out / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
+        tiny[r["name"]] = r
+    assert len(tiny) == 8
+    script.main(["--stage", "report", "--out", str(out)])
+    text = (out / "results.md").read_text()
+    assert "abl_tiny" not in text.split("### Ablation ladder")[0]  # not a study of loss by position
+    heads = [line for line in text.splitlines() if line.startswith(("### Ablation", "### Mini-batch"))]
+    assert heads == ["### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)", "### Mini-batch size b (TTT-Linear (M))",
+                     "### Ablation ladder (TTT-Linear, the paper's Table 1 rungs) (size tiny)",
+                     "### Mini-batch size b (TTT-Linear (M)) (size tiny)"]
+    tiny_part = text.split("### Ablation ladder (TTT-Linear, the paper's Table 1 rungs) (size tiny)")[1]
+    sweep = tiny_part.split("### Mini-batch size b (TTT-Linear (M)) (size tiny)")[1].split("###")[0]
+    for r in tiny.values():  # every tiny run's own loss, in the tiny tables
+        assert f"{r['val_loss']:.4f}" in tiny_part
+    assert sweep.count("\n| ") == 4  # header + b = 4, 16, 64
