@@ -11,7 +11,7 @@
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS)
-#   issue16   issue 16's short round (~4 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
+#   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
 #             then bench_table's checks and 125m training at 8k and 2k (fused, default, Transformer++), then the fused
 #             decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused adds today's default beside it)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer kernels: conv + RoPE, post-LN x gate; LAYER_ARGS)
@@ -21,7 +21,9 @@
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py), then
 #             benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# I16_CONTEXTS: issue16's training contexts (default 8192,2048).
+# I16_CONTEXTS: issue16's training contexts (default 8192,2048). TESTS_ARGS: the tests part's pytest paths and
+# options (default tests/; tests/test_gpu.py alone compiles models for ~6 min, so one command may take
+# `tests/test_gpu.py` and the next `tests/ --ignore=tests/test_gpu.py`).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
 # MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_S, TRAIN_S.
 set -u
@@ -40,12 +42,12 @@ if has issue16; then
     "(fused or conv) and not graphed_decode" -rA 2>&1 | grep -E "PASS|FAIL|ERROR|XFAIL|passed|failed|Error" | tail -50
   timeout "${I16_LAYER_S:-25}" python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 \
     --launches default 16,32,4,3 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
-  timeout "${I16_TRAIN_S:-130}" python3 -m benchmarks.bench_table --parts check,train --contexts "${I16_CONTEXTS:-8192,2048}" \
+  timeout "${I16_TRAIN_S:-210}" python3 -m benchmarks.bench_table --parts check,train --contexts "${I16_CONTEXTS:-8192,2048}" \
     --mixers ttt_linear+fused,ttt_linear,attention --out "$OUT/train16.json" 2>&1 | grep -v Warn | tail -12
-  timeout "${I16_DECODE_S:-65}" python3 -m benchmarks.bench_table --parts decode --positions 1024 \
+  timeout "${I16_DECODE_S:-150}" python3 -m benchmarks.bench_table --parts decode --positions 1024 \
     --mixers "${I16_DECODE_MIXERS:-ttt_linear+fused}" --out "$OUT/decode16.json" 2>&1 | grep -v Warn | tail -8
 fi
-has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/ -rA 2>&1 \
+has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu ${TESTS_ARGS:-tests/} -rA 2>&1 \
   | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -60
 has sanitize && timeout "${SANITIZE_S:-200}" compute-sanitizer --tool memcheck --print-limit 5 \
   python3 -m pytest -q -m gpu tests/test_gpu.py -k every_kernel 2>&1 | grep -vE "Warn|^$" | tail -8
