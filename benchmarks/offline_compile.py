@@ -119,7 +119,7 @@ def mlp_kernels(d: int, b: int, dot: int):
 
 def layer_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of the fused layer kernels at their default launch (D = 768)."""
-    L = fused_layer.conv_launch(8192, 768, True, None)
+    L = fused_layer.conv_launch(8192, 768, None)
     conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
     out = []
     for name, two_rope in (("conv+rope", True), ("conv", False)):
@@ -127,9 +127,10 @@ def layer_kernels(d: int, b: int, dot: int):
         out += [(f"{name} fwd", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
                 (f"{name} bwd", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
-    return out + [("ln_gate fwd", fused_layer._ln_gate_fwd_kernel, dict(BD=1024), 4, 3),
-                  ("ln_gate bwd", fused_layer._ln_gate_bwd_kernel, dict(BD=1024), 4, 3),
-                  ("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
+    for ln in (fused_layer.ln_launch(768), fused_layer.LnLaunch(1, 4, 8), fused_layer.LnLaunch(4, 8, 8)):
+        out += [(f"ln_gate fwd R{ln.R}", fused_layer._ln_gate_fwd_kernel, dict(R=ln.R, BD=1024), ln.warps, 3),
+                (f"ln_gate bwd R{ln.R}", fused_layer._ln_gate_bwd_kernel, dict(R=ln.R, BD=1024), ln.warps, 3)]
+    return out + [("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
 
 
 def main():

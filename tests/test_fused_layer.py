@@ -159,13 +159,17 @@ def test_causal_conv_matches_reference(T, with_win):
 
 
 @pytest.mark.parametrize("N,D,dtype", [(9, 40, torch.float32), (5, 64, torch.float16)])
-def test_ln_gate_matches_reference(N, D, dtype):
+@pytest.mark.parametrize("launch", [None, (1, 1, 1), (8, 2, 1)], ids=["default", "R1-several-tiles", "R8"])
+def test_ln_gate_matches_reference(N, D, dtype, launch):
+    """The kernels at their default tiling, at one row per tile with several tiles per backward program (the
+    interpreter has 2 SMs: 2 programs), and at tiles taller than N."""
+    launch = launch and fused_layer.LnLaunch(*launch)
     g = torch.Generator().manual_seed(N)
     o, gt = torch.randn(2, N, D, generator=g, dtype=torch.float64), torch.randn(2, N, D, generator=g,
                                                                                dtype=torch.float64)
     w, b = 1 + 0.3 * torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
     orr, gr, wr, br = leaves(o, gt, w, b)
-    y = fused_layer.ln_gate(orr.to(dtype), gr.to(dtype), wr.float(), br.float(), 1e-6)
+    y = fused_layer.ln_gate(orr.to(dtype), gr.to(dtype), wr.float(), br.float(), 1e-6, launch)
     ref_in = [t.detach().requires_grad_(True) for t in (o, gt, w, b)]
     ry = F.layer_norm(ref_in[0], (D,), ref_in[2], ref_in[3], 1e-6) * F.gelu(ref_in[1], approximate="tanh")
     tol = 2e-3 if dtype == torch.float16 else 1e-5

@@ -277,20 +277,20 @@ class ConvLaunch:
         return (npc, B, triton.cdiv(rows, seg)), seg, self.BT % mini_batch == 0
 
 
-def conv_launch(T: int, D: int, backward: bool, device: torch.device) -> ConvLaunch:
+def conv_launch(T: int, D: int, device: torch.device) -> ConvLaunch:
     """The default launch: tiles of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program)
-    x 64 channels, 4 warps; as many programs as fit on the GPU at once (offline, Triton 3.6, sm_90, bf16: the
-    backward with two convs and RoPE takes 255 registers, 2 programs per SM; the forward 139, 3 per SM; see
-    docs/kernels_notes.md)."""
-    per_sm = 2 if backward else 3
-    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 64), warps=4, programs=per_sm * _sms(device))
+    x 32 channels, 4 warps, 3 programs per SM (offline, Triton 3.6, sm_90, bf16: the backward with two convs and
+    RoPE takes 148 registers at this width, 255 at 64 channels). On the H200 at 125m B4 T8k it beat 64 channels
+    (2 / 3 programs per SM) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 /
+    0.235, the plain conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md)."""
+    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4, programs=3 * _sms(device))
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
               launch: ConvLaunch | None = None):
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, False, x.device)
+    L = launch or conv_launch(T, D, x.device)
     grid, seg, periodic = L.grid(T, D, B, mini_batch)
     if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
         ba, bb = (torch.zeros_like(wa[:, 0, 0]) if ba is None else ba), (torch.zeros_like(wb[:, 0, 0]) if bb is None else bb)
@@ -309,7 +309,7 @@ def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: in
               launch: ConvLaunch | None = None):
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, True, x.device)
+    L = launch or conv_launch(T, D, x.device)
     grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch)
     P = B * grid[2]  # rows of the weight-gradient partial sums
     two = wb is not None
@@ -434,29 +434,34 @@ def causal_conv(x, win, w, b):
 
 
 # ---------------------------------------------------------------- post-LayerNorm x GELU gate
+# Both kernels work on [R, BD] tiles of R rows (R row reductions in flight at once instead of one row after
+# another: the one-row version was latency-bound, 0.32 / 0.92 ms forward / backward at N 32768, D 768).
 @triton.jit
-def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps, ROWS, BD: tl.constexpr):
+def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps, R: tl.constexpr,
+                        BD: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
     cols = tl.arange(0, BD)
     cm = cols < D
+    m = (rows < N)[:, None] & cm[None, :]
+    off = rows[:, None] * D + cols[None, :]  # [R, BD]
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    for i in range(ROWS):
-        row = tl.program_id(0) * ROWS + i
-        if row < N:
-            o = tl.load(o_ptr + row * D + cols, mask=cm, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * D + cols, mask=cm, other=0.0).to(tl.float32)
-            mu = tl.sum(o, axis=0) / D
-            oc = tl.where(cm, o - mu, 0.0)
-            rs = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=0) / D + eps)
-            gl, _dg = _gelu_parts(g)
-            tl.store(y_ptr + row * D + cols, ((oc * rs * w + bias) * gl).to(y_ptr.dtype.element_ty), mask=cm)
-            tl.store(mu_ptr + row, mu)
-            tl.store(rs_ptr + row, rs)
+    o = tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    mu = tl.sum(o, axis=1) / D
+    oc = tl.where(m, o - mu[:, None], 0.0)
+    rs = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=1) / D + eps)
+    gl, _dg = _gelu_parts(g)
+    y = (oc * rs[:, None] * w[None, :] + bias[None, :]) * gl
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mu_ptr + rows, mu, mask=rows < N)
+    tl.store(rs_ptr + rows, rs, mask=rows < N)
 
 
 @triton.jit
 def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_ptr, dg_ptr, dw_ptr, db_ptr, N, D,
-                        ROWS, BD: tl.constexpr):
+                        TILES, R: tl.constexpr, BD: tl.constexpr):
+    # program: TILES tiles of R rows in a row; the weight-gradient partial sums of its rows go to row pid of dw, db
     pid = tl.program_id(0)
     cols = tl.arange(0, BD)
     cm = cols < D
@@ -464,92 +469,106 @@ def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_p
     bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     dw = tl.zeros([BD], dtype=tl.float32)
     db = tl.zeros([BD], dtype=tl.float32)
-    for i in range(ROWS):
-        row = pid * ROWS + i
-        if row < N:
-            o = tl.load(o_ptr + row * D + cols, mask=cm, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + row * D + cols, mask=cm, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * D + cols, mask=cm, other=0.0).to(tl.float32)
-            mu = tl.load(mu_ptr + row)
-            rs = tl.load(rs_ptr + row)
-            xh = tl.where(cm, (o - mu) * rs, 0.0)
-            gl, dgl = _gelu_parts(g)
-            a = dy * gl  # gradient w.r.t. the LayerNorm output
-            dw += a * xh
-            db += a
-            dxh = a * w
-            do = (dxh - tl.sum(dxh, axis=0) / D - xh * (tl.sum(dxh * xh, axis=0) / D)) * rs
-            tl.store(do_ptr + row * D + cols, do.to(do_ptr.dtype.element_ty), mask=cm)
-            tl.store(dg_ptr + row * D + cols, (dy * (xh * w + bias) * dgl).to(dg_ptr.dtype.element_ty), mask=cm)
+    for t in range(TILES):
+        rows = (pid * TILES + t) * R + tl.arange(0, R)
+        rm = rows < N
+        m = rm[:, None] & cm[None, :]
+        off = rows[:, None] * D + cols[None, :]  # [R, BD]
+        o = tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        mu = tl.load(mu_ptr + rows, mask=rm, other=0.0)
+        rs = tl.load(rs_ptr + rows, mask=rm, other=0.0)
+        xh = tl.where(m, (o - mu[:, None]) * rs[:, None], 0.0)
+        gl, dgl = _gelu_parts(g)
+        a = dy * gl  # gradient w.r.t. the LayerNorm output (0 outside the rows and columns)
+        dw += tl.sum(a * xh, axis=0)  # over the tile's rows: within each thread (a thread holds all R rows of its columns)
+        db += tl.sum(a, axis=0)
+        dxh = a * w[None, :]
+        do = (dxh - (tl.sum(dxh, axis=1) / D)[:, None] - xh * (tl.sum(dxh * xh, axis=1) / D)[:, None]) * rs[:, None]
+        tl.store(do_ptr + off, do.to(do_ptr.dtype.element_ty), mask=m)
+        tl.store(dg_ptr + off, (dy * (xh * w[None, :] + bias[None, :]) * dgl).to(dg_ptr.dtype.element_ty), mask=m)
     tl.store(dw_ptr + pid * BD + cols, dw)
     tl.store(db_ptr + pid * BD + cols, db)
 
 
-def _ln_rows(N: int, device: torch.device) -> int:
-    """Rows per program of the ln_gate kernels: 4, or more so that there are at most 8 programs per SM (each program
-    of the backward writes one row of weight-gradient partial sums, reduced in PyTorch)."""
-    return max(4, triton.cdiv(N, 8 * _sms(device)))
+@dataclass(frozen=True)
+class LnLaunch:
+    """How the ln_gate kernels are launched: R rows per tile, `warps`, and for the backward `per_sm`, the programs
+    per SM to aim for (each walks ceil(N / R / programs) tiles and writes one row of weight-gradient partials)."""
+
+    R: int
+    warps: int
+    per_sm: int
+
+
+def ln_launch(D: int) -> LnLaunch:
+    """The default: 16 values per thread and tensor, 8 backward programs per SM: 2 rows of up to 1024 columns on 4
+    warps, 1 row of up to 2048 on 8 warps (offline, Triton 3.6, sm_90, bf16, D 768: the backward takes 168
+    registers at 2 rows on 4 warps, 3 programs per SM; 255 at 4 rows; the forward 64)."""
+    return LnLaunch(R=2, warps=4, per_sm=8) if D <= 1024 else LnLaunch(R=1, warps=8, per_sm=8)
 
 
 @torch.library.custom_op("ttt::ln_gate_fwd", mutates_args=())
-def _ln_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ln_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, R: int,
+                    warps: int, per_sm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = LayerNorm(o) * GELU_tanh(g) [N, D] and the rows' mean and 1/std (fp32 [N]); per_sm is the backward's."""
     N, D = o.shape
     y = torch.empty_like(o)
     mu = torch.empty(N, dtype=torch.float32, device=o.device)
     rs = torch.empty_like(mu)
-    BD = triton.next_power_of_2(D)
-    rows = _ln_rows(N, o.device)
-    _ln_gate_fwd_kernel[(triton.cdiv(N, rows),)](o, g, w, b, y, mu, rs, N, D, eps, rows, BD=BD,
-                                                    num_warps=4 if BD <= 1024 else 8)
+    _ln_gate_fwd_kernel[(triton.cdiv(N, R),)](o, g, w, b, y, mu, rs, N, D, eps, R=R, BD=triton.next_power_of_2(D),
+                                              num_warps=warps)
     return y, mu, rs
 
 
 @_ln_gate_fwd_op.register_fake
-def _(o, g, w, b, eps):
+def _(o, g, w, b, eps, R, warps, per_sm):
     return torch.empty_like(o), o.new_empty(o.shape[0], dtype=torch.float32), o.new_empty(o.shape[0],
                                                                                           dtype=torch.float32)
 
 
 @torch.library.custom_op("ttt::ln_gate_bwd", mutates_args=())
 def _ln_gate_bwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
-                    rs: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+                    rs: torch.Tensor, dy: torch.Tensor, R: int, warps: int, per_sm: int) -> list[torch.Tensor]:
     N, D = o.shape
     BD = triton.next_power_of_2(D)
-    rows = _ln_rows(N, o.device)
-    nprog = triton.cdiv(N, rows)
+    tiles = triton.cdiv(triton.cdiv(N, R), per_sm * _sms(o.device))  # tiles per program
+    nprog = triton.cdiv(triton.cdiv(N, R), tiles)
     do, dg = torch.empty_like(o), torch.empty_like(g)
     dw = torch.empty((nprog, BD), dtype=torch.float32, device=o.device)
     db = torch.empty_like(dw)
-    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, rows, BD=BD,
-                                  num_warps=4 if BD <= 1024 else 8)
+    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, tiles, R=R, BD=BD,
+                                  num_warps=warps)
     return [do, dg, dw.sum(0)[:D], db.sum(0)[:D]]
 
 
 @_ln_gate_bwd_op.register_fake
-def _(o, g, w, b, mu, rs, dy):
+def _(o, g, w, b, mu, rs, dy, R, warps, per_sm):
     D = o.shape[1]
     return [torch.empty_like(o), torch.empty_like(g), o.new_empty(D, dtype=torch.float32),
             o.new_empty(D, dtype=torch.float32)]
 
 
 def _ln_setup(ctx, inputs, output):
-    o, g, w, b, eps = inputs
+    o, g, w, b, eps, R, warps, per_sm = inputs
     ctx.save_for_backward(o, g, w, b, output[1], output[2])
+    ctx.launch = (R, warps, per_sm)
 
 
 def _ln_backward(ctx, dy, _dmu, _drs):
     o, g, w, b, mu, rs = ctx.saved_tensors
-    do, dg, dw, db = _ln_gate_bwd_op(o, g, w, b, mu, rs, dy)
-    return do, dg, dw.to(w.dtype), db.to(b.dtype), None
+    do, dg, dw, db = _ln_gate_bwd_op(o, g, w, b, mu, rs, dy, *ctx.launch)
+    return do, dg, dw.to(w.dtype), db.to(b.dtype), None, None, None, None
 
 
 _ln_gate_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+            launch: LnLaunch | None = None) -> torch.Tensor:
     """LayerNorm(o) * GELU_tanh(g) over the last dim D; o, g [..., D] of one shape; weight, bias [D]. Returns o's
-    dtype and shape."""
+    dtype and shape. `launch`: the kernels' tiling (default `ln_launch(D)`)."""
     if o.shape != g.shape or o.shape[-1] != weight.shape[-1] or weight.shape != bias.shape:
         raise ValueError(f"g: expected the shape of o {tuple(o.shape)} and weight/bias [{o.shape[-1]}], got "
                          f"{tuple(g.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
@@ -558,7 +577,8 @@ def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.
     g2 = g.reshape(-1, shape[-1]).contiguous()
     if g2.dtype != o2.dtype:
         g2 = g2.to(o2.dtype)
-    y, _mu, _rs = _ln_gate_fwd_op(o2, g2, weight, bias, float(eps))
+    L = launch or ln_launch(shape[-1])
+    y, _mu, _rs = _ln_gate_fwd_op(o2, g2, weight, bias, float(eps), L.R, L.warps, L.per_sm)
     return y.reshape(shape)
 
 
