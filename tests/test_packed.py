@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import random_inputs
-from ttt.config import get_config
+from ttt.config import RunOptions, get_config
 from ttt.data import IGNORE, DocumentBatcher, document_bounds, document_sequences, pack_rows, prepare
 from ttt.evaluate import evaluate_checkpoints, evaluate_documents
 from ttt.layers.attention import Attention, PackedEnd, document_attention, document_block_mask
@@ -132,6 +132,20 @@ def test_packed_states_continue_packed_calls_only():
         attn(torch.zeros(1, 5, dtype=torch.long), ast, cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="^state: attention over packed documents"):
         Attention(16, 2)(torch.randn(1, 5, 16), Attention(16, 2).init_state(1), cu_seqlens=torch.tensor([0, 5]))
+
+
+def test_auto_fused_layer_leaves_packed_documents_to_the_pytorch_path():
+    """fused=None (auto) runs the fused kernels where it may (CUDA); packed documents are not such a place: the
+    layer takes its PyTorch path for them, with the same results as fused=False. The plan is set as auto decides
+    it on CUDA."""
+    from ttt.layers.ttt import Plan
+    torch.manual_seed(0)
+    ref = TTTLinear(16, 2, mini_batch=B_MB, fused=False)
+    auto = TTTLinear(16, 2, mini_batch=B_MB, fused=None)
+    auto.load_state_dict(ref.state_dict())
+    auto._plans[("cpu", torch.float32)] = Plan(auto.prepare(torch.device("cpu"), torch.float32).op, True)
+    x, cu = torch.randn(1, 12, 16), cu_of([5, 7])
+    torch.testing.assert_close(auto(x, cu_seqlens=cu)[0], ref(x, cu_seqlens=cu)[0], rtol=0, atol=0)
 
 
 def test_fused_kernels_refuse_boundaries():
@@ -584,13 +598,15 @@ def test_gpu_flex_attention_equals_sdpa_mask(dtype, tol):
         torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("mixer", ["attention", "ttt_linear", "mamba"])
+@pytest.mark.parametrize("mixer", ["attention", "ttt_linear", "ttt_linear+auto", "mamba"])
 def test_gpu_model_packed_equals_separate(mixer):
     """On the GPU's own paths (FlexAttention, the TTT op's triton kernels on the packed sequence, mamba_ssm when
-    installed):
-    the packed model's logits equal the documents' alone, and training steps run."""
+    installed; +auto: RunOptions(fused_layer=None), the fused layer kernels for the documents alone, the PyTorch
+    layer path around the op for the packed sequence): the packed model's logits equal the documents' alone, and
+    training steps run."""
     torch.manual_seed(0)
-    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64)).cuda()
+    mixer, _, auto = mixer.partition("+")
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64), RunOptions(fused_layer=None) if auto else None).cuda()
     lens = [300, 1, 47, 129, 16]
     ids = torch.randint(0, 64, (1, sum(lens)), device="cuda")
     cu = cu_of(lens)

@@ -267,7 +267,7 @@ class TTTLayer(nn.Module):
         elif state.op.batch_size != rows:
             raise ValueError(f"state: expected batch size {rows} like x, got {state.op.batch_size}")
         plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
-        fused = plan.fused
+        fused = plan.fused and pk is None  # auto leaves packed documents to the PyTorch path (True refused them above)
         if fused and T == 1 and self.kind == "linear" and self.backbone == "mamba" and not torch.is_grad_enabled():
             return self._decode_fused(x, state)
         if self.backbone == "mamba" and fused:
