@@ -482,7 +482,7 @@ def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_p
         xh = tl.where(m, (o - mu[:, None]) * rs[:, None], 0.0)
         gl, dgl = _gelu_parts(g)
         a = dy * gl  # gradient w.r.t. the LayerNorm output (0 outside the rows and columns)
-        dw += tl.sum(a * xh, axis=0)  # over the tile's rows: within each thread (a thread holds all R rows of its columns)
+        dw += tl.sum(a * xh, axis=0)  # over the tile's rows: the accumulators stay [BD]
         db += tl.sum(a, axis=0)
         dxh = a * w[None, :]
         do = (dxh - (tl.sum(dxh, axis=1) / D)[:, None] - xh * (tl.sum(dxh * xh, axis=1) / D)[:, None]) * rs[:, None]
