@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from benchmarks.common import bench, environment, rel
 from ttt.layers.attention import apply_rope
 from ttt.ops import fused_layer
+from ttt.checkpoint import write_json
 
 SHAPES = ["4x8192x768", "16x2048x768", "4x8192x2048"]  # B x T x D: 125m training at 8k and 2k, 1.3b at 8k
 HEAD_DIM, MB, W = 64, 16, 4
@@ -178,8 +179,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from benchmarks.common import environment, timed, train_step, with_mamba2_module
 from ttt.config import RunOptions, get_config
 from ttt.decode_graph import GraphedDecoder, flatten_state, rebuild_state
 from ttt.model import TTTLM
+from ttt.checkpoint import write_json
 
 
 def build(size, mixer, ttt_backend="auto"):
@@ -258,8 +259,7 @@ def main():
                                                  mixer=m)]
     res["wall_s"] = time.time() - t0
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
 
 
 if __name__ == "__main__":

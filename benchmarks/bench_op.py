@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.common import bench, environment, load_mamba_ssd, make, rel, run, sdpa_ms
 from ttt.ops import TTTState
+from ttt.checkpoint import write_json
 
 RESULTS: dict = {"check": [], "time": []}
 OUT_JSON = ""  # written after every timing, so a run cut short still leaves its numbers
@@ -55,8 +56,7 @@ def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
 def record(op, impl, B, T, H, d, ms, mode="fwd"):
     RESULTS["time"].append({"op": op, "impl": impl, "B": B, "T": T, "H": H, "d": d, "ms": ms, "mode": mode})
     if OUT_JSON:
-        with open(OUT_JSON, "w") as f:
-            json.dump(RESULTS, f, indent=1)
+        write_json(OUT_JSON, RESULTS)
     print(f"time {mode:7s} {op:10s} {impl:22s} B{B:<3d} T{T:<6d} H{H} d{d}: {ms:8.3f} ms", flush=True)
 
 
@@ -346,8 +346,7 @@ def main():
         for kind in kinds:
             if good[kind]:
                 time_decode(kind, 16, 32, 64)
-    with open(os.path.join(args.out, "bench_op.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
+    write_json(os.path.join(args.out, "bench_op.json"), RESULTS)
     if "plot" in only:
         try:
             plot(os.path.join(args.out, "bench_op.png"), tokens)

@@ -33,6 +33,7 @@ from ttt.config import get_config
 from ttt.model import IGNORE, TTTLM
 from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
 from ttt.ops.packed import per_document
+from ttt.checkpoint import write_json
 
 MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 
@@ -202,8 +203,7 @@ def main():
     res = dict(env=env, lengths=lens, checks=[*checks.values(), *op_checks.values()], train=rows, op=ops,
                seconds=time.time() - t0)
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        write_json(a.out, res)
     print(f"\n{len(lens)} documents, {sum(lens)} real tokens (mean {sum(lens) / len(lens):.0f}, longest {max(lens)}); "
           f"padded: {len(lens)} x {max(lens)} = {len(lens) * max(lens)} tokens; {a.size}, bf16, one step (fwd+bwd+AdamW)")
     print(f"{'mixer':<12}{'check':>7}{'packed ms':>11}{'padded ms':>11}{'packed tok/s':>14}{'padded tok/s':>14}{'ratio':>7}")

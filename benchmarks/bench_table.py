@@ -37,6 +37,7 @@ import torch
 
 from benchmarks import bench_model, bench_op
 from benchmarks.common import bench, environment, load_mamba2_module
+from ttt.checkpoint import write_json
 
 TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_module"]
 PREFILL_MIXERS = TRAIN_MIXERS
@@ -51,8 +52,7 @@ def keep(row: dict) -> dict:
     ROWS.append(row)
     print(json.dumps(row), flush=True)
     if OUT:
-        with open(OUT, "w") as f:
-            json.dump(ROWS, f, indent=1)
+        write_json(OUT, ROWS)
     return row
 
 

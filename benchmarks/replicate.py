@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttt import checkpoint
 from ttt.config import RunOptions, get_config
 from ttt.data import Batcher, iter_documents, load_meta, load_tokens, prepare
 from ttt.layers.mamba import load_mamba_ssm
@@ -105,10 +106,9 @@ def process_age() -> float:
 
 
 def write_json(path: Path, obj) -> None:
+    """`ttt.checkpoint.write_json` (temp name, then rename) into a directory made if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    checkpoint.write_json(path, obj)
 
 
 def mamba_kernels_or_fail() -> None:

@@ -176,7 +176,9 @@ def main(argv=None) -> int:
                 flags = ["--parallel", "none"] if procs == 1 else LAYOUTS[layout]
                 name = f"{size} {mixer} {seq} {procs}x {layout}"
                 results.append({**run(name, procs, flags, case, args, env), "layout_name": layout})
-                (Path(args.out) / "scale_train.json").write_text(json.dumps(results, indent=1))
+                tmp = Path(args.out) / "scale_train.json.tmp"  # a temp name, then renamed: never half a file
+                tmp.write_text(json.dumps(results, indent=1))
+                os.replace(tmp, tmp.with_suffix(""))
     print(f"\ncompile {args.compile}, {args.steps} steps, tokens/s of the metrics rows after the first "
           f"(each {args.log_every} steps); the same global batch at every GPU count")
     print("\n".join(table(results)))
