@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS
-from ..triton_utils import (Rows, _dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
+from ..triton_utils import (Rows, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
                             _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
                             _row, _tiles, batch_rows, dot_mode)
 
@@ -281,11 +281,12 @@ def ttt_mlp_bwd_kernel(
             live, out, keep = _live_rows(q, k, v, lr, tl.where(tm, tl.sum(G1, axis=1) + tl.sum(G2, axis=1), 0.0),
                                          causal)
             keep = keep | (t0 + MB > L)
-            dW1 = tl.where(keep, dW1, 0.0)
-            dc1 = tl.where(keep, dc1, 0.0)
-            dW2 = tl.where(keep, dW2, 0.0)
-            dc2 = tl.where(keep, dc2, 0.0)
-            W1s, c1, W2s, c2 = _finite_or_0(W1s), _finite_or_0(c1), _finite_or_0(W2s), _finite_or_0(c2)
+            # Non-finite start weights make every row's inner gradient non-finite (row 0 is always in the row), so no
+            # row is live then: the weights are not sanitised, their products are taken as zeros on the rows that are
+            # not live instead (row selects on [BT, *] results, the values of dead rows only need to be finite); a
+            # dropped carry (keep false) likewise enters the products with dW1, dW2 as zeros and is reset after its
+            # last use. No weight-sized select is live across the dots: sm_90 fp32 d = 64, 8 warps, needs 176,128 B
+            # of shared memory (329,728 with the weights sanitised and the carry reset up front; limit 232,448).
             lv = live[:, None]
             q, dO = tl.where(out[:, None], q, 0.0), tl.where(out[:, None], dO, 0.0)
             k, v, lr = tl.where(lv, k, 0.0), tl.where(lv, v, 0.0), tl.where(live, lr, 0.0)
@@ -296,11 +297,11 @@ def ttt_mlp_bwd_kernel(
             E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
             QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
             P1 = E * QK1
-            Z1b = _dot(q, W1s, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE)
+            Z1b = tl.where(lv, _dot(q, W1s, DOT_MODE) + c1[None, :] - _dot(P1, G1, DOT_MODE), 0.0)
             X2b, D1b = _gelu_parts(Z1b)
             XX1 = _dot(X2b, tl.trans(X2), DOT_MODE) + 1.0
             P2 = E * XX1
-            Z2b = _dot(X2b, W2s, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE)
+            Z2b = tl.where(lv, _dot(X2b, W2s, DOT_MODE) + c2[None, :] - _dot(P2, G2, DOT_MODE), 0.0)
             xhb, rstdb = _normalize(Z2b, cmask, D, EPS)
 
             # o = q + LN(Z2b)
@@ -312,7 +313,7 @@ def ttt_mlp_bwd_kernel(
             dG2 = -_dot(tl.trans(P2), dZ2b, DOT_MODE)
             dE = dP2 * XX1
             dA2 = dP2 * E
-            dX2b = _dot(dZ2b, tl.trans(W2s), DOT_MODE) + _dot(dA2, X2, DOT_MODE)
+            dX2b = tl.where(lv, _dot(dZ2b, tl.trans(W2s), DOT_MODE), 0.0) + _dot(dA2, X2, DOT_MODE)
             dX2 = _dot(tl.trans(dA2), X2b, DOT_MODE)
             # Z1b = Q W1 + c1 - P1 G1,  P1 = E * (Q K^T + 1),  X2b = GELU(Z1b)
             dZ1b = dX2b * D1b
@@ -320,18 +321,18 @@ def ttt_mlp_bwd_kernel(
             dG1 = -_dot(tl.trans(P1), dZ1b, DOT_MODE)
             dE += dP1 * QK1
             dA1 = dP1 * E
-            dq = dO + _dot(dZ1b, tl.trans(W1s), DOT_MODE) + _dot(dA1, k, DOT_MODE)
+            dq = dO + tl.where(lv, _dot(dZ1b, tl.trans(W1s), DOT_MODE), 0.0) + _dot(dA1, k, DOT_MODE)
             dk = _dot(tl.trans(dA1), q, DOT_MODE)
             # carry: W1' = W1 - K^T (e_b G1), c1' = c1 - sum e_b G1, W2' = W2 - X2^T (e_b G2), c2' likewise
             tau_e = tl.where(full, tau_b, 0.0)
             eb = tau_e * lr
-            KdW1 = _dot(k, dW1, DOT_MODE) + dc1[None, :]
-            XdW2 = _dot(X2, dW2, DOT_MODE) + dc2[None, :]
+            KdW1 = tl.where(keep, _dot(k, dW1, DOT_MODE) + dc1[None, :], 0.0)
+            XdW2 = tl.where(keep, _dot(X2, dW2, DOT_MODE) + dc2[None, :], 0.0)
             S = tl.sum(KdW1 * G1, axis=1) + tl.sum(XdW2 * G2, axis=1)
             dG1 -= eb[:, None] * KdW1
             dG2 -= eb[:, None] * XdW2
-            dk -= _dot(eb[:, None] * G1, tl.trans(dW1), DOT_MODE)
-            dX2 -= _dot(eb[:, None] * G2, tl.trans(dW2), DOT_MODE)
+            dk -= tl.where(keep, _dot(eb[:, None] * G1, tl.trans(dW1), DOT_MODE), 0.0)
+            dX2 -= tl.where(keep, _dot(eb[:, None] * G2, tl.trans(dW2), DOT_MODE), 0.0)
             dlr = -tau_e * S
             dtau_b += tl.where(full, -lr * S, 0.0)
             dE = tl.where(causal, dE, 0.0)
@@ -341,22 +342,23 @@ def ttt_mlp_bwd_kernel(
             dH1 = dG1 * D1
             _x, _dx, DD1 = _gelu_parts2(Z1)
             dZ1 = dG1 * H1 * DD1
-            dG2 += _dot(dH1, W2s, DOT_MODE)
+            dG2 += tl.where(lv, _dot(dH1, W2s, DOT_MODE), 0.0)
             # G2 = LN-L2 gradient at Z2 = X2 W2 + c2 (target v - k)
             dgy, dZ2 = _ln_l2_grad_bwd(dG2, G2, xh, rstd, gy, mgx, gam, cmask, D)
             dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
             dbet += tl.sum(dgy * gam[None, :], axis=0)
             dv = -gam[None, :] * dgy
             dk += gam[None, :] * dgy
-            dX2 += _dot(dZ2, tl.trans(W2s), DOT_MODE)
+            dX2 += tl.where(lv, _dot(dZ2, tl.trans(W2s), DOT_MODE), 0.0)
             dZ1 += dX2 * D1
-            dk += _dot(dZ1, tl.trans(W1s), DOT_MODE)
+            dk += tl.where(lv, _dot(dZ1, tl.trans(W1s), DOT_MODE), 0.0)
             # gradients w.r.t. the start weights of this mini-batch
-            dW1 += _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
-            dc1 += tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
-            dW2 += _dot(tl.trans(X2b), dZ2b, DOT_MODE) + _dot(tl.trans(dH1), G2, DOT_MODE) \
+            # (a dropped carry is reset here, after its last use)
+            dW1 = tl.where(keep, dW1, 0.0) + _dot(tl.trans(q), dZ1b, DOT_MODE) + _dot(tl.trans(k), dZ1, DOT_MODE)
+            dc1 = tl.where(keep, dc1, 0.0) + tl.sum(dZ1b, axis=0) + tl.sum(dZ1, axis=0)
+            dW2 = tl.where(keep, dW2, 0.0) + _dot(tl.trans(X2b), dZ2b, DOT_MODE) + _dot(tl.trans(dH1), G2, DOT_MODE) \
                 + _dot(tl.trans(X2), dZ2, DOT_MODE)
-            dc2 += tl.sum(dZ2b, axis=0) + tl.sum(dZ2, axis=0)
+            dc2 = tl.where(keep, dc2, 0.0) + tl.sum(dZ2b, axis=0) + tl.sum(dZ2, axis=0)
 
             optr = out_base + t0 * o_t + out_off
             tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
