@@ -1,12 +1,15 @@
 """Kernels compiled for sm_90 on the CPU (Triton's own compiler and ptxas, which the `triton` extra installs; no
 GPU): launch-time specialisations that the interpreter never sees, such as an integer argument of 1 that Triton
-turns into a constant. Compiled through `benchmarks/offline_compile.py` in a process without TRITON_INTERPRET."""
+turns into a constant, and shared memory that a GPU's SM cannot hold (the launch would fail there). Compiled
+through `benchmarks/offline_compile.py` in a process without TRITON_INTERPRET."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +31,22 @@ def test_fused_decode_kernel_compiles_at_constant_positions():
     r = subprocess.run([sys.executable, "-c", DECODE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["compiled", "None", "compiled", "0", "compiled", "1"]
+
+
+# TTT-MLP's register backward in fp32 at its launch (8 warps, 1 stage): its shared memory must fit an SM of sm_90
+# (232,448 bytes), or the default pair for fp32 training on a GPU cannot launch (it once needed 329,728)
+REGS_BWD = """
+from benchmarks.offline_compile import compile_cost, mlp_kernels
+for name, fn, cx, w, s in mlp_kernels(64, 16, 0):
+    if name == "regs bwd" and w == 8:
+        print(compile_cost(fn, cx, "fp32", w, s)[3])
+"""
+
+
+@pytest.mark.slow  # one fp32 compile: ~3 minutes on 2 cores
+def test_mlp_register_backward_fits_shared_memory_in_fp32():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-c", REGS_BWD], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) <= 232_448

@@ -54,12 +54,11 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
     forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs, b = 16 and whole
     sequences on a Hopper GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's
     8.3 / 65.1); otherwise "regs" up to MLP_MAX_D and "blocked" (F walked in column blocks) above (at d 128 the
-    blocked pair trains faster than smem: 128 against 147 ms), and "blocked" for an fp32 backward on a GPU, where
-    the register backward needs more shared memory than an SM has (`regs_fits`)."""
+    blocked pair trains faster than smem: 128 against 147 ms)."""
     if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16 and not packed
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
-    return "regs" if d <= MLP_MAX_D and regs_fits(dtype, device, grad) else "blocked"
+    return "regs" if d <= MLP_MAX_D else "blocked"
 
 
 @functools.cache
@@ -73,13 +72,6 @@ def _smem_runs_on(device: torch.device) -> bool:
     except ValueError:  # no Gluon in this Triton: the next choice
         return False
     return True
-
-
-def regs_fits(dtype: torch.dtype, device: torch.device | None, grad: bool) -> bool:
-    """Whether the register pair runs here: its backward in fp32 needs 329,728 bytes of shared memory per program
-    (sm_90 compile, d 64; an SM has 227 KB), so not with gradients of fp32 inputs on a GPU (the interpreter has no
-    such limit)."""
-    return not (grad and dtype == torch.float32 and device is not None and device.type == "cuda")
 
 
 def _prep(x):
@@ -165,9 +157,6 @@ class MLPKernels:
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
         impl = self.impl or default_mlp_impl(x.q.shape[-1], x.q.dtype, x.q.device, x.mini_batch,
                                              x.packing is not None, save)
-        if impl == "regs" and not regs_fits(x.q.dtype, x.q.device, save):
-            raise ValueError("mlp_impl: the 'regs' backward in fp32 needs more shared memory than a GPU's SM has "
-                             "(330 KB); use mlp_impl 'blocked' (or None) for fp32 training, or 16-bit inputs")
         if impl == "smem":
             return self._smem_body(x, params, rows, save)
         outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
