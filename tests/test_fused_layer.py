@@ -158,7 +158,7 @@ def test_causal_conv_matches_reference(T, with_win):
         assert rel(a.cpu(), e) < 1e-5
 
 
-@pytest.mark.parametrize("N,D,dtype", [(9, 40, torch.float32), (5, 64, torch.float16)])
+@pytest.mark.parametrize("N,D,dtype", [(9, 40, torch.float32), (5, 64, torch.float16), (3, 1030, torch.float32)])
 @pytest.mark.parametrize("launch", [None, (1, 1, 1), (8, 2, 1)], ids=["default", "R1-several-tiles", "R8"])
 def test_ln_gate_matches_reference(N, D, dtype, launch):
     """The kernels at their default tiling, at one row per tile with several tiles per backward program (the
