@@ -301,16 +301,19 @@ def ablation_jobs(a, vocab: int) -> list[Job]:
     last = len(LADDER) - 1  # the last rung is (M) with b = 16: the b = 16 run of the mini-batch sweep
     runs += [(f"b{b}", f"(M), b = {b}", dict(backbone="mamba", mini_batch=b)) for b in a.batch_sizes
              if not (b == 16 and last in a.rungs)]
+    # the default ablation size and inner LR keep the plain names; another is a ladder of its own:
+    # abl_tiny_ctx2048_b4, abl_tiny_ilr0.25_ctx2048_b4
+    size = "" if a.ablation_size in ("small", "smoke") else f"{a.ablation_size}_"
     jobs = []
-    for key, label, over in runs:
-        over = {**over, "mini_batch": over["mini_batch"] or ctx}
-        cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,
-                         ffn_hidden=F, **over)
-        # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
-        run = RunOptions(ttt_backend="dual") if cfg.mini_batch > 64 else RunOptions()
-        # the default ablation size keeps the plain names; another is a ladder of its own: abl_tiny_ctx2048_b4
-        size = "" if a.ablation_size in ("small", "smoke") else f"{a.ablation_size}_"
-        jobs.append(Job(f"abl_{size}ctx{ctx}_{key}", cfg, ctx, label, run, lr=a.lr[0]))
+    for ilr in a.inner_lr:
+        for key, label, over in runs:
+            over = {**over, "mini_batch": over["mini_batch"] or ctx, "base_lr": ilr}
+            cfg = get_config("125m", mixer="ttt_linear", vocab_size=vocab, n_layers=L, d_model=D, n_heads=H,
+                             ffn_hidden=F, **over)
+            # b = T: the kernels hold a b x b tile on chip; the dual form runs any b
+            run = RunOptions(ttt_backend="dual") if cfg.mini_batch > 64 else RunOptions()
+            tag = "" if ilr is None else f"ilr{ilr:g}_"
+            jobs.append(Job(f"abl_{size}{tag}ctx{ctx}_{key}", cfg, ctx, label, run, lr=a.lr[0]))
     return jobs
 
 
@@ -526,7 +529,8 @@ def child_argv(a, job: Job, **extra) -> list[str]:
             "--ctx", ",".join(map(str, a.ctx)), "--rungs", ",".join(map(str, sorted(a.rungs))),
             "--batch-sizes", ",".join(map(str, a.batch_sizes)), "--batch-tokens", str(a.batch_tokens),
             "--micro-tokens", str(a.micro_tokens), "--lr", ",".join(map(str, a.lr)), "--eval-seqs", str(a.eval_seqs),
-            "--eval-doc-min", str(a.eval_doc_min), "--seed", str(a.seed), "--probe-seconds", str(a.probe_seconds)]
+            "--eval-doc-min", str(a.eval_doc_min), "--seed", str(a.seed), "--probe-seconds", str(a.probe_seconds),
+            "--inner-lr", ",".join("default" if x is None else str(x) for x in a.inner_lr)]
     if a.smoke:
         argv.append("--smoke")
     if a.no_compile or extra.pop("no_compile", False):
@@ -894,6 +898,14 @@ def study_name(key: str) -> str:
     return next((p for p in parts if not p.startswith("lr")), "main") + (f", peak LR {lr}" if lr else "")
 
 
+def ladder_name(key: str) -> str:
+    """A ladder's key (its runs' name between 'abl_' and 'ctx': 'tiny', 'tiny_ilr0.25', 'ilr4') as the report names
+    it: 'tiny', 'tiny, inner base LR 0.25', 'small, inner base LR 4'."""
+    parts = key.split("_")
+    ilr = next((p[3:] for p in parts if p.startswith("ilr")), None)
+    return next((p for p in parts if not p.startswith("ilr")), "small") + (f", inner base LR {ilr}" if ilr else "")
+
+
 def tokens_per_param(main: dict) -> float:
     """Median training tokens per non-embedding parameter over a study's runs (ctx -> mixer -> result)."""
     return float(np.median([r["tokens"] / r["params"] for rs in main.values() for r in rs.values()]))
@@ -1086,7 +1098,7 @@ def stage_report(a) -> None:
         lines += verdicts(main) + [""]
     lines += scale_lines(studies)
     for size, abl in sorted(ladders.items(), key=lambda kv: kv[0] != "small"):
-        lines += ladder_lines(abl, "" if size == "small" else f" (size {size})")
+        lines += ladder_lines(abl, "" if size == "small" else f" (size {ladder_name(size)})")
     lines += throughput_lines(a)
     text = "\n".join(lines).rstrip() + "\n"
     (a.out / "results.md").write_text("# Replication results\n\n" + text)
@@ -1146,6 +1158,9 @@ def main(argv=None):
                    help="evaluate on documents of at least this many tokens (default 16384: 2x the longest context)")
     p.add_argument("--rungs", default=f"0-{len(LADDER) - 1}", help="ablation ladder rungs to run, e.g. 0-2,5")
     p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)), help="mini-batch sizes b to run")
+    p.add_argument("--inner-lr", default="default",
+                   help="ablation: TTT-Linear's inner base learning rate, comma-separated, each a ladder of its own "
+                        "('default': the config's 1.0)")
     p.add_argument("--wall-seconds", type=float, default=540, help="study: finish everything within this (default 540)")
     p.add_argument("--eval-reserve", type=float, default=60, help="study: seconds kept for evaluation (default 60)")
     p.add_argument("--probe-seconds", type=float, default=15, help="study: timed seconds per probe (default 15)")
@@ -1176,6 +1191,12 @@ def main(argv=None):
             raise ValueError("positive and distinct")
     except ValueError as e:
         fail(f"--lr: expected comma-separated positive learning rates, got {a.lr!r} ({e})")
+    try:
+        a.inner_lr = [None if x == "default" else float(x) for x in parse_list(a.inner_lr)]
+        if not a.inner_lr or any(x is not None and x <= 0 for x in a.inner_lr) or len(set(a.inner_lr)) < len(a.inner_lr):
+            raise ValueError("positive and distinct")
+    except ValueError as e:
+        fail(f"--inner-lr: expected comma-separated positive rates or 'default', got {a.inner_lr!r} ({e})")
     if bad := [m for m in a.models if m not in MODELS]:
         fail(f"--models: expected names from {MODELS}, got {bad}")
     if a.out.exists() and not a.out.is_dir():

@@ -182,33 +182,43 @@ def test_a_second_model_size_is_a_study_of_its_own(tmp_path):
 
 
 def test_a_second_ablation_size_is_a_ladder_of_its_own(tmp_path):
-    """--ablation-size tiny names its runs abl_tiny_ctx..., so the committed ladder's runs never make them skip;
-    the report gives that ladder and its b sweep their own tables, kept out of the loss-by-position studies."""
+    """--ablation-size tiny names its runs abl_tiny_ctx..., and --inner-lr 0.25 abl_[tiny_]ilr0.25_ctx..., so the
+    committed ladder's runs never make them skip; the report gives each ladder and its b sweep their own tables,
+    kept out of the loss-by-position studies."""
     script = load_script()
-    a = types.SimpleNamespace(ablation_size="tiny", ctx=[2048], rungs=[0, 5], batch_sizes=[4, 16], lr=[script.LR])
+    a = types.SimpleNamespace(ablation_size="tiny", ctx=[2048], rungs=[0, 5], batch_sizes=[4, 16], lr=[script.LR],
+                              inner_lr=[None])
     assert [j.name for j in script.ablation_jobs(a, 8192)] == [
         "abl_tiny_ctx2048_ladder0", "abl_tiny_ctx2048_ladder5", "abl_tiny_ctx2048_b4"]
-    a.ablation_size = "small"  # the default keeps the plain names
+    a.inner_lr = [None, 0.25]
+    jobs = script.ablation_jobs(a, 8192)
+    assert [j.name for j in jobs][3:] == [
+        "abl_tiny_ilr0.25_ctx2048_ladder0", "abl_tiny_ilr0.25_ctx2048_ladder5", "abl_tiny_ilr0.25_ctx2048_b4"]
+    assert [j.cfg.base_lr for j in jobs] == [None] * 3 + [0.25] * 3
+    a.ablation_size, a.inner_lr = "small", [None]  # the default keeps the plain names
     assert [j.name for j in script.ablation_jobs(a, 8192)][0] == "abl_ctx2048_ladder0"
     out = tmp_path / "rep"
     shutil.copytree(ROOT / "docs" / "replication", out)
-    tiny = {}
-    for d in sorted((out / "runs").glob("abl_ctx2048_*")):  # the committed ladder once more, as if at size tiny
+    made = {}
+    for d in sorted((out / "runs").glob("abl_ctx2048_*")):  # the committed ladder once more, as if at inner LR 4
         r = json.loads((d / "result.json").read_text())
-        r.update(name=r["name"].replace("abl_", "abl_tiny_"), val_loss=r["val_loss"] + 0.5)
+        r.update(name=r["name"].replace("abl_", "abl_ilr4_"), val_loss=r["val_loss"] + 0.5)
         (out / "runs" / r["name"]).mkdir()
         (out / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
-        tiny[r["name"]] = r
-    assert len(tiny) == 8
+        made[r["name"]] = r
+    assert len(made) == 8
     script.main(["--stage", "report", "--out", str(out)])
     text = (out / "results.md").read_text()
-    assert "abl_tiny" not in text.split("### Ablation ladder")[0]  # not a study of loss by position
+    assert "abl_ilr4" not in text.split("### Ablation ladder")[0]  # not a study of loss by position
     heads = [line for line in text.splitlines() if line.startswith(("### Ablation", "### Mini-batch"))]
-    assert heads == ["### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)", "### Mini-batch size b (TTT-Linear (M))",
-                     "### Ablation ladder (TTT-Linear, the paper's Table 1 rungs) (size tiny)",
-                     "### Mini-batch size b (TTT-Linear (M)) (size tiny)"]
-    tiny_part = text.split("### Ablation ladder (TTT-Linear, the paper's Table 1 rungs) (size tiny)")[1]
-    sweep = tiny_part.split("### Mini-batch size b (TTT-Linear (M)) (size tiny)")[1].split("###")[0]
-    for r in tiny.values():  # every tiny run's own loss, in the tiny tables
-        assert f"{r['val_loss']:.4f}" in tiny_part
+    assert heads[:2] == ["### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)",
+                         "### Mini-batch size b (TTT-Linear (M))"]  # the default ladder first
+    suffix = " (size small, inner base LR 4)"
+    assert {"### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)" + suffix,
+            "### Mini-batch size b (TTT-Linear (M))" + suffix} <= set(heads)
+    assert "### Ablation ladder (TTT-Linear, the paper's Table 1 rungs) (size tiny)" in heads  # the committed one
+    part = text.split("### Ablation ladder (TTT-Linear, the paper's Table 1 rungs)" + suffix)[1]
+    sweep = part.split("### Mini-batch size b (TTT-Linear (M))" + suffix)[1].split("###")[0]
+    for r in made.values():  # every made-up run's own loss, in its own tables
+        assert f"{r['val_loss']:.4f}" in part.split("###")[0] + sweep
     assert sweep.count("\n| ") == 4  # header + b = 4, 16, 64
