@@ -1,12 +1,11 @@
-"""The fused layer kernels on the GPU (ttt/ops/fused_layer.py): the causal conv(s) + RoPE and the post-LN x gate,
-forward and backward, beside the PyTorch layer path they replace, at model shapes.
+"""The fused layer's conv kernels on the GPU (ttt/ops/fused_layer.py): the causal conv(s) + RoPE, forward and
+backward, beside the PyTorch layer path they replace, at model shapes.
 
 First checks each kernel at the timed shapes against the PyTorch reference computed in fp32 from the same
-(rounded) inputs: outputs and every gradient (x, both convs' weights and biases; o, g, LN weight and bias), and
-refuses to time a failing one. Then times (medians of triton.testing.do_bench, ms) each launch variant of the conv
-and ln_gate kernels and the PyTorch path (ln_gate: eager and compiled), and prints the effective bandwidth (the
-bytes each call must move, over its time) and what the calls cost per 125m training step (12 layers: one conv +
-RoPE pair and one block pre-conv each).
+(rounded) inputs: outputs and every gradient (x, both convs' weights and biases), and refuses to time a failing
+one. Then times (medians of triton.testing.do_bench, ms) each launch variant of the conv kernels and the PyTorch
+path, and prints the effective bandwidth (the bytes each call must move, over its time) and what the calls cost
+per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv each).
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
@@ -99,50 +98,12 @@ def time_ref(B, T, D, rope, dtype):
     return fwd, both - fwd
 
 
-def ln_gate_rows(N, D, dtype, launches):
-    """The post-LN x gate at [N, D]: each launch of our kernels (checked first), then the PyTorch expression the
-    layer path runs, eagerly and under torch.compile (fp32 weights on half activations under autocast)."""
-    g = torch.Generator(device=DEV).manual_seed(1)
-    o, gt = (torch.randn(N, D, generator=g, device=DEV).to(dtype).requires_grad_() for _ in range(2))
-    w, b = (1 + 0.1 * torch.randn(D, device=DEV)).requires_grad_(), (0.1 * torch.randn(D, device=DEV)).requires_grad_()
-    dy = torch.randn(N, D, device=DEV, dtype=dtype)
-    ins = [t.detach().float().requires_grad_() for t in (o, gt, w, b)]
-    ref = F.layer_norm(ins[0], (D,), ins[2], ins[3], 1e-6) * F.gelu(ins[1], approximate="tanh")
-    want = torch.autograd.grad(ref, ins, dy.float())
-    rows = []
-    for spec in launches:
-        L = None if spec == "default" else fused_layer.LnLaunch(*(int(v) for v in spec.split(",")))
-        y = fused_layer.ln_gate(o, gt, w, b, 1e-6, L)
-        got = torch.autograd.grad(y, (o, gt, w, b), dy)
-        err = max([rel(y.float(), ref)] + [rel(a.float(), e) for a, e in zip(got, want)])
-        row = dict(kernel="ln_gate", launch=spec, N=N, D=D, max_rel_err=err,
-                   ok=err < tol(dtype))
-        if row["ok"]:
-            fwd = bench(lambda: fused_layer.ln_gate(o, gt, w, b, 1e-6, L))
-            both = bench(lambda: torch.autograd.grad(fused_layer.ln_gate(o, gt, w, b, 1e-6, L), (o, gt, w, b), dy))
-            row.update(fwd_ms=fwd, bwd_ms=both - fwd, fwd_bwd_ms=both)
-        rows.append(row)
-
-    def expr(o, gt, w, b):  # the layer's PyTorch path
-        with torch.autocast(DEV, dtype=dtype, enabled=dtype != torch.float32):
-            return F.layer_norm(o, (D,), w, b, 1e-6) * F.gelu(gt, approximate="tanh")
-
-    for name, fn in (("pytorch eager", expr), ("pytorch torch.compile", torch.compile(expr))):
-        y = fn(o, gt, w, b)
-        fwd = bench(lambda: fn(o, gt, w, b))
-        both = bench(lambda: torch.autograd.grad(fn(o, gt, w, b), (o, gt, w, b), dy.to(y.dtype)))
-        rows.append(dict(kernel="ln_gate", launch=name, N=N, D=D, fwd_ms=fwd, bwd_ms=both - fwd, fwd_bwd_ms=both))
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
                     help="conv launch variants: default, or BT,BC,warps,programs per SM")
-    ap.add_argument("--ln-launches", nargs="+", default=["default", "1,4,8", "4,4,8", "4,8,8"],
-                    help="ln_gate launch variants: default, or R,warps,backward programs per SM")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
@@ -180,9 +141,6 @@ def main():
             if len(t) == 2:
                 print(json.dumps(dict(shape=shape, launch=spec, conv_bwd_ms_per_125m_step=12 * (t[True] + t[False]))),
                       flush=True)
-        for row in ln_gate_rows(B * T, D, dtype, a.ln_launches):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     if a.out:
         write_json(a.out, rows)
 

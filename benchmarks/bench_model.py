@@ -28,8 +28,9 @@ from ttt.checkpoint import write_json
 
 
 def build(size, mixer, ttt_backend="auto"):
-    """(config, model on the GPU) of a preset with `mixer`; the suffix "+fused" (e.g. ttt_linear+fused) turns on
-    the fused layer kernels; "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
+    """(config, model on the GPU) of a preset with `mixer`: a TTT mixer alone runs the PyTorch layer path
+    (fused_layer=False), the suffix "+fused" (e.g. ttt_linear+fused) the fused layer kernels (the library's default
+    on CUDA); "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
     base, _, extra = mixer.partition("+")
     if base == "mamba2_module":
         cfg = get_config(size, mixer="mamba")
@@ -218,7 +219,8 @@ def main():
     ap.add_argument("--prefill-modes", default="eager,compiled")
     ap.add_argument("--decode", action="store_true", help="time decode steps")
     ap.add_argument("--mixers", default="ttt_linear,ttt_linear+fused,ttt_mlp,attention,mamba",
-                    help="comma list; a '+fused' suffix turns on the fused layer kernels (ttt_linear+fused); "
+                    help="comma list; ttt_linear: the PyTorch layer path, ttt_linear+fused: the fused layer kernels (the "
+                         "default on CUDA); "
                          "mamba2_module: mamba_ssm's Mamba2 module in our blocks")
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--tokens-per-step", type=int, default=32768)

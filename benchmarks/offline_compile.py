@@ -127,9 +127,6 @@ def layer_kernels(d: int, b: int, dot: int):
         out += [(f"{name} fwd", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
                 (f"{name} bwd", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
-    for ln in (fused_layer.ln_launch(768), fused_layer.LnLaunch(1, 4, 8), fused_layer.LnLaunch(4, 8, 8)):
-        out += [(f"ln_gate fwd R{ln.R}", fused_layer._ln_gate_fwd_kernel, dict(R=ln.R, BD=1024), ln.warps, 3),
-                (f"ln_gate bwd R{ln.R}", fused_layer._ln_gate_bwd_kernel, dict(R=ln.R, BD=1024), ln.warps, 3)]
     return out + [("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
 
 

@@ -18,7 +18,7 @@ from benchmarks.bench_model import build
 
 CATEGORIES = [  # first match wins
     ("ttt op kernels", r"ttt_(linear|mlp)_.*kernel|^_(pre|chain|chain_lean|post|post_lean)_kernel"),
-    ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_ln_gate_(fwd|bwd)_kernel|_linear_decode_kernel"),
+    ("fused layer kernels", r"_conv_(fwd|bwd)_kernel|_linear_decode_kernel"),
     ("attention (flash)", r"flash|fmha|attention"),
     ("GEMMs", r"gemm|cutlass|xmma|nvjet|cublas|matmul|sm90_|wgmma"),
     ("depthwise conv (PyTorch)", r"conv_depthwise|depthwise"),

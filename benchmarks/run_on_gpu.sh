@@ -12,9 +12,10 @@
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS)
 #   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
-#             then bench_table's checks and 125m training at 8k and 2k (fused, default, Transformer++), then the fused
-#             decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused adds today's default beside it)
-#   layer     benchmarks/bench_layer_kernels.py (the fused layer kernels: conv + RoPE, post-LN x gate; LAYER_ARGS)
+#             then bench_table's checks and 125m training at 8k and 2k (ttt_linear+fused: the default; ttt_linear: the
+#             PyTorch layer path; Transformer++), then the fused decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused
+#             adds the PyTorch layer path's decode beside it)
+#   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py

@@ -169,8 +169,7 @@ def test_fused_layer_auto_on_cuda_equals_fused():
     torch.testing.assert_close(auto(ids)[0], fused(ids)[0], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: RunOptions.fused_layer's default becomes None (auto) once the GPU "
-                                       "table shows the fused layer at least as fast everywhere; then drop this mark")
 def test_default_runs_the_fused_layer_on_cuda():
+    """The default RunOptions run the fused layer kernels on CUDA (fused_layer=None: auto)."""
     model = TTTLM(get_config("debug", vocab_size=256)).cuda()
     assert all(blk.mixer.prepare(torch.device("cuda"), torch.bfloat16).fused for blk in model.blocks)

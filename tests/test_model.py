@@ -133,6 +133,18 @@ def test_grad_checkpointing_same_loss_and_grads(mixer):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
 
 
+def test_the_fused_layer_is_auto_by_default():
+    """By default (RunOptions(), and a TTT layer or conv built alone) the fused layer kernels are auto: on where the
+    op runs its triton backend on CUDA (tests/test_gpu.py checks that side); on the CPU the PyTorch layer path."""
+    from ttt.layers.conv import CausalConv1d
+    from ttt.layers.ttt import TTTLinear
+    assert RunOptions().fused_layer is None
+    model = TTTLM(get_config("debug", vocab_size=V, mini_batch=MB))
+    assert all(b.mixer.fused is None and b.conv.backend == "auto" for b in model.blocks)
+    assert not any(b.mixer.prepare(torch.device("cpu"), torch.float32).fused for b in model.blocks)
+    assert TTTLinear(16, 2).fused is None and CausalConv1d(4).backend == "auto"
+
+
 def test_run_options_are_apart_from_the_architecture():
     """RunOptions change how a model runs, never what it computes or what is saved; set_run_options switches a
     built model; the old ModelConfig fields still work, with a DeprecationWarning naming RunOptions."""

@@ -606,7 +606,7 @@ def test_gpu_model_packed_equals_separate(mixer):
     training steps run."""
     torch.manual_seed(0)
     mixer, _, auto = mixer.partition("+")
-    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64), RunOptions(fused_layer=None) if auto else None).cuda()
+    model = TTTLM(get_config("debug", mixer=mixer, vocab_size=64), RunOptions(fused_layer=None if auto else False)).cuda()
     lens = [300, 1, 47, 129, 16]
     ids = torch.randint(0, 64, (1, sum(lens)), device="cuda")
     cu = cu_of(lens)

@@ -364,7 +364,7 @@ def test_checkpoints_hold_no_execution_options(data_dir, finished_run, tmp_path)
         cfg_path.write_text(json.dumps({**saved, "model": old}))  # as runs written before RunOptions
     model, cfg = load_model(out)
     assert cfg == model_cfg(data_dir) and model.run_options == RunOptions()
-    assert model.blocks[0].mixer.backend == "auto" and not model.blocks[0].mixer.fused
+    assert model.blocks[0].mixer.backend == "auto" and model.blocks[0].mixer.fused is None  # the default: auto
     s = train(model_cfg(data_dir), train_cfg(data_dir, out, max_steps=2), run=RunOptions(ttt_backend="naive"))
     assert s["resumed_from"] == 2 and s["steps"] == 2  # the same run (finished): the old fields did not count
 

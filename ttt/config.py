@@ -32,10 +32,11 @@ class RunOptions:
     with `model.set_run_options(...)`)."""
 
     ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
-    fused_layer: bool | None = help_field(False, "run the Triton kernels around the TTT op (causal convs + RoPE, the "
-                                                 "block pre-conv, post-LN x gate, the TTT-Linear decode step); needs "
-                                                 "the op's triton backend (RunOptions(fused_layer=None): auto, on "
-                                                 "where the op runs its triton backend on CUDA)")
+    fused_layer: bool | None = field(default=None, metadata=dict(
+        help="run the Triton kernels around the TTT op (the (M) layer's causal convs + RoPE, the block pre-conv, the "
+             "TTT-Linear decode step); --no-fused-layer runs the PyTorch layer path, --fused-layer insists (needs "
+             "the op's triton backend)",
+        default_text="auto: on where the op runs its triton backend on CUDA, except for packed documents"))
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "

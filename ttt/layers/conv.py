@@ -33,10 +33,10 @@ class CausalConv1d(nn.Module):
     the state has one row per document ([N, width-1, C], or None for zeros), and so has the returned one.
     backend: "torch" (cuDNN on CUDA in eager mode, else shifted products), "triton" (the fused kernel of
     ops/fused_layer.py: CUDA, or Triton's interpreter), "auto" ("triton" for CUDA fp32/fp16/bf16 inputs when
-    Triton imports, else "torch").
+    Triton imports, else "torch"; the default).
     """
 
-    def __init__(self, channels: int, width: int = 4, bias: bool = True, backend: str = "torch"):
+    def __init__(self, channels: int, width: int = 4, bias: bool = True, backend: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

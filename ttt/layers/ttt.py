@@ -57,7 +57,8 @@ class TTTLayer(nn.Module):
     through the primal generic op). See the module docstring for usage.
 
     Execution (not architecture, never saved with the weights): `backend`, the TTT op's backend (see
-    `ttt.ops`), and `fused`, the Triton kernels around the op (False: off, True: on, None: auto; see `prepare`).
+    `ttt.ops`), and `fused`, the Triton kernels around the op (None: auto, the default; True: on; False: off; see
+    `prepare`).
     Both can be set after construction; how the layer runs is decided once per device type and dtype (`prepare`,
     which the first forward on a new one calls) and looked up on every later call."""
 
@@ -71,7 +72,7 @@ class TTTLayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, inner="linear", backbone: str = "mamba",
                  mini_batch: int = 16, base_lr: float | None = None, conv_width: int = 4,
                  rope_base: float = 10000.0, mlp_ratio: int = 4, backend: str = "auto", learn_lr: bool = True,
-                 learn_init: bool = True, inner_ln: bool = True, residual: bool = True, fused: bool | None = False):
+                 learn_init: bool = True, inner_ln: bool = True, residual: bool = True, fused: bool | None = None):
         super().__init__()
         if not isinstance(d_model, int) or not isinstance(n_heads, int) or n_heads < 1 or d_model < 1:
             raise ValueError(f"d_model, n_heads: expected positive ints, got {d_model!r}, {n_heads!r}")
@@ -301,20 +302,21 @@ class TTTLayer(nn.Module):
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
         o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias, pk), state.op)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
-        if self.backbone == "mamba" and fused:
-            from ..ops.fused_layer import ln_gate
-            o = ln_gate(o, self.gate_proj(x), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
-        else:
-            o = self.post_norm(o)
-            if self.backbone == "mamba":
-                o = F.gelu(self.gate_proj(x), approximate="tanh") * o
-        return self.o_proj(o), TTTLayerState(op_state, conv)
+        return self._out(o, x), TTTLayerState(op_state, conv)
+
+    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The post-LayerNorm, the (M) block's GELU gate, the output projection (every path; under torch.compile
+        Inductor fuses the norm and the gate into one kernel)."""
+        o = self.post_norm(o)
+        if self.backbone == "mamba":
+            o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+        return self.o_proj(o)
 
     def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
         """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
         for the convs, RoPE, the inner learning rate and the TTT step (`fused_layer.linear_decode_step`), then the
-        post-LN x gate kernel and the output projection. The same math as `forward`'s general path (tested)."""
-        from ..ops.fused_layer import linear_decode_step, ln_gate
+        post-LN x gate and the output projection. The same math as `forward`'s general path (tested)."""
+        from ..ops.fused_layer import linear_decode_step
         ct = torch.promote_types(x.dtype, torch.float32)
         cq, ck = self.conv_q, self.conv_k
         gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
@@ -323,8 +325,7 @@ class TTTLayer(nn.Module):
             self.qk_proj(x), self.v_proj(x), gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
             self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
             self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base)
-        o = ln_gate(o, self.gate_proj(x), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
-        return self.o_proj(o), TTTLayerState(op_state, conv)
+        return self._out(o, x), TTTLayerState(op_state, conv)
 
 
 class TTTLinear(TTTLayer):

@@ -2,7 +2,6 @@
 
     q, k, win = conv_rope(u, win, wq, bq, wk, bk, pos, mini_batch=16, head_dim=64, rope_base=1e4)
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
-    y = ln_gate(o, g, ln_weight, ln_bias, eps)            # LayerNorm(o) * GELU_tanh(g), over the last dim
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1
 inputs before u; zeros at a sequence start); wq, wk [D, 1, W], bq, bk [D]. Two depthwise causal convs of the
@@ -12,10 +11,9 @@ and the new window. The conv sums and the rotation run in fp32 with one rounding
 path rounds after the conv too). The references are `layers/conv.py` (shifted products) and
 `layers/attention.apply_rope`; tests/test_fused_layer.py compares them on outputs and every gradient.
 
-ln_gate: o, g [N, D] (any leading dims); LayerNorm over D (fp32 statistics, biased variance) times the tanh-GELU
-of g; output in o's dtype. Reference: F.layer_norm(o) * F.gelu(g, approximate="tanh").
-
-Each is a torch.library custom op with a fake implementation and an autograd formula (hand-written Triton
+The post-LayerNorm x GELU gate after the op stays in PyTorch: under torch.compile Inductor fuses it into one
+kernel that measured as fast as a hand-written one (docs/kernels_notes.md). Each kernel above is a
+torch.library custom op with a fake implementation and an autograd formula (hand-written Triton
 backward kernels), so torch.compile traces through them. Weight gradients are reduced per program into fp32
 partial sums and summed in PyTorch.
 """
@@ -29,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import LN_EPS, TTTState
-from .triton_utils import _gelu_parts, _linear_step, _step_store
+from .triton_utils import _linear_step, _step_store
 
 
 def _sms(device) -> int:
@@ -431,155 +429,6 @@ def causal_conv(x, win, w, b):
     _check_conv("w", x, w, b)
     y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False)
     return y, _new_window(x, win, w.shape[-1])
-
-
-# ---------------------------------------------------------------- post-LayerNorm x GELU gate
-# Both kernels work on [R, BD] tiles of R rows (R row reductions in flight at once instead of one row after
-# another: the one-row version was latency-bound, 0.32 / 0.92 ms forward / backward at N 32768, D 768).
-@triton.jit
-def _ln_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mu_ptr, rs_ptr, N, D, eps, R: tl.constexpr,
-                        BD: tl.constexpr):
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    cols = tl.arange(0, BD)
-    cm = cols < D
-    m = (rows < N)[:, None] & cm[None, :]
-    off = rows[:, None] * D + cols[None, :]  # [R, BD]
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    mu = tl.sum(o, axis=1) / D
-    oc = tl.where(m, o - mu[:, None], 0.0)
-    rs = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=1) / D + eps)
-    gl, _dg = _gelu_parts(g)
-    y = (oc * rs[:, None] * w[None, :] + bias[None, :]) * gl
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(mu_ptr + rows, mu, mask=rows < N)
-    tl.store(rs_ptr + rows, rs, mask=rows < N)
-
-
-@triton.jit
-def _ln_gate_bwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, mu_ptr, rs_ptr, dy_ptr, do_ptr, dg_ptr, dw_ptr, db_ptr, N, D,
-                        TILES, R: tl.constexpr, BD: tl.constexpr):
-    # program: TILES tiles of R rows in a row; the weight-gradient partial sums of its rows go to row pid of dw, db
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BD)
-    cm = cols < D
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    dw = tl.zeros([BD], dtype=tl.float32)
-    db = tl.zeros([BD], dtype=tl.float32)
-    for t in range(TILES):
-        rows = (pid * TILES + t) * R + tl.arange(0, R)
-        rm = rows < N
-        m = rm[:, None] & cm[None, :]
-        off = rows[:, None] * D + cols[None, :]  # [R, BD]
-        o = tl.load(o_ptr + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        mu = tl.load(mu_ptr + rows, mask=rm, other=0.0)
-        rs = tl.load(rs_ptr + rows, mask=rm, other=0.0)
-        xh = tl.where(m, (o - mu[:, None]) * rs[:, None], 0.0)
-        gl, dgl = _gelu_parts(g)
-        a = dy * gl  # gradient w.r.t. the LayerNorm output (0 outside the rows and columns)
-        dw += tl.sum(a * xh, axis=0)  # over the tile's rows: the accumulators stay [BD]
-        db += tl.sum(a, axis=0)
-        dxh = a * w[None, :]
-        do = (dxh - (tl.sum(dxh, axis=1) / D)[:, None] - xh * (tl.sum(dxh * xh, axis=1) / D)[:, None]) * rs[:, None]
-        tl.store(do_ptr + off, do.to(do_ptr.dtype.element_ty), mask=m)
-        tl.store(dg_ptr + off, (dy * (xh * w[None, :] + bias[None, :]) * dgl).to(dg_ptr.dtype.element_ty), mask=m)
-    tl.store(dw_ptr + pid * BD + cols, dw)
-    tl.store(db_ptr + pid * BD + cols, db)
-
-
-@dataclass(frozen=True)
-class LnLaunch:
-    """How the ln_gate kernels are launched: R rows per tile, `warps`, and for the backward `per_sm`, the programs
-    per SM to aim for (each walks ceil(N / R / programs) tiles and writes one row of weight-gradient partials)."""
-
-    R: int
-    warps: int
-    per_sm: int
-
-
-def ln_launch(D: int) -> LnLaunch:
-    """The default: 16 values per thread and tensor, 8 backward programs per SM: 2 rows of up to 1024 columns on 4
-    warps, 1 row of up to 2048 on 8 warps (offline, Triton 3.6, sm_90, bf16, D 768: the backward takes 168
-    registers at 2 rows on 4 warps, 3 programs per SM; 255 at 4 rows; the forward 64)."""
-    return LnLaunch(R=2, warps=4, per_sm=8) if D <= 1024 else LnLaunch(R=1, warps=8, per_sm=8)
-
-
-@torch.library.custom_op("ttt::ln_gate_fwd", mutates_args=())
-def _ln_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, R: int,
-                    warps: int, per_sm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = LayerNorm(o) * GELU_tanh(g) [N, D] and the rows' mean and 1/std (fp32 [N]); per_sm is the backward's."""
-    N, D = o.shape
-    y = torch.empty_like(o)
-    mu = torch.empty(N, dtype=torch.float32, device=o.device)
-    rs = torch.empty_like(mu)
-    _ln_gate_fwd_kernel[(triton.cdiv(N, R),)](o, g, w, b, y, mu, rs, N, D, eps, R=R, BD=triton.next_power_of_2(D),
-                                              num_warps=warps)
-    return y, mu, rs
-
-
-@_ln_gate_fwd_op.register_fake
-def _(o, g, w, b, eps, R, warps, per_sm):
-    return torch.empty_like(o), o.new_empty(o.shape[0], dtype=torch.float32), o.new_empty(o.shape[0],
-                                                                                          dtype=torch.float32)
-
-
-@torch.library.custom_op("ttt::ln_gate_bwd", mutates_args=())
-def _ln_gate_bwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
-                    rs: torch.Tensor, dy: torch.Tensor, R: int, warps: int, per_sm: int) -> list[torch.Tensor]:
-    N, D = o.shape
-    BD = triton.next_power_of_2(D)
-    tiles = triton.cdiv(triton.cdiv(N, R), per_sm * _sms(o.device))  # tiles per program
-    nprog = triton.cdiv(triton.cdiv(N, R), tiles)
-    do, dg = torch.empty_like(o), torch.empty_like(g)
-    dw = torch.empty((nprog, BD), dtype=torch.float32, device=o.device)
-    db = torch.empty_like(dw)
-    _ln_gate_bwd_kernel[(nprog,)](o, g, w, b, mu, rs, dy.contiguous(), do, dg, dw, db, N, D, tiles, R=R, BD=BD,
-                                  num_warps=warps)
-    return [do, dg, dw.sum(0)[:D], db.sum(0)[:D]]
-
-
-@_ln_gate_bwd_op.register_fake
-def _(o, g, w, b, mu, rs, dy, R, warps, per_sm):
-    D = o.shape[1]
-    return [torch.empty_like(o), torch.empty_like(g), o.new_empty(D, dtype=torch.float32),
-            o.new_empty(D, dtype=torch.float32)]
-
-
-def _ln_setup(ctx, inputs, output):
-    o, g, w, b, eps, R, warps, per_sm = inputs
-    ctx.save_for_backward(o, g, w, b, output[1], output[2])
-    ctx.launch = (R, warps, per_sm)
-
-
-def _ln_backward(ctx, dy, _dmu, _drs):
-    o, g, w, b, mu, rs = ctx.saved_tensors
-    do, dg, dw, db = _ln_gate_bwd_op(o, g, w, b, mu, rs, dy, *ctx.launch)
-    return do, dg, dw.to(w.dtype), db.to(b.dtype), None, None, None, None
-
-
-_ln_gate_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
-
-
-def ln_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            launch: LnLaunch | None = None) -> torch.Tensor:
-    """LayerNorm(o) * GELU_tanh(g) over the last dim D; o, g [..., D] of one shape; weight, bias [D]. Returns o's
-    dtype and shape. `launch`: the kernels' tiling (default `ln_launch(D)`)."""
-    if o.shape != g.shape or o.shape[-1] != weight.shape[-1] or weight.shape != bias.shape:
-        raise ValueError(f"g: expected the shape of o {tuple(o.shape)} and weight/bias [{o.shape[-1]}], got "
-                         f"{tuple(g.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
-    shape = o.shape
-    o2 = o.reshape(-1, shape[-1]).contiguous()  # [..., D] -> [N, D]
-    g2 = g.reshape(-1, shape[-1]).contiguous()
-    if g2.dtype != o2.dtype:
-        g2 = g2.to(o2.dtype)
-    L = launch or ln_launch(shape[-1])
-    y, _mu, _rs = _ln_gate_fwd_op(o2, g2, weight, bias, float(eps), L.R, L.warps, L.per_sm)
-    return y.reshape(shape)
 
 
 # ---------------------------------------------------------------- TTT-Linear (M) layer decode step
