@@ -16,7 +16,8 @@ Correctness first: for every mixer, a debug-size fp32 model on the same document
 loss and the same gradients packed and padded (on the GPU's own paths: FlexAttention, the triton op, mamba_ssm
 when installed); for both kinds the triton op on the packed documents equals each document alone through the
 dual form (outputs, final states, every gradient; fp32, tf32 off). Whatever fails its check is not timed. The
-table comes last.
+op part runs first, then each mixer's check and timings (Mamba-2 last); the JSON is rewritten after every row, so a
+run cut short keeps what it measured; the table comes last.
 """
 from __future__ import annotations
 
@@ -188,22 +189,37 @@ def main():
     a = p.parse_args()
     t0 = time.time()
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the checks in true fp32
     env = environment()
     print(json.dumps(env), flush=True)
     lens = document_lengths(a.pack_len, a.mean_len, a.sigma, a.seed)
     print(json.dumps(dict(documents=len(lens), lengths=lens, longest=max(lens),
                           padded_tokens=len(lens) * max(lens), real_tokens=sum(lens))), flush=True)
     mixers = a.mixers.split(",")
-    checks = {m: check(m, lens) for m in mixers}
-    op_checks = {kind: op_check(kind, lens) for kind in ("linear", "mlp")}
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    ops = [op_rows(kind, lens) for kind in ("linear", "mlp") if op_checks[kind]["ok"]]  # the short part first
-    rows = [train_row(m, a.size, lens, mode) for m in mixers if checks[m]["ok"] for mode in ("packed", "padded")]
-    res = dict(env=env, lengths=lens, checks=[*checks.values(), *op_checks.values()], train=rows, op=ops,
-               seconds=time.time() - t0)
-    if a.out:
-        write_json(a.out, res)
+    checks, op_checks, ops, rows = {}, {}, [], []
+    res = dict(env=env, lengths=lens, checks=[], train=rows, op=ops)
+
+    def save():  # after every row, so a run cut by its time limit still leaves what it measured
+        res.update(checks=[*checks.values(), *op_checks.values()], seconds=time.time() - t0)
+        if a.out:
+            write_json(a.out, res)
+
+    # the short op part first, then each mixer's check and its two timings, Mamba-2 last (mamba_ssm's autotuned
+    # kernels compile for minutes on a fresh machine); fp32 checks with tf32 off, timings with the caller's setting
+    for kind in ("linear", "mlp"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        op_checks[kind] = op_check(kind, lens)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if op_checks[kind]["ok"]:
+            ops.append(op_rows(kind, lens))
+        save()
+    for m in sorted(mixers, key=lambda m: m == "mamba"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        checks[m] = check(m, lens)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for mode in ("packed", "padded") if checks[m]["ok"] else ():
+            rows.append(train_row(m, a.size, lens, mode))
+            save()
+        save()
     print(f"\n{len(lens)} documents, {sum(lens)} real tokens (mean {sum(lens) / len(lens):.0f}, longest {max(lens)}); "
           f"padded: {len(lens)} x {max(lens)} = {len(lens) * max(lens)} tokens; {a.size}, bf16, one step (fwd+bwd+AdamW)")
     print(f"{'mixer':<12}{'check':>7}{'packed ms':>11}{'padded ms':>11}{'packed tok/s':>14}{'padded tok/s':>14}{'ratio':>7}")
