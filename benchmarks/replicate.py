@@ -932,6 +932,35 @@ def scale_lines(studies: dict) -> list[str]:
     return lines + [""] if len(lines) > 4 else []
 
 
+def _sweep(abl: dict) -> dict:
+    """A ladder's mini-batch sweep: b -> result (the last rung is its b = 16 run)."""
+    sweep = {r["config"]["mini_batch"]: r for k, r in abl.items() if k.startswith("b")}
+    if f"ladder{len(LADDER) - 1}" in abl:
+        sweep.setdefault(16, abl[f"ladder{len(LADDER) - 1}"])
+    return sweep
+
+
+def inner_lr_lines(ladders: dict) -> list[str]:
+    """Each b of a ladder at another inner base LR against b = 16 of the same size at the default rate (1.0):
+    whether a smaller b wins once its inner rate is lowered (recipe) or not (scale)."""
+    lines = []
+    for key, abl in ladders.items():
+        parts = key.split("_")
+        ilr = next((p[3:] for p in parts if p.startswith("ilr")), None)
+        size = "_".join(p for p in parts if not p.startswith("ilr")) or "small"
+        base = _sweep(ladders.get(size, {})).get(16)
+        if ilr is None or base is None:
+            continue
+        lines += [f"### Inner base LR {ilr} against b = 16 at the default (size {size})", "",
+                  "| b | val loss | minus b = 16 at inner base LR 1.0 (± SE) |", "|---|---|---|"]
+        for b, r in sorted(_sweep(abl).items()):
+            d = _stat(_ctx_loss(r) - _ctx_loss(base))
+            word = "lower" if d[0] < -2 * d[1] else "higher" if d[0] > 2 * d[1] else "level"
+            lines.append(f"| {b} | {r['val_loss']:.4f} | {_fmt(*d)} ({word}) |")
+        lines.append("")
+    return lines
+
+
 def ladder_lines(abl: dict, suffix: str = "") -> list[str]:
     rows = [(i, name, paper, abl.get(f"ladder{i}")) for i, (name, paper, _) in enumerate(LADDER)]
     rows = [r for r in rows if r[3]]
@@ -955,9 +984,7 @@ def ladder_lines(abl: dict, suffix: str = "") -> list[str]:
         prev = (i, name, paper, r)
     lines += ["", "Verdict per rung: whether our change has the paper's sign at 2 standard errors over held-out "
               "documents (paired: every run is evaluated on the same documents).", ""]
-    sweep = {r["config"]["mini_batch"]: r for k, r in abl.items() if k.startswith("b")}
-    if f"ladder{len(LADDER) - 1}" in abl:
-        sweep.setdefault(16, abl[f"ladder{len(LADDER) - 1}"])
+    sweep = _sweep(abl)
     if sweep:
         lines += [f"### Mini-batch size b (TTT-Linear (M)){suffix}", "", "| b | val loss | perplexity | tokens |",
                   "|---|---|---|---|"]
@@ -1099,6 +1126,7 @@ def stage_report(a) -> None:
     lines += scale_lines(studies)
     for size, abl in sorted(ladders.items(), key=lambda kv: kv[0] != "small"):
         lines += ladder_lines(abl, "" if size == "small" else f" (size {ladder_name(size)})")
+    lines += inner_lr_lines(ladders)
     lines += throughput_lines(a)
     text = "\n".join(lines).rstrip() + "\n"
     (a.out / "results.md").write_text("# Replication results\n\n" + text)

@@ -13,6 +13,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -202,7 +203,8 @@ def test_a_second_ablation_size_is_a_ladder_of_its_own(tmp_path):
     made = {}
     for d in sorted((out / "runs").glob("abl_ctx2048_*")):  # the committed ladder once more, as if at inner LR 4
         r = json.loads((d / "result.json").read_text())
-        r.update(name=r["name"].replace("abl_", "abl_ilr4_"), val_loss=r["val_loss"] + 0.5)
+        r.update(name=r["name"].replace("abl_", "abl_ilr4_"), val_loss=r["val_loss"] + 0.5,
+                 doc_spans=(np.asarray(r["doc_spans"]) + 0.5).tolist())
         (out / "runs" / r["name"]).mkdir()
         (out / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
         made[r["name"]] = r
@@ -221,4 +223,9 @@ def test_a_second_ablation_size_is_a_ladder_of_its_own(tmp_path):
     sweep = part.split("### Mini-batch size b (TTT-Linear (M))" + suffix)[1].split("###")[0]
     for r in made.values():  # every made-up run's own loss, in its own tables
         assert f"{r['val_loss']:.4f}" in part.split("###")[0] + sweep
+    # each b at inner LR 4 against the default ladder's b = 16: +0.5 for b = 16 itself (its made-up copy)
+    versus = text.split("### Inner base LR 4 against b = 16 at the default (size small)")[1].split("###")[0]
+    rows = [r for r in versus.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["4", "16", "64"]
+    assert "+0.5000 ± 0.0000 (higher)" in rows[1]
     assert sweep.count("\n| ") == 4  # header + b = 4, 16, 64
