@@ -10,12 +10,13 @@ what it measured; a row that fails is recorded with its error and the run goes o
   op           op fwd+bwd at D 2048 (H 32 x d 64), B16 T2k and B4 T8k: TTT-Linear kernels, SDPA (FlashAttention),
                mamba_ssm's SSD (the 1.3b Mamba-2 layer's scan: 64 heads x 64, d_state 128)
   train        125m training tok/s, compiled blocks, loss through `targets=` (bf16 autocast, one AdamW step of 32k
-               tokens), 8k and 2k: TTT-Linear (default), TTT-Linear (fused layer), Transformer++, Mamba-2 (our layer
-               on mamba_ssm's SSD), mamba_ssm's own Mamba2 module in our blocks
+               tokens), 8k and 2k: TTT-Linear on the PyTorch layer path (ttt_linear) and with the fused layer (the
+               default on CUDA: ttt_linear+fused), Transformer++, Mamba-2 (our layer on mamba_ssm's SSD),
+               mamba_ssm's own Mamba2 module in our blocks
   prefill      1.3b prefill tok/s, bf16 weights, eager, logits="last", 2k / 8k / 32k, the same five
-  decode       1.3b decode B16 ms/token, CUDA graphs of the compiled step, at 1k and 32k: TTT-Linear default and
-               fused (the fused decode kernel), next to attention's KV-cache read alone
-  train13b     1.3b training tok/s at 8k (the paper's comparison size): TTT-Linear default and fused, Transformer++,
+  decode       1.3b decode B16 ms/token, CUDA graphs of the compiled step, at 1k and 32k: TTT-Linear on the PyTorch
+               layer path and fused (the fused decode kernel), next to attention's KV-cache read alone
+  train13b     1.3b training tok/s at 8k (the paper's comparison size): TTT-Linear both paths, Transformer++,
                Mamba-2 (our layer)
   compile      the first forward+backward of the TTT-Linear op in a fresh process, with an empty Triton cache and then
                with the cache the first run left (TRITON_CACHE_DIR): bf16 head dim 64 and fp32 head dim 128
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,77 +45,86 @@ TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_
 PREFILL_MIXERS = TRAIN_MIXERS
 DECODE_MIXERS = ["ttt_linear", "ttt_linear+fused"]
 TOKENS = 32768  # tokens per training step and per prefill batch (B = TOKENS / T)
-ROWS: list = []
-OUT = ""
-PICK = {"mixers": None, "contexts": None, "positions": [1024, 32768]}  # --mixers etc.; None keeps every case
 
 
-def keep(row: dict) -> dict:
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
-    if OUT:
-        write_json(OUT, ROWS)
-    return row
+@dataclass
+class Run:
+    """One run's case selection (--mixers, --contexts: None keeps every case; --positions), its rows so far and the
+    JSON file they are rewritten to after each row (--out; "" for none)."""
+
+    out: str = ""
+    mixers: list | None = None
+    contexts: list | None = None
+    positions: list = field(default_factory=lambda: [1024, 32768])
+    rows: list = field(default_factory=list)
+
+    def keep(self, row: dict) -> dict:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out:
+            write_json(self.out, self.rows)
+        return row
+
+    def guarded(self, part: str, fn, **where):
+        """fn() (a row dict, or a list of rows), or a row recording why it failed."""
+        try:
+            out = fn()
+        except Exception as e:  # one failing case (a missing peer, an OOM) must not cost the others
+            return [self.keep(dict(part=part, **where, error=f"{type(e).__name__}: {str(e)[:300]}"))]
+        for r in out if isinstance(out, list) else [out]:
+            self.keep(dict(part=part, **{**where, **r}))
+        return out
+
+    def picked(self, cases, key: str) -> list:
+        """The cases kept by the selection `key` ("mixers" or "contexts"), in the part's own order."""
+        chosen = getattr(self, key)
+        return [c for c in cases if chosen is None or c in chosen]
 
 
-def guarded(part: str, fn, **where):
-    """fn() (a row dict, or a list of rows), or a row recording why it failed."""
-    try:
-        out = fn()
-    except Exception as e:  # one failing case (a missing peer, an OOM) must not cost the others
-        return [keep(dict(part=part, **where, error=f"{type(e).__name__}: {str(e)[:300]}"))]
-    for r in out if isinstance(out, list) else [out]:
-        keep(dict(part=part, **{**where, **r}))
-    return out
-
-
-def part_check():
+def part_check(run: Run):
     rows = [bench_model.check_model("ttt_linear")]
     ok = rows[0]["ok"]
     for dtype, pos, T in ((torch.bfloat16, 0, 256), (torch.float32, 5, 83)):
         ok &= bench_op.check("linear", 2, T, 4, 64, dtype, pos=pos, grad=True)
-    keep(dict(part="check", ok=bool(ok), op_checks=bench_op.RESULTS["check"]))
+    run.keep(dict(part="check", ok=bool(ok), op_checks=bench_op.RESULTS["check"]))
     if not ok:
         raise SystemExit("a check failed: not timing")
 
 
-def part_op():
+def part_op(run: Run):
     for B, T in ((16, 2048), (4, 8192)):
         where = dict(B=B, T=T, H=32, d=64, mode="fwdbwd")
-        guarded("op", lambda: dict(impl="ttt_linear triton", ms=bench_op.time_ttt("linear", B, T, 32, 64, "fwdbwd")),
-                **where)
-        guarded("op", lambda: dict(impl="sdpa flash", ms=bench_op.time_sdpa(B, T, 32, 64, "fwdbwd")), **where)
-        guarded("op", lambda: dict(impl="mamba_ssm ssd", ms=bench_op.time_mamba2(B, T, "fwdbwd")), **where)
+        run.guarded("op", lambda: dict(impl="ttt_linear triton",
+                                       ms=bench_op.time_ttt("linear", B, T, 32, 64, "fwdbwd")), **where)
+        run.guarded("op", lambda: dict(impl="sdpa flash", ms=bench_op.time_sdpa(B, T, 32, 64, "fwdbwd")), **where)
+        run.guarded("op", lambda: dict(impl="mamba_ssm ssd", ms=bench_op.time_mamba2(B, T, "fwdbwd")), **where)
 
 
-def picked(cases, key):
-    return [c for c in cases if PICK[key] is None or c in PICK[key]]
-
-
-def part_train(size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS):
-    for T in picked(contexts, "contexts"):
-        for m in picked(mixers, "mixers"):
+def part_train(run: Run, size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS):
+    for T in run.picked(contexts, "contexts"):
+        for m in run.picked(mixers, "mixers"):
             def row():
                 for accum in (1, 2, 4):  # on OOM: the same tokens per step in smaller micro-batches
                     r = bench_model.train_row(m, T, TOKENS, accum, "auto", compile_blocks=True, size=size)
                     if "error" not in r:
                         break
                 return r
-            guarded("train" if size == "125m" else f"train {size}", row, mixer=m, context=T)
+            run.guarded("train" if size == "125m" else f"train {size}", row, mixer=m, context=T)
 
 
-def part_prefill():
-    for T in picked((2048, 8192, 32768), "contexts"):
-        for m in picked(PREFILL_MIXERS, "mixers"):
-            guarded("prefill", lambda: bench_model.prefill_row(m, "1.3b", T, TOKENS, False), mixer=m, context=T)
+def part_prefill(run: Run):
+    for T in run.picked((2048, 8192, 32768), "contexts"):
+        for m in run.picked(PREFILL_MIXERS, "mixers"):
+            run.guarded("prefill", lambda: bench_model.prefill_row(m, "1.3b", T, TOKENS, False), mixer=m, context=T)
 
 
-def part_decode():
-    for m in picked(DECODE_MIXERS, "mixers"):
-        guarded("decode", lambda: bench_model.bench_decode(PICK["positions"], 16, "1.3b", "default", mixer=m), mixer=m)
+def part_decode(run: Run):
+    for m in run.picked(DECODE_MIXERS, "mixers"):
+        run.guarded("decode", lambda: bench_model.bench_decode(run.positions, 16, "1.3b", "default", mixer=m),
+                    mixer=m)
 
 
-def part_mamba_layer(B=4, T=8192, D=2048, d_state=64):
+def part_mamba_layer(run: Run, B=4, T=8192, D=2048, d_state=64):
     from ttt.layers.mamba import Mamba2 as OurMamba2
     Module = load_mamba2_module()
     x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -130,7 +141,7 @@ def part_mamba_layer(B=4, T=8192, D=2048, d_state=64):
                 fwd = bench(call)
             both = bench(lambda: torch.autograd.grad(call(), [x] + list(layer.parameters()), dy, allow_unused=True))
             return dict(layer=name, B=B, T=T, D=D, d_state=d_state, fwd_ms=fwd, fwd_bwd_ms=both)
-        guarded("mamba_layer", row, layer=name)
+        run.guarded("mamba_layer", row, layer=name)
 
 
 FIRST_CALL = """
@@ -145,7 +156,7 @@ print(time.time() - t)
 """
 
 
-def part_compile():
+def part_compile(run: Run):
     for dtype, d in (("bfloat16", 64), ("float32", 128)):
         with tempfile.TemporaryDirectory() as cache:
             for which in ("empty Triton cache", "cache of the run before"):
@@ -155,20 +166,20 @@ def part_compile():
                     if out.returncode:
                         raise RuntimeError(out.stderr[-300:])
                     return dict(first_fwd_bwd_s=float(out.stdout.split()[-1]))
-                guarded("compile", row, dtype=dtype, d=d, cache=which)
+                run.guarded("compile", row, dtype=dtype, d=d, cache=which)
 
 
-def table():
+def table(rows: list) -> str:
     """Markdown rows: each timed case with its ratio to Transformer++ (tok/s) where the row has one."""
     lines = []
     for part, key in (("train", "tokens_per_s"), ("prefill", "tokens_per_s")):
-        rs = [r for r in ROWS if r.get("part") == part and key in r]
+        rs = [r for r in rows if r.get("part") == part and key in r]
         for T in sorted({r["context"] for r in rs}):
             at = {r["mixer"]: r[key] for r in rs if r["context"] == T}
             ref = at.get("attention")
             cells = [f"{m} {v / 1e3:.0f}k" + (f" ({v / ref:.2f}x)" if ref else "") for m, v in at.items()]
             lines.append(f"| {part} T{T} tok/s | " + " | ".join(cells) + " |")
-    for r in ROWS:
+    for r in rows:
         if r.get("part") == "decode" and "graphed_ms_per_token" in r:
             lines.append(f"| decode {r['model']} T{r['context']} ms/token | graphed {r['graphed_ms_per_token']:.3f} | "
                          f"compiled+graphed {r.get('compiled_graphed_ms_per_token') or float('nan'):.3f} | "
@@ -184,41 +195,40 @@ def table():
 
 
 PARTS = {"check": part_check, "op": part_op, "train": part_train, "prefill": part_prefill, "decode": part_decode,
-         "train13b": lambda: part_train("1.3b", (8192,), ["ttt_linear", "ttt_linear+fused", "attention", "mamba"]),
+         "train13b": lambda run: part_train(run, "1.3b", (8192,), ["ttt_linear", "ttt_linear+fused", "attention",
+                                                                  "mamba"]),
          "mamba_layer": part_mamba_layer, "compile": part_compile}
 
 
-def main():
-    global OUT
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="check,op,train,prefill,decode", help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--mixers", default="", help="comma list: only these mixers in train, prefill, decode (all if empty)")
     ap.add_argument("--contexts", default="", help="comma list: only these contexts in train, prefill (all if empty)")
     ap.add_argument("--positions", default="1024,32768", help="comma list: decode positions")
     ap.add_argument("--out", default="", help="write every row here as JSON (rewritten after each row)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    run = Run(out=a.out, mixers=a.mixers.split(",") if a.mixers else None)
     try:
-        PICK["contexts"] = [int(v) for v in a.contexts.split(",")] if a.contexts else None
-        PICK["positions"] = [int(v) for v in a.positions.split(",")]
+        run.contexts = [int(v) for v in a.contexts.split(",")] if a.contexts else None
+        run.positions = [int(v) for v in a.positions.split(",")]
     except ValueError:
         ap.error(f"--contexts/--positions: expected comma lists of integers, got {a.contexts!r} / {a.positions!r}")
-    PICK["mixers"] = a.mixers.split(",") if a.mixers else None
-    if PICK["mixers"] and set(PICK["mixers"]) - set(TRAIN_MIXERS):
+    if run.mixers and set(run.mixers) - set(TRAIN_MIXERS):
         ap.error(f"--mixers: expected names from {', '.join(TRAIN_MIXERS)}, got {a.mixers}")
     parts = a.parts.split(",")
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"--parts: expected names from {', '.join(PARTS)}, got {', '.join(bad)}")
-    OUT = a.out
     torch.backends.cuda.matmul.allow_tf32 = True
-    keep(dict(part="env", **environment()))
+    run.keep(dict(part="env", **environment()))
     t0 = time.time()
     for p in parts:
         t = time.time()
-        PARTS[p]()
-        keep(dict(part=p, wall_s=time.time() - t))
-    keep(dict(part="total", wall_s=time.time() - t0))
-    print(table(), flush=True)
+        PARTS[p](run)
+        run.keep(dict(part=p, wall_s=time.time() - t))
+    run.keep(dict(part="total", wall_s=time.time() - t0))
+    print(table(run.rows), flush=True)
 
 
 if __name__ == "__main__":

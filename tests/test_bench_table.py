@@ -1,31 +1,58 @@
-"""benchmarks/bench_table.py's case selection (--mixers, --contexts, --positions): bad values stop it with exit
-status 2 and a line naming the flag, before anything is timed; good ones pick the cases of each part."""
+"""benchmarks/bench_table.py's case selection (--mixers, --contexts, --positions) and its bookkeeping: bad values stop
+it with exit status 2 and a line naming the flag, before anything is timed; good ones pick the cases of each part;
+every row goes to the JSON file as it comes, and a case that raises is recorded and the run goes on."""
 from __future__ import annotations
 
-import sys
+import json
 
 import pytest
 
-from benchmarks import bench_table
+from benchmarks import bench_model, bench_table
 
 
 @pytest.mark.parametrize("argv, flag", [(["--mixers", "ttt_linear,gru"], "--mixers"),
                                         (["--contexts", "8k"], "--contexts"),
                                         (["--positions", "1024,x"], "--positions"),
                                         (["--parts", "check,speed"], "--parts")])
-def test_bad_selection_exits_2_naming_the_flag(monkeypatch, capsys, argv, flag):
-    monkeypatch.setattr(sys, "argv", ["bench_table", *argv])
-    monkeypatch.setattr(bench_table, "PICK", dict(bench_table.PICK))
+def test_bad_selection_exits_2_naming_the_flag(capsys, argv, flag):
     with pytest.raises(SystemExit) as e:
-        bench_table.main()
+        bench_table.main(argv)
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
 
 
-def test_picked_keeps_the_parts_order_and_only_the_chosen_cases(monkeypatch):
-    monkeypatch.setattr(bench_table, "PICK", dict(mixers=["attention", "ttt_linear+fused"], contexts=None))
-    assert bench_table.picked(bench_table.TRAIN_MIXERS, "mixers") == ["ttt_linear+fused", "attention"]
-    assert bench_table.picked((8192, 2048), "contexts") == [8192, 2048]
-    monkeypatch.setattr(bench_table, "PICK", dict(mixers=None, contexts=[2048]))
-    assert bench_table.picked((8192, 2048), "contexts") == [2048]
-    assert bench_table.picked(bench_table.TRAIN_MIXERS, "mixers") == bench_table.TRAIN_MIXERS
+def test_picked_keeps_the_parts_order_and_only_the_chosen_cases():
+    run = bench_table.Run(mixers=["attention", "ttt_linear+fused"])
+    assert run.picked(bench_table.TRAIN_MIXERS, "mixers") == ["ttt_linear+fused", "attention"]
+    assert run.picked((8192, 2048), "contexts") == [8192, 2048]
+    run = bench_table.Run(contexts=[2048])
+    assert run.picked((8192, 2048), "contexts") == [2048]
+    assert run.picked(bench_table.TRAIN_MIXERS, "mixers") == bench_table.TRAIN_MIXERS
+
+
+def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, tmp_path, capsys):
+    """The train and decode parts on stand-ins for bench_model's timings (no GPU): the picked cases in order, each row
+    in the JSON file, one case's exception recorded as its row's error, the table's ratio to Transformer++."""
+    calls = []
+
+    def train_row(mixer, T, tokens, accum, backend, compile_blocks=False, size="125m"):
+        calls.append((mixer, T))
+        if mixer == "ttt_linear+fused":
+            raise RuntimeError("no kernel here")
+        return dict(tokens_per_s={"attention": 200e3, "ttt_linear": 100e3}[mixer], ms_per_step=1.0)
+
+    monkeypatch.setattr(bench_model, "train_row", train_row)
+    monkeypatch.setattr(bench_model, "bench_decode", lambda positions, batch, size, mode, mixer: [
+        dict(model=f"{size} {mixer}", context=p, graphed_ms_per_token=2.0) for p in positions])
+    out = tmp_path / "table.json"
+    bench_table.main(["--parts", "train,decode", "--mixers", "ttt_linear,ttt_linear+fused,attention", "--contexts",
+                      "2048", "--positions", "1024", "--out", str(out)])
+    assert calls == [("ttt_linear", 2048), ("ttt_linear+fused", 2048), ("attention", 2048)]
+    rows = json.loads(out.read_text())
+    train = [r for r in rows if r["part"] == "train" and "mixer" in r]
+    assert [r["mixer"] for r in train] == ["ttt_linear", "ttt_linear+fused", "attention"]
+    assert train[1]["error"] == "RuntimeError: no kernel here" and "tokens_per_s" not in train[1]
+    decode = [r for r in rows if r["part"] == "decode" and "mixer" in r]
+    assert [(r["mixer"], r["context"]) for r in decode] == [("ttt_linear", 1024), ("ttt_linear+fused", 1024)]
+    assert rows[-1]["part"] == "total"
+    assert "| train T2048 tok/s | ttt_linear 100k (0.50x) | attention 200k (1.00x) |" in capsys.readouterr().out
