@@ -22,7 +22,8 @@
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py), then
 #             benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
-# I16_CONTEXTS: issue16's training contexts (default 8192,2048). TESTS_ARGS: the tests part's pytest paths and
+# I16_CONTEXTS, I16_MIXERS: issue16's training contexts (default 8192,2048) and mixers (default
+# ttt_linear+fused,ttt_linear,attention; bench_table's names, e.g. add mamba2_module). TESTS_ARGS: the tests part's pytest paths and
 # options (default tests/; tests/test_gpu.py alone compiles models for ~6 min, so one command may take
 # `tests/test_gpu.py` and the next `tests/ --ignore=tests/test_gpu.py`).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
@@ -44,7 +45,7 @@ if has issue16; then
   timeout "${I16_LAYER_S:-90}" python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 \
     --launches default 16,64,4,2 32,32,8,2 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
   timeout "${I16_TRAIN_S:-210}" python3 -m benchmarks.bench_table --parts check,train --contexts "${I16_CONTEXTS:-8192,2048}" \
-    --mixers ttt_linear+fused,ttt_linear,attention --out "$OUT/train16.json" 2>&1 | grep -v Warn | tail -12
+    --mixers "${I16_MIXERS:-ttt_linear+fused,ttt_linear,attention}" --out "$OUT/train16.json" 2>&1 | grep -v Warn | tail -12
   timeout "${I16_DECODE_S:-150}" python3 -m benchmarks.bench_table --parts decode --positions 1024 \
     --mixers "${I16_DECODE_MIXERS:-ttt_linear+fused}" --out "$OUT/decode16.json" 2>&1 | grep -v Warn | tail -8
 fi
