@@ -82,7 +82,10 @@ def test_compiled_graphed_decode_equals_eager(mixer):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
     with torch.inference_mode():
         _, s = model(ids[:, :6])
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         dec = GraphedDecoder(model, s, compile=True)
+        # not one compilation per offset: r constant, r symbolic, the commit (decode_graph's docstring)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled <= 3
         se = s
         for t in range(6, 23):  # every offset of the 4, the commits, from a prefill ending mid mini-batch
             le, se = model(ids[:, t:t + 1], se)

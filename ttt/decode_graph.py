@@ -12,11 +12,14 @@ latency is flat in context length, with no Python or launch overhead. A model wh
 model's step with each block run through torch.compile (`model(ids, state, run_block=...)`; Inductor
 fuses the casts, norms, RoPE, gates, the causal conv (shifted products under compile, see
 layers/conv.py) and state writes into a few kernels; the GEMMs and the fused Triton step kernels,
-which Dynamo traces as user kernels, stay as they are), with one compiled function per offset r,
-shared by all blocks of the model (same code and shapes), so a model compiles `period` times however
-deep it is. Each r gets its own code
-object, hence its own Dynamo cache: no recompile limit is reached, r is a constant in its graph.
-fullgraph=True: a graph break raises instead of falling back to eager.
+which Dynamo traces as user kernels, stay as they are), with one compiled function per model, batch
+size and dtype, shared by all blocks (same code and shapes). The offset r enters the traced step as
+an int: the first offset is traced as a constant, the second makes Dynamo trace it as a symbolic int
+(automatic dynamic: the kernels take it at run time), and the mini-batch's last offset, where the
+step commits through a Python branch, gets a graph of its own: three compilations for a TTT-Linear
+model whatever b is (b before: 75 s for the 1.3b model at b = 16). The CUDA graphs are still one per
+offset (a captured kernel's arguments are fixed). fullgraph=True: a graph break raises instead of
+falling back to eager.
 """
 from __future__ import annotations
 
@@ -77,8 +80,10 @@ def _compiled(model, fn, key, backend, mode):
     fns = _COMPILED.setdefault(model, {})
     if (key, backend, mode) not in fns:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{key}".replace(" ", ""))
+        # dynamic=None: shapes stay static (they never change here); an int that changes between calls (the
+        # offset r) is traced as a symbolic int from its second value on
         fns[key, backend, mode] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name),
-                                                backend=backend, mode=mode, fullgraph=True, dynamic=False)
+                                                backend=backend, mode=mode, fullgraph=True, dynamic=None)
     return fns[key, backend, mode]
 
 
@@ -93,8 +98,9 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
         logits = step(ids, state)    # ids [B, 1]; logits [B, 1, V] fp32, as model(ids, state)[0]
 
     Unlike model(ids, state), the new state is written into `state`'s own tensors and state.pos is
-    left as is (the caller advances it). The first call at each in-batch offset r = state.pos mod b
-    compiles (Dynamo traces one block, the other blocks reuse it); later calls reuse that. The
+    left as is (the caller advances it). The first calls compile (Dynamo traces one block, the other
+    blocks reuse it): the first offset r = state.pos mod b, a second one (r symbolic from then on) and
+    the committing offset b - 1; later calls reuse those. The
     embedding, final norm and head run eagerly (inside a CUDA graph that costs no launch overhead).
     mode: a torch.compile mode of MODES ("max-autotune-no-cudagraphs" also tunes the GEMMs; longer
     compiles, once per GEMM shape).
@@ -112,8 +118,8 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
     def step(ids, state: LMState):
         r = state.pos % period
         s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
-        sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one entry per code object
-        logits, _ = model(ids, s, run_block=_compiled(model, _block_step, f"r{r}_{sig}", backend, mode))
+        sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one code object each
+        logits, _ = model(ids, s, run_block=_compiled(model, _block_step, sig, backend, mode))
         return logits
 
     return step
@@ -126,8 +132,8 @@ class GraphedDecoder:
         logits = dec.step(next_ids)             # next_ids [B, 1]; advances the internal state
         state = dec.state()                     # a normal LMState again (copies of the buffers)
 
-    compile=True captures `compiled_step` (torch.compile per block; b compilations, done before the
-    capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
+    compile=True captures `compiled_step` (torch.compile per block; at most three compilations, done
+    before the capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
     compiles in that torch.compile mode (True = "default").
     """
 
