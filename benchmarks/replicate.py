@@ -898,12 +898,18 @@ def study_name(key: str) -> str:
     return next((p for p in parts if not p.startswith("lr")), "main") + (f", peak LR {lr}" if lr else "")
 
 
-def ladder_name(key: str) -> str:
-    """A ladder's key (its runs' name between 'abl_' and 'ctx': 'tiny', 'tiny_ilr0.25', 'ilr4') as the report names
-    it: 'tiny', 'tiny, inner base LR 0.25', 'small, inner base LR 4'."""
+def ladder_key(key: str) -> tuple[str, str | None]:
+    """A ladder's key (its runs' name between 'abl_' and 'ctx': 'tiny', 'tiny_ilr0.25', 'ilr4') as (size, inner base
+    LR or None): ('tiny', None), ('tiny', '0.25'), ('small', '4')."""
     parts = key.split("_")
-    ilr = next((p[3:] for p in parts if p.startswith("ilr")), None)
-    return next((p for p in parts if not p.startswith("ilr")), "small") + (f", inner base LR {ilr}" if ilr else "")
+    return (next((p for p in parts if not p.startswith("ilr")), "small"),
+            next((p[3:] for p in parts if p.startswith("ilr")), None))
+
+
+def ladder_name(key: str) -> str:
+    """How the report names a ladder: 'tiny', 'tiny, inner base LR 0.25', 'small, inner base LR 4'."""
+    size, ilr = ladder_key(key)
+    return size + (f", inner base LR {ilr}" if ilr else "")
 
 
 def tokens_per_param(main: dict) -> float:
@@ -945,9 +951,7 @@ def inner_lr_lines(ladders: dict) -> list[str]:
     whether a smaller b wins once its inner rate is lowered (recipe) or not (scale)."""
     lines = []
     for key, abl in ladders.items():
-        parts = key.split("_")
-        ilr = next((p[3:] for p in parts if p.startswith("ilr")), None)
-        size = "_".join(p for p in parts if not p.startswith("ilr")) or "small"
+        size, ilr = ladder_key(key)
         base = _sweep(ladders.get(size, {})).get(16)
         if ilr is None or base is None:
             continue

@@ -74,6 +74,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
                        (["--out", tmp_path / "o", "--lr", "3e-3,fast"], "--lr"),
                        (["--out", tmp_path / "o", "--lr", "1e-3,1e-3"], "--lr"),
                        (["--out", tmp_path / "o", "--lr", "-1e-3"], "--lr"),
+                       (["--out", tmp_path / "o", "--inner-lr", "0.25,slow"], "--inner-lr"),
+                       (["--out", tmp_path / "o", "--inner-lr", "0"], "--inner-lr"),
+                       (["--out", tmp_path / "o", "--inner-lr", "0.5,0.5"], "--inner-lr"),
                        (["--out", tmp_path / "o", "--stage", "report"], "--out"),
                        (["--out", tmp_path / "o2", "--stage", "train", "--device", "cpu"], "--out"),
                        (["--out", tmp_path / "o3", "--stage", "ablation-study", "--ctx", "2048,8192"], "--ctx")):
