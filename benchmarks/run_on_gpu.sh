@@ -10,7 +10,8 @@
 #   op        benchmarks/bench_op.py: checks, then TTT-Linear and TTT-MLP forward and forward+backward at
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
-#   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS)
+#   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS;
+#             TABLE_ARGS: its case selection, e.g. "--mixers ttt_linear+fused,attention --contexts 8192,32768")
 #   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
 #             then bench_table's checks and 125m training at 8k and 2k (ttt_linear+fused: the default; ttt_linear: the
 #             PyTorch layer path; Transformer++), then the fused decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused
@@ -69,7 +70,7 @@ if has smem; then  # a hang in the tests (an exchange that never completes) leav
     --shapes 16x2048x32x64,16x2048x16x128 2>&1 | grep -v Warn | tail -30
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
-  --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
+  ${TABLE_ARGS:-} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \
   | grep -v Warn | tail -60
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \
