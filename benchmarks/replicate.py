@@ -769,8 +769,12 @@ def stage_study(a, jobs: list[Job]) -> None:
     if not todo:
         say("study: every run is done")
         return
-    # the probe and plan files: ctx2048, small_ctx8192, abl_ctx2048; small_ctx2048+8192 for two contexts at once
+    # the probe and plan files: ctx2048, small_ctx8192; small_ctx2048+8192 for two contexts at once; a ladder's
+    # command names its rungs (abl_tiny_ctx2048_ladder0+ladder1+ladder2), so the commands of one ladder keep
+    # their own files when their outputs are merged
     tag = re.match(r"(.*?)ctx\d+", todo[0].name)[1] + "ctx" + "+".join(str(c) for c in sorted({j.ctx for j in todo}))
+    if todo[0].name.startswith("abl_"):
+        tag += "_" + "+".join(dict.fromkeys(j.name.rsplit("_", 1)[1] for j in todo))
     study_tokenizer(a)
     data_ready = []
 
