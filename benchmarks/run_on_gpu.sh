@@ -24,9 +24,9 @@
 #             benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
 # I16_CONTEXTS, I16_MIXERS: issue16's training contexts (default 8192,2048) and mixers (default
-# ttt_linear+fused,ttt_linear,attention; bench_table's names, e.g. add mamba2_module). TESTS_ARGS: the tests part's pytest paths and
-# options (default tests/; tests/test_gpu.py alone compiles models for ~6 min, so one command may take
-# `tests/test_gpu.py` and the next `tests/ --ignore=tests/test_gpu.py`).
+# ttt_linear+fused,ttt_linear,attention; bench_table's names, e.g. add mamba2_module).
+# TESTS_ARGS: the tests part's pytest paths and options (default tests/; tests/test_gpu.py alone compiles models
+# for ~6 min, so one command may take `tests/test_gpu.py` and the next `tests/ --ignore=tests/test_gpu.py`).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
 # MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_S, TRAIN_S.
 set -u
