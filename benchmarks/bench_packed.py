@@ -216,10 +216,10 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = False
         checks[m] = check(m, lens)
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        save()
         for mode in ("packed", "padded") if checks[m]["ok"] else ():
             rows.append(train_row(m, a.size, lens, mode))
             save()
-        save()
     print(f"\n{len(lens)} documents, {sum(lens)} real tokens (mean {sum(lens) / len(lens):.0f}, longest {max(lens)}); "
           f"padded: {len(lens)} x {max(lens)} = {len(lens) * max(lens)} tokens; {a.size}, bf16, one step (fwd+bwd+AdamW)")
     print(f"{'mixer':<12}{'check':>7}{'packed ms':>11}{'padded ms':>11}{'packed tok/s':>14}{'padded tok/s':>14}{'ratio':>7}")
