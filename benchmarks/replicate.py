@@ -770,11 +770,13 @@ def stage_study(a, jobs: list[Job]) -> None:
         say("study: every run is done")
         return
     # the probe and plan files: ctx2048, small_ctx8192; small_ctx2048+8192 for two contexts at once; a ladder's
-    # command names its rungs (abl_tiny_ctx2048_ladder0+ladder1+ladder2), so the commands of one ladder keep
-    # their own files when their outputs are merged
+    # command names its rungs (abl_tiny_ctx2048_ladder0+ladder1+ladder2) and a study of some of the models names
+    # them (ctx2048_ttt_mlp), so the commands of one study keep their own files when their outputs are merged
     tag = re.match(r"(.*?)ctx\d+", todo[0].name)[1] + "ctx" + "+".join(str(c) for c in sorted({j.ctx for j in todo}))
     if todo[0].name.startswith("abl_"):
         tag += "_" + "+".join(dict.fromkeys(j.name.rsplit("_", 1)[1] for j in todo))
+    elif len(models := dict.fromkeys(j.cfg.mixer for j in todo if not j.name.startswith("abl_"))) < len(MODELS):
+        tag += "_" + "+".join(models)
     study_tokenizer(a)
     data_ready = []
 
@@ -942,6 +944,31 @@ def scale_lines(studies: dict) -> list[str]:
     return lines + [""] if len(lines) > 4 else []
 
 
+def best_lr_lines(studies: dict) -> list[str]:
+    """For a size trained at several peak LRs: per context, each model's run with the lowest validation loss, and
+    the claims decided from those runs (each model at its best rate; every run sees the same documents)."""
+    by_size: dict = {}  # size -> ctx -> mixer -> [results at each LR]
+    for key, main in studies.items():
+        for ctx, rs in main.items():
+            for m, r in rs.items():
+                by_size.setdefault(study_name(key).split(",")[0], {}).setdefault(ctx, {}).setdefault(m, []).append(r)
+    lines = []
+    for size, main in by_size.items():
+        if all(len(runs) < 2 for rs in main.values() for runs in rs.values()):
+            continue
+        best = {ctx: {m: min(runs, key=lambda r: r["val_loss"]) for m, runs in rs.items()} for ctx, rs in main.items()}
+        lines += [f"### The paper's claims with each model at its best peak LR (size {size})", "",
+                  "Peak LRs trained (validation loss; the lowest in bold):", ""]
+        for ctx, rs in sorted(main.items()):
+            cells = [f"{LABELS[m]} " + ", ".join((f"**{r['lr']:g}: {r['val_loss']:.4f}**" if r is best[ctx][m] else
+                                                   f"{r['lr']:g}: {r['val_loss']:.4f}")
+                                                  for r in sorted(rs[m], key=lambda r: r["lr"]))
+                     for m in MODELS if m in rs]
+            lines.append(f"- ctx {ctx}: " + "; ".join(cells))
+        lines += [""] + verdicts(best) + [""]
+    return lines
+
+
 def _sweep(abl: dict) -> dict:
     """A ladder's mini-batch sweep: b -> result (the last rung is its b = 16 run)."""
     sweep = {r["config"]["mini_batch"]: r for k, r in abl.items() if k.startswith("b")}
@@ -972,11 +999,10 @@ def inner_lr_lines(ladders: dict) -> list[str]:
 def ladder_lines(abl: dict, suffix: str = "") -> list[str]:
     rows = [(i, name, paper, abl.get(f"ladder{i}")) for i, (name, paper, _) in enumerate(LADDER)]
     rows = [r for r in rows if r[3]]
-    if not rows:
-        return []
     lines = [f"### Ablation ladder (TTT-Linear, the paper's Table 1 rungs){suffix}", "",
              "| rung | paper ppl (125M, Pile 2k) | paper change | our loss | our ppl | our change in loss (± SE) | "
-             "tokens | verdict |", "|---|---|---|---|---|---|---|---|"]
+             "tokens | verdict |", "|---|---|---|---|---|---|---|---|"] if len(rows) > 1 else []  # one rung: no change
+    rows = rows if lines else []
     prev = None
     for i, name, paper, r in rows:
         ch_p = f"{paper - prev[2]:+.2f}" if prev else ""
@@ -990,8 +1016,9 @@ def ladder_lines(abl: dict, suffix: str = "") -> list[str]:
         lines.append(f"| {name} | {paper:.2f} | {ch_p} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.2f} | {ch} | "
                      f"{r['tokens']:,} | {v} |")
         prev = (i, name, paper, r)
-    lines += ["", "Verdict per rung: whether our change has the paper's sign at 2 standard errors over held-out "
-              "documents (paired: every run is evaluated on the same documents).", ""]
+    if lines:
+        lines += ["", "Verdict per rung: whether our change has the paper's sign at 2 standard errors over held-out "
+                  "documents (paired: every run is evaluated on the same documents).", ""]
     sweep = _sweep(abl)
     if sweep:
         lines += [f"### Mini-batch size b (TTT-Linear (M)){suffix}", "", "| b | val loss | perplexity | tokens |",
@@ -1132,6 +1159,7 @@ def stage_report(a) -> None:
                      "for this budget only, not for the paper's claims." if tpp < 1 else ""), ""]
         lines += verdicts(main) + [""]
     lines += scale_lines(studies)
+    lines += best_lr_lines(studies)
     for size, abl in sorted(ladders.items(), key=lambda kv: kv[0] != "small"):
         lines += ladder_lines(abl, "" if size == "small" else f" (size {ladder_name(size)})")
     lines += inner_lr_lines(ladders)

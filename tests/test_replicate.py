@@ -125,8 +125,8 @@ def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     load_script().main(["--smoke", "--stage", "study", "--ablation", "--models", "attention", "--rungs", "0",
                         "--batch-sizes", "", "--ctx", "32,64", "--tokens", "4096", "--wall-seconds", "900",
                         "--probe-seconds", "1", "--eval-reserve", "30", "--layout-probe", "--out", str(out)])
-    plan = json.loads((out / "plan_ctx32+64.json").read_text())  # both contexts in one study: one plan
-    probe = json.loads((out / "probe_ctx32+64.json").read_text())
+    plan = json.loads((out / "plan_ctx32+64_attention.json").read_text())  # both contexts in one study: one plan
+    probe = json.loads((out / "probe_ctx32+64_attention.json").read_text())
     assert set(probe["phases"]) == {"one", "two", "all"} and len(probe["phases"]["two"]["rows"]) == 2
     results = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
     assert {v["name"] for v in results} == {"ctx32_attention", "ctx64_attention", "abl_ctx32_ladder0"}
@@ -137,7 +137,7 @@ def test_study_on_cpu_probes_plans_and_trains_equal_budgets(tmp_path):
     load_script().main(["--smoke", "--stage", "study", "--models", "attention,ttt_linear", "--ctx", "48",
                         "--tokens", "2048", "--wall-seconds", "900", "--probe-seconds", "1", "--eval-reserve", "30",
                         "--probe-timeout", "240", "--out", str(out)])
-    second = json.loads((out / "probe_ctx48.json").read_text())["phases"]["all"]
+    second = json.loads((out / "probe_ctx48_attention+ttt_linear.json").read_text())["phases"]["all"]
     assert second["solo"]["name"] in second["rows"] and second["wall_s"] < 200, second
 
 
@@ -232,3 +232,21 @@ def test_a_second_ablation_size_is_a_ladder_of_its_own(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["4", "16", "64"]
     assert "+0.5000 ± 0.0000 (higher)" in rows[1]
     assert sweep.count("\n| ") == 4  # header + b = 4, 16, 64
+
+
+def test_each_model_at_its_best_peak_lr():
+    """A size trained at several peak LRs gets the claims decided again from each model's lowest-loss run."""
+    rep = load_script()
+    rng = np.random.default_rng(0)
+
+    def run(m, lr, loss):
+        spans = loss + 0.01 * rng.standard_normal((8, 2 * rep.SPANS))  # 8 documents
+        return dict(mixer=m, lr=lr, val_loss=float(spans[:, :rep.SPANS].mean()), doc_spans=spans.tolist())
+    studies = {"tiny": {8192: {"ttt_linear": run("ttt_linear", 3e-3, 2.3), "attention": run("attention", 3e-3, 3.45)}},
+               "tiny_lr0.001": {8192: {"attention": run("attention", 1e-3, 2.15)}}}
+    lines = rep.best_lr_lines(studies)
+    assert lines[0] == "### The paper's claims with each model at its best peak LR (size tiny)"
+    assert any("Transformer++ **0.001: 2.1" in x and "0.003: 3.4" in x for x in lines)
+    beats = next(x for x in lines if "TTT-Linear (M) beats Transformer++" in x)
+    assert "(loss difference +0.1" in beats and beats.endswith("**does not hold at this scale**")  # against 1e-3's run
+    assert rep.best_lr_lines({"tiny": studies["tiny"]}) == []  # one rate per model: nothing to add
