@@ -138,6 +138,34 @@ def kernel_times(fn, calls=1, warmup=3) -> list[tuple[str, float]]:
     return sorted(out, key=lambda kv: -kv[1])
 
 
+def host_times(fn, calls=5, warmup=3, sync=None, top=30) -> dict:
+    """Where the host (CPU) time of fn goes: `issue_ms`, the wall time of one call without waiting for the device,
+    `wall_ms`, per call over `calls` back-to-back calls ending in `sync` (torch.cuda.synchronize on CUDA): a step
+    whose issue time reaches its wall time is bound by the host, not the GPU; `top`, the operators (aten, custom
+    ops, compiled graphs, autograd nodes; every thread, the backward's included) with the most host time in one
+    call, inclusive: [(name, calls, ms)], longest first."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    sync = sync or (torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None))
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    fn()
+    issue = time.perf_counter() - t
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    wall = (time.perf_counter() - t) / calls
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+        sync()
+    rows = sorted(((e.key, e.count, e.cpu_time_total / 1e3) for e in p.key_averages()), key=lambda r: -r[2])
+    return dict(issue_ms=issue * 1e3, wall_ms=wall * 1e3, top=rows[:top])
+
+
 def environment() -> dict:
     """Device, versions and commit, printed and stored with every result."""
     env = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,

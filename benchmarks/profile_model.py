@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from benchmarks.common import kernel_times
+from benchmarks.common import host_times, kernel_times
 from benchmarks.bench_model import build
 
 CATEGORIES = [  # first match wins
@@ -34,7 +34,13 @@ def category(name: str) -> str:
     return "other element-wise / reductions"
 
 
-def show(fn, label, rows=12):
+def show(fn, label, rows=12, host=False):
+    if host:
+        h = host_times(fn)
+        print(f"==== {label}: host issue {h['issue_ms']:.1f} ms of a {h['wall_ms']:.1f} ms wall per call"
+              + (" (host-bound)" if h["issue_ms"] > 0.9 * h["wall_ms"] else ""), flush=True)
+        for name, n, ms in h["top"]:
+            print(f"    {ms:9.2f} ms  {n:6d} x  {name[:100]}")
     kernels = kernel_times(fn)
     totals = {}
     for name, ms in kernels:
@@ -57,6 +63,8 @@ def main():
     ap.add_argument("--mixers", default="ttt_linear,attention")
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (training)")
+    ap.add_argument("--host", action="store_true", help="also the host side of each case: the time to issue one call "
+                    "against its wall time, and the operators with the most host time")
     a = ap.parse_args()
     B = 32768 // a.T
     for mixer in a.mixers.split(","):
@@ -78,7 +86,7 @@ def main():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
                 loss.backward()
-            show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}")
+            show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}", host=a.host)
             del model
         if a.decode and mixer != "attention":
             cfg, model = build("1.3b", mixer)
@@ -92,7 +100,7 @@ def main():
                     dec = GraphedDecoder(model, s, compile=True)
                     show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
                          f"1.3b {mixer} decode B16, compiled + CUDA graphs, {cfg.mini_batch} tokens (one mini-batch)",
-                         rows=30)
+                         rows=30, host=a.host)
             del model
         torch.cuda.empty_cache()
 

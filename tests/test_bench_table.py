@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks import bench_model, bench_table
 
@@ -56,3 +57,17 @@ def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, 
     assert [(r["mixer"], r["context"]) for r in decode] == [("ttt_linear", 1024), ("ttt_linear+fused", 1024)]
     assert rows[-1]["part"] == "total"
     assert "| train T2048 tok/s | ttt_linear 100k (0.50x) | attention 200k (1.00x) |" in capsys.readouterr().out
+
+
+def test_host_times_counts_the_backward_too():
+    """profile_model --host: the host-time table counts every operator of a call, the backward's included."""
+    from benchmarks.common import host_times
+    x = torch.randn(8, 8, requires_grad=True)
+
+    def step():
+        (x @ x).relu().sum().backward()
+    h = host_times(step, calls=2, warmup=1)
+    rows = {name: n for name, n, _ in h["top"]}
+    assert rows["aten::mm"] == 3  # one in the forward, two in MmBackward0
+    assert "autograd::engine::evaluate_function: MmBackward0" in rows
+    assert h["issue_ms"] > 0 and h["wall_ms"] > 0 and h["top"] == sorted(h["top"], key=lambda r: -r[2])
