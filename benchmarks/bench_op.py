@@ -22,11 +22,23 @@ from benchmarks.common import bench, environment, load_mamba_ssd, make, rel, run
 from ttt.ops import TTTState
 from ttt.checkpoint import write_json
 
-RESULTS: dict = {"check": [], "time": []}
-OUT_JSON = ""  # written after every timing, so a run cut short still leaves its numbers
+class Log:
+    """What one run measured: `data` = {"check": [rows], "time": [rows], "env": ...}, written to `path` (JSON)
+    after every timing, so a run cut short still leaves its numbers. Every check and timing below records into
+    the log it is given (a fresh one, kept by nobody, when none is)."""
+
+    def __init__(self, path: str = ""):
+        self.data: dict = {"check": [], "time": []}
+        self.path = path
+
+    def time(self, op, impl, B, T, H, d, ms, mode="fwd"):
+        self.data["time"].append({"op": op, "impl": impl, "B": B, "T": T, "H": H, "d": d, "ms": ms, "mode": mode})
+        if self.path:
+            write_json(self.path, self.data)
+        print(f"time {mode:7s} {op:10s} {impl:22s} B{B:<3d} T{T:<6d} H{H} d{d}: {ms:8.3f} ms", flush=True)
 
 
-def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
+def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None, log: Log | None = None):
     leaves, st = make(kind, B, T, H, d, dtype, pos=pos, grad=grad)
     name = f"{kind} B{B} T{T} H{H} d{d} {str(dtype)[6:]} pos{pos}{' grad' if grad else ''}"
     o1, s1 = run(kind, leaves, st, "triton")
@@ -47,21 +59,14 @@ def check(kind, B, T, H, d, dtype, pos=0, grad=False, tol=None):
     tol = tol if tol is not None else (5e-2 if dtype != torch.float32 else 2e-3)
     worst = max(errs.values())
     ok = worst <= tol
-    RESULTS["check"].append({"name": name, "ok": ok, "tol": tol, **errs})
+    (log or Log()).data["check"].append({"name": name, "ok": ok, "tol": tol, **errs})
     print(f"check {name}: {'OK' if ok else 'FAIL'} worst {worst:.2e} " +
           " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     return ok
 
 
-def record(op, impl, B, T, H, d, ms, mode="fwd"):
-    RESULTS["time"].append({"op": op, "impl": impl, "B": B, "T": T, "H": H, "d": d, "ms": ms, "mode": mode})
-    if OUT_JSON:
-        write_json(OUT_JSON, RESULTS)
-    print(f"time {mode:7s} {op:10s} {impl:22s} B{B:<3d} T{T:<6d} H{H} d{d}: {ms:8.3f} ms", flush=True)
-
-
 def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot_mode=None, warps=None,
-             linear_bwd=None, mlp_impl=None):
+             linear_bwd=None, mlp_impl=None, log: Log | None = None):
     """Kernel choices go in as arguments: TTT-Linear through `triton_backend.LinearKernels` (dot_mode, warps of
     the forward, linear_bwd "split" | "split_lean" | "split_full"), TTT-MLP through `MLPKernels` (mlp_impl, see
     triton_backend.MLP_IMPLS; its variants are compared in benchmarks/bench_mlp.py)."""
@@ -87,17 +92,17 @@ def time_ttt(kind, B, T, H, d, mode, dtype=torch.bfloat16, backend="triton", dot
     ms = bench(fn)
     impl = backend + ("" if dot_mode is None else f"_dot{dot_mode}") + ("" if warps is None else f"_w{warps}") \
         + ("" if linear_bwd is None else f"_bwd_{linear_bwd}") + ("" if mlp_impl is None else f"_{mlp_impl}")
-    record(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
+    (log or Log()).time(f"ttt_{kind}", impl, B, T, H, d, ms, mode)
     return ms
 
 
-def time_sdpa(B, T, H, d, mode, dtype=torch.bfloat16):
+def time_sdpa(B, T, H, d, mode, dtype=torch.bfloat16, log: Log | None = None):
     ms = sdpa_ms(B, T, H, d, mode, dtype)
-    record("attention", "sdpa_flash", B, T, H, d, ms, mode)
+    (log or Log()).time("attention", "sdpa_flash", B, T, H, d, ms, mode)
     return ms
 
 
-def time_fla(B, T, H, d, mode, dtype=torch.bfloat16):
+def time_fla(B, T, H, d, mode, dtype=torch.bfloat16, log: Log | None = None):
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.ttt import chunk_ttt_linear
@@ -135,12 +140,12 @@ def time_fla(B, T, H, d, mode, dtype=torch.bfloat16):
         except Exception as e:
             print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        record("fla", name, B, T, H, d, ms, mode)
+        (log or Log()).time("fla", name, B, T, H, d, ms, mode)
         out[name] = ms
     return out
 
 
-def time_mamba2(B, T, mode, dtype=torch.bfloat16, heads=64, headdim=64, d_state=128, chunk=256):
+def time_mamba2(B, T, mode, dtype=torch.bfloat16, heads=64, headdim=64, d_state=128, chunk=256, log: Log | None = None):
     """mamba_ssm's SSD (Mamba-2) at the 1.3b Mamba-2 layer's shapes: 64 heads x 64, d_state 128, 1 group."""
     ssd = load_mamba_ssd()
     if ssd is None:
@@ -168,11 +173,11 @@ def time_mamba2(B, T, mode, dtype=torch.bfloat16, heads=64, headdim=64, d_state=
     except Exception as e:
         print(f"mamba_ssm SSD failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
-    record("mamba2", "mamba_ssm_ssd", B, T, heads, headdim, ms, mode)
+    (log or Log()).time("mamba2", "mamba_ssm_ssd", B, T, heads, headdim, ms, mode)
     return ms
 
 
-def time_simple_gla(B, T, H, d, dtype=torch.bfloat16):
+def time_simple_gla(B, T, H, d, dtype=torch.bfloat16, log: Log | None = None):
     """fla's chunk_simple_gla forward (a Mamba-2-class scalar-gated linear recurrence) at the TTT shapes. Its
     backward refuses to run on Hopper with Triton < 3.7.1 (fla's own guard), so forward only."""
     try:
@@ -192,18 +197,19 @@ def time_simple_gla(B, T, H, d, dtype=torch.bfloat16):
     except Exception as e:
         print(f"fla simple_gla failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
-    record("fla", "fla_chunk_simple_gla", B, T, H, d, ms, "fwd")
+    (log or Log()).time("fla", "fla_chunk_simple_gla", B, T, H, d, ms, "fwd")
     return ms
 
 
-def time_decode(kind, B, H, d, pos=5):
+def time_decode(kind, B, H, d, pos=5, log: Log | None = None):
+    log = log or Log()
     leaves, st = make(kind, B, 1, H, d, torch.bfloat16, pos=pos)
     for backend in ("dual", "triton"):  # "dual" at T = 1 is the PyTorch step
         def fn():
             with torch.no_grad():
                 run(kind, leaves, st, backend)
         ms = bench(fn)
-        record(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}", B, 1, H, d, ms, "decode")
+        log.time(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}", B, 1, H, d, ms, "decode")
         # a CUDA graph of the step removes launch overhead (what generation uses)
         try:
             s = torch.cuda.Stream()
@@ -215,20 +221,20 @@ def time_decode(kind, B, H, d, pos=5):
             with torch.cuda.graph(gph):
                 fn()
             ms = bench(gph.replay)
-            record(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}_graph", B, 1, H, d, ms,
+            log.time(f"ttt_{kind}", f"step_{'torch' if backend == 'dual' else backend}_graph", B, 1, H, d, ms,
                    "decode")
         except Exception as e:
             print(f"graph capture failed for {backend}: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
-def plot(path, tokens):
+def plot(rows, path, tokens):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, ("fwd", "fwdbwd")):
         series = {}
-        for r in RESULTS["time"]:
+        for r in rows:
             if r["mode"] == mode and r["B"] * r["T"] == tokens and r["d"] == 64:
                 series.setdefault(f"{r['op']}:{r['impl']}", []).append((r["T"], r["ms"]))
         for name, pts in sorted(series.items()):
@@ -245,7 +251,7 @@ def plot(path, tokens):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
     ap.add_argument("--only", default="check,fwd,fwdbwd,decode,plot")
@@ -260,19 +266,17 @@ def main():
     ap.add_argument("--Ts", default="", help="comma list of context lengths (B = 32768 / T)")
     ap.add_argument("--commit", default="")
     ap.add_argument("--plot-from", default="", help="only redraw the plot from a bench_op.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    global OUT_JSON
-    OUT_JSON = os.path.join(args.out, "bench_op.json")
+    log = Log(os.path.join(args.out, "bench_op.json"))
     if args.plot_from:
-        RESULTS.update(json.load(open(args.plot_from)))
-        plot(os.path.join(args.out, "bench_op.png"), 32768)
+        plot(json.load(open(args.plot_from))["time"], os.path.join(args.out, "bench_op.png"), 32768)
         return 0
     only = set(args.only.split(","))
     kinds = args.kinds.split(",")
     torch.backends.cuda.matmul.allow_tf32 = False
     env = environment() | ({"commit": args.commit} if args.commit else {})
-    RESULTS["env"] = env
+    log.data["env"] = env
     print(env, flush=True)
     good = {k: True for k in kinds}
     if "check" in only:
@@ -280,17 +284,17 @@ def main():
         for kind in kinds:
             ok = True
             try:
-                ok &= check(kind, 4, 8192 if kind == "linear" else 2048, 32, 64, torch.bfloat16)
-                ok &= check(kind, 2, 1024, 8, 64, torch.float32, tol=1e-4)
-                ok &= check(kind, 2, 1003, 4, 128, torch.bfloat16, pos=5)
-                ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16)
-                ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True)
-                ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4)
+                ok &= check(kind, 4, 8192 if kind == "linear" else 2048, 32, 64, torch.bfloat16, log=log)
+                ok &= check(kind, 2, 1024, 8, 64, torch.float32, tol=1e-4, log=log)
+                ok &= check(kind, 2, 1003, 4, 128, torch.bfloat16, pos=5, log=log)
+                ok &= check(kind, 2, 555, 16, 96, torch.bfloat16, pos=16, log=log)
+                ok &= check(kind, 2, 2048, 8, 64, torch.bfloat16, grad=True, log=log)
+                ok &= check(kind, 1, 777, 4, 64, torch.float32, pos=3, grad=True, tol=1e-4, log=log)
                 if kind == "mlp":  # head dims > 64 run the F-blocked kernels (every MLP variant: bench_mlp.py)
-                    ok &= check(kind, 1, 555, 4, 128, torch.bfloat16, pos=5, grad=True)
-                    ok &= check(kind, 1, 300, 2, 96, torch.float32, pos=16, grad=True, tol=1e-4)
-                ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4)
-                ok &= check(kind, 16, 1, 32, 64, torch.bfloat16, pos=15)  # decode step with the commit
+                    ok &= check(kind, 1, 555, 4, 128, torch.bfloat16, pos=5, grad=True, log=log)
+                    ok &= check(kind, 1, 300, 2, 96, torch.float32, pos=16, grad=True, tol=1e-4, log=log)
+                ok &= check(kind, 1, 1, 4, 64, torch.float32, pos=3, tol=1e-4, log=log)
+                ok &= check(kind, 16, 1, 32, 64, torch.bfloat16, pos=15, log=log)  # decode step with the commit
             except NotImplementedError as e:
                 print(f"{kind}: not implemented: {e}", flush=True)
                 ok = False
@@ -307,16 +311,16 @@ def main():
         for T in Ts:
             B = tokens // T
             if "sdpa" not in skip:
-                time_sdpa(B, T, 32, 64, mode)
+                time_sdpa(B, T, 32, 64, mode, log=log)
             if "mamba" not in skip:
-                time_mamba2(B, T, mode)
+                time_mamba2(B, T, mode, log=log)
             if "fla" not in skip and mode == "fwd":
-                time_simple_gla(B, T, 32, 64)
+                time_simple_gla(B, T, 32, 64, log=log)
             for kind in kinds:
                 if not good[kind]:
                     continue
                 for d in (int(x) for x in args.dims.split(",")):
-                    time_ttt(kind, B, T, 2048 // d, d, mode)
+                    time_ttt(kind, B, T, 2048 // d, d, mode, log=log)
                     for var in filter(None, args.variants.split(",")):
                         if var.startswith("m"):
                             if kind != "mlp":
@@ -333,30 +337,30 @@ def main():
                         else:
                             kw = {"warps": int(var[1:])}
                         try:
-                            time_ttt(kind, B, T, 2048 // d, d, mode, **kw)
+                            time_ttt(kind, B, T, 2048 // d, d, mode, log=log, **kw)
                         except Exception as e:  # e.g. a variant over the shared-memory limit
                             print(f"variant {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             if "fla" not in skip:
-                time_fla(B, T, 32, 64, mode)
+                time_fla(B, T, 32, 64, mode, log=log)
         if not args.quick:
             for kind in kinds:
                 if good[kind]:
-                    time_ttt(kind, 1, 2048, 32, 64, mode, backend="dual")
+                    time_ttt(kind, 1, 2048, 32, 64, mode, backend="dual", log=log)
     if "decode" in only:
         for kind in kinds:
             if good[kind]:
-                time_decode(kind, 16, 32, 64)
-    write_json(os.path.join(args.out, "bench_op.json"), RESULTS)
+                time_decode(kind, 16, 32, 64, log=log)
+    write_json(log.path, log.data)
     if "plot" in only:
         try:
-            plot(os.path.join(args.out, "bench_op.png"), tokens)
+            plot(log.data["time"], os.path.join(args.out, "bench_op.png"), tokens)
         except Exception as e:
             print(f"plot failed: {e}", flush=True)
     print("\n=== summary (median ms) ===")
-    for r in RESULTS["time"]:
+    for r in log.data["time"]:
         print(f"{r['mode']:7s} {r['op']:10s} {r['impl']:22s} B{r['B']:<3d} T{r['T']:<6d} H{r['H']} d{r['d']}: "
               f"{r['ms']:8.3f}")
-    bad = [c["name"] for c in RESULTS["check"] if not c["ok"]]
+    bad = [c["name"] for c in log.data["check"] if not c["ok"]]
     print("checks failed:", bad if bad else "none")
     return 1 if bad else 0
 

@@ -71,3 +71,23 @@ def test_host_times_counts_the_backward_too():
     assert rows["aten::mm"] == 3  # one in the forward, two in MmBackward0
     assert "autograd::engine::evaluate_function: MmBackward0" in rows
     assert h["issue_ms"] > 0 and h["wall_ms"] > 0 and h["top"] == sorted(h["top"], key=lambda r: -r[2])
+
+
+def test_bench_op_runs_keep_their_own_rows(tmp_path, monkeypatch):
+    """bench_op.main writes each timing to the JSON as it comes, and a second run in the same process starts
+    from an empty log (no module-level results carried from one run to the next)."""
+    from benchmarks import bench_op
+
+    def fake_ttt(kind, B, T, H, d, mode, log=None, **kw):
+        log.time(f"ttt_{kind}", "triton", B, T, H, d, 1.0, mode)
+        assert json.loads((tmp_path / "bench_op.json").read_text())["time"][-1]["op"] == f"ttt_{kind}"  # saved
+        return 1.0
+    monkeypatch.setattr(bench_op, "time_ttt", fake_ttt)
+    monkeypatch.setattr(bench_op, "time_sdpa", lambda B, T, H, d, mode, log=None: log.time(
+        "attention", "sdpa_flash", B, T, H, d, 2.0, mode))
+    for Ts in ("2048,8192", "4096"):
+        assert bench_op.main(["--out", str(tmp_path), "--only", "fwd", "--kinds", "linear", "--Ts", Ts, "--quick",
+                              "--skip", "mamba,fla"]) == 0
+        rows = json.loads((tmp_path / "bench_op.json").read_text())["time"]
+        assert [(r["op"], r["T"]) for r in rows] == [(op, int(T)) for T in Ts.split(",")
+                                                     for op in ("attention", "ttt_linear")]
