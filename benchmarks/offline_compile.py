@@ -37,6 +37,7 @@ IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv
            "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
 FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
+CONV_INT_PTRS = {"tok_ptr", "doc_ptr"}  # int32: the conv kernels' rows of packed documents
 INT_PTRS = {"span_ptr", "cnt_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier counters)
 
 
@@ -61,7 +62,7 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
     compiled for sm_90."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
-    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS
+    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
            else "fp32" if n in FLOATS else "i32" for n in names}
     if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
@@ -123,9 +124,11 @@ def layer_kernels(d: int, b: int, dot: int):
     conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
     out = []
     for name, two_rope in (("conv+rope", True), ("conv", False)):
-        cx = dict(conv, TWO=two_rope, ROPE=two_rope)
-        out += [(f"{name} fwd", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
-                (f"{name} bwd", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
+        for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC
+            cx = dict(conv, TWO=two_rope, ROPE=two_rope, PACKED=packed, PERIODIC=conv["PERIODIC"] and not packed)
+            tag = " packed" if packed else ""
+            out += [(f"{name} fwd{tag}", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
+                    (f"{name} bwd{tag}", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
     return out + [("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
 

@@ -267,6 +267,24 @@ def test_custom_ops_trace_under_torch_compile():
     torch.testing.assert_close(comp, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+    # packed documents with windows (the boundary checks on the host break the graph; the ops are traced)
+    from ttt.ops.packed import packing
+    pk = packing(torch.tensor([0, 2, 7, 9]), 9)
+    xp = torch.randn(1, 9, 16, generator=g).to(DEV).requires_grad_(True)
+    win = torch.randn(3, 3, 16, generator=g).to(DEV).requires_grad_(True)
+
+    def fp(x):
+        q, k, w2 = fused_layer.conv_rope(x, win, wq, bq, wk, None, (1, 2, 3), mini_batch=8, head_dim=8, cu_seqlens=pk)
+        y, w3 = fused_layer.causal_conv(q, w2, wq, bq, cu_seqlens=pk)
+        return (y * k).sum() + (w3 * w3).sum()
+    wrt = (xp, win, wq, wk, bq)
+    eager = fp(xp)
+    ge = torch.autograd.grad(eager, wrt)
+    comp = torch.compile(fp, backend="aot_eager")(xp)
+    gc = torch.autograd.grad(comp, wrt)
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow
@@ -300,3 +318,183 @@ def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
             for a, e in zip((*sf.op.params, *sf.op.accum), (*sr.op.params, *sr.op.accum)):
                 assert rel(a.cpu(), e.cpu()) < 1e-5 or e.abs().max() == a.abs().max() == 0, pos
             assert sf.op.pos == sr.op.pos == t + 1
+
+
+# ---------------------------------------------------------------- packed documents (cu_seqlens)
+PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
+CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)
+# the default launch (two 16-row segments) and 8-row tiles in one-tile segments with a partial channel block: tiles
+# and segments cut documents anywhere
+PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64)}
+
+
+def cu_of(lens):
+    return torch.tensor([0, *lens]).cumsum(0)
+
+
+def per_document(f, x, win, lens, pos):
+    """f(x_i [1, L, D], win_i [1, W-1, D] or None, pos_i) -> tensors [1, L, D] ..., window [1, W-1, D] for each
+    document alone, concatenated: the outputs along time, the windows along rows."""
+    outs, cu = [], cu_of(lens).tolist()
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+        outs.append(f(x[:, s:e], None if win is None else win[i:i + 1], pos if isinstance(pos, int) else pos[i]))
+    return [torch.cat(parts, 0 if n == len(outs[0]) - 1 else 1) for n, parts in enumerate(zip(*outs))]
+
+
+@pytest.mark.parametrize("launch", PACKED_LAUNCHES, ids=PACKED_LAUNCHES.keys())
+@pytest.mark.parametrize("with_win,start", [(False, "fresh"), (True, "carried")])
+@pytest.mark.parametrize("rope", [True, False], ids=["conv_rope", "causal_conv"])
+def test_conv_kernels_packed_equal_each_document_alone(rope, with_win, start, launch, monkeypatch):
+    """conv_rope (two convs + RoPE at the position in the document mod b) and causal_conv on packed documents ==
+    the fp64 reference on each document alone (from its own window row, or zeros, at its own start position):
+    outputs, the new windows, and the gradients of x, the windows, every conv's weights and biases."""
+    if PACKED_LAUNCHES[launch] is not None:
+        monkeypatch.setattr(fused_layer, "conv_launch", lambda *a: PACKED_LAUNCHES[launch])
+    g = torch.Generator().manual_seed(11)
+    lens, D, d, W, b = PACKED_LENS, 24, 8, 4, 4
+    N, T = len(lens), sum(lens)
+    pos = CARRIED if start == "carried" else 0
+    x = torch.randn(1, T, D, generator=g, dtype=torch.float64)
+    win = torch.randn(N, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
+    wq, wk = (torch.randn(D, 1, W, generator=g, dtype=torch.float64) for _ in range(2))
+    bq, bk = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2))
+    names = ["x", "win", "wq", "bq", "wk", "bk"] if rope else ["x", "win", "wq", "bq"]
+    ref_ins = {n: t.clone().requires_grad_(True) for n, t in zip(names, (x, win, wq, bq, wk, bk)) if t is not None}
+    ins = {n: t.detach().float().to(DEV).requires_grad_(True) for n, t in ref_ins.items()}
+    r = ref_ins
+    if rope:
+        want = per_document(lambda xi, wi, p: ref_conv_rope(xi, wi, r["wq"], r["bq"], r["wk"], r["bk"], p, b, d, 1e4),
+                            r["x"], r.get("win"), lens, pos)
+        got = fused_layer.conv_rope(ins["x"], ins.get("win"), ins["wq"], ins["bq"], ins["wk"], ins["bk"], pos,
+                                    mini_batch=b, head_dim=d, cu_seqlens=cu_of(lens))
+    else:
+        want = per_document(lambda xi, wi, p: ref_conv(xi, wi, r["wq"], r["bq"]), r["x"], r.get("win"), lens, pos)
+        got = fused_layer.causal_conv(ins["x"], ins.get("win"), ins["wq"], ins["bq"], cu_seqlens=cu_of(lens))
+    assert [t.shape for t in got] == [t.shape for t in want]
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert rel(a.cpu(), e) < 1e-5, f"output {i}"
+    ws = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in want]
+    gw = torch.autograd.grad(sum((e * w).sum() for e, w in zip(want, ws)), list(ref_ins.values()))
+    gg = torch.autograd.grad(sum((a.double().cpu() * w).sum() for a, w in zip(got, ws)), list(ins.values()))
+    for n, a, e in zip(ref_ins, gg, gw):
+        assert rel(a.cpu(), e) < 1e-5, n
+
+
+def test_conv_module_triton_backend_takes_packed_documents():
+    """The block's pre-conv (CausalConv1d, backend 'triton': `causal_conv`) on packed documents == its PyTorch
+    packed path (backend 'torch'): outputs, windows and every gradient, with a window per document and without."""
+    from ttt.layers.conv import CausalConv1d
+    torch.manual_seed(0)
+    lens, D = PACKED_LENS, 16
+    ref = CausalConv1d(D, 4, backend="torch")
+    with torch.no_grad():
+        ref.bias.normal_()
+    fast = CausalConv1d(D, 4, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    for with_win in (True, False):
+        x = torch.randn(1, sum(lens), D, device=DEV, requires_grad=True)
+        win = torch.randn(len(lens), 3, D, device=DEV, requires_grad=True) if with_win else None
+        wrt = [x, *([win] if with_win else [])]
+        yr, fr = ref(x, win, cu_seqlens=cu_of(lens))
+        yf, ff = fast(x, win, cu_seqlens=cu_of(lens))
+        assert rel(yf.cpu(), yr.cpu()) < 1e-6 and rel(ff.cpu(), fr.cpu()) < 1e-6
+        gy, gf = torch.randn_like(yr), torch.randn_like(fr)
+        want = torch.autograd.grad((yr * gy).sum() + (fr * gf).sum(), wrt + list(ref.parameters()))
+        got = torch.autograd.grad((yf * gy).sum() + (ff * gf).sum(), wrt + list(fast.parameters()))
+        for i, (a, e) in enumerate(zip(got, want)):
+            assert rel(a.cpu(), e.cpu()) < 1e-5, (i, with_win)
+
+
+def packed_layers(kind, seed=0):
+    """An (M) layer on the PyTorch layer path and the same weights on the kernel path, both around the dual op
+    (the plan set as auto decides it on CUDA, so only the conv kernels differ; tests/test_packed.py checks the
+    op's packed paths), fp32, every parameter moved off its init."""
+    from test_layers import perturb_
+
+    from ttt.layers.ttt import Plan, TTTLayer
+    torch.manual_seed(seed)
+    ref = perturb_(TTTLayer(16, 2, inner=kind, mini_batch=4, backend="dual", fused=False), seed + 1)
+    ref.base_lr *= 4.0
+    fast = TTTLayer(16, 2, inner=kind, mini_batch=4, backend="dual", fused=None)
+    fast.load_state_dict(ref.state_dict())
+    fast.base_lr = ref.base_lr
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    key = (torch.device(DEV).type, torch.float32)
+    fast._plans[key] = Plan(fast.prepare(torch.device(DEV), torch.float32).op, True)
+    return ref, fast
+
+
+def layer_rows(st, i):
+    return [t[i] for t in (*st.op.params, *st.op.accum, st.conv)]
+
+
+@pytest.mark.parametrize("start", ["fresh", "carried"])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fused_layer_packed_equals_pytorch_path_and_documents_alone(kind, start, monkeypatch):
+    """A TTT layer (mamba backbone) on packed documents with the conv kernels (fused auto) == the PyTorch layer path
+    on the same packed input == each document alone: outputs, every final state row (inner weights, accumulators,
+    conv window) and the gradients of x and every parameter. "carried": the documents continue from a packed call
+    over prefixes of unequal lengths (a window row and a start position per document)."""
+    calls, real = [], fused_layer.conv_rope
+    monkeypatch.setattr(fused_layer, "conv_rope", lambda *a, **k: calls.append(k["cu_seqlens"]) or real(*a, **k))
+    ref, fast = packed_layers(kind)
+    g = torch.Generator().manual_seed(5)
+    lens = PACKED_LENS
+    pre = [3, 5, 1, 4, 2, 7] if start == "carried" else None
+    x = torch.randn(1, sum(lens), 16, generator=g).to(DEV).requires_grad_(True)
+    xp = None if pre is None else torch.randn(1, sum(pre), 16, generator=g).to(DEV)
+    outs = {}
+    for name, layer in (("fused", fast), ("torch", ref)):
+        st = None if pre is None else layer(xp, cu_seqlens=cu_of(pre))[1]
+        y, fin = layer(x, st, cu_seqlens=cu_of(lens))
+        outs[name] = [y] + [t for i in range(len(lens)) for t in layer_rows(fin, i)]
+        assert fin.pos == tuple(p + n for p, n in zip(pre or [0] * len(lens), lens))
+    ys, alone = [], []
+    for i, (s, e) in enumerate(zip(cu_of(lens)[:-1].tolist(), cu_of(lens)[1:].tolist())):
+        sti = None
+        if pre is not None:
+            a, b = cu_of(pre)[i].item(), cu_of(pre)[i + 1].item()
+            sti = ref(xp[:, a:b])[1]
+        yi, fi = ref(x[:, s:e], sti)
+        ys.append(yi)
+        alone += layer_rows(fi, 0)
+    outs["alone"] = [torch.cat(ys, 1)] + alone
+    assert len(calls) == (2 if pre else 1) and all(c is not None for c in calls)  # the kernels ran, packed
+    g2 = torch.Generator().manual_seed(7)
+    ws = [torch.randn(t.shape, generator=g2).to(DEV) for t in outs["alone"]]
+    grads = {}
+    for name, layer in (("fused", fast), ("torch", ref), ("alone", ref)):
+        loss = sum((t * w).sum() for t, w in zip(outs[name], ws))
+        grads[name] = torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)
+    names = ["x", *(n for n, _ in ref.named_parameters())]
+    for other in ("torch", "alone"):
+        for i, (a, e) in enumerate(zip(outs["fused"], outs[other])):
+            assert rel(a.cpu(), e.cpu()) < 1e-4 or e.abs().max() == a.abs().max() == 0, (other, "value", i)
+        for n, a, e in zip(names, grads["fused"], grads[other]):
+            if e is None:
+                assert a is None or not a.any(), (other, n)
+                continue
+            assert rel(a.cpu(), e.cpu()) < 1e-3, (other, n)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fused_true_takes_packed_documents(kind, monkeypatch):
+    """fused=True (with the op's triton backend) runs the conv kernels on packed documents (it refused them
+    before): the outputs and the states of fused=False on the same packed input."""
+    from ttt.layers.ttt import TTTLayer
+    calls, real = [], fused_layer.conv_rope
+    monkeypatch.setattr(fused_layer, "conv_rope", lambda *a, **k: calls.append(k["cu_seqlens"]) or real(*a, **k))
+    torch.manual_seed(0)
+    ref = TTTLayer(16, 2, inner=kind, mini_batch=4, backend="triton", fused=False)
+    fast = TTTLayer(16, 2, inner=kind, mini_batch=4, backend="triton", fused=True)
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    x, cu = torch.randn(1, 10, 16, device=DEV), cu_of([1, 6, 3])
+    with torch.no_grad():
+        yr, sr = ref(x, cu_seqlens=cu)
+        yf, sf = fast(x, cu_seqlens=cu)
+    assert len(calls) == 1 and calls[0] is not None
+    assert rel(yf.cpu(), yr.cpu()) < 1e-5 and rel(sf.conv.cpu(), sr.conv.cpu()) < 1e-6 and sf.pos == sr.pos == (1, 6, 3)
+    for a, e in zip(sf.op.params, sr.op.params):
+        assert rel(a.cpu(), e.cpu()) < 1e-5

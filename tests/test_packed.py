@@ -134,27 +134,6 @@ def test_packed_states_continue_packed_calls_only():
         Attention(16, 2)(torch.randn(1, 5, 16), Attention(16, 2).init_state(1), cu_seqlens=torch.tensor([0, 5]))
 
 
-def test_auto_fused_layer_leaves_packed_documents_to_the_pytorch_path():
-    """fused=None (auto) runs the fused kernels where it may (CUDA); packed documents are not such a place: the
-    layer takes its PyTorch path for them, with the same results as fused=False. The plan is set as auto decides
-    it on CUDA."""
-    from ttt.layers.ttt import Plan
-    torch.manual_seed(0)
-    ref = TTTLinear(16, 2, mini_batch=B_MB, fused=False)
-    auto = TTTLinear(16, 2, mini_batch=B_MB, fused=None)
-    auto.load_state_dict(ref.state_dict())
-    auto._plans[("cpu", torch.float32)] = Plan(auto.prepare(torch.device("cpu"), torch.float32).op, True)
-    x, cu = torch.randn(1, 12, 16), cu_of([5, 7])
-    torch.testing.assert_close(auto(x, cu_seqlens=cu)[0], ref(x, cu_seqlens=cu)[0], rtol=0, atol=0)
-
-
-def test_fused_kernels_refuse_boundaries():
-    with pytest.raises(ValueError, match=r"^cu_seqlens: the fused layer kernels \(fused=True\)"):
-        TTTLinear(16, 2, fused=True)(torch.randn(1, 5, 16), cu_seqlens=torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match=r"^cu_seqlens: the Triton conv kernel"):
-        CausalConv1d(16, backend="triton")(torch.randn(1, 5, 16), cu_seqlens=torch.tensor([0, 5]))
-
-
 # ----------------------------------------------------------------------------- the TTT op reference
 
 def op_rows(kind, n, d=4, H=2, seed=3):
@@ -601,8 +580,8 @@ def test_gpu_flex_attention_equals_sdpa_mask(dtype, tol):
 @pytest.mark.parametrize("mixer", ["attention", "ttt_linear", "ttt_linear+auto", "mamba"])
 def test_gpu_model_packed_equals_separate(mixer):
     """On the GPU's own paths (FlexAttention, the TTT op's triton kernels on the packed sequence, mamba_ssm when
-    installed; +auto: RunOptions(fused_layer=None), the fused layer kernels for the documents alone, the PyTorch
-    layer path around the op for the packed sequence): the packed model's logits equal the documents' alone, and
+    installed; +auto: RunOptions(fused_layer=None), the fused layer kernels (the convs + RoPE, the pre-conv) for the
+    packed sequence and for the documents alone): the packed model's logits equal the documents' alone, and
     training steps run."""
     torch.manual_seed(0)
     mixer, _, auto = mixer.partition("+")

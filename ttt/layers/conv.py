@@ -30,7 +30,8 @@ class CausalConv1d(nn.Module):
     The state is the last `width - 1` inputs, [B, width-1, C]; zeros at the start of a sequence.
     forward(x, state) over any split of a sequence equals one forward over the whole sequence.
     forward(x, state, cu_seqlens=cu) on packed documents (x: [1, T, C]): no window reaches across a boundary;
-    the state has one row per document ([N, width-1, C], or None for zeros), and so has the returned one.
+    the state has one row per document ([N, width-1, C], or None for zeros), and so has the returned one (both
+    backends; `_packed` is the reference).
     backend: "torch" (cuDNN on CUDA in eager mode, else shifted products), "triton" (the fused kernel of
     ops/fused_layer.py: CUDA, or Triton's interpreter), "auto" ("triton" for CUDA fp32/fp16/bf16 inputs when
     Triton imports, else "torch"; the default).
@@ -81,11 +82,12 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens=None):
         B, T, C = x.shape
-        if cu_seqlens is not None:
-            return self._packed(x, state, cu_seqlens)
         if self._use_kernel(x):
             from ..ops.fused_layer import causal_conv
-            return causal_conv(x if x.stride(-1) == 1 else x.contiguous(), state, self.weight, self.bias)
+            return causal_conv(x if x.stride(-1) == 1 else x.contiguous(), state, self.weight, self.bias,
+                               cu_seqlens=cu_seqlens)
+        if cu_seqlens is not None:
+            return self._packed(x, state, cu_seqlens)
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         xs = torch.cat([state.to(x.dtype), x], dim=1)  # [B, width-1+T, C]
@@ -104,12 +106,9 @@ class CausalConv1d(nn.Module):
     def _packed(self, x: torch.Tensor, state: torch.Tensor | None, cu_seqlens):
         """forward on packed documents: tap j of token t reads x[t - s] (s = width-1-j tokens back) when that
         token is in t's document, else its document's own start window; the final windows are gathered the
-        same way at every document's end."""
+        same way at every document's end (`packed_windows`). The reference of the kernel's packed path."""
         from ..ops.packed import packing
 
-        if self.backend == "triton":
-            raise ValueError("cu_seqlens: the Triton conv kernel (backend='triton', fused_layer) does not take "
-                             "document boundaries; use backend='torch' (fused_layer off) for packed documents")
         T, C, n = x.shape[1], self.channels, self.width - 1
         pk = packing(cu_seqlens, T, x.device, batch_size=x.shape[0],
                      state_rows=None if state is None else state.shape[0])
@@ -124,9 +123,20 @@ class CausalConv1d(nn.Module):
             y = y + torch.where((pos >= s)[:, None], back, own) * w[:, 0, n - s]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        ends, lengths = pk.cu_seqlens[1:], pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]  # [N] each
-        rows = torch.arange(N, device=x.device)
-        window = [torch.where((lengths - n + k >= 0)[:, None], xs[(ends - n + k).clamp(min=0)],
-                              state[rows, (lengths + k).clamp(max=n - 1)]) for k in range(n)]  # n x [N, C]
-        final = torch.stack(window, dim=1) if n else state  # [N, width-1, C]
-        return y[None], final
+        return y[None], packed_windows(xs, state, pk, n)
+
+
+def packed_windows(x: torch.Tensor, state: torch.Tensor | None, pk, n: int) -> torch.Tensor:
+    """Every packed document's last n inputs [N, n, C] (its window after this call): x [T, C] the packed inputs,
+    state [N, n, C] the documents' windows before it (None: zeros; in x's dtype), pk their `Packing`. A document
+    shorter than n keeps the last n - length rows of its old window first."""
+    N = pk.num_docs
+    if state is None:
+        state = x.new_zeros(N, n, x.shape[-1])
+    if not n:
+        return state
+    ends, lengths = pk.cu_seqlens[1:], pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]  # [N] each
+    rows = torch.arange(N, device=x.device)
+    window = [torch.where((lengths - n + k >= 0)[:, None], x[(ends - n + k).clamp(min=0)],
+                          state[rows, (lengths + k).clamp(max=n - 1)]) for k in range(n)]  # n x [N, C]
+    return torch.stack(window, dim=1)  # [N, n, C]

@@ -249,33 +249,35 @@ class TTTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: TTTLayerState | None = None, cu_seqlens=None):
         """x: [B, T, D] -> (y [B, T, D], new state). With cu_seqlens (int64 [N + 1], or a `Packing`) x holds
-        N packed documents ([1, T, D]), each run alone; the state has one row per document (docs/packed.md)."""
+        N packed documents ([1, T, D]), each run alone; the state has one row per document (docs/packed.md).
+        Packed documents take the same path as any call: the fused layer kernels where the plan runs them."""
         self._check(x, state)
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
         pk = None
         if cu_seqlens is not None:
             pk = packing(cu_seqlens, T, x.device, batch_size=B, state_rows=None if state is None else state.op.batch_size)
-            if self.fused:
-                raise ValueError("cu_seqlens: the fused layer kernels (fused=True) do not take document boundaries; "
-                                 "use fused=False for packed documents")
         elif state is not None and not isinstance(state.pos, int):
             raise ValueError("state: a state of packed documents (one position per document) continues packed "
                              "documents only; pass cu_seqlens")
         rows = B if pk is None else pk.num_docs
+        fresh = state is None
         if state is None:
             state = self.init_state(rows, x.device)
         elif state.op.batch_size != rows:
             raise ValueError(f"state: expected batch size {rows} like x, got {state.op.batch_size}")
         plan = self._plans.get((x.device.type, x.dtype)) or self.prepare(x.device, x.dtype)
-        fused = plan.fused and pk is None  # auto leaves packed documents to the PyTorch path (True refused them above)
-        if fused and T == 1 and self.kind == "linear" and self.backbone == "mamba" and not torch.is_grad_enabled():
+        fused = plan.fused
+        if fused and pk is None and T == 1 and self.kind == "linear" and self.backbone == "mamba" \
+                and not torch.is_grad_enabled():
             return self._decode_fused(x, state)
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
-            q, k, conv = conv_rope(self.qk_proj(x), state.conv, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
-                                   mini_batch=self.mini_batch, head_dim=d, rope_base=self.rope_base)
+            # packed documents from a fresh state: no window (zeros), so the kernels skip reading and differentiating it
+            win = None if pk is not None and fresh else state.conv
+            q, k, conv = conv_rope(self.qk_proj(x), win, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
+                                   mini_batch=self.mini_batch, head_dim=d, rope_base=self.rope_base, cu_seqlens=pk)
             q, k = q.view(B, T, H, d), k.view(B, T, H, d)  # [B,T,D] -> [B,T,H,d], RoPE already applied
         else:
             if self.backbone == "mamba":

@@ -2,6 +2,7 @@
 
     q, k, win = conv_rope(u, win, wq, bq, wk, bk, pos, mini_batch=16, head_dim=64, rope_base=1e4)
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
+    q, k, wins = conv_rope(u, wins, ..., pos, ..., cu_seqlens=cu)  # packed documents (docs/packed.md)
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1
 inputs before u; zeros at a sequence start); wq, wk [D, 1, W], bq, bk [D]. Two depthwise causal convs of the
@@ -10,6 +11,16 @@ pairs (2i, 2i+1) of every head by angle p * base^(-2i/head_dim). Returns q, k [B
 and the new window. The conv sums and the rotation run in fp32 with one rounding at the end (the PyTorch layer
 path rounds after the conv too). The references are `layers/conv.py` (shifted products) and
 `layers/attention.apply_rope`; tests/test_fused_layer.py compares them on outputs and every gradient.
+
+Packed documents (`cu_seqlens=`, int64 [N + 1] or a `ttt.ops.packed.Packing`; both functions): u [1, T, D] holds N
+documents, win [N, W-1, D] one window row per document (None: zeros) and pos an int or one start position per
+document. Each document is computed alone, as `layers/conv.CausalConv1d`'s packed path defines it: a tap never
+reaches across a boundary (a document's first W-1 rows read its own window row), RoPE at (start + position in the
+document) mod mini_batch; the new windows [N, W-1, D] are gathered in PyTorch (`layers/conv.packed_windows`). The
+kernels take every row's position (and document, with a window) as int32 [T] under a constexpr PACKED, so the
+unpacked specialisation compiles to the same code as without it; RoPE's once-per-program angles (PERIODIC) do not
+apply to packed rows. The window's gradient is summed in PyTorch from the output gradient of every document's first
+W-1 rows, which the backward kernel writes out (`_window_grads`).
 
 The post-LayerNorm x GELU gate after the op stays in PyTorch: under torch.compile Inductor fuses it into one
 kernel that measured as fast as a hand-written one (docs/kernels_notes.md). Each kernel above is a
@@ -67,6 +78,25 @@ def _xs_tile(x_ptr, s_ptr, row, cols, rmask, cmask, x_off, s_off, x_st, s_st, j:
 
 
 @triton.jit
+def _xs_tile_packed(x_ptr, s_ptr, row, p, dc, cols, rmask, cmask, x_st, s_sb, s_st, j: tl.constexpr,
+                    W: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Packed documents: the [BT, BC] tile that tap j reads for the output rows `row` at positions p within their
+    documents (dc: their document indices), fp32: x row row + j - (W-1) where p + j - (W-1) >= 0 (inside the
+    document), else the document's window row p + j (zeros without a window)."""
+    inside = p >= W - 1 - j
+    m = inside & rmask
+    xv = tl.load(x_ptr + (row + j - (W - 1))[:, None] * x_st + cols[None, :], mask=m[:, None] & cmask[None, :],
+                 other=0.0)
+    xv = xv.to(tl.float32)
+    if HAS_STATE:
+        ms = (p < W - 1 - j) & rmask
+        sv = tl.load(s_ptr + (dc * s_sb + (p + j) * s_st)[:, None] + cols[None, :], mask=ms[:, None] & cmask[None, :],
+                     other=0.0)
+        xv += sv.to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _taps(w_ptr, cols, cmask, W: tl.constexpr):
     """The W taps of the depthwise weights [D, 1, W] for the channels cols: a tuple of fp32 [BC]."""
     out = ()
@@ -101,13 +131,17 @@ def _segment(T_rows, SEG, BT: tl.constexpr):
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr,
+    x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr, tok_ptr, doc_ptr,
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
     # program: a channel block, a batch, a segment of SEG output rows (SEG % BT == 0; PERIODIC: BT % MB == 0, so
-    # every tile's rows have the positions mod b of the first tile and RoPE's angles are computed once)
+    # every tile's rows have the positions mod b of the first tile and RoPE's angles are computed once).
+    # PACKED (one sequence of documents, B = 1, PERIODIC off): tok [T] = position in the document * MB + RoPE
+    # position mod MB of every row, doc [T] its document (read with a window only): a tap reaching before the
+    # document's first row reads the document's window row (`_xs_tile_packed`); RoPE at the row's own position.
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T, SEG, BT)
     c0 = pc * BC
@@ -127,15 +161,26 @@ def _conv_fwd_kernel(
     for t0 in range(lo, hi, BT):
         t = t0 + i
         tmask = t < T
+        if PACKED:
+            tk = tl.load(tok_ptr + t, mask=tmask, other=0)
+            p = tk // MB
+            dc = p
+            if HAS_STATE:
+                dc = tl.load(doc_ptr + t, mask=tmask, other=0)
         ya = tl.zeros([BT, BC], dtype=tl.float32) + bias_a[None, :]
         yb = tl.zeros([BT, BC], dtype=tl.float32) + bias_b[None, :]
         for j in tl.static_range(W):
-            xs = _xs_tile(x_ptr, s_ptr, t, cols, tmask, cmask, x_off, s_off, x_st, s_st, j, W, HAS_STATE)
+            if PACKED:
+                xs = _xs_tile_packed(x_ptr, s_ptr, t, p, dc, cols, tmask, cmask, x_st, s_sb, s_st, j, W, HAS_STATE)
+            else:
+                xs = _xs_tile(x_ptr, s_ptr, t, cols, tmask, cmask, x_off, s_off, x_st, s_st, j, W, HAS_STATE)
             ya += xs * wa[j][None, :]
             if TWO:
                 yb += xs * wb[j][None, :]
         if ROPE:
-            if not PERIODIC:
+            if PACKED:
+                cs, sn = _angles(tk % MB, c0, log2_base, HD, BC)
+            elif not PERIODIC:
                 cs, sn = _angles((pos0 + t) % MB, c0, log2_base, HD, BC)
             ya = _rot(ya, cs, sn, BT, BC)
             if TWO:
@@ -174,17 +219,39 @@ def _bwd_tap(dy_ptr, raw, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, 
 
 
 @triton.jit
+def _bwd_tap_packed(dy_ptr, raw, y_off, t, same, cols, cmask, T, D, c, s, j: tl.constexpr, ROPE: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
+    """Packed documents: the output gradient at rows t = u - j, fp32 [BT, BC], un-rotated by the angles (c, s) of
+    their positions; for j > 0 zero where row t is not in the document of xs row u (`same`), for j = 0 (raw: the
+    rows already loaded) every row, masked by the caller (the bias and the window take every row)."""
+    if j == 0:
+        g = raw.to(tl.float32)
+    else:
+        m = same & (t >= 0) & (t < T)
+        g = tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
+        g = g.to(tl.float32)
+    if ROPE:
+        g = _rot(g, c, -s, BT, BC)
+    return g
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
+    tok_ptr, doc_ptr, gwa_ptr, gwb_ptr,
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
-    MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x) (u in [0, T + W - 1); u <
     # W - 1: window rows). With g the un-rotated output gradient, g_j[u] = g[u - j]:
     #   dxs[u] = sum_j w[:, j] g_j[u]  -> dx (u >= W - 1) or the window's gradient (u < W - 1)
     #   dw[:, j] = sum_u g_j[u] xs[u],  db = sum_u g_0[u]  (summed in registers over the segment, reduced at the end)
     # The tap-0 rows (the only ones not read by an earlier tap or tile) and x are loaded one tile ahead.
+    # PACKED (B = 1, tok and doc as in the forward; PERIODIC off): xs has no window rows (u < W - 1 reads zeros),
+    # g_j[u] counts only where output row u - j is in x row u - (W-1)'s document (its position >= W - 1 - j), and
+    # with a window the un-rotated g of every document's first W - 1 rows goes to gw [N, W-1, D] (fp32, zeroed)
+    # by (document, position): the window's gradient and its share of dw are summed from it in PyTorch.
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T + W - 1, SEG, BT)
     c0 = pc * BC
@@ -210,40 +277,80 @@ def _conv_bwd_kernel(
     u = lo + i
     na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
     nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
-    nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, HAS_STATE)
+    if PACKED:
+        nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, False)
+    else:
+        nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, HAS_STATE)
     for u0 in range(lo, hi, BT):
         u = u0 + i
         ra, rb, xs = na, nb, nx
         na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
         if TWO:
             nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
-        nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
-                      HAS_STATE)
+        if PACKED:
+            nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
+                          False)
+        else:
+            nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
+                          HAS_STATE)
         gx = tl.zeros([BT, BC], dtype=tl.float32)
         ndwa = ()
         ndwb = ()
         for j in tl.static_range(W):
-            ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE, PERIODIC,
-                          MB, HD, BT, BC)
-            gx += ga * wa[j][None, :]
-            ndwa = ndwa + (dwa[j] + ga * xs,)
-            if j == 0:
-                dba += ga
-            if TWO:
-                gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                              PERIODIC, MB, HD, BT, BC)
-                gx += gb * wb[j][None, :]
-                ndwb = ndwb + (dwb[j] + gb * xs,)
+            if PACKED:
+                t = u - j  # the output rows that xs rows u feed through tap j
+                tk = tl.load(tok_ptr + t, mask=(t >= 0) & (t < T), other=0)
+                same = tk // MB >= W - 1 - j
+                c = tk
+                s = tk
+                if ROPE:
+                    c, s = _angles(tk % MB, c0, log2_base, HD, BC)
+                ga = _bwd_tap_packed(dya_ptr, ra, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
+                if TWO:
+                    gb = _bwd_tap_packed(dyb_ptr, rb, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
                 if j == 0:
-                    dbb += gb
+                    dba += ga
+                    if TWO:
+                        dbb += gb
+                    if HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
+                        wm = (tk // MB < W - 1) & (u < T)
+                        dc = tl.load(doc_ptr + u, mask=wm, other=0)
+                        g_off = (dc * (W - 1) + tk // MB)[:, None] * D + cols[None, :]
+                        tl.store(gwa_ptr + g_off, ga, mask=wm[:, None] & cmask[None, :])
+                        if TWO:
+                            tl.store(gwb_ptr + g_off, gb, mask=wm[:, None] & cmask[None, :])
+                    ga = tl.where(same[:, None], ga, 0.0)
+                    if TWO:
+                        gb = tl.where(same[:, None], gb, 0.0)
+                gx += ga * wa[j][None, :]
+                ndwa = ndwa + (dwa[j] + ga * xs,)
+                if TWO:
+                    gx += gb * wb[j][None, :]
+                    ndwb = ndwb + (dwb[j] + gb * xs,)
+                else:
+                    ndwb = ndwb + (dwb[j],)
             else:
-                ndwb = ndwb + (dwb[j],)
+                ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
+                              PERIODIC, MB, HD, BT, BC)
+                gx += ga * wa[j][None, :]
+                ndwa = ndwa + (dwa[j] + ga * xs,)
+                if j == 0:
+                    dba += ga
+                if TWO:
+                    gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
+                                  PERIODIC, MB, HD, BT, BC)
+                    gx += gb * wb[j][None, :]
+                    ndwb = ndwb + (dwb[j] + gb * xs,)
+                    if j == 0:
+                        dbb += gb
+                else:
+                    ndwb = ndwb + (dwb[j],)
         dwa = ndwa
         dwb = ndwb
         r = u - (W - 1)  # the x row of xs row u
         tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
                  mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
-        if HAS_STATE:
+        if HAS_STATE and not PACKED:
             tl.store(ds_ptr + b * (W - 1) * D + u[:, None] * D + cols[None, :], gx.to(ds_ptr.dtype.element_ty),
                      mask=(r < 0)[:, None] & cmask[None, :])
     prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
@@ -285,11 +392,14 @@ def conv_launch(T: int, D: int, device: torch.device) -> ConvLaunch:
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
-              launch: ConvLaunch | None = None):
+              launch: ConvLaunch | None = None, tok=None, doc=None):
+    """The forward kernel's launch. Packed documents (B = 1): tok, doc int32 [T] (`_packed_rows`; doc only with a
+    window, whose rows are the documents'), pos0 unused (tok carries the RoPE positions)."""
     B, T, D = x.shape
     W = wa.shape[-1]
     L = launch or conv_launch(T, D, x.device)
     grid, seg, periodic = L.grid(T, D, B, mini_batch)
+    packed = tok is not None
     if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
         ba, bb = (torch.zeros_like(wa[:, 0, 0]) if ba is None else ba), (torch.zeros_like(wb[:, 0, 0]) if bb is None else bb)
     ya = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
@@ -297,50 +407,83 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
     st = win if win is not None else x
     _conv_fwd_kernel[grid](
         x, st, wa, ba if ba is not None else wa, wb if wb is not None else wa, bb if bb is not None else wa, ya, yb,
+        tok if packed else x, doc if doc is not None else x,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
-        W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None, PERIODIC=periodic,
-        MB=mini_batch, HD=head_dim, BT=L.BT, BC=L.BC, num_warps=L.warps)
+        W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None,
+        PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed,
+        num_warps=L.warps)
     return ya, yb
 
 
+def _window_grads(gw, win, w):
+    """Packed documents with a window: the window's gradient [N, W-1, D] and the weights' share of it [D, W] (fp32)
+    from gw [N, W-1, D], the un-rotated output gradient at every document's first W - 1 rows (zero past its end),
+    which tap j reads from window row p + j at the positions p < W - 1 - j."""
+    n = w.shape[-1] - 1
+    wf, sf = w[:, 0].float(), win.float()
+    ds, dw = torch.zeros_like(gw), torch.zeros_like(wf)
+    for j in range(n):
+        g = gw[:, :n - j]  # [N, n - j, D]: the positions that read window rows j ..
+        ds[:, j:] += g * wf[:, j]
+        dw[:, j] = (g * sf[:, j:]).sum((0, 1))
+    return ds, dw
+
+
 def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
-              launch: ConvLaunch | None = None):
+              launch: ConvLaunch | None = None, tok=None, doc=None):
+    """The backward kernel's launch and the sums of its partials: [dx, dwin or None, dwa, dba (, dwb, dbb)];
+    packed documents as in `_conv_fwd` (the window's gradient summed from the kernel's gw, `_window_grads`)."""
     B, T, D = x.shape
     W = wa.shape[-1]
     L = launch or conv_launch(T, D, x.device)
     grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch)
     P = B * grid[2]  # rows of the weight-gradient partial sums
-    two = wb is not None
+    two, packed = wb is not None, tok is not None
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None else dx
+    ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None and not packed else dx
     f32 = dict(dtype=torch.float32, device=x.device)
     dwa, dba = torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)
     dwb, dbb = (torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)) if two else (dwa, dba)
+    gwa = gwb = dwa
+    if packed and win is not None:  # written at each document's first W - 1 rows only: zeros past its end
+        gwa = torch.zeros((win.shape[0], W - 1, D), **f32)
+        gwb = torch.zeros_like(gwa) if two else gwa
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
     _conv_bwd_kernel[grid](
         x, st, wa, wb if two else wa, dya, dyb, dx, ds, dwa, dba, dwb, dbb,
+        tok if packed else x, doc if doc is not None else x, gwa, gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
-        W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic, MB=mini_batch, HD=head_dim,
-        BT=L.BT, BC=L.BC, num_warps=L.warps)
-    grads = [dx, ds if win is not None else None, dwa.sum(0).unsqueeze(1), dba.sum(0)]
+        W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
+        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, num_warps=L.warps)
+    dwa, dwb = dwa.sum(0), dwb.sum(0) if two else None
+    if packed and win is not None:
+        ds, dw_win = _window_grads(gwa, win, wa)
+        dwa = dwa + dw_win
+        if two:
+            ds_b, dw_win = _window_grads(gwb, win, wb)
+            ds, dwb = ds + ds_b, dwb + dw_win
+        ds = ds.to(win.dtype)
+    grads = [dx, ds if win is not None else None, dwa.unsqueeze(1), dba.sum(0)]
     if two:
-        grads += [dwb.sum(0).unsqueeze(1), dbb.sum(0)]
+        grads += [dwb.unsqueeze(1), dbb.sum(0)]
     return grads
 
 
-# The custom ops take the conv window and biases as optional tensors and the RoPE settings as plain numbers.
+# The custom ops take the conv window, the biases and the packed rows (tok, doc) as optional tensors and the RoPE
+# settings as plain numbers.
 @torch.library.custom_op("ttt::conv_rope_fwd", mutates_args=())
 def _conv_rope_fwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tensor, ba: torch.Tensor | None,
                       wb: torch.Tensor | None, bb: torch.Tensor | None, pos0: int, mini_batch: int, head_dim: int,
-                      rope_base: float, rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ya, yb = _conv_fwd(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope)
+                      rope_base: float, rope: bool, tok: torch.Tensor | None,
+                      doc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    ya, yb = _conv_fwd(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope, tok=tok, doc=doc)
     return ya, (yb if wb is not None else ya.new_empty(0))
 
 
 @_conv_rope_fwd_op.register_fake
-def _(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope):
+def _(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return y, (torch.empty_like(y) if wb is not None else x.new_empty(0))
 
@@ -348,13 +491,14 @@ def _(x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope):
 @torch.library.custom_op("ttt::conv_rope_bwd", mutates_args=())
 def _conv_rope_bwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor | None,
                       dya: torch.Tensor, dyb: torch.Tensor | None, pos0: int, mini_batch: int, head_dim: int,
-                      rope_base: float, rope: bool) -> list[torch.Tensor]:
-    g = _conv_bwd(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope)
+                      rope_base: float, rope: bool, tok: torch.Tensor | None,
+                      doc: torch.Tensor | None) -> list[torch.Tensor]:
+    g = _conv_bwd(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok=tok, doc=doc)
     return [t if t is not None else x.new_empty(0) for t in g]
 
 
 @_conv_rope_bwd_op.register_fake
-def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope):
+def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
     out = [torch.empty_like(x), torch.empty_like(win) if win is not None else x.new_empty(0),
            wa.new_empty(wa.shape, dtype=torch.float32), wa.new_empty(wa.shape[0], dtype=torch.float32)]
     if wb is not None:
@@ -363,25 +507,25 @@ def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope):
 
 
 def _conv_setup(ctx, inputs, output):
-    x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope = inputs
-    ctx.save_for_backward(x, win, wa, wb)
+    x, win, wa, ba, wb, bb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc = inputs
+    ctx.save_for_backward(x, win, wa, wb, tok, doc)
     ctx.meta = (ba is not None, bb is not None, pos0, mini_batch, head_dim, rope_base, rope)
 
 
 def _conv_backward(ctx, dya, dyb):
-    x, win, wa, wb = ctx.saved_tensors
+    x, win, wa, wb, tok, doc = ctx.saved_tensors
     has_ba, has_bb, pos0, mini_batch, head_dim, rope_base, rope = ctx.meta
     dya = torch.zeros_like(x) if dya is None else dya
     if wb is not None:
         dyb = torch.zeros_like(x) if dyb is None or dyb.numel() == 0 else dyb
     else:
         dyb = None
-    g = _conv_rope_bwd_op(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope)
+    g = _conv_rope_bwd_op(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc)
     dx, dwin, dwa, dba = g[:4]
     dwb, dbb = (g[4], g[5]) if wb is not None else (None, None)
     return (dx, dwin if win is not None else None, dwa.to(wa.dtype), dba.to(wa.dtype) if has_ba else None,
             None if wb is None else dwb.to(wb.dtype), dbb.to(wb.dtype) if has_bb else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _conv_rope_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -394,6 +538,28 @@ def _new_window(x: torch.Tensor, win: torch.Tensor | None, W: int) -> torch.Tens
         return x[:, T - (W - 1):].clone()
     prev = win if win is not None else x.new_zeros(B, W - 1, D)
     return torch.cat([prev[:, T:].to(x.dtype), x], dim=1)
+
+
+def _packed_rows(cu_seqlens, x, win, pos, mini_batch: int):
+    """Packed documents: (the `Packing`, tok, doc) for the kernels: tok int32 [T] = every row's position in its
+    document * mini_batch + its RoPE position mod mini_batch (the document's start position `pos`, an int or one
+    per document, plus that position), doc int32 [T] every row's document (None without a window). Made once
+    per packing (and start positions), so the layers of a model share them."""
+    from .packed import packing
+    B, T, _ = x.shape
+    pk = packing(cu_seqlens, T, x.device, batch_size=B, state_rows=None if win is None else win.shape[0])
+    if T * mini_batch >= 2 ** 31:
+        raise ValueError(f"x: packed documents of T * mini_batch < 2^31 rows for the conv kernels, got T = {T}")
+    key = ("fused_layer.tok", mini_batch, pos if isinstance(pos, int) else pk.row_positions(pos))
+    tok = pk.memoize(key, lambda: (pk.positions * mini_batch + pk.token_positions(pos) % mini_batch).to(torch.int32))
+    doc = None if win is None else pk.memoize("fused_layer.doc", lambda: pk.seq_idx.to(torch.int32))
+    return pk, tok, doc
+
+
+def _packed_new_window(x: torch.Tensor, win: torch.Tensor | None, pk, W: int) -> torch.Tensor:
+    """Packed documents: every document's last W-1 inputs [N, W-1, D] (`layers.conv.packed_windows`)."""
+    from ..layers.conv import packed_windows
+    return packed_windows(x[0], None if win is None else win.to(x.dtype), pk, W - 1)
 
 
 def _check_conv(name, x, w, b):
@@ -410,25 +576,37 @@ def _window_in(x, win):
     return None if win is None else win.to(x.dtype).contiguous()
 
 
-def conv_rope(x, win, wq, bq, wk, bk, pos: int, *, mini_batch: int, head_dim: int, rope_base: float = 10000.0):
+def conv_rope(x, win, wq, bq, wk, bk, pos, *, mini_batch: int, head_dim: int, rope_base: float = 10000.0,
+              cu_seqlens=None):
     """Two depthwise causal convs of x [B, T, D] then RoPE at position mod mini_batch (module docstring).
-    Returns (q, k [B, T, D] in x's dtype, new window [B, W-1, D])."""
+    Returns (q, k [B, T, D] in x's dtype, new window [B, W-1, D]). With cu_seqlens (int64 [N + 1] or a `Packing`):
+    x [1, T, D] holds N packed documents, win [N, W-1, D] or None, pos an int or one per document; the new
+    window [N, W-1, D]."""
     win_c = _window_in(x, win)
     if x.shape[-1] % 2 or head_dim % 2 or x.shape[-1] % head_dim:
         raise ValueError(f"head_dim: expected an even divisor of D = {x.shape[-1]}, got {head_dim}")
     _check_conv("wq", x, wq, bq)
     _check_conv("wk", x, wk, bk)
-    q, k = _conv_rope_fwd_op(x, win_c, wq, bq, wk, bk, int(pos), int(mini_batch), int(head_dim), float(rope_base),
-                             True)
-    return q, k, _new_window(x, win, wq.shape[-1])
+    args = (int(mini_batch), int(head_dim), float(rope_base), True)
+    if cu_seqlens is None:
+        q, k = _conv_rope_fwd_op(x, win_c, wq, bq, wk, bk, int(pos), *args, None, None)
+        return q, k, _new_window(x, win, wq.shape[-1])
+    pk, tok, doc = _packed_rows(cu_seqlens, x, win, pos, int(mini_batch))
+    q, k = _conv_rope_fwd_op(x, win_c, wq, bq, wk, bk, 0, *args, tok, doc)
+    return q, k, _packed_new_window(x, win, pk, wq.shape[-1])
 
 
-def causal_conv(x, win, w, b):
-    """One depthwise causal conv of x [B, T, D] (no RoPE). Returns (y [B, T, D] in x's dtype, new window)."""
+def causal_conv(x, win, w, b, cu_seqlens=None):
+    """One depthwise causal conv of x [B, T, D] (no RoPE). Returns (y [B, T, D] in x's dtype, new window).
+    With cu_seqlens: packed documents as in `conv_rope`."""
     win_c = _window_in(x, win)
     _check_conv("w", x, w, b)
-    y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False)
-    return y, _new_window(x, win, w.shape[-1])
+    if cu_seqlens is None:
+        y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, None, None)
+        return y, _new_window(x, win, w.shape[-1])
+    pk, tok, doc = _packed_rows(cu_seqlens, x, win, 0, 1)
+    y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, tok, doc)
+    return y, _packed_new_window(x, win, pk, w.shape[-1])
 
 
 # ---------------------------------------------------------------- TTT-Linear (M) layer decode step
