@@ -36,7 +36,7 @@ class RunOptions:
         help="run the Triton kernels around the TTT op (the (M) layer's causal convs + RoPE, the block pre-conv, the "
              "TTT-Linear decode step); --no-fused-layer runs the PyTorch layer path, --fused-layer insists (needs "
              "the op's triton backend)",
-        default_text="auto: on where the op runs its triton backend on CUDA, except for packed documents"))
+        default_text="auto: on where the op runs its triton backend on CUDA"))
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
