@@ -201,11 +201,12 @@ def test_fused_layer_equals_reference_layer(kind):
         assert rel(pf.grad.cpu(), pr.grad.cpu()) < 1e-3, n
 
 
-def test_fused_layer_is_opt_in_and_never_falls_back():
+def test_fused_layer_is_auto_and_an_explicit_request_never_falls_back():
     from ttt.layers.ttt import TTTLayer
     x = torch.randn(1, 5, 16, device=DEV)
     plain = TTTLayer(16, 2, backend="triton").to(DEV)
-    assert not plain.prepare(x.device, x.dtype).fused  # the default runs the PyTorch layer path around the op
+    # the default (auto) runs the kernels around the triton op on CUDA, the PyTorch layer path elsewhere
+    assert plain.prepare(x.device, x.dtype).fused == (DEV == "cuda")
     with pytest.raises(ValueError, match="^fused"):
         TTTLayer(16, 2, backend="dual", fused=True).to(DEV)(x)
     with pytest.raises(ValueError, match="^fused"):
