@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, random_inputs, rel  # noqa: E402
 from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op, triton_backend  # noqa: E402
-from ttt.ops.packed import per_document  # noqa: E402
+from ttt.ops.packed import packing, per_document  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
 
@@ -174,6 +174,23 @@ def test_layer_on_the_kernels_packed_equals_separate(kind, backbone):
         if b is not None and b.abs().max() > 0:
             assert rel(a, b) < 1e-4
 
+
+
+def test_packed_call_derives_only_what_the_kernels_read():
+    """A packed call on the kernels builds its rows and its documents' partial last mini-batches once per packing,
+    each from the host boundaries (one copy, `packed.upload`), and neither the document index nor the position of
+    every token (the layers' `Packing.seq_idx` / `positions`, made on first use)."""
+    lens = [5, 16, 27]
+    leaves, st = packed_case("linear", lens, "fresh")
+    pk = packing(cu_of(lens), sum(lens), DEV)
+    run(resolve_op("linear", "triton", DEV, torch.float32), leaves, st, pk)
+    assert set(pk.memo) == {("ttt_rows", B_MB, triton_backend.GROUP), ("ttt_tails", B_MB)}
+    rows = pk.memo[("ttt_rows", B_MB, triton_backend.GROUP)]
+    assert rows.span.dtype == torch.int32 and rows.span.tolist() == [[0, 5, 0], [5, 21, 1], [21, 48, 2]]
+    win = pk.memo[("ttt_tails", B_MB)]  # the last L % b tokens of each document
+    assert win.valid.sum(1).tolist() == [5, 0, 3] and win.tokens[win.valid].tolist() == [0, 1, 2, 3, 4, 45, 46, 47]
+    assert torch.equal(pk.seq_idx.cpu(), torch.tensor([0] * 5 + [1] * 16 + [2] * 27))
+    assert torch.equal(pk.positions.cpu(), torch.cat([torch.arange(n) for n in lens]))
 
 
 @pytest.mark.gpu

@@ -3,9 +3,10 @@ boundaries given as `cu_seqlens` (int64 [N + 1], 0 = cu[0] < ... < cu[N] = T), e
 it were alone: every state (TTT weights, conv windows, attention, SSM) starts afresh at its first token.
 
 `packing(cu_seqlens, T, device)` checks the boundaries once (`common.check_cu_seqlens`) and returns a
-`Packing`: the boundaries on the host and on the device, and what every layer derives from them (the
-document index and the position within its document of every token). Layers take either a cu_seqlens
-tensor or a `Packing`, so a model checks and derives once per forward, not once per layer.
+`Packing`: the boundaries on the host and on the device, and what layers derive from them (the document index
+and the position within its document of every token, made on first use: the TTT op alone needs neither). Layers
+take either a cu_seqlens tensor or a `Packing`, so a model checks and derives once per forward, not once per
+layer.
 
 `per_document(op, x, state, cu_seqlens)` is the slowest reference for the TTT op on packed input: each
 document alone through `op` (a `TTTOp`, or any callable op(x: TTTInputs, state)), the final state of every
@@ -31,9 +32,20 @@ class Packing:
 
     cu_seqlens: torch.Tensor  # int64 [N + 1] on the tokens' device
     bounds: tuple  # the same N + 1 offsets as host ints
-    seq_idx: torch.Tensor  # int64 [T]: the document of every token
-    positions: torch.Tensor  # int64 [T]: every token's position within its document (0 at its first token)
     memo: dict = field(default_factory=dict, repr=False)  # what a layer derives once per call (attention masks)
+
+    @property
+    def seq_idx(self) -> torch.Tensor:
+        """int64 [T]: the document of every token (made on first use)."""
+        cu, n = self.cu_seqlens, self.num_docs
+        return self.memoize("seq_idx", lambda: torch.repeat_interleave(
+            torch.arange(n, device=cu.device), cu[1:] - cu[:-1], output_size=self.total))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 [T]: every token's position within its document, 0 at its first token (made on first use)."""
+        cu = self.cu_seqlens
+        return self.memoize("positions", lambda: torch.arange(self.total, device=cu.device) - cu[self.seq_idx])
 
     @property
     def num_docs(self) -> int:
@@ -75,13 +87,22 @@ class Packing:
         starts = self.row_positions(pos)
         if not any(starts):
             return self.positions
-        return torch.tensor(starts, device=self.positions.device)[self.seq_idx] + self.positions
+        return upload(starts, torch.int64, self.positions.device)[self.seq_idx] + self.positions
 
     def memoize(self, key: str, make):
         """make() the first time `key` is asked for on this packing, the same object after that."""
         if key not in self.memo:
             self.memo[key] = make()
         return self.memo[key]
+
+
+def upload(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """Host values (a list, or a CPU tensor) as a tensor of `dtype` on `device` without waiting for the device: on
+    CUDA through pinned memory, copied asynchronously (the caching host allocator keeps the block until the copy
+    has run; a plain `torch.tensor(..., device=cuda)` synchronizes the stream)."""
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():  # traced: a constant of the graph
+        return torch.as_tensor(values, dtype=dtype).to(device)
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def packing(cu_seqlens, T: int, device=None, *, batch_size: int = 1, state_rows: int | None = None) -> Packing:
@@ -94,10 +115,7 @@ def packing(cu_seqlens, T: int, device=None, *, batch_size: int = 1, state_rows:
     bounds = check_cu_seqlens(cu_seqlens, T, batch_size, state_rows)
     device = device if device is not None else cu_seqlens.device
     cu = cu_seqlens.to(device, non_blocking=True)  # no stream sync: its host values are read above
-    n = len(bounds) - 1
-    seq_idx = torch.repeat_interleave(torch.arange(n, device=device), cu[1:] - cu[:-1], output_size=T)  # [T]
-    positions = torch.arange(T, device=device) - cu[seq_idx]  # [T]
-    return Packing(cu, tuple(bounds), seq_idx, positions)
+    return Packing(cu, tuple(bounds))
 
 
 def per_document(op, x: TTTInputs, state: TTTState, cu_seqlens):
@@ -134,20 +152,12 @@ class Window:
     @staticmethod
     def of(first, lo, hi, b: int, device) -> "Window":
         """Window r covers tokens first[r] .. first[r] + b - 1 and holds those in [lo[r], hi[r]) (host int lists;
-        hi[r] >= 1)."""
+        hi[r] >= 1). Built on the host, copied without waiting for the device (`upload`)."""
         first, lo, hi = (torch.tensor(t, dtype=torch.int64) for t in (first, lo, hi))
         tok = first[:, None] + torch.arange(b)  # [R, b]
         valid = (tok >= lo[:, None]) & (tok < hi[:, None])
-        return Window(torch.where(valid, tok, hi[:, None] - 1).to(device), valid.to(device))
-
-    @staticmethod
-    def tails(cu_seqlens: torch.Tensor, b: int) -> "Window":
-        """One window per document: its last L % b tokens (none when L % b == 0), built on cu_seqlens' device."""
-        end = cu_seqlens[1:]
-        r = (end - cu_seqlens[:-1]) % b  # [N]
-        slot = torch.arange(b, device=end.device)
-        valid = slot < r[:, None]  # [N, b]
-        return Window(torch.where(valid, (end - r)[:, None] + slot, end[:, None] - 1), valid)
+        return Window(upload(torch.where(valid, tok, hi[:, None] - 1), torch.int64, device),
+                      upload(valid, torch.bool, device))
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """t [T, ...] (one packed sequence) -> [R, b, ...], zero in the empty slots (where: no 0 * NaN)."""
@@ -171,11 +181,11 @@ def document_windows(pk: Packing, starts, b: int):
         docs = [i for i in order if n_win[i] > j]
         first = [pk.bounds[i] - off[i] + j * b for i in docs]
         win = Window.of(first, [pk.bounds[i] for i in docs], [pk.bounds[i + 1] for i in docs], b, dev)
-        done = torch.tensor([(j + 1) * b <= off[i] + pk.lengths[i] for i in docs], device=dev)
+        done = upload([(j + 1) * b <= off[i] + pk.lengths[i] for i in docs], torch.bool, dev)
         steps.append((win, done))
         placed.append(win.tokens[win.valid])
     inverse = torch.argsort(torch.cat(placed))  # [T]
-    return torch.tensor(order, device=dev), steps, inverse
+    return upload(order, torch.int64, dev), steps, inverse
 
 
 def scan(body, x: TTTInputs, state: TTTState, residual: bool = True):
@@ -228,7 +238,7 @@ def scan(body, x: TTTInputs, state: TTTState, residual: bool = True):
 
 def rows_of(state: TTTState, rows) -> TTTState:
     """The state of the given rows (host ints; pos: theirs when per row)."""
-    idx = torch.tensor(rows, device=state.params[0].device)
+    idx = upload(rows, torch.int64, state.params[0].device)
     pos = state.pos if isinstance(state.pos, int) else tuple(state.pos[i] for i in rows)
     return TTTState(state.kind, tuple(p.index_select(0, idx) for p in state.params),
                     tuple(a.index_select(0, idx) for a in state.accum), pos)

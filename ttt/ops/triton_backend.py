@@ -36,7 +36,7 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 
 from . import REFERENCES, TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
-from .packed import Window, rows_of
+from .packed import Window, rows_of, upload
 from .triton_utils import Rows, batch_rows, document_rows
 from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_triton as _mlp_step_triton
@@ -255,10 +255,10 @@ class TritonOp(TTTOp):
             o, st = self.ref.dual(x.tokens(0, heads[0]), state)
             return o, torch.arange(heads[0], device=dev), st
         docs = [i for i, h in enumerate(heads) if h]
-        index = torch.cat([torch.arange(pk.bounds[i], pk.bounds[i] + heads[i]) for i in docs]).to(dev)
+        index = upload(torch.cat([torch.arange(pk.bounds[i], pk.bounds[i] + heads[i]) for i in docs]), torch.int64, dev)
         cu = torch.tensor([0] + [heads[i] for i in docs]).cumsum(0)
         o, st = self.ref.dual(x.select(index, cu), rows_of(state, docs))
-        idx = torch.tensor(docs, device=dev)
+        idx = upload(docs, torch.int64, dev)
         pos = list(pk.row_positions(state.pos))
         for i, p in zip(docs, st.pos):
             pos[i] = p
@@ -280,10 +280,9 @@ class TritonOp(TTTOp):
                 r = tails[0]
                 k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))
             else:
-                win = (Window.of([e - r for e, r in zip(pk.bounds[1:], tails)], [e - r for e, r in
-                                                                               zip(pk.bounds[1:], tails)],
-                                 pk.bounds[1:], b, x.q.device) if any(heads)
-                       else pk.memoize(("ttt_tails", b), lambda: Window.tails(pk.cu_seqlens, b)))
+                first = [e - r for e, r in zip(pk.bounds[1:], tails)]
+                make = lambda: Window.of(first, first, pk.bounds[1:], b, x.q.device)  # noqa: E731
+                win = make() if any(heads) else pk.memoize(("ttt_tails", b), make)
                 k, v, lr = (win.gather(t[0]) for t in (x.k, x.v, x.lr))  # [N,b,H,d], [N,b,H]
             ct = compute_dtype(x.q)
             gam, bet = ln_operands(x, ct)
@@ -294,7 +293,7 @@ class TritonOp(TTTOp):
             accum = tuple(a.to(p.dtype) for a, p in zip(accum, params))  # in the dtype of the params returned
         if all(rest):
             return accum
-        keep = torch.tensor([r == 0 for r in rest], device=x.q.device)  # rows finished in their heads
+        keep = upload([r == 0 for r in rest], torch.bool, x.q.device)  # rows finished in their heads
         return tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), s, a) for s, a in zip(state.accum, accum))
 
 

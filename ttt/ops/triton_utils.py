@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import TTTInputs, TTTState
+from .packed import upload
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,18 @@ def batch_rows(B: int, T: int, mini_batch: int, group: int, device, start: int =
 def document_rows(bounds, mini_batch: int, group: int, cu: torch.Tensor | None = None, heads=None,
                   device=None) -> Rows:
     """One row per packed document: document n's tokens bounds[n] + heads[n] .. bounds[n + 1] (heads: tokens
-    run elsewhere, none by default). cu: the boundaries on the device (int64 [N + 1]); given and without heads,
-    the spans are computed there (no host-to-device copy)."""
+    run elsewhere, none by default). The spans are made on the host and copied without waiting for the device
+    (`packed.upload`: one copy, where computing them from the boundaries on the device took seven launches); cu:
+    the boundaries on the device (int64 [N + 1]), which name the device when `device` is None."""
+    device = device if device is not None else cu.device
     lengths = [e - s - (heads[i] if heads else 0) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
     per = mini_batch * group
     nck = [triton.cdiv(n, per) for n in lengths]
     nmb = triton.cdiv(max(lengths), mini_batch)
-    if cu is not None and not heads:
-        start, end = cu[:-1], cu[1:]
-        counts = (end - start + per - 1) // per
-        span = torch.stack([start, end, torch.cumsum(counts, 0) - counts], 1).to(torch.int32)  # [N, 3]
-    else:
-        first = [0]
-        for c in nck[:-1]:
-            first.append(first[-1] + c)
-        rows = [(e - n, e, f) for e, n, f in zip(bounds[1:], lengths, first)]
-        span = torch.tensor(rows, dtype=torch.int32).to(device)
+    first = [0]
+    for c in nck[:-1]:
+        first.append(first[-1] + c)
+    span = upload([(e - n, e, f) for e, n, f in zip(bounds[1:], lengths, first)], torch.int32, device)  # [N, 3]
     return Rows(span, True, nmb, sum(nck), not heads or not any(heads), group)
 
 
