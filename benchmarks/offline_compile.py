@@ -38,7 +38,8 @@ IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv
 FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
 CONV_INT_PTRS = {"tok_ptr", "doc_ptr"}  # int32: the conv kernels' rows of packed documents
-INT_PTRS = {"span_ptr", "cnt_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier counters)
+INT_PTRS = {"span_ptr", "cnt_ptr", "sched_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier
+# counters; the smem kernels' schedule of packed documents)
 
 
 def resources(cubin: bytes) -> tuple[int, int, int]:
@@ -109,7 +110,7 @@ def mlp_kernels(d: int, b: int, dot: int):
         out.append((f"step blk{blk}", mlp_step.ttt_mlp_step_kernel,
                     dict(D=d, BD=BD, FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
     if d in mlp_smem.HEAD_DIMS and b == mlp_smem.MB and dot >= 2:  # Gluon, 16-bit operands
-        smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS)
+        smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS, SCHED=False)
         for w in (4, 8):
             out += [(f"smem fwd x{mlp_smem.nsplit(d)}", mlp_smem.ttt_mlp_smem_fwd_kernel,
                      dict(smem, NSPLIT=mlp_smem.nsplit(d), SAVE=True), w, 1),

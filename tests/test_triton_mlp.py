@@ -315,17 +315,6 @@ def test_smem_checkpoints_in_row_slots():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_smem_refuses_packed_documents():
-    """The smem kernels take no rows: packed documents (cu_seqlens, even one full-length document) are refused with
-    a one-line error, not run on other kernels."""
-    inp = make(B=1, T=32, H=1, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
-    for cu in ([0, 10, 32], [0, 32]):
-        with pytest.raises(ValueError, match=r"^cu_seqlens: mlp_impl='smem' runs whole batch entries only, not "
-                                             r"packed documents; use mlp_impl 'regs' or 'blocked' \(or None\) with "
-                                             r"cu_seqlens$"):
-            run_triton(inp, "smem", cu_seqlens=torch.tensor(cu))
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("d", [64, 128])

@@ -1,12 +1,14 @@
 """The Triton kernels on packed documents (cu_seqlens, docs/packed.md) == every document run alone through the
 PyTorch dual form (`ttt.ops.packed.per_document`): outputs, every final state row (weights, accumulators,
 position) and the gradients w.r.t. every input and the initial state, for both kinds and every kernel variant
-(TTT-Linear's lean and full backward chains in one and several time segments; TTT-MLP's register and F-blocked
-kernels), documents whose lengths are and are not multiples of the mini-batch (length 1, shorter than one
-mini-batch, several checkpoint groups), from fresh rows and from rows carried to unequal positions; fp16 inputs;
-one full-length document == no cu_seqlens (the same kernels, bit for bit); both TTT layers on both backbones.
+(TTT-Linear's lean and full backward chains in one and several time segments; TTT-MLP's register, F-blocked and
+shared-memory kernels), documents whose lengths are and are not multiples of the mini-batch (length 1, shorter than
+one mini-batch, several checkpoint groups), from fresh rows and from rows carried to unequal positions; fp16 inputs;
+one full-length document == no cu_seqlens (the same kernels and launches, bit for bit); the shared-memory kernels'
+schedule of documents over fewer program groups than (document, head) pairs; both TTT layers on both backbones.
 Every kernel output is NaN-poisoned before the kernels run. On CPU the kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, set below before Triton is imported) at small shapes.
+(TRITON_INTERPRET=1, set below before Triton is imported) at small shapes, the Gluon (smem) ones through
+tests/gluon_shim.py.
 """
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from conftest import PoisonTorch, random_inputs, rel  # noqa: E402
 from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op, triton_backend  # noqa: E402
 from ttt.ops.packed import packing, per_document  # noqa: E402
+from ttt.ops.triton_utils import document_rows  # noqa: E402
 from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+if DEV == "cpu":
+    import gluon_shim  # noqa: E402
+
+    _SMEM = {name: gluon_shim.interpretable(getattr(mlp_smem, name))
+             for name in ("ttt_mlp_smem_fwd_kernel", "ttt_mlp_smem_bwd_kernel")}
 
 B_MB = 8
 # length 1, shorter than b, a multiple of b, 2 + 2 checkpoint groups of 2 mini-batches (the last one partial)
@@ -48,8 +56,11 @@ KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-seg
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked):
+    for mod in (lin_chunk, lin_bwd_split, mlp_chunk, mlp_blocked, mlp_smem):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
+    if DEV == "cpu":  # the Gluon kernels' own source, run in the interpreter (tests/gluon_shim.py)
+        for name, kernel in _SMEM.items():
+            monkeypatch.setattr(mlp_smem, name, kernel)
 
 
 def cu_of(lens) -> torch.Tensor:
@@ -175,7 +186,6 @@ def test_layer_on_the_kernels_packed_equals_separate(kind, backbone):
             assert rel(a, b) < 1e-4
 
 
-
 def test_packed_call_derives_only_what_the_kernels_read():
     """A packed call on the kernels builds its rows and its documents' partial last mini-batches once per packing,
     each from the host boundaries (one copy, `packed.upload`), and neither the document index nor the position of
@@ -191,6 +201,154 @@ def test_packed_call_derives_only_what_the_kernels_read():
     assert win.valid.sum(1).tolist() == [5, 0, 3] and win.tokens[win.valid].tolist() == [0, 1, 2, 3, 4, 45, 46, 47]
     assert torch.equal(pk.seq_idx.cpu(), torch.tensor([0] * 5 + [1] * 16 + [2] * 27))
     assert torch.equal(pk.positions.cpu(), torch.cat([torch.arange(n) for n in lens]))
+
+
+# ---- the shared-memory TTT-MLP pair (`ttt_mlp/chunk_smem.py`: head dim 64, b = 16, 16-bit inputs; the default for
+# training on Hopper, packed or not): its whole mini-batches in the kernels, every document's partial last one in
+# the dual form. fp16 on the CPU (the interpreter's bf16 is not faithful).
+
+SMEM = triton_backend.MLPKernels(impl="smem", group=2)
+# shorter than b, one whole mini-batch, four (two checkpoint groups) + 6, one token, two + 5
+SMEM_LENS = [5, 16, 70, 1, 37]
+
+
+@pytest.mark.parametrize("start", ["fresh", pytest.param("carried", marks=pytest.mark.slow)])
+def test_packed_smem_equals_documents_alone(start):
+    leaves, st = packed_case("mlp", SMEM_LENS, start, dtype=torch.float16, b=16, d=64, H=1)
+    cu = cu_of(SMEM_LENS)
+    fast = run(triton_backend.TritonOp("mlp", SMEM), leaves, st, cu)
+    q, k, v, lr, delta, lnw, lnb = leaves[:7]
+    ref = per_document(resolve_op("mlp", "dual", DEV, torch.float16), TTTInputs(q, k, v, lr, make_tau(delta), lnw, lnb),
+                       st, cu)
+    compare(leaves, st, cu, fast, ref, tol=1e-2)
+
+
+class _Launches:
+    """Stands in for a kernel and records every launch's grid and schedule switch (SCHED) before running it."""
+
+    def __init__(self, kernel, log, name):
+        self.kernel, self.log, self.name = kernel, log, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, tuple(grid), kwargs["SCHED"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_one_full_length_document_takes_the_plain_smem_launches(monkeypatch, T=43):
+    """cu_seqlens = [0, T] on the smem pair: the launches of a plain call (same grids, no schedule), the same output
+    and state bits, and the same gradients up to the order of their 16-bit sums (T % 16 != 0: the partial last
+    mini-batch in the dual form both ways)."""
+    log = []
+    for name in ("ttt_mlp_smem_fwd_kernel", "ttt_mlp_smem_bwd_kernel"):
+        monkeypatch.setattr(mlp_smem, name, _Launches(getattr(mlp_smem, name), log, name))
+    leaves, st = packed_case("mlp", [T], "fresh", dtype=torch.float16, b=16, d=64, H=2)
+    op = triton_backend.TritonOp("mlp", SMEM)
+    res, launches = [], []
+    for cu in (cu_of([T]), None):
+        log.clear()
+        o, s = run(op, leaves, st, cu)
+        outs = [o, *s.params, *s.accum]
+        res.append(outs + list(torch.autograd.grad(sum(t.float().square().sum() for t in outs), leaves)))
+        launches.append(list(log))
+    assert launches[0] == launches[1]
+    assert [(name, sched) for name, _grid, sched in launches[0]] == [("ttt_mlp_smem_fwd_kernel", False),
+                                                                   ("ttt_mlp_smem_bwd_kernel", False)]
+    n = len(res[0]) - len(leaves)
+    for a, b in zip(res[0][:n], res[1][:n]):  # outputs and final states: the same bits
+        assert torch.equal(a, b)
+    for a, b in zip(res[0][n:], res[1][n:]):  # gradients: autograd sums the kernels' and the tail's parts in its
+        assert rel(a, b) < 2e-3  # own order (index_select / index_copy with cu_seqlens, slicing without), in 16 bits
+
+
+def test_default_mlp_pair_is_smem_for_packed_documents(monkeypatch):
+    """Packed documents take the pair a plain call takes (on Hopper with gradients at d 64, 16-bit: smem); they once
+    fell to the register pair (one 8k document: 47.2 ms against 29.2 plain, H200)."""
+    monkeypatch.setattr(triton_backend, "_smem_runs_on", lambda device: True)
+    cuda = torch.device("cuda")
+    for packed in (False, True):
+        assert triton_backend.default_mlp_impl(64, torch.bfloat16, cuda, 16, packed, True) == "smem"
+
+
+def test_smem_schedule_longest_first():
+    """Pairs by decreasing work, each to the least loaded group: the longest document's pairs alone in their
+    groups; None where the plain walk is as good (a group per pair, or equal work)."""
+    sched = mlp_smem.schedule([139, 97, 7], 2, 4)  # 6 (row, head) pairs on 4 groups
+    offsets, pairs = sched[:5], sched[5:]
+    assert sorted(pairs) == list(range(6)) and offsets[0] == 0 and offsets[-1] == 6
+    lists = [pairs[offsets[g]:offsets[g + 1]] for g in range(4)]
+    assert [0] in lists and [1] in lists  # row 0 (139 mini-batches): its two pairs alone
+    assert max(sum([140, 140, 98, 98, 8, 8][p] for p in ls) for ls in lists) == 140
+    assert mlp_smem.schedule([9, 1], 2, 4) is None
+    assert mlp_smem.schedule([3, 3, 3], 2, 4) is None
+
+
+def _scheduled_walk_equals_plain(lens, H, groups, group=2, skip=None):
+    """The smem kernels on packed rows of unequal lengths with `groups` program groups walking a schedule give the
+    bits of the plain launch (forward: outputs at the rows' whole mini-batches, final weights, checkpoints;
+    backward: every gradient); skip: a schedule listing some pairs twice and others never, whose missing rows'
+    final weights stay unwritten (the kernel walks the schedule it is given)."""
+    inp = random_inputs("mlp", B=1, T=sum(lens), H=H, d=64, b=16, dtype=torch.float16, seed=3)
+    x, st = inp.inputs(), TTTState.initial("mlp", inp.init, len(lens))
+    x = TTTInputs(*(t.to(DEV) for t in (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)))
+    params = tuple(p.float().contiguous().to(DEV) for p in st.params)
+    cu = cu_of(lens)
+    rows = document_rows(cu.tolist(), 16, group, cu=cu.to(DEV))
+    work = [n // 16 for n in rows.lengths]
+    sched = torch.tensor(mlp_smem.schedule(work, H, groups), dtype=torch.int32, device=DEV)
+    assert max(sched[g + 1] - sched[g] for g in range(groups)) > 1  # groups walk several pairs
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
+    o1, fin1, ck1 = mlp_smem.fwd(*args, params, 16, group, rows=rows)
+    o2, fin2, ck2 = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=groups, sched=sched)
+    whole = torch.zeros(sum(lens), dtype=torch.bool)
+    for s0, n in zip(cu.tolist(), work):
+        whole[s0:s0 + 16 * n] = True
+    torch.testing.assert_close(o1[:, whole], o2[:, whole], rtol=0, atol=0)
+    for a, b in zip((*fin1, *ck1), (*fin2, *ck2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # slots of partial groups: unwritten
+    if skip is not None:
+        listed, sched_skip = skip
+        _o, fin3, _ck = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=groups, save=False,
+                                     sched=torch.tensor(sched_skip, dtype=torch.int32, device=DEV))
+        unlisted = [n for n in range(len(lens)) if n not in listed]
+        assert fin3[0][listed].isfinite().all() and fin3[0][unlisted].isnan().all()
+    g = torch.Generator().manual_seed(4)
+    do = torch.randn(o1.shape, generator=g).to(o1.dtype).to(DEV)
+    dfin = tuple(torch.randn(p.shape, generator=g).to(DEV) for p in params)
+    g1 = mlp_smem.bwd(*args, ck1, do, dfin, 16, group, rows=rows)
+    g2 = mlp_smem.bwd(*args, ck1, do, dfin, 16, group, rows=rows, programs=2 * groups, sched=sched)
+    for a, b in zip((*g1[:7], *g1[7]), (*g2[:7], *g2[7])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_smem_scheduled_walk_equals_one_pair_per_group():
+    """4 (row, head) pairs on 2 groups; a schedule listing pairs 0 and 3 twice each leaves rows 1 and 2 unwritten."""
+    _scheduled_walk_equals_plain([35, 16, 5, 33], H=1, groups=2, skip=([0, 3], [0, 2, 4, 0, 0, 3, 3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_smem_scheduled_walk():
+    """On the GPU (wgmma, the backward's cooperative pairs of programs): 28 (document, head) pairs on 5 groups."""
+    _scheduled_walk_equals_plain([300, 1, 47, 1029, 16, 640, 15], H=4, groups=5, group=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_packed_smem_scheduled_equals_dual():
+    """Through the op with its default kernels (on Hopper: smem), more (document, head) pairs than the backward's
+    program groups (9 documents x 12 heads = 108 pairs, 66 groups on an H200's 132 SMs): the scheduled walk, the
+    documents' partial last mini-batches, every output, state row and gradient == the dual form (bf16)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lens = [300, 1, 47, 1029, 16, 640, 15, 200, 77]
+    if triton_backend.default_mlp_impl(64, torch.bfloat16, torch.device(DEV), 16, True, True) == "smem":
+        work = [n // 16 for n in lens]
+        assert mlp_smem.schedules(work, 12, 64, torch.device(DEV))[1] is not None  # the backward walks a schedule
+    leaves, st = packed_case("mlp", lens, "fresh", dtype=torch.bfloat16, b=16, d=64, H=12)
+    fast = run(resolve_op("mlp", "triton", DEV, torch.bfloat16), leaves, st, cu_of(lens))
+    ref = run(resolve_op("mlp", "dual", DEV, torch.bfloat16), leaves, st, cu_of(lens))
+    compare(leaves, st, cu_of(lens), fast, ref, tol=3e-2)
 
 
 @pytest.mark.gpu

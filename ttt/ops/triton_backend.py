@@ -12,10 +12,11 @@ it. `TritonOp`'s rules, all of them:
     kernels leave it uncommitted) and its accumulators come from the dual form's inner gradients of those
     tokens (`Reference.grads`), a few small products. Autograd joins the pieces, so gradients reach every input
     and the initial state (params and accum). No cu_seqlens and one full-length document run the same kernels;
-  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default for training at head dim 64 on Hopper, see
-    `default_mlp_impl`; `MLPKernels(impl="smem")` names it) takes no rows: it runs the
-    whole mini-batches of whole batch entries, a partial tail runs in the dual form, and packed documents are
-    refused (a one-line error naming cu_seqlens; an explicit choice never falls back);
+  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default for training at head dim 64 on Hopper, with and
+    without cu_seqlens, see `default_mlp_impl`; `MLPKernels(impl="smem")` names it) walks the same rows, their
+    whole mini-batches only, on a persistent grid (packed documents of unequal lengths spread over its programs
+    longest first, `chunk_smem.schedule`); a row's partial last mini-batch runs in the dual form from the weights
+    the kernels reach (all rows' at once), its weights left uncommitted as the other kernels leave them;
   - when the start state's accumulator requires grad at an aligned position, the first mini-batch also runs
     in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute;
   - a one-token call without cu_seqlens (decode) runs the fused step kernel (`ttt_linear/step_triton.py`,
@@ -34,12 +35,13 @@ import torch
 import torch.nn.functional as F
 import triton  # noqa: F401  (import failure = backend unavailable)
 
-from . import REFERENCES, TTTOp
+from . import TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
 from .packed import Window, rows_of, upload
 from .triton_utils import Rows, batch_rows, document_rows
 from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
-from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, step_triton as _mlp_step_triton
+from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, \
+    step_triton as _mlp_step_triton
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
@@ -51,11 +53,14 @@ MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head di
 def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                      mini_batch: int = 16, packed: bool = False, grad: bool = False) -> str:
     """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
-    forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs, b = 16 and whole
-    sequences on a Hopper GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's
-    8.3 / 65.1); otherwise "regs" up to MLP_MAX_D and "blocked" (F walked in column blocks) above (at d 128 the
-    blocked pair trains faster than smem: 128 against 147 ms)."""
-    if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16 and not packed
+    forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs and b = 16 on a Hopper
+    GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's 8.3 / 65.1); otherwise
+    "regs" up to MLP_MAX_D and "blocked" (F walked in column blocks) above (at d 128 the blocked pair trains
+    faster than smem: 128 against 147 ms). packed (cu_seqlens given) does not change the choice: the smem pair
+    walks packed documents too (it once did not, and packed calls fell to "regs": one full-length document of 8k
+    tokens trained in 47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
+    del packed  # kept for callers: every pair takes packed documents
+    if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
     return "regs" if d <= MLP_MAX_D else "blocked"
@@ -143,15 +148,12 @@ class MLPKernels:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
 
     def check(self, d: int, packed: bool = False) -> None:
-        """The head dim d (and packed documents: cu_seqlens given) the chosen kernels take; a one-line error."""
+        """The head dim d the chosen kernels take (every pair takes packed documents); a one-line error."""
         if self.impl == "regs" and d > MLP_MAX_D:
             raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
                              f"got head dim {d}")
         if self.impl == "smem" and d not in _mlp_module("smem").HEAD_DIMS:
             raise ValueError(f"mlp_impl: 'smem' is written for head dim 64 or 128, got head dim {d}")
-        if self.impl == "smem" and packed:
-            raise ValueError("cu_seqlens: mlp_impl='smem' runs whole batch entries only, not packed documents; "
-                             "use mlp_impl 'regs' or 'blocked' (or None) with cu_seqlens")
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
@@ -159,35 +161,88 @@ class MLPKernels:
                                              x.packing is not None, save)
         if impl == "smem":
             return self._smem_body(x, params, rows, save)
+        none = x.q.new_empty(0, dtype=torch.int32)
         outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
-                           x.mini_batch, self.group, save, impl, self.warps or 0)
+                           x.mini_batch, self.group, save, impl, self.warps or 0, none, none)
         return outs[0], outs[1:5]
 
     def _smem_body(self, x: TTTInputs, params, rows: Rows, save: bool):
-        """`body` in the smem kernels, which walk whole mini-batches of whole batch entries (no rows; packed
-        documents are refused by `check`): tokens [rows.start, rows.start + whole mini-batches) of every entry in
-        the kernels, a partial last mini-batch (left uncommitted, as the row kernels leave it) in the dual form from
-        the weights they reach; the tokens before rows.start are left for the caller (zeros here)."""
+        """`body` in the smem kernels: every row's whole mini-batches in one launch (the rows of a batch, or the
+        documents of a packed sequence, one (row, head) pair at a time per group of programs), then every row's
+        partial last mini-batch (r = its length % b tokens; the kernels leave its start weights uncommitted, as the
+        row kernels do) in the dual form from the weights the kernels reach; the tokens before the rows' first
+        ones are left for the caller (unwritten here)."""
         B, T, H, d = x.q.shape
-        b, s = x.mini_batch, rows.start
+        b = x.mini_batch
         _mlp_module("smem").check(d, b, x.q.dtype)
-        e = s + (T - s) // b * b
-        outs = [x.q.new_zeros((B, s, H, d))] if s else []
-        params = _f32(params)
-        if e > s:
-            xb = x.tokens(s, e)
-            fin = _mlp_fwd_op(xb.q, xb.k, xb.v, xb.lr, xb.tau, xb.ln_weight, xb.ln_bias, *params,
-                              *_rows_args(batch_rows(B, e - s, b, self.group, x.q.device)), b, self.group, save,
-                              "smem", self.warps or 0)
-            outs.append(fin[0])
-            params = tuple(fin[1:5])
-        if e < T:
-            st = TTTState("mlp", params, tuple(torch.zeros_like(p) for p in params), 0)
-            outs.append(REFERENCES["mlp"].dual(x.tokens(e), st)[0].to(x.q.dtype))
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), params
+        sched = _smem_schedules(x, rows, H, d)
+        fin = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows), b,
+                          self.group, save, "smem", self.warps or 0, *sched)
+        o, params = fin[0], tuple(fin[1:5])
+        tails = [n % b for n in rows.lengths]
+        if not any(tails):
+            return o, params
+        # the tails on windows of b slots (empty slots: zero tokens with lr 0), one piece of the dual form for all rows
+        # that have one, the same way with and without cu_seqlens (one full-length document: the plain call's bits)
+        ct = compute_dtype(x.q)
+        gam, bet = ln_operands(x, ct)
+        if x.packing is None:  # every row's last r tokens
+            r = tails[0]
+            q, k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.q, x.k, x.v, x.lr))
+            pc = params
+        else:
+            win, rows_t, flat, tok = _packed_tails(x.packing, tails, b, x.q.device, memo=rows.covered)
+            q, k, v, lr = (win.gather(t[0]) for t in (x.q, x.k, x.v, x.lr))  # [R,b,H,d], [R,b,H]
+            pc = tuple(p.index_select(0, rows_t) for p in params)  # the rows with a tail
+        q, k, v = (t.to(ct).transpose(1, 2) for t in (q, k, v))  # [R,b,H,d] -> [R,H,b,d]
+        lr = lr.to(ct).transpose(1, 2)  # [R,b,H] -> [R,H,b]
+        pc = tuple(p.to(ct) for p in pc)
+        o_t, _acc = _mlp_dual.piece(q, k, v, lr, x.tau.to(ct), gam, bet, pc, tuple(torch.zeros_like(p) for p in pc))
+        o_t = o_t.transpose(1, 2).to(o.dtype)  # [R,b,H,d]
+        if x.packing is None:
+            return torch.cat([o[:, :T - r], o_t[:, :r]], 1), params
+        return o.index_copy(1, tok, o_t.reshape(-1, H, d).index_select(0, flat)[None]), params  # the filled slots
 
     def step(self, x: TTTInputs, state: TTTState):
         return _mlp_step_triton.forward(x, state, block_f=self.step_block_f, num_warps=self.step_warps)
+
+
+def _smem_schedules(x: TTTInputs, rows: Rows, H: int, d: int) -> tuple:
+    """The smem launches' schedules (`chunk_smem.schedules`: forward, backward) as int32 tensors on the device, empty
+    where the plain walk is used (always for the rows of a batch: equal lengths); built once per packing for the
+    usual packed call (rows without heads)."""
+    none = x.q.new_empty(0, dtype=torch.int32)
+    if not rows.packed:
+        return none, none
+
+    def make():
+        parts = _mlp_module("smem").schedules([n // x.mini_batch for n in rows.lengths], H, d, x.q.device)
+        if not any(parts):
+            return none, none
+        n0 = len(parts[0] or ())
+        t = upload([*(parts[0] or ()), *(parts[1] or ())], torch.int32, x.q.device)
+        return t[:n0], t[n0:]
+
+    key = ("smem_schedules", x.mini_batch, rows.group, H, d)
+    return x.packing.memoize(key, make) if rows.covered else make()
+
+
+def _packed_tails(pk, tails, b: int, device, memo: bool):
+    """The partial last mini-batches of packed rows (tails[i]: row i's tokens past its whole mini-batches, up to
+    document i's end): the rows that have one (int64 [R]), a `Window` [R, b] of their tokens, and the filled
+    slots' flat indices in [R * b] and tokens along T (int64 [n] each). memo: built once per packing (the rows
+    without heads)."""
+    def make():
+        docs = [i for i, r in enumerate(tails) if r]
+        ends = [pk.bounds[i + 1] for i in docs]
+        first = [e - tails[i] for e, i in zip(ends, docs)]
+        flat = [j * b + s for j, i in enumerate(docs) for s in range(tails[i])]
+        tok = [f + s for f, i in zip(first, docs) for s in range(tails[i])]
+        idx = upload(docs + flat + tok, torch.int64, device)
+        R, n = len(docs), len(flat)
+        return Window.of(first, first, ends, b, device), idx[:R], idx[R:R + n], idx[R + n:]
+
+    return pk.memoize(("smem_tails", b), make) if memo else make()
 
 
 class TritonOp(TTTOp):
@@ -407,11 +462,14 @@ def _mlp_module(impl: str):
 def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
                 W2: torch.Tensor, c2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
-                covered: bool, mini_batch: int, group: int, save: bool, impl: str, warps: int) -> list[torch.Tensor]:
+                covered: bool, mini_batch: int, group: int, save: bool, impl: str, warps: int,
+                sched_fwd: torch.Tensor, sched_bwd: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
+    extra = dict(sched=sched_fwd) if impl == "smem" else {}
     o, fin, ck = _mlp_module(impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
-                                       num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
+                                       num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
+                                       **extra)
     if ck is None:
         ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
     return [o, *fin, *ck]
@@ -419,7 +477,7 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 @_mlp_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group,
-      save, impl, warps):
+      save, impl, warps, sched_fwd, sched_bwd):
     H, d = q.shape[2:]
     F = W1.shape[-1]
     if save:
@@ -435,17 +493,19 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
                 ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
                 dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
-                covered: bool, mini_batch: int, group: int, impl: str, warps: int) -> list[torch.Tensor]:
+                covered: bool, mini_batch: int, group: int, impl: str, warps: int,
+                sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
+    extra = dict(sched=sched) if impl == "smem" else {}
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
-        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
+        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group), **extra)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
 
 
 @_mlp_bwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, span, packed, nmb, slots,
-      covered, mini_batch, group, impl, warps):
+      covered, mini_batch, group, impl, warps, sched):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
     N = dW1.shape[0]
@@ -456,14 +516,14 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, 
 
 def _mlp_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, impl,
-     warps) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9], span)
+     warps, _sched_fwd, sched_bwd) = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9], span, sched_bwd)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, impl, warps)
     ctx.rows = W1.shape[0]
 
 
 def _mlp_backward(ctx, grads):
-    q, k, v, lr, tau, lnw, lnb, *ck, span = ctx.saved_tensors
+    q, k, v, lr, tau, lnw, lnb, *ck, span, sched = ctx.saved_tensors
     packed, nmb, slots, covered, mini_batch, group, save, impl, warps = ctx.meta
     if not save:
         raise RuntimeError("ttt::mlp_chunk_fwd ran with save=False: no checkpoints for a backward")
@@ -474,9 +534,9 @@ def _mlp_backward(ctx, grads):
     dfin = [q.new_zeros((ctx.rows, H, *s), dtype=torch.float32) if g is None else g.float()
             for g, s in zip(grads[1:5], _MLP_SHAPES(d, F))]
     dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin, span, packed,
-                                                          nmb, slots, covered, mini_batch, group, impl, warps)
+                                                          nmb, slots, covered, mini_batch, group, impl, warps, sched)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), *dps,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)

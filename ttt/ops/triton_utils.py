@@ -29,8 +29,8 @@ class Rows:
     slots:   checkpoint slots of all rows.
     covered: every token of the inputs belongs to a row (else the backward zero-fills the others' gradients).
     group:   mini-batches per checkpoint.
-    start:   rows of whole batch entries (`batch_rows`): their common first token, on the host (the smem kernels,
-             which take no rows, run from it); 0 otherwise. Not passed to the row kernels.
+    lengths: every row's tokens (end - first token), on the host (the smem kernels' schedule and the partial last
+             mini-batches they leave to the backend); not passed to the kernels.
     """
 
     span: torch.Tensor
@@ -39,7 +39,7 @@ class Rows:
     slots: int
     covered: bool
     group: int
-    start: int = 0
+    lengths: tuple = ()
 
     @property
     def n(self) -> int:
@@ -61,7 +61,7 @@ def batch_rows(B: int, T: int, mini_batch: int, group: int, device, start: int =
     nck = triton.cdiv(nmb, group)
     n = torch.arange(B, device=device, dtype=torch.int32)
     span = torch.stack([torch.full_like(n, start), torch.full_like(n, T), n * nck], 1)  # [B, 3]
-    return Rows(span, False, nmb, B * nck, start == 0, group, start)
+    return Rows(span, False, nmb, B * nck, start == 0, group, (T - start,) * B)
 
 
 def document_rows(bounds, mini_batch: int, group: int, cu: torch.Tensor | None = None, heads=None,
@@ -79,7 +79,7 @@ def document_rows(bounds, mini_batch: int, group: int, cu: torch.Tensor | None =
     for c in nck[:-1]:
         first.append(first[-1] + c)
     span = upload([(e - n, e, f) for e, n, f in zip(bounds[1:], lengths, first)], torch.int32, device)  # [N, 3]
-    return Rows(span, True, nmb, sum(nck), not heads or not any(heads), group)
+    return Rows(span, True, nmb, sum(nck), not heads or not any(heads), group, tuple(lengths))
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """TTT-MLP kernels with the inner weights in shared memory and the products on Hopper's tensor cores (Gluon).
 
-Same contract and math as `chunk.py` (docs/math.md §4; whole, aligned mini-batches from a zero accumulator,
+Same contract and math as `chunk.py` (docs/math.md §4; the rows of `triton_utils.Rows`, the B sequences of a batch
+or packed documents, each from its first token and a zero accumulator, its whole mini-batches only:
 `ttt/ops/triton_backend.py` runs the partial pieces in PyTorch), for head dim 64 and 128, mini-batch 16, 16-bit
 inputs (bf16 / fp16 operands, fp32 accumulation, statistics and state).
 
@@ -19,6 +20,11 @@ d x 16 partial sums of Z2 = X2 W2 through global memory (one barrier: an atomic 
 acquired at GPU scope); the output's partial sums ride on the next mini-batch's exchange. The programs of a head
 must be resident together: the grid is persistent (at most as many programs as the GPU holds at once, each
 walking several heads) and launched cooperatively, so an oversized grid fails at launch instead of hanging.
+
+Rows: a "head" of the grid is a (row, head) pair; its program reads the row's first token, its whole
+mini-batches and its first checkpoint slot from the span. A group walks every NGROUPS-th pair, or, for rows of
+unequal lengths (packed documents) with more pairs than groups, its own list from a schedule (`schedule`:
+longest first, each to the least loaded group), so a long document and many short ones finish together.
 
 Forward, per mini-batch, program s (W1s [d, FS], c1s [FS], W2s [FS, d] its slice; c2 [d] replicated):
   Z1t = W1s^T K^T + c1s;  QW1t = W1s^T Q^T;  X2t, D1t = GELU, GELU'(Z1t)
@@ -43,13 +49,15 @@ offline sm_90 compile (`benchmarks/offline_compile.py`).
 """
 from __future__ import annotations
 
+import heapq
+
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..common import LN_EPS
+from ..triton_utils import batch_rows
 
 MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
 HEAD_DIMS = (64, 128)
@@ -159,6 +167,42 @@ def _tok_tile(rd, rt, t0, stride):
 
 
 @gluon.jit
+def _walk(sched_ptr, g, NHEADS, NGROUPS, SCHED: gl.constexpr):
+    """The positions group g walks, as range(first, last, step): with a schedule (SCHED; `schedule`) its own
+    stretch sched[g] .. sched[g + 1] of the head list, else every NGROUPS-th head from g (`_head_at` maps a
+    position to its head)."""
+    if SCHED:
+        first = gl.load(sched_ptr + g)
+        last = gl.load(sched_ptr + g + 1)
+        step = 1
+    else:
+        first = g
+        last = NHEADS
+        step = NGROUPS
+    return first, last, step
+
+
+@gluon.jit
+def _head_at(sched_ptr, it, NGROUPS, SCHED: gl.constexpr):
+    """The (row, head) index row * H + head at position `it` of a group's walk (`_walk`)."""
+    if SCHED:
+        head = gl.load(sched_ptr + NGROUPS + 1 + it)
+    else:
+        head = it
+    return head
+
+
+@gluon.jit
+def _row_whole(span_ptr, n, BT: gl.constexpr):
+    """Row n of a `triton_utils.Rows` span as these kernels walk it: its first token, its whole mini-batches (a
+    partial last one is left to the caller) and its first checkpoint slot."""
+    start = gl.load(span_ptr + 3 * n)
+    nmb = (gl.load(span_ptr + 3 * n + 1) - start) // BT
+    slot = gl.load(span_ptr + 3 * n + 2)
+    return start, nmb, slot
+
+
+@gluon.jit
 def _emit_output(xo_ptr, q_ptr, o_ptr, t0, s_t, o_t, rdD, rtD, gam, bet, NSPLIT: gl.constexpr, D: gl.constexpr,
                  EPS: gl.constexpr):
     """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's)."""
@@ -234,10 +278,11 @@ def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.co
 def ttt_mlp_smem_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
     o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, xz_ptr, xo_ptr, cnt_ptr,
+    span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, NHEADS, NGROUPS,
+    H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
-    EPS: gl.constexpr, num_warps: gl.constexpr,
+    SCHED: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty  # the products' 16-bit operand type
     FS: gl.constexpr = FF // NSPLIT
@@ -285,9 +330,12 @@ def ttt_mlp_smem_fwd_kernel(
     tau_i = gl.load(tau_ptr + riE).to(gl.float32)
     tau_b = gl.load(tau_ptr + BT - 1).to(gl.float32)
 
-    for head in range(pid // NSPLIT, NHEADS, NGROUPS):
-        bi = head // H
+    w_lo, w_hi, w_step = _walk(sched_ptr, pid // NSPLIT, NHEADS, NGROUPS, SCHED)
+    for it in range(w_lo, w_hi, w_step):
+        head = _head_at(sched_ptr, it, NGROUPS, SCHED)
+        bi = head // H  # the row (a batch entry or a packed document)
         hi = head % H
+        start, nmb, slot = _row_whole(span_ptr, bi, BT)
         gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         gl.thread_barrier()  # the previous head's last reads of w1t_s / w2_s are done
@@ -297,15 +345,15 @@ def ttt_mlp_smem_fwd_kernel(
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
         xo = xo_ptr + head * 2 * NSPLIT * D * BT
         cnt = cnt_ptr + head
-        x_base = bi * s_b + hi * s_h
-        o_base = bi * o_b + hi * o_h
-        l_base = bi * l_b + hi * l_h
+        x_base = bi * s_b + start * s_t + hi * s_h
+        o_base = bi * o_b + start * o_t + hi * o_h
+        l_base = bi * l_b + start * l_t + hi * l_h
         gl.thread_barrier()
-        for n in range(NMB):
+        for n in range(nmb):
             t0 = n * BT
             if SAVE:
                 if n % GROUP == 0:
-                    ck = (bi * NCK + n // GROUP) * H + hi  # the row kernels' slots [B * NCK, H]
+                    ck = (slot + n // GROUP) * H + hi  # the row kernels' slots [slots, H]
                     _weights_io(w1t_s, w2_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, False, FS, D, FF, FC,
                                 LBt, LB)
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
@@ -393,11 +441,12 @@ def ttt_mlp_smem_fwd_kernel(
             _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
             _update(w2_s, x2_s, eg2_s, FS, FC, LW)
         if NSPLIT > 1:  # the last mini-batch's output
-            _sync(cnt, (NMB + 1) * NSPLIT)
+            _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
-                tp = (NMB - 1) * BT
-                _emit_output(xo + ((NMB - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t, o_t,
-                             rdD, rtD, gam, bet, NSPLIT, D, EPS)
+                if nmb > 0:
+                    tp = (nmb - 1) * BT
+                    _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
+                                 o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
         _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
@@ -475,11 +524,11 @@ def _col_vec(v, L: gl.constexpr):
 def ttt_mlp_smem_bwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, do_ptr,
     dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-    ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H, NMB, NCK, NHEADS, NGROUPS,
-    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr,
-    num_warps: gl.constexpr,
+    ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
+    H, NHEADS, NGROUPS,
+    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SCHED: gl.constexpr,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty
     FS: gl.constexpr = FF // NSPLIT
@@ -551,12 +600,17 @@ def ttt_mlp_smem_bwd_kernel(
     cs2 = cs2_ptr + pid * GROUP * D
     nsync = 0  # barriers passed (the counter of the head's programs reaches nsync * NSPLIT)
 
-    for head in range(pid // NSPLIT, NHEADS, NGROUPS):
-        bi = head // H
+    w_lo, w_hi, w_step = _walk(sched_ptr, pid // NSPLIT, NHEADS, NGROUPS, SCHED)
+    for it in range(w_lo, w_hi, w_step):
+        head = _head_at(sched_ptr, it, NGROUPS, SCHED)
+        bi = head // H  # the row (a batch entry or a packed document)
         hi = head % H
-        x_base = bi * s_b + hi * s_h
-        o_base = bi * o_b + hi * o_h
-        l_base = bi * l_b + hi * l_h
+        start, nmb, slot = _row_whole(span_ptr, bi, BT)
+        nck = (nmb + GROUP - 1) // GROUP
+        x_base = bi * s_b + start * s_t + hi * s_h
+        o_base = bi * o_b + start * o_t + hi * o_h
+        l_base = bi * l_b + start * l_t + hi * l_h
+        d_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
         gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         xb = xb_ptr + head * 2 * NSPLIT * REC
@@ -566,14 +620,14 @@ def ttt_mlp_smem_bwd_kernel(
         dtau = gl.zeros([BT], gl.float32, gl.SliceLayout(1, LE))  # this program's part of dtau
         dc2 = gl.load(dc2_ptr + head * D + rdD)  # the carried gradient of c2 (every program alike)
         nsync = 0
-        for gi in range(NCK):
-            g = NCK - 1 - gi
+        for gi in range(nck):
+            g = nck - 1 - gi
             n0 = g * GROUP
-            n1 = gl.minimum(n0 + GROUP, NMB)
+            n1 = gl.minimum(n0 + GROUP, nmb)
             # ---- recompute: the start weights of every mini-batch of the group, from its checkpoint, into the
             # scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
             gl.thread_barrier()
-            ck = (bi * NCK + g) * H + hi
+            ck = (slot + g) * H + hi
             _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt, LB)
             c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
             c2 = gl.load(ckc2_ptr + ck * D + rdD)
@@ -671,7 +725,7 @@ def ttt_mlp_smem_bwd_kernel(
                         if s == 0:  # the gradients of the mini-batch walked before this one
                             _emit_grads(xb + ((n + 1) % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
                                         o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
-                                        (bi * NMB * BT + t0 + BT + rjE) * H + hi, rdD, rtD, rjE, NSPLIT, D, REC,
+                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
                                         R_DQ, R_DK, R_DLR)
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)
 
@@ -851,13 +905,13 @@ def ttt_mlp_smem_bwd_kernel(
                     gl.store(rec + s * REC + R_DLR + rjE, dlr)
                 else:
                     gl.store(dk_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dk.to(dk_ptr.dtype.element_ty))
-                    gl.store(dlr_ptr + (bi * NMB * BT + t0 + rjE) * H + hi, dlr)
+                    gl.store(dlr_ptr + d_base + (t0 + rjE) * H, dlr)
             if NSPLIT > 1:  # the group's first mini-batch's gradients
                 nsync += 1
                 _sync(cnt, nsync * NSPLIT)
                 if s == 0:
                     _emit_grads(xb + (n0 % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
-                                o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), (bi * NMB * BT + n0 * BT + rjE) * H + hi,
+                                o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
                                 rdD, rtD, rjE, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
             gl.thread_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, False, FS, D, FF, FC,
@@ -891,34 +945,72 @@ def check(d: int, mini_batch: int, dtype: torch.dtype) -> None:
                          f"got {str(dtype).replace('torch.', '')}")
 
 
-def _whole_entries(rows, B: int) -> None:
-    """These kernels take no rows (`triton_utils.Rows`): only every batch entry whole (the backend runs a partial
-    tail elsewhere and refuses packed documents)."""
-    if rows is not None and (rows.packed or not rows.covered or rows.n != B):
-        raise ValueError("cu_seqlens: mlp_impl='smem' runs whole batch entries only, not packed documents or rows")
+def schedule(work, H: int, groups: int) -> list[int] | None:
+    """Which (row, head) pairs each group of a persistent launch walks, when rows differ in length (packed
+    documents): greedy longest-first (each pair, by decreasing work, to the group with the least work so far; a
+    pair's work is its row's whole mini-batches + 1), as a flat int list: groups + 1 offsets, then the N * H pair
+    indices (row * H + head), group g's at offsets[g] .. offsets[g + 1] - 1. work: every row's whole mini-batches
+    (host ints). None where the plain walk (group g: every groups-th pair from g) is as good: no group takes two
+    pairs, or every row has the same work."""
+    heads = len(work) * H
+    if heads <= groups or len(set(work)) <= 1:
+        return None
+    order = sorted(range(heads), key=lambda h: -work[h // H])  # stable: equal work keeps the index order
+    load = [(0, g) for g in range(groups)]  # a heap of (work so far, group)
+    lists = [[] for _ in range(groups)]
+    for h in order:
+        w, g = heapq.heappop(load)
+        lists[g].append(h)
+        heapq.heappush(load, (w + work[h // H] + 1, g))
+    offsets = [0]
+    for ls in lists:
+        offsets.append(offsets[-1] + len(ls))
+    return offsets + [h for ls in lists for h in ls]
+
+
+def schedules(work, H: int, d: int, device: torch.device) -> tuple:
+    """The (forward, backward) schedules (`schedule`, or None) of rows with `work` whole mini-batches each (host
+    ints) at head dim d on `device`, for the launches `fwd` and `bwd` make there (programs None)."""
+    heads = len(work) * H
+    return tuple(schedule(work, H, _groups(device, heads, ns, None)) for ns in (nsplit(d), nsplit_bwd(d)))
+
+
+def _rows_and_sched(rows, B: int, T: int, group: int, device, sched, H: int, ns: int, programs: int | None):
+    """A launch's rows (None: every batch entry, tokens 0..T), its (row, head) pairs, its groups of ns programs and
+    its schedule (None or an empty tensor: the plain walk; else checked against the groups)."""
+    rows = rows if rows is not None else batch_rows(B, T, MB, group, device)
+    if rows.group != group:
+        raise ValueError(f"rows: built for checkpoint groups of {rows.group} mini-batches, got group {group}")
+    heads = rows.n * H
+    groups = _groups(device, heads, ns, programs)
+    if sched is not None and sched.numel() == 0:
+        sched = None
+    if sched is not None and sched.numel() != groups + 1 + heads:
+        raise ValueError(f"sched: expected {groups + 1 + heads} entries (a schedule of {heads} (row, head) pairs "
+                         f"over {groups} groups), got {sched.numel()}")
+    return rows, heads, groups, sched
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
-        num_warps: int | None = None, programs: int | None = None, rows=None):
-    """Aligned whole mini-batches (same contract as `chunk.fwd`). q, k, v [B,T,H,d] 16-bit (last dim contiguous,
-    same strides), T % 16 == 0; params = (W1 [B,H,d,F], c1 [B,H,F], W2 [B,H,F,d], c2 [B,H,d]) fp32 contiguous.
-    num_warps None: 8; programs: at most this many programs (None: what the GPU holds at once). Returns o, the
-    final params, and the checkpoints (params every `group` mini-batches) when `save`, in this kernel's order
-    [B * nck, H] as the row kernels' (slot b * nck + g: entry b's checkpoint group g), so the pairs mix. rows: None
-    or whole batch entries."""
+        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
+    """The rows' whole mini-batches (`triton_utils.Rows`: the B batch entries, or packed documents; None: every
+    batch entry whole), each row's from its first token and a zero accumulator; a row's partial last mini-batch
+    is not computed (its outputs unwritten, the weights returned those at its start: the caller runs it). Same
+    contract as `chunk.fwd` otherwise. q, k, v [B,T,H,d] 16-bit (last dim contiguous, same strides); params =
+    (W1 [N,H,d,F], c1 [N,H,F], W2 [N,H,F,d], c2 [N,H,d]) fp32 contiguous, one per row. num_warps None: 8;
+    programs: at most this many programs (None: what the GPU holds at once); sched: which heads each group of
+    programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th). Returns o,
+    the final params, and the checkpoints (params every `group` mini-batches) when `save`, in the row kernels'
+    slots [rows.slots, H] (row n's group g at slot span[n, 2] + g), so the pairs mix."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
-    _whole_entries(rows, B)
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     ns = nsplit(d)
-    heads = B * H
-    groups = _groups(q.device, heads, ns, programs)
+    rows, heads, groups, sched = _rows_and_sched(rows, B, T, group, q.device, sched, H, ns, programs)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
-        ck = tuple(torch.empty((B * nck, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+        ck = tuple(torch.empty((rows.slots, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
     xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
@@ -926,10 +1018,10 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_fwd_kernel[(groups * ns,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, xz, xo, cnt,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, nmb, nck, heads, groups,
-        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, xz, xo, cnt, rows.span,
+        cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, heads, groups,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, SCHED=sched is not None, EPS=LN_EPS,
+        num_warps=num_warps or 8, **launch)
     return o, fin, (ck if save else None)
 
 
@@ -940,30 +1032,31 @@ def nsplit_bwd(d: int) -> int:
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
-        num_warps: int | None = None, programs: int | None = None, rows=None):
-    """Gradients of `fwd` from its checkpoints (same contract as `chunk.bwd`): do [B,T,H,d] (or None), dfin the
-    gradients of the final (W1, c1, W2, c2) (entries may be None). Returns dq, dk, dv (q's dtype), dlr [B,T,H]
-    fp32, dtau [b], dln_w, dln_b [H,d], and the gradients of the start params (fp32). num_warps None: 8;
-    programs: at most this many programs (None: what the GPU holds at once)."""
+        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
+    """Gradients of `fwd` from its checkpoints, over the same rows (same contract as `chunk.bwd`): do [B,T,H,d]
+    (or None), dfin the gradients of the final (W1, c1, W2, c2) [N,H,...] (entries may be None). Returns dq, dk,
+    dv (q's dtype; zero at tokens in no row's whole mini-batches), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
+    and the gradients of the start params (fp32). num_warps None: 8; programs: at most this many programs (None:
+    what the GPU holds at once); sched: as in `fwd`, for this launch's groups (`nsplit_bwd` programs each)."""
     B, T, H, d = q.shape
     F = ckpt[0].shape[-1]
     check(d, mini_batch, q.dtype)
-    _whole_entries(rows, B)
-    nmb = T // mini_batch
-    nck = triton.cdiv(nmb, group)
     ns = nsplit_bwd(d)
+    rows, heads, groups, sched = _rows_and_sched(rows, B, T, group, q.device, sched, H, ns, programs)
+    N = rows.n
     FS = F // ns
-    heads = B * H
-    groups = _groups(q.device, heads, ns, programs)
     nprog = groups * ns
     dev = q.device
     shapes = ((d, F), (F,), (F, d), (d,))
     # the carried gradients start as those of the final params and end as those of the start params (in place)
-    dps = tuple(torch.zeros((B, H, *sh), dtype=torch.float32, device=dev) if g is None
+    dps = tuple(torch.zeros((N, H, *sh), dtype=torch.float32, device=dev) if g is None
                 else g.to(torch.float32).contiguous().clone() for g, sh in zip(dfin, shapes))
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dq, dk, dv = (torch.empty((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
-    dlr = torch.empty((B, T, H), dtype=torch.float32, device=dev)
+    # tokens in no row's whole mini-batches get zero gradients (packed rows: documents end anywhere)
+    whole = not rows.packed and rows.covered and T % MB == 0
+    fill = torch.empty if whole else torch.zeros
+    dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
+    dlr = fill((B, T, H), dtype=torch.float32, device=dev)
     dtau = torch.empty((heads * ns, MB), dtype=torch.float32, device=dev)
     dlnw = torch.empty((heads, d), dtype=torch.float32, device=dev)
     dlnb = torch.empty((heads, d), dtype=torch.float32, device=dev)
@@ -977,7 +1070,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_bwd_kernel[(nprog,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch, xb, cnt,
-        q.stride(0), q.stride(1), q.stride(2), lr.stride(0), lr.stride(1), lr.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), H, nmb, nck, heads, groups,
-        D=d, FF=F, NSPLIT=ns, GROUP=group, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
-    return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0), dps)
+        rows.span, cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(dq),
+        0 if rows.packed else T * H, H, heads, groups,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, SCHED=sched is not None, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+    return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(N, H, d).sum(0), dlnb.view(N, H, d).sum(0), dps)
