@@ -20,15 +20,16 @@
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
-#   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py), then
-#             benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
+#   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py; the fused layer's
+#             packed tests on CUDA), then benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
 # I16_CONTEXTS, I16_MIXERS: issue16's training contexts (default 8192,2048) and mixers (default
 # ttt_linear+fused,ttt_linear,attention; bench_table's names, e.g. add mamba2_module).
 # TESTS_ARGS: the tests part's pytest paths and options (default tests/; tests/test_gpu.py alone compiles models
 # for ~6 min, so one command may take `tests/test_gpu.py` and the next `tests/ --ignore=tests/test_gpu.py`).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
-# MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_S, TRAIN_S.
+# MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_FUSED_S,
+# PACKED_S, TRAIN_S. PROFILE_LINES: the profile's output lines kept (default 80).
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu}
@@ -78,9 +79,11 @@ has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL
 has decode && timeout "${DECODE_S:-300}" python3 -m benchmarks.bench_model --decode --positions 1024,32768 \
   --out "$OUT/decode.json" 2>&1 | grep -v Warn | tail -20
 has profile && timeout "${PROFILE_S:-200}" python3 -m benchmarks.profile_model ${PROFILE_ARGS:---prefill --train} 2>&1 \
-  | head -80
+  | head -"${PROFILE_LINES:-80}"
 has packed && timeout -s INT "${PACKED_TESTS_S:-120}" python3 -m pytest -q -m gpu tests/test_packed.py \
   tests/test_triton_packed.py -rA 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -30
+has packed && timeout -s INT "${PACKED_FUSED_S:-120}" python3 -m pytest -q tests/test_fused_layer.py -k packed -rA 2>&1 \
+  | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -30
 has packed && timeout "${PACKED_S:-300}" python3 -m benchmarks.bench_packed ${PACKED_ARGS:-} --out "$OUT/packed.json" \
   2>&1 | grep -v Warn | tail -30
 if has train; then
