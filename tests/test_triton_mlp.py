@@ -87,10 +87,10 @@ def test_regs_16_warps_fp16_forward():
 def test_default_impl_by_head_dim():
     assert triton_backend.default_mlp_impl(64) == "regs" and triton_backend.default_mlp_impl(96) == "blocked"
     cpu = torch.device("cpu")  # smem only on a Hopper GPU: on the CPU (the interpreter) training stays in regs
-    assert triton_backend.default_mlp_impl(64, torch.bfloat16, cpu, 16, False, True) == "regs"
+    assert triton_backend.default_mlp_impl(64, torch.bfloat16, cpu, 16, True) == "regs"
     # an fp32 backward on a GPU: the register pair (its backward fits an SM's shared memory: test_offline_compile)
     cuda = torch.device("cuda")
-    assert triton_backend.default_mlp_impl(64, torch.float32, cuda, 16, False, True) == "regs"
+    assert triton_backend.default_mlp_impl(64, torch.float32, cuda, 16, True) == "regs"
     compare(None, B=1, T=20, H=1, d=16, b=16, pos=0)
 
 

@@ -263,12 +263,20 @@ def test_one_full_length_document_takes_the_plain_smem_launches(monkeypatch, T=4
 
 
 def test_default_mlp_pair_is_smem_for_packed_documents(monkeypatch):
-    """Packed documents take the pair a plain call takes (on Hopper with gradients at d 64, 16-bit: smem); they once
-    fell to the register pair (one 8k document: 47.2 ms against 29.2 plain, H200)."""
+    """Packed documents take the pair a plain call takes (on Hopper with gradients at d 64, 16-bit: smem; the choice
+    does not see the packing); they once fell to the register pair (one 8k document: 47.2 ms against 29.2 plain,
+    H200)."""
     monkeypatch.setattr(triton_backend, "_smem_runs_on", lambda device: True)
-    cuda = torch.device("cuda")
-    for packed in (False, True):
-        assert triton_backend.default_mlp_impl(64, torch.bfloat16, cuda, 16, packed, True) == "smem"
+    chosen = []
+    monkeypatch.setattr(triton_backend.MLPKernels, "_smem_body", lambda self, x, params, rows, save: chosen.append(
+        x.packing is not None) or (x.q, params))
+    kernels = triton_backend.MLPKernels()
+    lens = [5, 27]
+    for cu in (None, torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])):
+        leaves, st = packed_case("mlp", lens, "fresh", dtype=torch.bfloat16, b=16, d=64, H=2)
+        q, k, v, lr, delta, lnw, lnb = leaves[:7]
+        kernels.body(TTTInputs(q, k, v, lr, make_tau(delta), lnw, lnb, cu), st.params, None, True)
+    assert chosen == [False, True]
 
 
 def test_smem_schedule_longest_first():
@@ -342,7 +350,7 @@ def test_gpu_packed_smem_scheduled_equals_dual():
     documents' partial last mini-batches, every output, state row and gradient == the dual form (bf16)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     lens = [300, 1, 47, 1029, 16, 640, 15, 200, 77]
-    if triton_backend.default_mlp_impl(64, torch.bfloat16, torch.device(DEV), 16, True, True) == "smem":
+    if triton_backend.default_mlp_impl(64, torch.bfloat16, torch.device(DEV), 16, True) == "smem":
         work = [n // 16 for n in lens]
         assert mlp_smem.schedules(work, 12, 64, torch.device(DEV))[1] is not None  # the backward walks a schedule
     leaves, st = packed_case("mlp", lens, "fresh", dtype=torch.bfloat16, b=16, d=64, H=12)

@@ -51,15 +51,14 @@ MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head di
 
 
 def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                     mini_batch: int = 16, packed: bool = False, grad: bool = False) -> str:
+                     mini_batch: int = 16, grad: bool = False) -> str:
     """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
     forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs and b = 16 on a Hopper
     GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's 8.3 / 65.1); otherwise
     "regs" up to MLP_MAX_D and "blocked" (F walked in column blocks) above (at d 128 the blocked pair trains
-    faster than smem: 128 against 147 ms). packed (cu_seqlens given) does not change the choice: the smem pair
-    walks packed documents too (it once did not, and packed calls fell to "regs": one full-length document of 8k
-    tokens trained in 47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
-    del packed  # kept for callers: every pair takes packed documents
+    faster than smem: 128 against 147 ms). Packed documents (cu_seqlens) take the same pair: every pair walks them
+    (the smem pair once did not, and packed calls fell to "regs": one full-length document of 8k tokens trained in
+    47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
     if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
@@ -116,7 +115,7 @@ class LinearKernels:
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
 
-    def check(self, d: int, packed: bool = False) -> None:
+    def check(self, d: int) -> None:
         """Every head dim runs (padded to a power of two), with and without packed documents."""
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
@@ -147,7 +146,7 @@ class MLPKernels:
         if self.impl is not None and self.impl not in MLP_IMPLS:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
 
-    def check(self, d: int, packed: bool = False) -> None:
+    def check(self, d: int) -> None:
         """The head dim d the chosen kernels take (every pair takes packed documents); a one-line error."""
         if self.impl == "regs" and d > MLP_MAX_D:
             raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
@@ -157,8 +156,7 @@ class MLPKernels:
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
-        impl = self.impl or default_mlp_impl(x.q.shape[-1], x.q.dtype, x.q.device, x.mini_batch,
-                                             x.packing is not None, save)
+        impl = self.impl or default_mlp_impl(x.q.shape[-1], x.q.dtype, x.q.device, x.mini_batch, save)
         if impl == "smem":
             return self._smem_body(x, params, rows, save)
         none = x.q.new_empty(0, dtype=torch.int32)
@@ -268,7 +266,7 @@ class TritonOp(TTTOp):
         if x.ln_weight is None:
             raise ValueError("ln_weight: the Triton kernels implement the inner LayerNorm (and residual) only; got "
                              "None (resolve_op gives these switches the dual form)")
-        self.kernels.check(x.q.shape[-1], x.cu_seqlens is not None)
+        self.kernels.check(x.q.shape[-1])
         B, T = x.q.shape[:2]
         pk, b = x.packing, x.mini_batch
         if pk is None and T == 1:
