@@ -308,10 +308,17 @@ def _conv_bwd_kernel(
                 ga = _bwd_tap_packed(dya_ptr, ra, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
                 if TWO:
                     gb = _bwd_tap_packed(dyb_ptr, rb, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
-                if j == 0:
-                    dba += ga
-                    if TWO:
-                        dbb += gb
+            else:
+                ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
+                              PERIODIC, MB, HD, BT, BC)
+                if TWO:
+                    gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
+                                  PERIODIC, MB, HD, BT, BC)
+            if j == 0:  # the bias takes every row
+                dba += ga
+                if TWO:
+                    dbb += gb
+                if PACKED:
                     if HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
                         wm = (tk // MB < W - 1) & (u < T)
                         dc = tl.load(doc_ptr + u, mask=wm, other=0)
@@ -322,29 +329,13 @@ def _conv_bwd_kernel(
                     ga = tl.where(same[:, None], ga, 0.0)
                     if TWO:
                         gb = tl.where(same[:, None], gb, 0.0)
-                gx += ga * wa[j][None, :]
-                ndwa = ndwa + (dwa[j] + ga * xs,)
-                if TWO:
-                    gx += gb * wb[j][None, :]
-                    ndwb = ndwb + (dwb[j] + gb * xs,)
-                else:
-                    ndwb = ndwb + (dwb[j],)
+            gx += ga * wa[j][None, :]
+            ndwa = ndwa + (dwa[j] + ga * xs,)
+            if TWO:
+                gx += gb * wb[j][None, :]
+                ndwb = ndwb + (dwb[j] + gb * xs,)
             else:
-                ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                              PERIODIC, MB, HD, BT, BC)
-                gx += ga * wa[j][None, :]
-                ndwa = ndwa + (dwa[j] + ga * xs,)
-                if j == 0:
-                    dba += ga
-                if TWO:
-                    gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                                  PERIODIC, MB, HD, BT, BC)
-                    gx += gb * wb[j][None, :]
-                    ndwb = ndwb + (dwb[j] + gb * xs,)
-                    if j == 0:
-                        dbb += gb
-                else:
-                    ndwb = ndwb + (dwb[j],)
+                ndwb = ndwb + (dwb[j],)
         dwa = ndwa
         dwb = ndwb
         r = u - (W - 1)  # the x row of xs row u
