@@ -67,6 +67,11 @@ def cu_of(lens) -> torch.Tensor:
     return torch.tensor([0, *lens]).cumsum(0)
 
 
+# the GPU-only tests (marked gpu): full-size heads and the hardware paths (wgmma, cooperative programs) that the
+# interpreter cannot reach; the CPU tests in this file run the same checks at small shapes
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 def packed_case(kind, lens, start, dtype=torch.float32, seed=0, b=B_MB, d=16, H=2):
     """Inputs of one packed sequence and a state of one row per document: "fresh" rows at 0 (as a layer starts
     them: the weights require grad, the zero accumulators do not), or "carried": rows at unequal positions, the
@@ -336,14 +341,14 @@ def test_smem_scheduled_walk_equals_one_pair_per_group():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_gpu_smem_scheduled_walk():
     """On the GPU (wgmma, the backward's cooperative pairs of programs): 28 (document, head) pairs on 5 groups."""
     _scheduled_walk_equals_plain([300, 1, 47, 1029, 16, 640, 15], H=4, groups=5, group=8)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_gpu_packed_smem_scheduled_equals_dual():
     """Through the op with its default kernels (on Hopper: smem), more (document, head) pairs than the backward's
     program groups (9 documents x 12 heads = 108 pairs, 66 groups on an H200's 132 SMs): the scheduled walk, the
@@ -360,7 +365,7 @@ def test_gpu_packed_smem_scheduled_equals_dual():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("start", ["fresh", "carried"])
