@@ -896,12 +896,15 @@ def verdicts(main: dict) -> list[str]:
     return out
 
 
+def study_size(key: str) -> str:
+    """The model size of a study's key (its runs' name prefix: '', 'small', 'tiny_lr0.001'): 'main', 'small', 'tiny'."""
+    return next((p for p in key.split("_") if not p.startswith("lr")), "main")
+
+
 def study_name(key: str) -> str:
-    """A study's key (its runs' name prefix: '', 'small', 'tiny_lr0.001') as the report names it: 'small',
-    'tiny, peak LR 0.001'."""
-    parts = key.split("_")
-    lr = next((p[2:] for p in parts if p.startswith("lr")), None)
-    return next((p for p in parts if not p.startswith("lr")), "main") + (f", peak LR {lr}" if lr else "")
+    """A study's key as the report names it: 'main', 'small', 'tiny, peak LR 0.001'."""
+    lr = next((p[2:] for p in key.split("_") if p.startswith("lr")), None)
+    return study_size(key) + (f", peak LR {lr}" if lr else "")
 
 
 def ladder_key(key: str) -> tuple[str, str | None]:
@@ -951,7 +954,7 @@ def best_lr_lines(studies: dict) -> list[str]:
     for key, main in studies.items():
         for ctx, rs in main.items():
             for m, r in rs.items():
-                by_size.setdefault(study_name(key).split(",")[0], {}).setdefault(ctx, {}).setdefault(m, []).append(r)
+                by_size.setdefault(study_size(key), {}).setdefault(ctx, {}).setdefault(m, []).append(r)
     lines = []
     for size, main in by_size.items():
         if all(len(runs) < 2 for rs in main.values() for runs in rs.values()):
@@ -999,10 +1002,11 @@ def inner_lr_lines(ladders: dict) -> list[str]:
 def ladder_lines(abl: dict, suffix: str = "") -> list[str]:
     rows = [(i, name, paper, abl.get(f"ladder{i}")) for i, (name, paper, _) in enumerate(LADDER)]
     rows = [r for r in rows if r[3]]
+    if len(rows) < 2:  # one rung (or none): no change to show, only the b sweep below
+        rows = []
     lines = [f"### Ablation ladder (TTT-Linear, the paper's Table 1 rungs){suffix}", "",
              "| rung | paper ppl (125M, Pile 2k) | paper change | our loss | our ppl | our change in loss (± SE) | "
-             "tokens | verdict |", "|---|---|---|---|---|---|---|---|"] if len(rows) > 1 else []  # one rung: no change
-    rows = rows if lines else []
+             "tokens | verdict |", "|---|---|---|---|---|---|---|---|"] if rows else []
     prev = None
     for i, name, paper, r in rows:
         ch_p = f"{paper - prev[2]:+.2f}" if prev else ""
