@@ -65,9 +65,10 @@ def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-
 
 # (B, T, H, d, b, pos): aligned; odd length with head and tail pieces and a padded head dim; b = 8
 # (padded mini-batch rows) over several checkpoint groups; an aligned start whose (zero) accumulator
-# requires grad; a start one token before a mini-batch boundary; b = 4 and b = 64 (the ablation's sweep).
+# requires grad; a start one token before a mini-batch boundary; b = 4 and b = 64 (the ablation's sweep); a head dim
+# below the 16 that tl.dot takes on the GPU (d = 8 padded to 16).
 LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8, 3), (1, 64, 1, 16, 16, 32),
-                (1, 40, 1, 16, 16, 15), (1, 42, 2, 16, 4, 3), (1, 150, 1, 16, 64, 5)]
+                (1, 40, 1, 16, 16, 15), (1, 42, 2, 16, 4, 3), (1, 150, 1, 16, 64, 5), (1, 21, 2, 8, 4, 2)]
 
 
 @pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)

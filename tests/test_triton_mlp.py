@@ -71,8 +71,9 @@ def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-
 
 
 # (B, T, H, d, b, pos): odd length with head and tail pieces from a mid-mini-batch start (pending accumulator);
-# padded head dim (24 -> 32, F = 96 -> 128) and b = 8 (padded rows) over three checkpoint groups.
-CASES = [(2, 37, 2, 16, 16, 5), (1, 150, 1, 24, 8, 3)]
+# padded head dim (24 -> 32, F = 96 -> 128) and b = 8 (padded rows) over three checkpoint groups; a head dim and a
+# mini-batch below the 16 that tl.dot takes on the GPU (d = 8 and b = 4 padded to 16).
+CASES = [(2, 37, 2, 16, 16, 5), (1, 150, 1, 24, 8, 3), (1, 21, 2, 8, 4, 2)]
 
 
 @pytest.mark.parametrize("B,T,H,d,b,pos", CASES)
@@ -208,14 +209,14 @@ def test_step_kernel_blocks(block_f, warps, d):
 @gpu
 def test_gpu_default_impl_trains_in_smem_at_d64():
     """The default pair at head dim 64 on Hopper: smem with gradients in 16 bits (measured fastest there), regs
-    without gradients, for packed documents and for an fp32 backward, blocked at d 128; the default path equals the
+    without gradients, at another mini-batch and for an fp32 backward, blocked at d 128; the default path equals the
     dual form, in bf16 and in fp32 (the register backward in fp32 launches: its shared memory fits an SM)."""
     dev, f = torch.device("cuda"), triton_backend.default_mlp_impl
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert f(64, torch.bfloat16, dev, 16, False, True) == ("smem" if hopper else "regs")
-    assert f(64, torch.bfloat16, dev, 16, False, False) == f(64, torch.float32, dev, 16, False, False) == "regs"
-    assert f(64, torch.bfloat16, dev, 16, True, True) == f(64, torch.bfloat16, dev, 8, False, True) == "regs"
-    assert f(64, torch.float32, dev, 16, False, True) == "regs" and f(128, torch.bfloat16, dev, 16, False, True) == "blocked"
+    assert f(64, torch.bfloat16, dev, 16, True) == ("smem" if hopper else "regs")
+    assert f(64, torch.bfloat16, dev, 16, False) == f(64, torch.float32, dev, 16, False) == "regs"
+    assert f(64, torch.bfloat16, dev, 8, True) == "regs"
+    assert f(64, torch.float32, dev, 16, True) == "regs" and f(128, torch.bfloat16, dev, 16, True) == "blocked"
     compare(None, B=2, T=533, H=2, d=64, b=16, pos=7, dtype=torch.bfloat16, tol=3e-2)
     torch.backends.cuda.matmul.allow_tf32 = False
     compare(None, B=2, T=533, H=2, d=64, b=16, pos=7, dtype=torch.float32, tol=1e-4)

@@ -18,6 +18,12 @@ from .common import TTTInputs, TTTState
 from .packed import upload
 
 
+def tile(n: int) -> int:
+    """The tile side that holds n features or tokens: the next power of two, at least 16 (the smallest product
+    dimension tl.dot takes on the GPU; the interpreter takes any). The padding is masked by the kernels."""
+    return max(16, triton.next_power_of_2(n))
+
+
 @dataclass(frozen=True)
 class Rows:
     """The rows a chunk kernel launch walks (module docstring).

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
-                            _offsets, _proj, _row, _tiles, _when, batch_rows)
+                            _offsets, _proj, _row, _tiles, _when, batch_rows, tile)
 
 
 @triton.jit
@@ -524,8 +524,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
         segments = min(4, nck)
     nseg = max(1, min(segments, nck))
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
-    BD = triton.next_power_of_2(d)
-    BT = max(16, triton.next_power_of_2(b))
+    BD, BT = tile(d), tile(b)
     ckw, ckc = ckpt
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)

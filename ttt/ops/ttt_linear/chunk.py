@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
-                            _tiles, batch_rows, dot_mode as _auto_dot_mode)
+                            _tiles, batch_rows, dot_mode as _auto_dot_mode, tile)
 from . import bwd_split
 
 BWD_IMPLS = ("split", "split_lean", "split_full")
@@ -118,8 +118,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
-    BD = triton.next_power_of_2(d)
-    BT = max(16, triton.next_power_of_2(mini_batch))
+    BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
     if save:

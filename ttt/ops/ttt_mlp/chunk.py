@@ -40,7 +40,7 @@ import triton.language as tl
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
                             _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
-                            _row, _tiles, batch_rows, dot_mode)
+                            _row, _tiles, batch_rows, dot_mode, tile)
 
 # Default warps: 8 (H100, d = 64: forward 5.6 ms with 8 warps vs 12.4 with 16; docs/kernels_notes.md)
 
@@ -142,8 +142,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     F = params[0].shape[-1]
-    BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
-    BT = max(16, triton.next_power_of_2(mini_batch))
+    BD, BF, BT = tile(d), tile(F), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
@@ -389,8 +388,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
     F = ckpt[0].shape[-1]
-    BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
-    BT = max(16, triton.next_power_of_2(mini_batch))
+    BD, BF, BT = tile(d), tile(F), tile(mini_batch)
     shapes = ((d, F), (F,), (F, d), (d,))
     dfin = tuple(torch.zeros((N, H, *s), dtype=torch.float32, device=q.device) if g is None
                  else g.float().contiguous() for g, s in zip(dfin, shapes))

@@ -38,7 +38,7 @@ import triton.language as tl
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
                             _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
-                            _row, _tiles, batch_rows, dot_mode)
+                            _row, _tiles, batch_rows, dot_mode, tile)
 
 # Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
@@ -216,7 +216,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     assert rows.group == group
     F = params[0].shape[-1]
     FB = _block_f(F, block_f)
-    BT = max(16, triton.next_power_of_2(mini_batch))
+    BT = tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(p.clone() for p in params)  # the kernel's working weights, updated in place
     if save:
@@ -226,7 +226,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     ttt_mlp_fwd_blocked_kernel[(rows.n * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck, rows.span,
         *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, triton.cdiv(F, FB),
-        D=d, BD=triton.next_power_of_2(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
+        D=d, BD=tile(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
         num_stages=num_stages or 3)
     return o, fin, (ck if save else None)
@@ -453,9 +453,9 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
     F = ckpt[0].shape[-1]
-    BD = triton.next_power_of_2(d)
+    BD = tile(d)
     FB = _block_f(F, block_f)
-    BT = max(16, triton.next_power_of_2(mini_batch))
+    BT = tile(mini_batch)
     shapes = ((d, F), (F,), (F, d), (d,))
     # the carried gradients start as those of the final params and end as those of the start params
     dps = tuple(torch.zeros((N, H, *s), dtype=torch.float32, device=q.device) if g is None
