@@ -26,7 +26,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from ttt.ops import fused_layer
 from ttt.ops.common import LN_EPS
 from ttt.ops.triton_backend import GROUP
-from ttt.ops.triton_utils import dot_mode
+from ttt.ops.triton_utils import dot_mode, tile
 from ttt.ops.ttt_linear import bwd_split, chunk as lin_chunk, step_triton as lin_step
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem, \
     step_triton as mlp_step
@@ -80,7 +80,7 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
 
 def linear_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of every TTT-Linear kernel."""
-    BD, BT = triton.next_power_of_2(d), max(16, triton.next_power_of_2(b))
+    BD, BT = tile(d), tile(b)  # as the launches pad them; the step kernels (no tl.dot) pad d to a power of two
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
     out = [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True), 4, 3)]
     for w in (4, 8):
@@ -89,15 +89,14 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
                 ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
-    return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=BD, COMMIT=True, EPS=LN_EPS),
+    return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=triton.next_power_of_2(d), COMMIT=True, EPS=LN_EPS),
                    4 if d <= 64 else 8, 3)]
 
 
 def mlp_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of every TTT-MLP kernel (the register ones for d <= 64)."""
     F = 4 * d
-    BD, BF = triton.next_power_of_2(d), triton.next_power_of_2(F)
-    base = dict(D=d, BD=BD, FF=F, BF=BF, MB=b, BT=max(16, triton.next_power_of_2(b)), GROUP=GROUP, DOT_MODE=dot,
+    base = dict(D=d, BD=tile(d), FF=F, BF=tile(F), MB=b, BT=tile(b), GROUP=GROUP, DOT_MODE=dot,
                 EPS=LN_EPS)
     out = []
     if d <= 64:
@@ -108,7 +107,7 @@ def mlp_kernels(d: int, b: int, dot: int):
             ("blocked bwd", mlp_blocked.ttt_mlp_bwd_blocked_kernel, dict(base, FB=32), 4, 3)]
     for w, blk in ((4, 64), (8, 32), (8, 64)):
         out.append((f"step blk{blk}", mlp_step.ttt_mlp_step_kernel,
-                    dict(D=d, BD=BD, FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
+                    dict(D=d, BD=triton.next_power_of_2(d), FF=F, BF=blk, COMMIT=True, EPS=LN_EPS), w, 1))
     if d in mlp_smem.HEAD_DIMS and b == mlp_smem.MB and dot >= 2:  # Gluon, 16-bit operands
         smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS, SCHED=False)
         for w in (4, 8):
