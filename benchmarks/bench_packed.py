@@ -3,6 +3,7 @@ one sequence with cu_seqlens, against the same documents padded to the longest, 
 cu_seqlens at one full-length document.
 
     python3 -m benchmarks.bench_packed --out /tmp/bench_packed.json      # GPU; a few minutes (the rows print as they come)
+    python3 -m benchmarks.bench_packed --ops mlp --mixers ttt_mlp        # a part: TTT-MLP's op and model only
 
 Documents: lengths drawn log-normal with mean --mean-len (sigma --sigma), until --pack-len tokens are filled
 (the last one cut). Per mixer (TTT-Linear, TTT-MLP, Transformer++, Mamba-2; --size preset, bf16 autocast):
@@ -180,7 +181,8 @@ def op_rows(kind, lens, H=12, d=64, dtype=torch.bfloat16):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="125m")
-    p.add_argument("--mixers", default=",".join(MIXERS))
+    p.add_argument("--mixers", default=",".join(MIXERS), help="models trained packed vs padded ('' for none)")
+    p.add_argument("--ops", default="linear,mlp", help="TTT op kinds checked and timed packed vs padded ('' for none)")
     p.add_argument("--pack-len", type=int, default=8192)
     p.add_argument("--mean-len", type=float, default=1000.0)
     p.add_argument("--sigma", type=float, default=1.0)
@@ -194,7 +196,10 @@ def main():
     lens = document_lengths(a.pack_len, a.mean_len, a.sigma, a.seed)
     print(json.dumps(dict(documents=len(lens), lengths=lens, longest=max(lens),
                           padded_tokens=len(lens) * max(lens), real_tokens=sum(lens))), flush=True)
-    mixers = a.mixers.split(",")
+    mixers, kinds = ([x for x in v.split(",") if x] for v in (a.mixers, a.ops))
+    for flag, got, known in (("--mixers", mixers, MIXERS), ("--ops", kinds, ("linear", "mlp"))):
+        if bad := [x for x in got if x not in known]:
+            p.error(f"{flag}: expected names from {','.join(known)}, got {','.join(bad)}")
     checks, op_checks, ops, rows = {}, {}, [], []
     res = dict(env=env, lengths=lens, checks=[], train=rows, op=ops)
 
@@ -205,7 +210,7 @@ def main():
 
     # the short op part first, then each mixer's check and its two timings, Mamba-2 last (mamba_ssm's autotuned
     # kernels compile for minutes on a fresh machine); fp32 checks with tf32 off, timings with the caller's setting
-    for kind in ("linear", "mlp"):
+    for kind in kinds:
         torch.backends.cuda.matmul.allow_tf32 = False
         op_checks[kind] = op_check(kind, lens)
         torch.backends.cuda.matmul.allow_tf32 = tf32
