@@ -87,11 +87,11 @@ def test_regs_16_warps_fp16_forward():
 
 def test_default_impl_by_head_dim():
     assert triton_backend.default_mlp_impl(64) == "regs" and triton_backend.default_mlp_impl(96) == "blocked"
-    cpu = torch.device("cpu")  # smem only on a Hopper GPU: on the CPU (the interpreter) training stays in regs
+    cpu = torch.device("cpu")  # smem only on a Hopper GPU: on the CPU (the interpreter) 16-bit training stays in regs
     assert triton_backend.default_mlp_impl(64, torch.bfloat16, cpu, 16, True) == "regs"
-    # an fp32 backward on a GPU: the register pair (its backward fits an SM's shared memory: test_offline_compile)
+    # an fp32 backward on a GPU: the blocked pair (the register backward compiles for minutes there)
     cuda = torch.device("cuda")
-    assert triton_backend.default_mlp_impl(64, torch.float32, cuda, 16, True) == "regs"
+    assert triton_backend.default_mlp_impl(64, torch.float32, cuda, 16, True) == "blocked"
     compare(None, B=1, T=20, H=1, d=16, b=16, pos=0)
 
 
@@ -209,14 +209,14 @@ def test_step_kernel_blocks(block_f, warps, d):
 @gpu
 def test_gpu_default_impl_trains_in_smem_at_d64():
     """The default pair at head dim 64 on Hopper: smem with gradients in 16 bits (measured fastest there), regs
-    without gradients, at another mini-batch and for an fp32 backward, blocked at d 128; the default path equals the
-    dual form, in bf16 and in fp32 (the register backward in fp32 launches: its shared memory fits an SM)."""
+    without gradients and at another mini-batch, blocked for an fp32 backward and at d 128; the default path equals
+    the dual form, in bf16 and in fp32."""
     dev, f = torch.device("cuda"), triton_backend.default_mlp_impl
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert f(64, torch.bfloat16, dev, 16, True) == ("smem" if hopper else "regs")
     assert f(64, torch.bfloat16, dev, 16, False) == f(64, torch.float32, dev, 16, False) == "regs"
-    assert f(64, torch.bfloat16, dev, 8, True) == "regs"
-    assert f(64, torch.float32, dev, 16, True) == "regs" and f(128, torch.bfloat16, dev, 16, True) == "blocked"
+    assert f(64, torch.bfloat16, dev, 8, True) == "regs" and f(64, torch.float32, dev, 16, True) == "blocked"
+    assert f(128, torch.bfloat16, dev, 16, True) == "blocked"
     compare(None, B=2, T=533, H=2, d=64, b=16, pos=7, dtype=torch.bfloat16, tol=3e-2)
     torch.backends.cuda.matmul.allow_tf32 = False
     compare(None, B=2, T=533, H=2, d=64, b=16, pos=7, dtype=torch.float32, tol=1e-4)
