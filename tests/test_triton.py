@@ -274,3 +274,13 @@ def test_one_token_with_grad_runs_the_pytorch_step(kind):
     step = lin_step_triton if kind == "linear" else mlp_step_triton
     with pytest.raises(ValueError, match="no backward"):
         step.forward(inp.inputs(), inp.state())
+
+
+def test_host_int_helpers_match_triton():
+    """The launch glue's cdiv / pow2 / tile (plain ints: Triton's own helpers cost microseconds per call) give
+    Triton's values; tile pads to at least 16."""
+    from ttt.ops.triton_utils import cdiv, pow2, tile
+    assert [pow2(n) for n in range(1, 2100)] == [triton.next_power_of_2(n) for n in range(1, 2100)]
+    assert [cdiv(a, b) for a in range(0, 200) for b in range(1, 33)] == \
+        [triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 33)]
+    assert [tile(n) for n in (1, 8, 16, 17, 24, 64, 96)] == [16, 16, 16, 32, 32, 64, 128]

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import LN_EPS, TTTState
-from .triton_utils import _linear_step, _step_store
+from .triton_utils import _linear_step, _step_store, cdiv, pow2
 
 
 def _sms(device) -> int:
@@ -48,7 +48,7 @@ def _sms(device) -> int:
 
 
 def _pick(n: int, cap: int) -> int:
-    return max(8, min(cap, triton.next_power_of_2(n)))
+    return max(8, min(cap, pow2(n)))
 
 
 # ---------------------------------------------------------------- causal conv (+ RoPE)
@@ -367,10 +367,10 @@ class ConvLaunch:
 
     def grid(self, rows: int, D: int, B: int, mini_batch: int):
         """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences."""
-        npc = triton.cdiv(D, self.BC)
-        nseg = max(1, min(triton.cdiv(rows, self.BT), triton.cdiv(self.programs, npc * B)))
-        seg = triton.cdiv(triton.cdiv(rows, nseg), self.BT) * self.BT
-        return (npc, B, triton.cdiv(rows, seg)), seg, self.BT % mini_batch == 0
+        npc = cdiv(D, self.BC)
+        nseg = max(1, min(cdiv(rows, self.BT), cdiv(self.programs, npc * B)))
+        seg = cdiv(cdiv(rows, nseg), self.BT) * self.BT
+        return (npc, B, cdiv(rows, seg)), seg, self.BT % mini_batch == 0
 
 
 def conv_launch(T: int, D: int, device: torch.device) -> ConvLaunch:
@@ -420,10 +420,13 @@ def _window_grads(gw, win, w):
     return ds, dw
 
 
-def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
-              launch: ConvLaunch | None = None, tok=None, doc=None):
-    """The backward kernel's launch and the sums of its partials: [dx, dwin or None, dwa, dba (, dwb, dbb)];
-    packed documents as in `_conv_fwd` (the window's gradient summed from the kernel's gw, `_window_grads`)."""
+def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float,
+                    rope: bool, launch: ConvLaunch | None = None, tok=None, doc=None):
+    """The backward kernel's launch: [dx, ds, dwa, dba, dwb, dbb, gwa, gwb], the weight gradients as the kernel's
+    per-program partial sums ([P, D, W], [P, D] fp32), ds the window's gradient (None without a window or with
+    packed documents), gwa / gwb the un-rotated output gradients at every document's first W - 1 rows (packed
+    documents with a window, else None; `_window_grads`), dwb / dbb None with one conv. `_conv_bwd_sums` finishes
+    them; the custom op returns the parts so that these sums are traced (compiled: fused with the casts)."""
     B, T, D = x.shape
     W = wa.shape[-1]
     L = launch or conv_launch(T, D, x.device)
@@ -431,35 +434,48 @@ def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: in
     P = B * grid[2]  # rows of the weight-gradient partial sums
     two, packed = wb is not None, tok is not None
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None and not packed else dx
+    ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None and not packed else None
     f32 = dict(dtype=torch.float32, device=x.device)
     dwa, dba = torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)
-    dwb, dbb = (torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)) if two else (dwa, dba)
-    gwa = gwb = dwa
+    dwb, dbb = (torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)) if two else (None, None)
+    gwa = gwb = None
     if packed and win is not None:  # written at each document's first W - 1 rows only: zeros past its end
         gwa = torch.zeros((win.shape[0], W - 1, D), **f32)
-        gwb = torch.zeros_like(gwa) if two else gwa
+        gwb = torch.zeros_like(gwa) if two else None
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
     _conv_bwd_kernel[grid](
-        x, st, wa, wb if two else wa, dya, dyb, dx, ds, dwa, dba, dwb, dbb,
-        tok if packed else x, doc if doc is not None else x, gwa, gwb,
+        x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
+        dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
+        doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
         HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, num_warps=L.warps)
-    dwa, dwb = dwa.sum(0), dwb.sum(0) if two else None
-    if packed and win is not None:
+    return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
+
+
+def _conv_bwd_sums(parts, win, wa, wb):
+    """[dx, dwin or None, dwa [D, 1, W], dba [D] (, dwb, dbb)] (weights' gradients fp32) from `_conv_bwd_parts`."""
+    dx, ds, dwa, dba, dwb, dbb, gwa, gwb = parts
+    dwa, dba = dwa.sum(0), dba.sum(0)
+    dwb, dbb = (dwb.sum(0), dbb.sum(0)) if wb is not None else (None, None)
+    if gwa is not None:  # packed documents with a window
         ds, dw_win = _window_grads(gwa, win, wa)
         dwa = dwa + dw_win
-        if two:
+        if wb is not None:
             ds_b, dw_win = _window_grads(gwb, win, wb)
             ds, dwb = ds + ds_b, dwb + dw_win
         ds = ds.to(win.dtype)
-    grads = [dx, ds if win is not None else None, dwa.unsqueeze(1), dba.sum(0)]
-    if two:
-        grads += [dwb.unsqueeze(1), dbb.sum(0)]
-    return grads
+    grads = [dx, ds if win is not None else None, dwa.unsqueeze(1), dba]
+    return grads + [dwb.unsqueeze(1), dbb] if wb is not None else grads
+
+
+def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
+              launch: ConvLaunch | None = None, tok=None, doc=None):
+    """The backward: [dx, dwin or None, dwa, dba (, dwb, dbb)]; packed documents as in `_conv_fwd`."""
+    return _conv_bwd_sums(_conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope,
+                                          launch, tok, doc), win, wa, wb)
 
 
 # The custom ops take the conv window, the biases and the packed rows (tok, doc) as optional tensors and the RoPE
@@ -484,17 +500,24 @@ def _conv_rope_bwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tenso
                       dya: torch.Tensor, dyb: torch.Tensor | None, pos0: int, mini_batch: int, head_dim: int,
                       rope_base: float, rope: bool, tok: torch.Tensor | None,
                       doc: torch.Tensor | None) -> list[torch.Tensor]:
-    g = _conv_bwd(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok=tok, doc=doc)
-    return [t if t is not None else x.new_empty(0) for t in g]
+    parts = _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok=tok, doc=doc)
+    return [t if t is not None else x.new_empty(0) for t in parts]
 
 
 @_conv_rope_bwd_op.register_fake
 def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
-    out = [torch.empty_like(x), torch.empty_like(win) if win is not None else x.new_empty(0),
-           wa.new_empty(wa.shape, dtype=torch.float32), wa.new_empty(wa.shape[0], dtype=torch.float32)]
-    if wb is not None:
-        out += [wb.new_empty(wb.shape, dtype=torch.float32), wb.new_empty(wb.shape[0], dtype=torch.float32)]
-    return out
+    B, T, D = x.shape
+    W = wa.shape[-1]
+    grid = conv_launch(T, D, x.device).grid(T + W - 1, D, B, mini_batch)[0]
+    P = B * grid[2]
+    packed = tok is not None
+    f32 = dict(dtype=torch.float32, device=x.device)
+    part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
+    two = [part(P, D, W), part(P, D)] if wb is not None else [x.new_empty(0), x.new_empty(0)]
+    gw = [part(win.shape[0], W - 1, D) if packed and win is not None and (i == 0 or wb is not None)
+          else x.new_empty(0) for i in range(2)]  # distinct tensors: an output repeated would be taken as an alias
+    return [torch.empty_like(x), torch.empty_like(win) if win is not None and not packed else x.new_empty(0),
+            part(P, D, W), part(P, D), *two, *gw]
 
 
 def _conv_setup(ctx, inputs, output):
@@ -511,7 +534,10 @@ def _conv_backward(ctx, dya, dyb):
         dyb = torch.zeros_like(x) if dyb is None or dyb.numel() == 0 else dyb
     else:
         dyb = None
-    g = _conv_rope_bwd_op(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc)
+    parts = _conv_rope_bwd_op(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc)
+    window, packed_window = win is not None and tok is None, win is not None and tok is not None
+    real = (True, window, True, True, wb is not None, wb is not None, packed_window, packed_window and wb is not None)
+    g = _conv_bwd_sums([t if r else None for t, r in zip(parts, real)], win, wa, wb)  # the op's empties: None
     dx, dwin, dwa, dba = g[:4]
     dwb, dbb = (g[4], g[5]) if wb is not None else (None, None)
     return (dx, dwin if win is not None else None, dwa.to(wa.dtype), dba.to(wa.dtype) if has_ba else None,
@@ -710,6 +736,6 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
         An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
-        HD=d, BD=triton.next_power_of_2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
+        HD=d, BD=pow2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
         EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin

@@ -18,10 +18,21 @@ from .common import TTTInputs, TTTState
 from .packed import upload
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints. Launch glue uses these two instead of triton.cdiv / triton.next_power_of_2, which
+    cost 6-9 us per call on the host (Triton 3.6, measured on the CPU) and run dozens of times per layer call."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n, of a host int n >= 1 (`cdiv`)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def tile(n: int) -> int:
     """The tile side that holds n features or tokens: the next power of two, at least 16 (the smallest product
     dimension tl.dot takes on the GPU; the interpreter takes any). The padding is masked by the kernels."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, pow2(n))
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ class Rows:
     @property
     def nck(self) -> int:
         """Checkpoint groups of the longest row (the per-group grids)."""
-        return triton.cdiv(self.nmb, self.group)
+        return cdiv(self.nmb, self.group)
 
     def strides(self, t: torch.Tensor) -> tuple:
         """t's (batch, time, head) strides as the kernels take them: no batch stride for packed rows."""
@@ -63,8 +74,8 @@ class Rows:
 
 def batch_rows(B: int, T: int, mini_batch: int, group: int, device, start: int = 0) -> Rows:
     """B rows, tokens [start, T) of each batch entry (built on the device: no host-to-device copy)."""
-    nmb = triton.cdiv(T - start, mini_batch)
-    nck = triton.cdiv(nmb, group)
+    nmb = cdiv(T - start, mini_batch)
+    nck = cdiv(nmb, group)
     n = torch.arange(B, device=device, dtype=torch.int32)
     span = torch.stack([torch.full_like(n, start), torch.full_like(n, T), n * nck], 1)  # [B, 3]
     return Rows(span, False, nmb, B * nck, start == 0, group, (T - start,) * B)
@@ -79,8 +90,8 @@ def document_rows(bounds, mini_batch: int, group: int, cu: torch.Tensor | None =
     device = device if device is not None else cu.device
     lengths = [e - s - (heads[i] if heads else 0) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
     per = mini_batch * group
-    nck = [triton.cdiv(n, per) for n in lengths]
-    nmb = triton.cdiv(max(lengths), mini_batch)
+    nck = [cdiv(n, per) for n in lengths]
+    nmb = cdiv(max(lengths), mini_batch)
     first = [0]
     for c in nck[:-1]:
         first.append(first[-1] + c)

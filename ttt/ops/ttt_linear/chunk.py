@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
-                            _tiles, batch_rows, dot_mode as _auto_dot_mode, tile)
+                            _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
 from . import bwd_split
 
 BWD_IMPLS = ("split", "split_lean", "split_full")
@@ -103,7 +103,7 @@ def ttt_linear_fwd_kernel(
 
 def _warps(d: int) -> int:
     # measured on H100 (docs/kernels_notes.md): d = 64 forward 0.91 ms with 4 warps vs 1.07 with 8
-    return 4 if triton.next_power_of_2(d) <= 64 else 8
+    return 4 if pow2(d) <= 64 else 8
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,

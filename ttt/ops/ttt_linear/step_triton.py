@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS, TTTInputs, TTTState
-from ..triton_utils import _linear_step, _step_store, _step_token, step_operands
+from ..triton_utils import _linear_step, _step_store, _step_token, pow2, step_operands
 
 
 @triton.jit
@@ -55,5 +55,5 @@ def forward(x: TTTInputs, state: TTTState):
     ttt_linear_step_kernel[(B * H,)](
         q0, k0, v0, lr0, x.tau, x.ln_weight, x.ln_bias, W, c, A, a, o, Wn, cn, An, an,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
-        D=d, BD=triton.next_power_of_2(d), COMMIT=commit, EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
+        D=d, BD=pow2(d), COMMIT=commit, EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1)

@@ -38,7 +38,7 @@ import triton.language as tl
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _finite_or_0, _finite_rows, _gelu_parts, _gelu_parts2, _head_consts,
                             _live_rows, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize, _offsets, _proj,
-                            _row, _tiles, batch_rows, dot_mode, tile)
+                            _row, _tiles, batch_rows, cdiv, dot_mode, pow2, tile)
 
 # Defaults of `fwd`/`bwd`: 32-column F blocks, 4 warps, 3 pipeline stages. H100 (docs/kernels_notes.md):
 # d = 64, B16 T2048 forward: 32-column blocks with 4 warps 9.0 ms, 8 warps 10.7, 64-column blocks 31.4
@@ -201,7 +201,7 @@ def ttt_mlp_fwd_blocked_kernel(
 
 
 def _block_f(F: int, block_f: int | None) -> int:
-    return block_f or min(32, triton.next_power_of_2(F))
+    return block_f or min(32, pow2(F))
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
@@ -225,7 +225,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
         ck = fin  # never written
     ttt_mlp_fwd_blocked_kernel[(rows.n * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *fin, o, *ck, rows.span,
-        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, triton.cdiv(F, FB),
+        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, cdiv(F, FB),
         D=d, BD=tile(d), FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group, SAVE=save,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
         num_stages=num_stages or 3)
@@ -471,7 +471,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     ttt_mlp_bwd_blocked_kernel[(N * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps,
         dq, dk, dv, dlr, dtau, dlnw, dlnb, *scr, rows.span,
-        *rows.strides(q), *rows.strides(lr), *rows.strides(dq), 0 if rows.packed else T * H, H, triton.cdiv(F, FB),
+        *rows.strides(q), *rows.strides(lr), *rows.strides(dq), 0 if rows.packed else T * H, H, cdiv(F, FB),
         D=d, BD=BD, FF=F, FB=FB, MB=mini_batch, BT=BT, GROUP=group,
         DOT_MODE=dot_mode(q.dtype) if dot is None else dot, EPS=LN_EPS, num_warps=num_warps or 4,
         num_stages=num_stages or 3)

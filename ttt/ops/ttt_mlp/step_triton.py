@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..common import LN_EPS, TTTInputs, TTTState
-from ..triton_utils import _gelu_parts, _step_token, step_operands
+from ..triton_utils import _gelu_parts, _step_token, pow2, step_operands
 
 
 @triton.jit
@@ -126,9 +126,9 @@ def forward(x: TTTInputs, state: TTTState, block_f: int | None = None, num_warps
     o = torch.empty((B, 1, H, d), dtype=x.q.dtype, device=x.q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
-    BF = block_f or min(64, triton.next_power_of_2(F))
+    BF = block_f or min(64, pow2(F))
     ttt_mlp_step_kernel[(B * H,)](
         q0, k0, v0, lr0, x.tau, x.ln_weight, x.ln_bias, *ps, *acc, o, *new_ps, *new_acc,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
-        D=d, BD=triton.next_power_of_2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 4)
+        D=d, BD=pow2(d), FF=F, BF=BF, COMMIT=commit, EPS=LN_EPS, num_warps=num_warps or 4)
     return o, TTTState("mlp", new_ps, new_acc, state.pos + 1)
