@@ -107,7 +107,7 @@ class CausalConv1d(nn.Module):
         """forward on packed documents: tap j of token t reads x[t - s] (s = width-1-j tokens back) when that
         token is in t's document, else its document's own start window; the final windows are gathered the
         same way at every document's end (`packed_windows`). The reference of the kernel's packed path."""
-        from ..ops.packed import packing
+        from ..ops.packed import packed_windows, packing
 
         T, C, n = x.shape[1], self.channels, self.width - 1
         pk = packing(cu_seqlens, T, x.device, batch_size=x.shape[0],
@@ -124,19 +124,3 @@ class CausalConv1d(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y[None], packed_windows(xs, state, pk, n)
-
-
-def packed_windows(x: torch.Tensor, state: torch.Tensor | None, pk, n: int) -> torch.Tensor:
-    """Every packed document's last n inputs [N, n, C] (its window after this call): x [T, C] the packed inputs,
-    state [N, n, C] the documents' windows before it (None: zeros; in x's dtype), pk their `Packing`. A document
-    shorter than n keeps the last n - length rows of its old window first."""
-    N = pk.num_docs
-    if state is None:
-        state = x.new_zeros(N, n, x.shape[-1])
-    if not n:
-        return state
-    ends, lengths = pk.cu_seqlens[1:], pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]  # [N] each
-    rows = torch.arange(N, device=x.device)
-    window = [torch.where((lengths - n + k >= 0)[:, None], x[(ends - n + k).clamp(min=0)],
-                          state[rows, (lengths + k).clamp(max=n - 1)]) for k in range(n)]  # n x [N, C]
-    return torch.stack(window, dim=1)  # [N, n, C]

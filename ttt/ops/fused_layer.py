@@ -16,7 +16,7 @@ Packed documents (`cu_seqlens=`, int64 [N + 1] or a `ttt.ops.packed.Packing`; bo
 documents, win [N, W-1, D] one window row per document (None: zeros) and pos an int or one start position per
 document. Each document is computed alone, as `layers/conv.CausalConv1d`'s packed path defines it: a tap never
 reaches across a boundary (a document's first W-1 rows read its own window row), RoPE at (start + position in the
-document) mod mini_batch; the new windows [N, W-1, D] are gathered in PyTorch (`layers/conv.packed_windows`). The
+document) mod mini_batch; the new windows [N, W-1, D] are gathered in PyTorch (`packed.packed_windows`). The
 kernels take every row's position (and document, with a window) as int32 [T] under a constexpr PACKED, so the
 unpacked specialisation compiles to the same code as without it; RoPE's once-per-program angles (PERIODIC) do not
 apply to packed rows. The window's gradient is summed in PyTorch from the output gradient of every document's first
@@ -574,8 +574,8 @@ def _packed_rows(cu_seqlens, x, win, pos, mini_batch: int):
 
 
 def _packed_new_window(x: torch.Tensor, win: torch.Tensor | None, pk, W: int) -> torch.Tensor:
-    """Packed documents: every document's last W-1 inputs [N, W-1, D] (`layers.conv.packed_windows`)."""
-    from ..layers.conv import packed_windows
+    """Packed documents: every document's last W-1 inputs [N, W-1, D] (`packed.packed_windows`)."""
+    from .packed import packed_windows
     return packed_windows(x[0], None if win is None else win.to(x.dtype), pk, W - 1)
 
 

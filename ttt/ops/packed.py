@@ -242,3 +242,19 @@ def rows_of(state: TTTState, rows) -> TTTState:
     pos = state.pos if isinstance(state.pos, int) else tuple(state.pos[i] for i in rows)
     return TTTState(state.kind, tuple(p.index_select(0, idx) for p in state.params),
                     tuple(a.index_select(0, idx) for a in state.accum), pos)
+
+
+def packed_windows(x: torch.Tensor, state: torch.Tensor | None, pk, n: int) -> torch.Tensor:
+    """Every packed document's last n inputs [N, n, C] (its window after this call): x [T, C] the packed inputs,
+    state [N, n, C] the documents' windows before it (None: zeros; in x's dtype), pk their `Packing`. A document
+    shorter than n keeps the last n - length rows of its old window first."""
+    N = pk.num_docs
+    if state is None:
+        state = x.new_zeros(N, n, x.shape[-1])
+    if not n:
+        return state
+    ends, lengths = pk.cu_seqlens[1:], pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]  # [N] each
+    rows = torch.arange(N, device=x.device)
+    window = [torch.where((lengths - n + k >= 0)[:, None], x[(ends - n + k).clamp(min=0)],
+                          state[rows, (lengths + k).clamp(max=n - 1)]) for k in range(n)]  # n x [N, C]
+    return torch.stack(window, dim=1)  # [N, n, C]
