@@ -25,8 +25,12 @@ def cdiv(a: int, b: int) -> int:
 
 
 def pow2(n: int) -> int:
-    """The smallest power of two >= n, of a host int n >= 1 (`cdiv`)."""
-    return 1 << max(0, n - 1).bit_length()
+    """The smallest power of two >= n, of a host int n >= 1 (`cdiv`); a loop, so that a traced symbolic size works
+    too (a fake implementation under dynamic shapes)."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 def tile(n: int) -> int:
