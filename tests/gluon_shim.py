@@ -189,6 +189,8 @@ _GL = types.SimpleNamespace(
 
 
 def _atomic_add(ptr, val, mask, sem, scope):
+    if getattr(_tls, "failed", None) is not None and _tls.failed.is_set():
+        raise RuntimeError("gluon_shim: stopped, another program of the launch failed")
     out = tl.atomic_add(ptr, val, mask=mask, sem=sem, scope=scope)
     # a program polling a counter (adding 0) steps aside, so that the others (one Python thread each) run
     time.sleep(1e-4 if isinstance(val, int) and val == 0 else 0)
@@ -228,14 +230,15 @@ class _Threaded(_interp.InterpretedFunction):
         if warmup:
             return
         body = self.rewrite()
-        threads, errors = [], []
+        threads, errors, failed = [], [], threading.Event()
 
         def one(pid, dims, call_kwargs):
-            _tls.pid, _tls.grid = pid, dims
+            _tls.pid, _tls.grid, _tls.failed = pid, dims, failed
             try:
                 body(**call_kwargs)
-            except BaseException as e:  # reported by the launching thread
+            except BaseException as e:  # reported by the launching thread; the others stop polling
                 errors.append(e)
+                failed.set()
 
         def launch_one(**call_kwargs):
             b = _interp.interpreter_builder
@@ -243,12 +246,16 @@ class _Threaded(_interp.InterpretedFunction):
             t.start()
             threads.append(t)
             if tuple(i + 1 for i in b.grid_idx) == tuple(b.grid_dim):  # the last program: wait for all
+                deadline = time.monotonic() + 900
                 for t in threads:
-                    t.join(timeout=900)
-                    if t.is_alive():
-                        raise RuntimeError("gluon_shim: a program did not finish (a missed exchange?)")
-                if errors:
+                    while t.is_alive() and not failed.is_set() and time.monotonic() < deadline:
+                        t.join(timeout=0.2)
+                if failed.is_set():  # a program raised: the ones waiting on it were told to stop
+                    for t in threads:
+                        t.join(timeout=10)
                     raise errors[0]
+                if any(t.is_alive() for t in threads):
+                    raise RuntimeError("gluon_shim: a program did not finish (a missed exchange?)")
 
         launch_one.__signature__ = inspect.signature(body)
         launch_one.__annotations__ = {  # which arguments are constexpr ("gl.constexpr" read as "constexpr")
