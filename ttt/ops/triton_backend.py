@@ -190,7 +190,7 @@ class MLPKernels:
         gam, bet = ln_operands(x, ct)
         if x.packing is None:  # every row's last r tokens
             r = tails[0]
-            q, k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.q, x.k, x.v, x.lr))
+            q, k, v, lr = _last_tokens((x.q, x.k, x.v, x.lr), r, b)
             pc = params
         else:
             win, rows_t, flat, tok = _packed_tails(x.packing, tails, b, x.q.device, memo=rows.covered)
@@ -207,6 +207,12 @@ class MLPKernels:
 
     def step(self, x: TTTInputs, state: TTTState):
         return _mlp_step_triton.forward(x, state, block_f=self.step_block_f, num_warps=self.step_warps)
+
+
+def _last_tokens(ts, r: int, b: int) -> tuple:
+    """Every row's last r tokens of each t [B, T, ...], zero-padded to b slots: [B, b, ...] (a partial last
+    mini-batch on a window of b slots)."""
+    return tuple(F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in ts)
 
 
 def _smem_schedules(x: TTTInputs, rows: Rows, H: int, d: int) -> tuple:
@@ -335,7 +341,7 @@ class TritonOp(TTTOp):
         else:
             if pk is None:  # every row's last r tokens, padded to b slots
                 r = tails[0]
-                k, v, lr = (F.pad(t[:, -r:], (0, 0) * (t.dim() - 2) + (0, b - r)) for t in (x.k, x.v, x.lr))
+                k, v, lr = _last_tokens((x.k, x.v, x.lr), r, b)
             else:
                 first = [e - r for e, r in zip(pk.bounds[1:], tails)]
                 make = lambda: Window.of(first, first, pk.bounds[1:], b, x.q.device)  # noqa: E731
