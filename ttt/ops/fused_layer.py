@@ -277,22 +277,16 @@ def _conv_bwd_kernel(
     u = lo + i
     na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
     nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
-    if PACKED:
-        nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, False)
-    else:
-        nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, HAS_STATE)
+    XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
+    nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, XS_STATE)
     for u0 in range(lo, hi, BT):
         u = u0 + i
         ra, rb, xs = na, nb, nx
         na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
         if TWO:
             nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
-        if PACKED:
-            nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
-                          False)
-        else:
-            nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
-                          HAS_STATE)
+        nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
+                      XS_STATE)
         gx = tl.zeros([BT, BC], dtype=tl.float32)
         ndwa = ()
         ndwb = ()
@@ -341,7 +335,7 @@ def _conv_bwd_kernel(
         r = u - (W - 1)  # the x row of xs row u
         tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
                  mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
-        if HAS_STATE and not PACKED:
+        if XS_STATE:
             tl.store(ds_ptr + b * (W - 1) * D + u[:, None] * D + cols[None, :], gx.to(ds_ptr.dtype.element_ty),
                      mask=(r < 0)[:, None] & cmask[None, :])
     prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
