@@ -265,5 +265,8 @@ class _Threaded(_interp.InterpretedFunction):
 
 def interpretable(kernel):
     """A launchable stand-in for the @gluon.jit `kernel` that runs in Triton's interpreter (see the docstring)."""
-    jitted = _rebuild(kernel, {})
+    done = {}
+    jitted = _rebuild(kernel, done)
+    for helper in done.values():  # parse every helper's source here, once: ast.parse is not thread-safe (CPython
+        helper.rewrite()          # 3.11: "AST constructor recursion depth mismatch" when two programs raced to it)
     return _Threaded(jitted.fn)
