@@ -1,6 +1,6 @@
 """The TTT-Linear backward kernels (`ttt/ops/ttt_linear/chunk.py`, `bwd`: the split backward's two chain
-variants, `bwd_split.py`, in time segments of 1-3 groups) == torch.autograd through the PyTorch dual form, called
-at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
+variants, `bwd_split.py`, in one time segment and in segments of one group) == torch.autograd through the PyTorch
+dual form, called at the kernel level: whole aligned mini-batches from (W0, c0) with a zero
 accumulator, non-zero gradients of the final state, checkpoint groups of 2 and 3 mini-batches (several groups,
 a partial last one), padded mini-batch rows (b = 8) and a padded head dim (d = 24), every kernel output
 NaN-poisoned before the kernel runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1).
@@ -55,13 +55,14 @@ def _reference(ins, outs_grad, b):
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, dtype, impl):
+def _kernel(ins, outs_grad, b, group, dtype, impl, segments=None):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
     _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group)
     do, dwT, dcT = outs_grad
-    return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group, impl=impl)
+    return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group, impl=impl,
+                     segments=segments)
 
 
 def _rel(a, b):
@@ -83,12 +84,13 @@ def poison(monkeypatch):
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
 
 
+@pytest.mark.parametrize("segments", [None, 3])  # the default (one segment at these lengths) and one group each
 @pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 @pytest.mark.parametrize("B,T,H,d,b,group", CASES)
-def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl):
+def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl, segments):
     ins, outs_grad = _inputs(B, T, H, d, b)
     ref = _reference(ins, outs_grad, b)
-    got = _kernel(ins, outs_grad, b, group, torch.float32, impl)
+    got = _kernel(ins, outs_grad, b, group, torch.float32, impl, segments)
     errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
     assert max(errs.values()) < 1e-4, errs
 

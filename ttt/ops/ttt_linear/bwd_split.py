@@ -494,6 +494,12 @@ def _post_lean_kernel(
 
 
 LEAN_MAX_PROGRAMS = 64  # the lean chain when B*H <= this (the chain's latency dominates), else the full chain
+# Time segments of the pipelined launch: rows of at most SHORT_GROUPS checkpoint groups (T <= 2048 at b 16, group 8)
+# take one (a short chain hides little of the parallel passes, and each segment adds three launches and two events
+# of host time: B16 T2048 H12 backward 2.26-2.44 ms in one segment against 2.90-2.99 in four, H200), longer ones
+# SEGMENTS (B4 T8192 H12: 2.28 ms in four against 2.56 in one).
+SHORT_GROUPS = 16
+SEGMENTS = 4
 
 
 # (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
@@ -509,7 +515,8 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
     N*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
     segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
     chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
-    of segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None: by size.
+    of segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None: one for rows of
+    at most SHORT_GROUPS checkpoint groups, else SEGMENTS.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing)."""
     B, T, H, d = q.shape
@@ -521,7 +528,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
     b = mini_batch
     nck = rows.nck
     if segments is None:
-        segments = min(4, nck)
+        segments = 1 if nck <= SHORT_GROUPS else SEGMENTS
     nseg = max(1, min(segments, nck))
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
