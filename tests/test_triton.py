@@ -211,6 +211,23 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
             linear=triton_backend.LinearKernels(bwd=impl))
 
 
+@pytest.mark.parametrize("impl,segments", [("split_lean", 0), ("split_full", 0), ("split_full", 3), ("split_lean", 2)])
+def test_linear_bwd_op_fake_matches_the_kernels(impl, segments):
+    """The TTT-Linear backward op returns partial sums whose shapes depend on the chain (lean or full) and the
+    segments: its fake implementation (what torch.compile traces with) gives every output's shape, dtype and
+    strides as the kernels make them (torch.library.opcheck)."""
+    from ttt.ops.triton_utils import batch_rows
+    inp = to_dev(random_inputs("linear", B=2, T=80, H=2, d=16, b=8, pos=0, dtype=torch.float32))
+    W0, c0 = inp.state().params
+    rows = batch_rows(2, 80, 8, 2, DEV)
+    meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
+    x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
+    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, impl, [], segments)
+    args = (*x, ckw, ckc, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl, [],
+            segments)
+    torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_torch_compile_traces_custom_ops(kind):
     """The kernels are torch.library custom ops (fake impl + autograd formula): torch.compile traces a

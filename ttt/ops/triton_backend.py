@@ -38,8 +38,8 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 from . import TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
 from .packed import Window, rows_of, upload
-from .triton_utils import Rows, batch_rows, document_rows
-from .ttt_linear import chunk as _lin_chunk, step_triton as _lin_step_triton
+from .triton_utils import Rows, batch_rows, cdiv, document_rows, tile
+from .ttt_linear import bwd_split as _lin_bwd_split, chunk as _lin_chunk, step_triton as _lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, \
     step_triton as _mlp_step_triton
 
@@ -402,11 +402,13 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
+    """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up)."""
     q, k, v = _same_strides(q, k, v)
-    return list(_lin_chunk.bwd(q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(),
-                               mini_batch, group, dot_mode=None if dot_mode < 0 else dot_mode, impl=impl,
-                               warps=tuple(warps) or None, segments=segments or None,
-                               rows=Rows(span, packed, nmb, slots, covered, group)))
+    dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
+        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(), mini_batch, group,
+        dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
+        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group))
+    return [dq, dk, dv, dw0, dc0, *parts]
 
 
 @_lin_bwd_op.register_fake
@@ -414,10 +416,14 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
       group, dot_mode, impl, warps, segments):
     B, T, H, d = q.shape
     N = dwT.shape[0]
-    f32 = dict(dtype=torch.float32)
-    e = lambda *s: q.new_empty(s, **f32)  # noqa: E731
-    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),
-            e(H, d), e(H, d), e(N, H, d, d), e(N, H, d)]
+    nck = cdiv(nmb, group)
+    lean, nseg = _lin_chunk.bwd_plan(N, H, nck, impl, segments or None)
+    SR, BT, BD = (H if packed else B * H), tile(mini_batch), tile(d)
+    e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
+    nb = N * H * (nck if lean else nseg)  # rows of the chain's (or lean post's) partial sums
+    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(N, H, d, d), e(N, H, d),
+            e(SR, T), e(SR, T), e(N * H * nck, BT), e(nb, BT), e(N * H * nck, BD), e(nb, BD), e(N * H * nck, BD),
+            e(nb, BD)]
 
 
 def _lin_setup(ctx, inputs, output):
@@ -438,9 +444,11 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     do = torch.zeros_like(q) if do is None else do.contiguous()
     dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
     dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dw0, dc0 = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT,
-                                                              span, packed, nmb, slots, covered, mini_batch, group,
-                                                              dot_mode, bwd_impl, bwd_warps, bwd_segments)
+    dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
+                                               nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
+                                               bwd_warps, bwd_segments)
+    lean, _ = _lin_chunk.bwd_plan(N, H, cdiv(nmb, group), bwd_impl, bwd_segments or None)
+    dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N, lean)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
             None, None, None, None, None, None, None, None, None, None, None, None, None)
 

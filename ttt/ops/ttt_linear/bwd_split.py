@@ -507,29 +507,37 @@ SEGMENTS = 4
 WARPS = (4, 4, 4)
 
 
-def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
-        warps=None, info=None, lean=None, segments=None, rows: Rows | None = None):
-    """The split backward; same contract as `chunk.bwd` (which calls it). warps: (pre, chain, post), None for
-    `WARPS`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv, dgam/dbet in
-    the post pass, from (dW, dc) stored per group) instead of computing them itself; None: lean when
-    N*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full where the parallel passes do).
-    segments: the checkpoint groups are cut into this many time segments, processed from the last: on CUDA the
-    chain of segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass
-    of segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None: one for rows of
-    at most SHORT_GROUPS checkpoint groups, else SEGMENTS.
+def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> tuple[bool, int]:
+    """(lean, segments) of a backward over n rows x H heads of nck checkpoint groups (the longest row's), the
+    defaults filled in: lean when n*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full
+    where the parallel passes do); one segment for at most SHORT_GROUPS groups, else SEGMENTS; never more
+    segments than groups."""
+    if lean is None:
+        lean = n * H <= LEAN_MAX_PROGRAMS
+    if segments is None:
+        segments = 1 if nck <= SHORT_GROUPS else SEGMENTS
+    return lean, max(1, min(segments, nck))
+
+
+def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
+              warps=None, info=None, lean=None, segments=None, rows: Rows | None = None):
+    """The split backward's launches (`chunk.bwd` is its contract): dq, dk, dv, dW0, dc0 and the passes' partial
+    sums of dlr, dtau, dln_w, dln_b, which `sums` adds up (apart, so that the op's autograd formula traces them
+    under torch.compile: Inductor fuses what would be a dozen eager reductions per call). warps: (pre, chain,
+    post), None for `WARPS`. lean: the chain carries only the recurrence (dk's dW'-terms, dlr/dtau_b, dv,
+    dgam/dbet in the post pass, from (dW, dc) stored per group) instead of computing them itself. segments: the
+    checkpoint groups are cut into this many time segments, processed from the last: on CUDA the chain of
+    segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass of
+    segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
     warps = warps or WARPS
-    if lean is None:
-        lean = N * H <= LEAN_MAX_PROGRAMS
     b = mini_batch
     nck = rows.nck
-    if segments is None:
-        segments = 1 if nck <= SHORT_GROUPS else SEGMENTS
-    nseg = max(1, min(segments, nck))
+    lean, nseg = plan(N, H, nck, lean, segments)
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
     ckw, ckc = ckpt
@@ -617,10 +625,19 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, gr
             post(s)
     if info is not None:
         info.update(launched)
+    return dq, dk, dv, dw0, dc0, (dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b)
+
+
+def sums(parts, B: int, H: int, b: int, d: int, N: int, lean: bool):
+    """dlr [B,T,H], dtau [b], dln_w, dln_b [H,d] from `bwd_parts`' partial sums (N rows; lean as it ran)."""
+    dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b = parts
+    T, BD = dlra.shape[1], dlnw_a.shape[1]
     dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()  # [SR, T] = [B*H, T] (packed: [H, T], B = 1)
     dtau = (dtau_a.sum(0) + dtau_b.sum(0))[:b]
-    # partial sums: pre and lean post per (row, head, group); the full chain per (segment, row, head)
-    parts = (lambda x: x.view(N, H, nck, BD).sum((0, 2))) if lean else (lambda x: x.view(nseg, N, H, BD).sum((0, 1)))
-    dlnw = dlnw_a.view(N, H, nck, BD).sum((0, 2)) + parts(dlnw_b)
-    dlnb = dlnb_a.view(N, H, nck, BD).sum((0, 2)) + parts(dlnb_b)
-    return dq, dk, dv, dlr, dtau, dlnw[:, :d], dlnb[:, :d], dw0, dc0
+    # rows of partial sums: the pre pass and the lean post pass one per (row, head, group), the full chain one per
+    # (segment, row, head)
+    per_group = lambda x: x.view(N, H, -1, BD).sum((0, 2))  # noqa: E731
+    parts_b = per_group if lean else (lambda x: x.view(-1, H, BD).sum(0))
+    dlnw = per_group(dlnw_a) + parts_b(dlnw_b)
+    dlnb = per_group(dlnb_a) + parts_b(dlnb_b)
+    return dlr, dtau, dlnw[:, :d], dlnb[:, :d]

@@ -146,10 +146,30 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
     (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
     size); dot_mode, info: as in `fwd`."""
+    B, T, H, d = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    dq, dk, dv, dw0, dc0, parts = bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch,
+                                            group, dot_mode, impl, warps, info, segments, rows)
+    lean, _ = bwd_plan(rows.n, H, rows.nck, impl, segments)
+    return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n, lean), dw0, dc0)
+
+
+def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
+    """(lean, segments) that `bwd_parts` runs with for impl and segments (`bwd_split.plan`)."""
     if impl not in BWD_IMPLS:
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
+    return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False}[impl], segments)
+
+
+def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
+              dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
+              segments: int | None = None, rows: Rows | None = None):
+    """`bwd` before its reductions: dq, dk, dv, dW0, dc0 and the partial sums that `bwd_split.sums` adds up
+    into dlr, dtau, dln_w, dln_b (the op's autograd formula adds them in traced code)."""
+    B, T, H, _ = q.shape
+    rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
-    lean = {"split": None, "split_lean": True, "split_full": False}[impl]
-    return bwd_split.bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
-                         dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info,
-                         lean=lean, segments=segments, rows=rows)
+    return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
+                               dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
+                               info=info, lean=lean, segments=nseg, rows=rows)
