@@ -270,7 +270,7 @@ def test_custom_ops_trace_under_torch_compile():
         torch.testing.assert_close(a, b)
     # packed documents with windows (the boundary checks on the host break the graph; the ops are traced)
     from ttt.ops.packed import packing
-    pk = packing(torch.tensor([0, 2, 7, 9]), 9)
+    pk = packing(torch.tensor([0, 2, 7, 9]), 9, DEV)
     xp = torch.randn(1, 9, 16, generator=g).to(DEV).requires_grad_(True)
     win = torch.randn(3, 3, 16, generator=g).to(DEV).requires_grad_(True)
 
