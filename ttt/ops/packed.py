@@ -114,7 +114,8 @@ def packing(cu_seqlens, T: int, device=None, *, batch_size: int = 1, state_rows:
         return cu_seqlens
     bounds = check_cu_seqlens(cu_seqlens, T, batch_size, state_rows)
     device = device if device is not None else cu_seqlens.device
-    cu = cu_seqlens.to(device, non_blocking=True)  # no stream sync: its host values are read above
+    # boundaries from the host go through pinned memory (a pageable copy would wait for the stream to drain)
+    cu = upload(cu_seqlens, torch.int64, device) if cu_seqlens.device.type == "cpu" else cu_seqlens.to(device)
     return Packing(cu, tuple(bounds))
 
 
