@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()
     t_start = time.time()
@@ -109,6 +110,7 @@ def main():
         wo = do.float()
         g_ref = None
         row = {"shape": f"B{B} T{T} H{H} d{d}", "fwd": fwd_ms}
+        fns = {}
         for name, impl, warps, seg in variants:
             g = grads(leaves, st, impl, wo, warps=warps, seg=seg)[3:]
             if g_ref is None:
@@ -120,13 +122,22 @@ def main():
                 print(f"check {name} vs {variants[0][0]} at {row['shape']}: worst {worst:.1e} "
                       f"({max(errs, key=errs.get)})", flush=True)
 
-            def fn():
+            def fn(impl=impl, warps=warps, seg=seg):
                 o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg))
                 torch.autograd.backward(o, do)
                 for t in leaves:
                     t.grad = None
-            row[name] = bench(fn, warmup=10, rep=50)
-            print(f"time {row['shape']:22s} {name:14s} fwd+bwd {row[name]:8.3f} ms (fwd {fwd_ms:.3f})", flush=True)
+            fns[name] = fn
+        # the variants in turn, args.rounds times, the median of each: at small shapes a variant's time moved by
+        # up to 0.5 ms with its place in a one-pass order (the same launch timed first and last)
+        times = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                times[name].append(bench(fn, warmup=5, rep=max(10, 50 // args.rounds)))
+        for name in fns:
+            row[name] = sorted(times[name])[len(times[name]) // 2]
+            print(f"time {row['shape']:22s} {name:14s} fwd+bwd {row[name]:8.3f} ms (fwd {fwd_ms:.3f}; rounds "
+                  f"{' '.join(f'{t:.3f}' for t in times[name])})", flush=True)
         rows.append(row)
         leaves = st = do = g_ref = None
         torch.cuda.empty_cache()
