@@ -8,6 +8,7 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
 
     python3 -m benchmarks.bench_linear_bwd                  # checks + the four shapes
     python3 -m benchmarks.bench_linear_bwd --variants split split_lean::4 split_full:4,8,4:1
+    python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
+    ap.add_argument("--fwd-warps", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                    help="also time the forward kernel at these warp counts, e.g. 8 or 2,8")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()
@@ -106,6 +109,9 @@ def main():
         do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             fwd_ms = bench(lambda: run("linear", leaves, st, "triton"), warmup=10, rep=50)
+            for w in args.fwd_warps:  # the forward kernel at other warp counts (no grad: the same kernel, SAVE off)
+                ms = bench(lambda: run("linear", leaves, st, "triton", LinearKernels(fwd_warps=w)), warmup=10, rep=50)
+                print(f"time B{B} T{T} H{H} d{d} forward at {w} warps {ms:8.3f} ms (default {fwd_ms:.3f})", flush=True)
         # every variant's gradients == the first one's at this shape (bf16, same forward)
         wo = do.float()
         g_ref = None
