@@ -82,9 +82,10 @@ def linear_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of every TTT-Linear kernel."""
     BD, BT = tile(d), tile(b)  # as the launches pad them; the step kernels (no tl.dot) pad d to a power of two
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
-    out = [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True), 4, 3)]
+    out = []
     for w in (4, 8):
-        out += [("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
+        out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True), w, 3),
+                ("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
                 ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
