@@ -70,7 +70,7 @@ def profile(B, T, H, d, variants):
         def fn():
             o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg))
             torch.autograd.backward(o, do)
-        for kern, ms in kernel_times(fn, calls=5):
+        for kern, ms, _ in kernel_times(fn, calls=5):
             if "kernel" in kern:
                 print(f"profile B{B} T{T} H{H} {name:12s} {kern[:40]:40s} {ms:8.3f} ms/call", flush=True)
 

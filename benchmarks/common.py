@@ -120,8 +120,9 @@ def timed(fn, warmup=3, iters=10):
     return sorted(times)[len(times) // 2]
 
 
-def kernel_times(fn, calls=1, warmup=3) -> list[tuple[str, float]]:
-    """[(kernel name, CUDA ms per call of fn)], longest first, from torch.profiler over `calls` calls of fn."""
+def kernel_times(fn, calls=1, warmup=3) -> list[tuple[str, float, float]]:
+    """[(kernel name, CUDA ms per call of fn, launches per call)], longest first, from torch.profiler over `calls`
+    calls of fn."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):
         fn()
@@ -134,7 +135,7 @@ def kernel_times(fn, calls=1, warmup=3) -> list[tuple[str, float]]:
     for e in p.key_averages():
         t = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
         if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
-            out.append((e.key, t / 1e3 / calls))
+            out.append((e.key, t / 1e3 / calls, e.count / calls))
     return sorted(out, key=lambda kv: -kv[1])
 
 

@@ -42,14 +42,16 @@ def show(fn, label, rows=12, host=False):
         for name, n, ms in h["top"]:
             print(f"    {ms:9.2f} ms  {n:6d} x  {name[:100]}")
     kernels = kernel_times(fn)
-    totals = {}
-    for name, ms in kernels:
+    totals, launches = {}, {}
+    for name, ms, n in kernels:
         totals[category(name)] = totals.get(category(name), 0.0) + ms
-    print(f"==== {label}: kernel time {sum(totals.values()):.1f} ms", flush=True)
+        launches[category(name)] = launches.get(category(name), 0) + n
+    print(f"==== {label}: kernel time {sum(totals.values()):.1f} ms in {sum(launches.values()):.0f} launches",
+          flush=True)
     for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {cat:34s} {ms:9.2f} ms")
-    for name, ms in kernels[:rows]:
-        print(f"    {ms:9.2f} ms  {name[:100]}")
+        print(f"  {cat:34s} {ms:9.2f} ms  {launches[cat]:6.0f} launches")
+    for name, ms, n in kernels[:rows]:
+        print(f"    {ms:9.2f} ms  {n:6.0f} x  {name[:100]}")
     return totals
 
 

@@ -73,6 +73,19 @@ def test_host_times_counts_the_backward_too():
     assert h["issue_ms"] > 0 and h["wall_ms"] > 0 and h["top"] == sorted(h["top"], key=lambda r: -r[2])
 
 
+def test_profile_kernel_table_sums_times_and_launches(monkeypatch, capsys):
+    """profile_model's kernel table: time and launches per call summed by class (the decode analysis counts
+    launches per token)."""
+    from benchmarks import profile_model
+    monkeypatch.setattr(profile_model, "kernel_times", lambda fn: [("_pre_kernel", 2.0, 3.0), ("_chain_kernel", 1.0, 1.0),
+                                                                  ("nvjet_sm90_tst_x", 0.5, 2.0)])
+    totals = profile_model.show(lambda: None, "case")
+    out = capsys.readouterr().out
+    assert totals == {"ttt op kernels": 3.0, "GEMMs": 0.5}
+    assert "==== case: kernel time 3.5 ms in 6 launches" in out
+    assert "ttt op kernels" in out and "4 launches" in out
+
+
 def test_bench_op_runs_keep_their_own_rows(tmp_path, monkeypatch):
     """bench_op.main writes each timing to the JSON as it comes, and a second run in the same process starts
     from an empty log (no module-level results carried from one run to the next)."""
