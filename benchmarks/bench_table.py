@@ -42,6 +42,7 @@ from benchmarks.common import bench, environment, load_mamba2_module
 from ttt.checkpoint import write_json
 
 TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_module"]
+TRAIN_EXTRA = ["ttt_mlp+fused"]  # timed only when --mixers names it (issue 17's TTT-MLP training row)
 PREFILL_MIXERS = TRAIN_MIXERS
 DECODE_MIXERS = ["ttt_linear", "ttt_linear+fused"]
 TOKENS = 32768  # tokens per training step and per prefill batch (B = TOKENS / T)
@@ -75,10 +76,11 @@ class Run:
             self.keep(dict(part=part, **{**where, **r}))
         return out
 
-    def picked(self, cases, key: str) -> list:
-        """The cases kept by the selection `key` ("mixers" or "contexts"), in the part's own order."""
+    def picked(self, cases, key: str, extra=()) -> list:
+        """The cases kept by the selection `key` ("mixers" or "contexts"), in the part's own order; the `extra`
+        cases only where the selection names them."""
         chosen = getattr(self, key)
-        return [c for c in cases if chosen is None or c in chosen]
+        return [c for c in cases if chosen is None or c in chosen] + [c for c in extra if chosen and c in chosen]
 
 
 def part_check(run: Run):
@@ -103,7 +105,7 @@ def part_op(run: Run):
 
 def part_train(run: Run, size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS):
     for T in run.picked(contexts, "contexts"):
-        for m in run.picked(mixers, "mixers"):
+        for m in run.picked(mixers, "mixers", TRAIN_EXTRA):
             def row():
                 for accum in (1, 2, 4):  # on OOM: the same tokens per step in smaller micro-batches
                     r = bench_model.train_row(m, T, TOKENS, accum, "auto", compile_blocks=True, size=size)
@@ -204,7 +206,8 @@ PARTS = {"check": part_check, "op": part_op, "train": part_train, "prefill": par
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="check,op,train,prefill,decode", help=f"comma list of {', '.join(PARTS)}")
-    ap.add_argument("--mixers", default="", help="comma list: only these mixers in train, prefill, decode (all if empty)")
+    ap.add_argument("--mixers", default="", help="comma list: only these mixers in train, prefill, decode (all if empty; "
+                    "ttt_mlp+fused in train only when named)")
     ap.add_argument("--contexts", default="", help="comma list: only these contexts in train, prefill (all if empty)")
     ap.add_argument("--positions", default="1024,32768", help="comma list: decode positions")
     ap.add_argument("--out", default="", help="write every row here as JSON (rewritten after each row)")

@@ -29,6 +29,9 @@ def test_picked_keeps_the_parts_order_and_only_the_chosen_cases():
     run = bench_table.Run(contexts=[2048])
     assert run.picked((8192, 2048), "contexts") == [2048]
     assert run.picked(bench_table.TRAIN_MIXERS, "mixers") == bench_table.TRAIN_MIXERS
+    assert run.picked(bench_table.TRAIN_MIXERS, "mixers", bench_table.TRAIN_EXTRA) == bench_table.TRAIN_MIXERS
+    run = bench_table.Run(mixers=["ttt_mlp+fused", "attention"])  # an extra case only when named
+    assert run.picked(bench_table.TRAIN_MIXERS, "mixers", bench_table.TRAIN_EXTRA) == ["attention", "ttt_mlp+fused"]
 
 
 def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, tmp_path, capsys):
