@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import environment, rel, timed, train_step
+from benchmarks.common import environment, kernel_times, rel, timed, train_step
 from ttt.config import get_config
 from ttt.model import IGNORE, TTTLM
 from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op
@@ -154,9 +154,10 @@ def op_check(kind, lens, H=4, d=64):
     return row
 
 
-def op_rows(kind, lens, H=12, d=64, dtype=torch.bfloat16):
+def op_rows(kind, lens, H=12, d=64, dtype=torch.bfloat16, profile=False):
     """Forward + backward ms of the triton op: one sequence of pack_len tokens without and with cu = [0, T];
-    the documents packed ([1, T]) and padded to the longest ([N, longest])."""
+    the documents packed ([1, T]) and padded to the longest ([N, longest]); profile: also each kernel's time per
+    call, packed and padded (where packed documents lose or win at the op level)."""
     T = sum(lens)
     op = resolve_op(kind, "triton", "cuda", dtype)
 
@@ -172,6 +173,11 @@ def op_rows(kind, lens, H=12, d=64, dtype=torch.bfloat16):
     one_doc = timed(lambda: fwd_bwd(one, one_state, cu_of([T])), 3, 10)
     packed = timed(lambda: fwd_bwd(docs, docs_state, cu_of(lens)), 3, 10)
     padded = timed(lambda: fwd_bwd(pad, pad_state, None), 3, 10)
+    if profile:
+        for mode, fn in (("packed", lambda: fwd_bwd(docs, docs_state, cu_of(lens))),
+                         ("padded", lambda: fwd_bwd(pad, pad_state, None))):
+            for name, ms, n in kernel_times(fn, calls=3)[:10]:
+                print(f"profile ttt_{kind} {mode:6s} {ms:8.3f} ms {n:4.0f} x  {name[:90]}", flush=True)
     row = dict(op=f"ttt_{kind}", T=T, H=H, d=d, plain_ms=plain, one_document_ms=one_doc, overhead=one_doc / plain - 1,
                packed_ms=packed, padded_ms=padded, padded_shape=[len(lens), max(lens)])
     print(json.dumps(row), flush=True)
@@ -187,6 +193,7 @@ def main():
     p.add_argument("--mean-len", type=float, default=1000.0)
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="with --ops: each kernel's time, packed and padded")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
     t0 = time.time()
@@ -215,7 +222,7 @@ def main():
         op_checks[kind] = op_check(kind, lens)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         if op_checks[kind]["ok"]:
-            ops.append(op_rows(kind, lens))
+            ops.append(op_rows(kind, lens, profile=a.profile))
         save()
     for m in sorted(mixers, key=lambda m: m == "mamba"):
         torch.backends.cuda.matmul.allow_tf32 = False
