@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttt.config import RunOptions, get_config
-from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, rebuild_state
+from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, owned, rebuild_state
 from ttt.model import TTTLM
 
 
@@ -112,16 +112,29 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
             raise Traced
         return run
 
-    model = TTTLM(get_config("debug", mixer=f"ttt_{kind.split('+')[0]}", vocab_size=256, mini_batch=4),
-                  RunOptions(ttt_backend="triton", fused_layer=kind.endswith("+fused"))).eval()
-    step = compiled_step(model, backend)
-    with torch.inference_mode():
-        s = model.init_state(2)
-        for r in (3, 0, 1, 2):  # the commit first, then three offsets inside a mini-batch
-            s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=r)
-            with pytest.raises(Exception) as e:
-                step(torch.zeros(2, 1, dtype=torch.long), s)
-            assert isinstance(e.value.__cause__ or e.value, Traced) or "Traced" in str(e.value), e.value
+    def trace(mark=lambda s: s):
+        graphs.clear()
+        model = TTTLM(get_config("debug", mixer=f"ttt_{kind.split('+')[0]}", vocab_size=256, mini_batch=4),
+                      RunOptions(ttt_backend="triton", fused_layer=kind.endswith("+fused"))).eval()
+        step = compiled_step(model, backend)
+        with torch.inference_mode():
+            s = model.init_state(2)
+            for r in (3, 0, 1, 2):  # the commit first, then three offsets inside a mini-batch
+                s = mark(rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=r))
+                with pytest.raises(Exception) as e:
+                    step(torch.zeros(2, 1, dtype=torch.long), s)
+                assert isinstance(e.value.__cause__ or e.value, Traced) or "Traced" in str(e.value), e.value
+        return list(graphs)
+
+    def copies(g):
+        return sum(1 for n in g.graph.nodes if "copy_" in str(n.target))
+    if kind == "linear+fused":
+        # a graphed decoder's buffers (owned): the fused decode kernel writes the new accumulators (and, on the
+        # commit, the weights) into them, so the step copies two (four) tensors fewer back
+        owned_graphs = trace(owned)
+        plain = trace()
+        assert [copies(g) for g in owned_graphs] == [copies(g) - (4 if i == 0 else 2) for i, g in enumerate(plain)]
+    graphs = trace()
     assert len(graphs) <= 3  # the commit, r = 0 as a constant, then r symbolic (r = 2 reuses it)
     for g in graphs:
         launches = [n for n in g.graph.nodes if "triton_kernel_wrapper" in str(n.target)]

@@ -321,6 +321,31 @@ def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
             assert sf.op.pos == sr.op.pos == t + 1
 
 
+def test_owned_state_is_decoded_in_place():
+    """A state marked owned (a CUDA-graphed decoder's buffers) is updated in place by the fused decode step: the
+    same outputs, weights, accumulators and window as the copying step, token by token through a commit, with the
+    new weights and accumulators in the given tensors."""
+    from dataclasses import replace
+
+    from ttt.layers.ttt import TTTLayer
+    torch.manual_seed(2)
+    H, d, b = 2, 8, 4
+    layer = TTTLayer(H * d, H, inner="linear", mini_batch=b, backend="triton", fused=True).to(DEV)
+    x = torch.randn(2, 3 + b + 2, H * d, device=DEV)
+    with torch.no_grad():
+        _, s = layer(x[:, :3])  # a prompt that ends inside a mini-batch
+        so = replace(s, op=replace(s.op, params=tuple(p.clone() for p in s.op.params),
+                                   accum=tuple(a.clone() for a in s.op.accum)), owned=True)
+        for t in range(3, x.shape[1]):
+            y, s = layer(x[:, t:t + 1], s)
+            given = (*so.op.params, *so.op.accum)
+            yo, so = layer(x[:, t:t + 1], so)
+            assert so.owned and all(n is g for n, g in zip((*so.op.params, *so.op.accum), given)), t
+            torch.testing.assert_close(yo, y, rtol=0, atol=0)
+            for n, e in zip((*so.op.params, *so.op.accum, so.conv), (*s.op.params, *s.op.accum, s.conv)):
+                torch.testing.assert_close(n, e, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- packed documents (cu_seqlens)
 PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)

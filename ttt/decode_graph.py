@@ -61,6 +61,18 @@ def rebuild_state(s, tensors: list, pos: int | None = None):
     return s
 
 
+def owned(s):
+    """State `s` with every `owned` flag in it set (the same tensors): a step may write its new state into them."""
+    if dataclasses.is_dataclass(s):
+        kw = {f.name: owned(getattr(s, f.name)) for f in dataclasses.fields(s)}
+        if "owned" in kw:
+            kw["owned"] = True
+        return dataclasses.replace(s, **kw)
+    if isinstance(s, (list, tuple)):
+        return type(s)(owned(x) for x in s)
+    return s
+
+
 def _block_step(blk, h, s):
     """One block's one-token step; its new state is written into the tensors of `s` (the static buffers),
     which it returns as the block's new state."""
@@ -158,7 +170,8 @@ class GraphedDecoder:
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.buffers[0].device)
         if compile:
             step = compiled_step(model, mode="default" if compile is True else compile)
-            states = [rebuild_state(state, list(self.buffers), pos=r) for r in range(self.period)]
+            # the buffers are the decoder's: the fused decode step writes the new state into them (no copy back)
+            states = [owned(rebuild_state(state, list(self.buffers), pos=r)) for r in range(self.period)]
             run = lambda r: step(self.ids, states[r])  # noqa: E731
             warmup = max(warmup, 1)  # the first call compiles: never inside the capture
             # a guard that failed during the capture would recompile there: raise instead
@@ -185,7 +198,7 @@ class GraphedDecoder:
         torch.cuda.current_stream().wait_stream(stream)
 
     def _step_eager(self, r: int):
-        s = rebuild_state(self.template, list(self.buffers), pos=r)
+        s = owned(rebuild_state(self.template, list(self.buffers), pos=r))
         logits, new = self.model(self.ids, s)
         for b, t in zip(self.buffers, flatten_state(new)):
             b.copy_(t)

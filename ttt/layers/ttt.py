@@ -31,10 +31,12 @@ BACKBONES = ("mamba", "transformer")
 @dataclass
 class TTTLayerState:
     """op: the inner-model state (TTTState); conv: the last conv_width-1 inputs of the Q/K convs
-    ([B, width-1, D], Mamba backbone only, else None)."""
+    ([B, width-1, D], Mamba backbone only, else None); owned: the caller gives these tensors up to the next step,
+    which may write the new state into them (`ttt.decode_graph.GraphedDecoder`'s buffers: no copy back)."""
 
     op: TTTState
     conv: torch.Tensor | None = None
+    owned: bool = False
 
     @property
     def pos(self) -> int:
@@ -326,8 +328,8 @@ class TTTLayer(nn.Module):
         o, op_state, conv = linear_decode_step(
             self.qk_proj(x), self.v_proj(x), gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
             self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
-            self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base)
-        return self._out(o, x), TTTLayerState(op_state, conv)
+            self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base, inplace=state.owned)
+        return self._out(o, x), TTTLayerState(op_state, conv, state.owned)
 
 
 class TTTLinear(TTTLayer):

@@ -697,7 +697,7 @@ def _linear_decode_kernel(
 
 
 def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
-                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0):
+                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0, inplace: bool = False):
     """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
     the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
     TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
@@ -706,7 +706,10 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     learn_lr off, lr = lr_scale); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or
     None; lr_bias [H]; lr_scale a 0-d fp32 tensor (base_lr * inner_lr_scale / d); delta [b] (tau_i = max(0,
     1/i + delta_i); None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's
-    dtype, the op's new state, the new window). The reference is the layer's own path (tests/test_fused_layer.py)."""
+    dtype, the op's new state, the new window). inplace: the new weights and accumulators are written into the
+    state's own tensors where they are fp32 and contiguous (each program reads its slice before it writes it; the
+    caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no copy). The reference is the
+    layer's own path (tests/test_fused_layer.py)."""
     B, _, D = u.shape
     H, d = ln_weight.shape
     W = wq.shape[-1]
@@ -723,8 +726,11 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     win = win.to(u.dtype).contiguous()
     o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
     nwin = torch.empty_like(win)
-    Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
-    An, an = torch.empty_like(A), torch.empty_like(a)
+    if inplace:
+        Wn, cn, An, an = Wt, c, A, a
+    else:
+        Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
+        An, an = torch.empty_like(A), torch.empty_like(a)
     learn = gate is not None
     _linear_decode_kernel[(B * H,)](
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
