@@ -449,12 +449,13 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
-def _conv_bwd_sums(parts, win, wa, wb):
-    """[dx, dwin or None, dwa [D, 1, W], dba [D] (, dwb, dbb)] (weights' gradients fp32) from `_conv_bwd_parts`."""
+def _conv_bwd_sums(parts, win, wa, wb, packed: bool):
+    """[dx, dwin or None, dwa [D, 1, W], dba [D] (, dwb, dbb)] (weights' gradients fp32) from `_conv_bwd_parts` of
+    the same call (win, wb, packed as there; the parts it leaves out are never read)."""
     dx, ds, dwa, dba, dwb, dbb, gwa, gwb = parts
     dwa, dba = dwa.sum(0), dba.sum(0)
     dwb, dbb = (dwb.sum(0), dbb.sum(0)) if wb is not None else (None, None)
-    if gwa is not None:  # packed documents with a window
+    if packed and win is not None:
         ds, dw_win = _window_grads(gwa, win, wa)
         dwa = dwa + dw_win
         if wb is not None:
@@ -469,7 +470,7 @@ def _conv_bwd(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: in
               launch: ConvLaunch | None = None, tok=None, doc=None):
     """The backward: [dx, dwin or None, dwa, dba (, dwb, dbb)]; packed documents as in `_conv_fwd`."""
     return _conv_bwd_sums(_conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope,
-                                          launch, tok, doc), win, wa, wb)
+                                          launch, tok, doc), win, wa, wb, tok is not None)
 
 
 # The custom ops take the conv window, the biases and the packed rows (tok, doc) as optional tensors and the RoPE
@@ -529,9 +530,7 @@ def _conv_backward(ctx, dya, dyb):
     else:
         dyb = None
     parts = _conv_rope_bwd_op(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc)
-    window, packed_window = win is not None and tok is None, win is not None and tok is not None
-    real = (True, window, True, True, wb is not None, wb is not None, packed_window, packed_window and wb is not None)
-    g = _conv_bwd_sums([t if r else None for t, r in zip(parts, real)], win, wa, wb)  # the op's empties: None
+    g = _conv_bwd_sums(parts, win, wa, wb, tok is not None)
     dx, dwin, dwa, dba = g[:4]
     dwb, dbb = (g[4], g[5]) if wb is not None else (None, None)
     return (dx, dwin if win is not None else None, dwa.to(wa.dtype), dba.to(wa.dtype) if has_ba else None,
