@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttt.config import RunOptions, get_config
-from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, owned, rebuild_state
+from ttt.decode_graph import GraphedDecoder, compiled_step, flatten_state, rebuild_state
 from ttt.model import TTTLM
 
 
@@ -131,7 +131,7 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     if kind == "linear+fused":
         # a graphed decoder's buffers (owned): the fused decode kernel writes the new accumulators (and, on the
         # commit, the weights) into them, so the step copies two (four) tensors fewer back
-        owned_graphs = trace(owned)
+        owned_graphs = trace(lambda s: rebuild_state(s, flatten_state(s), owned=True))
         plain = trace()
         assert [copies(g) for g in owned_graphs] == [copies(g) - (4 if i == 0 else 2) for i, g in enumerate(plain)]
     graphs = trace()

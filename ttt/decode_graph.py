@@ -44,32 +44,25 @@ def flatten_state(s) -> list:
     return []
 
 
-def rebuild_state(s, tensors: list, pos: int | None = None):
+def rebuild_state(s, tensors: list, pos: int | None = None, owned: bool | None = None):
     """A copy of state `s` whose tensors are taken in order from `tensors` (consumed); every int field
-    named `pos` is set to `pos` when given."""
+    named `pos` is set to `pos` when given, every `owned` flag to `owned` when given (owned: a step may write its
+    new state into these tensors, `TTTLayerState.owned`)."""
     if isinstance(s, torch.Tensor):
         return tensors.pop(0)
     if dataclasses.is_dataclass(s):
         kw = {}
         for f in dataclasses.fields(s):
             v = getattr(s, f.name)
-            kw[f.name] = pos if (f.name == "pos" and pos is not None and isinstance(v, int)) else \
-                rebuild_state(v, tensors, pos)
+            if f.name == "pos" and pos is not None and isinstance(v, int):
+                kw[f.name] = pos
+            elif f.name == "owned" and owned is not None:
+                kw[f.name] = owned
+            else:
+                kw[f.name] = rebuild_state(v, tensors, pos, owned)
         return dataclasses.replace(s, **kw)
     if isinstance(s, (list, tuple)):
-        return type(s)(rebuild_state(x, tensors, pos) for x in s)
-    return s
-
-
-def owned(s):
-    """State `s` with every `owned` flag in it set (the same tensors): a step may write its new state into them."""
-    if dataclasses.is_dataclass(s):
-        kw = {f.name: owned(getattr(s, f.name)) for f in dataclasses.fields(s)}
-        if "owned" in kw:
-            kw["owned"] = True
-        return dataclasses.replace(s, **kw)
-    if isinstance(s, (list, tuple)):
-        return type(s)(owned(x) for x in s)
+        return type(s)(rebuild_state(x, tensors, pos, owned) for x in s)
     return s
 
 
@@ -171,7 +164,7 @@ class GraphedDecoder:
         if compile:
             step = compiled_step(model, mode="default" if compile is True else compile)
             # the buffers are the decoder's: the fused decode step writes the new state into them (no copy back)
-            states = [owned(rebuild_state(state, list(self.buffers), pos=r)) for r in range(self.period)]
+            states = [rebuild_state(state, list(self.buffers), pos=r, owned=True) for r in range(self.period)]
             run = lambda r: step(self.ids, states[r])  # noqa: E731
             warmup = max(warmup, 1)  # the first call compiles: never inside the capture
             # a guard that failed during the capture would recompile there: raise instead
@@ -198,7 +191,7 @@ class GraphedDecoder:
         torch.cuda.current_stream().wait_stream(stream)
 
     def _step_eager(self, r: int):
-        s = owned(rebuild_state(self.template, list(self.buffers), pos=r))
+        s = rebuild_state(self.template, list(self.buffers), pos=r, owned=True)
         logits, new = self.model(self.ids, s)
         for b, t in zip(self.buffers, flatten_state(new)):
             b.copy_(t)
