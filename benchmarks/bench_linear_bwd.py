@@ -26,15 +26,15 @@ from ttt.ops.triton_backend import LinearKernels
 SHAPES = [(16, 2048, 32, 64), (4, 8192, 32, 64), (1, 32768, 32, 64), (4, 8192, 12, 64)]
 
 
-def kernels(impl, warps=None, seg=None):
+def kernels(impl, warps=None, seg=None, fwd="auto"):
     """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form)."""
-    return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg)
+    return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd)
 
 
-def grads(leaves, st, impl, wo, warps=None, seg=None):
+def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto"):
     """[o, final params, gradients of every leaf] of one variant on `make`'s leaves and state."""
     backend = "dual" if impl == "dual" else "triton"
-    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg))
+    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg, fwd))
     loss = (o.float() * wo).sum() + sum((p.float() * (i + 1)).sum() for i, p in enumerate(s.params))
     return [o.detach(), *(p.detach() for p in s.params), *torch.autograd.grad(loss, leaves)]
 
@@ -52,12 +52,12 @@ def check(B, T, H, d, dtype, pos, impls):
     ref = grads(ref_leaves, ref_st, "dual", wo)
     tol = 3e-2 if dtype != torch.float32 else 1e-4
     ok = True
-    for impl in impls:
-        got = grads(leaves, st, impl, wo)
+    for impl, fwd in ((i, f) for i in impls for f in ("fused", "split")):
+        got = grads(leaves, st, impl, wo, fwd=fwd)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
         worst = max(errs.values())
         ok &= worst <= tol
-        print(f"check {impl:5s} B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
+        print(f"check {impl}+{fwd}-fwd B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
               f"{'OK  ' if worst <= tol else 'FAIL'} worst {worst:.1e} ({max(errs, key=errs.get)})", flush=True)
     return ok
 
@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
     ap.add_argument("--fwd-warps", type=lambda v: [int(x) for x in v.split(",")], default=[],
                     help="also time the forward kernel at these warp counts, e.g. 8 or 2,8")
+    ap.add_argument("--fwd-impls", nargs="*", default=[], help="also time the forward this way (fused, split) "
+                    "beside the default (auto), after checking its outputs against the default's")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()
@@ -112,6 +114,13 @@ def main():
             for w in args.fwd_warps:  # the forward kernel at other warp counts (no grad: the same kernel, SAVE off)
                 ms = bench(lambda: run("linear", leaves, st, "triton", LinearKernels(fwd_warps=w)), warmup=10, rep=50)
                 print(f"time B{B} T{T} H{H} d{d} forward at {w} warps {ms:8.3f} ms (default {fwd_ms:.3f})", flush=True)
+            o_ref = run("linear", leaves, st, "triton")[0].float()
+            for impl in args.fwd_impls:
+                err = rel(run("linear", leaves, st, "triton", LinearKernels(fwd=impl))[0].float(), o_ref)
+                ok &= err <= 2e-2
+                ms = bench(lambda: run("linear", leaves, st, "triton", LinearKernels(fwd=impl)), warmup=10, rep=50)
+                print(f"time B{B} T{T} H{H} d{d} forward {impl:6s} {ms:8.3f} ms (default {fwd_ms:.3f}; o vs default "
+                      f"{err:.1e})", flush=True)
         # every variant's gradients == the first one's at this shape (bf16, same forward)
         wo = do.float()
         g_ref = None

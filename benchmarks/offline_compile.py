@@ -84,7 +84,9 @@ def linear_kernels(d: int, b: int, dot: int):
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
     out = []
     for w in (4, 8):
-        out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True), w, 3),
+        out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True), w, 3),
+                ("fwd split walk", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=False), w, 3),
+                ("fwd split out", lin_chunk._fwd_out_kernel, dict(base, GT=tile(GROUP * b), RB=64), w, 3),
                 ("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
                 ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),

@@ -71,9 +71,14 @@ LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8,
                 (1, 40, 1, 16, 16, 15), (1, 42, 2, 16, 4, 3), (1, 150, 1, 16, 64, 5), (1, 21, 2, 8, 4, 2)]
 
 
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
-def test_linear_matches_dual(B, T, H, d, b, pos):
-    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos)
+def test_linear_matches_dual(B, T, H, d, b, pos, fwd):
+    """Both forwards (the walk with the outputs, or the walk alone and the outputs per checkpoint group: groups of
+    3 mini-batches here, so that the cases end inside a group; 2 of 64, the most rows a split group takes) with the
+    backward."""
+    kernels = triton_backend.LinearKernels(fwd=fwd, group=3 if 3 * b <= 128 else 2)
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=kernels)
 
 
 # the split backward through the backend: odd length with head/tail pieces and a padded head dim over two
@@ -84,15 +89,17 @@ def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
 
 
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
-def test_linear_nan_does_not_leak_backwards(which):
+def test_linear_nan_does_not_leak_backwards(which, fwd):
     """A NaN at position 20 (b = 16: the fifth row of the second mini-batch) leaves outputs 0..19 exactly as in a
     run without it (masking by multiplication made rows 16..19 NaN: 0 * NaN); output 20 is NaN."""
     inp = to_dev(random_inputs("linear", B=1, T=48, H=1, d=16, b=16, pos=0, dtype=torch.float32))
-    o_clean, _ = inp.run("triton")
+    kernels = triton_backend.LinearKernels(fwd=fwd)
+    o_clean, _ = run_triton(inp, kernels)
     x = getattr(inp, which).clone()
     x[:, 20] = float("nan")
-    o, _ = (setattr(inp, which, x) or inp).run("triton")
+    o, _ = run_triton(setattr(inp, which, x) or inp, kernels)
     assert torch.equal(o[:, :20], o_clean[:, :20])
     assert torch.isnan(o[:, 20]).all()
 
@@ -101,6 +108,9 @@ def test_linear_kernels_choice_is_checked():
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('split', 'split_lean', 'split_full'\), "
                        r"got 'v1'"):
         triton_backend.LinearKernels(bwd="v1")
+    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split'\), "
+                       r"got 'x'"):
+        triton_backend.LinearKernels(fwd="x")
 
 
 
@@ -203,6 +213,37 @@ def test_gpu_fp32_long(kind):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("fwd", ["split", "fused"])
+def test_gpu_linear_fwd_impls(fwd, d, dtype, tol):
+    """Both TTT-Linear forwards on the GPU's compiler (tensor-core products, the split's 64-row output tiles):
+    outputs, final state and every gradient against the dual form, over several checkpoint groups and a partial
+    last mini-batch."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=7, dtype=dtype, tol=tol,
+            linear=triton_backend.LinearKernels(fwd=fwd))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fwd", ["split", "fused"])
+def test_gpu_linear_nonfinite_both_forwards(fwd):
+    """As above for TTT-Linear's two forwards, the NaN in k at token 150 (the second checkpoint group's output
+    tile): outputs 0..149 bit-identical, 150 on NaN."""
+    inp = to_dev(random_inputs("linear", B=1, T=300, H=2, d=64, b=16, pos=0, dtype=torch.bfloat16))
+    kernels = triton_backend.LinearKernels(fwd=fwd)
+    with torch.no_grad():
+        o_clean, _ = run_triton(inp, kernels)
+        x = inp.k.clone()
+        x[:, 150] = float("nan")
+        o, _ = run_triton(setattr(inp, "k", x) or inp, kernels)
+    assert torch.isfinite(o_clean).all()
+    assert torch.equal(o[:, :150], o_clean[:, :150]) and torch.isnan(o[:, 150:]).all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
 @pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
@@ -222,7 +263,7 @@ def test_linear_bwd_op_fake_matches_the_kernels(impl, segments):
     rows = batch_rows(2, 80, 8, 2, DEV)
     meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
     x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, impl, [], segments)
+    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments)
     args = (*x, ckw, ckc, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl, [],
             segments)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))

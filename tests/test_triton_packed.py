@@ -42,9 +42,10 @@ if DEV == "cpu":
 B_MB = 8
 # length 1, shorter than b, a multiple of b, 2 + 2 checkpoint groups of 2 mini-batches (the last one partial)
 LENS = [1, 5, 16, 27, 3]
+# TTT-Linear: both forwards ("fused": the walk with the outputs; "split": the walk alone, then the outputs per group)
 KERNELS = {
-    "lean": triton_backend.LinearKernels(bwd="split_lean", group=2),
-    "full": triton_backend.LinearKernels(bwd="split_full", group=2),
+    "lean": triton_backend.LinearKernels(bwd="split_lean", group=2, fwd="split"),
+    "full": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="fused"),
     "full-segments": triton_backend.LinearKernels(bwd="split_full", group=2, bwd_segments=3),
     "lean-segments": triton_backend.LinearKernels(bwd="split_lean", group=2, bwd_segments=2),
     "regs": triton_backend.MLPKernels(impl="regs", group=2),

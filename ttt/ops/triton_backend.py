@@ -103,13 +103,15 @@ def _f32(params):
 
 @dataclass(frozen=True)
 class LinearKernels:
-    """How TTT-Linear runs in the kernels. bwd: the backward's chain ("split" picks by size, "split_lean" |
+    """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split", see
+    `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size, "split_lean" |
     "split_full", see `ttt_linear/chunk.py`); group: mini-batches per weight checkpoint; dot_mode: the products'
     operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
     post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
 
     bwd: str = "split"
     group: int = GROUP
+    fwd: str = "auto"
     dot_mode: int | None = None
     fwd_warps: int | None = None
     bwd_warps: tuple | None = None
@@ -118,6 +120,8 @@ class LinearKernels:
     def __post_init__(self):
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
+        if self.fwd not in _lin_chunk.FWD_IMPLS:
+            raise ValueError(f"LinearKernels.fwd: expected one of {_lin_chunk.FWD_IMPLS}, got {self.fwd!r}")
 
     def check(self, d: int) -> None:
         """Every head dim runs (padded to a power of two), with and without packed documents."""
@@ -126,7 +130,7 @@ class LinearKernels:
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
         outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
                            x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
-                           self.fwd_warps or 0, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
+                           self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -374,13 +378,14 @@ def _rows_args(rows: Rows) -> tuple:
 def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
-                mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, bwd_impl: str,
-                bwd_warps: list[int], bwd_segments: int
+                mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, fwd_impl: str,
+                bwd_impl: str, bwd_warps: list[int], bwd_segments: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
-                                   warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group))
+                                   warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
+                                   impl=fwd_impl)
     if ck is None:
         ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return o, wT, cT, *ck
@@ -388,7 +393,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
-      dot_mode, fwd_warps, bwd_impl, bwd_warps, bwd_segments):
+      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments):
     H, d = q.shape[2:]
     ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
           if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
@@ -428,7 +433,7 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
 
 def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
-     fwd_warps, bwd_impl, bwd_warps, bwd_segments) = inputs
+     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
     ctx.rows = W0.shape[0]
@@ -450,7 +455,7 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     lean, _ = _lin_chunk.bwd_plan(N, H, cdiv(nmb, group), bwd_impl, bwd_segments or None)
     dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N, lean)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

@@ -221,11 +221,14 @@ def _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D: tl.cons
 
 
 @triton.jit
-def _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, x_off, lr_off, rt, m2, tmask, l_t):
+def _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, x_off, lr_off, rt, m2, tmask, l_t, WITH_Q: tl.constexpr = True):
     """One mini-batch's q, k, v tiles [BT, BD] (element offsets x_off) and lr [BT] (from lr_off), in the input
-    dtype, zero on padded rows and columns."""
-    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)
+    dtype, zero on padded rows and columns (WITH_Q False: q not read, k returned in its place)."""
     k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
+    if WITH_Q:
+        q = tl.load(q_ptr + x_off, mask=m2, other=0.0)
+    else:
+        q = k
     v = tl.load(v_ptr + x_off, mask=m2, other=0.0)
     lr = tl.load(lr_ptr + lr_off + rt * l_t, mask=tmask, other=0.0)
     return q, k, v, lr

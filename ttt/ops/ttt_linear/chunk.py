@@ -35,18 +35,21 @@ from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
 from . import bwd_split
 
+FWD_IMPLS = ("auto", "fused", "split")
 BWD_IMPLS = ("split", "split_lean", "split_full")
 
 
 @triton.jit
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
-    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H,
+    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
 ):
+    """OUT: the outputs too; else the chain alone, storing every mini-batch's G (fp32 rows [B*H or H, T, d]) for
+    `_fwd_out_kernel`."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -59,9 +62,10 @@ def ttt_linear_fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     tm, m2 = _mb_masks(0, rt, L, cmask, MB)
-    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t, OUT)
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
@@ -79,20 +83,15 @@ def ttt_linear_fwd_kernel(
         lr = lrn.to(tl.float32)
         tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
-                                   rt, m21, tm1, l_t)
+                                   rt, m21, tm1, l_t, OUT)
 
         G, xh, rstd, gy, mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
-        # causal masking by selection, not multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j
-        # (0 * NaN = NaN). The product P G takes G with its non-finite rows zeroed; the rows from the first such
-        # row on are NaN again afterwards (they depend on it).
-        P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
-        g_ok = tl.abs(tl.sum(G, axis=1)) < float("inf")  # rows of G all finite (not G - G == 0: FMA contraction)
-        first_bad = tl.min(tl.where(g_ok, BT, rt), axis=0)
-        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
-        Zb = tl.where(rt[:, None] >= first_bad, float("nan"), Zb)
-        xhb, rstdb = _normalize(Zb, cmask, D, EPS)
-        o = q + xhb * gam[None, :] + bet[None, :]
-        tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        if OUT:
+            P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
+            o = _output(q, W, c, P, G, gam, bet, rt, rt, cmask, BT, D, DOT_MODE, EPS)
+            tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        else:
+            tl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
 
         eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
@@ -101,39 +100,140 @@ def ttt_linear_fwd_kernel(
     tl.store(cT_ptr + pid * D + rd, c, mask=cmask)
 
 
+@triton.jit
+def _output(q, W, c, P, G, gam, bet, rq, rg, cmask, BG: tl.constexpr, D: tl.constexpr, DOT_MODE: tl.constexpr,
+            EPS: tl.constexpr):
+    """o = q + LN(Zb) * gam + bet with Zb = q W + c - P G, for the rows rq of q and P against the rows rg [BG] of G
+    (indices in one tile; P: the causal weights, zero where masked). Causal masking by selection, not
+    multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j (0 * NaN = NaN). The product P G
+    takes G with its non-finite rows zeroed; the rows from the first such row on are NaN again afterwards (they
+    depend on it)."""
+    g_ok = tl.abs(tl.sum(G, axis=1)) < float("inf")  # rows of G all finite (not G - G == 0: FMA contraction)
+    first_bad = tl.min(tl.where(g_ok, BG, rg), axis=0)
+    Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
+    Zb = tl.where(rq[:, None] >= first_bad, float("nan"), Zb)
+    xhb, _rstdb = _normalize(Zb, cmask, D, EPS)
+    return q.to(tl.float32) + xhb * gam[None, :] + bet[None, :]
+
+
+@triton.jit
+def _fwd_out_kernel(
+    q_ptr, k_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, gs_ptr, o_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GT: tl.constexpr, RB: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr,
+):
+    """The outputs of RB rows of one checkpoint group (GROUP mini-batches, GT >= GROUP * MB rows) from its
+    checkpoint (W, c) and the chain's G: the group's weight updates folded into one causal product,
+    Zb = Q W_g + c_g - (E * (Q K^T + 1)) G,  E_ij = tau_b lr_j (j in an earlier mini-batch), tau_i lr_j (the same
+    mini-batch, j <= i), 0 (j > i)."""
+    NRB: tl.constexpr = GT // RB
+    pid = tl.program_id(0) // (NCK * NRB)
+    g = tl.program_id(0) // NRB % NCK
+    rq = tl.program_id(0) % NRB * RB + tl.arange(0, RB)  # this program's rows of the group
+    bi, hi = pid // H, pid % H
+    start, L, slot = _row(span_ptr, bi)
+    t0 = g * GROUP * MB
+    if t0 >= L:  # a shorter row has no such group
+        return
+    rt = tl.arange(0, GT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tm = (rt < GROUP * MB) & (rt < L - t0)
+    qm = (rq < GROUP * MB) & (rq < L - t0)
+    m2 = tm[:, None] & cmask[None, :]
+    mq = qm[:, None] & cmask[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start + t0, rq, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    q = tl.load(q_ptr + in_base + in_off, mask=mq, other=0.0)  # in the input dtype (the products' operands)
+    k = tl.load(k_ptr + in_base + rt[:, None] * s_t + rd[None, :], mask=m2, other=0.0)
+    lr = tl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0).to(tl.float32)
+    G = tl.load(gs_ptr + ((bi * sc_b + hi) * T + start + t0 + rt)[:, None] * D + rd[None, :], mask=m2, other=0.0)
+    ck = (slot + g) * H + hi
+    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=cmask, other=0.0)
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_i = tl.load(tau_ptr + rq % MB).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    same = (rq // MB)[:, None] == (rt // MB)[None, :]
+    causal = (rq[:, None] >= rt[None, :]) & tm[None, :]
+    E = tl.where(same, tau_i[:, None], tau_b) * lr[None, :]
+    P = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
+    o = _output(q, W, c, P, G, gam, bet, rq, rt, cmask, GT, D, DOT_MODE, EPS)
+    tl.store(o_ptr + out_base + out_off, o.to(o_ptr.dtype.element_ty), mask=mq)
+
+
 def _warps(d: int) -> int:
     # measured on H100 (docs/kernels_notes.md): d = 64 forward 0.91 ms with 4 warps vs 1.07 with 8
     return 4 if pow2(d) <= 64 else 8
 
 
+# The forward runs split (the walk, then the outputs per checkpoint group) when at most this many (row, head)
+# programs walk (measured on the H200, docs/kernels_notes.md), the group fits one output tile and the head dim is
+# at most SPLIT_MAX_D (above it the outputs' kernel spills: offline sm_90 compile)
+SPLIT_MAX_PROGRAMS = 256
+SPLIT_MAX_ROWS = 128
+SPLIT_MAX_D = 64
+OUT_ROWS, OUT_WARPS = 64, 8  # rows per program of the outputs' launch, its warps (d 64: 254 registers, no spill)
+
+
+def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> bool:
+    """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "fused" as asked, "auto" by size."""
+    if impl not in FWD_IMPLS:
+        raise ValueError(f"impl: expected one of {FWD_IMPLS}, got {impl!r}")
+    fits = tile(group * mini_batch) <= SPLIT_MAX_ROWS
+    if impl == "split" and not fits:
+        raise ValueError(f"impl: 'split' takes checkpoint groups of at most {SPLIT_MAX_ROWS} rows, got {group} "
+                         f"mini-batches of {mini_batch}")
+    return impl == "split" or (impl == "auto" and fits and n * H <= SPLIT_MAX_PROGRAMS and tile(d) <= SPLIT_MAX_D)
+
+
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
-        dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None):
+        dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None,
+        impl: str = "auto"):
     """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
     [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
     row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
     mini-batch: the weights at its start), and the checkpoints (W, c at the start of every `group` mini-batches of
     every row, [slots, H, ...]) when `save`. dot_mode: the products' operand precision (None: by q's dtype,
     `triton_utils.dot_mode`); warps: None for the default by head dim; info: a dict that receives the compiled
-    kernel (n_regs, n_spills, metadata)."""
+    kernels (n_regs, n_spills, metadata). impl "fused": one program per (row, head) computes everything; "split":
+    it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second launch computes the
+    outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
+    products); "auto": split when the walk has few programs (`fwd_plan`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
+    split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
-    if save:
+    if save or split:
         ckw = torch.empty((rows.slots, H, d, d), dtype=torch.float32, device=q.device)
         ckc = torch.empty((rows.slots, H, d), dtype=torch.float32, device=q.device)
     else:
         ckw, ckc = wT, cT  # never written
+    sc_b = 0 if rows.packed else H  # G rows [B*H or H, T, d]: per head, every row's tokens at their own positions
+    gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
+    meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
     kern = ttt_linear_fwd_kernel[(rows.n * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, rows.span,
-        *rows.strides(q), *rows.strides(lr), *rows.strides(o), H,
-        D=d, BD=BD, MB=mini_batch, BT=BT, GROUP=group, SAVE=save, DOT_MODE=mode, EPS=LN_EPS,
-        num_warps=warps or _warps(d))
+        q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
+        *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
+        BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
+    if split:
+        GT = tile(group * mini_batch)
+        RB = min(OUT_ROWS, GT)
+        kern = _fwd_out_kernel[(rows.n * H * rows.nck * (GT // RB),)](
+            q, k, lr, tau, ln_weight, ln_bias, ckw, ckc, gs, o, rows.span,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, rows.nck, T,
+            GT=GT, RB=RB, num_warps=OUT_WARPS, **meta)
+        if info is not None:
+            info["ttt_linear_fwd_out_kernel"] = kern
     return o, wT, cT, (ckw, ckc) if save else None
 
 
