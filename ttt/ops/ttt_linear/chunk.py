@@ -173,7 +173,7 @@ def _warps(d: int) -> int:
 # The forward runs split (the walk, then the outputs per checkpoint group) when at most this many (row, head)
 # programs walk (measured on the H200, docs/kernels_notes.md), the group fits one output tile and the head dim is
 # at most SPLIT_MAX_D (above it the outputs' kernel spills: offline sm_90 compile)
-SPLIT_MAX_PROGRAMS = 256
+SPLIT_MAX_PROGRAMS = 48
 SPLIT_MAX_ROWS = 128
 SPLIT_MAX_D = 64
 OUT_ROWS, OUT_WARPS = 64, 8  # rows per program of the outputs' launch, its warps (d 64: 254 registers, no spill)
