@@ -218,8 +218,8 @@ def main(argv=None):
         run.positions = [int(v) for v in a.positions.split(",")]
     except ValueError:
         ap.error(f"--contexts/--positions: expected comma lists of integers, got {a.contexts!r} / {a.positions!r}")
-    if run.mixers and set(run.mixers) - set(TRAIN_MIXERS):
-        ap.error(f"--mixers: expected names from {', '.join(TRAIN_MIXERS)}, got {a.mixers}")
+    if run.mixers and set(run.mixers) - set(TRAIN_MIXERS + TRAIN_EXTRA):
+        ap.error(f"--mixers: expected names from {', '.join(TRAIN_MIXERS + TRAIN_EXTRA)}, got {a.mixers}")
     parts = a.parts.split(",")
     bad = [p for p in parts if p not in PARTS]
     if bad:

@@ -213,7 +213,9 @@ class ModuleMixer(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise ValueError("ModuleMixer: packed documents (cu_seqlens) are not supported")
         return self.module(x), None
 
 

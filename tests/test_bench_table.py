@@ -107,3 +107,28 @@ def test_bench_op_runs_keep_their_own_rows(tmp_path, monkeypatch):
         rows = json.loads((tmp_path / "bench_op.json").read_text())["time"]
         assert [(r["op"], r["T"]) for r in rows] == [(op, int(T)) for T in Ts.split(",")
                                                      for op in ("attention", "ttt_linear")]
+
+
+def test_the_extra_train_mixer_is_accepted_on_the_command_line(monkeypatch):
+    """--mixers takes the extra train row's name (ttt_mlp+fused) as well as the main ones (it was refused once)."""
+    seen = {}
+    parts = {**bench_table.PARTS, "train": lambda run: seen.setdefault("m", run.mixers)}
+    monkeypatch.setattr(bench_table, "PARTS", parts)
+    bench_table.main(["--parts", "train", "--mixers", "ttt_mlp+fused,attention"])
+    assert seen["m"] == ["ttt_mlp+fused", "attention"]
+
+
+def test_module_mixer_runs_in_a_block_and_refuses_packing():
+    """benchmarks.common.ModuleMixer (how mamba_ssm's Mamba2 module joins the model) takes the block's call, packed
+    documents refused by name (the block passes cu_seqlens; once a TypeError)."""
+    from benchmarks.common import ModuleMixer
+    from ttt.config import get_config
+    from ttt.model import TTTLM
+    model = TTTLM(get_config("debug", mixer="attention", vocab_size=64))
+    D = model.cfg.d_model
+    model.blocks[0].mixer = ModuleMixer(torch.nn.Linear(D, D))
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids)
+    assert (out.logits if hasattr(out, "logits") else out[0]).shape == (2, 8, 64)
+    with pytest.raises(ValueError, match="ModuleMixer: packed documents"):
+        model.blocks[0].mixer(torch.zeros(1, 8, D), None, cu_seqlens=torch.tensor([0, 3, 8]))
