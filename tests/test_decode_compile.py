@@ -62,6 +62,30 @@ def test_compiled_step_traces_before_any_eager_call():
         compiled_step(model, "eager")(torch.zeros(2, 1, dtype=torch.long), s)  # fullgraph: raises on a break
 
 
+def test_compiled_step_refreshes_merged_weights():
+    """compiled_step on a model with merged decode weights (SwiGLU's gate and up here; `merge_decode_weights`) == an
+    unmerged copy's eager steps, also after a weight changes in place between two tokens: the step rewrites the
+    copy outside its trace, which reads it as it is."""
+    import copy
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer="ttt_linear", vocab_size=256, mini_batch=4)).eval()
+    ref = copy.deepcopy(model)
+    model.merge_decode_weights()
+    step = compiled_step(model, "aot_eager")
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.inference_mode():
+        _, s = ref(ids[:, :5])
+        buf = rebuild_state(s, [t.clone() for t in flatten_state(s)])
+        for t in range(5, 10):
+            if t == 7:
+                for m in (model, ref):
+                    m.blocks[0].ffn.up.weight.mul_(1.2)
+            le, s = ref(ids[:, t:t + 1], s)
+            lc = step(ids[:, t:t + 1], buf)
+            buf = rebuild_state(buf, flatten_state(buf), pos=buf.pos + 1)
+            torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5, msg=f"token {t}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
 def test_compiled_step_inductor_equals_eager(mixer):
@@ -112,10 +136,11 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
             raise Traced
         return run
 
-    def trace(mark=lambda s: s):
+    def trace(mark=lambda s: s, merge=False):
         graphs.clear()
         model = TTTLM(get_config("debug", mixer=f"ttt_{kind.split('+')[0]}", vocab_size=256, mini_batch=4),
                       RunOptions(ttt_backend="triton", fused_layer=kind.endswith("+fused"))).eval()
+        model.merge_decode_weights(merge)
         step = compiled_step(model, backend)
         with torch.inference_mode():
             s = model.init_state(2)
@@ -134,6 +159,10 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         owned_graphs = trace(lambda s: rebuild_state(s, flatten_state(s), owned=True))
         plain = trace()
         assert [copies(g) for g in owned_graphs] == [copies(g) - (4 if i == 0 else 2) for i, g in enumerate(plain)]
+        # merged decode weights: one GEMM for qk, v, gate and lr, one for SwiGLU's gate and up (8 -> 4 per block)
+        gemms = lambda g: sum(1 for n in g.graph.nodes if "linear" in str(n.target))  # noqa: E731
+        merged = trace(merge=True)
+        assert [gemms(g) for g in merged] == [gemms(g) - 4 for g in plain] and gemms(plain[0]) == 8
     graphs = trace()
     assert len(graphs) <= 3  # the commit, r = 0 as a constant, then r symbolic (r = 2 reuses it)
     for g in graphs:
@@ -151,6 +180,8 @@ def test_compile_arguments_are_checked():
         GraphedDecoder(model, model.init_state(1), compile="reduce-overhead")  # its own CUDA graphs
     with pytest.raises(ValueError, match="^warmup: expected an int >= 0"):
         GraphedDecoder(model, model.init_state(1), warmup=-1)
+    with pytest.raises(ValueError, match="^merge: expected a bool, got 'yes'"):
+        GraphedDecoder(model, model.init_state(1), merge="yes")
     with pytest.raises(ValueError, match="^model: expected a TTTLM"):
         compiled_step(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="^model: expected a TTTLM"):

@@ -524,3 +524,37 @@ def test_fused_true_takes_packed_documents(kind, monkeypatch):
     assert rel(yf.cpu(), yr.cpu()) < 1e-5 and rel(sf.conv.cpu(), sr.conv.cpu()) < 1e-6 and sf.pos == sr.pos == (1, 6, 3)
     for a, e in zip(sf.op.params, sr.op.params):
         assert rel(a.cpu(), e.cpu()) < 1e-5
+
+
+def test_merged_decode_weights_follow_their_sources(monkeypatch):
+    """The fused decode step with merged input projections (qk, v, gate, lr as one GEMM: `merge_decode_weights`)
+    == the step with separate ones, token by token through a commit, and still after the sources change in place
+    between two tokens (the copy is rewritten); the merged product is what runs."""
+    import copy
+
+    from ttt.layers import merged as merged_mod
+    from ttt.layers.ttt import TTTLayer
+    torch.manual_seed(3)
+    H, d, b = 2, 8, 4
+    layer = TTTLayer(H * d, H, inner="linear", mini_batch=b, backend="triton", fused=True).to(DEV)
+    fast = copy.deepcopy(layer)
+    fast.merge_decode_weights()
+    assert fast.merged.sizes == [H * d, H * d, H * d, H]
+    splits = []
+    split = merged_mod.MergedWeights.split
+    monkeypatch.setattr(merged_mod.MergedWeights, "split", lambda self, y: splits.append(1) or split(self, y))
+    x = torch.randn(2, 3 + b + 2, H * d, device=DEV)
+    with torch.no_grad():
+        _, s = layer(x[:, :3])
+        sf = s
+        for t in range(3, x.shape[1]):
+            if t == 5:
+                for m in (layer, fast):
+                    m.qk_proj.weight.mul_(1.5)
+                    m.lr_weight.add_(0.3)
+            y, s = layer(x[:, t:t + 1], s)
+            yf, sf = fast(x[:, t:t + 1], sf)
+            torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-6, msg=f"token {t}")
+    assert len(splits) == x.shape[1] - 3
+    fast.merge_decode_weights(False)
+    assert fast.merged is None

@@ -69,6 +69,31 @@ def test_graphed_decode_equals_eager(mixer):
         assert dec.state().pos == se.pos == 23
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_decode_follows_weights_changed_in_place(compile):
+    """GraphedDecoder's merged weight copies (merge=True, the default: one GEMM for the TTT layer's qk, v, gate and
+    lr projections, one for SwiGLU's gate and up) == an unmerged model's eager steps, also after source weights
+    change in place between two tokens (the decoder rewrites the copies before the replay)."""
+    import copy
+
+    from ttt.decode_graph import GraphedDecoder
+    torch.manual_seed(0)
+    model = _decode_model("ttt_linear+fused").eval()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (2, 16), device="cuda")
+    with torch.inference_mode():
+        _, s = ref(ids[:, :6])
+        dec = GraphedDecoder(model, s, compile=compile)
+        assert model.blocks[0].mixer.merged is not None and model.blocks[0].ffn.merged is not None
+        for t in range(6, 16):
+            if t == 9:
+                for m in (model, ref):
+                    m.blocks[0].mixer.qk_proj.weight.mul_(1.1)
+                    m.blocks[1].ffn.up.weight.mul_(0.9)
+            le, s = ref(ids[:, t:t + 1], s)
+            torch.testing.assert_close(dec.step(ids[:, t:t + 1]), le, rtol=1e-4, atol=1e-4, msg=f"token {t}")
+
+
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_linear+fused", "ttt_mlp", "mamba"])
 def test_compiled_graphed_decode_equals_eager(mixer):
     """GraphedDecoder(compile=True): Inductor-compiled blocks around the fused Triton step kernels,

@@ -173,3 +173,39 @@ def test_run_options_are_apart_from_the_architecture():
         mamba.mamba_backend = "torch"  # as scripts written before RunOptions do
     assert TTTLM(mamba).blocks[0].mixer.backend == "torch"
     assert TTTLM(mamba, RunOptions()).blocks[0].mixer.backend == "auto"  # an explicit run wins
+
+
+def test_merged_decode_weights_equal_separate_and_follow_changes():
+    """merge_decode_weights: one-token steps without gradients read SwiGLU's gate and up as one concatenated copy;
+    the logits equal an unmerged copy's token by token, also after a weight changes in place between two tokens;
+    with gradients the weights themselves are used (they get gradients); off drops every copy."""
+    import copy
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer="attention", vocab_size=V)).eval()
+    ref = copy.deepcopy(model)
+    model.merge_decode_weights()
+    ffns = [blk.ffn for blk in model.blocks]
+    assert all(f.merged is not None and f.merged.sizes == [f.gate.out_features] * 2 for f in ffns)
+    ids = torch.randint(0, V, (B, 8))
+    with torch.no_grad():
+        _, s = model(ids[:, :4])
+        _, sr = ref(ids[:, :4])
+        for t in range(4, 8):
+            if t == 6:
+                for m in (model, ref):
+                    m.blocks[0].ffn.gate.weight.add_(0.1)
+            lm, s = model(ids[:, t:t + 1], s)
+            lr, sr = ref(ids[:, t:t + 1], sr)
+            torch.testing.assert_close(lm, lr, rtol=1e-5, atol=1e-5, msg=f"token {t}")
+    loss, _ = model(ids[:, :1], targets=ids[:, :1])
+    loss.backward()
+    assert model.blocks[0].ffn.gate.weight.grad is not None and model.blocks[0].ffn.up.weight.grad.abs().sum() > 0
+    model.merge_decode_weights(False)
+    assert all(f.merged is None for f in ffns)
+
+
+def test_merged_weights_refuse_sources_that_do_not_stack():
+    from ttt.layers.merged import MergedWeights
+    with pytest.raises(ValueError, match=r"^sources: expected 2-D weights of one in-dim, dtype and device, got "
+                                         r"\(2, 3\) torch.float32 cpu, \(2, 4\)"):
+        MergedWeights([torch.zeros(2, 3), torch.zeros(2, 4)])

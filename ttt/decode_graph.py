@@ -121,6 +121,7 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
     model.prepare()  # the layers decide their backends here, not in the traced step
 
     def step(ids, state: LMState):
+        model.refresh_decode_weights()  # merged weight copies (`TTTLM.merge_decode_weights`), outside the trace
         r = state.pos % period
         s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
         sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one code object each
@@ -139,10 +140,15 @@ class GraphedDecoder:
 
     compile=True captures `compiled_step` (torch.compile per block; at most three compilations, done
     before the capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
-    compiles in that torch.compile mode (True = "default").
+    compiles in that torch.compile mode (True = "default"). merge=True first gives the model merged copies of the
+    weights that share an input (`TTTLM.merge_decode_weights`: fewer, larger GEMMs per token, those weights' memory
+    again; refreshed before each replay when a weight changed in place).
     """
 
-    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool | str = False):
+    def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool | str = False,
+                 merge: bool = True):
+        if not isinstance(merge, bool):
+            raise ValueError(f"merge: expected a bool, got {merge!r}")
         if not (isinstance(compile, bool) or compile in MODES):
             raise ValueError(f"compile: expected a bool or a torch.compile mode of {MODES}, got {compile!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -157,6 +163,8 @@ class GraphedDecoder:
         self.model, self.pos = model, state.pos
         self.period = model.decode_period
         model.prepare()
+        if merge:
+            model.merge_decode_weights()
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]
@@ -201,6 +209,7 @@ class GraphedDecoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, 1] -> logits [B, 1, V] (a view into a static buffer: copy it to keep it)."""
         self.ids.copy_(ids)
+        self.model.refresh_decode_weights()  # the graphs read the merged copies as they are
         r = self.pos % self.period
         self.graphs[r].replay()
         self.pos += 1

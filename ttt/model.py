@@ -24,6 +24,7 @@ from .config import ModelConfig, RunOptions
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import IGNORE, linear_cross_entropy
+from .layers.merged import MergedWeights, merged_weight
 from .layers.mamba import Mamba2
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
@@ -77,8 +78,19 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
+        self.merged = None  # MergedWeights of gate and up for one-token steps (`merge_decode_weights`)
+
+    def merge_decode_weights(self, on: bool = True) -> None:
+        """on: a one-token step without gradients reads gate and up as one concatenated copy, one GEMM
+        (`layers/merged.py`); off: drops it."""
+        ws = [self.gate.weight, self.up.weight]
+        self.merged = MergedWeights(ws) if on and not any(w.is_inference() for w in ws) else None
 
     def forward(self, x):
+        m = self.merged
+        if m is not None and x.shape[-2] == 1 and not torch.is_grad_enabled() and m.weight.dtype == x.dtype:
+            g, u = m.split(F.linear(x, merged_weight(m)))
+            return self.down(F.silu(g) * u)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -284,6 +296,22 @@ class TTTLM(nn.Module):
             log.info("TTT layers on %s %s: %s", device.type, str(dtype).replace("torch.", ""),
                      ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
         self._prepared.add((device.type, dtype))
+
+    def merge_decode_weights(self, on: bool = True) -> None:
+        """on: one-token steps without gradients read the weights that multiply the same input as one
+        concatenated copy each, one GEMM instead of several (TTT-Linear (M) layers' qk, v, gate and lr projections
+        on the fused decode path; every SwiGLU's gate and up): more memory (those weights again), fewer and
+        larger GEMMs. The copies follow their weights (`layers/merged.py`); a compiled or CUDA-graphed step calls
+        `refresh_decode_weights` first (`ttt.decode_graph` does). off: drops the copies."""
+        self._merging = [m for m in self.modules() if isinstance(m, (TTTLayer, SwiGLU))]
+        for m in self._merging:
+            m.merge_decode_weights(on)
+
+    def refresh_decode_weights(self) -> None:
+        """Rewrite every merged copy whose weights changed since (`merge_decode_weights`); nothing when none."""
+        for m in getattr(self, "_merging", ()):
+            if m.merged is not None:
+                m.merged.fresh()
 
     def prepare_decode(self) -> None:
         """Deprecated: `prepare()`."""

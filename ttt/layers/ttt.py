@@ -24,6 +24,7 @@ from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
+from .merged import MergedWeights, merged_weight
 
 BACKBONES = ("mamba", "transformer")
 
@@ -122,6 +123,7 @@ class TTTLayer(nn.Module):
         else:
             self.ln_weight = self.ln_bias = None
         self.post_norm = nn.LayerNorm(D, eps=1e-6)
+        self.merged = None  # MergedWeights of the fused decode step's input projections (`merge_decode_weights`)
         # multiplies base_lr; the trainer ramps it during warm-up (TTT-MLP recipe); 1.0 = exact base_lr
         self.register_buffer("inner_lr_scale", torch.ones(()), persistent=False)
         if self.kind == "linear":
@@ -308,13 +310,27 @@ class TTTLayer(nn.Module):
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
         return self._out(o, x), TTTLayerState(op_state, conv)
 
-    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The post-LayerNorm, the (M) block's GELU gate, the output projection (every path; under torch.compile
-        Inductor fuses the norm and the gate into one kernel)."""
+    def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """The post-LayerNorm, the (M) block's GELU gate (g: x's gate_proj product when already made), the output
+        projection (every path; under torch.compile Inductor fuses the norm and the gate into one kernel)."""
         o = self.post_norm(o)
         if self.backbone == "mamba":
-            o = F.gelu(self.gate_proj(x), approximate="tanh") * o
+            o = F.gelu(self.gate_proj(x) if g is None else g, approximate="tanh") * o
         return self.o_proj(o)
+
+    def merge_decode_weights(self, on: bool = True) -> None:
+        """on: the fused decode step reads qk_proj, v_proj, gate_proj (and lr_weight, in the same dtype) as one
+        concatenated copy, one GEMM (`layers/merged.py`; the copy costs their memory again); off: drops it. Only
+        where that step runs (TTT-Linear, (M) backbone, the fused layer kernels on the weights' device and dtype)
+        and for weights that are not inference tensors."""
+        self.merged = None
+        if not on or self.kind != "linear" or self.backbone != "mamba" or not self.prepare().fused:
+            return
+        ws = [self.qk_proj.weight, self.v_proj.weight, self.gate_proj.weight]
+        if self.learn_lr and self.lr_weight.dtype == ws[0].dtype:
+            ws.append(self.lr_weight)
+        if not any(w.is_inference() for w in ws):
+            self.merged = MergedWeights(ws)
 
     def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
         """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
@@ -323,13 +339,19 @@ class TTTLayer(nn.Module):
         from ..ops.fused_layer import linear_decode_step
         ct = torch.promote_types(x.dtype, torch.float32)
         cq, ck = self.conv_q, self.conv_k
-        gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
+        m = self.merged
+        if m is not None and m.weight.dtype == x.dtype:  # one GEMM: [B, 1, 3D (+ H)], split along the last dim
+            u, v, g, *gate = m.split(F.linear(x, merged_weight(m)))
+            gate = gate[0] if gate else F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None
+        else:
+            u, v, g = self.qk_proj(x), self.v_proj(x), None
+            gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
         scale = self.base_lr * self.inner_lr_scale.to(ct) / self.head_dim
         o, op_state, conv = linear_decode_step(
-            self.qk_proj(x), self.v_proj(x), gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
+            u, v, gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
             self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
             self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base, inplace=state.owned)
-        return self._out(o, x), TTTLayerState(op_state, conv, state.owned)
+        return self._out(o, x, g), TTTLayerState(op_state, conv, state.owned)
 
 
 class TTTLinear(TTTLayer):

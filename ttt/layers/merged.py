@@ -1,0 +1,53 @@
+"""Several weights that multiply the same input, as one concatenated copy, so that a one-token decode step reads
+them in one GEMM instead of one each (at batch 16 a 2048-wide GEMM of a 1.3b block runs far below the memory
+bandwidth: docs/kernels_notes.md, "Decode"). `TTTLM.merge_decode_weights` makes the copies (the fast decoders,
+`ttt.decode_graph`, ask for them); the modules use them only without gradients, at T = 1.
+
+The copy is kept equal to its sources: `fresh()` rewrites it in place when a source changed (its version counter,
+which every in-place write bumps: an optimizer step, load_state_dict; or its storage, dtype or device: `.to()`).
+A compiled or CUDA-graphed step reads `weight` as it is: its caller refreshes first (`TTTLM.refresh_decode_weights`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MergedWeights:
+    """The rows of `sources` (2-D weights [out_i, in], one in-dim, dtype and device), concatenated: `weight`
+    [sum out_i, in]; `sizes` the out_i (split the product with them)."""
+
+    def __init__(self, sources: list[torch.Tensor]):
+        first = sources[0]
+        if any(w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device
+               for w in sources):
+            raise ValueError("sources: expected 2-D weights of one in-dim, dtype and device, got "
+                             + ", ".join(f"{tuple(w.shape)} {w.dtype} {w.device}" for w in sources))
+        self.sources = list(sources)
+        self.sizes = [w.shape[0] for w in sources]
+        self.weight = None
+        self._key = None
+        self.fresh()
+
+    def _state(self):
+        return tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in self.sources)
+
+    def fresh(self) -> torch.Tensor:
+        """`weight`, rewritten first if a source changed since it was written."""
+        key = self._state()
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, writable in and out of both
+                w0 = self.sources[0]
+                if self.weight is None or self.weight.dtype != w0.dtype or self.weight.device != w0.device:
+                    self.weight = torch.empty((sum(self.sizes), w0.shape[1]), dtype=w0.dtype, device=w0.device)
+                torch.cat([w.detach() for w in self.sources], out=self.weight)
+            self._key = key
+        return self.weight
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x @ weight.T -> the products with each source (views along the last dim)."""
+        return y.split(self.sizes, dim=-1)
+
+
+def merged_weight(m: MergedWeights) -> torch.Tensor:
+    """m's weight for a step: as it is inside a traced step (its caller refreshed it), else refreshed."""
+    return m.weight if torch.compiler.is_compiling() else m.fresh()
