@@ -7,6 +7,7 @@ The scripts run from the repository root as modules, e.g. `python3 -m benchmarks
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import platform
@@ -167,12 +168,28 @@ def host_times(fn, calls=5, warmup=3, sync=None, top=30) -> dict:
     return dict(issue_ms=issue * 1e3, wall_ms=wall * 1e3, top=rows[:top])
 
 
+def source_hash(root: str | None = None) -> str:
+    """The first 12 hex digits of a SHA-256 over the Python sources under ttt/ and benchmarks/ (paths and contents,
+    in path order): which code ran, where the repository's .git is missing or stale (the GPU machine gets a copy of
+    the working tree); the same command at a checkout of the commit says whether it matches."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for top in ("ttt", "benchmarks"):
+        paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, top))
+                       for f in fs if f.endswith(".py"))
+        for rel in paths:
+            with open(os.path.join(root, rel), "rb") as fh:
+                h.update(rel.replace(os.sep, "/").encode() + b"\0" + fh.read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
-    """Device, versions and commit, printed and stored with every result."""
+    """Device, versions, commit and `source_hash`, printed and stored with every result."""
     env = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
                python=platform.python_version(),
                commit=os.environ.get("COMMIT") or subprocess.run(  # "-dirty": the tree differs from that commit
-                   ["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip())
+                   ["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
+               source=source_hash())
     try:
         import triton
         env["triton"] = triton.__version__

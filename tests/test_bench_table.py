@@ -132,3 +132,23 @@ def test_module_mixer_runs_in_a_block_and_refuses_packing():
     assert (out.logits if hasattr(out, "logits") else out[0]).shape == (2, 8, 64)
     with pytest.raises(ValueError, match="ModuleMixer: packed documents"):
         model.blocks[0].mixer(torch.zeros(1, 8, D), None, cu_seqlens=torch.tensor([0, 3, 8]))
+
+
+def test_source_hash_names_the_code_that_ran(tmp_path):
+    """benchmarks.common.source_hash: the same for the same sources, another after any change of a file's content
+    or name (the GPU machine's .git can be stale: the results carry this beside the commit)."""
+    from benchmarks.common import environment, source_hash
+    for top in ("ttt", "benchmarks"):
+        (tmp_path / top).mkdir()
+        (tmp_path / top / "a.py").write_text("x = 1\n")
+    (tmp_path / "ttt" / "notes.txt").write_text("not source")
+    h = source_hash(str(tmp_path))
+    assert len(h) == 12 and h == source_hash(str(tmp_path))
+    (tmp_path / "ttt" / "notes.txt").write_text("changed")
+    assert source_hash(str(tmp_path)) == h  # only Python sources count
+    (tmp_path / "ttt" / "a.py").write_text("x = 2\n")
+    h2 = source_hash(str(tmp_path))
+    assert h2 != h
+    (tmp_path / "ttt" / "a.py").rename(tmp_path / "ttt" / "b.py")
+    assert source_hash(str(tmp_path)) not in (h, h2)
+    assert environment()["source"] == source_hash()
