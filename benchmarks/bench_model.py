@@ -135,18 +135,27 @@ def prefill_row(mixer, size, T, tokens, compile_blocks):
 
 @torch.inference_mode()
 def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default", mixer="ttt_linear"):
-    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it);
+    """compiled: the torch.compile mode of the compiled graphed decode timed next to the others (None: skip it),
+    with the merged decode weights (GraphedDecoder's default) and without ("compiled_unmerged");
     mixer: ttt_linear, or ttt_linear+fused (the fused layer kernels: one fused decode kernel per layer step)."""
     rows = []
     torch.manual_seed(0)
     cfg, model = build(size, mixer)
     model = model.to(torch.bfloat16).eval()
+    model.merge_decode_weights()  # the eager reference steps run the GEMMs that the merged decoders capture
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)
     # correctness over 2 mini-batches of steps: the plain graphed replay == the eager bf16 steps (same kernels);
     # the compiled one rounds differently (Inductor keeps fused element-wise chains in fp32), so it is held to
     # the eager bf16 step's own distance from an fp32 copy of the model run on the same tokens
-    variants = {"graphed": False, "compiled": compiled} if compiled else {"graphed": False}
+    # name: (compile, merge)
+    variants = {"graphed": (False, True)}
+    if compiled:
+        variants.update(compiled=(compiled, True), compiled_unmerged=(compiled, False))
+
+    def decoder(s, comp, merge):
+        model.merge_decode_weights(merge)
+        return GraphedDecoder(model, s, compile=comp, merge=merge)
     compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
     ref_model = copy.deepcopy(model).float()
@@ -163,10 +172,10 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
         return max((x - y).abs().max().item() / y.abs().max().item() for x, y in zip(a, b))
 
     eager_vs_fp32 = dist(eager, ref)
-    for name, comp in variants.items():
+    for name, (comp, merge) in variants.items():
         t0 = time.time()
-        dec = GraphedDecoder(model, state, compile=comp)
-        if comp:  # the first compiled decoder compiles the b steps; later ones reuse them
+        dec = decoder(state, comp, merge)
+        if comp and compile_s is None:  # the first compiled decoder compiles the b steps; later ones reuse them
             compile_s = time.time() - t0
         got = [dec.step(nxt[:, t:t + 1]).float().clone() for t in range(nxt.shape[1])]
         err, err32 = dist(got, eager), dist(got, ref)
@@ -183,11 +192,12 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
         s = rebuild_state(state, [t.clone() for t in flatten_state(state)], pos=P)
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
         ms = {}
-        for name, comp in variants.items():
-            dec = GraphedDecoder(model, s, compile=comp)
+        for name, (comp, merge) in variants.items():
+            dec = decoder(s, comp, merge)
             ms[name] = timed(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)], warmup=2,
                              iters=10) / cfg.mini_batch
             dec = None
+        model.merge_decode_weights(False)
         eager_ms = timed(lambda: model(tok, s), warmup=2, iters=5)
         # attention's KV cache alone at this context: one SDPA per layer over P cached keys/values
         H, d = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -199,7 +209,9 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
         except torch.OutOfMemoryError:
             attn_ms = None
         row = dict(model=f"{size} {mixer}", batch=batch, context=P, graphed_ms_per_token=ms["graphed"],
-                   compiled_graphed_ms_per_token=ms.get("compiled"), compile_mode=compiled, eager_ms_per_token=eager_ms,
+                   compiled_graphed_ms_per_token=ms.get("compiled"),
+                   compiled_graphed_unmerged_ms_per_token=ms.get("compiled_unmerged"), compile_mode=compiled,
+                   eager_ms_per_token=eager_ms,
                    attention_kv_cache_alone_ms=attn_ms)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -186,6 +186,7 @@ def table(rows: list) -> str:
         if r.get("part") == "decode" and "graphed_ms_per_token" in r:
             lines.append(f"| decode {r['model']} T{r['context']} ms/token | graphed {r['graphed_ms_per_token']:.3f} | "
                          f"compiled+graphed {r.get('compiled_graphed_ms_per_token') or float('nan'):.3f} | "
+                         f"same, weights unmerged {r.get('compiled_graphed_unmerged_ms_per_token') or float('nan'):.3f} | "
                          f"KV read alone {r.get('attention_kv_cache_alone_ms') or float('nan'):.3f} |")
         if r.get("part") == "op" and "ms" in r and r["ms"] is not None:
             lines.append(f"| op fwd+bwd B{r['B']} T{r['T']} | {r['impl']} {r['ms']:.2f} ms |")

@@ -47,7 +47,8 @@ def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, 
 
     monkeypatch.setattr(bench_model, "train_row", train_row)
     monkeypatch.setattr(bench_model, "bench_decode", lambda positions, batch, size, mode, mixer: [
-        dict(model=f"{size} {mixer}", context=p, graphed_ms_per_token=2.0) for p in positions])
+        dict(model=f"{size} {mixer}", context=p, graphed_ms_per_token=2.0, compiled_graphed_ms_per_token=1.5,
+             compiled_graphed_unmerged_ms_per_token=1.75) for p in positions])
     out = tmp_path / "table.json"
     bench_table.main(["--parts", "train,decode", "--mixers", "ttt_linear,ttt_linear+fused,attention", "--contexts",
                       "2048", "--positions", "1024", "--out", str(out)])
@@ -59,7 +60,10 @@ def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, 
     decode = [r for r in rows if r["part"] == "decode" and "mixer" in r]
     assert [(r["mixer"], r["context"]) for r in decode] == [("ttt_linear", 1024), ("ttt_linear+fused", 1024)]
     assert rows[-1]["part"] == "total"
-    assert "| train T2048 tok/s | ttt_linear 100k (0.50x) | attention 200k (1.00x) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| train T2048 tok/s | ttt_linear 100k (0.50x) | attention 200k (1.00x) |" in out
+    assert ("| decode 1.3b ttt_linear T1024 ms/token | graphed 2.000 | compiled+graphed 1.500 | same, weights unmerged "
+            "1.750 | KV read alone nan |") in out
 
 
 def test_host_times_counts_the_backward_too():
