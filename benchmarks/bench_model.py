@@ -54,21 +54,26 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
 
 
 def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, size="125m"):
-    """Time one optimizer step of a `size` model: `accum` micro-batches of tokens_per_step/accum tokens."""
+    """Time one optimizer step of a `size` model: `accum` micro-batches of tokens_per_step/accum tokens. A mixer
+    name ending in "@graphs" (e.g. ttt_linear+fused@graphs) compiles the blocks with mode="reduce-overhead": CUDA
+    graphs of each block's forward and backward (an experiment: no host launch work per kernel)."""
     B = tokens_per_step // T // accum
     torch.manual_seed(0)
+    mixer, _, how = mixer.partition("@")
+    graphs = how == "graphs"
     cfg, model = build(size, mixer, backend)
-    if compile_blocks:  # as `ttt train --compile`: each block through torch.compile (fuses the element-wise work)
+    if compile_blocks or graphs:  # as `ttt train --compile`: each block through torch.compile (fuses element-wise work)
         for blk in model.blocks:
-            blk.compile()
+            blk.compile(mode="reduce-overhead" if graphs else None)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     # targets=: the chunked head, no [B, T, V] fp32 logits
-    step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:])] * accum)
+    step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:])] * accum, graphs=graphs)
 
     torch.cuda.reset_peak_memory_stats()
     try:
-        ms = timed(step, warmup=2, iters=5)
-        row = dict(mixer=mixer, size=size, compiled=compile_blocks, context=T, batch=B, accum=accum, ms_per_step=ms,
+        ms = timed(step, warmup=3 if graphs else 2, iters=5)  # graphs: warm-up, then recording, then replays
+        row = dict(mixer=mixer + (f"@{how}" if how else ""), size=size, compiled=compile_blocks or graphs, context=T,
+                   batch=B, accum=accum, ms_per_step=ms,
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:

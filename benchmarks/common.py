@@ -89,13 +89,16 @@ def sdpa_ms(B, T, H, d, mode, dtype=torch.bfloat16):
     return bench(fn)
 
 
-def train_step(model, micro_batches: list[dict]):
+def train_step(model, micro_batches: list[dict], graphs: bool = False):
     """One optimizer step as `ttt train` takes it, to time: bf16 autocast, the loss averaged over the micro-batches
-    (each a dict of the model's arguments, `targets=` included), gradients clipped at 1.0, fused AdamW."""
+    (each a dict of the model's arguments, `targets=` included), gradients clipped at 1.0, fused AdamW. graphs: the
+    blocks were compiled with mode="reduce-overhead" (CUDA graphs): each micro-batch starts a new graph step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
         for kw in micro_batches:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss, _ = model(**kw)
             (loss / len(micro_batches)).backward()
