@@ -24,6 +24,25 @@ def test_conv_cuda_path_equals_cpu_path():
     torch.testing.assert_close(st_gpu.cpu(), st_cpu)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_cuda_inference_kernel_within_one_rounding(dtype):
+    """RMSNorm's eager 16-bit inference path (PyTorch's fused kernel on CUDA) against the fp32 formula: at most one
+    step of the dtype's rounding apart (the kernel sums x^2 in its own order), at a model's width and a prefill's
+    token count."""
+    from ttt.layers.norms import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(2048).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(2048))
+    x = (torch.randn(8, 1024, 2048, device="cuda") * 3).to(dtype)
+    xf, wf = x.float(), norm.weight.float()
+    slow = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * wf
+    with torch.no_grad():
+        fast = norm(x).float()
+    ulp = slow.abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)
+    assert ((fast - slow).abs() <= ulp + 1e-30).all()
+
+
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
 def test_model_triton_equals_dual(mixer):
     torch.manual_seed(0)

@@ -748,3 +748,30 @@ def test_inner_lr_scale_multiplies_base_lr():
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-12, atol=1e-12)
     assert "inner_lr_scale" not in a.state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_inference_kernel_equals_the_fp32_formula(dtype, monkeypatch):
+    """Eager 16-bit inference takes PyTorch's fused rms_norm (one kernel); it equals the fp32 formula that training and
+    torch.compile run (to the bit on the CPU; the CUDA kernel is held to one rounding step in test_gpu.py), with eps
+    and the weight; with gradients the formula runs and the weight gets its gradient."""
+    from ttt.layers import norms
+    calls = []
+    fused = norms.F.rms_norm
+    monkeypatch.setattr(norms.F, "rms_norm", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    norm = norms.RMSNorm(256, eps=1e-3).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(256))
+    x = (torch.randn(4, 7, 256) * 0.05).to(dtype)  # small values: eps matters
+    xf, wf = x.float(), norm.weight.float()
+    slow = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-3) * wf).to(dtype)
+    with torch.no_grad():
+        fast = norm(x)
+    assert calls == [1] and fast.dtype == dtype
+    assert torch.equal(fast, slow)
+    y = norm(x)
+    assert calls == [1]
+    assert torch.equal(y.detach(), slow)
+    y.float().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
