@@ -9,6 +9,7 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
+    python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
 """
 from __future__ import annotations
 
@@ -98,8 +99,51 @@ def time_ref(B, T, D, rope, dtype):
     return fwd, both - fwd
 
 
+def decode_inputs(B=16, D=2048, d=64, b=16, seed=0):
+    """The fused decode step's arguments at 1.3b shapes (B sequences, D = H x d, bf16 activations, fp32 state)."""
+    from ttt.ops import TTTState
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    H = D // d
+    bf = torch.bfloat16
+    state = TTTState("linear", (r(B, H, d, d) * 0.02, r(B, H, d) * 0.02), (r(B, H, d, d) * 1e-3, r(B, H, d) * 1e-3), 0)
+    args = (r(B, 1, D).to(bf), r(B, 1, D).to(bf), r(B, 1, H).to(bf), r(B, W - 1, D).to(bf), r(D, 1, W) * 0.5,
+            r(D) * 0.1, r(D, 1, W) * 0.5, r(D) * 0.1, r(H) * 0.1, torch.tensor(1.0 / d, device=DEV), r(b) * 0.1,
+            1 + 0.1 * r(H, d), 0.1 * r(H, d))
+    return args, state
+
+
+def bench_decode_kernel(launches, positions=(3, 15)):
+    """`fused_layer.linear_decode_step` at 1.3b B16 per launch variant ("default" or WARPS or WARPS:MAXNREG): each
+    checked against the default launch (output, new state, window), then timed at a position inside a mini-batch
+    and at its last (the commit writes the weights too); ms per call and per token of 24 layers."""
+    from dataclasses import replace
+    args, state = decode_inputs()
+    rows = []
+    for i in positions:
+        st = replace(state, pos=i)
+        ref = fused_layer.linear_decode_step(*args, st, mini_batch=16)
+        for spec in launches:
+            w, _, reg = spec.partition(":")
+            launch = None if spec == "default" else (int(w), int(reg) if reg else None)
+            run = lambda: fused_layer.linear_decode_step(*args, st, mini_batch=16, launch=launch)  # noqa: E731
+            o, s, win = run()
+            err = max(rel(o.float(), ref[0].float()), rel(win.float(), ref[2].float()),
+                      *(rel(x, y) for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum))))
+            row = dict(kernel="linear decode step", launch=spec, position=i, max_rel_err=err, ok=err < 1e-2)
+            if row["ok"]:
+                ms = bench(run, warmup=20, rep=200)
+                row.update(ms=ms, ms_per_token_24_layers=24 * ms)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decode", nargs="*", default=None,
+                    help="time the fused decode step instead, at these launches (default, WARPS or WARPS:MAXNREG; "
+                         "none given: default 8 4:128 2)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
@@ -112,6 +156,9 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = [environment()]
     print(json.dumps(rows[0]), flush=True)
+    if a.decode is not None:
+        rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
+        a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))
         step = {}

@@ -558,3 +558,23 @@ def test_merged_decode_weights_follow_their_sources(monkeypatch):
     assert len(splits) == x.shape[1] - 3
     fast.merge_decode_weights(False)
     assert fast.merged is None
+
+
+def test_decode_step_launch_choices_compute_the_same(monkeypatch):
+    """linear_decode_step's launch argument (warps, registers per thread) changes how the kernel runs, not what it
+    computes: outputs, state and window equal the default launch's, inside a mini-batch and at its commit
+    (benchmarks/bench_layer_kernels.py --decode times the choices)."""
+    from dataclasses import replace
+
+    from benchmarks import bench_layer_kernels
+    monkeypatch.setattr(bench_layer_kernels, "DEV", DEV)
+    args, state = bench_layer_kernels.decode_inputs(B=2, D=32, d=16, b=4)
+    for i in (1, 3):
+        st = replace(state, pos=i)
+        ref = fused_layer.linear_decode_step(*args, st, mini_batch=4)
+        for launch in ((8, None), (4, 128), (2, None)):
+            o, s, win = fused_layer.linear_decode_step(*args, st, mini_batch=4, launch=launch)
+            torch.testing.assert_close(o, ref[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(win, ref[2], rtol=0, atol=0)
+            for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum)):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

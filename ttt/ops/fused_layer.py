@@ -696,7 +696,8 @@ def _linear_decode_kernel(
 
 
 def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
-                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0, inplace: bool = False):
+                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0, inplace: bool = False,
+                       launch: tuple | None = None):
     """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
     the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
     TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
@@ -707,8 +708,9 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     1/i + delta_i); None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's
     dtype, the op's new state, the new window). inplace: the new weights and accumulators are written into the
     state's own tensors where they are fp32 and contiguous (each program reads its slice before it writes it; the
-    caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no copy). The reference is the
-    layer's own path (tests/test_fused_layer.py)."""
+    caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no copy). launch: (warps,
+    registers per thread or None) of the kernel, None for the default (benchmarks/bench_layer_kernels.py --decode
+    times the choices). The reference is the layer's own path (tests/test_fused_layer.py)."""
     B, _, D = u.shape
     H, d = ln_weight.shape
     W = wq.shape[-1]
@@ -731,10 +733,11 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
         Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
         An, an = torch.empty_like(A), torch.empty_like(a)
     learn = gate is not None
+    warps, maxnreg = launch or (4 if d <= 64 else 8, None)
     _linear_decode_kernel[(B * H,)](
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
         An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
         HD=d, BD=pow2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
-        EPS=LN_EPS, num_warps=4 if d <= 64 else 8)
+        EPS=LN_EPS, num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin
