@@ -24,8 +24,8 @@ from .config import ModelConfig, RunOptions
 from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import IGNORE, linear_cross_entropy
-from .layers.merged import MergedWeights, merged_weight
 from .layers.mamba import Mamba2
+from .layers.merged import MergedWeights, merged_weight
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
 from .ops.packed import packing
