@@ -84,6 +84,12 @@ def test_compiled_step_refreshes_merged_weights():
             lc = step(ids[:, t:t + 1], buf)
             buf = rebuild_state(buf, flatten_state(buf), pos=buf.pos + 1)
             torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5, msg=f"token {t}")
+        # merging again (a second decoder) keeps the copies the compiled step reads: no recompilation
+        copies = [blk.ffn.merged for blk in model.blocks]
+        model.merge_decode_weights()
+        assert [blk.ffn.merged for blk in model.blocks] == copies
+        with torch.compiler.set_stance("fail_on_recompile"):
+            step(ids[:, 9:10], buf)
 
 
 @pytest.mark.slow

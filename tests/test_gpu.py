@@ -92,7 +92,8 @@ def test_graphed_decode_equals_eager(mixer):
 def test_graphed_decode_follows_weights_changed_in_place(compile):
     """GraphedDecoder's merged weight copies (merge=True, the default: one GEMM for the TTT layer's qk, v, gate and
     lr projections, one for SwiGLU's gate and up) == an unmerged model's eager steps, also after source weights
-    change in place between two tokens (the decoder rewrites the copies before the replay)."""
+    change in place between two tokens (the decoder rewrites the copies before the replay), and after the model drops
+    its copies (the decoder keeps the ones its graphs read)."""
     import copy
 
     from ttt.decode_graph import GraphedDecoder
@@ -109,6 +110,11 @@ def test_graphed_decode_follows_weights_changed_in_place(compile):
                 for m in (model, ref):
                     m.blocks[0].mixer.qk_proj.weight.mul_(1.1)
                     m.blocks[1].ffn.up.weight.mul_(0.9)
+            if t == 12:  # the model drops its copies: the decoder keeps (and refreshes) the ones its graphs read
+                model.merge_decode_weights(False)
+                torch.cuda.empty_cache()
+                ref.blocks[0].ffn.gate.weight.mul_(1.05)
+                model.blocks[0].ffn.gate.weight.mul_(1.05)
             le, s = ref(ids[:, t:t + 1], s)
             torch.testing.assert_close(dec.step(ids[:, t:t + 1]), le, rtol=1e-4, atol=1e-4, msg=f"token {t}")
 

@@ -165,6 +165,9 @@ class GraphedDecoder:
         model.prepare()
         if merge:
             model.merge_decode_weights()
+        # the merged copies the graphs will read: kept alive and refreshed by this decoder, whatever the model's
+        # modules hold later (merging again keeps them; unmerging drops the modules' references, not these)
+        self.merged = [m.merged for m in getattr(model, "_merging", ()) if m.merged is not None]
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]
@@ -209,7 +212,8 @@ class GraphedDecoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, 1] -> logits [B, 1, V] (a view into a static buffer: copy it to keep it)."""
         self.ids.copy_(ids)
-        self.model.refresh_decode_weights()  # the graphs read the merged copies as they are
+        for m in self.merged:  # the graphs read the merged copies as they are
+            m.fresh()
         r = self.pos % self.period
         self.graphs[r].replay()
         self.pos += 1

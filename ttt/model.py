@@ -25,7 +25,7 @@ from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import IGNORE, linear_cross_entropy
 from .layers.mamba import Mamba2
-from .layers.merged import MergedWeights, merged_weight
+from .layers.merged import merged_for, merged_weight
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
 from .ops.packed import packing
@@ -84,7 +84,7 @@ class SwiGLU(nn.Module):
         """on: a one-token step without gradients reads gate and up as one concatenated copy, one GEMM
         (`layers/merged.py`); off: drops it."""
         ws = [self.gate.weight, self.up.weight]
-        self.merged = MergedWeights(ws) if on and not any(w.is_inference() for w in ws) else None
+        self.merged = merged_for(self.merged, ws) if on and not any(w.is_inference() for w in ws) else None
 
     def forward(self, x):
         m = self.merged

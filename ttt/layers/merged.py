@@ -48,6 +48,16 @@ class MergedWeights:
         return y.split(self.sizes, dim=-1)
 
 
+def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights:
+    """`existing` when it already concatenates these very sources (refreshed), else a new copy: merging twice keeps
+    one copy, the one a compiled or captured step reads."""
+    if existing is not None and len(existing.sources) == len(sources) and all(
+            a is b for a, b in zip(existing.sources, sources)):
+        existing.fresh()
+        return existing
+    return MergedWeights(sources)
+
+
 def merged_weight(m: MergedWeights) -> torch.Tensor:
     """m's weight for a step: as it is inside a traced step (its caller refreshed it), else refreshed."""
     return m.weight if torch.compiler.is_compiling() else m.fresh()

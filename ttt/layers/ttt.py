@@ -24,7 +24,7 @@ from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
-from .merged import MergedWeights, merged_weight
+from .merged import merged_for, merged_weight
 
 BACKBONES = ("mamba", "transformer")
 
@@ -320,17 +320,17 @@ class TTTLayer(nn.Module):
 
     def merge_decode_weights(self, on: bool = True) -> None:
         """on: the fused decode step reads qk_proj, v_proj, gate_proj (and lr_weight, in the same dtype) as one
-        concatenated copy, one GEMM (`layers/merged.py`; the copy costs their memory again); off: drops it. Only
+        concatenated copy, one GEMM (`layers/merged.py`; the copy costs their memory again; merging again keeps
+        it); off: drops it. Only
         where that step runs (TTT-Linear, (M) backbone, the fused layer kernels on the weights' device and dtype)
         and for weights that are not inference tensors."""
-        self.merged = None
         if not on or self.kind != "linear" or self.backbone != "mamba" or not self.prepare().fused:
+            self.merged = None
             return
         ws = [self.qk_proj.weight, self.v_proj.weight, self.gate_proj.weight]
         if self.learn_lr and self.lr_weight.dtype == ws[0].dtype:
             ws.append(self.lr_weight)
-        if not any(w.is_inference() for w in ws):
-            self.merged = MergedWeights(ws)
+        self.merged = None if any(w.is_inference() for w in ws) else merged_for(self.merged, ws)
 
     def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
         """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
