@@ -167,7 +167,7 @@ class GraphedDecoder:
             model.merge_decode_weights()
         # the merged copies the graphs will read: kept alive and refreshed by this decoder, whatever the model's
         # modules hold later (merging again keeps them; unmerging drops the modules' references, not these)
-        self.merged = [m.merged for m in getattr(model, "_merging", ()) if m.merged is not None]
+        self.merged = model.decode_weight_copies()
         self.template = state
         self.buffers = [t.detach().clone() for t in flatten_state(state)]
         B = self.buffers[0].shape[0]

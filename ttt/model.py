@@ -84,12 +84,12 @@ class SwiGLU(nn.Module):
         """on: a one-token step without gradients reads gate and up as one concatenated copy, one GEMM
         (`layers/merged.py`); off: drops it."""
         ws = [self.gate.weight, self.up.weight]
-        self.merged = merged_for(self.merged, ws) if on and not any(w.is_inference() for w in ws) else None
+        self.merged = merged_for(self.merged, ws) if on else None
 
     def forward(self, x):
-        m = self.merged
-        if m is not None and x.shape[-2] == 1 and not torch.is_grad_enabled() and m.weight.dtype == x.dtype:
-            g, u = m.split(F.linear(x, merged_weight(m)))
+        w = merged_weight(self.merged, x) if x.shape[-2] == 1 and not torch.is_grad_enabled() else None
+        if w is not None:
+            g, u = self.merged.split(F.linear(x, w))
             return self.down(F.silu(g) * u)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
@@ -203,6 +203,7 @@ class TTTLM(nn.Module):
             self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
         self._prepared: set = set()  # the (device type, dtype) keys `prepare` has run for
+        self._merging: list = []  # the modules `merge_decode_weights` has asked
         if not self.embed.weight.is_meta:  # built on the meta device: materialise, then init_weights()
             self.init_weights()
 
@@ -307,11 +308,14 @@ class TTTLM(nn.Module):
         for m in self._merging:
             m.merge_decode_weights(on)
 
+    def decode_weight_copies(self) -> list:
+        """The merged copies the modules hold now (`merge_decode_weights`; `layers/merged.MergedWeights`)."""
+        return [m.merged for m in self._merging if m.merged is not None]
+
     def refresh_decode_weights(self) -> None:
         """Rewrite every merged copy whose weights changed since (`merge_decode_weights`); nothing when none."""
-        for m in getattr(self, "_merging", ()):
-            if m.merged is not None:
-                m.merged.fresh()
+        for m in self.decode_weight_copies():
+            m.fresh()
 
     def prepare_decode(self) -> None:
         """Deprecated: `prepare()`."""

@@ -48,9 +48,11 @@ class MergedWeights:
         return y.split(self.sizes, dim=-1)
 
 
-def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights:
+def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights | None:
     """`existing` when it already concatenates these very sources (refreshed), else a new copy: merging twice keeps
-    one copy, the one a compiled or captured step reads."""
+    one copy, the one a compiled or captured step reads. None for inference tensors (no version counter to follow)."""
+    if any(w.is_inference() for w in sources):
+        return None
     if existing is not None and len(existing.sources) == len(sources) and all(
             a is b for a, b in zip(existing.sources, sources)):
         existing.fresh()
@@ -58,6 +60,10 @@ def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> M
     return MergedWeights(sources)
 
 
-def merged_weight(m: MergedWeights) -> torch.Tensor:
-    """m's weight for a step: as it is inside a traced step (its caller refreshed it), else refreshed."""
-    return m.weight if torch.compiler.is_compiling() else m.fresh()
+def merged_weight(m: MergedWeights | None, x: torch.Tensor) -> torch.Tensor | None:
+    """m's weight for a step on x: as it is inside a traced step (its caller refreshed it), else refreshed; None
+    when there is none or it is not in x's dtype (the caller multiplies by the sources themselves)."""
+    if m is None:
+        return None
+    w = m.weight if torch.compiler.is_compiling() else m.fresh()
+    return w if w.dtype == x.dtype else None

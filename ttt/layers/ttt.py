@@ -330,7 +330,7 @@ class TTTLayer(nn.Module):
         ws = [self.qk_proj.weight, self.v_proj.weight, self.gate_proj.weight]
         if self.learn_lr and self.lr_weight.dtype == ws[0].dtype:
             ws.append(self.lr_weight)
-        self.merged = None if any(w.is_inference() for w in ws) else merged_for(self.merged, ws)
+        self.merged = merged_for(self.merged, ws)
 
     def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
         """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel
@@ -339,13 +339,12 @@ class TTTLayer(nn.Module):
         from ..ops.fused_layer import linear_decode_step
         ct = torch.promote_types(x.dtype, torch.float32)
         cq, ck = self.conv_q, self.conv_k
-        m = self.merged
-        if m is not None and m.weight.dtype == x.dtype:  # one GEMM: [B, 1, 3D (+ H)], split along the last dim
-            u, v, g, *gate = m.split(F.linear(x, merged_weight(m)))
-            gate = gate[0] if gate else F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None
+        w = merged_weight(self.merged, x)
+        if w is not None:  # one GEMM: [B, 1, 3D (+ H)], split along the last dim
+            u, v, g, *lr_part = self.merged.split(F.linear(x, w))
         else:
-            u, v, g = self.qk_proj(x), self.v_proj(x), None
-            gate = F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B, 1, H]
+            u, v, g, lr_part = self.qk_proj(x), self.v_proj(x), None, []
+        gate = lr_part[0] if lr_part else F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B,1,H]
         scale = self.base_lr * self.inner_lr_scale.to(ct) / self.head_dim
         o, op_state, conv = linear_decode_step(
             u, v, gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
