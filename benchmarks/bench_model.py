@@ -159,7 +159,8 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
         variants.update(compiled=(compiled, True), compiled_unmerged=(compiled, False))
 
     def decoder(s, comp, merge):
-        model.merge_decode_weights(merge)
+        if not merge:  # the model's own copies go too (a merged decoder makes them again)
+            model.merge_decode_weights(False)
         return GraphedDecoder(model, s, compile=comp, merge=merge)
     compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")

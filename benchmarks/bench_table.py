@@ -209,7 +209,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="check,op,train,prefill,decode", help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--mixers", default="", help="comma list: only these mixers in train, prefill, decode (all if empty; "
-                    "ttt_mlp+fused in train only when named)")
+                    f"in train {', '.join(TRAIN_EXTRA)} only when named)")
     ap.add_argument("--contexts", default="", help="comma list: only these contexts in train, prefill (all if empty)")
     ap.add_argument("--positions", default="1024,32768", help="comma list: decode positions")
     ap.add_argument("--out", default="", help="write every row here as JSON (rewritten after each row)")
