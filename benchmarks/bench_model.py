@@ -29,14 +29,19 @@ from ttt.checkpoint import write_json
 
 def build(size, mixer, ttt_backend="auto"):
     """(config, model on the GPU) of a preset with `mixer`: a TTT mixer alone runs the PyTorch layer path
-    (fused_layer=False), the suffix "+fused" (e.g. ttt_linear+fused) the fused layer kernels (the library's default
-    on CUDA); "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
+    (fused_layer=False), the suffix "+fused" (e.g. ttt_linear+fused) the library's default, fused_layer=None, which on
+    CUDA runs the fused layer kernels (checked); "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2
+    module as every mixer."""
     base, _, extra = mixer.partition("+")
     if base == "mamba2_module":
         cfg = get_config(size, mixer="mamba")
         return cfg, with_mamba2_module(TTTLM(cfg), cfg).cuda()
     cfg = get_config(size, mixer=base)
-    return cfg, TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=extra == "fused")).cuda()
+    # "+fused": the library's default (fused_layer=None, auto), which must pick the fused kernels here
+    model = TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=None if extra == "fused" else False)).cuda()
+    if extra == "fused" and not all(b.mixer.prepare().fused for b in model.blocks):
+        raise RuntimeError(f"{mixer}: the default (fused_layer=None) did not pick the fused layer kernels here")
+    return cfg, model
 
 
 def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False):

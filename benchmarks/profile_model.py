@@ -62,6 +62,9 @@ def main():
     ap.add_argument("--decode", action="store_true", help="1.3b decode step, B16, eager")
     ap.add_argument("--decode-graphed", action="store_true", help="with --decode: also the compiled, CUDA-graphed "
                                                                    "decode (per-kernel times inside the graphs)")
+    ap.add_argument("--decode-variants", default="merged",
+                    help="with --decode-graphed: comma list of merged (the merged decode weights, GraphedDecoder's "
+                         "default), unmerged, autotune (merged, compiled with max-autotune-no-cudagraphs)")
     ap.add_argument("--mixers", default="ttt_linear,attention")
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (training)")
@@ -99,10 +102,18 @@ def main():
                 show(lambda: model(tok, s), f"1.3b {mixer} decode step B16 (eager)")
                 if a.decode_graphed:  # what bench_model times: CUDA graphs of the compiled step (16 tokens)
                     from ttt.decode_graph import GraphedDecoder
-                    dec = GraphedDecoder(model, s, compile=True)
-                    show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
-                         f"1.3b {mixer} decode B16, compiled + CUDA graphs, {cfg.mini_batch} tokens (one mini-batch)",
-                         rows=30, host=a.host)
+                    variants = dict(merged=(True, True), unmerged=(True, False),
+                                    autotune=("max-autotune-no-cudagraphs", True))
+                    for name in a.decode_variants.split(","):
+                        if name not in variants:
+                            raise SystemExit(f"--decode-variants: expected names of {sorted(variants)}, got {name!r}")
+                        comp, merge = variants[name]
+                        model.merge_decode_weights(merge)
+                        dec = GraphedDecoder(model, s, compile=comp, merge=merge)
+                        show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
+                             f"1.3b {mixer} decode B16, compiled + CUDA graphs ({name}), {cfg.mini_batch} tokens "
+                             "(one mini-batch)", rows=30, host=a.host)
+                        dec = None
             del model
         torch.cuda.empty_cache()
 

@@ -249,6 +249,31 @@ def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
         CausalConv1d(4, 4, backend="cudnn")
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_conv_module_one_token_under_compile(backend, monkeypatch):
+    """The block's pre-conv at T = 1 under torch.compile (the compiled decode step): auto leaves the 4-tap sum to
+    Inductor (no kernel call, the kernel's result and window), an explicit triton backend keeps the kernel; T > 1
+    and eager T = 1 call the kernel under auto too (forced on here: auto picks the kernel on CUDA only)."""
+    from ttt.layers import conv as conv_mod
+    calls = []
+    kernel = fused_layer.causal_conv
+    monkeypatch.setattr(fused_layer, "causal_conv", lambda *a, **k: calls.append(a[0].shape[1]) or kernel(*a, **k))
+    torch.manual_seed(0)
+    m = conv_mod.CausalConv1d(8, 4, backend=backend).to(DEV)
+    monkeypatch.setattr(m, "_use_kernel", lambda x: True)
+    x, win = torch.randn(2, 1, 8, device=DEV), torch.randn(2, 3, 8, device=DEV)
+    y_k, w_k = kernel(x, win, m.weight, m.bias)
+    torch._dynamo.reset()
+    y, w = torch.compile(m, backend="eager", fullgraph=True)(x, win)
+    assert calls == ([] if backend == "auto" else [1])
+    torch.testing.assert_close(y, y_k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w, w_k)
+    calls.clear()
+    m(x, win)
+    m(torch.randn(2, 5, 8, device=DEV), win)
+    assert calls == [1, 5]
+
+
 def test_custom_ops_trace_under_torch_compile():
     """The fake (meta) implementations and autograd registrations: torch.compile (aot_eager: fake-tensor tracing
     of forward and backward, then the real kernels) gives the eager results and gradients."""

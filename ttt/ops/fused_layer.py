@@ -733,7 +733,7 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
         Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
         An, an = torch.empty_like(A), torch.empty_like(a)
     learn = gate is not None
-    warps, maxnreg = launch or (4 if d <= 64 else 8, None)
+    warps, maxnreg = launch or (2 if d <= 64 else 8, None)  # 2 at d 64: docs/kernels_notes.md, "Decode"
     _linear_decode_kernel[(B * H,)](
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
