@@ -150,8 +150,9 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
     mixer: ttt_linear, or ttt_linear+fused (the fused layer kernels: one fused decode kernel per layer step)."""
     rows = []
     torch.manual_seed(0)
-    cfg, model = build(size, mixer)
-    model = model.to(torch.bfloat16).eval()
+    with torch.inference_mode(False):  # normal weights: inference tensors cannot be merged (GraphedDecoder)
+        cfg, model = build(size, mixer)
+        model = model.to(torch.bfloat16).eval()
     model.merge_decode_weights()  # the eager reference steps run the GEMMs that the merged decoders capture
     prompt = torch.randint(0, cfg.vocab_size, (batch, 64), device="cuda")
     _, state = model(prompt)

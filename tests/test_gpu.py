@@ -92,10 +92,11 @@ def test_graphed_decode_equals_eager(mixer):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_follows_weights_changed_in_place(compile):
-    """GraphedDecoder's merged weight copies (merge=True, the default: one GEMM for the TTT layer's qk, v, gate and
-    lr projections, one for SwiGLU's gate and up) == an unmerged model's eager steps, also after source weights
-    change in place between two tokens (the decoder rewrites the copies before the replay), and after the model drops
-    its copies (the decoder keeps the ones its graphs read)."""
+    """GraphedDecoder's merged weight copies (merge=None, the default, merges normal weights: one GEMM for the TTT
+    layer's qk, v, gate and lr projections, one for SwiGLU's gate and up) == an unmerged model's eager steps, also
+    after source weights change in place between two tokens (the decoder rewrites the copies before the replay), and
+    after the model drops its copies (the decoder keeps the ones its graphs read). A model made under inference_mode
+    (inference tensors) is left unmerged by the default and refused by merge=True."""
     import copy
 
     from ttt.decode_graph import GraphedDecoder
@@ -119,6 +120,14 @@ def test_graphed_decode_follows_weights_changed_in_place(compile):
                 model.blocks[0].ffn.gate.weight.mul_(1.05)
             le, s = ref(ids[:, t:t + 1], s)
             torch.testing.assert_close(dec.step(ids[:, t:t + 1]), le, rtol=1e-4, atol=1e-4, msg=f"token {t}")
+    with torch.inference_mode():
+        frozen = copy.deepcopy(ref).float()  # inference tensors
+        _, s = frozen(ids[:, :6])
+        dec = GraphedDecoder(frozen, s, compile=compile)
+        assert dec.merged == [] and frozen.blocks[0].mixer.merged is None
+        torch.testing.assert_close(dec.step(ids[:, 6:7]), frozen(ids[:, 6:7], s)[0], rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="^weights: inference tensors"):
+            GraphedDecoder(frozen, s, compile=compile, merge=True)
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_linear+fused", "ttt_mlp", "mamba"])

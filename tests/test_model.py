@@ -202,6 +202,11 @@ def test_merged_decode_weights_equal_separate_and_follow_changes():
     assert model.blocks[0].ffn.gate.weight.grad is not None and model.blocks[0].ffn.up.weight.grad.abs().sum() > 0
     model.merge_decode_weights(False)
     assert all(f.merged is None for f in ffns)
+    with torch.inference_mode():
+        frozen = copy.deepcopy(ref).eval()  # made under inference_mode: inference tensors, no version counters
+    with pytest.raises(ValueError, match="^weights: inference tensors"):
+        frozen.merge_decode_weights()
+    assert all(blk.ffn.merged is None for blk in frozen.blocks)
 
 
 def test_merged_weights_refuse_sources_that_do_not_stack():

@@ -142,13 +142,15 @@ class GraphedDecoder:
     before the capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
     compiles in that torch.compile mode (True = "default"). merge=True first gives the model merged copies of the
     weights that share an input (`TTTLM.merge_decode_weights`: fewer, larger GEMMs per token, those weights' memory
-    again; refreshed before each replay when a weight changed in place).
+    again; refreshed before each replay when a weight changed in place); it raises for inference tensors (weights
+    made under torch.inference_mode), which None (the default) leaves unmerged.
     """
 
     def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool | str = False,
-                 merge: bool = True):
-        if not isinstance(merge, bool):
-            raise ValueError(f"merge: expected a bool, got {merge!r}")
+                 merge: bool | None = None):
+        if not isinstance(merge, (bool, type(None))):
+            raise ValueError(f"merge: expected a bool or None (merge unless the weights are inference tensors), "
+                             f"got {merge!r}")
         if not (isinstance(compile, bool) or compile in MODES):
             raise ValueError(f"compile: expected a bool or a torch.compile mode of {MODES}, got {compile!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -163,6 +165,8 @@ class GraphedDecoder:
         self.model, self.pos = model, state.pos
         self.period = model.decode_period
         model.prepare()
+        if merge is None:
+            merge = not any(p.is_inference() for p in model.parameters())
         if merge:
             model.merge_decode_weights()
         # the merged copies the graphs will read: kept alive and refreshed by this decoder, whatever the model's

@@ -50,9 +50,12 @@ class MergedWeights:
 
 def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights | None:
     """`existing` when it already concatenates these very sources (refreshed), else a new copy: merging twice keeps
-    one copy, the one a compiled or captured step reads. None for inference tensors (no version counter to follow)."""
+    one copy, the one a compiled or captured step reads. Inference tensors are refused: they have no version
+    counter, so the copy could not follow their in-place changes."""
     if any(w.is_inference() for w in sources):
-        return None
+        raise ValueError("weights: inference tensors (made or converted under torch.inference_mode) cannot be "
+                         "merged, their in-place changes are not tracked; build or convert the model outside "
+                         "inference_mode, or do not merge (GraphedDecoder(merge=False))")
     if existing is not None and len(existing.sources) == len(sources) and all(
             a is b for a, b in zip(existing.sources, sources)):
         existing.fresh()
