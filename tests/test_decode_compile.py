@@ -209,3 +209,8 @@ def test_generate_compile_decode_is_checked():
         generate(model, [1, 2], 3, compile_decode=1)
     with pytest.raises(ValueError, match="^compile_decode: the compiled step is captured in CUDA graphs"):
         generate(model, [1, 2], 3, compile_decode=True)  # a CPU model: no graphs
+    with pytest.raises(ValueError, match="^merge_weights: expected a bool or None"):
+        generate(model, [1, 2], 3, merge_weights="yes")
+    with pytest.raises(ValueError, match="^merge_weights: the merged weights serve the CUDA-graphed decoder"):
+        generate(model, [1, 2], 3, merge_weights=True)
+    assert len(generate(model, [1, 2], 3, merge_weights=False)) == 3  # off needs no graphs

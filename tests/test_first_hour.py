@@ -275,10 +275,18 @@ def test_eval_out_that_is_a_file_is_refused_before_evaluating(capsys, w, tmp_pat
     assert f.read_text() == "mine"
 
 
-@pytest.mark.parametrize("flag", ["--cuda-graph", "--compile-decode"])
+@pytest.mark.parametrize("flag", ["--cuda-graph", "--compile-decode", "--merge-weights"])
 def test_cuda_graph_on_a_cpu_is_refused_before_the_prompt(capsys, w, flag):
     code, out, err = run(capsys, "generate", w / "run", "--prompt", "def ", flag, "--max-new-tokens", "2")
     bad(code, err, flag, "CUDA-graph decoding needs a CUDA device")
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag", ["--compile-decode", "--merge-weights"])
+def test_graph_options_contradicting_no_cuda_graph_are_refused(capsys, w, flag):
+    code, out, err = run(capsys, "generate", w / "run", "--prompt", "def ", flag, "--no-cuda-graph",
+                         "--max-new-tokens", "2")
+    bad(code, err, flag, "contradicts --no-cuda-graph")
     assert out == ""
 
 

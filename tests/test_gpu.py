@@ -168,14 +168,18 @@ def test_graphed_decode_refuses_attention():
         GraphedDecoder(model, s)
 
 
-@pytest.mark.parametrize("kw", [dict(cuda_graph=True), dict(compile_decode=True)], ids=["graphed", "compiled"])
+@pytest.mark.parametrize("kw", [dict(cuda_graph=True), dict(compile_decode=True),
+                                dict(compile_decode=True, merge_weights=False)],
+                         ids=["graphed", "compiled", "compiled_unmerged"])
 def test_generate_with_cuda_graph_equals_eager(kw):
-    """generate() through the graphed decode (plain or compiled step) == eager decode, greedy, fp32."""
+    """generate() through the graphed decode (plain or compiled step; merged weights by default, and without)
+    == eager decode, greedy, fp32; the merged copies a generate() made are dropped when it ends."""
     from ttt.generate import generate
     torch.manual_seed(0)
     model = TTTLM(get_config("debug", vocab_size=256, mini_batch=4)).cuda()
     prompt = torch.randint(0, 256, (2, 9))
     a = generate(model, prompt, 20, greedy=True, **kw)
+    assert model.decode_weight_copies() == []
     b = generate(model, prompt, 20, greedy=True, cuda_graph=False)
     assert a == b
 

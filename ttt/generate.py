@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .decode_graph import GraphedDecoder
+from .model import TTTLM
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -88,7 +89,7 @@ def _prompt_tensor(prompt, device) -> torch.Tensor:
 def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
            seed: int | None = None, cuda_graph: bool | None = None,
-           compile_decode: bool = False) -> Iterator[torch.Tensor]:
+           compile_decode: bool = False, merge_weights: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids, int64 [B] (on the CPU), one step at a time.
 
     prompt: int tensor [B, T] or [T], a list of ids, or a list of B equally long lists.
@@ -96,6 +97,10 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
     CUDA for fixed-size states (TTT and Mamba mixers), True = required (raises where impossible).
     compile_decode: capture the step through torch.compile (`GraphedDecoder(compile=True)`: fewer,
     fused kernels per token; compiles on first use per model and batch size); needs the graphs.
+    merge_weights: with the graphs, read the weights that share an input as one concatenated copy (one GEMM
+    instead of several per block; those weights' memory again while decoding): None = where the weights allow
+    (not inference tensors), True = required, False = never (`GraphedDecoder(merge=...)`). Copies made here
+    are dropped when the stream ends.
     Stops after `max_new_tokens` steps, or once every row has produced `eos_id`; rows that finished
     earlier keep yielding `eos_id`. The model runs in eval mode (restored afterwards).
     """
@@ -119,6 +124,11 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
     if compile_decode and not cuda_graph:
         raise ValueError("compile_decode: the compiled step is captured in CUDA graphs; expected a CUDA model "
                          "of a TTT or Mamba mixer with cuda_graph True or None")
+    if not isinstance(merge_weights, (bool, type(None))):
+        raise ValueError(f"merge_weights: expected a bool or None, got {merge_weights!r}")
+    if merge_weights and not cuda_graph:
+        raise ValueError("merge_weights: the merged weights serve the CUDA-graphed decoder; expected a CUDA model "
+                         "of a TTT or Mamba mixer with cuda_graph True or None")
     if max_new_tokens == 0:
         return
     gen = None
@@ -126,13 +136,15 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     was_training = model.training
+    had_copies = bool(model.decode_weight_copies()) if isinstance(model, TTTLM) else True
     model.eval()
     try:
         # Grad mode is switched per call, not around the loop: a context held across `yield` would
         # leak into the caller's code between steps.
         with torch.inference_mode():
             logits, state = model(ids, logits="last")  # prefill: one forward over the whole prompt
-            decoder = GraphedDecoder(model, state, compile=compile_decode) if cuda_graph else None
+            decoder = (GraphedDecoder(model, state, compile=compile_decode, merge=merge_weights) if cuda_graph
+                       else None)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             with torch.inference_mode():
@@ -151,12 +163,15 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
                     logits, state = model(nxt[:, None], state)  # decode step: T = 1, state carried
     finally:
         model.train(was_training)
+        if not had_copies:  # the copies this stream's decoder made: their memory back
+            model.merge_decode_weights(False)
 
 
 def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
              seed: int | None = None, callback: Callable[[torch.Tensor], None] | None = None,
-             cuda_graph: bool | None = None, compile_decode: bool = False) -> list:
+             cuda_graph: bool | None = None, compile_decode: bool = False,
+             merge_weights: bool | None = None) -> list:
     """The new token ids per prompt row: a list of ints for a 1-D prompt, else a list of lists.
 
     Each row ends before its first `eos_id` (not included). `callback(ids [B])` sees every step as
@@ -167,7 +182,7 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
     steps = []
     for nxt in stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       greedy=greedy, eos_id=eos_id, seed=seed, cuda_graph=cuda_graph,
-                      compile_decode=compile_decode):
+                      compile_decode=compile_decode, merge_weights=merge_weights):
         if callback is not None:
             callback(nxt)
         steps.append(nxt)
