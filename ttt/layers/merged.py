@@ -48,7 +48,7 @@ class MergedWeights:
         return y.split(self.sizes, dim=-1)
 
 
-def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights | None:
+def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights:
     """`existing` when it already concatenates these very sources (refreshed), else a new copy: merging twice keeps
     one copy, the one a compiled or captured step reads. Inference tensors are refused: they have no version
     counter, so the copy could not follow their in-place changes."""
