@@ -108,7 +108,7 @@ def decode_inputs(B=16, D=2048, d=64, b=16, seed=0):
     bf = torch.bfloat16
     state = TTTState("linear", (r(B, H, d, d) * 0.02, r(B, H, d) * 0.02), (r(B, H, d, d) * 1e-3, r(B, H, d) * 1e-3), 0)
     args = (r(B, 1, D).to(bf), r(B, 1, D).to(bf), r(B, 1, H).to(bf), r(B, W - 1, D).to(bf), r(D, 1, W) * 0.5,
-            r(D) * 0.1, r(D, 1, W) * 0.5, r(D) * 0.1, r(H) * 0.1, torch.tensor(1.0 / d, device=DEV), r(b) * 0.1,
+            r(D) * 0.1, r(D, 1, W) * 0.5, r(D) * 0.1, r(H) * 0.1, torch.tensor(1.0, device=DEV), r(b) * 0.1,
             1 + 0.1 * r(H, d), 0.1 * r(H, d))
     return args, state
 

@@ -330,6 +330,9 @@ def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
             p.add_(0.2 * torch.randn_like(p))
     fast = TTTLayer(D, H, inner="linear", mini_batch=b, backend="triton", fused=True, learn_lr=learn_lr)
     fast.load_state_dict(ref.state_dict())
+    for m in (ref, fast):  # the inner lr's factors away from 1 (the kernel forms base_lr * scale / d itself)
+        m.base_lr *= 0.7
+        m.inner_lr_scale.fill_(0.6)
     ref, fast = ref.to(DEV), fast.to(DEV)
     x = torch.randn(2, 5 + 2 * b, D, device=DEV)
     with torch.no_grad():
@@ -349,7 +352,7 @@ def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):
 def test_owned_state_is_decoded_in_place():
     """A state marked owned (a CUDA-graphed decoder's buffers) is updated in place by the fused decode step: the
     same outputs, weights, accumulators and window as the copying step, token by token through a commit, with the
-    new weights and accumulators in the given tensors."""
+    new weights, accumulators and conv window in the given tensors."""
     from dataclasses import replace
 
     from ttt.layers.ttt import TTTLayer
@@ -360,12 +363,12 @@ def test_owned_state_is_decoded_in_place():
     with torch.no_grad():
         _, s = layer(x[:, :3])  # a prompt that ends inside a mini-batch
         so = replace(s, op=replace(s.op, params=tuple(p.clone() for p in s.op.params),
-                                   accum=tuple(a.clone() for a in s.op.accum)), owned=True)
+                                   accum=tuple(a.clone() for a in s.op.accum)), conv=s.conv.clone(), owned=True)
         for t in range(3, x.shape[1]):
             y, s = layer(x[:, t:t + 1], s)
-            given = (*so.op.params, *so.op.accum)
+            given = (*so.op.params, *so.op.accum, so.conv)
             yo, so = layer(x[:, t:t + 1], so)
-            assert so.owned and all(n is g for n, g in zip((*so.op.params, *so.op.accum), given)), t
+            assert so.owned and all(n is g for n, g in zip((*so.op.params, *so.op.accum, so.conv), given)), t
             torch.testing.assert_close(yo, y, rtol=0, atol=0)
             for n, e in zip((*so.op.params, *so.op.accum, so.conv), (*s.op.params, *s.op.accum, s.conv)):
                 torch.testing.assert_close(n, e, rtol=0, atol=0)

@@ -337,7 +337,6 @@ class TTTLayer(nn.Module):
         for the convs, RoPE, the inner learning rate and the TTT step (`fused_layer.linear_decode_step`), then the
         post-LN x gate and the output projection. The same math as `forward`'s general path (tested)."""
         from ..ops.fused_layer import linear_decode_step
-        ct = torch.promote_types(x.dtype, torch.float32)
         cq, ck = self.conv_q, self.conv_k
         w = merged_weight(self.merged, x)
         if w is not None:  # one GEMM: [B, 1, 3D (+ H)], split along the last dim
@@ -345,11 +344,11 @@ class TTTLayer(nn.Module):
         else:
             u, v, g, lr_part = self.qk_proj(x), self.v_proj(x), None, []
         gate = lr_part[0] if lr_part else F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B,1,H]
-        scale = self.base_lr * self.inner_lr_scale.to(ct) / self.head_dim
         o, op_state, conv = linear_decode_step(
             u, v, gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
-            self.lr_bias if self.learn_lr else None, scale, self.delta if self.learn_lr else None, self.ln_weight,
-            self.ln_bias, state.op, mini_batch=self.mini_batch, rope_base=self.rope_base, inplace=state.owned)
+            self.lr_bias if self.learn_lr else None, self.inner_lr_scale, self.delta if self.learn_lr else None,
+            self.ln_weight, self.ln_bias, state.op, mini_batch=self.mini_batch, base_lr=self.base_lr,
+            rope_base=self.rope_base, inplace=state.owned)
         return self._out(o, x, g), TTTLayerState(op_state, conv, state.owned)
 
 

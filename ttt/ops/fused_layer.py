@@ -646,13 +646,14 @@ def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m,
 def _linear_decode_kernel(
     u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
     w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
-    u_sb, v_sb, g_sb, H, D, i_pos, log2_base,
-    HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr, LEARN_LR: tl.constexpr,
-    COMMIT: tl.constexpr, EPS: tl.constexpr,
+    u_sb, v_sb, g_sb, H, D, i_pos, log2_base, base_lr,
+    HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LEARN_LR: tl.constexpr, COMMIT: tl.constexpr, WIN_INPLACE: tl.constexpr, EPS: tl.constexpr,
 ):
     # program: one (batch, head). q, k: the conv + RoPE of u, computed twice, once in the layout of W's columns and
     # once in that of its rows (cheaper than moving one through shared memory); lr: the head's gate; tau_i from
-    # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u.
+    # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u (in place
+    # when WIN_INPLACE: after a barrier, so that every read of the window, in either layout, comes first).
     pid = tl.program_id(0)
     bi, hi = pid // H, pid % H
     rd = tl.arange(0, BD)
@@ -669,7 +670,7 @@ def _linear_decode_kernel(
     kr = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
                           W, HAS_BIAS, HD, BD)
     v = tl.load(v_ptr + bi * v_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-    lr = tl.load(lrs_ptr).to(tl.float32)
+    lr = base_lr * tl.load(lrs_ptr).to(tl.float32) / HD  # base_lr * inner_lr_scale / d, as the layer's formula
     if LEARN_LR:
         gl = tl.load(gate_ptr + bi * g_sb + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
         lr = lr * tl.sigmoid(gl)
@@ -687,28 +688,32 @@ def _linear_decode_kernel(
     o, A, a = _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, Wt, c, A, a, cmask, HD, EPS)
     tl.store(o_ptr + bi * D + cols, o.to(o_ptr.dtype.element_ty), mask=cmask)
     _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, Wt, c, A, a, t_i, HD, BD, COMMIT)
-    for j in tl.static_range(W - 1):
-        if j < W - 2:
-            row = tl.load(win_ptr + win_off + (j + 1) * D + cols, mask=cmask, other=0.0)
-        else:
-            row = tl.load(u_ptr + u_off + cols, mask=cmask, other=0.0)
-        tl.store(nwin_ptr + win_off + j * D + cols, row.to(nwin_ptr.dtype.element_ty), mask=cmask)
+    rw = tl.arange(0, WB)[:, None]  # the new window's rows j: the old row j + 1, the last one u
+    old = tl.load(win_ptr + win_off + (rw + 1) * D + cols[None, :], mask=(rw < W - 2) & cmask[None, :], other=0.0)
+    un = tl.load(u_ptr + u_off + cols, mask=cmask, other=0.0)
+    new = tl.where(rw == W - 2, un[None, :].to(old.dtype), old)  # [WB, BD]
+    if WIN_INPLACE:
+        tl.debug_barrier()
+    tl.store(nwin_ptr + win_off + rw * D + cols[None, :], new.to(nwin_ptr.dtype.element_ty),
+             mask=(rw < W - 1) & cmask[None, :])
 
 
 def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
-                       state: TTTState, *, mini_batch: int, rope_base: float = 10000.0, inplace: bool = False,
-                       launch: tuple | None = None):
+                       state: TTTState, *, mini_batch: int, base_lr: float = 1.0, rope_base: float = 10000.0,
+                       inplace: bool = False, launch: tuple | None = None):
     """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
     the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
     TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
 
     u = x theta_QK, v = x theta_V [B, 1, D] (last dim contiguous); gate [B, 1, H] = x . lr_weight_h (None:
-    learn_lr off, lr = lr_scale); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or
-    None; lr_bias [H]; lr_scale a 0-d fp32 tensor (base_lr * inner_lr_scale / d); delta [b] (tau_i = max(0,
-    1/i + delta_i); None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's
-    dtype, the op's new state, the new window). inplace: the new weights and accumulators are written into the
-    state's own tensors where they are fp32 and contiguous (each program reads its slice before it writes it; the
-    caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no copy). launch: (warps,
+    learn_lr off); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or None; lr_bias [H];
+    lr_scale the layer's 0-d inner_lr_scale: the inner learning rate is base_lr * lr_scale / d (times the gate's
+    sigmoid), computed in the kernel; delta [b] (tau_i = max(0, 1/i + delta_i); None: 1/i); ln_weight, ln_bias
+    [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's dtype, the op's new state, the new window).
+    inplace: the new weights and accumulators are written into the state's own tensors where they are fp32 and
+    contiguous, and the new window into `win` where it is in u's dtype and contiguous (each program reads its slice
+    before it writes it; the caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no
+    copy). launch: (warps,
     registers per thread or None) of the kernel, None for the default (benchmarks/bench_layer_kernels.py --decode
     times the choices). The reference is the layer's own path (tests/test_fused_layer.py)."""
     B, _, D = u.shape
@@ -724,9 +729,10 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     commit = i == mini_batch - 1
     Wt, c = (p.to(torch.float32).contiguous() for p in state.params)
     A, a = (p.to(torch.float32).contiguous() for p in state.accum)
+    win_inplace = inplace and win.dtype == u.dtype and win.is_contiguous()
     win = win.to(u.dtype).contiguous()
     o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
-    nwin = torch.empty_like(win)
+    nwin = win if win_inplace else torch.empty_like(win)
     if inplace:
         Wn, cn, An, an = Wt, c, A, a
     else:
@@ -738,6 +744,6 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
         An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
-        HD=d, BD=pow2(d), W=W, HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit,
-        EPS=LN_EPS, num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+        float(base_lr), HD=d, BD=pow2(d), W=W, WB=pow2(max(W - 1, 1)), HAS_BIAS=bq is not None, LEARN_LR=learn,
+        COMMIT=commit, WIN_INPLACE=win_inplace, EPS=LN_EPS, num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin
