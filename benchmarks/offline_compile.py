@@ -132,8 +132,12 @@ def layer_kernels(d: int, b: int, dot: int):
             tag = " packed" if packed else ""
             out += [(f"{name} fwd{tag}", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
                     (f"{name} bwd{tag}", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
-    dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=LN_EPS)
-    return out + [("decode step", fused_layer._linear_decode_kernel, dec, 4 if d <= 64 else 8, 3)]
+    dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
+               WIN_INPLACE=True, EPS=LN_EPS)
+    warps = 2 if d <= 64 else 8  # linear_decode_step's default
+    return out + [("decode step", fused_layer._linear_decode_kernel, dec, warps, 3),
+                  ("decode step, new window apart", fused_layer._linear_decode_kernel, dict(dec, WIN_INPLACE=False),
+                   warps, 3)]
 
 
 def main():
