@@ -713,9 +713,9 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     inplace: the new weights and accumulators are written into the state's own tensors where they are fp32 and
     contiguous, and the new window into `win` where it is in u's dtype and contiguous (each program reads its slice
     before it writes it; the caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no
-    copy). launch: (warps,
-    registers per thread or None) of the kernel, None for the default (benchmarks/bench_layer_kernels.py --decode
-    times the choices). The reference is the layer's own path (tests/test_fused_layer.py)."""
+    copy). launch: (warps, registers per thread or None) of the kernel, None for the default
+    (benchmarks/bench_layer_kernels.py --decode times the choices). The reference is the layer's own path
+    (tests/test_fused_layer.py)."""
     B, _, D = u.shape
     H, d = ln_weight.shape
     W = wq.shape[-1]
