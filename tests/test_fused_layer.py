@@ -588,6 +588,27 @@ def test_merged_decode_weights_follow_their_sources(monkeypatch):
     assert fast.merged is None
 
 
+def test_decode_step_reads_u_v_gate_from_one_tensor(monkeypatch):
+    """linear_decode_step with u, v and the lr gate as column ranges of one tensor (the merged projection's output,
+    `cols`) == with three separate tensors, bit for bit; columns outside the tensor are refused."""
+    from dataclasses import replace
+
+    from benchmarks import bench_layer_kernels
+    monkeypatch.setattr(bench_layer_kernels, "DEV", DEV)
+    (u, v, gate, *rest), state = bench_layer_kernels.decode_inputs(B=2, D=32, d=16, b=4)
+    pad = torch.randn(2, 1, 3, device=DEV).to(u.dtype)  # columns that belong to none of them
+    y = torch.cat([pad, u, v, pad, gate], dim=-1)
+    cols = (3, 3 + 32, 3 + 64 + 3)
+    for i in (1, 3):
+        st = replace(state, pos=i)
+        ref = fused_layer.linear_decode_step(u, v, gate, *rest, st, mini_batch=4)
+        got = fused_layer.linear_decode_step(y, y, y, *rest, st, mini_batch=4, cols=cols)
+        for a, b in zip((got[0], got[2], *got[1].params, *got[1].accum), (ref[0], ref[2], *ref[1].params, *ref[1].accum)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="^u, v, win: expected"):
+        fused_layer.linear_decode_step(y, y, y, *rest, state, mini_batch=4, cols=(3, 3 + 64, 0))
+
+
 def test_decode_step_launch_choices_compute_the_same(monkeypatch):
     """linear_decode_step's launch argument (warps, registers per thread) changes how the kernel runs, not what it
     computes: outputs, state and window equal the default launch's, inside a mini-batch and at its commit

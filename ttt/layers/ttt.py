@@ -339,16 +339,23 @@ class TTTLayer(nn.Module):
         from ..ops.fused_layer import linear_decode_step
         cq, ck = self.conv_q, self.conv_k
         w = merged_weight(self.merged, x)
-        if w is not None:  # one GEMM: [B, 1, 3D (+ H)], split along the last dim
-            u, v, g, *lr_part = self.merged.split(F.linear(x, w))
+        gate, cols = None, (0, 0, 0)
+        if w is not None:  # one GEMM: y [B, 1, 3D (+ H)] = u | v | g (| the lr gate); the kernel reads y itself
+            y = F.linear(x, w)
+            g = self.merged.split(y)[2]  # the x gate's product, for the output
+            n_u, n_v, n_g = self.merged.sizes[:3]
+            u = v = y
+            cols = (0, n_u, n_u + n_v + n_g)
+            gate = y if len(self.merged.sizes) > 3 else None
         else:
-            u, v, g, lr_part = self.qk_proj(x), self.v_proj(x), None, []
-        gate = lr_part[0] if lr_part else F.linear(x, self.lr_weight.to(x.dtype)) if self.learn_lr else None  # [B,1,H]
+            u, v, g = self.qk_proj(x), self.v_proj(x), None
+        if gate is None and self.learn_lr:
+            gate = F.linear(x, self.lr_weight.to(x.dtype))  # [B, 1, H]
         o, op_state, conv = linear_decode_step(
             u, v, gate, state.conv, cq.weight, cq.bias, ck.weight, ck.bias,
             self.lr_bias if self.learn_lr else None, self.inner_lr_scale, self.delta if self.learn_lr else None,
             self.ln_weight, self.ln_bias, state.op, mini_batch=self.mini_batch, base_lr=self.base_lr,
-            rope_base=self.rope_base, inplace=state.owned)
+            rope_base=self.rope_base, inplace=state.owned, cols=cols)
         return self._out(o, x, g), TTTLayerState(op_state, conv, state.owned)
 
 

@@ -646,7 +646,7 @@ def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m,
 def _linear_decode_kernel(
     u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
     w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
-    u_sb, v_sb, g_sb, H, D, i_pos, log2_base, base_lr,
+    u_sb, v_sb, g_sb, u_c, v_c, g_c, H, D, i_pos, log2_base, base_lr,
     HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, HAS_BIAS: tl.constexpr,
     LEARN_LR: tl.constexpr, COMMIT: tl.constexpr, WIN_INPLACE: tl.constexpr, EPS: tl.constexpr,
 ):
@@ -660,7 +660,7 @@ def _linear_decode_kernel(
     rr = tl.arange(0, BD)
     cmask = rd < HD
     cols, rcols = hi * HD + rd, hi * HD + rr
-    u_off, win_off = bi * u_sb, bi * (W - 1) * D
+    u_off, win_off = bi * u_sb + u_c, bi * (W - 1) * D  # u_c, v_c, g_c: the inputs' first columns
     q = _token_conv_rope(u_ptr, win_ptr, wq_ptr, bq_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
                          HAS_BIAS, HD, BD)
     k = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, cols, rd, cmask, i_pos, log2_base, D, W,
@@ -669,10 +669,10 @@ def _linear_decode_kernel(
                           W, HAS_BIAS, HD, BD)
     kr = _token_conv_rope(u_ptr, win_ptr, wk_ptr, bk_ptr, u_off, win_off, rcols, rr, rr < HD, i_pos, log2_base, D,
                           W, HAS_BIAS, HD, BD)
-    v = tl.load(v_ptr + bi * v_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + bi * v_sb + v_c + cols, mask=cmask, other=0.0).to(tl.float32)
     lr = base_lr * tl.load(lrs_ptr).to(tl.float32) / HD  # base_lr * inner_lr_scale / d, as the layer's formula
     if LEARN_LR:
-        gl = tl.load(gate_ptr + bi * g_sb + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
+        gl = tl.load(gate_ptr + bi * g_sb + g_c + hi).to(tl.float32) + tl.load(lrb_ptr + hi).to(tl.float32)
         lr = lr * tl.sigmoid(gl)
         t_i = tl.maximum(1.0 / tl.cast(i_pos + 1, tl.float32) + tl.load(delta_ptr + i_pos).to(tl.float32), 0.0)
     else:
@@ -700,31 +700,36 @@ def _linear_decode_kernel(
 
 def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta, ln_weight, ln_bias,
                        state: TTTState, *, mini_batch: int, base_lr: float = 1.0, rope_base: float = 10000.0,
-                       inplace: bool = False, launch: tuple | None = None):
+                       inplace: bool = False, cols: tuple[int, int, int] = (0, 0, 0), launch: tuple | None = None):
     """One token of a TTT-Linear (M) layer between its input projections and its post-LayerNorm, in one kernel:
     the Q/K convs over the window and u, RoPE at position mod b, the learnable inner learning rate and tau_i, the
     TTT step (and the commit at a mini-batch's end) and the new conv window. Inference only (no backward).
 
     u = x theta_QK, v = x theta_V [B, 1, D] (last dim contiguous); gate [B, 1, H] = x . lr_weight_h (None:
-    learn_lr off); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W], bq, bk [D] or None; lr_bias [H];
-    lr_scale the layer's 0-d inner_lr_scale: the inner learning rate is base_lr * lr_scale / d (times the gate's
-    sigmoid), computed in the kernel; delta [b] (tau_i = max(0, 1/i + delta_i); None: 1/i); ln_weight, ln_bias
-    [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's dtype, the op's new state, the new window).
+    learn_lr off); cols: the first columns of u, v and gate in those tensors' last dims (u, v and gate may be one
+    tensor, the merged projection's output, passed whole: a compiled step then hands the kernel the GEMM's own
+    buffer instead of views it may copy first); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W],
+    bq, bk [D] or None; lr_bias [H]; lr_scale the layer's 0-d inner_lr_scale: the inner learning rate is base_lr *
+    lr_scale / d (times the gate's sigmoid), computed in the kernel; delta [b] (tau_i = max(0, 1/i + delta_i);
+    None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's dtype, the op's
+    new state, the new window).
     inplace: the new weights and accumulators are written into the state's own tensors where they are fp32 and
     contiguous, and the new window into `win` where it is in u's dtype and contiguous (each program reads its slice
     before it writes it; the caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no
     copy). launch: (warps, registers per thread or None) of the kernel, None for the default
     (benchmarks/bench_layer_kernels.py --decode times the choices). The reference is the layer's own path
     (tests/test_fused_layer.py)."""
-    B, _, D = u.shape
     H, d = ln_weight.shape
-    W = wq.shape[-1]
+    B, D, W = u.shape[0], H * d, wq.shape[-1]
+    cu, cv, cg = cols
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                        (u, v, gate, win, wq, wk, ln_weight, *state.params, *state.accum)):
         raise ValueError("u: the fused decode kernel has no backward; run it under torch.no_grad()")
-    if u.stride(-1) != 1 or v.stride(-1) != 1 or win.shape != (B, W - 1, D) or d % 2:
-        raise ValueError(f"u, v, win: expected [B, 1, D] with a contiguous last dim and a window [B, {W - 1}, D], "
-                         f"got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(win.shape)}")
+    if (u.stride(-1) != 1 or v.stride(-1) != 1 or win.shape != (B, W - 1, D) or d % 2 or u.shape[1:2] != (1,)
+            or v.shape[:2] != (B, 1) or min(cols) < 0 or u.shape[-1] < cu + D or v.shape[-1] < cv + D
+            or (gate is not None and gate.shape[-1] < cg + H)):
+        raise ValueError(f"u, v, win: expected [B, 1, D] (from columns {cols} on) with a contiguous last dim and a "
+                         f"window [B, {W - 1}, D], got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(win.shape)}")
     i = state.pos % mini_batch
     commit = i == mini_batch - 1
     Wt, c = (p.to(torch.float32).contiguous() for p in state.params)
@@ -743,7 +748,7 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     _linear_decode_kernel[(B * H,)](
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
-        An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, H, D, i, math.log2(rope_base),
+        An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, cu, cv, cg, H, D, i, math.log2(rope_base),
         float(base_lr), HD=d, BD=pow2(d), W=W, WB=pow2(max(W - 1, 1)), HAS_BIAS=bq is not None, LEARN_LR=learn,
         COMMIT=commit, WIN_INPLACE=win_inplace, EPS=LN_EPS, num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin
