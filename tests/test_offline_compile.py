@@ -13,14 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the fused decode kernel with its position as a runtime integer and as the constants 0 and 1
+# the fused decode kernel at its default launch (2 warps at d 64, the window in place) with its position as a
+# runtime integer and as the constants 0 and 1
 DECODE = """
 from benchmarks.offline_compile import compile_cost
 from ttt.ops import fused_layer
-const = dict(HD=64, BD=64, W=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, EPS=1e-6)
+const = dict(HD=64, BD=64, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, WIN_INPLACE=True, EPS=1e-6)
 for pos in (None, 0, 1):
     compile_cost(fused_layer._linear_decode_kernel, dict(const, **({} if pos is None else {"i_pos": pos})),
-                 "bf16", 4, 3)
+                 "bf16", 2, 3)
     print("compiled", pos)
 """
 
