@@ -10,6 +10,7 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
+    python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs: cuBLAS, skinny_mm
 """
 from __future__ import annotations
 
@@ -139,11 +140,41 @@ def bench_decode_kernel(launches, positions=(3, 15)):
     return rows
 
 
+# the 1.3b decode's GEMMs per block, (name, N, K): merged qk/v/gate/lr, o_proj, merged SwiGLU gate+up, down
+DECODE_GEMMS = (("qk|v|gate|lr", 6176, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
+
+
+def bench_decode_gemms(B=16, dtype=torch.bfloat16):
+    """The decode's GEMMs at B rows: F.linear (cuBLAS) against `skinny_mm` autotuned and at each of its launch
+    configs; each checked against an fp32 product first; us per call and the weight's read rate (TB/s)."""
+    from ttt.ops import skinny_mm as sk
+    rows = []
+    for name, N, K in DECODE_GEMMS:
+        x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
+        w = (torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype)
+        ref = x.float() @ w.float().T
+        variants = {"cuBLAS (F.linear)": lambda: F.linear(x, w), "skinny_mm autotuned": lambda: sk.skinny_mm(x, w)}
+        for c in sk.CONFIGS:
+            tag = f"skinny_mm BN{c.kwargs['BN']} BK{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
+            variants[tag] = lambda c=c: sk.skinny_mm(x, w, c)
+        for tag, run in variants.items():
+            err = rel(run().float(), ref)
+            row = dict(kernel="decode gemm", gemm=name, N=N, K=K, rows=B, variant=tag, max_rel_err=err, ok=err < 2e-2)
+            if row["ok"]:
+                ms = bench(run, warmup=20, rep=200)
+                row.update(us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", nargs="*", default=None,
                     help="time the fused decode step instead, at these launches (default, WARPS or WARPS:MAXNREG; "
                          "none given: default 8 4:128 2)")
+    ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead: cuBLAS against "
+                                                            "skinny_mm (ttt/ops/skinny_mm.py)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
@@ -158,6 +189,9 @@ def main():
     print(json.dumps(rows[0]), flush=True)
     if a.decode is not None:
         rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
+        a.shapes = []
+    if a.gemms:
+        rows += bench_decode_gemms()
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))
