@@ -534,6 +534,35 @@ def test_gpu_loop_follows_the_cpu_loop(data_dir, tmp_path):
         assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], rel=2e-3)
 
 
+def test_compile_mode_reduce_overhead_is_refused_where_it_cannot_run(data_dir, tmp_path):
+    """compile_mode reduce-overhead (CUDA graphs of the blocks) needs compile, one process on CUDA, windows of the
+    data and no gradient checkpointing: anything else is a one-line error naming the field, before any training."""
+    ok = dict(compile=True, compile_mode="reduce-overhead")
+    for kw, why in ((dict(compile=False), "needs compile"), (dict(pack_documents=True), "pack_documents"),
+                    (dict(grad_checkpointing=True), "grad_checkpointing"), (dict(device="cpu"), "needs CUDA"),
+                    (dict(parallel="ddp"), "one process"), (dict(compile_mode="max-autotune"), "expected one of")):
+        with pytest.raises(ValueError, match="^compile_mode: ") as e:
+            train_cfg(data_dir, tmp_path / "x", **{**ok, **kw}).validate()
+        assert why in str(e.value)
+    if not torch.cuda.is_available():  # device auto on a machine without CUDA: refused when the device is known
+        with pytest.raises(ValueError, match="^compile_mode: reduce-overhead runs in one process on CUDA"):
+            train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "auto", **ok))
+        assert not (tmp_path / "auto" / "metrics.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compile_mode_reduce_overhead_follows_default_compile(data_dir, tmp_path):
+    """On a GPU: the blocks replayed as CUDA graphs (compile_mode reduce-overhead, two micro-batches per step and a
+    validation) follow the default compiled run's losses, gradient norms and validation loss."""
+    kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=128, eval_every=2, device="cuda")
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "default", **kw))
+    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "graphs", compile_mode="reduce-overhead", **kw))
+    for a, b in zip(curve(tmp_path / "default"), curve(tmp_path / "graphs"), strict=True):
+        assert a[:2] == b[:2] and b[2:5] == pytest.approx(a[2:5], rel=1e-4)
+        assert (a[5] is None) == (b[5] is None) and (a[5] is None or b[5] == pytest.approx(a[5], rel=1e-4))
+
+
 def test_losses_read_back_only_for_rows_follow_the_same_run(data_dir, tmp_path):
     """Steps between metrics rows leave the loss on the device: the rows are those of a run that reads
     every step, a NaN on such a step is reported at that step, and Ctrl-C there still stops and saves."""

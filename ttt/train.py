@@ -94,6 +94,7 @@ RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup
 # run fields recorded only when not at their default, so that runs from before they existed still resume
 OPTIONAL_RUN_FIELDS = {"pack_documents": False}
 DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 @dataclass
@@ -130,6 +131,10 @@ class TrainConfig:
     device: str = help_field("auto", f"one of {DEVICES}; auto = cuda when available")
     amp: str = help_field("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
     compile: bool = help_field(False, "torch.compile each block")
+    compile_mode: str = help_field("default", f"one of {COMPILE_MODES}: torch.compile's mode for the blocks (with "
+                                              "compile); reduce-overhead replays each block's forward and backward as "
+                                              "CUDA graphs (less host time per step; one process on CUDA, without "
+                                              "pack_documents or grad_checkpointing)")
     fsdp_reshard: bool = help_field(True, "parallel=fsdp: free each block's gathered parameters after its forward "
                                           "(less memory; off keeps them for the backward: one all-gather less)")
     grad_checkpointing: bool = help_field(False, "recompute each block in the backward pass (less memory)")
@@ -170,9 +175,19 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)!r}")
-        for name, allowed in (("device", DEVICES), ("amp", AMPS), ("parallel", dist.PARALLEL)):
+        for name, allowed in (("device", DEVICES), ("amp", AMPS), ("parallel", dist.PARALLEL),
+                              ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.compile_mode == "reduce-overhead":
+            clashes = (("needs compile", not self.compile),
+                       ("is not for pack_documents (a new graph per batch's document lengths)", self.pack_documents),
+                       ("is not for grad_checkpointing", self.grad_checkpointing),
+                       ("needs CUDA, got device cpu", self.device == "cpu"),
+                       (f"runs in one process, got parallel {self.parallel}", self.parallel in ("ddp", "fsdp")))
+            for why, on in clashes:
+                if on:
+                    raise ValueError(f"compile_mode: reduce-overhead {why}")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -533,7 +548,7 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, 
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         for blk in model.blocks:
-            blk.compile()
+            blk.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     amp = _amp(cfg, device)
     if parallel == "fsdp":
         dist.parallelize(model, parallel, device, param_dtype=torch.bfloat16 if amp == "bf16" else None,
@@ -581,6 +596,9 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         write_json(out / LATEST, {"step": int(ckpt.trainer["step"]), "checkpoint": f"{CKPT_DIR}/{ckpt.path.name}"})
 
     parallel = dist.resolve_parallel(cfg.parallel, world)
+    if cfg.compile_mode == "reduce-overhead" and (parallel != "none" or device.type != "cuda"):
+        raise ValueError(f"compile_mode: reduce-overhead runs in one process on CUDA, got parallel {parallel} on "
+                         f"{device.type}")
     model, wrapped = build_model(model_cfg, cfg, device, parallel, run)
     # on a GPU, one fused kernel for the whole AdamW step (FSDP2's sharded DTensors keep the default)
     fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
@@ -763,6 +781,7 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
             loop.batcher.step = step
             return None
         with dist.grad_sync(loop.wrapped, i == loop.accum - 1):
+            _graph_step(cfg.compile_mode == "reduce-overhead")
             with loop.autocast():
                 if packs[i] is None:
                     loss, _ = loop.wrapped(xs[i], targets=ys[i])
@@ -831,7 +850,8 @@ def _after_step(loop: _Loop, loss: torch.Tensor, grad_norm: torch.Tensor, on_ste
     _, lr, train_loss, norm = loop.last_read[-1]
     row = {"step": step, "tokens": step * cfg.tokens_per_step, "loss": train_loss, "lr": lr, "grad_norm": norm}
     if evaluate:
-        loop.val_loss = row["val_loss"] = _evaluate(loop.model, loop.val, cfg.micro_batch, loop.autocast, loop.device)
+        loop.val_loss = row["val_loss"] = _evaluate(loop.model, loop.val, cfg.micro_batch, loop.autocast, loop.device,
+                                                    graphs=cfg.compile_mode == "reduce-overhead")
     if log_row:
         now = time.perf_counter()
         row["tokens_per_s"] = (step - loop.step_log) * cfg.tokens_per_step / max(now - loop.t_log, 1e-9)
@@ -897,13 +917,22 @@ def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
+def _graph_step(on: bool) -> None:
+    """With compile_mode reduce-overhead (on), before each forward: a new step of the blocks' CUDA graphs (the
+    outputs of the last replay may be overwritten from here on)."""
+    if on:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 @torch.no_grad()
-def _evaluate(model, val, micro_batch: int, autocast, device) -> float:
-    """Mean next-token loss over every rank's validation windows."""
+def _evaluate(model, val, micro_batch: int, autocast, device, graphs: bool = False) -> float:
+    """Mean next-token loss over every rank's validation windows (graphs: the blocks replay CUDA graphs, a new
+    step before each forward)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, token count]
     for x, y in zip(val[0].split(micro_batch), val[1].split(micro_batch)):
         x, y = x.to(device), y.to(device)
+        _graph_step(graphs)
         with autocast():
             loss, _ = model(x, targets=y, reduction="sum")
         total[0] += loss.double()
