@@ -164,10 +164,6 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
     if compiled:
         variants.update(compiled=(compiled, True), compiled_unmerged=(compiled, False))
 
-    def decoder(s, comp, merge):
-        if not merge:  # the model's own copies go too (a merged decoder makes them again)
-            model.merge_decode_weights(False)
-        return GraphedDecoder(model, s, compile=comp, merge=merge)
     compile_s = None
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
     ref_model = copy.deepcopy(model).float()
@@ -186,7 +182,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
     eager_vs_fp32 = dist(eager, ref)
     for name, (comp, merge) in variants.items():
         t0 = time.time()
-        dec = decoder(state, comp, merge)
+        dec = GraphedDecoder(model, state, compile=comp, merge=merge)
         if comp and compile_s is None:  # the first compiled decoder compiles the b steps; later ones reuse them
             compile_s = time.time() - t0
         got = [dec.step(nxt[:, t:t + 1]).float().clone() for t in range(nxt.shape[1])]
@@ -205,7 +201,7 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
         ms = {}
         for name, (comp, merge) in variants.items():
-            dec = decoder(s, comp, merge)
+            dec = GraphedDecoder(model, s, compile=comp, merge=merge)
             ms[name] = timed(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)], warmup=2,
                              iters=10) / cfg.mini_batch
             dec = None

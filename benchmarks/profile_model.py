@@ -108,7 +108,6 @@ def main():
                         if name not in variants:
                             raise SystemExit(f"--decode-variants: expected names of {sorted(variants)}, got {name!r}")
                         comp, merge = variants[name]
-                        model.merge_decode_weights(merge)
                         dec = GraphedDecoder(model, s, compile=comp, merge=merge)
                         show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
                              f"1.3b {mixer} decode B16, compiled + CUDA graphs ({name}), {cfg.mini_batch} tokens "

@@ -143,7 +143,8 @@ class GraphedDecoder:
     compiles in that torch.compile mode (True = "default"). merge=True first gives the model merged copies of the
     weights that share an input (`TTTLM.merge_decode_weights`: fewer, larger GEMMs per token, those weights' memory
     again; refreshed before each replay when a weight changed in place); it raises for inference tensors (weights
-    made under torch.inference_mode), which None (the default) leaves unmerged.
+    made under torch.inference_mode), which None (the default) leaves unmerged; merge=False drops the copies the
+    model had, so that the graphs read the weights themselves.
     """
 
     def __init__(self, model: TTTLM, state: LMState, warmup: int = 2, compile: bool | str = False,
@@ -167,8 +168,7 @@ class GraphedDecoder:
         model.prepare()
         if merge is None:
             merge = not any(p.is_inference() for p in model.parameters())
-        if merge:
-            model.merge_decode_weights()
+        model.merge_decode_weights(merge)  # False drops copies the model had: the graphs read its own weights
         # the merged copies the graphs will read: kept alive and refreshed by this decoder, whatever the model's
         # modules hold later (merging again keeps them; unmerging drops the modules' references, not these)
         self.merged = model.decode_weight_copies()

@@ -12,24 +12,25 @@ import triton.language as tl
 
 from .triton_utils import cdiv
 
-MAX_ROWS = 16  # the rows of x one program multiplies (the M side of the product, masked beyond x's rows)
+MAX_ROWS = 16  # the rows of x one program multiplies (the kernel's BM: the M side, masked beyond x's rows)
 
 CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
            for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6),
                                 (64, 128, 4, 4), (64, 256, 8, 3), (16, 128, 2, 6), (32, 512, 8, 3))]
 
 
-def _skinny_mm_body(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, BN: tl.constexpr, BK: tl.constexpr):
+def _skinny_mm_body(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
     # program: outputs [0, M) x [n0, n0 + BN); x's rows are few, so x's K-slices come from L2 each time
-    rm = tl.arange(0, 16)
+    rm = tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    acc = tl.zeros([16, BN], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         km = k0 + rk < K
         x = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + rk)[None, :], mask=(rm[:, None] < M) & km[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * s_wn + (k0 + rk)[None, :], mask=(rn[:, None] < N) & km[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)  # [16, BK] x [BK, BN]
+        acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] x [BK, BN]
     tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -51,7 +52,7 @@ def skinny_mm(x: torch.Tensor, w: torch.Tensor, config: triton.Config | None = N
         raise ValueError(f"x, w: expected x [..., K] of at most {MAX_ROWS} rows and w [N, K] of x's dtype, both with "
                          f"a contiguous last dim; got {tuple(x.shape)} {x.dtype}, {tuple(w.shape)} {w.dtype}")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    args = (rows, w, y, M, N, K, rows.stride(0), w.stride(0), y.stride(0))
+    args = (rows, w, y, M, N, K, rows.stride(0), w.stride(0), y.stride(0), MAX_ROWS)
     if config is None and not x.is_cuda:
         config = CONFIGS[0]
     if config is None:
