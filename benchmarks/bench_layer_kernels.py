@@ -20,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, environment, rel
+from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
 from ttt.layers.attention import apply_rope
 from ttt.ops import fused_layer
@@ -116,13 +116,15 @@ def decode_inputs(B=16, D=2048, d=64, b=16, seed=0):
 
 def bench_decode_kernel(launches, positions=(3, 15)):
     """`fused_layer.linear_decode_step` at 1.3b B16 per launch variant ("default" or WARPS or WARPS:MAXNREG): each
-    checked against the default launch (output, new state, window), then timed at a position inside a mini-batch
-    and at its last (the commit writes the weights too); ms per call and per token of 24 layers."""
+    checked against the default launch (output, new state, window), then timed in a CUDA graph at a position inside
+    a mini-batch and at its last (the commit writes the weights too); ms per call and per token of 24 layers."""
     from dataclasses import replace
     args, state = decode_inputs()
     rows = []
     for i in positions:
         st = replace(state, pos=i)
+        states = [replace(st, params=tuple(t.clone() for t in st.params), accum=tuple(t.clone() for t in st.accum))
+                  for _ in range(8)]
         ref = fused_layer.linear_decode_step(*args, st, mini_batch=16)
         for spec in launches:
             w, _, reg = spec.partition(":")
@@ -132,8 +134,9 @@ def bench_decode_kernel(launches, positions=(3, 15)):
             err = max(rel(o.float(), ref[0].float()), rel(win.float(), ref[2].float()),
                       *(rel(x, y) for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum))))
             row = dict(kernel="linear decode step", launch=spec, position=i, max_rel_err=err, ok=err < 1e-2)
-            if row["ok"]:
-                ms = bench(run, warmup=20, rep=200)
+            if row["ok"]:  # a CUDA graph of 8 calls, each on its own state (from memory, as the 24 layers' are)
+                ms = graphed_ms([lambda s=s: fused_layer.linear_decode_step(*args, s, mini_batch=16, launch=launch)
+                                 for s in states])
                 row.update(ms=ms, ms_per_token_24_layers=24 * ms)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -144,24 +147,26 @@ def bench_decode_kernel(launches, positions=(3, 15)):
 DECODE_GEMMS = (("qk|v|gate|lr", 6176, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
 
 
-def bench_decode_gemms(B=16, dtype=torch.bfloat16):
+def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20):
     """The decode's GEMMs at B rows: F.linear (cuBLAS) against `skinny_mm` autotuned and at each of its launch
-    configs; each checked against an fp32 product first; us per call and the weight's read rate (TB/s)."""
+    configs; each checked against an fp32 product first; then timed as a CUDA graph of `copies` calls, each on its
+    own copy of the weight (read from memory, not L2, as the decode's blocks do): us per call and the weight's read
+    rate (TB/s)."""
     from ttt.ops import skinny_mm as sk
     rows = []
     for name, N, K in DECODE_GEMMS:
         x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
-        w = (torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype)
-        ref = x.float() @ w.float().T
-        variants = {"cuBLAS (F.linear)": lambda: F.linear(x, w), "skinny_mm autotuned": lambda: sk.skinny_mm(x, w)}
+        ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
+        ref = x.float() @ ws[0].float().T
+        variants = {"cuBLAS (F.linear)": lambda w: F.linear(x, w), "skinny_mm autotuned": lambda w: sk.skinny_mm(x, w)}
         for c in sk.CONFIGS:
             tag = f"skinny_mm BN{c.kwargs['BN']} BK{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
-            variants[tag] = lambda c=c: sk.skinny_mm(x, w, c)
+            variants[tag] = lambda w, c=c: sk.skinny_mm(x, w, c)
         for tag, run in variants.items():
-            err = rel(run().float(), ref)
+            err = rel(run(ws[0]).float(), ref)
             row = dict(kernel="decode gemm", gemm=name, N=N, K=K, rows=B, variant=tag, max_rel_err=err, ok=err < 2e-2)
             if row["ok"]:
-                ms = bench(run, warmup=20, rep=200)
+                ms = graphed_ms([lambda w=w: run(w) for w in ws])
                 row.update(us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
             print(json.dumps(row), flush=True)
             rows.append(row)

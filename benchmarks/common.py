@@ -1,5 +1,5 @@
 """What the benchmark scripts share: random TTT-op inputs and a runner through the library's own op objects,
-the relative error, timing (Triton's do_bench medians, CUDA-event medians, per-kernel profiler times), the
+the relative error, timing (Triton's do_bench medians, CUDA-graph replays, CUDA-event medians, per-kernel profiler times), the
 environment line every result starts with, and mamba_ssm's Triton SSD and its `Mamba2` module (the issue's peer)
 loaded without its CUDA extension.
 
@@ -69,6 +69,23 @@ def bench(fn, warmup=25, rep=100):
     """Median milliseconds of fn() by triton.testing.do_bench."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graphed_ms(fns, rep=100):
+    """Median ms per call of `fns` (callables, each run once in order) replayed as one CUDA graph: kernel time and
+    the graph's launch gaps without the host's launch cost, as inside a graphed decode step. Give each call its own
+    inputs (e.g. a weight copy each) where one call's inputs would otherwise sit in L2 for the next."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, first compiles) outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    return bench(g.replay, warmup=5, rep=rep) / len(fns)
 
 
 def sdpa_ms(B, T, H, d, mode, dtype=torch.bfloat16):

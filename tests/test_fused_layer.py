@@ -673,6 +673,8 @@ def test_decode_gemm_benchmark_checks_every_config(monkeypatch):
     from ttt.ops import skinny_mm as sk
     monkeypatch.setattr(blk, "DEV", DEV)
     monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72),))
-    monkeypatch.setattr(blk, "bench", lambda fn, **kw: (fn(), 1e-3)[1])
-    rows = blk.bench_decode_gemms(B=3, dtype=torch.float16)  # fp16: the interpreter's 16-bit dot
+    calls = []
+    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (calls.append([fn() for fn in fns]), 1e-3)[1])
+    rows = blk.bench_decode_gemms(B=3, dtype=torch.float16, copies=2)  # fp16: the interpreter's 16-bit dot
     assert len(rows) == 2 + len(sk.CONFIGS) and all(r["ok"] and r["us"] == 1.0 for r in rows), rows
+    assert len(calls) == len(rows) and all(len(c) == 2 and c[0].shape == (3, 1, 40) for c in calls)

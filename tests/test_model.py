@@ -186,6 +186,11 @@ def test_merged_decode_weights_equal_separate_and_follow_changes():
     model.merge_decode_weights()
     ffns = [blk.ffn for blk in model.blocks]
     assert all(f.merged is not None and f.merged.sizes == [f.gate.out_features] * 2 for f in ffns)
+    from ttt.layers.merged import ALIGN_ROWS
+    for f in ffns:  # rows padded with zeros to Inductor's alignment; split drops the pad
+        n = 2 * f.gate.out_features
+        assert f.merged.weight.shape[0] % ALIGN_ROWS == 0 and f.merged.weight.shape[0] >= n
+        assert not f.merged.weight[n:].any() and torch.equal(f.merged.weight[:n], torch.cat([f.gate.weight, f.up.weight]))
     ids = torch.randint(0, V, (B, 8))
     with torch.no_grad():
         _, s = model(ids[:, :4])
@@ -200,6 +205,11 @@ def test_merged_decode_weights_equal_separate_and_follow_changes():
     loss, _ = model(ids[:, :1], targets=ids[:, :1])
     loss.backward()
     assert model.blocks[0].ffn.gate.weight.grad is not None and model.blocks[0].ffn.up.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # a merged model copied under inference_mode: its sources lost their version
+        frozen = copy.deepcopy(model).eval()  # counters, so the copies are declined (the weights themselves used)
+        _, sf = frozen(ids[:, :4])
+        _, sr = ref(ids[:, :4])
+        torch.testing.assert_close(frozen(ids[:, 4:5], sf)[0], ref(ids[:, 4:5], sr)[0], rtol=1e-5, atol=1e-5)
     model.merge_decode_weights(False)
     assert all(f.merged is None for f in ffns)
     with torch.inference_mode():

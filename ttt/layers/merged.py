@@ -6,15 +6,24 @@ bandwidth: docs/kernels_notes.md, "Decode"). `TTTLM.merge_decode_weights` makes 
 The copy is kept equal to its sources: `fresh()` rewrites it in place when a source changed (its version counter,
 which every in-place write bumps: an optimizer step, load_state_dict; or its storage, dtype or device: `.to()`).
 A compiled or CUDA-graphed step reads `weight` as it is: its caller refreshes first (`TTTLM.refresh_decode_weights`).
+Sources that became inference tensors after the merge (e.g. `model.float()` under torch.inference_mode) have no
+version counter: `merged_weight` then declines the copy and the caller multiplies by the sources themselves.
+
+The copy's rows are padded with zeros to a multiple of ALIGN_ROWS: the product's row stride is then one Inductor
+keeps (on CUDA it pads an unaligned intermediate's stride, and a Triton kernel that reads the product by column
+offsets, the fused decode step, would get a copy materialised per argument instead: three per block at 1.3b).
 """
 from __future__ import annotations
 
 import torch
 
+ALIGN_ROWS = 64  # Inductor's stride alignment for 16-bit tensors (128 bytes)
+
 
 class MergedWeights:
     """The rows of `sources` (2-D weights [out_i, in], one in-dim, dtype and device), concatenated: `weight`
-    [sum out_i, in]; `sizes` the out_i (split the product with them)."""
+    [rows, in], rows = sum out_i rounded up to ALIGN_ROWS (zero rows after the sources'); `sizes` the out_i (`split`
+    the product with them)."""
 
     def __init__(self, sources: list[torch.Tensor]):
         first = sources[0]
@@ -24,6 +33,7 @@ class MergedWeights:
                              + ", ".join(f"{tuple(w.shape)} {w.dtype} {w.device}" for w in sources))
         self.sources = list(sources)
         self.sizes = [w.shape[0] for w in sources]
+        self.rows = -(-sum(self.sizes) // ALIGN_ROWS) * ALIGN_ROWS
         self.weight = None
         self._key = None
         self.fresh()
@@ -38,14 +48,14 @@ class MergedWeights:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, writable in and out of both
                 w0 = self.sources[0]
                 if self.weight is None or self.weight.dtype != w0.dtype or self.weight.device != w0.device:
-                    self.weight = torch.empty((sum(self.sizes), w0.shape[1]), dtype=w0.dtype, device=w0.device)
-                torch.cat([w.detach() for w in self.sources], out=self.weight)
+                    self.weight = torch.zeros((self.rows, w0.shape[1]), dtype=w0.dtype, device=w0.device)
+                torch.cat([w.detach() for w in self.sources], out=self.weight[:sum(self.sizes)])
             self._key = key
         return self.weight
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x @ weight.T -> the products with each source (views along the last dim)."""
-        return y.split(self.sizes, dim=-1)
+        """x @ weight.T [..., rows] -> the products with each source (views along the last dim; the pad dropped)."""
+        return y.split([*self.sizes, self.rows - sum(self.sizes)], dim=-1)[:len(self.sizes)]
 
 
 def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights:
@@ -65,8 +75,14 @@ def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> M
 
 def merged_weight(m: MergedWeights | None, x: torch.Tensor) -> torch.Tensor | None:
     """m's weight for a step on x: as it is inside a traced step (its caller refreshed it), else refreshed; None
-    when there is none or it is not in x's dtype (the caller multiplies by the sources themselves)."""
+    when there is none, it is not in x's dtype or a source is an inference tensor (the caller multiplies by the
+    sources themselves)."""
     if m is None:
         return None
-    w = m.weight if torch.compiler.is_compiling() else m.fresh()
+    if torch.compiler.is_compiling():
+        w = m.weight
+    elif any(w.is_inference() for w in m.sources):
+        return None
+    else:
+        w = m.fresh()
     return w if w.dtype == x.dtype else None
