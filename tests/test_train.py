@@ -612,3 +612,17 @@ def test_profile_steps_write_a_trace_of_the_window(data_dir, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(model_cfg(data_dir), train_cfg(data_dir, late, max_steps=2, log_every=2, profile_steps=1))
     assert "no trace written" in caplog.text and not (late / "profile").exists()
+
+
+def test_own_grads_gives_missing_gradients_zero_buffers_and_keeps_the_rest():
+    """compile_mode reduce-overhead's guard against adopted graph outputs (`ttt.train.own_grads`): a parameter without
+    a gradient gets zeros of its own, an existing gradient stays the same tensor, a frozen parameter gets none."""
+    from ttt.train import own_grads
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    m[1].bias.requires_grad_(False)
+    kept = m[0].weight.grad = torch.ones_like(m[0].weight)
+    own_grads(m)
+    assert m[0].weight.grad is kept and m[1].bias.grad is None
+    for p in (m[0].bias, m[1].weight):
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+        assert p.grad.data_ptr() != p.data_ptr()

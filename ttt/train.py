@@ -775,6 +775,8 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
     xs, ys = x.to(loop.device).chunk(loop.accum), y.to(loop.device).chunk(loop.accum)  # [rows, T] -> accum x
     packs = starts[0].chunk(loop.accum) if starts else [None] * loop.accum
     loss_sum = torch.zeros((), device=loop.device)
+    if cfg.compile_mode == "reduce-overhead":
+        own_grads(loop.model)
     for i in range(loop.accum):
         if stop.reason is not None and loop.world == 1:
             loop.optim.zero_grad(set_to_none=True)
@@ -800,7 +802,7 @@ def _optimizer_step(loop: _Loop) -> torch.Tensor:
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     loop.optim.step()
-    loop.optim.zero_grad(set_to_none=True)
+    loop.optim.zero_grad(set_to_none=cfg.compile_mode != "reduce-overhead")  # the graphs' mode keeps its buffers
     loop.step += 1
     return grad_norm.detach()
 
@@ -915,6 +917,16 @@ def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
         _check_ids(ids, int(load_meta(data_dir)["vocab_size"]), data_dir / "val.bin")
     per = n // world
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def own_grads(model: torch.nn.Module) -> None:
+    """Before a step's first backward through CUDA-graph replays (compile_mode reduce-overhead): every gradient in a
+    buffer of its own. A missing `.grad` would adopt a backward graph's output, which the next micro-batch's replay
+    overwrites in place ("accessing tensor output of CUDAGraphs that has been overwritten", PyTorch issue 169545);
+    an existing one is added into. Zeros: the sums are bit for bit the adopted ones."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _graph_step(on: bool) -> None:
