@@ -10,7 +10,6 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
-    python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs: cuBLAS, skinny_mm
 """
 from __future__ import annotations
 
@@ -114,62 +113,51 @@ def decode_inputs(B=16, D=2048, d=64, b=16, seed=0):
     return args, state
 
 
-def bench_decode_kernel(launches, positions=(3, 15)):
-    """`fused_layer.linear_decode_step` at 1.3b B16 per launch variant ("default" or WARPS or WARPS:MAXNREG): each
-    checked against the default launch (output, new state, window), then timed in a CUDA graph at a position inside
-    a mini-batch and at its last (the commit writes the weights too); ms per call and per token of 24 layers."""
+def model_form(args, states):
+    """The decode step's arguments as the 1.3b model hands them over: u, v and the lr gate as column ranges of the
+    merged projection's output (`cols`, row stride padded as `layers/merged.py` pads), and per state its own window,
+    written in place with the state (`inplace`)."""
+    u, v, gate, win, *params = args
+    B, _, D = u.shape
+    H = gate.shape[-1]
+    y = torch.zeros(B, 1, -(-(3 * D + H) // 64) * 64, device=u.device, dtype=u.dtype)
+    y[..., :D], y[..., D:2 * D], y[..., 3 * D:3 * D + H] = u, v, gate
+    return [((y, y, y, win.clone(), *params), s) for s in states], dict(cols=(0, D, 3 * D), inplace=True)
+
+
+def bench_decode_kernel(launches, positions=(3, 15), **shape):
+    """`fused_layer.linear_decode_step` at 1.3b B16 per launch variant ("default" or WARPS or WARPS:MAXNREG), in two
+    forms: its arguments apart, and as the model hands them over (`model_form`: one merged tensor, in place); each
+    checked against the default launch's apart form (output, new state, window), then timed in a CUDA graph of 8
+    calls, each on its own state (from memory, as the 24 layers' are), at a position inside a mini-batch and at its
+    last (the commit writes the weights too); ms per call and per token of 24 layers. shape: decode_inputs' sizes."""
     from dataclasses import replace
-    args, state = decode_inputs()
+    args, state = decode_inputs(**shape)
     rows = []
+
+    def copies(st, n):
+        return [replace(st, params=tuple(t.clone() for t in st.params), accum=tuple(t.clone() for t in st.accum))
+                for _ in range(n)]
     for i in positions:
         st = replace(state, pos=i)
-        states = [replace(st, params=tuple(t.clone() for t in st.params), accum=tuple(t.clone() for t in st.accum))
-                  for _ in range(8)]
         ref = fused_layer.linear_decode_step(*args, st, mini_batch=16)
         for spec in launches:
             w, _, reg = spec.partition(":")
             launch = None if spec == "default" else (int(w), int(reg) if reg else None)
-            run = lambda: fused_layer.linear_decode_step(*args, st, mini_batch=16, launch=launch)  # noqa: E731
-            o, s, win = run()
-            err = max(rel(o.float(), ref[0].float()), rel(win.float(), ref[2].float()),
-                      *(rel(x, y) for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum))))
-            row = dict(kernel="linear decode step", launch=spec, position=i, max_rel_err=err, ok=err < 1e-2)
-            if row["ok"]:  # a CUDA graph of 8 calls, each on its own state (from memory, as the 24 layers' are)
-                ms = graphed_ms([lambda s=s: fused_layer.linear_decode_step(*args, s, mini_batch=16, launch=launch)
-                                 for s in states])
-                row.update(ms=ms, ms_per_token_24_layers=24 * ms)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
-
-
-# the 1.3b decode's GEMMs per block, (name, N, K): merged qk/v/gate/lr, o_proj, merged SwiGLU gate+up, down
-DECODE_GEMMS = (("qk|v|gate|lr", 6176, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
-
-
-def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20):
-    """The decode's GEMMs at B rows: F.linear (cuBLAS) against `skinny_mm` autotuned and at each of its launch
-    configs; each checked against an fp32 product first; then timed as a CUDA graph of `copies` calls, each on its
-    own copy of the weight (read from memory, not L2, as the decode's blocks do): us per call and the weight's read
-    rate (TB/s)."""
-    from ttt.ops import skinny_mm as sk
-    rows = []
-    for name, N, K in DECODE_GEMMS:
-        x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
-        ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
-        ref = x.float() @ ws[0].float().T
-        variants = {"cuBLAS (F.linear)": lambda w: F.linear(x, w), "skinny_mm autotuned": lambda w: sk.skinny_mm(x, w)}
-        for c in sk.CONFIGS:
-            tag = f"skinny_mm BN{c.kwargs['BN']} BK{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
-            variants[tag] = lambda w, c=c: sk.skinny_mm(x, w, c)
-        for tag, run in variants.items():
-            err = rel(run(ws[0]).float(), ref)
-            row = dict(kernel="decode gemm", gemm=name, N=N, K=K, rows=B, variant=tag, max_rel_err=err, ok=err < 2e-2)
-            if row["ok"]:
-                ms = graphed_ms([lambda w=w: run(w) for w in ws])
-                row.update(us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            forms = {"apart": ([(args, s) for s in copies(st, 9)], {}), "as in the model": model_form(args, copies(st, 9))}
+            for form, (calls, kw) in forms.items():
+                (a0, s0), calls = calls[0], calls[1:]  # the first call is checked (in place: on its own copies)
+                o, s, win = fused_layer.linear_decode_step(*a0, s0, mini_batch=16, launch=launch, **kw)
+                err = max(rel(o.float(), ref[0].float()), rel(win.float(), ref[2].float()),
+                          *(rel(x, y) for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum))))
+                row = dict(kernel="linear decode step", launch=spec, form=form, position=i, max_rel_err=err,
+                           ok=err < 1e-2)
+                if row["ok"]:
+                    ms = graphed_ms([lambda a=a, s=s: fused_layer.linear_decode_step(*a, s, mini_batch=16, launch=launch,
+                                                                                     **kw) for a, s in calls])
+                    row.update(ms=ms, ms_per_token_24_layers=24 * ms)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -178,8 +166,6 @@ def main():
     ap.add_argument("--decode", nargs="*", default=None,
                     help="time the fused decode step instead, at these launches (default, WARPS or WARPS:MAXNREG; "
                          "none given: default 8 4:128 2)")
-    ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead: cuBLAS against "
-                                                            "skinny_mm (ttt/ops/skinny_mm.py)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
@@ -194,9 +180,6 @@ def main():
     print(json.dumps(rows[0]), flush=True)
     if a.decode is not None:
         rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
-        a.shapes = []
-    if a.gemms:
-        rows += bench_decode_gemms()
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

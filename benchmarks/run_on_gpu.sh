@@ -17,8 +17,9 @@
 #             PyTorch layer path; Transformer++), then the fused decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused
 #             adds the PyTorch layer path's decode beside it)
 #   decode16  the decode round (~9 min with a fresh machine): the GPU tests of the decode, generate and training
-#             (8 workers), the decode table at 1k and 32k, the decode profile inside the graphs, the decode's GEMMs
-#             (cuBLAS against skinny_mm), Inductor's generated code of the decode step (decode_code.log.gz)
+#             (8 workers), the decode table at 1k and 32k, the decode profile inside the graphs, the fused decode
+#             kernel alone (arguments apart and as the model hands them over), Inductor's generated code of the
+#             decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
@@ -31,7 +32,7 @@
 # TESTS_ARGS: the tests part's pytest paths and options (default tests/). Serially tests/test_gpu.py alone compiles
 # models for ~6 min; with the image's pytest-xdist, TESTS_ARGS="-n 8 tests/" ran every GPU test in 262 s (H200).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, D16_TESTS_S, D16_TABLE_S,
-# D16_PROFILE_S, D16_GEMMS_S, D16_CODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
+# D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
 # MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_FUSED_S,
 # PACKED_S, TRAIN_S. PROFILE_LINES: the profile's output lines kept (default 80).
 set -u
@@ -60,15 +61,15 @@ if has issue16; then
 fi
 if has decode16; then
   # the decode round: the GPU tests of the decode, generate and the CUDA-graph training mode (8 workers), the decode
-  # table, where the time goes inside the graphs, the decode's GEMMs (cuBLAS against skinny_mm), Inductor's code
+  # table, where the time goes inside the graphs, the fused decode kernel alone, Inductor's code
   timeout -s INT "${D16_TESTS_S:-240}" python3 -m pytest -q -n 8 -m gpu tests/test_gpu.py tests/test_fused_layer.py \
     tests/test_train.py -rA 2>&1 | grep -E "FAIL|ERROR|passed|failed" | tail -15
   timeout "${D16_TABLE_S:-110}" python3 -m benchmarks.bench_table --parts decode --mixers ttt_linear+fused \
     --positions 1024,32768 --out "$OUT/decode16.json" 2>&1 | grep -E "^\||rror|check"
   timeout "${D16_PROFILE_S:-110}" python3 -m benchmarks.profile_model --decode --decode-graphed --host \
     --decode-variants merged --mixers ttt_linear+fused 2>&1 | grep -A40 "compiled + CUDA graphs" | head -45
-  timeout "${D16_GEMMS_S:-90}" python3 -m benchmarks.bench_layer_kernels --gemms --out "$OUT/gemms16.json" 2>&1 \
-    | grep -v '^{"device' | cut -c1-220
+  timeout "${D16_KERNEL_S:-70}" python3 -m benchmarks.bench_layer_kernels --decode default 4 --out "$OUT/dk16.json" \
+    2>&1 | grep -v '^{"device' | cut -c1-220
   TORCH_LOGS=output_code timeout "${D16_CODE_S:-100}" python3 -m benchmarks.profile_model --decode --decode-graphed \
     --mixers ttt_linear+fused > "$OUT/decode_code.log" 2>&1; gzip -f "$OUT/decode_code.log"
 fi

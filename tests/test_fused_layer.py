@@ -629,52 +629,16 @@ def test_decode_step_launch_choices_compute_the_same(monkeypatch):
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------- the decode's few-row GEMM (ttt/ops/skinny_mm.py)
-@pytest.mark.parametrize("M", [1, 5, 16])
-@pytest.mark.parametrize("config", ["auto", "16,256,4,4", "32,128,2,3"])
-def test_skinny_mm_equals_the_product(M, config, monkeypatch):
-    """skinny_mm(x, w) == x @ w.T accumulated in fp32 then rounded once, for 1 to 16 rows, K and N that no block
-    size divides (masked tails), autotuned and at given launches; x as a [B, 1, K] decode input; NaN-poisoned
-    output buffer."""
-    import triton
-
-    from ttt.ops import skinny_mm as sk
-    monkeypatch.setattr(sk, "torch", PoisonTorch())
-    g = torch.Generator().manual_seed(M)
-    dt = torch.float16  # the interpreter's 16-bit dot (bf16 on a GPU: test_gpu.py)
-    K, N = 300, 70
-    x = torch.randn(M, 1, K, generator=g).to(DEV, dt)
-    w = (torch.randn(N, K, generator=g) * 0.05).to(DEV, dt)
-    cfg = None
-    if config != "auto":
-        bn, bk, warps, stages = map(int, config.split(","))
-        cfg = triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-    y = sk.skinny_mm(x, w, cfg)
-    ref = (x.float() @ w.float().T).to(dt)
-    assert y.shape == (M, 1, N) and y.dtype == dt
-    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-3, atol=2e-3)
-
-
-def test_skinny_mm_refuses_what_it_cannot_run():
-    from ttt.ops.skinny_mm import skinny_mm
-    w = torch.zeros(8, 32, device=DEV, dtype=torch.float16)
-    for x, why in ((torch.zeros(17, 32, device=DEV, dtype=torch.float16), "17 rows"),
-                   (torch.zeros(2, 31, device=DEV, dtype=torch.float16), "K differs"),
-                   (torch.zeros(2, 32, device=DEV), "dtype differs"),
-                   (torch.zeros(32, 2, device=DEV, dtype=torch.float16).T, "strided rows")):
-        with pytest.raises(ValueError, match="^x, w: expected"):
-            skinny_mm(x, w)
-
-
-def test_decode_gemm_benchmark_checks_every_config(monkeypatch):
-    """benchmarks/bench_layer_kernels.py --gemms: cuBLAS's product and skinny_mm at every launch config are each
-    checked against the fp32 product before timing (here on small shapes, with the timer stubbed)."""
+def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
+    """benchmarks/bench_layer_kernels.py --decode: each launch in both forms (arguments apart; as the model hands them
+    over: one merged tensor by columns, state and window in place) is checked against the apart default before
+    timing; the model form computes the same bits (here on small shapes, with the graph timer stubbed)."""
     from benchmarks import bench_layer_kernels as blk
-    from ttt.ops import skinny_mm as sk
     monkeypatch.setattr(blk, "DEV", DEV)
-    monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72),))
-    calls = []
-    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (calls.append([fn() for fn in fns]), 1e-3)[1])
-    rows = blk.bench_decode_gemms(B=3, dtype=torch.float16, copies=2)  # fp16: the interpreter's 16-bit dot
-    assert len(rows) == 2 + len(sk.CONFIGS) and all(r["ok"] and r["us"] == 1.0 for r in rows), rows
-    assert len(calls) == len(rows) and all(len(c) == 2 and c[0].shape == (3, 1, 40) for c in calls)
+    timed = []
+    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (timed.append([fn() for fn in fns]), 1e-3)[1])
+    rows = blk.bench_decode_kernel(["default", "4"], positions=(1, 15), B=2, D=32, d=16, b=16)
+    assert [(r["launch"], r["form"], r["position"]) for r in rows] == [
+        (ln, f, p) for p in (1, 15) for ln in ("default", "4") for f in ("apart", "as in the model")]
+    assert all(r["ok"] and r["ms"] == 1e-3 for r in rows) and len(timed) == len(rows)
+    assert all(r["max_rel_err"] == 0 for r in rows if r["launch"] == "default")

@@ -241,17 +241,3 @@ def test_default_runs_the_fused_layer_on_cuda():
     """The default RunOptions run the fused layer kernels on CUDA (fused_layer=None: auto)."""
     model = TTTLM(get_config("debug", vocab_size=256)).cuda()
     assert all(blk.mixer.prepare(torch.device("cuda"), torch.bfloat16).fused for blk in model.blocks)
-
-
-def test_skinny_mm_at_decode_shapes():
-    """The decode's few-row GEMM, autotuned, at the 1.3b decode shapes (B16, bf16) == F.linear within bf16 rounding
-    of an fp32 accumulation (both accumulate in fp32, in different orders)."""
-    from ttt.ops.skinny_mm import skinny_mm
-    torch.manual_seed(0)
-    for N, K in ((6176, 2048), (2048, 2048), (11008, 2048), (2048, 5504)):
-        x = torch.randn(16, 1, K, device="cuda", dtype=torch.bfloat16)
-        w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
-        ref = (x.float() @ w.float().T)
-        y = skinny_mm(x, w)
-        assert y.shape == (16, 1, N) and y.dtype == torch.bfloat16
-        torch.testing.assert_close(y.float(), ref, rtol=1.6e-2, atol=1e-2)
