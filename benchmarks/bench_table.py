@@ -17,7 +17,7 @@ what it measured; a row that fails is recorded with its error and the run goes o
   decode       1.3b decode B16 ms/token, CUDA graphs of the compiled step, at 1k and 32k: TTT-Linear on the PyTorch
                layer path and fused (the fused decode kernel), next to attention's KV-cache read alone
   train13b     1.3b training tok/s at 8k (the paper's comparison size): TTT-Linear both paths, Transformer++,
-               Mamba-2 (our layer)
+               Mamba-2 (our layer and mamba_ssm's Mamba2 module)
   compile      the first forward+backward of the TTT-Linear op in a fresh process, with an empty Triton cache and then
                with the cache the first run left (TRITON_CACHE_DIR): bf16 head dim 64 and fp32 head dim 128
   mamba_layer  one Mamba-2 layer at the 1.3b shapes (d_state 64), B4 T8k bf16, forward and forward+backward: our
@@ -201,7 +201,7 @@ def table(rows: list) -> str:
 
 PARTS = {"check": part_check, "op": part_op, "train": part_train, "prefill": part_prefill, "decode": part_decode,
          "train13b": lambda run: part_train(run, "1.3b", (8192,), ["ttt_linear", "ttt_linear+fused", "attention",
-                                                                  "mamba"]),
+                                                                  "mamba", "mamba2_module"]),
          "mamba_layer": part_mamba_layer, "compile": part_compile}
 
 
