@@ -3,7 +3,7 @@
 Gluon has no interpreter. `interpretable(kernel)` rebuilds the kernel's Python function (and every @gluon.jit
 helper it calls) with `gl` and the Hopper ops bound to small emulations on top of `triton.language`, which the
 interpreter runs: layouts are ignored, shared memory is a numpy array per allocation (views for `slice` and
-`permute`, stores cast to its dtype), `warpgroup_mma` / `dot_fma` are `tl.dot` on the loaded operands (16-bit
+`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (16-bit
 operands stay 16-bit, fp32 accumulation), barriers and fences are no-ops (a program is one thread here). Every
 program of a launch runs in its own Python thread with its own program id, so programs that wait on one another
 through global-memory atomics (the split kernels' exchanges) make progress as they would on a GPU.
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia import hopper
+from triton.experimental.gluon.language.nvidia import ampere, hopper
 from triton.runtime import interpreter as _interp
 
 _tls = threading.local()
@@ -139,6 +139,10 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
     return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
+def _mma_v2(a, b, acc, input_precision=None):
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
 def _warpgroup_mma_wait(num_outstanding=0, deps=None):
     return deps[0] if len(deps) == 1 else tuple(deps)
 
@@ -195,7 +199,8 @@ def _atomic_add(ptr, val, mask, sem, scope):
     # a program polling a counter (adding 0) steps aside, so that the others (one Python thread each) run
     time.sleep(1e-4 if isinstance(val, int) and val == 0 else 0)
     return out
-_REPLACE = {id(gl): _GL, id(hopper.warpgroup_mma): _warpgroup_mma, id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
+_REPLACE = {id(gl): _GL, id(ampere.mma_v2): _mma_v2, id(hopper.warpgroup_mma): _warpgroup_mma,
+            id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
             id(hopper.fence_async_shared): _noop}
 
 

@@ -54,6 +54,7 @@ import heapq
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..common import LN_EPS
@@ -127,14 +128,20 @@ def _finite_cols(x):
 
 
 @gluon.jit
-def _tok_dot(a_s, b_s, acc, K: gl.constexpr, EA: gl.constexpr, EB: gl.constexpr):
-    """acc + A B^T for A, B stored transposed in shared memory (a_s, b_s [K, 16]): [16, 16], FMA, 16 rows of K
-    at a time."""
-    for c in gl.static_range(K // 16):
-        a = a_s.slice(c * 16, 16, dim=0).permute((1, 0)).load(EA).to(gl.float32)  # [16 tokens, 16 of K]
-        b = b_s.slice(c * 16, 16, dim=0).load(EB).to(gl.float32)  # [16 of K, 16 tokens]
-        acc = gl.dot_fma(a, b, acc)
-    return acc
+def _tok_dot(a_s, b_s, K: gl.constexpr, LT: gl.constexpr, LE: gl.constexpr):
+    """A B^T for A, B stored transposed in shared memory (a_s, b_s [K, 16], 16-bit): [16, 16] fp32 in layout LE, on
+    the tensor cores (mma.sync m16n8k16, LT its accumulator layout; fp32 accumulation), 64 rows of K at a time.
+    (As FMA dots in a blocked layout, these two products were 60% of the forward's shared-memory loads: one 16-bit
+    element per load; H200 profile in docs/kernels_notes.md.)"""
+    KC: gl.constexpr = 64 if K > 64 else K
+    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LT, k_width=2)
+    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LT, k_width=2)
+    acc = gl.zeros([16, 16], gl.float32, LT)
+    for c in gl.static_range(K // KC):
+        a = a_s.slice(c * KC, KC, dim=0).permute((1, 0)).load(EA)  # [16 tokens, KC of K]
+        b = b_s.slice(c * KC, KC, dim=0).load(EB)  # [KC of K, 16 tokens]
+        acc = mma_v2(a, b, acc)
+    return gl.convert_layout(acc, LE)
 
 
 @gluon.jit
@@ -296,8 +303,7 @@ def ttt_mlp_smem_fwd_kernel(
     AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
     AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
     LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
-    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LE, k_width=0)
-    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LE, k_width=0)
+    LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])  # [FS, D], FS contiguous
     # shared memory: the fp32 weight slices for the whole sequence, and this mini-batch's 16-bit MMA operands
@@ -400,7 +406,7 @@ def ttt_mlp_smem_fwd_kernel(
             okD = _finite_cols(g2)
             ok = gl.convert_layout(okF, gl.SliceLayout(0, LE)) & gl.convert_layout(okD, gl.SliceLayout(0, LE))
             E = tau_i[:, None] * lrE[None, :]
-            qk = _tok_dot(qT_s, kT_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB)
+            qk = _tok_dot(qT_s, kT_s, D, LT, LE)
             p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
             okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
             mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
@@ -411,7 +417,7 @@ def ttt_mlp_smem_fwd_kernel(
             x2b_s.store(x2b.to(OPT))
             fence_async_shared()
             gl.thread_barrier()
-            s2 = _tok_dot(x2b_s, x2_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)  # this slice's X2b X2^T
+            s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             first = (s == 0).to(gl.float32)
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
             okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
@@ -540,8 +546,7 @@ def ttt_mlp_smem_bwd_kernel(
     AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
     AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
     LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
-    EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LE, k_width=0)
-    EB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LE, k_width=0)
+    LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
     # the exchange record of one program for one mini-batch (fp32): Z2, Z2b, dG2, dq, dk [D, 16], X2b X2^T
@@ -770,7 +775,7 @@ def ttt_mlp_smem_bwd_kernel(
                 # output path: Z1b, X2b, Z2b (exchange 2, with this slice's X2b X2^T)
                 lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
-                qk1 = _tok_dot(qT_s, kT_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB) + 1.0
+                qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
                 P1 = E * qk1
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
@@ -781,7 +786,7 @@ def ttt_mlp_smem_bwd_kernel(
                 x2b_s.store(x2b.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
-                s2 = _tok_dot(x2b_s, x2_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)
+                s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)
                 p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
@@ -809,7 +814,7 @@ def ttt_mlp_smem_bwd_kernel(
                 dz2b_s.store(dz2b.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
-                dP2 = -_tok_dot(dz2b_s, g2_s, gl.zeros([BT, BT], gl.float32, LE), D, EA, EB)
+                dP2 = -_tok_dot(dz2b_s, g2_s, D, LT, LE)
                 dA2 = dP2 * E
                 dE = first * dP2 * xx1
                 da2_s.store(dA2.to(OPT))
@@ -823,7 +828,7 @@ def ttt_mlp_smem_bwd_kernel(
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
-                dP1 = -_tok_dot(dz1b_s, g1_s, gl.zeros([BT, BT], gl.float32, LE), FS, EA, EB)  # this slice's
+                dP1 = -_tok_dot(dz1b_s, g1_s, FS, LT, LE)  # this slice's
                 dE += dP1 * qk1
                 dA1 = dP1 * E
                 da1_s.store(dA1.to(OPT))
