@@ -54,11 +54,11 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
                      mini_batch: int = 16, grad: bool = False) -> str:
     """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
     forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs and b = 16 on a Hopper
-    GPU, "smem" (7.1 / 51.9 against the register pair's 7.0 / 79.4 and the F-blocked pair's 8.3 / 65.1); with
+    GPU, "smem" (6.0 / 47.9 against the register pair's 7.0 / 78.4 and the F-blocked pair's 8.4 / 65.1); with
     gradients in fp32 on a GPU, "blocked" (F walked in column blocks): the register backward in fp32 spills 22 KB
     of stack per thread and compiles for 116 s, the blocked one for 31 s (offline sm_90, d 64, 8 warps);
     otherwise "regs" up to MLP_MAX_D and "blocked" above (at d 128 the blocked pair trains faster than smem: 128
-    against 147 ms). Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem pair once
+    against 141 ms; without gradients smem is now faster at d 64 and 128, not yet the default there). Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem pair once
     did not, and packed calls fell to "regs": one full-length document of 8k tokens trained in 47.2 ms against the
     plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
     if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
