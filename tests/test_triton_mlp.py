@@ -250,6 +250,11 @@ def test_smem_matches_dual(d, T, pos):
     compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
 
 
+def test_smem_forward_only_matches_dual():
+    """Without gradients (the kernel compiled with SAVE off: no checkpoints written): outputs and final state."""
+    compare("smem", B=2, T=45, H=1, d=64, b=16, pos=3, dtype=torch.float16, grad=False, tol=1e-2)
+
+
 def _smem_grids_agree(d, B, H, T, backward=True):
     """fwd (and bwd) with fewer programs than heads (one group of nsplit programs walking every head) give the same
     bits as one head per group."""
@@ -322,8 +327,10 @@ def test_smem_checkpoints_in_row_slots():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_smem_full_shapes(d, dtype):
     """Every output, state and gradient against the dual form: odd T, a mid-mini-batch start, 33 kernel mini-batches
-    (five checkpoint groups), outputs NaN-poisoned before the kernel runs."""
-    compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else 1e-2)
+    (five checkpoint groups), outputs NaN-poisoned before the kernel runs; then without gradients (SAVE off)."""
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
+    compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol)
+    compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol, grad=False)
 
 
 @pytest.mark.gpu
