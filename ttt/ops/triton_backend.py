@@ -58,9 +58,10 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
     gradients in fp32 on a GPU, "blocked" (F walked in column blocks): the register backward in fp32 spills 22 KB
     of stack per thread and compiles for 116 s, the blocked one for 31 s (offline sm_90, d 64, 8 warps);
     otherwise "regs" up to MLP_MAX_D and "blocked" above (at d 128 the blocked pair trains faster than smem: 128
-    against 141 ms; without gradients smem is now faster at d 64 and 128, not yet the default there). Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem pair once
-    did not, and packed calls fell to "regs": one full-length document of 8k tokens trained in 47.2 ms against the
-    plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
+    against 141 ms; without gradients smem is now faster at d 64 and 128, not yet the default there: 6.0 against
+    7.0 and 14.1 against 20.4). Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem
+    pair once did not, and packed calls fell to "regs": one full-length document of 8k tokens trained in 47.2 ms
+    against the plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
     if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"

@@ -12,7 +12,7 @@ operand (converted to 16 bits on the way), the activations as the shared-memory 
 
 Orientation: wgmma needs M >= 64 rows, a mini-batch has 16 tokens, so every tile is transposed: hidden units
 (F) or features (d) are the rows, the 16 tokens the columns ("Z1t" = Z1^T, [F, 16]). The small token x token
-products (Q K^T, X2b X2^T) are FMA dots in 16-row chunks.
+products (Q K^T, X2b X2^T) are mma.sync products (m16n8k16, `_tok_dot`).
 
 F split: d = 128 needs 512 KB of fp32 weights per head, more than one SM holds, so NSPLIT programs share a head,
 each owning FS = F / NSPLIT hidden units (W1's columns, c1, W2's rows). Per mini-batch they exchange the
@@ -131,7 +131,7 @@ def _finite_cols(x):
 def _tok_dot(a_s, b_s, K: gl.constexpr, LT: gl.constexpr, LE: gl.constexpr):
     """A B^T for A, B stored transposed in shared memory (a_s, b_s [K, 16], 16-bit): [16, 16] fp32 in layout LE, on
     the tensor cores (mma.sync m16n8k16, LT its accumulator layout; fp32 accumulation), 64 rows of K at a time.
-    (As FMA dots in a blocked layout, these two products were 60% of the forward's shared-memory loads: one 16-bit
+    (As FMA dots in a blocked layout, these products were 60% of the forward's shared-memory loads: one 16-bit
     element per load; H200 profile in docs/kernels_notes.md.)"""
     KC: gl.constexpr = 64 if K > 64 else K
     EA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LT, k_width=2)
@@ -295,7 +295,8 @@ def ttt_mlp_smem_fwd_kernel(
     FS: gl.constexpr = FF // NSPLIT
     BT: gl.constexpr = 16
     # register layouts: the wgmma accumulators of [FS, 16], [D, 16], [D, FS], [FS, D] tiles, their A operands,
-    # a [16, 16] token x token tile (FMA dots), and a blocked layout for the weight copies
+    # a [16, 16] token x token tile (element-wise work; LT: its mma.sync products), blocked layouts for the weight
+    # copies
     LF: gl.constexpr = _mma_layout(FS, BT, num_warps)
     LD: gl.constexpr = _mma_layout(D, BT, num_warps)
     FC: gl.constexpr = min(FS, 8192 // D)  # rows of F per weight-update / W2^T-product chunk (8 K fp32 values)
