@@ -35,7 +35,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr",  # in the input dtype
            "x_ptr", "s_ptr", "ya_ptr", "yb_ptr", "dya_ptr", "dyb_ptr", "dx_ptr", "ds_ptr", "g_ptr", "y_ptr", "dy_ptr",
            "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
-FLOATS = {"log2_base", "eps"}  # fp32 scalar arguments
+FLOATS = {"log2_base", "eps", "base_lr"}  # float scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
 CONV_INT_PTRS = {"tok_ptr", "doc_ptr"}  # int32: the conv kernels' rows of packed documents
 INT_PTRS = {"span_ptr", "cnt_ptr", "sched_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier
@@ -57,15 +57,15 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
             sass.count("HGMMA"))
 
 
-def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
-                 hints: bool = False) -> tuple[int, int, int, int]:
-    """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
-    compiled for sm_90."""
+def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, hints: bool = False,
+             float_type: str = "fp32"):
+    """The @triton.jit or @gluon.jit kernel `fn` compiled for sm_90 (float_type: how its float scalars are typed:
+    Triton's launcher passes Python floats as fp32, Inductor's as fp64)."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
-           else "fp32" if n in FLOATS else "i32" for n in names}
+           else float_type if n in FLOATS else "i32" for n in names}
     if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
         sig["num_warps"] = "constexpr"
         constexprs["num_warps"] = num_warps
@@ -73,9 +73,29 @@ def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: i
              if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
     source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else triton.compiler.ASTSource
     src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                         "num_stages": num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                           "num_stages": num_stages})
+
+
+def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
+                 hints: bool = False) -> tuple[int, int, int, int]:
+    """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
+    compiled for sm_90."""
+    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints)
     return (*resources(k.asm["cubin"]), k.metadata.shared)
+
+
+def fp64_instructions(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, float_type: str) -> int:
+    """How many fp64 arithmetic instructions (DADD, DMUL, DFMA) the SASS of `fn` compiled for sm_90 has, its float
+    scalars typed as float_type."""
+    k = _compile(fn, constexprs, dtype, num_warps, num_stages, float_type=float_type)
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return len(re.findall(r"\b(?:DADD|DMUL|DFMA)\b", sass))
 
 
 def linear_kernels(d: int, b: int, dot: int):

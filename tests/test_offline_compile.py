@@ -40,6 +40,22 @@ def test_fused_decode_kernel_compiles_at_constant_positions():
     assert compile_offline(DECODE, 600) == ["compiled", "None", "compiled", "0", "compiled", "1"]
 
 
+# the fused decode kernel as a compiled decode step launches it: Inductor types Python floats as fp64 (Triton's own
+# launcher as fp32); the kernel casts its two float scalars, so the step stays fp32 either way (before, given fp64,
+# it computed its whole step in fp64: 2,745 fp64 instructions and 5,520 B of stack against 136 B)
+DECODE_FP64 = """
+from benchmarks.offline_compile import fp64_instructions
+from ttt.ops import fused_layer
+const = dict(HD=64, BD=64, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=False, WIN_INPLACE=True, EPS=1e-6)
+print(*(fp64_instructions(fused_layer._linear_decode_kernel, const, "bf16", 2, 3, t) for t in ("fp32", "fp64")))
+"""
+
+
+def test_fused_decode_kernel_stays_fp32_given_fp64_floats():
+    n32, n64 = map(int, compile_offline(DECODE_FP64, 600))
+    assert n64 <= n32 + 4, (n32, n64)
+
+
 # TTT-MLP's register backward in fp32 at its launch (8 warps, 1 stage): its shared memory must fit an SM of sm_90
 # (232,448 bytes), or the default pair for fp32 training on a GPU cannot launch (it once needed 329,728)
 REGS_BWD = """

@@ -142,6 +142,7 @@ def _conv_fwd_kernel(
     # PACKED (one sequence of documents, B = 1, PERIODIC off): tok [T] = position in the document * MB + RoPE
     # position mod MB of every row, doc [T] its document (read with a window only): a tap reaching before the
     # document's first row reads the document's window row (`_xs_tile_packed`); RoPE at the row's own position.
+    log2_base = tl.cast(log2_base, tl.float32)  # fp32 also when a compiled graph passes it as fp64 (see the decode kernel)
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T, SEG, BT)
     c0 = pc * BC
@@ -252,6 +253,7 @@ def _conv_bwd_kernel(
     # g_j[u] counts only where output row u - j is in x row u - (W-1)'s document (its position >= W - 1 - j), and
     # with a window the un-rotated g of every document's first W - 1 rows goes to gw [N, W-1, D] (fp32, zeroed)
     # by (document, position): the window's gradient and its share of dw are summed from it in PyTorch.
+    log2_base = tl.cast(log2_base, tl.float32)  # as in the forward
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T + W - 1, SEG, BT)
     c0 = pc * BC
@@ -654,6 +656,10 @@ def _linear_decode_kernel(
     # once in that of its rows (cheaper than moving one through shared memory); lr: the head's gate; tau_i from
     # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u (in place
     # when WIN_INPLACE: after a barrier, so that every read of the window, in either layout, comes first).
+    # fp32 whatever the caller typed them as: a compiled step (Inductor) passes Python floats as fp64, which made the
+    # whole step fp64 (offline sm_90: 2,745 fp64 instructions and 5,520 B of stack against 136)
+    log2_base = tl.cast(log2_base, tl.float32)
+    base_lr = tl.cast(base_lr, tl.float32)
     pid = tl.program_id(0)
     bi, hi = pid // H, pid % H
     rd = tl.arange(0, BD)
