@@ -10,6 +10,7 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
+    python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
 """
 from __future__ import annotations
 
@@ -161,11 +162,36 @@ def bench_decode_kernel(launches, positions=(3, 15), **shape):
     return rows
 
 
+# the 1.3b decode's GEMMs per block, (name, N, K): merged qk/v/gate/lr (rows padded to 64), o_proj, merged SwiGLU
+# gate+up, down
+DECODE_GEMMS = (("qk|v|gate|lr", 6208, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
+
+
+def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20):
+    """The decode's GEMMs (F.linear, cuBLAS) at B rows, each a CUDA graph of `copies` calls: on a weight copy each
+    (read from memory, as the decode's blocks do) and all on one weight (after the first call from L2: what
+    prefetching the weights into L2 beside the step's latency-bound kernels could reach); us per call and the
+    weight's read rate (TB/s)."""
+    rows = []
+    for name, N, K in DECODE_GEMMS:
+        x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
+        ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
+        for weights, where in ((ws, "memory"), ([ws[0]] * copies, "L2")):
+            ms = graphed_ms([lambda w=w: F.linear(x, w) for w in weights])
+            row = dict(kernel="decode gemm", gemm=name, N=N, K=K, rows=B, weights_from=where, us=ms * 1e3,
+                       weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", nargs="*", default=None,
                     help="time the fused decode step instead, at these launches (default, WARPS or WARPS:MAXNREG; "
                          "none given: default 8 4:128 2)")
+    ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
+                                                            "from memory and from L2)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
@@ -180,6 +206,9 @@ def main():
     print(json.dumps(rows[0]), flush=True)
     if a.decode is not None:
         rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
+        a.shapes = []
+    if a.gemms:
+        rows += bench_decode_gemms()
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -18,7 +18,8 @@
 #             adds the PyTorch layer path's decode beside it)
 #   decode16  the decode round (~9 min with a fresh machine): the GPU tests of the decode, generate and training
 #             (8 workers), the decode table at 1k and 32k, the decode profile inside the graphs, the fused decode
-#             kernel alone (arguments apart and as the model hands them over), Inductor's generated code of the
+#             kernel alone (arguments apart and as the model hands them over), the GEMMs alone (weights from memory and
+#             from L2), Inductor's generated code of the
 #             decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
@@ -68,7 +69,7 @@ if has decode16; then
     --positions 1024,32768 --out "$OUT/decode16.json" 2>&1 | grep -E "^\||rror|check"
   timeout "${D16_PROFILE_S:-110}" python3 -m benchmarks.profile_model --decode --decode-graphed --host \
     --decode-variants merged --mixers ttt_linear+fused 2>&1 | grep -A40 "compiled + CUDA graphs" | head -45
-  timeout "${D16_KERNEL_S:-70}" python3 -m benchmarks.bench_layer_kernels --decode default 4 --out "$OUT/dk16.json" \
+  timeout "${D16_KERNEL_S:-70}" python3 -m benchmarks.bench_layer_kernels --decode default 4 --gemms --out "$OUT/dk16.json" \
     2>&1 | grep -v '^{"device' | cut -c1-220
   TORCH_LOGS=output_code timeout "${D16_CODE_S:-100}" python3 -m benchmarks.profile_model --decode --decode-graphed \
     --mixers ttt_linear+fused > "$OUT/decode_code.log" 2>&1; gzip -f "$OUT/decode_code.log"

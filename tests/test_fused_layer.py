@@ -642,3 +642,17 @@ def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
         (ln, f, p) for p in (1, 15) for ln in ("default", "4") for f in ("apart", "as in the model")]
     assert all(r["ok"] and r["ms"] == 1e-3 for r in rows) and len(timed) == len(rows)
     assert all(r["max_rel_err"] == 0 for r in rows if r["launch"] == "default")
+
+
+def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):
+    """benchmarks/bench_layer_kernels.py --gemms: per GEMM one graph over distinct weight copies and one over a
+    single weight (here on small shapes, with the graph timer stubbed)."""
+    from benchmarks import bench_layer_kernels as blk
+    monkeypatch.setattr(blk, "DEV", DEV)
+    monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72),))
+    calls = []
+    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (calls.append([fn() for fn in fns]), 1e-3)[1])
+    rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=3)
+    assert [r["weights_from"] for r in rows] == ["memory", "L2"] and all(r["us"] == 1.0 for r in rows)
+    assert all(len(c) == 3 and c[0].shape == (3, 1, 40) for c in calls)
+    assert not torch.equal(calls[0][0], calls[0][1]) and torch.equal(calls[1][0], calls[1][1])
