@@ -19,8 +19,7 @@
 #   decode16  the decode round (~9 min with a fresh machine): the GPU tests of the decode, generate and training
 #             (8 workers), the decode table at 1k and 32k, the decode profile inside the graphs, the fused decode
 #             kernel alone (arguments apart and as the model hands them over), the GEMMs alone (weights from memory and
-#             from L2), Inductor's generated code of the
-#             decode step (decode_code.log.gz)
+#             from L2), Inductor's generated code of the decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
