@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
 from ttt.layers.attention import apply_rope
+from ttt.layers.merged import ALIGN_ROWS
 from ttt.ops import fused_layer
 
 SHAPES = ["4x8192x768", "16x2048x768", "4x8192x2048"]  # B x T x D: 125m training at 8k and 2k, 1.3b at 8k
@@ -121,7 +122,7 @@ def model_form(args, states):
     u, v, gate, win, *params = args
     B, _, D = u.shape
     H = gate.shape[-1]
-    y = torch.zeros(B, 1, -(-(3 * D + H) // 64) * 64, device=u.device, dtype=u.dtype)
+    y = torch.zeros(B, 1, -(-(3 * D + H) // ALIGN_ROWS) * ALIGN_ROWS, device=u.device, dtype=u.dtype)
     y[..., :D], y[..., D:2 * D], y[..., 3 * D:3 * D + H] = u, v, gate
     return [((y, y, y, win.clone(), *params), s) for s in states], dict(cols=(0, D, 3 * D), inplace=True)
 
