@@ -714,7 +714,7 @@ def ttt_mlp_smem_bwd_kernel(
                 gl.thread_barrier()
 
                 # forward recompute, state path: Z1, X2, Z2 (exchange 1), G2
-                z1 = _w_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                z1 = warpgroup_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 x2, d1, dd1 = _gelu_parts2(z1)
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
@@ -781,7 +781,7 @@ def ttt_mlp_smem_bwd_kernel(
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
                 gl.thread_barrier()
-                z1b = _w_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 z1b = warpgroup_mma(gl.convert_layout((-g1).to(OPT), AF), p1_s.permute((1, 0)), z1b)
                 x2b, d1b = _gelu_parts(z1b)
                 x2b_s.store(x2b.to(OPT))
