@@ -242,13 +242,16 @@ def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexp
 
 
 @gluon.jit
-def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr):
+def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr, h_s=None):
     """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory; FC
-    rows at a time (a [FC, D] fp32 accumulator in registers)."""
+    rows at a time (a [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its
+    rounding), or None."""
     for c in gl.static_range(FS // FC):
         w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
         gl.thread_barrier()  # every warp's reads of this chunk are done before any write
         w_s.slice(c * FC, FC, dim=0).store(w)
+        if h_s is not None:
+            h_s.slice(c * FC, FC, dim=0).store(w.to(h_s.dtype))
     gl.thread_barrier()
 
 
@@ -311,6 +314,9 @@ def ttt_mlp_smem_fwd_kernel(
     SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
     w1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # W1s^T
     w2_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)
+    # W2s rounded to 16 bits, wgmma's A operand straight from shared memory in its three products (instead of the
+    # fp32 loaded and converted each time; W1s^T, read once per mini-batch, has no room for one at d 64)
+    w2h_s = gl.allocate_shared_memory(OPT, [FS, D], gl.NVMMASharedLayout.get_default_for([FS, D], OPT))
     SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
     SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
     SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
@@ -347,6 +353,9 @@ def ttt_mlp_smem_fwd_kernel(
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         gl.thread_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
+        gl.thread_barrier()
+        for c in gl.static_range(FS // FC):
+            w2h_s.slice(c * FC, FC, dim=0).store(w2_s.slice(c * FC, FC, dim=0).load(LB).to(OPT))
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
         c2 = gl.load(c2_ptr + head * D + rdD)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
@@ -386,7 +395,7 @@ def ttt_mlp_smem_fwd_kernel(
             x2_s.store(x2.to(OPT))
             fence_async_shared()
             gl.thread_barrier()
-            z2 = _w2t_mma(w2_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)  # this slice's Z2t part
+            z2 = warpgroup_mma(w2h_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))  # this slice's Z2t part
             if NSPLIT > 1:
                 gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
                 _sync(cnt, (n + 1) * NSPLIT)
@@ -400,7 +409,7 @@ def ttt_mlp_smem_fwd_kernel(
             g2_s.store(g2.to(OPT))
             fence_async_shared()
             gl.thread_barrier()
-            g1 = _w_mma(w2_s, g2_s, zero_f, D, AF, OPT) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
+            g1 = warpgroup_mma(w2h_s, g2_s, zero_f) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
 
             # output path; token columns with a non-finite G enter the causal products as zeros
             okF = _finite_cols(g1)
@@ -425,7 +434,7 @@ def ttt_mlp_smem_fwd_kernel(
             mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
             fence_async_shared()
             gl.thread_barrier()
-            zb = _w2t_mma(w2_s, x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None], FS, FC, AD, OPT)
+            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
             zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
             bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
             zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
@@ -446,7 +455,7 @@ def ttt_mlp_smem_fwd_kernel(
             fence_async_shared()
             gl.thread_barrier()
             _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
-            _update(w2_s, x2_s, eg2_s, FS, FC, LW)
+            _update(w2_s, x2_s, eg2_s, FS, FC, LW, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
