@@ -201,7 +201,8 @@ def _atomic_add(ptr, val, mask, sem, scope):
     return out
 _REPLACE = {id(gl): _GL, id(ampere.mma_v2): _mma_v2, id(hopper.warpgroup_mma): _warpgroup_mma,
             id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
-            id(hopper.fence_async_shared): _noop}
+            id(hopper.fence_async_shared): _noop,
+            **{id(getattr(gl, name)): _noop for name in ("thread_barrier", "barrier") if hasattr(gl, name)}}
 
 
 def _rebuild(fn, done):

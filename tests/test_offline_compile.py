@@ -56,6 +56,22 @@ def test_fused_decode_kernel_stays_fp32_given_fp64_floats():
     assert n64 <= n32 + 4, (n32, n64)
 
 
+# the shared-memory TTT-MLP kernels (Gluon) at their launch (8 warps, head dims 64 and 128): they compile with this
+# Triton (Gluon's API moves: thread_barrier became barrier after 3.6) and their shared memory fits an SM of sm_90
+SMEM = """
+from benchmarks.offline_compile import compile_cost, mlp_kernels
+for d in (64, 128):
+    for name, fn, cx, w, s in mlp_kernels(d, 16, 2):
+        if name.startswith("smem") and w == 8:
+            print(compile_cost(fn, cx, "bf16", w, s)[3])
+"""
+
+
+def test_smem_mlp_kernels_compile_and_fit_shared_memory():
+    shared = [int(v) for v in compile_offline(SMEM, 900)]
+    assert len(shared) == 4 and max(shared) <= 232_448, shared
+
+
 # TTT-MLP's register backward in fp32 at its launch (8 warps, 1 stage): its shared memory must fit an SM of sm_90
 # (232,448 bytes), or the default pair for fp32 training on a GPU cannot launch (it once needed 329,728)
 REGS_BWD = """

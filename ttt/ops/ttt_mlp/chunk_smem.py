@@ -60,6 +60,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..common import LN_EPS
 from ..triton_utils import batch_rows
 
+# a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
 HEAD_DIMS = (64, 128)
 
@@ -148,11 +150,11 @@ def _tok_dot(a_s, b_s, K: gl.constexpr, LT: gl.constexpr, LE: gl.constexpr):
 def _sync(cnt_ptr, target):
     """Barrier of the programs sharing a head: every thread's writes are published (bar.sync, then one release
     increment at GPU scope) and the others' seen (acquire loads until the counter reaches `target`)."""
-    gl.thread_barrier()
+    _cta_barrier()
     gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
     while gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
-    gl.thread_barrier()
+    _cta_barrier()
 
 
 @gluon.jit
@@ -248,11 +250,11 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
     rounding), or None."""
     for c in gl.static_range(FS // FC):
         w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
-        gl.thread_barrier()  # every warp's reads of this chunk are done before any write
+        _cta_barrier()  # every warp's reads of this chunk are done before any write
         w_s.slice(c * FC, FC, dim=0).store(w)
         if h_s is not None:
             h_s.slice(c * FC, FC, dim=0).store(w.to(h_s.dtype))
-    gl.thread_barrier()
+    _cta_barrier()
 
 
 @gluon.jit
@@ -351,9 +353,9 @@ def ttt_mlp_smem_fwd_kernel(
         start, nmb, slot = _row_whole(span_ptr, bi, BT)
         gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
-        gl.thread_barrier()  # the previous head's last reads of w1t_s / w2_s are done
+        _cta_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
-        gl.thread_barrier()
+        _cta_barrier()
         for c in gl.static_range(FS // FC):
             w2h_s.slice(c * FC, FC, dim=0).store(w2_s.slice(c * FC, FC, dim=0).load(LB).to(OPT))
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
@@ -364,7 +366,7 @@ def ttt_mlp_smem_fwd_kernel(
         x_base = bi * s_b + start * s_t + hi * s_h
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
-        gl.thread_barrier()
+        _cta_barrier()
         for n in range(nmb):
             t0 = n * BT
             if SAVE:
@@ -386,7 +388,7 @@ def ttt_mlp_smem_fwd_kernel(
             kT_s.store(kT.to(OPT))
             kT = kT.to(gl.float32)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
 
             # inner forward / backward at the start weights
             zero_f = gl.zeros([FS, BT], gl.float32, LF)
@@ -394,7 +396,7 @@ def ttt_mlp_smem_fwd_kernel(
             x2, d1 = _gelu_parts(z1)
             x2_s.store(x2.to(OPT))
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             z2 = warpgroup_mma(w2h_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))  # this slice's Z2t part
             if NSPLIT > 1:
                 gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
@@ -408,7 +410,7 @@ def ttt_mlp_smem_fwd_kernel(
             g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)  # [D, 16]
             g2_s.store(g2.to(OPT))
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             g1 = warpgroup_mma(w2h_s, g2_s, zero_f) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
 
             # output path; token columns with a non-finite G enter the causal products as zeros
@@ -421,19 +423,19 @@ def ttt_mlp_smem_fwd_kernel(
             okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
             mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
             x2b, _d1b = _gelu_parts(z1b)
             x2b_s.store(x2b.to(OPT))
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             first = (s == 0).to(gl.float32)
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
             okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
             mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
             zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
             bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
@@ -453,7 +455,7 @@ def ttt_mlp_smem_fwd_kernel(
             c1 -= gl.sum(ebF[None, :] * g1, axis=1)
             c2 -= gl.sum(ebD[None, :] * g2, axis=1)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
             _update(w2_s, x2_s, eg2_s, FS, FC, LW, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
@@ -641,12 +643,12 @@ def ttt_mlp_smem_bwd_kernel(
             n1 = gl.minimum(n0 + GROUP, nmb)
             # ---- recompute: the start weights of every mini-batch of the group, from its checkpoint, into the
             # scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
-            gl.thread_barrier()
+            _cta_barrier()
             ck = (slot + g) * H + hi
             _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt, LB)
             c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
             c2 = gl.load(ckc2_ptr + ck * D + rdD)
-            gl.thread_barrier()
+            _cta_barrier()
             for n in range(n0, n1):
                 j = n - n0
                 _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
@@ -659,15 +661,15 @@ def ttt_mlp_smem_bwd_kernel(
                     kT = gl.load(k_ptr + x_base + xT)
                     vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
                     lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
-                    gl.thread_barrier()
+                    _cta_barrier()
                     kT_s.store(kT.to(OPT))
                     fence_async_shared()
-                    gl.thread_barrier()
+                    _cta_barrier()
                     z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                     x2, d1 = _gelu_parts(z1)
                     x2_s.store(x2.to(OPT))
                     fence_async_shared()
-                    gl.thread_barrier()
+                    _cta_barrier()
                     z2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)
                     if NSPLIT > 1:
                         rec = xb + (n % 2) * NSPLIT * REC
@@ -679,7 +681,7 @@ def ttt_mlp_smem_bwd_kernel(
                                                                  EPS)
                     g2_s.store(g2.to(OPT))
                     fence_async_shared()
-                    gl.thread_barrier()
+                    _cta_barrier()
                     g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
                     ebD = tau_b * lrD
                     ebF = _col_vec(ebD, LF)
@@ -688,12 +690,12 @@ def ttt_mlp_smem_bwd_kernel(
                     c1 -= gl.sum(ebF[None, :] * g1, axis=1)
                     c2 -= gl.sum(ebD[None, :] * g2, axis=1)
                     fence_async_shared()
-                    gl.thread_barrier()
+                    _cta_barrier()
                     _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
                     _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
-            gl.thread_barrier()
+            _cta_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt,
                         LB)
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
@@ -701,7 +703,7 @@ def ttt_mlp_smem_bwd_kernel(
                 n = n1 - 1 - ni
                 j = n - n0
                 t0 = n * BT
-                gl.thread_barrier()
+                _cta_barrier()
                 _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
                 _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
                 c1 = gl.load(cs1 + j * FS + rfF)
@@ -720,14 +722,14 @@ def ttt_mlp_smem_bwd_kernel(
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                 kT_s.store(kT.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
 
                 # forward recompute, state path: Z1, X2, Z2 (exchange 1), G2
                 z1 = warpgroup_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 x2, d1, dd1 = _gelu_parts2(z1)
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 z2 = warpgroup_mma(wh2_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
                 if NSPLIT > 1:
@@ -770,13 +772,13 @@ def ttt_mlp_smem_bwd_kernel(
                 if keep.to(gl.int32) == 0:  # the state after this mini-batch is poisoned: it passes no gradient
                     _zero_smem(g1t_s, FS, D, FC, LW)
                     _zero_smem(g2w_s, FS, D, FC, LW)
-                gl.thread_barrier()
+                _cta_barrier()
                 qT_s.store(qT.to(OPT))
                 kT_s.store(kT.to(OPT))
                 x2_s.store(x2.to(OPT))
                 g2_s.store(g2.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 h1 = warpgroup_mma(wh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF))  # W2s G2t
                 g1 = h1 * d1
                 h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
@@ -789,17 +791,17 @@ def ttt_mlp_smem_bwd_kernel(
                 P1 = E * qk1
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 z1b = warpgroup_mma(gl.convert_layout((-g1).to(OPT), AF), p1_s.permute((1, 0)), z1b)
                 x2b, d1b = _gelu_parts(z1b)
                 x2b_s.store(x2b.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)
                 p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
                 zb = warpgroup_mma(gl.convert_layout((-g2).to(OPT), AD), p2_s.permute((1, 0)), zb)
                 if NSPLIT > 1:
@@ -819,17 +821,17 @@ def ttt_mlp_smem_bwd_kernel(
                 dbet += first * gl.sum(dOT, axis=1)
                 dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
                 dz2b = gl.where(live[None, :], dz2b, 0.0)
-                gl.thread_barrier()
+                _cta_barrier()
                 p2_s.store(P2.to(OPT))
                 dz2b_s.store(dz2b.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dP2 = -_tok_dot(dz2b_s, g2_s, D, LT, LE)
                 dA2 = dP2 * E
                 dE = first * dP2 * xx1
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dg2_rep = -warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
@@ -837,14 +839,14 @@ def ttt_mlp_smem_bwd_kernel(
                 dz1b = dx2b * d1b
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dP1 = -_tok_dot(dz1b_s, g1_s, FS, LT, LE)  # this slice's
                 dE += dP1 * qk1
                 dA1 = dP1 * E
                 da1_s.store(dA1.to(OPT))
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dg1 = -warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF))  # -(P1^T dZ1b)^T
                 dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, gl.zeros([D, BT], gl.float32, LD) + first * dOT)
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
@@ -862,18 +864,18 @@ def ttt_mlp_smem_bwd_kernel(
                                 AD, OPT)
                 S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
                 dg1 -= ebF[None, :] * kdw1
-                gl.thread_barrier()
+                _cta_barrier()
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dk = _w2t_mma(g1t_s, eg1_s, dk, FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
                 dx2 = _w_mma(g2w_s, eg2_s, dx2, D, AF, OPT)  # - dW2' (e_b G2)^T
                 dh1 = dg1 * d1
                 dz1 = dg1 * h1dd1
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * dg2_rep - ebD[None, :] * xdw2)
                 if NSPLIT > 1:
                     rec = xb + (n % 2) * NSPLIT * REC
@@ -892,12 +894,12 @@ def ttt_mlp_smem_bwd_kernel(
                 dk += first * gam[:, None] * dgy
                 dz2_s.store(dz2.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
                 dz1 += dx2 * d1
                 dz1_s.store(dz1.to(OPT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
                 dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
                 dE = gl.where(causal, dE, 0.0)
@@ -928,7 +930,7 @@ def ttt_mlp_smem_bwd_kernel(
                     _emit_grads(xb + (n0 % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
                                 o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
                                 rdD, rtD, rjE, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
-            gl.thread_barrier()
+            _cta_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, False, FS, D, FF, FC,
                         LBt, LB)
             gl.store(dc1_ptr + head * FF + s * FS + rfF, dc1)
