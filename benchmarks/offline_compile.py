@@ -42,17 +42,20 @@ INT_PTRS = {"span_ptr", "cnt_ptr", "sched_ptr"}  # int32 (the rows of `triton_ut
 # counters; the smem kernels' schedule of packed documents)
 
 
-def resources(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, stack bytes, wgmma instructions in the SASS) of a cubin (n_regs / n_spills of a CompiledKernel
-    exist only once it is loaded on a GPU)."""
+def _cubin_tools(cubin: bytes, *tools: list[str]) -> list[str]:
+    """The output of each of Triton's bundled CUDA tools (`[name, *flags]`) run on `cubin`."""
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return [subprocess.run([os.path.join(bin_dir, name), *flags, f.name], capture_output=True, text=True,
+                               check=True).stdout for name, *flags in tools]
+
+
+def resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack bytes, wgmma instructions in the SASS) of a cubin (n_regs / n_spills of a CompiledKernel
+    exist only once it is loaded on a GPU)."""
+    out, sass = _cubin_tools(cubin, ["cuobjdump", "--dump-resource-usage"], ["nvdisasm"])
     return (int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1)),
             sass.count("HGMMA"))
 
@@ -89,12 +92,7 @@ def fp64_instructions(fn, constexprs: dict, dtype: str, num_warps: int, num_stag
     """How many fp64 arithmetic instructions (DADD, DMUL, DFMA) the SASS of `fn` compiled for sm_90 has, its float
     scalars typed as float_type."""
     k = _compile(fn, constexprs, dtype, num_warps, num_stages, float_type=float_type)
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), f.name], capture_output=True, text=True,
-                              check=True).stdout
+    sass, = _cubin_tools(k.asm["cubin"], ["nvdisasm"])
     return len(re.findall(r"\b(?:DADD|DMUL|DFMA)\b", sass))
 
 

@@ -139,10 +139,6 @@ def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise
     return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
-def _mma_v2(a, b, acc, input_precision=None):
-    return tl.dot(a, b, acc, out_dtype=acc.dtype)
-
-
 def _warpgroup_mma_wait(num_outstanding=0, deps=None):
     return deps[0] if len(deps) == 1 else tuple(deps)
 
@@ -199,7 +195,7 @@ def _atomic_add(ptr, val, mask, sem, scope):
     # a program polling a counter (adding 0) steps aside, so that the others (one Python thread each) run
     time.sleep(1e-4 if isinstance(val, int) and val == 0 else 0)
     return out
-_REPLACE = {id(gl): _GL, id(ampere.mma_v2): _mma_v2, id(hopper.warpgroup_mma): _warpgroup_mma,
+_REPLACE = {id(gl): _GL, id(ampere.mma_v2): _warpgroup_mma, id(hopper.warpgroup_mma): _warpgroup_mma,
             id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
             id(hopper.fence_async_shared): _noop,
             **{id(getattr(gl, name)): _noop for name in ("thread_barrier", "barrier") if hasattr(gl, name)}}

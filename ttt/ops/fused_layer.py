@@ -142,7 +142,6 @@ def _conv_fwd_kernel(
     # PACKED (one sequence of documents, B = 1, PERIODIC off): tok [T] = position in the document * MB + RoPE
     # position mod MB of every row, doc [T] its document (read with a window only): a tap reaching before the
     # document's first row reads the document's window row (`_xs_tile_packed`); RoPE at the row's own position.
-    log2_base = tl.cast(log2_base, tl.float32)  # fp32 also when a compiled graph passes it as fp64 (see the decode kernel)
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T, SEG, BT)
     c0 = pc * BC
@@ -253,7 +252,6 @@ def _conv_bwd_kernel(
     # g_j[u] counts only where output row u - j is in x row u - (W-1)'s document (its position >= W - 1 - j), and
     # with a window the un-rotated g of every document's first W - 1 rows goes to gw [N, W-1, D] (fp32, zeroed)
     # by (document, position): the window's gradient and its share of dw are summed from it in PyTorch.
-    log2_base = tl.cast(log2_base, tl.float32)  # as in the forward
     pc, b = tl.program_id(0), tl.program_id(1)
     lo, hi, i = _segment(T + W - 1, SEG, BT)
     c0 = pc * BC
