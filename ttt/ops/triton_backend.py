@@ -12,11 +12,12 @@ it. `TritonOp`'s rules, all of them:
     kernels leave it uncommitted) and its accumulators come from the dual form's inner gradients of those
     tokens (`Reference.grads`), a few small products. Autograd joins the pieces, so gradients reach every input
     and the initial state (params and accum). No cu_seqlens and one full-length document run the same kernels;
-  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default for training at head dim 64 on Hopper, with and
-    without cu_seqlens, see `default_mlp_impl`; `MLPKernels(impl="smem")` names it) walks the same rows, their
-    whole mini-batches only, on a persistent grid (packed documents of unequal lengths spread over its programs
-    longest first, `chunk_smem.schedule`); a row's partial last mini-batch runs in the dual form from the weights
-    the kernels reach (all rows' at once), its weights left uncommitted as the other kernels leave them;
+  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default in 16 bits on Hopper at head dim 64 and, without
+    gradients, 128, with and without cu_seqlens, see `default_mlp_impl`; `MLPKernels(impl="smem")` names it) walks
+    the same rows, their whole mini-batches only, on a persistent grid (packed documents of unequal lengths spread
+    over its programs longest first, `chunk_smem.schedule`); a row's partial last mini-batch runs in the dual form
+    from the weights the kernels reach (all rows' at once), its weights left uncommitted as the other kernels leave
+    them;
   - when the start state's accumulator requires grad at an aligned position, the first mini-batch also runs
     in the dual form, whose gradient w.r.t. that (zero) accumulator the kernels do not compute;
   - a one-token call without cu_seqlens (decode) runs the fused step kernel (`ttt_linear/step_triton.py`,
@@ -45,7 +46,8 @@ from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
-# chunk_smem.py (weights in shared memory, wgmma, Hopper; the default for training at head dim 64 there)
+# chunk_smem.py (weights in shared memory, wgmma, Hopper; the default in 16 bits there at head dim 64, and at 128
+# without gradients)
 MLP_IMPLS = ("regs", "blocked", "smem")
 MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
@@ -53,16 +55,16 @@ MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head di
 def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                      mini_batch: int = 16, grad: bool = False) -> str:
     """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
-    forward+backward ms, docs/kernels_notes.md): with gradients, head dim 64, 16-bit inputs and b = 16 on a Hopper
-    GPU, "smem" (6.0 / 47.9 against the register pair's 7.0 / 78.4 and the F-blocked pair's 8.4 / 65.1); with
-    gradients in fp32 on a GPU, "blocked" (F walked in column blocks): the register backward in fp32 spills 22 KB
-    of stack per thread and compiles for 116 s, the blocked one for 31 s (offline sm_90, d 64, 8 warps);
-    otherwise "regs" up to MLP_MAX_D and "blocked" above (at d 128 the blocked pair trains faster than smem: 128
-    against 141 ms; without gradients smem is now faster at d 64 and 128, not yet the default there: 6.0 against
-    7.0 and 14.1 against 20.4). Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem
-    pair once did not, and packed calls fell to "regs": one full-length document of 8k tokens trained in 47.2 ms
-    against the plain call's 29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
-    if (grad and d == 64 and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
+    forward+backward ms, docs/kernels_notes.md): with 16-bit inputs and b = 16 on a Hopper GPU, "smem" at head
+    dim 64 (5.4 / 46.9 against the register pair's 7.0 / 79.5 and the F-blocked pair's 8.4 / 65.8) and, without
+    gradients, at 128 (13.2 against the F-blocked forward's 20.5; with gradients the F-blocked pair trains faster
+    there, 129 against 137); with gradients in fp32 on a GPU, "blocked" (F walked in column blocks): the register
+    backward in fp32 spills 22 KB of stack per thread and compiles for 116 s, the blocked one for 31 s (offline
+    sm_90, d 64, 8 warps); otherwise "regs" up to MLP_MAX_D and "blocked" above. Packed documents (cu_seqlens) take
+    the same pair: every pair walks them (the smem pair once did not, and packed calls fell to "regs": one
+    full-length document of 8k tokens trained in 47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64,
+    benchmarks/bench_packed.py)."""
+    if ((d == 64 or (d == 128 and not grad)) and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
     if grad and dtype == torch.float32 and device is not None and device.type == "cuda":
