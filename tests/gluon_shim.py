@@ -3,10 +3,11 @@
 Gluon has no interpreter. `interpretable(kernel)` rebuilds the kernel's Python function (and every @gluon.jit
 helper it calls) with `gl` and the Hopper ops bound to small emulations on top of `triton.language`, which the
 interpreter runs: layouts are ignored, shared memory is a numpy array per allocation (views for `slice` and
-`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (16-bit
-operands stay 16-bit, fp32 accumulation), asynchronous copies are done at once, barriers and fences are no-ops (a program is one thread here). Every
-program of a launch runs in its own Python thread with its own program id, so programs that wait on one another
-through global-memory atomics (the split kernels' exchanges) make progress as they would on a GPU.
+`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands
+(16-bit operands stay 16-bit, fp32 accumulation), asynchronous copies are done at once, barriers and fences are no-ops
+(a program is one thread here). Every program of a launch runs in its own Python thread with its own program id, so
+programs that wait on one another through global-memory atomics (the split kernels' exchanges) make progress as they
+would on a GPU.
 
 What this checks: the kernel's arithmetic, indexing, masking, its use of shared memory as storage and its
 exchanges between programs. What it cannot: layouts, the hardware's shapes (wgmma needs M >= 64), register and
