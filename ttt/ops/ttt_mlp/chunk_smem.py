@@ -38,16 +38,14 @@ NaN containment as in `chunk.py`: token columns with a non-finite G enter the ca
 output columns from that token on are NaN (a program's partial sum is poisoned, so the sum is).
 
 Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the carried weight gradients, fp32,
-sit in shared memory with 16-bit copies of them (the MMAs' operands) beside the 16-bit weights): per checkpoint
-group, last first, the start weights of each mini-batch are recomputed from the checkpoint into a per-program
-16-bit scratch, then the group is walked back with `chunk.py`'s formulas, transposed, each mini-batch's start
-weights copied back from the scratch (cp.async) while the one after it is walked; three exchanges per mini-batch
-(Z2; Z2b and X2b X2^T; dG2), dq, dk and dlr summed after the next one. Its NaN containment is the other backward
-kernels' (docs/kernels_notes.md).
+sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
+mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
+with `chunk.py`'s formulas, transposed; three exchanges per mini-batch (Z2; Z2b and X2b X2^T; dG2), dq, dk and
+dlr summed after the next one. Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
-indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the offline
-sm_90 compile (`benchmarks/offline_compile.py`).
+indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
+offline sm_90 compile (`benchmarks/offline_compile.py`).
 """
 from __future__ import annotations
 
@@ -239,6 +237,15 @@ def _w_mma2(w_s, x_s, y_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.const
 
 
 @gluon.jit
+def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexpr, OPT: gl.constexpr):
+    """acc + W2s^T X for X [FS, 16] in shared memory: [D, 16], FC rows of F (the MMA's K) at a time."""
+    for c in gl.static_range(FS // FC):
+        a = w2_s.slice(c * FC, FC, dim=0).permute((1, 0)).load(AD).to(OPT)  # [D, FC]
+        acc = warpgroup_mma(a, x_s.slice(c * FC, FC, dim=0), acc)
+    return acc
+
+
+@gluon.jit
 def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr, h_s=None):
     """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory; FC
     rows at a time (a [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its
@@ -253,10 +260,11 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
 
 
 @gluon.jit
-def _mirror(h_s, w_s, FS: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
-    """h_s [FS, D] 16-bit = w_s [FS, D] fp32 rounded (the copy wgmma reads as its A operand), FC rows at a time."""
-    for c in gl.static_range(FS // FC):
-        h_s.slice(c * FC, FC, dim=0).store(w_s.slice(c * FC, FC, dim=0).load(L).to(h_s.dtype))
+def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
+    """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time."""
+    for c in gl.static_range(D // 32):
+        acc = warpgroup_mma(w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT), x_s.slice(c * 32, 32, dim=0), acc)
+    return acc
 
 
 @gluon.jit
@@ -350,7 +358,8 @@ def ttt_mlp_smem_fwd_kernel(
         _cta_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
         _cta_barrier()
-        _mirror(w2h_s, w2_s, FS, FC, LB)
+        for c in gl.static_range(FS // FC):
+            w2h_s.slice(c * FC, FC, dim=0).store(w2_s.slice(c * FC, FC, dim=0).load(LB).to(OPT))
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
         c2 = gl.load(c2_ptr + head * D + rdD)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
@@ -492,7 +501,7 @@ def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
 @gluon.jit
 def _zero_smem(w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
     for c in gl.static_range(FS // FC):
-        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], w_s.dtype, L))
+        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], gl.float32, L))
 
 
 @gluon.jit
@@ -582,9 +591,6 @@ def ttt_mlp_smem_bwd_kernel(
     SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
     g1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW1s^T (recompute: W1s^T)
     g2w_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW2s (recompute: W2s)
-    # the same rounded to 16 bits, kept equal to them: wgmma's A operand straight from shared memory
-    gh1_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)
-    gh2_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)
     # W1s^T, W2s at the start of this mini-batch and (the other buffer) of the one walked next, copied meanwhile
     wh1_b = gl.allocate_shared_memory(OPT, [2, FS, D], SWH)
     wh2_b = gl.allocate_shared_memory(OPT, [2, FS, D], SWH)
@@ -656,13 +662,10 @@ def ttt_mlp_smem_bwd_kernel(
             c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
             c2 = gl.load(ckc2_ptr + ck * D + rdD)
             _cta_barrier()
-            _mirror(gh1_s, g1t_s, FS, FC, LB)
-            _mirror(gh2_s, g2w_s, FS, FC, LB)
-            _cta_barrier()
             for n in range(n0, n1):
                 j = n - n0
-                _tile_out(ws1 + j * FS * D, gh1_s, FS, D, FC, LB)
-                _tile_out(ws2 + j * FS * D, gh2_s, FS, D, FC, LB)
+                _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
+                _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
                 gl.store(cs1 + j * FS + rfF, c1)
                 gl.store(cs2 + j * D + rdD, c2)
                 if n < n1 - 1:
@@ -675,12 +678,12 @@ def ttt_mlp_smem_bwd_kernel(
                     kT_s.store(kT.to(OPT))
                     fence_async_shared()
                     _cta_barrier()
-                    z1 = warpgroup_mma(gh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
+                    z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                     x2, d1 = _gelu_parts(z1)
                     x2_s.store(x2.to(OPT))
                     fence_async_shared()
                     _cta_barrier()
-                    z2 = warpgroup_mma(gh2_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))
+                    z2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)
                     if NSPLIT > 1:
                         rec = xb + (n % 2) * NSPLIT * REC
                         gl.store(rec + s * REC + R_Z2 + _tok_tile(rdD, rtD, 0, D), z2)
@@ -692,7 +695,7 @@ def ttt_mlp_smem_bwd_kernel(
                     g2_s.store(g2.to(OPT))
                     fence_async_shared()
                     _cta_barrier()
-                    g1 = warpgroup_mma(gh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF)) * d1
+                    g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
                     ebD = tau_b * lrD
                     ebF = _col_vec(ebD, LF)
                     eg1_s.store((-ebF[None, :] * g1).to(OPT))
@@ -701,16 +704,13 @@ def ttt_mlp_smem_bwd_kernel(
                     c2 -= gl.sum(ebD[None, :] * g2, axis=1)
                     fence_async_shared()
                     _cta_barrier()
-                    _update(g1t_s, eg1_s, kT_s, FS, FC, LW, gh1_s)
-                    _update(g2w_s, x2_s, eg2_s, FS, FC, LW, gh2_s)
+                    _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
+                    _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt,
                         LB)
-            _cta_barrier()
-            _mirror(gh1_s, g1t_s, FS, FC, LB)
-            _mirror(gh2_s, g2w_s, FS, FC, LB)
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
             jl = n1 - 1 - n0  # the group's last mini-batch, walked first: its start weights into buffer 0
             _weights_prefetch(wh1_b.index(0), wh2_b.index(0), ws1 + jl * FS * D, ws2 + jl * FS * D, FS, D, LC, num_warps)
@@ -794,8 +794,6 @@ def ttt_mlp_smem_bwd_kernel(
                 if keep.to(gl.int32) == 0:  # the state after this mini-batch is poisoned: it passes no gradient
                     _zero_smem(g1t_s, FS, D, FC, LW)
                     _zero_smem(g2w_s, FS, D, FC, LW)
-                    _zero_smem(gh1_s, FS, D, FC, LW)
-                    _zero_smem(gh2_s, FS, D, FC, LW)
                 _cta_barrier()
                 qT_s.store(qT.to(OPT))
                 kT_s.store(kT.to(OPT))
@@ -883,9 +881,9 @@ def ttt_mlp_smem_bwd_kernel(
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
                 ebF = _col_vec(ebD, LF)
-                kdw1 = warpgroup_mma(gh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None])
-                xdw2 = warpgroup_mma(gh2_s.permute((1, 0)), x2_s,
-                                     gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None])
+                kdw1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None], D, AF, OPT)
+                xdw2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None], FS, FC,
+                                AD, OPT)
                 S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
                 dg1 -= ebF[None, :] * kdw1
                 _cta_barrier()
@@ -893,8 +891,8 @@ def ttt_mlp_smem_bwd_kernel(
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dk = warpgroup_mma(gh1_s.permute((1, 0)), eg1_s, dk)  # - dW1' (e_b G1)^T
-                dx2 = warpgroup_mma(gh2_s, eg2_s, dx2)  # - dW2' (e_b G2)^T
+                dk = _w2t_mma(g1t_s, eg1_s, dk, FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, dx2, D, AF, OPT)  # - dW2' (e_b G2)^T
                 dh1 = dg1 * d1
                 dz1 = dg1 * h1dd1
                 dh1_s.store(dh1.to(OPT))
@@ -932,10 +930,10 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # gradients w.r.t. the start weights of this mini-batch
                 _update(g1t_s, dz1b_s, qT_s, FS, FC, LW)  # dW1^T += dZ1bt Q + dZ1t K
-                _update(g1t_s, dz1_s, kT_s, FS, FC, LW, gh1_s)
+                _update(g1t_s, dz1_s, kT_s, FS, FC, LW)
                 _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 _update(g2w_s, dh1_s, g2_s, FS, FC, LW)
-                _update(g2w_s, x2_s, dz2_s, FS, FC, LW, gh2_s)
+                _update(g2w_s, x2_s, dz2_s, FS, FC, LW)
                 dc1 += gl.sum(dz1b, axis=1) + gl.sum(dz1, axis=1)
                 dc2 += gl.sum(dz2b, axis=1) + gl.sum(dz2, axis=1)
 
@@ -1068,7 +1066,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
 
 def nsplit_bwd(d: int) -> int:
     """Programs per head in the backward: it holds the carried weight gradients (fp32) beside the weights (16-bit),
-    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 205 KB of shared memory)."""
+    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 140 KB of shared memory)."""
     return 2 * nsplit(d)
 
 
