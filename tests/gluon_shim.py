@@ -3,11 +3,10 @@
 Gluon has no interpreter. `interpretable(kernel)` rebuilds the kernel's Python function (and every @gluon.jit
 helper it calls) with `gl` and the Hopper ops bound to small emulations on top of `triton.language`, which the
 interpreter runs: layouts are ignored, shared memory is a numpy array per allocation (views for `slice` and
-`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands
-(16-bit operands stay 16-bit, fp32 accumulation), asynchronous copies are done at once, barriers and fences are no-ops
-(a program is one thread here). Every program of a launch runs in its own Python thread with its own program id, so
-programs that wait on one another through global-memory atomics (the split kernels' exchanges) make progress as they
-would on a GPU.
+`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (16-bit
+operands stay 16-bit, fp32 accumulation), barriers and fences are no-ops (a program is one thread here). Every
+program of a launch runs in its own Python thread with its own program id, so programs that wait on one another
+through global-memory atomics (the split kernels' exchanges) make progress as they would on a GPU.
 
 What this checks: the kernel's arithmetic, indexing, masking, its use of shared memory as storage and its
 exchanges between programs. What it cannot: layouts, the hardware's shapes (wgmma needs M >= 64), register and
@@ -79,7 +78,6 @@ class _Smem:
         return _View(self, lambda a: _take(a, dim, start, length), _slice_setter(dim, start, length))
 
     def index(self, i):
-        i = int(np.asarray(i.handle.data).reshape(-1)[0]) if isinstance(i, tl.core.tensor) else int(i)  # run-time index
         return _View(self, lambda a: a[i], _index_setter(i))
 
     def permute(self, order):
@@ -153,15 +151,6 @@ def _noop(*args, **kwargs):
     return None
 
 
-def _async_load(smem, pointer, mask=None, other=None, **kwargs):
-    """An asynchronous copy global -> shared memory, done at once (`async_copy.wait_group` is a no-op)."""
-    smem.store(tl.load(pointer, mask=mask, other=other))
-
-
-_ASYNC_COPY = types.SimpleNamespace(async_load=_async_load, async_copy_global_to_shared=_async_load,
-                                    commit_group=_noop, wait_group=_noop)
-
-
 def _allocate_shared_memory(element_ty, shape, layout, value=None):
     return _Smem(element_ty, [int(s) for s in shape], value)
 
@@ -208,9 +197,7 @@ def _atomic_add(ptr, val, mask, sem, scope):
     return out
 _REPLACE = {id(gl): _GL, id(ampere.mma_v2): _warpgroup_mma, id(hopper.warpgroup_mma): _warpgroup_mma,
             id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
-            id(hopper.fence_async_shared): _noop, id(ampere.async_copy): _ASYNC_COPY,
-            **{id(getattr(ampere.async_copy, name)): _async_load
-               for name in ("async_load", "async_copy_global_to_shared") if hasattr(ampere.async_copy, name)},
+            id(hopper.fence_async_shared): _noop,
             **{id(getattr(gl, name)): _noop for name in ("thread_barrier", "barrier") if hasattr(gl, name)}}
 
 

@@ -63,13 +63,11 @@ from benchmarks.offline_compile import compile_cost, mlp_kernels
 for d in (64, 128):
     for name, fn, cx, w, s in mlp_kernels(d, 16, 2):
         if name.startswith("smem") and w == 8:
-            print(compile_cost(fn, cx, "bf16", w, s, hints=True)[3])
+            print(compile_cost(fn, cx, "bf16", w, s)[3])
 """
 
 
 def test_smem_mlp_kernels_compile_and_fit_shared_memory():
-    # (hints: pointers 16-byte aligned, as the runtime specialises them; the backward's 16-byte asynchronous copies
-    # of its scratch need that to compile)
     shared = [int(v) for v in compile_offline(SMEM, 900)]
     assert len(shared) == 4 and max(shared) <= 232_448, shared
 

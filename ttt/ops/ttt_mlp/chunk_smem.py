@@ -54,7 +54,7 @@ import heapq
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from ..common import LN_EPS
@@ -62,8 +62,6 @@ from ..triton_utils import batch_rows
 
 # a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-# an asynchronous copy global -> shared memory (cp.async): async_copy_global_to_shared in Triton 3.6, async_load later
-_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
 HEAD_DIMS = (64, 128)
 
@@ -516,31 +514,22 @@ def _emit_grads(rec, dq_ptr, dk_ptr, dlr_ptr, o_off, dlr_off, rdD, rtD, rjE, NSP
 
 @gluon.jit
 def _tile_out(ptr, w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
-    """Shared [FS, D] -> a contiguous [FS, D] tile at ptr, cast to its type, non-finite entries as 0 (the walk back
-    copies these into shared memory as MMA operands as they are; a poisoned state is told by its biases), FC rows
-    at a time."""
+    """Shared [FS, D] -> a contiguous [FS, D] tile at ptr (cast to its type), FC rows at a time."""
     for c in gl.static_range(FS // FC):
         r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
-        x = w_s.slice(c * FC, FC, dim=0).load(L).to(ptr.dtype.element_ty)
         gl.store(ptr + (c * FC + r[:, None]) * D + col[None, :],
-                 gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(ptr.dtype.element_ty))
+                 w_s.slice(c * FC, FC, dim=0).load(L).to(ptr.dtype.element_ty))
 
 
 @gluon.jit
-def _weights_prefetch(w1_s, w2_s, ws1, ws2, FS: gl.constexpr, D: gl.constexpr, LC: gl.constexpr,
-                      num_warps: gl.constexpr):
-    """Start copying two contiguous 16-bit [FS, D] tiles (a mini-batch's start weights in the scratch) into w1_s,
-    w2_s, 16 bytes per copy (LC: 8 consecutive columns per thread, one copy per thread and chunk of rows: few
-    registers for the addresses), bypassing L1; one commit group (`async_copy.wait_group` completes it)."""
-    RC: gl.constexpr = num_warps * 32 * 8 // D  # rows per chunk
-    r = gl.arange(0, RC, layout=gl.SliceLayout(1, LC))
-    col = gl.arange(0, D, layout=gl.SliceLayout(0, LC))
-    off = r[:, None] * D + col[None, :]
-    for c in gl.static_range(FS // RC):
-        _async_load(w1_s.slice(c * RC, RC, dim=0), ws1 + c * RC * D + off, cache_modifier=".cg")
-        _async_load(w2_s.slice(c * RC, RC, dim=0), ws2 + c * RC * D + off, cache_modifier=".cg")
-    async_copy.commit_group()
+def _tile_in_finite(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0."""
+    for c in gl.static_range(FS // FC):
+        r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
+        col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
+        x = gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :])
+        w_s.slice(c * FC, FC, dim=0).store(gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(w_s.dtype))
 
 
 @gluon.jit
@@ -591,10 +580,8 @@ def ttt_mlp_smem_bwd_kernel(
     SLE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BT], OPT)
     g1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW1s^T (recompute: W1s^T)
     g2w_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # dW2s (recompute: W2s)
-    # W1s^T, W2s at the start of this mini-batch and (the other buffer) of the one walked next, copied meanwhile
-    wh1_b = gl.allocate_shared_memory(OPT, [2, FS, D], SWH)
-    wh2_b = gl.allocate_shared_memory(OPT, [2, FS, D], SWH)
-    LC: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])  # the copies
+    wh1_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)  # W1s^T of this mini-batch
+    wh2_s = gl.allocate_shared_memory(OPT, [FS, D], SWH)  # W2s
     qT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
     kT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
     g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
@@ -712,22 +699,13 @@ def ttt_mlp_smem_bwd_kernel(
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt,
                         LB)
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
-            jl = n1 - 1 - n0  # the group's last mini-batch, walked first: its start weights into buffer 0
-            _weights_prefetch(wh1_b.index(0), wh2_b.index(0), ws1 + jl * FS * D, ws2 + jl * FS * D, FS, D, LC, num_warps)
             for ni in range(n1 - n0):
                 n = n1 - 1 - ni
                 j = n - n0
                 t0 = n * BT
-                buf = ni % 2
-                _cta_barrier()  # every warp is done with the other buffer (the mini-batch walked before)
-                if ni + 1 < n1 - n0:  # the next mini-batch's start weights, copied while this one is walked
-                    _weights_prefetch(wh1_b.index(1 - buf), wh2_b.index(1 - buf), ws1 + (j - 1) * FS * D,
-                                      ws2 + (j - 1) * FS * D, FS, D, LC, num_warps)
-                    async_copy.wait_group(1)  # this thread's copies of this mini-batch's weights are done
-                else:
-                    async_copy.wait_group(0)
-                wh1_s = wh1_b.index(buf)
-                wh2_s = wh2_b.index(buf)
+                _cta_barrier()
+                _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
                 c1 = gl.load(cs1 + j * FS + rfF)
                 c2 = gl.load(cs2 + j * D + rdD)
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
