@@ -169,11 +169,9 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         assert [copies(g) for g in owned_graphs] == [copies(g) - (5 if i == 0 else 3) for i, g in enumerate(plain)]
         assert all(copies(g) == 1 for g in owned_graphs)
         # merged decode weights: one GEMM for qk, v, gate and lr, one for SwiGLU's gate and up (8 -> 4 per block)
-        # (the SwiGLU's down GEMM takes the residual as its addend: addmm)
-        gemms = lambda g: sum(1 for n in g.graph.nodes if "linear" in str(n.target) or "addmm" in str(n.target))  # noqa: E731
+        gemms = lambda g: sum(1 for n in g.graph.nodes if "linear" in str(n.target))  # noqa: E731
         merged = trace(merge=True)
         assert [gemms(g) for g in merged] == [gemms(g) - 4 for g in plain] and gemms(plain[0]) == 8
-        assert all(sum(1 for n in g.graph.nodes if "addmm" in str(n.target)) == 1 for g in plain + merged)
     graphs = trace()
     assert len(graphs) <= 3  # the commit, r = 0 as a constant, then r symbolic (r = 2 reuses it)
     for g in graphs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ttt.config import EXECUTION_FIELDS, ModelConfig, RunOptions, get_config
 from ttt.evaluate import evaluate_model
@@ -225,31 +224,3 @@ def test_merged_weights_refuse_sources_that_do_not_stack():
     with pytest.raises(ValueError, match=r"^sources: expected 2-D weights of one in-dim, dtype and device, got "
                                          r"\(2, 3\) torch.float32 cpu, \(2, 4\)"):
         MergedWeights([torch.zeros(2, 3), torch.zeros(2, 4)])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("merge", [False, True])
-def test_swiglu_step_adds_the_residual_in_its_gemm(dtype, merge, monkeypatch):
-    """A one-token step without gradients: residual + FFN(x) as one addmm (the residual the down GEMM's addend),
-    equal to the separate add within the one rounding it saves; with gradients, under autocast or for more
-    tokens, the separate add."""
-    from ttt.model import SwiGLU
-
-    torch.manual_seed(0)
-    ffn = SwiGLU(32, 48).to(dtype)
-    ffn.merge_decode_weights(merge)
-    x, res = torch.randn(3, 1, 32, dtype=dtype), torch.randn(3, 1, 32, dtype=dtype)
-    calls = []
-    addmm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
-    with torch.no_grad():
-        ref = (res.double() + ffn.down(F.silu(ffn.gate(x)) * ffn.up(x)).double())
-        out = ffn(x, residual=res)
-        assert calls == [1] and out.dtype == dtype and out.shape == res.shape
-        assert (out.double() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max())
-        ffn(torch.randn(3, 2, 32, dtype=dtype), residual=torch.randn(3, 2, 32, dtype=dtype))  # two tokens
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ffn(x, residual=res)
-    assert calls == [1]
-    out = ffn(x.requires_grad_(), residual=res)  # with gradients: the separate add
-    assert calls == [1] and out.requires_grad

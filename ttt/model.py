@@ -86,24 +86,12 @@ class SwiGLU(nn.Module):
         ws = [self.gate.weight, self.up.weight]
         self.merged = merged_for(self.merged, ws) if on else None
 
-    def forward(self, x, residual=None):
-        """The FFN of x; with `residual` (a tensor shaped like x), residual + FFN(x)."""
-        step = x.shape[-2] == 1 and not torch.is_grad_enabled()
-        w = merged_weight(self.merged, x) if step else None
+    def forward(self, x):
+        w = merged_weight(self.merged, x) if x.shape[-2] == 1 and not torch.is_grad_enabled() else None
         if w is not None:
             g, u = self.merged.split(F.linear(x, w))
-            a = F.silu(g) * u
-        else:
-            a = F.silu(self.gate(x)) * self.up(x)
-        if residual is None:
-            return self.down(a)
-        wd = self.down.weight
-        if (step and type(self.down) is nn.Linear and not hasattr(wd, "device_mesh")  # a plain weight (not FSDP2's)
-                and residual.dtype == a.dtype == wd.dtype and not torch.is_autocast_enabled(a.device.type)):
-            # a one-token step: the residual enters the down GEMM as its addend (cuBLAS adds it in the GEMM's
-            # epilogue or split-K reduce), one launch fewer per block than a separate add
-            return torch.addmm(residual.reshape(-1, wd.shape[0]), a.reshape(-1, wd.shape[1]), wd.t()).view_as(residual)
-        return residual + self.down(a)
+            return self.down(F.silu(g) * u)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def make_mixer(cfg: ModelConfig, run: RunOptions = RunOptions()) -> nn.Module:
@@ -154,7 +142,7 @@ class Block(nn.Module):
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
         h = h + y
         if hasattr(self, "ffn"):
-            h = self.ffn(self.ffn_norm(h), residual=h)
+            h = h + self.ffn(self.ffn_norm(h))
         return h, BlockState(conv_state, mixer_state)
 
 
