@@ -41,7 +41,9 @@ Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the 
 sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
 mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
 with `chunk.py`'s formulas, transposed; three exchanges per mini-batch (Z2; Z2b and X2b X2^T; dG2), dq, dk and
-dlr summed after the next one. Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
+dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU'' terms, G1, G2,
+the LayerNorm's x^ and gy, dO, ...) are parked in shared memory between their uses: in registers they spilled
+(docs/kernels_notes.md). Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
@@ -597,6 +599,11 @@ def ttt_mlp_smem_bwd_kernel(
     dz1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    # fp32 tiles of the recompute kept to the end of the walk, parked here between their uses (in registers they
+    # spill: the kernel is at 255 registers), each thread reading back what it wrote
+    SP: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 4, [1, 0])  # no bank conflicts for LF, LD (gl.bank_conflicts)
+    pF_s = gl.allocate_shared_memory(gl.float32, [6, FS, BT], SP)  # GELU'(Z1t), H1t GELU''(Z1t), G1t, GELU'(Z1bt), dX2t, dG1t
+    pD_s = gl.allocate_shared_memory(gl.float32, [7, D, BT], SP)  # G2t, x^, gy, the LN target, dOt, dG2 (P2), dkt
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -752,7 +759,7 @@ def ttt_mlp_smem_bwd_kernel(
                 live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
                 out = live & _finite_cols(qT)
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
-                dOT = gl.where(out[None, :], dOT, 0.0)
+                pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
                 qT = gl.where(out[None, :], qT, 0.0)
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
@@ -783,27 +790,35 @@ def ttt_mlp_smem_bwd_kernel(
                 g1 = h1 * d1
                 h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
                 g1_s.store(g1.to(OPT))
+                pF_s.index(0).store(d1)
+                pF_s.index(1).store(h1dd1)
+                pF_s.index(2).store(g1)
+                pD_s.index(0).store(g2)
+                pD_s.index(1).store(xh)
+                pD_s.index(2).store(gy)
+                pD_s.index(3).store(tgt)
 
                 # output path: Z1b, X2b, Z2b (exchange 2, with this slice's X2b X2^T)
                 lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
                 P1 = E * qk1
-                p1_s.store(P1.to(OPT))
+                p1_s.store((-P1).to(OPT))  # -P1 here, so that G1t is read from g1_s: the same products, exactly
                 fence_async_shared()
                 _cta_barrier()
                 z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
-                z1b = warpgroup_mma(gl.convert_layout((-g1).to(OPT), AF), p1_s.permute((1, 0)), z1b)
+                z1b = warpgroup_mma(g1_s, p1_s.permute((1, 0)), z1b)  # - G1t P1^T
                 x2b, d1b = _gelu_parts(z1b)
+                pF_s.index(3).store(d1b)
                 x2b_s.store(x2b.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
                 s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)
-                p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
+                p2_s.store(gl.where(causal, -E * (s2 + first), 0.0).to(OPT))  # -P2 (this slice's): G2t from g2_s
                 fence_async_shared()
                 _cta_barrier()
                 zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
-                zb = warpgroup_mma(gl.convert_layout((-g2).to(OPT), AD), p2_s.permute((1, 0)), zb)
+                zb = warpgroup_mma(g2_s, p2_s.permute((1, 0)), zb)
                 if NSPLIT > 1:
                     rec = xb + (n % 2) * NSPLIT * REC
                     gl.store(rec + s * REC + R_ZB + _tok_tile(rdD, rtD, 0, D), zb)
@@ -817,6 +832,7 @@ def ttt_mlp_smem_bwd_kernel(
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
+                dOT = pD_s.index(4).load(LD)
                 dgam += first * gl.sum(dOT * xhb, axis=1)
                 dbet += first * gl.sum(dOT, axis=1)
                 dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
@@ -832,11 +848,11 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2_rep = -warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD))  # -(P2^T dZ2b)^T
+                pD_s.index(5).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
-                dx2 = warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF))  # X2bt dA2
-                dz1b = dx2b * d1b
+                pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
+                dz1b = dx2b * pF_s.index(3).load(LF)
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
@@ -847,14 +863,14 @@ def ttt_mlp_smem_bwd_kernel(
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg1 = -warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF))  # -(P1^T dZ1b)^T
-                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, gl.zeros([D, BT], gl.float32, LD) + first * dOT)
+                pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
                 if NSPLIT > 1:  # this program's part of dq, summed after the next exchange
                     gl.store(xb + ((n % 2) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
-                dk = warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD))  # Q^T dA1
+                pD_s.index(6).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
@@ -862,21 +878,23 @@ def ttt_mlp_smem_bwd_kernel(
                 kdw1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None], D, AF, OPT)
                 xdw2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None], FS, FC,
                                 AD, OPT)
+                g1 = pF_s.index(2).load(LF)
+                g2 = pD_s.index(0).load(LD)
                 S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
-                dg1 -= ebF[None, :] * kdw1
+                dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
                 _cta_barrier()
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dk = _w2t_mma(g1t_s, eg1_s, dk, FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
-                dx2 = _w_mma(g2w_s, eg2_s, dx2, D, AF, OPT)  # - dW2' (e_b G2)^T
-                dh1 = dg1 * d1
-                dz1 = dg1 * h1dd1
+                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
+                dh1 = dg1 * pF_s.index(0).load(LF)
+                dz1 = dg1 * pF_s.index(1).load(LF)
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * dg2_rep - ebD[None, :] * xdw2)
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:
                     rec = xb + (n % 2) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
@@ -885,8 +903,10 @@ def ttt_mlp_smem_bwd_kernel(
                     dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
 
                 # G2 = LN-L2 gradient at Z2 (target v - k)
-                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2, xh, rstd, gy, mgx, gam, D)
-                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + tgt), axis=1)
+                xh = pD_s.index(1).load(LD)
+                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LD), xh, rstd, pD_s.index(2).load(LD), mgx,
+                                                gam, D)
+                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)), axis=1)
                 dbet += first * gl.sum(dgy * gam[:, None], axis=1)
                 if s == 0:
                     gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
@@ -896,7 +916,7 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
-                dz1 += dx2 * d1
+                dz1 += dx2 * pF_s.index(0).load(LF)
                 dz1_s.store(dz1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
@@ -1044,7 +1064,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
 
 def nsplit_bwd(d: int) -> int:
     """Programs per head in the backward: it holds the carried weight gradients (fp32) beside the weights (16-bit),
-    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 140 KB of shared memory)."""
+    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 215 KB of shared memory)."""
     return 2 * nsplit(d)
 
 
