@@ -315,7 +315,7 @@ def ttt_mlp_smem_fwd_kernel(
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])  # [FS, D], FS contiguous
     # shared memory: the fp32 weight slices for the whole sequence, and this mini-batch's 16-bit MMA operands
-    SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
+    SW: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # fp32 weights: LW, LB accesses conflict-free
     w1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # W1s^T
     w2_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)
     # W2s rounded to 16 bits, wgmma's A operand straight from shared memory in its three products (instead of the
@@ -575,7 +575,7 @@ def ttt_mlp_smem_bwd_kernel(
     REC: gl.constexpr = 5 * D * BT + BT * BT + BT
     # shared memory: the carried weight gradients (fp32; during a group's recompute the weights themselves),
     # this mini-batch's start weights (16-bit), and the 16-bit MMA operands
-    SW: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], gl.float32)
+    SW: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # fp32 weights: LW, LB accesses conflict-free
     SWH: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, D], OPT)
     SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
     SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
