@@ -24,6 +24,9 @@
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
+#   ab        one benchmark module (AB_MODULE, default benchmarks.bench_mlp; its arguments AB_ARGS) run in the working
+#             tree, then in each snapshot of benchmarks/.ab/ (made by benchmarks/ab_snapshots.sh), lines prefixed with
+#             the snapshot's commit: earlier commits timed beside the working tree in one command
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py; the fused layer's
 #             packed tests on CUDA), then benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
@@ -32,7 +35,7 @@
 # TESTS_ARGS: the tests part's pytest paths and options (default tests/). Serially tests/test_gpu.py alone compiles
 # models for ~6 min; with the image's pytest-xdist, TESTS_ARGS="-n 8 tests/" ran every GPU test in 262 s (H200).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, D16_TESTS_S, D16_TABLE_S,
-# D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
+# D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, AB_S (each run), TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
 # MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_FUSED_S,
 # PACKED_S, TRAIN_S. PROFILE_LINES: the profile's output lines kept (default 80).
 set -u
@@ -91,6 +94,16 @@ if has smem; then  # a hang in the tests (an exchange that never completes) leav
   [[ $rc == 124 || $rc == 137 ]] && { echo "smem tests timed out: smem not timed"; variants=regs-w8,blocked; }
   timeout -k 10 "${SMEM_S:-140}" python3 -m benchmarks.bench_mlp --only fwd --variants "$variants" \
     --shapes 16x2048x32x64,16x2048x16x128 2>&1 | grep -v Warn | tail -30
+fi
+if has ab; then
+  timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 \
+    | sed "s/^/working tree /"
+  for dir in benchmarks/.ab/*/; do
+    [[ -d $dir ]] || continue
+    c=$(basename "$dir")
+    (cd "$dir" && PYTHONPATH=.:$PYTHONPATH timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
+      ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$c /")
+  done
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
   ${TABLE_ARGS:-} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
