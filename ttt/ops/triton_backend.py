@@ -495,7 +495,9 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                                        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
                                        **extra)
     if ck is None:
-        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
+        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(5))
+    elif len(ck) == 4:  # the smem pair also saves Z2 (a fifth tensor); the others nothing more
+        ck = (*ck, q.new_empty(0, dtype=torch.float32))
     return [o, *fin, *ck]
 
 
@@ -506,8 +508,9 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
     F = W1.shape[-1]
     if save:
         ck = [q.new_empty((slots, H, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
+        ck.append(q.new_empty(q.shape if impl == "smem" else (0,), dtype=torch.float32))  # the smem pair's Z2
     else:
-        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(4)]
+        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(5)]
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             *(torch.empty_like(p) for p in (W1, c1, W2, c2)), *ck]
 
@@ -515,20 +518,22 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
 @torch.library.custom_op("ttt::mlp_chunk_bwd", mutates_args=())
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
-                ck2: torch.Tensor, ckc2: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor, dc1: torch.Tensor,
+                ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor,
+                dc1: torch.Tensor,
                 dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
                 covered: bool, mini_batch: int, group: int, impl: str, warps: int,
                 sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     extra = dict(sched=sched) if impl == "smem" else {}
+    ckpt = (ck1, ckc1, ck2, ckc2, aux) if impl == "smem" else (ck1, ckc1, ck2, ckc2)  # aux: the smem pair's Z2
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
-        q, k, v, lr, tau, ln_weight, ln_bias, (ck1, ckc1, ck2, ckc2), do, (dW1, dc1, dW2, dc2), mini_batch, group,
+        q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group), **extra)
     return [dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps]
 
 
 @_mlp_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, dW2, dc2, span, packed, nmb, slots,
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, do, dW1, dc1, dW2, dc2, span, packed, nmb, slots,
       covered, mini_batch, group, impl, warps, sched):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
@@ -541,7 +546,7 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, do, dW1, dc1, 
 def _mlp_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, impl,
      warps, _sched_fwd, sched_bwd) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:9], span, sched_bwd)
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:10], span, sched_bwd)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, impl, warps)
     ctx.rows = W1.shape[0]
 

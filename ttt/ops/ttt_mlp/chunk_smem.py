@@ -291,8 +291,8 @@ def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.co
 @gluon.jit
 def ttt_mlp_smem_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
-    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, xz_ptr, xo_ptr, cnt_ptr,
-    span_ptr, sched_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, xz_ptr, xo_ptr,
+    cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
@@ -409,6 +409,9 @@ def ttt_mlp_smem_fwd_kernel(
                         tp = t0 - BT
                         _emit_output(xo + ((n - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
                                      o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+            if SAVE:
+                if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
+                    gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2 + c2[:, None])
             g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)  # [D, 16]
             g2_s.store(g2.to(OPT))
             fence_async_shared()
@@ -542,7 +545,7 @@ def _col_vec(v, L: gl.constexpr):
 
 @gluon.jit
 def ttt_mlp_smem_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, do_ptr,
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, do_ptr,
     dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
     ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
@@ -563,16 +566,15 @@ def ttt_mlp_smem_bwd_kernel(
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
-    # the exchange record of one program for one mini-batch (fp32): Z2, Z2b, dG2, dq, dk [D, 16], X2b X2^T
-    # [16, 16], dlr [16]
-    R_Z2: gl.constexpr = 0
-    R_ZB: gl.constexpr = D * BT
-    R_DG2: gl.constexpr = 2 * D * BT
-    R_DQ: gl.constexpr = 3 * D * BT
-    R_DK: gl.constexpr = 4 * D * BT
-    R_S2: gl.constexpr = 5 * D * BT
-    R_DLR: gl.constexpr = 5 * D * BT + BT * BT
-    REC: gl.constexpr = 5 * D * BT + BT * BT + BT
+    # the exchange record of one program for one mini-batch (fp32): Z2b, dG2, dq, dk [D, 16], X2b X2^T [16, 16],
+    # dlr [16] (Z2 needs none: the forward saved it)
+    R_ZB: gl.constexpr = 0
+    R_DG2: gl.constexpr = D * BT
+    R_DQ: gl.constexpr = 2 * D * BT
+    R_DK: gl.constexpr = 3 * D * BT
+    R_S2: gl.constexpr = 4 * D * BT
+    R_DLR: gl.constexpr = 4 * D * BT + BT * BT
+    REC: gl.constexpr = 4 * D * BT + BT * BT + BT
     # shared memory: the carried weight gradients (fp32; during a group's recompute the weights themselves),
     # this mini-batch's start weights (16-bit), and the 16-bit MMA operands
     SW: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # fp32 weights: LW, LB accesses conflict-free
@@ -675,17 +677,8 @@ def ttt_mlp_smem_bwd_kernel(
                     z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                     x2, d1 = _gelu_parts(z1)
                     x2_s.store(x2.to(OPT))
-                    fence_async_shared()
-                    _cta_barrier()
-                    z2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD), FS, FC, AD, OPT)
-                    if NSPLIT > 1:
-                        rec = xb + (n % 2) * NSPLIT * REC
-                        gl.store(rec + s * REC + R_Z2 + _tok_tile(rdD, rtD, 0, D), z2)
-                        nsync += 1
-                        _sync(cnt, nsync * NSPLIT)
-                        z2 = _sum_parts(rec + R_Z2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
-                    g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT.to(gl.float32), gam, bet, D,
-                                                                 EPS)
+                    z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
+                    g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
                     g2_s.store(g2.to(OPT))
                     fence_async_shared()
                     _cta_barrier()
@@ -737,21 +730,9 @@ def ttt_mlp_smem_bwd_kernel(
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                z2 = warpgroup_mma(wh2_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))
+                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's (summed)
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
-                if NSPLIT > 1:
-                    rec = xb + (n % 2) * NSPLIT * REC
-                    gl.store(rec + s * REC + R_Z2 + _tok_tile(rdD, rtD, 0, D), z2)
-                    nsync += 1
-                    _sync(cnt, nsync * NSPLIT)
-                    z2 = _sum_parts(rec + R_Z2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
-                    if ni > 0:
-                        if s == 0:  # the gradients of the mini-batch walked before this one
-                            _emit_grads(xb + ((n + 1) % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
-                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
-                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
-                                        R_DQ, R_DK, R_DLR)
-                g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)
+                g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
                 okD = _finite_cols(kT) & _finite_cols(vT) & (gl.abs(lrD) < float("inf")) & _finite_cols(g2)
@@ -827,6 +808,13 @@ def ttt_mlp_smem_bwd_kernel(
                     _sync(cnt, nsync * NSPLIT)
                     zb = _sum_parts(rec + R_ZB, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
                     s2 = _sum_parts(rec + R_S2, riE[:, None] * BT + rjE[None, :], NSPLIT, REC)
+                    if ni > 0:
+                        if s == 0:  # the gradients of the mini-batch walked before this one (every program is
+                            # past its last exchange, so its parts of them are written)
+                            _emit_grads(xb + ((n + 1) % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
+                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
+                                        R_DQ, R_DK, R_DLR)
                 xx1 = s2 + 1.0
                 P2 = E * xx1
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
@@ -1037,8 +1025,10 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     (W1 [N,H,d,F], c1 [N,H,F], W2 [N,H,F,d], c2 [N,H,d]) fp32 contiguous, one per row. num_warps None: 8;
     programs: at most this many programs (None: what the GPU holds at once); sched: which heads each group of
     programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th). Returns o,
-    the final params, and the checkpoints (params every `group` mini-batches) when `save`, in the row kernels'
-    slots [rows.slots, H] (row n's group g at slot span[n, 2] + g), so the pairs mix."""
+    the final params, and when `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots
+    [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 [B,T,H,d] fp32
+    at the whole mini-batches' tokens (`bwd` reads it instead of recomputing Z2, which needs an exchange between
+    the programs of a head)."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
@@ -1050,16 +1040,17 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
         ck = tuple(torch.empty((rows.slots, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
     else:
         ck = fin  # never written
+    z2 = torch.empty((B, T, H, d), dtype=torch.float32, device=q.device) if save else o  # (o: never written)
     xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
     xo = torch.empty_like(xz)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_fwd_kernel[(groups * ns,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, xz, xo, cnt, rows.span,
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, z2, xz, xo, cnt, rows.span,
         cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, heads, groups,
         D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, SCHED=sched is not None, EPS=LN_EPS,
         num_warps=num_warps or 8, **launch)
-    return o, fin, (ck if save else None)
+    return o, fin, ((*ck, z2) if save else None)
 
 
 def nsplit_bwd(d: int) -> int:
@@ -1070,12 +1061,16 @@ def nsplit_bwd(d: int) -> int:
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
-    """Gradients of `fwd` from its checkpoints, over the same rows (same contract as `chunk.bwd`): do [B,T,H,d]
+    """Gradients of `fwd` from its checkpoints and Z2 (ckpt: what `fwd` returned for them, five tensors), over the
+    same rows (same contract as `chunk.bwd` otherwise): do [B,T,H,d]
     (or None), dfin the gradients of the final (W1, c1, W2, c2) [N,H,...] (entries may be None). Returns dq, dk,
     dv (q's dtype; zero at tokens in no row's whole mini-batches), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
     and the gradients of the start params (fp32). num_warps None: 8; programs: at most this many programs (None:
     what the GPU holds at once); sched: as in `fwd`, for this launch's groups (`nsplit_bwd` programs each)."""
     B, T, H, d = q.shape
+    if len(ckpt) != 5:
+        raise ValueError(f"ckpt: expected the five tensors `fwd` saved (W1, c1, W2, c2 checkpoints and Z2), got "
+                         f"{len(ckpt)}")
     F = ckpt[0].shape[-1]
     check(d, mini_batch, q.dtype)
     ns = nsplit_bwd(d)
@@ -1101,7 +1096,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
                torch.empty((nprog, group, FS, d), dtype=q.dtype, device=dev),
                torch.empty((nprog, group, FS), dtype=torch.float32, device=dev),
                torch.empty((nprog, group, d), dtype=torch.float32, device=dev))
-    rec = 5 * d * MB + MB * MB + MB
+    rec = 4 * d * MB + MB * MB + MB
     xb = torch.empty((heads, 2, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
