@@ -28,7 +28,7 @@ longest first, each to the least loaded group), so a long document and many shor
 
 Forward, per mini-batch, program s (W1s [d, FS], c1s [FS], W2s [FS, d] its slice; c2 [d] replicated):
   Z1t = W1s^T K^T + c1s;  QW1t = W1s^T Q^T;  X2t, D1t = GELU, GELU'(Z1t)
-  Z2t = sum_s W2s^T X2t + c2 (exchange);  G2t = LN-L2 gradient of Z2t (per column: per token)
+  Z2t = sum_s W2s^T X2t + c2 (exchange; saved for the backward);  G2t = LN-L2 gradient of Z2t (per token)
   H1t = W2s G2t;  G1t = H1t * D1t
   P1 = E * (Q K^T + 1), P2_s = E * (X2b_s X2_s^T + [s == 0]) (causal, E_ij = tau_i lr_j)
   Z1bt = QW1t + c1s - G1t P1^T;  X2bt = GELU(Z1bt)
@@ -40,8 +40,9 @@ output columns from that token on are NaN (a program's partial sum is poisoned, 
 Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the carried weight gradients, fp32,
 sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
 mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
-with `chunk.py`'s formulas, transposed; three exchanges per mini-batch (Z2; Z2b and X2b X2^T; dG2), dq, dk and
-dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU'' terms, G1, G2,
+with `chunk.py`'s formulas, transposed. Z2 (+ c2) comes from the forward, which saves it with its checkpoints, so
+that the recompute and the walk need no exchange for it: two exchanges per mini-batch (Z2b and X2b X2^T; dG2),
+dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU'' terms, G1, G2,
 the LayerNorm's x^ and gy, dO, ...) are parked in shared memory between their uses: in registers they spilled
 (docs/kernels_notes.md). Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
 
@@ -724,7 +725,7 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
 
-                # forward recompute, state path: Z1, X2, Z2 (exchange 1), G2
+                # forward recompute, state path: Z1, X2, G2 (from the forward's Z2)
                 z1 = warpgroup_mma(wh1_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 x2, d1, dd1 = _gelu_parts2(z1)
                 x2_s.store(x2.to(OPT))
@@ -779,7 +780,7 @@ def ttt_mlp_smem_bwd_kernel(
                 pD_s.index(2).store(gy)
                 pD_s.index(3).store(tgt)
 
-                # output path: Z1b, X2b, Z2b (exchange 2, with this slice's X2b X2^T)
+                # output path: Z1b, X2b, Z2b (an exchange, with this slice's X2b X2^T)
                 lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
