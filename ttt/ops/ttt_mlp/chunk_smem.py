@@ -247,12 +247,17 @@ def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexp
 
 
 @gluon.jit
-def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr, h_s=None):
-    """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory; FC
-    rows at a time (a [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its
-    rounding), or None."""
+def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr, h_s=None, a2_s=None, b2_s=None,
+            a3_s=None, b3_s=None):
+    """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory (+ A2 B2
+    + A3 B3 when given: chained on the same accumulator, one load and store of w_s for all); FC rows at a time (a
+    [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its rounding), or None."""
     for c in gl.static_range(FS // FC):
         w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
+        if a2_s is not None:
+            w = warpgroup_mma(a2_s.slice(c * FC, FC, dim=0), b2_s.permute((1, 0)), w)
+        if a3_s is not None:
+            w = warpgroup_mma(a3_s.slice(c * FC, FC, dim=0), b3_s.permute((1, 0)), w)
         _cta_barrier()  # every warp's reads of this chunk are done before any write
         w_s.slice(c * FC, FC, dim=0).store(w)
         if h_s is not None:
@@ -916,11 +921,9 @@ def ttt_mlp_smem_bwd_kernel(
                 dtau += gl.where(riE == BT - 1, -gl.sum(lrE * S, axis=0), 0.0)
 
                 # gradients w.r.t. the start weights of this mini-batch
-                _update(g1t_s, dz1b_s, qT_s, FS, FC, LW)  # dW1^T += dZ1bt Q + dZ1t K
-                _update(g1t_s, dz1_s, kT_s, FS, FC, LW)
-                _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
-                _update(g2w_s, dh1_s, g2_s, FS, FC, LW)
-                _update(g2w_s, x2_s, dz2_s, FS, FC, LW)
+                _update(g1t_s, dz1b_s, qT_s, FS, FC, LW, a2_s=dz1_s, b2_s=kT_s)  # dW1^T += dZ1bt Q + dZ1t K
+                _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
+                        b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 dc1 += gl.sum(dz1b, axis=1) + gl.sum(dz1, axis=1)
                 dc2 += gl.sum(dz2b, axis=1) + gl.sum(dz2, axis=1)
 
