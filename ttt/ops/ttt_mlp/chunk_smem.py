@@ -226,15 +226,10 @@ def _emit_output(xo_ptr, q_ptr, o_ptr, t0, s_t, o_t, rdD, rtD, gam, bet, NSPLIT:
 
 
 @gluon.jit
-def _w_mma2(w_s, x_s, y_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
-    """(acc + W X, acc + W Y) for W = w_s [FS, D] fp32 and X, Y [D, 16] 16-bit in shared memory; 32 columns of W
-    (the MMAs' K) at a time, each loaded once for both products."""
-    accy = acc
-    for c in gl.static_range(D // 32):
-        a = w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT)  # [FS, 32]
-        acc = warpgroup_mma(a, x_s.slice(c * 32, 32, dim=0), acc)
-        accy = warpgroup_mma(a, y_s.slice(c * 32, 32, dim=0), accy)
-    return acc, accy
+def _mirror(h_s, w_s, FS: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """h_s [FS, D] 16-bit = w_s [FS, D] fp32 rounded (the copy wgmma reads as its A operand), FC rows at a time."""
+    for c in gl.static_range(FS // FC):
+        h_s.slice(c * FC, FC, dim=0).store(w_s.slice(c * FC, FC, dim=0).load(L).to(h_s.dtype))
 
 
 @gluon.jit
@@ -324,8 +319,9 @@ def ttt_mlp_smem_fwd_kernel(
     SW: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # fp32 weights: LW, LB accesses conflict-free
     w1t_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)  # W1s^T
     w2_s = gl.allocate_shared_memory(gl.float32, [FS, D], SW)
-    # W2s rounded to 16 bits, wgmma's A operand straight from shared memory in its three products (instead of the
-    # fp32 loaded and converted each time; W1s^T, read once per mini-batch, has no room for one at d 64)
+    # W1s^T and W2s rounded to 16 bits (kept equal to the fp32 slices by their updates), wgmma's A operand straight
+    # from shared memory in their products instead of the fp32 loaded and converted each time
+    w1h_s = gl.allocate_shared_memory(OPT, [FS, D], gl.NVMMASharedLayout.get_default_for([FS, D], OPT))
     w2h_s = gl.allocate_shared_memory(OPT, [FS, D], gl.NVMMASharedLayout.get_default_for([FS, D], OPT))
     SLF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FS, BT], OPT)
     SLD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BT], OPT)
@@ -334,9 +330,9 @@ def ttt_mlp_smem_fwd_kernel(
     kT_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
     x2_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
     x2b_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
-    eg1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
     g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
-    eg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
+    eg1_s = x2b_s  # the updates' operands -e_b G1, -e_b G2 reuse X2b's and G2's buffers (read by then; room for
+    eg2_s = g2_s  # w1h_s at d 64)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -364,8 +360,8 @@ def ttt_mlp_smem_fwd_kernel(
         _cta_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
         _cta_barrier()
-        for c in gl.static_range(FS // FC):
-            w2h_s.slice(c * FC, FC, dim=0).store(w2_s.slice(c * FC, FC, dim=0).load(LB).to(OPT))
+        _mirror(w1h_s, w1t_s, FS, FC, LB)
+        _mirror(w2h_s, w2_s, FS, FC, LB)
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
         c2 = gl.load(c2_ptr + head * D + rdD)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
@@ -400,7 +396,8 @@ def ttt_mlp_smem_fwd_kernel(
 
             # inner forward / backward at the start weights
             zero_f = gl.zeros([FS, BT], gl.float32, LF)
-            z1, qw1 = _w_mma2(w1t_s, kT_s, qT_s, zero_f + c1[:, None], D, AF, OPT)  # [FS, 16] each
+            z1 = warpgroup_mma(w1h_s, kT_s, zero_f + c1[:, None])  # [FS, 16]
+            qw1 = warpgroup_mma(w1h_s, qT_s, zero_f + c1[:, None])
             x2, d1 = _gelu_parts(z1)
             x2_s.store(x2.to(OPT))
             fence_async_shared()
@@ -461,13 +458,14 @@ def ttt_mlp_smem_fwd_kernel(
             # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
             ebF = tau_b * lrF
             ebD = tau_b * lrD
+            _cta_barrier()  # every warp's reads of X2b and G2 are done: their buffers take -e_b G1, -e_b G2
             eg1_s.store((-ebF[None, :] * g1).to(OPT))
             eg2_s.store((-ebD[None, :] * g2).to(OPT))
             c1 -= gl.sum(ebF[None, :] * g1, axis=1)
             c2 -= gl.sum(ebD[None, :] * g2, axis=1)
             fence_async_shared()
             _cta_barrier()
-            _update(w1t_s, eg1_s, kT_s, FS, FC, LW)
+            _update(w1t_s, eg1_s, kT_s, FS, FC, LW, w1h_s)
             _update(w2_s, x2_s, eg2_s, FS, FC, LW, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
