@@ -86,7 +86,7 @@ has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "
 has linbwd && timeout "${LINBWD_S:-300}" python3 -m benchmarks.bench_linear_bwd 2>&1 | grep -v Warn | tail -40
 has mlp && timeout "${MLP_S:-300}" python3 -m benchmarks.bench_mlp 2>&1 | grep -v Warn | tail -40
 if has smem; then  # a hang in the tests (an exchange that never completes) leaves smem out of the timings
-  timeout -s INT -k 10 "${SMEM_TESTS_S:-150}" python3 -m pytest -q -m gpu tests/test_triton_mlp.py -k smem -rA \
+  timeout -s INT -k 10 "${SMEM_TESTS_S:-150}" python3 -m pytest -q -m gpu tests/test_triton_mlp.py tests/test_triton_packed.py -k smem -rA \
     >"$OUT/smem_tests.txt" 2>&1
   rc=$?
   grep -E "PASS|FAIL|ERROR|passed|failed|Error" "$OUT/smem_tests.txt" | tail -20
