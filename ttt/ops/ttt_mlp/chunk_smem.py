@@ -42,9 +42,9 @@ sit in shared memory beside the 16-bit weights): per checkpoint group, last firs
 mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
 with `chunk.py`'s formulas, transposed. Z2 (+ c2) comes from the forward, which saves it with its checkpoints, so
 that the recompute and the walk need no exchange for it: two exchanges per mini-batch (Z2b and X2b X2^T; dG2),
-dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU'' terms, G1, G2,
-the LayerNorm's x^ and gy, dO, ...) are parked in shared memory between their uses: in registers they spilled
-(docs/kernels_notes.md). Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
+dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU''
+terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared memory between their uses: in registers
+they spilled (docs/kernels_notes.md). Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
