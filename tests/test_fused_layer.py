@@ -374,6 +374,71 @@ def test_owned_state_is_decoded_in_place():
                 torch.testing.assert_close(n, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_push_shifts_in_place(dtype):
+    """`window_push_`: the window after one token written into the given tensor (rows 1.. then x), x read through
+    its row stride; refused for shapes it cannot take."""
+    torch.manual_seed(3)
+    win = torch.randn(3, 3, 40, device=DEV).to(dtype)
+    h = torch.randn(3, 1, 56, device=DEV).to(dtype)
+    x = h[:, :, 8:48]  # rows 56 apart
+    want = torch.cat([win[:, 1:], x], dim=1)
+    assert fused_layer.window_push_(win, x) is win
+    torch.testing.assert_close(win, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^win, x: expected a contiguous window"):
+        fused_layer.window_push_(win.transpose(1, 2), x)
+
+
+def test_owned_pre_conv_window_is_pushed_in_place():
+    """The block pre-conv of an owned one-token step (a graphed decode's buffers) writes its new window into the
+    given state (no copy), with the same output and window as the functional step; a state that is not owned is
+    left as it was. (Under torch.compile: test_decode_compile traces the push in the owned decode step; the GPU
+    tests run it in the graphed decode.)"""
+    from ttt.layers.conv import CausalConv1d
+
+    torch.manual_seed(4)
+    conv = CausalConv1d(24, 4, backend="triton").to(DEV)
+    win = torch.randn(2, 3, 24, device=DEV)
+    x = torch.randn(2, 1, 24, device=DEV)
+    with torch.no_grad():
+        keep = win.clone()
+        y, new = conv(x, win)
+        assert new is not win and torch.equal(win, keep)
+        yo, newo = conv(x, win, owned=True)
+        assert newo is win
+        torch.testing.assert_close(yo, y, rtol=0, atol=0)
+        torch.testing.assert_close(win, new, rtol=0, atol=0)
+        other = win.to(torch.bfloat16)  # another dtype than x: the functional step (the kernel reads a converted copy)
+        _, new2 = conv(x, other, owned=True)
+        assert new2 is not other and new2.dtype == x.dtype
+
+
+def test_owned_model_state_decodes_in_place():
+    """A whole model's owned state (as `GraphedDecoder` builds its buffers): one-token steps give the copying
+    steps' logits and states, with every block's pre-conv window and TTT state written into the given tensors."""
+    from ttt.config import RunOptions, get_config
+    from ttt.decode_graph import flatten_state, rebuild_state
+    from ttt.model import TTTLM
+
+    torch.manual_seed(5)
+    model = TTTLM(get_config("debug", mixer="ttt_linear", vocab_size=64, mini_batch=4),
+                  RunOptions(ttt_backend="triton", fused_layer=True)).to(DEV).eval()
+    ids = torch.randint(0, 64, (2, 9), device=DEV)
+    with torch.no_grad():
+        _, s = model(ids[:, :3])
+        given = [t.clone() for t in flatten_state(s)]  # the buffers, as a graphed decoder holds them
+        for t in range(3, ids.shape[1]):
+            so = rebuild_state(s, list(given), pos=t, owned=True)
+            logits, s = model(ids[:, t:t + 1], s)
+            lo, new = model(ids[:, t:t + 1], so)
+            torch.testing.assert_close(lo, logits, rtol=0, atol=0)
+            assert all(b.conv is g.conv for b, g in zip(new.blocks, so.blocks))  # pushed in place
+            for g, n, e in zip(given, flatten_state(new), flatten_state(s)):
+                if n is not g:  # what a step returns as new tensors (a graphed decoder copies them back)
+                    g.copy_(n)
+                torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- packed documents (cu_seqlens)
 PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)

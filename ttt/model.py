@@ -137,7 +137,8 @@ class Block(nn.Module):
     def forward(self, h, state: "BlockState | None" = None, cu_seqlens=None):
         conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
-            y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens)
+            y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens,
+                                      owned=state is not None and state.owned)
             h = h + y
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
         h = h + y
@@ -150,10 +151,12 @@ class Block(nn.Module):
 class BlockState:
     """One block's state. conv: the window of the block's pre-conv (its last width-1 inputs, [B, width-1, D];
     TTT blocks of the (M) backbone, else None); mixer: the mixer's own state (`TTTLayerState`, `KVCache` or
-    `MambaState`), which counts the tokens consumed (`pos`)."""
+    `MambaState`), which counts the tokens consumed (`pos`); owned: the caller gives `conv` up to the next step,
+    which may write the new window into it (`ttt.decode_graph.GraphedDecoder`'s buffers, as `TTTLayerState.owned`)."""
 
     conv: torch.Tensor | None
     mixer: object
+    owned: bool = False
 
     @property
     def pos(self) -> int:

@@ -80,14 +80,24 @@ class CausalConv1d(nn.Module):
             return True
         return ok and device.type == "cuda" and dtype != torch.float64 and not self.channels % 2
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens=None):
+    def _pushes(self, x: torch.Tensor, state: torch.Tensor | None, owned: bool, cu_seqlens) -> bool:
+        """Whether a one-token step writes its new window into `state` itself (`fused_layer.window_push_`, one
+        launch): the caller owns the state (a graphed decode's buffers), it is x's dtype and contiguous, and the
+        Triton kernels run here."""
+        return (owned and x.shape[1] == 1 and cu_seqlens is None and state is not None and self.width > 1
+                and state.dtype == x.dtype and state.is_contiguous() and x.stride(-1) == 1 and self._use_kernel(x))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens=None, owned: bool = False):
+        """owned: the caller gives `state` up (a graphed decode's buffers): a one-token step may write the new
+        window into it and return it (see `_pushes`)."""
         B, T, C = x.shape
+        push = self._pushes(x, state, owned, cu_seqlens)
         # auto at T = 1 under torch.compile (the compiled decode step): the 4-tap sum below, which Inductor fuses
         # with the RMSNorm before it and the residual after it (one launch fewer per block and token)
         if self._use_kernel(x) and not (self.backend == "auto" and T == 1 and torch.compiler.is_compiling()):
             from ..ops.fused_layer import causal_conv
             return causal_conv(x if x.stride(-1) == 1 else x.contiguous(), state, self.weight, self.bias,
-                               cu_seqlens=cu_seqlens)
+                               cu_seqlens=cu_seqlens, push=push)
         if cu_seqlens is not None:
             return self._packed(x, state, cu_seqlens)
         if state is None:
@@ -100,7 +110,11 @@ class CausalConv1d(nn.Module):
             # order), so that under torch.compile the norm, the conv and the residual fuse into one kernel
             n = self.width - 1
             y = sum(state[:, j:j + 1] * w[:, 0, j] for j in range(n)) + x * w[:, 0, n]  # [B, 1, C]
-            return (y if b is None else y + b), (torch.cat([state[:, 1:], x], dim=1) if n else state)
+            y = y if b is None else y + b
+            if push:  # (the window is x's dtype: `state` is the caller's tensor) after the sum has read it
+                from ..ops.fused_layer import window_push_
+                return y, window_push_(state, x)
+            return y, (torch.cat([state[:, 1:], x], dim=1) if n else state)
         xs = torch.cat([state, x], dim=1)  # [B, width-1+T, C]
         # cuDNN's depthwise conv on CUDA in eager mode; under torch.compile the shifted products below fuse
         # with their neighbours (H100 profile, 125m B4 T8192: cuDNN's backward took 0.8 ms per call)

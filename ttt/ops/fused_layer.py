@@ -2,6 +2,7 @@
 
     q, k, win = conv_rope(u, win, wq, bq, wk, bk, pos, mini_batch=16, head_dim=64, rope_base=1e4)
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
+    window_push_(win, x1)                                 # a one-token step's new window, in place (owned states)
     q, k, wins = conv_rope(u, wins, ..., pos, ..., cu_seqlens=cu)  # packed documents (docs/packed.md)
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1
@@ -606,17 +607,46 @@ def conv_rope(x, win, wq, bq, wk, bk, pos, *, mini_batch: int, head_dim: int, ro
     return q, k, _packed_new_window(x, win, pk, wq.shape[-1])
 
 
-def causal_conv(x, win, w, b, cu_seqlens=None):
+def causal_conv(x, win, w, b, cu_seqlens=None, push: bool = False):
     """One depthwise causal conv of x [B, T, D] (no RoPE). Returns (y [B, T, D] in x's dtype, new window).
-    With cu_seqlens: packed documents as in `conv_rope`."""
+    With cu_seqlens: packed documents as in `conv_rope`. push (one token, a window in x's dtype, contiguous): the
+    new window is written into win itself (`window_push_`) and win returned."""
     win_c = _window_in(x, win)
     _check_conv("w", x, w, b)
     if cu_seqlens is None:
         y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, None, None)
+        if push:
+            return y, window_push_(win, x)
         return y, _new_window(x, win, w.shape[-1])
     pk, tok, doc = _packed_rows(cu_seqlens, x, win, 0, 1)
     y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, tok, doc)
     return y, _packed_new_window(x, win, pk, w.shape[-1])
+
+
+@triton.jit
+def _window_push_kernel(win_ptr, x_ptr, D, x_sb, N: tl.constexpr, BD: tl.constexpr):
+    """win [B, N, D] (contiguous) <- its rows 1..N-1, then x [B, 1, D] (row stride x_sb): the window after one
+    token, in place. A program owns BD channels of one batch row; each thread reads a row before it overwrites it."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    m = c < D
+    base = win_ptr + b * N * D + c
+    for j in tl.static_range(N - 1):
+        tl.store(base + j * D, tl.load(base + (j + 1) * D, mask=m), mask=m)
+    tl.store(base + (N - 1) * D, tl.load(x_ptr + b * x_sb + c, mask=m).to(win_ptr.dtype.element_ty), mask=m)
+
+
+def window_push_(win: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A one-token step's new conv window written into win itself (one launch): win [B, W-1, D] contiguous <- (its
+    last W-2 rows, x [B, 1, D]). For states the caller owns (a graphed decode's buffers), where a functional
+    shift would cost two kernels (a concatenation into a buffer and a copy back). Returns win."""
+    B, N, D = win.shape
+    if not win.is_contiguous() or x.shape != (B, 1, D) or x.stride(-1) != 1:
+        raise ValueError(f"win, x: expected a contiguous window [B, W-1, D] and x [B, 1, D] with contiguous rows, got "
+                         f"{tuple(win.shape)} and {tuple(x.shape)}")
+    BD = min(1024, pow2(D))
+    _window_push_kernel[(B, cdiv(D, BD))](win, x, D, x.stride(0), N=N, BD=BD)
+    return win
 
 
 # ---------------------------------------------------------------- TTT-Linear (M) layer decode step
