@@ -95,14 +95,12 @@ if has smem; then  # a hang in the tests (an exchange that never completes) leav
   timeout -k 10 "${SMEM_S:-140}" python3 -m benchmarks.bench_mlp --only fwd --variants "$variants" \
     --shapes 16x2048x32x64,16x2048x16x128 2>&1 | grep -v Warn | tail -30
 fi
-if has ab; then
-  timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 \
-    | sed "s/^/working tree /"
-  for dir in benchmarks/.ab/*/; do
+if has ab; then  # the working tree (".") first, then each snapshot, its lines prefixed with where they ran
+  for dir in . benchmarks/.ab/*/; do
     [[ -d $dir ]] || continue
-    c=$(basename "$dir")
+    label=$([[ $dir == . ]] && echo "working tree" || basename "$dir")
     (cd "$dir" && PYTHONPATH=.:$PYTHONPATH timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
-      ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$c /")
+      ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$label /")
   done
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \

@@ -2,7 +2,7 @@
 
     q, k, win = conv_rope(u, win, wq, bq, wk, bk, pos, mini_batch=16, head_dim=64, rope_base=1e4)
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
-    window_push_(win, x1)                                 # a one-token step's new window, in place (owned states)
+    window_push_(win, x_t)                                # one token x_t [B, 1, D]: win's next window, in place
     q, k, wins = conv_rope(u, wins, ..., pos, ..., cu_seqlens=cu)  # packed documents (docs/packed.md)
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1

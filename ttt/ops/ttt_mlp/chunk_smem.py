@@ -412,10 +412,11 @@ def ttt_mlp_smem_fwd_kernel(
                         tp = t0 - BT
                         _emit_output(xo + ((n - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
                                      o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+            z2 += c2[:, None]
             if SAVE:
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
-                    gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2 + c2[:, None])
-            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2 + c2[:, None], vT, kT, gam, bet, D, EPS)  # [D, 16]
+                    gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2)
+            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)  # [D, 16]
             g2_s.store(g2.to(OPT))
             fence_async_shared()
             _cta_barrier()
