@@ -104,6 +104,23 @@ def test_compiled_step_inductor_equals_eager(mixer):
     assert counters["stats"]["unique_graphs"] - graphs <= 3
 
 
+def _traceable_kernels(monkeypatch, mod):
+    """Dynamo told that Triton works on this GPU-less machine: `mod`'s kernels (and the shared helpers), built for
+    the interpreter (test_triton.py), rebuilt as jitted kernels it can trace."""
+    import triton
+    from torch.utils import _triton as torch_triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ttt.ops import triton_utils
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for m in (mod, triton_utils):
+        for name, f in list(vars(m).items()):
+            if isinstance(f, InterpretedFunction):
+                monkeypatch.setattr(m, name, triton.jit(f.fn))
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp", "linear+fused"])
 def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph); with the
@@ -112,10 +129,7 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     No GPU here: Dynamo is told Triton works, and the compiled function raises instead of running."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
-    triton = pytest.importorskip("triton")
-    from torch.utils import _triton as torch_triton
-    from triton.runtime.interpreter import InterpretedFunction
-
+    pytest.importorskip("triton")
     import ttt.ops.triton_backend  # noqa: F401  (imports both step modules)
     if kind == "linear":
         from ttt.ops.ttt_linear import step_triton as mod
@@ -123,14 +137,7 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         from ttt.ops import fused_layer as mod
     else:
         from ttt.ops.ttt_mlp import step_triton as mod
-    from ttt.ops import triton_utils
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for m in (mod, triton_utils):  # kernels and their shared helpers built for the interpreter (test_triton.py)
-        for name, f in list(vars(m).items()):
-            if isinstance(f, InterpretedFunction):
-                monkeypatch.setattr(m, name, triton.jit(f.fn))
-    monkeypatch.setattr(torch_triton, "has_triton", lambda: True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
+    _traceable_kernels(monkeypatch, mod)
 
     class Traced(Exception):
         pass
@@ -186,6 +193,55 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
             from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
             assert kernel_side_table.get_kernel(launches[0].kwargs["kernel_idx"]).fn.__name__ == "_linear_decode_kernel"
     assert any("pos" in n.name for n in graphs[-1].graph.nodes if n.op == "placeholder")
+
+
+def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
+    """The graphed decoder's compiled step as on CUDA (fused layer, the block pre-conv's 4-tap sum under compile,
+    owned buffers), through Inductor's graph passes up to the reinplacing of the kernels' functional launches: every
+    kernel writes its state tensors in place (no clone in and copy back). Fails when the window push does not
+    depend on the conv output (Inductor moves the window's reads after the push, 1.3b on the H200: two extra
+    kernels per block). No GPU here: Triton's driver is stubbed for sm_90 so that torch can read which arguments each
+    kernel stores to, and the compile stops before code generation."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
+    triton = pytest.importorskip("triton")
+    from torch._inductor.fx_passes import post_grad
+    from triton.backends.compiler import GPUTarget
+
+    from ttt.layers.conv import CausalConv1d
+    from ttt.ops import fused_layer
+    _traceable_kernels(monkeypatch, fused_layer)
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+    monkeypatch.setattr(triton.runtime.driver, "_active", Sm90(), raising=False)
+    monkeypatch.setattr(CausalConv1d, "_decide", lambda self, device, dtype: True)  # CUDA's choice: the kernels
+
+    class Passed(Exception):
+        pass
+    graphs = []
+
+    def after_reinplace(graph):  # Inductor's next pass: the graph the functional launches are lowered from
+        graphs.append(graph)
+        raise Passed
+    monkeypatch.setattr(post_grad, "decompose_triton_kernel_wrapper_functional", after_reinplace)
+    model = TTTLM(get_config("debug", mixer="ttt_linear", vocab_size=256, mini_batch=4),
+                  RunOptions(ttt_backend="triton", fused_layer=True)).eval()
+    for m in model.modules():
+        if isinstance(m, CausalConv1d) and m.width == 4 and m.channels == model.cfg.d_model:
+            m.backend = "auto"  # the block pre-conv as fused_layer=None (the default) makes it on CUDA
+    step = compiled_step(model, "inductor")
+    with torch.inference_mode():
+        s = model.init_state(2)
+        s = rebuild_state(s, [t.detach().clone() for t in flatten_state(s)], pos=1, owned=True)
+        with pytest.raises(Exception, match="Passed"):
+            step(torch.zeros(2, 1, dtype=torch.long), s)
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    launches = {kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__: n.kwargs["tensors_to_clone"]
+                for n in graphs[0].nodes if "triton_kernel_wrapper_functional" in str(n.target)}
+    assert launches == {"_linear_decode_kernel": [], "_window_push_kernel": []}
+    assert not [n for n in graphs[0].nodes if "copy_" in str(n.target) or "clone" in str(n.target)]
 
 
 def test_compile_arguments_are_checked():

@@ -113,7 +113,7 @@ class CausalConv1d(nn.Module):
             y = y if b is None else y + b
             if push:  # (the window is x's dtype: `state` is the caller's tensor) after the sum has read it
                 from ..ops.fused_layer import window_push_
-                return y, window_push_(state, x)
+                return y, window_push_(state, x, after=y)
             return y, (torch.cat([state[:, 1:], x], dim=1) if n else state)
         xs = torch.cat([state, x], dim=1)  # [B, width-1+T, C]
         # cuDNN's depthwise conv on CUDA in eager mode; under torch.compile the shifted products below fuse

@@ -616,7 +616,7 @@ def causal_conv(x, win, w, b, cu_seqlens=None, push: bool = False):
     if cu_seqlens is None:
         y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, None, None)
         if push:
-            return y, window_push_(win, x)
+            return y, window_push_(win, x, after=y)
         return y, _new_window(x, win, w.shape[-1])
     pk, tok, doc = _packed_rows(cu_seqlens, x, win, 0, 1)
     y, _ = _conv_rope_fwd_op(x, win_c, w, b, None, None, 0, 1, 2, 10000.0, False, tok, doc)
@@ -624,9 +624,10 @@ def causal_conv(x, win, w, b, cu_seqlens=None, push: bool = False):
 
 
 @triton.jit
-def _window_push_kernel(win_ptr, x_ptr, D, x_sb, N: tl.constexpr, BD: tl.constexpr):
+def _window_push_kernel(win_ptr, x_ptr, after_ptr, D, x_sb, N: tl.constexpr, BD: tl.constexpr):
     """win [B, N, D] (contiguous) <- its rows 1..N-1, then x [B, 1, D] (row stride x_sb): the window after one
-    token, in place. A program owns BD channels of one batch row; each thread reads a row before it overwrites it."""
+    token, in place. A program owns BD channels of one batch row; each thread reads a row before it overwrites it.
+    after_ptr is not read (see `window_push_`)."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BD + tl.arange(0, BD)
     m = c < D
@@ -636,16 +637,19 @@ def _window_push_kernel(win_ptr, x_ptr, D, x_sb, N: tl.constexpr, BD: tl.constex
     tl.store(base + (N - 1) * D, tl.load(x_ptr + b * x_sb + c, mask=m).to(win_ptr.dtype.element_ty), mask=m)
 
 
-def window_push_(win: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def window_push_(win: torch.Tensor, x: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
     """A one-token step's new conv window written into win itself (one launch): win [B, W-1, D] contiguous <- (its
     last W-2 rows, x [B, 1, D]). For states the caller owns (a graphed decode's buffers), where a functional
-    shift would cost two kernels (a concatenation into a buffer and a copy back). Returns win."""
+    shift would cost two kernels (a concatenation into a buffer and a copy back). Returns win.
+    after: what was computed from win's old rows (the step's conv output), handed to the kernel unread so that
+    torch.compile orders the push after it: Inductor moves reads next to their users, and a read of win left after
+    the push makes it push into a copy of win and copy that back (the two kernels again)."""
     B, N, D = win.shape
     if not win.is_contiguous() or x.shape != (B, 1, D) or x.stride(-1) != 1:
         raise ValueError(f"win, x: expected a contiguous window [B, W-1, D] and x [B, 1, D] with contiguous rows, got "
                          f"{tuple(win.shape)} and {tuple(x.shape)}")
     BD = min(1024, pow2(D))
-    _window_push_kernel[(B, cdiv(D, BD))](win, x, D, x.stride(0), N=N, BD=BD)
+    _window_push_kernel[(B, cdiv(D, BD))](win, x, win if after is None else after, D, x.stride(0), N=N, BD=BD)
     return win
 
 
