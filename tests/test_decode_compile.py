@@ -197,11 +197,12 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
 
 def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
     """The graphed decoder's compiled step as on CUDA (fused layer, the block pre-conv's 4-tap sum under compile,
-    owned buffers), through Inductor's graph passes up to the reinplacing of the kernels' functional launches: every
-    kernel writes its state tensors in place (no clone in and copy back). Fails when the window push does not
+    owned buffers), through Inductor's graph passes up to the reinplacing of the kernels' functional launches: the
+    window push writes the window in place (no clone in and copy back). Fails when the window push does not
     depend on the conv output (Inductor moves the window's reads after the push, 1.3b on the H200: two extra
     kernels per block). No GPU here: Triton's driver is stubbed for sm_90 so that torch can read which arguments each
-    kernel stores to, and the compile stops before code generation."""
+    kernel stores to (where an earlier interpreted run leaves Triton unable to, torch takes every argument as
+    written: only the window is asserted on), and the compile stops before code generation."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
     triton = pytest.importorskip("triton")
@@ -231,6 +232,7 @@ def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
     for m in model.modules():
         if isinstance(m, CausalConv1d) and m.width == 4 and m.channels == model.cfg.d_model:
             m.backend = "auto"  # the block pre-conv as fused_layer=None (the default) makes it on CUDA
+    model.merge_decode_weights(True)  # as the graphed decoder does
     step = compiled_step(model, "inductor")
     with torch.inference_mode():
         s = model.init_state(2)
@@ -238,10 +240,11 @@ def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
         with pytest.raises(Exception, match="Passed"):
             step(torch.zeros(2, 1, dtype=torch.long), s)
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    launches = {kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__: n.kwargs["tensors_to_clone"]
-                for n in graphs[0].nodes if "triton_kernel_wrapper_functional" in str(n.target)}
-    assert launches == {"_linear_decode_kernel": [], "_window_push_kernel": []}
-    assert not [n for n in graphs[0].nodes if "copy_" in str(n.target) or "clone" in str(n.target)]
+    pushes = [n for n in graphs[0].nodes if "triton_kernel_wrapper_functional" in str(n.target)
+              and kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ == "_window_push_kernel"]
+    assert len(pushes) == 1 and "win_ptr" not in pushes[0].kwargs["tensors_to_clone"]
+    win = pushes[0].kwargs["kwargs"]["win_ptr"]
+    assert win.op == "placeholder" and not [n for n in win.users if "copy_" in str(n.target)]
 
 
 def test_compile_arguments_are_checked():
