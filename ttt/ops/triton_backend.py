@@ -46,8 +46,7 @@ from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
-# chunk_smem.py (weights in shared memory, wgmma, Hopper; the default in 16 bits there at head dim 64, and at 128
-# without gradients)
+# chunk_smem.py (weights in shared memory, wgmma, Hopper; the default in 16 bits there at head dims 64 and 128)
 MLP_IMPLS = ("regs", "blocked", "smem")
 MLP_MAX_D = 64  # the register kernels hold W1 and W2 on chip up to this head dim
 
@@ -56,15 +55,15 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
                      mini_batch: int = 16, grad: bool = False) -> str:
     """The TTT-MLP kernel pair used when none is named, by what was measured (H200, B16 T2k, D 2048; forward /
     forward+backward ms, docs/kernels_notes.md): with 16-bit inputs and b = 16 on a Hopper GPU, "smem" at head
-    dim 64 (5.4 / 46.9 against the register pair's 7.0 / 79.5 and the F-blocked pair's 8.4 / 65.8) and, without
-    gradients, at 128 (13.2 against the F-blocked forward's 20.5; with gradients the F-blocked pair trains faster
-    there, 129 against 137); with gradients in fp32 on a GPU, "blocked" (F walked in column blocks): the register
+    dims 64 and 128 (d 64: 4.5 / 35.7 against the register pair's 7.0 / 79.5 and the F-blocked pair's 8.4 / 65.8;
+    d 128: 11.6 / 105.7 against the F-blocked pair's 20.5 / 129.3); with gradients in fp32 on a GPU, "blocked" (F
+    walked in column blocks): the register
     backward in fp32 spills 22 KB of stack per thread and compiles for 116 s, the blocked one for 31 s (offline
     sm_90, d 64, 8 warps); otherwise "regs" up to MLP_MAX_D and "blocked" above. Packed documents (cu_seqlens) take
     the same pair: every pair walks them (the smem pair once did not, and packed calls fell to "regs": one
     full-length document of 8k tokens trained in 47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64,
     benchmarks/bench_packed.py)."""
-    if ((d == 64 or (d == 128 and not grad)) and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
+    if (d in (64, 128) and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
     if grad and dtype == torch.float32 and device is not None and device.type == "cuda":
