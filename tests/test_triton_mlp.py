@@ -270,6 +270,25 @@ def test_smem_forward_only_matches_dual():
     compare("smem", B=2, T=45, H=1, d=64, b=16, pos=3, dtype=torch.float16, grad=False, tol=1e-2)
 
 
+def test_smem_forward_in_two_programs_per_head(monkeypatch):
+    """d = 64 with the forward split over two programs per head (FS = 128, one exchange per mini-batch; what a GPU
+    with SMs to spare gets): outputs, state and every gradient (the backward from its checkpoints and Z2) against
+    the dual form; then a launch of one group walking both heads gives the same bits."""
+    monkeypatch.setattr(chunk_smem, "nsplit", lambda d, heads=None, device=None: 2 if d == 64 else 4)
+    compare("smem", B=1, T=41, H=2, d=64, b=16, pos=3, dtype=torch.float16, tol=1e-2, group=2)
+    inp = make(B=1, T=32, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
+    x, st = inp.inputs(), inp.state()
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, tuple(p.float().contiguous() for p in st.params))
+    one = chunk_smem.fwd(*args, 16, 2, split=1)
+    two, grid = chunk_smem.fwd(*args, 16, 2, split=2), chunk_smem.fwd(*args, 16, 2, split=2, programs=2)
+    flat = lambda r: (r[0], *r[1], *r[2])  # noqa: E731
+    for a, b, c in zip(flat(one), flat(two), flat(grid)):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^split: expected 1 or 2 programs per head at head dim 64"):
+        chunk_smem.fwd(*args, 16, 2, split=4)
+
+
 def _smem_grids_agree(d, B, H, T, backward=True):
     """fwd (and bwd) with fewer programs than heads (one group of nsplit programs walking every head) give the same
     bits as one head per group."""
@@ -338,11 +357,13 @@ def test_smem_checkpoints_in_row_slots():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d,split", [(64, 1), (64, 2), (128, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_smem_full_shapes(d, dtype):
+def test_gpu_smem_full_shapes(monkeypatch, d, split, dtype):
     """Every output, state and gradient against the dual form: odd T, a mid-mini-batch start, 33 kernel mini-batches
-    (five checkpoint groups), outputs NaN-poisoned before the kernel runs; then without gradients (SAVE off)."""
+    (five checkpoint groups), outputs NaN-poisoned before the kernel runs; then without gradients (SAVE off). At
+    d = 64 the forward in one and in two programs per head."""
+    monkeypatch.setattr(chunk_smem, "nsplit", lambda d, heads=None, device=None: split)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
     compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol)
     compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=dtype, tol=tol, grad=False)

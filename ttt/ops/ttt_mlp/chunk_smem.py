@@ -15,7 +15,8 @@ Orientation: wgmma needs M >= 64 rows, a mini-batch has 16 tokens, so every tile
 products (Q K^T, X2b X2^T) are mma.sync products (m16n8k16, `_tok_dot`).
 
 F split: d = 128 needs 512 KB of fp32 weights per head, more than one SM holds, so NSPLIT programs share a head,
-each owning FS = F / NSPLIT hidden units (W1's columns, c1, W2's rows). Per mini-batch they exchange the
+each owning FS = F / NSPLIT hidden units (W1's columns, c1, W2's rows); at d = 64 the forward splits in two where
+one program per head would leave most SMs idle (`nsplit`). Per mini-batch they exchange the
 d x 16 partial sums of Z2 = X2 W2 through global memory (one barrier: an atomic counter per head, released and
 acquired at GPU scope); the output's partial sums ride on the next mini-batch's exchange. The programs of a head
 must be resident together: the grid is persistent (at most as many programs as the GPU holds at once, each
@@ -69,9 +70,16 @@ MB = 16  # the mini-batch size the kernels are written for (the tokens are the M
 HEAD_DIMS = (64, 128)
 
 
-def nsplit(d: int) -> int:
-    """Programs per head: one at d = 64 (192 KB of shared memory), four at d = 128 (each FS = 128)."""
-    return 1 if d == 64 else 4
+def nsplit(d: int, heads: int | None = None, device: torch.device | None = None) -> int:
+    """Programs per head in the forward: four at d = 128 (each FS = 128); at d = 64 one (192 KB of shared memory),
+    or two (each FS = 128, one exchange per mini-batch) where one per head would leave most of the GPU idle: a
+    launch of `heads` (row, head) pairs on a CUDA `device` with at least twice as many SMs (125m at B4: 48 pairs on
+    132 SMs). With heads or device None: one."""
+    if d != 64:
+        return 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if (
+        heads is not None and device is not None and device.type == "cuda") else 0
+    return 2 if sms and 2 * heads <= sms else 1
 
 
 @gluon.constexpr_function
@@ -1000,7 +1008,8 @@ def schedules(work, H: int, d: int, device: torch.device) -> tuple:
     """The (forward, backward) schedules (`schedule`, or None) of rows with `work` whole mini-batches each (host
     ints) at head dim d on `device`, for the launches `fwd` and `bwd` make there (programs None)."""
     heads = len(work) * H
-    return tuple(schedule(work, H, _groups(device, heads, ns, None)) for ns in (nsplit(d), nsplit_bwd(d)))
+    return tuple(schedule(work, H, _groups(device, heads, ns, None))
+                 for ns in (nsplit(d, heads, device), nsplit_bwd(d)))
 
 
 def _rows_and_sched(rows, B: int, T: int, group: int, device, sched, H: int, ns: int, programs: int | None):
@@ -1020,14 +1029,15 @@ def _rows_and_sched(rows, B: int, T: int, group: int, device, sched, H: int, ns:
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
-        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
+        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None, split: int | None = None):
     """The rows' whole mini-batches (`triton_utils.Rows`: the B batch entries, or packed documents; None: every
     batch entry whole), each row's from its first token and a zero accumulator; a row's partial last mini-batch
     is not computed (its outputs unwritten, the weights returned those at its start: the caller runs it). Same
     contract as `chunk.fwd` otherwise. q, k, v [B,T,H,d] 16-bit (last dim contiguous, same strides); params =
     (W1 [N,H,d,F], c1 [N,H,F], W2 [N,H,F,d], c2 [N,H,d]) fp32 contiguous, one per row. num_warps None: 8;
     programs: at most this many programs (None: what the GPU holds at once); sched: which heads each group of
-    programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th). Returns o,
+    programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th); split:
+    programs per head (None: `nsplit`'s choice; 1 or 2 at d = 64, 4 at d = 128). Returns o,
     the final params, and when `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots
     [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 [B,T,H,d] fp32
     at the whole mini-batches' tokens (`bwd` reads it instead of recomputing Z2, which needs an exchange between
@@ -1035,7 +1045,10 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
-    ns = nsplit(d)
+    rows = rows if rows is not None else batch_rows(B, T, MB, group, q.device)
+    ns = split or nsplit(d, rows.n * H, q.device)
+    if ns not in ((1, 2) if d == 64 else (4,)):
+        raise ValueError(f"split: expected 1 or 2 programs per head at head dim 64, 4 at 128, got {ns} at {d}")
     rows, heads, groups, sched = _rows_and_sched(rows, B, T, group, q.device, sched, H, ns, programs)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
@@ -1058,8 +1071,8 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
 
 def nsplit_bwd(d: int) -> int:
     """Programs per head in the backward: it holds the carried weight gradients (fp32) beside the weights (16-bit),
-    so twice the forward's: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 215 KB of shared memory)."""
-    return 2 * nsplit(d)
+    so twice the forward's usual: two at d = 64, eight at d = 128 (each FS = 128 / 64, about 215 KB of shared memory)."""
+    return 2 if d == 64 else 8
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
