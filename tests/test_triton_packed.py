@@ -348,18 +348,20 @@ def _scheduled_walk_equals_plain(lens, H, groups, group=2, skip=None):
     sched = torch.tensor(mlp_smem.schedule(work, H, groups), dtype=torch.int32, device=DEV)
     assert max(sched[g + 1] - sched[g] for g in range(groups)) > 1  # groups walk several pairs
     args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
-    o1, fin1, ck1 = mlp_smem.fwd(*args, params, 16, group, rows=rows)
-    o2, fin2, ck2 = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=groups, sched=sched)
     whole = torch.zeros(sum(lens), dtype=torch.bool)
     for s0, n in zip(cu.tolist(), work):
         whole[s0:s0 + 16 * n] = True
-    torch.testing.assert_close(o1[:, whole], o2[:, whole], rtol=0, atol=0)
-    for a, b in zip((*fin1, *ck1[:4]), (*fin2, *ck2[:4])):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # slots of partial groups: unwritten
-    torch.testing.assert_close(ck1[4][:, whole], ck2[4][:, whole], rtol=0, atol=0)  # Z2: whole mini-batches only
+    for split in (1, 2):  # the forward in one and in two programs per head (groups of `split` programs)
+        o1, fin1, ck1 = mlp_smem.fwd(*args, params, 16, group, rows=rows, split=split)
+        o2, fin2, ck2 = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=split * groups, sched=sched,
+                                     split=split)
+        torch.testing.assert_close(o1[:, whole], o2[:, whole], rtol=0, atol=0)
+        for a, b in zip((*fin1, *ck1[:4]), (*fin2, *ck2[:4])):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # slots of partial groups: unwritten
+        torch.testing.assert_close(ck1[4][:, whole], ck2[4][:, whole], rtol=0, atol=0)  # Z2: whole mini-batches
     if skip is not None:
         listed, sched_skip = skip
-        _o, fin3, _ck = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=groups, save=False,
+        _o, fin3, _ck = mlp_smem.fwd(*args, params, 16, group, rows=rows, programs=groups, save=False, split=1,
                                      sched=torch.tensor(sched_skip, dtype=torch.int32, device=DEV))
         unlisted = [n for n in range(len(lens)) if n not in listed]
         assert fin3[0][listed].isfinite().all() and fin3[0][unlisted].isnan().all()
