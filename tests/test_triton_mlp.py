@@ -107,6 +107,32 @@ def test_default_impl_on_hopper(monkeypatch):
     assert f(64, torch.float32, cuda, 16, True) == "blocked"
 
 
+def test_default_impl_traces_without_cache_warning(monkeypatch):
+    """A compiled model asks `default_mlp_impl` while tracing: on a Hopper GPU (stubbed) the answer is a constant
+    and Dynamo does not trace through the per-device cache (it warned about tracing an lru_cache wrapper on every
+    compiled TTT-MLP training run)."""
+    import warnings
+
+    from torch._dynamo import utils as dynamo_utils
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(dynamo_utils, "warn_once_cache", set())  # warnings given earlier in this process count too
+
+    def f(x):
+        return x * (2 if triton_backend.default_mlp_impl(64, torch.bfloat16, torch.device("cuda"), 16, True)
+                    == "smem" else 3)
+    torch._dynamo.reset()
+    triton_backend._smem_runs_on_cached.cache_clear()  # its answer for the stubbed GPU stays in this test
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(2))
+    finally:
+        torch._dynamo.reset()
+        triton_backend._smem_runs_on_cached.cache_clear()
+    assert not [w for w in seen if "lru_cache" in str(w.message)]
+    assert out.tolist() == [2.0, 2.0]
+
+
 def test_blocked_matches_dual():
     """d = 16: F = 64 in two 32-column blocks; an aligned start whose (zero) accumulator needs a gradient."""
     compare("blocked", B=1, T=64, H=1, d=16, b=16, pos=32)

@@ -71,10 +71,15 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
     return "regs" if d <= MLP_MAX_D else "blocked"
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a compiled model asks it while tracing, once (no trace of the cache)
 def _smem_runs_on(device: torch.device) -> bool:
     """Whether the smem pair can run on `device`: a Hopper GPU (sm_90: its wgmma) and a Triton with Gluon. Asked on
     every TTT-MLP call that picks its kernels by default, so answered once per device."""
+    return _smem_runs_on_cached(device)
+
+
+@functools.cache
+def _smem_runs_on_cached(device: torch.device) -> bool:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return False
     try:
