@@ -254,14 +254,15 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
             a3_s=None, b3_s=None):
     """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory (+ A2 B2
     + A3 B3 when given: chained on the same accumulator, one load and store of w_s for all); FC rows at a time (a
-    [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its rounding), or None."""
+    [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its rounding), or None.
+    No barrier between a chunk's load and its store: each thread stores the elements it loaded (the accumulator's
+    layout both ways), and w_s, h_s are none of the operands; one barrier after the last chunk."""
     for c in gl.static_range(FS // FC):
         w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
         if a2_s is not None:
             w = warpgroup_mma(a2_s.slice(c * FC, FC, dim=0), b2_s.permute((1, 0)), w)
         if a3_s is not None:
             w = warpgroup_mma(a3_s.slice(c * FC, FC, dim=0), b3_s.permute((1, 0)), w)
-        _cta_barrier()  # every warp's reads of this chunk are done before any write
         w_s.slice(c * FC, FC, dim=0).store(w)
         if h_s is not None:
             h_s.slice(c * FC, FC, dim=0).store(w.to(h_s.dtype))
