@@ -380,6 +380,13 @@ def ttt_mlp_smem_fwd_kernel(
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
         _cta_barrier()
+        # the next mini-batch's inputs, loaded half a mini-batch ahead (mini-batch 0's in its own iteration)
+        nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LD)
+        nk = nq
+        nv = nq
+        nlD = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LD))
+        nlF = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LF))
+        nlE = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LE))
         for n in range(nmb):
             t0 = n * BT
             if SAVE:
@@ -390,13 +397,15 @@ def ttt_mlp_smem_fwd_kernel(
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
                     if s == 0:  # c2 is replicated: one program writes it
                         gl.store(ckc2_ptr + ck * D + rdD, c2)
-            xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16] (offsets built where used)
-            qT = gl.load(q_ptr + x_base + xT)  # input dtype
-            kT = gl.load(k_ptr + x_base + xT)
-            vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-            lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
-            lrF = gl.load(lr_ptr + l_base + (t0 + rtF) * l_t).to(gl.float32)
-            lrE = gl.load(lr_ptr + l_base + (t0 + rjE) * l_t).to(gl.float32)
+            if n == 0:
+                nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
+                                                       rdD, rtD, rtF, rjE)
+            qT = nq  # input dtype
+            kT = nk
+            vT = nv.to(gl.float32)
+            lrD = nlD.to(gl.float32)
+            lrF = nlF.to(gl.float32)
+            lrE = nlE.to(gl.float32)
             qT_s.store(qT.to(OPT))
             kT_s.store(kT.to(OPT))
             kT = kT.to(gl.float32)
@@ -426,6 +435,10 @@ def ttt_mlp_smem_fwd_kernel(
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
                     gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2)
             g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)  # [D, 16]
+            # (the last mini-batch loads its own tokens again: in bounds, unused)
+            t1 = (n + 1 - (n + 1) // nmb) * BT
+            nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t1, s_t, l_t,
+                                                   rdD, rtD, rtF, rjE)
             g2_s.store(g2.to(OPT))
             fence_async_shared()
             _cta_barrier()
@@ -488,6 +501,16 @@ def ttt_mlp_smem_fwd_kernel(
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
             gl.store(c2T_ptr + head * D + rdD, c2)
+
+
+@gluon.jit
+def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdD, rtD, rtF, rjE):
+    """A mini-batch's inputs at token t0 in their own dtypes: q, k, v transposed [D, 16] and lr in the three
+    layouts it meets."""
+    xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16]
+    return (gl.load(q_ptr + x_base + xT), gl.load(k_ptr + x_base + xT), gl.load(v_ptr + x_base + xT),
+            gl.load(lr_ptr + l_base + (t0 + rtD) * l_t), gl.load(lr_ptr + l_base + (t0 + rtF) * l_t),
+            gl.load(lr_ptr + l_base + (t0 + rjE) * l_t))
 
 
 @gluon.jit
