@@ -59,7 +59,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ..common import LN_EPS
 from ..triton_utils import batch_rows
@@ -414,8 +414,9 @@ def ttt_mlp_smem_fwd_kernel(
 
             # inner forward / backward at the start weights
             zero_f = gl.zeros([FS, BT], gl.float32, LF)
-            z1 = warpgroup_mma(w1h_s, kT_s, zero_f + c1[:, None])  # [FS, 16]
-            qw1 = warpgroup_mma(w1h_s, qT_s, zero_f + c1[:, None])
+            z1 = warpgroup_mma(w1h_s, kT_s, zero_f + c1[:, None], is_async=True)  # [FS, 16]
+            qw1 = warpgroup_mma(w1h_s, qT_s, zero_f + c1[:, None], is_async=True)  # (both in flight at once)
+            z1, qw1 = warpgroup_mma_wait(0, deps=[z1, qw1])
             x2, d1 = _gelu_parts(z1)
             x2_s.store(x2.to(OPT))
             fence_async_shared()
@@ -460,14 +461,17 @@ def ttt_mlp_smem_fwd_kernel(
             x2b_s.store(x2b.to(OPT))
             fence_async_shared()
             _cta_barrier()
-            s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             first = (s == 0).to(gl.float32)
+            # W2s^T X2b in flight while X2b X2^T and P2 are formed
+            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None],
+                               is_async=True)
+            s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
             okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
             mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
+            zb = warpgroup_mma_wait(0, deps=[zb])
             fence_async_shared()
             _cta_barrier()
-            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
             zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
             bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
             zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
