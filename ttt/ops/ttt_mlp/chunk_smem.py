@@ -271,17 +271,9 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
 
 @gluon.jit
 def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
-    """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time: each
-    slice loaded and converted while the product of the one before runs (asynchronous wgmma; a register operand is
-    kept alive until its product is waited for)."""
-    a = w_s.slice(0, 32, dim=1).load(AF).to(OPT)
-    acc = warpgroup_mma(a, x_s.slice(0, 32, dim=0), acc, is_async=True)
-    for c in gl.static_range(1, D // 32):
-        a_next = w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT)
-        acc, a = warpgroup_mma_wait(0, deps=[acc, a])
-        acc = warpgroup_mma(a_next, x_s.slice(c * 32, 32, dim=0), acc, is_async=True)
-        a = a_next
-    acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+    """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time."""
+    for c in gl.static_range(D // 32):
+        acc = warpgroup_mma(w_s.slice(c * 32, 32, dim=1).load(AF).to(OPT), x_s.slice(c * 32, 32, dim=0), acc)
     return acc
 
 
