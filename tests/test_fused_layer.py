@@ -100,16 +100,17 @@ LAUNCHES = [(8, 16, 2, 8), (8, 16, 64, 16), (16, 16, 2, 4), (8, 32, 3, 5)]  # BT
 def test_conv_segments_fill_whole_waves():
     """The time axis is cut so that waves x tiles per segment is least (a latency-bound program walks its tiles at
     the same pace in a partial wave), over up to four waves' worth of segments: against every such count by brute
-    force (the fewest of the best), at the shapes the H200 runs (132 SMs, 3 programs per SM) and small ones; 125m
-    B4 T8k: 4 segments in one wave, not 5 (1.2 waves); 1.3b B4: 3."""
+    force (the fewest within 10% of the least), at the shapes the H200 runs (132 SMs, 3 to 10 programs per SM) and
+    small ones; 125m B4 T8k: 4 segments in one wave, not 5 (1.2 waves); 1.3b B4: 3."""
     def cost(rows, columns, programs, bt, n):
         return -(-columns * n // programs) * -(-(-(-rows // bt)) // n)
     for rows, columns, programs, bt in [(8195, 96, 396, 16), (8195, 256, 396, 16), (2051, 384, 396, 16),
-                                        (32771, 64, 396, 16), (48, 6, 64, 8), (48, 6, 2, 8), (45, 10, 7, 16)]:
+                                        (8192, 96, 1320, 16), (32771, 64, 396, 16), (48, 6, 64, 8), (48, 6, 2, 8),
+                                        (45, 10, 7, 16)]:
         n = fused_layer._segments(rows, columns, programs, bt)
         counts = range(1, min(-(-rows // bt), 4 * -(-programs // columns)) + 1)
         least = min(cost(rows, columns, programs, bt, m) for m in counts)
-        assert n == min(m for m in counts if cost(rows, columns, programs, bt, m) == least), (rows, columns, n)
+        assert n == min(m for m in counts if cost(rows, columns, programs, bt, m) <= 1.1 * least), (rows, columns, n)
     assert fused_layer._segments(8195, 96, 396, 16) == 4 and fused_layer._segments(8195, 256, 396, 16) == 3
     grid, seg, _ = fused_layer.ConvLaunch(BT=16, BC=32, warps=4, programs=396).grid(8192 + 3, 768, 4, 16)
     assert grid == (24, 4, 4) and seg * 4 >= 8195 > seg * 3

@@ -86,3 +86,23 @@ for name, fn, cx, w, s in mlp_kernels(64, 16, 0):
 @pytest.mark.slow  # one fp32 compile: ~3 minutes on 2 cores
 def test_mlp_register_backward_fits_shared_memory_in_fp32():
     assert int(compile_offline(REGS_BWD, 900)[-1]) <= 232_448
+
+
+# the conv kernels at their default launch (packed or not): their registers per thread, rounded up to 8 as an SM
+# allocates them, leave room for the programs per SM that `fused_layer.RESIDENT` sizes their grids by (a grid
+# sized for more would run a partial second wave)
+CONV = """
+from benchmarks.offline_compile import compile_cost, layer_kernels
+for name, fn, cx, w, s in layer_kernels(64, 16, 2):
+    if name.startswith("conv"):
+        print(name.replace(" ", "_"), compile_cost(fn, cx, "bf16", w, s)[0], w)
+"""
+
+
+def test_conv_kernels_stay_resident_as_their_grids_assume():
+    from ttt.ops.fused_layer import RESIDENT
+    words = compile_offline(CONV, 600)
+    assert len(words) == 24, words
+    for name, regs, warps in zip(words[::3], words[1::3], words[2::3]):
+        per_sm = 65536 // (-(-int(regs) // 8) * 8 * 32 * int(warps))
+        assert per_sm >= RESIDENT[("bwd" if "bwd" in name else "fwd", name.startswith("conv+rope"))], (name, regs)

@@ -371,25 +371,32 @@ class ConvLaunch:
 @functools.lru_cache(maxsize=256)
 def _segments(rows: int, columns: int, programs: int, BT: int) -> int:
     """How many segments to cut `rows` into for `columns` (channel block, sequence) pairs on `programs` resident
-    programs: the fewest that minimise waves x tiles per segment (a latency-bound program walks its tiles at the
-    same pace however full the wave is, so a partial last wave costs a whole one), up to four waves' worth (more,
-    shorter segments add per-program work this count leaves out). 125m B4 T8k D 768 (96 pairs,
+    programs: the fewest whose waves x tiles per segment is within 10% of the least (a latency-bound program walks
+    its tiles at the same pace however full the wave is, so a partial last wave costs a whole one; more, shorter
+    segments add per-program work that this count leaves out), up to four waves' worth. 125m B4 T8k D 768 (96 pairs,
     396 programs): 4 segments, one wave of 129 tiles (cutting as many as 396 programs would need, 5, is 1.2 waves
     of 103: 206); 1.3b D 2048 at B4: 3 (2 waves of 171) instead of 1 (513) or 2 (2 waves of 257)."""
     tiles = cdiv(rows, BT)
-    best = (cdiv(columns, programs) * tiles, 1)
-    for n in range(2, min(tiles, 4 * cdiv(programs, columns)) + 1):
-        best = min(best, (cdiv(columns * n, programs) * cdiv(tiles, n), n))
-    return best[1]
+    cost = [cdiv(columns * n, programs) * cdiv(tiles, n) for n in range(1, min(tiles, 4 * cdiv(programs, columns)) + 1)]
+    return next(n for n, c in enumerate(cost, 1) if c <= 1.1 * min(cost))
 
 
-def conv_launch(T: int, D: int, device: torch.device) -> ConvLaunch:
-    """The default launch: tiles of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program)
-    x 32 channels, 4 warps, 3 programs per SM (offline, Triton 3.6, sm_90, bf16: the backward with two convs and
-    RoPE takes 148 registers at this width, 255 at 64 channels). On the H200 at 125m B4 T8k it beat 64 channels
-    (2 / 3 programs per SM) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 /
-    0.235, the plain conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md)."""
-    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4, programs=3 * _sms(device))
+# programs per SM each conv kernel keeps resident at the default launch (4 warps, 16 x 32 tiles): 65,536 registers
+# per SM over its registers per thread, rounded up to 8 (offline sm_90, bf16, packed or not, the most of Triton 3.6
+# and 3.9: two convs and RoPE forward 80, backward 168; one conv 48 / 96). tests/test_offline_compile.py checks
+# them with the installed Triton.
+RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 5}
+
+
+def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True) -> ConvLaunch:
+    """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`): tiles
+    of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program) x 32 channels, 4 warps, the
+    programs that stay resident (`RESIDENT`; the backward with two convs and RoPE takes 148 registers at this
+    width, 255 at 64 channels). On the H200 at 125m B4 T8k 32 channels beat 64 (2 / 3 programs per SM, every
+    kernel 3) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 / 0.235, the plain
+    conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md)."""
+    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4,
+                      programs=RESIDENT[(kernel, two)] * _sms(device))
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
@@ -398,7 +405,7 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
     window, whose rows are the documents'), pos0 unused (tok carries the RoPE positions)."""
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, x.device)
+    L = launch or conv_launch(T, D, x.device, "fwd", wb is not None)
     grid, seg, periodic = L.grid(T, D, B, mini_batch)
     packed = tok is not None
     if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
@@ -439,7 +446,7 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     them; the custom op returns the parts so that these sums are traced (compiled: fused with the casts)."""
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, x.device)
+    L = launch or conv_launch(T, D, x.device, "bwd", wb is not None)
     grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch)
     P = B * grid[2]  # rows of the weight-gradient partial sums
     two, packed = wb is not None, tok is not None
@@ -519,7 +526,7 @@ def _conv_rope_bwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tenso
 def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
     B, T, D = x.shape
     W = wa.shape[-1]
-    grid = conv_launch(T, D, x.device).grid(T + W - 1, D, B, mini_batch)[0]
+    grid = conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0]
     P = B * grid[2]
     packed = tok is not None
     f32 = dict(dtype=torch.float32, device=x.device)
