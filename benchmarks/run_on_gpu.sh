@@ -25,8 +25,9 @@
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
 #   ab        one benchmark module (AB_MODULE, default benchmarks.bench_mlp; its arguments AB_ARGS) run in the working
-#             tree, then in each snapshot of benchmarks/.ab/ (made by benchmarks/ab_snapshots.sh), lines prefixed with
-#             the snapshot's commit: earlier commits timed beside the working tree in one command
+#             tree, then in each snapshot of benchmarks/.ab/ (made by benchmarks/ab_snapshots.sh; AB_SNAPS: only these,
+#             space-separated), lines prefixed with the snapshot's commit: earlier commits timed beside the working
+#             tree in one command (two modules over different snapshots: call the part twice with AB_SNAPS)
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py; the fused layer's
 #             packed tests on CUDA), then benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
 #   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
@@ -99,6 +100,7 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
   for dir in . benchmarks/.ab/*/; do
     [[ -d $dir ]] || continue
     label=$([[ $dir == . ]] && echo "working tree" || basename "$dir")
+    [[ $dir == . || -z ${AB_SNAPS:-} || " $AB_SNAPS " == *" $label "* ]] || continue
     (cd "$dir" && PYTHONPATH=.:$PYTHONPATH timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
       ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$label /")
   done
