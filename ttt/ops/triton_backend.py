@@ -12,8 +12,8 @@ it. `TritonOp`'s rules, all of them:
     kernels leave it uncommitted) and its accumulators come from the dual form's inner gradients of those
     tokens (`Reference.grads`), a few small products. Autograd joins the pieces, so gradients reach every input
     and the initial state (params and accum). No cu_seqlens and one full-length document run the same kernels;
-  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default in 16 bits on Hopper at head dim 64 and, without
-    gradients, 128, with and without cu_seqlens, see `default_mlp_impl`; `MLPKernels(impl="smem")` names it) walks
+  - the shared-memory pair (`ttt_mlp/chunk_smem.py`; the default in 16 bits on Hopper at head dims 64 and 128,
+    with and without cu_seqlens, see `default_mlp_impl`; `MLPKernels(impl="smem")` names it) walks
     the same rows, their whole mini-batches only, on a persistent grid (packed documents of unequal lengths spread
     over its programs longest first, `chunk_smem.schedule`); a row's partial last mini-batch runs in the dual form
     from the weights the kernels reach (all rows' at once), its weights left uncommitted as the other kernels leave
@@ -57,12 +57,11 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
     forward+backward ms, docs/kernels_notes.md): with 16-bit inputs and b = 16 on a Hopper GPU, "smem" at head
     dims 64 and 128 (d 64: 4.5 / 35.7 against the register pair's 7.0 / 79.5 and the F-blocked pair's 8.4 / 65.8;
     d 128: 11.6 / 105.7 against the F-blocked pair's 20.5 / 129.3); with gradients in fp32 on a GPU, "blocked" (F
-    walked in column blocks): the register
-    backward in fp32 spills 22 KB of stack per thread and compiles for 116 s, the blocked one for 31 s (offline
-    sm_90, d 64, 8 warps); otherwise "regs" up to MLP_MAX_D and "blocked" above. Packed documents (cu_seqlens) take
-    the same pair: every pair walks them (the smem pair once did not, and packed calls fell to "regs": one
-    full-length document of 8k tokens trained in 47.2 ms against the plain call's 29.2, H200, bf16, H 12 x d 64,
-    benchmarks/bench_packed.py)."""
+    walked in column blocks): the register backward in fp32 spills 22 KB of stack per thread and compiles for
+    116 s, the blocked one for 31 s (offline sm_90, d 64, 8 warps); otherwise "regs" up to MLP_MAX_D and "blocked"
+    above. Packed documents (cu_seqlens) take the same pair: every pair walks them (the smem pair once did not, and
+    packed calls fell to "regs": one full-length document of 8k tokens trained in 47.2 ms against the plain call's
+    29.2, H200, bf16, H 12 x d 64, benchmarks/bench_packed.py)."""
     if (d in (64, 128) and dtype in (torch.bfloat16, torch.float16) and mini_batch == 16
             and device is not None and _smem_runs_on(device)):  # 16: the smem pair's mini-batch (its MB)
         return "smem"
@@ -74,7 +73,8 @@ def default_mlp_impl(d: int, dtype: torch.dtype = torch.float32, device: torch.d
 @torch.compiler.assume_constant_result  # a compiled model asks it while tracing, once (no trace of the cache)
 def _smem_runs_on(device: torch.device) -> bool:
     """Whether the smem pair can run on `device`: a Hopper GPU (sm_90: its wgmma) and a Triton with Gluon. Asked on
-    every TTT-MLP call that picks its kernels by default, so answered once per device."""
+    every TTT-MLP call that picks its kernels by default, so answered once per device. (Two functions: Dynamo
+    traces into an lru_cache wrapper even when it is marked constant, and warns.)"""
     return _smem_runs_on_cached(device)
 
 
@@ -523,8 +523,7 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
                 ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor,
-                dc1: torch.Tensor,
-                dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
+                dc1: torch.Tensor, dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
                 covered: bool, mini_batch: int, group: int, impl: str, warps: int,
                 sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
