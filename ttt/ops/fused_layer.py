@@ -526,8 +526,10 @@ def _conv_rope_bwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tenso
 def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
     B, T, D = x.shape
     W = wa.shape[-1]
-    grid = conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0]
-    P = B * grid[2]
+    if all(isinstance(n, int) for n in (B, T, D)):
+        P = B * conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0][2]
+    else:  # symbolic shapes (torch.compile's dynamic mode): the segment count is a search over ints, left to the run
+        P = torch.library.get_ctx().new_dynamic_size()
     packed = tok is not None
     f32 = dict(dtype=torch.float32, device=x.device)
     part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
