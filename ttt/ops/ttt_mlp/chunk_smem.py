@@ -808,10 +808,7 @@ def ttt_mlp_smem_bwd_kernel(
                 g2_s.store(g2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                h1 = warpgroup_mma(wh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), is_async=True)  # W2s G2t
-                # Z1b's first product (W1s Q^T + c1) in flight with it, finished once P1 is formed
-                z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], is_async=True)
-                h1 = warpgroup_mma_wait(1, deps=[h1])
+                h1 = warpgroup_mma(wh2_s, g2_s, gl.zeros([FS, BT], gl.float32, LF))  # W2s G2t
                 g1 = h1 * d1
                 h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
                 g1_s.store(g1.to(OPT))
@@ -829,23 +826,20 @@ def ttt_mlp_smem_bwd_kernel(
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
                 P1 = E * qk1
                 p1_s.store((-P1).to(OPT))  # -P1 here, so that G1t is read from g1_s: the same products, exactly
-                z1b = warpgroup_mma_wait(0, deps=[z1b])
                 fence_async_shared()
                 _cta_barrier()
+                z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 z1b = warpgroup_mma(g1_s, p1_s.permute((1, 0)), z1b)  # - G1t P1^T
                 x2b, d1b = _gelu_parts(z1b)
                 pF_s.index(3).store(d1b)
                 x2b_s.store(x2b.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                # W2s^T X2b in flight while X2b X2^T and P2 are formed
-                zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None],
-                                   is_async=True)
                 s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)
                 p2_s.store(gl.where(causal, -E * (s2 + first), 0.0).to(OPT))  # -P2 (this slice's): G2t from g2_s
-                zb = warpgroup_mma_wait(0, deps=[zb])
                 fence_async_shared()
                 _cta_barrier()
+                zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
                 zb = warpgroup_mma(g2_s, p2_s.permute((1, 0)), zb)
                 if NSPLIT > 1:
                     rec = xb + (n % 2) * NSPLIT * REC
