@@ -877,14 +877,10 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                # three independent products in flight at once (asynchronous wgmma, one wait)
-                pd5 = warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD), is_async=True)  # (P2^T dZ2b)^T
-                dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF), is_async=True)  # W2 dZ2bt
-                dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b, is_async=True)  # + X2t dA2^T
-                pf4 = warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF), is_async=True)  # X2bt dA2
-                pd5, dx2b, pf4 = warpgroup_mma_wait(0, deps=[pd5, dx2b, pf4])
-                pD_s.index(5).store(-pd5)
-                pF_s.index(4).store(pf4)
+                pD_s.index(5).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
+                dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
+                dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
+                pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
                 dz1b = dx2b * pF_s.index(3).load(LF)
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
@@ -896,11 +892,9 @@ def ttt_mlp_smem_bwd_kernel(
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                pf5 = warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF), is_async=True)  # (P1^T dZ1b)^T
-                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD), is_async=True)
-                dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq, is_async=True)  # + K^T dA1^T
-                pf5, dq = warpgroup_mma_wait(0, deps=[pf5, dq])
-                pF_s.index(5).store(-pf5)  # dG1t: -(P1^T dZ1b)^T
+                pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
+                dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
                 if NSPLIT > 1:  # this program's part of dq, summed after the next exchange
                     gl.store(xb + ((n % 2) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
