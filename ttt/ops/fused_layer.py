@@ -354,12 +354,18 @@ def _conv_bwd_kernel(
 class ConvLaunch:
     """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
     tile), `warps`, and `programs`, the programs resident at once (the time axis is cut into segments, each walked
-    tile by tile by one program, bound by latency: `_segments` picks their number)."""
+    tile by tile by one program, bound by latency: `_segments` picks their number); `maxnreg`, if set, caps the
+    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit)."""
 
     BT: int
     BC: int
     warps: int
     programs: int
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The launch keywords: warps and the register cap."""
+        return dict(num_warps=self.warps, **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}))
 
     def grid(self, rows: int, D: int, B: int, mini_batch: int):
         """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences."""
@@ -419,7 +425,7 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None,
         PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed,
-        num_warps=L.warps)
+        **L.options())
     return ya, yb
 
 
@@ -468,7 +474,7 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
         doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
-        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, num_warps=L.warps)
+        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, **L.options())
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
