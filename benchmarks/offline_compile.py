@@ -61,7 +61,7 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
 
 
 def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, hints: bool = False,
-             float_type: str = "fp32"):
+             float_type: str = "fp32", maxnreg: int | None = None):
     """The @triton.jit or @gluon.jit kernel `fn` compiled for sm_90 (float_type: how its float scalars are typed:
     Triton's launcher passes Python floats as fp32, Inductor's as fp64)."""
     names = list(inspect.signature(fn.fn).parameters)
@@ -76,15 +76,15 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
              if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
     source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else triton.compiler.ASTSource
     src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                           "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
-                 hints: bool = False) -> tuple[int, int, int, int]:
+                 hints: bool = False, maxnreg: int | None = None) -> tuple[int, int, int, int]:
     """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
-    compiled for sm_90."""
-    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints)
+    compiled for sm_90 (maxnreg: a register cap, as the conv launches set)."""
+    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints, maxnreg=maxnreg)
     return (*resources(k.asm["cubin"]), k.metadata.shared)
 
 
@@ -140,7 +140,8 @@ def mlp_kernels(d: int, b: int, dot: int):
 
 
 def layer_kernels(d: int, b: int, dot: int):
-    """(name, kernel, constexprs, warps, stages) of the fused layer kernels at their default launch (D = 768)."""
+    """(name, kernel, constexprs, warps, stages[, maxnreg]) of the fused layer kernels at their default launch
+    (D = 768)."""
     L = fused_layer.conv_launch(8192, 768, None)
     conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
     out = []
@@ -148,8 +149,8 @@ def layer_kernels(d: int, b: int, dot: int):
         for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC
             cx = dict(conv, TWO=two_rope, ROPE=two_rope, PACKED=packed, PERIODIC=conv["PERIODIC"] and not packed)
             tag = " packed" if packed else ""
-            out += [(f"{name} fwd{tag}", fused_layer._conv_fwd_kernel, cx, L.warps, 3),
-                    (f"{name} bwd{tag}", fused_layer._conv_bwd_kernel, cx, L.warps, 3)]
+            out += [(f"{name} {k}{tag}", fn, cx, L.warps, 3, fused_layer.MAXNREG.get((k, two_rope)))
+                    for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel))]
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
                WIN_INPLACE=True, EPS=LN_EPS)
     warps = 2 if d <= 64 else 8  # linear_decode_step's default
@@ -175,12 +176,12 @@ def main():
     for kind in a.kinds.split(","):
         table = {"linear": linear_kernels, "mlp": mlp_kernels, "layer": layer_kernels}[kind]
         for d in a.d:
-            for name, fn, cx, w, s in table(d, a.b, dot):
+            for name, fn, cx, w, s, *cap in table(d, a.b, dot):
                 if a.only and a.only not in name:
                     continue
                 head = f"{kind:6} {name:20} {d:>4} {w:>5} {s:>6}"
                 try:
-                    r, sp, mma, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints)
+                    r, sp, mma, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints, *cap)
                     print(f"{head} {r:>5} {sp:>7} {mma:>5} {sh:>8}", flush=True)
                 except Exception as e:  # a kernel that does not compile is a result too
                     print(f"{head} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)

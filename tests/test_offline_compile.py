@@ -90,12 +90,12 @@ def test_mlp_register_backward_fits_shared_memory_in_fp32():
 
 # the conv kernels at their default launch (packed or not): their registers per thread, rounded up to 8 as an SM
 # allocates them, leave room for the programs per SM that `fused_layer.RESIDENT` sizes their grids by (a grid
-# sized for more would run a partial second wave)
+# sized for more would run a partial second wave), compiled with their register caps (`fused_layer.MAXNREG`)
 CONV = """
 from benchmarks.offline_compile import compile_cost, layer_kernels
-for name, fn, cx, w, s in layer_kernels(64, 16, 2):
+for name, fn, cx, w, s, *cap in layer_kernels(64, 16, 2):
     if name.startswith("conv"):
-        print(name.replace(" ", "_"), compile_cost(fn, cx, "bf16", w, s)[0], w)
+        print(name.replace(" ", "_"), compile_cost(fn, cx, "bf16", w, s, False, *cap)[0], w)
 """
 
 

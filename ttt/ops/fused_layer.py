@@ -391,7 +391,11 @@ def _segments(rows: int, columns: int, programs: int, BT: int) -> int:
 # per SM over its registers per thread, rounded up to 8 (offline sm_90, bf16, packed or not, the most of Triton 3.6
 # and 3.9: two convs and RoPE forward 80, backward 168; one conv 48 / 96). tests/test_offline_compile.py checks
 # them with the installed Triton.
-RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 5}
+# The plain backward runs capped at 64 registers (`MAXNREG`; 32-40 B spilled), 8 per SM: on the H200 0.088 / 0.089 ms
+# at 125m B4 T8k / B16 T2k against 0.097 / 0.102 uncapped at 5 per SM. Capping the backward with RoPE spills more and
+# loses (0.146 ms at 128 registers, 4 per SM, 0.219 at 96, 5 per SM, against 0.141: docs/kernels_notes.md).
+RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 8}
+MAXNREG = {("bwd", False): 64}
 
 
 def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True) -> ConvLaunch:
@@ -402,7 +406,7 @@ def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: 
     kernel 3) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 / 0.235, the plain
     conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md)."""
     return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4,
-                      programs=RESIDENT[(kernel, two)] * _sms(device))
+                      programs=RESIDENT[(kernel, two)] * _sms(device), maxnreg=MAXNREG.get((kernel, two)))
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
