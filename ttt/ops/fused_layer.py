@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -244,10 +244,7 @@ def _conv_bwd_kernel(
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
     MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PACKED: tl.constexpr = False,
-    PART: tl.constexpr = 0,
 ):
-    # PART 0: every gradient; 1: only dx and the window's (ds, gw); 2: only the weights' and biases' partial sums
-    # (two launches, each with fewer registers than the whole: `ConvLaunch.dx_programs`).
     # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x) (u in [0, T + W - 1); u <
     # W - 1: window rows). With g the un-rotated output gradient, g_j[u] = g[u - j]:
     #   dxs[u] = sum_j w[:, j] g_j[u]  -> dx (u >= W - 1) or the window's gradient (u < W - 1)
@@ -283,20 +280,15 @@ def _conv_bwd_kernel(
     na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
     nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
     XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
-    DX: tl.constexpr = PART != 2
-    DW: tl.constexpr = PART != 1
-    nx = tl.zeros([BT, BC], dtype=tl.float32)  # x's tile (fp32), unused in the dx part
-    if DW:
-        nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, XS_STATE)
+    nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, XS_STATE)
     for u0 in range(lo, hi, BT):
         u = u0 + i
         ra, rb, xs = na, nb, nx
         na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
         if TWO:
             nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
-        if DW:
-            nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
-                          XS_STATE)
+        nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
+                      XS_STATE)
         gx = tl.zeros([BT, BC], dtype=tl.float32)
         ndwa = ()
         ndwb = ()
@@ -318,13 +310,12 @@ def _conv_bwd_kernel(
                 if TWO:
                     gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
                                   PERIODIC, MB, HD, BT, BC)
-            if j == 0:
-                if DW:  # the bias takes every row
-                    dba += ga
-                    if TWO:
-                        dbb += gb
+            if j == 0:  # the bias takes every row
+                dba += ga
+                if TWO:
+                    dbb += gb
                 if PACKED:
-                    if DX and HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
+                    if HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
                         wm = (tk // MB < W - 1) & (u < T)
                         dc = tl.load(doc_ptr + u, mask=wm, other=0)
                         g_off = (dc * (W - 1) + tk // MB)[:, None] * D + cols[None, :]
@@ -334,37 +325,29 @@ def _conv_bwd_kernel(
                     ga = tl.where(same[:, None], ga, 0.0)
                     if TWO:
                         gb = tl.where(same[:, None], gb, 0.0)
-            if DX:
-                gx += ga * wa[j][None, :]
-                if TWO:
-                    gx += gb * wb[j][None, :]
-            if DW:
-                ndwa = ndwa + (dwa[j] + ga * xs,)
-                if TWO:
-                    ndwb = ndwb + (dwb[j] + gb * xs,)
-                else:
-                    ndwb = ndwb + (dwb[j],)
+            gx += ga * wa[j][None, :]
+            ndwa = ndwa + (dwa[j] + ga * xs,)
+            if TWO:
+                gx += gb * wb[j][None, :]
+                ndwb = ndwb + (dwb[j] + gb * xs,)
             else:
-                ndwa = ndwa + (dwa[j],)
                 ndwb = ndwb + (dwb[j],)
         dwa = ndwa
         dwb = ndwb
         r = u - (W - 1)  # the x row of xs row u
-        if DX:
-            tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
-                     mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
-        if DX and XS_STATE:
+        tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
+                 mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
+        if XS_STATE:
             tl.store(ds_ptr + b * (W - 1) * D + u[:, None] * D + cols[None, :], gx.to(ds_ptr.dtype.element_ty),
                      mask=(r < 0)[:, None] & cmask[None, :])
-    if DW:
-        prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
-        tl.store(dba_ptr + prog * D + cols, tl.sum(dba, axis=0), mask=cmask)
+    prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
+    tl.store(dba_ptr + prog * D + cols, tl.sum(dba, axis=0), mask=cmask)
+    for j in tl.static_range(W):
+        tl.store(dwa_ptr + (prog * D + cols) * W + j, tl.sum(dwa[j], axis=0), mask=cmask)
+    if TWO:
+        tl.store(dbb_ptr + prog * D + cols, tl.sum(dbb, axis=0), mask=cmask)
         for j in tl.static_range(W):
-            tl.store(dwa_ptr + (prog * D + cols) * W + j, tl.sum(dwa[j], axis=0), mask=cmask)
-        if TWO:
-            tl.store(dbb_ptr + prog * D + cols, tl.sum(dbb, axis=0), mask=cmask)
-            for j in tl.static_range(W):
-                tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(dwb[j], axis=0), mask=cmask)
+            tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(dwb[j], axis=0), mask=cmask)
 
 
 @dataclass(frozen=True)
@@ -372,16 +355,13 @@ class ConvLaunch:
     """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
     tile), `warps`, and `programs`, the programs resident at once (the time axis is cut into segments, each walked
     tile by tile by one program, bound by latency: `_segments` picks their number); `maxnreg`, if set, caps the
-    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit); `dx_programs`,
-    if set, splits the backward into two launches, dx (and the window's gradient) on that many resident programs,
-    then the weights' and biases' partial sums on `programs` (each part takes fewer registers than the whole)."""
+    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit)."""
 
     BT: int
     BC: int
     warps: int
     programs: int
     maxnreg: int | None = None
-    dx_programs: int | None = None
 
     def options(self) -> dict:
         """The launch keywords: warps and the register cap."""
@@ -492,17 +472,13 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
-    launches = [(grid, seg, 0)]  # (grid, rows per segment, part): one launch, or dx's then the weights'
-    if L.dx_programs is not None:
-        launches = [replace(L, programs=L.dx_programs).grid(T + W - 1, D, B, mini_batch)[:2] + (1,), (grid, seg, 2)]
-    for g, sg, part in launches:
-        _conv_bwd_kernel[g](
-            x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
-            dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
-            doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
-            T, D, sg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
-            W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
-            HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, PART=part, **L.options())
+    _conv_bwd_kernel[grid](
+        x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
+        dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
+        doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
+        T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
+        W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
+        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, **L.options())
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
