@@ -341,6 +341,36 @@ def test_custom_ops_trace_under_torch_compile():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fused_layer_compiles_whole_under_dynamic_shapes(kind):
+    """A fused (M) layer under torch.compile(dynamic=True) at three lengths (what training at a second length in one
+    process turns to): no graph break (the conv backward's fake once gave a data-dependent size, and Dynamo broke
+    the graph at the op), outputs and every gradient equal to eager."""
+    from torch._dynamo.utils import counters
+    from ttt.layers.ttt import TTTLayer
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, inner=kind, mini_batch=8, backend="triton", fused=True).to(DEV)
+
+    def f(x):
+        return layer(x)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    comp = torch.compile(f, backend="aot_eager", dynamic=True)
+    for T in (16, 40, 21):
+        x = torch.randn(2, T, 32, device=DEV, requires_grad=True)
+        wrt = [x, *layer.parameters()]
+        ye = f(x)
+        ge = torch.autograd.grad(ye.square().sum(), wrt)
+        yc = comp(x)
+        gc = torch.autograd.grad(yc.square().sum(), wrt)
+        assert rel(yc.detach().cpu(), ye.detach().cpu()) < 1e-6
+        for a, e in zip(gc, ge):
+            assert rel(a.cpu(), e.cpu()) < 1e-5
+    # a backend failure is a graph break counted as "unimplemented", with the AOT trace "not_ok"
+    breaks = {**counters["graph_break"], **counters["unimplemented"]}
+    assert not breaks and not counters["aot_autograd"].get("not_ok"), list(breaks)[:1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("learn_lr,d", [(True, 16), (False, 12)])
 def test_fused_decode_step_matches_layer_at_every_position(learn_lr, d):

@@ -548,12 +548,10 @@ def _conv_rope_bwd_op(x: torch.Tensor, win: torch.Tensor | None, wa: torch.Tenso
 
 @_conv_rope_bwd_op.register_fake
 def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok, doc):
-    B, T, D = x.shape
-    W = wa.shape[-1]
-    if all(isinstance(n, int) for n in (B, T, D)):
-        P = B * conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0][2]
-    else:  # symbolic shapes (torch.compile's dynamic mode): the segment count is a search over ints, left to the run
-        P = torch.library.get_ctx().new_dynamic_size()
+    # symbolic lengths (torch.compile's dynamic mode) are specialised here: the launch's segment count, which sizes
+    # the partial sums, is a search over ints (a data-dependent size instead made Dynamo break the graph at the op)
+    B, T, D, W = (int(n) for n in (*x.shape, wa.shape[-1]))
+    P = B * conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0][2]
     packed = tok is not None
     f32 = dict(dtype=torch.float32, device=x.device)
     part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
