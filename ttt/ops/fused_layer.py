@@ -40,13 +40,12 @@ import triton
 import triton.language as tl
 
 from .common import LN_EPS, TTTState
-from .triton_utils import _linear_step, _step_store, cdiv, pow2
+from .triton_utils import _linear_step, _step_store, cdiv, pow2, sm_count
 
 
 def _sms(device) -> int:
     """The SM count of a CUDA device (programs per launch are sized by it); 2 elsewhere (Triton's interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if getattr(device, "type", None) == "cuda" \
-        else 2
+    return sm_count(device) or 2
 
 
 def _pick(n: int, cap: int) -> int:

@@ -523,8 +523,8 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
                 ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor,
-                dc1: torch.Tensor, dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
-                covered: bool, mini_batch: int, group: int, impl: str, warps: int,
+                dc1: torch.Tensor, dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int,
+                slots: int, covered: bool, mini_batch: int, group: int, impl: str, warps: int,
                 sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     extra = dict(sched=sched) if impl == "smem" else {}

@@ -24,6 +24,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sm_count(device) -> int | None:
+    """The SM count of a CUDA device, which launches size their grids by; None for any other device (or None)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= n, of a host int n >= 1 (`cdiv`); a loop, so that a traced symbolic size works
     too (a fake implementation under dynamic shapes)."""

@@ -62,7 +62,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ..common import LN_EPS
-from ..triton_utils import batch_rows
+from ..triton_utils import batch_rows, sm_count
 
 # a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -77,8 +77,7 @@ def nsplit(d: int, heads: int | None = None, device: torch.device | None = None)
     132 SMs). With heads or device None: one."""
     if d != 64:
         return 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if (
-        heads is not None and device is not None and device.type == "cuda") else 0
+    sms = sm_count(device) if heads is not None else None
     return 2 if sms and 2 * heads <= sms else 1
 
 
@@ -992,7 +991,7 @@ def _groups(device: torch.device, heads: int, nsplit_: int, programs: int | None
     """How many groups of nsplit_ programs (one group per head at a time) the persistent grid has: as many as run
     at once on `device` (one program per SM: each takes most of its shared memory; the interpreter on the CPU
     runs every program at once), at most `programs` programs, at most one group per head."""
-    cap = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1 << 30
+    cap = sm_count(device) or 1 << 30
     if programs is not None:
         cap = min(cap, programs)
     return max(1, min(heads, cap // nsplit_))
