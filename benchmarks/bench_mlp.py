@@ -26,12 +26,14 @@ from ttt.ops import TTTState, triton_backend
 
 B_MB = 16  # mini-batch size
 DEV = "cuda"  # (a CPU smoke run of the checks under TRITON_INTERPRET=1 sets "cpu")
-# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "regs-w8" and "blocked" are the defaults.
+# (name, mlp_impl, mlp_warps, head dims it serves, dtypes checked); "smem" is the default on Hopper; "smem+keep":
+# the smem pair whose forward keeps every mini-batch's start weights for the backward (`MLPKernels(keep=True)`).
 # fp32 is checked by `pytest -m gpu tests/test_triton_mlp.py` (each dtype compiles its own kernels, and the
 # whole run must stay under 4 minutes).
 BF16, FP32 = torch.bfloat16, torch.float32
 VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64,), (BF16,)),
-            ("blocked", "blocked", None, (64, 96, 128), (BF16,)), ("smem", "smem", None, (64, 128), (BF16,))]
+            ("blocked", "blocked", None, (64, 96, 128), (BF16,)), ("smem", "smem", None, (64, 128), (BF16,)),
+            ("smem-keep", "smem+keep", None, (64, 128), (BF16,))]
 # the check's shape: B1 H16, T = 2062 from position 7 (9 tokens to the mini-batch boundary in PyTorch, 128
 # aligned mini-batches in the kernels, a 5-token tail): its integer arguments (H, mini-batch and checkpoint
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
@@ -47,7 +49,8 @@ def make(kind, B, T, H, d, dtype, pos=0, seed=0, grad=False):
 
 
 def run(kind, leaves, st, impl=None, warps=None):
-    kernels = triton_backend.MLPKernels(impl=impl, warps=warps) if kind == "mlp" else None
+    impl, _, opt = (impl or "").partition("+")  # "smem+keep": MLPKernels(impl="smem", keep=True)
+    kernels = triton_backend.MLPKernels(impl=impl or None, warps=warps, keep=opt == "keep") if kind == "mlp" else None
     return _op_run(kind, leaves, st, "triton", kernels)
 
 

@@ -42,8 +42,10 @@ from benchmarks.common import bench, environment, load_mamba2_module
 from ttt.checkpoint import write_json
 
 TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_module"]
-# timed only when --mixers names them: issue 17's TTT-MLP training row; the blocks' CUDA graphs (mode="reduce-overhead")
-TRAIN_EXTRA = ["ttt_mlp+fused", "ttt_linear+fused@graphs", "attention@graphs", "ttt_mlp+fused@graphs"]
+# timed only when --mixers names them: issue 17's TTT-MLP training rows (+keep: `mlp_keep_weights`); the blocks' CUDA
+# graphs (mode="reduce-overhead")
+TRAIN_EXTRA = ["ttt_mlp+fused", "ttt_linear+fused@graphs", "attention@graphs", "ttt_mlp+fused@graphs",
+               "ttt_mlp+fused+keep"]
 PREFILL_MIXERS = TRAIN_MIXERS
 DECODE_MIXERS = ["ttt_linear", "ttt_linear+fused"]
 TOKENS = 32768  # tokens per training step and per prefill batch (B = TOKENS / T)

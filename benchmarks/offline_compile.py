@@ -132,10 +132,12 @@ def mlp_kernels(d: int, b: int, dot: int):
     if d in mlp_smem.HEAD_DIMS and b == mlp_smem.MB and dot >= 2:  # Gluon, 16-bit operands
         smem = dict(D=d, FF=F, GROUP=GROUP, EPS=LN_EPS, SCHED=False)
         for w in (4, 8):
-            out += [(f"smem fwd x{ns}", mlp_smem.ttt_mlp_smem_fwd_kernel, dict(smem, NSPLIT=ns, SAVE=True), w, 1)
-                    for ns in ((1, 2) if d == 64 else (4,))]
-            out.append((f"smem bwd x{mlp_smem.nsplit_bwd(d)}", mlp_smem.ttt_mlp_smem_bwd_kernel,
-                        dict(smem, NSPLIT=mlp_smem.nsplit_bwd(d)), w, 1))
+            for keep in (False, True):  # keep: the forward writes every mini-batch's start weights, the backward reads
+                k = " keep" if keep else ""
+                out += [(f"smem fwd x{ns}{k}", mlp_smem.ttt_mlp_smem_fwd_kernel,
+                         dict(smem, NSPLIT=ns, SAVE=True, KEEP=keep), w, 1) for ns in ((1, 2) if d == 64 else (4,))]
+                out.append((f"smem bwd x{mlp_smem.nsplit_bwd(d)}{k}", mlp_smem.ttt_mlp_smem_bwd_kernel,
+                            dict(smem, NSPLIT=mlp_smem.nsplit_bwd(d), KEEP=keep), w, 1))
     return out
 
 

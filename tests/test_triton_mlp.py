@@ -56,18 +56,19 @@ def make(*, B, T, H, d, b, pos, dtype=torch.float32, grad=True, seed=0):
     return inp
 
 
-def run_triton(inp, impl, warps=None, group=triton_backend.GROUP, **replaced):
-    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d); `replaced`:
-    inputs (q, k, v, lr) to use instead of inp's."""
-    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps, group=group))
+def run_triton(inp, impl, warps=None, group=triton_backend.GROUP, keep=False, **replaced):
+    """The triton backend on `inp` with the TTT-MLP kernel pair `impl` (None: the default for d; keep: the smem
+    forward keeps every mini-batch's start weights for the backward); `replaced`: inputs (q, k, v, lr) to use
+    instead of inp's."""
+    op = triton_backend.TritonOp("mlp", triton_backend.MLPKernels(impl=impl, warps=warps, group=group, keep=keep))
     return op(replace(inp.inputs(), **replaced), inp.state())
 
 
 def compare(impl, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-4, warps=None,
-            group=triton_backend.GROUP):
+            group=triton_backend.GROUP, keep=False):
     inp = make(B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, grad=grad)
-    return check_against_dual(inp, lambda: run_triton(inp, impl, warps, group), T=T, pos=pos, dtype=dtype, grad=grad,
-                              tol=tol, label=f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos}")
+    return check_against_dual(inp, lambda: run_triton(inp, impl, warps, group, keep), T=T, pos=pos, dtype=dtype,
+                              grad=grad, tol=tol, label=f"{impl} B{B} T{T} H{H} d{d} b{b} pos{pos} keep={keep}")
 
 
 # (B, T, H, d, b, pos): odd length with head and tail pieces from a mid-mini-batch start (pending accumulator);
@@ -165,12 +166,12 @@ def test_nonfinite_token_reaches_no_earlier_output(impl, where):
     assert not torch.isfinite(o[:, 20]).all()
 
 
-def _grads(inp, impl, tokens, state_loss, cut, **replaced):
+def _grads(inp, impl, tokens, state_loss, cut, keep=False, **replaced):
     """The gradients of a random weighting of the outputs at `tokens` (a [T] mask) and, with state_loss, of the
     final state, w.r.t. every leaf (the per-token ones cut at token `cut`); `replaced`: leaves (q, k, v, lr) to use
     instead of inp's."""
     leaves = {**inp.leaves(), **replaced}
-    o, st = run_triton(inp, impl, **replaced)
+    o, st = run_triton(inp, impl, keep=keep, **replaced)
     gen = torch.Generator(device=o.device).manual_seed(2)
     w = torch.randn(o.shape, generator=gen, device=o.device) * tokens.to(o.device)[None, :, None, None]
     loss = (o.float() * w).sum()
@@ -180,14 +181,14 @@ def _grads(inp, impl, tokens, state_loss, cut, **replaced):
     return {n: (x[:, :cut] if n in ("q", "k", "v", "lr") else x) for n, x in zip(leaves, g) if x is not None}
 
 
-def _contained(inp, impl, where, at, ref_tokens, ref_state):
+def _contained(inp, impl, where, at, ref_tokens, ref_state, keep=False):
     """With a NaN (inf for v) at token `at` of `where` and a loss on every output and the final state, the gradients
     (per-token ones up to `at`) equal, bit for bit, a clean run's whose loss has the outputs `ref_tokens` and, with
     ref_state, the final state."""
-    ref = _grads(inp, impl, ref_tokens, ref_state, at)
+    ref = _grads(inp, impl, ref_tokens, ref_state, at, keep)
     x = getattr(inp, where).detach().clone()
     x[0, at, 0] = float("nan") if where != "v" else float("inf")
-    got = _grads(inp, impl, torch.ones_like(ref_tokens), True, at, **{where: x.requires_grad_()})
+    got = _grads(inp, impl, torch.ones_like(ref_tokens), True, at, keep, **{where: x.requires_grad_()})
     assert ref.keys() == got.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=lambda m: f"d{n}: {m}")
@@ -197,14 +198,14 @@ def _contained(inp, impl, where, at, ref_tokens, ref_state):
                                            ("smem", 64, torch.float16)])
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["q", "k", "v", "lr"])
-def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where):
+def test_nonfinite_token_reaches_no_earlier_gradient(impl, d, dtype, where, keep=False):
     """Backward NaN containment: a NaN (or inf) at token 20 (b = 16: inside the kernels' second of three
     mini-batches) with a loss on every output and the final state. A bad k, v or lr poisons the outputs from token
     20 on and the state: the gradients w.r.t. tokens 0..19, the initial state, tau and the LN weights are those of a
     clean run whose loss has only outputs 0..19. A bad q poisons only output 20: those of a clean run without it."""
     inp = make(B=1, T=48, H=1, d=d, b=16, pos=0, dtype=dtype, grad=True)
     t = torch.arange(48)
-    _contained(inp, impl, where, 20, (t < 20) | ((t > 20) & (where == "q")), where == "q")
+    _contained(inp, impl, where, 20, (t < 20) | ((t > 20) & (where == "q")), where == "q", keep)
 
 
 @pytest.mark.parametrize("impl", ["regs", "blocked"])
@@ -357,6 +358,64 @@ def test_smem_nonfinite_token_reaches_no_earlier_output(d, where):
     assert not torch.isfinite(o[:, 20]).all()
 
 
+def test_smem_kept_start_weights(monkeypatch):
+    """keep: the forward also writes every whole mini-batch's 16-bit start weights and fp32 biases (in the row slots
+    times the group: entry b's mini-batch m at b * nck * group + m) and the backward reads them instead of
+    recomputing: at each group's first mini-batch they are the checkpoint rounded; the gradients equal the
+    recomputing backward's and, through the backend, the dual form's (two programs per head in the forward)."""
+    monkeypatch.setattr(chunk_smem, "nsplit", lambda d, heads=None, device=None: 2 if d == 64 else 4)
+    compare("smem", B=1, T=41, H=2, d=64, b=16, pos=3, dtype=torch.float16, tol=1e-2, group=2, keep=True)
+    inp = make(B=2, T=80, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)  # 5 mini-batches, 3 groups
+    x, st = inp.inputs(), inp.state()
+    params = tuple(p.float().contiguous() for p in st.params)
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
+    o, fin, ck = chunk_smem.fwd(*args, params, 16, 2)
+    o_k, fin_k, ck_k = chunk_smem.fwd(*args, params, 16, 2, keep=True)
+    assert len(ck) == 5 and len(ck_k) == 7
+    for a, b in zip((o, *fin, *ck), (o_k, *fin_k, *ck_k)):  # keeping changes nothing else
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    kw, kc = ck_k[5:]
+    F, d = params[0].shape[-1], 64
+    assert kw.shape == (6 * 2, 2, 2, F, d) and kw.dtype == x.q.dtype and kc.shape == (6 * 2, 2, F + d)
+    for slot in range(6):  # entry slot // 3, group slot % 3: its first mini-batch's start = the checkpoint
+        i = slot * 2
+        torch.testing.assert_close(kw[i, :, 0], ck[0][slot].transpose(-1, -2).to(kw.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(kw[i, :, 1], ck[2][slot].to(kw.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(kc[i], torch.cat([ck[1][slot], ck[3][slot]], -1), rtol=0, atol=0)
+    g = torch.Generator(device=o.device).manual_seed(3)
+    do = torch.randn(o.shape, generator=g, device=o.device).to(o.dtype)
+    dfin = tuple(torch.randn(p.shape, generator=g, device=o.device) for p in params)
+    g1 = chunk_smem.bwd(*args, ck, do, dfin, 16, 2)
+    g2 = chunk_smem.bwd(*args, ck_k, do, dfin, 16, 2)
+    for a, b in zip((*g1[:7], *g1[7]), (*g2[:7], *g2[7])):
+        assert rel(b, a) < 2e-3, rel(b, a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["k", "lr"])
+def test_smem_kept_weights_contain_nonfinite_tokens(where):
+    """The backward from the kept start weights contains a NaN token as the recomputing one does (the weights after
+    it are poisoned in what the forward kept)."""
+    test_nonfinite_token_reaches_no_earlier_gradient("smem", 64, torch.float16, where, keep=True)
+
+
+def test_keep_weights_reaches_the_op():
+    """RunOptions(mlp_keep_weights=True): every TTT-MLP layer's triton op keeps the start weights (`MLPKernels.keep`);
+    other run options take it back; a TTT-Linear model is unaffected; a non-bool is refused."""
+    from ttt.config import RunOptions, get_config
+    from ttt.model import TTTLM
+
+    cfg = get_config("debug", mixer="ttt_mlp")
+    model = TTTLM(cfg, RunOptions(ttt_backend="triton", mlp_keep_weights=True))
+    assert all(b.mixer.prepare().op.kernels.keep for b in model.blocks)
+    model.set_run_options(RunOptions(ttt_backend="triton"))
+    assert not any(b.mixer.prepare().op.kernels.keep for b in model.blocks)
+    lin = TTTLM(get_config("debug", mixer="ttt_linear"), RunOptions(ttt_backend="triton", mlp_keep_weights=True))
+    assert all(isinstance(b.mixer.prepare().op.kernels, triton_backend.LinearKernels) for b in lin.blocks)
+    with pytest.raises(ValueError, match="^keep_weights: expected a bool, got 1$"):
+        model.blocks[0].mixer.keep_weights = 1
+
+
 def test_smem_choice_is_checked():
     with pytest.raises(ValueError, match=r"^mlp_impl: 'smem' is written for head dim 64 or 128, got head dim 32$"):
         run_triton(make(B=1, T=16, H=1, d=32, b=16, pos=0, dtype=torch.float16, grad=False), "smem")
@@ -397,12 +456,24 @@ def test_gpu_smem_full_shapes(monkeypatch, d, split, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("d,split", [(64, 1), (64, 2), (128, 4)])
+def test_gpu_smem_kept_start_weights(monkeypatch, d, split):
+    """keep: the backward reads the start weights the forward kept instead of recomputing them; every output, state
+    and gradient against the dual form (33 kernel mini-batches, a mid-mini-batch start)."""
+    monkeypatch.setattr(chunk_smem, "nsplit", lambda d, heads=None, device=None: split)
+    compare("smem", B=2, T=533, H=2, d=d, b=16, pos=7, dtype=torch.bfloat16, tol=3e-2, keep=True)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_smem_nonfinite_and_grid(d):
-    """On the GPU: a NaN token reaches no earlier output nor gradient; a persistent grid smaller than the heads gives
-    the same bits (B4 H8: 32 heads on one group of programs), forward and backward."""
+    """On the GPU: a NaN token reaches no earlier output nor gradient (also with the start weights kept); a
+    persistent grid smaller than the heads gives the same bits (B4 H8: 32 heads on one group of programs), forward
+    and backward."""
     for where in ("q", "k", "v", "lr"):
         test_nonfinite_token_reaches_no_earlier_gradient("smem", d, torch.bfloat16, where)
+        test_nonfinite_token_reaches_no_earlier_gradient("smem", d, torch.bfloat16, where, keep=True)
     for where in ("k", "v", "lr"):
         test_smem_nonfinite_token_reaches_no_earlier_output(d, where)
     _smem_grids_agree(d, B=4, H=8, T=96)

@@ -452,7 +452,7 @@ def cmd_train(args) -> int:
     # every check that needs no model before the first line of output; on a CPU, a --micro-batch left to its
     # default becomes the largest that fits in memory (the same run: only the gradient accumulation changes)
     micro_batch = preflight(model_cfg, train_cfg, device, pick_micro_batch=device.type == "cpu" and
-                            "micro_batch" not in given)
+                            "micro_batch" not in given, run=run)
     if micro_batch != train_cfg.micro_batch:
         from .memory import available_memory
         _note(f"a step at --micro-batch {train_cfg.micro_batch} would not fit in the "

@@ -37,6 +37,11 @@ class RunOptions:
              "TTT-Linear decode step); --no-fused-layer runs the PyTorch layer path, --fused-layer insists (needs "
              "the op's triton backend)",
         default_text="auto: on where the op runs its triton backend on CUDA"))
+    mlp_keep_weights: bool = help_field(False, "TTT-MLP training in the shared-memory kernels (Hopper, bf16/fp16): "
+                                               "the forward keeps every mini-batch's inner weights for the backward, "
+                                               "which then recomputes none: faster, and 4 x F x d bytes per head, layer "
+                                               "and 16 tokens more memory (about 1.6 GB per layer at 125m, 4 x 8192 "
+                                               "tokens); counted by the memory check")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, RunOptions
 
 PROBES = ((1, 64), (1, 128), (2, 64))  # (sequences, tokens) of the probe forwards: multiples of the TTT
 # mini-batch and of the SSD chunk
@@ -110,13 +110,14 @@ def _saved_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def _block_bytes(cfg: ModelConfig, device: torch.device, autocast: bool) -> tuple[float, float, float, int]:
-    """(fixed bytes, bytes per sequence, bytes per token) one block saves for its backward, from the probe
-    forwards, and the block's parameter count."""
+def _block_bytes(cfg: ModelConfig, device: torch.device, autocast: bool,
+                 run: RunOptions = RunOptions()) -> tuple[float, float, float, int]:
+    """(fixed bytes, bytes per sequence, bytes per token) one block run as `run` says saves for its backward, from
+    the probe forwards, and the block's parameter count."""
     from .model import Block  # programs import the model, not the other way round
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        block = Block(cfg)
+        block = Block(cfg, run)
         sizes = []
         for B, T in PROBES:
             x = torch.randn(B, T, cfg.d_model, device=device, requires_grad=True)
@@ -133,9 +134,10 @@ def _block_bytes(cfg: ModelConfig, device: torch.device, autocast: bool) -> tupl
 
 
 def step_memory(cfg: ModelConfig, device: torch.device, *, autocast: bool = False,
-                grad_checkpointing: bool = False) -> StepMemory:
-    """The estimate of the module docstring for one process on `device` (autocast: bf16 autocast)."""
-    fixed, per_seq, per_token, block_params = _block_bytes(cfg, device, autocast)
+                grad_checkpointing: bool = False, run: RunOptions = RunOptions()) -> StepMemory:
+    """The estimate of the module docstring for one process on `device` (autocast: bf16 autocast; run: how the
+    model runs, e.g. `mlp_keep_weights`, which saves more)."""
+    fixed, per_seq, per_token, block_params = _block_bytes(cfg, device, autocast, run)
     D, V = cfg.d_model, cfg.vocab_size  # + embedding (and an untied head) and the final norm: TTTLM's parameters
     n_params = cfg.n_layers * block_params + V * D * (1 if cfg.tie_embeddings else 2) + D
     return StepMemory(n_params, cfg.d_model, cfg.n_layers, cfg.vocab_size, fixed, per_seq, per_token,
@@ -180,7 +182,8 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def fit_micro_batch(cfg: ModelConfig, device: torch.device, *, micro_batch: int, seq_len: int, rows: int,
-                    autocast: bool = False, grad_checkpointing: bool = False, pick: bool = False) -> int:
+                    autocast: bool = False, grad_checkpointing: bool = False, pick: bool = False,
+                    run: RunOptions = RunOptions()) -> int:
     """micro_batch when a step of it fits the free memory of `device` (or that is unknown here). Otherwise,
     with `pick`, the largest divisor of `rows` (sequences per optimizer step) that fits; without, or when
     none fits, a ValueError naming what does: a smaller micro_batch (the same run), grad_checkpointing,
@@ -188,7 +191,7 @@ def fit_micro_batch(cfg: ModelConfig, device: torch.device, *, micro_batch: int,
     room = available_memory(device)
     if room is None:
         return micro_batch
-    est = step_memory(cfg, device, autocast=autocast, grad_checkpointing=grad_checkpointing)
+    est = step_memory(cfg, device, autocast=autocast, grad_checkpointing=grad_checkpointing, run=run)
     need = est.total(micro_batch, seq_len)
     if need <= room:
         return micro_batch

@@ -127,6 +127,7 @@ class Block(nn.Module):
             self.conv.backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
+            self.mixer.keep_weights = run.mlp_keep_weights
         elif isinstance(self.mixer, Mamba2):
             self.mixer.backend = run.mamba_backend
 

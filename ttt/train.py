@@ -459,26 +459,30 @@ def _check_ids(ids: torch.Tensor, vocab_size: int, where: Path) -> None:
                          f"or not of this dataset; prepare the dataset again")
 
 
-def _check_memory(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pick: bool = False) -> int:
-    """The micro-batch to use: cfg.micro_batch when a step fits the device's free memory; with `pick`, the
-    largest one that fits; else a ValueError naming the sizes that fit (`ttt.memory.fit_micro_batch`)."""
+def _check_memory(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, pick: bool = False,
+                  run: RunOptions | None = None) -> int:
+    """The micro-batch to use: cfg.micro_batch when a step (the model run as `run` says) fits the device's free
+    memory; with `pick`, the largest one that fits; else a ValueError naming the sizes that fit
+    (`ttt.memory.fit_micro_batch`)."""
     from .memory import fit_micro_batch
 
     return fit_micro_batch(model_cfg, device, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
                            rows=cfg.tokens_per_step // cfg.seq_len, autocast=_amp(cfg, device) == "bf16",
-                           grad_checkpointing=cfg.grad_checkpointing, pick=pick)
+                           grad_checkpointing=cfg.grad_checkpointing, pick=pick, run=run or RunOptions())
 
 
-def preflight(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, *, pick_micro_batch: bool = False) -> int:
+def preflight(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, *, pick_micro_batch: bool = False,
+              run: RunOptions | None = None) -> int:
     """What `train` checks before it writes or builds anything, for a caller that wants errors before its own
-    output: the configs, the data, out_dir and (one process, check_memory) whether a step fits in memory.
-    Returns the micro-batch to use: cfg.micro_batch, or with pick_micro_batch the largest that fits."""
+    output: the configs, the data, out_dir and (one process, check_memory) whether a step fits in memory (the
+    model run as `run` says). Returns the micro-batch to use: cfg.micro_batch, or with pick_micro_batch the largest
+    that fits."""
     _check_configs(model_cfg, cfg)
     world = dist.world_size() if dist.is_distributed() else dist.launched_world_size()
     meta = _check_data(model_cfg, cfg, world)
     _check_out_dir(Path(cfg.out_dir), _run_config(model_cfg, cfg, meta), cfg.resume)
     if cfg.check_memory and world == 1:
-        return _check_memory(model_cfg, cfg, device, pick_micro_batch)
+        return _check_memory(model_cfg, cfg, device, pick_micro_batch, run)
     return cfg.micro_batch
 
 
@@ -583,7 +587,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     run_cfg = _run_config(model_cfg, cfg, meta)
     candidates, problem, failed_start = _check_out_dir(out, run_cfg, cfg.resume)
     if cfg.check_memory and world == 1:
-        _check_memory(model_cfg, cfg, device)
+        _check_memory(model_cfg, cfg, device, run=run)
     ckpt, fell_back = _read_resume_checkpoint(out, candidates, problem, run_cfg) if candidates else (None, False)
     resume_from = None if ckpt is None else ckpt.path
     if ckpt is not None:

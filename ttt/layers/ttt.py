@@ -100,6 +100,7 @@ class TTTLayer(nn.Module):
         self.backbone, self.mini_batch, self.rope_base = backbone, mini_batch, rope_base
         self._plans: dict = {}  # (device type, dtype) -> Plan
         self.backend, self.fused = backend, fused
+        self.keep_weights = False
         self.base_lr = base_lr if base_lr is not None else (0.1 if self.kind == "mlp" else 1.0)
 
         if backbone == "mamba":
@@ -194,6 +195,19 @@ class TTTLayer(nn.Module):
         self._fused = fused
         self._plans.clear()
 
+    @property
+    def keep_weights(self) -> bool:
+        """TTT-MLP in the triton backend's kernels: the smem forward keeps every mini-batch's start weights for the
+        backward (`MLPKernels(keep=True)`; faster training, more memory). Ignored elsewhere."""
+        return self._keep_weights
+
+    @keep_weights.setter
+    def keep_weights(self, keep: bool) -> None:
+        if not isinstance(keep, bool):
+            raise ValueError(f"keep_weights: expected a bool, got {keep!r}")
+        self._keep_weights = keep
+        self._plans.clear()
+
     def prepare(self, device=None, dtype: torch.dtype | None = None) -> Plan:
         """Decide how this layer runs for `dtype` inputs on `device` (default: those of its weights), once: the
         TTT op (`ttt.ops.resolve_op`) and whether the fused layer kernels run: `fused=True` asks for them (they need
@@ -207,6 +221,10 @@ class TTTLayer(nn.Module):
                 op = GenericOp(self._template[0], self.residual)
             else:
                 op = resolve_op(self.kind, self.backend, device, dtype, inner_ln=self.inner_ln, residual=self.residual)
+                if self.kind == "mlp" and self.keep_weights and op.backend == "triton":
+                    from ..ops.triton_backend import MLPKernels  # imports Triton: only on that path
+                    op = resolve_op("mlp", "triton", device, dtype, inner_ln=self.inner_ln, residual=self.residual,
+                                    kernels=MLPKernels(keep=True))
             if self.fused and op.backend != "triton":
                 raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
                                  f"inputs; got backend={self.backend!r} on {device.type} with {dtype}")

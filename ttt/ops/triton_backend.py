@@ -148,12 +148,15 @@ class LinearKernels:
 class MLPKernels:
     """How TTT-MLP runs in the kernels. impl: the kernel pair (MLP_IMPLS; None: `default_mlp_impl`, per call; "smem":
     head dim 64 / 128, mini-batch 16, 16-bit inputs, Hopper); warps: its warps per program (None: the kernel
-    module's default); group: mini-batches per weight checkpoint;
+    module's default); group: mini-batches per weight checkpoint; keep: in training, the smem forward also keeps
+    every mini-batch's 16-bit start weights for the backward, which then recomputes none (faster; memory: 4 F d
+    bytes per (row, head, mini-batch), `chunk_smem.fwd`); the other pairs ignore it;
     step_block_f, step_warps: the decode step kernel's F block width and warps (None: its defaults)."""
 
     impl: str | None = None
     warps: int | None = None
     group: int = GROUP
+    keep: bool = False
     step_block_f: int | None = None
     step_warps: int | None = None
 
@@ -176,7 +179,7 @@ class MLPKernels:
             return self._smem_body(x, params, rows, save)
         none = x.q.new_empty(0, dtype=torch.int32)
         outs = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
-                           x.mini_batch, self.group, save, impl, self.warps or 0, none, none)
+                           x.mini_batch, self.group, save, False, impl, self.warps or 0, none, none)
         return outs[0], outs[1:5]
 
     def _smem_body(self, x: TTTInputs, params, rows: Rows, save: bool):
@@ -190,7 +193,7 @@ class MLPKernels:
         _mlp_module("smem").check(d, b, x.q.dtype)
         sched = _smem_schedules(x, rows, H, d)
         fin = _mlp_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows), b,
-                          self.group, save, "smem", self.warps or 0, *sched)
+                          self.group, save, self.keep and save, "smem", self.warps or 0, *sched)
         o, params = fin[0], tuple(fin[1:5])
         tails = [n % b for n in rows.lengths]
         if not any(tails):
@@ -490,31 +493,35 @@ def _mlp_module(impl: str):
 def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
                 W2: torch.Tensor, c2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int, slots: int,
-                covered: bool, mini_batch: int, group: int, save: bool, impl: str, warps: int,
+                covered: bool, mini_batch: int, group: int, save: bool, keep: bool, impl: str, warps: int,
                 sched_fwd: torch.Tensor, sched_bwd: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     ps = tuple(p.contiguous() for p in (W1, c1, W2, c2))
-    extra = dict(sched=sched_fwd) if impl == "smem" else {}
+    extra = dict(sched=sched_fwd, keep=keep) if impl == "smem" else {}
     o, fin, ck = _mlp_module(impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
                                        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
                                        **extra)
-    if ck is None:
-        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(5))
-    elif len(ck) == 4:  # the smem pair also saves Z2 (a fifth tensor); the others nothing more
-        ck = (*ck, q.new_empty(0, dtype=torch.float32))
+    # always seven saved tensors: the four checkpoints, the smem pair's Z2 and the start weights it kept (`keep`),
+    # empty where not made
+    ck = tuple(ck or ())
+    ck = ck + tuple(q.new_empty(0, dtype=torch.float32) for _ in range(7 - len(ck)))
     return [o, *fin, *ck]
 
 
 @_mlp_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group,
-      save, impl, warps, sched_fwd, sched_bwd):
+      save, keep, impl, warps, sched_fwd, sched_bwd):
     H, d = q.shape[2:]
     F = W1.shape[-1]
     if save:
         ck = [q.new_empty((slots, H, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
         ck.append(q.new_empty(q.shape if impl == "smem" else (0,), dtype=torch.float32))  # the smem pair's Z2
+        if keep and impl == "smem":
+            ck += [q.new_empty((slots * group, H, 2, F, d)), q.new_empty((slots * group, H, F + d), dtype=torch.float32)]
+        else:
+            ck += [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
     else:
-        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(5)]
+        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(7)]
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             *(torch.empty_like(p) for p in (W1, c1, W2, c2)), *ck]
 
@@ -522,13 +529,15 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
 @torch.library.custom_op("ttt::mlp_chunk_bwd", mutates_args=())
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
-                ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor,
+                ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, kw: torch.Tensor, kc: torch.Tensor,
+                do: torch.Tensor, dW1: torch.Tensor,
                 dc1: torch.Tensor, dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int,
                 slots: int, covered: bool, mini_batch: int, group: int, impl: str, warps: int,
                 sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     extra = dict(sched=sched) if impl == "smem" else {}
-    ckpt = (ck1, ckc1, ck2, ckc2, aux) if impl == "smem" else (ck1, ckc1, ck2, ckc2)  # aux: the smem pair's Z2
+    # aux: the smem pair's Z2; kw, kc: the start weights its forward kept (else empty)
+    ckpt = ((ck1, ckc1, ck2, ckc2, aux) + ((kw, kc) if kw.numel() else ())) if impl == "smem" else (ck1, ckc1, ck2, ckc2)
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group), **extra)
@@ -536,8 +545,8 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 
 @_mlp_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, do, dW1, dc1, dW2, dc2, span, packed, nmb, slots,
-      covered, mini_batch, group, impl, warps, sched):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, kw, kc, do, dW1, dc1, dW2, dc2, span, packed,
+      nmb, slots, covered, mini_batch, group, impl, warps, sched):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
     N = dW1.shape[0]
@@ -547,9 +556,9 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, do, dW1, 
 
 
 def _mlp_setup(ctx, inputs, output):
-    (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, impl,
-     warps, _sched_fwd, sched_bwd) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:10], span, sched_bwd)
+    (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, _keep,
+     impl, warps, _sched_fwd, sched_bwd) = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:12], span, sched_bwd)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, impl, warps)
     ctx.rows = W1.shape[0]
 
@@ -568,7 +577,7 @@ def _mlp_backward(ctx, grads):
     dq, dk, dv, dlr, dtau, dlnw, dlnb, *dps = _mlp_bwd_op(q, k, v, lr, tau, lnw, lnb, *ck, do, *dfin, span, packed,
                                                           nmb, slots, covered, mini_batch, group, impl, warps, sched)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), *dps,
-            None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)

@@ -40,7 +40,8 @@ output columns from that token on are NaN (a program's partial sum is poisoned, 
 
 Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the carried weight gradients, fp32,
 sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
-mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch, then the group is walked back
+mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch (or, KEEP, read from what the
+forward kept of every mini-batch: `fwd(keep=True)`, more memory, no recompute), then the group is walked back
 with `chunk.py`'s formulas, transposed. Z2 (+ c2) comes from the forward, which saves it with its checkpoints, so
 that the recompute and the walk need no exchange for it: two exchanges per mini-batch (Z2b and X2b X2^T; dG2),
 dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU''
@@ -300,12 +301,12 @@ def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.co
 @gluon.jit
 def ttt_mlp_smem_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
-    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, xz_ptr, xo_ptr,
-    cnt_ptr, span_ptr, sched_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, kw_ptr, kc_ptr,
+    xz_ptr, xo_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
-    SCHED: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
+    KEEP: gl.constexpr, SCHED: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty  # the products' 16-bit operand type
     FS: gl.constexpr = FF // NSPLIT
@@ -396,6 +397,13 @@ def ttt_mlp_smem_fwd_kernel(
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
                     if s == 0:  # c2 is replicated: one program writes it
                         gl.store(ckc2_ptr + ck * D + rdD, c2)
+            if KEEP:  # this mini-batch's 16-bit start weights and fp32 biases, for the backward's walk
+                kx = (slot * GROUP + n) * H + hi  # [slots * GROUP, H]: row n's mini-batch m at span[n, 2] * GROUP + m
+                _tile_out(kw_ptr + (kx * 2 * FF + s * FS) * D, w1h_s, FS, D, FC, LB)
+                _tile_out(kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, w2h_s, FS, D, FC, LB)
+                gl.store(kc_ptr + kx * (FF + D) + s * FS + rfF, c1)
+                if s == 0:
+                    gl.store(kc_ptr + kx * (FF + D) + FF + rdD, c2)
             if n == 0:
                 nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
                                                        rdD, rtD, rtF, rjE)
@@ -585,13 +593,13 @@ def _col_vec(v, L: gl.constexpr):
 
 @gluon.jit
 def ttt_mlp_smem_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, do_ptr,
-    dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, kw_ptr,
+    kc_ptr, do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
     ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
     H, NHEADS, NGROUPS,
-    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SCHED: gl.constexpr,
-    EPS: gl.constexpr, num_warps: gl.constexpr,
+    D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, KEEP: gl.constexpr,
+    SCHED: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty
     FS: gl.constexpr = FF // NSPLIT
@@ -690,49 +698,51 @@ def ttt_mlp_smem_bwd_kernel(
             g = nck - 1 - gi
             n0 = g * GROUP
             n1 = gl.minimum(n0 + GROUP, nmb)
-            # ---- recompute: the start weights of every mini-batch of the group, from its checkpoint, into the
-            # scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
-            _cta_barrier()
-            ck = (slot + g) * H + hi
-            _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt, LB)
-            c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
-            c2 = gl.load(ckc2_ptr + ck * D + rdD)
-            _cta_barrier()
-            for n in range(n0, n1):
-                j = n - n0
-                _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
-                _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
-                gl.store(cs1 + j * FS + rfF, c1)
-                gl.store(cs2 + j * D + rdD, c2)
-                if n < n1 - 1:
-                    t0 = n * BT
-                    xT = _tok_tile(rdD, rtD, t0, s_t)
-                    kT = gl.load(k_ptr + x_base + xT)
-                    vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                    lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
-                    _cta_barrier()
-                    kT_s.store(kT.to(OPT))
-                    fence_async_shared()
-                    _cta_barrier()
-                    z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
-                    x2, d1 = _gelu_parts(z1)
-                    x2_s.store(x2.to(OPT))
-                    z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
-                    g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
-                    g2_s.store(g2.to(OPT))
-                    fence_async_shared()
-                    _cta_barrier()
-                    g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
-                    ebD = tau_b * lrD
-                    ebF = _col_vec(ebD, LF)
-                    eg1_s.store((-ebF[None, :] * g1).to(OPT))
-                    eg2_s.store((-ebD[None, :] * g2).to(OPT))
-                    c1 -= gl.sum(ebF[None, :] * g1, axis=1)
-                    c2 -= gl.sum(ebD[None, :] * g2, axis=1)
-                    fence_async_shared()
-                    _cta_barrier()
-                    _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
-                    _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
+            # ---- recompute (unless the forward kept them: KEEP): the start weights of every mini-batch of the group,
+            # from its checkpoint, into the scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
+            if not KEEP:
+                _cta_barrier()
+                ck = (slot + g) * H + hi
+                _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
+                            LB)
+                c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
+                c2 = gl.load(ckc2_ptr + ck * D + rdD)
+                _cta_barrier()
+                for n in range(n0, n1):
+                    j = n - n0
+                    _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
+                    _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
+                    gl.store(cs1 + j * FS + rfF, c1)
+                    gl.store(cs2 + j * D + rdD, c2)
+                    if n < n1 - 1:
+                        t0 = n * BT
+                        xT = _tok_tile(rdD, rtD, t0, s_t)
+                        kT = gl.load(k_ptr + x_base + xT)
+                        vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+                        lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                        _cta_barrier()
+                        kT_s.store(kT.to(OPT))
+                        fence_async_shared()
+                        _cta_barrier()
+                        z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
+                        x2, d1 = _gelu_parts(z1)
+                        x2_s.store(x2.to(OPT))
+                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
+                        g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
+                        g2_s.store(g2.to(OPT))
+                        fence_async_shared()
+                        _cta_barrier()
+                        g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
+                        ebD = tau_b * lrD
+                        ebF = _col_vec(ebD, LF)
+                        eg1_s.store((-ebF[None, :] * g1).to(OPT))
+                        eg2_s.store((-ebD[None, :] * g2).to(OPT))
+                        c1 -= gl.sum(ebF[None, :] * g1, axis=1)
+                        c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+                        fence_async_shared()
+                        _cta_barrier()
+                        _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
+                        _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
@@ -744,10 +754,17 @@ def ttt_mlp_smem_bwd_kernel(
                 j = n - n0
                 t0 = n * BT
                 _cta_barrier()
-                _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
-                _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
-                c1 = gl.load(cs1 + j * FS + rfF)
-                c2 = gl.load(cs2 + j * D + rdD)
+                if KEEP:  # the forward's (the same rounding of the same weights)
+                    kx = (slot * GROUP + n) * H + hi
+                    _tile_in_finite(wh1_s, kw_ptr + (kx * 2 * FF + s * FS) * D, FS, D, FC, LB)
+                    _tile_in_finite(wh2_s, kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, FS, D, FC, LB)
+                    c1 = gl.load(kc_ptr + kx * (FF + D) + s * FS + rfF)
+                    c2 = gl.load(kc_ptr + kx * (FF + D) + FF + rdD)
+                else:
+                    _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                    _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
+                    c1 = gl.load(cs1 + j * FS + rfF)
+                    c2 = gl.load(cs2 + j * D + rdD)
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
                 # outer products), its biases too: they tell
                 wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
@@ -1056,7 +1073,8 @@ def _rows_and_sched(rows, B: int, T: int, group: int, device, sched, H: int, ns:
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: int, save: bool = True,
-        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None, split: int | None = None):
+        num_warps: int | None = None, programs: int | None = None, rows=None, sched=None, split: int | None = None,
+        keep: bool = False):
     """The rows' whole mini-batches (`triton_utils.Rows`: the B batch entries, or packed documents; None: every
     batch entry whole), each row's from its first token and a zero accumulator; a row's partial last mini-batch
     is not computed (its outputs unwritten, the weights returned those at its start: the caller runs it). Same
@@ -1068,7 +1086,10 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     the final params, and when `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots
     [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 [B,T,H,d] fp32
     at the whole mini-batches' tokens (`bwd` reads it instead of recomputing Z2, which needs an exchange between
-    the programs of a head)."""
+    the programs of a head). keep (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to
+    q's dtype [rows.slots * group, H, 2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch
+    m at span[n, 2] * group + m), appended to the saved tensors: `bwd` then reads them instead of recomputing them
+    from the checkpoints (faster; 4 F d + 4 (F + d) bytes per (row, head, mini-batch))."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
@@ -1084,16 +1105,19 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     else:
         ck = fin  # never written
     z2 = torch.empty((B, T, H, d), dtype=torch.float32, device=q.device) if save else o  # (o: never written)
+    keep = keep and save
+    kept = (torch.empty((rows.slots * group, H, 2, F, d), dtype=q.dtype, device=q.device),
+            torch.empty((rows.slots * group, H, F + d), dtype=torch.float32, device=q.device)) if keep else (o, o)
     xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
     xo = torch.empty_like(xz)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_fwd_kernel[(groups * ns,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, z2, xz, xo, cnt, rows.span,
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, z2, *kept, xz, xo, cnt, rows.span,
         cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, heads, groups,
-        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, SCHED=sched is not None, EPS=LN_EPS,
+        D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, KEEP=keep, SCHED=sched is not None, EPS=LN_EPS,
         num_warps=num_warps or 8, **launch)
-    return o, fin, ((*ck, z2) if save else None)
+    return o, fin, ((*ck, z2, *kept) if keep else (*ck, z2) if save else None)
 
 
 def nsplit_bwd(d: int) -> int:
@@ -1104,16 +1128,19 @@ def nsplit_bwd(d: int) -> int:
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
-    """Gradients of `fwd` from its checkpoints and Z2 (ckpt: what `fwd` returned for them, five tensors), over the
-    same rows (same contract as `chunk.bwd` otherwise): do [B,T,H,d]
-    (or None), dfin the gradients of the final (W1, c1, W2, c2) [N,H,...] (entries may be None). Returns dq, dk,
+    """Gradients of `fwd` from its checkpoints and Z2 (ckpt: what `fwd` returned for them, five tensors, or seven
+    with the start weights it kept: then nothing is recomputed), over the same rows (same contract as `chunk.bwd`
+    otherwise): do [B,T,H,d] (or None), dfin the gradients of the final (W1, c1, W2, c2) [N,H,...] (entries may be
+    None). Returns dq, dk,
     dv (q's dtype; zero at tokens in no row's whole mini-batches), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
     and the gradients of the start params (fp32). num_warps None: 8; programs: at most this many programs (None:
     what the GPU holds at once); sched: as in `fwd`, for this launch's groups (`nsplit_bwd` programs each)."""
     B, T, H, d = q.shape
-    if len(ckpt) != 5:
-        raise ValueError(f"ckpt: expected the five tensors `fwd` saved (W1, c1, W2, c2 checkpoints and Z2), got "
-                         f"{len(ckpt)}")
+    if len(ckpt) not in (5, 7):
+        raise ValueError(f"ckpt: expected the five tensors `fwd` saved (W1, c1, W2, c2 checkpoints and Z2) or seven "
+                         f"(and the kept start weights), got {len(ckpt)}")
+    keep = len(ckpt) == 7
+    kept = ckpt[5:] if keep else (q, q)  # (never read without KEEP)
     F = ckpt[0].shape[-1]
     check(d, mini_batch, q.dtype)
     ns = nsplit_bwd(d)
@@ -1135,17 +1162,19 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dtau = torch.empty((heads * ns, MB), dtype=torch.float32, device=dev)
     dlnw = torch.empty((heads, d), dtype=torch.float32, device=dev)
     dlnb = torch.empty((heads, d), dtype=torch.float32, device=dev)
-    scratch = (torch.empty((nprog, group, FS, d), dtype=q.dtype, device=dev),  # W1s^T, W2s of a group's mini-batches
-               torch.empty((nprog, group, FS, d), dtype=q.dtype, device=dev),
-               torch.empty((nprog, group, FS), dtype=torch.float32, device=dev),
-               torch.empty((nprog, group, d), dtype=torch.float32, device=dev))
+    ng = 0 if keep else group  # (no recompute: no scratch)
+    scratch = (torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),  # W1s^T, W2s of a group's mini-batches
+               torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),
+               torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev),
+               torch.empty((nprog, ng, d), dtype=torch.float32, device=dev))
     rec = 4 * d * MB + MB * MB + MB
     xb = torch.empty((heads, 2, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_bwd_kernel[(nprog,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch, xb, cnt,
-        rows.span, cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(dq),
+        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt[:5], *kept, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch,
+        xb, cnt, rows.span, cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(dq),
         0 if rows.packed else T * H, H, heads, groups,
-        D=d, FF=F, NSPLIT=ns, GROUP=group, SCHED=sched is not None, EPS=LN_EPS, num_warps=num_warps or 8, **launch)
+        D=d, FF=F, NSPLIT=ns, GROUP=group, KEEP=keep, SCHED=sched is not None, EPS=LN_EPS, num_warps=num_warps or 8,
+        **launch)
     return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(N, H, d).sum(0), dlnb.view(N, H, d).sum(0), dps)
