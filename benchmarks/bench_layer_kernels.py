@@ -196,8 +196,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
-                    help="conv launch variants: default, or BT,BC,warps,programs per SM[,maxnreg (0: none)[,taps "
-                         "prefetched by the backward]]")
+                    help="conv launch variants: default, or BT,BC,warps,programs per SM[,maxnreg]")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
@@ -226,9 +225,9 @@ def main():
                 if spec == "default":
                     L = None
                 else:
-                    bt, bc, w, per_sm, cap, pre = ([int(v) for v in spec.split(",")] + [0, 1])[:6]
-                    L = fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms, maxnreg=cap or None,
-                                               prefetch=pre)
+                    bt, bc, w, per_sm, *cap = (int(v) for v in spec.split(","))
+                    L = fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms,
+                                               maxnreg=cap[0] if cap else None)
                 err = check_conv(B, min(T, 2048), D, rope, dtype, L)
                 ok = err < tol(dtype)
                 row = dict(kernel="conv+rope" if rope else "conv", launch=spec, shape=shape, max_rel_err=err, ok=ok)

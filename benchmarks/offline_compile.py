@@ -145,8 +145,7 @@ def layer_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages[, maxnreg]) of the fused layer kernels at their default launch
     (D = 768)."""
     L = fused_layer.conv_launch(8192, 768, None)
-    conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0,
-                PREFETCH=L.prefetch)
+    conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
     out = []
     for name, two_rope in (("conv+rope", True), ("conv", False)):
         for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC

@@ -94,9 +94,8 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
 # launches that reach every path of the conv kernels: one segment of many tiles (the loop and its one-tile-ahead
 # loads), many one-tile segments, a partial channel block, RoPE's angles computed once per program (PERIODIC: BT a
 # multiple of b, with one or several mini-batches per tile) or per tile (b = 16 > BT = 8, b = 5)
-# BT, BC, programs, b, maxnreg (a register cap: on a GPU the kernel spills; the interpreter takes the keyword),
-# prefetch (the backward's taps loaded a tile ahead)
-LAUNCHES = [(8, 16, 2, 8, None, 1), (8, 16, 64, 16, None, 4), (16, 16, 2, 4, 128, 2), (8, 32, 3, 5, None, 3)]
+# BT, BC, programs, b, maxnreg (a register cap: on a GPU the kernel spills; the interpreter takes the keyword)
+LAUNCHES = [(8, 16, 2, 8, None), (8, 16, 64, 16, None), (16, 16, 2, 4, 128), (8, 32, 3, 5, None)]
 
 
 def test_conv_segments_fill_whole_waves():
@@ -119,14 +118,14 @@ def test_conv_segments_fill_whole_waves():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("BT,BC,programs,b,maxnreg,prefetch", LAUNCHES)
+@pytest.mark.parametrize("BT,BC,programs,b,maxnreg", LAUNCHES)
 @pytest.mark.parametrize("rope", [True, False])
-def test_conv_kernels_every_launch(BT, BC, programs, b, maxnreg, prefetch, rope):
+def test_conv_kernels_every_launch(BT, BC, programs, b, maxnreg, rope):
     """The conv kernels called with explicit launches == the fp64 reference: outputs, and the gradients of x, the
     window, both convs' weights and biases (rope: two convs + RoPE; else one conv, as the block's pre-conv)."""
     g = torch.Generator().manual_seed(BT * 100 + b)
     B, T, D, d, W, pos = 2, 45, 40, 8, 4, 7
-    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=4, programs=programs, maxnreg=maxnreg, prefetch=prefetch)
+    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=4, programs=programs, maxnreg=maxnreg)
     for with_win in (True, False):
         x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
         win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
@@ -502,7 +501,7 @@ PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, t
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)
 # the default launch (two 16-row segments) and 8-row tiles in one-tile segments with a partial channel block: tiles
 # and segments cut documents anywhere
-PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64, prefetch=4)}
+PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64)}
 
 
 def cu_of(lens):

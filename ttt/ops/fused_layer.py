@@ -201,22 +201,13 @@ def _dy_rows(dy_ptr, y_off, t, cols, cmask, T, D):
 
 
 @triton.jit
-def _dy_taps(dy_ptr, y_off, u, cols, cmask, T, D, N: tl.constexpr):
-    """The output gradient at rows u - j for the taps j < N, a tuple of N tiles in its own dtype."""
-    rows = ()
-    for j in tl.static_range(N):
-        rows = rows + (_dy_rows(dy_ptr, y_off, u - j, cols, cmask, T, D),)
-    return rows
-
-
-@triton.jit
 def _bwd_tap(dy_ptr, raw, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j: tl.constexpr,
              ROPE: tl.constexpr, PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-             BC: tl.constexpr, NPRE: tl.constexpr):
+             BC: tl.constexpr):
     """g[u - j], fp32 [BT, BC]: the un-rotated output gradient at the rows that xs rows u feed through tap j (raw:
-    the rows of the first NPRE taps already loaded, `_dy_taps`; later taps' rows are loaded here)."""
-    if j < NPRE:
-        g = raw[j].to(tl.float32)
+    the tap-0 rows already loaded, used for j = 0)."""
+    if j == 0:
+        g = raw.to(tl.float32)
     else:
         g = _dy_rows(dy_ptr, y_off, u - j, cols, cmask, T, D).to(tl.float32)
     if ROPE:
@@ -252,14 +243,12 @@ def _conv_bwd_kernel(
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
     MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PACKED: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 1,
 ):
     # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x) (u in [0, T + W - 1); u <
     # W - 1: window rows). With g the un-rotated output gradient, g_j[u] = g[u - j]:
     #   dxs[u] = sum_j w[:, j] g_j[u]  -> dx (u >= W - 1) or the window's gradient (u < W - 1)
     #   dw[:, j] = sum_u g_j[u] xs[u],  db = sum_u g_0[u]  (summed in registers over the segment, reduced at the end)
-    # x and the output gradient's rows of the first PREFETCH taps are loaded one tile ahead (tap 0's rows are the
-    # only ones not read by an earlier tap or tile; packed: tap 0's only, the others masked by document when read).
+    # The tap-0 rows (the only ones not read by an earlier tap or tile) and x are loaded one tile ahead.
     # PACKED (B = 1, tok and doc as in the forward; PERIODIC off): xs has no window rows (u < W - 1 reads zeros),
     # g_j[u] counts only where output row u - j is in x row u - (W-1)'s document (its position >= W - 1 - j), and
     # with a window the un-rotated g of every document's first W - 1 rows goes to gw [N, W-1, D] (fp32, zeroed)
@@ -287,17 +276,16 @@ def _conv_bwd_kernel(
     dba = tl.zeros([BT, BC], dtype=tl.float32)
     dbb = tl.zeros([BT, BC], dtype=tl.float32)
     u = lo + i
-    NPRE: tl.constexpr = 1 if PACKED else PREFETCH  # taps whose rows are loaded ahead
-    na = _dy_taps(dya_ptr, y_off, u, cols, cmask, T, D, NPRE)
-    nb = _dy_taps(dyb_ptr, y_off, u, cols, cmask, T, D, NPRE)  # dyb_ptr = dya_ptr without a second conv
+    na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
+    nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
     XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
     nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, XS_STATE)
     for u0 in range(lo, hi, BT):
         u = u0 + i
         ra, rb, xs = na, nb, nx
-        na = _dy_taps(dya_ptr, y_off, u + BT, cols, cmask, T, D, NPRE)
+        na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
         if TWO:
-            nb = _dy_taps(dyb_ptr, y_off, u + BT, cols, cmask, T, D, NPRE)
+            nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
         nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
                       XS_STATE)
         gx = tl.zeros([BT, BC], dtype=tl.float32)
@@ -312,15 +300,15 @@ def _conv_bwd_kernel(
                 s = tk
                 if ROPE:
                     c, s = _angles(tk % MB, c0, log2_base, HD, BC)
-                ga = _bwd_tap_packed(dya_ptr, ra[0], y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
+                ga = _bwd_tap_packed(dya_ptr, ra, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
                 if TWO:
-                    gb = _bwd_tap_packed(dyb_ptr, rb[0], y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
+                    gb = _bwd_tap_packed(dyb_ptr, rb, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
             else:
                 ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                              PERIODIC, MB, HD, BT, BC, NPRE)
+                              PERIODIC, MB, HD, BT, BC)
                 if TWO:
                     gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                                  PERIODIC, MB, HD, BT, BC, NPRE)
+                                  PERIODIC, MB, HD, BT, BC)
             if j == 0:  # the bias takes every row
                 dba += ga
                 if TWO:
@@ -366,15 +354,13 @@ class ConvLaunch:
     """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
     tile), `warps`, and `programs`, the programs resident at once (the time axis is cut into segments, each walked
     tile by tile by one program, bound by latency: `_segments` picks their number); `maxnreg`, if set, caps the
-    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit); `prefetch`: the
-    backward loads the output gradient's rows of this many taps (1 to W) one tile ahead, the others as it reads them."""
+    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit)."""
 
     BT: int
     BC: int
     warps: int
     programs: int
     maxnreg: int | None = None
-    prefetch: int = 1
 
     def options(self) -> dict:
         """The launch keywords: warps and the register cap."""
@@ -491,7 +477,7 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
         doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
-        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, PREFETCH=min(L.prefetch, W), **L.options())
+        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, **L.options())
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
