@@ -398,7 +398,9 @@ def ttt_mlp_smem_fwd_kernel(
                     if s == 0:  # c2 is replicated: one program writes it
                         gl.store(ckc2_ptr + ck * D + rdD, c2)
             if KEEP:  # this mini-batch's 16-bit start weights and fp32 biases, for the backward's walk
-                kx = (slot * GROUP + n) * H + hi  # [slots * GROUP, H]: row n's mini-batch m at span[n, 2] * GROUP + m
+                # [slots * GROUP, H]: row n's mini-batch m at span[n, 2] * GROUP + m; 64-bit: the offsets below pass
+                # 2^31 at B16 T2k H16 d128
+                kx = ((slot * GROUP + n) * H + hi).to(gl.int64)
                 _tile_out(kw_ptr + (kx * 2 * FF + s * FS) * D, w1h_s, FS, D, FC, LB)
                 _tile_out(kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, w2h_s, FS, D, FC, LB)
                 gl.store(kc_ptr + kx * (FF + D) + s * FS + rfF, c1)
@@ -755,7 +757,7 @@ def ttt_mlp_smem_bwd_kernel(
                 t0 = n * BT
                 _cta_barrier()
                 if KEEP:  # the forward's (the same rounding of the same weights)
-                    kx = (slot * GROUP + n) * H + hi
+                    kx = ((slot * GROUP + n) * H + hi).to(gl.int64)
                     _tile_in_finite(wh1_s, kw_ptr + (kx * 2 * FF + s * FS) * D, FS, D, FC, LB)
                     _tile_in_finite(wh2_s, kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, FS, D, FC, LB)
                     c1 = gl.load(kc_ptr + kx * (FF + D) + s * FS + rfF)
