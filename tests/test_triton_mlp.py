@@ -371,10 +371,10 @@ def test_smem_kept_start_weights(monkeypatch):
     args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
     o, fin, ck = chunk_smem.fwd(*args, params, 16, 2)
     o_k, fin_k, ck_k = chunk_smem.fwd(*args, params, 16, 2, keep=True)
-    assert len(ck) == 5 and len(ck_k) == 7
+    assert len(ck) == 7 and len(ck_k) == 9
     for a, b in zip((o, *fin, *ck), (o_k, *fin_k, *ck_k)):  # keeping changes nothing else
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    kw, kc = ck_k[5:]
+    kw, kc = ck_k[7:]
     F, d = params[0].shape[-1], 64
     assert kw.shape == (6 * 2, 2, 2, F, d) and kw.dtype == x.q.dtype and kc.shape == (6 * 2, 2, F + d)
     for slot in range(6):  # entry slot // 3, group slot % 3: its first mini-batch's start = the checkpoint

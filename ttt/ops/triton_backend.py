@@ -501,10 +501,10 @@ def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
     o, fin, ck = _mlp_module(impl).fwd(q, k, v, lr, tau, ln_weight, ln_bias, ps, mini_batch, group, save,
                                        num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
                                        **extra)
-    # always seven saved tensors: the four checkpoints, the smem pair's Z2 and the start weights it kept (`keep`),
-    # empty where not made
+    # always nine saved tensors: the four checkpoints, the smem pair's sums (Z2, Z2b, X2b X2^T) and the start weights
+    # it kept (`keep`), empty where not made
     ck = tuple(ck or ())
-    ck = ck + tuple(q.new_empty(0, dtype=torch.float32) for _ in range(7 - len(ck)))
+    ck = ck + tuple(q.new_empty(0, dtype=torch.float32) for _ in range(9 - len(ck)))
     return [o, *fin, *ck]
 
 
@@ -515,13 +515,15 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
     F = W1.shape[-1]
     if save:
         ck = [q.new_empty((slots, H, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
-        ck.append(q.new_empty(q.shape if impl == "smem" else (0,), dtype=torch.float32))  # the smem pair's Z2
-        if keep and impl == "smem":
+        smem = impl == "smem"  # the smem pair's sums: Z2, Z2b [B,T,H,d], X2b X2^T [B,T,H,16]
+        ck += [q.new_empty(q.shape if smem else (0,), dtype=torch.float32) for _ in range(2)]
+        ck.append(q.new_empty((*q.shape[:3], mini_batch) if smem else (0,), dtype=torch.float32))
+        if keep and smem:
             ck += [q.new_empty((slots * group, H, 2, F, d)), q.new_empty((slots * group, H, F + d), dtype=torch.float32)]
         else:
             ck += [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
     else:
-        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(7)]
+        ck = [q.new_empty(0, dtype=torch.float32) for _ in range(9)]
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             *(torch.empty_like(p) for p in (W1, c1, W2, c2)), *ck]
 
@@ -529,15 +531,15 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
 @torch.library.custom_op("ttt::mlp_chunk_bwd", mutates_args=())
 def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ck1: torch.Tensor, ckc1: torch.Tensor,
-                ck2: torch.Tensor, ckc2: torch.Tensor, aux: torch.Tensor, kw: torch.Tensor, kc: torch.Tensor,
-                do: torch.Tensor, dW1: torch.Tensor,
+                ck2: torch.Tensor, ckc2: torch.Tensor, z2: torch.Tensor, zb: torch.Tensor, s2: torch.Tensor,
+                kw: torch.Tensor, kc: torch.Tensor, do: torch.Tensor, dW1: torch.Tensor,
                 dc1: torch.Tensor, dW2: torch.Tensor, dc2: torch.Tensor, span: torch.Tensor, packed: bool, nmb: int,
                 slots: int, covered: bool, mini_batch: int, group: int, impl: str, warps: int,
                 sched: torch.Tensor) -> list[torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     extra = dict(sched=sched) if impl == "smem" else {}
-    # aux: the smem pair's Z2; kw, kc: the start weights its forward kept (else empty)
-    ckpt = ((ck1, ckc1, ck2, ckc2, aux) + ((kw, kc) if kw.numel() else ())) if impl == "smem" else (ck1, ckc1, ck2, ckc2)
+    # z2, zb, s2: the smem pair's saved sums; kw, kc: the start weights its forward kept (else empty)
+    ckpt = (ck1, ckc1, ck2, ckc2) + (((z2, zb, s2) + ((kw, kc) if kw.numel() else ())) if impl == "smem" else ())
     dq, dk, dv, dlr, dtau, dlnw, dlnb, dps = _mlp_module(impl).bwd(
         q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, (dW1, dc1, dW2, dc2), mini_batch, group,
         num_warps=warps or None, rows=Rows(span, packed, nmb, slots, covered, group), **extra)
@@ -545,8 +547,8 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 
 @_mlp_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, kw, kc, do, dW1, dc1, dW2, dc2, span, packed,
-      nmb, slots, covered, mini_batch, group, impl, warps, sched):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, z2, zb, s2, kw, kc, do, dW1, dc1, dW2, dc2, span,
+      packed, nmb, slots, covered, mini_batch, group, impl, warps, sched):
     B, T, H, d = q.shape
     F = ck1.shape[-1]
     N = dW1.shape[0]
@@ -558,7 +560,7 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, aux, kw, kc, d
 def _mlp_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W1, c1, W2, c2, span, packed, nmb, slots, covered, mini_batch, group, save, _keep,
      impl, warps, _sched_fwd, sched_bwd) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:12], span, sched_bwd)
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[5:14], span, sched_bwd)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, impl, warps)
     ctx.rows = W1.shape[0]
 

@@ -42,11 +42,12 @@ Backward (`ttt_mlp_smem_bwd_kernel`, twice the forward's programs per head: the 
 sit in shared memory beside the 16-bit weights): per checkpoint group, last first, the start weights of each
 mini-batch are recomputed from the checkpoint into a per-program 16-bit scratch (or, KEEP, read from what the
 forward kept of every mini-batch: `fwd(keep=True)`, more memory, no recompute), then the group is walked back
-with `chunk.py`'s formulas, transposed. Z2 (+ c2) comes from the forward, which saves it with its checkpoints, so
-that the recompute and the walk need no exchange for it: two exchanges per mini-batch (Z2b and X2b X2^T; dG2),
-dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch needs again at its end (GELU' and GELU''
-terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared memory between their uses: in registers
-they spilled (docs/kernels_notes.md). Its NaN containment is the other backward kernels' (docs/kernels_notes.md).
+with `chunk.py`'s formulas, transposed. Z2 (+ c2), Z2b (+ c2) and X2b X2^T come from the forward, which saves
+their sums over the head's programs with its checkpoints, so that the recompute and the walk need no exchange for
+them: one exchange per mini-batch (dG2), dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch
+needs again at its end (GELU' and GELU'' terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared
+memory between their uses: in registers they spilled (docs/kernels_notes.md). Its NaN containment is the other
+backward kernels' (docs/kernels_notes.md).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
@@ -223,10 +224,25 @@ def _row_whole(span_ptr, n, BT: gl.constexpr):
 
 
 @gluon.jit
-def _emit_output(xo_ptr, q_ptr, o_ptr, t0, s_t, o_t, rdD, rtD, gam, bet, NSPLIT: gl.constexpr, D: gl.constexpr,
-                 EPS: gl.constexpr):
-    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's)."""
-    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * 16)
+def _save_zb(zbs_ptr, s2s_ptr, zb, s2, t0, o_t, rdD, rtD, riE, rjE, D: gl.constexpr):
+    """Save a mini-batch's Z2b + c2 [D, 16] (into [B, T, H, d] at this head's zbs_ptr, token stride o_t) and
+    X2b X2^T [16, 16] (into [B, T, H, 16]: its row i at token t0 + i; the same strides / d * 16), both summed over
+    the head's programs: the backward reads them instead of exchanging its programs' parts."""
+    gl.store(zbs_ptr + _tok_tile(rdD, rtD, t0, o_t), zb)
+    gl.store(s2s_ptr + (t0 + riE)[:, None] * (o_t // D * 16) + rjE[None, :], s2)
+
+
+@gluon.jit
+def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, t0, s_t, o_t, rdD, rtD, riE, rjE, gam, bet,
+                 NSPLIT: gl.constexpr, D: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr):
+    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr, zbs_ptr, s2s_ptr:
+    this head's); SAVE: that sum and the sum of the X2b X2^T partials (the record's [16, 16] after Z2b) saved for the
+    backward (`_save_zb`)."""
+    RO: gl.constexpr = D * 16 + 256  # a program's record: Z2b [D, 16], then X2b X2^T [16, 16]
+    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, RO)
+    if SAVE:
+        _save_zb(zbs_ptr, s2s_ptr, zb, _sum_parts(xo_ptr + D * 16, riE[:, None] * 16 + rjE[None, :], NSPLIT, RO),
+                 t0, o_t, rdD, rtD, riE, rjE, D)
     xhb, _r = _normalize_cols(zb, D, EPS)
     q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
     o = q + xhb * gam[:, None] + bet[:, None]
@@ -301,8 +317,8 @@ def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.co
 @gluon.jit
 def ttt_mlp_smem_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w1_ptr, c1_ptr, w2_ptr, c2_ptr,
-    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, kw_ptr, kc_ptr,
-    xz_ptr, xo_ptr, cnt_ptr, span_ptr, sched_ptr,
+    o_ptr, w1T_ptr, c1T_ptr, w2T_ptr, c2T_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, zbs_ptr, s2s_ptr,
+    kw_ptr, kc_ptr, xz_ptr, xo_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
     H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr,
@@ -317,6 +333,7 @@ def ttt_mlp_smem_fwd_kernel(
     LF: gl.constexpr = _mma_layout(FS, BT, num_warps)
     LD: gl.constexpr = _mma_layout(D, BT, num_warps)
     FC: gl.constexpr = min(FS, 8192 // D)  # rows of F per weight-update / W2^T-product chunk (8 K fp32 values)
+    RO: gl.constexpr = D * BT + BT * BT  # a program's output record: its parts of Z2b [D, 16] and X2b X2^T
     LW: gl.constexpr = _mma_layout(FC, D, num_warps)  # a chunk of a weight slice [FC, D]
     AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
     AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
@@ -374,11 +391,13 @@ def ttt_mlp_smem_fwd_kernel(
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
         c2 = gl.load(c2_ptr + head * D + rdD)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
-        xo = xo_ptr + head * 2 * NSPLIT * D * BT
+        xo = xo_ptr + head * 2 * NSPLIT * RO
         cnt = cnt_ptr + head
         x_base = bi * s_b + start * s_t + hi * s_h
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
+        zbs = zbs_ptr + o_base  # this head's saved Z2b, X2b X2^T ([B, T, H, 16]: the o strides / d * 16)
+        s2s = s2s_ptr + o_base // D * BT
         _cta_barrier()
         # the next mini-batch's inputs, loaded half a mini-batch ahead (mini-batch 0's in its own iteration)
         nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LD)
@@ -438,8 +457,8 @@ def ttt_mlp_smem_fwd_kernel(
                 if n > 0:
                     if s == 0:  # the previous mini-batch's output, now that every partial of it is written
                         tp = t0 - BT
-                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
-                                     o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs, s2s, tp,
+                                     s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, D, SAVE, EPS)
             z2 += c2[:, None]
             if SAVE:
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
@@ -485,11 +504,16 @@ def ttt_mlp_smem_fwd_kernel(
             bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
             zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
             if NSPLIT == 1:
+                if SAVE:
+                    _save_zb(zbs, s2s, zb, s2, t0, o_t, rdD, rtD, riE, rjE, D)
                 xhb, _rb = _normalize_cols(zb, D, EPS)
                 o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
                 gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
-            else:
-                gl.store(xo + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), zb)
+            else:  # this program's parts of Z2b and X2b X2^T, summed by program 0 after the next exchange
+                rec_o = xo + ((n % 2) * NSPLIT + s) * RO
+                gl.store(rec_o + _tok_tile(rdD, rtD, 0, D), zb)
+                if SAVE:
+                    gl.store(rec_o + D * BT + riE[:, None] * BT + rjE[None, :], s2)
 
             # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
             ebF = tau_b * lrF
@@ -508,8 +532,8 @@ def ttt_mlp_smem_fwd_kernel(
             if s == 0:
                 if nmb > 0:
                     tp = (nmb - 1) * BT
-                    _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * D * BT, q_ptr + x_base, o_ptr + o_base, tp, s_t,
-                                 o_t, rdD, rtD, gam, bet, NSPLIT, D, EPS)
+                    _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs, s2s, tp,
+                                 s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, D, SAVE, EPS)
         _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
@@ -595,8 +619,9 @@ def _col_vec(v, L: gl.constexpr):
 
 @gluon.jit
 def ttt_mlp_smem_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, kw_ptr,
-    kc_ptr, do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, zbs_ptr,
+    s2s_ptr, kw_ptr, kc_ptr, do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr,
+    dlnw_ptr, dlnb_ptr,
     ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
     H, NHEADS, NGROUPS,
@@ -616,15 +641,14 @@ def ttt_mlp_smem_bwd_kernel(
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
-    # the exchange record of one program for one mini-batch (fp32): Z2b, dG2, dq, dk [D, 16], X2b X2^T [16, 16],
-    # dlr [16] (Z2 needs none: the forward saved it)
-    R_ZB: gl.constexpr = 0
-    R_DG2: gl.constexpr = D * BT
-    R_DQ: gl.constexpr = 2 * D * BT
-    R_DK: gl.constexpr = 3 * D * BT
-    R_S2: gl.constexpr = 4 * D * BT
-    R_DLR: gl.constexpr = 4 * D * BT + BT * BT
-    REC: gl.constexpr = 4 * D * BT + BT * BT + BT
+    # the exchange record of one program for one mini-batch (fp32): dG2, dq, dk [D, 16], dlr [16] (Z2, Z2b and
+    # X2b X2^T need none: the forward saved their sums); three slots by mini-batch (mod 3): a mini-batch's dq, dk,
+    # dlr are summed after the next one's dG2 exchange, while the other programs may already write the one after
+    R_DG2: gl.constexpr = 0
+    R_DQ: gl.constexpr = D * BT
+    R_DK: gl.constexpr = 2 * D * BT
+    R_DLR: gl.constexpr = 3 * D * BT
+    REC: gl.constexpr = 3 * D * BT + BT
     # shared memory: the carried weight gradients (fp32; during a group's recompute the weights themselves),
     # this mini-batch's start weights (16-bit), and the 16-bit MMA operands
     SW: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # fp32 weights: LW, LB accesses conflict-free
@@ -689,7 +713,8 @@ def ttt_mlp_smem_bwd_kernel(
         d_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
         gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
-        xb = xb_ptr + head * 2 * NSPLIT * REC
+        xb = xb_ptr + head * 3 * NSPLIT * REC
+        s2s = s2s_ptr + o_base // D * BT  # [B, T, H, 16]: the o strides / d * 16
         cnt = cnt_ptr + head
         dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
         dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
@@ -838,7 +863,7 @@ def ttt_mlp_smem_bwd_kernel(
                 pD_s.index(2).store(gy)
                 pD_s.index(3).store(tgt)
 
-                # output path: Z1b, X2b, Z2b (an exchange, with this slice's X2b X2^T)
+                # output path: Z1b, X2b; Z2b and X2b X2^T as the forward saved them
                 lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
@@ -851,29 +876,13 @@ def ttt_mlp_smem_bwd_kernel(
                 x2b, d1b = _gelu_parts(z1b)
                 pF_s.index(3).store(d1b)
                 x2b_s.store(x2b.to(OPT))
-                fence_async_shared()
-                _cta_barrier()
-                s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)
-                p2_s.store(gl.where(causal, -E * (s2 + first), 0.0).to(OPT))  # -P2 (this slice's): G2t from g2_s
-                fence_async_shared()
-                _cta_barrier()
-                zb = warpgroup_mma(wh2_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None])
-                zb = warpgroup_mma(g2_s, p2_s.permute((1, 0)), zb)
-                if NSPLIT > 1:
-                    rec = xb + (n % 2) * NSPLIT * REC
-                    gl.store(rec + s * REC + R_ZB + _tok_tile(rdD, rtD, 0, D), zb)
-                    gl.store(rec + s * REC + R_S2 + riE[:, None] * BT + rjE[None, :], s2)
-                    nsync += 1
-                    _sync(cnt, nsync * NSPLIT)
-                    zb = _sum_parts(rec + R_ZB, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
-                    s2 = _sum_parts(rec + R_S2, riE[:, None] * BT + rjE[None, :], NSPLIT, REC)
-                    if ni > 0:
-                        if s == 0:  # the gradients of the mini-batch walked before this one (every program is
-                            # past its last exchange, so its parts of them are written)
-                            _emit_grads(xb + ((n + 1) % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
-                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
-                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
-                                        R_DQ, R_DK, R_DLR)
+                # Z2b + c2 and X2b X2^T summed over the head's programs: the forward's (saved; no exchange). The
+                # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
+                # a q this backward zeroes): finite, and only ever multiplied by zero gradients
+                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)), 0.0)
+                s2 = gl.load(s2s + (t0 + riE)[:, None] * (o_t // D * BT) + rjE[None, :])
+                outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
+                s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
                 xx1 = s2 + 1.0
                 P2 = E * xx1
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
@@ -913,8 +922,8 @@ def ttt_mlp_smem_bwd_kernel(
                 pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
                 dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
-                if NSPLIT > 1:  # this program's part of dq, summed after the next exchange
-                    gl.store(xb + ((n % 2) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
+                if NSPLIT > 1:  # this program's part of dq, summed after the next mini-batch's dG2 exchange
+                    gl.store(xb + ((n % 3) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
                 pD_s.index(6).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
@@ -943,11 +952,19 @@ def ttt_mlp_smem_bwd_kernel(
                 _cta_barrier()
                 dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:
-                    rec = xb + (n % 2) * NSPLIT * REC
+                    rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
                     nsync += 1
                     _sync(cnt, nsync * NSPLIT)
                     dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+                    if ni > 0:
+                        if s == 0:  # the gradients of the mini-batch walked before this one (every program has
+                            # finished it, so its parts of them are written; slot (n + 1) % 3, which no program
+                            # writes before the next exchange)
+                            _emit_grads(xb + ((n + 1) % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
+                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
+                                        R_DQ, R_DK, R_DLR)
 
                 # G2 = LN-L2 gradient at Z2 (target v - k)
                 xh = pD_s.index(1).load(LD)
@@ -982,7 +999,7 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
-                    rec = xb + (n % 2) * NSPLIT * REC
+                    rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DK + _tok_tile(rdD, rtD, 0, D), dk)
                     gl.store(rec + s * REC + R_DLR + rjE, dlr)
                 else:
@@ -992,7 +1009,7 @@ def ttt_mlp_smem_bwd_kernel(
                 nsync += 1
                 _sync(cnt, nsync * NSPLIT)
                 if s == 0:
-                    _emit_grads(xb + (n0 % 2) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                    _emit_grads(xb + (n0 % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
                                 o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
                                 rdD, rtD, rjE, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
             _cta_barrier()
@@ -1086,9 +1103,10 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th); split:
     programs per head (None: `nsplit`'s choice; 1 or 2 at d = 64, 4 at d = 128). Returns o,
     the final params, and when `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots
-    [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 [B,T,H,d] fp32
-    at the whole mini-batches' tokens (`bwd` reads it instead of recomputing Z2, which needs an exchange between
-    the programs of a head). keep (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to
+    [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 and Z2b + c2
+    [B,T,H,d] fp32 and X2b X2^T [B,T,H,16] fp32 (row i of each mini-batch at its token i) at the whole
+    mini-batches' tokens (`bwd` reads them instead of recomputing them, which needs exchanges between the programs
+    of a head). keep (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to
     q's dtype [rows.slots * group, H, 2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch
     m at span[n, 2] * group + m), appended to the saved tensors: `bwd` then reads them instead of recomputing them
     from the checkpoints (faster; 4 F d + 4 (F + d) bytes per (row, head, mini-batch))."""
@@ -1107,19 +1125,21 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     else:
         ck = fin  # never written
     z2 = torch.empty((B, T, H, d), dtype=torch.float32, device=q.device) if save else o  # (o: never written)
+    zb = torch.empty((B, T, H, d), dtype=torch.float32, device=q.device) if save else o
+    s2 = torch.empty((B, T, H, MB), dtype=torch.float32, device=q.device) if save else o
     keep = keep and save
     kept = (torch.empty((rows.slots * group, H, 2, F, d), dtype=q.dtype, device=q.device),
             torch.empty((rows.slots * group, H, F + d), dtype=torch.float32, device=q.device)) if keep else (o, o)
     xz = torch.empty((heads, 2, ns, d, MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
-    xo = torch.empty_like(xz)
+    xo = torch.empty((heads, 2, ns, d * MB + MB * MB) if ns > 1 else (1,), dtype=torch.float32, device=q.device)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=q.device)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_fwd_kernel[(groups * ns,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, z2, *kept, xz, xo, cnt, rows.span,
+        q, k, v, lr, tau, ln_weight, ln_bias, *params, o, *fin, *ck, z2, zb, s2, *kept, xz, xo, cnt, rows.span,
         cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, heads, groups,
         D=d, FF=F, NSPLIT=ns, GROUP=group, SAVE=save, KEEP=keep, SCHED=sched is not None, EPS=LN_EPS,
         num_warps=num_warps or 8, **launch)
-    return o, fin, ((*ck, z2, *kept) if keep else (*ck, z2) if save else None)
+    return o, fin, ((*ck, z2, zb, s2, *kept) if keep else (*ck, z2, zb, s2) if save else None)
 
 
 def nsplit_bwd(d: int) -> int:
@@ -1130,19 +1150,19 @@ def nsplit_bwd(d: int) -> int:
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, group: int,
         num_warps: int | None = None, programs: int | None = None, rows=None, sched=None):
-    """Gradients of `fwd` from its checkpoints and Z2 (ckpt: what `fwd` returned for them, five tensors, or seven
-    with the start weights it kept: then nothing is recomputed), over the same rows (same contract as `chunk.bwd`
+    """Gradients of `fwd` from its checkpoints and saved sums (ckpt: what `fwd` returned for them, seven tensors, or
+    nine with the start weights it kept: then nothing is recomputed), over the same rows (same contract as `chunk.bwd`
     otherwise): do [B,T,H,d] (or None), dfin the gradients of the final (W1, c1, W2, c2) [N,H,...] (entries may be
     None). Returns dq, dk,
     dv (q's dtype; zero at tokens in no row's whole mini-batches), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d],
     and the gradients of the start params (fp32). num_warps None: 8; programs: at most this many programs (None:
     what the GPU holds at once); sched: as in `fwd`, for this launch's groups (`nsplit_bwd` programs each)."""
     B, T, H, d = q.shape
-    if len(ckpt) not in (5, 7):
-        raise ValueError(f"ckpt: expected the five tensors `fwd` saved (W1, c1, W2, c2 checkpoints and Z2) or seven "
-                         f"(and the kept start weights), got {len(ckpt)}")
-    keep = len(ckpt) == 7
-    kept = ckpt[5:] if keep else (q, q)  # (never read without KEEP)
+    if len(ckpt) not in (7, 9):
+        raise ValueError(f"ckpt: expected the seven tensors `fwd` saved (W1, c1, W2, c2 checkpoints, Z2, Z2b, "
+                         f"X2b X2^T) or nine (and the kept start weights), got {len(ckpt)}")
+    keep = len(ckpt) == 9
+    kept = ckpt[7:] if keep else (q, q)  # (never read without KEEP)
     F = ckpt[0].shape[-1]
     check(d, mini_batch, q.dtype)
     ns = nsplit_bwd(d)
@@ -1169,12 +1189,12 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
                torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),
                torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev),
                torch.empty((nprog, ng, d), dtype=torch.float32, device=dev))
-    rec = 4 * d * MB + MB * MB + MB
-    xb = torch.empty((heads, 2, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
+    rec = 3 * d * MB + MB
+    xb = torch.empty((heads, 3, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
     launch = dict(launch_cooperative_grid=True) if ns > 1 else {}
     ttt_mlp_smem_bwd_kernel[(nprog,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt[:5], *kept, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch,
+        q, k, v, lr, tau, ln_weight, ln_bias, *ckpt[:7], *kept, do, *dps, dq, dk, dv, dlr, dtau, dlnw, dlnb, *scratch,
         xb, cnt, rows.span, cnt if sched is None else sched, *rows.strides(q), *rows.strides(lr), *rows.strides(dq),
         0 if rows.packed else T * H, H, heads, groups,
         D=d, FF=F, NSPLIT=ns, GROUP=group, KEEP=keep, SCHED=sched is not None, EPS=LN_EPS, num_warps=num_warps or 8,
