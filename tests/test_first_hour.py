@@ -83,7 +83,7 @@ def test_step_that_does_not_fit_is_refused_or_resized(capsys, w, tmp_path, monke
 
 
 def test_estimate_scales_the_probed_block_to_the_model():
-    """The activations of the estimate are built from one block probed at 64 and 128 tokens: scaled to the
+    """The activations of the estimate are built from one block probed at 256 and 512 tokens: scaled to the
     model's blocks and tokens they equal (within 3-5%) what the whole model saves for its backward at another size."""
     from ttt.memory import _saved_bytes, step_memory
     from ttt.model import TTTLM
@@ -101,7 +101,7 @@ def test_estimate_scales_the_probed_block_to_the_model():
     for mixer, tol in (("ttt_linear", 0.03), ("mamba", 0.05)):
         cfg = get_config("debug", mixer=mixer, vocab_size=300)
         est = step_memory(cfg, torch.device("cpu"))
-        B, T = 3, 128
+        B, T = 3, 768
         saved = _saved_bytes(Body(TTTLM(cfg)), torch.randn(B, T, cfg.d_model, requires_grad=True))
         assert saved == pytest.approx(cfg.n_layers * est.block_bytes(B, T), rel=tol)
         assert est.total(2 * B, T) > est.total(B, T) > est.n_params * 16

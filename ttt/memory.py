@@ -15,23 +15,24 @@ Counted for one process (fp32 parameters, AdamW):
     its input and one block at a time is recomputed (CKPT_BLOCKS blocks' worth);
   - the head's chunked loss (`layers/head.py`): the gradient of the hidden states and of the output weight
     it keeps, and two fp32 [rows, V] buffers of one chunk.
-Whatever the model's size, the estimate costs three forwards of one block over at most 128 tokens.
+Whatever the model's size, the estimate costs three forwards of one block over at most 512 tokens.
 
 Calibration (CPU, torch 2.13, vocabulary 4096): the peak RSS of two real training steps (`ttt.train.train`)
 minus the RSS before them, against `step_memory(...).total`:
 
     model            micro_batch x seq_len   measured GB   estimate GB
-    tiny ttt_linear      8 x 256                 0.398         0.436
-    tiny ttt_mlp         8 x 256                 1.096         1.241
+    tiny ttt_linear      8 x 256                 0.398         0.463
+    tiny ttt_mlp         8 x 256                 1.096         1.269
     tiny attention       8 x 256                 0.233         0.247
-    tiny mamba           8 x 256                 0.622         0.709
-    125m ttt_linear      1 x 2048                6.304         6.557
+    tiny mamba           8 x 256                 0.622         0.682
+    125m ttt_linear      1 x 2048                6.304         6.606
     125m attention       2 x 1024                3.294         3.578
-    125m mamba           1 x 1024                5.690         6.021
-    125m ttt_mlp         1 x 512                 6.532         6.714
-    125m ttt_linear      2 x 512, grad_ckpt      2.564         2.613
+    125m mamba           1 x 1024                5.690         5.806
+    125m ttt_mlp         1 x 512                 6.532         6.767
+    125m ttt_linear      2 x 512, grad_ckpt      2.564         2.655
 
-(the saved bytes alone scale to the whole model within 5%: tests/test_first_hour.py). On CUDA (bf16
+(the saved bytes alone scale to the whole model within 5%: tests/test_first_hour.py; the estimates are from the
+probes at 256 and 512 tokens, which every estimate stays above). On CUDA (bf16
 autocast) the same probe runs on the GPU; the constants are the CPU's.
 """
 from __future__ import annotations
@@ -45,8 +46,9 @@ import torch
 
 from .config import ModelConfig, RunOptions
 
-PROBES = ((1, 64), (1, 128), (2, 64))  # (sequences, tokens) of the probe forwards: multiples of the TTT
-# mini-batch and of the SSD chunk
+PROBES = ((1, 256), (1, 512), (2, 256))  # (sequences, tokens) of the probe forwards: whole TTT checkpoint groups
+# (16 mini-batches of 16: what the TTT kernels save per group, or per mini-batch with mlp_keep_weights, grows with the
+# tokens in steps of 256) and whole SSD chunks
 PAD = 64  # tokens per chunk of the Mamba baseline's scan
 HEAD_CHUNK = 8192  # rows of logits the head forms at a time (TTTLM.forward's default `chunk`)
 # calibrated on measured peaks (module docstring): blocks' worth of activations the backward holds beyond the
