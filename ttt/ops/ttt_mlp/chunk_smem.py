@@ -582,13 +582,18 @@ def _zero_smem(w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.c
 
 
 @gluon.jit
-def _emit_grads(rec, dq_ptr, dk_ptr, dlr_ptr, o_off, dlr_off, rdD, rtD, rjE, NSPLIT: gl.constexpr, D: gl.constexpr,
+def _emit_grads(rec, dq_ptr, dk_ptr, dlr_ptr, o_off, dlr_off, rdD, rtD, rjE, s, NSPLIT: gl.constexpr, D: gl.constexpr,
                 REC: gl.constexpr, R_DQ: gl.constexpr, R_DK: gl.constexpr, R_DLR: gl.constexpr):
-    """dq, dk, dlr of one mini-batch: the sums of the programs' parts in the exchange record `rec`."""
+    """dq, dk, dlr of one mini-batch: the sums of the programs' parts in the exchange record `rec`, shared out
+    among the programs (s: this one): dq by program 0, dk by program 1, dlr by program 2 (mod NSPLIT), so that no
+    program waits at the next exchange for another's loads of all three."""
     offD = _tok_tile(rdD, rtD, 0, D)
-    gl.store(dq_ptr + o_off, _sum_parts(rec + R_DQ, offD, NSPLIT, REC).to(dq_ptr.dtype.element_ty))
-    gl.store(dk_ptr + o_off, _sum_parts(rec + R_DK, offD, NSPLIT, REC).to(dk_ptr.dtype.element_ty))
-    gl.store(dlr_ptr + dlr_off, _sum_parts(rec + R_DLR, rjE, NSPLIT, REC))
+    if s == 0:
+        gl.store(dq_ptr + o_off, _sum_parts(rec + R_DQ, offD, NSPLIT, REC).to(dq_ptr.dtype.element_ty))
+    if s == 1 % NSPLIT:
+        gl.store(dk_ptr + o_off, _sum_parts(rec + R_DK, offD, NSPLIT, REC).to(dk_ptr.dtype.element_ty))
+    if s == 2 % NSPLIT:
+        gl.store(dlr_ptr + dlr_off, _sum_parts(rec + R_DLR, rjE, NSPLIT, REC))
 
 
 @gluon.jit
@@ -957,14 +962,12 @@ def ttt_mlp_smem_bwd_kernel(
                     nsync += 1
                     _sync(cnt, nsync * NSPLIT)
                     dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
-                    if ni > 0:
-                        if s == 0:  # the gradients of the mini-batch walked before this one (every program has
-                            # finished it, so its parts of them are written; slot (n + 1) % 3, which no program
-                            # writes before the next exchange)
-                            _emit_grads(xb + ((n + 1) % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
-                                        o_base + _tok_tile(rdD, rtD, t0 + BT, o_t),
-                                        d_base + (t0 + BT + rjE) * H, rdD, rtD, rjE, NSPLIT, D, REC,
-                                        R_DQ, R_DK, R_DLR)
+                    if ni > 0:  # the gradients of the mini-batch walked before this one (every program has
+                        # finished it, so its parts of them are written; slot (n + 1) % 3, which no program writes
+                        # before the next exchange)
+                        _emit_grads(xb + ((n + 1) % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                                    o_base + _tok_tile(rdD, rtD, t0 + BT, o_t), d_base + (t0 + BT + rjE) * H,
+                                    rdD, rtD, rjE, s, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
 
                 # G2 = LN-L2 gradient at Z2 (target v - k)
                 xh = pD_s.index(1).load(LD)
@@ -972,7 +975,7 @@ def ttt_mlp_smem_bwd_kernel(
                                                 gam, D)
                 dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)), axis=1)
                 dbet += first * gl.sum(dgy * gam[:, None], axis=1)
-                if s == 0:
+                if s == NSPLIT - 1:  # (every program has it; the last one, which emits no dq)
                     gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
                 dk += first * gam[:, None] * dgy
@@ -1008,10 +1011,9 @@ def ttt_mlp_smem_bwd_kernel(
             if NSPLIT > 1:  # the group's first mini-batch's gradients
                 nsync += 1
                 _sync(cnt, nsync * NSPLIT)
-                if s == 0:
-                    _emit_grads(xb + (n0 % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
-                                o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
-                                rdD, rtD, rjE, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
+                _emit_grads(xb + (n0 % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
+                            o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
+                            rdD, rtD, rjE, s, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
             _cta_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, False, FS, D, FF, FC,
                         LBt, LB)
