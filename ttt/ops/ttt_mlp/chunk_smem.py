@@ -286,6 +286,23 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
 
 
 @gluon.jit
+def _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS: gl.constexpr, FC: gl.constexpr,
+            LW: gl.constexpr, h1_s=None, h2_s=None):
+    """A mini-batch's weight update (e_b = tau_b lr: ebF, ebD in G1t's and G2t's column layouts): W1s^T += (-e_b
+    G1)^T K, W2s += X2^T (-e_b G2) through the operand buffers eg1_s, eg2_s (h1_s, h2_s: the 16-bit copies kept
+    equal, or None); returns c1 - sum e_b G1, c2 - sum e_b G2."""
+    eg1_s.store((-ebF[None, :] * g1).to(eg1_s.dtype))
+    eg2_s.store((-ebD[None, :] * g2).to(eg2_s.dtype))
+    c1 -= gl.sum(ebF[None, :] * g1, axis=1)
+    c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+    fence_async_shared()
+    _cta_barrier()
+    _update(w1t_s, eg1_s, kT_s, FS, FC, LW, h1_s)
+    _update(w2_s, x2_s, eg2_s, FS, FC, LW, h2_s)
+    return c1, c2
+
+
+@gluon.jit
 def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
     """acc + W X for W = w_s [FS, D] fp32 and X [D, 16] 16-bit in shared memory, 32 columns of W at a time."""
     for c in gl.static_range(D // 32):
@@ -519,14 +536,7 @@ def ttt_mlp_smem_fwd_kernel(
             ebF = tau_b * lrF
             ebD = tau_b * lrD
             _cta_barrier()  # every warp's reads of X2b and G2 are done: their buffers take -e_b G1, -e_b G2
-            eg1_s.store((-ebF[None, :] * g1).to(OPT))
-            eg2_s.store((-ebD[None, :] * g2).to(OPT))
-            c1 -= gl.sum(ebF[None, :] * g1, axis=1)
-            c2 -= gl.sum(ebD[None, :] * g2, axis=1)
-            fence_async_shared()
-            _cta_barrier()
-            _update(w1t_s, eg1_s, kT_s, FS, FC, LW, w1h_s)
-            _update(w2_s, x2_s, eg2_s, FS, FC, LW, w2h_s)
+            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS, FC, LW, w1h_s, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
@@ -766,15 +776,8 @@ def ttt_mlp_smem_bwd_kernel(
                         _cta_barrier()
                         g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
                         ebD = tau_b * lrD
-                        ebF = _col_vec(ebD, LF)
-                        eg1_s.store((-ebF[None, :] * g1).to(OPT))
-                        eg2_s.store((-ebD[None, :] * g2).to(OPT))
-                        c1 -= gl.sum(ebF[None, :] * g1, axis=1)
-                        c2 -= gl.sum(ebD[None, :] * g2, axis=1)
-                        fence_async_shared()
-                        _cta_barrier()
-                        _update(g1t_s, eg1_s, kT_s, FS, FC, LW)
-                        _update(g2w_s, x2_s, eg2_s, FS, FC, LW)
+                        c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebD, LF),
+                                         ebD, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
