@@ -13,6 +13,7 @@ tests/gluon_shim.py.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -253,11 +254,13 @@ SMEM = triton_backend.MLPKernels(impl="smem", group=2)
 SMEM_LENS = [5, 16, 70, 1, 37]
 
 
-@pytest.mark.parametrize("start", ["fresh", pytest.param("carried", marks=pytest.mark.slow)])
-def test_packed_smem_equals_documents_alone(start):
+@pytest.mark.parametrize("start,keep", [("fresh", False), pytest.param("carried", False, marks=pytest.mark.slow),
+                                        ("carried", True)])
+def test_packed_smem_equals_documents_alone(start, keep):
+    """keep: the backward reads the start weights the forward kept, each document's mini-batches at its own slots."""
     leaves, st = packed_case("mlp", SMEM_LENS, start, dtype=torch.float16, b=16, d=64, H=1)
     cu = cu_of(SMEM_LENS)
-    fast = run(triton_backend.TritonOp("mlp", SMEM), leaves, st, cu)
+    fast = run(triton_backend.TritonOp("mlp", replace(SMEM, keep=keep)), leaves, st, cu)
     q, k, v, lr, delta, lnw, lnb = leaves[:7]
     ref = per_document(resolve_op("mlp", "dual", DEV, torch.float16), TTTInputs(q, k, v, lr, make_tau(delta), lnw, lnb),
                        st, cu)
