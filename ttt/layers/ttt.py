@@ -60,8 +60,8 @@ class TTTLayer(nn.Module):
     through the primal generic op). See the module docstring for usage.
 
     Execution (not architecture, never saved with the weights): `backend`, the TTT op's backend (see
-    `ttt.ops`), and `fused`, the Triton kernels around the op (None: auto, the default; True: on; False: off; see
-    `prepare`).
+    `ttt.ops`), `fused`, the Triton kernels around the op (None: auto, the default; True: on; False: off; see
+    `prepare`), and `keep_weights` (TTT-MLP in the shared-memory kernels: more memory, a faster backward).
     Both can be set after construction; how the layer runs is decided once per device type and dtype (`prepare`,
     which the first forward on a new one calls) and looked up on every later call."""
 
