@@ -224,25 +224,41 @@ def _row_whole(span_ptr, n, BT: gl.constexpr):
 
 
 @gluon.jit
-def _save_zb(zbs_ptr, s2s_ptr, zb, s2, t0, o_t, rdD, rtD, riE, rjE, D: gl.constexpr):
-    """Save a mini-batch's Z2b + c2 [D, 16] (into [B, T, H, d] at this head's zbs_ptr, token stride o_t) and
-    X2b X2^T [16, 16] (into [B, T, H, 16]: its row i at token t0 + i; the same strides / d * 16), both summed over
-    the head's programs: the backward reads them instead of exchanging its programs' parts."""
-    gl.store(zbs_ptr + _tok_tile(rdD, rtD, t0, o_t), zb)
-    gl.store(s2s_ptr + (t0 + riE)[:, None] * (o_t // D * 16) + rjE[None, :], s2)
+def _s2_tile(o_base, t0, o_t, riE, rjE, D: gl.constexpr):
+    """Offsets of a mini-batch's X2b X2^T [16, 16] in the saved [B, T, H, 16] (its row i at token t0 + i of the
+    head whose [B, T, H, d] offset is o_base: the o strides / d * 16)."""
+    return o_base // D * 16 + (t0 + riE)[:, None] * (o_t // D * 16) + rjE[None, :]
 
 
 @gluon.jit
-def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, t0, s_t, o_t, rdD, rtD, riE, rjE, gam, bet,
-                 NSPLIT: gl.constexpr, D: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr):
-    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr, zbs_ptr, s2s_ptr:
-    this head's); SAVE: that sum and the sum of the X2b X2^T partials (the record's [16, 16] after Z2b) saved for the
-    backward (`_save_zb`)."""
-    RO: gl.constexpr = D * 16 + 256  # a program's record: Z2b [D, 16], then X2b X2^T [16, 16]
+def _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdD, rtD, riE, rjE, D: gl.constexpr):
+    """Save a mini-batch's Z2b + c2 [D, 16] (into [B, T, H, d], like o) and X2b X2^T [16, 16] (`_s2_tile`), both
+    summed over the head's programs: the backward reads them instead of exchanging its programs' parts."""
+    gl.store(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), zb)
+    gl.store(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D), s2)
+
+
+@gluon.jit
+def _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP: gl.constexpr, FF: gl.constexpr, FS: gl.constexpr,
+             D: gl.constexpr):
+    """Where the start weights of a row's mini-batch n are kept (`fwd(keep=True)`; the row's first checkpoint slot
+    `slot`, head hi, program s's slice): (W1s^T [FS, D], W2s [FS, D], c1s [FS], c2 [D]) pointers. 64-bit: the
+    offsets pass 2^31 at B16 T2k H16 d 128."""
+    kx = ((slot * GROUP + n) * H + hi).to(gl.int64)  # [slots * GROUP, H]: mini-batch m at span[row, 2] * GROUP + m
+    return (kw_ptr + (kx * 2 * FF + s * FS) * D, kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D,
+            kc_ptr + kx * (FF + D) + s * FS, kc_ptr + kx * (FF + D) + FF)
+
+
+@gluon.jit
+def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, o_base, t0, s_t, o_t, rdD, rtD, riE, rjE, gam, bet,
+                 NSPLIT: gl.constexpr, RO: gl.constexpr, D: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr):
+    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's; each
+    program's record RO values: Z2b [D, 16], then X2b X2^T [16, 16]); SAVE: that sum and the sum of the X2b X2^T
+    partials saved for the backward (`_save_zb`)."""
     zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, RO)
     if SAVE:
         _save_zb(zbs_ptr, s2s_ptr, zb, _sum_parts(xo_ptr + D * 16, riE[:, None] * 16 + rjE[None, :], NSPLIT, RO),
-                 t0, o_t, rdD, rtD, riE, rjE, D)
+                 o_base, t0, o_t, rdD, rtD, riE, rjE, D)
     xhb, _r = _normalize_cols(zb, D, EPS)
     q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
     o = q + xhb * gam[:, None] + bet[:, None]
@@ -413,8 +429,6 @@ def ttt_mlp_smem_fwd_kernel(
         x_base = bi * s_b + start * s_t + hi * s_h
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
-        zbs = zbs_ptr + o_base  # this head's saved Z2b, X2b X2^T ([B, T, H, 16]: the o strides / d * 16)
-        s2s = s2s_ptr + o_base // D * BT
         _cta_barrier()
         # the next mini-batch's inputs, loaded half a mini-batch ahead (mini-batch 0's in its own iteration)
         nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LD)
@@ -434,14 +448,12 @@ def ttt_mlp_smem_fwd_kernel(
                     if s == 0:  # c2 is replicated: one program writes it
                         gl.store(ckc2_ptr + ck * D + rdD, c2)
             if KEEP:  # this mini-batch's 16-bit start weights and fp32 biases, for the backward's walk
-                # [slots * GROUP, H]: row n's mini-batch m at span[n, 2] * GROUP + m; 64-bit: the offsets below pass
-                # 2^31 at B16 T2k H16 d128
-                kx = ((slot * GROUP + n) * H + hi).to(gl.int64)
-                _tile_out(kw_ptr + (kx * 2 * FF + s * FS) * D, w1h_s, FS, D, FC, LB)
-                _tile_out(kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, w2h_s, FS, D, FC, LB)
-                gl.store(kc_ptr + kx * (FF + D) + s * FS + rfF, c1)
+                kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
+                _tile_out(kw1, w1h_s, FS, D, FC, LB)
+                _tile_out(kw2, w2h_s, FS, D, FC, LB)
+                gl.store(kc1 + rfF, c1)
                 if s == 0:
-                    gl.store(kc_ptr + kx * (FF + D) + FF + rdD, c2)
+                    gl.store(kc2 + rdD, c2)
             if n == 0:
                 nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
                                                        rdD, rtD, rtF, rjE)
@@ -474,8 +486,9 @@ def ttt_mlp_smem_fwd_kernel(
                 if n > 0:
                     if s == 0:  # the previous mini-batch's output, now that every partial of it is written
                         tp = t0 - BT
-                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs, s2s, tp,
-                                     s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, D, SAVE, EPS)
+                        _emit_output(xo + ((n - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
+                                     s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE,
+                                     EPS)
             z2 += c2[:, None]
             if SAVE:
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
@@ -522,7 +535,7 @@ def ttt_mlp_smem_fwd_kernel(
             zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
             if NSPLIT == 1:
                 if SAVE:
-                    _save_zb(zbs, s2s, zb, s2, t0, o_t, rdD, rtD, riE, rjE, D)
+                    _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdD, rtD, riE, rjE, D)
                 xhb, _rb = _normalize_cols(zb, D, EPS)
                 o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
                 gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
@@ -542,8 +555,8 @@ def ttt_mlp_smem_fwd_kernel(
             if s == 0:
                 if nmb > 0:
                     tp = (nmb - 1) * BT
-                    _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs, s2s, tp,
-                                 s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, D, SAVE, EPS)
+                    _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
+                                 s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE, EPS)
         _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
@@ -729,7 +742,6 @@ def ttt_mlp_smem_bwd_kernel(
         gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
         bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         xb = xb_ptr + head * 3 * NSPLIT * REC
-        s2s = s2s_ptr + o_base // D * BT  # [B, T, H, 16]: the o strides / d * 16
         cnt = cnt_ptr + head
         dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
         dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
@@ -790,11 +802,11 @@ def ttt_mlp_smem_bwd_kernel(
                 t0 = n * BT
                 _cta_barrier()
                 if KEEP:  # the forward's (the same rounding of the same weights)
-                    kx = ((slot * GROUP + n) * H + hi).to(gl.int64)
-                    _tile_in_finite(wh1_s, kw_ptr + (kx * 2 * FF + s * FS) * D, FS, D, FC, LB)
-                    _tile_in_finite(wh2_s, kw_ptr + ((kx * 2 + 1) * FF + s * FS) * D, FS, D, FC, LB)
-                    c1 = gl.load(kc_ptr + kx * (FF + D) + s * FS + rfF)
-                    c2 = gl.load(kc_ptr + kx * (FF + D) + FF + rdD)
+                    kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
+                    _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
+                    _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
+                    c1 = gl.load(kc1 + rfF)
+                    c2 = gl.load(kc2 + rdD)
                 else:
                     _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
                     _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
@@ -888,7 +900,7 @@ def ttt_mlp_smem_bwd_kernel(
                 # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
                 # a q this backward zeroes): finite, and only ever multiplied by zero gradients
                 zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)), 0.0)
-                s2 = gl.load(s2s + (t0 + riE)[:, None] * (o_t // D * BT) + rjE[None, :])
+                s2 = gl.load(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D))
                 outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
                 s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
                 xx1 = s2 + 1.0
