@@ -151,7 +151,7 @@ def layer_kernels(d: int, b: int, dot: int):
         for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC
             cx = dict(conv, TWO=two_rope, ROPE=two_rope, PACKED=packed, PERIODIC=conv["PERIODIC"] and not packed)
             tag = " packed" if packed else ""
-            out += [(f"{name} {k}{tag}", fn, cx, L.warps, 3, fused_layer.MAXNREG.get((k, two_rope)))
+            out += [(f"{name} {k}{tag}", fn, cx, L.warps, 3, fused_layer.conv_launch(8192, 768, None, k, two_rope).maxnreg)
                     for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel))]
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
                WIN_INPLACE=True, EPS=LN_EPS)
