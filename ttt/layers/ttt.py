@@ -24,7 +24,7 @@ from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
-from .merged import merged_for, merged_weight
+from .merged import ALIGN_ROWS, merged_for, merged_weight
 
 BACKBONES = ("mamba", "transformer")
 
@@ -293,12 +293,14 @@ class TTTLayer(nn.Module):
         if fused and pk is None and T == 1 and self.kind == "linear" and self.backbone == "mamba" \
                 and not torch.is_grad_enabled():
             return self._decode_fused(x, state)
+        g = gate = None
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
+            u, g, gate = self._merged_inputs(x)
             # packed documents from a fresh state: no window (zeros), so the kernels skip reading and differentiating it
             win = None if pk is not None and fresh else state.conv
-            q, k, conv = conv_rope(self.qk_proj(x), win, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
+            q, k, conv = conv_rope(u, win, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
                                    mini_batch=self.mini_batch, head_dim=d, rope_base=self.rope_base, cu_seqlens=pk)
             q, k = q.view(B, T, H, d), k.view(B, T, H, d)  # [B,T,D] -> [B,T,H,d], RoPE already applied
         else:
@@ -316,7 +318,7 @@ class TTTLayer(nn.Module):
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
         if self.learn_lr:
             if fused:  # the gate's product in x's dtype (no fp32 copy of x), the sigmoid in fp32
-                gate = F.linear(x, self.lr_weight.to(x.dtype)).to(ct) + self.lr_bias.to(ct)
+                gate = (F.linear(x, self.lr_weight.to(x.dtype)) if gate is None else gate).to(ct) + self.lr_bias.to(ct)
             else:
                 gate = torch.einsum("btD,hD->bth", x.to(ct), self.lr_weight.to(ct)) + self.lr_bias.to(ct)
             lr = self.base_lr * self.inner_lr_scale.to(ct) * torch.sigmoid(gate) / d  # [B,T,H]
@@ -326,7 +328,21 @@ class TTTLayer(nn.Module):
             tau = make_tau(torch.zeros(self.mini_batch, dtype=ct, device=x.device))
         o, op_state = plan.op(TTTInputs(q, k, v, lr, tau, self.ln_weight, self.ln_bias, pk), state.op)
         o = o.reshape(B, T, D)  # [B,T,H,d] -> [B,T,D]
-        return self._out(o, x), TTTLayerState(op_state, conv)
+        return self._out(o, x, g), TTTLayerState(op_state, conv)
+
+    def _merged_inputs(self, x: torch.Tensor):
+        """(u, g, gate): x's products with qk_proj, gate_proj and (learn_lr) the lr gate's weight as one GEMM over
+        their concatenation (one product and, in the backward, one for x's gradient and one for the weights' instead of
+        three each; rows padded with zeros to a multiple of `merged.ALIGN_ROWS`, so that the product's row stride is one
+        the kernels and Inductor take as it is); views of the product [B, T, rows]; gate None without learn_lr."""
+        D, H = self.d_model, self.n_heads
+        ws = [self.qk_proj.weight, self.gate_proj.weight] + ([self.lr_weight.to(x.dtype)] if self.learn_lr else [])
+        n = sum(w.shape[0] for w in ws)
+        pad = -n % ALIGN_ROWS
+        if pad:
+            ws.append(ws[0].new_zeros(pad, D))
+        y = F.linear(x, torch.cat(ws))  # [B, T, rows]
+        return y[..., :D], y[..., D:2 * D], (y[..., 2 * D:2 * D + H] if self.learn_lr else None)
 
     def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """The post-LayerNorm, the (M) block's GELU gate (g: x's gate_proj product when already made), the output
