@@ -9,7 +9,6 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
     python3 -m benchmarks.bench_linear_bwd                  # checks + the four shapes
     python3 -m benchmarks.bench_linear_bwd --variants split split_lean::4 split_full:4,8,4:1
     python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
-    python3 -m benchmarks.bench_linear_bwd --no-check --graphs --shapes 16x2048x12x64   # fwd+bwd as CUDA graphs
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.common import bench, graphed_ms, kernel_times, make, rel, run
+from benchmarks.common import bench, kernel_times, make, rel, run
 from ttt.ops import TTTState
 from ttt.ops.triton_backend import LinearKernels
 
@@ -89,9 +88,6 @@ def main():
     ap.add_argument("--fwd-impls", nargs="*", default=[], help="also time the forward this way (fused, split) "
                     "beside the default (auto), after checking its outputs against the default's")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
-    ap.add_argument("--graphs", action="store_true", help="time each variant's fwd+bwd replayed as a CUDA graph (its "
-                    "kernels and their gaps, without the host's launch work, which at B16 T2k spread the eager rounds "
-                    "by 30%%); a variant whose capture fails is timed eagerly and said so")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()
     t_start = time.time()
@@ -150,18 +146,9 @@ def main():
         # the variants in turn, args.rounds times, the median of each: at small shapes a variant's time moved by
         # up to 0.5 ms with its place in a one-pass order (the same launch timed first and last)
         times = {name: [] for name in fns}
-        timers = {name: (lambda fn=fn: bench(fn, warmup=5, rep=max(10, 50 // args.rounds))) for name, fn in fns.items()}
-        if args.graphs:
-            for name, fn in fns.items():
-                try:
-                    graphed_ms([fn], rep=5)  # captures once here: a failure shows before the rounds
-                    timers[name] = lambda fn=fn: graphed_ms([fn], rep=max(10, 50 // args.rounds))
-                except Exception as e:  # e.g. a host synchronisation inside the op: timed eagerly, and said so
-                    print(f"graph capture of {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-                          f"timed eagerly", flush=True)
         for _ in range(args.rounds):
-            for name in fns:
-                times[name].append(timers[name]())
+            for name, fn in fns.items():
+                times[name].append(bench(fn, warmup=5, rep=max(10, 50 // args.rounds)))
         for name in fns:
             row[name] = sorted(times[name])[len(times[name]) // 2]
             print(f"time {row['shape']:22s} {name:14s} fwd+bwd {row[name]:8.3f} ms (fwd {fwd_ms:.3f}; rounds "
