@@ -293,11 +293,11 @@ class TTTLayer(nn.Module):
         if fused and pk is None and T == 1 and self.kind == "linear" and self.backbone == "mamba" \
                 and not torch.is_grad_enabled():
             return self._decode_fused(x, state)
-        g = gate = v = None
+        g = gate = None
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
-            u, v, g, gate = self._merged_inputs(x)
+            u, g, gate = self._merged_inputs(x)
             # packed documents from a fresh state: no window (zeros), so the kernels skip reading and differentiating it
             win = None if pk is not None and fresh else state.conv
             q, k, conv = conv_rope(u, win, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
@@ -314,7 +314,7 @@ class TTTLayer(nn.Module):
             pos = torch.arange(T, device=x.device) + state.pos if pk is None else pk.token_positions(state.pos)
             pos = pos % self.mini_batch  # RoPE at position mod b (packed: the position within the document)
             q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
-        v = (self.v_proj(x) if v is None else v).reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
+        v = self.v_proj(x).reshape(B, T, H, d)  # [B,T,D] -> [B,T,H,d]
         ct = torch.promote_types(x.dtype, torch.float32)  # the gate and tau in fp32 (fp64 for fp64 x)
         if self.learn_lr:
             if fused:  # the gate's product in x's dtype (no fp32 copy of x), the sigmoid in fp32
@@ -331,20 +331,18 @@ class TTTLayer(nn.Module):
         return self._out(o, x, g), TTTLayerState(op_state, conv)
 
     def _merged_inputs(self, x: torch.Tensor):
-        """(u, v, g, gate): x's products with qk_proj, v_proj, gate_proj and (learn_lr) the lr gate's weight as one
-        GEMM over their concatenation (one product and, in the backward, one for x's gradient and one for the weights'
-        instead of four each; rows padded with zeros to a multiple of `merged.ALIGN_ROWS`, so that the product's row
-        stride is one the kernels and Inductor take as it is); views of the product [B, T, rows] (the op copies v to
-        q's strides); gate None without learn_lr."""
+        """(u, g, gate): x's products with qk_proj, gate_proj and (learn_lr) the lr gate's weight as one GEMM over
+        their concatenation (one product and, in the backward, one for x's gradient and one for the weights' instead of
+        three each; rows padded with zeros to a multiple of `merged.ALIGN_ROWS`, so that the product's row stride is one
+        the kernels and Inductor take as it is); views of the product [B, T, rows]; gate None without learn_lr."""
         D, H = self.d_model, self.n_heads
-        ws = [self.qk_proj.weight, self.v_proj.weight, self.gate_proj.weight]
-        ws += [self.lr_weight.to(x.dtype)] if self.learn_lr else []
+        ws = [self.qk_proj.weight, self.gate_proj.weight] + ([self.lr_weight.to(x.dtype)] if self.learn_lr else [])
         n = sum(w.shape[0] for w in ws)
         pad = -n % ALIGN_ROWS
         if pad:
             ws.append(ws[0].new_zeros(pad, D))
         y = F.linear(x, torch.cat(ws))  # [B, T, rows]
-        return y[..., :D], y[..., D:2 * D], y[..., 2 * D:3 * D], (y[..., 3 * D:3 * D + H] if self.learn_lr else None)
+        return y[..., :D], y[..., D:2 * D], (y[..., 2 * D:2 * D + H] if self.learn_lr else None)
 
     def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """The post-LayerNorm, the (M) block's GELU gate (g: x's gate_proj product when already made), the output
