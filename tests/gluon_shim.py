@@ -3,10 +3,11 @@
 Gluon has no interpreter. `interpretable(kernel)` rebuilds the kernel's Python function (and every @gluon.jit
 helper it calls) with `gl` and the Hopper ops bound to small emulations on top of `triton.language`, which the
 interpreter runs: layouts are ignored, shared memory is a numpy array per allocation (views for `slice` and
-`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (16-bit
-operands stay 16-bit, fp32 accumulation), barriers and fences are no-ops (a program is one thread here). Every
-program of a launch runs in its own Python thread with its own program id, so programs that wait on one another
-through global-memory atomics (the split kernels' exchanges) make progress as they would on a GPU.
+`permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (fp16
+operands stay fp16, bf16 ones are widened to fp32, which the interpreter's own bf16 dot misreads; fp32 accumulation),
+barriers and fences are no-ops (a program is one thread here). Every program of a launch runs in its own Python
+thread with its own program id, so programs that wait on one another through global-memory atomics (the split
+kernels' exchanges) make progress as they would on a GPU.
 
 What this checks: the kernel's arithmetic, indexing, masking, its use of shared memory as storage and its
 exchanges between programs. What it cannot: layouts, the hardware's shapes (wgmma needs M >= 64), register and
@@ -129,14 +130,17 @@ def _np_dtype(dtype):
 
 
 def _operand(x):
-    return x.load() if isinstance(x, _Smem) else x
+    x = x.load() if isinstance(x, _Smem) else x
+    # the interpreter's tl.dot reads bf16 operands as their bit patterns (Triton 3.9: a 16 x 16 product off by
+    # 1e10); widened to fp32 (exact) the product is the one the tensor cores form: exact products, fp32 sums
+    return x.to(tl.float32) if x.dtype == tl.bfloat16 else x
 
 
 def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None, is_async=False):
     a, b = _operand(a), _operand(b)
     if not use_acc:
         acc = tl.zeros(acc.shape, acc.dtype)
-    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 def _warpgroup_mma_wait(num_outstanding=0, deps=None):
@@ -144,7 +148,7 @@ def _warpgroup_mma_wait(num_outstanding=0, deps=None):
 
 
 def _dot_fma(a, b, acc):
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(_operand(a), _operand(b), acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 def _noop(*args, **kwargs):

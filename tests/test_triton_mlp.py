@@ -281,7 +281,8 @@ def test_fp16_backward(impl):
 
 
 # ---- "smem": the Gluon kernel (weights in shared memory, wgmma). On the CPU its own source runs in the interpreter
-# through tests/gluon_shim.py (fp16: the interpreter's bf16 is not faithful). Its forward splits F over 1 (d = 64) / 4
+# through tests/gluon_shim.py (mostly fp16; the shim widens bf16 operands of its products to fp32, which the
+# interpreter's own bf16 dot misreads). Its forward splits F over 1 (d = 64) / 4
 # (d = 128) programs per head, its backward over 2 / 8; they exchange partial sums through global memory.
 
 @pytest.mark.slow
@@ -290,6 +291,12 @@ def test_smem_matches_dual(d, T, pos):
     """Head and tail pieces in PyTorch around whole mini-batches in the kernel, from a mid-mini-batch start; group
     2 makes several checkpoint groups (d = 64: 4 kernel mini-batches)."""
     compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
+
+
+def test_smem_matches_dual_bf16():
+    """The kernels' bf16 path (the dtype they train in on the GPU), forward and backward, one head, from a mid-mini-batch
+    start over two checkpoint groups."""
+    compare("smem", B=1, T=69, H=1, d=64, b=16, pos=5, dtype=torch.bfloat16, tol=3e-2, group=2)
 
 
 def test_smem_forward_only_matches_dual():

@@ -310,7 +310,9 @@ def test_one_full_length_document_takes_the_plain_smem_launches(monkeypatch, T=4
 def _smem_split_forwards_agree(lens, H, dtype, group):
     """The smem forward in one and in two programs per head (d 64) over packed documents with a start state of their
     own each (as carried rows have): the same outputs, final states and saved tensors (checkpoints, Z2, Z2b,
-    X2b X2^T) where written, up to the order of fp32 sums."""
+    X2b X2^T) where written, up to the order of fp32 sums (fp16), or within 1e-2 in bf16, where a sum's order
+    flips some 16-bit roundings of the products' operands and the two walks drift apart by ~1e-3 (H200: final states
+    6.4e-4, Z2b 1.8e-3); a wrong slice or slot is off by far more."""
     leaves, _ = packed_case("mlp", lens, "fresh", dtype=dtype, b=16, d=64, H=H)
     q, k, v, lr, delta, lnw, lnb = (t.detach() for t in leaves[:7])
     g = torch.Generator().manual_seed(5)
@@ -327,9 +329,10 @@ def _smem_split_forwards_agree(lens, H, dtype, group):
         tok[s:s + n // 16 * 16] = True
         first = int(rows.span[i, 2])
         slot[first:first + -(-(n // 16) // group)] = True
-    pairs = [(o1[0, tok], o2[0, tok], 2e-2)] + [(a, b, 1e-4) for a, b in zip(fin1, fin2)]
-    pairs += [(a[slot], b[slot], 1e-4) for a, b in zip(ck1[:4], ck2[:4])]
-    pairs += [(a[0, tok], b[0, tok], 1e-3) for a, b in zip(ck1[4:], ck2[4:])]
+    at = (lambda tol: max(tol, 1e-2)) if dtype == torch.bfloat16 else (lambda tol: tol)
+    pairs = [(o1[0, tok], o2[0, tok], 2e-2)] + [(a, b, at(1e-4)) for a, b in zip(fin1, fin2)]
+    pairs += [(a[slot], b[slot], at(1e-4)) for a, b in zip(ck1[:4], ck2[:4])]
+    pairs += [(a[0, tok], b[0, tok], at(1e-3)) for a, b in zip(ck1[4:], ck2[4:])]
     for i, (a, b, tol) in enumerate(pairs):
         assert rel(b.float(), a.float()) <= tol, (i, rel(b.float(), a.float()))
 
