@@ -155,6 +155,17 @@ def _noop(*args, **kwargs):
     return None
 
 
+_ASM = {"ex2.approx.ftz.f32": lambda x: tl.exp2(x), "rcp.approx.ftz.f32": lambda x: 1.0 / x}
+
+
+def _inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
+    """The one-instruction PTX the kernels use, by its opcode (`_ASM`); anything else is not emulated."""
+    op = asm.split()[0]
+    if op not in _ASM or len(args) != 1:
+        raise NotImplementedError(f"gluon_shim: no emulation of the inline PTX {asm!r}")
+    return _ASM[op](args[0])
+
+
 def _allocate_shared_memory(element_ty, shape, layout, value=None):
     return _Smem(element_ty, [int(s) for s in shape], value)
 
@@ -188,6 +199,7 @@ _GL = types.SimpleNamespace(
     static_range=lambda *a, **k: tl.static_range(*a, **k), static_assert=lambda *a, **k: tl.static_assert(*a, **k),
     static_print=lambda *a, **k: tl.static_print(*a, **k),
     allocate_shared_memory=_allocate_shared_memory, thread_barrier=_noop, dot_fma=_dot_fma,
+    inline_asm_elementwise=_inline_asm_elementwise,
     atomic_add=lambda ptr, val, mask=None, sem=None, scope=None: _atomic_add(ptr, val, mask, sem, scope),
 )
 

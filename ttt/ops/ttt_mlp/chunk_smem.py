@@ -100,13 +100,37 @@ def _mma_layout(M, N, num_warps):
 
 
 @gluon.jit
+def _ex2(x):
+    """2^x, fp32, as one MUFU.EX2 (ex2.approx.ftz: results below 2^-126 flushed to zero; `gl.exp` adds a rescale
+    around it for those)."""
+    return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _rcp(x):
+    """1 / x, fp32, as one MUFU.RCP (rcp.approx.ftz: within 1 ulp; a division adds range checks around it)."""
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _gelu_sig(x):
+    """(s, x^2): s = sigmoid(2u) for the tanh-GELU's u = c (x + a x^3), so tanh(u) = 2 s - 1 and GELU(x) = x s; the
+    constants folded (-2 c / ln 2 and its product with a), 2^ and 1/ as one MUFU each. Saturates as the division form
+    did: s -> 0 (exp overflow to inf) for large negative x, -> 1 for large positive."""
+    x2 = x * x
+    s = _rcp(1.0 + _ex2(x * (-2.302208198144325 - 0.1029432395800235 * x2)))
+    return s, x2
+
+
+@gluon.jit
 def _gelu_parts(x):
-    """tanh-GELU(x) and its exact derivative, fp32 (tanh through a sigmoid, as `triton_utils._gelu_parts`)."""
-    c: gl.constexpr = 0.7978845608028654
-    u = c * (x + 0.044715 * x * x * x)
-    t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
-    y = 0.5 * x * (1.0 + t)
-    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+    """tanh-GELU(x) and its exact derivative, fp32 (tanh through a sigmoid, as `triton_utils._gelu_parts`):
+    GELU = x s, GELU' = s + 2 x s (1 - s) c (1 + 3 a x^2) (`_gelu_sig`)."""
+    s, x2 = _gelu_sig(x)
+    y = x * s
+    dy = s + 2.0 * x * s * (1.0 - s) * (0.7978845608028654 + 0.10703222440890037 * x2)
     return y, dy
 
 
@@ -576,15 +600,13 @@ def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdD, r
 @gluon.jit
 def _gelu_parts2(x):
     """tanh-GELU(x), its derivative and its second derivative, fp32 (`triton_utils._gelu_parts2`)."""
-    c: gl.constexpr = 0.7978845608028654
-    a: gl.constexpr = 0.044715
-    u = c * (x + a * x * x * x)
-    t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
-    du = c * (1.0 + 3.0 * a * x * x)
-    y = 0.5 * x * (1.0 + t)
-    sech2 = 1.0 - t * t
-    dy = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
-    ddy = sech2 * (du - x * t * du * du + 3.0 * a * c * x * x)
+    s, x2 = _gelu_sig(x)
+    t = 2.0 * s - 1.0  # tanh(u)
+    du = 0.7978845608028654 + 0.10703222440890037 * x2  # u' = c (1 + 3 a x^2)
+    y = x * s
+    sech2 = 4.0 * s * (1.0 - s)  # 1 - tanh(u)^2
+    dy = s + 0.5 * x * sech2 * du
+    ddy = sech2 * (du - x * t * du * du + 0.10703222440890037 * x2)  # + 3 a c x^2
     return y, dy, ddy
 
 
