@@ -306,22 +306,44 @@ def _w2t_mma(w2_s, x_s, acc, FS: gl.constexpr, FC: gl.constexpr, AD: gl.constexp
 
 
 @gluon.jit
+def _update_chunk(w_s, a_s, b_s, c, FC: gl.constexpr, LW: gl.constexpr, a2_s, b2_s, a3_s, b3_s):
+    """Issue chunk c's products of `_update` (asynchronous wgmma, chained on the chunk's fp32 accumulator)."""
+    w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW),
+                      is_async=True)
+    if a2_s is not None:
+        w = warpgroup_mma(a2_s.slice(c * FC, FC, dim=0), b2_s.permute((1, 0)), w, is_async=True)
+    if a3_s is not None:
+        w = warpgroup_mma(a3_s.slice(c * FC, FC, dim=0), b3_s.permute((1, 0)), w, is_async=True)
+    return w
+
+
+@gluon.jit
 def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr, h_s=None, a2_s=None, b2_s=None,
             a3_s=None, b3_s=None):
     """w_s [FS, D] fp32 += A B with A = a_s [FS, 16], B = b_s^T (b_s [D, 16]), both 16-bit in shared memory (+ A2 B2
     + A3 B3 when given: chained on the same accumulator, one load and store of w_s for all); FC rows at a time (a
-    [FC, D] fp32 accumulator in registers); h_s: a 16-bit copy of w_s kept equal to it (its rounding), or None.
-    No barrier between a chunk's load and its store: each thread stores the elements it loaded (the accumulator's
-    layout both ways), and w_s, h_s are none of the operands; one barrier after the last chunk."""
-    for c in gl.static_range(FS // FC):
-        w = warpgroup_mma(a_s.slice(c * FC, FC, dim=0), b_s.permute((1, 0)), w_s.slice(c * FC, FC, dim=0).load(LW))
-        if a2_s is not None:
-            w = warpgroup_mma(a2_s.slice(c * FC, FC, dim=0), b2_s.permute((1, 0)), w)
-        if a3_s is not None:
-            w = warpgroup_mma(a3_s.slice(c * FC, FC, dim=0), b3_s.permute((1, 0)), w)
+    [FC, D] fp32 accumulator in registers), the next chunk's load and products in flight while a chunk is stored;
+    h_s: a 16-bit copy of w_s kept equal to it (its rounding), or None. No barrier between a chunk's load and its
+    store: each thread stores the elements it loaded (the accumulator's layout both ways), and w_s, h_s are none of
+    the operands; one barrier after the last chunk."""
+    NC: gl.constexpr = FS // FC
+    w = _update_chunk(w_s, a_s, b_s, 0, FC, LW, a2_s, b2_s, a3_s, b3_s)
+    for c in gl.static_range(NC):
+        if c + 1 < NC:  # the next chunk's products issued, then this chunk's awaited (its 1-3 groups in flight)
+            nxt = _update_chunk(w_s, a_s, b_s, c + 1, FC, LW, a2_s, b2_s, a3_s, b3_s)
+            if a3_s is not None:
+                w = warpgroup_mma_wait(3, deps=[w])
+            elif a2_s is not None:
+                w = warpgroup_mma_wait(2, deps=[w])
+            else:
+                w = warpgroup_mma_wait(1, deps=[w])
+        else:
+            w = warpgroup_mma_wait(0, deps=[w])
         w_s.slice(c * FC, FC, dim=0).store(w)
         if h_s is not None:
             h_s.slice(c * FC, FC, dim=0).store(w.to(h_s.dtype))
+        if c + 1 < NC:
+            w = nxt
     _cta_barrier()
 
 
