@@ -143,11 +143,31 @@ def _normalize_cols(z, D: gl.constexpr, EPS: gl.constexpr):
 
 
 @gluon.jit
+def _add2(a0, b0, a1, b1):
+    """The combine of a two-value sum (`gl.reduce`): two sums over one axis share one exchange between warps."""
+    return a0 + a1, b0 + b1
+
+
+@gluon.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    """The combine of a three-value sum (`gl.reduce`)."""
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@gluon.jit
+def _proj_parts(g, xh, rstd, D: gl.constexpr):
+    """((g - mean g - x^ mean(g x^)) / std, mean(g x^)) per column: the LayerNorm backward and its second mean (both
+    column sums in one reduction)."""
+    sg, sgx = gl.reduce((g, g * xh), 0, _add2)
+    mgx = sgx / D
+    return (g - (sg / D)[None, :] - xh * mgx[None, :]) * rstd[None, :], mgx
+
+
+@gluon.jit
 def _proj_cols(g, xh, rstd, D: gl.constexpr):
     """(g - mean g - x^ mean(g x^)) / std per column: the LayerNorm backward."""
-    mg = gl.sum(g, axis=0) / D
-    mgx = gl.sum(g * xh, axis=0) / D
-    return (g - mg[None, :] - xh * mgx[None, :]) * rstd[None, :]
+    p, _mgx = _proj_parts(g, xh, rstd, D)
+    return p
 
 
 @gluon.jit
@@ -155,8 +175,8 @@ def _ln_l2_grad_cols(z, v, k, gam, bet, D: gl.constexpr, EPS: gl.constexpr):
     """d/dz of 0.5 ||LN(z) - (v - k)||^2 per column (docs/math.md §2): G, x^, 1/std, gy and mean(gy x^)."""
     xh, rstd = _normalize_cols(z, D, EPS)
     gy = gam[:, None] * (gam[:, None] * xh + bet[:, None] - (v - k))
-    mgx = gl.sum(gy * xh, axis=0) / D
-    return _proj_cols(gy, xh, rstd, D), xh, rstd, gy, mgx
+    g, mgx = _proj_parts(gy, xh, rstd, D)
+    return g, xh, rstd, gy, mgx
 
 
 @gluon.jit
@@ -635,10 +655,11 @@ def _gelu_parts2(x):
 @gluon.jit
 def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
     """The backward of `_ln_l2_grad_cols` from dG: dgy and dz (columns: tokens; `triton_utils._ln_l2_grad_bwd`)."""
-    dgy = _proj_cols(dG, xh, rstd, D)
-    mdgx = gl.sum(dG * xh, axis=0) / D
+    sg, sgx, sgG = gl.reduce((dG, dG * xh, dG * G), 0, _add3)  # the column sums in one reduction
+    mdgx = sgx / D
+    dgy = (dG - (sg / D)[None, :] - xh * mdgx[None, :]) * rstd[None, :]  # `_proj_cols(dG, ..)`
     dxh = (-mgx[None, :] * dG - mdgx[None, :] * gy) * rstd[None, :] + (gam * gam)[:, None] * dgy
-    ds = -gl.sum(dG * G, axis=0) * rstd
+    ds = -sgG * rstd
     return dgy, _proj_cols(dxh, xh, rstd, D) + (ds / D)[None, :] * xh
 
 
@@ -953,8 +974,9 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
                 dOT = pD_s.index(4).load(LD)
-                dgam += first * gl.sum(dOT * xhb, axis=1)
-                dbet += first * gl.sum(dOT, axis=1)
+                sgam, sbet = gl.reduce((dOT * xhb, dOT), 1, _add2)
+                dgam += first * sgam
+                dbet += first * sbet
                 dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
                 dz2b = gl.where(live[None, :], dz2b, 0.0)
                 _cta_barrier()
@@ -1032,8 +1054,10 @@ def ttt_mlp_smem_bwd_kernel(
                 xh = pD_s.index(1).load(LD)
                 dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LD), xh, rstd, pD_s.index(2).load(LD), mgx,
                                                 gam, D)
-                dgam += first * gl.sum(dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)), axis=1)
-                dbet += first * gl.sum(dgy * gam[:, None], axis=1)
+                sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)), dgy * gam[:, None]),
+                                       1, _add2)
+                dgam += first * sgam
+                dbet += first * sbet
                 if s == NSPLIT - 1:  # (every program has it; the last one, which emits no dq)
                     gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
@@ -1056,8 +1080,8 @@ def ttt_mlp_smem_bwd_kernel(
                 _update(g1t_s, dz1b_s, qT_s, FS, FC, LW, a2_s=dz1_s, b2_s=kT_s)  # dW1^T += dZ1bt Q + dZ1t K
                 _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
                         b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
-                dc1 += gl.sum(dz1b, axis=1) + gl.sum(dz1, axis=1)
-                dc2 += gl.sum(dz2b, axis=1) + gl.sum(dz2, axis=1)
+                dc1 += gl.sum(dz1b + dz1, axis=1)
+                dc2 += gl.sum(dz2b + dz2, axis=1)
 
                 # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
