@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import triton_backend  # noqa: E402
+from ttt.ops.triton_utils import batch_rows  # noqa: E402
 from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_smem, step_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,6 +300,21 @@ def test_smem_matches_dual_bf16():
     compare("smem", B=1, T=69, H=1, d=64, b=16, pos=5, dtype=torch.bfloat16, tol=3e-2, group=2)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_smem_fwd_op_fake_matches_the_kernels(keep):
+    """The TTT-MLP forward op's fake implementation (what torch.compile traces with) gives the smem pair's saved
+    tensors (its W1 checkpoints transposed, the sums, the kept start weights) the shapes, dtypes and strides the
+    kernels make (torch.library.opcheck)."""
+    inp = make(B=1, T=48, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
+    x, st = inp.inputs(), inp.state()
+    params = tuple(p.float().contiguous() for p in st.params)
+    rows = batch_rows(1, 48, 16, 2, torch.device(DEV))
+    none = x.q.new_empty(0, dtype=torch.int32)
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *params, *triton_backend._rows_args(rows), 16, 2, True,
+            keep, "smem", 0, none, none)
+    torch.library.opcheck(torch.ops.ttt.mlp_chunk_fwd, args, test_utils=("test_faketensor",))
+
+
 def test_smem_forward_only_matches_dual():
     """Without gradients (the kernel compiled with SAVE off: no checkpoints written): outputs and final state."""
     compare("smem", B=2, T=45, H=1, d=64, b=16, pos=3, dtype=torch.float16, grad=False, tol=1e-2)
@@ -386,7 +402,7 @@ def test_smem_kept_start_weights(monkeypatch):
     assert kw.shape == (6 * 2, 2, 2, F, d) and kw.dtype == x.q.dtype and kc.shape == (6 * 2, 2, F + d)
     for slot in range(6):  # entry slot // 3, group slot % 3: its first mini-batch's start = the checkpoint
         i = slot * 2
-        torch.testing.assert_close(kw[i, :, 0], ck[0][slot].transpose(-1, -2).to(kw.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(kw[i, :, 0], ck[0][slot].to(kw.dtype), rtol=0, atol=0)  # (both W1^T [F, d])
         torch.testing.assert_close(kw[i, :, 1], ck[2][slot].to(kw.dtype), rtol=0, atol=0)
         torch.testing.assert_close(kc[i], torch.cat([ck[1][slot], ck[3][slot]], -1), rtol=0, atol=0)
     g = torch.Generator(device=o.device).manual_seed(3)
@@ -435,14 +451,16 @@ def test_smem_choice_is_checked():
 
 def test_smem_checkpoints_in_row_slots():
     """The smem forward writes its checkpoints in the row kernels' slots ([B * nck, H]: entry b's group g at slot
-    b * nck + g), so the kernel pairs mix: close to the register forward's (fp16 products), B = H = 2, two groups."""
+    b * nck + g), W1's transposed ([F, d]: copied without bank conflicts): close to the register forward's (fp16
+    products), B = H = 2, two groups."""
     inp = make(B=2, T=64, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
     x, st = inp.inputs(), inp.state()
     params = tuple(p.float().contiguous() for p in st.params)
     args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, params, 16, 2)
     _o, _fin, ck_smem = chunk_smem.fwd(*args)
     _o, _fin, ck_regs = chunk.fwd(*args)
-    for a, b in zip(ck_smem, ck_regs):
+    for i, (a, b) in enumerate(zip(ck_smem, ck_regs)):
+        b = b.transpose(-1, -2) if i == 0 else b  # W1 [.., d, F] -> [.., F, d]
         assert a.shape == b.shape == (4, 2, *a.shape[2:])
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 

@@ -514,8 +514,9 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W1, c1, W2, c2, span, packed, nmb, s
     H, d = q.shape[2:]
     F = W1.shape[-1]
     if save:
-        ck = [q.new_empty((slots, H, *s), dtype=torch.float32) for s in _MLP_SHAPES(d, F)]
-        smem = impl == "smem"  # the smem pair's sums: Z2, Z2b [B,T,H,d], X2b X2^T [B,T,H,16]
+        smem = impl == "smem"  # its W1 checkpoints transposed [F, d]; its sums: Z2, Z2b [B,T,H,d], X2b X2^T [B,T,H,16]
+        ck = [q.new_empty((slots, H, *(s[::-1] if smem and i == 0 else s)), dtype=torch.float32)
+              for i, s in enumerate(_MLP_SHAPES(d, F))]
         ck += [q.new_empty(q.shape if smem else (0,), dtype=torch.float32) for _ in range(2)]
         ck.append(q.new_empty((*q.shape[:3], mini_batch) if smem else (0,), dtype=torch.float32))
         if keep and smem:
@@ -571,7 +572,7 @@ def _mlp_backward(ctx, grads):
     if not save:
         raise RuntimeError("ttt::mlp_chunk_fwd ran with save=False: no checkpoints for a backward")
     H, d = q.shape[2:]
-    F = ck[0].shape[-1]
+    F = ck[1].shape[-1]  # (c1's checkpoints [.., F]; W1's are [.., d, F], or [.., F, d] from the smem pair)
     do = grads[0]
     do = torch.zeros_like(q) if do is None else do.contiguous()
     dfin = [q.new_zeros((ctx.rows, H, *s), dtype=torch.float32) if g is None else g.float()

@@ -394,23 +394,36 @@ def _w_mma(w_s, x_s, acc, D: gl.constexpr, AF: gl.constexpr, OPT: gl.constexpr):
 
 @gluon.jit
 def _weights_io(w1t_s, w2_s, w1_ptr, w2_ptr, s, TO_SMEM: gl.constexpr, FS: gl.constexpr, D: gl.constexpr,
-                FF: gl.constexpr, FC: gl.constexpr, L1: gl.constexpr, L2: gl.constexpr):
+                FF: gl.constexpr, FC: gl.constexpr, L1: gl.constexpr, L2: gl.constexpr, W1T: gl.constexpr = False):
     """Copy program s's slices between global W1 [D, FF] (its columns s*FS.., as W1s^T [FS, D]; L1 walks F
     fastest), W2 [FF, D] (its rows) and shared memory, FC rows at a time (a whole [FS, D] tile and its 64-bit
-    addresses would take most of the registers); TO_SMEM: global -> shared, else shared -> global."""
+    addresses would take most of the registers); TO_SMEM: global -> shared, else shared -> global. W1T: W1 is held
+    transposed in global memory ([FF, D], as the checkpoints are) and copied as W2 is (L2, D fastest: no bank
+    conflicts on the swizzled fp32 tiles, which L1's walk along F has 8-way)."""
     for c in gl.static_range(FS // FC):
-        f1 = gl.arange(0, FC, layout=gl.SliceLayout(1, L1))
-        d1 = gl.arange(0, D, layout=gl.SliceLayout(0, L1))
-        off1 = d1[None, :] * FF + (s * FS + c * FC) + f1[:, None]
         f2 = gl.arange(0, FC, layout=gl.SliceLayout(1, L2))
         d2 = gl.arange(0, D, layout=gl.SliceLayout(0, L2))
         off2 = (s * FS + c * FC + f2[:, None]) * D + d2[None, :]
         if TO_SMEM:
-            w1t_s.slice(c * FC, FC, dim=0).store(gl.load(w1_ptr + off1))
+            if W1T:
+                w1t_s.slice(c * FC, FC, dim=0).store(gl.load(w1_ptr + off2))
+            else:
+                w1t_s.slice(c * FC, FC, dim=0).store(gl.load(w1_ptr + _w1_offsets(s, c, FS, FC, D, FF, L1)))
             w2_s.slice(c * FC, FC, dim=0).store(gl.load(w2_ptr + off2))
         else:
-            gl.store(w1_ptr + off1, w1t_s.slice(c * FC, FC, dim=0).load(L1))
+            if W1T:
+                gl.store(w1_ptr + off2, w1t_s.slice(c * FC, FC, dim=0).load(L2))
+            else:
+                gl.store(w1_ptr + _w1_offsets(s, c, FS, FC, D, FF, L1), w1t_s.slice(c * FC, FC, dim=0).load(L1))
             gl.store(w2_ptr + off2, w2_s.slice(c * FC, FC, dim=0).load(L2))
+
+
+@gluon.jit
+def _w1_offsets(s, c, FS: gl.constexpr, FC: gl.constexpr, D: gl.constexpr, FF: gl.constexpr, L1: gl.constexpr):
+    """Offsets of chunk c of program s's W1s^T [FC, D] in W1 [D, FF] (layout L1, F fastest)."""
+    f1 = gl.arange(0, FC, layout=gl.SliceLayout(1, L1))
+    d1 = gl.arange(0, D, layout=gl.SliceLayout(0, L1))
+    return d1[None, :] * FF + (s * FS + c * FC) + f1[:, None]
 
 
 @gluon.jit
@@ -509,7 +522,7 @@ def ttt_mlp_smem_fwd_kernel(
                 if n % GROUP == 0:
                     ck = (slot + n // GROUP) * H + hi  # the row kernels' slots [slots, H]
                     _weights_io(w1t_s, w2_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, False, FS, D, FF, FC,
-                                LBt, LB)
+                                LBt, LB, True)
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
                     if s == 0:  # c2 is replicated: one program writes it
                         gl.store(ckc2_ptr + ck * D + rdD, c2)
@@ -823,7 +836,7 @@ def ttt_mlp_smem_bwd_kernel(
                 _cta_barrier()
                 ck = (slot + g) * H + hi
                 _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
-                            LB)
+                            LB, True)
                 c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
                 c2 = gl.load(ckc2_ptr + ck * D + rdD)
                 _cta_barrier()
@@ -1186,15 +1199,15 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     (W1 [N,H,d,F], c1 [N,H,F], W2 [N,H,F,d], c2 [N,H,d]) fp32 contiguous, one per row. num_warps None: 8;
     programs: at most this many programs (None: what the GPU holds at once); sched: which heads each group of
     programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th); split:
-    programs per head (None: `nsplit`'s choice; 1 or 2 at d = 64, 4 at d = 128). Returns o,
-    the final params, and when `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots
-    [rows.slots, H]: row n's group g at slot span[n, 2] + g, so the pairs mix) followed by Z2 + c2 and Z2b + c2
-    [B,T,H,d] fp32 and X2b X2^T [B,T,H,16] fp32 (row i of each mini-batch at its token i) at the whole
-    mini-batches' tokens (`bwd` reads them instead of recomputing them, which needs exchanges between the programs
-    of a head). keep (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to
-    q's dtype [rows.slots * group, H, 2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch
-    m at span[n, 2] * group + m), appended to the saved tensors: `bwd` then reads them instead of recomputing them
-    from the checkpoints (faster; 4 F d + 4 (F + d) bytes per (row, head, mini-batch))."""
+    programs per head (None: `nsplit`'s choice; 1 or 2 at d = 64, 4 at d = 128). Returns o, the final params, and when
+    `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots [rows.slots, H]: row n's
+    group g at slot span[n, 2] + g, so the pairs mix; W1's transposed, [.., F, d]) followed by Z2 + c2 and Z2b + c2
+    [B,T,H,d] fp32 and X2b X2^T [B,T,H,16] fp32 (row i of each mini-batch at its token i) at the whole mini-batches'
+    tokens (`bwd` reads them instead of recomputing them, which needs exchanges between the programs of a head). keep
+    (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to q's dtype [rows.slots * group, H,
+    2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch m at span[n, 2] * group + m),
+    appended to the saved tensors: `bwd` then reads them instead of recomputing them from the checkpoints (faster; 4 F
+    d + 4 (F + d) bytes per (row, head, mini-batch))."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
@@ -1206,7 +1219,9 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     fin = tuple(torch.empty_like(p) for p in params)
     if save:
-        ck = tuple(torch.empty((rows.slots, H, *p.shape[2:]), dtype=torch.float32, device=q.device) for p in params)
+        # (W1's checkpoints transposed, [F, d], as W2's: the kernels copy them without bank conflicts)
+        ck = tuple(torch.empty((rows.slots, H, *(p.shape[:1:-1] if i == 0 else p.shape[2:])), dtype=torch.float32,
+                               device=q.device) for i, p in enumerate(params))
     else:
         ck = fin  # never written
     z2 = torch.empty((B, T, H, d), dtype=torch.float32, device=q.device) if save else o  # (o: never written)
@@ -1248,7 +1263,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
                          f"X2b X2^T) or nine (and the kept start weights), got {len(ckpt)}")
     keep = len(ckpt) == 9
     kept = ckpt[7:] if keep else (q, q)  # (never read without KEEP)
-    F = ckpt[0].shape[-1]
+    F = ckpt[1].shape[-1]
     check(d, mini_batch, q.dtype)
     ns = nsplit_bwd(d)
     rows, heads, groups, sched = _rows_and_sched(rows, B, T, group, q.device, sched, H, ns, programs)
