@@ -301,10 +301,10 @@ def test_smem_matches_dual_bf16():
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_smem_fwd_op_fake_matches_the_kernels(keep):
-    """The TTT-MLP forward op's fake implementation (what torch.compile traces with) gives the smem pair's saved
-    tensors (its W1 checkpoints transposed, the sums, the kept start weights) the shapes, dtypes and strides the
-    kernels make (torch.library.opcheck)."""
+def test_smem_ops_fake_match_the_kernels(keep):
+    """The TTT-MLP ops' fake implementations (what torch.compile traces with) give the smem pair's saved tensors (its
+    W1 checkpoints transposed, the sums, the kept start weights) and the backward's gradients the shapes, dtypes and
+    strides the kernels make (torch.library.opcheck)."""
     inp = make(B=1, T=48, H=2, d=64, b=16, pos=0, dtype=torch.float16, grad=False)
     x, st = inp.inputs(), inp.state()
     params = tuple(p.float().contiguous() for p in st.params)
@@ -313,6 +313,11 @@ def test_smem_fwd_op_fake_matches_the_kernels(keep):
     args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *params, *triton_backend._rows_args(rows), 16, 2, True,
             keep, "smem", 0, none, none)
     torch.library.opcheck(torch.ops.ttt.mlp_chunk_fwd, args, test_utils=("test_faketensor",))
+    out = torch.ops.ttt.mlp_chunk_fwd(*args)
+    dfin = [torch.randn_like(p) for p in params]
+    bwd_args = (*args[:7], *out[5:14], torch.randn_like(x.q), *dfin, *triton_backend._rows_args(rows), 16, 2, "smem",
+                0, none)
+    torch.library.opcheck(torch.ops.ttt.mlp_chunk_bwd, bwd_args, test_utils=("test_faketensor",))
 
 
 def test_smem_forward_only_matches_dual():

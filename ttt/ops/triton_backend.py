@@ -551,7 +551,7 @@ def _mlp_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 def _(q, k, v, lr, tau, ln_weight, ln_bias, ck1, ckc1, ck2, ckc2, z2, zb, s2, kw, kc, do, dW1, dc1, dW2, dc2, span,
       packed, nmb, slots, covered, mini_batch, group, impl, warps, sched):
     B, T, H, d = q.shape
-    F = ck1.shape[-1]
+    F = ckc1.shape[-1]  # (c1's checkpoints: W1's are transposed in the smem pair's)
     N = dW1.shape[0]
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(B, T, H), e(mini_batch),

@@ -1206,13 +1206,13 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, params, mini_batch: int, group: in
     programs walks (`schedule` for this launch's groups, int32 on the device; None: every groups-th); split:
     programs per head (None: `nsplit`'s choice; 1 or 2 at d = 64, 4 at d = 128). Returns o, the final params, and when
     `save` the checkpoints (params every `group` mini-batches, in the row kernels' slots [rows.slots, H]: row n's
-    group g at slot span[n, 2] + g, so the pairs mix; W1's transposed, [.., F, d]) followed by Z2 + c2 and Z2b + c2
-    [B,T,H,d] fp32 and X2b X2^T [B,T,H,16] fp32 (row i of each mini-batch at its token i) at the whole mini-batches'
-    tokens (`bwd` reads them instead of recomputing them, which needs exchanges between the programs of a head). keep
-    (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to q's dtype [rows.slots * group, H,
-    2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch m at span[n, 2] * group + m),
-    appended to the saved tensors: `bwd` then reads them instead of recomputing them from the checkpoints (faster; 4 F
-    d + 4 (F + d) bytes per (row, head, mini-batch))."""
+    group g at slot span[n, 2] + g; W1's transposed, [.., F, d], unlike the other pairs') followed by Z2 + c2 and Z2b
+    + c2 [B,T,H,d] fp32 and X2b X2^T [B,T,H,16] fp32 (row i of each mini-batch at its token i) at the whole
+    mini-batches' tokens (`bwd` reads them instead of recomputing them, which needs exchanges between the programs of
+    a head). keep (with save): also every whole mini-batch's start weights, W1^T and W2 rounded to q's dtype
+    [rows.slots * group, H, 2, F, d] and c1 | c2 fp32 [rows.slots * group, H, F + d] (row n's mini-batch m at span[n,
+    2] * group + m), appended to the saved tensors: `bwd` then reads them instead of recomputing them from the
+    checkpoints (faster; 4 F d + 4 (F + d) bytes per (row, head, mini-batch))."""
     B, T, H, d = q.shape
     F = params[0].shape[-1]
     check(d, mini_batch, q.dtype)
