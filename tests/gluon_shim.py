@@ -155,15 +155,27 @@ def _noop(*args, **kwargs):
     return None
 
 
-_SUMS = ("_add2", "_add3")  # chunk_smem's combines of several sums at once: elementwise a + b of each pair
-
-
 def _reduce(x, axis, combine_fn, keep_dims):
-    """gl.reduce; several sums at once (a combine in _SUMS) as one tl.sum each, which the interpreter runs in numpy
-    (a combine function it calls element pair by element pair: the smem tests 4x slower)."""
-    if getattr(getattr(combine_fn, "fn", combine_fn), "__name__", None) in _SUMS:
-        return tuple(tl.sum(t, axis=axis, keep_dims=keep_dims) for t in x)
-    return tl.reduce(x, axis, combine_fn, keep_dims=keep_dims)
+    """gl.reduce, as a tree of whole-array combines (halving the axis, log2 n calls) where the axis is a power of two:
+    the interpreter's own reduce calls the combine once per element pair (the smem tests 4x slower)."""
+    xs = list(x) if isinstance(x, tuple) else [x]
+    shape = list(xs[0].shape)
+    n, last = shape[axis], len(shape) - 1
+    if n & (n - 1):
+        return tl.reduce(x, axis, combine_fn, keep_dims=keep_dims)
+    order = [i for i in range(len(shape)) if i != axis] + [axis]  # the reduced axis last
+    xs = [tl.permute(t, order) if axis != last else t for t in xs]
+    fn = getattr(combine_fn, "fn", combine_fn)
+    while n > 1:
+        halves = [tl.split(tl.reshape(t, [*t.shape[:-1], n // 2, 2])) for t in xs]
+        r = fn(*(h[0] for h in halves), *(h[1] for h in halves))
+        xs = list(r) if isinstance(r, tuple) else [r]
+        n //= 2
+    rest = [shape[i] for i in order[:-1]]
+    xs = [tl.reshape(t, rest) for t in xs]
+    if keep_dims:
+        xs = [tl.expand_dims(t, axis) for t in xs]
+    return tuple(xs) if isinstance(x, tuple) else xs[0]
 
 
 _ASM = {"ex2.approx.ftz.f32": lambda x: tl.exp2(x), "rcp.approx.ftz.f32": lambda x: 1.0 / x}
