@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttt.ops import TTTInputs, TTTState, make_tau, ttt_op
+
+_aten = torch.ops.aten
 
 class PoisonTorch:
     """Stands in for `torch` inside a kernel module (tests monkeypatch it in): every buffer it allocates
@@ -27,6 +30,37 @@ class PoisonTorch:
     @staticmethod
     def empty_like(*args, **kwargs):
         return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+class RoundProducts(TorchDispatchMode):
+    """Inside it, every matrix product (forward and autograd's backward alike) rounds its two operands to `dtype`
+    and computes in theirs (fp32): the rounding of a 16-bit kernel's tensor-core products, given to a PyTorch
+    reference that otherwise computes in fp32. A product it does not know raises, so none passes unrounded."""
+
+    MM = (_aten.mm.default, _aten.bmm.default)
+    ADD_MM = (_aten.addmm.default, _aten.baddbmm.default)
+    OTHER = (_aten.mm, _aten.bmm, _aten.addmm, _aten.baddbmm, _aten.matmul, _aten.dot, _aten.mv, _aten.addmv,
+             _aten.addbmm, _aten.convolution)
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.rounded = 0  # the products rounded so far
+
+    def _round(self, t):
+        return t.to(self.dtype).to(t.dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.MM:
+            args = (self._round(args[0]), self._round(args[1]))
+            self.rounded += 1
+        elif func in self.ADD_MM:
+            args = (args[0], self._round(args[1]), self._round(args[2]), *args[3:])
+            self.rounded += 1
+        elif func.overloadpacket in self.OTHER:
+            raise NotImplementedError(f"RoundProducts: {func} is a product it does not round")
+        return func(*args, **kwargs)
 
 
 def inner_shapes(kind: str, d: int):
