@@ -587,10 +587,10 @@ def ttt_mlp_smem_fwd_kernel(
             _cta_barrier()
             g1 = warpgroup_mma(w2h_s, g2_s, zero_f) * d1  # (W2s G2t) * GELU'(Z1t) [FS, 16]
 
-            # output path; token columns with a non-finite G enter the causal products as zeros
-            okF = _finite_cols(g1)
-            okD = _finite_cols(g2)
-            ok = gl.convert_layout(okF, gl.SliceLayout(0, LE)) & gl.convert_layout(okD, gl.SliceLayout(0, LE))
+            # output path; token columns with a non-finite G enter the causal products as zeros. G1t's columns tell
+            # for G2t's too: a non-finite entry of G2t makes its whole column of W2s G2t non-finite (inf - inf,
+            # 0 * inf and NaN are NaN) in every program, and GELU'(Z1t) keeps it so
+            ok = gl.convert_layout(_finite_cols(g1), gl.SliceLayout(0, LE))
             E = tau_i[:, None] * lrE[None, :]
             qk = _tok_dot(qT_s, kT_s, D, LT, LE)
             p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
