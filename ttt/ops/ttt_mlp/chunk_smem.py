@@ -922,10 +922,12 @@ def ttt_mlp_smem_bwd_kernel(
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
-                okD = _finite_cols(kT) & _finite_cols(vT) & (gl.abs(lrD) < float("inf")) & _finite_cols(g2)
+                # (a column sum is finite iff its entries are, _finite_cols: k, v and G2 in one, q beside it)
+                skvg, sq = gl.reduce((kT + vT + g2, qT), 0, _add2)
+                okD = (gl.abs(skvg) < float("inf")) & (gl.abs(lrD) < float("inf"))
                 ok = gl.convert_layout(okD, gl.SliceLayout(0, LE))
                 live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
-                out = live & _finite_cols(qT)
+                out = live & (gl.abs(sq) < float("inf"))
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
                 pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
                 qT = gl.where(out[None, :], qT, 0.0)
