@@ -16,6 +16,7 @@ from ttt.ops import TTTInputs, TTTState, make_tau, ttt_op
 
 _aten = torch.ops.aten
 
+
 class PoisonTorch:
     """Stands in for `torch` inside a kernel module (tests monkeypatch it in): every buffer it allocates
     starts as NaN, so an element a kernel forgets to write shows up in the comparison."""
