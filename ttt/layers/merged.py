@@ -8,6 +8,8 @@ which every in-place write bumps: an optimizer step, load_state_dict; or its sto
 A compiled or CUDA-graphed step reads `weight` as it is: its caller refreshes first (`TTTLM.refresh_decode_weights`).
 Sources that became inference tensors after the merge (e.g. `model.float()` under torch.inference_mode) have no
 version counter: `merged_weight` then declines the copy and the caller multiplies by the sources themselves.
+In training, `merged_linear` makes the same concatenation inside the autograd graph at every call (one GEMM for the
+products and one each for x's and the weights' gradients; the fused (M) layer's input products).
 
 The copy's rows are padded with zeros to a multiple of ALIGN_ROWS: the product's row stride is then one Inductor
 keeps (on CUDA it pads an unaligned intermediate's stride, and a Triton kernel that reads the product by column
@@ -18,6 +20,26 @@ from __future__ import annotations
 import torch
 
 ALIGN_ROWS = 64  # Inductor's stride alignment for 16-bit tensors (128 bytes)
+
+
+def aligned_rows(n: int) -> int:
+    """n rows rounded up to a multiple of ALIGN_ROWS."""
+    return -(-n // ALIGN_ROWS) * ALIGN_ROWS
+
+
+def split_rows(y: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """A product y [..., rows] over weights of `sizes` rows concatenated (and padded) -> the product with each
+    (views along the last dim; the pad dropped)."""
+    return y.split([*sizes, y.shape[-1] - sum(sizes)], dim=-1)[:len(sizes)]
+
+
+def merged_linear(x: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """x's products with each of `sources` (2-D [out_i, in]) as one differentiable GEMM over their concatenation,
+    padded with zero rows to `aligned_rows` as `MergedWeights` is: views of the product [..., rows]."""
+    sizes = [w.shape[0] for w in sources]
+    pad = aligned_rows(sum(sizes)) - sum(sizes)
+    ws = (sources + [sources[0].new_zeros(pad, sources[0].shape[1])]) if pad else sources
+    return split_rows(torch.nn.functional.linear(x, torch.cat(ws)), sizes)
 
 
 class MergedWeights:
@@ -33,7 +55,7 @@ class MergedWeights:
                              + ", ".join(f"{tuple(w.shape)} {w.dtype} {w.device}" for w in sources))
         self.sources = list(sources)
         self.sizes = [w.shape[0] for w in sources]
-        self.rows = -(-sum(self.sizes) // ALIGN_ROWS) * ALIGN_ROWS
+        self.rows = aligned_rows(sum(self.sizes))
         self.weight = None
         self._key = None
         self.fresh()
@@ -54,8 +76,8 @@ class MergedWeights:
         return self.weight
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x @ weight.T [..., rows] -> the products with each source (views along the last dim; the pad dropped)."""
-        return y.split([*self.sizes, self.rows - sum(self.sizes)], dim=-1)[:len(self.sizes)]
+        """x @ weight.T [..., rows] -> the products with each source (`split_rows`)."""
+        return split_rows(y, self.sizes)
 
 
 def merged_for(existing: MergedWeights | None, sources: list[torch.Tensor]) -> MergedWeights:

@@ -24,7 +24,7 @@ from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
-from .merged import ALIGN_ROWS, merged_for, merged_weight
+from .merged import merged_for, merged_linear, merged_weight
 
 BACKBONES = ("mamba", "transformer")
 
@@ -332,17 +332,11 @@ class TTTLayer(nn.Module):
 
     def _merged_inputs(self, x: torch.Tensor):
         """(u, g, gate): x's products with qk_proj, gate_proj and (learn_lr) the lr gate's weight as one GEMM over
-        their concatenation (one product and, in the backward, one for x's gradient and one for the weights' instead of
-        three each; rows padded with zeros to a multiple of `merged.ALIGN_ROWS`, so that the product's row stride is one
-        the kernels and Inductor take as it is); views of the product [B, T, rows]; gate None without learn_lr."""
-        D, H = self.d_model, self.n_heads
+        their concatenation (`merged.merged_linear`: one product and, in the backward, one for x's gradient and one
+        for the weights' instead of three each); gate None without learn_lr."""
         ws = [self.qk_proj.weight, self.gate_proj.weight] + ([self.lr_weight.to(x.dtype)] if self.learn_lr else [])
-        n = sum(w.shape[0] for w in ws)
-        pad = -n % ALIGN_ROWS
-        if pad:
-            ws.append(ws[0].new_zeros(pad, D))
-        y = F.linear(x, torch.cat(ws))  # [B, T, rows]
-        return y[..., :D], y[..., D:2 * D], (y[..., 2 * D:2 * D + H] if self.learn_lr else None)
+        u, g, *gate = merged_linear(x, ws)
+        return u, g, (gate[0] if gate else None)
 
     def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """The post-LayerNorm, the (M) block's GELU gate (g: x's gate_proj product when already made), the output
