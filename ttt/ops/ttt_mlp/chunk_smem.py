@@ -161,12 +161,17 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @gluon.jit
+def _proj_sums(g, xh, rstd, sg, sgx, D: gl.constexpr):
+    """(g - mean g - x^ mean(g x^)) / std per column from the column sums sg of g and sgx of g x^."""
+    return (g - (sg / D)[None, :] - xh * (sgx / D)[None, :]) * rstd[None, :]
+
+
+@gluon.jit
 def _proj_parts(g, xh, rstd, D: gl.constexpr):
     """((g - mean g - x^ mean(g x^)) / std, mean(g x^)) per column: the LayerNorm backward and its second mean (both
     column sums in one reduction)."""
     sg, sgx = gl.reduce((g, g * xh), 0, _add2)
-    mgx = sgx / D
-    return (g - (sg / D)[None, :] - xh * mgx[None, :]) * rstd[None, :], mgx
+    return _proj_sums(g, xh, rstd, sg, sgx, D), sgx / D
 
 
 @gluon.jit
@@ -679,9 +684,9 @@ def _gelu_parts2(x):
 @gluon.jit
 def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
     """The backward of `_ln_l2_grad_cols` from dG: dgy and dz (columns: tokens; `triton_utils._ln_l2_grad_bwd`)."""
-    sg, sgx, sgG = gl.reduce((dG, dG * xh, dG * G), 0, _add3)  # the column sums in one reduction
+    sg, sgx, sgG = gl.reduce((dG, dG * xh, dG * G), 0, _add3)  # _proj_cols' two column sums and a third, in one
     mdgx = sgx / D
-    dgy = (dG - (sg / D)[None, :] - xh * mdgx[None, :]) * rstd[None, :]  # `_proj_cols(dG, ..)`
+    dgy = _proj_sums(dG, xh, rstd, sg, sgx, D)
     dxh = (-mgx[None, :] * dG - mdgx[None, :] * gy) * rstd[None, :] + (gam * gam)[:, None] * dgy
     ds = -sgG * rstd
     return dgy, _proj_cols(dxh, xh, rstd, D) + (ds / D)[None, :] * xh
