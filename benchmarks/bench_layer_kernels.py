@@ -9,6 +9,7 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
+    python3 -m benchmarks.bench_layer_kernels --launches default rows rows:16,64,1,8   # the row-walking kernels
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
 """
@@ -59,18 +60,38 @@ def conv_inputs(B, T, D, rope, dtype, seed=0):
     return (x, wa, ba, wb, bb) if rope else (x, wa, ba, None, None)
 
 
+def conv_launch_of(spec: str, T: int, D: int, rope: bool, sms: int):
+    """A --launches entry as the (forward and backward) `fused_layer.ConvLaunch` to time: None for "default"; "rows"
+    the row-walking kernels' default launch (both kernels' own residency: a pair of launches); else
+    [rows:]BT,BC,warps,programs per SM[,maxnreg] ("rows:" the row-walking kernels, BT rows loaded at once)."""
+    if spec == "default":
+        return None
+    if spec == "rows":
+        return tuple(fused_layer.conv_launch(T, D, torch.device(DEV), k, rope, rows=True) for k in ("fwd", "bwd"))
+    rows = spec.startswith("rows:")
+    bt, bc, w, per_sm, *cap = (int(v) for v in spec.removeprefix("rows:").split(","))
+    return fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms, maxnreg=cap[0] if cap else None,
+                                  rows=rows)
+
+
+def _pair(launch):
+    """(forward launch, backward launch) of a `conv_launch_of` result."""
+    return launch if isinstance(launch, tuple) else (launch, launch)
+
+
 def check_conv(B, T, D, rope, dtype, launch):
     """Max relative error of the kernel path (outputs, then every gradient) against the fp32 reference."""
+    lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
     ref_in = [None if t is None else t.detach().float().requires_grad_() for t in (x, wa, ba, wb, bb)]
     ref = ref_conv_rope(*ref_in, rope)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf)
     ys = ys if rope else ys[:1]
     gys = [torch.randn_like(y) for y in ref]
     live = [t for t in ref_in if t is not None]
     want = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(ref, gys)), live)
     dya, dyb = gys[0].to(dtype), (gys[1].to(dtype) if rope else None)
-    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb)
     got = [got[0], got[2], got[3], *(got[4:6] if rope else [])]  # dx, dwa, dba (, dwb, dbb); no window
     return max([rel(y.float(), r) for y, r in zip(ys, ref)] + [rel(a, b) for a, b in zip(got, want)])
 
@@ -83,11 +104,12 @@ def conv_bytes(B, T, D, rope, elt):
 
 
 def time_conv(B, T, D, rope, dtype, launch):
+    lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf)
     dys = [torch.randn_like(ys[0]), torch.randn_like(ys[0]) if rope else None]
-    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch))
-    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch))
+    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf))
+    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb))
     return fwd, bwd
 
 
@@ -196,7 +218,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
-                    help="conv launch variants: default, or BT,BC,warps,programs per SM[,maxnreg]")
+                    help="conv launch variants: default, rows (the row-walking kernels' default), or "
+                         "[rows:]BT,BC,warps,programs per SM[,maxnreg]")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
@@ -222,12 +245,7 @@ def main():
             print(json.dumps(ref_row), flush=True)
             rows.append(ref_row)
             for spec in a.launches:
-                if spec == "default":
-                    L = None
-                else:
-                    bt, bc, w, per_sm, *cap = (int(v) for v in spec.split(","))
-                    L = fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms,
-                                               maxnreg=cap[0] if cap else None)
+                L = conv_launch_of(spec, T, D, rope, sms)
                 err = check_conv(B, min(T, 2048), D, rope, dtype, L)
                 ok = err < tol(dtype)
                 row = dict(kernel="conv+rope" if rope else "conv", launch=spec, shape=shape, max_rel_err=err, ok=ok)

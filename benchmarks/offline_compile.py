@@ -153,6 +153,11 @@ def layer_kernels(d: int, b: int, dot: int):
             tag = " packed" if packed else ""
             out += [(f"{name} {k}{tag}", fn, cx, L.warps, 3, fused_layer.conv_launch(8192, 768, None, k, two_rope).maxnreg)
                     for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel))]
+            for k, fn in (("fwd", fused_layer._conv_fwd_rows_kernel), ("bwd", fused_layer._conv_bwd_rows_kernel)):
+                R = fused_layer.conv_launch(8192, 768, None, k, two_rope, packed, rows=True)  # the row-walking kernels
+                body = R.body(b, packed)
+                out.append((f"{name} {k} rows{tag}", fn,
+                             dict(cx, R=R.BT, BODY=body, BC=R.BC, PERIODIC=body % b == 0 and not packed), R.warps, 3))
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
                WIN_INPLACE=True, EPS=LN_EPS)
     warps = 2 if d <= 64 else 8  # linear_decode_step's default

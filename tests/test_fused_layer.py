@@ -94,8 +94,13 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
 # launches that reach every path of the conv kernels: one segment of many tiles (the loop and its one-tile-ahead
 # loads), many one-tile segments, a partial channel block, RoPE's angles computed once per program (PERIODIC: BT a
 # multiple of b, with one or several mini-batches per tile) or per tile (b = 16 > BT = 8, b = 5)
-# BT, BC, programs, b, maxnreg (a register cap: on a GPU the kernel spills; the interpreter takes the keyword)
-LAUNCHES = [(8, 16, 2, 8, None), (8, 16, 64, 16, None), (16, 16, 2, 4, 128), (8, 32, 3, 5, None)]
+# BT, BC, programs, b, maxnreg (a register cap: on a GPU the kernel spills; the interpreter takes the keyword), rows
+# (the kernels that walk time row by row, BT rows loaded at once: one segment, many segments; RoPE's angles once
+# per program for BT rows (b = 16, 4) or for four groups of BT (b = 16 > BT), else picked per row from every
+# position's (b = 5) or computed per row (b = 32))
+LAUNCHES = [(8, 16, 2, 8, None, False), (8, 16, 64, 16, None, False), (16, 16, 2, 4, 128, False),
+            (8, 32, 3, 5, None, False), (16, 16, 2, 16, None, True), (8, 16, 64, 4, None, True),
+            (4, 16, 64, 16, None, True), (8, 32, 3, 5, None, True), (8, 16, 64, 32, None, True)]
 
 
 def test_conv_segments_fill_whole_waves():
@@ -118,14 +123,14 @@ def test_conv_segments_fill_whole_waves():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("BT,BC,programs,b,maxnreg", LAUNCHES)
+@pytest.mark.parametrize("BT,BC,programs,b,maxnreg,rows", LAUNCHES)
 @pytest.mark.parametrize("rope", [True, False])
-def test_conv_kernels_every_launch(BT, BC, programs, b, maxnreg, rope):
+def test_conv_kernels_every_launch(BT, BC, programs, b, maxnreg, rows, rope):
     """The conv kernels called with explicit launches == the fp64 reference: outputs, and the gradients of x, the
     window, both convs' weights and biases (rope: two convs + RoPE; else one conv, as the block's pre-conv)."""
     g = torch.Generator().manual_seed(BT * 100 + b)
     B, T, D, d, W, pos = 2, 45, 40, 8, 4, 7
-    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=4, programs=programs, maxnreg=maxnreg)
+    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=1 if rows else 4, programs=programs, maxnreg=maxnreg, rows=rows)
     for with_win in (True, False):
         x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
         win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
@@ -499,9 +504,11 @@ def test_owned_model_state_decodes_in_place():
 # ---------------------------------------------------------------- packed documents (cu_seqlens)
 PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)
-# the default launch (two 16-row segments) and 8-row tiles in one-tile segments with a partial channel block: tiles
-# and segments cut documents anywhere
-PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64)}
+# the default launch (two 16-row segments), 8-row tiles in one-tile segments with a partial channel block, and the
+# kernels that walk time row by row (4 rows loaded at once, one-group segments): tiles and segments cut documents
+# anywhere
+PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64),
+                   "rows4": fused_layer.ConvLaunch(BT=4, BC=16, warps=1, programs=64, rows=True)}
 
 
 def cu_of(lens):
@@ -764,6 +771,22 @@ def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
         (ln, f, p) for p in (1, 15) for ln in ("default", "4") for f in ("apart", "as in the model")]
     assert all(r["ok"] and r["ms"] == 1e-3 for r in rows) and len(timed) == len(rows)
     assert all(r["max_rel_err"] == 0 for r in rows if r["launch"] == "default")
+
+
+def test_conv_benchmark_checks_every_launch_kind(monkeypatch):
+    """benchmarks/bench_layer_kernels.py --launches: "default", "rows" (each row-walking kernel at its own default
+    launch), "rows:..." and tile specs become the launches the check and the timing pass to both kernels, and each
+    passes the benchmark's check against the fp32 reference (here at a small shape)."""
+    from benchmarks import bench_layer_kernels as blk
+    monkeypatch.setattr(blk, "DEV", DEV)
+    assert blk.conv_launch_of("default", 40, 128, True, 2) is None
+    fwd, bwd = blk.conv_launch_of("rows", 40, 128, True, 2)
+    assert fwd.rows and bwd.rows and (fwd.BT, fwd.BC, fwd.warps) == (fused_layer.ROWS_AHEAD, 64, 1)
+    assert blk.conv_launch_of("rows:4,16,1,3", 40, 128, True, 2) == fused_layer.ConvLaunch(4, 16, 1, 6, rows=True)
+    assert blk.conv_launch_of("16,32,4,3,64", 40, 128, True, 2) == fused_layer.ConvLaunch(16, 32, 4, 6, 64)
+    for spec in ("default", "rows", "rows:4,16,1,3", "8,32,4,3"):
+        for rope in (True, False):
+            assert blk.check_conv(1, 40, 128, rope, torch.float32, blk.conv_launch_of(spec, 40, 128, rope, 2)) < 1e-5
 
 
 def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):

@@ -349,28 +349,355 @@ def _conv_bwd_kernel(
             tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(dwb[j], axis=0), mask=cmask)
 
 
+# ---------------------------------------------------------------- the same convs, walked row by row
+# Each thread owns a pair of channels (RoPE's (2i, 2i+1)) and walks its program's segment of time one row at a time,
+# so a row is loaded (and in the backward un-rotated) once and reused by every tap from registers (the [BT, BC]
+# tiles above re-read each tap's rows from L1, and the backward re-rotates them: half of its instructions), and
+# nothing crosses threads. The loads of R rows are issued together, so that enough bytes are in flight.
+@triton.jit
+def _rot1(y, c, s, BC: tl.constexpr):
+    """y [BC] with its pairs (2i, 2i+1) rotated by the angles whose cos and sin [BC/2] are given."""
+    ye, yo = tl.split(tl.reshape(y, [BC // 2, 2]))  # [BC] -> [BC/2] even, odd channels
+    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BC])  # [BC/2, 2] -> [BC]
+
+
+@triton.jit
+def _row_angles(p, inv):
+    """cos and sin [BC/2] of RoPE's angles p * inv for one integer position p."""
+    ang = inv * p  # (p: an int32 scalar or a constant)
+    return tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
+def _angle_table(first, inv, N: tl.constexpr, MB: tl.constexpr):
+    """cos and sin of the positions (first + r) mod MB, r < N: two tuples of N [BC/2] (computed once per program)."""
+    cs = ()
+    sn = ()
+    for r in tl.static_range(N):
+        c, s = _row_angles((first + r) % MB, inv)
+        cs = cs + (c,)
+        sn = sn + (s,)
+    return cs, sn
+
+
+@triton.jit
+def _rope_at(p, r: tl.constexpr, inv, cs, sn, PERIODIC: tl.constexpr, TAB: tl.constexpr, MB: tl.constexpr):
+    """cos and sin [BC/2] of one row's angles: PERIODIC, entry r of the program's table (`_angle_table` from pos0);
+    else at the position p in [0, MB) (a runtime value), picked from the table of every position (TAB: MB - 1
+    selects, against ~80 instructions for sin and cos at full accuracy) or computed."""
+    if PERIODIC:
+        c, s = cs[r], sn[r]
+    elif TAB:
+        c, s = cs[0], sn[0]
+        for k in tl.static_range(1, MB):
+            c = tl.where(p == k, cs[k], c)
+            s = tl.where(p == k, sn[k], s)
+    else:
+        c, s = _row_angles(p, inv)
+    return c, s
+
+
+@triton.jit
+def _rmask(cmask, ok):
+    """cmask [BC] where the row condition ok (a scalar) holds, else all false (a select: Triton's interpreter
+    types a tensor & scalar of booleans int32)."""
+    return tl.where(ok, cmask, False)
+
+
+@triton.jit
+def _shift_in(h, x, W: tl.constexpr):
+    """The history of the last W - 1 rows (newest first) with x in front and the oldest dropped."""
+    out = (x,)
+    for k in tl.static_range(W - 2):
+        out = out + (h[k],)
+    return out
+
+
+@triton.jit
+def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr, BC: tl.constexpr):
+    """The un-rotated output gradient at row t, fp32 [BC] (zero outside [0, T))."""
+    g = tl.load(dy_ptr + y_off + t * D + cols, mask=_rmask(cmask, (t >= 0) & (t < T)), other=0.0).to(tl.float32)
+    if ROPE:
+        g = _rot1(g, c, -s, BC)
+    return g
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(
+    x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
+    tok_ptr, doc_ptr, gwa_ptr, gwb_ptr,
+    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
+    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
+    MB: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, BODY: tl.constexpr, BC: tl.constexpr,
+    PACKED: tl.constexpr = False,
+):
+    # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x), as `_conv_bwd_kernel` (same
+    # sums, same outputs), walked one row u at a time: g[u] is loaded and un-rotated once and kept for the next W - 1
+    # rows (ha, hb: g[u - 1], ..., g[u - W + 1]), the segment's first rows start from the W - 1 rows before it.
+    # The loop takes BODY rows (SEG % BODY == 0) in groups of R, each group's loads issued together. PERIODIC
+    # (BODY % MB == 0, so SEG % MB == 0): row u0 + i has the RoPE position (pos0 + i) mod MB and the BODY angles are
+    # computed once per program; else picked per row from every position's (TAB: MB <= 16) or computed.
+    pc, b = tl.program_id(0), tl.program_id(1)
+    lo = tl.program_id(2) * SEG
+    hi = tl.minimum(lo + SEG, T + W - 1)
+    cols = pc * BC + tl.arange(0, BC)
+    cmask = cols < D
+    x_off, s_off, y_off = b * x_sb, b * s_sb, b * T * D
+    wa = _taps(wa_ptr, cols, cmask, W)
+    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
+    inv, _ = tl.split(tl.reshape(tl.exp2(-(2.0 * ((cols % HD) // 2).to(tl.float32) / HD) * log2_base), [BC // 2, 2]))
+    TAB: tl.constexpr = ROPE and not PERIODIC and MB <= 16  # every position's angles, picked per row
+    cs, sn = (), ()
+    if ROPE and PERIODIC:
+        cs, sn = _angle_table(pos0, inv, BODY, MB)
+    elif TAB:
+        cs, sn = _angle_table(0, inv, MB, MB)
+    XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
+    # the W - 1 rows before the segment (positions kept for packed documents' masks)
+    ha = ()
+    hb = ()
+    hp = ()
+    for k in tl.static_range(1, W):
+        t = lo - k
+        c = inv
+        s = inv
+        p = t
+        if PACKED:
+            tk = tl.load(tok_ptr + t, mask=(t >= 0) & (t < T), other=0)
+            p = tk // MB
+            if ROPE:
+                c, s = _rope_at(tk % MB, 0, inv, cs, sn, False, TAB, MB)
+        elif ROPE:  # (PERIODIC: position (pos0 - k) mod MB, entry -k mod BODY)
+            c, s = _rope_at((pos0 + t + MB * W) % MB, (BODY - k % BODY) % BODY, inv, cs, sn, PERIODIC, TAB, MB)
+        ha = ha + (_g_row(dya_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE, BC),)
+        if TWO:
+            hb = hb + (_g_row(dyb_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE, BC),)
+        hp = hp + (p,)
+    dwa = ()
+    dwb = ()
+    for j in tl.static_range(W):
+        dwa = dwa + (tl.zeros([BC], dtype=tl.float32),)
+        dwb = dwb + (tl.zeros([BC], dtype=tl.float32),)
+    dba = tl.zeros([BC], dtype=tl.float32)
+    dbb = tl.zeros([BC], dtype=tl.float32)
+    for u0 in range(lo, hi, BODY):
+        for gi in tl.static_range(BODY // R):  # a group's loads first (R rows in flight), then its rows one by one
+            ra = ()
+            rb = ()
+            rx = ()
+            for r in tl.static_range(R):
+                u = u0 + gi * R + r
+                ym = _rmask(cmask, u < T)
+                ra = ra + (tl.load(dya_ptr + y_off + u * D + cols, mask=ym, other=0.0),)
+                if TWO:
+                    rb = rb + (tl.load(dyb_ptr + y_off + u * D + cols, mask=ym, other=0.0),)
+                xs = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
+                             other=0.0)
+                if XS_STATE:
+                    xs += tl.load(s_ptr + s_off + u * s_st + cols, mask=_rmask(cmask, u < W - 1), other=0.0)
+                rx = rx + (xs,)
+            for r in tl.static_range(R):
+                u = u0 + gi * R + r
+                c = inv
+                s = inv
+                p = u
+                if PACKED:
+                    tk = tl.load(tok_ptr + u, mask=u < T, other=0)
+                    p = tk // MB
+                    if ROPE:
+                        c, s = _rope_at(tk % MB, 0, inv, cs, sn, False, TAB, MB)
+                elif ROPE:
+                    c, s = _rope_at((pos0 + u) % MB, gi * R + r, inv, cs, sn, PERIODIC, TAB, MB)
+                ga = ra[r].to(tl.float32)
+                if ROPE:
+                    ga = _rot1(ga, c, -s, BC)
+                dba += ga  # the bias takes every row
+                if TWO:
+                    gb = rb[r].to(tl.float32)
+                    if ROPE:
+                        gb = _rot1(gb, c, -s, BC)
+                    dbb += gb
+                if PACKED and HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
+                    wm = (p < W - 1) & (u < T)
+                    dc = tl.load(doc_ptr + u, mask=wm, other=0)
+                    g_off = (dc * (W - 1) + p) * D + cols
+                    tl.store(gwa_ptr + g_off, ga, mask=_rmask(cmask, wm))
+                    if TWO:
+                        tl.store(gwb_ptr + g_off, gb, mask=_rmask(cmask, wm))
+                xs = rx[r].to(tl.float32)
+                gx = tl.zeros([BC], dtype=tl.float32)
+                ndwa = ()
+                ndwb = ()
+                for j in tl.static_range(W):  # tap j: g[u - j] (xs row u feeds output row u - j)
+                    if j == 0:
+                        tga, tp = ga, p
+                        if TWO:
+                            tgb = gb
+                    else:
+                        tga, tp = ha[j - 1], hp[j - 1]
+                        if TWO:
+                            tgb = hb[j - 1]
+                    if PACKED:  # only where output row u - j is in x row u - (W-1)'s document
+                        same = tp >= W - 1 - j
+                        tga = tl.where(same, tga, 0.0)
+                        if TWO:
+                            tgb = tl.where(same, tgb, 0.0)
+                    gx += tga * wa[j]
+                    ndwa = ndwa + (dwa[j] + tga * xs,)
+                    if TWO:
+                        gx += tgb * wb[j]
+                        ndwb = ndwb + (dwb[j] + tgb * xs,)
+                    else:
+                        ndwb = ndwb + (dwb[j],)
+                dwa = ndwa
+                dwb = ndwb
+                ha = _shift_in(ha, ga, W)
+                if TWO:
+                    hb = _shift_in(hb, gb, W)
+                hp = _shift_in(hp, p, W)
+                rr = u - (W - 1)  # the x row of xs row u
+                tl.store(dx_ptr + y_off + rr * D + cols, gx.to(dx_ptr.dtype.element_ty), mask=_rmask(cmask, (rr >= 0) & (rr < T)))
+                if XS_STATE:
+                    tl.store(ds_ptr + b * (W - 1) * D + u * D + cols, gx.to(ds_ptr.dtype.element_ty),
+                             mask=_rmask(cmask, rr < 0))
+    prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
+    tl.store(dba_ptr + prog * D + cols, dba, mask=cmask)
+    for j in tl.static_range(W):
+        tl.store(dwa_ptr + (prog * D + cols) * W + j, dwa[j], mask=cmask)
+    if TWO:
+        tl.store(dbb_ptr + prog * D + cols, dbb, mask=cmask)
+        for j in tl.static_range(W):
+            tl.store(dwb_ptr + (prog * D + cols) * W + j, dwb[j], mask=cmask)
+
+
+@triton.jit
+def _conv_fwd_rows_kernel(
+    x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr, tok_ptr, doc_ptr,
+    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
+    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, BODY: tl.constexpr,
+    BC: tl.constexpr, PACKED: tl.constexpr = False,
+):
+    # program: a channel block, a batch, a segment of SEG output rows t, as `_conv_fwd_kernel` (same outputs), walked
+    # one row at a time: xs row t + W - 1 (= x row t) is loaded once and kept for the next W - 1 rows (hx: xs rows
+    # t + W - 2, ..., t); BODY rows per loop in groups of R, and RoPE's angles, as in `_conv_bwd_rows_kernel`.
+    # PACKED: a tap reaching before the document's first row reads the document's window row (or zero).
+    pc, b = tl.program_id(0), tl.program_id(1)
+    lo = tl.program_id(2) * SEG
+    hi = tl.minimum(lo + SEG, T)
+    cols = pc * BC + tl.arange(0, BC)
+    cmask = cols < D
+    x_off, s_off, y_off = b * x_sb, b * s_sb, b * T * D
+    wa = _taps(wa_ptr, cols, cmask, W)
+    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
+    if HAS_BIAS:
+        bias_a = tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        bias_b = tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias_a = tl.zeros([BC], dtype=tl.float32)
+        bias_b = bias_a
+    inv, _ = tl.split(tl.reshape(tl.exp2(-(2.0 * ((cols % HD) // 2).to(tl.float32) / HD) * log2_base), [BC // 2, 2]))
+    TAB: tl.constexpr = ROPE and not PERIODIC and MB <= 16
+    cs, sn = (), ()
+    if ROPE and PERIODIC:
+        cs, sn = _angle_table(pos0, inv, BODY, MB)
+    elif TAB:
+        cs, sn = _angle_table(0, inv, MB, MB)
+    XS_STATE: tl.constexpr = HAS_STATE and not PACKED
+    # xs rows lo, ..., lo + W - 2 (x rows lo - W + 1, ..., lo - 1; unpacked, window rows before x), newest first
+    hx = ()
+    for k in tl.static_range(1, W):
+        u = lo + W - 1 - k
+        xv = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
+                     other=0.0).to(tl.float32)
+        if XS_STATE:
+            xv += tl.load(s_ptr + s_off + u * s_st + cols, mask=_rmask(cmask, u < W - 1), other=0.0).to(tl.float32)
+        hx = hx + (xv,)
+    for t0 in range(lo, hi, BODY):
+        for gi in tl.static_range(BODY // R):
+            rx = ()
+            for r in tl.static_range(R):  # the group's x rows first (R rows in flight)
+                t = t0 + gi * R + r
+                rx = rx + (tl.load(x_ptr + x_off + t * x_st + cols, mask=_rmask(cmask, t < T), other=0.0),)
+            for r in tl.static_range(R):
+                t = t0 + gi * R + r
+                xn = rx[r].to(tl.float32)
+                c = inv
+                s = inv
+                if PACKED:
+                    tk = tl.load(tok_ptr + t, mask=t < T, other=0)
+                    p = tk // MB
+                    if HAS_STATE:
+                        dc = tl.load(doc_ptr + t, mask=t < T, other=0)
+                    if ROPE:
+                        c, s = _rope_at(tk % MB, 0, inv, cs, sn, False, TAB, MB)
+                elif ROPE:
+                    c, s = _rope_at((pos0 + t) % MB, gi * R + r, inv, cs, sn, PERIODIC, TAB, MB)
+                ya = bias_a
+                yb = bias_b
+                for j in tl.static_range(W):  # tap j reads xs row t + j: x row t + j - (W - 1)
+                    if j == W - 1:
+                        xv = xn
+                    else:
+                        xv = hx[W - 2 - j]
+                    if PACKED:  # before the document's first row: its window row p + j, or zero
+                        if j < W - 1:
+                            xv = tl.where(p >= W - 1 - j, xv, 0.0)
+                            if HAS_STATE:
+                                xv += tl.load(s_ptr + (dc * s_sb + (p + j) * s_st) + cols,
+                                              mask=_rmask(cmask, (p < W - 1 - j) & (t < T)), other=0.0).to(tl.float32)
+                    ya += xv * wa[j]
+                    if TWO:
+                        yb += xv * wb[j]
+                hx = _shift_in(hx, xn, W)
+                if ROPE:
+                    ya = _rot1(ya, c, s, BC)
+                    if TWO:
+                        yb = _rot1(yb, c, s, BC)
+                ym = _rmask(cmask, t < T)
+                tl.store(ya_ptr + y_off + t * D + cols, ya.to(ya_ptr.dtype.element_ty), mask=ym)
+                if TWO:
+                    tl.store(yb_ptr + y_off + t * D + cols, yb.to(yb_ptr.dtype.element_ty), mask=ym)
+
+
 @dataclass(frozen=True)
 class ConvLaunch:
     """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
     tile), `warps`, and `programs`, the programs resident at once (the time axis is cut into segments, each walked
     tile by tile by one program, bound by latency: `_segments` picks their number); `maxnreg`, if set, caps the
-    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit)."""
+    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit). `rows`: the
+    kernels that walk time row by row (`_conv_fwd_rows_kernel`, `_conv_bwd_rows_kernel`), BT rows loaded at once
+    (a power of two), BC channels per program (even), segments a multiple of 16 rows (and of BT)."""
 
     BT: int
     BC: int
     warps: int
     programs: int
     maxnreg: int | None = None
+    rows: bool = False
 
     def options(self) -> dict:
         """The launch keywords: warps and the register cap."""
         return dict(num_warps=self.warps, **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}))
 
-    def grid(self, rows: int, D: int, B: int, mini_batch: int):
-        """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences."""
+    def grid(self, rows: int, D: int, B: int, mini_batch: int, packed: bool = False):
+        """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences (or packed
+        documents, whose positions are per row: PERIODIC is for unpacked rows only)."""
         npc = cdiv(D, self.BC)
-        seg = cdiv(cdiv(rows, _segments(rows, npc * B, self.programs, self.BT)), self.BT) * self.BT
-        return (npc, B, cdiv(rows, seg)), seg, self.BT % mini_batch == 0
+        step, periodic = self.BT, self.BT % mini_batch == 0
+        if self.rows:  # SEG a multiple of the loop's rows and of 16 (Triton's divisibility hint)
+            body = self.body(mini_batch, packed)
+            step, periodic = math.lcm(body, 16), body % mini_batch == 0
+        seg = cdiv(cdiv(rows, _segments(rows, npc * B, self.programs, step)), step) * step
+        return (npc, B, cdiv(rows, seg)), seg, periodic
+
+    def body(self, mini_batch: int, packed: bool = False) -> int:
+        """The row-walking kernels' rows per loop iteration: for unpacked rows a multiple of BT and of b if that is
+        at most 16 rows (or BT), so that the positions mod b repeat every iteration (PERIODIC), else BT. (Packed
+        rows take BT: a longer body only lengthens the code and, offline, its registers: 255 against 167 for the
+        backward with RoPE at 16 rows of 8.)"""
+        m = math.lcm(self.BT, mini_batch)
+        return m if m <= max(self.BT, 16) and not packed else self.BT
 
 
 @functools.lru_cache(maxsize=256)
@@ -395,15 +722,27 @@ def _segments(rows: int, columns: int, programs: int, BT: int) -> int:
 # loses (0.146 ms at 128 registers, 4 per SM, 0.219 at 96, 5 per SM, against 0.141: docs/kernels_notes.md).
 RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 8}
 MAXNREG = {("bwd", False): 64}
+# the same for the row-walking kernels at their launch (1 warp, 64 channels, 8 rows loaded at once, 16 per loop
+# unpacked; at most 32 programs per SM), by (kernel, two convs and RoPE, packed), compiled with the divisibility hints
+# of a D that is a multiple of 16 (without them up to 40 registers more), the most of Triton 3.6 and 3.9: forward 123
+# / 118 registers unpacked / packed, one conv 64 / 64; backward 197 / 168 (3.6: 168 / 167), one conv 110 / 72
+RESIDENT_ROWS = {("fwd", True, False): 16, ("fwd", True, True): 17, ("fwd", False, False): 32, ("fwd", False, True): 32,
+                 ("bwd", True, False): 10, ("bwd", True, True): 12, ("bwd", False, False): 18, ("bwd", False, True): 28}
+ROWS_AHEAD = 8  # rows loaded at once by the row-walking kernels' default launch
 
 
-def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True) -> ConvLaunch:
+def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True, packed: bool = False,
+                rows: bool = False) -> ConvLaunch:
     """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`): tiles
     of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program) x 32 channels, 4 warps, the
     programs that stay resident (`RESIDENT`; the backward with two convs and RoPE takes 148 registers at this
     width, 255 at 64 channels). On the H200 at 125m B4 T8k 32 channels beat 64 (2 / 3 programs per SM, every
     kernel 3) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 / 0.235, the plain
-    conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md)."""
+    conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md). `rows`: the row-walking kernels' launch, one
+    warp per 64 channels, `ROWS_AHEAD` rows loaded at once, their grids sized by `RESIDENT_ROWS` (packed: documents)."""
+    if rows:
+        return ConvLaunch(BT=ROWS_AHEAD, BC=_pick(D, 64), warps=1,
+                          programs=RESIDENT_ROWS[(kernel, two, packed)] * _sms(device), rows=True)
     return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4,
                       programs=RESIDENT[(kernel, two)] * _sms(device), maxnreg=MAXNREG.get((kernel, two)))
 
@@ -414,20 +753,22 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
     window, whose rows are the documents'), pos0 unused (tok carries the RoPE positions)."""
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, x.device, "fwd", wb is not None)
-    grid, seg, periodic = L.grid(T, D, B, mini_batch)
+    L = launch or conv_launch(T, D, x.device, "fwd", wb is not None, tok is not None)
     packed = tok is not None
+    grid, seg, periodic = L.grid(T, D, B, mini_batch, packed)
     if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
         ba, bb = (torch.zeros_like(wa[:, 0, 0]) if ba is None else ba), (torch.zeros_like(wb[:, 0, 0]) if bb is None else bb)
     ya = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     yb = torch.empty_like(ya) if wb is not None else ya
     st = win if win is not None else x
-    _conv_fwd_kernel[grid](
+    kernel, rows = ((_conv_fwd_rows_kernel, dict(R=L.BT, BODY=L.body(mini_batch, packed))) if L.rows
+                    else (_conv_fwd_kernel, dict(BT=L.BT)))
+    kernel[grid](
         x, st, wa, ba if ba is not None else wa, wb if wb is not None else wa, bb if bb is not None else wa, ya, yb,
         tok if packed else x, doc if doc is not None else x,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None,
-        PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed,
+        PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, BC=L.BC, PACKED=packed, **rows,
         **L.options())
     return ya, yb
 
@@ -455,10 +796,10 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     them; the custom op returns the parts so that these sums are traced (compiled: fused with the casts)."""
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, x.device, "bwd", wb is not None)
-    grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch)
-    P = B * grid[2]  # rows of the weight-gradient partial sums
     two, packed = wb is not None, tok is not None
+    L = launch or conv_launch(T, D, x.device, "bwd", two, packed)
+    grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch, packed)
+    P = B * grid[2]  # rows of the weight-gradient partial sums
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None and not packed else None
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -471,13 +812,15 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
-    _conv_bwd_kernel[grid](
+    kernel, rows = ((_conv_bwd_rows_kernel, dict(R=L.BT, BODY=L.body(mini_batch, packed))) if L.rows
+                    else (_conv_bwd_kernel, dict(BT=L.BT)))
+    kernel[grid](
         x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
         dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
         doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
-        HD=head_dim, BT=L.BT, BC=L.BC, PACKED=packed, **L.options())
+        HD=head_dim, BC=L.BC, PACKED=packed, **rows, **L.options())
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
@@ -536,8 +879,8 @@ def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok
     # symbolic lengths (torch.compile's dynamic mode) are specialised here: the launch's segment count, which sizes
     # the partial sums, is a search over ints (a data-dependent size instead made Dynamo break the graph at the op)
     B, T, D, W = (int(n) for n in (*x.shape, wa.shape[-1]))
-    P = B * conv_launch(T, D, x.device, "bwd", wb is not None).grid(T + W - 1, D, B, mini_batch)[0][2]
     packed = tok is not None
+    P = B * conv_launch(T, D, x.device, "bwd", wb is not None, packed).grid(T + W - 1, D, B, mini_batch, packed)[0][2]
     f32 = dict(dtype=torch.float32, device=x.device)
     part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
     two = [part(P, D, W), part(P, D)] if wb is not None else [x.new_empty(0), x.new_empty(0)]
