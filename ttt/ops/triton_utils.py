@@ -157,11 +157,27 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _proj_from(g, xh, rstd, sg, sgx, cmask, D: tl.constexpr):
+    """`_proj` from the row sums of g and g xh (sg, sgx [BT]), so that callers can sum them with others at once."""
+    return tl.where(cmask[None, :], (g - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
 def _proj(g, xh, rstd, cmask, D: tl.constexpr):
-    """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward."""
-    mg = tl.sum(g, axis=1) / D
-    mgx = tl.sum(g * xh, axis=1) / D
-    return tl.where(cmask[None, :], (g - mg[:, None] - xh * mgx[:, None]) * rstd[:, None], 0.0)
+    """(g - mean g - xh mean(g xh)) * rstd, row-wise, zero on padded columns: the LayerNorm backward (both row sums
+    in one reduction: where a row spans warps, each reduction is a round through shared memory and a barrier)."""
+    sg, sgx = tl.reduce((g, g * xh), 1, _add2)
+    return _proj_from(g, xh, rstd, sg, sgx, cmask, D)
 
 
 @triton.jit
@@ -179,19 +195,18 @@ def _ln_l2_grad(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
     1/std, gy = gam (gam x^ + bet - (v - k)) and mean(gy x^), which its backward (`_ln_l2_grad_bwd`) reuses."""
     xh, rstd = _normalize(z, cmask, D, EPS)
     gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
-    mgx = tl.sum(gy * xh, axis=1) / D
-    return _proj(gy, xh, rstd, cmask, D), xh, rstd, gy, mgx
+    sg, sgx = tl.reduce((gy, gy * xh), 1, _add2)
+    return _proj_from(gy, xh, rstd, sg, sgx, cmask, D), xh, rstd, gy, sgx / D
 
 
 @triton.jit
 def _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D: tl.constexpr):
     """The backward of `_ln_l2_grad` from dG (the gradient w.r.t. its G): dgy (the target's gradient is
     -gam dgy; the LN weight and bias terms use it too) and dz."""
-    dgy = _proj(dG, xh, rstd, cmask, D)
-    mdgx = tl.sum(dG * xh, axis=1) / D
-    dxh = (-mgx[:, None] * dG - mdgx[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
-    ds = -tl.sum(dG * G, axis=1) * rstd
-    return dgy, _proj(dxh, xh, rstd, cmask, D) + (ds / D)[:, None] * xh
+    sg, sgx, sgG = tl.reduce((dG, dG * xh, dG * G), 1, _add3)
+    dgy = _proj_from(dG, xh, rstd, sg, sgx, cmask, D)
+    dxh = (-mgx[:, None] * dG - (sgx / D)[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+    return dgy, _proj(dxh, xh, rstd, cmask, D) - (sgG * rstd / D)[:, None] * xh  # (the last: ds x^ / D)
 
 
 @triton.jit

@@ -219,7 +219,7 @@ def _chain_kernel(
         # G = LN-L2 gradient at Z = K W + c
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
-        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+        dc += tl.sum(dZb + dZ, axis=0)
 
         dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - vk), axis=0)
         dbet += tl.sum(dgy * gam[None, :], axis=0)
@@ -364,7 +364,7 @@ def _chain_lean_kernel(
         dG = dG0 - eb[:, None] * (_dot(k, dW, DOT_MODE) + dc[None, :])
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
-        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+        dc += tl.sum(dZb + dZ, axis=0)
         so = sc_off + t0 * D
         tl.store(dz_ptr + so, dZ, mask=m2)
         tl.store(dgy_ptr + so, dgy, mask=m2)
@@ -439,7 +439,7 @@ def _post_lean_kernel(
         dtau_b += tl.where(full, -lr * S, 0.0)
         dkr = dka - _dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
-        dc += tl.sum(dZb, axis=0) + tl.sum(dZ, axis=0)
+        dc += tl.sum(dZb + dZ, axis=0)
         so = sc_off + t0 * D
         tl.store(dka_ptr + so, dkr, mask=m2)
         tl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
