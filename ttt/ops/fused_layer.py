@@ -381,6 +381,21 @@ def _angle_table(first, inv, N: tl.constexpr, MB: tl.constexpr):
 
 
 @triton.jit
+def _rope_tables(cols, pos0, log2_base, ROPE: tl.constexpr, PERIODIC: tl.constexpr, TAB: tl.constexpr,
+                 MB: tl.constexpr, HD: tl.constexpr, BODY: tl.constexpr, BC: tl.constexpr):
+    """A row-walking program's RoPE setup for its channels cols [BC]: the inverse frequencies inv [BC/2] of its
+    pairs and the angle tables `_rope_at` reads (PERIODIC: the BODY rows of a loop iteration from pos0; TAB: every
+    position; else none)."""
+    inv, _ = tl.split(tl.reshape(tl.exp2(-(2.0 * ((cols % HD) // 2).to(tl.float32) / HD) * log2_base), [BC // 2, 2]))
+    cs, sn = (), ()
+    if ROPE and PERIODIC:
+        cs, sn = _angle_table(pos0, inv, BODY, MB)
+    elif TAB:
+        cs, sn = _angle_table(0, inv, MB, MB)
+    return inv, cs, sn
+
+
+@triton.jit
 def _rope_at(p, r: tl.constexpr, inv, cs, sn, PERIODIC: tl.constexpr, TAB: tl.constexpr, MB: tl.constexpr):
     """cos and sin [BC/2] of one row's angles: PERIODIC, entry r of the program's table (`_angle_table` from pos0);
     else at the position p in [0, MB) (a runtime value), picked from the table of every position (TAB: MB - 1
@@ -445,13 +460,8 @@ def _conv_bwd_rows_kernel(
     x_off, s_off, y_off = b * x_sb, b * s_sb, b * T * D
     wa = _taps(wa_ptr, cols, cmask, W)
     wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
-    inv, _ = tl.split(tl.reshape(tl.exp2(-(2.0 * ((cols % HD) // 2).to(tl.float32) / HD) * log2_base), [BC // 2, 2]))
     TAB: tl.constexpr = ROPE and not PERIODIC and MB <= 16  # every position's angles, picked per row
-    cs, sn = (), ()
-    if ROPE and PERIODIC:
-        cs, sn = _angle_table(pos0, inv, BODY, MB)
-    elif TAB:
-        cs, sn = _angle_table(0, inv, MB, MB)
+    inv, cs, sn = _rope_tables(cols, pos0, log2_base, ROPE, PERIODIC, TAB, MB, HD, BODY, BC)
     XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
     # the W - 1 rows before the segment (positions kept for packed documents' masks)
     ha = ()
@@ -596,13 +606,8 @@ def _conv_fwd_rows_kernel(
     else:
         bias_a = tl.zeros([BC], dtype=tl.float32)
         bias_b = bias_a
-    inv, _ = tl.split(tl.reshape(tl.exp2(-(2.0 * ((cols % HD) // 2).to(tl.float32) / HD) * log2_base), [BC // 2, 2]))
-    TAB: tl.constexpr = ROPE and not PERIODIC and MB <= 16
-    cs, sn = (), ()
-    if ROPE and PERIODIC:
-        cs, sn = _angle_table(pos0, inv, BODY, MB)
-    elif TAB:
-        cs, sn = _angle_table(0, inv, MB, MB)
+    TAB: tl.constexpr = ROPE and not PERIODIC and MB <= 16  # every position's angles, picked per row
+    inv, cs, sn = _rope_tables(cols, pos0, log2_base, ROPE, PERIODIC, TAB, MB, HD, BODY, BC)
     XS_STATE: tl.constexpr = HAS_STATE and not PACKED
     # xs rows lo, ..., lo + W - 2 (x rows lo - W + 1, ..., lo - 1; unpacked, window rows before x), newest first
     hx = ()
