@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ..common import LN_EPS
-from ..triton_utils import batch_rows, sm_count
+from ..triton_utils import _add2, _add3, batch_rows, sm_count
 
 # a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -146,18 +146,6 @@ def _normalize_cols(z, D: gl.constexpr, EPS: gl.constexpr):
     zc = z - (gl.sum(z, axis=0) / D)[None, :]
     rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=0) / D + EPS)
     return zc * rstd[None, :], rstd
-
-
-@gluon.jit
-def _add2(a0, b0, a1, b1):
-    """The combine of a two-value sum (`gl.reduce`): two sums over one axis share one exchange between warps."""
-    return a0 + a1, b0 + b1
-
-
-@gluon.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    """The combine of a three-value sum (`gl.reduce`)."""
-    return a0 + a1, b0 + b1, c0 + c1
 
 
 @gluon.jit
