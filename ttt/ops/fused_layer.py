@@ -350,10 +350,11 @@ def _conv_bwd_kernel(
 
 
 # ---------------------------------------------------------------- the same convs, walked row by row
-# Each thread owns a pair of channels (RoPE's (2i, 2i+1)) and walks its program's segment of time one row at a time,
-# so a row is loaded (and in the backward un-rotated) once and reused by every tap from registers (the [BT, BC]
-# tiles above re-read each tap's rows from L1, and the backward re-rotates them: half of its instructions), and
-# nothing crosses threads. The loads of R rows are issued together, so that enough bytes are in flight.
+# Each thread owns whole RoPE pairs of channels (2i, 2i+1) (one at the default launch: 64 channels on one warp) and
+# walks its program's segment of time one row at a time, so a row is loaded (and in the backward un-rotated) once
+# and reused by every tap from registers (the [BT, BC] tiles above re-read each tap's rows from L1, and the backward
+# re-rotates them: half of its instructions), and nothing crosses threads. The loads of R rows are issued together,
+# so that enough bytes are in flight.
 @triton.jit
 def _rot1(y, c, s, BC: tl.constexpr):
     """y [BC] with its pairs (2i, 2i+1) rotated by the angles whose cos and sin [BC/2] are given."""
