@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
+tl = triton.language
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import TTTInputs, TTTState, resolve_op  # noqa: E402
@@ -61,6 +62,41 @@ def compare(kind, *, B, T, H, d, b, pos, dtype=torch.float32, grad=True, tol=1e-
                                requires_grad=grad))
     return check_against_dual(inp, lambda: run_triton(inp, linear), T=T, pos=pos, dtype=dtype, grad=grad, tol=tol,
                               label=f"{kind} B{B} T{T} H{H} d{d} b{b} pos{pos}")
+
+
+@triton.jit
+def _order_combine(a0, b0, a1, b1):  # order-sensitive in both values
+    return a0 * 0.5 + a1, tl.maximum(b0, b1) - 0.25 * b1
+
+
+@triton.jit
+def _reduce_kernel(x_ptr, y_ptr, s_ptr, m_ptr, AX: tl.constexpr, KEEP: tl.constexpr):
+    r = tl.arange(0, 8)
+    c = tl.arange(0, 16)
+    x = tl.load(x_ptr + r[:, None] * 16 + c[None, :])
+    y = tl.load(y_ptr + r[:, None] * 16 + c[None, :])
+    s, m = tl.reduce((x, y), AX, _order_combine, keep_dims=KEEP)
+    o = tl.arange(0, 16 if AX == 0 else 8)
+    tl.store(s_ptr + o, tl.reshape(s, [16 if AX == 0 else 8]))
+    tl.store(m_ptr + o, tl.reshape(m, [16 if AX == 0 else 8]))
+
+
+@pytest.mark.skipif(not CPU_INTERPRET, reason="a helper of Triton's CPU interpreter (tests/conftest.py)")
+def test_interpreter_sliced_reduction_equals_its_own(monkeypatch):
+    """conftest's faster generic reduction for the interpreter (`_sliced_reduce`) computes what the interpreter's own
+    does, bit for bit: the same combines in the same order (an order-sensitive combine, both axes, keep_dims)."""
+    from triton.runtime import interpreter
+    assert interpreter.ReduceOps.generic_reduce.__name__ == "_sliced_reduce"  # installed
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    for ax in (0, 1):
+        for keep in (False, True):
+            outs = []
+            for reduce in (interpreter.ReduceOps.generic_reduce, interpreter.ReduceOps.original_generic_reduce):
+                monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", reduce)
+                s, m = torch.empty(16 if ax == 0 else 8), torch.empty(16 if ax == 0 else 8)
+                _reduce_kernel[(1,)](x, y, s, m, AX=ax, KEEP=keep)
+                outs.append((s, m))
+            assert outs[0][0].equal(outs[1][0]) and outs[0][1].equal(outs[1][1]), (ax, keep)
 
 
 # (B, T, H, d, b, pos): aligned; odd length with head and tail pieces and a padded head dim; b = 8
