@@ -117,10 +117,12 @@ def _angles(p, c0, log2_base, HD: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _rot(y, c, s, BT: tl.constexpr, BC: tl.constexpr):
-    """The pairs (2i, 2i+1) of y [BT, BC] rotated by the angles whose cos and sin [BT, BC/2] are given."""
-    ye, yo = tl.split(tl.reshape(y, [BT, BC // 2, 2]))  # [BT, BC] -> [BT, BC/2] even, odd channels
-    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BT, BC])  # [BT, BC/2, 2] -> [BT, BC]
+def _rot(y, c, s):
+    """The pairs (2i, 2i+1) of y [..., BC] (a tile or a row) rotated by the angles whose cos and sin [..., BC/2] are
+    given."""
+    shape: tl.constexpr = y.shape
+    ye, yo = tl.split(tl.reshape(y, shape[:-1] + [shape[-1] // 2, 2]))  # [..., BC] -> [..., BC/2] even, odd channels
+    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), shape)  # [..., BC/2, 2] -> [..., BC]
 
 
 @triton.jit
@@ -183,9 +185,9 @@ def _conv_fwd_kernel(
                 cs, sn = _angles(tk % MB, c0, log2_base, HD, BC)
             elif not PERIODIC:
                 cs, sn = _angles((pos0 + t) % MB, c0, log2_base, HD, BC)
-            ya = _rot(ya, cs, sn, BT, BC)
+            ya = _rot(ya, cs, sn)
             if TWO:
-                yb = _rot(yb, cs, sn, BT, BC)
+                yb = _rot(yb, cs, sn)
         m2 = tmask[:, None] & cmask[None, :]
         y_off = b * T * D + t[:, None] * D + cols[None, :]
         tl.store(ya_ptr + y_off, ya.to(ya_ptr.dtype.element_ty), mask=m2)
@@ -215,7 +217,7 @@ def _bwd_tap(dy_ptr, raw, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, 
             c, s = cs[j], sn[j]
         else:
             c, s = _angles((pos0 + u - j) % MB, c0, log2_base, HD, BC)  # rows u - j < 0 are zero
-        g = _rot(g, c, -s, BT, BC)
+        g = _rot(g, c, -s)
     return g
 
 
@@ -232,7 +234,7 @@ def _bwd_tap_packed(dy_ptr, raw, y_off, t, same, cols, cmask, T, D, c, s, j: tl.
         g = tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
         g = g.to(tl.float32)
     if ROPE:
-        g = _rot(g, c, -s, BT, BC)
+        g = _rot(g, c, -s)
     return g
 
 
@@ -356,13 +358,6 @@ def _conv_bwd_kernel(
 # re-rotates them: half of its instructions), and nothing crosses threads. The loads of R rows are issued together,
 # so that enough bytes are in flight.
 @triton.jit
-def _rot1(y, c, s, BC: tl.constexpr):
-    """y [BC] with its pairs (2i, 2i+1) rotated by the angles whose cos and sin [BC/2] are given."""
-    ye, yo = tl.split(tl.reshape(y, [BC // 2, 2]))  # [BC] -> [BC/2] even, odd channels
-    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BC])  # [BC/2, 2] -> [BC]
-
-
-@triton.jit
 def _row_angles(p, inv):
     """cos and sin [BC/2] of RoPE's angles p * inv for one integer position p."""
     ang = inv * p  # (p: an int32 scalar or a constant)
@@ -430,11 +425,22 @@ def _shift_in(h, x, W: tl.constexpr):
 
 
 @triton.jit
+def _xs_row(x_ptr, s_ptr, u, cols, cmask, x_off, s_off, x_st, s_st, T, W: tl.constexpr, HAS_STATE: tl.constexpr):
+    """Row u of xs = cat(window, x) along time, [BC] in the input dtype: x row u - (W-1), or (HAS_STATE) window row u
+    for u < W - 1 (zeros without one, and past the end); `_xs_tile` for one row."""
+    xs = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
+                 other=0.0)
+    if HAS_STATE:
+        xs += tl.load(s_ptr + s_off + u * s_st + cols, mask=_rmask(cmask, u < W - 1), other=0.0)
+    return xs
+
+
+@triton.jit
 def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr, BC: tl.constexpr):
     """The un-rotated output gradient at row t, fp32 [BC] (zero outside [0, T))."""
     g = tl.load(dy_ptr + y_off + t * D + cols, mask=_rmask(cmask, (t >= 0) & (t < T)), other=0.0).to(tl.float32)
     if ROPE:
-        g = _rot1(g, c, -s, BC)
+        g = _rot(g, c, -s)
     return g
 
 
@@ -502,11 +508,7 @@ def _conv_bwd_rows_kernel(
                 ra = ra + (tl.load(dya_ptr + y_off + u * D + cols, mask=ym, other=0.0),)
                 if TWO:
                     rb = rb + (tl.load(dyb_ptr + y_off + u * D + cols, mask=ym, other=0.0),)
-                xs = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
-                             other=0.0)
-                if XS_STATE:
-                    xs += tl.load(s_ptr + s_off + u * s_st + cols, mask=_rmask(cmask, u < W - 1), other=0.0)
-                rx = rx + (xs,)
+                rx = rx + (_xs_row(x_ptr, s_ptr, u, cols, cmask, x_off, s_off, x_st, s_st, T, W, XS_STATE),)
             for r in tl.static_range(R):
                 u = u0 + gi * R + r
                 c = inv
@@ -521,12 +523,12 @@ def _conv_bwd_rows_kernel(
                     c, s = _rope_at((pos0 + u) % MB, gi * R + r, inv, cs, sn, PERIODIC, TAB, MB)
                 ga = ra[r].to(tl.float32)
                 if ROPE:
-                    ga = _rot1(ga, c, -s, BC)
+                    ga = _rot(ga, c, -s)
                 dba += ga  # the bias takes every row
                 if TWO:
                     gb = rb[r].to(tl.float32)
                     if ROPE:
-                        gb = _rot1(gb, c, -s, BC)
+                        gb = _rot(gb, c, -s)
                     dbb += gb
                 if PACKED and HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
                     wm = (p < W - 1) & (u < T)
@@ -614,11 +616,7 @@ def _conv_fwd_rows_kernel(
     hx = ()
     for k in tl.static_range(1, W):
         u = lo + W - 1 - k
-        xv = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
-                     other=0.0).to(tl.float32)
-        if XS_STATE:
-            xv += tl.load(s_ptr + s_off + u * s_st + cols, mask=_rmask(cmask, u < W - 1), other=0.0).to(tl.float32)
-        hx = hx + (xv,)
+        hx = hx + (_xs_row(x_ptr, s_ptr, u, cols, cmask, x_off, s_off, x_st, s_st, T, W, XS_STATE).to(tl.float32),)
     for t0 in range(lo, hi, BODY):
         for gi in tl.static_range(BODY // R):
             rx = ()
@@ -657,9 +655,9 @@ def _conv_fwd_rows_kernel(
                         yb += xv * wb[j]
                 hx = _shift_in(hx, xn, W)
                 if ROPE:
-                    ya = _rot1(ya, c, s, BC)
+                    ya = _rot(ya, c, s)
                     if TWO:
-                        yb = _rot1(yb, c, s, BC)
+                        yb = _rot(yb, c, s)
                 ym = _rmask(cmask, t < T)
                 tl.store(ya_ptr + y_off + t * D + cols, ya.to(ya_ptr.dtype.element_ty), mask=ym)
                 if TWO:
