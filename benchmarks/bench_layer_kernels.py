@@ -9,7 +9,8 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
-    python3 -m benchmarks.bench_layer_kernels --launches default rows rows:16,64,1,8   # the row-walking kernels
+    python3 -m benchmarks.bench_layer_kernels --launches default tiles rows:8,64,1,12   # the tile kernels beside
+    python3 -m benchmarks.bench_layer_kernels --packed --launches default tiles   # packed documents (cu_seqlens)
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
 """
@@ -30,6 +31,7 @@ from ttt.ops import fused_layer
 SHAPES = ["4x8192x768", "16x2048x768", "4x8192x2048"]  # B x T x D: 125m training at 8k and 2k, 1.3b at 8k
 HEAD_DIM, MB, W = 64, 16, 4
 DEV = "cuda"
+DOC_LENS = (3000, 17, 1029, 640, 300, 47, 2048, 1)  # --packed: documents of these lengths, repeated to fill B x T
 
 
 def tol(dtype) -> float:
@@ -37,8 +39,20 @@ def tol(dtype) -> float:
     return 2e-2 if dtype == torch.bfloat16 else 1e-4
 
 
-def ref_conv_rope(x, wa, ba, wb, bb, rope):
-    """The PyTorch layer path: depthwise causal conv(s) by cuDNN, then RoPE at position mod b (`apply_rope`)."""
+def packed_docs(n: int) -> torch.Tensor:
+    """cu_seqlens of documents of DOC_LENS (repeated, the last one cut) filling n rows."""
+    lens = []
+    while sum(lens) < n:
+        lens.append(min(DOC_LENS[len(lens) % len(DOC_LENS)], n - sum(lens)))
+    return torch.tensor([0, *lens], device=DEV).cumsum(0)
+
+
+def ref_conv_rope(x, wa, ba, wb, bb, rope, cu=None):
+    """The PyTorch layer path: depthwise causal conv(s) by cuDNN, then RoPE at position mod b (`apply_rope`); packed
+    documents (cu: cu_seqlens, x [1, T, D]) each alone, concatenated."""
+    if cu is not None:
+        parts = [ref_conv_rope(x[:, s:e], wa, ba, wb, bb, rope) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return [torch.cat(ys, 1) for ys in zip(*parts)]
     B, T, D = x.shape
     xs = F.pad(x.transpose(1, 2), (W - 1, 0))  # [B, D, W-1+T]
     outs = []
@@ -61,13 +75,14 @@ def conv_inputs(B, T, D, rope, dtype, seed=0):
 
 
 def conv_launch_of(spec: str, T: int, D: int, rope: bool, sms: int):
-    """A --launches entry as the (forward and backward) `fused_layer.ConvLaunch` to time: None for "default"; "rows"
-    the row-walking kernels' default launch (both kernels' own residency: a pair of launches); else
-    [rows:]BT,BC,warps,programs per SM[,maxnreg] ("rows:" the row-walking kernels, BT rows loaded at once)."""
+    """A --launches entry as the (forward and backward) `fused_layer.ConvLaunch` to time: None for "default" (the
+    row-walking kernels' launch); "tiles" the tile kernels' launch (each kernel its own: a pair of launches); else
+    [rows:]BT,BC,warps,programs per SM[,maxnreg] ("rows:" the row-walking kernels, BT rows loaded at once; else tiles
+    of BT rows x BC channels)."""
     if spec == "default":
         return None
-    if spec == "rows":
-        return tuple(fused_layer.conv_launch(T, D, torch.device(DEV), k, rope, rows=True) for k in ("fwd", "bwd"))
+    if spec == "tiles":
+        return tuple(fused_layer.conv_launch(T, D, torch.device(DEV), k, rope, rows=False) for k in ("fwd", "bwd"))
     rows = spec.startswith("rows:")
     bt, bc, w, per_sm, *cap = (int(v) for v in spec.removeprefix("rows:").split(","))
     return fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms, maxnreg=cap[0] if cap else None,
@@ -79,19 +94,27 @@ def _pair(launch):
     return launch if isinstance(launch, tuple) else (launch, launch)
 
 
-def check_conv(B, T, D, rope, dtype, launch):
-    """Max relative error of the kernel path (outputs, then every gradient) against the fp32 reference."""
+def _tok(x, cu):
+    """The packed rows' RoPE positions for the kernels (None unpacked)."""
+    return None if cu is None else fused_layer._packed_rows(cu, x, None, 0, MB)[1]
+
+
+def check_conv(B, T, D, rope, dtype, launch, packed=False):
+    """Max relative error of the kernel path (outputs, then every gradient) against the fp32 reference; `packed`:
+    the B x T rows as packed documents (`packed_docs`)."""
     lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
+    x, cu = (x.view(1, B * T, D), packed_docs(B * T)) if packed else (x, None)
+    tok = _tok(x, cu)
     ref_in = [None if t is None else t.detach().float().requires_grad_() for t in (x, wa, ba, wb, bb)]
-    ref = ref_conv_rope(*ref_in, rope)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf)
+    ref = ref_conv_rope(*ref_in, rope, cu)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf, tok=tok)
     ys = ys if rope else ys[:1]
     gys = [torch.randn_like(y) for y in ref]
     live = [t for t in ref_in if t is not None]
     want = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(ref, gys)), live)
     dya, dyb = gys[0].to(dtype), (gys[1].to(dtype) if rope else None)
-    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb)
+    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb, tok=tok)
     got = [got[0], got[2], got[3], *(got[4:6] if rope else [])]  # dx, dwa, dba (, dwb, dbb); no window
     return max([rel(y.float(), r) for y, r in zip(ys, ref)] + [rel(a, b) for a, b in zip(got, want)])
 
@@ -103,13 +126,17 @@ def conv_bytes(B, T, D, rope, elt):
     return n * (1 + k), n * (2 + k)
 
 
-def time_conv(B, T, D, rope, dtype, launch):
+def time_conv(B, T, D, rope, dtype, launch, packed=False):
     lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf)
+    x, cu = (x.view(1, B * T, D), packed_docs(B * T)) if packed else (x, None)
+    tok = _tok(x, cu)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf, tok=tok)
     dys = [torch.randn_like(ys[0]), torch.randn_like(ys[0]) if rope else None]
-    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf))
-    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb))
+    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf,
+                                              tok=tok))
+    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb,
+                                              tok=tok))
     return fwd, bwd
 
 
@@ -217,10 +244,12 @@ def main():
                                                             "from memory and from L2)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
-                    default=["default", "16,64,4,2", "32,32,8,2", "16,64,4,4", "16,128,8,1", "32,64,8,1"],
-                    help="conv launch variants: default, rows (the row-walking kernels' default), or "
+                    default=["default", "tiles", "rows:8,64,1,12", "rows:16,64,1,10"],
+                    help="conv launch variants: default, tiles (the tile kernels' default), or "
                          "[rows:]BT,BC,warps,programs per SM[,maxnreg]")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--packed", action="store_true", help="each B x T as one row of packed documents (cu_seqlens; "
+                                                           "lengths " + ", ".join(map(str, DOC_LENS)) + ", repeated)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -239,18 +268,20 @@ def main():
         step = {}
         for rope in (True, False):
             fb, bb = conv_bytes(B, T, D, rope, elt)
-            rf, rb = time_ref(B, T, D, rope, dtype)
-            ref_row = dict(kernel="conv+rope" if rope else "conv", launch="pytorch (cuDNN conv, apply_rope)",
-                           shape=shape, fwd_ms=rf, bwd_ms=rb)
-            print(json.dumps(ref_row), flush=True)
-            rows.append(ref_row)
+            if not a.packed:  # (the PyTorch path of packed documents is another one: the kernels are its only form)
+                rf, rb = time_ref(B, T, D, rope, dtype)
+                ref_row = dict(kernel="conv+rope" if rope else "conv", launch="pytorch (cuDNN conv, apply_rope)",
+                               shape=shape, fwd_ms=rf, bwd_ms=rb)
+                print(json.dumps(ref_row), flush=True)
+                rows.append(ref_row)
             for spec in a.launches:
                 L = conv_launch_of(spec, T, D, rope, sms)
-                err = check_conv(B, min(T, 2048), D, rope, dtype, L)
+                err = check_conv(B, min(T, 2048), D, rope, dtype, L, a.packed)
                 ok = err < tol(dtype)
-                row = dict(kernel="conv+rope" if rope else "conv", launch=spec, shape=shape, max_rel_err=err, ok=ok)
+                row = dict(kernel="conv+rope" if rope else "conv", launch=spec, shape=shape, max_rel_err=err, ok=ok,
+                           **({"packed": DOC_LENS} if a.packed else {}))
                 if ok:
-                    f, b = time_conv(B, T, D, rope, dtype, L)
+                    f, b = time_conv(B, T, D, rope, dtype, L, a.packed)
                     row.update(fwd_ms=f, bwd_ms=b, fwd_GBps=fb / f / 1e6, bwd_GBps=bb / b / 1e6)
                     step.setdefault(spec, {})[rope] = b
                 print(json.dumps(row), flush=True)

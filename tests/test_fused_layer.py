@@ -774,19 +774,25 @@ def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
 
 
 def test_conv_benchmark_checks_every_launch_kind(monkeypatch):
-    """benchmarks/bench_layer_kernels.py --launches: "default", "rows" (each row-walking kernel at its own default
+    """benchmarks/bench_layer_kernels.py --launches: "default", "tiles" (each tile kernel at its own default
     launch), "rows:..." and tile specs become the launches the check and the timing pass to both kernels, and each
-    passes the benchmark's check against the fp32 reference (here at a small shape)."""
+    passes the benchmark's check against the fp32 reference (here at a small shape), packed documents too."""
     from benchmarks import bench_layer_kernels as blk
     monkeypatch.setattr(blk, "DEV", DEV)
     assert blk.conv_launch_of("default", 40, 128, True, 2) is None
-    fwd, bwd = blk.conv_launch_of("rows", 40, 128, True, 2)
-    assert fwd.rows and bwd.rows and (fwd.BT, fwd.BC, fwd.warps) == (fused_layer.ROWS_AHEAD, 64, 1)
+    fwd, bwd = blk.conv_launch_of("tiles", 40, 128, True, 2)
+    assert not fwd.rows and not bwd.rows and (fwd.BT, fwd.BC, fwd.warps) == (16, 32, 4)
     assert blk.conv_launch_of("rows:4,16,1,3", 40, 128, True, 2) == fused_layer.ConvLaunch(4, 16, 1, 6, rows=True)
     assert blk.conv_launch_of("16,32,4,3,64", 40, 128, True, 2) == fused_layer.ConvLaunch(16, 32, 4, 6, 64)
-    for spec in ("default", "rows", "rows:4,16,1,3", "8,32,4,3"):
+    for spec in ("default", "tiles", "rows:4,16,1,3", "8,32,4,3"):
         for rope in (True, False):
             assert blk.check_conv(1, 40, 128, rope, torch.float32, blk.conv_launch_of(spec, 40, 128, rope, 2)) < 1e-5
+    monkeypatch.setattr(blk, "DOC_LENS", (17, 1, 5, 30))  # --packed: 80 rows as documents of 17, 1, 5, 30, 17, 1, 5, 4
+    assert torch.equal(blk.packed_docs(80).cpu(), torch.tensor([0, 17, 18, 23, 53, 70, 71, 76, 80]))
+    for spec in ("default", "tiles"):
+        for rope in (True, False):
+            L = blk.conv_launch_of(spec, 40, 128, rope, 2)
+            assert blk.check_conv(2, 40, 128, rope, torch.float32, L, packed=True) < 1e-5
 
 
 def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):

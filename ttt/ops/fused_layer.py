@@ -726,27 +726,28 @@ def _segments(rows: int, columns: int, programs: int, BT: int) -> int:
 # loses (0.146 ms at 128 registers, 4 per SM, 0.219 at 96, 5 per SM, against 0.141: docs/kernels_notes.md).
 RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 8}
 MAXNREG = {("bwd", False): 64}
-# the same for the row-walking kernels at their launch (1 warp, 64 channels, 8 rows loaded at once, 16 per loop
-# unpacked; at most 32 programs per SM), by (kernel, two convs and RoPE, packed), compiled with the divisibility hints
-# of a D that is a multiple of 16 (without them up to 40 registers more), the most of Triton 3.6 and 3.9: forward 123
-# / 118 registers unpacked / packed, one conv 64 / 64; backward 197 / 168 (3.6: 168 / 167), one conv 110 / 72
-RESIDENT_ROWS = {("fwd", True, False): 16, ("fwd", True, True): 17, ("fwd", False, False): 32, ("fwd", False, True): 32,
-                 ("bwd", True, False): 10, ("bwd", True, True): 12, ("bwd", False, False): 18, ("bwd", False, True): 28}
-ROWS_AHEAD = 8  # rows loaded at once by the row-walking kernels' default launch
+# the row-walking kernels' default launch (1 warp, 64 channels) by (kernel, two convs and RoPE, packed): (R rows
+# loaded at once, programs per SM). Programs per SM: the residency at that launch (16 rows per loop unpacked, R packed;
+# at most 32 programs per SM), compiled with the divisibility hints of a D that is a multiple of 16 (without them up to
+# 40 registers more), the most registers of Triton 3.6 and 3.9: forward 123 / 118 unpacked / packed, one conv 64 / 64;
+# backward at R 16 228 (3.9: 220), packed at R 8 168 (3.6: 167), one conv 110 / 72. R: on the H200 (125m B4 T8k / B16
+# T2k) the backward with RoPE took 0.101 / 0.098 ms at R 16 (8 per SM) against 0.146 / 0.109 at R 8 (12 per SM) and
+# 0.144 / 0.141 for the tiles; the others are fastest at R 8 (docs/kernels_notes.md).
+ROWS = {("fwd", True, False): (8, 16), ("fwd", True, True): (8, 17), ("fwd", False, False): (8, 32),
+        ("fwd", False, True): (8, 32), ("bwd", True, False): (16, 8), ("bwd", True, True): (8, 12),
+        ("bwd", False, False): (8, 18), ("bwd", False, True): (8, 28)}
 
 
 def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True, packed: bool = False,
-                rows: bool = False) -> ConvLaunch:
-    """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`): tiles
-    of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program) x 32 channels, 4 warps, the
-    programs that stay resident (`RESIDENT`; the backward with two convs and RoPE takes 148 registers at this
-    width, 255 at 64 channels). On the H200 at 125m B4 T8k 32 channels beat 64 (2 / 3 programs per SM, every
-    kernel 3) in all four kernels: conv + RoPE 0.093 / 0.202 ms forward / backward against 0.112 / 0.235, the plain
-    conv 0.077 / 0.121 against 0.089 / 0.151 (docs/kernels_notes.md). `rows`: the row-walking kernels' launch, one
-    warp per 64 channels, `ROWS_AHEAD` rows loaded at once, their grids sized by `RESIDENT_ROWS` (packed: documents)."""
+                rows: bool = True) -> ConvLaunch:
+    """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`): the
+    row-walking kernels, one warp per 64 channels, R rows loaded at once and the grid sized by `ROWS` (packed:
+    documents). `rows=False`: the tile kernels' launch (kept for the side-by-side timing until they are deleted):
+    tiles of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program) x 32 channels, 4 warps,
+    the programs that stay resident (`RESIDENT`)."""
     if rows:
-        return ConvLaunch(BT=ROWS_AHEAD, BC=_pick(D, 64), warps=1,
-                          programs=RESIDENT_ROWS[(kernel, two, packed)] * _sms(device), rows=True)
+        R, per_sm = ROWS[(kernel, two, packed)]
+        return ConvLaunch(BT=R, BC=_pick(D, 64), warps=1, programs=per_sm * _sms(device), rows=True)
     return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4,
                       programs=RESIDENT[(kernel, two)] * _sms(device), maxnreg=MAXNREG.get((kernel, two)))
 
