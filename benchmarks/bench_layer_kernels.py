@@ -9,8 +9,8 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
 
     python3 -m benchmarks.bench_layer_kernels                       # checks, then every shape and launch variant
     python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 --launches default 16,64,4,2
-    python3 -m benchmarks.bench_layer_kernels --launches default tiles rows:8,64,1,12   # the tile kernels beside
-    python3 -m benchmarks.bench_layer_kernels --packed --launches default tiles   # packed documents (cu_seqlens)
+    python3 -m benchmarks.bench_layer_kernels --launches default 8,64,1,12   # R,BC,warps,programs per SM
+    python3 -m benchmarks.bench_layer_kernels --packed --launches default   # packed documents (cu_seqlens)
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
 """
@@ -75,23 +75,12 @@ def conv_inputs(B, T, D, rope, dtype, seed=0):
 
 
 def conv_launch_of(spec: str, T: int, D: int, rope: bool, sms: int):
-    """A --launches entry as the (forward and backward) `fused_layer.ConvLaunch` to time: None for "default" (the
-    row-walking kernels' launch); "tiles" the tile kernels' launch (each kernel its own: a pair of launches); else
-    [rows:]BT,BC,warps,programs per SM[,maxnreg] ("rows:" the row-walking kernels, BT rows loaded at once; else tiles
-    of BT rows x BC channels)."""
+    """A --launches entry as the `fused_layer.ConvLaunch` to time (both kernels): None for "default" (each kernel's
+    own), else R,BC,warps,programs per SM (R rows loaded at once, BC channels per program)."""
     if spec == "default":
         return None
-    if spec == "tiles":
-        return tuple(fused_layer.conv_launch(T, D, torch.device(DEV), k, rope, rows=False) for k in ("fwd", "bwd"))
-    rows = spec.startswith("rows:")
-    bt, bc, w, per_sm, *cap = (int(v) for v in spec.removeprefix("rows:").split(","))
-    return fused_layer.ConvLaunch(BT=bt, BC=bc, warps=w, programs=per_sm * sms, maxnreg=cap[0] if cap else None,
-                                  rows=rows)
-
-
-def _pair(launch):
-    """(forward launch, backward launch) of a `conv_launch_of` result."""
-    return launch if isinstance(launch, tuple) else (launch, launch)
+    r, bc, w, per_sm = (int(v) for v in spec.split(","))
+    return fused_layer.ConvLaunch(R=r, BC=bc, warps=w, programs=per_sm * sms)
 
 
 def _tok(x, cu):
@@ -102,19 +91,18 @@ def _tok(x, cu):
 def check_conv(B, T, D, rope, dtype, launch, packed=False):
     """Max relative error of the kernel path (outputs, then every gradient) against the fp32 reference; `packed`:
     the B x T rows as packed documents (`packed_docs`)."""
-    lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
     x, cu = (x.view(1, B * T, D), packed_docs(B * T)) if packed else (x, None)
     tok = _tok(x, cu)
     ref_in = [None if t is None else t.detach().float().requires_grad_() for t in (x, wa, ba, wb, bb)]
     ref = ref_conv_rope(*ref_in, rope, cu)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf, tok=tok)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch, tok=tok)
     ys = ys if rope else ys[:1]
     gys = [torch.randn_like(y) for y in ref]
     live = [t for t in ref_in if t is not None]
     want = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(ref, gys)), live)
     dya, dyb = gys[0].to(dtype), (gys[1].to(dtype) if rope else None)
-    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb, tok=tok)
+    got = fused_layer._conv_bwd(x, None, wa, wb, dya, dyb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch, tok=tok)
     got = [got[0], got[2], got[3], *(got[4:6] if rope else [])]  # dx, dwa, dba (, dwb, dbb); no window
     return max([rel(y.float(), r) for y, r in zip(ys, ref)] + [rel(a, b) for a, b in zip(got, want)])
 
@@ -127,15 +115,14 @@ def conv_bytes(B, T, D, rope, elt):
 
 
 def time_conv(B, T, D, rope, dtype, launch, packed=False):
-    lf, lb = _pair(launch)
     x, wa, ba, wb, bb = conv_inputs(B, T, D, rope, dtype)
     x, cu = (x.view(1, B * T, D), packed_docs(B * T)) if packed else (x, None)
     tok = _tok(x, cu)
-    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf, tok=tok)
+    ys = fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch, tok=tok)
     dys = [torch.randn_like(ys[0]), torch.randn_like(ys[0]) if rope else None]
-    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=lf,
+    fwd = bench(lambda: fused_layer._conv_fwd(x, None, wa, ba, wb, bb, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch,
                                               tok=tok))
-    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=lb,
+    bwd = bench(lambda: fused_layer._conv_bwd(x, None, wa, wb, *dys, 0, MB, HEAD_DIM, 10000.0, rope, launch=launch,
                                               tok=tok))
     return fwd, bwd
 
@@ -244,9 +231,8 @@ def main():
                                                             "from memory and from L2)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
-                    default=["default", "tiles", "rows:8,64,1,12", "rows:16,64,1,10"],
-                    help="conv launch variants: default, tiles (the tile kernels' default), or "
-                         "[rows:]BT,BC,warps,programs per SM[,maxnreg]")
+                    default=["default", "8,64,1,12", "16,64,1,8", "8,128,2,6"],
+                    help="conv launch variants: default or R,BC,warps,programs per SM (R rows loaded at once)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--packed", action="store_true", help="each B x T as one row of packed documents (cu_seqlens; "
                                                            "lengths " + ", ".join(map(str, DOC_LENS)) + ", repeated)")

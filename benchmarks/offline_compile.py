@@ -142,23 +142,17 @@ def mlp_kernels(d: int, b: int, dot: int):
 
 
 def layer_kernels(d: int, b: int, dot: int):
-    """(name, kernel, constexprs, warps, stages[, maxnreg]) of the fused layer kernels at their default launch
-    (D = 768)."""
-    L = fused_layer.conv_launch(8192, 768, None, rows=False)  # the tile kernels
-    conv = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, BT=L.BT, BC=L.BC, PERIODIC=L.BT % b == 0)
+    """(name, kernel, constexprs, warps, stages) of the fused layer kernels at their default launch (D = 768)."""
     out = []
     for name, two_rope in (("conv+rope", True), ("conv", False)):
         for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC
-            cx = dict(conv, TWO=two_rope, ROPE=two_rope, PACKED=packed, PERIODIC=conv["PERIODIC"] and not packed)
             tag = " packed" if packed else ""
-            out += [(f"{name} {k}{tag}", fn, cx, L.warps, 3,
-                     fused_layer.conv_launch(8192, 768, None, k, two_rope, rows=False).maxnreg)
-                    for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel))]
-            for k, fn in (("fwd", fused_layer._conv_fwd_rows_kernel), ("bwd", fused_layer._conv_bwd_rows_kernel)):
-                R = fused_layer.conv_launch(8192, 768, None, k, two_rope, packed)  # the row-walking kernels
-                body = R.body(b, packed)
-                out.append((f"{name} {k} rows{tag}", fn,
-                             dict(cx, R=R.BT, BODY=body, BC=R.BC, PERIODIC=body % b == 0 and not packed), R.warps, 3))
+            for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel)):
+                L = fused_layer.conv_launch(8192, 768, None, k, two_rope, packed)
+                body = L.body(b, packed)
+                cx = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, TWO=two_rope, ROPE=two_rope, PACKED=packed,
+                          PERIODIC=body % b == 0 and not packed, R=L.R, BODY=body, BC=L.BC)
+                out.append((f"{name} {k}{tag}", fn, cx, L.warps, 3))  # (_compile keeps a kernel's own constexprs)
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
                WIN_INPLACE=True, EPS=LN_EPS)
     warps = 2 if d <= 64 else 8  # linear_decode_step's default

@@ -57,7 +57,7 @@ if has issue16; then
   timeout -s INT "${I16_TESTS_S:-75}" python3 -m pytest -q -x tests/test_fused_layer.py tests/test_gpu.py -k \
     "(fused or conv) and not graphed_decode" -rA 2>&1 | grep -E "PASS|FAIL|ERROR|XFAIL|passed|failed|Error" | tail -50
   timeout "${I16_LAYER_S:-90}" python3 -m benchmarks.bench_layer_kernels --shapes 4x8192x768 \
-    --launches default 16,64,4,2 16,32,4,6 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
+    --launches default 8,64,1,12 16,64,1,8 --out "$OUT/layer16.json" 2>&1 | grep -v Warn | tail -12
   timeout "${I16_TRAIN_S:-210}" python3 -m benchmarks.bench_table --parts check,train --contexts "${I16_CONTEXTS:-8192,2048}" \
     --mixers "${I16_MIXERS:-ttt_linear+fused,ttt_linear,attention}" --out "$OUT/train16.json" 2>&1 | grep -v Warn | tail -12
   timeout "${I16_DECODE_S:-150}" python3 -m benchmarks.bench_table --parts decode --positions 1024 \

@@ -91,16 +91,10 @@ def test_conv_rope_matches_reference(T, pos, with_win, dtype):
         assert rel(a.cpu(), e) < (5e-3 if dtype == torch.float16 else 1e-5), n
 
 
-# launches that reach every path of the conv kernels: one segment of many tiles (the loop and its one-tile-ahead
-# loads), many one-tile segments, a partial channel block, RoPE's angles computed once per program (PERIODIC: BT a
-# multiple of b, with one or several mini-batches per tile) or per tile (b = 16 > BT = 8, b = 5)
-# BT, BC, programs, b, maxnreg (a register cap: on a GPU the kernel spills; the interpreter takes the keyword), rows
-# (the kernels that walk time row by row, BT rows loaded at once: one segment, many segments; RoPE's angles once
-# per program for BT rows (b = 16, 4) or for four groups of BT (b = 16 > BT), else picked per row from every
-# position's (b = 5) or computed per row (b = 32))
-LAUNCHES = [(8, 16, 2, 8, None, False), (8, 16, 64, 16, None, False), (16, 16, 2, 4, 128, False),
-            (8, 32, 3, 5, None, False), (16, 16, 2, 16, None, True), (8, 16, 64, 4, None, True),
-            (4, 16, 64, 16, None, True), (8, 32, 3, 5, None, True), (8, 16, 64, 32, None, True)]
+# launches that reach every path of the conv kernels: R rows loaded at once, BC channels per program, programs,
+# b: one segment, many segments, a partial channel block; RoPE's angles once per program for R rows (b = 16, 4) or
+# for four groups of R (b = 16 > R), else picked per row from every position's (b = 5) or computed per row (b = 32)
+LAUNCHES = [(16, 16, 2, 16), (16, 16, 64, 16), (8, 16, 64, 4), (4, 16, 64, 16), (8, 32, 3, 5), (8, 16, 64, 32)]
 
 
 def test_conv_segments_fill_whole_waves():
@@ -118,19 +112,19 @@ def test_conv_segments_fill_whole_waves():
         least = min(cost(rows, columns, programs, bt, m) for m in counts)
         assert n == min(m for m in counts if cost(rows, columns, programs, bt, m) <= 1.1 * least), (rows, columns, n)
     assert fused_layer._segments(8195, 96, 396, 16) == 4 and fused_layer._segments(8195, 256, 396, 16) == 3
-    grid, seg, _ = fused_layer.ConvLaunch(BT=16, BC=32, warps=4, programs=396).grid(8192 + 3, 768, 4, 16)
+    grid, seg, _ = fused_layer.ConvLaunch(R=16, BC=32, warps=1, programs=396).grid(8192 + 3, 768, 4, 16)
     assert grid == (24, 4, 4) and seg * 4 >= 8195 > seg * 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("BT,BC,programs,b,maxnreg,rows", LAUNCHES)
+@pytest.mark.parametrize("R,BC,programs,b", LAUNCHES)
 @pytest.mark.parametrize("rope", [True, False])
-def test_conv_kernels_every_launch(BT, BC, programs, b, maxnreg, rows, rope):
+def test_conv_kernels_every_launch(R, BC, programs, b, rope):
     """The conv kernels called with explicit launches == the fp64 reference: outputs, and the gradients of x, the
     window, both convs' weights and biases (rope: two convs + RoPE; else one conv, as the block's pre-conv)."""
-    g = torch.Generator().manual_seed(BT * 100 + b)
+    g = torch.Generator().manual_seed(R * 100 + b)
     B, T, D, d, W, pos = 2, 45, 40, 8, 4, 7
-    L = fused_layer.ConvLaunch(BT=BT, BC=BC, warps=1 if rows else 4, programs=programs, maxnreg=maxnreg, rows=rows)
+    L = fused_layer.ConvLaunch(R=R, BC=BC, warps=1, programs=programs)
     for with_win in (True, False):
         x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
         win = torch.randn(B, W - 1, D, generator=g, dtype=torch.float64) if with_win else None
@@ -504,11 +498,10 @@ def test_owned_model_state_decodes_in_place():
 # ---------------------------------------------------------------- packed documents (cu_seqlens)
 PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)
-# the default launch (two 16-row segments), 8-row tiles in one-tile segments with a partial channel block, and the
-# kernels that walk time row by row (4 rows loaded at once, one-group segments): tiles and segments cut documents
-# anywhere
-PACKED_LAUNCHES = {"default": None, "tiles8": fused_layer.ConvLaunch(BT=8, BC=16, warps=4, programs=64),
-                   "rows4": fused_layer.ConvLaunch(BT=4, BC=16, warps=1, programs=64, rows=True)}
+# the default launch (two segments), 4 and 8 rows loaded at once in one-group segments (a partial channel block at
+# 32 channels): segments cut documents anywhere
+PACKED_LAUNCHES = {"default": None, "r4": fused_layer.ConvLaunch(R=4, BC=16, warps=1, programs=64),
+                   "r8": fused_layer.ConvLaunch(R=8, BC=32, warps=1, programs=64)}
 
 
 def cu_of(lens):
@@ -774,22 +767,19 @@ def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
 
 
 def test_conv_benchmark_checks_every_launch_kind(monkeypatch):
-    """benchmarks/bench_layer_kernels.py --launches: "default", "tiles" (each tile kernel at its own default
-    launch), "rows:..." and tile specs become the launches the check and the timing pass to both kernels, and each
-    passes the benchmark's check against the fp32 reference (here at a small shape), packed documents too."""
+    """benchmarks/bench_layer_kernels.py --launches: "default" and R,BC,warps,programs per SM specs become the launch
+    the check and the timing pass to both kernels, and each passes the benchmark's check against the fp32 reference
+    (here at a small shape), packed documents (--packed) too."""
     from benchmarks import bench_layer_kernels as blk
     monkeypatch.setattr(blk, "DEV", DEV)
     assert blk.conv_launch_of("default", 40, 128, True, 2) is None
-    fwd, bwd = blk.conv_launch_of("tiles", 40, 128, True, 2)
-    assert not fwd.rows and not bwd.rows and (fwd.BT, fwd.BC, fwd.warps) == (16, 32, 4)
-    assert blk.conv_launch_of("rows:4,16,1,3", 40, 128, True, 2) == fused_layer.ConvLaunch(4, 16, 1, 6, rows=True)
-    assert blk.conv_launch_of("16,32,4,3,64", 40, 128, True, 2) == fused_layer.ConvLaunch(16, 32, 4, 6, 64)
-    for spec in ("default", "tiles", "rows:4,16,1,3", "8,32,4,3"):
+    assert blk.conv_launch_of("4,16,1,3", 40, 128, True, 2) == fused_layer.ConvLaunch(4, 16, 1, 6)
+    for spec in ("default", "4,16,1,3"):
         for rope in (True, False):
             assert blk.check_conv(1, 40, 128, rope, torch.float32, blk.conv_launch_of(spec, 40, 128, rope, 2)) < 1e-5
     monkeypatch.setattr(blk, "DOC_LENS", (17, 1, 5, 30))  # --packed: 80 rows as documents of 17, 1, 5, 30, 17, 1, 5, 4
     assert torch.equal(blk.packed_docs(80).cpu(), torch.tensor([0, 17, 18, 23, 53, 70, 71, 76, 80]))
-    for spec in ("default", "tiles"):
+    for spec in ("default", "8,16,1,3"):
         for rope in (True, False):
             L = blk.conv_launch_of(spec, 40, 128, rope, 2)
             assert blk.check_conv(2, 40, 128, rope, torch.float32, L, packed=True) < 1e-5

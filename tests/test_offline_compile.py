@@ -89,27 +89,22 @@ def test_mlp_register_backward_fits_shared_memory_in_fp32():
 
 
 # the conv kernels at their default launch (packed or not): their registers per thread, rounded up to 8 as an SM
-# allocates them, leave room for the programs per SM that `fused_layer.RESIDENT` sizes their grids by (a grid
-# sized for more would run a partial second wave), compiled with their register caps (`fused_layer.MAXNREG`); the
-# row-walking kernels at theirs (`ROWS`, at most 32 programs per SM), with the divisibility hints of the
-# shapes they are sized for (D a multiple of 16)
+# allocates them, leave room for the programs per SM that `fused_layer.ROWS` sizes their grids by (a grid sized
+# for more would run a partial second wave; at most 32 programs per SM), compiled with the divisibility hints of
+# the shapes they are sized for (D a multiple of 16)
 CONV = """
 from benchmarks.offline_compile import compile_cost, layer_kernels
-for name, fn, cx, w, s, *cap in layer_kernels(64, 16, 2):
+for name, fn, cx, w, s in layer_kernels(64, 16, 2):
     if name.startswith("conv"):
-        print(name.replace(" ", "_"), compile_cost(fn, cx, "bf16", w, s, "rows" in name, *cap)[0], w)
+        print(name.replace(" ", "_"), compile_cost(fn, cx, "bf16", w, s, True)[0], w)
 """
 
 
 def test_conv_kernels_stay_resident_as_their_grids_assume():
-    from ttt.ops.fused_layer import RESIDENT, ROWS
+    from ttt.ops.fused_layer import ROWS
     words = compile_offline(CONV, 900)
-    assert len(words) == 48, words
+    assert len(words) == 24, words
     for name, regs, warps in zip(words[::3], words[1::3], words[2::3]):
         per_sm = 65536 // (-(-int(regs) // 8) * 8 * 32 * int(warps))
-        kernel, two = "bwd" if "bwd" in name else "fwd", name.startswith("conv+rope")
-        if "rows" in name:
-            want = ROWS[(kernel, two, name.endswith("packed"))][1]
-            assert want <= 32 and per_sm >= want, (name, regs)
-        else:
-            assert per_sm >= RESIDENT[(kernel, two)], (name, regs)
+        want = ROWS[("bwd" if "bwd" in name else "fwd", name.startswith("conv+rope"), name.endswith("packed"))][1]
+        assert want <= 32 and per_sm >= want, (name, regs)

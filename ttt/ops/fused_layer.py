@@ -53,50 +53,14 @@ def _pick(n: int, cap: int) -> int:
 
 
 # ---------------------------------------------------------------- causal conv (+ RoPE)
-# Tiles are [BT time rows, BC contiguous channels], so every load and store is coalesced along the channels, and
-# each program walks a segment of SEG rows tile by tile: what depends only on the channels and on the position
-# mod b (the tap weights, RoPE's cos and sin) is computed once per program, not once per tile, and the weight
-# gradients are summed in registers over the whole segment. RoPE's pairs (2i, 2i+1) meet through reshape + split.
-# (The first version split even and odd channels into stride-2 tiles: 255 registers, 1.7 KB of spills, 4.3 ms
-# per forward call on the H200 at B4 T8192 D2048. The second used one 8-row tile per program and recomputed
-# cos/sin and the un-rotation of dy for each of the W taps plus once for the weight gradients: 20.3 ms of
-# backward per 125m training step, B4 T8k, against ~1 ms of bytes. docs/kernels_notes.md has the reasoning.)
-@triton.jit
-def _xs_tile(x_ptr, s_ptr, row, cols, rmask, cmask, x_off, s_off, x_st, s_st, j: tl.constexpr, W: tl.constexpr,
-             HAS_STATE: tl.constexpr):
-    """The [BT, BC] tile xs[row + j, cols] in fp32, xs = cat(window, x) along time: row + j - (W-1) < 0 reads the
-    window (zeros without one), else x."""
-    src = row + j - (W - 1)
-    m = (src >= 0) & rmask
-    xv = tl.load(x_ptr + x_off + src[:, None] * x_st + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
-    xv = xv.to(tl.float32)
-    if HAS_STATE:
-        ms = (src < 0) & rmask
-        sv = tl.load(s_ptr + s_off + (row + j)[:, None] * s_st + cols[None, :], mask=ms[:, None] & cmask[None, :],
-                     other=0.0)
-        xv += sv.to(tl.float32)
-    return xv
-
-
-@triton.jit
-def _xs_tile_packed(x_ptr, s_ptr, row, p, dc, cols, rmask, cmask, x_st, s_sb, s_st, j: tl.constexpr,
-                    W: tl.constexpr, HAS_STATE: tl.constexpr):
-    """Packed documents: the [BT, BC] tile that tap j reads for the output rows `row` at positions p within their
-    documents (dc: their document indices), fp32: x row row + j - (W-1) where p + j - (W-1) >= 0 (inside the
-    document), else the document's window row p + j (zeros without a window)."""
-    inside = p >= W - 1 - j
-    m = inside & rmask
-    xv = tl.load(x_ptr + (row + j - (W - 1))[:, None] * x_st + cols[None, :], mask=m[:, None] & cmask[None, :],
-                 other=0.0)
-    xv = xv.to(tl.float32)
-    if HAS_STATE:
-        ms = (p < W - 1 - j) & rmask
-        sv = tl.load(s_ptr + (dc * s_sb + (p + j) * s_st)[:, None] + cols[None, :], mask=ms[:, None] & cmask[None, :],
-                     other=0.0)
-        xv += sv.to(tl.float32)
-    return xv
-
-
+# A program owns a block of BC channels of one sequence and walks a segment of SEG rows of time one row at a time;
+# each thread owns whole RoPE pairs of channels (2i, 2i+1) (one at the default launch: 64 channels on one warp).
+# A row is loaded (and in the backward un-rotated) once and kept in registers for the next W - 1 rows that read
+# it, the tap weights and RoPE's angles (which depend only on the channels and the position mod b) are set up once
+# per program, the weight gradients are summed per thread over the whole segment, and nothing crosses threads.
+# The loads of R rows are issued together, so that enough bytes are in flight. (Earlier designs: stride-2 tiles of
+# even and odd channels, one 8-row tile per program recomputing cos/sin per tap, then [16, 32] tiles walked along
+# the segment, which re-read each tap's rows and re-rotated them in the backward: docs/kernels_notes.md.)
 @triton.jit
 def _taps(w_ptr, cols, cmask, W: tl.constexpr):
     """The W taps of the depthwise weights [D, 1, W] for the channels cols: a tuple of fp32 [BC]."""
@@ -107,256 +71,14 @@ def _taps(w_ptr, cols, cmask, W: tl.constexpr):
 
 
 @triton.jit
-def _angles(p, c0, log2_base, HD: tl.constexpr, BC: tl.constexpr):
-    """cos and sin [BT, BC/2] of RoPE's angles p * base^(-2i/HD) for the integer positions p [BT] and the channel
-    pairs (2i, 2i+1) of c0 + [0, BC) (c0 even; i counted inside the head)."""
-    pair = (c0 + 2 * tl.arange(0, BC // 2)) % HD // 2
-    inv = tl.exp2(-(2.0 * pair.to(tl.float32) / HD) * log2_base)
-    ang = p.to(tl.float32)[:, None] * inv[None, :]
-    return tl.cos(ang), tl.sin(ang)
-
-
-@triton.jit
 def _rot(y, c, s):
-    """The pairs (2i, 2i+1) of y [..., BC] (a tile or a row) rotated by the angles whose cos and sin [..., BC/2] are
+    """The pairs (2i, 2i+1) of y [..., BC] rotated by the angles whose cos and sin [..., BC/2] are
     given."""
     shape: tl.constexpr = y.shape
     ye, yo = tl.split(tl.reshape(y, shape[:-1] + [shape[-1] // 2, 2]))  # [..., BC] -> [..., BC/2] even, odd channels
     return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), shape)  # [..., BC/2, 2] -> [..., BC]
 
 
-@triton.jit
-def _segment(T_rows, SEG, BT: tl.constexpr):
-    """This program's rows [lo, hi) of the T_rows walked along time (program axis 2), and the tile offsets [BT]."""
-    lo = tl.program_id(2) * SEG
-    return lo, tl.minimum(lo + SEG, T_rows), tl.arange(0, BT)
-
-
-@triton.jit
-def _conv_fwd_kernel(
-    x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr, tok_ptr, doc_ptr,
-    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
-    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    PACKED: tl.constexpr = False,
-):
-    # program: a channel block, a batch, a segment of SEG output rows (SEG % BT == 0; PERIODIC: BT % MB == 0, so
-    # every tile's rows have the positions mod b of the first tile and RoPE's angles are computed once).
-    # PACKED (one sequence of documents, B = 1, PERIODIC off): tok [T] = position in the document * MB + RoPE
-    # position mod MB of every row, doc [T] its document (read with a window only): a tap reaching before the
-    # document's first row reads the document's window row (`_xs_tile_packed`); RoPE at the row's own position.
-    pc, b = tl.program_id(0), tl.program_id(1)
-    lo, hi, i = _segment(T, SEG, BT)
-    c0 = pc * BC
-    cols = c0 + tl.arange(0, BC)
-    cmask = cols < D
-    x_off, s_off = b * x_sb, b * s_sb
-    wa = _taps(wa_ptr, cols, cmask, W)
-    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
-    if HAS_BIAS:
-        bias_a = tl.load(ba_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        bias_b = tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bias_a = tl.zeros([BC], dtype=tl.float32)
-        bias_b = bias_a
-    if ROPE and PERIODIC:
-        cs, sn = _angles((pos0 + i) % MB, c0, log2_base, HD, BC)  # lo % MB == 0
-    for t0 in range(lo, hi, BT):
-        t = t0 + i
-        tmask = t < T
-        if PACKED:
-            tk = tl.load(tok_ptr + t, mask=tmask, other=0)
-            p = tk // MB
-            dc = p
-            if HAS_STATE:
-                dc = tl.load(doc_ptr + t, mask=tmask, other=0)
-        ya = tl.zeros([BT, BC], dtype=tl.float32) + bias_a[None, :]
-        yb = tl.zeros([BT, BC], dtype=tl.float32) + bias_b[None, :]
-        for j in tl.static_range(W):
-            if PACKED:
-                xs = _xs_tile_packed(x_ptr, s_ptr, t, p, dc, cols, tmask, cmask, x_st, s_sb, s_st, j, W, HAS_STATE)
-            else:
-                xs = _xs_tile(x_ptr, s_ptr, t, cols, tmask, cmask, x_off, s_off, x_st, s_st, j, W, HAS_STATE)
-            ya += xs * wa[j][None, :]
-            if TWO:
-                yb += xs * wb[j][None, :]
-        if ROPE:
-            if PACKED:
-                cs, sn = _angles(tk % MB, c0, log2_base, HD, BC)
-            elif not PERIODIC:
-                cs, sn = _angles((pos0 + t) % MB, c0, log2_base, HD, BC)
-            ya = _rot(ya, cs, sn)
-            if TWO:
-                yb = _rot(yb, cs, sn)
-        m2 = tmask[:, None] & cmask[None, :]
-        y_off = b * T * D + t[:, None] * D + cols[None, :]
-        tl.store(ya_ptr + y_off, ya.to(ya_ptr.dtype.element_ty), mask=m2)
-        if TWO:
-            tl.store(yb_ptr + y_off, yb.to(yb_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _dy_rows(dy_ptr, y_off, t, cols, cmask, T, D):
-    """The output gradient at rows t (zero outside [0, T)), in its own dtype."""
-    m = (t >= 0) & (t < T)
-    return tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
-
-
-@triton.jit
-def _bwd_tap(dy_ptr, raw, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j: tl.constexpr,
-             ROPE: tl.constexpr, PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr,
-             BC: tl.constexpr):
-    """g[u - j], fp32 [BT, BC]: the un-rotated output gradient at the rows that xs rows u feed through tap j (raw:
-    the tap-0 rows already loaded, used for j = 0)."""
-    if j == 0:
-        g = raw.to(tl.float32)
-    else:
-        g = _dy_rows(dy_ptr, y_off, u - j, cols, cmask, T, D).to(tl.float32)
-    if ROPE:
-        if PERIODIC:
-            c, s = cs[j], sn[j]
-        else:
-            c, s = _angles((pos0 + u - j) % MB, c0, log2_base, HD, BC)  # rows u - j < 0 are zero
-        g = _rot(g, c, -s)
-    return g
-
-
-@triton.jit
-def _bwd_tap_packed(dy_ptr, raw, y_off, t, same, cols, cmask, T, D, c, s, j: tl.constexpr, ROPE: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr):
-    """Packed documents: the output gradient at rows t = u - j, fp32 [BT, BC], un-rotated by the angles (c, s) of
-    their positions; for j > 0 zero where row t is not in the document of xs row u (`same`), for j = 0 (raw: the
-    rows already loaded) every row, masked by the caller (the bias and the window take every row)."""
-    if j == 0:
-        g = raw.to(tl.float32)
-    else:
-        m = same & (t >= 0) & (t < T)
-        g = tl.load(dy_ptr + y_off + t[:, None] * D + cols[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
-        g = g.to(tl.float32)
-    if ROPE:
-        g = _rot(g, c, -s)
-    return g
-
-
-@triton.jit
-def _conv_bwd_kernel(
-    x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
-    tok_ptr, doc_ptr, gwa_ptr, gwb_ptr,
-    T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
-    W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
-    MB: tl.constexpr, HD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PACKED: tl.constexpr = False,
-):
-    # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x) (u in [0, T + W - 1); u <
-    # W - 1: window rows). With g the un-rotated output gradient, g_j[u] = g[u - j]:
-    #   dxs[u] = sum_j w[:, j] g_j[u]  -> dx (u >= W - 1) or the window's gradient (u < W - 1)
-    #   dw[:, j] = sum_u g_j[u] xs[u],  db = sum_u g_0[u]  (summed in registers over the segment, reduced at the end)
-    # The tap-0 rows (the only ones not read by an earlier tap or tile) and x are loaded one tile ahead.
-    # PACKED (B = 1, tok and doc as in the forward; PERIODIC off): xs has no window rows (u < W - 1 reads zeros),
-    # g_j[u] counts only where output row u - j is in x row u - (W-1)'s document (its position >= W - 1 - j), and
-    # with a window the un-rotated g of every document's first W - 1 rows goes to gw [N, W-1, D] (fp32, zeroed)
-    # by (document, position): the window's gradient and its share of dw are summed from it in PyTorch.
-    pc, b = tl.program_id(0), tl.program_id(1)
-    lo, hi, i = _segment(T + W - 1, SEG, BT)
-    c0 = pc * BC
-    cols = c0 + tl.arange(0, BC)
-    cmask = cols < D
-    x_off, s_off, y_off = b * x_sb, b * s_sb, b * T * D
-    wa = _taps(wa_ptr, cols, cmask, W)
-    wb = _taps(wb_ptr, cols, cmask, W)  # wb_ptr = wa_ptr without a second conv
-    cs = ()
-    sn = ()
-    if ROPE and PERIODIC:  # tile starts are multiples of MB: tap j's rows have positions (pos0 + i - j) mod MB
-        for j in tl.static_range(W):
-            c, s = _angles((pos0 + i - j + MB * W) % MB, c0, log2_base, HD, BC)
-            cs = cs + (c,)
-            sn = sn + (s,)
-    dwa = ()
-    dwb = ()
-    for j in tl.static_range(W):
-        dwa = dwa + (tl.zeros([BT, BC], dtype=tl.float32),)
-        dwb = dwb + (tl.zeros([BT, BC], dtype=tl.float32),)
-    dba = tl.zeros([BT, BC], dtype=tl.float32)
-    dbb = tl.zeros([BT, BC], dtype=tl.float32)
-    u = lo + i
-    na = _dy_rows(dya_ptr, y_off, u, cols, cmask, T, D)
-    nb = _dy_rows(dyb_ptr, y_off, u, cols, cmask, T, D)  # dyb_ptr = dya_ptr without a second conv
-    XS_STATE: tl.constexpr = HAS_STATE and not PACKED  # packed: xs has no window rows (gw takes their part)
-    nx = _xs_tile(x_ptr, s_ptr, u, cols, u < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W, XS_STATE)
-    for u0 in range(lo, hi, BT):
-        u = u0 + i
-        ra, rb, xs = na, nb, nx
-        na = _dy_rows(dya_ptr, y_off, u + BT, cols, cmask, T, D)
-        if TWO:
-            nb = _dy_rows(dyb_ptr, y_off, u + BT, cols, cmask, T, D)
-        nx = _xs_tile(x_ptr, s_ptr, u + BT, cols, u + BT < T + W - 1, cmask, x_off, s_off, x_st, s_st, 0, W,
-                      XS_STATE)
-        gx = tl.zeros([BT, BC], dtype=tl.float32)
-        ndwa = ()
-        ndwb = ()
-        for j in tl.static_range(W):
-            if PACKED:
-                t = u - j  # the output rows that xs rows u feed through tap j
-                tk = tl.load(tok_ptr + t, mask=(t >= 0) & (t < T), other=0)
-                same = tk // MB >= W - 1 - j
-                c = tk
-                s = tk
-                if ROPE:
-                    c, s = _angles(tk % MB, c0, log2_base, HD, BC)
-                ga = _bwd_tap_packed(dya_ptr, ra, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
-                if TWO:
-                    gb = _bwd_tap_packed(dyb_ptr, rb, y_off, t, same, cols, cmask, T, D, c, s, j, ROPE, BT, BC)
-            else:
-                ga = _bwd_tap(dya_ptr, ra, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                              PERIODIC, MB, HD, BT, BC)
-                if TWO:
-                    gb = _bwd_tap(dyb_ptr, rb, y_off, u, cols, cmask, T, D, pos0, c0, log2_base, cs, sn, j, ROPE,
-                                  PERIODIC, MB, HD, BT, BC)
-            if j == 0:  # the bias takes every row
-                dba += ga
-                if TWO:
-                    dbb += gb
-                if PACKED:
-                    if HAS_STATE:  # every document's first W - 1 rows: their g by (document, position)
-                        wm = (tk // MB < W - 1) & (u < T)
-                        dc = tl.load(doc_ptr + u, mask=wm, other=0)
-                        g_off = (dc * (W - 1) + tk // MB)[:, None] * D + cols[None, :]
-                        tl.store(gwa_ptr + g_off, ga, mask=wm[:, None] & cmask[None, :])
-                        if TWO:
-                            tl.store(gwb_ptr + g_off, gb, mask=wm[:, None] & cmask[None, :])
-                    ga = tl.where(same[:, None], ga, 0.0)
-                    if TWO:
-                        gb = tl.where(same[:, None], gb, 0.0)
-            gx += ga * wa[j][None, :]
-            ndwa = ndwa + (dwa[j] + ga * xs,)
-            if TWO:
-                gx += gb * wb[j][None, :]
-                ndwb = ndwb + (dwb[j] + gb * xs,)
-            else:
-                ndwb = ndwb + (dwb[j],)
-        dwa = ndwa
-        dwb = ndwb
-        r = u - (W - 1)  # the x row of xs row u
-        tl.store(dx_ptr + y_off + r[:, None] * D + cols[None, :], gx.to(dx_ptr.dtype.element_ty),
-                 mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
-        if XS_STATE:
-            tl.store(ds_ptr + b * (W - 1) * D + u[:, None] * D + cols[None, :], gx.to(ds_ptr.dtype.element_ty),
-                     mask=(r < 0)[:, None] & cmask[None, :])
-    prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
-    tl.store(dba_ptr + prog * D + cols, tl.sum(dba, axis=0), mask=cmask)
-    for j in tl.static_range(W):
-        tl.store(dwa_ptr + (prog * D + cols) * W + j, tl.sum(dwa[j], axis=0), mask=cmask)
-    if TWO:
-        tl.store(dbb_ptr + prog * D + cols, tl.sum(dbb, axis=0), mask=cmask)
-        for j in tl.static_range(W):
-            tl.store(dwb_ptr + (prog * D + cols) * W + j, tl.sum(dwb[j], axis=0), mask=cmask)
-
-
-# ---------------------------------------------------------------- the same convs, walked row by row
-# Each thread owns whole RoPE pairs of channels (2i, 2i+1) (one at the default launch: 64 channels on one warp) and
-# walks its program's segment of time one row at a time, so a row is loaded (and in the backward un-rotated) once
-# and reused by every tap from registers (the [BT, BC] tiles above re-read each tap's rows from L1, and the backward
-# re-rotates them: half of its instructions), and nothing crosses threads. The loads of R rows are issued together,
-# so that enough bytes are in flight.
 @triton.jit
 def _row_angles(p, inv):
     """cos and sin [BC/2] of RoPE's angles p * inv for one integer position p."""
@@ -427,7 +149,7 @@ def _shift_in(h, x, W: tl.constexpr):
 @triton.jit
 def _xs_row(x_ptr, s_ptr, u, cols, cmask, x_off, s_off, x_st, s_st, T, W: tl.constexpr, HAS_STATE: tl.constexpr):
     """Row u of xs = cat(window, x) along time, [BC] in the input dtype: x row u - (W-1), or (HAS_STATE) window row u
-    for u < W - 1 (zeros without one, and past the end); `_xs_tile` for one row."""
+    for u < W - 1 (zeros without one, and past the end)."""
     xs = tl.load(x_ptr + x_off + (u - (W - 1)) * x_st + cols, mask=_rmask(cmask, (u >= W - 1) & (u < T + W - 1)),
                  other=0.0)
     if HAS_STATE:
@@ -445,7 +167,7 @@ def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr, BC: tl
 
 
 @triton.jit
-def _conv_bwd_rows_kernel(
+def _conv_bwd_kernel(
     x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
     tok_ptr, doc_ptr, gwa_ptr, gwb_ptr,
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
@@ -453,9 +175,9 @@ def _conv_bwd_rows_kernel(
     MB: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, BODY: tl.constexpr, BC: tl.constexpr,
     PACKED: tl.constexpr = False,
 ):
-    # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x), as `_conv_bwd_kernel` (same
-    # sums, same outputs), walked one row u at a time: g[u] is loaded and un-rotated once and kept for the next W - 1
-    # rows (ha, hb: g[u - 1], ..., g[u - W + 1]), the segment's first rows start from the W - 1 rows before it.
+    # program: a channel block, a batch, a segment of SEG rows u of xs = cat(window, x), walked one row u at a time:
+    # g[u] is loaded and un-rotated once and kept for the next W - 1 rows (ha, hb: g[u - 1], ..., g[u - W + 1]), the
+    # segment's first rows start from the W - 1 rows before it.
     # The loop takes BODY rows (SEG % BODY == 0) in groups of R, each group's loads issued together. PERIODIC
     # (BODY % MB == 0, so SEG % MB == 0): row u0 + i has the RoPE position (pos0 + i) mod MB and the BODY angles are
     # computed once per program; else picked per row from every position's (TAB: MB <= 16) or computed.
@@ -584,16 +306,16 @@ def _conv_bwd_rows_kernel(
 
 
 @triton.jit
-def _conv_fwd_rows_kernel(
+def _conv_fwd_kernel(
     x_ptr, s_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, ya_ptr, yb_ptr, tok_ptr, doc_ptr,
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PERIODIC: tl.constexpr, MB: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, BODY: tl.constexpr,
     BC: tl.constexpr, PACKED: tl.constexpr = False,
 ):
-    # program: a channel block, a batch, a segment of SEG output rows t, as `_conv_fwd_kernel` (same outputs), walked
-    # one row at a time: xs row t + W - 1 (= x row t) is loaded once and kept for the next W - 1 rows (hx: xs rows
-    # t + W - 2, ..., t); BODY rows per loop in groups of R, and RoPE's angles, as in `_conv_bwd_rows_kernel`.
+    # program: a channel block, a batch, a segment of SEG output rows t, walked one row at a time: xs row t + W - 1
+    # (= x row t) is loaded once and kept for the next W - 1 rows (hx: xs rows t + W - 2, ..., t); BODY rows per
+    # loop in groups of R, and RoPE's angles, as in `_conv_bwd_kernel`.
     # PACKED: a tap reaching before the document's first row reads the document's window row (or zero).
     pc, b = tl.program_id(0), tl.program_id(1)
     lo = tl.program_id(2) * SEG
@@ -666,42 +388,32 @@ def _conv_fwd_rows_kernel(
 
 @dataclass(frozen=True)
 class ConvLaunch:
-    """How a conv kernel is launched: BT rows x BC channels per tile (BC even, so RoPE's pairs stay inside a
-    tile), `warps`, and `programs`, the programs resident at once (the time axis is cut into segments, each walked
-    tile by tile by one program, bound by latency: `_segments` picks their number); `maxnreg`, if set, caps the
-    registers per thread (Triton's `maxnreg`: more programs resident, spilling what does not fit). `rows`: the
-    kernels that walk time row by row (`_conv_fwd_rows_kernel`, `_conv_bwd_rows_kernel`), BT rows loaded at once
-    (a power of two), BC channels per program (even), segments a multiple of 16 rows (and of BT)."""
+    """How a conv kernel is launched: R rows loaded at once (a power of two), BC channels per program (even, so
+    that RoPE's pairs stay in one program), `warps`, and `programs`, the programs resident at once (the time axis is
+    cut into segments, each walked by one program, bound by latency: `_segments` picks their number; a segment is
+    a multiple of 16 rows and of the loop's rows)."""
 
-    BT: int
+    R: int
     BC: int
     warps: int
     programs: int
-    maxnreg: int | None = None
-    rows: bool = False
-
-    def options(self) -> dict:
-        """The launch keywords: warps and the register cap."""
-        return dict(num_warps=self.warps, **({} if self.maxnreg is None else {"maxnreg": self.maxnreg}))
 
     def grid(self, rows: int, D: int, B: int, mini_batch: int, packed: bool = False):
         """(grid, SEG rows per segment, PERIODIC) for `rows` rows of D channels in B sequences (or packed
         documents, whose positions are per row: PERIODIC is for unpacked rows only)."""
         npc = cdiv(D, self.BC)
-        step, periodic = self.BT, self.BT % mini_batch == 0
-        if self.rows:  # SEG a multiple of the loop's rows and of 16 (Triton's divisibility hint)
-            body = self.body(mini_batch, packed)
-            step, periodic = math.lcm(body, 16), body % mini_batch == 0
+        body = self.body(mini_batch, packed)
+        step = math.lcm(body, 16)  # SEG a multiple of the loop's rows and of 16 (Triton's divisibility hint)
         seg = cdiv(cdiv(rows, _segments(rows, npc * B, self.programs, step)), step) * step
-        return (npc, B, cdiv(rows, seg)), seg, periodic
+        return (npc, B, cdiv(rows, seg)), seg, body % mini_batch == 0
 
     def body(self, mini_batch: int, packed: bool = False) -> int:
-        """The row-walking kernels' rows per loop iteration: for unpacked rows a multiple of BT and of b if that is
-        at most 16 rows (or BT), so that the positions mod b repeat every iteration (PERIODIC), else BT. (Packed
-        rows take BT: a longer body only lengthens the code and, offline, its registers: 255 against 167 for the
-        backward with RoPE at 16 rows of 8.)"""
-        m = math.lcm(self.BT, mini_batch)
-        return m if m <= max(self.BT, 16) and not packed else self.BT
+        """The kernels' rows per loop iteration: for unpacked rows a multiple of R and of b if that is at most 16
+        rows (or R), so that the positions mod b repeat every iteration (PERIODIC), else R. (Packed rows take R: a
+        longer body only lengthens the code and, offline, its registers: 255 against 167 for the backward with
+        RoPE at 16 rows of 8.)"""
+        m = math.lcm(self.R, mini_batch)
+        return m if m <= max(self.R, 16) and not packed else self.R
 
 
 @functools.lru_cache(maxsize=256)
@@ -717,39 +429,25 @@ def _segments(rows: int, columns: int, programs: int, BT: int) -> int:
     return next(n for n, c in enumerate(cost, 1) if c <= 1.1 * min(cost))
 
 
-# programs per SM each conv kernel keeps resident at the default launch (4 warps, 16 x 32 tiles): 65,536 registers
-# per SM over its registers per thread, rounded up to 8 (offline sm_90, bf16, packed or not, the most of Triton 3.6
-# and 3.9: two convs and RoPE forward 80, backward 168; one conv 48 / 96). tests/test_offline_compile.py checks
-# them with the installed Triton.
-# The plain backward runs capped at 64 registers (`MAXNREG`; 32-40 B spilled), 8 per SM: on the H200 0.088 / 0.089 ms
-# at 125m B4 T8k / B16 T2k against 0.097 / 0.102 uncapped at 5 per SM. Capping the backward with RoPE spills more and
-# loses (0.146 ms at 128 registers, 4 per SM, 0.219 at 96, 5 per SM, against 0.141: docs/kernels_notes.md).
-RESIDENT = {("fwd", True): 6, ("bwd", True): 3, ("fwd", False): 10, ("bwd", False): 8}
-MAXNREG = {("bwd", False): 64}
-# the row-walking kernels' default launch (1 warp, 64 channels) by (kernel, two convs and RoPE, packed): (R rows
+# the conv kernels' default launch (1 warp, 64 channels) by (kernel, two convs and RoPE, packed): (R rows
 # loaded at once, programs per SM). Programs per SM: the residency at that launch (16 rows per loop unpacked, R packed;
 # at most 32 programs per SM), compiled with the divisibility hints of a D that is a multiple of 16 (without them up to
 # 40 registers more), the most registers of Triton 3.6 and 3.9: forward 123 / 118 unpacked / packed, one conv 64 / 64;
 # backward at R 16 228 (3.9: 220), packed at R 8 168 (3.6: 167), one conv 110 / 72. R: on the H200 (125m B4 T8k / B16
 # T2k) the backward with RoPE took 0.101 / 0.098 ms at R 16 (8 per SM) against 0.146 / 0.109 at R 8 (12 per SM) and
-# 0.144 / 0.141 for the tiles; the others are fastest at R 8 (docs/kernels_notes.md).
+# 0.144 / 0.141 for the [16, 32] tiles the kernels walked before; the others are fastest at R 8
+# (docs/kernels_notes.md). tests/test_offline_compile.py checks the residency with the installed Triton.
 ROWS = {("fwd", True, False): (8, 16), ("fwd", True, True): (8, 17), ("fwd", False, False): (8, 32),
         ("fwd", False, True): (8, 32), ("bwd", True, False): (16, 8), ("bwd", True, True): (8, 12),
         ("bwd", False, False): (8, 18), ("bwd", False, True): (8, 28)}
 
 
-def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True, packed: bool = False,
-                rows: bool = True) -> ConvLaunch:
-    """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`): the
-    row-walking kernels, one warp per 64 channels, R rows loaded at once and the grid sized by `ROWS` (packed:
-    documents). `rows=False`: the tile kernels' launch (kept for the side-by-side timing until they are deleted):
-    tiles of 16 rows (a multiple of b = 16, so RoPE's angles are computed once per program) x 32 channels, 4 warps,
-    the programs that stay resident (`RESIDENT`)."""
-    if rows:
-        R, per_sm = ROWS[(kernel, two, packed)]
-        return ConvLaunch(BT=R, BC=_pick(D, 64), warps=1, programs=per_sm * _sms(device), rows=True)
-    return ConvLaunch(BT=16 if T >= 16 else _pick(T, 16), BC=_pick(D, 32), warps=4,
-                      programs=RESIDENT[(kernel, two)] * _sms(device), maxnreg=MAXNREG.get((kernel, two)))
+def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True,
+                packed: bool = False) -> ConvLaunch:
+    """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`):
+    one warp per 64 channels, R rows loaded at once and the grid sized by `ROWS` (packed: documents)."""
+    R, per_sm = ROWS[(kernel, two, packed)]
+    return ConvLaunch(R=R, BC=_pick(D, 64), warps=1, programs=per_sm * _sms(device))
 
 
 def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int, rope_base: float, rope: bool,
@@ -766,15 +464,13 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
     ya = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     yb = torch.empty_like(ya) if wb is not None else ya
     st = win if win is not None else x
-    kernel, rows = ((_conv_fwd_rows_kernel, dict(R=L.BT, BODY=L.body(mini_batch, packed))) if L.rows
-                    else (_conv_fwd_kernel, dict(BT=L.BT)))
-    kernel[grid](
+    _conv_fwd_kernel[grid](
         x, st, wa, ba if ba is not None else wa, wb if wb is not None else wa, bb if bb is not None else wa, ya, yb,
         tok if packed else x, doc if doc is not None else x,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=wb is not None, ROPE=rope, HAS_STATE=win is not None, HAS_BIAS=ba is not None,
-        PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, BC=L.BC, PACKED=packed, **rows,
-        **L.options())
+        PERIODIC=periodic and not packed, MB=mini_batch, HD=head_dim, R=L.R, BODY=L.body(mini_batch, packed), BC=L.BC,
+        PACKED=packed, num_warps=L.warps)
     return ya, yb
 
 
@@ -817,15 +513,13 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     st = win if win is not None else x
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
-    kernel, rows = ((_conv_bwd_rows_kernel, dict(R=L.BT, BODY=L.body(mini_batch, packed))) if L.rows
-                    else (_conv_bwd_kernel, dict(BT=L.BT)))
-    kernel[grid](
+    _conv_bwd_kernel[grid](
         x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
         dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
         doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
-        HD=head_dim, BC=L.BC, PACKED=packed, **rows, **L.options())
+        HD=head_dim, R=L.R, BODY=L.body(mini_batch, packed), BC=L.BC, PACKED=packed, num_warps=L.warps)
     return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
 
 
