@@ -16,6 +16,7 @@ rank 0 gets the full CPU tensors, and every rank loads full state dicts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -80,8 +81,11 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if `init_distributed` created it."""
+    """Destroy the process group if `init_distributed` created it. Garbage is collected first: FSDP's module state
+    is cyclic, and what it holds (gloo's pending work objects among it) would otherwise be freed during the
+    interpreter's finalization, where gloo's threads can abort the process (SIGABRT after a finished run)."""
     if info.initialized_here and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
