@@ -101,7 +101,11 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
     [[ -d $dir ]] || continue
     label=$([[ $dir == . ]] && echo "working tree" || basename "$dir")
     [[ $dir == . || -z ${AB_SNAPS:-} || " $AB_SNAPS " == *" $label "* ]] || continue
-    (cd "$dir" && PYTHONPATH=.:$PYTHONPATH timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
+    # Inductor's and Triton's caches per tree: a compiled graph cached by one tree was reused by another whose custom
+    # ops' fake kernels give other shapes (the conv's partial sums), and its training step failed
+    cache=/tmp/ab_cache/${label// /_}
+    (cd "$dir" && PYTHONPATH=.:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton \
+      timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
       ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$label /")
   done
 fi
