@@ -148,7 +148,7 @@ def layer_kernels(d: int, b: int, dot: int):
         for packed in (False, True):  # packed documents (cu_seqlens): positions per row, no PERIODIC
             tag = " packed" if packed else ""
             for k, fn in (("fwd", fused_layer._conv_fwd_kernel), ("bwd", fused_layer._conv_bwd_kernel)):
-                L = fused_layer.conv_launch(8192, 768, None, k, two_rope, packed)
+                L = fused_layer.conv_launch(768, None, k, two_rope, packed)
                 body = L.body(b, packed)
                 cx = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, TWO=two_rope, ROPE=two_rope, PACKED=packed,
                           PERIODIC=body % b == 0 and not packed, R=L.R, BODY=body, BC=L.BC)

@@ -442,8 +442,7 @@ ROWS = {("fwd", True, False): (8, 16), ("fwd", True, True): (8, 17), ("fwd", Fal
         ("bwd", False, False): (8, 18), ("bwd", False, True): (8, 28)}
 
 
-def conv_launch(T: int, D: int, device: torch.device, kernel: str = "bwd", two: bool = True,
-                packed: bool = False) -> ConvLaunch:
+def conv_launch(D: int, device: torch.device, kernel: str = "bwd", two: bool = True, packed: bool = False) -> ConvLaunch:
     """The default launch of the forward or backward kernel (`kernel`) with two convs and RoPE or one (`two`):
     one warp per 64 channels, R rows loaded at once and the grid sized by `ROWS` (packed: documents)."""
     R, per_sm = ROWS[(kernel, two, packed)]
@@ -456,7 +455,7 @@ def _conv_fwd(x, win, wa, ba, wb, bb, pos0: int, mini_batch: int, head_dim: int,
     window, whose rows are the documents'), pos0 unused (tok carries the RoPE positions)."""
     B, T, D = x.shape
     W = wa.shape[-1]
-    L = launch or conv_launch(T, D, x.device, "fwd", wb is not None, tok is not None)
+    L = launch or conv_launch(D, x.device, "fwd", wb is not None, tok is not None)
     packed = tok is not None
     grid, seg, periodic = L.grid(T, D, B, mini_batch, packed)
     if wb is not None and (ba is None) != (bb is None):  # one bias flag for both convs
@@ -498,7 +497,7 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     B, T, D = x.shape
     W = wa.shape[-1]
     two, packed = wb is not None, tok is not None
-    L = launch or conv_launch(T, D, x.device, "bwd", two, packed)
+    L = launch or conv_launch(D, x.device, "bwd", two, packed)
     grid, seg, periodic = L.grid(T + W - 1, D, B, mini_batch, packed)
     P = B * grid[2]  # rows of the weight-gradient partial sums
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
@@ -579,7 +578,7 @@ def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok
     # the partial sums, is a search over ints (a data-dependent size instead made Dynamo break the graph at the op)
     B, T, D, W = (int(n) for n in (*x.shape, wa.shape[-1]))
     packed = tok is not None
-    P = B * conv_launch(T, D, x.device, "bwd", wb is not None, packed).grid(T + W - 1, D, B, mini_batch, packed)[0][2]
+    P = B * conv_launch(D, x.device, "bwd", wb is not None, packed).grid(T + W - 1, D, B, mini_batch, packed)[0][2]
     f32 = dict(dtype=torch.float32, device=x.device)
     part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
     two = [part(P, D, W), part(P, D)] if wb is not None else [x.new_empty(0), x.new_empty(0)]
