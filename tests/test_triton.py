@@ -107,12 +107,12 @@ LINEAR_CASES = [(2, 37, 2, 16, 16, 0), (1, 75, 2, 24, 16, 5), (1, 150, 1, 16, 8,
                 (1, 40, 1, 16, 16, 15), (1, 42, 2, 16, 4, 3), (1, 150, 1, 16, 64, 5), (1, 21, 2, 8, 4, 2)]
 
 
-@pytest.mark.parametrize("fwd", ["split", "fused", "split_ahead", "fused_ahead"])
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("B,T,H,d,b,pos", LINEAR_CASES)
 def test_linear_matches_dual(B, T, H, d, b, pos, fwd):
     """Both forwards (the walk with the outputs, or the walk alone and the outputs per checkpoint group: groups of
-    3 mini-batches here, so that the cases end inside a group; 2 of 64, the most rows a split group takes), each
-    also with the walk's lookahead, with the backward."""
+    3 mini-batches here, so that the cases end inside a group; 2 of 64, the most rows a split group takes) with the
+    backward."""
     kernels = triton_backend.LinearKernels(fwd=fwd, group=3 if 3 * b <= 128 else 2)
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=kernels)
 
@@ -125,7 +125,7 @@ def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
 
 
-@pytest.mark.parametrize("fwd", ["split", "fused", "fused_ahead"])
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
 def test_linear_nan_does_not_leak_backwards(which, fwd):
     """A NaN at position 20 (b = 16: the fifth row of the second mini-batch) leaves outputs 0..19 exactly as in a
@@ -144,8 +144,8 @@ def test_linear_kernels_choice_is_checked():
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('split', 'split_lean', 'split_full'\), "
                        r"got 'v1'"):
         triton_backend.LinearKernels(bwd="v1")
-    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
-                       r"'fused_ahead', 'split_ahead'\), got 'x'"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split'\), "
+                       r"got 'x'"):
         triton_backend.LinearKernels(fwd="x")
 
 
@@ -250,7 +250,7 @@ def test_gpu_fp32_long(kind):
 @gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("fwd", ["split", "fused", "split_ahead", "fused_ahead"])
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 def test_gpu_linear_fwd_impls(fwd, d, dtype, tol):
     """Both TTT-Linear forwards on the GPU's compiler (tensor-core products, the split's 64-row output tiles):
     outputs, final state and every gradient against the dual form, over several checkpoint groups and a partial
@@ -262,7 +262,7 @@ def test_gpu_linear_fwd_impls(fwd, d, dtype, tol):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("fwd", ["split", "fused", "fused_ahead"])
+@pytest.mark.parametrize("fwd", ["split", "fused"])
 def test_gpu_linear_nonfinite_both_forwards(fwd):
     """As above for TTT-Linear's two forwards, the NaN in k at token 150 (the second checkpoint group's output
     tile): outputs 0..149 bit-identical, 150 on NaN."""

@@ -35,8 +35,7 @@ from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
 from . import bwd_split
 
-FWD_IMPLS = ("auto", "fused", "split", "fused_ahead", "split_ahead")  # "_ahead": the walk's lookahead (opt-in until
-# timed on the GPU: `ttt_linear_fwd_kernel`'s LOOKAHEAD)
+FWD_IMPLS = ("auto", "fused", "split")
 BWD_IMPLS = ("split", "split_lean", "split_full")
 
 
@@ -47,12 +46,10 @@ def ttt_linear_fwd_kernel(
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, LOOKAHEAD: tl.constexpr = False,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
 ):
     """OUT: the outputs too; else the chain alone, storing every mini-batch's G (fp32 rows [B*H or H, T, d]) for
-    `_fwd_out_kernel`. LOOKAHEAD: the next mini-batch's Z from this one's weights and G,
-    Z_{n+1} = (K_{n+1} W_n + c_n) - (K_{n+1} K_n^T + 1) (e_b G_n), so that between one mini-batch's G and the next
-    one's Z there is one product over 16 rows instead of the weight update and a product over d."""
+    `_fwd_out_kernel`."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -69,9 +66,6 @@ def ttt_linear_fwd_kernel(
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t, OUT)
-    Z = tl.zeros([BT, BD], dtype=tl.float32)
-    if LOOKAHEAD:
-        Z = _dot(kn.to(tl.float32), W, DOT_MODE) + c[None, :]
     for n in range(NMB):
         if SAVE:
             if n % GROUP == 0:
@@ -91,13 +85,7 @@ def ttt_linear_fwd_kernel(
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t,
                                    rt, m21, tm1, l_t, OUT)
 
-        if LOOKAHEAD:  # Z from the mini-batch before (the first: before the loop); the next one's parts, without G
-            k1 = kn.to(tl.float32)
-            base1 = _dot(k1, W, DOT_MODE) + c[None, :]
-            A1 = _dot(k1, tl.trans(k), DOT_MODE) + 1.0
-        else:
-            Z = _dot(k, W, DOT_MODE) + c[None, :]
-        G, xh, rstd, gy, mgx = _ln_l2_grad(Z, v, k, gam, bet, cmask, D, EPS)
+        G, xh, rstd, gy, mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
         if OUT:
             P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
             o = _output(q, W, c, P, G, gam, bet, rt, rt, cmask, BT, D, DOT_MODE, EPS)
@@ -106,8 +94,6 @@ def ttt_linear_fwd_kernel(
             tl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
 
         eG = (tau_e * lr)[:, None] * G
-        if LOOKAHEAD:
-            Z = base1 - _dot(A1, eG, DOT_MODE)  # [16, 16] x [16, d]: the next mini-batch's Z
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
     tl.store(wT_ptr + pid * D * D + woff, W, mask=wmask)
@@ -197,7 +183,6 @@ def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> 
     """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "fused" as asked, "auto" by size."""
     if impl not in FWD_IMPLS:
         raise ValueError(f"impl: expected one of {FWD_IMPLS}, got {impl!r}")
-    impl = impl.removesuffix("_ahead")
     fits = tile(group * mini_batch) <= SPLIT_MAX_ROWS
     if impl == "split" and not fits:
         raise ValueError(f"impl: 'split' takes checkpoint groups of at most {SPLIT_MAX_ROWS} rows, got {group} "
@@ -237,8 +222,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     kern = ttt_linear_fwd_kernel[(rows.n * H,)](
         q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
         *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
-        BT=BT, SAVE=save or split, OUT=not split, LOOKAHEAD=impl.endswith("_ahead"), num_warps=warps or _warps(d),
-        **meta)
+        BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
     if split:
