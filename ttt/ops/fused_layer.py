@@ -72,8 +72,7 @@ def _taps(w_ptr, cols, cmask, W: tl.constexpr):
 
 @triton.jit
 def _rot(y, c, s):
-    """The pairs (2i, 2i+1) of y [..., BC] rotated by the angles whose cos and sin [..., BC/2] are
-    given."""
+    """The pairs (2i, 2i+1) of y [..., BC] rotated by the angles whose cos and sin [..., BC/2] are given."""
     shape: tl.constexpr = y.shape
     ye, yo = tl.split(tl.reshape(y, shape[:-1] + [shape[-1] // 2, 2]))  # [..., BC] -> [..., BC/2] even, odd channels
     return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), shape)  # [..., BC/2, 2] -> [..., BC]
@@ -158,7 +157,7 @@ def _xs_row(x_ptr, s_ptr, u, cols, cmask, x_off, s_off, x_st, s_st, T, W: tl.con
 
 
 @triton.jit
-def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr, BC: tl.constexpr):
+def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr):
     """The un-rotated output gradient at row t, fp32 [BC] (zero outside [0, T))."""
     g = tl.load(dy_ptr + y_off + t * D + cols, mask=_rmask(cmask, (t >= 0) & (t < T)), other=0.0).to(tl.float32)
     if ROPE:
@@ -208,9 +207,9 @@ def _conv_bwd_kernel(
                 c, s = _rope_at(tk % MB, 0, inv, cs, sn, False, TAB, MB)
         elif ROPE:  # (PERIODIC: position (pos0 - k) mod MB, entry -k mod BODY)
             c, s = _rope_at((pos0 + t + MB * W) % MB, (BODY - k % BODY) % BODY, inv, cs, sn, PERIODIC, TAB, MB)
-        ha = ha + (_g_row(dya_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE, BC),)
+        ha = ha + (_g_row(dya_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE),)
         if TWO:
-            hb = hb + (_g_row(dyb_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE, BC),)
+            hb = hb + (_g_row(dyb_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE),)
         hp = hp + (p,)
     dwa = ()
     dwb = ()
@@ -740,10 +739,8 @@ def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m,
         else:
             xv = tl.load(u_ptr + u_off + cols, mask=m, other=0.0)
         y += xv.to(tl.float32) * tl.load(w_ptr + cols * W + j, mask=m, other=0.0).to(tl.float32)
-    ye, yo = tl.split(tl.reshape(y, [BD // 2, 2]))  # [BD] -> [BD/2] even, odd channels
-    ang = tl.cast(i_pos, tl.float32) * tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base)
-    c, s = tl.cos(ang), tl.sin(ang)
-    return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), [BD])  # [BD/2, 2] -> [BD]
+    c, s = _row_angles(i_pos, tl.exp2(-(2.0 * tl.arange(0, BD // 2).to(tl.float32) / HD) * log2_base))
+    return _rot(y, c, s)
 
 
 # i_pos is not specialised: the 16 offsets of a mini-batch share one compiled kernel (and a position of 1, which
