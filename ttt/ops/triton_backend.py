@@ -435,10 +435,10 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
     lean, nseg = _lin_chunk.bwd_plan(N, H, nck, impl, segments or None)
     SR, BT, BD = (H if packed else B * H), tile(mini_batch), tile(d)
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
-    nb = N * H * (nck if lean else nseg)  # rows of the chain's (or lean post's) partial sums
+    nb = N * H * (nck if lean else nseg)  # rows of dtau's second partial sums: the lean post's, or the full chain's
+    ng = N * H * nck  # rows of the rest: per (row, head, group)
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(N, H, d, d), e(N, H, d),
-            e(SR, T), e(SR, T), e(N * H * nck, BT), e(nb, BT), e(N * H * nck, BD), e(nb, BD), e(N * H * nck, BD),
-            e(nb, BD)]
+            e(SR, T), e(SR, T), e(ng, BT), e(nb, BT), e(ng, BD), e(ng, BD), e(ng, BD), e(ng, BD)]
 
 
 def _lin_setup(ctx, inputs, output):
@@ -462,8 +462,7 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
                                                bwd_warps, bwd_segments)
-    lean, _ = _lin_chunk.bwd_plan(N, H, cdiv(nmb, group), bwd_impl, bwd_segments or None)
-    dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N, lean)
+    dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
             None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 

@@ -18,11 +18,11 @@ terms since the forward left it uncommitted):
       G, gy recomputed row-wise from x^, rstd, v - k (no product)
       KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
       dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
-      dk_b = -(e_b G) dW^T + gam dgy,  dv = -gam dgy (final),  dgam, dbet (the dgy part)
-      dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
-    and stores dZ, dk_b as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
-(c) `_post_kernel`, per group: recompute W per mini-batch from the checkpoint; dk = dk_a + dk_b + dZ W^T.
-Memory: the forward's checkpoints plus six fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones (packed
+      dk_b = -(e_b G) dW^T,  dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
+    and stores dZ, dk_b, dgy as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
+(c) `_post_kernel`, per group: recompute W (and x^) per mini-batch from the checkpoint; dk = dk_a + dk_b + gam dgy
+    + dZ W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs no dW' leaves the chain.
+Memory: the forward's checkpoints plus seven fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones (packed
 rows: [H, T, d], each document's rows at its own tokens); nothing of size d x d per mini-batch.
 """
 from __future__ import annotations
@@ -146,8 +146,8 @@ def _pre_kernel(
 def _chain_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr,
     dwT_ptr, dcT_ptr,
-    dz_ptr, dkb_ptr, dv_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
     H, T, N_LO, N_HI, PART,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -160,12 +160,11 @@ def _chain_kernel(
 
     dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
     dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
-    dgam = tl.zeros([BD], dtype=tl.float32)
-    dbet = tl.zeros([BD], dtype=tl.float32)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
-    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
-                                                           o_b, o_t, o_h)
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
     sc_t = (bi * sc_b + hi) * T + start
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     t0 = tl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
@@ -204,8 +203,7 @@ def _chain_kernel(
         rsn = tl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         # the inner gradient G, recomputed from the stored LN statistics (row-wise, no product)
-        vk = v - k
-        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk)
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
         mgx = tl.sum(gy * xh, axis=1) / D
         G = _proj(gy, xh, rstd, cmask, D)
         tau_e = tl.where(full, tau_b, 0.0)
@@ -220,25 +218,20 @@ def _chain_kernel(
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
         dc += tl.sum(dZb + dZ, axis=0)
-
-        dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - vk), axis=0)
-        dbet += tl.sum(dgy * gam[None, :], axis=0)
-        dkb += gam[None, :] * dgy
         so = sc_off + t0 * D
         tl.store(dz_ptr + so, dZ, mask=m2)
         tl.store(dkb_ptr + so, dkb, mask=m2)
-        tl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+        tl.store(dgy_ptr + so, dgy, mask=m2)
         tl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
     tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
     tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
     tl.store(dtau_ptr + (PART + pid) * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
-    tl.store(dlnw_ptr + (PART + pid) * BD + rd, dgam)
-    tl.store(dlnb_ptr + (PART + pid) * BD + rd, dbet)
 
 
 @triton.jit
 def _post_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dk_ptr, span_ptr,
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
+    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
@@ -254,6 +247,8 @@ def _post_kernel(
     has = g * GROUP < NMB
     W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
     c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
+    dgamT = tl.zeros([BT, BD], dtype=tl.float32)
+    dbetT = tl.zeros([BT, BD], dtype=tl.float32)
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
@@ -267,6 +262,7 @@ def _post_kernel(
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
     dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0)
     dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2,
                                                                            other=0.0)
     for n in range(n0, n1):
@@ -277,6 +273,7 @@ def _post_kernel(
         v = vn.to(tl.float32)
         lr = lrn.to(tl.float32)
         dZ = dzn
+        dgy = dgyn
         dk = dkn
         t1 = tl.minimum(n + 1, n1 - 1) * MB
         tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
@@ -284,14 +281,21 @@ def _post_kernel(
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
         dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0)
         dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0) + tl.load(dkb_ptr + sc_off + t1 * D, mask=m21,
                                                                                 other=0.0)
-        dk += _dot(dZ, tl.trans(W), DOT_MODE)
-        tl.store(dk_ptr + out_base + t0 * o_t + out_off, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+        dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
+        optr = out_base + t0 * o_t + out_off
+        tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+        tl.store(dv_ptr + optr, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
         G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        dgamT += dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k))
+        dbetT += dgy
         eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
+    tl.store(dlnw_ptr + pid2 * BD + rd, tl.sum(dgamT, axis=0))
+    tl.store(dlnb_ptr + pid2 * BD + rd, tl.sum(dbetT, axis=0) * gam)
 
 
 @triton.jit
@@ -547,14 +551,13 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
     SR = H if rows.packed else B * H  # fp32 scratch rows: per head, every row's tokens at their own positions
     xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **f32) for _ in range(6))
-    gg = torch.empty((SR, T, d), **f32) if lean else xh
+    gg = torch.empty((SR, T, d), **f32)  # lean: G from the pre pass; full: the chain's dgy
     rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
     dtau_a = torch.empty((N * H * nck, BT), **f32)
     dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
-    nb = N * H * nck if lean else N * H * nseg
-    dtau_b = torch.empty((nb, BT), **f32)
-    dlnw_b, dlnb_b = (torch.empty((nb, BD), **f32) for _ in range(2))
+    dtau_b = torch.empty((N * H * (nck if lean else nseg), BT), **f32)  # the lean post's per group, the full chain's
+    dlnw_b, dlnb_b = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))  # per segment; these the post's
     dw0 = torch.empty((N, H, d, d), **f32)
     dc0 = torch.empty((N, H, d), **f32)
     cw, cc = (torch.empty((N, H, d, d), **f32), torch.empty((N, H, d), **f32)) if nseg > 1 else (dw0, dc0)
@@ -585,8 +588,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         else:
             launched["ttt_linear_bwd_chain"] = _chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
-                dz, dkb, dv, dlrb, wo, co, dtau_b, dlnw_b, dlnb_b, span,
-                *strides, H, T, n_lo, n_hi, s * N * H, num_warps=warps[1], **meta)
+                dz, dkb, gg, dlrb, wo, co, dtau_b, span,
+                *strides[:6], strides[-1], H, T, n_lo, n_hi, s * N * H, num_warps=warps[1], **meta)
 
     def post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
@@ -597,7 +600,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 *strides, H, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
         else:
             launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
-                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, dk, span,
+                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
                 *strides, H, nck, T, g0, ng, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
 
     if dev.type == "cuda" and nseg > 1:
@@ -628,16 +631,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     return dq, dk, dv, dw0, dc0, (dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b)
 
 
-def sums(parts, B: int, H: int, b: int, d: int, N: int, lean: bool):
-    """dlr [B,T,H], dtau [b], dln_w, dln_b [H,d] from `bwd_parts`' partial sums (N rows; lean as it ran)."""
+def sums(parts, B: int, H: int, b: int, d: int, N: int):
+    """dlr [B,T,H], dtau [b], dln_w, dln_b [H,d] from `bwd_parts`' partial sums (N rows)."""
     dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b = parts
     T, BD = dlra.shape[1], dlnw_a.shape[1]
     dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()  # [SR, T] = [B*H, T] (packed: [H, T], B = 1)
     dtau = (dtau_a.sum(0) + dtau_b.sum(0))[:b]
-    # rows of partial sums: the pre pass and the lean post pass one per (row, head, group), the full chain one per
-    # (segment, row, head)
+    # rows of partial sums, one per (row, head, group): the pre and the post pass's
     per_group = lambda x: x.view(N, H, -1, BD).sum((0, 2))  # noqa: E731
-    parts_b = per_group if lean else (lambda x: x.view(-1, H, BD).sum(0))
-    dlnw = per_group(dlnw_a) + parts_b(dlnw_b)
-    dlnb = per_group(dlnb_a) + parts_b(dlnb_b)
+    dlnw = per_group(dlnw_a) + per_group(dlnw_b)
+    dlnb = per_group(dlnb_a) + per_group(dlnb_b)
     return dlr, dtau, dlnw[:, :d], dlnb[:, :d]

@@ -250,8 +250,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     dq, dk, dv, dw0, dc0, parts = bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch,
                                             group, dot_mode, impl, warps, info, segments, rows)
-    lean, _ = bwd_plan(rows.n, H, rows.nck, impl, segments)
-    return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n, lean), dw0, dc0)
+    return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n), dw0, dc0)
 
 
 def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
