@@ -432,13 +432,11 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
     B, T, H, d = q.shape
     N = dwT.shape[0]
     nck = cdiv(nmb, group)
-    lean, nseg = _lin_chunk.bwd_plan(N, H, nck, impl, segments or None)
     SR, BT, BD = (H if packed else B * H), tile(mini_batch), tile(d)
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
-    nb = N * H * (nck if lean else nseg)  # rows of dtau's second partial sums: the lean post's, or the full chain's
-    ng = N * H * nck  # rows of the rest: per (row, head, group)
+    ng = N * H * nck  # rows of the partial sums: one per (row, head, group)
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(N, H, d, d), e(N, H, d),
-            e(SR, T), e(SR, T), e(ng, BT), e(nb, BT), e(ng, BD), e(ng, BD), e(ng, BD), e(ng, BD)]
+            e(SR, T), e(SR, T), e(ng, BT), e(ng, BT), e(ng, BD), e(ng, BD), e(ng, BD), e(ng, BD)]
 
 
 def _lin_setup(ctx, inputs, output):

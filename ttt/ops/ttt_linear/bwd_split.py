@@ -148,8 +148,9 @@ def _chain_kernel(
     dwT_ptr, dcT_ptr,
     dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
-    H, T, N_LO, N_HI, PART,
-    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
+    H, NCK, T, N_LO, N_HI,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
@@ -214,6 +215,10 @@ def _chain_kernel(
         dG = dG0 - eb[:, None] * KdW
         dkb = -_dot(eb[:, None] * G, tl.trans(dW), DOT_MODE)
         dtau_b += tl.where(full, -lr * S, 0.0)
+        if n % GROUP == 0:  # the group's first mini-batch, walked last: the group's part of dtau_b
+            tl.store(dtau_ptr + (pid * NCK + n // GROUP) * BT + rt,
+                     tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
+            dtau_b = tl.zeros([BT], dtype=tl.float32)
         # G = LN-L2 gradient at Z = K W + c
         dgy, dZ = _ln_l2_grad_bwd(dG, G, xh, rstd, gy, mgx, gam, cmask, D)
         dW += _dot(tl.trans(q), dZb, DOT_MODE) + _dot(tl.trans(k), dZ, DOT_MODE)
@@ -225,7 +230,6 @@ def _chain_kernel(
         tl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
     tl.store(dw0_ptr + pid * D * D + woff, dW, mask=wmask)
     tl.store(dc0_ptr + pid * D + rd, dc, mask=cmask)
-    tl.store(dtau_ptr + (PART + pid) * BT + rt, tl.where(rt == MB - 1, tl.sum(dtau_b, axis=0), 0.0))
 
 
 @triton.jit
@@ -556,8 +560,10 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
     dtau_a = torch.empty((N * H * nck, BT), **f32)
     dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
-    dtau_b = torch.empty((N * H * (nck if lean else nseg), BT), **f32)  # the lean post's per group, the full chain's
-    dlnw_b, dlnb_b = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))  # per segment; these the post's
+    # partial sums per (row, head, group): dtau's second the lean post's or the full chain's (which walks a shorter
+    # row's groups only), the LN weights' the post pass's
+    dtau_b = (torch.empty if lean else torch.zeros)((N * H * nck, BT), **f32)
+    dlnw_b, dlnb_b = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
     dw0 = torch.empty((N, H, d, d), **f32)
     dc0 = torch.empty((N, H, d), **f32)
     cw, cc = (torch.empty((N, H, d, d), **f32), torch.empty((N, H, d), **f32)) if nseg > 1 else (dw0, dc0)
@@ -589,7 +595,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             launched["ttt_linear_bwd_chain"] = _chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
-                *strides[:6], strides[-1], H, T, n_lo, n_hi, s * N * H, num_warps=warps[1], **meta)
+                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, GROUP=group, num_warps=warps[1], **meta)
 
     def post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
