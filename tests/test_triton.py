@@ -290,9 +290,9 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
 
 @pytest.mark.parametrize("impl,segments", [("split_lean", 0), ("split_full", 0), ("split_full", 3), ("split_lean", 2)])
 def test_linear_bwd_op_fake_matches_the_kernels(impl, segments):
-    """The TTT-Linear backward op returns partial sums whose shapes depend on the chain (lean or full) and the
-    segments: its fake implementation (what torch.compile traces with) gives every output's shape, dtype and
-    strides as the kernels make them (torch.library.opcheck)."""
+    """The TTT-Linear backward op returns partial sums (one row per row, head and checkpoint group, whichever chain
+    and however many segments run): its fake implementation (what torch.compile traces with) gives every output's
+    shape, dtype and strides as the kernels make them (torch.library.opcheck)."""
     from ttt.ops.triton_utils import batch_rows
     inp = to_dev(random_inputs("linear", B=2, T=80, H=2, d=16, b=8, pos=0, dtype=torch.float32))
     W0, c0 = inp.state().params
