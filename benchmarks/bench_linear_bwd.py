@@ -1,4 +1,4 @@
-"""TTT-Linear backward kernels on the GPU: the split backward's variants (lean or full chain, warps, segments).
+"""TTT-Linear backward kernels on the GPU: the split backward's variants (lean, full or Gluon chain, warps, segments).
 
 First checks every output, final state and gradient of the triton backend with each backward against the
 PyTorch dual form (fp32 reference on the same rounded inputs; bf16 and fp32; d = 64 and 128; lengths that are
@@ -79,7 +79,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["split", "split_lean", "split_full"],
                     help="backward variants to time: split (picks lean/full by B*H), split_lean, "
-                         "split_full, each as IMPL:PRE,CHAIN,POST (warps), IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS")
+                         "split_full, split_gluon (the full chain in Gluon), each as IMPL:PRE,CHAIN,POST (warps), "
+                         "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
@@ -96,7 +97,8 @@ def main():
     if not args.no_check:
         for dtype in (torch.bfloat16, torch.float32):
             for d, T, pos in ((64, 1037, 7), (128, 300, 0), (64, 2048, 16)):
-                ok &= check(2, T, 4, d, dtype, pos, ["split_lean", "split_full"])
+                ok &= check(2, T, 4, d, dtype, pos, ["split_lean", "split_full"]
+                            + (["split_gluon"] if dtype != torch.float32 else []))  # (16-bit only)
     shapes = SHAPES if args.shapes == "all" else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     variants = []
     for v in args.variants:

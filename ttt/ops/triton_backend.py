@@ -40,7 +40,8 @@ from . import TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
 from .packed import Window, rows_of, upload
 from .triton_utils import Rows, batch_rows, cdiv, document_rows, tile
-from .ttt_linear import bwd_split as _lin_bwd_split, chunk as _lin_chunk, step_triton as _lin_step_triton
+from .ttt_linear import bwd_split as _lin_bwd_split, chain_gluon as _lin_chain_gluon, chunk as _lin_chunk, \
+    step_triton as _lin_step_triton
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, \
     step_triton as _mlp_step_triton
 
@@ -112,9 +113,11 @@ def _f32(params):
 class LinearKernels:
     """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split", see
     `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size, "split_lean" |
-    "split_full", see `ttt_linear/chunk.py`); group: mini-batches per weight checkpoint; dot_mode: the products'
-    operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
-    post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
+    "split_full", see `ttt_linear/chunk.py`; "split_gluon": the full chain in Gluon, `ttt_linear/chain_gluon.py`,
+    head dim 64 or 128, mini-batch 16, 16-bit inputs, its own warps); group: mini-batches per weight checkpoint;
+    dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps:
+    None, or (pre, chain, post); bwd_segments: the time segments of the backward's pipelined launch (None: by
+    size)."""
 
     bwd: str = "split"
     group: int = GROUP
@@ -130,8 +133,11 @@ class LinearKernels:
         if self.fwd not in _lin_chunk.FWD_IMPLS:
             raise ValueError(f"LinearKernels.fwd: expected one of {_lin_chunk.FWD_IMPLS}, got {self.fwd!r}")
 
-    def check(self, d: int) -> None:
-        """Every head dim runs (padded to a power of two), with and without packed documents."""
+    def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
+        """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon chain
+        only what it is written for (a one-line error)."""
+        if self.bwd == "split_gluon":
+            _lin_chain_gluon.check(d, mini_batch, dtype, self.dot_mode)
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
@@ -164,7 +170,7 @@ class MLPKernels:
         if self.impl is not None and self.impl not in MLP_IMPLS:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
 
-    def check(self, d: int) -> None:
+    def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
         """The head dim d the chosen kernels take (every pair takes packed documents); a one-line error."""
         if self.impl == "regs" and d > MLP_MAX_D:
             raise ValueError(f"mlp_impl: 'regs' holds the weights in registers only up to head dim {MLP_MAX_D}, "
@@ -290,7 +296,7 @@ class TritonOp(TTTOp):
         if x.ln_weight is None:
             raise ValueError("ln_weight: the Triton kernels implement the inner LayerNorm (and residual) only; got "
                              "None (resolve_op gives these switches the dual form)")
-        self.kernels.check(x.q.shape[-1])
+        self.kernels.check(x.q.shape[-1], x.mini_batch, x.q.dtype)
         B, T = x.q.shape[:2]
         pk, b = x.packing, x.mini_batch
         if pk is None and T == 1:

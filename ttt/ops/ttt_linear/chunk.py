@@ -33,10 +33,10 @@ import triton.language as tl
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
-from . import bwd_split
+from . import bwd_split, chain_gluon
 
 FWD_IMPLS = ("auto", "fused", "split")
-BWD_IMPLS = ("split", "split_lean", "split_full")
+BWD_IMPLS = ("split", "split_lean", "split_full", "split_gluon")
 
 
 @triton.jit
@@ -257,7 +257,8 @@ def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple
     """(lean, segments) that `bwd_parts` runs with for impl and segments (`bwd_split.plan`)."""
     if impl not in BWD_IMPLS:
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
-    return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False}[impl], segments)
+    return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False, "split_gluon": False}[impl],
+                          segments)
 
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
@@ -268,7 +269,9 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     B, T, H, _ = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
+    if impl == "split_gluon":
+        chain_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                                dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
-                               info=info, lean=lean, segments=nseg, rows=rows)
+                               info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon")

@@ -1,0 +1,118 @@
+"""The TTT-Linear backward's full chain in Gluon (`ttt/ops/ttt_linear/chain_gluon.py`, `LinearKernels(bwd=
+"split_gluon")`) against the Triton full chain on the same inputs (every output, final state and gradient, close:
+the same 16-bit products, summed in another order) and against the dual form: odd lengths with a partial last
+mini-batch, a mid-mini-batch start, several checkpoint groups and time segments, packed documents, every buffer
+NaN-poisoned. On the CPU the Gluon source runs in Triton's interpreter through tests/gluon_shim.py (fp16); on a
+GPU in bf16 at full size (marked `gpu`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
+from ttt.ops import TTTInputs, TTTState, triton_backend  # noqa: E402
+from ttt.ops.ttt_linear import bwd_split, chain_gluon, chunk  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+if DEV == "cpu":
+    import gluon_shim  # noqa: E402
+
+    _CHAIN = gluon_shim.interpretable(chain_gluon._chain_gluon_kernel)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    for mod in (chunk, bwd_split):
+        monkeypatch.setattr(mod, "torch", PoisonTorch())
+    if DEV == "cpu":  # the Gluon kernel's own source, run in the interpreter (tests/gluon_shim.py)
+        monkeypatch.setattr(chain_gluon, "_chain_gluon_kernel", _CHAIN)
+
+
+def make(B, T, H, d, pos, dtype):
+    """Random TTT-Linear inputs (`conftest.random_inputs`, a pending accumulator when pos is inside a mini-batch) on
+    the device, every leaf requiring grad."""
+    inp = random_inputs("linear", B=B, T=T, H=H, d=d, b=16, pos=pos, dtype=dtype, requires_grad=True)
+    if DEV != "cpu":
+        inp = inp.with_leaves({n: t.detach().to(DEV).requires_grad_() for n, t in inp.leaves().items()})
+    return inp
+
+
+def outputs_and_grads(inp, kernels, cu=None):
+    """[o, final params, final accumulators] of the triton op with `kernels` (cu: packed documents, each from the
+    start state's first row), then the gradients of a fixed random weighting of all of them w.r.t. every leaf."""
+    x, st = inp.inputs(), inp.state()
+    if cu is not None:
+        x = TTTInputs(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, cu)
+        st = TTTState.initial("linear", inp.init, len(cu) - 1)
+    o, s = triton_backend.TritonOp("linear", kernels)(x, st)
+    outs = [o, *s.params, *s.accum]
+    g = torch.Generator(device=o.device).manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=g, device=t.device).to(t.dtype)).sum() for t in outs)
+    leaves = list(inp.leaves().values())
+    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None):
+    """The Gluon chain and the Triton full chain on the same inputs: every output, state and gradient within tol
+    (relative L2 error)."""
+    inp = make(B, T, H, d, pos, dtype)
+    kw = dict(group=2, bwd_segments=segments)
+    got = outputs_and_grads(inp, triton_backend.LinearKernels(bwd="split_gluon", **kw), cu)
+    want = outputs_and_grads(inp, triton_backend.LinearKernels(bwd="split_full", **kw), cu)
+    errs = {i: rel(a, b) for i, (a, b) in enumerate(zip(got, want)) if b is not None and b.abs().max() > 0}
+    assert len(errs) >= 10  # o, W, c and the leaves' gradients
+    bad = {i: e for i, e in errs.items() if not e <= tol}
+    assert not bad, f"over {tol}: {bad}"
+
+
+# 7 mini-batches (the last partial) in 4 checkpoint groups of 2, from a start inside a mini-batch or not, in one
+# time segment and in three
+@pytest.mark.parametrize("pos,segments", [(0, None), (5, 3)])
+def test_gluon_chain_equals_the_triton_chain(pos, segments):
+    gluon_against_triton(B=2, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments)
+
+
+def test_gluon_chain_head_dim_128_equals_the_triton_chain():
+    gluon_against_triton(B=1, T=53, H=1, d=128, pos=0, dtype=torch.float16, tol=2e-3)
+
+
+def test_gluon_chain_packed_documents_equal_the_triton_chain():
+    """Documents of 40, 5, 70 and 16 tokens in one row: each walked from its own first token and length."""
+    cu = torch.tensor([0, 40, 45, 115, 131])
+    gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu)
+
+
+def test_gluon_chain_matches_dual():
+    inp = make(B=1, T=75, H=2, d=64, pos=3, dtype=torch.float16)
+    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(bwd="split_gluon", group=2))
+    check_against_dual(inp, lambda: op(inp.inputs(), inp.state()), T=75, pos=3, dtype=torch.float16, grad=True,
+                       tol=3e-2, label="split_gluon")
+
+
+@pytest.mark.parametrize("d,dtype,mini_batch", [(32, torch.float16, 16), (64, torch.float32, 16),
+                                                (64, torch.float16, 8)])
+def test_gluon_chain_refuses_what_it_is_not_written_for(d, dtype, mini_batch):
+    inp = random_inputs("linear", B=1, T=40, H=1, d=d, b=mini_batch, pos=0, dtype=dtype, requires_grad=True)
+    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(bwd="split_gluon"))
+    with pytest.raises(ValueError, match=r"^LinearKernels\(bwd='split_gluon'\): takes head dim \(64, 128\), "
+                                         r"mini-batch 16, bf16 or fp16 inputs"):
+        op(inp.inputs(), inp.state())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_gluon_chain_equals_the_triton_chain(d):
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=5, dtype=torch.bfloat16, tol=1e-2, segments=3)
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=0, dtype=torch.float16, tol=2e-3)

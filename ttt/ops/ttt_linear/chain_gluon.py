@@ -1,0 +1,192 @@
+"""TTT-Linear split backward: the full chain in Gluon, with layouts chosen so that a token's algebra stays in a warp.
+
+Same launch contract, inputs, outputs and formulas as `bwd_split._chain_kernel` (one program per (row, head),
+the mini-batches N_LO .. N_HI - 1 of its row in reverse, carrying dW, dc; stores dZ, dk_b, dgy, dlr_b and dtau's
+partial sum per checkpoint group). Why a second form: in the Triton kernel the compiler keeps a mini-batch's
+[16, d] tiles in the tensor-core result layout, where each token's d values sit in four warps, so every per-token
+sum of the LayerNorm algebra (five a mini-batch) and every load and store of a scratch tile crosses warps through
+shared memory and a barrier (35 barriers a mini-batch, offline sm_90). Here the tiles live in R, a layout with
+whole tokens per warp: their row sums are warp shuffles, their loads and stores need no conversion, and only the
+products cross layouts:
+  KdW = K dW + dc      mma.sync, [16, d] in the products' layout, one conversion to R
+  dk_b = -(e_b G) dW^T  mma.sync, stored from the products' layout
+  dW += Q^T dZb + K^T dZ  mma.sync with dW in registers (fp32, warps down its rows)
+with the 16-bit operands in shared memory: K, Q, dZb, dZ, e_b G per mini-batch and a 16-bit copy of dW (rewritten
+after each update: the products read dW rounded to 16 bits, as the Triton kernel's are), each double-buffered by the
+mini-batch's parity so that one barrier a mini-batch orders their reuse (a buffer written in mini-batch i was last
+read in i - 2, which every warp finished before the barrier of i - 1). Operands 16-bit (bf16 / fp16 inputs),
+head dim 64 (4 warps) or 128 (8 warps), mini-batch 16.
+
+Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py`; layouts and
+shared memory only by the offline sm_90 compile and on a GPU (tests marked `gpu`).
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ..triton_utils import _add2, _add3
+
+# a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+HEAD_DIMS = (64, 128)
+MB = 16
+
+
+def warps(d: int) -> int:
+    """The chain's warps at head dim d: dW [d, d] fp32 in registers, 32 values a thread at 4 warps (d 64) or 8 (d 128)."""
+    return 4 if d <= 64 else 8
+
+
+def check(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None) -> None:
+    """The shapes and dtypes this chain takes; a one-line error naming the kernel choice otherwise."""
+    if d not in HEAD_DIMS or mini_batch != MB or dtype not in (torch.bfloat16, torch.float16) or \
+            dot_mode not in (None, 2, 3):
+        raise ValueError(f"LinearKernels(bwd='split_gluon'): takes head dim {HEAD_DIMS}, mini-batch {MB}, bf16 or "
+                         f"fp16 inputs and their own product precision; got d {d}, mini-batch {mini_batch}, {dtype}, "
+                         f"dot_mode {dot_mode}")
+
+
+@gluon.jit
+def _chain_gluon_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr, dwT_ptr, dcT_ptr,
+    dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
+    H, NCK, T, N_LO, N_HI,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr,
+):
+    OPT: gl.constexpr = q_ptr.dtype.element_ty
+    # R: [MB, D] tiles with MB / num_warps whole tokens per warp, a token's d values in a few lanes (8 or 16) of it
+    RW: gl.constexpr = MB // num_warps
+    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
+    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
+    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
+    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
+    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
+    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    dzb_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    dz_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # dW rounded to 16 bits (the products' operand)
+    # fp32 tiles handed between the layouts: K dW + dc (LP -> R) and dZb + dZ (R -> LP, for dc's column sums)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    kw_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)
+    zs_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)
+
+    pid = gl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    start = gl.load(span_ptr + 3 * bi)
+    L = gl.load(span_ptr + 3 * bi + 1) - start
+    n_hi = gl.minimum(N_HI, (L + MB - 1) // MB)  # this segment's mini-batches of this row: N_LO .. n_hi - 1
+    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
+    rtP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
+    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
+    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
+    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
+    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    woff = riW[:, None] * D + rjW[None, :]
+    dW = gl.load(dwT_ptr + pid * D * D + woff)
+    dc = gl.load(dcT_ptr + pid * D + rdP)  # (in the products' layout: its column sums stay in a warp there)
+    dtau_b = gl.zeros([MB], gl.float32, gl.SliceLayout(1, R))
+
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    scP = (sc_t + rtP)[:, None] * D + rdP[None, :]
+    t0 = gl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
+    tm = t0 + rt < L
+    m2 = tm[:, None] & (rd[None, :] < D)
+    qn = gl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = gl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = gl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
+    xhn = gl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dg0n = gl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    dzbn = gl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    rsn = gl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
+    wh_s.index(0).store(dW.to(OPT))
+    for ni in range(n_hi - N_LO):
+        n = n_hi - 1 - ni
+        p = ni % 2
+        t0 = n * MB
+        full = t0 + MB <= L  # a partial last mini-batch commits nothing: no carried-weight terms
+        tm = t0 + rt < L
+        m2 = tm[:, None] & (rd[None, :] < D)
+        q16 = qn
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        xh = xhn
+        dG0 = dg0n
+        dZb = dzbn
+        rstd = rsn
+        t1 = gl.maximum(n - 1, N_LO) * MB  # the next mini-batch's loads, issued before this one's math
+        tm1 = t1 + rt < L
+        m21 = tm1[:, None] & (rd[None, :] < D)
+        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        xhn = gl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dg0n = gl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        dzbn = gl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        rsn = gl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
+
+        k_s.index(p).store(k16)
+        q_s.index(p).store(q16)
+        dzb_s.index(p).store(dZb.to(OPT))
+        _cta_barrier()  # this mini-batch's operands and the last update's dW copy are written
+        kw_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP),
+                                   gl.zeros([MB, D], gl.float32, LP) + dc[None, :]))
+        _cta_barrier()
+        kdw = kw_s.index(p).load(R)
+
+        # the inner gradient G, recomputed from the stored LN statistics (row-wise, no product)
+        k = k16.to(gl.float32)
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
+        mgx = sgx / D
+        G = (gy - (sg / D)[:, None] - xh * mgx[:, None]) * rstd[:, None]
+        tau_e = gl.where(full, tau_b, 0.0)
+        eb = tau_e * lr
+        S = gl.sum(kdw * G, axis=1)
+        dG = dG0 - eb[:, None] * kdw
+        dtau_b += gl.where(full, -lr * S, 0.0)
+        if n % GROUP == 0:  # the group's first mini-batch, walked last: the group's part of dtau_b
+            gl.store(dtau_ptr + (pid * NCK + n // GROUP) * MB + rt, gl.where(rt == MB - 1, gl.sum(dtau_b, axis=0), 0.0))
+            dtau_b = gl.zeros([MB], gl.float32, gl.SliceLayout(1, R))
+        # G = LN-L2 gradient at Z = K W + c: its backward (`triton_utils._ln_l2_grad_bwd`)
+        sg, sgx, sgG = gl.reduce((dG, dG * xh, dG * G), 1, _add3)
+        dgy = (dG - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
+        dxh = (-mgx[:, None] * dG - (sgx / D)[:, None] * gy) * rstd[:, None] + (gam * gam)[None, :] * dgy
+        sd, sdx = gl.reduce((dxh, dxh * xh), 1, _add2)
+        dZ = (dxh - (sd / D)[:, None] - xh * (sdx / D)[:, None]) * rstd[:, None] - (sgG * rstd / D)[:, None] * xh
+        so = sc_off + t0 * D
+        gl.store(dz_ptr + so, dZ, mask=m2)
+        gl.store(dgy_ptr + so, dgy, mask=m2)
+        gl.store(dlrb_ptr + sc_t + t0 + rt, -tau_e * S, mask=tm)
+        dz_s.index(p).store(dZ.to(OPT))
+        eg_s.index(p).store((eb[:, None] * G).to(OPT))
+        zs_s.index(p).store(dZb + dZ)
+        _cta_barrier()  # dZ, e_b G and dZb + dZ written
+        dkb = mma_v2(eg_s.index(p).load(AP), wh_s.index(p).permute((1, 0)).load(BP), gl.zeros([MB, D], gl.float32, LP))
+        gl.store(dkb_ptr + scP + t0 * D, -dkb, mask=(t0 + rtP < L)[:, None] & (rdP[None, :] < D))
+        dW = mma_v2(q_s.index(p).permute((1, 0)).load(AW), dzb_s.index(p).load(BW), dW)
+        dW = mma_v2(k_s.index(p).permute((1, 0)).load(AW), dz_s.index(p).load(BW), dW)
+        dc += gl.sum(zs_s.index(p).load(LP), axis=0)
+        wh_s.index(1 - p).store(dW.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(dw0_ptr + pid * D * D + woff, dW)
+    gl.store(dc0_ptr + pid * D + rdP, dc)
