@@ -27,7 +27,7 @@ from ttt.ops import fused_layer
 from ttt.ops.common import LN_EPS
 from ttt.ops.triton_backend import GROUP
 from ttt.ops.triton_utils import dot_mode, tile
-from ttt.ops.ttt_linear import bwd_split, chain_gluon as lin_chain_gluon, chunk as lin_chunk, step_triton as lin_step
+from ttt.ops.ttt_linear import bwd_split, chunk as lin_chunk, step_triton as lin_step, walks_gluon as lin_walks_gluon
 from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem, \
     step_triton as mlp_step
 
@@ -110,9 +110,11 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
                 ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
-    if d in lin_chain_gluon.HEAD_DIMS and b == lin_chain_gluon.MB and dot >= 2:  # Gluon, 16-bit operands
-        out.append(("split chain (gluon)", lin_chain_gluon._chain_gluon_kernel, dict(D=d, MB=b, GROUP=GROUP),
-                    lin_chain_gluon.warps(d), 1))
+    if d in lin_walks_gluon.HEAD_DIMS and b == lin_walks_gluon.MB and dot >= 2:  # Gluon, 16-bit operands
+        out += [("fwd split walk (gluon)", lin_walks_gluon._walk_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS),
+                 lin_walks_gluon.warps(d), 1),
+                ("split chain (gluon)", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP),
+                 lin_walks_gluon.warps(d), 1)]
     return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=triton.next_power_of_2(d), COMMIT=True, EPS=LN_EPS),
                    4 if d <= 64 else 8, 3)]
 

@@ -144,8 +144,8 @@ def test_linear_kernels_choice_is_checked():
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('split', 'split_lean', 'split_full', "
                        r"'split_gluon'\), got 'v1'"):
         triton_backend.LinearKernels(bwd="v1")
-    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split'\), "
-                       r"got 'x'"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
+                       r"'split_gluon'\), got 'x'"):
         triton_backend.LinearKernels(fwd="x")
 
 

@@ -40,8 +40,8 @@ from . import TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
 from .packed import Window, rows_of, upload
 from .triton_utils import Rows, batch_rows, cdiv, document_rows, tile
-from .ttt_linear import bwd_split as _lin_bwd_split, chain_gluon as _lin_chain_gluon, chunk as _lin_chunk, \
-    step_triton as _lin_step_triton
+from .ttt_linear import bwd_split as _lin_bwd_split, chunk as _lin_chunk, step_triton as _lin_step_triton, \
+    walks_gluon as _lin_walks_gluon
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, \
     step_triton as _mlp_step_triton
 
@@ -111,13 +111,13 @@ def _f32(params):
 
 @dataclass(frozen=True)
 class LinearKernels:
-    """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split", see
-    `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size, "split_lean" |
-    "split_full", see `ttt_linear/chunk.py`; "split_gluon": the full chain in Gluon, `ttt_linear/chain_gluon.py`,
-    head dim 64 or 128, mini-batch 16, 16-bit inputs, its own warps); group: mini-batches per weight checkpoint;
-    dot_mode: the products' operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps:
-    None, or (pre, chain, post); bwd_segments: the time segments of the backward's pipelined launch (None: by
-    size)."""
+    """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split" |
+    "split_gluon", see `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size,
+    "split_lean" | "split_full", see `ttt_linear/chunk.py`; "split_gluon": the full chain in Gluon); the Gluon walks
+    (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and set their own warps;
+    group: mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype);
+    fwd_warps: None for the default; bwd_warps: None, or (pre, chain, post); bwd_segments: the time segments of the
+    backward's pipelined launch (None: by size)."""
 
     bwd: str = "split"
     group: int = GROUP
@@ -136,8 +136,9 @@ class LinearKernels:
     def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
         """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon chain
         only what it is written for (a one-line error)."""
-        if self.bwd == "split_gluon":
-            _lin_chain_gluon.check(d, mini_batch, dtype, self.dot_mode)
+        for what, impl in (("bwd", self.bwd), ("fwd", self.fwd)):
+            if impl == "split_gluon":
+                _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode, f"{what}='split_gluon'")
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""

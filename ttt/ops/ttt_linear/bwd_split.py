@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import chain_gluon
+from . import walks_gluon
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
                             _offsets, _proj, _row, _tiles, _when, batch_rows, tile)
 
@@ -539,7 +539,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass of
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
-    (the programs of a shorter row's missing groups do nothing). gluon: the full chain as `chain_gluon`'s kernel
+    (the programs of a shorter row's missing groups do nothing). gluon: the full chain as `walks_gluon`'s kernel
     (its own warps; the caller checked what it takes)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
@@ -589,11 +589,11 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
         wo, co = (dw0, dc0) if s == 0 else (cw, cc)
         if gluon:
-            launched["ttt_linear_bwd_chain"] = chain_gluon._chain_gluon_kernel[(N * H,)](
+            launched["ttt_linear_bwd_chain"] = walks_gluon._chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
                 *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group,
-                num_warps=chain_gluon.warps(d))
+                num_warps=walks_gluon.warps(d))
         elif lean:
             launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,

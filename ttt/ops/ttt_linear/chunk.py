@@ -33,9 +33,9 @@ import triton.language as tl
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
-from . import bwd_split, chain_gluon
+from . import bwd_split, walks_gluon
 
-FWD_IMPLS = ("auto", "fused", "split")
+FWD_IMPLS = ("auto", "fused", "split", "split_gluon")
 BWD_IMPLS = ("split", "split_lean", "split_full", "split_gluon")
 
 
@@ -180,14 +180,16 @@ OUT_ROWS, OUT_WARPS = 64, 8  # rows per program of the outputs' launch, its warp
 
 
 def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> bool:
-    """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "fused" as asked, "auto" by size."""
+    """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "split_gluon" | "fused" as asked,
+    "auto" by size."""
     if impl not in FWD_IMPLS:
         raise ValueError(f"impl: expected one of {FWD_IMPLS}, got {impl!r}")
     fits = tile(group * mini_batch) <= SPLIT_MAX_ROWS
-    if impl == "split" and not fits:
-        raise ValueError(f"impl: 'split' takes checkpoint groups of at most {SPLIT_MAX_ROWS} rows, got {group} "
+    if impl.startswith("split") and not fits:
+        raise ValueError(f"impl: {impl!r} takes checkpoint groups of at most {SPLIT_MAX_ROWS} rows, got {group} "
                          f"mini-batches of {mini_batch}")
-    return impl == "split" or (impl == "auto" and fits and n * H <= SPLIT_MAX_PROGRAMS and tile(d) <= SPLIT_MAX_D)
+    return impl.startswith("split") or (impl == "auto" and fits and n * H <= SPLIT_MAX_PROGRAMS
+                                        and tile(d) <= SPLIT_MAX_D)
 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
@@ -202,11 +204,14 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     kernels (n_regs, n_spills, metadata). impl "fused": one program per (row, head) computes everything; "split":
     it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second launch computes the
     outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
-    products); "auto": split when the walk has few programs (`fwd_plan`)."""
+    products); "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128, mini-batch 16,
+    16-bit inputs); "auto": split when the walk has few programs (`fwd_plan`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
+    if impl == "split_gluon":
+        walks_gluon.check(d, mini_batch, q.dtype, dot_mode, "fwd='split_gluon'")
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
@@ -219,10 +224,16 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
-    kern = ttt_linear_fwd_kernel[(rows.n * H,)](
-        q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
-        *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
-        BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
+    if impl == "split_gluon":
+        kern = walks_gluon._walk_kernel[(rows.n * H,)](
+            k, v, lr, tau, ln_weight, ln_bias, W0, c0, wT, cT, ckw, ckc, gs, rows.span,
+            *rows.strides(q), *rows.strides(lr), sc_b, H, T, D=d, MB=mini_batch, GROUP=group, EPS=LN_EPS,
+            num_warps=walks_gluon.warps(d))
+    else:
+        kern = ttt_linear_fwd_kernel[(rows.n * H,)](
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
+            BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
     if split:
@@ -270,7 +281,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
     if impl == "split_gluon":
-        chain_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
+        walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                                dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,

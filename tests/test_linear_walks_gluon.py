@@ -1,9 +1,10 @@
-"""The TTT-Linear backward's full chain in Gluon (`ttt/ops/ttt_linear/chain_gluon.py`, `LinearKernels(bwd=
-"split_gluon")`) against the Triton full chain on the same inputs (every output, final state and gradient, close:
-the same 16-bit products, summed in another order) and against the dual form: odd lengths with a partial last
-mini-batch, a mid-mini-batch start, several checkpoint groups and time segments, packed documents, every buffer
-NaN-poisoned. On the CPU the Gluon source runs in Triton's interpreter through tests/gluon_shim.py (fp16); on a
-GPU in bf16 at full size (marked `gpu`)."""
+"""TTT-Linear's walks in Gluon (`ttt/ops/ttt_linear/walks_gluon.py`: the split forward's walk, `LinearKernels(fwd=
+"split_gluon")`, and the backward's full chain, `bwd="split_gluon"`) against the Triton kernels they stand in for
+on the same inputs (every output, final state and gradient, close: the same 16-bit products, summed in another
+order) and against the dual form: odd lengths with a partial last mini-batch, a mid-mini-batch start, several
+checkpoint groups and time segments, head dim 128, packed documents, every buffer NaN-poisoned. On the CPU the
+Gluon source runs in Triton's interpreter through tests/gluon_shim.py (fp16); on a GPU in bf16 and fp16 at full
+size (marked `gpu`)."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
 from ttt.ops import TTTInputs, TTTState, triton_backend  # noqa: E402
-from ttt.ops.ttt_linear import bwd_split, chain_gluon, chunk  # noqa: E402
+from ttt.ops.ttt_linear import bwd_split, chunk, walks_gluon  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -28,7 +29,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
-    _CHAIN = gluon_shim.interpretable(chain_gluon._chain_gluon_kernel)
+    _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name)) for name in ("_walk_kernel", "_chain_kernel")}
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,8 @@ def poison(monkeypatch):
     for mod in (chunk, bwd_split):
         monkeypatch.setattr(mod, "torch", PoisonTorch())
     if DEV == "cpu":  # the Gluon kernel's own source, run in the interpreter (tests/gluon_shim.py)
-        monkeypatch.setattr(chain_gluon, "_chain_gluon_kernel", _CHAIN)
+        for name, kernel in _SHIMMED.items():
+            monkeypatch.setattr(walks_gluon, name, kernel)
 
 
 def make(B, T, H, d, pos, dtype):
@@ -63,13 +65,15 @@ def outputs_and_grads(inp, kernels, cu=None):
     return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
 
-def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None):
-    """The Gluon chain and the Triton full chain on the same inputs: every output, state and gradient within tol
-    (relative L2 error)."""
+def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk=False):
+    """The Gluon chain and the Triton full chain (walk: the Gluon forward walk and the Triton one, both with the
+    Triton chain) on the same inputs: every output, state and gradient within tol (relative L2 error)."""
     inp = make(B, T, H, d, pos, dtype)
     kw = dict(group=2, bwd_segments=segments)
-    got = outputs_and_grads(inp, triton_backend.LinearKernels(bwd="split_gluon", **kw), cu)
-    want = outputs_and_grads(inp, triton_backend.LinearKernels(bwd="split_full", **kw), cu)
+    gl_kw, tr_kw = (dict(fwd="split_gluon"), dict(fwd="split")) if walk else (dict(bwd="split_gluon"),
+                                                                               dict(bwd="split_full"))
+    got = outputs_and_grads(inp, triton_backend.LinearKernels(**gl_kw, **kw), cu)
+    want = outputs_and_grads(inp, triton_backend.LinearKernels(**tr_kw, **kw), cu)
     errs = {i: rel(a, b) for i, (a, b) in enumerate(zip(got, want)) if b is not None and b.abs().max() > 0}
     assert len(errs) >= 10  # o, W, c and the leaves' gradients
     bad = {i: e for i, e in errs.items() if not e <= tol}
@@ -78,41 +82,50 @@ def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None):
 
 # 7 mini-batches (the last partial) in 4 checkpoint groups of 2, from a start inside a mini-batch or not, in one
 # time segment and in three
+WALKS = pytest.mark.parametrize("walk", [False, True], ids=["chain", "walk"])
+
+
+@WALKS
 @pytest.mark.parametrize("pos,segments", [(0, None), (5, 3)])
-def test_gluon_chain_equals_the_triton_chain(pos, segments):
-    gluon_against_triton(B=2, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments)
+def test_gluon_walks_equal_the_triton_ones(pos, segments, walk):
+    gluon_against_triton(B=2, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments, walk=walk)
 
 
-def test_gluon_chain_head_dim_128_equals_the_triton_chain():
-    gluon_against_triton(B=1, T=53, H=1, d=128, pos=0, dtype=torch.float16, tol=2e-3)
+@WALKS
+def test_gluon_walks_head_dim_128_equal_the_triton_ones(walk):
+    gluon_against_triton(B=1, T=53, H=1, d=128, pos=0, dtype=torch.float16, tol=2e-3, walk=walk)
 
 
-def test_gluon_chain_packed_documents_equal_the_triton_chain():
+@WALKS
+def test_gluon_walks_packed_documents_equal_the_triton_ones(walk):
     """Documents of 40, 5, 70 and 16 tokens in one row: each walked from its own first token and length."""
     cu = torch.tensor([0, 40, 45, 115, 131])
-    gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu)
+    gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu, walk=walk)
 
 
-def test_gluon_chain_matches_dual():
+def test_gluon_walks_match_dual():
     inp = make(B=1, T=75, H=2, d=64, pos=3, dtype=torch.float16)
-    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(bwd="split_gluon", group=2))
+    kernels = triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon", group=2)
+    op = triton_backend.TritonOp("linear", kernels)
     check_against_dual(inp, lambda: op(inp.inputs(), inp.state()), T=75, pos=3, dtype=torch.float16, grad=True,
                        tol=3e-2, label="split_gluon")
 
 
+@pytest.mark.parametrize("what", ["fwd", "bwd"])
 @pytest.mark.parametrize("d,dtype,mini_batch", [(32, torch.float16, 16), (64, torch.float32, 16),
                                                 (64, torch.float16, 8)])
-def test_gluon_chain_refuses_what_it_is_not_written_for(d, dtype, mini_batch):
+def test_gluon_walks_refuse_what_they_are_not_written_for(d, dtype, mini_batch, what):
     inp = random_inputs("linear", B=1, T=40, H=1, d=d, b=mini_batch, pos=0, dtype=dtype, requires_grad=True)
-    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(bwd="split_gluon"))
-    with pytest.raises(ValueError, match=r"^LinearKernels\(bwd='split_gluon'\): takes head dim \(64, 128\), "
+    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(**{what: "split_gluon"}))
+    with pytest.raises(ValueError, match=rf"^LinearKernels\({what}='split_gluon'\): takes head dim \(64, 128\), "
                                          r"mini-batch 16, bf16 or fp16 inputs"):
         op(inp.inputs(), inp.state())
 
 
 @pytest.mark.gpu
 @gpu
+@WALKS
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_gluon_chain_equals_the_triton_chain(d):
-    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=5, dtype=torch.bfloat16, tol=1e-2, segments=3)
-    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=0, dtype=torch.float16, tol=2e-3)
+def test_gpu_gluon_walks_equal_the_triton_ones(d, walk):
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=5, dtype=torch.bfloat16, tol=1e-2, segments=3, walk=walk)
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=0, dtype=torch.float16, tol=2e-3, walk=walk)

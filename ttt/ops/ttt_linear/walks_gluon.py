@@ -1,21 +1,25 @@
-"""TTT-Linear split backward: the full chain in Gluon, with layouts chosen so that a token's algebra stays in a warp.
+"""TTT-Linear's two sequential walks in Gluon, with layouts chosen so that a token's algebra stays in one warp.
 
-Same launch contract, inputs, outputs and formulas as `bwd_split._chain_kernel` (one program per (row, head),
-the mini-batches N_LO .. N_HI - 1 of its row in reverse, carrying dW, dc; stores dZ, dk_b, dgy, dlr_b and dtau's
-partial sum per checkpoint group). Why a second form: in the Triton kernel the compiler keeps a mini-batch's
-[16, d] tiles in the tensor-core result layout, where each token's d values sit in four warps, so every per-token
-sum of the LayerNorm algebra (five a mini-batch) and every load and store of a scratch tile crosses warps through
-shared memory and a barrier (35 barriers a mini-batch, offline sm_90). Here the tiles live in R, a layout with
-whole tokens per warp: their row sums are warp shuffles, their loads and stores need no conversion, and only the
-products cross layouts:
-  KdW = K dW + dc      mma.sync, [16, d] in the products' layout, one conversion to R
-  dk_b = -(e_b G) dW^T  mma.sync, stored from the products' layout
-  dW += Q^T dZb + K^T dZ  mma.sync with dW in registers (fp32, warps down its rows)
-with the 16-bit operands in shared memory: K, Q, dZb, dZ, e_b G per mini-batch and a 16-bit copy of dW (rewritten
-after each update: the products read dW rounded to 16 bits, as the Triton kernel's are), each double-buffered by the
-mini-batch's parity so that one barrier a mini-batch orders their reuse (a buffer written in mini-batch i was last
-read in i - 2, which every warp finished before the barrier of i - 1). Operands 16-bit (bf16 / fp16 inputs),
-head dim 64 (4 warps) or 128 (8 warps), mini-batch 16.
+`_walk_kernel`: the split forward's walk (`chunk.ttt_linear_fwd_kernel` with OUT off: the inner forward, G and
+the update per mini-batch, storing G and the checkpoints; `chunk._fwd_out_kernel` then computes the outputs);
+`_chain_kernel`: the split backward's full chain (`bwd_split._chain_kernel`: the mini-batches N_LO .. N_HI - 1 in
+reverse, carrying dW, dc; stores dZ, dk_b, dgy, dlr_b and dtau's partial sum per checkpoint group). Same launch
+contracts, inputs, outputs and formulas as those Triton kernels.
+
+Why a second form: in the Triton kernels the compiler keeps a mini-batch's [16, d] tiles in the tensor-core result
+layout, where each token's d values sit in four warps, so every per-token sum of the LayerNorm algebra and every
+load and store of a tile crosses warps through shared memory and a barrier (35 barriers a mini-batch in the chain,
+21 in the walk, offline sm_90). Here the tiles live in R, a layout with whole tokens per warp: their row sums are
+warp shuffles, their loads and stores need no conversion, and only the products cross layouts, on mma.sync:
+  walk:  Z = K W + c (to R through shared memory);  W += K^T (-e_b G) with W in registers
+  chain: KdW = K dW + dc (to R);  dk_b = -(e_b G) dW^T (stored from the products' layout);
+         dW += Q^T dZb + K^T dZ with dW in registers
+(fp32 accumulators, warps down the weights' rows; the bias's column sums in the products' layout, where a column
+stays in a warp). The 16-bit operands sit in shared memory (the products read the weights rounded to 16 bits, as
+the Triton kernels' do: a 16-bit copy rewritten after each update), each double-buffered by the mini-batch's parity,
+so that one barrier a mini-batch orders their reuse (a buffer written in mini-batch i was last read in i - 2, which
+every warp finished before the barrier of i - 1). 16-bit inputs (bf16, fp16), head dim 64 (4 warps) or 128 (8
+warps), mini-batch 16: `check`.
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py`; layouts and
 shared memory only by the offline sm_90 compile and on a GPU (tests marked `gpu`).
@@ -36,21 +40,22 @@ MB = 16
 
 
 def warps(d: int) -> int:
-    """The chain's warps at head dim d: dW [d, d] fp32 in registers, 32 values a thread at 4 warps (d 64) or 8 (d 128)."""
+    """Both kernels' warps at head dim d: the [d, d] fp32 weights (or their gradient) in registers, 32 values a
+    thread at 4 warps (d 64) or 8 (d 128)."""
     return 4 if d <= 64 else 8
 
 
-def check(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None) -> None:
-    """The shapes and dtypes this chain takes; a one-line error naming the kernel choice otherwise."""
+def check(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None, choice: str = "bwd='split_gluon'") -> None:
+    """The shapes and dtypes these kernels take; a one-line error naming the kernel choice otherwise."""
     if d not in HEAD_DIMS or mini_batch != MB or dtype not in (torch.bfloat16, torch.float16) or \
             dot_mode not in (None, 2, 3):
-        raise ValueError(f"LinearKernels(bwd='split_gluon'): takes head dim {HEAD_DIMS}, mini-batch {MB}, bf16 or "
-                         f"fp16 inputs and their own product precision; got d {d}, mini-batch {mini_batch}, {dtype}, "
-                         f"dot_mode {dot_mode}")
+        raise ValueError(f"LinearKernels({choice}): takes head dim {HEAD_DIMS}, mini-batch {MB}, bf16 or fp16 inputs "
+                         f"and their own product precision; got d {d}, mini-batch {mini_batch}, {dtype}, dot_mode "
+                         f"{dot_mode}")
 
 
 @gluon.jit
-def _chain_gluon_kernel(
+def _chain_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr, dwT_ptr, dcT_ptr,
     dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
@@ -190,3 +195,102 @@ def _chain_gluon_kernel(
         wh_s.index(1 - p).store(dW.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(dw0_ptr + pid * D * D + woff, dW)
     gl.store(dc0_ptr + pid * D + rdP, dc)
+
+
+@gluon.jit
+def _walk_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
+    H, T,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
+):
+    OPT: gl.constexpr = k_ptr.dtype.element_ty
+    RW: gl.constexpr = MB // num_warps
+    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
+    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
+    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
+    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
+    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
+    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+
+    pid = gl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    start = gl.load(span_ptr + 3 * bi)
+    L = gl.load(span_ptr + 3 * bi + 1) - start
+    slot = gl.load(span_ptr + 3 * bi + 2)
+    nmb = (L + MB - 1) // MB
+    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
+    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
+    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
+    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
+    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    woff = riW[:, None] * D + rjW[None, :]
+    W = gl.load(w0_ptr + pid * D * D + woff)
+    c = gl.load(c0_ptr + pid * D + rdP)
+
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
+    tm = rt < L
+    m2 = tm[:, None] & (rd[None, :] < D)
+    kn = gl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
+    vn = gl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
+    lrn = gl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0)
+    wh_s.index(0).store(W.to(OPT))
+    for n in range(nmb):
+        p = n % 2
+        if n % GROUP == 0:  # the weights at the start of the group: its checkpoint
+            ck = (slot + n // GROUP) * H + hi
+            gl.store(ckw_ptr + ck * D * D + woff, W)
+            gl.store(ckc_ptr + ck * D + rdP, c)
+        t0 = n * MB
+        tm = t0 + rt < L
+        m2 = tm[:, None] & (rd[None, :] < D)
+        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch leaves the weights uncommitted
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        t1 = gl.minimum(n + 1, nmb - 1) * MB  # the next mini-batch's loads, issued before this one's math
+        tm1 = t1 + rt < L
+        m21 = tm1[:, None] & (rd[None, :] < D)
+        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+
+        k_s.index(p).store(k16)
+        _cta_barrier()  # this mini-batch's K and the last update's W copy are written
+        z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP),
+                                  gl.zeros([MB, D], gl.float32, LP) + c[None, :]))
+        _cta_barrier()
+        z = z_s.index(p).load(R)
+        # G: the gradient of the inner loss 0.5 ||LN(Z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise
+        zc = z - (gl.sum(z, axis=1) / D)[:, None]
+        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
+        xh = zc * rstd[:, None]
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
+        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
+        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
+        gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        _cta_barrier()  # -e_b G written
+        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # W - K^T (e_b G)
+        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
+        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(wT_ptr + pid * D * D + woff, W)
+    gl.store(cT_ptr + pid * D + rdP, c)
