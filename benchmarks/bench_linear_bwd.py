@@ -52,7 +52,7 @@ def check(B, T, H, d, dtype, pos, impls):
     ref = grads(ref_leaves, ref_st, "dual", wo)
     tol = 3e-2 if dtype != torch.float32 else 1e-4
     ok = True
-    fwds = ("fused", "split") + (("split_gluon",) if dtype != torch.float32 else ())  # (Gluon: 16-bit only)
+    fwds = ("fused", "split") + (("fused_gluon", "split_gluon") if dtype != torch.float32 else ())  # (Gluon: 16-bit)
     for impl, fwd in ((i, f) for i in impls for f in fwds):
         got = grads(leaves, st, impl, wo, fwd=fwd)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
@@ -87,8 +87,9 @@ def main():
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
     ap.add_argument("--fwd-warps", type=lambda v: [int(x) for x in v.split(",")], default=[],
                     help="also time the forward kernel at these warp counts, e.g. 8 or 2,8")
-    ap.add_argument("--fwd-impls", nargs="*", default=[], help="also time the forward this way (fused, split) "
-                    "beside the default (auto), after checking its outputs against the default's")
+    ap.add_argument("--fwd-impls", nargs="*", default=[],
+                    help="also time the forward this way (fused, split, fused_gluon, split_gluon) beside the default "
+                         "(auto), after checking its outputs against the default's")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()

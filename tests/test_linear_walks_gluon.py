@@ -29,7 +29,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
-    _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name)) for name in ("_walk_kernel", "_chain_kernel")}
+    _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
+                for name in ("_walk_kernel", "_fused_kernel", "_chain_kernel")}
 
 
 @pytest.fixture(autouse=True)
@@ -65,13 +66,18 @@ def outputs_and_grads(inp, kernels, cu=None):
     return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
 
-def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk=False):
-    """The Gluon chain and the Triton full chain (walk: the Gluon forward walk and the Triton one, both with the
-    Triton chain) on the same inputs: every output, state and gradient within tol (relative L2 error)."""
+# which Gluon kernel against which Triton one (the other half of the op as the Triton default)
+PAIRS = {"chain": (dict(bwd="split_gluon"), dict(bwd="split_full")),
+         "walk": (dict(fwd="split_gluon"), dict(fwd="split")),
+         "fused": (dict(fwd="fused_gluon"), dict(fwd="fused"))}
+
+
+def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain"):
+    """A Gluon walk (`PAIRS`) and the Triton kernel it stands in for on the same inputs: every output, state and
+    gradient within tol (relative L2 error)."""
     inp = make(B, T, H, d, pos, dtype)
     kw = dict(group=2, bwd_segments=segments)
-    gl_kw, tr_kw = (dict(fwd="split_gluon"), dict(fwd="split")) if walk else (dict(bwd="split_gluon"),
-                                                                               dict(bwd="split_full"))
+    gl_kw, tr_kw = PAIRS[walk]
     got = outputs_and_grads(inp, triton_backend.LinearKernels(**gl_kw, **kw), cu)
     want = outputs_and_grads(inp, triton_backend.LinearKernels(**tr_kw, **kw), cu)
     errs = {i: rel(a, b) for i, (a, b) in enumerate(zip(got, want)) if b is not None and b.abs().max() > 0}
@@ -82,7 +88,7 @@ def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, wa
 
 # 7 mini-batches (the last partial) in 4 checkpoint groups of 2, from a start inside a mini-batch or not, in one
 # time segment and in three
-WALKS = pytest.mark.parametrize("walk", [False, True], ids=["chain", "walk"])
+WALKS = pytest.mark.parametrize("walk", list(PAIRS))
 
 
 @WALKS
@@ -103,23 +109,44 @@ def test_gluon_walks_packed_documents_equal_the_triton_ones(walk):
     gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu, walk=walk)
 
 
-def test_gluon_walks_match_dual():
+@pytest.mark.parametrize("fwd", ["split_gluon", "fused_gluon"])
+def test_gluon_walks_match_dual(fwd):
     inp = make(B=1, T=75, H=2, d=64, pos=3, dtype=torch.float16)
-    kernels = triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon", group=2)
+    kernels = triton_backend.LinearKernels(fwd=fwd, bwd="split_gluon", group=2)
     op = triton_backend.TritonOp("linear", kernels)
     check_against_dual(inp, lambda: op(inp.inputs(), inp.state()), T=75, pos=3, dtype=torch.float16, grad=True,
                        tol=3e-2, label="split_gluon")
 
 
-@pytest.mark.parametrize("what", ["fwd", "bwd"])
+@pytest.mark.parametrize("what,impl", [("fwd", "split_gluon"), ("fwd", "fused_gluon"), ("bwd", "split_gluon")])
 @pytest.mark.parametrize("d,dtype,mini_batch", [(32, torch.float16, 16), (64, torch.float32, 16),
                                                 (64, torch.float16, 8)])
-def test_gluon_walks_refuse_what_they_are_not_written_for(d, dtype, mini_batch, what):
+def test_gluon_walks_refuse_what_they_are_not_written_for(d, dtype, mini_batch, what, impl):
     inp = random_inputs("linear", B=1, T=40, H=1, d=d, b=mini_batch, pos=0, dtype=dtype, requires_grad=True)
-    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(**{what: "split_gluon"}))
-    with pytest.raises(ValueError, match=rf"^LinearKernels\({what}='split_gluon'\): takes head dim \(64, 128\), "
+    op = triton_backend.TritonOp("linear", triton_backend.LinearKernels(**{what: impl}))
+    with pytest.raises(ValueError, match=rf"^LinearKernels\({what}='{impl}'\): takes head dim \(64, 128\), "
                                          r"mini-batch 16, bf16 or fp16 inputs"):
         op(inp.inputs(), inp.state())
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
+def test_gluon_fused_forward_contains_a_nan_as_the_triton_one_does(which):
+    """A NaN at token 20 (the fifth row of the second mini-batch): outputs 0..19 as without it, 20 NaN, and the
+    Triton fused forward's pattern of NaNs after it (v reaches the outputs through G alone: the rows from G's first
+    non-finite row on)."""
+    inp = make(B=1, T=48, H=1, d=64, pos=0, dtype=torch.float16)
+    x = getattr(inp, which).detach().clone()
+    x[:, 20] = float("nan")
+    inp = inp.with_leaves({**inp.leaves(), which: x})
+    with torch.no_grad():
+        o, _ = triton_backend.TritonOp("linear", triton_backend.LinearKernels(fwd="fused_gluon"))(
+            inp.inputs(), inp.state())
+        want, _ = triton_backend.TritonOp("linear", triton_backend.LinearKernels(fwd="fused"))(
+            inp.inputs(), inp.state())
+    assert torch.equal(torch.isnan(o), torch.isnan(want))
+    assert torch.isnan(o[:, 20]).all() and not torch.isnan(o[:, :20]).any()
+    ok = ~torch.isnan(want)
+    assert rel(o[ok], want[ok]) < 2e-3
 
 
 @pytest.mark.gpu

@@ -112,7 +112,7 @@ def _f32(params):
 @dataclass(frozen=True)
 class LinearKernels:
     """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split" |
-    "split_gluon", see `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size,
+    "fused_gluon" | "split_gluon", see `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by size,
     "split_lean" | "split_full", see `ttt_linear/chunk.py`; "split_gluon": the full chain in Gluon); the Gluon walks
     (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and set their own warps;
     group: mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype);
@@ -137,8 +137,8 @@ class LinearKernels:
         """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon chain
         only what it is written for (a one-line error)."""
         for what, impl in (("bwd", self.bwd), ("fwd", self.fwd)):
-            if impl == "split_gluon":
-                _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode, f"{what}='split_gluon'")
+            if impl.endswith("_gluon"):
+                _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode, f"{what}={impl!r}")
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""

@@ -35,7 +35,7 @@ from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
 from . import bwd_split, walks_gluon
 
-FWD_IMPLS = ("auto", "fused", "split", "split_gluon")
+FWD_IMPLS = ("auto", "fused", "split", "fused_gluon", "split_gluon")
 BWD_IMPLS = ("split", "split_lean", "split_full", "split_gluon")
 
 
@@ -180,8 +180,8 @@ OUT_ROWS, OUT_WARPS = 64, 8  # rows per program of the outputs' launch, its warp
 
 
 def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> bool:
-    """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "split_gluon" | "fused" as asked,
-    "auto" by size."""
+    """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "split_gluon" | "fused" |
+    "fused_gluon" as asked, "auto" by size."""
     if impl not in FWD_IMPLS:
         raise ValueError(f"impl: expected one of {FWD_IMPLS}, got {impl!r}")
     fits = tile(group * mini_batch) <= SPLIT_MAX_ROWS
@@ -204,14 +204,14 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     kernels (n_regs, n_spills, metadata). impl "fused": one program per (row, head) computes everything; "split":
     it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second launch computes the
     outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
-    products); "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128, mini-batch 16,
-    16-bit inputs); "auto": split when the walk has few programs (`fwd_plan`)."""
+    products); "fused_gluon", "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128,
+    mini-batch 16, 16-bit inputs); "auto": split when the walk has few programs (`fwd_plan`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
-    if impl == "split_gluon":
-        walks_gluon.check(d, mini_batch, q.dtype, dot_mode, "fwd='split_gluon'")
+    if impl.endswith("_gluon"):
+        walks_gluon.check(d, mini_batch, q.dtype, dot_mode, f"fwd={impl!r}")
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
@@ -224,7 +224,12 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
-    if impl == "split_gluon":
+    if impl == "fused_gluon":
+        kern = walks_gluon._fused_kernel[(rows.n * H,)](
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, rows.span,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, D=d, MB=mini_batch, GROUP=group, SAVE=save,
+            EPS=LN_EPS, num_warps=walks_gluon.warps(d))
+    elif impl == "split_gluon":
         kern = walks_gluon._walk_kernel[(rows.n * H,)](
             k, v, lr, tau, ln_weight, ln_bias, W0, c0, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), sc_b, H, T, D=d, MB=mini_batch, GROUP=group, EPS=LN_EPS,

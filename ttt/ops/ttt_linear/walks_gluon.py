@@ -294,3 +294,138 @@ def _walk_kernel(
         wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(wT_ptr + pid * D * D + woff, W)
     gl.store(cT_ptr + pid * D + rdP, c)
+
+
+@gluon.jit
+def _fused_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
+    span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+    H,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """The fused forward (`chunk.ttt_linear_fwd_kernel` with OUT on): the walk and each mini-batch's outputs,
+    o = q + LN(Zb) gam + bet, Zb = Q W + c - P G, P = E * (Q K^T + 1) (causal; the rows from the first non-finite
+    row of G on are NaN, as `chunk._output` makes them); the checkpoints when SAVE."""
+    OPT: gl.constexpr = q_ptr.dtype.element_ty
+    RW: gl.constexpr = MB // num_warps
+    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
+    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
+    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
+    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
+    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
+    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # G, its non-finite rows as 0 (the causal product's operand)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
+    p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+
+    pid = gl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    start = gl.load(span_ptr + 3 * bi)
+    L = gl.load(span_ptr + 3 * bi + 1) - start
+    slot = gl.load(span_ptr + 3 * bi + 2)
+    nmb = (L + MB - 1) // MB
+    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
+    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
+    rjP = gl.arange(0, MB, layout=gl.SliceLayout(0, LP))
+    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
+    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
+    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
+    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    tau_i = gl.load(tau_ptr + riP).to(gl.float32)
+    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    causal = riP[:, None] >= rjP[None, :]
+    woff = riW[:, None] * D + rjW[None, :]
+    W = gl.load(w0_ptr + pid * D * D + woff)
+    c = gl.load(c0_ptr + pid * D + rdP)
+
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    out_base = bi * o_b + start * o_t + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    tm = rt < L
+    m2 = tm[:, None] & (rd[None, :] < D)
+    qn = gl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
+    kn = gl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
+    vn = gl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
+    lrn = gl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0)
+    wh_s.index(0).store(W.to(OPT))
+    for n in range(nmb):
+        p = n % 2
+        if SAVE:
+            if n % GROUP == 0:  # the weights at the start of the group: its checkpoint
+                ck = (slot + n // GROUP) * H + hi
+                gl.store(ckw_ptr + ck * D * D + woff, W)
+                gl.store(ckc_ptr + ck * D + rdP, c)
+        t0 = n * MB
+        tm = t0 + rt < L
+        m2 = tm[:, None] & (rd[None, :] < D)
+        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch leaves the weights uncommitted
+        q16 = qn
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        t1 = gl.minimum(n + 1, nmb - 1) * MB  # the next mini-batch's loads, issued before this one's math
+        tm1 = t1 + rt < L
+        m21 = tm1[:, None] & (rd[None, :] < D)
+        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+
+        k_s.index(p).store(k16)
+        q_s.index(p).store(q16)
+        _cta_barrier()  # this mini-batch's Q, K and the last update's W copy are written
+        cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
+        z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP), cP))
+        qw = mma_v2(q_s.index(p).load(AP), wh_s.index(p).load(BP), cP)  # Q W + c
+        qk = mma_v2(q_s.index(p).load(AP), k_s.index(p).permute((1, 0)).load(BP), gl.zeros([MB, MB], gl.float32, LP))
+        lrP = gl.load(lr_ptr + lr_base + (t0 + rjP) * l_t, mask=t0 + rjP < L, other=0.0).to(gl.float32)
+        p_s.index(p).store(gl.where(causal, tau_i[:, None] * lrP[None, :] * (qk + 1.0), 0.0).to(OPT))
+        _cta_barrier()  # Z and P written
+        z = z_s.index(p).load(R)
+        # G: the gradient of the inner loss 0.5 ||LN(Z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise
+        zc = z - (gl.sum(z, axis=1) / D)[:, None]
+        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
+        xh = zc * rstd[:, None]
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
+        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
+        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
+        # NaN containment (`chunk._output`): the causal product takes G's non-finite rows as 0, and the outputs
+        # from the first such row on are NaN (they depend on it)
+        g_ok = gl.abs(gl.sum(G, axis=1)) < float("inf")
+        first_bad = -gl.max(gl.where(g_ok, -MB, -rt), axis=0)
+        g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        _cta_barrier()  # G, -e_b G written
+        zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
+                                        gl.zeros([MB, D], gl.float32, LP)))
+        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # W - K^T (e_b G)
+        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
+        _cta_barrier()  # Zb written
+        zb = gl.where(rt[:, None] >= first_bad, float("nan"), zb_s.index(p).load(R))
+        zc = zb - (gl.sum(zb, axis=1) / D)[:, None]
+        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
+        o = q16.to(gl.float32) + zc * rstd[:, None] * gam[None, :] + bet[None, :]
+        gl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(wT_ptr + pid * D * D + woff, W)
+    gl.store(cT_ptr + pid * D + rdP, c)
