@@ -1,10 +1,10 @@
-"""TTT-Linear's walks in Gluon (`ttt/ops/ttt_linear/walks_gluon.py`: the split forward's walk, `LinearKernels(fwd=
-"split_gluon")`, and the backward's full chain, `bwd="split_gluon"`) against the Triton kernels they stand in for
-on the same inputs (every output, final state and gradient, close: the same 16-bit products, summed in another
-order) and against the dual form: odd lengths with a partial last mini-batch, a mid-mini-batch start, several
-checkpoint groups and time segments, head dim 128, packed documents, every buffer NaN-poisoned. On the CPU the
-Gluon source runs in Triton's interpreter through tests/gluon_shim.py (fp16); on a GPU in bf16 and fp16 at full
-size (marked `gpu`)."""
+"""TTT-Linear's kernels in Gluon (`ttt/ops/ttt_linear/walks_gluon.py`: the fused forward and the split forward's
+walk, `LinearKernels(fwd="fused_gluon" | "split_gluon")`, the backward's pre pass and full chain, `bwd=
+"split_gluon"`) against the Triton kernels they stand in for on the same inputs (every output, final state and
+gradient, close: the same 16-bit products, summed in another order) and against the dual form: odd lengths with a
+partial last mini-batch, a mid-mini-batch start, several checkpoint groups and time segments, head dim 128, packed
+documents, every buffer NaN-poisoned. On the CPU the Gluon source runs in Triton's interpreter through
+tests/gluon_shim.py (fp16); on a GPU in bf16 and fp16 at full size (marked `gpu`)."""
 from __future__ import annotations
 
 import os
@@ -30,7 +30,7 @@ if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
     _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
-                for name in ("_walk_kernel", "_fused_kernel", "_chain_kernel")}
+                for name in ("_walk_kernel", "_fused_kernel", "_pre_kernel", "_chain_kernel")}
 
 
 @pytest.fixture(autouse=True)

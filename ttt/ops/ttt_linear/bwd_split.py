@@ -539,8 +539,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass of
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
-    (the programs of a shorter row's missing groups do nothing). gluon: the full chain as `walks_gluon`'s kernel
-    (its own warps; the caller checked what it takes)."""
+    (the programs of a shorter row's missing groups do nothing). gluon: the pre pass and the full chain as
+    `walks_gluon`'s kernels (their own warps; the caller checked what they take)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
@@ -579,10 +579,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
 
     def pre(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
-            dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span,
-            *strides, H, nck, T, g0, ng, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
+        args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
+                dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
+        if gluon:
+            launched["ttt_linear_bwd_pre"] = walks_gluon._pre_kernel[(N * H * ng,)](
+                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean, num_warps=walks_gluon.warps(d))
+        else:
+            launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
+                *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
 
     def chain(s):
         n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)

@@ -1,10 +1,12 @@
-"""TTT-Linear's two sequential walks in Gluon, with layouts chosen so that a token's algebra stays in one warp.
+"""TTT-Linear kernels in Gluon, with layouts chosen so that a token's algebra stays in one warp.
 
-`_walk_kernel`: the split forward's walk (`chunk.ttt_linear_fwd_kernel` with OUT off: the inner forward, G and
-the update per mini-batch, storing G and the checkpoints; `chunk._fwd_out_kernel` then computes the outputs);
-`_chain_kernel`: the split backward's full chain (`bwd_split._chain_kernel`: the mini-batches N_LO .. N_HI - 1 in
-reverse, carrying dW, dc; stores dZ, dk_b, dgy, dlr_b and dtau's partial sum per checkpoint group). Same launch
-contracts, inputs, outputs and formulas as those Triton kernels.
+`_fused_kernel`: the fused forward (`chunk.ttt_linear_fwd_kernel`: the walk and each mini-batch's outputs);
+`_walk_kernel`: the split forward's walk (the same with OUT off: the inner forward, G and the update per
+mini-batch, storing G and the checkpoints; `chunk._fwd_out_kernel` then computes the outputs); `_pre_kernel`: the
+split backward's pre pass (`bwd_split._pre_kernel`: per checkpoint group, what needs no dW'); `_chain_kernel`: its
+full chain (`bwd_split._chain_kernel`: the mini-batches N_LO .. N_HI - 1 in reverse, carrying dW, dc; stores dZ,
+dk_b, dgy, dlr_b and dtau's partial sum per checkpoint group). Same launch contracts, inputs, outputs and formulas
+as those Triton kernels.
 
 Why a second form: in the Triton kernels the compiler keeps a mini-batch's [16, d] tiles in the tensor-core result
 layout, where each token's d values sit in four warps, so every per-token sum of the LayerNorm algebra and every
@@ -12,6 +14,8 @@ load and store of a tile crosses warps through shared memory and a barrier (35 b
 21 in the walk, offline sm_90). Here the tiles live in R, a layout with whole tokens per warp: their row sums are
 warp shuffles, their loads and stores need no conversion, and only the products cross layouts, on mma.sync:
   walk:  Z = K W + c (to R through shared memory);  W += K^T (-e_b G) with W in registers
+  fused, pre: also Q W + c, Q K^T, P G (Zb to R); pre: dZb G^T, P^T dZb, dZb W^T + dA K, dA^T Q (stored from the
+         products' layout)
   chain: KdW = K dW + dc (to R);  dk_b = -(e_b G) dW^T (stored from the products' layout);
          dW += Q^T dZb + K^T dZ with dW in registers
 (fp32 accumulators, warps down the weights' rows; the bias's column sums in the products' layout, where a column
@@ -429,3 +433,183 @@ def _fused_kernel(
         wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(wT_ptr + pid * D * D + woff, W)
     gl.store(cT_ptr + pid * D + rdP, c)
+
+
+@gluon.jit
+def _pre_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr,
+    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, STORE_G: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """The split backward's pre pass (`bwd_split._pre_kernel`): per checkpoint group, its mini-batches forward
+    from the checkpoint, everything of the backward that needs no dW'. Products on mma.sync from shared memory
+    (Z = K W, Q W, Q K^T, P G, dZb G^T, P^T dZb, dZb W^T + dA K, dA^T Q, the update); the per-token algebra in the
+    token layout; the sums over a group's tokens (dgam, dbet, dtau) as tiles, summed once at its end."""
+    OPT: gl.constexpr = q_ptr.dtype.element_ty
+    RW: gl.constexpr = MB // num_warps
+    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
+    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
+    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
+    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
+    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
+    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
+    dzb_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
+    da_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # dA = dP * E
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+
+    pid = gl.program_id(0) // NG
+    g = G_LO + gl.program_id(0) % NG
+    pid2 = pid * NCK + g
+    bi = pid // H
+    hi = pid % H
+    start = gl.load(span_ptr + 3 * bi)
+    L = gl.load(span_ptr + 3 * bi + 1) - start
+    slot = gl.load(span_ptr + 3 * bi + 2)
+    nmb = (L + MB - 1) // MB
+    n0 = g * GROUP
+    n1 = gl.minimum(n0 + GROUP, nmb)
+    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
+    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
+    rjP = gl.arange(0, MB, layout=gl.SliceLayout(0, LP))
+    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
+    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
+    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
+    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    tau_i = gl.load(tau_ptr + riP).to(gl.float32)
+    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    causal = riP[:, None] >= rjP[None, :]
+    ck = (slot + g) * H + hi
+    has = (riW[:, None] * 0 + n0) < nmb  # the row has this group (rows differ in length)
+    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=has, other=0.0)
+    c = gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + n0) < nmb, other=0.0)
+    dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
+    dbetT = gl.zeros([MB, D], gl.float32, R)
+    dtauT = gl.zeros([MB, MB], gl.float32, LP)
+
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    out_base = bi * o_b + start * o_t + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    outP = riP[:, None] * o_t + rdP[None, :]
+    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    scP = (sc_t + riP)[:, None] * D + rdP[None, :]
+    t0 = n0 * MB
+    tm = t0 + rt < L
+    m2 = tm[:, None] & (rd[None, :] < D)
+    qn = gl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    kn = gl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = gl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
+    don = gl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
+    wh_s.index(0).store(W.to(OPT))
+    for n in range(n0, n1):
+        p = (n - n0) % 2
+        t0 = n * MB
+        tm = t0 + rt < L
+        m2 = tm[:, None] & (rd[None, :] < D)
+        mP = (t0 + riP < L)[:, None] & (rdP[None, :] < D)
+        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch commits nothing
+        q16 = qn
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        dO = don.to(gl.float32)
+        t1 = gl.minimum(n + 1, n1 - 1) * MB  # the next mini-batch's loads, issued before this one's math
+        tm1 = t1 + rt < L
+        m21 = tm1[:, None] & (rd[None, :] < D)
+        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        don = gl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m21, other=0.0)
+
+        k_s.index(p).store(k16)
+        q_s.index(p).store(q16)
+        _cta_barrier()  # Q, K and the last update's W copy are written
+        cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
+        z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP), cP))
+        qw = mma_v2(q_s.index(p).load(AP), wh_s.index(p).load(BP), cP)  # Q W + c
+        qk1 = mma_v2(q_s.index(p).load(AP), k_s.index(p).permute((1, 0)).load(BP),
+                     gl.zeros([MB, MB], gl.float32, LP)) + 1.0
+        lrP = gl.load(lr_ptr + lr_base + (t0 + rjP) * l_t, mask=t0 + rjP < L, other=0.0).to(gl.float32)
+        E = gl.where(causal, tau_i[:, None] * lrP[None, :], 0.0)
+        P = E * qk1
+        p_s.index(p).store(P.to(OPT))
+        _cta_barrier()  # Z, P written
+        # the inner forward at the start weights: G, x^, 1/std (`triton_utils._ln_l2_grad`)
+        z = z_s.index(p).load(R)
+        zc = z - (gl.sum(z, axis=1) / D)[:, None]
+        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
+        xh = zc * rstd[:, None]
+        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
+        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
+        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
+        g_s.index(p).store(G.to(OPT))
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        so = sc_off + t0 * D
+        gl.store(xh_ptr + so, xh, mask=m2)
+        if STORE_G:
+            gl.store(g_ptr + so, G, mask=m2)
+        gl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
+        _cta_barrier()  # G, -e_b G written
+        zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
+                                        gl.zeros([MB, D], gl.float32, LP)))
+        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # the update: W - K^T (e_b G)
+        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
+        _cta_barrier()  # Zb written
+        # the output LayerNorm's backward: dZb
+        zb = zb_s.index(p).load(R)
+        zbc = zb - (gl.sum(zb, axis=1) / D)[:, None]
+        rstdb = 1.0 / gl.sqrt(gl.sum(zbc * zbc, axis=1) / D + EPS)
+        xhb = zbc * rstdb[:, None]
+        dgamT += dO * xhb
+        dbetT += dO
+        gd = dO * gam[None, :]
+        sd, sdx = gl.reduce((gd, gd * xhb), 1, _add2)
+        dZb = (gd - (sd / D)[:, None] - xhb * (sdx / D)[:, None]) * rstdb[:, None]
+        gl.store(dzb_ptr + so, dZb, mask=m2)
+        dzb_s.index(p).store(dZb.to(OPT))
+        _cta_barrier()  # dZb written
+        # dP = -dZb G^T, dA = dP E, dE = dP (Q K^T + 1): dtau_i, dlr_j; dG0 = -P^T dZb
+        dP = -mma_v2(dzb_s.index(p).load(AP), g_s.index(p).permute((1, 0)).load(BP),
+                     gl.zeros([MB, MB], gl.float32, LP))
+        dE = gl.where(causal, dP * qk1, 0.0)
+        dtauT += dE * lrP[None, :]
+        gl.store(dlra_ptr + sc_t + t0 + rjP, gl.sum(dE * tau_i[:, None], axis=0), mask=t0 + rjP < L)
+        da_s.index(p).store((dP * E).to(OPT))
+        gl.store(dg0_ptr + scP + t0 * D, -mma_v2(p_s.index(p).permute((1, 0)).load(AP), dzb_s.index(p).load(BP),
+                                                 gl.zeros([MB, D], gl.float32, LP)), mask=mP)
+        _cta_barrier()  # dA written
+        # dq = dO + dZb W^T + dA K (final), dk_a = dA^T Q
+        dq = gl.load(do_ptr + out_base + t0 * o_t + outP, mask=mP, other=0.0).to(gl.float32)
+        dq = mma_v2(dzb_s.index(p).load(AP), wh_s.index(p).permute((1, 0)).load(BP), dq)
+        dq = mma_v2(da_s.index(p).load(AP), k_s.index(p).load(BP), dq)
+        gl.store(dq_ptr + out_base + t0 * o_t + outP, dq.to(dq_ptr.dtype.element_ty), mask=mP)
+        gl.store(dka_ptr + scP + t0 * D, mma_v2(da_s.index(p).permute((1, 0)).load(AP), q_s.index(p).load(BP),
+                                                gl.zeros([MB, D], gl.float32, LP)), mask=mP)
+        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(dtau_ptr + pid2 * MB + riP, gl.sum(dtauT, axis=1))
+    gl.store(dlnw_ptr + pid2 * D + rd, gl.sum(dgamT, axis=0))
+    gl.store(dlnb_ptr + pid2 * D + rd, gl.sum(dbetT, axis=0))
