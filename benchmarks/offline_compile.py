@@ -111,10 +111,9 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
                 ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
     if d in lin_walks_gluon.HEAD_DIMS and b == lin_walks_gluon.MB and dot >= 2:  # Gluon, 16-bit operands
-        out += [("fwd (gluon)", lin_walks_gluon._fused_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS, SAVE=True),
-                 lin_walks_gluon.warps(d), 1),
-                ("fwd split walk (gluon)", lin_walks_gluon._walk_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS),
-                 lin_walks_gluon.warps(d), 1),
+        g = dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS, SAVE=True)
+        out += [("fwd (gluon)", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), lin_walks_gluon.warps(d), 1),
+                ("fwd split walk (gluon)", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), lin_walks_gluon.warps(d), 1),
                 ("split pre (gluon)", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
                                                                         STORE_G=False), lin_walks_gluon.warps(d), 1),
                 ("split chain (gluon)", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP),

@@ -30,7 +30,7 @@ if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
     _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
-                for name in ("_walk_kernel", "_fused_kernel", "_pre_kernel", "_chain_kernel")}
+                for name in ("_fwd_kernel", "_pre_kernel", "_chain_kernel")}
 
 
 @pytest.fixture(autouse=True)

@@ -224,16 +224,11 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
-    if impl == "fused_gluon":
-        kern = walks_gluon._fused_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, rows.span,
-            *rows.strides(q), *rows.strides(lr), *rows.strides(o), H, D=d, MB=mini_batch, GROUP=group, SAVE=save,
-            EPS=LN_EPS, num_warps=walks_gluon.warps(d))
-    elif impl == "split_gluon":
-        kern = walks_gluon._walk_kernel[(rows.n * H,)](
-            k, v, lr, tau, ln_weight, ln_bias, W0, c0, wT, cT, ckw, ckc, gs, rows.span,
-            *rows.strides(q), *rows.strides(lr), sc_b, H, T, D=d, MB=mini_batch, GROUP=group, EPS=LN_EPS,
-            num_warps=walks_gluon.warps(d))
+    if impl.endswith("_gluon"):
+        kern = walks_gluon._fwd_kernel[(rows.n * H,)](
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
+            SAVE=save or split, OUT=not split, EPS=LN_EPS, num_warps=walks_gluon.warps(d))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,

@@ -1,8 +1,8 @@
 """TTT-Linear kernels in Gluon, with layouts chosen so that a token's algebra stays in one warp.
 
-`_fused_kernel`: the fused forward (`chunk.ttt_linear_fwd_kernel`: the walk and each mini-batch's outputs);
-`_walk_kernel`: the split forward's walk (the same with OUT off: the inner forward, G and the update per
-mini-batch, storing G and the checkpoints; `chunk._fwd_out_kernel` then computes the outputs); `_pre_kernel`: the
+`_fwd_kernel`: the forward walk (`chunk.ttt_linear_fwd_kernel`: with OUT the fused forward, the walk and each
+mini-batch's outputs; without, the split forward's walk, storing G and the checkpoints for
+`chunk._fwd_out_kernel`'s outputs); `_pre_kernel`: the
 split backward's pre pass (`bwd_split._pre_kernel`: per checkpoint group, what needs no dW'); `_chain_kernel`: its
 full chain (`bwd_split._chain_kernel`: the mini-batches N_LO .. N_HI - 1 in reverse, carrying dW, dc; stores dZ,
 dk_b, dgy, dlr_b and dtau's partial sum per checkpoint group). Same launch contracts, inputs, outputs and formulas
@@ -58,6 +58,67 @@ def check(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None, cho
                          f"{dot_mode}")
 
 
+@gluon.constexpr_function
+def _token_layout(D, MB, num_warps):
+    """R: [MB, D] tiles with MB / num_warps whole tokens per warp (a token's D values in 32 * num_warps / MB of its
+    lanes), so that a per-token sum is shuffles within the warp."""
+    rw = MB // num_warps
+    return gl.BlockedLayout([1, D * rw // 32], [rw, 32 // rw], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _mma_layout(num_warps, rows):
+    """mma.sync's (m16n8k16) accumulator layout, the warps across the columns (the [16, d] and [16, 16] products)
+    or, `rows`, down the rows (the [d, d] updates)."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1] if rows else [1, num_warps],
+                                     instr_shape=[16, 8])
+
+
+@gluon.constexpr_function
+def _operand(parent, index):
+    """The layout of mma.sync's 16-bit operand A (index 0) or B (1) for the accumulator layout `parent`."""
+    return gl.DotOperandLayout(operand_index=index, parent=parent, k_width=2)
+
+
+@gluon.jit
+def _row(span_ptr, n):
+    """Row n of a `triton_utils.Rows` span: its first token, its length, its first checkpoint slot."""
+    start = gl.load(span_ptr + 3 * n)
+    return start, gl.load(span_ptr + 3 * n + 1) - start, gl.load(span_ptr + 3 * n + 2)
+
+
+@gluon.jit
+def _tile(ptr, off, rt, rd, t0, L, D: gl.constexpr):
+    """The [MB, D] tile at element offsets `off` of the tokens t0 + rt (rows past the row's length L as 0)."""
+    return gl.load(ptr + off, mask=((t0 + rt) < L)[:, None] & (rd[None, :] < D), other=0.0)
+
+
+@gluon.jit
+def _normalize_rows(z, D: gl.constexpr, EPS: gl.constexpr):
+    """Row-wise LayerNorm of z [MB, D] (token layout) without weight and bias: x^ and 1/std."""
+    zc = z - (gl.sum(z, axis=1) / D)[:, None]
+    rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
+    return zc * rstd[:, None], rstd
+
+
+@gluon.jit
+def _ln_l2_grad_rows(z, v, k, gam, bet, D: gl.constexpr, EPS: gl.constexpr):
+    """G, the gradient of the inner loss 0.5 ||LN(z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise in the
+    token layout, with x^ and 1/std."""
+    xh, rstd = _normalize_rows(z, D, EPS)
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
+    return (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None], xh, rstd
+
+
+@gluon.jit
+def _update(W, c, k_s, eg_s, eg32_s, AW: gl.constexpr, BW: gl.constexpr, LP: gl.constexpr):
+    """The mini-batch's weight update from its K and -e_b G (16-bit) and e_b G (fp32) in shared memory: W - K^T
+    (e_b G) (W: the fp32 accumulator in registers) and c - sum e_b G (in the products' layout)."""
+    W = mma_v2(k_s.permute((1, 0)).load(AW), eg_s.load(BW), W)
+    return W, c - gl.sum(eg32_s.load(LP), axis=0)
+
+
 @gluon.jit
 def _chain_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr, dwT_ptr, dcT_ptr,
@@ -67,15 +128,13 @@ def _chain_kernel(
     D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty
-    # R: [MB, D] tiles with MB / num_warps whole tokens per warp, a token's d values in a few lanes (8 or 16) of it
-    RW: gl.constexpr = MB // num_warps
-    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
-    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
-    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
-    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
-    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
-    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    R: gl.constexpr = _token_layout(D, MB, num_warps)
+    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    AP: gl.constexpr = _operand(LP, 0)
+    BP: gl.constexpr = _operand(LP, 1)
+    AW: gl.constexpr = _operand(LW, 0)
+    BW: gl.constexpr = _operand(LW, 1)
     ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
     SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
     k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
@@ -92,8 +151,7 @@ def _chain_kernel(
     pid = gl.program_id(0)
     bi = pid // H
     hi = pid % H
-    start = gl.load(span_ptr + 3 * bi)
-    L = gl.load(span_ptr + 3 * bi + 1) - start
+    start, L, _slot = _row(span_ptr, bi)
     n_hi = gl.minimum(N_HI, (L + MB - 1) // MB)  # this segment's mini-batches of this row: N_LO .. n_hi - 1
     rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
     rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
@@ -117,14 +175,13 @@ def _chain_kernel(
     scP = (sc_t + rtP)[:, None] * D + rdP[None, :]
     t0 = gl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
     tm = t0 + rt < L
-    m2 = tm[:, None] & (rd[None, :] < D)
-    qn = gl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    kn = gl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    vn = gl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    qn = _tile(q_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    xhn = gl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dg0n = gl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzbn = gl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    xhn = _tile(xh_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    dg0n = _tile(dg0_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    dzbn = _tile(dzb_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
     rsn = gl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
     wh_s.index(0).store(dW.to(OPT))
     for ni in range(n_hi - N_LO):
@@ -144,14 +201,13 @@ def _chain_kernel(
         rstd = rsn
         t1 = gl.maximum(n - 1, N_LO) * MB  # the next mini-batch's loads, issued before this one's math
         tm1 = t1 + rt < L
-        m21 = tm1[:, None] & (rd[None, :] < D)
-        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        qn = _tile(q_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        xhn = gl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dg0n = gl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzbn = gl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        xhn = _tile(xh_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        dg0n = _tile(dg0_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        dzbn = _tile(dzb_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
         rsn = gl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         k_s.index(p).store(k16)
@@ -202,145 +258,45 @@ def _chain_kernel(
 
 
 @gluon.jit
-def _walk_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
-    H, T,
-    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
-):
-    OPT: gl.constexpr = k_ptr.dtype.element_ty
-    RW: gl.constexpr = MB // num_warps
-    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
-    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
-    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
-    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
-    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
-    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
-    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
-    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
-    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
-    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
-    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
-    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
-    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
-
-    pid = gl.program_id(0)
-    bi = pid // H
-    hi = pid % H
-    start = gl.load(span_ptr + 3 * bi)
-    L = gl.load(span_ptr + 3 * bi + 1) - start
-    slot = gl.load(span_ptr + 3 * bi + 2)
-    nmb = (L + MB - 1) // MB
-    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
-    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
-    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
-    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
-    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
-    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
-    woff = riW[:, None] * D + rjW[None, :]
-    W = gl.load(w0_ptr + pid * D * D + woff)
-    c = gl.load(c0_ptr + pid * D + rdP)
-
-    in_base = bi * s_b + start * s_t + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + start * l_t + hi * l_h
-    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
-    tm = rt < L
-    m2 = tm[:, None] & (rd[None, :] < D)
-    kn = gl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
-    vn = gl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
-    lrn = gl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0)
-    wh_s.index(0).store(W.to(OPT))
-    for n in range(nmb):
-        p = n % 2
-        if n % GROUP == 0:  # the weights at the start of the group: its checkpoint
-            ck = (slot + n // GROUP) * H + hi
-            gl.store(ckw_ptr + ck * D * D + woff, W)
-            gl.store(ckc_ptr + ck * D + rdP, c)
-        t0 = n * MB
-        tm = t0 + rt < L
-        m2 = tm[:, None] & (rd[None, :] < D)
-        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch leaves the weights uncommitted
-        k16 = kn
-        v = vn.to(gl.float32)
-        lr = lrn.to(gl.float32)
-        t1 = gl.minimum(n + 1, nmb - 1) * MB  # the next mini-batch's loads, issued before this one's math
-        tm1 = t1 + rt < L
-        m21 = tm1[:, None] & (rd[None, :] < D)
-        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-
-        k_s.index(p).store(k16)
-        _cta_barrier()  # this mini-batch's K and the last update's W copy are written
-        z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP),
-                                  gl.zeros([MB, D], gl.float32, LP) + c[None, :]))
-        _cta_barrier()
-        z = z_s.index(p).load(R)
-        # G: the gradient of the inner loss 0.5 ||LN(Z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise
-        zc = z - (gl.sum(z, axis=1) / D)[:, None]
-        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
-        xh = zc * rstd[:, None]
-        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
-        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
-        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
-        gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
-        eG = (tau_e * lr)[:, None] * G
-        eg_s.index(p).store((-eG).to(OPT))
-        eg32_s.index(p).store(eG)
-        _cta_barrier()  # -e_b G written
-        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # W - K^T (e_b G)
-        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
-        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
-    gl.store(wT_ptr + pid * D * D + woff, W)
-    gl.store(cT_ptr + pid * D + rdP, c)
-
-
-@gluon.jit
-def _fused_kernel(
+def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
-    span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-    H,
-    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr,
-    num_warps: gl.constexpr,
+    gs_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, T,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, OUT: gl.constexpr,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """The fused forward (`chunk.ttt_linear_fwd_kernel` with OUT on): the walk and each mini-batch's outputs,
-    o = q + LN(Zb) gam + bet, Zb = Q W + c - P G, P = E * (Q K^T + 1) (causal; the rows from the first non-finite
-    row of G on are NaN, as `chunk._output` makes them); the checkpoints when SAVE."""
-    OPT: gl.constexpr = q_ptr.dtype.element_ty
-    RW: gl.constexpr = MB // num_warps
-    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
-    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
-    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
-    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
-    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
-    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    """The forward walk (`chunk.ttt_linear_fwd_kernel`): per mini-batch the inner forward, G and the update; OUT:
+    also its outputs, o = q + LN(Zb) gam + bet, Zb = Q W + c - P G, P = E * (Q K^T + 1) (causal; the rows from the
+    first non-finite row of G on are NaN, as `chunk._output` makes them), else G stored (fp32 rows [B*H or H, T, d])
+    for `chunk._fwd_out_kernel`; the checkpoints when SAVE."""
+    OPT: gl.constexpr = k_ptr.dtype.element_ty
+    R: gl.constexpr = _token_layout(D, MB, num_warps)
+    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    AP: gl.constexpr = _operand(LP, 0)
+    BP: gl.constexpr = _operand(LP, 1)
+    AW: gl.constexpr = _operand(LW, 0)
+    BW: gl.constexpr = _operand(LW, 1)
     ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
-    SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
     SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
     SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
-    q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
-    g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # G, its non-finite rows as 0 (the causal product's operand)
     eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
-    p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
     wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
     z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
-    zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
     eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+    if OUT:
+        SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
+        q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+        g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # G, its non-finite rows as 0 (P G's operand)
+        p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
+        zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
 
     pid = gl.program_id(0)
     bi = pid // H
     hi = pid % H
-    start = gl.load(span_ptr + 3 * bi)
-    L = gl.load(span_ptr + 3 * bi + 1) - start
-    slot = gl.load(span_ptr + 3 * bi + 2)
+    start, L, slot = _row(span_ptr, bi)
     nmb = (L + MB - 1) // MB
     rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
     rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
@@ -363,12 +319,12 @@ def _fused_kernel(
     lr_base = bi * l_b + start * l_t + hi * l_h
     out_base = bi * o_b + start * o_t + hi * o_h
     out_off = rt[:, None] * o_t + rd[None, :]
-    tm = rt < L
-    m2 = tm[:, None] & (rd[None, :] < D)
-    qn = gl.load(q_ptr + in_base + in_off, mask=m2, other=0.0)
-    kn = gl.load(k_ptr + in_base + in_off, mask=m2, other=0.0)
-    vn = gl.load(v_ptr + in_base + in_off, mask=m2, other=0.0)
-    lrn = gl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0)
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
+    if OUT:
+        qn = _tile(q_ptr + in_base, in_off, rt, rd, 0, L, D)
+    kn = _tile(k_ptr + in_base, in_off, rt, rd, 0, L, D)
+    vn = _tile(v_ptr + in_base, in_off, rt, rd, 0, L, D)
+    lrn = gl.load(lr_ptr + lr_base + rt * l_t, mask=rt < L, other=0.0)
     wh_s.index(0).store(W.to(OPT))
     for n in range(nmb):
         p = n % 2
@@ -378,58 +334,55 @@ def _fused_kernel(
                 gl.store(ckw_ptr + ck * D * D + woff, W)
                 gl.store(ckc_ptr + ck * D + rdP, c)
         t0 = n * MB
-        tm = t0 + rt < L
-        m2 = tm[:, None] & (rd[None, :] < D)
+        m2 = ((t0 + rt) < L)[:, None] & (rd[None, :] < D)
         tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch leaves the weights uncommitted
-        q16 = qn
         k16 = kn
         v = vn.to(gl.float32)
         lr = lrn.to(gl.float32)
         t1 = gl.minimum(n + 1, nmb - 1) * MB  # the next mini-batch's loads, issued before this one's math
-        tm1 = t1 + rt < L
-        m21 = tm1[:, None] & (rd[None, :] < D)
-        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        if OUT:
+            q16 = qn
+            qn = _tile(q_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=(t1 + rt) < L, other=0.0)
 
         k_s.index(p).store(k16)
-        q_s.index(p).store(q16)
-        _cta_barrier()  # this mini-batch's Q, K and the last update's W copy are written
+        if OUT:
+            q_s.index(p).store(q16)
+        _cta_barrier()  # this mini-batch's operands and the last update's W copy are written
         cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
         z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP), cP))
-        qw = mma_v2(q_s.index(p).load(AP), wh_s.index(p).load(BP), cP)  # Q W + c
-        qk = mma_v2(q_s.index(p).load(AP), k_s.index(p).permute((1, 0)).load(BP), gl.zeros([MB, MB], gl.float32, LP))
-        lrP = gl.load(lr_ptr + lr_base + (t0 + rjP) * l_t, mask=t0 + rjP < L, other=0.0).to(gl.float32)
-        p_s.index(p).store(gl.where(causal, tau_i[:, None] * lrP[None, :] * (qk + 1.0), 0.0).to(OPT))
-        _cta_barrier()  # Z and P written
-        z = z_s.index(p).load(R)
-        # G: the gradient of the inner loss 0.5 ||LN(Z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise
-        zc = z - (gl.sum(z, axis=1) / D)[:, None]
-        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
-        xh = zc * rstd[:, None]
-        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
-        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
-        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
-        # NaN containment (`chunk._output`): the causal product takes G's non-finite rows as 0, and the outputs
-        # from the first such row on are NaN (they depend on it)
-        g_ok = gl.abs(gl.sum(G, axis=1)) < float("inf")
-        first_bad = -gl.max(gl.where(g_ok, -MB, -rt), axis=0)
-        g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
+        if OUT:
+            qw = mma_v2(q_s.index(p).load(AP), wh_s.index(p).load(BP), cP)  # Q W + c
+            qk = mma_v2(q_s.index(p).load(AP), k_s.index(p).permute((1, 0)).load(BP),
+                        gl.zeros([MB, MB], gl.float32, LP))
+            lrP = gl.load(lr_ptr + lr_base + (t0 + rjP) * l_t, mask=t0 + rjP < L, other=0.0).to(gl.float32)
+            p_s.index(p).store(gl.where(causal, tau_i[:, None] * lrP[None, :] * (qk + 1.0), 0.0).to(OPT))
+        _cta_barrier()  # Z (and P) written
+        G, xh, rstd = _ln_l2_grad_rows(z_s.index(p).load(R), v, k16.to(gl.float32), gam, bet, D, EPS)
+        if OUT:
+            # NaN containment (`chunk._output`): the causal product takes G's non-finite rows as 0, and the
+            # outputs from the first such row on are NaN (they depend on it)
+            g_ok = gl.abs(gl.sum(G, axis=1)) < float("inf")
+            first_bad = -gl.max(gl.where(g_ok, -MB, -rt), axis=0)
+            g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
+        else:
+            gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
         eG = (tau_e * lr)[:, None] * G
         eg_s.index(p).store((-eG).to(OPT))
         eg32_s.index(p).store(eG)
-        _cta_barrier()  # G, -e_b G written
-        zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
-                                        gl.zeros([MB, D], gl.float32, LP)))
-        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # W - K^T (e_b G)
-        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
-        _cta_barrier()  # Zb written
-        zb = gl.where(rt[:, None] >= first_bad, float("nan"), zb_s.index(p).load(R))
-        zc = zb - (gl.sum(zb, axis=1) / D)[:, None]
-        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
-        o = q16.to(gl.float32) + zc * rstd[:, None] * gam[None, :] + bet[None, :]
-        gl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
+        _cta_barrier()  # (G,) -e_b G written
+        if OUT:
+            zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
+                                            gl.zeros([MB, D], gl.float32, LP)))
+        W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), AW, BW, LP)
+        if OUT:
+            _cta_barrier()  # Zb written
+            zb = gl.where(rt[:, None] >= first_bad, float("nan"), zb_s.index(p).load(R))
+            xhb, _rstdb = _normalize_rows(zb, D, EPS)
+            o = q16.to(gl.float32) + xhb * gam[None, :] + bet[None, :]
+            gl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(wT_ptr + pid * D * D + woff, W)
     gl.store(cT_ptr + pid * D + rdP, c)
@@ -449,14 +402,13 @@ def _pre_kernel(
     (Z = K W, Q W, Q K^T, P G, dZb G^T, P^T dZb, dZb W^T + dA K, dA^T Q, the update); the per-token algebra in the
     token layout; the sums over a group's tokens (dgam, dbet, dtau) as tiles, summed once at its end."""
     OPT: gl.constexpr = q_ptr.dtype.element_ty
-    RW: gl.constexpr = MB // num_warps
-    R: gl.constexpr = gl.BlockedLayout([1, D * RW // 32], [RW, 32 // RW], [num_warps, 1], [1, 0])
-    LP: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
-    LW: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LP, k_width=2)
-    BP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LP, k_width=2)
-    AW: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LW, k_width=2)
-    BW: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=LW, k_width=2)
+    R: gl.constexpr = _token_layout(D, MB, num_warps)
+    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    AP: gl.constexpr = _operand(LP, 0)
+    BP: gl.constexpr = _operand(LP, 1)
+    AW: gl.constexpr = _operand(LW, 0)
+    BW: gl.constexpr = _operand(LW, 1)
     ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
     SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
     SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
@@ -478,9 +430,7 @@ def _pre_kernel(
     pid2 = pid * NCK + g
     bi = pid // H
     hi = pid % H
-    start = gl.load(span_ptr + 3 * bi)
-    L = gl.load(span_ptr + 3 * bi + 1) - start
-    slot = gl.load(span_ptr + 3 * bi + 2)
+    start, L, slot = _row(span_ptr, bi)
     nmb = (L + MB - 1) // MB
     n0 = g * GROUP
     n1 = gl.minimum(n0 + GROUP, nmb)
@@ -515,12 +465,11 @@ def _pre_kernel(
     scP = (sc_t + riP)[:, None] * D + rdP[None, :]
     t0 = n0 * MB
     tm = t0 + rt < L
-    m2 = tm[:, None] & (rd[None, :] < D)
-    qn = gl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    kn = gl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
-    vn = gl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    qn = _tile(q_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    don = gl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
+    don = _tile(do_ptr + out_base + t0 * o_t, out_off, rt, rd, t0, L, D)
     wh_s.index(0).store(W.to(OPT))
     for n in range(n0, n1):
         p = (n - n0) % 2
@@ -536,12 +485,11 @@ def _pre_kernel(
         dO = don.to(gl.float32)
         t1 = gl.minimum(n + 1, n1 - 1) * MB  # the next mini-batch's loads, issued before this one's math
         tm1 = t1 + rt < L
-        m21 = tm1[:, None] & (rd[None, :] < D)
-        qn = gl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        kn = gl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
-        vn = gl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        qn = _tile(q_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        don = gl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m21, other=0.0)
+        don = _tile(do_ptr + out_base + t1 * o_t, out_off, rt, rd, t1, L, D)
 
         k_s.index(p).store(k16)
         q_s.index(p).store(q16)
@@ -558,12 +506,7 @@ def _pre_kernel(
         _cta_barrier()  # Z, P written
         # the inner forward at the start weights: G, x^, 1/std (`triton_utils._ln_l2_grad`)
         z = z_s.index(p).load(R)
-        zc = z - (gl.sum(z, axis=1) / D)[:, None]
-        rstd = 1.0 / gl.sqrt(gl.sum(zc * zc, axis=1) / D + EPS)
-        xh = zc * rstd[:, None]
-        gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k16.to(gl.float32)))
-        sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
-        G = (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None]
+        G, xh, rstd = _ln_l2_grad_rows(z, v, k16.to(gl.float32), gam, bet, D, EPS)
         g_s.index(p).store(G.to(OPT))
         eG = (tau_e * lr)[:, None] * G
         eg_s.index(p).store((-eG).to(OPT))
@@ -576,14 +519,11 @@ def _pre_kernel(
         _cta_barrier()  # G, -e_b G written
         zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
                                         gl.zeros([MB, D], gl.float32, LP)))
-        W = mma_v2(k_s.index(p).permute((1, 0)).load(AW), eg_s.index(p).load(BW), W)  # the update: W - K^T (e_b G)
-        c -= gl.sum(eg32_s.index(p).load(LP), axis=0)
+        W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), AW, BW, LP)
         _cta_barrier()  # Zb written
         # the output LayerNorm's backward: dZb
         zb = zb_s.index(p).load(R)
-        zbc = zb - (gl.sum(zb, axis=1) / D)[:, None]
-        rstdb = 1.0 / gl.sqrt(gl.sum(zbc * zbc, axis=1) / D + EPS)
-        xhb = zbc * rstdb[:, None]
+        xhb, rstdb = _normalize_rows(zb, D, EPS)
         dgamT += dO * xhb
         dbetT += dO
         gd = dO * gam[None, :]
