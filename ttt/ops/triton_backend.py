@@ -134,8 +134,8 @@ class LinearKernels:
             raise ValueError(f"LinearKernels.fwd: expected one of {_lin_chunk.FWD_IMPLS}, got {self.fwd!r}")
 
     def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
-        """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon chain
-        only what it is written for (a one-line error)."""
+        """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon kernels
+        only what they are written for (a one-line error)."""
         for what, impl in (("bwd", self.bwd), ("fwd", self.fwd)):
             if impl.endswith("_gluon"):
                 _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode, f"{what}={impl!r}")
