@@ -117,6 +117,8 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("split pre (gluon)", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
                                                                         STORE_G=False), lin_walks_gluon.warps(d), 1),
                 ("split chain (gluon)", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP),
+                 lin_walks_gluon.warps(d), 1),
+                ("split post (gluon)", lin_walks_gluon._post_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS),
                  lin_walks_gluon.warps(d), 1)]
     return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=triton.next_power_of_2(d), COMMIT=True, EPS=LN_EPS),
                    4 if d <= 64 else 8, 3)]

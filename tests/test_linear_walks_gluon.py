@@ -1,6 +1,6 @@
 """TTT-Linear's kernels in Gluon (`ttt/ops/ttt_linear/walks_gluon.py`: the fused forward and the split forward's
-walk, `LinearKernels(fwd="fused_gluon" | "split_gluon")`, the backward's pre pass and full chain, `bwd=
-"split_gluon"`) against the Triton kernels they stand in for on the same inputs (every output, final state and
+walk, `LinearKernels(fwd="fused_gluon" | "split_gluon")`, the backward's pre pass, full chain and post pass,
+`bwd="split_gluon"`) against the Triton kernels they stand in for on the same inputs (every output, final state and
 gradient, close: the same 16-bit products, summed in another order) and against the dual form: odd lengths with a
 partial last mini-batch, a mid-mini-batch start, several checkpoint groups and time segments, head dim 128, packed
 documents, every buffer NaN-poisoned. On the CPU the Gluon source runs in Triton's interpreter through
@@ -30,7 +30,7 @@ if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
     _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
-                for name in ("_fwd_kernel", "_pre_kernel", "_chain_kernel")}
+                for name in ("_fwd_kernel", "_pre_kernel", "_chain_kernel", "_post_kernel")}
 
 
 @pytest.fixture(autouse=True)

@@ -539,7 +539,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass of
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
-    (the programs of a shorter row's missing groups do nothing). gluon: the pre pass and the full chain as
+    (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
     `walks_gluon`'s kernels (their own warps; the caller checked what they take)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
@@ -617,9 +617,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
                 *strides, H, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
         else:
-            launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
-                k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
-                *strides, H, nck, T, g0, ng, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
+            args = (k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
+                    *strides, H, nck, T, g0, ng)
+            if gluon:
+                launched["ttt_linear_bwd_post"] = walks_gluon._post_kernel[(N * H * ng,)](
+                    *args, D=d, MB=b, GROUP=group, EPS=eps, num_warps=walks_gluon.warps(d))
+            else:
+                launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
+                    *args, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
 
     if dev.type == "cuda" and nseg > 1:
         main = torch.cuda.current_stream(dev)

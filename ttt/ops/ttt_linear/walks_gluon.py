@@ -553,3 +553,113 @@ def _pre_kernel(
     gl.store(dtau_ptr + pid2 * MB + riP, gl.sum(dtauT, axis=1))
     gl.store(dlnw_ptr + pid2 * D + rd, gl.sum(dgamT, axis=0))
     gl.store(dlnb_ptr + pid2 * D + rd, gl.sum(dbetT, axis=0))
+
+
+@gluon.jit
+def _post_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
+    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """The split backward's post pass after the full chain (`bwd_split._post_kernel`): per checkpoint group, W per
+    mini-batch from the checkpoint (x^ from the same recompute); dk = dk_a + dk_b + gam dgy + dZ W^T (in the
+    products' layout, stored from it), dv = -gam dgy, the group's dgam, dbet (tiles summed once at its end)."""
+    OPT: gl.constexpr = k_ptr.dtype.element_ty
+    R: gl.constexpr = _token_layout(D, MB, num_warps)
+    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    dz_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+
+    pid = gl.program_id(0) // NG
+    g = G_LO + gl.program_id(0) % NG
+    pid2 = pid * NCK + g
+    bi = pid // H
+    hi = pid % H
+    start, L, slot = _row(span_ptr, bi)
+    nmb = (L + MB - 1) // MB
+    n0 = g * GROUP
+    n1 = gl.minimum(n0 + GROUP, nmb)
+    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
+    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
+    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
+    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
+    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
+    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    gamP = gl.load(lnw_ptr + hi * D + rdP).to(gl.float32)
+    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    ck = (slot + g) * H + hi
+    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=(riW[:, None] * 0 + n0) < nmb, other=0.0)
+    c = gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + n0) < nmb, other=0.0)
+    dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
+    dbetT = gl.zeros([MB, D], gl.float32, R)
+
+    in_base = bi * s_b + start * s_t + hi * s_h
+    in_off = rt[:, None] * s_t + rd[None, :]
+    lr_base = bi * l_b + start * l_t + hi * l_h
+    out_base = bi * o_b + start * o_t + hi * o_h
+    out_off = rt[:, None] * o_t + rd[None, :]
+    outP = riP[:, None] * o_t + rdP[None, :]
+    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    scP = (sc_t + riP)[:, None] * D + rdP[None, :]
+    t0 = n0 * MB
+    kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=(t0 + rt) < L, other=0.0)
+    dzn = _tile(dz_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    dgyn = _tile(dgy_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    wh_s.index(0).store(W.to(OPT))
+    for n in range(n0, n1):
+        p = (n - n0) % 2
+        t0 = n * MB
+        m2 = ((t0 + rt) < L)[:, None] & (rd[None, :] < D)
+        mP = ((t0 + riP) < L)[:, None] & (rdP[None, :] < D)
+        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        dZ = dzn
+        dgy = dgyn
+        t1 = gl.minimum(n + 1, n1 - 1) * MB  # the next mini-batch's loads, issued before this one's math
+        kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=(t1 + rt) < L, other=0.0)
+        dzn = _tile(dz_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        dgyn = _tile(dgy_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+
+        k_s.index(p).store(k16)
+        dz_s.index(p).store(dZ.to(OPT))
+        _cta_barrier()  # K, dZ and the last update's W copy are written
+        cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
+        z_s.index(p).store(mma_v2(k_s.index(p).load(_operand(LP, 0)), wh_s.index(p).load(_operand(LP, 1)), cP))
+        # dk = dk_a + dk_b + gam dgy + dZ W^T, in the products' layout
+        dk = _tile(dka_ptr + t0 * D, scP, riP, rdP, t0, L, D) + _tile(dkb_ptr + t0 * D, scP, riP, rdP, t0, L, D) \
+            + gamP[None, :] * _tile(dgy_ptr + t0 * D, scP, riP, rdP, t0, L, D)
+        dk = mma_v2(dz_s.index(p).load(_operand(LP, 0)), wh_s.index(p).permute((1, 0)).load(_operand(LP, 1)), dk)
+        gl.store(dk_ptr + out_base + t0 * o_t + outP, dk.to(dk_ptr.dtype.element_ty), mask=mP)
+        gl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+        _cta_barrier()  # Z written
+        G, xh, rstd = _ln_l2_grad_rows(z_s.index(p).load(R), v, k16.to(gl.float32), gam, bet, D, EPS)
+        k = k16.to(gl.float32)
+        dgamT += dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k))
+        dbetT += dgy
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        _cta_barrier()  # -e_b G written
+        W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), _operand(LW, 0), _operand(LW, 1), LP)
+        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(dlnw_ptr + pid2 * D + rd, gl.sum(dgamT, axis=0))
+    gl.store(dlnb_ptr + pid2 * D + rd, gl.sum(dbetT, axis=0) * gam)
