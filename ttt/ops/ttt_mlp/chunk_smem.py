@@ -207,14 +207,26 @@ def _tok_dot(a_s, b_s, K: gl.constexpr, LT: gl.constexpr, LE: gl.constexpr):
 
 
 @gluon.jit
-def _sync(cnt_ptr, target):
-    """Barrier of the programs sharing a head: every thread's writes are published (bar.sync, then one release
-    increment at GPU scope) and the others' seen (acquire loads until the counter reaches `target`)."""
+def _arrive(cnt_ptr):
+    """The first half of `_sync`: every thread's writes are published (bar.sync, then one release increment at GPU
+    scope). Work that reads nothing the other programs write may run before `_wait`."""
     _cta_barrier()
     gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _wait(cnt_ptr, target):
+    """The second half of `_sync`: the others' writes seen (acquire loads until the counter reaches `target`)."""
     while gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     _cta_barrier()
+
+
+@gluon.jit
+def _sync(cnt_ptr, target):
+    """Barrier of the programs sharing a head (`_arrive`, then `_wait`)."""
+    _arrive(cnt_ptr)
+    _wait(cnt_ptr, target)
 
 
 @gluon.jit
@@ -1057,24 +1069,25 @@ def ttt_mlp_smem_bwd_kernel(
                 g2 = pD_s.index(0).load(LD)
                 S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
                 dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
+                dh1 = dg1 * pF_s.index(0).load(LF)
+                pF_s.index(1).store(dg1 * pF_s.index(1).load(LF))  # dZ1's first term, parked over H1t GELU''(Z1t)
                 _cta_barrier()
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
-                fence_async_shared()
-                _cta_barrier()
-                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
-                dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
-                dh1 = dg1 * pF_s.index(0).load(LF)
-                dz1 = dg1 * pF_s.index(1).load(LF)
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
                 dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
-                if NSPLIT > 1:
+                if NSPLIT > 1:  # this program's part of dG2 published; the two products below read nothing the
+                    # other programs write, so they run while the exchange completes
                     rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
+                    _arrive(cnt)
+                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
+                if NSPLIT > 1:
                     nsync += 1
-                    _sync(cnt, nsync * NSPLIT)
+                    _wait(cnt, nsync * NSPLIT)
                     dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
                     if ni > 0:  # the gradients of the mini-batch walked before this one (every program has
                         # finished it, so its parts of them are written; slot (n + 1) % 3, which no program writes
@@ -1103,7 +1116,7 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
-                dz1 += dx2 * pF_s.index(0).load(LF)
+                dz1 = pF_s.index(1).load(LF) + dx2 * pF_s.index(0).load(LF)
                 dz1_s.store(dz1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
