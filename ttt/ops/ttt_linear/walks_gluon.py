@@ -35,10 +35,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from ..gluon_utils import _cta_barrier, _row
 from ..triton_utils import _add2, _add3
 
-# a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 HEAD_DIMS = (64, 128)
 MB = 16
 
@@ -81,16 +80,29 @@ def _operand(parent, index):
 
 
 @gluon.jit
-def _row(span_ptr, n):
-    """Row n of a `triton_utils.Rows` span: its first token, its length, its first checkpoint slot."""
-    start = gl.load(span_ptr + 3 * n)
-    return start, gl.load(span_ptr + 3 * n + 1) - start, gl.load(span_ptr + 3 * n + 2)
-
-
-@gluon.jit
 def _tile(ptr, off, rt, rd, t0, L, D: gl.constexpr):
     """The [MB, D] tile at element offsets `off` of the tokens t0 + rt (rows past the row's length L as 0)."""
     return gl.load(ptr + off, mask=((t0 + rt) < L)[:, None] & (rd[None, :] < D), other=0.0)
+
+
+@gluon.jit
+def _group_of(span_ptr, H, NCK, G_LO, NG, GROUP: gl.constexpr, MB: gl.constexpr):
+    """This program of a per-group launch over groups [G_LO, G_LO + NG): its (row, head) index pid, its group's
+    partial-sum row pid * NCK + g, row bi and head hi, the row's first token, length and first checkpoint slot, its
+    group g and the group's mini-batches n0 .. n1 - 1 (none where a shorter row has no such group)."""
+    pid = gl.program_id(0) // NG
+    g = G_LO + gl.program_id(0) % NG
+    start, L, slot = _row(span_ptr, pid // H)
+    n0 = g * GROUP
+    return pid, pid * NCK + g, pid // H, pid % H, start, L, slot, g, n0, gl.minimum(n0 + GROUP, (L + MB - 1) // MB)
+
+
+@gluon.jit
+def _checkpoint_in(ckw_ptr, ckc_ptr, ck, present, riW, rjW, rdP, D: gl.constexpr):
+    """Checkpoint ck: W [D, D] (the updates' layout) and c [D] (the products'), zeros where not `present`."""
+    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=(riW[:, None] * 0 + present) != 0,
+                other=0.0)
+    return W, gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + present) != 0, other=0.0)
 
 
 @gluon.jit
@@ -425,15 +437,7 @@ def _pre_kernel(
     zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
     eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
 
-    pid = gl.program_id(0) // NG
-    g = G_LO + gl.program_id(0) % NG
-    pid2 = pid * NCK + g
-    bi = pid // H
-    hi = pid % H
-    start, L, slot = _row(span_ptr, bi)
-    nmb = (L + MB - 1) // MB
-    n0 = g * GROUP
-    n1 = gl.minimum(n0 + GROUP, nmb)
+    pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
     rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
     rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
     riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
@@ -446,10 +450,7 @@ def _pre_kernel(
     tau_i = gl.load(tau_ptr + riP).to(gl.float32)
     tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
     causal = riP[:, None] >= rjP[None, :]
-    ck = (slot + g) * H + hi
-    has = (riW[:, None] * 0 + n0) < nmb  # the row has this group (rows differ in length)
-    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=has, other=0.0)
-    c = gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + n0) < nmb, other=0.0)
+    W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
     dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
     dbetT = gl.zeros([MB, D], gl.float32, R)
     dtauT = gl.zeros([MB, MB], gl.float32, LP)
@@ -580,15 +581,7 @@ def _post_kernel(
     z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
     eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
 
-    pid = gl.program_id(0) // NG
-    g = G_LO + gl.program_id(0) % NG
-    pid2 = pid * NCK + g
-    bi = pid // H
-    hi = pid % H
-    start, L, slot = _row(span_ptr, bi)
-    nmb = (L + MB - 1) // MB
-    n0 = g * GROUP
-    n1 = gl.minimum(n0 + GROUP, nmb)
+    pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
     rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
     rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
     riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
@@ -599,9 +592,7 @@ def _post_kernel(
     bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
     gamP = gl.load(lnw_ptr + hi * D + rdP).to(gl.float32)
     tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
-    ck = (slot + g) * H + hi
-    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=(riW[:, None] * 0 + n0) < nmb, other=0.0)
-    c = gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + n0) < nmb, other=0.0)
+    W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
     dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
     dbetT = gl.zeros([MB, D], gl.float32, R)
 

@@ -64,10 +64,9 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ..common import LN_EPS
+from ..gluon_utils import _cta_barrier, _row
 from ..triton_utils import _add2, _add3, batch_rows, sm_count
 
-# a barrier of all the program's threads: Gluon's thread_barrier in Triton 3.6, renamed barrier in later versions
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
 HEAD_DIMS = (64, 128)
 
@@ -277,10 +276,8 @@ def _head_at(sched_ptr, it, NGROUPS, SCHED: gl.constexpr):
 def _row_whole(span_ptr, n, BT: gl.constexpr):
     """Row n of a `triton_utils.Rows` span as these kernels walk it: its first token, its whole mini-batches (a
     partial last one is left to the caller) and its first checkpoint slot."""
-    start = gl.load(span_ptr + 3 * n)
-    nmb = (gl.load(span_ptr + 3 * n + 1) - start) // BT
-    slot = gl.load(span_ptr + 3 * n + 2)
-    return start, nmb, slot
+    start, length, slot = _row(span_ptr, n)
+    return start, length // BT, slot
 
 
 @gluon.jit
