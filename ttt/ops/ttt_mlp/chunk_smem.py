@@ -46,8 +46,12 @@ with `chunk.py`'s formulas, transposed. Z2 (+ c2), Z2b (+ c2) and X2b X2^T come 
 their sums over the head's programs with its checkpoints, so that the recompute and the walk need no exchange for
 them: one exchange per mini-batch (dG2), dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch
 needs again at its end (GELU' and GELU'' terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared
-memory between their uses: in registers they spilled (docs/kernels_notes.md). Its NaN containment is the other
-backward kernels' (docs/kernels_notes.md).
+memory between their uses: in registers they spilled (docs/kernels_notes.md). The LayerNorms' work (G2 and
+its backward, the output LayerNorm's backward, the finite checks) is done in a layout that keeps each token's d
+features in one warp (`_token_cols`: its column sums are shuffles, where the products' layout sums across four
+warps through shared memory and a barrier); its inputs come from global memory in that layout, its results meet
+the products through the parked tiles. Its NaN containment is the other backward kernels' (docs/kernels_notes.md);
+a poisoned state's weights enter the products as zeros.
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
@@ -102,6 +106,14 @@ def _mma_layout(M, N, num_warps):
     while cols % n:
         n -= 8
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def _token_cols(D, BT, num_warps):
+    """A layout of [D, BT] tiles (features x tokens) that keeps each token's D features in one warp (BT / num_warps
+    tokens per warp, consecutive features per thread): column sums (LayerNorm) are shuffles, no shared memory."""
+    tpw = BT // num_warps
+    return gl.BlockedLayout([D * tpw // 32, 1], [32 // tpw, tpw], [1, num_warps], [0, 1])
 
 
 @gluon.jit
@@ -692,7 +704,7 @@ def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
 @gluon.jit
 def _zero_smem(w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
     for c in gl.static_range(FS // FC):
-        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], gl.float32, L))
+        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], w_s.dtype, L))
 
 
 @gluon.jit
@@ -721,13 +733,13 @@ def _tile_out(ptr, w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: 
 
 
 @gluon.jit
-def _tile_in_finite(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
-    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0."""
+def _tile_in(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """A contiguous [FS, D] tile at ptr -> shared memory, FC rows at a time (each thread the elements `_zero_smem`
+    with the same L gives it)."""
     for c in gl.static_range(FS // FC):
         r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
-        x = gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :])
-        w_s.slice(c * FC, FC, dim=0).store(gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(w_s.dtype))
+        w_s.slice(c * FC, FC, dim=0).store(gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :]).to(w_s.dtype))
 
 
 @gluon.jit
@@ -760,10 +772,10 @@ def ttt_mlp_smem_bwd_kernel(
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
+    LR: gl.constexpr = _token_cols(D, BT, num_warps)  # the LayerNorms' tiles
     # sums over a mini-batch's tokens that only accumulate to the walk's end are summed there, where they cross warps
-    # (offline sm_90 at d 64: 75 instructions and 6 barriers less per mini-batch; at d 128, where they do not, the
-    # [D, 16] accumulators spill)
-    LATE_SUMS: gl.constexpr = _across_warps(LD, 1)
+    # (in LR with more than one warp)
+    LATE_SUMS: gl.constexpr = _across_warps(LR, 1)
     # the exchange record of one program for one mini-batch (fp32): dG2, dq, dk [D, 16], dlr [16] (Z2, Z2b and
     # X2b X2^T need none: the forward saved their sums); three slots by mini-batch (mod 3): a mini-batch's dq, dk,
     # dlr are summed after the next one's dG2 exchange, while the other programs may already write the one after
@@ -811,6 +823,8 @@ def ttt_mlp_smem_bwd_kernel(
     first = (s == 0).to(gl.float32)  # terms every program computes alike are added by program 0 only
     rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
     rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
+    rdR = gl.arange(0, D, layout=gl.SliceLayout(1, LR))
+    rtR = gl.arange(0, BT, layout=gl.SliceLayout(0, LR))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
     rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
@@ -834,18 +848,18 @@ def ttt_mlp_smem_bwd_kernel(
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
         d_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
-        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
-        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
+        gam = gl.load(lnw_ptr + hi * D + rdR).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdR).to(gl.float32)
         xb = xb_ptr + head * 3 * NSPLIT * REC
         cnt = cnt_ptr + head
         # the LN weights' gradients (every program has the same; program 0 stores them); where a sum over the tokens
-        # crosses warps (d 64), per (dim, token) over the walk and summed over the tokens once at its end
+        # crosses warps, per (dim, token) over the walk and summed over the tokens once at its end
         if LATE_SUMS:
-            dgamT = gl.zeros([D, BT], gl.float32, LD)
-            dbetT = gl.zeros([D, BT], gl.float32, LD)
+            dgamT = gl.zeros([D, BT], gl.float32, LR)
+            dbetT = gl.zeros([D, BT], gl.float32, LR)
         else:
-            dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
-            dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
+            dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LR))
+            dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LR))
         dtau = gl.zeros([BT], gl.float32, gl.SliceLayout(1, LE))  # this program's part of dtau
         dc2 = gl.load(dc2_ptr + head * D + rdD)  # the carried gradient of c2 (every program alike)
         nsync = 0
@@ -861,20 +875,20 @@ def ttt_mlp_smem_bwd_kernel(
                 _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
                             LB, True)
                 c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
-                c2 = gl.load(ckc2_ptr + ck * D + rdD)
+                c2 = gl.load(ckc2_ptr + ck * D + rdR)  # (in the LayerNorms' layout: only G2's sums meet it)
                 _cta_barrier()
                 for n in range(n0, n1):
                     j = n - n0
                     _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
                     _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
                     gl.store(cs1 + j * FS + rfF, c1)
-                    gl.store(cs2 + j * D + rdD, c2)
+                    gl.store(cs2 + j * D + rdR, c2)
                     if n < n1 - 1:
                         t0 = n * BT
-                        xT = _tok_tile(rdD, rtD, t0, s_t)
+                        xT = _tok_tile(rdR, rtR, t0, s_t)
                         kT = gl.load(k_ptr + x_base + xT)
                         vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                        lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                        lrR = gl.load(lr_ptr + l_base + (t0 + rtR) * l_t).to(gl.float32)
                         _cta_barrier()
                         kT_s.store(kT.to(OPT))
                         fence_async_shared()
@@ -882,15 +896,15 @@ def ttt_mlp_smem_bwd_kernel(
                         z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                         x2, d1 = _gelu_parts(z1)
                         x2_s.store(x2.to(OPT))
-                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
+                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's
                         g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
                         g2_s.store(g2.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
                         g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
-                        ebD = tau_b * lrD
-                        c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebD, LF),
-                                         ebD, FS, FC, LW)
+                        ebR = tau_b * lrR
+                        c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebR, LF),
+                                         ebR, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
@@ -904,26 +918,31 @@ def ttt_mlp_smem_bwd_kernel(
                 _cta_barrier()
                 if KEEP:  # the forward's (the same rounding of the same weights)
                     kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
-                    _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
-                    _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
+                    _tile_in(wh1_s, kw1, FS, D, FC, LB)
+                    _tile_in(wh2_s, kw2, FS, D, FC, LB)
                     c1 = gl.load(kc1 + rfF)
-                    c2 = gl.load(kc2 + rdD)
+                    c2 = gl.load(kc2 + rdR)
                 else:
-                    _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
-                    _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
+                    _tile_in(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                    _tile_in(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
                     c1 = gl.load(cs1 + j * FS + rfF)
-                    c2 = gl.load(cs2 + j * D + rdD)
+                    c2 = gl.load(cs2 + j * D + rdR)
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
-                # outer products), its biases too: they tell
-                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
-                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                # outer products with a non-finite G2 or G1 column, and G1 = (W2s G2t) GELU'), its biases too: c2
+                # tells (the same in every program; its sum stays in a warp); its weights then enter the products
+                # as zeros (each thread overwrites what it copied, no barrier)
+                wbad = gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                if wbad > 0.0:
+                    _zero_smem(wh1_s, FS, D, FC, LB)
+                    _zero_smem(wh2_s, FS, D, FC, LB)
                 c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
                 c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
-                xT = _tok_tile(rdD, rtD, t0, s_t)
+                xT = _tok_tile(rdR, rtR, t0, s_t)
                 qT = gl.load(q_ptr + x_base + xT).to(gl.float32)
                 kT = gl.load(k_ptr + x_base + xT).to(gl.float32)
                 vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                dOT = gl.load(do_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)).to(gl.float32)
+                dOT = gl.load(do_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t)).to(gl.float32)
+                lrR = gl.load(lr_ptr + l_base + (t0 + rtR) * l_t).to(gl.float32)
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                 kT_s.store(kT.to(OPT))
                 fence_async_shared()
@@ -935,16 +954,17 @@ def ttt_mlp_smem_bwd_kernel(
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's (summed)
+                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's (summed)
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
                 # (a column sum is finite iff its entries are, _finite_cols: k, v and G2 in one, q beside it)
                 skvg, sq = gl.reduce((kT + vT + g2, qT), 0, _add2)
-                okD = (gl.abs(skvg) < float("inf")) & (gl.abs(lrD) < float("inf"))
-                ok = gl.convert_layout(okD, gl.SliceLayout(0, LE))
-                live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
+                okR = (gl.abs(skvg) < float("inf")) & (gl.abs(lrR) < float("inf"))
+                ok = gl.convert_layout(okR, gl.SliceLayout(0, LE))
+                liveE = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0
+                live = _col_vec(liveE, LR)
                 out = live & (gl.abs(sq) < float("inf"))
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
                 pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
@@ -952,13 +972,13 @@ def ttt_mlp_smem_bwd_kernel(
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
                 tgt = bet[:, None] - (vT - kT)  # the LN weight's gradient needs only this of v and k
-                lrD = gl.where(live, lrD, 0.0)
+                lrD = gl.where(_col_vec(liveE, LD), lrD, 0.0)
                 g2 = gl.where(live[None, :], g2, 0.0)
                 xh = gl.where(live[None, :], xh, 0.0)
                 gy = gl.where(live[None, :], gy, 0.0)
                 rstd = gl.where(live, rstd, 0.0)
                 mgx = gl.where(live, mgx, 0.0)
-                liveF = _col_vec(live, LF)
+                liveF = _col_vec(liveE, LF)
                 x2 = gl.where(liveF[None, :], x2, 0.0)
                 d1 = gl.where(liveF[None, :], d1, 0.0)
                 dd1 = gl.where(liveF[None, :], dd1, 0.0)
@@ -1002,7 +1022,7 @@ def ttt_mlp_smem_bwd_kernel(
                 # Z2b + c2 and X2b X2^T summed over the head's programs: the forward's (saved; no exchange). The
                 # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
                 # a q this backward zeroes): finite, and only ever multiplied by zero gradients
-                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)), 0.0)
+                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t)), 0.0)
                 s2 = gl.load(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D))
                 outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
                 s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
@@ -1011,7 +1031,7 @@ def ttt_mlp_smem_bwd_kernel(
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
-                dOT = pD_s.index(4).load(LD)
+                dOT = pD_s.index(4).load(LR)
                 if LATE_SUMS:
                     dgamT += dOT * xhb
                     dbetT += dOT
@@ -1085,7 +1105,7 @@ def ttt_mlp_smem_bwd_kernel(
                 if NSPLIT > 1:
                     nsync += 1
                     _wait(cnt, nsync * NSPLIT)
-                    dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
+                    dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdR, rtR, 0, D), NSPLIT, REC)
                     if ni > 0:  # the gradients of the mini-batch walked before this one (every program has
                         # finished it, so its parts of them are written; slot (n + 1) % 3, which no program writes
                         # before the next exchange)
@@ -1093,25 +1113,32 @@ def ttt_mlp_smem_bwd_kernel(
                                     o_base + _tok_tile(rdD, rtD, t0 + BT, o_t), d_base + (t0 + BT + rjE) * H,
                                     rdD, rtD, rjE, s, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
 
+                else:
+                    dg2 = gl.convert_layout(dg2, LR)
                 # G2 = LN-L2 gradient at Z2 (target v - k)
-                xh = pD_s.index(1).load(LD)
-                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LD), xh, rstd, pD_s.index(2).load(LD), mgx,
+                xh = pD_s.index(1).load(LR)
+                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LR), xh, rstd, pD_s.index(2).load(LR), mgx,
                                                 gam, D)
                 if LATE_SUMS:
-                    dgamT += dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD))
+                    dgamT += dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LR))
                     dbetT += dgy * gam[:, None]
                 else:
-                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)),
+                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LR)),
                                             dgy * gam[:, None]), 1, _add2)
                     dgam += sgam
                     dbet += sbet
                 if s == NSPLIT - 1:  # (every program has it; the last one, which emits no dq)
-                    gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
+                    gl.store(dv_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t),
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
-                dk += first * gam[:, None] * dgy
+                if NSPLIT == 1:  # (else the exchange's barrier has ordered every read of dOt's and dG2's tiles)
+                    _cta_barrier()
+                pD_s.index(4).store(first * gam[:, None] * dgy)  # dk's term, to the products' layout
+                pD_s.index(5).store(dz2b + dz2)  # dc2's, likewise
                 dz2_s.store(dz2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
+                dk += pD_s.index(4).load(LD)
+                dc2 += gl.sum(pD_s.index(5).load(LD), axis=1)
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
                 dz1 = pF_s.index(1).load(LF) + dx2 * pF_s.index(0).load(LF)
                 dz1_s.store(dz1.to(OPT))
@@ -1128,7 +1155,6 @@ def ttt_mlp_smem_bwd_kernel(
                 _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
                         b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 dc1 += gl.sum(dz1b + dz1, axis=1)
-                dc2 += gl.sum(dz2b + dz2, axis=1)
 
                 # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
@@ -1153,8 +1179,8 @@ def ttt_mlp_smem_bwd_kernel(
             if LATE_SUMS:
                 dgam, dbet = gl.reduce((dgamT, dbetT), 1, _add2)
             gl.store(dc2_ptr + head * D + rdD, dc2)
-            gl.store(dlnw_ptr + head * D + rdD, dgam)
-            gl.store(dlnb_ptr + head * D + rdD, dbet)
+            gl.store(dlnw_ptr + head * D + rdR, dgam)
+            gl.store(dlnb_ptr + head * D + rdR, dbet)
 
 
 def _groups(device: torch.device, heads: int, nsplit_: int, programs: int | None) -> int:
