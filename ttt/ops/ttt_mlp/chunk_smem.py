@@ -810,11 +810,29 @@ def ttt_mlp_smem_bwd_kernel(
     dz1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
-    # fp32 tiles of the recompute kept to the end of the walk, parked here between their uses (in registers they
-    # spill: the kernel is at 255 registers), each thread reading back what it wrote
+    # fp32 tiles of the mini-batch parked between their uses (in registers they spill: the kernel is at 255
+    # registers), each its own allocation: the compiler orders the threads' accesses to one allocation with barriers
+    # without telling its parts apart (one [13, ., 16] buffer had a barrier before nearly every store)
     SP: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 4, [1, 0])  # no bank conflicts for LF, LD (gl.bank_conflicts)
-    pF_s = gl.allocate_shared_memory(gl.float32, [6, FS, BT], SP)  # GELU'(Z1t), H1t GELU''(Z1t), G1t, GELU'(Z1bt), dX2t, dG1t
-    pD_s = gl.allocate_shared_memory(gl.float32, [7, D, BT], SP)  # G2t, x^, gy, the LN target, dOt, dG2 (P2), dkt
+    d1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # GELU'(Z1t)
+    h1dd1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # H1t GELU''(Z1t)
+    g1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # G1t
+    d1bp_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # GELU'(Z1bt), then dZ1's first term
+    dx2p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # X2bt dA2 (dX2t's first term)
+    dg1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # -(P1^T dZ1b)^T (dG1t's first term)
+    g2p_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # G2t
+    xhp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # x^ of G2's LayerNorm
+    gyp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # gy
+    tgtp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # the LN target
+    dop_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # dOt, then dk's gy term
+    dg2p_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # -(P2^T dZ2b)^T (dG2t's first term), then dc2's
+    dkp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # Q^T dA1 (dkt's first term)
+    # per-token flags (1.0 / 0.0) on their way between layouts: several per barrier, where each convert_layout of a
+    # [16] vector is a barrier of its own
+    FL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
+    sq_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
+    live_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -826,6 +844,7 @@ def ttt_mlp_smem_bwd_kernel(
     rdR = gl.arange(0, D, layout=gl.SliceLayout(1, LR))
     rtR = gl.arange(0, BT, layout=gl.SliceLayout(0, LR))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
+    rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
     rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
     causal = riE[:, None] >= rjE[None, :]
@@ -962,23 +981,30 @@ def ttt_mlp_smem_bwd_kernel(
                 # (a column sum is finite iff its entries are, _finite_cols: k, v and G2 in one, q beside it)
                 skvg, sq = gl.reduce((kT + vT + g2, qT), 0, _add2)
                 okR = (gl.abs(skvg) < float("inf")) & (gl.abs(lrR) < float("inf"))
-                ok = gl.convert_layout(okR, gl.SliceLayout(0, LE))
-                liveE = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0
-                live = _col_vec(liveE, LR)
-                out = live & (gl.abs(sq) < float("inf"))
+                sqR = gl.abs(sq) < float("inf")
+                ok_s.store(okR.to(gl.float32))
+                sq_s.store(sqR.to(gl.float32))
+                _cta_barrier()
+                ok = ok_s.load(gl.SliceLayout(0, LE)) > 0.0
+                liveE = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0  # no bad token <= i
+                outE = liveE & (sq_s.load(gl.SliceLayout(1, LE)) > 0.0)
+                live_s.store(liveE.to(gl.float32))
+                _cta_barrier()
+                live = live_s.load(gl.SliceLayout(0, LR)) > 0.0
+                liveF = live_s.load(gl.SliceLayout(0, LF)) > 0.0
+                out = live & sqR
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
-                pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
+                dop_s.store(gl.where(out[None, :], dOT, 0.0))
                 qT = gl.where(out[None, :], qT, 0.0)
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
                 tgt = bet[:, None] - (vT - kT)  # the LN weight's gradient needs only this of v and k
-                lrD = gl.where(_col_vec(liveE, LD), lrD, 0.0)
+                lrD = gl.where(live_s.load(gl.SliceLayout(0, LD)) > 0.0, lrD, 0.0)
                 g2 = gl.where(live[None, :], g2, 0.0)
                 xh = gl.where(live[None, :], xh, 0.0)
                 gy = gl.where(live[None, :], gy, 0.0)
                 rstd = gl.where(live, rstd, 0.0)
                 mgx = gl.where(live, mgx, 0.0)
-                liveF = _col_vec(liveE, LF)
                 x2 = gl.where(liveF[None, :], x2, 0.0)
                 d1 = gl.where(liveF[None, :], d1, 0.0)
                 dd1 = gl.where(liveF[None, :], dd1, 0.0)
@@ -998,16 +1024,17 @@ def ttt_mlp_smem_bwd_kernel(
                 g1 = h1 * d1
                 h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
                 g1_s.store(g1.to(OPT))
-                pF_s.index(0).store(d1)
-                pF_s.index(1).store(h1dd1)
-                pF_s.index(2).store(g1)
-                pD_s.index(0).store(g2)
-                pD_s.index(1).store(xh)
-                pD_s.index(2).store(gy)
-                pD_s.index(3).store(tgt)
+                d1p_s.store(d1)
+                h1dd1p_s.store(h1dd1)
+                g1p_s.store(g1)
+                g2p_s.store(g2)
+                xhp_s.store(xh)
+                gyp_s.store(gy)
+                tgtp_s.store(tgt)
 
                 # output path: Z1b, X2b; Z2b and X2b X2^T as the forward saved them
-                lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
+                lrE = gl.where(live_s.load(gl.SliceLayout(0, LE)) > 0.0,
+                               gl.load(lr_ptr + l_base + (t0 + rjE) * l_t).to(gl.float32), 0.0)
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
                 P1 = E * qk1
@@ -1017,21 +1044,20 @@ def ttt_mlp_smem_bwd_kernel(
                 z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 z1b = warpgroup_mma(g1_s, p1_s.permute((1, 0)), z1b)  # - G1t P1^T
                 x2b, d1b = _gelu_parts(z1b)
-                pF_s.index(3).store(d1b)
+                d1bp_s.store(d1b)
                 x2b_s.store(x2b.to(OPT))
                 # Z2b + c2 and X2b X2^T summed over the head's programs: the forward's (saved; no exchange). The
                 # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
                 # a q this backward zeroes): finite, and only ever multiplied by zero gradients
                 zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t)), 0.0)
                 s2 = gl.load(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D))
-                outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
                 s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
                 xx1 = s2 + 1.0
                 P2 = E * xx1
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
-                dOT = pD_s.index(4).load(LR)
+                dOT = dop_s.load(LR)
                 if LATE_SUMS:
                     dgamT += dOT * xhb
                     dbetT += dOT
@@ -1052,11 +1078,11 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                pD_s.index(5).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
+                dg2p_s.store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
-                pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
-                dz1b = dx2b * pF_s.index(3).load(LF)
+                dx2p_s.store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
+                dz1b = dx2b * d1bp_s.load(LF)
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
@@ -1067,41 +1093,41 @@ def ttt_mlp_smem_bwd_kernel(
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
-                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
+                dg1p_s.store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * dop_s.load(LD))
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
                 if NSPLIT > 1:  # this program's part of dq, summed after the next mini-batch's dG2 exchange
                     gl.store(xb + ((n % 3) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
-                pD_s.index(6).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
+                dkp_s.store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
-                ebF = _col_vec(ebD, LF)
+                ebF = tau_b * gl.where(liveF, gl.load(lr_ptr + l_base + (t0 + rtF) * l_t).to(gl.float32), 0.0)
                 kdw1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None], D, AF, OPT)
                 xdw2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None], FS, FC,
                                 AD, OPT)
-                g1 = pF_s.index(2).load(LF)
-                g2 = pD_s.index(0).load(LD)
+                g1 = g1p_s.load(LF)
+                g2 = g2p_s.load(LD)
                 S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
-                dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
-                dh1 = dg1 * pF_s.index(0).load(LF)
-                pF_s.index(1).store(dg1 * pF_s.index(1).load(LF))  # dZ1's first term, parked over H1t GELU''(Z1t)
+                dg1 = dg1p_s.load(LF) - ebF[None, :] * kdw1
+                dh1 = dg1 * d1p_s.load(LF)
+                d1bp_s.store(dg1 * h1dd1p_s.load(LF))  # dZ1's first term (GELU'(Z1bt) is read by now)
                 _cta_barrier()
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * dg2p_s.load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:  # this program's part of dG2 published; the two products below read nothing the
                     # other programs write, so they run while the exchange completes
                     rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
                     _arrive(cnt)
-                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
-                dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
+                dk = _w2t_mma(g1t_s, eg1_s, dkp_s.load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, dx2p_s.load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
                 if NSPLIT > 1:
                     nsync += 1
                     _wait(cnt, nsync * NSPLIT)
@@ -1116,14 +1142,14 @@ def ttt_mlp_smem_bwd_kernel(
                 else:
                     dg2 = gl.convert_layout(dg2, LR)
                 # G2 = LN-L2 gradient at Z2 (target v - k)
-                xh = pD_s.index(1).load(LR)
-                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LR), xh, rstd, pD_s.index(2).load(LR), mgx,
+                xh = xhp_s.load(LR)
+                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2p_s.load(LR), xh, rstd, gyp_s.load(LR), mgx,
                                                 gam, D)
                 if LATE_SUMS:
-                    dgamT += dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LR))
+                    dgamT += dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR))
                     dbetT += dgy * gam[:, None]
                 else:
-                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LR)),
+                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR)),
                                             dgy * gam[:, None]), 1, _add2)
                     dgam += sgam
                     dbet += sbet
@@ -1132,15 +1158,15 @@ def ttt_mlp_smem_bwd_kernel(
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
                 if NSPLIT == 1:  # (else the exchange's barrier has ordered every read of dOt's and dG2's tiles)
                     _cta_barrier()
-                pD_s.index(4).store(first * gam[:, None] * dgy)  # dk's term, to the products' layout
-                pD_s.index(5).store(dz2b + dz2)  # dc2's, likewise
+                dop_s.store(first * gam[:, None] * dgy)  # dk's term, to the products' layout
+                dg2p_s.store(dz2b + dz2)  # dc2's, likewise
                 dz2_s.store(dz2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dk += pD_s.index(4).load(LD)
-                dc2 += gl.sum(pD_s.index(5).load(LD), axis=1)
+                dk += dop_s.load(LD)
+                dc2 += gl.sum(dg2p_s.load(LD), axis=1)
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
-                dz1 = pF_s.index(1).load(LF) + dx2 * pF_s.index(0).load(LF)
+                dz1 = d1bp_s.load(LF) + dx2 * d1p_s.load(LF)
                 dz1_s.store(dz1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
