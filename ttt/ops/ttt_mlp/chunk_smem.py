@@ -496,8 +496,14 @@ def ttt_mlp_smem_fwd_kernel(
     g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
     eg1_s = x2b_s  # the updates' operands -e_b G1, -e_b G2 reuse X2b's and G2's buffers (read by then; room for
     eg2_s = g2_s  # w1h_s at d 64)
+    mg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)  # -G2t, its non-finite columns as 0 (Z2b's A operand)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    # per-token flags (1.0 / 0.0) on their way between layouts, at barriers the walk has anyway (a convert_layout of
+    # a [16] vector is a barrier of its own)
+    FL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
+    bad_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
 
     pid = gl.program_id(0)
     s = pid % NSPLIT
@@ -610,33 +616,36 @@ def ttt_mlp_smem_fwd_kernel(
             # output path; token columns with a non-finite G enter the causal products as zeros. G1t's columns tell
             # for G2t's too: a non-finite entry of G2t makes its whole column of W2s G2t non-finite (inf - inf,
             # 0 * inf and NaN are NaN) in every program, and GELU'(Z1t) keeps it so
-            ok = gl.convert_layout(_finite_cols(g1), gl.SliceLayout(0, LE))
+            okF = _finite_cols(g1)
+            ok_s.store(okF.to(gl.float32))
             E = tau_i[:, None] * lrE[None, :]
             qk = _tok_dot(qT_s, kT_s, D, LT, LE)
             p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
-            okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
-            mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
+            mg1 = gl.convert_layout(gl.where(okF[None, :], -g1, 0.0).to(OPT), AF)
             fence_async_shared()
             _cta_barrier()
+            ok = ok_s.load(gl.SliceLayout(0, LE)) > 0.0
+            okD = ok_s.load(gl.SliceLayout(0, LD)) > 0.0
+            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
+            bad_s.store(bad.to(gl.float32))
             z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
             x2b, _d1b = _gelu_parts(z1b)
             x2b_s.store(x2b.to(OPT))
             fence_async_shared()
             _cta_barrier()
+            badD = bad_s.load(gl.SliceLayout(0, LD)) > 0.0
             first = (s == 0).to(gl.float32)
             # W2s^T X2b in flight while X2b X2^T and P2 are formed
             zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None],
                                is_async=True)
             s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
-            okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
-            mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
+            mg2_s.store(gl.where(okD[None, :], -g2, 0.0).to(OPT))
             zb = warpgroup_mma_wait(0, deps=[zb])
             fence_async_shared()
             _cta_barrier()
-            zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
-            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
-            zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
+            zb = warpgroup_mma(mg2_s, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
+            zb = gl.where(badD[None, :], float("nan"), zb)
             if NSPLIT == 1:
                 if SAVE:
                     _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdD, rtD, riE, rjE, D)
