@@ -46,12 +46,16 @@ with `chunk.py`'s formulas, transposed. Z2 (+ c2), Z2b (+ c2) and X2b X2^T come 
 their sums over the head's programs with its checkpoints, so that the recompute and the walk need no exchange for
 them: one exchange per mini-batch (dG2), dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch
 needs again at its end (GELU' and GELU'' terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared
-memory between their uses: in registers they spilled (docs/kernels_notes.md). The LayerNorms' work (G2 and
-its backward, the output LayerNorm's backward, the finite checks) is done in a layout that keeps each token's d
-features in one warp (`_token_cols`: its column sums are shuffles, where the products' layout sums across four
-warps through shared memory and a barrier); its inputs come from global memory in that layout, its results meet
-the products through the parked tiles. Its NaN containment is the other backward kernels' (docs/kernels_notes.md);
-a poisoned state's weights enter the products as zeros.
+memory between their uses: in registers they spilled (docs/kernels_notes.md). Its NaN containment is the other
+backward kernels' (docs/kernels_notes.md); a poisoned state's weights enter the products as zeros.
+
+Layouts: the products' results come in wgmma's accumulator layout, whose [d, 16] tiles spread each token's d
+features over four warps, so a LayerNorm's column sum there goes through shared memory and a barrier. Both
+kernels do the LayerNorms' work (G2, the output LayerNorm, their backward, the finite checks) in a layout that
+keeps each token's features in one warp (`_token_cols`: column sums are shuffles), loading its inputs from global
+memory in it and handing results to the products through shared memory; per-token flags change layouts through
+small shared buffers at barriers the walk has anyway, and the LN weight and bias are loaded where used (d / 16
+registers each in that layout).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
@@ -319,19 +323,20 @@ def _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP: gl.constexpr, FF: gl.cons
 
 
 @gluon.jit
-def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, o_base, t0, s_t, o_t, rdD, rtD, riE, rjE, gam, bet,
+def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, o_base, t0, s_t, o_t, rdR, rtR, riE, rjE, c2, lnw, lnb,
                  NSPLIT: gl.constexpr, RO: gl.constexpr, D: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr):
-    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's; each
-    program's record RO values: Z2b [D, 16], then X2b X2^T [16, 16]); SAVE: that sum and the sum of the X2b X2^T
-    partials saved for the backward (`_save_zb`)."""
-    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, RO)
+    """o = q + LN(Z2b) for the mini-batch at token t0, Z2b = the sum of the programs' partials + c2 (q_ptr, o_ptr:
+    this head's; each program's record RO values: its part of Z2b [D, 16], then of X2b X2^T [16, 16]), in the
+    LayerNorms' layout (rdR, rtR, c2; lnw, lnb: the LN weight's and bias's pointers in it); SAVE: Z2b and the sum
+    of the X2b X2^T partials saved for the backward (`_save_zb`)."""
+    zb = _sum_parts(xo_ptr, _tok_tile(rdR, rtR, 0, D), NSPLIT, RO) + c2[:, None]
     if SAVE:
         _save_zb(zbs_ptr, s2s_ptr, zb, _sum_parts(xo_ptr + D * 16, riE[:, None] * 16 + rjE[None, :], NSPLIT, RO),
-                 o_base, t0, o_t, rdD, rtD, riE, rjE, D)
+                 o_base, t0, o_t, rdR, rtR, riE, rjE, D)
     xhb, _r = _normalize_cols(zb, D, EPS)
-    q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
-    o = q + xhb * gam[:, None] + bet[:, None]
-    gl.store(o_ptr + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+    q = gl.load(q_ptr + _tok_tile(rdR, rtR, t0, s_t)).to(gl.float32)
+    o = q + xhb * gl.load(lnw).to(gl.float32)[:, None] + gl.load(lnb).to(gl.float32)[:, None]
+    gl.store(o_ptr + _tok_tile(rdR, rtR, t0, o_t), o.to(o_ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -473,7 +478,7 @@ def ttt_mlp_smem_fwd_kernel(
     RO: gl.constexpr = D * BT + BT * BT  # a program's output record: its parts of Z2b [D, 16] and X2b X2^T
     LW: gl.constexpr = _mma_layout(FC, D, num_warps)  # a chunk of a weight slice [FC, D]
     AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
-    AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
+    LR: gl.constexpr = _token_cols(D, BT, num_warps)  # the LayerNorms' tiles (`_token_cols`)
     LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
@@ -510,6 +515,8 @@ def ttt_mlp_smem_fwd_kernel(
     # index vectors in the layouts they meet
     rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
     rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
+    rdR = gl.arange(0, D, layout=gl.SliceLayout(1, LR))
+    rtR = gl.arange(0, BT, layout=gl.SliceLayout(0, LR))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
     rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
@@ -524,15 +531,15 @@ def ttt_mlp_smem_fwd_kernel(
         bi = head // H  # the row (a batch entry or a packed document)
         hi = head % H
         start, nmb, slot = _row_whole(span_ptr, bi, BT)
-        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
-        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
+        lnw = lnw_ptr + hi * D + rdR  # the LN weight and bias, loaded where used (`ttt_mlp_smem_bwd_kernel`)
+        lnb = lnb_ptr + hi * D + rdR
         _cta_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
         _cta_barrier()
         _mirror(w1h_s, w1t_s, FS, FC, LB)
         _mirror(w2h_s, w2_s, FS, FC, LB)
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
-        c2 = gl.load(c2_ptr + head * D + rdD)
+        c2 = gl.load(c2_ptr + head * D + rdR)  # (in LR: Z2's, Z2b's and G2's sums meet it there)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
         xo = xo_ptr + head * 2 * NSPLIT * RO
         cnt = cnt_ptr + head
@@ -541,10 +548,11 @@ def ttt_mlp_smem_fwd_kernel(
         l_base = bi * l_b + start * l_t + hi * l_h
         _cta_barrier()
         # the next mini-batch's inputs, loaded half a mini-batch ahead (mini-batch 0's in its own iteration)
-        nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LD)
+        nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LR)
         nk = nq
         nv = nq
-        nlD = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LD))
+        nlR = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LR))
+        c2b = c2
         nlF = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LF))
         nlE = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LE))
         for n in range(nmb):
@@ -556,21 +564,21 @@ def ttt_mlp_smem_fwd_kernel(
                                 LBt, LB, True)
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
                     if s == 0:  # c2 is replicated: one program writes it
-                        gl.store(ckc2_ptr + ck * D + rdD, c2)
+                        gl.store(ckc2_ptr + ck * D + rdR, c2)
             if KEEP:  # this mini-batch's 16-bit start weights and fp32 biases, for the backward's walk
                 kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
                 _tile_out(kw1, w1h_s, FS, D, FC, LB)
                 _tile_out(kw2, w2h_s, FS, D, FC, LB)
                 gl.store(kc1 + rfF, c1)
                 if s == 0:
-                    gl.store(kc2 + rdD, c2)
+                    gl.store(kc2 + rdR, c2)
             if n == 0:
-                nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
-                                                       rdD, rtD, rtF, rjE)
+                nq, nk, nv, nlR, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
+                                                       rdR, rtR, rtF, rjE)
             qT = nq  # input dtype
             kT = nk
             vT = nv.to(gl.float32)
-            lrD = nlD.to(gl.float32)
+            lrR = nlR.to(gl.float32)
             lrF = nlF.to(gl.float32)
             lrE = nlE.to(gl.float32)
             qT_s.store(qT.to(OPT))
@@ -589,25 +597,28 @@ def ttt_mlp_smem_fwd_kernel(
             fence_async_shared()
             _cta_barrier()
             z2 = warpgroup_mma(w2h_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))  # this slice's Z2t part
-            if NSPLIT > 1:
+            if NSPLIT == 1:
+                z2 = gl.convert_layout(z2, LR)
+            else:
                 gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
                 _sync(cnt, (n + 1) * NSPLIT)
-                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * BT)
+                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdR, rtR, 0, D), NSPLIT, D * BT)
                 if n > 0:
                     if s == 0:  # the previous mini-batch's output, now that every partial of it is written
                         tp = t0 - BT
                         _emit_output(xo + ((n - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
-                                     s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE,
-                                     EPS)
+                                     s2s_ptr, o_base, tp, s_t, o_t, rdR, rtR, riE, rjE, c2b, lnw, lnb, NSPLIT, RO,
+                                     D, SAVE, EPS)
             z2 += c2[:, None]
             if SAVE:
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
-                    gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2)
-            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)  # [D, 16]
+                    gl.store(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t), z2)
+            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gl.load(lnw).to(gl.float32),
+                                                         gl.load(lnb).to(gl.float32), D, EPS)  # [D, 16]
             # (the last mini-batch loads its own tokens again: in bounds, unused)
             t1 = (n + 1 - (n + 1) // nmb) * BT
-            nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t1, s_t, l_t,
-                                                   rdD, rtD, rtF, rjE)
+            nq, nk, nv, nlR, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t1, s_t, l_t,
+                                                   rdR, rtR, rtF, rjE)
             g2_s.store(g2.to(OPT))
             fence_async_shared()
             _cta_barrier()
@@ -625,7 +636,7 @@ def ttt_mlp_smem_fwd_kernel(
             fence_async_shared()
             _cta_barrier()
             ok = ok_s.load(gl.SliceLayout(0, LE)) > 0.0
-            okD = ok_s.load(gl.SliceLayout(0, LD)) > 0.0
+            okR = ok_s.load(gl.SliceLayout(0, LR)) > 0.0
             bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
             bad_s.store(bad.to(gl.float32))
             z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
@@ -636,22 +647,24 @@ def ttt_mlp_smem_fwd_kernel(
             badD = bad_s.load(gl.SliceLayout(0, LD)) > 0.0
             first = (s == 0).to(gl.float32)
             # W2s^T X2b in flight while X2b X2^T and P2 are formed
-            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None],
-                               is_async=True)
+            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD), is_async=True)
             s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
-            mg2_s.store(gl.where(okD[None, :], -g2, 0.0).to(OPT))
+            mg2_s.store(gl.where(okR[None, :], -g2, 0.0).to(OPT))
             zb = warpgroup_mma_wait(0, deps=[zb])
             fence_async_shared()
             _cta_barrier()
             zb = warpgroup_mma(mg2_s, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
             zb = gl.where(badD[None, :], float("nan"), zb)
+            c2b = c2  # Z2b's bias: c2 before this mini-batch's update (the split's output is formed after it)
             if NSPLIT == 1:
+                zb = gl.convert_layout(zb, LR) + c2[:, None]
                 if SAVE:
-                    _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdD, rtD, riE, rjE, D)
+                    _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdR, rtR, riE, rjE, D)
                 xhb, _rb = _normalize_cols(zb, D, EPS)
-                o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
-                gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
+                o = qT.to(gl.float32) + xhb * gl.load(lnw).to(gl.float32)[:, None] \
+                    + gl.load(lnb).to(gl.float32)[:, None]
+                gl.store(o_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t), o.to(o_ptr.dtype.element_ty))
             else:  # this program's parts of Z2b and X2b X2^T, summed by program 0 after the next exchange
                 rec_o = xo + ((n % 2) * NSPLIT + s) * RO
                 gl.store(rec_o + _tok_tile(rdD, rtD, 0, D), zb)
@@ -660,29 +673,30 @@ def ttt_mlp_smem_fwd_kernel(
 
             # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
             ebF = tau_b * lrF
-            ebD = tau_b * lrD
+            ebR = tau_b * lrR
             _cta_barrier()  # every warp's reads of X2b and G2 are done: their buffers take -e_b G1, -e_b G2
-            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS, FC, LW, w1h_s, w2h_s)
+            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebR, FS, FC, LW, w1h_s, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
                 if nmb > 0:
                     tp = (nmb - 1) * BT
                     _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
-                                 s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE, EPS)
+                                 s2s_ptr, o_base, tp, s_t, o_t, rdR, rtR, riE, rjE, c2b, lnw, lnb, NSPLIT, RO, D,
+                                 SAVE, EPS)
         _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
-            gl.store(c2T_ptr + head * D + rdD, c2)
+            gl.store(c2T_ptr + head * D + rdR, c2)
 
 
 @gluon.jit
-def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdD, rtD, rtF, rjE):
-    """A mini-batch's inputs at token t0 in their own dtypes: q, k, v transposed [D, 16] and lr in the three
-    layouts it meets."""
-    xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16]
+def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdR, rtR, rtF, rjE):
+    """A mini-batch's inputs at token t0 in their own dtypes: q, k, v transposed [D, 16] (in the LayerNorms' layout
+    of rdR, rtR) and lr in the three layouts it meets."""
+    xT = _tok_tile(rdR, rtR, t0, s_t)  # transposed token tile [D, 16]
     return (gl.load(q_ptr + x_base + xT), gl.load(k_ptr + x_base + xT), gl.load(v_ptr + x_base + xT),
-            gl.load(lr_ptr + l_base + (t0 + rtD) * l_t), gl.load(lr_ptr + l_base + (t0 + rtF) * l_t),
+            gl.load(lr_ptr + l_base + (t0 + rtR) * l_t), gl.load(lr_ptr + l_base + (t0 + rtF) * l_t),
             gl.load(lr_ptr + l_base + (t0 + rjE) * l_t))
 
 
@@ -876,8 +890,8 @@ def ttt_mlp_smem_bwd_kernel(
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
         d_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
-        gam = gl.load(lnw_ptr + hi * D + rdR).to(gl.float32)
-        bet = gl.load(lnb_ptr + hi * D + rdR).to(gl.float32)
+        lnw = lnw_ptr + hi * D + rdR  # the LN weight and bias, loaded where used (held across the walk in LR,
+        lnb = lnb_ptr + hi * D + rdR  # D / 16 registers each, they spilled)
         xb = xb_ptr + head * 3 * NSPLIT * REC
         cnt = cnt_ptr + head
         # the LN weights' gradients (every program has the same; program 0 stores them); where a sum over the tokens
@@ -925,7 +939,9 @@ def ttt_mlp_smem_bwd_kernel(
                         x2, d1 = _gelu_parts(z1)
                         x2_s.store(x2.to(OPT))
                         z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's
-                        g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
+                        g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32),
+                                                                     gl.load(lnw).to(gl.float32),
+                                                                     gl.load(lnb).to(gl.float32), D, EPS)
                         g2_s.store(g2.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
@@ -984,6 +1000,8 @@ def ttt_mlp_smem_bwd_kernel(
                 _cta_barrier()
                 z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's (summed)
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
+                gam = gl.load(lnw).to(gl.float32)
+                bet = gl.load(lnb).to(gl.float32)
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
@@ -1074,7 +1092,7 @@ def ttt_mlp_smem_bwd_kernel(
                     sgam, sbet = gl.reduce((dOT * xhb, dOT), 1, _add2)
                     dgam += sgam
                     dbet += sbet
-                dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
+                dz2b = _proj_cols(dOT * gl.load(lnw).to(gl.float32)[:, None], xhb, rstdb, D)
                 dz2b = gl.where(live[None, :], dz2b, 0.0)
                 _cta_barrier()
                 p2_s.store(P2.to(OPT))
@@ -1151,6 +1169,7 @@ def ttt_mlp_smem_bwd_kernel(
                 else:
                     dg2 = gl.convert_layout(dg2, LR)
                 # G2 = LN-L2 gradient at Z2 (target v - k)
+                gam = gl.load(lnw).to(gl.float32)
                 xh = xhp_s.load(LR)
                 dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2p_s.load(LR), xh, rstd, gyp_s.load(LR), mgx,
                                                 gam, D)
