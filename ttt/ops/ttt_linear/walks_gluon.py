@@ -304,6 +304,9 @@ def _fwd_kernel(
         g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # G, its non-finite rows as 0 (P G's operand)
         p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
         zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
+        # which tokens' G is finite (1.0 / 0.0), to every warp at a barrier the walk has anyway (the first bad row's
+        # index as a reduction across the warps was two barriers of its own)
+        ok_s = gl.allocate_shared_memory(gl.float32, [MB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
     pid = gl.program_id(0)
     bi = pid // H
@@ -377,7 +380,7 @@ def _fwd_kernel(
             # NaN containment (`chunk._output`): the causal product takes G's non-finite rows as 0, and the
             # outputs from the first such row on are NaN (they depend on it)
             g_ok = gl.abs(gl.sum(G, axis=1)) < float("inf")
-            first_bad = -gl.max(gl.where(g_ok, -MB, -rt), axis=0)
+            ok_s.store(g_ok.to(gl.float32))
             g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
         else:
             gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
@@ -391,7 +394,10 @@ def _fwd_kernel(
         W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), AW, BW, LP)
         if OUT:
             _cta_barrier()  # Zb written
-            zb = gl.where(rt[:, None] >= first_bad, float("nan"), zb_s.index(p).load(R))
+            rj = gl.arange(0, MB, layout=gl.SliceLayout(0, R))
+            bad = gl.max(gl.where((rj[None, :] <= rt[:, None]) & (ok_s.load(gl.SliceLayout(0, R)) == 0.0)[None, :],
+                                  1.0, 0.0), axis=1) > 0.0  # a token at or before the row has a non-finite G
+            zb = gl.where(bad[:, None], float("nan"), zb_s.index(p).load(R))
             xhb, _rstdb = _normalize_rows(zb, D, EPS)
             o = q16.to(gl.float32) + xhb * gam[None, :] + bet[None, :]
             gl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
