@@ -109,13 +109,44 @@ def test_gluon_walks_packed_documents_equal_the_triton_ones(walk):
     gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu, walk=walk)
 
 
-@pytest.mark.parametrize("fwd", ["split_gluon", "fused_gluon"])
+@pytest.mark.parametrize("fwd", ["split_gluon", "fused_gluon", "auto_gluon"])
 def test_gluon_walks_match_dual(fwd):
     inp = make(B=1, T=75, H=2, d=64, pos=3, dtype=torch.float16)
     kernels = triton_backend.LinearKernels(fwd=fwd, bwd="split_gluon", group=2)
     op = triton_backend.TritonOp("linear", kernels)
     check_against_dual(inp, lambda: op(inp.inputs(), inp.state()), T=75, pos=3, dtype=torch.float16, grad=True,
                        tol=3e-2, label="split_gluon")
+
+
+def test_auto_gluon_splits_where_auto_does():
+    """fwd="auto_gluon" picks the split or the fused Gluon walk by the rule "auto" picks the Triton ones by."""
+    picks = {(n, H): chunk.fwd_plan(n, H, 64, 16, 8, "auto_gluon") for n, H in ((1, 2), (16, 64))}
+    assert picks == {(n, H): chunk.fwd_plan(n, H, 64, 16, 8, "auto") for n, H in picks}
+    assert sorted(picks.values()) == [False, True]  # both branches
+
+
+def test_linear_gluon_reaches_the_op():
+    """RunOptions(linear_gluon=True): every TTT-Linear layer's triton op runs the Gluon kernels (`LinearKernels(
+    fwd="auto_gluon", bwd="split_gluon")`), other run options take them back, a TTT-MLP model is unaffected, a head
+    dim they are not written for is a one-line error at the first call, and a non-bool is refused."""
+    from ttt.config import RunOptions, get_config
+    from ttt.model import TTTLM
+
+    cfg = get_config("debug", mixer="ttt_linear")  # head dim 16
+    model = TTTLM(cfg, RunOptions(ttt_backend="triton", linear_gluon=True))
+    gluon = triton_backend.LinearKernels(fwd="auto_gluon", bwd="split_gluon")
+    assert all(b.mixer.prepare().op.kernels == gluon for b in model.blocks)
+    with pytest.raises(ValueError, match=r"^LinearKernels\((bwd='split_gluon'|fwd='auto_gluon')\): takes head dim "
+                                         r"\(64, 128\)"):
+        model(torch.randint(0, cfg.vocab_size, (1, 32)))
+    model.set_run_options(RunOptions(ttt_backend="triton"))
+    assert all(b.mixer.prepare().op.kernels == triton_backend.LinearKernels() for b in model.blocks)
+    mlp = TTTLM(get_config("debug", mixer="ttt_mlp"), RunOptions(ttt_backend="triton", linear_gluon=True))
+    assert all(isinstance(b.mixer.prepare().op.kernels, triton_backend.MLPKernels) for b in mlp.blocks)
+    with pytest.raises(ValueError, match="^linear_gluon: expected a bool, got 1$"):
+        RunOptions(linear_gluon=1)
+    with pytest.raises(ValueError, match="^gluon: expected a bool, got 1$"):
+        model.blocks[0].mixer.gluon = 1
 
 
 @pytest.mark.parametrize("what,impl", [("fwd", "split_gluon"), ("fwd", "fused_gluon"), ("bwd", "split_gluon")])

@@ -42,6 +42,11 @@ class RunOptions:
                                                "which then recomputes none: faster, and 4 x F x d bytes per head, layer "
                                                "and 16 tokens more memory (about 1.6 GB per layer at 125m, 4 x 8192 "
                                                "tokens); counted by the memory check")
+    linear_gluon: bool = help_field(False, "TTT-Linear in the Gluon kernels (Hopper, head dim 64 or 128, mini-batch 16, "
+                                           "bf16/fp16): the forward walks and the backward's three passes written "
+                                           "with shared memory and tensor-core products explicitly; opt-in until "
+                                           "measured faster than the Triton kernels; where the op runs its triton "
+                                           "backend, other shapes are an error")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
@@ -50,6 +55,9 @@ class RunOptions:
     def __post_init__(self):
         if self.ttt_backend not in TTT_BACKENDS:
             raise ValueError(f"ttt_backend: expected one of {TTT_BACKENDS}, got {self.ttt_backend!r}")
+        for name in ("mlp_keep_weights", "linear_gluon"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.fused_layer, (bool, type(None))):
             raise ValueError(f"fused_layer: expected a bool or None (auto), got {self.fused_layer!r}")
         if self.mamba_backend not in MAMBA_BACKENDS:

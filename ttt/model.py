@@ -128,6 +128,7 @@ class Block(nn.Module):
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
             self.mixer.keep_weights = run.mlp_keep_weights
+            self.mixer.gluon = run.linear_gluon
         elif isinstance(self.mixer, Mamba2):
             self.mixer.backend = run.mamba_backend
 

@@ -61,9 +61,10 @@ class TTTLayer(nn.Module):
 
     Execution (not architecture, never saved with the weights): `backend`, the TTT op's backend (see
     `ttt.ops`), `fused`, the Triton kernels around the op (None: auto, the default; True: on; False: off; see
-    `prepare`), and `keep_weights` (TTT-MLP in the shared-memory kernels: more memory, a faster backward).
-    Both can be set after construction; how the layer runs is decided once per device type and dtype (`prepare`,
-    which the first forward on a new one calls) and looked up on every later call."""
+    `prepare`), `keep_weights` (TTT-MLP in the shared-memory kernels: more memory, a faster backward) and `gluon`
+    (TTT-Linear in the Gluon kernels). All can be set after construction; how the layer runs is decided once per
+    device type and dtype (`prepare`, which the first forward on a new one calls) and looked up on every later
+    call."""
 
     static_decode_state = True  # decoding: the state has a fixed size (CUDA-graph capturable)
 
@@ -101,6 +102,7 @@ class TTTLayer(nn.Module):
         self._plans: dict = {}  # (device type, dtype) -> Plan
         self.backend, self.fused = backend, fused
         self.keep_weights = False
+        self.gluon = False
         self.base_lr = base_lr if base_lr is not None else (0.1 if self.kind == "mlp" else 1.0)
 
         if backbone == "mamba":
@@ -208,6 +210,19 @@ class TTTLayer(nn.Module):
         self._keep_weights = keep
         self._plans.clear()
 
+    @property
+    def gluon(self) -> bool:
+        """TTT-Linear in the triton backend: its Gluon kernels (`LinearKernels(fwd="auto_gluon", bwd="split_gluon")`:
+        Hopper, head dim 64 or 128, mini-batch 16, 16-bit inputs; other shapes raise). Ignored elsewhere."""
+        return self._gluon
+
+    @gluon.setter
+    def gluon(self, gluon: bool) -> None:
+        if not isinstance(gluon, bool):
+            raise ValueError(f"gluon: expected a bool, got {gluon!r}")
+        self._gluon = gluon
+        self._plans.clear()
+
     def prepare(self, device=None, dtype: torch.dtype | None = None) -> Plan:
         """Decide how this layer runs for `dtype` inputs on `device` (default: those of its weights), once: the
         TTT op (`ttt.ops.resolve_op`) and whether the fused layer kernels run: `fused=True` asks for them (they need
@@ -221,10 +236,13 @@ class TTTLayer(nn.Module):
                 op = GenericOp(self._template[0], self.residual)
             else:
                 op = resolve_op(self.kind, self.backend, device, dtype, inner_ln=self.inner_ln, residual=self.residual)
-                if self.kind == "mlp" and self.keep_weights and op.backend == "triton":
-                    from ..ops.triton_backend import MLPKernels  # imports Triton: only on that path
-                    op = resolve_op("mlp", "triton", device, dtype, inner_ln=self.inner_ln, residual=self.residual,
-                                    kernels=MLPKernels(keep=True))
+                if op.backend == "triton" and ((self.kind == "mlp" and self.keep_weights)
+                                               or (self.kind == "linear" and self.gluon)):
+                    from ..ops import triton_backend as tb  # imports Triton: only on that path
+                    kernels = tb.MLPKernels(keep=True) if self.kind == "mlp" else \
+                        tb.LinearKernels(fwd="auto_gluon", bwd="split_gluon")
+                    op = resolve_op(self.kind, "triton", device, dtype, inner_ln=self.inner_ln, residual=self.residual,
+                                    kernels=kernels)
             if self.fused and op.backend != "triton":
                 raise ValueError(f"fused: the fused layer kernels run with the op's triton backend on fp32/fp16/bf16 "
                                  f"inputs; got backend={self.backend!r} on {device.type} with {dtype}")

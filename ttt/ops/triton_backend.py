@@ -112,10 +112,11 @@ def _f32(params):
 @dataclass(frozen=True)
 class LinearKernels:
     """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split" |
-    "fused_gluon" | "split_gluon", see `ttt_linear/chunk.py`'s `fwd`); bwd: the backward's chain ("split" picks by
-    size, "split_lean" | "split_full", see `ttt_linear/chunk.py`; "split_gluon": the pre pass, the full chain and
-    the post pass in Gluon); the Gluon kernels (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch
-    16, 16-bit inputs and set their own warps; group: mini-batches per weight checkpoint; dot_mode: the products'
+    "fused_gluon" | "split_gluon", "auto_gluon" picks between those two, see `ttt_linear/chunk.py`'s `fwd`);
+    bwd: the backward's chain ("split" picks by size, "split_lean" | "split_full", see `ttt_linear/chunk.py`;
+    "split_gluon": the pre pass, the full chain and the post pass in Gluon); the Gluon kernels
+    (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and set their own warps
+    (`RunOptions.linear_gluon` asks for them in a model); group: mini-batches per weight checkpoint; dot_mode: the products'
     operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
     post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
 

@@ -35,7 +35,7 @@ from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb
                             _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
 from . import bwd_split, walks_gluon
 
-FWD_IMPLS = ("auto", "fused", "split", "fused_gluon", "split_gluon")
+FWD_IMPLS = ("auto", "fused", "split", "auto_gluon", "fused_gluon", "split_gluon")
 BWD_IMPLS = ("split", "split_lean", "split_full", "split_gluon")
 
 
@@ -181,14 +181,14 @@ OUT_ROWS, OUT_WARPS = 64, 8  # rows per program of the outputs' launch, its warp
 
 def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> bool:
     """Whether `fwd` over n rows x H heads of dim d runs split: impl "split" | "split_gluon" | "fused" |
-    "fused_gluon" as asked, "auto" by size."""
+    "fused_gluon" as asked, "auto" | "auto_gluon" by size."""
     if impl not in FWD_IMPLS:
         raise ValueError(f"impl: expected one of {FWD_IMPLS}, got {impl!r}")
     fits = tile(group * mini_batch) <= SPLIT_MAX_ROWS
     if impl.startswith("split") and not fits:
         raise ValueError(f"impl: {impl!r} takes checkpoint groups of at most {SPLIT_MAX_ROWS} rows, got {group} "
                          f"mini-batches of {mini_batch}")
-    return impl.startswith("split") or (impl == "auto" and fits and n * H <= SPLIT_MAX_PROGRAMS
+    return impl.startswith("split") or (impl.startswith("auto") and fits and n * H <= SPLIT_MAX_PROGRAMS
                                         and tile(d) <= SPLIT_MAX_D)
 
 
@@ -205,7 +205,8 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second launch computes the
     outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
     products); "fused_gluon", "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128,
-    mini-batch 16, 16-bit inputs); "auto": split when the walk has few programs (`fwd_plan`)."""
+    mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
+    (`fwd_plan`), else fused (fused_gluon)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
