@@ -856,6 +856,14 @@ def ttt_mlp_smem_bwd_kernel(
     ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     sq_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     live_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
+    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them), summed by every
+    # thread for its token (LSF, LSD: all of a column's parts in one thread, the columns as LE spreads them)
+    WF: gl.constexpr = LF.warps_per_cta[0]
+    WD: gl.constexpr = LD.warps_per_cta[0]
+    sF_s = gl.allocate_shared_memory(gl.float32, [WF, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    sD_s = gl.allocate_shared_memory(gl.float32, [WD, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    LSF: gl.constexpr = gl.BlockedLayout([WF, 1], [2, 16], [num_warps, 1], [1, 0])
+    LSD: gl.constexpr = gl.BlockedLayout([WD, 1], [2, 16], [num_warps, 1], [1, 0])
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -1137,11 +1145,15 @@ def ttt_mlp_smem_bwd_kernel(
                                 AD, OPT)
                 g1 = g1p_s.load(LF)
                 g2 = g2p_s.load(LD)
-                S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
+                # S's column sums: each warp's part here, their sum after the next barrier
+                sF_s.store(gl.sum(gl.reshape(kdw1 * g1, [WF, FS // WF, BT]), axis=1))
+                sD_s.store(gl.sum(gl.reshape(xdw2 * g2, [WD, D // WD, BT]), axis=1))
                 dg1 = dg1p_s.load(LF) - ebF[None, :] * kdw1
                 dh1 = dg1 * d1p_s.load(LF)
                 d1bp_s.store(dg1 * h1dd1p_s.load(LF))  # dZ1's first term (GELU'(Z1bt) is read by now)
                 _cta_barrier()
+                S = gl.convert_layout(gl.sum(sF_s.load(LSF), axis=0), gl.SliceLayout(0, LE), assert_trivial=True) \
+                    + gl.convert_layout(gl.sum(sD_s.load(LSD), axis=0), gl.SliceLayout(0, LE), assert_trivial=True)
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 dh1_s.store(dh1.to(OPT))
