@@ -856,14 +856,17 @@ def ttt_mlp_smem_bwd_kernel(
     ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     sq_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     live_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them), summed by every
-    # thread for its token (LSF, LSD: all of a column's parts in one thread, the columns as LE spreads them)
+    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them) and of dlr's over
+    # dE's rows (LE: one warp per two rows), summed by every thread for its token (LSF, LSD, LSE: all of a column's
+    # parts in one thread, the columns as LE spreads them)
     WF: gl.constexpr = LF.warps_per_cta[0]
     WD: gl.constexpr = LD.warps_per_cta[0]
     sF_s = gl.allocate_shared_memory(gl.float32, [WF, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     sD_s = gl.allocate_shared_memory(gl.float32, [WD, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     LSF: gl.constexpr = gl.BlockedLayout([WF, 1], [2, 16], [num_warps, 1], [1, 0])
     LSD: gl.constexpr = gl.BlockedLayout([WD, 1], [2, 16], [num_warps, 1], [1, 0])
+    sL_s = gl.allocate_shared_memory(gl.float32, [num_warps, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # dlr's
+    LSE: gl.constexpr = gl.BlockedLayout([num_warps, 1], [2, 16], [num_warps, 1], [1, 0])
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -1211,8 +1214,9 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
-                dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
                 dE = gl.where(causal, dE, 0.0)
+                # dlr's sum over the rows: each warp's part here, their sum after the updates' barrier
+                sL_s.store(gl.sum(gl.reshape(dE * tau_i[:, None], [num_warps, BT // num_warps, BT]), axis=1))
                 dtau += gl.sum(dE * lrE[None, :], axis=1)
                 dtau += gl.where(riE == BT - 1, -gl.sum(lrE * S, axis=0), 0.0)
 
@@ -1221,6 +1225,8 @@ def ttt_mlp_smem_bwd_kernel(
                 _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
                         b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 dc1 += gl.sum(dz1b + dz1, axis=1)
+                dlr = -tau_b * S + gl.convert_layout(gl.sum(sL_s.load(LSE), axis=0), gl.SliceLayout(0, LE),
+                                                     assert_trivial=True)
 
                 # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
