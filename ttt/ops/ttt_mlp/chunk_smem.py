@@ -399,16 +399,24 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
 
 @gluon.jit
 def _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS: gl.constexpr, FC: gl.constexpr,
-            LW: gl.constexpr, h1_s=None, h2_s=None):
+            LW: gl.constexpr, h1_s=None, h2_s=None, c2p_s=None, LC2: gl.constexpr = None, LR: gl.constexpr = None):
     """A mini-batch's weight update (e_b = tau_b lr: ebF, ebD in G1t's and G2t's column layouts): W1s^T += (-e_b
     G1)^T K, W2s += X2^T (-e_b G2) through the operand buffers eg1_s, eg2_s (h1_s, h2_s: the 16-bit copies kept
-    equal, or None); returns c1 - sum e_b G1, c2 - sum e_b G2."""
+    equal, or None); returns c1 - sum e_b G1, c2 - sum e_b G2. c2p_s: G2t in `_token_cols` (LR: [D, 16], a
+    warp per 16 / W tokens), the sum over its tokens as each warp's part ([D, W]) stored here and summed after the
+    barrier (LC2: a feature's W parts in one thread), not across the warps; None: summed here."""
     eg1_s.store((-ebF[None, :] * g1).to(eg1_s.dtype))
     eg2_s.store((-ebD[None, :] * g2).to(eg2_s.dtype))
     c1 -= gl.sum(ebF[None, :] * g1, axis=1)
-    c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+    if c2p_s is None:
+        c2 -= gl.sum(ebD[None, :] * g2, axis=1)
+    else:
+        W: gl.constexpr = c2p_s.shape[1]
+        c2p_s.store(gl.sum(gl.reshape(ebD[None, :] * g2, [g2.shape[0], W, g2.shape[1] // W]), axis=2))
     fence_async_shared()
     _cta_barrier()
+    if c2p_s is not None:
+        c2 -= gl.convert_layout(gl.sum(c2p_s.load(LC2), axis=1), gl.SliceLayout(1, LR), assert_trivial=True)
     _update(w1t_s, eg1_s, kT_s, FS, FC, LW, h1_s)
     _update(w2_s, x2_s, eg2_s, FS, FC, LW, h2_s)
     return c1, c2
@@ -509,6 +517,11 @@ def ttt_mlp_smem_fwd_kernel(
     FL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
     bad_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
+    # c2's update summed over the tokens: each warp's part, summed after the update's barrier (`_commit`)
+    c2p_s = gl.allocate_shared_memory(gl.float32, [D, num_warps], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    LC2: gl.constexpr = gl.BlockedLayout([D * (BT // num_warps) // 32, num_warps], [32 // (BT // num_warps),
+                                                                                   BT // num_warps],
+                                         [1, num_warps], [0, 1])
 
     pid = gl.program_id(0)
     s = pid % NSPLIT
@@ -675,7 +688,8 @@ def ttt_mlp_smem_fwd_kernel(
             ebF = tau_b * lrF
             ebR = tau_b * lrR
             _cta_barrier()  # every warp's reads of X2b and G2 are done: their buffers take -e_b G1, -e_b G2
-            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebR, FS, FC, LW, w1h_s, w2h_s)
+            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebR, FS, FC, LW, w1h_s, w2h_s,
+                             c2p_s, LC2, LR)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
