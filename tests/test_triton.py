@@ -145,7 +145,7 @@ def test_linear_kernels_choice_is_checked():
                        r"'split_gluon'\), got 'v1'"):
         triton_backend.LinearKernels(bwd="v1")
     with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
-                       r"'fused_gluon', 'split_gluon'\), got 'x'"):
+                       r"'auto_gluon', 'fused_gluon', 'split_gluon'\), got 'x'"):
         triton_backend.LinearKernels(fwd="x")
 
 
