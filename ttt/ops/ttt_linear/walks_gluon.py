@@ -36,7 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..gluon_utils import _cta_barrier, _row
-from ..triton_utils import _add2, _add3
+from ..triton_utils import _add2, _add3, _offsets
 
 HEAD_DIMS = (64, 128)
 MB = 16
@@ -83,6 +83,23 @@ def _operand(parent, index):
 def _tile(ptr, off, rt, rd, t0, L, D: gl.constexpr):
     """The [MB, D] tile at element offsets `off` of the tokens t0 + rt (rows past the row's length L as 0)."""
     return gl.load(ptr + off, mask=((t0 + rt) < L)[:, None] & (rd[None, :] < D), other=0.0)
+
+
+@gluon.jit
+def _index_vectors(R: gl.constexpr, LP: gl.constexpr, LW: gl.constexpr, MB: gl.constexpr, D: gl.constexpr):
+    """The index vectors every kernel here declares: tokens and features in the token layout R (rt, rd), the
+    products' rows, columns and features in LP (riP, rjP, rdP), the updates' rows and columns in LW (riW, rjW)."""
+    return (gl.arange(0, MB, layout=gl.SliceLayout(1, R)), gl.arange(0, D, layout=gl.SliceLayout(0, R)),
+            gl.arange(0, MB, layout=gl.SliceLayout(1, LP)), gl.arange(0, MB, layout=gl.SliceLayout(0, LP)),
+            gl.arange(0, D, layout=gl.SliceLayout(0, LP)), gl.arange(0, D, layout=gl.SliceLayout(1, LW)),
+            gl.arange(0, D, layout=gl.SliceLayout(0, LW)))
+
+
+@gluon.jit
+def _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D: gl.constexpr, MB: gl.constexpr):
+    """Head hi's inner LN weight and bias (fp32, in rd's layout) and tau_b."""
+    return (gl.load(lnw_ptr + hi * D + rd).to(gl.float32), gl.load(lnb_ptr + hi * D + rd).to(gl.float32),
+            gl.load(tau_ptr + MB - 1).to(gl.float32))
 
 
 @gluon.jit
@@ -165,23 +182,14 @@ def _chain_kernel(
     hi = pid % H
     start, L, _slot = _row(span_ptr, bi)
     n_hi = gl.minimum(N_HI, (L + MB - 1) // MB)  # this segment's mini-batches of this row: N_LO .. n_hi - 1
-    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
-    rtP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
-    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
-    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
-    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
-    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
-    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
+    rt, rd, rtP, _rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
+    gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     woff = riW[:, None] * D + rjW[None, :]
     dW = gl.load(dwT_ptr + pid * D * D + woff)
     dc = gl.load(dcT_ptr + pid * D + rdP)  # (in the products' layout: its column sums stay in a warp there)
     dtau_b = gl.zeros([MB], gl.float32, gl.SliceLayout(1, R))
 
-    in_base = bi * s_b + start * s_t + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + start * l_t + hi * l_h
+    in_base, in_off, lr_base, _ob, _oo = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h, 0, 0, 0)  # (no outputs)
     sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     scP = (sc_t + rtP)[:, None] * D + rdP[None, :]
@@ -313,27 +321,16 @@ def _fwd_kernel(
     hi = pid % H
     start, L, slot = _row(span_ptr, bi)
     nmb = (L + MB - 1) // MB
-    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
-    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
-    rjP = gl.arange(0, MB, layout=gl.SliceLayout(0, LP))
-    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
-    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
-    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
-    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    rt, rd, riP, rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
+    gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     tau_i = gl.load(tau_ptr + riP).to(gl.float32)
-    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
     causal = riP[:, None] >= rjP[None, :]
     woff = riW[:, None] * D + rjW[None, :]
     W = gl.load(w0_ptr + pid * D * D + woff)
     c = gl.load(c0_ptr + pid * D + rdP)
 
-    in_base = bi * s_b + start * s_t + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + start * l_t + hi * l_h
-    out_base = bi * o_b + start * o_t + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
     sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     if OUT:
         qn = _tile(q_ptr + in_base, in_off, rt, rd, 0, L, D)
@@ -444,28 +441,17 @@ def _pre_kernel(
     eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
 
     pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
-    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
-    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
-    rjP = gl.arange(0, MB, layout=gl.SliceLayout(0, LP))
-    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
-    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
-    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
-    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    rt, rd, riP, rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
+    gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     tau_i = gl.load(tau_ptr + riP).to(gl.float32)
-    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
     causal = riP[:, None] >= rjP[None, :]
     W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
     dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
     dbetT = gl.zeros([MB, D], gl.float32, R)
     dtauT = gl.zeros([MB, MB], gl.float32, LP)
 
-    in_base = bi * s_b + start * s_t + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + start * l_t + hi * l_h
-    out_base = bi * o_b + start * o_t + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
     outP = riP[:, None] * o_t + rdP[None, :]
     sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
@@ -588,25 +574,15 @@ def _post_kernel(
     eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
 
     pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
-    rt = gl.arange(0, MB, layout=gl.SliceLayout(1, R))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, R))
-    riP = gl.arange(0, MB, layout=gl.SliceLayout(1, LP))
-    rdP = gl.arange(0, D, layout=gl.SliceLayout(0, LP))
-    riW = gl.arange(0, D, layout=gl.SliceLayout(1, LW))
-    rjW = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-    gam = gl.load(lnw_ptr + hi * D + rd).to(gl.float32)
-    bet = gl.load(lnb_ptr + hi * D + rd).to(gl.float32)
+    rt, rd, riP, _rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
+    gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     gamP = gl.load(lnw_ptr + hi * D + rdP).to(gl.float32)
-    tau_b = gl.load(tau_ptr + MB - 1).to(gl.float32)
     W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
     dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
     dbetT = gl.zeros([MB, D], gl.float32, R)
 
-    in_base = bi * s_b + start * s_t + hi * s_h
-    in_off = rt[:, None] * s_t + rd[None, :]
-    lr_base = bi * l_b + start * l_t + hi * l_h
-    out_base = bi * o_b + start * o_t + hi * o_h
-    out_off = rt[:, None] * o_t + rd[None, :]
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
     outP = riP[:, None] * o_t + rdP[None, :]
     sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
