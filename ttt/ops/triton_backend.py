@@ -136,10 +136,10 @@ class LinearKernels:
 
     def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
         """Every head dim runs (padded to a power of two), with and without packed documents; the Gluon kernels
-        only what they are written for (a one-line error)."""
-        for what, impl in (("bwd", self.bwd), ("fwd", self.fwd)):
-            if impl.endswith("_gluon"):
-                _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode, f"{what}={impl!r}")
+        only what they are written for (a one-line error): the backward's choice is checked here, so that it fails
+        before the forward runs; the forward's where it launches (`ttt_linear/chunk.py`'s `fwd`)."""
+        if self.bwd == "split_gluon":
+            _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode)
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
