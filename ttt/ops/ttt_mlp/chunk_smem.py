@@ -91,12 +91,6 @@ def nsplit(d: int, heads: int | None = None, device: torch.device | None = None)
 
 
 @gluon.constexpr_function
-def _across_warps(layout, dim):
-    """Whether a reduction along `dim` of a `layout` tensor crosses warps (through shared memory and a barrier)."""
-    return layout.warps_per_cta[dim] > 1
-
-
-@gluon.constexpr_function
 def _mma_layout(M, N, num_warps):
     """The wgmma accumulator layout of an [M, N] result: warps down M (16 rows each, at least 4) while M has
     rows for them, the rest across N; the widest instruction N (a multiple of 8, <= 256) that divides a warp's
@@ -810,9 +804,6 @@ def ttt_mlp_smem_bwd_kernel(
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
     LR: gl.constexpr = _token_cols(D, BT, num_warps)  # the LayerNorms' tiles
-    # sums over a mini-batch's tokens that only accumulate to the walk's end are summed there, where they cross warps
-    # (in LR with more than one warp)
-    LATE_SUMS: gl.constexpr = _across_warps(LR, 1)
     # the exchange record of one program for one mini-batch (fp32): dG2, dq, dk [D, 16], dlr [16] (Z2, Z2b and
     # X2b X2^T need none: the forward saved their sums); three slots by mini-batch (mod 3): a mini-batch's dq, dk,
     # dlr are summed after the next one's dG2 exchange, while the other programs may already write the one after
@@ -919,14 +910,10 @@ def ttt_mlp_smem_bwd_kernel(
         lnb = lnb_ptr + hi * D + rdR  # D / 16 registers each, they spilled)
         xb = xb_ptr + head * 3 * NSPLIT * REC
         cnt = cnt_ptr + head
-        # the LN weights' gradients (every program has the same; program 0 stores them); where a sum over the tokens
-        # crosses warps, per (dim, token) over the walk and summed over the tokens once at its end
-        if LATE_SUMS:
-            dgamT = gl.zeros([D, BT], gl.float32, LR)
-            dbetT = gl.zeros([D, BT], gl.float32, LR)
-        else:
-            dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LR))
-            dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LR))
+        # the LN weights' gradients (every program has the same; program 0 stores them): per (dim, token) over the
+        # walk and summed over the tokens once at its end (in LR a sum over the tokens crosses warps)
+        dgamT = gl.zeros([D, BT], gl.float32, LR)
+        dbetT = gl.zeros([D, BT], gl.float32, LR)
         dtau = gl.zeros([BT], gl.float32, gl.SliceLayout(1, LE))  # this program's part of dtau
         dc2 = gl.load(dc2_ptr + head * D + rdD)  # the carried gradient of c2 (every program alike)
         nsync = 0
@@ -1110,13 +1097,8 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
                 dOT = dop_s.load(LR)
-                if LATE_SUMS:
-                    dgamT += dOT * xhb
-                    dbetT += dOT
-                else:
-                    sgam, sbet = gl.reduce((dOT * xhb, dOT), 1, _add2)
-                    dgam += sgam
-                    dbet += sbet
+                dgamT += dOT * xhb
+                dbetT += dOT
                 dz2b = _proj_cols(dOT * gl.load(lnw).to(gl.float32)[:, None], xhb, rstdb, D)
                 dz2b = gl.where(live[None, :], dz2b, 0.0)
                 _cta_barrier()
@@ -1202,14 +1184,8 @@ def ttt_mlp_smem_bwd_kernel(
                 xh = xhp_s.load(LR)
                 dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2p_s.load(LR), xh, rstd, gyp_s.load(LR), mgx,
                                                 gam, D)
-                if LATE_SUMS:
-                    dgamT += dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR))
-                    dbetT += dgy * gam[:, None]
-                else:
-                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR)),
-                                            dgy * gam[:, None]), 1, _add2)
-                    dgam += sgam
-                    dbet += sbet
+                dgamT += dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR))
+                dbetT += dgy * gam[:, None]
                 if s == NSPLIT - 1:  # (every program has it; the last one, which emits no dq)
                     gl.store(dv_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t),
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
@@ -1262,8 +1238,7 @@ def ttt_mlp_smem_bwd_kernel(
             gl.store(dc1_ptr + head * FF + s * FS + rfF, dc1)
         gl.store(dtau_ptr + (head * NSPLIT + s) * BT + riE, dtau)
         if s == 0:  # c2's gradient and the LN weights' are the same in every program
-            if LATE_SUMS:
-                dgam, dbet = gl.reduce((dgamT, dbetT), 1, _add2)
+            dgam, dbet = gl.reduce((dgamT, dbetT), 1, _add2)
             gl.store(dc2_ptr + head * D + rdD, dc2)
             gl.store(dlnw_ptr + head * D + rdR, dgam)
             gl.store(dlnb_ptr + head * D + rdR, dbet)
