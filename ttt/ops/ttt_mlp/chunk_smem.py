@@ -47,15 +47,7 @@ their sums over the head's programs with its checkpoints, so that the recompute 
 them: one exchange per mini-batch (dG2), dq, dk and dlr summed after the next one. The fp32 tiles a mini-batch
 needs again at its end (GELU' and GELU'' terms, G1, G2, the LayerNorm's x^ and gy, dO, ...) are parked in shared
 memory between their uses: in registers they spilled (docs/kernels_notes.md). Its NaN containment is the other
-backward kernels' (docs/kernels_notes.md); a poisoned state's weights enter the products as zeros.
-
-Layouts: the products' results come in wgmma's accumulator layout, whose [d, 16] tiles spread each token's d
-features over four warps, so a LayerNorm's column sum there goes through shared memory and a barrier. Both
-kernels do the LayerNorms' work (G2, the output LayerNorm, their backward, the finite checks) in a layout that
-keeps each token's features in one warp (`_token_cols`: column sums are shuffles), loading its inputs from global
-memory in it and handing results to the products through shared memory; per-token flags change layouts through
-small shared buffers at barriers the walk has anyway, and the LN weight and bias are loaded where used (d / 16
-registers each in that layout).
+backward kernels' (docs/kernels_notes.md).
 
 Tested on the CPU by running this source in Triton's interpreter through `tests/gluon_shim.py` (arithmetic,
 indexing, the exchanges); layouts, budgets and the fences only on a GPU (tests marked `gpu`) and by the
@@ -91,6 +83,12 @@ def nsplit(d: int, heads: int | None = None, device: torch.device | None = None)
 
 
 @gluon.constexpr_function
+def _across_warps(layout, dim):
+    """Whether a reduction along `dim` of a `layout` tensor crosses warps (through shared memory and a barrier)."""
+    return layout.warps_per_cta[dim] > 1
+
+
+@gluon.constexpr_function
 def _mma_layout(M, N, num_warps):
     """The wgmma accumulator layout of an [M, N] result: warps down M (16 rows each, at least 4) while M has
     rows for them, the rest across N; the widest instruction N (a multiple of 8, <= 256) that divides a warp's
@@ -104,14 +102,6 @@ def _mma_layout(M, N, num_warps):
     while cols % n:
         n -= 8
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, n, 16])
-
-
-@gluon.constexpr_function
-def _token_cols(D, BT, num_warps):
-    """A layout of [D, BT] tiles (features x tokens) that keeps each token's D features in one warp (BT / num_warps
-    tokens per warp, consecutive features per thread): column sums (LayerNorm) are shuffles, no shared memory."""
-    tpw = BT // num_warps
-    return gl.BlockedLayout([D * tpw // 32, 1], [32 // tpw, tpw], [1, num_warps], [0, 1])
 
 
 @gluon.jit
@@ -317,20 +307,19 @@ def _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP: gl.constexpr, FF: gl.cons
 
 
 @gluon.jit
-def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, o_base, t0, s_t, o_t, rdR, rtR, riE, rjE, c2, lnw, lnb,
+def _emit_output(xo_ptr, q_ptr, o_ptr, zbs_ptr, s2s_ptr, o_base, t0, s_t, o_t, rdD, rtD, riE, rjE, gam, bet,
                  NSPLIT: gl.constexpr, RO: gl.constexpr, D: gl.constexpr, SAVE: gl.constexpr, EPS: gl.constexpr):
-    """o = q + LN(Z2b) for the mini-batch at token t0, Z2b = the sum of the programs' partials + c2 (q_ptr, o_ptr:
-    this head's; each program's record RO values: its part of Z2b [D, 16], then of X2b X2^T [16, 16]), in the
-    LayerNorms' layout (rdR, rtR, c2; lnw, lnb: the LN weight's and bias's pointers in it); SAVE: Z2b and the sum
-    of the X2b X2^T partials saved for the backward (`_save_zb`)."""
-    zb = _sum_parts(xo_ptr, _tok_tile(rdR, rtR, 0, D), NSPLIT, RO) + c2[:, None]
+    """o = q + LN(sum of the programs' Z2b partials) for the mini-batch at token t0 (q_ptr, o_ptr: this head's; each
+    program's record RO values: Z2b [D, 16], then X2b X2^T [16, 16]); SAVE: that sum and the sum of the X2b X2^T
+    partials saved for the backward (`_save_zb`)."""
+    zb = _sum_parts(xo_ptr, _tok_tile(rdD, rtD, 0, D), NSPLIT, RO)
     if SAVE:
         _save_zb(zbs_ptr, s2s_ptr, zb, _sum_parts(xo_ptr + D * 16, riE[:, None] * 16 + rjE[None, :], NSPLIT, RO),
-                 o_base, t0, o_t, rdR, rtR, riE, rjE, D)
+                 o_base, t0, o_t, rdD, rtD, riE, rjE, D)
     xhb, _r = _normalize_cols(zb, D, EPS)
-    q = gl.load(q_ptr + _tok_tile(rdR, rtR, t0, s_t)).to(gl.float32)
-    o = q + xhb * gl.load(lnw).to(gl.float32)[:, None] + gl.load(lnb).to(gl.float32)[:, None]
-    gl.store(o_ptr + _tok_tile(rdR, rtR, t0, o_t), o.to(o_ptr.dtype.element_ty))
+    q = gl.load(q_ptr + _tok_tile(rdD, rtD, t0, s_t)).to(gl.float32)
+    o = q + xhb * gam[:, None] + bet[:, None]
+    gl.store(o_ptr + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -393,24 +382,16 @@ def _update(w_s, a_s, b_s, FS: gl.constexpr, FC: gl.constexpr, LW: gl.constexpr,
 
 @gluon.jit
 def _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS: gl.constexpr, FC: gl.constexpr,
-            LW: gl.constexpr, h1_s=None, h2_s=None, c2p_s=None, LC2: gl.constexpr = None, LR: gl.constexpr = None):
+            LW: gl.constexpr, h1_s=None, h2_s=None):
     """A mini-batch's weight update (e_b = tau_b lr: ebF, ebD in G1t's and G2t's column layouts): W1s^T += (-e_b
     G1)^T K, W2s += X2^T (-e_b G2) through the operand buffers eg1_s, eg2_s (h1_s, h2_s: the 16-bit copies kept
-    equal, or None); returns c1 - sum e_b G1, c2 - sum e_b G2. c2p_s: G2t in `_token_cols` (LR: [D, 16], a
-    warp per 16 / W tokens), the sum over its tokens as each warp's part ([D, W]) stored here and summed after the
-    barrier (LC2: a feature's W parts in one thread), not across the warps; None: summed here."""
+    equal, or None); returns c1 - sum e_b G1, c2 - sum e_b G2."""
     eg1_s.store((-ebF[None, :] * g1).to(eg1_s.dtype))
     eg2_s.store((-ebD[None, :] * g2).to(eg2_s.dtype))
     c1 -= gl.sum(ebF[None, :] * g1, axis=1)
-    if c2p_s is None:
-        c2 -= gl.sum(ebD[None, :] * g2, axis=1)
-    else:
-        W: gl.constexpr = c2p_s.shape[1]
-        c2p_s.store(gl.sum(gl.reshape(ebD[None, :] * g2, [g2.shape[0], W, g2.shape[1] // W]), axis=2))
+    c2 -= gl.sum(ebD[None, :] * g2, axis=1)
     fence_async_shared()
     _cta_barrier()
-    if c2p_s is not None:
-        c2 -= gl.convert_layout(gl.sum(c2p_s.load(LC2), axis=1), gl.SliceLayout(1, LR), assert_trivial=True)
     _update(w1t_s, eg1_s, kT_s, FS, FC, LW, h1_s)
     _update(w2_s, x2_s, eg2_s, FS, FC, LW, h2_s)
     return c1, c2
@@ -480,7 +461,7 @@ def ttt_mlp_smem_fwd_kernel(
     RO: gl.constexpr = D * BT + BT * BT  # a program's output record: its parts of Z2b [D, 16] and X2b X2^T
     LW: gl.constexpr = _mma_layout(FC, D, num_warps)  # a chunk of a weight slice [FC, D]
     AF: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LF, k_width=2)
-    LR: gl.constexpr = _token_cols(D, BT, num_warps)  # the LayerNorms' tiles (`_token_cols`)
+    AD: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LD, k_width=2)
     LE: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [num_warps, 1], [1, 0])
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])  # [FS, D], D contiguous
@@ -503,27 +484,14 @@ def ttt_mlp_smem_fwd_kernel(
     g2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)
     eg1_s = x2b_s  # the updates' operands -e_b G1, -e_b G2 reuse X2b's and G2's buffers (read by then; room for
     eg2_s = g2_s  # w1h_s at d 64)
-    mg2_s = gl.allocate_shared_memory(OPT, [D, BT], SLD)  # -G2t, its non-finite columns as 0 (Z2b's A operand)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
-    # per-token flags (1.0 / 0.0) on their way between layouts, at barriers the walk has anyway (a convert_layout of
-    # a [16] vector is a barrier of its own)
-    FL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    bad_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    # c2's update summed over the tokens: each warp's part, summed after the update's barrier (`_commit`)
-    c2p_s = gl.allocate_shared_memory(gl.float32, [D, num_warps], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    LC2: gl.constexpr = gl.BlockedLayout([D * (BT // num_warps) // 32, num_warps], [32 // (BT // num_warps),
-                                                                                   BT // num_warps],
-                                         [1, num_warps], [0, 1])
 
     pid = gl.program_id(0)
     s = pid % NSPLIT
     # index vectors in the layouts they meet
     rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
     rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
-    rdR = gl.arange(0, D, layout=gl.SliceLayout(1, LR))
-    rtR = gl.arange(0, BT, layout=gl.SliceLayout(0, LR))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
     rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
@@ -538,15 +506,15 @@ def ttt_mlp_smem_fwd_kernel(
         bi = head // H  # the row (a batch entry or a packed document)
         hi = head % H
         start, nmb, slot = _row_whole(span_ptr, bi, BT)
-        lnw = lnw_ptr + hi * D + rdR  # the LN weight and bias, loaded where used (`ttt_mlp_smem_bwd_kernel`)
-        lnb = lnb_ptr + hi * D + rdR
+        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         _cta_barrier()  # the previous head's last reads of w1t_s / w2_s are done
         _weights_io(w1t_s, w2_s, w1_ptr + head * D * FF, w2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt, LB)
         _cta_barrier()
         _mirror(w1h_s, w1t_s, FS, FC, LB)
         _mirror(w2h_s, w2_s, FS, FC, LB)
         c1 = gl.load(c1_ptr + head * FF + s * FS + rfF)
-        c2 = gl.load(c2_ptr + head * D + rdR)  # (in LR: Z2's, Z2b's and G2's sums meet it there)
+        c2 = gl.load(c2_ptr + head * D + rdD)
         xz = xz_ptr + head * 2 * NSPLIT * D * BT
         xo = xo_ptr + head * 2 * NSPLIT * RO
         cnt = cnt_ptr + head
@@ -555,11 +523,10 @@ def ttt_mlp_smem_fwd_kernel(
         l_base = bi * l_b + start * l_t + hi * l_h
         _cta_barrier()
         # the next mini-batch's inputs, loaded half a mini-batch ahead (mini-batch 0's in its own iteration)
-        nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LR)
+        nq = gl.zeros([D, BT], q_ptr.dtype.element_ty, LD)
         nk = nq
         nv = nq
-        nlR = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LR))
-        c2b = c2
+        nlD = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LD))
         nlF = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LF))
         nlE = gl.zeros([BT], lr_ptr.dtype.element_ty, gl.SliceLayout(0, LE))
         for n in range(nmb):
@@ -571,21 +538,21 @@ def ttt_mlp_smem_fwd_kernel(
                                 LBt, LB, True)
                     gl.store(ckc1_ptr + ck * FF + s * FS + rfF, c1)
                     if s == 0:  # c2 is replicated: one program writes it
-                        gl.store(ckc2_ptr + ck * D + rdR, c2)
+                        gl.store(ckc2_ptr + ck * D + rdD, c2)
             if KEEP:  # this mini-batch's 16-bit start weights and fp32 biases, for the backward's walk
                 kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
                 _tile_out(kw1, w1h_s, FS, D, FC, LB)
                 _tile_out(kw2, w2h_s, FS, D, FC, LB)
                 gl.store(kc1 + rfF, c1)
                 if s == 0:
-                    gl.store(kc2 + rdR, c2)
+                    gl.store(kc2 + rdD, c2)
             if n == 0:
-                nq, nk, nv, nlR, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
-                                                       rdR, rtR, rtF, rjE)
+                nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t,
+                                                       rdD, rtD, rtF, rjE)
             qT = nq  # input dtype
             kT = nk
             vT = nv.to(gl.float32)
-            lrR = nlR.to(gl.float32)
+            lrD = nlD.to(gl.float32)
             lrF = nlF.to(gl.float32)
             lrE = nlE.to(gl.float32)
             qT_s.store(qT.to(OPT))
@@ -604,28 +571,25 @@ def ttt_mlp_smem_fwd_kernel(
             fence_async_shared()
             _cta_barrier()
             z2 = warpgroup_mma(w2h_s.permute((1, 0)), x2_s, gl.zeros([D, BT], gl.float32, LD))  # this slice's Z2t part
-            if NSPLIT == 1:
-                z2 = gl.convert_layout(z2, LR)
-            else:
+            if NSPLIT > 1:
                 gl.store(xz + ((n % 2) * NSPLIT + s) * D * BT + _tok_tile(rdD, rtD, 0, D), z2)
                 _sync(cnt, (n + 1) * NSPLIT)
-                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdR, rtR, 0, D), NSPLIT, D * BT)
+                z2 = _sum_parts(xz + (n % 2) * NSPLIT * D * BT, _tok_tile(rdD, rtD, 0, D), NSPLIT, D * BT)
                 if n > 0:
                     if s == 0:  # the previous mini-batch's output, now that every partial of it is written
                         tp = t0 - BT
                         _emit_output(xo + ((n - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
-                                     s2s_ptr, o_base, tp, s_t, o_t, rdR, rtR, riE, rjE, c2b, lnw, lnb, NSPLIT, RO,
-                                     D, SAVE, EPS)
+                                     s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE,
+                                     EPS)
             z2 += c2[:, None]
             if SAVE:
                 if s == 0:  # Z2 (every program has the sum) for the backward, which then needs no exchange for it
-                    gl.store(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t), z2)
-            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gl.load(lnw).to(gl.float32),
-                                                         gl.load(lnb).to(gl.float32), D, EPS)  # [D, 16]
+                    gl.store(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), z2)
+            g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)  # [D, 16]
             # (the last mini-batch loads its own tokens again: in bounds, unused)
             t1 = (n + 1 - (n + 1) // nmb) * BT
-            nq, nk, nv, nlR, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t1, s_t, l_t,
-                                                   rdR, rtR, rtF, rjE)
+            nq, nk, nv, nlD, nlF, nlE = _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t1, s_t, l_t,
+                                                   rdD, rtD, rtF, rjE)
             g2_s.store(g2.to(OPT))
             fence_async_shared()
             _cta_barrier()
@@ -634,44 +598,39 @@ def ttt_mlp_smem_fwd_kernel(
             # output path; token columns with a non-finite G enter the causal products as zeros. G1t's columns tell
             # for G2t's too: a non-finite entry of G2t makes its whole column of W2s G2t non-finite (inf - inf,
             # 0 * inf and NaN are NaN) in every program, and GELU'(Z1t) keeps it so
-            okF = _finite_cols(g1)
-            ok_s.store(okF.to(gl.float32))
+            ok = gl.convert_layout(_finite_cols(g1), gl.SliceLayout(0, LE))
             E = tau_i[:, None] * lrE[None, :]
             qk = _tok_dot(qT_s, kT_s, D, LT, LE)
             p1_s.store(gl.where(causal, E * (qk + 1.0), 0.0).to(OPT))  # P1 [i, j]
-            mg1 = gl.convert_layout(gl.where(okF[None, :], -g1, 0.0).to(OPT), AF)
+            okF2 = gl.convert_layout(ok, gl.SliceLayout(0, LF))
+            mg1 = gl.convert_layout(gl.where(okF2[None, :], -g1, 0.0).to(OPT), AF)
             fence_async_shared()
             _cta_barrier()
-            ok = ok_s.load(gl.SliceLayout(0, LE)) > 0.0
-            okR = ok_s.load(gl.SliceLayout(0, LR)) > 0.0
-            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
-            bad_s.store(bad.to(gl.float32))
             z1b = warpgroup_mma(mg1, p1_s.permute((1, 0)), qw1)  # QW1t + c1 - G1t P1^T
             x2b, _d1b = _gelu_parts(z1b)
             x2b_s.store(x2b.to(OPT))
             fence_async_shared()
             _cta_barrier()
-            badD = bad_s.load(gl.SliceLayout(0, LD)) > 0.0
             first = (s == 0).to(gl.float32)
             # W2s^T X2b in flight while X2b X2^T and P2 are formed
-            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD), is_async=True)
+            zb = warpgroup_mma(w2h_s.permute((1, 0)), x2b_s, gl.zeros([D, BT], gl.float32, LD) + (first * c2)[:, None],
+                               is_async=True)
             s2 = _tok_dot(x2b_s, x2_s, FS, LT, LE)  # this slice's X2b X2^T
             p2_s.store(gl.where(causal, E * (s2 + first), 0.0).to(OPT))
-            mg2_s.store(gl.where(okR[None, :], -g2, 0.0).to(OPT))
+            okD2 = gl.convert_layout(ok, gl.SliceLayout(0, LD))
+            mg2 = gl.convert_layout(gl.where(okD2[None, :], -g2, 0.0).to(OPT), AD)
             zb = warpgroup_mma_wait(0, deps=[zb])
             fence_async_shared()
             _cta_barrier()
-            zb = warpgroup_mma(mg2_s, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
-            zb = gl.where(badD[None, :], float("nan"), zb)
-            c2b = c2  # Z2b's bias: c2 before this mini-batch's update (the split's output is formed after it)
+            zb = warpgroup_mma(mg2, p2_s.permute((1, 0)), zb)  # this slice's part of Z2bt
+            bad = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) > 0.0  # a bad token at or before i
+            zb = gl.where(gl.convert_layout(bad, gl.SliceLayout(0, LD))[None, :], float("nan"), zb)
             if NSPLIT == 1:
-                zb = gl.convert_layout(zb, LR) + c2[:, None]
                 if SAVE:
-                    _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdR, rtR, riE, rjE, D)
+                    _save_zb(zbs_ptr, s2s_ptr, zb, s2, o_base, t0, o_t, rdD, rtD, riE, rjE, D)
                 xhb, _rb = _normalize_cols(zb, D, EPS)
-                o = qT.to(gl.float32) + xhb * gl.load(lnw).to(gl.float32)[:, None] \
-                    + gl.load(lnb).to(gl.float32)[:, None]
-                gl.store(o_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t), o.to(o_ptr.dtype.element_ty))
+                o = qT.to(gl.float32) + xhb * gam[:, None] + bet[:, None]
+                gl.store(o_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), o.to(o_ptr.dtype.element_ty))
             else:  # this program's parts of Z2b and X2b X2^T, summed by program 0 after the next exchange
                 rec_o = xo + ((n % 2) * NSPLIT + s) * RO
                 gl.store(rec_o + _tok_tile(rdD, rtD, 0, D), zb)
@@ -680,31 +639,29 @@ def ttt_mlp_smem_fwd_kernel(
 
             # carry: W1s^T += (-e_b G1)^T K, W2s += X2^T (-e_b G2) (the state takes G unmasked, as in chunk.py)
             ebF = tau_b * lrF
-            ebR = tau_b * lrR
+            ebD = tau_b * lrD
             _cta_barrier()  # every warp's reads of X2b and G2 are done: their buffers take -e_b G1, -e_b G2
-            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebR, FS, FC, LW, w1h_s, w2h_s,
-                             c2p_s, LC2, LR)
+            c1, c2 = _commit(w1t_s, w2_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, ebF, ebD, FS, FC, LW, w1h_s, w2h_s)
         if NSPLIT > 1:  # the last mini-batch's output
             _sync(cnt, (nmb + 1) * NSPLIT)
             if s == 0:
                 if nmb > 0:
                     tp = (nmb - 1) * BT
                     _emit_output(xo + ((nmb - 1) % 2) * NSPLIT * RO, q_ptr + x_base, o_ptr + o_base, zbs_ptr,
-                                 s2s_ptr, o_base, tp, s_t, o_t, rdR, rtR, riE, rjE, c2b, lnw, lnb, NSPLIT, RO, D,
-                                 SAVE, EPS)
+                                 s2s_ptr, o_base, tp, s_t, o_t, rdD, rtD, riE, rjE, gam, bet, NSPLIT, RO, D, SAVE, EPS)
         _weights_io(w1t_s, w2_s, w1T_ptr + head * D * FF, w2T_ptr + head * FF * D, s, False, FS, D, FF, FC, LBt, LB)
         gl.store(c1T_ptr + head * FF + s * FS + rfF, c1)
         if s == 0:
-            gl.store(c2T_ptr + head * D + rdR, c2)
+            gl.store(c2T_ptr + head * D + rdD, c2)
 
 
 @gluon.jit
-def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdR, rtR, rtF, rjE):
-    """A mini-batch's inputs at token t0 in their own dtypes: q, k, v transposed [D, 16] (in the LayerNorms' layout
-    of rdR, rtR) and lr in the three layouts it meets."""
-    xT = _tok_tile(rdR, rtR, t0, s_t)  # transposed token tile [D, 16]
+def _inputs_at(q_ptr, k_ptr, v_ptr, lr_ptr, x_base, l_base, t0, s_t, l_t, rdD, rtD, rtF, rjE):
+    """A mini-batch's inputs at token t0 in their own dtypes: q, k, v transposed [D, 16] and lr in the three
+    layouts it meets."""
+    xT = _tok_tile(rdD, rtD, t0, s_t)  # transposed token tile [D, 16]
     return (gl.load(q_ptr + x_base + xT), gl.load(k_ptr + x_base + xT), gl.load(v_ptr + x_base + xT),
-            gl.load(lr_ptr + l_base + (t0 + rtR) * l_t), gl.load(lr_ptr + l_base + (t0 + rtF) * l_t),
+            gl.load(lr_ptr + l_base + (t0 + rtD) * l_t), gl.load(lr_ptr + l_base + (t0 + rtF) * l_t),
             gl.load(lr_ptr + l_base + (t0 + rjE) * l_t))
 
 
@@ -735,7 +692,7 @@ def _ln_l2_grad_bwd_cols(dG, G, xh, rstd, gy, mgx, gam, D: gl.constexpr):
 @gluon.jit
 def _zero_smem(w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
     for c in gl.static_range(FS // FC):
-        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], w_s.dtype, L))
+        w_s.slice(c * FC, FC, dim=0).store(gl.zeros([FC, D], gl.float32, L))
 
 
 @gluon.jit
@@ -764,13 +721,13 @@ def _tile_out(ptr, w_s, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: 
 
 
 @gluon.jit
-def _tile_in(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
-    """A contiguous [FS, D] tile at ptr -> shared memory, FC rows at a time (each thread the elements `_zero_smem`
-    with the same L gives it)."""
+def _tile_in_finite(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, L: gl.constexpr):
+    """A contiguous [FS, D] tile at ptr -> shared memory, non-finite entries as 0."""
     for c in gl.static_range(FS // FC):
         r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
-        w_s.slice(c * FC, FC, dim=0).store(gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :]).to(w_s.dtype))
+        x = gl.load(ptr + (c * FC + r[:, None]) * D + col[None, :])
+        w_s.slice(c * FC, FC, dim=0).store(gl.where(gl.abs(x.to(gl.float32)) < float("inf"), x, 0.0).to(w_s.dtype))
 
 
 @gluon.jit
@@ -803,7 +760,10 @@ def ttt_mlp_smem_bwd_kernel(
     LT: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps], instr_shape=[16, 8])
     LB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
     LBt: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, num_warps], [0, 1])
-    LR: gl.constexpr = _token_cols(D, BT, num_warps)  # the LayerNorms' tiles
+    # sums over a mini-batch's tokens that only accumulate to the walk's end are summed there, where they cross warps
+    # (offline sm_90 at d 64: 75 instructions and 6 barriers less per mini-batch; at d 128, where they do not, the
+    # [D, 16] accumulators spill)
+    LATE_SUMS: gl.constexpr = _across_warps(LD, 1)
     # the exchange record of one program for one mini-batch (fp32): dG2, dq, dk [D, 16], dlr [16] (Z2, Z2b and
     # X2b X2^T need none: the forward saved their sums); three slots by mini-batch (mod 3): a mini-batch's dq, dk,
     # dlr are summed after the next one's dG2 exchange, while the other programs may already write the one after
@@ -838,40 +798,11 @@ def ttt_mlp_smem_bwd_kernel(
     dz1_s = gl.allocate_shared_memory(OPT, [FS, BT], SLF)
     p1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     p2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
-    # fp32 tiles of the mini-batch parked between their uses (in registers they spill: the kernel is at 255
-    # registers), each its own allocation: the compiler orders the threads' accesses to one allocation with barriers
-    # without telling its parts apart (one [13, ., 16] buffer had a barrier before nearly every store)
+    # fp32 tiles of the recompute kept to the end of the walk, parked here between their uses (in registers they
+    # spill: the kernel is at 255 registers), each thread reading back what it wrote
     SP: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 4, [1, 0])  # no bank conflicts for LF, LD (gl.bank_conflicts)
-    d1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # GELU'(Z1t)
-    h1dd1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # H1t GELU''(Z1t)
-    g1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # G1t
-    d1bp_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # GELU'(Z1bt), then dZ1's first term
-    dx2p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # X2bt dA2 (dX2t's first term)
-    dg1p_s = gl.allocate_shared_memory(gl.float32, [FS, BT], SP)  # -(P1^T dZ1b)^T (dG1t's first term)
-    g2p_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # G2t
-    xhp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # x^ of G2's LayerNorm
-    gyp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # gy
-    tgtp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # the LN target
-    dop_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # dOt, then dk's gy term
-    dg2p_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # -(P2^T dZ2b)^T (dG2t's first term), then dc2's
-    dkp_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)  # Q^T dA1 (dkt's first term)
-    # per-token flags (1.0 / 0.0) on their way between layouts: several per barrier, where each convert_layout of a
-    # [16] vector is a barrier of its own
-    FL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    ok_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    sq_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    live_s = gl.allocate_shared_memory(gl.float32, [BT], FL)
-    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them) and of dlr's over
-    # dE's rows (LE: one warp per two rows), summed by every thread for its token (LSF, LSD, LSE: all of a column's
-    # parts in one thread, the columns as LE spreads them)
-    WF: gl.constexpr = LF.warps_per_cta[0]
-    WD: gl.constexpr = LD.warps_per_cta[0]
-    sF_s = gl.allocate_shared_memory(gl.float32, [WF, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    sD_s = gl.allocate_shared_memory(gl.float32, [WD, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    LSF: gl.constexpr = gl.BlockedLayout([WF, 1], [2, 16], [num_warps, 1], [1, 0])
-    LSD: gl.constexpr = gl.BlockedLayout([WD, 1], [2, 16], [num_warps, 1], [1, 0])
-    sL_s = gl.allocate_shared_memory(gl.float32, [num_warps, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # dlr's
-    LSE: gl.constexpr = gl.BlockedLayout([num_warps, 1], [2, 16], [num_warps, 1], [1, 0])
+    pF_s = gl.allocate_shared_memory(gl.float32, [6, FS, BT], SP)  # GELU'(Z1t), H1t GELU''(Z1t), G1t, GELU'(Z1bt), dX2t, dG1t
+    pD_s = gl.allocate_shared_memory(gl.float32, [7, D, BT], SP)  # G2t, x^, gy, the LN target, dOt, dG2 (P2), dkt
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
 
@@ -880,10 +811,7 @@ def ttt_mlp_smem_bwd_kernel(
     first = (s == 0).to(gl.float32)  # terms every program computes alike are added by program 0 only
     rdD = gl.arange(0, D, layout=gl.SliceLayout(1, LD))
     rtD = gl.arange(0, BT, layout=gl.SliceLayout(0, LD))
-    rdR = gl.arange(0, D, layout=gl.SliceLayout(1, LR))
-    rtR = gl.arange(0, BT, layout=gl.SliceLayout(0, LR))
     rfF = gl.arange(0, FS, layout=gl.SliceLayout(1, LF))
-    rtF = gl.arange(0, BT, layout=gl.SliceLayout(0, LF))
     riE = gl.arange(0, BT, layout=gl.SliceLayout(1, LE))
     rjE = gl.arange(0, BT, layout=gl.SliceLayout(0, LE))
     causal = riE[:, None] >= rjE[None, :]
@@ -906,14 +834,18 @@ def ttt_mlp_smem_bwd_kernel(
         o_base = bi * o_b + start * o_t + hi * o_h
         l_base = bi * l_b + start * l_t + hi * l_h
         d_base = bi * dl_b + start * H + hi  # dlr [B, T, H] contiguous (packed rows: dl_b = 0)
-        lnw = lnw_ptr + hi * D + rdR  # the LN weight and bias, loaded where used (held across the walk in LR,
-        lnb = lnb_ptr + hi * D + rdR  # D / 16 registers each, they spilled)
+        gam = gl.load(lnw_ptr + hi * D + rdD).to(gl.float32)
+        bet = gl.load(lnb_ptr + hi * D + rdD).to(gl.float32)
         xb = xb_ptr + head * 3 * NSPLIT * REC
         cnt = cnt_ptr + head
-        # the LN weights' gradients (every program has the same; program 0 stores them): per (dim, token) over the
-        # walk and summed over the tokens once at its end (in LR a sum over the tokens crosses warps)
-        dgamT = gl.zeros([D, BT], gl.float32, LR)
-        dbetT = gl.zeros([D, BT], gl.float32, LR)
+        # the LN weights' gradients (every program has the same; program 0 stores them); where a sum over the tokens
+        # crosses warps (d 64), per (dim, token) over the walk and summed over the tokens once at its end
+        if LATE_SUMS:
+            dgamT = gl.zeros([D, BT], gl.float32, LD)
+            dbetT = gl.zeros([D, BT], gl.float32, LD)
+        else:
+            dgam = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
+            dbet = gl.zeros([D], gl.float32, gl.SliceLayout(1, LD))
         dtau = gl.zeros([BT], gl.float32, gl.SliceLayout(1, LE))  # this program's part of dtau
         dc2 = gl.load(dc2_ptr + head * D + rdD)  # the carried gradient of c2 (every program alike)
         nsync = 0
@@ -929,20 +861,20 @@ def ttt_mlp_smem_bwd_kernel(
                 _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
                             LB, True)
                 c1 = gl.load(ckc1_ptr + ck * FF + s * FS + rfF)
-                c2 = gl.load(ckc2_ptr + ck * D + rdR)  # (in the LayerNorms' layout: only G2's sums meet it)
+                c2 = gl.load(ckc2_ptr + ck * D + rdD)
                 _cta_barrier()
                 for n in range(n0, n1):
                     j = n - n0
                     _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB)
                     _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB)
                     gl.store(cs1 + j * FS + rfF, c1)
-                    gl.store(cs2 + j * D + rdR, c2)
+                    gl.store(cs2 + j * D + rdD, c2)
                     if n < n1 - 1:
                         t0 = n * BT
-                        xT = _tok_tile(rdR, rtR, t0, s_t)
+                        xT = _tok_tile(rdD, rtD, t0, s_t)
                         kT = gl.load(k_ptr + x_base + xT)
                         vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                        lrR = gl.load(lr_ptr + l_base + (t0 + rtR) * l_t).to(gl.float32)
+                        lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                         _cta_barrier()
                         kT_s.store(kT.to(OPT))
                         fence_async_shared()
@@ -950,17 +882,15 @@ def ttt_mlp_smem_bwd_kernel(
                         z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                         x2, d1 = _gelu_parts(z1)
                         x2_s.store(x2.to(OPT))
-                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's
-                        g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32),
-                                                                     gl.load(lnw).to(gl.float32),
-                                                                     gl.load(lnb).to(gl.float32), D, EPS)
+                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
+                        g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
                         g2_s.store(g2.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
                         g1 = _w_mma(g2w_s, g2_s, gl.zeros([FS, BT], gl.float32, LF), D, AF, OPT) * d1
-                        ebR = tau_b * lrR
-                        c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebR, LF),
-                                         ebR, FS, FC, LW)
+                        ebD = tau_b * lrD
+                        c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebD, LF),
+                                         ebD, FS, FC, LW)
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
@@ -974,31 +904,26 @@ def ttt_mlp_smem_bwd_kernel(
                 _cta_barrier()
                 if KEEP:  # the forward's (the same rounding of the same weights)
                     kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
-                    _tile_in(wh1_s, kw1, FS, D, FC, LB)
-                    _tile_in(wh2_s, kw2, FS, D, FC, LB)
+                    _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
+                    _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
                     c1 = gl.load(kc1 + rfF)
-                    c2 = gl.load(kc2 + rdR)
+                    c2 = gl.load(kc2 + rdD)
                 else:
-                    _tile_in(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
-                    _tile_in(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
+                    _tile_in_finite(wh1_s, ws1 + j * FS * D, FS, D, FC, LB)
+                    _tile_in_finite(wh2_s, ws2 + j * FS * D, FS, D, FC, LB)
                     c1 = gl.load(cs1 + j * FS + rfF)
-                    c2 = gl.load(cs2 + j * D + rdR)
+                    c2 = gl.load(cs2 + j * D + rdD)
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
-                # outer products with a non-finite G2 or G1 column, and G1 = (W2s G2t) GELU'), its biases too: c2
-                # tells (the same in every program; its sum stays in a warp); its weights then enter the products
-                # as zeros (each thread overwrites what it copied, no barrier)
-                wbad = gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
-                if wbad > 0.0:
-                    _zero_smem(wh1_s, FS, D, FC, LB)
-                    _zero_smem(wh2_s, FS, D, FC, LB)
+                # outer products), its biases too: they tell
+                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
+                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
                 c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
                 c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
-                xT = _tok_tile(rdR, rtR, t0, s_t)
+                xT = _tok_tile(rdD, rtD, t0, s_t)
                 qT = gl.load(q_ptr + x_base + xT).to(gl.float32)
                 kT = gl.load(k_ptr + x_base + xT).to(gl.float32)
                 vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                dOT = gl.load(do_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t)).to(gl.float32)
-                lrR = gl.load(lr_ptr + l_base + (t0 + rtR) * l_t).to(gl.float32)
+                dOT = gl.load(do_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)).to(gl.float32)
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                 kT_s.store(kT.to(OPT))
                 fence_async_shared()
@@ -1010,40 +935,30 @@ def ttt_mlp_smem_bwd_kernel(
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t))  # Z2 + c2, the forward's (summed)
+                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's (summed)
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
-                gam = gl.load(lnw).to(gl.float32)
-                bet = gl.load(lnb).to(gl.float32)
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
                 # (a column sum is finite iff its entries are, _finite_cols: k, v and G2 in one, q beside it)
                 skvg, sq = gl.reduce((kT + vT + g2, qT), 0, _add2)
-                okR = (gl.abs(skvg) < float("inf")) & (gl.abs(lrR) < float("inf"))
-                sqR = gl.abs(sq) < float("inf")
-                ok_s.store(okR.to(gl.float32))
-                sq_s.store(sqR.to(gl.float32))
-                _cta_barrier()
-                ok = ok_s.load(gl.SliceLayout(0, LE)) > 0.0
-                liveE = gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0  # no bad token <= i
-                outE = liveE & (sq_s.load(gl.SliceLayout(1, LE)) > 0.0)
-                live_s.store(liveE.to(gl.float32))
-                _cta_barrier()
-                live = live_s.load(gl.SliceLayout(0, LR)) > 0.0
-                liveF = live_s.load(gl.SliceLayout(0, LF)) > 0.0
-                out = live & sqR
+                okD = (gl.abs(skvg) < float("inf")) & (gl.abs(lrD) < float("inf"))
+                ok = gl.convert_layout(okD, gl.SliceLayout(0, LE))
+                live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
+                out = live & (gl.abs(sq) < float("inf"))
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
-                dop_s.store(gl.where(out[None, :], dOT, 0.0))
+                pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
                 qT = gl.where(out[None, :], qT, 0.0)
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
                 tgt = bet[:, None] - (vT - kT)  # the LN weight's gradient needs only this of v and k
-                lrD = gl.where(live_s.load(gl.SliceLayout(0, LD)) > 0.0, lrD, 0.0)
+                lrD = gl.where(live, lrD, 0.0)
                 g2 = gl.where(live[None, :], g2, 0.0)
                 xh = gl.where(live[None, :], xh, 0.0)
                 gy = gl.where(live[None, :], gy, 0.0)
                 rstd = gl.where(live, rstd, 0.0)
                 mgx = gl.where(live, mgx, 0.0)
+                liveF = _col_vec(live, LF)
                 x2 = gl.where(liveF[None, :], x2, 0.0)
                 d1 = gl.where(liveF[None, :], d1, 0.0)
                 dd1 = gl.where(liveF[None, :], dd1, 0.0)
@@ -1063,17 +978,16 @@ def ttt_mlp_smem_bwd_kernel(
                 g1 = h1 * d1
                 h1dd1 = h1 * dd1  # for dZ1 = dG1 H1 GELU''(Z1)
                 g1_s.store(g1.to(OPT))
-                d1p_s.store(d1)
-                h1dd1p_s.store(h1dd1)
-                g1p_s.store(g1)
-                g2p_s.store(g2)
-                xhp_s.store(xh)
-                gyp_s.store(gy)
-                tgtp_s.store(tgt)
+                pF_s.index(0).store(d1)
+                pF_s.index(1).store(h1dd1)
+                pF_s.index(2).store(g1)
+                pD_s.index(0).store(g2)
+                pD_s.index(1).store(xh)
+                pD_s.index(2).store(gy)
+                pD_s.index(3).store(tgt)
 
                 # output path: Z1b, X2b; Z2b and X2b X2^T as the forward saved them
-                lrE = gl.where(live_s.load(gl.SliceLayout(0, LE)) > 0.0,
-                               gl.load(lr_ptr + l_base + (t0 + rjE) * l_t).to(gl.float32), 0.0)
+                lrE = gl.convert_layout(lrD, gl.SliceLayout(0, LE))
                 E = gl.where(causal, tau_i[:, None] * lrE[None, :], 0.0)
                 qk1 = _tok_dot(qT_s, kT_s, D, LT, LE) + 1.0
                 P1 = E * qk1
@@ -1083,23 +997,29 @@ def ttt_mlp_smem_bwd_kernel(
                 z1b = warpgroup_mma(wh1_s, qT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None])
                 z1b = warpgroup_mma(g1_s, p1_s.permute((1, 0)), z1b)  # - G1t P1^T
                 x2b, d1b = _gelu_parts(z1b)
-                d1bp_s.store(d1b)
+                pF_s.index(3).store(d1b)
                 x2b_s.store(x2b.to(OPT))
                 # Z2b + c2 and X2b X2^T summed over the head's programs: the forward's (saved; no exchange). The
                 # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
                 # a q this backward zeroes): finite, and only ever multiplied by zero gradients
-                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t)), 0.0)
+                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)), 0.0)
                 s2 = gl.load(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D))
+                outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
                 s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
                 xx1 = s2 + 1.0
                 P2 = E * xx1
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
-                dOT = dop_s.load(LR)
-                dgamT += dOT * xhb
-                dbetT += dOT
-                dz2b = _proj_cols(dOT * gl.load(lnw).to(gl.float32)[:, None], xhb, rstdb, D)
+                dOT = pD_s.index(4).load(LD)
+                if LATE_SUMS:
+                    dgamT += dOT * xhb
+                    dbetT += dOT
+                else:
+                    sgam, sbet = gl.reduce((dOT * xhb, dOT), 1, _add2)
+                    dgam += sgam
+                    dbet += sbet
+                dz2b = _proj_cols(dOT * gam[:, None], xhb, rstdb, D)
                 dz2b = gl.where(live[None, :], dz2b, 0.0)
                 _cta_barrier()
                 p2_s.store(P2.to(OPT))
@@ -1112,11 +1032,11 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2p_s.store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
+                pD_s.index(5).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
-                dx2p_s.store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
-                dz1b = dx2b * d1bp_s.load(LF)
+                pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
+                dz1b = dx2b * pF_s.index(3).load(LF)
                 dz1b_s.store(dz1b.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
@@ -1127,49 +1047,45 @@ def ttt_mlp_smem_bwd_kernel(
                 p1_s.store(P1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg1p_s.store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
-                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * dop_s.load(LD))
+                pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
                 if NSPLIT > 1:  # this program's part of dq, summed after the next mini-batch's dG2 exchange
                     gl.store(xb + ((n % 3) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
-                dkp_s.store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
+                pD_s.index(6).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
-                ebF = tau_b * gl.where(liveF, gl.load(lr_ptr + l_base + (t0 + rtF) * l_t).to(gl.float32), 0.0)
+                ebF = _col_vec(ebD, LF)
                 kdw1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + dc1[:, None], D, AF, OPT)
                 xdw2 = _w2t_mma(g2w_s, x2_s, gl.zeros([D, BT], gl.float32, LD) + (first * dc2)[:, None], FS, FC,
                                 AD, OPT)
-                g1 = g1p_s.load(LF)
-                g2 = g2p_s.load(LD)
-                # S's column sums: each warp's part here, their sum after the next barrier
-                sF_s.store(gl.sum(gl.reshape(kdw1 * g1, [WF, FS // WF, BT]), axis=1))
-                sD_s.store(gl.sum(gl.reshape(xdw2 * g2, [WD, D // WD, BT]), axis=1))
-                dg1 = dg1p_s.load(LF) - ebF[None, :] * kdw1
-                dh1 = dg1 * d1p_s.load(LF)
-                d1bp_s.store(dg1 * h1dd1p_s.load(LF))  # dZ1's first term (GELU'(Z1bt) is read by now)
+                g1 = pF_s.index(2).load(LF)
+                g2 = pD_s.index(0).load(LD)
+                S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
+                dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
+                dh1 = dg1 * pF_s.index(0).load(LF)
+                pF_s.index(1).store(dg1 * pF_s.index(1).load(LF))  # dZ1's first term, parked over H1t GELU''(Z1t)
                 _cta_barrier()
-                S = gl.convert_layout(gl.sum(sF_s.load(LSF), axis=0), gl.SliceLayout(0, LE), assert_trivial=True) \
-                    + gl.convert_layout(gl.sum(sD_s.load(LSD), axis=0), gl.SliceLayout(0, LE), assert_trivial=True)
                 eg1_s.store((-ebF[None, :] * g1).to(OPT))
                 eg2_s.store((-ebD[None, :] * g2).to(OPT))
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * dg2p_s.load(LD) - ebD[None, :] * xdw2)
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:  # this program's part of dG2 published; the two products below read nothing the
                     # other programs write, so they run while the exchange completes
                     rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
                     _arrive(cnt)
-                dk = _w2t_mma(g1t_s, eg1_s, dkp_s.load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
-                dx2 = _w_mma(g2w_s, eg2_s, dx2p_s.load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
+                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
                 if NSPLIT > 1:
                     nsync += 1
                     _wait(cnt, nsync * NSPLIT)
-                    dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdR, rtR, 0, D), NSPLIT, REC)
+                    dg2 = _sum_parts(rec + R_DG2, _tok_tile(rdD, rtD, 0, D), NSPLIT, REC)
                     if ni > 0:  # the gradients of the mini-batch walked before this one (every program has
                         # finished it, so its parts of them are written; slot (n + 1) % 3, which no program writes
                         # before the next exchange)
@@ -1177,36 +1093,33 @@ def ttt_mlp_smem_bwd_kernel(
                                     o_base + _tok_tile(rdD, rtD, t0 + BT, o_t), d_base + (t0 + BT + rjE) * H,
                                     rdD, rtD, rjE, s, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
 
-                else:
-                    dg2 = gl.convert_layout(dg2, LR)
                 # G2 = LN-L2 gradient at Z2 (target v - k)
-                gam = gl.load(lnw).to(gl.float32)
-                xh = xhp_s.load(LR)
-                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, g2p_s.load(LR), xh, rstd, gyp_s.load(LR), mgx,
+                xh = pD_s.index(1).load(LD)
+                dgy, dz2 = _ln_l2_grad_bwd_cols(dg2, pD_s.index(0).load(LD), xh, rstd, pD_s.index(2).load(LD), mgx,
                                                 gam, D)
-                dgamT += dgy * (2.0 * gam[:, None] * xh + tgtp_s.load(LR))
-                dbetT += dgy * gam[:, None]
+                if LATE_SUMS:
+                    dgamT += dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD))
+                    dbetT += dgy * gam[:, None]
+                else:
+                    sgam, sbet = gl.reduce((dgy * (2.0 * gam[:, None] * xh + pD_s.index(3).load(LD)),
+                                            dgy * gam[:, None]), 1, _add2)
+                    dgam += sgam
+                    dbet += sbet
                 if s == NSPLIT - 1:  # (every program has it; the last one, which emits no dq)
-                    gl.store(dv_ptr + o_base + _tok_tile(rdR, rtR, t0, o_t),
+                    gl.store(dv_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t),
                              (-gam[:, None] * dgy).to(dv_ptr.dtype.element_ty))
-                if NSPLIT == 1:  # (else the exchange's barrier has ordered every read of dOt's and dG2's tiles)
-                    _cta_barrier()
-                dop_s.store(first * gam[:, None] * dgy)  # dk's term, to the products' layout
-                dg2p_s.store(dz2b + dz2)  # dc2's, likewise
+                dk += first * gam[:, None] * dgy
                 dz2_s.store(dz2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dk += dop_s.load(LD)
-                dc2 += gl.sum(dg2p_s.load(LD), axis=1)
                 dx2 = warpgroup_mma(wh2_s, dz2_s, dx2)  # + W2 dZ2t
-                dz1 = d1bp_s.load(LF) + dx2 * d1p_s.load(LF)
+                dz1 = pF_s.index(1).load(LF) + dx2 * pF_s.index(0).load(LF)
                 dz1_s.store(dz1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
                 dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
+                dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
                 dE = gl.where(causal, dE, 0.0)
-                # dlr's sum over the rows: each warp's part here, their sum after the updates' barrier
-                sL_s.store(gl.sum(gl.reshape(dE * tau_i[:, None], [num_warps, BT // num_warps, BT]), axis=1))
                 dtau += gl.sum(dE * lrE[None, :], axis=1)
                 dtau += gl.where(riE == BT - 1, -gl.sum(lrE * S, axis=0), 0.0)
 
@@ -1215,8 +1128,7 @@ def ttt_mlp_smem_bwd_kernel(
                 _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
                         b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 dc1 += gl.sum(dz1b + dz1, axis=1)
-                dlr = -tau_b * S + gl.convert_layout(gl.sum(sL_s.load(LSE), axis=0), gl.SliceLayout(0, LE),
-                                                     assert_trivial=True)
+                dc2 += gl.sum(dz2b + dz2, axis=1)
 
                 # this mini-batch's dk, dlr: summed over the programs after the next exchange
                 if NSPLIT > 1:
@@ -1238,10 +1150,11 @@ def ttt_mlp_smem_bwd_kernel(
             gl.store(dc1_ptr + head * FF + s * FS + rfF, dc1)
         gl.store(dtau_ptr + (head * NSPLIT + s) * BT + riE, dtau)
         if s == 0:  # c2's gradient and the LN weights' are the same in every program
-            dgam, dbet = gl.reduce((dgamT, dbetT), 1, _add2)
+            if LATE_SUMS:
+                dgam, dbet = gl.reduce((dgamT, dbetT), 1, _add2)
             gl.store(dc2_ptr + head * D + rdD, dc2)
-            gl.store(dlnw_ptr + head * D + rdR, dgam)
-            gl.store(dlnb_ptr + head * D + rdR, dbet)
+            gl.store(dlnw_ptr + head * D + rdD, dgam)
+            gl.store(dlnb_ptr + head * D + rdD, dbet)
 
 
 def _groups(device: torch.device, heads: int, nsplit_: int, programs: int | None) -> int:
