@@ -39,7 +39,8 @@ VARIANTS = [("regs-w8", "regs", 8, (64,), (BF16,)), ("regs-w16", "regs", 16, (64
 # counts) have the divisibility by 16 of the timed shapes, so Triton compiles each kernel once for both
 CHECK = dict(B=1, T=2062, H=16, pos=7)
 SHAPES = [(16, 2048, 32, 64), (16, 2048, 16, 128), (4, 8192, 32, 64)]
-# (block_f, num_warps) of the fused TTT-MLP decode step: the measured default, the spill-free offline pick, a middle one
+# (block_f, num_warps) of the fused TTT-MLP decode step: the default up to head dim 64, the spill-free offline pick,
+# the default above 64 (step_triton.block_f_default)
 STEP_CONFIGS = [(64, 4), (32, 8), (32, 4)]
 
 

@@ -221,10 +221,12 @@ def test_nonfinite_token_in_partial_last_mini_batch(impl, where):
 
 
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
-@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("d", [16, 24, 72])
 def test_step_kernel(pos, d):
     """The fused decode kernel (T = 1) == the PyTorch step (through the backend), including the commit; d = 24
-    has a padded head dim and F = 96 (a full and a partial 64-column block)."""
+    has a padded head dim and F = 96 (a full and a partial 64-column block); d = 72 (over 64) takes 32-column
+    blocks by default, F = 288 in nine."""
+    assert step_triton.block_f_default(d, 4 * d) == (32 if d > 64 else 64)
     inp = make(B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
     o1, s1 = inp.run("triton")
     o2, s2 = inp.run("dual")

@@ -110,12 +110,16 @@ def ttt_mlp_step_kernel(
         tl.store(ab2n_ptr + pid * D + rd, a2, mask=cmask)
 
 
+def block_f_default(d: int, F: int) -> int:
+    """The step's F block width where none is asked for: 64 columns up to head dim 64, 32 above (at d 128 the
+    64-column blocks spill and measured 18-22% slower, docs/kernels_notes.md; F itself where it is narrower)."""
+    return min(64 if d <= 64 else 32, pow2(F))
+
+
 def forward(x: TTTInputs, state: TTTState, block_f: int | None = None, num_warps: int | None = None):
     """x: one token ([B,1,H,d]). Returns (o [B,1,H,d], new state); same contract as `step.forward`.
-    block_f: columns of F per block (None: min(64, F)); num_warps None: 4 (the setting measured on the GPU).
-    Offline sm_90 compile, d = 64: 32-column blocks with 8 warps have 175 / 222 registers and no spills
-    (non-commit / commit step), the default 1080 / 3808 spill bytes (docs/kernels_notes.md):
-    benchmarks/bench_mlp.py times both."""
+    block_f: columns of F per block (None: `block_f_default`); num_warps None: 4. Both measured on the GPU
+    against the other settings by `benchmarks/bench_mlp.py --only step` (docs/kernels_notes.md)."""
     B, _, H, d = x.q.shape
     F = state.params[0].shape[-1]
     i = state.pos % x.mini_batch
@@ -126,7 +130,7 @@ def forward(x: TTTInputs, state: TTTState, block_f: int | None = None, num_warps
     o = torch.empty((B, 1, H, d), dtype=x.q.dtype, device=x.q.device)
     new_ps = tuple(torch.empty_like(p) for p in ps) if commit else ps
     new_acc = tuple(torch.empty_like(x) for x in acc)
-    BF = block_f or min(64, pow2(F))
+    BF = block_f or block_f_default(d, F)
     ttt_mlp_step_kernel[(B * H,)](
         q0, k0, v0, lr0, x.tau, x.ln_weight, x.ln_bias, *ps, *acc, o, *new_ps, *new_acc,
         q0.stride(0), q0.stride(1), lr0.stride(0), lr0.stride(1), H, i,
