@@ -141,8 +141,8 @@ def test_linear_nan_does_not_leak_backwards(which, fwd):
 
 
 def test_linear_kernels_choice_is_checked():
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('split', 'split_lean', 'split_full', "
-                       r"'split_gluon'\), got 'v1'"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('auto', 'split', 'split_lean', "
+                       r"'split_full', 'split_gluon'\), got 'v1'"):
         triton_backend.LinearKernels(bwd="v1")
     with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
                        r"'auto_gluon', 'fused_gluon', 'split_gluon'\), got 'x'"):

@@ -114,13 +114,14 @@ class LinearKernels:
     """How TTT-Linear runs in the kernels. fwd: the forward ("auto" picks by size, "fused" | "split" |
     "fused_gluon" | "split_gluon", "auto_gluon" picks between those two, see `ttt_linear/chunk.py`'s `fwd`);
     bwd: the backward's chain ("split" picks by size, "split_lean" | "split_full", see `ttt_linear/chunk.py`;
-    "split_gluon": the pre pass, the full chain and the post pass in Gluon); the Gluon kernels
+    "split_gluon": the pre pass, the full chain and the post pass in Gluon; "auto", the default: "split_gluon"
+    where those kernels take the shapes on a Hopper GPU, else "split", `chunk.bwd_impl`); the Gluon kernels
     (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and set their own warps
     (`RunOptions.linear_gluon` asks for them in a model); group: mini-batches per weight checkpoint; dot_mode: the products'
     operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
     post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
 
-    bwd: str = "split"
+    bwd: str = "auto"
     group: int = GROUP
     fwd: str = "auto"
     dot_mode: int | None = None

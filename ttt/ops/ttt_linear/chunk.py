@@ -36,7 +36,7 @@ from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb
 from . import bwd_split, walks_gluon
 
 FWD_IMPLS = ("auto", "fused", "split", "auto_gluon", "fused_gluon", "split_gluon")
-BWD_IMPLS = ("split", "split_lean", "split_full", "split_gluon")
+BWD_IMPLS = ("auto", "split", "split_lean", "split_full", "split_gluon")
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl: "split" (the lean chain when
     N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
     (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
-    size); dot_mode, info: as in `fwd`."""
+    size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     dq, dk, dv, dw0, dc0, parts = bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch,
@@ -265,10 +265,24 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
     return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n), dw0, dc0)
 
 
-def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
-    """(lean, segments) that `bwd_parts` runs with for impl and segments (`bwd_split.plan`)."""
+def bwd_impl(impl: str, d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None,
+             device: torch.device) -> str:
+    """The backward that runs for impl: "auto" is "split_gluon" where the Gluon kernels take the shapes
+    (`walks_gluon.takes`) on a Hopper GPU (measured there: faster than "split" at every shape timed,
+    docs/kernels_notes.md), else "split"; any other impl as asked."""
     if impl not in BWD_IMPLS:
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return "split_gluon" if hopper and walks_gluon.takes(d, mini_batch, dtype, dot_mode) else "split"
+
+
+def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
+    """(lean, segments) that `bwd_parts` runs with for impl (not "auto": `bwd_impl` resolves it) and segments
+    (`bwd_split.plan`)."""
+    if impl not in BWD_IMPLS[1:]:
+        raise ValueError(f"impl: expected one of {BWD_IMPLS[1:]}, got {impl!r}")
     return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False, "split_gluon": False}[impl],
                           segments)
 
@@ -280,6 +294,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     into dlr, dtau, dln_w, dln_b (the op's autograd formula adds them in traced code)."""
     B, T, H, _ = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
+    impl = bwd_impl(impl, q.shape[-1], mini_batch, q.dtype, dot_mode, q.device)
     lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
     if impl == "split_gluon":
         walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)

@@ -48,10 +48,15 @@ def warps(d: int) -> int:
     return 4 if d <= 64 else 8
 
 
+def takes(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None) -> bool:
+    """Whether these kernels are written for head dim d, this mini-batch, dtype and product precision."""
+    return d in HEAD_DIMS and mini_batch == MB and dtype in (torch.bfloat16, torch.float16) and \
+        dot_mode in (None, 2, 3)
+
+
 def check(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None, choice: str = "bwd='split_gluon'") -> None:
     """The shapes and dtypes these kernels take; a one-line error naming the kernel choice otherwise."""
-    if d not in HEAD_DIMS or mini_batch != MB or dtype not in (torch.bfloat16, torch.float16) or \
-            dot_mode not in (None, 2, 3):
+    if not takes(d, mini_batch, dtype, dot_mode):
         raise ValueError(f"LinearKernels({choice}): takes head dim {HEAD_DIMS}, mini-batch {MB}, bf16 or fp16 inputs "
                          f"and their own product precision; got d {d}, mini-batch {mini_batch}, {dtype}, dot_mode "
                          f"{dot_mode}")
