@@ -43,10 +43,10 @@ class RunOptions:
                                                "and 16 tokens more memory (about 1.6 GB per layer at 125m, 4 x 8192 "
                                                "tokens); counted by the memory check")
     linear_gluon: bool = help_field(False, "TTT-Linear in the Gluon kernels (Hopper, head dim 64 or 128, mini-batch 16, "
-                                           "bf16/fp16): the forward walks and the backward's three passes written "
-                                           "with shared memory and tensor-core products explicitly; opt-in until "
-                                           "measured faster than the Triton kernels; where the op runs its triton "
-                                           "backend, other shapes are an error")
+                                           "bf16/fp16): the forward walk in Gluon too (the backward's three passes "
+                                           "are Gluon by default there), the Gluon backward asked for "
+                                           "explicitly: where the op runs its triton backend, other shapes are an "
+                                           "error, not a fallback")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
