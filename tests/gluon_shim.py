@@ -5,7 +5,8 @@ helper it calls) with `gl` and the Hopper ops bound to small emulations on top o
 interpreter runs: layouts are ignored, shared memory is a numpy array per allocation (views for `slice` and
 `permute`, stores cast to its dtype), `warpgroup_mma` / `mma_v2` / `dot_fma` are `tl.dot` on the loaded operands (fp16
 operands stay fp16, bf16 ones are widened to fp32, which the interpreter's own bf16 dot misreads; fp32 accumulation),
-barriers and fences are no-ops (a program is one thread here). Every program of a launch runs in its own Python
+barriers, fences and the waits of asynchronous copies are no-ops (a program is one thread here; a copy is
+done when issued). Every program of a launch runs in its own Python
 thread with its own program id, so programs that wait on one another through global-memory atomics (the split
 kernels' exchanges) make progress as they would on a GPU.
 
@@ -201,6 +202,11 @@ def _store(ptr, value, mask=None, cache_modifier="", eviction_policy="", **kwarg
     return tl.store(ptr, value, mask=mask, cache_modifier=cache_modifier)
 
 
+def _async_copy(smem, pointer, mask=None, cache_modifier="", eviction_policy="", volatile=False):
+    """cp.async global -> shared: here a load and a store, done at once (commit and wait are no-ops)."""
+    smem.store(tl.load(pointer, mask=mask))
+
+
 _GL = types.SimpleNamespace(
     constexpr=tl.constexpr, float32=tl.float32, float16=tl.float16, bfloat16=tl.bfloat16, int32=tl.int32,
     int64=tl.int64, int1=tl.int1,
@@ -237,7 +243,8 @@ def _atomic_add(ptr, val, mask, sem, scope):
     return out
 _REPLACE = {id(gl): _GL, id(ampere.mma_v2): _warpgroup_mma, id(hopper.warpgroup_mma): _warpgroup_mma,
             id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
-            id(hopper.fence_async_shared): _noop,
+            id(hopper.fence_async_shared): _noop, id(ampere.async_copy.async_copy_global_to_shared): _async_copy,
+            id(ampere.async_copy.commit_group): _noop, id(ampere.async_copy.wait_group): _noop,
             **{id(getattr(gl, name)): _noop for name in ("thread_barrier", "barrier") if hasattr(gl, name)}}
 
 
