@@ -926,7 +926,7 @@ def ttt_mlp_smem_bwd_kernel(
                     c1 = gl.load(kc1 + rfF)
                     c2 = gl.load(kc2 + rdD)
                 else:  # the recompute's (non-finite entries written as 0), copied while the tokens load (waited for
-                    # before the first product; offline sm_90, d 64: the same registers and stack, 155 instructions
+                    # before the first product; offline sm_90, d 64: the same registers and stack, 176 instructions
                     # fewer; the synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised)
                     _tile_in_async(wh1_s, ws1 + j * FS * D, FS, D, FC, LC)
                     _tile_in_async(wh2_s, ws2 + j * FS * D, FS, D, FC, LC)
