@@ -31,7 +31,8 @@ def build(size, mixer, ttt_backend="auto"):
     """(config, model on the GPU) of a preset with `mixer`: a TTT mixer alone runs the PyTorch layer path
     (fused_layer=False), the suffix "+fused" (e.g. ttt_linear+fused) the library's default, fused_layer=None, which on
     CUDA runs the fused layer kernels (checked), "+fused+keep" (TTT-MLP) that with `mlp_keep_weights`,
-    "+fused+gluon" (TTT-Linear) that with `linear_gluon` (the op's Gluon kernels);
+    "+fused+gluon" (TTT-Linear) that with `linear_gluon` (the Gluon forward too; the backward is Gluon by default
+    on Hopper);
     "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
     base, _, extra = mixer.partition("+")
     extra, _, keep = extra.partition("+")
