@@ -24,6 +24,10 @@
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
+#   ncu       Nsight Compute on one launch (the second) of one kernel (NCU_KERNEL, a regex, default smem_bwd) of one
+#             command (NCU_CMD, default bench_mlp's smem timing at B16 T2048 H32 d64): the details page's last 70 lines,
+#             and per SASS instruction its samples and counters in $OUT/ncu_source.csv.gz, which
+#             benchmarks/ncu_lines.py maps to source lines on a machine without a GPU (the report: $OUT/ncu.ncu-rep)
 #   ab        one benchmark module (AB_MODULE, default benchmarks.bench_mlp; its arguments AB_ARGS) run in the working
 #             tree, then in each snapshot of benchmarks/.ab/ (made by benchmarks/ab_snapshots.sh; AB_SNAPS: only these,
 #             space-separated), lines prefixed with the snapshot's commit: earlier commits timed beside the working
@@ -37,7 +41,7 @@
 # models for ~6 min; with the image's pytest-xdist, TESTS_ARGS="-n 8 tests/" ran every GPU test in 262 s (H200).
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, D16_TESTS_S, D16_TABLE_S,
 # D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, AB_S (each run), TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
-# MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, PACKED_TESTS_S, PACKED_FUSED_S,
+# MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, NCU_S, PACKED_TESTS_S, PACKED_FUSED_S,
 # PACKED_S, TRAIN_S. PROFILE_LINES: the profile's output lines kept (default 80).
 set -u
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -119,6 +123,17 @@ has decode && timeout "${DECODE_S:-300}" python3 -m benchmarks.bench_model --dec
   --out "$OUT/decode.json" 2>&1 | grep -v Warn | tail -20
 has profile && timeout "${PROFILE_S:-200}" python3 -m benchmarks.profile_model ${PROFILE_ARGS:---prefill --train} 2>&1 \
   | head -"${PROFILE_LINES:-80}"
+if has ncu; then  # (the source page's SASS has no line info: ncu_lines.py recompiles the kernel offline for it)
+  rm -f "$OUT/ncu.ncu-rep" "$OUT/ncu_source.csv.gz"
+  timeout "${NCU_S:-200}" ncu --clock-control none -k "regex:${NCU_KERNEL:-smem_bwd}" --launch-skip 1 -c 1 \
+    --import-source yes --section SpeedOfLight --section Occupancy --section WarpStateStats --section SourceCounters \
+    -o "$OUT/ncu" ${NCU_CMD:-python3 -m benchmarks.bench_mlp --skip-check --only fwd --variants smem --shapes 16x2048x32x64} \
+    2>&1 | grep -v Warn | tail -8
+  if [[ -f $OUT/ncu.ncu-rep ]]; then
+    ncu -i "$OUT/ncu.ncu-rep" --page details | tail -70
+    ncu -i "$OUT/ncu.ncu-rep" --page source --csv --print-source sass | gzip > "$OUT/ncu_source.csv.gz"
+  fi
+fi
 has packed && timeout -s INT "${PACKED_TESTS_S:-120}" python3 -m pytest -q -m gpu tests/test_packed.py \
   tests/test_triton_packed.py -rA 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -30
 has packed && timeout -s INT "${PACKED_FUSED_S:-120}" python3 -m pytest -q tests/test_fused_layer.py -k packed -rA 2>&1 \
