@@ -34,7 +34,8 @@ from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, ch
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr",  # in the input dtype
            "x_ptr", "s_ptr", "ya_ptr", "yb_ptr", "dya_ptr", "dyb_ptr", "dx_ptr", "ds_ptr", "g_ptr", "y_ptr", "dy_ptr",
-           "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr"}
+           "dg_ptr", "u_ptr", "gate_ptr", "win_ptr", "nwin_ptr",
+           "ws1_ptr", "ws2_ptr", "kw_ptr"}  # (the smem TTT-MLP kernels' 16-bit weight scratch and kept weights)
 FLOATS = {"log2_base", "eps", "base_lr"}  # float scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
 CONV_INT_PTRS = {"tok_ptr", "doc_ptr"}  # int32: the conv kernels' rows of packed documents

@@ -244,6 +244,7 @@ def _atomic_add(ptr, val, mask, sem, scope):
 _REPLACE = {id(gl): _GL, id(ampere.mma_v2): _warpgroup_mma, id(hopper.warpgroup_mma): _warpgroup_mma,
             id(hopper.warpgroup_mma_wait): _warpgroup_mma_wait,
             id(hopper.fence_async_shared): _noop, id(ampere.async_copy.async_copy_global_to_shared): _async_copy,
+            id(getattr(ampere.async_copy, "async_load", _async_copy)): _async_copy,
             id(ampere.async_copy.commit_group): _noop, id(ampere.async_copy.wait_group): _noop,
             **{id(getattr(gl, name)): _noop for name in ("thread_barrier", "barrier") if hasattr(gl, name)}}
 

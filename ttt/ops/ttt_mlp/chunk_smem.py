@@ -61,12 +61,11 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.ampere.async_copy import async_copy_global_to_shared, commit_group, \
-    wait_group
+from triton.experimental.gluon.language.nvidia.ampere.async_copy import commit_group, wait_group
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from ..common import LN_EPS
-from ..gluon_utils import _cta_barrier, _row
+from ..gluon_utils import _async_load, _cta_barrier, _row
 from ..triton_utils import _add2, _add3, batch_rows, sm_count
 
 MB = 16  # the mini-batch size the kernels are written for (the tokens are the MMAs' N / K of 16)
@@ -743,7 +742,7 @@ def _tile_in_async(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr
     for c in gl.static_range(FS // FC):
         r = gl.arange(0, FC, layout=gl.SliceLayout(1, L))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, L))
-        async_copy_global_to_shared(w_s.slice(c * FC, FC, dim=0), ptr + (c * FC + r[:, None]) * D + col[None, :])
+        _async_load(w_s.slice(c * FC, FC, dim=0), ptr + (c * FC + r[:, None]) * D + col[None, :])
 
 
 @gluon.jit
