@@ -5,8 +5,7 @@ constants), checks that its SASS is the profiled one (the same opcode at the sam
 line from `nvdisasm -g` and sums the profile's columns per line. Run it with a Python whose Triton is the GPU
 machine's version (3.6 there), from the repository root:
 
-    python3 -m benchmarks.ncu_lines ncu_source.csv.gz --kernel "smem bwd x2" --d 64 --ints l_h=1,NGROUPS=66 \
-        --types ws1_ptr=bf16,ws2_ptr=bf16
+    python3 -m benchmarks.ncu_lines ncu_source.csv.gz --kernel "smem bwd x2" --d 64 --ints l_h=1,NGROUPS=66
 
 The input is the profile's source page as CSV, per SASS instruction: `bash benchmarks/run_on_gpu.sh ncu` writes it
 to $OUT/ncu_source.csv.gz (`ncu -i REPORT --page source --csv --print-source sass`). --ints gives the run's integer
