@@ -26,11 +26,8 @@ import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
 
-from benchmarks.offline_compile import (CONV_INT_PTRS, DTYPES, FLOATS, INT_PTRS, IO_PTRS, _cubin_tools, layer_kernels,
-                                        linear_kernels, mlp_kernels)
+from benchmarks.offline_compile import DTYPES, _compile, _cubin_tools, layer_kernels, linear_kernels, mlp_kernels
 
 SAMPLES, EXECUTED = "Warp Stall Sampling (All Samples)", "Instructions Executed"
 SH_X, GL_X = "L1 Wavefronts Shared Excessive", "L2 Theoretical Sectors Global Excessive"
@@ -41,31 +38,11 @@ def compile_sass(fn, constexprs: dict, dtype: str, warps: int, stages: int, ints
                  types: dict | None = None, maxnreg: int | None = None):
     """(kernel name, [(offset, SASS text, file, line)]) of `fn` compiled for sm_90 as the launcher specialises it
     (ints: integer arguments' run-time values where they are 1 or not divisible by 16; types: signature types)."""
-    ints, types = ints or {}, types or {}
-    names = list(inspect.signature(fn.fn).parameters)
-    cx = {k: v for k, v in constexprs.items() if k in names}
-    cx.update({n: 1 for n, v in ints.items() if v == 1 and n not in cx})
-    if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
-        cx["num_warps"] = warps
-    sig, attrs = {}, {}
-    for i, n in enumerate(names):
-        if n in cx:
-            sig[n] = "constexpr"
-            continue
-        if n.endswith("_ptr"):
-            sig[n] = "*" + types.get(n, dtype if n in IO_PTRS else "i32" if n in INT_PTRS | CONV_INT_PTRS else "fp32")
-        else:
-            sig[n] = types.get(n, "fp32" if n in FLOATS else "i32")
-        if n.endswith("_ptr") or (sig[n] == "i32" and ints.get(n, 16) % 16 == 0):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else triton.compiler.ASTSource
-    options = {"num_warps": warps, "num_stages": stages, **({} if maxnreg is None else {"maxnreg": maxnreg})}
     cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:  # a cached cubin keeps the paths of the tree that compiled it
         os.environ["TRITON_CACHE_DIR"] = tmp
         try:
-            k = triton.compile(source(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options=options)
+            k = _compile(fn, constexprs, dtype, warps, stages, maxnreg=maxnreg, ints=ints or {}, types=types)
         finally:
             os.environ.pop("TRITON_CACHE_DIR") if cache is None else os.environ.update(TRITON_CACHE_DIR=cache)
     sass, = _cubin_tools(k.asm["cubin"], ["nvdisasm", "-g", "-c"])

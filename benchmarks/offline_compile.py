@@ -62,19 +62,29 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
 
 
 def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, hints: bool = False,
-             float_type: str = "fp32", maxnreg: int | None = None):
+             float_type: str = "fp32", maxnreg: int | None = None, ints: dict | None = None,
+             types: dict | None = None):
     """The @triton.jit or @gluon.jit kernel `fn` compiled for sm_90 (float_type: how its float scalars are typed:
-    Triton's launcher passes Python floats as fp32, Inductor's as fp64)."""
+    Triton's launcher passes Python floats as fp32, Inductor's as fp64). ints: specialise as the launcher does for
+    a run whose integer arguments are these where they are 1 or not divisible by 16 (1: a constant; every other
+    integer and every pointer divisible by 16); types: signature types that replace the guessed ones."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
+    if ints is not None:
+        constexprs.update({n: 1 for n, v in ints.items() if v == 1 and n not in constexprs})
     sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
            else float_type if n in FLOATS else "i32" for n in names}
+    sig.update({n: t if t.startswith("*") or not n.endswith("_ptr") else "*" + t for n, t in (types or {}).items()})
     if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
         sig["num_warps"] = "constexpr"
         constexprs["num_warps"] = num_warps
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
+    if ints is not None:  # the launcher's divisibility
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and (
+            n.endswith("_ptr") or (sig[n] == "i32" and ints.get(n, 16) % 16 == 0))}
+    else:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}
     source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else triton.compiler.ASTSource
     src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg})}
