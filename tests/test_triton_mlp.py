@@ -220,6 +220,16 @@ def test_nonfinite_token_in_partial_last_mini_batch(impl, where):
     _contained(inp, impl, where, 36, torch.arange(40) < 36, True)
 
 
+def _step_equals_pytorch(inp):
+    """The triton backend's decode step on `inp` (T = 1: the fused step kernel) == the PyTorch step: output, params
+    and accumulators within 1e-5."""
+    o1, s1 = inp.run("triton")
+    o2, s2 = inp.run("dual")
+    assert rel(o1, o2) < 1e-5
+    for x, y in zip(s1.params + s1.accum, s2.params + s2.accum):
+        assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
+
+
 @pytest.mark.parametrize("pos", [0, 3, 15, 31])
 @pytest.mark.parametrize("d", [16, 24, 72])
 def test_step_kernel(pos, d):
@@ -228,11 +238,7 @@ def test_step_kernel(pos, d):
     blocks by default, F = 288 in nine."""
     assert step_triton.block_f_default(d, 4 * d) == (32 if d > 64 else 64)
     inp = make(B=2, T=1, H=3, d=d, b=16, pos=pos, grad=False)
-    o1, s1 = inp.run("triton")
-    o2, s2 = inp.run("dual")
-    assert rel(o1, o2) < 1e-5
-    for x, y in zip(s1.params + s1.accum, s2.params + s2.accum):
-        assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
+    _step_equals_pytorch(inp)
 
 
 @pytest.mark.parametrize("block_f,warps,d", [(16, 4, 16), (32, 8, 24)])
@@ -255,11 +261,7 @@ def test_gpu_step_kernel_default_blocks(d, pos):
     """The decode step kernel at the width it is timed at (B16, D = 2048) with its default blocks (64 columns at d
     64, 32 at d 128), before and at a commit, equals the PyTorch step (the CPU test's bound)."""
     inp = make(B=16, T=1, H=2048 // d, d=d, b=16, pos=pos, grad=False)
-    o1, s1 = inp.run("triton")
-    o2, s2 = inp.run("dual")
-    assert rel(o1, o2) < 1e-5
-    for x, y in zip(s1.params + s1.accum, s2.params + s2.accum):
-        assert (rel(x, y) if y.abs().max() > 0 else x.abs().max().item()) < 1e-5
+    _step_equals_pytorch(inp)
 
 
 @pytest.mark.gpu
