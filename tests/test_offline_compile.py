@@ -58,15 +58,16 @@ def test_fused_decode_kernel_stays_fp32_given_fp64_floats():
 
 # the shared-memory TTT-MLP kernels (Gluon) at their launch (8 warps, head dims 64 and 128; the d 64 forward in one
 # and in two programs per head): they compile with this Triton (Gluon's API moves: thread_barrier became barrier
-# and async_copy_global_to_shared async_load after 3.6) and their shared memory fits an SM of sm_90. With the
-# launcher's divisibility (hints): the backward's cp.async copies need their pointers' 16-byte alignment to be
-# known, as it is at a launch (its own scratch), or later Tritons refuse 2-byte copies
+# and async_copy_global_to_shared async_load after 3.6) and their shared memory fits an SM of sm_90. Specialised
+# as the launcher does at B16 T2048 H32 (pointers and integers divisible by 16, lr's head stride 1): the
+# backward's cp.async copies (its own scratch; q, k, v, dO) need their 16-byte alignment to be known, as it is at
+# such a launch (`chunk_smem.bwd` copies inputs that are not), or they do not compile
 SMEM = """
-from benchmarks.offline_compile import compile_cost, mlp_kernels
+from benchmarks.offline_compile import _compile, mlp_kernels
 for d in (64, 128):
     for name, fn, cx, w, s in mlp_kernels(d, 16, 2):
         if name.startswith("smem") and w == 8:
-            print(compile_cost(fn, cx, "bf16", w, s, hints=True)[3])
+            print(_compile(fn, cx, "bf16", w, s, ints=dict(l_h=1, NGROUPS=66)).metadata.shared)
 """
 
 

@@ -247,6 +247,24 @@ def _tok_tile(rd, rt, t0, stride):
     return rd[:, None] + (t0 + rt)[None, :] * stride
 
 
+@gluon.constexpr_function
+def _tok_copy_layout(D, num_warps):
+    """The layout a 16-bit transposed token tile [D, 16] is copied in as it lies in memory (feature c contiguous):
+    each thread 8 consecutive features, one 16-byte copy (at d 64 and 8 warps the layout covers 32 tokens: the
+    compiler masks off the threads that would copy a second time; 8-byte copies instead: more instructions)."""
+    tpw = min(32, D // 8)
+    return gl.BlockedLayout([8, 1], [tpw, 32 // tpw], [1, num_warps], [0, 1])
+
+
+@gluon.jit
+def _tok_in_async(t_s, ptr, t0, stride, D: gl.constexpr, num_warps: gl.constexpr):
+    """A 16-bit transposed token tile [D, 16] at ptr (`_tok_tile`'s offsets) -> t_s (feature-contiguous, as in
+    memory) by asynchronous vector copies (`_tok_copy_layout`; the caller commits and waits for them)."""
+    L: gl.constexpr = _tok_copy_layout(D, num_warps)
+    _async_load(t_s, ptr + _tok_tile(gl.arange(0, D, layout=gl.SliceLayout(1, L)),
+                                     gl.arange(0, 16, layout=gl.SliceLayout(0, L)), t0, stride))
+
+
 @gluon.jit
 def _walk(sched_ptr, g, NHEADS, NGROUPS, SCHED: gl.constexpr):
     """The positions group g walks, as range(first, last, step): with a schedule (SCHED; `schedule`) its own
@@ -818,9 +836,20 @@ def ttt_mlp_smem_bwd_kernel(
     # spill: the kernel is at 255 registers), each thread reading back what it wrote
     SP: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 4, [1, 0])  # no bank conflicts for LF, LD (gl.bank_conflicts)
     pF_s = gl.allocate_shared_memory(gl.float32, [6, FS, BT], SP)  # GELU'(Z1t), H1t GELU''(Z1t), G1t, GELU'(Z1bt), dX2t, dG1t
-    pD_s = gl.allocate_shared_memory(gl.float32, [7, D, BT], SP)  # G2t, x^, gy, the LN target, dOt, dG2 (P2), dkt
+    pD_s = gl.allocate_shared_memory(gl.float32, [6, D, BT], SP)  # G2t, x^, gy, the LN target, dG2 (P2), dkt
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    # a mini-batch's q, k, v, dO [D, 16] as they lie in memory (feature-contiguous), copied in by cp.async with the
+    # weights and read in the MMA layout from here (dO, its dead tokens' columns zeroed, to the walk's end): loaded
+    # straight in that layout, 2 bytes a load each just before its use, they were ~14% of the backward's stall samples
+    # and 78% of its excess global sectors (H100, B16 T2048 H32 d 64); 16-byte chunks swizzled by token so that the
+    # reads (8 features x 4 tokens) hit distinct banks; four buffers, not one [4, D, 16]: the compiler puts a barrier
+    # between two copies into one
+    STK: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [0, 1])
+    q_s = gl.allocate_shared_memory(OPT, [D, BT], STK)
+    k_s = gl.allocate_shared_memory(OPT, [D, BT], STK)
+    v_s = gl.allocate_shared_memory(OPT, [D, BT], STK)
+    do_s = gl.allocate_shared_memory(OPT, [D, BT], STK)
 
     pid = gl.program_id(0)
     s = pid % NSPLIT
@@ -887,11 +916,14 @@ def ttt_mlp_smem_bwd_kernel(
                     gl.store(cs2 + j * D + rdD, c2)
                     if n < n1 - 1:
                         t0 = n * BT
-                        xT = _tok_tile(rdD, rtD, t0, s_t)
-                        kT = gl.load(k_ptr + x_base + xT)
-                        vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
+                        _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
+                        _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
+                        commit_group()
                         lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                        wait_group(0)
                         _cta_barrier()
+                        kT = k_s.load(LD)
+                        vT = v_s.load(LD).to(gl.float32)
                         kT_s.store(kT.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
@@ -918,6 +950,10 @@ def ttt_mlp_smem_bwd_kernel(
                 j = n - n0
                 t0 = n * BT
                 _cta_barrier()
+                _tok_in_async(q_s, q_ptr + x_base, t0, s_t, D, num_warps)
+                _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
+                _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
+                _tok_in_async(do_s, do_ptr + o_base, t0, o_t, D, num_warps)
                 if KEEP:  # the forward's (the same rounding of the same weights)
                     kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
                     _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
@@ -929,24 +965,23 @@ def ttt_mlp_smem_bwd_kernel(
                     # fewer; the synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised)
                     _tile_in_async(wh1_s, ws1 + j * FS * D, FS, D, FC, LC)
                     _tile_in_async(wh2_s, ws2 + j * FS * D, FS, D, FC, LC)
-                    commit_group()
                     c1 = gl.load(cs1 + j * FS + rfF)
                     c2 = gl.load(cs2 + j * D + rdD)
+                commit_group()
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
                 # outer products), its biases too: they tell
                 wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
                     + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
                 c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
                 c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
-                xT = _tok_tile(rdD, rtD, t0, s_t)
-                qT = gl.load(q_ptr + x_base + xT).to(gl.float32)
-                kT = gl.load(k_ptr + x_base + xT).to(gl.float32)
-                vT = gl.load(v_ptr + x_base + xT).to(gl.float32)
-                dOT = gl.load(do_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)).to(gl.float32)
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
+                wait_group(0)
+                _cta_barrier()
+                qT = q_s.load(LD).to(gl.float32)
+                kT = k_s.load(LD).to(gl.float32)
+                vT = v_s.load(LD).to(gl.float32)
+                dOT = do_s.load(LD).to(gl.float32)
                 kT_s.store(kT.to(OPT))
-                if not KEEP:
-                    wait_group(0)
                 fence_async_shared()
                 _cta_barrier()
 
@@ -968,7 +1003,7 @@ def ttt_mlp_smem_bwd_kernel(
                 live = _col_vec(gl.sum(gl.where(causal & (~ok)[None, :], 1.0, 0.0), axis=1) == 0.0, LD)
                 out = live & (gl.abs(sq) < float("inf"))
                 keep = gl.sum(gl.where(ok, 0.0, 1.0), axis=0) == 0.0
-                pD_s.index(4).store(gl.where(out[None, :], dOT, 0.0))
+                do_s.store(gl.where(out[None, :], dOT, 0.0).to(OPT))  # (16-bit as loaded: the same values)
                 qT = gl.where(out[None, :], qT, 0.0)
                 kT = gl.where(live[None, :], kT, 0.0)
                 vT = gl.where(live[None, :], vT, 0.0)
@@ -1032,7 +1067,7 @@ def ttt_mlp_smem_bwd_kernel(
                 xhb, rstdb = _normalize_cols(zb, D, EPS)
 
                 # backward through o = q + LN(Z2b), Z2b = X2b W2 + c2 - P2 G2
-                dOT = pD_s.index(4).load(LD)
+                dOT = do_s.load(LD).to(gl.float32)
                 if LATE_SUMS:
                     dgamT += dOT * xhb
                     dbetT += dOT
@@ -1053,7 +1088,7 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                pD_s.index(5).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
+                pD_s.index(4).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
                 pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
@@ -1069,13 +1104,13 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 pF_s.index(5).store(-warpgroup_mma(dz1b_s, p1_s, gl.zeros([FS, BT], gl.float32, LF)))  # dG1t: -(P1^T dZ1b)^T
-                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * pD_s.index(4).load(LD))
+                dq = warpgroup_mma(wh1_s.permute((1, 0)), dz1b_s, first * do_s.load(LD).to(gl.float32))
                 dq = warpgroup_mma(kT_s, da1_s.permute((1, 0)), dq)  # + K^T dA1^T
                 if NSPLIT > 1:  # this program's part of dq, summed after the next mini-batch's dG2 exchange
                     gl.store(xb + ((n % 3) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
-                pD_s.index(6).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
+                pD_s.index(5).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
@@ -1095,13 +1130,13 @@ def ttt_mlp_smem_bwd_kernel(
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(5).load(LD) - ebD[None, :] * xdw2)
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(4).load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:  # this program's part of dG2 published; the two products below read nothing the
                     # other programs write, so they run while the exchange completes
                     rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
                     _arrive(cnt)
-                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(6).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(5).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
                 dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
                 if NSPLIT > 1:
                     nsync += 1
@@ -1333,6 +1368,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     dps = tuple(torch.zeros((N, H, *sh), dtype=torch.float32, device=dev) if g is None
                 else g.to(torch.float32).contiguous().clone() for g, sh in zip(dfin, shapes))
     do = torch.zeros_like(q) if do is None else do.contiguous()
+    # the walk copies q, k, v, dO in 16-byte pieces (cp.async), which compile only where the launch shows them
+    # aligned (pointers at 16 bytes, strides divisible by 16: Triton's specialisation); other layouts are copied first
+    if any(t.data_ptr() % 16 for t in (q, k, v, do)) or any(x % 16 for x in rows.strides(q)):
+        q, k, v, do = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v, do))
     # tokens in no row's whole mini-batches get zero gradients (packed rows: documents end anywhere)
     whole = not rows.packed and rows.covered and T % MB == 0
     fill = torch.empty if whole else torch.zeros
