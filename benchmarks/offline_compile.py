@@ -8,7 +8,10 @@ version (3.6 there; the counts differ between versions), from the repository roo
 The signatures are generic (every integer argument an i32), so the counts can differ a little from the runtime's
 specialised kernels; `--hints` marks every pointer and the integers of HINTED (shapes and strides that are
 multiples of 16 at the benchmarked shapes) as the runtime does, which decides whether loads vectorise (the
-fused layer kernels' numbers in docs/kernels_notes.md are with it).
+fused layer kernels' numbers in docs/kernels_notes.md are with it). `--ints` specialises as the launcher does
+instead (every pointer and integer divisible by 16 but the run's integers given, `--ints l_h=1,NGROUPS=66`, or
+none: `--ints ""`), which the smem TTT-MLP backward needs: its cp.async copies of q, k, v, dO compile only where
+the strides are known to be multiples of 16.
 """
 from __future__ import annotations
 
@@ -92,10 +95,10 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
-                 hints: bool = False, maxnreg: int | None = None) -> tuple[int, int, int, int]:
+                 hints: bool = False, maxnreg: int | None = None, ints: dict | None = None) -> tuple[int, int, int, int]:
     """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
-    compiled for sm_90 (maxnreg: a register cap, as the conv launches set)."""
-    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints, maxnreg=maxnreg)
+    compiled for sm_90 (maxnreg: a register cap, as the conv launches set; ints: as `_compile`'s)."""
+    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints, maxnreg=maxnreg, ints=ints)
     return (*resources(k.asm["cubin"]), k.metadata.shared)
 
 
@@ -190,7 +193,10 @@ def main():
     ap.add_argument("--b", type=int, default=16, help="mini-batch size")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--only", default=None, help="compile only the kernels whose name contains this")
+    ap.add_argument("--ints", default=None, help="specialise as the launcher does, the run's integers that are 1 or "
+                    "not multiples of 16 given as name=value,... (see the docstring)")
     a = ap.parse_args()
+    ints = None if a.ints is None else {k: int(v) for k, v in (p.split("=") for p in a.ints.split(",") if p)}
     import torch
     dot = dot_mode(getattr(torch, DTYPES[a.dtype]))
     print(f"triton {triton.__version__}, sm_90, {a.dtype}, b {a.b}")
@@ -204,7 +210,7 @@ def main():
                     continue
                 head = f"{kind:6} {name:20} {d:>4} {w:>5} {s:>6}"
                 try:
-                    r, sp, mma, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints, *cap)
+                    r, sp, mma, sh = compile_cost(fn, cx, a.dtype, w, s, a.hints, *cap, ints=ints)
                     print(f"{head} {r:>5} {sp:>7} {mma:>5} {sh:>8}", flush=True)
                 except Exception as e:  # a kernel that does not compile is a result too
                     print(f"{head} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
