@@ -393,6 +393,26 @@ def test_smem_persistent_grid(d):
     _smem_grids_agree(d, B=1, H=3 if d == 64 else 2, T=48 if d == 64 else 32, backward=d == 64)
 
 
+def test_smem_backward_takes_unaligned_inputs():
+    """q, k, v, dO whose strides a launch cannot show 16-byte aligned (views of rows of 72 features) are copied
+    before the backward (its cp.async token copies compile only for aligned ones): the same gradients as from
+    contiguous copies of them."""
+    inp = make(B=1, T=32, H=2, d=64, b=16, pos=0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, grad=False)
+    x, st = inp.inputs(), inp.state()
+    params = tuple(p.float().contiguous() for p in st.params)
+    args = (x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias)
+    o, fin, ck = chunk_smem.fwd(*args, params, 16, 2)
+    g = torch.Generator(device=o.device).manual_seed(3)
+    do = torch.randn(o.shape, generator=g, device=o.device).to(o.dtype)
+    dfin = tuple(torch.randn(p.shape, generator=g, device=o.device) for p in params)
+    wide = [torch.cat([t, t[..., :8]], -1)[..., :64] for t in (x.q, x.k, x.v, do)]
+    assert wide[0].stride(2) == 72
+    g1 = chunk_smem.bwd(*args, ck, do, dfin, 16, 2)
+    g2 = chunk_smem.bwd(*wide[:3], *args[3:], ck, wide[3], dfin, 16, 2)
+    for a, b in zip((*g1[:7], *g1[7]), (*g2[:7], *g2[7])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("d,where", [(64, "k"), (64, "v"), (64, "lr"), (128, "v")])
 def test_smem_nonfinite_token_reaches_no_earlier_output(d, where):
     """As for the other kernels; at d = 128 the poison travels in one program's partial sum."""
