@@ -81,8 +81,12 @@ if has decode16; then
   TORCH_LOGS=output_code timeout "${D16_CODE_S:-100}" python3 -m benchmarks.profile_model --decode --decode-graphed \
     --mixers ttt_linear+fused > "$OUT/decode_code.log" 2>&1; gzip -f "$OUT/decode_code.log"
 fi
-has tests && timeout -s INT "${TESTS_S:-300}" python3 -m pytest -q -m gpu ${TESTS_ARGS:-tests/} -rA 2>&1 \
+# pytest stopped by SIGINT reports what ran; -k: killed if it does not stop. With pytest-xdist (-n) a worker can
+# outlive its parent and keep the GPU busy under the next part's timings: `reap` ends every process on the GPU
+reap() { nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null; sleep 1; }
+has tests && timeout -s INT -k 10 "${TESTS_S:-300}" python3 -m pytest -q -m gpu ${TESTS_ARGS:-tests/} -rA 2>&1 \
   | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -60
+has tests && reap
 has sanitize && timeout "${SANITIZE_S:-200}" compute-sanitizer --tool memcheck --print-limit 5 \
   python3 -m pytest -q -m gpu tests/test_gpu.py -k every_kernel 2>&1 | grep -vE "Warn|^$" | tail -8
 has op && timeout "${OP_S:-200}" python3 -m benchmarks.bench_op --quick --only "${OP_ONLY:-check,fwd,fwdbwd}" \
@@ -108,10 +112,14 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
     # Inductor's and Triton's caches per tree: a compiled graph cached by one tree was reused by another whose custom
     # ops' fake kernels give other shapes (the conv's partial sums), and its training step failed
     cache=/tmp/ab_cache/${label// /_}
+    # the whole output kept in $OUT (ab_<label>.txt): the tables of every tree printed together at the end, so that
+    # a command's output tail holds all of them
     (cd "$dir" && PYTHONPATH=.:$PYTHONPATH TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton \
       timeout "${AB_S:-150}" python3 -m "${AB_MODULE:-benchmarks.bench_mlp}" \
-      ${AB_ARGS:-} 2>&1 | grep -v Warn | tail -30 | sed "s/^/$label /")
+      ${AB_ARGS:-} 2>&1 | grep -v Warn > "$OUT/ab_${label// /_}.txt")
+    tail -3 "$OUT/ab_${label// /_}.txt" | sed "s/^/$label /"
   done
+  for f in "$OUT"/ab_*.txt; do grep -E "^\|" "$f" | tail -24 | sed "s/^/$(basename "$f" .txt | cut -c4-) /"; done
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
   ${TABLE_ARGS:-} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
