@@ -764,6 +764,23 @@ def _tile_in_async(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr
 
 
 @gluon.jit
+def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, w1, w2, x_base, o_base, t0, s_t, o_t,
+             KEEP: gl.constexpr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, LC: gl.constexpr,
+             num_warps: gl.constexpr):
+    """Issue the asynchronous copies of a walked mini-batch's inputs (committed as one group): its q, k, v, dO tiles
+    (first token t0) and, unless KEEP (the kept weights are read through registers, `_tile_in_finite`), its start
+    weights from the recompute's scratch (w1, w2: W1s^T, W2s; non-finite entries already written as 0)."""
+    _tok_in_async(q_s, q_ptr + x_base, t0, s_t, D, num_warps)
+    _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
+    _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
+    _tok_in_async(do_s, do_ptr + o_base, t0, o_t, D, num_warps)
+    if not KEEP:
+        _tile_in_async(wh1_s, w1, FS, D, FC, LC)
+        _tile_in_async(wh2_s, w2, FS, D, FC, LC)
+    commit_group()
+
+
+@gluon.jit
 def _col_vec(v, L: gl.constexpr):
     """A [16] per-token vector moved to the column layout of L's tiles."""
     return gl.convert_layout(v, gl.SliceLayout(0, L))
@@ -945,29 +962,30 @@ def ttt_mlp_smem_bwd_kernel(
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, True, FS, D, FF, FC, LBt,
                         LB)
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
+            # the inputs of the group's first walked mini-batch (its last); every later one's are issued at the end of
+            # the one walked before it. No barrier before these copies: the last reads of their buffers (the
+            # recompute's k_s, v_s; the previous group's walk) are before the barrier above
+            _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, ws1 + (n1 - 1 - n0) * FS * D,
+                     ws2 + (n1 - 1 - n0) * FS * D, x_base, o_base, (n1 - 1) * BT, s_t, o_t, KEEP, FS, D, FC, LC,
+                     num_warps)
             for ni in range(n1 - n0):
                 n = n1 - 1 - ni
                 j = n - n0
                 t0 = n * BT
-                _cta_barrier()
-                _tok_in_async(q_s, q_ptr + x_base, t0, s_t, D, num_warps)
-                _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
-                _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
-                _tok_in_async(do_s, do_ptr + o_base, t0, o_t, D, num_warps)
+                # this mini-batch's q, k, v, dO and (unless KEEP) start weights are in flight (cp.async, `_walk_in`:
+                # issued before the walk or at the end of the mini-batch walked before this one; for the weights the
+                # synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised), waited for
+                # below. The kept weights are read here: their buffers' last reads (the previous mini-batch's dx2,
+                # dk) are before the barrier at its end (or the walk's start)
                 if KEEP:  # the forward's (the same rounding of the same weights)
                     kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
                     _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
                     _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
                     c1 = gl.load(kc1 + rfF)
                     c2 = gl.load(kc2 + rdD)
-                else:  # the recompute's (non-finite entries written as 0), copied while the tokens load (waited for
-                    # before the first product; offline sm_90, d 64: the same registers and stack, 176 instructions
-                    # fewer; the synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised)
-                    _tile_in_async(wh1_s, ws1 + j * FS * D, FS, D, FC, LC)
-                    _tile_in_async(wh2_s, ws2 + j * FS * D, FS, D, FC, LC)
+                else:  # the recompute's
                     c1 = gl.load(cs1 + j * FS + rfF)
                     c2 = gl.load(cs2 + j * D + rdD)
-                commit_group()
                 # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
                 # outer products), its biases too: they tell
                 wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
@@ -1178,11 +1196,6 @@ def ttt_mlp_smem_bwd_kernel(
                 dE = gl.where(causal, dE, 0.0)
                 dtau += gl.sum(dE * lrE[None, :], axis=1)
                 dtau += gl.where(riE == BT - 1, -gl.sum(lrE * S, axis=0), 0.0)
-
-                # gradients w.r.t. the start weights of this mini-batch
-                _update(g1t_s, dz1b_s, qT_s, FS, FC, LW, a2_s=dz1_s, b2_s=kT_s)  # dW1^T += dZ1bt Q + dZ1t K
-                _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
-                        b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
                 dc1 += gl.sum(dz1b + dz1, axis=1)
                 dc2 += gl.sum(dz2b + dz2, axis=1)
 
@@ -1194,12 +1207,32 @@ def ttt_mlp_smem_bwd_kernel(
                 else:
                     gl.store(dk_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dk.to(dk_ptr.dtype.element_ty))
                     gl.store(dlr_ptr + d_base + (t0 + rjE) * H, dlr)
+
+                # the next mini-batch's (n - 1) inputs copied while this one's weight gradients update (the two
+                # `_update`s read none of their buffers). Their buffers' last reads (wh1_s: dk; wh2_s: dx2; do_s: dq;
+                # q_s, k_s, v_s: the top) are before the barriers of the sums above (dlr's crosses the warps at
+                # every d; the compiler's barrier analysis puts one before the copies where none is: offline, copies
+                # right after dk get a BAR.SYNC), and their next reads follow the wait, fence and barriers at the
+                # next top. The group's last walked mini-batch (n0) copies its own inputs again, drained (wait) before
+                # the barrier after the walk: the recompute between two groups' walks writes the scratch these
+                # copies read and the buffers k_s, v_s. Unconditional: a branch around the copies costs stack
+                # (offline sm_90, d 64: 296 B instead of 224 B), these clamped indices do not; issued after the sums
+                # and stores above, whose operands would otherwise be live across the copies' addresses
+                nn = gl.maximum(n - 1, n0)
+                _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, ws1 + (nn - n0) * FS * D,
+                         ws2 + (nn - n0) * FS * D, x_base, o_base, nn * BT, s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
+
+                # gradients w.r.t. the start weights of this mini-batch
+                _update(g1t_s, dz1b_s, qT_s, FS, FC, LW, a2_s=dz1_s, b2_s=kT_s)  # dW1^T += dZ1bt Q + dZ1t K
+                _update(g2w_s, x2b_s, dz2b_s, FS, FC, LW, a2_s=dh1_s, b2_s=g2_s, a3_s=x2_s,
+                        b3_s=dz2_s)  # dW2 += X2bt dZ2b + dH1t G2 + X2t dZ2
             if NSPLIT > 1:  # the group's first mini-batch's gradients
                 nsync += 1
                 _sync(cnt, nsync * NSPLIT)
                 _emit_grads(xb + (n0 % 3) * NSPLIT * REC, dq_ptr, dk_ptr, dlr_ptr,
                             o_base + _tok_tile(rdD, rtD, n0 * BT, o_t), d_base + (n0 * BT + rjE) * H,
                             rdD, rtD, rjE, s, NSPLIT, D, REC, R_DQ, R_DK, R_DLR)
+            wait_group(0)  # the last mini-batch's copies (of its own inputs again) done before this barrier
             _cta_barrier()
             _weights_io(g1t_s, g2w_s, dw1_ptr + head * D * FF, dw2_ptr + head * FF * D, s, False, FS, D, FF, FC,
                         LBt, LB)
