@@ -764,12 +764,13 @@ def _tile_in_async(w_s, ptr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr
 
 
 @gluon.jit
-def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, w1, w2, x_base, o_base, t0, s_t, o_t,
-             KEEP: gl.constexpr, FS: gl.constexpr, D: gl.constexpr, FC: gl.constexpr, LC: gl.constexpr,
-             num_warps: gl.constexpr):
+def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr, do_ptr, w1, w2, z2s_ptr, zbs_ptr,
+             x_base, o_base, t0, s_t, o_t, KEEP: gl.constexpr, FS: gl.constexpr, D: gl.constexpr,
+             FC: gl.constexpr, LC: gl.constexpr, num_warps: gl.constexpr):
     """Issue the asynchronous copies of a walked mini-batch's inputs (committed as one group): its q, k, v, dO tiles
-    (first token t0) and, unless KEEP (the kept weights are read through registers, `_tile_in_finite`), its start
-    weights from the recompute's scratch (w1, w2: W1s^T, W2s; non-finite entries already written as 0)."""
+    (first token t0), the forward's Z2 + c2 and Z2b + c2 of it (fp32, summed over the head's programs) and, unless
+    KEEP (the kept weights are read through registers, `_tile_in_finite`), its start weights from the recompute's
+    scratch (w1, w2: W1s^T, W2s; non-finite entries already written as 0)."""
     _tok_in_async(q_s, q_ptr + x_base, t0, s_t, D, num_warps)
     _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
     _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
@@ -777,6 +778,12 @@ def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, w1,
     if not KEEP:
         _tile_in_async(wh1_s, w1, FS, D, FC, LC)
         _tile_in_async(wh2_s, w2, FS, D, FC, LC)
+    # Z2 + c2, Z2b + c2 [D, 16]: 4 bytes a copy (the shared tiles are token-contiguous), 8 features x 8 tokens a warp
+    LZ: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [num_warps, 1], [1, 0])
+    off = o_base + _tok_tile(gl.arange(0, D, layout=gl.SliceLayout(1, LZ)),
+                             gl.arange(0, 16, layout=gl.SliceLayout(0, LZ)), t0, o_t)
+    _async_load(z2_s, z2s_ptr + off)
+    _async_load(zb_s, zbs_ptr + off)
     commit_group()
 
 
@@ -853,7 +860,12 @@ def ttt_mlp_smem_bwd_kernel(
     # spill: the kernel is at 255 registers), each thread reading back what it wrote
     SP: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 4, [1, 0])  # no bank conflicts for LF, LD (gl.bank_conflicts)
     pF_s = gl.allocate_shared_memory(gl.float32, [6, FS, BT], SP)  # GELU'(Z1t), H1t GELU''(Z1t), G1t, GELU'(Z1bt), dX2t, dG1t
-    pD_s = gl.allocate_shared_memory(gl.float32, [6, D, BT], SP)  # G2t, x^, gy, the LN target, dG2 (P2), dkt
+    pD_s = gl.allocate_shared_memory(gl.float32, [4, D, BT], SP)  # G2t, x^, gy, the LN target
+    # the forward's Z2 + c2 and Z2b + c2, copied in with the mini-batch's other inputs (`_walk_in`), then over them
+    # -(P2^T dZ2b)^T and dkt: loaded just before their uses, their latency was ~3% of the backward's stall samples
+    # (H100, B16 T2048 H32 d 64); two allocations, not one: the compiler puts a barrier between two copies into one
+    z2_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)
+    zb_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     # a mini-batch's q, k, v, dO [D, 16] as they lie in memory (feature-contiguous), copied in by cp.async with the
@@ -965,18 +977,18 @@ def ttt_mlp_smem_bwd_kernel(
             # the inputs of the group's first walked mini-batch (its last); every later one's are issued at the end of
             # the one walked before it. No barrier before these copies: the last reads of their buffers (the
             # recompute's k_s, v_s; the previous group's walk) are before the barrier above
-            _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, ws1 + (n1 - 1 - n0) * FS * D,
-                     ws2 + (n1 - 1 - n0) * FS * D, x_base, o_base, (n1 - 1) * BT, s_t, o_t, KEEP, FS, D, FC, LC,
-                     num_warps)
+            _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr, do_ptr,
+                     ws1 + (n1 - 1 - n0) * FS * D, ws2 + (n1 - 1 - n0) * FS * D, z2s_ptr, zbs_ptr, x_base, o_base,
+                     (n1 - 1) * BT, s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
             for ni in range(n1 - n0):
                 n = n1 - 1 - ni
                 j = n - n0
                 t0 = n * BT
-                # this mini-batch's q, k, v, dO and (unless KEEP) start weights are in flight (cp.async, `_walk_in`:
-                # issued before the walk or at the end of the mini-batch walked before this one; for the weights the
-                # synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised), waited for
-                # below. The kept weights are read here: their buffers' last reads (the previous mini-batch's dx2,
-                # dk) are before the barrier at its end (or the walk's start)
+                # this mini-batch's q, k, v, dO, Z2, Z2b and (unless KEEP) start weights are in flight (cp.async,
+                # `_walk_in`: issued before the walk or at the end of the mini-batch walked before this one; for the
+                # weights the synchronous copy was 11% of the walk's stall samples on an H100, its loads serialised),
+                # waited for below. The kept weights are read here: their buffers' last reads (the previous
+                # mini-batch's dx2, dk) are before the barriers at its end (or the walk's start)
                 if KEEP:  # the forward's (the same rounding of the same weights)
                     kw1, kw2, kc1, kc2 = _kept_at(kw_ptr, kc_ptr, slot, n, H, hi, s, GROUP, FF, FS, D)
                     _tile_in_finite(wh1_s, kw1, FS, D, FC, LB)
@@ -1009,7 +1021,7 @@ def ttt_mlp_smem_bwd_kernel(
                 x2_s.store(x2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's (summed)
+                z2 = z2_s.load(LD)  # Z2 + c2, the forward's (summed)
                 z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
@@ -1076,7 +1088,7 @@ def ttt_mlp_smem_bwd_kernel(
                 # Z2b + c2 and X2b X2^T summed over the head's programs: the forward's (saved; no exchange). The
                 # entries of tokens that pass no gradient enter as zeros (the forward's are NaN there, or made from
                 # a q this backward zeroes): finite, and only ever multiplied by zero gradients
-                zb = gl.where(out[None, :], gl.load(zbs_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t)), 0.0)
+                zb = gl.where(out[None, :], zb_s.load(LD), 0.0)
                 s2 = gl.load(s2s_ptr + _s2_tile(o_base, t0, o_t, riE, rjE, D))
                 outE = gl.convert_layout(out, gl.SliceLayout(1, LE))
                 s2 = gl.where(causal & outE[:, None] & ok[None, :], s2, 0.0)
@@ -1106,7 +1118,7 @@ def ttt_mlp_smem_bwd_kernel(
                 da2_s.store(dA2.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                pD_s.index(4).store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
+                z2_s.store(-warpgroup_mma(dz2b_s, p2_s, gl.zeros([D, BT], gl.float32, LD)))  # -(P2^T dZ2b)^T
                 dx2b = warpgroup_mma(wh2_s, dz2b_s, gl.zeros([FS, BT], gl.float32, LF))  # W2 dZ2bt
                 dx2b = warpgroup_mma(x2_s, da2_s.permute((1, 0)), dx2b)  # + X2t dA2^T
                 pF_s.index(4).store(warpgroup_mma(x2b_s, da2_s, gl.zeros([FS, BT], gl.float32, LF)))  # X2bt dA2
@@ -1128,7 +1140,7 @@ def ttt_mlp_smem_bwd_kernel(
                     gl.store(xb + ((n % 3) * NSPLIT + s) * REC + R_DQ + _tok_tile(rdD, rtD, 0, D), dq)
                 else:
                     gl.store(dq_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t), dq.to(dq_ptr.dtype.element_ty))
-                pD_s.index(5).store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
+                zb_s.store(warpgroup_mma(qT_s, da1_s, gl.zeros([D, BT], gl.float32, LD)))  # dkt: Q^T dA1
 
                 # the carried gradients seen through the weight update of this mini-batch
                 ebD = tau_b * lrD
@@ -1148,13 +1160,13 @@ def ttt_mlp_smem_bwd_kernel(
                 dh1_s.store(dh1.to(OPT))
                 fence_async_shared()
                 _cta_barrier()
-                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * pD_s.index(4).load(LD) - ebD[None, :] * xdw2)
+                dg2 = warpgroup_mma(wh2_s.permute((1, 0)), dh1_s, first * z2_s.load(LD) - ebD[None, :] * xdw2)
                 if NSPLIT > 1:  # this program's part of dG2 published; the two products below read nothing the
                     # other programs write, so they run while the exchange completes
                     rec = xb + (n % 3) * NSPLIT * REC
                     gl.store(rec + s * REC + R_DG2 + _tok_tile(rdD, rtD, 0, D), dg2)
                     _arrive(cnt)
-                dk = _w2t_mma(g1t_s, eg1_s, pD_s.index(5).load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
+                dk = _w2t_mma(g1t_s, eg1_s, zb_s.load(LD), FS, FC, AD, OPT)  # - dW1' (e_b G1)^T
                 dx2 = _w_mma(g2w_s, eg2_s, pF_s.index(4).load(LF), D, AF, OPT)  # - dW2' (e_b G2)^T
                 if NSPLIT > 1:
                     nsync += 1
@@ -1210,17 +1222,19 @@ def ttt_mlp_smem_bwd_kernel(
 
                 # the next mini-batch's (n - 1) inputs copied while this one's weight gradients update (the two
                 # `_update`s read none of their buffers). Their buffers' last reads (wh1_s: dk; wh2_s: dx2; do_s: dq;
-                # q_s, k_s, v_s: the top) are before the barriers of the sums above (dlr's crosses the warps at
-                # every d; the compiler's barrier analysis puts one before the copies where none is: offline, copies
-                # right after dk get a BAR.SYNC), and their next reads follow the wait, fence and barriers at the
-                # next top. The group's last walked mini-batch (n0) copies its own inputs again, drained (wait) before
-                # the barrier after the walk: the recompute between two groups' walks writes the scratch these
-                # copies read and the buffers k_s, v_s. Unconditional: a branch around the copies costs stack
-                # (offline sm_90, d 64: 296 B instead of 224 B), these clamped indices do not; issued after the sums
-                # and stores above, whose operands would otherwise be live across the copies' addresses
+                # z2_s: dg2; zb_s: dk's first product; q_s, k_s, v_s: the top) are before the barriers of the sums
+                # above (dlr's crosses the warps at every d; the compiler's barrier analysis puts one before the
+                # copies where none is: offline, copies right after dk get a BAR.SYNC), and their next reads follow
+                # the wait, fence and barrier at the next top. The group's last walked mini-batch (n0) copies its own
+                # inputs again, drained (wait) before the barrier after the walk: the recompute between two groups'
+                # walks writes the scratch these copies read and the buffers k_s, v_s. Unconditional: a branch
+                # around the copies costs stack (offline sm_90, d 64: 296 B instead of 224 B), these clamped indices
+                # do not; issued after the sums and stores above, whose operands would otherwise be live across the
+                # copies' addresses
                 nn = gl.maximum(n - 1, n0)
-                _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, q_ptr, k_ptr, v_ptr, do_ptr, ws1 + (nn - n0) * FS * D,
-                         ws2 + (nn - n0) * FS * D, x_base, o_base, nn * BT, s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
+                _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr, do_ptr,
+                         ws1 + (nn - n0) * FS * D, ws2 + (nn - n0) * FS * D, z2s_ptr, zbs_ptr, x_base, o_base, nn * BT,
+                         s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
 
                 # gradients w.r.t. the start weights of this mini-batch
                 _update(g1t_s, dz1b_s, qT_s, FS, FC, LW, a2_s=dz1_s, b2_s=kT_s)  # dW1^T += dZ1bt Q + dZ1t K
