@@ -798,7 +798,7 @@ def ttt_mlp_smem_bwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, zbs_ptr,
     s2s_ptr, kw_ptr, kc_ptr, do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr,
     dlnw_ptr, dlnb_ptr,
-    ws1_ptr, ws2_ptr, cs1_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
+    ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
     H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, KEEP: gl.constexpr,
@@ -894,6 +894,7 @@ def ttt_mlp_smem_bwd_kernel(
     ws1 = ws1_ptr + pid * GROUP * FS * D  # this program's scratch: the start weights of a group's mini-batches
     ws2 = ws2_ptr + pid * GROUP * FS * D
     cs1 = cs1_ptr + pid * GROUP * FS
+    cs2 = cs2_ptr + pid * GROUP * D
     nsync = 0  # barriers passed (the counter of the head's programs reaches nsync * NSPLIT)
 
     w_lo, w_hi, w_step = _walk(sched_ptr, pid // NSPLIT, NHEADS, NGROUPS, SCHED)
@@ -927,8 +928,7 @@ def ttt_mlp_smem_bwd_kernel(
             n0 = g * GROUP
             n1 = gl.minimum(n0 + GROUP, nmb)
             # ---- recompute (unless the forward kept them: KEEP): the start weights of every mini-batch of the group,
-            # from its checkpoint, into the scratch (16-bit; c1 fp32), non-finite entries as 0 (the walk needs no c2:
-            # see its poisoned-state note); g1t_s / g2w_s hold the fp32 weights meanwhile
+            # from its checkpoint, into the scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
             if not KEEP:
                 _cta_barrier()
                 ck = (slot + g) * H + hi
@@ -941,7 +941,8 @@ def ttt_mlp_smem_bwd_kernel(
                     j = n - n0
                     _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB, True)
                     _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB, True)
-                    gl.store(cs1 + j * FS + rfF, gl.where(gl.abs(c1) < float("inf"), c1, 0.0))
+                    gl.store(cs1 + j * FS + rfF, c1)
+                    gl.store(cs2 + j * D + rdD, c2)
                     if n < n1 - 1:
                         t0 = n * BT
                         _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
@@ -994,19 +995,15 @@ def ttt_mlp_smem_bwd_kernel(
                     _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
                     c1 = gl.load(kc1 + rfF)
                     c2 = gl.load(kc2 + rdD)
-                    # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
-                    # outer products), its biases too: they tell
-                    wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
-                        + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
-                    c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
-                else:  # the recompute's, its non-finite entries written as 0. No poisoned-state check: a start state
-                    # with a non-finite c1s or c2 entry was the forward's too, whose Z2 + c2 of this mini-batch (read
-                    # below) then has a non-finite entry in every column (c2[f]: row f; c1s[i]: X2 row i, which
-                    # every W2 entry multiplies, inf * 0 = NaN), so G2 is NaN for every token and program, as the
-                    # check made it (the tests' poisoned states pass through it; the check, two sums across warps on
-                    # the c1, c2 loads, was ~2% of the backward's stall samples, H100 d 64; offline sm_90 it also
-                    # kept the recompute's c2 alive)
+                else:  # the recompute's
                     c1 = gl.load(cs1 + j * FS + rfF)
+                    c2 = gl.load(cs2 + j * D + rdD)
+                # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
+                # outer products), its biases too: they tell
+                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
+                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
+                c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                 wait_group(0)
                 _cta_barrier()
@@ -1025,8 +1022,7 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 z2 = z2_s.load(LD)  # Z2 + c2, the forward's (summed)
-                if KEEP:
-                    z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
+                z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
@@ -1434,7 +1430,8 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     ng = 0 if keep else group  # (no recompute: no scratch)
     scratch = (torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),  # W1s^T, W2s of a group's mini-batches
                torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),
-               torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev))  # c1s
+               torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev),
+               torch.empty((nprog, ng, d), dtype=torch.float32, device=dev))
     rec = 3 * d * MB + MB
     xb = torch.empty((heads, 3, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
