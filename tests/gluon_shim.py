@@ -69,7 +69,8 @@ class _Smem:
         self.data[...] = arr
 
     def load(self, layout=None):
-        arr = np.ascontiguousarray(self._get())
+        arr = np.array(self._get(), order="C")  # a copy, as registers are: a later store or copy into the
+        # allocation must not change what was loaded (np.ascontiguousarray returned the allocation itself)
         return tl.core.tensor(_interp.TensorHandle(arr, self.dtype), tl.block_type(self.dtype, list(arr.shape)))
 
     def store(self, value):
