@@ -313,6 +313,14 @@ def test_smem_matches_dual(d, T, pos):
     compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
 
 
+@pytest.mark.slow
+def test_smem_recompute_of_longer_groups():
+    """Group 4 over 6 kernel mini-batches: a whole group, whose recompute computes three mini-batches (each after
+    the first from the k, v its predecessor copied in ahead, `_rec_in`), then a partial group of two (group 2
+    recomputes one mini-batch per group: that copy ahead is never read)."""
+    compare("smem", B=1, T=110, H=1, d=64, b=16, pos=5, dtype=torch.float16, tol=1e-2, group=4)
+
+
 def test_smem_matches_dual_bf16():
     """The kernels' bf16 path (the dtype they train in on the GPU), forward and backward, one head, from a mid-mini-batch
     start over two checkpoint groups."""
