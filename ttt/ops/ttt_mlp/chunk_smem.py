@@ -788,16 +788,6 @@ def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr,
 
 
 @gluon.jit
-def _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, t0, s_t, D: gl.constexpr, num_warps: gl.constexpr):
-    """Issue the asynchronous copies of a recomputed mini-batch's k, v tiles (first token t0), committed as one
-    group. (Its Z2 + c2 stays a load at the top of the mini-batch: copied in with these into z2_s, offline sm_90
-    at d 64 the stack grew by 40 B, wherever the copy was issued.)"""
-    _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
-    _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
-    commit_group()
-
-
-@gluon.jit
 def _col_vec(v, L: gl.constexpr):
     """A [16] per-token vector moved to the column layout of L's tiles."""
     return gl.convert_layout(v, gl.SliceLayout(0, L))
@@ -941,10 +931,6 @@ def ttt_mlp_smem_bwd_kernel(
             # from its checkpoint, into the scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
             if not KEEP:
                 _cta_barrier()
-                # the k, v of the group's first mini-batch, copied while the checkpoint loads; every later one's are
-                # issued by the mini-batch before it. Their buffers' last reads (the previous group's walk, whose
-                # copies are drained before the barrier after it) are before the barrier above
-                _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, n0 * BT, s_t, D, num_warps)
                 ck = (slot + g) * H + hi
                 _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
                             LB, True)
@@ -959,29 +945,21 @@ def ttt_mlp_smem_bwd_kernel(
                     gl.store(cs2 + j * D + rdD, c2)
                     if n < n1 - 1:
                         t0 = n * BT
+                        _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
+                        _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
+                        commit_group()
                         lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
-                        # Z2 + c2, the forward's: loaded here, its latency hidden by the wait, the barriers and the Z1
-                        # product (just before its use it was 1-2% of the backward's stall samples, H100 d 64; the
-                        # same registers and stack, offline sm_90)
-                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))
-                        wait_group(0)  # this mini-batch's k, v (`_rec_in`: issued before the loop or by the one before)
+                        wait_group(0)
                         _cta_barrier()
                         kT = k_s.load(LD)
                         vT = v_s.load(LD).to(gl.float32)
                         kT_s.store(kT.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
-                        # the next mini-batch's k, v copied while this one computes and commits its update (the
-                        # waits at its top: ~1.3% of the backward's stall samples, H100 d 64). Their buffers' last
-                        # reads (kT, vT just above) are before the barrier above (BAR.SYNC before the LDGSTS in the
-                        # offline sm_90 SASS); the next reads follow the wait and barrier at the next top. The group's
-                        # last computing mini-batch copies those of its last (n1 - 1, whole: a valid address), which
-                        # computes nothing: drained (wait) after the loop, before the barrier that precedes the walk
-                        # (whose first copies write k_s, v_s). No branch, no clamp: n + 1 <= n1 - 1 here
-                        _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, t0 + BT, s_t, D, num_warps)
                         z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                         x2, d1 = _gelu_parts(z1)
                         x2_s.store(x2.to(OPT))
+                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
                         g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
                         g2_s.store(g2.to(OPT))
                         fence_async_shared()
@@ -990,7 +968,6 @@ def ttt_mlp_smem_bwd_kernel(
                         ebD = tau_b * lrD
                         c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebD, LF),
                                          ebD, FS, FC, LW)
-                wait_group(0)  # the last copies (`_rec_in`) done before the barrier below
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
@@ -999,8 +976,7 @@ def ttt_mlp_smem_bwd_kernel(
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
             # the inputs of the group's first walked mini-batch (its last); every later one's are issued at the end of
             # the one walked before it. No barrier before these copies: the last reads of their buffers (the
-            # recompute's k_s, v_s, whose own copies are drained before it; the previous group's walk) are before
-            # the barrier above
+            # recompute's k_s, v_s; the previous group's walk) are before the barrier above
             _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr, do_ptr,
                      ws1 + (n1 - 1 - n0) * FS * D, ws2 + (n1 - 1 - n0) * FS * D, z2s_ptr, zbs_ptr, x_base, o_base,
                      (n1 - 1) * BT, s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
