@@ -313,11 +313,11 @@ def test_smem_matches_dual(d, T, pos):
     compare("smem", B=1, T=T, H=2, d=d, b=16, pos=pos, dtype=torch.float16, tol=1e-2, group=2)
 
 
-@pytest.mark.slow
 def test_smem_recompute_of_longer_groups():
-    """Group 4 over 6 kernel mini-batches: a whole group, whose recompute computes three mini-batches (each after
-    the first from the k, v its predecessor copied in ahead, `_rec_in`), then a partial group of two (group 2
-    recomputes one mini-batch per group: that copy ahead is never read)."""
+    """Group 4 over 6 kernel mini-batches: a whole group, whose recompute computes three mini-batches, then a partial
+    group of two (with group 2 a recompute computes one mini-batch per group, so the other tests check nothing a
+    recompute computes after its first mini-batch: a prefetch of the next mini-batch's k, v that copied the wrong
+    one passed them all, and fails here)."""
     compare("smem", B=1, T=110, H=1, d=64, b=16, pos=5, dtype=torch.float16, tol=1e-2, group=4)
 
 
