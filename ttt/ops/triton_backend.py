@@ -39,7 +39,7 @@ import triton  # noqa: F401  (import failure = backend unavailable)
 from . import TTTOp
 from .common import TTTInputs, TTTState, compute_dtype, end_pos, ln_operands
 from .packed import Window, rows_of, upload
-from .triton_utils import Rows, batch_rows, cdiv, document_rows, tile
+from .triton_utils import Rows, batch_rows, cdiv, document_rows, hopper, tile
 from .ttt_linear import bwd_split as _lin_bwd_split, chunk as _lin_chunk, step_triton as _lin_step_triton, \
     walks_gluon as _lin_walks_gluon
 from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as _mlp_dual, \
@@ -81,7 +81,7 @@ def _smem_runs_on(device: torch.device) -> bool:
 
 @functools.cache
 def _smem_runs_on_cached(device: torch.device) -> bool:
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+    if not hopper(device):
         return False
     try:
         _mlp_module("smem")

@@ -31,6 +31,11 @@ def sm_count(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def hopper(device) -> bool:
+    """Whether device is a Hopper GPU (sm_90: wgmma, and the Gluon kernels written for it)."""
+    return getattr(device, "type", None) == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= n, of a host int n >= 1 (`cdiv`); a loop, so that a traced symbolic size works
     too (a fake implementation under dynamic shapes)."""

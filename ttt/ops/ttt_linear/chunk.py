@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..common import LN_EPS
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _load_mb, _mb_masks, _normalize, _offsets, _row,
-                            _tiles, batch_rows, dot_mode as _auto_dot_mode, pow2, tile)
+                            _tiles, batch_rows, dot_mode as _auto_dot_mode, hopper, pow2, tile)
 from . import bwd_split, walks_gluon
 
 FWD_IMPLS = ("auto", "fused", "split", "auto_gluon", "fused_gluon", "split_gluon")
@@ -274,8 +274,7 @@ def bwd_impl(impl: str, d: int, mini_batch: int, dtype: torch.dtype, dot_mode: i
         raise ValueError(f"impl: expected one of {BWD_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
-    return "split_gluon" if hopper and walks_gluon.takes(d, mini_batch, dtype, dot_mode) else "split"
+    return "split_gluon" if hopper(device) and walks_gluon.takes(d, mini_batch, dtype, dot_mode) else "split"
 
 
 def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
