@@ -788,6 +788,16 @@ def _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr,
 
 
 @gluon.jit
+def _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, t0, s_t, D: gl.constexpr, num_warps: gl.constexpr):
+    """Issue the asynchronous copies of a recomputed mini-batch's k, v tiles (first token t0), committed as one
+    group. (Its Z2 + c2 stays a load at the top of the mini-batch: copied in with these into z2_s, offline sm_90
+    at d 64 the stack grew by 40 B, wherever the copy was issued.)"""
+    _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
+    _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
+    commit_group()
+
+
+@gluon.jit
 def _col_vec(v, L: gl.constexpr):
     """A [16] per-token vector moved to the column layout of L's tiles."""
     return gl.convert_layout(v, gl.SliceLayout(0, L))
@@ -798,7 +808,7 @@ def ttt_mlp_smem_bwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ck1_ptr, ckc1_ptr, ck2_ptr, ckc2_ptr, z2s_ptr, zbs_ptr,
     s2s_ptr, kw_ptr, kc_ptr, do_ptr, dw1_ptr, dc1_ptr, dw2_ptr, dc2_ptr, dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr,
     dlnw_ptr, dlnb_ptr,
-    ws1_ptr, ws2_ptr, cs1_ptr, cs2_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
+    ws1_ptr, ws2_ptr, cs1_ptr, xb_ptr, cnt_ptr, span_ptr, sched_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, dl_b,
     H, NHEADS, NGROUPS,
     D: gl.constexpr, FF: gl.constexpr, NSPLIT: gl.constexpr, GROUP: gl.constexpr, KEEP: gl.constexpr,
@@ -894,7 +904,6 @@ def ttt_mlp_smem_bwd_kernel(
     ws1 = ws1_ptr + pid * GROUP * FS * D  # this program's scratch: the start weights of a group's mini-batches
     ws2 = ws2_ptr + pid * GROUP * FS * D
     cs1 = cs1_ptr + pid * GROUP * FS
-    cs2 = cs2_ptr + pid * GROUP * D
     nsync = 0  # barriers passed (the counter of the head's programs reaches nsync * NSPLIT)
 
     w_lo, w_hi, w_step = _walk(sched_ptr, pid // NSPLIT, NHEADS, NGROUPS, SCHED)
@@ -928,9 +937,14 @@ def ttt_mlp_smem_bwd_kernel(
             n0 = g * GROUP
             n1 = gl.minimum(n0 + GROUP, nmb)
             # ---- recompute (unless the forward kept them: KEEP): the start weights of every mini-batch of the group,
-            # from its checkpoint, into the scratch (16-bit; c1, c2 fp32); g1t_s / g2w_s hold the fp32 weights meanwhile
+            # from its checkpoint, into the scratch (16-bit; c1 fp32), non-finite entries as 0 (the walk needs no c2:
+            # see its poisoned-state note); g1t_s / g2w_s hold the fp32 weights meanwhile
             if not KEEP:
                 _cta_barrier()
+                # the k, v of the group's first mini-batch, copied while the checkpoint loads; every later one's are
+                # issued by the mini-batch before it. Their buffers' last reads (the previous group's walk, whose
+                # copies are drained before the barrier after it) are before the barrier above
+                _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, n0 * BT, s_t, D, num_warps)
                 ck = (slot + g) * H + hi
                 _weights_io(g1t_s, g2w_s, ck1_ptr + ck * D * FF, ck2_ptr + ck * FF * D, s, True, FS, D, FF, FC, LBt,
                             LB, True)
@@ -941,25 +955,32 @@ def ttt_mlp_smem_bwd_kernel(
                     j = n - n0
                     _tile_out(ws1 + j * FS * D, g1t_s, FS, D, FC, LB, True)
                     _tile_out(ws2 + j * FS * D, g2w_s, FS, D, FC, LB, True)
-                    gl.store(cs1 + j * FS + rfF, c1)
-                    gl.store(cs2 + j * D + rdD, c2)
+                    gl.store(cs1 + j * FS + rfF, gl.where(gl.abs(c1) < float("inf"), c1, 0.0))
                     if n < n1 - 1:
                         t0 = n * BT
-                        _tok_in_async(k_s, k_ptr + x_base, t0, s_t, D, num_warps)
-                        _tok_in_async(v_s, v_ptr + x_base, t0, s_t, D, num_warps)
-                        commit_group()
                         lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
-                        wait_group(0)
+                        # Z2 + c2, the forward's: loaded here, its latency hidden by the wait, the barriers and the Z1
+                        # product (just before its use it was 1-2% of the backward's stall samples, H100 d 64; the
+                        # same registers and stack, offline sm_90)
+                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))
+                        wait_group(0)  # this mini-batch's k, v (`_rec_in`: issued before the loop or by the one before)
                         _cta_barrier()
                         kT = k_s.load(LD)
                         vT = v_s.load(LD).to(gl.float32)
                         kT_s.store(kT.to(OPT))
                         fence_async_shared()
                         _cta_barrier()
+                        # the next mini-batch's k, v copied while this one computes and commits its update (the
+                        # waits at its top: ~1.3% of the backward's stall samples, H100 d 64). Their buffers' last
+                        # reads (kT, vT just above) are before the barrier above (BAR.SYNC before the LDGSTS in the
+                        # offline sm_90 SASS); the next reads follow the wait and barrier at the next top. The group's
+                        # last computing mini-batch copies those of its last (n1 - 1, whole: a valid address), which
+                        # computes nothing: drained (wait) after the loop, before the barrier that precedes the walk
+                        # (whose first copies write k_s, v_s). No branch, no clamp: n + 1 <= n1 - 1 here
+                        _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, t0 + BT, s_t, D, num_warps)
                         z1 = _w_mma(g1t_s, kT_s, gl.zeros([FS, BT], gl.float32, LF) + c1[:, None], D, AF, OPT)
                         x2, d1 = _gelu_parts(z1)
                         x2_s.store(x2.to(OPT))
-                        z2 = gl.load(z2s_ptr + o_base + _tok_tile(rdD, rtD, t0, o_t))  # Z2 + c2, the forward's
                         g2, _xh, _rstd, _gy, _mgx = _ln_l2_grad_cols(z2, vT, kT.to(gl.float32), gam, bet, D, EPS)
                         g2_s.store(g2.to(OPT))
                         fence_async_shared()
@@ -968,6 +989,7 @@ def ttt_mlp_smem_bwd_kernel(
                         ebD = tau_b * lrD
                         c1, c2 = _commit(g1t_s, g2w_s, eg1_s, eg2_s, kT_s, x2_s, g1, g2, c1, c2, _col_vec(ebD, LF),
                                          ebD, FS, FC, LW)
+                wait_group(0)  # the last copies (`_rec_in`) done before the barrier below
 
             # ---- walk the group back; g1t_s / g2w_s carry the gradients w.r.t. the weights after the mini-batch
             _cta_barrier()
@@ -976,7 +998,8 @@ def ttt_mlp_smem_bwd_kernel(
             dc1 = gl.load(dc1_ptr + head * FF + s * FS + rfF)
             # the inputs of the group's first walked mini-batch (its last); every later one's are issued at the end of
             # the one walked before it. No barrier before these copies: the last reads of their buffers (the
-            # recompute's k_s, v_s; the previous group's walk) are before the barrier above
+            # recompute's k_s, v_s, whose own copies are drained before it; the previous group's walk) are before
+            # the barrier above
             _walk_in(q_s, k_s, v_s, do_s, wh1_s, wh2_s, z2_s, zb_s, q_ptr, k_ptr, v_ptr, do_ptr,
                      ws1 + (n1 - 1 - n0) * FS * D, ws2 + (n1 - 1 - n0) * FS * D, z2s_ptr, zbs_ptr, x_base, o_base,
                      (n1 - 1) * BT, s_t, o_t, KEEP, FS, D, FC, LC, num_warps)
@@ -995,15 +1018,19 @@ def ttt_mlp_smem_bwd_kernel(
                     _tile_in_finite(wh2_s, kw2, FS, D, FC, LB)
                     c1 = gl.load(kc1 + rfF)
                     c2 = gl.load(kc2 + rdD)
-                else:  # the recompute's
+                    # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
+                    # outer products), its biases too: they tell
+                    wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
+                        + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
+                    c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
+                else:  # the recompute's, its non-finite entries written as 0. No poisoned-state check: a start state
+                    # with a non-finite c1s or c2 entry was the forward's too, whose Z2 + c2 of this mini-batch (read
+                    # below) then has a non-finite entry in every column (c2[f]: row f; c1s[i]: X2 row i, which
+                    # every W2 entry multiplies, inf * 0 = NaN), so G2 is NaN for every token and program, as the
+                    # check made it (the tests' poisoned states pass through it; the check, two sums across warps on
+                    # the c1, c2 loads, was ~2% of the backward's stall samples, H100 d 64; offline sm_90 it also
+                    # kept the recompute's c2 alive)
                     c1 = gl.load(cs1 + j * FS + rfF)
-                    c2 = gl.load(cs2 + j * D + rdD)
-                # a state poisoned by an earlier mini-batch has every entry non-finite (each update is a sum of
-                # outer products), its biases too: they tell
-                wbad = gl.sum(gl.where(gl.abs(c1) < float("inf"), 0.0, 1.0), axis=0) \
-                    + gl.sum(gl.where(gl.abs(c2) < float("inf"), 0.0, 1.0), axis=0)
-                c1 = gl.where(gl.abs(c1) < float("inf"), c1, 0.0)
-                c2 = gl.where(gl.abs(c2) < float("inf"), c2, 0.0)
                 lrD = gl.load(lr_ptr + l_base + (t0 + rtD) * l_t).to(gl.float32)
                 wait_group(0)
                 _cta_barrier()
@@ -1022,7 +1049,8 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 z2 = z2_s.load(LD)  # Z2 + c2, the forward's (summed)
-                z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
+                if KEEP:
+                    z2 = gl.where(wbad > 0.0, float("nan"), z2)  # poisoned start weights: every program sees NaN G2
                 g2, xh, rstd, gy, mgx = _ln_l2_grad_cols(z2, vT, kT, gam, bet, D, EPS)
 
                 # NaN containment (as in chunk.py): which tokens pass gradient; their values enter as zeros
@@ -1430,8 +1458,7 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dfin, mini_batch: int, g
     ng = 0 if keep else group  # (no recompute: no scratch)
     scratch = (torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),  # W1s^T, W2s of a group's mini-batches
                torch.empty((nprog, ng, FS, d), dtype=q.dtype, device=dev),
-               torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev),
-               torch.empty((nprog, ng, d), dtype=torch.float32, device=dev))
+               torch.empty((nprog, ng, FS), dtype=torch.float32, device=dev))  # c1s
     rec = 3 * d * MB + MB
     xb = torch.empty((heads, 3, ns, rec) if ns > 1 else (1,), dtype=torch.float32, device=dev)
     cnt = torch.zeros((heads,), dtype=torch.int32, device=dev)
