@@ -878,6 +878,14 @@ def ttt_mlp_smem_bwd_kernel(
     zb_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
+    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them), summed by every
+    # thread for its token (LSF, LSD: all of a column's parts in one thread, the columns as LE spreads them)
+    WF: gl.constexpr = LF.warps_per_cta[0]
+    WD: gl.constexpr = LD.warps_per_cta[0]
+    sF_s = gl.allocate_shared_memory(gl.float32, [WF, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    sD_s = gl.allocate_shared_memory(gl.float32, [WD, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    LSF: gl.constexpr = gl.BlockedLayout([WF, 1], [2, 16], [num_warps, 1], [1, 0])
+    LSD: gl.constexpr = gl.BlockedLayout([WD, 1], [2, 16], [num_warps, 1], [1, 0])
     # a mini-batch's q, k, v, dO [D, 16] as they lie in memory (feature-contiguous), copied in by cp.async with the
     # weights and read in the MMA layout from here (dO, its dead tokens' columns zeroed, to the walk's end): loaded
     # straight in that layout, 2 bytes a load each just before its use, they were ~14% of the backward's stall samples
@@ -1178,7 +1186,10 @@ def ttt_mlp_smem_bwd_kernel(
                                 AD, OPT)
                 g1 = pF_s.index(2).load(LF)
                 g2 = pD_s.index(0).load(LD)
-                S = _col_vec(gl.sum(kdw1 * g1, axis=0), LE) + _col_vec(gl.sum(xdw2 * g2, axis=0), LE)
+                # S's column sums: each warp's part here ([W, rows / W, 16]: a warp's rows summed in it), their sum
+                # where S is used, after the barriers between
+                sF_s.store(gl.sum(gl.reshape(kdw1 * g1, [WF, FS // WF, BT]), axis=1))
+                sD_s.store(gl.sum(gl.reshape(xdw2 * g2, [WD, D // WD, BT]), axis=1))
                 dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
                 dh1 = dg1 * pF_s.index(0).load(LF)
                 pF_s.index(1).store(dg1 * pF_s.index(1).load(LF))  # dZ1's first term, parked over H1t GELU''(Z1t)
@@ -1232,6 +1243,8 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
+                S = gl.convert_layout(gl.sum(sF_s.load(LSF), axis=0), gl.SliceLayout(0, LE), assert_trivial=True) \
+                    + gl.convert_layout(gl.sum(sD_s.load(LSD), axis=0), gl.SliceLayout(0, LE), assert_trivial=True)
                 dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
                 dE = gl.where(causal, dE, 0.0)
                 dtau += gl.sum(dE * lrE[None, :], axis=1)
