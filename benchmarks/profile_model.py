@@ -68,9 +68,14 @@ def main():
     ap.add_argument("--mixers", default="ttt_linear,attention")
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (training)")
+    ap.add_argument("--rows", type=int, default=None, help="top kernels listed per case (default 12; the graphed "
+                    "decode 30)")
     ap.add_argument("--host", action="store_true", help="also the host side of each case: the time to issue one call "
                     "against its wall time, and the operators with the most host time")
     a = ap.parse_args()
+    if a.rows is not None and a.rows < 0:
+        raise SystemExit(f"--rows: expected a count >= 0, got {a.rows}")
+    rows = dict(rows=a.rows) if a.rows is not None else {}
     B = 32768 // a.T
     for mixer in a.mixers.split(","):
         if a.prefill:
@@ -78,7 +83,7 @@ def main():
             model = model.to(torch.bfloat16).eval()
             ids = torch.randint(0, cfg.vocab_size, (B, a.T), device="cuda")
             with torch.inference_mode():
-                show(lambda: model(ids, logits="last"), f"1.3b {mixer} prefill B{B} T{a.T} (eager, bf16)")
+                show(lambda: model(ids, logits="last"), f"1.3b {mixer} prefill B{B} T{a.T} (eager, bf16)", **rows)
             del model
         if a.train:
             cfg, model = build("125m", mixer)
@@ -91,7 +96,8 @@ def main():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
                 loss.backward()
-            show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}", host=a.host)
+            show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}", host=a.host,
+                 **rows)
             del model
         if a.decode and mixer != "attention":
             cfg, model = build("1.3b", mixer)
@@ -99,7 +105,7 @@ def main():
             with torch.inference_mode():
                 _, s = model(torch.randint(0, cfg.vocab_size, (16, 64), device="cuda"), logits="none")
                 tok = torch.randint(0, cfg.vocab_size, (16, 1), device="cuda")
-                show(lambda: model(tok, s), f"1.3b {mixer} decode step B16 (eager)")
+                show(lambda: model(tok, s), f"1.3b {mixer} decode step B16 (eager)", **rows)
                 if a.decode_graphed:  # what bench_model times: CUDA graphs of the compiled step (16 tokens)
                     from ttt.decode_graph import GraphedDecoder
                     variants = dict(merged=(True, True), unmerged=(True, False),
@@ -111,7 +117,7 @@ def main():
                         dec = GraphedDecoder(model, s, compile=comp, merge=merge)
                         show(lambda: [dec.step(tok) for _ in range(cfg.mini_batch)],
                              f"1.3b {mixer} decode B16, compiled + CUDA graphs ({name}), {cfg.mini_batch} tokens "
-                             "(one mini-batch)", rows=30, host=a.host)
+                             "(one mini-batch)", host=a.host, **{"rows": 30, **rows})
                         dec = None
             del model
         torch.cuda.empty_cache()
