@@ -9,6 +9,8 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
     python3 -m benchmarks.bench_linear_bwd                  # checks + the four shapes
     python3 -m benchmarks.bench_linear_bwd --variants split split_lean::4 split_full:4,8,4:1
     python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
+    python3 -m benchmarks.bench_linear_bwd --no-check --variants split_gluon split_gluon:8,8,8 \
+        --fwd-impls split_gluon split_gluon:8 --shapes 16x2048x12x64     # the Gluon kernels at 8 warps
 """
 from __future__ import annotations
 
@@ -88,8 +90,8 @@ def main():
     ap.add_argument("--fwd-warps", type=lambda v: [int(x) for x in v.split(",")], default=[],
                     help="also time the forward kernel at these warp counts, e.g. 8 or 2,8")
     ap.add_argument("--fwd-impls", nargs="*", default=[],
-                    help="also time the forward this way (fused, split, fused_gluon, split_gluon) beside the default "
-                         "(auto), after checking its outputs against the default's")
+                    help="also time the forward this way (fused, split, fused_gluon, split_gluon, each as IMPL or "
+                         "IMPL:WARPS) beside the default (auto), after checking its outputs against the default's")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over the variants (the median is kept)")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 4x8192x32x64,1x32768x32x64")
     args = ap.parse_args()
@@ -119,11 +121,13 @@ def main():
                 ms = bench(lambda: run("linear", leaves, st, "triton", LinearKernels(fwd_warps=w)), warmup=10, rep=50)
                 print(f"time B{B} T{T} H{H} d{d} forward at {w} warps {ms:8.3f} ms (default {fwd_ms:.3f})", flush=True)
             o_ref = run("linear", leaves, st, "triton")[0].float()
-            for impl in args.fwd_impls:
-                err = rel(run("linear", leaves, st, "triton", LinearKernels(fwd=impl))[0].float(), o_ref)
+            for spec in args.fwd_impls:
+                impl, _, w = spec.partition(":")
+                kern = LinearKernels(fwd=impl, fwd_warps=int(w) if w else None)
+                err = rel(run("linear", leaves, st, "triton", kern)[0].float(), o_ref)
                 ok &= err <= 2e-2
-                ms = bench(lambda: run("linear", leaves, st, "triton", LinearKernels(fwd=impl)), warmup=10, rep=50)
-                print(f"time B{B} T{T} H{H} d{d} forward {impl:6s} {ms:8.3f} ms (default {fwd_ms:.3f}; o vs default "
+                ms = bench(lambda: run("linear", leaves, st, "triton", kern), warmup=10, rep=50)
+                print(f"time B{B} T{T} H{H} d{d} forward {spec:6s} {ms:8.3f} ms (default {fwd_ms:.3f}; o vs default "
                       f"{err:.1e})", flush=True)
         # every variant's gradients == the first one's at this shape (bf16, same forward)
         wo = do.float()

@@ -126,14 +126,17 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
     if d in lin_walks_gluon.HEAD_DIMS and b == lin_walks_gluon.MB and dot >= 2:  # Gluon, 16-bit operands
         g = dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS, SAVE=True)
-        out += [("fwd (gluon)", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), lin_walks_gluon.warps(d), 1),
-                ("fwd split walk (gluon)", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), lin_walks_gluon.warps(d), 1),
-                ("split pre (gluon)", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
-                                                                        STORE_G=False), lin_walks_gluon.warps(d), 1),
-                ("split chain (gluon)", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP),
-                 lin_walks_gluon.warps(d), 1),
-                ("split post (gluon)", lin_walks_gluon._post_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS),
-                 lin_walks_gluon.warps(d), 1)]
+        for w in sorted({lin_walks_gluon.warps(d), 8}):  # the default launch, and 8 warps (`walks_gluon.launch`)
+            opts = lin_walks_gluon.launch(d, w)
+            tag, cap = "" if w == lin_walks_gluon.warps(d) else f" x{w}", [opts["maxnreg"]] if "maxnreg" in opts else []
+            out += [(f"fwd (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), w, 1, *cap),
+                    (f"fwd split walk (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), w, 1, *cap),
+                    (f"split pre (gluon){tag}", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
+                                                                               STORE_G=False), w, 1, *cap),
+                    (f"split chain (gluon){tag}", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP), w, 1,
+                     *cap),
+                    (f"split post (gluon){tag}", lin_walks_gluon._post_kernel, dict(D=d, MB=b, GROUP=GROUP,
+                                                                                 EPS=LN_EPS), w, 1, *cap)]
     return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=triton.next_power_of_2(d), COMMIT=True, EPS=LN_EPS),
                    4 if d <= 64 else 8, 3)]
 

@@ -1,7 +1,8 @@
 """TTT-Linear's kernels in Gluon (`ttt/ops/ttt_linear/walks_gluon.py`: the fused forward and the split forward's
 walk, `LinearKernels(fwd="fused_gluon" | "split_gluon")`, the backward's pre pass, full chain and post pass,
-`bwd="split_gluon"`) against the Triton kernels they stand in for on the same inputs (every output, final state and
-gradient, close: the same 16-bit products, summed in another order) and against the dual form: odd lengths with a
+`bwd="split_gluon"`, at their default warps and at 8) against the Triton kernels they stand in for on the same
+inputs (every output, final state and gradient, close: the same 16-bit products, summed in another order) and
+against the dual form: odd lengths with a
 partial last mini-batch, a mid-mini-batch start, several checkpoint groups and time segments, head dim 128, packed
 documents, every buffer NaN-poisoned. On the CPU the Gluon source runs in Triton's interpreter through
 tests/gluon_shim.py (fp16); on a GPU in bf16 and fp16 at full size (marked `gpu`)."""
@@ -74,14 +75,17 @@ PAIRS = {"chain": (dict(bwd="split_gluon"), dict(bwd="split_full")),
          "fused": (dict(fwd="fused_gluon"), dict(fwd="fused"))}
 
 
-def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain", ref=False):
+def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain", ref=False, warps=None):
     """A Gluon walk (`PAIRS`) and the Triton kernel it stands in for on the same inputs: every output, state and
     gradient within tol (relative L2 error). ref: an entry over tol still passes if the Gluon kernel is as close
     as the Triton one (within 1.25x) to the Triton kernels run in fp32 on the same (upcast) inputs: two roundings
-    of a sum with cancellation (dtau) can differ by more than tol while both are as accurate as 16 bits allow."""
+    of a sum with cancellation (dtau) can differ by more than tol while both are as accurate as 16 bits allow.
+    warps: the Gluon kernel's (None: its default)."""
     inp = make(B, T, H, d, pos, dtype)
     kw = dict(group=2, bwd_segments=segments)
     gl_kw, tr_kw = PAIRS[walk]
+    if warps is not None:
+        gl_kw = dict(gl_kw, **({"bwd_warps": (warps,) * 3} if walk == "chain" else {"fwd_warps": warps}))
     got = outputs_and_grads(inp, triton_backend.LinearKernels(**gl_kw, **kw), cu)
     want = outputs_and_grads(inp, triton_backend.LinearKernels(**tr_kw, **kw), cu)
     errs = {i: rel(a, b) for i, (a, b) in enumerate(zip(got, want)) if b is not None and b.abs().max() > 0}
@@ -116,6 +120,36 @@ def test_gluon_walks_packed_documents_equal_the_triton_ones(walk):
     """Documents of 40, 5, 70 and 16 tokens in one row: each walked from its own first token and length."""
     cu = torch.tensor([0, 40, 45, 115, 131])
     gluon_against_triton(B=1, T=131, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, cu=cu, walk=walk)
+
+
+@WALKS
+def test_gluon_walks_at_8_warps_equal_the_triton_ones(walk):
+    """Head dim 64 at 8 warps (`walks_gluon.launch`: the updates' warps 4 x 2, registers capped at 128)."""
+    gluon_against_triton(B=1, T=101, H=2, d=64, pos=5, dtype=torch.float16, tol=2e-3, segments=3, walk=walk, warps=8)
+
+
+def test_gluon_warps_reach_every_launch(monkeypatch):
+    """fwd_warps and each of bwd_warps (pre, chain, post) reach their Gluon launch; None keeps the default."""
+    seen = []
+    launch = walks_gluon.launch
+    monkeypatch.setattr(walks_gluon, "launch", lambda d, w=None, arg="warps": seen.append((w, arg)) or launch(d, w, arg))
+    inp = make(B=1, T=40, H=1, d=64, pos=0, dtype=torch.float16)
+    for kernels in (triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon", fwd_warps=8, bwd_warps=(8, 4, 8)),
+                    triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon")):
+        outputs_and_grads(inp, kernels)
+    f, b = "LinearKernels.fwd_warps", "LinearKernels.bwd_warps"
+    assert seen == [(8, f), (8, b), (4, b), (8, b), (None, f), (None, b), (None, b), (None, b)]
+    assert walks_gluon.launch(64, 8) == dict(num_warps=8, maxnreg=128)
+    assert walks_gluon.launch(128, 8) == dict(num_warps=8) and walks_gluon.launch(64) == dict(num_warps=4)
+
+
+@pytest.mark.parametrize("what,warps,shown", [("bwd", (4, 6, 4), "6"), ("fwd", 16, "16")])
+def test_gluon_warps_refuse_other_counts(what, warps, shown):
+    inp = make(B=1, T=40, H=1, d=64, pos=0, dtype=torch.float16)
+    kernels = triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon", **{f"{what}_warps": warps})
+    with pytest.raises(ValueError, match=rf"^LinearKernels.{what}_warps: the Gluon kernels run at 4 or 8 warps, "
+                                         rf"got {shown}$"):
+        outputs_and_grads(inp, kernels)
 
 
 @pytest.mark.parametrize("fwd", ["split_gluon", "fused_gluon", "auto_gluon"])
@@ -225,10 +259,12 @@ def test_gluon_fused_forward_contains_a_nan_as_the_triton_one_does(which):
 @pytest.mark.gpu
 @gpu
 @WALKS
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_gluon_walks_equal_the_triton_ones(d, walk):
-    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=5, dtype=torch.bfloat16, tol=1e-2, segments=3, walk=walk, ref=True)
-    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=0, dtype=torch.float16, tol=2e-3, walk=walk, ref=True)
+@pytest.mark.parametrize("d,warps", [(64, None), (64, 8), (128, None)])
+def test_gpu_gluon_walks_equal_the_triton_ones(d, warps, walk):
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=5, dtype=torch.bfloat16, tol=1e-2, segments=3, walk=walk, ref=True,
+                         warps=warps)
+    gluon_against_triton(B=2, T=1037, H=4, d=d, pos=0, dtype=torch.float16, tol=2e-3, walk=walk, ref=True,
+                         warps=warps)
 
 
 @WALKS

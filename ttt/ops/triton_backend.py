@@ -116,10 +116,11 @@ class LinearKernels:
     bwd: the backward's chain ("split" picks by size, "split_lean" | "split_full", see `ttt_linear/chunk.py`;
     "split_gluon": the pre pass, the full chain and the post pass in Gluon; "auto", the default: "split_gluon"
     where those kernels take the shapes on a Hopper GPU, else "split", `chunk.bwd_impl`); the Gluon kernels
-    (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and set their own warps
-    (`RunOptions.linear_gluon` asks for them in a model); group: mini-batches per weight checkpoint; dot_mode: the products'
-    operand precision (None: by input dtype); fwd_warps: None for the default; bwd_warps: None, or (pre, chain,
-    post); bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
+    (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and 4 or 8 warps (by
+    default their own, `walks_gluon.launch`; `RunOptions.linear_gluon` asks for them in a model); group:
+    mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
+    None for the default; bwd_warps: None, or (pre, chain, post), the backward's passes in whichever kernels run;
+    bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
 
     bwd: str = "auto"
     group: int = GROUP
@@ -141,6 +142,8 @@ class LinearKernels:
         before the forward runs; the forward's where it launches (`ttt_linear/chunk.py`'s `fwd`)."""
         if self.bwd == "split_gluon":
             _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode)
+            for w in self.bwd_warps or ():
+                _lin_walks_gluon.check_warps(w, "LinearKernels.bwd_warps")
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""

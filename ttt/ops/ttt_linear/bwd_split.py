@@ -540,10 +540,11 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
-    `walks_gluon`'s kernels (their own warps; the caller checked what they take)."""
+    `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
+    gw = warps or (None, None, None)  # the Gluon launches' warps (None: theirs, `walks_gluon.launch`)
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
@@ -583,7 +584,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
         if gluon:
             launched["ttt_linear_bwd_pre"] = walks_gluon._pre_kernel[(N * H * ng,)](
-                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean, num_warps=walks_gluon.warps(d))
+                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean,
+                **walks_gluon.launch(d, gw[0], "LinearKernels.bwd_warps"))
         else:
             launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
                 *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
@@ -597,7 +599,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
                 *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group,
-                num_warps=walks_gluon.warps(d))
+                **walks_gluon.launch(d, gw[1], "LinearKernels.bwd_warps"))
         elif lean:
             launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
@@ -621,7 +623,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                     *strides, H, nck, T, g0, ng)
             if gluon:
                 launched["ttt_linear_bwd_post"] = walks_gluon._post_kernel[(N * H * ng,)](
-                    *args, D=d, MB=b, GROUP=group, EPS=eps, num_warps=walks_gluon.warps(d))
+                    *args, D=d, MB=b, GROUP=group, EPS=eps, **walks_gluon.launch(d, gw[2], "LinearKernels.bwd_warps"))
             else:
                 launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
                     *args, GROUP=group, EPS=eps, num_warps=warps[2], **meta)

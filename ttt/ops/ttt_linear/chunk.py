@@ -229,7 +229,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
-            SAVE=save or split, OUT=not split, EPS=LN_EPS, num_warps=walks_gluon.warps(d))
+            SAVE=save or split, OUT=not split, EPS=LN_EPS, **walks_gluon.launch(d, warps, "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,

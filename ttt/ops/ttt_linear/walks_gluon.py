@@ -48,6 +48,27 @@ def warps(d: int) -> int:
     return 4 if d <= 64 else 8
 
 
+WARPS = (4, 8)  # the warps a launch may ask for (`launch`)
+
+
+def launch(d: int, num_warps: int | None = None, arg: str = "warps") -> dict:
+    """A kernel's launch options at head dim d: num_warps (None: `warps(d)`; else one of WARPS, a one-line error
+    naming `arg` otherwise) and, for 8 warps at d 64, registers capped at 128 a thread, so that two programs (16
+    warps) share an SM: uncapped they take 169-228 and only one fits (offline sm_90, bf16; at the cap the pre pass
+    spills 144 B, the chain 16, the post pass 8, the forward nothing). At 8 warps and d 64 the [d, d] updates' warps
+    split 4 x 2 (`_mma_layout`)."""
+    if num_warps is None:
+        return dict(num_warps=warps(d))
+    check_warps(num_warps, arg)
+    return dict(num_warps=num_warps, **({"maxnreg": 128} if d == 64 and num_warps == 8 else {}))
+
+
+def check_warps(num_warps, arg: str) -> None:
+    """A one-line error naming `arg` unless num_warps is one of WARPS."""
+    if num_warps not in WARPS:
+        raise ValueError(f"{arg}: the Gluon kernels run at {' or '.join(map(str, WARPS))} warps, got {num_warps!r}")
+
+
 def takes(d: int, mini_batch: int, dtype: torch.dtype, dot_mode: int | None) -> bool:
     """Whether these kernels are written for head dim d, this mini-batch, dtype and product precision."""
     return d in HEAD_DIMS and mini_batch == MB and dtype in (torch.bfloat16, torch.float16) and \
@@ -71,11 +92,12 @@ def _token_layout(D, MB, num_warps):
 
 
 @gluon.constexpr_function
-def _mma_layout(num_warps, rows):
+def _mma_layout(num_warps, rows, D):
     """mma.sync's (m16n8k16) accumulator layout, the warps across the columns (the [16, d] and [16, 16] products)
-    or, `rows`, down the rows (the [d, d] updates)."""
-    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1] if rows else [1, num_warps],
-                                     instr_shape=[16, 8])
+    or, `rows`, down the rows of the [D, D] updates, 16 rows a warp at most (more warps than D / 16 go across
+    the columns too, so that no warp repeats another's part)."""
+    wm = min(num_warps, D // 16) if rows else 1
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[wm, num_warps // wm], instr_shape=[16, 8])
 
 
 @gluon.constexpr_function
@@ -163,8 +185,8 @@ def _chain_kernel(
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
-    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
-    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     AP: gl.constexpr = _operand(LP, 0)
     BP: gl.constexpr = _operand(LP, 1)
     AW: gl.constexpr = _operand(LW, 0)
@@ -297,8 +319,8 @@ def _fwd_kernel(
     for `chunk._fwd_out_kernel`; the checkpoints when SAVE."""
     OPT: gl.constexpr = k_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
-    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
-    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     AP: gl.constexpr = _operand(LP, 0)
     BP: gl.constexpr = _operand(LP, 1)
     AW: gl.constexpr = _operand(LW, 0)
@@ -423,8 +445,8 @@ def _pre_kernel(
     token layout; the sums over a group's tokens (dgam, dbet, dtau) as tiles, summed once at its end."""
     OPT: gl.constexpr = q_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
-    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
-    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     AP: gl.constexpr = _operand(LP, 0)
     BP: gl.constexpr = _operand(LP, 1)
     AW: gl.constexpr = _operand(LW, 0)
@@ -566,8 +588,8 @@ def _post_kernel(
     products' layout, stored from it), dv = -gam dgy, the group's dgam, dbet (tiles summed once at its end)."""
     OPT: gl.constexpr = k_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
-    LP: gl.constexpr = _mma_layout(num_warps, False)  # the [16, d] products
-    LW: gl.constexpr = _mma_layout(num_warps, True)  # the [d, d] updates
+    LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
     SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
     SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
