@@ -58,7 +58,7 @@ def launch(d: int, num_warps: int | None = None, arg: str = "warps") -> dict:
     spills 144 B, the chain 16, the post pass 8, the forward nothing). At 8 warps and d 64 the [d, d] updates' warps
     split 4 x 2 (`_mma_layout`)."""
     if num_warps is None:
-        return dict(num_warps=warps(d))
+        num_warps = warps(d)
     check_warps(num_warps, arg)
     return dict(num_warps=num_warps, **({"maxnreg": 128} if d == 64 and num_warps == 8 else {}))
 
