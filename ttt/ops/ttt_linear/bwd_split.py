@@ -544,7 +544,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
-    gw = warps or (None, None, None)  # the Gluon launches' warps (None: theirs, `walks_gluon.launch`)
+    # the Gluon launches' options, pre / chain / post (warps None: theirs), checked once before anything launches
+    gl_opts = [walks_gluon.launch(d, w, "LinearKernels.bwd_warps") for w in warps or (None,) * 3] if gluon else None
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
@@ -584,8 +585,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
         if gluon:
             launched["ttt_linear_bwd_pre"] = walks_gluon._pre_kernel[(N * H * ng,)](
-                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean,
-                **walks_gluon.launch(d, gw[0], "LinearKernels.bwd_warps"))
+                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean, **gl_opts[0])
         else:
             launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
                 *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
@@ -598,8 +598,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             launched["ttt_linear_bwd_chain"] = walks_gluon._chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
-                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group,
-                **walks_gluon.launch(d, gw[1], "LinearKernels.bwd_warps"))
+                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group, **gl_opts[1])
         elif lean:
             launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
@@ -623,7 +622,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                     *strides, H, nck, T, g0, ng)
             if gluon:
                 launched["ttt_linear_bwd_post"] = walks_gluon._post_kernel[(N * H * ng,)](
-                    *args, D=d, MB=b, GROUP=group, EPS=eps, **walks_gluon.launch(d, gw[2], "LinearKernels.bwd_warps"))
+                    *args, D=d, MB=b, GROUP=group, EPS=eps, **gl_opts[2])
             else:
                 launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
                     *args, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
