@@ -798,6 +798,22 @@ def _rec_in(k_s, v_s, k_ptr, v_ptr, x_base, t0, s_t, D: gl.constexpr, num_warps:
 
 
 @gluon.jit
+def _warp_parts(x, p_s, W: gl.constexpr):
+    """Each warp's part of the column sums of x [R, 16] (W warps down its rows) -> p_s [W, 16]: a reshape puts the
+    warps on a leading axis, so that the sum over a warp's rows stays in it (no shared round trip, no barrier)."""
+    p_s.store(gl.sum(gl.reshape(x, [W, x.shape[0] // W, x.shape[1]]), axis=1))
+
+
+@gluon.jit
+def _parts_sum(p_s, W: gl.constexpr, LE: gl.constexpr, num_warps: gl.constexpr):
+    """The column sums whose parts `_warp_parts` stored, in the column layout of LE's tiles (the kernels' [16, 16]
+    layout): loaded in a layout holding all of a column's parts in one thread and spreading the columns as LE does
+    (the conversion asserted trivial)."""
+    L: gl.constexpr = gl.BlockedLayout([W, 1], [2, 16], [num_warps, 1], [1, 0])
+    return gl.convert_layout(gl.sum(p_s.load(L), axis=0), gl.SliceLayout(0, LE), assert_trivial=True)
+
+
+@gluon.jit
 def _col_vec(v, L: gl.constexpr):
     """A [16] per-token vector moved to the column layout of L's tiles."""
     return gl.convert_layout(v, gl.SliceLayout(0, L))
@@ -878,14 +894,11 @@ def ttt_mlp_smem_bwd_kernel(
     zb_s = gl.allocate_shared_memory(gl.float32, [D, BT], SP)
     da1_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
     da2_s = gl.allocate_shared_memory(OPT, [BT, BT], SLE)
-    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them), summed by every
-    # thread for its token (LSF, LSD: all of a column's parts in one thread, the columns as LE spreads them)
+    # the per-warp parts of S's column sums over G1t's and G2t's rows (WF, WD warps down them; `_warp_parts`)
     WF: gl.constexpr = LF.warps_per_cta[0]
     WD: gl.constexpr = LD.warps_per_cta[0]
     sF_s = gl.allocate_shared_memory(gl.float32, [WF, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     sD_s = gl.allocate_shared_memory(gl.float32, [WD, BT], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    LSF: gl.constexpr = gl.BlockedLayout([WF, 1], [2, 16], [num_warps, 1], [1, 0])
-    LSD: gl.constexpr = gl.BlockedLayout([WD, 1], [2, 16], [num_warps, 1], [1, 0])
     # a mini-batch's q, k, v, dO [D, 16] as they lie in memory (feature-contiguous), copied in by cp.async with the
     # weights and read in the MMA layout from here (dO, its dead tokens' columns zeroed, to the walk's end): loaded
     # straight in that layout, 2 bytes a load each just before its use, they were ~14% of the backward's stall samples
@@ -1188,8 +1201,8 @@ def ttt_mlp_smem_bwd_kernel(
                 g2 = pD_s.index(0).load(LD)
                 # S's column sums: each warp's part here ([W, rows / W, 16]: a warp's rows summed in it), their sum
                 # where S is used, after the barriers between
-                sF_s.store(gl.sum(gl.reshape(kdw1 * g1, [WF, FS // WF, BT]), axis=1))
-                sD_s.store(gl.sum(gl.reshape(xdw2 * g2, [WD, D // WD, BT]), axis=1))
+                _warp_parts(kdw1 * g1, sF_s, WF)
+                _warp_parts(xdw2 * g2, sD_s, WD)
                 dg1 = pF_s.index(5).load(LF) - ebF[None, :] * kdw1
                 dh1 = dg1 * pF_s.index(0).load(LF)
                 pF_s.index(1).store(dg1 * pF_s.index(1).load(LF))  # dZ1's first term, parked over H1t GELU''(Z1t)
@@ -1243,8 +1256,7 @@ def ttt_mlp_smem_bwd_kernel(
                 fence_async_shared()
                 _cta_barrier()
                 dk = warpgroup_mma(wh1_s.permute((1, 0)), dz1_s, dk)  # + W1 dZ1t
-                S = gl.convert_layout(gl.sum(sF_s.load(LSF), axis=0), gl.SliceLayout(0, LE), assert_trivial=True) \
-                    + gl.convert_layout(gl.sum(sD_s.load(LSD), axis=0), gl.SliceLayout(0, LE), assert_trivial=True)
+                S = _parts_sum(sF_s, WF, LE, num_warps) + _parts_sum(sD_s, WD, LE, num_warps)
                 dlr = -tau_b * S + gl.sum(gl.where(causal, dE, 0.0) * tau_i[:, None], axis=0)
                 dE = gl.where(causal, dE, 0.0)
                 dtau += gl.sum(dE * lrE[None, :], axis=1)
