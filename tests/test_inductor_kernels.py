@@ -1,0 +1,71 @@
+"""benchmarks/inductor_kernels.py: the Triton kernels Inductor writes for one compiled block, listed on the CPU.
+
+In a fresh interpreter (the tool patches Inductor for its process): one TTT-Linear (M) block on the fused layer
+path and one Transformer++ block at a short length, each with a forward and a backward graph of kernels whose
+bytes are Inductor's own count and whose fused operators name the block's norms, whose kernels move twice the bytes
+at twice the length. The parser alone on a made-up source."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_offline_compile import ROOT
+
+pytest.importorskip("triton")
+
+from benchmarks.inductor_kernels import kernels  # noqa: E402
+
+SCRIPT = """
+import json
+from benchmarks.inductor_kernels import block_kernels
+print(json.dumps({{m: {{T: block_kernels(m, 1, T) for T in (32, 64)}} for m in {mixers!r}}}))
+"""
+
+
+def run(mixers):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", SCRIPT.format(mixers=mixers)], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_parser_reads_names_bytes_and_operators():
+    src = "\n".join([
+        "# Topologically Sorted Source Nodes: [mul, sum_1], Original ATen: [aten.mul, aten.sum]",
+        "@triton_heuristics.reduction(",
+        "    inductor_meta={'kernel_name': 'x', 'kernel_num_gb': 0.0125, 'num_load': 2},",
+        ")",
+        "@triton.jit",
+        "def triton_red_fused_mul_sum_0(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr):",
+        "    pass",
+        "# Topologically Sorted Source Nodes: [add], Original ATen: [aten.add]",
+        "@triton_heuristics.pointwise(",
+        "    inductor_meta={'kernel_num_gb': 2e-3},",
+        ")",
+        "@triton.jit",
+        "def triton_poi_fused_add_1(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):",
+        "    tmp0 = 'kernel_num_gb': 5.0",  # a body line: not the next kernel's bytes
+        "def call(args):",
+    ])
+    assert kernels(src) == [("triton_red_fused_mul_sum_0", 12.5, "mul, sum"), ("triton_poi_fused_add_1", 2.0, "add")]
+
+
+def test_blocks_forward_and_backward_kernels():
+    out = run(["ttt_linear+fused", "attention"])
+    for mixer, by_len in out.items():
+        for T, graphs in by_len.items():
+            assert set(graphs) == {"forward", "backward"}
+            for part, ks in graphs.items():
+                assert ks and all(mb >= 0 for _, mb, _ in ks) and sum(mb for _, mb, _ in ks) > 0, \
+                    (mixer, T, part, ks)
+        norms = {T: [mb for _, mb, o in graphs["forward"] if "rsqrt" in o] for T, graphs in by_len.items()}
+        assert norms["32"] and len(norms["32"]) == len(norms["64"]), (mixer, norms)  # the RMSNorms' kernels
+        ratio = sum(norms["64"]) / sum(norms["32"])  # activations: twice the tokens, twice the bytes
+        assert 1.8 < ratio < 2.2, (mixer, norms)
+    ttt_bwd = " ".join(o for _, _, o in out["ttt_linear+fused"]["32"]["backward"])
+    assert "native_layer_norm_backward" in ttt_bwd and "gelu_backward" in ttt_bwd  # the post-norm x gate
