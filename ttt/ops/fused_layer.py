@@ -4,6 +4,7 @@
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
     window_push_(win, x_t)                                # one token x_t [B, 1, D]: win's next window, in place
     q, k, wins = conv_rope(u, wins, ..., pos, ..., cu_seqlens=cu)  # packed documents (docs/packed.md)
+    y = post_gate(o, g, w, b, eps)                        # LayerNorm(o) * gelu_tanh(g) (not yet in the layer)
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1
 inputs before u; zeros at a sequence start); wq, wk [D, 1, W], bq, bk [D]. Two depthwise causal convs of the
