@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .common import LN_EPS, TTTState
-from .triton_utils import _linear_step, _step_store, cdiv, pow2, sm_count
+from .triton_utils import _gelu_parts, _linear_step, _step_store, cdiv, pow2, sm_count
 
 
 def _sms(device) -> int:
@@ -735,14 +735,6 @@ def window_push_(win: torch.Tensor, x: torch.Tensor, after: torch.Tensor | None 
 # rows, keeping its partial dw, db in registers (summed in PyTorch). Not in the layer (`TTTLayer._out` runs the
 # PyTorch form) until it wins in GPU time: `bench_layer_kernels --post-gate` (docs/kernels_notes.md).
 @triton.jit
-def _gate_rows(g):
-    """gelu_tanh(g) = g (1 + tanh(z)) / 2 with z = sqrt(2 / pi) (g + 0.044715 g^3), and its derivative; fp32."""
-    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    t = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh(z)
-    return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
-
-
-@triton.jit
 def _post_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, o_rs, g_rs, eps,
                           BR: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -755,7 +747,7 @@ def _post_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows[:, None] * g_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    gate, _ = _gate_rows(g)
+    gate, _ = _gelu_parts(g)
     y = (xc * rstd[:, None] * w[None, :] + b[None, :]) * gate
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
     tl.store(mean_ptr + rows, mean, mask=rows < R)
@@ -782,7 +774,7 @@ def _post_gate_bwd_kernel(dy_ptr, o_ptr, g_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         xh = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        gate, dgate = _gate_rows(g)
+        gate, dgate = _gelu_parts(g)
         dn = dy * gate  # the LayerNorm output's gradient
         dw += tl.sum(dn * xh, axis=0)
         db += tl.sum(dn, axis=0)
