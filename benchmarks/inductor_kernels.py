@@ -41,25 +41,33 @@ class _Generated(Exception):
     """Raised once Inductor has written a graph's source."""
 
 
-def _hooks(sources: list[str]):
-    """A torch.compile backend: Inductor up to its generated source (appended to `sources`); the compiled graph then
-    returns zeros of its outputs' shapes, strides and dtypes (nothing runs)."""
+@functools.cache
+def _offline_inductor() -> None:
+    """Once a process: Inductor's Triton backend for the CPU device, generating for an sm_90 GPU of SMS SMs, with
+    each kernel's bytes (kernel_num_gb) in its metadata."""
     import torch._inductor.config as cfg
-    import torch._inductor.graph as graph
     import torch.utils._triton as tu
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.runtime.hints import DeviceProperties
     from triton.backends.compiler import GPUTarget
 
     cfg.cpu_backend = "triton"
-    cfg.benchmark_kernel = True  # puts each kernel's bytes (kernel_num_gb) in its metadata
+    cfg.benchmark_kernel = True
     cfg.compile_threads = 1
     tu.triton_backend = lambda: GPUTarget("cuda", 90, 32)
     tu.triton_hash_with_backend = lambda: "offline"
     real = DeviceProperties.create  # the CPU as an H100 / H200 where Inductor sizes its work by the device
     DeviceProperties.create = lambda device: (real(device)._replace(multi_processor_count=SMS, cc=90, major=9)
                                               if device.type == "cpu" else real(device))
+
+
+def _hooks(sources: list[str]):
+    """A torch.compile backend: Inductor up to its generated source (appended to `sources`); the compiled graph then
+    returns zeros of its outputs' shapes, strides and dtypes (nothing runs)."""
+    import torch._inductor.graph as graph
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    _offline_inductor()
 
     def keep_source(self):
         code = self.codegen()[0]
