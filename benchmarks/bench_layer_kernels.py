@@ -13,12 +13,6 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels --packed --launches default   # packed documents (cu_seqlens)
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
-    python3 -m benchmarks.bench_layer_kernels --post-gate --shapes 16x2048x768 4x8192x768
-
---post-gate: the post-LayerNorm x GELU gate (`fused_layer.post_gate`, not yet in the layer) beside the layer's
-PyTorch form under torch.compile, g a column slice of the merged input product as in the model (the gradient taken
-w.r.t. that product): each form's GPU kernel time (torch.profiler's sum, the host's dispatch excluded) and wall
-time, forward and forward + backward, after checking both against the fp32 formula.
 """
 from __future__ import annotations
 
@@ -28,7 +22,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench, environment, graphed_ms, kernel_times, rel
+from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
 from ttt.layers.attention import apply_rope
 from ttt.layers.merged import ALIGN_ROWS
@@ -228,55 +222,6 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20):
     return rows
 
 
-def post_gate_forms(B, T, D, dtype, seed=0):
-    """({form: (fwd, fwd_bwd)} callables of the post-LN x gate at [B, T, D] (g a column slice of a [B, T, 2D + 64]
-    product, as the fused layer's merged GEMM hands it over), (o, wide, w, b, dy))."""
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    o = torch.randn(B, T, D, device=DEV, generator=gen).to(dtype).requires_grad_(True)
-    wide = torch.randn(B, T, 2 * D + 64, device=DEV, generator=gen).to(dtype).requires_grad_(True)
-    w = (1 + 0.1 * torch.randn(D, device=DEV, generator=gen)).requires_grad_(True)
-    b = (0.1 * torch.randn(D, device=DEV, generator=gen)).requires_grad_(True)
-    dy = torch.randn(B, T, D, device=DEV, generator=gen).to(dtype)
-
-    def pytorch(o, wide):  # TTTLayer._out's form under autocast, the product handed to o_proj in 16 bits
-        n = F.layer_norm(o.float(), (D,), w, b, 1e-6)
-        return (F.gelu(wide[..., D:2 * D], approximate="tanh") * n).to(dtype)
-
-    def kernel(o, wide):
-        return fused_layer.post_gate(o, wide[..., D:2 * D], w, b, 1e-6)
-    forms = {}
-    for name, f in (("pytorch (torch.compile)", torch.compile(pytorch)), ("post_gate", kernel)):
-        def fwd(f=f):
-            with torch.no_grad():
-                return f(o, wide)
-
-        def both(f=f):
-            return torch.autograd.grad(f(o, wide), (o, wide, w, b), dy)
-        forms[name] = (fwd, both)
-    return forms, (o, wide, w, b, dy)
-
-
-def bench_post_gate(shapes, dtype):
-    rows = []
-    for shape in shapes:
-        B, T, D = (int(v) for v in shape.split("x"))
-        forms, (o, wide, w, b, dy) = post_gate_forms(B, T, D, dtype)
-        want = [t.detach().float().requires_grad_(True) for t in (o, wide)] + [w, b]  # the formula in fp32
-        ref = F.gelu(want[1][..., D:2 * D], approximate="tanh") * F.layer_norm(want[0], (D,), w, b, 1e-6)
-        rg = torch.autograd.grad(ref, want, dy.float())
-        for name, (fwd, both) in forms.items():
-            errs = [rel(fwd(), ref)] + [rel(a, r) for a, r in zip(both(), rg)]
-            ok = max(errs) < tol(dtype)
-            row = dict(kernel="post_gate", form=name, shape=shape, max_rel_err=max(errs), ok=ok)
-            if ok:
-                row.update(fwd_ms=bench(fwd), fwd_bwd_ms=bench(both),
-                           fwd_kernel_ms=sum(ms for _, ms, _ in kernel_times(fwd)),
-                           fwd_bwd_kernel_ms=sum(ms for _, ms, _ in kernel_times(both)))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", nargs="*", default=None,
@@ -291,7 +236,6 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--packed", action="store_true", help="each B x T as one row of packed documents (cu_seqlens; "
                                                            "lengths " + ", ".join(map(str, DOC_LENS)) + ", repeated)")
-    ap.add_argument("--post-gate", action="store_true", help="time the post-LayerNorm x gate's two forms instead")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -304,9 +248,6 @@ def main():
         a.shapes = []
     if a.gemms:
         rows += bench_decode_gemms()
-        a.shapes = []
-    if a.post_gate:
-        rows += bench_post_gate(a.shapes, dtype)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -182,9 +182,6 @@ def layer_kernels(d: int, b: int, dot: int):
                 out.append((f"{name} {k}{tag}", fn, cx, L.warps, 3))  # (_compile keeps a kernel's own constexprs)
     dec = dict(HD=d, BD=triton.next_power_of_2(d), W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True,
                WIN_INPLACE=True, EPS=LN_EPS)
-    BR, BD, gate_warps = fused_layer._gate_launch(768)  # post_gate's launch at D 768
-    out += [("post-gate fwd", fused_layer._post_gate_fwd_kernel, dict(BR=BR, BD=BD), gate_warps, 3),
-            ("post-gate bwd", fused_layer._post_gate_bwd_kernel, dict(BR=BR, BD=BD), gate_warps, 3)]
     warps = 2 if d <= 64 else 8  # linear_decode_step's default
     return out + [("decode step", fused_layer._linear_decode_kernel, dec, warps, 3),
                   ("decode step, new window apart", fused_layer._linear_decode_kernel, dict(dec, WIN_INPLACE=False),

@@ -293,117 +293,6 @@ def test_conv_module_one_token_under_compile(backend, monkeypatch):
     assert calls == [1, 5]
 
 
-def ref_post_gate(o, g, w, b, eps=1e-6):
-    """The layer's PyTorch form (TTTLayer._out before o_proj), fp64."""
-    o, g, w, b = (t.double() for t in (o, g, w, b))
-    return torch.nn.functional.layer_norm(o, (o.shape[-1],), w, b, eps) * torch.nn.functional.gelu(g, approximate="tanh")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("g_slice", [False, True])
-def test_post_gate_matches_reference(dtype, g_slice):
-    """y and the gradients of o, g, w, b against the fp64 formula: D 96 (padded to 128), 74 rows (not a multiple of
-    a tile), g contiguous or a column slice of a wider product, the output gradient dense or broadcast (sum())."""
-    gen = torch.Generator().manual_seed(1)
-    B, T, D = 2, 37, 96
-    o = (torch.randn(B, T, D, generator=gen) * 2 + 0.5).to(dtype).float()  # representable in dtype: the reference
-    wide = (torch.randn(B, T, D + 40, generator=gen) * 2).to(dtype).float()  # takes the kernel's inputs
-    g = wide[..., 8:8 + D] if g_slice else wide[..., :D].contiguous()
-    w, b = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
-    dy = torch.randn(B, T, D, generator=gen)
-    o64, g64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (o, g, w, b))
-    ref = ref_post_gate(o64, g64, w64, b64)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    for dense in (True, False):  # a dense output gradient, then sum()'s broadcast one (stride 0)
-        dyr = dy.double() if dense else torch.ones_like(ref)
-        rg = torch.autograd.grad(ref, (o64, g64, w64, b64), dyr, retain_graph=True)
-        ok, wk, bk = leaves(o.to(dtype), w, b)
-        wide_k, = leaves(wide.to(dtype) if g_slice else wide[..., :D].contiguous().to(dtype))
-        gk = wide_k[..., 8:8 + D] if g_slice else wide_k
-        y = fused_layer.post_gate(ok, gk, wk, bk, 1e-6)
-        assert y.dtype == dtype and y.shape == (B, T, D)
-        assert rel(y.cpu(), ref.detach()) < tol
-        wrt = (ok, wide_k, wk, bk)
-        got = torch.autograd.grad(y, wrt, dy.to(dtype).to(DEV)) if dense else torch.autograd.grad(y.sum(), wrt)
-        dg = got[1][..., 8:8 + D] if g_slice else got[1]
-        for name, a, r in (("o", got[0], rg[0]), ("g", dg, rg[1]), ("w", got[2], rg[2]), ("b", got[3], rg[3])):
-            assert rel(a.cpu(), r) < tol, (name, dense)
-        if g_slice:  # the gradient of the wider product is g's alone
-            assert (got[1][..., :8] == 0).all() and (got[1][..., 8 + D:] == 0).all()
-
-
-def test_post_gate_names_bad_shapes():
-    o = torch.randn(2, 5, 16, device=DEV)
-    with pytest.raises(ValueError, match=r"^g: expected o's shape \(2, 5, 16\), got \(2, 5, 8\)$"):
-        fused_layer.post_gate(o, o[..., :8], torch.ones(16, device=DEV), torch.zeros(16, device=DEV), 1e-6)
-    with pytest.raises(ValueError, match=r"^w, b: expected shape \[16\]"):
-        fused_layer.post_gate(o, o, torch.ones(8, device=DEV), torch.zeros(16, device=DEV), 1e-6)
-
-
-def test_post_gate_traces_under_torch_compile():
-    """post_gate's fake implementations and autograd registration: torch.compile (aot_eager, whole graph, then with
-    dynamic shapes at two lengths) gives the eager output and gradients."""
-    gen = torch.Generator().manual_seed(2)
-    w, b = (torch.randn(24, generator=gen).to(DEV).requires_grad_(True) for _ in range(2))
-
-    def f(u):
-        return (fused_layer.post_gate(u[..., :24] * 2, u[..., 24:48], w, b, 1e-6) ** 2).sum()
-    for fn in (torch.compile(f, backend="aot_eager", fullgraph=True),
-               torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)):
-        for T in (5, 11):
-            u = torch.randn(2, T, 50, generator=gen).to(DEV).requires_grad_(True)
-            comp, eager = fn(u), f(u)
-            torch.testing.assert_close(comp, eager)
-            for a, r in zip(torch.autograd.grad(comp, (u, w, b)), torch.autograd.grad(eager, (u, w, b))):
-                torch.testing.assert_close(a, r)
-
-
-def test_custom_ops_trace_under_torch_compile():
-    """The fake (meta) implementations and autograd registrations: torch.compile (aot_eager: fake-tensor tracing
-    of forward and backward, then the real kernels) gives the eager results and gradients."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 9, 16, generator=g).to(DEV).requires_grad_(True)
-    wq, wk = (torch.randn(16, 1, 4, generator=g).to(DEV).requires_grad_(True) for _ in range(2))
-    bq = torch.randn(16, generator=g).to(DEV).requires_grad_(True)
-
-    def f(x):
-        q, k, win = fused_layer.conv_rope(x, None, wq, bq, wk, None, 3, mini_batch=8, head_dim=8)
-        y, _ = fused_layer.causal_conv(q, win, wq, bq)
-        return (y * k).sum()
-    eager = f(x)
-    ge = torch.autograd.grad(eager, (x, wq, wk, bq))
-    comp = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
-    gc = torch.autograd.grad(comp, (x, wq, wk, bq))
-    torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
-    # dynamic shapes (what torch.compile turns to when a second length arrives): the backward's fake sizes its
-    # partial sums without running the launch search on symbolic lengths
-    dyn = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
-    for T in (9, 21):
-        xt = torch.randn(2, T, 16, generator=g).to(DEV).requires_grad_(True)
-        for a, b in zip(torch.autograd.grad(dyn(xt), (xt, wq, wk, bq)), torch.autograd.grad(f(xt), (xt, wq, wk, bq))):
-            torch.testing.assert_close(a, b)
-    # packed documents with windows (the boundary checks on the host break the graph; the ops are traced)
-    from ttt.ops.packed import packing
-    pk = packing(torch.tensor([0, 2, 7, 9]), 9, DEV)
-    xp = torch.randn(1, 9, 16, generator=g).to(DEV).requires_grad_(True)
-    win = torch.randn(3, 3, 16, generator=g).to(DEV).requires_grad_(True)
-
-    def fp(x):
-        q, k, w2 = fused_layer.conv_rope(x, win, wq, bq, wk, None, (1, 2, 3), mini_batch=8, head_dim=8, cu_seqlens=pk)
-        y, w3 = fused_layer.causal_conv(q, w2, wq, bq, cu_seqlens=pk)
-        return (y * k).sum() + (w3 * w3).sum()
-    wrt = (xp, win, wq, wk, bq)
-    eager = fp(xp)
-    ge = torch.autograd.grad(eager, wrt)
-    comp = torch.compile(fp, backend="aot_eager")(xp)
-    gc = torch.autograd.grad(comp, wrt)
-    torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
-
-
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_fused_layer_compiles_whole_under_dynamic_shapes(kind):
     """A fused (M) layer under torch.compile(dynamic=True) at three lengths (what training at a second length in one
@@ -848,21 +737,6 @@ def test_conv_benchmark_checks_every_launch_kind(monkeypatch):
         for rope in (True, False):
             L = blk.conv_launch_of(spec, 40, 128, rope, 2)
             assert blk.check_conv(2, 40, 128, rope, torch.float32, L, packed=True) < 1e-5
-
-
-def test_post_gate_benchmark_checks_and_times_both_forms(monkeypatch):
-    """benchmarks/bench_layer_kernels.py --post-gate: the kernel and the compiled PyTorch form each pass the check
-    against the fp32 formula (output and the gradients of o, the merged product, w, b) and are timed (the timers
-    stubbed here: the GPU's)."""
-    from benchmarks import bench_layer_kernels as blk
-    monkeypatch.setattr(blk, "DEV", DEV)
-    monkeypatch.setattr(blk, "bench", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(blk, "kernel_times", lambda fn: (fn(), [("k", 0.25, 1), ("k2", 0.5, 1)])[1])
-    rows = blk.bench_post_gate(["2x19x48"], torch.float32)
-    assert [r["form"] for r in rows] == ["pytorch (torch.compile)", "post_gate"]
-    for r in rows:
-        assert r["ok"] and r["max_rel_err"] < 1e-5, r
-        assert r["fwd_ms"] == r["fwd_bwd_ms"] == 1.0 and r["fwd_kernel_ms"] == r["fwd_bwd_kernel_ms"] == 0.75
 
 
 def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):

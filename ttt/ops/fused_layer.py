@@ -4,7 +4,6 @@
     y, win = causal_conv(x, win, w, b)                    # one depthwise causal conv (the (M) block's pre-conv)
     window_push_(win, x_t)                                # one token x_t [B, 1, D]: win's next window, in place
     q, k, wins = conv_rope(u, wins, ..., pos, ..., cu_seqlens=cu)  # packed documents (docs/packed.md)
-    y = post_gate(o, g, w, b, eps)                        # LayerNorm(o) * gelu_tanh(g) (not yet in the layer)
 
 conv_rope: u [B, T, D] (any row stride, last dim contiguous); win [B, W-1, D] the conv window (the last W-1
 inputs before u; zeros at a sequence start); wq, wk [D, 1, W], bq, bk [D]. Two depthwise causal convs of the
@@ -25,12 +24,10 @@ apply to packed rows. The window's gradient is summed in PyTorch from the output
 W-1 rows, which the backward kernel writes out (`_window_grads`).
 
 The post-LayerNorm x GELU gate after the op stays in PyTorch in the layer (`TTTLayer._out`: under torch.compile
-Inductor fuses its forward into one kernel, its backward into two). `post_gate(o, g, w, b, eps)` computes it in one
-pass each way; it joins the layer only if it wins in GPU time (`bench_layer_kernels --post-gate`: an earlier kernel
-of this design tied Inductor in wall-clock times of one call, docs/kernels_notes.md). Each kernel above is a
-torch.library custom op with a fake implementation and an autograd formula (hand-written Triton
-backward kernels), so torch.compile traces through them. Weight gradients are reduced per program into fp32
-partial sums and summed in PyTorch.
+Inductor fuses its forward into one kernel, its backward into two; one-pass kernels lost to it twice,
+docs/kernels_notes.md). Each kernel above is a torch.library custom op with a fake implementation and an autograd
+formula (hand-written Triton backward kernels), so torch.compile traces through them. Weight gradients are reduced
+per program into fp32 partial sums and summed in PyTorch.
 """
 from __future__ import annotations
 
@@ -43,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .common import LN_EPS, TTTState
-from .triton_utils import _gelu_parts, _linear_step, _step_store, cdiv, pow2, sm_count
+from .triton_utils import _linear_step, _step_store, cdiv, pow2, sm_count
 
 
 def _sms(device) -> int:
@@ -725,171 +722,6 @@ def window_push_(win: torch.Tensor, x: torch.Tensor, after: torch.Tensor | None 
     BD = min(1024, pow2(D))
     _window_push_kernel[(B, cdiv(D, BD))](win, x, win if after is None else after, D, x.stride(0), N=N, BD=BD)
     return win
-
-
-# ---------------------------------------------------------------- post-LayerNorm x GELU gate (under measurement)
-# y = LayerNorm(o; w, b) * gelu_tanh(g) row by row. Under torch.compile Inductor writes its forward as one pass and
-# its backward as two: the rows' LayerNorm backward (storing the gate's tanh in fp32 for the second) and a column
-# reduction for dw, db that reads dy, o, g and that tanh again (606 MB a 125m block at B16 T2048,
-# benchmarks/inductor_kernels.py). Here the backward is one pass (~350 MB there): each program walks a share of the
-# rows, keeping its partial dw, db in registers (summed in PyTorch). Not in the layer (`TTTLayer._out` runs the
-# PyTorch form) until it wins in GPU time: `bench_layer_kernels --post-gate` (docs/kernels_notes.md).
-@triton.jit
-def _post_gate_fwd_kernel(o_ptr, g_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, o_rs, g_rs, eps,
-                          BR: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, BD)
-    m = (rows < R)[:, None] & (cols < D)[None, :]
-    x = tl.load(o_ptr + rows[:, None] * o_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(m, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + rows[:, None] * g_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    gate, _ = _gelu_parts(g)
-    y = (xc * rstd[:, None] * w[None, :] + b[None, :]) * gate
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(mean_ptr + rows, mean, mask=rows < R)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < R)
-
-
-@triton.jit
-def _post_gate_bwd_kernel(dy_ptr, o_ptr, g_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, do_ptr, dg_ptr, dw_ptr, db_ptr,
-                          R, D, PER, dy_rs, o_rs, g_rs, BR: tl.constexpr, BD: tl.constexpr):
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BD], dtype=tl.float32)
-    db = tl.zeros([BD], dtype=tl.float32)
-    first = tl.program_id(0) * PER  # this program's rows: first .. first + PER - 1 (PER a multiple of BR)
-    for r0 in range(first, tl.minimum(first + PER, R), BR):
-        rows = r0 + tl.arange(0, BR)
-        rmask = rows < R
-        m = rmask[:, None] & cmask[None, :]
-        x = tl.load(o_ptr + rows[:, None] * o_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows[:, None] * g_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * dy_rs + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xh = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        gate, dgate = _gelu_parts(g)
-        dn = dy * gate  # the LayerNorm output's gradient
-        dw += tl.sum(dn * xh, axis=0)
-        db += tl.sum(dn, axis=0)
-        dxh = dn * w[None, :]
-        c1 = tl.sum(dxh * xh, axis=1) / D
-        c2 = tl.sum(dxh, axis=1) / D
-        do = (dxh - xh * c1[:, None] - c2[:, None]) * rstd[:, None]
-        dg = dy * (xh * w[None, :] + b[None, :]) * dgate
-        tl.store(do_ptr + rows[:, None] * D + cols[None, :], do.to(do_ptr.dtype.element_ty), mask=m)
-        tl.store(dg_ptr + rows[:, None] * D + cols[None, :], dg.to(dg_ptr.dtype.element_ty), mask=m)
-    tl.store(dw_ptr + tl.program_id(0) * D + cols, dw, mask=cmask)
-    tl.store(db_ptr + tl.program_id(0) * D + cols, db, mask=cmask)
-
-
-def _gate_launch(D: int) -> tuple[int, int, int]:
-    """(rows a tile, the padded width, warps) of both kernels: tiles of about 4096 values (one row above D 1024), up
-    to 8 warps (offline sm_90, bf16, the backward: 128 registers at D 768, 4 rows on 8 warps; 126 at D 2048, one
-    row; 211 at two rows)."""
-    BD = pow2(D)
-    BR = max(1, min(16, 4096 // BD)) if BD <= 1024 else 1
-    return BR, BD, max(4, min(8, BR * BD // 256))
-
-
-def _gate_rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(t, rows, row stride) of a [..., D] tensor as the kernels read it: rows equally spaced and the last dim
-    contiguous (a column slice of a wider product is read in place); any other layout is copied first."""
-    rs = t.stride(-2) if t.dim() > 1 else t.shape[-1]
-    even = all(t.stride(i) == t.shape[i + 1] * t.stride(i + 1) for i in range(t.dim() - 2))
-    if t.stride(-1) != 1 or not even or rs < t.shape[-1]:
-        t = t.contiguous()
-        rs = t.shape[-1]
-    return t, t.numel() // t.shape[-1], rs
-
-
-def _gate_programs(R: int, BR: int, device) -> tuple[int, int]:
-    """(programs, rows a program) of the backward: about four programs an SM, each a multiple of BR rows."""
-    per = cdiv(cdiv(R, 4 * _sms(device)), BR) * BR
-    return cdiv(R, per), per
-
-
-@torch.library.custom_op("ttt::post_gate_fwd", mutates_args=())
-def _post_gate_fwd_op(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, R, o_rs = _gate_rows_of(o)
-    g, _, g_rs = _gate_rows_of(g)
-    D = o.shape[-1]
-    y = torch.empty(o.shape, dtype=torch.promote_types(o.dtype, g.dtype), device=o.device)
-    mean = torch.empty(R, dtype=torch.float32, device=o.device)
-    rstd = torch.empty(R, dtype=torch.float32, device=o.device)
-    BR, BD, warps = _gate_launch(D)
-    _post_gate_fwd_kernel[(cdiv(R, BR),)](o, g, w, b, y, mean, rstd, R, D, o_rs, g_rs, eps, BR=BR, BD=BD,
-                                          num_warps=warps)
-    return y, mean, rstd
-
-
-@_post_gate_fwd_op.register_fake
-def _(o, g, w, b, eps):
-    R = o.numel() // o.shape[-1]
-    f32 = dict(dtype=torch.float32, device=o.device)
-    return (torch.empty(o.shape, dtype=torch.promote_types(o.dtype, g.dtype), device=o.device),
-            torch.empty(R, **f32), torch.empty(R, **f32))
-
-
-@torch.library.custom_op("ttt::post_gate_bwd", mutates_args=())
-def _post_gate_bwd_op(dy: torch.Tensor, o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                      mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
-    o, R, o_rs = _gate_rows_of(o)
-    g, _, g_rs = _gate_rows_of(g)
-    dy, _, dy_rs = _gate_rows_of(dy)
-    D = o.shape[-1]
-    BR, BD, warps = _gate_launch(D)
-    P, per = _gate_programs(R, BR, o.device)
-    do = torch.empty(o.shape, dtype=o.dtype, device=o.device)
-    dg = torch.empty(g.shape, dtype=g.dtype, device=o.device)
-    dw = torch.empty(P, D, dtype=torch.float32, device=o.device)
-    db = torch.empty(P, D, dtype=torch.float32, device=o.device)
-    _post_gate_bwd_kernel[(P,)](dy, o, g, w, b, mean, rstd, do, dg, dw, db, R, D, per, dy_rs, o_rs, g_rs, BR=BR,
-                                BD=BD, num_warps=warps)
-    return do, dg, dw, db
-
-
-@_post_gate_bwd_op.register_fake
-def _(dy, o, g, w, b, mean, rstd):
-    R, D = int(o.numel() // o.shape[-1]), int(o.shape[-1])  # symbolic lengths specialised (as the conv's fake)
-    P = _gate_programs(R, _gate_launch(D)[0], o.device)[0]
-    f32 = dict(dtype=torch.float32, device=o.device)
-    return (torch.empty(o.shape, dtype=o.dtype, device=o.device), torch.empty(g.shape, dtype=g.dtype, device=o.device),
-            torch.empty(P, D, **f32), torch.empty(P, D, **f32))
-
-
-def _post_gate_setup(ctx, inputs, output):
-    o, g, w, b, _ = inputs
-    ctx.save_for_backward(o, g, w, b, output[1], output[2])
-
-
-def _post_gate_backward(ctx, dy, _dmean, _drstd):
-    o, g, w, b, mean, rstd = ctx.saved_tensors
-    do, dg, dw, db = _post_gate_bwd_op(dy, o, g, w, b, mean, rstd)
-    return do, dg, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), None
-
-
-_post_gate_fwd_op.register_autograd(_post_gate_backward, setup_context=_post_gate_setup)
-
-
-def post_gate(o: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(o; w, b, eps) * gelu_tanh(g) over the last dim of o, g [..., D] (read in place where their rows are
-    equally spaced with a contiguous last dim, e.g. g a column slice of a wider product); fp32 math, the result in
-    o's and g's promoted dtype. The reference: `layers/ttt.TTTLayer._out`'s PyTorch form."""
-    D = o.shape[-1]
-    if g.shape != o.shape:
-        raise ValueError(f"g: expected o's shape {tuple(o.shape)}, got {tuple(g.shape)}")
-    if w.shape != (D,) or b.shape != (D,):
-        raise ValueError(f"w, b: expected shape [{D}], got {tuple(w.shape)}, {tuple(b.shape)}")
-    return _post_gate_fwd_op(o, g, w, b, float(eps))[0]
 
 
 # ---------------------------------------------------------------- TTT-Linear (M) layer decode step
