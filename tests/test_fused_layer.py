@@ -293,6 +293,52 @@ def test_conv_module_one_token_under_compile(backend, monkeypatch):
     assert calls == [1, 5]
 
 
+def test_custom_ops_trace_under_torch_compile():
+    """The fake (meta) implementations and autograd registrations: torch.compile (aot_eager: fake-tensor tracing
+    of forward and backward, then the real kernels) gives the eager results and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 16, generator=g).to(DEV).requires_grad_(True)
+    wq, wk = (torch.randn(16, 1, 4, generator=g).to(DEV).requires_grad_(True) for _ in range(2))
+    bq = torch.randn(16, generator=g).to(DEV).requires_grad_(True)
+
+    def f(x):
+        q, k, win = fused_layer.conv_rope(x, None, wq, bq, wk, None, 3, mini_batch=8, head_dim=8)
+        y, _ = fused_layer.causal_conv(q, win, wq, bq)
+        return (y * k).sum()
+    eager = f(x)
+    ge = torch.autograd.grad(eager, (x, wq, wk, bq))
+    comp = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    gc = torch.autograd.grad(comp, (x, wq, wk, bq))
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+    # dynamic shapes (what torch.compile turns to when a second length arrives): the backward's fake sizes its
+    # partial sums without running the launch search on symbolic lengths
+    dyn = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (9, 21):
+        xt = torch.randn(2, T, 16, generator=g).to(DEV).requires_grad_(True)
+        for a, b in zip(torch.autograd.grad(dyn(xt), (xt, wq, wk, bq)), torch.autograd.grad(f(xt), (xt, wq, wk, bq))):
+            torch.testing.assert_close(a, b)
+    # packed documents with windows (the boundary checks on the host break the graph; the ops are traced)
+    from ttt.ops.packed import packing
+    pk = packing(torch.tensor([0, 2, 7, 9]), 9, DEV)
+    xp = torch.randn(1, 9, 16, generator=g).to(DEV).requires_grad_(True)
+    win = torch.randn(3, 3, 16, generator=g).to(DEV).requires_grad_(True)
+
+    def fp(x):
+        q, k, w2 = fused_layer.conv_rope(x, win, wq, bq, wk, None, (1, 2, 3), mini_batch=8, head_dim=8, cu_seqlens=pk)
+        y, w3 = fused_layer.causal_conv(q, w2, wq, bq, cu_seqlens=pk)
+        return (y * k).sum() + (w3 * w3).sum()
+    wrt = (xp, win, wq, wk, bq)
+    eager = fp(xp)
+    ge = torch.autograd.grad(eager, wrt)
+    comp = torch.compile(fp, backend="aot_eager")(xp)
+    gc = torch.autograd.grad(comp, wrt)
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_fused_layer_compiles_whole_under_dynamic_shapes(kind):
     """A fused (M) layer under torch.compile(dynamic=True) at three lengths (what training at a second length in one
