@@ -129,7 +129,8 @@ def test_gluon_walks_at_8_warps_equal_the_triton_ones(walk):
 
 
 def test_gluon_warps_reach_every_launch(monkeypatch):
-    """fwd_warps and each of bwd_warps (pre, chain, post) reach their Gluon launch; None keeps the default."""
+    """fwd_warps and each of bwd_warps (pre, chain, post) reach their Gluon launch; None takes the defaults (the
+    split walk's `walks_gluon.walk_warps`, the backward's `walks_gluon.launch`)."""
     seen = []
     launch = walks_gluon.launch
     monkeypatch.setattr(walks_gluon, "launch", lambda d, w=None, arg="warps": seen.append((w, arg)) or launch(d, w, arg))
@@ -138,9 +139,31 @@ def test_gluon_warps_reach_every_launch(monkeypatch):
                     triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon")):
         outputs_and_grads(inp, kernels)
     f, b = "LinearKernels.fwd_warps", "LinearKernels.bwd_warps"
-    assert seen == [(8, f), (8, b), (4, b), (8, b), (None, f), (None, b), (None, b), (None, b)]
+    assert seen == [(8, f), (8, b), (4, b), (8, b), (8, f), (None, b), (None, b), (None, b)]
     assert walks_gluon.launch(64, 8) == dict(num_warps=8, maxnreg=128)
     assert walks_gluon.launch(128, 8) == dict(num_warps=8) and walks_gluon.launch(64) == dict(num_warps=4)
+
+
+def test_gluon_default_warps():
+    """At d 64 the split walk runs at 8 warps, the fused one at 4; at d 128 both at 8."""
+    assert (walks_gluon.walk_warps(64, True), walks_gluon.walk_warps(64, False)) == (8, 4)
+    assert walks_gluon.walk_warps(128, False) == 8
+
+
+def test_auto_forward_walks_split_in_gluon_on_hopper(monkeypatch):
+    """fwd="auto" (the default) where it runs split: on a Hopper GPU (here a stand-in) the Gluon walk, bit for bit
+    the explicit "split_gluon" one and told apart from the Triton walk by rounding; a fwd_warps the Gluon kernels
+    do not take keeps the Triton walk; the fused branch stays Triton."""
+    inp = make(B=1, T=45, H=2, d=64, pos=0, dtype=torch.float16)
+    run = lambda **kw: outputs_and_grads(inp, triton_backend.LinearKernels(bwd="split", group=2, **kw))  # noqa: E731
+    gluon, split, split2, fused = run(fwd="split_gluon"), run(fwd="split"), run(fwd="split", fwd_warps=2), run(fwd="fused")
+    monkeypatch.setattr(chunk, "hopper", lambda device: True)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b) if y is not None)  # noqa: E731
+    assert same(run(), gluon) and not same(run(), split)
+    assert same(run(fwd_warps=2), split2)
+    assert chunk.fwd_plan(64, 12, 64, 16, 8, "auto") is False  # the fused branch
+    monkeypatch.setattr(chunk, "fwd_plan", lambda *a: False)
+    assert same(run(), fused)
 
 
 @pytest.mark.parametrize("what,warps,shown", [("bwd", (4, 6, 4), "6"), ("fwd", 16, "16")])

@@ -206,13 +206,17 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
     products); "fused_gluon", "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128,
     mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
-    (`fwd_plan`), else fused (fused_gluon)."""
+    (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
+    the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
+    unless given."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
     if impl.endswith("_gluon"):
         walks_gluon.check(d, mini_batch, q.dtype, dot_mode, f"fwd={impl!r}")
+    gluon = impl.endswith("_gluon") or (impl == "auto" and split and hopper(q.device) and warps in (None, *walks_gluon.WARPS)
+                                        and walks_gluon.takes(d, mini_batch, q.dtype, dot_mode))
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
     wT, cT = torch.empty_like(W0), torch.empty_like(c0)
@@ -225,11 +229,12 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
-    if impl.endswith("_gluon"):
+    if gluon:
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
-            SAVE=save or split, OUT=not split, EPS=LN_EPS, **walks_gluon.launch(d, warps, "LinearKernels.fwd_warps"))
+            SAVE=save or split, OUT=not split, EPS=LN_EPS,
+            **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,

@@ -51,6 +51,13 @@ def warps(d: int) -> int:
 WARPS = (4, 8)  # the warps a launch may ask for (`launch`)
 
 
+def walk_warps(d: int, split: bool) -> int:
+    """The forward walk's default warps at head dim d: 8 at d 64 when it runs split (the walk alone, few
+    programs: H100, the 125m 8k training step 286k against 281k tok/s, 1.3b prefill at 32k 152k against 143k with
+    the Triton walk; docs/kernels_notes.md), else `warps(d)`."""
+    return 8 if split else warps(d)
+
+
 def launch(d: int, num_warps: int | None = None, arg: str = "warps") -> dict:
     """A kernel's launch options at head dim d: num_warps (None: `warps(d)`; else one of WARPS, a one-line error
     naming `arg` otherwise) and, for 8 warps at d 64, registers capped at 128 a thread, so that two programs (16
