@@ -28,15 +28,16 @@ from ttt.ops.triton_backend import LinearKernels
 SHAPES = [(16, 2048, 32, 64), (4, 8192, 32, 64), (1, 32768, 32, 64), (4, 8192, 12, 64)]
 
 
-def kernels(impl, warps=None, seg=None, fwd="auto"):
+def kernels(impl, warps=None, seg=None, fwd="auto", scratch=None):
     """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form)."""
-    return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd)
+    return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd,
+                                                     bwd_scratch=scratch)
 
 
-def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto"):
+def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto", scratch=None):
     """[o, final params, gradients of every leaf] of one variant on `make`'s leaves and state."""
     backend = "dual" if impl == "dual" else "triton"
-    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg, fwd))
+    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg, fwd, scratch))
     loss = (o.float() * wo).sum() + sum((p.float() * (i + 1)).sum() for i, p in enumerate(s.params))
     return [o.detach(), *(p.detach() for p in s.params), *torch.autograd.grad(loss, leaves)]
 
@@ -44,9 +45,10 @@ def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto"):
 NAMES = ["o", "W_T", "c_T", "dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "dW0", "dc0"]
 
 
-def check(B, T, H, d, dtype, pos, impls):
+def check(B, T, H, d, dtype, pos, impls, scratches=()):
     """Every variant's output, final state and gradients against the dual form on fp32 copies of the same
-    (rounded) inputs."""
+    (rounded) inputs; in 16 bits each impl also with the backward's scratch in each of `scratches` (the
+    default forward)."""
     leaves, st = make("linear", B, T, H, d, dtype, pos=pos, grad=True)
     ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
     ref_st = replace(st, params=TTTState.initial("linear", ref_leaves[7:], B).params)
@@ -55,13 +57,16 @@ def check(B, T, H, d, dtype, pos, impls):
     tol = 3e-2 if dtype != torch.float32 else 1e-4
     ok = True
     fwds = ("fused", "split") + (("fused_gluon", "split_gluon") if dtype != torch.float32 else ())  # (Gluon: 16-bit)
-    for impl, fwd in ((i, f) for i in impls for f in fwds):
-        got = grads(leaves, st, impl, wo, fwd=fwd)
+    runs = [(i, f, None) for i in impls for f in fwds]
+    runs += [(i, "auto", s) for i in impls for s in scratches] if dtype != torch.float32 else []
+    for impl, fwd, scratch in runs:
+        got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
         worst = max(errs.values())
         ok &= worst <= tol
-        print(f"check {impl}+{fwd}-fwd B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
-              f"{'OK  ' if worst <= tol else 'FAIL'} worst {worst:.1e} ({max(errs, key=errs.get)})", flush=True)
+        print(f"check {impl}+{fwd}-fwd{'+' + scratch if scratch else ''} B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
+              f"{'OK  ' if worst <= tol else 'FAIL'} worst {worst:.1e} ({max(errs, key=errs.get)}); "
+              + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     return ok
 
 
@@ -69,9 +74,9 @@ def profile(B, T, H, d, variants):
     """Per-kernel CUDA times of one forward + backward of each variant (torch.profiler, ms per call)."""
     leaves, st = make("linear", B, T, H, d, torch.bfloat16, grad=True)
     do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
-    for name, impl, warps, seg in variants:
+    for name, impl, warps, seg, scratch in variants:
         def fn():
-            o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg))
+            o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch))
             torch.autograd.backward(o, do)
         for kern, ms, _ in kernel_times(fn, calls=5):
             if "kernel" in kern:
@@ -83,7 +88,9 @@ def main():
     ap.add_argument("--variants", nargs="*", default=["split", "split_lean", "split_full"],
                     help="backward variants to time: split (picks lean/full by B*H), split_lean, "
                          "split_full, split_gluon (the full chain in Gluon), each as IMPL:PRE,CHAIN,POST (warps), "
-                         "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS")
+                         "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS, and the backward's scratch dtype last: "
+                         "IMPL:::bf16")
+    ap.add_argument("--scratch", nargs="*", default=[], help="also check each impl with these bwd_scratch dtypes")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", default="", help="shapes to profile per kernel, e.g. 4x8192x32x64,1x32768x32x64")
@@ -102,13 +109,15 @@ def main():
         for dtype in (torch.bfloat16, torch.float32):
             for d, T, pos in ((64, 1037, 7), (128, 300, 0), (64, 2048, 16)):
                 ok &= check(2, T, 4, d, dtype, pos, ["split_lean", "split_full"]
-                            + (["split_gluon"] if dtype != torch.float32 else []))  # (16-bit only)
+                            + (["split_gluon"] if dtype != torch.float32 else []), args.scratch)  # (16-bit only)
     shapes = SHAPES if args.shapes == "all" else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     variants = []
     for v in args.variants:
         impl, _, rest = v.partition(":")
-        w, _, seg = rest.partition(":")
-        variants.append((v, impl, tuple(int(x) for x in w.split(",")) if w else None, int(seg) if seg else None))
+        w, _, rest = rest.partition(":")
+        seg, _, scratch = rest.partition(":")
+        variants.append((v, impl, tuple(int(x) for x in w.split(",")) if w else None, int(seg) if seg else None,
+                         scratch or None))
     rows = []
     for shape in filter(None, args.profile.split(",")):
         profile(*(int(x) for x in shape.split("x")), variants)
@@ -134,8 +143,8 @@ def main():
         g_ref = None
         row = {"shape": f"B{B} T{T} H{H} d{d}", "fwd": fwd_ms}
         fns = {}
-        for name, impl, warps, seg in variants:
-            g = grads(leaves, st, impl, wo, warps=warps, seg=seg)[3:]
+        for name, impl, warps, seg, scratch in variants:
+            g = grads(leaves, st, impl, wo, warps=warps, seg=seg, scratch=scratch)[3:]
             if g_ref is None:
                 g_ref = g
             else:
@@ -145,8 +154,8 @@ def main():
                 print(f"check {name} vs {variants[0][0]} at {row['shape']}: worst {worst:.1e} "
                       f"({max(errs, key=errs.get)})", flush=True)
 
-            def fn(impl=impl, warps=warps, seg=seg):
-                o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg))
+            def fn(impl=impl, warps=warps, seg=seg, scratch=scratch):
+                o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch))
                 torch.autograd.backward(o, do)
                 for t in leaves:
                     t.grad = None

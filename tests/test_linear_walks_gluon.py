@@ -295,3 +295,37 @@ def test_gluon_walks_are_as_accurate_as_the_triton_ones(walk):
     """tol 0 sends every entry to the fp32 yardstick (`gluon_against_triton`'s ref): each within 1.25x of the
     Triton kernel's error there."""
     gluon_against_triton(B=1, T=101, H=2, d=64, pos=5, dtype=torch.float16, tol=0.0, segments=3, walk=walk, ref=True)
+
+
+@pytest.mark.parametrize("bwd", ["split_lean", "split_full", "split_gluon"])
+def test_bf16_scratch_rows(bwd):
+    """bwd_scratch="bf16": the backward's [rows, T, d] scratch rounded to bf16 between its passes (each kernel loads
+    it into fp32). On fp16 inputs (the interpreter has no bf16 arithmetic; on a GPU bf16 inputs take bf16 rows by
+    default and meet the dual form there): the outputs and final state are untouched (bit for bit), the gradients
+    differ from the fp32 rows' (the rows did round) and stay within 1e-2 of the Triton kernels run in fp32 (dtau,
+    a sum with cancellation, within 6e-2; measured 4e-3 and 4e-2). The default on fp16 inputs is fp32 rows."""
+    inp = make(B=1, T=101, H=2, d=64, pos=5, dtype=torch.float16)
+    run = lambda **kw: outputs_and_grads(inp, triton_backend.LinearKernels(bwd=bwd, group=2, **kw))  # noqa: E731
+    f32, b16, default = run(bwd_scratch="fp32"), run(bwd_scratch="bf16"), run()
+    assert all(torch.equal(a, b) for a, b in zip(default, f32) if b is not None)
+    n_out = 5  # o, the final params W, c and accumulators (`outputs_and_grads`), then the leaves' gradients
+    assert all(torch.equal(a, b) for a, b in zip(b16[:n_out], f32[:n_out]))
+    assert not all(torch.equal(a, b) for a, b in zip(b16[n_out:], f32[n_out:]) if b is not None)
+    inp32 = inp.with_leaves({n: t.detach().float().requires_grad_() for n, t in inp.leaves().items()})
+    exact = outputs_and_grads(inp32, triton_backend.LinearKernels(bwd="split_full", group=2), wdtype=torch.float16)
+    errs = {n: rel(a, e) for n, a, e in zip(inp.leaves(), b16[n_out:], exact[n_out:])
+            if e is not None and e.abs().max() > 0}
+    assert len(errs) >= 7
+    assert not {n: e for n, e in errs.items() if not e <= (6e-2 if n == "delta" else 1e-2)}, errs
+
+
+def test_scratch_dtype_defaults_and_refusals():
+    """None: bf16 rows for bf16 inputs, fp32 for fp16 and fp32 ones; a name as asked; another name a one-line
+    error naming the field, when the kernels are chosen."""
+    sd = bwd_split.scratch_dtype
+    assert (sd(None, torch.bfloat16), sd(None, torch.float16), sd(None, torch.float32)) == \
+        (torch.bfloat16, torch.float32, torch.float32)
+    assert (sd("fp32", torch.bfloat16), sd("bf16", torch.float32)) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_scratch: expected one of \('fp32', 'bf16'\) or None, "
+                                         r"got 'fp16'$"):
+        triton_backend.LinearKernels(bwd_scratch="fp16")

@@ -288,8 +288,9 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
             linear=triton_backend.LinearKernels(bwd=impl))
 
 
-@pytest.mark.parametrize("impl,segments", [("split_lean", 0), ("split_full", 0), ("split_full", 3), ("split_lean", 2)])
-def test_linear_bwd_op_fake_matches_the_kernels(impl, segments):
+@pytest.mark.parametrize("impl,segments,scratch", [("split_lean", 0, ""), ("split_full", 0, ""), ("split_full", 3, ""),
+                                                    ("split_lean", 2, "bf16")])
+def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch):
     """The TTT-Linear backward op returns partial sums (one row per row, head and checkpoint group, whichever chain
     and however many segments run): its fake implementation (what torch.compile traces with) gives every output's
     shape, dtype and strides as the kernels make them (torch.library.opcheck)."""
@@ -299,9 +300,10 @@ def test_linear_bwd_op_fake_matches_the_kernels(impl, segments):
     rows = batch_rows(2, 80, 8, 2, DEV)
     meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
     x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments)
+    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments,
+                                                         scratch)
     args = (*x, ckw, ckc, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl, [],
-            segments)
+            segments, scratch)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))
 
 

@@ -120,7 +120,9 @@ class LinearKernels:
     default their own, `walks_gluon.launch`; `RunOptions.linear_gluon` asks for them in a model); group:
     mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
     None for the default; bwd_warps: None, or (pre, chain, post), the backward's passes in whichever kernels run;
-    bwd_segments: the time segments of the backward's pipelined launch (None: by size)."""
+    bwd_segments: the time segments of the backward's pipelined launch (None: by size); bwd_scratch: the dtype of
+    the backward's scratch rows between its passes, "fp32" or "bf16" (None: bf16 for bf16 inputs, else fp32;
+    `ttt_linear/bwd_split.py`'s `scratch_dtype`)."""
 
     bwd: str = "auto"
     group: int = GROUP
@@ -129,8 +131,10 @@ class LinearKernels:
     fwd_warps: int | None = None
     bwd_warps: tuple | None = None
     bwd_segments: int | None = None
+    bwd_scratch: str | None = None
 
     def __post_init__(self):
+        _lin_bwd_split.scratch_dtype(self.bwd_scratch)
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
         if self.fwd not in _lin_chunk.FWD_IMPLS:
@@ -149,7 +153,8 @@ class LinearKernels:
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
         outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
                            x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
-                           self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0)
+                           self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0,
+                           self.bwd_scratch or "")
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -401,7 +406,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, fwd_impl: str,
-                bwd_impl: str, bwd_warps: list[int], bwd_segments: int
+                bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
@@ -415,7 +420,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
-      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments):
+      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch):
     H, d = q.shape[2:]
     ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
           if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
@@ -428,19 +433,20 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
-                group: int, dot_mode: int, impl: str, warps: list[int], segments: int) -> list[torch.Tensor]:
+                group: int, dot_mode: int, impl: str, warps: list[int], segments: int,
+                scratch: str) -> list[torch.Tensor]:
     """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up)."""
     q, k, v = _same_strides(q, k, v)
     dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
         q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(), mini_batch, group,
         dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
-        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group))
+        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None)
     return [dq, dk, dv, dw0, dc0, *parts]
 
 
 @_lin_bwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed, nmb, slots, covered, mini_batch,
-      group, dot_mode, impl, warps, segments):
+      group, dot_mode, impl, warps, segments, scratch):
     B, T, H, d = q.shape
     N = dwT.shape[0]
     nck = cdiv(nmb, group)
@@ -453,15 +459,17 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
 
 def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
-     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments) = inputs
+     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
-    ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments)
+    ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
+                bwd_scratch)
     ctx.rows = W0.shape[0]
 
 
 def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     q, k, v, lr, tau, lnw, lnb, ckw, ckc, span = ctx.saved_tensors
-    packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments = ctx.meta
+    (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
+     bwd_scratch) = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
     H, d = q.shape[2:]
@@ -471,10 +479,10 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
-                                               bwd_warps, bwd_segments)
+                                               bwd_warps, bwd_segments, bwd_scratch)
     dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

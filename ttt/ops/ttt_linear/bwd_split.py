@@ -13,17 +13,19 @@ terms since the forward left it uncommitted):
       dP = -dZb G^T, dA = dP * E, dE = dP * (Q K^T + 1)  ->  dtau_i, dlr_j (the dE part)
       dq = dO + dZb W^T + dA K                     (final)
       dG0 = -P^T dZb,  dk_a = dA^T Q
-    and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as fp32 [T, d] (and [T]) rows.
+    and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as [T, d] scratch rows
+    (rstd fp32 [T]).
 (b) `_chain_kernel`, per (row, head), all mini-batches in reverse, carrying only dW, dc:
       G, gy recomputed row-wise from x^, rstd, v - k (no product)
       KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
       dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
       dk_b = -(e_b G) dW^T,  dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
-    and stores dZ, dk_b, dgy as fp32 [T, d] rows. Next mini-batch's loads are issued before this one's math.
+    and stores dZ, dk_b, dgy as [T, d] scratch rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W (and x^) per mini-batch from the checkpoint; dk = dk_a + dk_b + gam dgy
     + dZ W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs no dW' leaves the chain.
-Memory: the forward's checkpoints plus seven fp32 [B, H, T, d] scratch tensors and a few [B, H, T] ones (packed
-rows: [H, T, d], each document's rows at its own tokens); nothing of size d x d per mini-batch.
+Memory: the forward's checkpoints plus seven [B, H, T, d] scratch tensors (bf16 for bf16 inputs, else fp32:
+`scratch_dtype`; every kernel loads them into fp32) and a few fp32 [B, H, T] ones (packed rows: [H, T, d], each
+document's rows at its own tokens); nothing of size d x d per mini-batch.
 """
 from __future__ import annotations
 
@@ -176,9 +178,9 @@ def _chain_kernel(
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     rsn = tl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
     for ni in range(n_hi - N_LO):
         n = n_hi - 1 - ni
@@ -199,9 +201,9 @@ def _chain_kernel(
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         rsn = tl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         # the inner gradient G, recomputed from the stored LN statistics (row-wise, no product)
@@ -266,10 +268,10 @@ def _post_kernel(
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0) + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2,
-                                                                           other=0.0)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32) \
+        + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     for n in range(n0, n1):
         t0 = n * MB
         tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
@@ -285,10 +287,10 @@ def _post_kernel(
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0) + tl.load(dkb_ptr + sc_off + t1 * D, mask=m21,
-                                                                                other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32) \
+            + tl.load(dkb_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
         optr = out_base + t0 * o_t + out_off
         tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
@@ -335,10 +337,10 @@ def _chain_lean_kernel(
     tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
                                tm, l_t)
-    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dg0n = tl.load(dg0_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     rsn = tl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
     for ni in range(n_hi - N_LO):
         n = n_hi - 1 - ni
@@ -361,10 +363,10 @@ def _chain_lean_kernel(
         tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
         qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
                                    m21, tm1, l_t)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dg0n = tl.load(dg0_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         rsn = tl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
@@ -417,10 +419,10 @@ def _post_lean_kernel(
     qn = tl.load(q_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dkan = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dzbn = tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dkan = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     for ni in range(n1 - n0):
         n = n1 - 1 - ni
         t0 = n * MB
@@ -438,10 +440,10 @@ def _post_lean_kernel(
         qn = tl.load(q_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dkan = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dzbn = tl.load(dzb_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dkan = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         tau_e = tl.where(full, tau_b, 0.0)
         eb = tau_e * lr
         S = tl.sum((_dot(k, dW, DOT_MODE) + dc[None, :]) * G, axis=1)
@@ -463,11 +465,11 @@ def _post_lean_kernel(
     kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
     lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0)
-    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0)
+    gn = tl.load(g_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    xhn = tl.load(xh_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     for n in range(n0, n1):
         t0 = n * MB
         tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
@@ -485,11 +487,11 @@ def _post_lean_kernel(
         kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
         lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0)
-        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0)
+        gn = tl.load(g_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        xhn = tl.load(xh_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
         optr = out_base + t0 * o_t + out_off
         tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
@@ -511,6 +513,24 @@ SHORT_GROUPS = 16
 SEGMENTS = 4
 
 
+# The dtypes the scratch rows between the passes may take (`scratch_dtype`): fp32, or bf16 (half the bytes; the
+# kernels compute in fp32 either way, each stored value rounded once to bf16). Measured (H100, docs/kernels_notes.md):
+# bf16 takes the 125m layer's backward kernels from 1.13 to 0.95 ms at B16 T2k and 2.10 to 1.74 at B4 T8k, at
+# gradient errors against fp32 of 2-5e-3 (against 2-4e-3 with fp32 rows; dtau, a sum with cancellation, up to 2x
+# more); so bf16 is the default for bf16 inputs. fp16 inputs keep fp32 rows (bf16 rows would double their error).
+SCRATCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def scratch_dtype(scratch: str | None, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the [rows, T, d] scratch tensors for a `SCRATCH` name (None: bf16 for bf16 inputs, else fp32)
+    and inputs of `dtype`; a one-line error for another name."""
+    if scratch is None:
+        return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if scratch not in SCRATCH:
+        raise ValueError(f"LinearKernels.bwd_scratch: expected one of {tuple(SCRATCH)} or None, got {scratch!r}")
+    return SCRATCH[scratch]
+
+
 # (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
 # faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
 WARPS = (4, 4, 4)
@@ -529,7 +549,8 @@ def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> t
 
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
-              warps=None, info=None, lean=None, segments=None, rows: Rows | None = None, gluon: bool = False):
+              warps=None, info=None, lean=None, segments=None, rows: Rows | None = None, gluon: bool = False,
+              scratch: str | None = None):
     """The split backward's launches (`chunk.bwd` is its contract): dq, dk, dv, dW0, dc0 and the passes' partial
     sums of dlr, dtau, dln_w, dln_b, which `sums` adds up (apart, so that the op's autograd formula traces them
     under torch.compile: Inductor fuses what would be a dozen eager reductions per call). warps: (pre, chain,
@@ -540,7 +561,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
-    `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take)."""
+    `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take).
+    scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
@@ -557,9 +579,10 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
     dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
-    SR = H if rows.packed else B * H  # fp32 scratch rows: per head, every row's tokens at their own positions
-    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **f32) for _ in range(6))
-    gg = torch.empty((SR, T, d), **f32)  # lean: G from the pre pass; full: the chain's dgy
+    SR = H if rows.packed else B * H  # scratch rows: per head, every row's tokens at their own positions
+    sdt = dict(dtype=scratch_dtype(scratch, q.dtype), device=dev)
+    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(6))
+    gg = torch.empty((SR, T, d), **sdt)  # lean: G from the pre pass; full: the chain's dgy
     rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
     dtau_a = torch.empty((N * H * nck, BT), **f32)

@@ -293,7 +293,7 @@ def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
               dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-              segments: int | None = None, rows: Rows | None = None):
+              segments: int | None = None, rows: Rows | None = None, scratch: str | None = None):
     """`bwd` before its reductions: dq, dk, dv, dW0, dc0 and the partial sums that `bwd_split.sums` adds up
     into dlr, dtau, dln_w, dln_b (the op's autograd formula adds them in traced code)."""
     B, T, H, _ = q.shape
@@ -305,4 +305,5 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                                dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
-                               info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon")
+                               info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon",
+                               scratch=scratch)

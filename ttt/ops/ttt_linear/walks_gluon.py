@@ -224,7 +224,7 @@ def _chain_kernel(
     dtau_b = gl.zeros([MB], gl.float32, gl.SliceLayout(1, R))
 
     in_base, in_off, lr_base, _ob, _oo = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h, 0, 0, 0)  # (no outputs)
-    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_t = (bi * sc_b + hi) * T + start  # scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     scP = (sc_t + rtP)[:, None] * D + rdP[None, :]
     t0 = gl.maximum(n_hi - 1, 0) * MB  # (no mini-batch of this row here: loads nothing used)
@@ -233,9 +233,9 @@ def _chain_kernel(
     kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
-    xhn = _tile(xh_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
-    dg0n = _tile(dg0_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
-    dzbn = _tile(dzb_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    xhn = _tile(xh_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
+    dg0n = _tile(dg0_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
+    dzbn = _tile(dzb_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
     rsn = gl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
     wh_s.index(0).store(dW.to(OPT))
     for ni in range(n_hi - N_LO):
@@ -259,9 +259,9 @@ def _chain_kernel(
         kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
-        xhn = _tile(xh_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
-        dg0n = _tile(dg0_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
-        dzbn = _tile(dzb_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        xhn = _tile(xh_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
+        dg0n = _tile(dg0_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
+        dzbn = _tile(dzb_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
         rsn = gl.load(rs_ptr + sc_t + t1 + rt, mask=tm1, other=0.0)
 
         k_s.index(p).store(k16)
@@ -487,7 +487,7 @@ def _pre_kernel(
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
     outP = riP[:, None] * o_t + rdP[None, :]
-    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_t = (bi * sc_b + hi) * T + start  # scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     scP = (sc_t + riP)[:, None] * D + rdP[None, :]
     t0 = n0 * MB
@@ -618,15 +618,15 @@ def _post_kernel(
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
     outP = riP[:, None] * o_t + rdP[None, :]
-    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_t = (bi * sc_b + hi) * T + start  # scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     scP = (sc_t + riP)[:, None] * D + rdP[None, :]
     t0 = n0 * MB
     kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=(t0 + rt) < L, other=0.0)
-    dzn = _tile(dz_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
-    dgyn = _tile(dgy_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    dzn = _tile(dz_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
+    dgyn = _tile(dgy_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
     wh_s.index(0).store(W.to(OPT))
     for n in range(n0, n1):
         p = (n - n0) % 2
@@ -643,8 +643,8 @@ def _post_kernel(
         kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=(t1 + rt) < L, other=0.0)
-        dzn = _tile(dz_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
-        dgyn = _tile(dgy_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        dzn = _tile(dz_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
+        dgyn = _tile(dgy_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
 
         k_s.index(p).store(k16)
         dz_s.index(p).store(dZ.to(OPT))
@@ -652,8 +652,9 @@ def _post_kernel(
         cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
         z_s.index(p).store(mma_v2(k_s.index(p).load(_operand(LP, 0)), wh_s.index(p).load(_operand(LP, 1)), cP))
         # dk = dk_a + dk_b + gam dgy + dZ W^T, in the products' layout
-        dk = _tile(dka_ptr + t0 * D, scP, riP, rdP, t0, L, D) + _tile(dkb_ptr + t0 * D, scP, riP, rdP, t0, L, D) \
-            + gamP[None, :] * _tile(dgy_ptr + t0 * D, scP, riP, rdP, t0, L, D)
+        dk = _tile(dka_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32) \
+            + _tile(dkb_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32) \
+            + gamP[None, :] * _tile(dgy_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32)
         dk = mma_v2(dz_s.index(p).load(_operand(LP, 0)), wh_s.index(p).permute((1, 0)).load(_operand(LP, 1)), dk)
         gl.store(dk_ptr + out_base + t0 * o_t + outP, dk.to(dk_ptr.dtype.element_ty), mask=mP)
         gl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
