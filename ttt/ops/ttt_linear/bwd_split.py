@@ -517,7 +517,8 @@ SEGMENTS = 4
 # kernels compute in fp32 either way, each stored value rounded once to bf16). Measured (H100, docs/kernels_notes.md):
 # bf16 takes the 125m layer's backward kernels from 1.13 to 0.95 ms at B16 T2k and 2.10 to 1.74 at B4 T8k, at
 # gradient errors against fp32 of 2-5e-3 (against 2-4e-3 with fp32 rows; dtau, a sum with cancellation, up to 2x
-# more); so bf16 is the default for bf16 inputs. fp16 inputs keep fp32 rows (bf16 rows would double their error).
+# more); so bf16 is the default for bf16 inputs. fp16 inputs keep fp32 rows (bf16 rows raised their gradients'
+# error about tenfold: fp16's 10-bit mantissa leaves the rows' rounding dominant).
 SCRATCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
