@@ -7,7 +7,9 @@ once. With reduction "mean" or "sum" the gradients w.r.t. h and W are computed i
 scaled in the backward (no recompute, no [N, V] tensor kept); with reduction "none" the per-token NLL
 is returned and each chunk is recomputed in the backward (`torch.utils.checkpoint`). Targets equal to
 `ignore_index` add nothing and do not count in the mean. The products run in h's dtype (bf16 under
-autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs).
+autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs). impl "triton" (reductions
+"mean" and "sum"; h in bf16, fp16 or fp32) takes each chunk's log-sum-exp, loss and gradient in one kernel over
+the logits in h's dtype (`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("torch", "triton")
 IGNORE = -100  # the default ignore_index: a target that adds nothing to the loss
 
 
@@ -32,13 +35,21 @@ class _LinearCESum(torch.autograd.Function):
     """Sum over rows of the NLL; gradients taken in the forward, chunk by chunk, and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, h, w, t, ignore_index: int, chunk: int):
+    def forward(ctx, h, w, t, ignore_index: int, chunk: int, impl: str):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         dh = torch.empty_like(h) if grad else None
         dw = torch.zeros(w.shape, dtype=total.dtype, device=w.device) if grad else None
         for s in range(0, h.shape[0], chunk):
             hs, ts = h[s:s + chunk], t[s:s + chunk]
+            if impl == "triton":  # the logits in h's dtype, overwritten with d nll / d logits
+                from ..ops.cross_entropy import rows_nll_grad_
+                g = hs @ w.T  # [n, V]
+                total += rows_nll_grad_(g, ts, ignore_index).sum()
+                if grad:
+                    dh[s:s + chunk] = g @ w
+                    dw += (g.T @ hs).to(dw.dtype)
+                continue
             nll, lg, lse, keep = _chunk_nll(hs, w, ts, ignore_index)
             total += nll.sum()
             if grad:  # d nll / d logits = softmax - onehot, zero on ignored rows
@@ -56,16 +67,21 @@ class _LinearCESum(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * go.to(dh.dtype)
         dw = None if dw is None else (dw * go).to(ctx.w_dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
-                         ignore_index: int = IGNORE, chunk: int = 8192) -> torch.Tensor:
+                         ignore_index: int = IGNORE, chunk: int = 8192, impl: str = "torch") -> torch.Tensor:
     """Cross-entropy of the logits h @ weight.T against targets, never holding more than `chunk` rows of
     logits. h: [..., D]; weight: [V, D]; targets: int [...] (h's leading dims). Returns a scalar
-    ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h)."""
+    ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h). impl: one of
+    IMPLS (module docstring; "none" always runs the PyTorch chunk)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and h.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"impl: 'triton' takes h in bf16, fp16 or fp32, got {h.dtype}")
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"targets: expected shape {tuple(h.shape[:-1])} (h's leading dims), got {tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -79,7 +95,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         parts = [checkpoint(one, h2[s:s + chunk], t[s:s + chunk], use_reentrant=False) if use_ckpt
                  else one(h2[s:s + chunk], t[s:s + chunk]) for s in range(0, t.shape[0], chunk)]
         return torch.cat(parts).reshape(shape)
-    total = _LinearCESum.apply(h2, weight, t, ignore_index, chunk)
+    total = _LinearCESum.apply(h2, weight, t, ignore_index, chunk, impl)
     if reduction == "sum":
         return total
     return total / (t != ignore_index).sum().clamp(min=1)

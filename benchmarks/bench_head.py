@@ -1,0 +1,57 @@
+"""The loss head (layers/head.py) on the GPU: linear_cross_entropy's loss + backward, impl "torch" against
+"triton", at the 125m training step's shape (32768 tokens, D 768, V 32000, bf16) and the 1.3b one (D 2048).
+
+    python3 -m benchmarks.bench_head                       # check both against fp32 F.cross_entropy, then time
+    python3 -m benchmarks.bench_head --tokens 32768 --dims 768,2048 --profile
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench, kernel_times, rel
+from ttt.layers.head import IMPLS, linear_cross_entropy
+
+
+def loss_and_grads(h, w, t, impl):
+    loss = linear_cross_entropy(h, w, t, impl=impl)
+    return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--dims", default="768,2048", help="comma list of model widths D")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--profile", action="store_true", help="also the kernels of one call (torch.profiler)")
+    args = ap.parse_args()
+    ok = True
+    print(f"=== loss head fwd+bwd, bf16, {args.tokens} tokens, V {args.vocab} ({torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {__import__('triton').__version__}) ===")
+    for D in (int(x) for x in args.dims.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        h = (torch.randn(args.tokens, D, device="cuda", generator=g) / D ** 0.5).bfloat16().requires_grad_()
+        w = (torch.randn(args.vocab, D, device="cuda", generator=g) / 2).bfloat16().requires_grad_()
+        t = torch.randint(0, args.vocab, (args.tokens,), device="cuda", generator=g)
+        t[::97] = -100
+        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = F.cross_entropy(h32 @ w32.T, t)
+        want = [ref.detach(), *torch.autograd.grad(ref, (h32, w32))]
+        for impl in IMPLS:
+            errs = [rel(a.float(), b) for a, b in zip(loss_and_grads(h, w, t, impl), want)]
+            ok &= max(errs) <= 2e-2
+            ms = bench(lambda: loss_and_grads(h, w, t, impl), warmup=3, rep=20)
+            print(f"D {D:5d} {impl:7s} {ms:8.3f} ms; rel err loss {errs[0]:.1e} dh {errs[1]:.1e} dW {errs[2]:.1e}",
+                  flush=True)
+            if args.profile:
+                for kern, k_ms, _ in kernel_times(lambda: loss_and_grads(h, w, t, impl), calls=3)[:8]:
+                    print(f"  {impl:7s} {kern[:70]:70s} {k_ms:8.3f} ms/call", flush=True)
+        h = w = h32 = w32 = None
+        torch.cuda.empty_cache()
+    print(f"checks: {'all OK' if ok else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The loss head's row kernel (ops/cross_entropy.py) and linear_cross_entropy(impl="triton") against the PyTorch
+chunk. On CPU the kernel runs in Triton's interpreter (fp32 and fp16: its numpy has no bf16); bf16 on a GPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from ttt.layers.head import linear_cross_entropy  # noqa: E402
+from ttt.ops.cross_entropy import MAX_BLOCK, rows_nll_grad_  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [53, MAX_BLOCK + 300])  # one block of columns, and two (the online sum's loop)
+def test_row_kernel_matches_log_softmax(dtype, V):
+    """NLL and softmax - onehot (zero on ignored rows) of the same logits: the NLL within fp32 rounding of
+    PyTorch's in fp64, the gradient within one rounding to the logits' dtype; a target outside the vocabulary
+    gives NaN."""
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    lg = (3 * torch.randn(n, V, generator=g)).to(dtype).to(DEV)
+    t = torch.randint(0, V, (n,), generator=g).to(DEV)
+    t[2] = -100
+    t[4] = V - 1  # the last column
+    ref = torch.log_softmax(lg.double(), dim=-1)
+    keep = t != -100
+    want_nll = torch.where(keep, -ref.gather(1, torch.where(keep, t, 0)[:, None])[:, 0], 0.0)
+    want_g = (ref.exp() - torch.nn.functional.one_hot(torch.where(keep, t, 0), V)) * keep[:, None]
+    out = lg.clone()
+    nll = rows_nll_grad_(out, t, -100)
+    assert nll.dtype == torch.float32 and out.dtype == dtype
+    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-5, atol=1e-5)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(out.double(), want_g, rtol=tol, atol=tol)
+    bad = t.clone()
+    bad[1] = V
+    assert torch.isnan(rows_nll_grad_(lg.clone(), bad, -100)[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_ce_triton_matches_torch(reduction, dtype):
+    """impl="triton" against impl="torch": the loss and the gradients of h and the weight, over several chunks
+    (the last partial) with ignored rows."""
+    g = torch.Generator().manual_seed(1)
+    N, D, V = 45, 32, 300
+    h = (torch.randn(N, D, generator=g) / 4).to(dtype).to(DEV).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / 4).to(dtype).to(DEV).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g).to(DEV)
+    t[[0, 17, 40]] = -100
+    got, want = (linear_cross_entropy(h, w, t, reduction=reduction, chunk=16, impl=impl) for impl in ("triton", "torch"))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for a, b in zip(torch.autograd.grad(2 * got, (h, w)), torch.autograd.grad(2 * want, (h, w))):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
+
+
+def test_linear_ce_impl_errors():
+    h, w, t = torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^impl: expected one of \('torch', 'triton'\), got 'cuda'$"):
+        linear_cross_entropy(h, w, t, impl="cuda")
+    with pytest.raises(ValueError, match=r"^impl: 'triton' takes h in bf16, fp16 or fp32, got torch.float64$"):
+        linear_cross_entropy(h.double(), w.double(), t, impl="triton")
