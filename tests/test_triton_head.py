@@ -71,3 +71,32 @@ def test_linear_ce_impl_errors():
         linear_cross_entropy(h, w, t, impl="cuda")
     with pytest.raises(ValueError, match=r"^impl: 'triton' takes h in bf16, fp16 or fp32, got torch.float64$"):
         linear_cross_entropy(h.double(), w.double(), t, impl="triton")
+
+
+def test_model_loss_impl_reaches_the_head(monkeypatch):
+    """RunOptions(loss_impl="triton"): the model's training loss runs the row kernel (once per chunk) and gives the
+    loss and every parameter's gradient of "torch" (fp32, a debug model); the choices are the head's; another
+    name is a one-line error."""
+    from ttt.config import LOSS_IMPLS, RunOptions, get_config
+    from ttt.layers.head import IMPLS
+    from ttt.model import TTTLM
+    from ttt.ops import cross_entropy
+
+    calls = []
+    kernel = cross_entropy.rows_nll_grad_
+    monkeypatch.setattr(cross_entropy, "rows_nll_grad_", lambda *a: calls.append(1) or kernel(*a))
+
+    assert LOSS_IMPLS == IMPLS
+    torch.manual_seed(0)
+    model = TTTLM(get_config("debug", mixer="attention", vocab_size=61)).to(DEV)
+    ids, y = torch.randint(0, 61, (2, 21), device=DEV), torch.randint(0, 61, (2, 21), device=DEV)
+    out = {}
+    for impl in LOSS_IMPLS:
+        model.set_run_options(RunOptions(loss_impl=impl))
+        loss, _ = model(ids, targets=y, chunk=16)
+        out[impl] = [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
+    assert len(calls) == 3  # 42 tokens in chunks of 16
+    for a, b in zip(out["triton"], out["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^loss_impl: expected one of \('torch', 'triton'\), got 'fused'$"):
+        RunOptions(loss_impl="fused")

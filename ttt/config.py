@@ -19,6 +19,7 @@ MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 BACKBONES = ("mamba", "transformer")
 MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
 TTT_BACKENDS = ("auto", "naive", "dual", "triton")  # as ttt.ops.BACKENDS (this module imports no torch)
+LOSS_IMPLS = ("torch", "triton")  # as ttt.layers.head.IMPLS
 
 
 def help_field(default, help):
@@ -47,6 +48,9 @@ class RunOptions:
                                            "are Gluon by default there), the Gluon backward asked for "
                                            "explicitly: where the op runs its triton backend, other shapes are an "
                                            "error, not a fallback")
+    loss_impl: str = help_field("torch", "the training loss head's cross-entropy: 'torch' (PyTorch over fp32 chunks "
+                                         "of the logits) or 'triton' (one kernel per chunk over the logits in the "
+                                         "compute dtype; needs Triton)")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "
@@ -60,6 +64,8 @@ class RunOptions:
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.fused_layer, (bool, type(None))):
             raise ValueError(f"fused_layer: expected a bool or None (auto), got {self.fused_layer!r}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl: expected one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.mamba_backend not in MAMBA_BACKENDS:
             raise ValueError(f"mamba_backend: expected one of {MAMBA_BACKENDS}, got {self.mamba_backend!r}")
 

@@ -414,7 +414,8 @@ class TTTLM(nn.Module):
                 h, w = h.to(torch.get_autocast_dtype(dev)), w.to(torch.get_autocast_dtype(dev))
             elif w.dtype != h.dtype:
                 w = w.to(h.dtype)
-            return linear_cross_entropy(h, w, targets, reduction=reduction, chunk=chunk), state
+            return linear_cross_entropy(h, w, targets, reduction=reduction, chunk=chunk,
+                                        impl=self.run_options.loss_impl), state
         if logits == "none":
             return None, state
         if logits == "last":
