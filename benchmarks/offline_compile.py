@@ -41,6 +41,9 @@ IO_PTRS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv
            "ws1_ptr", "ws2_ptr", "kw_ptr"}  # (the smem TTT-MLP kernels' 16-bit weight scratch and kept weights)
 FLOATS = {"log2_base", "eps", "base_lr"}  # float scalar arguments
 HINTED = {"T", "D", "N", "SEG", "x_sb", "x_st", "s_sb", "s_st"}  # --hints: integers divisible by 16
+# the TTT-Linear split backward's scratch rows (`bwd_split.scratch_dtype`: bf16 for bf16 inputs, else fp32; its
+# G / dgy rows are g_ptr / dgy_ptr, g_ptr typed as an input pointer above, so in an fp16 run it reads as fp16)
+SCRATCH_PTRS = {"xh_ptr", "dg0_ptr", "dzb_ptr", "dka_ptr", "dz_ptr", "dkb_ptr", "dgy_ptr"}
 CONV_INT_PTRS = {"tok_ptr", "doc_ptr"}  # int32: the conv kernels' rows of packed documents
 INT_PTRS = {"span_ptr", "cnt_ptr", "sched_ptr"}  # int32 (the rows of `triton_utils.Rows`; the split kernels' barrier
 # counters; the smem kernels' schedule of packed documents)
@@ -75,7 +78,9 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     if ints is not None:
         constexprs.update({n: 1 for n, v in ints.items() if v == 1 and n not in constexprs})
-    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else "*i32" if n in INT_PTRS | CONV_INT_PTRS
+    scratch = "*bf16" if dtype == "bf16" else "*fp32"
+    sig = {n: "constexpr" if n in constexprs else (f"*{dtype}" if n in IO_PTRS else scratch if n in SCRATCH_PTRS
+                                                     else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
            else float_type if n in FLOATS else "i32" for n in names}
     sig.update({n: t if t.startswith("*") or not n.endswith("_ptr") else "*" + t for n, t in (types or {}).items()})
