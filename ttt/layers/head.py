@@ -40,22 +40,22 @@ class _LinearCESum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         dh = torch.empty_like(h) if grad else None
         dw = torch.zeros(w.shape, dtype=total.dtype, device=w.device) if grad else None
+        if impl == "triton":
+            from ..ops.cross_entropy import rows_nll_grad_  # (Triton only when asked for)
         for s in range(0, h.shape[0], chunk):
             hs, ts = h[s:s + chunk], t[s:s + chunk]
-            if impl == "triton":  # the logits in h's dtype, overwritten with d nll / d logits
-                from ..ops.cross_entropy import rows_nll_grad_
-                g = hs @ w.T  # [n, V]
+            # g: d nll / d logits = softmax - onehot, zero on ignored rows, [n, V] in h's dtype
+            if impl == "triton":  # the logits in h's dtype, overwritten with g
+                g = hs @ w.T
                 total += rows_nll_grad_(g, ts, ignore_index).sum()
+            else:
+                nll, lg, lse, keep = _chunk_nll(hs, w, ts, ignore_index)
+                total += nll.sum()
                 if grad:
-                    dh[s:s + chunk] = g @ w
-                    dw += (g.T @ hs).to(dw.dtype)
-                continue
-            nll, lg, lse, keep = _chunk_nll(hs, w, ts, ignore_index)
-            total += nll.sum()
-            if grad:  # d nll / d logits = softmax - onehot, zero on ignored rows
-                p = lg.sub_(lse[:, None]).exp_()
-                p[torch.arange(p.shape[0], device=p.device), torch.where(keep, ts, 0)] -= 1.0
-                g = (p * keep[:, None]).to(h.dtype)  # [n, V]
+                    p = lg.sub_(lse[:, None]).exp_()
+                    p[torch.arange(p.shape[0], device=p.device), torch.where(keep, ts, 0)] -= 1.0
+                    g = (p * keep[:, None]).to(h.dtype)
+            if grad:
                 dh[s:s + chunk] = g @ w
                 dw += (g.T @ hs).to(dw.dtype)
         ctx.save_for_backward(dh, dw)
