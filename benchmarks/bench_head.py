@@ -15,6 +15,23 @@ from benchmarks.common import bench, kernel_times, rel
 from ttt.layers.head import IMPLS, linear_cross_entropy
 
 
+def head_inputs(tokens: int, D: int, V: int, seed: int = 0):
+    """bf16 h [tokens, D] and weight [V, D] (logits of order 1) and targets [tokens], every 97th ignored (CUDA)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = (torch.randn(tokens, D, device="cuda", generator=g) / D ** 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device="cuda", generator=g) / 2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (tokens,), device="cuda", generator=g)
+    t[::97] = -100
+    return h, w, t
+
+
+def fp32_reference(h, w, t):
+    """[loss, dh, dW] of F.cross_entropy (mean) on fp32 copies of h and w."""
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = F.cross_entropy(h32 @ w32.T, t)
+    return [ref.detach(), *torch.autograd.grad(ref, (h32, w32))]
+
+
 def loss_and_grads(h, w, t, impl):
     loss = linear_cross_entropy(h, w, t, impl=impl)
     return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
@@ -31,14 +48,8 @@ def main():
     print(f"=== loss head fwd+bwd, bf16, {args.tokens} tokens, V {args.vocab} ({torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {__import__('triton').__version__}) ===")
     for D in (int(x) for x in args.dims.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        h = (torch.randn(args.tokens, D, device="cuda", generator=g) / D ** 0.5).bfloat16().requires_grad_()
-        w = (torch.randn(args.vocab, D, device="cuda", generator=g) / 2).bfloat16().requires_grad_()
-        t = torch.randint(0, args.vocab, (args.tokens,), device="cuda", generator=g)
-        t[::97] = -100
-        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-        ref = F.cross_entropy(h32 @ w32.T, t)
-        want = [ref.detach(), *torch.autograd.grad(ref, (h32, w32))]
+        h, w, t = head_inputs(args.tokens, D, args.vocab)
+        want = fp32_reference(h, w, t)
         for impl in IMPLS:
             errs = [rel(a.float(), b) for a, b in zip(loss_and_grads(h, w, t, impl), want)]
             ok &= max(errs) <= 2e-2
@@ -48,7 +59,7 @@ def main():
             if args.profile:
                 for kern, k_ms, _ in kernel_times(lambda: loss_and_grads(h, w, t, impl), calls=3)[:8]:
                     print(f"  {impl:7s} {kern[:70]:70s} {k_ms:8.3f} ms/call", flush=True)
-        h = w = h32 = w32 = None
+        h = w = want = None
         torch.cuda.empty_cache()
     print(f"checks: {'all OK' if ok else 'FAILED'}")
 

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
+from conftest import rel  # noqa: E402
 from ttt.layers.head import linear_cross_entropy  # noqa: E402
 from ttt.ops.cross_entropy import MAX_BLOCK, rows_nll_grad_  # noqa: E402
 
@@ -107,20 +108,10 @@ def test_model_loss_impl_reaches_the_head(monkeypatch):
 def test_gpu_linear_ce_triton_at_the_125m_head():
     """bf16 at the 125m head (D 768, V 32000, 8192 + 1000 rows: a partial second chunk): impl="triton" and "torch"
     equally close to the fp32 loss and gradients, and within 2e-3 of each other."""
-    g = torch.Generator(device=DEV).manual_seed(0)
-    N, D, V = 9192, 768, 32000
-    h = (torch.randn(N, D, device=DEV, generator=g) / D ** 0.5).bfloat16().requires_grad_()
-    w = (torch.randn(V, D, device=DEV, generator=g) / 2).bfloat16().requires_grad_()
-    t = torch.randint(0, V, (N,), device=DEV, generator=g)
-    t[::97] = -100
-    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(h32 @ w32.T, t)
-    want = [ref, *torch.autograd.grad(ref, (h32, w32))]
-    got = {}
-    for impl in ("triton", "torch"):
-        loss = linear_cross_entropy(h, w, t, impl=impl)
-        got[impl] = [loss.float(), *(x.float() for x in torch.autograd.grad(loss, (h, w)))]
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    from benchmarks.bench_head import fp32_reference, head_inputs, loss_and_grads
+    h, w, t = head_inputs(9192, 768, 32000)
+    want = fp32_reference(h, w, t)
+    got = {impl: loss_and_grads(h, w, t, impl) for impl in ("triton", "torch")}
     for a, b, e in zip(got["triton"], got["torch"], want):
         assert rel(a, b) <= 2e-3
         assert rel(a, e) <= 1.1 * rel(b, e) + 1e-4
