@@ -125,6 +125,15 @@ def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
 
 
+# the same through the backend with the "group" pre pass (the forward keeps its x^ rows: a custom op output saved
+# for the backward): fp32 and fp16 (16-bit products, fp32 rows), a call's head and tail in the PyTorch dual form
+@pytest.mark.parametrize("impl,dtype,tol", [("split_lean", torch.float32, 1e-4), ("split_full", torch.float16, 5e-3)])
+@pytest.mark.parametrize("B,T,H,d,b,pos,group", [(1, 75, 2, 24, 16, 5, 3), (2, 150, 1, 16, 8, 3, 8)])  # 48, 64 rows
+def test_linear_group_pre_matches_dual(B, T, H, d, b, pos, group, impl, dtype, tol):
+    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, tol=tol,
+            linear=triton_backend.LinearKernels(bwd=impl, group=group, bwd_pre="group"))
+
+
 @pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
 def test_linear_nan_does_not_leak_backwards(which, fwd):
@@ -147,6 +156,13 @@ def test_linear_kernels_choice_is_checked():
     with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
                        r"'auto_gluon', 'fused_gluon', 'split_gluon'\), got 'x'"):
         triton_backend.LinearKernels(fwd="x")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: expected one of \('walk', 'group'\), got 'rows'$"):
+        triton_backend.LinearKernels(bwd_pre="rows")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: 'group' needs x\^ rows that only the Triton forward "
+                       r"keeps; got fwd='split_gluon' \(expected 'auto', 'fused' or 'split'\)$"):
+        triton_backend.LinearKernels(bwd_pre="group", fwd="split_gluon")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most 64"):
+        triton_backend.LinearKernels(bwd_pre="group").check(64, 16, torch.bfloat16)  # (the default group: 8)
 
 
 
@@ -288,22 +304,40 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
             linear=triton_backend.LinearKernels(bwd=impl))
 
 
-@pytest.mark.parametrize("impl,segments,scratch", [("split_lean", 0, ""), ("split_full", 0, ""), ("split_full", 3, ""),
-                                                    ("split_lean", 2, "bf16")])
-def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch):
-    """The TTT-Linear backward op returns partial sums (one row per row, head and checkpoint group, whichever chain
-    and however many segments run): its fake implementation (what torch.compile traces with) gives every output's
-    shape, dtype and strides as the kernels make them (torch.library.opcheck)."""
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
+@pytest.mark.parametrize("impl", ["auto", "split_full"])
+def test_gpu_linear_group_pre(dtype, tol, d, pos, impl):
+    """The "group" pre pass on the GPU beside the default chain and post pass (Gluon on Hopper for 16-bit inputs)
+    and the Triton full chain, in groups of 4 and 2 mini-batches; bf16 with its scratch (and kept x^) rows in bf16."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for group in (4, 2):
+        compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
+                linear=triton_backend.LinearKernels(bwd=impl, bwd_pre="group", group=group))
+
+
+@pytest.mark.parametrize("impl,segments,scratch,pre", [("split_lean", 0, "", "walk"), ("split_full", 0, "", "walk"),
+                                                        ("split_full", 3, "", "walk"), ("split_lean", 2, "bf16", "walk"),
+                                                        ("split_full", 0, "", "group"), ("split_lean", 2, "bf16", "group")])
+def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch, pre):
+    """The TTT-Linear ops' fake implementations (what torch.compile traces with) give every output's shape, dtype and
+    strides as the kernels make them (torch.library.opcheck): the forward's (checkpoints, and the x^ rows the
+    "group" pre pass reads), and the backward's partial sums (one row per row, head and checkpoint group, per block
+    of a group for the "group" pre pass, whichever chain and however many segments run)."""
     from ttt.ops.triton_utils import batch_rows
     inp = to_dev(random_inputs("linear", B=2, T=80, H=2, d=16, b=8, pos=0, dtype=torch.float32))
     W0, c0 = inp.state().params
     rows = batch_rows(2, 80, 8, 2, DEV)
     meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
     x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments,
-                                                         scratch)
-    args = (*x, ckw, ckc, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl, [],
-            segments, scratch)
+    fwd_args = (*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments, scratch, pre)
+    torch.library.opcheck(torch.ops.ttt.linear_chunk_fwd, fwd_args, test_utils=("test_faketensor",))
+    _, wT, cT, ckw, ckc, xh, rs = torch.ops.ttt.linear_chunk_fwd(*fwd_args)
+    assert (xh.numel() > 0) == (pre == "group")
+    args = (*x, ckw, ckc, xh, rs, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl,
+            [], segments, scratch)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))
 
 

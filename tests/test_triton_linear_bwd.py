@@ -55,11 +55,14 @@ def _reference(ins, outs_grad, b):
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, dtype, impl, segments=None):
+def _kernel(ins, outs_grad, b, group, dtype, impl, segments=None, pre="walk", fwd="auto"):
+    """pre "group": the forward keeps its x^ rows (in fp32) and the backward's pre pass reads them."""
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
-    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group)
+    keep = torch.float32 if pre == "group" else None
+    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group, keep=keep, impl=fwd)
+    assert len(ck) == (4 if keep else 2)
     do, dwT, dcT = outs_grad
     return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group, impl=impl,
                      segments=segments)
@@ -82,6 +85,9 @@ def poison(monkeypatch):
 # (B, T, H, d, b, group): 7 mini-batches of 8 (padded to 16 rows) in groups of 3 (3 + 3 + 1); 5 mini-batches
 # of 16 with d = 24 (padded to 32) in groups of 2 (2 + 2 + 1)
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
+# for the "group" pre pass too: groups of 4 mini-batches of 16 (64 rows, its most), the last group partial and
+# ending inside a mini-batch; mini-batches of 24 in groups of 2 (48 rows, padded to 64)
+GROUP_CASES = CASES + [(2, 140, 2, 16, 16, 4), (1, 100, 1, 16, 24, 2)]
 
 
 @pytest.mark.parametrize("segments", [None, 3])  # the default (one segment at these lengths) and one group each
@@ -93,6 +99,30 @@ def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl, segments
     got = _kernel(ins, outs_grad, b, group, torch.float32, impl, segments)
     errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
     assert max(errs.values()) < 1e-4, errs
+
+
+@pytest.mark.parametrize("impl,segments,fwd", [("split_lean", None, "fused"), ("split_full", 3, "split")])
+@pytest.mark.parametrize("B,T,H,d,b,group", GROUP_CASES)
+def test_linear_bwd_group_pre_matches_autograd(B, T, H, d, b, group, impl, segments, fwd):
+    """The pre pass without its walk (`bwd_split._pre_group_kernel`, from the x^ rows either forward kept), with
+    either chain, in one segment and in one segment per group."""
+    ins, outs_grad = _inputs(B, T, H, d, b)
+    ref = _reference(ins, outs_grad, b)
+    got = _kernel(ins, outs_grad, b, group, torch.float32, impl, segments, pre="group", fwd=fwd)
+    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
+    assert max(errs.values()) < 1e-4, errs
+
+
+def test_group_pre_rows():
+    """A group's rows padded to a power of two, at most 64 (one program holds them): else an error naming the
+    option."""
+    assert bwd_split.group_pre_rows(4, 16) == 64
+    assert bwd_split.group_pre_rows(3, 16) == 64
+    assert bwd_split.group_pre_rows(3, 8) == 32
+    assert bwd_split.group_pre_rows(1, 64) == 64
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most 64 "
+                       r"rows \(LinearKernels.group x the mini-batch\), got 8 mini-batches of 16$"):
+        bwd_split.group_pre_rows(8, 16)
 
 
 @pytest.mark.parametrize("impl", ["split_lean", "split_full"])

@@ -49,11 +49,15 @@ KERNELS = {
     "full": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="fused"),
     "full-segments": triton_backend.LinearKernels(bwd="split_full", group=2, bwd_segments=3),
     "lean-segments": triton_backend.LinearKernels(bwd="split_lean", group=2, bwd_segments=2),
+    # the backward's "group" pre pass (from the x^ rows the forward keeps, per document)
+    "lean-group": triton_backend.LinearKernels(bwd="split_lean", group=2, fwd="fused", bwd_pre="group"),
+    "full-group-segments": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="split", bwd_segments=3,
+                                                        bwd_pre="group"),
     "regs": triton_backend.MLPKernels(impl="regs", group=2),
     "blocked": triton_backend.MLPKernels(impl="blocked", group=2),
 }
-KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-segments": "linear", "regs": "mlp",
-        "blocked": "mlp"}
+KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-segments": "linear",
+        "lean-group": "linear", "full-group-segments": "linear", "regs": "mlp", "blocked": "mlp"}
 
 
 @pytest.fixture(autouse=True)
@@ -199,6 +203,7 @@ def test_round_products_rounds_every_product(dtype):
 
 @pytest.mark.parametrize("variant,start", [("lean", "fresh"), ("lean", "carried"), ("full", "fresh"),
                                            ("full-segments", "carried"), ("lean-segments", "fresh"),
+                                           ("lean-group", "carried"), ("full-group-segments", "fresh"),
                                            ("regs", "fresh"), ("regs", "carried"), ("blocked", "fresh"),
                                            ("blocked", "carried")])
 @pytest.mark.slow

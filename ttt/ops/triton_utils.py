@@ -162,6 +162,17 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def _operand(a, DOT_MODE: tl.constexpr):
+    """a as `_dot` takes it in DOT_MODE (16-bit modes: converted once, where a feeds several products)."""
+    if DOT_MODE == 2:
+        return a.to(tl.bfloat16)
+    elif DOT_MODE == 3:
+        return a.to(tl.float16)
+    else:
+        return a
+
+
+@triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
 

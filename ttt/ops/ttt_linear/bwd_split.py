@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import walks_gluon
 from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
-                            _offsets, _proj, _row, _tiles, _when, batch_rows, tile)
+                            _offsets, _operand, _proj, _row, _tiles, _when, batch_rows, tile)
 
 
 @triton.jit
@@ -141,6 +141,100 @@ def _pre_kernel(
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
     tl.store(dtau_ptr + pid2 * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
+
+
+@triton.jit
+def _causal(r, tm):
+    """[GT, GT]: row j is at or before row i, and real."""
+    return (r[:, None] >= r[None, :]) & tm[None, :]
+
+
+@triton.jit
+def _same(r, MB: tl.constexpr):
+    """[GT, GT]: rows i and j are in the same mini-batch."""
+    return (r // MB)[:, None] == (r // MB)[None, :]
+
+
+@triton.jit
+def _pre_group_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr, xh_ptr, rs_ptr,
+    dq_ptr, g_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, GT: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr, STORE_G: tl.constexpr,
+):
+    """`_pre_kernel`'s outputs without its walk, per checkpoint group (GROUP mini-batches, GT >= GROUP * MB rows) at
+    once, from the group's checkpoint (W_g, c_g) and the x^, 1/std the forward kept (G row-wise from them, no
+    product), the group's updates before each row folded into causal products as in `chunk._fwd_out_kernel`
+    (E_ij = tau_b lr_j for j in an earlier mini-batch of the group, tau_i lr_j in the same one, 0 for j > i):
+      Zb = Q W_g + c_g - (E * (Q K^T + 1)) G,  dZb = LN-backward(dO gam),  dP = -dZb G^T
+      dq = dO + dZb W_g^T + (dP * E) K      (each row's own W^T, unrolled over the group)
+    and, within each mini-batch only (as the walk): dA = dP * E, dk_a = dA^T Q, dG0 = -(E * (Q K^T + 1))^T dZb,
+    dE = dP * (Q K^T + 1) -> dtau_i, dlr_j."""
+    pid = tl.program_id(0) // NG
+    g = G_LO + tl.program_id(0) % NG
+    pid2 = pid * NCK + g  # this program's row of the partial sums
+    bi, hi = pid // H, pid % H
+    start, L, slot = _row(span_ptr, bi)
+    t0 = g * GROUP * MB  # the group's first token in the row
+    r = tl.arange(0, GT)  # the group's rows
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tm = r < tl.minimum(GROUP * MB, L - t0)  # (none where a shorter row has no such group)
+    m2 = tm[:, None] & cmask[None, :]
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_i = tl.load(tau_ptr + r % MB).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    ck = (slot + g) * H + hi
+    has = t0 < L
+    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
+                mask=_when(cmask[:, None] & cmask[None, :], has), other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
+    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
+    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
+    lr_off = bi * l_b + (start + t0 + r) * l_t + hi * l_h
+    sc_t = (bi * sc_b + hi) * T + start + t0  # scratch rows [B*H or H, T, D]: the group's first token
+    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
+
+    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)  # q, k in the input dtype (the products' operands)
+    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
+    lr = tl.load(lr_ptr + lr_off, mask=tm, other=0.0).to(tl.float32)
+    # the inner gradient G at each row's own weights, row-wise from the kept x^ and 1/std
+    xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :]
+                         - (tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)))
+    G = _proj(gy, xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), cmask, D)
+    if STORE_G:
+        tl.store(g_ptr + sc_off, G, mask=m2)
+    G = _operand(G, DOT_MODE)
+    # (the masks recomputed at each use: [GT, GT] booleans kept live cost registers)
+    E = tl.where(_causal(r, tm), tl.where(_same(r, MB), tau_i[:, None], tau_b) * lr[None, :], 0.0)
+    QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
+    Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(E * QK1, G, DOT_MODE)
+    xhb, rstdb = _normalize(Zb, cmask, D, EPS)
+    dO = tl.load(do_ptr + out_off, mask=m2, other=0.0).to(tl.float32)
+    dgam = tl.sum(dO * xhb, axis=0)
+    dbet = tl.sum(dO, axis=0)
+    dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
+    dP = -_dot(dZb, tl.trans(G), DOT_MODE)
+    dPE = dP * E
+    dq = dO + _dot(dZb, tl.trans(W), DOT_MODE) + _dot(dPE, k, DOT_MODE)
+    tl.store(dq_ptr + out_off, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dka = _dot(tl.trans(tl.where(_same(r, MB), dPE, 0.0)), q, DOT_MODE)  # dA = dP * E within each mini-batch
+    tl.store(dka_ptr + sc_off, dka, mask=m2)
+    dG0 = -_dot(tl.trans(tl.where(_same(r, MB), E * QK1, 0.0)), dZb, DOT_MODE)
+    tl.store(dg0_ptr + sc_off, dG0, mask=m2)
+    tl.store(dzb_ptr + sc_off, dZb, mask=m2)
+    dE = tl.where(_same(r, MB) & _causal(r, tm), dP * QK1, 0.0)
+    # dlr_j; dtau_i summed over the group's rows at each position i of a mini-batch
+    tl.store(dlra_ptr + sc_t + r, tl.sum(dE * tau_i[:, None], axis=0), mask=tm)
+    pos = (r % MB)[:, None] == tl.arange(0, BT)[None, :]
+    tl.store(dtau_ptr + pid2 * BT + tl.arange(0, BT),
+             tl.sum(tl.where(pos, tl.sum(dE * lr[None, :], axis=1)[:, None], 0.0), axis=0))
     tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
     tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
 
@@ -535,6 +629,20 @@ def scratch_dtype(scratch: str | None, dtype: torch.dtype | None = None) -> torc
 # (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
 # faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
 WARPS = (4, 4, 4)
+# The "group" pre pass (`_pre_group_kernel`, from the x^ rows the forward kept): the most rows of a checkpoint group it
+# takes (one program holds the group's rows), its warps
+GROUP_PRE_MAX_ROWS, GROUP_PRE_WARPS = 64, 8
+PRES = ("walk", "group")
+
+
+def group_pre_rows(group: int, mini_batch: int) -> int:
+    """The rows GT (`tile`) of a checkpoint group in the "group" pre pass; a one-line error above
+    GROUP_PRE_MAX_ROWS."""
+    GT = tile(group * mini_batch)
+    if GT > GROUP_PRE_MAX_ROWS:
+        raise ValueError(f"LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most {GROUP_PRE_MAX_ROWS} "
+                         f"rows (LinearKernels.group x the mini-batch), got {group} mini-batches of {mini_batch}")
+    return GT
 
 
 def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> tuple[bool, int]:
@@ -563,28 +671,37 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
     `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take).
-    scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`)."""
+    scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`). ckpt: the forward's
+    (W, c) checkpoints, and when it kept them (`chunk.fwd`'s keep, in the scratch dtype) its x^ and 1/std rows:
+    then the pre pass is `_pre_group_kernel` (no walk; Triton, also beside the Gluon chain and post pass)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
     # the Gluon launches' options, pre / chain / post (warps None: theirs), checked once before anything launches
     gl_opts = [walks_gluon.launch(d, w, "LinearKernels.bwd_warps") for w in warps or (None,) * 3] if gluon else None
+    user_warps = warps is not None
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
     lean, nseg = plan(N, H, nck, lean, segments)
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
-    ckw, ckc = ckpt
+    ckw, ckc = ckpt[:2]
+    kept = len(ckpt) == 4
+    GT = group_pre_rows(group, b) if kept else 0
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
     dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
     SR = H if rows.packed else B * H  # scratch rows: per head, every row's tokens at their own positions
     sdt = dict(dtype=scratch_dtype(scratch, q.dtype), device=dev)
-    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(6))
+    if kept:
+        xh, rs = ckpt[2:]
+        assert xh.shape == (SR, T, d) and xh.dtype == sdt["dtype"] and rs.shape == (SR, T), "kept rows"
+    else:
+        xh, rs = torch.empty((SR, T, d), **sdt), torch.empty((SR, T), **f32)
+    dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(5))
     gg = torch.empty((SR, T, d), **sdt)  # lean: G from the pre pass; full: the chain's dgy
-    rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
     dtau_a = torch.empty((N * H * nck, BT), **f32)
     dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
@@ -605,6 +722,13 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
 
     def pre(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
+        if kept:
+            launched["ttt_linear_bwd_pre"] = _pre_group_kernel[(N * H * ng,)](
+                q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, xh, rs,
+                dq, gg, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng,
+                GROUP=group, GT=GT, EPS=eps, STORE_G=lean,
+                num_warps=warps[0] if user_warps else GROUP_PRE_WARPS, **meta)
+            return
         args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
                 dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
         if gluon:

@@ -42,14 +42,15 @@ BWD_IMPLS = ("auto", "split", "split_lean", "split_full", "split_gluon")
 @triton.jit
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
-    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
+    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, xh_ptr, rs_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, KEEP: tl.constexpr = False,
 ):
     """OUT: the outputs too; else the chain alone, storing every mini-batch's G (fp32 rows [B*H or H, T, d]) for
-    `_fwd_out_kernel`."""
+    `_fwd_out_kernel`. KEEP: also every mini-batch's x^ and 1/std of the inner LayerNorm (rows as G's) for the
+    backward's pre pass (`bwd_split._pre_group_kernel`)."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -62,7 +63,8 @@ def ttt_linear_fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
+    sc_t = (bi * sc_b + hi) * T + start  # G (x^, 1/std) rows of this (row, head): its first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t, OUT)
@@ -92,6 +94,9 @@ def ttt_linear_fwd_kernel(
             tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         else:
             tl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
+        if KEEP:
+            tl.store(xh_ptr + sc_off + t0 * D, xh, mask=m2)
+            tl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
 
         eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
@@ -194,7 +199,7 @@ def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
         dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None,
-        impl: str = "auto"):
+        impl: str = "auto", keep: torch.dtype | None = None):
     """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
     [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
     row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
@@ -208,14 +213,21 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
     (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
-    unless given."""
+    unless given. keep (with save): a dtype, in which the forward also keeps every token's x^ of the inner
+    LayerNorm (and its 1/std in fp32) as [B*H or H, T, d] rows for the backward's pre pass (`bwd_split`'s
+    "group" pre pass), returned after the checkpoints; the Triton walks only ("auto" then never picks Gluon)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
+    keep = keep if save else None
     if impl.endswith("_gluon"):
         walks_gluon.check(d, mini_batch, q.dtype, dot_mode, f"fwd={impl!r}")
-    gluon = impl.endswith("_gluon") or (impl == "auto" and split and hopper(q.device) and warps in (None, *walks_gluon.WARPS)
+        if keep is not None:
+            raise ValueError(f"LinearKernels.fwd: {impl!r} keeps no x^ rows for LinearKernels.bwd_pre='group'; "
+                             f"expected 'auto', 'fused' or 'split'")
+    gluon = impl.endswith("_gluon") or (impl == "auto" and split and keep is None and hopper(q.device)
+                                        and warps in (None, *walks_gluon.WARPS)
                                         and walks_gluon.takes(d, mini_batch, q.dtype, dot_mode))
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
@@ -226,7 +238,13 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     else:
         ckw, ckc = wT, cT  # never written
     sc_b = 0 if rows.packed else H  # G rows [B*H or H, T, d]: per head, every row's tokens at their own positions
-    gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
+    SR = H if rows.packed else B * H
+    gs = torch.empty((SR, T, d), dtype=torch.float32, device=q.device) if split else o
+    if keep is not None:
+        xh = torch.empty((SR, T, d), dtype=keep, device=q.device)
+        rs = torch.empty((SR, T), dtype=torch.float32, device=q.device)
+    else:
+        xh, rs = o, wT  # never written
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
     if gluon:
@@ -237,9 +255,9 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
             **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, xh, rs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
-            BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
+            BT=BT, SAVE=save or split, OUT=not split, KEEP=keep is not None, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
     if split:
@@ -251,7 +269,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
             GT=GT, RB=RB, num_warps=OUT_WARPS, **meta)
         if info is not None:
             info["ttt_linear_fwd_out_kernel"] = kern
-    return o, wT, cT, (ckw, ckc) if save else None
+    return o, wT, cT, ((ckw, ckc) + ((xh, rs) if keep is not None else ())) if save else None
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
