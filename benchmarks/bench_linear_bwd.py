@@ -12,9 +12,9 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
     python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
     python3 -m benchmarks.bench_linear_bwd --no-check --variants split_gluon split_gluon:8,8,8 \
         --fwd-impls split_gluon split_gluon:8 --shapes 16x2048x12x64     # the Gluon kernels at 8 warps
-    python3 -m benchmarks.bench_linear_bwd --no-check --variants auto auto::::group:4 --shapes 16x2048x12x64
-        # the pre pass walking each checkpoint group, or (bwd_pre "group", checkpoints every 4 mini-batches) each
-        # group's rows at once from the x^ rows the forward kept
+    python3 -m benchmarks.bench_linear_bwd --no-check --variants auto auto::::group:4 auto::::group,group:4 \
+        --shapes 16x2048x12x64      # the pre (and post) pass walking each checkpoint group, or (bwd_pre /
+        # bwd_post "group", checkpoints every 4 mini-batches) each group's rows at once from the x^ rows kept
 """
 from __future__ import annotations
 
@@ -33,9 +33,12 @@ SHAPES = [(16, 2048, 32, 64), (4, 8192, 32, 64), (1, 32768, 32, 64), (4, 8192, 1
 
 
 def kernels(impl, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", group=None):
-    """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form)."""
+    """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form); pre: the pre
+    pass, or "PRE,POST" both passes ("walk" or "group")."""
+    bwd_pre, _, bwd_post = pre.partition(",")
     return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd,
-                                                     bwd_scratch=scratch, bwd_pre=pre, group=group or GROUP)
+                                                     bwd_scratch=scratch, bwd_pre=bwd_pre, bwd_post=bwd_post or "walk",
+                                                     group=group or GROUP)
 
 
 def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", group=None):
@@ -52,7 +55,7 @@ NAMES = ["o", "W_T", "c_T", "dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "
 def check(B, T, H, d, dtype, pos, impls, scratches=()):
     """Every variant's output, final state and gradients against the dual form on fp32 copies of the same
     (rounded) inputs; in 16 bits each impl also with the backward's scratch in each of `scratches` (the
-    default forward), and with the "group" pre pass (groups of 4) after either Triton forward."""
+    default forward), and with the "group" pre and post passes (groups of 4) after either Triton forward."""
     leaves, st = make("linear", B, T, H, d, dtype, pos=pos, grad=True)
     ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
     ref_st = replace(st, params=TTTState.initial("linear", ref_leaves[7:], B).params)
@@ -63,13 +66,13 @@ def check(B, T, H, d, dtype, pos, impls, scratches=()):
     fwds = ("fused", "split") + (("fused_gluon", "split_gluon") if dtype != torch.float32 else ())  # (Gluon: 16-bit)
     runs = [(i, f, None, "walk") for i in impls for f in fwds]
     runs += [(i, "auto", s, "walk") for i in impls for s in scratches] if dtype != torch.float32 else []
-    runs += [(i, f, None, "group") for i in impls for f in ("fused", "split")]
+    runs += [(i, f, None, "group" if i == "split_lean" else "group,group") for i in impls for f in ("fused", "split")]
     for impl, fwd, scratch, pre in runs:
         got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch, pre=pre, group=4 if pre == "group" else None)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
         worst = max(errs.values())
         ok &= worst <= tol
-        tag = f"{impl}+{fwd}-fwd{'+' + scratch if scratch else ''}{'+group-pre' if pre == 'group' else ''}"
+        tag = f"{impl}+{fwd}-fwd{'+' + scratch if scratch else ''}{'+' + pre if pre != 'walk' else ''}"
         print(f"check {tag} B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
               f"{'OK  ' if worst <= tol else 'FAIL'} worst {worst:.1e} ({max(errs, key=errs.get)}); "
               + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
@@ -95,7 +98,8 @@ def main():
                     help="backward variants to time: split (picks lean/full by B*H), split_lean, "
                          "split_full, split_gluon (the full chain in Gluon), each as IMPL:PRE,CHAIN,POST (warps), "
                          "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS, the backward's scratch dtype: "
-                         "IMPL:::bf16, its pre pass: IMPL::::group, and the checkpoint group last: IMPL::::group:4")
+                         "IMPL:::bf16, its pre (and post) pass: IMPL::::group or IMPL::::group,group, and the "
+                         "checkpoint group last: IMPL::::group:4")
     ap.add_argument("--scratch", nargs="*", default=[], help="also check each impl with these bwd_scratch dtypes")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")

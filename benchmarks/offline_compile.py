@@ -119,7 +119,7 @@ def linear_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of every TTT-Linear kernel."""
     BD, BT = tile(d), tile(b)  # as the launches pad them; the step kernels (no tl.dot) pad d to a power of two
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
-    gp = max(1, bwd_split.GROUP_PRE_MAX_ROWS // b)  # the "group" pre pass's checkpoint group: its most rows
+    gp = max(1, bwd_split.GROUP_MAX_ROWS // b)  # the "group" passes' checkpoint group: their most rows
     out = []
     for w in (4, 8):
         out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True), w, 3),
@@ -128,7 +128,9 @@ def linear_kernels(d: int, b: int, dot: int):
                 ("fwd keep", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True, KEEP=True), w, 3),
                 ("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
                 ("split pre (group)", bwd_split._pre_group_kernel,
-                 dict(base, STORE_G=False, GROUP=gp, GT=bwd_split.group_pre_rows(gp, b)), w, 3),
+                 dict(base, STORE_G=False, GROUP=gp, GT=bwd_split.group_rows(gp, b)), w, 3),
+                ("split post (group)", bwd_split._post_group_kernel, dict(base, GROUP=gp, GT=bwd_split.group_rows(gp, b)),
+                 w, 3),
                 ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),

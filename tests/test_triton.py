@@ -125,13 +125,15 @@ def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
 
 
-# the same through the backend with the "group" pre pass (the forward keeps its x^ rows: a custom op output saved
-# for the backward): fp32 and fp16 (16-bit products, fp32 rows), a call's head and tail in the PyTorch dual form
-@pytest.mark.parametrize("impl,dtype,tol", [("split_lean", torch.float32, 1e-4), ("split_full", torch.float16, 5e-3)])
+# the same through the backend with the "group" pre and post passes (the forward keeps its x^ rows: custom op
+# outputs saved for the backward): fp32 and fp16 (16-bit products, fp32 rows), a call's head and tail in the PyTorch
+# dual form
+@pytest.mark.parametrize("impl,post,dtype,tol", [("split_lean", "walk", torch.float32, 1e-4),
+                                                 ("split_full", "group", torch.float16, 5e-3)])
 @pytest.mark.parametrize("B,T,H,d,b,pos,group", [(1, 75, 2, 24, 16, 5, 3), (2, 150, 1, 16, 8, 3, 8)])  # 48, 64 rows
-def test_linear_group_pre_matches_dual(B, T, H, d, b, pos, group, impl, dtype, tol):
+def test_linear_group_passes_match_dual(B, T, H, d, b, pos, group, impl, post, dtype, tol):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, tol=tol,
-            linear=triton_backend.LinearKernels(bwd=impl, group=group, bwd_pre="group"))
+            linear=triton_backend.LinearKernels(bwd=impl, group=group, bwd_pre="group", bwd_post=post))
 
 
 @pytest.mark.parametrize("fwd", ["split", "fused"])
@@ -158,6 +160,11 @@ def test_linear_kernels_choice_is_checked():
         triton_backend.LinearKernels(fwd="x")
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: expected one of \('walk', 'group'\), got 'rows'$"):
         triton_backend.LinearKernels(bwd_pre="rows")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: expected one of \('walk', 'group'\), got 'x'$"):
+        triton_backend.LinearKernels(bwd_post="x")
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: 'group' is the full chain's post pass; got "
+                       r"bwd='split_lean'$"):
+        triton_backend.LinearKernels(bwd_post="group", bwd="split_lean")
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: 'group' needs x\^ rows that only the Triton forward "
                        r"keeps; got fwd='split_gluon' \(expected 'auto', 'fused' or 'split'\)$"):
         triton_backend.LinearKernels(bwd_pre="group", fwd="split_gluon")
@@ -309,18 +316,20 @@ def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
 @pytest.mark.parametrize("impl", ["auto", "split_full"])
-def test_gpu_linear_group_pre(dtype, tol, d, pos, impl):
+def test_gpu_linear_group_passes(dtype, tol, d, pos, impl):
     """The "group" pre pass on the GPU beside the default chain and post pass (Gluon on Hopper for 16-bit inputs)
-    and the Triton full chain, in groups of 4 and 2 mini-batches; bf16 with its scratch (and kept x^) rows in bf16."""
+    and the Triton full chain, then both "group" passes, in groups of 4 and 2 mini-batches; bf16 with its scratch
+    (and kept x^) rows in bf16."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for group in (4, 2):
+    for group, post in ((4, "walk"), (2, "walk"), (4, "group")):
         compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
-                linear=triton_backend.LinearKernels(bwd=impl, bwd_pre="group", group=group))
+                linear=triton_backend.LinearKernels(bwd=impl, bwd_pre="group", bwd_post=post, group=group))
 
 
 @pytest.mark.parametrize("impl,segments,scratch,pre", [("split_lean", 0, "", "walk"), ("split_full", 0, "", "walk"),
                                                         ("split_full", 3, "", "walk"), ("split_lean", 2, "bf16", "walk"),
-                                                        ("split_full", 0, "", "group"), ("split_lean", 2, "bf16", "group")])
+                                                        ("split_full", 0, "", "group,group"),
+                                                        ("split_lean", 2, "bf16", "group,walk")])
 def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch, pre):
     """The TTT-Linear ops' fake implementations (what torch.compile traces with) give every output's shape, dtype and
     strides as the kernels make them (torch.library.opcheck): the forward's (checkpoints, and the x^ rows the
@@ -332,12 +341,13 @@ def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch, pre):
     rows = batch_rows(2, 80, 8, 2, DEV)
     meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
     x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    fwd_args = (*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments, scratch, pre)
+    pre, post = pre.split(",") if "," in pre else (pre, "walk")
+    fwd_args = (*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments, scratch, pre, post)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_fwd, fwd_args, test_utils=("test_faketensor",))
     _, wT, cT, ckw, ckc, xh, rs = torch.ops.ttt.linear_chunk_fwd(*fwd_args)
     assert (xh.numel() > 0) == (pre == "group")
     args = (*x, ckw, ckc, xh, rs, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl,
-            [], segments, scratch)
+            [], segments, scratch, pre, post)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))
 
 

@@ -49,10 +49,10 @@ KERNELS = {
     "full": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="fused"),
     "full-segments": triton_backend.LinearKernels(bwd="split_full", group=2, bwd_segments=3),
     "lean-segments": triton_backend.LinearKernels(bwd="split_lean", group=2, bwd_segments=2),
-    # the backward's "group" pre pass (from the x^ rows the forward keeps, per document)
+    # the backward's "group" pre (and post) pass (from the x^ rows the forward keeps, per document)
     "lean-group": triton_backend.LinearKernels(bwd="split_lean", group=2, fwd="fused", bwd_pre="group"),
     "full-group-segments": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="split", bwd_segments=3,
-                                                        bwd_pre="group"),
+                                                        bwd_pre="group", bwd_post="group"),
     "regs": triton_backend.MLPKernels(impl="regs", group=2),
     "blocked": triton_backend.MLPKernels(impl="blocked", group=2),
 }

@@ -122,10 +122,11 @@ class LinearKernels:
     None for the default; bwd_warps: None, or (pre, chain, post), the backward's passes in whichever kernels run;
     bwd_segments: the time segments of the backward's pipelined launch (None: by size); bwd_scratch: the dtype of
     the backward's scratch rows between its passes, "fp32" or "bf16" (None: bf16 for bf16 inputs, else fp32;
-    `ttt_linear/bwd_split.py`'s `scratch_dtype`); bwd_pre: the backward's pre pass, "walk" (each checkpoint group
-    walked from its checkpoint) or "group" (no walk: the forward keeps the inner LayerNorm's x^ and 1/std rows, in
-    the scratch dtype, and the pre pass computes each group's rows at once from them; the Triton forward walks
-    only, checkpoint groups of at most 64 rows, e.g. group 4 at mini-batch 16; `bwd_split._pre_group_kernel`)."""
+    `ttt_linear/bwd_split.py`'s `scratch_dtype`); bwd_pre, bwd_post: the backward's pre and post passes, "walk"
+    (each checkpoint group walked from its checkpoint) or "group" (no walk: the forward keeps the inner LayerNorm's
+    x^ and 1/std rows, in the scratch dtype, and the pass computes each group's rows at once from them; the Triton
+    forward walks only, checkpoint groups of at most 64 rows, e.g. group 4 at mini-batch 16, and for bwd_post the
+    full chain; `bwd_split._pre_group_kernel`, `_post_group_kernel`)."""
 
     bwd: str = "auto"
     group: int = GROUP
@@ -136,14 +137,19 @@ class LinearKernels:
     bwd_segments: int | None = None
     bwd_scratch: str | None = None
     bwd_pre: str = "walk"
+    bwd_post: str = "walk"
 
     def __post_init__(self):
         _lin_bwd_split.scratch_dtype(self.bwd_scratch)
-        if self.bwd_pre not in _lin_bwd_split.PRES:
-            raise ValueError(f"LinearKernels.bwd_pre: expected one of {_lin_bwd_split.PRES}, got {self.bwd_pre!r}")
-        if self.bwd_pre == "group" and self.fwd.endswith("_gluon"):
-            raise ValueError(f"LinearKernels.bwd_pre: 'group' needs x^ rows that only the Triton forward keeps; got "
-                             f"fwd={self.fwd!r} (expected 'auto', 'fused' or 'split')")
+        for name in ("bwd_pre", "bwd_post"):
+            value = getattr(self, name)
+            if value not in _lin_bwd_split.PASSES:
+                raise ValueError(f"LinearKernels.{name}: expected one of {_lin_bwd_split.PASSES}, got {value!r}")
+            if value == "group" and self.fwd.endswith("_gluon"):
+                raise ValueError(f"LinearKernels.{name}: 'group' needs x^ rows that only the Triton forward keeps; got "
+                                 f"fwd={self.fwd!r} (expected 'auto', 'fused' or 'split')")
+        if self.bwd_post == "group" and self.bwd == "split_lean":
+            raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
         if self.fwd not in _lin_chunk.FWD_IMPLS:
@@ -157,15 +163,16 @@ class LinearKernels:
             _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode)
             for w in self.bwd_warps or ():
                 _lin_walks_gluon.check_warps(w, "LinearKernels.bwd_warps")
-        if self.bwd_pre == "group":
-            _lin_bwd_split.group_pre_rows(self.group, mini_batch)
+        for name in ("bwd_pre", "bwd_post"):
+            if getattr(self, name) == "group":
+                _lin_bwd_split.group_rows(self.group, mini_batch, f"LinearKernels.{name}")
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
         outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
                            x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
                            self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0,
-                           self.bwd_scratch or "", self.bwd_pre)
+                           self.bwd_scratch or "", self.bwd_pre, self.bwd_post)
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -417,13 +424,13 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, fwd_impl: str,
-                bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str, bwd_pre: str
+                bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str, bwd_pre: str, bwd_post: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
-    """o, W_T, c_T, and for a backward (save) the checkpoints W, c and (bwd_pre "group") the kept x^, 1/std rows;
-    empty tensors in the place of what is not kept."""
+    """o, W_T, c_T, and for a backward (save) the checkpoints W, c and (a "group" pre or post pass) the kept x^,
+    1/std rows; empty tensors in the place of what is not kept."""
     q, k, v = _same_strides(q, k, v)
-    keep = _lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype) if bwd_pre == "group" else None
+    keep = _lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype) if "group" in (bwd_pre, bwd_post) else None
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
                                    warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
@@ -434,14 +441,14 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
-      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre):
+      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post):
     B, T, H, d = q.shape
     SR = H if packed else B * H
     empty = lambda: q.new_empty(0, dtype=torch.float32)  # noqa: E731
     ck = (q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32)) \
         if save else (empty(), empty())
     kept = (q.new_empty((SR, T, d), dtype=_lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype)),
-            q.new_empty((SR, T), dtype=torch.float32)) if save and bwd_pre == "group" else (empty(), empty())
+            q.new_empty((SR, T), dtype=torch.float32)) if save and "group" in (bwd_pre, bwd_post) else (empty(), empty())
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
         torch.empty_like(c0), *ck, *kept
 
@@ -452,21 +459,22 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 xh: torch.Tensor, rs: torch.Tensor, do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int,
-                scratch: str) -> list[torch.Tensor]:
+                scratch: str, pre: str, post: str) -> list[torch.Tensor]:
     """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up); xh, rs:
-    the forward's kept rows (bwd_pre "group"), or empty."""
+    the forward's kept rows (a "group" pre or post pass), or empty."""
     q, k, v = _same_strides(q, k, v)
     ckpt = (ckw, ckc) + ((xh, rs) if xh.numel() else ())
     dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
         q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT.float(), dcT.float(), mini_batch, group,
         dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
-        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None)
+        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None,
+        pre=pre, post=post)
     return [dq, dk, dv, dw0, dc0, *parts]
 
 
 @_lin_bwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, xh, rs, do, dwT, dcT, span, packed, nmb, slots, covered,
-      mini_batch, group, dot_mode, impl, warps, segments, scratch):
+      mini_batch, group, dot_mode, impl, warps, segments, scratch, pre, post):
     B, T, H, d = q.shape
     N = dwT.shape[0]
     nck = cdiv(nmb, group)
@@ -479,17 +487,17 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, xh, rs, do, dwT, dcT, span
 
 def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
-     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre) = inputs
+     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[3:7], span)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
-                bwd_scratch)
+                bwd_scratch, bwd_pre, bwd_post)
     ctx.rows = W0.shape[0]
 
 
 def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc, _dxh, _drs):
     q, k, v, lr, tau, lnw, lnb, ckw, ckc, xh, rs, span = ctx.saved_tensors
     (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
-     bwd_scratch) = ctx.meta
+     bwd_scratch, bwd_pre, bwd_post) = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
     H, d = q.shape[2:]
@@ -499,10 +507,10 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc, _dxh, _drs):
     dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, xh, rs, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
-                                               bwd_warps, bwd_segments, bwd_scratch)
+                                               bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post)
     dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

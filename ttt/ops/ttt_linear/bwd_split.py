@@ -400,6 +400,59 @@ def _post_kernel(
 
 
 @triton.jit
+def _post_group_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, xh_ptr, rs_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
+    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GROUP: tl.constexpr, GT: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+):
+    """`_post_kernel`'s outputs without its walk, per checkpoint group (GT >= GROUP * MB rows) at once, from the
+    group's checkpoint W_g and the x^, 1/std the forward kept: dk = dk_a + dk_b + gam dgy + dZ W_g^T
+    - ((dZ G^T) * E) K with E_ij = tau_b lr_j for j in an earlier mini-batch of the group (each row's own W^T,
+    unrolled), dv = -gam dgy, the LN weights' sums."""
+    pid = tl.program_id(0) // NG
+    g = G_LO + tl.program_id(0) % NG
+    pid2 = pid * NCK + g
+    bi, hi = pid // H, pid % H
+    start, L, slot = _row(span_ptr, bi)
+    t0 = g * GROUP * MB
+    r = tl.arange(0, GT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tm = r < tl.minimum(GROUP * MB, L - t0)
+    m2 = tm[:, None] & cmask[None, :]
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
+    ck = (slot + g) * H + hi
+    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
+                mask=_when(cmask[:, None] & cmask[None, :], t0 < L), other=0.0)
+    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
+    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
+    sc_t = (bi * sc_b + hi) * T + start + t0
+    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
+
+    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
+    lr = tl.load(lr_ptr + bi * l_b + (start + t0 + r) * l_t + hi * l_h, mask=tm, other=0.0).to(tl.float32)
+    xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
+    vk = tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)
+    G = _proj(gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk), xh,
+              tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), cmask, D)
+    dZ = tl.load(dz_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
+    dgy = tl.load(dgy_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
+    E = tl.where(((r // MB)[:, None] > (r // MB)[None, :]) & tm[None, :], tau_b * lr[None, :], 0.0)
+    dk = tl.load(dka_ptr + sc_off, mask=m2, other=0.0).to(tl.float32) \
+        + tl.load(dkb_ptr + sc_off, mask=m2, other=0.0).to(tl.float32) + gam[None, :] * dgy \
+        + _dot(dZ, tl.trans(W), DOT_MODE) - _dot(_dot(dZ, tl.trans(G), DOT_MODE) * E, k, DOT_MODE)
+    tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=m2)
+    tl.store(dv_ptr + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+    tl.store(dlnw_ptr + pid2 * BD + rd, tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - vk), axis=0))
+    tl.store(dlnb_ptr + pid2 * BD + rd, tl.sum(dgy, axis=0) * gam)
+
+
+@triton.jit
 def _chain_lean_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr,
     dwT_ptr, dcT_ptr,
@@ -629,29 +682,32 @@ def scratch_dtype(scratch: str | None, dtype: torch.dtype | None = None) -> torc
 # (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
 # faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
 WARPS = (4, 4, 4)
-# The "group" pre pass (`_pre_group_kernel`, from the x^ rows the forward kept): the most rows of a checkpoint group it
-# takes (one program holds the group's rows), its warps
-GROUP_PRE_MAX_ROWS, GROUP_PRE_WARPS = 64, 8
-PRES = ("walk", "group")
+# The pre and post passes per checkpoint group at once ("group": `_pre_group_kernel`, `_post_group_kernel`, from the
+# x^ rows the forward kept) or walking each group ("walk"); the most rows of a group they take (one program holds
+# the group's rows) and their warps (pre, post)
+PASSES = ("walk", "group")
+GROUP_MAX_ROWS, GROUP_WARPS = 64, (8, 8)
 
 
-def group_pre_rows(group: int, mini_batch: int) -> int:
-    """The rows GT (`tile`) of a checkpoint group in the "group" pre pass; a one-line error above
-    GROUP_PRE_MAX_ROWS."""
+def group_rows(group: int, mini_batch: int, arg: str = "LinearKernels.bwd_pre") -> int:
+    """The rows GT (`tile`) of a checkpoint group in a "group" pass; a one-line error naming `arg` above
+    GROUP_MAX_ROWS."""
     GT = tile(group * mini_batch)
-    if GT > GROUP_PRE_MAX_ROWS:
-        raise ValueError(f"LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most {GROUP_PRE_MAX_ROWS} "
-                         f"rows (LinearKernels.group x the mini-batch), got {group} mini-batches of {mini_batch}")
+    if GT > GROUP_MAX_ROWS:
+        raise ValueError(f"{arg}: 'group' takes checkpoint groups of at most {GROUP_MAX_ROWS} rows "
+                         f"(LinearKernels.group x the mini-batch), got {group} mini-batches of {mini_batch}")
     return GT
 
 
-def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> tuple[bool, int]:
+def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None, post: str = "walk") -> tuple[bool, int]:
     """(lean, segments) of a backward over n rows x H heads of nck checkpoint groups (the longest row's), the
     defaults filled in: lean when n*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full
-    where the parallel passes do); one segment for at most SHORT_GROUPS groups, else SEGMENTS; never more
-    segments than groups."""
+    where the parallel passes do) unless the post pass is "group" (the full chain's post pass only); one segment
+    for at most SHORT_GROUPS groups, else SEGMENTS; never more segments than groups."""
+    if lean and post == "group":
+        raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
     if lean is None:
-        lean = n * H <= LEAN_MAX_PROGRAMS
+        lean = n * H <= LEAN_MAX_PROGRAMS and post != "group"
     if segments is None:
         segments = 1 if nck <= SHORT_GROUPS else SEGMENTS
     return lean, max(1, min(segments, nck))
@@ -659,7 +715,7 @@ def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> t
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
               warps=None, info=None, lean=None, segments=None, rows: Rows | None = None, gluon: bool = False,
-              scratch: str | None = None):
+              scratch: str | None = None, pre: str = "walk", post: str = "walk"):
     """The split backward's launches (`chunk.bwd` is its contract): dq, dk, dv, dW0, dc0 and the passes' partial
     sums of dlr, dtau, dln_w, dln_b, which `sums` adds up (apart, so that the op's autograd formula traces them
     under torch.compile: Inductor fuses what would be a dozen eager reductions per call). warps: (pre, chain,
@@ -672,8 +728,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
     `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take).
     scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`). ckpt: the forward's
-    (W, c) checkpoints, and when it kept them (`chunk.fwd`'s keep, in the scratch dtype) its x^ and 1/std rows:
-    then the pre pass is `_pre_group_kernel` (no walk; Triton, also beside the Gluon chain and post pass)."""
+    (W, c) checkpoints, and where it kept them (`chunk.fwd`'s keep, in the scratch dtype) its x^ and 1/std rows,
+    which a "group" pre or post pass needs (`PASSES`: Triton, also beside the Gluon chain)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
@@ -683,12 +739,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
-    lean, nseg = plan(N, H, nck, lean, segments)
+    lean, nseg = plan(N, H, nck, lean, segments, post)
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
     ckw, ckc = ckpt[:2]
     kept = len(ckpt) == 4
-    GT = group_pre_rows(group, b) if kept else 0
+    if (pre == "group" or post == "group") and not kept:
+        raise ValueError("LinearKernels.bwd_pre / bwd_post: 'group' needs the x^ rows the forward keeps (keep=)")
+    GT = group_rows(group, b) if kept else 0
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
@@ -720,14 +778,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     span = rows.span
     launched = {}
 
-    def pre(s):
+    def launch_pre(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        if kept:
+        if pre == "group":
             launched["ttt_linear_bwd_pre"] = _pre_group_kernel[(N * H * ng,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, xh, rs,
                 dq, gg, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng,
                 GROUP=group, GT=GT, EPS=eps, STORE_G=lean,
-                num_warps=warps[0] if user_warps else GROUP_PRE_WARPS, **meta)
+                num_warps=warps[0] if user_warps else GROUP_WARPS[0], **meta)
             return
         args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
                 dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
@@ -738,7 +796,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
                 *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
 
-    def chain(s):
+    def launch_chain(s):
         n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)
         wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
         wo, co = (dw0, dc0) if s == 0 else (cw, cc)
@@ -758,9 +816,14 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
                 *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, GROUP=group, num_warps=warps[1], **meta)
 
-    def post(s):
+    def launch_post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        if lean:
+        if post == "group":
+            launched["ttt_linear_bwd_post"] = _post_group_kernel[(N * H * ng,)](
+                k, v, lr, tau, ln_weight, ln_bias, ckw, xh, rs, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
+                *strides, H, nck, T, g0, ng, D=d, BD=BD, MB=b, GROUP=group, GT=GT, DOT_MODE=dot_mode,
+                num_warps=warps[2] if user_warps else GROUP_WARPS[1])
+        elif lean:
             launched["ttt_linear_bwd_post"] = _post_lean_kernel[(N * H * ng,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka,
                 dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
@@ -782,22 +845,22 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         s_chain.wait_stream(main)
         s_post.wait_stream(main)
         for s in reversed(range(nseg)):
-            pre(s)
+            launch_pre(s)
             e = main.record_event()
             with torch.cuda.stream(s_chain):
                 s_chain.wait_event(e)
-                chain(s)
+                launch_chain(s)
                 e = s_chain.record_event()
             with torch.cuda.stream(s_post):
                 s_post.wait_event(e)
-                post(s)
+                launch_post(s)
         main.wait_stream(s_chain)
         main.wait_stream(s_post)
     else:
         for s in reversed(range(nseg)):
-            pre(s)
-            chain(s)
-            post(s)
+            launch_pre(s)
+            launch_chain(s)
+            launch_post(s)
     if info is not None:
         info.update(launched)
     return dq, dk, dv, dw0, dc0, (dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b)

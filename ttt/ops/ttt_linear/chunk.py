@@ -274,17 +274,19 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
         dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-        segments: int | None = None, rows: Rows | None = None):
+        segments: int | None = None, rows: Rows | None = None, pre: str = "walk", post: str = "walk"):
     """Gradients of `fwd` (`bwd_split.py`) over the same rows. do [B,T,H,d]; dwT [N,H,d,d], dcT [N,H,d] (fp32)
     the gradients of the final state. Returns dq, dk, dv (q's dtype; zero at tokens in no row), dlr [B,T,H] fp32,
     dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl: "split" (the lean chain when
     N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
     (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
-    size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`."""
+    size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`; pre, post: the pre and post passes per checkpoint
+    group at once ("group", from the rows `fwd` kept: ckpt has four entries) or walking each group ("walk").
+    `bwd_parts` is the same before the partial sums are added up."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     dq, dk, dv, dw0, dc0, parts = bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch,
-                                            group, dot_mode, impl, warps, info, segments, rows)
+                                            group, dot_mode, impl, warps, info, segments, rows, pre=pre, post=post)
     return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n), dw0, dc0)
 
 
@@ -300,28 +302,29 @@ def bwd_impl(impl: str, d: int, mini_batch: int, dtype: torch.dtype, dot_mode: i
     return "split_gluon" if hopper(device) and walks_gluon.takes(d, mini_batch, dtype, dot_mode) else "split"
 
 
-def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
-    """(lean, segments) that `bwd_parts` runs with for impl (not "auto": `bwd_impl` resolves it) and segments
-    (`bwd_split.plan`)."""
+def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None, post: str = "walk") -> tuple[bool, int]:
+    """(lean, segments) that `bwd_parts` runs with for impl (not "auto": `bwd_impl` resolves it), segments and the
+    post pass (`bwd_split.plan`)."""
     if impl not in BWD_IMPLS[1:]:
         raise ValueError(f"impl: expected one of {BWD_IMPLS[1:]}, got {impl!r}")
     return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False, "split_gluon": False}[impl],
-                          segments)
+                          segments, post)
 
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
               dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-              segments: int | None = None, rows: Rows | None = None, scratch: str | None = None):
+              segments: int | None = None, rows: Rows | None = None, scratch: str | None = None, pre: str = "walk",
+              post: str = "walk"):
     """`bwd` before its reductions: dq, dk, dv, dW0, dc0 and the partial sums that `bwd_split.sums` adds up
     into dlr, dtau, dln_w, dln_b (the op's autograd formula adds them in traced code)."""
     B, T, H, _ = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     impl = bwd_impl(impl, q.shape[-1], mini_batch, q.dtype, dot_mode, q.device)
-    lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
+    lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments, post)
     if impl == "split_gluon":
         walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                                dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
                                info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon",
-                               scratch=scratch)
+                               scratch=scratch, pre=pre, post=post)
