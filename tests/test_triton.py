@@ -300,30 +300,24 @@ def test_gpu_linear_nonfinite_both_forwards(fwd):
     assert torch.equal(o[:, :150], o_clean[:, :150]) and torch.isnan(o[:, 150:]).all()
 
 
+# the backward's kernel choices on the GPU: both Triton chains; the "group" pre pass beside the default chain and
+# post pass (Gluon on Hopper for 16-bit inputs) in groups of 4 and 2 mini-batches; both "group" passes beside the
+# default and the Triton full chain (bf16: scratch and kept x^ rows in bf16)
+GPU_BWD = {"lean": dict(bwd="split_lean"), "full": dict(bwd="split_full"),
+           "pre-4": dict(bwd_pre="group", group=4), "pre-2": dict(bwd_pre="group", group=2),
+           "passes-4": dict(bwd_pre="group", bwd_post="group", group=4),
+           "full-passes-4": dict(bwd="split_full", bwd_pre="group", bwd_post="group", group=4)}
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
-@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
-def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
+@pytest.mark.parametrize("kernels", list(GPU_BWD))
+def test_gpu_linear_split_bwd(dtype, tol, d, pos, kernels):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
-            linear=triton_backend.LinearKernels(bwd=impl))
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
-@pytest.mark.parametrize("impl", ["auto", "split_full"])
-def test_gpu_linear_group_passes(dtype, tol, d, pos, impl):
-    """The "group" pre pass on the GPU beside the default chain and post pass (Gluon on Hopper for 16-bit inputs)
-    and the Triton full chain, then both "group" passes, in groups of 4 and 2 mini-batches; bf16 with its scratch
-    (and kept x^) rows in bf16."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for group, post in ((4, "walk"), (2, "walk"), (4, "group")):
-        compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
-                linear=triton_backend.LinearKernels(bwd=impl, bwd_pre="group", bwd_post=post, group=group))
+            linear=triton_backend.LinearKernels(**GPU_BWD[kernels]))
 
 
 @pytest.mark.parametrize("impl,segments,scratch,pre", [("split_lean", 0, "", "walk"), ("split_full", 0, "", "walk"),
