@@ -23,6 +23,9 @@ terms since the forward left it uncommitted):
     and stores dZ, dk_b, dgy as [T, d] scratch rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W (and x^) per mini-batch from the checkpoint; dk = dk_a + dk_b + gam dgy
     + dZ W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs no dW' leaves the chain.
+(a) and (c) without their walks (`PASSES` "group": `_pre_group_kernel`, `_post_group_kernel`; opt-in): where the
+forward kept x^ and 1/std, G is row-wise and each mini-batch's W is the checkpoint's minus the group's earlier
+updates, so one program computes a whole group (at most GROUP_MAX_ROWS rows) with causal products instead.
 Memory: the forward's checkpoints plus seven [B, H, T, d] scratch tensors (bf16 for bf16 inputs, else fp32:
 `scratch_dtype`; every kernel loads them into fp32) and a few fp32 [B, H, T] ones (packed rows: [H, T, d], each
 document's rows at its own tokens); nothing of size d x d per mini-batch.
@@ -211,7 +214,6 @@ def _pre_group_kernel(
     if STORE_G:
         tl.store(g_ptr + sc_off, G, mask=m2)
     G = _operand(G, DOT_MODE)
-    # (the masks recomputed at each use: [GT, GT] booleans kept live cost registers)
     E = tl.where(_causal(r, tm), tl.where(_same(r, MB), tau_i[:, None], tau_b) * lr[None, :], 0.0)
     QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
     Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(E * QK1, G, DOT_MODE)

@@ -214,8 +214,9 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
     unless given. keep (with save): a dtype, in which the forward also keeps every token's x^ of the inner
-    LayerNorm (and its 1/std in fp32) as [B*H or H, T, d] rows for the backward's pre pass (`bwd_split`'s
-    "group" pre pass), returned after the checkpoints; the Triton walks only ("auto" then never picks Gluon)."""
+    LayerNorm (and its 1/std in fp32) as [B*H or H, T, d] rows for the backward (`bwd_split`'s
+    "group" pre and post passes), returned after the checkpoints; the Triton walks only ("auto" then never picks
+    Gluon)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
