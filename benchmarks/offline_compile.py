@@ -142,6 +142,8 @@ def linear_kernels(d: int, b: int, dot: int):
             tag, cap = "" if w == lin_walks_gluon.warps(d) else f" x{w}", [opts["maxnreg"]] if "maxnreg" in opts else []
             out += [(f"fwd (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), w, 1, *cap),
                     (f"fwd split walk (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), w, 1, *cap),
+                    (f"fwd split walk keep (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False, KEEP=True), w,
+                     1, *cap),
                     (f"split pre (gluon){tag}", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
                                                                                STORE_G=False), w, 1, *cap),
                     (f"split chain (gluon){tag}", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP), w, 1,

@@ -124,9 +124,9 @@ class LinearKernels:
     the backward's scratch rows between its passes, "fp32" or "bf16" (None: bf16 for bf16 inputs, else fp32;
     `ttt_linear/bwd_split.py`'s `scratch_dtype`); bwd_pre, bwd_post: the backward's pre and post passes, "walk"
     (each checkpoint group walked from its checkpoint) or "group" (no walk: the forward keeps the inner LayerNorm's
-    x^ and 1/std rows, in the scratch dtype, and the pass computes each group's rows at once from them; the Triton
-    forward walks only, checkpoint groups of at most 64 rows, e.g. group 4 at mini-batch 16, and for bwd_post the
-    full chain; `bwd_split._pre_group_kernel`, `_post_group_kernel`)."""
+    x^ and 1/std rows, in the scratch dtype, and the pass computes each group's rows at once from them; checkpoint
+    groups of at most 64 rows, e.g. group 4 at mini-batch 16, and for bwd_post the full chain;
+    `bwd_split._pre_group_kernel`, `_post_group_kernel`)."""
 
     bwd: str = "auto"
     group: int = GROUP
@@ -145,9 +145,6 @@ class LinearKernels:
             value = getattr(self, name)
             if value not in _lin_bwd_split.PASSES:
                 raise ValueError(f"LinearKernels.{name}: expected one of {_lin_bwd_split.PASSES}, got {value!r}")
-            if value == "group" and self.fwd.endswith("_gluon"):
-                raise ValueError(f"LinearKernels.{name}: 'group' needs x^ rows that only the Triton forward keeps; got "
-                                 f"fwd={self.fwd!r} (expected 'auto', 'fused' or 'split')")
         if self.bwd_post == "group" and self.bwd == "split_lean":
             raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
         if self.bwd not in _lin_chunk.BWD_IMPLS:

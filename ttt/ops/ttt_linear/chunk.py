@@ -215,8 +215,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
     unless given. keep (with save): a dtype, in which the forward also keeps every token's x^ of the inner
     LayerNorm (and its 1/std in fp32) as [B*H or H, T, d] rows for the backward (`bwd_split`'s
-    "group" pre and post passes), returned after the checkpoints; the Triton walks only ("auto" then never picks
-    Gluon)."""
+    "group" pre and post passes), returned after the checkpoints."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
@@ -224,11 +223,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     keep = keep if save else None
     if impl.endswith("_gluon"):
         walks_gluon.check(d, mini_batch, q.dtype, dot_mode, f"fwd={impl!r}")
-        if keep is not None:
-            raise ValueError(f"LinearKernels.fwd: {impl!r} keeps no x^ rows for LinearKernels.bwd_pre='group'; "
-                             f"expected 'auto', 'fused' or 'split'")
-    gluon = impl.endswith("_gluon") or (impl == "auto" and split and keep is None and hopper(q.device)
-                                        and warps in (None, *walks_gluon.WARPS)
+    gluon = impl.endswith("_gluon") or (impl == "auto" and split and hopper(q.device) and warps in (None, *walks_gluon.WARPS)
                                         and walks_gluon.takes(d, mini_batch, q.dtype, dot_mode))
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
@@ -250,9 +245,9 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
     if gluon:
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, xh, rs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
-            SAVE=save or split, OUT=not split, EPS=LN_EPS,
+            SAVE=save or split, OUT=not split, EPS=LN_EPS, KEEP=keep is not None,
             **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
