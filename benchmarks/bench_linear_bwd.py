@@ -12,9 +12,10 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
     python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
     python3 -m benchmarks.bench_linear_bwd --no-check --variants split_gluon split_gluon:8,8,8 \
         --fwd-impls split_gluon split_gluon:8 --shapes 16x2048x12x64     # the Gluon kernels at 8 warps
-    python3 -m benchmarks.bench_linear_bwd --no-check --variants auto auto::::group:4 auto::::group,group:4 \
+    python3 -m benchmarks.bench_linear_bwd --no-check --variants auto auto::::group auto::::group,group \
         --shapes 16x2048x12x64      # the pre (and post) pass walking each checkpoint group, or (bwd_pre /
-        # bwd_post "group", checkpoints every 4 mini-batches) each group's rows at once from the x^ rows kept
+        # bwd_post "group", checkpoints every 4 mini-batches by default) each group's rows at once from the x^ rows
+        # the forward kept
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from benchmarks.common import bench, kernel_times, make, rel, run
 from ttt.ops import TTTState
-from ttt.ops.triton_backend import GROUP, LinearKernels
+from ttt.ops.triton_backend import LinearKernels
 
 SHAPES = [(16, 2048, 32, 64), (4, 8192, 32, 64), (1, 32768, 32, 64), (4, 8192, 12, 64)]
 
@@ -38,7 +39,7 @@ def kernels(impl, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", gr
     bwd_pre, _, bwd_post = pre.partition(",")
     return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd,
                                                      bwd_scratch=scratch, bwd_pre=bwd_pre, bwd_post=bwd_post or "walk",
-                                                     group=group or GROUP)
+                                                     group=group)
 
 
 def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", group=None):
@@ -55,7 +56,8 @@ NAMES = ["o", "W_T", "c_T", "dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "
 def check(B, T, H, d, dtype, pos, impls, scratches=()):
     """Every variant's output, final state and gradients against the dual form on fp32 copies of the same
     (rounded) inputs; in 16 bits each impl also with the backward's scratch in each of `scratches` (the
-    default forward), and with the "group" pre and post passes (groups of 4) after either Triton forward."""
+    default forward), and with the "group" pre and post passes (groups of 4: `LinearKernels.passes`) after either
+    Triton forward."""
     leaves, st = make("linear", B, T, H, d, dtype, pos=pos, grad=True)
     ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
     ref_st = replace(st, params=TTTState.initial("linear", ref_leaves[7:], B).params)
@@ -68,7 +70,7 @@ def check(B, T, H, d, dtype, pos, impls, scratches=()):
     runs += [(i, "auto", s, "walk") for i in impls for s in scratches] if dtype != torch.float32 else []
     runs += [(i, f, None, "group" if i == "split_lean" else "group,group") for i in impls for f in ("fused", "split")]
     for impl, fwd, scratch, pre in runs:
-        got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch, pre=pre, group=4 if pre == "group" else None)
+        got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch, pre=pre)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
         worst = max(errs.values())
         ok &= worst <= tol
@@ -99,7 +101,7 @@ def main():
                          "split_full, split_gluon (the full chain in Gluon), each as IMPL:PRE,CHAIN,POST (warps), "
                          "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS, the backward's scratch dtype: "
                          "IMPL:::bf16, its pre (and post) pass: IMPL::::group or IMPL::::group,group, and the "
-                         "checkpoint group last: IMPL::::group:4")
+                         "checkpoint group last: IMPL::::group:4 (None: `LinearKernels.passes`)")
     ap.add_argument("--scratch", nargs="*", default=[], help="also check each impl with these bwd_scratch dtypes")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")

@@ -158,15 +158,39 @@ def test_linear_kernels_choice_is_checked():
     with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
                        r"'auto_gluon', 'fused_gluon', 'split_gluon'\), got 'x'"):
         triton_backend.LinearKernels(fwd="x")
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: expected one of \('walk', 'group'\), got 'rows'$"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: expected one of \('walk', 'group', 'auto'\), got "
+                       r"'rows'$"):
         triton_backend.LinearKernels(bwd_pre="rows")
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: expected one of \('walk', 'group'\), got 'x'$"):
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: expected one of \('walk', 'group', 'auto'\), got "
+                       r"'x'$"):
         triton_backend.LinearKernels(bwd_post="x")
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: 'group' is the full chain's post pass; got "
                        r"bwd='split_lean'$"):
         triton_backend.LinearKernels(bwd_post="group", bwd="split_lean")
     with pytest.raises(ValueError, match=r"^LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most 64"):
-        triton_backend.LinearKernels(bwd_pre="group").check(64, 16, torch.bfloat16)  # (the default group: 8)
+        triton_backend.LinearKernels(bwd_pre="group", group=8).check(64, 16, torch.bfloat16)
+
+
+def test_linear_kernels_passes():
+    """(checkpoint group, pre, post) by mini-batch size: the walks in groups of 8 by default; "group" passes in as
+    many mini-batches as fill 64 rows unless a group is given; "auto" takes them where the group fits (the post
+    pass not beside the lean chain)."""
+    LK = triton_backend.LinearKernels
+    assert LK().passes(16) == (8, "walk", "walk") and LK().checkpoint_group(16) == 8
+    assert LK(bwd_pre="group").passes(16) == (4, "group", "walk")
+    assert LK(bwd_pre="auto", bwd_post="auto").passes(16) == (4, "group", "group")
+    assert LK(bwd_pre="auto", bwd_post="auto").passes(8) == (4, "group", "group")  # (8 rows pad to 16)
+    assert LK(bwd_pre="auto", bwd_post="auto").passes(64) == (1, "group", "group")
+    assert LK(bwd_pre="auto", bwd_post="auto").passes(128) == (8, "walk", "walk")
+    assert LK(bwd_pre="auto", bwd_post="auto", group=8).passes(16) == (8, "walk", "walk")
+    assert LK(bwd_pre="auto", bwd_post="auto", group=2).passes(16) == (2, "group", "group")
+    assert LK(bwd_pre="auto", bwd_post="auto", bwd="split_lean").passes(16) == (4, "group", "walk")
+
+
+def test_linear_auto_passes_match_dual():
+    """The "auto" passes through the backend (groups of 4 mini-batches of 8, padded to 16 rows each)."""
+    compare("linear", B=2, T=150, H=1, d=16, b=8, pos=3,
+            linear=triton_backend.LinearKernels(bwd_pre="auto", bwd_post="auto"))
 
 
 

@@ -46,6 +46,7 @@ from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as
     step_triton as _mlp_step_triton
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
+PASSES = _lin_bwd_split.PASSES + ("auto",)  # LinearKernels.bwd_pre / bwd_post (`LinearKernels.passes`)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
 # chunk_smem.py (weights in shared memory, wgmma, Hopper; the default in 16 bits there at head dims 64 and 128)
 MLP_IMPLS = ("regs", "blocked", "smem")
@@ -118,18 +119,19 @@ class LinearKernels:
     where those kernels take the shapes on a Hopper GPU, else "split", `chunk.bwd_impl`); the Gluon kernels
     (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and 4 or 8 warps (by
     default their own, `walks_gluon.launch`; `RunOptions.linear_gluon` asks for them in a model); group:
-    mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
+    mini-batches per weight checkpoint (None: GROUP, or as many as fill a "group" pass's 64 rows where one runs:
+    `passes`); dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
     None for the default; bwd_warps: None, or (pre, chain, post), the backward's passes in whichever kernels run;
     bwd_segments: the time segments of the backward's pipelined launch (None: by size); bwd_scratch: the dtype of
     the backward's scratch rows between its passes, "fp32" or "bf16" (None: bf16 for bf16 inputs, else fp32;
     `ttt_linear/bwd_split.py`'s `scratch_dtype`); bwd_pre, bwd_post: the backward's pre and post passes, "walk"
-    (each checkpoint group walked from its checkpoint) or "group" (no walk: the forward keeps the inner LayerNorm's
+    (each checkpoint group walked from its checkpoint), "group" (no walk: the forward keeps the inner LayerNorm's
     x^ and 1/std rows, in the scratch dtype, and the pass computes each group's rows at once from them; checkpoint
     groups of at most 64 rows, e.g. group 4 at mini-batch 16, and for bwd_post the full chain;
-    `bwd_split._pre_group_kernel`, `_post_group_kernel`)."""
+    `bwd_split._pre_group_kernel`, `_post_group_kernel`) or "auto" ("group" where the group fits, `passes`)."""
 
     bwd: str = "auto"
-    group: int = GROUP
+    group: int | None = None
     fwd: str = "auto"
     dot_mode: int | None = None
     fwd_warps: int | None = None
@@ -143,8 +145,8 @@ class LinearKernels:
         _lin_bwd_split.scratch_dtype(self.bwd_scratch)
         for name in ("bwd_pre", "bwd_post"):
             value = getattr(self, name)
-            if value not in _lin_bwd_split.PASSES:
-                raise ValueError(f"LinearKernels.{name}: expected one of {_lin_bwd_split.PASSES}, got {value!r}")
+            if value not in PASSES:
+                raise ValueError(f"LinearKernels.{name}: expected one of {PASSES}, got {value!r}")
         if self.bwd_post == "group" and self.bwd == "split_lean":
             raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
         if self.bwd not in _lin_chunk.BWD_IMPLS:
@@ -160,16 +162,36 @@ class LinearKernels:
             _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode)
             for w in self.bwd_warps or ():
                 _lin_walks_gluon.check_warps(w, "LinearKernels.bwd_warps")
-        for name in ("bwd_pre", "bwd_post"):
-            if getattr(self, name) == "group":
-                _lin_bwd_split.group_rows(self.group, mini_batch, f"LinearKernels.{name}")
+        group, pre, post = self.passes(mini_batch)
+        for name, value in (("bwd_pre", pre), ("bwd_post", post)):
+            if value == "group":
+                _lin_bwd_split.group_rows(group, mini_batch, f"LinearKernels.{name}")
+
+    def passes(self, mini_batch: int) -> tuple[int, str, str]:
+        """(checkpoint group, pre pass, post pass) at this mini-batch size. group None: as many mini-batches as fill
+        a "group" pass's rows (`bwd_split.GROUP_MAX_ROWS`: 4 of 16) where a pass runs "group", else GROUP. "auto"
+        passes run "group" where the group's rows fit (the post pass not beside bwd="split_lean"), else "walk"."""
+        fill = max(1, _lin_bwd_split.GROUP_MAX_ROWS // tile(mini_batch))
+        group = fill if self.group is None else self.group
+        fits = tile(group * mini_batch) <= _lin_bwd_split.GROUP_MAX_ROWS
+        pre = "group" if self.bwd_pre == "group" or (self.bwd_pre == "auto" and fits) else "walk"
+        post = "group" if self.bwd_post == "group" or (self.bwd_post == "auto" and fits and self.bwd != "split_lean") \
+            else "walk"
+        if self.group is None and pre == post == "walk":
+            group = GROUP
+        return group, pre, post
+
+    def checkpoint_group(self, mini_batch: int) -> int:
+        """Mini-batches per weight checkpoint at this mini-batch size (`passes`)."""
+        return self.passes(mini_batch)[0]
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
+        group, pre, post = self.passes(x.mini_batch)
         outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
-                           x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
+                           x.mini_batch, group, save, -1 if self.dot_mode is None else self.dot_mode,
                            self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0,
-                           self.bwd_scratch or "", self.bwd_pre, self.bwd_post)
+                           self.bwd_scratch or "", pre, post)
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -195,6 +217,10 @@ class MLPKernels:
     def __post_init__(self):
         if self.impl is not None and self.impl not in MLP_IMPLS:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
+
+    def checkpoint_group(self, mini_batch: int) -> int:
+        """Mini-batches per weight checkpoint (any mini-batch size)."""
+        return self.group
 
     def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
         """The head dim d the chosen kernels take (every pair takes packed documents); a one-line error."""
@@ -341,7 +367,7 @@ class TritonOp(TTTOp):
         rest = [n - h for n, h in zip(lengths, heads)]
         if not any(rest):
             return o_head, TTTState(state.kind, state.params, state.accum, end)
-        group, dev = self.kernels.group, x.q.device
+        group, dev = self.kernels.checkpoint_group(b), x.q.device
         if pk is None:
             rows = batch_rows(B, T, b, group, dev, start=heads[0])
         elif any(heads):

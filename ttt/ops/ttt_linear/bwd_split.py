@@ -746,6 +746,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     BD, BT = tile(d), tile(b)
     ckw, ckc = ckpt[:2]
     kept = len(ckpt) == 4
+    if pre not in PASSES or post not in PASSES:
+        raise ValueError(f"pre, post: expected each one of {PASSES}, got {pre!r}, {post!r}")
     if (pre == "group" or post == "group") and not kept:
         raise ValueError("LinearKernels.bwd_pre / bwd_post: 'group' needs the x^ rows the forward keeps (keep=)")
     GT = group_rows(group, b) if kept else 0
