@@ -294,8 +294,9 @@ def test_packed_call_derives_only_what_the_kernels_read():
     leaves, st = packed_case("linear", lens, "fresh")
     pk = packing(cu_of(lens), sum(lens), DEV)
     run(resolve_op("linear", "triton", DEV, torch.float32), leaves, st, pk)
-    assert set(pk.memo) == {("ttt_rows", B_MB, triton_backend.GROUP), ("ttt_tails", B_MB)}
-    rows = pk.memo[("ttt_rows", B_MB, triton_backend.GROUP)]
+    group = triton_backend.LinearKernels().checkpoint_group(B_MB)  # the default kernels' checkpoint group
+    assert set(pk.memo) == {("ttt_rows", B_MB, group), ("ttt_tails", B_MB)}
+    rows = pk.memo[("ttt_rows", B_MB, group)]
     assert rows.span.dtype == torch.int32 and rows.span.tolist() == [[0, 5, 0], [5, 21, 1], [21, 48, 2]]
     win = pk.memo[("ttt_tails", B_MB)]  # the last L % b tokens of each document
     assert win.valid.sum(1).tolist() == [5, 0, 3] and win.tokens[win.valid].tolist() == [0, 1, 2, 3, 4, 45, 46, 47]
