@@ -210,9 +210,17 @@ def _ln_l2_grad(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
     """d/dz of the inner loss 0.5 ||LN(z) - (v - k)||^2 in closed form (docs/math.md §2), row-wise: G, and x^,
     1/std, gy = gam (gam x^ + bet - (v - k)) and mean(gy x^), which its backward (`_ln_l2_grad_bwd`) reuses."""
     xh, rstd = _normalize(z, cmask, D, EPS)
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
+    G, gy, mgx = _ln_l2_grad_at(xh, rstd, v - k, gam, bet, cmask, D)
+    return G, xh, rstd, gy, mgx
+
+
+@triton.jit
+def _ln_l2_grad_at(xh, rstd, vk, gam, bet, cmask, D: tl.constexpr):
+    """`_ln_l2_grad` from the normalised rows x^ and 1/std (kept from a forward: no product) and the target
+    vk = v - k: G, gy, mean(gy x^)."""
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk)
     sg, sgx = tl.reduce((gy, gy * xh), 1, _add2)
-    return _proj_from(gy, xh, rstd, sg, sgx, cmask, D), xh, rstd, gy, sgx / D
+    return _proj_from(gy, xh, rstd, sg, sgx, cmask, D), gy, sgx / D
 
 
 @triton.jit

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from . import walks_gluon
-from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
-                            _offsets, _operand, _proj, _row, _tiles, _when, batch_rows, tile)
+from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_at, _ln_l2_grad_bwd, _load_mb,
+                            _mb_masks, _normalize, _offsets, _operand, _proj, _row, _tiles, _when, batch_rows, tile)
 
 
 @triton.jit
@@ -149,6 +149,39 @@ def _pre_kernel(
 
 
 @triton.jit
+def _group_block(span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
+                 sc_b, T, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GROUP: tl.constexpr,
+                 GT: tl.constexpr):
+    """A "group" pass's program, one per (row, head, checkpoint group) of a launch over groups [G_LO, G_LO + NG): its
+    row of the partial sums pid2, the group's rows r [GT] and real ones tm (none where a shorter row has no such
+    group), columns rd, cmask and their [GT, BD] mask, the LN weight and bias (fp32), the group's checkpoint W, the
+    element offsets of its rows in the inputs (x_off), the outputs (out_off) and lr, and the scratch rows' first
+    token sc_t and offsets sc_off; ck (the checkpoint's slot) and has (the row has the group) for more loads."""
+    pid = tl.program_id(0) // NG
+    g = G_LO + tl.program_id(0) % NG
+    bi, hi = pid // H, pid % H
+    start, L, slot = _row(span_ptr, bi)
+    t0 = g * GROUP * MB  # the group's first token in the row
+    r = tl.arange(0, GT)
+    rd = tl.arange(0, BD)
+    cmask = rd < D
+    tm = r < tl.minimum(GROUP * MB, L - t0)
+    m2 = tm[:, None] & cmask[None, :]
+    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    ck = (slot + g) * H + hi
+    has = t0 < L
+    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
+                mask=_when(cmask[:, None] & cmask[None, :], has), other=0.0)
+    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
+    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
+    lr_off = bi * l_b + (start + t0 + r) * l_t + hi * l_h
+    sc_t = (bi * sc_b + hi) * T + start + t0  # scratch rows [B*H or H, T, D]: the group's first token
+    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
+    return pid * NCK + g, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off
+
+
+@triton.jit
 def _causal(r, tm):
     """[GT, GT]: row j is at or before row i, and real."""
     return (r[:, None] >= r[None, :]) & tm[None, :]
@@ -177,40 +210,19 @@ def _pre_group_kernel(
       dq = dO + dZb W_g^T + (dP * E) K      (each row's own W^T, unrolled over the group)
     and, within each mini-batch only (as the walk): dA = dP * E, dk_a = dA^T Q, dG0 = -(E * (Q K^T + 1))^T dZb,
     dE = dP * (Q K^T + 1) -> dtau_i, dlr_j."""
-    pid = tl.program_id(0) // NG
-    g = G_LO + tl.program_id(0) % NG
-    pid2 = pid * NCK + g  # this program's row of the partial sums
-    bi, hi = pid // H, pid % H
-    start, L, slot = _row(span_ptr, bi)
-    t0 = g * GROUP * MB  # the group's first token in the row
-    r = tl.arange(0, GT)  # the group's rows
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tm = r < tl.minimum(GROUP * MB, L - t0)  # (none where a shorter row has no such group)
-    m2 = tm[:, None] & cmask[None, :]
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    pid2, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off = _group_block(
+        span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, T,
+        D, BD, MB, GROUP, GT)
     tau_i = tl.load(tau_ptr + r % MB).to(tl.float32)
     tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    ck = (slot + g) * H + hi
-    has = t0 < L
-    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
-                mask=_when(cmask[:, None] & cmask[None, :], has), other=0.0)
     c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
-    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
-    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
-    lr_off = bi * l_b + (start + t0 + r) * l_t + hi * l_h
-    sc_t = (bi * sc_b + hi) * T + start + t0  # scratch rows [B*H or H, T, D]: the group's first token
-    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
-
     q = tl.load(q_ptr + x_off, mask=m2, other=0.0)  # q, k in the input dtype (the products' operands)
     k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
     lr = tl.load(lr_ptr + lr_off, mask=tm, other=0.0).to(tl.float32)
     # the inner gradient G at each row's own weights, row-wise from the kept x^ and 1/std
     xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :]
-                         - (tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)))
-    G = _proj(gy, xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), cmask, D)
+    vk = tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)
+    G, _gy, _mgx = _ln_l2_grad_at(xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), vk, gam, bet, cmask, D)
     if STORE_G:
         tl.store(g_ptr + sc_off, G, mask=m2)
     G = _operand(G, DOT_MODE)
@@ -414,34 +426,15 @@ def _post_group_kernel(
     group's checkpoint W_g and the x^, 1/std the forward kept: dk = dk_a + dk_b + gam dgy + dZ W_g^T
     - ((dZ G^T) * E) K with E_ij = tau_b lr_j for j in an earlier mini-batch of the group (each row's own W^T,
     unrolled), dv = -gam dgy, the LN weights' sums."""
-    pid = tl.program_id(0) // NG
-    g = G_LO + tl.program_id(0) % NG
-    pid2 = pid * NCK + g
-    bi, hi = pid // H, pid % H
-    start, L, slot = _row(span_ptr, bi)
-    t0 = g * GROUP * MB
-    r = tl.arange(0, GT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tm = r < tl.minimum(GROUP * MB, L - t0)
-    m2 = tm[:, None] & cmask[None, :]
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
+    pid2, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off = _group_block(
+        span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, T,
+        D, BD, MB, GROUP, GT)
     tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    ck = (slot + g) * H + hi
-    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
-                mask=_when(cmask[:, None] & cmask[None, :], t0 < L), other=0.0)
-    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
-    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
-    sc_t = (bi * sc_b + hi) * T + start + t0
-    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
-
     k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
-    lr = tl.load(lr_ptr + bi * l_b + (start + t0 + r) * l_t + hi * l_h, mask=tm, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + lr_off, mask=tm, other=0.0).to(tl.float32)
     xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
     vk = tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)
-    G = _proj(gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk), xh,
-              tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), cmask, D)
+    G, _gy, _mgx = _ln_l2_grad_at(xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), vk, gam, bet, cmask, D)
     dZ = tl.load(dz_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
     dgy = tl.load(dgy_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
     E = tl.where(((r // MB)[:, None] > (r // MB)[None, :]) & tm[None, :], tau_b * lr[None, :], 0.0)
