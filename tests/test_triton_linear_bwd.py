@@ -117,6 +117,20 @@ def test_linear_bwd_group_passes_match_autograd(B, T, H, d, b, group, impl, segm
     assert max(errs.values()) < 1e-4, errs
 
 
+def test_walking_passes_take_kept_rows_of_any_group():
+    """The forward's kept rows beside walking passes (they recompute them): groups of 8 mini-batches of 16, more rows
+    than a "group" pass takes, run and match autograd."""
+    B, T, H, d, b, group = 1, 150, 1, 16, 16, 8
+    ins, outs_grad = _inputs(B, T, H, d, b)
+    q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
+    tau = make_tau(delta)
+    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group, keep=torch.float32)
+    do, dwT, dcT = outs_grad
+    got = chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dwT, dcT, b, group=group, impl="split_full")
+    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, _reference(ins, outs_grad, b))}
+    assert len(ck) == 4 and max(errs.values()) < 1e-4, errs
+
+
 def test_group_rows():
     """A group's rows padded to a power of two, at most 64 (one program holds them): else an error naming the
     option; the "group" post pass is the full chain's (an explicit lean chain is an error)."""

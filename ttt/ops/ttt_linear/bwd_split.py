@@ -743,7 +743,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         raise ValueError(f"pre, post: expected each one of {PASSES}, got {pre!r}, {post!r}")
     if (pre == "group" or post == "group") and not kept:
         raise ValueError("LinearKernels.bwd_pre / bwd_post: 'group' needs the x^ rows the forward keeps (keep=)")
-    GT = group_rows(group, b) if kept else 0
+    GT = group_rows(group, b) if "group" in (pre, post) else 0
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
