@@ -1,5 +1,4 @@
-"""TTT-Linear backward kernels on the GPU: the split backward's variants (lean, full or Gluon chain, warps, segments,
-scratch dtype, pre pass).
+"""TTT-Linear backward kernels on the GPU: the split backward's variants (lean, full or Gluon chain, warps, segments).
 
 First checks every output, final state and gradient of the triton backend with each backward against the
 PyTorch dual form (fp32 reference on the same rounded inputs; bf16 and fp32; d = 64 and 128; lengths that are
@@ -12,10 +11,6 @@ issue 8, and prints one table (medians of triton.testing.do_bench, ms).
     python3 -m benchmarks.bench_linear_bwd --no-check --fwd-warps 8 --shapes 4x8192x12x64
     python3 -m benchmarks.bench_linear_bwd --no-check --variants split_gluon split_gluon:8,8,8 \
         --fwd-impls split_gluon split_gluon:8 --shapes 16x2048x12x64     # the Gluon kernels at 8 warps
-    python3 -m benchmarks.bench_linear_bwd --no-check --variants auto auto::::group auto::::group,group \
-        --shapes 16x2048x12x64      # the pre (and post) pass walking each checkpoint group, or (bwd_pre /
-        # bwd_post "group", checkpoints every 4 mini-batches by default) each group's rows at once from the x^ rows
-        # the forward kept
 """
 from __future__ import annotations
 
@@ -33,19 +28,16 @@ from ttt.ops.triton_backend import LinearKernels
 SHAPES = [(16, 2048, 32, 64), (4, 8192, 32, 64), (1, 32768, 32, 64), (4, 8192, 12, 64)]
 
 
-def kernels(impl, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", group=None):
-    """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form); pre: the pre
-    pass, or "PRE,POST" both passes ("walk" or "group")."""
-    bwd_pre, _, bwd_post = pre.partition(",")
+def kernels(impl, warps=None, seg=None, fwd="auto", scratch=None):
+    """The TTT-Linear kernel choices of a backward variant ("dual": none, the PyTorch dual form)."""
     return None if impl == "dual" else LinearKernels(bwd=impl, bwd_warps=warps, bwd_segments=seg, fwd=fwd,
-                                                     bwd_scratch=scratch, bwd_pre=bwd_pre, bwd_post=bwd_post or "walk",
-                                                     group=group)
+                                                     bwd_scratch=scratch)
 
 
-def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto", scratch=None, pre="walk", group=None):
+def grads(leaves, st, impl, wo, warps=None, seg=None, fwd="auto", scratch=None):
     """[o, final params, gradients of every leaf] of one variant on `make`'s leaves and state."""
     backend = "dual" if impl == "dual" else "triton"
-    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg, fwd, scratch, pre, group))
+    o, s = run("linear", leaves, st, backend, kernels(impl, warps, seg, fwd, scratch))
     loss = (o.float() * wo).sum() + sum((p.float() * (i + 1)).sum() for i, p in enumerate(s.params))
     return [o.detach(), *(p.detach() for p in s.params), *torch.autograd.grad(loss, leaves)]
 
@@ -56,8 +48,7 @@ NAMES = ["o", "W_T", "c_T", "dq", "dk", "dv", "dlr", "dtau", "dln_w", "dln_b", "
 def check(B, T, H, d, dtype, pos, impls, scratches=()):
     """Every variant's output, final state and gradients against the dual form on fp32 copies of the same
     (rounded) inputs; in 16 bits each impl also with the backward's scratch in each of `scratches` (the
-    default forward), and with the "group" pre and post passes (groups of 4: `LinearKernels.passes`) after either
-    Triton forward."""
+    default forward)."""
     leaves, st = make("linear", B, T, H, d, dtype, pos=pos, grad=True)
     ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
     ref_st = replace(st, params=TTTState.initial("linear", ref_leaves[7:], B).params)
@@ -66,16 +57,14 @@ def check(B, T, H, d, dtype, pos, impls, scratches=()):
     tol = 3e-2 if dtype != torch.float32 else 1e-4
     ok = True
     fwds = ("fused", "split") + (("fused_gluon", "split_gluon") if dtype != torch.float32 else ())  # (Gluon: 16-bit)
-    runs = [(i, f, None, "walk") for i in impls for f in fwds]
-    runs += [(i, "auto", s, "walk") for i in impls for s in scratches] if dtype != torch.float32 else []
-    runs += [(i, f, None, "group" if i == "split_lean" else "group,group") for i in impls for f in ("fused", "split")]
-    for impl, fwd, scratch, pre in runs:
-        got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch, pre=pre)
+    runs = [(i, f, None) for i in impls for f in fwds]
+    runs += [(i, "auto", s) for i in impls for s in scratches] if dtype != torch.float32 else []
+    for impl, fwd, scratch in runs:
+        got = grads(leaves, st, impl, wo, fwd=fwd, scratch=scratch)
         errs = {n: rel(x, y) for n, x, y in zip(NAMES, got, ref)}
         worst = max(errs.values())
         ok &= worst <= tol
-        tag = f"{impl}+{fwd}-fwd{'+' + scratch if scratch else ''}{'+' + pre if pre != 'walk' else ''}"
-        print(f"check {tag} B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
+        print(f"check {impl}+{fwd}-fwd{'+' + scratch if scratch else ''} B{B} T{T} H{H} d{d} {str(dtype)[6:]:8s} pos{pos}: "
               f"{'OK  ' if worst <= tol else 'FAIL'} worst {worst:.1e} ({max(errs, key=errs.get)}); "
               + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     return ok
@@ -85,9 +74,9 @@ def profile(B, T, H, d, variants):
     """Per-kernel CUDA times of one forward + backward of each variant (torch.profiler, ms per call)."""
     leaves, st = make("linear", B, T, H, d, torch.bfloat16, grad=True)
     do = torch.randn(B, T, H, d, device="cuda", dtype=torch.bfloat16)
-    for name, impl, warps, seg, scratch, pre, group in variants:
+    for name, impl, warps, seg, scratch in variants:
         def fn():
-            o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch, pre=pre, group=group))
+            o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch))
             torch.autograd.backward(o, do)
         for kern, ms, _ in kernel_times(fn, calls=5):
             if "kernel" in kern:
@@ -99,9 +88,8 @@ def main():
     ap.add_argument("--variants", nargs="*", default=["split", "split_lean", "split_full"],
                     help="backward variants to time: split (picks lean/full by B*H), split_lean, "
                          "split_full, split_gluon (the full chain in Gluon), each as IMPL:PRE,CHAIN,POST (warps), "
-                         "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS, the backward's scratch dtype: "
-                         "IMPL:::bf16, its pre (and post) pass: IMPL::::group or IMPL::::group,group, and the "
-                         "checkpoint group last: IMPL::::group:4 (None: `LinearKernels.passes`)")
+                         "IMPL:PRE,CHAIN,POST:SEGMENTS or IMPL::SEGMENTS, and the backward's scratch dtype last: "
+                         "IMPL:::bf16")
     ap.add_argument("--scratch", nargs="*", default=[], help="also check each impl with these bwd_scratch dtypes")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
@@ -127,11 +115,9 @@ def main():
     for v in args.variants:
         impl, _, rest = v.partition(":")
         w, _, rest = rest.partition(":")
-        seg, _, rest = rest.partition(":")
-        scratch, _, rest = rest.partition(":")
-        pre, _, group = rest.partition(":")
+        seg, _, scratch = rest.partition(":")
         variants.append((v, impl, tuple(int(x) for x in w.split(",")) if w else None, int(seg) if seg else None,
-                         scratch or None, pre or "walk", int(group) if group else None))
+                         scratch or None))
     rows = []
     for shape in filter(None, args.profile.split(",")):
         profile(*(int(x) for x in shape.split("x")), variants)
@@ -157,8 +143,8 @@ def main():
         g_ref = None
         row = {"shape": f"B{B} T{T} H{H} d{d}", "fwd": fwd_ms}
         fns = {}
-        for name, impl, warps, seg, scratch, pre, group in variants:
-            g = grads(leaves, st, impl, wo, warps=warps, seg=seg, scratch=scratch, pre=pre, group=group)[3:]
+        for name, impl, warps, seg, scratch in variants:
+            g = grads(leaves, st, impl, wo, warps=warps, seg=seg, scratch=scratch)[3:]
             if g_ref is None:
                 g_ref = g
             else:
@@ -168,9 +154,8 @@ def main():
                 print(f"check {name} vs {variants[0][0]} at {row['shape']}: worst {worst:.1e} "
                       f"({max(errs, key=errs.get)})", flush=True)
 
-            def fn(impl=impl, warps=warps, seg=seg, scratch=scratch, pre=pre, group=group):
-                o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch, pre=pre,
-                                                                  group=group))
+            def fn(impl=impl, warps=warps, seg=seg, scratch=scratch):
+                o, _ = run("linear", leaves, st, "triton", kernels(impl, warps, seg, scratch=scratch))
                 torch.autograd.backward(o, do)
                 for t in leaves:
                     t.grad = None

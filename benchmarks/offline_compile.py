@@ -119,18 +119,12 @@ def linear_kernels(d: int, b: int, dot: int):
     """(name, kernel, constexprs, warps, stages) of every TTT-Linear kernel."""
     BD, BT = tile(d), tile(b)  # as the launches pad them; the step kernels (no tl.dot) pad d to a power of two
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
-    gp = max(1, bwd_split.GROUP_MAX_ROWS // b)  # the "group" passes' checkpoint group: their most rows
     out = []
     for w in (4, 8):
         out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True), w, 3),
                 ("fwd split walk", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=False), w, 3),
                 ("fwd split out", lin_chunk._fwd_out_kernel, dict(base, GT=tile(GROUP * b), RB=64), w, 3),
-                ("fwd keep", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True, KEEP=True), w, 3),
                 ("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
-                ("split pre (group)", bwd_split._pre_group_kernel,
-                 dict(base, STORE_G=False, GROUP=gp, GT=bwd_split.group_rows(gp, b)), w, 3),
-                ("split post (group)", bwd_split._post_group_kernel, dict(base, GROUP=gp, GT=bwd_split.group_rows(gp, b)),
-                 w, 3),
                 ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
@@ -142,8 +136,6 @@ def linear_kernels(d: int, b: int, dot: int):
             tag, cap = "" if w == lin_walks_gluon.warps(d) else f" x{w}", [opts["maxnreg"]] if "maxnreg" in opts else []
             out += [(f"fwd (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), w, 1, *cap),
                     (f"fwd split walk (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), w, 1, *cap),
-                    (f"fwd split walk keep (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False, KEEP=True), w,
-                     1, *cap),
                     (f"split pre (gluon){tag}", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
                                                                                STORE_G=False), w, 1, *cap),
                     (f"split chain (gluon){tag}", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP), w, 1,

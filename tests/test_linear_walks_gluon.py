@@ -70,13 +70,9 @@ def outputs_and_grads(inp, kernels, cu=None, wdtype=None):
 
 
 # which Gluon kernel against which Triton one (the other half of the op as the Triton default)
-# (and the forwards keeping the x^ rows that the backward's "group" passes read)
-GROUP_PASSES = dict(bwd_pre="group", bwd_post="group", bwd="split_full")
 PAIRS = {"chain": (dict(bwd="split_gluon"), dict(bwd="split_full")),
          "walk": (dict(fwd="split_gluon"), dict(fwd="split")),
-         "fused": (dict(fwd="fused_gluon"), dict(fwd="fused")),
-         "walk-keep": (dict(fwd="split_gluon", **GROUP_PASSES), dict(fwd="split", **GROUP_PASSES)),
-         "fused-keep": (dict(fwd="fused_gluon", **GROUP_PASSES), dict(fwd="fused", **GROUP_PASSES))}
+         "fused": (dict(fwd="fused_gluon"), dict(fwd="fused"))}
 
 
 def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain", ref=False, warps=None):
@@ -105,19 +101,12 @@ def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, wa
 
 # 7 mini-batches (the last partial) in 4 checkpoint groups of 2, from a start inside a mini-batch or not, in one
 # time segment and in three
-WALKS = pytest.mark.parametrize("walk", ["chain", "walk", "fused"])
+WALKS = pytest.mark.parametrize("walk", list(PAIRS))
 
 
 @WALKS
 @pytest.mark.parametrize("pos,segments", [(0, None), (5, 3)])
 def test_gluon_walks_equal_the_triton_ones(pos, segments, walk):
-    gluon_against_triton(B=1, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments, walk=walk)
-
-
-@pytest.mark.parametrize("walk", ["walk-keep", "fused-keep"])
-@pytest.mark.parametrize("pos,segments", [(0, None), (5, 3)])
-def test_gluon_forwards_keep_the_rows_the_triton_ones_do(pos, segments, walk):
-    """The Gluon forwards keep x^ and 1/std as the Triton ones do: the backward's "group" passes read them."""
     gluon_against_triton(B=1, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments, walk=walk)
 
 

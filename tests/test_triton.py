@@ -125,17 +125,6 @@ def test_linear_split_bwd_matches_dual(B, T, H, d, b, pos, impl):
     compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, linear=triton_backend.LinearKernels(bwd=impl, group=3))
 
 
-# the same through the backend with the "group" pre and post passes (the forward keeps its x^ rows: custom op
-# outputs saved for the backward): fp32 and fp16 (16-bit products, fp32 rows), a call's head and tail in the PyTorch
-# dual form
-@pytest.mark.parametrize("impl,post,dtype,tol", [("split_lean", "walk", torch.float32, 1e-4),
-                                                 ("split_full", "group", torch.float16, 5e-3)])
-@pytest.mark.parametrize("B,T,H,d,b,pos,group", [(1, 75, 2, 24, 16, 5, 3), (2, 150, 1, 16, 8, 3, 8)])  # 48, 64 rows
-def test_linear_group_passes_match_dual(B, T, H, d, b, pos, group, impl, post, dtype, tol):
-    compare("linear", B=B, T=T, H=H, d=d, b=b, pos=pos, dtype=dtype, tol=tol,
-            linear=triton_backend.LinearKernels(bwd=impl, group=group, bwd_pre="group", bwd_post=post))
-
-
 @pytest.mark.parametrize("fwd", ["split", "fused"])
 @pytest.mark.parametrize("which", ["q", "k", "v", "lr"])
 def test_linear_nan_does_not_leak_backwards(which, fwd):
@@ -151,44 +140,13 @@ def test_linear_nan_does_not_leak_backwards(which, fwd):
     assert torch.isnan(o[:, 20]).all()
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(bwd="v1"), r"^LinearKernels.bwd: expected one of \('auto', 'split', 'split_lean', 'split_full', "
-                     r"'split_gluon'\), got 'v1'"),
-    (dict(fwd="x"), r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', 'auto_gluon', 'fused_gluon', "
-                    r"'split_gluon'\), got 'x'"),
-    (dict(bwd_pre="rows"), r"^LinearKernels.bwd_pre: expected one of \('walk', 'group', 'auto'\), got 'rows'$"),
-    (dict(bwd_post="x"), r"^LinearKernels.bwd_post: expected one of \('walk', 'group', 'auto'\), got 'x'$"),
-    (dict(bwd_post="group", bwd="split_lean"), r"^LinearKernels.bwd_post: 'group' is the full chain's post pass; got "
-                                               r"bwd='split_lean'$"),
-    (dict(bwd_pre="group", group=8), r"^LinearKernels.bwd_pre: 'group' takes checkpoint groups of at most 64"),
-])
-def test_linear_kernels_choice_is_checked(kwargs, message):
-    """A choice the kernels do not take is a one-line error naming the field, when the kernels are made or checked
-    (bf16, head dim 64, mini-batch 16)."""
-    with pytest.raises(ValueError, match=message):
-        triton_backend.LinearKernels(**kwargs).check(64, 16, torch.bfloat16)
-
-
-def test_linear_kernels_passes():
-    """(checkpoint group, pre, post) by mini-batch size: the walks in groups of 8 by default; "group" passes in as
-    many mini-batches as fill 64 rows unless a group is given; "auto" takes them where the group fits (the post
-    pass not beside the lean chain)."""
-    LK = triton_backend.LinearKernels
-    assert LK().passes(16) == (8, "walk", "walk") and LK().checkpoint_group(16) == 8
-    assert LK(bwd_pre="group").passes(16) == (4, "group", "walk")
-    assert LK(bwd_pre="auto", bwd_post="auto").passes(16) == (4, "group", "group")
-    assert LK(bwd_pre="auto", bwd_post="auto").passes(8) == (4, "group", "group")  # (8 rows pad to 16)
-    assert LK(bwd_pre="auto", bwd_post="auto").passes(64) == (1, "group", "group")
-    assert LK(bwd_pre="auto", bwd_post="auto").passes(128) == (8, "walk", "walk")
-    assert LK(bwd_pre="auto", bwd_post="auto", group=8).passes(16) == (8, "walk", "walk")
-    assert LK(bwd_pre="auto", bwd_post="auto", group=2).passes(16) == (2, "group", "group")
-    assert LK(bwd_pre="auto", bwd_post="auto", bwd="split_lean").passes(16) == (4, "group", "walk")
-
-
-def test_linear_auto_passes_match_dual():
-    """The "auto" passes through the backend (groups of 4 mini-batches of 8, padded to 16 rows each)."""
-    compare("linear", B=2, T=150, H=1, d=16, b=8, pos=3,
-            linear=triton_backend.LinearKernels(bwd_pre="auto", bwd_post="auto"))
+def test_linear_kernels_choice_is_checked():
+    with pytest.raises(ValueError, match=r"^LinearKernels.bwd: expected one of \('auto', 'split', 'split_lean', "
+                       r"'split_full', 'split_gluon'\), got 'v1'"):
+        triton_backend.LinearKernels(bwd="v1")
+    with pytest.raises(ValueError, match=r"^LinearKernels.fwd: expected one of \('auto', 'fused', 'split', "
+                       r"'auto_gluon', 'fused_gluon', 'split_gluon'\), got 'x'"):
+        triton_backend.LinearKernels(fwd="x")
 
 
 
@@ -319,48 +277,33 @@ def test_gpu_linear_nonfinite_both_forwards(fwd):
     assert torch.equal(o[:, :150], o_clean[:, :150]) and torch.isnan(o[:, 150:]).all()
 
 
-# the backward's kernel choices on the GPU: both Triton chains; the "group" pre pass beside the default chain and
-# post pass (Gluon on Hopper for 16-bit inputs) in groups of 4 and 2 mini-batches; both "group" passes beside the
-# default and the Triton full chain (bf16: scratch and kept x^ rows in bf16)
-GPU_BWD = {"lean": dict(bwd="split_lean"), "full": dict(bwd="split_full"),
-           "pre-4": dict(bwd_pre="group", group=4), "pre-2": dict(bwd_pre="group", group=2),
-           "passes-4": dict(bwd_pre="group", bwd_post="group", group=4),
-           "full-passes-4": dict(bwd="split_full", bwd_pre="group", bwd_post="group", group=4)}
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d,pos", [(64, 0), (128, 5)])
-@pytest.mark.parametrize("kernels", list(GPU_BWD))
-def test_gpu_linear_split_bwd(dtype, tol, d, pos, kernels):
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
+def test_gpu_linear_split_bwd(dtype, tol, d, pos, impl):
     torch.backends.cuda.matmul.allow_tf32 = False
     compare("linear", B=2, T=1037, H=4, d=d, b=16, pos=pos, dtype=dtype, tol=tol,
-            linear=triton_backend.LinearKernels(**GPU_BWD[kernels]))
+            linear=triton_backend.LinearKernels(bwd=impl))
 
 
-@pytest.mark.parametrize("impl,segments,scratch,pre", [("split_lean", 0, "", "walk"), ("split_full", 0, "", "walk"),
-                                                        ("split_full", 3, "", "walk"), ("split_lean", 2, "bf16", "walk"),
-                                                        ("split_full", 0, "", "group,group"),
-                                                        ("split_lean", 2, "bf16", "group,walk")])
-def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch, pre):
-    """The TTT-Linear ops' fake implementations (what torch.compile traces with) give every output's shape, dtype and
-    strides as the kernels make them (torch.library.opcheck): the forward's (checkpoints, and the x^ rows the
-    "group" pre pass reads), and the backward's partial sums (one row per row, head and checkpoint group, per block
-    of a group for the "group" pre pass, whichever chain and however many segments run)."""
+@pytest.mark.parametrize("impl,segments,scratch", [("split_lean", 0, ""), ("split_full", 0, ""), ("split_full", 3, ""),
+                                                    ("split_lean", 2, "bf16")])
+def test_linear_bwd_op_fake_matches_the_kernels(impl, segments, scratch):
+    """The TTT-Linear backward op returns partial sums (one row per row, head and checkpoint group, whichever chain
+    and however many segments run): its fake implementation (what torch.compile traces with) gives every output's
+    shape, dtype and strides as the kernels make them (torch.library.opcheck)."""
     from ttt.ops.triton_utils import batch_rows
     inp = to_dev(random_inputs("linear", B=2, T=80, H=2, d=16, b=8, pos=0, dtype=torch.float32))
     W0, c0 = inp.state().params
     rows = batch_rows(2, 80, 8, 2, DEV)
     meta = (rows.span, False, rows.nmb, rows.slots, True, 8, 2)
     x = (inp.q, inp.k, inp.v, inp.lr, inp.tau, inp.ln_weight, inp.ln_bias)
-    pre, post = pre.split(",") if "," in pre else (pre, "walk")
-    fwd_args = (*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments, scratch, pre, post)
-    torch.library.opcheck(torch.ops.ttt.linear_chunk_fwd, fwd_args, test_utils=("test_faketensor",))
-    _, wT, cT, ckw, ckc, xh, rs = torch.ops.ttt.linear_chunk_fwd(*fwd_args)
-    assert (xh.numel() > 0) == (pre == "group")
-    args = (*x, ckw, ckc, xh, rs, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl,
-            [], segments, scratch, pre, post)
+    _, wT, cT, ckw, ckc = torch.ops.ttt.linear_chunk_fwd(*x, W0, c0, *meta, True, -1, 0, "auto", impl, [], segments,
+                                                         scratch)
+    args = (*x, ckw, ckc, torch.randn_like(inp.q), torch.randn_like(wT), torch.randn_like(cT), *meta, -1, impl, [],
+            segments, scratch)
     torch.library.opcheck(torch.ops.ttt.linear_chunk_bwd, args, test_utils=("test_faketensor",))
 
 

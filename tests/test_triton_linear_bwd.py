@@ -55,17 +55,14 @@ def _reference(ins, outs_grad, b):
     return gq, gk, gv, glr, gtau, glnw, glnb, gW0, gc0
 
 
-def _kernel(ins, outs_grad, b, group, dtype, impl, segments=None, pre="walk", post="walk", fwd="auto"):
-    """pre / post "group": the forward keeps its x^ rows (in fp32) and the backward's pass reads them."""
+def _kernel(ins, outs_grad, b, group, dtype, impl, segments=None):
     q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
     q, k, v = (x.to(dtype) for x in (q, k, v))
     tau = make_tau(delta)
-    keep = torch.float32 if "group" in (pre, post) else None
-    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group, keep=keep, impl=fwd)
-    assert len(ck) == (4 if keep else 2)
+    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group)
     do, dwT, dcT = outs_grad
     return chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do.to(dtype), dwT, dcT, b, group=group, impl=impl,
-                     segments=segments, pre=pre, post=post)
+                     segments=segments)
 
 
 def _rel(a, b):
@@ -85,9 +82,6 @@ def poison(monkeypatch):
 # (B, T, H, d, b, group): 7 mini-batches of 8 (padded to 16 rows) in groups of 3 (3 + 3 + 1); 5 mini-batches
 # of 16 with d = 24 (padded to 32) in groups of 2 (2 + 2 + 1)
 CASES = [(1, 56, 2, 16, 8, 3), (2, 80, 1, 24, 16, 2)]
-# for the "group" pre pass too: groups of 4 mini-batches of 16 (64 rows, its most), the last group partial and
-# ending inside a mini-batch; mini-batches of 24 in groups of 2 (48 rows, padded to 64)
-GROUP_CASES = CASES + [(2, 140, 2, 16, 16, 4), (1, 100, 1, 16, 24, 2)]
 
 
 @pytest.mark.parametrize("segments", [None, 3])  # the default (one segment at these lengths) and one group each
@@ -99,52 +93,6 @@ def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl, segments
     got = _kernel(ins, outs_grad, b, group, torch.float32, impl, segments)
     errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
     assert max(errs.values()) < 1e-4, errs
-
-
-@pytest.mark.parametrize("impl,segments,fwd,pre,post", [("split_lean", None, "fused", "group", "walk"),
-                                                         ("split_full", 3, "split", "group", "walk"),
-                                                         ("split_full", None, "fused", "walk", "group"),
-                                                         ("split", 3, "split", "group", "group")])
-@pytest.mark.parametrize("B,T,H,d,b,group", GROUP_CASES)
-def test_linear_bwd_group_passes_match_autograd(B, T, H, d, b, group, impl, segments, fwd, pre, post):
-    """The pre and post passes without their walks (`bwd_split._pre_group_kernel`, `_post_group_kernel`, from the
-    x^ rows either forward kept), the pre pass with either chain (the post pass: the full chain's; "split" then
-    takes the full chain at any size), in one segment and in one segment per group."""
-    ins, outs_grad = _inputs(B, T, H, d, b)
-    ref = _reference(ins, outs_grad, b)
-    got = _kernel(ins, outs_grad, b, group, torch.float32, impl, segments, pre=pre, post=post, fwd=fwd)
-    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
-    assert max(errs.values()) < 1e-4, errs
-
-
-def test_walking_passes_take_kept_rows_of_any_group():
-    """The forward's kept rows beside walking passes (they recompute them): groups of 8 mini-batches of 16, more rows
-    than a "group" pass takes, run and match autograd."""
-    B, T, H, d, b, group = 1, 150, 1, 16, 16, 8
-    ins, outs_grad = _inputs(B, T, H, d, b)
-    q, k, v, lr, delta, lnw, lnb, W0, c0 = ins
-    tau = make_tau(delta)
-    _, _, _, ck = chunk.fwd(q, k, v, lr, tau, lnw, lnb, W0, c0, b, group=group, keep=torch.float32)
-    do, dwT, dcT = outs_grad
-    got = chunk.bwd(q, k, v, lr, tau, lnw, lnb, ck, do, dwT, dcT, b, group=group, impl="split_full")
-    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, _reference(ins, outs_grad, b))}
-    assert len(ck) == 4 and max(errs.values()) < 1e-4, errs
-
-
-def test_group_rows():
-    """A group's rows padded to a power of two, at most 64 (one program holds them): else an error naming the
-    option; the "group" post pass is the full chain's (an explicit lean chain is an error)."""
-    assert bwd_split.group_rows(4, 16) == 64
-    assert bwd_split.group_rows(3, 16) == 64
-    assert bwd_split.group_rows(3, 8) == 32
-    assert bwd_split.group_rows(1, 64) == 64
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: 'group' takes checkpoint groups of at most 64 "
-                       r"rows \(LinearKernels.group x the mini-batch\), got 8 mini-batches of 16$"):
-        bwd_split.group_rows(8, 16, "LinearKernels.bwd_post")
-    assert bwd_split.plan(1, 2, 4, None, None, "group")[0] is False  # few programs: lean, unless the post is "group"
-    assert bwd_split.plan(1, 2, 4, None, None, "walk")[0] is True
-    with pytest.raises(ValueError, match=r"^LinearKernels.bwd_post: 'group' is the full chain's post pass"):
-        bwd_split.plan(1, 2, 4, True, None, "group")
 
 
 @pytest.mark.parametrize("impl", ["split_lean", "split_full"])

@@ -49,15 +49,11 @@ KERNELS = {
     "full": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="fused"),
     "full-segments": triton_backend.LinearKernels(bwd="split_full", group=2, bwd_segments=3),
     "lean-segments": triton_backend.LinearKernels(bwd="split_lean", group=2, bwd_segments=2),
-    # the backward's "group" pre (and post) pass (from the x^ rows the forward keeps, per document)
-    "lean-group": triton_backend.LinearKernels(bwd="split_lean", group=2, fwd="fused", bwd_pre="group"),
-    "full-group-segments": triton_backend.LinearKernels(bwd="split_full", group=2, fwd="split", bwd_segments=3,
-                                                        bwd_pre="group", bwd_post="group"),
     "regs": triton_backend.MLPKernels(impl="regs", group=2),
     "blocked": triton_backend.MLPKernels(impl="blocked", group=2),
 }
-KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-segments": "linear",
-        "lean-group": "linear", "full-group-segments": "linear", "regs": "mlp", "blocked": "mlp"}
+KIND = {"lean": "linear", "full": "linear", "full-segments": "linear", "lean-segments": "linear", "regs": "mlp",
+        "blocked": "mlp"}
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +199,6 @@ def test_round_products_rounds_every_product(dtype):
 
 @pytest.mark.parametrize("variant,start", [("lean", "fresh"), ("lean", "carried"), ("full", "fresh"),
                                            ("full-segments", "carried"), ("lean-segments", "fresh"),
-                                           ("lean-group", "carried"), ("full-group-segments", "fresh"),
                                            ("regs", "fresh"), ("regs", "carried"), ("blocked", "fresh"),
                                            ("blocked", "carried")])
 @pytest.mark.slow
@@ -294,9 +289,8 @@ def test_packed_call_derives_only_what_the_kernels_read():
     leaves, st = packed_case("linear", lens, "fresh")
     pk = packing(cu_of(lens), sum(lens), DEV)
     run(resolve_op("linear", "triton", DEV, torch.float32), leaves, st, pk)
-    group = triton_backend.LinearKernels().checkpoint_group(B_MB)  # the default kernels' checkpoint group
-    assert set(pk.memo) == {("ttt_rows", B_MB, group), ("ttt_tails", B_MB)}
-    rows = pk.memo[("ttt_rows", B_MB, group)]
+    assert set(pk.memo) == {("ttt_rows", B_MB, triton_backend.GROUP), ("ttt_tails", B_MB)}
+    rows = pk.memo[("ttt_rows", B_MB, triton_backend.GROUP)]
     assert rows.span.dtype == torch.int32 and rows.span.tolist() == [[0, 5, 0], [5, 21, 1], [21, 48, 2]]
     win = pk.memo[("ttt_tails", B_MB)]  # the last L % b tokens of each document
     assert win.valid.sum(1).tolist() == [5, 0, 3] and win.tokens[win.valid].tolist() == [0, 1, 2, 3, 4, 45, 46, 47]

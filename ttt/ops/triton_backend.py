@@ -46,7 +46,6 @@ from .ttt_mlp import chunk as _mlp_chunk, chunk_blocked as _mlp_blocked, dual as
     step_triton as _mlp_step_triton
 
 GROUP = 8  # mini-batches between weight checkpoints of the forward (the backward recomputes within)
-PASSES = _lin_bwd_split.PASSES + ("auto",)  # LinearKernels.bwd_pre / bwd_post (`LinearKernels.passes`)
 # TTT-MLP kernel pairs: ttt_mlp/chunk.py (weights in registers), chunk_blocked.py (F in column blocks),
 # chunk_smem.py (weights in shared memory, wgmma, Hopper; the default in 16 bits there at head dims 64 and 128)
 MLP_IMPLS = ("regs", "blocked", "smem")
@@ -119,36 +118,23 @@ class LinearKernels:
     where those kernels take the shapes on a Hopper GPU, else "split", `chunk.bwd_impl`); the Gluon kernels
     (`ttt_linear/walks_gluon.py`) take head dim 64 or 128, mini-batch 16, 16-bit inputs and 4 or 8 warps (by
     default their own, `walks_gluon.launch`; `RunOptions.linear_gluon` asks for them in a model); group:
-    mini-batches per weight checkpoint (None: GROUP, or as many as fill a "group" pass's 64 rows where one runs:
-    `passes`); dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
+    mini-batches per weight checkpoint; dot_mode: the products' operand precision (None: by input dtype); fwd_warps:
     None for the default; bwd_warps: None, or (pre, chain, post), the backward's passes in whichever kernels run;
     bwd_segments: the time segments of the backward's pipelined launch (None: by size); bwd_scratch: the dtype of
     the backward's scratch rows between its passes, "fp32" or "bf16" (None: bf16 for bf16 inputs, else fp32;
-    `ttt_linear/bwd_split.py`'s `scratch_dtype`); bwd_pre, bwd_post: the backward's pre and post passes, "walk"
-    (each checkpoint group walked from its checkpoint), "group" (no walk: the forward keeps the inner LayerNorm's
-    x^ and 1/std rows, in the scratch dtype, and the pass computes each group's rows at once from them; checkpoint
-    groups of at most 64 rows, e.g. group 4 at mini-batch 16, and for bwd_post the full chain;
-    `bwd_split._pre_group_kernel`, `_post_group_kernel`) or "auto" ("group" where the group fits, `passes`)."""
+    `ttt_linear/bwd_split.py`'s `scratch_dtype`)."""
 
     bwd: str = "auto"
-    group: int | None = None
+    group: int = GROUP
     fwd: str = "auto"
     dot_mode: int | None = None
     fwd_warps: int | None = None
     bwd_warps: tuple | None = None
     bwd_segments: int | None = None
     bwd_scratch: str | None = None
-    bwd_pre: str = "walk"
-    bwd_post: str = "walk"
 
     def __post_init__(self):
         _lin_bwd_split.scratch_dtype(self.bwd_scratch)
-        for name in ("bwd_pre", "bwd_post"):
-            value = getattr(self, name)
-            if value not in PASSES:
-                raise ValueError(f"LinearKernels.{name}: expected one of {PASSES}, got {value!r}")
-        if self.bwd_post == "group" and self.bwd == "split_lean":
-            raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
         if self.bwd not in _lin_chunk.BWD_IMPLS:
             raise ValueError(f"LinearKernels.bwd: expected one of {_lin_chunk.BWD_IMPLS}, got {self.bwd!r}")
         if self.fwd not in _lin_chunk.FWD_IMPLS:
@@ -162,36 +148,13 @@ class LinearKernels:
             _lin_walks_gluon.check(d, mini_batch, dtype, self.dot_mode)
             for w in self.bwd_warps or ():
                 _lin_walks_gluon.check_warps(w, "LinearKernels.bwd_warps")
-        group, pre, post = self.passes(mini_batch)
-        for name, value in (("bwd_pre", pre), ("bwd_post", post)):
-            if value == "group":
-                _lin_bwd_split.group_rows(group, mini_batch, f"LinearKernels.{name}")
-
-    def passes(self, mini_batch: int) -> tuple[int, str, str]:
-        """(checkpoint group, pre pass, post pass) at this mini-batch size. group None: as many mini-batches as fill
-        a "group" pass's rows (`bwd_split.GROUP_MAX_ROWS`: 4 of 16) where a pass runs "group", else GROUP. "auto"
-        passes run "group" where the group's rows fit (the post pass not beside bwd="split_lean"), else "walk"."""
-        fill = max(1, _lin_bwd_split.GROUP_MAX_ROWS // tile(mini_batch))
-        group = fill if self.group is None else self.group
-        fits = tile(group * mini_batch) <= _lin_bwd_split.GROUP_MAX_ROWS
-        pre = "group" if self.bwd_pre == "group" or (self.bwd_pre == "auto" and fits) else "walk"
-        post = "group" if self.bwd_post == "group" or (self.bwd_post == "auto" and fits and self.bwd != "split_lean") \
-            else "walk"
-        if self.group is None and pre == post == "walk":
-            group = GROUP
-        return group, pre, post
-
-    def checkpoint_group(self, mini_batch: int) -> int:
-        """Mini-batches per weight checkpoint at this mini-batch size (`passes`)."""
-        return self.passes(mini_batch)[0]
 
     def body(self, x: TTTInputs, params, rows: Rows, save: bool):
         """The rows' mini-batches from `params` (one per row) with zero accumulators: (o, final params, fp32)."""
-        group, pre, post = self.passes(x.mini_batch)
         outs = _lin_fwd_op(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, *_f32(params), *_rows_args(rows),
-                           x.mini_batch, group, save, -1 if self.dot_mode is None else self.dot_mode,
+                           x.mini_batch, self.group, save, -1 if self.dot_mode is None else self.dot_mode,
                            self.fwd_warps or 0, self.fwd, self.bwd, list(self.bwd_warps or ()), self.bwd_segments or 0,
-                           self.bwd_scratch or "", pre, post)
+                           self.bwd_scratch or "")
         return outs[0], outs[1:3]
 
     def step(self, x: TTTInputs, state: TTTState):
@@ -217,10 +180,6 @@ class MLPKernels:
     def __post_init__(self):
         if self.impl is not None and self.impl not in MLP_IMPLS:
             raise ValueError(f"mlp_impl: expected None or one of {MLP_IMPLS}, got {self.impl!r}")
-
-    def checkpoint_group(self, mini_batch: int) -> int:
-        """Mini-batches per weight checkpoint (any mini-batch size)."""
-        return self.group
 
     def check(self, d: int, mini_batch: int, dtype: torch.dtype) -> None:
         """The head dim d the chosen kernels take (every pair takes packed documents); a one-line error."""
@@ -367,7 +326,7 @@ class TritonOp(TTTOp):
         rest = [n - h for n, h in zip(lengths, heads)]
         if not any(rest):
             return o_head, TTTState(state.kind, state.params, state.accum, end)
-        group, dev = self.kernels.checkpoint_group(b), x.q.device
+        group, dev = self.kernels.group, x.q.device
         if pk is None:
             rows = batch_rows(B, T, b, group, dev, start=heads[0])
         elif any(heads):
@@ -447,57 +406,47 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W0: torch.Tensor, c0: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, fwd_impl: str,
-                bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str, bwd_pre: str, bwd_post: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor]:
-    """o, W_T, c_T, and for a backward (save) the checkpoints W, c and (a "group" pre or post pass) the kept x^,
-    1/std rows; empty tensors in the place of what is not kept."""
+                bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    keep = _lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype) if "group" in (bwd_pre, bwd_post) else None
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
                                    warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
-                                   impl=fwd_impl, keep=keep)
-    ck = tuple(ck or ())
-    return o, wT, cT, *ck, *(q.new_empty(0, dtype=torch.float32) for _ in range(4 - len(ck)))  # (distinct: no alias)
+                                   impl=fwd_impl)
+    if ck is None:
+        ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return o, wT, cT, *ck
 
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
-      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post):
-    B, T, H, d = q.shape
-    SR = H if packed else B * H
-    empty = lambda: q.new_empty(0, dtype=torch.float32)  # noqa: E731
-    ck = (q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32)) \
-        if save else (empty(), empty())
-    kept = (q.new_empty((SR, T, d), dtype=_lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype)),
-            q.new_empty((SR, T), dtype=torch.float32)) if save and "group" in (bwd_pre, bwd_post) else (empty(), empty())
+      dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch):
+    H, d = q.shape[2:]
+    ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
+          if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
-        torch.empty_like(c0), *ck, *kept
+        torch.empty_like(c0), *ck
 
 
 @torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
-                xh: torch.Tensor, rs: torch.Tensor, do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
+                do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int,
-                scratch: str, pre: str, post: str) -> list[torch.Tensor]:
-    """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up); xh, rs:
-    the forward's kept rows (a "group" pre or post pass), or empty."""
+                scratch: str) -> list[torch.Tensor]:
+    """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up)."""
     q, k, v = _same_strides(q, k, v)
-    ckpt = (ckw, ckc) + ((xh, rs) if xh.numel() else ())
     dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
-        q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT.float(), dcT.float(), mini_batch, group,
+        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(), mini_batch, group,
         dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
-        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None,
-        pre=pre, post=post)
+        segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None)
     return [dq, dk, dv, dw0, dc0, *parts]
 
 
 @_lin_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, xh, rs, do, dwT, dcT, span, packed, nmb, slots, covered,
-      mini_batch, group, dot_mode, impl, warps, segments, scratch, pre, post):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed, nmb, slots, covered, mini_batch,
+      group, dot_mode, impl, warps, segments, scratch):
     B, T, H, d = q.shape
     N = dwT.shape[0]
     nck = cdiv(nmb, group)
@@ -510,17 +459,17 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, xh, rs, do, dwT, dcT, span
 
 def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
-     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[3:7], span)
+     fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch) = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
-                bwd_scratch, bwd_pre, bwd_post)
+                bwd_scratch)
     ctx.rows = W0.shape[0]
 
 
-def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc, _dxh, _drs):
-    q, k, v, lr, tau, lnw, lnb, ckw, ckc, xh, rs, span = ctx.saved_tensors
+def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
+    q, k, v, lr, tau, lnw, lnb, ckw, ckc, span = ctx.saved_tensors
     (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
-     bwd_scratch, bwd_pre, bwd_post) = ctx.meta
+     bwd_scratch) = ctx.meta
     if not save:
         raise RuntimeError("ttt::linear_chunk_fwd ran with save=False: no checkpoints for a backward")
     H, d = q.shape[2:]
@@ -528,12 +477,12 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc, _dxh, _drs):
     do = torch.zeros_like(q) if do is None else do.contiguous()
     dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
     dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
-    dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, xh, rs, do, dwT, dcT, span, packed,
+    dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
-                                               bwd_warps, bwd_segments, bwd_scratch, bwd_pre, bwd_post)
+                                               bwd_warps, bwd_segments, bwd_scratch)
     dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N)
     return (dq, dk, dv, dlr.to(lr.dtype), dtau.to(tau.dtype), dlnw.to(lnw.dtype), dlnb.to(lnb.dtype), dw0, dc0,
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

@@ -162,17 +162,6 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _operand(a, DOT_MODE: tl.constexpr):
-    """a as `_dot` takes it in DOT_MODE (16-bit modes: converted once, where a feeds several products)."""
-    if DOT_MODE == 2:
-        return a.to(tl.bfloat16)
-    elif DOT_MODE == 3:
-        return a.to(tl.float16)
-    else:
-        return a
-
-
-@triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
 
@@ -210,17 +199,9 @@ def _ln_l2_grad(z, v, k, gam, bet, cmask, D: tl.constexpr, EPS: tl.constexpr):
     """d/dz of the inner loss 0.5 ||LN(z) - (v - k)||^2 in closed form (docs/math.md §2), row-wise: G, and x^,
     1/std, gy = gam (gam x^ + bet - (v - k)) and mean(gy x^), which its backward (`_ln_l2_grad_bwd`) reuses."""
     xh, rstd = _normalize(z, cmask, D, EPS)
-    G, gy, mgx = _ln_l2_grad_at(xh, rstd, v - k, gam, bet, cmask, D)
-    return G, xh, rstd, gy, mgx
-
-
-@triton.jit
-def _ln_l2_grad_at(xh, rstd, vk, gam, bet, cmask, D: tl.constexpr):
-    """`_ln_l2_grad` from the normalised rows x^ and 1/std (kept from a forward: no product) and the target
-    vk = v - k: G, gy, mean(gy x^)."""
-    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - vk)
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
     sg, sgx = tl.reduce((gy, gy * xh), 1, _add2)
-    return _proj_from(gy, xh, rstd, sg, sgx, cmask, D), gy, sgx / D
+    return _proj_from(gy, xh, rstd, sg, sgx, cmask, D), xh, rstd, gy, sgx / D
 
 
 @triton.jit

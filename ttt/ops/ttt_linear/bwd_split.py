@@ -23,9 +23,6 @@ terms since the forward left it uncommitted):
     and stores dZ, dk_b, dgy as [T, d] scratch rows. Next mini-batch's loads are issued before this one's math.
 (c) `_post_kernel`, per group: recompute W (and x^) per mini-batch from the checkpoint; dk = dk_a + dk_b + gam dgy
     + dZ W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs no dW' leaves the chain.
-(a) and (c) without their walks (`PASSES` "group": `_pre_group_kernel`, `_post_group_kernel`; opt-in): where the
-forward kept x^ and 1/std, G is row-wise and each mini-batch's W is the checkpoint's minus the group's earlier
-updates, so one program computes a whole group (at most GROUP_MAX_ROWS rows) with causal products instead.
 Memory: the forward's checkpoints plus seven [B, H, T, d] scratch tensors (bf16 for bf16 inputs, else fp32:
 `scratch_dtype`; every kernel loads them into fp32) and a few fp32 [B, H, T] ones (packed rows: [H, T, d], each
 document's rows at its own tokens); nothing of size d x d per mini-batch.
@@ -37,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import walks_gluon
-from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_at, _ln_l2_grad_bwd, _load_mb,
-                            _mb_masks, _normalize, _offsets, _operand, _proj, _row, _tiles, _when, batch_rows, tile)
+from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
+                            _offsets, _proj, _row, _tiles, _when, batch_rows, tile)
 
 
 @triton.jit
@@ -144,111 +141,6 @@ def _pre_kernel(
         W -= _dot(tl.trans(k), eG, DOT_MODE)
         c -= tl.sum(eG, axis=0)
     tl.store(dtau_ptr + pid2 * BT + rt, dtau)
-    tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
-    tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
-
-
-@triton.jit
-def _group_block(span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h,
-                 sc_b, T, D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GROUP: tl.constexpr,
-                 GT: tl.constexpr):
-    """A "group" pass's program, one per (row, head, checkpoint group) of a launch over groups [G_LO, G_LO + NG): its
-    row of the partial sums pid2, the group's rows r [GT] and real ones tm (none where a shorter row has no such
-    group), columns rd, cmask and their [GT, BD] mask, the LN weight and bias (fp32), the group's checkpoint W, the
-    element offsets of its rows in the inputs (x_off), the outputs (out_off) and lr, and the scratch rows' first
-    token sc_t and offsets sc_off; ck (the checkpoint's slot) and has (the row has the group) for more loads."""
-    pid = tl.program_id(0) // NG
-    g = G_LO + tl.program_id(0) % NG
-    bi, hi = pid // H, pid % H
-    start, L, slot = _row(span_ptr, bi)
-    t0 = g * GROUP * MB  # the group's first token in the row
-    r = tl.arange(0, GT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tm = r < tl.minimum(GROUP * MB, L - t0)
-    m2 = tm[:, None] & cmask[None, :]
-    gam = tl.load(lnw_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(lnb_ptr + hi * D + rd, mask=cmask, other=0.0).to(tl.float32)
-    ck = (slot + g) * H + hi
-    has = t0 < L
-    W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :],
-                mask=_when(cmask[:, None] & cmask[None, :], has), other=0.0)
-    x_off = bi * s_b + (start + t0 + r)[:, None] * s_t + hi * s_h + rd[None, :]
-    out_off = bi * o_b + (start + t0 + r)[:, None] * o_t + hi * o_h + rd[None, :]
-    lr_off = bi * l_b + (start + t0 + r) * l_t + hi * l_h
-    sc_t = (bi * sc_b + hi) * T + start + t0  # scratch rows [B*H or H, T, D]: the group's first token
-    sc_off = (sc_t + r)[:, None] * D + rd[None, :]
-    return pid * NCK + g, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off
-
-
-@triton.jit
-def _causal(r, tm):
-    """[GT, GT]: row j is at or before row i, and real."""
-    return (r[:, None] >= r[None, :]) & tm[None, :]
-
-
-@triton.jit
-def _same(r, MB: tl.constexpr):
-    """[GT, GT]: rows i and j are in the same mini-batch."""
-    return (r // MB)[:, None] == (r // MB)[None, :]
-
-
-@triton.jit
-def _pre_group_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr, xh_ptr, rs_ptr,
-    dq_ptr, g_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
-    H, NCK, T, G_LO, NG,
-    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, GT: tl.constexpr,
-    DOT_MODE: tl.constexpr, EPS: tl.constexpr, STORE_G: tl.constexpr,
-):
-    """`_pre_kernel`'s outputs without its walk, per checkpoint group (GROUP mini-batches, GT >= GROUP * MB rows) at
-    once, from the group's checkpoint (W_g, c_g) and the x^, 1/std the forward kept (G row-wise from them, no
-    product), the group's updates before each row folded into causal products as in `chunk._fwd_out_kernel`
-    (E_ij = tau_b lr_j for j in an earlier mini-batch of the group, tau_i lr_j in the same one, 0 for j > i):
-      Zb = Q W_g + c_g - (E * (Q K^T + 1)) G,  dZb = LN-backward(dO gam),  dP = -dZb G^T
-      dq = dO + dZb W_g^T + (dP * E) K      (each row's own W^T, unrolled over the group)
-    and, within each mini-batch only (as the walk): dA = dP * E, dk_a = dA^T Q, dG0 = -(E * (Q K^T + 1))^T dZb,
-    dE = dP * (Q K^T + 1) -> dtau_i, dlr_j."""
-    pid2, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off = _group_block(
-        span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, T,
-        D, BD, MB, GROUP, GT)
-    tau_i = tl.load(tau_ptr + r % MB).to(tl.float32)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
-    q = tl.load(q_ptr + x_off, mask=m2, other=0.0)  # q, k in the input dtype (the products' operands)
-    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
-    lr = tl.load(lr_ptr + lr_off, mask=tm, other=0.0).to(tl.float32)
-    # the inner gradient G at each row's own weights, row-wise from the kept x^ and 1/std
-    xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
-    vk = tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)
-    G, _gy, _mgx = _ln_l2_grad_at(xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), vk, gam, bet, cmask, D)
-    if STORE_G:
-        tl.store(g_ptr + sc_off, G, mask=m2)
-    G = _operand(G, DOT_MODE)
-    E = tl.where(_causal(r, tm), tl.where(_same(r, MB), tau_i[:, None], tau_b) * lr[None, :], 0.0)
-    QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
-    Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(E * QK1, G, DOT_MODE)
-    xhb, rstdb = _normalize(Zb, cmask, D, EPS)
-    dO = tl.load(do_ptr + out_off, mask=m2, other=0.0).to(tl.float32)
-    dgam = tl.sum(dO * xhb, axis=0)
-    dbet = tl.sum(dO, axis=0)
-    dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
-    dP = -_dot(dZb, tl.trans(G), DOT_MODE)
-    dPE = dP * E
-    dq = dO + _dot(dZb, tl.trans(W), DOT_MODE) + _dot(dPE, k, DOT_MODE)
-    tl.store(dq_ptr + out_off, dq.to(dq_ptr.dtype.element_ty), mask=m2)
-    dka = _dot(tl.trans(tl.where(_same(r, MB), dPE, 0.0)), q, DOT_MODE)  # dA = dP * E within each mini-batch
-    tl.store(dka_ptr + sc_off, dka, mask=m2)
-    dG0 = -_dot(tl.trans(tl.where(_same(r, MB), E * QK1, 0.0)), dZb, DOT_MODE)
-    tl.store(dg0_ptr + sc_off, dG0, mask=m2)
-    tl.store(dzb_ptr + sc_off, dZb, mask=m2)
-    dE = tl.where(_same(r, MB) & _causal(r, tm), dP * QK1, 0.0)
-    # dlr_j; dtau_i summed over the group's rows at each position i of a mini-batch
-    tl.store(dlra_ptr + sc_t + r, tl.sum(dE * tau_i[:, None], axis=0), mask=tm)
-    pos = (r % MB)[:, None] == tl.arange(0, BT)[None, :]
-    tl.store(dtau_ptr + pid2 * BT + tl.arange(0, BT),
-             tl.sum(tl.where(pos, tl.sum(dE * lr[None, :], axis=1)[:, None], 0.0), axis=0))
     tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
     tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
 
@@ -411,40 +303,6 @@ def _post_kernel(
         c -= tl.sum(eG, axis=0)
     tl.store(dlnw_ptr + pid2 * BD + rd, tl.sum(dgamT, axis=0))
     tl.store(dlnb_ptr + pid2 * BD + rd, tl.sum(dbetT, axis=0) * gam)
-
-
-@triton.jit
-def _post_group_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, xh_ptr, rs_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
-    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
-    H, NCK, T, G_LO, NG,
-    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GROUP: tl.constexpr, GT: tl.constexpr,
-    DOT_MODE: tl.constexpr,
-):
-    """`_post_kernel`'s outputs without its walk, per checkpoint group (GT >= GROUP * MB rows) at once, from the
-    group's checkpoint W_g and the x^, 1/std the forward kept: dk = dk_a + dk_b + gam dgy + dZ W_g^T
-    - ((dZ G^T) * E) K with E_ij = tau_b lr_j for j in an earlier mini-batch of the group (each row's own W^T,
-    unrolled), dv = -gam dgy, the LN weights' sums."""
-    pid2, r, tm, rd, cmask, m2, gam, bet, ck, has, W, x_off, out_off, lr_off, sc_t, sc_off = _group_block(
-        span_ptr, lnw_ptr, lnb_ptr, ckw_ptr, H, NCK, G_LO, NG, s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, T,
-        D, BD, MB, GROUP, GT)
-    tau_b = tl.load(tau_ptr + MB - 1).to(tl.float32)
-    k = tl.load(k_ptr + x_off, mask=m2, other=0.0)
-    lr = tl.load(lr_ptr + lr_off, mask=tm, other=0.0).to(tl.float32)
-    xh = tl.load(xh_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
-    vk = tl.load(v_ptr + x_off, mask=m2, other=0.0).to(tl.float32) - k.to(tl.float32)
-    G, _gy, _mgx = _ln_l2_grad_at(xh, tl.load(rs_ptr + sc_t + r, mask=tm, other=0.0), vk, gam, bet, cmask, D)
-    dZ = tl.load(dz_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
-    dgy = tl.load(dgy_ptr + sc_off, mask=m2, other=0.0).to(tl.float32)
-    E = tl.where(((r // MB)[:, None] > (r // MB)[None, :]) & tm[None, :], tau_b * lr[None, :], 0.0)
-    dk = tl.load(dka_ptr + sc_off, mask=m2, other=0.0).to(tl.float32) \
-        + tl.load(dkb_ptr + sc_off, mask=m2, other=0.0).to(tl.float32) + gam[None, :] * dgy \
-        + _dot(dZ, tl.trans(W), DOT_MODE) - _dot(_dot(dZ, tl.trans(G), DOT_MODE) * E, k, DOT_MODE)
-    tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=m2)
-    tl.store(dv_ptr + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
-    tl.store(dlnw_ptr + pid2 * BD + rd, tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - vk), axis=0))
-    tl.store(dlnb_ptr + pid2 * BD + rd, tl.sum(dgy, axis=0) * gam)
 
 
 @triton.jit
@@ -677,32 +535,15 @@ def scratch_dtype(scratch: str | None, dtype: torch.dtype | None = None) -> torc
 # (pre, chain, post) warps. Measured on the H200 (docs/kernels_notes.md): 4 everywhere (the full chain alone ran
 # faster at 8 with few programs, but with the pipelined launch 4 won at B*H >= 128)
 WARPS = (4, 4, 4)
-# The pre and post passes per checkpoint group at once ("group": `_pre_group_kernel`, `_post_group_kernel`, from the
-# x^ rows the forward kept) or walking each group ("walk"); the most rows of a group they take (one program holds
-# the group's rows) and their warps (pre, post)
-PASSES = ("walk", "group")
-GROUP_MAX_ROWS, GROUP_WARPS = 64, (8, 8)
 
 
-def group_rows(group: int, mini_batch: int, arg: str = "LinearKernels.bwd_pre") -> int:
-    """The rows GT (`tile`) of a checkpoint group in a "group" pass; a one-line error naming `arg` above
-    GROUP_MAX_ROWS."""
-    GT = tile(group * mini_batch)
-    if GT > GROUP_MAX_ROWS:
-        raise ValueError(f"{arg}: 'group' takes checkpoint groups of at most {GROUP_MAX_ROWS} rows "
-                         f"(LinearKernels.group x the mini-batch), got {group} mini-batches of {mini_batch}")
-    return GT
-
-
-def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None, post: str = "walk") -> tuple[bool, int]:
+def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> tuple[bool, int]:
     """(lean, segments) of a backward over n rows x H heads of nck checkpoint groups (the longest row's), the
     defaults filled in: lean when n*H <= LEAN_MAX_PROGRAMS (measured: lean wins where the chain dominates, full
-    where the parallel passes do) unless the post pass is "group" (the full chain's post pass only); one segment
-    for at most SHORT_GROUPS groups, else SEGMENTS; never more segments than groups."""
-    if lean and post == "group":
-        raise ValueError("LinearKernels.bwd_post: 'group' is the full chain's post pass; got bwd='split_lean'")
+    where the parallel passes do); one segment for at most SHORT_GROUPS groups, else SEGMENTS; never more
+    segments than groups."""
     if lean is None:
-        lean = n * H <= LEAN_MAX_PROGRAMS and post != "group"
+        lean = n * H <= LEAN_MAX_PROGRAMS
     if segments is None:
         segments = 1 if nck <= SHORT_GROUPS else SEGMENTS
     return lean, max(1, min(segments, nck))
@@ -710,7 +551,7 @@ def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None, post
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
               warps=None, info=None, lean=None, segments=None, rows: Rows | None = None, gluon: bool = False,
-              scratch: str | None = None, pre: str = "walk", post: str = "walk"):
+              scratch: str | None = None):
     """The split backward's launches (`chunk.bwd` is its contract): dq, dk, dv, dW0, dc0 and the passes' partial
     sums of dlr, dtau, dln_w, dln_b, which `sums` adds up (apart, so that the op's autograd formula traces them
     under torch.compile: Inductor fuses what would be a dozen eager reductions per call). warps: (pre, chain,
@@ -722,41 +563,28 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
     (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
     `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take).
-    scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`). ckpt: the forward's
-    (W, c) checkpoints, and where it kept them (`chunk.fwd`'s keep, in the scratch dtype) its x^ and 1/std rows,
-    which a "group" pre or post pass needs (`PASSES`: Triton, also beside the Gluon chain)."""
+    scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
     # the Gluon launches' options, pre / chain / post (warps None: theirs), checked once before anything launches
     gl_opts = [walks_gluon.launch(d, w, "LinearKernels.bwd_warps") for w in warps or (None,) * 3] if gluon else None
-    user_warps = warps is not None
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
-    lean, nseg = plan(N, H, nck, lean, segments, post)
+    lean, nseg = plan(N, H, nck, lean, segments)
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
-    ckw, ckc = ckpt[:2]
-    kept = len(ckpt) == 4
-    if pre not in PASSES or post not in PASSES:
-        raise ValueError(f"pre, post: expected each one of {PASSES}, got {pre!r}, {post!r}")
-    if (pre == "group" or post == "group") and not kept:
-        raise ValueError("LinearKernels.bwd_pre / bwd_post: 'group' needs the x^ rows the forward keeps (keep=)")
-    GT = group_rows(group, b) if "group" in (pre, post) else 0
+    ckw, ckc = ckpt
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
     dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
     SR = H if rows.packed else B * H  # scratch rows: per head, every row's tokens at their own positions
     sdt = dict(dtype=scratch_dtype(scratch, q.dtype), device=dev)
-    if kept:
-        xh, rs = ckpt[2:]
-        assert xh.shape == (SR, T, d) and xh.dtype == sdt["dtype"] and rs.shape == (SR, T), "kept rows"
-    else:
-        xh, rs = torch.empty((SR, T, d), **sdt), torch.empty((SR, T), **f32)
-    dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(5))
+    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(6))
     gg = torch.empty((SR, T, d), **sdt)  # lean: G from the pre pass; full: the chain's dgy
+    rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
     dtau_a = torch.empty((N * H * nck, BT), **f32)
     dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
@@ -775,15 +603,8 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     span = rows.span
     launched = {}
 
-    def launch_pre(s):
+    def pre(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        if pre == "group":
-            launched["ttt_linear_bwd_pre"] = _pre_group_kernel[(N * H * ng,)](
-                q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, xh, rs,
-                dq, gg, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng,
-                GROUP=group, GT=GT, EPS=eps, STORE_G=lean,
-                num_warps=warps[0] if user_warps else GROUP_WARPS[0], **meta)
-            return
         args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
                 dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
         if gluon:
@@ -793,7 +614,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
                 *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
 
-    def launch_chain(s):
+    def chain(s):
         n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)
         wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
         wo, co = (dw0, dc0) if s == 0 else (cw, cc)
@@ -813,14 +634,9 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
                 *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, GROUP=group, num_warps=warps[1], **meta)
 
-    def launch_post(s):
+    def post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
-        if post == "group":
-            launched["ttt_linear_bwd_post"] = _post_group_kernel[(N * H * ng,)](
-                k, v, lr, tau, ln_weight, ln_bias, ckw, xh, rs, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
-                *strides, H, nck, T, g0, ng, D=d, BD=BD, MB=b, GROUP=group, GT=GT, DOT_MODE=dot_mode,
-                num_warps=warps[2] if user_warps else GROUP_WARPS[1])
-        elif lean:
+        if lean:
             launched["ttt_linear_bwd_post"] = _post_lean_kernel[(N * H * ng,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka,
                 dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
@@ -842,22 +658,22 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         s_chain.wait_stream(main)
         s_post.wait_stream(main)
         for s in reversed(range(nseg)):
-            launch_pre(s)
+            pre(s)
             e = main.record_event()
             with torch.cuda.stream(s_chain):
                 s_chain.wait_event(e)
-                launch_chain(s)
+                chain(s)
                 e = s_chain.record_event()
             with torch.cuda.stream(s_post):
                 s_post.wait_event(e)
-                launch_post(s)
+                post(s)
         main.wait_stream(s_chain)
         main.wait_stream(s_post)
     else:
         for s in reversed(range(nseg)):
-            launch_pre(s)
-            launch_chain(s)
-            launch_post(s)
+            pre(s)
+            chain(s)
+            post(s)
     if info is not None:
         info.update(launched)
     return dq, dk, dv, dw0, dc0, (dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b)

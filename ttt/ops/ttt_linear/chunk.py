@@ -42,15 +42,14 @@ BWD_IMPLS = ("auto", "split", "split_lean", "split_full", "split_gluon")
 @triton.jit
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
-    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, xh_ptr, rs_ptr, span_ptr,
+    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, KEEP: tl.constexpr = False,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
 ):
     """OUT: the outputs too; else the chain alone, storing every mini-batch's G (fp32 rows [B*H or H, T, d]) for
-    `_fwd_out_kernel`. KEEP: also every mini-batch's x^ and 1/std of the inner LayerNorm (rows as G's) for the
-    backward's pre pass (`bwd_split._pre_group_kernel`)."""
+    `_fwd_out_kernel`."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -63,8 +62,7 @@ def ttt_linear_fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    sc_t = (bi * sc_b + hi) * T + start  # G (x^, 1/std) rows of this (row, head): its first token
-    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t, OUT)
@@ -94,9 +92,6 @@ def ttt_linear_fwd_kernel(
             tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
         else:
             tl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
-        if KEEP:
-            tl.store(xh_ptr + sc_off + t0 * D, xh, mask=m2)
-            tl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
 
         eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
@@ -199,7 +194,7 @@ def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
         dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None,
-        impl: str = "auto", keep: torch.dtype | None = None):
+        impl: str = "auto"):
     """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
     [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
     row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
@@ -213,14 +208,11 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
     (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
-    unless given. keep (with save): a dtype, in which the forward also keeps every token's x^ of the inner
-    LayerNorm (and its 1/std in fp32) as [B*H or H, T, d] rows for the backward (`bwd_split`'s
-    "group" pre and post passes), returned after the checkpoints."""
+    unless given."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
     split = fwd_plan(rows.n, H, d, mini_batch, group, impl)
-    keep = keep if save else None
     if impl.endswith("_gluon"):
         walks_gluon.check(d, mini_batch, q.dtype, dot_mode, f"fwd={impl!r}")
     gluon = impl.endswith("_gluon") or (impl == "auto" and split and hopper(q.device) and warps in (None, *walks_gluon.WARPS)
@@ -234,26 +226,20 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     else:
         ckw, ckc = wT, cT  # never written
     sc_b = 0 if rows.packed else H  # G rows [B*H or H, T, d]: per head, every row's tokens at their own positions
-    SR = H if rows.packed else B * H
-    gs = torch.empty((SR, T, d), dtype=torch.float32, device=q.device) if split else o
-    if keep is not None:
-        xh = torch.empty((SR, T, d), dtype=keep, device=q.device)
-        rs = torch.empty((SR, T), dtype=torch.float32, device=q.device)
-    else:
-        xh, rs = o, wT  # never written
+    gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
     if gluon:
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, xh, rs, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
-            SAVE=save or split, OUT=not split, EPS=LN_EPS, KEEP=keep is not None,
+            SAVE=save or split, OUT=not split, EPS=LN_EPS,
             **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, xh, rs, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
-            BT=BT, SAVE=save or split, OUT=not split, KEEP=keep is not None, num_warps=warps or _warps(d), **meta)
+            BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
     if split:
@@ -265,24 +251,22 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
             GT=GT, RB=RB, num_warps=OUT_WARPS, **meta)
         if info is not None:
             info["ttt_linear_fwd_out_kernel"] = kern
-    return o, wT, cT, ((ckw, ckc) + ((xh, rs) if keep is not None else ())) if save else None
+    return o, wT, cT, (ckw, ckc) if save else None
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
         dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-        segments: int | None = None, rows: Rows | None = None, pre: str = "walk", post: str = "walk"):
+        segments: int | None = None, rows: Rows | None = None):
     """Gradients of `fwd` (`bwd_split.py`) over the same rows. do [B,T,H,d]; dwT [N,H,d,d], dcT [N,H,d] (fp32)
     the gradients of the final state. Returns dq, dk, dv (q's dtype; zero at tokens in no row), dlr [B,T,H] fp32,
     dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl: "split" (the lean chain when
     N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
     (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
-    size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`; pre, post: the pre and post passes per checkpoint
-    group at once ("group", from the rows `fwd` kept: ckpt has four entries) or walking each group ("walk").
-    `bwd_parts` is the same before the partial sums are added up."""
+    size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     dq, dk, dv, dw0, dc0, parts = bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch,
-                                            group, dot_mode, impl, warps, info, segments, rows, pre=pre, post=post)
+                                            group, dot_mode, impl, warps, info, segments, rows)
     return (dq, dk, dv, *bwd_split.sums(parts, B, H, mini_batch, d, rows.n), dw0, dc0)
 
 
@@ -298,29 +282,28 @@ def bwd_impl(impl: str, d: int, mini_batch: int, dtype: torch.dtype, dot_mode: i
     return "split_gluon" if hopper(device) and walks_gluon.takes(d, mini_batch, dtype, dot_mode) else "split"
 
 
-def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None, post: str = "walk") -> tuple[bool, int]:
-    """(lean, segments) that `bwd_parts` runs with for impl (not "auto": `bwd_impl` resolves it), segments and the
-    post pass (`bwd_split.plan`)."""
+def bwd_plan(n: int, H: int, nck: int, impl: str, segments: int | None) -> tuple[bool, int]:
+    """(lean, segments) that `bwd_parts` runs with for impl (not "auto": `bwd_impl` resolves it) and segments
+    (`bwd_split.plan`)."""
     if impl not in BWD_IMPLS[1:]:
         raise ValueError(f"impl: expected one of {BWD_IMPLS[1:]}, got {impl!r}")
     return bwd_split.plan(n, H, nck, {"split": None, "split_lean": True, "split_full": False, "split_gluon": False}[impl],
-                          segments, post)
+                          segments)
 
 
 def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
               dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
-              segments: int | None = None, rows: Rows | None = None, scratch: str | None = None, pre: str = "walk",
-              post: str = "walk"):
+              segments: int | None = None, rows: Rows | None = None, scratch: str | None = None):
     """`bwd` before its reductions: dq, dk, dv, dW0, dc0 and the partial sums that `bwd_split.sums` adds up
     into dlr, dtau, dln_w, dln_b (the op's autograd formula adds them in traced code)."""
     B, T, H, _ = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     impl = bwd_impl(impl, q.shape[-1], mini_batch, q.dtype, dot_mode, q.device)
-    lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments, post)
+    lean, nseg = bwd_plan(rows.n, H, rows.nck, impl, segments)
     if impl == "split_gluon":
         walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
                                dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
                                info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon",
-                               scratch=scratch, pre=pre, post=post)
+                               scratch=scratch)

@@ -314,17 +314,16 @@ def _chain_kernel(
 @gluon.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
-    gs_ptr, xh_ptr, rs_ptr, span_ptr,
+    gs_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, OUT: gl.constexpr,
-    EPS: gl.constexpr, num_warps: gl.constexpr, KEEP: gl.constexpr = False,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """The forward walk (`chunk.ttt_linear_fwd_kernel`): per mini-batch the inner forward, G and the update; OUT:
     also its outputs, o = q + LN(Zb) gam + bet, Zb = Q W + c - P G, P = E * (Q K^T + 1) (causal; the rows from the
     first non-finite row of G on are NaN, as `chunk._output` makes them), else G stored (fp32 rows [B*H or H, T, d])
-    for `chunk._fwd_out_kernel`; the checkpoints when SAVE; KEEP: x^ and 1/std of the inner LayerNorm too (rows as
-    G's) for the backward's "group" passes."""
+    for `chunk._fwd_out_kernel`; the checkpoints when SAVE."""
     OPT: gl.constexpr = k_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
     LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
@@ -366,8 +365,7 @@ def _fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    sc_t = (bi * sc_b + hi) * T + start  # G (x^, 1/std) rows of this (row, head): its first token
-    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     if OUT:
         qn = _tile(q_ptr + in_base, in_off, rt, rd, 0, L, D)
     kn = _tile(k_ptr + in_base, in_off, rt, rd, 0, L, D)
@@ -417,9 +415,6 @@ def _fwd_kernel(
             g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
         else:
             gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
-        if KEEP:
-            gl.store(xh_ptr + sc_off + t0 * D, xh.to(xh_ptr.dtype.element_ty), mask=m2)
-            gl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=(t0 + rt) < L)
         eG = (tau_e * lr)[:, None] * G
         eg_s.index(p).store((-eG).to(OPT))
         eg32_s.index(p).store(eG)
