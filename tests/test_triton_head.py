@@ -66,12 +66,16 @@ def test_linear_ce_triton_matches_torch(reduction, dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
 
 
-def test_linear_ce_impl_errors():
+def test_linear_ce_impl_errors(monkeypatch):
     h, w, t = torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"^impl: expected one of \('torch', 'triton'\), got 'cuda'$"):
+    with pytest.raises(ValueError, match=r"^impl: expected one of \('auto', 'torch', 'triton'\), got 'cuda'$"):
         linear_cross_entropy(h, w, t, impl="cuda")
     with pytest.raises(ValueError, match=r"^impl: 'triton' takes h in bf16, fp16 or fp32, got torch.float64$"):
         linear_cross_entropy(h.double(), w.double(), t, impl="triton")
+    if DEV == "cpu":  # outside the interpreter a CPU tensor cannot run the kernel: an error, no fallback
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match=r"^impl: 'triton' needs CUDA tensors \(got cpu\)"):
+            linear_cross_entropy(h, w, t, impl="triton")
 
 
 def test_model_loss_impl_reaches_the_head(monkeypatch):
@@ -99,8 +103,26 @@ def test_model_loss_impl_reaches_the_head(monkeypatch):
     assert len(calls) == 3  # 42 tokens in chunks of 16
     for a, b in zip(out["triton"], out["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"^loss_impl: expected one of \('torch', 'triton'\), got 'fused'$"):
+    with pytest.raises(ValueError, match=r"^loss_impl: expected one of \('auto', 'torch', 'triton'\), got 'fused'$"):
         RunOptions(loss_impl="fused")
+
+
+@pytest.mark.parametrize("dev, dtype, reduction, importable, want", [
+    ("cuda", torch.bfloat16, "mean", True, "triton"), ("cuda", torch.float32, "sum", True, "triton"),
+    ("cuda", torch.float64, "mean", True, "torch"), ("cuda", torch.bfloat16, "none", True, "torch"),
+    ("cuda", torch.bfloat16, "mean", False, "torch"), ("cpu", torch.float32, "mean", True, "torch")])
+def test_auto_impl_rule(monkeypatch, dev, dtype, reduction, importable, want):
+    """impl "auto" (the default of linear_cross_entropy and RunOptions.loss_impl) is the row kernel only for CUDA h
+    in 16 bits or fp32, a summed loss and Triton importable; "torch" and "triton" pass through. h stands in by its
+    device and dtype, all the rule reads, so the CUDA cases run on the CPU (the GPU test below runs it for real)."""
+    import types
+
+    import ttt.ops
+    from ttt.layers.head import resolve_impl
+    monkeypatch.setattr(ttt.ops, "triton_available", lambda: (importable, "" if importable else "no"))
+    h = types.SimpleNamespace(device=torch.device(dev), dtype=dtype)
+    assert resolve_impl("auto", h, reduction) == want
+    assert [resolve_impl(i, h, reduction) for i in ("torch", "triton")] == ["torch", "triton"]
 
 
 @pytest.mark.gpu
@@ -112,6 +134,8 @@ def test_gpu_linear_ce_triton_at_the_125m_head():
     h, w, t = head_inputs(9192, 768, 32000)
     want = fp32_reference(h, w, t)
     got = {impl: loss_and_grads(h, w, t, impl) for impl in ("triton", "torch")}
+    from ttt.layers.head import resolve_impl
+    assert resolve_impl("auto", h, "mean") == "triton"  # the default runs the kernel on the GPU
     for a, b, e in zip(got["triton"], got["torch"], want):
         assert rel(a, b) <= 2e-3
         assert rel(a, e) <= 1.1 * rel(b, e) + 1e-4

@@ -19,7 +19,7 @@ MIXERS = ("ttt_linear", "ttt_mlp", "attention", "mamba")
 BACKBONES = ("mamba", "transformer")
 MAMBA_BACKENDS = ("auto", "torch", "mamba_ssm")
 TTT_BACKENDS = ("auto", "naive", "dual", "triton")  # as ttt.ops.BACKENDS (this module imports no torch)
-LOSS_IMPLS = ("torch", "triton")  # as ttt.layers.head.IMPLS
+LOSS_IMPLS = ("auto", "torch", "triton")  # as ttt.layers.head.IMPLS
 
 
 def help_field(default, help):
@@ -48,9 +48,10 @@ class RunOptions:
                                            "are Gluon by default there), the Gluon backward asked for "
                                            "explicitly: where the op runs its triton backend, other shapes are an "
                                            "error, not a fallback")
-    loss_impl: str = help_field("torch", "the training loss head's cross-entropy: 'torch' (PyTorch over fp32 chunks "
-                                         "of the logits) or 'triton' (one kernel per chunk over the logits in the "
-                                         "compute dtype; needs Triton)")
+    loss_impl: str = help_field("auto", "the training loss head's cross-entropy: 'torch' (PyTorch over fp32 chunks "
+                                        "of the logits), 'triton' (one kernel per chunk over the logits in the "
+                                        "compute dtype; needs Triton) or 'auto' (triton on CUDA where Triton "
+                                        "imports, else torch)")
     mamba_backend: str = help_field("auto", f"Mamba baseline scan: one of {MAMBA_BACKENDS}; 'torch' the chunked "
                                             "PyTorch reference, 'mamba_ssm' the Triton SSD kernels of the mamba-ssm "
                                             "package (pip install 'ttt-lm[mamba]'), 'auto' mamba_ssm on CUDA when it "

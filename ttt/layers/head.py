@@ -9,7 +9,9 @@ is returned and each chunk is recomputed in the backward (`torch.utils.checkpoin
 `ignore_index` add nothing and do not count in the mean. The products run in h's dtype (bf16 under
 autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs). impl "triton" (reductions
 "mean" and "sum"; h in bf16, fp16 or fp32) takes each chunk's log-sum-exp, loss and gradient in one kernel over
-the logits in h's dtype (`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy.
+the logits in h's dtype (`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy ("torch"); "auto"
+(the default) is "triton" where it can run (CUDA tensors, Triton importable, those reductions and dtypes), else
+"torch".
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("torch", "triton")
+IMPLS = ("auto", "torch", "triton")
 IGNORE = -100  # the default ignore_index: a target that adds nothing to the loss
 
 
@@ -70,8 +72,22 @@ class _LinearCESum(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
+def resolve_impl(impl: str, h: torch.Tensor, reduction: str) -> str:
+    """The impl that runs: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 with a summed loss where the Triton
+    kernels import, else "torch"; "torch" and "triton" as given."""
+    if impl != "auto":
+        return impl
+    if h.device.type != "cuda" or reduction == "none" or h.dtype not in _TRITON_DTYPES:
+        return "torch"
+    from ..ops import triton_available
+    return "triton" if triton_available()[0] else "torch"
+
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
-                         ignore_index: int = IGNORE, chunk: int = 8192, impl: str = "torch") -> torch.Tensor:
+                         ignore_index: int = IGNORE, chunk: int = 8192, impl: str = "auto") -> torch.Tensor:
     """Cross-entropy of the logits h @ weight.T against targets, never holding more than `chunk` rows of
     logits. h: [..., D]; weight: [V, D]; targets: int [...] (h's leading dims). Returns a scalar
     ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h). impl: one of
@@ -80,12 +96,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and h.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if impl == "triton" and h.dtype not in _TRITON_DTYPES:
         raise ValueError(f"impl: 'triton' takes h in bf16, fp16 or fp32, got {h.dtype}")
+    if impl == "triton":
+        from ..ops import triton_runs_on
+        ok, why = triton_runs_on(h.device)
+        if not ok:
+            raise ValueError(f"impl: 'triton' {why}")
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"targets: expected shape {tuple(h.shape[:-1])} (h's leading dims), got {tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    impl = resolve_impl(impl, h, reduction)
     shape = targets.shape
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
     if reduction == "none":
