@@ -504,8 +504,6 @@ def _mlp_module(impl: str):
     return chunk_smem
 
 
-
-
 @torch.library.custom_op("ttt::mlp_chunk_fwd", mutates_args=())
 def _mlp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, W1: torch.Tensor, c1: torch.Tensor,
