@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what impl "triton" takes
 IGNORE = -100  # the default ignore_index: a target that adds nothing to the loss
 
 
@@ -81,9 +82,6 @@ def resolve_impl(impl: str, h: torch.Tensor, reduction: str) -> str:
         return "torch"
     from ..ops import triton_available
     return "triton" if triton_available()[0] else "torch"
-
-
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
