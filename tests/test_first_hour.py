@@ -107,6 +107,26 @@ def test_estimate_scales_the_probed_block_to_the_model():
         assert est.total(2 * B, T) > est.total(B, T) > est.n_params * 16
 
 
+def test_estimate_counts_the_head_chunk_its_impl_keeps():
+    """The head's chunk of logits: two fp32 [rows, V] buffers in PyTorch's chunk, one in the activations' dtype
+    where the row kernel runs; the impl as the run's loss_impl resolves on the device ("auto": PyTorch on a CPU)."""
+    import dataclasses
+
+    from ttt.config import RunOptions
+    from ttt.memory import HEAD_CHUNK, SLACK, step_memory
+
+    cfg = get_config("debug", mixer="attention", vocab_size=300)
+    cpu = torch.device("cpu")
+    est = step_memory(cfg, cpu)
+    assert not est.head_kernel and not step_memory(cfg, cpu, run=RunOptions(loss_impl="torch")).head_kernel
+    assert step_memory(cfg, cpu, run=RunOptions(loss_impl="triton")).head_kernel
+    for autocast, act in ((False, 4), (True, 2)):
+        e = dataclasses.replace(est, autocast=autocast)
+        for B, T in ((2, 64), (40, 512)):  # fewer rows than a chunk, more
+            drop = (e.parts(B, T)["activations"] - dataclasses.replace(e, head_kernel=True).parts(B, T)["activations"])
+            assert drop == pytest.approx(SLACK * min(B * T, HEAD_CHUNK) * 300 * (8 - act), abs=1)
+
+
 def test_a_start_without_checkpoint_does_not_block_the_next(capsys, caplog, w, run_copy):
     """A start killed before its first checkpoint (here: a run whose checkpoints are gone) leaves config.json and
     metrics; the next start, of other settings, sets them aside and runs."""

@@ -14,7 +14,8 @@ Counted for one process (fp32 parameters, AdamW):
     worth more (GROWTH: the Mamba scan and TTT-MLP hold more). With grad_checkpointing each block keeps only
     its input and one block at a time is recomputed (CKPT_BLOCKS blocks' worth);
   - the head's chunked loss (`layers/head.py`): the gradient of the hidden states and of the output weight
-    it keeps, and two fp32 [rows, V] buffers of one chunk.
+    it keeps, and one chunk's logits: two fp32 [rows, V] buffers in PyTorch's chunk, one [rows, V] in the
+    activations' dtype where the Triton row kernel runs (the run's `loss_impl` as it resolves on the device).
 Whatever the model's size, the estimate costs three forwards of one block over at most 512 tokens.
 
 Calibration (CPU, torch 2.13, vocabulary 4096): the peak RSS of two real training steps (`ttt.train.train`)
@@ -72,6 +73,7 @@ class StepMemory:
     growth: float = 1.0  # blocks' worth each block holds in the backward (GROWTH)
     autocast: bool = False
     grad_checkpointing: bool = False
+    head_kernel: bool = False  # the loss head's Triton row kernel (one 16-bit/fp32 logits chunk, written over)
 
     def block_bytes(self, micro_batch: int, seq_len: int) -> float:
         """What one block saves for its backward at this size."""
@@ -87,7 +89,9 @@ class StepMemory:
         else:  # every block's saved tensors, and what the backward of one block allocates on top
             acts = (self.growth * L + BACKWARD_BLOCKS) * block
         # the head: the final norm's output, the gradient it keeps for it and for W, one chunk's logits + gradient
-        head = N * D * (4 + act) + V * D * 4 + 2 * min(N, HEAD_CHUNK) * V * 4
+        # (the row kernel writes the gradient over the logits in their dtype; PyTorch's chunk keeps two fp32 copies)
+        logits = min(N, HEAD_CHUNK) * V * (act if self.head_kernel else 2 * 4)
+        head = N * D * (4 + act) + V * D * 4 + logits
         return {"parameters, gradients and AdamW state": 16 * self.n_params,
                 "activations": round(SLACK * (acts + head))}
 
@@ -142,8 +146,11 @@ def step_memory(cfg: ModelConfig, device: torch.device, *, autocast: bool = Fals
     fixed, per_seq, per_token, block_params = _block_bytes(cfg, device, autocast, run)
     D, V = cfg.d_model, cfg.vocab_size  # + embedding (and an untied head) and the final norm: TTTLM's parameters
     n_params = cfg.n_layers * block_params + V * D * (1 if cfg.tie_embeddings else 2) + D
+    from .layers.head import resolve_impl
+    h = torch.empty(0, device=device, dtype=torch.bfloat16 if autocast else torch.float32)  # the head's input
+    kernel = resolve_impl(run.loss_impl, h, "mean") == "triton"
     return StepMemory(n_params, cfg.d_model, cfg.n_layers, cfg.vocab_size, fixed, per_seq, per_token,
-                      GROWTH.get(cfg.mixer, 1.0), autocast, grad_checkpointing)
+                      GROWTH.get(cfg.mixer, 1.0), autocast, grad_checkpointing, kernel)
 
 
 def _cgroup_free() -> int | None:
