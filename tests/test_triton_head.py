@@ -48,11 +48,12 @@ def test_row_kernel_matches_log_softmax(dtype, V):
     assert torch.isnan(rows_nll_grad_(lg.clone(), bad, -100)[1])
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_ce_triton_matches_torch(reduction, dtype):
     """impl="triton" against impl="torch": the loss and the gradients of h and the weight, over several chunks
-    (the last partial) with ignored rows."""
+    (the last partial) with ignored rows; per-token losses ("none") weighted row by row, so that each row's output
+    gradient is its own."""
     g = torch.Generator().manual_seed(1)
     N, D, V = 45, 32, 300
     h = (torch.randn(N, D, generator=g) / 4).to(dtype).to(DEV).requires_grad_()
@@ -62,7 +63,9 @@ def test_linear_ce_triton_matches_torch(reduction, dtype):
     got, want = (linear_cross_entropy(h, w, t, reduction=reduction, chunk=16, impl=impl) for impl in ("triton", "torch"))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    for a, b in zip(torch.autograd.grad(2 * got, (h, w)), torch.autograd.grad(2 * want, (h, w))):
+    assert got.shape == want.shape == ((N,) if reduction == "none" else ())
+    scale = torch.linspace(-1, 2, N, device=DEV) if reduction == "none" else torch.tensor(2.0, device=DEV)
+    for a, b in zip(torch.autograd.grad((scale * got).sum(), (h, w)), torch.autograd.grad((scale * want).sum(), (h, w))):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
 
 

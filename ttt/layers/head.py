@@ -7,10 +7,11 @@ once. With reduction "mean" or "sum" the gradients w.r.t. h and W are computed i
 scaled in the backward (no recompute, no [N, V] tensor kept); with reduction "none" the per-token NLL
 is returned and each chunk is recomputed in the backward (`torch.utils.checkpoint`). Targets equal to
 `ignore_index` add nothing and do not count in the mean. The products run in h's dtype (bf16 under
-autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs). impl "triton" (reductions
-"mean" and "sum"; h in bf16, fp16 or fp32) takes each chunk's log-sum-exp, loss and gradient in one kernel over
-the logits in h's dtype (`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy ("torch"); "auto"
-(the default) is "triton" where it can run (CUDA tensors, Triton importable, those reductions and dtypes), else
+autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 inputs). impl "triton" (h in bf16,
+fp16 or fp32) takes each chunk's log-sum-exp, loss and gradient in one kernel over the logits in h's dtype
+(`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy ("torch"), with every reduction ("none":
+the chunk's gradient kept only while its recompute runs in the backward); "auto" (the default) is "triton"
+where it can run and has been timed (CUDA tensors, Triton importable, those dtypes, "mean" and "sum"), else
 "torch".
 """
 from __future__ import annotations
@@ -73,6 +74,25 @@ class _LinearCESum(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
+class _RowsNLL(torch.autograd.Function):
+    """Per-row NLL [n] of the logits h W^T by the row kernel; with gradients, the kernel's d nll / d logits (written
+    over the logits) is kept and scaled by each row's output gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, ignore_index: int):
+        from ..ops.cross_entropy import rows_nll_grad_
+        g = h @ w.T  # [n, V] logits in h's dtype, overwritten with the gradient
+        nll = rows_nll_grad_(g, t, ignore_index)
+        ctx.save_for_backward(h, w, g)
+        return nll
+
+    @staticmethod
+    def backward(ctx, go):
+        h, w, g = ctx.saved_tensors
+        g = g * go.to(g.dtype)[:, None]
+        return g @ w, g.T @ h, None, None
+
+
 def resolve_impl(impl: str, h: torch.Tensor, reduction: str) -> str:
     """The impl that runs: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 with a summed loss where the Triton
     kernels import, else "torch"; "torch" and "triton" as given."""
@@ -89,7 +109,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Cross-entropy of the logits h @ weight.T against targets, never holding more than `chunk` rows of
     logits. h: [..., D]; weight: [V, D]; targets: int [...] (h's leading dims). Returns a scalar
     ("mean", "sum") or the per-token NLL shaped like targets ("none"), fp32 (fp64 for fp64 h). impl: one of
-    IMPLS (module docstring; "none" always runs the PyTorch chunk)."""
+    IMPLS (module docstring)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
@@ -110,6 +130,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
     if reduction == "none":
         def one(hs, ts):
+            if impl == "triton":
+                return _RowsNLL.apply(hs, weight, ts, ignore_index)
             return _chunk_nll(hs, weight, ts, ignore_index)[0]
         use_ckpt = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
         parts = [checkpoint(one, h2[s:s + chunk], t[s:s + chunk], use_reentrant=False) if use_ckpt
