@@ -90,7 +90,8 @@ class _RowsNLL(torch.autograd.Function):
     def backward(ctx, go):
         h, w, g = ctx.saved_tensors
         g = g * go.to(g.dtype)[:, None]
-        return g @ w, g.T @ h, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        return g @ w if need_h else None, g.T @ h if need_w else None, None, None
 
 
 def resolve_impl(impl: str, h: torch.Tensor, reduction: str) -> str:
