@@ -67,6 +67,10 @@ def test_linear_ce_triton_matches_torch(reduction, dtype):
     scale = torch.linspace(-1, 2, N, device=DEV) if reduction == "none" else torch.tensor(2.0, device=DEV)
     for a, b in zip(torch.autograd.grad((scale * got).sum(), (h, w)), torch.autograd.grad((scale * want).sum(), (h, w))):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
+    wf = w.detach()  # a frozen head weight: the gradient of h alone
+    got, want = (linear_cross_entropy(h, wf, t, reduction=reduction, chunk=16, impl=impl) for impl in ("triton", "torch"))
+    a, b = (torch.autograd.grad((scale * x).sum(), h)[0] for x in (got, want))
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)
 
 
 def test_linear_ce_impl_errors(monkeypatch):
