@@ -120,16 +120,14 @@ def test_model_loss_impl_reaches_the_head(monkeypatch):
     ("cuda", torch.bfloat16, "mean", False, "torch"), ("cpu", torch.float32, "mean", True, "torch")])
 def test_auto_impl_rule(monkeypatch, dev, dtype, reduction, importable, want):
     """impl "auto" (the default of linear_cross_entropy and RunOptions.loss_impl) is the row kernel only for CUDA h
-    in 16 bits or fp32, a summed loss and Triton importable; "torch" and "triton" pass through. h stands in by its
-    device and dtype, all the rule reads, so the CUDA cases run on the CPU (the GPU test below runs it for real)."""
-    import types
-
+    in 16 bits or fp32, a summed loss and Triton importable; "torch" and "triton" pass through. The rule reads h's
+    device and dtype only, so the CUDA cases run on the CPU (the GPU test below runs it on a real tensor)."""
     import ttt.ops
     from ttt.layers.head import resolve_impl
     monkeypatch.setattr(ttt.ops, "triton_available", lambda: (importable, "" if importable else "no"))
-    h = types.SimpleNamespace(device=torch.device(dev), dtype=dtype)
-    assert resolve_impl("auto", h, reduction) == want
-    assert [resolve_impl(i, h, reduction) for i in ("torch", "triton")] == ["torch", "triton"]
+    dev = torch.device(dev)
+    assert resolve_impl("auto", dev, dtype, reduction) == want
+    assert [resolve_impl(i, dev, dtype, reduction) for i in ("torch", "triton")] == ["torch", "triton"]
 
 
 @pytest.mark.gpu
@@ -142,7 +140,7 @@ def test_gpu_linear_ce_triton_at_the_125m_head():
     want = fp32_reference(h, w, t)
     got = {impl: loss_and_grads(h, w, t, impl) for impl in ("triton", "torch")}
     from ttt.layers.head import resolve_impl
-    assert resolve_impl("auto", h, "mean") == "triton"  # the default runs the kernel on the GPU
+    assert resolve_impl("auto", h.device, h.dtype, "mean") == "triton"  # the default runs the kernel on the GPU
     for a, b, e in zip(got["triton"], got["torch"], want):
         assert rel(a, b) <= 2e-3
         assert rel(a, e) <= 1.1 * rel(b, e) + 1e-4

@@ -147,8 +147,8 @@ def step_memory(cfg: ModelConfig, device: torch.device, *, autocast: bool = Fals
     D, V = cfg.d_model, cfg.vocab_size  # + embedding (and an untied head) and the final norm: TTTLM's parameters
     n_params = cfg.n_layers * block_params + V * D * (1 if cfg.tie_embeddings else 2) + D
     from .layers.head import resolve_impl
-    h = torch.empty(0, device=device, dtype=torch.bfloat16 if autocast else torch.float32)  # the head's input
-    kernel = resolve_impl(run.loss_impl, h, "mean") == "triton"
+    head_dtype = torch.bfloat16 if autocast else torch.float32  # the head's input
+    kernel = resolve_impl(run.loss_impl, device, head_dtype, "mean") == "triton"
     return StepMemory(n_params, cfg.d_model, cfg.n_layers, cfg.vocab_size, fixed, per_seq, per_token,
                       GROWTH.get(cfg.mixer, 1.0), autocast, grad_checkpointing, kernel)
 

@@ -94,12 +94,12 @@ class _RowsNLL(torch.autograd.Function):
         return g @ w if need_h else None, g.T @ h if need_w else None, None, None
 
 
-def resolve_impl(impl: str, h: torch.Tensor, reduction: str) -> str:
-    """The impl that runs: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 with a summed loss where the Triton
-    kernels import, else "torch"; "torch" and "triton" as given."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, reduction: str) -> str:
+    """The impl that runs for h of this device and dtype: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 with a
+    summed loss where the Triton kernels import, else "torch"; "torch" and "triton" as given."""
     if impl != "auto":
         return impl
-    if h.device.type != "cuda" or reduction == "none" or h.dtype not in _TRITON_DTYPES:
+    if device.type != "cuda" or reduction == "none" or dtype not in _TRITON_DTYPES:
         return "torch"
     from ..ops import triton_available
     return "triton" if triton_available()[0] else "torch"
@@ -115,9 +115,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and h.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"impl: 'triton' takes h in bf16, fp16 or fp32, got {h.dtype}")
     if impl == "triton":
+        if h.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"impl: 'triton' takes h in bf16, fp16 or fp32, got {h.dtype}")
         from ..ops import triton_runs_on
         ok, why = triton_runs_on(h.device)
         if not ok:
@@ -126,7 +126,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets: expected shape {tuple(h.shape[:-1])} (h's leading dims), got {tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
-    impl = resolve_impl(impl, h, reduction)
+    impl = resolve_impl(impl, h.device, h.dtype, reduction)
     shape = targets.shape
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
     if reduction == "none":
