@@ -121,26 +121,27 @@ def linear_kernels(d: int, b: int, dot: int):
     base = dict(D=d, BD=BD, MB=b, BT=BT, DOT_MODE=dot, EPS=LN_EPS, GROUP=GROUP)
     out = []
     for w in (4, 8):
-        out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True, KEEP=True), w, 3),
-                ("fwd split walk", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=False, KEEP=True), w,
-                 3),
-                ("fwd split out", lin_chunk._fwd_out_kernel, dict(base, GT=tile(GROUP * b), RB=64, KEEP=True), w, 3),
+        out += [("fwd", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=True), w, 3),
+                ("fwd split walk", lin_chunk.ttt_linear_fwd_kernel, dict(base, SAVE=True, OUT=False), w, 3),
+                ("fwd split out", lin_chunk._fwd_out_kernel, dict(base, GT=tile(GROUP * b), RB=64), w, 3),
                 ("split pre", bwd_split._pre_kernel, dict(base, STORE_G=True), w, 3),
                 ("split chain (full)", bwd_split._chain_kernel, base, w, 3),
                 ("split post (full)", bwd_split._post_kernel, base, w, 3),
                 ("split chain (lean)", bwd_split._chain_lean_kernel, base, w, 3),
                 ("split post (lean)", bwd_split._post_lean_kernel, base, w, 3)]
     if d in lin_walks_gluon.HEAD_DIMS and b == lin_walks_gluon.MB and dot >= 2:  # Gluon, 16-bit operands
-        g = dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS, SAVE=True, KEEP=True)
+        g = dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS, SAVE=True)
         for w in sorted({lin_walks_gluon.warps(d), 8}):  # the default launch, and 8 warps (`walks_gluon.launch`)
             opts = lin_walks_gluon.launch(d, w)
             tag, cap = "" if w == lin_walks_gluon.warps(d) else f" x{w}", [opts["maxnreg"]] if "maxnreg" in opts else []
             out += [(f"fwd (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=True), w, 1, *cap),
                     (f"fwd split walk (gluon){tag}", lin_walks_gluon._fwd_kernel, dict(g, OUT=False), w, 1, *cap),
+                    (f"split pre (gluon){tag}", lin_walks_gluon._pre_kernel, dict(D=d, MB=b, GROUP=GROUP, EPS=LN_EPS,
+                                                                               STORE_G=False), w, 1, *cap),
                     (f"split chain (gluon){tag}", lin_walks_gluon._chain_kernel, dict(D=d, MB=b, GROUP=GROUP), w, 1,
                      *cap),
-                    (f"split post (gluon){tag}", lin_walks_gluon._post_kernel, dict(D=d, MB=b, GROUP=GROUP), w, 1,
-                     *cap)]
+                    (f"split post (gluon){tag}", lin_walks_gluon._post_kernel, dict(D=d, MB=b, GROUP=GROUP,
+                                                                                 EPS=LN_EPS), w, 1, *cap)]
     return out + [("step", lin_step.ttt_linear_step_kernel, dict(D=d, BD=triton.next_power_of_2(d), COMMIT=True, EPS=LN_EPS),
                    4 if d <= 64 else 8, 3)]
 

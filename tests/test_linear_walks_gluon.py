@@ -31,7 +31,7 @@ if DEV == "cpu":
     import gluon_shim  # noqa: E402
 
     _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
-                for name in ("_fwd_kernel", "_chain_kernel", "_post_kernel")}
+                for name in ("_fwd_kernel", "_pre_kernel", "_chain_kernel", "_post_kernel")}
 
 
 @pytest.fixture(autouse=True)
@@ -129,8 +129,8 @@ def test_gluon_walks_at_8_warps_equal_the_triton_ones(walk):
 
 
 def test_gluon_warps_reach_every_launch(monkeypatch):
-    """fwd_warps and bwd_warps' chain and post reach their Gluon launch (the pre pass is Triton's); None takes the
-    defaults (the split walk's `walks_gluon.walk_warps`, the backward's `walks_gluon.launch`)."""
+    """fwd_warps and each of bwd_warps (pre, chain, post) reach their Gluon launch; None takes the defaults (the
+    split walk's `walks_gluon.walk_warps`, the backward's `walks_gluon.launch`)."""
     seen = []
     launch = walks_gluon.launch
     monkeypatch.setattr(walks_gluon, "launch", lambda d, w=None, arg="warps": seen.append((w, arg)) or launch(d, w, arg))
@@ -139,7 +139,7 @@ def test_gluon_warps_reach_every_launch(monkeypatch):
                     triton_backend.LinearKernels(fwd="split_gluon", bwd="split_gluon")):
         outputs_and_grads(inp, kernels)
     f, b = "LinearKernels.fwd_warps", "LinearKernels.bwd_warps"
-    assert seen == [(8, f), (4, b), (8, b), (8, f), (None, b), (None, b)]
+    assert seen == [(8, f), (8, b), (4, b), (8, b), (8, f), (None, b), (None, b), (None, b)]
     assert walks_gluon.launch(64, 8) == dict(num_warps=8, maxnreg=128)
     assert walks_gluon.launch(128, 8) == dict(num_warps=8) and walks_gluon.launch(64) == dict(num_warps=4)
 

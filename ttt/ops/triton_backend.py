@@ -407,30 +407,23 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool,
                 mini_batch: int, group: int, save: bool, dot_mode: int, fwd_warps: int, fwd_impl: str,
                 bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o, W_T, c_T and with `save` the backward's checkpoints and kept rows (`chunk.fwd`; else six empty tensors)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
     o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
                                    warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
-                                   impl=fwd_impl, scratch=bwd_scratch or None)
+                                   impl=fwd_impl)
     if ck is None:
-        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(6))
+        ck = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     return o, wT, cT, *ck
 
 
 @_lin_fwd_op.register_fake
 def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save,
       dot_mode, fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch):
-    B, T, H, d = q.shape
-    if save:
-        SR, kdt = (H if packed else B * H), _lin_bwd_split.scratch_dtype(bwd_scratch or None, q.dtype)
-        row, rs = q.new_empty((SR, T, d), dtype=kdt), q.new_empty((SR, T), dtype=torch.float32)
-        ck = (q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32),
-              row, rs, torch.empty_like(row), torch.empty_like(rs))
-    else:
-        ck = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(6))
+    H, d = q.shape[2:]
+    ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
+          if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
         torch.empty_like(c0), *ck
 
@@ -438,7 +431,6 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, co
 @torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
-                xh: torch.Tensor, rs: torch.Tensor, xhb: torch.Tensor, rsb: torch.Tensor,
                 do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int,
@@ -446,36 +438,36 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
     """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up)."""
     q, k, v = _same_strides(q, k, v)
     dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
-        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc, xh, rs, xhb, rsb), do, dwT.float(), dcT.float(), mini_batch, group,
+        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(), mini_batch, group,
         dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
         segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None)
     return [dq, dk, dv, dw0, dc0, *parts]
 
 
 @_lin_bwd_op.register_fake
-def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, xh, rs, xhb, rsb, do, dwT, dcT, span, packed, nmb, slots,
-      covered, mini_batch, group, dot_mode, impl, warps, segments, scratch):
+def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed, nmb, slots, covered, mini_batch,
+      group, dot_mode, impl, warps, segments, scratch):
     B, T, H, d = q.shape
     N = dwT.shape[0]
     nck = cdiv(nmb, group)
     SR, BT, BD = (H if packed else B * H), tile(mini_batch), tile(d)
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
-    ng, nn = N * H * nck, N * H * nmb  # rows of the partial sums: per (row, head, group) or mini-batch (pre pass)
+    ng = N * H * nck  # rows of the partial sums: one per (row, head, group)
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(N, H, d, d), e(N, H, d),
-            e(SR, T), e(SR, T), e(nn, BT), e(ng, BT), e(nn, BD), e(ng, BD), e(nn, BD), e(ng, BD)]
+            e(SR, T), e(SR, T), e(ng, BT), e(ng, BT), e(ng, BD), e(ng, BD), e(ng, BD), e(ng, BD)]
 
 
 def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
      fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch) = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, *output[3:9], span)
+    ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
                 bwd_scratch)
     ctx.rows = W0.shape[0]
 
 
-def _lin_backward(ctx, do, dwT, dcT, *_dckpt):
-    q, k, v, lr, tau, lnw, lnb, *ckpt, span = ctx.saved_tensors
+def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
+    q, k, v, lr, tau, lnw, lnb, ckw, ckc, span = ctx.saved_tensors
     (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
      bwd_scratch) = ctx.meta
     if not save:
@@ -485,7 +477,7 @@ def _lin_backward(ctx, do, dwT, dcT, *_dckpt):
     do = torch.zeros_like(q) if do is None else do.contiguous()
     dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
     dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
-    dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, *ckpt, do, dwT, dcT, span, packed,
+    dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
                                                bwd_warps, bwd_segments, bwd_scratch)
     dlr, dtau, dlnw, dlnb = _lin_bwd_split.sums(parts, q.shape[0], H, mini_batch, d, N)

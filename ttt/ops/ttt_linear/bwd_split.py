@@ -6,23 +6,24 @@ program per (row, head, checkpoint group) (the longest row's groups for every ro
 past its end do nothing; rows: `triton_utils.Rows`, a row's partial last mini-batch adds no carried-weight
 terms since the forward left it uncommitted):
 
-(a) `_pre_kernel`, per mini-batch, needing no weights: the forward kept both LayerNorms' normalised rows and
-    1/std (`chunk.fwd`: x^, rstd at Z = K W + c; x^b, rstd_b at Zb), so G and dZb are row-wise. Everything
-    that does not involve dW' (the gradient w.r.t. the weights after the mini-batch) or W:
+(a) `_pre_kernel`, per group: from the group's checkpoint (W, c) walk its mini-batches forward (recomputing
+    the inner forward and the W update). Everything that does not involve dW' (the gradient w.r.t. the
+    weights after the mini-batch):
       dZb = LN-backward(dO gam) at the output,   dgam += dO x^b, dbet += dO
       dP = -dZb G^T, dA = dP * E, dE = dP * (Q K^T + 1)  ->  dtau_i, dlr_j (the dE part)
-      dq_a = dA K   (the post pass adds dO and dZb W^T),  dG0 = -P^T dZb,  dk_a = dA^T Q
-    stored as [T, d] scratch rows (and G, for the lean chain).
+      dq = dO + dZb W^T + dA K                     (final)
+      dG0 = -P^T dZb,  dk_a = dA^T Q
+    and stores x^, rstd (of the inner LN at Z = K W + c), dG0, dZb, dk_a as [T, d] scratch rows
+    (rstd fp32 [T]).
 (b) `_chain_kernel`, per (row, head), all mini-batches in reverse, carrying only dW, dc:
       G, gy recomputed row-wise from x^, rstd, v - k (no product)
       KdW = K dW + dc,  S = rowsum(KdW * G)  ->  dlr_j -= tau_b S_j, dtau_b -= sum lr S
       dG = dG0 - e_b KdW  ->  dgy, dx^, ds, dZ (the LN-L2 gradient backward)
       dk_b = -(e_b G) dW^T,  dW += Q^T dZb + K^T dZ,  dc += sum dZb + sum dZ
     and stores dZ, dk_b, dgy as [T, d] scratch rows. Next mini-batch's loads are issued before this one's math.
-(c) `_post_kernel`, per group: W per mini-batch from the checkpoint (G row-wise from the kept rows); dk = dk_a
-    + dk_b + gam dgy + dZ W^T, dq = dO + dq_a + dZb W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs
-    no dW' leaves the chain.
-Memory: the forward's checkpoints and kept rows plus seven [B, H, T, d] scratch tensors (bf16 for bf16 inputs, else fp32:
+(c) `_post_kernel`, per group: recompute W (and x^) per mini-batch from the checkpoint; dk = dk_a + dk_b + gam dgy
+    + dZ W^T, dv = -gam dgy, dgam, dbet (the dgy part): what needs no dW' leaves the chain.
+Memory: the forward's checkpoints plus seven [B, H, T, d] scratch tensors (bf16 for bf16 inputs, else fp32:
 `scratch_dtype`; every kernel loads them into fp32) and a few fp32 [B, H, T] ones (packed rows: [H, T, d], each
 document's rows at its own tokens); nothing of size d x d per mini-batch.
 """
@@ -33,8 +34,15 @@ import triton
 import triton.language as tl
 
 from . import walks_gluon
-from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad_bwd, _load_mb, _mb_masks,
+from ..triton_utils import (Rows, _dot, _head_consts, _ln_l2_grad, _ln_l2_grad_bwd, _load_mb, _mb_masks, _normalize,
                             _offsets, _proj, _row, _tiles, _when, batch_rows, tile)
+
+
+@triton.jit
+def _inner_fwd(k, v, W, c, gam, bet, cmask, D: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr):
+    """Inner forward at the start weights and the closed-form LN-L2 gradient: G [BT,BD], xh, rstd."""
+    G, xh, rstd, _gy, _mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
+    return G, xh, rstd
 
 
 @triton.jit
@@ -53,66 +61,88 @@ def _group_tiles(H, NCK, G_LO, NG, D: tl.constexpr, BD: tl.constexpr, MB: tl.con
 
 @triton.jit
 def _pre_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, xhb_ptr, rsb_ptr, do_ptr,
-    dqa_ptr, g_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr,
+    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
-    H, NMB, T, N_LO, NN,
-    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, DOT_MODE: tl.constexpr,
-    STORE_G: tl.constexpr,
+    H, NCK, T, G_LO, NG,
+    D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr, STORE_G: tl.constexpr,
 ):
-    """One program per (row, head, mini-batch n in [N_LO, N_LO + NN)): everything without dW', from the forward's
-    kept LayerNorm rows (no weights): G row-wise from x^, 1/std; dZb = LN-backward(dO gam) from x^b, 1/std_b;
-    dP, dA, dE; dq's dA K (dq_a: the post pass adds dO and dZb W^T), dG0, dk_a; dlr's and dtau's dE parts and
-    dgam, dbet's output-LN parts as partial-sum rows pid * NMB + n (zero for a shorter row's missing ones)."""
-    pid = tl.program_id(0) // NN
-    n = N_LO + tl.program_id(0) % NN
-    bi, hi = pid // H, pid % H
-    rt = tl.arange(0, BT)
-    rd = tl.arange(0, BD)
-    cmask = rd < D
-    tmask = rt < MB
+    pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
+    NMB = tl.cdiv(L, MB)
+    wmask = cmask[:, None] & cmask[None, :]
+    woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
+    ck = (slot + g) * H + hi
+    has = g * GROUP < NMB  # the row has this group (rows differ in length)
+    W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
+    dgam = tl.zeros([BD], dtype=tl.float32)
+    dbet = tl.zeros([BD], dtype=tl.float32)
+    dtau = tl.zeros([BT], dtype=tl.float32)
+
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    t0 = n * MB
-    sc_t = (bi * sc_b + hi) * T + start + t0  # scratch / kept rows [B*H or H, T, D]: this mini-batch's first
-    so = (sc_t + rt)[:, None] * D + rd[None, :]
-    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)  # nothing where the row has no mini-batch n
-    q, k, v, lr = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
-                           tm, l_t)
-    q = q.to(tl.float32)
-    k = k.to(tl.float32)
-    lr = lr.to(tl.float32)
-    dO = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0).to(tl.float32)
-    xh = tl.load(xh_ptr + so, mask=m2, other=0.0).to(tl.float32)
-    rstd = tl.load(rs_ptr + sc_t + rt, mask=tm, other=0.0)
-    xhb = tl.load(xhb_ptr + so, mask=m2, other=0.0).to(tl.float32)
-    rstdb = tl.load(rsb_ptr + sc_t + rt, mask=tm, other=0.0)
+    sc_t = (bi * sc_b + hi) * T + start  # fp32 scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    n0 = g * GROUP
+    n1 = tl.minimum(n0 + GROUP, NMB)
+    t0 = n0 * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+    qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t0 * s_t + in_off, lr_base + t0 * l_t, rt, m2,
+                               tm, l_t)
+    dOn = tl.load(do_ptr + out_base + t0 * o_t + out_off, mask=m2, other=0.0)
+    for n in range(n0, n1):
+        t0 = n * MB
+        tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+        tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch commits nothing
+        q = qn.to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        dO = dOn.to(tl.float32)
+        t1 = tl.minimum(n + 1, n1 - 1) * MB
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + t1 * s_t + in_off, lr_base + t1 * l_t, rt,
+                                   m21, tm1, l_t)
+        dOn = tl.load(do_ptr + out_base + t1 * o_t + out_off, mask=m21, other=0.0)
 
-    G = _proj(gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v.to(tl.float32) - k)), xh, rstd, cmask, D)
-    E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
-    QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
-    P = E * QK1
-    dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
-    dP = -_dot(dZb, tl.trans(G), DOT_MODE)
-    dG0 = -_dot(tl.trans(P), dZb, DOT_MODE)
-    dE = tl.where(causal, dP * QK1, 0.0)
-    dA = dP * E
-    dqa = _dot(dA, k, DOT_MODE)
-    dka = _dot(tl.trans(dA), q, DOT_MODE)
+        G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        E = tl.where(causal, tau_r[:, None] * lr[None, :], 0.0)
+        QK1 = _dot(q, tl.trans(k), DOT_MODE) + 1.0
+        P = E * QK1
+        Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, G, DOT_MODE)
+        xhb, rstdb = _normalize(Zb, cmask, D, EPS)
+        dgam += tl.sum(dO * xhb, axis=0)
+        dbet += tl.sum(dO, axis=0)
+        dZb = _proj(dO * gam[None, :], xhb, rstdb, cmask, D)
+        dP = -_dot(dZb, tl.trans(G), DOT_MODE)
+        dG0 = -_dot(tl.trans(P), dZb, DOT_MODE)
+        dE = tl.where(causal, dP * QK1, 0.0)
+        dA = dP * E
+        dq = dO + _dot(dZb, tl.trans(W), DOT_MODE) + _dot(dA, k, DOT_MODE)
+        dka = _dot(tl.trans(dA), q, DOT_MODE)
+        dtau += tl.sum(dE * lr[None, :], axis=1)
+        dlr = tl.sum(dE * tau_r[:, None], axis=0)
 
-    tl.store(dqa_ptr + so, dqa, mask=m2)
-    if STORE_G:
-        tl.store(g_ptr + so, G, mask=m2)
-    tl.store(dg0_ptr + so, dG0, mask=m2)
-    tl.store(dzb_ptr + so, dZb, mask=m2)
-    tl.store(dka_ptr + so, dka, mask=m2)
-    tl.store(dlra_ptr + sc_t + rt, tl.sum(dE * tau_r[:, None], axis=0), mask=tm)
-    part = pid * NMB + n
-    tl.store(dtau_ptr + part * BT + rt, tl.sum(dE * lr[None, :], axis=1))
-    tl.store(dlnw_ptr + part * BD + rd, tl.sum(dO * xhb, axis=0))
-    tl.store(dlnb_ptr + part * BD + rd, tl.sum(dO, axis=0))
+        tl.store(dq_ptr + out_base + t0 * o_t + out_off, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+        so = sc_off + t0 * D
+        tl.store(xh_ptr + so, xh, mask=m2)
+        if STORE_G:
+            tl.store(g_ptr + so, G, mask=m2)
+        tl.store(dg0_ptr + so, dG0, mask=m2)
+        tl.store(dzb_ptr + so, dZb, mask=m2)
+        tl.store(dka_ptr + so, dka, mask=m2)
+        tl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
+        tl.store(dlra_ptr + sc_t + t0 + rt, dlr, mask=tm)
+
+        eG = (tau_e * lr)[:, None] * G
+        W -= _dot(tl.trans(k), eG, DOT_MODE)
+        c -= tl.sum(eG, axis=0)
+    tl.store(dtau_ptr + pid2 * BT + rt, dtau)
+    tl.store(dlnw_ptr + pid2 * BD + rd, dgam)
+    tl.store(dlnb_ptr + pid2 * BD + rd, dbet)
 
 
 @triton.jit
@@ -207,13 +237,12 @@ def _chain_kernel(
 
 @triton.jit
 def _post_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, xh_ptr, rs_ptr, do_ptr, dqa_ptr, dzb_ptr,
-    dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
+    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
@@ -224,6 +253,7 @@ def _post_kernel(
     ck = (slot + g) * H + hi
     has = g * GROUP < NMB
     W = tl.load(ckw_ptr + ck * D * D + woff, mask=_when(wmask, has), other=0.0)
+    c = tl.load(ckc_ptr + ck * D + rd, mask=_when(cmask, has), other=0.0)
     dgamT = tl.zeros([BT, BD], dtype=tl.float32)
     dbetT = tl.zeros([BT, BD], dtype=tl.float32)
 
@@ -233,34 +263,44 @@ def _post_kernel(
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     n0 = g * GROUP
     n1 = tl.minimum(n0 + GROUP, NMB)
+    t0 = n0 * MB
+    tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
+    kn = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    vn = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0)
+    lrn = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
+    dzn = tl.load(dz_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dgyn = tl.load(dgy_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
+    dkn = tl.load(dka_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32) \
+        + tl.load(dkb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32)
     for n in range(n0, n1):
         t0 = n * MB
         tm, m2 = _mb_masks(t0, rt, L, cmask, MB)
         tau_e = tl.where(t0 + MB <= L, tau_b, 0.0)
-        so = sc_off + t0 * D
-        optr = out_base + t0 * o_t + out_off
-        k = tl.load(k_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + in_base + t0 * s_t + in_off, mask=m2, other=0.0).to(tl.float32)
-        lr = tl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0).to(tl.float32)
-        xh = tl.load(xh_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        rstd = tl.load(rs_ptr + sc_t + t0 + rt, mask=tm, other=0.0)
-        dZ = tl.load(dz_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        dZb = tl.load(dzb_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        dgy = tl.load(dgy_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        dk = tl.load(dka_ptr + so, mask=m2, other=0.0).to(tl.float32) \
-            + tl.load(dkb_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        dq = tl.load(do_ptr + optr, mask=m2, other=0.0).to(tl.float32) \
-            + tl.load(dqa_ptr + so, mask=m2, other=0.0).to(tl.float32)
+        k = kn.to(tl.float32)
+        v = vn.to(tl.float32)
+        lr = lrn.to(tl.float32)
+        dZ = dzn
+        dgy = dgyn
+        dk = dkn
+        t1 = tl.minimum(n + 1, n1 - 1) * MB
+        tm1, m21 = _mb_masks(t1, rt, L, cmask, MB)
+        kn = tl.load(k_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        vn = tl.load(v_ptr + in_base + t1 * s_t + in_off, mask=m21, other=0.0)
+        lrn = tl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        dzn = tl.load(dz_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dgyn = tl.load(dgy_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
+        dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32) \
+            + tl.load(dkb_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
-        dq += _dot(dZb, tl.trans(W), DOT_MODE)
-        tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+        optr = out_base + t0 * o_t + out_off
         tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
         tl.store(dv_ptr + optr, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
-        gy = gam[None, :] * xh + bet[None, :] - (v - k)  # (gy / gam: the LN-L2 target's residual)
-        G = _proj(gam[None, :] * gy, xh, rstd, cmask, D)
-        dgamT += dgy * (gam[None, :] * xh + gy)
+        G, xh, rstd = _inner_fwd(k, v, W, c, gam, bet, cmask, D, DOT_MODE, EPS)
+        dgamT += dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k))
         dbetT += dgy
-        W -= _dot(tl.trans(k), (tau_e * lr)[:, None] * G, DOT_MODE)
+        eG = (tau_e * lr)[:, None] * G
+        W -= _dot(tl.trans(k), eG, DOT_MODE)
+        c -= tl.sum(eG, axis=0)
     tl.store(dlnw_ptr + pid2 * BD + rd, tl.sum(dgamT, axis=0))
     tl.store(dlnb_ptr + pid2 * BD + rd, tl.sum(dbetT, axis=0) * gam)
 
@@ -346,16 +386,15 @@ def _chain_lean_kernel(
 @triton.jit
 def _post_lean_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, bw_ptr, bc_ptr,
-    xh_ptr, g_ptr, dzb_ptr, dz_ptr, dgy_ptr, dka_ptr, do_ptr, dqa_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dlrb_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    xh_ptr, g_ptr, dzb_ptr, dz_ptr, dgy_ptr, dka_ptr,
+    dk_ptr, dv_ptr, dlrb_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, NCK, T, G_LO, NG,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     """Per group: (R) reverse from the group-end (dW, dc): the dW'-terms of dk and dlr/dtau_b, into dka in place;
-    (F) forward from the checkpoint W (updated with the stored G): dk = that + gam dgy + dZ W^T,
-    dq = dO + dq_a + dZb W^T, dv, dgam, dbet."""
+    (F) forward from the checkpoint W (updated with the stored G): dk = that + gam dgy + dZ W^T, dv, dgam, dbet."""
     pid2, pid, g, bi, hi, rt, rd, cmask, tmask, m2 = _group_tiles(H, NCK, G_LO, NG, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -455,10 +494,6 @@ def _post_lean_kernel(
         dkn = tl.load(dka_ptr + sc_off + t1 * D, mask=m21, other=0.0).to(tl.float32)
         dk += gam[None, :] * dgy + _dot(dZ, tl.trans(W), DOT_MODE)
         optr = out_base + t0 * o_t + out_off
-        dq = tl.load(do_ptr + optr, mask=m2, other=0.0).to(tl.float32) \
-            + tl.load(dqa_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32) \
-            + _dot(tl.load(dzb_ptr + sc_off + t0 * D, mask=m2, other=0.0).to(tl.float32), tl.trans(W), DOT_MODE)
-        tl.store(dq_ptr + optr, dq.to(dq_ptr.dtype.element_ty), mask=m2)
         tl.store(dk_ptr + optr, dk.to(dk_ptr.dtype.element_ty), mask=m2)
         tl.store(dv_ptr + optr, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
         dgam += tl.sum(dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k)), axis=0)
@@ -514,7 +549,7 @@ def plan(n: int, H: int, nck: int, lean: bool | None, segments: int | None) -> t
     return lean, max(1, min(segments, nck))
 
 
-def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode,
+def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch, group, *, dot_mode, eps,
               warps=None, info=None, lean=None, segments=None, rows: Rows | None = None, gluon: bool = False,
               scratch: str | None = None):
     """The split backward's launches (`chunk.bwd` is its contract): dq, dk, dv, dW0, dc0 and the passes' partial
@@ -526,37 +561,35 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     segment s runs on a high-priority side stream while the pre pass of segment s - 1 and the post pass of
     segment s + 1 run beside it (the chain of N*H programs leaves most of the GPU free). None for either: `plan`.
     rows: the forward's `Rows` (None: every batch entry whole); per-group launches cover the longest row's groups
-    (the programs of a shorter row's missing groups do nothing). gluon: the full chain and its post pass as
-    `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take;
-    the pre pass, which walks nothing, is Triton's in both). ckpt: `chunk.fwd`'s (W, c, x^, 1/std, x^b, 1/std_b).
+    (the programs of a shorter row's missing groups do nothing). gluon: the three launches (the full chain's) as
+    `walks_gluon`'s kernels (warps: theirs unless given, `walks_gluon.launch`; the caller checked what they take).
     scratch: the dtype of the [rows, T, d] scratch rows between the passes (`scratch_dtype`)."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     N = rows.n
-    ckw, ckc, xh, rs, xhb, rsb = ckpt  # checkpoints and the forward's kept LayerNorm rows (`chunk.fwd`)
-    # the Gluon launches' options, chain / post (warps None: theirs), checked once before anything launches
-    gl_opts = [walks_gluon.launch(d, w, "LinearKernels.bwd_warps") for w in (warps or (None,) * 3)[1:]] \
-        if gluon else None
+    # the Gluon launches' options, pre / chain / post (warps None: theirs), checked once before anything launches
+    gl_opts = [walks_gluon.launch(d, w, "LinearKernels.bwd_warps") for w in warps or (None,) * 3] if gluon else None
     warps = warps or WARPS
     b = mini_batch
     nck = rows.nck
     lean, nseg = plan(N, H, nck, lean, segments)
     bounds = [s * nck // nseg for s in range(nseg + 1)]  # group bounds of the segments
     BD, BT = tile(d), tile(b)
+    ckw, ckc = ckpt
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     fill = torch.empty if rows.covered else torch.zeros  # tokens in no row get zero gradients
     dq, dk, dv = (fill((B, T, H, d), dtype=q.dtype, device=dev) for _ in range(3))
     SR = H if rows.packed else B * H  # scratch rows: per head, every row's tokens at their own positions
     sdt = dict(dtype=scratch_dtype(scratch, q.dtype), device=dev)
-    dqa, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(6))
+    xh, dg0, dzb, dka, dz, dkb = (torch.empty((SR, T, d), **sdt) for _ in range(6))
     gg = torch.empty((SR, T, d), **sdt)  # lean: G from the pre pass; full: the chain's dgy
+    rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
-    # partial sums: the pre pass's per (row, head, mini-batch); dtau's second per (row, head, group), the lean
-    # post's or the full chain's (which walks a shorter row's groups only), the LN weights' the post pass's
-    nmb = rows.nmb
-    dtau_a = torch.empty((N * H * nmb, BT), **f32)
-    dlnw_a, dlnb_a = (torch.empty((N * H * nmb, BD), **f32) for _ in range(2))
+    dtau_a = torch.empty((N * H * nck, BT), **f32)
+    dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
+    # partial sums per (row, head, group): dtau's second the lean post's or the full chain's (which walks a shorter
+    # row's groups only), the LN weights' the post pass's
     dtau_b = (torch.empty if lean else torch.zeros)((N * H * nck, BT), **f32)
     dlnw_b, dlnb_b = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
     dw0 = torch.empty((N, H, d, d), **f32)
@@ -571,11 +604,15 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     launched = {}
 
     def pre(s):
-        n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, nmb)
-        launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * (n_hi - n_lo),)](
-            q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, xhb, rsb, do,
-            dqa, gg, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nmb, T, n_lo, n_hi - n_lo,
-            STORE_G=lean, num_warps=warps[0], **meta)
+        g0, ng = bounds[s], bounds[s + 1] - bounds[s]
+        args = (q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do,
+                dq, xh, gg, rs, dg0, dzb, dka, dlra, dtau_a, dlnw_a, dlnb_a, span, *strides, H, nck, T, g0, ng)
+        if gluon:
+            launched["ttt_linear_bwd_pre"] = walks_gluon._pre_kernel[(N * H * ng,)](
+                *args, D=d, MB=b, GROUP=group, EPS=eps, STORE_G=lean, **gl_opts[0])
+        else:
+            launched["ttt_linear_bwd_pre"] = _pre_kernel[(N * H * ng,)](
+                *args, GROUP=group, EPS=eps, STORE_G=lean, num_warps=warps[0], **meta)
 
     def chain(s):
         n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)
@@ -585,7 +622,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             launched["ttt_linear_bwd_chain"] = walks_gluon._chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
-                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group, **gl_opts[0])
+                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group, **gl_opts[1])
         elif lean:
             launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
@@ -601,18 +638,18 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]
         if lean:
             launched["ttt_linear_bwd_post"] = _post_lean_kernel[(N * H * ng,)](
-                q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka, do, dqa,
-                dq, dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
+                q, k, v, lr, tau, ln_weight, ln_bias, ckw, bw, bc, xh, gg, dzb, dz, dkb, dka,
+                dk, dv, dlrb, dtau_b, dlnw_b, dlnb_b, span,
                 *strides, H, nck, T, g0, ng, GROUP=group, num_warps=warps[2], **meta)
         else:
-            args = (k, v, lr, tau, ln_weight, ln_bias, ckw, xh, rs, do, dqa, dzb, dz, dkb, dka, gg,
-                    dq, dk, dv, dlnw_b, dlnb_b, span, *strides, H, nck, T, g0, ng)
+            args = (k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, dz, dkb, dka, gg, dk, dv, dlnw_b, dlnb_b, span,
+                    *strides, H, nck, T, g0, ng)
             if gluon:
                 launched["ttt_linear_bwd_post"] = walks_gluon._post_kernel[(N * H * ng,)](
-                    *args, D=d, MB=b, GROUP=group, **gl_opts[1])
+                    *args, D=d, MB=b, GROUP=group, EPS=eps, **gl_opts[2])
             else:
                 launched["ttt_linear_bwd_post"] = _post_kernel[(N * H * ng,)](
-                    *args, GROUP=group, num_warps=warps[2], **meta)
+                    *args, GROUP=group, EPS=eps, num_warps=warps[2], **meta)
 
     if dev.type == "cuda" and nseg > 1:
         main = torch.cuda.current_stream(dev)

@@ -42,15 +42,14 @@ BWD_IMPLS = ("auto", "split", "split_lean", "split_full", "split_gluon")
 @triton.jit
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
-    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, xh_ptr, rs_ptr, xhb_ptr, rsb_ptr, span_ptr,
+    o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, KEEP: tl.constexpr,
+    SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
 ):
     """OUT: the outputs too; else the chain alone, storing every mini-batch's G (fp32 rows [B*H or H, T, d]) for
-    `_fwd_out_kernel`. KEEP: also every token's x^ and 1/std of the inner LayerNorm (at Z = K W + c) and, with
-    OUT, of the output LayerNorm (at Zb), as rows like G's, for the backward (`bwd_split`)."""
+    `_fwd_out_kernel`."""
     pid, bi, hi, rt, rd, cmask, tmask, m2 = _tiles(H, D, BD, MB, BT)
     start, L, slot = _row(span_ptr, bi)
     NMB = tl.cdiv(L, MB)
@@ -63,8 +62,7 @@ def ttt_linear_fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    sc_t = (bi * sc_b + hi) * T + start  # G (kept) rows of this (row, head): its first token
-    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     # software pipeline: the loads of mini-batch n + 1 are issued before the math of mini-batch n
     tm, m2 = _mb_masks(0, rt, L, cmask, MB)
     qn, kn, vn, lrn = _load_mb(q_ptr, k_ptr, v_ptr, lr_ptr, in_base + in_off, lr_base, rt, m2, tm, l_t, OUT)
@@ -90,16 +88,10 @@ def ttt_linear_fwd_kernel(
         G, xh, rstd, gy, mgx = _ln_l2_grad(_dot(k, W, DOT_MODE) + c[None, :], v, k, gam, bet, cmask, D, EPS)
         if OUT:
             P = tl.where(causal, tau_r[:, None] * lr[None, :] * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
-            o, xhb, rstdb = _output(q, W, c, P, G, gam, bet, rt, rt, cmask, BT, D, DOT_MODE, EPS)
+            o = _output(q, W, c, P, G, gam, bet, rt, rt, cmask, BT, D, DOT_MODE, EPS)
             tl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
-            if KEEP:
-                tl.store(xhb_ptr + sc_off + t0 * D, xhb.to(xhb_ptr.dtype.element_ty), mask=m2)
-                tl.store(rsb_ptr + sc_t + t0 + rt, rstdb, mask=tm)
         else:
             tl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
-        if KEEP:
-            tl.store(xh_ptr + sc_off + t0 * D, xh.to(xh_ptr.dtype.element_ty), mask=m2)
-            tl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
 
         eG = (tau_e * lr)[:, None] * G
         W -= _dot(tl.trans(k), eG, DOT_MODE)
@@ -111,7 +103,7 @@ def ttt_linear_fwd_kernel(
 @triton.jit
 def _output(q, W, c, P, G, gam, bet, rq, rg, cmask, BG: tl.constexpr, D: tl.constexpr, DOT_MODE: tl.constexpr,
             EPS: tl.constexpr):
-    """o = q + LN(Zb) * gam + bet with Zb = q W + c - P G (and LN's x^b, 1/std_b), for the rows rq of q and P against the rows rg [BG] of G
+    """o = q + LN(Zb) * gam + bet with Zb = q W + c - P G, for the rows rq of q and P against the rows rg [BG] of G
     (indices in one tile; P: the causal weights, zero where masked). Causal masking by selection, not
     multiplication: a non-finite k_j / lr_j / G_j must not reach rows i < j (0 * NaN = NaN). The product P G
     takes G with its non-finite rows zeroed; the rows from the first such row on are NaN again afterwards (they
@@ -120,22 +112,22 @@ def _output(q, W, c, P, G, gam, bet, rq, rg, cmask, BG: tl.constexpr, D: tl.cons
     first_bad = tl.min(tl.where(g_ok, BG, rg), axis=0)
     Zb = _dot(q, W, DOT_MODE) + c[None, :] - _dot(P, tl.where(g_ok[:, None], G, 0.0), DOT_MODE)
     Zb = tl.where(rq[:, None] >= first_bad, float("nan"), Zb)
-    xhb, rstdb = _normalize(Zb, cmask, D, EPS)
-    return q.to(tl.float32) + xhb * gam[None, :] + bet[None, :], xhb, rstdb
+    xhb, _rstdb = _normalize(Zb, cmask, D, EPS)
+    return q.to(tl.float32) + xhb * gam[None, :] + bet[None, :]
 
 
 @triton.jit
 def _fwd_out_kernel(
-    q_ptr, k_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, gs_ptr, o_ptr, xhb_ptr, rsb_ptr, span_ptr,
+    q_ptr, k_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, gs_ptr, o_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, NCK, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, GT: tl.constexpr, RB: tl.constexpr, GROUP: tl.constexpr,
-    DOT_MODE: tl.constexpr, EPS: tl.constexpr, KEEP: tl.constexpr,
+    DOT_MODE: tl.constexpr, EPS: tl.constexpr,
 ):
     """The outputs of RB rows of one checkpoint group (GROUP mini-batches, GT >= GROUP * MB rows) from its
     checkpoint (W, c) and the chain's G: the group's weight updates folded into one causal product,
     Zb = Q W_g + c_g - (E * (Q K^T + 1)) G,  E_ij = tau_b lr_j (j in an earlier mini-batch), tau_i lr_j (the same
-    mini-batch, j <= i), 0 (j > i). KEEP: the output LayerNorm's x^b and 1/std_b rows too (`ttt_linear_fwd_kernel`)."""
+    mini-batch, j <= i), 0 (j > i)."""
     NRB: tl.constexpr = GT // RB
     pid = tl.program_id(0) // (NCK * NRB)
     g = tl.program_id(0) // NRB % NCK
@@ -157,8 +149,7 @@ def _fwd_out_kernel(
     q = tl.load(q_ptr + in_base + in_off, mask=mq, other=0.0)  # in the input dtype (the products' operands)
     k = tl.load(k_ptr + in_base + rt[:, None] * s_t + rd[None, :], mask=m2, other=0.0)
     lr = tl.load(lr_ptr + lr_base + rt * l_t, mask=tm, other=0.0).to(tl.float32)
-    sc_t = (bi * sc_b + hi) * T + start + t0  # G (kept) rows of this (row, head): the group's first token
-    G = tl.load(gs_ptr + (sc_t + rt)[:, None] * D + rd[None, :], mask=m2, other=0.0)
+    G = tl.load(gs_ptr + ((bi * sc_b + hi) * T + start + t0 + rt)[:, None] * D + rd[None, :], mask=m2, other=0.0)
     ck = (slot + g) * H + hi
     W = tl.load(ckw_ptr + ck * D * D + rd[:, None] * D + rd[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
     c = tl.load(ckc_ptr + ck * D + rd, mask=cmask, other=0.0)
@@ -170,11 +161,8 @@ def _fwd_out_kernel(
     causal = (rq[:, None] >= rt[None, :]) & tm[None, :]
     E = tl.where(same, tau_i[:, None], tau_b) * lr[None, :]
     P = tl.where(causal, E * (_dot(q, tl.trans(k), DOT_MODE) + 1.0), 0.0)
-    o, xhb, rstdb = _output(q, W, c, P, G, gam, bet, rq, rt, cmask, GT, D, DOT_MODE, EPS)
+    o = _output(q, W, c, P, G, gam, bet, rq, rt, cmask, GT, D, DOT_MODE, EPS)
     tl.store(o_ptr + out_base + out_off, o.to(o_ptr.dtype.element_ty), mask=mq)
-    if KEEP:
-        tl.store(xhb_ptr + (sc_t + rq)[:, None] * D + rd[None, :], xhb.to(xhb_ptr.dtype.element_ty), mask=mq)
-        tl.store(rsb_ptr + sc_t + rq, rstdb, mask=qm)
 
 
 def _warps(d: int) -> int:
@@ -206,7 +194,7 @@ def fwd_plan(n: int, H: int, d: int, mini_batch: int, group: int, impl: str) -> 
 
 def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: int, save: bool = True,
         dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None,
-        impl: str = "auto", scratch: str | None = None):
+        impl: str = "auto"):
     """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
     [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
     row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
@@ -220,10 +208,7 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
     (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
-    unless given. With `save`, the checkpoints are (W, c, x^, 1/std, x^b, 1/std_b): also every token's normalised
-    rows and 1/std of the inner LayerNorm (at Z = K W + c) and the output one (at Zb), [B*H or H, T, d] rows in
-    the backward's scratch dtype (`bwd_split.scratch_dtype(scratch, q.dtype)`) and [B*H or H, T] fp32, so that
-    the backward's pre pass needs no walk."""
+    unless given."""
     B, T, H, d = q.shape
     rows = rows or batch_rows(B, T, mini_batch, group, q.device)
     assert rows.group == group
@@ -241,39 +226,32 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     else:
         ckw, ckc = wT, cT  # never written
     sc_b = 0 if rows.packed else H  # G rows [B*H or H, T, d]: per head, every row's tokens at their own positions
-    SR = H if rows.packed else B * H
-    gs = torch.empty((SR, T, d), dtype=torch.float32, device=q.device) if split else o
-    if save:  # the kept rows: x^, 1/std (inner LayerNorm), x^b, 1/std_b (output LayerNorm)
-        kdt = bwd_split.scratch_dtype(scratch, q.dtype)
-        kept = tuple(torch.empty((SR, T) + (d,) * (i % 2 == 0), dtype=kdt if i % 2 == 0 else torch.float32,
-                                 device=q.device) for i in range(4))
-    else:
-        kept = (o, wT, o, wT)  # never written
+    gs = torch.empty(((H if rows.packed else B * H), T, d), dtype=torch.float32, device=q.device) if split else o
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     meta = dict(D=d, BD=BD, MB=mini_batch, GROUP=group, DOT_MODE=mode, EPS=LN_EPS)
     if gluon:
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, *kept, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
-            SAVE=save or split, OUT=not split, EPS=LN_EPS, KEEP=save,
+            SAVE=save or split, OUT=not split, EPS=LN_EPS,
             **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
-            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, *kept, rows.span,
+            q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
-            BT=BT, SAVE=save or split, OUT=not split, KEEP=save, num_warps=warps or _warps(d), **meta)
+            BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern
     if split:
         GT = tile(group * mini_batch)
         RB = min(OUT_ROWS, GT)
         kern = _fwd_out_kernel[(rows.n * H * rows.nck * (GT // RB),)](
-            q, k, lr, tau, ln_weight, ln_bias, ckw, ckc, gs, o, *kept[2:], rows.span,
+            q, k, lr, tau, ln_weight, ln_bias, ckw, ckc, gs, o, rows.span,
             *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, rows.nck, T,
-            GT=GT, RB=RB, KEEP=save, num_warps=OUT_WARPS, **meta)
+            GT=GT, RB=RB, num_warps=OUT_WARPS, **meta)
         if info is not None:
             info["ttt_linear_fwd_out_kernel"] = kern
-    return o, wT, cT, (ckw, ckc, *kept) if save else None
+    return o, wT, cT, (ckw, ckc) if save else None
 
 
 def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: int, group: int,
@@ -326,6 +304,6 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
         walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
     return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
-                               dcT.contiguous(), mini_batch, group, dot_mode=mode, warps=warps,
+                               dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
                                info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon",
                                scratch=scratch)

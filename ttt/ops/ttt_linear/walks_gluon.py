@@ -2,11 +2,11 @@
 
 `_fwd_kernel`: the forward walk (`chunk.ttt_linear_fwd_kernel`: with OUT the fused forward, the walk and each
 mini-batch's outputs; without, the split forward's walk, storing G and the checkpoints for
-`chunk._fwd_out_kernel`'s outputs); `_chain_kernel`: the split backward's full chain (`bwd_split._chain_kernel`:
-the mini-batches N_LO .. N_HI - 1 in reverse, carrying dW, dc; stores dZ, dk_b, dgy, dlr_b and dtau's partial sum
-per checkpoint group); `_post_kernel`: its post pass (`bwd_split._post_kernel`: per checkpoint group, W walked
-forward for dk's dZ W^T and dq's dZb W^T). Same launch contracts, inputs, outputs and formulas as those Triton
-kernels.
+`chunk._fwd_out_kernel`'s outputs); `_pre_kernel`: the
+split backward's pre pass (`bwd_split._pre_kernel`: per checkpoint group, what needs no dW'); `_chain_kernel`: its
+full chain (`bwd_split._chain_kernel`: the mini-batches N_LO .. N_HI - 1 in reverse, carrying dW, dc; stores dZ,
+dk_b, dgy, dlr_b and dtau's partial sum per checkpoint group). Same launch contracts, inputs, outputs and formulas
+as those Triton kernels.
 
 Why a second form: in the Triton kernels the compiler keeps a mini-batch's [16, d] tiles in the tensor-core result
 layout, where each token's d values sit in four warps, so every per-token sum of the LayerNorm algebra and every
@@ -14,8 +14,8 @@ load and store of a tile crosses warps through shared memory and a barrier (35 b
 21 in the walk, offline sm_90). Here the tiles live in R, a layout with whole tokens per warp: their row sums are
 warp shuffles, their loads and stores need no conversion, and only the products cross layouts, on mma.sync:
   walk:  Z = K W + c (to R through shared memory);  W += K^T (-e_b G) with W in registers
-  fused: also Q W + c, Q K^T, P G (Zb to R)
-  post:  dZ W^T and dZb W^T (stored from the products' layout);  W += K^T (-e_b G)
+  fused, pre: also Q W + c, Q K^T, P G (Zb to R); pre: dZb G^T, P^T dZb, dZb W^T + dA K, dA^T Q (stored from the
+         products' layout)
   chain: KdW = K dW + dc (to R);  dk_b = -(e_b G) dW^T (stored from the products' layout);
          dW += Q^T dZb + K^T dZ with dW in registers
 (fp32 accumulators, warps down the weights' rows; the bias's column sums in the products' layout, where a column
@@ -61,8 +61,8 @@ def walk_warps(d: int, split: bool) -> int:
 def launch(d: int, num_warps: int | None = None, arg: str = "warps") -> dict:
     """A kernel's launch options at head dim d: num_warps (None: `warps(d)`; else one of WARPS, a one-line error
     naming `arg` otherwise) and, for 8 warps at d 64, registers capped at 128 a thread, so that two programs (16
-    warps) share an SM: uncapped they take 169-228 and only one fits (offline sm_90, bf16; at the cap the chain
-    spills 16 B, the forward nothing). At 8 warps and d 64 the [d, d] updates' warps
+    warps) share an SM: uncapped they take 169-228 and only one fits (offline sm_90, bf16; at the cap the pre pass
+    spills 144 B, the chain 16, the post pass 8, the forward nothing). At 8 warps and d 64 the [d, d] updates' warps
     split 4 x 2 (`_mma_layout`)."""
     if num_warps is None:
         num_warps = warps(d)
@@ -149,6 +149,14 @@ def _group_of(span_ptr, H, NCK, G_LO, NG, GROUP: gl.constexpr, MB: gl.constexpr)
 
 
 @gluon.jit
+def _checkpoint_in(ckw_ptr, ckc_ptr, ck, present, riW, rjW, rdP, D: gl.constexpr):
+    """Checkpoint ck: W [D, D] (the updates' layout) and c [D] (the products'), zeros where not `present`."""
+    W = gl.load(ckw_ptr + ck * D * D + riW[:, None] * D + rjW[None, :], mask=(riW[:, None] * 0 + present) != 0,
+                other=0.0)
+    return W, gl.load(ckc_ptr + ck * D + rdP, mask=(rdP * 0 + present) != 0, other=0.0)
+
+
+@gluon.jit
 def _normalize_rows(z, D: gl.constexpr, EPS: gl.constexpr):
     """Row-wise LayerNorm of z [MB, D] (token layout) without weight and bias: x^ and 1/std."""
     zc = z - (gl.sum(z, axis=1) / D)[:, None]
@@ -161,18 +169,9 @@ def _ln_l2_grad_rows(z, v, k, gam, bet, D: gl.constexpr, EPS: gl.constexpr):
     """G, the gradient of the inner loss 0.5 ||LN(z) - (v - k)||^2 (`triton_utils._ln_l2_grad`), row-wise in the
     token layout, with x^ and 1/std."""
     xh, rstd = _normalize_rows(z, D, EPS)
-    G, _r = _ln_l2_grad_kept(xh, rstd, v - k, gam, bet, D)
-    return G, xh, rstd
-
-
-@gluon.jit
-def _ln_l2_grad_kept(xh, rstd, vk, gam, bet, D: gl.constexpr):
-    """`_ln_l2_grad_rows` from LayerNorm's x^ and 1/std (the forward's kept rows) and the target vk = v - k: G and
-    the residual r = gam x^ + bet - vk (gy = gam r)."""
-    r = gam[None, :] * xh + bet[None, :] - vk
-    gy = gam[None, :] * r
+    gy = gam[None, :] * (gam[None, :] * xh + bet[None, :] - (v - k))
     sg, sgx = gl.reduce((gy, gy * xh), 1, _add2)
-    return (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None], r
+    return (gy - (sg / D)[:, None] - xh * (sgx / D)[:, None]) * rstd[:, None], xh, rstd
 
 
 @gluon.jit
@@ -315,17 +314,16 @@ def _chain_kernel(
 @gluon.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
-    gs_ptr, xh_ptr, rs_ptr, xhb_ptr, rsb_ptr, span_ptr,
+    gs_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, T,
     D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, OUT: gl.constexpr,
-    EPS: gl.constexpr, KEEP: gl.constexpr, num_warps: gl.constexpr,
+    EPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """The forward walk (`chunk.ttt_linear_fwd_kernel`): per mini-batch the inner forward, G and the update; OUT:
     also its outputs, o = q + LN(Zb) gam + bet, Zb = Q W + c - P G, P = E * (Q K^T + 1) (causal; the rows from the
     first non-finite row of G on are NaN, as `chunk._output` makes them), else G stored (fp32 rows [B*H or H, T, d])
-    for `chunk._fwd_out_kernel`; the checkpoints when SAVE; KEEP: the LayerNorms' x^, 1/std rows too (the inner
-    one's, and with OUT the output one's) for the backward."""
+    for `chunk._fwd_out_kernel`; the checkpoints when SAVE."""
     OPT: gl.constexpr = k_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
     LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
@@ -367,8 +365,7 @@ def _fwd_kernel(
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
-    sc_t = (bi * sc_b + hi) * T + start  # G (kept) rows of this (row, head): its first token
-    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    sc_off = ((bi * sc_b + hi) * T + start + rt)[:, None] * D + rd[None, :]  # G rows of this (row, head)
     if OUT:
         qn = _tile(q_ptr + in_base, in_off, rt, rd, 0, L, D)
     kn = _tile(k_ptr + in_base, in_off, rt, rd, 0, L, D)
@@ -418,9 +415,6 @@ def _fwd_kernel(
             g_s.index(p).store(gl.where(g_ok[:, None], G, 0.0).to(OPT))
         else:
             gl.store(gs_ptr + sc_off + t0 * D, G, mask=m2)
-        if KEEP:
-            gl.store(xh_ptr + sc_off + t0 * D, xh.to(xh_ptr.dtype.element_ty), mask=m2)
-            gl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=(t0 + rt) < L)
         eG = (tau_e * lr)[:, None] * G
         eg_s.index(p).store((-eG).to(OPT))
         eg32_s.index(p).store(eG)
@@ -435,67 +429,203 @@ def _fwd_kernel(
             bad = gl.max(gl.where((rj[None, :] <= rt[:, None]) & (ok_s.load(gl.SliceLayout(0, R)) == 0.0)[None, :],
                                   1.0, 0.0), axis=1) > 0.0  # a token at or before the row has a non-finite G
             zb = gl.where(bad[:, None], float("nan"), zb_s.index(p).load(R))
-            xhb, rstdb = _normalize_rows(zb, D, EPS)
+            xhb, _rstdb = _normalize_rows(zb, D, EPS)
             o = q16.to(gl.float32) + xhb * gam[None, :] + bet[None, :]
             gl.store(o_ptr + out_base + t0 * o_t + out_off, o.to(o_ptr.dtype.element_ty), mask=m2)
-            if KEEP:
-                gl.store(xhb_ptr + sc_off + t0 * D, xhb.to(xhb_ptr.dtype.element_ty), mask=m2)
-                gl.store(rsb_ptr + sc_t + t0 + rt, rstdb, mask=(t0 + rt) < L)
         wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(wT_ptr + pid * D * D + woff, W)
     gl.store(cT_ptr + pid * D + rdP, c)
 
 
 @gluon.jit
-def _post_kernel(
-    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, xh_ptr, rs_ptr, do_ptr, dqa_ptr, dzb_ptr,
-    dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+def _pre_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, do_ptr,
+    dq_ptr, xh_ptr, g_ptr, rs_ptr, dg0_ptr, dzb_ptr, dka_ptr, dlra_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
     H, NCK, T, G_LO, NG,
-    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, STORE_G: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
-    """The split backward's post pass after the full chain (`bwd_split._post_kernel`): per checkpoint group, W per
-    mini-batch from the checkpoint (G row-wise from the forward's kept x^, 1/std); dk = dk_a + dk_b + gam dgy +
-    dZ W^T and dq = dO + dq_a + dZb W^T (in the products' layout, stored from it), dv = -gam dgy, the group's
-    dgam, dbet (tiles summed once at its end). One barrier a mini-batch."""
-    OPT: gl.constexpr = k_ptr.dtype.element_ty
+    """The split backward's pre pass (`bwd_split._pre_kernel`): per checkpoint group, its mini-batches forward
+    from the checkpoint, everything of the backward that needs no dW'. Products on mma.sync from shared memory
+    (Z = K W, Q W, Q K^T, P G, dZb G^T, P^T dZb, dZb W^T + dA K, dA^T Q, the update); the per-token algebra in the
+    token layout; the sums over a group's tokens (dgam, dbet, dtau) as tiles, summed once at its end."""
+    OPT: gl.constexpr = q_ptr.dtype.element_ty
     R: gl.constexpr = _token_layout(D, MB, num_warps)
     LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
     LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     AP: gl.constexpr = _operand(LP, 0)
     BP: gl.constexpr = _operand(LP, 1)
+    AW: gl.constexpr = _operand(LW, 0)
+    BW: gl.constexpr = _operand(LW, 1)
+    ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
+    SE: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, MB], OPT)
+    SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    q_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    g_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
+    dzb_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
+    p_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # P
+    da_s = gl.allocate_shared_memory(OPT, [2, MB, MB], SE)  # dA = dP * E
+    wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    zb_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Zb, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
+
+    pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
+    rt, rd, riP, rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
+    gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
+    tau_i = gl.load(tau_ptr + riP).to(gl.float32)
+    causal = riP[:, None] >= rjP[None, :]
+    W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
+    dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
+    dbetT = gl.zeros([MB, D], gl.float32, R)
+    dtauT = gl.zeros([MB, MB], gl.float32, LP)
+
+    in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
+                                                           o_b, o_t, o_h)
+    outP = riP[:, None] * o_t + rdP[None, :]
+    sc_t = (bi * sc_b + hi) * T + start  # scratch rows [B*H or H, T, D]: this row's first token
+    sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
+    scP = (sc_t + riP)[:, None] * D + rdP[None, :]
+    t0 = n0 * MB
+    tm = t0 + rt < L
+    qn = _tile(q_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
+    lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=tm, other=0.0)
+    don = _tile(do_ptr + out_base + t0 * o_t, out_off, rt, rd, t0, L, D)
+    wh_s.index(0).store(W.to(OPT))
+    for n in range(n0, n1):
+        p = (n - n0) % 2
+        t0 = n * MB
+        tm = t0 + rt < L
+        m2 = tm[:, None] & (rd[None, :] < D)
+        mP = (t0 + riP < L)[:, None] & (rdP[None, :] < D)
+        tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)  # a partial last mini-batch commits nothing
+        q16 = qn
+        k16 = kn
+        v = vn.to(gl.float32)
+        lr = lrn.to(gl.float32)
+        dO = don.to(gl.float32)
+        t1 = gl.minimum(n + 1, n1 - 1) * MB  # the next mini-batch's loads, issued before this one's math
+        tm1 = t1 + rt < L
+        qn = _tile(q_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
+        lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=tm1, other=0.0)
+        don = _tile(do_ptr + out_base + t1 * o_t, out_off, rt, rd, t1, L, D)
+
+        k_s.index(p).store(k16)
+        q_s.index(p).store(q16)
+        _cta_barrier()  # Q, K and the last update's W copy are written
+        cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
+        z_s.index(p).store(mma_v2(k_s.index(p).load(AP), wh_s.index(p).load(BP), cP))
+        qw = mma_v2(q_s.index(p).load(AP), wh_s.index(p).load(BP), cP)  # Q W + c
+        qk1 = mma_v2(q_s.index(p).load(AP), k_s.index(p).permute((1, 0)).load(BP),
+                     gl.zeros([MB, MB], gl.float32, LP)) + 1.0
+        lrP = gl.load(lr_ptr + lr_base + (t0 + rjP) * l_t, mask=t0 + rjP < L, other=0.0).to(gl.float32)
+        E = gl.where(causal, tau_i[:, None] * lrP[None, :], 0.0)
+        P = E * qk1
+        p_s.index(p).store(P.to(OPT))
+        _cta_barrier()  # Z, P written
+        # the inner forward at the start weights: G, x^, 1/std (`triton_utils._ln_l2_grad`)
+        z = z_s.index(p).load(R)
+        G, xh, rstd = _ln_l2_grad_rows(z, v, k16.to(gl.float32), gam, bet, D, EPS)
+        g_s.index(p).store(G.to(OPT))
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        so = sc_off + t0 * D
+        gl.store(xh_ptr + so, xh, mask=m2)
+        if STORE_G:
+            gl.store(g_ptr + so, G, mask=m2)
+        gl.store(rs_ptr + sc_t + t0 + rt, rstd, mask=tm)
+        _cta_barrier()  # G, -e_b G written
+        zb_s.index(p).store(qw - mma_v2(p_s.index(p).load(AP), g_s.index(p).load(BP),
+                                        gl.zeros([MB, D], gl.float32, LP)))
+        W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), AW, BW, LP)
+        _cta_barrier()  # Zb written
+        # the output LayerNorm's backward: dZb
+        zb = zb_s.index(p).load(R)
+        xhb, rstdb = _normalize_rows(zb, D, EPS)
+        dgamT += dO * xhb
+        dbetT += dO
+        gd = dO * gam[None, :]
+        sd, sdx = gl.reduce((gd, gd * xhb), 1, _add2)
+        dZb = (gd - (sd / D)[:, None] - xhb * (sdx / D)[:, None]) * rstdb[:, None]
+        gl.store(dzb_ptr + so, dZb, mask=m2)
+        dzb_s.index(p).store(dZb.to(OPT))
+        _cta_barrier()  # dZb written
+        # dP = -dZb G^T, dA = dP E, dE = dP (Q K^T + 1): dtau_i, dlr_j; dG0 = -P^T dZb
+        dP = -mma_v2(dzb_s.index(p).load(AP), g_s.index(p).permute((1, 0)).load(BP),
+                     gl.zeros([MB, MB], gl.float32, LP))
+        dE = gl.where(causal, dP * qk1, 0.0)
+        dtauT += dE * lrP[None, :]
+        gl.store(dlra_ptr + sc_t + t0 + rjP, gl.sum(dE * tau_i[:, None], axis=0), mask=t0 + rjP < L)
+        da_s.index(p).store((dP * E).to(OPT))
+        gl.store(dg0_ptr + scP + t0 * D, -mma_v2(p_s.index(p).permute((1, 0)).load(AP), dzb_s.index(p).load(BP),
+                                                 gl.zeros([MB, D], gl.float32, LP)), mask=mP)
+        _cta_barrier()  # dA written
+        # dq = dO + dZb W^T + dA K (final), dk_a = dA^T Q
+        dq = gl.load(do_ptr + out_base + t0 * o_t + outP, mask=mP, other=0.0).to(gl.float32)
+        dq = mma_v2(dzb_s.index(p).load(AP), wh_s.index(p).permute((1, 0)).load(BP), dq)
+        dq = mma_v2(da_s.index(p).load(AP), k_s.index(p).load(BP), dq)
+        gl.store(dq_ptr + out_base + t0 * o_t + outP, dq.to(dq_ptr.dtype.element_ty), mask=mP)
+        gl.store(dka_ptr + scP + t0 * D, mma_v2(da_s.index(p).permute((1, 0)).load(AP), q_s.index(p).load(BP),
+                                                gl.zeros([MB, D], gl.float32, LP)), mask=mP)
+        wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
+    gl.store(dtau_ptr + pid2 * MB + riP, gl.sum(dtauT, axis=1))
+    gl.store(dlnw_ptr + pid2 * D + rd, gl.sum(dgamT, axis=0))
+    gl.store(dlnb_ptr + pid2 * D + rd, gl.sum(dbetT, axis=0))
+
+
+@gluon.jit
+def _post_kernel(
+    k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, ckw_ptr, ckc_ptr, dz_ptr, dkb_ptr, dka_ptr, dgy_ptr,
+    dk_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, span_ptr,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    H, NCK, T, G_LO, NG,
+    D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, EPS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """The split backward's post pass after the full chain (`bwd_split._post_kernel`): per checkpoint group, W per
+    mini-batch from the checkpoint (x^ from the same recompute); dk = dk_a + dk_b + gam dgy + dZ W^T (in the
+    products' layout, stored from it), dv = -gam dgy, the group's dgam, dbet (tiles summed once at its end)."""
+    OPT: gl.constexpr = k_ptr.dtype.element_ty
+    R: gl.constexpr = _token_layout(D, MB, num_warps)
+    LP: gl.constexpr = _mma_layout(num_warps, False, D)  # the [16, d] products
+    LW: gl.constexpr = _mma_layout(num_warps, True, D)  # the [d, d] updates
     ST: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], OPT)
     SD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], OPT)
+    SF: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     k_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
     dz_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
-    dzb_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)
     eg_s = gl.allocate_shared_memory(OPT, [2, MB, D], ST)  # -e_b G
     wh_s = gl.allocate_shared_memory(OPT, [2, D, D], SD)  # W rounded to 16 bits (the products' operand)
+    z_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # Z = K W + c, products' layout -> R
+    eg32_s = gl.allocate_shared_memory(gl.float32, [2, MB, D], SF)  # e_b G, R -> the products' layout (c's sums)
 
     pid, pid2, bi, hi, start, L, slot, g, n0, n1 = _group_of(span_ptr, H, NCK, G_LO, NG, GROUP, MB)
     rt, rd, riP, _rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
     gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     gamP = gl.load(lnw_ptr + hi * D + rdP).to(gl.float32)
-    W = gl.load(ckw_ptr + ((slot + g) * H + hi) * D * D + riW[:, None] * D + rjW[None, :],
-                mask=(riW[:, None] * 0 + n0) < n1, other=0.0)
+    W, c = _checkpoint_in(ckw_ptr, ckc_ptr, (slot + g) * H + hi, (n0 < n1).to(gl.int32), riW, rjW, rdP, D)
     dgamT = gl.zeros([MB, D], gl.float32, R)  # sums over the group's tokens, taken once at its end
     dbetT = gl.zeros([MB, D], gl.float32, R)
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
     outP = riP[:, None] * o_t + rdP[None, :]
-    sc_t = (bi * sc_b + hi) * T + start  # scratch (kept) rows [B*H or H, T, D]: this row's first token
+    sc_t = (bi * sc_b + hi) * T + start  # scratch rows [B*H or H, T, D]: this row's first token
     sc_off = (sc_t + rt)[:, None] * D + rd[None, :]
     scP = (sc_t + riP)[:, None] * D + rdP[None, :]
     t0 = n0 * MB
     kn = _tile(k_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     vn = _tile(v_ptr + in_base + t0 * s_t, in_off, rt, rd, t0, L, D)
     lrn = gl.load(lr_ptr + lr_base + (t0 + rt) * l_t, mask=(t0 + rt) < L, other=0.0)
-    xhn = _tile(xh_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
-    rsn = gl.load(rs_ptr + sc_t + t0 + rt, mask=(t0 + rt) < L, other=0.0)
-    dzn = _tile(dz_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
-    dzbn = _tile(dzb_ptr + t0 * D, sc_off, rt, rd, t0, L, D)
+    dzn = _tile(dz_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
     dgyn = _tile(dgy_ptr + t0 * D, sc_off, rt, rd, t0, L, D).to(gl.float32)
     wh_s.index(0).store(W.to(OPT))
     for n in range(n0, n1):
@@ -505,45 +635,39 @@ def _post_kernel(
         mP = ((t0 + riP) < L)[:, None] & (rdP[None, :] < D)
         tau_e = gl.where(t0 + MB <= L, tau_b, 0.0)
         k16 = kn
-        k = kn.to(gl.float32)
         v = vn.to(gl.float32)
         lr = lrn.to(gl.float32)
-        xh = xhn.to(gl.float32)
-        rstd = rsn
         dZ = dzn
-        dZb = dzbn
         dgy = dgyn
         t1 = gl.minimum(n + 1, n1 - 1) * MB  # the next mini-batch's loads, issued before this one's math
         kn = _tile(k_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         vn = _tile(v_ptr + in_base + t1 * s_t, in_off, rt, rd, t1, L, D)
         lrn = gl.load(lr_ptr + lr_base + (t1 + rt) * l_t, mask=(t1 + rt) < L, other=0.0)
-        xhn = _tile(xh_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
-        rsn = gl.load(rs_ptr + sc_t + t1 + rt, mask=(t1 + rt) < L, other=0.0)
-        dzn = _tile(dz_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
-        dzbn = _tile(dzb_ptr + t1 * D, sc_off, rt, rd, t1, L, D)
+        dzn = _tile(dz_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
         dgyn = _tile(dgy_ptr + t1 * D, sc_off, rt, rd, t1, L, D).to(gl.float32)
 
-        G, gy = _ln_l2_grad_kept(xh, rstd, v - k, gam, bet, D)
-        dgamT += dgy * (gam[None, :] * xh + gy)
-        dbetT += dgy
         k_s.index(p).store(k16)
         dz_s.index(p).store(dZ.to(OPT))
-        dzb_s.index(p).store(dZb.to(OPT))
-        eg_s.index(p).store((-(tau_e * lr)[:, None] * G).to(OPT))
-        gl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
-        _cta_barrier()  # K, dZ, dZb, -e_b G and the last update's W copy are written
-        wt = wh_s.index(p).permute((1, 0)).load(BP)
-        # dk = dk_a + dk_b + gam dgy + dZ W^T and dq = dO + dq_a + dZb W^T, in the products' layout
+        _cta_barrier()  # K, dZ and the last update's W copy are written
+        cP = gl.zeros([MB, D], gl.float32, LP) + c[None, :]
+        z_s.index(p).store(mma_v2(k_s.index(p).load(_operand(LP, 0)), wh_s.index(p).load(_operand(LP, 1)), cP))
+        # dk = dk_a + dk_b + gam dgy + dZ W^T, in the products' layout
         dk = _tile(dka_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32) \
             + _tile(dkb_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32) \
             + gamP[None, :] * _tile(dgy_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32)
-        dk = mma_v2(dz_s.index(p).load(AP), wt, dk)
+        dk = mma_v2(dz_s.index(p).load(_operand(LP, 0)), wh_s.index(p).permute((1, 0)).load(_operand(LP, 1)), dk)
         gl.store(dk_ptr + out_base + t0 * o_t + outP, dk.to(dk_ptr.dtype.element_ty), mask=mP)
-        dq = _tile(do_ptr + out_base + t0 * o_t, outP, riP, rdP, t0, L, D).to(gl.float32) \
-            + _tile(dqa_ptr + t0 * D, scP, riP, rdP, t0, L, D).to(gl.float32)
-        dq = mma_v2(dzb_s.index(p).load(AP), wt, dq)
-        gl.store(dq_ptr + out_base + t0 * o_t + outP, dq.to(dq_ptr.dtype.element_ty), mask=mP)
-        W = mma_v2(k_s.index(p).permute((1, 0)).load(_operand(LW, 0)), eg_s.index(p).load(_operand(LW, 1)), W)
+        gl.store(dv_ptr + out_base + t0 * o_t + out_off, (-gam[None, :] * dgy).to(dv_ptr.dtype.element_ty), mask=m2)
+        _cta_barrier()  # Z written
+        G, xh, rstd = _ln_l2_grad_rows(z_s.index(p).load(R), v, k16.to(gl.float32), gam, bet, D, EPS)
+        k = k16.to(gl.float32)
+        dgamT += dgy * (2.0 * gam[None, :] * xh + bet[None, :] - (v - k))
+        dbetT += dgy
+        eG = (tau_e * lr)[:, None] * G
+        eg_s.index(p).store((-eG).to(OPT))
+        eg32_s.index(p).store(eG)
+        _cta_barrier()  # -e_b G written
+        W, c = _update(W, c, k_s.index(p), eg_s.index(p), eg32_s.index(p), _operand(LW, 0), _operand(LW, 1), LP)
         wh_s.index(1 - p).store(W.to(OPT))  # read from the next mini-batch's barrier on
     gl.store(dlnw_ptr + pid2 * D + rd, gl.sum(dgamT, axis=0))
     gl.store(dlnb_ptr + pid2 * D + rd, gl.sum(dbetT, axis=0) * gam)
