@@ -114,33 +114,38 @@ def test_model_loss_impl_reaches_the_head(monkeypatch):
         RunOptions(loss_impl="fused")
 
 
-@pytest.mark.parametrize("dev, dtype, reduction, importable, want", [
-    ("cuda", torch.bfloat16, "mean", True, "triton"), ("cuda", torch.float32, "sum", True, "triton"),
-    ("cuda", torch.float64, "mean", True, "torch"), ("cuda", torch.bfloat16, "none", True, "torch"),
-    ("cuda", torch.bfloat16, "mean", False, "torch"), ("cpu", torch.float32, "mean", True, "torch")])
-def test_auto_impl_rule(monkeypatch, dev, dtype, reduction, importable, want):
+@pytest.mark.parametrize("dev, dtype, importable, want", [
+    ("cuda", torch.bfloat16, True, "triton"), ("cuda", torch.float32, True, "triton"),
+    ("cuda", torch.float16, True, "triton"), ("cuda", torch.float64, True, "torch"),
+    ("cuda", torch.bfloat16, False, "torch"), ("cpu", torch.float32, True, "torch")])
+def test_auto_impl_rule(monkeypatch, dev, dtype, importable, want):
     """impl "auto" (the default of linear_cross_entropy and RunOptions.loss_impl) is the row kernel only for CUDA h
-    in 16 bits or fp32, a summed loss and Triton importable; "torch" and "triton" pass through. The rule reads h's
-    device and dtype only, so the CUDA cases run on the CPU (the GPU test below runs it on a real tensor)."""
+    in 16 bits or fp32 with Triton importable (every reduction); "torch" and "triton" pass through. The rule reads
+    h's device and dtype only, so the CUDA cases run on the CPU (the GPU test below runs it on a real tensor)."""
     import ttt.ops
     from ttt.layers.head import resolve_impl
     monkeypatch.setattr(ttt.ops, "triton_available", lambda: (importable, "" if importable else "no"))
     dev = torch.device(dev)
-    assert resolve_impl("auto", dev, dtype, reduction) == want
-    assert [resolve_impl(i, dev, dtype, reduction) for i in ("torch", "triton")] == ["torch", "triton"]
+    assert resolve_impl("auto", dev, dtype) == want
+    assert [resolve_impl(i, dev, dtype) for i in ("torch", "triton")] == ["torch", "triton"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA GPU")
 def test_gpu_linear_ce_triton_at_the_125m_head():
     """bf16 at the 125m head (D 768, V 32000, 8192 + 1000 rows: a partial second chunk): impl="triton" and "torch"
-    equally close to the fp32 loss and gradients, and within 2e-3 of each other."""
+    equally close to the fp32 loss and gradients, and within 2e-3 of each other; per-token losses by default
+    ("auto") come from the row kernel too."""
     from benchmarks.bench_head import fp32_reference, head_inputs, loss_and_grads
     h, w, t = head_inputs(9192, 768, 32000)
     want = fp32_reference(h, w, t)
     got = {impl: loss_and_grads(h, w, t, impl) for impl in ("triton", "torch")}
     from ttt.layers.head import resolve_impl
-    assert resolve_impl("auto", h.device, h.dtype, "mean") == "triton"  # the default runs the kernel on the GPU
+    assert resolve_impl("auto", h.device, h.dtype) == "triton"  # the default runs the kernel on the GPU
     for a, b, e in zip(got["triton"], got["torch"], want):
         assert rel(a, b) <= 2e-3
         assert rel(a, e) <= 1.1 * rel(b, e) + 1e-4
+    with torch.no_grad():
+        per_token = {i: linear_cross_entropy(h, w, t, reduction="none", impl=i) for i in ("auto", "triton", "torch")}
+    assert torch.equal(per_token["auto"], per_token["triton"])  # the same kernel, bit for bit
+    assert not torch.equal(per_token["auto"], per_token["torch"])  # (so the line above tells them apart)

@@ -148,7 +148,7 @@ def step_memory(cfg: ModelConfig, device: torch.device, *, autocast: bool = Fals
     n_params = cfg.n_layers * block_params + V * D * (1 if cfg.tie_embeddings else 2) + D
     from .layers.head import resolve_impl
     head_dtype = torch.bfloat16 if autocast else torch.float32  # the head's input
-    kernel = resolve_impl(run.loss_impl, device, head_dtype, "mean") == "triton"
+    kernel = resolve_impl(run.loss_impl, device, head_dtype) == "triton"
     return StepMemory(n_params, cfg.d_model, cfg.n_layers, cfg.vocab_size, fixed, per_seq, per_token,
                       GROWTH.get(cfg.mixer, 1.0), autocast, grad_checkpointing, kernel)
 

@@ -11,8 +11,8 @@ autocast: the caller casts), logsumexp and the loss in fp32 (fp64 for fp64 input
 fp16 or fp32) takes each chunk's log-sum-exp, loss and gradient in one kernel over the logits in h's dtype
 (`ops/cross_entropy.py`) instead of PyTorch's passes over an fp32 copy ("torch"), with every reduction ("none":
 the chunk's gradient kept only while its recompute runs in the backward); "auto" (the default) is "triton"
-where it can run and has been timed (CUDA tensors, Triton importable, those dtypes, "mean" and "sum"), else
-"torch".
+where it can run (CUDA tensors, Triton importable, those dtypes; timed faster for every reduction:
+`benchmarks/bench_head.py`), else "torch".
 """
 from __future__ import annotations
 
@@ -94,12 +94,12 @@ class _RowsNLL(torch.autograd.Function):
         return g @ w if need_h else None, g.T @ h if need_w else None, None, None
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, reduction: str) -> str:
-    """The impl that runs for h of this device and dtype: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 with a
-    summed loss where the Triton kernels import, else "torch"; "torch" and "triton" as given."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The impl that runs for h of this device and dtype: "auto" -> "triton" for CUDA h in bf16/fp16/fp32 where the
+    Triton kernels import (any reduction), else "torch"; "torch" and "triton" as given."""
     if impl != "auto":
         return impl
-    if device.type != "cuda" or reduction == "none" or dtype not in _TRITON_DTYPES:
+    if device.type != "cuda" or dtype not in _TRITON_DTYPES:
         return "torch"
     from ..ops import triton_available
     return "triton" if triton_available()[0] else "torch"
@@ -126,7 +126,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets: expected shape {tuple(h.shape[:-1])} (h's leading dims), got {tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
-    impl = resolve_impl(impl, h.device, h.dtype, reduction)
+    impl = resolve_impl(impl, h.device, h.dtype)
     shape = targets.shape
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
     if reduction == "none":
