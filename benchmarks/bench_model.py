@@ -88,9 +88,10 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
 
     torch.cuda.reset_peak_memory_stats()
     try:
-        ms = timed(step, warmup=3 if graphs else 2, iters=5)  # graphs: warm-up, then recording, then replays
+        each = []  # every timed step's ms (a row's median hides whether its steps agree)
+        ms = timed(step, warmup=3 if graphs else 2, iters=5, each=each)  # graphs: warm-up, recording, replays
         row = dict(mixer=mixer + (f"@{how}" if how else ""), size=size, compiled=compile_blocks or graphs, context=T,
-                   batch=B, accum=accum, ms_per_step=ms,
+                   batch=B, accum=accum, ms_per_step=ms, ms_each=[round(t, 2) for t in each],
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
     except torch.OutOfMemoryError as e:

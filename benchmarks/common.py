@@ -129,8 +129,9 @@ def train_step(model, micro_batches: list[dict], graphs: bool = False):
     return step
 
 
-def timed(fn, warmup=3, iters=10):
-    """Median milliseconds of fn() measured with CUDA events (model-level timings, several kernels and syncs)."""
+def timed(fn, warmup=3, iters=10, each: list | None = None):
+    """Median milliseconds of fn() measured with CUDA events (model-level timings, several kernels and syncs);
+    each: a list that receives every iteration's milliseconds, in order."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -142,6 +143,8 @@ def timed(fn, warmup=3, iters=10):
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    if each is not None:
+        each.extend(times)
     return sorted(times)[len(times) // 2]
 
 
