@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" els
 def test_row_kernel_matches_log_softmax(dtype, V):
     """NLL and softmax - onehot (zero on ignored rows) of the same logits: the NLL within fp32 rounding of
     PyTorch's in fp64, the gradient within one rounding to the logits' dtype; a target outside the vocabulary
-    gives NaN."""
+    gives NaN; without the gradient the same NLL, the logits left as they are."""
     g = torch.Generator().manual_seed(0)
     n = 6
     lg = (3 * torch.randn(n, V, generator=g)).to(dtype).to(DEV)
@@ -46,6 +46,8 @@ def test_row_kernel_matches_log_softmax(dtype, V):
     bad = t.clone()
     bad[1] = V
     assert torch.isnan(rows_nll_grad_(lg.clone(), bad, -100)[1])
+    kept = lg.clone()
+    assert torch.equal(rows_nll_grad_(kept, t, -100, grad=False), nll) and torch.equal(kept, lg)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -64,6 +66,8 @@ def test_linear_ce_triton_matches_torch(reduction, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert got.shape == want.shape == ((N,) if reduction == "none" else ())
+    with torch.no_grad():  # without gradients (evaluation) the same losses
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, reduction=reduction, chunk=16, impl="triton"), got)
     scale = torch.linspace(-1, 2, N, device=DEV) if reduction == "none" else torch.tensor(2.0, device=DEV)
     for a, b in zip(torch.autograd.grad((scale * got).sum(), (h, w)), torch.autograd.grad((scale * want).sum(), (h, w))):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 0.1)

@@ -130,11 +130,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     shape = targets.shape
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # [..., D] -> [N, D]; [...] -> [N]
     if reduction == "none":
-        def one(hs, ts):
-            if impl == "triton":
-                return _RowsNLL.apply(hs, weight, ts, ignore_index)
-            return _chunk_nll(hs, weight, ts, ignore_index)[0]
         use_ckpt = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+
+        def one(hs, ts):
+            if impl == "torch":
+                return _chunk_nll(hs, weight, ts, ignore_index)[0]
+            if use_ckpt:
+                return _RowsNLL.apply(hs, weight, ts, ignore_index)
+            from ..ops.cross_entropy import rows_nll_grad_
+            return rows_nll_grad_(hs @ weight.T, ts, ignore_index, grad=False)  # no gradient taken: the NLL alone
+
         parts = [checkpoint(one, h2[s:s + chunk], t[s:s + chunk], use_reentrant=False) if use_ckpt
                  else one(h2[s:s + chunk], t[s:s + chunk]) for s in range(0, t.shape[0], chunk)]
         return torch.cat(parts).reshape(shape)

@@ -21,7 +21,7 @@ WARPS = 8
 
 
 @triton.jit
-def _rows_nll_grad_kernel(lg_ptr, t_ptr, nll_ptr, V, stride, ignore_index, BV: tl.constexpr):
+def _rows_nll_grad_kernel(lg_ptr, t_ptr, nll_ptr, V, stride, ignore_index, BV: tl.constexpr, GRAD: tl.constexpr):
     row = tl.program_id(0)
     base = lg_ptr + row.to(tl.int64) * stride
     cols = tl.arange(0, BV)
@@ -41,22 +41,24 @@ def _rows_nll_grad_kernel(lg_ptr, t_ptr, nll_ptr, V, stride, ignore_index, BV: t
     tgt = tl.load(base + tl.where(keep & ok, t, 0)).to(tl.float32)
     tgt = tl.where(ok | ~keep, tgt, float("nan"))  # a target outside the vocabulary: NaN, not a stray read
     tl.store(nll_ptr + row, tl.where(keep, lse - tgt, 0.0))
-    for v0 in range(0, V, BV):
-        inside = v0 + cols < V
-        x = tl.load(base + v0 + cols, mask=inside, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(v0 + cols == t, 1.0, 0.0)
-        tl.store(base + v0 + cols, tl.where(keep, g, 0.0).to(lg_ptr.dtype.element_ty), mask=inside)
+    if GRAD:
+        for v0 in range(0, V, BV):
+            inside = v0 + cols < V
+            x = tl.load(base + v0 + cols, mask=inside, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(v0 + cols == t, 1.0, 0.0)
+            tl.store(base + v0 + cols, tl.where(keep, g, 0.0).to(lg_ptr.dtype.element_ty), mask=inside)
 
 
-def rows_nll_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Per-row NLL [n] (fp32) of logits [n, V] (last dim contiguous) against targets [n]; the logits are
-    overwritten with d nll / d logits = softmax - onehot (zero where the target is ignore_index). A target outside
-    [0, V) other than ignore_index gives a NaN NLL."""
+def rows_nll_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad: bool = True) -> torch.Tensor:
+    """Per-row NLL [n] (fp32) of logits [n, V] (last dim contiguous) against targets [n]; with `grad` the logits are
+    overwritten with d nll / d logits = softmax - onehot (zero where the target is ignore_index), without it they
+    are left as they are (one read of them instead of two reads and a write). A target outside [0, V) other than
+    ignore_index gives a NaN NLL."""
     n, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logits: expected the vocabulary dim contiguous")
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         _rows_nll_grad_kernel[(n,)](logits, targets.contiguous(), nll, V, logits.stride(0), ignore_index,
-                                    BV=min(pow2(V), MAX_BLOCK), num_warps=WARPS)
+                                    BV=min(pow2(V), MAX_BLOCK), GRAD=grad, num_warps=WARPS)
     return nll
