@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import bench, kernel_times, rel
-from ttt.layers.head import linear_cross_entropy
+from ttt.layers.head import IGNORE, linear_cross_entropy
 
 IMPLS = ("torch", "triton")  # the two that "auto" picks between
 
@@ -25,7 +25,7 @@ def head_inputs(tokens: int, D: int, V: int, seed: int = 0):
     h = (torch.randn(tokens, D, device="cuda", generator=g) / D ** 0.5).bfloat16().requires_grad_()
     w = (torch.randn(V, D, device="cuda", generator=g) / 2).bfloat16().requires_grad_()
     t = torch.randint(0, V, (tokens,), device="cuda", generator=g)
-    t[::97] = -100
+    t[::97] = IGNORE
     return h, w, t
 
 
@@ -39,7 +39,7 @@ def fp32_reference(h, w, t):
 def loss_and_grads(h, w, t, impl, reduction="mean"):
     """[mean loss, dh, dW]; with reduction "none" the per-token losses summed and divided by the kept rows."""
     out = linear_cross_entropy(h, w, t, impl=impl, reduction=reduction)
-    loss = out if reduction == "mean" else out.sum() / (t != -100).sum()
+    loss = out if reduction == "mean" else out.sum() / (t != IGNORE).sum()
     return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
 
 
