@@ -204,21 +204,28 @@ def bench_decode_kernel(launches, positions=(3, 15), **shape):
 DECODE_GEMMS = (("qk|v|gate|lr", 6208, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
 
 
-def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20):
-    """The decode's GEMMs (F.linear, cuBLAS) at B rows, each a CUDA graph of `copies` calls: on a weight copy each
+def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
+    """The decode's GEMMs (F.linear) at B rows, each a CUDA graph of `copies` calls: on a weight copy each
     (read from memory, as the decode's blocks do) and all on one weight (after the first call from L2: what
     prefetching the weights into L2 beside the step's latency-bound kernels could reach); us per call and the
-    weight's read rate (TB/s)."""
+    weight's read rate (TB/s). blas: the libraries to time them with (torch.backends.cuda.preferred_blas_library:
+    "cublas", "cublaslt"); the preference is restored after."""
     rows = []
-    for name, N, K in DECODE_GEMMS:
-        x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
-        ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
-        for weights, where in ((ws, "memory"), ([ws[0]] * copies, "L2")):
-            ms = graphed_ms([lambda w=w: F.linear(x, w) for w in weights])
-            row = dict(kernel="decode gemm", gemm=name, N=N, K=K, rows=B, weights_from=where, us=ms * 1e3,
-                       weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    before = torch.backends.cuda.preferred_blas_library()
+    try:
+        for lib in blas:
+            torch.backends.cuda.preferred_blas_library(lib)
+            for name, N, K in DECODE_GEMMS:
+                x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
+                ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
+                for weights, where in ((ws, "memory"), ([ws[0]] * copies, "L2")):
+                    ms = graphed_ms([lambda w=w: F.linear(x, w) for w in weights])
+                    row = dict(kernel="decode gemm", blas=lib, gemm=name, N=N, K=K, rows=B, weights_from=where,
+                               us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
     return rows
 
 
@@ -229,6 +236,8 @@ def main():
                          "none given: default 8 4:128 2)")
     ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
                                                             "from memory and from L2)")
+    ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
+                    help="with --gemms: the BLAS libraries to time them with")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "8,64,1,12", "16,64,1,8", "8,128,2,6"],
@@ -247,7 +256,7 @@ def main():
         rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
         a.shapes = []
     if a.gemms:
-        rows += bench_decode_gemms()
+        rows += bench_decode_gemms(blas=a.blas)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))
