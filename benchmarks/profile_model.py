@@ -93,6 +93,9 @@ def main():
             ids = torch.randint(0, cfg.vocab_size, (B, a.T + 1), device="cuda")
 
             def step():
+                # the gradients dropped first, as the training step's zero_grad(set_to_none=True) does (kept, each
+                # backward would add into them: one more add kernel and its launch per parameter)
+                model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
                 loss.backward()
