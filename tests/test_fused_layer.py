@@ -220,6 +220,27 @@ def test_fused_layer_equals_reference_layer(kind):
         assert rel(pf.grad.cpu(), pr.grad.cpu()) < 1e-3, n
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fused_model_is_causal(kind):
+    """A whole (M) model on the fused path (the training default on a GPU: pre-conv, Q/K conv + RoPE and the op
+    as kernels): no position's logits move when a later token changes, inside a mini-batch and across them (a
+    kernel that read ahead in time would let the training loss see its own targets)."""
+    from ttt.config import RunOptions, get_config
+    from ttt.model import TTTLM
+    torch.manual_seed(0)
+    cfg = get_config("debug", mixer=f"ttt_{kind}", backbone="mamba", vocab_size=64, mini_batch=4)
+    model = TTTLM(cfg, RunOptions(ttt_backend="triton", fused_layer=True)).to(DEV).eval()
+    x = torch.randint(0, 64, (2, 19), device=DEV)
+    with torch.no_grad():
+        base, _ = model(x)
+        for t in (2, 9, 16):  # mid mini-batch, its last token, the last partial one
+            y = x.clone()
+            y[:, t] = (y[:, t] + 1) % 64
+            out, _ = model(y)
+            assert (out[:, :t] - base[:, :t]).abs().max().item() < 1e-6, t
+            assert (out[:, t] - base[:, t]).abs().max().item() > 1e-3, t
+
+
 def test_fused_layer_is_auto_and_an_explicit_request_never_falls_back():
     from ttt.layers.ttt import TTTLayer
     x = torch.randn(1, 5, 16, device=DEV)
@@ -797,3 +818,9 @@ def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):
     assert [r["weights_from"] for r in rows] == ["memory", "L2"] and all(r["us"] == 1.0 for r in rows)
     assert all(len(c) == 3 and c[0].shape == (3, 1, 40) for c in calls)
     assert not torch.equal(calls[0][0], calls[0][1]) and torch.equal(calls[1][0], calls[1][1])
+    # --blas: each library's rows in turn, the preference set before them and given back after
+    seen = []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", lambda b=None: seen.append(b) or "before")
+    rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=3, blas=("cublas", "cublaslt"))
+    assert [r["blas"] for r in rows] == ["cublas", "cublas", "cublaslt", "cublaslt"]
+    assert seen == [None, "cublas", "cublaslt", "before"]
