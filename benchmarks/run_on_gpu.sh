@@ -34,7 +34,8 @@
 #             tree in one command (two modules over different snapshots: call the part twice with AB_SNAPS)
 #   packed    the packed-document GPU tests (tests/test_packed.py, tests/test_triton_packed.py; the fused layer's
 #             packed tests on CUDA), then benchmarks/bench_packed.py: packed documents vs padded, training per mixer and the op (PACKED_ARGS)
-#   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory)
+#   train     `ttt train` of 125m TTT-Linear and Transformer++ for STEPS steps on DATA (a `ttt data` directory),
+#             with TRAIN_ARGS (default --compile; TRAIN_ARGS= for eager)
 # I16_CONTEXTS, I16_MIXERS: issue16's training contexts (default 8192,2048) and mixers (default
 # ttt_linear+fused,ttt_linear,attention; bench_table's names, e.g. add mamba2_module).
 # TESTS_ARGS: the tests part's pytest paths and options (default tests/). Serially tests/test_gpu.py alone compiles
@@ -162,7 +163,7 @@ if has train; then
     timeout "${TRAIN_S:-300}" python3 -m ttt.cli train --data "${DATA:?DATA: a dataset from ttt data}" \
       --out "$OUT/train_$mixer" --size 125m --mixer "$mixer" --seq-len 2048 --micro-batch 16 \
       --tokens-per-step 32768 --max-steps "${STEPS:-300}" --lr 3e-3 --eval-every 100 --eval-batches 3 \
-      --save-every 0 --log-every 10 --no-progress 2>&1 | tail -4
+      --save-every 0 --log-every 10 --no-progress ${TRAIN_ARGS---compile} 2>&1 | tail -4
   done
 fi
 exit 0
