@@ -233,7 +233,7 @@ def test_fused_model_is_causal(kind):
     x = torch.randint(0, 64, (2, 19), device=DEV)
     with torch.no_grad():
         base, _ = model(x)
-        for t in (2, 9, 16):  # mid mini-batch, its last token, the last partial one
+        for t in (2, 11, 17):  # inside the first mini-batch (of 4), a mini-batch's last token, the partial last one
             y = x.clone()
             y[:, t] = (y[:, t] + 1) % 64
             out, _ = model(y)
