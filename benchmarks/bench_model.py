@@ -84,7 +84,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
             blk.compile(mode="reduce-overhead" if graphs else None)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     # targets=: the chunked head, no [B, T, V] fp32 logits
-    step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:])] * accum, graphs=graphs)
+    step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:], state_out=False)] * accum, graphs=graphs)
 
     torch.cuda.reset_peak_memory_stats()
     try:

@@ -100,7 +100,7 @@ def train_row(mixer, size, lens, mode):
     torch.manual_seed(0)
     model = TTTLM(cfg).cuda()
     ids, tg, cu = batches(lens, cfg.vocab_size)[0 if mode == "packed" else 1]
-    step = train_step(model, [dict(ids=ids, targets=tg, cu_seqlens=cu)])
+    step = train_step(model, [dict(ids=ids, targets=tg, cu_seqlens=cu, state_out=False)])
 
     torch.cuda.reset_peak_memory_stats()
     try:

@@ -4,10 +4,11 @@
 
 A profile on the GPU (`profile_model`) says how long the Inductor kernels of a training step take, in hundreds of
 launches whose names hide what they do. This lists them per block: each Triton kernel Inductor generates for the
-block's forward and backward graphs (as `blk.compile()` in `ttt train --compile`), with the bytes it reads and
-writes (Inductor's own count, `kernel_num_gb`) and the ATen operators it fuses, so that a change to the layer's
-element-wise work can be judged on the CPU by the traffic it removes (the default shape is the 125m 2k training step's,
-B16 T2048: twelve such blocks a step; B4 T8192 moves the same bytes).
+block's forward and backward graphs (as `blk.compile()` in `ttt train --compile`, called as a training step calls
+it: `state_out=False`), with the bytes it reads and writes (Inductor's own count, `kernel_num_gb`) and the ATen
+operators it fuses, so that a change to the layer's element-wise work can be judged on the CPU by the traffic it
+removes (the default shape is the 125m 2k training step's, B16 T2048: twelve such blocks a step; B4 T8192 moves the
+same bytes).
 
 How, on a machine without a GPU: the block is traced on the CPU under bf16 autocast with Inductor's Triton backend
 for the CPU device (`cpu_backend="triton"`, Hopper as the target), Inductor's scheduler and code generator run as
@@ -127,7 +128,7 @@ def block_kernels(mixer: str, B: int, T: int) -> dict[str, list[tuple[str, float
     blk.compile(backend=_hooks(sources))
     h = torch.randn(B, T, cfg.d_model, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, _ = blk(h)
+        y, _ = blk(h, state_out=False)
     y.float().sum().backward()
     torch._dynamo.reset()
     if len(sources) != 2:

@@ -97,7 +97,7 @@ def main():
                 # backward would add into them: one more add kernel and its launch per parameter)
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
+                    loss, _ = model(ids[:, :-1], targets=ids[:, 1:], state_out=False)
                 loss.backward()
             show(step, f"125m {mixer} fwd+bwd B{B} T{a.T}{' (compiled blocks)' if a.compile else ''}", host=a.host,
                  **rows)

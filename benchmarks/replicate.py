@@ -412,7 +412,7 @@ def train_job(job: Job, a, device, tokens: int) -> dict | None:
         for i in range(0, batch, micro):
             with _autocast(cuda):
                 loss, _ = model(x[i:i + micro].to(device, non_blocking=True),
-                                targets=y[i:i + micro].to(device, non_blocking=True))
+                                targets=y[i:i + micro].to(device, non_blocking=True), state_out=False)
             (loss * (micro / batch)).backward()
             loss_sum += loss.detach() * (micro / batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -69,3 +69,6 @@ def test_blocks_forward_and_backward_kernels():
         assert 1.8 < ratio < 2.2, (mixer, norms)
     ttt_bwd = " ".join(o for _, _, o in out["ttt_linear+fused"]["32"]["backward"])
     assert "native_layer_norm_backward" in ttt_bwd and "gelu_backward" in ttt_bwd  # the post-norm x gate
+    # a training step's block (state_out=False) builds no state: no window copies, no zero accumulators
+    ttt_fwd = [o for _, _, o in out["ttt_linear+fused"]["32"]["forward"]]
+    assert not [o for o in ttt_fwd if "zeros_like" in o or "clone" in o], ttt_fwd

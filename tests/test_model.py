@@ -133,6 +133,25 @@ def test_grad_checkpointing_same_loss_and_grads(mixer):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mixer,backbone", MODELS, ids=[f"{m}-{b}" for m, b in MODELS])
+def test_state_out_false_gives_no_state_and_the_same_loss_and_grads(mixer, backbone):
+    """state_out=False (a training step's forward): None for the state, the loss and every gradient as with it,
+    with and without gradient checkpointing."""
+    model = make_model(mixer, backbone).train()
+    x, y = ids(1), ids(2)
+    runs = []
+    for state_out, ckpt in ((True, False), (False, False), (False, True)):
+        model.zero_grad()
+        model.grad_checkpointing = ckpt
+        loss, state = model(x, targets=y, state_out=state_out)
+        assert (state is None) == (not state_out)
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for run in runs[1:]:
+        for a, e in zip(run, runs[0]):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
 def test_the_fused_layer_is_auto_by_default():
     """By default (RunOptions(), and a TTT layer or conv built alone) the fused layer kernels are auto: on where the
     op runs its triton backend on CUDA (tests/test_gpu.py checks that side); on the CPU the PyTorch layer path."""

@@ -136,7 +136,9 @@ class Block(nn.Module):
         conv = self.conv.init_state(batch_size, device) if self.has_conv else None
         return BlockState(conv, self.mixer.init_state(batch_size, device=device))
 
-    def forward(self, h, state: "BlockState | None" = None, cu_seqlens=None):
+    def forward(self, h, state: "BlockState | None" = None, cu_seqlens=None, *, state_out: bool = True):
+        """h [B, T, D] -> (h after the block, its new `BlockState`; None when not state_out: a training step's
+        forward, whose compiled graph then drops the work that only builds the state)."""
         conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
             y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens,
@@ -146,7 +148,7 @@ class Block(nn.Module):
         h = h + y
         if hasattr(self, "ffn"):
             h = h + self.ffn(self.ffn_norm(h))
-        return h, BlockState(conv_state, mixer_state)
+        return h, (BlockState(conv_state, mixer_state) if state_out else None)
 
 
 @dataclass
@@ -343,8 +345,10 @@ class TTTLM(nn.Module):
         if ids.shape[1] == 0:
             raise ValueError("ids: expected a non-empty sequence (T >= 1), got T = 0")
 
-    def hidden(self, ids: torch.Tensor, state: LMState | None = None, run_block=None, cu_seqlens=None):
-        """ids [B, T] -> (final-normed hidden states [B, T, D], new state): everything but the head.
+    def hidden(self, ids: torch.Tensor, state: LMState | None = None, run_block=None, cu_seqlens=None,
+               state_out: bool = True):
+        """ids [B, T] -> (final-normed hidden states [B, T, D], new state; None when not state_out): everything but
+        the head.
         run_block(block, h, block_state) -> (h, new block state), when given, runs each block instead of
         block(h, block_state) (the compiled decode step of `ttt.decode_graph`). cu_seqlens: packed documents
         (int64 [N + 1], or a `Packing`; ids [1, T]), checked once here for every block."""
@@ -374,11 +378,11 @@ class TTTLM(nn.Module):
             if run_block is not None:
                 h, s = run_block(blk, h, s)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h, s = checkpoint(blk, h, s, pk, use_reentrant=False)
+                h, s = checkpoint(blk, h, s, pk, state_out=state_out, use_reentrant=False)
             else:
-                h, s = blk(h, s, pk)
+                h, s = blk(h, s, pk, state_out=state_out)
             new_states.append(s)
-        return self.norm(h), LMState(new_states)
+        return self.norm(h), (LMState(new_states) if state_out else None)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -386,7 +390,7 @@ class TTTLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: LMState | None = None, *, logits: str = "all",
                 targets: torch.Tensor | None = None, reduction: str = "mean", chunk: int = 8192, run_block=None,
-                cu_seqlens=None):
+                cu_seqlens=None, state_out: bool = True):
         """ids [B, T] -> (logits, new state), or (loss, new state) when `targets` [B, T] is given: the
         next-token cross-entropy through the chunked head (`layers/head.py`), a scalar for reduction
         "mean"/"sum" or the per-token NLL [B, T] for "none", fp32 (fp64 for an fp64 model); at most
@@ -395,7 +399,9 @@ class TTTLM(nn.Module):
         generation), "none" (None; state only). run_block: see `hidden`.
         cu_seqlens (int64 [N + 1]; ids [1, T]): N packed documents, each run as if alone (docs/packed.md);
         targets are the next tokens of the packed stream, and the target of every document's last token but
-        the last document's (the next document's first token) is skipped (counts as IGNORE)."""
+        the last document's (the next document's first token) is skipped (counts as IGNORE).
+        state_out=False: no new state (None in its place), for a training step, which never reads it: the compiled
+        blocks then skip the work that only builds it (the conv windows' copies, the TTT accumulators' zeros)."""
         if logits not in LOGITS:
             raise ValueError(f"logits: expected one of {LOGITS}, got {logits!r}")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != ids.shape):
@@ -406,7 +412,7 @@ class TTTLM(nn.Module):
             cu_seqlens = packing(cu_seqlens, ids.shape[1], ids.device, batch_size=ids.shape[0])
             if targets is not None:  # never predict a document's first token from the one before it
                 targets = targets.index_fill(1, cu_seqlens.cu_seqlens[1:-1] - 1, IGNORE)
-        h, state = self.hidden(ids, state, run_block, cu_seqlens)
+        h, state = self.hidden(ids, state, run_block, cu_seqlens, state_out)
         w = self.head_weight
         if targets is not None:
             dev = h.device.type

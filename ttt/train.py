@@ -790,10 +790,10 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
             _graph_step(cfg.compile_mode == "reduce-overhead")
             with loop.autocast():
                 if packs[i] is None:
-                    loss, _ = loop.wrapped(xs[i], targets=ys[i])
+                    loss, _ = loop.wrapped(xs[i], targets=ys[i], state_out=False)
                 else:  # the micro-batch's rows as one packed sequence, every document from a fresh state
                     xp, yp, cu = pack_rows(xs[i], ys[i], packs[i])
-                    loss, _ = loop.wrapped(xp, targets=yp, cu_seqlens=cu)
+                    loss, _ = loop.wrapped(xp, targets=yp, cu_seqlens=cu, state_out=False)
             (loss / loop.accum).backward()
         loss_sum += loss.detach()
     return loss_sum / loop.accum
@@ -950,7 +950,7 @@ def _evaluate(model, val, micro_batch: int, autocast, device, graphs: bool = Fal
         x, y = x.to(device), y.to(device)
         _graph_step(graphs)
         with autocast():
-            loss, _ = model(x, targets=y, reduction="sum")
+            loss, _ = model(x, targets=y, reduction="sum", state_out=False)
         total[0] += loss.double()
         total[1] += y.numel()
     model.train()

@@ -316,8 +316,8 @@ class TTTLayer(nn.Module):
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
             cq, ck = self.conv_q, self.conv_k
             u, g, gate = self._merged_inputs(x)
-            # packed documents from a fresh state: no window (zeros), so the kernels skip reading and differentiating it
-            win = None if pk is not None and fresh else state.conv
+            # a fresh state's window is zeros: none, so the kernels skip reading and differentiating it
+            win = None if fresh else state.conv
             q, k, conv = conv_rope(u, win, cq.weight, cq.bias, ck.weight, ck.bias, state.pos,
                                    mini_batch=self.mini_batch, head_dim=d, rope_base=self.rope_base, cu_seqlens=pk)
             q, k = q.view(B, T, H, d), k.view(B, T, H, d)  # [B,T,D] -> [B,T,H,d], RoPE already applied
