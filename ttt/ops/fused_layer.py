@@ -167,7 +167,7 @@ def _g_row(dy_ptr, y_off, t, cols, cmask, T, D, c, s, ROPE: tl.constexpr):
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dwa_ptr, dba_ptr, dwb_ptr, dbb_ptr,
+    x_ptr, s_ptr, wa_ptr, wb_ptr, dya_ptr, dyb_ptr, dx_ptr, ds_ptr, dw_ptr,
     tok_ptr, doc_ptr, gwa_ptr, gwb_ptr,
     T, D, SEG, x_sb, x_st, s_sb, s_st, pos0, log2_base,
     W: tl.constexpr, TWO: tl.constexpr, ROPE: tl.constexpr, HAS_STATE: tl.constexpr, PERIODIC: tl.constexpr,
@@ -294,14 +294,16 @@ def _conv_bwd_kernel(
                 if XS_STATE:
                     tl.store(ds_ptr + b * (W - 1) * D + u * D + cols, gx.to(ds_ptr.dtype.element_ty),
                              mask=_rmask(cmask, rr < 0))
-    prog = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partial sums
-    tl.store(dba_ptr + prog * D + cols, dba, mask=cmask)
+    # this program's row of the partial sums: [taps of conv a (channel-major) | its bias | the same of conv b]
+    NC: tl.constexpr = 2 if TWO else 1
+    row = dw_ptr + (b * tl.num_programs(2) + tl.program_id(2)) * (NC * D * (W + 1))
+    tl.store(row + D * W + cols, dba, mask=cmask)
     for j in tl.static_range(W):
-        tl.store(dwa_ptr + (prog * D + cols) * W + j, dwa[j], mask=cmask)
+        tl.store(row + cols * W + j, dwa[j], mask=cmask)
     if TWO:
-        tl.store(dbb_ptr + prog * D + cols, dbb, mask=cmask)
+        tl.store(row + D * (2 * W + 1) + cols, dbb, mask=cmask)
         for j in tl.static_range(W):
-            tl.store(dwb_ptr + (prog * D + cols) * W + j, dwb[j], mask=cmask)
+            tl.store(row + D * (W + 1) + cols * W + j, dwb[j], mask=cmask)
 
 
 @triton.jit
@@ -488,11 +490,12 @@ def _window_grads(gw, win, w):
 
 def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_dim: int, rope_base: float,
                     rope: bool, launch: ConvLaunch | None = None, tok=None, doc=None):
-    """The backward kernel's launch: [dx, ds, dwa, dba, dwb, dbb, gwa, gwb], the weight gradients as the kernel's
-    per-program partial sums ([P, D, W], [P, D] fp32), ds the window's gradient (None without a window or with
-    packed documents), gwa / gwb the un-rotated output gradients at every document's first W - 1 rows (packed
-    documents with a window, else None; `_window_grads`), dwb / dbb None with one conv. `_conv_bwd_sums` finishes
-    them; the custom op returns the parts so that these sums are traced (compiled: fused with the casts)."""
+    """The backward kernel's launch: [dx, ds, dw, gwa, gwb]: dw the weight gradients as the kernel's per-program
+    partial sums, fp32 [P, convs * D * (W + 1)] (a row: conv a's taps [D, W], its bias [D], then conv b's), ds the
+    window's gradient (None without a window or with packed documents), gwa / gwb the un-rotated output gradients
+    at every document's first W - 1 rows (packed documents with a window, else None; `_window_grads`).
+    `_conv_bwd_sums` finishes them (one reduction for every weight and bias); the custom op returns the parts so
+    that these sums are traced (compiled: fused with the casts)."""
     B, T, D = x.shape
     W = wa.shape[-1]
     two, packed = wb is not None, tok is not None
@@ -502,8 +505,7 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     ds = torch.empty((B, W - 1, D), dtype=win.dtype, device=x.device) if win is not None and not packed else None
     f32 = dict(dtype=torch.float32, device=x.device)
-    dwa, dba = torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)
-    dwb, dbb = (torch.empty((P, D, W), **f32), torch.empty((P, D), **f32)) if two else (None, None)
+    dw = torch.empty((P, (2 if two else 1) * D * (W + 1)), **f32)
     gwa = gwb = None
     if packed and win is not None:  # written at each document's first W - 1 rows only: zeros past its end
         gwa = torch.zeros((win.shape[0], W - 1, D), **f32)
@@ -512,21 +514,22 @@ def _conv_bwd_parts(x, win, wa, wb, dya, dyb, pos0: int, mini_batch: int, head_d
     dya = dya.contiguous()
     dyb = dyb.contiguous() if two else dya
     _conv_bwd_kernel[grid](
-        x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dwa, dba,
-        dwa if dwb is None else dwb, dba if dbb is None else dbb, tok if packed else x,
-        doc if doc is not None else x, dwa if gwa is None else gwa, dwa if gwb is None else gwb,
+        x, st, wa, wb if two else wa, dya, dyb, dx, dx if ds is None else ds, dw, tok if packed else x,
+        doc if doc is not None else x, dw if gwa is None else gwa, dw if gwb is None else gwb,
         T, D, seg, x.stride(0), x.stride(1), st.stride(0), st.stride(1), pos0 % mini_batch, math.log2(rope_base),
         W=W, TWO=two, ROPE=rope, HAS_STATE=win is not None, PERIODIC=periodic and not packed, MB=mini_batch,
         HD=head_dim, R=L.R, BODY=L.body(mini_batch, packed), BC=L.BC, PACKED=packed, num_warps=L.warps)
-    return [dx, ds, dwa, dba, dwb, dbb, gwa, gwb]
+    return [dx, ds, dw, gwa, gwb]
 
 
 def _conv_bwd_sums(parts, win, wa, wb, packed: bool):
     """[dx, dwin or None, dwa [D, 1, W], dba [D] (, dwb, dbb)] (weights' gradients fp32) from `_conv_bwd_parts` of
     the same call (win, wb, packed as there; the parts it leaves out are never read)."""
-    dx, ds, dwa, dba, dwb, dbb, gwa, gwb = parts
-    dwa, dba = dwa.sum(0), dba.sum(0)
-    dwb, dbb = (dwb.sum(0), dbb.sum(0)) if wb is not None else (None, None)
+    dx, ds, dw, gwa, gwb = parts
+    D, W = wa.shape[0], wa.shape[-1]
+    dw = dw.sum(0)  # [convs * D * (W + 1)]: one reduction
+    dwa, dba = dw[:D * W].view(D, W), dw[D * W:D * (W + 1)]
+    dwb, dbb = (dw[D * (W + 1):D * (2 * W + 1)].view(D, W), dw[D * (2 * W + 1):]) if wb is not None else (None, None)
     if packed and win is not None:
         ds, dw_win = _window_grads(gwa, win, wa)
         dwa = dwa + dw_win
@@ -580,11 +583,10 @@ def _(x, win, wa, wb, dya, dyb, pos0, mini_batch, head_dim, rope_base, rope, tok
     P = B * conv_launch(D, x.device, "bwd", wb is not None, packed).grid(T + W - 1, D, B, mini_batch, packed)[0][2]
     f32 = dict(dtype=torch.float32, device=x.device)
     part = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
-    two = [part(P, D, W), part(P, D)] if wb is not None else [x.new_empty(0), x.new_empty(0)]
     gw = [part(win.shape[0], W - 1, D) if packed and win is not None and (i == 0 or wb is not None)
           else x.new_empty(0) for i in range(2)]  # distinct tensors: an output repeated would be taken as an alias
     return [torch.empty_like(x), torch.empty_like(win) if win is not None and not packed else x.new_empty(0),
-            part(P, D, W), part(P, D), *two, *gw]
+            part(P, (2 if wb is not None else 1) * D * (W + 1)), *gw]
 
 
 def _conv_setup(ctx, inputs, output):

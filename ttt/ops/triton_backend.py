@@ -454,7 +454,7 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
     ng = N * H * nck  # rows of the partial sums: one per (row, head, group)
     return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), e(N, H, d, d), e(N, H, d),
-            e(SR, T), e(SR, T), e(ng, BT), e(ng, BT), e(ng, BD), e(ng, BD), e(ng, BD), e(ng, BD)]
+            e(SR, T), e(SR, T), e(2, ng, BT), e(4, ng, BD)]
 
 
 def _lin_setup(ctx, inputs, output):

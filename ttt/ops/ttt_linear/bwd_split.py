@@ -586,12 +586,13 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     gg = torch.empty((SR, T, d), **sdt)  # lean: G from the pre pass; full: the chain's dgy
     rs = torch.empty((SR, T), **f32)
     dlra, dlrb = (fill((SR, T), **f32) for _ in range(2))
-    dtau_a = torch.empty((N * H * nck, BT), **f32)
-    dlnw_a, dlnb_a = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
-    # partial sums per (row, head, group): dtau's second the lean post's or the full chain's (which walks a shorter
-    # row's groups only), the LN weights' the post pass's
-    dtau_b = (torch.empty if lean else torch.zeros)((N * H * nck, BT), **f32)
-    dlnw_b, dlnb_b = (torch.empty((N * H * nck, BD), **f32) for _ in range(2))
+    # partial sums per (row, head, group), the pre pass's (a) and the later one's (b), in two buffers that one
+    # reduction each adds up (`sums`): dtau's [a, b] (b the lean post's or the full chain's, which walks a shorter
+    # row's groups only: zeros first), the LN weights' [w_a, w_b, b_a, b_b] (b: the post pass's)
+    tparts = (torch.empty if lean else torch.zeros)((2, N * H * nck, BT), **f32)
+    lparts = torch.empty((4, N * H * nck, BD), **f32)
+    dtau_a, dtau_b = tparts.unbind(0)
+    dlnw_a, dlnw_b, dlnb_a, dlnb_b = lparts.unbind(0)
     dw0 = torch.empty((N, H, d, d), **f32)
     dc0 = torch.empty((N, H, d), **f32)
     cw, cc = (torch.empty((N, H, d, d), **f32), torch.empty((N, H, d), **f32)) if nseg > 1 else (dw0, dc0)
@@ -676,17 +677,16 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
             post(s)
     if info is not None:
         info.update(launched)
-    return dq, dk, dv, dw0, dc0, (dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b)
+    return dq, dk, dv, dw0, dc0, (dlra, dlrb, tparts, lparts)
 
 
 def sums(parts, B: int, H: int, b: int, d: int, N: int):
-    """dlr [B,T,H], dtau [b], dln_w, dln_b [H,d] from `bwd_parts`' partial sums (N rows)."""
-    dlra, dlrb, dtau_a, dtau_b, dlnw_a, dlnw_b, dlnb_a, dlnb_b = parts
-    T, BD = dlra.shape[1], dlnw_a.shape[1]
+    """dlr [B,T,H], dtau [b], dln_w, dln_b [H,d] from `bwd_parts`' partial sums (N rows): dlra, dlrb [SR, T];
+    tparts [2, N*H*groups, BT] (dtau's, a and b); lparts [4, N*H*groups, BD] (dln_w's a and b, then dln_b's)."""
+    dlra, dlrb, tparts, lparts = parts
+    T, BD = dlra.shape[1], lparts.shape[-1]
     dlr = (dlra + dlrb).view(B, H, T).transpose(1, 2).contiguous()  # [SR, T] = [B*H, T] (packed: [H, T], B = 1)
-    dtau = (dtau_a.sum(0) + dtau_b.sum(0))[:b]
-    # rows of partial sums, one per (row, head, group): the pre and the post pass's
-    per_group = lambda x: x.view(N, H, -1, BD).sum((0, 2))  # noqa: E731
-    dlnw = per_group(dlnw_a) + per_group(dlnw_b)
-    dlnb = per_group(dlnb_a) + per_group(dlnb_b)
-    return dlr, dtau, dlnw[:, :d], dlnb[:, :d]
+    dtau = tparts.sum((0, 1))[:b]
+    # [4, N*H*groups, BD] -> [w|b, a|b, N, H, groups, BD], summed over the passes, rows and groups: [w|b, H, BD]
+    ln = lparts.view(2, 2, N, H, -1, BD).sum((1, 2, 4))
+    return dlr, dtau, ln[0, :, :d], ln[1, :, :d]
