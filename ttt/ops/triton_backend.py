@@ -409,7 +409,7 @@ def _lin_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
                 bwd_impl: str, bwd_warps: list[int], bwd_segments: int, bwd_scratch: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _same_strides(q, k, v)
-    o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0.contiguous(), c0.contiguous(),
+    o, wT, cT, ck = _lin_chunk.fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0,
                                    mini_batch, group, save, dot_mode=None if dot_mode < 0 else dot_mode,
                                    warps=fwd_warps or None, rows=Rows(span, packed, nmb, slots, covered, group),
                                    impl=fwd_impl)
@@ -424,8 +424,8 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, co
     H, d = q.shape[2:]
     ck = ((q.new_empty((slots, H, d, d), dtype=torch.float32), q.new_empty((slots, H, d), dtype=torch.float32))
           if save else (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)))
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(W0), \
-        torch.empty_like(c0), *ck
+    return torch.empty_like(q, memory_format=torch.contiguous_format), W0.new_empty(W0.shape), \
+        c0.new_empty(c0.shape), *ck
 
 
 @torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())

@@ -43,7 +43,7 @@ BWD_IMPLS = ("auto", "split", "split_lean", "split_full", "split_gluon")
 def ttt_linear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr,
     o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr, gs_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, w_sb, c_sb,
     H, T,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     SAVE: tl.constexpr, DOT_MODE: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
@@ -56,8 +56,8 @@ def ttt_linear_fwd_kernel(
     wmask = cmask[:, None] & cmask[None, :]
     woff = rd[:, None] * D + rd[None, :]
 
-    W = tl.load(w0_ptr + pid * D * D + woff, mask=wmask, other=0.0)
-    c = tl.load(c0_ptr + pid * D + rd, mask=cmask, other=0.0)
+    W = tl.load(w0_ptr + bi * w_sb + hi * D * D + woff, mask=wmask, other=0.0)  # (w_sb 0: one W0 for every row)
+    c = tl.load(c0_ptr + bi * c_sb + hi * D + rd, mask=cmask, other=0.0)
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
@@ -196,16 +196,17 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
         dot_mode: int | None = None, warps: int | None = None, info: dict | None = None, rows: Rows | None = None,
         impl: str = "auto"):
     """The rows' mini-batches (`triton_utils.Rows`; None: every batch entry whole) from a zero accumulator. q, k, v
-    [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32 contiguous, one per
-    row. Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T (a row ending in a partial
-    mini-batch: the weights at its start), and the checkpoints (W, c at the start of every `group` mini-batches of
-    every row, [slots, H, ...]) when `save`. dot_mode: the products' operand precision (None: by q's dtype,
-    `triton_utils.dot_mode`); warps: None for the default by head dim; info: a dict that receives the compiled
-    kernels (n_regs, n_spills, metadata). impl "fused": one program per (row, head) computes everything; "split":
-    it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second launch computes the
-    outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two of its five
-    products); "fused_gluon", "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64 or 128,
-    mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
+    [B,T,H,d] (last dim contiguous, same strides); lr [B,T,H]; W0 [N,H,d,d], c0 [N,H,d] fp32, one per row (read in
+    place where all but the row stride are contiguous: a row stride 0, as `TTTState.initial` expands them, reads one
+    for every row). Returns o [B,T,H,d] (q's dtype; tokens in no row unwritten), W_T, c_T [N,H,d,d], [N,H,d] (a row
+    ending in a partial mini-batch: the weights at its start), and the checkpoints (W, c at the start of every
+    `group` mini-batches of every row, [slots, H, ...]) when `save`. dot_mode: the products' operand precision
+    (None: by q's dtype, `triton_utils.dot_mode`); warps: None for the default by head dim; info: a dict that
+    receives the compiled kernels (n_regs, n_spills, metadata). impl "fused": one program per (row, head) computes
+    everything; "split": it walks the chain alone (storing every mini-batch's G and the checkpoints) and a second
+    launch computes the outputs per (row, head, checkpoint group), all of a group's rows at once (the walk keeps two
+    of its five products); "fused_gluon", "split_gluon": the same with the walk in Gluon (`walks_gluon`: head dim 64
+    or 128, mini-batch 16, 16-bit inputs); "auto" ("auto_gluon"): split (split_gluon) when the walk has few programs
     (`fwd_plan`), else fused (fused_gluon); "auto" walks split in Gluon on a Hopper GPU where `walks_gluon.takes`
     the shapes (measured there: faster, docs/kernels_notes.md). The Gluon walk's warps: `walks_gluon.walk_warps`
     unless given."""
@@ -219,7 +220,9 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
                                         and walks_gluon.takes(d, mini_batch, q.dtype, dot_mode))
     BD, BT = tile(d), tile(mini_batch)
     o = torch.empty((B, T, H, d), dtype=q.dtype, device=q.device)
-    wT, cT = torch.empty_like(W0), torch.empty_like(c0)
+    if W0.stride()[1:] != (d * d, d, 1) or c0.stride()[1:] != (d, 1):  # else read in place (no copy of W0)
+        W0, c0 = W0.contiguous(), c0.contiguous()
+    wT, cT = (torch.empty(t.shape, dtype=torch.float32, device=q.device) for t in (W0, c0))
     if save or split:
         ckw = torch.empty((rows.slots, H, d, d), dtype=torch.float32, device=q.device)
         ckc = torch.empty((rows.slots, H, d), dtype=torch.float32, device=q.device)
@@ -232,13 +235,14 @@ def fwd(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, mini_batch: int, group: in
     if gluon:
         kern = walks_gluon._fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
-            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T, D=d, MB=mini_batch, GROUP=group,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, W0.stride(0), c0.stride(0), H, T, D=d,
+            MB=mini_batch, GROUP=group,
             SAVE=save or split, OUT=not split, EPS=LN_EPS,
             **walks_gluon.launch(d, warps or walks_gluon.walk_warps(d, split), "LinearKernels.fwd_warps"))
     else:
         kern = ttt_linear_fwd_kernel[(rows.n * H,)](
             q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, o, wT, cT, ckw, ckc, gs, rows.span,
-            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, H, T,
+            *rows.strides(q), *rows.strides(lr), *rows.strides(o), sc_b, W0.stride(0), c0.stride(0), H, T,
             BT=BT, SAVE=save or split, OUT=not split, num_warps=warps or _warps(d), **meta)
     if info is not None:
         info["ttt_linear_fwd_kernel"] = kern

@@ -315,7 +315,7 @@ def _chain_kernel(
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, w0_ptr, c0_ptr, o_ptr, wT_ptr, cT_ptr, ckw_ptr, ckc_ptr,
     gs_ptr, span_ptr,
-    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b,
+    s_b, s_t, s_h, l_b, l_t, l_h, o_b, o_t, o_h, sc_b, w_sb, c_sb,
     H, T,
     D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, SAVE: gl.constexpr, OUT: gl.constexpr,
     EPS: gl.constexpr, num_warps: gl.constexpr,
@@ -360,8 +360,8 @@ def _fwd_kernel(
     tau_i = gl.load(tau_ptr + riP).to(gl.float32)
     causal = riP[:, None] >= rjP[None, :]
     woff = riW[:, None] * D + rjW[None, :]
-    W = gl.load(w0_ptr + pid * D * D + woff)
-    c = gl.load(c0_ptr + pid * D + rdP)
+    W = gl.load(w0_ptr + bi * w_sb + hi * D * D + woff)  # (w_sb 0: one W0 for every row)
+    c = gl.load(c0_ptr + bi * c_sb + hi * D + rdP)
 
     in_base, in_off, lr_base, out_base, out_off = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h,
                                                            o_b, o_t, o_h)
