@@ -52,16 +52,17 @@ def make(B, T, H, d, pos, dtype):
     return inp
 
 
-def outputs_and_grads(inp, kernels, cu=None, wdtype=None):
+def outputs_and_grads(inp, kernels, cu=None, wdtype=None, state=True):
     """[o, final params, final accumulators] of the triton op with `kernels` (cu: packed documents, each from the
     start state's first row), then the gradients of a fixed random weighting of all of them w.r.t. every leaf
-    (the weights rounded to wdtype, so that an fp32 run can weigh exactly as a 16-bit one)."""
+    (the weights rounded to wdtype, so that an fp32 run can weigh exactly as a 16-bit one). state=False: o alone
+    (weighed and returned), so that the final state has no gradient (the backward's chain starts from zeros)."""
     x, st = inp.inputs(), inp.state()
     if cu is not None:
         x = TTTInputs(x.q, x.k, x.v, x.lr, x.tau, x.ln_weight, x.ln_bias, cu)
         st = TTTState.initial("linear", inp.init, len(cu) - 1)
     o, s = triton_backend.TritonOp("linear", kernels)(x, st)
-    outs = [o, *s.params, *s.accum]
+    outs = [o, *s.params, *s.accum] if state else [o]
     g = torch.Generator(device=o.device).manual_seed(1)
     loss = sum((t * torch.randn(t.shape, generator=g, device=t.device).to(wdtype or t.dtype).to(t.dtype)).sum()
                for t in outs)
@@ -75,7 +76,8 @@ PAIRS = {"chain": (dict(bwd="split_gluon"), dict(bwd="split_full")),
          "fused": (dict(fwd="fused_gluon"), dict(fwd="fused"))}
 
 
-def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain", ref=False, warps=None):
+def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, walk="chain", ref=False, warps=None,
+                         state=True):
     """A Gluon walk (`PAIRS`) and the Triton kernel it stands in for on the same inputs: every output, state and
     gradient within tol (relative L2 error). ref: an entry over tol still passes if the Gluon kernel is as close
     as the Triton one (within 1.25x) to the Triton kernels run in fp32 on the same (upcast) inputs: two roundings
@@ -86,14 +88,15 @@ def gluon_against_triton(B, T, H, d, pos, dtype, tol, segments=None, cu=None, wa
     gl_kw, tr_kw = PAIRS[walk]
     if warps is not None:
         gl_kw = dict(gl_kw, **({"bwd_warps": (warps,) * 3} if walk == "chain" else {"fwd_warps": warps}))
-    got = outputs_and_grads(inp, triton_backend.LinearKernels(**gl_kw, **kw), cu)
-    want = outputs_and_grads(inp, triton_backend.LinearKernels(**tr_kw, **kw), cu)
+    got = outputs_and_grads(inp, triton_backend.LinearKernels(**gl_kw, **kw), cu, state=state)
+    want = outputs_and_grads(inp, triton_backend.LinearKernels(**tr_kw, **kw), cu, state=state)
+    assert all(torch.isfinite(t).all() for t in got + want if t is not None)  # (a NaN would drop out of errs)
     errs = {i: rel(a, b) for i, (a, b) in enumerate(zip(got, want)) if b is not None and b.abs().max() > 0}
-    assert len(errs) >= 10  # o, W, c and the leaves' gradients
+    assert len(errs) >= (10 if state else 8)  # o (W, c) and the leaves' gradients
     bad = {i: e for i, e in errs.items() if not e <= tol}
     if bad and ref:
         inp32 = inp.with_leaves({n: t.detach().float().requires_grad_() for n, t in inp.leaves().items()})
-        exact = outputs_and_grads(inp32, triton_backend.LinearKernels(**tr_kw, **kw), cu, wdtype=dtype)
+        exact = outputs_and_grads(inp32, triton_backend.LinearKernels(**tr_kw, **kw), cu, wdtype=dtype, state=state)
         bad = {i: (e, rel(got[i], exact[i]), rel(want[i], exact[i])) for i, e in bad.items()
                if not rel(got[i], exact[i]) <= 1.25 * rel(want[i], exact[i])}
     assert not bad, f"over {tol}: {bad}"
@@ -108,6 +111,14 @@ WALKS = pytest.mark.parametrize("walk", list(PAIRS))
 @pytest.mark.parametrize("pos,segments", [(0, None), (5, 3)])
 def test_gluon_walks_equal_the_triton_ones(pos, segments, walk):
     gluon_against_triton(B=1, T=101, H=2, d=64, pos=pos, dtype=torch.float16, tol=2e-3, segments=segments, walk=walk)
+
+
+@pytest.mark.parametrize("segments", [None, 3])
+def test_gluon_chain_without_a_final_state_gradient(segments):
+    """A loss of the outputs alone (a training step's): the chain starts from zeros without reading a gradient of
+    the final state, in one time segment and in three (only the last one starts so)."""
+    gluon_against_triton(B=1, T=101, H=2, d=64, pos=0, dtype=torch.float16, tol=2e-3, segments=segments,
+                         walk="chain", state=False)
 
 
 @WALKS

@@ -95,6 +95,19 @@ def test_linear_bwd_kernel_matches_autograd(B, T, H, d, b, group, impl, segments
     assert max(errs.values()) < 1e-4, errs
 
 
+@pytest.mark.parametrize("segments", [None, 3])
+@pytest.mark.parametrize("impl", ["split_lean", "split_full"])
+def test_linear_bwd_without_a_final_state_gradient(impl, segments):
+    """dwT, dcT None (a loss of the outputs alone, a training step's): the gradients of zero ones, with nothing of
+    theirs read (the kernel outputs NaN-poisoned, the chain's first segment from zeros)."""
+    B, T, H, d, b, group = CASES[0]
+    ins, (do, dwT, dcT) = _inputs(B, T, H, d, b)
+    ref = _reference(ins, (do, torch.zeros_like(dwT), torch.zeros_like(dcT)), b)
+    got = _kernel(ins, (do, None, None), b, group, torch.float32, impl, segments)
+    errs = {n: _rel(x, y) for n, x, y in zip(NAMES, got, ref)}
+    assert max(errs.values()) < 1e-4, errs
+
+
 @pytest.mark.parametrize("impl", ["split_lean", "split_full"])
 def test_linear_bwd_fp16_operands(impl):
     """fp16 inputs (16-bit products, fp32 statistics) stay close to the fp64 reference."""

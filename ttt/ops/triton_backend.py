@@ -431,14 +431,16 @@ def _(q, k, v, lr, tau, ln_weight, ln_bias, W0, c0, span, packed, nmb, slots, co
 @torch.library.custom_op("ttt::linear_chunk_bwd", mutates_args=())
 def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, ckw: torch.Tensor, ckc: torch.Tensor,
-                do: torch.Tensor, dwT: torch.Tensor, dcT: torch.Tensor,
+                do: torch.Tensor, dwT: torch.Tensor | None, dcT: torch.Tensor | None,
                 span: torch.Tensor, packed: bool, nmb: int, slots: int, covered: bool, mini_batch: int,
                 group: int, dot_mode: int, impl: str, warps: list[int], segments: int,
                 scratch: str) -> list[torch.Tensor]:
-    """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up)."""
+    """dq, dk, dv, dW0, dc0 and the partial sums of dlr, dtau, dln_w, dln_b (`_lin_backward` adds them up). dwT and
+    dcT both None: the final state has no gradient (the chain starts from zeros without reading any)."""
     q, k, v = _same_strides(q, k, v)
+    dwT, dcT = (None if t is None else t.float() for t in (dwT, dcT))
     dq, dk, dv, dw0, dc0, parts = _lin_chunk.bwd_parts(
-        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT.float(), dcT.float(), mini_batch, group,
+        q, k, v, lr, tau, ln_weight, ln_bias, (ckw, ckc), do, dwT, dcT, mini_batch, group,
         dot_mode=None if dot_mode < 0 else dot_mode, impl=impl, warps=tuple(warps) or None,
         segments=segments or None, rows=Rows(span, packed, nmb, slots, covered, group), scratch=scratch or None)
     return [dq, dk, dv, dw0, dc0, *parts]
@@ -448,7 +450,7 @@ def _lin_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Ten
 def _(q, k, v, lr, tau, ln_weight, ln_bias, ckw, ckc, do, dwT, dcT, span, packed, nmb, slots, covered, mini_batch,
       group, dot_mode, impl, warps, segments, scratch):
     B, T, H, d = q.shape
-    N = dwT.shape[0]
+    N = span.shape[0]
     nck = cdiv(nmb, group)
     SR, BT, BD = (H if packed else B * H), tile(mini_batch), tile(d)
     e = lambda *s: q.new_empty(s, dtype=torch.float32)  # noqa: E731
@@ -461,6 +463,7 @@ def _lin_setup(ctx, inputs, output):
     (q, k, v, lr, tau, lnw, lnb, W0, c0, span, packed, nmb, slots, covered, mini_batch, group, save, dot_mode,
      fwd_warps, fwd_impl, bwd_impl, bwd_warps, bwd_segments, bwd_scratch) = inputs
     ctx.save_for_backward(q, k, v, lr, tau, lnw, lnb, output[3], output[4], span)
+    ctx.set_materialize_grads(False)  # an output without a gradient reaches `_lin_backward` as None, not zeros
     ctx.meta = (packed, nmb, slots, covered, mini_batch, group, save, dot_mode, bwd_impl, bwd_warps, bwd_segments,
                 bwd_scratch)
     ctx.rows = W0.shape[0]
@@ -475,8 +478,9 @@ def _lin_backward(ctx, do, dwT, dcT, _dckw, _dckc):
     H, d = q.shape[2:]
     N = ctx.rows
     do = torch.zeros_like(q) if do is None else do.contiguous()
-    dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
-    dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
+    if (dwT is None) != (dcT is None):  # a gradient of one of the final state's two: the other's zeros
+        dwT = q.new_zeros((N, H, d, d), dtype=torch.float32) if dwT is None else dwT
+        dcT = q.new_zeros((N, H, d), dtype=torch.float32) if dcT is None else dcT
     dq, dk, dv, dw0, dc0, *parts = _lin_bwd_op(q, k, v, lr, tau, lnw, lnb, ckw, ckc, do, dwT, dcT, span, packed,
                                                nmb, slots, covered, mini_batch, group, dot_mode, bwd_impl,
                                                bwd_warps, bwd_segments, bwd_scratch)

@@ -151,7 +151,7 @@ def _chain_kernel(
     dwT_ptr, dcT_ptr,
     dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
-    H, NCK, T, N_LO, N_HI,
+    H, NCK, T, N_LO, N_HI, IN_LIM,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
@@ -162,8 +162,9 @@ def _chain_kernel(
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
-    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+    # the final state's gradient (IN_LIM = D * D), or none (0: zeros, nothing read)
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask & (woff < IN_LIM), other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask & (rd * D < IN_LIM), other=0.0)
     dtau_b = tl.zeros([BT], dtype=tl.float32)
 
     in_base = bi * s_b + start * s_t + hi * s_h
@@ -311,7 +312,7 @@ def _chain_lean_kernel(
     dwT_ptr, dcT_ptr,
     dz_ptr, dgy_ptr, bw_ptr, bc_ptr, dw0_ptr, dc0_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
-    H, T, N_LO, N_HI,
+    H, T, N_LO, N_HI, IN_LIM,
     D: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
@@ -325,8 +326,9 @@ def _chain_lean_kernel(
     woff = rd[:, None] * D + rd[None, :]
     gam, bet, tau_r, tau_b, causal = _head_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rt, rd, cmask, tmask, D, MB)
 
-    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask, other=0.0)
-    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask, other=0.0)
+    # the final state's gradient (IN_LIM = D * D), or none (0: zeros, nothing read)
+    dW = tl.load(dwT_ptr + pid * D * D + woff, mask=wmask & (woff < IN_LIM), other=0.0)
+    dc = tl.load(dcT_ptr + pid * D + rd, mask=cmask & (rd * D < IN_LIM), other=0.0)
 
     in_base = bi * s_b + start * s_t + hi * s_h
     in_off = rt[:, None] * s_t + rd[None, :]
@@ -618,22 +620,24 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     def chain(s):
         n_lo, n_hi = bounds[s] * group, min(bounds[s + 1] * group, rows.nmb)
         wi, ci = (dwT, dcT) if s == nseg - 1 else (cw, cc)
+        lim = 0 if wi is None else d * d  # the chain starts from zeros where the final state has no gradient
+        wi, ci = (dw0, dc0) if wi is None else (wi, ci)  # (then never read)
         wo, co = (dw0, dc0) if s == 0 else (cw, cc)
         if gluon:
             launched["ttt_linear_bwd_chain"] = walks_gluon._chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
-                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, D=d, MB=b, GROUP=group, **gl_opts[1])
+                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, lim, D=d, MB=b, GROUP=group, **gl_opts[1])
         elif lean:
             launched["ttt_linear_bwd_chain"] = _chain_lean_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, gg, rs, dg0, dzb, wi, ci,
-                dz, dkb, bw, bc, wo, co, span, *strides[:6], strides[-1], H, T, n_lo, n_hi, GROUP=group,
+                dz, dkb, bw, bc, wo, co, span, *strides[:6], strides[-1], H, T, n_lo, n_hi, lim, GROUP=group,
                 num_warps=warps[1], **meta)
         else:
             launched["ttt_linear_bwd_chain"] = _chain_kernel[(N * H,)](
                 q, k, v, lr, tau, ln_weight, ln_bias, xh, rs, dg0, dzb, wi, ci,
                 dz, dkb, gg, dlrb, wo, co, dtau_b, span,
-                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, GROUP=group, num_warps=warps[1], **meta)
+                *strides[:6], strides[-1], H, nck, T, n_lo, n_hi, lim, GROUP=group, num_warps=warps[1], **meta)
 
     def post(s):
         g0, ng = bounds[s], bounds[s + 1] - bounds[s]

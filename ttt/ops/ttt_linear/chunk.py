@@ -262,9 +262,10 @@ def bwd(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_batch: in
         dot_mode: int | None = None, impl: str = "split", warps=None, info: dict | None = None,
         segments: int | None = None, rows: Rows | None = None):
     """Gradients of `fwd` (`bwd_split.py`) over the same rows. do [B,T,H,d]; dwT [N,H,d,d], dcT [N,H,d] (fp32)
-    the gradients of the final state. Returns dq, dk, dv (q's dtype; zero at tokens in no row), dlr [B,T,H] fp32,
-    dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl: "split" (the lean chain when
-    N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" / "split_full" to force one. warps:
+    the gradients of the final state (both None: none, zeros without a read). Returns dq, dk, dv (q's dtype; zero
+    at tokens in no row), dlr [B,T,H] fp32, dtau [b], dln_w, dln_b [H,d], dW0 [N,H,d,d], dc0 [N,H,d] (fp32). impl:
+    "split" (the lean chain when N*H <= bwd_split.LEAN_MAX_PROGRAMS, else the full chain), or "split_lean" /
+    "split_full" to force one. warps:
     (pre, chain, post), None for the defaults; segments: the time segments of the pipelined launch (None: by
     size); impl "auto": `bwd_impl`; dot_mode, info: as in `fwd`."""
     B, T, H, d = q.shape
@@ -307,7 +308,7 @@ def bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do, dwT, dcT, mini_bat
     if impl == "split_gluon":
         walks_gluon.check(q.shape[-1], mini_batch, q.dtype, dot_mode)
     mode = _auto_dot_mode(q.dtype) if dot_mode is None else dot_mode
-    return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT.contiguous(),
-                               dcT.contiguous(), mini_batch, group, dot_mode=mode, eps=LN_EPS, warps=warps,
-                               info=info, lean=lean, segments=nseg, rows=rows, gluon=impl == "split_gluon",
-                               scratch=scratch)
+    dwT, dcT = (None if t is None else t.contiguous() for t in (dwT, dcT))
+    return bwd_split.bwd_parts(q, k, v, lr, tau, ln_weight, ln_bias, ckpt, do.contiguous(), dwT, dcT, mini_batch,
+                               group, dot_mode=mode, eps=LN_EPS, warps=warps, info=info, lean=lean, segments=nseg,
+                               rows=rows, gluon=impl == "split_gluon", scratch=scratch)

@@ -187,7 +187,7 @@ def _chain_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, xh_ptr, rs_ptr, dg0_ptr, dzb_ptr, dwT_ptr, dcT_ptr,
     dz_ptr, dkb_ptr, dgy_ptr, dlrb_ptr, dw0_ptr, dc0_ptr, dtau_ptr, span_ptr,
     s_b, s_t, s_h, l_b, l_t, l_h, sc_b,
-    H, NCK, T, N_LO, N_HI,
+    H, NCK, T, N_LO, N_HI, IN_LIM,
     D: gl.constexpr, MB: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr,
 ):
     OPT: gl.constexpr = q_ptr.dtype.element_ty
@@ -219,8 +219,10 @@ def _chain_kernel(
     rt, rd, rtP, _rjP, rdP, riW, rjW = _index_vectors(R, LP, LW, MB, D)
     gam, bet, tau_b = _ln_consts(lnw_ptr, lnb_ptr, tau_ptr, hi, rd, D, MB)
     woff = riW[:, None] * D + rjW[None, :]
-    dW = gl.load(dwT_ptr + pid * D * D + woff)
-    dc = gl.load(dcT_ptr + pid * D + rdP)  # (in the products' layout: its column sums stay in a warp there)
+    # the final state's gradient (IN_LIM = D * D), or none (0: zeros, nothing read); dc in the products' layout (its
+    # column sums stay in a warp there)
+    dW = gl.load(dwT_ptr + pid * D * D + woff, mask=woff < IN_LIM, other=0.0)
+    dc = gl.load(dcT_ptr + pid * D + rdP, mask=rdP * D < IN_LIM, other=0.0)
     dtau_b = gl.zeros([MB], gl.float32, gl.SliceLayout(1, R))
 
     in_base, in_off, lr_base, _ob, _oo = _offsets(bi, hi, start, rt, rd, s_b, s_t, s_h, l_b, l_t, l_h, 0, 0, 0)  # (no outputs)
