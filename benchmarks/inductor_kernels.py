@@ -8,7 +8,8 @@ block's forward and backward graphs (as `blk.compile()` in `ttt train --compile`
 it: `state_out=False`), with the bytes it reads and writes (Inductor's own count, `kernel_num_gb`) and the ATen
 operators it fuses, so that a change to the layer's element-wise work can be judged on the CPU by the traffic it
 removes (the default shape is the 125m 2k training step's, B16 T2048: twelve such blocks a step; B4 T8192 moves the
-same bytes).
+same bytes); and per graph what it launches when it runs (`launches`: Inductor's kernels, some more than once, the
+GEMMs and the custom ops: a step near the host's limit pays host work per launch).
 
 How, on a machine without a GPU: the block is traced on the CPU under bf16 autocast with Inductor's Triton backend
 for the CPU device (`cpu_backend="triton"`, Hopper as the target), Inductor's scheduler and code generator run as
@@ -36,6 +37,9 @@ KERNEL = re.compile(r"^def (triton_\w+)\(")
 GB = re.compile(r"'kernel_num_gb': ([0-9.e+-]+)")
 SMS = 132  # the H100's and the H200's
 NODES = re.compile(r"^# Topologically Sorted Source Nodes: .*Original ATen: \[(.*)\]$")
+RUN = re.compile(r"^\s+(triton_\w+)\.run\(")  # a launch of a generated kernel in the graph's code
+EXTERN = re.compile(r"^\s+(?:\w+ = )?extern_kernels\.\w+\(")  # a GEMM (or another ATen kernel) Inductor calls
+OP = re.compile(r"^\s+(?:\w+ = )?torch\.ops\.(\w+)\.(\w+)\.\w+\(")  # an operator called as is (custom ops)
 
 
 class _Generated(Exception):
@@ -113,9 +117,27 @@ def kernels(source: str) -> list[tuple[str, float, str]]:
     return out
 
 
-def block_kernels(mixer: str, B: int, T: int) -> dict[str, list[tuple[str, float, str]]]:
-    """{"forward": [...], "backward": [...]} for one block of the 125m preset with `mixer` (a TTT mixer alone: the
-    PyTorch layer path; "+fused": the fused layer kernels)."""
+def launches(source: str) -> dict:
+    """What one generated graph's code launches when it runs (after the kernels' definitions, each of which carries a
+    benchmark harness of its own): {"triton": launches of Inductor's kernels (a kernel may run more than once),
+    "extern": GEMMs and other ATen kernels called, "ops": {"namespace::name": calls} of operators called as they
+    are (the custom ops: one launch or more each)}."""
+    body = source.rsplit("async_compile.wait(", 1)[-1]
+    out = {"triton": 0, "extern": 0, "ops": {}}
+    for line in body.splitlines():
+        if RUN.match(line):
+            out["triton"] += 1
+        elif EXTERN.match(line):
+            out["extern"] += 1
+        elif m := OP.match(line):
+            name = f"{m.group(1)}::{m.group(2)}"
+            out["ops"][name] = out["ops"].get(name, 0) + 1
+    return out
+
+
+def block_graphs(mixer: str, B: int, T: int) -> dict[str, str]:
+    """{"forward": source, "backward": source}: Inductor's code for one block of the 125m preset with `mixer` (a TTT
+    mixer alone: the PyTorch layer path; "+fused": the fused layer kernels), called as a training step calls it."""
     from ttt.config import RunOptions, get_config
     from ttt.model import Block
 
@@ -133,7 +155,12 @@ def block_kernels(mixer: str, B: int, T: int) -> dict[str, list[tuple[str, float
     torch._dynamo.reset()
     if len(sources) != 2:
         raise RuntimeError(f"{mixer}: expected a forward and a backward graph, got {len(sources)} (graph breaks?)")
-    return {"forward": kernels(sources[0]), "backward": kernels(sources[1])}
+    return {"forward": sources[0], "backward": sources[1]}
+
+
+def block_kernels(mixer: str, B: int, T: int) -> dict[str, list[tuple[str, float, str]]]:
+    """{"forward": [...], "backward": [...]}: `kernels` of each of `block_graphs`."""
+    return {part: kernels(src) for part, src in block_graphs(mixer, B, T).items()}
 
 
 def main():
@@ -144,8 +171,11 @@ def main():
     ap.add_argument("--rows", type=int, default=40, help="kernels listed per graph (largest first)")
     a = ap.parse_args()
     for mixer in a.mixers.split(","):
-        for part, ks in block_kernels(mixer, a.B, a.T).items():
-            print(f"== {mixer} {part}, B{a.B} T{a.T}: {len(ks)} kernels, {sum(mb for _, mb, _ in ks):.1f} MB")
+        for part, src in block_graphs(mixer, a.B, a.T).items():
+            ks, n = kernels(src), launches(src)
+            ops = ", ".join(f"{k} x{v}" for k, v in n["ops"].items()) or "none"
+            print(f"== {mixer} {part}, B{a.B} T{a.T}: {len(ks)} kernels, {sum(mb for _, mb, _ in ks):.1f} MB; launches: "
+                  f"{n['triton']} of them, {n['extern']} extern (GEMMs), operators called as they are: {ops}")
             for name, mb, ops in sorted(ks, key=lambda k: -k[1])[:a.rows]:
                 print(f"   {mb:8.2f} MB  {name[:60]:60s}  {ops[:90]}")
 

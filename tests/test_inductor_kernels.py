@@ -17,12 +17,17 @@ from test_offline_compile import ROOT
 
 pytest.importorskip("triton")
 
-from benchmarks.inductor_kernels import kernels  # noqa: E402
+from benchmarks.inductor_kernels import kernels, launches  # noqa: E402
 
 SCRIPT = """
 import json
-from benchmarks.inductor_kernels import block_kernels
-print(json.dumps({{m: {{T: block_kernels(m, 1, T) for T in (32, 64)}} for m in {mixers!r}}}))
+from benchmarks.inductor_kernels import block_graphs, kernels, launches
+out = {{}}
+for m in {mixers!r}:
+    graphs = {{T: block_graphs(m, 1, T) for T in (32, 64)}}
+    out[m] = {{T: {{p: kernels(s) for p, s in g.items()}} for T, g in graphs.items()}}
+    out[m]["launches"] = {{p: launches(s) for p, s in graphs[32].items()}}
+print(json.dumps(out))
 """
 
 
@@ -55,8 +60,32 @@ def test_parser_reads_names_bytes_and_operators():
     assert kernels(src) == [("triton_red_fused_mul_sum_0", 12.5, "mul, sum"), ("triton_poi_fused_add_1", 2.0, "add")]
 
 
+def test_launches_counts_the_graphs_calls_only():
+    src = "\n".join([
+        "async_compile.triton('''",
+        "def call(args):",
+        "    triton_poi_fused_add_0.run(*args, stream=s)",  # a kernel's own benchmark harness: not the graph's
+        "''')",
+        "async_compile.wait(globals())",
+        "    def call(self, args):",
+        "        triton_poi_fused_add_0.run(buf0, buf1, 16, stream=raw_stream0)",
+        "        extern_kernels.mm(buf1, buf2, out=buf3)",
+        "        buf4 = torch.ops.ttt.conv_rope_fwd.default(buf3, None)",
+        "        # Topologically Sorted Source Nodes: [x], Original ATen: [ttt.conv_rope_fwd]",
+        "        triton_poi_fused_add_0.run(buf4, buf5, 16, stream=raw_stream0)",
+        "        buf6 = torch.ops.ttt.conv_rope_fwd.default(buf5, None)",
+    ])
+    assert launches(src) == {"triton": 2, "extern": 1, "ops": {"ttt::conv_rope_fwd": 2}}
+
+
 def test_blocks_forward_and_backward_kernels():
     out = run(["ttt_linear+fused", "attention"])
+    n = {m: out[m].pop("launches") for m in out}
+    for mixer, graphs in n.items():  # every kernel runs at least once; the mixer's own calls
+        for part in ("forward", "backward"):
+            assert graphs[part]["triton"] >= len(out[mixer]["32"][part]) and graphs[part]["extern"] >= 4, graphs
+    assert n["ttt_linear+fused"]["forward"]["ops"] == {"ttt::conv_rope_fwd": 2, "ttt::linear_chunk_fwd": 1}
+    assert n["ttt_linear+fused"]["backward"]["ops"] == {"ttt::linear_chunk_bwd": 1, "ttt::conv_rope_bwd": 2}
     for mixer, by_len in out.items():
         for T, graphs in by_len.items():
             assert set(graphs) == {"forward", "backward"}
