@@ -49,9 +49,9 @@ class _LinearCESum(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hs, ts = h[s:s + chunk], t[s:s + chunk]
             # g: d nll / d logits = softmax - onehot, zero on ignored rows, [n, V] in h's dtype
-            if impl == "triton":  # the logits in h's dtype, overwritten with g
+            if impl == "triton":  # the logits in h's dtype, overwritten with g (without gradients: left as they are)
                 g = hs @ w.T
-                total += rows_nll_grad_(g, ts, ignore_index).sum()
+                total += rows_nll_grad_(g, ts, ignore_index, grad).sum()  # (grad: write g or not)
             else:
                 nll, lg, lse, keep = _chunk_nll(hs, w, ts, ignore_index)
                 total += nll.sum()
