@@ -289,6 +289,33 @@ def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
         CausalConv1d(4, 4, backend="cudnn")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv_module_runs_in_the_autocast_dtype(backend):
+    """Under bf16 autocast an fp32 input (the (M) block's pre-conv gets its RMSNorm's fp32 output) is convolved in
+    bf16, as torch's convolutions are under autocast: output, window and every gradient equal the conv of the input
+    rounded to bf16 outside autocast, with a window and without; fp32 outside autocast stays fp32."""
+    from ttt.layers.conv import CausalConv1d
+    torch.manual_seed(0)
+    conv = CausalConv1d(16, 4, backend=backend).to(DEV)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 21, 16, device=DEV, requires_grad=True)
+    for win in (None, torch.randn(2, 3, 16, device=DEV, dtype=torch.bfloat16)):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            y, new = conv(x, win)
+        assert y.dtype == new.dtype == torch.bfloat16
+        xb = x.detach().bfloat16().requires_grad_(True)
+        want, want_new = conv(xb, win)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        torch.testing.assert_close(new, want_new, rtol=0, atol=0)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad((y.float() * gy).sum(), [x, conv.weight, conv.bias])
+        exp = torch.autograd.grad((want.float() * gy).sum(), [xb, conv.weight, conv.bias])
+        for a, e in zip(got, exp):
+            torch.testing.assert_close(a, e.to(a.dtype), rtol=0, atol=0)
+    assert conv(x)[0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_conv_module_one_token_under_compile(backend, monkeypatch):
     """The block's pre-conv at T = 1 under torch.compile (the compiled decode step): auto leaves the 4-tap sum to

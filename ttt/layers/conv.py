@@ -91,6 +91,10 @@ class CausalConv1d(nn.Module):
         """owned: the caller gives `state` up (a graphed decode's buffers): a one-token step may write the new
         window into it and return it (see `_pushes`)."""
         B, T, C = x.shape
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            # under autocast the conv runs in the autocast dtype, as F.conv1d does: the (M) block's pre-conv gets its
+            # RMSNorm's fp32 output, and would otherwise move twice the bytes through its kernels and save an fp32 copy
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         push = self._pushes(x, state, owned, cu_seqlens)
         # auto at T = 1 under torch.compile (the compiled decode step): the 4-tap sum below, which Inductor fuses
         # with the RMSNorm before it and the residual after it (one launch fewer per block and token)
