@@ -133,12 +133,19 @@ def check_model(mixer="ttt_linear", size="125m", T=1040, B=2):
 
 
 @torch.inference_mode()
-def prefill_row(mixer, size, T, tokens, compile_blocks):
-    """Tokens/s of a forward over `tokens` tokens in B = tokens/T sequences of T, bf16 weights, the head at the
-    last position only (what generation needs)."""
+def prefill_model(mixer, size):
+    """(config, model) as `prefill_row` times it: `build`'s model (seed 0) in bf16, eval mode."""
     torch.manual_seed(0)
     cfg, model = build(size, mixer)
-    model = model.to(torch.bfloat16).eval()
+    return cfg, model.to(torch.bfloat16).eval()
+
+
+@torch.inference_mode()
+def prefill_row(mixer, size, T, tokens, compile_blocks, built=None):
+    """Tokens/s of a forward over `tokens` tokens in B = tokens/T sequences of T, bf16 weights, the head at the
+    last position only (what generation needs). built: `prefill_model(mixer, size)`'s pair, made once for several
+    contexts (a 1.3b model's init on the CPU takes longer than its timing); None builds it here."""
+    cfg, model = built or prefill_model(mixer, size)
     if compile_blocks:
         fresh_compile()
         for blk in model.blocks:
@@ -153,7 +160,8 @@ def prefill_row(mixer, size, T, tokens, compile_blocks):
         row = dict(kind="prefill", mixer=mixer, size=size, context=T, batch=B, error=f"OOM: {e}"[:200])
     print(json.dumps(row), flush=True)
     model = None
-    torch.cuda.empty_cache()
+    if built is None:
+        torch.cuda.empty_cache()
     return row
 
 

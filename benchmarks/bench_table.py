@@ -70,12 +70,16 @@ class Run:
             write_json(self.out, self.rows)
         return row
 
+    def failed(self, part: str, e: Exception, **where) -> dict:
+        """The row recording that a case failed with `e`."""
+        return self.keep(dict(part=part, **where, error=f"{type(e).__name__}: {str(e)[:300]}"))
+
     def guarded(self, part: str, fn, **where):
         """fn() (a row dict, or a list of rows), or a row recording why it failed."""
         try:
             out = fn()
         except Exception as e:  # one failing case (a missing peer, an OOM) must not cost the others
-            return [self.keep(dict(part=part, **where, error=f"{type(e).__name__}: {str(e)[:300]}"))]
+            return [self.failed(part, e, **where)]
         for r in out if isinstance(out, list) else [out]:
             self.keep(dict(part=part, **{**where, **r}))
         return out
@@ -120,9 +124,20 @@ def part_train(run: Run, size="125m", contexts=(8192, 2048), mixers=TRAIN_MIXERS
 
 
 def part_prefill(run: Run):
-    for T in run.picked((2048, 8192, 32768), "contexts"):
-        for m in run.picked(PREFILL_MIXERS, "mixers"):
-            run.guarded("prefill", lambda: bench_model.prefill_row(m, "1.3b", T, TOKENS, False), mixer=m, context=T)
+    contexts = run.picked((2048, 8192, 32768), "contexts")
+    for m in run.picked(PREFILL_MIXERS, "mixers") if contexts else ():
+        # each mixer's 1.3b model built once for all contexts: its init on the CPU took most of a row's ~40 s on the
+        # H100's host (2026-12-06), when every row built its own
+        try:
+            built = bench_model.prefill_model(m, "1.3b")
+        except Exception as e:  # a missing peer: its rows fail, the others run
+            run.failed("prefill", e, mixer=m)
+            continue
+        for T in contexts:
+            run.guarded("prefill", lambda: bench_model.prefill_row(m, "1.3b", T, TOKENS, False, built), mixer=m,
+                        context=T)
+        built = None
+        torch.cuda.empty_cache()
 
 
 def part_decode(run: Run):

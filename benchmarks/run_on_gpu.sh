@@ -11,7 +11,9 @@
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS;
-#             TABLE_ARGS: its case selection, e.g. "--mixers ttt_linear+fused,attention --contexts 8192,32768")
+#             TABLE_ARGS: its case selection, default "--mixers ttt_linear+fused,attention,mamba2_module": TTT-Linear as
+#             it runs by default (the fused layer) and the milestones' peers; a selection of one's own replaces it,
+#             e.g. "--mixers ttt_linear,ttt_linear+fused,attention" (the PyTorch layer path too) or "--contexts 8192")
 #   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
 #             then bench_table's checks and 125m training at 8k and 2k (ttt_linear+fused: the default; ttt_linear: the
 #             PyTorch layer path; Transformer++), then the fused decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused
@@ -131,7 +133,7 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
   for f in "$OUT"/ab_*.txt; do grep -E "^\|" "$f" | tail -24 | sed "s/^/$(basename "$f" .txt | cut -c4-) /"; done
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
-  ${TABLE_ARGS:-} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
+  ${TABLE_ARGS:---mixers ttt_linear+fused,attention,mamba2_module} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \
   | grep -v Warn | tail -60
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \

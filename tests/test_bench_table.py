@@ -66,6 +66,33 @@ def test_a_run_keeps_every_row_and_a_failing_case_does_not_stop_it(monkeypatch, 
             "1.750 | KV read alone nan |") in out
 
 
+def test_prefill_builds_each_mixer_once_for_all_contexts(monkeypatch, tmp_path):
+    """The prefill part on stand-ins (no GPU): each mixer's model built once and timed at every picked context, in
+    the mixers' order; a mixer whose build raises gets one error row and the others still run."""
+    builds, timed = [], []
+
+    def prefill_model(mixer, size):
+        builds.append(mixer)
+        if mixer == "mamba2_module":
+            raise ImportError("no mamba_ssm here")
+        return "cfg", f"model of {mixer}"
+
+    def prefill_row(mixer, size, T, tokens, compile_blocks, built=None):
+        timed.append((mixer, T, built[1]))
+        return dict(kind="prefill", tokens_per_s=1e5, ms=1.0)
+
+    monkeypatch.setattr(bench_model, "prefill_model", prefill_model)
+    monkeypatch.setattr(bench_model, "prefill_row", prefill_row)
+    out = tmp_path / "table.json"
+    bench_table.main(["--parts", "prefill", "--mixers", "ttt_linear+fused,attention,mamba2_module", "--contexts",
+                      "8192,32768", "--out", str(out)])
+    assert builds == ["ttt_linear+fused", "attention", "mamba2_module"]
+    assert timed == [(m, T, f"model of {m}") for m in ("ttt_linear+fused", "attention") for T in (8192, 32768)]
+    rows = [r for r in json.loads(out.read_text()) if r["part"] == "prefill" and "mixer" in r]
+    assert [(r["mixer"], r.get("context")) for r in rows] == [(m, T) for m, T, _ in timed] + [("mamba2_module", None)]
+    assert rows[-1]["error"] == "ImportError: no mamba_ssm here"
+
+
 def test_host_times_counts_the_backward_too():
     """profile_model --host: the host-time table counts every operator of a call, the backward's included."""
     from benchmarks.common import host_times
