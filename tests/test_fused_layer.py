@@ -293,15 +293,15 @@ def test_conv_module_explicit_triton_refuses_what_it_cannot_run():
 def test_conv_module_runs_in_the_autocast_dtype(backend):
     """Under bf16 autocast an fp32 input (the (M) block's pre-conv gets its RMSNorm's fp32 output) is convolved in
     bf16, as torch's convolutions are under autocast: output, window and every gradient equal the conv of the input
-    rounded to bf16 outside autocast, with a window and without; fp32 outside autocast stays fp32."""
+    rounded to bf16 outside autocast, with a bf16 or fp32 window and without; fp32 outside autocast stays fp32."""
     from ttt.layers.conv import CausalConv1d
     torch.manual_seed(0)
     conv = CausalConv1d(16, 4, backend=backend).to(DEV)
     with torch.no_grad():
         conv.bias.normal_()
     x = torch.randn(2, 21, 16, device=DEV, requires_grad=True)
-    for win in (None, torch.randn(2, 3, 16, device=DEV, dtype=torch.bfloat16)):
-        with torch.autocast(DEV, dtype=torch.bfloat16):
+    for win in (None, torch.randn(2, 3, 16, device=DEV, dtype=torch.bfloat16), torch.randn(2, 3, 16, device=DEV)):
+        with torch.autocast(DEV, dtype=torch.bfloat16):  # (an fp32 window: a block's `init_state` under autocast)
             y, new = conv(x, win)
         assert y.dtype == new.dtype == torch.bfloat16
         xb = x.detach().bfloat16().requires_grad_(True)
