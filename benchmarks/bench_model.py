@@ -293,9 +293,14 @@ def main():
             res["train"] += bench_train(a.mixers.split(","), [int(x) for x in a.contexts.split(",")],
                                         a.tokens_per_step, a.backend, mode == "compiled" or a.compile)
     if a.prefill:
-        res["prefill"] = [prefill_row(m, a.prefill_size, T, a.tokens_per_step, mode == "compiled")
-                          for mode in a.prefill_modes.split(",") for T in (int(x) for x in a.prefill_contexts.split(","))
-                          for m in a.prefill_mixers.split(",")]
+        res["prefill"] = []
+        for mode in a.prefill_modes.split(","):
+            for m in a.prefill_mixers.split(","):  # one model per mixer and mode (compiling changes its blocks)
+                built = prefill_model(m, a.prefill_size)
+                res["prefill"] += [prefill_row(m, a.prefill_size, int(T), a.tokens_per_step, mode == "compiled", built)
+                                   for T in a.prefill_contexts.split(",")]
+                built = None
+                torch.cuda.empty_cache()
     if a.decode:
         res["decode"] = [row for m in a.decode_mixers.split(",")
                          for row in bench_decode([int(x) for x in a.positions.split(",")], a.batch, a.decode_size,
