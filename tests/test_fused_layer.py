@@ -389,9 +389,9 @@ def test_custom_ops_trace_under_torch_compile():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_fused_layer_compiles_whole_under_dynamic_shapes(kind):
-    """A fused (M) layer under torch.compile(dynamic=True) at three lengths (what training at a second length in one
-    process turns to): no graph break (the conv backward's fake once gave a data-dependent size, and Dynamo broke
-    the graph at the op), outputs and every gradient equal to eager."""
+    """A fused (M) layer under torch.compile(dynamic=True) at two lengths, whole mini-batches and a partial last one
+    (what training at a second length in one process turns to): no graph break (the conv backward's fake once gave
+    a data-dependent size, and Dynamo broke the graph at the op), outputs and every gradient equal to eager."""
     from torch._dynamo.utils import counters
     from ttt.layers.ttt import TTTLayer
     torch.manual_seed(0)
@@ -402,7 +402,7 @@ def test_fused_layer_compiles_whole_under_dynamic_shapes(kind):
     torch._dynamo.reset()
     counters.clear()
     comp = torch.compile(f, backend="aot_eager", dynamic=True)
-    for T in (16, 40, 21):
+    for T in (16, 21):
         x = torch.randn(2, T, 32, device=DEV, requires_grad=True)
         wrt = [x, *layer.parameters()]
         ye = f(x)
@@ -817,20 +817,20 @@ def test_decode_kernel_benchmark_checks_both_forms(monkeypatch):
 def test_conv_benchmark_checks_every_launch_kind(monkeypatch):
     """benchmarks/bench_layer_kernels.py --launches: "default" and R,BC,warps,programs per SM specs become the launch
     the check and the timing pass to both kernels, and each passes the benchmark's check against the fp32 reference
-    (here at a small shape), packed documents (--packed) too."""
+    (here at a small shape: one head of 64 channels), packed documents (--packed) too."""
     from benchmarks import bench_layer_kernels as blk
     monkeypatch.setattr(blk, "DEV", DEV)
     assert blk.conv_launch_of("default", 40, 128, True, 2) is None
     assert blk.conv_launch_of("4,16,1,3", 40, 128, True, 2) == fused_layer.ConvLaunch(4, 16, 1, 6)
     for spec in ("default", "4,16,1,3"):
         for rope in (True, False):
-            assert blk.check_conv(1, 40, 128, rope, torch.float32, blk.conv_launch_of(spec, 40, 128, rope, 2)) < 1e-5
+            assert blk.check_conv(1, 40, 64, rope, torch.float32, blk.conv_launch_of(spec, 40, 64, rope, 2)) < 1e-5
     monkeypatch.setattr(blk, "DOC_LENS", (17, 1, 5, 30))  # --packed: 80 rows as documents of 17, 1, 5, 30, 17, 1, 5, 4
     assert torch.equal(blk.packed_docs(80).cpu(), torch.tensor([0, 17, 18, 23, 53, 70, 71, 76, 80]))
     for spec in ("default", "8,16,1,3"):
         for rope in (True, False):
-            L = blk.conv_launch_of(spec, 40, 128, rope, 2)
-            assert blk.check_conv(2, 40, 128, rope, torch.float32, L, packed=True) < 1e-5
+            L = blk.conv_launch_of(spec, 40, 64, rope, 2)
+            assert blk.check_conv(2, 40, 64, rope, torch.float32, L, packed=True) < 1e-5
 
 
 def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):

@@ -93,15 +93,42 @@ def test_samples_land_on_their_source_lines(tmp_path):
     assert "theprofileisofother_kernel" in named, named
 
 
+BAD_ARGS = """
+import contextlib, io, json, sys
+from benchmarks import ncu_lines
+res = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ncu_lines.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    res.append([code, err.getvalue()])
+print(json.dumps(res))
+"""
+
+
 def test_bad_arguments_name_their_flag(tmp_path):
+    """Each bad argument: exit status 2 and a last stderr line naming it. The first case through the command line
+    itself (`python -m benchmarks.ncu_lines`), the others through its main() in one more process (each process
+    imports torch and Triton for ~5 s)."""
     good, bad = tmp_path / "p.csv", tmp_path / "bad.csv"
     good.write_text('"Address","Source","Warp Stall Sampling (All Samples)"\n"0x7f00","  EXIT","3"\n')
     bad.write_text('"Address","Source"\n')
-    for csv, args, flag in ((good, ["--kernel", "smem bwd x2", "--ints", "l_h"], "--ints"),
-                            (good, ["--kernel", "no such kernel"], "--kernel"),
-                            (good, ["--kernel", "smem bwd x2", "--types", "nope_ptr=bf16"], "--types"),
-                            (good, ["--kernel", "smem bwd x2", "--top", "0"], "--top"),
-                            (bad, ["--kernel", "smem bwd x2"], "csv")):
-        r = subprocess.run([sys.executable, "-m", "benchmarks.ncu_lines", str(csv), *args], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and flag in r.stderr.splitlines()[-1], (args, r.stderr[-500:])
+    cases = [([str(good), "--kernel", "no such kernel"], "--kernel"),
+             ([str(good), "--kernel", "smem bwd x2", "--ints", "l_h"], "--ints"),
+             ([str(good), "--kernel", "smem bwd x2", "--types", "nope_ptr=bf16"], "--types"),
+             ([str(good), "--kernel", "smem bwd x2", "--top", "0"], "--top"),
+             ([str(bad), "--kernel", "smem bwd x2"], "csv")]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.ncu_lines", *cases[0][0]], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    results = [(r.returncode, r.stderr)]
+    r = subprocess.run([sys.executable, "-c", BAD_ARGS, json.dumps([argv for argv, _ in cases[1:]])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results += json.loads(r.stdout.splitlines()[-1])
+    assert len(results) == len(cases)
+    for (argv, flag), (code, err) in zip(cases, results):
+        assert code == 2 and flag in err.splitlines()[-1], (argv, err[-500:])
