@@ -13,6 +13,7 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels --packed --launches default   # packed documents (cu_seqlens)
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
+    python3 -m benchmarks.bench_layer_kernels --mlp                      # the decode's SwiGLU: cuBLAS, swiglu_step
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
@@ -229,6 +231,64 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
     return rows
 
 
+MLP_LAUNCHES = ["default", "gate_up:16,128,4,4", "gate_up:16,256,4,3", "gate_up:32,256,4,3", "gate_up:32,128,2,5",
+               "gate_up:64,128,4,4", "gate_up:64,128,4,4,swap", "gate_up:64,256,4,3,swap", "gate_up:128,128,8,3,swap",
+               "down:16,128,4,5", "down:16,512,4,3", "down:32,256,4,3", "down:16,256,2,4", "down:64,128,4,4,swap",
+               "down:64,256,4,3,swap"]
+
+
+def mlp_launch(spec: str) -> dict | None:
+    """"default" -> None; "gate_up:BN,BK,WARPS,STAGES[,swap]" (or down:...) -> swiglu_step's launch argument."""
+    if spec == "default":
+        return None
+    kernel, _, vals = spec.partition(":")
+    v = vals.split(",")
+    return {kernel: (*(int(t) for t in v[:4]), v[4:] == ["swap"])}
+
+
+def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, copies=20):
+    """The 1.3b decode's SwiGLU feed-forward with its residual, y = r + (silu(x Wg) * x Wu) Wd, per block: as the
+    model's cuBLAS path runs it (the merged gate|up GEMM, silu x up, the down GEMM, the add; compiled by Inductor as
+    the decode step is) against `swiglu_step`'s two kernels at each launch; each checked against an fp32 product of
+    the same bf16 inputs, then timed as a CUDA graph of `copies` calls on a weight copy each (from memory, as the
+    decode's blocks read them); us per call and the weights' read rate (TB/s)."""
+    from ttt.ops import swiglu_step as sw
+    x = torch.randn(B, 1, D, device=DEV, dtype=dtype)
+    r = torch.randn(B, 1, D, device=DEV, dtype=dtype)
+    rows_gu = -(-2 * hidden // ALIGN_ROWS) * ALIGN_ROWS
+    wgu = [(torch.randn(rows_gu, D, device=DEV) * D ** -0.5).to(dtype) for _ in range(copies)]
+    wd = [(torch.randn(D, hidden, device=DEV) * hidden ** -0.5).to(dtype) for _ in range(copies)]
+    g, u = (x.float() @ wgu[0][:2 * hidden].float().T).split(hidden, dim=-1)
+    ref = r.float() + (F.silu(g) * u) @ wd[0].float().T
+
+    @torch.compile(dynamic=False)
+    def cublas(x, w1, w2, r):
+        g, u = F.linear(x, w1)[..., :2 * hidden].split(hidden, dim=-1)
+        return r + F.linear(F.silu(g) * u, w2)
+    variants = {"cuBLAS + Inductor (the model's path)": lambda a, b: cublas(x, a, b, r)}
+    for spec in launches:
+        variants[f"swiglu_step {spec}"] = lambda a, b, L=mlp_launch(spec): sw.swiglu_step(
+            x, a[:hidden], a[hidden:2 * hidden], b, r, L)  # (views of the merged copy: the model's own weights work too)
+    nbytes = (2 * hidden * D + D * hidden) * x.element_size()
+    rows = []
+    for tag, run in variants.items():
+        row = dict(kernel="decode swiglu", variant=tag, rows=B, D=D, hidden=hidden)
+        try:
+            err = rel(run(wgu[0], wd[0]).float() - r.float(), ref - r.float())  # the feed-forward part alone
+        except triton.runtime.errors.OutOfResources as e:  # a launch too large for this GPU: said, not timed
+            row.update(ok=False, error=str(e)[:120])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
+        row.update(max_rel_err=err, ok=err < 2e-2)
+        if row["ok"]:
+            ms = graphed_ms([lambda a=a, b=b: run(a, b) for a, b in zip(wgu, wd)])
+            row.update(us=ms * 1e3, weight_tb_per_s=nbytes / (ms * 1e-3) / 1e12)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", nargs="*", default=None,
@@ -236,6 +296,10 @@ def main():
                          "none given: default 8 4:128 2)")
     ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
                                                             "from memory and from L2)")
+    ap.add_argument("--mlp", nargs="*", default=None,
+                    help="time the decode's SwiGLU feed-forward instead: the model's cuBLAS path against swiglu_step "
+                         "at these launches (default or gate_up:BN,BK,WARPS,STAGES[,swap] / down:...; none given: "
+                         "a sweep)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
                     help="with --gemms: the BLAS libraries to time them with")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
@@ -257,6 +321,9 @@ def main():
         a.shapes = []
     if a.gemms:
         rows += bench_decode_gemms(blas=a.blas)
+        a.shapes = []
+    if a.mlp is not None:
+        rows += bench_decode_mlp(a.mlp or MLP_LAUNCHES)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -71,27 +71,58 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class SwiGLU(nn.Module):
-    """FFN: (silu(x W_gate) * x W_up) W_down, no biases."""
+    """FFN: (silu(x W_gate) * x W_up) W_down, no biases. backend (set by `Block.set_run_options` from the run's
+    fused_layer option): where a one-token step without gradients runs on the Triton kernels of
+    `ops.swiglu_step` (two launches, the residual added in the second): "auto" on CUDA in 16 bits at up to
+    KERNEL_ROWS rows, "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
 
-    def __init__(self, d_model: int, hidden: int):
+    KERNEL_ROWS = 16  # auto: the rows (sequences) up to which the kernels run (measured there; more: cuBLAS)
+
+    def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
         super().__init__()
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.merged = None  # MergedWeights of gate and up for one-token steps (`merge_decode_weights`)
+        self.backend = backend
+        self._use = {}  # (backend, device type) -> whether Triton runs there
 
     def merge_decode_weights(self, on: bool = True) -> None:
-        """on: a one-token step without gradients reads gate and up as one concatenated copy, one GEMM
-        (`layers/merged.py`); off: drops it."""
+        """on: a one-token step without gradients on the cuBLAS path reads gate and up as one concatenated copy, one
+        GEMM (`layers/merged.py`); off: drops it."""
         ws = [self.gate.weight, self.up.weight]
         self.merged = merged_for(self.merged, ws) if on else None
 
-    def forward(self, x):
-        w = merged_weight(self.merged, x) if x.shape[-2] == 1 and not torch.is_grad_enabled() else None
+    def _kernels(self, x: torch.Tensor) -> bool:
+        """Whether this one-token step (no gradients) runs on `ops.swiglu_step`'s kernels (class docstring)."""
+        ws = (self.gate.weight, self.up.weight, self.down.weight)
+        if self.backend == "torch" or any(w.dtype != x.dtype for w in ws) or x.dtype == torch.float64:
+            return False  # (autocast's mixed dtypes and fp64: F.linear's path)
+        key = (self.backend, x.device.type)
+        if key not in self._use:
+            from .ops import triton_runs_on
+            ok, why = triton_runs_on(x.device)
+            if self.backend == "triton" and not ok:
+                raise RuntimeError(f"fused_layer=True: the SwiGLU step kernels {why}")
+            self._use[key] = ok
+        if self.backend == "triton":
+            return self._use[key]
+        return (self._use[key] and x.device.type == "cuda" and x.dtype != torch.float32
+                and x.numel() // x.shape[-1] <= self.KERNEL_ROWS)
+
+    def forward(self, x, residual=None):
+        """x [..., d_model] -> (residual +) the FFN of x."""
+        one = x.shape[-2] == 1 and not torch.is_grad_enabled()
+        if one and self._kernels(x):
+            from .ops.swiglu_step import swiglu_step
+            return swiglu_step(x, self.gate.weight, self.up.weight, self.down.weight, residual)
+        w = merged_weight(self.merged, x) if one else None
         if w is not None:
             g, u = self.merged.split(F.linear(x, w))
-            return self.down(F.silu(g) * u)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+            y = self.down(F.silu(g) * u)
+        else:
+            y = self.down(F.silu(self.gate(x)) * self.up(x))
+        return y if residual is None else residual + y
 
 
 def make_mixer(cfg: ModelConfig, run: RunOptions = RunOptions()) -> nn.Module:
@@ -123,8 +154,11 @@ class Block(nn.Module):
 
     def set_run_options(self, run: RunOptions) -> None:
         """The block's share of `TTTLM.set_run_options`: the pre-conv's kernel and the mixer's backends."""
+        backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
         if self.has_conv:
-            self.conv.backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
+            self.conv.backend = backend
+        if hasattr(self, "ffn"):
+            self.ffn.backend = backend
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
             self.mixer.keep_weights = run.mlp_keep_weights
@@ -147,7 +181,7 @@ class Block(nn.Module):
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
         h = h + y
         if hasattr(self, "ffn"):
-            h = h + self.ffn(self.ffn_norm(h))
+            h = self.ffn(self.ffn_norm(h), residual=h)
         return h, (BlockState(conv_state, mixer_state) if state_out else None)
 
 

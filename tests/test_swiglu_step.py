@@ -1,0 +1,169 @@
+"""The one-token SwiGLU kernels (ttt/ops/swiglu_step.py) == the product they replace: residual + (silu(x Wg^T) *
+(x Wu^T)) Wd^T at partial row, column and K blocks, both product orientations, with and without the residual,
+NaN-poisoned buffers; the model's SwiGLU on them against its PyTorch path; the refusals. On CPU the kernels run in
+Triton's interpreter (fp16 and fp32: its bf16 products are wrong); on a GPU also bf16 at the 1.3b decode's shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from conftest import PoisonTorch  # noqa: E402
+from ttt.ops import swiglu_step as sw  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(sw, "torch", PoisonTorch())
+
+
+def ref(x, wg, wu, wd, r, dtype):
+    """The step in fp32 from the same rounded inputs, with the hidden activation rounded once, as the kernels do."""
+    f = lambda t: t.float()  # noqa: E731
+    h = (F.silu(f(x) @ f(wg).T) * (f(x) @ f(wu).T)).to(dtype).float()
+    y = h @ f(wd).T
+    return y if r is None else y + f(r)
+
+
+def inputs(M, K, Fh, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(DEV)  # noqa: E731
+    wgu = r(2 * Fh + 5, K, scale=K ** -0.5)  # a merged copy with padding rows: gate, up as views of it
+    return r(M, 1, K), wgu[:Fh], wgu[Fh:2 * Fh], r(N, Fh, scale=Fh ** -0.5), r(M, 1, N)
+
+
+def err(a, b):
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# (rows, K, hidden, N, launch): rows under one 16-row block, two 32-row blocks' worth (BM 64: one partial block and
+# a second program row), K off the BK grid, hidden and N off the BN grid, both orientations of the products
+CASES = [
+    (1, 96, 48, 32, {"gate_up": (16, 32, 4, 2, False), "down": (16, 32, 4, 2, False)}),
+    (5, 200, 80, 48, {"gate_up": (16, 64, 4, 2, True), "down": (32, 32, 2, 2, False)}),
+    (16, 128, 64, 64, None),
+    (70, 64, 40, 24, {"gate_up": (64, 32, 4, 2, True), "down": (16, 16, 4, 2, True)}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K,Fh,N,launch", CASES)
+def test_step_equals_products(M, K, Fh, N, launch, dtype):
+    x, wg, wu, wd, r = inputs(M, K, Fh, N, dtype)
+    tol = 5e-3 if dtype == torch.float16 else 1e-5
+    for res in (r, None):
+        y = sw.swiglu_step(x, wg, wu, wd, res, launch)
+        assert y.shape == (M, 1, N) and y.dtype == dtype
+        assert err(y, ref(x, wg, wu, wd, res, dtype)) < tol
+
+
+def test_step_reads_strided_rows():
+    """x and the residual as column ranges of wider tensors (row stride > K), as a compiled step may hand them."""
+    x, wg, wu, wd, r = inputs(6, 64, 32, 16, torch.float16, seed=1)
+    xw = torch.zeros(6, 1, 100, dtype=x.dtype, device=DEV)
+    rw = torch.zeros(6, 1, 40, dtype=x.dtype, device=DEV)
+    xw[..., 10:74], rw[..., 3:19] = x, r
+    y = sw.swiglu_step(xw[..., 10:74], wg, wu, wd, rw[..., 3:19])
+    assert err(y, ref(x, wg, wu, wd, r, x.dtype)) < 5e-3
+
+
+@pytest.mark.parametrize("bad", ["dtype", "fp64", "w_up", "w_down", "stride", "residual"])
+def test_step_refuses_bad_arguments(bad):
+    x, wg, wu, wd, r = inputs(4, 32, 16, 8, torch.float16)
+    args = dict(x=x, w_gate=wg, w_up=wu, w_down=wd, residual=r)
+    args.update({"dtype": dict(w_gate=wg.float()), "fp64": dict(x=x.double(), w_gate=wg.double(), w_up=wu.double(),
+                                                                   w_down=wd.double()),
+                 "w_up": dict(w_up=wu[:8]), "w_down": dict(w_down=wd[:, :8]), "stride": dict(w_down=wd.T.contiguous().T),
+                 "residual": dict(residual=r[..., :4])}[bad])
+    with pytest.raises(ValueError, match="residual" if bad == "residual" else "x, w_gate, w_up, w_down"):
+        sw.swiglu_step(**args)
+
+
+def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
+    """model.SwiGLU's one-token step without gradients: backend "triton" (the kernels; with a merged copy present,
+    which they do not need) against "torch" (its merged and unmerged cuBLAS path), residual given and not; with
+    gradients, or T > 1, the PyTorch path runs whatever the backend."""
+    from ttt.model import SwiGLU
+    torch.manual_seed(0)
+    m = SwiGLU(48, 80).to(DEV)
+    x, r = torch.randn(3, 1, 48, device=DEV), torch.randn(3, 1, 48, device=DEV)
+    with torch.no_grad():
+        m.backend = "torch"
+        want = [m(x), m(x, residual=r)]
+        m.merge_decode_weights()
+        assert all(err(a, b) < 1e-6 for a, b in zip((m(x), m(x, residual=r)), want))
+        m.backend = "triton"
+        calls = []
+        orig = sw.swiglu_step
+        sw_step = lambda *a, **k: calls.append(1) or orig(*a, **k)  # noqa: E731
+        sw.swiglu_step = sw_step
+        try:
+            got = [m(x), m(x, residual=r)]
+            m(torch.randn(3, 2, 48, device=DEV))  # T > 1: not the kernels
+        finally:
+            sw.swiglu_step = orig
+        assert len(calls) == 2
+        assert all(err(a, b) < 1e-5 for a, b in zip(got, want))
+    y = m(x.requires_grad_(True), residual=r)  # with gradients: the autograd path, its gradient flows
+    y.sum().backward()
+    assert x.grad is not None and err(y.detach(), want[1]) < 1e-6
+
+
+def test_model_swiglu_backend_rules(monkeypatch):
+    """auto never runs the kernels off CUDA (the interpreter included); "triton" refuses where Triton cannot run,
+    naming the run option."""
+    from ttt.model import SwiGLU
+    m = SwiGLU(16, 32)
+    x = torch.randn(2, 1, 16)
+    assert not m._kernels(x)
+    m.backend = "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if DEV == "cpu":
+        with pytest.raises(RuntimeError, match="fused_layer=True"):
+            m._kernels(x)
+
+
+def test_block_passes_its_residual():
+    """A decode-shaped block step (one token, no gradients) on the kernels equals the PyTorch path: the residual
+    reaches the FFN's second kernel once (not added twice, not dropped)."""
+    from ttt.config import RunOptions, get_config
+    from ttt.model import TTTLM
+    cfg = get_config("debug", vocab_size=64, mixer="attention", backbone="transformer")
+    torch.manual_seed(0)
+    ref_m = TTTLM(cfg, RunOptions(fused_layer=False)).to(DEV).eval()
+    fast = TTTLM(cfg, RunOptions(fused_layer=True)).to(DEV).eval()
+    fast.load_state_dict(ref_m.state_dict())
+    ids = torch.randint(0, 64, (2, 5), device=DEV)
+    with torch.no_grad():
+        _, s_ref = ref_m(ids[:, :4])
+        _, s_fast = fast(ids[:, :4])
+        a, _ = ref_m(ids[:, 4:], s_ref)
+        b, _ = fast(ids[:, 4:], s_fast)
+    assert err(b, a) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [16, 3, 40])
+def test_step_at_decode_shapes_gpu(rows, dtype):
+    """The 1.3b decode's FFN (2048 -> 5504 -> 2048) at its default launch and every launch the benchmark times."""
+    from benchmarks.bench_layer_kernels import MLP_LAUNCHES, mlp_launch
+    x, wg, wu, wd, r = inputs(rows, 2048, 5504, 2048, dtype)
+    want = ref(x, wg, wu, wd, r, dtype)
+    for spec in MLP_LAUNCHES:
+        assert err(sw.swiglu_step(x, wg, wu, wd, r, mlp_launch(spec)) - r, want - r.float()) < 1e-2, spec
