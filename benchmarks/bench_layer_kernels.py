@@ -268,7 +268,7 @@ def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, 
     variants = {"cuBLAS + Inductor (the model's path)": lambda a, b: cublas(x, a, b, r)}
     for spec in launches:
         variants[f"swiglu_step {spec}"] = lambda a, b, L=mlp_launch(spec): sw.swiglu_step(
-            x, a[:hidden], a[hidden:2 * hidden], b, r, L)  # (views of the merged copy: the model's own weights work too)
+            x, a[:hidden], a[hidden:2 * hidden], b, r, launch=L)  # (views of the merged copy: the model's own weights work too)
     nbytes = (2 * hidden * D + D * hidden) * x.element_size()
     rows = []
     for tag, run in variants.items():

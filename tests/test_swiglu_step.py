@@ -66,7 +66,7 @@ def test_step_equals_products(M, K, Fh, N, launch, dtype):
     x, wg, wu, wd, r = inputs(M, K, Fh, N, dtype)
     tol = 5e-3 if dtype == torch.float16 else 1e-5
     for res in (r, None):
-        y = sw.swiglu_step(x, wg, wu, wd, res, launch)
+        y = sw.swiglu_step(x, wg, wu, wd, res, launch=launch)
         assert y.shape == (M, 1, N) and y.dtype == dtype
         assert err(y, ref(x, wg, wu, wd, res, dtype)) < tol
 
@@ -81,15 +81,44 @@ def test_step_reads_strided_rows():
     assert err(y, ref(x, wg, wu, wd, r, x.dtype)) < 5e-3
 
 
-@pytest.mark.parametrize("bad", ["dtype", "fp64", "w_up", "w_down", "stride", "residual"])
+def rms_norm(s, w, eps, dtype):
+    """`layers.norms.RMSNorm`'s formula: fp32 math, one rounding."""
+    sf = s.float()
+    return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K,Fh,launch", [(5, 200, 80, {"gate_up": (16, 64, 4, 2, True), "down": (16, 32, 4, 2, False)}),
+                                           (16, 64, 48, None)])
+def test_block_form_adds_and_normalises(M, K, Fh, launch, dtype):
+    """add + norm_weight + residual=True: s + FFN(RMSNorm(s)) with s = x + add rounded (a pre-norm block's sum and
+    sub-layer); each part alone too (add without the norm, the norm without add, the residual given apart)."""
+    x, wg, wu, wd, r = inputs(M, K, Fh, K, dtype, seed=2)
+    a = (torch.randn(M, 1, K) * 0.5).to(dtype).to(DEV)
+    nw = (1 + 0.3 * torch.randn(K)).to(dtype).to(DEV)
+    s = (x.float() + a.float()).to(dtype)
+    tol = 5e-3 if dtype == torch.float16 else 1e-5
+    cases = [(dict(add=a, norm_weight=nw, residual=True), ref(rms_norm(s, nw, 1e-5, dtype), wg, wu, wd, s, dtype)),
+             (dict(add=a, residual=True), ref(s, wg, wu, wd, s, dtype)),
+             (dict(add=a), ref(s, wg, wu, wd, None, dtype)),
+             (dict(norm_weight=nw, residual=r), ref(rms_norm(x, nw, 1e-5, dtype), wg, wu, wd, r, dtype)),
+             (dict(norm_weight=nw, residual=True), ref(rms_norm(x, nw, 1e-5, dtype), wg, wu, wd, x, dtype))]
+    for kw, want in cases:
+        assert err(sw.swiglu_step(x, wg, wu, wd, eps=1e-5, launch=launch, **kw), want) < tol, list(kw)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "fp64", "w_up", "w_down", "stride", "residual", "residual=True", "add",
+                                 "norm_weight"])
 def test_step_refuses_bad_arguments(bad):
     x, wg, wu, wd, r = inputs(4, 32, 16, 8, torch.float16)
     args = dict(x=x, w_gate=wg, w_up=wu, w_down=wd, residual=r)
     args.update({"dtype": dict(w_gate=wg.float()), "fp64": dict(x=x.double(), w_gate=wg.double(), w_up=wu.double(),
                                                                    w_down=wd.double()),
                  "w_up": dict(w_up=wu[:8]), "w_down": dict(w_down=wd[:, :8]), "stride": dict(w_down=wd.T.contiguous().T),
-                 "residual": dict(residual=r[..., :4])}[bad])
-    with pytest.raises(ValueError, match="residual" if bad == "residual" else "x, w_gate, w_up, w_down"):
+                 "residual": dict(residual=r[..., :4]), "residual=True": dict(residual=True),
+                 "add": dict(add=x[..., :8]), "norm_weight": dict(norm_weight=x.new_ones(8))}[bad])
+    first = bad if bad in ("residual", "residual=True", "add", "norm_weight") else "x, w_gate, w_up, w_down"
+    with pytest.raises(ValueError, match=f"^{first}"):
         sw.swiglu_step(**args)
 
 
@@ -166,4 +195,4 @@ def test_step_at_decode_shapes_gpu(rows, dtype):
     x, wg, wu, wd, r = inputs(rows, 2048, 5504, 2048, dtype)
     want = ref(x, wg, wu, wd, r, dtype)
     for spec in MLP_LAUNCHES:
-        assert err(sw.swiglu_step(x, wg, wu, wd, r, mlp_launch(spec)) - r, want - r.float()) < 1e-2, spec
+        assert err(sw.swiglu_step(x, wg, wu, wd, r, launch=mlp_launch(spec)) - r, want - r.float()) < 1e-2, spec

@@ -72,9 +72,9 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 class SwiGLU(nn.Module):
     """FFN: (silu(x W_gate) * x W_up) W_down, no biases. backend (set by `Block.set_run_options` from the run's
-    fused_layer option): where a one-token step without gradients runs on the Triton kernels of
-    `ops.swiglu_step` (two launches, the residual added in the second): "auto" on CUDA in 16 bits at up to
-    KERNEL_ROWS rows, "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
+    fused_layer option): where a one-token step without gradients runs on the Triton kernels of `ops.swiglu_step`
+    (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm inside them): "auto" on CUDA in 16
+    bits at up to KERNEL_ROWS rows, "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
 
     KERNEL_ROWS = 16  # auto: the rows (sequences) up to which the kernels run (measured there; more: cuBLAS)
 
@@ -109,6 +109,17 @@ class SwiGLU(nn.Module):
             return self._use[key]
         return (self._use[key] and x.device.type == "cuda" and x.dtype != torch.float32
                 and x.numel() // x.shape[-1] <= self.KERNEL_ROWS)
+
+    def sublayer(self, h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """A pre-norm block's FFN sub-layer after its mixer's output y: s = h + y, then s + FFN(norm(s)). On the
+        kernels (a one-token step, `_kernels`) the sum and the RMSNorm happen inside them (no launch of their own)."""
+        if (h.shape[-2] == 1 and not torch.is_grad_enabled() and y.dtype == h.dtype and y.stride(-1) == 1
+                and self._kernels(h)):
+            from .ops.swiglu_step import swiglu_step
+            return swiglu_step(h, self.gate.weight, self.up.weight, self.down.weight, True, add=y,
+                               norm_weight=norm.weight, eps=norm.eps)
+        s = h + y
+        return self(norm(s), residual=s)
 
     def forward(self, x, residual=None):
         """x [..., d_model] -> (residual +) the FFN of x."""
@@ -179,9 +190,7 @@ class Block(nn.Module):
                                       owned=state is not None and state.owned)
             h = h + y
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
-        h = h + y
-        if hasattr(self, "ffn"):
-            h = self.ffn(self.ffn_norm(h), residual=h)
+        h = self.ffn.sublayer(h, y, self.ffn_norm) if hasattr(self, "ffn") else h + y
         return h, (BlockState(conv_state, mixer_state) if state_out else None)
 
 

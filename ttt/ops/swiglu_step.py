@@ -31,16 +31,31 @@ DEFAULT_LAUNCH = {"gate_up": (64, 128, 4, 4, True), "down": (16, 256, 2, 4, Fals
 
 
 @triton.jit
-def _rows_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, k0, s_xm, s_wn, BK: tl.constexpr, EVEN_K: tl.constexpr,
-              SWAP: tl.constexpr, DOT: tl.constexpr):
-    """acc + x[rm, k0:k0+BK] @ w[rn, k0:k0+BK]^T (rows past M or N read as zeros): acc [BM, BN], or its transpose
-    [BN, BM] when SWAP (the weight's rows as the products' M side, which wgmma takes from 64 up)."""
-    rk = k0 + tl.arange(0, BK)
+def _x_tile(x_ptr, a_ptr, nw_ptr, rstd, rm, rk, M, K, s_xm, s_am, EVEN_K: tl.constexpr, HAS_ADD: tl.constexpr,
+            HAS_NORM: tl.constexpr):
+    """x[rm, rk] (+ a[rm, rk], the sum rounded to x's dtype; RMSNorm'd with 1/rms rstd [BM] and the weight nw, rounded
+    again), rows past M and columns past K zeros: the [BM, BK] operand, in x's dtype."""
     if EVEN_K:
-        x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
+        m = rm[:, None] < M
+    else:
+        m = (rm[:, None] < M) & (rk[None, :] < K)
+    x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m, other=0.0)
+    if HAS_ADD:
+        x = (x.to(tl.float32) + tl.load(a_ptr + rm[:, None] * s_am + rk[None, :], mask=m, other=0.0)
+             .to(tl.float32)).to(x.dtype)
+    if HAS_NORM:
+        nw = tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _w_dot(acc, x, w_ptr, rn, rk, N, K, s_wn, EVEN_K: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ w[rn, rk]^T (w's rows past N zeros): acc [BM, BN], or its transpose [BN, BM] when SWAP (the
+    weight's rows as the product's M side, which wgmma takes from 64 up)."""
+    if EVEN_K:
         w = tl.load(w_ptr + rn[:, None] * s_wn + rk[None, :], mask=rn[:, None] < N, other=0.0)
     else:
-        x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         w = tl.load(w_ptr + rn[:, None] * s_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
     if SWAP:
         acc += _dot(w, tl.trans(x), DOT)  # [BN, BK] x [BK, BM]
@@ -50,20 +65,31 @@ def _rows_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, k0, s_xm, s_wn, BK: tl.constex
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, s_wg, s_wu, s_hm,
+def _gate_up_kernel(x_ptr, a_ptr, nw_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, s_am, s_wg, s_wu, s_hm, eps,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
-                    DOT: tl.constexpr):
-    # program: hidden units [n0, n0 + BN) of rows [m0, m0 + BM): the gate's and the up projection's rows n
+                    DOT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_NORM: tl.constexpr):
+    # program: hidden units [n0, n0 + BN) of rows [m0, m0 + BM): the gate's and the up projection's rows n; with
+    # HAS_NORM a first pass over its rows' K columns for their 1/rms (x's few rows: from L2)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rstd = tl.zeros([BM], dtype=tl.float32)
+    if HAS_NORM:
+        ss = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            xt = _x_tile(x_ptr, a_ptr, nw_ptr, rstd, rm, k0 + tl.arange(0, BK), M, K, s_xm, s_am, EVEN_K, HAS_ADD,
+                         False).to(tl.float32)
+            ss += tl.sum(xt * xt, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / K + tl.cast(eps, tl.float32))
     if SWAP:
         g = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         g = tl.zeros([BM, BN], dtype=tl.float32)
     u = tl.zeros_like(g)
     for k0 in range(0, K, BK):
-        g = _rows_dot(g, x_ptr, wg_ptr, rm, rn, M, F, K, k0, s_xm, s_wg, BK, EVEN_K, SWAP, DOT)
-        u = _rows_dot(u, x_ptr, wu_ptr, rm, rn, M, F, K, k0, s_xm, s_wu, BK, EVEN_K, SWAP, DOT)
+        rk = k0 + tl.arange(0, BK)
+        xt = _x_tile(x_ptr, a_ptr, nw_ptr, rstd, rm, rk, M, K, s_xm, s_am, EVEN_K, HAS_ADD, HAS_NORM)
+        g = _w_dot(g, xt, wg_ptr, rn, rk, F, K, s_wg, EVEN_K, SWAP, DOT)
+        u = _w_dot(u, xt, wu_ptr, rn, rk, F, K, s_wu, EVEN_K, SWAP, DOT)
     h = g * tl.sigmoid(g) * u
     if SWAP:
         h = tl.trans(h)  # [BN, BM] -> [BM, BN]
@@ -72,10 +98,10 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, s_wg, s_wu, s_h
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, r_ptr, y_ptr, M, N, K, s_hm, s_wn, s_rm, s_ym,
+def _down_kernel(h_ptr, w_ptr, r_ptr, ra_ptr, y_ptr, M, N, K, s_hm, s_wn, s_rm, s_ram, s_ym,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
-                 DOT: tl.constexpr, HAS_R: tl.constexpr):
-    # program: output columns [n0, n0 + BN) of rows [m0, m0 + BM), plus the residual's
+                 DOT: tl.constexpr, HAS_R: tl.constexpr, R_ADD: tl.constexpr):
+    # program: output columns [n0, n0 + BN) of rows [m0, m0 + BM), plus the residual's (r + ra rounded, with R_ADD)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     if SWAP:
@@ -83,12 +109,18 @@ def _down_kernel(h_ptr, w_ptr, r_ptr, y_ptr, M, N, K, s_hm, s_wn, s_rm, s_ym,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc = _rows_dot(acc, h_ptr, w_ptr, rm, rn, M, N, K, k0, s_hm, s_wn, BK, EVEN_K, SWAP, DOT)
+        rk = k0 + tl.arange(0, BK)
+        ht = _x_tile(h_ptr, h_ptr, h_ptr, acc, rm, rk, M, K, s_hm, 0, EVEN_K, False, False)
+        acc = _w_dot(acc, ht, w_ptr, rn, rk, N, K, s_wn, EVEN_K, SWAP, DOT)
     if SWAP:
         acc = tl.trans(acc)  # [BN, BM] -> [BM, BN]
     m2 = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_R:
-        acc += tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rm[:, None] * s_rm + rn[None, :], mask=m2, other=0.0)
+        if R_ADD:
+            r = (r.to(tl.float32) + tl.load(ra_ptr + rm[:, None] * s_ram + rn[None, :], mask=m2, other=0.0)
+                 .to(tl.float32)).to(r.dtype)
+        acc += r.to(tl.float32)
     tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
 
 
@@ -100,8 +132,12 @@ def _launch(kernel, grid_n: int, M: int, launch: tuple, K: int, dtype, *args, **
 
 
 def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                residual: torch.Tensor | None = None, launch: dict | None = None) -> torch.Tensor:
-    """residual + (silu(x Wg^T) * (x Wu^T)) Wd^T (module docstring); [..., N] in x's dtype.
+                residual: torch.Tensor | bool | None = None, *, add: torch.Tensor | None = None,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, launch: dict | None = None) -> torch.Tensor:
+    """residual + (silu(z Wg^T) * (z Wu^T)) Wd^T with z = x, or s = x + add (rounded to x's dtype) when add is given,
+    RMSNorm'd with norm_weight and eps when given (fp32 math, rounded as `layers.norms.RMSNorm` rounds); residual a
+    tensor [..., N], True for s itself (a pre-norm block's s + FFN(norm(s)): its residual add and RMSNorm inside the
+    kernels, no launch of their own), or None. [..., N] in x's dtype (module docstring).
     launch: {"gate_up": (BN, BK, warps, stages, swap), "down": (...)}, either or both (the rest: DEFAULT_LAUNCH)."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)  # [..., K] -> [M, K] (a view for the decode's [B, 1, K])
@@ -113,15 +149,25 @@ def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
         raise ValueError(f"x, w_gate, w_up, w_down: expected x [..., K], w_gate and w_up [F, K], w_down [N, F], all "
                          f"fp16, bf16 or fp32 alike with a contiguous last dim; got x {tuple(x.shape)} {x.dtype}, "
                          + ", ".join(f"{tuple(w.shape)} {w.dtype}" for w in ws))
-    if residual is not None and (residual.shape != (*x.shape[:-1], N) or residual.stride(-1) != 1):
+    if add is not None and (add.shape != x.shape or add.stride(-1) != 1):
+        raise ValueError(f"add: expected x's shape {tuple(x.shape)} with a contiguous last dim, got {tuple(add.shape)}")
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight: expected [{K}], got {tuple(norm_weight.shape)}")
+    if residual is True and N != K:
+        raise ValueError(f"residual=True: the FFN's input is its residual, so w_down needs {K} rows, got {N}")
+    if isinstance(residual, torch.Tensor) and (residual.shape != (*x.shape[:-1], N) or residual.stride(-1) != 1):
         raise ValueError(f"residual: expected {(*x.shape[:-1], N)} with a contiguous last dim, got "
                          f"{tuple(residual.shape)}")
     lau = {**DEFAULT_LAUNCH, **(launch or {})}
+    a = rows if add is None else add.reshape(M, K)  # [..., K] -> [M, K] (unread when None)
+    nw = rows if norm_weight is None else norm_weight
     h = torch.empty((M, F), dtype=x.dtype, device=x.device)
-    _launch(_gate_up_kernel, F, M, lau["gate_up"], K, x.dtype, rows, w_gate, w_up, h, M, F, K, rows.stride(0),
-            w_gate.stride(0), w_up.stride(0), h.stride(0))
-    r = rows if residual is None else residual.reshape(M, N)  # [..., N] -> [M, N] (unread when None)
+    _launch(_gate_up_kernel, F, M, lau["gate_up"], K, x.dtype, rows, a, nw, w_gate, w_up, h, M, F, K, rows.stride(0),
+            a.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0), float(eps), HAS_ADD=add is not None,
+            HAS_NORM=norm_weight is not None)
+    r = residual.reshape(M, N) if isinstance(residual, torch.Tensor) else rows  # [..., N] -> [M, N]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _launch(_down_kernel, N, M, lau["down"], F, x.dtype, h, w_down, r, y, M, N, F, h.stride(0), w_down.stride(0),
-            r.stride(0), y.stride(0), HAS_R=residual is not None)
+    _launch(_down_kernel, N, M, lau["down"], F, x.dtype, h, w_down, r, a, y, M, N, F, h.stride(0), w_down.stride(0),
+            r.stride(0), a.stride(0), y.stride(0), HAS_R=residual is not None and residual is not False,
+            R_ADD=residual is True and add is not None)
     return y.view(*x.shape[:-1], N)  # [M, N] -> [..., N]
