@@ -247,34 +247,42 @@ def mlp_launch(spec: str) -> dict | None:
 
 
 def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, copies=20):
-    """The 1.3b decode's SwiGLU feed-forward with its residual, y = r + (silu(x Wg) * x Wu) Wd, per block: as the
-    model's cuBLAS path runs it (the merged gate|up GEMM, silu x up, the down GEMM, the add; compiled by Inductor as
-    the decode step is) against `swiglu_step`'s two kernels at each launch; each checked against an fp32 product of
-    the same bf16 inputs, then timed as a CUDA graph of `copies` calls on a weight copy each (from memory, as the
+    """The 1.3b decode's FFN sub-layer per block after the mixer's output y: s = h + y, then s + (silu(n Wg) * n Wu) Wd
+    with n = RMSNorm(s). As the model's cuBLAS path runs it (the add and the norm, the merged gate|up GEMM, silu x
+    up, the down GEMM, the add; compiled by Inductor as the decode step is) against `swiglu_step`'s two kernels (the
+    sum and the norm inside them: `model.SwiGLU.sublayer`) at each launch; each checked against fp32 products of the
+    same rounded inputs, then timed as a CUDA graph of `copies` calls on a weight copy each (from memory, as the
     decode's blocks read them); us per call and the weights' read rate (TB/s)."""
     from ttt.ops import swiglu_step as sw
-    x = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    r = torch.randn(B, 1, D, device=DEV, dtype=dtype)
+    h = torch.randn(B, 1, D, device=DEV, dtype=dtype)
+    y = torch.randn(B, 1, D, device=DEV, dtype=dtype)
+    nw = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype)
     rows_gu = -(-2 * hidden // ALIGN_ROWS) * ALIGN_ROWS
     wgu = [(torch.randn(rows_gu, D, device=DEV) * D ** -0.5).to(dtype) for _ in range(copies)]
     wd = [(torch.randn(D, hidden, device=DEV) * hidden ** -0.5).to(dtype) for _ in range(copies)]
-    g, u = (x.float() @ wgu[0][:2 * hidden].float().T).split(hidden, dim=-1)
-    ref = r.float() + (F.silu(g) * u) @ wd[0].float().T
+
+    def norm(s):
+        sf = s.float()
+        return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()).to(dtype)
+    s = (h.float() + y.float()).to(dtype)
+    g, u = (norm(s).float() @ wgu[0][:2 * hidden].float().T).split(hidden, dim=-1)
+    ref = s.float() + (F.silu(g) * u) @ wd[0].float().T
 
     @torch.compile(dynamic=False)
-    def cublas(x, w1, w2, r):
-        g, u = F.linear(x, w1)[..., :2 * hidden].split(hidden, dim=-1)
-        return r + F.linear(F.silu(g) * u, w2)
-    variants = {"cuBLAS + Inductor (the model's path)": lambda a, b: cublas(x, a, b, r)}
-    for spec in launches:
+    def cublas(h, y, w1, w2):
+        s = h + y
+        g, u = F.linear(norm(s), w1)[..., :2 * hidden].split(hidden, dim=-1)
+        return s + F.linear(F.silu(g) * u, w2)
+    variants = {"cuBLAS + Inductor (the model's path)": lambda a, b: cublas(h, y, a, b)}
+    for spec in launches:  # (gate and up as views of the merged copy: the model's own weights work as well)
         variants[f"swiglu_step {spec}"] = lambda a, b, L=mlp_launch(spec): sw.swiglu_step(
-            x, a[:hidden], a[hidden:2 * hidden], b, r, launch=L)  # (views of the merged copy: the model's own weights work too)
-    nbytes = (2 * hidden * D + D * hidden) * x.element_size()
+            h, a[:hidden], a[hidden:2 * hidden], b, True, add=y, norm_weight=nw, launch=L)
+    nbytes = (2 * hidden * D + D * hidden) * h.element_size()
     rows = []
     for tag, run in variants.items():
-        row = dict(kernel="decode swiglu", variant=tag, rows=B, D=D, hidden=hidden)
+        row = dict(kernel="decode swiglu sub-layer", variant=tag, rows=B, D=D, hidden=hidden)
         try:
-            err = rel(run(wgu[0], wd[0]).float() - r.float(), ref - r.float())  # the feed-forward part alone
+            err = rel(run(wgu[0], wd[0]).float() - s.float(), ref - s.float())  # the feed-forward part alone
         except triton.runtime.errors.OutOfResources as e:  # a launch too large for this GPU: said, not timed
             row.update(ok=False, error=str(e)[:120])
             print(json.dumps(row), flush=True)
@@ -297,7 +305,7 @@ def main():
     ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
                                                             "from memory and from L2)")
     ap.add_argument("--mlp", nargs="*", default=None,
-                    help="time the decode's SwiGLU feed-forward instead: the model's cuBLAS path against swiglu_step "
+                    help="time the decode's FFN sub-layer instead: the model's cuBLAS path against swiglu_step "
                          "at these launches (default or gate_up:BN,BK,WARPS,STAGES[,swap] / down:...; none given: "
                          "a sweep)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),

@@ -196,3 +196,23 @@ def test_step_at_decode_shapes_gpu(rows, dtype):
     want = ref(x, wg, wu, wd, r, dtype)
     for spec in MLP_LAUNCHES:
         assert err(sw.swiglu_step(x, wg, wu, wd, r, launch=mlp_launch(spec)) - r, want - r.float()) < 1e-2, spec
+
+
+def test_sublayer_benchmark_checks_every_variant(monkeypatch):
+    """benchmarks/bench_layer_kernels.py --mlp at small shapes (graph timer and torch.compile stubbed): the cuBLAS
+    path and each launch checked against the fp32 sub-layer and timed over distinct weight copies; a wrong kernel
+    fails its check and is not timed."""
+    from benchmarks import bench_layer_kernels as blk
+    monkeypatch.setattr(blk, "DEV", DEV)
+    monkeypatch.setattr(torch, "compile", lambda **kw: (lambda f: f))
+    calls = []
+    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (calls.append([fn() for fn in fns]), 1e-3)[1])
+    launches = ["default", "gate_up:16,32,4,2", "down:16,16,2,2,swap"]
+    rows = blk.bench_decode_mlp(launches, B=3, D=32, hidden=40, dtype=torch.float32, copies=2)
+    assert [r["variant"].split()[-1] for r in rows] == ["path)", *launches]
+    assert all(r["ok"] and r["max_rel_err"] < 1e-5 and r["us"] == 1.0 for r in rows)
+    assert all(len(c) == 2 and not torch.equal(c[0], c[1]) for c in calls)  # a weight copy each
+    orig = sw._launch  # the down kernel leaves the mixer's output out of the residual
+    monkeypatch.setattr(sw, "_launch", lambda k, *a, **m: orig(k, *a, **({**m, "R_ADD": False} if "R_ADD" in m else m)))
+    rows = blk.bench_decode_mlp(["default"], B=3, D=32, hidden=40, dtype=torch.float32, copies=2)
+    assert rows[0]["ok"] and not rows[1]["ok"] and "us" not in rows[1]
