@@ -72,11 +72,10 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 class SwiGLU(nn.Module):
     """FFN: (silu(x W_gate) * x W_up) W_down, no biases. backend (set by `Block.set_run_options` from the run's
-    fused_layer option): where a one-token step without gradients runs on the Triton kernels of `ops.swiglu_step`
-    (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm inside them): "auto" on CUDA in 16
-    bits at up to KERNEL_ROWS rows, "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
-
-    KERNEL_ROWS = 16  # auto: the rows (sequences) up to which the kernels run (measured there; more: cuBLAS)
+    fused_layer option): where a one-token step without gradients runs on the Triton kernels of
+    `ops.decode_products.swiglu_step` (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm
+    inside them): "auto" by `ops.step_kernels_by_default` (CUDA, 16 bits, up to 16 rows), "triton" wherever Triton
+    runs (CUDA, or its interpreter), "torch" never."""
 
     def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
         super().__init__()
@@ -94,7 +93,7 @@ class SwiGLU(nn.Module):
         self.merged = merged_for(self.merged, ws) if on else None
 
     def _kernels(self, x: torch.Tensor) -> bool:
-        """Whether this one-token step (no gradients) runs on `ops.swiglu_step`'s kernels (class docstring)."""
+        """Whether this one-token step (no gradients) runs on `ops.decode_products`' kernels (class docstring)."""
         ws = (self.gate.weight, self.up.weight, self.down.weight)
         if self.backend == "torch" or any(w.dtype != x.dtype for w in ws) or x.dtype == torch.float64:
             return False  # (autocast's mixed dtypes and fp64: F.linear's path)
@@ -107,15 +106,15 @@ class SwiGLU(nn.Module):
             self._use[key] = ok
         if self.backend == "triton":
             return self._use[key]
-        return (self._use[key] and x.device.type == "cuda" and x.dtype != torch.float32
-                and x.numel() // x.shape[-1] <= self.KERNEL_ROWS)
+        from .ops import step_kernels_by_default
+        return self._use[key] and step_kernels_by_default(x)
 
     def sublayer(self, h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """A pre-norm block's FFN sub-layer after its mixer's output y: s = h + y, then s + FFN(norm(s)). On the
         kernels (a one-token step, `_kernels`) the sum and the RMSNorm happen inside them (no launch of their own)."""
         if (h.shape[-2] == 1 and not torch.is_grad_enabled() and y.dtype == h.dtype and y.stride(-1) == 1
                 and self._kernels(h)):
-            from .ops.swiglu_step import swiglu_step
+            from .ops.decode_products import swiglu_step
             return swiglu_step(h, self.gate.weight, self.up.weight, self.down.weight, True, add=y,
                                norm_weight=norm.weight, eps=norm.eps)
         s = h + y
@@ -125,7 +124,7 @@ class SwiGLU(nn.Module):
         """x [..., d_model] -> (residual +) the FFN of x."""
         one = x.shape[-2] == 1 and not torch.is_grad_enabled()
         if one and self._kernels(x):
-            from .ops.swiglu_step import swiglu_step
+            from .ops.decode_products import swiglu_step
             return swiglu_step(x, self.gate.weight, self.up.weight, self.down.weight, residual)
         w = merged_weight(self.merged, x) if one else None
         if w is not None:

@@ -109,6 +109,17 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
+STEP_KERNEL_ROWS = 16  # the default rule's most rows for a one-token step's products on their kernels (measured)
+
+
+def step_kernels_by_default(x: torch.Tensor) -> bool:
+    """Whether a one-token step's products run on `decode_products`' kernels when nobody asked (the fused layer's
+    default, `RunOptions(fused_layer=None)`): x on CUDA in 16 bits with at most STEP_KERNEL_ROWS rows (sequences),
+    where they were measured faster than cuBLAS and the element-wise kernels around it (docs/benchmarks.md)."""
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS)
+
+
 def triton_runs_on(device) -> tuple[bool, str]:
     """(ok, why not, as a predicate: "needs ..." / "is not available: ..."): whether Triton kernels can run on
     tensors of `device` (CUDA, or any device in Triton's interpreter, TRITON_INTERPRET=1) and import here. Also

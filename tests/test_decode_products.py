@@ -1,7 +1,9 @@
-"""The one-token SwiGLU kernels (ttt/ops/swiglu_step.py) == the product they replace: residual + (silu(x Wg^T) *
-(x Wu^T)) Wd^T at partial row, column and K blocks, both product orientations, with and without the residual,
-NaN-poisoned buffers; the model's SwiGLU on them against its PyTorch path; the refusals. On CPU the kernels run in
-Triton's interpreter (fp16 and fp32: its bf16 products are wrong); on a GPU also bf16 at the 1.3b decode's shapes.
+"""The one-token step's product kernels (ttt/ops/decode_products.py) == what they replace: the SwiGLU residual +
+(silu(x Wg^T) * (x Wu^T)) Wd^T, in a block's form with the residual sum and the RMSNorm, and the TTT layer's
+(LayerNorm(o) * gelu_tanh(g)) Wo^T; at partial row, column and K blocks, both product orientations, strided rows,
+NaN-poisoned buffers; the model's SwiGLU and block on them against their PyTorch path; the refusals. On CPU the
+kernels run in Triton's interpreter (fp16 and fp32: its bf16 products are wrong); on a GPU also bf16 at the 1.3b
+decode's shapes.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton", reason="Triton is not installed")
 
 from conftest import PoisonTorch  # noqa: E402
-from ttt.ops import swiglu_step as sw  # noqa: E402
+from ttt.ops import decode_products as sw  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -122,6 +124,62 @@ def test_step_refuses_bad_arguments(bad):
         sw.swiglu_step(**args)
 
 
+def ref_gated(x, g, lw, lb, w, dtype, eps=1e-6):
+    """LayerNorm in fp32 times tanh-GELU of the gate, rounded once (as Inductor's fused kernel), then the product."""
+    z = F.layer_norm(x.float(), (x.shape[-1],), lw.float(), lb.float(), eps) * F.gelu(g.float(), approximate="tanh")
+    return z.to(dtype).float() @ w.float().T
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K,N,launch", [(3, 200, 48, (16, 64, 4, 2, False)), (16, 64, 80, None),
+                                          (40, 96, 64, (64, 32, 4, 2, True))])
+def test_gated_linear_equals_its_parts(M, K, N, launch, dtype):
+    """gated_linear_step: the post-LayerNorm (its mean far from 0: the variance about the mean matters), the gate a
+    column range of a wider product (as the merged projection's), o_proj."""
+    g0 = torch.Generator().manual_seed(3)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g0) * scale).to(dtype).to(DEV)  # noqa: E731
+    x = r(M, 1, K) + 3.0
+    wide = r(M, 1, 3 * K)
+    gate = wide[..., K:2 * K]
+    lw, lb, w = 1 + r(K, scale=0.2), r(K, scale=0.2), r(N, K, scale=K ** -0.5)
+    y = sw.gated_linear_step(x, gate, lw, lb, w, launch=launch)
+    assert y.shape == (M, 1, N) and y.dtype == dtype
+    assert err(y, ref_gated(x, gate, lw, lb, w, dtype)) < (5e-3 if dtype == torch.float16 else 1e-5)
+
+
+@pytest.mark.parametrize("bad", ["gate", "w", "ln_bias", "dtype"])
+def test_gated_linear_refuses_bad_arguments(bad):
+    x = torch.randn(2, 1, 16, device=DEV)
+    args = dict(x=x, gate=x.clone(), ln_weight=x.new_ones(16), ln_bias=x.new_zeros(16), w=x.new_ones(8, 16))
+    args[{"gate": "gate", "w": "w", "ln_bias": "ln_bias", "dtype": "w"}[bad]] = {
+        "gate": x[..., :8], "w": x.new_ones(8, 12), "ln_bias": x.new_zeros(15), "dtype": x.new_ones(8, 16).half()}[bad]
+    with pytest.raises(ValueError, match="^x, gate, ln_weight, ln_bias, w: expected"):
+        sw.gated_linear_step(**args)
+
+
+def test_ttt_decode_output_on_the_kernel(monkeypatch):
+    """The fused TTT-Linear (M) layer's one-token step (fused=True): its output (post-LN, x gate, o_proj) on
+    gated_linear_step, equal to the layer's general path, merged projection weights or not."""
+    from ttt.layers.ttt import TTTLinear
+    torch.manual_seed(0)
+    layer = TTTLinear(64, 2, backend="triton", fused=True, mini_batch=4).to(DEV).eval()
+    ref = TTTLinear(64, 2, backend="triton", fused=False, mini_batch=4).to(DEV).eval()
+    ref.load_state_dict(layer.state_dict())
+    calls = []
+    orig = sw.gated_linear_step
+    monkeypatch.setattr(sw, "gated_linear_step", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = torch.randn(3, 6, 64, device=DEV)
+    with torch.no_grad():
+        for merge in (False, True):
+            layer.merge_decode_weights(merge)
+            s = sr = None
+            for t in range(6):
+                y, s = layer(x[:, t:t + 1], s)
+                yr, sr = ref(x[:, t:t + 1], sr)
+                assert err(y, yr) < 1e-5, (merge, t)
+    assert len(calls) == 12
+
+
 def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
     """model.SwiGLU's one-token step without gradients: backend "triton" (the kernels; with a merged copy present,
     which they do not need) against "torch" (its merged and unmerged cuBLAS path), residual given and not; with
@@ -199,20 +257,21 @@ def test_step_at_decode_shapes_gpu(rows, dtype):
 
 
 def test_sublayer_benchmark_checks_every_variant(monkeypatch):
-    """benchmarks/bench_layer_kernels.py --mlp at small shapes (graph timer and torch.compile stubbed): the cuBLAS
-    path and each launch checked against the fp32 sub-layer and timed over distinct weight copies; a wrong kernel
-    fails its check and is not timed."""
+    """benchmarks/bench_layer_kernels.py --mlp at small shapes (graph timer and torch.compile stubbed): the FFN
+    sub-layer's and the TTT output's cuBLAS paths and each launch checked against fp32 products and timed over
+    distinct weight copies; a wrong kernel fails its check and is not timed."""
     from benchmarks import bench_layer_kernels as blk
     monkeypatch.setattr(blk, "DEV", DEV)
     monkeypatch.setattr(torch, "compile", lambda **kw: (lambda f: f))
     calls = []
     monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: (calls.append([fn() for fn in fns]), 1e-3)[1])
-    launches = ["default", "gate_up:16,32,4,2", "down:16,16,2,2,swap"]
+    launches = ["default", "gate_up:16,32,4,2", "down:16,16,2,2,swap", "out:16,16,2,2,swap"]
     rows = blk.bench_decode_mlp(launches, B=3, D=32, hidden=40, dtype=torch.float32, copies=2)
-    assert [r["variant"].split()[-1] for r in rows] == ["path)", *launches]
+    assert [r["variant"].split()[-1] for r in rows] == ["path)", *launches[:3], "path)", "default", launches[3]]
+    assert [r["kernel"][:13] for r in rows] == ["decode swiglu"] * 4 + ["decode output"] * 3
     assert all(r["ok"] and r["max_rel_err"] < 1e-5 and r["us"] == 1.0 for r in rows)
     assert all(len(c) == 2 and not torch.equal(c[0], c[1]) for c in calls)  # a weight copy each
     orig = sw._launch  # the down kernel leaves the mixer's output out of the residual
     monkeypatch.setattr(sw, "_launch", lambda k, *a, **m: orig(k, *a, **({**m, "R_ADD": False} if "R_ADD" in m else m)))
     rows = blk.bench_decode_mlp(["default"], B=3, D=32, hidden=40, dtype=torch.float32, copies=2)
-    assert rows[0]["ok"] and not rows[1]["ok"] and "us" not in rows[1]
+    assert rows[0]["ok"] and not rows[1]["ok"] and "us" not in rows[1] and all(r["ok"] for r in rows[2:])
