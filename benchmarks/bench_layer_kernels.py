@@ -246,6 +246,27 @@ def mlp_launch(spec: str) -> dict | None:
     return {kernel: (*(int(t) for t in v[:4]), v[4:] == ["swap"])}
 
 
+def checked_timings(kernel: str, variants: dict, weights: list, check, nbytes: int, **info) -> list:
+    """Each variant (a callable on one weight set) checked first (check(its output) -> relative error, at most 2e-2
+    to be timed), then timed as a CUDA graph of one call per weight set (copies: from memory); rows with us per call
+    and the weights' read rate. A launch too large for this GPU is said, not timed."""
+    rows = []
+    for tag, run in variants.items():
+        row = dict(kernel=kernel, variant=tag, **info)
+        try:
+            err = check(run(*weights[0]))
+        except triton.runtime.errors.OutOfResources as e:
+            row.update(ok=False, error=str(e)[:120])
+        else:
+            row.update(max_rel_err=err, ok=err < 2e-2)
+            if row["ok"]:
+                ms = graphed_ms([lambda w=w: run(*w) for w in weights])
+                row.update(us=ms * 1e3, weight_tb_per_s=nbytes / (ms * 1e-3) / 1e12)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, copies=20):
     """The 1.3b decode's FFN sub-layer per block after the mixer's output y: s = h + y, then s + (silu(n Wg) * n Wu)
     Wd with n = RMSNorm(s). As the model's cuBLAS path runs it (the add and the norm, the merged gate|up GEMM, silu
@@ -280,22 +301,9 @@ def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, 
         variants[f"swiglu_step {spec}"] = lambda a, b, L=mlp_launch(spec): sw.swiglu_step(
             h, a[:hidden], a[hidden:2 * hidden], b, True, add=y, norm_weight=nw, launch=L)
     nbytes = (2 * hidden * D + D * hidden) * h.element_size()
-    rows = []
-    for tag, run in variants.items():
-        row = dict(kernel="decode swiglu sub-layer", variant=tag, rows=B, D=D, hidden=hidden)
-        try:
-            err = rel(run(wgu[0], wd[0]).float() - s.float(), ref - s.float())  # the feed-forward part alone
-        except triton.runtime.errors.OutOfResources as e:  # a launch too large for this GPU: said, not timed
-            row.update(ok=False, error=str(e)[:120])
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            continue
-        row.update(max_rel_err=err, ok=err < 2e-2)
-        if row["ok"]:
-            ms = graphed_ms([lambda a=a, b=b: run(a, b) for a, b in zip(wgu, wd)])
-            row.update(us=ms * 1e3, weight_tb_per_s=nbytes / (ms * 1e-3) / 1e12)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows = checked_timings("decode swiglu sub-layer", variants, list(zip(wgu, wd)),
+                           lambda out: rel(out.float() - s.float(), ref - s.float()),  # the feed-forward part alone
+                           nbytes, rows=B, D=D, hidden=hidden)
     rows += bench_decode_output([L for L in launches if L == "default" or L.startswith("out:")], B, D, dtype, copies)
     return rows
 
@@ -319,22 +327,8 @@ def bench_decode_output(launches, B=16, D=2048, dtype=torch.bfloat16, copies=20)
     for spec in launches:
         variants[f"gated_linear_step {spec}"] = lambda w, L=(mlp_launch(spec) or {}).get("out"): dp.gated_linear_step(
             o, g, lw, lb, w, launch=L)
-    rows = []
-    for tag, run in variants.items():
-        row = dict(kernel="decode output (post-LN x gate, o_proj)", variant=tag, rows=B, D=D)
-        try:
-            err = rel(run(ws[0]).float(), ref)
-        except triton.runtime.errors.OutOfResources as e:  # a launch too large for this GPU: said, not timed
-            row.update(ok=False, error=str(e)[:120])
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            continue
-        row.update(max_rel_err=err, ok=err < 2e-2)
-        if row["ok"]:
-            ms = graphed_ms([lambda w=w: run(w) for w in ws])
-            row.update(us=ms * 1e3, weight_tb_per_s=D * D * o.element_size() / (ms * 1e-3) / 1e12)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows = checked_timings("decode output (post-LN x gate, o_proj)", variants, [(w,) for w in ws],
+                           lambda out: rel(out.float(), ref), D * D * o.element_size(), rows=B, D=D)
     return rows
 
 
