@@ -247,13 +247,31 @@ def test_block_passes_its_residual():
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [16, 3, 40])
-def test_step_at_decode_shapes_gpu(rows, dtype):
-    """The 1.3b decode's FFN (2048 -> 5504 -> 2048) at its default launch and every launch the benchmark times."""
+def test_kernels_at_decode_shapes_gpu(rows, dtype):
+    """The 1.3b decode's FFN sub-layer (2048 -> 5504 -> 2048, with the residual sum and the RMSNorm; and the plain
+    FFN with a residual) and the TTT output (2048 -> 2048) at the default launches and every launch the benchmark
+    times (bf16 too: the interpreter cannot)."""
     from benchmarks.bench_layer_kernels import MLP_LAUNCHES, mlp_launch
     x, wg, wu, wd, r = inputs(rows, 2048, 5504, 2048, dtype)
-    want = ref(x, wg, wu, wd, r, dtype)
+    a = (torch.randn(rows, 1, 2048, device=DEV) * 0.5).to(dtype)
+    nw = (1 + 0.3 * torch.randn(2048, device=DEV)).to(dtype)
+    s = (x.float() + a.float()).to(dtype)
+    want_plain = ref(x, wg, wu, wd, None, dtype)
+    want_block = ref(rms_norm(s, nw, 1e-6, dtype), wg, wu, wd, None, dtype)
+    g0 = torch.Generator(device=DEV).manual_seed(5)
+    o, g = (torch.randn(rows, 1, 2048, device=DEV, generator=g0).to(dtype) for _ in range(2))
+    lw, lb = (1 + 0.1 * torch.randn(2048, device=DEV)).to(dtype), (0.1 * torch.randn(2048, device=DEV)).to(dtype)
+    wo = (torch.randn(2048, 2048, device=DEV) * 2048 ** -0.5).to(dtype)
+    want_out = ref_gated(o, g, lw, lb, wo, dtype)
     for spec in MLP_LAUNCHES:
-        assert err(sw.swiglu_step(x, wg, wu, wd, r, launch=mlp_launch(spec)) - r, want - r.float()) < 1e-2, spec
+        L = mlp_launch(spec)
+        if spec.startswith("out:") or spec == "default":
+            assert err(sw.gated_linear_step(o, g, lw, lb, wo, launch=(L or {}).get("out")), want_out) < 1e-2, spec
+        if not spec.startswith("out:"):
+            y = sw.swiglu_step(x, wg, wu, wd, r, launch=L)
+            assert err(y.float() - r.float(), want_plain) < 1e-2, spec
+            y = sw.swiglu_step(x, wg, wu, wd, True, add=a, norm_weight=nw, launch=L)
+            assert err(y.float() - s.float(), want_block) < 1e-2, spec
 
 
 def test_sublayer_benchmark_checks_every_variant(monkeypatch):
