@@ -59,7 +59,8 @@ def _x_tile(x_ptr, a_ptr, g_ptr, nw_ptr, nb_ptr, mean, rstd, rm, rk, M, K, s_xm,
         if NORM == 2:
             z += tl.load(nb_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
         if HAS_GATE:
-            z *= _gelu_parts(tl.load(g_ptr + rm[:, None] * s_gm + rk[None, :], mask=m, other=0.0).to(tl.float32))[0]
+            gz, _ = _gelu_parts(tl.load(g_ptr + rm[:, None] * s_gm + rk[None, :], mask=m, other=0.0).to(tl.float32))
+            z *= gz
         x = z.to(x.dtype)
     return x
 
