@@ -68,7 +68,8 @@ def test_model_triton_equals_dual(mixer):
 def _decode_model(mixer):
     """A debug-size model on the GPU; the suffix "+fused" turns on the fused layer kernels (its decode step is the
     fused decode kernel, its output and SwiGLU products `ops.decode_products`), "+auto" leaves them to the default
-    (fused_layer=None: on CUDA both, the products' kernels in 16 bits), none turns them off."""
+    (fused_layer=None: the fused layer on CUDA, the products' kernels where `ops.step_kernels_by_default` says), none
+    turns them off."""
     base, _, extra = mixer.partition("+")
     return TTTLM(get_config("debug", mixer=base, vocab_size=256, mini_batch=4),
                  RunOptions(fused_layer={"fused": True, "auto": None}.get(extra, False))).cuda()

@@ -74,8 +74,8 @@ class SwiGLU(nn.Module):
     """FFN: (silu(x W_gate) * x W_up) W_down, no biases. backend (set by `Block.set_run_options` from the run's
     fused_layer option): where a one-token step without gradients runs on the Triton kernels of
     `ops.decode_products.swiglu_step` (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm
-    inside them): "auto" by `ops.step_kernels_by_default` (CUDA, 16 bits, up to 16 rows), "triton" wherever Triton
-    runs (CUDA, or its interpreter), "torch" never."""
+    inside them): "auto" by `ops.step_kernels_by_default` (not yet by default: to be measured in the model's decode),
+    "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
 
     def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
         super().__init__()
@@ -102,7 +102,7 @@ class SwiGLU(nn.Module):
             from .ops import triton_runs_on
             ok, why = triton_runs_on(x.device)
             if self.backend == "triton" and not ok:
-                raise RuntimeError(f"fused_layer=True: the SwiGLU step kernels {why}")
+                raise RuntimeError(f"fused_layer=True: Triton {why}")
             self._use[key] = ok
         if self.backend == "triton":
             return self._use[key]

@@ -109,14 +109,18 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-STEP_KERNEL_ROWS = 16  # the default rule's most rows for a one-token step's products on their kernels (measured)
+# Whether the fused layer's default (`RunOptions(fused_layer=None)`) runs a one-token step's products on
+# `decode_products`' kernels: not yet. They were timed alone on an H100 (the FFN sub-layer's 36.0 us -> 31 us at 1.3b
+# B16) but not yet in the model's decode, nor checked on a GPU there; `fused_layer=True` runs them
+# (docs/kernels_notes.md, "Decode", says what the next measurement is).
+STEP_KERNELS_BY_DEFAULT = False
+STEP_KERNEL_ROWS = 16  # the default rule's most rows (sequences): the kernels were timed at 16
 
 
 def step_kernels_by_default(x: torch.Tensor) -> bool:
     """Whether a one-token step's products run on `decode_products`' kernels when nobody asked (the fused layer's
-    default, `RunOptions(fused_layer=None)`): x on CUDA in 16 bits with at most STEP_KERNEL_ROWS rows (sequences),
-    where they were measured faster than cuBLAS and the element-wise kernels around it (docs/benchmarks.md)."""
-    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+    default): where STEP_KERNELS_BY_DEFAULT, for x on CUDA in 16 bits with at most STEP_KERNEL_ROWS rows."""
+    return (STEP_KERNELS_BY_DEFAULT and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
             and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS)
 
 
