@@ -27,6 +27,7 @@ import triton
 from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
 from ttt.layers.attention import apply_rope
+from ttt.layers.norms import RMSNorm
 from ttt.layers.merged import ALIGN_ROWS
 from ttt.ops import fused_layer
 
@@ -278,14 +279,12 @@ def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, 
     from ttt.ops import decode_products as sw
     h = torch.randn(B, 1, D, device=DEV, dtype=dtype)
     y = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    nw = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype)
+    norm = RMSNorm(D, eps=1e-6).to(DEV, dtype).requires_grad_(False)  # the model's own (its formula when compiled)
+    norm.weight.mul_(1 + 0.1 * torch.randn(D, device=DEV))
+    nw = norm.weight
     rows_gu = -(-2 * hidden // ALIGN_ROWS) * ALIGN_ROWS
     wgu = [(torch.randn(rows_gu, D, device=DEV) * D ** -0.5).to(dtype) for _ in range(copies)]
     wd = [(torch.randn(D, hidden, device=DEV) * hidden ** -0.5).to(dtype) for _ in range(copies)]
-
-    def norm(s):
-        sf = s.float()
-        return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()).to(dtype)
     s = (h.float() + y.float()).to(dtype)
     g, u = (norm(s).float() @ wgu[0][:2 * hidden].float().T).split(hidden, dim=-1)
     ref = s.float() + (F.silu(g) * u) @ wd[0].float().T

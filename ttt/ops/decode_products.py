@@ -176,8 +176,7 @@ def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
     RMSNorm'd with norm_weight and eps when given (fp32 math, rounded as `layers.norms.RMSNorm` rounds); residual a
     tensor [..., N], True for s itself (a pre-norm block's s + FFN(norm(s)): its residual add and RMSNorm inside the
     kernels, no launch of their own), or None. [..., N] in x's dtype (module docstring).
-    launch: {"gate_up": (BN, BK, warps, stages, swap), "down": (...)}, either or both (the rest: DEFAULT_LAUNCH).
-    Every kernel launch takes its rows in blocks of BM (16 to 64)."""
+    launch: {"gate_up": (BN, BK, warps, stages, swap), "down": (...)}, either or both (the rest: DEFAULT_LAUNCH)."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)  # [..., K] -> [M, K] (a view for the decode's [B, 1, K])
     M, F, N = rows.shape[0], w_gate.shape[0], w_down.shape[0]
@@ -208,7 +207,7 @@ def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _launch(_linear_kernel, N, M, lau["down"], F, x.dtype, h, h, h, h, w_down, r, a, y, M, N, F, h.stride(0), 0,
             w_down.stride(0), r.stride(0), a.stride(0), y.stride(0), 0.0, NORM=NO_NORM, HAS_GATE=False,
-            HAS_R=residual is not None and residual is not False, R_ADD=residual is True and add is not None)
+            HAS_R=residual is not None, R_ADD=residual is True and add is not None)
     return y.view(*x.shape[:-1], N)  # [M, N] -> [..., N]
 
 
