@@ -181,19 +181,19 @@ def test_ttt_decode_output_on_the_kernel(monkeypatch):
 
 
 def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
-    """model.SwiGLU's one-token step without gradients: backend "triton" (the kernels; with a merged copy present,
-    which they do not need) against "torch" (its merged and unmerged cuBLAS path), residual given and not; with
-    gradients, or T > 1, the PyTorch path runs whatever the backend."""
+    """model.SwiGLU's one-token step without gradients: fused=True (the kernels; with a merged copy present,
+    which they do not need) against fused=False (its merged and unmerged cuBLAS path), residual given and not; with
+    gradients, or T > 1, the PyTorch path runs whatever the option."""
     from ttt.model import SwiGLU
     torch.manual_seed(0)
     m = SwiGLU(48, 80).to(DEV)
     x, r = torch.randn(3, 1, 48, device=DEV), torch.randn(3, 1, 48, device=DEV)
     with torch.no_grad():
-        m.backend = "torch"
+        m.fused = False
         want = [m(x), m(x, residual=r)]
         m.merge_decode_weights()
         assert all(err(a, b) < 1e-6 for a, b in zip((m(x), m(x, residual=r)), want))
-        m.backend = "triton"
+        m.fused = True
         calls = []
         orig = sw.swiglu_step
         sw_step = lambda *a, **k: calls.append(1) or orig(*a, **k)  # noqa: E731
@@ -210,18 +210,24 @@ def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
     assert x.grad is not None and err(y.detach(), want[1]) < 1e-6
 
 
-def test_model_swiglu_backend_rules(monkeypatch):
-    """auto never runs the kernels off CUDA (the interpreter included); "triton" refuses where Triton cannot run,
-    naming the run option."""
+def test_step_kernels_rules(monkeypatch):
+    """`ops.step_kernels`, through model.SwiGLU: the default (None) never runs the kernels off CUDA (the interpreter
+    included); False never; True wherever Triton runs and refuses elsewhere, naming the run option; fp64 and
+    weights in another dtype than the input (autocast) take F.linear's path whatever the option."""
     from ttt.model import SwiGLU
     m = SwiGLU(16, 32)
     x = torch.randn(2, 1, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not m._kernels(x)
-    m.backend = "triton"
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if DEV == "cpu":
-        with pytest.raises(RuntimeError, match="fused_layer=True"):
-            m._kernels(x)
+    m.fused = False
+    assert not m._kernels(x)
+    m.fused = True
+    assert m._kernels(x)
+    assert not m._kernels(x.half())  # fp32 weights, fp16 input
+    assert not SwiGLU(16, 32, fused=True).double()._kernels(x.double())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="fused_layer=True"):
+        m._kernels(x)
 
 
 def test_block_passes_its_residual():

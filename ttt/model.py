@@ -71,20 +71,18 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class SwiGLU(nn.Module):
-    """FFN: (silu(x W_gate) * x W_up) W_down, no biases. backend (set by `Block.set_run_options` from the run's
-    fused_layer option): where a one-token step without gradients runs on the Triton kernels of
+    """FFN: (silu(x W_gate) * x W_up) W_down, no biases. fused (the run's fused_layer option, set by
+    `Block.set_run_options`): whether a one-token step without gradients runs on the Triton kernels of
     `ops.decode_products.swiglu_step` (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm
-    inside them): "auto" by `ops.step_kernels_by_default` (not yet by default: to be measured in the model's decode),
-    "triton" wherever Triton runs (CUDA, or its interpreter), "torch" never."""
+    inside them), decided by `ops.step_kernels`: True wherever Triton runs, None by its default rule, False never."""
 
-    def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
+    def __init__(self, d_model: int, hidden: int, fused: bool | None = None):
         super().__init__()
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.merged = None  # MergedWeights of gate and up for one-token steps (`merge_decode_weights`)
-        self.backend = backend
-        self._use = {}  # (backend, device type) -> whether Triton runs there
+        self.fused = fused
 
     def merge_decode_weights(self, on: bool = True) -> None:
         """on: a one-token step without gradients on the cuBLAS path reads gate and up as one concatenated copy, one
@@ -94,20 +92,8 @@ class SwiGLU(nn.Module):
 
     def _kernels(self, x: torch.Tensor) -> bool:
         """Whether this one-token step (no gradients) runs on `ops.decode_products`' kernels (class docstring)."""
-        ws = (self.gate.weight, self.up.weight, self.down.weight)
-        if self.backend == "torch" or any(w.dtype != x.dtype for w in ws) or x.dtype == torch.float64:
-            return False  # (autocast's mixed dtypes and fp64: F.linear's path)
-        key = (self.backend, x.device.type)
-        if key not in self._use:
-            from .ops import triton_runs_on
-            ok, why = triton_runs_on(x.device)
-            if self.backend == "triton" and not ok:
-                raise RuntimeError(f"fused_layer=True: Triton {why}")
-            self._use[key] = ok
-        if self.backend == "triton":
-            return self._use[key]
-        from .ops import step_kernels_by_default
-        return self._use[key] and step_kernels_by_default(x)
+        from .ops import step_kernels
+        return step_kernels(self.fused, x, (self.gate.weight, self.up.weight, self.down.weight))
 
     def sublayer(self, h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """A pre-norm block's FFN sub-layer after its mixer's output y: s = h + y, then s + FFN(norm(s)). On the
@@ -168,7 +154,7 @@ class Block(nn.Module):
         if self.has_conv:
             self.conv.backend = backend
         if hasattr(self, "ffn"):
-            self.ffn.backend = backend
+            self.ffn.fused = run.fused_layer
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
             self.mixer.keep_weights = run.mlp_keep_weights

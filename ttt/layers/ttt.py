@@ -407,11 +407,10 @@ class TTTLayer(nn.Module):
     def _decode_out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """`_out` of the fused decode step: the post-LayerNorm, the x gate and o_proj in one kernel
         (`ops.decode_products.gated_linear_step`) where the fused layer was asked for or by the default rule
-        (`ops.step_kernels_by_default`), with the weights in o's dtype; else `_out`."""
-        from ..ops import step_kernels_by_default
+        (`ops.step_kernels`), with the weights in o's dtype; else `_out`."""
+        from ..ops import step_kernels
         ws = (self.post_norm.weight, self.post_norm.bias, self.o_proj.weight)
-        if (self.backbone == "mamba" and o.dtype != torch.float64 and all(w.dtype == o.dtype for w in ws)
-                and (self.fused is True or step_kernels_by_default(o))):
+        if self.backbone == "mamba" and step_kernels(self.fused, o, ws):
             from ..ops.decode_products import gated_linear_step
             return gated_linear_step(o, self.gate_proj(x) if g is None else g, *ws, eps=self.post_norm.eps)
         return self._out(o, x, g)

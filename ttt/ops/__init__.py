@@ -22,6 +22,7 @@ exception: "triton" with float64 inputs resolves to the dual form (the kernels c
 from __future__ import annotations
 
 import abc
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -117,11 +118,27 @@ STEP_KERNELS_BY_DEFAULT = False
 STEP_KERNEL_ROWS = 16  # the default rule's most rows (sequences): the kernels were timed at 16
 
 
-def step_kernels_by_default(x: torch.Tensor) -> bool:
-    """Whether a one-token step's products run on `decode_products`' kernels when nobody asked (the fused layer's
-    default): where STEP_KERNELS_BY_DEFAULT, for x on CUDA in 16 bits with at most STEP_KERNEL_ROWS rows."""
-    return (STEP_KERNELS_BY_DEFAULT and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
-            and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS)
+def step_kernels(fused_layer: bool | None, x: torch.Tensor, weights) -> bool:
+    """Whether a one-token step without gradients runs its products on `decode_products`' kernels, by the run's
+    fused_layer option: False never; True wherever Triton runs (`triton_runs_on`), else a RuntimeError naming the
+    option; None (the default) where STEP_KERNELS_BY_DEFAULT, for x on CUDA in 16 bits with at most
+    STEP_KERNEL_ROWS rows. x in fp64, or weights in another dtype than x's (autocast), take F.linear's path."""
+    if fused_layer is False or x.dtype == torch.float64 or any(w.dtype != x.dtype for w in weights):
+        return False
+    if fused_layer is None and not (STEP_KERNELS_BY_DEFAULT and x.device.type == "cuda"
+                                    and x.dtype in (torch.float16, torch.bfloat16)
+                                    and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS):
+        return False
+    ok, why = _triton_runs_on_type(x.device.type, os.environ.get("TRITON_INTERPRET"))
+    if fused_layer is True and not ok:
+        raise RuntimeError(f"fused_layer=True: Triton {why}")
+    return ok
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runs_on_type(dev_type: str, interpret: str | None) -> tuple[bool, str]:
+    """`triton_runs_on` once per device type and TRITON_INTERPRET value (a decode step asks it in every layer)."""
+    return triton_runs_on(dev_type)
 
 
 def triton_runs_on(device) -> tuple[bool, str]:
