@@ -230,6 +230,20 @@ def test_step_kernels_rules(monkeypatch):
         m._kernels(x)
 
 
+def test_no_ffn_copy_where_the_kernels_run(monkeypatch):
+    """merge_decode_weights with the decode's batch size (as the graphed decoder calls it): an FFN whose one-token
+    steps run on the kernels (fused_layer=True where Triton runs) gets no merged gate|up copy, which they would not
+    read; without the batch size, or on the cuBLAS path (fused_layer=False; the default rule in fp32), it does."""
+    from ttt.config import RunOptions, get_config
+    from ttt.model import TTTLM
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = get_config("debug", vocab_size=64, mixer="attention", backbone="transformer")
+    for fused, batch_size, copy in ((True, 2, False), (True, None, True), (False, 2, True), (None, 2, True)):
+        model = TTTLM(cfg, RunOptions(fused_layer=fused)).to(DEV)
+        model.merge_decode_weights(True, batch_size=batch_size)
+        assert all((blk.ffn.merged is not None) == copy for blk in model.blocks), (fused, batch_size)
+
+
 def test_block_passes_its_residual():
     """A decode-shaped block step (one token, no gradients) on the kernels equals the PyTorch path: the residual
     reaches the FFN's second kernel once (not added twice, not dropped)."""

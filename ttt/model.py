@@ -84,11 +84,14 @@ class SwiGLU(nn.Module):
         self.merged = None  # MergedWeights of gate and up for one-token steps (`merge_decode_weights`)
         self.fused = fused
 
-    def merge_decode_weights(self, on: bool = True) -> None:
+    def merge_decode_weights(self, on: bool = True, batch_size: int | None = None) -> None:
         """on: a one-token step without gradients on the cuBLAS path reads gate and up as one concatenated copy, one
-        GEMM (`layers/merged.py`); off: drops it."""
-        ws = [self.gate.weight, self.up.weight]
-        self.merged = merged_for(self.merged, ws) if on else None
+        GEMM (`layers/merged.py`); off: drops it. batch_size (the rows of the steps to come, when known): no copy
+        where those steps run on the kernels (`_kernels`), which read gate and up themselves."""
+        w = self.gate.weight
+        if on and batch_size is not None:
+            on = not self._kernels(w.new_empty(batch_size, 1, w.shape[1]))  # [B, 1, d_model], as the steps' x
+        self.merged = merged_for(self.merged, [w, self.up.weight]) if on else None
 
     def _kernels(self, x: torch.Tensor) -> bool:
         """Whether this one-token step (no gradients) runs on `ops.decode_products`' kernels (class docstring)."""
@@ -333,15 +336,16 @@ class TTTLM(nn.Module):
                      ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
         self._prepared.add((device.type, dtype))
 
-    def merge_decode_weights(self, on: bool = True) -> None:
+    def merge_decode_weights(self, on: bool = True, batch_size: int | None = None) -> None:
         """on: one-token steps without gradients read the weights that multiply the same input as one
         concatenated copy each, one GEMM instead of several (TTT-Linear (M) layers' qk, v, gate and lr projections
         on the fused decode path; every SwiGLU's gate and up): more memory (those weights again), fewer and
         larger GEMMs. The copies follow their weights (`layers/merged.py`); a compiled or CUDA-graphed step calls
-        `refresh_decode_weights` first (`ttt.decode_graph` does). off: drops the copies."""
+        `refresh_decode_weights` first (`ttt.decode_graph` does). off: drops the copies. batch_size (the decode's,
+        when known): no SwiGLU copy where its steps run on the product kernels (`SwiGLU.merge_decode_weights`)."""
         self._merging = [m for m in self.modules() if isinstance(m, (TTTLayer, SwiGLU))]
         for m in self._merging:
-            m.merge_decode_weights(on)
+            m.merge_decode_weights(on, batch_size) if isinstance(m, SwiGLU) else m.merge_decode_weights(on)
 
     def decode_weight_copies(self) -> list:
         """The merged copies the modules hold now (`merge_decode_weights`; `layers/merged.MergedWeights`)."""
