@@ -212,31 +212,31 @@ def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
 
 def test_step_kernels_rules(monkeypatch):
     """`ops.step_kernels`, through model.SwiGLU: the default (None) never runs the kernels off CUDA (the interpreter
-    included); False never; True wherever Triton runs and refuses elsewhere, naming the run option; fp64 and
-    weights in another dtype than the input (autocast) take F.linear's path whatever the option."""
+    included) nor in fp32; False never; True wherever Triton runs (CUDA, or the interpreter on the CPU) and refuses
+    elsewhere, naming the run option; fp64 and weights in another dtype than the input (autocast) take F.linear's
+    path whatever the option. (TRITON_INTERPRET is never set here on a GPU machine: a Triton module first imported
+    under it would keep interpreted kernels for the rest of the process.)"""
     from ttt.model import SwiGLU
-    m = SwiGLU(16, 32)
-    x = torch.randn(2, 1, 16)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    m = SwiGLU(16, 32).to(DEV)
+    x = torch.randn(2, 1, 16, device=DEV)
     assert not m._kernels(x)
     m.fused = False
     assert not m._kernels(x)
     m.fused = True
     assert m._kernels(x)
     assert not m._kernels(x.half())  # fp32 weights, fp16 input
-    assert not SwiGLU(16, 32, fused=True).double()._kernels(x.double())
-    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not SwiGLU(16, 32, fused=True).to(DEV).double()._kernels(x.double())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="fused_layer=True"):
-        m._kernels(x)
+        m.cpu()._kernels(x.cpu())
 
 
-def test_no_ffn_copy_where_the_kernels_run(monkeypatch):
+def test_no_ffn_copy_where_the_kernels_run():
     """merge_decode_weights with the decode's batch size (as the graphed decoder calls it): an FFN whose one-token
     steps run on the kernels (fused_layer=True where Triton runs) gets no merged gate|up copy, which they would not
     read; without the batch size, or on the cuBLAS path (fused_layer=False; the default rule in fp32), it does."""
     from ttt.config import RunOptions, get_config
     from ttt.model import TTTLM
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     cfg = get_config("debug", vocab_size=64, mixer="attention", backbone="transformer")
     for fused, batch_size, copy in ((True, 2, False), (True, None, True), (False, 2, True), (None, 2, True)):
         model = TTTLM(cfg, RunOptions(fused_layer=fused)).to(DEV)
