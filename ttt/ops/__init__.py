@@ -111,9 +111,9 @@ def triton_available() -> tuple[bool, str]:
 
 
 # Whether the fused layer's default (`RunOptions(fused_layer=None)`) runs a one-token step's products on
-# `decode_products`' kernels: not yet. They were timed alone on an H100 (the FFN sub-layer's 36.0 us -> 31 us at 1.3b
-# B16) but not yet in the model's decode, nor checked on a GPU there; `fused_layer=True` runs them
-# (docs/kernels_notes.md, "Decode", says what the next measurement is).
+# `decode_products`' kernels: no. Alone on an H100 the FFN sub-layer took 31 us on them against 36.0, but in the
+# model's 1.3b B16 decode they lost: 2.83 against 2.11 ms a token (H100; docs/kernels_notes.md, "Decode");
+# `fused_layer=True` runs them.
 STEP_KERNELS_BY_DEFAULT = False
 STEP_KERNEL_ROWS = 16  # the default rule's most rows (sequences): the kernels were timed at 16
 
