@@ -22,7 +22,6 @@ exception: "triton" with float64 inputs resolves to the dual form (the kernels c
 from __future__ import annotations
 
 import abc
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -129,16 +128,18 @@ def step_kernels(fused_layer: bool | None, x: torch.Tensor, weights) -> bool:
                                     and x.dtype in (torch.float16, torch.bfloat16)
                                     and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS):
         return False
-    ok, why = _triton_runs_on_type(x.device.type, os.environ.get("TRITON_INTERPRET"))
+    key = (x.device.type, os.environ.get("TRITON_INTERPRET"))
+    if key not in _TRITON_RUNS:
+        _TRITON_RUNS[key] = triton_runs_on(x.device.type)
+    ok, why = _TRITON_RUNS[key]
     if fused_layer is True and not ok:
         raise RuntimeError(f"fused_layer=True: Triton {why}")
     return ok
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_runs_on_type(dev_type: str, interpret: str | None) -> tuple[bool, str]:
-    """`triton_runs_on` once per device type and TRITON_INTERPRET value (a decode step asks it in every layer)."""
-    return triton_runs_on(dev_type)
+# `triton_runs_on`'s answers per (device type, TRITON_INTERPRET) for `step_kernels`, which every layer's one-token
+# step asks (a plain dict: torch.compile traces through functools' caches with a warning)
+_TRITON_RUNS: dict = {}
 
 
 def triton_runs_on(device) -> tuple[bool, str]:
