@@ -345,7 +345,10 @@ class TTTLM(nn.Module):
         when known): no SwiGLU copy where its steps run on the product kernels (`SwiGLU.merge_decode_weights`)."""
         self._merging = [m for m in self.modules() if isinstance(m, (TTTLayer, SwiGLU))]
         for m in self._merging:
-            m.merge_decode_weights(on, batch_size) if isinstance(m, SwiGLU) else m.merge_decode_weights(on)
+            if isinstance(m, SwiGLU):
+                m.merge_decode_weights(on, batch_size)
+            else:
+                m.merge_decode_weights(on)
 
     def decode_weight_copies(self) -> list:
         """The merged copies the modules hold now (`merge_decode_weights`; `layers/merged.MergedWeights`)."""

@@ -31,7 +31,6 @@ import triton.language as tl
 from .triton_utils import _dot, _gelu_parts, cdiv, dot_mode, pow2
 
 MAX_BM = 64  # the most rows of x one program multiplies (BM: the M side of the products, a power of two >= 16)
-AUTO_ROWS = 16  # by default (fused_layer=None) the kernels run on CUDA in 16 bits at up to this many rows (measured)
 NO_NORM, RMS, LAYER = 0, 1, 2  # the operand's normalisation (NORM)
 
 # (BN, BK, warps, stages, swap) per kernel: docs/kernels_notes.md, "Decode" (bench_layer_kernels --mlp)
