@@ -211,11 +211,11 @@ def test_model_swiglu_on_the_kernels_equals_its_pytorch_path():
 
 
 def test_step_kernels_rules(monkeypatch):
-    """`ops.step_kernels`, through model.SwiGLU: the default (None) never runs the kernels off CUDA (the interpreter
-    included) nor in fp32; False never; True wherever Triton runs (CUDA, or the interpreter on the CPU) and refuses
-    elsewhere, naming the run option; fp64 and weights in another dtype than the input (autocast) take F.linear's
-    path whatever the option. (TRITON_INTERPRET is never set here on a GPU machine: a Triton module first imported
-    under it would keep interpreted kernels for the rest of the process.)"""
+    """`ops.step_kernels`, through model.SwiGLU: the default (None) and False never run the kernels; True wherever
+    Triton runs (CUDA, or the interpreter on the CPU) and refuses elsewhere, naming the run option; fp64 and weights
+    in another dtype than the input (autocast) take F.linear's path whatever the option. (TRITON_INTERPRET is never
+    set here on a GPU machine: a Triton module first imported under it would keep interpreted kernels for the rest
+    of the process.)"""
     from ttt.model import SwiGLU
     m = SwiGLU(16, 32).to(DEV)
     x = torch.randn(2, 1, 16, device=DEV)
@@ -234,7 +234,7 @@ def test_step_kernels_rules(monkeypatch):
 def test_no_ffn_copy_where_the_kernels_run():
     """merge_decode_weights with the decode's batch size (as the graphed decoder calls it): an FFN whose one-token
     steps run on the kernels (fused_layer=True where Triton runs) gets no merged gate|up copy, which they would not
-    read; without the batch size, or on the cuBLAS path (fused_layer=False; the default rule in fp32), it does."""
+    read; without the batch size, or on the cuBLAS path (fused_layer=False or None), it does."""
     from ttt.config import RunOptions, get_config
     from ttt.model import TTTLM
     cfg = get_config("debug", vocab_size=64, mixer="attention", backbone="transformer")

@@ -68,7 +68,7 @@ def test_model_triton_equals_dual(mixer):
 def _decode_model(mixer):
     """A debug-size model on the GPU; the suffix "+fused" turns on the fused layer kernels (its decode step is the
     fused decode kernel, its output and SwiGLU products `ops.decode_products`), "+auto" leaves them to the default
-    (fused_layer=None: the fused layer on CUDA, the products' kernels where `ops.step_kernels` says), none
+    (fused_layer=None: the fused layer on CUDA, the products' kernels not: `ops.step_kernels`), none
     turns them off."""
     base, _, extra = mixer.partition("+")
     return TTTLM(get_config("debug", mixer=base, vocab_size=256, mini_batch=4),

@@ -74,7 +74,7 @@ class SwiGLU(nn.Module):
     """FFN: (silu(x W_gate) * x W_up) W_down, no biases. fused (the run's fused_layer option, set by
     `Block.set_run_options`): whether a one-token step without gradients runs on the Triton kernels of
     `ops.decode_products.swiglu_step` (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm
-    inside them), decided by `ops.step_kernels`: True wherever Triton runs, None by its default rule, False never."""
+    inside them), decided by `ops.step_kernels`: True wherever Triton runs, None (the default) and False never."""
 
     def __init__(self, d_model: int, hidden: int, fused: bool | None = None):
         super().__init__()

@@ -406,8 +406,8 @@ class TTTLayer(nn.Module):
 
     def _decode_out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """`_out` of the fused decode step: the post-LayerNorm, the x gate and o_proj in one kernel
-        (`ops.decode_products.gated_linear_step`) where the fused layer was asked for or by the default rule
-        (`ops.step_kernels`), with the weights in o's dtype; else `_out`."""
+        (`ops.decode_products.gated_linear_step`) where the fused layer was asked for (`ops.step_kernels`), with the
+        weights in o's dtype; else `_out`."""
         from ..ops import step_kernels
         ws = (self.post_norm.weight, self.post_norm.bias, self.o_proj.weight)
         if self.backbone == "mamba" and step_kernels(self.fused, o, ws):

@@ -109,24 +109,13 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-# Whether the fused layer's default (`RunOptions(fused_layer=None)`) runs a one-token step's products on
-# `decode_products`' kernels: no. Alone on an H100 the FFN sub-layer took 31 us on them against 36.0, but in the
-# model's 1.3b B16 decode they lost: 2.83 against 2.11 ms a token (H100; docs/kernels_notes.md, "Decode");
-# `fused_layer=True` runs them.
-STEP_KERNELS_BY_DEFAULT = False
-STEP_KERNEL_ROWS = 16  # the default rule's most rows (sequences): the kernels were timed at 16
-
-
 def step_kernels(fused_layer: bool | None, x: torch.Tensor, weights) -> bool:
     """Whether a one-token step without gradients runs its products on `decode_products`' kernels, by the run's
-    fused_layer option: False never; True wherever Triton runs (`triton_runs_on`), else a RuntimeError naming the
-    option; None (the default) where STEP_KERNELS_BY_DEFAULT, for x on CUDA in 16 bits with at most
-    STEP_KERNEL_ROWS rows. x in fp64, or weights in another dtype than x's (autocast), take F.linear's path."""
-    if fused_layer is False or x.dtype == torch.float64 or any(w.dtype != x.dtype for w in weights):
-        return False
-    if fused_layer is None and not (STEP_KERNELS_BY_DEFAULT and x.device.type == "cuda"
-                                    and x.dtype in (torch.float16, torch.bfloat16)
-                                    and x.numel() // x.shape[-1] <= STEP_KERNEL_ROWS):
+    fused_layer option: True wherever Triton runs (`triton_runs_on`), else a RuntimeError naming the option; None
+    (the default) and False never: in the model's 1.3b B16 decode they lost, 2.83 against 2.11 ms a token (H100;
+    docs/kernels_notes.md, "Decode"). x in fp64, or weights in another dtype than x's (autocast), take F.linear's
+    path."""
+    if fused_layer is not True or x.dtype == torch.float64 or any(w.dtype != x.dtype for w in weights):
         return False
     key = (x.device.type, os.environ.get("TRITON_INTERPRET"))
     if key not in _TRITON_RUNS:
