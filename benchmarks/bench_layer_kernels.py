@@ -233,18 +233,23 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
 
 
 MLP_LAUNCHES = ["default", "gate_up:32,128,4,4", "gate_up:64,128,4,4", "gate_up:64,64,4,6,swap", "gate_up:64,128,8,4,swap",
+               "gate_up:64,128,4,4,swap,1pass", "gate_up:32,128,4,4,1pass",
                "down:16,256,4,4", "down:16,512,4,3", "down:16,128,2,6", "down:64,128,4,4,swap",
-               "out:16,128,2,6", "out:16,512,4,3", "out:32,128,4,4", "out:64,128,4,4,swap"]
+               "out:16,128,2,6", "out:16,512,4,3", "out:32,128,4,4", "out:64,128,4,4,swap",
+               "out:16,256,2,4,1pass", "out:16,128,4,4,1pass", "out:64,128,4,4,swap,1pass"]
 
 
 def mlp_launch(spec: str) -> dict | None:
-    """"default" -> None; "gate_up:BN,BK,WARPS,STAGES[,swap]" (or down:..., out:...) -> {kernel: launch}
-    (`decode_products.DEFAULT_LAUNCH`'s keys)."""
+    """"default" -> None; "gate_up:BN,BK,WARPS,STAGES[,swap][,1pass]" (or down:..., out:...) -> {kernel: launch}
+    (`decode_products.DEFAULT_LAUNCH`'s keys; 1pass: the norm's sums inside the products' loop)."""
     if spec == "default":
         return None
     kernel, _, vals = spec.partition(":")
     v = vals.split(",")
-    return {kernel: (*(int(t) for t in v[:4]), v[4:] == ["swap"])}
+    flags = set(v[4:])
+    if not flags <= {"swap", "1pass"}:
+        raise ValueError(f"--mlp: expected flags swap and/or 1pass after BN,BK,WARPS,STAGES in {spec!r}")
+    return {kernel: (*(int(t) for t in v[:4]), "swap" in flags, "1pass" in flags)}
 
 
 def checked_timings(kernel: str, variants: dict, weights: list, check, nbytes: int, **info) -> list:
@@ -340,7 +345,7 @@ def main():
                                                             "from memory and from L2)")
     ap.add_argument("--mlp", nargs="*", default=None,
                     help="time the decode's FFN sub-layer and TTT output instead: the model's cuBLAS path against "
-                         "decode_products' kernels at these launches (default or gate_up:BN,BK,WARPS,STAGES[,swap] / "
+                         "decode_products' kernels at these launches (default or gate_up:BN,BK,WARPS,STAGES[,swap][,1pass] / "
                          "down:... / out:...; none given: a sweep)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
                     help="with --gemms: the BLAS libraries to time them with")

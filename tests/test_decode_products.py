@@ -91,10 +91,13 @@ def rms_norm(s, w, eps, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K,Fh,launch", [(5, 200, 80, {"gate_up": (16, 64, 4, 2, True), "down": (16, 32, 4, 2, False)}),
-                                           (16, 64, 48, None)])
+                                           (16, 64, 48, None),
+                                           (5, 200, 80, {"gate_up": (16, 64, 4, 2, True, True)}),
+                                           (40, 96, 48, {"gate_up": (32, 32, 4, 2, False, True)})])
 def test_block_form_adds_and_normalises(M, K, Fh, launch, dtype):
     """add + norm_weight + residual=True: s + FFN(RMSNorm(s)) with s = x + add rounded (a pre-norm block's sum and
-    sub-layer); each part alone too (add without the norm, the norm without add, the residual given apart)."""
+    sub-layer); each part alone too (add without the norm, the norm without add, the residual given apart); the
+    RMSNorm's sums before the products' loop and inside it (one_pass)."""
     x, wg, wu, wd, r = inputs(M, K, Fh, K, dtype, seed=2)
     a = (torch.randn(M, 1, K) * 0.5).to(dtype).to(DEV)
     nw = (1 + 0.3 * torch.randn(K)).to(dtype).to(DEV)
@@ -132,10 +135,12 @@ def ref_gated(x, g, lw, lb, w, dtype, eps=1e-6):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K,N,launch", [(3, 200, 48, (16, 64, 4, 2, False)), (16, 64, 80, None),
-                                          (40, 96, 64, (64, 32, 4, 2, True))])
+                                          (40, 96, 64, (64, 32, 4, 2, True)), (3, 200, 48, (16, 64, 4, 2, False, True)),
+                                          (40, 96, 64, (64, 32, 4, 2, True, True))])
 def test_gated_linear_equals_its_parts(M, K, N, launch, dtype):
     """gated_linear_step: the post-LayerNorm (its mean far from 0: the variance about the mean matters), the gate a
-    column range of a wider product (as the merged projection's), o_proj."""
+    column range of a wider product (as the merged projection's), o_proj; the norm's sums before the products' loop
+    and inside it (one_pass: three products, the mean's part taken off after)."""
     g0 = torch.Generator().manual_seed(3)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g0) * scale).to(dtype).to(DEV)  # noqa: E731
     x = r(M, 1, K) + 3.0

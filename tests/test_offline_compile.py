@@ -147,18 +147,20 @@ forms = {"gate_up": (dp._gate_up_kernel, dict(HAS_ADD=True, NORM=dp.RMS)),
          "out": (dp._linear_kernel, dict(NORM=dp.LAYER, HAS_GATE=True, HAS_R=False, R_ADD=False))}
 launches = set(dp.DEFAULT_LAUNCH.items()) | {(k, (64, 64, 4, 3, not v[4])) for k, v in dp.DEFAULT_LAUNCH.items()}
 launches = [(k, v, 16) for k, v in sorted(launches)] + [(k, v, 64) for k, v in sorted(dp.DEFAULT_LAUNCH.items())]
-for kernel, (BN, BK, warps, stages, swap), rows in launches:
+launches += [(k, (*v, True), rows) for k, v in sorted(dp.DEFAULT_LAUNCH.items()) if k != "down" for rows in (16, 64)]
+for kernel, (BN, BK, warps, stages, swap, *one_pass), rows in launches:
     fn, meta = forms[kernel]
     BM, stages = dp.rows_tile(rows, stages)
-    const = dict(meta, BM=BM, BN=BN, BK=BK, EVEN_K=True, SWAP=swap, DOT=2)
+    const = dict(meta, BM=BM, BN=BN, BK=BK, EVEN_K=True, SWAP=swap, DOT=2, ONE_PASS=bool(one_pass))
     regs, stack, wgmma, smem = compile_cost(fn, const, "bf16", warps, stages, types=bf)
     print(kernel, smem, smem <= 232448)
 """
 
 
 def test_decode_product_kernels_compile():
-    """Every launch at 16 rows (BM 16) and the defaults at 64 (BM 64 at `rows_tile`'s stages) compile and fit an
+    """Every launch at 16 rows (BM 16) and the defaults at 64 (BM 64 at `rows_tile`'s stages), the normalising
+    ones also with their sums in the products' loop (one_pass) at both, compile and fit an
     SM's shared memory with this Triton (the device's Triton 3.6 pipelines these loops deeper and asked for more at BM
     64: tests/test_decode_products.py's GPU test at 40 rows runs every benchmarked launch there)."""
     words = compile_offline(PRODUCTS, 900)
-    assert len(words) == 3 * 9 and all(w == "True" for w in words[2::3]), words
+    assert len(words) == 3 * 13 and all(w == "True" for w in words[2::3]), words

@@ -18,9 +18,13 @@ operands; the references are those paths (tests/test_decode_products.py); `bench
 times the FFN sub-layer against its cuBLAS path at the 1.3b decode's shapes.
 
 Each program owns BN output columns of BM (16 to 64) rows and walks all of K (no split-K reduction); more rows than
-64 take one program row per 64. Launches (BN, BK, warps, stages, swap) are explicit arguments, `DEFAULT_LAUNCH` the
-measured choice. Triton's interpreter (3.9) multiplies bf16 tiles wrongly (fp16 and fp32 right): the CPU tests run
-those, the GPU tests bf16 too.
+64 take one program row per 64. Launches (BN, BK, warps, stages, swap[, one_pass]) are explicit arguments,
+`DEFAULT_LAUNCH` the measured choice. one_pass (a normalised operand): the rows' sums are taken inside the products'
+loop and the norm applied to the fp32 products after it, instead of a pass over the rows before the loop (which
+the loop's weight stream waits for): RMS scales the products of s * nw by 1/rms; LayerNorm with z = nw (x gate)
+takes three products of each weight tile, (x z) W * rstd - (z W) * rstd * mean + (nb (x gate)) W, with the
+variance as E[x^2] - mean^2 in fp32. Triton's interpreter (3.9) multiplies bf16 tiles wrongly (fp16 and fp32
+right): the CPU tests run those, the GPU tests bf16 too.
 """
 from __future__ import annotations
 
@@ -90,13 +94,19 @@ def _row_stats(x_ptr, a_ptr, rm, M, K, s_xm, s_am, eps, BM: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _w_dot(acc, x, w_ptr, rn, rk, N, K, s_wn, EVEN_K: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr):
-    """acc + x @ w[rn, rk]^T (w's rows past N zeros): acc [BM, BN], or its transpose [BN, BM] when SWAP (the
-    weight's rows as the product's M side, which wgmma takes from 64 up)."""
+def _w_tile(w_ptr, rn, rk, N, K, s_wn, EVEN_K: tl.constexpr):
+    """w[rn, rk] [BN, BK] (rows past N, columns past K zeros)."""
     if EVEN_K:
         w = tl.load(w_ptr + rn[:, None] * s_wn + rk[None, :], mask=rn[:, None] < N, other=0.0)
     else:
         w = tl.load(w_ptr + rn[:, None] * s_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+    return w
+
+
+@triton.jit
+def _acc_dot(acc, x, w, SWAP: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ w^T: acc [BM, BN], or its transpose [BN, BM] when SWAP (the weight's rows as the product's M side,
+    which wgmma takes from 64 up)."""
     if SWAP:
         acc += _dot(w, tl.trans(x), DOT)  # [BN, BK] x [BK, BM]
     else:
@@ -105,13 +115,37 @@ def _w_dot(acc, x, w_ptr, rn, rk, N, K, s_wn, EVEN_K: tl.constexpr, SWAP: tl.con
 
 
 @triton.jit
+def _w_dot(acc, x, w_ptr, rn, rk, N, K, s_wn, EVEN_K: tl.constexpr, SWAP: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ w[rn, rk]^T (`_acc_dot` of `_w_tile`)."""
+    return _acc_dot(acc, x, _w_tile(w_ptr, rn, rk, N, K, s_wn, EVEN_K), SWAP, DOT)
+
+
+@triton.jit
+def _scale_rows(acc, v, SWAP: tl.constexpr):
+    """acc's rows (its columns when SWAP) times v [BM]."""
+    if SWAP:
+        acc = acc * v[None, :]
+    else:
+        acc = acc * v[:, None]
+    return acc
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, a_ptr, nw_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, s_am, s_wg, s_wu, s_hm, eps,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
-                    DOT: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
-    # program: hidden units [n0, n0 + BN) of rows [m0, m0 + BM): the gate's and the up projection's rows n
+                    DOT: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, ONE_PASS: tl.constexpr):
+    # program: hidden units [n0, n0 + BN) of rows [m0, m0 + BM): the gate's and the up projection's rows n.
+    # ONE_PASS (RMS): the rows' sums of squares taken in the products' loop and 1/rms applied to the fp32 products
+    # after it (the operand s * nw rounded), instead of a pass over the rows before the loop
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    mean, rstd = _row_stats(x_ptr, a_ptr, rm, M, K, s_xm, s_am, eps, BM, BK, EVEN_K, HAS_ADD, NORM)
+    POST: tl.constexpr = ONE_PASS and NORM == 1
+    if POST:
+        mean = tl.zeros([BM], dtype=tl.float32)
+        rstd = mean + 1.0
+        ss = tl.zeros([BM], dtype=tl.float32)
+    else:
+        mean, rstd = _row_stats(x_ptr, a_ptr, rm, M, K, s_xm, s_am, eps, BM, BK, EVEN_K, HAS_ADD, NORM)
     if SWAP:
         g = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -119,10 +153,20 @@ def _gate_up_kernel(x_ptr, a_ptr, nw_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, 
     u = tl.zeros_like(g)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        xt = _x_tile(x_ptr, a_ptr, x_ptr, nw_ptr, nw_ptr, mean, rstd, rm, rk, M, K, s_xm, s_am, 0, EVEN_K, HAS_ADD,
-                     NORM, False)
+        if POST:
+            xs = _x_tile(x_ptr, a_ptr, x_ptr, nw_ptr, nw_ptr, mean, rstd, rm, rk, M, K, s_xm, s_am, 0, EVEN_K,
+                         HAS_ADD, 0, False).to(tl.float32)
+            ss += tl.sum(xs * xs, axis=1)
+            xt = (xs * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+        else:
+            xt = _x_tile(x_ptr, a_ptr, x_ptr, nw_ptr, nw_ptr, mean, rstd, rm, rk, M, K, s_xm, s_am, 0, EVEN_K,
+                         HAS_ADD, NORM, False)
         g = _w_dot(g, xt, wg_ptr, rn, rk, F, K, s_wg, EVEN_K, SWAP, DOT)
         u = _w_dot(u, xt, wu_ptr, rn, rk, F, K, s_wu, EVEN_K, SWAP, DOT)
+    if POST:
+        rstd = 1.0 / tl.sqrt(ss / K + tl.cast(eps, tl.float32))
+        g = _scale_rows(g, rstd, SWAP)
+        u = _scale_rows(u, rstd, SWAP)
     h = g * tl.sigmoid(g) * u
     if SWAP:
         h = tl.trans(h)  # [BN, BM] -> [BM, BN]
@@ -134,21 +178,59 @@ def _gate_up_kernel(x_ptr, a_ptr, nw_ptr, wg_ptr, wu_ptr, h_ptr, M, F, K, s_xm, 
 def _linear_kernel(x_ptr, g_ptr, nw_ptr, nb_ptr, w_ptr, r_ptr, ra_ptr, y_ptr, M, N, K, s_xm, s_gm, s_wn, s_rm, s_ram,
                    s_ym, eps, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                    SWAP: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, HAS_GATE: tl.constexpr,
-                   HAS_R: tl.constexpr, R_ADD: tl.constexpr):
+                   HAS_R: tl.constexpr, R_ADD: tl.constexpr, ONE_PASS: tl.constexpr):
     # program: output columns [n0, n0 + BN) of rows [m0, m0 + BM) of the (normalised, gated) x times w, plus the
-    # residual's (r + ra rounded, with R_ADD)
+    # residual's (r + ra rounded, with R_ADD). ONE_PASS (a norm): the rows' sums taken in the products' loop, the norm
+    # applied to fp32 products after it: for LAYER, with z = nw (* gelu(g)), (x z) w^T * rstd - (z w^T) * rstd * mean
+    # + (nb (* gelu(g))) w^T, three products of each weight tile; for RMS one, scaled by 1/rms
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    mean, rstd = _row_stats(x_ptr, x_ptr, rm, M, K, s_xm, 0, eps, BM, BK, EVEN_K, False, NORM)
+    POST: tl.constexpr = ONE_PASS and NORM != 0
+    if POST:
+        mean = tl.zeros([BM], dtype=tl.float32)
+        rstd = mean + 1.0
+        s1 = tl.zeros([BM], dtype=tl.float32)
+        s2 = tl.zeros([BM], dtype=tl.float32)
+    else:
+        mean, rstd = _row_stats(x_ptr, x_ptr, rm, M, K, s_xm, 0, eps, BM, BK, EVEN_K, False, NORM)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_z = tl.zeros_like(acc)  # (ONE_PASS, LAYER: the products of z and of the bias part)
+    acc_b = tl.zeros_like(acc)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        xt = _x_tile(x_ptr, x_ptr, g_ptr, nw_ptr, nb_ptr, mean, rstd, rm, rk, M, K, s_xm, 0, s_gm, EVEN_K, False,
-                     NORM, HAS_GATE)
-        acc = _w_dot(acc, xt, w_ptr, rn, rk, N, K, s_wn, EVEN_K, SWAP, DOT)
+        if POST:
+            xs = _x_tile(x_ptr, x_ptr, g_ptr, nw_ptr, nb_ptr, mean, rstd, rm, rk, M, K, s_xm, 0, s_gm, EVEN_K, False,
+                         0, False).to(tl.float32)
+            s1 += tl.sum(xs, axis=1)
+            s2 += tl.sum(xs * xs, axis=1)
+            z = tl.broadcast_to(tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :], (BM, BK))
+            if HAS_GATE:
+                m = (rm[:, None] < M) & (rk[None, :] < K)
+                gz, _ = _gelu_parts(tl.load(g_ptr + rm[:, None] * s_gm + rk[None, :], mask=m, other=0.0)
+                                    .to(tl.float32))
+                z *= gz
+            w = _w_tile(w_ptr, rn, rk, N, K, s_wn, EVEN_K)
+            acc = _acc_dot(acc, (xs * z).to(x_ptr.dtype.element_ty), w, SWAP, DOT)
+            if NORM == 2:
+                acc_z = _acc_dot(acc_z, z.to(x_ptr.dtype.element_ty), w, SWAP, DOT)
+                bz = tl.broadcast_to(tl.load(nb_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :], (BM, BK))
+                if HAS_GATE:
+                    bz *= gz
+                acc_b = _acc_dot(acc_b, bz.to(x_ptr.dtype.element_ty), w, SWAP, DOT)
+        else:
+            xt = _x_tile(x_ptr, x_ptr, g_ptr, nw_ptr, nb_ptr, mean, rstd, rm, rk, M, K, s_xm, 0, s_gm, EVEN_K, False,
+                         NORM, HAS_GATE)
+            acc = _w_dot(acc, xt, w_ptr, rn, rk, N, K, s_wn, EVEN_K, SWAP, DOT)
+    if POST:
+        if NORM == 2:
+            mean = s1 / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + tl.cast(eps, tl.float32))
+            acc = _scale_rows(acc, rstd, SWAP) - _scale_rows(acc_z, rstd * mean, SWAP) + acc_b
+        else:
+            acc = _scale_rows(acc, 1.0 / tl.sqrt(s2 / K + tl.cast(eps, tl.float32)), SWAP)
     if SWAP:
         acc = tl.trans(acc)  # [BN, BM] -> [BM, BN]
     m2 = (rm[:, None] < M) & (rn[None, :] < N)
@@ -170,10 +252,11 @@ def rows_tile(M: int, stages: int) -> tuple[int, int]:
 
 
 def _launch(kernel, grid_n: int, M: int, launch: tuple, K: int, dtype, *args, **meta):
-    BN, BK, warps, stages, swap = launch
+    BN, BK, warps, stages, swap, *one_pass = launch  # (one_pass: optional, default False)
     BM, stages = rows_tile(M, stages)
     kernel[(cdiv(grid_n, BN), cdiv(M, BM))](*args, BM=BM, BN=BN, BK=BK, EVEN_K=K % BK == 0, SWAP=swap,
-                                             DOT=dot_mode(dtype), **meta, num_warps=warps, num_stages=stages)
+                                             DOT=dot_mode(dtype), ONE_PASS=bool(one_pass and one_pass[0]), **meta,
+                                             num_warps=warps, num_stages=stages)
 
 
 def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -183,7 +266,8 @@ def swiglu_step(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
     RMSNorm'd with norm_weight and eps when given (fp32 math, rounded as `layers.norms.RMSNorm` rounds); residual a
     tensor [..., N], True for s itself (a pre-norm block's s + FFN(norm(s)): its residual add and RMSNorm inside the
     kernels, no launch of their own), or None. [..., N] in x's dtype (module docstring).
-    launch: {"gate_up": (BN, BK, warps, stages, swap), "down": (...)}, either or both (the rest: DEFAULT_LAUNCH)."""
+    launch: {"gate_up": (BN, BK, warps, stages, swap[, one_pass]), "down": (...)}, either or both (the rest:
+    DEFAULT_LAUNCH)."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)  # [..., K] -> [M, K] (a view for the decode's [B, 1, K])
     M, F, N = rows.shape[0], w_gate.shape[0], w_down.shape[0]
@@ -223,7 +307,7 @@ def gated_linear_step(x: torch.Tensor, gate: torch.Tensor, ln_weight: torch.Tens
     """(LayerNorm(x) * gelu_tanh(gate)) @ w^T in one kernel (module docstring): x, gate [..., K] (last dims
     contiguous; gate may be a column range of a wider tensor), ln_weight, ln_bias [K], w [N, K], all of x's dtype
     (fp16, bf16 or fp32); the LayerNorm and the gate in fp32, the operand rounded once. [..., N] in x's dtype.
-    launch: (BN, BK, warps, stages, swap), default DEFAULT_LAUNCH["out"]."""
+    launch: (BN, BK, warps, stages, swap[, one_pass]), default DEFAULT_LAUNCH["out"]."""
     K = x.shape[-1]
     rows, g = x.reshape(-1, K), gate.reshape(-1, K)  # [..., K] -> [M, K] (views for the decode's [B, 1, K])
     M, N = rows.shape[0], w.shape[0]
