@@ -233,10 +233,10 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
 
 
 MLP_LAUNCHES = ["default", "gate_up:32,128,4,4", "gate_up:64,128,4,4", "gate_up:64,64,4,6,swap", "gate_up:64,128,8,4,swap",
-               "gate_up:64,128,4,4,swap,1pass", "gate_up:32,128,4,4,1pass",
+               "gate_up:64,128,4,4,swap", "gate_up:32,128,4,4,1pass",
                "down:16,256,4,4", "down:16,512,4,3", "down:16,128,2,6", "down:64,128,4,4,swap",
                "out:16,128,2,6", "out:16,512,4,3", "out:32,128,4,4", "out:64,128,4,4,swap",
-               "out:16,256,2,4,1pass", "out:16,128,4,4,1pass", "out:64,128,4,4,swap,1pass"]
+               "out:16,256,2,4", "out:16,128,4,4,1pass", "out:64,128,4,4,swap,1pass"]
 
 
 def mlp_launch(spec: str) -> dict | None:

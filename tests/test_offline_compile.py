@@ -145,13 +145,14 @@ bf = {n: "bf16" for n in ("a_ptr", "nw_ptr", "nb_ptr", "wg_ptr", "wu_ptr", "h_pt
 forms = {"gate_up": (dp._gate_up_kernel, dict(HAS_ADD=True, NORM=dp.RMS)),
          "down": (dp._linear_kernel, dict(NORM=dp.NO_NORM, HAS_GATE=False, HAS_R=True, R_ADD=True)),
          "out": (dp._linear_kernel, dict(NORM=dp.LAYER, HAS_GATE=True, HAS_R=False, R_ADD=False))}
-launches = set(dp.DEFAULT_LAUNCH.items()) | {(k, (64, 64, 4, 3, not v[4])) for k, v in dp.DEFAULT_LAUNCH.items()}
-launches = [(k, v, 16) for k, v in sorted(launches)] + [(k, v, 64) for k, v in sorted(dp.DEFAULT_LAUNCH.items())]
-launches += [(k, (*v, True), rows) for k, v in sorted(dp.DEFAULT_LAUNCH.items()) if k != "down" for rows in (16, 64)]
-for kernel, (BN, BK, warps, stages, swap, *one_pass), rows in launches:
+default = sorted(dp.DEFAULT_LAUNCH.items())
+launches = set(default) | {(k, (64, 64, 4, 3, not v[4], v[5])) for k, v in default}
+launches = [(k, v, 16) for k, v in sorted(launches)] + [(k, v, 64) for k, v in default]
+launches += [(k, (*v[:5], not v[5]), rows) for k, v in default if k != "down" for rows in (16, 64)]
+for kernel, (BN, BK, warps, stages, swap, one_pass), rows in launches:
     fn, meta = forms[kernel]
     BM, stages = dp.rows_tile(rows, stages)
-    const = dict(meta, BM=BM, BN=BN, BK=BK, EVEN_K=True, SWAP=swap, DOT=2, ONE_PASS=bool(one_pass))
+    const = dict(meta, BM=BM, BN=BN, BK=BK, EVEN_K=True, SWAP=swap, DOT=2, ONE_PASS=one_pass)
     regs, stack, wgmma, smem = compile_cost(fn, const, "bf16", warps, stages, types=bf)
     print(kernel, smem, smem <= 232448)
 """

@@ -37,8 +37,9 @@ from .triton_utils import _dot, _gelu_parts, cdiv, dot_mode, pow2
 MAX_BM = 64  # the most rows of x one program multiplies (BM: the M side of the products, a power of two >= 16)
 NO_NORM, RMS, LAYER = 0, 1, 2  # the operand's normalisation (NORM)
 
-# (BN, BK, warps, stages, swap) per kernel: docs/kernels_notes.md, "Decode" (bench_layer_kernels --mlp)
-DEFAULT_LAUNCH = {"gate_up": (64, 128, 4, 4, True), "down": (16, 256, 2, 4, False), "out": (16, 256, 2, 4, False)}
+# (BN, BK, warps, stages, swap, one_pass) per kernel: docs/kernels_notes.md, "Decode" (bench_layer_kernels --mlp)
+DEFAULT_LAUNCH = {"gate_up": (64, 128, 4, 4, True, True), "down": (16, 256, 2, 4, False, False),
+                  "out": (16, 256, 2, 4, False, True)}
 
 
 @triton.jit
