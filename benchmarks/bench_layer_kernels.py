@@ -13,7 +13,6 @@ per 125m training step (12 layers: one conv + RoPE pair and one block pre-conv e
     python3 -m benchmarks.bench_layer_kernels --packed --launches default   # packed documents (cu_seqlens)
     python3 -m benchmarks.bench_layer_kernels --decode default 8 4:128   # the fused decode step's launches
     python3 -m benchmarks.bench_layer_kernels --gemms                    # the decode's GEMMs, from memory / L2
-    python3 -m benchmarks.bench_layer_kernels --mlp                      # the decode's FFN sub-layer: cuBLAS, kernels
 """
 from __future__ import annotations
 
@@ -22,12 +21,10 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from benchmarks.common import bench, environment, graphed_ms, rel
 from ttt.checkpoint import write_json
 from ttt.layers.attention import apply_rope
-from ttt.layers.norms import RMSNorm
 from ttt.layers.merged import ALIGN_ROWS
 from ttt.ops import fused_layer
 
@@ -232,110 +229,6 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
     return rows
 
 
-MLP_LAUNCHES = ["default", "gate_up:32,128,4,4", "gate_up:64,128,4,4", "gate_up:64,64,4,6,swap", "gate_up:64,128,8,4,swap",
-               "gate_up:64,128,4,4,swap", "gate_up:32,128,4,4,1pass",
-               "down:16,256,4,4", "down:16,512,4,3", "down:16,128,2,6", "down:64,128,4,4,swap",
-               "out:16,128,2,6", "out:16,512,4,3", "out:32,128,4,4", "out:64,128,4,4,swap",
-               "out:16,256,2,4", "out:16,128,4,4,1pass", "out:64,128,4,4,swap,1pass"]
-
-
-def mlp_launch(spec: str) -> dict | None:
-    """"default" -> None; "gate_up:BN,BK,WARPS,STAGES[,swap][,1pass]" (or down:..., out:...) -> {kernel: launch}
-    (`decode_products.DEFAULT_LAUNCH`'s keys; 1pass: the norm's sums inside the products' loop)."""
-    if spec == "default":
-        return None
-    kernel, _, vals = spec.partition(":")
-    v = vals.split(",")
-    flags = set(v[4:])
-    if not flags <= {"swap", "1pass"}:
-        raise ValueError(f"--mlp: expected flags swap and/or 1pass after BN,BK,WARPS,STAGES in {spec!r}")
-    return {kernel: (*(int(t) for t in v[:4]), "swap" in flags, "1pass" in flags)}
-
-
-def checked_timings(kernel: str, variants: dict, weights: list, check, nbytes: int, **info) -> list:
-    """Each variant (a callable on one weight set) checked first (check(its output) -> relative error, at most 2e-2
-    to be timed), then timed as a CUDA graph of one call per weight set (copies: from memory); rows with us per call
-    and the weights' read rate. A launch too large for this GPU is said, not timed."""
-    rows = []
-    for tag, run in variants.items():
-        row = dict(kernel=kernel, variant=tag, **info)
-        try:
-            err = check(run(*weights[0]))
-        except triton.runtime.errors.OutOfResources as e:
-            row.update(ok=False, error=str(e)[:120])
-        else:
-            row.update(max_rel_err=err, ok=err < 2e-2)
-            if row["ok"]:
-                ms = graphed_ms([lambda w=w: run(*w) for w in weights])
-                row.update(us=ms * 1e3, weight_tb_per_s=nbytes / (ms * 1e-3) / 1e12)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
-def bench_decode_mlp(launches, B=16, D=2048, hidden=5504, dtype=torch.bfloat16, copies=20):
-    """The 1.3b decode's FFN sub-layer per block after the mixer's output y: s = h + y, then s + (silu(n Wg) * n Wu)
-    Wd with n = RMSNorm(s). As the model's cuBLAS path runs it (the add and the norm, the merged gate|up GEMM, silu
-    x up, the down GEMM, the add; compiled by Inductor as the decode step is) against
-    `decode_products.swiglu_step`'s two kernels (the sum and the norm inside them: `model.SwiGLU.sublayer`) at each
-    launch; each checked against fp32 products of the same rounded inputs, then timed as a CUDA graph of `copies`
-    calls on a weight copy each (from memory, as the decode's blocks read them); us per call and the weights' read
-    rate (TB/s)."""
-    from ttt.ops import decode_products as sw
-    h = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    y = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    norm = RMSNorm(D, eps=1e-6).to(DEV, dtype).requires_grad_(False)  # the model's own (its formula when compiled)
-    norm.weight.mul_(1 + 0.1 * torch.randn(D, device=DEV))
-    nw = norm.weight
-    rows_gu = -(-2 * hidden // ALIGN_ROWS) * ALIGN_ROWS
-    wgu = [(torch.randn(rows_gu, D, device=DEV) * D ** -0.5).to(dtype) for _ in range(copies)]
-    wd = [(torch.randn(D, hidden, device=DEV) * hidden ** -0.5).to(dtype) for _ in range(copies)]
-    s = (h.float() + y.float()).to(dtype)
-    g, u = (norm(s).float() @ wgu[0][:2 * hidden].float().T).split(hidden, dim=-1)
-    ref = s.float() + (F.silu(g) * u) @ wd[0].float().T
-
-    @torch.compile(dynamic=False)
-    def cublas(h, y, w1, w2):
-        s = h + y
-        g, u = F.linear(norm(s), w1)[..., :2 * hidden].split(hidden, dim=-1)
-        return s + F.linear(F.silu(g) * u, w2)
-    variants = {"cuBLAS + Inductor (the model's path)": lambda a, b: cublas(h, y, a, b)}
-    # (gate and up as views of the merged copy: the model's own weights work as well)
-    for spec in [L for L in launches if not L.startswith("out:")]:
-        variants[f"swiglu_step {spec}"] = lambda a, b, L=mlp_launch(spec): sw.swiglu_step(
-            h, a[:hidden], a[hidden:2 * hidden], b, True, add=y, norm_weight=nw, launch=L)
-    nbytes = (2 * hidden * D + D * hidden) * h.element_size()
-    rows = checked_timings("decode swiglu sub-layer", variants, list(zip(wgu, wd)),
-                           lambda out: rel(out.float() - s.float(), ref - s.float()),  # the feed-forward part alone
-                           nbytes, rows=B, D=D, hidden=hidden)
-    rows += bench_decode_output([L for L in launches if L == "default" or L.startswith("out:")], B, D, dtype, copies)
-    return rows
-
-
-def bench_decode_output(launches, B=16, D=2048, dtype=torch.bfloat16, copies=20):
-    """The TTT (M) layer's one-token output at 1.3b: (LayerNorm(o) * gelu_tanh(g)) Wo, as the cuBLAS path runs it
-    (Inductor's norm x gate kernel, the o_proj GEMM) against `decode_products.gated_linear_step` at each launch
-    ("default" or "out:..."), checked and timed as `bench_decode_mlp` does."""
-    from ttt.ops import decode_products as dp
-    o = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    g = torch.randn(B, 1, D, device=DEV, dtype=dtype)
-    lw, lb = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype), (0.1 * torch.randn(D, device=DEV)).to(dtype)
-    ws = [(torch.randn(D, D, device=DEV) * D ** -0.5).to(dtype) for _ in range(copies)]
-    z = F.layer_norm(o.float(), (D,), lw.float(), lb.float(), 1e-6) * F.gelu(g.float(), approximate="tanh")
-    ref = z.to(dtype).float() @ ws[0].float().T
-
-    @torch.compile(dynamic=False)
-    def cublas(w):
-        return F.linear(F.gelu(g, approximate="tanh") * F.layer_norm(o, (D,), lw, lb, 1e-6), w)
-    variants = {"cuBLAS + Inductor (the model's path)": cublas}
-    for spec in launches:
-        variants[f"gated_linear_step {spec}"] = lambda w, L=(mlp_launch(spec) or {}).get("out"): dp.gated_linear_step(
-            o, g, lw, lb, w, launch=L)
-    rows = checked_timings("decode output (post-LN x gate, o_proj)", variants, [(w,) for w in ws],
-                           lambda out: rel(out.float(), ref), D * D * o.element_size(), rows=B, D=D)
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", nargs="*", default=None,
@@ -343,10 +236,6 @@ def main():
                          "none given: default 8 4:128 2)")
     ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
                                                             "from memory and from L2)")
-    ap.add_argument("--mlp", nargs="*", default=None,
-                    help="time the decode's FFN sub-layer and TTT output instead: the model's cuBLAS path against "
-                         "decode_products' kernels at these launches (default or gate_up:BN,BK,WARPS,STAGES[,swap][,1pass] / "
-                         "down:... / out:...; none given: a sweep)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
                     help="with --gemms: the BLAS libraries to time them with")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
@@ -368,9 +257,6 @@ def main():
         a.shapes = []
     if a.gemms:
         rows += bench_decode_gemms(blas=a.blas)
-        a.shapes = []
-    if a.mlp is not None:
-        rows += bench_decode_mlp(a.mlp or MLP_LAUNCHES)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -32,7 +32,7 @@ def build(size, mixer, ttt_backend="auto"):
     (fused_layer=False), the suffix "+fused" (e.g. ttt_linear+fused) the library's default, fused_layer=None, which on
     CUDA runs the fused layer kernels (checked), "+fused+keep" (TTT-MLP) that with `mlp_keep_weights`,
     "+fused+gluon" (TTT-Linear) that with `linear_gluon` (the Gluon forward too; the backward is Gluon by default
-    on Hopper), "+fused+products" fused_layer=True (one-token steps also run `ops.decode_products`' kernels);
+    on Hopper);
     "mamba2_module": the Mamba preset with mamba_ssm's own Mamba2 module as every mixer."""
     base, _, extra = mixer.partition("+")
     extra, _, keep = extra.partition("+")
@@ -41,8 +41,7 @@ def build(size, mixer, ttt_backend="auto"):
         return cfg, with_mamba2_module(TTTLM(cfg), cfg).cuda()
     cfg = get_config(size, mixer=base)
     # "+fused": the library's default (fused_layer=None, auto), which must pick the fused kernels here
-    fused = (True if keep == "products" else None) if extra == "fused" else False
-    model = TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=fused,
+    model = TTTLM(cfg, RunOptions(ttt_backend=ttt_backend, fused_layer=None if extra == "fused" else False,
                                   mlp_keep_weights=keep == "keep", linear_gluon=keep == "gluon")).cuda()
     if extra == "fused" and not all(b.mixer.prepare().fused for b in model.blocks):
         raise RuntimeError(f"{mixer}: the default (fused_layer=None) did not pick the fused layer kernels here")

@@ -16,8 +16,6 @@ what it measured; a row that fails is recorded with its error and the run goes o
   prefill      1.3b prefill tok/s, bf16 weights, eager, logits="last", 2k / 8k / 32k, the same five
   decode       1.3b decode B16 ms/token, CUDA graphs of the compiled step, at 1k and 32k: TTT-Linear on the PyTorch
                layer path and fused (the fused decode kernel), next to attention's KV-cache read alone
-               (--mixers ttt_linear+fused+products: the fused layer with fused_layer=True, whose one-token steps
-               also run ops.decode_products' kernels)
   train13b     1.3b training tok/s at 8k (the paper's comparison size): TTT-Linear both paths, Transformer++,
                Mamba-2 (our layer and mamba_ssm's Mamba2 module)
   compile      the first forward+backward of the TTT-Linear op in a fresh process, with an empty Triton cache and then
@@ -143,7 +141,7 @@ def part_prefill(run: Run):
 
 
 def part_decode(run: Run):
-    for m in run.picked(DECODE_MIXERS, "mixers", extra=["ttt_linear+fused+products"]):
+    for m in run.picked(DECODE_MIXERS, "mixers"):
         run.guarded("decode", lambda: bench_model.bench_decode(run.positions, 16, "1.3b", "default", mixer=m),
                     mixer=m)
 

@@ -83,8 +83,7 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
                                                      else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
            else float_type if n in FLOATS else "i32" for n in names}
-    sig.update({n: t if t.startswith("*") or not n.endswith("_ptr") else "*" + t for n, t in (types or {}).items()
-                if n in sig})
+    sig.update({n: t if t.startswith("*") or not n.endswith("_ptr") else "*" + t for n, t in (types or {}).items()})
     if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
         sig["num_warps"] = "constexpr"
         constexprs["num_warps"] = num_warps
@@ -101,11 +100,10 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
 
 
 def compile_cost(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int,
-                 hints: bool = False, maxnreg: int | None = None, ints: dict | None = None,
-                 types: dict | None = None) -> tuple[int, int, int, int]:
+                 hints: bool = False, maxnreg: int | None = None, ints: dict | None = None) -> tuple[int, int, int, int]:
     """(registers, stack bytes, wgmma instructions, shared bytes) of the @triton.jit or @gluon.jit kernel `fn`
-    compiled for sm_90 (maxnreg: a register cap, as the conv launches set; ints, types: as `_compile`'s)."""
-    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints, maxnreg=maxnreg, ints=ints, types=types)
+    compiled for sm_90 (maxnreg: a register cap, as the conv launches set; ints: as `_compile`'s)."""
+    k = _compile(fn, constexprs, dtype, num_warps, num_stages, hints, maxnreg=maxnreg, ints=ints)
     return (*resources(k.asm["cubin"]), k.metadata.shared)
 
 

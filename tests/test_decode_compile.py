@@ -105,16 +105,15 @@ def test_compiled_step_inductor_equals_eager(mixer):
 
 
 def _traceable_kernels(monkeypatch, mod):
-    """Dynamo told that Triton works on this GPU-less machine: `mod`'s kernels (and the shared helpers, and the
-    SwiGLU step's, which the fused layer path's steps launch too), built for the interpreter (test_triton.py),
-    rebuilt as jitted kernels it can trace."""
+    """Dynamo told that Triton works on this GPU-less machine: `mod`'s kernels (and the shared helpers), built for
+    the interpreter (test_triton.py), rebuilt as jitted kernels it can trace."""
     import triton
     from torch.utils import _triton as torch_triton
     from triton.runtime.interpreter import InterpretedFunction
 
-    from ttt.ops import decode_products, triton_utils
+    from ttt.ops import triton_utils
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for m in (mod, triton_utils, decode_products):
+    for m in (mod, triton_utils):
         for name, f in list(vars(m).items()):
             if isinstance(f, InterpretedFunction):
                 monkeypatch.setattr(m, name, triton.jit(f.fn))
@@ -177,26 +176,22 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         assert [copies(g) for g in owned_graphs] == [copies(g) - (6 if i == 0 else 4) for i, g in enumerate(plain)]
         assert all(copies(g) == 0 for g in owned_graphs)
         from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-        for g in owned_graphs:  # the decode kernel, the window push, o_proj's and the SwiGLU's, nothing else
+        for g in owned_graphs:  # the decode kernel and the window push, nothing else
             names = sorted(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in g.graph.nodes
                            if "triton_kernel_wrapper" in str(n.target))
-            assert names == ["_gate_up_kernel", "_linear_decode_kernel", "_linear_kernel", "_linear_kernel",
-                             "_window_push_kernel"], names
-        # merged decode weights: one GEMM for qk, v, gate and lr (4 -> 1 per block; o_proj's and the SwiGLU's
-        # products are kernels of their own, merged or not)
+            assert names == ["_linear_decode_kernel", "_window_push_kernel"], names
+        # merged decode weights: one GEMM for qk, v, gate and lr, one for SwiGLU's gate and up (8 -> 4 per block)
         gemms = lambda g: sum(1 for n in g.graph.nodes if "linear" in str(n.target))  # noqa: E731
         merged = trace(merge=True)
-        assert [gemms(g) for g in merged] == [gemms(g) - 3 for g in plain] and gemms(plain[0]) == 4
+        assert [gemms(g) for g in merged] == [gemms(g) - 4 for g in plain] and gemms(plain[0]) == 8
     graphs = trace()
     assert len(graphs) <= 3  # the commit, r = 0 as a constant, then r symbolic (r = 2 reuses it)
     for g in graphs:
         launches = [n for n in g.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-        if kind == "linear+fused":  # the fused decode kernel (no separate step kernel), o_proj's and the SwiGLU's
+        assert len(launches) == 1
+        if kind == "linear+fused":  # the one launch is the fused decode kernel (no separate step kernel)
             from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-            names = sorted(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in launches)
-            assert names == ["_gate_up_kernel", "_linear_decode_kernel", "_linear_kernel", "_linear_kernel"], names
-        else:
-            assert len(launches) == 1
+            assert kernel_side_table.get_kernel(launches[0].kwargs["kernel_idx"]).fn.__name__ == "_linear_decode_kernel"
     assert any("pos" in n.name for n in graphs[-1].graph.nodes if n.op == "placeholder")
 
 

@@ -67,12 +67,10 @@ def test_model_triton_equals_dual(mixer):
 
 def _decode_model(mixer):
     """A debug-size model on the GPU; the suffix "+fused" turns on the fused layer kernels (its decode step is the
-    fused decode kernel, its output and SwiGLU products `ops.decode_products`), "+auto" leaves them to the default
-    (fused_layer=None: the fused layer on CUDA, the products' kernels not: `ops.step_kernels`), none
-    turns them off."""
+    fused decode kernel)."""
     base, _, extra = mixer.partition("+")
     return TTTLM(get_config("debug", mixer=base, vocab_size=256, mini_batch=4),
-                 RunOptions(fused_layer={"fused": True, "auto": None}.get(extra, False))).cuda()
+                 RunOptions(fused_layer=extra == "fused")).cuda()
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_linear+fused", "ttt_mlp", "mamba"])
@@ -132,7 +130,7 @@ def test_graphed_decode_follows_weights_changed_in_place(compile):
             GraphedDecoder(frozen, s, compile=compile, merge=True)
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_linear+fused", "ttt_linear+auto", "ttt_mlp", "mamba"])
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_linear+fused", "ttt_mlp", "mamba"])
 def test_compiled_graphed_decode_equals_eager(mixer):
     """GraphedDecoder(compile=True): Inductor-compiled blocks around the fused Triton step kernels,
     captured; bf16, so Inductor's fused casts differ from eager's by bf16 rounding."""

@@ -132,36 +132,3 @@ def test_conv_kernels_stay_resident_as_their_grids_assume():
         per_sm = 65536 // (-(-int(regs) // 8) * 8 * 32 * int(warps))
         want = ROWS[("bwd" if "bwd" in name else "fwd", name.startswith("conv+rope"), name.endswith("packed"))][1]
         assert want <= 32 and per_sm >= want, (name, regs)
-
-
-# the one-token step's product kernels at their default launches and in the other product orientation: the FFN
-# sub-layer's two (the residual sum and the RMSNorm in the first, the sum added back in the second) and the TTT
-# output's (LayerNorm x GELU gate); a return type that differs between constexpr branches compiles in the
-# interpreter and fails here (the benchmark's other launches: bench_layer_kernels --mlp says which do not fit)
-PRODUCTS = """
-from benchmarks.offline_compile import compile_cost
-from ttt.ops import decode_products as dp
-bf = {n: "bf16" for n in ("a_ptr", "nw_ptr", "nb_ptr", "wg_ptr", "wu_ptr", "h_ptr", "w_ptr", "r_ptr", "ra_ptr")}
-forms = {"gate_up": (dp._gate_up_kernel, dict(HAS_ADD=True, NORM=dp.RMS)),
-         "down": (dp._linear_kernel, dict(NORM=dp.NO_NORM, HAS_GATE=False, HAS_R=True, R_ADD=True)),
-         "out": (dp._linear_kernel, dict(NORM=dp.LAYER, HAS_GATE=True, HAS_R=False, R_ADD=False))}
-default = sorted(dp.DEFAULT_LAUNCH.items())
-launches = set(default) | {(k, (64, 64, 4, 3, not v[4], v[5])) for k, v in default}
-launches = [(k, v, 16) for k, v in sorted(launches)] + [(k, v, 64) for k, v in default]
-launches += [(k, (*v[:5], not v[5]), rows) for k, v in default if k != "down" for rows in (16, 64)]
-for kernel, (BN, BK, warps, stages, swap, one_pass), rows in launches:
-    fn, meta = forms[kernel]
-    BM, stages = dp.rows_tile(rows, stages)
-    const = dict(meta, BM=BM, BN=BN, BK=BK, EVEN_K=True, SWAP=swap, DOT=2, ONE_PASS=one_pass)
-    regs, stack, wgmma, smem = compile_cost(fn, const, "bf16", warps, stages, types=bf)
-    print(kernel, smem, smem <= 232448)
-"""
-
-
-def test_decode_product_kernels_compile():
-    """Every launch at 16 rows (BM 16) and the defaults at 64 (BM 64 at `rows_tile`'s stages), the normalising
-    ones also with their sums in the products' loop (one_pass) at both, compile and fit an
-    SM's shared memory with this Triton (the device's Triton 3.6 pipelines these loops deeper and asked for more at BM
-    64: tests/test_decode_products.py's GPU test at 40 rows runs every benchmarked launch there)."""
-    words = compile_offline(PRODUCTS, 900)
-    assert len(words) == 3 * 13 and all(w == "True" for w in words[2::3]), words

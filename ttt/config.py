@@ -35,9 +35,8 @@ class RunOptions:
     ttt_backend: str = help_field("auto", "TTT op backend: auto, dual, naive, triton")
     fused_layer: bool | None = field(default=None, metadata=dict(
         help="run the Triton kernels around the TTT op (the (M) layer's causal convs + RoPE, the block pre-conv, the "
-             "TTT-Linear decode step; with --fused-layer also a one-token step's products: the SwiGLU sub-layer, the TTT "
-             "output); --no-fused-layer runs the PyTorch layer path, "
-             "--fused-layer insists (needs the op's triton backend)",
+             "TTT-Linear decode step); --no-fused-layer runs the PyTorch layer path, --fused-layer insists (needs "
+             "the op's triton backend)",
         default_text="auto: on where the op runs its triton backend on CUDA"))
     mlp_keep_weights: bool = help_field(False, "TTT-MLP training in the shared-memory kernels (Hopper, bf16/fp16): "
                                                "the forward keeps every mini-batch's inner weights for the backward, "

@@ -142,8 +142,7 @@ class GraphedDecoder:
     before the capture, on first use per model and batch size) instead of the eager step; a mode name of MODES
     compiles in that torch.compile mode (True = "default"). merge=True first gives the model merged copies of the
     weights that share an input (`TTTLM.merge_decode_weights`: fewer, larger GEMMs per token, those weights' memory
-    again; refreshed before each replay when a weight changed in place; none for an FFN whose steps run on the
-    product kernels at this batch size); it raises for inference tensors (weights
+    again; refreshed before each replay when a weight changed in place); it raises for inference tensors (weights
     made under torch.inference_mode), which None (the default) leaves unmerged; merge=False drops the copies the
     model had, so that the graphs read the weights themselves.
     """
@@ -169,8 +168,7 @@ class GraphedDecoder:
         model.prepare()
         if merge is None:
             merge = not any(p.is_inference() for p in model.parameters())
-        # False drops copies the model had: the graphs read its own weights
-        model.merge_decode_weights(merge, batch_size=flatten_state(state)[0].shape[0])
+        model.merge_decode_weights(merge)  # False drops copies the model had: the graphs read its own weights
         # the merged copies the graphs will read: kept alive and refreshed by this decoder, whatever the model's
         # modules hold later (merging again keeps them; unmerging drops the modules' references, not these)
         self.merged = model.decode_weight_copies()

@@ -71,57 +71,27 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class SwiGLU(nn.Module):
-    """FFN: (silu(x W_gate) * x W_up) W_down, no biases. fused (the run's fused_layer option, set by
-    `Block.set_run_options`): whether a one-token step without gradients runs on the Triton kernels of
-    `ops.decode_products.swiglu_step` (two launches; in a block, `sublayer`, with the residual sum and the RMSNorm
-    inside them), decided by `ops.step_kernels`: True wherever Triton runs, None (the default) and False never."""
+    """FFN: (silu(x W_gate) * x W_up) W_down, no biases."""
 
-    def __init__(self, d_model: int, hidden: int, fused: bool | None = None):
+    def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.merged = None  # MergedWeights of gate and up for one-token steps (`merge_decode_weights`)
-        self.fused = fused
 
-    def merge_decode_weights(self, on: bool = True, batch_size: int | None = None) -> None:
-        """on: a one-token step without gradients on the cuBLAS path reads gate and up as one concatenated copy, one
-        GEMM (`layers/merged.py`); off: drops it. batch_size (the rows of the steps to come, when known): no copy
-        where those steps run on the kernels (`_kernels`), which read gate and up themselves."""
-        w = self.gate.weight
-        if on and batch_size is not None:
-            on = not self._kernels(w.new_empty(batch_size, 1, w.shape[1]))  # [B, 1, d_model], as the steps' x
-        self.merged = merged_for(self.merged, [w, self.up.weight]) if on else None
+    def merge_decode_weights(self, on: bool = True) -> None:
+        """on: a one-token step without gradients reads gate and up as one concatenated copy, one GEMM
+        (`layers/merged.py`); off: drops it."""
+        ws = [self.gate.weight, self.up.weight]
+        self.merged = merged_for(self.merged, ws) if on else None
 
-    def _kernels(self, x: torch.Tensor) -> bool:
-        """Whether this one-token step (no gradients) runs on `ops.decode_products`' kernels (class docstring)."""
-        from .ops import step_kernels
-        return step_kernels(self.fused, x, (self.gate.weight, self.up.weight, self.down.weight))
-
-    def sublayer(self, h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """A pre-norm block's FFN sub-layer after its mixer's output y: s = h + y, then s + FFN(norm(s)). On the
-        kernels (a one-token step, `_kernels`) the sum and the RMSNorm happen inside them (no launch of their own)."""
-        if (h.shape[-2] == 1 and not torch.is_grad_enabled() and y.dtype == h.dtype and y.stride(-1) == 1
-                and self._kernels(h)):
-            from .ops.decode_products import swiglu_step
-            return swiglu_step(h, self.gate.weight, self.up.weight, self.down.weight, True, add=y,
-                               norm_weight=norm.weight, eps=norm.eps)
-        s = h + y
-        return self(norm(s), residual=s)
-
-    def forward(self, x, residual=None):
-        """x [..., d_model] -> (residual +) the FFN of x."""
-        one = x.shape[-2] == 1 and not torch.is_grad_enabled()
-        if one and self._kernels(x):
-            from .ops.decode_products import swiglu_step
-            return swiglu_step(x, self.gate.weight, self.up.weight, self.down.weight, residual)
-        w = merged_weight(self.merged, x) if one else None
+    def forward(self, x):
+        w = merged_weight(self.merged, x) if x.shape[-2] == 1 and not torch.is_grad_enabled() else None
         if w is not None:
             g, u = self.merged.split(F.linear(x, w))
-            y = self.down(F.silu(g) * u)
-        else:
-            y = self.down(F.silu(self.gate(x)) * self.up(x))
-        return y if residual is None else residual + y
+            return self.down(F.silu(g) * u)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def make_mixer(cfg: ModelConfig, run: RunOptions = RunOptions()) -> nn.Module:
@@ -153,11 +123,8 @@ class Block(nn.Module):
 
     def set_run_options(self, run: RunOptions) -> None:
         """The block's share of `TTTLM.set_run_options`: the pre-conv's kernel and the mixer's backends."""
-        backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
         if self.has_conv:
-            self.conv.backend = backend
-        if hasattr(self, "ffn"):
-            self.ffn.fused = run.fused_layer
+            self.conv.backend = {True: "triton", False: "torch", None: "auto"}[run.fused_layer]
         if isinstance(self.mixer, TTTLayer):
             self.mixer.backend, self.mixer.fused = run.ttt_backend, run.fused_layer
             self.mixer.keep_weights = run.mlp_keep_weights
@@ -178,7 +145,9 @@ class Block(nn.Module):
                                       owned=state is not None and state.owned)
             h = h + y
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
-        h = self.ffn.sublayer(h, y, self.ffn_norm) if hasattr(self, "ffn") else h + y
+        h = h + y
+        if hasattr(self, "ffn"):
+            h = h + self.ffn(self.ffn_norm(h))
         return h, (BlockState(conv_state, mixer_state) if state_out else None)
 
 
@@ -336,19 +305,15 @@ class TTTLM(nn.Module):
                      ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
         self._prepared.add((device.type, dtype))
 
-    def merge_decode_weights(self, on: bool = True, batch_size: int | None = None) -> None:
+    def merge_decode_weights(self, on: bool = True) -> None:
         """on: one-token steps without gradients read the weights that multiply the same input as one
         concatenated copy each, one GEMM instead of several (TTT-Linear (M) layers' qk, v, gate and lr projections
         on the fused decode path; every SwiGLU's gate and up): more memory (those weights again), fewer and
         larger GEMMs. The copies follow their weights (`layers/merged.py`); a compiled or CUDA-graphed step calls
-        `refresh_decode_weights` first (`ttt.decode_graph` does). off: drops the copies. batch_size (the decode's,
-        when known): no SwiGLU copy where its steps run on the product kernels (`SwiGLU.merge_decode_weights`)."""
+        `refresh_decode_weights` first (`ttt.decode_graph` does). off: drops the copies."""
         self._merging = [m for m in self.modules() if isinstance(m, (TTTLayer, SwiGLU))]
         for m in self._merging:
-            if isinstance(m, SwiGLU):
-                m.merge_decode_weights(on, batch_size)
-            else:
-                m.merge_decode_weights(on)
+            m.merge_decode_weights(on)
 
     def decode_weight_copies(self) -> list:
         """The merged copies the modules hold now (`merge_decode_weights`; `layers/merged.MergedWeights`)."""

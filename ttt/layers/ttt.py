@@ -402,18 +402,7 @@ class TTTLayer(nn.Module):
             self.lr_bias if self.learn_lr else None, self.inner_lr_scale, self.delta if self.learn_lr else None,
             self.ln_weight, self.ln_bias, state.op, mini_batch=self.mini_batch, base_lr=self.base_lr,
             rope_base=self.rope_base, inplace=state.owned, cols=cols)
-        return self._decode_out(o, x, g), TTTLayerState(op_state, conv, state.owned)
-
-    def _decode_out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """`_out` of the fused decode step: the post-LayerNorm, the x gate and o_proj in one kernel
-        (`ops.decode_products.gated_linear_step`) where the fused layer was asked for (`ops.step_kernels`), with the
-        weights in o's dtype; else `_out`."""
-        from ..ops import step_kernels
-        ws = (self.post_norm.weight, self.post_norm.bias, self.o_proj.weight)
-        if self.backbone == "mamba" and step_kernels(self.fused, o, ws):
-            from ..ops.decode_products import gated_linear_step
-            return gated_linear_step(o, self.gate_proj(x) if g is None else g, *ws, eps=self.post_norm.eps)
-        return self._out(o, x, g)
+        return self._out(o, x, g), TTTLayerState(op_state, conv, state.owned)
 
 
 class TTTLinear(TTTLayer):

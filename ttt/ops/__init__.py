@@ -109,28 +109,6 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-def step_kernels(fused_layer: bool | None, x: torch.Tensor, weights) -> bool:
-    """Whether a one-token step without gradients runs its products on `decode_products`' kernels, by the run's
-    fused_layer option: True wherever Triton runs (`triton_runs_on`), else a RuntimeError naming the option; None
-    (the default) and False never: in the model's 1.3b B16 decode they lost, 2.83 against 2.11 ms a token (H100;
-    docs/kernels_notes.md, "Decode"). x in fp64, or weights in another dtype than x's (autocast), take F.linear's
-    path."""
-    if fused_layer is not True or x.dtype == torch.float64 or any(w.dtype != x.dtype for w in weights):
-        return False
-    key = (x.device.type, os.environ.get("TRITON_INTERPRET"))
-    if key not in _TRITON_RUNS:
-        _TRITON_RUNS[key] = triton_runs_on(x.device.type)
-    ok, why = _TRITON_RUNS[key]
-    if fused_layer is True and not ok:
-        raise RuntimeError(f"fused_layer=True: Triton {why}")
-    return ok
-
-
-# `triton_runs_on`'s answers per (device type, TRITON_INTERPRET) for `step_kernels`, which every layer's one-token
-# step asks (a plain dict: torch.compile traces through functools' caches with a warning)
-_TRITON_RUNS: dict = {}
-
-
 def triton_runs_on(device) -> tuple[bool, str]:
     """(ok, why not, as a predicate: "needs ..." / "is not available: ..."): whether Triton kernels can run on
     tensors of `device` (CUDA, or any device in Triton's interpreter, TRITON_INTERPRET=1) and import here. Also
