@@ -11,15 +11,15 @@ latency is flat in context length, with no Python or launch overhead. A model wh
 `GraphedDecoder(model, state, compile=True)` captures `compiled_step` instead of the eager step: the
 model's step with each block run through torch.compile (`model(ids, state, run_block=...)`; Inductor
 fuses the casts, norms, RoPE, gates, the causal conv (shifted products under compile, see
-layers/conv.py) and state writes into a few kernels; the GEMMs and the fused Triton step kernels,
-which Dynamo traces as user kernels, stay as they are), with one compiled function per model, batch
-size and dtype, shared by all blocks (same code and shapes). The offset r enters the traced step as
-an int: the first offset is traced as a constant, the second makes Dynamo trace it as a symbolic int
-(automatic dynamic: the kernels take it at run time), and the mini-batch's last offset, where the
-step commits through a Python branch, gets a graph of its own: three compilations for a TTT-Linear
-model whatever b is (b before: 75 s for the 1.3b model at b = 16). The CUDA graphs are still one per
-offset (a captured kernel's arguments are fixed). fullgraph=True: a graph break raises instead of
-falling back to eager.
+layers/conv.py), state writes and the block before's last residual sum into a few kernels; the GEMMs and
+the fused Triton step kernels, which Dynamo traces as user kernels, stay as they are), with one compiled
+function per model, batch size and dtype, shared by all blocks (same code and shapes). The offset r
+enters the traced step as an int: the first offset is traced as a constant, the second makes Dynamo
+trace it as a symbolic int (automatic dynamic: the kernels take it at run time), and the mini-batch's
+last offset, where the step commits through a Python branch, gets a graph of its own: three compilations
+for a TTT-Linear model whatever b is (b before: 75 s for the 1.3b model at b = 16). The CUDA graphs are
+still one per offset (a captured kernel's arguments are fixed). fullgraph=True: a graph break raises
+instead of falling back to eager.
 """
 from __future__ import annotations
 
@@ -66,14 +66,15 @@ def rebuild_state(s, tensors: list, pos: int | None = None, owned: bool | None =
     return s
 
 
-def _block_step(blk, h, s):
-    """One block's one-token step; its new state is written into the tensors of `s` (the static buffers),
-    which it returns as the block's new state."""
-    h, new = blk(h, s)
+def _block_step(blk, h, y, s):
+    """One block's one-token step on the residual stream h + y (the block before's output, its last residual sum
+    done here, inside this block's first kernel); returns this block's (h, y) (`Block.parts`) and its state,
+    written into the tensors of `s` (the static buffers)."""
+    h, y, new = blk.parts(h + y, s)
     for old, t in zip(flatten_state(s), flatten_state(new)):
         if t is not old:  # weights come back as the same tensors when the mini-batch does not commit
             old.copy_(t)
-    return h, s
+    return h, y, s
 
 
 # model -> {key: compiled function}. A weak key: the compiled functions take the model as an argument
@@ -125,7 +126,16 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
         r = state.pos % period
         s = rebuild_state(state, flatten_state(state), pos=r)  # the same tensors; pos = r, as the graph's
         sig = f"B{ids.shape[0]}_{model.embed.weight.dtype}".replace("torch.", "")  # one code object each
-        logits, _ = model(ids, s, run_block=_compiled(model, _block_step, sig, backend, mode))
+        fn, pending = _compiled(model, _block_step, sig, backend, mode), []
+
+        def run_block(blk, h, bs):  # each block's last residual sum moved into the next block's compiled step
+            h, y, bs = fn(blk, h, pending.pop() if pending else torch.zeros_like(h), bs)
+            if blk is model.blocks[-1]:
+                return h + y, bs
+            pending.append(y)
+            return h, bs
+
+        logits, _ = model(ids, s, run_block=run_block)
         return logits
 
     return step

@@ -139,16 +139,23 @@ class Block(nn.Module):
     def forward(self, h, state: "BlockState | None" = None, cu_seqlens=None, *, state_out: bool = True):
         """h [B, T, D] -> (h after the block, its new `BlockState`; None when not state_out: a training step's
         forward, whose compiled graph then drops the work that only builds the state)."""
+        h, y, state = self.parts(h, state, cu_seqlens, state_out=state_out)
+        return h + y, state
+
+    def parts(self, h, state: "BlockState | None" = None, cu_seqlens=None, *, state_out: bool = True):
+        """As forward, with the last residual sum left to the caller: (h, y, new state), the block's output h + y
+        (y: the FFN's output, or the mixer's without an FFN). The compiled decode step adds it in the next block,
+        where Inductor fuses the sum into that block's first norm (one kernel less per block)."""
         conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
         if self.has_conv:
             y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens,
                                       owned=state is not None and state.owned)
             h = h + y
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
-        h = h + y
         if hasattr(self, "ffn"):
-            h = h + self.ffn(self.ffn_norm(h))
-        return h, (BlockState(conv_state, mixer_state) if state_out else None)
+            h = h + y
+            y = self.ffn(self.ffn_norm(h))
+        return h, y, (BlockState(conv_state, mixer_state) if state_out else None)
 
 
 @dataclass
