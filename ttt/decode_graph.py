@@ -118,7 +118,7 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     mode = None if backend != "inductor" else mode  # modes are Inductor's options
-    period = model.decode_period
+    period, last = model.decode_period, model.blocks[-1]
     model.prepare()  # the layers decide their backends here, not in the traced step
 
     def step(ids, state: LMState):
@@ -130,7 +130,7 @@ def compiled_step(model: TTTLM, backend: str = "inductor", mode: str = "default"
 
         def run_block(blk, h, bs):  # each block's last residual sum moved into the next block's compiled step
             h, y, bs = fn(blk, h, pending.pop() if pending else torch.zeros_like(h), bs)
-            if blk is model.blocks[-1]:
+            if blk is last:
                 return h + y, bs
             pending.append(y)
             return h, bs
