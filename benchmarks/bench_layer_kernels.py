@@ -151,10 +151,22 @@ def decode_inputs(B=16, D=2048, d=64, b=16, seed=0):
     return args, state
 
 
+def steady_rows(state, i, b=16, seed=1):
+    """`state`'s weights at in-batch position i in the rows form (`RowsState`) a graphed decoder holds from its first
+    commit on: i random rows (k_s, lr_s g_s), no prefix sums."""
+    from ttt.ops import RowsState
+    A, a = state.accum
+    B, H, d = a.shape
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    K = torch.randn(B, H, b, d, generator=g, device=DEV) * 0.1
+    G = torch.randn(B, H, b, d, generator=g, device=DEV) * 1e-3
+    return RowsState("linear", state.params, (torch.zeros_like(A), torch.zeros_like(a), K, G, a.new_zeros(B, H)), i)
+
+
 def model_form(args, states):
-    """The decode step's arguments as the 1.3b model hands them over: u, v and the lr gate as column ranges of the
-    merged projection's output (`cols`, row stride padded as `layers/merged.py` pads), and per state its own window,
-    written in place with the state (`inplace`)."""
+    """The decode step's arguments as the 1.3b model's graphed decoder hands them over: u, v and the lr gate as
+    column ranges of the merged projection's output (`cols`, row stride padded as `layers/merged.py` pads), per state
+    (the rows form) its own window, both written in place (`inplace`)."""
     u, v, gate, win, *params = args
     B, _, D = u.shape
     H = gate.shape[-1]
@@ -165,7 +177,9 @@ def model_form(args, states):
 
 def bench_decode_kernel(launches, positions=(3, 15), **shape):
     """`fused_layer.linear_decode_step` at 1.3b B16 per launch variant ("default" or WARPS or WARPS:MAXNREG), in two
-    forms: its arguments apart, and as the model hands them over (`model_form`: one merged tensor, in place); each
+    forms: its arguments apart (a plain state: converted to the rows form and back around the kernel), and as the
+    graphed model hands them over (`model_form`: one merged tensor, the rows form after a first commit
+    (`steady_rows`), in place); each
     checked against the default launch's apart form (output, new state, window), then timed in a CUDA graph of 8
     calls, each on its own state (from memory, as the 24 layers' are), at a position inside a mini-batch and at its
     last (the commit writes the weights too); ms per call and per token of 24 layers. shape: decode_inputs' sizes."""
@@ -177,15 +191,17 @@ def bench_decode_kernel(launches, positions=(3, 15), **shape):
         return [replace(st, params=tuple(t.clone() for t in st.params), accum=tuple(t.clone() for t in st.accum))
                 for _ in range(n)]
     for i in positions:
-        st = replace(state, pos=i)
+        rs = steady_rows(state, i)
+        st = rs.summed()  # the same state in the plain form
         ref = fused_layer.linear_decode_step(*args, st, mini_batch=16)
         for spec in launches:
             w, _, reg = spec.partition(":")
             launch = None if spec == "default" else (int(w), int(reg) if reg else None)
-            forms = {"apart": ([(args, s) for s in copies(st, 9)], {}), "as in the model": model_form(args, copies(st, 9))}
+            forms = {"apart": ([(args, s) for s in copies(st, 9)], {}), "as in the model": model_form(args, copies(rs, 9))}
             for form, (calls, kw) in forms.items():
                 (a0, s0), calls = calls[0], calls[1:]  # the first call is checked (in place: on its own copies)
                 o, s, win = fused_layer.linear_decode_step(*a0, s0, mini_batch=16, launch=launch, **kw)
+                s = s.summed() if hasattr(s, "summed") else s  # the rows form's sums
                 err = max(rel(o.float(), ref[0].float()), rel(win.float(), ref[2].float()),
                           *(rel(x, y) for x, y in zip((*s.params, *s.accum), (*ref[1].params, *ref[1].accum))))
                 row = dict(kernel="linear decode step", launch=spec, form=form, position=i, max_rel_err=err,

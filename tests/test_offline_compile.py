@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DECODE = """
 from benchmarks.offline_compile import compile_cost
 from ttt.ops import fused_layer
-const = dict(HD=64, BD=64, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, WIN_INPLACE=True, EPS=1e-6)
+const = dict(HD=64, BD=64, MB=16, BB=16, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=True, WIN_INPLACE=True,
+             EPS=1e-6)
 for pos in (None, 0, 1):
     compile_cost(fused_layer._linear_decode_kernel, dict(const, **({} if pos is None else {"i_pos": pos})),
                  "bf16", 2, 3)
@@ -46,7 +47,8 @@ def test_fused_decode_kernel_compiles_at_constant_positions():
 DECODE_FP64 = """
 from benchmarks.offline_compile import fp64_instructions
 from ttt.ops import fused_layer
-const = dict(HD=64, BD=64, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=False, WIN_INPLACE=True, EPS=1e-6)
+const = dict(HD=64, BD=64, MB=16, BB=16, W=4, WB=4, HAS_BIAS=True, LEARN_LR=True, COMMIT=False, WIN_INPLACE=True,
+             EPS=1e-6)
 print(*(fp64_instructions(fused_layer._linear_decode_kernel, const, "bf16", 2, 3, t) for t in ("fp32", "fp64")))
 """
 

@@ -176,6 +176,7 @@ class GraphedDecoder:
         self.model, self.pos = model, state.pos
         self.period = model.decode_period
         model.prepare()
+        state = model.decode_state(state)  # the fused decode kernel's rows form where it runs: the buffers' form
         if merge is None:
             merge = not any(p.is_inference() for p in model.parameters())
         model.merge_decode_weights(merge)  # False drops copies the model had: the graphs read its own weights
@@ -234,5 +235,5 @@ class GraphedDecoder:
         return self.logits[r]
 
     def state(self) -> LMState:
-        """The current state as a normal LMState (copies of the buffers, positions set)."""
-        return rebuild_state(self.template, [b.clone() for b in self.buffers], pos=self.pos)
+        """The current state as a normal LMState (copies of the buffers, positions set, in the plain form)."""
+        return self.model.plain_state(rebuild_state(self.template, [b.clone() for b in self.buffers], pos=self.pos))

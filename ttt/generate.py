@@ -145,6 +145,8 @@ def stream(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_
             logits, state = model(ids, logits="last")  # prefill: one forward over the whole prompt
             decoder = (GraphedDecoder(model, state, compile=compile_decode, merge=merge_weights) if cuda_graph
                        else None)
+            if decoder is None and isinstance(model, TTTLM):
+                state = model.decode_state(state)  # the fused decode step's own form, where it runs
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             with torch.inference_mode():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +311,21 @@ class TTTLM(nn.Module):
             log.info("TTT layers on %s %s: %s", device.type, str(dtype).replace("torch.", ""),
                      ", ".join(f"backend {k!r} runs {v!r}" for k, v in chosen.items()))
         self._prepared.add((device.type, dtype))
+
+    def decode_state(self, state: LMState) -> LMState:
+        """`state` with each TTT layer's state in the form its one-token steps run fastest on
+        (`TTTLayer.decode_state`: the fused decode kernel's rows form; the CUDA-graphed decoder's buffers), for the
+        embedding's dtype; the other blocks' states as they are. Every call takes either form; `plain_state`
+        converts back."""
+        dtype = self.embed.weight.dtype
+        return LMState([replace(bs, mixer=blk.mixer.decode_state(bs.mixer, dtype)) if isinstance(blk.mixer, TTTLayer)
+                        else bs for blk, bs in zip(self.blocks, state.blocks)])
+
+    @staticmethod
+    def plain_state(state: LMState) -> LMState:
+        """`state` with every decode form (`decode_state`) converted back to the plain one."""
+        return LMState([replace(bs, mixer=bs.mixer.plain()) if hasattr(bs.mixer, "plain") else bs
+                        for bs in state.blocks])
 
     def merge_decode_weights(self, on: bool = True) -> None:
         """on: one-token steps without gradients read the weights that multiply the same input as one

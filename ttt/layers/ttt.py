@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BACKENDS as OP_BACKENDS, TTTInputs, TTTOp, TTTState, make_tau, resolve_op
+from ..ops import BACKENDS as OP_BACKENDS, RowsState, TTTInputs, TTTOp, TTTState, make_tau, resolve_op
 from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
@@ -45,6 +45,10 @@ class TTTLayerState:
 
     def detach(self) -> "TTTLayerState":
         return replace(self, op=self.op.detach(), conv=None if self.conv is None else self.conv.detach())
+
+    def plain(self) -> "TTTLayerState":
+        """This state with a decode form's op state (`TTTLayer.decode_state`) as a plain TTTState again."""
+        return replace(self, op=self.op.summed()) if isinstance(self.op, RowsState) else self
 
 
 class Plan(NamedTuple):
@@ -311,6 +315,7 @@ class TTTLayer(nn.Module):
         if fused and pk is None and T == 1 and self.kind == "linear" and self.backbone == "mamba" \
                 and not torch.is_grad_enabled():
             return self._decode_fused(x, state)
+        state = state.plain()  # every other path takes the plain form
         g = gate = None
         if self.backbone == "mamba" and fused:
             from ..ops.fused_layer import conv_rope  # imports Triton: only on the kernel path
@@ -377,6 +382,17 @@ class TTTLayer(nn.Module):
         if self.learn_lr and self.lr_weight.dtype == ws[0].dtype:
             ws.append(self.lr_weight)
         self.merged = merged_for(self.merged, ws)
+
+    def decode_state(self, state: TTTLayerState, dtype: torch.dtype | None = None) -> TTTLayerState:
+        """`state` in the form this layer's one-token steps run fastest on: where they run the fused decode kernel
+        (TTT-Linear, (M) backbone, the fused layer kernels for `dtype` inputs, default the weights' dtype) its op
+        state in the rows form (`ops.RowsState`: a step reads the mini-batch's earlier rows instead of reading and
+        writing d x d accumulators; the CUDA-graphed decoder's buffers), else `state` itself. Every call takes
+        either form (`TTTLayerState.plain` converts back)."""
+        if (self.kind != "linear" or self.backbone != "mamba" or isinstance(state.op, RowsState)
+                or not isinstance(state.pos, int) or not self.prepare(state.op.params[0].device, dtype).fused):
+            return state
+        return replace(state, op=RowsState.of(state.op, self.mini_batch))
 
     def _decode_fused(self, x: torch.Tensor, state: TTTLayerState):
         """One token of a TTT-Linear (M) layer on the fused path without gradients: the projections, then one kernel

@@ -29,11 +29,11 @@ from typing import Callable
 
 import torch
 
-from .common import TTTInputs, TTTState, make_tau
+from .common import RowsState, TTTInputs, TTTState, make_tau
 from .ttt_linear import dual as _lin_dual, naive as _lin_naive, step as _lin_step
 from .ttt_mlp import dual as _mlp_dual, naive as _mlp_naive, step as _mlp_step
 
-__all__ = ["TTTInputs", "TTTState", "TTTOp", "make_tau", "ttt_linear", "ttt_mlp", "ttt_op", "BACKENDS",
+__all__ = ["RowsState", "TTTInputs", "TTTState", "TTTOp", "make_tau", "ttt_linear", "ttt_mlp", "ttt_op", "BACKENDS",
            "resolve_backend", "resolve_op", "triton_available", "kernel_unsupported"]
 
 BACKENDS = ("auto", "naive", "dual", "triton")

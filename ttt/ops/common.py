@@ -74,6 +74,39 @@ class TTTState:
                        accum=tuple(a.to(*args, **kwargs) for a in self.accum))
 
 
+@dataclass
+class RowsState(TTTState):
+    """A TTT-Linear state in the one-token decode's own form (`ops.fused_layer.linear_decode_step`): the
+    accumulators kept as the rows they sum instead of their d x d sums, so that a step reads its mini-batch's
+    earlier rows (at most b of 2 d each) instead of reading and writing an accumulator of d x d.
+
+    accum: (A0 [B,H,d,d], a0 [B,H,d], K [B,H,b,d], G [B,H,b,d], pre [B,H]): the TTTState accumulators (A, a) =
+    pre * (A0, a0) + sum over rows s < pos % b of (k_s^T g_s, g_s), where k_s is token s's (RoPE'd) key and g_s
+    its inner gradient times its learning rate. A0, a0 hold the partial mini-batch a TTTState came with
+    (`to_rows`); pre is 1 where they still count, 0 from that mini-batch's commit on. The other fields as
+    TTTState's."""
+
+    @staticmethod
+    def of(state: TTTState, mini_batch: int) -> "RowsState":
+        """`state` (kind "linear", fp32 accumulators) in the rows form; its accumulators become A0, a0."""
+        if state.kind != "linear" or not isinstance(state.pos, int):
+            raise ValueError(f"state: expected a TTT-Linear state of one position, got kind {state.kind!r}")
+        A, a = state.accum
+        B, H, d = a.shape
+        rows = A.new_zeros(B, H, mini_batch, d)
+        pre = A.new_full((B, H), float(state.pos % mini_batch != 0))
+        return RowsState("linear", state.params, (A, a, rows, rows.clone(), pre), state.pos)
+
+    def summed(self) -> TTTState:
+        """This state as a TTTState (its accumulators summed from the rows)."""
+        A0, a0, K, G, pre = self.accum
+        r = self.pos % K.shape[2]
+        on = pre[..., None] > 0
+        A = torch.where(on[..., None], A0, 0.0) + torch.einsum("bhsd,bhse->bhde", K[:, :, :r], G[:, :, :r])
+        a = torch.where(on, a0, 0.0) + G[:, :, :r].sum(2)
+        return TTTState("linear", self.params, (A, a), self.pos)
+
+
 @dataclass(frozen=True)
 class TTTInputs:
     """The inputs of one TTT op call (docs/math.md §§3-5), one value instead of seven arguments.

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN_EPS, TTTState
-from .triton_utils import _linear_step, _step_store, cdiv, pow2, sm_count
+from .common import LN_EPS, RowsState, TTTState
+from .triton_utils import _ln_l2_grad_vec, _normalize_vec, cdiv, pow2, sm_count
 
 
 def _sms(device) -> int:
@@ -750,15 +750,20 @@ def _token_conv_rope(u_ptr, win_ptr, w_ptr, b_ptr, u_off, win_off, cols, idx, m,
 @triton.jit(do_not_specialize=["i_pos"])
 def _linear_decode_kernel(
     u_ptr, v_ptr, gate_ptr, win_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, lrb_ptr, lrs_ptr, delta_ptr, lnw_ptr, lnb_ptr,
-    w_ptr, c_ptr, a_ptr, ab_ptr, o_ptr, nwin_ptr, wn_ptr, cn_ptr, an_ptr, abn_ptr,
+    w_ptr, c_ptr, a0_ptr, ab0_ptr, k_ptr, g_ptr, pre_ptr, o_ptr, nwin_ptr,
     u_sb, v_sb, g_sb, u_c, v_c, g_c, H, D, i_pos, log2_base, base_lr,
-    HD: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LEARN_LR: tl.constexpr, COMMIT: tl.constexpr, WIN_INPLACE: tl.constexpr, EPS: tl.constexpr,
+    HD: tl.constexpr, BD: tl.constexpr, MB: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LEARN_LR: tl.constexpr, COMMIT: tl.constexpr, WIN_INPLACE: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     # program: one (batch, head). q, k: the conv + RoPE of u, computed twice, once in the layout of W's columns and
     # once in that of its rows (cheaper than moving one through shared memory); lr: the head's gate; tau_i from
-    # delta; then the step of `_linear_step`; the new conv window: the old one's last W - 2 rows, then u (in place
-    # when WIN_INPLACE: after a barrier, so that every read of the window, in either layout, comes first).
+    # delta; then the step on the rows form of the state (`RowsState`): the gradient at k W + c, the output from W,
+    # the mini-batch's earlier rows (k_s, lr_s g_s), s < i, this token's and, while pre is set, the sums A0, a0
+    # the state came with; a commit (i = b - 1) writes W - t_i (pre A0 + K^T G), else this token's row is
+    # written (state written in place: each program owns its (batch, head)); the new conv window: the old one's
+    # last W - 2 rows, then u (in place when WIN_INPLACE: after a barrier, so that every read of the window, in
+    # either layout, comes first).
     # fp32 whatever the caller typed them as: a compiled step (Inductor) passes Python floats as fp64, which made the
     # whole step fp64 (offline sm_90: 2,745 fp64 instructions and 5,520 B of stack against 136)
     log2_base = tl.cast(log2_base, tl.float32)
@@ -792,11 +797,37 @@ def _linear_decode_kernel(
     woff = rr[:, None] * HD + rd[None, :]
     Wt = tl.load(w_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
     c = tl.load(c_ptr + pid * HD + rd, mask=cmask, other=0.0)
-    A = tl.load(a_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
-    a = tl.load(ab_ptr + pid * HD + rd, mask=cmask, other=0.0)
-    o, A, a = _linear_step(q, k, v, qr, kr, lr, t_i, gam, bet, Wt, c, A, a, cmask, HD, EPS)
+    rs = tl.arange(0, BB)
+    roff = pid * MB * HD + rs[:, None] * HD + rd[None, :]  # rows s of K and G: [BB, BD]
+    earlier = (rs[:, None] < i_pos) & cmask[None, :]
+    K = tl.load(k_ptr + roff, mask=earlier, other=0.0)
+    G = tl.load(g_ptr + roff, mask=earlier, other=0.0)
+    pre = tl.load(pre_ptr + pid)
+    g = lr * _ln_l2_grad_vec(tl.sum(kr[:, None] * Wt, axis=0) + c, v, k, gam, bet, cmask, HD, EPS)  # at k W + c
+    # q (A, a) summed from the rows, this token's included: sum_s (q . k_s + 1) g_s
+    acc = tl.sum((tl.sum(K * q[None, :], axis=1) + 1.0)[:, None] * G, axis=0) + (tl.sum(q * k, axis=0) + 1.0) * g
+    if pre != 0.0:
+        A0 = tl.load(a0_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+        a0 = tl.load(ab0_ptr + pid * HD + rd, mask=cmask, other=0.0)
+        acc += tl.sum(qr[:, None] * A0, axis=0) + a0
+    xh, _rstd = _normalize_vec(tl.sum(qr[:, None] * Wt, axis=0) + c - t_i * acc, cmask, HD, EPS)
+    o = q + xh * gam + bet
     tl.store(o_ptr + bi * D + cols, o.to(o_ptr.dtype.element_ty), mask=cmask)
-    _step_store(wn_ptr, cn_ptr, an_ptr, abn_ptr, pid, woff, wmask, rd, cmask, Wt, c, A, a, t_i, HD, BD, COMMIT)
+    if COMMIT:  # i = b - 1: this token's row joins the sums; the new weights; the next mini-batch starts empty
+        now = rs[:, None] == i_pos
+        K = tl.where(now, k[None, :], K)
+        G = tl.where(now, g[None, :], G)
+        upd = tl.dot(tl.trans(K), G, input_precision="ieee")  # [BD, BD]: sum_s k_s^T g_s
+        bupd = tl.sum(G, axis=0)
+        if pre != 0.0:
+            upd += tl.load(a0_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
+            bupd += tl.load(ab0_ptr + pid * HD + rd, mask=cmask, other=0.0)
+            tl.store(pre_ptr + pid, 0.0)
+        tl.store(w_ptr + pid * HD * HD + woff, Wt - t_i * upd, mask=wmask)
+        tl.store(c_ptr + pid * HD + rd, c - t_i * bupd, mask=cmask)
+    else:
+        tl.store(k_ptr + pid * MB * HD + i_pos * HD + rd, k, mask=cmask)
+        tl.store(g_ptr + pid * MB * HD + i_pos * HD + rd, g, mask=cmask)
     rw = tl.arange(0, WB)[:, None]  # the new window's rows j: the old row j + 1, the last one u
     old = tl.load(win_ptr + win_off + (rw + 1) * D + cols[None, :], mask=(rw < W - 2) & cmask[None, :], other=0.0)
     un = tl.load(u_ptr + u_off + cols, mask=cmask, other=0.0)
@@ -820,9 +851,10 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     buffer instead of views it may copy first); win [B, W-1, D] the conv window (u's dtype); wq, wk [D, 1, W],
     bq, bk [D] or None; lr_bias [H]; lr_scale the layer's 0-d inner_lr_scale: the inner learning rate is base_lr *
     lr_scale / d (times the gate's sigmoid), computed in the kernel; delta [b] (tau_i = max(0, 1/i + delta_i);
-    None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state. Returns (o [B, 1, D] in u's dtype, the op's
-    new state, the new window).
-    inplace: the new weights and accumulators are written into the state's own tensors where they are fp32 and
+    None: 1/i); ln_weight, ln_bias [H, d]; state the op's fp32 state, a TTTState or the same in the rows form
+    (`RowsState`: what the kernel reads and writes; a TTTState is converted there and back). Returns (o [B, 1, D]
+    in u's dtype, the op's new state in the form given, the new window).
+    inplace: the new weights, rows and flags are written into a RowsState's own tensors where they are fp32 and
     contiguous, and the new window into `win` where it is in u's dtype and contiguous (each program reads its slice
     before it writes it; the caller gives the old state up: a CUDA-graphed decoder's buffers, which then need no
     copy). launch: (warps, registers per thread or None) of the kernel, None for the default
@@ -841,23 +873,28 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
                          f"window [B, {W - 1}, D], got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(win.shape)}")
     i = state.pos % mini_batch
     commit = i == mini_batch - 1
-    Wt, c = (p.to(torch.float32).contiguous() for p in state.params)
-    A, a = (p.to(torch.float32).contiguous() for p in state.accum)
+    rows = isinstance(state, RowsState)
+    st = state if rows else RowsState.of(state, mini_batch)
+    if st.accum[2].shape[2] != mini_batch:
+        raise ValueError(f"state: expected rows for a mini-batch of {mini_batch}, got {st.accum[2].shape[2]}")
+    # the kernel writes the state it is given: its own tensors in place, else copies of what it writes (the weights
+    # on a commit, the rows and pre); A0, a0 are only read; the rows RowsState.of made are this call's own
+    own = inplace and rows and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*st.params, *st.accum))
+    Wt, c = (t if own or not commit else t.to(torch.float32, copy=True).contiguous() for t in st.params)
+    Wt, c, A0, a0 = (t.to(torch.float32).contiguous() for t in (Wt, c, *st.accum[:2]))
+    K, G, pre = (t if own or not rows else t.to(torch.float32, copy=True).contiguous() for t in st.accum[2:])
     win_inplace = inplace and win.dtype == u.dtype and win.is_contiguous()
     win = win.to(u.dtype).contiguous()
     o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
     nwin = win if win_inplace else torch.empty_like(win)
-    if inplace:
-        Wn, cn, An, an = Wt, c, A, a
-    else:
-        Wn, cn = (torch.empty_like(Wt), torch.empty_like(c)) if commit else (Wt, c)
-        An, an = torch.empty_like(A), torch.empty_like(a)
     learn = gate is not None
     warps, maxnreg = launch or (2 if d <= 64 else 8, None)  # 2 at d 64: docs/kernels_notes.md, "Decode"
     _linear_decode_kernel[(B * H,)](
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
-        lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A, a, o, nwin, Wn, cn,
-        An, an, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, cu, cv, cg, H, D, i, math.log2(rope_base),
-        float(base_lr), HD=d, BD=pow2(d), W=W, WB=pow2(max(W - 1, 1)), HAS_BIAS=bq is not None, LEARN_LR=learn,
-        COMMIT=commit, WIN_INPLACE=win_inplace, EPS=LN_EPS, num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
-    return o, TTTState("linear", (Wn, cn), (An, an), state.pos + 1), nwin
+        lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A0, a0, K, G, pre, o,
+        nwin, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, cu, cv, cg, H, D, i, math.log2(rope_base),
+        float(base_lr), HD=d, BD=pow2(d), MB=mini_batch, BB=max(16, pow2(mini_batch)), W=W, WB=pow2(max(W - 1, 1)),
+        HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit, WIN_INPLACE=win_inplace, EPS=LN_EPS,
+        num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+    new = RowsState("linear", (Wt, c), (A0, a0, K, G, pre), state.pos + 1)
+    return o, (new if rows else new.summed()), nwin
