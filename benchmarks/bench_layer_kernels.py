@@ -250,6 +250,8 @@ def main():
     ap.add_argument("--decode", nargs="*", default=None,
                     help="time the fused decode step instead, at these launches (default, WARPS or WARPS:MAXNREG; "
                          "none given: default 8 4:128 2)")
+    ap.add_argument("--positions", default="3,15", help="with --decode: the in-batch positions to time the step at "
+                                                        "(15: the commit of a 16-token mini-batch)")
     ap.add_argument("--gemms", action="store_true", help="time the 1.3b decode's GEMMs instead (cuBLAS, weights "
                                                             "from memory and from L2)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
@@ -269,7 +271,8 @@ def main():
     rows = [environment()]
     print(json.dumps(rows[0]), flush=True)
     if a.decode is not None:
-        rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"])
+        rows += bench_decode_kernel(a.decode or ["default", "8", "4:128", "2"],
+                                    positions=tuple(int(p) for p in a.positions.split(",")))
         a.shapes = []
     if a.gemms:
         rows += bench_decode_gemms(blas=a.blas)

@@ -190,7 +190,8 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
     nxt = torch.randint(0, cfg.vocab_size, (batch, 2 * cfg.mini_batch), device="cuda")
     ref_model = copy.deepcopy(model).float()
     s_ref = rebuild_state(state, [t.float() if t.is_floating_point() else t for t in flatten_state(state)])
-    s_eager, ref, eager = state, [], []
+    # the eager steps on the state's decode form, as the graphed decoder holds it (the fused decode's rows form)
+    s_eager, ref, eager = model.decode_state(state), [], []
     for t in range(nxt.shape[1]):
         lg_r, s_ref = ref_model(nxt[:, t:t + 1], s_ref)
         lg_e, s_eager = model(nxt[:, t:t + 1], s_eager)

@@ -813,12 +813,14 @@ def _linear_decode_kernel(
     xh, _rstd = _normalize_vec(tl.sum(qr[:, None] * Wt, axis=0) + c - t_i * acc, cmask, HD, EPS)
     o = q + xh * gam + bet
     tl.store(o_ptr + bi * D + cols, o.to(o_ptr.dtype.element_ty), mask=cmask)
-    if COMMIT:  # i = b - 1: this token's row joins the sums; the new weights; the next mini-batch starts empty
-        now = rs[:, None] == i_pos
-        K = tl.where(now, k[None, :], K)
-        G = tl.where(now, g[None, :], G)
-        upd = tl.dot(tl.trans(K), G, input_precision="ieee")  # [BD, BD]: sum_s k_s^T g_s
-        bupd = tl.sum(G, axis=0)
+    if COMMIT:  # i = b - 1: W - t_i sum_s k_s^T g_s over the earlier rows (read again, k_s in W's row layout) and
+        # this token's; the next mini-batch starts empty
+        upd = kr[:, None] * g[None, :]
+        for s in tl.static_range(MB - 1):
+            ks = tl.load(k_ptr + pid * MB * HD + s * HD + rr, mask=rr < HD, other=0.0)
+            gs = tl.load(g_ptr + pid * MB * HD + s * HD + rd, mask=cmask, other=0.0)
+            upd += ks[:, None] * gs[None, :]
+        bupd = tl.sum(G, axis=0) + g
         if pre != 0.0:
             upd += tl.load(a0_ptr + pid * HD * HD + woff, mask=wmask, other=0.0)
             bupd += tl.load(ab0_ptr + pid * HD + rd, mask=cmask, other=0.0)
