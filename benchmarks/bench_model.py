@@ -229,7 +229,8 @@ def bench_decode(positions, batch, size="1.3b", compiled: str | None = "default"
                              iters=10) / cfg.mini_batch
             dec = None
         model.merge_decode_weights(False)
-        eager_ms = timed(lambda: model(tok, s), warmup=2, iters=5)
+        sd = model.decode_state(s)  # the eager steps on the decode form, as `generate` runs them
+        eager_ms = timed(lambda: model(tok, sd), warmup=2, iters=5)
         # attention's KV cache alone at this context: one SDPA per layer over P cached keys/values
         H, d = cfg.n_heads, cfg.d_model // cfg.n_heads
         try:

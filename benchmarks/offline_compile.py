@@ -185,7 +185,7 @@ def layer_kernels(d: int, b: int, dot: int):
                 cx = dict(W=4, HAS_STATE=False, HAS_BIAS=True, MB=b, HD=d, TWO=two_rope, ROPE=two_rope, PACKED=packed,
                           PERIODIC=body % b == 0 and not packed, R=L.R, BODY=body, BC=L.BC)
                 out.append((f"{name} {k}{tag}", fn, cx, L.warps, 3))  # (_compile keeps a kernel's own constexprs)
-    dec = dict(HD=d, BD=triton.next_power_of_2(d), MB=b, BB=max(16, triton.next_power_of_2(b)), W=4, WB=4,
+    dec = dict(HD=d, BD=triton.next_power_of_2(d), MB=b, BB=triton.next_power_of_2(b), W=4, WB=4,
                HAS_BIAS=True, LEARN_LR=True, COMMIT=True, WIN_INPLACE=True, EPS=LN_EPS)
     warps = 2 if d <= 64 else 8  # linear_decode_step's default
     return out + [("decode step", fused_layer._linear_decode_kernel, dec, warps, 3),

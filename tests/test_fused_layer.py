@@ -555,6 +555,41 @@ def test_owned_model_state_decodes_in_place():
                 torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+def test_model_decode_state_steps_and_converts_back():
+    """`TTTLM.decode_state` puts every fused TTT-Linear layer's state in the rows form (the graphed decoder's
+    buffers, owned: written in place); one-token steps on it give the plain steps' logits through a commit after a
+    prompt that ends inside a mini-batch, and `plain_state` gives back their states. A model on the PyTorch layer
+    path keeps its states as they are; a prefill continues from either form."""
+    from ttt.config import RunOptions, get_config
+    from ttt.decode_graph import flatten_state, rebuild_state
+    from ttt.model import TTTLM
+    from ttt.ops import RowsState
+
+    torch.manual_seed(6)
+    cfg = get_config("debug", mixer="ttt_linear", vocab_size=64, mini_batch=4)
+    model = TTTLM(cfg, RunOptions(ttt_backend="triton", fused_layer=True)).to(DEV).eval()
+    ids = torch.randint(0, 64, (2, 13), device=DEV)
+    with torch.no_grad():
+        _, s = model(ids[:, :3])
+        d = model.decode_state(s)
+        assert all(isinstance(b.mixer.op, RowsState) for b in d.blocks)
+        assert all(x is y for x, y in zip(model.decode_state(d).blocks[0].mixer.op.accum, d.blocks[0].mixer.op.accum))
+        d = rebuild_state(d, [t.clone() for t in flatten_state(d)], owned=True)
+        given = flatten_state(d)
+        for t in range(3, 9):
+            lp, s = model(ids[:, t:t + 1], s)
+            ld, d = model(ids[:, t:t + 1], d)
+            torch.testing.assert_close(ld, lp, rtol=1e-5, atol=1e-5)
+            assert all(n is g for n, g in zip(flatten_state(d), given)), t  # in place
+        for a, e in zip(flatten_state(model.plain_state(d)), flatten_state(s)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        lp, _ = model(ids[:, 9:], s)  # a prefill after the steps, from either form
+        ld, _ = model(ids[:, 9:], d)
+        torch.testing.assert_close(ld, lp, rtol=1e-5, atol=1e-5)
+        ref = TTTLM(cfg, RunOptions(ttt_backend="triton", fused_layer=False)).to(DEV).eval()
+        assert all(x.mixer is y.mixer for x, y in zip(ref.decode_state(s).blocks, s.blocks))
+
+
 # ---------------------------------------------------------------- packed documents (cu_seqlens)
 PACKED_LENS = [1, 3, 8, 6, 2, 9]  # b = 4: multiples of b and not, a length 1, two shorter than the conv width
 CARRIED = (3, 5, 1, 4, 2, 7)  # the documents' start positions when they continue an earlier call (RoPE per row)

@@ -9,8 +9,9 @@ model with AutoConfig / AutoModelForCausalLM under model_type "ttt_lm".
 A run directory's config.json carries "model_type": "ttt_lm" when written by `ttt convert` or the trainer;
 `TTTForCausalLMHF.from_pretrained(path)` loads any run directory, with or without it. The weights are read
 by `ttt.checkpoint.load_model` (safetensors only). During generate() the model state (`LMState`: TTT inner
-weights, conv windows) is carried from step to step in the `ttt_state` keyword: the prompt is consumed once,
-then each step feeds only the newest token. Batched prompts must be unpadded (equal lengths): a recurrent
+weights, conv windows) is carried from step to step in the `ttt_state` keyword, in the one-token steps' own form
+(`TTTLM.decode_state`; `TTTLM.plain_state` gives the plain one): the prompt is consumed once, then each step feeds
+only the newest token. Batched prompts must be unpadded (equal lengths): a recurrent
 state cannot skip left padding, so an attention mask with zeros is refused.
 """
 from __future__ import annotations
@@ -119,7 +120,7 @@ class TTTForCausalLMHF(PreTrainedModel, GenerationMixin):
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens: int = 1, **kwargs):
-        model_kwargs["ttt_state"] = outputs.ttt_state
+        model_kwargs["ttt_state"] = self.lm.decode_state(outputs.ttt_state)  # the one-token steps' own form
         mask = model_kwargs.get("attention_mask")
         if mask is not None:
             model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], num_new_tokens)], -1)

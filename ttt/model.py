@@ -155,7 +155,8 @@ class Block(nn.Module):
         if hasattr(self, "ffn"):
             h = h + y
             y = self.ffn(self.ffn_norm(h))
-        return h, y, (BlockState(conv_state, mixer_state) if state_out else None)
+        owned = state is not None and state.owned  # an owned window stays owned (the same tensor, pushed in place)
+        return h, y, (BlockState(conv_state, mixer_state, owned) if state_out else None)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class RowsState(TTTState):
     accum: (A0 [B,H,d,d], a0 [B,H,d], K [B,H,b,d], G [B,H,b,d], pre [B,H]): the TTTState accumulators (A, a) =
     pre * (A0, a0) + sum over rows s < pos % b of (k_s^T g_s, g_s), where k_s is token s's (RoPE'd) key and g_s
     its inner gradient times its learning rate. A0, a0 hold the partial mini-batch a TTTState came with
-    (`to_rows`); pre is 1 where they still count, 0 from that mini-batch's commit on. The other fields as
+    (`RowsState.of`); pre is 1 where they still count, 0 from that mini-batch's commit on. The other fields as
     TTTState's."""
 
     @staticmethod

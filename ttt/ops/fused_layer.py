@@ -895,7 +895,7 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
         u, v, gate if learn else u, win, wq, bq if bq is not None else wq, wk, bk if bk is not None else wk,
         lr_bias if learn else u, lr_scale, delta if learn else u, ln_weight, ln_bias, Wt, c, A0, a0, K, G, pre, o,
         nwin, u.stride(0), v.stride(0), gate.stride(0) if learn else 0, cu, cv, cg, H, D, i, math.log2(rope_base),
-        float(base_lr), HD=d, BD=pow2(d), MB=mini_batch, BB=max(16, pow2(mini_batch)), W=W, WB=pow2(max(W - 1, 1)),
+        float(base_lr), HD=d, BD=pow2(d), MB=mini_batch, BB=pow2(mini_batch), W=W, WB=pow2(max(W - 1, 1)),
         HAS_BIAS=bq is not None, LEARN_LR=learn, COMMIT=commit, WIN_INPLACE=win_inplace, EPS=LN_EPS,
         num_warps=warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     new = RowsState("linear", (Wt, c), (A0, a0, K, G, pre), state.pos + 1)
