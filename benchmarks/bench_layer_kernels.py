@@ -220,18 +220,18 @@ def bench_decode_kernel(launches, positions=(3, 15), **shape):
 DECODE_GEMMS = (("qk|v|gate|lr", 6208, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
 
 
-def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",)):
+def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), names=None):
     """The decode's GEMMs (F.linear) at B rows, each a CUDA graph of `copies` calls: on a weight copy each
     (read from memory, as the decode's blocks do) and all on one weight (after the first call from L2: what
     prefetching the weights into L2 beside the step's latency-bound kernels could reach); us per call and the
     weight's read rate (TB/s). blas: the libraries to time them with (torch.backends.cuda.preferred_blas_library:
-    "cublas", "cublaslt"); the preference is restored after."""
+    "cublas", "cublaslt"); the preference is restored after. names: only these of DECODE_GEMMS (None: all)."""
     rows = []
     before = torch.backends.cuda.preferred_blas_library()
     try:
         for lib in blas:
             torch.backends.cuda.preferred_blas_library(lib)
-            for name, N, K in DECODE_GEMMS:
+            for name, N, K in (g for g in DECODE_GEMMS if names is None or g[0] in names):
                 x = torch.randn(B, 1, K, device=DEV, dtype=dtype)
                 ws = [(torch.randn(N, K, device=DEV) * K ** -0.5).to(dtype) for _ in range(copies)]
                 for weights, where in ((ws, "memory"), ([ws[0]] * copies, "L2")):
@@ -256,6 +256,8 @@ def main():
                                                             "from memory and from L2)")
     ap.add_argument("--blas", nargs="+", default=["cublas"], choices=("cublas", "cublaslt"),
                     help="with --gemms: the BLAS libraries to time them with")
+    ap.add_argument("--gemm-names", nargs="+", default=None, choices=[g[0] for g in DECODE_GEMMS],
+                    help="with --gemms: only these (e.g. one GEMM for Nsight Compute: run_on_gpu.sh ncu)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "8,64,1,12", "16,64,1,8", "8,128,2,6"],
@@ -275,7 +277,7 @@ def main():
                                     positions=tuple(int(p) for p in a.positions.split(",")))
         a.shapes = []
     if a.gemms:
-        rows += bench_decode_gemms(blas=a.blas)
+        rows += bench_decode_gemms(blas=a.blas, names=a.gemm_names)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -900,3 +900,7 @@ def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):
     rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=3, blas=("cublas", "cublaslt"))
     assert [r["blas"] for r in rows] == ["cublas", "cublas", "cublaslt", "cublaslt"]
     assert seen == [None, "cublas", "cublaslt", "before"]
+    # --gemm-names: only those
+    monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72), ("other", 24, 16)))
+    rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=3, names=["other"])
+    assert [(r["gemm"], r["N"]) for r in rows] == [("other", 24), ("other", 24)]
