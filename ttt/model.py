@@ -147,15 +147,14 @@ class Block(nn.Module):
         (y: the FFN's output, or the mixer's without an FFN). The compiled decode step adds it in the next block,
         where Inductor fuses the sum into that block's first norm (one kernel less per block)."""
         conv_state, mixer_state = (None, None) if state is None else (state.conv, state.mixer)
+        owned = state is not None and state.owned  # an owned window stays owned (the same tensor, pushed in place)
         if self.has_conv:
-            y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens,
-                                      owned=state is not None and state.owned)
+            y, conv_state = self.conv(self.conv_norm(h), conv_state, cu_seqlens=cu_seqlens, owned=owned)
             h = h + y
         y, mixer_state = self.mixer(self.mixer_norm(h), mixer_state, cu_seqlens=cu_seqlens)
         if hasattr(self, "ffn"):
             h = h + y
             y = self.ffn(self.ffn_norm(h))
-        owned = state is not None and state.owned  # an owned window stays owned (the same tensor, pushed in place)
         return h, y, (BlockState(conv_state, mixer_state, owned) if state_out else None)
 
 

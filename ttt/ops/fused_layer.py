@@ -882,9 +882,12 @@ def linear_decode_step(u, v, gate, win, wq, bq, wk, bk, lr_bias, lr_scale, delta
     # the kernel writes the state it is given: its own tensors in place, else copies of what it writes (the weights
     # on a commit, the rows and pre); A0, a0 are only read; the rows RowsState.of made are this call's own
     own = inplace and rows and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*st.params, *st.accum))
-    Wt, c = (t if own or not commit else t.to(torch.float32, copy=True).contiguous() for t in st.params)
-    Wt, c, A0, a0 = (t.to(torch.float32).contiguous() for t in (Wt, c, *st.accum[:2]))
-    K, G, pre = (t if own or not rows else t.to(torch.float32, copy=True).contiguous() for t in st.accum[2:])
+
+    def arg(t, written):  # (written may be a traced offset's SymBool: a Python branch, not an argument)
+        return t if own else (t.to(torch.float32, copy=True) if written else t.to(torch.float32)).contiguous()
+    Wt, c = (arg(t, commit) for t in st.params)
+    A0, a0 = (arg(t, False) for t in st.accum[:2])
+    K, G, pre = (arg(t, rows) for t in st.accum[2:])
     win_inplace = inplace and win.dtype == u.dtype and win.is_contiguous()
     win = win.to(u.dtype).contiguous()
     o = torch.empty((B, 1, D), dtype=u.dtype, device=u.device)
