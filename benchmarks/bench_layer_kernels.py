@@ -220,12 +220,14 @@ def bench_decode_kernel(launches, positions=(3, 15), **shape):
 DECODE_GEMMS = (("qk|v|gate|lr", 6208, 2048), ("o", 2048, 2048), ("gate|up", 11008, 2048), ("down", 2048, 5504))
 
 
-def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), names=None):
+def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), names=None, rows_mm=()):
     """The decode's GEMMs (F.linear) at B rows, each a CUDA graph of `copies` calls: on a weight copy each
     (read from memory, as the decode's blocks do) and all on one weight (after the first call from L2: what
     prefetching the weights into L2 beside the step's latency-bound kernels could reach); us per call and the
     weight's read rate (TB/s). blas: the libraries to time them with (torch.backends.cuda.preferred_blas_library:
-    "cublas", "cublaslt"); the preference is restored after. names: only these of DECODE_GEMMS (None: all)."""
+    "cublas", "cublaslt"); the preference is restored after. names: only these of DECODE_GEMMS (None: all).
+    rows_mm: launches of `ttt.ops.rows_mm` ("BN,BK,splits,warps,stages,swap") timed beside them from memory, each
+    checked first against the fp32 product."""
     rows = []
     before = torch.backends.cuda.preferred_blas_library()
     try:
@@ -240,8 +242,34 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), 
                                us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                if lib == blas[0]:
+                    rows += time_rows_mm(x, ws, name, rows_mm)
     finally:
         torch.backends.cuda.preferred_blas_library(before)
+    return rows
+
+
+def time_rows_mm(x, ws, name, specs):
+    """`rows_mm` at each launch spec ("BN,BK,splits,warps,stages,swap") on the weight copies ws (from memory)."""
+    from ttt.ops.rows_mm import rows_mm
+    rows, ref = [], F.linear(x.float(), ws[0].float())
+    N, K = ws[0].shape
+    for spec in specs:
+        bn, bk, sp, nw, ns, sw = (int(v) for v in spec.split(","))
+        kw = dict(BN=bn, BK=bk, splits=sp, num_warps=nw, num_stages=ns, swap=bool(sw))
+        row = dict(kernel="decode gemm", blas="rows_mm", launch=spec, gemm=name, N=N, K=K, rows=x.shape[0])
+        try:
+            row.update(max_rel_err=rel(rows_mm(x, ws[0], **kw).float(), ref))
+        except Exception as e:  # a launch that does not compile (shared memory) is reported, not timed
+            row.update(error=f"{type(e).__name__}: {str(e)[:120]}")
+        row["ok"] = row.get("max_rel_err", 1.0) < 2e-2
+        if row["ok"]:
+            ms = graphed_ms([lambda w=w: rows_mm(x, w, **kw) for w in ws])
+            row.update(weights_from="memory", us=ms * 1e3, weight_tb_per_s=N * K * 2 / (ms * 1e-3) / 1e12)
+            if sp > 1:  # the kernel alone, its partials left unsummed (a compiled consumer would sum them)
+                row.update(us_partials=graphed_ms([lambda w=w: rows_mm(x, w, partials=True, **kw) for w in ws]) * 1e3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -258,6 +286,8 @@ def main():
                     help="with --gemms: the BLAS libraries to time them with")
     ap.add_argument("--gemm-names", nargs="+", default=None, choices=[g[0] for g in DECODE_GEMMS],
                     help="with --gemms: only these (e.g. one GEMM for Nsight Compute: run_on_gpu.sh ncu)")
+    ap.add_argument("--rows-mm", nargs="+", default=[], metavar="BN,BK,SPLITS,WARPS,STAGES,SWAP",
+                    help="with --gemms: time ttt.ops.rows_mm at these launches beside cuBLAS")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "8,64,1,12", "16,64,1,8", "8,128,2,6"],
@@ -277,7 +307,7 @@ def main():
                                     positions=tuple(int(p) for p in a.positions.split(",")))
         a.shapes = []
     if a.gemms:
-        rows += bench_decode_gemms(blas=a.blas, names=a.gemm_names)
+        rows += bench_decode_gemms(blas=a.blas, names=a.gemm_names, rows_mm=a.rows_mm)
         a.shapes = []
     for shape in a.shapes:
         B, T, D = (int(v) for v in shape.split("x"))

@@ -5,6 +5,7 @@ kernels run in Triton's interpreter.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -904,3 +905,48 @@ def test_decode_gemm_benchmark_times_both_weight_placements(monkeypatch):
     monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72), ("other", 24, 16)))
     rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=3, names=["other"])
     assert [(r["gemm"], r["N"]) for r in rows] == [("other", 24), ("other", 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rows_mm_equals_the_product(monkeypatch, dtype):
+    """ttt.ops.rows_mm (a few-row GEMM, K optionally split over programs): every launch form against the fp32
+    product, at masked tails of rows, outputs and K, every element written (poisoned buffers); the partials sum to
+    it. fp16 / fp32: Triton's interpreter (3.9) multiplies bf16 tiles wrongly."""
+    from ttt.ops import rows_mm as mod
+    monkeypatch.setattr(mod, "torch", PoisonTorch())
+    g = torch.Generator().manual_seed(3)
+    for M, N, K in ((16, 200, 160), (5, 96, 300), (1, 64, 64)):
+        x = torch.randn(M, 1, K, generator=g).to(dtype).to(DEV)
+        w = torch.randn(N, K, generator=g).to(dtype).to(DEV)
+        ref = x.float() @ w.float().T  # [M, 1, N]
+        for kw in (dict(BN=64, BK=64, splits=1, swap=True), dict(BN=32, BK=32, splits=3, swap=False),
+                   dict(BN=64, BK=32, splits=4, swap=True), dict(BN=16, BK=128, splits=2, swap=False)):
+            y = mod.rows_mm(x, w, **kw)
+            assert y.shape == (M, 1, N) and y.dtype == dtype
+            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < (2e-3 if dtype == torch.float16 else 1e-5), (M, N, K, kw, err)
+            p = mod.rows_mm(x, w, partials=True, **kw)
+            ks = math.ceil(math.ceil(K / kw["BK"]) / kw["splits"]) * kw["BK"]  # each split's K, whole BK steps
+            S = math.ceil(K / ks)  # the splits that K gives
+            assert p.shape == (S, M, N) and p.dtype == torch.float32
+            assert torch.allclose(p.sum(0), ref[:, 0], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="x, w: expected"):
+        mod.rows_mm(torch.randn(17, 8, dtype=dtype, device=DEV), torch.randn(4, 8, dtype=dtype, device=DEV))
+    with pytest.raises(ValueError, match="launch: expected"):
+        mod.rows_mm(torch.randn(2, 32, dtype=dtype, device=DEV), torch.randn(4, 32, dtype=dtype, device=DEV), splits=0)
+
+
+def test_decode_gemm_benchmark_times_rows_mm_launches(monkeypatch):
+    """bench_layer_kernels --gemms --rows-mm: each launch checked against the product, then timed from memory (the
+    split ones also without their sum); a failing launch is reported and not timed."""
+    from benchmarks import bench_layer_kernels as blk
+    monkeypatch.setattr(blk, "DEV", DEV)
+    monkeypatch.setattr(blk, "DECODE_GEMMS", (("small", 40, 72),))
+    monkeypatch.setattr(blk, "graphed_ms", lambda fns, **kw: ([fn() for fn in fns], 1e-3)[1])
+    rows = blk.bench_decode_gemms(B=3, dtype=torch.float32, copies=2, rows_mm=["16,32,1,4,3,0", "64,16,2,4,3,1",
+                                                                                 "16,32,0,4,3,0"])
+    mm = [r for r in rows if r["blas"] == "rows_mm"]
+    assert [r["launch"] for r in mm] == ["16,32,1,4,3,0", "64,16,2,4,3,1", "16,32,0,4,3,0"]
+    assert mm[0]["ok"] and mm[0]["max_rel_err"] < 1e-5 and mm[0]["us"] == 1.0 and "us_partials" not in mm[0]
+    assert mm[1]["ok"] and mm[1]["us_partials"] == 1.0
+    assert not mm[2]["ok"] and "splits=0" in mm[2]["error"] and "us" not in mm[2]
