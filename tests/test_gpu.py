@@ -241,3 +241,23 @@ def test_default_runs_the_fused_layer_on_cuda():
     """The default RunOptions run the fused layer kernels on CUDA (fused_layer=None: auto)."""
     model = TTTLM(get_config("debug", vocab_size=256)).cuda()
     assert all(blk.mixer.prepare(torch.device("cuda"), torch.bfloat16).fused for blk in model.blocks)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17])
+def test_few_rows_linear_at_the_decode_shapes(rows):
+    """layers.merged.few_rows_linear (ops.rows_mm at launch_for's launch; F.linear past 16 rows) at the 1.3b
+    decode's four products, bf16, against the fp32 product of the same operands."""
+    import torch.nn.functional as F
+
+    from ttt.layers.merged import few_rows_linear
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in ((6208, 2048), (2048, 2048), (11008, 2048), (2048, 5504)):
+        x = torch.randn(rows, 1, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+        with torch.no_grad():
+            y = few_rows_linear(x, w)
+        ref = F.linear(x.float(), w.float())
+        assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2, (N, K)
+        if rows > 16:
+            assert torch.equal(y, F.linear(x, w))
