@@ -23,6 +23,8 @@
 #             kernel alone (arguments apart and as the model hands them over), the GEMMs alone (weights from memory and
 #             from L2), Inductor's generated code of the decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
+#   gemms     the 1.3b decode's four products: cuBLAS, and ttt.ops.rows_mm at the launches of ROWS_MM (space-separated
+#             "BN,BK,splits,warps,stages,swap"; default: ROWS_MM_DEFAULT below), one line each (us, TB/s)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
@@ -44,7 +46,7 @@
 # models for ~6 min; with the image's pytest-xdist, TESTS_ARGS="-n 8 tests/" ran every GPU test in 262 s (H200), and
 # in more than 320 s later (H200, c40ab57): give it TESTS_S=540, alone in a command.
 # Time limits (seconds): I16_TESTS_S, I16_LAYER_S, I16_TRAIN_S, I16_DECODE_S, D16_TESTS_S, D16_TABLE_S,
-# D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, AB_S (each run), TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
+# D16_PROFILE_S, D16_KERNEL_S, D16_CODE_S, AB_S (each run), GEMMS_S, TESTS_S, SANITIZE_S, OP_S, LINBWD_S,
 # MLP_S, SMEM_TESTS_S, SMEM_S, LAYER_S, TABLE_S, MODEL_S, DECODE_S, PROFILE_S, NCU_S, PACKED_TESTS_S, PACKED_FUSED_S,
 # PACKED_S, TRAIN_S. PROFILE_LINES: the profile's output lines kept (default 80).
 set -u
@@ -134,6 +136,21 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
   ${TABLE_ARGS:---mixers ttt_linear+fused,attention,mamba2_module} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
+ROWS_MM_DEFAULT="64,128,2,4,4,1 128,128,2,4,4,1 64,128,3,4,4,1 128,128,3,4,4,1 64,128,4,4,4,1 128,128,4,8,4,1
+  128,64,2,4,6,1 64,256,2,4,3,1 64,128,1,4,4,1 64,256,1,4,3,1 64,64,1,4,8,1 128,128,1,4,4,1 128,64,1,4,6,1 16,256,1,4,4,0
+  32,128,1,4,4,0 32,256,1,4,3,0 64,128,1,4,4,0 32,128,1,2,6,0 16,128,2,2,6,0 32,128,2,4,4,0 32,256,2,4,3,0 16,256,4,4,4,0"
+has gemms && timeout "${GEMMS_S:-150}" python3 -m benchmarks.bench_layer_kernels --gemms --rows-mm ${ROWS_MM:-$ROWS_MM_DEFAULT} \
+  --out "$OUT/gemms.json" 2>&1 | grep -v Warn | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        print(line.rstrip())
+        continue
+    if "gemm" in r:
+        print(r["gemm"], r["blas"], r.get("launch", ""), r.get("weights_from", ""), "us %.2f" % r.get("us", 0),
+              "partials %.2f" % r.get("us_partials", 0), "TB/s %.2f" % r.get("weight_tb_per_s", 0), r.get("error", "")[:80])'
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \
   | grep -v Warn | tail -60
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \
