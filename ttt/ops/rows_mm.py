@@ -59,9 +59,8 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, split
             or w.stride(-1) != 1:
         raise ValueError(f"x, w: expected x [..., K] of at most {MAX_ROWS} rows and w [N, K] of x's dtype, both with "
                          f"a contiguous last dim; got {tuple(x.shape)} {x.dtype}, {tuple(w.shape)} {w.dtype}")
-    if splits < 1 or BN < 16 or BK < 16 or (swap and BN < 64 and x.is_cuda):
-        raise ValueError(f"launch: expected splits >= 1, BN, BK >= 16 (BN >= 64 with swap), got splits={splits}, "
-                         f"BN={BN}, BK={BK}")
+    if splits < 1 or BN < 16 or BK < 16:  # (tl.dot's least tile side)
+        raise ValueError(f"launch: expected splits >= 1 and BN, BK >= 16, got splits={splits}, BN={BN}, BK={BK}")
     KS = cdiv(cdiv(K, BK), splits) * BK  # each split's K, whole BK steps
     S = cdiv(K, KS)
     y = torch.empty((S, M, N), dtype=x.dtype if S == 1 else torch.float32, device=x.device)
