@@ -24,7 +24,7 @@
 #             from L2), Inductor's generated code of the decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   gemms     the 1.3b decode's four products: cuBLAS, and ttt.ops.rows_mm at the launches of ROWS_MM (space-separated
-#             "BN,BK,splits,warps,stages,swap"; default: ROWS_MM_DEFAULT below), one line each (us, TB/s)
+#             "BN,BK,splits,warps,stages,swap"; default: ROWS_MM_DEFAULT below), one JSON line each (us, TB/s)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
@@ -140,17 +140,7 @@ ROWS_MM_DEFAULT="64,128,2,4,4,1 128,128,2,4,4,1 64,128,3,4,4,1 128,128,3,4,4,1 6
   128,64,2,4,6,1 64,256,2,4,3,1 64,128,1,4,4,1 64,256,1,4,3,1 64,64,1,4,8,1 128,128,1,4,4,1 128,64,1,4,6,1 16,256,1,4,4,0
   32,128,1,4,4,0 32,256,1,4,3,0 64,128,1,4,4,0 32,128,1,2,6,0 16,128,2,2,6,0 32,128,2,4,4,0 32,256,2,4,3,0 16,256,4,4,4,0"
 has gemms && timeout "${GEMMS_S:-150}" python3 -m benchmarks.bench_layer_kernels --gemms --rows-mm ${ROWS_MM:-$ROWS_MM_DEFAULT} \
-  --out "$OUT/gemms.json" 2>&1 | grep -v Warn | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        r = json.loads(line)
-    except ValueError:
-        print(line.rstrip())
-        continue
-    if "gemm" in r:
-        print(r["gemm"], r["blas"], r.get("launch", ""), r.get("weights_from", ""), "us %.2f" % r.get("us", 0),
-              "partials %.2f" % r.get("us_partials", 0), "TB/s %.2f" % r.get("weight_tb_per_s", 0), r.get("error", "")[:80])'
+  --out "$OUT/gemms.json" 2>&1 | grep -v -e Warn -e '^{"device' | cut -c1-260
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \
   | grep -v Warn | tail -60
 has model && timeout "${MODEL_S:-420}" python3 -m benchmarks.bench_model ${MODEL_ARGS:---check --train --prefill} \

@@ -17,28 +17,28 @@ MAX_ROWS = 16  # the rows of x one program multiplies (masked beyond x's rows)
 
 @triton.jit
 def _rows_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, s_ys, KS,
-                    BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
-    # program: outputs [0, M) x [n0, n0 + BN) over K's slice [k0, k0 + KS) (the split's partial at y + split * s_ys);
-    # SWAP: the product as w-tile x x.T ([BN, BK] x [BK, 16], w's rows as the MMA's M side: Hopper's wgmma)
-    rm = tl.arange(0, 16)
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    # program: outputs [0, M) (M <= BM) x [n0, n0 + BN) over K's slice [k0, k0 + KS) (the split's partial at y + split * s_ys);
+    # SWAP: the product as w-tile x x.T ([BN, BK] x [BK, BM], w's rows as the MMA's M side: Hopper's wgmma)
+    rm = tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     k_lo = tl.program_id(1) * KS
     k_hi = tl.minimum(K, k_lo + KS)
     if SWAP:
-        acc = tl.zeros([BN, 16], dtype=tl.float32)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
-        acc = tl.zeros([16, BN], dtype=tl.float32)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         km = k0 + rk < k_hi
         x = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + rk)[None, :], mask=(rm[:, None] < M) & km[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * s_wn + (k0 + rk)[None, :], mask=(rn[:, None] < N) & km[None, :], other=0.0)
         if SWAP:
-            acc = tl.dot(w, tl.trans(x), acc)  # [BN, BK] x [BK, 16]
+            acc = tl.dot(w, tl.trans(x), acc)  # [BN, BK] x [BK, BM]
         else:
-            acc = tl.dot(x, tl.trans(w), acc)  # [16, BK] x [BK, BN]
+            acc = tl.dot(x, tl.trans(w), acc)  # [BM, BK] x [BK, BN]
     if SWAP:
-        out = tl.trans(acc)  # [BN, 16] -> [16, BN]
+        out = tl.trans(acc)  # [BN, BM] -> [BM, BN]
     else:
         out = acc
     y = y_ptr + tl.program_id(1) * s_ys + rm[:, None] * s_ym + rn[None, :]
@@ -47,7 +47,7 @@ def _rows_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, s_ys, KS,
 
 def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, splits: int = 1, num_warps: int = 4,
             num_stages: int = 4, swap: bool = True, partials: bool = False) -> torch.Tensor:
-    """x [..., K] (at most 16 rows in all, last dim contiguous) times w [N, K].T (rows contiguous, x's dtype) -> y
+    """x [..., K] (at most MAX_ROWS rows in all, last dim contiguous) times w [N, K].T (rows contiguous, x's dtype) -> y
     [..., N] in x's dtype, accumulated in fp32 (as F.linear without bias). The launch: BN outputs and BK of K per
     step, K split over `splits` programs per block of outputs (fp32 partials [splits, M, N], summed), warps, stages,
     swap (the product in w's-rows-as-M orientation). partials: return the splits' fp32 partials [S, M, N] unsummed
@@ -65,7 +65,7 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, split
     S = cdiv(K, KS)
     y = torch.empty((S, M, N), dtype=x.dtype if S == 1 else torch.float32, device=x.device)
     _rows_mm_kernel[(cdiv(N, BN), S)](rows, w, y, M, N, K, rows.stride(0), w.stride(0), y.stride(1), y.stride(0), KS,
-                                      BN=BN, BK=BK, SWAP=swap, num_warps=num_warps, num_stages=num_stages)
+                                      BM=MAX_ROWS, BN=BN, BK=BK, SWAP=swap, num_warps=num_warps, num_stages=num_stages)
     if partials:
         return y.float()
     out = y[0] if S == 1 else y.sum(0).to(x.dtype)  # [S, M, N] -> [M, N]
