@@ -950,3 +950,25 @@ def test_decode_gemm_benchmark_times_rows_mm_launches(monkeypatch):
     assert mm[0]["ok"] and mm[0]["max_rel_err"] < 1e-5 and mm[0]["us"] == 1.0 and "us_partials" not in mm[0]
     assert mm[1]["ok"] and mm[1]["us_partials"] == 1.0
     assert not mm[2]["ok"] and "splits=0" in mm[2]["error"] and "us" not in mm[2]
+
+
+def test_rows_mm_launch_fills_the_gpu_and_few_rows_linear_keeps_f_linear_elsewhere():
+    """rows_mm.launch_for: K split over the most programs (1 to 4 splits, never more than K's steps) that keep blocks
+    x splits within one program an SM; layers.merged.few_rows_linear: F.linear itself off CUDA, with autograd, or
+    past 16 rows."""
+    from ttt.layers.merged import few_rows_linear
+    from ttt.ops.rows_mm import launch_for
+    for N, K in ((6208, 2048), (2048, 2048), (11008, 2048), (2048, 5504), (128, 256), (100000, 4096)):
+        for sms in (132, 78):
+            L = launch_for(N, K, sms)
+            blocks, cap = math.ceil(N / L["BN"]), min(4, math.ceil(K / L["BK"]))
+            assert 1 <= L["splits"] <= cap
+            assert L["splits"] == 1 or blocks * L["splits"] <= sms  # one wave
+            assert L["splits"] == cap or blocks * (L["splits"] + 1) > sms  # the most that fit
+    # the 1.3b decode's products on 132 SMs: gate|up and qk|v|gate|lr whole, o and down in 4 parts of K
+    assert [launch_for(N, K, 132)["splits"] for N, K in ((11008, 2048), (6208, 2048), (2048, 2048), (2048, 5504))] \
+        == [1, 1, 4, 4]
+    x, w = torch.randn(3, 1, 40), torch.randn(24, 40)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(few_rows_linear(x, w), torch.nn.functional.linear(x, w))

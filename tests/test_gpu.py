@@ -241,3 +241,30 @@ def test_default_runs_the_fused_layer_on_cuda():
     """The default RunOptions run the fused layer kernels on CUDA (fused_layer=None: auto)."""
     model = TTTLM(get_config("debug", vocab_size=256)).cuda()
     assert all(blk.mixer.prepare(torch.device("cuda"), torch.bfloat16).fused for blk in model.blocks)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_few_rows_products_at_the_decode_shapes(rows):
+    """ops.rows_mm at rows_mm.launch_for's launch (what layers.merged.few_rows_linear runs in a compiled step) at
+    the 1.3b decode's four products, bf16, against the fp32 product of the same operands; few_rows_linear compiled
+    equals it, and eager is F.linear itself."""
+    import torch.nn.functional as F
+
+    from ttt.layers.merged import few_rows_linear
+    from ttt.ops.rows_mm import launch_for, rows_mm
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for N, K in ((6208, 2048), (2048, 2048), (11008, 2048), (2048, 5504)):
+        x = torch.randn(rows, 1, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+        y = rows_mm(x, w, **launch_for(N, K, sms))
+        ref = F.linear(x.float(), w.float())
+        assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2, (N, K)
+        with torch.no_grad():
+            assert torch.equal(few_rows_linear(x, w), F.linear(x, w))
+            if N == 11008:  # (one shape: each compiles)
+                yc = torch.compile(few_rows_linear, fullgraph=True, dynamic=False)(x, w)
+                assert ((yc.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+                if launch_for(N, K, sms)["splits"] <= 2:  # the same sums as rows_mm's (two partials: any order)
+                    assert torch.equal(yc, y)

@@ -25,7 +25,7 @@ from .layers.attention import Attention
 from .layers.conv import CausalConv1d
 from .layers.head import IGNORE, linear_cross_entropy
 from .layers.mamba import Mamba2
-from .layers.merged import merged_for, merged_weight
+from .layers.merged import few_rows_linear, merged_for, merged_weight
 from .layers.norms import RMSNorm
 from .layers.ttt import TTTLayer
 from .ops.packed import packing
@@ -88,9 +88,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         w = merged_weight(self.merged, x) if x.shape[-2] == 1 and not torch.is_grad_enabled() else None
-        if w is not None:
-            g, u = self.merged.split(F.linear(x, w))
-            return self.down(F.silu(g) * u)
+        if w is not None:  # a one-token step: its few-row products (`few_rows_linear`)
+            g, u = self.merged.split(few_rows_linear(x, w))
+            return few_rows_linear(F.silu(g) * u, self.down.weight)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 

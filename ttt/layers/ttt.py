@@ -24,7 +24,7 @@ from ..ops.generic import GenericOp
 from ..ops.packed import packing
 from .attention import apply_rope
 from .conv import CausalConv1d, check_input_dtype
-from .merged import merged_for, merged_linear, merged_weight
+from .merged import few_rows_linear, merged_for, merged_linear, merged_weight
 
 BACKBONES = ("mamba", "transformer")
 
@@ -361,13 +361,15 @@ class TTTLayer(nn.Module):
         u, g, *gate = merged_linear(x, ws)
         return u, g, (gate[0] if gate else None)
 
-    def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    def _out(self, o: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None = None,
+             one_token: bool = False) -> torch.Tensor:
         """The post-LayerNorm, the (M) block's GELU gate (g: x's gate_proj product when already made), the output
-        projection (every path; under torch.compile Inductor fuses the norm and the gate into one kernel)."""
+        projection (every path; under torch.compile Inductor fuses the norm and the gate into one kernel; one_token:
+        a decode step's, as `few_rows_linear`)."""
         o = self.post_norm(o)
         if self.backbone == "mamba":
             o = F.gelu(self.gate_proj(x) if g is None else g, approximate="tanh") * o
-        return self.o_proj(o)
+        return few_rows_linear(o, self.o_proj.weight) if one_token else self.o_proj(o)
 
     def merge_decode_weights(self, on: bool = True) -> None:
         """on: the fused decode step reads qk_proj, v_proj, gate_proj (and lr_weight, in the same dtype) as one
@@ -403,7 +405,7 @@ class TTTLayer(nn.Module):
         w = merged_weight(self.merged, x)
         gate, cols = None, (0, 0, 0)
         if w is not None:  # one GEMM: y [B, 1, 3D (+ H)] = u | v | g (| the lr gate); the kernel reads y itself
-            y = F.linear(x, w)
+            y = few_rows_linear(x, w)
             g = self.merged.split(y)[2]  # the x gate's product, for the output
             n_u, n_v, n_g = self.merged.sizes[:3]
             u = v = y
@@ -418,7 +420,7 @@ class TTTLayer(nn.Module):
             self.lr_bias if self.learn_lr else None, self.inner_lr_scale, self.delta if self.learn_lr else None,
             self.ln_weight, self.ln_bias, state.op, mini_batch=self.mini_batch, base_lr=self.base_lr,
             rope_base=self.rope_base, inplace=state.owned, cols=cols)
-        return self._out(o, x, g), TTTLayerState(op_state, conv, state.owned)
+        return self._out(o, x, g, one_token=True), TTTLayerState(op_state, conv, state.owned)
 
 
 class TTTLinear(TTTLayer):
