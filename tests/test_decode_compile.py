@@ -252,6 +252,39 @@ def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
     assert win.op == "placeholder" and not [n for n in win.users if "copy_" in str(n.target)]
 
 
+def test_rows_mm_tma_traces_with_tensor_descriptors(monkeypatch):
+    """ops.rows_mm(tma=True) inside a compiled step: Dynamo takes the host tensor descriptors of x and w into the
+    kernel's launch (one graph, the descriptors' block shapes as its TMA metadata), as Inductor needs to build them
+    at run time. No GPU here: Dynamo is told Triton and TMA work; the compiled function raises instead of running."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
+    pytest.importorskip("triton")
+    from torch.utils import _triton as torch_triton
+
+    from ttt.ops import rows_mm as mod
+    _traceable_kernels(monkeypatch, mod)
+    monkeypatch.setattr(torch_triton, "has_triton_tensor_descriptor_host_tma", lambda: True)
+
+    class Traced(Exception):
+        pass
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+        return run
+    f = torch.compile(lambda x, w: mod.rows_mm(x, w, BN=32, BK=32, splits=2, tma=True), backend=backend,
+                      fullgraph=True)
+    with torch.inference_mode(), pytest.raises(Traced):
+        f(torch.randn(3, 1, 64, dtype=torch.float16), torch.randn(96, 64, dtype=torch.float16))
+    launches = [n for g in graphs for n in g.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(graphs) == 1 and len(launches) == 1
+    assert launches[0].kwargs["tma_descriptor_metadata"] == {"x_ptr": ("stable", ([16, 32],)),
+                                                             "w_ptr": ("stable", ([32, 32],))}
+
+
 def test_compile_arguments_are_checked():
     model = TTTLM(get_config("debug", vocab_size=256))
     with pytest.raises(ValueError, match="^compile: expected a bool or a torch.compile mode"):
