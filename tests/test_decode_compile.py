@@ -121,6 +121,21 @@ def _traceable_kernels(monkeypatch, mod):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
 
 
+class Traced(Exception):
+    """Raised by a `_tracing_backend` function instead of running it (no GPU here)."""
+
+
+def _tracing_backend(graphs: list):
+    """A torch.compile backend that keeps each graph Dynamo makes in `graphs`; its compiled functions raise Traced."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+        return run
+    return backend
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp", "linear+fused"])
 def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph); with the
@@ -139,16 +154,8 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         from ttt.ops.ttt_mlp import step_triton as mod
     _traceable_kernels(monkeypatch, mod)
 
-    class Traced(Exception):
-        pass
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            raise Traced
-        return run
+    backend = _tracing_backend(graphs)
 
     def trace(mark=lambda model, s: s, merge=False):
         graphs.clear()
@@ -265,16 +272,8 @@ def test_rows_mm_tma_traces_with_tensor_descriptors(monkeypatch):
     _traceable_kernels(monkeypatch, mod)
     monkeypatch.setattr(torch_triton, "has_triton_tensor_descriptor_host_tma", lambda: True)
 
-    class Traced(Exception):
-        pass
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            raise Traced
-        return run
+    backend = _tracing_backend(graphs)
     f = torch.compile(lambda x, w: mod.rows_mm(x, w, BN=32, BK=32, splits=2, tma=True), backend=backend,
                       fullgraph=True)
     with torch.inference_mode(), pytest.raises(Traced):
