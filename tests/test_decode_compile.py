@@ -263,8 +263,8 @@ def test_rows_mm_tma_traces_with_tensor_descriptors(monkeypatch):
     """ops.rows_mm(tma=True) inside a compiled step: Dynamo takes the host tensor descriptors of x and w into the
     kernel's launch (one graph, the descriptors' block shapes as its TMA metadata), as Inductor needs to build them
     at run time. No GPU here: Dynamo is told Triton and TMA work; the compiled function raises instead of running."""
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU, test_gpu.py compiles and runs the real kernels")
+    if torch.cuda.is_available():  # (the interpreter trick below would set TRITON_INTERPRET beside real kernels)
+        pytest.skip("with a GPU, test_gpu.py's few-row test compiles and runs rows_mm(tma=True) on the real kernels")
     pytest.importorskip("triton")
     from torch.utils import _triton as torch_triton
 

@@ -927,6 +927,9 @@ def test_rows_mm_equals_the_product(monkeypatch, dtype):
                 mod.rows_mm(x, w, tma=True)
         else:
             launches += tuple(dict(kw, tma=True) for kw in launches)
+            w_off = torch.cat([w.new_zeros(1), w.flatten()])[1:].view(N, K)  # w's rows a view one element in
+            with pytest.raises(ValueError, match="tma: expected"):
+                mod.rows_mm(x, w_off, tma=True)
         for kw in launches:
             y = mod.rows_mm(x, w, **kw)
             assert y.shape == (M, 1, N) and y.dtype == dtype

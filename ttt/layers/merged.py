@@ -20,25 +20,24 @@ from __future__ import annotations
 import torch
 
 ALIGN_ROWS = 64  # Inductor's stride alignment for 16-bit tensors (128 bytes)
-FEW_ROWS = 16  # the most rows (tokens of a batch) that a one-token step's products take through `ops.rows_mm`
 
 
 def few_rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) (no bias) of a one-token step without autograd: for CUDA tensors of 16 bits with at most
-    FEW_ROWS rows and contiguous last dims, in a step that torch.compile traces (the graphed decoder's compiled
+    `ops.rows_mm.MAX_ROWS` rows and contiguous last dims, in a step that torch.compile traces (the graphed decoder's compiled
     step: the kernel is compiled before any capture, its launch's host time is not paid per token, and Inductor
     fuses the sum of K's splits into the next element-wise kernel), `ops.rows_mm` at `rows_mm.launch_for`'s launch
     (K split where the blocks of outputs alone leave most SMs idle; faster than cuBLAS at the 1.3b decode's four
     products on the H100, docs/kernels_notes.md); else F.linear."""
     if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.dim() == 2
-            and x.numel() <= FEW_ROWS * x.shape[-1] and x.stride(-1) == 1 and w.stride(-1) == 1
-            and not torch.is_grad_enabled()
+            and x.stride(-1) == 1 and w.stride(-1) == 1 and not torch.is_grad_enabled()
             and torch.compiler.is_compiling()):
         from ..ops import triton_available
         if triton_available()[0]:
-            from ..ops.rows_mm import launch_for, rows_mm
+            from ..ops.rows_mm import MAX_ROWS, launch_for, rows_mm  # (imports Triton: not at this module's import)
             from ..ops.triton_utils import sm_count
-            return rows_mm(x, w, **launch_for(w.shape[0], w.shape[1], sm_count(x.device)))
+            if x.numel() <= MAX_ROWS * x.shape[-1]:
+                return rows_mm(x, w, **launch_for(w.shape[0], w.shape[1], sm_count(x.device)))
     return torch.nn.functional.linear(x, w)
 
 

@@ -85,7 +85,7 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, split
     xa, wa = rows, w
     if tma:
         if any(t.stride(0) * t.element_size() % 16 or (not torch.compiler.is_compiling() and t.data_ptr() % 16)
-               for t in (rows, w)):  # (a traced step's tensors: Inductor's buffers are aligned)
+               for t in (rows, w)):  # (traced, data_ptr and storage_offset break the graph; Inductor's buffers are aligned)
             raise ValueError(f"tma: expected x's and w's rows 16-byte aligned (row strides of a multiple of 16 bytes), "
                              f"got strides {rows.stride(0)}, {w.stride(0)} of {x.dtype}")
         from triton.tools.tensor_descriptor import TensorDescriptor
