@@ -226,8 +226,8 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), 
     prefetching the weights into L2 beside the step's latency-bound kernels could reach); us per call and the
     weight's read rate (TB/s). blas: the libraries to time them with (torch.backends.cuda.preferred_blas_library:
     "cublas", "cublaslt"); the preference is restored after. names: only these of DECODE_GEMMS (None: all).
-    rows_mm: launches of `ttt.ops.rows_mm` ("BN,BK,splits,warps,stages,swap[,tma]") timed beside them from memory,
-    each checked first against the fp32 product."""
+    rows_mm: launches of `ttt.ops.rows_mm` ("BN,BK,splits,warps,stages,swap") timed beside them from memory, each
+    checked first against the fp32 product."""
     rows = []
     before = torch.backends.cuda.preferred_blas_library()
     try:
@@ -250,14 +250,13 @@ def bench_decode_gemms(B=16, dtype=torch.bfloat16, copies=20, blas=("cublas",), 
 
 
 def time_rows_mm(x, ws, name, specs):
-    """`rows_mm` at each launch spec ("BN,BK,splits,warps,stages,swap[,tma]": tma 1 loads the tiles through tensor
-    descriptors) on the weight copies ws (from memory)."""
+    """`rows_mm` at each launch spec ("BN,BK,splits,warps,stages,swap") on the weight copies ws (from memory)."""
     from ttt.ops.rows_mm import rows_mm
     rows, ref = [], F.linear(x.float(), ws[0].float())
     N, K = ws[0].shape
     for spec in specs:
-        bn, bk, sp, nw, ns, sw, *tma = (int(v) for v in spec.split(","))
-        kw = dict(BN=bn, BK=bk, splits=sp, num_warps=nw, num_stages=ns, swap=bool(sw), tma=bool(tma and tma[0]))
+        bn, bk, sp, nw, ns, sw = (int(v) for v in spec.split(","))
+        kw = dict(BN=bn, BK=bk, splits=sp, num_warps=nw, num_stages=ns, swap=bool(sw))
         row = dict(kernel="decode gemm", blas="rows_mm", launch=spec, gemm=name, N=N, K=K, rows=x.shape[0])
         try:
             row.update(max_rel_err=rel(rows_mm(x, ws[0], **kw).float(), ref))
@@ -287,9 +286,8 @@ def main():
                     help="with --gemms: the BLAS libraries to time them with")
     ap.add_argument("--gemm-names", nargs="+", default=None, choices=[g[0] for g in DECODE_GEMMS],
                     help="with --gemms: only these (e.g. one GEMM for Nsight Compute: run_on_gpu.sh ncu)")
-    ap.add_argument("--rows-mm", nargs="+", default=[], metavar="BN,BK,SPLITS,WARPS,STAGES,SWAP[,TMA]",
-                    help="with --gemms: time ttt.ops.rows_mm at these launches beside cuBLAS (TMA 1: the tiles "
-                         "loaded through tensor descriptors)")
+    ap.add_argument("--rows-mm", nargs="+", default=[], metavar="BN,BK,SPLITS,WARPS,STAGES,SWAP",
+                    help="with --gemms: time ttt.ops.rows_mm at these launches beside cuBLAS")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T x D")
     ap.add_argument("--launches", nargs="+",
                     default=["default", "8,64,1,12", "16,64,1,8", "8,128,2,6"],

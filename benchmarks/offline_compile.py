@@ -73,8 +73,7 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
     """The @triton.jit or @gluon.jit kernel `fn` compiled for sm_90 (float_type: how its float scalars are typed:
     Triton's launcher passes Python floats as fp32, Inductor's as fp64). ints: specialise as the launcher does for
     a run whose integer arguments are these where they are 1 or not divisible by 16 (1: a constant; every other
-    integer and every pointer divisible by 16); types: signature types that replace the guessed ones (a pointer's
-    element type, or a tensor descriptor's "tensordesc<bf16[16,128]>")."""
+    integer and every pointer divisible by 16); types: signature types that replace the guessed ones."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     if ints is not None:
@@ -84,14 +83,13 @@ def _compile(fn, constexprs: dict, dtype: str, num_warps: int, num_stages: int, 
                                                      else "*i32" if n in INT_PTRS | CONV_INT_PTRS
                                                      else "*fp32") if n.endswith("_ptr")
            else float_type if n in FLOATS else "i32" for n in names}
-    sig.update({n: t if t.startswith(("*", "tensordesc")) or not n.endswith("_ptr") else "*" + t
-                for n, t in (types or {}).items()})
+    sig.update({n: t if t.startswith("*") or not n.endswith("_ptr") else "*" + t for n, t in (types or {}).items()})
     if "num_warps" in names:  # Gluon kernels take their warps as a constexpr argument
         sig["num_warps"] = "constexpr"
         constexprs["num_warps"] = num_warps
     if ints is not None:  # the launcher's divisibility
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and (
-            sig[n].startswith("*") or (sig[n] == "i32" and ints.get(n, 16) % 16 == 0))}
+            n.endswith("_ptr") or (sig[n] == "i32" and ints.get(n, 16) % 16 == 0))}
     else:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if hints and n not in constexprs and (n.endswith("_ptr") or n in HINTED)}

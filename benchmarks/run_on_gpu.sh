@@ -24,7 +24,7 @@
 #             from L2), Inductor's generated code of the decode step (decode_code.log.gz)
 #   layer     benchmarks/bench_layer_kernels.py (the fused layer's conv + RoPE kernels; LAYER_ARGS)
 #   gemms     the 1.3b decode's four products: cuBLAS, and ttt.ops.rows_mm at the launches of ROWS_MM (space-separated
-#             "BN,BK,splits,warps,stages,swap[,tma]"; default: ROWS_MM_DEFAULT below), one JSON line each (us, TB/s)
+#             "BN,BK,splits,warps,stages,swap"; default: ROWS_MM_DEFAULT below), one JSON line each (us, TB/s)
 #   smem      the shared-memory TTT-MLP kernels (Gluon): their GPU tests, then bench_mlp's checks and fwd / fwd+bwd
 #             timings of regs-w8, blocked and smem beside TTT-Linear and SDPA at B16 T2048, D = 2048 (d 64 and 128)
 #   model     benchmarks/bench_model.py (MODEL_ARGS);  decode: its decode timings;  profile: profile_model.py
@@ -136,8 +136,8 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
   ${TABLE_ARGS:---mixers ttt_linear+fused,attention,mamba2_module} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
-ROWS_MM_DEFAULT="64,128,1,4,4,1 64,128,1,4,4,1,1 64,128,1,4,6,1,1 128,64,1,4,6,1,1 128,128,1,4,4,1,1 64,256,1,4,3,1,1
-  64,64,1,4,8,1,1 32,128,1,4,4,0,1 16,256,1,4,4,0,1 64,128,4,4,4,1 64,128,4,4,4,1,1 64,128,4,4,6,1,1 64,64,4,4,8,1,1"
+ROWS_MM_DEFAULT="64,128,1,4,4,1 64,128,1,4,6,1 128,64,1,4,6,1 128,128,1,4,4,1 64,256,1,4,3,1 16,256,1,4,4,0
+  64,128,4,4,4,1 64,128,4,4,6,1 64,128,2,4,4,1 64,128,2,4,6,1"
 has gemms && timeout "${GEMMS_S:-150}" python3 -m benchmarks.bench_layer_kernels --gemms --rows-mm ${ROWS_MM:-$ROWS_MM_DEFAULT} \
   --out "$OUT/gemms.json" 2>&1 | grep -v -e Warn -e '^{"device' | cut -c1-260
 has layer && timeout "${LAYER_S:-240}" python3 -m benchmarks.bench_layer_kernels ${LAYER_ARGS:-} --out "$OUT/layer.json" 2>&1 \

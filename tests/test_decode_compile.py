@@ -121,21 +121,6 @@ def _traceable_kernels(monkeypatch, mod):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors
 
 
-class Traced(Exception):
-    """Raised by a `_tracing_backend` function instead of running it (no GPU here)."""
-
-
-def _tracing_backend(graphs: list):
-    """A torch.compile backend that keeps each graph Dynamo makes in `graphs`; its compiled functions raise Traced."""
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            raise Traced
-        return run
-    return backend
-
-
 @pytest.mark.parametrize("kind", ["linear", "mlp", "linear+fused"])
 def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
     """Dynamo takes the fused step kernel's launch (and the LAST bookkeeping) into one graph (fullgraph); with the
@@ -154,8 +139,16 @@ def test_triton_step_kernel_traces_without_graph_break(monkeypatch, kind):
         from ttt.ops.ttt_mlp import step_triton as mod
     _traceable_kernels(monkeypatch, mod)
 
+    class Traced(Exception):
+        pass
     graphs = []
-    backend = _tracing_backend(graphs)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+        return run
 
     def trace(mark=lambda model, s: s, merge=False):
         graphs.clear()
@@ -257,31 +250,6 @@ def test_owned_decode_step_writes_in_place_after_inductor(monkeypatch):
     assert len(pushes) == 1 and "win_ptr" not in pushes[0].kwargs["tensors_to_clone"]
     win = pushes[0].kwargs["kwargs"]["win_ptr"]
     assert win.op == "placeholder" and not [n for n in win.users if "copy_" in str(n.target)]
-
-
-def test_rows_mm_tma_traces_with_tensor_descriptors(monkeypatch):
-    """ops.rows_mm(tma=True) inside a compiled step: Dynamo takes the host tensor descriptors of x and w into the
-    kernel's launch (one graph, the descriptors' block shapes as its TMA metadata), as Inductor needs to build them
-    at run time. No GPU here: Dynamo is told Triton and TMA work; the compiled function raises instead of running."""
-    if torch.cuda.is_available():  # (the interpreter trick below would set TRITON_INTERPRET beside real kernels)
-        pytest.skip("with a GPU, test_gpu.py's few-row test compiles and runs rows_mm(tma=True) on the real kernels")
-    pytest.importorskip("triton")
-    from torch.utils import _triton as torch_triton
-
-    from ttt.ops import rows_mm as mod
-    _traceable_kernels(monkeypatch, mod)
-    monkeypatch.setattr(torch_triton, "has_triton_tensor_descriptor_host_tma", lambda: True)
-
-    graphs = []
-    backend = _tracing_backend(graphs)
-    f = torch.compile(lambda x, w: mod.rows_mm(x, w, BN=32, BK=32, splits=2, tma=True), backend=backend,
-                      fullgraph=True)
-    with torch.inference_mode(), pytest.raises(Traced):
-        f(torch.randn(3, 1, 64, dtype=torch.float16), torch.randn(96, 64, dtype=torch.float16))
-    launches = [n for g in graphs for n in g.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(graphs) == 1 and len(launches) == 1
-    assert launches[0].kwargs["tma_descriptor_metadata"] == {"x_ptr": ("stable", ([16, 32],)),
-                                                             "w_ptr": ("stable", ([32, 32],))}
 
 
 def test_compile_arguments_are_checked():

@@ -17,11 +17,9 @@ MAX_ROWS = 16  # the rows of x one program multiplies (masked beyond x's rows)
 
 @triton.jit
 def _rows_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, s_ys, KS,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
     # program: outputs [0, M) (M <= BM) x [n0, n0 + BN) over K's slice [k0, k0 + KS) (the split's partial at y + split * s_ys);
-    # SWAP: the product as w-tile x x.T ([BN, BK] x [BK, BM], w's rows as the MMA's M side: Hopper's wgmma);
-    # TMA: x_ptr and w_ptr are tensor descriptors of [BM, BK] and [BN, BK] blocks, zeros past x's rows, w's rows and K
-    # (a split's K is whole BK steps, so no tile reaches into the next split's)
+    # SWAP: the product as w-tile x x.T ([BN, BK] x [BK, BM], w's rows as the MMA's M side: Hopper's wgmma)
     rm = tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -32,15 +30,9 @@ def _rows_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, s_ys, KS,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        if TMA:
-            x = x_ptr.load([0, k0])
-            w = w_ptr.load([tl.program_id(0) * BN, k0])
-        else:
-            km = k0 + rk < k_hi
-            x = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + rk)[None, :], mask=(rm[:, None] < M) & km[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * s_wn + (k0 + rk)[None, :], mask=(rn[:, None] < N) & km[None, :],
-                        other=0.0)
+        km = k0 + rk < k_hi
+        x = tl.load(x_ptr + rm[:, None] * s_xm + (k0 + rk)[None, :], mask=(rm[:, None] < M) & km[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * s_wn + (k0 + rk)[None, :], mask=(rn[:, None] < N) & km[None, :], other=0.0)
         if SWAP:
             acc = tl.dot(w, tl.trans(x), acc)  # [BN, BK] x [BK, BM]
         else:
@@ -63,13 +55,12 @@ def launch_for(N: int, K: int, sms: int) -> dict:
 
 
 def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, splits: int = 1, num_warps: int = 4,
-            num_stages: int = 4, swap: bool = True, partials: bool = False, tma: bool = False) -> torch.Tensor:
+            num_stages: int = 4, swap: bool = True, partials: bool = False) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows in all, last dim contiguous) times w [N, K].T (rows contiguous, x's dtype) -> y
     [..., N] in x's dtype, accumulated in fp32 (as F.linear without bias). The launch: BN outputs and BK of K per
     step, K split over `splits` programs per block of outputs (fp32 partials [splits, M, N], summed), warps, stages,
     swap (the product in w's-rows-as-M orientation). partials: return the splits' fp32 partials [S, M, N] unsummed
-    (for a consumer that sums them itself, e.g. inside a compiled graph's next element-wise kernel). tma: x's and w's
-    tiles loaded through tensor descriptors (Hopper's TMA; their row strides must be multiples of 16 bytes)."""
+    (for a consumer that sums them itself, e.g. inside a compiled graph's next element-wise kernel)."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)  # [..., K] -> [M, K] (a view for the decode's [B, 1, K])
     M, N = rows.shape[0], w.shape[0]
@@ -82,17 +73,8 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, split
     KS = cdiv(cdiv(K, BK), splits) * BK  # each split's K, whole BK steps
     S = cdiv(K, KS)
     y = torch.empty((S, M, N), dtype=x.dtype if S == 1 else torch.float32, device=x.device)
-    xa, wa = rows, w
-    if tma:
-        if any(t.stride(0) * t.element_size() % 16 or (not torch.compiler.is_compiling() and t.data_ptr() % 16)
-               for t in (rows, w)):  # (traced, data_ptr and storage_offset break the graph; Inductor's buffers are aligned)
-            raise ValueError(f"tma: expected x's and w's rows 16-byte aligned (row strides of a multiple of 16 bytes), "
-                             f"got strides {rows.stride(0)}, {w.stride(0)} of {x.dtype}")
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        xa, wa = TensorDescriptor.from_tensor(rows, [MAX_ROWS, BK]), TensorDescriptor.from_tensor(w, [BN, BK])
-    _rows_mm_kernel[(cdiv(N, BN), S)](xa, wa, y, M, N, K, rows.stride(0), w.stride(0), y.stride(1), y.stride(0), KS,
-                                      BM=MAX_ROWS, BN=BN, BK=BK, SWAP=swap, TMA=tma, num_warps=num_warps,
-                                      num_stages=num_stages)
+    _rows_mm_kernel[(cdiv(N, BN), S)](rows, w, y, M, N, K, rows.stride(0), w.stride(0), y.stride(1), y.stride(0), KS,
+                                      BM=MAX_ROWS, BN=BN, BK=BK, SWAP=swap, num_warps=num_warps, num_stages=num_stages)
     if partials:
         return y.float()
     out = y[0] if S == 1 else y.sum(0).to(x.dtype)  # [S, M, N] -> [M, N]
