@@ -17,8 +17,11 @@ they would for CUDA and the source is kept; then each graph returns zeros of its
 (so any B and T take seconds, and the fused layer's own kernels, extern calls in the graphs and not listed here,
 never run: TRITON_INTERPRET=1 only lets the layer pick its kernel path on the CPU). Private Inductor hooks,
 tested with the torch of the test suite; the device's properties are an sm_90 GPU's with 132 SMs (Inductor sizes
-split reductions by them). Differences from a GPU run: CPU autocast's operator lists, and attention's CPU SDPA (the
-GPU's cuDNN/flash kernels take other layouts around them).
+split reductions by them). Differences from a GPU run: CPU autocast's operator lists, attention's CPU SDPA (the
+GPU's cuDNN/flash kernels take other layouts around them), and `cat` / `stack`: on the CPU device Inductor copies
+each input in a kernel of its own, where on CUDA it makes one kernel of pointwise inputs (or of inputs a pointwise
+consumer reads), so the lists here count a launch per input where a GPU run has one in all (the TTT layer's
+forward: the merged input product's weights, 4 here; the rows' spans, 3 here).
 """
 from __future__ import annotations
 
