@@ -111,12 +111,12 @@ def train_step(model, micro_batches: list[dict], graphs: bool = False):
     """One optimizer step as `ttt train` takes it, to time: bf16 autocast, the loss averaged over the micro-batches
     (each a dict of the model's arguments, `targets=` included), gradients clipped at 1.0, fused AdamW. graphs: the
     blocks were compiled with mode="reduce-overhead" (CUDA graphs): each micro-batch starts a new graph step, the
-    gradients keep buffers of their own (`ttt.train.own_grads`)."""
+    gradients keep buffers of their own where there are several micro-batches (`ttt.train.own_grads`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
         if graphs:
-            own_grads(model)
+            own_grads(model, len(micro_batches))
         for kw in micro_batches:
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -125,7 +125,7 @@ def train_step(model, micro_batches: list[dict], graphs: bool = False):
             (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=not graphs)
+        opt.zero_grad(set_to_none=not graphs or len(micro_batches) == 1)
     return step
 
 

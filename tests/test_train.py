@@ -552,10 +552,13 @@ def test_compile_mode_reduce_overhead_is_refused_where_it_cannot_run(data_dir, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_compile_mode_reduce_overhead_follows_default_compile(data_dir, tmp_path):
-    """On a GPU: the blocks replayed as CUDA graphs (compile_mode reduce-overhead, two micro-batches per step and a
-    validation) follow the default compiled run's losses, gradient norms and validation loss."""
-    kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=128, eval_every=2, device="cuda")
+@pytest.mark.parametrize("tokens_per_step", [128, 32])
+def test_gpu_compile_mode_reduce_overhead_follows_default_compile(data_dir, tmp_path, tokens_per_step):
+    """On a GPU: the blocks replayed as CUDA graphs (compile_mode reduce-overhead, four micro-batches per step with
+    gradients in buffers of their own, or one that adopts the backward graphs' outputs; and a validation) follow the
+    default compiled run's losses, gradient norms and validation loss."""
+    kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=tokens_per_step, eval_every=2,
+              device="cuda")
     train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "default", **kw))
     train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "graphs", compile_mode="reduce-overhead", **kw))
     for a, b in zip(curve(tmp_path / "default"), curve(tmp_path / "graphs"), strict=True):
@@ -615,13 +618,16 @@ def test_profile_steps_write_a_trace_of_the_window(data_dir, tmp_path, caplog):
 
 
 def test_own_grads_gives_missing_gradients_zero_buffers_and_keeps_the_rest():
-    """compile_mode reduce-overhead's guard against adopted graph outputs (`ttt.train.own_grads`): a parameter without
-    a gradient gets zeros of its own, an existing gradient stays the same tensor, a frozen parameter gets none."""
+    """compile_mode reduce-overhead's guard against adopted graph outputs (`ttt.train.own_grads`), for steps of
+    several micro-batches: a parameter without a gradient gets zeros of its own, an existing gradient stays the same
+    tensor, a frozen parameter gets none. With one micro-batch a step it gives none (its backward adopts the outputs)."""
     from ttt.train import own_grads
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     m[1].bias.requires_grad_(False)
+    own_grads(m, 1)
+    assert all(p.grad is None for p in m.parameters())
     kept = m[0].weight.grad = torch.ones_like(m[0].weight)
-    own_grads(m)
+    own_grads(m, 2)
     assert m[0].weight.grad is kept and m[1].bias.grad is None
     for p in (m[0].bias, m[1].weight):
         assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()

@@ -780,7 +780,7 @@ def _forward_backward(loop: _Loop, stop: _StopRequests) -> torch.Tensor | None:
     packs = starts[0].chunk(loop.accum) if starts else [None] * loop.accum
     loss_sum = torch.zeros((), device=loop.device)
     if cfg.compile_mode == "reduce-overhead":
-        own_grads(loop.model)
+        own_grads(loop.model, loop.accum)
     for i in range(loop.accum):
         if stop.reason is not None and loop.world == 1:
             loop.optim.zero_grad(set_to_none=True)
@@ -806,7 +806,8 @@ def _optimizer_step(loop: _Loop) -> torch.Tensor:
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     loop.optim.step()
-    loop.optim.zero_grad(set_to_none=cfg.compile_mode != "reduce-overhead")  # the graphs' mode keeps its buffers
+    # the graphs' mode keeps its buffers where a step has several micro-batches (`own_grads`)
+    loop.optim.zero_grad(set_to_none=cfg.compile_mode != "reduce-overhead" or loop.accum == 1)
     loop.step += 1
     return grad_norm.detach()
 
@@ -923,11 +924,16 @@ def _val_windows(data_dir: Path, cfg: TrainConfig, rank: int, world: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def own_grads(model: torch.nn.Module) -> None:
-    """Before a step's first backward through CUDA-graph replays (compile_mode reduce-overhead): every gradient in a
-    buffer of its own. A missing `.grad` would adopt a backward graph's output, which the next micro-batch's replay
-    overwrites in place ("accessing tensor output of CUDAGraphs that has been overwritten", PyTorch issue 169545);
-    an existing one is added into. Zeros: the sums are bit for bit the adopted ones."""
+def own_grads(model: torch.nn.Module, accum: int) -> None:
+    """Before a step's first backward through CUDA-graph replays (compile_mode reduce-overhead) of `accum`
+    micro-batches: with more than one, every gradient in a buffer of its own. A missing `.grad` would adopt a backward
+    graph's output, which the next micro-batch's replay overwrites in place ("accessing tensor output of CUDAGraphs
+    that has been overwritten", PyTorch issue 169545); an existing one is added into. Zeros: the sums are bit for bit
+    the adopted ones. With one micro-batch, nothing: its backward adopts the outputs (no zero fill and no addition per
+    parameter), the clip and the optimizer read them before the next step's replays, and the step's
+    `zero_grad(set_to_none=True)` lets them go."""
+    if accum == 1:
+        return
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
