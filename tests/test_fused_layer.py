@@ -919,9 +919,8 @@ def test_rows_mm_equals_the_product(monkeypatch, dtype):
         x = torch.randn(M, 1, K, generator=g).to(dtype).to(DEV)
         w = torch.randn(N, K, generator=g).to(dtype).to(DEV)
         ref = x.float() @ w.float().T  # [M, 1, N]
-        launches = (dict(BN=64, BK=64, splits=1, swap=True), dict(BN=32, BK=32, splits=3, swap=False),
-                    dict(BN=64, BK=32, splits=4, swap=True), dict(BN=16, BK=128, splits=2, swap=False))
-        for kw in launches:
+        for kw in (dict(BN=64, BK=64, splits=1, swap=True), dict(BN=32, BK=32, splits=3, swap=False),
+                   dict(BN=64, BK=32, splits=4, swap=True), dict(BN=16, BK=128, splits=2, swap=False)):
             y = mod.rows_mm(x, w, **kw)
             assert y.shape == (M, 1, N) and y.dtype == dtype
             err = ((y.float() - ref).abs().max() / ref.abs().max()).item()

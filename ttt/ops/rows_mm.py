@@ -49,9 +49,9 @@ def launch_for(N: int, K: int, sms: int) -> dict:
     """rows_mm's launch for N outputs over K on a GPU of `sms` SMs: blocks of 64 outputs, K split over the most
     programs (at most 4 splits) that keep one program an SM. Measured on the H100 at the 1.3b decode's products
     (docs/kernels_notes.md, Decode): a split pays only where the blocks alone leave most SMs idle."""
-    tiles = cdiv(N, 64)
-    return dict(BN=64, BK=128, splits=max(1, min(4, sms // tiles, cdiv(K, 128))), num_warps=4,
-                num_stages=4, swap=True)
+    BN, BK = 64, 128
+    return dict(BN=BN, BK=BK, splits=max(1, min(4, sms // cdiv(N, BN), cdiv(K, BK))), num_warps=4, num_stages=4,
+                swap=True)
 
 
 def rows_mm(x: torch.Tensor, w: torch.Tensor, BN: int = 64, BK: int = 128, splits: int = 1, num_warps: int = 4,
