@@ -550,17 +550,43 @@ def test_compile_mode_reduce_overhead_is_refused_where_it_cannot_run(data_dir, t
         assert not (tmp_path / "auto" / "metrics.jsonl").exists()
 
 
+def test_compile_mode_auto_takes_graphs_where_they_run_for_the_measured_mixers(data_dir, tmp_path):
+    """compile_mode auto (the default) resolves to reduce-overhead with compile, one process on CUDA, windows of the
+    data, no gradient checkpointing and a mixer of GRAPHED_MIXERS; to default otherwise. An explicit mode is kept."""
+    from ttt.train import GRAPHED_MIXERS, resolve_compile_mode
+    assert TrainConfig.__dataclass_fields__["compile_mode"].default == "auto"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    ok = dict(compile=True)
+    for mixer in GRAPHED_MIXERS:
+        assert resolve_compile_mode(train_cfg(data_dir, tmp_path, **ok), mixer, "none", cuda) == "reduce-overhead"
+    for kw, mixer, parallel, device in ((dict(compile=False), "ttt_linear", "none", cuda),
+                                        (dict(pack_documents=True), "ttt_linear", "none", cuda),
+                                        (dict(grad_checkpointing=True), "attention", "none", cuda),
+                                        ({}, "ttt_linear", "ddp", cuda), ({}, "ttt_linear", "fsdp", cuda),
+                                        ({}, "ttt_linear", "none", cpu), ({}, "ttt_mlp", "none", cuda),
+                                        ({}, "mamba", "none", cuda), (dict(compile_mode="default"), "ttt_linear",
+                                                                      "none", cuda)):
+        assert resolve_compile_mode(train_cfg(data_dir, tmp_path, **{**ok, **kw}), mixer, parallel, device) == \
+            "default", (kw, mixer, parallel, device)
+    explicit = train_cfg(data_dir, tmp_path, compile=True, compile_mode="reduce-overhead")
+    assert resolve_compile_mode(explicit, "ttt_mlp", "none", cuda) == "reduce-overhead"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("tokens_per_step", [128, 32])
-def test_gpu_compile_mode_reduce_overhead_follows_default_compile(data_dir, tmp_path, tokens_per_step):
-    """On a GPU: the blocks replayed as CUDA graphs (compile_mode reduce-overhead, four micro-batches per step with
-    gradients in buffers of their own, or one that adopts the backward graphs' outputs; and a validation) follow the
-    default compiled run's losses, gradient norms and validation loss."""
+@pytest.mark.parametrize("mixer,tokens_per_step", [("ttt_linear", 128), ("ttt_linear", 32), ("attention", 32)])
+def test_gpu_compile_mode_auto_replays_graphs_that_follow_default_compile(data_dir, tmp_path, mixer, tokens_per_step,
+                                                                           caplog):
+    """On a GPU: `--compile` alone (compile_mode auto) replays the blocks as CUDA graphs for TTT-Linear and
+    Transformer++ models, and the graphs' run (four micro-batches per step with gradients in buffers of their own,
+    or one that adopts the backward graphs' outputs; and a validation) follows compile_mode default's losses,
+    gradient norms and validation loss."""
     kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=tokens_per_step, eval_every=2,
               device="cuda")
-    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "default", **kw))
-    train(model_cfg(data_dir), train_cfg(data_dir, tmp_path / "graphs", compile_mode="reduce-overhead", **kw))
+    train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "default", compile_mode="default", **kw))
+    with caplog.at_level("INFO", logger="ttt.train"):
+        train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "graphs", **kw))
+    assert "compiling the blocks with torch.compile's reduce-overhead mode" in caplog.text
     for a, b in zip(curve(tmp_path / "default"), curve(tmp_path / "graphs"), strict=True):
         assert a[:2] == b[:2] and b[2:5] == pytest.approx(a[2:5], rel=1e-4)
         assert (a[5] is None) == (b[5] is None) and (a[5] is None or b[5] == pytest.approx(a[5], rel=1e-4))

@@ -94,7 +94,10 @@ RUN_FIELDS = ("seq_len", "tokens_per_step", "max_steps", "lr", "min_lr", "warmup
 # run fields recorded only when not at their default, so that runs from before they existed still resume
 OPTIONAL_RUN_FIELDS = {"pack_documents": False}
 DEVICES, AMPS = ("auto", "cpu", "cuda"), ("auto", "bf16", "none")
-COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_MODES = ("auto", "default", "reduce-overhead")
+# the mixers whose blocks compile_mode auto replays as CUDA graphs: those whose graphs' runs a GPU test compares with the
+# default compile, and that were timed in both (TTT-Linear faster, Transformer++ the same; docs/training.md)
+GRAPHED_MIXERS = ("ttt_linear", "attention")
 
 
 @dataclass
@@ -131,10 +134,11 @@ class TrainConfig:
     device: str = help_field("auto", f"one of {DEVICES}; auto = cuda when available")
     amp: str = help_field("auto", f"one of {AMPS}; auto = bf16 autocast on CUDA, none on CPU")
     compile: bool = help_field(False, "torch.compile each block")
-    compile_mode: str = help_field("default", f"one of {COMPILE_MODES}: torch.compile's mode for the blocks (with "
-                                              "compile); reduce-overhead replays each block's forward and backward as "
-                                              "CUDA graphs (less host time per step; one process on CUDA, without "
-                                              "pack_documents or grad_checkpointing)")
+    compile_mode: str = help_field("auto", f"one of {COMPILE_MODES}: torch.compile's mode for the blocks (with "
+                                           "compile); reduce-overhead replays each block's forward and backward as "
+                                           "CUDA graphs (less host time per step; one process on CUDA, without "
+                                           "pack_documents or grad_checkpointing); auto = reduce-overhead where it "
+                                           f"can run and the mixer is one of {GRAPHED_MIXERS}, else default")
     fsdp_reshard: bool = help_field(True, "parallel=fsdp: free each block's gathered parameters after its forward "
                                           "(less memory; off keeps them for the backward: one all-gather less)")
     grad_checkpointing: bool = help_field(False, "recompute each block in the backward pass (less memory)")
@@ -188,6 +192,17 @@ class TrainConfig:
             for why, on in clashes:
                 if on:
                     raise ValueError(f"compile_mode: reduce-overhead {why}")
+
+
+def resolve_compile_mode(cfg: TrainConfig, mixer: str, parallel: str, device: torch.device) -> str:
+    """The blocks' torch.compile mode, "default" or "reduce-overhead": cfg.compile_mode, auto resolved to
+    reduce-overhead where it can run (compile, one process on CUDA, windows of the data, no grad_checkpointing) and
+    the mixer is one of GRAPHED_MIXERS, else default."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    graphs = (cfg.compile and device.type == "cuda" and parallel == "none" and not cfg.pack_documents
+              and not cfg.grad_checkpointing and mixer in GRAPHED_MIXERS)
+    return "reduce-overhead" if graphs else "default"
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -551,8 +566,9 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, 
         model = TTTLM(model_cfg, run)
     model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
+        mode = resolve_compile_mode(cfg, model_cfg.mixer, parallel, device)
         for blk in model.blocks:
-            blk.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+            blk.compile(mode=None if mode == "default" else mode)
     amp = _amp(cfg, device)
     if parallel == "fsdp":
         dist.parallelize(model, parallel, device, param_dtype=torch.bfloat16 if amp == "bf16" else None,
@@ -603,6 +619,10 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     if cfg.compile_mode == "reduce-overhead" and (parallel != "none" or device.type != "cuda"):
         raise ValueError(f"compile_mode: reduce-overhead runs in one process on CUDA, got parallel {parallel} on "
                          f"{device.type}")
+    # the loop's config carries the mode the blocks run in (auto resolved); config.json keeps what was asked for
+    cfg = dataclasses.replace(cfg, compile_mode=resolve_compile_mode(cfg, model_cfg.mixer, parallel, device))
+    if cfg.compile:
+        log.info("compiling the blocks with torch.compile's %s mode", cfg.compile_mode)
     model, wrapped = build_model(model_cfg, cfg, device, parallel, run)
     # on a GPU, one fused kernel for the whole AdamW step (FSDP2's sharded DTensors keep the default)
     fused = {"fused": True} if device.type == "cuda" and parallel != "fsdp" else {}
