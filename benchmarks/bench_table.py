@@ -12,7 +12,9 @@ what it measured; a row that fails is recorded with its error and the run goes o
   train        125m training tok/s, compiled blocks, loss through `targets=` (bf16 autocast, one AdamW step of 32k
                tokens), 8k and 2k: TTT-Linear on the PyTorch layer path (ttt_linear) and with the fused layer (the
                default on CUDA: ttt_linear+fused), Transformer++, Mamba-2 (our layer on mamba_ssm's SSD),
-               mamba_ssm's own Mamba2 module in our blocks
+               mamba_ssm's own Mamba2 module in our blocks; "@graphs" (ttt_linear+fused@graphs, attention@graphs):
+               the blocks compiled with mode="reduce-overhead", what `ttt train --compile` runs for TTT-Linear and
+               Transformer++ in one process on windows of the data (compile_mode auto)
   prefill      1.3b prefill tok/s, bf16 weights, eager, logits="last", 2k / 8k / 32k, the same five
   decode       1.3b decode B16 ms/token, CUDA graphs of the compiled step, at 1k and 32k: TTT-Linear on the PyTorch
                layer path and fused (the fused decode kernel), next to attention's KV-cache read alone
@@ -43,7 +45,7 @@ from ttt.checkpoint import write_json
 
 TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_module"]
 # timed only when --mixers names them: issue 17's TTT-MLP training rows (+keep: `mlp_keep_weights`); the blocks' CUDA
-# graphs (mode="reduce-overhead"); TTT-Linear with the Gluon forward too (+gluon: `linear_gluon`; the backward is Gluon
+# graphs (mode="reduce-overhead", `ttt train --compile`'s default for TTT-Linear and Transformer++); TTT-Linear with the Gluon forward too (+gluon: `linear_gluon`; the backward is Gluon
 # by default on Hopper)
 TRAIN_EXTRA = ["ttt_mlp+fused", "ttt_linear+fused@graphs", "attention@graphs", "ttt_mlp+fused@graphs",
                "ttt_mlp+fused+keep", "ttt_linear+fused+gluon", "ttt_linear+fused+gluon@graphs"]

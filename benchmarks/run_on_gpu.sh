@@ -11,8 +11,10 @@
 #             B*T = 32k tokens, H = 32 x d = 64, beside SDPA (OP_ARGS="--skip ''" adds the fla and mamba_ssm peers)
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS;
-#             TABLE_ARGS: its case selection, default "--mixers ttt_linear+fused,attention,mamba2_module": TTT-Linear as
-#             it runs by default (the fused layer) and the milestones' peers; a selection of one's own replaces it,
+#             TABLE_ARGS: its case selection, default "--mixers ttt_linear+fused,ttt_linear+fused@graphs,attention,
+#             mamba2_module": TTT-Linear as it runs by default (the fused layer; in training CUDA graphs of the compiled
+#             blocks, `ttt train --compile`'s default in one process, and the default compile beside them) and the
+#             milestones' peers (Transformer++'s graphs row read the same as its default one); a selection of one's own replaces it,
 #             e.g. "--mixers ttt_linear,ttt_linear+fused,attention" (the PyTorch layer path too) or "--contexts 8192")
 #   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
 #             then bench_table's checks and 125m training at 8k and 2k (ttt_linear+fused: the default; ttt_linear: the
@@ -135,7 +137,7 @@ if has ab; then  # the working tree (".") first, then each snapshot, its lines p
   for f in "$OUT"/ab_*.txt; do grep -E "^\|" "$f" | tail -24 | sed "s/^/$(basename "$f" .txt | cut -c4-) /"; done
 fi
 has table && timeout "${TABLE_S:-560}" python3 -m benchmarks.bench_table --parts "${TABLE_PARTS:-check,op,train,prefill,decode}" \
-  ${TABLE_ARGS:---mixers ttt_linear+fused,attention,mamba2_module} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
+  ${TABLE_ARGS:---mixers ttt_linear+fused,ttt_linear+fused@graphs,attention,mamba2_module} --out "$OUT/table.json" 2>&1 | grep -v Warn | tail -80
 ROWS_MM_DEFAULT="64,128,1,4,4,1 64,128,1,4,6,1 128,64,1,4,6,1 128,128,1,4,4,1 64,256,1,4,3,1 16,256,1,4,4,0
   64,128,4,4,4,1 64,128,4,4,6,1 64,128,2,4,4,1 64,128,2,4,6,1"
 has gemms && timeout "${GEMMS_S:-150}" python3 -m benchmarks.bench_layer_kernels --gemms --rows-mm ${ROWS_MM:-$ROWS_MM_DEFAULT} \
