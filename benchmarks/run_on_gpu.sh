@@ -12,10 +12,11 @@
 #   linbwd    benchmarks/bench_linear_bwd.py (the split backward's variants);  mlp: benchmarks/bench_mlp.py
 #   table     benchmarks/bench_table.py: every row of issue 16's table with its peers, checks first (TABLE_PARTS;
 #             TABLE_ARGS: its case selection, default "--mixers ttt_linear+fused,ttt_linear+fused@graphs,attention,
-#             mamba2_module": TTT-Linear as it runs by default (the fused layer; in training CUDA graphs of the compiled
-#             blocks, `ttt train --compile`'s default in one process, and the default compile beside them) and the
-#             milestones' peers (Transformer++'s graphs row read the same as its default one); a selection of one's own replaces it,
-#             e.g. "--mixers ttt_linear,ttt_linear+fused,attention" (the PyTorch layer path too) or "--contexts 8192")
+#             mamba2_module": TTT-Linear as it runs by default (the fused layer; in training CUDA graphs of the
+#             compiled blocks, `ttt train --compile`'s default in one process, and the default compile beside them)
+#             and the milestones' peers (Transformer++'s graphs row reads the same as its default one); a selection
+#             of one's own replaces it, e.g. "--mixers ttt_linear,ttt_linear+fused,attention" (the PyTorch layer
+#             path too) or "--contexts 8192")
 #   issue16   issue 16's short round (~7 min): the fused layer's tests on CUDA, the conv kernels at 125m B4 T8k,
 #             then bench_table's checks and 125m training at 8k and 2k (ttt_linear+fused: the default; ttt_linear: the
 #             PyTorch layer path; Transformer++), then the fused decode at 1k (I16_DECODE_MIXERS=ttt_linear,ttt_linear+fused
