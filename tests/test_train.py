@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ttt.checkpoint import load_model, read_checkpoint
 from ttt.config import EXECUTION_FIELDS, RunOptions, get_config
 from ttt.data import prepare
-from ttt.train import TrainConfig, decays, grad_accum_steps, lr_at, train
+from ttt.train import GRAPHED_MIXERS, TrainConfig, decays, grad_accum_steps, lr_at, resolve_compile_mode, train
 
 WORDS = "the cat sat on a mat and the dog ran to the big red house by a tall green tree".split()
 
@@ -553,7 +553,6 @@ def test_compile_mode_reduce_overhead_is_refused_where_it_cannot_run(data_dir, t
 def test_compile_mode_auto_takes_graphs_where_they_run_for_the_measured_mixers(data_dir, tmp_path):
     """compile_mode auto (the default) resolves to reduce-overhead with compile, one process on CUDA, windows of the
     data, no gradient checkpointing and a mixer of GRAPHED_MIXERS; to default otherwise. An explicit mode is kept."""
-    from ttt.train import GRAPHED_MIXERS, resolve_compile_mode
     assert TrainConfig.__dataclass_fields__["compile_mode"].default == "auto"
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     ok = dict(compile=True)
@@ -583,7 +582,6 @@ def test_gpu_compile_mode_auto_replays_graphs_that_follow_default_compile(data_d
     or one that adopts the backward graphs' outputs; and a validation) follows compile_mode default's losses,
     gradient norms and validation loss. TTT-MLP and Mamba-2 (not in auto's mixers) the same when reduce-overhead is
     asked for."""
-    from ttt.train import GRAPHED_MIXERS
     kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=tokens_per_step, eval_every=2,
               device="cuda")
     train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "default", compile_mode="default", **kw))
