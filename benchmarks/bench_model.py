@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 from benchmarks.common import environment, timed, train_step, with_mamba2_module
 from ttt.config import RunOptions, get_config
@@ -65,8 +66,11 @@ def bench_train(mixers, contexts, tokens_per_step, backend, compile_blocks=False
 def fresh_compile():
     """Forget earlier rows' compiled code: each row is timed as a process that trains or reads one length would run
     it. Without this, the blocks' shared forward code recompiles at a second length with dynamic shapes (H200, 125m
-    TTT-Linear at 2k after 8k: 291k tok/s against 319k alone, in CUDA graphs)."""
+    TTT-Linear at 2k after 8k: 291k tok/s against 319k alone, in CUDA graphs). Also lets the CUDA graphs' memory pools
+    go: a row that ran out of memory in graphs left ~71 GiB in them, and the next attempt's model could not be built
+    (H100, 1.3b, 2026-12-07)."""
     torch._dynamo.reset()
+    reset_cudagraph_trees()  # (torch 2.13's dynamo reset does this too; said here for the versions that do not)
 
 
 def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, size="125m"):
@@ -97,6 +101,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
     del model, step  # free the memory (the step holds the optimizer) before the next model
+    if compile_blocks or graphs:
+        fresh_compile()
     torch.cuda.empty_cache()
     return row
 

@@ -47,7 +47,7 @@ TRAIN_MIXERS = ["ttt_linear", "ttt_linear+fused", "attention", "mamba", "mamba2_
 # timed only when --mixers names them: issue 17's TTT-MLP training rows (+keep: `mlp_keep_weights`); the blocks' CUDA
 # graphs (mode="reduce-overhead", `ttt train --compile`'s default for TTT-Linear and Transformer++); TTT-Linear with
 # the Gluon forward too (+gluon: `linear_gluon`; the backward is Gluon by default on Hopper)
-TRAIN_EXTRA = ["ttt_mlp+fused", "ttt_linear+fused@graphs", "attention@graphs", "ttt_mlp+fused@graphs",
+TRAIN_EXTRA = ["ttt_mlp+fused", "ttt_linear+fused@graphs", "attention@graphs", "ttt_mlp+fused@graphs", "mamba@graphs",
                "ttt_mlp+fused+keep", "ttt_linear+fused+gluon", "ttt_linear+fused+gluon@graphs"]
 PREFILL_MIXERS = TRAIN_MIXERS
 DECODE_MIXERS = ["ttt_linear", "ttt_linear+fused"]
