@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 from benchmarks.common import environment, timed, train_step, with_mamba2_module
@@ -91,6 +92,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:], state_out=False)] * accum, graphs=graphs)
 
     torch.cuda.reset_peak_memory_stats()
+    skips = counters["inductor"]["cudagraph_skips"]
     try:
         each = []  # every timed step's ms (a row's median hides whether its steps agree)
         ms = timed(step, warmup=3 if graphs else 2, iters=5, each=each)  # graphs: warm-up, recording, replays
@@ -98,6 +100,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
                    batch=B, accum=accum, ms_per_step=ms, ms_each=[round(t, 2) for t in each],
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
+        if graphs:  # graphs Inductor declined to record (each logged by torch with its reason): 0 where all replay
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     except torch.OutOfMemoryError as e:
         row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
     del model, step  # free the memory (the step holds the optimizer) before the next model

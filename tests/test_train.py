@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from ttt.checkpoint import load_model, read_checkpoint
 from ttt.config import EXECUTION_FIELDS, RunOptions, get_config
@@ -586,9 +587,13 @@ def test_gpu_compile_mode_auto_replays_graphs_that_follow_default_compile(data_d
               device="cuda")
     train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "default", compile_mode="default", **kw))
     asked = {} if mixer in GRAPHED_MIXERS else dict(compile_mode="reduce-overhead")
+    skips = counters["inductor"]["cudagraph_skips"]
     with caplog.at_level("INFO", logger="ttt.train"):
         train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "graphs", **asked, **kw))
     assert "compiling the blocks with torch.compile's reduce-overhead mode" in caplog.text
+    # every compiled graph replays as a CUDA graph: Inductor declined none (it would run them without graphs, and
+    # the comparison below would hold without testing any)
+    assert counters["inductor"]["cudagraph_skips"] == skips, [m for m in caplog.messages if "cudagraph" in m.lower()]
     for a, b in zip(curve(tmp_path / "default"), curve(tmp_path / "graphs"), strict=True):
         assert a[:2] == b[:2] and b[2:5] == pytest.approx(a[2:5], rel=1e-4)
         assert (a[5] is None) == (b[5] is None) and (a[5] is None or b[5] == pytest.approx(a[5], rel=1e-4))
