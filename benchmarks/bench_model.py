@@ -19,8 +19,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
-from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 from benchmarks.common import environment, timed, train_step, with_mamba2_module
 from ttt.config import RunOptions, get_config
@@ -70,6 +68,10 @@ def fresh_compile():
     TTT-Linear at 2k after 8k: 291k tok/s against 319k alone, in CUDA graphs). Also lets the CUDA graphs' memory pools
     go: a row that ran out of memory in graphs left ~71 GiB in them, and the next attempt's model could not be built
     (H100, 1.3b, 2026-12-07)."""
+    # (imported here, as `counters` in train_row: importing them imports Triton, which the CPU tests that import this
+    # module must first import with TRITON_INTERPRET set)
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
     torch._dynamo.reset()
     reset_cudagraph_trees()  # (torch 2.13's dynamo reset does this too; said here for the versions that do not)
 
@@ -90,6 +92,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
     # targets=: the chunked head, no [B, T, V] fp32 logits
     step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:], state_out=False)] * accum, graphs=graphs)
+
+    from torch._dynamo.utils import counters
 
     torch.cuda.reset_peak_memory_stats()
     skips = counters["inductor"]["cudagraph_skips"]

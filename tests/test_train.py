@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from torch._dynamo.utils import counters
 
 from ttt.checkpoint import load_model, read_checkpoint
 from ttt.config import EXECUTION_FIELDS, RunOptions, get_config
@@ -586,6 +585,10 @@ def test_gpu_compile_mode_auto_replays_graphs_that_follow_default_compile(data_d
     kw = dict(max_steps=4, log_every=1, amp="none", compile=True, tokens_per_step=tokens_per_step, eval_every=2,
               device="cuda")
     train(model_cfg(data_dir, mixer=mixer), train_cfg(data_dir, tmp_path / "default", compile_mode="default", **kw))
+    # (imported here: importing it imports Triton, which the Triton tests must import first, with TRITON_INTERPRET set
+    # on a CPU)
+    from torch._dynamo.utils import counters
+
     asked = {} if mixer in GRAPHED_MIXERS else dict(compile_mode="reduce-overhead")
     skips = counters["inductor"]["cudagraph_skips"]
     with caplog.at_level("INFO", logger="ttt.train"):
