@@ -82,6 +82,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     graphs of each block's forward and backward (an experiment: no host launch work per kernel)."""
     B = tokens_per_step // T // accum
     torch.manual_seed(0)
+    label = mixer  # the row's name, "@graphs" included
     mixer, _, how = mixer.partition("@")
     graphs = how == "graphs"
     cfg, model = build(size, mixer, backend)
@@ -100,14 +101,14 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     try:
         each = []  # every timed step's ms (a row's median hides whether its steps agree)
         ms = timed(step, warmup=3 if graphs else 2, iters=5, each=each)  # graphs: warm-up, recording, replays
-        row = dict(mixer=mixer + (f"@{how}" if how else ""), size=size, compiled=compile_blocks or graphs, context=T,
+        row = dict(mixer=label, size=size, compiled=compile_blocks or graphs, context=T,
                    batch=B, accum=accum, ms_per_step=ms, ms_each=[round(t, 2) for t in each],
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
         if graphs:  # graphs Inductor declined to record (each logged by torch with its reason): 0 where all replay
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     except torch.OutOfMemoryError as e:
-        row = dict(mixer=mixer, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
+        row = dict(mixer=label, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
     del model, step  # free the memory (the step holds the optimizer) before the next model
     if compile_blocks or graphs:
         fresh_compile()
