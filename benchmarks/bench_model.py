@@ -66,14 +66,9 @@ def fresh_compile():
     """Forget earlier rows' compiled code: each row is timed as a process that trains or reads one length would run
     it. Without this, the blocks' shared forward code recompiles at a second length with dynamic shapes (H200, 125m
     TTT-Linear at 2k after 8k: 291k tok/s against 319k alone, in CUDA graphs). Also lets the CUDA graphs' memory pools
-    go: a row that ran out of memory in graphs left ~71 GiB in them, and the next attempt's model could not be built
-    (H100, 1.3b, 2026-12-07)."""
-    # (imported here, as `counters` in train_row: importing them imports Triton, which the CPU tests that import this
-    # module must first import with TRITON_INTERPRET set)
-    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
+    go (the reset frees the graph trees, torch 2.11 on): a row that ran out of memory in graphs left ~71 GiB in them,
+    and the next attempt's model could not be built (H100, 1.3b, 2026-12-07)."""
     torch._dynamo.reset()
-    reset_cudagraph_trees()  # (torch 2.13's dynamo reset does this too; said here for the versions that do not)
 
 
 def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, size="125m"):
@@ -85,8 +80,9 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     label = mixer  # the row's name, "@graphs" included
     mixer, _, how = mixer.partition("@")
     graphs = how == "graphs"
+    compiled = compile_blocks or graphs
     cfg, model = build(size, mixer, backend)
-    if compile_blocks or graphs:  # as `ttt train --compile`: each block through torch.compile (fuses element-wise work)
+    if compiled:  # as `ttt train --compile`: each block through torch.compile (fuses element-wise work)
         fresh_compile()
         for blk in model.blocks:
             blk.compile(mode="reduce-overhead" if graphs else None)
@@ -94,6 +90,8 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     # targets=: the chunked head, no [B, T, V] fp32 logits
     step = train_step(model, [dict(ids=ids[:, :-1], targets=ids[:, 1:], state_out=False)] * accum, graphs=graphs)
 
+    # (imported here: importing it imports Triton, which the CPU tests that import this module must first import
+    # with TRITON_INTERPRET set)
     from torch._dynamo.utils import counters
 
     torch.cuda.reset_peak_memory_stats()
@@ -101,7 +99,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     try:
         each = []  # every timed step's ms (a row's median hides whether its steps agree)
         ms = timed(step, warmup=3 if graphs else 2, iters=5, each=each)  # graphs: warm-up, recording, replays
-        row = dict(mixer=label, size=size, compiled=compile_blocks or graphs, context=T,
+        row = dict(mixer=label, size=size, compiled=compiled, context=T,
                    batch=B, accum=accum, ms_per_step=ms, ms_each=[round(t, 2) for t in each],
                    tokens_per_s=B * accum * T / ms * 1e3,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, params=model.num_parameters())
@@ -110,7 +108,7 @@ def train_row(mixer, T, tokens_per_step, accum, backend, compile_blocks=False, s
     except torch.OutOfMemoryError as e:
         row = dict(mixer=label, context=T, batch=B, accum=accum, error=f"OOM: {e}"[:200])
     del model, step  # free the memory (the step holds the optimizer) before the next model
-    if compile_blocks or graphs:
+    if compiled:
         fresh_compile()
     torch.cuda.empty_cache()
     return row
