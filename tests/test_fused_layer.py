@@ -8,22 +8,14 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch
+from ttt.layers.attention import apply_rope
+from ttt.ops import fused_layer
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import PoisonTorch  # noqa: E402
-from ttt.layers.attention import apply_rope  # noqa: E402
-from ttt.ops import fused_layer  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

@@ -8,27 +8,17 @@ documents, every buffer NaN-poisoned. On the CPU the Gluon source runs in Triton
 tests/gluon_shim.py (fp16); on a GPU in bf16 and fp16 at full size (marked `gpu`)."""
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch, check_against_dual, random_inputs, rel
+from ttt.ops import TTTInputs, TTTState, triton_backend
+from ttt.ops.ttt_linear import bwd_split, chunk, walks_gluon
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
-from ttt.ops import TTTInputs, TTTState, triton_backend  # noqa: E402
-from ttt.ops.ttt_linear import bwd_split, chunk, walks_gluon  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 if DEV == "cpu":
-    import gluon_shim  # noqa: E402
+    import gluon_shim
 
     _SHIMMED = {name: gluon_shim.interpretable(getattr(walks_gluon, name))
                 for name in ("_fwd_kernel", "_pre_kernel", "_chain_kernel", "_post_kernel")}

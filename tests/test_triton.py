@@ -1,36 +1,28 @@
 """Triton kernels == the PyTorch dual form: outputs, final state (params and accum) and every gradient
 (q, k, v, lr, tau via delta, LN weight/bias, initial params, initial accum), at odd lengths, from
 non-zero positions with pending accumulators, with every kernel output NaN-poisoned before the kernel
-runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is
-imported) in fp32/fp16 at small shapes; bf16 and full-size shapes run only on a GPU (marked `gpu`).
+runs. On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/triton_env.py
+before Triton is imported) in fp32/fp16 at small shapes; bf16 and full-size shapes run only on a GPU (marked `gpu`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV, triton  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch, check_against_dual, random_inputs, rel
+from ttt.ops import TTTInputs, TTTState, resolve_op
+from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk
+from ttt.ops.ttt_linear import step_triton as lin_step_triton
+from ttt.ops import triton_backend
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked
+from ttt.ops.ttt_mlp import step_triton as mlp_step_triton
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="Triton is not installed")
 tl = triton.language
-
-from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
-from ttt.ops import TTTInputs, TTTState, resolve_op  # noqa: E402
-from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
-from ttt.ops.ttt_linear import step_triton as lin_step_triton  # noqa: E402
-from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked  # noqa: E402
-from ttt.ops.ttt_mlp import step_triton as mlp_step_triton  # noqa: E402
-
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if not torch.cuda.is_available() and not CPU_INTERPRET:
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

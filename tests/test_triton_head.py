@@ -2,22 +2,14 @@
 chunk. On CPU the kernel runs in Triton's interpreter (fp32 and fp16: its numpy has no bf16); bf16 on a GPU."""
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import rel
+from ttt.layers.head import linear_cross_entropy
+from ttt.ops.cross_entropy import MAX_BLOCK, rows_nll_grad_
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import rel  # noqa: E402
-from ttt.layers.head import linear_cross_entropy  # noqa: E402
-from ttt.ops.cross_entropy import MAX_BLOCK, rows_nll_grad_  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 

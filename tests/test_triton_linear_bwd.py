@@ -7,24 +7,14 @@ NaN-poisoned before the kernel runs. On CPU the kernels run in Triton's interpre
 """
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch
+from ttt.ops import TTTInputs, TTTState, make_tau
+from ttt.ops.ttt_linear import bwd_split, chunk, dual
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import PoisonTorch  # noqa: E402
-from ttt.ops import TTTInputs, TTTState, make_tau  # noqa: E402
-from ttt.ops.ttt_linear import bwd_split, chunk, dual  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 def _inputs(B, T, H, d, b, seed=0):

@@ -8,29 +8,20 @@ full-size shapes run on a GPU (marked `gpu`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch, check_against_dual, random_inputs, rel
+from ttt.ops import triton_backend
+from ttt.ops.triton_utils import batch_rows
+from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_smem, step_triton
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import PoisonTorch, check_against_dual, random_inputs, rel  # noqa: E402
-from ttt.ops import triton_backend  # noqa: E402
-from ttt.ops.triton_utils import batch_rows  # noqa: E402
-from ttt.ops.ttt_mlp import chunk, chunk_blocked, chunk_smem, step_triton  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 if DEV == "cpu":
-    import gluon_shim  # noqa: E402
+    import gluon_shim
 
     _SMEM_FWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_fwd_kernel)
     _SMEM_BWD = gluon_shim.interpretable(chunk_smem.ttt_mlp_smem_bwd_kernel)

@@ -7,35 +7,26 @@ one mini-batch, several checkpoint groups), from fresh rows and from rows carrie
 one full-length document == no cu_seqlens (the same kernels and launches, bit for bit); the shared-memory kernels'
 schedule of documents over fewer program groups than (document, head) pairs; both TTT layers on both backbones.
 Every kernel output is NaN-poisoned before the kernels run. On CPU the kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, set below before Triton is imported) at small shapes, the Gluon (smem) ones through
+(TRITON_INTERPRET=1, set by tests/triton_env.py before Triton is imported) at small shapes, the Gluon (smem) ones through
 tests/gluon_shim.py.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from triton_env import DEV  # first: it sets TRITON_INTERPRET before anything imports Triton
+from conftest import PoisonTorch, RoundProducts, random_inputs, rel
+from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op, triton_backend
+from ttt.ops.packed import packing, per_document
+from ttt.ops.triton_utils import document_rows
+from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk
+from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from conftest import PoisonTorch, RoundProducts, random_inputs, rel  # noqa: E402
-from ttt.ops import TTTInputs, TTTState, make_tau, resolve_op, triton_backend  # noqa: E402
-from ttt.ops.packed import packing, per_document  # noqa: E402
-from ttt.ops.triton_utils import document_rows  # noqa: E402
-from ttt.ops.ttt_linear import bwd_split as lin_bwd_split, chunk as lin_chunk  # noqa: E402
-from ttt.ops.ttt_mlp import chunk as mlp_chunk, chunk_blocked as mlp_blocked, chunk_smem as mlp_smem  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 if DEV == "cpu":
-    import gluon_shim  # noqa: E402
+    import gluon_shim
 
     _SMEM = {name: gluon_shim.interpretable(getattr(mlp_smem, name))
              for name in ("ttt_mlp_smem_fwd_kernel", "ttt_mlp_smem_bwd_kernel")}
