@@ -17,7 +17,6 @@ from ttt.layers.attention import apply_rope
 from ttt.ops import fused_layer
 
 
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(fused_layer, "torch", PoisonTorch())

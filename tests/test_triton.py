@@ -141,7 +141,6 @@ def test_linear_kernels_choice_is_checked():
         triton_backend.LinearKernels(fwd="x")
 
 
-
 # TTT-MLP: every kernel pair (mlp_impl) is compared with the dual form in tests/test_triton_mlp.py.
 
 

@@ -16,7 +16,6 @@ from ttt.ops import TTTInputs, TTTState, make_tau
 from ttt.ops.ttt_linear import bwd_split, chunk, dual
 
 
-
 def _inputs(B, T, H, d, b, seed=0):
     g = torch.Generator().manual_seed(seed)
 
