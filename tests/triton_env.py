@@ -11,11 +11,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    # (the kernels cannot run on CPU tensors outside the interpreter: every kernel test of the module would fail)
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
